@@ -1,0 +1,291 @@
+"""planemesh's configuration model: one immutable Snapshot, whatever produced it.
+
+Sources (the static YAML loader in agent/static_config.py, the xDS translation in planemesh.xds)
+build a Snapshot; consumers (BPF policy, proxy workers, plane SLA) read it. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+
+from netaddr import IPNetwork
+
+from planemesh.netplanes.model import SLA, Plane
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid. `path` names the offending field, e.g. `planes[1].cidrs[0]`."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.reason = message
+
+
+class ListenerProtocol(StrEnum):
+    HTTP = "http"  # proxied through the plane's L7 listener
+    TCP = "tcp"  # plain L4: bypassed in the kernel
+
+
+# ---- routes (RDS) ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    name: str  # lower-case
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+    invert: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QueryMatch:
+    name: str
+    exact: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    prefix: str | None = "/"
+    path: str | None = None
+    regex: str | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    query: tuple[QueryMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    retry_on: frozenset[str] = frozenset()  # 5xx, gateway-error, connect-failure, reset, retriable-status-codes
+    num_retries: int = 1
+    per_try_timeout_s: float | None = None
+    retriable_status_codes: frozenset[int] = frozenset()
+    backoff_base_s: float = 0.025
+    backoff_max_s: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class HashPolicy:
+    header: str | None = None  # lower-case header name
+    source_ip: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    cluster: str
+    fraction: float = 1.0  # 0..1
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAction:
+    cluster: str | None = None  # None with no weighted clusters: the original destination
+    weighted: tuple[WeightedCluster, ...] = ()
+    timeout_s: float | None = None  # None: the plane's SLA request timeout
+    idle_timeout_s: float | None = None
+    retry: RetryPolicy | None = None
+    prefix_rewrite: str | None = None
+    host_rewrite: str | None = None
+    hash_policy: tuple[HashPolicy, ...] = ()
+    mirrors: tuple[Mirror, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    host: str | None = None
+    path: str | None = None
+    scheme: str | None = None
+    code: int = 301
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderValue:
+    name: str
+    value: str
+    append: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    match: RouteMatch = field(default_factory=RouteMatch)
+    action: RouteAction | None = field(default_factory=RouteAction)
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    name: str = ""
+    request_headers_to_add: tuple[HeaderValue, ...] = ()
+    request_headers_to_remove: tuple[str, ...] = ()
+    response_headers_to_add: tuple[HeaderValue, ...] = ()
+    response_headers_to_remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...] = ("*",)
+    routes: tuple[Route, ...] = (Route(),)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...] = ()
+
+
+# The route every HTTP listener without a route config uses: forward to the original destination.
+ORIGINAL_DESTINATION_ROUTES = RouteConfig(
+    name="planemesh.original_destination", virtual_hosts=(VirtualHost(name="any"),)
+)
+
+# ---- clusters (CDS/EDS) --------------------------------------------------------------------------
+
+
+class ClusterKind(StrEnum):
+    ORIGINAL_DST = "original_dst"
+    STATIC = "static"
+    EDS = "eds"
+
+
+class LbPolicy(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_REQUEST = "least_request"
+    RANDOM = "random"
+    RING_HASH = "ring_hash"
+    MAGLEV = "maglev"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+    weight: int = 1
+    priority: int = 0
+    locality: str = ""
+    healthy: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakers:
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5
+    interval_s: float = 10.0
+    base_ejection_time_s: float = 30.0
+    max_ejection_percent: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    kind: ClusterKind = ClusterKind.ORIGINAL_DST
+    endpoints: tuple[Endpoint, ...] = ()
+    lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
+    connect_timeout_s: float | None = None  # None: the plane's SLA connect timeout
+    circuit_breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
+    outlier: OutlierDetection | None = None
+    http2: bool = False  # speak h2c upstream
+    plane: str | None = None  # None: the plane of each endpoint's address
+
+
+# ---- HTTP filters ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FaultFilter:
+    delay_s: float | None = None
+    delay_percent: float = 0.0
+    abort_status: int | None = None
+    abort_percent: float = 0.0
+    header_controlled: bool = False  # x-envoy-fault-* request headers
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRateLimit:
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval_s: float
+
+
+HttpFilter = FaultFilter | LocalRateLimit
+
+# ---- listeners and the snapshot -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A declared port on a plane: HTTP is proxied, TCP is bypassed in the kernel."""
+
+    name: str
+    plane: str
+    port: int
+    protocol: ListenerProtocol
+    prefixes: tuple[IPNetwork, ...] = ()  # destination prefixes; empty: any destination of the plane
+    route_config: str | None = None  # None: ORIGINAL_DESTINATION_ROUTES
+    http_filters: tuple[HttpFilter, ...] = ()
+    server_names: tuple[str, ...] = ()  # TLS SNI match for passthrough routing
+
+
+def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One complete, validated, immutable configuration. Consumers diff old against new."""
+
+    version: str
+    planes: tuple[Plane, ...]
+    listeners: tuple[Listener, ...] = ()
+    routes: Mapping[str, RouteConfig] = field(default_factory=lambda: _frozen(None))
+    clusters: Mapping[str, Cluster] = field(default_factory=lambda: _frozen(None))
+
+    def plane(self, name: str) -> Plane:
+        for plane in self.planes:
+            if plane.name == name:
+                return plane
+        raise KeyError(name)
+
+    def plane_by_id(self, plane_id: int) -> Plane | None:
+        for plane in self.planes:
+            if plane.plane_id == plane_id:
+                return plane
+        return None
+
+    def listeners_of(self, plane: str) -> tuple[Listener, ...]:
+        return tuple(lsn for lsn in self.listeners if lsn.plane == plane)
+
+    def route_config(self, name: str | None) -> RouteConfig:
+        return ORIGINAL_DESTINATION_ROUTES if name is None else self.routes[name]  # type: ignore[return-value]
+
+
+__all__ = [
+    "SLA",
+    "ConfigError",
+    "Listener",
+    "ListenerProtocol",
+    "Plane",
+    "Snapshot",
+]

@@ -1,0 +1,171 @@
+"""The static YAML configuration (bootstrap without xDS, and the demo's embedded default).
+
+    planes:
+      - name: oam
+        id: 1
+        interfaces: ["*-oam"]
+        cidrs: [198.18.1.0/24, fd00:18:1::/64]
+        undeclared: bypass          # or sniff
+        proxy_port: 15001
+        sniff_port: 15002
+        sla: {connect_timeout_s: 2, rate_limit_rps: 500, bandwidth_mbit: 100, priority: 1}
+    listeners:
+      - {plane: oam, port: 80, protocol: http}
+      - {plane: oam, port: 5432, protocol: tcp}
+
+Every error names the field (`planes[0].cidrs[1]: ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from netaddr import AddrFormatError, IPNetwork
+
+from planemesh.agent.config import ConfigError, Listener, ListenerProtocol, Snapshot
+from planemesh.agent.validation import validate_snapshot
+from planemesh.netplanes.model import SLA, Plane, UndeclaredPorts
+
+_PLANE_KEYS = {"name", "id", "interfaces", "cidrs", "undeclared", "proxy_port", "sniff_port", "sla"}
+_LISTENER_KEYS = {"name", "plane", "port", "protocol", "prefixes"}
+_SLA_FIELDS = {f.name: f for f in dataclasses.fields(SLA)}
+
+
+def _require(obj: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
+    if not isinstance(obj, kind) or isinstance(obj, bool) and kind is not bool:
+        raise ConfigError(path, f"expected {what}, got {type(obj).__name__} {obj!r}")
+    return obj
+
+
+def _unknown_keys(obj: dict, allowed: set[str], path: str) -> None:
+    extra = sorted(set(obj) - allowed)
+    if extra:
+        raise ConfigError(f"{path}.{extra[0]}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+
+
+def parse_cidr(value: Any, path: str) -> IPNetwork:
+    _require(value, str, path, "a CIDR string")
+    try:
+        net = IPNetwork(value, flags=0)
+    except (AddrFormatError, ValueError, TypeError) as exc:
+        raise ConfigError(path, f"{value!r} is not a valid CIDR") from exc
+    if "/" not in value:
+        raise ConfigError(path, f"{value!r} needs a prefix length")
+    return net.cidr
+
+
+def _parse_sla(raw: Any, path: str) -> SLA:
+    if raw is None:
+        return SLA()
+    _require(raw, dict, path, "a mapping")
+    _unknown_keys(raw, set(_SLA_FIELDS), path)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        default = _SLA_FIELDS[key].default
+        if isinstance(default, frozenset):
+            values[key] = frozenset(_require(value, list, f"{path}.{key}", "a list"))
+        elif isinstance(default, bool):
+            values[key] = _require(value, bool, f"{path}.{key}", "true or false")
+        elif value is None:
+            values[key] = None
+        else:
+            values[key] = _require(value, (int, float), f"{path}.{key}", "a number")
+            if value < 0:
+                raise ConfigError(f"{path}.{key}", "must not be negative")
+    return SLA(**values)
+
+
+def _parse_plane(raw: Any, i: int) -> Plane:
+    path = f"planes[{i}]"
+    _require(raw, dict, path, "a mapping")
+    _unknown_keys(raw, _PLANE_KEYS, path)
+    for key in ("name", "id", "interfaces", "cidrs"):
+        if key not in raw:
+            raise ConfigError(f"{path}.{key}", "missing")
+    interfaces = _require(raw["interfaces"], list, f"{path}.interfaces", "a list of interface names or patterns")
+    for j, name in enumerate(interfaces):
+        _require(name, str, f"{path}.interfaces[{j}]", "an interface name or pattern")
+    cidrs = _require(raw["cidrs"], list, f"{path}.cidrs", "a list of CIDRs")
+    undeclared = raw.get("undeclared", "bypass")
+    try:
+        policy = UndeclaredPorts(undeclared)
+    except ValueError:
+        raise ConfigError(f"{path}.undeclared", f"{undeclared!r} is not one of bypass, sniff") from None
+    kwargs: dict[str, Any] = {}
+    for key in ("proxy_port", "sniff_port"):
+        if key in raw:
+            kwargs[key] = _require(raw[key], int, f"{path}.{key}", "a port number")
+    return Plane(
+        name=_require(raw["name"], str, f"{path}.name", "a name"),
+        plane_id=_require(raw["id"], int, f"{path}.id", "an integer plane id"),
+        interfaces=tuple(interfaces),
+        cidrs=tuple(parse_cidr(c, f"{path}.cidrs[{j}]") for j, c in enumerate(cidrs)),
+        undeclared=policy,
+        sla=_parse_sla(raw.get("sla"), f"{path}.sla"),
+        **kwargs,
+    )
+
+
+def _parse_listener(raw: Any, i: int) -> Listener:
+    path = f"listeners[{i}]"
+    _require(raw, dict, path, "a mapping")
+    _unknown_keys(raw, _LISTENER_KEYS, path)
+    for key in ("plane", "port"):
+        if key not in raw:
+            raise ConfigError(f"{path}.{key}", "missing")
+    protocol = raw.get("protocol", "http")
+    try:
+        proto = ListenerProtocol(protocol)
+    except ValueError:
+        raise ConfigError(f"{path}.protocol", f"{protocol!r} is not one of http, tcp") from None
+    port = _require(raw["port"], int, f"{path}.port", "a port number")
+    plane = _require(raw["plane"], str, f"{path}.plane", "a plane name")
+    prefixes = _require(raw.get("prefixes", []), list, f"{path}.prefixes", "a list of CIDRs")
+    return Listener(
+        name=raw.get("name") or f"{plane}_{port}",
+        plane=plane,
+        port=port,
+        protocol=proto,
+        prefixes=tuple(parse_cidr(p, f"{path}.prefixes[{j}]") for j, p in enumerate(prefixes)),
+    )
+
+
+def snapshot_from_dict(raw: Any, version: str = "static") -> Snapshot:
+    _require(raw, dict, "", "a mapping at the top level")
+    _unknown_keys(raw, {"planes", "listeners"}, "config")
+    planes = _require(raw.get("planes"), list, "planes", "a list of planes")
+    listeners = _require(raw.get("listeners", []), list, "listeners", "a list of listeners")
+    snap = Snapshot(
+        version=version,
+        planes=tuple(_parse_plane(p, i) for i, p in enumerate(planes)),
+        listeners=tuple(_parse_listener(x, i) for i, x in enumerate(listeners)),
+    )
+    validate_snapshot(snap)
+    return snap
+
+
+def load_static_config(path: str | Path) -> Snapshot:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
+    return snapshot_from_dict(raw, version=f"static:{Path(path).name}")
+
+
+DEFAULT_CONFIG = "default-config.yaml"
+
+
+def default_config_text() -> str:
+    return resources.files("planemesh.agent").joinpath(DEFAULT_CONFIG).read_text()
+
+
+def load_default_config() -> Snapshot:
+    return snapshot_from_dict(yaml.safe_load(default_config_text()), version="static:embedded-default")

@@ -1,0 +1,1 @@
+"""planemesh.ebpf"""

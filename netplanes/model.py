@@ -1,0 +1,81 @@
+"""The plane model: what a network plane is, independent of where its definition came from.
+
+A plane is a set of interfaces (name patterns), the IPv4/IPv6 CIDRs that belong to it, its policy for
+undeclared ports, and its SLA. Planes are numbered (plane_id) because the data path carries the
+plane in BPF map keys and in skb->mark.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from netaddr import IPAddress, IPNetwork
+
+MAX_PLANES = 64  # plane ids 1..63; 0 means "not a plane interface" (mirrors PM_MAX_PLANES in the ABI)
+
+
+class UndeclaredPorts(StrEnum):
+    """What the data path does with TCP to a port no listener declared."""
+
+    BYPASS = "bypass"  # kernel only, never seen by the agent
+    SNIFF = "sniff"  # peek: HTTP goes to the L7 proxy, everything else is passed through
+
+
+@dataclass(frozen=True, slots=True)
+class SLA:
+    """A plane's service level. Defaults are in agent/defaults.py's spirit: generous, never unbounded."""
+
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 30.0
+    idle_timeout_s: float = 300.0
+    retries: int = 0
+    per_try_timeout_s: float | None = None
+    retry_on: frozenset[str] = frozenset({"connect-failure"})
+    max_connections: int = 4096
+    max_pending_requests: int = 1024
+    max_requests: int = 4096
+    rate_limit_rps: float | None = None  # local token bucket; None = unlimited
+    rate_limit_burst: int | None = None
+    bandwidth_mbit: float | None = None  # HTB class rate on egress; None = no class
+    priority: int = 3  # HTB prio (0 highest .. 7)
+    workers: int = 1  # proxy worker processes for this plane
+    fail_closed: bool = False  # agent gone: drop (True) or fall through to the original destination
+
+
+@dataclass(frozen=True, slots=True)
+class Plane:
+    name: str
+    plane_id: int
+    interfaces: tuple[str, ...]  # fnmatch patterns of (node-side) interface names
+    cidrs: tuple[IPNetwork, ...]
+    undeclared: UndeclaredPorts = UndeclaredPorts.BYPASS
+    proxy_port: int = 15001  # this plane's transparent L7 listener ([::], dual-stack)
+    sniff_port: int = 15002  # this plane's sniffing listener
+    sla: SLA = field(default_factory=SLA)
+
+    def claims_interface(self, ifname: str) -> bool:
+        return any(fnmatch.fnmatchcase(ifname, pattern) for pattern in self.interfaces)
+
+    def contains(self, address: str | IPAddress) -> bool:
+        ip = IPAddress(address) if isinstance(address, str) else address
+        if ip.version == 6 and ip.is_ipv4_mapped():
+            ip = ip.ipv4()
+        return any(ip.version == net.version and ip in net for net in self.cidrs)
+
+
+def plane_of_address(planes: tuple[Plane, ...] | list[Plane], address: str) -> Plane | None:
+    """The plane whose CIDRs hold `address` (v4-mapped v6 counts as v4), or None."""
+    ip = IPAddress(address.split("%", 1)[0])
+    for plane in planes:
+        if plane.contains(ip):
+            return plane
+    return None
+
+
+def plane_of_interface(planes: tuple[Plane, ...] | list[Plane], ifname: str) -> Plane | None:
+    for plane in planes:
+        if plane.claims_interface(ifname):
+            return plane
+    return None

@@ -1,0 +1,60 @@
+"""Test tiers, as pyroute2 and ztunnel do: unit (default, no root), bpf, netns.
+
+Locally a privileged test may skip with a reason. Under CI=true a skipped privileged test is a
+failure: root tests must never silently "pass" without root.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PRIVILEGED_MARKS = ("bpf", "netns")
+
+# One prefix per test run: namespaces and pinned objects carry it, so an aborted run never
+# collides with the next one, and leftovers are recognisable.
+RUN_PREFIX = os.environ.get("PM_RUN_PREFIX") or f"pt{secrets.token_hex(2)}"
+os.environ["PM_RUN_PREFIX"] = RUN_PREFIX
+
+
+def _privileged(item: pytest.Item) -> bool:
+    return any(item.get_closest_marker(m) for m in PRIVILEGED_MARKS)
+
+
+def _why_no_privilege() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    if shutil.which("ip") is None:
+        return "needs iproute2"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "needs bcc (python3-bpfcc); run scripts/setup.sh"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _why_no_privilege()
+    for item in items:
+        if not _privileged(item):
+            item.add_marker(pytest.mark.unit)
+        elif reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[type-arg]
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and _privileged(item):
+        report.outcome = "failed"
+        report.longrepr = f"privileged test skipped under CI=true (a skip here is a failure): {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def run_prefix() -> str:
+    return RUN_PREFIX
