@@ -36,7 +36,7 @@ _SLA_FIELDS = {f.name: f for f in dataclasses.fields(SLA)}
 
 
 def _require(obj: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
-    if not isinstance(obj, kind) or isinstance(obj, bool) and kind is not bool:
+    if not isinstance(obj, kind) or (isinstance(obj, bool) and kind is not bool):
         raise ConfigError(path, f"expected {what}, got {type(obj).__name__} {obj!r}")
     return obj
 

@@ -38,7 +38,8 @@ def validate_snapshot(snap: Snapshot) -> None:
         for j, pattern in enumerate(plane.interfaces):
             if pattern in patterns:
                 raise ConfigError(
-                    f"{where}.interfaces[{j}]", f"interface {pattern!r} is already claimed by plane {patterns[pattern]!r}"
+                    f"{where}.interfaces[{j}]",
+                    f"interface {pattern!r} is already claimed by plane {patterns[pattern]!r}",
                 )
             patterns[pattern] = plane.name
         sla = plane.sla
@@ -65,9 +66,15 @@ def validate_snapshot(snap: Snapshot) -> None:
         for prefix in lsn.prefixes or (None,):
             key = (lsn.plane, lsn.port, str(prefix))
             if key in declared:
-                raise ConfigError(f"{where}", f"plane {lsn.plane!r} port {lsn.port} is already declared by {declared[key]!r}")
+                raise ConfigError(
+                    f"{where}", f"plane {lsn.plane!r} port {lsn.port} is already declared by {declared[key]!r}"
+                )
             declared[key] = lsn.name
-        if lsn.protocol is ListenerProtocol.HTTP and lsn.route_config is not None and lsn.route_config not in snap.routes:
+        if (
+            lsn.protocol is ListenerProtocol.HTTP
+            and lsn.route_config is not None
+            and lsn.route_config not in snap.routes
+        ):
             raise ConfigError(f"{where}.route_config", f"unknown route configuration {lsn.route_config!r}")
     for rc_name, rc in snap.routes.items():
         for vi, vh in enumerate(rc.virtual_hosts):

@@ -1,0 +1,92 @@
+"""The `planemesh` command: a thin front over the agent, the labs, the demo and the admin socket.
+
+Every flag also reads an environment variable (PLANEMESH_<FLAG>), as the defaults table in
+docs/configuration.md lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from planemesh import __version__
+from planemesh.agent.config import ConfigError
+
+
+def env_default(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"PLANEMESH_{name.upper().replace('-', '_')}", default)
+
+
+def _cmd_lab(args: argparse.Namespace) -> int:
+    from planemesh.labs import load_lab
+
+    lab = load_lab(args.file, prefix=args.prefix)
+    if args.action == "up":
+        lab.up()
+        print(json.dumps(lab.status(), indent=2))
+    elif args.action == "down":
+        removed = lab.down()
+        print(f"removed {len(removed)} namespaces: {' '.join(removed) or '-'}")
+    else:
+        print(json.dumps(lab.status(), indent=2))
+    return 0
+
+
+def _add_lab(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lab", help="build, inspect or tear down a network-namespace lab")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("file", nargs="?", default=None, help="lab YAML (default: the built-in default lab)")
+    p.add_argument(
+        "--prefix", default=env_default("lab-prefix", "pm"), help="namespace name prefix [PLANEMESH_LAB_PREFIX]"
+    )
+    p.set_defaults(func=_cmd_lab)
+
+
+def build_parser(extra: Sequence[Callable[[argparse._SubParsersAction], None]] = ()) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="planemesh", description="multi-plane service-mesh node agent")
+    parser.add_argument("--version", action="version", version=f"planemesh {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_lab(sub)
+    for add in _registered_commands():
+        add(sub)
+    for add in extra:
+        add(sub)
+    return parser
+
+
+def _registered_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Commands whose modules may be absent while the tree is being built up stay optional here."""
+    adders = []
+    for module, attr in (
+        ("planemesh.agent.daemon", "add_agent_command"),
+        ("planemesh.agent.demo", "add_demo_command"),
+        ("planemesh.xds.cli", "add_xds_server_command"),
+        ("planemesh.agent.admin_client", "add_admin_commands"),
+    ):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ImportError as exc:
+            if exc.name != module:
+                raise
+            continue
+        adders.append(getattr(mod, attr))
+    return adders
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"planemesh: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
