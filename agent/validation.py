@@ -52,10 +52,10 @@ def validate_snapshot(snap: Snapshot) -> None:
             raise ConfigError(f"{where}.sla.priority", "must be 0..7")
     # CIDRs of different planes must not overlap: an address must belong to exactly one plane.
     owned = [(plane.name, i, j, net) for i, plane in enumerate(snap.planes) for j, net in enumerate(plane.cidrs)]
-    for a, (pa, ia, ja, na) in enumerate(owned):
-        for pb, _ib, _jb, nb in owned[a + 1 :]:
+    for b, (pb, ib, jb, nb) in enumerate(owned):  # name the later CIDR: the one that introduced the clash
+        for pa, _ia, _ja, na in owned[:b]:
             if pa != pb and na.version == nb.version and (na.first <= nb.last and nb.first <= na.last):
-                raise ConfigError(f"planes[{ia}].cidrs[{ja}]", f"{na} overlaps {nb} of plane {pb!r}")
+                raise ConfigError(f"planes[{ib}].cidrs[{jb}]", f"{nb} overlaps {na} of plane {pa!r}")
     declared: dict[tuple[str, int, str], str] = {}
     for i, lsn in enumerate(snap.listeners):
         where = f"listeners[{i}]"
