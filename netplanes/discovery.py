@@ -1,0 +1,151 @@
+"""Which interfaces of this namespace belong to which plane, and what changed since last time.
+
+`classify` and `diff` are pure; `scan` reads links and addresses through one pyroute2 IPRoute;
+`NetlinkWatch` turns link/address events into a callback (debounced) so hotplug is seen at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+from planemesh.netplanes.model import Plane, plane_of_interface
+
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV6_IFADDR = 0x100
+
+
+@dataclass(frozen=True, slots=True)
+class PlaneInterface:
+    ifindex: int
+    ifname: str
+    plane: str
+    addresses: tuple[str, ...]  # global-scope addresses, v4 and v6
+    up: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LinkFacts:
+    ifindex: int
+    ifname: str
+    up: bool
+    addresses: tuple[str, ...]
+
+
+def classify(links: Iterable[LinkFacts], planes: Iterable[Plane]) -> dict[int, PlaneInterface]:
+    planes = tuple(planes)
+    found: dict[int, PlaneInterface] = {}
+    for link in links:
+        plane = plane_of_interface(planes, link.ifname)
+        if plane is not None:
+            found[link.ifindex] = PlaneInterface(link.ifindex, link.ifname, plane.name, link.addresses, link.up)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceDiff:
+    added: tuple[PlaneInterface, ...]
+    removed: tuple[PlaneInterface, ...]
+    changed: tuple[PlaneInterface, ...]  # same ifindex, new plane/name/addresses/state
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+def diff(old: dict[int, PlaneInterface], new: dict[int, PlaneInterface]) -> InterfaceDiff:
+    return InterfaceDiff(
+        added=tuple(new[i] for i in sorted(new.keys() - old.keys())),
+        removed=tuple(old[i] for i in sorted(old.keys() - new.keys())),
+        changed=tuple(new[i] for i in sorted(new.keys() & old.keys()) if new[i] != old[i]),
+    )
+
+
+def plane_source_addresses(
+    interfaces: Iterable[PlaneInterface], planes: Iterable[Plane]
+) -> dict[str, dict[int, str]]:
+    """For each plane, this node's own address per IP version inside the plane's CIDRs (to bind upstreams)."""
+    by_name = {p.name: p for p in planes}
+    out: dict[str, dict[int, str]] = {}
+    for iface in sorted(interfaces, key=lambda i: i.ifindex):
+        plane = by_name.get(iface.plane)
+        if plane is None:
+            continue
+        for addr in iface.addresses:
+            version = 6 if ":" in addr else 4
+            if plane.contains(addr):
+                out.setdefault(plane.name, {}).setdefault(version, addr)
+    return out
+
+
+def read_links(ipr: IPRoute) -> list[LinkFacts]:
+    addrs: dict[int, list[str]] = {}
+    for msg in ipr.get_addr():
+        if msg["scope"] == 0:  # global only; link-local addresses are not plane addresses
+            addrs.setdefault(msg["index"], []).append(msg.get("IFA_ADDRESS"))
+    links = []
+    for link in ipr.get_links():
+        name = link.get("ifname")
+        if name == "lo":
+            continue
+        up = bool(link["flags"] & 1)
+        links.append(LinkFacts(link["index"], name, up, tuple(addrs.get(link["index"], ()))))
+    return links
+
+
+def scan(planes: Iterable[Plane], ipr: IPRoute | None = None) -> dict[int, PlaneInterface]:
+    if ipr is not None:
+        return classify(read_links(ipr), planes)
+    with IPRoute() as own:
+        return classify(read_links(own), planes)
+
+
+class NetlinkWatch:
+    """Calls `on_change()` on the event loop after link/address events, coalescing bursts.
+
+    A raw NETLINK_ROUTE multicast socket read with `loop.add_reader`: no thread, no pyroute2 event
+    machinery. Events only say *that* something changed; the callback re-scans what is true now.
+    The socket belongs to the network namespace of the thread that creates it.
+    """
+
+    def __init__(self, on_change: Callable[[], None], debounce_s: float = 0.02) -> None:
+        self._on_change = on_change
+        self._debounce_s = debounce_s
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self._sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                if not self._sock.recv(65536):
+                    break
+            except BlockingIOError:
+                break
+            except OSError:  # ENOBUFS: events were lost; a re-scan is exactly the right answer
+                break
+        if self._pending is None and self._loop is not None:
+            self._pending = self._loop.call_later(self._debounce_s, self._fire)
+
+    def _fire(self) -> None:
+        self._pending = None
+        self._on_change()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._sock.fileno())
+        if self._pending is not None:
+            self._pending.cancel()
+        self._sock.close()
