@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+import copyreg
 from types import MappingProxyType
 
 from netaddr import IPNetwork
@@ -250,6 +251,14 @@ class Listener:
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:
     return MappingProxyType(dict(mapping or {}))
+
+
+# Snapshots travel to per-plane worker processes pickled; a read-only mapping pickles as its contents.
+def _readonly(contents: dict[str, object]) -> Mapping[str, object]:
+    return MappingProxyType(contents)
+
+
+copyreg.pickle(MappingProxyType, lambda m: (_readonly, (dict(m),)))
 
 
 @dataclass(frozen=True, slots=True)
