@@ -110,3 +110,49 @@ def remove(ns: str) -> None:
     kill_all_in(ns)
     with contextlib.suppress(FileNotFoundError, OSError):
         netns.remove(ns)
+
+
+def start_until(
+    ns: str | None, argv: Sequence[str], ready: str, *, timeout: float = 20.0, **kwargs: Any
+) -> subprocess.Popen:
+    """Start argv (inside `ns`, or here when None) and wait until a stdout line contains `ready`.
+
+    The process keeps its stdout pipe; lines after `ready` are drained by a thread so it never blocks.
+    On timeout or early exit the process is killed and RuntimeError carries what it printed.
+    """
+    full = exec_argv(ns, argv) if ns else list(argv)
+    proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, **kwargs)
+    seen: list[str] = []
+    found = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if len(seen) < 2000:
+                seen.append(line.rstrip())
+            if ready in line:
+                found.set()
+        found.set()
+
+    threading.Thread(target=reader, daemon=True, name=f"stdout-{argv[0]}").start()
+    found.wait(timeout)
+    if proc.poll() is not None or not any(ready in line for line in seen):
+        proc.kill()
+        proc.wait()
+        tail = "\n".join(seen[-30:])
+        raise RuntimeError(f"{' '.join(argv[:4])} did not become ready within {timeout}s:\n{tail}")
+    proc.output_lines = seen  # type: ignore[attr-defined]
+    return proc
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    """Signal a process and wait for it (SIGKILL after `timeout`); returns its exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

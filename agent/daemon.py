@@ -1,0 +1,266 @@
+"""The agent's composition root: builds every component, applies snapshots, runs until signalled.
+
+Order of start-up (each step a readiness blocker): enter the node namespace, load the BPF program,
+install policy routing, apply the first snapshot (maps, then workers with their listening sockets),
+attach to every plane interface, start the netlink watch, serve admin, notify systemd.
+Order of shutdown: stop accepting, drain workers, detach programs, remove routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from planemesh.agent.config import ConfigError, Snapshot
+from planemesh.agent.control_thread import ControlThread
+from planemesh.agent.kernel import KernelDataPath
+from planemesh.agent.workers import PlaneWorkers
+from planemesh.netplanes import discovery
+from planemesh.netplanes.discovery import NetlinkWatch, PlaneInterface
+
+log = logging.getLogger("planemesh.agent")
+
+
+@dataclass
+class AgentOptions:
+    config: Path | None = None  # static YAML; None with no bootstrap: the embedded default
+    bootstrap: Path | None = None  # xDS bootstrap
+    netns: str | None = None  # enter this network namespace first (labs)
+    admin: list[str] = field(default_factory=lambda: ["unix:///run/planemesh/admin.sock"])
+    pin_dir: str | None = None
+    access_log: str | None = None
+    drain_timeout_s: float = 5.0
+    xds: str | None = None  # override the bootstrap's server address
+
+
+class Agent:
+    def __init__(self, options: AgentOptions) -> None:
+        self.options = options
+        self.snapshot: Snapshot | None = None
+        self.interfaces: dict[int, PlaneInterface] = {}
+        self.control = ControlThread()
+        self.kernel = KernelDataPath(pin_dir=options.pin_dir)
+        self.workers: dict[str, PlaneWorkers] = {}
+        self.blockers = {"programs attached", "routes installed", "listeners bound", "first snapshot applied"}
+        self.stopping = asyncio.Event()
+        self._apply_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._watch: NetlinkWatch | None = None
+        self.xds_client: Any = None
+
+    # ---- snapshots ---------------------------------------------------------------------------
+    async def apply(self, snap: Snapshot) -> None:
+        """Apply a validated snapshot as a diff; raises ConfigError (the caller NACKs) and keeps the old one."""
+        async with self._apply_lock:
+            old = self.snapshot
+            await self.control.call(self.kernel.check, snap)  # everything that can fail, before any change
+            seen = (
+                self.interfaces
+                if old and old.planes == snap.planes
+                else await self.control.call(discovery.scan, snap.planes)
+            )
+            sources = discovery.plane_source_addresses(seen.values(), snap.planes)
+            await self._apply_workers(old, snap, sources)
+            await self.control.call(self.kernel.apply, snap)
+            self.snapshot = snap
+            await self._sync_interfaces()
+            self.blockers.discard("first snapshot applied")
+            log.info(
+                "applied snapshot %s (%d planes, %d listeners)", snap.version, len(snap.planes), len(snap.listeners)
+            )
+
+    async def _apply_workers(self, old: Snapshot | None, snap: Snapshot, sources: dict[str, dict[int, str]]) -> None:
+        wanted = {p.name: p for p in snap.planes}
+        for name in list(self.workers):
+            plane_old = old.plane(name) if old else None
+            plane_new = wanted.get(name)
+            if plane_new is None or (plane_old and _listener_shape(plane_old) != _listener_shape(plane_new)):
+                await self.workers.pop(name).stop(self.options.drain_timeout_s)
+        for name, plane in wanted.items():
+            if name in self.workers:
+                await self.workers[name].update(snap, sources)
+                continue
+            listeners = [bind_listener(plane.proxy_port)]
+            if plane.undeclared.value == "sniff":
+                listeners.append(bind_listener(plane.sniff_port))
+            workers = PlaneWorkers(name, plane.sla.workers, listeners, self._worker_options())
+            await workers.start(snap, sources)
+            self.workers[name] = workers
+            self._tasks.append(asyncio.create_task(workers.supervise(), name=f"supervise-{name}"))
+        self.blockers.discard("listeners bound")
+
+    def _worker_options(self) -> dict[str, Any]:
+        return {
+            "upstream_mark": self.kernel.own_mark,
+            "access_log": self.options.access_log,
+            "drain_timeout": self.options.drain_timeout_s,
+        }
+
+    # ---- interfaces --------------------------------------------------------------------------
+    async def _sync_interfaces(self) -> None:
+        if self.snapshot is None:
+            return
+        snap = self.snapshot
+        now = await self.control.call(discovery.scan, snap.planes)
+        change = discovery.diff(self.interfaces, now)
+        if change:
+            await self.control.call(self.kernel.sync_interfaces, snap, change)
+            for iface in change.added:
+                log.info("plane %s: attached to %s (ifindex %d)", iface.plane, iface.ifname, iface.ifindex)
+            for iface in change.removed:
+                log.info("plane %s: released %s (ifindex %d)", iface.plane, iface.ifname, iface.ifindex)
+        self.interfaces = now
+        self.blockers.discard("programs attached")
+        sources = discovery.plane_source_addresses(now.values(), snap.planes)
+        if change and any(i.addresses for i in (*change.added, *change.changed)):
+            for workers in self.workers.values():
+                await workers.update(snap, sources)
+
+    def _on_links_changed(self) -> None:
+        self._tasks.append(asyncio.create_task(self._sync_interfaces(), name="sync-interfaces"))
+        self._tasks = [t for t in self._tasks if not t.done() or t.cancelled() or t.exception() is not None]
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def run(self, first: Snapshot | None) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            await self.control.call(self.kernel.open)
+            await self.control.call(self.kernel.install_routing)
+            self.blockers.discard("routes installed")
+            self._watch = NetlinkWatch(self._on_links_changed)
+            self._watch.start()
+            if first is not None:
+                await self.apply(first)
+            else:
+                await self._start_xds()
+            await self._start_admin()
+            log.info("ready: planes %s", ", ".join(self.workers))
+            print("planemesh agent ready", flush=True)
+            await self.stopping.wait()
+        finally:
+            await self.shutdown()
+
+    async def _start_xds(self) -> None:
+        from planemesh.agent.xds_source import start_xds
+
+        self.xds_client = await start_xds(self)
+
+    async def _start_admin(self) -> None:
+        from planemesh.agent.admin_glue import start_admin
+
+        await start_admin(self)
+
+    async def shutdown(self) -> None:
+        log.info("stopping: draining workers (up to %.1fs)", self.options.drain_timeout_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._watch is not None:
+            self._watch.close()
+        await asyncio.gather(
+            *(w.stop(self.options.drain_timeout_s) for w in self.workers.values()), return_exceptions=True
+        )
+        self.workers.clear()
+        with contextlib.suppress(Exception):
+            await self.control.call(self.kernel.close)
+        self.control.close()
+        log.info("stopped: programs detached, routes removed")
+
+
+def _listener_shape(plane: Any) -> tuple[Any, ...]:
+    return (plane.proxy_port, plane.sniff_port, plane.undeclared, plane.sla.workers)
+
+
+def bind_listener(port: int) -> socket.socket:
+    from planemesh.agent.proxy.server import make_listener_socket
+
+    return make_listener_socket(port, transparent=True)
+
+
+def enter_netns(name: str) -> None:
+    """Move this (still single-threaded) process into a named network namespace, network only."""
+    from pyroute2 import netns
+
+    netns.setns(name)
+
+
+def load_snapshot(options: AgentOptions) -> Snapshot | None:
+    from planemesh.agent.static_config import load_default_config, load_static_config
+
+    if options.bootstrap is not None:
+        return None
+    return load_static_config(options.config) if options.config else load_default_config()
+
+
+def run_agent(options: AgentOptions) -> int:
+    first = load_snapshot(options)  # a bad file fails here, before anything is changed
+    if options.netns:
+        enter_netns(options.netns)
+    agent = Agent(options)
+    try:
+        import uvloop
+
+        uvloop.run(agent.run(first))
+    except ConfigError:
+        raise
+    return 0
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from planemesh.agent.cli import env_default
+
+    logging.basicConfig(
+        level=(args.log_level or env_default("log_level", "INFO")).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    options = AgentOptions(
+        config=Path(args.config) if args.config else None,
+        bootstrap=Path(args.bootstrap) if args.bootstrap else None,
+        netns=args.netns,
+        admin=args.admin or ["unix:///run/planemesh/admin.sock"],
+        pin_dir=args.pin_dir,
+        access_log=args.access_log,
+        drain_timeout_s=args.drain_timeout,
+        xds=args.xds,
+    )
+    return run_agent(options)
+
+
+def add_agent_command(sub: argparse._SubParsersAction) -> None:
+    from planemesh.agent.cli import env_default
+
+    p = sub.add_parser("agent", help="run the node agent")
+    p.add_argument("--config", default=env_default("config"), help="static YAML config [PLANEMESH_CONFIG]")
+    p.add_argument("--bootstrap", default=env_default("bootstrap"), help="xDS bootstrap YAML [PLANEMESH_BOOTSTRAP]")
+    p.add_argument("--xds", default=env_default("xds"), help="xDS server: host:port or unix:///path [PLANEMESH_XDS]")
+    p.add_argument("--netns", default=env_default("netns"), help="run inside this network namespace [PLANEMESH_NETNS]")
+    p.add_argument(
+        "--admin",
+        action="append",
+        default=None,
+        help="admin endpoint: unix:///path or 127.0.0.1:PORT, repeatable [PLANEMESH_ADMIN]",
+    )
+    p.add_argument(
+        "--pin-dir", default=env_default("pin_dir"), help="bpffs directory for pinned maps [PLANEMESH_PIN_DIR]"
+    )
+    p.add_argument("--access-log", default=env_default("access_log"), help="access log file [PLANEMESH_ACCESS_LOG]")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=float(env_default("drain_timeout", "5")),
+        help="[PLANEMESH_DRAIN_TIMEOUT]",
+    )
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [PLANEMESH_LOG_LEVEL]")
+    p.set_defaults(func=_cmd_agent)
+
+
+__all__ = ["Agent", "AgentOptions", "add_agent_command", "run_agent"]

@@ -1,0 +1,134 @@
+"""A plane's proxy worker process: serves the plane's listening sockets, nothing else.
+
+Started by the agent (agent/workers.py) with the listening sockets and one end of a control
+socketpair passed as file descriptors. Each plane runs in processes of its own so that one plane's CPU
+saturation cannot starve another's. The worker dies with the agent (PR_SET_PDEATHSIG): the data path
+then falls open to the original destinations instead of feeding a proxy nobody controls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from planemesh.agent.config import Snapshot
+from planemesh.agent.worker_channel import encode, read_message
+from planemesh.netplanes.model import plane_of_address
+
+log = logging.getLogger("planemesh.worker")
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the parent already went before we asked
+        sys.exit(0)
+
+
+class SourceAddresses:
+    """Given an upstream IP, this node's own address on that IP's plane (so it leaves on that plane)."""
+
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+        self.by_plane: dict[str, dict[int, str]] = {}
+
+    def __call__(self, upstream_ip: str) -> str | None:
+        if self.snapshot is None:
+            return None
+        plane = plane_of_address(self.snapshot.planes, upstream_ip)
+        if plane is None:
+            return None
+        mapped = upstream_ip.startswith("::ffff:")
+        version = 4 if ("." in upstream_ip and (mapped or ":" not in upstream_ip)) else 6
+        return self.by_plane.get(plane.name, {}).get(version)
+
+
+async def run_worker(
+    plane: str, control: socket.socket, listeners: list[socket.socket], options: dict[str, Any]
+) -> None:
+    from planemesh.agent.proxy.server import PlaneProxy
+
+    reader, writer = await asyncio.open_unix_connection(sock=control)
+    first = await read_message(reader)
+    if first is None or first.get("op") != "snapshot":
+        raise RuntimeError("worker: the agent sent no initial snapshot")
+    sources = SourceAddresses()
+    sources.snapshot, sources.by_plane = first["snapshot"], first.get("sources", {})
+    proxy = PlaneProxy(
+        first["snapshot"],
+        plane,
+        upstream_mark=options["upstream_mark"],
+        source_address=sources,
+        access_log=options.get("access_log"),
+    )
+    serving = [asyncio.create_task(proxy.serve(sock), name=f"serve-{sock.getsockname()[1]}") for sock in listeners]
+    writer.write(encode({"op": "ready", "pid": os.getpid()}))
+    await writer.drain()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    async def control_loop() -> None:
+        while (msg := await read_message(reader)) is not None:
+            op = msg.get("op")
+            if op == "snapshot":
+                sources.snapshot, sources.by_plane = msg["snapshot"], msg.get("sources", {})
+                proxy.update(msg["snapshot"])
+                writer.write(encode({"op": "applied", "version": msg["snapshot"].version}))
+            elif op == "stats":
+                writer.write(encode({"op": "stats", "stats": proxy.stats_dict()}))
+            elif op == "drain":
+                await proxy.drain(float(msg.get("timeout", 10)))
+                writer.write(encode({"op": "drained"}))
+                await writer.drain()
+                return
+            await writer.drain()
+
+    control_task = asyncio.create_task(control_loop(), name="control")
+    stop_task = asyncio.create_task(stop.wait(), name="signal")
+    done, _ = await asyncio.wait([control_task, stop_task, *serving], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not stop_task and task is not control_task and task.exception():
+            raise task.exception()  # type: ignore[misc]
+    if stop_task in done:
+        await proxy.drain(float(options.get("drain_timeout", 5)))
+    for task in [*serving, control_task, stop_task]:
+        task.cancel()
+    await asyncio.gather(*serving, control_task, stop_task, return_exceptions=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="planemesh-worker")
+    parser.add_argument("--plane", required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, action="append", default=[])
+    parser.add_argument("--upstream-mark", type=lambda v: int(v, 0), required=True)
+    parser.add_argument("--access-log", default=None)
+    parser.add_argument("--drain-timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(
+        level=os.environ.get("PLANEMESH_LOG_LEVEL", "INFO"), format=f"%(levelname)s {args.plane}: %(message)s"
+    )
+    control = socket.socket(fileno=args.control_fd)
+    listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]
+    options = {"upstream_mark": args.upstream_mark, "access_log": args.access_log, "drain_timeout": args.drain_timeout}
+    try:
+        import uvloop
+
+        uvloop.run(run_worker(args.plane, control, listeners, options))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

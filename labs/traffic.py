@@ -1,0 +1,128 @@
+"""Real clients for labs: HTTP and TCP from inside a pod's namespace (demo, tests, benchmarks).
+
+Each function runs in a thread that entered the pod's namespace (labs.netns.call_in), so its sockets are
+the pod's own sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import socket
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from planemesh.labs.netns import call_in
+
+
+def host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+@dataclass
+class HttpResult:
+    status: list[int] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)
+
+    def seen(self, i: int = 0) -> dict[str, Any]:
+        return json.loads(self.bodies[i])
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(self.latency_ms) if self.latency_ms else float("nan")
+
+
+def _http_requests(
+    address: str,
+    port: int,
+    paths: list[str],
+    headers: dict[str, str] | None,
+    timeout: float,
+    method: str,
+    body: bytes | None,
+) -> HttpResult:
+    result = HttpResult()
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        for path in paths:  # one connection: keep-alive across all of them
+            started = time.perf_counter()
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+            result.latency_ms.append((time.perf_counter() - started) * 1000)
+            result.status.append(resp.status)
+            result.bodies.append(data)
+            result.headers.append({k.lower(): v for k, v in resp.getheaders()})
+    finally:
+        conn.close()
+    return result
+
+
+def http_requests(
+    ns: str,
+    address: str,
+    port: int,
+    paths: list[str],
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+    method: str = "GET",
+    body: bytes | None = None,
+) -> HttpResult:
+    """Send requests over one keep-alive connection from inside `ns`."""
+    return call_in(ns, _http_requests, address, port, paths, headers, timeout, method, body)
+
+
+@dataclass
+class TcpResult:
+    peer_seen_by_server: str
+    echoed_ok: bool
+    bytes_sent: int
+    seconds: float
+
+
+def _tcp_echo(address: str, port: int, size: int, timeout: float) -> TcpResult:
+    payload = os.urandom(size)
+    started = time.perf_counter()
+    with socket.create_connection((address, port), timeout=timeout) as conn:
+        banner = b""
+        while not banner.endswith(b"\n"):
+            chunk = conn.recv(1)
+            if not chunk:
+                break
+            banner += chunk
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)  # half-close: the server echoes the rest, then closes
+        digest, received = hashlib.sha256(), 0
+        while data := conn.recv(65536):
+            digest.update(data)
+            received += len(data)
+    peer = banner.decode().strip().removeprefix("peer ")
+    ok = received == size and digest.digest() == hashlib.sha256(payload).digest()
+    return TcpResult(peer, ok, size, time.perf_counter() - started)
+
+
+def tcp_echo(ns: str, address: str, port: int, size: int = 1 << 20, timeout: float = 10.0) -> TcpResult:
+    """Connect from inside `ns`, read the server's "peer ..." line, round-trip `size` random bytes."""
+    return call_in(ns, _tcp_echo, address, port, size, timeout)
+
+
+def wait_for_port(ns: str, address: str, port: int, timeout: float = 10.0) -> None:
+    def probe() -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection((address, port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    call_in(ns, probe)
