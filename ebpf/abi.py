@@ -1,0 +1,167 @@
+"""The Python mirror of ebpf/pm_abi.h: constants, enums and ctypes structs, defined once.
+
+tests/bpf/test_ebpf_abi.py compares every struct's size and field offsets with the types bcc
+generated from the C header, and every enum/constant with the header's text, so this file cannot
+silently drift. Byte order: fields documented as NETWORK order in the header are filled big-endian
+by the helpers here; everything else is host order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+from enum import IntEnum
+from pathlib import Path
+
+HEADER = Path(__file__).with_name("pm_abi.h")
+
+PM_ABI_VERSION = 1
+PM_MAX_PLANES = 64
+PM_MAX_IFACES = 4096
+PM_MAX_POLICY = 65536
+PM_CNT_SLOTS = 32
+PM_CNT_ENTRIES = PM_MAX_PLANES * PM_CNT_SLOTS
+
+PM_MARK_PLANE_MASK = 0x0000003F
+PM_MARK_LOCAL = 0x00400000
+PM_MARK_OWN = 0x00800000
+
+PM_IF_F_CLSACT_OURS = 0x1
+PM_IF_F_ATTACHED = 0x2
+PM_PLANE_F_FAIL_CLOSED = 0x1
+PM_PLANE_F_ACTIVE = 0x2
+
+PM_POLICY_PORT_BITS = 32
+PM_POLICY_ADDR_OFFSET_BITS = 64
+PM_FAMILY_V4 = 4
+PM_FAMILY_V6 = 6
+
+
+class Action(IntEnum):
+    """enum pm_action: a contract, never renumber."""
+
+    NONE = 0
+    BYPASS = 1
+    PROXY = 2
+    SNIFF = 3
+    DROP = 4
+
+
+class Reason(IntEnum):
+    """enum pm_reason: counter slots beside the actions; a contract, never renumber."""
+
+    NOT_IP = 5
+    NOT_TCP = 6
+    FRAGMENT = 7
+    PARSE_ERROR = 8
+    OWN_TRAFFIC = 9
+    NO_LISTENER = 10
+    ESTABLISHED = 11
+    LISTENER = 12
+    NO_SOCKET = 13
+    ASSIGN_FAILED = 14
+    NO_PLANE = 15
+    UNCONFIGURED = 16
+
+
+def slot_name(slot: int) -> str:
+    """A counter slot's name ('proxy', 'no_listener', ...) or its number if unknown."""
+    for enum in (Action, Reason):
+        try:
+            return enum(slot).name.lower()
+        except ValueError:
+            continue
+    return str(slot)
+
+
+class PmIface(ctypes.Structure):
+    _fields_ = [("plane_id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class PmPlane(ctypes.Structure):
+    _fields_ = [
+        ("proxy_port", ctypes.c_uint16),
+        ("sniff_port", ctypes.c_uint16),
+        ("undeclared_action", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class PmPolicyKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("plane_id", ctypes.c_uint16),  # network order
+        ("dst_port", ctypes.c_uint16),  # network order
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("addr", ctypes.c_uint8 * 16),  # network order
+    ]
+
+
+class PmPolicyVal(ctypes.Structure):
+    _fields_ = [("action", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class PmCounter(ctypes.Structure):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+class PmConfig(ctypes.Structure):
+    _fields_ = [
+        ("abi_version", ctypes.c_uint32),
+        ("local_mark", ctypes.c_uint32),
+        ("local_mask", ctypes.c_uint32),
+        ("own_mark", ctypes.c_uint32),
+        ("own_mask", ctypes.c_uint32),
+        ("plane_mask", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+# C struct name -> mirror, for the ABI test and for converting bcc's generated types.
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "pm_iface": PmIface,
+    "pm_plane": PmPlane,
+    "pm_policy_key": PmPolicyKey,
+    "pm_policy_val": PmPolicyVal,
+    "pm_counter": PmCounter,
+    "pm_config": PmConfig,
+}
+
+
+def policy_key_bytes(plane_id: int, port: int, network: str | None) -> bytes:
+    """The bytes of a pm_policy_key: a (plane, port) rule when network is None, else a prefix rule.
+
+    Raises ValueError on an out-of-range plane/port or a malformed network.
+    """
+    if not 1 <= plane_id < PM_MAX_PLANES:
+        raise ValueError(f"plane id {plane_id} is outside 1..{PM_MAX_PLANES - 1}")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{port} is not a TCP port")
+    key = PmPolicyKey()
+    key.plane_id = socket.htons(plane_id)
+    key.dst_port = socket.htons(port)
+    if network is None:
+        key.prefixlen = PM_POLICY_PORT_BITS
+        return bytes(key)
+    net = ipaddress.ip_network(network, strict=False)
+    key.family = PM_FAMILY_V4 if net.version == 4 else PM_FAMILY_V6
+    key.prefixlen = PM_POLICY_ADDR_OFFSET_BITS + net.prefixlen
+    packed = net.network_address.packed
+    ctypes.memmove(key.addr, packed, len(packed))
+    return bytes(key)
+
+
+def decode_policy_key(raw: bytes) -> tuple[int, int, str | None]:
+    """Inverse of policy_key_bytes: (plane_id, port, network or None)."""
+    key = PmPolicyKey.from_buffer_copy(raw)
+    plane_id, port = socket.ntohs(key.plane_id), socket.ntohs(key.dst_port)
+    if key.prefixlen <= PM_POLICY_PORT_BITS:
+        return plane_id, port, None
+    plen = key.prefixlen - PM_POLICY_ADDR_OFFSET_BITS
+    size = 4 if key.family == PM_FAMILY_V4 else 16
+    addr = ipaddress.ip_address(bytes(key.addr[:size]))
+    return plane_id, port, str(ipaddress.ip_network(f"{addr}/{plen}", strict=False))

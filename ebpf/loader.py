@@ -1,0 +1,293 @@
+"""Load the TC classifier with bcc, attach it to interfaces, and keep its maps in step with policy.
+
+One `Datapath` = one compiled program and one set of maps, shared by every interface it is attached
+to. With `pin_dir` the maps are pinned there (bcc reuses maps already pinned, so a restarted agent
+re-adopts interface/plane/policy state, and the TC filters a previous agent left attached keep
+working until `attach` swaps in the new program). Without `pin_dir` nothing is pinned.
+
+Interface indexes are those of the network namespace the calling thread is in when it calls
+`attach`/`detach`; keep one Datapath per namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from planemesh.ebpf import abi, tc_attach
+from planemesh.ebpf.abi import Action
+from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
+
+EBPF_DIR = Path(__file__).resolve().parent
+SOURCE = EBPF_DIR / "pm_tc.c"
+PROGRAM = "pm_tc_ingress"
+MAP_NAMES = ("pm_ifaces", "pm_planes", "pm_policy", "pm_counters", "pm_config")
+BPFFS = "/sys/fs/bpf"
+_SAFE_PIN_DIR = re.compile(r"^/[A-Za-z0-9_./-]+$")
+
+
+class DatapathError(RuntimeError):
+    """The data path cannot be loaded or configured as asked."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    added: int = 0
+    updated: int = 0
+    deleted: int = 0
+
+
+def _validated_pin_dir(pin_dir: str) -> str:
+    path = os.path.normpath(pin_dir)
+    if not _SAFE_PIN_DIR.match(path) or not (path == BPFFS or path.startswith(BPFFS + "/")):
+        raise DatapathError(f"pin directory {pin_dir!r} must be a plain path below {BPFFS}")
+    return path
+
+
+class Datapath:
+    def __init__(
+        self,
+        pin_dir: str | None = None,
+        *,
+        local_mark: int = abi.PM_MARK_LOCAL,
+        own_mark: int = abi.PM_MARK_OWN,
+        mark_planes: bool = False,
+    ) -> None:
+        from bcc import BPF  # imported here: unit tests of the pure parts need no bcc
+
+        self.pin_dir = _validated_pin_dir(pin_dir) if pin_dir else None
+        cflags = [f"-I{EBPF_DIR}"]
+        if self.pin_dir:
+            os.makedirs(self.pin_dir, exist_ok=True)
+            cflags.append(f'-DPM_PIN_DIR="{self.pin_dir}"')
+        try:
+            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+            self.fn = self.bpf.load_func(PROGRAM.encode(), BPF.SCHED_CLS)
+        except Exception as exc:
+            raise DatapathError(f"cannot load {SOURCE.name}: {exc}") from exc
+        self._tables = {name: self.bpf[name.encode()] for name in MAP_NAMES}
+        self._write_config(local_mark, own_mark, mark_planes)
+
+    # ---- configuration ----------------------------------------------------------------------
+    def _write_config(self, local_mark: int, own_mark: int, mark_planes: bool) -> None:
+        table = self._tables["pm_config"]
+        key = table.Key(0)
+        current = table[key]
+        if current.abi_version not in (0, abi.PM_ABI_VERSION):
+            raise DatapathError(
+                f"pinned maps in {self.pin_dir} speak ABI v{current.abi_version}, this agent v{abi.PM_ABI_VERSION}:"
+                " remove that pin directory (and the filters using it) first"
+            )
+        if local_mark & own_mark or not local_mark or not own_mark:
+            raise DatapathError(f"local mark {local_mark:#x} and own mark {own_mark:#x} must be disjoint and non-zero")
+        if (local_mark | own_mark) & abi.PM_MARK_PLANE_MASK:
+            raise DatapathError(f"marks must leave the plane bits {abi.PM_MARK_PLANE_MASK:#x} free")
+        cfg = table.Leaf()
+        cfg.abi_version = abi.PM_ABI_VERSION
+        cfg.local_mark = cfg.local_mask = local_mark
+        cfg.own_mark = cfg.own_mask = own_mark
+        cfg.plane_mask = abi.PM_MARK_PLANE_MASK if mark_planes else 0
+        table[key] = cfg
+        self.local_mark, self.own_mark = local_mark, own_mark
+
+    @property
+    def prog_fd(self) -> int:
+        return self.fn.fd
+
+    # ---- interfaces -------------------------------------------------------------------------
+    def _iface(self, ifindex: int) -> abi.PmIface | None:
+        table = self._tables["pm_ifaces"]
+        try:
+            leaf = table[table.Key(ifindex)]
+        except KeyError:
+            return None
+        return abi.PmIface(leaf.plane_id, leaf.flags)
+
+    def _put_iface(self, ifindex: int, plane_id: int, flags: int) -> None:
+        table = self._tables["pm_ifaces"]
+        if plane_id == 0 and flags == 0:
+            with contextlib.suppress(KeyError):
+                del table[table.Key(ifindex)]
+            return
+        table[table.Key(ifindex)] = table.Leaf(plane_id, flags)
+
+    def set_interface(self, ifindex: int, plane_id: int) -> None:
+        """Packets entering `ifindex` belong to `plane_id` (1..63)."""
+        if not 1 <= plane_id < abi.PM_MAX_PLANES:
+            raise ValueError(f"plane id {plane_id} is outside 1..{abi.PM_MAX_PLANES - 1}")
+        current = self._iface(ifindex)
+        self._put_iface(ifindex, plane_id, current.flags if current else 0)
+
+    def clear_interface(self, ifindex: int) -> None:
+        """`ifindex` is no plane any more: its packets pass untouched (it stays attached if it was)."""
+        current = self._iface(ifindex)
+        if current:
+            self._put_iface(ifindex, 0, current.flags)
+
+    def interfaces(self) -> dict[int, tuple[int, int]]:
+        """ifindex -> (plane_id, PM_IF_F_* flags) as the map holds them."""
+        return {int(k.value): (int(v.plane_id), int(v.flags)) for k, v in self._tables["pm_ifaces"].items()}
+
+    def attach(self, ifindex: int, ipr: IPRoute | None = None) -> None:
+        """Attach to `ifindex` of the current netns (clsact ingress, direct action). Idempotent."""
+        with _ipr(ipr) as nl:
+            created = tc_attach.ensure_clsact(nl, ifindex)
+            try:
+                tc_attach.attach_filter(nl, ifindex, self.prog_fd, PROGRAM)
+            except Exception:
+                if created:
+                    tc_attach.remove_clsact_if_unused(nl, ifindex)
+                raise
+        current = self._iface(ifindex)
+        flags = (current.flags if current else 0) | abi.PM_IF_F_ATTACHED
+        if created:
+            flags |= abi.PM_IF_F_CLSACT_OURS
+        self._put_iface(ifindex, current.plane_id if current else 0, flags)
+
+    def detach(self, ifindex: int, ipr: IPRoute | None = None) -> None:
+        """Remove our filter (and the clsact qdisc if we created it and it is unused) and forget ifindex."""
+        current = self._iface(ifindex)
+        with _ipr(ipr) as nl:
+            tc_attach.detach_filter(nl, ifindex)
+            if current and current.flags & abi.PM_IF_F_CLSACT_OURS:
+                tc_attach.remove_clsact_if_unused(nl, ifindex)
+        self._put_iface(ifindex, 0, 0)
+
+    # ---- planes and policy ------------------------------------------------------------------
+    def set_plane(
+        self, plane_id: int, proxy_port: int, sniff_port: int, undeclared: Action, fail_closed: bool = False
+    ) -> None:
+        if not 1 <= plane_id < abi.PM_MAX_PLANES:
+            raise ValueError(f"plane id {plane_id} is outside 1..{abi.PM_MAX_PLANES - 1}")
+        for port in (proxy_port, sniff_port):
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{port} is not a TCP port")
+        if Action(undeclared) not in (Action.BYPASS, Action.SNIFF, Action.PROXY, Action.DROP):
+            raise ValueError(f"undeclared action {undeclared!r} is not a verdict")
+        table = self._tables["pm_planes"]
+        leaf = table.Leaf()
+        leaf.proxy_port, leaf.sniff_port, leaf.undeclared_action = proxy_port, sniff_port, int(undeclared)
+        leaf.flags = abi.PM_PLANE_F_ACTIVE | (abi.PM_PLANE_F_FAIL_CLOSED if fail_closed else 0)
+        table[table.Key(plane_id)] = leaf
+
+    def clear_plane(self, plane_id: int) -> None:
+        table = self._tables["pm_planes"]
+        table[table.Key(plane_id)] = table.Leaf()
+
+    def planes(self) -> dict[int, PlaneSettings]:
+        found = {}
+        for key, leaf in self._tables["pm_planes"].items():
+            if leaf.flags & abi.PM_PLANE_F_ACTIVE:
+                found[int(key.value)] = PlaneSettings(
+                    int(key.value),
+                    int(leaf.proxy_port),
+                    int(leaf.sniff_port),
+                    Action(leaf.undeclared_action),
+                    bool(leaf.flags & abi.PM_PLANE_F_FAIL_CLOSED),
+                )
+        return found
+
+    def policy(self) -> dict[PolicyRule, Action]:
+        """The policy trie's content, decoded."""
+        found = {}
+        for key, leaf in self._tables["pm_policy"].items():
+            plane_id, port, prefix = abi.decode_policy_key(bytes(key))
+            found[PolicyRule(plane_id, port, prefix)] = Action(leaf.action)
+        return found
+
+    def sync_policy(self, rules: Mapping[PolicyRule, Action]) -> SyncResult:
+        """Make the trie hold exactly `rules`: add and update first, then delete (no flush-and-refill,
+        so a rule present before and after is never missing in between)."""
+        table = self._tables["pm_policy"]
+        current = self.policy()
+        added = updated = 0
+        for rule, action in sorted(rules.items()):
+            if current.get(rule) == action:
+                continue
+            key = table.Key.from_buffer_copy(abi.policy_key_bytes(rule.plane_id, rule.port, rule.prefix))
+            table[key] = table.Leaf(int(action), 0)
+            if rule in current:
+                updated += 1
+            else:
+                added += 1
+        deleted = 0
+        for rule in sorted(set(current) - set(rules)):
+            key = table.Key.from_buffer_copy(abi.policy_key_bytes(rule.plane_id, rule.port, rule.prefix))
+            with contextlib.suppress(KeyError):
+                del table[key]
+                deleted += 1
+        return SyncResult(added, updated, deleted)
+
+    def apply(self, policy: DatapathPolicy) -> SyncResult:
+        """Planes first (so new rules never point at an unconfigured plane), then the rules, then
+        deactivate planes that are gone."""
+        wanted = {p.plane_id for p in policy.planes}
+        for p in policy.planes:
+            self.set_plane(p.plane_id, p.proxy_port, p.sniff_port, p.undeclared, p.fail_closed)
+        result = self.sync_policy(policy.rules)
+        for plane_id in set(self.planes()) - wanted:
+            self.clear_plane(plane_id)
+        return result
+
+    # ---- counters ---------------------------------------------------------------------------
+    def counters(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """{(plane_id, slot): (packets, bytes)} summed over CPUs, non-zero slots only. Slots are
+        abi.Action and abi.Reason values."""
+        table = self._tables["pm_counters"]
+        found = {}
+        for idx in range(abi.PM_CNT_ENTRIES):
+            per_cpu = table[table.Key(idx)]
+            packets = sum(int(c.packets) for c in per_cpu)
+            if packets:
+                found[divmod(idx, abi.PM_CNT_SLOTS)] = (packets, sum(int(c.bytes) for c in per_cpu))
+        return found
+
+    def map_fd(self, name: str) -> int:
+        return self._tables[name].map_fd
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def close(self, detach: bool = True, ipr: IPRoute | None = None) -> None:
+        """Release the program. detach=True also removes our filters from every interface recorded
+        as attached (in the current netns) and unpins the maps; detach=False leaves the data path
+        running for the next agent to re-adopt."""
+        if detach:
+            with _ipr(ipr) as nl:
+                for ifindex, (_plane, flags) in self.interfaces().items():
+                    if flags & abi.PM_IF_F_ATTACHED:
+                        self.detach(ifindex, nl)
+            if self.pin_dir:
+                self.unpin()
+        self.bpf.cleanup()
+
+    def unpin(self) -> None:
+        if not self.pin_dir:
+            return
+        for name in MAP_NAMES:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.pin_dir, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(self.pin_dir)
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _ipr(ipr: IPRoute | None):  # type: ignore[no-untyped-def]
+    if ipr is not None:
+        yield ipr
+        return
+    with IPRoute() as own:
+        yield own
+
+
+__all__ = ["Datapath", "DatapathError", "SyncResult"]

@@ -1,0 +1,103 @@
+"""Snapshot -> data-path policy: pure translation, no kernel, no I/O.
+
+A Listener declares (plane, port[, destination prefixes]) with a protocol: HTTP is proxied (PROXY),
+plain TCP is bypassed in the kernel (BYPASS). Ports nobody declared follow the plane's `undeclared`
+setting. The loader (ebpf/loader.py) turns the result into map entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from netaddr import IPNetwork
+
+from planemesh.agent.config import ConfigError, ListenerProtocol, Snapshot
+from planemesh.ebpf.abi import PM_MAX_PLANES, Action
+from planemesh.netplanes.model import Plane, UndeclaredPorts
+
+_LISTENER_ACTION = {ListenerProtocol.HTTP: Action.PROXY, ListenerProtocol.TCP: Action.BYPASS}
+_UNDECLARED_ACTION = {UndeclaredPorts.BYPASS: Action.BYPASS, UndeclaredPorts.SNIFF: Action.SNIFF}
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PolicyRule:
+    """One policy-trie key: (plane, port) for any destination, or (plane, port, prefix)."""
+
+    plane_id: int
+    port: int
+    prefix: str | None = None  # canonical CIDR ("198.18.1.0/24", "fd00:18::/64"); None: any destination
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.plane_id < PM_MAX_PLANES:
+            raise ValueError(f"plane id {self.plane_id} is outside 1..{PM_MAX_PLANES - 1}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"{self.port} is not a TCP port")
+        if self.prefix is not None:
+            canonical = str(IPNetwork(self.prefix).cidr)
+            if canonical != self.prefix:
+                object.__setattr__(self, "prefix", canonical)
+
+
+@dataclass(frozen=True, slots=True)
+class PlaneSettings:
+    plane_id: int
+    proxy_port: int
+    sniff_port: int
+    undeclared: Action
+    fail_closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DatapathPolicy:
+    planes: tuple[PlaneSettings, ...] = ()
+    rules: Mapping[PolicyRule, Action] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def plane_settings(plane: Plane) -> PlaneSettings:
+    return PlaneSettings(
+        plane_id=plane.plane_id,
+        proxy_port=plane.proxy_port,
+        sniff_port=plane.sniff_port,
+        undeclared=_UNDECLARED_ACTION[plane.undeclared],
+        fail_closed=plane.sla.fail_closed,
+    )
+
+
+def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
+    """The BPF view of a snapshot. Raises ConfigError (naming the listener) on contradictions."""
+    plane_ids = {plane.name: plane.plane_id for plane in snap.planes}
+    rules: dict[PolicyRule, Action] = {}
+    owner: dict[PolicyRule, str] = {}
+    for i, lsn in enumerate(snap.listeners):
+        where = f"listeners[{i}]"
+        if lsn.plane not in plane_ids:
+            raise ConfigError(f"{where}.plane", f"unknown plane {lsn.plane!r}")
+        action = _LISTENER_ACTION[lsn.protocol]
+        try:
+            keys = [PolicyRule(plane_ids[lsn.plane], lsn.port, str(net.cidr)) for net in lsn.prefixes] or [
+                PolicyRule(plane_ids[lsn.plane], lsn.port)
+            ]
+        except ValueError as exc:
+            raise ConfigError(where, str(exc)) from exc
+        for key in keys:
+            if key in rules and rules[key] is not action:
+                raise ConfigError(
+                    where, f"{key.prefix or 'any destination'} port {key.port} is already {owner[key]!r}'s"
+                )
+            rules[key] = action
+            owner[key] = lsn.name
+    planes = tuple(sorted((plane_settings(p) for p in snap.planes), key=lambda s: s.plane_id))
+    return DatapathPolicy(planes=planes, rules=MappingProxyType(rules))
+
+
+def interface_planes(snap: Snapshot, links: Mapping[int, str]) -> dict[int, int]:
+    """ifindex -> plane_id for the interfaces (ifindex -> name) some plane claims."""
+    found: dict[int, int] = {}
+    for ifindex, name in links.items():
+        for plane in snap.planes:
+            if plane.claims_interface(name):
+                found[ifindex] = plane.plane_id
+                break
+    return found
