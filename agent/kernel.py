@@ -35,7 +35,7 @@ class KernelDataPath:
     def install_routing(self) -> None:
         from planemesh.netplanes import routing
 
-        routing.install(mark=self.local_mark)
+        routing.install(routing.LocalDelivery(mark=self.local_mark, mask=self.local_mark))
         self._routing_installed = True
 
     def check(self, snap: Snapshot) -> None:
@@ -76,5 +76,5 @@ class KernelDataPath:
         if self._routing_installed and detach:
             from planemesh.netplanes import routing
 
-            routing.remove(mark=self.local_mark)
+            routing.remove(routing.LocalDelivery(mark=self.local_mark, mask=self.local_mark))
             self._routing_installed = False
