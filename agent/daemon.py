@@ -21,6 +21,15 @@ from typing import Any
 from planemesh.agent.config import ConfigError, Snapshot
 from planemesh.agent.control_thread import ControlThread
 from planemesh.agent.kernel import KernelDataPath
+from planemesh.agent.sdnotify import (
+    FIRST_SNAPSHOT_APPLIED,
+    LISTENERS_BOUND,
+    PROGRAMS_ATTACHED,
+    ROUTES_INSTALLED,
+    Notifier,
+    Readiness,
+    run_watchdog,
+)
 from planemesh.agent.workers import PlaneWorkers
 from planemesh.netplanes import discovery
 from planemesh.netplanes.discovery import NetlinkWatch, PlaneInterface
@@ -48,7 +57,11 @@ class Agent:
         self.control = ControlThread()
         self.kernel = KernelDataPath(pin_dir=options.pin_dir)
         self.workers: dict[str, PlaneWorkers] = {}
-        self.blockers = {"programs attached", "routes installed", "listeners bound", "first snapshot applied"}
+        self.readiness = Readiness()
+        self.notifier = Notifier()
+        self.admin_app: Any = None
+        self._admin: Any = None
+        self._proxy_reports: dict[str, list[dict[str, Any]]] = {}
         self.stopping = asyncio.Event()
         self._apply_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -71,7 +84,7 @@ class Agent:
             await self.control.call(self.kernel.apply, snap)
             self.snapshot = snap
             await self._sync_interfaces()
-            self.blockers.discard("first snapshot applied")
+            self.readiness.clear(FIRST_SNAPSHOT_APPLIED)
             log.info(
                 "applied snapshot %s (%d planes, %d listeners)", snap.version, len(snap.planes), len(snap.listeners)
             )
@@ -94,7 +107,7 @@ class Agent:
             await workers.start(snap, sources)
             self.workers[name] = workers
             self._tasks.append(asyncio.create_task(workers.supervise(), name=f"supervise-{name}"))
-        self.blockers.discard("listeners bound")
+        self.readiness.clear(LISTENERS_BOUND)
 
     def _worker_options(self) -> dict[str, Any]:
         return {
@@ -117,7 +130,7 @@ class Agent:
             for iface in change.removed:
                 log.info("plane %s: released %s (ifindex %d)", iface.plane, iface.ifname, iface.ifindex)
         self.interfaces = now
-        self.blockers.discard("programs attached")
+        self.readiness.clear(PROGRAMS_ATTACHED)
         sources = discovery.plane_source_addresses(now.values(), snap.planes)
         if change and any(i.addresses for i in (*change.added, *change.changed)):
             for workers in self.workers.values():
@@ -127,6 +140,30 @@ class Agent:
         self._tasks.append(asyncio.create_task(self._sync_interfaces(), name="sync-interfaces"))
         self._tasks = [t for t in self._tasks if not t.done() or t.cancelled() or t.exception() is not None]
 
+    # ---- health and stats --------------------------------------------------------------------
+    def healthy(self) -> bool:
+        """Liveness: every plane has a live worker (a dead one is being restarted by its supervisor)."""
+        return all(any(w.alive for w in pw.workers) for pw in self.workers.values())
+
+    def proxy_report(self) -> dict[str, Any]:
+        """The workers' last reported stats, merged by the metrics registry (collected every 0.5 s)."""
+        merged: dict[str, list[Any]] = {}
+        for reports in self._proxy_reports.values():
+            for report in reports:
+                for key, rows in report.items():
+                    if isinstance(rows, list):
+                        merged.setdefault(key, []).extend(rows)
+        return merged
+
+    async def _collect_worker_stats(self, interval_s: float = 0.5) -> None:
+        while True:
+            for name, workers in list(self.workers.items()):
+                try:
+                    self._proxy_reports[name] = await workers.stats()
+                except Exception as exc:  # a worker being restarted: keep the last numbers
+                    log.debug("stats from %s: %s", name, exc)
+            await asyncio.sleep(interval_s)
+
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, first: Snapshot | None) -> None:
         loop = asyncio.get_running_loop()
@@ -135,7 +172,7 @@ class Agent:
         try:
             await self.control.call(self.kernel.open)
             await self.control.call(self.kernel.install_routing)
-            self.blockers.discard("routes installed")
+            self.readiness.clear(ROUTES_INSTALLED)
             self._watch = NetlinkWatch(self._on_links_changed)
             self._watch.start()
             if first is not None:
@@ -143,9 +180,14 @@ class Agent:
             else:
                 await self._start_xds()
             await self._start_admin()
+            self._tasks.append(asyncio.create_task(self._collect_worker_stats(), name="worker-stats"))
+            self._tasks.append(asyncio.create_task(run_watchdog(self.notifier, self.healthy), name="watchdog"))
+            await self.readiness.wait()
+            self.notifier.ready(f"planes: {', '.join(self.workers)}")
             log.info("ready: planes %s", ", ".join(self.workers))
             print("planemesh agent ready", flush=True)
             await self.stopping.wait()
+            self.notifier.stopping("draining")
         finally:
             await self.shutdown()
 
@@ -157,7 +199,7 @@ class Agent:
     async def _start_admin(self) -> None:
         from planemesh.agent.admin_glue import start_admin
 
-        await start_admin(self)
+        self._admin = await start_admin(self)
 
     async def shutdown(self) -> None:
         log.info("stopping: draining workers (up to %.1fs)", self.options.drain_timeout_s)
@@ -170,6 +212,8 @@ class Agent:
             *(w.stop(self.options.drain_timeout_s) for w in self.workers.values()), return_exceptions=True
         )
         self.workers.clear()
+        if self._admin is not None:
+            await self._admin.close()
         with contextlib.suppress(Exception):
             await self.control.call(self.kernel.close)
         self.control.close()
