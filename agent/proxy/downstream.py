@@ -1,0 +1,324 @@
+"""Downstream side: one asyncio Protocol per accepted client connection, parsing requests with httptools.
+
+Requests on a connection are answered in order; pipelined requests are parsed and queued (reading paused)
+until the one in front has finished. Back-pressure both ways goes through pause/resume_reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from planemesh.agent.proxy import accesslog
+from planemesh.agent.proxy.exchange import Exchange
+from planemesh.agent.proxy.http1 import BAD_REQUEST, HEADERS_TOO_LARGE, MAX_HEADER_BYTES, local_reply
+
+if TYPE_CHECKING:
+    from planemesh.agent.proxy.routing import CompiledRouteConfig
+    from planemesh.agent.proxy.server import PlaneProxy, RoutingTable
+
+PAUSE_PIPELINE = 1  # a later request waits for the one in front
+PAUSE_UPSTREAM = 2  # the upstream is not taking the request body fast enough
+PAUSE_BUFFER = 4  # the request body is buffered while the upstream connection is being opened
+MAX_BUFFERED_BODY = 1 << 20
+NOT_IMPLEMENTED = local_reply(501, b"CONNECT and protocol upgrades are not supported\n", close=True)
+OVERLOADED_CONNECTIONS = local_reply(503, b"overloaded\n", [(b"x-planemesh-overloaded", b"connections")],
+                                     close=True)
+
+# Request headers the proxy reads while parsing; the rest are forwarded untouched.
+_H_HOST = b"host"
+_H_CL = b"content-length"
+_H_TE = b"transfer-encoding"
+_H_CONN = b"connection"
+_H_RID = b"x-request-id"
+_H_XFF = b"x-forwarded-for"
+_H_XFP = b"x-forwarded-proto"
+_H_UA = b"user-agent"
+_SPECIAL = frozenset({_H_HOST, _H_CL, _H_TE, _H_CONN, _H_RID, _H_XFF, _H_XFP, _H_UA})
+
+
+class Downstream(asyncio.Protocol):
+    __slots__ = (
+        "active",
+        "closed",
+        "eof",
+        "ex",
+        "head_bytes",
+        "header_sum",
+        "in_headers",
+        "last_active",
+        "local",
+        "loops_to_self",
+        "out",
+        "parser",
+        "paused",
+        "peer_ip",
+        "proxy",
+        "queue",
+        "route_config",
+        "table",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, proxy: PlaneProxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = HttpRequestParser(self)
+        self.ex: Exchange | None = None  # the request being parsed
+        self.active: Exchange | None = None  # the request being answered
+        self.queue: list[Exchange] = []
+        self.out: list[bytes] = []
+        self.paused = 0
+        self.write_paused = False
+        self.closed = False
+        self.eof = False
+        self.in_headers = False
+        self.head_bytes = 0
+        self.header_sum = 0
+        self.last_active = 0.0
+        self.local: tuple[str, int] = ("", 0)
+        self.peer_ip = ""
+        self.loops_to_self = False
+        self.table: RoutingTable | None = None
+        self.route_config: CompiledRouteConfig | None = None
+
+    # ---- transport events ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        proxy = self.proxy
+        stats = proxy.stats
+        stats.downstream_active += 1
+        stats.downstream_total += 1
+        proxy.connections.add(self)
+        self.last_active = proxy.loop.time()
+        sockname = transport.get_extra_info("sockname")
+        peer = transport.get_extra_info("peername")
+        self.local = proxy.original_destination(sockname, peer)
+        self.peer_ip = peer[0].removeprefix("::ffff:") if peer else ""
+        self.loops_to_self = self.local[1] in proxy.listen_ports
+        if stats.downstream_active > proxy.sla.max_connections:
+            stats.overloaded += 1
+            self.transport.write(OVERLOADED_CONNECTIONS)
+            self.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last_active = self.proxy.loop.time()
+        if self.in_headers or self.ex is None:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            self._after_upgrade(data, upgrade.args[0] if upgrade.args else len(data))
+        except HttpParserError:
+            if self.header_sum > MAX_HEADER_BYTES:
+                self.protocol_error(HEADERS_TOO_LARGE, 431)
+            else:
+                self.protocol_error(BAD_REQUEST, 400)
+            return
+        if self.in_headers and self.head_bytes > MAX_HEADER_BYTES:
+            self.protocol_error(HEADERS_TOO_LARGE, 431)
+            return
+        active = self.active
+        if active is not None and active.up_out:
+            active.flush_upstream()
+        ex = self.ex
+        if ex is not None and ex is not active and ex.up_out:
+            ex.flush_upstream()
+        if self.out:
+            self.flush()
+
+    def _after_upgrade(self, data: bytes, offset: int) -> None:
+        """llhttp stops after a request carrying Upgrade (or CONNECT). Tunnels are not supported yet:
+        CONNECT gets 501; other upgrade requests were forwarded as plain requests without Upgrade."""
+        ex = self.ex
+        if ex is not None and ex.method_b == b"CONNECT":
+            self.protocol_error(NOT_IMPLEMENTED, 501)
+            return
+        rest = data[offset:] if isinstance(offset, int) else b""
+        if rest:
+            self.data_received(rest)
+
+    def eof_received(self) -> bool | None:
+        if self.active is not None:
+            self.eof = True  # half-close: answer the request in flight, then close
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        proxy = self.proxy
+        proxy.stats.downstream_active -= 1
+        proxy.connections.discard(self)
+        self.queue.clear()
+        active = self.active
+        if active is not None:
+            active.on_downstream_lost()
+
+    def pause_writing(self) -> None:  # the client is slow: stop reading the upstream response
+        self.write_paused = True
+        active = self.active
+        if active is not None and active.conn is not None:
+            active.conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        active = self.active
+        if active is not None and active.conn is not None:
+            active.conn.resume_reading()
+
+    # ---- flow control helpers ----------------------------------------------------------------------
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    def pause_for_upstream(self) -> None:
+        self.pause(PAUSE_UPSTREAM)
+
+    def resume_for_upstream(self) -> None:
+        self.resume(PAUSE_UPSTREAM)
+
+    def resume_for_buffer(self) -> None:
+        self.resume(PAUSE_BUFFER)
+
+    def flush(self) -> None:
+        out = self.out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+            self.transport.close()
+
+    def protocol_error(self, reply: bytes, status: int) -> None:
+        """Malformed input: answer (if nothing else is being answered), log, and close."""
+        active = self.active
+        if active is None or not active.resp_started:
+            self.out.clear()
+            self.out.append(reply)
+        ex = self.ex
+        rec = accesslog.AccessRecord(
+            start_time=time.time(), method=ex.method if ex else "-", path=ex.path if ex else "-",
+            protocol="HTTP/1.1", status=status, flags=accesslog.DPE, bytes_rx=0, bytes_tx=0, duration_ms=0,
+            upstream_ms=None, xff=None, user_agent=None, request_id=None, authority=None, upstream_host=None,
+            plane=self.proxy.plane_name,
+        )
+        self.proxy.stats.responses[status // 100] += 1
+        self.proxy.log.append(rec)
+        self.close()
+
+    # ---- httptools callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.ex = Exchange(self)
+        self.in_headers = True
+        self.header_sum = 0
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.ex
+        ex.target = ex.target + url if ex.target else url  # type: ignore[union-attr]
+        self.header_sum += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex: Exchange = self.ex  # type: ignore[assignment]
+        n = name.lower()
+        self.header_sum += len(name) + len(value) + 4
+        if n in _SPECIAL:
+            if n == _H_HOST:
+                ex.authority = value.decode("latin-1")
+            elif n == _H_CL:
+                ex.req_length = int(value)  # llhttp has validated it
+            elif n == _H_TE:
+                ex.req_chunked = True  # llhttp only accepts a final "chunked" on requests
+            elif n == _H_CONN:
+                if ex.connection_values is None:
+                    ex.connection_values = [value]
+                else:
+                    ex.connection_values.append(value)
+            elif n == _H_RID:
+                ex.request_id = value.decode("latin-1")
+            elif n == _H_XFF:
+                xff = value.decode("latin-1")
+                ex.xff = f"{ex.xff}, {xff}" if ex.xff else xff
+                return  # re-emitted with the client appended
+            elif n == _H_XFP:
+                ex.has_xfp = True
+            elif n == _H_UA:
+                ex.user_agent = value.decode("latin-1")
+        ex.headers.append((n, value))
+
+    def on_headers_complete(self) -> None:
+        ex: Exchange = self.ex  # type: ignore[assignment]
+        self.in_headers = False
+        self.head_bytes = 0
+        if self.header_sum > MAX_HEADER_BYTES:
+            raise HttpParserError("header section too large")  # answered with 431 in data_received
+        parser = self.parser
+        ex.method_b = method = parser.get_method()
+        ex.version = parser.get_http_version()
+        ex.keep_alive = parser.should_keep_alive()
+        ex.is_head = method == b"HEAD"
+        if method == b"CONNECT":
+            return  # answered with 501 when llhttp stops at the tunnel
+        if parser.should_upgrade():
+            ex.upgrade = True
+        if self.active is None:
+            self.active = ex
+            ex.start()
+        else:
+            self.queue.append(ex)
+            self.pause(PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        ex: Exchange = self.ex  # type: ignore[assignment]
+        ex.on_request_body(body)
+        if ex.conn is None and not ex.finished and len(ex.up_out) > 64:
+            # Still connecting (or queued behind a pipelined request): bound what is held in memory.
+            if sum(map(len, ex.up_out)) > MAX_BUFFERED_BODY:
+                self.pause(PAUSE_BUFFER)
+
+    def on_message_complete(self) -> None:
+        ex = self.ex
+        if ex is not None:
+            ex.on_request_complete()
+
+    # ---- exchange hand-off -----------------------------------------------------------------------------
+
+    def exchange_done(self, ex: Exchange, abort: bool) -> None:
+        if ex is not self.active:
+            return
+        self.active = None
+        self.resume(PAUSE_BUFFER)
+        if abort or not ex.keep_alive or self.eof or self.proxy.draining:
+            self.close()
+            return
+        self.last_active = self.proxy.loop.time()
+        if self.queue:
+            nxt = self.queue.pop(0)
+            if not self.queue:
+                self.resume(PAUSE_PIPELINE)
+            self.active = nxt
+            nxt.start()
+            nxt.flush_upstream()
+        else:
+            self.resume(PAUSE_PIPELINE)

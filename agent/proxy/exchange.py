@@ -1,0 +1,495 @@
+"""One proxied request/response: routing, admission, the upstream attempt, response re-framing, the log record.
+
+An Exchange is driven by callbacks from the downstream connection (request parsed, body bytes, request
+complete, client gone) and from its upstream connection (response head, body, complete, lost). It never
+awaits: no Task per request. Outgoing bytes are collected in lists and written once per event, so a small
+request/response costs one send() each way.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING
+
+from planemesh.agent.proxy import accesslog as flags
+from planemesh.agent.proxy.balancer import normalise_ip
+from planemesh.agent.proxy.http1 import (
+    CHUNKED,
+    CONNECTION_CLOSE,
+    CRLF,
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    append_headers,
+    chunk,
+    dropped_names,
+    local_reply,
+    no_body_status,
+    status_line,
+)
+from planemesh.agent.proxy.limits import rate_limited_headers
+from planemesh.agent.proxy.routing import redirect_location, split_target
+
+if TYPE_CHECKING:
+    from planemesh.agent.proxy.downstream import Downstream
+    from planemesh.agent.proxy.upstream import UpstreamConnection
+
+_perf = time.perf_counter
+_getrandbits = random.getrandbits
+_HEX = "%032x"
+KEEP_ALIVE_HEADER = b"connection: keep-alive\r\n"
+FORWARDED_PROTO = b"x-forwarded-proto: http\r\n"
+
+# Upstream framing of a response body.
+FRAME_NONE, FRAME_LENGTH, FRAME_CHUNKED, FRAME_CLOSE = 0, 1, 2, 3
+
+
+def new_request_id() -> bytes:
+    """uuid4 text. Request ids need uniqueness, not secrecy: random.getrandbits avoids a getrandom()
+    syscall per request (uuid.uuid4 reads os.urandom)."""
+    h = _HEX % ((_getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48))
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+
+
+class Exchange:
+    __slots__ = (
+        "authority",
+        "body_streamed",
+        "bytes_rx",
+        "bytes_tx",
+        "conn",
+        "connect_task",
+        "connection_values",
+        "ds",
+        "ds_framing",
+        "duration_ms",
+        "finished",
+        "flags",
+        "has_xfp",
+        "head",
+        "headers",
+        "is_head",
+        "keep_alive",
+        "method_b",
+        "pending",
+        "plane",
+        "req_chunked",
+        "req_done",
+        "req_length",
+        "request_id",
+        "resp_started",
+        "start_time",
+        "status",
+        "t0",
+        "t_upstream",
+        "target",
+        "timer",
+        "tries_left",
+        "up_framing",
+        "up_keep_alive",
+        "up_out",
+        "upgrade",
+        "upstream_addr",
+        "upstream_host",
+        "upstream_key",
+        "upstream_ms",
+        "user_agent",
+        "version",
+        "xff",
+    )
+
+    def __init__(self, ds: Downstream) -> None:
+        self.ds = ds
+        self.plane = ds.proxy.plane_name
+        self.start_time = time.time()
+        self.t0 = _perf()
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method_b = b""
+        self.version = "1.1"
+        self.authority: str | None = None
+        self.request_id: str | None = None
+        self.xff: str | None = None
+        self.user_agent: str | None = None
+        self.connection_values: list[bytes] | None = None
+        self.req_length = 0
+        self.req_chunked = False
+        self.req_done = False
+        self.keep_alive = True
+        self.is_head = False
+        self.upgrade = False
+        self.has_xfp = False
+        self.status = 0
+        self.flags = ""
+        self.bytes_rx = 0
+        self.bytes_tx = 0
+        self.duration_ms = 0
+        self.upstream_ms: int | None = None
+        self.upstream_host: str | None = None
+        self.upstream_addr: tuple[str, int] | None = None
+        self.upstream_key: tuple | None = None
+        self.t_upstream = 0.0
+        self.conn: UpstreamConnection | None = None
+        self.connect_task = None
+        self.up_out: list[bytes] = []
+        self.head = b""
+        self.body_streamed = False
+        self.resp_started = False
+        self.ds_framing = FRAME_NONE
+        self.up_framing = FRAME_NONE
+        self.up_keep_alive = False
+        self.timer = None
+        self.finished = False
+        self.pending = False
+        self.tries_left = 0
+
+    # ---- access-log view (formatted lazily at flush time) -------------------------------------------
+
+    @property
+    def method(self) -> str:
+        return self.method_b.decode("latin-1")
+
+    @property
+    def path(self) -> str:
+        return self.target.decode("latin-1")
+
+    @property
+    def protocol(self) -> str:
+        return f"HTTP/{self.version}"
+
+    # ---- request side -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The request head is complete and it is this connection's turn: admit, route, go upstream."""
+        proxy = self.ds.proxy
+        stats = proxy.stats
+        stats.requests_total += 1
+        stats.requests_active += 1
+        sla = proxy.sla
+        if stats.requests_active > sla.max_requests:
+            return self.overloaded(b"requests")
+        if proxy.bucket is not None and not proxy.bucket.take():
+            stats.rate_limited += 1
+            return self.reply(429, b"local rate limited\n", rate_limited_headers(proxy.bucket), flags.RL)
+        table = proxy.table
+        router = table.router
+        path, query = split_target(self.target.decode("latin-1"))
+        ds = self.ds
+        if ds.table is not table:  # first request of the connection, or a new snapshot since
+            ds.table = table
+            ds.route_config = router.route_config(ds.local[0], ds.local[1])
+        crc = ds.route_config
+        if crc is None:
+            crc = router.original_destination
+        result = router.route(crc, self.authority or "", path, query, self._header_map)
+        if not result.forward:
+            if result.direct is not None:
+                return self.reply(result.direct.status, result.direct.body)
+            if result.redirect is not None:
+                loc = redirect_location(result.redirect, "http", self.authority or "", path, query)
+                return self.reply(result.redirect.code, b"", [(b"location", loc.encode("latin-1"))])
+            return self.reply(404, b"", (), flags.NR)
+        route = result.route
+        action = route.action if route is not None else None
+        cluster = result.cluster
+        if action is not None and action.weighted:
+            cluster = table.balancer.cluster_for(action)
+        if cluster is None and action is not None and (action.cluster or action.weighted):
+            return self.reply(503, b"no healthy upstream\n", (), flags.UF)
+        if cluster is None:
+            target = (normalise_ip(self.ds.local[0]), self.ds.local[1])
+            if self.ds.loops_to_self:
+                return self.reply(404, b"", (), flags.NR)  # not intercepted: would forward to ourselves
+        else:
+            picked = table.balancer.pick(cluster, self.ds.local)
+            if picked is None:
+                return self.reply(503, b"no healthy upstream\n", (), flags.UF)
+            target = picked
+        self.upstream_addr = target
+        self.upstream_host = f"[{target[0]}]:{target[1]}" if ":" in target[0] else f"{target[0]}:{target[1]}"
+        timeout = action.timeout_s if action is not None and action.timeout_s is not None else sla.request_timeout_s
+        connect_timeout = (
+            cluster.connect_timeout_s if cluster is not None and cluster.connect_timeout_s is not None
+            else sla.connect_timeout_s
+        )
+        self.tries_left = sla.retries
+        self.head = self._request_head(route)
+        self.up_out.insert(0, self.head)
+        if timeout:
+            per_try = sla.per_try_timeout_s
+            self.timer = proxy.loop.call_later(
+                min(timeout, per_try) if per_try else timeout, self.on_timeout
+            )
+        self.t_upstream = _perf()
+        proxy.pool.acquire_for(self, target, connect_timeout)
+
+    def _header_map(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, value in self.headers:
+            key = name.decode("latin-1")
+            v = value.decode("latin-1")
+            out[key] = f"{out[key]},{v}" if key in out else v
+        return out
+
+    def _request_head(self, route) -> bytes:
+        drop = HOP_BY_HOP if self.connection_values is None else dropped_names(self.connection_values)
+        target = self.target
+        headers = self.headers
+        if route is not None:
+            action = route.action
+            if action is not None and action.prefix_rewrite is not None:
+                prefix = route.match.prefix
+                if prefix and target.startswith(prefix.encode()):
+                    target = action.prefix_rewrite.encode() + target[len(prefix):]
+            if action is not None and action.host_rewrite is not None:
+                headers = [(n, v) for n, v in headers if n != b"host"]
+                headers.insert(0, (b"host", action.host_rewrite.encode()))
+            if route.request_headers_to_remove:
+                gone = {n.lower().encode() for n in route.request_headers_to_remove}
+                headers = [(n, v) for n, v in headers if n not in gone]
+            for hv in route.request_headers_to_add:
+                name = hv.name.lower().encode()
+                if not hv.append:
+                    headers = [(n, v) for n, v in headers if n != name]
+                headers.append((name, hv.value.encode()))
+        parts = [self.method_b, b" ", target, b" HTTP/1.1\r\n"]
+        append_headers(parts, headers, drop)
+        if self.request_id is None:
+            rid = new_request_id()
+            self.request_id = rid.decode()
+            parts += (b"x-request-id: ", rid, CRLF)
+        peer = self.ds.peer_ip
+        self.xff = f"{self.xff}, {peer}" if self.xff else peer
+        parts += (b"x-forwarded-for: ", self.xff.encode("latin-1"), CRLF)
+        if not self.has_xfp:
+            parts.append(FORWARDED_PROTO)
+        if self.req_chunked:
+            parts.append(CHUNKED)
+        elif self.req_length:
+            parts.append(b"content-length: %d\r\n" % self.req_length)
+        parts.append(CRLF)
+        return b"".join(parts)
+
+    def on_request_body(self, data: bytes) -> None:
+        self.bytes_rx += len(data)
+        if self.finished:
+            return
+        self.body_streamed = True
+        self.up_out.append(chunk(data) if self.req_chunked else data)
+
+    def on_request_complete(self) -> None:
+        self.req_done = True
+        if self.req_chunked and not self.finished:
+            self.up_out.append(LAST_CHUNK)
+
+    def flush_upstream(self) -> None:
+        conn = self.conn
+        if conn is not None and self.up_out and conn.ready:
+            data = b"".join(self.up_out) if len(self.up_out) > 1 else self.up_out[0]
+            self.up_out.clear()
+            conn.transport.write(data)
+
+    # ---- upstream side ----------------------------------------------------------------------------
+
+    def on_connected(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.exchange = self
+        self.flush_upstream()
+        self.ds.resume_for_buffer()
+
+    def on_connect_failed(self, timed_out: bool) -> None:
+        stats = self.ds.proxy.stats
+        stats.upstream_connect_failures += 1
+        if self.tries_left > 0 and "connect-failure" in self.ds.proxy.sla.retry_on and not self.body_streamed:
+            self.tries_left -= 1
+            stats.retries += 1
+            self.ds.proxy.pool.acquire_for(self, self.upstream_addr, self.ds.proxy.sla.connect_timeout_s)
+            return
+        self.reply(503, b"upstream connect error\n", (), flags.UF if self.tries_left == self.ds.proxy.sla.retries
+                   else flags.UF + "," + flags.URX)
+        self.ds.flush()
+
+    def on_response_head(self, status: int, phrase: bytes, headers: list[tuple[bytes, bytes]],
+                         up_length: int | None, up_chunked: bool, up_keep_alive: bool,
+                         connection_values: list[bytes] | None) -> None:
+        if self.finished:
+            return
+        if status < 200 and status != 101:  # interim (100 Continue, 103): relay to 1.1 clients only
+            if self.version == "1.1":
+                parts = [status_line(status, phrase)]
+                append_headers(parts, headers, HOP_BY_HOP)
+                parts.append(CRLF)
+                self.ds.out.append(b"".join(parts))
+            return
+        self.upstream_ms = int((_perf() - self.t_upstream) * 1000)
+        self.status = status
+        self.resp_started = True
+        self.up_keep_alive = up_keep_alive
+        drop = HOP_BY_HOP if connection_values is None else dropped_names(connection_values)
+        parts = [status_line(status, phrase)]
+        append_headers(parts, headers, drop)
+        if self.is_head or no_body_status(status):
+            self.up_framing = FRAME_NONE
+            self.ds_framing = FRAME_NONE
+            if up_length is not None and status != 204 and status >= 200:
+                parts.append(b"content-length: %d\r\n" % up_length)
+        elif up_length is not None:
+            self.up_framing = self.ds_framing = FRAME_LENGTH
+            parts.append(b"content-length: %d\r\n" % up_length)
+        else:
+            self.up_framing = FRAME_CHUNKED if up_chunked else FRAME_CLOSE
+            if not up_chunked:
+                self.up_keep_alive = False
+            if self.version == "1.1":
+                self.ds_framing = FRAME_CHUNKED
+                parts.append(CHUNKED)
+            else:
+                self.ds_framing = FRAME_CLOSE
+                self.keep_alive = False
+        if self.ds.proxy.draining or not self.req_done:
+            self.keep_alive = False  # an early response while the client still sends: close afterwards
+        if not self.keep_alive:
+            parts.append(CONNECTION_CLOSE)
+        elif self.version == "1.0":
+            parts.append(KEEP_ALIVE_HEADER)
+        parts.append(CRLF)
+        self.ds.out.append(b"".join(parts))
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.bytes_tx += len(data)
+        self.ds.out.append(chunk(data) if self.ds_framing == FRAME_CHUNKED else data)
+
+    def on_response_complete(self) -> None:
+        if self.finished:
+            return
+        if self.ds_framing == FRAME_CHUNKED:
+            self.ds.out.append(LAST_CHUNK)
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.exchange = None
+            if self.up_keep_alive and self.req_done and self.up_framing != FRAME_CLOSE:
+                self.ds.proxy.pool.release(conn)
+            else:
+                conn.close()
+        self.finish()
+
+    def on_upstream_lost(self, conn: UpstreamConnection) -> None:
+        """The upstream connection closed (or broke) before the response completed."""
+        if self.finished:
+            return
+        self.conn = None
+        if self.resp_started:
+            if self.up_framing == FRAME_CLOSE:  # close-delimited body: this is its end
+                if self.ds_framing == FRAME_CHUNKED:
+                    self.ds.out.append(LAST_CHUNK)
+                self.finish()
+            else:
+                self.flags = flags.UC
+                self.keep_alive = False
+                self.finish(abort=True)
+            self.ds.flush()
+            return
+        proxy = self.ds.proxy
+        # A pooled connection the server had already closed: safe to try once more on a fresh one
+        # when nothing of the body was sent; SLA retries on reset follow the same rule.
+        if not self.body_streamed and (conn.reused or (self.tries_left > 0 and "reset" in proxy.sla.retry_on)):
+            if not conn.reused:
+                self.tries_left -= 1
+                proxy.stats.retries += 1
+            self.up_out.insert(0, self.head)
+            proxy.pool.connect_for(self, self.upstream_addr, proxy.sla.connect_timeout_s)
+            return
+        self.reply(503, b"upstream connect error or disconnect/reset before headers\n", (), flags.UC)
+        self.ds.flush()
+
+    def on_upstream_protocol_error(self) -> None:
+        if self.finished:
+            return
+        if self.resp_started:
+            self.flags = flags.UPE
+            self.keep_alive = False
+            self.finish(abort=True)
+        else:
+            self.reply(502, b"upstream protocol error\n", (), flags.UPE)
+        self.ds.flush()
+
+    def on_timeout(self) -> None:
+        self.timer = None
+        if self.finished:
+            return
+        self.ds.proxy.stats.upstream_timeouts += 1
+        if self.resp_started:
+            self.flags = flags.UT
+            self.keep_alive = False
+            self.finish(abort=True)
+        else:
+            self.reply(504, b"upstream request timeout\n", (), flags.UT)
+        self.ds.flush()
+
+    def on_downstream_lost(self) -> None:
+        if self.finished:
+            return
+        self.flags = flags.DC if not self.flags else self.flags + "," + flags.DC
+        self.keep_alive = False
+        self.finish(abort=True)
+
+    # ---- endings ----------------------------------------------------------------------------------
+
+    def overloaded(self, which: bytes) -> None:
+        self.ds.proxy.stats.overloaded += 1
+        self.reply(503, b"overloaded\n", [(b"x-planemesh-overloaded", which)], flags.UO)
+
+    def reply(self, status: int, body: bytes, headers=(), flag: str = "") -> None:
+        """Answer locally (errors, redirects, direct responses) unless a response has already started."""
+        if self.finished:
+            return
+        if self.resp_started:
+            self.flags = flag
+            self.keep_alive = False
+            self.finish(abort=True)
+            return
+        self.status = status
+        self.flags = flag
+        if not self.req_done or self.ds.proxy.draining:
+            self.keep_alive = False
+        self.bytes_tx = 0 if self.is_head else len(body)
+        self.ds.out.append(
+            local_reply(status, body, headers, close=not self.keep_alive, head_only=self.is_head)
+        )
+        self.resp_started = True
+        self._drop_upstream()
+        self.finish()
+
+    def _drop_upstream(self) -> None:
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.exchange = None
+            conn.close()
+
+    def finish(self, abort: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        proxy = self.ds.proxy
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.connect_task is not None:
+            self.connect_task = None  # the pool hands a late connection back to the idle list
+        if self.pending:
+            self.pending = False
+            proxy.stats.requests_pending -= 1
+        if abort:
+            self._drop_upstream()
+        proxy.stats.requests_active -= 1
+        self.up_out.clear()
+        self.headers = []
+        duration = (_perf() - self.t0) * 1000
+        self.duration_ms = int(duration)
+        proxy.stats.record_response(self.status, duration, self.bytes_rx, self.bytes_tx)
+        proxy.log.append(self)
+        self.ds.exchange_done(self, abort)

@@ -1,0 +1,296 @@
+"""Route selection for one plane, pure and table-tested.
+
+listener for (plane, original destination port[, prefix]) -> route config -> virtual host (by authority)
+-> first matching route -> what to do (forward to a cluster or the original destination, redirect, or a
+direct response). Everything is compiled once per snapshot so a request costs a few dict lookups.
+Load balancing and resilience live elsewhere (balancer.py) and build on `RouteResult`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from netaddr import IPAddress, IPNetwork
+
+from planemesh.agent.config import (
+    Cluster,
+    DirectResponse,
+    HeaderMatch,
+    Listener,
+    ListenerProtocol,
+    QueryMatch,
+    Redirect,
+    Route,
+    RouteConfig,
+    Snapshot,
+    VirtualHost,
+)
+
+# Headers a route may look at, lower-case name -> value (repeated headers joined with ",").
+Headers = Mapping[str, str]
+
+
+def _compile_regex(pattern: str | None) -> re.Pattern[str] | None:
+    return re.compile(pattern) if pattern is not None else None
+
+
+class CompiledHeaderMatch:
+    __slots__ = ("exact", "invert", "name", "prefix", "present", "regex")
+
+    def __init__(self, spec: HeaderMatch) -> None:
+        self.name = spec.name.lower()
+        self.exact = spec.exact
+        self.prefix = spec.prefix
+        self.regex = _compile_regex(spec.regex)
+        self.present = spec.present
+        self.invert = spec.invert
+
+    def matches(self, headers: Headers) -> bool:
+        value = headers.get(self.name)
+        if self.present is not None:
+            ok = (value is not None) == self.present
+        elif value is None:
+            ok = False
+        elif self.exact is not None:
+            ok = value == self.exact
+        elif self.prefix is not None:
+            ok = value.startswith(self.prefix)
+        elif self.regex is not None:
+            ok = self.regex.fullmatch(value) is not None
+        else:  # a bare name: the header must be present
+            ok = True
+        return ok != self.invert
+
+
+class CompiledQueryMatch:
+    __slots__ = ("exact", "name", "present", "regex")
+
+    def __init__(self, spec: QueryMatch) -> None:
+        self.name = spec.name
+        self.exact = spec.exact
+        self.regex = _compile_regex(spec.regex)
+        self.present = spec.present
+
+    def matches(self, query: Mapping[str, str]) -> bool:
+        value = query.get(self.name)
+        if self.present is not None:
+            return (value is not None) == self.present
+        if value is None:
+            return False
+        if self.exact is not None:
+            return value == self.exact
+        if self.regex is not None:
+            return self.regex.fullmatch(value) is not None
+        return True
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """First value of each query parameter, undecoded except '+' kept as is (Envoy matches raw values)."""
+    out: dict[str, str] = {}
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        out.setdefault(name, value)
+    return out
+
+
+class CompiledRoute:
+    __slots__ = ("exact_path", "headers", "prefix", "query", "regex", "route")
+
+    def __init__(self, route: Route) -> None:
+        m = route.match
+        self.route = route
+        self.exact_path = m.path
+        self.prefix = m.prefix if m.path is None and m.regex is None else None
+        self.regex = _compile_regex(m.regex)
+        self.headers = tuple(CompiledHeaderMatch(h) for h in m.headers)
+        self.query = tuple(CompiledQueryMatch(q) for q in m.query)
+
+    def matches(self, path: str, query: str, headers: Callable[[], Headers]) -> bool:
+        if self.exact_path is not None:
+            if path != self.exact_path:
+                return False
+        elif self.regex is not None:
+            if self.regex.fullmatch(path) is None:
+                return False
+        elif self.prefix is not None and not path.startswith(self.prefix):
+            return False
+        if self.headers:
+            hdrs = headers()
+            for h in self.headers:
+                if not h.matches(hdrs):
+                    return False
+        if self.query:
+            params = parse_query(query)
+            for q in self.query:
+                if not q.matches(params):
+                    return False
+        return True
+
+
+class CompiledVirtualHost:
+    __slots__ = ("name", "routes", "vhost")
+
+    def __init__(self, vhost: VirtualHost) -> None:
+        self.vhost = vhost
+        self.name = vhost.name
+        self.routes = tuple(CompiledRoute(r) for r in vhost.routes)
+
+    def select(self, path: str, query: str, headers: Callable[[], Headers]) -> Route | None:
+        for route in self.routes:
+            if route.matches(path, query, headers):
+                return route.route
+        return None
+
+
+def _strip_port(authority: str) -> str:
+    if authority.startswith("["):  # [v6]:port
+        end = authority.find("]")
+        return authority[: end + 1] if end > 0 else authority
+    host, sep, port = authority.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else authority
+
+
+class CompiledRouteConfig:
+    """Virtual host lookup as Envoy does it: exact, then longest `*.suffix`, then longest `prefix.*`, then `*`."""
+
+    __slots__ = ("_cache", "default", "exact", "name", "prefixes", "suffixes")
+
+    def __init__(self, rc: RouteConfig) -> None:
+        self.name = rc.name
+        self.exact: dict[str, CompiledVirtualHost] = {}
+        suffixes: list[tuple[str, CompiledVirtualHost]] = []
+        prefixes: list[tuple[str, CompiledVirtualHost]] = []
+        self.default: CompiledVirtualHost | None = None
+        for vh in rc.virtual_hosts:
+            cvh = CompiledVirtualHost(vh)
+            for domain in vh.domains:
+                d = domain.lower()
+                if d == "*":
+                    self.default = self.default or cvh
+                elif d.startswith("*"):
+                    suffixes.append((d[1:], cvh))
+                elif d.endswith("*"):
+                    prefixes.append((d[:-1], cvh))
+                else:
+                    self.exact.setdefault(d, cvh)
+        # Longest wildcard first; stable sort keeps declaration order among equals.
+        self.suffixes = sorted(suffixes, key=lambda item: -len(item[0]))
+        self.prefixes = sorted(prefixes, key=lambda item: -len(item[0]))
+        self._cache: dict[str, CompiledVirtualHost | None] = {}
+
+    def virtual_host(self, authority: str) -> CompiledVirtualHost | None:
+        try:
+            return self._cache[authority]
+        except KeyError:
+            pass
+        found = self._lookup(authority.lower())
+        if len(self._cache) < 4096:  # bounded: authorities come from clients
+            self._cache[authority] = found
+        return found
+
+    def _lookup(self, authority: str) -> CompiledVirtualHost | None:
+        for host in (authority, _strip_port(authority)):
+            vh = self.exact.get(host)
+            if vh is not None:
+                return vh
+            for suffix, cvh in self.suffixes:
+                if host.endswith(suffix) and len(host) > len(suffix):
+                    return cvh
+            for prefix, cvh in self.prefixes:
+                if host.startswith(prefix) and len(host) > len(prefix):
+                    return cvh
+        return self.default
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    """The outcome of routing one request. Exactly one of cluster/original_dst, redirect, direct is set,
+    or none of them (no route: 404 NR)."""
+
+    route: Route | None
+    vhost: str = ""
+    cluster: Cluster | None = None  # None with forward=True: the original destination
+    forward: bool = False
+    redirect: Redirect | None = None
+    direct: DirectResponse | None = None
+
+
+NO_ROUTE = RouteResult(route=None)
+
+
+class PlaneRouter:
+    """One plane's routing table, compiled from a Snapshot. Immutable after construction."""
+
+    def __init__(self, snapshot: Snapshot, plane: str) -> None:
+        self.snapshot = snapshot
+        self.plane = snapshot.plane(plane)
+        self._configs: dict[str | None, CompiledRouteConfig] = {}
+        self._by_port: dict[int, list[tuple[tuple[IPNetwork, ...], CompiledRouteConfig]]] = {}
+        for lsn in snapshot.listeners_of(plane):
+            if lsn.protocol is not ListenerProtocol.HTTP:
+                continue
+            self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, self._compiled(lsn)))
+        # Most specific prefixes first; listeners without prefixes catch the rest.
+        for entries in self._by_port.values():
+            entries.sort(key=lambda e: -max((p.prefixlen for p in e[0]), default=-1))
+        self.original_destination = self._compiled(None)
+
+    def _compiled(self, lsn: Listener | None) -> CompiledRouteConfig:
+        name = lsn.route_config if lsn is not None else None
+        crc = self._configs.get(name)
+        if crc is None:
+            crc = self._configs[name] = CompiledRouteConfig(self.snapshot.route_config(name))
+        return crc
+
+    def route_config(self, dst_ip: str, dst_port: int) -> CompiledRouteConfig | None:
+        """The route config of the listener for this original destination; None: no listener declared."""
+        entries = self._by_port.get(dst_port)
+        if not entries:
+            return None
+        if len(entries) == 1 and not entries[0][0]:
+            return entries[0][1]
+        ip = IPAddress(dst_ip)
+        if ip.version == 6 and ip.is_ipv4_mapped():
+            ip = ip.ipv4()
+        for prefixes, crc in entries:
+            if not prefixes or any(ip.version == p.version and ip in p for p in prefixes):
+                return crc
+        return None
+
+    def route(
+        self, crc: CompiledRouteConfig, authority: str, path: str, query: str, headers: Callable[[], Headers]
+    ) -> RouteResult:
+        vh = crc.virtual_host(authority)
+        if vh is None:
+            return NO_ROUTE
+        route = vh.select(path, query, headers)
+        if route is None:
+            return NO_ROUTE
+        if route.direct_response is not None:
+            return RouteResult(route=route, vhost=vh.name, direct=route.direct_response)
+        if route.redirect is not None:
+            return RouteResult(route=route, vhost=vh.name, redirect=route.redirect)
+        act = route.action
+        if act is None:
+            return NO_ROUTE
+        name = act.cluster or (act.weighted[0].name if act.weighted else None)
+        cluster = self.snapshot.clusters.get(name) if name else None
+        return RouteResult(route=route, vhost=vh.name, cluster=cluster, forward=True)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """Request-target -> (path, query). Absolute-form targets (`http://host/p`) keep only the path."""
+    if target.startswith(("http://", "https://")):
+        slash = target.find("/", target.find("//") + 2)
+        target = target[slash:] if slash >= 0 else "/"
+    path, _, query = target.partition("?")
+    return path, query
+
+
+def redirect_location(redirect: Redirect, scheme: str, authority: str, path: str, query: str) -> str:
+    new_path = redirect.path if redirect.path is not None else path + (f"?{query}" if query else "")
+    return f"{redirect.scheme or scheme}://{redirect.host or authority}{new_path}"

@@ -1,0 +1,178 @@
+"""A plane's L7 proxy: the listening socket, the composition of routing, pool, limits, stats and log.
+
+    sock = make_listener_socket(plane.proxy_port)           # transparent, [::] dual-stack
+    proxy = PlaneProxy(snapshot, "oam", upstream_mark=0x100, source_address=pick_source, access_log=sink)
+    await proxy.serve(sock)         # until drain()
+    proxy.update(new_snapshot)      # atomic: requests already routed keep the old one
+    await proxy.drain(timeout=5)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+
+from planemesh.agent.config import Snapshot
+from planemesh.agent.proxy.accesslog import AccessLogBuffer, Sink, format_json, format_text
+from planemesh.agent.proxy.balancer import Balancer
+from planemesh.agent.proxy.downstream import Downstream
+from planemesh.agent.proxy.limits import TokenBucket, bucket_for
+from planemesh.agent.proxy.routing import PlaneRouter
+from planemesh.agent.proxy.stats import PlaneStats
+from planemesh.agent.proxy.upstream import UpstreamPool
+
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+
+# (sockname, peername) of an accepted connection -> its original destination (address, port).
+OriginalDestination = Callable[[tuple, tuple], tuple[str, int]]
+
+
+def make_listener_socket(port: int, *, transparent: bool = True, host: str = "::",
+                         backlog: int = 4096) -> socket.socket:
+    """A listening socket for a plane's proxy port. Transparent sockets (root) accept connections the
+    kernel assigned to them whatever their destination, so getsockname() is the original destination."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual-stack: v4 as ::ffff:a.b.c.d
+        if transparent:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _sockname_is_destination(sockname: tuple, peername: tuple) -> tuple[str, int]:
+    return sockname[0], sockname[1]
+
+
+class RoutingTable:
+    """Everything a request needs from one snapshot; swapped as a whole by PlaneProxy.update()."""
+
+    __slots__ = ("balancer", "router", "snapshot")
+
+    def __init__(self, snapshot: Snapshot, plane: str) -> None:
+        self.snapshot = snapshot
+        self.router = PlaneRouter(snapshot, plane)
+        self.balancer = Balancer(snapshot)
+
+
+class PlaneProxy:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        plane: str,
+        *,
+        upstream_mark: int = 0,
+        source_address: Callable[[str], str | None] | None = None,
+        access_log: Sink | None = None,
+        log_format: str = "text",
+        original_destination: OriginalDestination = _sockname_is_destination,
+        clock: Callable[[], float] = time.monotonic,
+        max_idle_per_key: int = 64,
+        tick_s: float = 1.0,
+    ) -> None:
+        self.plane_name = plane
+        self.upstream_mark = upstream_mark
+        self.source_address = source_address
+        self.original_destination = original_destination
+        self.clock = clock
+        self.stats = PlaneStats()
+        self.log = AccessLogBuffer(access_log, format_json if log_format == "json" else format_text)
+        self.table = RoutingTable(snapshot, plane)
+        self.sla = self.table.router.plane.sla
+        self.bucket: TokenBucket | None = bucket_for(self.sla, clock)
+        self.pool = UpstreamPool(self, max_idle_per_key=max_idle_per_key,
+                                 idle_timeout_s=min(60.0, self.sla.idle_timeout_s))
+        self.connections: set[Downstream] = set()
+        self.listen_ports: set[int] = set()
+        self.draining = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by serve()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._stopped: asyncio.Future[None] | None = None
+        self._tick_s = tick_s
+        self._tick_handle: asyncio.TimerHandle | None = None
+
+    # ---- life cycle ------------------------------------------------------------------------------
+
+    def _bind_loop(self) -> None:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            self._stopped = self.loop.create_future()
+            self._tick_handle = self.loop.call_later(self._tick_s, self._tick)
+
+    async def start(self, sock: socket.socket) -> None:
+        """Begin accepting on an already-bound listening socket and return (serve() also waits)."""
+        self._bind_loop()
+        self.listen_ports.add(sock.getsockname()[1])
+        server = await self.loop.create_server(lambda: Downstream(self), sock=sock)
+        self._servers.append(server)
+
+    async def serve(self, sock: socket.socket) -> None:
+        """Accept on `sock` until drain() (or cancellation)."""
+        await self.start(sock)
+        try:
+            await self.wait_closed()
+        finally:
+            for server in self._servers:
+                server.close()
+
+    async def wait_closed(self) -> None:
+        """Until drain() has finished."""
+        self._bind_loop()
+        assert self._stopped is not None
+        await asyncio.shield(self._stopped)
+
+    def update(self, snapshot: Snapshot) -> None:
+        """Swap the configuration atomically; requests already routed keep what they resolved."""
+        table = RoutingTable(snapshot, self.plane_name)
+        sla = table.router.plane.sla
+        if sla != self.sla:
+            if (sla.rate_limit_rps, sla.rate_limit_burst) != (self.sla.rate_limit_rps, self.sla.rate_limit_burst):
+                self.bucket = bucket_for(sla, self.clock)
+            self.sla = sla
+        self.table = table
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let requests in flight finish (at most `timeout` seconds), then close all."""
+        if self.loop is None:
+            return
+        self.draining = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.active is None:
+                conn.close()
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.close()
+        self.pool.close_all()
+        self.log.flush()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def _tick(self) -> None:
+        """Once per tick: write the access log batch, close idle pooled and client connections."""
+        self.log.flush()
+        self.pool.sweep()
+        idle_deadline = self.loop.time() - self.sla.idle_timeout_s
+        for conn in [c for c in self.connections if c.active is None and c.last_active < idle_deadline]:
+            conn.close()
+        self._tick_handle = self.loop.call_later(self._tick_s, self._tick)

@@ -1,0 +1,68 @@
+"""Per-plane counters: plain ints bumped on the hot path, read by the admin endpoint."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+# Upper bounds of the latency buckets in milliseconds; the last bucket is +Inf.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+class PlaneStats:
+    __slots__ = (
+        "bytes_rx",
+        "bytes_tx",
+        "downstream_active",
+        "downstream_total",
+        "latency_buckets",
+        "latency_count",
+        "latency_sum_ms",
+        "overloaded",
+        "rate_limited",
+        "requests_active",
+        "requests_pending",
+        "requests_total",
+        "responses",
+        "retries",
+        "upstream_active",
+        "upstream_connect_failures",
+        "upstream_timeouts",
+        "upstream_total",
+    )
+
+    def __init__(self) -> None:
+        self.requests_total = 0
+        self.requests_active = 0
+        self.requests_pending = 0  # waiting for an upstream connection
+        self.responses = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0: no response, e.g. client gone)
+        self.downstream_active = 0
+        self.downstream_total = 0
+        self.upstream_active = 0
+        self.upstream_total = 0
+        self.upstream_connect_failures = 0
+        self.upstream_timeouts = 0
+        self.bytes_rx = 0  # request bodies received from clients
+        self.bytes_tx = 0  # response bodies sent to clients
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.latency_count = 0
+        self.latency_sum_ms = 0.0
+        self.overloaded = 0
+        self.rate_limited = 0
+        self.retries = 0
+
+    def record_response(self, status: int, duration_ms: float, rx: int, tx: int) -> None:
+        cls = status // 100
+        self.responses[cls if 0 <= cls < 6 else 0] += 1
+        self.latency_buckets[bisect_left(LATENCY_BUCKETS_MS, duration_ms)] += 1
+        self.latency_count += 1
+        self.latency_sum_ms += duration_ms
+        self.bytes_rx += rx
+        self.bytes_tx += tx
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {name: getattr(self, name) for name in self.__slots__}
+        out["responses"] = {f"{i}xx" if i else "none": n for i, n in enumerate(self.responses)}
+        out["latency_buckets"] = dict(
+            zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], self.latency_buckets, strict=True)
+        )
+        return out

@@ -1,0 +1,299 @@
+"""Upstream side: one HTTP/1.1 connection per in-flight request, pooled per (address, port, source, mark).
+
+Every upstream socket carries SO_MARK (so the data path never re-intercepts the proxy's own traffic) and is
+bound to the source address of the destination's plane when the caller knows one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+if TYPE_CHECKING:
+    from planemesh.agent.proxy.exchange import Exchange
+    from planemesh.agent.proxy.server import PlaneProxy
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+PoolKey = tuple[str, int, str | None, int]
+
+
+class _HeadResponseDone(Exception):
+    """Raised from the parser callback: a response to HEAD has no body whatever its headers say
+    (llhttp cannot be told so through httptools)."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "chunked",
+        "conn_values",
+        "exchange",
+        "head_done",
+        "headers",
+        "idle_since",
+        "key",
+        "length",
+        "parser",
+        "paused_ds",
+        "phrase",
+        "pool",
+        "reading_paused",
+        "ready",
+        "reused",
+        "status",
+        "transport",
+    )
+
+    def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.ready = False
+        self.reused = False
+        self.head_done = False
+        self.reading_paused = False
+        self.paused_ds = None
+        self.idle_since = 0.0
+        self.status = 0
+        self.phrase = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.length: int | None = None
+        self.chunked = False
+        self.conn_values: list[bytes] | None = None
+
+    # ---- transport events ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.ready = True
+        stats = self.pool.proxy.stats
+        stats.upstream_active += 1
+        stats.upstream_total += 1
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:  # bytes on an idle connection: the server broke the protocol; never reuse it
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            ex.on_upstream_protocol_error()  # 101 without a tunnel (tunnels are not supported yet)
+            self.close()
+        except HttpParserError:
+            if self.head_done:
+                self.head_done = False
+                self.parser = HttpResponseParser(self)
+                ex.on_response_complete()
+            else:
+                ex.on_upstream_protocol_error()
+                self.close()
+        ex.ds.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.ready:
+            self.ready = False
+            self.pool.proxy.stats.upstream_active -= 1
+        self.pool.discard(self)
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.on_upstream_lost(self)
+        if self.paused_ds is not None:
+            self.paused_ds.resume_for_upstream()
+            self.paused_ds = None
+
+    def pause_writing(self) -> None:  # the upstream is slow to take the request body
+        ex = self.exchange
+        if ex is not None:
+            self.paused_ds = ex.ds
+            ex.ds.pause_for_upstream()
+
+    def resume_writing(self) -> None:
+        if self.paused_ds is not None:
+            self.paused_ds.resume_for_upstream()
+            self.paused_ds = None
+
+    def pause_reading(self) -> None:  # the client is slow to take the response body
+        if not self.reading_paused and self.ready:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.ready:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.exchange = None
+        if self.ready:
+            self.transport.close()
+
+    # ---- httptools callbacks --------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.phrase = b""
+        self.length = None
+        self.chunked = False
+        self.conn_values = None
+
+    def on_status(self, phrase: bytes) -> None:
+        self.phrase += phrase
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        n = name.lower()
+        if n == b"content-length":
+            self.length = int(value)  # llhttp has validated it
+        elif n == b"transfer-encoding":
+            self.chunked = value.rstrip().lower().endswith(b"chunked")
+        elif n == b"connection":
+            if self.conn_values is None:
+                self.conn_values = [value]
+            else:
+                self.conn_values.append(value)
+        self.headers.append((n, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        if ex is None:
+            return
+        status = self.status = self.parser.get_status_code()
+        ex.on_response_head(
+            status, self.phrase, self.headers, self.length, self.chunked,
+            self.parser.should_keep_alive(), self.conn_values,
+        )
+        if ex.is_head and status >= 200:
+            self.head_done = True
+            raise _HeadResponseDone
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.on_response_body(data)
+
+    def on_message_complete(self) -> None:
+        ex = self.exchange
+        if ex is None or (self.status < 200 and self.status != 101):
+            return  # interim responses were relayed in on_response_head
+        ex.on_response_complete()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per (address, port, source, mark); connects on a miss."""
+
+    def __init__(self, proxy: PlaneProxy, max_idle_per_key: int = 64, idle_timeout_s: float = 60.0) -> None:
+        self.proxy = proxy
+        self.max_idle_per_key = max_idle_per_key
+        self.idle_timeout_s = idle_timeout_s
+        self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self.connecting: set[asyncio.Task] = set()
+
+    def key_for(self, addr: tuple[str, int]) -> PoolKey:
+        source = self.proxy.source_address(addr[0]) if self.proxy.source_address is not None else None
+        return (addr[0], addr[1], source, self.proxy.upstream_mark)
+
+    def acquire_for(self, ex: Exchange, addr: tuple[str, int], connect_timeout: float) -> None:
+        key = ex.upstream_key = self.key_for(addr)
+        idle = self.idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.ready:
+                conn.reused = True
+                ex.on_connected(conn)
+                return
+        self.connect_for(ex, addr, connect_timeout)
+
+    def connect_for(self, ex: Exchange, addr: tuple[str, int], connect_timeout: float) -> None:
+        proxy = self.proxy
+        stats = proxy.stats
+        if stats.requests_pending >= proxy.sla.max_pending_requests:
+            ex.overloaded(b"pending")
+            ex.ds.flush()
+            return
+        key = ex.upstream_key or self.key_for(addr)
+        ex.pending = True
+        stats.requests_pending += 1
+        task = proxy.loop.create_task(self._open(key, connect_timeout))
+        ex.connect_task = task
+        self.connecting.add(task)
+        task.add_done_callback(functools.partial(self._opened, ex))
+
+    async def _open(self, key: PoolKey, timeout: float) -> UpstreamConnection:
+        host, port, source, mark = key
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if mark:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            if source:
+                sock.bind((source, 0))
+            loop = self.proxy.loop
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, (host, port))
+            _, conn = await loop.create_connection(lambda: UpstreamConnection(self, key), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        return conn  # type: ignore[return-value]
+
+    def _opened(self, ex: Exchange, task: asyncio.Task) -> None:
+        self.connecting.discard(task)
+        if ex.pending:
+            ex.pending = False
+            self.proxy.stats.requests_pending -= 1
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            if not ex.finished and ex.connect_task is task:
+                ex.connect_task = None
+                ex.on_connect_failed(isinstance(exc, TimeoutError))
+            return
+        conn: UpstreamConnection = task.result()
+        if ex.finished or ex.connect_task is not task:
+            self.release(conn)  # the request went away meanwhile: keep the fresh connection
+            return
+        ex.connect_task = None
+        ex.on_connected(conn)
+
+    def release(self, conn: UpstreamConnection) -> None:
+        conn.exchange = None
+        if not conn.ready:
+            return
+        conn.resume_reading()
+        idle = self.idle.setdefault(conn.key, [])
+        if len(idle) >= self.max_idle_per_key or self.proxy.draining:
+            conn.close()
+            return
+        conn.idle_since = self.proxy.loop.time()
+        idle.append(conn)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        idle = self.idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def sweep(self) -> None:
+        """Close connections idle longer than the idle timeout (called from the proxy's periodic timer)."""
+        deadline = self.proxy.loop.time() - self.idle_timeout_s
+        for key, idle in list(self.idle.items()):
+            while idle and idle[0].idle_since < deadline:
+                idle.pop(0).close()
+            if not idle:
+                del self.idle[key]
+
+    def close_all(self) -> None:
+        for idle in self.idle.values():
+            for conn in idle:
+                conn.close()
+        self.idle.clear()
+        for task in list(self.connecting):
+            task.cancel()
