@@ -1,0 +1,488 @@
+"""The ADS client as a state machine without I/O (never imports grpc).
+
+Events in: `stream_started`, `response_received`, `stream_reset`, `timer_fired`, `apply_result`.
+Actions out: `SendRequest` (a DiscoveryRequest or DeltaDiscoveryRequest to write on the stream) and
+`ApplyConfig` (the complete, pruned resource set the consumer must translate and apply, then report
+back with `apply_result`). Rules followed (xDS protocol, grpc-go and Envoy's subscription state):
+
+- version and nonce differ: the last ACKed version per type survives reconnects, the nonce is per stream;
+- an ACK is sent only once the consumer applied the update; its failure becomes the NACK, which echoes the
+  new nonce with the *previous* version, and every error of one response is collected into that NACK;
+- LDS and CDS are wildcard; RDS and EDS follow the names the listeners and clusters reference;
+- SotW: a listener or cluster absent from a response is deleted; RDS/EDS resources leave with their parents;
+- Delta: subscribe/unsubscribe diffs, removed_resources, initial_resource_versions on reconnect;
+- warming: an update whose listeners or clusters reference routes or endpoints not received yet waits for
+  them (at most `initial_fetch_timeout_s`), so clusters and endpoints become active before their users;
+- TTL: a resource with a TTL that is not refreshed (by an update or a heartbeat) in time is removed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import message
+from google.rpc import status_pb2
+
+from planemesh.xds.resources import (
+    CLUSTER,
+    ENDPOINT,
+    FULL_STATE_TYPES,
+    LISTENER,
+    MESSAGE_OF_TYPE,
+    ROUTE,
+    SHORT_NAME,
+    TYPE_ORDER,
+    ResourceError,
+    Wrapped,
+    from_delta_resource,
+    unwrap_sotw,
+)
+
+HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
+INVALID_ARGUMENT = 3  # google.rpc.Code, the status a NACK carries
+
+
+class Mode(StrEnum):
+    SOTW = "sotw"
+    DELTA = "delta"
+
+
+Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+Response = discovery_pb2.DiscoveryResponse | discovery_pb2.DeltaDiscoveryResponse
+
+
+@dataclass(frozen=True, slots=True)
+class XdsResources:
+    """What the consumer translates: the current resources of every type, by name."""
+
+    listeners: Mapping[str, listener_pb2.Listener]
+    routes: Mapping[str, message.Message]
+    clusters: Mapping[str, cluster_pb2.Cluster]
+    endpoints: Mapping[str, message.Message]
+    versions: Mapping[str, str]  # short type name (LDS...) -> version
+
+    @property
+    def version(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in sorted(self.versions.items()) if v)
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyConfig:
+    token: int
+    resources: XdsResources
+
+
+Action = SendRequest | ApplyConfig
+
+
+# ---- which names a resource references (RDS from listeners, EDS from clusters) --------------------
+
+
+def route_names(listener: listener_pb2.Listener) -> set[str]:
+    names: set[str] = set()
+    chains = [*listener.filter_chains]
+    if listener.HasField("default_filter_chain"):
+        chains.append(listener.default_filter_chain)
+    for chain in chains:
+        for flt in chain.filters:
+            if flt.typed_config.type_url != HCM_TYPE:
+                continue
+            hcm = hcm_pb2.HttpConnectionManager()
+            try:
+                hcm.ParseFromString(flt.typed_config.value)
+            except message.DecodeError:
+                continue  # translation reports it
+            if hcm.HasField("rds") and hcm.rds.route_config_name:
+                names.add(hcm.rds.route_config_name)
+    return names
+
+
+def eds_name(cluster: cluster_pb2.Cluster) -> str | None:
+    if cluster.WhichOneof("cluster_discovery_type") == "type" and cluster.type == cluster_pb2.Cluster.EDS:
+        return cluster.eds_cluster_config.service_name or cluster.name
+    return None
+
+
+def references(type_url: str, resources: Mapping[str, message.Message]) -> set[str]:
+    """Names of dependent resources (RDS for LDS, EDS for CDS) referenced by `resources`."""
+    out: set[str] = set()
+    for msg in resources.values():
+        if type_url == LISTENER:
+            out |= route_names(msg)  # type: ignore[arg-type]
+        elif type_url == CLUSTER and (name := eds_name(msg)) is not None:  # type: ignore[arg-type]
+            out.add(name)
+    return out
+
+
+PARENT_OF = {ROUTE: LISTENER, ENDPOINT: CLUSTER}
+
+# ---- per-type state -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Entry:
+    msg: message.Message
+    version: str
+    expires_at: float | None = None
+
+
+@dataclass(slots=True)
+class Staged:
+    """A received update not yet applied. nonce None: a local change (TTL expiry), never ACKed."""
+
+    nonce: str | None
+    version: str
+    cache: dict[str, Entry]
+    stream: int
+
+
+@dataclass(slots=True)
+class TypeState:
+    type_url: str
+    wildcard: bool
+    version: str = ""  # last ACKed SotW version (Delta: system_version_info); survives reconnects
+    nonce: str = ""  # last nonce received on the current stream
+    cache: dict[str, Entry] = field(default_factory=dict)
+    names: set[str] = field(default_factory=set)  # subscription the server knows (named types)
+    pending: Staged | None = None
+    acks: int = 0
+    nacks: int = 0
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TypeStatus:
+    type_url: str
+    version: str
+    nonce: str
+    resources: int
+    subscribed: tuple[str, ...]
+    acks: int
+    nacks: int
+    last_error: str | None
+
+
+class AdsClientState:
+    def __init__(
+        self,
+        node: base_pb2.Node,
+        mode: Mode = Mode.SOTW,
+        *,
+        initial_fetch_timeout_s: float = 15.0,
+        types: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE),
+    ) -> None:
+        self.node = node
+        self.mode = Mode(mode)
+        self.initial_fetch_timeout_s = initial_fetch_timeout_s
+        self.types = {t: TypeState(t, wildcard=t in FULL_STATE_TYPES) for t in TYPE_ORDER if t in types}
+        self._stream = 0  # stream generation; 0: no stream
+        self._connected = False
+        self._node_sent = False
+        self._tokens = itertools.count(1)
+        self._inflight: tuple[int, dict[str, Staged]] | None = None
+        self._warm_deadline: float | None = None
+        self.unknown_type_nacks = 0
+        self.last_error: str | None = None
+
+    # ---- readable state --------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def status(self) -> list[TypeStatus]:
+        return [
+            TypeStatus(
+                t.type_url, t.version, t.nonce, len(t.cache), tuple(sorted(t.names)), t.acks, t.nacks, t.last_error
+            )
+            for t in self.types.values()
+        ]
+
+    def next_deadline(self) -> float | None:
+        """When `timer_fired` must be called next (TTL expiry, warming timeout), or None."""
+        times = [e.expires_at for t in self.types.values() for e in t.cache.values() if e.expires_at is not None]
+        if self._warm_deadline is not None:
+            times.append(self._warm_deadline)
+        return min(times) if times else None
+
+    # ---- events ----------------------------------------------------------------------------------
+
+    def stream_started(self, now: float) -> list[Action]:
+        self._stream += 1
+        self._connected = True
+        self._node_sent = False
+        out: list[Action] = []
+        for ts in self.types.values():
+            ts.nonce = ""
+            ts.pending = None
+            if not ts.wildcard:
+                ts.names = self._desired_names(ts.type_url)
+                if not ts.names:
+                    continue  # never open a named type with an empty list: that would mean wildcard
+            out.append(SendRequest(self._initial_request(ts)))
+        return out
+
+    def stream_reset(self, now: float) -> list[Action]:
+        """The stream is gone: its nonces and unapplied updates die with it; versions and caches stay."""
+        self._connected = False
+        for ts in self.types.values():
+            ts.nonce = ""
+            ts.pending = None
+        self._warm_deadline = None
+        return []
+
+    def response_received(self, resp: Response, now: float) -> list[Action]:
+        delta = isinstance(resp, discovery_pb2.DeltaDiscoveryResponse)
+        nonce = resp.nonce
+        if delta != (self.mode is Mode.DELTA):
+            return [self._nack_unknown(resp, f"{'delta' if delta else 'SotW'} response on a {self.mode} stream")]
+        ts = self.types.get(resp.type_url)
+        if ts is None:
+            known = "known" if resp.type_url in MESSAGE_OF_TYPE else "unknown"
+            return [self._nack_unknown(resp, f"{known} type URL {resp.type_url!r} was not subscribed")]
+        ts.nonce = nonce
+        errors: list[str] = []
+        base = ts.pending.cache if ts.pending is not None else ts.cache
+        if delta:
+            version = resp.system_version_info
+            received = self._decode(ts, [from_delta_resource for _ in resp.resources], resp.resources, errors)
+            cache = dict(base)
+            for name in resp.removed_resources:
+                cache.pop(name, None)
+        else:
+            version = resp.version_info
+            received = self._decode(ts, [unwrap_sotw for _ in resp.resources], resp.resources, errors)
+            cache = {} if ts.type_url in FULL_STATE_TYPES else dict(base)
+        for item in received:
+            entry_version = item.version or version
+            expires = now + item.ttl_s if item.ttl_s else None
+            if item.msg is None:  # heartbeat: the resource is unchanged, its TTL refreshed
+                old = base.get(item.name)
+                if old is not None:
+                    cache[item.name] = Entry(old.msg, old.version, expires)
+                continue
+            cache[item.name] = Entry(item.msg, entry_version, expires)
+        if errors:
+            return [self._nack(ts, nonce, "; ".join(errors))]
+        ts.pending = Staged(nonce, version, cache, self._stream)
+        return self._resubscribe() + self._maybe_apply(now)
+
+    def apply_result(self, token: int, error: Exception | None, now: float) -> list[Action]:
+        """The consumer applied (error None) or rejected the resources of ApplyConfig `token`."""
+        if self._inflight is None or self._inflight[0] != token:
+            return []
+        _, batch = self._inflight
+        self._inflight = None
+        out: list[Action] = []
+        for type_url, staged in batch.items():
+            ts = self.types[type_url]
+            live = staged.nonce is not None and staged.stream == self._stream and self._connected
+            current = live and ts.nonce == staged.nonce  # a newer response will be ACKed/NACKed itself
+            if error is None:
+                ts.cache = self._pruned(type_url, staged.cache)
+                if staged.nonce is not None:
+                    ts.version = staged.version
+                    ts.acks += 1
+                    ts.last_error = None
+                if current:
+                    out.append(SendRequest(self._ack(ts, staged.nonce or "")))
+            else:
+                reason = str(error)
+                ts.last_error = reason
+                self.last_error = f"{SHORT_NAME[type_url]}: {reason}"
+                if staged.nonce is None:
+                    for entry in ts.cache.values():  # TTL removal refused: do not retry on every tick
+                        entry.expires_at = None
+                    continue
+                ts.nacks += 1
+                if current:
+                    out.append(SendRequest(self._nack_request(ts, staged.nonce, reason)))
+        return out + self._resubscribe() + self._maybe_apply(now)
+
+    def timer_fired(self, now: float) -> list[Action]:
+        for ts in self.types.values():
+            source = ts.pending.cache if ts.pending is not None else ts.cache
+            expired = [n for n, e in source.items() if e.expires_at is not None and e.expires_at <= now]
+            if not expired:
+                continue
+            cache = {n: e for n, e in source.items() if n not in expired}
+            if ts.pending is not None:
+                ts.pending.cache = cache
+            else:
+                ts.pending = Staged(None, ts.version, cache, self._stream)
+        return self._maybe_apply(now)
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _decode(self, ts: TypeState, decoders: list, resources: list, errors: list[str]) -> list[Wrapped]:
+        out: list[Wrapped] = []
+        seen: set[str] = set()
+        kind = SHORT_NAME[ts.type_url]
+        for i, (decode, raw) in enumerate(zip(decoders, resources, strict=True)):
+            try:
+                item = decode(raw, ts.type_url)
+            except ResourceError as exc:
+                errors.append(f"{kind} resource [{i}]: {exc.reason}")
+                continue
+            if not item.name:
+                errors.append(f"{kind} resource [{i}]: has no name")
+                continue
+            if item.name in seen:
+                errors.append(f"{kind} {item.name!r}: duplicate name in one response")
+                continue
+            seen.add(item.name)
+            if not ts.wildcard and item.name not in ts.names:
+                continue  # not requested (a server may send more in SotW): ignore, as Envoy does
+            out.append(item)
+        return out
+
+    def _candidate(self) -> dict[str, dict[str, Entry]]:
+        return {t: (ts.pending.cache if ts.pending is not None else ts.cache) for t, ts in self.types.items()}
+
+    def _desired_names(self, type_url: str) -> set[str]:
+        """Named types follow every parent version we may still apply: accepted, pending, in flight."""
+        parent = PARENT_OF.get(type_url)
+        if parent is None or parent not in self.types:
+            return set(self.types[type_url].names)
+        pts = self.types[parent]
+        sources = [pts.cache]
+        if pts.pending is not None:
+            sources.append(pts.pending.cache)
+        if self._inflight is not None and parent in self._inflight[1]:
+            sources.append(self._inflight[1][parent].cache)
+        names: set[str] = set()
+        for cache in sources:
+            names |= references(parent, {n: e.msg for n, e in cache.items()})
+        return names
+
+    def _pruned(self, type_url: str, cache: dict[str, Entry]) -> dict[str, Entry]:
+        if type_url not in PARENT_OF:
+            return dict(cache)
+        wanted = self._desired_names(type_url)
+        return {n: e for n, e in cache.items() if n in wanted}
+
+    def _resubscribe(self) -> list[Action]:
+        out: list[Action] = []
+        for type_url in PARENT_OF:
+            ts = self.types.get(type_url)
+            if ts is None:
+                continue
+            desired = self._desired_names(type_url)
+            if desired == ts.names:
+                continue
+            added, removed = desired - ts.names, ts.names - desired
+            ts.names = desired
+            for name in removed:
+                ts.cache.pop(name, None)
+            if not self._connected:
+                continue
+            if self.mode is Mode.DELTA:
+                req = discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=type_url,
+                    resource_names_subscribe=sorted(added),
+                    resource_names_unsubscribe=sorted(removed),
+                )
+            else:
+                req = discovery_pb2.DiscoveryRequest(
+                    type_url=type_url, version_info=ts.version, response_nonce=ts.nonce, resource_names=sorted(desired)
+                )
+            out.append(SendRequest(self._with_node(req)))
+        return out
+
+    def _maybe_apply(self, now: float) -> list[Action]:
+        if self._inflight is not None:
+            return []
+        batch = {t: ts.pending for t, ts in self.types.items() if ts.pending is not None}
+        if not batch:
+            self._warm_deadline = None
+            return []
+        candidate = self._candidate()
+        missing = []
+        for type_url, parent in PARENT_OF.items():
+            if type_url in candidate and parent in candidate:
+                wanted = references(parent, {n: e.msg for n, e in candidate[parent].items()})
+                missing += sorted(wanted - set(candidate[type_url]))
+        if missing and any(staged.nonce is not None for staged in batch.values()):
+            if self._warm_deadline is None:
+                self._warm_deadline = now + self.initial_fetch_timeout_s
+            if now < self._warm_deadline:
+                return []  # warming: wait for the routes/endpoints the update needs
+        self._warm_deadline = None
+        for ts in self.types.values():
+            ts.pending = None
+        token = next(self._tokens)
+        self._inflight = (token, batch)
+        views = {t: {n: e.msg for n, e in self._pruned(t, c).items()} for t, c in candidate.items()}
+        versions = {SHORT_NAME[t]: (batch[t].version if t in batch else self.types[t].version) for t in self.types}
+        resources = XdsResources(
+            listeners=MappingProxyType(views.get(LISTENER, {})),
+            routes=MappingProxyType(views.get(ROUTE, {})),
+            clusters=MappingProxyType(views.get(CLUSTER, {})),
+            endpoints=MappingProxyType(views.get(ENDPOINT, {})),
+            versions=MappingProxyType(versions),
+        )
+        return [ApplyConfig(token, resources)]
+
+    def _with_node(self, req: Request) -> Request:
+        if not self._node_sent:  # the node identity goes on the first request of each stream
+            req.node.CopyFrom(self.node)
+            self._node_sent = True
+        return req
+
+    def _initial_request(self, ts: TypeState) -> Request:
+        if self.mode is Mode.DELTA:
+            req = discovery_pb2.DeltaDiscoveryRequest(
+                type_url=ts.type_url,
+                resource_names_subscribe=["*"] if ts.wildcard else sorted(ts.names),
+                initial_resource_versions={n: e.version for n, e in ts.cache.items()},
+            )
+        else:
+            req = discovery_pb2.DiscoveryRequest(
+                type_url=ts.type_url, version_info=ts.version, resource_names=sorted(ts.names)
+            )
+        return self._with_node(req)
+
+    def _ack(self, ts: TypeState, nonce: str) -> Request:
+        if self.mode is Mode.DELTA:
+            return self._with_node(discovery_pb2.DeltaDiscoveryRequest(type_url=ts.type_url, response_nonce=nonce))
+        return self._with_node(
+            discovery_pb2.DiscoveryRequest(
+                type_url=ts.type_url, version_info=ts.version, response_nonce=nonce, resource_names=sorted(ts.names)
+            )
+        )
+
+    def _nack_request(self, ts: TypeState, nonce: str, reason: str) -> Request:
+        req = self._ack(ts, nonce)  # the previous version, the new nonce
+        req.error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=reason))
+        return req
+
+    def _nack(self, ts: TypeState, nonce: str, reason: str) -> Action:
+        ts.nacks += 1
+        ts.last_error = reason
+        self.last_error = f"{SHORT_NAME[ts.type_url]}: {reason}"
+        return SendRequest(self._nack_request(ts, nonce, reason))
+
+    def _nack_unknown(self, resp: Response, reason: str) -> Action:
+        self.unknown_type_nacks += 1
+        self.last_error = reason
+        status = status_pb2.Status(code=INVALID_ARGUMENT, message=reason)
+        if self.mode is Mode.DELTA:
+            req: Request = discovery_pb2.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+        else:
+            req = discovery_pb2.DiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+        req.error_detail.CopyFrom(status)
+        return SendRequest(self._with_node(req))

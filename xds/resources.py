@@ -1,0 +1,208 @@
+"""Envoy resource types: type URLs, decoding `Any`, and reading resources from YAML/JSON.
+
+Pure (protobuf only). Importing this module registers every extension message planemesh understands
+in protobuf's default pool, so `json_format` can read `typed_config` blocks that name them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401  (registers the type)
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2  # noqa: F401
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,  # noqa: F401
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2, json_format, message
+
+_PREFIX = "type.googleapis.com/"
+LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
+CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+SECRET = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+RESOURCE_WRAPPER = _PREFIX + "envoy.service.discovery.v3.Resource"
+
+MESSAGE_OF_TYPE: dict[str, type[message.Message]] = {
+    LISTENER: listener_pb2.Listener,
+    ROUTE: route_pb2.RouteConfiguration,
+    CLUSTER: cluster_pb2.Cluster,
+    ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+    SECRET: secret_pb2.Secret,
+}
+SHORT_NAME = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINT: "EDS", SECRET: "SDS"}
+# The order Envoy subscribes in and the order in which updates must become active (warming):
+# clusters and their endpoints before the listeners and routes that use them.
+TYPE_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
+# State-of-the-world: a resource of these types absent from a response has been deleted.
+FULL_STATE_TYPES = frozenset({LISTENER, CLUSTER})
+
+
+class ResourceError(ValueError):
+    """A resource could not be read: `where` names it (file, index, type, name)."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+
+
+def resource_name(msg: message.Message) -> str:
+    """The name a resource is known by: ClusterLoadAssignment calls it cluster_name."""
+    if isinstance(msg, endpoint_pb2.ClusterLoadAssignment):
+        return msg.cluster_name
+    return getattr(msg, "name", "")
+
+
+def unpack(packed: any_pb2.Any, expected_type: str) -> message.Message:
+    """Decode one resource. Raises ResourceError (not protobuf's exceptions) on any problem."""
+    if packed.type_url != expected_type:
+        raise ResourceError(
+            packed.type_url or "<no type>", f"resource type {packed.type_url!r} in a {expected_type} response"
+        )
+    cls = MESSAGE_OF_TYPE.get(expected_type)
+    if cls is None:
+        raise ResourceError(expected_type, "unknown resource type URL")
+    msg = cls()
+    try:
+        msg.ParseFromString(packed.value)
+    except message.DecodeError as exc:
+        raise ResourceError(expected_type, f"cannot decode: {exc}") from None
+    return msg
+
+
+def pack(msg: message.Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(msg, type_url_prefix="type.googleapis.com/")
+    return packed
+
+
+@dataclass(frozen=True, slots=True)
+class Wrapped:
+    """A resource as carried in a response: the message (None for a TTL heartbeat) and its TTL."""
+
+    name: str
+    msg: message.Message | None
+    version: str = ""
+    ttl_s: float | None = None
+
+
+def unwrap_sotw(packed: any_pb2.Any, type_url: str) -> Wrapped:
+    """SotW resources may come wrapped in discovery.v3.Resource to carry a TTL (heartbeat: no body)."""
+    if packed.type_url == RESOURCE_WRAPPER:
+        wrapper = discovery_pb2.Resource()
+        try:
+            wrapper.ParseFromString(packed.value)
+        except message.DecodeError as exc:
+            raise ResourceError(RESOURCE_WRAPPER, f"cannot decode: {exc}") from None
+        return from_delta_resource(wrapper, type_url)
+    msg = unpack(packed, type_url)
+    return Wrapped(resource_name(msg), msg)
+
+
+def from_delta_resource(res: discovery_pb2.Resource, type_url: str) -> Wrapped:
+    ttl = res.ttl.ToTimedelta().total_seconds() if res.HasField("ttl") else None
+    if not res.HasField("resource"):
+        if not res.name:
+            raise ResourceError(type_url, "a heartbeat (resource without body) must have a name")
+        return Wrapped(res.name, None, res.version, ttl)
+    msg = unpack(res.resource, type_url)
+    name = resource_name(msg)
+    if res.name and res.name != name:
+        raise ResourceError(
+            f"{SHORT_NAME.get(type_url, type_url)} {res.name!r}", f"wrapper name differs from resource name {name!r}"
+        )
+    return Wrapped(name, msg, res.version, ttl)
+
+
+# ---- reading resources from files (the management server's format, the examples) ----------------
+
+
+def parse_resource_dict(raw: Any, where: str) -> any_pb2.Any:
+    """One resource written as JSON/YAML with an `@type` (json_format's Any form)."""
+    if not isinstance(raw, dict) or "@type" not in raw:
+        raise ResourceError(where, "a resource must be a mapping with an '@type'")
+    type_url = raw["@type"]
+    if type_url not in MESSAGE_OF_TYPE:
+        raise ResourceError(where, f"unknown resource type {type_url!r} (known: {', '.join(MESSAGE_OF_TYPE)})")
+    packed = any_pb2.Any()
+    try:
+        json_format.ParseDict(raw, packed)
+    except (json_format.ParseError, TypeError, ValueError) as exc:
+        raise ResourceError(where, str(exc)) from None
+    return packed
+
+
+def parse_resource_text(text: str, where: str) -> list[any_pb2.Any]:
+    """A file: a YAML/JSON list of resources, or a mapping with a `resources:` list."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ResourceError(where, f"not valid YAML/JSON: {exc}") from None
+    if doc is None:
+        return []
+    if isinstance(doc, dict) and set(doc) == {"resources"}:
+        doc = doc["resources"]
+    if isinstance(doc, dict):
+        doc = [doc]
+    if not isinstance(doc, list):
+        raise ResourceError(where, "expected a list of resources")
+    return [parse_resource_dict(item, f"{where}[{i}]") for i, item in enumerate(doc)]
+
+
+RESOURCE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def load_resource_dir(directory: str | Path) -> dict[str, dict[str, any_pb2.Any]]:
+    """Every resource file of a directory -> {type_url: {name: Any}}. Duplicate names are errors."""
+    result: dict[str, dict[str, any_pb2.Any]] = {t: {} for t in MESSAGE_OF_TYPE}
+    seen: dict[tuple[str, str], str] = {}
+    for path in sorted(Path(directory).iterdir()):
+        if path.suffix not in RESOURCE_SUFFIXES or path.name.startswith("."):
+            continue
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ResourceError(path.name, f"cannot read: {exc.strerror}") from None
+        for i, packed in enumerate(parse_resource_text(text, path.name)):
+            name = resource_name(unpack(packed, packed.type_url))
+            where = f"{path.name}[{i}]"
+            if not name:
+                raise ResourceError(where, f"{SHORT_NAME[packed.type_url]} resource has no name")
+            key = (packed.type_url, name)
+            if key in seen:
+                raise ResourceError(
+                    where, f"duplicate {SHORT_NAME[packed.type_url]} name {name!r} (also in {seen[key]})"
+                )
+            seen[key] = where
+            result[packed.type_url][name] = packed
+    return result
+
+
+def to_json(msg: message.Message) -> str:
+    return json.dumps(json_format.MessageToDict(msg), sort_keys=True)
+
+
+def messages(packed: Iterable[any_pb2.Any], type_url: str) -> dict[str, message.Message]:
+    out: dict[str, message.Message] = {}
+    for p in packed:
+        msg = unpack(p, type_url)
+        out[resource_name(msg)] = msg
+    return out

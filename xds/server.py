@@ -1,0 +1,344 @@
+"""A small ADS management server (SotW and Delta) serving Envoy resources from YAML/JSON files.
+
+    server = ManagementServer("resources/")
+    address = await server.start("127.0.0.1:0")   # -> "127.0.0.1:40123"
+    ...
+    await server.stop()
+
+Files (`*.yaml`, `*.yml`, `*.json`) hold a list of resources, each with an `@type` (json_format's Any
+form). The directory is polled every 200 ms; a changed set is validated first (parse, known types,
+unique names) and pushed to every subscribed stream; a broken file is reported in `load_error` and the
+last good set keeps being served. Each client's ACKs and NACKs are tracked (`clients()`).
+`main(argv)` is `planemesh xds-server --resources DIR --listen ADDR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2
+
+from planemesh.xds.resources import (
+    MESSAGE_OF_TYPE,
+    RESOURCE_SUFFIXES,
+    SHORT_NAME,
+    ResourceError,
+    load_resource_dir,
+)
+
+log = logging.getLogger("planemesh.xds.server")
+_CHANGED = object()
+_EOF = object()
+
+
+@dataclass(slots=True)
+class TypeReport:
+    sent_version: str = ""
+    acked_version: str = ""
+    acks: int = 0
+    nacks: int = 0
+    last_nack: str | None = None
+    subscribed: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class ClientStatus:
+    """What one ADS stream did: its node, and per type what was sent, ACKed and NACKed."""
+
+    node_id: str
+    mode: str
+    peer: str
+    connected: bool = True
+    types: dict[str, TypeReport] = field(default_factory=dict)
+
+    def report(self, type_url: str) -> TypeReport:
+        return self.types.setdefault(SHORT_NAME.get(type_url, type_url), TypeReport())
+
+
+@dataclass(slots=True)
+class _Sub:
+    wildcard: bool
+    names: set[str]
+    sent_version: str = ""
+    sent_nonce: str = ""
+    known: dict[str, str] = field(default_factory=dict)  # Delta: name -> version the client holds
+    nonce_versions: dict[str, str] = field(default_factory=dict)  # Delta: nonce -> system version
+
+
+class ManagementServer:
+    def __init__(self, resource_dir: str | Path, *, poll_interval_s: float = 0.2) -> None:
+        self.resource_dir = Path(resource_dir)
+        self.poll_interval_s = poll_interval_s
+        self.resources: dict[str, dict[str, any_pb2.Any]] = {t: {} for t in MESSAGE_OF_TYPE}
+        self.type_versions: dict[str, int] = dict.fromkeys(MESSAGE_OF_TYPE, 0)
+        self.version = 0  # bumped on every accepted change of the resource set
+        self.load_error: str | None = None
+        self._signature: tuple | None = None
+        self._watchers: set[asyncio.Queue[Any]] = set()
+        self._clients: list[ClientStatus] = []
+        self._nonces = itertools.count(1)
+        self._server: grpc.aio.Server | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    # ---- resources -------------------------------------------------------------------------------
+
+    def _dir_signature(self) -> tuple:
+        try:
+            entries = sorted(self.resource_dir.iterdir())
+        except OSError as exc:
+            return (("<error>", str(exc)),)
+        sig = []
+        for path in entries:
+            if path.suffix in RESOURCE_SUFFIXES and not path.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    st = path.stat()
+                    sig.append((path.name, st.st_mtime_ns, st.st_size))
+        return tuple(sig)
+
+    def reload(self) -> bool:
+        """Re-read the directory if it changed. True when a new valid set was taken."""
+        sig = self._dir_signature()
+        if sig == self._signature:
+            return False
+        self._signature = sig
+        try:
+            loaded = load_resource_dir(self.resource_dir)
+        except (ResourceError, OSError) as exc:
+            self.load_error = str(exc)
+            log.error("resources not loaded, still serving version %d: %s", self.version, exc)
+            return False
+        self.load_error = None
+        changed = False
+        for type_url, items in loaded.items():
+            old = {n: a.SerializeToString(deterministic=True) for n, a in self.resources[type_url].items()}
+            new = {n: a.SerializeToString(deterministic=True) for n, a in items.items()}
+            if old != new:
+                self.type_versions[type_url] += 1
+                changed = True
+        if not changed:
+            return False
+        self.resources = loaded
+        self.version += 1
+        log.info("serving resource set version %d (%s)", self.version, self._counts())
+        for queue in self._watchers:
+            queue.put_nowait(_CHANGED)
+        return True
+
+    def _counts(self) -> str:
+        return ", ".join(f"{SHORT_NAME[t]} {len(r)}" for t, r in self.resources.items() if r)
+
+    def clients(self) -> list[ClientStatus]:
+        return list(self._clients)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self, address: str = "127.0.0.1:0") -> str:
+        self.reload()
+        server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_AdsServicer(self), server)
+        port = server.add_insecure_port(address)
+        if not address.startswith("unix:") and port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        self._server = server
+        self._poller = asyncio.create_task(self._poll())
+        if address.startswith("unix:"):
+            return address
+        return f"{address.rsplit(':', 1)[0]}:{port}"
+
+    async def stop(self, grace_s: float = 0.5) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._server is not None:
+            for queue in self._watchers:
+                queue.put_nowait(_EOF)
+            await self._server.stop(grace_s)
+            self._server = None
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            self.reload()
+
+    # ---- one ADS stream --------------------------------------------------------------------------
+
+    async def serve_stream(self, context: grpc.aio.ServicerContext, delta: bool) -> None:
+        status = ClientStatus(node_id="", mode="delta" if delta else "sotw", peer=context.peer())
+        self._clients.append(status)
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        self._watchers.add(events)
+        reader = asyncio.create_task(self._read(context, events))
+        subs: dict[str, _Sub] = {}
+        try:
+            while True:
+                event = await events.get()
+                if event is _EOF:
+                    return
+                if event is _CHANGED:
+                    for type_url, sub in subs.items():
+                        await self._push(context, type_url, sub, delta, status)
+                    continue
+                await self._on_request(context, event, subs, delta, status)
+        finally:
+            status.connected = False
+            self._watchers.discard(events)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader
+
+    @staticmethod
+    async def _read(context: grpc.aio.ServicerContext, events: asyncio.Queue[Any]) -> None:
+        try:
+            while True:
+                req = await context.read()
+                if req is grpc.aio.EOF:
+                    break
+                events.put_nowait(req)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass
+        events.put_nowait(_EOF)
+
+    async def _on_request(self, context, req, subs: dict[str, _Sub], delta: bool, status: ClientStatus) -> None:
+        if req.node.id:
+            status.node_id = req.node.id
+        type_url = req.type_url
+        if type_url not in MESSAGE_OF_TYPE:
+            log.warning("%s asked for unknown type %r", status.node_id or status.peer, type_url)
+            return
+        report = status.report(type_url)
+        sub = subs.get(type_url)
+        first = sub is None
+        if delta:
+            subscribe = set(req.resource_names_subscribe)
+            if sub is None:
+                sub = subs[type_url] = _Sub(wildcard=not subscribe or "*" in subscribe, names=set())
+                sub.known = dict(req.initial_resource_versions)
+            if req.response_nonce:
+                version = sub.nonce_versions.pop(req.response_nonce, "")
+                self._record(report, req, version, status)
+            if "*" in req.resource_names_unsubscribe:
+                sub.wildcard = False
+            sub.names |= subscribe - {"*"}
+            sub.wildcard = sub.wildcard or "*" in subscribe
+            for name in req.resource_names_unsubscribe:
+                sub.names.discard(name)
+                if not sub.wildcard:
+                    sub.known.pop(name, None)
+            report.subscribed = ("*",) if sub.wildcard else tuple(sorted(sub.names))
+            await self._push(context, type_url, sub, delta, status)
+            return
+        names = set(req.resource_names)
+        if sub is None:
+            # Legacy wildcard: a first request without names (or naming "*") asks for everything.
+            sub = subs[type_url] = _Sub(wildcard=not names or "*" in names, names=names - {"*"})
+        elif req.response_nonce and req.response_nonce != sub.sent_nonce:
+            return  # stale: answers a response that a newer one superseded
+        nack = req.HasField("error_detail")
+        if req.response_nonce:
+            self._record(report, req, sub.sent_version if nack else req.version_info, status)
+        changed = False
+        if not first:
+            wildcard = (sub.wildcard and not names) or "*" in names
+            changed = wildcard != sub.wildcard or (names - {"*"}) != sub.names
+            sub.wildcard, sub.names = wildcard, names - {"*"}
+        report.subscribed = ("*",) if sub.wildcard else tuple(sorted(sub.names))
+        if first or changed:
+            await self._push(context, type_url, sub, delta, status, force=True)
+        elif not nack:
+            await self._push(context, type_url, sub, delta, status)
+
+    def _record(self, report: TypeReport, req, version: str, status: ClientStatus) -> None:
+        if req.HasField("error_detail"):
+            report.nacks += 1
+            report.last_nack = req.error_detail.message
+            log.warning("%s NACKed %s version %s: %s", status.node_id, SHORT_NAME[req.type_url], version,
+                        req.error_detail.message)
+        else:
+            report.acks += 1
+            report.acked_version = version
+
+    async def _push(self, context, type_url: str, sub: _Sub, delta: bool, status: ClientStatus,
+                    force: bool = False) -> None:
+        current = self.resources[type_url]
+        wanted = current if sub.wildcard else {n: current[n] for n in sorted(sub.names) if n in current}
+        report = status.report(type_url)
+        nonce = str(next(self._nonces))
+        if delta:
+            versions = {n: hashlib.sha256(a.SerializeToString(deterministic=True)).hexdigest()[:16]
+                        for n, a in wanted.items()}
+            updated = [n for n in wanted if sub.known.get(n) != versions[n]]
+            removed = [n for n in sub.known if n not in current]
+            if not updated and not removed:
+                return
+            resp = discovery_pb2.DeltaDiscoveryResponse(
+                type_url=type_url, nonce=nonce, system_version_info=str(self.version), removed_resources=removed
+            )
+            for name in updated:
+                resp.resources.add(name=name, version=versions[name]).resource.CopyFrom(wanted[name])
+                sub.known[name] = versions[name]
+            for name in removed:
+                sub.known.pop(name, None)
+            sub.nonce_versions[nonce] = str(self.version)
+            report.sent_version = str(self.version)
+        else:
+            version = str(self.type_versions[type_url])
+            if not force and version == sub.sent_version:
+                return
+            resp = discovery_pb2.DiscoveryResponse(
+                type_url=type_url, version_info=version, nonce=nonce, resources=list(wanted.values())
+            )
+            sub.sent_version, sub.sent_nonce = version, nonce
+            report.sent_version = version
+        await context.write(resp)
+
+
+class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def __init__(self, server: ManagementServer) -> None:
+        self.server = server
+
+    async def StreamAggregatedResources(self, request_iterator, context):
+        await self.server.serve_stream(context, delta=False)
+
+    async def DeltaAggregatedResources(self, request_iterator, context):
+        await self.server.serve_stream(context, delta=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="planemesh xds-server", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resources", required=True, help="directory of YAML/JSON Envoy resources")
+    parser.add_argument("--listen", default="127.0.0.1:18000", help="host:port, [v6]:port or unix:///path")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not Path(args.resources).is_dir():
+        parser.error(f"--resources {args.resources}: not a directory")
+
+    async def serve() -> None:
+        server = ManagementServer(args.resources)
+        address = await server.start(args.listen)
+        log.info("ADS (SotW and Delta) on %s, resources from %s", address, args.resources)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""Cluster (CDS) + ClusterLoadAssignment (EDS or load_assignment) -> planemesh Cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+from planemesh.agent.config import (
+    CircuitBreakers,
+    Cluster,
+    ClusterKind,
+    ConfigError,
+    Endpoint,
+    LbPolicy,
+    OutlierDetection,
+)
+from planemesh.netplanes.model import Plane
+from planemesh.xds.client_state import eds_name
+from planemesh.xds.translate_common import (
+    only,
+    opt_seconds,
+    planemesh_metadata,
+    seconds,
+    socket_address,
+    type_name,
+    uint,
+)
+
+C = cluster_pb2.Cluster
+_KINDS = {C.STATIC: ClusterKind.STATIC, C.EDS: ClusterKind.EDS, C.ORIGINAL_DST: ClusterKind.ORIGINAL_DST}
+_LB = {
+    C.ROUND_ROBIN: LbPolicy.ROUND_ROBIN,
+    C.LEAST_REQUEST: LbPolicy.LEAST_REQUEST,
+    C.RANDOM: LbPolicy.RANDOM,
+    C.RING_HASH: LbPolicy.RING_HASH,
+    C.MAGLEV: LbPolicy.MAGLEV,
+}
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+# Dropped on purpose: names, stats and settings that only matter to DNS or other cluster types.
+_HARMLESS = {
+    "name",
+    "alt_stat_name",
+    "metadata",
+    "dns_lookup_family",
+    "common_lb_config",
+    "cleanup_interval",
+    "per_connection_buffer_limit_bytes",
+    "track_cluster_stats",
+}
+_SUPPORTED = {
+    "type",
+    "eds_cluster_config",
+    "connect_timeout",
+    "lb_policy",
+    "load_assignment",
+    "circuit_breakers",
+    "outlier_detection",
+    "http2_protocol_options",
+    "typed_extension_protocol_options",
+}
+# EDS health statuses that receive traffic: UNKNOWN, HEALTHY, DEGRADED.
+_HEALTHY = {0, 1, 5}
+
+
+def endpoints_of(cla, path: str) -> tuple[Endpoint, ...]:
+    """ClusterLoadAssignment -> endpoints with locality ("region/zone/sub_zone"), priority, weight, health."""
+    only(cla, {"cluster_name", "endpoints", "policy"}, path)
+    out: list[Endpoint] = []
+    seen: set[tuple[str, int]] = set()
+    for li, lle in enumerate(cla.endpoints):
+        lpath = f"{path}.endpoints[{li}]"
+        only(lle, {"locality", "lb_endpoints", "load_balancing_weight", "priority", "metadata"}, lpath)
+        loc = lle.locality
+        locality = "/".join(x for x in (loc.region, loc.zone, loc.sub_zone) if x)
+        for ei, lbe in enumerate(lle.lb_endpoints):
+            epath = f"{lpath}.lb_endpoints[{ei}]"
+            only(lbe, {"endpoint", "health_status", "load_balancing_weight", "metadata", "endpoint_name"}, epath)
+            only(lbe.endpoint, {"address", "hostname", "health_check_config"}, f"{epath}.endpoint")
+            ip, port = socket_address(lbe.endpoint.address, f"{epath}.endpoint.address")
+            if (ip, port) in seen:
+                raise ConfigError(epath, f"endpoint {ip} port {port} is listed twice")
+            seen.add((ip, port))
+            weight = uint(lbe, "load_balancing_weight", 1)
+            if weight < 1:
+                raise ConfigError(f"{epath}.load_balancing_weight", "must be >= 1")
+            out.append(
+                Endpoint(
+                    address=ip,
+                    port=port,
+                    weight=weight,
+                    priority=lle.priority,
+                    locality=locality,
+                    healthy=lbe.health_status in _HEALTHY,
+                )
+            )
+    return tuple(out)
+
+
+def _http2(cluster, path: str) -> bool:
+    http2 = cluster.HasField("http2_protocol_options")
+    for key, packed in cluster.typed_extension_protocol_options.items():
+        kpath = f"{path}.typed_extension_protocol_options[{key}]"
+        if type_name(packed.type_url) != HTTP_OPTIONS:
+            raise ConfigError(kpath, f"protocol options {type_name(packed.type_url)!r} are not supported")
+        opts = http_protocol_options_pb2.HttpProtocolOptions()
+        packed.Unpack(opts)
+        only(opts, {"explicit_http_config", "common_http_protocol_options"}, kpath)
+        explicit = opts.explicit_http_config
+        if explicit.HasField("http3_protocol_options"):
+            raise ConfigError(kpath, "HTTP/3 upstreams are not supported")
+        http2 = http2 or explicit.HasField("http2_protocol_options")
+    return http2
+
+
+def _circuit_breakers(cluster, path: str) -> CircuitBreakers:
+    cb = CircuitBreakers()
+    for i, th in enumerate(cluster.circuit_breakers.thresholds):
+        tpath = f"{path}.circuit_breakers.thresholds[{i}]"
+        only(
+            th,
+            {"priority", "max_connections", "max_pending_requests", "max_requests", "max_retries", "track_remaining"},
+            tpath,
+        )
+        if th.priority != 0:
+            continue  # HIGH routing priority: planemesh has one priority per plane, DEFAULT applies
+        cb = CircuitBreakers(
+            max_connections=uint(th, "max_connections", cb.max_connections),
+            max_pending_requests=uint(th, "max_pending_requests", cb.max_pending_requests),
+            max_requests=uint(th, "max_requests", cb.max_requests),
+            max_retries=uint(th, "max_retries", cb.max_retries),
+        )
+    return cb
+
+
+def _outlier(cluster, path: str) -> OutlierDetection | None:
+    if not cluster.HasField("outlier_detection"):
+        return None
+    od = cluster.outlier_detection
+    only(
+        od,
+        {
+            "consecutive_5xx",
+            "consecutive_gateway_failure",
+            "interval",
+            "base_ejection_time",
+            "max_ejection_percent",
+            "enforcing_consecutive_5xx",
+            "enforcing_consecutive_gateway_failure",
+        },
+        f"{path}.outlier_detection",
+    )
+    d = OutlierDetection()
+    return OutlierDetection(
+        consecutive_5xx=uint(od, "consecutive_5xx", d.consecutive_5xx),
+        consecutive_gateway_failure=uint(od, "consecutive_gateway_failure", d.consecutive_gateway_failure),
+        interval_s=opt_seconds(od, "interval") or d.interval_s,
+        base_ejection_time_s=opt_seconds(od, "base_ejection_time") or d.base_ejection_time_s,
+        max_ejection_percent=min(100, uint(od, "max_ejection_percent", d.max_ejection_percent)),
+    )
+
+
+def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Plane, ...], path: str) -> Cluster:
+    only(cluster, _HARMLESS | _SUPPORTED, path)
+    if cluster.WhichOneof("cluster_discovery_type") != "type" and cluster.HasField("cluster_type"):
+        raise ConfigError(f"{path}.cluster_type", "custom cluster types are not supported")
+    kind = _KINDS.get(cluster.type)
+    if kind is None:
+        raise ConfigError(
+            f"{path}.type",
+            f"{C.DiscoveryType.Name(cluster.type)} clusters are not supported (STATIC, EDS, ORIGINAL_DST)",
+        )
+    if (cluster.lb_policy == C.CLUSTER_PROVIDED) != (kind is ClusterKind.ORIGINAL_DST):
+        raise ConfigError(f"{path}.lb_policy", "CLUSTER_PROVIDED goes with ORIGINAL_DST clusters, and only with them")
+    lb = _LB.get(cluster.lb_policy, LbPolicy.ROUND_ROBIN if kind is ClusterKind.ORIGINAL_DST else None)
+    if lb is None:
+        raise ConfigError(f"{path}.lb_policy", f"{C.LbPolicy.Name(cluster.lb_policy)} is not supported")
+    eps: tuple[Endpoint, ...] = ()
+    if kind is ClusterKind.STATIC:
+        eps = endpoints_of(cluster.load_assignment, f"{path}.load_assignment")
+        if not eps:
+            raise ConfigError(f"{path}.load_assignment", "a STATIC cluster needs at least one endpoint")
+    elif kind is ClusterKind.EDS:
+        service = eds_name(cluster) or cluster.name
+        cla = endpoints.get(service)
+        if cla is None:
+            raise ConfigError(
+                f"{path}.eds_cluster_config", f"no endpoints (ClusterLoadAssignment {service!r}) received"
+            )
+        eps = endpoints_of(cla, f"endpoints[{service}]")
+    elif cluster.HasField("load_assignment"):
+        raise ConfigError(f"{path}.load_assignment", "an ORIGINAL_DST cluster takes no endpoints")
+    plane = planemesh_metadata(cluster.metadata).get("plane")
+    if plane is not None and plane not in {p.name for p in planes}:
+        raise ConfigError(f"{path}.metadata.planemesh.plane", f"unknown plane {plane!r}")
+    timeout = opt_seconds(cluster, "connect_timeout")
+    if timeout is not None and timeout <= 0:
+        raise ConfigError(f"{path}.connect_timeout", "must be > 0")
+    return Cluster(
+        name=cluster.name,
+        kind=kind,
+        endpoints=eps,
+        lb_policy=lb,
+        connect_timeout_s=timeout,
+        circuit_breakers=_circuit_breakers(cluster, path),
+        outlier=_outlier(cluster, path),
+        http2=_http2(cluster, path),
+        plane=plane,
+    )
+
+
+__all__ = ["endpoints_of", "seconds", "translate_cluster"]

@@ -1,0 +1,319 @@
+"""RouteConfiguration (RDS or inline in an HTTP connection manager) -> planemesh RouteConfig."""
+
+from __future__ import annotations
+
+import re
+
+from planemesh.agent.config import (
+    ConfigError,
+    DirectResponse,
+    HashPolicy,
+    HeaderMatch,
+    HeaderValue,
+    Mirror,
+    QueryMatch,
+    Redirect,
+    RetryPolicy,
+    Route,
+    RouteAction,
+    RouteConfig,
+    RouteMatch,
+    VirtualHost,
+    WeightedCluster,
+)
+from planemesh.xds.translate_common import fraction, only, opt_seconds, seconds, uint
+
+# Fields dropped on purpose: names, stats, metadata and tracing decorations change no forwarding.
+_HARMLESS = {"name", "metadata", "decorator", "stat_prefix"}
+_RETRY_ON = {"5xx", "gateway-error", "connect-failure", "reset", "retriable-status-codes"}
+_RETRY_ALIASES = {"refused-stream": "reset"}  # a refused stream is a reset before any response
+_REDIRECT_CODES = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
+
+
+def _string_match(sm, path: str) -> dict:
+    """envoy.type.matcher.v3.StringMatcher -> exact/prefix/regex (suffix and contains become regexes)."""
+    only(sm, {"exact", "prefix", "suffix", "contains", "safe_regex"}, path)
+    kind = sm.WhichOneof("match_pattern")
+    if kind == "exact":
+        return {"exact": sm.exact}
+    if kind == "prefix":
+        return {"prefix": sm.prefix}
+    if kind == "suffix":
+        return {"regex": ".*" + re.escape(sm.suffix)}
+    if kind == "contains":
+        return {"regex": ".*" + re.escape(sm.contains) + ".*"}
+    if kind == "safe_regex":
+        return {"regex": _regex(sm.safe_regex.regex, f"{path}.safe_regex")}
+    raise ConfigError(path, "empty string matcher")
+
+
+def _regex(pattern: str, path: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(path, f"invalid regex {pattern!r}: {exc}") from None
+    return pattern
+
+
+def _header_match(hm, path: str) -> HeaderMatch:
+    only(
+        hm,
+        {
+            "name",
+            "exact_match",
+            "safe_regex_match",
+            "present_match",
+            "prefix_match",
+            "string_match",
+            "invert_match",
+            "suffix_match",
+            "contains_match",
+        },
+        path,
+    )
+    kind = hm.WhichOneof("header_match_specifier")
+    name = hm.name.lower()
+    if not name:
+        raise ConfigError(f"{path}.name", "a header match needs a name")
+    values: dict = {}
+    if kind == "exact_match":
+        values = {"exact": hm.exact_match}
+    elif kind == "prefix_match":
+        values = {"prefix": hm.prefix_match}
+    elif kind == "suffix_match":
+        values = {"regex": ".*" + re.escape(hm.suffix_match)}
+    elif kind == "contains_match":
+        values = {"regex": ".*" + re.escape(hm.contains_match) + ".*"}
+    elif kind == "safe_regex_match":
+        values = {"regex": _regex(hm.safe_regex_match.regex, f"{path}.safe_regex_match")}
+    elif kind == "present_match":
+        values = {"present": hm.present_match}
+    elif kind == "string_match":
+        values = _string_match(hm.string_match, f"{path}.string_match")
+    else:
+        values = {"present": True}
+    return HeaderMatch(name=name, invert=hm.invert_match, **values)
+
+
+def _match(m, path: str) -> RouteMatch:
+    only(m, {"prefix", "path", "safe_regex", "case_sensitive", "headers", "query_parameters", "grpc"}, path)
+    if m.HasField("case_sensitive") and not m.case_sensitive.value:
+        raise ConfigError(f"{path}.case_sensitive", "case-insensitive path matching is not supported")
+    kind = m.WhichOneof("path_specifier")
+    headers = tuple(_header_match(h, f"{path}.headers[{i}]") for i, h in enumerate(m.headers))
+    if m.HasField("grpc"):
+        headers += (HeaderMatch(name="content-type", prefix="application/grpc"),)
+    query = []
+    for i, q in enumerate(m.query_parameters):
+        qpath = f"{path}.query_parameters[{i}]"
+        only(q, {"name", "string_match", "present_match"}, qpath)
+        if q.HasField("string_match"):
+            sm = _string_match(q.string_match, f"{qpath}.string_match")
+            if "prefix" in sm:
+                sm = {"regex": re.escape(sm["prefix"]) + ".*"}
+            query.append(QueryMatch(name=q.name, **sm))
+        else:
+            query.append(QueryMatch(name=q.name, present=True))
+    common = {"headers": headers, "query": tuple(query)}
+    if kind == "prefix":
+        return RouteMatch(prefix=m.prefix or "/", **common)
+    if kind == "path":
+        return RouteMatch(prefix=None, path=m.path, **common)
+    if kind == "safe_regex":
+        return RouteMatch(prefix=None, regex=_regex(m.safe_regex.regex, f"{path}.safe_regex"), **common)
+    raise ConfigError(path, "a route match needs prefix, path or safe_regex")
+
+
+def _retry(rp, path: str) -> RetryPolicy:
+    only(rp, {"retry_on", "num_retries", "per_try_timeout", "retriable_status_codes", "retry_back_off"}, path)
+    retry_on = set()
+    for token in filter(None, (t.strip() for t in rp.retry_on.split(","))):
+        token = _RETRY_ALIASES.get(token, token)
+        if token not in _RETRY_ON:
+            raise ConfigError(
+                f"{path}.retry_on", f"retry condition {token!r} is not supported ({', '.join(sorted(_RETRY_ON))})"
+            )
+        retry_on.add(token)
+    base, cap = 0.025, 0.25
+    if rp.HasField("retry_back_off"):
+        base = seconds(rp.retry_back_off.base_interval) or base
+        cap = opt_seconds(rp.retry_back_off, "max_interval") or base * 10
+    return RetryPolicy(
+        retry_on=frozenset(retry_on),
+        num_retries=uint(rp, "num_retries", 1),
+        per_try_timeout_s=opt_seconds(rp, "per_try_timeout"),
+        retriable_status_codes=frozenset(rp.retriable_status_codes),
+        backoff_base_s=base,
+        backoff_max_s=cap,
+    )
+
+
+def _action(ra, path: str, default_retry) -> RouteAction:
+    only(
+        ra,
+        {
+            "cluster",
+            "weighted_clusters",
+            "cluster_not_found_response_code",
+            "prefix_rewrite",
+            "host_rewrite_literal",
+            "timeout",
+            "idle_timeout",
+            "retry_policy",
+            "request_mirror_policies",
+            "hash_policy",
+        },
+        path,
+    )
+    weighted: list[WeightedCluster] = []
+    if ra.WhichOneof("cluster_specifier") == "weighted_clusters":
+        for i, wc in enumerate(ra.weighted_clusters.clusters):
+            only(wc, {"name", "weight"}, f"{path}.weighted_clusters.clusters[{i}]")
+            weighted.append(WeightedCluster(wc.name, uint(wc, "weight", 0)))
+        if not weighted or sum(w.weight for w in weighted) <= 0:
+            raise ConfigError(f"{path}.weighted_clusters", "needs clusters with a total weight > 0")
+    elif ra.WhichOneof("cluster_specifier") != "cluster":
+        raise ConfigError(path, "a route action needs cluster or weighted_clusters")
+    hashes = []
+    for i, hp in enumerate(ra.hash_policy):
+        hpath = f"{path}.hash_policy[{i}]"
+        only(hp, {"header", "connection_properties", "terminal"}, hpath)
+        if hp.HasField("header"):
+            hashes.append(HashPolicy(header=hp.header.header_name.lower()))
+        elif hp.HasField("connection_properties") and hp.connection_properties.source_ip:
+            hashes.append(HashPolicy(source_ip=True))
+        else:
+            raise ConfigError(hpath, "only header and connection_properties.source_ip hashing are supported")
+    mirrors = []
+    for i, mp in enumerate(ra.request_mirror_policies):
+        mpath = f"{path}.request_mirror_policies[{i}]"
+        only(mp, {"cluster", "runtime_fraction"}, mpath)
+        share = fraction(mp.runtime_fraction.default_value) if mp.HasField("runtime_fraction") else 1.0
+        mirrors.append(Mirror(cluster=mp.cluster, fraction=share))
+    timeout = opt_seconds(ra, "timeout")
+    return RouteAction(
+        cluster=ra.cluster or None,
+        weighted=tuple(weighted),
+        timeout_s=timeout or None,  # 0 (Envoy: no timeout) -> the plane's SLA timeout
+        idle_timeout_s=opt_seconds(ra, "idle_timeout"),
+        retry=_retry(ra.retry_policy, f"{path}.retry_policy") if ra.HasField("retry_policy") else default_retry,
+        prefix_rewrite=ra.prefix_rewrite or None,
+        host_rewrite=ra.host_rewrite_literal or None,
+        hash_policy=tuple(hashes),
+        mirrors=tuple(mirrors),
+    )
+
+
+def _headers_to_add(options, path: str) -> tuple[HeaderValue, ...]:
+    out = []
+    for i, hvo in enumerate(options):
+        only(hvo, {"header", "append", "append_action", "keep_empty_value"}, f"{path}[{i}]")
+        # append_action: APPEND_IF_EXISTS_OR_ADD (0) appends; the others overwrite or add.
+        append = hvo.append.value if hvo.HasField("append") else hvo.append_action == 0
+        out.append(HeaderValue(hvo.header.key.lower(), hvo.header.value, append))
+    return tuple(out)
+
+
+def _route(r, path: str, inherited: dict, default_retry) -> Route:
+    only(
+        r,
+        _HARMLESS
+        | {
+            "match",
+            "route",
+            "redirect",
+            "direct_response",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+        },
+        path,
+    )
+    match = _match(r.match, f"{path}.match")
+    kind = r.WhichOneof("action")
+    action = redirect = direct = None
+    if kind == "route":
+        action = _action(r.route, f"{path}.route", default_retry)
+    elif kind == "redirect":
+        rd = r.redirect
+        only(
+            rd,
+            {"https_redirect", "scheme_redirect", "host_redirect", "path_redirect", "response_code"},
+            f"{path}.redirect",
+        )
+        scheme = "https" if rd.https_redirect else (rd.scheme_redirect or None)
+        redirect = Redirect(
+            host=rd.host_redirect or None,
+            path=rd.path_redirect or None,
+            scheme=scheme,
+            code=_REDIRECT_CODES.get(rd.response_code, 301),
+        )
+    elif kind == "direct_response":
+        dr = r.direct_response
+        if not 200 <= dr.status <= 599:
+            raise ConfigError(f"{path}.direct_response.status", f"{dr.status} is not an HTTP status (200..599)")
+        body = b""
+        if dr.HasField("body"):
+            only(dr.body, {"inline_string", "inline_bytes"}, f"{path}.direct_response.body")
+            body = dr.body.inline_bytes or dr.body.inline_string.encode()
+        direct = DirectResponse(status=dr.status, body=body)
+    else:
+        raise ConfigError(path, f"route action {kind or 'none'!r} is not supported (route, redirect, direct_response)")
+    return Route(
+        match=match,
+        action=action,
+        redirect=redirect,
+        direct_response=direct,
+        name=r.name,
+        request_headers_to_add=_headers_to_add(r.request_headers_to_add, f"{path}.request_headers_to_add")
+        + inherited["request_add"],
+        request_headers_to_remove=tuple(h.lower() for h in r.request_headers_to_remove) + inherited["request_remove"],
+        response_headers_to_add=_headers_to_add(r.response_headers_to_add, f"{path}.response_headers_to_add")
+        + inherited["response_add"],
+        response_headers_to_remove=tuple(h.lower() for h in r.response_headers_to_remove)
+        + inherited["response_remove"],
+    )
+
+
+def _header_ops(msg, path: str) -> dict:
+    return {
+        "request_add": _headers_to_add(msg.request_headers_to_add, f"{path}.request_headers_to_add"),
+        "request_remove": tuple(h.lower() for h in msg.request_headers_to_remove),
+        "response_add": _headers_to_add(msg.response_headers_to_add, f"{path}.response_headers_to_add"),
+        "response_remove": tuple(h.lower() for h in msg.response_headers_to_remove),
+    }
+
+
+def translate_route_config(rc, path: str) -> RouteConfig:
+    """Route-, virtual-host- and configuration-level header changes are merged, the most specific first."""
+    _ops = {
+        "request_headers_to_add",
+        "request_headers_to_remove",
+        "response_headers_to_add",
+        "response_headers_to_remove",
+    }
+    only(rc, _HARMLESS | {"virtual_hosts", "validate_clusters"} | _ops, path)
+    top = _header_ops(rc, path)
+    vhosts = []
+    seen_domains: dict[str, str] = {}
+    for vi, vh in enumerate(rc.virtual_hosts):
+        vpath = f"{path}.virtual_hosts[{vi}]"
+        only(vh, _HARMLESS | {"domains", "routes", "retry_policy"} | _ops, vpath)
+        if not vh.domains:
+            raise ConfigError(f"{vpath}.domains", "a virtual host needs at least one domain")
+        for domain in vh.domains:
+            key = domain.lower()
+            if key in seen_domains:
+                raise ConfigError(
+                    f"{vpath}.domains", f"domain {domain!r} is also in virtual host {seen_domains[key]!r}"
+                )
+            seen_domains[key] = vh.name
+        own = _header_ops(vh, vpath)
+        inherited = {k: own[k] + top[k] for k in own}
+        default_retry = _retry(vh.retry_policy, f"{vpath}.retry_policy") if vh.HasField("retry_policy") else None
+        routes = tuple(_route(r, f"{vpath}.routes[{ri}]", inherited, default_retry) for ri, r in enumerate(vh.routes))
+        vhosts.append(
+            VirtualHost(name=vh.name or f"vhost{vi}", domains=tuple(d.lower() for d in vh.domains), routes=routes)
+        )
+    return RouteConfig(name=rc.name, virtual_hosts=tuple(vhosts))
