@@ -72,10 +72,11 @@ class Datapath:
         except Exception as exc:
             raise DatapathError(f"cannot load {SOURCE.name}: {exc}") from exc
         self._tables = {name: self.bpf[name.encode()] for name in MAP_NAMES}
-        self._write_config(local_mark, own_mark, mark_planes)
+        self.set_marks(local_mark, own_mark, mark_planes)
 
     # ---- configuration ----------------------------------------------------------------------
-    def _write_config(self, local_mark: int, own_mark: int, mark_planes: bool) -> None:
+    def set_marks(self, local_mark: int, own_mark: int, mark_planes: bool = False) -> None:
+        """Write the global config: ABI version, the mark layout (see pm_abi.h)."""
         table = self._tables["pm_config"]
         key = table.Key(0)
         current = table[key]
@@ -207,7 +208,7 @@ class Datapath:
         table = self._tables["pm_policy"]
         current = self.policy()
         added = updated = 0
-        for rule, action in sorted(rules.items()):
+        for rule, action in sorted(rules.items(), key=lambda item: item[0].sort_key()):
             if current.get(rule) == action:
                 continue
             key = table.Key.from_buffer_copy(abi.policy_key_bytes(rule.plane_id, rule.port, rule.prefix))
@@ -217,7 +218,7 @@ class Datapath:
             else:
                 added += 1
         deleted = 0
-        for rule in sorted(set(current) - set(rules)):
+        for rule in sorted(set(current) - set(rules), key=PolicyRule.sort_key):
             key = table.Key.from_buffer_copy(abi.policy_key_bytes(rule.plane_id, rule.port, rule.prefix))
             with contextlib.suppress(KeyError):
                 del table[key]

@@ -21,13 +21,16 @@ _LISTENER_ACTION = {ListenerProtocol.HTTP: Action.PROXY, ListenerProtocol.TCP: A
 _UNDECLARED_ACTION = {UndeclaredPorts.BYPASS: Action.BYPASS, UndeclaredPorts.SNIFF: Action.SNIFF}
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class PolicyRule:
     """One policy-trie key: (plane, port) for any destination, or (plane, port, prefix)."""
 
     plane_id: int
     port: int
     prefix: str | None = None  # canonical CIDR ("198.18.1.0/24", "fd00:18::/64"); None: any destination
+
+    def sort_key(self) -> tuple[int, int, str]:
+        return (self.plane_id, self.port, self.prefix or "")
 
     def __post_init__(self) -> None:
         if not 1 <= self.plane_id < PM_MAX_PLANES:

@@ -125,7 +125,7 @@ def install(spec: LocalDelivery = LocalDelivery(), ipr: IPRoute | None = None) -
                     "add", family=family, fwmark=spec.mark, fwmask=spec.mask, table=spec.table,
                     priority=spec.priority,
                 )
-                done.append(f"{name} rule fwmark {spec.mark:#x}/{spec.mask:#x} lookup {spec.table} prio {spec.priority}")
+                done.append(f"{name} rule fwmark {spec.mark:#x}/{spec.mask:#x} table {spec.table} prio {spec.priority}")
     return done
 
 
