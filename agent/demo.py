@@ -121,13 +121,15 @@ def render(rows: list[Row], agent_planes: dict[str, dict[str, Any]]) -> str:
         )
     if agent_planes:
         lines.append("")
+        lines.append("agent side (admin /planes): proxy counters and BPF per-CPU counters")
         lines.append(
-            f"{'plane':6} {'proxied requests':>16} {'proxy listener':>14} {'bypassed pkts':>13} {'proxied pkts':>12}"
+            f"{'plane':6} {'proxied requests':>16} {'listener':>8} {'conns to proxy':>14} "
+            f"{'bypassed pkts':>13} {'proxied pkts':>12}"
         )
         for name, view in agent_planes.items():
             lines.append(
-                f"{name:6} {view.get('requests', 0):>16} {view.get('listener', '-'):>14} "
-                f"{view.get('bypassed_packets', 0):>13} {view.get('proxied_packets', 0):>12}"
+                f"{name:6} {view['requests']:>16} {view['listener']:>8} {view['new_proxied']:>14} "
+                f"{view['bypassed_packets']:>13} {view['proxied_packets']:>12}"
             )
     return "\n".join(lines)
 
@@ -140,11 +142,13 @@ def agent_plane_summary(sock: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for view in planes.get("planes", []):
         counters = view.get("counters", {})
+        bpf = counters.get("bpf_packets", {})
         out[view["name"]] = {
-            "requests": view.get("proxy", {}).get("requests", counters.get("requests", 0)),
+            "requests": counters.get("http_requests", 0),
             "listener": view.get("proxy_port", "-"),
-            "bypassed_packets": counters.get("bypass_packets", counters.get("bypass", 0)),
-            "proxied_packets": counters.get("proxy_packets", counters.get("proxy", 0)),
+            "new_proxied": bpf.get("listener", 0),
+            "bypassed_packets": bpf.get("bypass", 0),
+            "proxied_packets": bpf.get("proxy", 0),
         }
     return out
 
@@ -163,6 +167,7 @@ def run_demo(prefix: str, requests: int) -> int:
             started = time.perf_counter()
             rows = drive(lab, requests)
             elapsed = time.perf_counter() - started
+            time.sleep(1.2)  # workers report stats every 0.5 s and flush access logs every second
             summary = agent_plane_summary(workdir / "admin.sock")
             print()
             print(render(rows, summary))

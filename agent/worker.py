@@ -33,6 +33,51 @@ def _die_with_parent() -> None:
         sys.exit(0)
 
 
+def stats_report(plane: str, stats: Any) -> dict[str, Any]:
+    """A worker's plane counters as rows of the admin's StatsReport (agent/metrics.py)."""
+    from planemesh.agent.proxy.stats import LATENCY_BUCKETS_MS
+
+    d = stats.as_dict()
+    return {
+        "routes": [
+            {
+                "plane": plane,
+                "listener": plane,
+                "route": "all",
+                "cluster": "all",
+                "requests": d["requests_total"],
+                "responses": {k: v for k, v in d["responses"].items() if k != "none"},
+                "request_bytes": d["bytes_rx"],
+                "response_bytes": d["bytes_tx"],
+                "latency": {
+                    "bounds": tuple(b / 1000 for b in LATENCY_BUCKETS_MS),
+                    "counts": list(d["latency_buckets"].values()),
+                    "sum_s": d["latency_sum_ms"] / 1000,
+                },
+            }
+        ],
+        "listeners": [
+            {
+                "plane": plane,
+                "listener": plane,
+                "active_connections": d["downstream_active"],
+                "connections": d["downstream_total"],
+                "rate_limited": d["rate_limited"],
+            }
+        ],
+        "clusters": [
+            {
+                "plane": plane,
+                "cluster": "all",
+                "active_connections": d["upstream_active"],
+                "connect_failures": d["upstream_connect_failures"],
+                "retries": d["retries"],
+                "circuit_breaker_overflows": {"requests": d["overloaded"]} if d["overloaded"] else {},
+            }
+        ],
+    }
+
+
 class SourceAddresses:
     """Given an upstream IP, this node's own address on that IP's plane (so it leaves on that plane)."""
 
@@ -54,6 +99,7 @@ class SourceAddresses:
 async def run_worker(
     plane: str, control: socket.socket, listeners: list[socket.socket], options: dict[str, Any]
 ) -> None:
+    from planemesh.agent.proxy.accesslog import file_sink
     from planemesh.agent.proxy.server import PlaneProxy
 
     reader, writer = await asyncio.open_unix_connection(sock=control)
@@ -67,7 +113,7 @@ async def run_worker(
         plane,
         upstream_mark=options["upstream_mark"],
         source_address=sources,
-        access_log=options.get("access_log"),
+        access_log=file_sink(options["access_log"]) if options.get("access_log") else None,
     )
     serving = [asyncio.create_task(proxy.serve(sock), name=f"serve-{sock.getsockname()[1]}") for sock in listeners]
     writer.write(encode({"op": "ready", "pid": os.getpid()}))
@@ -85,7 +131,7 @@ async def run_worker(
                 proxy.update(msg["snapshot"])
                 writer.write(encode({"op": "applied", "version": msg["snapshot"].version}))
             elif op == "stats":
-                writer.write(encode({"op": "stats", "stats": proxy.stats_dict()}))
+                writer.write(encode({"op": "stats", "stats": stats_report(plane, proxy.stats)}))
             elif op == "drain":
                 await proxy.drain(float(msg.get("timeout", 10)))
                 writer.write(encode({"op": "drained"}))

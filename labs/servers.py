@@ -44,6 +44,9 @@ class DualStackHTTPServer(ThreadingHTTPServer):
 class EchoHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "planemesh-lab"
+    # One write per response and no Nagle: unbuffered header/body writes meet delayed ACKs as 40 ms stalls.
+    wbufsize = -1
+    disable_nagle_algorithm = True
     name = os.environ.get("PM_SERVER_NAME", "server")
 
     def log_message(self, format: str, *args: object) -> None:  # quiet: tests read responses, not logs
