@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from netaddr import IPNetwork
+from netaddr import AddrFormatError, IPNetwork
 
 from planemesh.agent.config import ConfigError, ListenerProtocol, Snapshot
 from planemesh.ebpf.abi import PM_MAX_PLANES, Action
@@ -38,7 +38,10 @@ class PolicyRule:
         if not 1 <= self.port <= 65535:
             raise ValueError(f"{self.port} is not a TCP port")
         if self.prefix is not None:
-            canonical = str(IPNetwork(self.prefix).cidr)
+            try:
+                canonical = str(IPNetwork(self.prefix).cidr)
+            except (AddrFormatError, TypeError, ValueError) as exc:
+                raise ValueError(f"{self.prefix!r} is not an IP prefix") from exc
             if canonical != self.prefix:
                 object.__setattr__(self, "prefix", canonical)
 
