@@ -287,31 +287,43 @@ class AdsClientState:
             return []
         _, batch = self._inflight
         self._inflight = None
-        out: list[Action] = []
+        answers: list[tuple[TypeState, str, str | None]] = []  # (type, nonce, NACK reason)
         for type_url, staged in batch.items():
             ts = self.types[type_url]
             live = staged.nonce is not None and staged.stream == self._stream and self._connected
             current = live and ts.nonce == staged.nonce  # a newer response will be ACKed/NACKed itself
             if error is None:
-                ts.cache = self._pruned(type_url, staged.cache)
+                ts.cache = dict(staged.cache)
                 if staged.nonce is not None:
                     ts.version = staged.version
                     ts.acks += 1
                     ts.last_error = None
                 if current:
-                    out.append(SendRequest(self._ack(ts, staged.nonce or "")))
+                    answers.append((ts, staged.nonce or "", None))
+                continue
+            reason = str(error)
+            ts.last_error = reason
+            self.last_error = f"{SHORT_NAME[type_url]}: {reason}"
+            if staged.nonce is None:
+                for entry in ts.cache.values():  # TTL removal refused: do not retry on every tick
+                    entry.expires_at = None
+                continue
+            ts.nacks += 1
+            if current:
+                answers.append((ts, staged.nonce, reason))
+        # Subscriptions first (they drop routes/endpoints no applied parent needs), then the answers:
+        # a SotW subscription change already carries the new version and nonce, i.e. it is the ACK.
+        out: list[Action] = list(self._resubscribe())
+        resent = {a.request.type_url: a.request for a in out if isinstance(a.request, discovery_pb2.DiscoveryRequest)}
+        for ts, nonce, reason in answers:
+            if ts.type_url in resent:
+                if reason is not None:
+                    resent[ts.type_url].error_detail.CopyFrom(status_pb2.Status(code=INVALID_ARGUMENT, message=reason))
+            elif reason is not None:
+                out.append(SendRequest(self._nack_request(ts, nonce, reason)))
             else:
-                reason = str(error)
-                ts.last_error = reason
-                self.last_error = f"{SHORT_NAME[type_url]}: {reason}"
-                if staged.nonce is None:
-                    for entry in ts.cache.values():  # TTL removal refused: do not retry on every tick
-                        entry.expires_at = None
-                    continue
-                ts.nacks += 1
-                if current:
-                    out.append(SendRequest(self._nack_request(ts, staged.nonce, reason)))
-        return out + self._resubscribe() + self._maybe_apply(now)
+                out.append(SendRequest(self._ack(ts, nonce)))
+        return out + self._maybe_apply(now)
 
     def timer_fired(self, now: float) -> list[Action]:
         for ts in self.types.values():
