@@ -1,0 +1,404 @@
+"""Metrics: plain counters on the hot path, Prometheus families built only when someone scrapes.
+
+Components register *providers*: zero-argument callables returning a `StatsReport` (or a dict with the
+same keys, each a list of dicts with the fields of the matching dataclass below). The collector calls every
+provider at scrape time, sums rows with equal labels (several proxy workers may report the same listener),
+and yields Prometheus families. A provider that raises is logged and counted; the scrape still succeeds.
+
+Who provides what (see docs/operations.md, "Metrics"):
+- proxy workers: `RouteStats` (per plane/listener/route/cluster), `ListenerStats`, `ClusterStats`
+- data path (ebpf): `DataPathStats` (per plane, verdict -> packets)
+- xDS client: `XdsTypeStats` (per type URL: version, ACKs, NACKs, resource count), `xds_connected`
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Request latency buckets (seconds): sub-millisecond proxying up to the longest SLA timeouts.
+DEFAULT_LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+RESPONSE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+CIRCUIT_BREAKER_RESOURCES = ("connections", "pending", "requests", "retries")
+
+
+@dataclass(slots=True)
+class LatencyHistogram:
+    """Per-bucket counts (not cumulative): counts[i] for value <= bounds[i], counts[-1] for the overflow."""
+
+    bounds: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_S
+    counts: list[int] = field(default_factory=list)
+    sum_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+        if len(self.counts) != len(self.bounds) + 1:
+            raise ValueError(f"histogram needs {len(self.bounds) + 1} counts, got {len(self.counts)}")
+
+    def observe(self, value_s: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value_s)] += 1
+        self.sum_s += value_s
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def merged(self, other: LatencyHistogram) -> LatencyHistogram:
+        if tuple(other.bounds) != tuple(self.bounds):
+            raise ValueError("cannot merge histograms with different buckets")
+        return LatencyHistogram(
+            tuple(self.bounds),
+            [a + b for a, b in zip(self.counts, other.counts, strict=True)],
+            self.sum_s + other.sum_s,
+        )
+
+
+@dataclass(slots=True)
+class RouteStats:
+    plane: str
+    listener: str
+    route: str
+    cluster: str
+    requests: int = 0
+    responses: dict[str, int] = field(default_factory=dict)  # "2xx" -> count
+    request_bytes: int = 0
+    response_bytes: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+
+@dataclass(slots=True)
+class ListenerStats:
+    plane: str
+    listener: str
+    active_connections: int = 0
+    connections: int = 0  # accepted, total
+    rate_limited: int = 0  # requests refused by the local rate limit (listener filter or plane SLA)
+    downstream_errors: int = 0  # malformed requests, resets before a response
+
+
+@dataclass(slots=True)
+class ClusterStats:
+    plane: str
+    cluster: str
+    active_connections: int = 0
+    connect_failures: int = 0
+    retries: int = 0
+    outlier_ejections: int = 0
+    circuit_breaker_overflows: dict[str, int] = field(default_factory=dict)  # resource -> count
+
+
+@dataclass(slots=True)
+class DataPathStats:
+    plane: str
+    packets: dict[str, int] = field(default_factory=dict)  # BPF verdict name -> packets (bypass, proxy, ...)
+    interfaces_attached: int = 0
+
+
+@dataclass(slots=True)
+class XdsTypeStats:
+    type_url: str
+    version: str = ""
+    acks: int = 0
+    nacks: int = 0
+    resources: int = 0
+
+
+@dataclass(slots=True)
+class StatsReport:
+    routes: list[RouteStats] = field(default_factory=list)
+    listeners: list[ListenerStats] = field(default_factory=list)
+    clusters: list[ClusterStats] = field(default_factory=list)
+    datapath: list[DataPathStats] = field(default_factory=list)
+    xds: list[XdsTypeStats] = field(default_factory=list)
+    xds_connected: bool | None = None
+
+
+_ROW_TYPES = {
+    "routes": RouteStats,
+    "listeners": ListenerStats,
+    "clusters": ClusterStats,
+    "datapath": DataPathStats,
+    "xds": XdsTypeStats,
+}
+
+
+def _row(cls: type, raw: Any) -> Any:
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"expected {cls.__name__} or a dict, got {type(raw).__name__}")
+    values = dict(raw)
+    if cls is RouteStats and isinstance(values.get("latency"), Mapping):
+        lat = values["latency"]
+        values["latency"] = LatencyHistogram(
+            tuple(lat.get("bounds", DEFAULT_LATENCY_BUCKETS_S)), list(lat.get("counts", [])), lat.get("sum_s", 0.0)
+        )
+    return cls(**values)
+
+
+def coerce_report(raw: StatsReport | Mapping[str, Any]) -> StatsReport:
+    """Accept a StatsReport or the equivalent dict; raise TypeError/ValueError on anything else."""
+    if isinstance(raw, StatsReport):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"a stats provider returned {type(raw).__name__}, not a StatsReport or dict")
+    unknown = set(raw) - set(_ROW_TYPES) - {"xds_connected"}
+    if unknown:
+        raise ValueError(f"unknown stats keys: {', '.join(sorted(unknown))}")
+    report = StatsReport(xds_connected=raw.get("xds_connected"))
+    for key, cls in _ROW_TYPES.items():
+        setattr(report, key, [_row(cls, r) for r in raw.get(key, ())])
+    return report
+
+
+StatsProvider = Callable[[], "StatsReport | Mapping[str, Any]"]
+
+
+class RouteCounters:
+    """Hot-path helper for the proxy: plain ints, snapshot() copies them into a RouteStats."""
+
+    __slots__ = ("cluster", "latency", "listener", "plane", "request_bytes", "requests", "response_bytes",
+                 "responses", "route")  # fmt: skip
+
+    def __init__(self, plane: str, listener: str, route: str, cluster: str) -> None:
+        self.plane, self.listener, self.route, self.cluster = plane, listener, route, cluster
+        self.requests = 0
+        self.responses = [0] * 5
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.latency = LatencyHistogram()
+
+    def record(self, status: int, latency_s: float, request_bytes: int = 0, response_bytes: int = 0) -> None:
+        self.requests += 1
+        if 100 <= status <= 599:
+            self.responses[status // 100 - 1] += 1
+        self.request_bytes += request_bytes
+        self.response_bytes += response_bytes
+        self.latency.observe(latency_s)
+
+    def snapshot(self) -> RouteStats:
+        return RouteStats(
+            self.plane, self.listener, self.route, self.cluster, self.requests,
+            {cls: n for cls, n in zip(RESPONSE_CLASSES, self.responses, strict=True) if n},
+            self.request_bytes, self.response_bytes,
+            LatencyHistogram(self.latency.bounds, list(self.latency.counts), self.latency.sum_s),
+        )  # fmt: skip
+
+
+class StatsRegistry:
+    """Named stats providers. Thread-safe registration; providers are called on the scraping thread."""
+
+    def __init__(self) -> None:
+        self._providers: dict[str, StatsProvider] = {}
+        self._lock = threading.Lock()
+        self.provider_errors: dict[str, int] = {}
+
+    def register(self, name: str, provider: StatsProvider) -> None:
+        with self._lock:
+            self._providers[name] = provider
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self._providers.pop(name, None)
+
+    def gather(self) -> StatsReport:
+        """Call every provider and merge their reports (rows with equal labels are summed)."""
+        with self._lock:
+            providers = list(self._providers.items())
+        reports = []
+        for name, provider in providers:
+            try:
+                reports.append(coerce_report(provider()))
+            except Exception:
+                log.exception("stats provider %r failed", name)
+                self.provider_errors[name] = self.provider_errors.get(name, 0) + 1
+        return merge_reports(reports)
+
+
+def _sum_rows(rows: Iterable[Any], key_fields: tuple[str, ...]) -> list[Any]:
+    merged: dict[tuple, Any] = {}
+    for row in rows:
+        key = tuple(getattr(row, f) for f in key_fields)
+        if key not in merged:
+            merged[key] = dataclasses.replace(row)
+            for f in dataclasses.fields(row):  # copy containers so merging never mutates a provider's data
+                value = getattr(row, f.name)
+                if isinstance(value, dict):
+                    setattr(merged[key], f.name, dict(value))
+            continue
+        acc = merged[key]
+        for f in dataclasses.fields(row):
+            if f.name in key_fields:
+                continue
+            mine, theirs = getattr(acc, f.name), getattr(row, f.name)
+            if isinstance(mine, bool | str):
+                setattr(acc, f.name, theirs or mine)  # versions: the last report wins
+            elif isinstance(mine, int | float):
+                setattr(acc, f.name, mine + theirs)
+            elif isinstance(mine, dict):
+                for k, v in theirs.items():
+                    mine[k] = mine.get(k, 0) + v
+            elif isinstance(mine, LatencyHistogram):
+                setattr(acc, f.name, mine.merged(theirs))
+    return list(merged.values())
+
+
+def merge_reports(reports: Sequence[StatsReport]) -> StatsReport:
+    connected = [r.xds_connected for r in reports if r.xds_connected is not None]
+    return StatsReport(
+        routes=_sum_rows((r for rep in reports for r in rep.routes), ("plane", "listener", "route", "cluster")),
+        listeners=_sum_rows((r for rep in reports for r in rep.listeners), ("plane", "listener")),
+        clusters=_sum_rows((r for rep in reports for r in rep.clusters), ("plane", "cluster")),
+        datapath=_sum_rows((r for rep in reports for r in rep.datapath), ("plane",)),
+        xds=_sum_rows((r for rep in reports for r in rep.xds), ("type_url",)),
+        xds_connected=any(connected) if connected else None,
+    )
+
+
+def _cumulative(hist: LatencyHistogram) -> list[tuple[str, float]]:
+    buckets, running = [], 0
+    for bound, n in zip([*map(repr, hist.bounds), "+Inf"], hist.counts, strict=True):
+        running += n
+        buckets.append((bound, running))
+    return buckets
+
+
+class PlanemeshCollector(Collector):
+    """Builds every planemesh_* family from the registry at scrape time."""
+
+    def __init__(self, stats: StatsRegistry, readiness_blockers: Callable[[], Sequence[str]] | None = None):
+        self._stats = stats
+        self._blockers = readiness_blockers
+
+    def collect(self) -> Iterator[Metric]:
+        report = self._stats.gather()
+        yield from _route_families(report.routes)
+        yield from _listener_families(report.listeners)
+        yield from _cluster_families(report.clusters)
+        yield from _datapath_families(report.datapath)
+        yield from _xds_families(report)
+        yield from self._agent_families()
+
+    def _agent_families(self) -> Iterator[Metric]:
+        errors = CounterMetricFamily(
+            "planemesh_stats_provider_errors", "Stats providers that raised during a scrape", labels=["provider"]
+        )
+        for name, n in sorted(self._stats.provider_errors.items()):
+            errors.add_metric([name], n)
+        yield errors
+        if self._blockers is not None:
+            blockers = list(self._blockers())
+            yield GaugeMetricFamily("planemesh_ready", "1 when no readiness blocker remains", value=int(not blockers))
+            blocked = GaugeMetricFamily(
+                "planemesh_readiness_blocker", "Readiness blockers still pending", labels=["blocker"]
+            )
+            for name in blockers:
+                blocked.add_metric([name], 1)
+            yield blocked
+
+
+def _route_families(rows: Sequence[RouteStats]) -> Iterator[Metric]:
+    labels = ["plane", "listener", "route", "cluster"]
+    requests = CounterMetricFamily("planemesh_http_requests", "HTTP requests proxied", labels=labels)
+    responses = CounterMetricFamily(
+        "planemesh_http_responses", "HTTP responses by status class", labels=[*labels, "class"]
+    )
+    req_bytes = CounterMetricFamily("planemesh_http_request_bytes", "Request body bytes", labels=labels)
+    resp_bytes = CounterMetricFamily("planemesh_http_response_bytes", "Response body bytes", labels=labels)
+    latency = HistogramMetricFamily(
+        "planemesh_http_request_duration_seconds", "Request latency through the proxy", labels=labels
+    )
+    for r in rows:
+        values = [r.plane, r.listener, r.route, r.cluster]
+        requests.add_metric(values, r.requests)
+        for cls, n in sorted(r.responses.items()):
+            responses.add_metric([*values, cls], n)
+        req_bytes.add_metric(values, r.request_bytes)
+        resp_bytes.add_metric(values, r.response_bytes)
+        latency.add_metric(values, buckets=_cumulative(r.latency), sum_value=r.latency.sum_s)
+    yield from (requests, responses, req_bytes, resp_bytes, latency)
+
+
+def _listener_families(rows: Sequence[ListenerStats]) -> Iterator[Metric]:
+    labels = ["plane", "listener"]
+    active = GaugeMetricFamily("planemesh_listener_active_connections", "Open downstream connections", labels=labels)
+    total = CounterMetricFamily("planemesh_listener_connections", "Accepted downstream connections", labels=labels)
+    limited = CounterMetricFamily("planemesh_rate_limited", "Requests refused by a local rate limit", labels=labels)
+    errors = CounterMetricFamily("planemesh_listener_downstream_errors", "Malformed or reset requests", labels=labels)
+    for r in rows:
+        values = [r.plane, r.listener]
+        active.add_metric(values, r.active_connections)
+        total.add_metric(values, r.connections)
+        limited.add_metric(values, r.rate_limited)
+        errors.add_metric(values, r.downstream_errors)
+    yield from (active, total, limited, errors)
+
+
+def _cluster_families(rows: Sequence[ClusterStats]) -> Iterator[Metric]:
+    labels = ["plane", "cluster"]
+    active = GaugeMetricFamily("planemesh_cluster_active_connections", "Open upstream connections", labels=labels)
+    failures = CounterMetricFamily("planemesh_cluster_connect_failures", "Upstream connect failures", labels=labels)
+    retries = CounterMetricFamily("planemesh_cluster_retries", "Upstream request retries", labels=labels)
+    ejections = CounterMetricFamily("planemesh_cluster_outlier_ejections", "Outlier ejections", labels=labels)
+    overflows = CounterMetricFamily(
+        "planemesh_cluster_circuit_breaker_overflows",
+        "Requests refused by a circuit breaker",
+        labels=[*labels, "resource"],
+    )
+    for r in rows:
+        values = [r.plane, r.cluster]
+        active.add_metric(values, r.active_connections)
+        failures.add_metric(values, r.connect_failures)
+        retries.add_metric(values, r.retries)
+        ejections.add_metric(values, r.outlier_ejections)
+        for resource, n in sorted(r.circuit_breaker_overflows.items()):
+            overflows.add_metric([*values, resource], n)
+    yield from (active, failures, retries, ejections, overflows)
+
+
+def _datapath_families(rows: Sequence[DataPathStats]) -> Iterator[Metric]:
+    packets = CounterMetricFamily(
+        "planemesh_bpf_packets", "Packets by TC verdict (bypass stays in the kernel)", labels=["plane", "verdict"]
+    )
+    attached = GaugeMetricFamily(
+        "planemesh_bpf_interfaces_attached", "Plane interfaces with the TC program attached", labels=["plane"]
+    )
+    for r in rows:
+        for verdict, n in sorted(r.packets.items()):
+            packets.add_metric([r.plane, verdict], n)
+        attached.add_metric([r.plane], r.interfaces_attached)
+    yield from (packets, attached)
+
+
+def _xds_families(report: StatsReport) -> Iterator[Metric]:
+    labels = ["type_url"]
+    version = GaugeMetricFamily(
+        "planemesh_xds_version_info", "Last ACKed xDS version per type (value is always 1)", labels=[*labels, "version"]
+    )
+    acks = CounterMetricFamily("planemesh_xds_acks", "xDS responses ACKed", labels=labels)
+    nacks = CounterMetricFamily("planemesh_xds_nacks", "xDS responses NACKed", labels=labels)
+    resources = GaugeMetricFamily("planemesh_xds_resources", "Resources held per type", labels=labels)
+    for r in report.xds:
+        version.add_metric([r.type_url, r.version], 1)
+        acks.add_metric([r.type_url], r.acks)
+        nacks.add_metric([r.type_url], r.nacks)
+        resources.add_metric([r.type_url], r.resources)
+    yield from (version, acks, nacks, resources)
+    if report.xds_connected is not None:
+        yield GaugeMetricFamily(
+            "planemesh_xds_connected", "1 while the ADS stream is up", value=int(report.xds_connected)
+        )
