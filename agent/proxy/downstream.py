@@ -292,10 +292,9 @@ class Downstream(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex: Exchange = self.ex  # type: ignore[assignment]
         ex.on_request_body(body)
-        if ex.conn is None and not ex.finished and len(ex.up_out) > 64:
-            # Still connecting (or queued behind a pipelined request): bound what is held in memory.
-            if sum(map(len, ex.up_out)) > MAX_BUFFERED_BODY:
-                self.pause(PAUSE_BUFFER)
+        # Still connecting (or queued behind a pipelined request): bound what is held in memory.
+        if ex.conn is None and not ex.finished and len(ex.up_out) > 64 and sum(map(len, ex.up_out)) > MAX_BUFFERED_BODY:
+            self.pause(PAUSE_BUFFER)
 
     def on_message_complete(self) -> None:
         ex = self.ex
