@@ -23,7 +23,7 @@ from planemesh.labs import Lab, load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import host_port, http_requests, tcp_echo, wait_for_port
 
-HTTP_PORT, TCP_PORT = 80, 9000
+HTTP_PORT, TCP_PORT, UNDECLARED_TCP_PORT = 80, 9000, 9001
 PLANES = ("oam", "media")
 
 
@@ -47,7 +47,11 @@ def start_servers(lab: Lab) -> list[subprocess.Popen]:
         ns_tools.start_until(
             server_ns, [py, "-m", "planemesh.labs.servers", "http", "--port", str(HTTP_PORT)], "ready"
         ),
-        ns_tools.start_until(server_ns, [py, "-m", "planemesh.labs.servers", "tcp", "--port", str(TCP_PORT)], "ready"),
+        ns_tools.start_until(
+            server_ns,
+            [py, "-m", "planemesh.labs.servers", "tcp", "--port", str(TCP_PORT), "--port", str(UNDECLARED_TCP_PORT)],
+            "ready",
+        ),
     ]
 
 
@@ -96,18 +100,6 @@ def drive(lab: Lab, requests: int = 50) -> list[Row]:
     return rows
 
 
-def admin_get(sock: Path, path: str) -> Any:
-    code = (
-        "import http.client,socket,sys\n"
-        "class C(http.client.HTTPConnection):\n"
-        "  def connect(self):\n"
-        "    self.sock=socket.socket(socket.AF_UNIX); self.sock.connect(sys.argv[1])\n"
-        "c=C('localhost'); c.request('GET', sys.argv[2]); print(c.getresponse().read().decode())"
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(sock), path], capture_output=True, text=True, timeout=10)
-    return out.stdout
-
-
 def render(rows: list[Row], agent_planes: dict[str, dict[str, Any]]) -> str:
     lines = [
         f"{'plane':6} {'family':6} {'HTTP via proxy':>15} {'x-request-id':>12} {'curl':>5} {'p50 ms':>7} "
@@ -135,9 +127,11 @@ def render(rows: list[Row], agent_planes: dict[str, dict[str, Any]]) -> str:
 
 
 def agent_plane_summary(sock: Path) -> dict[str, dict[str, Any]]:
+    from planemesh.agent.admin_client import AdminClient, AdminUnreachable
+
     try:
-        planes = json.loads(admin_get(sock, "/planes") or "{}")
-    except json.JSONDecodeError:
+        _, planes = AdminClient(f"unix://{sock}").get_json("/planes")
+    except AdminUnreachable:
         return {}
     out: dict[str, dict[str, Any]] = {}
     for view in planes.get("planes", []):
