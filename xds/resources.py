@@ -6,7 +6,11 @@ in protobuf's default pool, so `json_format` can read `typed_config` blocks that
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
+import pkgutil
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,12 +146,37 @@ def parse_resource_dict(raw: Any, where: str) -> any_pb2.Any:
     type_url = raw["@type"]
     if type_url not in MESSAGE_OF_TYPE:
         raise ResourceError(where, f"unknown resource type {type_url!r} (known: {', '.join(MESSAGE_OF_TYPE)})")
-    packed = any_pb2.Any()
+    for _ in range(8):  # each round may register one more extension package
+        packed = any_pb2.Any()
+        try:
+            json_format.ParseDict(raw, packed)
+            return packed
+        except (json_format.ParseError, TypeError, ValueError) as exc:
+            missing = _MISSING_TYPE.search(str(exc))
+            if missing is None or not _register_package_of(missing.group(1)):
+                raise ResourceError(where, str(exc)) from None
+    raise ResourceError(where, "too many nested extension types")
+
+
+_MISSING_TYPE = re.compile(r"Can not find message descriptor by type_url: type\.googleapis\.com/([\w.]+)")
+_TRIED_PACKAGES: set[str] = set()
+
+
+def _register_package_of(full_name: str) -> bool:
+    """Import every *_pb2 module of a message's package (xds-protos has them all), once per package."""
+    package = full_name.rsplit(".", 1)[0]
+    if package in _TRIED_PACKAGES:
+        return False
+    _TRIED_PACKAGES.add(package)
     try:
-        json_format.ParseDict(raw, packed)
-    except (json_format.ParseError, TypeError, ValueError) as exc:
-        raise ResourceError(where, str(exc)) from None
-    return packed
+        pkg = importlib.import_module(package)
+    except ImportError:
+        return False
+    for info in pkgutil.iter_modules(getattr(pkg, "__path__", [])):
+        if info.name.endswith("_pb2"):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(f"{package}.{info.name}")
+    return True
 
 
 def parse_resource_text(text: str, where: str) -> list[any_pb2.Any]:

@@ -129,7 +129,9 @@ def test_every_decode_error_of_a_response_is_collected_into_one_nack():
     garbage = any_pb2.Any(type_url=CLUSTER, value=b"\xff\xff\xff")
     wrong = pack(listener("l1"))
     resp = discovery_pb2.DiscoveryResponse(
-        type_url=CLUSTER, version_info="1", nonce="n1",
+        type_url=CLUSTER,
+        version_info="1",
+        nonce="n1",
         resources=[pack(cluster("dup")), pack(cluster("dup")), garbage, wrong, pack(cluster(""))],
     )
     actions = st.response_received(resp, 0.0)
@@ -206,7 +208,9 @@ def test_restart_resubscribes_with_acked_version_and_fresh_nonce():
     assert not st.connected
     reqs = {r.type_url: r for r in requests(st.stream_started(2.0))}
     assert {t: (r.version_info, r.response_nonce) for t, r in reqs.items()} == {
-        CLUSTER: ("5", ""), LISTENER: ("7", ""), ROUTE: ("3", "")
+        CLUSTER: ("5", ""),
+        LISTENER: ("7", ""),
+        ROUTE: ("3", ""),
     }
     assert list(reqs[ROUTE].resource_names) == ["r1"] and ENDPOINT not in reqs
 
