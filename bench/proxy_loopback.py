@@ -62,8 +62,11 @@ http {{
     }}
 }}
 """)
-    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(workdir), "-e", str(workdir / "error.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [NGINX, "-c", str(conf), "-p", str(workdir), "-e", str(workdir / "error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_port(port)
     return proc
 
@@ -71,7 +74,10 @@ http {{
 def wrk(port: int, duration: int, connections: int) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", f"http://127.0.0.1:{port}/"],
-        capture_output=True, text=True, timeout=duration + 30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=duration + 30,
+        check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -92,7 +98,15 @@ def serve_proxy(proxy_port: int, upstream_port: int, profile: str | None, cpu: i
     from netaddr import IPNetwork
 
     from planemesh.agent.config import (
-        Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, Route, RouteAction, RouteConfig, Snapshot,
+        Cluster,
+        ClusterKind,
+        Endpoint,
+        Listener,
+        ListenerProtocol,
+        Route,
+        RouteAction,
+        RouteConfig,
+        Snapshot,
         VirtualHost,
     )
     from planemesh.agent.proxy.server import PlaneProxy, make_listener_socket
@@ -100,17 +114,22 @@ def serve_proxy(proxy_port: int, upstream_port: int, profile: str | None, cpu: i
 
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    plane = Plane(name="bench", plane_id=1, interfaces=("lo",), cidrs=(IPNetwork("127.0.0.0/8"),),
-                  proxy_port=proxy_port)
-    rc = RouteConfig(name="rc", virtual_hosts=(
-        VirtualHost(name="all", routes=(Route(action=RouteAction(cluster="nginx")),)),))
+    plane = Plane(
+        name="bench", plane_id=1, interfaces=("lo",), cidrs=(IPNetwork("127.0.0.0/8"),), proxy_port=proxy_port
+    )
+    rc = RouteConfig(
+        name="rc", virtual_hosts=(VirtualHost(name="all", routes=(Route(action=RouteAction(cluster="nginx")),)),)
+    )
     snap = Snapshot(
-        version="bench", planes=(plane,),
-        listeners=(Listener(name="http", plane="bench", port=proxy_port, protocol=ListenerProtocol.HTTP,
-                            route_config="rc"),),
+        version="bench",
+        planes=(plane,),
+        listeners=(
+            Listener(name="http", plane="bench", port=proxy_port, protocol=ListenerProtocol.HTTP, route_config="rc"),
+        ),
         routes=MappingProxyType({"rc": rc}),
-        clusters=MappingProxyType({"nginx": Cluster(name="nginx", kind=ClusterKind.STATIC,
-                                                    endpoints=(Endpoint("127.0.0.1", upstream_port),))}),
+        clusters=MappingProxyType(
+            {"nginx": Cluster(name="nginx", kind=ClusterKind.STATIC, endpoints=(Endpoint("127.0.0.1", upstream_port),))}
+        ),
     )
     log_path = os.environ.get("PM_BENCH_ACCESS_LOG", os.devnull)
     from planemesh.agent.proxy.accesslog import file_sink
@@ -177,8 +196,10 @@ def main() -> int:
     print(f"{'':>8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for name, r in (("direct", direct), ("proxy", proxied)):
         print(f"{name:>8} {r['rps']:>10.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['non2xx']:>8.0f}")
-    print(f"ratio proxy/direct: {proxied['rps'] / direct['rps']:.3f}; vs Envoy 1.40 one worker (33k): "
-          f"{proxied['rps'] / 33000:.2f}x")
+    print(
+        f"ratio proxy/direct: {proxied['rps'] / direct['rps']:.3f}; vs Envoy 1.40 one worker (33k): "
+        f"{proxied['rps'] / 33000:.2f}x"
+    )
     return 0
 
 

@@ -249,7 +249,11 @@ class Downstream(asyncio.Protocol):
             elif n == _H_CL:
                 ex.req_length = int(value)  # llhttp has validated it
             elif n == _H_TE:
-                ex.req_chunked = True  # llhttp only accepts a final "chunked" on requests
+                # Only plain "chunked" is relayed (the proxy re-frames bodies); anything else, or a second
+                # Transfer-Encoding, is a smuggling vector: 400 before the request goes anywhere.
+                if ex.req_chunked or value.strip().lower() != b"chunked":
+                    raise HttpParserError("unsupported transfer-encoding")
+                ex.req_chunked = True
             elif n == _H_CONN:
                 if ex.connection_values is None:
                     ex.connection_values = [value]

@@ -53,7 +53,8 @@ def test_connection_named_headers_are_dropped(values: list[bytes], extra: set[by
     (404, b"", {}, b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"),
     (204, b"", {}, b"HTTP/1.1 204 No Content\r\n\r\n"),
     (503, b"x\n", {"close": True},
-     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nx\n"),
+     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n"
+     b"connection: close\r\n\r\nx\n"),
     (503, b"x\n", {"head_only": True},
      b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n\r\n"),
     (301, b"", {"headers": [(b"location", b"/n")]},
