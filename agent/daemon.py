@@ -47,6 +47,7 @@ class AgentOptions:
     access_log: str | None = None
     drain_timeout_s: float = 5.0
     xds: str | None = None  # override the bootstrap's server address
+    datapath_only: bool = False  # programs and routes only: another proxy (e.g. Envoy in bench/) owns the ports
 
 
 class Agent:
@@ -90,6 +91,9 @@ class Agent:
             )
 
     async def _apply_workers(self, old: Snapshot | None, snap: Snapshot, sources: dict[str, dict[int, str]]) -> None:
+        if self.options.datapath_only:
+            self.readiness.clear(LISTENERS_BOUND)
+            return
         wanted = {p.name: p for p in snap.planes}
         for name in list(self.workers):
             plane_old = old.plane(name) if old else None
@@ -275,6 +279,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         drain_timeout_s=args.drain_timeout,
         xds=args.xds,
+        datapath_only=args.datapath_only,
     )
     return run_agent(options)
 
@@ -304,6 +309,12 @@ def add_agent_command(sub: argparse._SubParsersAction) -> None:
         help="[PLANEMESH_DRAIN_TIMEOUT]",
     )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [PLANEMESH_LOG_LEVEL]")
+    p.add_argument(
+        "--datapath-only",
+        action="store_true",
+        default=env_default("datapath_only") == "1",
+        help="programs and routes only; another proxy binds the plane ports [PLANEMESH_DATAPATH_ONLY=1]",
+    )
     p.set_defaults(func=_cmd_agent)
 
 

@@ -1,0 +1,103 @@
+"""Shared pieces of the benchmarks: a lab with nginx, wrk runs and their parsing, ratios.
+
+Benchmarks measure, they do not assert. Every figure printed comes from a tool run in this process.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from planemesh.labs import Lab
+from planemesh.labs import netns as ns_tools
+from planemesh.labs.traffic import host_port, wait_for_port
+
+NGINX = "/usr/sbin/nginx"
+
+
+@dataclass
+class WrkResult:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+
+    def row(self, base: WrkResult | None = None) -> str:
+        ratio = f"{self.rps / base.rps:6.2f}x" if base and base.rps else "      -"
+        return f"{self.name:34} {self.rps:10.0f} {self.p50_ms:8.3f} {self.p99_ms:8.3f} {self.errors:7d}  {ratio}"
+
+
+HEADER = f"{'case':34} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}  ratio"
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(name: str, out: str) -> WrkResult:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = 0
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(x) for x in m.groups())
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m.group(1))
+    return WrkResult(name, rps, p50, p99, errors, total)
+
+
+def wrk(ns: str, name: str, url: str, *, threads: int = 1, connections: int = 16, seconds: int = 5) -> WrkResult:
+    out = ns_tools.run(
+        ns,
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        timeout=seconds + 30,
+    ).stdout
+    return parse_wrk(name, out)
+
+
+def url(lab: Lab, plane: str, version: int, port: int, path: str = "/") -> str:
+    addr = lab.pod_addr("server", plane, version)
+    assert addr is not None
+    return f"http://{host_port(addr, port)}{path}"
+
+
+def start_nginx(lab: Lab, pod: str, ports: list[int], workdir: Path) -> subprocess.Popen:
+    """nginx in a pod, one worker, a small static body on every port (dual-stack)."""
+    root = workdir / "www"
+    root.mkdir(exist_ok=True)
+    (root / "index.html").write_text("planemesh bench " * 8)
+    listens = "\n".join(f"listen [::]:{p} ipv6only=off backlog=4096;" for p in ports)
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        textwrap.dedent(f"""\
+            daemon off; master_process off; worker_processes 1; pid {workdir}/nginx.pid;
+            error_log {workdir}/nginx-error.log;
+            events {{ worker_connections 4096; }}
+            http {{
+              access_log off; keepalive_requests 1000000; keepalive_timeout 120s;
+              client_body_temp_path {workdir}; proxy_temp_path {workdir}; fastcgi_temp_path {workdir};
+              uwsgi_temp_path {workdir}; scgi_temp_path {workdir};
+              server {{ {listens} root {root}; }}
+            }}
+        """)
+    )
+    proc = ns_tools.popen(lab.pod_ns(pod), [NGINX, "-c", str(conf), "-e", str(workdir / "nginx-error.log")])
+    for p in ports:
+        wait_for_port(lab.pod_ns("client"), lab.pod_addr(pod, "oam", 4) or "", p)
+    return proc
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="planemesh-bench-")

@@ -1,0 +1,165 @@
+"""Issue-2 benchmark, one lab, one run: direct vs kernel bypass vs planemesh's proxy vs Envoy.
+
+    ./run.sh bench http_proxy [--seconds 5] [--connections 16]
+
+nginx (one worker) in the server pod, wrk -t1 -cN in the client pod, across the node namespace:
+  1. direct: no agent at all
+  2. agent running, port 9000 declared TCP: bypassed in the kernel (TC program attached)
+  3. agent running, port 80 declared HTTP: through planemesh's proxy (one worker process per plane)
+  4. Envoy 1.40 (--concurrency 1) behind the same interception: the agent runs --datapath-only (BPF + routes)
+     and Envoy binds the plane's transparent listener port with original_dst, as in Istio/Cilium set-ups.
+Prints req/s, p50/p99, errors and the ratios the targets are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from bench.common import HEADER, WrkResult, scratch_dir, start_nginx, url, wrk
+from planemesh.agent.demo import start_agent
+from planemesh.labs import Lab, load_lab
+from planemesh.labs import netns as ns_tools
+from planemesh.labs.traffic import http_requests
+
+ENVOY_CONFIG = """\
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
+static_resources:
+  listeners:
+  - name: oam
+    address: {{socket_address: {{address: "::", port_value: {port}, ipv4_compat: true}}}}
+    transparent: true
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: oam
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog,
+                           path: {access_log}}}
+          route_config:
+            virtual_hosts:
+            - {{name: any, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: orig}}}}]}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: orig
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 2s
+"""
+
+
+def envoy_binary() -> str:
+    found = shutil.which("envoy") or str(Path(sys.executable).with_name("envoy"))
+    return found
+
+
+@contextlib.contextmanager
+def envoy_in_node(lab: Lab, workdir: Path, port: int):
+    conf = workdir / "envoy.yaml"
+    conf.write_text(textwrap.dedent(ENVOY_CONFIG.format(admin_port=19901, port=port, access_log=workdir / "envoy.log")))
+    argv = [envoy_binary(), "-c", str(conf), "--concurrency", "1", "--base-id", "77", "--disable-hot-restart",
+            "-l", "warning"]  # fmt: skip
+    proc = ns_tools.popen(lab.node_ns, argv)
+    try:
+        yield proc
+    finally:
+        ns_tools.stop(proc)
+
+
+def wait_http_ok(lab: Lab, target_url_host: str, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http_requests(lab.pod_ns("client"), target_url_host, port, ["/"], timeout=2).status == [200]:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no HTTP 200 from {target_url_host}:{port} within {timeout}s")
+        time.sleep(0.2)
+
+
+def run(seconds: int, connections: int, prefix: str) -> list[WrkResult]:
+    lab = load_lab(prefix=prefix)
+    client = lab.pod_ns("client")
+    server4 = lab.pod_addr("server", "oam", 4) or ""
+    results: list[WrkResult] = []
+    with scratch_dir() as tmp, lab:
+        work = Path(tmp)
+        nginx = start_nginx(lab, "server", [80, 9000], work)
+        try:
+            measure = lambda name, port, v=4: results.append(  # noqa: E731
+                wrk(client, name, url(lab, "oam", v, port), connections=connections, seconds=seconds)
+            )
+            measure("direct (no agent)", 80)
+            (work / "a").mkdir()
+            agent = start_agent(lab, work / "a")
+            try:
+                measure("agent, TCP port bypassed (kernel)", 9000)
+                wait_http_ok(lab, server4, 80)
+                measure("planemesh proxy, 1 worker, IPv4", 80)
+                measure("planemesh proxy, 1 worker, IPv6", 80, 6)
+            finally:
+                ns_tools.stop(agent)
+            (work / "b").mkdir()
+            agent = start_agent(lab, work / "b", ["--datapath-only"])
+            try:
+                with envoy_in_node(lab, work, lab_plane_port(lab)):
+                    wait_http_ok(lab, server4, 80)
+                    measure("envoy 1.40, concurrency 1, IPv4", 80)
+            finally:
+                ns_tools.stop(agent)
+        finally:
+            ns_tools.stop(nginx)
+    return results
+
+
+def lab_plane_port(lab: Lab) -> int:
+    from planemesh.agent.static_config import load_default_config
+
+    return load_default_config().plane("oam").proxy_port
+
+
+def report(results: list[WrkResult], seconds: int, connections: int) -> str:
+    by = {r.name: r for r in results}
+    direct = by["direct (no agent)"]
+    lines = [f"wrk -t1 -c{connections} -d{seconds}s, nginx 1 worker, across the node namespace", HEADER]
+    lines += [r.row(direct) for r in results]
+    ours, envoy = by["planemesh proxy, 1 worker, IPv4"], by["envoy 1.40, concurrency 1, IPv4"]
+    bypass = by["agent, TCP port bypassed (kernel)"]
+    added_ours, added_envoy = ours.p50_ms - direct.p50_ms, envoy.p50_ms - direct.p50_ms
+    lines += [
+        "",
+        f"bypass / direct req/s:          {bypass.rps / direct.rps:.3f}   (target >= 0.95)",
+        f"planemesh / envoy req/s:        {ours.rps / envoy.rps:.3f}   (target >= 0.5)",
+        f"added p50 planemesh / envoy:    {added_ours:.3f} / {added_envoy:.3f} ms = "
+        f"{(added_ours / added_envoy) if added_envoy > 0 else float('inf'):.2f}   (target <= 2)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--prefix", default="pmbench")
+    args = parser.parse_args(argv)
+    results = run(args.seconds, args.connections, args.prefix)
+    print(report(results, args.seconds, args.connections))
+
+
+if __name__ == "__main__":
+    main()
