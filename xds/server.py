@@ -76,6 +76,11 @@ class _Sub:
     nonce_versions: dict[str, str] = field(default_factory=dict)  # Delta: nonce -> system version
 
 
+def resource_version(packed: any_pb2.Any) -> str:
+    """A Delta resource version: a digest of the resource, so an unchanged resource is never resent."""
+    return hashlib.sha256(packed.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
 class ManagementServer:
     def __init__(self, resource_dir: str | Path, *, poll_interval_s: float = 0.2) -> None:
         self.resource_dir = Path(resource_dir)
@@ -264,21 +269,26 @@ class ManagementServer:
         if req.HasField("error_detail"):
             report.nacks += 1
             report.last_nack = req.error_detail.message
-            log.warning("%s NACKed %s version %s: %s", status.node_id, SHORT_NAME[req.type_url], version,
-                        req.error_detail.message)
+            log.warning(
+                "%s NACKed %s version %s: %s",
+                status.node_id,
+                SHORT_NAME[req.type_url],
+                version,
+                req.error_detail.message,
+            )
         else:
             report.acks += 1
             report.acked_version = version
 
-    async def _push(self, context, type_url: str, sub: _Sub, delta: bool, status: ClientStatus,
-                    force: bool = False) -> None:
+    async def _push(
+        self, context, type_url: str, sub: _Sub, delta: bool, status: ClientStatus, force: bool = False
+    ) -> None:
         current = self.resources[type_url]
         wanted = current if sub.wildcard else {n: current[n] for n in sorted(sub.names) if n in current}
         report = status.report(type_url)
         nonce = str(next(self._nonces))
         if delta:
-            versions = {n: hashlib.sha256(a.SerializeToString(deterministic=True)).hexdigest()[:16]
-                        for n, a in wanted.items()}
+            versions = {n: resource_version(a) for n, a in wanted.items()}
             updated = [n for n in wanted if sub.known.get(n) != versions[n]]
             removed = [n for n in sub.known if n not in current]
             if not updated and not removed:
