@@ -1,0 +1,209 @@
+"""Our XdsClient over real gRPC on loopback: bad responses, file changes, outages, unix and IPv6 targets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import yaml
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2
+
+from planemesh.xds.bootstrap import bootstrap_from_dict
+from planemesh.xds.resources import CLUSTER, parse_resource_text
+from planemesh.xds.server import ManagementServer
+from planemesh.xds.transport import XdsClient
+from tests.xds.xds_harness import write_resources
+
+T = "type.googleapis.com/"
+PLANES = [{"name": "lo", "id": 1, "interfaces": ["lo"], "cidrs": ["127.0.0.0/8", "::1/128"]}]
+
+
+def cluster_doc(name: str, address: str = "127.0.0.1", port: int = 8080) -> dict:
+    return {
+        "@type": T + "envoy.config.cluster.v3.Cluster",
+        "name": name,
+        "type": "STATIC",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": address, "port_value": port}}}}
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def packed(*docs: dict) -> list[any_pb2.Any]:
+    return parse_resource_text(yaml.safe_dump(list(docs)), "test")
+
+
+def make_client(address: str, mode: str = "sotw", applied: list | None = None) -> XdsClient:
+    boot = bootstrap_from_dict(
+        {
+            "node": {"id": "n1"},
+            "server": {"address": address, "mode": mode},
+            "timing": {"backoff_base_s": 0.05, "backoff_max_s": 0.2},
+            "planes": PLANES,
+        }
+    )
+
+    async def apply(snapshot):
+        if applied is not None:
+            applied.append(snapshot)
+
+    return XdsClient(boot, apply)
+
+
+async def until(predicate, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+    return value
+
+
+class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """Answers the client's CDS subscription with one scripted response per ACK/NACK it receives."""
+
+    def __init__(self, script: list[discovery_pb2.DiscoveryResponse]) -> None:
+        self.script = list(script)
+        self.answers: list[discovery_pb2.DiscoveryRequest] = []
+
+    async def StreamAggregatedResources(self, request_iterator, context):
+        while (req := await context.read()) is not grpc.aio.EOF:
+            if req.type_url != CLUSTER and not (req.response_nonce and req.response_nonce.startswith("s")):
+                continue
+            if req.response_nonce:
+                self.answers.append(req)
+            if self.script:
+                await context.write(self.script.pop(0))
+
+
+def test_bad_responses_are_nacked_with_reasons_and_the_client_keeps_running():
+    good = packed(cluster_doc("good"))
+    script = [
+        discovery_pb2.DiscoveryResponse(type_url=T + "envoy.config.bogus.v3.Thing", version_info="x", nonce="s1"),
+        discovery_pb2.DiscoveryResponse(
+            type_url=CLUSTER,
+            version_info="2",
+            nonce="s2",
+            resources=[any_pb2.Any(type_url=CLUSTER, value=b"\x0a\xff\xff")],
+        ),
+        discovery_pb2.DiscoveryResponse(type_url=CLUSTER, version_info="3", nonce="s3", resources=good + good),
+        discovery_pb2.DiscoveryResponse(
+            type_url=CLUSTER, version_info="4", nonce="s4", resources=packed(cluster_doc("ip", address="1.2.3.400"))
+        ),
+        discovery_pb2.DiscoveryResponse(
+            type_url=CLUSTER, version_info="5", nonce="s5", resources=packed(cluster_doc("port", port=0))
+        ),
+        discovery_pb2.DiscoveryResponse(type_url=CLUSTER, version_info="6", nonce="s6", resources=good),
+    ]
+    ads = ScriptedAds(script)
+
+    async def scenario():
+        server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        applied: list = []
+        client = make_client(f"127.0.0.1:{port}", applied=applied)
+        task = asyncio.create_task(client.run())
+        try:
+            await until(lambda: len(ads.answers) == 6, what="six answers")
+        finally:
+            task.cancel()
+            await server.stop(0)
+        return client, applied
+
+    client, applied = asyncio.run(scenario())
+    nacks = [(a.response_nonce, a.version_info, a.error_detail.message) for a in ads.answers]
+    assert [n[:2] for n in nacks] == [("s1", ""), ("s2", ""), ("s3", ""), ("s4", ""), ("s5", ""), ("s6", "6")]
+    reasons = [n[2] for n in nacks]
+    assert "envoy.config.bogus.v3.Thing" in reasons[0]
+    assert "cannot decode" in reasons[1]
+    assert "'good': duplicate name" in reasons[2]
+    assert "cluster[ip]" in reasons[3] and "not an IP" in reasons[3]
+    assert "cluster[port]" in reasons[4] and "not a TCP port" in reasons[4]
+    assert reasons[5] == "" and not ads.answers[5].HasField("error_detail")
+    assert client.streams == 1  # never reconnected: bad input did not break the stream
+    assert list(applied[-1].clusters) == ["good"] and client.status()["types"]["CDS"]["nacks"] == 4
+
+
+@pytest.mark.parametrize("mode", ["sotw", "delta"])
+def test_broken_file_is_reported_last_good_set_served_and_changes_pushed_within_a_second(tmp_path, mode):
+    resdir = tmp_path / "res"
+    resdir.mkdir()
+    write_resources(resdir, "c.yaml", [cluster_doc("one")])
+
+    async def scenario():
+        server = ManagementServer(resdir)
+        address = await server.start(f"unix://{tmp_path}/ads.sock")
+        applied: list = []
+        client = make_client(address, mode, applied)
+        task = asyncio.create_task(client.run())
+        try:
+            await until(lambda: applied and "one" in applied[-1].clusters, what="first snapshot")
+            (resdir / "bad.yaml").write_text("- {'@type': nonsense\n")
+            await until(lambda: server.load_error, what="the broken file to be reported")
+            assert "bad.yaml" in server.load_error
+            (resdir / "bad.yaml").unlink()
+            started = time.monotonic()
+            write_resources(resdir, "c.yaml", [cluster_doc("one"), cluster_doc("two")])
+            await until(lambda: "two" in applied[-1].clusters, what="the change to reach the client")
+            latency = time.monotonic() - started
+            assert server.load_error is None
+            return latency, applied, client
+        finally:
+            task.cancel()
+            await server.stop()
+
+    latency, applied, client = asyncio.run(scenario())
+    assert latency < 1.0, f"file change took {latency:.2f}s to be applied"
+    assert all(set(s.clusters) <= {"one", "two"} for s in applied)  # nothing from the broken file leaked
+    assert client.status()["types"]["CDS"]["nacks"] == 0
+
+
+def test_losing_the_server_keeps_config_and_reconnect_resumes(tmp_path):
+    resdir = tmp_path / "res"
+    resdir.mkdir()
+    write_resources(resdir, "c.yaml", [cluster_doc("one", address="::1")])
+
+    async def scenario():
+        server = ManagementServer(resdir)
+        address = await server.start("[::1]:0")
+        applied: list = []
+        client = make_client(address, "delta", applied)
+        task = asyncio.create_task(client.run())
+        try:
+            await until(lambda: applied, what="first snapshot")
+            await server.stop(0)
+            await until(lambda: not client.state.connected, what="the client to notice")
+            await asyncio.sleep(0.3)  # several backoff rounds without a server
+            assert client.snapshot is applied[-1] and "one" in client.snapshot.clusters
+            server2 = ManagementServer(resdir)
+            await server2.start(address)
+            try:
+                await until(lambda: client.state.connected and server2.clients(), what="reconnect")
+                cds = await until(lambda: server2.clients()[0].types.get("CDS"), what="the CDS subscription")
+                await asyncio.sleep(0.3)
+                # initial_resource_versions told the new server what we hold: nothing had to be resent.
+                assert cds.subscribed == ("*",) and cds.sent_version == ""
+                write_resources(resdir, "c.yaml", [cluster_doc("one", address="::1"), cluster_doc("two")])
+                await until(lambda: "two" in applied[-1].clusters, what="an update on the new stream")
+                assert cds.acks == 1
+            finally:
+                await server2.stop(0)
+            return client, applied
+        finally:
+            task.cancel()
+
+    client, applied = asyncio.run(scenario())
+    assert client.streams >= 2
+    assert client.snapshot is applied[-1] and client.snapshot.clusters["one"].endpoints[0].address == "::1"
