@@ -68,28 +68,35 @@ class AccessRecord:
     plane: str
 
 
+_last_second: list = [-1, ""]  # strftime is slow: lines of the same second share the prefix
+
+
 def format_start_time(epoch: float) -> str:
     secs = int(epoch)
     millis = int((epoch - secs) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{millis:03d}Z"
+    cached = _last_second
+    if cached[0] != secs:
+        cached[0], cached[1] = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    return f"{cached[1]}.{millis:03d}Z"
 
 
 def _q(value: str | None) -> str:
     """A quoted field: Envoy prints '-' for absent values; quotes and control bytes are escaped."""
-    if value is None or value == "":
+    if not value:
         return '"-"'
-    if '"' in value or "\\" in value or not value.isprintable():
-        value = value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return f'"{value}"'
+    if value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    return '"' + value.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
 
 
 def format_text(rec: AccessRecordLike) -> str:
-    upstream = "-" if rec.upstream_ms is None else str(rec.upstream_ms)
-    request_line = _q(f"{rec.method} {rec.path} {rec.protocol}")
+    upstream = rec.upstream_ms
+    q = _q
     return (
-        f"[{format_start_time(rec.start_time)}] {request_line} {rec.status} {rec.flags or '-'} "
-        f"{rec.bytes_rx} {rec.bytes_tx} {rec.duration_ms} {upstream} {_q(rec.xff)} {_q(rec.user_agent)} "
-        f"{_q(rec.request_id)} {_q(rec.authority)} {_q(rec.upstream_host)} {rec.plane}\n"
+        f"[{format_start_time(rec.start_time)}] {q(f'{rec.method} {rec.path} {rec.protocol}')} {rec.status} "
+        f"{rec.flags or '-'} {rec.bytes_rx} {rec.bytes_tx} {rec.duration_ms} {'-' if upstream is None else upstream} "
+        f"{q(rec.xff)} {q(rec.user_agent)} {q(rec.request_id)} {q(rec.authority)} {q(rec.upstream_host)} "
+        f"{rec.plane}\n"
     )
 
 

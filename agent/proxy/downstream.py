@@ -24,6 +24,7 @@ PAUSE_PIPELINE = 1  # a later request waits for the one in front
 PAUSE_UPSTREAM = 2  # the upstream is not taking the request body fast enough
 PAUSE_BUFFER = 4  # the request body is buffered while the upstream connection is being opened
 MAX_BUFFERED_BODY = 1 << 20
+LINGER_S = 1.0
 NOT_IMPLEMENTED = local_reply(501, b"CONNECT and protocol upgrades are not supported\n", close=True)
 OVERLOADED_CONNECTIONS = local_reply(503, b"overloaded\n", [(b"x-planemesh-overloaded", b"connections")],
                                      close=True)
@@ -50,6 +51,7 @@ class Downstream(asyncio.Protocol):
         "header_sum",
         "in_headers",
         "last_active",
+        "lingering",
         "local",
         "loops_to_self",
         "out",
@@ -75,6 +77,7 @@ class Downstream(asyncio.Protocol):
         self.paused = 0
         self.write_paused = False
         self.closed = False
+        self.lingering = False
         self.eof = False
         self.in_headers = False
         self.head_bytes = 0
@@ -103,11 +106,11 @@ class Downstream(asyncio.Protocol):
         self.loops_to_self = self.local[1] in proxy.listen_ports
         if stats.downstream_active > proxy.sla.max_connections:
             stats.overloaded += 1
-            self.transport.write(OVERLOADED_CONNECTIONS)
-            self.close()
+            self.out.append(OVERLOADED_CONNECTIONS)
+            self.linger_close()
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.lingering:
             return
         self.last_active = self.proxy.loop.time()
         if self.in_headers or self.ex is None:
@@ -146,6 +149,8 @@ class Downstream(asyncio.Protocol):
             self.data_received(rest)
 
     def eof_received(self) -> bool | None:
+        if self.lingering:
+            return None
         if self.active is not None:
             self.eof = True  # half-close: answer the request in flight, then close
             return True
@@ -210,9 +215,24 @@ class Downstream(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
+    def linger_close(self) -> None:
+        """Send what is queued, shut our side, and drop whatever the client still sends until it closes
+        (at most LINGER_S): closing with unread input makes the kernel send RST, which can destroy the
+        error response before the client reads it."""
+        if self.closed or self.lingering:
+            return
+        self.lingering = True
+        self.flush()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.proxy.loop.call_later(LINGER_S, self.close)
+
     def protocol_error(self, reply: bytes, status: int) -> None:
         """Malformed input: answer (if nothing else is being answered), log, and close."""
         active = self.active
+        if active is not None:
+            self.active = None
+            active.on_downstream_lost()  # the connection ends here; the request in flight with it
         if active is None or not active.resp_started:
             self.out.clear()
             self.out.append(reply)
@@ -225,7 +245,7 @@ class Downstream(asyncio.Protocol):
         )
         self.proxy.stats.responses[status // 100] += 1
         self.proxy.log.append(rec)
-        self.close()
+        self.linger_close()
 
     # ---- httptools callbacks ------------------------------------------------------------------------
 

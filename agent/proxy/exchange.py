@@ -8,6 +8,7 @@ request/response costs one send() each way.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from typing import TYPE_CHECKING
@@ -36,7 +37,11 @@ if TYPE_CHECKING:
 
 _perf = time.perf_counter
 _getrandbits = random.getrandbits
-_HEX = "%032x"
+RETRY_ON_TIMEOUT = frozenset({"5xx", "gateway-error", "reset"})
+# Request ids: uuid4 text, a random per-process part plus a counter. Ids need uniqueness, not secrecy;
+# uuid.uuid4() costs a getrandom() syscall per request.
+_RID_PREFIX = f"{_getrandbits(32):08x}-{_getrandbits(16):04x}-4{_getrandbits(12):03x}-{0x8000 | _getrandbits(14):04x}-"
+_rid_counter = itertools.count(_getrandbits(40))
 KEEP_ALIVE_HEADER = b"connection: keep-alive\r\n"
 FORWARDED_PROTO = b"x-forwarded-proto: http\r\n"
 
@@ -45,10 +50,7 @@ FRAME_NONE, FRAME_LENGTH, FRAME_CHUNKED, FRAME_CLOSE = 0, 1, 2, 3
 
 
 def new_request_id() -> bytes:
-    """uuid4 text. Request ids need uniqueness, not secrecy: random.getrandbits avoids a getrandom()
-    syscall per request (uuid.uuid4 reads os.urandom)."""
-    h = _HEX % ((_getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48))
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+    return f"{_RID_PREFIX}{next(_rid_counter) & 0xFFFFFFFFFFFF:012x}".encode()
 
 
 class Exchange:
@@ -60,6 +62,7 @@ class Exchange:
         "conn",
         "connect_task",
         "connection_values",
+        "deadline",
         "ds",
         "ds_framing",
         "duration_ms",
@@ -83,8 +86,8 @@ class Exchange:
         "t0",
         "t_upstream",
         "target",
-        "timer",
         "tries_left",
+        "try_deadline",
         "up_framing",
         "up_keep_alive",
         "up_out",
@@ -138,7 +141,8 @@ class Exchange:
         self.ds_framing = FRAME_NONE
         self.up_framing = FRAME_NONE
         self.up_keep_alive = False
-        self.timer = None
+        self.deadline = 0.0  # loop time; 0: no deadline
+        self.try_deadline = 0.0
         self.finished = False
         self.pending = False
         self.tries_left = 0
@@ -173,7 +177,6 @@ class Exchange:
             return self.reply(429, b"local rate limited\n", rate_limited_headers(proxy.bucket), flags.RL)
         table = proxy.table
         router = table.router
-        path, query = split_target(self.target.decode("latin-1"))
         ds = self.ds
         if ds.table is not table:  # first request of the connection, or a new snapshot since
             ds.table = table
@@ -181,47 +184,42 @@ class Exchange:
         crc = ds.route_config
         if crc is None:
             crc = router.original_destination
-        result = router.route(crc, self.authority or "", path, query, self._header_map)
+        result = router.route_request(crc, self.authority or "", self.target, self._header_map)
         if not result.forward:
             if result.direct is not None:
                 return self.reply(result.direct.status, result.direct.body)
             if result.redirect is not None:
+                path, query = split_target(self.target.decode("latin-1"))
                 loc = redirect_location(result.redirect, "http", self.authority or "", path, query)
                 return self.reply(result.redirect.code, b"", [(b"location", loc.encode("latin-1"))])
             return self.reply(404, b"", (), flags.NR)
         route = result.route
-        action = route.action if route is not None else None
         cluster = result.cluster
-        if action is not None and action.weighted:
-            cluster = table.balancer.cluster_for(action)
-        if cluster is None and action is not None and (action.cluster or action.weighted):
-            return self.reply(503, b"no healthy upstream\n", (), flags.UF)
+        if result.weighted:
+            cluster = table.balancer.cluster_for(route.action)  # type: ignore[union-attr, arg-type]
         if cluster is None:
-            target = (normalise_ip(self.ds.local[0]), self.ds.local[1])
-            if self.ds.loops_to_self:
-                return self.reply(404, b"", (), flags.NR)  # not intercepted: would forward to ourselves
-        else:
-            picked = table.balancer.pick(cluster, self.ds.local)
-            if picked is None:
+            if result.cluster_missing:
                 return self.reply(503, b"no healthy upstream\n", (), flags.UF)
-            target = picked
+            if ds.loops_to_self:
+                return self.reply(404, b"", (), flags.NR)  # not intercepted: would forward to ourselves
+            target = (normalise_ip(ds.local[0]), ds.local[1])
+        else:
+            target = table.balancer.pick(cluster, ds.local)
+            if target is None:
+                return self.reply(503, b"no healthy upstream\n", (), flags.UF)
         self.upstream_addr = target
-        self.upstream_host = f"[{target[0]}]:{target[1]}" if ":" in target[0] else f"{target[0]}:{target[1]}"
-        timeout = action.timeout_s if action is not None and action.timeout_s is not None else sla.request_timeout_s
-        connect_timeout = (
-            cluster.connect_timeout_s if cluster is not None and cluster.connect_timeout_s is not None
-            else sla.connect_timeout_s
-        )
         self.tries_left = sla.retries
         self.head = self._request_head(route)
         self.up_out.insert(0, self.head)
+        timeout = result.timeout_s
         if timeout:
+            now = proxy.loop.time()
+            self.deadline = now + timeout
             per_try = sla.per_try_timeout_s
-            self.timer = proxy.loop.call_later(
-                min(timeout, per_try) if per_try else timeout, self.on_timeout
-            )
+            self.try_deadline = min(self.deadline, now + per_try) if per_try else self.deadline
+            proxy.watch_deadline(self)
         self.t_upstream = _perf()
-        proxy.pool.acquire_for(self, target, connect_timeout)
+        proxy.pool.acquire_for(self, target, result.connect_timeout_s)
 
     def _header_map(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -416,11 +414,23 @@ class Exchange:
             self.reply(502, b"upstream protocol error\n", (), flags.UPE)
         self.ds.flush()
 
-    def on_timeout(self) -> None:
-        self.timer = None
+    def on_timeout(self, now: float) -> None:
+        """Called by the proxy's deadline sweep once `try_deadline` has passed."""
         if self.finished:
             return
-        self.ds.proxy.stats.upstream_timeouts += 1
+        proxy = self.ds.proxy
+        proxy.stats.upstream_timeouts += 1
+        if (now < self.deadline and self.tries_left > 0 and not self.body_streamed and not self.resp_started
+                and proxy.sla.retry_on & RETRY_ON_TIMEOUT):
+            # Per-try timeout with retries left: a fresh attempt on a new connection, same overall deadline.
+            self.tries_left -= 1
+            proxy.stats.retries += 1
+            self._drop_upstream()
+            self.try_deadline = min(self.deadline, now + (proxy.sla.per_try_timeout_s or 0.0))
+            self.up_out.insert(0, self.head)
+            proxy.pool.connect_for(self, self.upstream_addr, proxy.sla.connect_timeout_s)
+            return
+        self.deadline = self.try_deadline = float("inf")
         if self.resp_started:
             self.flags = flags.UT
             self.keep_alive = False
@@ -475,9 +485,8 @@ class Exchange:
             return
         self.finished = True
         proxy = self.ds.proxy
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline:
+            proxy.inflight.discard(self)
         if self.connect_task is not None:
             self.connect_task = None  # the pool hands a late connection back to the idle list
         if self.pending:

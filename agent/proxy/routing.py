@@ -132,12 +132,14 @@ class CompiledRoute:
 
 
 class CompiledVirtualHost:
-    __slots__ = ("name", "routes", "vhost")
+    __slots__ = ("cacheable", "name", "routes", "vhost")
 
     def __init__(self, vhost: VirtualHost) -> None:
         self.vhost = vhost
         self.name = vhost.name
         self.routes = tuple(CompiledRoute(r) for r in vhost.routes)
+        # Path-only matching: the answer for (authority, target) never changes within a snapshot.
+        self.cacheable = all(not r.headers and not r.query for r in self.routes)
 
     def select(self, path: str, query: str, headers: Callable[[], Headers]) -> Route | None:
         for route in self.routes:
@@ -157,7 +159,7 @@ def _strip_port(authority: str) -> str:
 class CompiledRouteConfig:
     """Virtual host lookup as Envoy does it: exact, then longest `*.suffix`, then longest `prefix.*`, then `*`."""
 
-    __slots__ = ("_cache", "default", "exact", "name", "prefixes", "suffixes")
+    __slots__ = ("_cache", "default", "exact", "name", "prefixes", "results", "suffixes")
 
     def __init__(self, rc: RouteConfig) -> None:
         self.name = rc.name
@@ -181,6 +183,7 @@ class CompiledRouteConfig:
         self.suffixes = sorted(suffixes, key=lambda item: -len(item[0]))
         self.prefixes = sorted(prefixes, key=lambda item: -len(item[0]))
         self._cache: dict[str, CompiledVirtualHost | None] = {}
+        self.results: dict[tuple[str, bytes], RouteResult] = {}  # filled by PlaneRouter.route_request
 
     def virtual_host(self, authority: str) -> CompiledVirtualHost | None:
         try:
@@ -208,15 +211,19 @@ class CompiledRouteConfig:
 
 @dataclass(frozen=True, slots=True)
 class RouteResult:
-    """The outcome of routing one request. Exactly one of cluster/original_dst, redirect, direct is set,
-    or none of them (no route: 404 NR)."""
+    """The outcome of routing one request: forward (to `cluster`, or the original destination when it is
+    None and not `cluster_missing`), redirect, direct response, or none of them (no route: 404 NR)."""
 
     route: Route | None
     vhost: str = ""
-    cluster: Cluster | None = None  # None with forward=True: the original destination
+    cluster: Cluster | None = None
     forward: bool = False
     redirect: Redirect | None = None
     direct: DirectResponse | None = None
+    weighted: bool = False  # the balancer picks the cluster per request
+    cluster_missing: bool = False  # the route names a cluster the snapshot does not have
+    timeout_s: float = 0.0  # route timeout, else the plane's request timeout; 0: none
+    connect_timeout_s: float = 5.0
 
 
 NO_ROUTE = RouteResult(route=None)
@@ -279,7 +286,30 @@ class PlaneRouter:
             return NO_ROUTE
         name = act.cluster or (act.weighted[0].name if act.weighted else None)
         cluster = self.snapshot.clusters.get(name) if name else None
-        return RouteResult(route=route, vhost=vh.name, cluster=cluster, forward=True)
+        sla = self.plane.sla
+        connect = cluster.connect_timeout_s if cluster is not None else None
+        return RouteResult(
+            route=route, vhost=vh.name, cluster=cluster, forward=True, weighted=bool(act.weighted),
+            cluster_missing=name is not None and cluster is None,
+            timeout_s=act.timeout_s if act.timeout_s is not None else sla.request_timeout_s,
+            connect_timeout_s=connect if connect is not None else sla.connect_timeout_s,
+        )
+
+    def route_request(
+        self, crc: CompiledRouteConfig, authority: str, target: bytes, headers: Callable[[], Headers]
+    ) -> RouteResult:
+        """route() for a raw request-target, memoised when the answer cannot depend on headers or query."""
+        key = (authority, target)
+        cache = crc.results
+        result = cache.get(key)
+        if result is not None:
+            return result
+        path, query = split_target(target.decode("latin-1"))
+        result = self.route(crc, authority, path, query, headers)
+        vh = crc.virtual_host(authority)
+        if (vh is None or vh.cacheable) and len(cache) < 8192:  # bounded: targets come from clients
+            cache[key] = result
+        return result
 
 
 def split_target(target: str) -> tuple[str, str]:

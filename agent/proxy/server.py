@@ -18,6 +18,7 @@ from planemesh.agent.config import Snapshot
 from planemesh.agent.proxy.accesslog import AccessLogBuffer, Sink, format_json, format_text
 from planemesh.agent.proxy.balancer import Balancer
 from planemesh.agent.proxy.downstream import Downstream
+from planemesh.agent.proxy.exchange import Exchange
 from planemesh.agent.proxy.limits import TokenBucket, bucket_for
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.stats import PlaneStats
@@ -97,6 +98,9 @@ class PlaneProxy:
         self.pool = UpstreamPool(self, max_idle_per_key=max_idle_per_key,
                                  idle_timeout_s=min(60.0, self.sla.idle_timeout_s))
         self.connections: set[Downstream] = set()
+        self.inflight: set[Exchange] = set()  # requests with a deadline, checked by _sweep_deadlines
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self.deadline_resolution_s = 0.02
         self.listen_ports: set[int] = set()
         self.draining = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by serve()
@@ -144,6 +148,7 @@ class PlaneProxy:
                 self.bucket = bucket_for(sla, self.clock)
             self.sla = sla
         self.table = table
+        self.pool.forget_keys()
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let requests in flight finish (at most `timeout` seconds), then close all."""
@@ -165,8 +170,26 @@ class PlaneProxy:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
+
+    def watch_deadline(self, ex: Exchange) -> None:
+        """Deadlines are checked by one sweep every `deadline_resolution_s` while requests are in flight:
+        a call_later + cancel per request costs more than the whole routing step."""
+        self.inflight.add(ex)
+        if self._sweep_handle is None:
+            self._sweep_handle = self.loop.call_later(self.deadline_resolution_s, self._sweep_deadlines)
+
+    def _sweep_deadlines(self) -> None:
+        self._sweep_handle = None
+        now = self.loop.time()
+        for ex in [ex for ex in self.inflight if ex.try_deadline <= now]:
+            ex.on_timeout(now)
+        if self.inflight:
+            self._sweep_handle = self.loop.call_later(self.deadline_resolution_s, self._sweep_deadlines)
 
     def _tick(self) -> None:
         """Once per tick: write the access log batch, close idle pooled and client connections."""

@@ -193,13 +193,27 @@ class UpstreamPool:
         self.idle_timeout_s = idle_timeout_s
         self.idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self.connecting: set[asyncio.Task] = set()
+        self._keys: dict[tuple[str, int], tuple[PoolKey, str]] = {}
 
-    def key_for(self, addr: tuple[str, int]) -> PoolKey:
-        source = self.proxy.source_address(addr[0]) if self.proxy.source_address is not None else None
-        return (addr[0], addr[1], source, self.proxy.upstream_mark)
+    def key_for(self, addr: tuple[str, int]) -> tuple[PoolKey, str]:
+        """(pool key, "host:port" for the access log), memoised per destination until forget_keys()."""
+        found = self._keys.get(addr)
+        if found is None:
+            source = self.proxy.source_address(addr[0]) if self.proxy.source_address is not None else None
+            host, port = addr
+            found = ((host, port, source, self.proxy.upstream_mark),
+                     f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            if len(self._keys) < 65536:
+                self._keys[addr] = found
+        return found
+
+    def forget_keys(self) -> None:
+        """Source addresses may have changed (new snapshot): compute keys afresh."""
+        self._keys.clear()
 
     def acquire_for(self, ex: Exchange, addr: tuple[str, int], connect_timeout: float) -> None:
-        key = ex.upstream_key = self.key_for(addr)
+        key, ex.upstream_host = self.key_for(addr)
+        ex.upstream_key = key
         idle = self.idle.get(key)
         while idle:
             conn = idle.pop()
@@ -216,9 +230,10 @@ class UpstreamPool:
             ex.overloaded(b"pending")
             ex.ds.flush()
             return
-        key = ex.upstream_key or self.key_for(addr)
-        ex.pending = True
-        stats.requests_pending += 1
+        key = ex.upstream_key or self.key_for(addr)[0]
+        if not ex.pending:
+            ex.pending = True
+            stats.requests_pending += 1
         task = proxy.loop.create_task(self._open(key, connect_timeout))
         ex.connect_task = task
         self.connecting.add(task)
@@ -246,7 +261,7 @@ class UpstreamPool:
 
     def _opened(self, ex: Exchange, task: asyncio.Task) -> None:
         self.connecting.discard(task)
-        if ex.pending:
+        if ex.pending and ex.connect_task is task:
             ex.pending = False
             self.proxy.stats.requests_pending -= 1
         if task.cancelled():
