@@ -214,7 +214,8 @@ class AdsClientState:
 
     def next_deadline(self) -> float | None:
         """When `timer_fired` must be called next (TTL expiry, warming timeout), or None."""
-        times = [e.expires_at for t in self.types.values() for e in t.cache.values() if e.expires_at is not None]
+        caches = self._candidate().values()  # an expiry already staged for removal is not due again
+        times = [e.expires_at for cache in caches for e in cache.values() if e.expires_at is not None]
         if self._warm_deadline is not None:
             times.append(self._warm_deadline)
         return min(times) if times else None

@@ -165,6 +165,7 @@ def test_broken_file_is_reported_last_good_set_served_and_changes_pushed_within_
             await server.stop()
 
     latency, applied, client = asyncio.run(scenario())
+    print(f"{mode}: file change -> applied in {latency * 1000:.0f} ms")
     assert latency < 1.0, f"file change took {latency:.2f}s to be applied"
     assert all(set(s.clusters) <= {"one", "two"} for s in applied)  # nothing from the broken file leaked
     assert client.status()["types"]["CDS"]["nacks"] == 0
