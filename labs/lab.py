@@ -144,6 +144,28 @@ class Lab:
             pod_ipr.route("add", family=family, dst=f"{gw}/{host_len}", oif=pod_idx, scope=253)
             pod_ipr.route("add", family=family, dst=str(net.cidr), gateway=gw, oif=pod_idx, prefsrc=me)
 
+    def add_pod(self, name: str, planes: tuple[str, ...]) -> None:
+        """Plug a new pod into the running lab (hotplug): its namespace, then one veth per plane."""
+        from planemesh.labs.model import LabPod
+
+        pod = LabPod(name, tuple(planes))
+        spec = LabSpec(self.spec.name, self.spec.planes, (*self.spec.pods, pod))
+        lab_from_dict(_spec_to_dict(spec))  # the same validation as a lab file
+        self.spec = spec
+        pod_ns = self.pod_ns(name)
+        netns.create(pod_ns)
+        ns_tools.write_sysctls(pod_ns, POD_SYSCTLS)
+        with IPRoute(netns=self.node_ns) as node, IPRoute(netns=pod_ns) as pod_ipr:
+            _up(pod_ipr, "lo")
+            for plane_name in pod.planes:
+                self._wire(node, pod_ipr, name, pod_ns, plane_name)
+
+    def remove_pod(self, name: str) -> None:
+        """Unplug a pod: its namespace goes, and its veths with it."""
+        pod_ns = self.pod_ns(name)
+        ns_tools.remove(pod_ns)
+        self.spec = LabSpec(self.spec.name, self.spec.planes, tuple(p for p in self.spec.pods if p.name != name))
+
     # ---- inspection ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         present = set(self.existing())
@@ -160,6 +182,17 @@ class Lab:
                         addrs[links[a["index"]]].append(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
             hosts[name] = addrs
         return {"lab": self.spec.name, "prefix": self.prefix, "up": present == set(self.namespaces()), "hosts": hosts}
+
+
+def _spec_to_dict(spec: LabSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "planes": [
+            {"name": p.name, **({"ipv4": str(p.ipv4)} if p.ipv4 else {}), **({"ipv6": str(p.ipv6)} if p.ipv6 else {})}
+            for p in spec.planes
+        ],
+        "pods": [{"name": p.name, "planes": list(p.planes)} for p in spec.pods],
+    }
 
 
 def _up(ipr: IPRoute, ifname: str) -> int:
