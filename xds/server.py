@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,28 +327,49 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         await self.server.serve_stream(context, delta=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="planemesh xds-server", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resources", required=True, help="directory of YAML/JSON Envoy resources")
-    parser.add_argument("--listen", default="127.0.0.1:18000", help="host:port, [v6]:port or unix:///path")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not Path(args.resources).is_dir():
-        parser.error(f"--resources {args.resources}: not a directory")
-
-    async def serve() -> None:
-        server = ManagementServer(args.resources)
-        address = await server.start(args.listen)
-        log.info("ADS (SotW and Delta) on %s, resources from %s", address, args.resources)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+async def serve_forever(resources: str | Path, listen: str) -> None:
+    """Serve until SIGINT/SIGTERM (the `planemesh xds-server` command)."""
+    server = ManagementServer(resources)
+    address = await server.start(listen)
+    log.info("ADS (SotW and Delta) on %s, resources from %s", address, resources)
+    if server.load_error:
+        log.error("serving an empty set until the files are fixed: %s", server.load_error)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
         await stop.wait()
+    finally:
         await server.stop()
 
-    asyncio.run(serve())
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--resources",
+        default=env("PLANEMESH_XDS_RESOURCES"),
+        help="directory of YAML/JSON Envoy resources (env PLANEMESH_XDS_RESOURCES)",
+    )
+    parser.add_argument(
+        "--listen",
+        default=env("PLANEMESH_XDS_LISTEN", "127.0.0.1:18000"),
+        help="host:port, [v6]:port or unix:///path (env PLANEMESH_XDS_LISTEN; default %(default)s)",
+    )
+
+
+def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if not args.resources or not Path(args.resources).is_dir():
+        parser.error(f"--resources {args.resources}: not a directory")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve_forever(args.resources, args.listen))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="planemesh xds-server", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

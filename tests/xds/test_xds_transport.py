@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 import time
 
 import grpc
@@ -208,3 +211,64 @@ def test_losing_the_server_keeps_config_and_reconnect_resumes(tmp_path):
     client, applied = asyncio.run(scenario())
     assert client.streams >= 2
     assert client.snapshot is applied[-1] and client.snapshot.clusters["one"].endpoints[0].address == "::1"
+
+
+def test_xds_server_command_serves_the_examples_and_stats_feed_the_admin(tmp_path):
+    from importlib import resources as importlib_resources
+
+    from planemesh.agent.metrics import coerce_report
+    from tests.xds.xds_harness import ENVOY, free_port
+
+    examples = importlib_resources.files("planemesh.xds").joinpath("examples")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(ENVOY.parent / "planemesh"), "xds-server", "--resources", str(examples)],
+        env={**os.environ, "PLANEMESH_XDS_LISTEN": f"127.0.0.1:{port}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    planes = [
+        {"name": "oam", "id": 1, "interfaces": ["*-oam"], "cidrs": ["198.18.1.0/24", "fd00:18:1::/64"]},
+        {
+            "name": "media",
+            "id": 2,
+            "interfaces": ["*-media"],
+            "cidrs": ["198.18.2.0/24"],
+            "proxy_port": 15011,
+            "sniff_port": 15012,
+        },
+    ]
+    boot = bootstrap_from_dict(
+        {
+            "node": {"id": "cli"},
+            "server": {"address": f"127.0.0.1:{port}"},
+            "timing": {"backoff_base_s": 0.05, "backoff_max_s": 0.2},
+            "planes": planes,
+        }
+    )
+    applied: list = []
+
+    async def apply(snapshot):
+        applied.append(snapshot)
+
+    async def scenario():
+        client = XdsClient(boot, apply)
+        task = asyncio.create_task(client.run())
+        try:
+            await until(lambda: applied, timeout=10, what="the examples to be applied")
+            return client
+        finally:
+            task.cancel()
+
+    try:
+        client = asyncio.run(scenario())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out
+    assert "ADS (SotW and Delta) on 127.0.0.1" in out
+    assert {x.name for x in applied[-1].listeners} == {"oam_http", "media_db"}
+    report = coerce_report(client.stats_report())
+    assert report.xds_connected is True or report.xds_connected is False
+    assert {r.type_url: (r.acks, r.resources) for r in report.xds}[CLUSTER] == (1, 3)
