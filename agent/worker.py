@@ -111,7 +111,8 @@ async def run_worker(
     proxy = PlaneProxy(
         first["snapshot"],
         plane,
-        upstream_mark=options["upstream_mark"],
+        # Own-traffic bit (the data path lets it pass) plus the plane id (per-plane egress classes).
+        upstream_mark=options["upstream_mark"] | first["snapshot"].plane(plane).plane_id,
         source_address=sources,
         access_log=file_sink(options["access_log"]) if options.get("access_log") else None,
     )
