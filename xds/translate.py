@@ -15,6 +15,7 @@ from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf.message import DecodeError
 from netaddr import IPNetwork
 
 from planemesh.agent.config import (
@@ -331,30 +332,37 @@ def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str
     return out
 
 
+def _guarded(errors: Errors, path: str, fn, *args):
+    """One resource's translation; a malformed nested message (an undecodable typed_config) is its error."""
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        errors.add(exc)
+    except (DecodeError, ValueError, TypeError, KeyError) as exc:
+        errors.add(ConfigError(path, f"malformed resource: {exc}"))
+    return None
+
+
 def translate(resources: XdsResources, planes: tuple[Plane, ...]) -> Snapshot:
     """The complete update -> a validated Snapshot, or one ConfigError naming every bad resource."""
     errors = Errors()
     acc = _Acc(routes={}, sla={}, sla_origin={}, tcp_clusters=[])
     clusters = {}
     for name, cluster in sorted(resources.clusters.items()):
-        try:
-            clusters[name] = translate_cluster(cluster, resources.endpoints, planes, f"cluster[{name}]")
-        except ConfigError as exc:
-            errors.add(exc)
+        path = f"cluster[{name}]"
+        if (c := _guarded(errors, path, translate_cluster, cluster, resources.endpoints, planes, path)) is not None:
+            clusters[name] = c
     listeners: list[Listener] = []
     for name, listener in sorted(resources.listeners.items()):
-        try:
-            listeners += translate_listener(listener, planes, acc, f"listener[{name}]")
-        except ConfigError as exc:
-            errors.add(exc)
+        path = f"listener[{name}]"
+        listeners += _guarded(errors, path, translate_listener, listener, planes, acc, path) or []
     routes = dict(acc.routes)
     for name, rc in sorted(resources.routes.items()):
-        try:
-            if name in routes:
-                raise ConfigError(f"route_config[{name}]", "also defined inline in a listener")
-            routes[name] = translate_route_config(rc, f"route_config[{name}]")
-        except ConfigError as exc:
-            errors.add(exc)
+        path = f"route_config[{name}]"
+        if name in routes:
+            errors.add(ConfigError(path, "also defined inline in a listener"))
+        elif (r := _guarded(errors, path, translate_route_config, rc, path)) is not None:
+            routes[name] = r
     for path, cname in acc.tcp_clusters:
         if cname not in resources.clusters:
             errors.add(ConfigError(path, f"unknown cluster {cname!r}"))
