@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from envoy.service.discovery.v3 import discovery_pb2
 from planemesh.agent.config import ConfigError
 from planemesh.agent.static_config import load_default_config
 from planemesh.xds.client_state import AdsClientState, ApplyConfig, Mode, SendRequest
