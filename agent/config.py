@@ -6,10 +6,10 @@ build a Snapshot; consumers (BPF policy, proxy workers, plane SLA) read it. Noth
 
 from __future__ import annotations
 
+import copyreg
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-import copyreg
 from types import MappingProxyType
 
 from netaddr import IPNetwork

@@ -47,6 +47,8 @@ class AgentOptions:
     access_log: str | None = None
     drain_timeout_s: float = 5.0
     xds: str | None = None  # override the bootstrap's server address
+    xds_resources: Path | None = None  # serve this directory with an embedded management server
+    runtime_dir: Path = Path("/run/planemesh")
     datapath_only: bool = False  # programs and routes only: another proxy (e.g. Envoy in bench/) owns the ports
 
 
@@ -65,7 +67,10 @@ class Agent:
         self._proxy_reports: dict[str, list[dict[str, Any]]] = {}
         self.stopping = asyncio.Event()
         self._apply_lock = asyncio.Lock()
+        self._iface_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.failure: BaseException | None = None
+        self.embedded_xds_server: Any = None
         self._watch: NetlinkWatch | None = None
         self.xds_client: Any = None
 
@@ -110,7 +115,7 @@ class Agent:
             workers = PlaneWorkers(name, plane.sla.workers, listeners, self._worker_options())
             await workers.start(snap, sources)
             self.workers[name] = workers
-            self._tasks.append(asyncio.create_task(workers.supervise(), name=f"supervise-{name}"))
+            self.spawn(workers.supervise(), f"supervise-{name}")
         self.readiness.clear(LISTENERS_BOUND)
 
     def _worker_options(self) -> dict[str, Any]:
@@ -122,6 +127,10 @@ class Agent:
 
     # ---- interfaces --------------------------------------------------------------------------
     async def _sync_interfaces(self) -> None:
+        async with self._iface_lock:
+            await self._sync_interfaces_locked()
+
+    async def _sync_interfaces_locked(self) -> None:
         if self.snapshot is None:
             return
         snap = self.snapshot
@@ -140,9 +149,32 @@ class Agent:
             for workers in self.workers.values():
                 await workers.update(snap, sources)
 
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """A task owned by the agent: cancelled at shutdown; its failure stops the agent (no silent death)."""
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed: %r; stopping", task.get_name(), task.exception())
+            self.failure = task.exception()
+            self.stopping.set()
+
     def _on_links_changed(self) -> None:
-        self._tasks.append(asyncio.create_task(self._sync_interfaces(), name="sync-interfaces"))
-        self._tasks = [t for t in self._tasks if not t.done() or t.cancelled() or t.exception() is not None]
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self.spawn(self._resync_interfaces(), "sync-interfaces")
+
+    async def _resync_interfaces(self) -> None:
+        """After a netlink event. An interface can vanish mid-attach: log, and try again shortly."""
+        for attempt in range(3):
+            try:
+                await self._sync_interfaces()
+                return
+            except Exception as exc:
+                log.warning("interface sync failed (attempt %d): %s", attempt + 1, exc)
+                await asyncio.sleep(0.1 * (attempt + 1))
 
     # ---- health and stats --------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -184,8 +216,8 @@ class Agent:
             else:
                 await self._start_xds()
             await self._start_admin()
-            self._tasks.append(asyncio.create_task(self._collect_worker_stats(), name="worker-stats"))
-            self._tasks.append(asyncio.create_task(run_watchdog(self.notifier, self.healthy), name="watchdog"))
+            self.spawn(self._collect_worker_stats(), "worker-stats")
+            self.spawn(run_watchdog(self.notifier, self.healthy), "watchdog")
             await self.readiness.wait()
             self.notifier.ready(f"planes: {', '.join(self.workers)}")
             log.info("ready: planes %s", ", ".join(self.workers))
@@ -194,6 +226,8 @@ class Agent:
             self.notifier.stopping("draining")
         finally:
             await self.shutdown()
+        if self.failure is not None:
+            raise self.failure
 
     async def _start_xds(self) -> None:
         from planemesh.agent.xds_source import start_xds
@@ -210,6 +244,10 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.embedded_xds_server is not None:
+            from planemesh.agent.xds_source import stop_xds
+
+            await stop_xds(self)
         if self._watch is not None:
             self._watch.close()
         await asyncio.gather(
@@ -244,7 +282,7 @@ def enter_netns(name: str) -> None:
 def load_snapshot(options: AgentOptions) -> Snapshot | None:
     from planemesh.agent.static_config import load_default_config, load_static_config
 
-    if options.bootstrap is not None:
+    if options.bootstrap is not None or options.xds_resources is not None:
         return None
     return load_static_config(options.config) if options.config else load_default_config()
 
@@ -279,6 +317,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         drain_timeout_s=args.drain_timeout,
         xds=args.xds,
+        xds_resources=Path(args.xds_resources) if args.xds_resources else None,
         datapath_only=args.datapath_only,
     )
     return run_agent(options)
@@ -291,6 +330,11 @@ def add_agent_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=env_default("config"), help="static YAML config [PLANEMESH_CONFIG]")
     p.add_argument("--bootstrap", default=env_default("bootstrap"), help="xDS bootstrap YAML [PLANEMESH_BOOTSTRAP]")
     p.add_argument("--xds", default=env_default("xds"), help="xDS server: host:port or unix:///path [PLANEMESH_XDS]")
+    p.add_argument(
+        "--xds-resources",
+        default=env_default("xds_resources"),
+        help="serve this directory of Envoy resources from an embedded xDS server [PLANEMESH_XDS_RESOURCES]",
+    )
     p.add_argument("--netns", default=env_default("netns"), help="run inside this network namespace [PLANEMESH_NETNS]")
     p.add_argument(
         "--admin",

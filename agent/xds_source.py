@@ -1,0 +1,62 @@
+"""The agent's xDS side: a client of any control plane (--bootstrap), or of an embedded management
+server serving a directory of Envoy resources (--xds-resources, the single-node default).
+
+The client calls Agent.apply for every complete, validated snapshot; a ConfigError raised there becomes
+the NACK and the previous snapshot keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from typing import TYPE_CHECKING, Any
+
+from planemesh.agent.config import ConfigError
+
+if TYPE_CHECKING:
+    from planemesh.agent.daemon import Agent
+
+
+def _bootstrap(agent: Agent) -> Any:
+    from planemesh.xds.bootstrap import Bootstrap, check_target, load_bootstrap
+
+    opts = agent.options
+    if opts.bootstrap is not None:
+        boot = load_bootstrap(opts.bootstrap)
+    else:
+        # Embedded mode: the node's planes come from the static config (or the embedded default).
+        from planemesh.agent.static_config import load_default_config, load_static_config
+
+        planes = (load_static_config(opts.config) if opts.config else load_default_config()).planes
+        boot = Bootstrap(node_id=os.uname().nodename, cluster="planemesh", server="unix:///dev/null", planes=planes)
+    if opts.xds:
+        boot = dataclasses.replace(boot, server=check_target(opts.xds, "--xds"))
+    return boot
+
+
+async def start_xds(agent: Agent) -> Any:
+    from planemesh.xds.transport import XdsClient
+
+    opts = agent.options
+    boot = _bootstrap(agent)
+    if opts.xds_resources is not None:
+        from planemesh.xds.server import ManagementServer
+
+        if not opts.xds_resources.is_dir():
+            raise ConfigError("--xds-resources", f"{opts.xds_resources} is not a directory")
+        server = ManagementServer(opts.xds_resources)
+        runtime = opts.runtime_dir
+        runtime.mkdir(parents=True, exist_ok=True)
+        address = await server.start(f"unix://{runtime / f'xds-{os.getpid()}.sock'}")
+        agent.embedded_xds_server = server
+        boot = dataclasses.replace(boot, server=address)
+    client = XdsClient(boot, agent.apply)
+    agent.spawn(client.run(), "xds-client")
+    return client
+
+
+async def stop_xds(agent: Agent) -> None:
+    server = getattr(agent, "embedded_xds_server", None)
+    if server is not None:
+        await asyncio.wait_for(server.stop(), 5)
