@@ -45,7 +45,6 @@ class Downstream(asyncio.Protocol):
     __slots__ = (
         "active",
         "closed",
-        "eof",
         "ex",
         "head_bytes",
         "header_sum",
@@ -78,7 +77,6 @@ class Downstream(asyncio.Protocol):
         self.write_paused = False
         self.closed = False
         self.lingering = False
-        self.eof = False
         self.in_headers = False
         self.head_bytes = 0
         self.header_sum = 0
@@ -149,11 +147,8 @@ class Downstream(asyncio.Protocol):
             self.data_received(rest)
 
     def eof_received(self) -> bool | None:
-        if self.lingering:
-            return None
-        if self.active is not None:
-            self.eof = True  # half-close: answer the request in flight, then close
-            return True
+        # As Envoy by default: a client's FIN ends the connection and the request in flight (DC). A socket
+        # cannot tell a half-close from a close, and a closed client would only get our response as RST.
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -332,7 +327,7 @@ class Downstream(asyncio.Protocol):
             return
         self.active = None
         self.resume(PAUSE_BUFFER)
-        if abort or not ex.keep_alive or self.eof or self.proxy.draining:
+        if abort or not ex.keep_alive or self.proxy.draining:
             self.close()
             return
         self.last_active = self.proxy.loop.time()

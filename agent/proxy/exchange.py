@@ -32,6 +32,7 @@ from planemesh.agent.proxy.limits import rate_limited_headers
 from planemesh.agent.proxy.routing import redirect_location, split_target
 
 if TYPE_CHECKING:
+    from planemesh.agent.config import Cluster
     from planemesh.agent.proxy.downstream import Downstream
     from planemesh.agent.proxy.upstream import UpstreamConnection
 
@@ -59,6 +60,7 @@ class Exchange:
         "body_streamed",
         "bytes_rx",
         "bytes_tx",
+        "cluster",
         "conn",
         "connect_task",
         "connection_values",
@@ -132,6 +134,7 @@ class Exchange:
         self.upstream_addr: tuple[str, int] | None = None
         self.upstream_key: tuple | None = None
         self.t_upstream = 0.0
+        self.cluster: Cluster | None = None
         self.conn: UpstreamConnection | None = None
         self.connect_task = None
         self.up_out: list[bytes] = []
@@ -208,6 +211,7 @@ class Exchange:
             if target is None:
                 return self.reply(503, b"no healthy upstream\n", (), flags.UF)
         self.upstream_addr = target
+        self.cluster = cluster
         self.tries_left = sla.retries
         self.head = self._request_head(route)
         self.up_out.insert(0, self.head)
@@ -301,7 +305,7 @@ class Exchange:
         if self.tries_left > 0 and "connect-failure" in self.ds.proxy.sla.retry_on and not self.body_streamed:
             self.tries_left -= 1
             stats.retries += 1
-            self.ds.proxy.pool.acquire_for(self, self.upstream_addr, self.ds.proxy.sla.connect_timeout_s)
+            self.ds.proxy.pool.acquire_for(self, self._next_target(), self.ds.proxy.sla.connect_timeout_s)
             return
         self.reply(503, b"upstream connect error\n", (), flags.UF if self.tries_left == self.ds.proxy.sla.retries
                    else flags.UF + "," + flags.URX)
@@ -319,6 +323,11 @@ class Exchange:
                 parts.append(CRLF)
                 self.ds.out.append(b"".join(parts))
             return
+        if status >= 500 and self.tries_left > 0 and self.req_done and not self.body_streamed:
+            retry_on = self.ds.proxy.sla.retry_on
+            if "5xx" in retry_on or ("gateway-error" in retry_on and status in (502, 503, 504)):
+                self.retry_now()  # this response is dropped with its connection
+                return
         self.upstream_ms = int((_perf() - self.t_upstream) * 1000)
         self.status = status
         self.resp_started = True
@@ -397,8 +406,8 @@ class Exchange:
             if not conn.reused:
                 self.tries_left -= 1
                 proxy.stats.retries += 1
-            self.up_out.insert(0, self.head)
-            proxy.pool.connect_for(self, self.upstream_addr, proxy.sla.connect_timeout_s)
+            self._rearm_request()
+            proxy.pool.connect_for(self, self._next_target(), proxy.sla.connect_timeout_s)
             return
         self.reply(503, b"upstream connect error or disconnect/reset before headers\n", (), flags.UC)
         self.ds.flush()
@@ -427,8 +436,8 @@ class Exchange:
             proxy.stats.retries += 1
             self._drop_upstream()
             self.try_deadline = min(self.deadline, now + (proxy.sla.per_try_timeout_s or 0.0))
-            self.up_out.insert(0, self.head)
-            proxy.pool.connect_for(self, self.upstream_addr, proxy.sla.connect_timeout_s)
+            self._rearm_request()
+            proxy.pool.connect_for(self, self._next_target(), proxy.sla.connect_timeout_s)
             return
         self.deadline = self.try_deadline = float("inf")
         if self.resp_started:
@@ -438,6 +447,27 @@ class Exchange:
         else:
             self.reply(504, b"upstream request timeout\n", (), flags.UT)
         self.ds.flush()
+
+    def retry_now(self) -> None:
+        proxy = self.ds.proxy
+        self.tries_left -= 1
+        proxy.stats.retries += 1
+        self._drop_upstream()
+        self._rearm_request()
+        proxy.pool.connect_for(self, self._next_target(), proxy.sla.connect_timeout_s)
+
+    def _next_target(self) -> tuple[str, int]:
+        """Where a retry goes: the cluster's next endpoint (the original destination stays the same)."""
+        if self.cluster is not None:
+            picked = self.ds.proxy.table.balancer.pick(self.cluster, self.ds.local)
+            if picked is not None:
+                self.upstream_addr = picked
+                self.upstream_key = None
+        return self.upstream_addr  # type: ignore[return-value]
+
+    def _rearm_request(self) -> None:
+        """What a new attempt sends: the head again (retries only happen before any body byte went out)."""
+        self.up_out = [self.head, LAST_CHUNK] if self.req_chunked and self.req_done else [self.head]
 
     def on_downstream_lost(self) -> None:
         if self.finished:

@@ -53,12 +53,22 @@ def connection_tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
+_DROPPED: dict[tuple[bytes, ...], frozenset[bytes]] = {}
+
+
 def dropped_names(connection_values: list[bytes]) -> frozenset[bytes]:
-    """HOP_BY_HOP plus every header a Connection header names."""
+    """HOP_BY_HOP plus every header a Connection header names (memoised: almost always "keep-alive")."""
+    key = tuple(connection_values)
+    found = _DROPPED.get(key)
+    if found is not None:
+        return found
     names = {tok for value in connection_values for tok in connection_tokens(value)}
     names.discard(b"close")
     names.discard(b"keep-alive")
-    return HOP_BY_HOP | names if names else HOP_BY_HOP
+    found = HOP_BY_HOP | names if names else HOP_BY_HOP
+    if len(_DROPPED) < 1024:  # values come from peers: keep the memo bounded
+        _DROPPED[key] = found
+    return found
 
 
 def append_headers(parts: list[bytes], headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> None:

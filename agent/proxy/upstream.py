@@ -230,7 +230,8 @@ class UpstreamPool:
             ex.overloaded(b"pending")
             ex.ds.flush()
             return
-        key = ex.upstream_key or self.key_for(addr)[0]
+        key, ex.upstream_host = self.key_for(addr)
+        ex.upstream_key = key
         if not ex.pending:
             ex.pending = True
             stats.requests_pending += 1

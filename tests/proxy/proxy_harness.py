@@ -106,6 +106,15 @@ class BackendHandler(http.server.BaseHTTPRequestHandler):
         elif path.startswith("/slow"):
             time.sleep(float(path.split("/")[2]))
             self._send(200, b"slow\n")
+        elif path.startswith("/status/"):
+            self._send(int(path.split("/")[2]), b"status\n")
+        elif path.startswith("/fail-once/"):  # 503 the first time a key is seen, 200 afterwards
+            first = path not in self.server.failed_once
+            self.server.failed_once.add(path)
+            self._send(503 if first else 200, b"first\n" if first else b"second\n")
+        elif path.startswith("/reset"):  # close without any response
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
         elif path == "/204":
             self._send(204, b"")
         elif path == "/304":
@@ -130,6 +139,7 @@ class Backend(http.server.ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, 0), BackendHandler)
         self.seen: list[tuple[str, str, dict[str, str]]] = []
+        self.failed_once: set[str] = set()
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
