@@ -149,11 +149,15 @@ class ManagementServer:
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
-    async def start(self, address: str = "127.0.0.1:0") -> str:
+    async def start(self, address: str = "127.0.0.1:0", credentials: grpc.ServerCredentials | None = None) -> str:
+        """Listen (TLS with `credentials`, e.g. grpc.ssl_server_credentials) and return the bound address."""
         self.reload()
         server = grpc.aio.server()
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_AdsServicer(self), server)
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
         if not address.startswith("unix:") and port == 0:
             raise OSError(f"cannot listen on {address}")
         await server.start()

@@ -272,3 +272,77 @@ def test_xds_server_command_serves_the_examples_and_stats_feed_the_admin(tmp_pat
     report = coerce_report(client.stats_report())
     assert report.xds_connected is True or report.xds_connected is False
     assert {r.type_url: (r.acks, r.resources) for r in report.xds}[CLUSTER] == (1, 3)
+
+
+def _pki(tmp_path):
+    """A throwaway CA and a server certificate for "xds.test" (cryptography, no network)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(subject, issuer, key, signer, ca):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, srv_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("planemesh test CA", "planemesh test CA", ca_key, ca_key, True)
+    srv = cert("xds.test", "planemesh test CA", srv_key, ca_key, False)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
+    key_pem = srv_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return ca.public_bytes(pem), srv.public_bytes(pem), key_pem
+
+
+def test_tls_to_the_management_server(tmp_path):
+    resdir = tmp_path / "res"
+    resdir.mkdir()
+    write_resources(resdir, "c.yaml", [cluster_doc("secure")])
+    _ca, srv_cert, srv_key = _pki(tmp_path)
+
+    async def scenario():
+        server = ManagementServer(resdir)
+        address = await server.start("127.0.0.1:0", grpc.ssl_server_credentials([(srv_key, srv_cert)]))
+        boot = bootstrap_from_dict(
+            {
+                "node": {"id": "tls"},
+                "planes": PLANES,
+                "timing": {"backoff_base_s": 0.05, "backoff_max_s": 0.2},
+                "server": {"address": address, "tls": {"ca": str(tmp_path / "ca.pem"), "server_name": "xds.test"}},
+            }
+        )
+        applied: list = []
+
+        async def apply(snapshot):
+            applied.append(snapshot)
+
+        client = XdsClient(boot, apply)
+        plain = make_client(address)  # the same server without TLS: refused, never configured
+        tasks = [asyncio.create_task(client.run()), asyncio.create_task(plain.run())]
+        try:
+            await until(lambda: applied, what="a snapshot over TLS")
+            await asyncio.sleep(0.3)
+            return applied, plain
+        finally:
+            for t in tasks:
+                t.cancel()
+            await server.stop(0)
+
+    applied, plain = asyncio.run(scenario())
+    assert "secure" in applied[-1].clusters
+    assert plain.snapshot is None and plain.last_error and plain.streams >= 1
