@@ -55,6 +55,11 @@ def start_servers(lab: Lab) -> list[subprocess.Popen]:
     ]
 
 
+def default_xds_resources() -> Path:
+    """The demo's Envoy resources, served by the agent's embedded xDS server."""
+    return Path(__file__).with_name("default-xds")
+
+
 def start_agent(lab: Lab, workdir: Path, extra: list[str] | None = None) -> subprocess.Popen:
     argv = [
         sys.executable, "-m", "planemesh.agent.cli", "agent",
@@ -147,6 +152,17 @@ def agent_plane_summary(sock: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def xds_summary(sock: Path) -> str:
+    from planemesh.agent.admin_client import AdminClient, AdminUnreachable
+
+    try:
+        _, stats = AdminClient(f"unix://{sock}").get_json("/stats?format=json")
+    except AdminUnreachable:
+        return "-"
+    rows = stats.get("xds", [])
+    return ", ".join(f"{r['type_url'].rsplit('.', 1)[-1]} v{r['version']} ({r['acks']} ACK)" for r in rows) or "-"
+
+
 def run_demo(prefix: str, requests: int) -> int:
     lab = load_lab(prefix=prefix)
     print(f"planemesh demo: building lab {lab.spec.name!r} (namespaces {lab.ns_prefix}*)", flush=True)
@@ -155,8 +171,12 @@ def run_demo(prefix: str, requests: int) -> int:
         workdir = Path(tmp)
         try:
             procs += start_servers(lab)
-            print("planemesh demo: starting the agent in the node namespace (embedded default config)", flush=True)
-            agent = start_agent(lab, workdir)
+            print(
+                "planemesh demo: starting the agent in the node namespace, configured over xDS by its embedded"
+                f" management server from {default_xds_resources()}",
+                flush=True,
+            )
+            agent = start_agent(lab, workdir, ["--xds-resources", str(default_xds_resources())])
             procs.append(agent)
             started = time.perf_counter()
             rows = drive(lab, requests)
@@ -172,6 +192,7 @@ def run_demo(prefix: str, requests: int) -> int:
             ok = all(
                 r.http_ok == r.http_total and r.request_id_seen and r.tcp_ok and r.tcp_peer_is_client for r in rows
             )
+            print(f"xDS: {xds_summary(workdir / 'admin.sock')}")
             print("RESULT:", "PASS" if ok else "FAIL")
             return 0 if ok else 1
         finally:
