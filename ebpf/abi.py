@@ -37,6 +37,15 @@ PM_POLICY_ADDR_OFFSET_BITS = 64
 PM_FAMILY_V4 = 4
 PM_FAMILY_V6 = 6
 
+PM_HTB_MAJOR = 0x504D
+PM_HTB_ROOT_MINOR = 0x1
+PM_HTB_PLANE_MINOR_BASE = 0x100
+PM_HTB_DEFAULT_MINOR = 0xFFFF
+
+PM_DEST_ADDR_OFFSET_BITS = 32
+PM_HOST_MAX_DEST = 16384
+PM_HOST_MAX_CONNS = 65536
+
 
 class Action(IntEnum):
     """enum pm_action: a contract, never renumber."""
@@ -121,6 +130,38 @@ class PmConfig(ctypes.Structure):
     ]
 
 
+class PmDestKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("addr", ctypes.c_uint8 * 16),  # network order
+    ]
+
+
+class PmDestVal(ctypes.Structure):
+    _fields_ = [("plane_id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class PmHostOrig(ctypes.Structure):
+    _fields_ = [
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),  # network order
+        ("plane_id", ctypes.c_uint32),
+        ("addr", ctypes.c_uint8 * 16),  # network order
+    ]
+
+
+class PmHostPeer(ctypes.Structure):
+    _fields_ = [
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),  # host order
+        ("addr", ctypes.c_uint8 * 16),  # network order
+    ]
+
+
 # C struct name -> mirror, for the ABI test and for converting bcc's generated types.
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "pm_iface": PmIface,
@@ -130,6 +171,35 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "pm_counter": PmCounter,
     "pm_config": PmConfig,
 }
+
+# Host-mode types (pm_host.c's maps), checked by tests/bpf/test_hostmode_abi.py.
+HOST_STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "pm_dest_key": PmDestKey,
+    "pm_dest_val": PmDestVal,
+    "pm_host_orig": PmHostOrig,
+    "pm_host_peer": PmHostPeer,
+}
+
+
+def htb_classid(minor: int) -> int:
+    """The full tc class id PM_HTB_MAJOR:minor."""
+    return (PM_HTB_MAJOR << 16) | (minor & 0xFFFF)
+
+
+def plane_classid(plane_id: int) -> int:
+    """The HTB class the egress classifier picks for plane_id (see pm_egress.c)."""
+    return htb_classid(PM_HTB_PLANE_MINOR_BASE + plane_id)
+
+
+def dest_key_bytes(network: str) -> bytes:
+    """The bytes of a pm_dest_key for a plane CIDR. Raises ValueError on a malformed network."""
+    net = ipaddress.ip_network(network, strict=False)
+    key = PmDestKey()
+    key.family = PM_FAMILY_V4 if net.version == 4 else PM_FAMILY_V6
+    key.prefixlen = PM_DEST_ADDR_OFFSET_BITS + net.prefixlen
+    packed = net.network_address.packed
+    ctypes.memmove(key.addr, packed, len(packed))
+    return bytes(key)
 
 
 def policy_key_bytes(plane_id: int, port: int, network: str | None) -> bytes:

@@ -124,4 +124,50 @@ struct pm_config {
 	__u32 pad;         /* zero */
 };
 
+/* ---- egress shaping (pm_egress.c on an HTB root qdisc; planemesh.netplanes.bandwidth) ----------
+ * The HTB qdisc we own has handle PM_HTB_MAJOR:0; its root class is PM_HTB_MAJOR:PM_HTB_ROOT_MINOR,
+ * plane P's class is PM_HTB_MAJOR:(PM_HTB_PLANE_MINOR_BASE + P), unmarked traffic goes to the default
+ * class PM_HTB_MAJOR:PM_HTB_DEFAULT_MINOR. The classifier sets skb->tc_classid from the plane bits of
+ * skb->mark (PM_MARK_PLANE_MASK); a class that does not exist falls back to the default class.
+ */
+#define PM_HTB_MAJOR 0x504d
+#define PM_HTB_ROOT_MINOR 0x1
+#define PM_HTB_PLANE_MINOR_BASE 0x100
+#define PM_HTB_DEFAULT_MINOR 0xffff
+
+/* ---- host mode (pm_host.c: cgroup connect4/connect6 + sock_ops) --------------------------------
+ * map pm_host_dest: LPM trie struct pm_dest_key -> struct pm_dest_val, the plane of a destination.
+ * Match data after prefixlen: family (8), pad (24), addr (128); prefixlen = 32 + network length.
+ * Policy and plane settings reuse struct pm_policy_key/val and struct pm_plane (maps pm_host_policy,
+ * pm_host_planes), with the same meaning as for the TC program.
+ */
+#define PM_DEST_ADDR_OFFSET_BITS 32
+#define PM_HOST_MAX_DEST 16384
+#define PM_HOST_MAX_CONNS 65536
+struct pm_dest_key {
+	__u32 prefixlen; /* host order */
+	__u8 family;     /* PM_FAMILY_V4 / PM_FAMILY_V6 */
+	__u8 pad[3];     /* zero */
+	__u8 addr[16];   /* NETWORK order; IPv4 in addr[0..3] */
+};
+struct pm_dest_val {
+	__u32 plane_id; /* host order */
+	__u32 flags;    /* host order; reserved, zero */
+};
+/* The original destination of a redirected connect (value of pm_host_by_cookie / pm_host_by_peer). */
+struct pm_host_orig {
+	__u8 family;   /* PM_FAMILY_V4 / PM_FAMILY_V6 */
+	__u8 pad;      /* zero */
+	__be16 port;   /* NETWORK order */
+	__u32 plane_id;/* host order */
+	__u8 addr[16]; /* NETWORK order; IPv4 in addr[0..3] */
+};
+/* Key of pm_host_by_peer: the redirected socket's local (source) address as the proxy sees its peer. */
+struct pm_host_peer {
+	__u8 family;   /* PM_FAMILY_V4 / PM_FAMILY_V6 */
+	__u8 pad;      /* zero */
+	__u16 port;    /* HOST order (sock_ops local_port is host order) */
+	__u8 addr[16]; /* NETWORK order; IPv4 in addr[0..3] */
+};
+
 #endif /* PM_ABI_H */
