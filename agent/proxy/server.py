@@ -20,6 +20,7 @@ from planemesh.agent.proxy.balancer import Balancer
 from planemesh.agent.proxy.downstream import Downstream
 from planemesh.agent.proxy.exchange import Exchange
 from planemesh.agent.proxy.limits import TokenBucket, bucket_for
+from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffListener, SniffStats
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.stats import PlaneStats
 from planemesh.agent.proxy.upstream import UpstreamPool
@@ -84,6 +85,7 @@ class PlaneProxy:
         clock: Callable[[], float] = time.monotonic,
         max_idle_per_key: int = 64,
         tick_s: float = 1.0,
+        sniff_timeout_s: float = DEFAULT_SNIFF_TIMEOUT_S,
     ) -> None:
         self.plane_name = plane
         self.upstream_mark = upstream_mark
@@ -105,6 +107,9 @@ class PlaneProxy:
         self.draining = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by serve()
         self._servers: list[asyncio.base_events.Server] = []
+        self.sniff_stats = SniffStats()
+        self.sniff_timeout_s = sniff_timeout_s
+        self._sniffers: list[tuple[SniffListener, asyncio.Task]] = []
         self._stopped: asyncio.Future[None] | None = None
         self._tick_s = tick_s
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -120,7 +125,12 @@ class PlaneProxy:
     async def start(self, sock: socket.socket) -> None:
         """Begin accepting on an already-bound listening socket and return (serve() also waits)."""
         self._bind_loop()
-        self.listen_ports.add(sock.getsockname()[1])
+        port = sock.getsockname()[1]
+        self.listen_ports.add(port)
+        if port == self.table.router.plane.sniff_port:  # undeclared ports: peek first, then dispatch
+            sniffer = SniffListener(self, sock, self.sniff_timeout_s)
+            self._sniffers.append((sniffer, self.loop.create_task(sniffer.serve(), name=f"sniff-{port}")))
+            return
         server = await self.loop.create_server(lambda: Downstream(self), sock=sock)
         self._servers.append(server)
 
@@ -157,6 +167,9 @@ class PlaneProxy:
         self.draining = True
         for server in self._servers:
             server.close()
+        for sniffer, task in self._sniffers:
+            sniffer.close()
+            task.cancel()
         for conn in list(self.connections):
             if conn.active is None:
                 conn.close()

@@ -1,0 +1,340 @@
+"""The sniffing listener of a plane and the opaque TCP passthrough it falls back to.
+
+Connections to undeclared ports arrive here. We peek (MSG_PEEK: nothing is consumed) until sniff.classify()
+decides, or until `timeout_s` passes without a decision (server-first protocols such as SMTP, MySQL, SSH send
+nothing first). HTTP/1.x goes to the same Downstream as declared ports, h2 prior knowledge to the h2 path, TLS
+and everything else is copied byte for byte to the original destination (SNI and ALPN counted).
+
+Peeking again only when *more* bytes arrived: SO_RCVLOWAT is raised to one byte above what was already seen,
+so readiness does not fire again for the same bytes (no busy loop). A readiness event that brings no new
+byte means the client half-closed: decide now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from planemesh.agent.proxy.balancer import normalise_ip
+from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classify
+
+if TYPE_CHECKING:
+    from planemesh.agent.proxy.server import PlaneProxy
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+MAX_SNI_NAMES = 1024  # distinct SNI names counted; the rest are counted under "(other)"
+DEFAULT_SNIFF_TIMEOUT_S = 0.3
+
+
+class SniffStats:
+    """Counters of the sniffing listener: verdicts, SNI names, passthrough connections and bytes."""
+
+    __slots__ = ("alpn", "bytes_down", "bytes_up", "connect_failures", "kinds", "passthrough_active",
+                 "passthrough_total", "silent_clients", "sni")
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, int] = {k.value: 0 for k in Kind}
+        self.sni: dict[str, int] = {}
+        self.alpn: dict[str, int] = {}
+        self.silent_clients = 0  # nothing sent first within the timeout (server-first protocols)
+        self.passthrough_active = 0
+        self.passthrough_total = 0
+        self.connect_failures = 0
+        self.bytes_up = 0  # client -> server
+        self.bytes_down = 0  # server -> client
+
+    def record(self, verdict: Verdict) -> None:
+        self.kinds[verdict.kind.value] += 1
+        if verdict.kind is Kind.TLS:
+            name = verdict.sni or "(none)"
+            if name not in self.sni and len(self.sni) >= MAX_SNI_NAMES:
+                name = "(other)"
+            self.sni[name] = self.sni.get(name, 0) + 1
+            for proto in verdict.alpn[:4]:
+                if proto in self.alpn or len(self.alpn) < 64:
+                    self.alpn[proto] = self.alpn.get(proto, 0) + 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {name: (dict(v) if isinstance(v := getattr(self, name), dict) else v) for name in self.__slots__}
+
+
+async def peek_verdict(sock: socket.socket, timeout_s: float) -> Verdict:
+    """Peek at a freshly accepted (non-blocking) socket until the classifier decides or time runs out."""
+    loop = asyncio.get_running_loop()
+    seen = b""
+    deadline = loop.time() + timeout_s
+    try:
+        while True:
+            try:
+                data = sock.recv(MAX_PEEK, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                data = seen
+            except OSError:
+                return OPAQUE  # reset before deciding: the passthrough will fail fast too
+            if data and len(data) == len(seen) and _readable_now(sock):
+                return classify(data, final=True)  # readable without new bytes: the client sent FIN
+            if not data and _readable_now(sock):
+                return OPAQUE  # FIN without a byte
+            seen = data
+            verdict = classify(data, final=len(data) >= MAX_PEEK)
+            if verdict is not None:
+                return verdict
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
+            left = deadline - loop.time()
+            if left <= 0 or not await _wait_readable(loop, sock, left):
+                return classify(seen, final=True)
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+def _readable_now(sock: socket.socket) -> bool:
+    """A poll that ignores SO_RCVLOWAT's effect on data (FIN and errors still wake it)."""
+    import select
+
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bool:
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        async with asyncio.timeout(timeout):
+            await fut
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a byte tunnel: what it reads goes to its peer. Back-pressure: when our peer's write
+    buffer is full we stop reading. Half-close: our EOF becomes the peer's write_eof(); closed when both
+    directions ended."""
+
+    __slots__ = ("count", "eof", "on_lost", "peer", "pending", "pending_eof", "transport")
+
+    def __init__(self, count: Callable[[int], None], on_lost: Callable[[], None]) -> None:
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Pipe = None  # type: ignore[assignment]
+        self.count = count
+        self.pending: list[bytes] = []  # read before the peer's transport existed
+        self.pending_eof = False
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = self.peer
+        if peer.pending:
+            self.transport.write(b"".join(peer.pending))  # type: ignore[union-attr]
+            peer.pending.clear()
+        if peer.pending_eof:
+            self._write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        self.count(len(data))
+        out = self.peer.transport
+        if out is None:
+            self.pending.append(data)
+        else:
+            out.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.peer.transport is None:
+            self.pending_eof = True
+        else:
+            self.peer._write_eof()
+        if self.peer.eof:
+            self.close()
+            self.peer.close()
+        return True  # keep the other direction open
+
+    def _write_eof(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+
+    def pause_writing(self) -> None:
+        if self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.peer.close()
+        self.on_lost()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # flushes what is buffered first
+
+
+async def open_upstream(host: str, port: int, *, mark: int, source: str | None, timeout: float) -> socket.socket:
+    """A connected, non-blocking upstream socket with the proxy's SO_MARK and the plane's source address
+    (the same rules as HTTP upstreams in upstream.py)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if mark:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        if source:
+            sock.bind((source, 0))
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with RST: the client sees the failure as the upstream's (refused/reset), not as an empty reply."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def splice_sockets(a: socket.socket, b: socket.socket, count_ab: Callable[[int], None],
+                         count_ba: Callable[[int], None]) -> asyncio.Future[None]:
+    """Copy bytes both ways between two connected sockets until both directions ended. Returns a future
+    that completes when both are closed."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    left = [2]
+
+    def on_lost() -> None:
+        left[0] -= 1
+        if left[0] == 0 and not done.done():
+            done.set_result(None)
+
+    pa, pb = _Pipe(count_ab, on_lost), _Pipe(count_ba, on_lost)
+    pa.peer, pb.peer = pb, pa
+    try:
+        await loop.connect_accepted_socket(lambda: pb, b)
+    except BaseException:
+        a.close()
+        b.close()
+        raise
+    try:
+        await loop.connect_accepted_socket(lambda: pa, a)
+    except BaseException:
+        a.close()
+        pb.close()
+        raise
+    return done
+
+
+class SniffListener:
+    """Accepts on a plane's sniff port and dispatches each connection by its first bytes."""
+
+    def __init__(self, proxy: PlaneProxy, sock: socket.socket, timeout_s: float = DEFAULT_SNIFF_TIMEOUT_S) -> None:
+        self.proxy = proxy
+        self.sock = sock
+        self.timeout_s = timeout_s
+        self.stats: SniffStats = proxy.sniff_stats
+        self.tasks: set[asyncio.Task] = set()
+        self.closed = False
+
+    async def serve(self) -> None:
+        loop = self.proxy.loop
+        try:
+            while not self.closed:
+                try:
+                    conn, _ = await loop.sock_accept(self.sock)
+                except OSError:
+                    if self.closed:
+                        return
+                    await asyncio.sleep(0.01)  # EMFILE and friends: do not spin
+                    continue
+                conn.setblocking(False)
+                task = loop.create_task(self.handle(conn))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        for task in list(self.tasks):
+            task.cancel()
+
+    async def handle(self, conn: socket.socket) -> None:
+        proxy = self.proxy
+        try:
+            verdict = await peek_verdict(conn, self.timeout_s)
+        except BaseException:
+            conn.close()
+            raise
+        if verdict.kind is Kind.OPAQUE and not _has_bytes(conn):
+            self.stats.silent_clients += 1
+        self.stats.record(verdict)
+        if verdict.kind is Kind.HTTP1:
+            from planemesh.agent.proxy.downstream import Downstream
+
+            await proxy.loop.connect_accepted_socket(lambda: Downstream(proxy), conn)
+            return
+        if verdict.kind is Kind.H2:
+            from planemesh.agent.proxy.h2 import H2Downstream
+
+            await proxy.loop.connect_accepted_socket(lambda: H2Downstream(proxy), conn)
+            return
+        await self.passthrough(conn)
+
+    async def passthrough(self, conn: socket.socket) -> None:
+        proxy = self.proxy
+        stats = self.stats
+        try:
+            host, port = proxy.original_destination(conn.getsockname(), conn.getpeername())
+        except OSError:
+            conn.close()
+            return
+        host = normalise_ip(host)
+        if port in proxy.listen_ports:
+            reset(conn)  # not intercepted: it would loop back into us
+            return
+        source = proxy.source_address(host) if proxy.source_address is not None else None
+        try:
+            up = await open_upstream(host, port, mark=proxy.upstream_mark, source=source,
+                                     timeout=proxy.sla.connect_timeout_s)
+        except (OSError, TimeoutError):
+            stats.connect_failures += 1
+            reset(conn)
+            return
+        except BaseException:
+            conn.close()
+            raise
+        stats.passthrough_active += 1
+        stats.passthrough_total += 1
+        try:
+            done = await splice_sockets(conn, up, self._count_up, self._count_down)
+            await done
+        finally:
+            stats.passthrough_active -= 1
+
+    def _count_up(self, n: int) -> None:
+        self.stats.bytes_up += n
+
+    def _count_down(self, n: int) -> None:
+        self.stats.bytes_down += n
+
+
+def _has_bytes(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False

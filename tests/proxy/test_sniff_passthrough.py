@@ -1,0 +1,239 @@
+"""The sniffing listener over real loopback sockets: HTTP/1.1 goes through the L7 proxy, TLS and opaque
+protocols are passed through byte-exact with half-close, server-first protocols after the sniff timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from planemesh.agent.proxy.server import PlaneProxy, make_listener_socket
+from tests.proxy.proxy_harness import PLANE, Backend, free_port, make_snapshot
+
+SNIFF_TIMEOUT_S = 0.15
+
+
+class SniffProxy:
+    """A PlaneProxy with only a sniffing listener on 127.0.0.1; `target` plays the original destination
+    (a transparent socket would report it as getsockname())."""
+
+    def __init__(self) -> None:
+        self.sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
+        self.port = self.sock.getsockname()[1]
+        self.target: tuple[str, int] = ("127.0.0.1", 9)
+        snap = make_snapshot(free_port(), [])
+        snap = replace(snap, planes=(replace(snap.planes[0], sniff_port=self.port),))
+        self.proxy = PlaneProxy(snap, PLANE, tick_s=0.05, sniff_timeout_s=SNIFF_TIMEOUT_S,
+                                original_destination=lambda sockname, peer: self.target)
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            await self.proxy.start(self.sock)
+            self._ready.set()
+            await self.proxy.wait_closed()
+
+        try:
+            self.loop.run_until_complete(main())
+        finally:
+            self.loop.close()
+
+    def __enter__(self) -> SniffProxy:
+        self.thread.start()
+        assert self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.proxy.drain(0.2), self.loop).result(timeout=5)
+        finally:
+            self.thread.join(timeout=5)
+            self.sock.close()
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=5)
+
+
+class TcpServer:
+    """A one-thread-per-connection TCP server on 127.0.0.1 running `handler(conn)`."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], wrap: ssl.SSLContext | None = None) -> None:
+        self.handler = handler
+        self.wrap = wrap
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.lsock.settimeout(0.2)
+        self.addr = self.lsock.getsockname()
+        self.stop = False
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while not self.stop:
+            try:
+                conn, _ = self.lsock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        try:
+            if self.wrap is not None:
+                conn = self.wrap.wrap_socket(conn, server_side=True)
+            self.handler(conn)
+        except BaseException as exc:  # reported by the test through self.errors
+            self.errors.append(exc)
+        finally:
+            conn.close()
+
+    def __enter__(self) -> TcpServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop = True
+        self.thread.join(timeout=2)
+        self.lsock.close()
+
+
+def recv_all(sock: socket.socket, limit: int = 64 << 20) -> bytes:
+    out = bytearray()
+    while len(out) < limit:
+        data = sock.recv(65536)
+        if not data:
+            break
+        out += data
+    return bytes(out)
+
+
+@pytest.fixture
+def sniffer() -> Iterator[SniffProxy]:
+    with SniffProxy() as proxy:
+        yield proxy
+
+
+def test_http1_on_undeclared_port_is_proxied(sniffer: SniffProxy) -> None:
+    with Backend() as backend:
+        sniffer.target = ("127.0.0.1", backend.port)
+        with sniffer.connect() as s:
+            s.sendall(b"GET /sniffed HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+            reply = recv_all(s)
+        assert reply.startswith(b"HTTP/1.1 200")
+        method, path, headers = backend.seen[-1]
+        assert (method, path) == ("GET", "/sniffed")
+        assert "x-request-id" in headers  # went through the L7 proxy, not passed through
+    assert sniffer.proxy.sniff_stats.kinds["http1"] == 1
+
+
+def _reverse_after_eof(conn: socket.socket) -> None:
+    data = recv_all(conn)  # until the client's half-close
+    conn.sendall(hashlib.sha256(data).digest() + data[::-1])
+
+
+def test_binary_protocol_is_byte_exact_with_half_close(sniffer: SniffProxy) -> None:
+    payload = os.urandom(3 << 20) + b"\x00\xff" * 1000
+    with TcpServer(_reverse_after_eof) as server:
+        sniffer.target = server.addr
+        with sniffer.connect() as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)  # half-close: the reply must still arrive
+            reply = recv_all(s)
+        assert not server.errors
+    assert reply[:32] == hashlib.sha256(payload).digest()
+    assert reply[32:] == payload[::-1]
+    stats = sniffer.proxy.sniff_stats
+    assert stats.kinds["opaque"] == 1
+    assert stats.bytes_up == len(payload) and stats.bytes_down == len(reply)
+
+
+def _banner_then_echo(conn: socket.socket) -> None:
+    conn.sendall(b"220 mail.test ESMTP ready\r\n")
+    while data := conn.recv(4096):
+        conn.sendall(b"250 " + data)
+
+
+def test_server_first_protocol_after_the_timeout(sniffer: SniffProxy) -> None:
+    with TcpServer(_banner_then_echo) as server:
+        sniffer.target = server.addr
+        t0 = time.monotonic()
+        with sniffer.connect() as s:
+            banner = s.recv(100)
+            waited = time.monotonic() - t0
+            s.sendall(b"EHLO client\r\n")
+            assert s.recv(100) == b"250 EHLO client\r\n"
+            s.shutdown(socket.SHUT_WR)
+            assert recv_all(s) == b""
+    assert banner == b"220 mail.test ESMTP ready\r\n"
+    assert SNIFF_TIMEOUT_S * 0.9 <= waited < SNIFF_TIMEOUT_S + 1.0
+    assert sniffer.proxy.sniff_stats.silent_clients == 1
+
+
+def _self_signed(tmp: Path, name: str) -> tuple[Path, Path, bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path, cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_tls_is_passed_through_untouched_and_sni_counted(sniffer: SniffProxy, tmp_path: Path) -> None:
+    cert, key, der = _self_signed(tmp_path, "secure.test")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    server_ctx.set_alpn_protocols(["h2", "http/1.1"])
+
+    def echo(conn: socket.socket) -> None:
+        conn.sendall(b"hello over tls:" + conn.recv(100))
+
+    with TcpServer(echo, wrap=server_ctx) as server:
+        sniffer.target = server.addr
+        client_ctx = ssl.create_default_context(cafile=str(cert))  # verifies: only the real server's cert passes
+        client_ctx.set_alpn_protocols(["h2", "http/1.1"])
+        with sniffer.connect() as raw, client_ctx.wrap_socket(raw, server_hostname="secure.test") as s:
+            assert s.getpeercert(binary_form=True) == der
+            assert s.selected_alpn_protocol() == "h2"
+            s.sendall(b"ping")
+            assert s.recv(100) == b"hello over tls:ping"
+    stats = sniffer.proxy.sniff_stats
+    assert stats.kinds["tls"] == 1
+    assert stats.sni == {"secure.test": 1}
+    assert stats.alpn == {"h2": 1, "http/1.1": 1}
+
+
+def test_unreachable_destination_resets_the_client(sniffer: SniffProxy) -> None:
+    sniffer.target = ("127.0.0.1", free_port())  # nothing listens there
+    with sniffer.connect() as s:
+        s.sendall(b"\x01\x02binary")
+        with pytest.raises(ConnectionResetError):
+            recv_all(s)
+    assert sniffer.proxy.sniff_stats.connect_failures == 1
