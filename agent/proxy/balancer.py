@@ -1,11 +1,21 @@
-"""Picking an upstream endpoint for a routed request: round robin for now, weighted clusters by weight.
+"""Picking an upstream for a routed request: weighted clusters, then an endpoint by the cluster's policy
+(lb.py), skipping endpoints outlier detection has ejected (outlier.py), with per-cluster circuit breakers
+(circuit.py).
 
-The only mutable routing state (cursors) lives here, per snapshot, so a new snapshot starts fresh.
+All of this state lives here, per snapshot, so a new snapshot starts fresh; requests in flight keep the
+objects they took (their breaker and lb), so their releases land where they were counted.
 """
 
 from __future__ import annotations
 
-from planemesh.agent.config import Cluster, ClusterKind, Endpoint, RouteAction, Snapshot
+import random
+import time
+from collections.abc import Callable, Mapping
+
+from planemesh.agent.config import Cluster, ClusterKind, Endpoint, HashPolicy, RouteAction, Snapshot
+from planemesh.agent.proxy.circuit import CircuitBreaker
+from planemesh.agent.proxy.lb import ClusterLb, hash64
+from planemesh.agent.proxy.outlier import OutlierDetector
 
 
 def normalise_ip(address: str) -> str:
@@ -13,17 +23,33 @@ def normalise_ip(address: str) -> str:
     return address[7:] if address.startswith("::ffff:") and "." in address else address
 
 
+def request_hash(policies: tuple[HashPolicy, ...], headers: Callable[[], Mapping[str, str]],
+                 source_ip: str) -> int | None:
+    """The hash key of a request under a route's hash policies (the first that applies), None: no key."""
+    for policy in policies:
+        if policy.header is not None:
+            value = headers().get(policy.header.lower())
+            if value is not None:
+                return hash64(value.encode("latin-1", "replace"))
+        elif policy.source_ip:
+            return hash64(normalise_ip(source_ip).encode())
+    return None
+
+
 class Balancer:
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
         self._snapshot = snapshot
-        self._cursor: dict[str, int] = {}
+        self._clock = clock
+        self._rng = rng or random.Random()
         self._weighted_cursor: dict[int, int] = {}
-        self._healthy: dict[str, tuple[Endpoint, ...]] = {
-            name: tuple(e for e in c.endpoints if e.healthy) for name, c in snapshot.clusters.items()
-        }
+        self._lbs: dict[str, ClusterLb] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._outliers: dict[str, OutlierDetector] = {}
 
     def cluster_for(self, action: RouteAction) -> Cluster | None:
-        """The cluster of a route action; weighted clusters are spread by a deterministic weighted cursor."""
+        """The cluster of a route action; weighted clusters are spread by a deterministic weighted cursor
+        (exact shares over every `total weight` requests)."""
         if action.cluster or not action.weighted:
             return self._snapshot.clusters.get(action.cluster) if action.cluster else None
         total = sum(w.weight for w in action.weighted)
@@ -38,14 +64,50 @@ class Balancer:
             n -= w.weight
         return None  # unreachable: n < total
 
-    def pick(self, cluster: Cluster, original_dst: tuple[str, int]) -> tuple[str, int] | None:
+    def lb(self, cluster: Cluster) -> ClusterLb:
+        found = self._lbs.get(cluster.name)
+        if found is None or found.cluster is not cluster:
+            found = self._lbs[cluster.name] = ClusterLb(cluster, self._rng)
+        return found
+
+    def breaker(self, cluster: Cluster) -> CircuitBreaker:
+        found = self._breakers.get(cluster.name)
+        if found is None:
+            found = self._breakers[cluster.name] = CircuitBreaker(cluster.circuit_breakers)
+        return found
+
+    def outlier(self, cluster: Cluster) -> OutlierDetector | None:
+        if cluster.outlier is None:
+            return None
+        found = self._outliers.get(cluster.name)
+        if found is None:
+            found = self._outliers[cluster.name] = OutlierDetector(
+                cluster.outlier, sum(1 for e in cluster.endpoints if e.healthy), self._clock)
+        return found
+
+    def pick_endpoint(self, cluster: Cluster, hash_key: int | None = None) -> Endpoint | None:
+        """An endpoint of a STATIC/EDS cluster (lowest healthy priority, not ejected), None: none available."""
+        detector = self.outlier(cluster)
+        lb = self.lb(cluster)
+        if detector is None:
+            return lb.pick(hash_key)
+        ep = lb.pick(hash_key, lambda e: not detector.is_ejected(e))
+        # Envoy's panic mode in spirit: when every endpoint is ejected, use them anyway rather than fail.
+        return ep if ep is not None else lb.pick(hash_key)
+
+    def pick(self, cluster: Cluster, original_dst: tuple[str, int],
+             hash_key: int | None = None) -> tuple[str, int] | None:
         """(address, port) to connect to, or None when the cluster has no healthy endpoint."""
         if cluster.kind is ClusterKind.ORIGINAL_DST:
             return normalise_ip(original_dst[0]), original_dst[1]
-        endpoints = self._healthy.get(cluster.name) or ()
-        if not endpoints:
-            return None
-        n = self._cursor.get(cluster.name, 0)
-        self._cursor[cluster.name] = n + 1
-        ep = endpoints[n % len(endpoints)]
-        return ep.address, ep.port
+        ep = self.pick_endpoint(cluster, hash_key)
+        return (ep.address, ep.port) if ep is not None else None
+
+    def report(self, cluster: Cluster, ep: Endpoint, status: int) -> None:
+        """One attempt on `ep` ended: an HTTP status, or 0 for connect failure/reset/timeout; -1: no outcome
+        (the client went away)."""
+        self.lb(cluster).ended(ep)
+        if status >= 0:
+            detector = self.outlier(cluster)
+            if detector is not None:
+                detector.report(ep, status)

@@ -8,13 +8,18 @@ request/response costs one send() each way.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
 import random
 import time
 from typing import TYPE_CHECKING
 
+from planemesh.agent.config import ClusterKind, RetryPolicy
 from planemesh.agent.proxy import accesslog as flags
-from planemesh.agent.proxy.balancer import normalise_ip
+from planemesh.agent.proxy.balancer import normalise_ip, request_hash
+from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS, RETRIES
+from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_decision
 from planemesh.agent.proxy.http1 import (
     CHUNKED,
     CONNECTION_CLOSE,
@@ -29,16 +34,53 @@ from planemesh.agent.proxy.http1 import (
     status_line,
 )
 from planemesh.agent.proxy.limits import rate_limited_headers
+from planemesh.agent.proxy.mirror import sender_for, shadow_head
+from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.routing import redirect_location, split_target
+from planemesh.agent.proxy.tracing import TRACE_HEADERS, outgoing_trace_headers
 
 if TYPE_CHECKING:
-    from planemesh.agent.config import Cluster
+    from planemesh.agent.config import Cluster, Endpoint, Route
+    from planemesh.agent.proxy.balancer import Balancer
+    from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.downstream import Downstream
     from planemesh.agent.proxy.upstream import UpstreamConnection
+    from planemesh.netplanes.model import SLA
 
 _perf = time.perf_counter
 _getrandbits = random.getrandbits
 RETRY_ON_TIMEOUT = frozenset({"5xx", "gateway-error", "reset"})
+GATEWAY_ERRORS = frozenset({502, 503, 504})
+MAX_REPLAY_BODY = 64 * 1024  # a request body up to this size is kept so a retry can send it again
+_rng = random.Random()
+_HELD_REQUEST, _HELD_PENDING, _HELD_CONNECTION = 1, 2, 4  # circuit breaker units an exchange holds
+_NO_RETRY = RetryPolicy(num_retries=0)
+
+
+@functools.lru_cache(maxsize=64)
+def sla_retry(sla: SLA) -> RetryPolicy:
+    """The plane SLA's retries as a route retry policy (used when the route has none)."""
+    return RetryPolicy(retry_on=frozenset(sla.retry_on), num_retries=sla.retries,
+                       per_try_timeout_s=sla.per_try_timeout_s)
+
+
+def response_headers(route: Route, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A route's response header manipulation: remove, then add (append) or set (append=False)."""
+    if route.response_headers_to_remove:
+        gone = {n.lower().encode() for n in route.response_headers_to_remove}
+        headers = [(n, v) for n, v in headers if n.lower() not in gone]
+    for hv in route.response_headers_to_add:
+        name = hv.name.lower().encode()
+        if not hv.append:
+            headers = [(n, v) for n, v in headers if n.lower() != name]
+        headers = [*headers, (name, hv.value.encode("latin-1"))]
+    return headers
+
+
+def backoff_s(policy: RetryPolicy, retry_number: int, roll: float) -> float:
+    """Envoy's fully jittered exponential back-off: uniform in [0, min(max, base * 2^(n-1)))."""
+    ceiling = min(policy.backoff_max_s, policy.backoff_base_s * (2 ** max(0, retry_number - 1)))
+    return max(0.0, ceiling * roll)
 # Request ids: uuid4 text, a random per-process part plus a counter. Ids need uniqueness, not secrecy;
 # uuid.uuid4() costs a getrandom() syscall per request.
 _RID_PREFIX = f"{_getrandbits(32):08x}-{_getrandbits(16):04x}-4{_getrandbits(12):03x}-{0x8000 | _getrandbits(14):04x}-"
@@ -57,25 +99,35 @@ def new_request_id() -> bytes:
 class Exchange:
     __slots__ = (
         "authority",
+        "backoff",
+        "balancer",
+        "body_copy",
+        "body_len",
         "body_streamed",
+        "breaker",
         "bytes_rx",
         "bytes_tx",
+        "cb_held",
         "cluster",
         "conn",
         "connect_task",
+        "connect_timeout_s",
         "connection_values",
         "deadline",
         "ds",
         "ds_framing",
         "duration_ms",
+        "endpoint",
         "finished",
         "flags",
         "has_xfp",
+        "hash_key",
         "head",
         "headers",
         "is_head",
         "keep_alive",
         "method_b",
+        "mirror_to",
         "pending",
         "plane",
         "req_chunked",
@@ -83,6 +135,9 @@ class Exchange:
         "req_length",
         "request_id",
         "resp_started",
+        "retries_held",
+        "retry",
+        "route",
         "start_time",
         "status",
         "t0",
@@ -149,6 +204,19 @@ class Exchange:
         self.finished = False
         self.pending = False
         self.tries_left = 0
+        self.retry = _NO_RETRY
+        self.route: Route | None = None
+        self.balancer: Balancer | None = None
+        self.breaker: CircuitBreaker | None = None
+        self.cb_held = 0
+        self.retries_held = 0
+        self.endpoint: Endpoint | None = None
+        self.hash_key: int | None = None
+        self.backoff: asyncio.TimerHandle | None = None
+        self.body_copy: list[bytes] | None = []
+        self.body_len = 0
+        self.connect_timeout_s = 5.0
+        self.mirror_to: list[tuple[str, int]] = []
 
     # ---- access-log view (formatted lazily at flush time) -------------------------------------------
 
@@ -167,7 +235,7 @@ class Exchange:
     # ---- request side -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """The request head is complete and it is this connection's turn: admit, route, go upstream."""
+        """The request head is complete and it is this connection's turn: admit, filter, route, go upstream."""
         proxy = self.ds.proxy
         stats = proxy.stats
         stats.requests_total += 1
@@ -179,9 +247,45 @@ class Exchange:
             stats.rate_limited += 1
             return self.reply(429, b"local rate limited\n", rate_limited_headers(proxy.bucket), flags.RL)
         table = proxy.table
-        router = table.router
         ds = self.ds
         if ds.table is not table:  # first request of the connection, or a new snapshot since
+            ds.table = table
+            ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
+        crc = ds.route_config
+        if crc is not None and crc.http_filters:
+            chain = crc.filter_chain(proxy.clock)
+            for limiter in chain.limiters:
+                if not limiter.take():
+                    stats.rate_limited += 1
+                    return self.reply(429, b"local_rate_limited", limiter.headers(), flags.RL)
+            for fault in chain.faults:
+                decision = fault_decision(fault, self._header_map(), _rng.random)
+                if decision.delay_s:
+                    self.flags = DELAY_INJECTED
+                    self.backoff = proxy.loop.call_later(decision.delay_s, self._after_delay,
+                                                         decision.abort_status)
+                    return None
+                if decision.abort_status is not None:
+                    return self.reply(decision.abort_status, b"fault filter abort", (), FAULT_INJECTED)
+        return self._route()
+
+    def _after_delay(self, abort_status: int | None) -> None:
+        self.backoff = None
+        if self.finished:
+            return
+        if abort_status is not None:
+            self.reply(abort_status, b"fault filter abort", (), DELAY_INJECTED + "," + FAULT_INJECTED)
+        else:
+            self._route()
+            self.flush_upstream()
+        self.ds.flush()
+
+    def _route(self) -> None:
+        proxy = self.ds.proxy
+        table = proxy.table
+        router = table.router
+        ds = self.ds
+        if ds.table is not table:  # a new snapshot arrived during a fault delay
             ds.table = table
             ds.route_config = router.route_config(ds.local[0], ds.local[1])
         crc = ds.route_config
@@ -196,10 +300,16 @@ class Exchange:
                 loc = redirect_location(result.redirect, "http", self.authority or "", path, query)
                 return self.reply(result.redirect.code, b"", [(b"location", loc.encode("latin-1"))])
             return self.reply(404, b"", (), flags.NR)
-        route = result.route
+        route = self.route = result.route
+        action = route.action  # type: ignore[union-attr]
         cluster = result.cluster
+        balancer = self.balancer = table.balancer
         if result.weighted:
-            cluster = table.balancer.cluster_for(route.action)  # type: ignore[union-attr, arg-type]
+            cluster = balancer.cluster_for(action)  # type: ignore[arg-type]
+        sla = proxy.sla
+        policy = action.retry if action is not None and action.retry is not None else sla_retry(sla)
+        self.retry = policy
+        self.tries_left = policy.num_retries
         if cluster is None:
             if result.cluster_missing:
                 return self.reply(503, b"no healthy upstream\n", (), flags.UF)
@@ -207,23 +317,107 @@ class Exchange:
                 return self.reply(404, b"", (), flags.NR)  # not intercepted: would forward to ourselves
             target = (normalise_ip(ds.local[0]), ds.local[1])
         else:
-            target = table.balancer.pick(cluster, ds.local)
-            if target is None:
+            self.cluster = cluster
+            self.breaker = breaker = balancer.breaker(cluster)
+            if not breaker.try_acquire(REQUESTS):
+                return self.overloaded(b"cluster_requests")
+            self.cb_held |= _HELD_REQUEST
+            if action is not None and action.hash_policy:
+                self.hash_key = request_hash(action.hash_policy, self._header_map, ds.peer_ip)
+            picked = self._pick()
+            if picked is None:
                 return self.reply(503, b"no healthy upstream\n", (), flags.UF)
+            target = picked
         self.upstream_addr = target
-        self.cluster = cluster
-        self.tries_left = sla.retries
         self.head = self._request_head(route)
         self.up_out.insert(0, self.head)
+        if action is not None and action.mirrors and cluster is not None:
+            self._mirror(action.mirrors)
         timeout = result.timeout_s
-        if timeout:
+        per_try = policy.per_try_timeout_s
+        if timeout or per_try:
             now = proxy.loop.time()
-            self.deadline = now + timeout
-            per_try = sla.per_try_timeout_s
+            self.deadline = now + timeout if timeout else float("inf")
             self.try_deadline = min(self.deadline, now + per_try) if per_try else self.deadline
             proxy.watch_deadline(self)
         self.t_upstream = _perf()
-        proxy.pool.acquire_for(self, target, result.connect_timeout_s)
+        self.connect_timeout_s = result.connect_timeout_s
+        self._attempt(target, reuse=True)
+
+    def _pick(self) -> tuple[str, int] | None:
+        """The next endpoint of the request's cluster; the attempt on it is open until _end_attempt()."""
+        cluster = self.cluster
+        assert cluster is not None and self.balancer is not None
+        if cluster.kind is ClusterKind.ORIGINAL_DST:
+            return normalise_ip(self.ds.local[0]), self.ds.local[1]
+        ep = self.balancer.pick_endpoint(cluster, self.hash_key)
+        if ep is None:
+            return None
+        self.balancer.lb(cluster).started(ep)
+        self.endpoint = ep
+        return ep.address, ep.port
+
+    def _end_attempt(self, status: int) -> None:
+        """The current attempt's outcome (HTTP status, 0 gateway failure, -1 none) for outlier detection."""
+        breaker = self.breaker
+        if breaker is not None:
+            if self.cb_held & _HELD_PENDING:
+                breaker.release(PENDING)
+            if self.cb_held & _HELD_CONNECTION:
+                breaker.release(CONNECTIONS)
+            self.cb_held &= ~(_HELD_PENDING | _HELD_CONNECTION)
+        ep = self.endpoint
+        if ep is not None:
+            self.endpoint = None
+            self.balancer.report(self.cluster, ep, status)  # type: ignore[union-attr, arg-type]
+
+    def _attempt(self, target: tuple[str, int], reuse: bool) -> None:
+        """Open an attempt on `target` within the cluster's connection and pending limits."""
+        breaker = self.breaker
+        if breaker is not None:
+            if not breaker.try_acquire(CONNECTIONS):
+                self._end_attempt(-1)
+                return self.overloaded(b"cluster_connections")
+            self.cb_held |= _HELD_CONNECTION
+            if not breaker.try_acquire(PENDING):
+                self._end_attempt(-1)
+                return self.overloaded(b"cluster_pending")
+            self.cb_held |= _HELD_PENDING
+        pool = self.ds.proxy.pool
+        if reuse:
+            pool.acquire_for(self, target, self.connect_timeout_s)
+        else:
+            pool.connect_for(self, target, self.connect_timeout_s)
+
+    def _mirror(self, mirrors) -> None:
+        """Shadow copies of a body-less (or fully buffered) request; the primary never waits for them."""
+        if not self.req_done and not (self.req_length and self.req_length <= MAX_REPLAY_BODY):
+            return  # a streamed body is not mirrored (it would have to be held)
+        for mirror in mirrors:
+            if mirror.fraction < 1.0 and _rng.random() >= mirror.fraction:
+                continue
+            cluster = self.ds.proxy.table.snapshot.clusters.get(mirror.cluster)
+            if cluster is None:
+                continue
+            ep = self.balancer.pick_endpoint(cluster)  # type: ignore[union-attr]
+            if ep is None:
+                continue
+            self.mirror_to.append((ep.address, ep.port))
+        if self.mirror_to and self.req_done:
+            self._send_mirrors()
+
+    def _send_mirrors(self) -> None:
+        body = b"".join(self.body_copy) if self.body_copy else b""
+        if self.req_chunked and self.body_copy is not None:
+            body = (chunk(body) if body else b"") + LAST_CHUNK
+        elif self.body_copy is None:
+            self.mirror_to.clear()
+            return
+        request = shadow_head(self.head) + body
+        sender = sender_for(self.ds.proxy)
+        for addr in self.mirror_to:
+            sender.send(addr, request)
+        self.mirror_to.clear()
 
     def _header_map(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -254,8 +448,13 @@ class Exchange:
                 if not hv.append:
                     headers = [(n, v) for n, v in headers if n != name]
                 headers.append((name, hv.value.encode()))
+        incoming_trace = {n.decode("latin-1"): v.decode("latin-1") for n, v in headers if n in TRACE_HEADERS}
+        if incoming_trace:
+            headers = [(n, v) for n, v in headers if n not in TRACE_HEADERS]
         parts = [self.method_b, b" ", target, b" HTTP/1.1\r\n"]
         append_headers(parts, headers, drop)
+        for name, value in outgoing_trace_headers(incoming_trace):
+            parts += (name, b": ", value, CRLF)
         if self.request_id is None:
             rid = new_request_id()
             self.request_id = rid.decode()
@@ -277,12 +476,20 @@ class Exchange:
         if self.finished:
             return
         self.body_streamed = True
+        if self.body_copy is not None:
+            self.body_len += len(data)
+            if self.body_len > MAX_REPLAY_BODY:
+                self.body_copy = None  # too big to replay: no retry once any of it went out
+            else:
+                self.body_copy.append(data)
         self.up_out.append(chunk(data) if self.req_chunked else data)
 
     def on_request_complete(self) -> None:
         self.req_done = True
         if self.req_chunked and not self.finished:
             self.up_out.append(LAST_CHUNK)
+        if self.mirror_to and not self.finished:
+            self._send_mirrors()
 
     def flush_upstream(self) -> None:
         conn = self.conn
@@ -294,6 +501,9 @@ class Exchange:
     # ---- upstream side ----------------------------------------------------------------------------
 
     def on_connected(self, conn: UpstreamConnection) -> None:
+        if self.cb_held & _HELD_PENDING:
+            self.cb_held &= ~_HELD_PENDING
+            self.breaker.release(PENDING)  # type: ignore[union-attr]
         self.conn = conn
         conn.exchange = self
         self.flush_upstream()
@@ -302,14 +512,77 @@ class Exchange:
     def on_connect_failed(self, timed_out: bool) -> None:
         stats = self.ds.proxy.stats
         stats.upstream_connect_failures += 1
-        if self.tries_left > 0 and "connect-failure" in self.ds.proxy.sla.retry_on and not self.body_streamed:
-            self.tries_left -= 1
-            stats.retries += 1
-            self.ds.proxy.pool.acquire_for(self, self._next_target(), self.ds.proxy.sla.connect_timeout_s)
+        self._end_attempt(GATEWAY_FAILURE)
+        if self._may_retry("connect-failure"):
+            self._retry(reuse=True)
             return
-        self.reply(503, b"upstream connect error\n", (), flags.UF if self.tries_left == self.ds.proxy.sla.retries
-                   else flags.UF + "," + flags.URX)
+        self.reply(503, b"upstream connect error\n", (), self._exhausted(flags.UF))
         self.ds.flush()
+
+    # ---- retries ------------------------------------------------------------------------------------
+
+    def _replayable(self) -> bool:
+        """Nothing of the body went out yet, or all of it is buffered (within MAX_REPLAY_BODY)."""
+        return not self.body_streamed or self.body_copy is not None
+
+    def _may_retry(self, condition: str, status: int = 0) -> bool:
+        """Whether the retry policy covers this failure and a retry is still allowed."""
+        retry_on = self.retry.retry_on
+        if condition == "status":
+            covered = ("5xx" in retry_on and status >= 500) or (
+                "gateway-error" in retry_on and status in GATEWAY_ERRORS) or (
+                "retriable-status-codes" in retry_on and status in self.retry.retriable_status_codes)
+        elif condition == "timeout":
+            covered = bool(retry_on & RETRY_ON_TIMEOUT)
+        elif condition == "connect-failure":
+            covered = "connect-failure" in retry_on or "gateway-error" in retry_on or "5xx" in retry_on
+        else:  # reset: Envoy's 5xx covers resets too
+            covered = condition in retry_on or "5xx" in retry_on
+        if not covered or self.tries_left <= 0 or not self._replayable():
+            return False
+        if self.breaker is not None and not self.breaker.try_acquire(RETRIES):
+            self.tries_left = 0  # retry budget of the cluster spent: the failure goes to the client (URX)
+            return False
+        if self.breaker is not None:
+            self.retries_held += 1
+        return True
+
+    def _exhausted(self, flag: str) -> str:
+        """`flag`, plus URX when retries were configured and all were used."""
+        if self.retry.num_retries > 0 and self.tries_left <= 0:
+            return f"{flag},{flags.URX}" if flag else flags.URX
+        return flag
+
+    def _retry(self, reuse: bool = False) -> None:
+        """Start the next attempt after a jittered back-off (the failed attempt has been ended)."""
+        proxy = self.ds.proxy
+        self.tries_left -= 1
+        proxy.stats.retries += 1
+        self._drop_upstream()
+        self._rearm_request()
+        delay = backoff_s(self.retry, self.retry.num_retries - self.tries_left, _rng.random())
+        if self.deadline:
+            self.try_deadline = self.deadline  # no per-try clock runs during the back-off
+        if delay < 0.001:
+            self._next_attempt(reuse)
+        else:
+            self.backoff = proxy.loop.call_later(delay, self._next_attempt, reuse)
+
+    def _next_attempt(self, reuse: bool) -> None:
+        self.backoff = None
+        if self.finished:
+            return
+        per_try = self.retry.per_try_timeout_s
+        if self.deadline and per_try:
+            self.try_deadline = min(self.deadline, self.ds.proxy.loop.time() + per_try)
+        target = self._next_target()
+        if target is None:
+            self.reply(503, b"no healthy upstream\n", (), flags.UF)
+            self.ds.flush()
+            return
+        self._attempt(target, reuse)
+        if self.finished:
+            self.ds.flush()
 
     def on_response_head(self, status: int, phrase: bytes, headers: list[tuple[bytes, bytes]],
                          up_length: int | None, up_chunked: bool, up_keep_alive: bool,
@@ -323,16 +596,21 @@ class Exchange:
                 parts.append(CRLF)
                 self.ds.out.append(b"".join(parts))
             return
-        if status >= 500 and self.tries_left > 0 and self.req_done and not self.body_streamed:
-            retry_on = self.ds.proxy.sla.retry_on
-            if "5xx" in retry_on or ("gateway-error" in retry_on and status in (502, 503, 504)):
-                self.retry_now()  # this response is dropped with its connection
-                return
+        self._end_attempt(status)
+        retriable = status >= 500 or status in self.retry.retriable_status_codes
+        if retriable and self.req_done and self._may_retry("status", status):
+            self._retry()  # this response is dropped with its connection
+            return
+        if retriable and self.retry.num_retries > 0 and self.tries_left <= 0:
+            self.flags = flags.URX
         self.upstream_ms = int((_perf() - self.t_upstream) * 1000)
         self.status = status
         self.resp_started = True
         self.up_keep_alive = up_keep_alive
         drop = HOP_BY_HOP if connection_values is None else dropped_names(connection_values)
+        route = self.route
+        if route is not None and (route.response_headers_to_add or route.response_headers_to_remove):
+            headers = response_headers(route, headers)
         parts = [status_line(status, phrase)]
         append_headers(parts, headers, drop)
         if self.is_head or no_body_status(status):
@@ -399,17 +677,19 @@ class Exchange:
                 self.finish(abort=True)
             self.ds.flush()
             return
-        proxy = self.ds.proxy
         # A pooled connection the server had already closed: safe to try once more on a fresh one
-        # when nothing of the body was sent; SLA retries on reset follow the same rule.
-        if not self.body_streamed and (conn.reused or (self.tries_left > 0 and "reset" in proxy.sla.retry_on)):
-            if not conn.reused:
-                self.tries_left -= 1
-                proxy.stats.retries += 1
+        # when the request can be replayed; the retry policy's "reset" follows the same rule.
+        if conn.reused and self._replayable():
+            self._end_attempt(-1)
             self._rearm_request()
-            proxy.pool.connect_for(self, self._next_target(), proxy.sla.connect_timeout_s)
+            self.ds.proxy.pool.connect_for(self, self._next_target() or self.upstream_addr,  # type: ignore[arg-type]
+                                           self.connect_timeout_s)
             return
-        self.reply(503, b"upstream connect error or disconnect/reset before headers\n", (), flags.UC)
+        self._end_attempt(GATEWAY_FAILURE)
+        if self._may_retry("reset"):
+            self._retry()
+            return
+        self.reply(503, b"upstream connect error or disconnect/reset before headers\n", (), self._exhausted(flags.UC))
         self.ds.flush()
 
     def on_upstream_protocol_error(self) -> None:
@@ -428,46 +708,44 @@ class Exchange:
         if self.finished:
             return
         proxy = self.ds.proxy
-        proxy.stats.upstream_timeouts += 1
-        if (now < self.deadline and self.tries_left > 0 and not self.body_streamed and not self.resp_started
-                and proxy.sla.retry_on & RETRY_ON_TIMEOUT):
-            # Per-try timeout with retries left: a fresh attempt on a new connection, same overall deadline.
-            self.tries_left -= 1
-            proxy.stats.retries += 1
-            self._drop_upstream()
-            self.try_deadline = min(self.deadline, now + (proxy.sla.per_try_timeout_s or 0.0))
-            self._rearm_request()
-            proxy.pool.connect_for(self, self._next_target(), proxy.sla.connect_timeout_s)
+        if self.backoff is not None and now < self.deadline:
+            self.try_deadline = self.deadline  # waiting to retry: only the overall deadline counts
             return
+        proxy.stats.upstream_timeouts += 1
+        if now < self.deadline and not self.resp_started and self._may_retry("timeout"):
+            # Per-try timeout with retries left: a fresh attempt on a new connection, same overall deadline.
+            self._end_attempt(GATEWAY_FAILURE)
+            self._retry()
+            return
+        self._end_attempt(GATEWAY_FAILURE)
         self.deadline = self.try_deadline = float("inf")
         if self.resp_started:
             self.flags = flags.UT
             self.keep_alive = False
             self.finish(abort=True)
         else:
-            self.reply(504, b"upstream request timeout\n", (), flags.UT)
+            self.reply(504, b"upstream request timeout\n", (), self._exhausted(flags.UT))
         self.ds.flush()
 
-    def retry_now(self) -> None:
-        proxy = self.ds.proxy
-        self.tries_left -= 1
-        proxy.stats.retries += 1
-        self._drop_upstream()
-        self._rearm_request()
-        proxy.pool.connect_for(self, self._next_target(), proxy.sla.connect_timeout_s)
-
-    def _next_target(self) -> tuple[str, int]:
+    def _next_target(self) -> tuple[str, int] | None:
         """Where a retry goes: the cluster's next endpoint (the original destination stays the same)."""
-        if self.cluster is not None:
-            picked = self.ds.proxy.table.balancer.pick(self.cluster, self.ds.local)
-            if picked is not None:
-                self.upstream_addr = picked
-                self.upstream_key = None
-        return self.upstream_addr  # type: ignore[return-value]
+        if self.cluster is not None and self.balancer is not None:
+            picked = self._pick()
+            if picked is None:
+                return None
+            self.upstream_addr = picked
+            self.upstream_key = None
+        return self.upstream_addr
 
     def _rearm_request(self) -> None:
-        """What a new attempt sends: the head again (retries only happen before any body byte went out)."""
-        self.up_out = [self.head, LAST_CHUNK] if self.req_chunked and self.req_done else [self.head]
+        """What a new attempt sends: the head and the buffered body again, framed as before; body bytes still
+        to come are appended by on_request_body as usual."""
+        out = [self.head]
+        for data in self.body_copy or ():
+            out.append(chunk(data) if self.req_chunked else data)
+        if self.req_chunked and self.req_done:
+            out.append(LAST_CHUNK)
+        self.up_out = out
 
     def on_downstream_lost(self) -> None:
         if self.finished:
@@ -524,6 +802,17 @@ class Exchange:
             proxy.stats.requests_pending -= 1
         if abort:
             self._drop_upstream()
+        if self.backoff is not None:
+            self.backoff.cancel()
+            self.backoff = None
+        self._end_attempt(-1)
+        breaker = self.breaker
+        if breaker is not None:
+            if self.cb_held & _HELD_REQUEST:
+                breaker.release(REQUESTS)
+            for _ in range(self.retries_held):
+                breaker.release(RETRIES)
+            self.cb_held = self.retries_held = 0
         proxy.stats.requests_active -= 1
         self.up_out.clear()
         self.headers = []

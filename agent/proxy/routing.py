@@ -18,6 +18,7 @@ from planemesh.agent.config import (
     Cluster,
     DirectResponse,
     HeaderMatch,
+    HttpFilter,
     Listener,
     ListenerProtocol,
     QueryMatch,
@@ -27,6 +28,7 @@ from planemesh.agent.config import (
     Snapshot,
     VirtualHost,
 )
+from planemesh.agent.proxy.filters import FilterChain
 
 # Headers a route may look at, lower-case name -> value (repeated headers joined with ",").
 Headers = Mapping[str, str]
@@ -159,10 +161,12 @@ def _strip_port(authority: str) -> str:
 class CompiledRouteConfig:
     """Virtual host lookup as Envoy does it: exact, then longest `*.suffix`, then longest `prefix.*`, then `*`."""
 
-    __slots__ = ("_cache", "default", "exact", "name", "prefixes", "results", "suffixes")
+    __slots__ = ("_cache", "_chain", "default", "exact", "http_filters", "name", "prefixes", "results", "suffixes")
 
-    def __init__(self, rc: RouteConfig) -> None:
+    def __init__(self, rc: RouteConfig, http_filters: tuple[HttpFilter, ...] = ()) -> None:
         self.name = rc.name
+        self.http_filters = http_filters  # the listener's; a listener with filters gets its own instance
+        self._chain: FilterChain | None = None
         self.exact: dict[str, CompiledVirtualHost] = {}
         suffixes: list[tuple[str, CompiledVirtualHost]] = []
         prefixes: list[tuple[str, CompiledVirtualHost]] = []
@@ -184,6 +188,12 @@ class CompiledRouteConfig:
         self.prefixes = sorted(prefixes, key=lambda item: -len(item[0]))
         self._cache: dict[str, CompiledVirtualHost | None] = {}
         self.results: dict[tuple[str, bytes], RouteResult] = {}  # filled by PlaneRouter.route_request
+
+    def filter_chain(self, clock: Callable[[], float]) -> FilterChain:
+        """The listener's filters with their state (rate limit bucket), made on first use."""
+        if self._chain is None:
+            self._chain = FilterChain(self.http_filters, clock)
+        return self._chain
 
     def virtual_host(self, authority: str) -> CompiledVirtualHost | None:
         try:
@@ -248,6 +258,8 @@ class PlaneRouter:
 
     def _compiled(self, lsn: Listener | None) -> CompiledRouteConfig:
         name = lsn.route_config if lsn is not None else None
+        if lsn is not None and lsn.http_filters:  # filter state (buckets) belongs to the listener
+            return CompiledRouteConfig(self.snapshot.route_config(name), lsn.http_filters)
         crc = self._configs.get(name)
         if crc is None:
             crc = self._configs[name] = CompiledRouteConfig(self.snapshot.route_config(name))

@@ -1,0 +1,86 @@
+"""Request mirroring: a copy of the request goes to a shadow cluster; its answer is read and dropped.
+
+Shadow requests never touch the primary exchange: they run as tracked tasks with their own timeout, at
+most `max_inflight` at once (beyond that a shadow copy is skipped and counted), and every failure is
+counted, never raised. Like Envoy, the shadow's Host gets a `-shadow` suffix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+
+def shadow_head(head: bytes) -> bytes:
+    """The request head with `Host: x` -> `Host: x-shadow` and `connection: close` (one-shot connection)."""
+    lines = head.split(b"\r\n")
+    out = [lines[0]]
+    for line in lines[1:]:
+        if not line:
+            continue
+        name = line.split(b":", 1)[0].strip().lower()
+        if name == b"host":
+            line = line.rstrip() + b"-shadow"
+        elif name == b"connection":
+            continue
+        out.append(line)
+    out += [b"connection: close", b"", b""]
+    return b"\r\n".join(out)
+
+
+class MirrorSender:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, mark: int = 0, timeout_s: float = 5.0,
+                 max_inflight: int = 64) -> None:
+        self.loop = loop
+        self.mark = mark
+        self.timeout_s = timeout_s
+        self.max_inflight = max_inflight
+        self.tasks: set[asyncio.Task] = set()
+        self.sent = 0
+        self.failed = 0
+        self.skipped = 0
+
+    def send(self, addr: tuple[str, int], request: bytes) -> None:
+        if len(self.tasks) >= self.max_inflight:
+            self.skipped += 1
+            return
+        task = self.loop.create_task(self._send(addr, request))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            self.failed += 1
+        else:
+            self.sent += 1
+
+    async def _send(self, addr: tuple[str, int], request: bytes) -> None:
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            if self.mark:  # like every proxy upstream socket: never re-intercepted by the data path
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            async with asyncio.timeout(self.timeout_s):
+                await self.loop.sock_connect(sock, addr)
+                await self.loop.sock_sendall(sock, request)
+                while await self.loop.sock_recv(sock, 65536):  # drain until the server closes
+                    pass
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+
+def sender_for(proxy) -> MirrorSender:
+    """The proxy's mirror sender, made on first use (a proxy that never mirrors pays nothing)."""
+    sender = getattr(proxy, "mirror_sender", None)
+    if sender is None:
+        sender = MirrorSender(proxy.loop, mark=proxy.upstream_mark)
+        proxy.mirror_sender = sender
+    return sender
