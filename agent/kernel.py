@@ -13,7 +13,9 @@ from planemesh.ebpf import abi
 from planemesh.netplanes.discovery import InterfaceDiff
 
 if TYPE_CHECKING:
+    from planemesh.ebpf.bandwidth import EgressShaper
     from planemesh.ebpf.loader import Datapath
+    from planemesh.netplanes.bandwidth import EgressPlan
 
 log = logging.getLogger("planemesh.kernel")
 
@@ -22,10 +24,25 @@ class KernelDataPath:
     own_mark = abi.PM_MARK_OWN  # SO_MARK of the proxy's upstream sockets: the program lets them pass
     local_mark = abi.PM_MARK_LOCAL
 
-    def __init__(self, pin_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        pin_dir: str | None = None,
+        *,
+        shape_egress: bool | None = None,
+        uplinks: tuple[str, ...] = (),
+        link_mbit: float | None = None,
+    ) -> None:
+        """shape_egress: per-plane HTB on every plane interface and on `uplinks` (interface names);
+        None = only once some plane declares a bandwidth. link_mbit: the shaped links' rate."""
         self.pin_dir = pin_dir
         self.dp: Datapath | None = None
         self._routing_installed = False
+        self.shape_egress = shape_egress
+        self.uplinks = uplinks
+        self.link_mbit = link_mbit
+        self.shaper: EgressShaper | None = None
+        self._egress_plan: EgressPlan | None = None
+        self._plane_ifaces: set[int] = set()  # plane interfaces seen by sync_interfaces
 
     def open(self) -> None:
         from planemesh.ebpf.loader import Datapath
@@ -43,6 +60,7 @@ class KernelDataPath:
         from planemesh.ebpf.policy import policy_from_snapshot
 
         policy_from_snapshot(snap)
+        self._plan_egress(snap)
 
     def apply(self, snap: Snapshot) -> None:
         from planemesh.ebpf.policy import policy_from_snapshot
@@ -50,6 +68,47 @@ class KernelDataPath:
         assert self.dp is not None
         result = self.dp.apply(policy_from_snapshot(snap))
         log.debug("policy sync: %s", result)
+        self._egress_plan = self._plan_egress(snap)
+        self._shape(self._egress_targets())
+
+    # ---- per-plane bandwidth (HTB on egress; see ebpf/bandwidth.py) ----------------------------
+    def _plan_egress(self, snap: Snapshot) -> EgressPlan | None:
+        """The HTB plan for this snapshot, or None when shaping is off. Raises ConfigError."""
+        from planemesh.netplanes.bandwidth import DEFAULT_LINK_MBIT, egress_plan
+
+        wanted = self.shape_egress
+        if wanted is None:
+            wanted = any(p.sla.bandwidth_mbit is not None for p in snap.planes)
+        if not wanted:
+            return None
+        return egress_plan(snap.planes, self.link_mbit or DEFAULT_LINK_MBIT)
+
+    def _egress_targets(self) -> set[int]:
+        targets = set(self._plane_ifaces)
+        if self.uplinks:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                for name in self.uplinks:
+                    found = ipr.link_lookup(ifname=name)
+                    if found:
+                        targets.add(found[0])
+                    else:
+                        log.warning("uplink %s not found: not shaped", name)
+        return targets
+
+    def _shape(self, ifindexes: set[int]) -> None:
+        if self._egress_plan is None:
+            if self.shaper is not None:  # shaping switched off: the interfaces get their default back
+                self.shaper.close(remove=True)
+                self.shaper = None
+            return
+        if self.shaper is None:
+            from planemesh.ebpf.bandwidth import EgressShaper
+
+            self.shaper = EgressShaper()
+        for ifindex in sorted(ifindexes):
+            self.shaper.apply(ifindex, self._egress_plan)
 
     def sync_interfaces(self, snap: Snapshot, change: InterfaceDiff) -> None:
         assert self.dp is not None
@@ -60,16 +119,28 @@ class KernelDataPath:
             except Exception as exc:  # the interface may already be gone with its filters
                 log.debug("detach %s: %s", iface.ifname, exc)
             self.dp.clear_interface(iface.ifindex)
+            self._plane_ifaces.discard(iface.ifindex)
+            if self.shaper is not None:
+                try:
+                    self.shaper.remove(iface.ifindex)
+                except Exception as exc:  # gone with the interface
+                    log.debug("unshape %s: %s", iface.ifname, exc)
         for iface in (*change.added, *change.changed):
             # Map first, then attach: the program never sees an interface it cannot classify.
             self.dp.set_interface(iface.ifindex, plane_ids[iface.plane])
             if iface in change.added:
                 self.dp.attach(iface.ifindex)
+            self._plane_ifaces.add(iface.ifindex)
+        if change.added:
+            self._shape({iface.ifindex for iface in change.added})
 
     def counters(self) -> dict[tuple[int, int], tuple[int, int]]:
         return self.dp.counters() if self.dp is not None else {}
 
     def close(self, detach: bool = True) -> None:
+        if self.shaper is not None:  # detach=False: the HTB and its filter keep shaping for the next agent
+            self.shaper.close(remove=detach)
+            self.shaper = None
         if self.dp is not None:
             self.dp.close(detach=detach)
             self.dp = None
