@@ -38,6 +38,7 @@ _H_RID = b"x-request-id"
 _H_XFF = b"x-forwarded-for"
 _H_XFP = b"x-forwarded-proto"
 _H_UA = b"user-agent"
+H2_PREFACE_START = b"PRI * HTTP/2.0\r\n"
 _SPECIAL = frozenset({_H_HOST, _H_CL, _H_TE, _H_CONN, _H_RID, _H_XFF, _H_XFP, _H_UA})
 
 
@@ -111,6 +112,9 @@ class Downstream(asyncio.Protocol):
         if self.closed or self.lingering:
             return
         self.last_active = self.proxy.loop.time()
+        if self.ex is None and self.active is None and data.startswith(H2_PREFACE_START):
+            self._switch_to_h2(data)  # h2c prior knowledge: the first bytes decide, on any port
+            return
         if self.in_headers or self.ex is None:
             self.head_bytes += len(data)
         try:
@@ -134,6 +138,18 @@ class Downstream(asyncio.Protocol):
             ex.flush_upstream()
         if self.out:
             self.flush()
+
+    def _switch_to_h2(self, data: bytes) -> None:
+        from planemesh.agent.proxy.h2 import H2Downstream
+
+        self.closed = True  # this protocol object is done; H2Downstream counts the connection afresh
+        proxy = self.proxy
+        proxy.stats.downstream_active -= 1
+        proxy.stats.downstream_total -= 1
+        proxy.connections.discard(self)
+        h2ds = H2Downstream(proxy, preread=data)
+        self.transport.set_protocol(h2ds)
+        h2ds.connection_made(self.transport)
 
     def _after_upgrade(self, data: bytes, offset: int) -> None:
         """llhttp stops after a request carrying Upgrade (or CONNECT). Tunnels are not supported yet:

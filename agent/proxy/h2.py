@@ -1,0 +1,442 @@
+"""HTTP/2 (h2c prior knowledge) and gRPC: downstream h2 connections, streams bridged to pooled upstream h2c
+connections (clusters with http2=True) or to one HTTP/1.1 connection per stream (h2_upstream.py).
+
+Flow control is end to end: DATA received on one side is acknowledged (WINDOW_UPDATE) only once it has been
+handed to the other side's connection within that side's window, so a slow reader slows the writer.
+Errors the proxy generates for `content-type: application/grpc` requests are gRPC statuses (trailers-only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from planemesh.agent.proxy import accesslog as flags
+from planemesh.agent.proxy.exchange import new_request_id
+
+if TYPE_CHECKING:
+    from planemesh.agent.proxy.server import PlaneProxy
+
+# HTTP status -> gRPC status for proxy-generated errors (as Envoy's grpc_http1_bridge / router do).
+GRPC_STATUS = {400: 13, 404: 12, 429: 14, 502: 14, 503: 14, 504: 4}
+HOP_BY_HOP_H2 = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+WINDOW = 1 << 20
+MAX_STREAMS = 1000
+
+
+class H2Side(asyncio.Protocol):
+    """One h2 connection (either direction) with per-stream send queues that respect the peer's windows."""
+
+    client_side = False
+
+    def __init__(self, proxy: PlaneProxy) -> None:
+        self.proxy = proxy
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=self.client_side, header_encoding=None, validate_inbound_headers=False,
+            normalize_inbound_headers=False))
+        self.transport: asyncio.Transport | None = None
+        self.bridges: dict[int, Bridge] = {}
+        self.queues: dict[int, deque[list]] = {}  # stream -> [[data, end, on_sent], ...]
+        self.closed = False
+
+    def _init_conn(self) -> None:
+        self.conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+        })
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(WINDOW * 4)
+
+    def flush(self) -> None:
+        if self.transport is None or self.closed:
+            return  # not connected yet: h2 keeps the bytes until connection_made flushes
+        data = self.conn.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.flush()  # the GOAWAY h2 prepared
+            self.close()
+            return
+        for event in events:
+            self.handle(event)
+        self.flush()
+
+    def handle(self, event: h2.events.Event) -> None:
+        bridge = self.bridges.get(getattr(event, "stream_id", 0) or 0)
+        if isinstance(event, h2.events.DataReceived):
+            if bridge is None:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            else:
+                bridge.on_data(self, event.data, event.flow_controlled_length, event.stream_ended is not None)
+        elif isinstance(event, h2.events.TrailersReceived):
+            if bridge is not None:
+                bridge.on_trailers(self, event.headers)
+        elif isinstance(event, h2.events.StreamEnded):
+            if bridge is not None:
+                bridge.on_end(self)
+        elif isinstance(event, h2.events.StreamReset):
+            self.queues.pop(event.stream_id, None)
+            if bridge is not None:
+                bridge.on_reset(self, event.error_code)
+        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            self.pump()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.on_goaway(event.last_stream_id)
+
+    def on_goaway(self, last_stream_id: int) -> None:
+        """Streams above last_stream_id were not processed by the peer."""
+        for sid, bridge in list(self.bridges.items()):
+            if sid > last_stream_id:
+                bridge.on_reset(self, h2.errors.ErrorCodes.REFUSED_STREAM)
+
+    # ---- sending ------------------------------------------------------------------------------------
+
+    def send(self, sid: int, data: bytes, end: bool, on_sent=None) -> None:
+        self.queues.setdefault(sid, deque()).append([data, end, on_sent])
+        self.pump()
+
+    def pump(self) -> None:
+        conn = self.conn
+        for sid, queue in list(self.queues.items()):
+            while queue:
+                item = queue[0]
+                data, end, on_sent = item
+                if isinstance(data, list):  # trailers: no window needed
+                    try:
+                        conn.send_headers(sid, data, end_stream=True)
+                    except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                        pass
+                    queue.clear()
+                    break
+                try:
+                    window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                except h2.exceptions.StreamClosedError:
+                    queue.clear()
+                    break
+                if data and window <= 0:
+                    break
+                piece = data[:window]
+                rest = data[len(piece):]
+                try:
+                    conn.send_data(sid, piece, end_stream=end and not rest)
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                    queue.clear()
+                    break
+                if on_sent is not None and piece:
+                    on_sent(len(piece))
+                if rest:
+                    item[0] = rest
+                else:
+                    queue.popleft()
+            if not queue:
+                self.queues.pop(sid, None)
+        self.flush()
+
+    def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        self.queues.pop(sid, None)
+        self.bridges.pop(sid, None)
+        try:
+            self.conn.reset_stream(sid, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self.flush()
+
+    def ack(self, sid: int, n: int) -> None:
+        """The other side took n bytes of this stream: let our peer send more."""
+        if n and not self.closed:
+            try:
+                self.conn.acknowledge_received_data(n, sid)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                try:  # the stream is gone: credit the connection window only
+                    self.conn.increment_flow_control_window(n)
+                except h2.exceptions.ProtocolError:
+                    return
+            self.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for bridge in list(self.bridges.values()):
+            bridge.on_reset(self, h2.errors.ErrorCodes.CANCEL)
+        self.bridges.clear()
+
+
+class H2Downstream(H2Side):
+    """A client's h2c connection: each request stream becomes a Bridge."""
+
+    client_side = False
+
+    def __init__(self, proxy: PlaneProxy, preread: bytes = b"") -> None:
+        super().__init__(proxy)
+        self.preread = preread  # bytes an HTTP/1 Downstream read before seeing the preface
+        self.local: tuple[str, int] = ("", 0)
+        self.peer_ip = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        proxy = self.proxy
+        proxy.stats.downstream_active += 1
+        proxy.stats.downstream_total += 1
+        sockname = transport.get_extra_info("sockname")
+        peer = transport.get_extra_info("peername")
+        self.local = proxy.original_destination(sockname, peer)
+        self.peer_ip = peer[0].removeprefix("::ffff:") if peer else ""
+        self._init_conn()
+        self.flush()
+        if self.preread:
+            data, self.preread = self.preread, b""
+            self.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.stats.downstream_active -= 1
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:  # h2 flow control bounds what we queue; nothing to do
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def handle(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            bridge = Bridge(self, event.stream_id, event.headers)
+            self.bridges[event.stream_id] = bridge
+            bridge.start(event.stream_ended is not None)
+            return
+        super().handle(event)
+
+    def respond(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        try:
+            self.conn.send_headers(sid, headers, end_stream=end)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return
+        self.flush()
+
+
+class Bridge:
+    """One request stream: downstream h2 stream <-> an upstream (h2 stream or HTTP/1.1 connection)."""
+
+    def __init__(self, ds: H2Downstream, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.ds = ds
+        self.sid = sid
+        self.headers = headers
+        self.pseudo = {n: v for n, v in headers if n.startswith(b":")}
+        self.grpc = any(n == b"content-type" and v.startswith(b"application/grpc") for n, v in headers)
+        self.up = None  # H2Upstream or H1StreamUpstream
+        self.up_sid = 0
+        self.status = 0
+        self.done = False
+        self.t0 = time.perf_counter()
+        self.start_time = time.time()
+        self.timer: asyncio.TimerHandle | None = None
+        self.bytes_rx = 0
+        self.bytes_tx = 0
+        self.request_id: str | None = None
+        self.upstream_host: str | None = None
+        self.flags = ""
+
+    # ---- request side -------------------------------------------------------------------------------
+
+    def start(self, ended: bool) -> None:
+        from planemesh.agent.proxy.h2_upstream import open_stream
+
+        proxy = self.ds.proxy
+        stats = proxy.stats
+        stats.requests_total += 1
+        stats.requests_active += 1
+        if stats.requests_active > proxy.sla.max_requests:
+            stats.overloaded += 1
+            return self.local_error(503, "overloaded", flags.UO)
+        if proxy.bucket is not None and not proxy.bucket.take():
+            stats.rate_limited += 1
+            return self.local_error(429, "local rate limited", flags.RL)
+        table = proxy.table
+        router = table.router
+        crc = router.route_config(self.ds.local[0], self.ds.local[1]) or router.original_destination
+        authority = self.pseudo.get(b":authority", b"").decode("latin-1")
+        target = self.pseudo.get(b":path", b"/")
+        result = router.route_request(crc, authority, target, self._header_map)
+        if not result.forward:
+            if result.direct is not None:
+                return self.local_error(result.direct.status, result.direct.body.decode("latin-1", "replace"))
+            return self.local_error(404, "no route", flags.NR)
+        cluster = result.cluster
+        if result.weighted:
+            cluster = table.balancer.cluster_for(result.route.action)  # type: ignore[union-attr, arg-type]
+        if cluster is None:
+            if result.cluster_missing or self.ds.local[1] in proxy.listen_ports:
+                return self.local_error(503, "no healthy upstream", flags.UF)
+            from planemesh.agent.proxy.balancer import normalise_ip
+
+            addr = (normalise_ip(self.ds.local[0]), self.ds.local[1])
+        else:
+            addr = table.balancer.pick(cluster, self.ds.local)
+            if addr is None:
+                return self.local_error(503, "no healthy upstream", flags.UF)
+        host, port = addr
+        self.upstream_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if result.timeout_s:
+            self.timer = proxy.loop.call_later(result.timeout_s, self.on_timeout)
+        open_stream(self, addr, self._upstream_headers(), ended, cluster is not None and cluster.http2,
+                    result.connect_timeout_s)
+
+    def _header_map(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for n, v in self.headers:
+            if not n.startswith(b":"):
+                key, val = n.decode("latin-1"), v.decode("latin-1")
+                out[key] = f"{out[key]},{val}" if key in out else val
+        return out
+
+    def _upstream_headers(self) -> list[tuple[bytes, bytes]]:
+        out = []
+        rid = xff = None
+        for n, v in self.headers:
+            if n in HOP_BY_HOP_H2 or (n == b"te" and v != b"trailers"):
+                continue
+            if n == b"x-request-id":
+                rid = v
+            elif n == b"x-forwarded-for":
+                xff = v
+                continue
+            out.append((n, v))
+        if rid is None:
+            rid = new_request_id()
+            out.append((b"x-request-id", rid))
+        self.request_id = rid.decode("latin-1")
+        peer = self.ds.peer_ip.encode()
+        out.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
+        return out
+
+    def on_data(self, side: H2Side, data: bytes, flow_len: int, ended: bool) -> None:
+        if side is self.ds:
+            self.bytes_rx += len(data)
+            if self.up is None:
+                self.ds.ack(self.sid, flow_len)
+                return
+            pad = flow_len - len(data)
+            if pad:
+                self.ds.ack(self.sid, pad)
+            self.up.send_body(self, data, False, lambda n: self.ds.ack(self.sid, n))
+        else:  # response body from an h2 upstream
+            self.bytes_tx += len(data)
+            pad = flow_len - len(data)
+            up, up_sid = side, self.up_sid
+            if pad:
+                up.ack(up_sid, pad)
+            self.ds.send(self.sid, data, False, lambda n: up.ack(up_sid, n))
+
+    def on_trailers(self, side: H2Side, trailers: list[tuple[bytes, bytes]]) -> None:
+        if side is self.ds:
+            if self.up is not None:
+                self.up.send_trailers(self, trailers)
+        else:
+            self.ds.send(self.sid, list(trailers), True)  # type: ignore[arg-type]
+            self.finish("")
+
+    def on_end(self, side: H2Side) -> None:
+        if side is self.ds:
+            if self.up is not None:
+                self.up.send_body(self, b"", True, None)
+        elif not self.done:
+            self.ds.send(self.sid, b"", True)
+            self.finish("")
+
+    def on_reset(self, side: H2Side, code: int) -> None:
+        if self.done:
+            return
+        if side is self.ds:  # the client cancelled (e.g. a gRPC deadline): cancel upstream too
+            if self.up is not None:
+                self.up.cancel(self)
+            self.finish(flags.DC)
+        elif self.status == 0:
+            self.up_failed(502 if code != h2.errors.ErrorCodes.REFUSED_STREAM else 503, "upstream reset", flags.UC)
+        else:
+            self.ds.reset(self.sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.finish(flags.UC)
+
+    # ---- upstream side ------------------------------------------------------------------------------
+
+    def on_response_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        for n, v in headers:
+            if n == b":status":
+                self.status = int(v)
+        self.ds.respond(self.sid, [(n, v) for n, v in headers if n not in HOP_BY_HOP_H2], end)
+        if end:
+            self.finish("")
+
+    def up_failed(self, status: int, message: str, flag: str) -> None:
+        if self.done:
+            return
+        if self.status:
+            self.ds.reset(self.sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.finish(flag)
+        else:
+            self.local_error(status, message, flag)
+
+    def on_timeout(self) -> None:
+        self.timer = None
+        if not self.done:
+            self.ds.proxy.stats.upstream_timeouts += 1
+            if self.up is not None:
+                self.up.cancel(self)
+            self.up_failed(504, "upstream request timeout", flags.UT)
+
+    def local_error(self, status: int, message: str, flag: str) -> None:
+        """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests."""
+        self.status = status
+        if self.grpc:
+            headers = [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                       (b"grpc-status", str(GRPC_STATUS.get(status, 2)).encode()),
+                       (b"grpc-message", message.encode("latin-1", "replace"))]
+            self.ds.respond(self.sid, headers, True)
+        else:
+            body = (message + "\n").encode("latin-1", "replace")
+            self.ds.respond(self.sid, [(b":status", str(status).encode()), (b"content-type", b"text/plain"),
+                                       (b"content-length", str(len(body)).encode())], False)
+            self.ds.send(self.sid, body, True)
+        self.finish(flag)
+
+    def finish(self, flag: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.flags = flag
+        if self.up is not None:
+            self.up.release(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.ds.bridges.pop(self.sid, None)
+        proxy = self.ds.proxy
+        stats = proxy.stats
+        stats.requests_active -= 1
+        duration_ms = (time.perf_counter() - self.t0) * 1000
+        stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx)
+        rec = flags.AccessRecord(
+            start_time=self.start_time, method=self.pseudo.get(b":method", b"-").decode("latin-1"),
+            path=self.pseudo.get(b":path", b"-").decode("latin-1"), protocol="HTTP/2", status=self.status,
+            flags=flag or "-", bytes_rx=self.bytes_rx, bytes_tx=self.bytes_tx, duration_ms=int(duration_ms),
+            upstream_ms=None, xff=None, user_agent=None, request_id=self.request_id,
+            authority=self.pseudo.get(b":authority", b"").decode("latin-1") or None,
+            upstream_host=self.upstream_host, plane=proxy.plane_name,
+        )
+        proxy.log.append(rec)
