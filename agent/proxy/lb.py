@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from planemesh.agent.config import Cluster, Endpoint, LbPolicy
 
 Available = Callable[[Endpoint], bool]
-RING_MIN_SIZE = 1024  # virtual nodes per level (Envoy's minimum_ring_size default)
+RING_VNODES_PER_WEIGHT = 160  # ketama's count; fixed per endpoint so a leaving endpoint moves only its keys
 MAGLEV_TABLE_SIZE = 5003  # prime; Envoy uses 65537, this is enough for small clusters and builds in ms
 
 
@@ -112,13 +112,13 @@ class LeastRequest(Picker):
 class RingHash(Picker):
     """Ketama-style ring: each endpoint gets virtual nodes in proportion to its weight."""
 
-    def __init__(self, endpoints: Sequence[Endpoint], rng: random.Random, min_size: int = RING_MIN_SIZE) -> None:
+    def __init__(self, endpoints: Sequence[Endpoint], rng: random.Random,
+                 vnodes_per_weight: int = RING_VNODES_PER_WEIGHT) -> None:
         super().__init__(endpoints, rng)
-        total = sum(max(1, ep.weight) for ep in self.endpoints) or 1
         ring: list[tuple[int, int]] = []
         for i, ep in enumerate(self.endpoints):
             key = endpoint_key(ep)
-            for n in range(max(1, min_size * max(1, ep.weight) // total)):
+            for n in range(vnodes_per_weight * min(max(1, ep.weight), 128)):
                 ring.append((hash64(key + b"_%d" % n), i))
         ring.sort()
         self.hashes = [h for h, _ in ring]
