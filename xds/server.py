@@ -9,6 +9,8 @@ Files (`*.yaml`, `*.yml`, `*.json`) hold a list of resources, each with an `@typ
 form). The directory is polled every 200 ms; a changed set is validated first (parse, known types,
 unique names) and pushed to every subscribed stream; a broken file is reported in `load_error` and the
 last good set keeps being served. Each client's ACKs and NACKs are tracked (`clients()`).
+`set_resources(type_url, messages)` replaces one type's set from code (no file, no poll delay); with
+`resource_dir=None` the server serves only what is set that way.
 `main(argv)` is `planemesh xds-server --resources DIR --listen ADDR`.
 """
 
@@ -22,13 +24,15 @@ import itertools
 import logging
 import os
 import signal
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, message
 
 from planemesh.xds.resources import (
     MESSAGE_OF_TYPE,
@@ -36,6 +40,8 @@ from planemesh.xds.resources import (
     SHORT_NAME,
     ResourceError,
     load_resource_dir,
+    pack,
+    resource_name,
 )
 
 log = logging.getLogger("planemesh.xds.server")
@@ -51,6 +57,9 @@ class TypeReport:
     nacks: int = 0
     last_nack: str | None = None
     subscribed: tuple[str, ...] = ()
+    responses: int = 0  # responses written on this stream for this type
+    resources_sent: int = 0  # resources carried by them
+    bytes_sent: int = 0  # their serialized size (the gRPC message bodies)
 
 
 @dataclass(slots=True)
@@ -62,6 +71,7 @@ class ClientStatus:
     peer: str
     connected: bool = True
     types: dict[str, TypeReport] = field(default_factory=dict)
+    first_send_at: float | None = None  # time.monotonic() of the first response written (benchmarks)
 
     def report(self, type_url: str) -> TypeReport:
         return self.types.setdefault(SHORT_NAME.get(type_url, type_url), TypeReport())
@@ -83,10 +93,13 @@ def resource_version(packed: any_pb2.Any) -> str:
 
 
 class ManagementServer:
-    def __init__(self, resource_dir: str | Path, *, poll_interval_s: float = 0.2) -> None:
-        self.resource_dir = Path(resource_dir)
+    def __init__(self, resource_dir: str | Path | None, *, poll_interval_s: float = 0.2) -> None:
+        self.resource_dir = Path(resource_dir) if resource_dir is not None else None
         self.poll_interval_s = poll_interval_s
         self.resources: dict[str, dict[str, any_pb2.Any]] = {t: {} for t in MESSAGE_OF_TYPE}
+        # Per-resource digests, computed once per accepted change: Delta versions and change detection
+        # would otherwise re-serialize and hash every resource on every push to every stream.
+        self.digests: dict[str, dict[str, str]] = {t: {} for t in MESSAGE_OF_TYPE}
         self.type_versions: dict[str, int] = dict.fromkeys(MESSAGE_OF_TYPE, 0)
         self.version = 0  # bumped on every accepted change of the resource set
         self.load_error: str | None = None
@@ -100,6 +113,8 @@ class ManagementServer:
     # ---- resources -------------------------------------------------------------------------------
 
     def _dir_signature(self) -> tuple:
+        if self.resource_dir is None:
+            return ()
         try:
             entries = sorted(self.resource_dir.iterdir())
         except OSError as exc:
@@ -114,6 +129,8 @@ class ManagementServer:
 
     def reload(self) -> bool:
         """Re-read the directory if it changed. True when a new valid set was taken."""
+        if self.resource_dir is None:
+            return False
         sig = self._dir_signature()
         if sig == self._signature:
             return False
@@ -125,16 +142,47 @@ class ManagementServer:
             log.error("resources not loaded, still serving version %d: %s", self.version, exc)
             return False
         self.load_error = None
+        return self._take(loaded)
+
+    def set_resources(self, type_url: str, messages: Iterable[message.Message]) -> bool:
+        """Serve `messages` as the whole set of `type_url` (the in-process API: no file, no poll delay).
+
+        Raises ResourceError (nothing changes) for an unknown type, a message of another type, a resource
+        without a name or a duplicate name. True when the set changed and was pushed. A later change of
+        the resource directory replaces every type again (the last writer wins).
+        """
+        cls = MESSAGE_OF_TYPE.get(type_url)
+        if cls is None:
+            raise ResourceError(type_url, "unknown resource type URL")
+        items: dict[str, any_pb2.Any] = {}
+        for i, msg in enumerate(messages):
+            where = f"{SHORT_NAME[type_url]}[{i}]"
+            if not isinstance(msg, cls):
+                raise ResourceError(where, f"a {type(msg).__name__} is not a {cls.__name__}")
+            name = resource_name(msg)
+            if not name:
+                raise ResourceError(where, "resource has no name")
+            if name in items:
+                raise ResourceError(where, f"duplicate name {name!r}")
+            items[name] = pack(msg)
+        return self._take({**self.resources, type_url: items})
+
+    def _take(self, loaded: dict[str, dict[str, any_pb2.Any]]) -> bool:
+        """Adopt a validated set: bump the versions of the types that changed and wake every stream."""
         changed = False
+        digests = {}
         for type_url, items in loaded.items():
-            old = {n: a.SerializeToString(deterministic=True) for n, a in self.resources[type_url].items()}
-            new = {n: a.SerializeToString(deterministic=True) for n, a in items.items()}
-            if old != new:
+            old = self.digests[type_url]
+            if items is self.resources[type_url]:
+                digests[type_url] = old  # untouched type (set_resources of another one)
+                continue
+            digests[type_url] = {n: resource_version(a) for n, a in items.items()}
+            if digests[type_url] != old:
                 self.type_versions[type_url] += 1
                 changed = True
         if not changed:
             return False
-        self.resources = loaded
+        self.resources, self.digests = loaded, digests
         self.version += 1
         log.info("serving resource set version %d (%s)", self.version, self._counts())
         for queue in self._watchers:
@@ -162,7 +210,8 @@ class ManagementServer:
             raise OSError(f"cannot listen on {address}")
         await server.start()
         self._server = server
-        self._poller = asyncio.create_task(self._poll())
+        if self.resource_dir is not None:
+            self._poller = asyncio.create_task(self._poll())
         if address.startswith("unix:"):
             return address
         return f"{address.rsplit(':', 1)[0]}:{port}"
@@ -293,7 +342,7 @@ class ManagementServer:
         report = status.report(type_url)
         nonce = str(next(self._nonces))
         if delta:
-            versions = {n: resource_version(a) for n, a in wanted.items()}
+            versions = self.digests[type_url]
             updated = [n for n in wanted if sub.known.get(n) != versions[n]]
             removed = [n for n in sub.known if n not in current]
             if not updated and not removed:
@@ -317,6 +366,11 @@ class ManagementServer:
             )
             sub.sent_version, sub.sent_nonce = version, nonce
             report.sent_version = version
+        report.responses += 1
+        report.resources_sent += len(resp.resources)
+        report.bytes_sent += resp.ByteSize()
+        if status.first_send_at is None:
+            status.first_send_at = time.monotonic()
         await context.write(resp)
 
 
