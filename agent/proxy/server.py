@@ -71,6 +71,9 @@ class RoutingTable:
         self.balancer = Balancer(snapshot)
 
 
+DRAIN_IDLE_CLOSE_S = 0.5
+
+
 class PlaneProxy:
     def __init__(
         self,
@@ -170,11 +173,14 @@ class PlaneProxy:
         for sniffer, task in self._sniffers:
             sniffer.close()
             task.cancel()
-        for conn in list(self.connections):
-            if conn.active is None:
-                conn.close()
+        # Busy connections close after their current response (it says `Connection: close`). An idle
+        # keep-alive connection is closed only once it stayed idle a while: closing it at once races with
+        # a request the client may already have sent (Envoy's drain does the same).
         deadline = self.loop.time() + timeout
         while self.connections and self.loop.time() < deadline:
+            quiet_since = self.loop.time() - DRAIN_IDLE_CLOSE_S
+            for conn in [c for c in self.connections if c.active is None and c.last_active < quiet_since]:
+                conn.close()
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             conn.close()
