@@ -391,8 +391,8 @@ class Exchange:
 
     def _mirror(self, mirrors) -> None:
         """Shadow copies of a body-less (or fully buffered) request; the primary never waits for them."""
-        if not self.req_done and not (self.req_length and self.req_length <= MAX_REPLAY_BODY):
-            return  # a streamed body is not mirrored (it would have to be held)
+        if self.req_length > MAX_REPLAY_BODY:
+            return  # a large body is not mirrored (it would have to be held); chunked ones are checked at the end
         for mirror in mirrors:
             if mirror.fraction < 1.0 and _rng.random() >= mirror.fraction:
                 continue

@@ -1,0 +1,249 @@
+"""Weighted and header-matched routes, hash-based balancing, HTTP filters (fault, local rate limit),
+mirroring, trace headers and header manipulation, through the real proxy with real backends on loopback."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+import pytest
+
+from planemesh.agent.config import (
+    FaultFilter,
+    HashPolicy,
+    HeaderMatch,
+    HeaderValue,
+    LbPolicy,
+    LocalRateLimit,
+    Mirror,
+    Route,
+    RouteAction,
+    RouteMatch,
+    WeightedCluster,
+)
+from tests.proxy.proxy_harness import free_port
+from tests.proxy.test_proxy_http1 import log_line_for
+from tests.proxy.test_traffic_resilience import Client, VersionServer, endpoint, get, proxy_for, static, to, with_config
+
+
+def wait_for(predicate, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_weighted_canary_split_90_10() -> None:
+    route = Route(action=RouteAction(weighted=(WeightedCluster("stable", 90), WeightedCluster("canary", 10))))
+    with VersionServer("v1") as v1, VersionServer("v2") as v2, \
+            proxy_for((route,), {"stable": static("stable", [endpoint(v1)]),
+                                 "canary": static("canary", [endpoint(v2)])}) as px:
+        client = Client(px.port)
+        counts = Counter(client.request(f"/w{i}")[2] for i in range(2000))
+        client.close()
+        assert counts[b"v1"] + counts[b"v2"] == 2000
+        assert abs(counts[b"v2"] - 200) <= 40, counts  # 10 % within 2 points
+
+
+def test_header_matched_route_picks_the_version() -> None:
+    routes = (
+        Route(match=RouteMatch(prefix="/", headers=(HeaderMatch(name="x-version", exact="v2"),)),
+              action=RouteAction(cluster="v2")),
+        Route(action=RouteAction(cluster="v1")),
+    )
+    with VersionServer("v1") as v1, VersionServer("v2") as v2, \
+            proxy_for(routes, {"v1": static("v1", [endpoint(v1)]), "v2": static("v2", [endpoint(v2)])}) as px:
+        assert get(px.port, "/h", headers={"x-version": "v2"})[2] == b"v2"
+        assert get(px.port, "/h", headers={"x-version": "v3"})[2] == b"v1"
+        assert get(px.port, "/h")[2] == b"v1"
+
+
+@pytest.mark.parametrize("policy", [LbPolicy.RING_HASH, LbPolicy.MAGLEV])
+def test_hash_on_header_is_sticky_and_moves_about_one_nth(policy) -> None:
+    servers = [VersionServer(f"s{i}") for i in range(4)]
+    for s in servers:
+        s.__enter__()
+    try:
+        route = to("svc", hash_policy=(HashPolicy(header="x-user"),))
+        cluster = static("svc", [endpoint(s) for s in servers], lb_policy=policy)
+        with proxy_for(route, {"svc": cluster}) as px:
+            client = Client(px.port)
+            users = [f"user-{i}" for i in range(200)]
+            first = {u: client.request("/k", headers={"x-user": u})[2] for u in users}
+            again = {u: client.request("/k", headers={"x-user": u})[2] for u in users[:50]}
+            assert all(first[u] == again[u] for u in again)
+            assert len(set(first.values())) == 4
+            # One of the four versions leaves: about a quarter of the users move, the others stay.
+            with_config(px, route, {"svc": static("svc", [endpoint(s) for s in servers[:3]], lb_policy=policy)})
+            after = {u: client.request("/k", headers={"x-user": u})[2] for u in users}
+            moved = sum(first[u] != after[u] for u in users) / len(users)
+            assert 0.12 < moved < 0.40, moved
+            if policy is LbPolicy.RING_HASH:  # a ring moves only the users of the version that left
+                assert all(first[u] == after[u] for u in users if first[u] != b"s3")
+            client.close()
+    finally:
+        for s in servers:
+            s.__exit__(None, None, None)
+
+
+def test_hash_on_source_address_is_sticky() -> None:
+    with VersionServer("a") as a, VersionServer("b") as b, VersionServer("c") as c:
+        route = to("svc", hash_policy=(HashPolicy(source_ip=True),))
+        cluster = static("svc", [endpoint(a), endpoint(b), endpoint(c)], lb_policy=LbPolicy.RING_HASH)
+        with proxy_for(route, {"svc": cluster}) as px:
+            assert len({get(px.port, f"/s{i}")[2] for i in range(10)}) == 1
+
+
+def test_least_request_avoids_the_busy_endpoint() -> None:
+    import threading
+    with VersionServer("busy", delay_s=0.8) as busy, VersionServer("idle") as idle:
+        cluster = static("svc", [endpoint(busy), endpoint(idle)], lb_policy=LbPolicy.LEAST_REQUEST)
+        with proxy_for(to("svc"), {"svc": cluster}) as px:
+            # Occupy "busy" (whatever P2C picks first, keep sending until it is holding one request).
+            holders = []
+            for _ in range(6):
+                if busy.seen:
+                    break
+                t = threading.Thread(target=get, args=(px.port, "/hold"))
+                t.start()
+                holders.append(t)
+                wait_for(lambda: bool(busy.seen), 0.1)
+            assert busy.seen
+            assert [get(px.port, f"/lr{i}")[2] for i in range(8)] == [b"idle"] * 8
+            for t in holders:
+                t.join(5)
+
+
+# ---- HTTP filters -----------------------------------------------------------------------------------------
+
+def test_fault_abort_by_percentage_and_header() -> None:
+    with VersionServer("v1") as v1:
+        fault = FaultFilter(abort_status=503, abort_percent=100)
+        with proxy_for(to("svc"), {"svc": static("svc", [endpoint(v1)])}, (fault,)) as px:
+            status, _, body = get(px.port, "/fi")
+            assert (status, body) == (503, b"fault filter abort") and not v1.seen
+            assert '" 503 FI ' in log_line_for(px, "/fi")
+        header_fault = FaultFilter(header_controlled=True)
+        with proxy_for(to("svc"), {"svc": static("svc", [endpoint(v1)])}, (header_fault,)) as px:
+            assert get(px.port, "/hf", headers={"x-envoy-fault-abort-request": "418"})[0] == 418
+            assert get(px.port, "/hf-none")[0] == 200
+            assert get(px.port, "/hf-bad", headers={"x-envoy-fault-abort-request": "bogus"})[0] == 200
+
+
+def test_fault_delay_then_forward() -> None:
+    with VersionServer("v1") as v1, \
+            proxy_for(to("svc"), {"svc": static("svc", [endpoint(v1)])},
+                      (FaultFilter(delay_s=0.3, delay_percent=100),)) as px:
+        t0 = time.monotonic()
+        assert get(px.port, "/di")[0] == 200
+        assert 0.28 < time.monotonic() - t0 < 1.0
+        assert '" 200 DI ' in log_line_for(px, "/di")
+
+
+def test_fault_delay_then_abort_via_headers() -> None:
+    with VersionServer("v1") as v1, \
+            proxy_for(to("svc"), {"svc": static("svc", [endpoint(v1)])}, (FaultFilter(header_controlled=True),)) as px:
+        t0 = time.monotonic()
+        status = get(px.port, "/dfi", headers={"x-envoy-fault-delay-request": "200",
+                                                 "x-envoy-fault-abort-request": "500"})[0]
+        assert status == 500 and time.monotonic() - t0 >= 0.19
+        assert '" 500 DI,FI ' in log_line_for(px, "/dfi") and not v1.seen
+
+
+def test_local_rate_limit_admits_the_configured_rate() -> None:
+    rl = LocalRateLimit(max_tokens=5, tokens_per_fill=5, fill_interval_s=0.5)
+    with VersionServer("v1") as v1, proxy_for(to("svc"), {"svc": static("svc", [endpoint(v1)])}, (rl,)) as px:
+        client = Client(px.port)
+        results = [client.request(f"/rl{i}") for i in range(8)]
+        assert [r[0] for r in results] == [200] * 5 + [429] * 3
+        headers = results[-1][1]
+        assert headers["x-ratelimit-limit"] == "5" and headers["x-ratelimit-remaining"] == "0"
+        assert int(headers["x-ratelimit-reset"]) in (0, 1)
+        assert '" 429 RL ' in log_line_for(px, "/rl7")
+        time.sleep(0.55)  # one fill
+        assert [client.request(f"/again{i}")[0] for i in range(6)] == [200] * 5 + [429]
+        client.close()
+        assert len(v1.seen) == 10
+
+
+# ---- mirroring -------------------------------------------------------------------------------------------------
+
+def test_mirror_duplicates_without_changing_the_primary() -> None:
+    with VersionServer("primary") as primary, VersionServer("shadow", status=500, delay_s=0.3) as shadow:
+        route = to("svc", mirrors=(Mirror(cluster="shadow", fraction=1.0),))
+        clusters = {"svc": static("svc", [endpoint(primary)]), "shadow": static("shadow", [endpoint(shadow)])}
+        with proxy_for(route, clusters) as px:
+            t0 = time.monotonic()
+            status, headers, body = get(px.port, "/m", headers={"host": "svc.local"})
+            assert (status, body) == (200, b"primary") and headers["x-served-by"] == "primary"
+            assert time.monotonic() - t0 < 0.25  # the slow, failing shadow is not waited for
+            status, _, _ = get(px.port, "/mp", method="POST", body=b"payload", headers={"host": "svc.local"})
+            assert status == 200
+            assert wait_for(lambda: len(shadow.seen) == 2)
+            assert [(m, p, h["host"], b) for m, p, h, b in shadow.seen] == [
+                ("GET", "/m", "svc.local-shadow", b""), ("POST", "/mp", "svc.local-shadow", b"payload")]
+            assert [p for _, p, _, _ in primary.seen] == ["/m", "/mp"]
+
+
+def test_mirror_fraction_and_dead_shadow() -> None:
+    with VersionServer("primary") as primary:
+        route = to("svc", mirrors=(Mirror(cluster="shadow", fraction=0.5),))
+        clusters = {"svc": static("svc", [endpoint(primary)]), "shadow": static("shadow", [endpoint(free_port())])}
+        with proxy_for(route, clusters) as px:
+            client = Client(px.port)
+            assert [client.request(f"/x{i}")[0] for i in range(40)] == [200] * 40
+            client.close()
+            sender = px.proxy.mirror_sender
+            assert wait_for(lambda: not sender.tasks)
+            assert 8 <= sender.failed <= 32 and sender.sent == 0  # about half were shadowed, all failed
+
+
+def test_mirror_fraction_reaches_live_shadow() -> None:
+    with VersionServer("primary") as primary, VersionServer("shadow") as shadow:
+        route = to("svc", mirrors=(Mirror(cluster="shadow", fraction=0.25),))
+        clusters = {"svc": static("svc", [endpoint(primary)]), "shadow": static("shadow", [endpoint(shadow)])}
+        with proxy_for(route, clusters) as px:
+            client = Client(px.port)
+            for i in range(200):
+                client.request(f"/f{i}")
+            client.close()
+            assert wait_for(lambda: not px.proxy.mirror_sender.tasks)
+            assert 25 <= len(shadow.seen) <= 75 and len(primary.seen) == 200
+
+
+# ---- tracing and header manipulation --------------------------------------------------------------------------
+
+def test_trace_headers_new_span_per_hop() -> None:
+    with VersionServer("v1") as v1, proxy_for(to("svc"), {"svc": static("svc", [endpoint(v1)])}) as px:
+        get(px.port, "/t1")
+        incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        get(px.port, "/t2", headers={"traceparent": incoming, "tracestate": "vendor=1", "x-request-id": "rid-7"})
+        fresh, kept = v1.seen[0][2], v1.seen[1][2]
+        assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", fresh["traceparent"])
+        assert fresh["x-b3-traceid"] == fresh["traceparent"].split("-")[1] and fresh["x-request-id"]
+        trace, span = kept["traceparent"].split("-")[1:3]
+        assert trace == "4bf92f3577b34da6a3ce929d0e0e4736" and span != "00f067aa0ba902b7"
+        assert kept["tracestate"] == "vendor=1" and kept["x-request-id"] == "rid-7"
+        assert kept["x-b3-parentspanid"] == "00f067aa0ba902b7" and kept["x-b3-spanid"] == span
+
+
+def test_request_and_response_header_manipulation_and_rewrites() -> None:
+    route = Route(
+        match=RouteMatch(prefix="/api/"),
+        action=RouteAction(cluster="svc", prefix_rewrite="/v2/", host_rewrite="backend.internal"),
+        request_headers_to_add=(HeaderValue("x-added", "1"), HeaderValue("x-mode", "set", append=False)),
+        request_headers_to_remove=("x-secret",),
+        response_headers_to_add=(HeaderValue("x-resp", "yes"), HeaderValue("x-served-by", "mesh", append=False)),
+        response_headers_to_remove=("content-type",),
+    )
+    with VersionServer("v1") as v1, proxy_for((route,), {"svc": static("svc", [endpoint(v1)])}) as px:
+        status, headers, _ = get(px.port, "/api/items?q=1",
+                                 headers={"x-secret": "s", "x-mode": "client", "host": "front"})
+        assert status == 200
+        _, path, seen, _ = v1.seen[0]
+        assert path == "/v2/items?q=1" and seen["host"] == "backend.internal"
+        assert seen["x-added"] == "1" and seen["x-mode"] == "set" and "x-secret" not in seen
+        assert headers["x-resp"] == "yes" and headers["x-served-by"] == "mesh" and "content-type" not in headers
