@@ -49,6 +49,7 @@ class AgentOptions:
     xds: str | None = None  # override the bootstrap's server address
     xds_resources: Path | None = None  # serve this directory with an embedded management server
     runtime_dir: Path = Path("/run/planemesh")
+    handover: Path | None = None  # hot-upgrade socket; default <runtime_dir>/handover-<netns or host>.sock
     datapath_only: bool = False  # programs and routes only: another proxy (e.g. Envoy in bench/) owns the ports
 
 
@@ -71,6 +72,10 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self.failure: BaseException | None = None
         self.embedded_xds_server: Any = None
+        self.handed_over = False  # a successor took our sockets: leave programs and routes to it
+        self._takeover: Any = None
+        self._handover_server: Any = None
+        self.handover_path = options.handover or options.runtime_dir / f"handover-{options.netns or 'host'}.sock"
         self._watch: NetlinkWatch | None = None
         self.xds_client: Any = None
 
@@ -109,14 +114,26 @@ class Agent:
             if name in self.workers:
                 await self.workers[name].update(snap, sources)
                 continue
-            listeners = [bind_listener(plane.proxy_port)]
+            listeners = [self._listener(plane.proxy_port)]
             if plane.undeclared.value == "sniff":
-                listeners.append(bind_listener(plane.sniff_port))
+                listeners.append(self._listener(plane.sniff_port))
             workers = PlaneWorkers(name, plane.sla.workers, listeners, self._worker_options())
             await workers.start(snap, sources)
             self.workers[name] = workers
             self.spawn(workers.supervise(), f"supervise-{name}")
         self.readiness.clear(LISTENERS_BOUND)
+
+    def _listener(self, port: int) -> socket.socket:
+        """The predecessor's listening socket for `port` when taking over (no gap), else a new one."""
+        taken = self._takeover.take(port) if self._takeover is not None else None
+        return taken if taken is not None else bind_listener(port)
+
+    def listening_sockets(self) -> dict[int, socket.socket]:
+        return {s.getsockname()[1]: s for pw in self.workers.values() for s in pw.listeners}
+
+    def _handed_over(self) -> None:
+        self.handed_over = True
+        self.stopping.set()
 
     def _worker_options(self) -> dict[str, Any]:
         return {
@@ -209,16 +226,27 @@ class Agent:
             await self.control.call(self.kernel.open)
             await self.control.call(self.kernel.install_routing)
             self.readiness.clear(ROUTES_INSTALLED)
+            from planemesh.agent.handover import HandoverServer, take_over
+
+            self._takeover = await asyncio.to_thread(take_over, self.handover_path)
             self._watch = NetlinkWatch(self._on_links_changed)
             self._watch.start()
             if first is not None:
                 await self.apply(first)
             else:
                 await self._start_xds()
-            await self._start_admin()
+            if self._takeover is None:
+                await self._start_admin()
             self.spawn(self._collect_worker_stats(), "worker-stats")
             self.spawn(run_watchdog(self.notifier, self.healthy), "watchdog")
             await self.readiness.wait()
+            if self._takeover is not None:
+                # Our workers serve the inherited sockets: let the predecessor drain, then take its admin socket.
+                self._takeover.done()
+                self._takeover = None
+                await self._start_admin(retry_s=self.options.drain_timeout_s + 10)
+            self._handover_server = HandoverServer(self.handover_path, self.listening_sockets, self._handed_over)
+            await self._handover_server.start()
             self.notifier.ready(f"planes: {', '.join(self.workers)}")
             log.info("ready: planes %s", ", ".join(self.workers))
             print("planemesh agent ready", flush=True)
@@ -234,13 +262,29 @@ class Agent:
 
         self.xds_client = await start_xds(self)
 
-    async def _start_admin(self) -> None:
+    async def _start_admin(self, retry_s: float = 0.0) -> None:
+        from planemesh.agent.admin import AdminBindError
         from planemesh.agent.admin_glue import start_admin
 
-        self._admin = await start_admin(self)
+        deadline = asyncio.get_running_loop().time() + retry_s
+        while True:
+            try:
+                self._admin = await start_admin(self)
+                return
+            except AdminBindError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)  # the predecessor is still releasing it
 
     async def shutdown(self) -> None:
         log.info("stopping: draining workers (up to %.1fs)", self.options.drain_timeout_s)
+        if self._handover_server is not None:
+            await self._handover_server.close()
+        if self._takeover is not None:
+            self._takeover.close()  # we never became ready: the predecessor keeps serving
+        if self.handed_over and self._admin is not None:
+            await self._admin.close()  # the successor takes the admin socket over now
+            self._admin = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -257,9 +301,12 @@ class Agent:
         if self._admin is not None:
             await self._admin.close()
         with contextlib.suppress(Exception):
-            await self.control.call(self.kernel.close)
+            await self.control.call(self.kernel.close, not self.handed_over)
         self.control.close()
-        log.info("stopped: programs detached, routes removed")
+        if self.handed_over:
+            log.info("stopped: programs, maps and routes left to the successor")
+        else:
+            log.info("stopped: programs detached, routes removed")
 
 
 def _listener_shape(plane: Any) -> tuple[Any, ...]:
@@ -318,6 +365,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         xds=args.xds,
         xds_resources=Path(args.xds_resources) if args.xds_resources else None,
+        handover=Path(args.handover) if args.handover else None,
         datapath_only=args.datapath_only,
     )
     return run_agent(options)
@@ -334,6 +382,12 @@ def add_agent_command(sub: argparse._SubParsersAction) -> None:
         "--xds-resources",
         default=env_default("xds_resources"),
         help="serve this directory of Envoy resources from an embedded xDS server [PLANEMESH_XDS_RESOURCES]",
+    )
+    p.add_argument(
+        "--handover",
+        default=env_default("handover"),
+        help="hot-upgrade socket (default /run/planemesh/handover-<netns>.sock): a new agent started while one"
+        " runs takes its listening sockets over it [PLANEMESH_HANDOVER]",
     )
     p.add_argument("--netns", default=env_default("netns"), help="run inside this network namespace [PLANEMESH_NETNS]")
     p.add_argument(

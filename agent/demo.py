@@ -24,6 +24,7 @@ from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import host_port, http_requests, tcp_echo, wait_for_port
 
 HTTP_PORT, TCP_PORT, UNDECLARED_TCP_PORT = 80, 9000, 9001
+BYPASS_HTTP_PORT = 9080  # HTTP on an undeclared port: bypassed in the kernel (load tests)
 PLANES = ("oam", "media")
 
 
@@ -45,7 +46,9 @@ def start_servers(lab: Lab) -> list[subprocess.Popen]:
     py = sys.executable
     return [
         ns_tools.start_until(
-            server_ns, [py, "-m", "planemesh.labs.servers", "http", "--port", str(HTTP_PORT)], "ready"
+            server_ns,
+            [py, "-m", "planemesh.labs.servers", "http", "--port", str(HTTP_PORT), "--port", str(BYPASS_HTTP_PORT)],
+            "ready",
         ),
         ns_tools.start_until(
             server_ns,
