@@ -166,6 +166,21 @@ class Agent:
             for workers in self.workers.values():
                 await workers.update(snap, sources)
 
+    async def reload(self) -> None:
+        """SIGHUP: re-read the static configuration and apply it; a bad file changes nothing."""
+        if self.options.bootstrap is not None or self.options.xds_resources is not None:
+            log.info("SIGHUP: configuration comes from xDS; nothing to reload locally")
+            return
+        self.notifier.reloading()
+        try:
+            snap = await asyncio.to_thread(load_snapshot, self.options)
+            if snap is not None:
+                await self.apply(snap)
+        except ConfigError as exc:
+            log.error("SIGHUP: keeping the running configuration: %s", exc)
+        finally:
+            self.notifier.ready()
+
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         """A task owned by the agent: cancelled at shutdown; its failure stops the agent (no silent death)."""
         task = asyncio.create_task(coro, name=name)
@@ -222,6 +237,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload(), "reload"))
         try:
             await self.control.call(self.kernel.open)
             await self.control.call(self.kernel.install_routing)
