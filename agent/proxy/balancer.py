@@ -8,13 +8,15 @@ objects they took (their breaker and lb), so their releases land where they were
 
 from __future__ import annotations
 
+import functools
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
 
 from planemesh.agent.config import Cluster, ClusterKind, Endpoint, HashPolicy, RouteAction, Snapshot
 from planemesh.agent.proxy.circuit import CircuitBreaker
-from planemesh.agent.proxy.lb import ClusterLb, hash64
+from planemesh.agent.proxy.lb import ClusterLb, hash64, smooth_weighted_sequence
 from planemesh.agent.proxy.outlier import OutlierDetector
 
 
@@ -42,27 +44,29 @@ class Balancer:
         self._snapshot = snapshot
         self._clock = clock
         self._rng = rng or random.Random()
-        self._weighted_cursor: dict[int, int] = {}
+        self._weighted: dict[int, list] = {}  # id(route action) -> [cluster index order, cursor]
         self._lbs: dict[str, ClusterLb] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._outliers: dict[str, OutlierDetector] = {}
 
     def cluster_for(self, action: RouteAction) -> Cluster | None:
-        """The cluster of a route action; weighted clusters are spread by a deterministic weighted cursor
-        (exact shares over every `total weight` requests)."""
+        """The cluster of a route action; weighted clusters follow a smooth weighted sequence (exact shares
+        over every cycle, interleaved: 90/10 sends every tenth request to the 10, not ten in a row)."""
         if action.cluster or not action.weighted:
             return self._snapshot.clusters.get(action.cluster) if action.cluster else None
-        total = sum(w.weight for w in action.weighted)
-        if total <= 0:
-            return self._snapshot.clusters.get(action.weighted[0].name)
         key = id(action)
-        n = self._weighted_cursor.get(key, 0)
-        self._weighted_cursor[key] = (n + 1) % total
-        for w in action.weighted:
-            if n < w.weight:
-                return self._snapshot.clusters.get(w.name)
-            n -= w.weight
-        return None  # unreachable: n < total
+        state = self._weighted.get(key)
+        if state is None:
+            weights = [max(0, w.weight) for w in action.weighted]
+            if not any(weights):
+                return self._snapshot.clusters.get(action.weighted[0].name)
+            divisor = functools.reduce(math.gcd, [w for w in weights if w])
+            live = [i for i, w in enumerate(weights) if w]
+            order = smooth_weighted_sequence([weights[i] // divisor for i in live])
+            state = self._weighted[key] = [[live[i] for i in order], 0]
+        order, n = state
+        state[1] = (n + 1) % len(order)
+        return self._snapshot.clusters.get(action.weighted[order[n]].name)
 
     def lb(self, cluster: Cluster) -> ClusterLb:
         found = self._lbs.get(cluster.name)

@@ -140,3 +140,22 @@ def test_property_ring_hash_removing_an_endpoint_moves_only_its_keys(n, key) -> 
     after = ClusterLb(cluster(eps(n)[:-1], LbPolicy.RING_HASH))
     if before.pick(key) != eps(n)[-1]:
         assert after.pick(key) == before.pick(key)
+
+
+@pytest.mark.parametrize(("weights", "first_ten"), [
+    ((90, 10), ["a"] * 5 + ["b"] + ["a"] * 4),  # interleaved, not ten in a row
+    ((75, 25), ["a", "a", "b", "a"] * 2 + ["a", "a"]),
+    ((0, 5), ["b"] * 10),
+])
+def test_weighted_clusters_interleave_exact_shares(weights, first_ten) -> None:
+    from types import MappingProxyType
+
+    from planemesh.agent.config import RouteAction, Snapshot, WeightedCluster
+    from planemesh.agent.proxy.balancer import Balancer
+
+    snap = Snapshot(version="1", planes=(), clusters=MappingProxyType({"a": cluster(eps(1)), "b": cluster(eps(1))}))
+    balancer = Balancer(snap)
+    action = RouteAction(weighted=(WeightedCluster("a", weights[0]), WeightedCluster("b", weights[1])))
+    names = ["a" if balancer.cluster_for(action) is snap.clusters["a"] else "b" for _ in range(1000)]
+    assert names[:10] == first_ten
+    assert names.count("b") == 1000 * weights[1] // sum(weights)
