@@ -385,9 +385,9 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         await self.server.serve_stream(context, delta=True)
 
 
-async def serve_forever(resources: str | Path, listen: str) -> None:
+async def serve_forever(resources: str | Path, listen: str, poll_interval_s: float = 0.2) -> None:
     """Serve until SIGINT/SIGTERM (the `planemesh xds-server` command)."""
-    server = ManagementServer(resources)
+    server = ManagementServer(resources, poll_interval_s=poll_interval_s)
     address = await server.start(listen)
     log.info("ADS (SotW and Delta) on %s, resources from %s", address, resources)
     if server.load_error:
@@ -414,13 +414,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("PLANEMESH_XDS_LISTEN", "127.0.0.1:18000"),
         help="host:port, [v6]:port or unix:///path (env PLANEMESH_XDS_LISTEN; default %(default)s)",
     )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=float(env("PLANEMESH_XDS_POLL_INTERVAL_S", "0.2")),
+        help="seconds between checks of the resource files; bounds file change -> push latency "
+        "(env PLANEMESH_XDS_POLL_INTERVAL_S; default %(default)s)",
+    )
 
 
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not args.resources or not Path(args.resources).is_dir():
         parser.error(f"--resources {args.resources}: not a directory")
+    if not 0.005 <= args.poll_interval <= 60:
+        parser.error(f"--poll-interval {args.poll_interval}: expected 0.005 .. 60 seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_forever(args.resources, args.listen))
+    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval))
     return 0
 
 
