@@ -25,8 +25,10 @@ class WrkResult:
     rps: float
     p50_ms: float
     p99_ms: float
-    errors: int
+    errors: int  # socket errors + non-2xx/3xx answers
     requests: int
+    non_2xx: int = 0
+    timeouts: int = 0
 
     def row(self, base: WrkResult | None = None) -> str:
         ratio = f"{self.rps / base.rps:6.2f}x" if base and base.rps else "      -"
@@ -50,12 +52,13 @@ def parse_wrk(name: str, out: str) -> WrkResult:
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    errors = 0
+    socket_errors = timeouts = non_2xx = 0
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        errors += sum(int(x) for x in m.groups())
+        socket_errors = sum(int(x) for x in m.groups())
+        timeouts = int(m.group(4))
     if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        errors += int(m.group(1))
-    return WrkResult(name, rps, p50, p99, errors, total)
+        non_2xx = int(m.group(1))
+    return WrkResult(name, rps, p50, p99, socket_errors + non_2xx, total, non_2xx, timeouts)
 
 
 def wrk(ns: str, name: str, url: str, *, threads: int = 1, connections: int = 16, seconds: int = 5) -> WrkResult:

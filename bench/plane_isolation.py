@@ -1,0 +1,98 @@
+"""Plane isolation (issue 4): plane A's latency with plane B idle vs flooded beyond its rate limit.
+
+    ./run.sh bench plane_isolation [--seconds 5]
+
+The lab's two planes each run their own proxy worker process. Plane `media` has a local rate limit in its
+SLA; wrk floods it with many connections (well past the limit: its excess must get 429s, never timeouts),
+while a steady wrk on plane `oam` measures p50/p99. Target: oam p99 flooded / idle <= 1.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bench.common import WrkResult, parse_wrk
+from planemesh.agent.static_config import default_config_text
+from planemesh.labs import netns as ns_tools
+from planemesh.labs.traffic import host_port
+
+FLOOD_RATE_LIMIT_RPS = 300
+
+
+def isolation_config(path: Path, rate_limit_rps: int = FLOOD_RATE_LIMIT_RPS) -> Path:
+    raw = yaml.safe_load(default_config_text())
+    for plane in raw["planes"]:
+        if plane["name"] == "media":
+            plane["sla"] = {**plane.get("sla", {}), "rate_limit_rps": rate_limit_rps, "rate_limit_burst": 50}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _wrk(env, plane: str, connections: int, seconds: int) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+    url = f"http://{host_port(env.server(plane, 4), 80)}/iso"
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    return ns_tools.popen(env.client_ns, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _result(proc: subprocess.Popen, name: str) -> WrkResult:
+    out, _ = proc.communicate(timeout=120)
+    return parse_wrk(name, out)
+
+
+@dataclass
+class Isolation:
+    idle: WrkResult
+    flooded: WrkResult
+    flood: WrkResult
+
+    @property
+    def p99_ratio(self) -> float:
+        return self.flooded.p99_ms / self.idle.p99_ms if self.idle.p99_ms else float("inf")
+
+
+def measure(env, seconds: int = 5, probe_connections: int = 2, flood_connections: int = 64) -> Isolation:  # type: ignore[no-untyped-def]
+    idle = _result(_wrk(env, "oam", probe_connections, seconds), "oam, media idle")
+    time.sleep(0.5)
+    flood = _wrk(env, "media", flood_connections, seconds + 2)
+    time.sleep(1.0)  # the flood is in full swing
+    flooded = _result(_wrk(env, "oam", probe_connections, seconds), "oam, media flooded")
+    return Isolation(idle, flooded, _result(flood, "media flood"))
+
+
+def report(iso: Isolation) -> str:
+    rows = [
+        f"{'case':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'timeouts':>8}",
+        *(
+            f"{r.name:22} {r.rps:9.0f} {r.p50_ms:8.3f} {r.p99_ms:8.3f} {r.non_2xx:8d} {r.timeouts:8d}"
+            for r in (iso.idle, iso.flooded, iso.flood)
+        ),
+        "",
+        f"oam p99 flooded / idle: {iso.p99_ratio:.2f}   (target <= 1.2)",
+        f"media excess answered:  {iso.flood.non_2xx} x 429, {iso.flood.timeouts} timeouts "
+        f"(rate limit {FLOOD_RATE_LIMIT_RPS}/s)",
+    ]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tests.netns.agent_lab import running_agent
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--prefix", default="pmiso")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="planemesh-bench-") as tmp:
+        config = isolation_config(Path(tmp) / "agent.yaml")
+        with running_agent(args.prefix, ["--config", str(config)]) as env:
+            print(report(measure(env, args.seconds)))
+
+
+if __name__ == "__main__":
+    main()
