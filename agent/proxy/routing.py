@@ -133,8 +133,27 @@ class CompiledRoute:
         return True
 
 
+def _first_segment(path: str) -> str | None:
+    """`/a/b` -> `a`; None for targets that do not start with `/` (`*`, garbage)."""
+    return path[1:].split("/", 1)[0] if path.startswith("/") else None
+
+
+def _route_segment(route: CompiledRoute) -> str | None:
+    """The first path segment every path this route can match starts with; None when not fixed."""
+    if route.exact_path is not None:
+        return _first_segment(route.exact_path)
+    prefix = route.prefix
+    if prefix is not None and prefix.startswith("/") and "/" in prefix[1:]:
+        return prefix[1:].split("/", 1)[0]
+    return None
+
+
 class CompiledVirtualHost:
-    __slots__ = ("cacheable", "name", "routes", "vhost")
+    """First matching route wins. Routes are indexed by their fixed first path segment so a request only
+    tries the routes that can match it (in declaration order): thousands of routes stay cheap."""
+
+    __slots__ = ("by_segment", "cacheable", "name", "routes", "unindexed", "vhost")
+    MAX_UNINDEXED = 64  # beyond this many catch-all routes the index would cost more than it saves
 
     def __init__(self, vhost: VirtualHost) -> None:
         self.vhost = vhost
@@ -142,9 +161,27 @@ class CompiledVirtualHost:
         self.routes = tuple(CompiledRoute(r) for r in vhost.routes)
         # Path-only matching: the answer for (authority, target) never changes within a snapshot.
         self.cacheable = all(not r.headers and not r.query for r in self.routes)
+        buckets: dict[str, list[int]] = {}
+        unindexed: list[int] = []
+        for i, route in enumerate(self.routes):
+            seg = _route_segment(route)
+            if seg is None:
+                unindexed.append(i)
+            else:
+                buckets.setdefault(seg, []).append(i)
+        self.unindexed = tuple(self.routes[i] for i in unindexed)
+        self.by_segment: dict[str, tuple[CompiledRoute, ...]] | None = None
+        if len(self.routes) > 8 and len(unindexed) <= self.MAX_UNINDEXED:
+            self.by_segment = {seg: tuple(self.routes[i] for i in sorted(idx + unindexed))
+                               for seg, idx in buckets.items()}
 
     def select(self, path: str, query: str, headers: Callable[[], Headers]) -> Route | None:
-        for route in self.routes:
+        candidates: tuple[CompiledRoute, ...] = self.routes
+        if self.by_segment is not None:
+            seg = _first_segment(path)
+            if seg is not None:
+                candidates = self.by_segment.get(seg, self.unindexed)
+        for route in candidates:
             if route.matches(path, query, headers):
                 return route.route
         return None
