@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -76,7 +77,13 @@ def _registered_commands() -> list[Callable[[argparse._SubParsersAction], None]]
     return adders
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM runs `finally` blocks like Ctrl-C does, so labs and demos clean up when killed politely."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    exit_on_sigterm()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
