@@ -94,9 +94,7 @@ def percentiles(ms: list[float]) -> str:
         return "no samples"
     s = sorted(ms)
     p99 = s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
-    return (
-        f"p50 {statistics.median(s):6.1f} ms  p99 {p99:6.1f} ms  min {s[0]:6.1f}  max {s[-1]:6.1f}  (n={len(s)})"
-    )
+    return f"p50 {statistics.median(s):6.1f} ms  p99 {p99:6.1f} ms  min {s[0]:6.1f}  max {s[-1]:6.1f}  (n={len(s)})"
 
 
 def has_marker(marker: str):

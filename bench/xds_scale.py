@@ -205,4 +205,3 @@ def main(argv: list[str]) -> None:
     common = ["--clusters", str(args.clusters), "--endpoints", str(args.endpoints), "--changes", str(args.changes)]
     for mode in modes:
         report(child([*common, "--mode", mode]))
-
