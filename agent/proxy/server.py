@@ -65,10 +65,10 @@ class RoutingTable:
 
     __slots__ = ("balancer", "router", "snapshot")
 
-    def __init__(self, snapshot: Snapshot, plane: str) -> None:
+    def __init__(self, snapshot: Snapshot, plane: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.snapshot = snapshot
         self.router = PlaneRouter(snapshot, plane)
-        self.balancer = Balancer(snapshot)
+        self.balancer = Balancer(snapshot, clock=clock)  # outlier ejection follows the proxy's clock
 
 
 DRAIN_IDLE_CLOSE_S = 0.5
@@ -97,7 +97,7 @@ class PlaneProxy:
         self.clock = clock
         self.stats = PlaneStats()
         self.log = AccessLogBuffer(access_log, format_json if log_format == "json" else format_text)
-        self.table = RoutingTable(snapshot, plane)
+        self.table = RoutingTable(snapshot, plane, clock)
         self.sla = self.table.router.plane.sla
         self.bucket: TokenBucket | None = bucket_for(self.sla, clock)
         self.pool = UpstreamPool(self, max_idle_per_key=max_idle_per_key,
@@ -154,7 +154,7 @@ class PlaneProxy:
 
     def update(self, snapshot: Snapshot) -> None:
         """Swap the configuration atomically; requests already routed keep what they resolved."""
-        table = RoutingTable(snapshot, self.plane_name)
+        table = RoutingTable(snapshot, self.plane_name, self.clock)
         sla = table.router.plane.sla
         if sla != self.sla:
             if (sla.rate_limit_rps, sla.rate_limit_burst) != (self.sla.rate_limit_rps, self.sla.rate_limit_burst):
@@ -185,6 +185,9 @@ class PlaneProxy:
         for conn in list(self.connections):
             conn.close()
         self.pool.close_all()
+        mirror = getattr(self, "mirror_sender", None)  # created on first mirrored request
+        if mirror is not None:
+            mirror.close()
         self.log.flush()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
