@@ -54,8 +54,14 @@ class Notifier:
         with self._lock:
             try:
                 if self._sock is None:
-                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    # Non-blocking: a receiver whose queue is full (systemd busy or hung) must never stall
+                    # the event loop; that datagram is dropped and the next ping tries again.
+                    self._sock = socket.socket(
+                        socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                    )
                 self._sock.sendto(payload, self._address)
+            except BlockingIOError:
+                return False
             except OSError as exc:
                 if not self._warned:  # once: a missing systemd must not flood the log at watchdog rate
                     log.warning("sd_notify to %r failed: %s", self._address, exc)

@@ -82,6 +82,15 @@ def test_send_failure_is_reported_not_raised(tmp_path):
     assert notifier.watchdog() is False
 
 
+def test_a_receiver_that_never_reads_cannot_block_us(notify_socket):
+    path, _sock = notify_socket  # bound, never read: its queue fills up
+    notifier = Notifier(env={"NOTIFY_SOCKET": path})
+    started = time.monotonic()
+    sent = [notifier.watchdog() for _ in range(2000)]
+    assert time.monotonic() - started < 2.0
+    assert sent[0] is True and sent[-1] is False  # dropped once the queue is full, never blocked
+
+
 @pytest.mark.parametrize(
     ("env", "pid", "expected"),
     [
