@@ -365,12 +365,9 @@ def run_agent(options: AgentOptions) -> int:
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
-    from planemesh.agent.cli import env_default
+    from planemesh.agent.logs import configure_logging
 
-    logging.basicConfig(
-        level=(args.log_level or env_default("log_level", "INFO")).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(level=args.log_level, fmt=args.log_format)  # flag > PLANEMESH_LOG_* > default
     options = AgentOptions(
         config=Path(args.config) if args.config else None,
         bootstrap=Path(args.bootstrap) if args.bootstrap else None,
@@ -423,6 +420,7 @@ def add_agent_command(sub: argparse._SubParsersAction) -> None:
         help="[PLANEMESH_DRAIN_TIMEOUT]",
     )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [PLANEMESH_LOG_LEVEL]")
+    p.add_argument("--log-format", default=None, choices=["text", "json"], help="[PLANEMESH_LOG_FORMAT]")
     p.add_argument(
         "--datapath-only",
         action="store_true",
