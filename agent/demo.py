@@ -63,7 +63,9 @@ def default_xds_resources() -> Path:
     return Path(__file__).with_name("default-xds")
 
 
-def start_agent(lab: Lab, workdir: Path, extra: list[str] | None = None) -> subprocess.Popen:
+def start_agent(
+    lab: Lab, workdir: Path, extra: list[str] | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     argv = [
         sys.executable, "-m", "planemesh.agent.cli", "agent",
         "--netns", lab.node_ns,
@@ -71,7 +73,7 @@ def start_agent(lab: Lab, workdir: Path, extra: list[str] | None = None) -> subp
         "--access-log", str(workdir / "access.log"),
         *(extra or []),
     ]  # fmt: skip
-    return ns_tools.start_until(None, argv, "planemesh agent ready", timeout=60)
+    return ns_tools.start_until(None, argv, "planemesh agent ready", timeout=60, env=env)
 
 
 def drive(lab: Lab, requests: int = 50) -> list[Row]:
