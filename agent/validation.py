@@ -6,7 +6,7 @@ Each failure is a ConfigError naming the field; a snapshot that fails is never a
 from __future__ import annotations
 
 from planemesh.agent.config import ConfigError, ListenerProtocol, Snapshot
-from planemesh.netplanes.model import MAX_PLANES
+from planemesh.netplanes.model import MAX_PLANES, ROUTED
 
 
 def validate_snapshot(snap: Snapshot) -> None:
@@ -36,6 +36,8 @@ def validate_snapshot(snap: Snapshot) -> None:
         if not plane.interfaces:
             raise ConfigError(f"{where}.interfaces", "a plane needs at least one interface (name or pattern)")
         for j, pattern in enumerate(plane.interfaces):
+            if pattern == ROUTED:  # shared by design: the routes decide which plane a link carries
+                continue
             if pattern in patterns:
                 raise ConfigError(
                     f"{where}.interfaces[{j}]",

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-from planemesh.netplanes.model import Plane, plane_of_interface
+from planemesh.netplanes.model import ROUTED, Plane, plane_of_interface
 
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_ROUTE = 0x400
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,13 +38,23 @@ class LinkFacts:
     ifname: str
     up: bool
     addresses: tuple[str, ...]
+    routed: tuple[str, ...] = ()  # destinations of host routes (/32, /128) through this link: pods behind it
+
+
+def _plane_by_routes(planes: tuple[Plane, ...], link: LinkFacts) -> Plane | None:
+    """`@routed` planes claim any link that carries a host route to one of their addresses: how routed pod
+    networking (Calico-style, Knitter, Multus with routed veths) looks from the host, whatever the veth's name."""
+    for plane in planes:
+        if ROUTED in plane.interfaces and any(plane.contains(dst) for dst in link.routed):
+            return plane
+    return None
 
 
 def classify(links: Iterable[LinkFacts], planes: Iterable[Plane]) -> dict[int, PlaneInterface]:
     planes = tuple(planes)
     found: dict[int, PlaneInterface] = {}
     for link in links:
-        plane = plane_of_interface(planes, link.ifname)
+        plane = plane_of_interface(planes, link.ifname) or _plane_by_routes(planes, link)
         if plane is not None:
             found[link.ifindex] = PlaneInterface(link.ifindex, link.ifname, plane.name, link.addresses, link.up)
     return found
@@ -88,13 +100,20 @@ def read_links(ipr: IPRoute) -> list[LinkFacts]:
     for msg in ipr.get_addr():
         if msg["scope"] == 0:  # global only; link-local addresses are not plane addresses
             addrs.setdefault(msg["index"], []).append(msg.get("IFA_ADDRESS"))
+    routed: dict[int, list[str]] = {}
+    for family, host_len in ((socket.AF_INET, 32), (socket.AF_INET6, 128)):
+        for route in ipr.get_routes(family=family, table=254):
+            oif = route.get("RTA_OIF")
+            if route["dst_len"] == host_len and oif is not None and route.get("RTA_DST"):
+                routed.setdefault(oif, []).append(route.get("RTA_DST"))
     links = []
     for link in ipr.get_links():
         name = link.get("ifname")
         if name == "lo":
             continue
         up = bool(link["flags"] & 1)
-        links.append(LinkFacts(link["index"], name, up, tuple(addrs.get(link["index"], ()))))
+        idx = link["index"]
+        links.append(LinkFacts(idx, name, up, tuple(addrs.get(idx, ())), tuple(routed.get(idx, ()))))
     return links
 
 
@@ -118,7 +137,9 @@ class NetlinkWatch:
         self._debounce_s = debounce_s
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self._sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        # Routes too: `@routed` planes follow the host routes to pod addresses.
+        groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+        self._sock.bind((0, groups))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: asyncio.TimerHandle | None = None
 

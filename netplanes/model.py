@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from netaddr import IPAddress, IPNetwork
 
+ROUTED = "@routed"  # interface entry: any link with a host route to one of the plane's addresses (pod veths)
 MAX_PLANES = 64  # plane ids 1..63; 0 means "not a plane interface" (mirrors PM_MAX_PLANES in the ABI)
 
 
@@ -56,7 +57,7 @@ class Plane:
     sla: SLA = field(default_factory=SLA)
 
     def claims_interface(self, ifname: str) -> bool:
-        return any(fnmatch.fnmatchcase(ifname, pattern) for pattern in self.interfaces)
+        return any(fnmatch.fnmatchcase(ifname, pattern) for pattern in self.interfaces if pattern != ROUTED)
 
     def contains(self, address: str | IPAddress) -> bool:
         ip = IPAddress(address) if isinstance(address, str) else address

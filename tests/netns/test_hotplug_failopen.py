@@ -71,3 +71,22 @@ def test_sigkill_fails_open_and_a_new_agent_takes_over(run_prefix: str, tmp_path
             assert tcp_echo(env.client_ns, env.server("media", 4), 9000).echoed_ok
         finally:
             assert ns_tools.stop(again) == 0
+
+
+def test_routed_planes_find_pod_interfaces_by_their_host_routes(run_prefix: str, tmp_path: Path) -> None:
+    """DaemonSet mode on Multus/Knitter nodes: host-side veth names are arbitrary, the routes are not."""
+    import yaml
+
+    from planemesh.agent.static_config import default_config_text
+
+    raw = yaml.safe_load(default_config_text())
+    for plane in raw["planes"]:
+        plane["interfaces"] = ["@routed"]
+    config = tmp_path / "routed.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with running_agent(f"{run_prefix}d", ["--config", str(config)]) as env:
+        assert attached(env, "client-oam") and attached(env, "server-media")
+        env.lab.add_pod("late", ("media",))  # appears after the agent started
+        assert eventually(lambda: attached(env, "late-media"), timeout=2.0, interval=0.01)
+        r = http_requests(env.lab.pod_ns("late"), env.server("media", 6), 80, ["/late"])
+        assert "x-request-id" in r.seen(0)["headers"]
