@@ -148,16 +148,20 @@ def snapshot_from_dict(raw: Any, version: str = "static") -> Snapshot:
     return snap
 
 
-def load_static_config(path: str | Path) -> Snapshot:
+def read_yaml_file(path: str | Path) -> Any:
+    """A YAML file's content; unreadable or invalid files are a one-line ConfigError (configs, bootstraps, labs)."""
     try:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError("", f"cannot read {path}: {exc.strerror}") from exc
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
-    return snapshot_from_dict(raw, version=f"static:{Path(path).name}")
+        raise ConfigError("", f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+
+
+def load_static_config(path: str | Path) -> Snapshot:
+    return snapshot_from_dict(read_yaml_file(path), version=f"static:{Path(path).name}")
 
 
 DEFAULT_CONFIG = "default-config.yaml"

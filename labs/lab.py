@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pyroute2 import IPRoute, netns
 
-from planemesh.agent.config import ConfigError
+from planemesh.agent.static_config import read_yaml_file
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.model import LabSpec, lab_from_dict
 
@@ -37,13 +36,7 @@ def default_lab_path() -> Path:
 
 
 def load_lab(path: str | Path | None = None, prefix: str | None = None) -> Lab:
-    path = Path(path) if path else default_lab_path()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError("", f"cannot read lab file {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"lab file {path} is not valid YAML: {exc}") from exc
+    raw = read_yaml_file(Path(path) if path else default_lab_path())
     return Lab(lab_from_dict(raw), prefix or os.environ.get("PM_LAB_PREFIX") or DEFAULT_PREFIX)
 
 

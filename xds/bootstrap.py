@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from planemesh.agent.config import ConfigError
-from planemesh.agent.static_config import snapshot_from_dict
+from planemesh.agent.static_config import read_yaml_file, snapshot_from_dict
 from planemesh.netplanes.model import Plane
 from planemesh.xds.client_state import Mode
 
@@ -114,12 +112,4 @@ def bootstrap_from_dict(raw: Any) -> Bootstrap:
 
 
 def load_bootstrap(path: str | Path) -> Bootstrap:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path} is not valid YAML: {exc}") from exc
-    return bootstrap_from_dict(raw)
+    return bootstrap_from_dict(read_yaml_file(path))
