@@ -95,7 +95,8 @@ class Agent:
             await self.control.call(self.kernel.apply, snap)
             self.snapshot = snap
             await self._sync_interfaces()
-            self.readiness.clear(FIRST_SNAPSHOT_APPLIED)
+            if initial_fetch_done(snap):
+                self.readiness.clear(FIRST_SNAPSHOT_APPLIED)
             log.info(
                 "applied snapshot %s (%d planes, %d listeners)", snap.version, len(snap.planes), len(snap.listeners)
             )
@@ -323,6 +324,17 @@ class Agent:
             log.info("stopped: programs, maps and routes left to the successor")
         else:
             log.info("stopped: programs detached, routes removed")
+
+
+def initial_fetch_done(snap: Snapshot) -> bool:
+    """Ready to serve only with a complete first configuration: static configs always are; over xDS, a
+    snapshot counts once it carries both listeners' and clusters' versions (Envoy's initial fetch), so a
+    clusters-only first update never makes the agent report ready with no port declared yet.
+    xDS snapshot versions read `xds:CDS=1,LDS=1,...` (planemesh.xds.client_state.XdsResources.version)."""
+    if not snap.version.startswith("xds:"):
+        return True
+    types = {part.split("=", 1)[0] for part in snap.version[4:].split(",") if "=" in part}
+    return {"LDS", "CDS"} <= types
 
 
 def _listener_shape(plane: Any) -> tuple[Any, ...]:

@@ -72,3 +72,21 @@ def test_unreadable_and_invalid_yaml_files(tmp_path):
     bad.write_text("planes: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_static_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("version", "done"),
+    [
+        ("static:agent.yaml", True),
+        ("xds:CDS=1", False),
+        ("xds:CDS=1,EDS=3", False),
+        ("xds:CDS=1,LDS=1", True),
+        ("xds:CDS=2,EDS=1,LDS=7,RDS=1", True),
+    ],
+)
+def test_ready_only_after_the_initial_listener_and_cluster_fetch(version, done):
+    from planemesh.agent.daemon import initial_fetch_done
+    from planemesh.agent.static_config import load_default_config
+
+    snap = load_default_config()
+    assert initial_fetch_done(type(snap)(version=version, planes=snap.planes)) is done

@@ -201,6 +201,8 @@ def test_losing_the_server_keeps_config_and_reconnect_resumes(tmp_path):
                 assert cds.subscribed == ("*",) and cds.sent_version == ""
                 write_resources(resdir, "c.yaml", [cluster_doc("one", address="::1"), cluster_doc("two")])
                 await until(lambda: "two" in applied[-1].clusters, what="an update on the new stream")
+                # The ACK follows the apply and reaches the server's books asynchronously.
+                await until(lambda: cds.acks == 1, what="the server to record the ACK")
                 assert cds.acks == 1
             finally:
                 await server2.stop(0)
