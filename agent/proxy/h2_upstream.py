@@ -13,7 +13,7 @@ from httptools import HttpParserError, HttpResponseParser
 
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.h2 import WINDOW, H2Side
-from planemesh.agent.proxy.passthrough import open_upstream
+from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.h2 import Bridge

@@ -8,9 +8,8 @@ counted, never raised. Like Envoy, the shadow's Host gets a `-shadow` suffix.
 from __future__ import annotations
 
 import asyncio
-import socket
 
-SO_MARK = getattr(socket, "SO_MARK", 36)
+from planemesh.agent.proxy.sockets import open_upstream
 
 
 def shadow_head(head: bytes) -> bytes:
@@ -31,8 +30,9 @@ def shadow_head(head: bytes) -> bytes:
 
 
 class MirrorSender:
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, mark: int = 0, timeout_s: float = 5.0,
-                 max_inflight: int = 64) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, *, mark: int = 0, timeout_s: float = 5.0, max_inflight: int = 64
+    ) -> None:
         self.loop = loop
         self.mark = mark
         self.timeout_s = timeout_s
@@ -58,14 +58,10 @@ class MirrorSender:
             self.sent += 1
 
     async def _send(self, addr: tuple[str, int], request: bytes) -> None:
-        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        # Like every proxy upstream socket: marked, so the data path never re-intercepts it.
+        sock = await open_upstream(addr[0], addr[1], mark=self.mark, source=None, timeout=self.timeout_s)
         try:
-            if self.mark:  # like every proxy upstream socket: never re-intercepted by the data path
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             async with asyncio.timeout(self.timeout_s):
-                await self.loop.sock_connect(sock, addr)
                 await self.loop.sock_sendall(sock, request)
                 while await self.loop.sock_recv(sock, 65536):  # drain until the server closes
                     pass

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classify
+from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.server import PlaneProxy
 
-SO_MARK = getattr(socket, "SO_MARK", 36)
 MAX_SNI_NAMES = 1024  # distinct SNI names counted; the rest are counted under "(other)"
 DEFAULT_SNIFF_TIMEOUT_S = 0.3
 
@@ -33,8 +33,17 @@ DEFAULT_SNIFF_TIMEOUT_S = 0.3
 class SniffStats:
     """Counters of the sniffing listener: verdicts, SNI names, passthrough connections and bytes."""
 
-    __slots__ = ("alpn", "bytes_down", "bytes_up", "connect_failures", "kinds", "passthrough_active",
-                 "passthrough_total", "silent_clients", "sni")
+    __slots__ = (
+        "alpn",
+        "bytes_down",
+        "bytes_up",
+        "connect_failures",
+        "kinds",
+        "passthrough_active",
+        "passthrough_total",
+        "silent_clients",
+        "sni",
+    )
 
     def __init__(self) -> None:
         self.kinds: dict[str, int] = {k.value: 0 for k in Kind}
@@ -182,26 +191,6 @@ class _Pipe(asyncio.Protocol):
             self.transport.close()  # flushes what is buffered first
 
 
-async def open_upstream(host: str, port: int, *, mark: int, source: str | None, timeout: float) -> socket.socket:
-    """A connected, non-blocking upstream socket with the proxy's SO_MARK and the plane's source address
-    (the same rules as HTTP upstreams in upstream.py)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if mark:
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-        if source:
-            sock.bind((source, 0))
-        async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def reset(sock: socket.socket) -> None:
     """Close with RST: the client sees the failure as the upstream's (refused/reset), not as an empty reply."""
     with contextlib.suppress(OSError):
@@ -209,8 +198,9 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-async def splice_sockets(a: socket.socket, b: socket.socket, count_ab: Callable[[int], None],
-                         count_ba: Callable[[int], None]) -> asyncio.Future[None]:
+async def splice_sockets(
+    a: socket.socket, b: socket.socket, count_ab: Callable[[int], None], count_ba: Callable[[int], None]
+) -> asyncio.Future[None]:
     """Copy bytes both ways between two connected sockets until both directions ended. Returns a future
     that completes when both are closed."""
     loop = asyncio.get_running_loop()
@@ -309,8 +299,9 @@ class SniffListener:
             return
         source = proxy.source_address(host) if proxy.source_address is not None else None
         try:
-            up = await open_upstream(host, port, mark=proxy.upstream_mark, source=source,
-                                     timeout=proxy.sla.connect_timeout_s)
+            up = await open_upstream(
+                host, port, mark=proxy.upstream_mark, source=source, timeout=proxy.sla.connect_timeout_s
+            )
         except (OSError, TimeoutError):
             stats.connect_failures += 1
             reset(conn)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.exchange import Exchange
     from planemesh.agent.proxy.server import PlaneProxy
 
-SO_MARK = getattr(socket, "SO_MARK", 36)
 PoolKey = tuple[str, int, str | None, int]
 
 
@@ -165,8 +165,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         status = self.status = self.parser.get_status_code()
         ex.on_response_head(
-            status, self.phrase, self.headers, self.length, self.chunked,
-            self.parser.should_keep_alive(), self.conn_values,
+            status,
+            self.phrase,
+            self.headers,
+            self.length,
+            self.chunked,
+            self.parser.should_keep_alive(),
+            self.conn_values,
         )
         if ex.is_head and status >= 200:
             self.head_done = True
@@ -201,8 +206,10 @@ class UpstreamPool:
         if found is None:
             source = self.proxy.source_address(addr[0]) if self.proxy.source_address is not None else None
             host, port = addr
-            found = ((host, port, source, self.proxy.upstream_mark),
-                     f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            found = (
+                (host, port, source, self.proxy.upstream_mark),
+                f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            )
             if len(self._keys) < 65536:
                 self._keys[addr] = found
         return found
@@ -242,19 +249,9 @@ class UpstreamPool:
 
     async def _open(self, key: PoolKey, timeout: float) -> UpstreamConnection:
         host, port, source, mark = key
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = await open_upstream(host, port, mark=mark, source=source, timeout=timeout)
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if mark:
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-            if source:
-                sock.bind((source, 0))
-            loop = self.proxy.loop
-            async with asyncio.timeout(timeout):
-                await loop.sock_connect(sock, (host, port))
-            _, conn = await loop.create_connection(lambda: UpstreamConnection(self, key), sock=sock)
+            _, conn = await self.proxy.loop.create_connection(lambda: UpstreamConnection(self, key), sock=sock)
         except BaseException:
             sock.close()
             raise
