@@ -193,7 +193,10 @@ def run_demo(prefix: str, requests: int) -> int:
             log_lines = (workdir / "access.log").read_text().splitlines() if (workdir / "access.log").exists() else []
             print(f"\naccess log: {len(log_lines)} lines, e.g.\n  {log_lines[-1] if log_lines else '-'}")
             p50 = statistics.median(r.p50_ms for r in rows)
-            print(f"traffic took {elapsed:.1f}s; median per-request p50 {p50:.2f} ms; interception by eBPF only, no netfilter rules")
+            print(
+                f"traffic took {elapsed:.1f}s; median per-request p50 {p50:.2f} ms; "
+                "interception by eBPF only, no netfilter rules"
+            )
             ok = all(
                 r.http_ok == r.http_total and r.request_id_seen and r.tcp_ok and r.tcp_peer_is_client for r in rows
             )
