@@ -14,6 +14,11 @@ from planemesh.agent.worker_channel import encode, read_message
 
 log = logging.getLogger("planemesh.workers")
 START_TIMEOUT_S = 15.0
+START_ATTEMPTS = 3
+
+
+class WorkerStartError(RuntimeError):
+    pass
 
 
 class WorkerProcess:
@@ -48,11 +53,17 @@ class WorkerProcess:
         theirs.close()
         self.pid = self._proc.pid
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
-        self._writer.write(encode(first))
-        await self._writer.drain()
-        reply = await asyncio.wait_for(read_message(self._reader), START_TIMEOUT_S)
+        try:
+            self._writer.write(encode(first))
+            await self._writer.drain()
+            reply = await asyncio.wait_for(read_message(self._reader), START_TIMEOUT_S)
+        except (ConnectionError, TimeoutError) as exc:
+            reply = {"op": f"failed: {exc!r}"}
         if reply is None or reply.get("op") != "ready":
-            raise RuntimeError(f"worker {self.plane}/{self.index} did not start (exit {self._proc.returncode})")
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            code = await self._proc.wait()
+            raise WorkerStartError(f"worker {self.plane}/{self.index} did not start (exit {code}, {reply!r})")
 
     async def request(self, message: dict[str, Any], expect: str, timeout: float = 10.0) -> dict[str, Any]:
         assert self._writer is not None and self._reader is not None
@@ -103,7 +114,21 @@ class PlaneWorkers:
 
     async def start(self, snapshot: Snapshot, sources: dict[str, dict[int, str]]) -> None:
         self._last = {"op": "snapshot", "snapshot": snapshot, "sources": sources}
-        await asyncio.gather(*(w.start(self._last) for w in self.workers))
+        await asyncio.gather(*(self._start_one(i) for i in range(len(self.workers))))
+
+    async def _start_one(self, index: int) -> None:
+        """Start a worker; one that dies before it reports ready is logged and started afresh."""
+        assert self._last is not None
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                await self.workers[index].start(self._last)
+                return
+            except WorkerStartError as exc:
+                if attempt == START_ATTEMPTS:
+                    raise
+                log.error("%s; starting it again (attempt %d)", exc, attempt + 1)
+                self.workers[index] = WorkerProcess(self.plane, index, self.listeners, self._options)
+                await asyncio.sleep(0.1 * attempt)
 
     async def update(self, snapshot: Snapshot, sources: dict[str, dict[int, str]]) -> None:
         self._last = {"op": "snapshot", "snapshot": snapshot, "sources": sources}
@@ -131,12 +156,10 @@ class PlaneWorkers:
             for fut in done:
                 dead = waits[fut]
                 log.error("worker %s/%d exited with %s; restarting", self.plane, dead.index, fut.result())
-                replacement = WorkerProcess(self.plane, dead.index, self.listeners, self._options)
-                self.workers[dead.index] = replacement
+                self.workers[dead.index] = WorkerProcess(self.plane, dead.index, self.listeners, self._options)
                 self.restarts += 1
                 await asyncio.sleep(min(0.1 * self.restarts, 2.0))
-                assert self._last is not None
-                await replacement.start(self._last)
+                await self._start_one(dead.index)
 
     async def stop(self, drain_timeout: float) -> None:
         await asyncio.gather(*(w.stop(drain_timeout) for w in self.workers))
