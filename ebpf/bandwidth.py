@@ -16,10 +16,8 @@ thread's). Runs on the agent's control thread.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from planemesh.netplanes.bandwidth import (
     OpKind,
     diff,
 )
+from planemesh.netplanes.netlink import ipr_or_new
 
 EBPF_DIR = Path(__file__).resolve().parent
 SOURCE = EBPF_DIR / "pm_egress.c"
@@ -59,13 +58,6 @@ class ClassStats:
     drops: int
 
 
-@contextlib.contextmanager
-def _ipr(ipr: IPRoute | None) -> Iterator[IPRoute]:
-    if ipr is not None:
-        yield ipr
-        return
-    with IPRoute() as own:
-        yield own
 
 
 def observe(ipr: IPRoute, ifindex: int) -> ObservedEgress:
@@ -159,7 +151,7 @@ class EgressShaper:
     def apply(self, ifindex: int, plan: EgressPlan, ipr: IPRoute | None = None) -> list[EgressOp]:
         """Make `ifindex` carry `plan` (a diff against what it has) and our classifier; returns the
         operations run. Re-applying an unchanged plan runs none and only refreshes the filter."""
-        with _ipr(ipr) as nl:
+        with ipr_or_new(ipr) as nl:
             ops = diff(plan, observe(nl, ifindex))
             try:
                 for op in ops:
@@ -190,7 +182,7 @@ class EgressShaper:
         """Delete our HTB root (its classes and filter go with it); the kernel puts the interface's
         default qdisc back. True if there was one. A vanished interface counts as removed."""
         self.shaped.discard(ifindex)
-        with _ipr(ipr) as nl:
+        with ipr_or_new(ipr) as nl:
             try:
                 if not observe(nl, ifindex).ours:
                     return False
@@ -204,7 +196,7 @@ class EgressShaper:
     def close(self, remove: bool = True, ipr: IPRoute | None = None) -> None:
         """Release the program; remove=True also takes our HTB off every interface shaped here."""
         if remove:
-            with _ipr(ipr) as nl:
+            with ipr_or_new(ipr) as nl:
                 for ifindex in sorted(self.shaped):
                     self.remove(ifindex, nl)
         self.bpf.cleanup()

@@ -23,6 +23,7 @@ from pyroute2 import IPRoute
 from planemesh.ebpf import abi, tc_attach
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
+from planemesh.netplanes.netlink import ipr_or_new
 
 EBPF_DIR = Path(__file__).resolve().parent
 SOURCE = EBPF_DIR / "pm_tc.c"
@@ -137,7 +138,7 @@ class Datapath:
 
     def attach(self, ifindex: int, ipr: IPRoute | None = None) -> None:
         """Attach to `ifindex` of the current netns (clsact ingress, direct action). Idempotent."""
-        with _ipr(ipr) as nl:
+        with ipr_or_new(ipr) as nl:
             created = tc_attach.ensure_clsact(nl, ifindex)
             try:
                 tc_attach.attach_filter(nl, ifindex, self.prog_fd, PROGRAM)
@@ -154,7 +155,7 @@ class Datapath:
     def detach(self, ifindex: int, ipr: IPRoute | None = None) -> None:
         """Remove our filter (and the clsact qdisc if we created it and it is unused) and forget ifindex."""
         current = self._iface(ifindex)
-        with _ipr(ipr) as nl:
+        with ipr_or_new(ipr) as nl:
             tc_attach.detach_filter(nl, ifindex)
             if current and current.flags & abi.PM_IF_F_CLSACT_OURS:
                 tc_attach.remove_clsact_if_unused(nl, ifindex)
@@ -258,7 +259,7 @@ class Datapath:
         as attached (in the current netns) and unpins the maps; detach=False leaves the data path
         running for the next agent to re-adopt."""
         if detach:
-            with _ipr(ipr) as nl:
+            with ipr_or_new(ipr) as nl:
                 for ifindex, (_plane, flags) in self.interfaces().items():
                     if flags & abi.PM_IF_F_ATTACHED:
                         self.detach(ifindex, nl)
@@ -282,13 +283,6 @@ class Datapath:
         self.close()
 
 
-@contextlib.contextmanager
-def _ipr(ipr: IPRoute | None):  # type: ignore[no-untyped-def]
-    if ipr is not None:
-        yield ipr
-        return
-    with IPRoute() as own:
-        yield own
 
 
 __all__ = ["Datapath", "DatapathError", "SyncResult"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 
 from planemesh.netplanes.model import ROUTED, Plane, plane_of_interface
+from planemesh.netplanes.netlink import ipr_or_new
 
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
@@ -118,10 +119,8 @@ def read_links(ipr: IPRoute) -> list[LinkFacts]:
 
 
 def scan(planes: Iterable[Plane], ipr: IPRoute | None = None) -> dict[int, PlaneInterface]:
-    if ipr is not None:
-        return classify(read_links(ipr), planes)
-    with IPRoute() as own:
-        return classify(read_links(own), planes)
+    with ipr_or_new(ipr) as nl:
+        return classify(read_links(nl), planes)
 
 
 class NetlinkWatch:

@@ -24,6 +24,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from planemesh.ebpf.abi import PM_MARK_LOCAL
+from planemesh.netplanes.netlink import ipr_or_new
 
 DEFAULT_TABLE = 0x504D  # 20557 ("PM")
 DEFAULT_PRIORITY = 1000  # after `local` (0), before `main` (32766)
@@ -69,13 +70,6 @@ def _route_matches(msg, spec: LocalDelivery, lo: int) -> bool:  # type: ignore[n
     return table == spec.table and msg["type"] == RTN_LOCAL and msg["dst_len"] == 0 and msg.get_attr("RTA_OIF") == lo
 
 
-@contextlib.contextmanager
-def _ipr(ipr: IPRoute | None) -> Iterator[IPRoute]:
-    if ipr is not None:
-        yield ipr
-        return
-    with IPRoute() as own:
-        yield own
 
 
 def _lo_index(ipr: IPRoute) -> int:
@@ -102,14 +96,14 @@ def routes_present(spec: LocalDelivery, ipr: IPRoute, family: int) -> list:
 
 def installed(spec: LocalDelivery = LocalDelivery(), ipr: IPRoute | None = None) -> bool:
     """True if the rule and the route exist for every family of `spec`."""
-    with _ipr(ipr) as nl:
+    with ipr_or_new(ipr) as nl:
         return all(rules_present(spec, nl, f) and routes_present(spec, nl, f) for f in spec.families)
 
 
 def install(spec: LocalDelivery = LocalDelivery(), ipr: IPRoute | None = None) -> list[str]:
     """Add what is missing; returns a description of each change (empty when already installed)."""
     done: list[str] = []
-    with _ipr(ipr) as nl:
+    with ipr_or_new(ipr) as nl:
         lo = _lo_index(nl)
         for family in spec.families:
             name = "v4" if family == socket.AF_INET else "v6"
@@ -132,7 +126,7 @@ def install(spec: LocalDelivery = LocalDelivery(), ipr: IPRoute | None = None) -
 def remove(spec: LocalDelivery = LocalDelivery(), ipr: IPRoute | None = None) -> list[str]:
     """Remove our rule and route (rule first, so marked packets never meet an empty table)."""
     done: list[str] = []
-    with _ipr(ipr) as nl:
+    with ipr_or_new(ipr) as nl:
         lo = _lo_index(nl)
         for family in spec.families:
             name = "v4" if family == socket.AF_INET else "v6"

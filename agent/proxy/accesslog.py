@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 # Response flags (Envoy's short names).
 UF = "UF"  # upstream connection failure
@@ -27,25 +26,6 @@ UO = "UO"  # upstream overflow (circuit breaking / overload)
 RL = "RL"  # rate limited locally
 UPE = "UPE"  # upstream protocol error
 DPE = "DPE"  # downstream protocol error
-
-
-class AccessRecordLike(Protocol):
-    start_time: float  # epoch seconds
-    method: str
-    path: str
-    protocol: str
-    status: int
-    flags: str
-    bytes_rx: int
-    bytes_tx: int
-    duration_ms: int
-    upstream_ms: int | None
-    xff: str | None
-    user_agent: str | None
-    request_id: str | None
-    authority: str | None
-    upstream_host: str | None
-    plane: str
 
 
 @dataclass(slots=True)
@@ -89,7 +69,7 @@ def _q(value: str | None) -> str:
     return '"' + value.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
 
 
-def format_text(rec: AccessRecordLike) -> str:
+def format_text(rec: AccessRecord) -> str:
     upstream = rec.upstream_ms
     q = _q
     return (
@@ -100,7 +80,7 @@ def format_text(rec: AccessRecordLike) -> str:
     )
 
 
-def format_json(rec: AccessRecordLike) -> str:
+def format_json(rec: AccessRecord) -> str:
     return (
         json.dumps(
             {
@@ -145,14 +125,14 @@ class AccessLogBuffer:
 
     __slots__ = ("_formatter", "_pending", "_sink", "max_pending")
 
-    def __init__(self, sink: Sink | None, formatter: Callable[[AccessRecordLike], str] = format_text,
+    def __init__(self, sink: Sink | None, formatter: Callable[[AccessRecord], str] = format_text,
                  max_pending: int = 1024) -> None:
         self._sink = sink
         self._formatter = formatter
-        self._pending: list[AccessRecordLike] = []
+        self._pending: list[AccessRecord] = []
         self.max_pending = max_pending
 
-    def append(self, rec: AccessRecordLike) -> None:
+    def append(self, rec: AccessRecord) -> None:
         if self._sink is None:
             return
         self._pending.append(rec)

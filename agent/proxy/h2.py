@@ -20,7 +20,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from planemesh.agent.proxy import accesslog as flags
+from planemesh.agent.proxy import accesslog
 from planemesh.agent.proxy.exchange import new_request_id
 
 if TYPE_CHECKING:
@@ -264,10 +264,10 @@ class Bridge:
         stats.requests_active += 1
         if stats.requests_active > proxy.sla.max_requests:
             stats.overloaded += 1
-            return self.local_error(503, "overloaded", flags.UO)
+            return self.local_error(503, "overloaded", accesslog.UO)
         if proxy.bucket is not None and not proxy.bucket.take():
             stats.rate_limited += 1
-            return self.local_error(429, "local rate limited", flags.RL)
+            return self.local_error(429, "local rate limited", accesslog.RL)
         table = proxy.table
         router = table.router
         crc = router.route_config(self.ds.local[0], self.ds.local[1]) or router.original_destination
@@ -277,20 +277,20 @@ class Bridge:
         if not result.forward:
             if result.direct is not None:
                 return self.local_error(result.direct.status, result.direct.body.decode("latin-1", "replace"))
-            return self.local_error(404, "no route", flags.NR)
+            return self.local_error(404, "no route", accesslog.NR)
         cluster = result.cluster
         if result.weighted:
             cluster = table.balancer.cluster_for(result.route.action)  # type: ignore[union-attr, arg-type]
         if cluster is None:
             if result.cluster_missing or self.ds.local[1] in proxy.listen_ports:
-                return self.local_error(503, "no healthy upstream", flags.UF)
+                return self.local_error(503, "no healthy upstream", accesslog.UF)
             from planemesh.agent.proxy.balancer import normalise_ip
 
             addr = (normalise_ip(self.ds.local[0]), self.ds.local[1])
         else:
             addr = table.balancer.pick(cluster, self.ds.local)
             if addr is None:
-                return self.local_error(503, "no healthy upstream", flags.UF)
+                return self.local_error(503, "no healthy upstream", accesslog.UF)
         host, port = addr
         self.upstream_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if result.timeout_s:
@@ -366,12 +366,12 @@ class Bridge:
         if side is self.ds:  # the client cancelled (e.g. a gRPC deadline): cancel upstream too
             if self.up is not None:
                 self.up.cancel(self)
-            self.finish(flags.DC)
+            self.finish(accesslog.DC)
         elif self.status == 0:
-            self.up_failed(502 if code != h2.errors.ErrorCodes.REFUSED_STREAM else 503, "upstream reset", flags.UC)
+            self.up_failed(502 if code != h2.errors.ErrorCodes.REFUSED_STREAM else 503, "upstream reset", accesslog.UC)
         else:
             self.ds.reset(self.sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
-            self.finish(flags.UC)
+            self.finish(accesslog.UC)
 
     # ---- upstream side ------------------------------------------------------------------------------
 
@@ -398,7 +398,7 @@ class Bridge:
             self.ds.proxy.stats.upstream_timeouts += 1
             if self.up is not None:
                 self.up.cancel(self)
-            self.up_failed(504, "upstream request timeout", flags.UT)
+            self.up_failed(504, "upstream request timeout", accesslog.UT)
 
     def local_error(self, status: int, message: str, flag: str) -> None:
         """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests."""
@@ -431,7 +431,7 @@ class Bridge:
         stats.requests_active -= 1
         duration_ms = (time.perf_counter() - self.t0) * 1000
         stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx)
-        rec = flags.AccessRecord(
+        rec = accesslog.AccessRecord(
             start_time=self.start_time, method=self.pseudo.get(b":method", b"-").decode("latin-1"),
             path=self.pseudo.get(b":path", b"-").decode("latin-1"), protocol="HTTP/2", status=self.status,
             flags=flag or "-", bytes_rx=self.bytes_rx, bytes_tx=self.bytes_tx, duration_ms=int(duration_ms),

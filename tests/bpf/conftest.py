@@ -53,3 +53,12 @@ def datapath() -> Iterator[Any]:
         yield dp
     finally:
         dp.close(detach=False)
+
+
+@pytest.fixture
+def lab(run_prefix: str) -> Iterator:
+    """The default lab (node, client and server pods on planes oam and media), torn down after the test."""
+    from planemesh.labs import load_lab
+
+    with load_lab(prefix=run_prefix) as built:
+        yield built

@@ -26,7 +26,6 @@ from planemesh.ebpf import abi
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.bandwidth import EgressShaper, class_stats, observe
 from planemesh.ebpf.loader import Datapath
-from planemesh.labs import load_lab
 from planemesh.labs.netns import call_in
 from planemesh.netplanes.bandwidth import OpKind, egress_plan
 from planemesh.netplanes.model import SLA, Plane
@@ -162,15 +161,6 @@ def _rates(rx: Receiver, seconds: float) -> dict[int, float]:
 
 def _within(measured: float, target: float) -> bool:
     return abs(measured - target) <= TOLERANCE * target
-
-
-@pytest.fixture
-def lab(run_prefix: str) -> Iterator:
-    lab = load_lab(prefix=run_prefix).up()
-    try:
-        yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ declares a bandwidth, a new snapshot changes only the class it changes, close() 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from pyroute2 import IPRoute
 
@@ -12,7 +10,6 @@ from planemesh.agent.kernel import KernelDataPath
 from planemesh.agent.static_config import snapshot_from_dict
 from planemesh.ebpf import abi
 from planemesh.ebpf.bandwidth import observe
-from planemesh.labs import load_lab
 from planemesh.labs.netns import call_in
 from planemesh.netplanes import discovery
 from planemesh.netplanes.bandwidth import mbit_to_bytes
@@ -49,15 +46,6 @@ def _trees() -> dict[str, object]:
 def _sync(kernel: KernelDataPath, snap) -> None:  # type: ignore[no-untyped-def]
     kernel.apply(snap)
     kernel.sync_interfaces(snap, discovery.diff({}, discovery.scan(snap.planes)))
-
-
-@pytest.fixture
-def lab(run_prefix: str) -> Iterator:
-    lab = load_lab(prefix=run_prefix).up()
-    try:
-        yield lab
-    finally:
-        lab.down()
 
 
 def test_kernel_shapes_plane_interfaces_and_restores_them(lab) -> None:

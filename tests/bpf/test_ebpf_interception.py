@@ -27,7 +27,6 @@ from planemesh.ebpf import abi, tc_attach
 from planemesh.ebpf.abi import Action, Reason
 from planemesh.ebpf.loader import Datapath
 from planemesh.ebpf.policy import PolicyRule
-from planemesh.labs import load_lab
 from planemesh.labs.netns import call_in
 from planemesh.netplanes import routing
 
@@ -122,15 +121,6 @@ def _exchange(sock: socket.socket, dst: tuple[str, int]) -> Reply:
                 got += data
             assert got == block
         return Reply(local, int(port), peer)
-
-
-@pytest.fixture
-def lab(run_prefix: str) -> Iterator:
-    lab = load_lab(prefix=run_prefix).up()
-    try:
-        yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture

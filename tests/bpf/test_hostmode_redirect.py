@@ -20,7 +20,6 @@ from netaddr import IPNetwork
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.hostmode import HostMode, HostModeError
 from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
-from planemesh.labs import load_lab
 from planemesh.labs.netns import call_in, exec_argv
 from planemesh.netplanes.model import Plane
 
@@ -82,15 +81,6 @@ class Greeter:
 
 def _plain(host: str) -> str:
     return host.removeprefix("::ffff:")
-
-
-@pytest.fixture
-def lab(run_prefix: str) -> Iterator:
-    lab = load_lab(prefix=run_prefix).up()
-    try:
-        yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture

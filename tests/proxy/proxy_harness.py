@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import replace
 from types import MappingProxyType
+from typing import Self
 
 import uvloop
 from netaddr import IPNetwork
@@ -131,22 +132,22 @@ def big_body(size: int) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
-class Backend(http.server.ThreadingHTTPServer):
+class ThreadedBackend(http.server.ThreadingHTTPServer):
+    """A real HTTP server on an ephemeral loopback port, serving from its own thread inside `with`."""
+
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str, handler: type[http.server.BaseHTTPRequestHandler]) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__((host, 0), BackendHandler)
-        self.seen: list[tuple[str, str, dict[str, str]]] = []
-        self.failed_once: set[str] = set()
+        super().__init__((host, 0), handler)
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def port(self) -> int:
         return self.server_address[1]
 
-    def __enter__(self) -> Backend:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -154,6 +155,13 @@ class Backend(http.server.ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
         self.thread.join(timeout=5)
+
+
+class Backend(ThreadedBackend):
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__(host, BackendHandler)
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        self.failed_once: set[str] = set()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -176,24 +184,18 @@ def make_snapshot(proxy_port: int, endpoints: list[tuple[str, int]], *, sla: SLA
                     clusters=MappingProxyType({"backend": backend, **(clusters or {})}))
 
 
-class ProxyThread:
-    """A PlaneProxy serving on 127.0.0.1 (or ::1) in its own uvloop thread."""
+class ServingProxy:
+    """A PlaneProxy accepting on `sock` in its own uvloop thread while inside `with`."""
 
-    def __init__(self, endpoints: list[tuple[str, int]], *, host: str = "127.0.0.1", sla: SLA | None = None,
-                 routes: tuple[Route, ...] | None = None, clusters: dict[str, Cluster] | None = None,
-                 **options: object) -> None:
-        self.sock = make_listener_socket(0, transparent=False, host=host)
-        self.port = self.sock.getsockname()[1]
-        self.host = host
-        self.snapshot = make_snapshot(self.port, endpoints, sla=sla, routes=routes, clusters=clusters)
-        self.log_lines: list[str] = []
-        self.proxy = PlaneProxy(self.snapshot, PLANE, access_log=self._sink, tick_s=0.05, **options)  # type: ignore[arg-type]
+    drain_s = 0.5
+
+    def __init__(self, proxy: PlaneProxy, sock: socket.socket) -> None:
+        self.proxy = proxy
+        self.sock = sock
+        self.port = sock.getsockname()[1]
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self._ready = threading.Event()
-
-    def _sink(self, text: str) -> None:
-        self.log_lines.extend(text.splitlines())
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -208,19 +210,36 @@ class ProxyThread:
         finally:
             self.loop.close()
 
-    def __enter__(self) -> ProxyThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         if not self._ready.wait(5):
             raise TimeoutError("proxy did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self.proxy.drain(0.5), self.loop)
+        fut = asyncio.run_coroutine_threadsafe(self.proxy.drain(self.drain_s), self.loop)
         try:
             fut.result(timeout=5)
         finally:
             self.thread.join(timeout=5)
             self.sock.close()
+
+
+class ProxyThread(ServingProxy):
+    """A PlaneProxy serving on 127.0.0.1 (or ::1) in its own uvloop thread."""
+
+    def __init__(self, endpoints: list[tuple[str, int]], *, host: str = "127.0.0.1", sla: SLA | None = None,
+                 routes: tuple[Route, ...] | None = None, clusters: dict[str, Cluster] | None = None,
+                 **options: object) -> None:
+        sock = make_listener_socket(0, transparent=False, host=host)
+        self.host = host
+        self.snapshot = make_snapshot(sock.getsockname()[1], endpoints, sla=sla, routes=routes, clusters=clusters)
+        self.log_lines: list[str] = []
+        proxy = PlaneProxy(self.snapshot, PLANE, access_log=self._sink, tick_s=0.05, **options)  # type: ignore[arg-type]
+        super().__init__(proxy, sock)
+
+    def _sink(self, text: str) -> None:
+        self.log_lines.extend(text.splitlines())
 
     def call(self, fn, *args):  # run fn(*args) on the proxy's loop and return its result
         fut = asyncio.run_coroutine_threadsafe(_call(fn, *args), self.loop)

@@ -3,7 +3,6 @@ protocols are passed through byte-exact with half-close, server-first protocols 
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import hashlib
 import os
@@ -16,54 +15,27 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import uvloop
 
 from planemesh.agent.proxy.server import PlaneProxy, make_listener_socket
-from tests.proxy.proxy_harness import PLANE, Backend, free_port, make_snapshot
+from tests.proxy.proxy_harness import PLANE, Backend, ServingProxy, free_port, make_snapshot
 
 SNIFF_TIMEOUT_S = 0.15
 
 
-class SniffProxy:
+class SniffProxy(ServingProxy):
     """A PlaneProxy with only a sniffing listener on 127.0.0.1; `target` plays the original destination
     (a transparent socket would report it as getsockname())."""
 
+    drain_s = 0.2
+
     def __init__(self) -> None:
-        self.sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
-        self.port = self.sock.getsockname()[1]
+        sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
         self.target: tuple[str, int] = ("127.0.0.1", 9)
         snap = make_snapshot(free_port(), [])
-        snap = replace(snap, planes=(replace(snap.planes[0], sniff_port=self.port),))
-        self.proxy = PlaneProxy(snap, PLANE, tick_s=0.05, sniff_timeout_s=SNIFF_TIMEOUT_S,
-                                original_destination=lambda sockname, peer: self.target)
-        self.loop = uvloop.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def main() -> None:
-            await self.proxy.start(self.sock)
-            self._ready.set()
-            await self.proxy.wait_closed()
-
-        try:
-            self.loop.run_until_complete(main())
-        finally:
-            self.loop.close()
-
-    def __enter__(self) -> SniffProxy:
-        self.thread.start()
-        assert self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self.proxy.drain(0.2), self.loop).result(timeout=5)
-        finally:
-            self.thread.join(timeout=5)
-            self.sock.close()
+        snap = replace(snap, planes=(replace(snap.planes[0], sniff_port=sock.getsockname()[1]),))
+        proxy = PlaneProxy(snap, PLANE, tick_s=0.05, sniff_timeout_s=SNIFF_TIMEOUT_S,
+                           original_destination=lambda sockname, peer: self.target)
+        super().__init__(proxy, sock)
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=5)

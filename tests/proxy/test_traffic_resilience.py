@@ -27,7 +27,7 @@ from planemesh.agent.config import (
     Snapshot,
     VirtualHost,
 )
-from tests.proxy.proxy_harness import ProxyThread, free_port
+from tests.proxy.proxy_harness import ProxyThread, ThreadedBackend, free_port
 from tests.proxy.test_proxy_http1 import log_line_for
 
 
@@ -61,34 +61,17 @@ class VersionHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = _handle
 
 
-class VersionServer(http.server.ThreadingHTTPServer):
+class VersionServer(ThreadedBackend):
     """A backend named `name`: answers `plan` statuses first, then `status`, after `delay_s`."""
 
-    daemon_threads = True
-    block_on_close = False
-
     def __init__(self, name: str, status: int = 200, plan: list[int] | None = None, delay_s: float = 0.0) -> None:
-        super().__init__(("127.0.0.1", 0), VersionHandler)
+        super().__init__("127.0.0.1", VersionHandler)
         self.name = name
         self.status = status
         self.plan = list(plan or [])
         self.delay_s = delay_s
         self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def __enter__(self) -> VersionServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-        self.server_close()
-        self.thread.join(timeout=5)
 
 
 def endpoint(srv: VersionServer | int, **kw) -> Endpoint:
