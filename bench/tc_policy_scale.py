@@ -1,7 +1,7 @@
 """Classifier cost per packet vs. policy size, measured with BPF_PROG_TEST_RUN (no traffic leaves
 the private namespace this script creates and removes).
 
-    .venv/bin/python bench/tc_policy_scale.py [--rules 100 2000 20000]
+    .venv/bin/python bench/tc_policy_scale.py [--rules 1 100 10000 20000]
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ def rules_of(count: int) -> dict[PolicyRule, Action]:
         rules[PolicyRule(5, port)] = Action.PROXY
         rules[PolicyRule(5, 8080, f"198.18.{port % 250}.0/24")] = Action.BYPASS
         port += 1
-    return rules
+    return dict(list(rules.items())[:count])  # exactly `count` (1: the port-80 rule alone)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rules", type=int, nargs="+", default=[100, 2000, 20000])
+    parser.add_argument("--rules", type=int, nargs="+", default=[1, 100, 10000, 20000])
     parser.add_argument("--repeat", type=int, default=200_000)
     args = parser.parse_args()
     ns = f"{os.environ.get('PM_RUN_PREFIX', 'pmbench')}-tcscale-{secrets.token_hex(2)}"
