@@ -246,7 +246,9 @@ class Listener:
     prefixes: tuple[IPNetwork, ...] = ()  # destination prefixes; empty: any destination of the plane
     route_config: str | None = None  # None: ORIGINAL_DESTINATION_ROUTES
     http_filters: tuple[HttpFilter, ...] = ()
-    server_names: tuple[str, ...] = ()  # TLS SNI match for passthrough routing
+    server_names: tuple[str, ...] = ()  # TLS SNI match for passthrough routing: exact names and `*.suffix`
+    # tcp_proxy chains: the cluster(s) passthrough connections of this chain go to; empty: the original destination
+    tcp_clusters: tuple[WeightedCluster, ...] = ()
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:
