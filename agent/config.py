@@ -179,6 +179,7 @@ class Endpoint:
     priority: int = 0
     locality: str = ""
     healthy: bool = True
+    locality_weight: int = 0  # EDS LocalityLbEndpoints.load_balancing_weight (0: unset); see Cluster.locality_weighted
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +210,7 @@ class Cluster:
     outlier: OutlierDetection | None = None
     http2: bool = False  # speak h2c upstream
     plane: str | None = None  # None: the plane of each endpoint's address
+    locality_weighted: bool = False  # common_lb_config.locality_weighted_lb_config: pick a locality first
 
 
 # ---- HTTP filters ----------------------------------------------------------------------------
