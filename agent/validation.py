@@ -58,7 +58,7 @@ def validate_snapshot(snap: Snapshot) -> None:
         for pa, _ia, _ja, na in owned[:b]:
             if pa != pb and na.version == nb.version and (na.first <= nb.last and nb.first <= na.last):
                 raise ConfigError(f"planes[{ib}].cidrs[{jb}]", f"{nb} overlaps {na} of plane {pa!r}")
-    declared: dict[tuple[str, int, str], str] = {}
+    declared: dict[tuple[str, int, str, str], str] = {}
     for i, lsn in enumerate(snap.listeners):
         where = f"listeners[{i}]"
         if lsn.plane not in names:
@@ -66,12 +66,13 @@ def validate_snapshot(snap: Snapshot) -> None:
         if not 1 <= lsn.port <= 65535:
             raise ConfigError(f"{where}.port", f"{lsn.port} is not a TCP port")
         for prefix in lsn.prefixes or (None,):
-            key = (lsn.plane, lsn.port, str(prefix))
-            if key in declared:
-                raise ConfigError(
-                    f"{where}", f"plane {lsn.plane!r} port {lsn.port} is already declared by {declared[key]!r}"
-                )
-            declared[key] = lsn.name
+            for server_name in lsn.server_names or ("",):  # chains may share a port and differ by TLS SNI
+                key = (lsn.plane, lsn.port, str(prefix), server_name)
+                if key in declared:
+                    raise ConfigError(
+                        f"{where}", f"plane {lsn.plane!r} port {lsn.port} is already declared by {declared[key]!r}"
+                    )
+                declared[key] = lsn.name
         if (
             lsn.protocol is ListenerProtocol.HTTP
             and lsn.route_config is not None

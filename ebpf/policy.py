@@ -76,6 +76,7 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
     plane_ids = {plane.name: plane.plane_id for plane in snap.planes}
     rules: dict[PolicyRule, Action] = {}
     owner: dict[PolicyRule, str] = {}
+    sni_routed: set[PolicyRule] = set()
     for i, lsn in enumerate(snap.listeners):
         where = f"listeners[{i}]"
         if lsn.plane not in plane_ids:
@@ -94,8 +95,20 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
                 )
             rules[key] = action
             owner[key] = lsn.name
+            if action is Action.BYPASS and lsn.server_names:
+                sni_routed.add(key)
+    # TCP chains routed by TLS SNI: the sniffing listener reads the ClientHello (agent/proxy/sni_routing.py).
+    for key in sni_routed:
+        rules[key] = Action.SNIFF
     planes = tuple(sorted((plane_settings(p) for p in snap.planes), key=lambda s: s.plane_id))
     return DatapathPolicy(planes=planes, rules=MappingProxyType(rules))
+
+
+def needs_sniff_listener(snap: Snapshot, plane: Plane) -> bool:
+    """The plane's sniffing listener is in use: undeclared ports are sniffed, or a TCP chain routes by SNI."""
+    return plane.undeclared is UndeclaredPorts.SNIFF or any(
+        lsn.protocol is ListenerProtocol.TCP and lsn.server_names for lsn in snap.listeners_of(plane.name)
+    )
 
 
 def interface_planes(snap: Snapshot, links: Mapping[int, str]) -> dict[int, int]:

@@ -29,7 +29,9 @@ from planemesh.agent.config import (
     LocalRateLimit,
     RouteConfig,
     Snapshot,
+    WeightedCluster,
 )
+from planemesh.agent.proxy.sni_routing import server_name_error
 from planemesh.agent.validation import validate_snapshot
 from planemesh.netplanes.model import SLA, Plane, plane_of_address
 from planemesh.xds.client_state import XdsResources, eds_name
@@ -233,6 +235,9 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
         if length > (32 if ":" not in ip else 128):
             raise ConfigError(f"{ppath}.prefix_len", f"{length} is too long for {ip}")
         prefixes.append(IPNetwork(f"{ip}/{length}").cidr)
+    for i, name in enumerate(m.server_names):
+        if (why := server_name_error(name)) is not None:
+            raise ConfigError(f"{path}.filter_chain_match.server_names[{i}]", why)
     if not chain.filters:
         raise ConfigError(
             f"{path}.filters", "a filter chain needs a terminal filter (http_connection_manager or tcp_proxy)"
@@ -247,6 +252,7 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
     kind = type_name(last.typed_config.type_url)
     route_config = None
     http_filters: tuple[HttpFilter, ...] = ()
+    tcp_clusters: tuple[WeightedCluster, ...] = ()
     if kind == HCM:
         protocol = ListenerProtocol.HTTP
         hcm = hcm_pb2.HttpConnectionManager()
@@ -277,10 +283,13 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
         tcp = tcp_proxy_pb2.TcpProxy()
         last.typed_config.Unpack(tcp)
         only(tcp, {"stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "access_log"}, fpath)
-        names = [tcp.cluster] if tcp.cluster else [w.name for w in tcp.weighted_clusters.clusters]
-        if not names:
+        if tcp.cluster:
+            tcp_clusters = (WeightedCluster(tcp.cluster, 1),)
+        else:
+            tcp_clusters = tuple(WeightedCluster(w.name, w.weight) for w in tcp.weighted_clusters.clusters)
+        if not tcp_clusters:
             raise ConfigError(fpath, "tcp_proxy needs a cluster")
-        acc.tcp_clusters += [(f"{fpath}.cluster", n) for n in names]
+        acc.tcp_clusters += [(f"{fpath}.cluster", w.name) for w in tcp_clusters]
     else:
         raise ConfigError(fpath, f"network filter {last.name!r} ({kind or 'no typed_config'}) is not supported")
     base = chain.name or (listener.name if ci == 0 else f"{listener.name}#{ci}")
@@ -293,7 +302,8 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
             prefixes=tuple(prefixes),
             route_config=route_config,
             http_filters=http_filters,
-            server_names=tuple(m.server_names),
+            server_names=tuple(n.lower() for n in m.server_names),
+            tcp_clusters=tcp_clusters,
         )
         for plane in planes
     ]

@@ -1,0 +1,119 @@
+"""Which filter chain a passthrough connection belongs to, by destination and TLS SNI (pure, per snapshot).
+
+    routes = SniRoutes(snapshot.listeners_of("oam"))
+    chain = routes.select(443, "198.18.1.20", "api.example.com")   # None: the original destination
+
+Envoy's filter_chain_match order, and like Envoy without backtracking (a more specific level that matches
+but has no chain for the next level means no chain at all):
+1. destination port (the listener's port, or the chain's destination_port);
+2. destination address: the longest matching prefix; a chain without prefix_ranges matches any address (/0);
+3. server name: an exact name, then wildcards from the longest suffix to the shortest (`a.b.example.com`
+   tries `*.b.example.com`, then `*.example.com`, then `*.com`; `*.example.com` never matches `example.com`),
+   then the chains without server_names. A connection without SNI (not TLS, or no extension) only
+   matches chains without server_names.
+Only tcp_proxy chains (ListenerProtocol.TCP) take part: HTTP chains are served by the L7 proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from netaddr import IPAddress, IPNetwork
+
+from planemesh.agent.config import Listener, ListenerProtocol, RouteAction
+
+MAX_SERVER_NAME = 253
+
+
+def server_name_error(name: str) -> str | None:
+    """Why `name` cannot be a filter_chain_match server name (Envoy accepts exact names and `*.suffix`)."""
+    if not name:
+        return "empty server name"
+    if len(name) > MAX_SERVER_NAME:
+        return f"longer than {MAX_SERVER_NAME} characters"
+    rest = name[2:] if name.startswith("*.") else name
+    if not rest or "*" in rest:
+        return f"{name!r}: only exact names and '*.suffix' wildcards are supported"
+    if any(c.isspace() for c in name) or ".." in name or rest.startswith(".") or name.endswith("."):
+        return f"{name!r} is not a DNS name"
+    return None
+
+
+def candidate_names(sni: str) -> Iterable[str]:
+    """`sni` itself, then its wildcards from the most to the least specific."""
+    yield sni
+    dot = sni.find(".")
+    while dot >= 0:
+        yield "*" + sni[dot:]
+        dot = sni.find(".", dot + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class PassthroughChain:
+    """A selected tcp_proxy chain. `action` (one per chain and snapshot) feeds Balancer.cluster_for, so
+    weighted clusters keep their smooth sequence across connections; None: the original destination."""
+
+    name: str
+    action: RouteAction | None
+
+
+class _Entry:
+    __slots__ = ("chain", "names", "prefixes", "specificity")
+
+    def __init__(self, lsn: Listener) -> None:
+        self.prefixes: tuple[IPNetwork, ...] = lsn.prefixes
+        self.specificity = max((p.prefixlen for p in lsn.prefixes), default=0)
+        self.names = frozenset(n.lower() for n in lsn.server_names)
+        tcp = lsn.tcp_clusters
+        action = None
+        if len(tcp) == 1:
+            action = RouteAction(cluster=tcp[0].name)
+        elif tcp:
+            action = RouteAction(weighted=tcp)
+        self.chain = PassthroughChain(lsn.name, action)
+
+    def prefix_len(self, ip: IPAddress) -> int:
+        """How specifically this chain matches `ip`: the longest containing prefix, 0 for any, -1 for none."""
+        if not self.prefixes:
+            return 0
+        return max((p.prefixlen for p in self.prefixes if p.version == ip.version and ip in p), default=-1)
+
+
+class SniRoutes:
+    """The tcp_proxy filter chains of one plane, indexed by destination port. Immutable."""
+
+    def __init__(self, listeners: Iterable[Listener]) -> None:
+        self._by_port: dict[int, list[_Entry]] = {}
+        for lsn in listeners:
+            if lsn.protocol is ListenerProtocol.TCP:
+                self._by_port.setdefault(lsn.port, []).append(_Entry(lsn))
+
+    def declares(self, port: int) -> bool:
+        """Some tcp_proxy chain owns `port`: what arrives there is passed through, never L7-proxied."""
+        return port in self._by_port
+
+    def select(self, port: int, address: str, sni: str | None) -> PassthroughChain | None:
+        entries = self._by_port.get(port)
+        if not entries:
+            return None
+        if len(entries) > 1 or entries[0].prefixes:
+            ip = IPAddress(address.split("%", 1)[0])
+            if ip.version == 6 and ip.is_ipv4_mapped():
+                ip = ip.ipv4()
+            scored = [(e.prefix_len(ip), e) for e in entries]
+            best = max(score for score, _ in scored)
+            if best < 0:
+                return None
+            entries = [e for score, e in scored if score == best]
+        if sni:
+            by_name = {name: e for e in entries for name in e.names}
+            if by_name:
+                for name in candidate_names(sni.lower()):
+                    found = by_name.get(name)
+                    if found is not None:
+                        return found.chain
+        for e in entries:
+            if not e.names:
+                return e.chain
+        return None
