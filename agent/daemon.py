@@ -30,6 +30,7 @@ from planemesh.agent.sdnotify import (
     Readiness,
     run_watchdog,
 )
+from planemesh.agent.cpu_groups import CpuGroups
 from planemesh.agent.workers import PlaneWorkers
 from planemesh.ebpf.policy import needs_sniff_listener
 from planemesh.netplanes import discovery
@@ -62,6 +63,7 @@ class Agent:
         self.control = ControlThread()
         self.kernel = KernelDataPath(pin_dir=options.pin_dir)
         self.workers: dict[str, PlaneWorkers] = {}
+        self.cpu_groups = CpuGroups.create() if not options.datapath_only else CpuGroups(None)
         self.readiness = Readiness()
         self.notifier = Notifier()
         self.admin_app: Any = None
@@ -112,14 +114,17 @@ class Agent:
             plane_new = wanted.get(name)
             if plane_new is None or (plane_old and _listener_shape(old, plane_old) != _listener_shape(snap, plane_new)):
                 await self.workers.pop(name).stop(self.options.drain_timeout_s)
+                if plane_new is None:
+                    self.cpu_groups.remove_plane(name)
         for name, plane in wanted.items():
+            self.cpu_groups.set_plane(name, plane.sla.cpu_weight)
             if name in self.workers:
                 await self.workers[name].update(snap, sources)
                 continue
             listeners = [self._listener(plane.proxy_port)]
             if needs_sniff_listener(snap, plane):
                 listeners.append(self._listener(plane.sniff_port))
-            workers = PlaneWorkers(name, plane.sla.workers, listeners, self._worker_options())
+            workers = PlaneWorkers(name, plane.sla.workers, listeners, self._worker_options(), self.cpu_groups)
             await workers.start(snap, sources)
             self.workers[name] = workers
             self.spawn(workers.supervise(), f"supervise-{name}")
@@ -316,6 +321,7 @@ class Agent:
             *(w.stop(self.options.drain_timeout_s) for w in self.workers.values()), return_exceptions=True
         )
         self.workers.clear()
+        self.cpu_groups.close()
         if self._admin is not None:
             await self._admin.close()
         with contextlib.suppress(Exception):

@@ -50,6 +50,8 @@ def validate_snapshot(snap: Snapshot) -> None:
                 raise ConfigError(f"{where}.sla.{key}", "must be > 0")
         if sla.workers < 1:
             raise ConfigError(f"{where}.sla.workers", "must be >= 1")
+        if not 1 <= sla.cpu_weight <= 10000:
+            raise ConfigError(f"{where}.sla.cpu_weight", "must be 1..10000 (cgroup cpu.weight)")
         if not 0 <= sla.priority <= 7:
             raise ConfigError(f"{where}.sla.priority", "must be 0..7")
     # CIDRs of different planes must not overlap: an address must belong to exactly one plane.

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from planemesh.agent.config import Snapshot
+from planemesh.agent.cpu_groups import CpuGroups
 from planemesh.agent.worker_channel import encode, read_message
 
 log = logging.getLogger("planemesh.workers")
@@ -104,8 +105,16 @@ class WorkerProcess:
 class PlaneWorkers:
     """All worker processes of one plane, sharing the plane's listening sockets."""
 
-    def __init__(self, plane: str, count: int, listeners: list[socket.socket], options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        plane: str,
+        count: int,
+        listeners: list[socket.socket],
+        options: dict[str, Any],
+        cpu_groups: CpuGroups | None = None,
+    ) -> None:
         self.plane = plane
+        self.cpu_groups = cpu_groups or CpuGroups(None)
         self.listeners = listeners
         self._options = options
         self.workers = [WorkerProcess(plane, i, listeners, options) for i in range(count)]
@@ -122,6 +131,7 @@ class PlaneWorkers:
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
                 await self.workers[index].start(self._last)
+                self.cpu_groups.add(self.plane, self.workers[index].pid or 0)
                 return
             except WorkerStartError as exc:
                 if attempt == START_ATTEMPTS:

@@ -42,6 +42,7 @@ class SLA:
     bandwidth_mbit: float | None = None  # HTB class rate on egress; None = no class
     priority: int = 3  # HTB prio (0 highest .. 7)
     workers: int = 1  # proxy worker processes for this plane
+    cpu_weight: int = 100  # the plane's workers' CPU share (cgroup v2 cpu.weight, 1..10000), agent/cpu_groups.py
     fail_closed: bool = False  # agent gone: drop (True) or fall through to the original destination
 
 
