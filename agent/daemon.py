@@ -20,6 +20,7 @@ from typing import Any
 
 from planemesh.agent.config import ConfigError, Snapshot
 from planemesh.agent.control_thread import ControlThread
+from planemesh.agent.cpu_groups import CpuGroups
 from planemesh.agent.kernel import KernelDataPath
 from planemesh.agent.sdnotify import (
     FIRST_SNAPSHOT_APPLIED,
@@ -30,7 +31,6 @@ from planemesh.agent.sdnotify import (
     Readiness,
     run_watchdog,
 )
-from planemesh.agent.cpu_groups import CpuGroups
 from planemesh.agent.workers import PlaneWorkers
 from planemesh.ebpf.policy import needs_sniff_listener
 from planemesh.netplanes import discovery
