@@ -44,7 +44,6 @@ _HARMLESS = {
     "alt_stat_name",
     "metadata",
     "dns_lookup_family",
-    "common_lb_config",
     "cleanup_interval",
     "per_connection_buffer_limit_bytes",
     "track_cluster_stats",
@@ -54,6 +53,7 @@ _SUPPORTED = {
     "eds_cluster_config",
     "connect_timeout",
     "lb_policy",
+    "common_lb_config",
     "load_assignment",
     "circuit_breakers",
     "outlier_detection",
@@ -62,18 +62,35 @@ _SUPPORTED = {
 }
 # EDS health statuses that receive traffic: UNKNOWN, HEALTHY, DEGRADED.
 _HEALTHY = {0, 1, 5}
+# common_lb_config fields accepted without effect: planemesh merges no updates, runs no active health checks
+# and panics only when every endpoint is ejected (Istio sends healthy_panic_threshold 0 with outlier detection).
+_COMMON_LB_HARMLESS = {"healthy_panic_threshold", "update_merge_window", "ignore_new_hosts_until_first_hc"}
+# Policies that can pick a locality first; a consistent hash must see every endpoint of the level.
+_LOCALITY_POLICIES = {LbPolicy.ROUND_ROBIN, LbPolicy.LEAST_REQUEST, LbPolicy.RANDOM}
+ENVOY_OVERPROVISIONING = 140  # the factor planemesh applies to locality health (agent/proxy/lb.py)
 
 
 def endpoints_of(cla, path: str) -> tuple[Endpoint, ...]:
-    """ClusterLoadAssignment -> endpoints with locality ("region/zone/sub_zone"), priority, weight, health."""
+    """ClusterLoadAssignment -> endpoints with locality ("region/zone/sub_zone") and its weight, priority,
+    weight, health."""
     only(cla, {"cluster_name", "endpoints", "policy"}, path)
+    _cla_policy(cla, f"{path}.policy")
     out: list[Endpoint] = []
     seen: set[tuple[str, int]] = set()
+    locality_weights: dict[tuple[int, str], int] = {}
     for li, lle in enumerate(cla.endpoints):
         lpath = f"{path}.endpoints[{li}]"
         only(lle, {"locality", "lb_endpoints", "load_balancing_weight", "priority", "metadata"}, lpath)
         loc = lle.locality
         locality = "/".join(x for x in (loc.region, loc.zone, loc.sub_zone) if x)
+        locality_weight = uint(lle, "load_balancing_weight", 0)
+        if lle.HasField("load_balancing_weight") and locality_weight < 1:
+            raise ConfigError(f"{lpath}.load_balancing_weight", "must be >= 1")
+        if locality_weights.setdefault((lle.priority, locality), locality_weight) != locality_weight:
+            raise ConfigError(
+                f"{lpath}.load_balancing_weight",
+                f"locality {locality or '(none)'!r} at priority {lle.priority} is listed with another weight",
+            )
         for ei, lbe in enumerate(lle.lb_endpoints):
             epath = f"{lpath}.lb_endpoints[{ei}]"
             only(lbe, {"endpoint", "health_status", "load_balancing_weight", "metadata", "endpoint_name"}, epath)
@@ -93,9 +110,38 @@ def endpoints_of(cla, path: str) -> tuple[Endpoint, ...]:
                     priority=lle.priority,
                     locality=locality,
                     healthy=lbe.health_status in _HEALTHY,
+                    locality_weight=locality_weight,
                 )
             )
     return tuple(out)
+
+
+def _cla_policy(cla, path: str) -> None:
+    if not cla.HasField("policy"):
+        return
+    only(cla.policy, {"overprovisioning_factor"}, path)
+    factor = uint(cla.policy, "overprovisioning_factor", ENVOY_OVERPROVISIONING)
+    if factor != ENVOY_OVERPROVISIONING:
+        raise ConfigError(
+            f"{path}.overprovisioning_factor", f"only Envoy's default {ENVOY_OVERPROVISIONING} is supported"
+        )
+
+
+def _locality_weighted(cluster, lb: LbPolicy, path: str) -> bool:
+    """common_lb_config: True with locality_weighted_lb_config; anything that would change balancing otherwise
+    (zone aware routing, hashing options, host status overrides) is refused."""
+    if not cluster.HasField("common_lb_config"):
+        return False
+    common = cluster.common_lb_config
+    only(common, _COMMON_LB_HARMLESS | {"locality_weighted_lb_config"}, path)
+    if not common.HasField("locality_weighted_lb_config"):
+        return False
+    if lb not in _LOCALITY_POLICIES:
+        raise ConfigError(
+            f"{path}.locality_weighted_lb_config",
+            f"locality weights go with ROUND_ROBIN, LEAST_REQUEST or RANDOM, not {lb.name}",
+        )
+    return True
 
 
 def _http2(cluster, path: str) -> bool:
@@ -207,6 +253,7 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
         outlier=_outlier(cluster, path),
         http2=_http2(cluster, path),
         plane=plane,
+        locality_weighted=_locality_weighted(cluster, lb, f"{path}.common_lb_config"),
     )
 
 

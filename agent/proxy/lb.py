@@ -7,6 +7,12 @@ Endpoints are grouped by EDS priority; a pick uses the lowest priority that has 
 not ejected) endpoint, as Envoy does with overprovisioning at 100%. Within a level the cluster's policy
 decides: round robin (smooth weighted), least request (power of two choices), random (weighted), ring hash
 or Maglev (consistent: when one of N endpoints leaves, about 1/N of the keys move).
+
+A locality-weighted cluster first picks a locality of the level, as Envoy does: effective weight = the
+locality's EDS weight x min(1, 1.4 x its available share of endpoints), smooth weighted round robin over
+those (exact shares, recomputed per pick so ejections shift load at once); then the policy within the
+locality. A locality without a weight gets nothing; when no locality has an effective weight the whole
+level is used.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from planemesh.agent.config import Cluster, Endpoint, LbPolicy
 Available = Callable[[Endpoint], bool]
 RING_VNODES_PER_WEIGHT = 160  # ketama's count; fixed per endpoint so a leaving endpoint moves only its keys
 MAGLEV_TABLE_SIZE = 5003  # prime; Envoy uses 65537, this is enough for small clusters and builds in ms
+OVERPROVISIONING = 1.4  # Envoy's default overprovisioning_factor (140): a locality keeps its full weight at >= 71%
 
 
 def hash64(data: bytes) -> int:
@@ -112,8 +119,9 @@ class LeastRequest(Picker):
 class RingHash(Picker):
     """Ketama-style ring: each endpoint gets virtual nodes in proportion to its weight."""
 
-    def __init__(self, endpoints: Sequence[Endpoint], rng: random.Random,
-                 vnodes_per_weight: int = RING_VNODES_PER_WEIGHT) -> None:
+    def __init__(
+        self, endpoints: Sequence[Endpoint], rng: random.Random, vnodes_per_weight: int = RING_VNODES_PER_WEIGHT
+    ) -> None:
         super().__init__(endpoints, rng)
         ring: list[tuple[int, int]] = []
         for i, ep in enumerate(self.endpoints):
@@ -143,8 +151,9 @@ class Maglev(Picker):
 
     def __init__(self, endpoints: Sequence[Endpoint], rng: random.Random, size: int = MAGLEV_TABLE_SIZE) -> None:
         super().__init__(endpoints, rng)
-        self.table: list[int] = build_maglev_table([endpoint_key(ep) for ep in self.endpoints],
-                                                   [ep.weight for ep in self.endpoints], size)
+        self.table: list[int] = build_maglev_table(
+            [endpoint_key(ep) for ep in self.endpoints], [ep.weight for ep in self.endpoints], size
+        )
 
     def pick(self, hash_key: int | None, available: Available) -> Endpoint | None:
         table = self.table
@@ -189,8 +198,9 @@ def build_maglev_table(keys: Sequence[bytes], weights: Sequence[int], size: int)
                 return table
 
 
-def make_picker(policy: LbPolicy, endpoints: Sequence[Endpoint], rng: random.Random,
-                active: dict[Endpoint, int]) -> Picker:
+def make_picker(
+    policy: LbPolicy, endpoints: Sequence[Endpoint], rng: random.Random, active: dict[Endpoint, int]
+) -> Picker:
     if policy is LbPolicy.LEAST_REQUEST:
         return LeastRequest(endpoints, rng, active)
     if policy is LbPolicy.RANDOM:
@@ -202,6 +212,69 @@ def make_picker(policy: LbPolicy, endpoints: Sequence[Endpoint], rng: random.Ran
     return RoundRobin(endpoints, rng)
 
 
+class _Locality:
+    __slots__ = ("current", "picker", "total", "weight")
+
+    def __init__(self, picker: Picker, weight: int, total: int) -> None:
+        self.picker = picker
+        self.weight = weight
+        self.total = total  # endpoints in EDS, healthy or not: the denominator of the healthy share
+        self.current = 0.0  # smooth weighted round robin state
+
+
+class LocalityWeighted(Picker):
+    """One priority level of a locality-weighted cluster: a locality by effective weight, then its policy."""
+
+    def __init__(self, localities: Sequence[tuple[Picker, int, int]], rng: random.Random, whole_level: Picker) -> None:
+        super().__init__(whole_level.endpoints, rng)
+        self.localities = [_Locality(p, w, t) for p, w, t in localities if w > 0 and p.endpoints]
+        self.whole_level = whole_level
+
+    def effective_weights(self, available: Available) -> list[float]:
+        """Envoy's effective locality weight: weight x min(1, overprovisioning x available share)."""
+        out = []
+        for loc in self.localities:
+            up = sum(1 for ep in loc.picker.endpoints if available(ep))
+            out.append(loc.weight * min(1.0, OVERPROVISIONING * up / loc.total))
+        return out
+
+    def pick(self, hash_key: int | None, available: Available) -> Endpoint | None:
+        weights = self.effective_weights(available)
+        total = sum(weights)
+        if total <= 0:  # no locality can take traffic: Envoy falls back to the level's hosts
+            return self.whole_level.pick(hash_key, available)
+        best = None
+        for loc, w in zip(self.localities, weights, strict=True):
+            if w > 0:
+                loc.current += w
+                if best is None or loc.current > best.current:
+                    best = loc
+        assert best is not None
+        best.current -= total
+        return best.picker.pick(hash_key, available)
+
+
+def make_level(
+    cluster: Cluster,
+    endpoints: Sequence[Endpoint],
+    totals: dict[str, int],
+    rng: random.Random,
+    active: dict[Endpoint, int],
+) -> Picker:
+    """The picker of one priority level: the cluster's policy, under a locality pick when locality weighted."""
+    whole = make_picker(cluster.lb_policy, endpoints, rng, active)
+    if not cluster.locality_weighted:
+        return whole
+    groups: dict[str, list[Endpoint]] = {}
+    for ep in endpoints:
+        groups.setdefault(ep.locality, []).append(ep)
+    localities = [
+        (make_picker(cluster.lb_policy, group, rng, active), group[0].locality_weight, totals[name])
+        for name, group in groups.items()
+    ]
+    return LocalityWeighted(localities, rng, whole)
+
+
 class ClusterLb:
     """A cluster's pickers per priority level plus the active-request counts least request needs."""
 
@@ -210,10 +283,13 @@ class ClusterLb:
         self.rng = rng or random.Random()
         self.active: dict[Endpoint, int] = {}
         levels: dict[int, list[Endpoint]] = {}
+        totals: dict[int, dict[str, int]] = {}  # priority -> locality -> endpoints in EDS (healthy or not)
         for ep in cluster.endpoints:
+            per_level = totals.setdefault(ep.priority, {})
+            per_level[ep.locality] = per_level.get(ep.locality, 0) + 1
             if ep.healthy:
                 levels.setdefault(ep.priority, []).append(ep)
-        self.levels = [make_picker(cluster.lb_policy, levels[p], self.rng, self.active) for p in sorted(levels)]
+        self.levels = [make_level(cluster, levels[p], totals[p], self.rng, self.active) for p in sorted(levels)]
 
     def pick(self, hash_key: int | None = None, available: Available = _always) -> Endpoint | None:
         """An endpoint of the lowest priority level with an available endpoint; None when there is none."""

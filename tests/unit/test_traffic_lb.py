@@ -159,3 +159,73 @@ def test_weighted_clusters_interleave_exact_shares(weights, first_ten) -> None:
     names = ["a" if balancer.cluster_for(action) is snap.clusters["a"] else "b" for _ in range(1000)]
     assert names[:10] == first_ten
     assert names.count("b") == 1000 * weights[1] // sum(weights)
+
+
+# ---- locality weighting (Envoy: effective weight = weight x min(1, 1.4 x available share)) -----------
+
+
+def locality_eps(spec: list[tuple[str, int, int, int]], priority: int = 0) -> list[Endpoint]:
+    """(locality, locality weight, healthy endpoints, EDS-unhealthy endpoints) -> endpoints."""
+    out = []
+    for n, (name, weight, up, down) in enumerate(spec):
+        out += [Endpoint(f"10.{priority}.{n}.{i + 1}", 80, priority=priority, locality=name, locality_weight=weight,
+                         healthy=i < up) for i in range(up + down)]  # fmt: skip
+    return out
+
+
+def locality_cluster(endpoints, policy=LbPolicy.ROUND_ROBIN) -> Cluster:
+    return Cluster(name="c", kind=ClusterKind.STATIC, endpoints=tuple(endpoints), lb_policy=policy,
+                   locality_weighted=True)  # fmt: skip
+
+
+def by_locality(lb: ClusterLb, n: int, available=None) -> Counter:
+    kw = {} if available is None else {"available": available}
+    return Counter(lb.pick(**kw).locality for _ in range(n))
+
+
+@pytest.mark.parametrize("policy", [LbPolicy.ROUND_ROBIN, LbPolicy.LEAST_REQUEST, LbPolicy.RANDOM])
+def test_locality_weights_split_exactly_and_endpoint_policy_applies_within(policy) -> None:
+    endpoints = locality_eps([("eu/a", 3, 2, 0), ("eu/b", 1, 1, 0)])
+    lb = ClusterLb(locality_cluster(endpoints, policy), random.Random(2))
+    picks = [lb.pick() for _ in range(400)]
+    assert Counter(ep.locality for ep in picks) == {"eu/a": 300, "eu/b": 100}  # smooth weighted: exact
+    assert len({ep.address for ep in picks if ep.locality == "eu/a"}) == 2
+
+
+def test_without_locality_weighting_locality_weights_are_ignored() -> None:
+    endpoints = locality_eps([("eu/a", 3, 1, 0), ("eu/b", 1, 1, 0)])
+    assert by_locality(ClusterLb(cluster(endpoints)), 400) == {"eu/a": 200, "eu/b": 200}
+
+
+def test_locality_without_weight_gets_nothing_unless_none_has_one() -> None:
+    lb = ClusterLb(locality_cluster(locality_eps([("eu/a", 1, 1, 0), ("eu/b", 0, 1, 0)])))
+    assert by_locality(lb, 50) == {"eu/a": 50}
+    unweighted = ClusterLb(locality_cluster(locality_eps([("eu/a", 0, 1, 0), ("eu/b", 0, 1, 0)])))
+    assert by_locality(unweighted, 50) == {"eu/a": 25, "eu/b": 25}  # Envoy: the level's hosts, as without
+
+
+def test_locality_health_share_scales_its_weight_with_overprovisioning() -> None:
+    # eu/a: 1 of 4 healthy in EDS -> 1 x min(1, 1.4 x 0.25) = 0.35; eu/b: 3 of 4 -> min(1, 1.05) = 1.
+    lb = ClusterLb(locality_cluster(locality_eps([("eu/a", 1, 1, 3), ("eu/b", 1, 3, 1)])))
+    counts = by_locality(lb, 1350)
+    assert counts["eu/a"] == pytest.approx(350, abs=1) and counts["eu/b"] == pytest.approx(1000, abs=1)
+
+
+def test_ejected_endpoints_shift_locality_load_at_once() -> None:
+    endpoints = locality_eps([("eu/a", 1, 4, 0), ("eu/b", 1, 4, 0)])
+    lb = ClusterLb(locality_cluster(endpoints))
+    assert by_locality(lb, 200) == {"eu/a": 100, "eu/b": 100}
+    ejected = {ep.address for ep in endpoints[:3]}  # 3 of eu/a's 4: 1 x min(1, 1.4 x 0.25) = 0.35
+    counts = by_locality(lb, 1350, available=lambda e: e.address not in ejected)
+    assert counts["eu/a"] == pytest.approx(350, abs=1) and counts["eu/b"] == pytest.approx(1000, abs=1)
+    all_of_a = {ep.address for ep in endpoints if ep.locality == "eu/a"}
+    assert by_locality(lb, 50, available=lambda e: e.address not in all_of_a) == {"eu/b": 50}
+
+
+def test_priority_failover_comes_before_locality_choice() -> None:
+    endpoints = [*locality_eps([("eu/a", 3, 1, 0), ("eu/b", 1, 1, 0)]),
+                 *locality_eps([("us/a", 1, 1, 0)], priority=1)]  # fmt: skip
+    lb = ClusterLb(locality_cluster(endpoints))
+    assert set(by_locality(lb, 40)) == {"eu/a", "eu/b"}
+    p0 = {ep.address for ep in endpoints if ep.priority == 0}
+    assert by_locality(lb, 10, available=lambda e: e.address not in p0) == {"us/a": 10}

@@ -465,3 +465,61 @@ def test_every_bad_resource_is_named_in_one_error():
     with pytest.raises(ConfigError) as err:
         translate(to_resources(docs), PLANES)
     assert "listener[a]" in str(err.value) and "cluster[b]" in str(err.value)
+
+
+# ---- locality-weighted clusters (EDS LocalityLbEndpoints.load_balancing_weight) ---------------------
+
+
+def locality_cluster(lb="ROUND_ROBIN", common=None, localities=None, policy=None):
+    common = {"locality_weighted_lb_config": {}} if common is None else common
+    localities = localities or [
+        ("eu", "a", 3, "198.18.1.7"),
+        ("eu", "b", 1, "198.18.1.8"),
+        ("us", "", None, "198.18.1.9"),
+    ]
+    endpoints = []
+    for region, zone, weight, address in localities:
+        lle = {
+            "locality": {"region": region, "zone": zone},
+            "lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": address, "port_value": 80}}}}],
+        }
+        if weight is not None:
+            lle["load_balancing_weight"] = weight
+        endpoints.append(lle)
+    doc = {"@type": T + "envoy.config.cluster.v3.Cluster", "name": "loc", "type": "STATIC", "lb_policy": lb,
+           "common_lb_config": common, "load_assignment": {"cluster_name": "loc", "endpoints": endpoints}}  # fmt: skip
+    if policy is not None:
+        doc["load_assignment"]["policy"] = policy
+    return doc
+
+
+def test_locality_weights_translate():
+    common = {"locality_weighted_lb_config": {}, "healthy_panic_threshold": {"value": 0}}
+    snap = translate(to_resources([locality_cluster(common=common)]), PLANES)
+    loc = snap.clusters["loc"]
+    assert loc.locality_weighted
+    assert [(ep.locality, ep.locality_weight) for ep in loc.endpoints] == [("eu/a", 3), ("eu/b", 1), ("us", 0)]
+    plain = translate(to_resources([locality_cluster(common={}, policy={"overprovisioning_factor": 140})]), PLANES)
+    assert not plain.clusters["loc"].locality_weighted  # weights kept, unused without locality_weighted_lb_config
+
+
+LOCALITY_BAD = [
+    ("with-ring-hash", locality_cluster(lb="RING_HASH"), "common_lb_config.locality_weighted_lb_config", "RING_HASH"),
+    ("zone-aware", locality_cluster(common={"zone_aware_lb_config": {}}), "common_lb_config.zone_aware", "not supp"),
+    (
+        "two-weights-one-locality",
+        locality_cluster(localities=[("eu", "a", 3, "198.18.1.7"), ("eu", "a", 2, "198.18.1.8")]),
+        "endpoints[1].load_balancing_weight",
+        "another weight",
+    ),
+    ("zero-weight", locality_cluster(localities=[("eu", "a", 0, "198.18.1.7")]), "load_balancing_weight", ">= 1"),
+    ("overprovisioning", locality_cluster(policy={"overprovisioning_factor": 100}), "overprovisioning", "140"),
+    ("drop-overloads", locality_cluster(policy={"drop_overloads": [{"category": "x"}]}), "drop_overloads", "not"),
+]
+
+
+@pytest.mark.parametrize(("doc", "path", "reason"), [b[1:] for b in LOCALITY_BAD], ids=[b[0] for b in LOCALITY_BAD])
+def test_unsupported_locality_config_is_refused(doc, path, reason):
+    with pytest.raises(ConfigError) as err:
+        translate(to_resources([doc]), PLANES)
+    assert path in str(err.value) and reason in str(err.value)
