@@ -19,15 +19,20 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from planemesh.agent.config import ClusterKind
 from planemesh.agent.proxy.balancer import normalise_ip
+from planemesh.agent.proxy.circuit import CONNECTIONS
 from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classify
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.server import PlaneProxy
+    from planemesh.agent.proxy.server import PlaneProxy, RoutingTable
 
 MAX_SNI_NAMES = 1024  # distinct SNI names counted; the rest are counted under "(other)"
 DEFAULT_SNIFF_TIMEOUT_S = 0.3
+# Outlier detection outcome of a passthrough connection that was established (balancer.report's HTTP-status
+# scale: below 500 is a success, 0 a gateway failure).
+CONNECTED = 200
 
 
 class SniffStats:
@@ -39,8 +44,10 @@ class SniffStats:
         "bytes_up",
         "connect_failures",
         "kinds",
+        "no_upstream",
         "passthrough_active",
         "passthrough_total",
+        "routed",
         "silent_clients",
         "sni",
     )
@@ -55,6 +62,8 @@ class SniffStats:
         self.connect_failures = 0
         self.bytes_up = 0  # client -> server
         self.bytes_down = 0  # server -> client
+        self.routed: dict[str, dict[str, int]] = {}  # filter chain -> SNI ("(none)": no SNI) -> connections
+        self.no_upstream = 0  # a chain's cluster had no endpoint or its connection breaker was full
 
     def record(self, verdict: Verdict) -> None:
         self.kinds[verdict.kind.value] += 1
@@ -67,8 +76,17 @@ class SniffStats:
                 if proto in self.alpn or len(self.alpn) < 64:
                     self.alpn[proto] = self.alpn.get(proto, 0) + 1
 
+    def record_route(self, chain: str, sni: str | None) -> None:
+        names = self.routed.setdefault(chain, {})
+        name = sni or "(none)"
+        if name not in names and sum(map(len, self.routed.values())) >= MAX_SNI_NAMES:
+            name = "(other)"
+        names[name] = names.get(name, 0) + 1
+
     def as_dict(self) -> dict[str, object]:
-        return {name: (dict(v) if isinstance(v := getattr(self, name), dict) else v) for name in self.__slots__}
+        out: dict[str, object] = {name: getattr(self, name) for name in self.__slots__}
+        out["routed"] = {chain: dict(names) for chain, names in self.routed.items()}
+        return {name: (dict(v) if isinstance(v, dict) else v) for name, v in out.items()}
 
 
 async def peek_verdict(sock: socket.socket, timeout_s: float) -> Verdict:
@@ -267,55 +285,86 @@ class SniffListener:
         proxy = self.proxy
         try:
             verdict = await peek_verdict(conn, self.timeout_s)
+            dst = proxy.original_destination(conn.getsockname(), conn.getpeername())
+        except OSError:
+            conn.close()  # the client is gone already
+            return
         except BaseException:
             conn.close()
             raise
         if verdict.kind is Kind.OPAQUE and not _has_bytes(conn):
             self.stats.silent_clients += 1
         self.stats.record(verdict)
-        if verdict.kind is Kind.HTTP1:
+        table = proxy.table  # one snapshot for the whole connection
+        # HTTP goes to the L7 proxy, unless a tcp_proxy chain owns the port (declared TCP, sniffed for its SNI).
+        if verdict.kind is Kind.HTTP1 and not table.sni.declares(dst[1]):
             from planemesh.agent.proxy.downstream import Downstream
 
             await proxy.loop.connect_accepted_socket(lambda: Downstream(proxy), conn)
             return
-        if verdict.kind is Kind.H2:
+        if verdict.kind is Kind.H2 and not table.sni.declares(dst[1]):
             from planemesh.agent.proxy.h2 import H2Downstream
 
             await proxy.loop.connect_accepted_socket(lambda: H2Downstream(proxy), conn)
             return
-        await self.passthrough(conn)
+        await self.passthrough(conn, verdict, table, dst)
 
-    async def passthrough(self, conn: socket.socket) -> None:
+    async def passthrough(
+        self, conn: socket.socket, verdict: Verdict, table: RoutingTable, dst: tuple[str, int]
+    ) -> None:
+        """Copy bytes to the SNI-routed chain's cluster (sni_routing.py), else to the original destination."""
         proxy = self.proxy
         stats = self.stats
-        try:
-            host, port = proxy.original_destination(conn.getsockname(), conn.getpeername())
-        except OSError:
-            conn.close()
-            return
-        host = normalise_ip(host)
-        if port in proxy.listen_ports:
+        host, port = normalise_ip(dst[0]), dst[1]
+        chain = table.sni.select(port, host, verdict.sni)
+        balancer = table.balancer
+        cluster = ep = breaker = None
+        if chain is not None:
+            stats.record_route(chain.name, verdict.sni)
+            if chain.action is not None:
+                cluster = balancer.cluster_for(chain.action)
+        if cluster is not None and cluster.kind is not ClusterKind.ORIGINAL_DST:
+            breaker = balancer.breaker(cluster)
+            if breaker.try_acquire(CONNECTIONS):
+                ep = balancer.pick_endpoint(cluster)
+                if ep is None:
+                    breaker.release(CONNECTIONS)
+            if ep is None:  # the cluster's connection breaker is full, or it has no healthy endpoint
+                stats.no_upstream += 1
+                reset(conn)
+                return
+            balancer.lb(cluster).started(ep)
+            host, port = ep.address, ep.port
+        elif port in proxy.listen_ports:
             reset(conn)  # not intercepted: it would loop back into us
             return
+        timeout = cluster.connect_timeout_s if cluster is not None else None
+        timeout = timeout if timeout is not None else proxy.sla.connect_timeout_s
         source = proxy.source_address(host) if proxy.source_address is not None else None
+        outcome = -1
         try:
-            up = await open_upstream(
-                host, port, mark=proxy.upstream_mark, source=source, timeout=proxy.sla.connect_timeout_s
-            )
-        except (OSError, TimeoutError):
-            stats.connect_failures += 1
-            reset(conn)
-            return
-        except BaseException:
-            conn.close()
-            raise
-        stats.passthrough_active += 1
-        stats.passthrough_total += 1
-        try:
-            done = await splice_sockets(conn, up, self._count_up, self._count_down)
-            await done
+            try:
+                up = await open_upstream(host, port, mark=proxy.upstream_mark, source=source, timeout=timeout)
+            except (OSError, TimeoutError):
+                stats.connect_failures += 1
+                outcome = 0
+                reset(conn)
+                return
+            except BaseException:
+                conn.close()
+                raise
+            outcome = CONNECTED
+            stats.passthrough_active += 1
+            stats.passthrough_total += 1
+            try:
+                done = await splice_sockets(conn, up, self._count_up, self._count_down)
+                await done
+            finally:
+                stats.passthrough_active -= 1
         finally:
-            stats.passthrough_active -= 1
+            if ep is not None and cluster is not None and breaker is not None:
+                breaker.release(CONNECTIONS)
+                balancer.report(cluster, ep, outcome)
 
     def _count_up(self, n: int) -> None:
         self.stats.bytes_up += n

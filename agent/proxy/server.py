@@ -1,10 +1,10 @@
 """A plane's L7 proxy: the listening socket, the composition of routing, pool, limits, stats and log.
 
-    sock = make_listener_socket(plane.proxy_port)           # transparent, [::] dual-stack
-    proxy = PlaneProxy(snapshot, "oam", upstream_mark=0x100, source_address=pick_source, access_log=sink)
-    await proxy.serve(sock)         # until drain()
-    proxy.update(new_snapshot)      # atomic: requests already routed keep the old one
-    await proxy.drain(timeout=5)
+sock = make_listener_socket(plane.proxy_port)           # transparent, [::] dual-stack
+proxy = PlaneProxy(snapshot, "oam", upstream_mark=0x100, source_address=pick_source, access_log=sink)
+await proxy.serve(sock)         # until drain()
+proxy.update(new_snapshot)      # atomic: requests already routed keep the old one
+await proxy.drain(timeout=5)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from planemesh.agent.proxy.exchange import Exchange
 from planemesh.agent.proxy.limits import TokenBucket, bucket_for
 from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffListener, SniffStats
 from planemesh.agent.proxy.routing import PlaneRouter
+from planemesh.agent.proxy.sni_routing import SniRoutes
 from planemesh.agent.proxy.stats import PlaneStats
 from planemesh.agent.proxy.upstream import UpstreamPool
 
@@ -33,8 +34,9 @@ SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 OriginalDestination = Callable[[tuple, tuple], tuple[str, int]]
 
 
-def make_listener_socket(port: int, *, transparent: bool = True, host: str = "::",
-                         backlog: int = 4096) -> socket.socket:
+def make_listener_socket(
+    port: int, *, transparent: bool = True, host: str = "::", backlog: int = 4096
+) -> socket.socket:
     """A listening socket for a plane's proxy port. Transparent sockets (root) accept connections the
     kernel assigned to them whatever their destination, so getsockname() is the original destination."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -63,11 +65,12 @@ def _sockname_is_destination(sockname: tuple, peername: tuple) -> tuple[str, int
 class RoutingTable:
     """Everything a request needs from one snapshot; swapped as a whole by PlaneProxy.update()."""
 
-    __slots__ = ("balancer", "router", "snapshot")
+    __slots__ = ("balancer", "router", "snapshot", "sni")
 
     def __init__(self, snapshot: Snapshot, plane: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.snapshot = snapshot
         self.router = PlaneRouter(snapshot, plane)
+        self.sni = SniRoutes(snapshot.listeners_of(plane))  # passthrough chains (sniff listener)
         self.balancer = Balancer(snapshot, clock=clock)  # outlier ejection follows the proxy's clock
 
 
@@ -100,8 +103,9 @@ class PlaneProxy:
         self.table = RoutingTable(snapshot, plane, clock)
         self.sla = self.table.router.plane.sla
         self.bucket: TokenBucket | None = bucket_for(self.sla, clock)
-        self.pool = UpstreamPool(self, max_idle_per_key=max_idle_per_key,
-                                 idle_timeout_s=min(60.0, self.sla.idle_timeout_s))
+        self.pool = UpstreamPool(
+            self, max_idle_per_key=max_idle_per_key, idle_timeout_s=min(60.0, self.sla.idle_timeout_s)
+        )
         self.connections: set[Downstream] = set()
         self.inflight: set[Exchange] = set()  # requests with a deadline, checked by _sweep_deadlines
         self._sweep_handle: asyncio.TimerHandle | None = None

@@ -16,10 +16,28 @@ MAX_PEEK = 16384 + 5  # one full TLS record; longer HTTP request lines than this
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_REQUEST_LINE = 8192
 # RFC 9110 methods and the WebDAV ones seen in practice; anything else is not worth an L7 path.
-HTTP_METHODS = frozenset({
-    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
-    b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"REPORT", b"SEARCH",
-})
+HTTP_METHODS = frozenset(
+    {
+        b"GET",
+        b"HEAD",
+        b"POST",
+        b"PUT",
+        b"DELETE",
+        b"CONNECT",
+        b"OPTIONS",
+        b"TRACE",
+        b"PATCH",
+        b"PROPFIND",
+        b"PROPPATCH",
+        b"MKCOL",
+        b"COPY",
+        b"MOVE",
+        b"LOCK",
+        b"UNLOCK",
+        b"REPORT",
+        b"SEARCH",
+    }
+)
 _MAX_METHOD = max(map(len, HTTP_METHODS))
 
 
@@ -57,6 +75,7 @@ def classify(data: bytes, *, final: bool = False) -> Verdict | None:
 
 # Each check returns a Verdict (decided), False (could still be this protocol: need more) or None (not it).
 
+
 def _h2(data: bytes) -> Verdict | bool | None:
     n = min(len(data), len(H2_PREFACE))
     if data[:n] != H2_PREFACE[:n]:
@@ -75,10 +94,10 @@ def _http1(data: bytes) -> Verdict | bool | None:
         return None
     eol = data.find(b"\n", space, MAX_REQUEST_LINE)
     if eol < 0:
-        if len(data) >= MAX_REQUEST_LINE or b"\r" in data[space:len(data) - 1]:
+        if len(data) >= MAX_REQUEST_LINE or b"\r" in data[space : len(data) - 1]:
             return None
         return False
-    line = data[space + 1:eol].rstrip(b"\r")
+    line = data[space + 1 : eol].rstrip(b"\r")
     target, _, version = line.rpartition(b" ")
     if target and version in (b"HTTP/1.1", b"HTTP/1.0"):
         return HTTP1
@@ -99,7 +118,7 @@ def _tls(data: bytes) -> Verdict | bool | None:
         return None
     if len(data) < 5 + record_len:
         return False
-    sni, alpn = parse_client_hello(data[5:5 + record_len])
+    sni, alpn = parse_client_hello(data[5 : 5 + record_len])
     return Verdict(Kind.TLS, sni, alpn)
 
 
@@ -120,7 +139,7 @@ class _Reader:
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > self.end:
             raise ValueError("truncated")
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 

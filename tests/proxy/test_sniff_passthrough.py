@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from planemesh.agent.config import Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, WeightedCluster
 from planemesh.agent.proxy.server import PlaneProxy, make_listener_socket
 from tests.proxy.proxy_harness import PLANE, Backend, ServingProxy, free_port, make_snapshot
 
@@ -28,13 +29,22 @@ class SniffProxy(ServingProxy):
 
     drain_s = 0.2
 
-    def __init__(self) -> None:
+    def __init__(self, listeners: tuple[Listener, ...] = (), clusters: dict[str, Cluster] | None = None) -> None:
         sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
         self.target: tuple[str, int] = ("127.0.0.1", 9)
-        snap = make_snapshot(free_port(), [])
-        snap = replace(snap, planes=(replace(snap.planes[0], sniff_port=sock.getsockname()[1]),))
-        proxy = PlaneProxy(snap, PLANE, tick_s=0.05, sniff_timeout_s=SNIFF_TIMEOUT_S,
-                           original_destination=lambda sockname, peer: self.target)
+        snap = make_snapshot(free_port(), [], clusters=clusters)
+        snap = replace(
+            snap,
+            planes=(replace(snap.planes[0], sniff_port=sock.getsockname()[1]),),
+            listeners=snap.listeners + listeners,
+        )
+        proxy = PlaneProxy(
+            snap,
+            PLANE,
+            tick_s=0.05,
+            sniff_timeout_s=SNIFF_TIMEOUT_S,
+            original_destination=lambda sockname, peer: self.target,
+        )
         super().__init__(proxy, sock)
 
     def connect(self) -> socket.socket:
@@ -166,15 +176,22 @@ def _self_signed(tmp: Path, name: str) -> tuple[Path, Path, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path, cert.public_bytes(serialization.Encoding.DER)
 
 
@@ -209,3 +226,71 @@ def test_unreachable_destination_resets_the_client(sniffer: SniffProxy) -> None:
         with pytest.raises(ConnectionResetError):
             recv_all(s)
     assert sniffer.proxy.sniff_stats.connect_failures == 1
+
+
+def _tls_server(tmp: Path, name: str, reply: bytes) -> tuple[TcpServer, Path, bytes]:
+    """A TLS server with its own self-signed certificate for `name`, answering `reply + what it read`."""
+    tmp.mkdir()
+    cert, key, der = _self_signed(tmp, name)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(reply + conn.recv(100))
+
+    return TcpServer(answer, wrap=ctx), cert, der
+
+
+def _tls_call(sniffer: SniffProxy, sni: str, cafile: Path) -> tuple[bytes, bytes]:
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    with sniffer.connect() as raw, ctx.wrap_socket(raw, server_hostname=sni) as s:
+        s.sendall(b"ping")
+        return s.getpeercert(binary_form=True), s.recv(100)  # type: ignore[return-value]
+
+
+def test_tls_is_routed_by_sni_to_the_chain_cluster(tmp_path: Path) -> None:
+    routed, routed_cert, routed_der = _tls_server(tmp_path / "a", "svc.a.test", b"A:")
+    original, original_cert, original_der = _tls_server(tmp_path / "b", "b.test", b"B:")
+    with routed, original:
+        port = original.addr[1]  # the chains are on the original destination's port
+        listeners = (
+            Listener("to-a", PLANE, port, ListenerProtocol.TCP, server_names=("*.a.test",),
+                     tcp_clusters=(WeightedCluster("tls-a", 1),)),
+            Listener("dead", PLANE, port, ListenerProtocol.TCP, server_names=("dead.test",),
+                     tcp_clusters=(WeightedCluster("no-endpoints", 1),)),
+        )  # fmt: skip
+        clusters = {
+            "tls-a": Cluster("tls-a", ClusterKind.STATIC, endpoints=(Endpoint("127.0.0.1", routed.addr[1]),)),
+            "no-endpoints": Cluster("no-endpoints", ClusterKind.EDS),
+        }
+        with SniffProxy(listeners, clusters) as sniffer:
+            sniffer.target = original.addr
+            # The SNI picks the chain; the certificate is the routed server's own (nothing terminated TLS).
+            assert _tls_call(sniffer, "svc.a.test", routed_cert) == (routed_der, b"A:ping")
+            assert _tls_call(sniffer, "b.test", original_cert) == (original_der, b"B:ping")  # no chain: original
+            with sniffer.connect() as raw, pytest.raises((ssl.SSLError, ConnectionResetError)):
+                ssl.create_default_context(cafile=str(original_cert)).wrap_socket(raw, server_hostname="dead.test")
+        assert not routed.errors and not original.errors
+    stats = sniffer.proxy.sniff_stats
+    assert stats.routed == {"to-a": {"svc.a.test": 1}, "dead": {"dead.test": 1}}
+    assert stats.sni == {"svc.a.test": 1, "b.test": 1, "dead.test": 1}
+    assert stats.no_upstream == 1 and stats.passthrough_total == 2
+
+
+def test_http_on_a_tcp_proxy_port_is_passed_through_not_proxied() -> None:
+    """A port some tcp_proxy chain owns is sniffed for its SNI only: HTTP there stays opaque bytes."""
+    with Backend() as backend:
+        listeners = (
+            Listener("tls-only", PLANE, backend.port, ListenerProtocol.TCP, server_names=("x.test",)),
+            Listener("rest", PLANE, backend.port, ListenerProtocol.TCP),
+        )
+        with SniffProxy(listeners) as sniffer:
+            sniffer.target = ("127.0.0.1", backend.port)
+            with sniffer.connect() as s:
+                s.sendall(b"GET /raw HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+                assert recv_all(s).startswith(b"HTTP/1.1 200")
+        method, path, headers = backend.seen[-1]
+        assert (method, path) == ("GET", "/raw") and "x-request-id" not in headers
+    stats = sniffer.proxy.sniff_stats
+    assert stats.kinds["http1"] == 1 and stats.passthrough_total == 1
+    assert stats.routed == {"rest": {"(none)": 1}}

@@ -100,6 +100,6 @@ def test_garbage_never_raises(data: bytes, final: bool) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=1, max_size=200), st.integers(min_value=6, max_value=400))
 def test_mutated_client_hello_never_raises(noise: bytes, at: int) -> None:
-    mutated = HELLO[:at] + noise + HELLO[at + len(noise):]
+    mutated = HELLO[:at] + noise + HELLO[at + len(noise) :]
     verdict = classify(mutated, final=True)
     assert verdict is not None
