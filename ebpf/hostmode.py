@@ -1,19 +1,24 @@
-"""Host mode: redirect connects of processes running directly on the node (a cgroup v2 of theirs) to the
+"""Host mode: redirect connects of processes running directly on the node (cgroups v2 of theirs) to the
 plane proxy, and tell the proxy where each connection was going.
 
-    host = HostMode("/sys/fs/cgroup/unified/system.slice/app.service")
-    host.apply_snapshot(snapshot)          # planes' CIDRs, listener ports, proxy/sniff ports
-    host.attach()                          # connect4 + connect6 + sock_ops on that cgroup
-    proxy = PlaneProxy(snapshot, "oam", original_destination=host.proxy_original_destination)
+    host = HostMode(own_mark=abi.PM_MARK_OWN)       # compile and load once
+    host.apply_snapshot(snapshot)                    # planes' CIDRs, listener policy, proxy/sniff ports
+    host.attach("/sys/fs/cgroup/unified/telecom.slice")   # connect4 + connect6 + sock_ops, as BPF links
+    proxy = PlaneProxy(snapshot, "oam", original_destination=host.destinations.proxy_original_destination)
     ...
-    host.close()                           # detach; the maps go with the program
+    host.close()                                     # detach everywhere; the maps go with the programs
 
 pm_host.c rewrites a TCP connect whose (plane of destination, port) is PROXY (or SNIFF) to the plane's
-listener on loopback and records the original destination; `original_destination(peer_ip, peer_port)`
-pops it after accept(). The proxy's own process must stay outside the cgroup (else its upstream
-connects would loop back to itself; sockets carrying the own mark are skipped as a second guard).
-All calls belong on the agent's control thread, except `original_destination`, which is a single map
-lookup-and-delete and safe from the proxy's event loop.
+listener on loopback -- only while that listener exists -- and records the original destination, which
+`OriginalDestinations` pops after accept(). `OriginalDestinations` needs nothing but the map's fd, so a
+proxy worker process (agent/worker.py) uses it without bcc. One HostMode serves any number of cgroups.
+
+Fail open: the programs are attached as BPF links owned by this process, so they detach when it closes
+them or dies (no orphaned program keeps redirecting to a listener nobody serves), and they redirect only
+to a listener that exists. The proxy's own upstream sockets carry the own mark (SO_MARK) and are never
+redirected, so the proxy may live inside an intercepted cgroup.
+All HostMode calls belong on the agent's control thread; `OriginalDestinations` is a single
+lookup-and-delete syscall, safe from any proxy event loop.
 """
 
 from __future__ import annotations
@@ -27,31 +32,79 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from planemesh.agent.config import Snapshot
-from planemesh.ebpf import abi
+from planemesh.ebpf import abi, libbpf
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.policy import DatapathPolicy, PolicyRule, policy_from_snapshot
 from planemesh.netplanes.model import Plane
 
 EBPF_DIR = Path(__file__).resolve().parent
 SOURCE = EBPF_DIR / "pm_host.c"
-CGROUP2_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
-BPF_F_ALLOW_MULTI = 0x2  # coexist with other programs on the cgroup (systemd's, for instance)
+MAP_NAMES = ("pm_host_dest", "pm_host_policy", "pm_host_planes", "pm_host_by_cookie", "pm_host_by_peer")
+# (program, hook) in attach order: sock_ops first, so no redirected connect misses its re-keying.
+PROGRAMS = (
+    ("pm_sockops", libbpf.BPF_CGROUP_SOCK_OPS),
+    ("pm_connect4", libbpf.BPF_CGROUP_INET4_CONNECT),
+    ("pm_connect6", libbpf.BPF_CGROUP_INET6_CONNECT),
+)
+HOOK_NAMES = {
+    libbpf.BPF_CGROUP_SOCK_OPS: "sock_ops",
+    libbpf.BPF_CGROUP_INET4_CONNECT: "connect4",
+    libbpf.BPF_CGROUP_INET6_CONNECT: "connect6",
+}
+# Where pm_host.c sends redirected connects: the accepted socket's own address is one of these.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
 
 class HostModeError(RuntimeError):
     """The host-mode programs cannot be loaded or attached as asked."""
 
 
-def _validated_cgroup(path: str) -> str:
+# ---- cgroup v2 paths -------------------------------------------------------------------------------
+def cgroup2_mounts_in(mountinfo: str) -> list[str]:
+    """Mount points of type cgroup2 in /proc/<pid>/mountinfo text (`... mountpoint ... - cgroup2 ...`)."""
+    found = []
+    for line in mountinfo.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if sep and len(fields) >= 5 and tail.split()[:1] == ["cgroup2"]:
+            # mountinfo escapes space, tab, newline and backslash as octal (\040 ...).
+            found.append(fields[4].encode().decode("unicode_escape"))
+    return found
+
+
+def cgroup2_mounts() -> list[str]:
+    """This machine's cgroup v2 mount points (/sys/fs/cgroup/unified on hybrid systems, else /sys/fs/cgroup)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return cgroup2_mounts_in(f.read())
+    except OSError:
+        return []
+
+
+def validated_cgroup(path: str, mounts: Iterable[str] | None = None) -> str:
+    """The real path of a cgroup v2 directory, or HostModeError saying why `path` is not one."""
+    roots = list(cgroup2_mounts() if mounts is None else mounts)
+    if not roots:
+        raise HostModeError("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)")
     real = os.path.realpath(path)
-    if not any(real == root or real.startswith(root + "/") for root in CGROUP2_ROOTS):
-        raise HostModeError(f"{path!r} is not below a cgroup v2 mount ({', '.join(CGROUP2_ROOTS)})")
+    if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots):
+        raise HostModeError(f"{path!r} is not below a cgroup v2 mount ({', '.join(roots)})")
     # cgroup.controllers exists only in cgroup v2 directories (v1 hierarchies have none).
     if not os.path.isfile(os.path.join(real, "cgroup.controllers")):
-        raise HostModeError(f"{path!r} is not a cgroup v2 directory")
+        raise HostModeError(f"{path!r} is not a cgroup v2 directory (no such cgroup?)")
     return real
 
 
+def attached_programs(cgroup_path: str) -> dict[str, list[int]]:
+    """Ids of the programs attached directly to a cgroup at the host-mode hooks (any owner's)."""
+    fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return {name: libbpf.prog_query(fd, hook) for hook, name in HOOK_NAMES.items()}
+    finally:
+        os.close(fd)
+
+
+# ---- the proxy's side: original destinations by peer ----------------------------------------------
 def _peer_key(peer_ip: str, peer_port: int) -> bytes:
     ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
     if ip.version == 6 and ip.ipv4_mapped:
@@ -70,73 +123,121 @@ def decode_orig(raw: bytes) -> tuple[str, int, int]:
     return str(ipaddress.ip_address(bytes(orig.addr[:size]))), socket.ntohs(orig.port), int(orig.plane_id)
 
 
-class HostMode:
-    def __init__(self, cgroup_path: str, *, own_mark: int = abi.PM_MARK_OWN) -> None:
-        from bcc import BPF, BPFAttachType  # imported here: the pure parts need no bcc
+class OriginalDestinations:
+    """pm_host_by_peer, read through its map fd alone (the fd a worker process inherits)."""
 
-        self.cgroup_path = _validated_cgroup(cgroup_path)
-        if not own_mark:
-            raise HostModeError("the own mark must be non-zero")
+    _ORIG_SIZE = ctypes.sizeof(abi.PmHostOrig)
+
+    def __init__(self, map_fd: int) -> None:
+        self.map_fd = map_fd
+
+    def lookup(self, peer_ip: str, peer_port: int, *, consume: bool = False) -> tuple[str, int, int] | None:
+        """(address, port, plane_id) recorded for this peer, or None. Malformed input gives None."""
         try:
-            self.bpf = BPF(
-                src_file=str(SOURCE).encode(), cflags=[f"-I{EBPF_DIR}", f"-DPM_HOST_OWN_MARK={own_mark:#x}u"]
-            )
-            self._progs = []  # (program, attach type): connects first, sock_ops last
-            for name, attach_type in (
-                (b"pm_connect4", BPFAttachType.CGROUP_INET4_CONNECT),
-                (b"pm_connect6", BPFAttachType.CGROUP_INET6_CONNECT),
-            ):
-                # cgroup sock_addr programs name their hook at load time (expected_attach_type).
-                fn = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
-                self._progs.append((fn, attach_type))
-            self._progs.append((self.bpf.load_func(b"pm_sockops", BPF.SOCK_OPS), BPFAttachType.CGROUP_SOCK_OPS))
+            if not 0 < int(peer_port) < 65536:
+                return None
+            key = _peer_key(peer_ip, int(peer_port))
+        except (ValueError, TypeError, OverflowError):
+            return None
+        raw = libbpf.map_lookup(self.map_fd, key, self._ORIG_SIZE, delete=consume)
+        return decode_orig(raw) if raw is not None else None
+
+    def original_destination(self, peer_ip: str, peer_port: int) -> tuple[str, int] | None:
+        """Where the redirected connection from (peer_ip, peer_port) was going, or None if it was not
+        redirected by us. The entry is consumed: each connection asks once, after accept()."""
+        found = self.lookup(peer_ip, peer_port, consume=True)
+        return (found[0], found[1]) if found else None
+
+    def proxy_original_destination(self, sockname: tuple, peername: tuple) -> tuple[str, int]:
+        """PlaneProxy's `original_destination` callable. Host-mode connections arrive on a loopback
+        address: by their peer. Anything else (TC-intercepted, transparent) costs no syscall: the
+        accepted socket's own address is the original destination. A loopback connection we have no
+        entry for keeps the listener's address, which the proxy refuses as a loop to itself."""
+        if sockname[0] in LOOPBACK_HOSTS:
+            found = self.original_destination(peername[0], peername[1])
+            if found:
+                return found
+        return sockname[0], sockname[1]
+
+
+# ---- the agent's side: programs, attachments and policy maps --------------------------------------
+class HostMode:
+    def __init__(self, *, own_mark: int = abi.PM_MARK_OWN, pin_dir: str | None = None) -> None:
+        from bcc import BPF  # imported here: the pure parts and OriginalDestinations need no bcc
+
+        if not own_mark:
+            raise HostModeError("the own mark must be non-zero (a zero mask would exempt every socket)")
+        cflags = [f"-I{EBPF_DIR}", f"-DPM_HOST_OWN_MARK={own_mark:#x}u"]
+        if pin_dir:
+            from planemesh.ebpf.loader import DatapathError, _validated_pin_dir
+
+            try:
+                pin_dir = _validated_pin_dir(pin_dir)
+            except DatapathError as exc:
+                raise HostModeError(str(exc)) from exc
+            os.makedirs(pin_dir, exist_ok=True)
+            cflags.append(f'-DPM_PIN_DIR="{pin_dir}"')
+        self.pin_dir = pin_dir
+        try:
+            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+            self._progs = []
+            for name, hook in PROGRAMS:
+                if hook == libbpf.BPF_CGROUP_SOCK_OPS:
+                    fn = self.bpf.load_func(name.encode(), BPF.SOCK_OPS)
+                else:  # cgroup sock_addr programs name their hook at load time (expected_attach_type)
+                    fn = self.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=hook)
+                self._progs.append((fn, hook))
         except Exception as exc:
             raise HostModeError(f"cannot load {SOURCE.name}: {exc}") from exc
-        self._cgroup_fd: int | None = None
-        self._tables = {
-            name: self.bpf[name.encode()]
-            for name in ("pm_host_dest", "pm_host_policy", "pm_host_planes", "pm_host_by_cookie", "pm_host_by_peer")
-        }
+        self._tables = {name: self.bpf[name.encode()] for name in MAP_NAMES}
+        self._links: dict[str, list[int]] = {}  # cgroup real path -> link fds (attach order)
+        self.destinations = OriginalDestinations(self.peer_map_fd)
+
+    @property
+    def peer_map_fd(self) -> int:
+        """The fd of pm_host_by_peer, for OriginalDestinations in another process (pass_fds)."""
+        return int(self._tables["pm_host_by_peer"].map_fd)
+
+    @property
+    def program_ids(self) -> set[int]:
+        return {libbpf.prog_id(fn.fd) for fn, _ in self._progs}
 
     # ---- attachment -----------------------------------------------------------------------------
     @property
-    def attached(self) -> bool:
-        return self._cgroup_fd is not None
+    def cgroups(self) -> tuple[str, ...]:
+        """The cgroups (real paths) our programs are attached to."""
+        return tuple(self._links)
 
-    def attach(self) -> None:
-        """Attach connect4, connect6 and sock_ops to the cgroup (sock_ops first, so no redirected
-        connect misses its re-keying). Idempotent."""
-        from bcc import BPF
-
-        if self._cgroup_fd is not None:
-            return
-        fd = os.open(self.cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
-        done = []
+    def attach(self, cgroup_path: str) -> str:
+        """Attach sock_ops, connect4 and connect6 to a cgroup v2 directory as BPF links (they coexist
+        with anybody else's programs there). Idempotent; returns the cgroup's real path."""
+        path = validated_cgroup(cgroup_path)
+        if path in self._links:
+            return path
+        links: list[int] = []
         try:
-            for fn, attach_type in reversed(self._progs):
-                BPF.attach_func(fn, fd, attach_type, BPF_F_ALLOW_MULTI)
-                done.append((fn, attach_type))
-        except Exception as exc:
-            for fn, attach_type in done:
-                with contextlib.suppress(Exception):
-                    BPF.detach_func(fn, fd, attach_type)
-            os.close(fd)
-            raise HostModeError(f"cannot attach to {self.cgroup_path}: {exc}") from exc
-        self._cgroup_fd = fd
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for fn, hook in self._progs:
+                    links.append(libbpf.link_create(fn.fd, fd, hook))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            for link in reversed(links):
+                os.close(link)
+            raise HostModeError(f"cannot attach to {path}: {exc}") from exc
+        self._links[path] = links
+        return path
 
-    def detach(self) -> None:
-        """Detach our programs (connects first); other programs on the cgroup stay. Idempotent."""
-        from bcc import BPF
-
-        if self._cgroup_fd is None:
+    def detach(self, cgroup_path: str | None = None) -> None:
+        """Detach from one cgroup (connects first), or from all of them. Idempotent."""
+        if cgroup_path is None:
+            for path in list(self._links):
+                self.detach(path)
             return
-        fd, self._cgroup_fd = self._cgroup_fd, None
-        try:
-            for fn, attach_type in self._progs:
-                with contextlib.suppress(Exception):  # the cgroup may be gone with its programs
-                    BPF.detach_func(fn, fd, attach_type)
-        finally:
-            os.close(fd)
+        links = self._links.pop(os.path.realpath(cgroup_path), [])
+        for link in reversed(links):  # connect6, connect4, then sock_ops
+            os.close(link)
 
     # ---- configuration ----------------------------------------------------------------------------
     def apply_snapshot(self, snap: Snapshot) -> None:
@@ -187,38 +288,9 @@ class HostMode:
             found[PolicyRule(plane_id, port, prefix)] = Action(leaf.action)
         return found
 
-    # ---- lookups (the proxy) ------------------------------------------------------------------------
+    # ---- lookups (tests, tools: the proxy uses `destinations`) ----------------------------------------
     def original_destination(self, peer_ip: str, peer_port: int) -> tuple[str, int] | None:
-        """Where the redirected connection from (peer_ip, peer_port) was going, or None if it was not
-        redirected by us. The entry is consumed: each connection asks once, after accept()."""
-        found = self.lookup(peer_ip, peer_port, consume=True)
-        return (found[0], found[1]) if found else None
-
-    def lookup(self, peer_ip: str, peer_port: int, *, consume: bool = False) -> tuple[str, int, int] | None:
-        """(address, port, plane_id) recorded for this peer, or None. Malformed input gives None."""
-        try:
-            raw = _peer_key(peer_ip, int(peer_port))
-        except (ValueError, TypeError, OverflowError):
-            return None
-        if not 0 < int(peer_port) < 65536:
-            return None
-        table = self._tables["pm_host_by_peer"]
-        key = table.Key.from_buffer_copy(raw)
-        try:
-            leaf = table[key]
-        except KeyError:
-            return None
-        found = decode_orig(bytes(leaf))
-        if consume:
-            with contextlib.suppress(KeyError):
-                del table[key]
-        return found
-
-    def proxy_original_destination(self, sockname: tuple, peername: tuple) -> tuple[str, int]:
-        """PlaneProxy's `original_destination` callable: host-mode connections by their peer, anything
-        else (TC-intercepted, transparent) by the accepted socket's own address."""
-        found = self.original_destination(peername[0], peername[1])
-        return found if found else (sockname[0], sockname[1])
+        return self.destinations.original_destination(peer_ip, peer_port)
 
     def pending(self) -> int:
         """Redirected connections not yet looked up (both stages)."""
@@ -236,4 +308,12 @@ class HostMode:
         self.close()
 
 
-__all__ = ["HostMode", "HostModeError", "decode_orig"]
+__all__ = [
+    "HostMode",
+    "HostModeError",
+    "OriginalDestinations",
+    "attached_programs",
+    "cgroup2_mounts",
+    "decode_orig",
+    "validated_cgroup",
+]

@@ -9,11 +9,16 @@
  *     PROXY/SNIFF: remember the original destination by socket cookie (pm_host_by_cookie) and rewrite
  *     the destination to the plane's listener on loopback (127.0.0.1, ::1, or ::ffff:127.0.0.1 for a
  *     v4-mapped destination of a v6 socket).
+ *     Fail open: only if the plane's listener is there (a LISTEN socket on that loopback port in the
+ *     connecting socket's network namespace); with no listener (agent gone, plane being restarted,
+ *     a process in another netns) the connect goes to its original destination untouched.
  *   sock_ops at TCP_CONNECT_CB: the local port is known now; move the entry to pm_host_by_peer keyed
  *     by the socket's (family, local address, local port) -- what the proxy sees as the peer after
  *     accept() -- where planemesh.ebpf.hostmode looks it up.
  *
- * Build options: -DPM_HOST_OWN_MARK=<mask> (default PM_MARK_OWN).
+ * Build options: -DPM_HOST_OWN_MARK=<mask> (default PM_MARK_OWN); -DPM_PIN_DIR="\"/sys/fs/bpf/...\""
+ * pins every map there (bcc reuses a pinned map: an agent taking over from another shares its maps, so
+ * a connect redirected by either agent's programs is found by either agent's workers).
  */
 #define SOCK_STREAM 1 /* bcc compiles without libc headers: the one socket constant we need */
 #define PM_AF_INET 2
@@ -27,13 +32,19 @@
 #define PM_HOST_OWN_MARK PM_MARK_OWN
 #endif
 
-BPF_F_TABLE("lpm_trie", struct pm_dest_key, struct pm_dest_val, pm_host_dest, PM_HOST_MAX_DEST, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("lpm_trie", struct pm_policy_key, struct pm_policy_val, pm_host_policy, PM_MAX_POLICY,
-	    BPF_F_NO_PREALLOC);
-BPF_ARRAY(pm_host_planes, struct pm_plane, PM_MAX_PLANES);
+#ifdef PM_PIN_DIR
+#define PM_MAP(type, key, leaf, name, max, flags) \
+	BPF_TABLE_PINNED(type, key, leaf, name, max, PM_PIN_DIR "/" #name, flags)
+#else
+#define PM_MAP(type, key, leaf, name, max, flags) BPF_F_TABLE(type, key, leaf, name, max, flags)
+#endif
+
+PM_MAP("lpm_trie", struct pm_dest_key, struct pm_dest_val, pm_host_dest, PM_HOST_MAX_DEST, BPF_F_NO_PREALLOC);
+PM_MAP("lpm_trie", struct pm_policy_key, struct pm_policy_val, pm_host_policy, PM_MAX_POLICY, BPF_F_NO_PREALLOC);
+PM_MAP("array", __u32, struct pm_plane, pm_host_planes, PM_MAX_PLANES, 0);
 /* LRU: entries of connections that never reach the proxy (refused, aborted) age out by themselves. */
-BPF_TABLE("lru_hash", __u64, struct pm_host_orig, pm_host_by_cookie, PM_HOST_MAX_CONNS);
-BPF_TABLE("lru_hash", struct pm_host_peer, struct pm_host_orig, pm_host_by_peer, PM_HOST_MAX_CONNS);
+PM_MAP("lru_hash", __u64, struct pm_host_orig, pm_host_by_cookie, PM_HOST_MAX_CONNS, 0);
+PM_MAP("lru_hash", struct pm_host_peer, struct pm_host_orig, pm_host_by_peer, PM_HOST_MAX_CONNS, 0);
 
 /* The listener port for (family, addr, port) if it is to be redirected, else 0; fills *orig. */
 static __always_inline __u16 pm_host_target(__u8 family, const __u8 *addr, __u32 dport_be, struct pm_host_orig *orig)
@@ -70,6 +81,29 @@ static __always_inline __u16 pm_host_target(__u8 family, const __u8 *addr, __u32
 	return port;
 }
 
+/* Is the plane's listener there? A LISTEN socket on loopback:port (127.0.0.1 finds the dual-stack [::]
+ * listener too) in the connecting socket's own network namespace. */
+static __always_inline int pm_host_listening(struct bpf_sock_addr *ctx, int v4, __u16 port)
+{
+	struct bpf_sock_tuple t = {};
+	__u32 size;
+	if (v4) {
+		t.ipv4.daddr = bpf_htonl(0x7f000001);
+		t.ipv4.dport = bpf_htons(port);
+		size = sizeof(t.ipv4);
+	} else {
+		t.ipv6.daddr[3] = bpf_htonl(1);
+		t.ipv6.dport = bpf_htons(port);
+		size = sizeof(t.ipv6);
+	}
+	struct bpf_sock *sk = bpf_sk_lookup_tcp(ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	int listening = sk->state == BPF_TCP_LISTEN;
+	bpf_sk_release(sk);
+	return listening;
+}
+
 static __always_inline int pm_host_skip(struct bpf_sock_addr *ctx)
 {
 	if (ctx->type != SOCK_STREAM || ctx->protocol != PM_IPPROTO_TCP)
@@ -93,7 +127,7 @@ int pm_connect4(struct bpf_sock_addr *ctx)
 	__builtin_memcpy(addr, &ip, 4);
 	struct pm_host_orig orig = {};
 	__u16 port = pm_host_target(PM_FAMILY_V4, addr, ctx->user_port, &orig);
-	if (!port)
+	if (!port || !pm_host_listening(ctx, 1, port))
 		return 1;
 	pm_host_remember(ctx, &orig);
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
@@ -112,7 +146,7 @@ int pm_connect6(struct bpf_sock_addr *ctx)
 	if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0xffff)) { /* v4-mapped: a v4 destination */
 		__builtin_memcpy(addr, &w3, 4);
 		port = pm_host_target(PM_FAMILY_V4, addr, ctx->user_port, &orig);
-		if (!port)
+		if (!port || !pm_host_listening(ctx, 1, port))
 			return 1;
 		pm_host_remember(ctx, &orig);
 		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
@@ -122,7 +156,7 @@ int pm_connect6(struct bpf_sock_addr *ctx)
 		__builtin_memcpy(addr + 8, &w2, 4);
 		__builtin_memcpy(addr + 12, &w3, 4);
 		port = pm_host_target(PM_FAMILY_V6, addr, ctx->user_port, &orig);
-		if (!port)
+		if (!port || !pm_host_listening(ctx, 0, port))
 			return 1;
 		pm_host_remember(ctx, &orig);
 		ctx->user_ip6[0] = 0;

@@ -31,7 +31,7 @@ def _layout(ctype: type) -> tuple[int, list[tuple[str, int, int]]]:
 def host() -> Iterator:
     from planemesh.ebpf.hostmode import HostMode
 
-    mode = HostMode("/sys/fs/cgroup/unified")  # loaded, never attached
+    mode = HostMode()  # loaded, never attached
     try:
         yield mode
     finally:

@@ -1,12 +1,12 @@
 """Host mode for real: a process in a test cgroup (cgroup v2, unified hierarchy), running in a lab's node
 namespace, connects to the server pod's proxied port and lands on the plane's listener, which learns
 the original destination from HostMode.original_destination; the same connect from a process outside
-the cgroup reaches the server pod, and so does an in-cgroup connect to a bypassed port.
+the cgroup reaches the server pod, and so does an in-cgroup connect to a bypassed port. Fail open: with
+no listener on the plane's port, or once the programs are detached, connects go to their destination.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
@@ -18,14 +18,14 @@ import pytest
 from netaddr import IPNetwork
 
 from planemesh.ebpf.abi import Action
-from planemesh.ebpf.hostmode import HostMode, HostModeError
+from planemesh.ebpf.hostmode import HostMode, HostModeError, OriginalDestinations, attached_programs
 from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
 from planemesh.labs.netns import call_in, exec_argv
 from planemesh.netplanes.model import Plane
+from tests.netns.host_cgroups import joiner, temporary_cgroup
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
-CGROUP_ROOT = "/sys/fs/cgroup/unified"
 PROXY_PORT, PROXIED, BYPASSED = 15001, 80, 9000
 TIMEOUT = 10.0
 
@@ -85,66 +85,63 @@ def _plain(host: str) -> str:
 
 @pytest.fixture
 def cgroup(run_prefix: str) -> Iterator[str]:
-    path = os.path.join(CGROUP_ROOT, f"{run_prefix}-hostmode")
-    os.mkdir(path)
-    try:
+    with temporary_cgroup(f"{run_prefix}-hostmode") as path:
         yield path
-    finally:
-        # Processes we started have exited; anything left is moved out so the directory can go.
-        with contextlib.suppress(OSError), open(os.path.join(path, "cgroup.procs")) as f:
-            for pid in f.read().split():
-                with contextlib.suppress(OSError), open(os.path.join(CGROUP_ROOT, "cgroup.procs"), "w") as root:
-                    root.write(pid)
-        os.rmdir(path)
 
 
 def _connect_from(ns: str, cgroup: str | None, address: str, port: int) -> str:
     """Run a client process in `ns` (inside `cgroup` if given: it joins before exec) and return its line."""
-
-    def join() -> None:
-        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:  # type: ignore[arg-type]
-            f.write("0")  # "0": the writing process itself
-
     proc = subprocess.run(
         exec_argv(ns, [sys.executable, "-c", CLIENT, address, str(port)]),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
-        preexec_fn=join if cgroup else None,
+        preexec_fn=joiner(cgroup),
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
 
-def test_cgroup_connects_are_redirected_to_the_plane_listener(lab, cgroup: str) -> None:
-    node, server = lab.node_ns, lab.pod_ns("server")
-    server4, server6 = lab.pod_addr("server", "oam", 4), lab.pod_addr("server", "oam", 6)
+def _oam(lab) -> tuple[Plane, DatapathPolicy]:  # type: ignore[no-untyped-def]
     oam = lab.spec.plane("oam")
     plane = Plane("oam", 1, ("*-oam",), (IPNetwork(str(oam.ipv4)), IPNetwork(str(oam.ipv6))), proxy_port=PROXY_PORT)
     policy = DatapathPolicy(
         planes=(PlaneSettings(1, PROXY_PORT, 15002, Action.BYPASS),), rules={PolicyRule(1, PROXIED): Action.PROXY}
     )
+    return plane, policy
 
-    host = HostMode(cgroup)
+
+def _server_greeting(conn: socket.socket) -> str:
+    local = conn.getsockname()
+    return f"server {_plain(local[0])} {local[1]}"
+
+
+def test_cgroup_connects_are_redirected_to_the_plane_listener(lab, cgroup: str) -> None:
+    node, server = lab.node_ns, lab.pod_ns("server")
+    server4, server6 = lab.pod_addr("server", "oam", 4), lab.pod_addr("server", "oam", 6)
+    plane, policy = _oam(lab)
+
+    host = HostMode()
+    # The proxy's view: only the map fd, as a worker process has it.
+    destinations = OriginalDestinations(host.peer_map_fd)
     seen: list[tuple[str, int] | None] = []
 
     def proxy_greeting(conn: socket.socket) -> str:
-        peer = conn.getpeername()
-        original = host.original_destination(peer[0], peer[1])
+        original = destinations.proxy_original_destination(conn.getsockname(), conn.getpeername())
         seen.append(original)
-        return f"proxy {original[0]} {original[1]}" if original else "proxy unknown"
-
-    def server_greeting(conn: socket.socket) -> str:
-        local = conn.getsockname()
-        return f"server {_plain(local[0])} {local[1]}"
+        return f"proxy {_plain(original[0])} {original[1]}"
 
     proxy = Greeter(call_in(node, _listener, PROXY_PORT), proxy_greeting)
-    real = [Greeter(call_in(server, _listener, port), server_greeting) for port in (PROXIED, BYPASSED)]
+    real = [Greeter(call_in(server, _listener, port), _server_greeting) for port in (PROXIED, BYPASSED)]
     try:
         host.apply(policy, [plane])
-        host.attach()
-        host.attach()  # idempotent
+        assert host.attach(cgroup) == os.path.realpath(cgroup)
+        host.attach(cgroup)  # idempotent
+        assert host.cgroups == (os.path.realpath(cgroup),)
         assert host.rules() == {PolicyRule(1, PROXIED): Action.PROXY}
+        attached = attached_programs(cgroup)
+        assert {hook: len(ids) for hook, ids in attached.items()} == {"sock_ops": 1, "connect4": 1, "connect6": 1}
+        assert {i for ids in attached.values() for i in ids} == host.program_ids
 
         # In the cgroup: the proxied port lands on the listener with its original destination (v4,
         # v6 and v4-mapped on a v6 socket); a bypassed port is left alone.
@@ -158,9 +155,16 @@ def test_cgroup_connects_are_redirected_to_the_plane_listener(lab, cgroup: str) 
         assert len(seen) == 3 and host.pending() == 0  # every entry was consumed by its lookup
         assert host.original_destination("127.0.0.1", 1) is None
         assert host.original_destination("not an address", 5) is None
+        assert destinations.lookup("::1", 70000) is None
+        # Not a loopback connection (TC-intercepted): its own address, no lookup.
+        assert destinations.proxy_original_destination((server4, 80), ("198.18.1.9", 4242)) == (server4, 80)
+        # A loopback connection nobody recorded keeps the listener's address (the proxy refuses it as a loop).
+        assert destinations.proxy_original_destination(("::1", PROXY_PORT), ("::1", 4242)) == ("::1", PROXY_PORT)
 
-        # Detached: the same in-cgroup connect goes straight to the server pod.
+        # Detached: the same in-cgroup connect goes straight to the server pod, and nothing of ours is left.
         host.detach()
+        assert host.cgroups == ()
+        assert attached_programs(cgroup) == {"sock_ops": [], "connect4": [], "connect6": []}
         assert _connect_from(node, cgroup, server4, PROXIED) == f"server {server4} {PROXIED}"
     finally:
         host.close()
@@ -169,8 +173,27 @@ def test_cgroup_connects_are_redirected_to_the_plane_listener(lab, cgroup: str) 
             greeter.close()
 
 
-def test_a_path_outside_cgroup2_is_refused() -> None:
-    with pytest.raises(HostModeError, match="cgroup v2"):
-        HostMode("/tmp")
-    with pytest.raises(HostModeError, match="cgroup v2"):
-        HostMode("/sys/fs/cgroup/memory")
+def test_no_listener_means_no_redirect(lab, cgroup: str) -> None:
+    """Fail open while attached: a plane whose listener is gone (agent dead, plane restarting) is not redirected."""
+    node, server = lab.node_ns, lab.pod_ns("server")
+    server4, server6 = lab.pod_addr("server", "oam", 4), lab.pod_addr("server", "oam", 6)
+    plane, policy = _oam(lab)
+    real = Greeter(call_in(server, _listener, PROXIED), _server_greeting)
+    try:
+        with HostMode() as host:
+            host.apply(policy, [plane])
+            host.attach(cgroup)
+            assert _connect_from(node, cgroup, server4, PROXIED) == f"server {server4} {PROXIED}"
+            assert _connect_from(node, cgroup, server6, PROXIED) == f"server {server6} {PROXIED}"
+            assert host.pending() == 0  # nothing recorded for a connect left alone
+        assert attached_programs(cgroup) == {"sock_ops": [], "connect4": [], "connect6": []}
+    finally:
+        real.close()
+
+
+def test_a_path_outside_cgroup2_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with HostMode() as host:
+        for bad in (str(tmp_path), "/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified/no-such-cgroup"):
+            with pytest.raises(HostModeError, match="cgroup v2"):
+                host.attach(bad)
+        assert host.cgroups == ()
