@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from planemesh.ebpf.bandwidth import EgressShaper
     from planemesh.ebpf.loader import Datapath
     from planemesh.netplanes.bandwidth import EgressPlan
+    from planemesh.netplanes.routing import PlaneRouting
 
 log = logging.getLogger("planemesh.kernel")
 
@@ -57,10 +58,15 @@ class KernelDataPath:
 
     def check(self, snap: Snapshot) -> None:
         """Raise ConfigError if the snapshot cannot be expressed in the data path (changes nothing)."""
+        from planemesh.agent.config import ConfigError
         from planemesh.ebpf.policy import policy_from_snapshot
 
         policy_from_snapshot(snap)
         self._plan_egress(snap)
+        try:
+            self._plane_routing().desired(snap.planes)
+        except ValueError as exc:
+            raise ConfigError("planes", str(exc)) from exc
 
     def apply(self, snap: Snapshot) -> None:
         from planemesh.ebpf.policy import policy_from_snapshot
@@ -68,8 +74,16 @@ class KernelDataPath:
         assert self.dp is not None
         result = self.dp.apply(policy_from_snapshot(snap))
         log.debug("policy sync: %s", result)
+        # The proxy's own traffic of planes with a table is routed there (the multi-plane loop: docs/planes.md).
+        for change in self._plane_routing().sync(snap.planes):
+            log.info("plane routing: %s", change)
         self._egress_plan = self._plan_egress(snap)
         self._shape(self._egress_targets())
+
+    def _plane_routing(self) -> PlaneRouting:
+        from planemesh.netplanes.routing import PlaneRouting
+
+        return PlaneRouting(own_mark=self.own_mark)
 
     # ---- per-plane bandwidth (HTB on egress; see ebpf/bandwidth.py) ----------------------------
     def _plan_egress(self, snap: Snapshot) -> EgressPlan | None:
@@ -144,6 +158,9 @@ class KernelDataPath:
         if self.dp is not None:
             self.dp.close(detach=detach)
             self.dp = None
+        if detach:  # detach=False (fail-open, restart, hand-over): the rules keep routing for the next agent
+            for change in self._plane_routing().remove():
+                log.info("plane routing: %s", change)
         if self._routing_installed and detach:
             from planemesh.netplanes import routing
 

@@ -9,6 +9,8 @@
         proxy_port: 15001
         sniff_port: 15002
         sla: {connect_timeout_s: 2, rate_limit_rps: 500, bandwidth_mbit: 100, priority: 1}
+        table: 101                  # optional: the plane's routing table on this node (VRF-like nodes)
+        forward_to: [sig]           # optional: planes that traffic arriving here may reach (default: none)
     listeners:
       - {plane: oam, port: 80, protocol: http}
       - {plane: oam, port: 5432, protocol: tcp}
@@ -30,7 +32,9 @@ from planemesh.agent.config import ConfigError, Listener, ListenerProtocol, Snap
 from planemesh.agent.validation import validate_snapshot
 from planemesh.netplanes.model import SLA, Plane, UndeclaredPorts
 
-_PLANE_KEYS = {"name", "id", "interfaces", "cidrs", "undeclared", "proxy_port", "sniff_port", "sla"}
+_PLANE_KEYS = {
+    "name", "id", "interfaces", "cidrs", "undeclared", "proxy_port", "sniff_port", "sla", "table", "forward_to",
+}  # fmt: skip
 _LISTENER_KEYS = {"name", "plane", "port", "protocol", "prefixes"}
 _SLA_FIELDS = {f.name: f for f in dataclasses.fields(SLA)}
 
@@ -99,6 +103,11 @@ def _parse_plane(raw: Any, i: int) -> Plane:
     for key in ("proxy_port", "sniff_port"):
         if key in raw:
             kwargs[key] = _require(raw[key], int, f"{path}.{key}", "a port number")
+    if raw.get("table") is not None:
+        kwargs["table"] = _require(raw["table"], int, f"{path}.table", "a routing table number")
+    forward_to = _require(raw.get("forward_to", []), list, f"{path}.forward_to", "a list of plane names")
+    for j, name in enumerate(forward_to):
+        _require(name, str, f"{path}.forward_to[{j}]", "a plane name")
     return Plane(
         name=_require(raw["name"], str, f"{path}.name", "a name"),
         plane_id=_require(raw["id"], int, f"{path}.id", "an integer plane id"),
@@ -106,6 +115,7 @@ def _parse_plane(raw: Any, i: int) -> Plane:
         cidrs=tuple(parse_cidr(c, f"{path}.cidrs[{j}]") for j, c in enumerate(cidrs)),
         undeclared=policy,
         sla=_parse_sla(raw.get("sla"), f"{path}.sla"),
+        forward_to=tuple(forward_to),
         **kwargs,
     )
 

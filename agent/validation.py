@@ -5,8 +5,46 @@ Each failure is a ConfigError naming the field; a snapshot that fails is never a
 
 from __future__ import annotations
 
+import fnmatch
+
+from netaddr import IPNetwork
+
 from planemesh.agent.config import ConfigError, ListenerProtocol, Snapshot
-from planemesh.netplanes.model import MAX_PLANES, ROUTED
+from planemesh.netplanes.model import LOCAL_DELIVERY_TABLE, MAX_PLANES, MAX_TABLE, RESERVED_TABLES, ROUTED, Plane
+
+_GLOB = frozenset("*?[")
+_V4_MAPPED = IPNetwork("::ffff:0:0/96")
+
+
+def _check_table(plane: Plane, where: str, tables: dict[int, str]) -> None:
+    table = plane.table
+    if table is None:
+        return
+    if not 1 <= table <= MAX_TABLE or table in RESERVED_TABLES:
+        raise ConfigError(f"{where}.table", f"{table} is not a private routing table (1..{MAX_TABLE}, not 253-255)")
+    if table == LOCAL_DELIVERY_TABLE:
+        raise ConfigError(f"{where}.table", f"{table} is planemesh's local-delivery table")
+    if table in tables:
+        raise ConfigError(f"{where}.table", f"table {table} is already the table of plane {tables[table]!r}")
+    tables[table] = plane.name
+
+
+def _check_interface_claims(planes: tuple[Plane, ...]) -> None:
+    """An interface name one plane lists literally must not match another plane's pattern (the same
+    link would belong to two planes). Names the later of the two entries."""
+    entries = [(i, j, plane.name, p) for i, plane in enumerate(planes) for j, p in enumerate(plane.interfaces)]
+    for b, (ib, jb, plane_b, pat_b) in enumerate(entries):
+        if pat_b == ROUTED:
+            continue
+        for _ia, _ja, plane_a, pat_a in entries[:b]:
+            if plane_a == plane_b or pat_a == ROUTED:
+                continue
+            literal_b, literal_a = not _GLOB & set(pat_b), not _GLOB & set(pat_a)
+            if (literal_b and fnmatch.fnmatchcase(pat_b, pat_a)) or (literal_a and fnmatch.fnmatchcase(pat_a, pat_b)):
+                raise ConfigError(
+                    f"planes[{ib}].interfaces[{jb}]",
+                    f"{pat_b!r} and {pat_a!r} of plane {plane_a!r} claim the same interface",
+                )
 
 
 def validate_snapshot(snap: Snapshot) -> None:
@@ -14,6 +52,7 @@ def validate_snapshot(snap: Snapshot) -> None:
     ids: dict[int, str] = {}
     ports: dict[int, str] = {}
     patterns: dict[str, str] = {}
+    tables: dict[int, str] = {}
     for i, plane in enumerate(snap.planes):
         where = f"planes[{i}]"
         if not plane.name or not plane.name.replace("-", "").replace("_", "").isalnum():
@@ -44,6 +83,10 @@ def validate_snapshot(snap: Snapshot) -> None:
                     f"interface {pattern!r} is already claimed by plane {patterns[pattern]!r}",
                 )
             patterns[pattern] = plane.name
+        for j, net in enumerate(plane.cidrs):
+            if net.version == 6 and net in _V4_MAPPED:
+                raise ConfigError(f"{where}.cidrs[{j}]", f"{net} is IPv4-mapped: write the IPv4 CIDR")
+        _check_table(plane, where, tables)
         sla = plane.sla
         for key in ("connect_timeout_s", "request_timeout_s", "idle_timeout_s"):
             if getattr(sla, key) <= 0:
@@ -54,6 +97,15 @@ def validate_snapshot(snap: Snapshot) -> None:
             raise ConfigError(f"{where}.sla.cpu_weight", "must be 1..10000 (cgroup cpu.weight)")
         if not 0 <= sla.priority <= 7:
             raise ConfigError(f"{where}.sla.priority", "must be 0..7")
+    _check_interface_claims(snap.planes)
+    for i, plane in enumerate(snap.planes):
+        for j, target in enumerate(plane.forward_to):
+            if target not in names:
+                raise ConfigError(
+                    f"planes[{i}].forward_to[{j}]", f"unknown plane {target!r} (known: {', '.join(names)})"
+                )
+            if target == plane.name:
+                raise ConfigError(f"planes[{i}].forward_to[{j}]", "a plane always reaches its own addresses")
     # CIDRs of different planes must not overlap: an address must belong to exactly one plane.
     owned = [(plane.name, i, j, net) for i, plane in enumerate(snap.planes) for j, net in enumerate(plane.cidrs)]
     for b, (pb, ib, jb, nb) in enumerate(owned):  # name the later CIDR: the one that introduced the clash

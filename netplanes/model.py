@@ -15,6 +15,9 @@ from netaddr import IPAddress, IPNetwork
 
 ROUTED = "@routed"  # interface entry: any link with a host route to one of the plane's addresses (pod veths)
 MAX_PLANES = 64  # plane ids 1..63; 0 means "not a plane interface" (mirrors PM_MAX_PLANES in the ABI)
+RESERVED_TABLES = frozenset({0, 253, 254, 255})  # unspec, default, main, local: never a plane's table
+MAX_TABLE = 2**32 - 2  # 2^32-1 is RT_TABLE_MAX's "any table" in some tools
+LOCAL_DELIVERY_TABLE = 0x504D  # 20557 ("PM"): planemesh's own table for intercepted packets (netplanes/routing.py)
 
 
 class UndeclaredPorts(StrEnum):
@@ -56,6 +59,11 @@ class Plane:
     proxy_port: int = 15001  # this plane's transparent L7 listener ([::], dual-stack)
     sniff_port: int = 15002  # this plane's sniffing listener
     sla: SLA = field(default_factory=SLA)
+    # The plane's own routing table on this node (VRF-like telecom nodes): the proxy's upstream traffic of
+    # this plane is routed there (fwmark rule, netplanes/routing.py). None: the node's main table.
+    table: int | None = None
+    # Planes that traffic arriving on this plane may reach (destination in their CIDRs); others are refused.
+    forward_to: tuple[str, ...] = ()
 
     def claims_interface(self, ifname: str) -> bool:
         return any(fnmatch.fnmatchcase(ifname, pattern) for pattern in self.interfaces if pattern != ROUTED)
