@@ -9,6 +9,8 @@ Who provides what (see docs/operations.md, "Metrics"):
 - proxy workers: `RouteStats` (per plane/listener/route/cluster), `ListenerStats`, `ClusterStats`
 - data path (ebpf): `DataPathStats` (per plane, verdict -> packets)
 - xDS client: `XdsTypeStats` (per type URL: version, ACKs, NACKs, resource count), `xds_connected`
+- proxy workers with a sniffing listener: `SniffListenerStats` (verdicts, SNI, ALPN, passthrough connections and
+  bytes), `SniRouteStats` (passthrough connections per filter chain and SNI)
 """
 
 from __future__ import annotations
@@ -118,6 +120,31 @@ class XdsTypeStats:
 
 
 @dataclass(slots=True)
+class SniffListenerStats:
+    """A plane's sniffing listener (undeclared ports, SNI-routed TCP ports); see agent/proxy/passthrough.py."""
+
+    plane: str
+    verdicts: dict[str, int] = field(default_factory=dict)  # http1, h2, tls, opaque -> connections
+    sni: dict[str, int] = field(default_factory=dict)  # TLS server name -> connections
+    alpn: dict[str, int] = field(default_factory=dict)  # ALPN protocol offered -> connections
+    silent_clients: int = 0  # nothing sent within the sniff timeout (server-first protocols)
+    passthrough_active: int = 0
+    passthrough_connections: int = 0
+    passthrough_bytes_up: int = 0  # client -> server
+    passthrough_bytes_down: int = 0  # server -> client
+    connect_failures: int = 0
+    no_upstream: int = 0  # an SNI-routed chain's cluster had no endpoint or a full connection breaker
+
+
+@dataclass(slots=True)
+class SniRouteStats:
+    plane: str
+    chain: str  # filter chain (planemesh listener) name
+    sni: str  # "(none)": no SNI
+    connections: int = 0
+
+
+@dataclass(slots=True)
 class StatsReport:
     routes: list[RouteStats] = field(default_factory=list)
     listeners: list[ListenerStats] = field(default_factory=list)
@@ -125,6 +152,8 @@ class StatsReport:
     datapath: list[DataPathStats] = field(default_factory=list)
     xds: list[XdsTypeStats] = field(default_factory=list)
     xds_connected: bool | None = None
+    sniff: list[SniffListenerStats] = field(default_factory=list)
+    sni_routes: list[SniRouteStats] = field(default_factory=list)
 
 
 _ROW_TYPES = {
@@ -133,6 +162,8 @@ _ROW_TYPES = {
     "clusters": ClusterStats,
     "datapath": DataPathStats,
     "xds": XdsTypeStats,
+    "sniff": SniffListenerStats,
+    "sni_routes": SniRouteStats,
 }
 
 
@@ -266,6 +297,8 @@ def merge_reports(reports: Sequence[StatsReport]) -> StatsReport:
         datapath=_sum_rows((r for rep in reports for r in rep.datapath), ("plane",)),
         xds=_sum_rows((r for rep in reports for r in rep.xds), ("type_url",)),
         xds_connected=any(connected) if connected else None,
+        sniff=_sum_rows((r for rep in reports for r in rep.sniff), ("plane",)),
+        sni_routes=_sum_rows((r for rep in reports for r in rep.sni_routes), ("plane", "chain", "sni")),
     )
 
 
@@ -291,6 +324,7 @@ class PlanemeshCollector(Collector):
         yield from _cluster_families(report.clusters)
         yield from _datapath_families(report.datapath)
         yield from _xds_families(report)
+        yield from _sniff_families(report)
         yield from self._agent_families()
 
     def _agent_families(self) -> Iterator[Metric]:
@@ -402,3 +436,51 @@ def _xds_families(report: StatsReport) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "planemesh_xds_connected", "1 while the ADS stream is up", value=int(report.xds_connected)
         )
+
+
+def _sniff_families(report: StatsReport) -> Iterator[Metric]:
+    verdicts = CounterMetricFamily(
+        "planemesh_sniff_connections", "Sniffed connections by verdict", labels=["plane", "verdict"]
+    )
+    sni = CounterMetricFamily("planemesh_sniff_tls_sni", "TLS connections by SNI", labels=["plane", "sni"])
+    alpn = CounterMetricFamily(
+        "planemesh_sniff_tls_alpn", "ALPN protocols offered by TLS clients", labels=["plane", "alpn"]
+    )
+    silent = CounterMetricFamily(
+        "planemesh_sniff_silent_clients", "Clients silent until the sniff timeout", labels=["plane"]
+    )
+    active = GaugeMetricFamily(
+        "planemesh_passthrough_active_connections", "Open passthrough connections", labels=["plane"]
+    )
+    total = CounterMetricFamily("planemesh_passthrough_connections", "Passthrough connections", labels=["plane"])
+    nbytes = CounterMetricFamily(
+        "planemesh_passthrough_bytes", "Bytes passed through (up: client to server)", labels=["plane", "direction"]
+    )
+    failures = CounterMetricFamily(
+        "planemesh_passthrough_connect_failures", "Passthrough upstream connect failures", labels=["plane"]
+    )
+    no_upstream = CounterMetricFamily(
+        "planemesh_passthrough_no_upstream", "SNI-routed connections whose cluster had no endpoint", labels=["plane"]
+    )
+    for r in report.sniff:
+        for verdict, n in sorted(r.verdicts.items()):
+            verdicts.add_metric([r.plane, verdict], n)
+        for name, n in sorted(r.sni.items()):
+            sni.add_metric([r.plane, name], n)
+        for proto, n in sorted(r.alpn.items()):
+            alpn.add_metric([r.plane, proto], n)
+        silent.add_metric([r.plane], r.silent_clients)
+        active.add_metric([r.plane], r.passthrough_active)
+        total.add_metric([r.plane], r.passthrough_connections)
+        nbytes.add_metric([r.plane, "up"], r.passthrough_bytes_up)
+        nbytes.add_metric([r.plane, "down"], r.passthrough_bytes_down)
+        failures.add_metric([r.plane], r.connect_failures)
+        no_upstream.add_metric([r.plane], r.no_upstream)
+    routed = CounterMetricFamily(
+        "planemesh_sni_routed_connections",
+        "Passthrough connections per filter chain and SNI",
+        labels=["plane", "chain", "sni"],
+    )
+    for r in report.sni_routes:
+        routed.add_metric([r.plane, r.chain, r.sni], r.connections)
+    yield from (verdicts, sni, alpn, silent, active, total, nbytes, failures, no_upstream, routed)

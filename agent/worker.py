@@ -33,12 +33,14 @@ def _die_with_parent() -> None:
         sys.exit(0)
 
 
-def stats_report(plane: str, stats: Any) -> dict[str, Any]:
-    """A worker's plane counters as rows of the admin's StatsReport (agent/metrics.py)."""
+def stats_report(plane: str, stats: Any, sniff: Any = None) -> dict[str, Any]:
+    """A worker's plane counters as rows of the admin's StatsReport (agent/metrics.py); `sniff`: the sniffing
+    listener's SniffStats (agent/proxy/passthrough.py), None when the plane has none."""
     from planemesh.agent.proxy.stats import LATENCY_BUCKETS_MS
 
     d = stats.as_dict()
     return {
+        **(sniff_rows(plane, sniff) if sniff is not None else {}),
         "routes": [
             {
                 "plane": plane,
@@ -74,6 +76,32 @@ def stats_report(plane: str, stats: Any) -> dict[str, Any]:
                 "retries": d["retries"],
                 "circuit_breaker_overflows": {"requests": d["overloaded"]} if d["overloaded"] else {},
             }
+        ],
+    }
+
+
+def sniff_rows(plane: str, sniff: Any) -> dict[str, Any]:
+    s = sniff.as_dict()
+    return {
+        "sniff": [
+            {
+                "plane": plane,
+                "verdicts": s["kinds"],
+                "sni": s["sni"],
+                "alpn": s["alpn"],
+                "silent_clients": s["silent_clients"],
+                "passthrough_active": s["passthrough_active"],
+                "passthrough_connections": s["passthrough_total"],
+                "passthrough_bytes_up": s["bytes_up"],
+                "passthrough_bytes_down": s["bytes_down"],
+                "connect_failures": s["connect_failures"],
+                "no_upstream": s["no_upstream"],
+            }
+        ],
+        "sni_routes": [
+            {"plane": plane, "chain": chain, "sni": name, "connections": n}
+            for chain, names in s["routed"].items()
+            for name, n in names.items()
         ],
     }
 
@@ -132,7 +160,8 @@ async def run_worker(
                 proxy.update(msg["snapshot"])
                 writer.write(encode({"op": "applied", "version": msg["snapshot"].version}))
             elif op == "stats":
-                writer.write(encode({"op": "stats", "stats": stats_report(plane, proxy.stats)}))
+                sniff = proxy.sniff_stats if proxy.sniffing else None
+                writer.write(encode({"op": "stats", "stats": stats_report(plane, proxy.stats, sniff)}))
             elif op == "drain":
                 await proxy.drain(float(msg.get("timeout", 10)))
                 writer.write(encode({"op": "drained"}))

@@ -121,6 +121,11 @@ class PlaneProxy:
         self._tick_s = tick_s
         self._tick_handle: asyncio.TimerHandle | None = None
 
+    @property
+    def sniffing(self) -> bool:
+        """A sniffing listener runs (its stats are worth reporting)."""
+        return bool(self._sniffers)
+
     # ---- life cycle ------------------------------------------------------------------------------
 
     def _bind_loop(self) -> None:
