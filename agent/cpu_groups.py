@@ -4,7 +4,10 @@ the CPU and no more, and the other planes' workers are scheduled ahead of its ba
 
 cgroup v2 (`cpu.weight`, 1..10000, default 100) when the cpu controller is on the unified hierarchy, else the
 v1 cpu hierarchy (`cpu.shares` = weight * 1024 / 100). The groups live below the agent's own cgroup,
-`<own>/planemesh-<pid>/plane-<name>`. In v2 a cgroup that holds processes cannot hand controllers to
+`<own>/planemesh-<pid>/plane-<name>`. The parent's own weight is the default weight times the number of
+workers, so the agent as a whole competes with the node's other processes (the applications whose requests it
+carries among them) exactly as its workers would without groups: the plane weights only redistribute the
+agent's share between its planes. In v2 a cgroup that holds processes cannot hand controllers to
 children; when the agent's own cgroup is not the root (a systemd service with `Delegate=cpu`), the agent
 first moves itself into a leaf `<own>/agent`. Without a usable cpu controller the agent logs it once and runs
 without weights: isolation between planes then rests on separate processes only.
@@ -74,6 +77,7 @@ class CpuGroups:
     def __init__(self, hierarchy: Hierarchy | None) -> None:
         self.hierarchy = hierarchy
         self._groups: dict[str, Path] = {}
+        self._workers: dict[str, int] = {}
 
     @classmethod
     def create(cls, instance: str | None = None) -> CpuGroups:
@@ -88,8 +92,8 @@ class CpuGroups:
     def enabled(self) -> bool:
         return self.hierarchy is not None
 
-    def set_plane(self, plane: str, weight: int) -> None:
-        """Create the plane's group if needed and set its weight."""
+    def set_plane(self, plane: str, weight: int, workers: int = 1) -> None:
+        """Create the plane's group if needed and set its weight (`workers`: how many processes it holds)."""
         if self.hierarchy is None:
             return
         group = self._groups.get(plane)
@@ -98,9 +102,15 @@ class CpuGroups:
                 group = self.hierarchy.base / f"plane-{plane}"
                 group.mkdir(exist_ok=True)
                 self._groups[plane] = group
-            self.hierarchy.weight_file(group).write_text(self.hierarchy.weight_value(weight))
+            self._write_weight(group, weight)
+            self._workers[plane] = workers
+            self._write_weight(self.hierarchy.base, min(10000, V2_DEFAULT_WEIGHT * sum(self._workers.values())))
         except OSError as exc:
             log.warning("plane %s: cannot set CPU weight %d: %s", plane, weight, exc)
+
+    def _write_weight(self, group: Path, weight: int) -> None:
+        assert self.hierarchy is not None
+        self.hierarchy.weight_file(group).write_text(self.hierarchy.weight_value(weight))
 
     def add(self, plane: str, pid: int) -> None:
         group = self._groups.get(plane)
@@ -119,6 +129,7 @@ class CpuGroups:
 
     def remove_plane(self, plane: str) -> None:
         group = self._groups.pop(plane, None)
+        self._workers.pop(plane, None)
         if group is not None:
             _rmdir(group)
 

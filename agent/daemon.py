@@ -117,7 +117,7 @@ class Agent:
                 if plane_new is None:
                     self.cpu_groups.remove_plane(name)
         for name, plane in wanted.items():
-            self.cpu_groups.set_plane(name, plane.sla.cpu_weight)
+            self.cpu_groups.set_plane(name, plane.sla.cpu_weight, plane.sla.workers)
             if name in self.workers:
                 await self.workers[name].update(snap, sources)
                 continue

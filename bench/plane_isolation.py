@@ -2,14 +2,17 @@
 
     ./run.sh bench plane_isolation [--seconds 5]
 
-The lab's two planes each run their own proxy worker process. Plane `media` has a local rate limit in its
-SLA; wrk floods it with many connections (well past the limit: its excess must get 429s, never timeouts),
-while a steady wrk on plane `oam` measures p50/p99. Target: oam p99 flooded / idle <= 1.2.
+The lab's two planes each run their own proxy worker process, in their own CPU cgroup. Plane `media` has a
+local rate limit in its SLA; wrk floods it with many connections (well past the limit: its excess must get
+429s, never timeouts), while a steady wrk on plane `oam` measures p50/p99. Two SLA variants in one run, the
+second applied live by SIGHUP: equal CPU weights, then oam weighted above media (sla.cpu_weight).
+Target: oam p99 flooded / idle <= 1.2.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import tempfile
 import time
@@ -24,13 +27,18 @@ from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import host_port
 
 FLOOD_RATE_LIMIT_RPS = 300
+EQUAL_WEIGHTS = {"oam": 100, "media": 100}
+SLA_WEIGHTS = {"oam": 1000, "media": 100}
 
 
-def isolation_config(path: Path, rate_limit_rps: int = FLOOD_RATE_LIMIT_RPS) -> Path:
+def isolation_config(
+    path: Path, rate_limit_rps: int = FLOOD_RATE_LIMIT_RPS, cpu_weights: dict[str, int] = EQUAL_WEIGHTS
+) -> Path:
     raw = yaml.safe_load(default_config_text())
     for plane in raw["planes"]:
+        plane["sla"] = {**plane.get("sla", {}), "cpu_weight": cpu_weights[plane["name"]]}
         if plane["name"] == "media":
-            plane["sla"] = {**plane.get("sla", {}), "rate_limit_rps": rate_limit_rps, "rate_limit_burst": 50}
+            plane["sla"].update(rate_limit_rps=rate_limit_rps, rate_limit_burst=50)
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -66,8 +74,9 @@ def measure(env, seconds: int = 5, probe_connections: int = 2, flood_connections
     return Isolation(idle, flooded, _result(flood, "media flood"))
 
 
-def report(iso: Isolation) -> str:
+def report(iso: Isolation, title: str) -> str:
     rows = [
+        title,
         f"{'case':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'timeouts':>8}",
         *(
             f"{r.name:22} {r.rps:9.0f} {r.p50_ms:8.3f} {r.p99_ms:8.3f} {r.non_2xx:8d} {r.timeouts:8d}"
@@ -91,7 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="planemesh-bench-") as tmp:
         config = isolation_config(Path(tmp) / "agent.yaml")
         with running_agent(args.prefix, ["--config", str(config)]) as env:
-            print(report(measure(env, args.seconds)))
+            print(report(measure(env, args.seconds), f"CPU weights {EQUAL_WEIGHTS}"))
+            isolation_config(config, cpu_weights=SLA_WEIGHTS)
+            env.agent.send_signal(signal.SIGHUP)  # the weights change in place; workers keep running
+            time.sleep(2.0)
+            print()
+            print(report(measure(env, args.seconds), f"CPU weights {SLA_WEIGHTS}"))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ def test_each_plane_gets_its_weighted_cpu_group(run_prefix: str, tmp_path: Path)
         assert groups["oam"].name == "plane-oam" and groups["media"].name == "plane-media"
         assert groups["oam"].parent == groups["media"].parent  # one agent instance, one parent
         assert _weight(groups["oam"]) == 800 and _weight(groups["media"]) == 50
+        assert _weight(groups["oam"].parent) == 200  # two workers: the agent takes what they would ungrouped
 
         _config(config, {"oam": 800, "media": 200})
         env.agent.send_signal(1)  # SIGHUP: reload, the weight changes in place, workers keep running
