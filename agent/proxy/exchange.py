@@ -1,102 +1,46 @@
-"""One proxied request/response: routing, admission, the upstream attempt, response re-framing, the log record.
+"""One proxied request/response: admission, filters, routing, the request body, the log record, the ending.
 
 An Exchange is driven by callbacks from the downstream connection (request parsed, body bytes, request
 complete, client gone) and from its upstream connection (response head, body, complete, lost). It never
 awaits: no Task per request. Outgoing bytes are collected in lists and written once per event, so a small
-request/response costs one send() each way.
+request/response costs one send() each way. The upstream attempts (retries, timeouts) are in attempts.py,
+the response relay in response.py, the upstream request head in request_head.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import itertools
-import random
 import time
 from typing import TYPE_CHECKING
 
-from planemesh.agent.config import ClusterKind, RetryPolicy
 from planemesh.agent.proxy import accesslog as flags
+from planemesh.agent.proxy.attempts import HELD_REQUEST, UpstreamAttempts, rng
 from planemesh.agent.proxy.balancer import normalise_ip, request_hash
-from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS, RETRIES
+from planemesh.agent.proxy.circuit import REQUESTS, RETRIES
 from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_decision
-from planemesh.agent.proxy.http1 import (
-    CHUNKED,
-    CONNECTION_CLOSE,
-    CRLF,
-    HOP_BY_HOP,
-    LAST_CHUNK,
-    append_headers,
-    chunk,
-    dropped_names,
-    local_reply,
-    no_body_status,
-    status_line,
-)
+from planemesh.agent.proxy.http1 import FRAME_NONE, LAST_CHUNK, chunk, local_reply
 from planemesh.agent.proxy.limits import rate_limited_headers
 from planemesh.agent.proxy.mirror import sender_for, shadow_head
-from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
+from planemesh.agent.proxy.request_head import header_map, new_request_id, request_head
+from planemesh.agent.proxy.response import ResponseRelay
+from planemesh.agent.proxy.retry import NO_RETRY, backoff_s, sla_retry
 from planemesh.agent.proxy.routing import redirect_location, split_target
-from planemesh.agent.proxy.tracing import TRACE_HEADERS, outgoing_trace_headers
 
 if TYPE_CHECKING:
+    import asyncio
+
     from planemesh.agent.config import Cluster, Endpoint, Route
     from planemesh.agent.proxy.balancer import Balancer
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.downstream import Downstream
     from planemesh.agent.proxy.upstream import UpstreamConnection
-    from planemesh.netplanes.model import SLA
+
+__all__ = ["Exchange", "backoff_s", "new_request_id"]  # backoff_s, new_request_id: re-exported for callers
 
 _perf = time.perf_counter
-_getrandbits = random.getrandbits
-RETRY_ON_TIMEOUT = frozenset({"5xx", "gateway-error", "reset"})
-GATEWAY_ERRORS = frozenset({502, 503, 504})
 MAX_REPLAY_BODY = 64 * 1024  # a request body up to this size is kept so a retry can send it again
-_rng = random.Random()
-_HELD_REQUEST, _HELD_PENDING, _HELD_CONNECTION = 1, 2, 4  # circuit breaker units an exchange holds
-_NO_RETRY = RetryPolicy(num_retries=0)
 
 
-@functools.lru_cache(maxsize=64)
-def sla_retry(sla: SLA) -> RetryPolicy:
-    """The plane SLA's retries as a route retry policy (used when the route has none)."""
-    return RetryPolicy(retry_on=frozenset(sla.retry_on), num_retries=sla.retries,
-                       per_try_timeout_s=sla.per_try_timeout_s)
-
-
-def response_headers(route: Route, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """A route's response header manipulation: remove, then add (append) or set (append=False)."""
-    if route.response_headers_to_remove:
-        gone = {n.lower().encode() for n in route.response_headers_to_remove}
-        headers = [(n, v) for n, v in headers if n.lower() not in gone]
-    for hv in route.response_headers_to_add:
-        name = hv.name.lower().encode()
-        if not hv.append:
-            headers = [(n, v) for n, v in headers if n.lower() != name]
-        headers = [*headers, (name, hv.value.encode("latin-1"))]
-    return headers
-
-
-def backoff_s(policy: RetryPolicy, retry_number: int, roll: float) -> float:
-    """Envoy's fully jittered exponential back-off: uniform in [0, min(max, base * 2^(n-1)))."""
-    ceiling = min(policy.backoff_max_s, policy.backoff_base_s * (2 ** max(0, retry_number - 1)))
-    return max(0.0, ceiling * roll)
-# Request ids: uuid4 text, a random per-process part plus a counter. Ids need uniqueness, not secrecy;
-# uuid.uuid4() costs a getrandom() syscall per request.
-_RID_PREFIX = f"{_getrandbits(32):08x}-{_getrandbits(16):04x}-4{_getrandbits(12):03x}-{0x8000 | _getrandbits(14):04x}-"
-_rid_counter = itertools.count(_getrandbits(40))
-KEEP_ALIVE_HEADER = b"connection: keep-alive\r\n"
-FORWARDED_PROTO = b"x-forwarded-proto: http\r\n"
-
-# Upstream framing of a response body.
-FRAME_NONE, FRAME_LENGTH, FRAME_CHUNKED, FRAME_CLOSE = 0, 1, 2, 3
-
-
-def new_request_id() -> bytes:
-    return f"{_RID_PREFIX}{next(_rid_counter) & 0xFFFFFFFFFFFF:012x}".encode()
-
-
-class Exchange:
+class Exchange(ResponseRelay, UpstreamAttempts):
     __slots__ = (
         "authority",
         "backoff",
@@ -204,7 +148,7 @@ class Exchange:
         self.finished = False
         self.pending = False
         self.tries_left = 0
-        self.retry = _NO_RETRY
+        self.retry = NO_RETRY
         self.route: Route | None = None
         self.balancer: Balancer | None = None
         self.breaker: CircuitBreaker | None = None
@@ -259,11 +203,10 @@ class Exchange:
                     stats.rate_limited += 1
                     return self.reply(429, b"local_rate_limited", limiter.headers(), flags.RL)
             for fault in chain.faults:
-                decision = fault_decision(fault, self._header_map(), _rng.random)
+                decision = fault_decision(fault, header_map(self.headers), rng.random)
                 if decision.delay_s:
                     self.flags = DELAY_INJECTED
-                    self.backoff = proxy.loop.call_later(decision.delay_s, self._after_delay,
-                                                         decision.abort_status)
+                    self.backoff = proxy.loop.call_later(decision.delay_s, self._after_delay, decision.abort_status)
                     return None
                 if decision.abort_status is not None:
                     return self.reply(decision.abort_status, b"fault filter abort", (), FAULT_INJECTED)
@@ -321,7 +264,7 @@ class Exchange:
             self.breaker = breaker = balancer.breaker(cluster)
             if not breaker.try_acquire(REQUESTS):
                 return self.overloaded(b"cluster_requests")
-            self.cb_held |= _HELD_REQUEST
+            self.cb_held |= HELD_REQUEST
             if action is not None and action.hash_policy:
                 self.hash_key = request_hash(action.hash_policy, self._header_map, ds.peer_ip)
             picked = self._pick()
@@ -329,7 +272,7 @@ class Exchange:
                 return self.reply(503, b"no healthy upstream\n", (), flags.UF)
             target = picked
         self.upstream_addr = target
-        self.head = self._request_head(route)
+        self.head = request_head(self, route)
         self.up_out.insert(0, self.head)
         if action is not None and action.mirrors and cluster is not None:
             self._mirror(action.mirrors)
@@ -344,57 +287,12 @@ class Exchange:
         self.connect_timeout_s = result.connect_timeout_s
         self._attempt(target, reuse=True)
 
-    def _pick(self) -> tuple[str, int] | None:
-        """The next endpoint of the request's cluster; the attempt on it is open until _end_attempt()."""
-        cluster = self.cluster
-        assert cluster is not None and self.balancer is not None
-        if cluster.kind is ClusterKind.ORIGINAL_DST:
-            return normalise_ip(self.ds.local[0]), self.ds.local[1]
-        ep = self.balancer.pick_endpoint(cluster, self.hash_key)
-        if ep is None:
-            return None
-        self.balancer.lb(cluster).started(ep)
-        self.endpoint = ep
-        return ep.address, ep.port
-
-    def _end_attempt(self, status: int) -> None:
-        """The current attempt's outcome (HTTP status, 0 gateway failure, -1 none) for outlier detection."""
-        breaker = self.breaker
-        if breaker is not None:
-            if self.cb_held & _HELD_PENDING:
-                breaker.release(PENDING)
-            if self.cb_held & _HELD_CONNECTION:
-                breaker.release(CONNECTIONS)
-            self.cb_held &= ~(_HELD_PENDING | _HELD_CONNECTION)
-        ep = self.endpoint
-        if ep is not None:
-            self.endpoint = None
-            self.balancer.report(self.cluster, ep, status)  # type: ignore[union-attr, arg-type]
-
-    def _attempt(self, target: tuple[str, int], reuse: bool) -> None:
-        """Open an attempt on `target` within the cluster's connection and pending limits."""
-        breaker = self.breaker
-        if breaker is not None:
-            if not breaker.try_acquire(CONNECTIONS):
-                self._end_attempt(-1)
-                return self.overloaded(b"cluster_connections")
-            self.cb_held |= _HELD_CONNECTION
-            if not breaker.try_acquire(PENDING):
-                self._end_attempt(-1)
-                return self.overloaded(b"cluster_pending")
-            self.cb_held |= _HELD_PENDING
-        pool = self.ds.proxy.pool
-        if reuse:
-            pool.acquire_for(self, target, self.connect_timeout_s)
-        else:
-            pool.connect_for(self, target, self.connect_timeout_s)
-
     def _mirror(self, mirrors) -> None:
         """Shadow copies of a body-less (or fully buffered) request; the primary never waits for them."""
         if self.req_length > MAX_REPLAY_BODY:
             return  # a large body is not mirrored (it would have to be held); chunked ones are checked at the end
         for mirror in mirrors:
-            if mirror.fraction < 1.0 and _rng.random() >= mirror.fraction:
+            if mirror.fraction < 1.0 and rng.random() >= mirror.fraction:
                 continue
             cluster = self.ds.proxy.table.snapshot.clusters.get(mirror.cluster)
             if cluster is None:
@@ -420,56 +318,7 @@ class Exchange:
         self.mirror_to.clear()
 
     def _header_map(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for name, value in self.headers:
-            key = name.decode("latin-1")
-            v = value.decode("latin-1")
-            out[key] = f"{out[key]},{v}" if key in out else v
-        return out
-
-    def _request_head(self, route) -> bytes:
-        drop = HOP_BY_HOP if self.connection_values is None else dropped_names(self.connection_values)
-        target = self.target
-        headers = self.headers
-        if route is not None:
-            action = route.action
-            if action is not None and action.prefix_rewrite is not None:
-                prefix = route.match.prefix
-                if prefix and target.startswith(prefix.encode()):
-                    target = action.prefix_rewrite.encode() + target[len(prefix):]
-            if action is not None and action.host_rewrite is not None:
-                headers = [(n, v) for n, v in headers if n != b"host"]
-                headers.insert(0, (b"host", action.host_rewrite.encode()))
-            if route.request_headers_to_remove:
-                gone = {n.lower().encode() for n in route.request_headers_to_remove}
-                headers = [(n, v) for n, v in headers if n not in gone]
-            for hv in route.request_headers_to_add:
-                name = hv.name.lower().encode()
-                if not hv.append:
-                    headers = [(n, v) for n, v in headers if n != name]
-                headers.append((name, hv.value.encode()))
-        incoming_trace = {n.decode("latin-1"): v.decode("latin-1") for n, v in headers if n in TRACE_HEADERS}
-        if incoming_trace:
-            headers = [(n, v) for n, v in headers if n not in TRACE_HEADERS]
-        parts = [self.method_b, b" ", target, b" HTTP/1.1\r\n"]
-        append_headers(parts, headers, drop)
-        for name, value in outgoing_trace_headers(incoming_trace):
-            parts += (name, b": ", value, CRLF)
-        if self.request_id is None:
-            rid = new_request_id()
-            self.request_id = rid.decode()
-            parts += (b"x-request-id: ", rid, CRLF)
-        peer = self.ds.peer_ip
-        self.xff = f"{self.xff}, {peer}" if self.xff else peer
-        parts += (b"x-forwarded-for: ", self.xff.encode("latin-1"), CRLF)
-        if not self.has_xfp:
-            parts.append(FORWARDED_PROTO)
-        if self.req_chunked:
-            parts.append(CHUNKED)
-        elif self.req_length:
-            parts.append(b"content-length: %d\r\n" % self.req_length)
-        parts.append(CRLF)
-        return b"".join(parts)
+        return header_map(self.headers)
 
     def on_request_body(self, data: bytes) -> None:
         self.bytes_rx += len(data)
@@ -498,255 +347,6 @@ class Exchange:
             self.up_out.clear()
             conn.transport.write(data)
 
-    # ---- upstream side ----------------------------------------------------------------------------
-
-    def on_connected(self, conn: UpstreamConnection) -> None:
-        if self.cb_held & _HELD_PENDING:
-            self.cb_held &= ~_HELD_PENDING
-            self.breaker.release(PENDING)  # type: ignore[union-attr]
-        self.conn = conn
-        conn.exchange = self
-        self.flush_upstream()
-        self.ds.resume_for_buffer()
-
-    def on_connect_failed(self, timed_out: bool) -> None:
-        stats = self.ds.proxy.stats
-        stats.upstream_connect_failures += 1
-        self._end_attempt(GATEWAY_FAILURE)
-        if self._may_retry("connect-failure"):
-            self._retry(reuse=True)
-            return
-        self.reply(503, b"upstream connect error\n", (), self._exhausted(flags.UF))
-        self.ds.flush()
-
-    # ---- retries ------------------------------------------------------------------------------------
-
-    def _replayable(self) -> bool:
-        """Nothing of the body went out yet, or all of it is buffered (within MAX_REPLAY_BODY)."""
-        return not self.body_streamed or self.body_copy is not None
-
-    def _may_retry(self, condition: str, status: int = 0) -> bool:
-        """Whether the retry policy covers this failure and a retry is still allowed."""
-        retry_on = self.retry.retry_on
-        if condition == "status":
-            covered = ("5xx" in retry_on and status >= 500) or (
-                "gateway-error" in retry_on and status in GATEWAY_ERRORS) or (
-                "retriable-status-codes" in retry_on and status in self.retry.retriable_status_codes)
-        elif condition == "timeout":
-            covered = bool(retry_on & RETRY_ON_TIMEOUT)
-        elif condition == "connect-failure":
-            covered = "connect-failure" in retry_on or "gateway-error" in retry_on or "5xx" in retry_on
-        else:  # reset: Envoy's 5xx covers resets too
-            covered = condition in retry_on or "5xx" in retry_on
-        if not covered or self.tries_left <= 0 or not self._replayable():
-            return False
-        if self.breaker is not None and not self.breaker.try_acquire(RETRIES):
-            self.tries_left = 0  # retry budget of the cluster spent: the failure goes to the client (URX)
-            return False
-        if self.breaker is not None:
-            self.retries_held += 1
-        return True
-
-    def _exhausted(self, flag: str) -> str:
-        """`flag`, plus URX when retries were configured and all were used."""
-        if self.retry.num_retries > 0 and self.tries_left <= 0:
-            return f"{flag},{flags.URX}" if flag else flags.URX
-        return flag
-
-    def _retry(self, reuse: bool = False) -> None:
-        """Start the next attempt after a jittered back-off (the failed attempt has been ended)."""
-        proxy = self.ds.proxy
-        self.tries_left -= 1
-        proxy.stats.retries += 1
-        self._drop_upstream()
-        self._rearm_request()
-        delay = backoff_s(self.retry, self.retry.num_retries - self.tries_left, _rng.random())
-        if self.deadline:
-            self.try_deadline = self.deadline  # no per-try clock runs during the back-off
-        if delay < 0.001:
-            self._next_attempt(reuse)
-        else:
-            self.backoff = proxy.loop.call_later(delay, self._next_attempt, reuse)
-
-    def _next_attempt(self, reuse: bool) -> None:
-        self.backoff = None
-        if self.finished:
-            return
-        per_try = self.retry.per_try_timeout_s
-        if self.deadline and per_try:
-            self.try_deadline = min(self.deadline, self.ds.proxy.loop.time() + per_try)
-        target = self._next_target()
-        if target is None:
-            self.reply(503, b"no healthy upstream\n", (), flags.UF)
-            self.ds.flush()
-            return
-        self._attempt(target, reuse)
-        if self.finished:
-            self.ds.flush()
-
-    def on_response_head(self, status: int, phrase: bytes, headers: list[tuple[bytes, bytes]],
-                         up_length: int | None, up_chunked: bool, up_keep_alive: bool,
-                         connection_values: list[bytes] | None) -> None:
-        if self.finished:
-            return
-        if status < 200 and status != 101:  # interim (100 Continue, 103): relay to 1.1 clients only
-            if self.version == "1.1":
-                parts = [status_line(status, phrase)]
-                append_headers(parts, headers, HOP_BY_HOP)
-                parts.append(CRLF)
-                self.ds.out.append(b"".join(parts))
-            return
-        self._end_attempt(status)
-        retriable = status >= 500 or status in self.retry.retriable_status_codes
-        if retriable and self.req_done and self._may_retry("status", status):
-            self._retry()  # this response is dropped with its connection
-            return
-        if retriable and self.retry.num_retries > 0 and self.tries_left <= 0:
-            self.flags = flags.URX
-        self.upstream_ms = int((_perf() - self.t_upstream) * 1000)
-        self.status = status
-        self.resp_started = True
-        self.up_keep_alive = up_keep_alive
-        drop = HOP_BY_HOP if connection_values is None else dropped_names(connection_values)
-        route = self.route
-        if route is not None and (route.response_headers_to_add or route.response_headers_to_remove):
-            headers = response_headers(route, headers)
-        parts = [status_line(status, phrase)]
-        append_headers(parts, headers, drop)
-        if self.is_head or no_body_status(status):
-            self.up_framing = FRAME_NONE
-            self.ds_framing = FRAME_NONE
-            if up_length is not None and status != 204 and status >= 200:
-                parts.append(b"content-length: %d\r\n" % up_length)
-        elif up_length is not None:
-            self.up_framing = self.ds_framing = FRAME_LENGTH
-            parts.append(b"content-length: %d\r\n" % up_length)
-        else:
-            self.up_framing = FRAME_CHUNKED if up_chunked else FRAME_CLOSE
-            if not up_chunked:
-                self.up_keep_alive = False
-            if self.version == "1.1":
-                self.ds_framing = FRAME_CHUNKED
-                parts.append(CHUNKED)
-            else:
-                self.ds_framing = FRAME_CLOSE
-                self.keep_alive = False
-        if self.ds.proxy.draining or not self.req_done:
-            self.keep_alive = False  # an early response while the client still sends: close afterwards
-        if not self.keep_alive:
-            parts.append(CONNECTION_CLOSE)
-        elif self.version == "1.0":
-            parts.append(KEEP_ALIVE_HEADER)
-        parts.append(CRLF)
-        self.ds.out.append(b"".join(parts))
-
-    def on_response_body(self, data: bytes) -> None:
-        if self.finished:
-            return
-        self.bytes_tx += len(data)
-        self.ds.out.append(chunk(data) if self.ds_framing == FRAME_CHUNKED else data)
-
-    def on_response_complete(self) -> None:
-        if self.finished:
-            return
-        if self.ds_framing == FRAME_CHUNKED:
-            self.ds.out.append(LAST_CHUNK)
-        conn = self.conn
-        self.conn = None
-        if conn is not None:
-            conn.exchange = None
-            if self.up_keep_alive and self.req_done and self.up_framing != FRAME_CLOSE:
-                self.ds.proxy.pool.release(conn)
-            else:
-                conn.close()
-        self.finish()
-
-    def on_upstream_lost(self, conn: UpstreamConnection) -> None:
-        """The upstream connection closed (or broke) before the response completed."""
-        if self.finished:
-            return
-        self.conn = None
-        if self.resp_started:
-            if self.up_framing == FRAME_CLOSE:  # close-delimited body: this is its end
-                if self.ds_framing == FRAME_CHUNKED:
-                    self.ds.out.append(LAST_CHUNK)
-                self.finish()
-            else:
-                self.flags = flags.UC
-                self.keep_alive = False
-                self.finish(abort=True)
-            self.ds.flush()
-            return
-        # A pooled connection the server had already closed: safe to try once more on a fresh one
-        # when the request can be replayed; the retry policy's "reset" follows the same rule.
-        if conn.reused and self._replayable():
-            self._end_attempt(-1)
-            self._rearm_request()
-            self.ds.proxy.pool.connect_for(self, self._next_target() or self.upstream_addr,  # type: ignore[arg-type]
-                                           self.connect_timeout_s)
-            return
-        self._end_attempt(GATEWAY_FAILURE)
-        if self._may_retry("reset"):
-            self._retry()
-            return
-        self.reply(503, b"upstream connect error or disconnect/reset before headers\n", (), self._exhausted(flags.UC))
-        self.ds.flush()
-
-    def on_upstream_protocol_error(self) -> None:
-        if self.finished:
-            return
-        if self.resp_started:
-            self.flags = flags.UPE
-            self.keep_alive = False
-            self.finish(abort=True)
-        else:
-            self.reply(502, b"upstream protocol error\n", (), flags.UPE)
-        self.ds.flush()
-
-    def on_timeout(self, now: float) -> None:
-        """Called by the proxy's deadline sweep once `try_deadline` has passed."""
-        if self.finished:
-            return
-        proxy = self.ds.proxy
-        if self.backoff is not None and now < self.deadline:
-            self.try_deadline = self.deadline  # waiting to retry: only the overall deadline counts
-            return
-        proxy.stats.upstream_timeouts += 1
-        if now < self.deadline and not self.resp_started and self._may_retry("timeout"):
-            # Per-try timeout with retries left: a fresh attempt on a new connection, same overall deadline.
-            self._end_attempt(GATEWAY_FAILURE)
-            self._retry()
-            return
-        self._end_attempt(GATEWAY_FAILURE)
-        self.deadline = self.try_deadline = float("inf")
-        if self.resp_started:
-            self.flags = flags.UT
-            self.keep_alive = False
-            self.finish(abort=True)
-        else:
-            self.reply(504, b"upstream request timeout\n", (), self._exhausted(flags.UT))
-        self.ds.flush()
-
-    def _next_target(self) -> tuple[str, int] | None:
-        """Where a retry goes: the cluster's next endpoint (the original destination stays the same)."""
-        if self.cluster is not None and self.balancer is not None:
-            picked = self._pick()
-            if picked is None:
-                return None
-            self.upstream_addr = picked
-            self.upstream_key = None
-        return self.upstream_addr
-
-    def _rearm_request(self) -> None:
-        """What a new attempt sends: the head and the buffered body again, framed as before; body bytes still
-        to come are appended by on_request_body as usual."""
-        out = [self.head]
-        for data in self.body_copy or ():
-            out.append(chunk(data) if self.req_chunked else data)
-        if self.req_chunked and self.req_done:
-            out.append(LAST_CHUNK)
-        self.up_out = out
-
     def on_downstream_lost(self) -> None:
         if self.finished:
             return
@@ -774,19 +374,10 @@ class Exchange:
         if not self.req_done or self.ds.proxy.draining:
             self.keep_alive = False
         self.bytes_tx = 0 if self.is_head else len(body)
-        self.ds.out.append(
-            local_reply(status, body, headers, close=not self.keep_alive, head_only=self.is_head)
-        )
+        self.ds.out.append(local_reply(status, body, headers, close=not self.keep_alive, head_only=self.is_head))
         self.resp_started = True
         self._drop_upstream()
         self.finish()
-
-    def _drop_upstream(self) -> None:
-        conn = self.conn
-        self.conn = None
-        if conn is not None:
-            conn.exchange = None
-            conn.close()
 
     def finish(self, abort: bool = False) -> None:
         if self.finished:
@@ -808,7 +399,7 @@ class Exchange:
         self._end_attempt(-1)
         breaker = self.breaker
         if breaker is not None:
-            if self.cb_held & _HELD_REQUEST:
+            if self.cb_held & HELD_REQUEST:
                 breaker.release(REQUESTS)
             for _ in range(self.retries_held):
                 breaker.release(RETRIES)

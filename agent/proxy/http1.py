@@ -27,6 +27,10 @@ CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 CHUNKED = b"transfer-encoding: chunked\r\n"
 CONNECTION_CLOSE = b"connection: close\r\n"
+KEEP_ALIVE_HEADER = b"connection: keep-alive\r\n"
+
+# How a response body is delimited (upstream as received, downstream as re-emitted).
+FRAME_NONE, FRAME_LENGTH, FRAME_CHUNKED, FRAME_CLOSE = 0, 1, 2, 3
 
 
 def reason(status: int) -> bytes:

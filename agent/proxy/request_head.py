@@ -1,0 +1,98 @@
+"""What the proxy adds to and changes in a request on its way upstream, and a route's response header changes:
+the upstream request head (rewrites, route header changes, trace context, x-request-id, x-forwarded-*)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import TYPE_CHECKING
+
+from planemesh.agent.proxy.http1 import CHUNKED, CRLF, HOP_BY_HOP, append_headers, dropped_names
+from planemesh.agent.proxy.tracing import TRACE_HEADERS, outgoing_trace_headers
+
+if TYPE_CHECKING:
+    from planemesh.agent.config import Route
+    from planemesh.agent.proxy.exchange import Exchange
+
+_getrandbits = random.getrandbits
+# Request ids: uuid4 text, a random per-process part plus a counter. Ids need uniqueness, not secrecy;
+# uuid.uuid4() costs a getrandom() syscall per request.
+_RID_PREFIX = f"{_getrandbits(32):08x}-{_getrandbits(16):04x}-4{_getrandbits(12):03x}-{0x8000 | _getrandbits(14):04x}-"
+_rid_counter = itertools.count(_getrandbits(40))
+FORWARDED_PROTO = b"x-forwarded-proto: http\r\n"
+
+
+def new_request_id() -> bytes:
+    return f"{_RID_PREFIX}{next(_rid_counter) & 0xFFFFFFFFFFFF:012x}".encode()
+
+
+def header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Request headers as route matching reads them: lower-case name -> value, repeats joined with ","."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        key = name.decode("latin-1")
+        v = value.decode("latin-1")
+        out[key] = f"{out[key]},{v}" if key in out else v
+    return out
+
+
+def response_headers(route: Route, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A route's response header manipulation: remove, then add (append) or set (append=False)."""
+    if route.response_headers_to_remove:
+        gone = {n.lower().encode() for n in route.response_headers_to_remove}
+        headers = [(n, v) for n, v in headers if n.lower() not in gone]
+    for hv in route.response_headers_to_add:
+        name = hv.name.lower().encode()
+        if not hv.append:
+            headers = [(n, v) for n, v in headers if n.lower() != name]
+        headers = [*headers, (name, hv.value.encode("latin-1"))]
+    return headers
+
+
+def request_head(ex: Exchange, route: Route | None, extra: bytes = b"") -> bytes:
+    """The request head sent upstream. Sets ex.request_id (when the client sent none) and ex.xff.
+    `extra` is emitted as is before the framing headers (the upgrade headers of a tunnel request)."""
+    drop = HOP_BY_HOP if ex.connection_values is None else dropped_names(ex.connection_values)
+    target = ex.target
+    headers = ex.headers
+    if route is not None:
+        action = route.action
+        if action is not None and action.prefix_rewrite is not None:
+            prefix = route.match.prefix
+            if prefix and target.startswith(prefix.encode()):
+                target = action.prefix_rewrite.encode() + target[len(prefix) :]
+        if action is not None and action.host_rewrite is not None:
+            headers = [(n, v) for n, v in headers if n != b"host"]
+            headers.insert(0, (b"host", action.host_rewrite.encode()))
+        if route.request_headers_to_remove:
+            gone = {n.lower().encode() for n in route.request_headers_to_remove}
+            headers = [(n, v) for n, v in headers if n not in gone]
+        for hv in route.request_headers_to_add:
+            name = hv.name.lower().encode()
+            if not hv.append:
+                headers = [(n, v) for n, v in headers if n != name]
+            headers.append((name, hv.value.encode()))
+    incoming_trace = {n.decode("latin-1"): v.decode("latin-1") for n, v in headers if n in TRACE_HEADERS}
+    if incoming_trace:
+        headers = [(n, v) for n, v in headers if n not in TRACE_HEADERS]
+    parts = [ex.method_b, b" ", target, b" HTTP/1.1\r\n"]
+    append_headers(parts, headers, drop)
+    for name, value in outgoing_trace_headers(incoming_trace):
+        parts += (name, b": ", value, CRLF)
+    if ex.request_id is None:
+        rid = new_request_id()
+        ex.request_id = rid.decode()
+        parts += (b"x-request-id: ", rid, CRLF)
+    peer = ex.ds.peer_ip
+    ex.xff = f"{ex.xff}, {peer}" if ex.xff else peer
+    parts += (b"x-forwarded-for: ", ex.xff.encode("latin-1"), CRLF)
+    if not ex.has_xfp:
+        parts.append(FORWARDED_PROTO)
+    if extra:
+        parts.append(extra)
+    if ex.req_chunked:
+        parts.append(CHUNKED)
+    elif ex.req_length:
+        parts.append(b"content-length: %d\r\n" % ex.req_length)
+    parts.append(CRLF)
+    return b"".join(parts)

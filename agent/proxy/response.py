@@ -1,0 +1,163 @@
+"""The response side of one request: the upstream's head re-framed for the client, body bytes, the end, and
+what an upstream protocol error means. A mixin of Exchange (exchange.py), whose __slots__ hold the state."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from planemesh.agent.proxy import accesslog as flags
+from planemesh.agent.proxy.http1 import (
+    CHUNKED,
+    CONNECTION_CLOSE,
+    CRLF,
+    FRAME_CHUNKED,
+    FRAME_CLOSE,
+    FRAME_LENGTH,
+    FRAME_NONE,
+    HOP_BY_HOP,
+    KEEP_ALIVE_HEADER,
+    LAST_CHUNK,
+    append_headers,
+    chunk,
+    dropped_names,
+    no_body_status,
+    status_line,
+)
+from planemesh.agent.proxy.request_head import response_headers
+
+if TYPE_CHECKING:
+    from planemesh.agent.config import Route
+    from planemesh.agent.proxy.downstream import Downstream
+    from planemesh.agent.proxy.upstream import UpstreamConnection
+
+_perf = time.perf_counter
+
+
+class ResponseRelay:
+    __slots__ = ()
+    # Declared by Exchange's __slots__:
+    ds: Downstream
+    conn: UpstreamConnection | None
+    route: Route | None
+    finished: bool
+    version: str
+    is_head: bool
+    req_done: bool
+    keep_alive: bool
+    up_keep_alive: bool
+    resp_started: bool
+    status: int
+    flags: str
+    bytes_tx: int
+    upstream_ms: int | None
+    t_upstream: float
+    tries_left: int
+    up_framing: int
+    ds_framing: int
+
+    def on_response_head(
+        self,
+        status: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        up_length: int | None,
+        up_chunked: bool,
+        up_keep_alive: bool,
+        connection_values: list[bytes] | None,
+    ) -> None:
+        if self.finished:
+            return
+        if status < 200 and status != 101:  # interim (100 Continue, 103): relay to 1.1 clients only
+            if self.version == "1.1":
+                parts = [status_line(status, phrase)]
+                append_headers(parts, headers, HOP_BY_HOP)
+                parts.append(CRLF)
+                self.ds.out.append(b"".join(parts))
+            return
+        self._end_attempt(status)
+        retriable = status >= 500 or status in self.retry.retriable_status_codes
+        if retriable and self.req_done and self._may_retry("status", status):
+            self._retry()  # this response is dropped with its connection
+            return
+        if retriable and self.retry.num_retries > 0 and self.tries_left <= 0:
+            self.flags = flags.URX
+        self.upstream_ms = int((_perf() - self.t_upstream) * 1000)
+        self.status = status
+        self.resp_started = True
+        self.up_keep_alive = up_keep_alive
+        drop = HOP_BY_HOP if connection_values is None else dropped_names(connection_values)
+        route = self.route
+        if route is not None and (route.response_headers_to_add or route.response_headers_to_remove):
+            headers = response_headers(route, headers)
+        parts = [status_line(status, phrase)]
+        append_headers(parts, headers, drop)
+        if self.is_head or no_body_status(status):
+            self.up_framing = FRAME_NONE
+            self.ds_framing = FRAME_NONE
+            if up_length is not None and status != 204 and status >= 200:
+                parts.append(b"content-length: %d\r\n" % up_length)
+        elif up_length is not None:
+            self.up_framing = self.ds_framing = FRAME_LENGTH
+            parts.append(b"content-length: %d\r\n" % up_length)
+        else:
+            self.up_framing = FRAME_CHUNKED if up_chunked else FRAME_CLOSE
+            if not up_chunked:
+                self.up_keep_alive = False
+            if self.version == "1.1":
+                self.ds_framing = FRAME_CHUNKED
+                parts.append(CHUNKED)
+            else:
+                self.ds_framing = FRAME_CLOSE
+                self.keep_alive = False
+        if self.ds.proxy.draining or not self.req_done:
+            self.keep_alive = False  # an early response while the client still sends: close afterwards
+        if not self.keep_alive:
+            parts.append(CONNECTION_CLOSE)
+        elif self.version == "1.0":
+            parts.append(KEEP_ALIVE_HEADER)
+        parts.append(CRLF)
+        self.ds.out.append(b"".join(parts))
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.bytes_tx += len(data)
+        self.ds.out.append(chunk(data) if self.ds_framing == FRAME_CHUNKED else data)
+
+    def on_response_complete(self) -> None:
+        if self.finished:
+            return
+        if self.ds_framing == FRAME_CHUNKED:
+            self.ds.out.append(LAST_CHUNK)
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.exchange = None
+            if self.up_keep_alive and self.req_done and self.up_framing != FRAME_CLOSE:
+                self.ds.proxy.pool.release(conn)
+            else:
+                conn.close()
+        self.finish()
+
+    def on_upstream_protocol_error(self) -> None:
+        if self.finished:
+            return
+        if self.resp_started:
+            self.flags = flags.UPE
+            self.keep_alive = False
+            self.finish(abort=True)
+        else:
+            self.reply(502, b"upstream protocol error\n", (), flags.UPE)
+        self.ds.flush()
+
+    if TYPE_CHECKING:  # provided by UpstreamAttempts and Exchange
+        from planemesh.agent.config import RetryPolicy
+
+        retry: RetryPolicy
+
+        def _end_attempt(self, status: int) -> None: ...
+        def _may_retry(self, condition: str, status: int = 0) -> bool: ...
+        def _retry(self, reuse: bool = False) -> None: ...
+        def reply(self, status: int, body: bytes, headers=(), flag: str = "") -> None: ...
+        def finish(self, abort: bool = False) -> None: ...
