@@ -136,6 +136,12 @@ async def run_worker(
         raise RuntimeError("worker: the agent sent no initial snapshot")
     sources = SourceAddresses()
     sources.snapshot, sources.by_plane = first["snapshot"], first.get("sources", {})
+    extra: dict[str, Any] = {}
+    if options.get("host_map_fd") is not None:
+        from planemesh.ebpf.hostmode import OriginalDestinations
+
+        # Host-mode connections arrive from loopback: their destination is in the agent's map, by peer.
+        extra["original_destination"] = OriginalDestinations(options["host_map_fd"]).proxy_original_destination
     proxy = PlaneProxy(
         first["snapshot"],
         plane,
@@ -143,6 +149,7 @@ async def run_worker(
         upstream_mark=options["upstream_mark"] | first["snapshot"].plane(plane).plane_id,
         source_address=sources,
         access_log=file_sink(options["access_log"]) if options.get("access_log") else None,
+        **extra,
     )
     serving = [asyncio.create_task(proxy.serve(sock), name=f"serve-{sock.getsockname()[1]}") for sock in listeners]
     writer.write(encode({"op": "ready", "pid": os.getpid()}))
@@ -190,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream-mark", type=lambda v: int(v, 0), required=True)
     parser.add_argument("--access-log", default=None)
     parser.add_argument("--drain-timeout", type=float, default=5.0)
+    parser.add_argument("--host-map-fd", type=int, default=None, help="host mode: the agent's pm_host_by_peer map")
     args = parser.parse_args(argv)
     _die_with_parent()
     logging.basicConfig(
@@ -197,7 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     control = socket.socket(fileno=args.control_fd)
     listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]
-    options = {"upstream_mark": args.upstream_mark, "access_log": args.access_log, "drain_timeout": args.drain_timeout}
+    options = {
+        "upstream_mark": args.upstream_mark,
+        "access_log": args.access_log,
+        "drain_timeout": args.drain_timeout,
+        "host_map_fd": args.host_map_fd,
+    }
     try:
         import uvloop
 

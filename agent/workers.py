@@ -50,6 +50,9 @@ class WorkerProcess:
         if self._options.get("access_log"):
             argv += ["--access-log", self._options["access_log"]]
         fds = [theirs.fileno(), *(s.fileno() for s in self._listeners)]
+        if self._options.get("host_map_fd") is not None:  # host mode: original destinations by peer
+            argv += ["--host-map-fd", str(self._options["host_map_fd"])]
+            fds.append(self._options["host_map_fd"])
         self._proc = await asyncio.create_subprocess_exec(*argv, pass_fds=fds)
         theirs.close()
         self.pid = self._proc.pid
