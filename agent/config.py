@@ -59,6 +59,21 @@ class RouteMatch:
     regex: str | None = None
     headers: tuple[HeaderMatch, ...] = ()
     query: tuple[QueryMatch, ...] = ()
+    connect: bool = False  # Envoy's connect_matcher: matches CONNECT requests, and only they match it
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeConfig:
+    """An HTTP upgrade a listener or a route allows or refuses (Envoy upgrade_configs). `upgrade_type` is
+    lower-case: "websocket" or any other Upgrade token, "connect" for CONNECT tunnels."""
+
+    upgrade_type: str
+    enabled: bool = True
+
+
+# A listener that says nothing about upgrades (static configs, undeclared ports) allows WebSocket, as Istio
+# configures it, and not CONNECT. xDS listeners get exactly their HCM upgrade_configs (Envoy: none).
+DEFAULT_UPGRADES = (UpgradeConfig("websocket"),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +115,7 @@ class RouteAction:
     host_rewrite: str | None = None
     hash_policy: tuple[HashPolicy, ...] = ()
     mirrors: tuple[Mirror, ...] = ()
+    upgrades: tuple[UpgradeConfig, ...] = ()  # per-route overrides of the listener's upgrades
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +267,7 @@ class Listener:
     server_names: tuple[str, ...] = ()  # TLS SNI match for passthrough routing: exact names and `*.suffix`
     # tcp_proxy chains: the cluster(s) passthrough connections of this chain go to; empty: the original destination
     tcp_clusters: tuple[WeightedCluster, ...] = ()
+    upgrades: tuple[UpgradeConfig, ...] = DEFAULT_UPGRADES  # HTTP upgrades and CONNECT allowed here
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:
