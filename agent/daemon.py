@@ -2,8 +2,10 @@
 
 Order of start-up (each step a readiness blocker): enter the node namespace, load the BPF program,
 install policy routing, apply the first snapshot (maps, then workers with their listening sockets),
-attach to every plane interface, start the netlink watch, serve admin, notify systemd.
-Order of shutdown: stop accepting, drain workers, detach programs, remove routes.
+attach to every plane interface and (host mode) to the configured cgroups, start the netlink watch, serve
+admin, notify systemd.
+Order of shutdown: detach the host-mode programs (new connects from the node's own processes go direct),
+stop accepting, drain workers, detach programs, remove routes.
 """
 
 from __future__ import annotations
@@ -53,11 +55,14 @@ class AgentOptions:
     runtime_dir: Path = Path("/run/planemesh")
     handover: Path | None = None  # hot-upgrade socket; default <runtime_dir>/handover-<netns or host>.sock
     datapath_only: bool = False  # programs and routes only: another proxy (e.g. Envoy in bench/) owns the ports
+    host_cgroups: list[str] = field(default_factory=list)  # --host-cgroup: cgroup paths or systemd slices
 
 
 class Agent:
-    def __init__(self, options: AgentOptions) -> None:
+    def __init__(self, options: AgentOptions, host_cgroups: tuple[str, ...] = ()) -> None:
         self.options = options
+        self.host_cgroups = host_cgroups  # host mode: real cgroup v2 paths (planemesh.agent.host_mode)
+        self.host: Any = None  # planemesh.ebpf.hostmode.HostMode, loaded at start when host mode is on
         self.snapshot: Snapshot | None = None
         self.interfaces: dict[int, PlaneInterface] = {}
         self.control = ControlThread()
@@ -96,6 +101,9 @@ class Agent:
             sources = discovery.plane_source_addresses(seen.values(), snap.planes)
             await self._apply_workers(old, snap, sources)
             await self.control.call(self.kernel.apply, snap)
+            if self.host is not None:  # maps first, then (first snapshot) attach: listeners are up by now
+                await self.control.call(self.host.apply_snapshot, snap)
+                await self._sync_host_cgroups()
             self.snapshot = snap
             await self._sync_interfaces()
             if initial_fetch_done(snap):
@@ -147,7 +155,33 @@ class Agent:
             "upstream_mark": self.kernel.own_mark,
             "access_log": self.options.access_log,
             "drain_timeout": self.options.drain_timeout_s,
+            "host_map_fd": self.host.peer_map_fd if self.host is not None else None,
         }
+
+    # ---- host mode ---------------------------------------------------------------------------
+    async def _open_host_mode(self) -> None:
+        from planemesh.ebpf.hostmode import HostMode
+
+        self.host = await self.control.call(HostMode, own_mark=self.kernel.own_mark, pin_dir=self.options.pin_dir)
+
+    async def _sync_host_cgroups(self) -> None:
+        from planemesh.agent.host_mode import sync_cgroups
+
+        added, removed = await self.control.call(sync_cgroups, self.host, self.host_cgroups)
+        for path in added:
+            log.info("host mode: intercepting connects in cgroup %s", path)
+        for path in removed:
+            log.info("host mode: released cgroup %s", path)
+
+    async def _reload_host_cgroups(self) -> tuple[str, ...]:
+        """The cgroups the configuration names now (ConfigError if one is bad: nothing is applied)."""
+        from planemesh.agent.host_mode import load_host_cgroups
+
+        cgroups = await asyncio.to_thread(load_host_cgroups, self.options.host_cgroups, self.options.config)
+        if cgroups and self.host is None:
+            # The workers were started without the map to look host-mode connections up in.
+            raise ConfigError("host_mode", "host mode was off when the agent started: restart it to turn it on")
+        return cgroups
 
     # ---- interfaces --------------------------------------------------------------------------
     async def _sync_interfaces(self) -> None:
@@ -180,9 +214,13 @@ class Agent:
             return
         self.notifier.reloading()
         try:
+            cgroups = await self._reload_host_cgroups()
             snap = await asyncio.to_thread(load_snapshot, self.options)
             if snap is not None:
                 await self.apply(snap)
+            if self.host is not None and cgroups != self.host_cgroups:
+                self.host_cgroups = cgroups
+                await self._sync_host_cgroups()
         except ConfigError as exc:
             log.error("SIGHUP: keeping the running configuration: %s", exc)
         finally:
@@ -247,6 +285,8 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload(), "reload"))
         try:
             await self.control.call(self.kernel.open)
+            if self.host_cgroups:
+                await self._open_host_mode()
             await self.control.call(self.kernel.install_routing)
             self.readiness.clear(ROUTES_INSTALLED)
             from planemesh.agent.handover import HandoverServer, take_over
@@ -301,6 +341,9 @@ class Agent:
 
     async def shutdown(self) -> None:
         log.info("stopping: draining workers (up to %.1fs)", self.options.drain_timeout_s)
+        if self.host is not None:  # first: new connects go straight to their destination, not to a draining proxy
+            with contextlib.suppress(Exception):
+                await self.control.call(self.host.detach)
         if self._handover_server is not None:
             await self._handover_server.close()
         if self._takeover is not None:
@@ -326,6 +369,9 @@ class Agent:
             await self._admin.close()
         with contextlib.suppress(Exception):
             await self.control.call(self.kernel.close, not self.handed_over)
+        if self.host is not None:
+            with contextlib.suppress(Exception):
+                await self.control.call(self.host.close)
         self.control.close()
         if self.handed_over:
             log.info("stopped: programs, maps and routes left to the successor")
@@ -371,10 +417,15 @@ def load_snapshot(options: AgentOptions) -> Snapshot | None:
 
 
 def run_agent(options: AgentOptions) -> int:
+    from planemesh.agent.host_mode import load_host_cgroups
+
     first = load_snapshot(options)  # a bad file fails here, before anything is changed
+    host_cgroups = load_host_cgroups(options.host_cgroups, options.config)  # so does a bad host-mode cgroup
+    if host_cgroups and options.datapath_only:
+        raise ConfigError("--host-cgroup", "host mode needs planemesh's own proxy (not --datapath-only)")
     if options.netns:
         enter_netns(options.netns)
-    agent = Agent(options)
+    agent = Agent(options, host_cgroups)
     try:
         import uvloop
 
@@ -385,6 +436,7 @@ def run_agent(options: AgentOptions) -> int:
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
+    from planemesh.agent.cli import env_default
     from planemesh.agent.logs import configure_logging
 
     configure_logging(level=args.log_level, fmt=args.log_format)  # flag > PLANEMESH_LOG_* > default
@@ -400,6 +452,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         xds_resources=Path(args.xds_resources) if args.xds_resources else None,
         handover=Path(args.handover) if args.handover else None,
         datapath_only=args.datapath_only,
+        host_cgroups=args.host_cgroup or [v for v in [env_default("host_cgroup")] if v],
     )
     return run_agent(options)
 
@@ -446,6 +499,13 @@ def add_agent_command(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         default=env_default("datapath_only") == "1",
         help="programs and routes only; another proxy binds the plane ports [PLANEMESH_DATAPATH_ONLY=1]",
+    )
+    p.add_argument(
+        "--host-cgroup",
+        action="append",
+        default=None,
+        help="host mode: intercept connects of the processes in this cgroup v2 (a path, absolute or relative to"
+        " the cgroup2 mount) or systemd slice (telecom.slice), repeatable [PLANEMESH_HOST_CGROUP, comma-separated]",
     )
     p.set_defaults(func=_cmd_agent)
 
