@@ -12,16 +12,18 @@ Target: oam p99 flooded / idle <= 1.2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from bench.common import WrkResult, parse_wrk
+from bench.common import WrkResult, parse_wrk, start_nginx
 from planemesh.agent.static_config import default_config_text
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import host_port
@@ -43,8 +45,24 @@ def isolation_config(
     return path
 
 
-def _wrk(env, plane: str, connections: int, seconds: int) -> subprocess.Popen:  # type: ignore[no-untyped-def]
-    url = f"http://{host_port(env.server(plane, 4), 80)}/iso"
+# The CPU-heavy flood: nginx in the server pod serves a large body on port 8080 (declared HTTP on both planes),
+# so plane media's worker spends its CPU streaming bodies rather than refusing requests.
+HEAVY_PORT, HEAVY_PATH, HEAVY_BYTES = 8080, "/heavy.bin", 1 << 20
+
+
+@contextlib.contextmanager
+def heavy_backend(env, workdir: Path) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    (workdir / "www").mkdir(exist_ok=True)
+    (workdir / "www" / HEAVY_PATH.lstrip("/")).write_bytes(bytes(range(256)) * (HEAVY_BYTES // 256))
+    nginx = start_nginx(env.lab, "server", [HEAVY_PORT], workdir)
+    try:
+        yield
+    finally:
+        ns_tools.stop(nginx)
+
+
+def _wrk(env, plane: str, connections: int, seconds: int, port: int = 80, path: str = "/iso") -> subprocess.Popen:  # type: ignore[no-untyped-def]
+    url = f"http://{host_port(env.server(plane, 4), port)}{path}"
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
     return ns_tools.popen(env.client_ns, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -65,13 +83,17 @@ class Isolation:
         return self.flooded.p99_ms / self.idle.p99_ms if self.idle.p99_ms else float("inf")
 
 
-def measure(env, seconds: int = 5, probe_connections: int = 2, flood_connections: int = 64) -> Isolation:  # type: ignore[no-untyped-def]
+def measure(  # type: ignore[no-untyped-def]
+    env, seconds: int = 5, probe_connections: int = 2, flood_connections: int = 64, heavy: bool = False
+) -> Isolation:
+    """oam's probe with media idle, then flooded (heavy: large bodies from HEAVY_PORT, see heavy_backend)."""
     idle = _result(_wrk(env, "oam", probe_connections, seconds), "oam, media idle")
     time.sleep(0.5)
-    flood = _wrk(env, "media", flood_connections, seconds + 2)
+    target = (HEAVY_PORT, HEAVY_PATH) if heavy else (80, "/iso")
+    flood = _wrk(env, "media", flood_connections, seconds + 2, *target)
     time.sleep(1.0)  # the flood is in full swing
     flooded = _result(_wrk(env, "oam", probe_connections, seconds), "oam, media flooded")
-    return Isolation(idle, flooded, _result(flood, "media flood"))
+    return Isolation(idle, flooded, _result(flood, "media flood" + (" (1 MiB)" if heavy else "")))
 
 
 def report(iso: Isolation, title: str) -> str:
@@ -99,13 +121,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="planemesh-bench-") as tmp:
         config = isolation_config(Path(tmp) / "agent.yaml")
-        with running_agent(args.prefix, ["--config", str(config)]) as env:
-            print(report(measure(env, args.seconds), f"CPU weights {EQUAL_WEIGHTS}"))
-            isolation_config(config, cpu_weights=SLA_WEIGHTS)
-            env.agent.send_signal(signal.SIGHUP)  # the weights change in place; workers keep running
-            time.sleep(2.0)
-            print()
-            print(report(measure(env, args.seconds), f"CPU weights {SLA_WEIGHTS}"))
+        with running_agent(args.prefix, ["--config", str(config)]) as env, heavy_backend(env, Path(tmp)):
+            for weights in (EQUAL_WEIGHTS, SLA_WEIGHTS):
+                if weights is not EQUAL_WEIGHTS:
+                    isolation_config(config, cpu_weights=weights)
+                    env.agent.send_signal(signal.SIGHUP)  # the weights change in place; workers keep running
+                    time.sleep(2.0)
+                for heavy in (False, True):
+                    flood = "CPU-heavy flood (1 MiB bodies)" if heavy else "flood beyond the rate limit"
+                    print(report(measure(env, args.seconds, heavy=heavy), f"{flood}, CPU weights {weights}"))
+                    print()
 
 
 if __name__ == "__main__":
