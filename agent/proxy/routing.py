@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from netaddr import IPAddress, IPNetwork
 
 from planemesh.agent.config import (
+    DEFAULT_UPGRADES,
     Cluster,
     DirectResponse,
     HeaderMatch,
@@ -26,6 +27,7 @@ from planemesh.agent.config import (
     Route,
     RouteConfig,
     Snapshot,
+    UpgradeConfig,
     VirtualHost,
 )
 from planemesh.agent.proxy.filters import FilterChain
@@ -106,7 +108,8 @@ class CompiledRoute:
         m = route.match
         self.route = route
         self.exact_path = m.path
-        self.prefix = m.prefix if m.path is None and m.regex is None else None
+        # A CONNECT request has no path: its routes (connect_matcher) match on headers and query only.
+        self.prefix = m.prefix if m.path is None and m.regex is None and not m.connect else None
         self.regex = _compile_regex(m.regex)
         self.headers = tuple(CompiledHeaderMatch(h) for h in m.headers)
         self.query = tuple(CompiledQueryMatch(q) for q in m.query)
@@ -152,13 +155,14 @@ class CompiledVirtualHost:
     """First matching route wins. Routes are indexed by their fixed first path segment so a request only
     tries the routes that can match it (in declaration order): thousands of routes stay cheap."""
 
-    __slots__ = ("by_segment", "cacheable", "name", "routes", "unindexed", "vhost")
+    __slots__ = ("by_segment", "cacheable", "connect_routes", "name", "routes", "unindexed", "vhost")
     MAX_UNINDEXED = 64  # beyond this many catch-all routes the index would cost more than it saves
 
     def __init__(self, vhost: VirtualHost) -> None:
         self.vhost = vhost
         self.name = vhost.name
-        self.routes = tuple(CompiledRoute(r) for r in vhost.routes)
+        self.routes = tuple(CompiledRoute(r) for r in vhost.routes if not r.match.connect)
+        self.connect_routes = tuple(CompiledRoute(r) for r in vhost.routes if r.match.connect)
         # Path-only matching: the answer for (authority, target) never changes within a snapshot.
         self.cacheable = all(not r.headers and not r.query for r in self.routes)
         buckets: dict[str, list[int]] = {}
@@ -175,9 +179,11 @@ class CompiledVirtualHost:
             self.by_segment = {seg: tuple(self.routes[i] for i in sorted(idx + unindexed))
                                for seg, idx in buckets.items()}
 
-    def select(self, path: str, query: str, headers: Callable[[], Headers]) -> Route | None:
+    def select(self, path: str, query: str, headers: Callable[[], Headers], connect: bool = False) -> Route | None:
         candidates: tuple[CompiledRoute, ...] = self.routes
-        if self.by_segment is not None:
+        if connect:
+            candidates = self.connect_routes
+        elif self.by_segment is not None:
             seg = _first_segment(path)
             if seg is not None:
                 candidates = self.by_segment.get(seg, self.unindexed)
@@ -198,11 +204,19 @@ def _strip_port(authority: str) -> str:
 class CompiledRouteConfig:
     """Virtual host lookup as Envoy does it: exact, then longest `*.suffix`, then longest `prefix.*`, then `*`."""
 
-    __slots__ = ("_cache", "_chain", "default", "exact", "http_filters", "name", "prefixes", "results", "suffixes")
+    __slots__ = (
+        "_cache", "_chain", "default", "exact", "http_filters", "name", "prefixes", "results", "suffixes", "upgrades",
+    )  # fmt: skip
 
-    def __init__(self, rc: RouteConfig, http_filters: tuple[HttpFilter, ...] = ()) -> None:
+    def __init__(
+        self,
+        rc: RouteConfig,
+        http_filters: tuple[HttpFilter, ...] = (),
+        upgrades: tuple[UpgradeConfig, ...] = DEFAULT_UPGRADES,
+    ) -> None:
         self.name = rc.name
         self.http_filters = http_filters  # the listener's; a listener with filters gets its own instance
+        self.upgrades = {u.upgrade_type: u.enabled for u in upgrades}  # the listener's
         self._chain: FilterChain | None = None
         self.exact: dict[str, CompiledVirtualHost] = {}
         suffixes: list[tuple[str, CompiledVirtualHost]] = []
@@ -225,6 +239,15 @@ class CompiledRouteConfig:
         self.prefixes = sorted(prefixes, key=lambda item: -len(item[0]))
         self._cache: dict[str, CompiledVirtualHost | None] = {}
         self.results: dict[tuple[str, bytes], RouteResult] = {}  # filled by PlaneRouter.route_request
+
+    def upgrade_allowed(self, route: Route | None, upgrade_type: str) -> bool:
+        """Envoy's rule: the route's setting for this upgrade type wins, else the listener's, else refused."""
+        action = route.action if route is not None else None
+        if action is not None:
+            for uc in action.upgrades:
+                if uc.upgrade_type == upgrade_type:
+                    return uc.enabled
+        return self.upgrades.get(upgrade_type, False)
 
     def filter_chain(self, clock: Callable[[], float]) -> FilterChain:
         """The listener's filters with their state (rate limit bucket), made on first use."""
@@ -282,7 +305,7 @@ class PlaneRouter:
     def __init__(self, snapshot: Snapshot, plane: str) -> None:
         self.snapshot = snapshot
         self.plane = snapshot.plane(plane)
-        self._configs: dict[str | None, CompiledRouteConfig] = {}
+        self._configs: dict[tuple[str | None, tuple[UpgradeConfig, ...]], CompiledRouteConfig] = {}
         self._by_port: dict[int, list[tuple[tuple[IPNetwork, ...], CompiledRouteConfig]]] = {}
         for lsn in snapshot.listeners_of(plane):
             if lsn.protocol is not ListenerProtocol.HTTP:
@@ -295,11 +318,12 @@ class PlaneRouter:
 
     def _compiled(self, lsn: Listener | None) -> CompiledRouteConfig:
         name = lsn.route_config if lsn is not None else None
+        upgrades = lsn.upgrades if lsn is not None else DEFAULT_UPGRADES
         if lsn is not None and lsn.http_filters:  # filter state (buckets) belongs to the listener
-            return CompiledRouteConfig(self.snapshot.route_config(name), lsn.http_filters)
-        crc = self._configs.get(name)
+            return CompiledRouteConfig(self.snapshot.route_config(name), lsn.http_filters, upgrades)
+        crc = self._configs.get((name, upgrades))
         if crc is None:
-            crc = self._configs[name] = CompiledRouteConfig(self.snapshot.route_config(name))
+            crc = self._configs[name, upgrades] = CompiledRouteConfig(self.snapshot.route_config(name), (), upgrades)
         return crc
 
     def route_config(self, dst_ip: str, dst_port: int) -> CompiledRouteConfig | None:
@@ -318,12 +342,13 @@ class PlaneRouter:
         return None
 
     def route(
-        self, crc: CompiledRouteConfig, authority: str, path: str, query: str, headers: Callable[[], Headers]
+        self, crc: CompiledRouteConfig, authority: str, path: str, query: str, headers: Callable[[], Headers],
+        connect: bool = False,
     ) -> RouteResult:
         vh = crc.virtual_host(authority)
         if vh is None:
             return NO_ROUTE
-        route = vh.select(path, query, headers)
+        route = vh.select(path, query, headers, connect)
         if route is None:
             return NO_ROUTE
         if route.direct_response is not None:
@@ -345,9 +370,13 @@ class PlaneRouter:
         )
 
     def route_request(
-        self, crc: CompiledRouteConfig, authority: str, target: bytes, headers: Callable[[], Headers]
+        self, crc: CompiledRouteConfig, authority: str, target: bytes, headers: Callable[[], Headers],
+        connect: bool = False,
     ) -> RouteResult:
-        """route() for a raw request-target, memoised when the answer cannot depend on headers or query."""
+        """route() for a raw request-target, memoised when the answer cannot depend on headers or query.
+        A CONNECT request (authority-form target) is routed by its target among the connect_matcher routes."""
+        if connect:
+            return self.route(crc, target.decode("latin-1"), "", "", headers, connect=True)
         key = (authority, target)
         cache = crc.results
         result = cache.get(key)
