@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+from collections.abc import Iterable
 from enum import IntEnum
 from pathlib import Path
 
@@ -20,6 +21,7 @@ PM_ABI_VERSION = 1
 PM_MAX_PLANES = 64
 PM_MAX_IFACES = 4096
 PM_MAX_POLICY = 65536
+PM_MAX_DESTS = 16384
 PM_CNT_SLOTS = 32
 PM_CNT_ENTRIES = PM_MAX_PLANES * PM_CNT_SLOTS
 
@@ -72,6 +74,8 @@ class Reason(IntEnum):
     ASSIGN_FAILED = 14
     NO_PLANE = 15
     UNCONFIGURED = 16
+    CROSS_PLANE_DROP = 17
+    CROSS_PLANE = 18
 
 
 def slot_name(slot: int) -> str:
@@ -143,6 +147,10 @@ class PmDestVal(ctypes.Structure):
     _fields_ = [("plane_id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
+class PmForward(ctypes.Structure):
+    _fields_ = [("planes", ctypes.c_uint64)]  # bit P: may open connections to plane P's addresses
+
+
 class PmHostOrig(ctypes.Structure):
     _fields_ = [
         ("family", ctypes.c_uint8),
@@ -170,12 +178,13 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "pm_policy_val": PmPolicyVal,
     "pm_counter": PmCounter,
     "pm_config": PmConfig,
+    "pm_dest_key": PmDestKey,  # also host mode's pm_host_dest
+    "pm_dest_val": PmDestVal,
+    "pm_forward": PmForward,
 }
 
 # Host-mode types (pm_host.c's maps), checked by tests/bpf/test_hostmode_abi.py.
 HOST_STRUCTS: dict[str, type[ctypes.Structure]] = {
-    "pm_dest_key": PmDestKey,
-    "pm_dest_val": PmDestVal,
     "pm_host_orig": PmHostOrig,
     "pm_host_peer": PmHostPeer,
 }
@@ -200,6 +209,24 @@ def dest_key_bytes(network: str) -> bytes:
     packed = net.network_address.packed
     ctypes.memmove(key.addr, packed, len(packed))
     return bytes(key)
+
+
+def decode_dest_key(raw: bytes) -> str:
+    """Inverse of dest_key_bytes: the CIDR."""
+    key = PmDestKey.from_buffer_copy(raw)
+    size = 4 if key.family == PM_FAMILY_V4 else 16
+    addr = ipaddress.ip_address(bytes(key.addr[:size]))
+    return str(ipaddress.ip_network(f"{addr}/{key.prefixlen - PM_DEST_ADDR_OFFSET_BITS}", strict=False))
+
+
+def forward_mask(plane_ids: Iterable[int]) -> int:
+    """struct pm_forward's bit set for these plane ids. Raises ValueError outside 1..PM_MAX_PLANES-1."""
+    mask = 0
+    for plane_id in plane_ids:
+        if not 1 <= plane_id < PM_MAX_PLANES:
+            raise ValueError(f"plane id {plane_id} is outside 1..{PM_MAX_PLANES - 1}")
+        mask |= 1 << plane_id
+    return mask
 
 
 def policy_key_bytes(plane_id: int, port: int, network: str | None) -> bytes:

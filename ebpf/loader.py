@@ -28,7 +28,7 @@ from planemesh.netplanes.netlink import ipr_or_new
 EBPF_DIR = Path(__file__).resolve().parent
 SOURCE = EBPF_DIR / "pm_tc.c"
 PROGRAM = "pm_tc_ingress"
-MAP_NAMES = ("pm_ifaces", "pm_planes", "pm_policy", "pm_counters", "pm_config")
+MAP_NAMES = ("pm_ifaces", "pm_planes", "pm_policy", "pm_counters", "pm_config", "pm_dests", "pm_forward")
 BPFFS = "/sys/fs/bpf"
 _SAFE_PIN_DIR = re.compile(r"^/[A-Za-z0-9_./-]+$")
 
@@ -163,8 +163,15 @@ class Datapath:
 
     # ---- planes and policy ------------------------------------------------------------------
     def set_plane(
-        self, plane_id: int, proxy_port: int, sniff_port: int, undeclared: Action, fail_closed: bool = False
+        self,
+        plane_id: int,
+        proxy_port: int,
+        sniff_port: int,
+        undeclared: Action,
+        fail_closed: bool = False,
+        forward_to: frozenset[int] = frozenset(),
     ) -> None:
+        """A plane's settings; `forward_to`: the planes whose addresses its traffic may reach."""
         if not 1 <= plane_id < abi.PM_MAX_PLANES:
             raise ValueError(f"plane id {plane_id} is outside 1..{abi.PM_MAX_PLANES - 1}")
         for port in (proxy_port, sniff_port):
@@ -176,24 +183,56 @@ class Datapath:
         leaf = table.Leaf()
         leaf.proxy_port, leaf.sniff_port, leaf.undeclared_action = proxy_port, sniff_port, int(undeclared)
         leaf.flags = abi.PM_PLANE_F_ACTIVE | (abi.PM_PLANE_F_FAIL_CLOSED if fail_closed else 0)
+        forward = self._tables["pm_forward"]
+        forward[forward.Key(plane_id)] = forward.Leaf(abi.forward_mask(forward_to))
         table[table.Key(plane_id)] = leaf
 
     def clear_plane(self, plane_id: int) -> None:
         table = self._tables["pm_planes"]
         table[table.Key(plane_id)] = table.Leaf()
+        forward = self._tables["pm_forward"]
+        forward[forward.Key(plane_id)] = forward.Leaf()
 
     def planes(self) -> dict[int, PlaneSettings]:
         found = {}
+        forward = self._tables["pm_forward"]
         for key, leaf in self._tables["pm_planes"].items():
             if leaf.flags & abi.PM_PLANE_F_ACTIVE:
+                mask = int(forward[forward.Key(key.value)].planes)
                 found[int(key.value)] = PlaneSettings(
                     int(key.value),
                     int(leaf.proxy_port),
                     int(leaf.sniff_port),
                     Action(leaf.undeclared_action),
                     bool(leaf.flags & abi.PM_PLANE_F_FAIL_CLOSED),
+                    frozenset(p for p in range(1, abi.PM_MAX_PLANES) if mask >> p & 1),
                 )
         return found
+
+    def destinations(self) -> dict[str, int]:
+        """The destination trie's content: plane CIDR -> plane id."""
+        return {abi.decode_dest_key(bytes(k)): int(v.plane_id) for k, v in self._tables["pm_dests"].items()}
+
+    def sync_destinations(self, wanted: Mapping[str, int]) -> SyncResult:
+        """Make the destination trie hold exactly `wanted` (CIDR -> plane id); add and update before deleting."""
+        table = self._tables["pm_dests"]
+        current = self.destinations()
+        canonical = {abi.decode_dest_key(abi.dest_key_bytes(net)): plane_id for net, plane_id in wanted.items()}
+        added = updated = 0
+        for net, plane_id in sorted(canonical.items()):
+            if current.get(net) == plane_id:
+                continue
+            table[table.Key.from_buffer_copy(abi.dest_key_bytes(net))] = table.Leaf(plane_id, 0)
+            if net in current:
+                updated += 1
+            else:
+                added += 1
+        deleted = 0
+        for net in sorted(set(current) - set(canonical)):
+            with contextlib.suppress(KeyError):
+                del table[table.Key.from_buffer_copy(abi.dest_key_bytes(net))]
+                deleted += 1
+        return SyncResult(added, updated, deleted)
 
     def policy(self) -> dict[PolicyRule, Action]:
         """The policy trie's content, decoded."""
@@ -227,12 +266,13 @@ class Datapath:
         return SyncResult(added, updated, deleted)
 
     def apply(self, policy: DatapathPolicy) -> SyncResult:
-        """Planes first (so new rules never point at an unconfigured plane), then the rules, then
-        deactivate planes that are gone."""
+        """Planes first (so new rules never point at an unconfigured plane), then the rules and the
+        destinations' planes, then deactivate planes that are gone."""
         wanted = {p.plane_id for p in policy.planes}
         for p in policy.planes:
-            self.set_plane(p.plane_id, p.proxy_port, p.sniff_port, p.undeclared, p.fail_closed)
+            self.set_plane(p.plane_id, p.proxy_port, p.sniff_port, p.undeclared, p.fail_closed, p.forward_to)
         result = self.sync_policy(policy.rules)
+        self.sync_destinations(policy.destinations)
         for plane_id in set(self.planes()) - wanted:
             self.clear_plane(plane_id)
         return result
@@ -281,8 +321,6 @@ class Datapath:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
 
 
 __all__ = ["Datapath", "DatapathError", "SyncResult"]

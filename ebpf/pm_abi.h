@@ -20,6 +20,7 @@
 #define PM_MAX_PLANES 64
 #define PM_MAX_IFACES 4096
 #define PM_MAX_POLICY 65536
+#define PM_MAX_DESTS 16384 /* plane CIDRs of the node (pm_dests) */
 
 /* ---- verdicts: what the policy says about a (plane, port[, prefix]) --------------------------- */
 enum pm_action {
@@ -32,9 +33,10 @@ enum pm_action {
 
 /* ---- counter slots: per plane, one slot per action above plus these reasons ------------------
  * Every packet of a known plane is counted once in a *decision* slot: BYPASS/PROXY/SNIFF, or one of
- * NOT_IP/NOT_TCP/FRAGMENT/PARSE_ERROR/OWN_TRAFFIC/UNCONFIGURED. Packets the policy sent to a listener
- * (PROXY or SNIFF) are counted a second time in an *outcome* slot: ESTABLISHED, LISTENER, NO_SOCKET,
- * NO_LISTENER, ASSIGN_FAILED or DROP. Packets of interfaces that are not planes count as plane 0,
+ * NOT_IP/NOT_TCP/FRAGMENT/PARSE_ERROR/OWN_TRAFFIC/UNCONFIGURED/CROSS_PLANE_DROP. Packets the policy sent
+ * to a listener (PROXY or SNIFF) are counted a second time in an *outcome* slot: ESTABLISHED, LISTENER,
+ * NO_SOCKET, NO_LISTENER, ASSIGN_FAILED or DROP. A SYN to another plane's address that the plane may
+ * forward to is also counted in CROSS_PLANE. Packets of interfaces that are not planes count as plane 0,
  * slot NO_PLANE.
  */
 enum pm_reason {
@@ -50,6 +52,8 @@ enum pm_reason {
 	PM_RSN_ASSIGN_FAILED = 14,/* bpf_sk_assign refused (e.g. BPF_PROG_TEST_RUN, other netns) */
 	PM_RSN_NO_PLANE = 15,     /* ingress interface is not a plane (counted as plane 0) */
 	PM_RSN_UNCONFIGURED = 16, /* the config map holds no valid ABI version yet: passes */
+	PM_RSN_CROSS_PLANE_DROP = 17, /* SYN to another plane's address, not in pm_forward: dropped */
+	PM_RSN_CROSS_PLANE = 18,      /* SYN to another plane's address that pm_forward allows (extra count) */
 };
 #define PM_CNT_SLOTS 32 /* counter slots per plane: counter index = plane_id * PM_CNT_SLOTS + slot */
 #define PM_CNT_ENTRIES (PM_MAX_PLANES * PM_CNT_SLOTS)
@@ -124,6 +128,30 @@ struct pm_config {
 	__u32 pad;         /* zero */
 };
 
+/* ---- map: pm_dests, LPM trie struct pm_dest_key -> struct pm_dest_val: the plane of a destination
+ * (every plane CIDR of the node). Match data after prefixlen: family (8), pad (24), addr (128);
+ * prefixlen = 32 + network length. Host mode's pm_host_dest has the same layout.
+ */
+#define PM_DEST_ADDR_OFFSET_BITS 32
+struct pm_dest_key {
+	__u32 prefixlen; /* host order */
+	__u8 family;     /* PM_FAMILY_V4 / PM_FAMILY_V6 */
+	__u8 pad[3];     /* zero */
+	__u8 addr[16];   /* NETWORK order; IPv4 in addr[0..3] */
+};
+struct pm_dest_val {
+	__u32 plane_id; /* host order */
+	__u32 flags;    /* host order; reserved, zero */
+};
+
+/* ---- map: pm_forward, array indexed by plane_id -> struct pm_forward ----------------------------
+ * Cross-plane policy: a SYN arriving on plane A whose destination lies in plane B's CIDRs (pm_dests) is
+ * dropped unless bit B of A's entry is set (the plane's `forward_to`), whatever the port's action.
+ */
+struct pm_forward {
+	__u64 planes; /* host order: bit P set = may open connections to plane P's addresses */
+};
+
 /* ---- egress shaping (pm_egress.c on an HTB root qdisc; planemesh.netplanes.bandwidth) ----------
  * The HTB qdisc we own has handle PM_HTB_MAJOR:0; its root class is PM_HTB_MAJOR:PM_HTB_ROOT_MINOR,
  * plane P's class is PM_HTB_MAJOR:(PM_HTB_PLANE_MINOR_BASE + P), unmarked traffic goes to the default
@@ -137,23 +165,11 @@ struct pm_config {
 
 /* ---- host mode (pm_host.c: cgroup connect4/connect6 + sock_ops) --------------------------------
  * map pm_host_dest: LPM trie struct pm_dest_key -> struct pm_dest_val, the plane of a destination.
- * Match data after prefixlen: family (8), pad (24), addr (128); prefixlen = 32 + network length.
  * Policy and plane settings reuse struct pm_policy_key/val and struct pm_plane (maps pm_host_policy,
  * pm_host_planes), with the same meaning as for the TC program.
  */
-#define PM_DEST_ADDR_OFFSET_BITS 32
 #define PM_HOST_MAX_DEST 16384
 #define PM_HOST_MAX_CONNS 65536
-struct pm_dest_key {
-	__u32 prefixlen; /* host order */
-	__u8 family;     /* PM_FAMILY_V4 / PM_FAMILY_V6 */
-	__u8 pad[3];     /* zero */
-	__u8 addr[16];   /* NETWORK order; IPv4 in addr[0..3] */
-};
-struct pm_dest_val {
-	__u32 plane_id; /* host order */
-	__u32 flags;    /* host order; reserved, zero */
-};
 /* The original destination of a redirected connect (value of pm_host_by_cookie / pm_host_by_peer). */
 struct pm_host_orig {
 	__u8 family;   /* PM_FAMILY_V4 / PM_FAMILY_V6 */

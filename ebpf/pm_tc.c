@@ -4,6 +4,7 @@
  * interface of the node, sharing its maps.
  *
  *   ifindex -> plane (none: pass) -> own-traffic mark? pass -> parse v4/v6 TCP (anything else: pass)
+ *   -> SYN to another plane's address? drop unless this plane may forward there (pm_dests, pm_forward)
  *   -> policy LPM lookup (plane, dst port, dst prefix) or the plane's undeclared action
  *   BYPASS: the kernel forwards it as usual
  *   PROXY/SNIFF: established-socket-first: a non-LISTEN socket of the packet's own 4-tuple gets it;
@@ -32,6 +33,8 @@ PM_MAP("array", __u32, struct pm_plane, pm_planes, PM_MAX_PLANES, 0);
 PM_MAP("lpm_trie", struct pm_policy_key, struct pm_policy_val, pm_policy, PM_MAX_POLICY, BPF_F_NO_PREALLOC);
 PM_MAP("percpu_array", __u32, struct pm_counter, pm_counters, PM_CNT_ENTRIES, 0);
 PM_MAP("array", __u32, struct pm_config, pm_config, 1, 0);
+PM_MAP("lpm_trie", struct pm_dest_key, struct pm_dest_val, pm_dests, PM_MAX_DESTS, BPF_F_NO_PREALLOC);
+PM_MAP("array", __u32, struct pm_forward, pm_forward, PM_MAX_PLANES, 0);
 
 static __always_inline void pm_count(__u32 plane_id, __u32 slot, __u32 len)
 {
@@ -53,6 +56,25 @@ static __always_inline __u32 pm_policy_action(__u32 plane_id, const struct pm_pk
 	__builtin_memcpy(key.addr, pkt->daddr, 16);
 	struct pm_policy_val *val = pm_policy.lookup(&key);
 	return val ? val->action : plane->undeclared_action;
+}
+
+/* Cross-plane policy for a new connection: 0 = same plane, no plane, or allowed (counted CROSS_PLANE);
+ * otherwise PM_RSN_CROSS_PLANE_DROP. */
+static __always_inline __u32 pm_cross_plane(__u32 plane_id, const struct pm_pkt *pkt, __u32 len)
+{
+	struct pm_dest_key key = {};
+	key.prefixlen = PM_DEST_ADDR_OFFSET_BITS + (pkt->family == PM_FAMILY_V4 ? 32 : 128);
+	key.family = pkt->family;
+	__builtin_memcpy(key.addr, pkt->daddr, 16);
+	struct pm_dest_val *dest = pm_dests.lookup(&key);
+	if (!dest || dest->plane_id == plane_id)
+		return 0;
+	__u32 dst_plane = dest->plane_id;
+	struct pm_forward *fwd = pm_forward.lookup(&plane_id);
+	if (!fwd || dst_plane >= PM_MAX_PLANES || !(fwd->planes & (1ULL << dst_plane)))
+		return PM_RSN_CROSS_PLANE_DROP;
+	pm_count(plane_id, PM_RSN_CROSS_PLANE, len);
+	return 0;
 }
 
 /* Fill a bpf_sock_tuple; returns its size for bpf_skc_lookup_tcp. */
@@ -153,6 +175,14 @@ int pm_tc_ingress(struct __sk_buff *skb)
 	if (reason) {
 		pm_count(plane_id, reason, len);
 		return TC_ACT_OK;
+	}
+
+	/* Only new connections are checked: replies and established flows cost nothing more, and a segment
+	 * of a connection that never opened is refused by its destination anyway. Before the port's action,
+	 * so bypassed TCP stays on its plane too. */
+	if (pkt.syn && pm_cross_plane(plane_id, &pkt, len)) {
+		pm_count(plane_id, PM_RSN_CROSS_PLANE_DROP, len);
+		return TC_ACT_SHOT;
 	}
 
 	__u32 action = pm_policy_action(plane_id, &pkt, plane);

@@ -53,21 +53,25 @@ class PlaneSettings:
     sniff_port: int
     undeclared: Action
     fail_closed: bool = False
+    forward_to: frozenset[int] = frozenset()  # plane ids whose addresses this plane's traffic may reach
 
 
 @dataclass(frozen=True, slots=True)
 class DatapathPolicy:
     planes: tuple[PlaneSettings, ...] = ()
     rules: Mapping[PolicyRule, Action] = field(default_factory=lambda: MappingProxyType({}))
+    destinations: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # CIDR -> plane id
 
 
-def plane_settings(plane: Plane) -> PlaneSettings:
+def plane_settings(plane: Plane, plane_ids: Mapping[str, int] | None = None) -> PlaneSettings:
+    """`plane_ids` (name -> id of every plane) resolves `forward_to`; without it the plane reaches no other."""
     return PlaneSettings(
         plane_id=plane.plane_id,
         proxy_port=plane.proxy_port,
         sniff_port=plane.sniff_port,
         undeclared=_UNDECLARED_ACTION[plane.undeclared],
         fail_closed=plane.sla.fail_closed,
+        forward_to=frozenset((plane_ids or {})[name] for name in plane.forward_to if name in (plane_ids or {})),
     )
 
 
@@ -100,8 +104,9 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
     # TCP chains routed by TLS SNI: the sniffing listener reads the ClientHello (agent/proxy/sni_routing.py).
     for key in sni_routed:
         rules[key] = Action.SNIFF
-    planes = tuple(sorted((plane_settings(p) for p in snap.planes), key=lambda s: s.plane_id))
-    return DatapathPolicy(planes=planes, rules=MappingProxyType(rules))
+    planes = tuple(sorted((plane_settings(p, plane_ids) for p in snap.planes), key=lambda s: s.plane_id))
+    destinations = {str(net.cidr): plane.plane_id for plane in snap.planes for net in plane.cidrs}
+    return DatapathPolicy(planes=planes, rules=MappingProxyType(rules), destinations=MappingProxyType(destinations))
 
 
 def needs_sniff_listener(snap: Snapshot, plane: Plane) -> bool:

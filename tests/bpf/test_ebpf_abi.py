@@ -18,6 +18,8 @@ MAPS = {
     "pm_policy": ("pm_policy_key", "pm_policy_val"),
     "pm_counters": (None, "pm_counter"),
     "pm_config": (None, "pm_config"),
+    "pm_dests": ("pm_dest_key", "pm_dest_val"),
+    "pm_forward": (None, "pm_forward"),
 }
 
 
@@ -49,6 +51,8 @@ def test_map_sizes_match_the_abi(datapath) -> None:
     assert datapath.bpf[b"pm_counters"].max_entries == abi.PM_CNT_ENTRIES
     assert datapath.bpf[b"pm_ifaces"].max_entries == abi.PM_MAX_IFACES
     assert datapath.bpf[b"pm_policy"].max_entries == abi.PM_MAX_POLICY
+    assert datapath.bpf[b"pm_dests"].max_entries == abi.PM_MAX_DESTS
+    assert datapath.bpf[b"pm_forward"].max_entries == abi.PM_MAX_PLANES
 
 
 def test_loader_wrote_the_abi_version(datapath) -> None:

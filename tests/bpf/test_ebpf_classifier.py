@@ -25,9 +25,19 @@ pytestmark = pytest.mark.bpf
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 LO = 1  # BPF_PROG_TEST_RUN runs the packet on the namespace's loopback device
 PLANE, FAIL_CLOSED_PLANE, SNIFF_PLANE, UNCONFIGURED_PLANE = 5, 6, 7, 9
+CROSS_PLANE, ALLOWED_PLANE = 8, 10  # other planes' addresses: PLANE may forward to ALLOWED_PLANE only
 PROXY_PORT, SNIFF_PORT = 15001, 15002
 CLIENT4, SERVER4, OTHER4 = "198.18.0.2", "198.18.1.7", "198.18.9.7"
 CLIENT6, SERVER6, OTHER6 = "fd00:18::2", "fd00:18:1::7", "fd00:18:9::7"
+HOME4, CROSS4, CROSS6, ALLOWED4, ALLOWED6 = "198.18.5.7", "198.18.8.7", "fd00:18:8::7", "198.18.10.7", "fd00:18:a::7"
+DESTINATIONS = {  # plane CIDRs -> plane (pm_dests); the addresses above them belong to no plane
+    "198.18.5.0/24": PLANE,
+    "fd00:18:5::/64": PLANE,
+    "198.18.8.0/24": CROSS_PLANE,
+    "fd00:18:8::/64": CROSS_PLANE,
+    "198.18.10.0/24": ALLOWED_PLANE,
+    "fd00:18:a::/64": ALLOWED_PLANE,
+}
 
 POLICY = {
     PolicyRule(PLANE, 80): Action.PROXY,
@@ -65,6 +75,7 @@ class Case:
 
 V4_SYN_80 = v4(80)
 VLAN_V4_SYN_80 = bytes(ETH / Dot1Q(vlan=7) / IP(src=CLIENT4, dst=SERVER4) / TCP(dport=80, flags="S"))
+# fmt: off
 CASES = [
     Case("v4 SYN to a bypassed port", v4(9000), (Action.BYPASS,)),
     Case("v4 SYN to an undeclared port: the plane's default (bypass)", v4(5555), (Action.BYPASS,)),
@@ -121,19 +132,42 @@ CASES = [
     Case("undeclared port on a sniffing plane", v4(5555), (Action.SNIFF, Reason.NO_LISTENER), plane=SNIFF_PLANE),
     Case("v6 undeclared port on a sniffing plane", v6(5555),
          (Action.SNIFF, Reason.NO_LISTENER), plane=SNIFF_PLANE),
+    # Cross-plane policy: a new connection to another plane's address needs the plane's permission.
+    Case("v4 SYN to another plane's address: dropped, even on a bypassed port", v4(9000, dst=CROSS4),
+         (Reason.CROSS_PLANE_DROP,), retval=TC_ACT_SHOT),
+    Case("v6 SYN to another plane's address: dropped before interception", v6(80, dst=CROSS6),
+         (Reason.CROSS_PLANE_DROP,), retval=TC_ACT_SHOT),
+    Case("v4 SYN to another plane on a sniffing plane: dropped", v4(5555, dst=CROSS4),
+         (Reason.CROSS_PLANE_DROP,), retval=TC_ACT_SHOT, plane=SNIFF_PLANE),
+    Case("v4 SYN-ACK to another plane (a reply) passes", v4(9000, "SA", dst=CROSS4), (Action.BYPASS,)),
+    Case("v6 ACK to another plane (not a new connection) passes", v6(9000, "A", dst=CROSS6), (Action.BYPASS,)),
+    Case("v4 SYN to a plane it may forward to: bypassed, counted", v4(9000, dst=ALLOWED4),
+         (Reason.CROSS_PLANE, Action.BYPASS)),
+    Case("v6 SYN to a plane it may forward to: proxied, counted", v6(80, dst=ALLOWED6),
+         (Reason.CROSS_PLANE, Action.PROXY, Reason.NO_LISTENER)),
+    Case("permission is one-way: the allowed plane may not come back", v4(9000, dst=HOME4),
+         (Reason.CROSS_PLANE_DROP,), retval=TC_ACT_SHOT, plane=ALLOWED_PLANE),
+    Case("SYN to its own plane's address is no cross-plane", v4(9000, dst=HOME4), (Action.BYPASS,)),
+    Case("SYN to an address of no plane passes", v4(9000, dst="198.18.200.1"), (Action.BYPASS,)),
+    Case("own traffic to another plane passes untouched", v4(9000, dst=CROSS4), (Reason.OWN_TRAFFIC,),
+         mark_in=PM_MARK_OWN | 0x8, mark_out=PM_MARK_OWN | 0x8),
 ]
+# fmt: on
 
 
 @pytest.fixture
 def configured(datapath):
     datapath.set_marks(PM_MARK_LOCAL, PM_MARK_OWN, mark_planes=False)
-    datapath.set_plane(PLANE, PROXY_PORT, SNIFF_PORT, Action.BYPASS)
     datapath.set_plane(FAIL_CLOSED_PLANE, PROXY_PORT, SNIFF_PORT, Action.BYPASS, fail_closed=True)
     datapath.set_plane(SNIFF_PLANE, PROXY_PORT, SNIFF_PORT, Action.SNIFF)
+    datapath.set_plane(PLANE, PROXY_PORT, SNIFF_PORT, Action.BYPASS, forward_to=frozenset({ALLOWED_PLANE}))
+    datapath.set_plane(ALLOWED_PLANE, PROXY_PORT, SNIFF_PORT, Action.BYPASS)
     datapath.clear_plane(UNCONFIGURED_PLANE)
     datapath.sync_policy(POLICY)
+    datapath.sync_destinations(DESTINATIONS)
     yield datapath
     datapath.sync_policy({})
+    datapath.sync_destinations({})
     datapath.clear_interface(LO)
 
 
@@ -155,6 +189,15 @@ def test_fixture(case: Case, configured, netns_worker) -> None:
     assert result.data == case.packet  # the classifier never rewrites packets
     counted_plane = case.plane
     assert _delta(before, dp.counters()) == {(counted_plane, int(slot)): 1 for slot in case.slots}
+
+
+def test_destinations_and_forward_sets_read_back(configured) -> None:
+    assert configured.destinations() == DESTINATIONS
+    assert configured.planes()[PLANE].forward_to == {ALLOWED_PLANE}
+    assert configured.planes()[ALLOWED_PLANE].forward_to == frozenset()
+    result = configured.sync_destinations({"198.18.5.0/24": PLANE, "198.18.8.9/24": CROSS_PLANE})
+    assert (result.added, result.updated, result.deleted) == (0, 0, 4)  # 198.18.8.9/24 is 198.18.8.0/24
+    assert configured.sync_destinations({"198.18.5.0/24": CROSS_PLANE}).updated == 1
 
 
 def test_counters_count_bytes(configured, netns_worker) -> None:
