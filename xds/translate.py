@@ -29,6 +29,7 @@ from planemesh.agent.config import (
     LocalRateLimit,
     RouteConfig,
     Snapshot,
+    UpgradeConfig,
     WeightedCluster,
 )
 from planemesh.agent.proxy.sni_routing import server_name_error
@@ -48,7 +49,7 @@ from planemesh.xds.translate_common import (
     type_name,
     uint,
 )
-from planemesh.xds.translate_routes import translate_route_config
+from planemesh.xds.translate_routes import translate_route_config, translate_upgrades
 
 _EXT = "envoy.extensions."
 HCM = _EXT + "filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -253,6 +254,7 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
     route_config = None
     http_filters: tuple[HttpFilter, ...] = ()
     tcp_clusters: tuple[WeightedCluster, ...] = ()
+    upgrades: tuple[UpgradeConfig, ...] = ()  # Envoy: an HCM without upgrade_configs refuses every upgrade
     if kind == HCM:
         protocol = ListenerProtocol.HTTP
         hcm = hcm_pb2.HttpConnectionManager()
@@ -273,6 +275,7 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
         else:
             raise ConfigError(fpath, "needs rds or an inline route_config (scoped routes are not supported)")
         http_filters = _http_filters(hcm, fpath)
+        upgrades = translate_upgrades(hcm.upgrade_configs, f"{fpath}.upgrade_configs", route_level=False)
         if (timeout := opt_seconds(hcm, "request_timeout")) is not None and timeout > 0:
             _set_sla(acc, planes, "request_timeout_s", timeout, listener.name, f"{fpath}.request_timeout")
         idle = opt_seconds(hcm.common_http_protocol_options, "idle_timeout")
@@ -304,6 +307,7 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
             http_filters=http_filters,
             server_names=tuple(n.lower() for n in m.server_names),
             tcp_clusters=tcp_clusters,
+            upgrades=upgrades,
         )
         for plane in planes
     ]

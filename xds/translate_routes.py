@@ -18,6 +18,7 @@ from planemesh.agent.config import (
     RouteAction,
     RouteConfig,
     RouteMatch,
+    UpgradeConfig,
     VirtualHost,
     WeightedCluster,
 )
@@ -28,6 +29,35 @@ _HARMLESS = {"name", "metadata", "decorator", "stat_prefix"}
 _RETRY_ON = {"5xx", "gateway-error", "connect-failure", "reset", "retriable-status-codes"}
 _RETRY_ALIASES = {"refused-stream": "reset"}  # a refused stream is a reset before any response
 _REDIRECT_CODES = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
+# An Upgrade protocol name (RFC 9110 token, with an optional "/version").
+_UPGRADE_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(/[!#$%&'*+.^_`|~0-9A-Za-z-]+)?")
+_TERMINATE_CONNECT = (
+    "planemesh terminates CONNECT: a connect_matcher route needs upgrade_configs "
+    "[{upgrade_type: CONNECT, connect_config: {}}] (proxying CONNECT to the upstream is not supported)"
+)
+
+
+def translate_upgrades(configs, path: str, *, route_level: bool) -> tuple[UpgradeConfig, ...]:
+    """HCM or RouteAction upgrade_configs -> UpgradeConfig (type lower-case, "connect" for CONNECT).
+    Upgrades are byte tunnels after the upstream's 101 (CONNECT: after the proxy's 200); custom upgrade filter
+    chains are not supported, nor h2c (never a tunnel: h2c upgrade requests are forwarded as plain requests)."""
+    out: dict[str, UpgradeConfig] = {}
+    for i, uc in enumerate(configs):
+        upath = f"{path}[{i}]"
+        only(uc, {"upgrade_type", "enabled", "connect_config"} if route_level else {"upgrade_type", "enabled"}, upath)
+        kind = uc.upgrade_type.strip().lower()
+        if not _UPGRADE_TOKEN.fullmatch(kind):
+            raise ConfigError(f"{upath}.upgrade_type", f"{uc.upgrade_type!r} is not an upgrade protocol name")
+        if kind == "h2c":
+            raise ConfigError(f"{upath}.upgrade_type", "h2c upgrades are not tunneled (use h2c prior knowledge)")
+        if kind in out:
+            raise ConfigError(f"{upath}.upgrade_type", f"{uc.upgrade_type!r} is configured twice")
+        if route_level and uc.HasField("connect_config"):
+            if kind != "connect":
+                raise ConfigError(f"{upath}.connect_config", "only for upgrade_type CONNECT")
+            only(uc.connect_config, set(), f"{upath}.connect_config")
+        out[kind] = UpgradeConfig(kind, uc.enabled.value if uc.HasField("enabled") else True)
+    return tuple(out.values())
 
 
 def _string_match(sm, path: str) -> dict:
@@ -96,7 +126,11 @@ def _header_match(hm, path: str) -> HeaderMatch:
 
 
 def _match(m, path: str) -> RouteMatch:
-    only(m, {"prefix", "path", "safe_regex", "case_sensitive", "headers", "query_parameters", "grpc"}, path)
+    only(
+        m,
+        {"prefix", "path", "safe_regex", "connect_matcher", "case_sensitive", "headers", "query_parameters", "grpc"},
+        path,
+    )
     if m.HasField("case_sensitive") and not m.case_sensitive.value:
         raise ConfigError(f"{path}.case_sensitive", "case-insensitive path matching is not supported")
     kind = m.WhichOneof("path_specifier")
@@ -121,7 +155,10 @@ def _match(m, path: str) -> RouteMatch:
         return RouteMatch(prefix=None, path=m.path, **common)
     if kind == "safe_regex":
         return RouteMatch(prefix=None, regex=_regex(m.safe_regex.regex, f"{path}.safe_regex"), **common)
-    raise ConfigError(path, "a route match needs prefix, path or safe_regex")
+    if kind == "connect_matcher":
+        only(m.connect_matcher, set(), f"{path}.connect_matcher")
+        return RouteMatch(prefix=None, connect=True, **common)
+    raise ConfigError(path, "a route match needs prefix, path, safe_regex or connect_matcher")
 
 
 def _retry(rp, path: str) -> RetryPolicy:
@@ -148,7 +185,7 @@ def _retry(rp, path: str) -> RetryPolicy:
     )
 
 
-def _action(ra, path: str, default_retry) -> RouteAction:
+def _action(ra, path: str, default_retry, connect: bool = False) -> RouteAction:
     only(
         ra,
         {
@@ -162,6 +199,7 @@ def _action(ra, path: str, default_retry) -> RouteAction:
             "retry_policy",
             "request_mirror_policies",
             "hash_policy",
+            "upgrade_configs",
         },
         path,
     )
@@ -191,6 +229,9 @@ def _action(ra, path: str, default_retry) -> RouteAction:
         share = fraction(mp.runtime_fraction.default_value) if mp.HasField("runtime_fraction") else 1.0
         mirrors.append(Mirror(cluster=mp.cluster, fraction=share))
     timeout = opt_seconds(ra, "timeout")
+    upgrades = translate_upgrades(ra.upgrade_configs, f"{path}.upgrade_configs", route_level=True)
+    if connect and not any(uc.HasField("connect_config") for uc in ra.upgrade_configs):  # only CONNECT may have it
+        raise ConfigError(f"{path}.upgrade_configs", _TERMINATE_CONNECT)
     return RouteAction(
         cluster=ra.cluster or None,
         weighted=tuple(weighted),
@@ -201,6 +242,7 @@ def _action(ra, path: str, default_retry) -> RouteAction:
         host_rewrite=ra.host_rewrite_literal or None,
         hash_policy=tuple(hashes),
         mirrors=tuple(mirrors),
+        upgrades=upgrades,
     )
 
 
@@ -234,7 +276,7 @@ def _route(r, path: str, inherited: dict, default_retry) -> Route:
     kind = r.WhichOneof("action")
     action = redirect = direct = None
     if kind == "route":
-        action = _action(r.route, f"{path}.route", default_retry)
+        action = _action(r.route, f"{path}.route", default_retry, connect=match.connect)
     elif kind == "redirect":
         rd = r.redirect
         only(
