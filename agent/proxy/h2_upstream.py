@@ -28,8 +28,8 @@ _pools: weakref.WeakKeyDictionary[PlaneProxy, dict[tuple, list[H2Upstream]]] = w
 def open_stream(bridge: Bridge, addr: tuple[str, int], headers: list[tuple[bytes, bytes]], ended: bool,
                 http2: bool, connect_timeout: float) -> None:
     proxy = bridge.ds.proxy
-    source = proxy.source_address(addr[0]) if proxy.source_address is not None else None
-    key = (addr[0], addr[1], source, proxy.upstream_mark)
+    source, mark = proxy.upstream_binding(addr[0])
+    key = (addr[0], addr[1], source, mark)
     if http2:
         conns = _pools.setdefault(proxy, {}).setdefault(key, [])
         conn = next((c for c in conns if c.has_capacity()), None)

@@ -340,11 +340,11 @@ class SniffListener:
             return
         timeout = cluster.connect_timeout_s if cluster is not None else None
         timeout = timeout if timeout is not None else proxy.sla.connect_timeout_s
-        source = proxy.source_address(host) if proxy.source_address is not None else None
+        source, mark = proxy.upstream_binding(host)
         outcome = -1
         try:
             try:
-                up = await open_upstream(host, port, mark=proxy.upstream_mark, source=source, timeout=timeout)
+                up = await open_upstream(host, port, mark=mark, source=source, timeout=timeout)
             except (OSError, TimeoutError):
                 stats.connect_failures += 1
                 outcome = 0

@@ -14,6 +14,8 @@ import socket
 import time
 from collections.abc import Callable
 
+from netaddr import AddrFormatError
+
 from planemesh.agent.config import Snapshot
 from planemesh.agent.proxy.accesslog import AccessLogBuffer, Sink, format_json, format_text
 from planemesh.agent.proxy.balancer import Balancer
@@ -23,8 +25,11 @@ from planemesh.agent.proxy.limits import TokenBucket, bucket_for
 from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffListener, SniffStats
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.sni_routing import SniRoutes
+from planemesh.agent.proxy.sockets import SO_MARK
 from planemesh.agent.proxy.stats import PlaneStats
 from planemesh.agent.proxy.upstream import UpstreamPool
+from planemesh.ebpf.abi import PM_MARK_PLANE_MASK
+from planemesh.netplanes.model import plane_of_address
 
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
@@ -139,6 +144,10 @@ class PlaneProxy:
         self._bind_loop()
         port = sock.getsockname()[1]
         self.listen_ports.add(port)
+        if self.upstream_mark:
+            # Accepted connections inherit the listener's mark: replies to clients are routed like the plane's
+            # upstreams (its routing table, if it has one: docs/planes.md), not by the main table's default.
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.upstream_mark)
         if port == self.table.router.plane.sniff_port:  # undeclared ports: peek first, then dispatch
             sniffer = SniffListener(self, sock, self.sniff_timeout_s)
             self._sniffers.append((sniffer, self.loop.create_task(sniffer.serve(), name=f"sniff-{port}")))
@@ -160,6 +169,21 @@ class PlaneProxy:
         self._bind_loop()
         assert self._stopped is not None
         await asyncio.shield(self._stopped)
+
+    def upstream_binding(self, host: str) -> tuple[str | None, int]:
+        """(source address, SO_MARK) of an upstream to `host`, both of the destination's plane: the connection
+        leaves with that plane's address, and the mark's plane bits pick that plane's routing table and egress
+        class (also when traffic of this plane may reach another: the plane's `forward_to`)."""
+        source = self.source_address(host) if self.source_address is not None else None
+        mark = self.upstream_mark
+        if mark:
+            try:
+                plane = plane_of_address(self.table.snapshot.planes, host)
+            except (AddrFormatError, ValueError, TypeError):  # a name, not an address: the arrival plane's mark
+                plane = None
+            if plane is not None:
+                mark = (mark & ~PM_MARK_PLANE_MASK) | plane.plane_id
+        return source, mark
 
     def update(self, snapshot: Snapshot) -> None:
         """Swap the configuration atomically; requests already routed keep what they resolved."""

@@ -204,10 +204,10 @@ class UpstreamPool:
         """(pool key, "host:port" for the access log), memoised per destination until forget_keys()."""
         found = self._keys.get(addr)
         if found is None:
-            source = self.proxy.source_address(addr[0]) if self.proxy.source_address is not None else None
+            source, mark = self.proxy.upstream_binding(addr[0])
             host, port = addr
             found = (
-                (host, port, source, self.proxy.upstream_mark),
+                (host, port, source, mark),
                 f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
             )
             if len(self._keys) < 65536:
