@@ -123,6 +123,7 @@ class PlaneWorkers:
         self.workers = [WorkerProcess(plane, i, listeners, options) for i in range(count)]
         self._last: dict[str, Any] | None = None
         self.restarts = 0
+        self.stopped = False  # stop() called: supervise() must not start workers on closed sockets
 
     async def start(self, snapshot: Snapshot, sources: dict[str, dict[int, str]]) -> None:
         self._last = {"op": "snapshot", "snapshot": snapshot, "sources": sources}
@@ -154,8 +155,8 @@ class PlaneWorkers:
         return [r["stats"] for r in replies if isinstance(r, dict)]
 
     async def supervise(self) -> None:
-        """Restart a worker that dies; runs until cancelled."""
-        while True:
+        """Restart a worker that dies; runs until cancelled or stop()."""
+        while not self.stopped:
             waits = {asyncio.ensure_future(w.wait()): w for w in self.workers if w.alive}
             if not waits:
                 await asyncio.sleep(0.5)
@@ -167,6 +168,8 @@ class PlaneWorkers:
                     if not fut.done():
                         fut.cancel()
             for fut in done:
+                if self.stopped:
+                    return
                 dead = waits[fut]
                 log.error("worker %s/%d exited with %s; restarting", self.plane, dead.index, fut.result())
                 self.workers[dead.index] = WorkerProcess(self.plane, dead.index, self.listeners, self._options)
@@ -175,6 +178,7 @@ class PlaneWorkers:
                 await self._start_one(dead.index)
 
     async def stop(self, drain_timeout: float) -> None:
+        self.stopped = True
         await asyncio.gather(*(w.stop(drain_timeout) for w in self.workers))
         for sock in self.listeners:
             sock.close()
