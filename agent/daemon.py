@@ -162,7 +162,8 @@ class Agent:
     async def _open_host_mode(self) -> None:
         from planemesh.ebpf.hostmode import HostMode
 
-        self.host = await self.control.call(HostMode, own_mark=self.kernel.own_mark, pin_dir=self.options.pin_dir)
+        own_mark, pin_dir = self.kernel.own_mark, self.options.pin_dir
+        self.host = await self.control.call(lambda: HostMode(own_mark=own_mark, pin_dir=pin_dir))
 
     async def _sync_host_cgroups(self) -> None:
         from planemesh.agent.host_mode import sync_cgroups
