@@ -3,7 +3,6 @@ protocols are passed through byte-exact with half-close, server-first protocols 
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import os
 import socket
@@ -18,6 +17,7 @@ import pytest
 
 from planemesh.agent.config import Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, WeightedCluster
 from planemesh.agent.proxy.server import PlaneProxy, make_listener_socket
+from planemesh.labs.protocol_servers import self_signed_cert
 from tests.proxy.proxy_harness import PLANE, Backend, ServingProxy, free_port, make_snapshot
 
 SNIFF_TIMEOUT_S = 0.15
@@ -167,36 +167,8 @@ def test_server_first_protocol_after_the_timeout(sniffer: SniffProxy) -> None:
     assert sniffer.proxy.sniff_stats.silent_clients == 1
 
 
-def _self_signed(tmp: Path, name: str) -> tuple[Path, Path, bytes]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path, cert.public_bytes(serialization.Encoding.DER)
-
-
 def test_tls_is_passed_through_untouched_and_sni_counted(sniffer: SniffProxy, tmp_path: Path) -> None:
-    cert, key, der = _self_signed(tmp_path, "secure.test")
+    cert, key, der = self_signed_cert(tmp_path, "secure.test")
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
     server_ctx.set_alpn_protocols(["h2", "http/1.1"])
@@ -230,8 +202,7 @@ def test_unreachable_destination_resets_the_client(sniffer: SniffProxy) -> None:
 
 def _tls_server(tmp: Path, name: str, reply: bytes) -> tuple[TcpServer, Path, bytes]:
     """A TLS server with its own self-signed certificate for `name`, answering `reply + what it read`."""
-    tmp.mkdir()
-    cert, key, der = _self_signed(tmp, name)
+    cert, key, der = self_signed_cert(tmp, name)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
 
