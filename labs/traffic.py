@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,11 +39,26 @@ class HttpResult:
         return statistics.median(self.latency_ms) if self.latency_ms else float("nan")
 
 
+Headers = dict[str, str] | list[dict[str, str]] | None  # the same for every request, or one dict per request
+
+
+def _exchange(conn: http.client.HTTPConnection, result: HttpResult, method: str, path: str,
+              body: bytes | None, headers: dict[str, str]) -> None:  # fmt: skip
+    started = time.perf_counter()
+    conn.request(method, path, body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    result.latency_ms.append((time.perf_counter() - started) * 1000)
+    result.status.append(resp.status)
+    result.bodies.append(data)
+    result.headers.append({k.lower(): v for k, v in resp.getheaders()})
+
+
 def _http_requests(
     address: str,
     port: int,
     paths: list[str],
-    headers: dict[str, str] | None,
+    headers: Headers,
     timeout: float,
     method: str,
     body: bytes | None,
@@ -50,15 +66,8 @@ def _http_requests(
     result = HttpResult()
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
-        for path in paths:  # one connection: keep-alive across all of them
-            started = time.perf_counter()
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            data = resp.read()
-            result.latency_ms.append((time.perf_counter() - started) * 1000)
-            result.status.append(resp.status)
-            result.bodies.append(data)
-            result.headers.append({k.lower(): v for k, v in resp.getheaders()})
+        for i, path in enumerate(paths):  # one connection: keep-alive across all of them
+            _exchange(conn, result, method, path, body, (headers[i] if isinstance(headers, list) else headers) or {})
     finally:
         conn.close()
     return result
@@ -70,13 +79,36 @@ def http_requests(
     port: int,
     paths: list[str],
     *,
-    headers: dict[str, str] | None = None,
+    headers: Headers = None,
     timeout: float = 10.0,
     method: str = "GET",
     body: bytes | None = None,
 ) -> HttpResult:
-    """Send requests over one keep-alive connection from inside `ns`."""
+    """Send requests over one keep-alive connection from inside `ns` (headers: one dict for all, or a list)."""
     return call_in(ns, _http_requests, address, port, paths, headers, timeout, method, body)
+
+
+def _http_until(address: str, port: int, path: str, stop: threading.Event, pause_s: float,
+                timeout: float) -> tuple[HttpResult, list[float]]:  # fmt: skip
+    result, sent_at = HttpResult(), []
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        while not stop.is_set():
+            sent_at.append(time.monotonic())
+            _exchange(conn, result, "GET", f"{path}{len(sent_at)}", None, {})
+            if pause_s:
+                time.sleep(pause_s)
+    finally:
+        conn.close()
+    return result, sent_at
+
+
+def http_requests_until(
+    ns: str, address: str, port: int, path: str, stop: threading.Event, *, pause_s: float = 0.0, timeout: float = 10.0
+) -> tuple[HttpResult, list[float]]:
+    """GET `path<n>` (n = 1, 2, ...) over one keep-alive connection until `stop` is set, `pause_s` apart;
+    returns the results and each request's time.monotonic() send time. Run it in a thread."""
+    return call_in(ns, _http_until, address, port, path, stop, pause_s, timeout)
 
 
 @dataclass
