@@ -197,3 +197,40 @@ def test_a_path_outside_cgroup2_is_refused(tmp_path) -> None:  # type: ignore[no
             with pytest.raises(HostModeError, match="cgroup v2"):
                 host.attach(bad)
         assert host.cgroups == ()
+
+
+def test_pinned_maps_are_shared_with_a_successor(lab, cgroup: str, run_prefix: str) -> None:
+    """With a pin directory a second HostMode (an agent taking over) reuses the first one's maps: a connect
+    redirected by either one's programs is found through either one's map fd."""
+    node, server = lab.node_ns, lab.pod_ns("server")
+    server4 = lab.pod_addr("server", "oam", 4)
+    plane, policy = _oam(lab)
+    pin_dir = f"/sys/fs/bpf/{run_prefix}-host"
+    proxy = Greeter(call_in(node, _listener, PROXY_PORT), lambda conn: "proxy")
+    real = Greeter(call_in(server, _listener, PROXIED), _server_greeting)
+    try:
+        with HostMode(pin_dir=pin_dir) as first:
+            first.apply(policy, [plane])
+            first.attach(cgroup)
+            with HostMode(pin_dir=pin_dir) as second:
+                assert second.rules() == first.rules()  # the successor sees the policy before applying its own
+                second.attach(cgroup)  # both attached, as during a hot upgrade
+                assert _connect_from(node, cgroup, server4, PROXIED) == "proxy"
+                first.detach()  # the predecessor leaves
+                assert _connect_from(node, cgroup, server4, PROXIED) == "proxy"
+                # Two connects recorded in the one shared map, readable through the successor's fd.
+                assert second.pending() == 2
+                assert set(os.listdir(pin_dir)) == {
+                    "pm_host_by_cookie",
+                    "pm_host_by_peer",
+                    "pm_host_dest",
+                    "pm_host_planes",
+                    "pm_host_policy",
+                }
+    finally:
+        proxy.close()
+        real.close()
+        for name in os.listdir(pin_dir) if os.path.isdir(pin_dir) else []:
+            os.unlink(os.path.join(pin_dir, name))
+        if os.path.isdir(pin_dir):
+            os.rmdir(pin_dir)
