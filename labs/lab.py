@@ -3,10 +3,16 @@
 Names: namespaces are `<prefix>-<lab>-node` and `<prefix>-<lab>-<pod>`; the node-side interface of pod P on
 plane L is `P-L`, the pod-side one is `L`. The machine's own namespace is never touched. `down()` removes
 every namespace carrying the lab's prefix (leftovers of a crashed run included) and the processes in them.
+
+A plane with a `table` is routed like a VRF on a telecom node: the host routes to its pods live in that
+table, and `iif <node-side interface> lookup <table>` rules (priority IIF_RULE_PRIORITY) steer what the
+node forwards from the plane's interfaces; the main table knows none of the plane's pods.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +22,7 @@ from pyroute2 import IPRoute, netns
 
 from planemesh.agent.static_config import read_yaml_file
 from planemesh.labs import netns as ns_tools
-from planemesh.labs.model import LabSpec, lab_from_dict
+from planemesh.labs.model import LabPod, LabSpec, lab_from_dict, spec_to_dict
 
 IFA_F_NODAD = 0x02  # no duplicate address detection: lab addresses are unique by construction
 DEFAULT_PREFIX = "pm"
@@ -29,6 +35,16 @@ NODE_SYSCTLS = {
     "net.ipv4.conf.default.rp_filter": "0",
 }
 POD_SYSCTLS = {"net.ipv6.conf.default.accept_dad": "0", "net.ipv6.conf.all.accept_dad": "0"}
+ROUTER_SYSCTLS = {  # a pod with `forwarding: true`
+    "net.ipv4.ip_forward": "1",
+    "net.ipv6.conf.all.forwarding": "1",
+    "net.ipv4.conf.all.rp_filter": "0",
+    "net.ipv4.conf.default.rp_filter": "0",
+}
+IIF_RULE_PRIORITY = 2000  # after planemesh's own rules (1000, 1001), before main (32766)
+MAIN_TABLE = 254
+RTNH_F_ONLINK = 4
+FAMILY = {4: 2, 6: 10}  # AF_INET, AF_INET6
 
 
 def default_lab_path() -> Path:
@@ -105,59 +121,87 @@ class Lab:
     def _build(self) -> None:
         for name in self.namespaces():
             netns.create(name)
-        ns_tools.write_sysctls(self.node_ns, NODE_SYSCTLS)
-        for pod in self.spec.pods:
-            ns_tools.write_sysctls(self.pod_ns(pod.name), POD_SYSCTLS)
+        ns_tools.write_sysctls(self.node_ns, {**NODE_SYSCTLS, **dict(self.spec.node_sysctls)})
         with IPRoute(netns=self.node_ns) as node:
             _up(node, "lo")
             for pod in self.spec.pods:
-                pod_ns = self.pod_ns(pod.name)
-                with IPRoute(netns=pod_ns) as pod_ipr:
-                    _up(pod_ipr, "lo")
-                    for plane_name in pod.planes:
-                        self._wire(node, pod_ipr, pod.name, pod_ns, plane_name)
+                self._plug(node, pod)
+            if self.spec.node_default_via is not None:
+                self._node_default_route(node, *self.spec.node_default_via)
+
+    def _plug(self, node: IPRoute, pod: LabPod) -> None:
+        """A pod's namespace settings, then one veth per plane, then its default route (if any)."""
+        pod_ns = self.pod_ns(pod.name)
+        ns_tools.write_sysctls(pod_ns, {**POD_SYSCTLS, **(ROUTER_SYSCTLS if pod.forwarding else {})})
+        with IPRoute(netns=pod_ns) as pod_ipr:
+            _up(pod_ipr, "lo")
+            for plane_name in pod.planes:
+                self._wire(node, pod_ipr, pod.name, pod_ns, plane_name)
+            if pod.gateway is not None:
+                idx = pod_ipr.link_lookup(ifname=self.pod_ifname(pod.gateway))[0]
+                for version in (4, 6):
+                    gw = self.node_addr(pod.gateway, version)
+                    if gw is not None:
+                        pod_ipr.route("add", family=FAMILY[version], dst="default", gateway=gw, oif=idx)
+
+    def _node_default_route(self, node: IPRoute, pod: str, plane: str) -> None:
+        """The node's main-table default route via `pod`'s address on `plane` (like an OAM gateway)."""
+        idx = node.link_lookup(ifname=self.node_ifname(pod, plane))[0]
+        for version in (4, 6):
+            gw = self.pod_addr(pod, plane, version)
+            if gw is not None:
+                node.route(
+                    "add", family=FAMILY[version], dst="default", gateway=gw, oif=idx, flags=RTNH_F_ONLINK,
+                    table=MAIN_TABLE,
+                )  # fmt: skip
 
     def _wire(self, node: IPRoute, pod_ipr: IPRoute, pod: str, pod_ns: str, plane: str) -> None:
         node_if, pod_if = self.node_ifname(pod, plane), self.pod_ifname(plane)
         node.link("add", ifname=node_if, kind="veth", peer={"ifname": pod_if, "net_ns_fd": pod_ns})
         node_idx = _up(node, node_if)
         pod_idx = _up(pod_ipr, pod_if)
+        table = self.spec.plane(plane).table or MAIN_TABLE
         for version, host_len in ((4, 32), (6, 128)):
             net = self.spec.plane(plane).subnet(version)
             if net is None:
                 continue
             gw, me = self.node_addr(plane, version), self.pod_addr(pod, plane, version)
-            family = 2 if version == 4 else 10
+            family = FAMILY[version]
             flags = IFA_F_NODAD if version == 6 else 0
             # Routed, point-to-point (Calico-style): the node owns the plane's gateway address on
             # every plane veth and a host route per pod; the pod reaches its plane via that gateway.
             node.addr("add", index=node_idx, address=gw, prefixlen=host_len, flags=flags)
-            node.route("add", family=family, dst=f"{me}/{host_len}", oif=node_idx, prefsrc=gw, scope=253)
+            node.route("add", family=family, dst=f"{me}/{host_len}", oif=node_idx, prefsrc=gw, scope=253, table=table)
+            if table != MAIN_TABLE:  # VRF-like: what arrives on the plane's interfaces is routed in its table
+                node.rule("add", family=family, iifname=node_if, table=table, priority=IIF_RULE_PRIORITY)
             pod_ipr.addr("add", index=pod_idx, address=me, prefixlen=host_len, flags=flags)
             pod_ipr.route("add", family=family, dst=f"{gw}/{host_len}", oif=pod_idx, scope=253)
             pod_ipr.route("add", family=family, dst=str(net.cidr), gateway=gw, oif=pod_idx, prefsrc=me)
 
-    def add_pod(self, name: str, planes: tuple[str, ...]) -> None:
+    def add_pod(self, name: str, planes: tuple[str, ...], gateway: str | None = None) -> None:
         """Plug a new pod into the running lab (hotplug): its namespace, then one veth per plane."""
-        from planemesh.labs.model import LabPod
-
-        pod = LabPod(name, tuple(planes))
-        spec = LabSpec(self.spec.name, self.spec.planes, (*self.spec.pods, pod))
-        lab_from_dict(_spec_to_dict(spec))  # the same validation as a lab file
+        pod = LabPod(name, tuple(planes), gateway=gateway)
+        spec = dataclasses.replace(self.spec, pods=(*self.spec.pods, pod))
+        lab_from_dict(spec_to_dict(spec))  # the same validation as a lab file
         self.spec = spec
-        pod_ns = self.pod_ns(name)
-        netns.create(pod_ns)
-        ns_tools.write_sysctls(pod_ns, POD_SYSCTLS)
-        with IPRoute(netns=self.node_ns) as node, IPRoute(netns=pod_ns) as pod_ipr:
-            _up(pod_ipr, "lo")
-            for plane_name in pod.planes:
-                self._wire(node, pod_ipr, name, pod_ns, plane_name)
+        netns.create(self.pod_ns(name))
+        with IPRoute(netns=self.node_ns) as node:
+            self._plug(node, pod)
 
     def remove_pod(self, name: str) -> None:
-        """Unplug a pod: its namespace goes, and its veths with it."""
-        pod_ns = self.pod_ns(name)
-        ns_tools.remove(pod_ns)
-        self.spec = LabSpec(self.spec.name, self.spec.planes, tuple(p for p in self.spec.pods if p.name != name))
+        """Unplug a pod: its namespace goes, and its veths with it (and the node's `iif` rules naming them)."""
+        pod = self.spec.pod(name)
+        ns_tools.remove(self.pod_ns(name))
+        with IPRoute(netns=self.node_ns) as node:
+            for plane in pod.planes:
+                table = self.spec.plane(plane).table
+                for family in FAMILY.values() if table else ():
+                    with contextlib.suppress(Exception):  # already gone (no such rule)
+                        node.rule(
+                            "del", family=family, iifname=self.node_ifname(name, plane), table=table,
+                            priority=IIF_RULE_PRIORITY,
+                        )  # fmt: skip
+        self.spec = dataclasses.replace(self.spec, pods=tuple(p for p in self.spec.pods if p.name != name))
 
     # ---- inspection ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -175,17 +219,6 @@ class Lab:
                         addrs[links[a["index"]]].append(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
             hosts[name] = addrs
         return {"lab": self.spec.name, "prefix": self.prefix, "up": present == set(self.namespaces()), "hosts": hosts}
-
-
-def _spec_to_dict(spec: LabSpec) -> dict[str, Any]:
-    return {
-        "name": spec.name,
-        "planes": [
-            {"name": p.name, **({"ipv4": str(p.ipv4)} if p.ipv4 else {}), **({"ipv6": str(p.ipv6)} if p.ipv6 else {})}
-            for p in spec.planes
-        ],
-        "pods": [{"name": p.name, "planes": list(p.planes)} for p in spec.pods],
-    }
 
 
 def _up(ipr: IPRoute, ifname: str) -> int:
