@@ -36,7 +36,9 @@ PROXIED, BYPASSED = 80, 9080  # the lab server's HTTP ports: declared http / und
 NOTHING_ATTACHED = {"sock_ops": [], "connect4": [], "connect6": []}
 
 
-def start_agent_in(lab: Lab, workdir: Path, cgroup: str, *, inside: bool) -> subprocess.Popen:
+def start_agent_in(
+    lab: Lab, workdir: Path, cgroup: str, *, inside: bool, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     """The agent on its embedded config with host mode on `cgroup`; with inside=True it (and so its
     workers) runs in that very cgroup."""
     argv = [
@@ -45,6 +47,7 @@ def start_agent_in(lab: Lab, workdir: Path, cgroup: str, *, inside: bool) -> sub
         "--admin", f"unix://{workdir / 'admin.sock'}",
         "--access-log", str(workdir / "access.log"),
         "--host-cgroup", cgroup,
+        *extra,
     ]  # fmt: skip
     return ns_tools.start_until(
         None, argv, "planemesh agent ready", timeout=60, preexec_fn=joiner(cgroup if inside else None)
@@ -237,3 +240,59 @@ def test_stopped_or_killed_agent_leaves_nothing_attached(run_prefix: str) -> Non
             r = http_get(lab.node_ns, cgroup, server, PROXIED, "/after")
             assert r["status"] == 200, r
             assert "x-request-id" not in r["seen"]["headers"], signal.Signals(sig).name
+
+
+CLIENT_LOOP = """
+import collections, http.client, json, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+statuses, with_id, end = collections.Counter(), 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    conn = http.client.HTTPConnection(host, port, timeout=5)  # a new connect each time: redirected anew
+    try:
+        conn.request("GET", "/upgrade")
+        resp = conn.getresponse()
+        body = resp.read()
+        statuses[resp.status] += 1
+        with_id += resp.status == 200 and b"x-request-id" in body
+    except OSError as exc:
+        statuses[type(exc).__name__] += 1
+    finally:
+        conn.close()
+    time.sleep(0.01)
+print(json.dumps({"statuses": statuses, "with_id": with_id}), flush=True)
+"""
+
+
+def test_hot_upgrade_keeps_intercepting_without_a_failed_request(run_prefix: str) -> None:
+    """With a pin directory the successor shares the host-mode maps: connects redirected by either agent's
+    programs during the overlap are served, and afterwards only the successor's programs are attached."""
+    pin_dir = f"/sys/fs/bpf/{run_prefix}-hostup"
+    extra = ("--pin-dir", pin_dir, "--drain-timeout", "1")
+    with (
+        temporary_cgroup(f"{run_prefix}-hostup") as cgroup,
+        tempfile.TemporaryDirectory(prefix="planemesh-test-") as tmp,
+        lab_with_servers(f"{run_prefix}u") as (lab, _servers),
+    ):
+        first = start_agent_in(lab, Path(tmp), cgroup, inside=False, extra=extra)
+        successor = None
+        try:
+            argv = [sys.executable, "-c", CLIENT_LOOP, str(lab.pod_addr("server", "oam", 6)), str(PROXIED), "6"]
+            client = ns_tools.popen(lab.node_ns, argv, stdout=subprocess.PIPE, text=True, preexec_fn=joiner(cgroup))
+            eventually(lambda: False, timeout=1)  # traffic flows through the first agent
+            successor = start_agent_in(lab, Path(tmp), cgroup, inside=False, extra=extra)
+            assert first.wait(20) == 0
+            out, _ = client.communicate(timeout=30)
+            result = json.loads(out)
+            attached = attached_programs(cgroup)  # the successor's programs, and only them
+            assert {hook: len(ids) for hook, ids in attached.items()} == {"sock_ops": 1, "connect4": 1, "connect6": 1}
+        finally:
+            for proc in (successor, first):
+                if proc is not None:
+                    ns_tools.stop(proc)
+            for name in os.listdir(pin_dir) if os.path.isdir(pin_dir) else []:
+                os.unlink(os.path.join(pin_dir, name))
+            if os.path.isdir(pin_dir):
+                os.rmdir(pin_dir)
+    total = sum(result["statuses"].values())
+    assert total > 50 and result["statuses"] == {"200": total}, result
+    assert result["with_id"] == total, result  # every one of them went through a proxy
