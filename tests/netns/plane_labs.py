@@ -94,10 +94,10 @@ def forwarded(ns: str) -> int:
 
     def read() -> int:
         total = 0
-        with open("/proc/net/snmp") as f:
+        with open("/proc/thread-self/net/snmp") as f:
             lines = [line.split() for line in f if line.startswith("Ip:")]
         total += int(lines[1][lines[0].index("ForwDatagrams")])
-        with open("/proc/net/snmp6") as f:
+        with open("/proc/thread-self/net/snmp6") as f:
             total += next(int(v) for k, v in (line.split() for line in f) if k == "Ip6OutForwDatagrams")
         return total
 
