@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from planemesh.agent.demo import start_servers
-from planemesh.agent.static_config import load_default_config
+from planemesh.agent.static_config import default_config_text, load_default_config
 from planemesh.ebpf.hostmode import HostMode, attached_programs
 from planemesh.labs import Lab, load_lab
 from planemesh.labs import netns as ns_tools
@@ -39,19 +39,23 @@ NOTHING_ATTACHED = {"sock_ops": [], "connect4": [], "connect6": []}
 def start_agent_in(
     lab: Lab, workdir: Path, cgroup: str, *, inside: bool, extra: tuple[str, ...] = ()
 ) -> subprocess.Popen:
-    """The agent on its embedded config with host mode on `cgroup`; with inside=True it (and so its
-    workers) runs in that very cgroup."""
+    """The agent with host mode on `cgroup` (--host-cgroup, unless `extra` configures it); with inside=True
+    it (and so its workers) runs in that very cgroup."""
     argv = [
         sys.executable, "-m", "planemesh.agent.cli", "agent",
         "--netns", lab.node_ns,
         "--admin", f"unix://{workdir / 'admin.sock'}",
         "--access-log", str(workdir / "access.log"),
-        "--host-cgroup", cgroup,
-        *extra,
+        *(extra if "--config" in extra else ("--host-cgroup", cgroup, *extra)),
     ]  # fmt: skip
     return ns_tools.start_until(
         None, argv, "planemesh agent ready", timeout=60, preexec_fn=joiner(cgroup if inside else None)
     )
+
+
+def write_config(path: Path, cgroups: list[str]) -> None:
+    """The embedded default configuration plus a host_mode section naming `cgroups`."""
+    path.write_text(default_config_text() + "\nhost_mode:\n  cgroups: " + json.dumps(cgroups) + "\n")
 
 
 @contextlib.contextmanager
@@ -74,12 +78,15 @@ def cgroup(run_prefix: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def env(run_prefix: str, cgroup: str) -> Iterator[AgentLab]:
-    """The default lab and an agent running inside the cgroup it intercepts."""
+    """The default lab and an agent running inside the cgroup it intercepts, named by its static
+    configuration's host_mode section (relative to the cgroup v2 mount)."""
     with (
         tempfile.TemporaryDirectory(prefix="planemesh-test-") as tmp,
         lab_with_servers(f"{run_prefix}h") as (lab, servers),
     ):
-        agent = start_agent_in(lab, Path(tmp), cgroup, inside=True)
+        config = Path(tmp) / "planemesh.yaml"
+        write_config(config, [os.path.basename(cgroup)])
+        agent = start_agent_in(lab, Path(tmp), cgroup, inside=True, extra=("--config", str(config)))
         try:
             yield AgentLab(lab, Path(tmp), agent, servers)
         finally:
@@ -164,10 +171,43 @@ def test_agent_inside_the_cgroup_does_not_loop(env: AgentLab, cgroup: str) -> No
     assert [entry["request_id"] for entry in seen] == [r["seen"]["headers"]["x-request-id"]]
 
 
+def test_reload_follows_the_host_mode_section(env: AgentLab, cgroup: str, run_prefix: str) -> None:
+    """SIGHUP re-reads host_mode: a cgroup added is attached, one removed is released, a bad one changes nothing."""
+    config = env.workdir / "planemesh.yaml"
+    original = config.read_text()
+    server = env.server("oam", 4)
+
+    def hooks(path: str) -> dict[str, int]:
+        return {hook: len(ids) for hook, ids in attached_programs(path).items()}
+
+    def reload_with(cgroups: list[str]) -> None:
+        write_config(config, cgroups)
+        env.agent.send_signal(signal.SIGHUP)
+
+    ours = {"sock_ops": 1, "connect4": 1, "connect6": 1}
+    with temporary_cgroup(f"{run_prefix}-hostmore") as more:
+        try:
+            reload_with([os.path.basename(cgroup), more])
+            assert eventually(lambda: hooks(more) == ours)
+            assert "x-request-id" in http_get(env.lab.node_ns, more, server, PROXIED)["seen"]["headers"]
+
+            reload_with([more])  # the agent's own cgroup released
+            assert eventually(lambda: hooks(cgroup) == {k: 0 for k in ours})
+            assert "x-request-id" not in http_get(env.lab.node_ns, cgroup, server, PROXIED)["seen"]["headers"]
+
+            reload_with([more, "no-such-cgroup"])
+            assert eventually(lambda: "host_mode.cgroups[1]" in env.agent_output())
+            assert hooks(more) == ours and hooks(cgroup) == {k: 0 for k in ours}  # nothing changed
+        finally:
+            config.write_text(original)
+            env.agent.send_signal(signal.SIGHUP)
+            assert eventually(lambda: hooks(cgroup) == ours and hooks(more) == {k: 0 for k in ours})
+
+
 NAIVE_PROXY = """
 import asyncio, json, os, sys
 from planemesh.agent.proxy.server import PlaneProxy, make_listener_socket
-from planemesh.agent.static_config import load_default_config
+from planemesh.agent.static_config import default_config_text, load_default_config
 from planemesh.ebpf.hostmode import OriginalDestinations
 
 map_fd, port, limit = (int(v) for v in sys.argv[1:4])
