@@ -123,3 +123,37 @@ def test_plane_tables_keep_the_upstream_on_its_plane(lab: Lab, tmp_path: Path) -
         rules = plane_rules(lab.node_ns)
         assert "lookup 101" not in rules and "fwmark 0x800002/0x80003f lookup 102" in rules
     assert plane_rules(lab.node_ns) == "", "a stopping agent removes its plane rules"
+
+
+def test_plane_rules_survive_a_hand_over_and_go_with_a_detaching_close(lab: Lab) -> None:
+    """KernelDataPath.close(detach=False) (hand-over, fail-open) leaves the plane rules routing; the next
+    agent's snapshot is diffed against what it finds; close(detach=True) removes them."""
+    from planemesh.agent.kernel import KernelDataPath
+    from planemesh.agent.static_config import snapshot_from_dict
+    from planemesh.labs.netns import call_in
+
+    with_tables = snapshot_from_dict(agent_config(tables=True))
+    sig_only = config([plane("oam", 1, CIDRS["oam"]), plane("sig", 2, CIDRS["sig"], table=102)])
+    sig_table_only = snapshot_from_dict(sig_only)
+
+    def scenario() -> list[str]:
+        seen = []
+        first = KernelDataPath()
+        first.open()
+        first.apply(with_tables)
+        seen.append(plane_rules(lab.node_ns))
+        first.close(detach=False)
+        seen.append(plane_rules(lab.node_ns))
+        second = KernelDataPath()
+        second.open()
+        second.apply(sig_table_only)
+        seen.append(plane_rules(lab.node_ns))
+        second.close(detach=True)
+        seen.append(plane_rules(lab.node_ns))
+        return seen
+
+    installed, kept, diffed, removed = call_in(lab.node_ns, scenario)
+    assert installed.count("lookup 101") == 2 and installed.count("lookup 102") == 2  # v4 and v6 each
+    assert kept == installed
+    assert "lookup 101" not in diffed and diffed.count("lookup 102") == 2
+    assert removed == ""
