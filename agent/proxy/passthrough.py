@@ -208,6 +208,29 @@ class _Pipe(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()  # flushes what is buffered first
 
+    def adopt(self, transport: asyncio.Transport) -> None:
+        """Take over a connected transport whose protocol is done with it (HTTP upgrades, CONNECT)."""
+        transport.set_protocol(self)
+        self.connection_made(transport)
+        transport.resume_reading()
+
+
+def pipe_pair(
+    count_ab: Callable[[int], None], count_ba: Callable[[int], None], on_done: Callable[[], None]
+) -> tuple[_Pipe, _Pipe]:
+    """The two ends of a byte tunnel: what `a` reads goes to b's transport (counted by count_ab) and the other
+    way round; on_done() runs once both are closed. Each end gets its transport from connection_made or adopt."""
+    left = [2]
+
+    def on_lost() -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            on_done()
+
+    pa, pb = _Pipe(count_ab, on_lost), _Pipe(count_ba, on_lost)
+    pa.peer, pb.peer = pb, pa
+    return pa, pb
+
 
 def reset(sock: socket.socket) -> None:
     """Close with RST: the client sees the failure as the upstream's (refused/reset), not as an empty reply."""
@@ -223,15 +246,7 @@ async def splice_sockets(
     that completes when both are closed."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
-    left = [2]
-
-    def on_lost() -> None:
-        left[0] -= 1
-        if left[0] == 0 and not done.done():
-            done.set_result(None)
-
-    pa, pb = _Pipe(count_ab, on_lost), _Pipe(count_ba, on_lost)
-    pa.peer, pb.peer = pb, pa
+    pa, pb = pipe_pair(count_ab, count_ba, lambda: done.done() or done.set_result(None))
     try:
         await loop.connect_accepted_socket(lambda: pb, b)
     except BaseException:
