@@ -24,10 +24,9 @@ lookup-and-delete syscall, safe from any proxy event loop.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ipaddress
 import os
 import socket
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -105,28 +104,34 @@ def attached_programs(cgroup_path: str) -> dict[str, list[int]]:
 
 
 # ---- the proxy's side: original destinations by peer ----------------------------------------------
+# struct pm_host_peer / pm_host_orig (pm_abi.h) as struct formats: the per-connection path stays cheap.
+_PEER = struct.Struct("=BBH16s")  # family, pad, port (host order), addr
+_ORIG = struct.Struct("=BB2sI16s")  # family, pad, port (network order), plane_id, addr
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
 def _peer_key(peer_ip: str, peer_port: int) -> bytes:
-    ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    key = abi.PmHostPeer()
-    key.family = abi.PM_FAMILY_V4 if ip.version == 4 else abi.PM_FAMILY_V6
-    key.port = peer_port
-    ctypes.memmove(key.addr, ip.packed, len(ip.packed))
-    return bytes(key)
+    """pm_host_peer for an accepted connection's peer (v4-mapped addresses key as IPv4, like sock_ops)."""
+    if ":" in peer_ip:
+        packed = socket.inet_pton(socket.AF_INET6, peer_ip.split("%", 1)[0])
+        if packed[:12] == _V4_MAPPED:
+            return _PEER.pack(abi.PM_FAMILY_V4, 0, peer_port, packed[12:])
+        return _PEER.pack(abi.PM_FAMILY_V6, 0, peer_port, packed)
+    return _PEER.pack(abi.PM_FAMILY_V4, 0, peer_port, socket.inet_pton(socket.AF_INET, peer_ip))
 
 
 def decode_orig(raw: bytes) -> tuple[str, int, int]:
     """pm_host_orig bytes -> (address, port, plane_id)."""
-    orig = abi.PmHostOrig.from_buffer_copy(raw)
-    size = 4 if orig.family == abi.PM_FAMILY_V4 else 16
-    return str(ipaddress.ip_address(bytes(orig.addr[:size]))), socket.ntohs(orig.port), int(orig.plane_id)
+    family, _, port, plane_id, addr = _ORIG.unpack_from(raw)
+    if family == abi.PM_FAMILY_V4:
+        return socket.inet_ntop(socket.AF_INET, addr[:4]), int.from_bytes(port, "big"), plane_id
+    return socket.inet_ntop(socket.AF_INET6, addr), int.from_bytes(port, "big"), plane_id
 
 
 class OriginalDestinations:
     """pm_host_by_peer, read through its map fd alone (the fd a worker process inherits)."""
 
-    _ORIG_SIZE = ctypes.sizeof(abi.PmHostOrig)
+    _ORIG_SIZE = _ORIG.size
 
     def __init__(self, map_fd: int) -> None:
         self.map_fd = map_fd
@@ -137,7 +142,7 @@ class OriginalDestinations:
             if not 0 < int(peer_port) < 65536:
                 return None
             key = _peer_key(peer_ip, int(peer_port))
-        except (ValueError, TypeError, OverflowError):
+        except (OSError, ValueError, TypeError, OverflowError):  # inet_pton raises OSError
             return None
         raw = libbpf.map_lookup(self.map_fd, key, self._ORIG_SIZE, delete=consume)
         return decode_orig(raw) if raw is not None else None
