@@ -18,7 +18,13 @@ import pytest
 from netaddr import IPNetwork
 
 from planemesh.ebpf.abi import Action
-from planemesh.ebpf.hostmode import HostMode, HostModeError, OriginalDestinations, attached_programs
+from planemesh.ebpf.hostmode import (
+    HostMode,
+    HostModeError,
+    OriginalDestinations,
+    attached_programs,
+    cgroup2_mounts,
+)
 from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
 from planemesh.labs.netns import call_in, exec_argv
 from planemesh.netplanes.model import Plane
@@ -193,7 +199,8 @@ def test_no_listener_means_no_redirect(lab, cgroup: str) -> None:
 
 def test_a_path_outside_cgroup2_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with HostMode() as host:
-        for bad in (str(tmp_path), "/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified/no-such-cgroup"):
+        missing = os.path.join(cgroup2_mounts()[0], "no-such-cgroup")
+        for bad in (str(tmp_path), "/sys/fs/cgroup/memory", missing):  # not cgroup2 / a v1 hierarchy / absent
             with pytest.raises(HostModeError, match="cgroup v2"):
                 host.attach(bad)
         assert host.cgroups == ()
