@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from pyroute2 import IPRoute
 
 from planemesh.netplanes.model import ROUTED, Plane, plane_of_interface
 from planemesh.netplanes.netlink import ipr_or_new
+
+log = logging.getLogger("planemesh.netplanes")
 
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
@@ -51,10 +54,20 @@ def _plane_by_routes(planes: tuple[Plane, ...], link: LinkFacts) -> Plane | None
     return None
 
 
+def claimants(planes: Iterable[Plane], ifname: str) -> list[str]:
+    """Names of the planes whose patterns match `ifname` (more than one: the interface is ambiguous)."""
+    return [plane.name for plane in planes if plane.claims_interface(ifname)]
+
+
 def classify(links: Iterable[LinkFacts], planes: Iterable[Plane]) -> dict[int, PlaneInterface]:
+    """Plane interfaces by ifindex. A link whose name two planes' patterns match (`*-oam` and `client-*`
+    both match `client-oam`; validation refuses the cases it can decide) belongs to neither: guessing
+    would put a plane's traffic under another plane's policy. `scan` logs it."""
     planes = tuple(planes)
     found: dict[int, PlaneInterface] = {}
     for link in links:
+        if len(claimants(planes, link.ifname)) > 1:
+            continue
         plane = plane_of_interface(planes, link.ifname) or _plane_by_routes(planes, link)
         if plane is not None:
             found[link.ifindex] = PlaneInterface(link.ifindex, link.ifname, plane.name, link.addresses, link.up)
@@ -79,9 +92,7 @@ def diff(old: dict[int, PlaneInterface], new: dict[int, PlaneInterface]) -> Inte
     )
 
 
-def plane_source_addresses(
-    interfaces: Iterable[PlaneInterface], planes: Iterable[Plane]
-) -> dict[str, dict[int, str]]:
+def plane_source_addresses(interfaces: Iterable[PlaneInterface], planes: Iterable[Plane]) -> dict[str, dict[int, str]]:
     """For each plane, this node's own address per IP version inside the plane's CIDRs (to bind upstreams)."""
     by_name = {p.name: p for p in planes}
     out: dict[str, dict[int, str]] = {}
@@ -118,9 +129,19 @@ def read_links(ipr: IPRoute) -> list[LinkFacts]:
     return links
 
 
+_reported: set[tuple[str, tuple[str, ...]]] = set()  # ambiguous interfaces already logged (once each)
+
+
 def scan(planes: Iterable[Plane], ipr: IPRoute | None = None) -> dict[int, PlaneInterface]:
+    planes = tuple(planes)
     with ipr_or_new(ipr) as nl:
-        return classify(read_links(nl), planes)
+        links = read_links(nl)
+    for link in links:
+        names = tuple(claimants(planes, link.ifname))
+        if len(names) > 1 and (link.ifname, names) not in _reported:
+            _reported.add((link.ifname, names))
+            log.warning("interface %s is claimed by planes %s: left alone (fix the patterns)", link.ifname, names)
+    return classify(links, planes)
 
 
 class NetlinkWatch:

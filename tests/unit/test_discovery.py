@@ -37,3 +37,10 @@ def test_diff_and_source_addresses():
     assert [i.ifindex for i in change.added] == [5] and [i.ifindex for i in change.changed] == [2]
     assert not change.removed
     assert plane_source_addresses(new.values(), (OAM,)) == {"oam": {4: "198.18.1.1", 6: "fd00:18:1::1"}}
+
+
+def test_an_interface_two_planes_claim_belongs_to_neither():
+    oam = Plane("oam", 1, ("*-oam",), (IPNetwork("198.18.1.0/24"),))
+    clients = Plane("clients", 4, ("client-*",), (IPNetwork("198.18.4.0/24"),))
+    links = [LinkFacts(2, "client-oam", True, ()), LinkFacts(3, "server-oam", True, ())]
+    assert {i: p.plane for i, p in classify(links, (oam, clients)).items()} == {3: "oam"}
