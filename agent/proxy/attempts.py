@@ -196,7 +196,7 @@ class UpstreamAttempts:
         for data in self.body_copy or ():
             out.append(chunk(data) if self.req_chunked else data)
         if self.req_chunked and self.req_done:
-            out.append(LAST_CHUNK)
+            out.append(self.request_end())
         self.up_out = out
 
     def _drop_upstream(self) -> None:
@@ -269,6 +269,7 @@ class UpstreamAttempts:
     if TYPE_CHECKING:  # provided by Exchange
 
         def flush_upstream(self) -> None: ...
+        def request_end(self) -> bytes: ...
         def overloaded(self, which: bytes) -> None: ...
         def reply(self, status: int, body: bytes, headers=(), flag: str = "") -> None: ...
         def finish(self, abort: bool = False) -> None: ...

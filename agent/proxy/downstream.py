@@ -2,6 +2,8 @@
 
 Requests on a connection are answered in order; pipelined requests are parsed and queued (reading paused)
 until the one in front has finished. Back-pressure both ways goes through pause/resume_reading.
+An upgrade request (Connection: upgrade) or CONNECT stops the parser: what the client sends next is held
+until the exchange knows whether the connection becomes a tunnel (tunnel.py) or stays HTTP.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from planemesh.agent.proxy import accesslog
 from planemesh.agent.proxy.exchange import Exchange
-from planemesh.agent.proxy.http1 import BAD_REQUEST, HEADERS_TOO_LARGE, MAX_HEADER_BYTES, local_reply
+from planemesh.agent.proxy.http1 import (
+    BAD_REQUEST,
+    HEADERS_TOO_LARGE,
+    MAX_HEADER_BYTES,
+    connection_tokens,
+    local_reply,
+    parse_authority,
+)
+from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, TUNNEL_UPGRADE
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.routing import CompiledRouteConfig
@@ -23,11 +33,10 @@ if TYPE_CHECKING:
 PAUSE_PIPELINE = 1  # a later request waits for the one in front
 PAUSE_UPSTREAM = 2  # the upstream is not taking the request body fast enough
 PAUSE_BUFFER = 4  # the request body is buffered while the upstream connection is being opened
+PAUSE_HELD = 8  # bytes after an upgrade/CONNECT request are held until it is known whether they tunnel
 MAX_BUFFERED_BODY = 1 << 20
 LINGER_S = 1.0
-NOT_IMPLEMENTED = local_reply(501, b"CONNECT and protocol upgrades are not supported\n", close=True)
-OVERLOADED_CONNECTIONS = local_reply(503, b"overloaded\n", [(b"x-planemesh-overloaded", b"connections")],
-                                     close=True)
+OVERLOADED_CONNECTIONS = local_reply(503, b"overloaded\n", [(b"x-planemesh-overloaded", b"connections")], close=True)
 
 # Request headers the proxy reads while parsing; the rest are forwarded untouched.
 _H_HOST = b"host"
@@ -38,17 +47,32 @@ _H_RID = b"x-request-id"
 _H_XFF = b"x-forwarded-for"
 _H_XFP = b"x-forwarded-proto"
 _H_UA = b"user-agent"
+_H_UPGRADE = b"upgrade"
 H2_PREFACE_START = b"PRI * HTTP/2.0\r\n"
-_SPECIAL = frozenset({_H_HOST, _H_CL, _H_TE, _H_CONN, _H_RID, _H_XFF, _H_XFP, _H_UA})
+_SPECIAL = frozenset({_H_HOST, _H_CL, _H_TE, _H_CONN, _H_RID, _H_XFF, _H_XFP, _H_UA, _H_UPGRADE})
+
+
+class Refused(Exception):
+    """Raised in a parser callback for a request the proxy will not take: answered with `status` and a body
+    saying why, then the connection closes (httptools re-raises it as the context of its callback error)."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(body)
+        self.status = status
+        self.reply = local_reply(status, body, close=True)
 
 
 class Downstream(asyncio.Protocol):
     __slots__ = (
         "active",
+        "chunk_watch",
         "closed",
         "ex",
         "head_bytes",
         "header_sum",
+        "held",
+        "held_eof",
+        "held_size",
         "in_headers",
         "last_active",
         "lingering",
@@ -56,10 +80,12 @@ class Downstream(asyncio.Protocol):
         "loops_to_self",
         "out",
         "parser",
+        "parsing",
         "paused",
         "peer_ip",
         "proxy",
         "queue",
+        "raw_body",
         "route_config",
         "table",
         "transport",
@@ -87,6 +113,12 @@ class Downstream(asyncio.Protocol):
         self.loops_to_self = False
         self.table: RoutingTable | None = None
         self.route_config: CompiledRouteConfig | None = None
+        self.held: list[bytes] | None = None  # not None: after a tunnel request, waiting for its outcome
+        self.held_size = 0
+        self.held_eof = False
+        self.parsing = False  # inside feed_data (exchange_done must not re-enter the parser)
+        self.raw_body = 0  # body bytes of an h2c upgrade request still to read (llhttp skips them)
+        self.chunk_watch = False  # after a chunk header, until body bytes: the last chunk's trailers
 
     # ---- transport events ------------------------------------------------------------------------
 
@@ -112,24 +144,44 @@ class Downstream(asyncio.Protocol):
         if self.closed or self.lingering:
             return
         self.last_active = self.proxy.loop.time()
+        if self.held is not None:
+            self._hold(data)
+            return
+        if self.raw_body:
+            data = self._read_raw_body(data)
+            if not data:
+                self._flush_all()
+                return
         if self.ex is None and self.active is None and data.startswith(H2_PREFACE_START):
             self._switch_to_h2(data)  # h2c prior knowledge: the first bytes decide, on any port
             return
-        if self.in_headers or self.ex is None:
+        if self.in_headers or self.ex is None or self.chunk_watch:
             self.head_bytes += len(data)
+        self.parsing = True
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
-            self._after_upgrade(data, upgrade.args[0] if upgrade.args else len(data))
-        except HttpParserError:
-            if self.header_sum > MAX_HEADER_BYTES:
+            self.parsing = False
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            if not self._after_upgrade(data[offset:]):
+                return
+        except HttpParserError as err:
+            refused = err.__context__
+            if isinstance(refused, Refused):
+                self.protocol_error(refused.reply, refused.status)
+            elif self.header_sum > MAX_HEADER_BYTES:
                 self.protocol_error(HEADERS_TOO_LARGE, 431)
             else:
                 self.protocol_error(BAD_REQUEST, 400)
             return
-        if self.in_headers and self.head_bytes > MAX_HEADER_BYTES:
-            self.protocol_error(HEADERS_TOO_LARGE, 431)
+        finally:
+            self.parsing = False
+        if (self.in_headers or self.chunk_watch) and self.head_bytes > MAX_HEADER_BYTES:
+            self.protocol_error(HEADERS_TOO_LARGE, 431)  # a header section, or trailers, that never end
             return
+        self._flush_all()
+
+    def _flush_all(self) -> None:
         active = self.active
         if active is not None and active.up_out:
             active.flush_upstream()
@@ -151,18 +203,67 @@ class Downstream(asyncio.Protocol):
         self.transport.set_protocol(h2ds)
         h2ds.connection_made(self.transport)
 
-    def _after_upgrade(self, data: bytes, offset: int) -> None:
-        """llhttp stops after a request carrying Upgrade (or CONNECT). Tunnels are not supported yet:
-        CONNECT gets 501; other upgrade requests were forwarded as plain requests without Upgrade."""
-        ex = self.ex
-        if ex is not None and ex.method_b == b"CONNECT":
-            self.protocol_error(NOT_IMPLEMENTED, 501)
-            return
-        rest = data[offset:] if isinstance(offset, int) else b""
+    def _after_upgrade(self, rest: bytes) -> bool:
+        """llhttp stopped after a request with Connection: upgrade, or CONNECT; `rest` is what followed its
+        head. Returns whether data_received should go on flushing."""
+        if self.closed or self.lingering:
+            return False
+        if self.held is not None:  # a tunnel request: `rest` is the tunnel's, or the next request's
+            if rest:
+                self._hold(rest)
+            ex = self.ex
+            if ex is not None and ex.finished and ex is not self.active:
+                self._release_held()  # answered (refused) while the parser was still running
+            return True
+        if self.raw_body:  # an h2c upgrade request forwarded as a plain one: its body is read here
+            rest = self._read_raw_body(rest)
         if rest:
             self.data_received(rest)
+            return False
+        return True
+
+    def _read_raw_body(self, data: bytes) -> bytes:
+        """Feed the body llhttp skipped to the exchange; returns the bytes after it."""
+        n = self.raw_body
+        part, rest = data[:n], data[n:]
+        self.raw_body -= len(part)
+        ex = self.ex
+        if ex is not None:
+            if part:
+                ex.on_request_body(part)
+            if not self.raw_body:
+                ex.on_request_complete()
+        return rest
+
+    # ---- bytes held after a tunnel request ----------------------------------------------------------
+
+    def _hold(self, data: bytes) -> None:
+        self.held.append(data)  # type: ignore[union-attr]
+        self.held_size += len(data)
+        if self.held_size > MAX_BUFFERED_BODY:
+            self.pause(PAUSE_HELD)
+
+    def take_held(self) -> tuple[bytes, bool]:
+        """For the tunnel: what the client sent after its request, and whether it half-closed since."""
+        held, eof = b"".join(self.held or ()), self.held_eof
+        self.held = None
+        self.held_size = 0
+        self.held_eof = False
+        return held, eof
+
+    def _release_held(self) -> None:
+        """The request did not become a tunnel: the connection stays HTTP and parses what followed it."""
+        held, eof = self.take_held()
+        self.resume(PAUSE_HELD)
+        if held and not self.closed:
+            self.data_received(held)
+        if eof:
+            self.close()  # as for any client FIN (eof_received)
 
     def eof_received(self) -> bool | None:
+        if self.held is not None:  # a tunnel may start: it carries the half-close
+            self.held_eof = True
+            return True
         # As Envoy by default: a client's FIN ends the connection and the request in flight (DC). A socket
         # cannot tell a half-close from a close, and a closed client would only get our response as RST.
         return None
@@ -249,9 +350,21 @@ class Downstream(asyncio.Protocol):
             self.out.append(reply)
         ex = self.ex
         rec = accesslog.AccessRecord(
-            start_time=time.time(), method=ex.method if ex else "-", path=ex.path if ex else "-",
-            protocol="HTTP/1.1", status=status, flags=accesslog.DPE, bytes_rx=0, bytes_tx=0, duration_ms=0,
-            upstream_ms=None, xff=None, user_agent=None, request_id=None, authority=None, upstream_host=None,
+            start_time=time.time(),
+            method=ex.method if ex else "-",
+            path=ex.path if ex else "-",
+            protocol="HTTP/1.1",
+            status=status,
+            flags=accesslog.DPE,
+            bytes_rx=0,
+            bytes_tx=0,
+            duration_ms=0,
+            upstream_ms=None,
+            xff=None,
+            user_agent=None,
+            request_id=None,
+            authority=None,
+            upstream_host=None,
             plane=self.proxy.plane_name,
         )
         self.proxy.stats.responses[status // 100] += 1
@@ -274,6 +387,11 @@ class Downstream(asyncio.Protocol):
         ex: Exchange = self.ex  # type: ignore[assignment]
         n = name.lower()
         self.header_sum += len(name) + len(value) + 4
+        if not self.in_headers:  # after the head: the trailers of a chunked body
+            if self.header_sum > MAX_HEADER_BYTES:
+                raise HttpParserError("trailers too large")  # answered with 431 in data_received
+            ex.on_request_trailer(n, value)
+            return
         if n in _SPECIAL:
             if n == _H_HOST:
                 ex.authority = value.decode("latin-1")
@@ -300,6 +418,8 @@ class Downstream(asyncio.Protocol):
                 ex.has_xfp = True
             elif n == _H_UA:
                 ex.user_agent = value.decode("latin-1")
+            elif n == _H_UPGRADE:
+                ex.upgrade = value
         ex.headers.append((n, value))
 
     def on_headers_complete(self) -> None:
@@ -314,9 +434,11 @@ class Downstream(asyncio.Protocol):
         ex.keep_alive = parser.should_keep_alive()
         ex.is_head = method == b"HEAD"
         if method == b"CONNECT":
-            return  # answered with 501 when llhttp stops at the tunnel
-        if parser.should_upgrade():
-            ex.upgrade = True
+            self._tunnel_request(ex, TUNNEL_CONNECT)
+        elif parser.should_upgrade():
+            self._upgrade_request(ex)
+        else:
+            ex.upgrade = b""  # Upgrade without Connection: upgrade is only a hop-by-hop header
         if self.active is None:
             self.active = ex
             ex.start()
@@ -324,7 +446,41 @@ class Downstream(asyncio.Protocol):
             self.queue.append(ex)
             self.pause(PAUSE_PIPELINE)
 
+    def _upgrade_request(self, ex: Exchange) -> None:
+        """Connection: upgrade + Upgrade. h2c is never tunneled: forwarded as a plain request (as Envoy does),
+        with the body llhttp will skip read by _read_raw_body. Anything else may become a tunnel."""
+        if b"h2c" in connection_tokens(ex.upgrade):
+            ex.upgrade = b""
+            if ex.req_chunked:
+                raise Refused(400, b"a chunked body on an h2c upgrade request is not supported\n")
+            self.raw_body = ex.req_length
+            return
+        if ex.version != "1.1":
+            raise Refused(400, b"protocol upgrades need HTTP/1.1\n")
+        self._tunnel_request(ex, TUNNEL_UPGRADE)
+
+    def _tunnel_request(self, ex: Exchange, kind: int) -> None:
+        what = b"CONNECT" if kind == TUNNEL_CONNECT else b"an upgrade request"
+        if ex.req_length or ex.req_chunked:
+            raise Refused(400, what + b" cannot carry a request body\n")
+        if kind == TUNNEL_CONNECT:
+            ex.connect_to = parse_authority(ex.target)
+            if ex.connect_to is None:
+                raise Refused(400, b"CONNECT needs an authority-form target (host:port)\n")
+            ex.authority = ex.target.decode("latin-1")  # routed (virtual host) by its target, as Envoy does
+        ex.tunnel = kind
+        self.held = []
+
+    def on_chunk_header(self) -> None:
+        self.chunk_watch = True
+        self.head_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        self.chunk_watch = False
+
     def on_body(self, body: bytes) -> None:
+        if self.chunk_watch:
+            self.chunk_watch = False
         ex: Exchange = self.ex  # type: ignore[assignment]
         ex.on_request_body(body)
         # Still connecting (or queued behind a pipelined request): bound what is held in memory.
@@ -333,7 +489,7 @@ class Downstream(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         ex = self.ex
-        if ex is not None:
+        if ex is not None and not self.raw_body:  # an h2c upgrade's body is still to come
             ex.on_request_complete()
 
     # ---- exchange hand-off -----------------------------------------------------------------------------
@@ -347,6 +503,10 @@ class Downstream(asyncio.Protocol):
             self.close()
             return
         self.last_active = self.proxy.loop.time()
+        if self.held is not None:  # no tunnel after all: parse what followed (now, unless inside the parser)
+            if not self.parsing:
+                self._release_held()
+            return
         if self.queue:
             nxt = self.queue.pop(0)
             if not self.queue:

@@ -12,18 +12,20 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from planemesh.agent.config import ClusterKind
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.attempts import HELD_REQUEST, UpstreamAttempts, rng
 from planemesh.agent.proxy.balancer import normalise_ip, request_hash
 from planemesh.agent.proxy.circuit import REQUESTS, RETRIES
 from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_decision
-from planemesh.agent.proxy.http1 import FRAME_NONE, LAST_CHUNK, chunk, local_reply
+from planemesh.agent.proxy.http1 import CRLF, FRAME_NONE, LAST_CHUNK, UPGRADE_CONNECTION, chunk, last_chunk, local_reply
 from planemesh.agent.proxy.limits import rate_limited_headers
 from planemesh.agent.proxy.mirror import sender_for, shadow_head
 from planemesh.agent.proxy.request_head import header_map, new_request_id, request_head
 from planemesh.agent.proxy.response import ResponseRelay
 from planemesh.agent.proxy.retry import NO_RETRY, backoff_s, sla_retry
 from planemesh.agent.proxy.routing import redirect_location, split_target
+from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, open_connect
 
 if TYPE_CHECKING:
     import asyncio
@@ -56,6 +58,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         "conn",
         "connect_task",
         "connect_timeout_s",
+        "connect_to",
         "connection_values",
         "deadline",
         "ds",
@@ -77,6 +80,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         "req_chunked",
         "req_done",
         "req_length",
+        "req_trailers",
         "request_id",
         "resp_started",
         "retries_held",
@@ -85,10 +89,12 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         "start_time",
         "status",
         "t0",
+        "t_tunnel",
         "t_upstream",
         "target",
         "tries_left",
         "try_deadline",
+        "tunnel",
         "up_framing",
         "up_keep_alive",
         "up_out",
@@ -121,7 +127,11 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.req_done = False
         self.keep_alive = True
         self.is_head = False
-        self.upgrade = False
+        self.upgrade = b""  # the Upgrade header of a request that becomes a tunnel after a 101
+        self.tunnel = 0  # TUNNEL_UPGRADE or TUNNEL_CONNECT: a tunnel once the upstream answers
+        self.connect_to: tuple[str, int] | None = None  # a CONNECT request's target
+        self.t_tunnel = -1.0  # ms from the request to the tunnel's start (-1: never a tunnel)
+        self.req_trailers: list[tuple[bytes, bytes]] | None = None
         self.has_xfp = False
         self.status = 0
         self.flags = ""
@@ -234,7 +244,8 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         crc = ds.route_config
         if crc is None:
             crc = router.original_destination
-        result = router.route_request(crc, self.authority or "", self.target, self._header_map)
+        connect = self.tunnel == TUNNEL_CONNECT
+        result = router.route_request(crc, self.authority or "", self.target, self._header_map, connect)
         if not result.forward:
             if result.direct is not None:
                 return self.reply(result.direct.status, result.direct.body)
@@ -242,8 +253,13 @@ class Exchange(ResponseRelay, UpstreamAttempts):
                 path, query = split_target(self.target.decode("latin-1"))
                 loc = redirect_location(result.redirect, "http", self.authority or "", path, query)
                 return self.reply(result.redirect.code, b"", [(b"location", loc.encode("latin-1"))])
+            if connect and not crc.upgrade_allowed(None, "connect"):
+                return self.refuse(b"CONNECT is not enabled on this listener\n")
             return self.reply(404, b"", (), flags.NR)
         route = self.route = result.route
+        if self.tunnel and not crc.upgrade_allowed(route, self.upgrade_type):
+            kind = b"CONNECT" if connect else b"upgrade to " + self.upgrade.strip()
+            return self.refuse(kind + b" is not allowed on this route\n")
         action = route.action  # type: ignore[union-attr]
         cluster = result.cluster
         balancer = self.balancer = table.balancer
@@ -256,9 +272,12 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         if cluster is None:
             if result.cluster_missing:
                 return self.reply(503, b"no healthy upstream\n", (), flags.UF)
-            if ds.loops_to_self:
+            if connect:
+                target = self.connect_to  # type: ignore[assignment]
+            elif ds.loops_to_self:
                 return self.reply(404, b"", (), flags.NR)  # not intercepted: would forward to ourselves
-            target = (normalise_ip(ds.local[0]), ds.local[1])
+            else:
+                target = (normalise_ip(ds.local[0]), ds.local[1])
         else:
             self.cluster = cluster
             self.breaker = breaker = balancer.breaker(cluster)
@@ -267,14 +286,18 @@ class Exchange(ResponseRelay, UpstreamAttempts):
             self.cb_held |= HELD_REQUEST
             if action is not None and action.hash_policy:
                 self.hash_key = request_hash(action.hash_policy, self._header_map, ds.peer_ip)
-            picked = self._pick()
+            # An ORIGINAL_DST cluster sends a CONNECT to its target (the destination the client asked for).
+            picked = self.connect_to if connect and cluster.kind is ClusterKind.ORIGINAL_DST else self._pick()
             if picked is None:
                 return self.reply(503, b"no healthy upstream\n", (), flags.UF)
             target = picked
         self.upstream_addr = target
-        self.head = request_head(self, route)
+        if connect:
+            return self._open_connect(target, result.connect_timeout_s)
+        extra = UPGRADE_CONNECTION + b"upgrade: " + self.upgrade + CRLF if self.tunnel else b""
+        self.head = request_head(self, route, extra)
         self.up_out.insert(0, self.head)
-        if action is not None and action.mirrors and cluster is not None:
+        if action is not None and action.mirrors and cluster is not None and not self.tunnel:
             self._mirror(action.mirrors)
         timeout = result.timeout_s
         per_try = policy.per_try_timeout_s
@@ -286,6 +309,30 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.t_upstream = _perf()
         self.connect_timeout_s = result.connect_timeout_s
         self._attempt(target, reuse=True)
+
+    # ---- tunnels (tunnel.py) ----------------------------------------------------------------------------
+
+    @property
+    def upgrade_type(self) -> str:
+        """What the route's upgrade_configs are matched against: "connect" or the Upgrade value, lower-case."""
+        return "connect" if self.tunnel == TUNNEL_CONNECT else self.upgrade.strip().lower().decode("latin-1")
+
+    def refuse(self, body: bytes) -> None:
+        """An upgrade or CONNECT the configuration does not allow: 403 (Envoy's upgrade_failed). After a refused
+        upgrade the connection stays HTTP; after a refused CONNECT it closes (tunnel bytes may follow)."""
+        if self.tunnel == TUNNEL_CONNECT:
+            self.keep_alive = False
+        self.reply(403, body)
+
+    def _open_connect(self, target: tuple[str, int], connect_timeout_s: float) -> None:
+        if target[1] in self.ds.proxy.listen_ports:
+            return self.refuse(b"CONNECT to the proxy's own port is not allowed\n")
+        if self.request_id is None:
+            self.request_id = new_request_id().decode()
+        self.t_upstream = _perf()
+        self.connect_timeout_s = connect_timeout_s
+        open_connect(self, target[0], target[1])
+        return None
 
     def _mirror(self, mirrors) -> None:
         """Shadow copies of a body-less (or fully buffered) request; the primary never waits for them."""
@@ -307,7 +354,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
     def _send_mirrors(self) -> None:
         body = b"".join(self.body_copy) if self.body_copy else b""
         if self.req_chunked and self.body_copy is not None:
-            body = (chunk(body) if body else b"") + LAST_CHUNK
+            body = (chunk(body) if body else b"") + self.request_end()
         elif self.body_copy is None:
             self.mirror_to.clear()
             return
@@ -333,10 +380,20 @@ class Exchange(ResponseRelay, UpstreamAttempts):
                 self.body_copy.append(data)
         self.up_out.append(chunk(data) if self.req_chunked else data)
 
+    def on_request_trailer(self, name: bytes, value: bytes) -> None:
+        if self.req_trailers is None:
+            self.req_trailers = [(name, value)]
+        else:
+            self.req_trailers.append((name, value))
+
+    def request_end(self) -> bytes:
+        """The last chunk of a chunked request body, with the client's trailers."""
+        return LAST_CHUNK if self.req_trailers is None else last_chunk(self.req_trailers)
+
     def on_request_complete(self) -> None:
         self.req_done = True
         if self.req_chunked and not self.finished:
-            self.up_out.append(LAST_CHUNK)
+            self.up_out.append(self.request_end())
         if self.mirror_to and not self.finished:
             self._send_mirrors()
 
@@ -371,7 +428,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
             return
         self.status = status
         self.flags = flag
-        if not self.req_done or self.ds.proxy.draining:
+        if (not self.req_done and not self.tunnel) or self.ds.proxy.draining:  # tunnel requests have no body
             self.keep_alive = False
         self.bytes_tx = 0 if self.is_head else len(body)
         self.ds.out.append(local_reply(status, body, headers, close=not self.keep_alive, head_only=self.is_head))
@@ -409,6 +466,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.headers = []
         duration = (_perf() - self.t0) * 1000
         self.duration_ms = int(duration)
-        proxy.stats.record_response(self.status, duration, self.bytes_rx, self.bytes_tx)
+        latency = duration if self.t_tunnel < 0 else self.t_tunnel  # a tunnel's latency: until it was open
+        proxy.stats.record_response(self.status, latency, self.bytes_rx, self.bytes_tx)
         proxy.log.append(self)
         self.ds.exchange_done(self, abort)

@@ -85,6 +85,40 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
+# Trailer fields never relayed: hop-by-hop and framing ones, and Host (RFC 9110 6.5.1: trailers must not route).
+TRAILER_DROP = HOP_BY_HOP | {b"host"}
+
+
+def last_chunk(trailers: list[tuple[bytes, bytes]] | None) -> bytes:
+    """The end of a chunked body, carrying `trailers` (lower-case names) minus TRAILER_DROP."""
+    if not trailers:
+        return LAST_CHUNK
+    parts = [b"0\r\n"]
+    append_headers(parts, trailers, TRAILER_DROP)
+    parts.append(CRLF)
+    return b"".join(parts)
+
+
+def parse_authority(target: bytes) -> tuple[str, int] | None:
+    """A CONNECT request-target (`host:port`, `[v6]:port`) -> (host, port); None when it is not one."""
+    host, sep, port = target.rpartition(b":")
+    if not sep or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
+        return None
+    if host.startswith(b"[") and host.endswith(b"]"):
+        host = host[1:-1]
+        if not host or any(c not in _V6_CHARS for c in host):
+            return None
+    elif not host or any(c not in _HOST_CHARS for c in host):
+        return None
+    return host.decode("ascii").lower(), int(port)
+
+
+_HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._")
+_V6_CHARS = frozenset(b"0123456789abcdefABCDEF:.")
+CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+UPGRADE_CONNECTION = b"connection: upgrade\r\n"
+
+
 def no_body_status(status: int) -> bool:
     return status < 200 or status == 204 or status == 304
 

@@ -18,13 +18,17 @@ from planemesh.agent.proxy.http1 import (
     HOP_BY_HOP,
     KEEP_ALIVE_HEADER,
     LAST_CHUNK,
+    UPGRADE_CONNECTION,
     append_headers,
     chunk,
+    connection_tokens,
     dropped_names,
+    last_chunk,
     no_body_status,
     status_line,
 )
 from planemesh.agent.proxy.request_head import response_headers
+from planemesh.agent.proxy.tunnel import upgrade_to_tunnel
 
 if TYPE_CHECKING:
     from planemesh.agent.config import Route
@@ -32,6 +36,13 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.upstream import UpstreamConnection
 
 _perf = time.perf_counter
+
+
+def switches(headers: list[tuple[bytes, bytes]], connection_values: list[bytes] | None) -> bool:
+    """A 101 that really switches: an Upgrade header and `Connection: upgrade` (what llhttp stops on)."""
+    return any(n == b"upgrade" for n, _ in headers) and any(
+        b"upgrade" in connection_tokens(v) for v in connection_values or ()
+    )
 
 
 class ResponseRelay:
@@ -55,6 +66,8 @@ class ResponseRelay:
     tries_left: int
     up_framing: int
     ds_framing: int
+    tunnel: int
+    upgrade: bytes
 
     def on_response_head(
         self,
@@ -67,6 +80,9 @@ class ResponseRelay:
         connection_values: list[bytes] | None,
     ) -> None:
         if self.finished:
+            return
+        if status == 101 and not (self.tunnel and switches(headers, connection_values)):
+            self.on_upstream_protocol_error()  # a switch nobody asked for, or without Upgrade + Connection: upgrade
             return
         if status < 200 and status != 101:  # interim (100 Continue, 103): relay to 1.1 clients only
             if self.version == "1.1":
@@ -92,6 +108,11 @@ class ResponseRelay:
             headers = response_headers(route, headers)
         parts = [status_line(status, phrase)]
         append_headers(parts, headers, drop)
+        if status == 101:  # switching protocols: the tunnel starts once the parser stops (on_upstream_upgraded)
+            upgrade = next((v for n, v in headers if n == b"upgrade"), self.upgrade)
+            parts += (UPGRADE_CONNECTION, b"upgrade: ", upgrade, CRLF, CRLF)
+            self.ds.out.append(b"".join(parts))
+            return
         if self.is_head or no_body_status(status):
             self.up_framing = FRAME_NONE
             self.ds_framing = FRAME_NONE
@@ -125,6 +146,14 @@ class ResponseRelay:
         self.bytes_tx += len(data)
         self.ds.out.append(chunk(data) if self.ds_framing == FRAME_CHUNKED else data)
 
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """Trailers of a chunked response: relayed when the client's body is chunked too (an HTTP/1.0 client's
+        close-delimited body has nowhere to carry them)."""
+        if self.finished or self.ds_framing != FRAME_CHUNKED:
+            return
+        self.ds.out.append(last_chunk(trailers))
+        self.ds_framing = FRAME_NONE  # the body has ended
+
     def on_response_complete(self) -> None:
         if self.finished:
             return
@@ -134,11 +163,23 @@ class ResponseRelay:
         self.conn = None
         if conn is not None:
             conn.exchange = None
-            if self.up_keep_alive and self.req_done and self.up_framing != FRAME_CLOSE:
+            # A connection that carried an upgrade request is never reused, whatever the answer was.
+            if self.up_keep_alive and self.req_done and self.up_framing != FRAME_CLOSE and not self.tunnel:
                 self.ds.proxy.pool.release(conn)
             else:
                 conn.close()
         self.finish()
+
+    def on_upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The upstream switched protocols (101): its connection and the client's become a byte tunnel;
+        `rest` is what the upstream sent after its 101 head."""
+        if self.finished:
+            return
+        if self.status != 101:  # llhttp stopped for a switch, yet the status was not 101
+            self.on_upstream_protocol_error()
+            conn.close()
+            return
+        upgrade_to_tunnel(self, conn, rest)  # type: ignore[arg-type]
 
     def on_upstream_protocol_error(self) -> None:
         if self.finished:

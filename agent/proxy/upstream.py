@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from planemesh.agent.proxy.http1 import MAX_HEADER_BYTES
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class UpstreamConnection(asyncio.Protocol):
         "head_done",
         "headers",
         "idle_since",
+        "in_body",
         "key",
         "length",
         "parser",
@@ -44,6 +46,8 @@ class UpstreamConnection(asyncio.Protocol):
         "ready",
         "reused",
         "status",
+        "trailer_bytes",
+        "trailers",
         "transport",
     )
 
@@ -65,6 +69,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.length: int | None = None
         self.chunked = False
         self.conn_values: list[bytes] | None = None
+        self.in_body = False  # headers complete: header callbacks now bring trailers
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.trailer_bytes = 0
 
     # ---- transport events ---------------------------------------------------------------------------
 
@@ -82,9 +89,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except HttpParserUpgrade:
-            ex.on_upstream_protocol_error()  # 101 without a tunnel (tunnels are not supported yet)
-            self.close()
+        except HttpParserUpgrade as upgrade:  # a 101 (checked by the exchange): the rest is the tunnel's
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            ex.on_upstream_upgraded(self, data[offset:])
+            if self.exchange is ex:  # not taken over by a tunnel
+                self.close()
         except HttpParserError:
             if self.head_done:
                 self.head_done = False
@@ -142,12 +151,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.length = None
         self.chunked = False
         self.conn_values = None
+        self.in_body = False
+        self.trailers = None
 
     def on_status(self, phrase: bytes) -> None:
         self.phrase += phrase
 
     def on_header(self, name: bytes, value: bytes) -> None:
         n = name.lower()
+        if self.in_body:
+            self._on_trailer(n, value)
+            return
         if n == b"content-length":
             self.length = int(value)  # llhttp has validated it
         elif n == b"transfer-encoding":
@@ -159,7 +173,18 @@ class UpstreamConnection(asyncio.Protocol):
                 self.conn_values.append(value)
         self.headers.append((n, value))
 
+    def _on_trailer(self, name: bytes, value: bytes) -> None:
+        self.trailer_bytes += len(name) + len(value) + 4
+        if self.trailer_bytes > MAX_HEADER_BYTES:
+            raise HttpParserError("trailers too large")  # answered as an upstream protocol error
+        if self.trailers is None:
+            self.trailers = [(name, value)]
+        else:
+            self.trailers.append((name, value))
+
     def on_headers_complete(self) -> None:
+        self.in_body = True
+        self.trailer_bytes = 0
         ex = self.exchange
         if ex is None:
             return
@@ -184,8 +209,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         ex = self.exchange
-        if ex is None or (self.status < 200 and self.status != 101):
-            return  # interim responses were relayed in on_response_head
+        if ex is None or self.status < 200:
+            return  # interim responses were relayed in on_response_head; a 101 becomes a tunnel
+        if self.trailers is not None:
+            ex.on_response_trailers(self.trailers)
         ex.on_response_complete()
 
 
