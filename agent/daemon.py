@@ -57,6 +57,11 @@ class AgentOptions:
     datapath_only: bool = False  # programs and routes only: another proxy (e.g. Envoy in bench/) owns the ports
     host_cgroups: list[str] = field(default_factory=list)  # --host-cgroup: cgroup paths or systemd slices
 
+    @property
+    def host_mode_file(self) -> Path | None:
+        """The YAML file whose `host_mode:` section names host-mode cgroups: the static config or the bootstrap."""
+        return self.config or self.bootstrap
+
 
 class Agent:
     def __init__(self, options: AgentOptions, host_cgroups: tuple[str, ...] = ()) -> None:
@@ -178,7 +183,7 @@ class Agent:
         """The cgroups the configuration names now (ConfigError if one is bad: nothing is applied)."""
         from planemesh.agent.host_mode import load_host_cgroups
 
-        cgroups = await asyncio.to_thread(load_host_cgroups, self.options.host_cgroups, self.options.config)
+        cgroups = await asyncio.to_thread(load_host_cgroups, self.options.host_cgroups, self.options.host_mode_file)
         if cgroups and self.host is None:
             # The workers were started without the map to look host-mode connections up in.
             raise ConfigError("host_mode", "host mode was off when the agent started: restart it to turn it on")
@@ -421,7 +426,7 @@ def run_agent(options: AgentOptions) -> int:
     from planemesh.agent.host_mode import load_host_cgroups
 
     first = load_snapshot(options)  # a bad file fails here, before anything is changed
-    host_cgroups = load_host_cgroups(options.host_cgroups, options.config)  # so does a bad host-mode cgroup
+    host_cgroups = load_host_cgroups(options.host_cgroups, options.host_mode_file)  # so does a bad cgroup
     if host_cgroups and options.datapath_only:
         raise ConfigError("--host-cgroup", "host mode needs planemesh's own proxy (not --datapath-only)")
     if options.netns:

@@ -7,6 +7,7 @@
       tls: {ca: /etc/pm/ca.pem, cert: /etc/pm/node.pem, key: /etc/pm/node.key, server_name: xds.example}
     timing: {initial_fetch_timeout_s: 15, backoff_base_s: 0.5, backoff_max_s: 30}
     planes: [...]                     # the static configuration's `planes:` (agent/static_config.py)
+    host_mode: {slices: [telecom.slice], cgroups: [...]}   # optional: host-mode cgroups (agent/host_mode.py)
 
 Planes are local knowledge (interfaces and CIDRs of this node), so they come from here, not from xDS;
 every error names its field like the static configuration's.
@@ -76,7 +77,11 @@ def _str(raw: dict, key: str, path: str, default: str | None = None) -> str:
 
 
 def bootstrap_from_dict(raw: Any) -> Bootstrap:
-    top = _mapping(raw, "bootstrap", {"node", "server", "planes", "timing"})
+    top = _mapping(raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode"})
+    if "host_mode" in top:  # read by the agent (planemesh.agent.host_mode); checked here so errors come early
+        from planemesh.agent.host_mode import host_mode_from_dict
+
+        host_mode_from_dict(top["host_mode"])
     node = _mapping(top.get("node"), "node", {"id", "cluster"})
     server = _mapping(top.get("server"), "server", {"address", "mode", "tls"})
     timing = _mapping(top.get("timing"), "timing", {"initial_fetch_timeout_s", "backoff_base_s", "backoff_max_s"})

@@ -43,6 +43,8 @@ def test_bootstrap_targets(address):
         ({**boot(), "node": {}}, "node.id"),
         ({**boot(), "planes": [{**PLANES[0], "cidrs": ["198.18.1.0/33"]}]}, "planes[0].cidrs[0]"),
         ({**boot(), "timing": {"backoff_base_s": -1}}, "timing.backoff_base_s"),
+        ({**boot(), "host_mode": {"slices": ["not a slice"]}}, "host_mode.slices[0]"),
+        ({**boot(), "host_mode": {"cgroup": ["/x"]}}, "host_mode.cgroup"),
         ([], "bootstrap"),
     ],
 )
@@ -50,6 +52,17 @@ def test_bootstrap_errors_name_the_field(raw, path):
     with pytest.raises(ConfigError) as err:
         bootstrap_from_dict(raw)
     assert err.value.path.startswith(path)
+
+
+def test_bootstrap_may_name_host_mode_cgroups(tmp_path):
+    from planemesh.agent.daemon import AgentOptions
+    from planemesh.agent.host_mode import host_mode_from_dict
+
+    raw = {**boot(), "host_mode": {"slices": ["telecom.slice"], "cgroups": ["/apps/sig"]}}
+    assert bootstrap_from_dict(raw).planes[0].name == "oam"
+    assert host_mode_from_dict(raw["host_mode"]).slices == ("telecom.slice",)
+    # the agent reads host_mode from the bootstrap when it has no static config
+    assert AgentOptions(bootstrap=tmp_path / "b.yaml").host_mode_file == tmp_path / "b.yaml"
 
 
 def test_load_bootstrap_reports_unreadable_and_bad_yaml(tmp_path):
