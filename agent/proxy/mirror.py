@@ -8,6 +8,7 @@ counted, never raised. Like Envoy, the shadow's Host gets a `-shadow` suffix.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from planemesh.agent.proxy.sockets import open_upstream
 
@@ -31,10 +32,15 @@ def shadow_head(head: bytes) -> bytes:
 
 class MirrorSender:
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, *, mark: int = 0, timeout_s: float = 5.0, max_inflight: int = 64
+        self,
+        loop: asyncio.AbstractEventLoop,
+        binding: Callable[[str], tuple[str | None, int]] = lambda _host: (None, 0),
+        *,
+        timeout_s: float = 5.0,
+        max_inflight: int = 64,
     ) -> None:
         self.loop = loop
-        self.mark = mark
+        self.binding = binding  # host -> (source address, SO_MARK): PlaneProxy.upstream_binding
         self.timeout_s = timeout_s
         self.max_inflight = max_inflight
         self.tasks: set[asyncio.Task] = set()
@@ -58,8 +64,9 @@ class MirrorSender:
             self.sent += 1
 
     async def _send(self, addr: tuple[str, int], request: bytes) -> None:
-        # Like every proxy upstream socket: marked, so the data path never re-intercepts it.
-        sock = await open_upstream(addr[0], addr[1], mark=self.mark, source=None, timeout=self.timeout_s)
+        # Like every proxy upstream socket: from the shadow's plane, marked so the data path never re-intercepts it.
+        source, mark = self.binding(addr[0])
+        sock = await open_upstream(addr[0], addr[1], mark=mark, source=source, timeout=self.timeout_s)
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self.loop.sock_sendall(sock, request)
@@ -77,6 +84,6 @@ def sender_for(proxy) -> MirrorSender:
     """The proxy's mirror sender, made on first use (a proxy that never mirrors pays nothing)."""
     sender = getattr(proxy, "mirror_sender", None)
     if sender is None:
-        sender = MirrorSender(proxy.loop, mark=proxy.upstream_mark)
+        sender = MirrorSender(proxy.loop, proxy.upstream_binding)
         proxy.mirror_sender = sender
     return sender
