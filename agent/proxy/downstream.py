@@ -490,6 +490,8 @@ class Downstream(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.ex
         if ex is not None and not self.raw_body:  # an h2c upgrade's body is still to come
+            if ex.req_trailers is not None and not self.parser.should_keep_alive():
+                ex.keep_alive = False  # `Connection: close` among the trailers: llhttp takes nothing after it
             ex.on_request_complete()
 
     # ---- exchange hand-off -----------------------------------------------------------------------------

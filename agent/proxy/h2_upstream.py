@@ -13,6 +13,7 @@ from httptools import HttpParserError, HttpResponseParser
 
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.h2 import WINDOW, H2Side
+from planemesh.agent.proxy.http1 import TRAILER_DROP
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
@@ -273,7 +274,9 @@ class H1StreamUpstream(asyncio.Protocol):
             return
         bridge = self.bridge
         self.done = True
-        bridge.ds.send(bridge.sid, b"", True)
+        # Header callbacks after the head were a chunked body's trailers: they become the stream's trailers.
+        trailers = [(n, v) for n, v in self.resp_headers if n not in TRAILER_DROP]
+        bridge.ds.send(bridge.sid, trailers if trailers else b"", True)  # type: ignore[arg-type]
         bridge.finish("")
 
 
