@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -97,48 +98,53 @@ async def peek_verdict(sock: socket.socket, timeout_s: float) -> Verdict:
     try:
         while True:
             try:
-                data = sock.recv(MAX_PEEK, socket.MSG_PEEK)
+                data: bytes | None = sock.recv(MAX_PEEK, socket.MSG_PEEK)
             except (BlockingIOError, InterruptedError):
-                data = seen
+                data = None  # nothing yet (the usual first peek: accepted before the request arrived)
             except OSError:
                 return OPAQUE  # reset before deciding: the passthrough will fail fast too
-            if data and len(data) == len(seen) and _readable_now(sock):
-                return classify(data, final=True)  # readable without new bytes: the client sent FIN
-            if not data and _readable_now(sock):
-                return OPAQUE  # FIN without a byte
-            seen = data
-            verdict = classify(data, final=len(data) >= MAX_PEEK)
-            if verdict is not None:
-                return verdict
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
+            if data is not None:
+                if not data:
+                    return OPAQUE  # FIN without a byte
+                if len(data) > len(seen):
+                    seen = data
+                    verdict = classify(data, final=len(data) >= MAX_PEEK)
+                    if verdict is not None:
+                        return verdict
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(data) + 1)
+                elif _readable_now(sock):
+                    return classify(data, final=True)  # readable without new bytes: the client sent FIN
             left = deadline - loop.time()
-            if left <= 0 or not await _wait_readable(loop, sock, left):
+            if left <= 0 or not await _wait_readable(loop, sock.fileno(), left):
                 return classify(seen, final=True)
     finally:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        if seen:  # SO_RCVLOWAT was raised: the L7 path or the copy loop wants every byte
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 def _readable_now(sock: socket.socket) -> bool:
     """A poll that ignores SO_RCVLOWAT's effect on data (FIN and errors still wake it)."""
-    import select
-
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLRDHUP | select.POLLERR | select.POLLHUP)
     return bool(poller.poll(0))
 
 
-async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bool:
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+def _settle(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+async def _wait_readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> bool:
+    """True when `fd` became readable, False after `timeout` (a plain timer: lighter than asyncio.timeout's
+    cancel scope on this once-per-connection path)."""
+    fut: asyncio.Future[bool] = loop.create_future()
+    loop.add_reader(fd, _settle, fut, True)
+    timer = loop.call_later(timeout, _settle, fut, False)
     try:
-        async with asyncio.timeout(timeout):
-            await fut
-        return True
-    except TimeoutError:
-        return False
+        return await fut
     finally:
+        timer.cancel()
         loop.remove_reader(fd)
 
 
