@@ -105,7 +105,10 @@ def upgrade_to_tunnel(ex: Exchange, conn: UpstreamConnection, from_upstream: byt
 
 def open_connect(ex: Exchange, host: str, port: int) -> None:
     """CONNECT: open the upstream to (host, port) (a name is resolved first), then 200 and the tunnel."""
-    ex.connect_task = ex.ds.proxy.loop.create_task(_connect(ex, host, port))
+    pool = ex.ds.proxy.pool
+    task = ex.connect_task = pool.proxy.loop.create_task(_connect(ex, host, port))
+    pool.connecting.add(task)  # cancelled by a drain's close_all, like the pool's own connects
+    task.add_done_callback(pool.connecting.discard)
 
 
 async def _connect(ex: Exchange, host: str, port: int) -> None:
