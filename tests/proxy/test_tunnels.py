@@ -287,6 +287,9 @@ def test_connect_refused_or_failing_gets_clear_answers(echo_port: int) -> None:
     with ProxyThread([]) as px:  # default listener: CONNECT not enabled
         assert read_response(connect(px.port, f"127.0.0.1:{echo_port}"))[::2] == (
             403, b"CONNECT is not enabled on this listener\n")  # fmt: skip
+    with with_listener_upgrades(ProxyThread([]), (UpgradeConfig("connect"),)) as px:  # enabled, but no route
+        status, _, _ = read_response(connect(px.port, f"127.0.0.1:{echo_port}"))
+        assert status == 404 and " 404 NR " in log_line_for(px, " 404 NR ")
     off = replace(CONNECT_ROUTE, action=RouteAction(upgrades=(UpgradeConfig("connect", enabled=False),)))
     with with_listener_upgrades(ProxyThread([], routes=(off,)), (UpgradeConfig("connect"),)) as px:
         assert read_response(connect(px.port, f"127.0.0.1:{echo_port}"))[::2] == (
@@ -309,6 +312,7 @@ def test_connect_refused_or_failing_gets_clear_answers(echo_port: int) -> None:
             b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nhi",
             b"an upgrade request cannot carry a request body",
         ),
+        (b"GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", b"protocol upgrades need HTTP/1.1"),
         (
             b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"0\r\n\r\n",
