@@ -505,7 +505,7 @@ class Downstream(asyncio.Protocol):
             self.close()
             return
         self.last_active = self.proxy.loop.time()
-        if self.held is not None:  # no tunnel after all: parse what followed (now, unless inside the parser)
+        if self.held is not None and ex.tunnel:  # no tunnel after all: parse what followed (unless in the parser)
             if not self.parsing:
                 self._release_held()
             return

@@ -6,6 +6,7 @@ server, byte-exact, with half-close; refusals and malformed requests get clear 4
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import socket
@@ -25,7 +26,18 @@ from planemesh.agent.config import (
     RouteMatch,
     UpgradeConfig,
 )
-from planemesh.labs.ws_server import BINARY, CLOSE, PING, PONG, TEXT, WebSocketClient, WebSocketServer, close_status
+from planemesh.labs.ws_server import (
+    BINARY,
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    WebSocketClient,
+    WebSocketServer,
+    accept_key,
+    close_status,
+    encode_frame,
+)
 from planemesh.netplanes.model import SLA
 from tests.proxy.proxy_harness import ProxyThread, free_port
 
@@ -144,6 +156,30 @@ def test_websocket_echo_through_proxy(ws_server: WebSocketServer) -> None:
         # Both connections were the tunnel's; their bookkeeping ends with it and nothing went to the pool.
         assert wait_for(lambda: stats.downstream_active == 0 and stats.upstream_active == 0), px.call(stats.as_dict)
         assert stats.requests_active == 0 and not any(px.proxy.pool.idle.values())
+
+
+def test_upgrade_pipelined_behind_a_request_with_an_early_frame(ws_server: WebSocketServer) -> None:
+    with ProxyThread([("127.0.0.1", ws_server.port)]) as px, socket.create_connection(("127.0.0.1", px.port)) as s:
+        s.settimeout(5)
+        key = base64.b64encode(os.urandom(16))
+        s.sendall(
+            b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            + encode_frame(TEXT, b"sent before the 101", mask=True)
+        )  # fmt: skip
+        first = s.makefile("rb", buffering=0)  # unbuffered: what follows each head stays in the socket
+        heads = []
+        for _ in range(2):
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += first.read(1)
+            heads.append(head)
+            if head.startswith(b"HTTP/1.1 200 "):
+                assert first.read(len(b"plain /first\n")) == b"plain /first\n"
+        assert heads[0].startswith(b"HTTP/1.1 200 ")
+        assert heads[1].startswith(b"HTTP/1.1 101 ") and accept_key(key) in heads[1]
+        assert WebSocketClient(s).recv() == (TEXT, b"sent before the 101")
 
 
 def test_websocket_server_initiated_close(ws_server: WebSocketServer) -> None:
