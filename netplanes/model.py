@@ -34,6 +34,7 @@ class SLA:
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 30.0
     idle_timeout_s: float = 300.0
+    request_headers_timeout_s: float = 10.0  # first byte of a request head -> its end (slowloris); 0 = none
     retries: int = 0
     per_try_timeout_s: float | None = None
     retry_on: frozenset[str] = frozenset({"connect-failure"})

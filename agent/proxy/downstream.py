@@ -36,6 +36,7 @@ PAUSE_BUFFER = 4  # the request body is buffered while the upstream connection i
 PAUSE_HELD = 8  # bytes after an upgrade/CONNECT request are held until it is known whether they tunnel
 MAX_BUFFERED_BODY = 1 << 20
 LINGER_S = 1.0
+REQUEST_HEADERS_TIMEOUT = local_reply(408, b"request headers not received in time\n", close=True)
 OVERLOADED_CONNECTIONS = local_reply(503, b"overloaded\n", [(b"x-planemesh-overloaded", b"connections")], close=True)
 
 # Request headers the proxy reads while parsing; the rest are forwarded untouched.
@@ -69,6 +70,7 @@ class Downstream(asyncio.Protocol):
         "closed",
         "ex",
         "head_bytes",
+        "head_started",
         "header_sum",
         "held",
         "held_eof",
@@ -107,6 +109,7 @@ class Downstream(asyncio.Protocol):
         self.in_headers = False
         self.head_bytes = 0
         self.header_sum = 0
+        self.head_started = 0.0  # loop time the request head being parsed began (slow-header defence)
         self.last_active = 0.0
         self.local: tuple[str, int] = ("", 0)
         self.peer_ip = ""
@@ -339,6 +342,13 @@ class Downstream(asyncio.Protocol):
             self.transport.write_eof()
         self.proxy.loop.call_later(LINGER_S, self.close)
 
+    def headers_overdue(self, now: float, timeout_s: float) -> bool:
+        """A request head still incomplete `timeout_s` after its first byte (slowloris): answered 408 and closed."""
+        if not self.in_headers or self.closed or self.lingering or now - self.head_started <= timeout_s:
+            return False
+        self.protocol_error(REQUEST_HEADERS_TIMEOUT, 408)
+        return True
+
     def protocol_error(self, reply: bytes, status: int) -> None:
         """Malformed input: answer (if nothing else is being answered), log, and close."""
         active = self.active
@@ -376,6 +386,7 @@ class Downstream(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.ex = Exchange(self)
         self.in_headers = True
+        self.head_started = self.proxy.loop.time()
         self.header_sum = 0
 
     def on_url(self, url: bytes) -> None:

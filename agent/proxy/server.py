@@ -250,7 +250,12 @@ class PlaneProxy:
         """Once per tick: write the access log batch, close idle pooled and client connections."""
         self.log.flush()
         self.pool.sweep()
-        idle_deadline = self.loop.time() - self.sla.idle_timeout_s
-        for conn in [c for c in self.connections if c.active is None and c.last_active < idle_deadline]:
-            conn.close()
+        now = self.loop.time()
+        idle_deadline = now - self.sla.idle_timeout_s
+        headers_timeout = self.sla.request_headers_timeout_s
+        for conn in list(self.connections):
+            if conn.active is None and conn.last_active < idle_deadline:
+                conn.close()
+            elif headers_timeout:
+                conn.headers_overdue(now, headers_timeout)
         self._tick_handle = self.loop.call_later(self._tick_s, self._tick)

@@ -187,6 +187,31 @@ def test_oversized_header_section_gets_431(backend) -> None:
         assert reply.startswith(b"HTTP/1.1 431 "), reply[:100]
 
 
+def test_slow_headers_get_408_and_other_clients_are_served(backend) -> None:
+    """Slowloris: a head trickled a byte at a time is cut off when the plane's request_headers_timeout_s runs
+    out, however active the trickle keeps the connection; a normal client on the same proxy is unaffected."""
+    with ProxyThread([("127.0.0.1", backend.port)], sla=SLA(request_headers_timeout_s=0.5)) as px:
+        slow = socket.create_connection(("127.0.0.1", px.port), timeout=5)
+        started = time.monotonic()
+        try:
+            for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"v" * 100:
+                slow.sendall(bytes([byte]))
+                time.sleep(0.02)
+                if byte == ord("H"):  # meanwhile, somebody else's requests go through at once
+                    conn = http.client.HTTPConnection("127.0.0.1", px.port, timeout=5)
+                    conn.request("GET", "/fast")
+                    assert conn.getresponse().status == 200
+                    conn.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = slow.recv(4096)
+        slow.close()
+        assert reply.startswith(b"HTTP/1.1 408 "), reply[:100]
+        assert 0.5 <= time.monotonic() - started < 3.0
+        assert px.proxy.stats.requests_total == 2  # only the fast ones ("H"TTP and "H"ost) went upstream
+        assert '" 408 DPE ' in log_line_for(px, "408")
+
+
 def test_upstream_down_gives_503_uf() -> None:
     dead = free_port()  # nothing listens there
     with ProxyThread([("127.0.0.1", dead)]) as px:
