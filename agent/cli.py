@@ -78,8 +78,17 @@ def _registered_commands() -> list[Callable[[argparse._SubParsersAction], None]]
 
 
 def exit_on_sigterm() -> None:
-    """SIGTERM runs `finally` blocks like Ctrl-C does, so labs and demos clean up when killed politely."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    """SIGTERM runs `finally` blocks like Ctrl-C does, so labs and demos clean up when killed politely.
+    Only in this process: pyroute2 forks children to enter namespaces and stops them with SIGTERM; a child
+    that unwound its copy of our stack read our netlink replies and lab set-up hung (bench runs)."""
+    owner = os.getpid()
+
+    def on_sigterm(signum: int, _frame: object) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
