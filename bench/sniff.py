@@ -1,6 +1,7 @@
 """Issue-5 benchmark, one lab, one run: what sniffing costs, side by side.
 
     ./run.sh bench sniff [--connections 2000] [--bulk-mb 2048] [--seconds 5] [--h2-clients 16] [--h2-streams 32]
+                         [--only ttfb|bulk|h2]
 
 The agent runs with plane oam `undeclared: sniff` (plane media keeps `bypass`); nginx (one worker) serves
 port 80 (declared HTTP) and 9080 (undeclared); labs/protocol_servers.py serves bulk transfers on 7001.
@@ -10,7 +11,7 @@ port 80 (declared HTTP) and 9080 (undeclared); labs/protocol_servers.py serves b
       passthrough copy loop) vs on media (the same transfer bypassed in the kernel); Gbit/s.
   (c) HTTP/2 req/s: h2load (h2c prior knowledge, -c clients x -m streams) to port 80 through planemesh (one
       worker) and through Envoy 1.40 (--concurrency 1) behind the same interception (bench/http_proxy.py).
-Prints every figure and the ratios the targets are stated in.
+Prints every figure and the ratios the targets are stated in; `--only` runs one case.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace) -> Results:
     lab = load_lab(prefix=args.prefix)
     size = args.bulk_mb << 20
     res = Results([], {}, [], {})
+    case = lambda name: args.only in (None, name)  # noqa: E731
     with scratch_dir() as tmp, lab:
         work = Path(tmp)
         nginx = start_nginx(lab, "server", [DECLARED_PORT, UNDECLARED_PORT], work)
@@ -161,23 +163,30 @@ def run(args: argparse.Namespace) -> Results:
         )
         try:
             wait_for_port(lab.pod_ns("client"), lab.pod_addr("server", "oam", 4) or "", BULK_PORT)
-            res.ttfb.append(ttfb(lab, "direct (no agent)", DECLARED_PORT, args.connections))
-            res.bulk["direct (no agent)"] = bulk(lab, "oam", size)
+            if case("ttfb"):
+                res.ttfb.append(ttfb(lab, "direct (no agent)", DECLARED_PORT, args.connections))
+            if case("bulk"):
+                res.bulk["direct (no agent)"] = bulk(lab, "oam", size)
             (work / "a").mkdir()
             agent = start_agent(lab, work / "a", ["--config", str(sniff_config(work / "sniff.yaml"))])
             try:
                 server = lab.pod_addr("server", "oam", 4) or ""
                 wait_http_ok(lab, server, DECLARED_PORT, header=None)
-                res.ttfb.append(ttfb(lab, "declared HTTP port (proxy)", DECLARED_PORT, args.connections))
-                res.ttfb.append(ttfb(lab, "undeclared port, sniffed (proxy)", UNDECLARED_PORT, args.connections))
-                res.bulk["bypassed in the kernel (media)"] = bulk(lab, "media", size)
-                res.bulk["sniffed -> opaque passthrough (oam)"] = bulk(lab, "oam", size)
-                before = planemesh_requests(work / "a")
-                res.h2.append(h2load(lab, "planemesh, 1 worker", DECLARED_PORT, args.seconds, args.h2_clients,
-                                     args.h2_streams))  # fmt: skip
-                res.proven["planemesh"] = (planemesh_requests(work / "a") - before, res.h2[-1].succeeded)
+                if case("ttfb"):
+                    res.ttfb.append(ttfb(lab, "declared HTTP port (proxy)", DECLARED_PORT, args.connections))
+                    res.ttfb.append(ttfb(lab, "undeclared port, sniffed (proxy)", UNDECLARED_PORT, args.connections))
+                if case("bulk"):
+                    res.bulk["bypassed in the kernel (media)"] = bulk(lab, "media", size)
+                    res.bulk["sniffed -> opaque passthrough (oam)"] = bulk(lab, "oam", size)
+                if case("h2"):
+                    before = planemesh_requests(work / "a")
+                    res.h2.append(h2load(lab, "planemesh, 1 worker", DECLARED_PORT, args.seconds, args.h2_clients,
+                                         args.h2_streams))  # fmt: skip
+                    res.proven["planemesh"] = (planemesh_requests(work / "a") - before, res.h2[-1].succeeded)
             finally:
                 ns_tools.stop(agent)
+            if not case("h2"):
+                return res
             (work / "b").mkdir()
             agent = start_agent(lab, work / "b", ["--datapath-only"])
             try:
@@ -196,36 +205,43 @@ def run(args: argparse.Namespace) -> Results:
 
 
 def report(res: Results, args: argparse.Namespace) -> str:
-    lines = [f"(a) time to first byte, {args.connections} sequential new connections, GET / from nginx (ms)",
-             f"{'case':40} {'conns':>6} {'p50':>8} {'p99':>8}  p50 ratio"]  # fmt: skip
-    declared = next(t for t in res.ttfb if t.name.startswith("declared"))
-    lines += [t.row(declared) for t in res.ttfb]
-    sniffed = next(t for t in res.ttfb if t.name.startswith("undeclared"))
-    lines += [
-        f"sniffed / declared: p50 {sniffed.p50 / declared.p50:.2f}x, p99 {sniffed.p99 / declared.p99:.2f}x "
-        f"(+{sniffed.p50 - declared.p50:.3f} ms p50)",
-        "",
-        f"(b) one TCP connection, {args.bulk_mb} MiB each way, median of 3 (Gbit/s)",
-        f"{'case':40} {'download':>9} {'upload':>9}",
-    ]
-    for name, (down, up) in res.bulk.items():
-        lines.append(f"{name:40} {down.gbit_s:9.2f} {up.gbit_s:9.2f}")
-    base_down, base_up = res.bulk["bypassed in the kernel (media)"]
-    pass_down, pass_up = res.bulk["sniffed -> opaque passthrough (oam)"]
-    lines += [
-        f"passthrough / bypassed: download {pass_down.gbit_s / base_down.gbit_s:.2f}x, "
-        f"upload {pass_up.gbit_s / base_up.gbit_s:.2f}x",
-        "",
-        f"(c) h2load -t1 -c{args.h2_clients} -m{args.h2_streams} -D{args.seconds} (h2c prior knowledge) to port 80",
-        f"{'case':40} {'req/s':>10} {'succeeded':>10} {'failed':>7}  ratio",
-    ]
-    envoy = next((h for h in res.h2 if h.name.startswith("envoy")), None)
-    lines += [h.row(envoy) for h in res.h2]
-    ours = next(h for h in res.h2 if h.name.startswith("planemesh"))
-    if envoy is not None and envoy.rps:
-        lines.append(f"planemesh / envoy h2 req/s: {ours.rps / envoy.rps:.3f}   (target >= 0.5)")
-    for name, (counted, sent) in res.proven.items():
-        lines.append(f"in the path: {name} counted {counted} requests of the {sent} h2load completed")
+    lines: list[str] = []
+    if res.ttfb:
+        lines += [f"(a) time to first byte, {args.connections} sequential new connections, GET / from nginx (ms)",
+                  f"{'case':40} {'conns':>6} {'p50':>8} {'p99':>8}  p50 ratio"]  # fmt: skip
+        declared = next(t for t in res.ttfb if t.name.startswith("declared"))
+        lines += [t.row(declared) for t in res.ttfb]
+        sniffed = next(t for t in res.ttfb if t.name.startswith("undeclared"))
+        lines += [
+            f"sniffed / declared: p50 {sniffed.p50 / declared.p50:.2f}x, p99 {sniffed.p99 / declared.p99:.2f}x "
+            f"(+{sniffed.p50 - declared.p50:.3f} ms p50)",
+            "",
+        ]
+    if res.bulk:
+        lines += [f"(b) one TCP connection, {args.bulk_mb} MiB each way, median of 3 (Gbit/s)",
+                  f"{'case':40} {'download':>9} {'upload':>9}"]  # fmt: skip
+        for name, (down, up) in res.bulk.items():
+            lines.append(f"{name:40} {down.gbit_s:9.2f} {up.gbit_s:9.2f}")
+        base_down, base_up = res.bulk["bypassed in the kernel (media)"]
+        pass_down, pass_up = res.bulk["sniffed -> opaque passthrough (oam)"]
+        lines += [
+            f"passthrough / bypassed: download {pass_down.gbit_s / base_down.gbit_s:.2f}x, "
+            f"upload {pass_up.gbit_s / base_up.gbit_s:.2f}x",
+            "",
+        ]
+    if res.h2:
+        load = f"-t1 -c{args.h2_clients} -m{args.h2_streams} -D{args.seconds}"
+        lines += [
+            f"(c) h2load {load} (h2c prior knowledge) to port 80",
+            f"{'case':40} {'req/s':>10} {'succeeded':>10} {'failed':>7}  ratio",
+        ]
+        envoy = next((h for h in res.h2 if h.name.startswith("envoy")), None)
+        lines += [h.row(envoy) for h in res.h2]
+        ours = next(h for h in res.h2 if h.name.startswith("planemesh"))
+        if envoy is not None and envoy.rps:
+            lines.append(f"planemesh / envoy h2 req/s: {ours.rps / envoy.rps:.3f}   (target >= 0.5)")
+        for name, (counted, sent) in res.proven.items():
+            lines.append(f"in the path: {name} counted {counted} requests of the {sent} h2load completed")
     return "\n".join(lines)
 
 
@@ -236,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=5, help="(c) h2load duration")
     parser.add_argument("--h2-clients", type=int, default=16)
     parser.add_argument("--h2-streams", type=int, default=32)
+    parser.add_argument("--only", choices=("ttfb", "bulk", "h2"), help="run one case: (a) ttfb, (b) bulk, (c) h2")
     parser.add_argument("--prefix", default="pmbsniff")
     args = parser.parse_args(argv)
     print(report(run(args), args))
