@@ -40,19 +40,27 @@ class H2Side(asyncio.Protocol):
 
     def __init__(self, proxy: PlaneProxy) -> None:
         self.proxy = proxy
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=self.client_side, header_encoding=None, validate_inbound_headers=False,
-            normalize_inbound_headers=False))
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=self.client_side,
+                header_encoding=None,
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
+            )
+        )
         self.transport: asyncio.Transport | None = None
         self.bridges: dict[int, Bridge] = {}
         self.queues: dict[int, deque[list]] = {}  # stream -> [[data, end, on_sent], ...]
         self.closed = False
 
     def _init_conn(self) -> None:
-        self.conn.local_settings = h2.settings.Settings(client=self.client_side, initial_values={
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-        })
+        self.conn.local_settings = h2.settings.Settings(
+            client=self.client_side,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            },
+        )
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(WINDOW * 4)
 
@@ -129,7 +137,7 @@ class H2Side(asyncio.Protocol):
                 if data and window <= 0:
                     break
                 piece = data[:window]
-                rest = data[len(piece):]
+                rest = data[len(piece) :]
                 try:
                     conn.send_data(sid, piece, end_stream=end and not rest)
                 except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -242,6 +250,7 @@ class Bridge:
         self.grpc = any(n == b"content-type" and v.startswith(b"application/grpc") for n, v in headers)
         self.up = None  # H2Upstream or H1StreamUpstream
         self.up_sid = 0
+        self.req_ended = False  # the client's end of the stream went upstream (with the headers, a DATA or trailers)
         self.status = 0
         self.done = False
         self.t0 = time.perf_counter()
@@ -258,6 +267,7 @@ class Bridge:
     def start(self, ended: bool) -> None:
         from planemesh.agent.proxy.h2_upstream import open_stream
 
+        self.req_ended = ended
         proxy = self.ds.proxy
         stats = proxy.stats
         stats.requests_total += 1
@@ -295,8 +305,9 @@ class Bridge:
         self.upstream_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if result.timeout_s:
             self.timer = proxy.loop.call_later(result.timeout_s, self.on_timeout)
-        open_stream(self, addr, self._upstream_headers(), ended, cluster is not None and cluster.http2,
-                    result.connect_timeout_s)
+        open_stream(
+            self, addr, self._upstream_headers(), ended, cluster is not None and cluster.http2, result.connect_timeout_s
+        )
 
     def _header_map(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -346,6 +357,7 @@ class Bridge:
 
     def on_trailers(self, side: H2Side, trailers: list[tuple[bytes, bytes]]) -> None:
         if side is self.ds:
+            self.req_ended = True
             if self.up is not None:
                 self.up.send_trailers(self, trailers)
         else:
@@ -354,8 +366,12 @@ class Bridge:
 
     def on_end(self, side: H2Side) -> None:
         if side is self.ds:
-            if self.up is not None:
-                self.up.send_body(self, b"", True, None)
+            # Sending the end twice (after END_STREAM on the headers or trailers) would make h2 close the
+            # upstream stream before its response arrived.
+            if not self.req_ended:
+                self.req_ended = True
+                if self.up is not None:
+                    self.up.send_body(self, b"", True, None)
         elif not self.done:
             self.ds.send(self.sid, b"", True)
             self.finish("")
@@ -404,14 +420,24 @@ class Bridge:
         """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests."""
         self.status = status
         if self.grpc:
-            headers = [(b":status", b"200"), (b"content-type", b"application/grpc"),
-                       (b"grpc-status", str(GRPC_STATUS.get(status, 2)).encode()),
-                       (b"grpc-message", message.encode("latin-1", "replace"))]
+            headers = [
+                (b":status", b"200"),
+                (b"content-type", b"application/grpc"),
+                (b"grpc-status", str(GRPC_STATUS.get(status, 2)).encode()),
+                (b"grpc-message", message.encode("latin-1", "replace")),
+            ]
             self.ds.respond(self.sid, headers, True)
         else:
             body = (message + "\n").encode("latin-1", "replace")
-            self.ds.respond(self.sid, [(b":status", str(status).encode()), (b"content-type", b"text/plain"),
-                                       (b"content-length", str(len(body)).encode())], False)
+            self.ds.respond(
+                self.sid,
+                [
+                    (b":status", str(status).encode()),
+                    (b"content-type", b"text/plain"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+                False,
+            )
             self.ds.send(self.sid, body, True)
         self.finish(flag)
 
@@ -432,11 +458,21 @@ class Bridge:
         duration_ms = (time.perf_counter() - self.t0) * 1000
         stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx)
         rec = accesslog.AccessRecord(
-            start_time=self.start_time, method=self.pseudo.get(b":method", b"-").decode("latin-1"),
-            path=self.pseudo.get(b":path", b"-").decode("latin-1"), protocol="HTTP/2", status=self.status,
-            flags=flag or "-", bytes_rx=self.bytes_rx, bytes_tx=self.bytes_tx, duration_ms=int(duration_ms),
-            upstream_ms=None, xff=None, user_agent=None, request_id=self.request_id,
+            start_time=self.start_time,
+            method=self.pseudo.get(b":method", b"-").decode("latin-1"),
+            path=self.pseudo.get(b":path", b"-").decode("latin-1"),
+            protocol="HTTP/2",
+            status=self.status,
+            flags=flag or "-",
+            bytes_rx=self.bytes_rx,
+            bytes_tx=self.bytes_tx,
+            duration_ms=int(duration_ms),
+            upstream_ms=None,
+            xff=None,
+            user_agent=None,
+            request_id=self.request_id,
             authority=self.pseudo.get(b":authority", b"").decode("latin-1") or None,
-            upstream_host=self.upstream_host, plane=proxy.plane_name,
+            upstream_host=self.upstream_host,
+            plane=proxy.plane_name,
         )
         proxy.log.append(rec)

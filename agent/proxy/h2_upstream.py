@@ -1,5 +1,6 @@
-"""Upstreams of h2 streams: pooled, multiplexed h2c connections (clusters with http2=True), else one
-HTTP/1.1 connection per stream. Both carry the proxy's SO_MARK and the plane's source address."""
+"""Upstreams of h2 streams: pooled, multiplexed h2c connections (clusters with http2=True), else pooled
+HTTP/1.1 connections, one in-flight request each (the HTTP/1 path's UpstreamPool). Both carry the proxy's
+SO_MARK and the plane's source address."""
 
 from __future__ import annotations
 
@@ -9,25 +10,47 @@ from typing import TYPE_CHECKING
 
 import h2.events
 import h2.exceptions
-from httptools import HttpParserError, HttpResponseParser
 
 from planemesh.agent.proxy import accesslog as flags
+from planemesh.agent.proxy.exchange import MAX_REPLAY_BODY
 from planemesh.agent.proxy.h2 import WINDOW, H2Side
-from planemesh.agent.proxy.http1 import TRAILER_DROP
+from planemesh.agent.proxy.http1 import HOP_BY_HOP, LAST_CHUNK, TRAILER_DROP, dropped_names, last_chunk
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.h2 import Bridge
     from planemesh.agent.proxy.server import PlaneProxy
+    from planemesh.agent.proxy.upstream import UpstreamConnection
 
 MAX_STREAMS_PER_CONN = 1000
-_H1_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
-                      b"content-length", b"te", b"trailer", b"host"})
+# Streams opened on a new h2c connection before the server's SETTINGS arrive (nghttp2's assumed peer default):
+# above the server's real limit, the surplus would be refused.
+STREAMS_BEFORE_SETTINGS = 100
+_H1_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"te",
+        b"trailer",
+        b"host",
+    }
+)
+_H1_RESPONSE_DROP = _H1_DROP - {b"content-length"}
 _pools: weakref.WeakKeyDictionary[PlaneProxy, dict[tuple, list[H2Upstream]]] = weakref.WeakKeyDictionary()
 
 
-def open_stream(bridge: Bridge, addr: tuple[str, int], headers: list[tuple[bytes, bytes]], ended: bool,
-                http2: bool, connect_timeout: float) -> None:
+def open_stream(
+    bridge: Bridge,
+    addr: tuple[str, int],
+    headers: list[tuple[bytes, bytes]],
+    ended: bool,
+    http2: bool,
+    connect_timeout: float,
+) -> None:
     proxy = bridge.ds.proxy
     source, mark = proxy.upstream_binding(addr[0])
     key = (addr[0], addr[1], source, mark)
@@ -39,7 +62,7 @@ def open_stream(bridge: Bridge, addr: tuple[str, int], headers: list[tuple[bytes
             conns.append(conn)
         conn.open(bridge, headers, ended)
     else:
-        H1StreamUpstream(bridge, key, headers, ended, connect_timeout)
+        H1Stream(bridge, addr, headers, ended, connect_timeout)
 
 
 async def _connect(proxy: PlaneProxy, key: tuple, timeout: float, factory) -> None:
@@ -60,6 +83,7 @@ class H2Upstream(H2Side):
         self.key = key
         self.pool = pool
         self.goaway = False
+        self.settings_received = False
         self._init_conn()
         proxy.stats.upstream_total += 1
         self.task = proxy.loop.create_task(_connect(proxy, key, timeout, lambda: self))
@@ -92,6 +116,8 @@ class H2Upstream(H2Side):
     def has_capacity(self) -> bool:
         if self.closed or self.goaway:
             return False
+        if not self.settings_received:
+            return len(self.bridges) < STREAMS_BEFORE_SETTINGS
         limit = min(self.conn.remote_settings.max_concurrent_streams, MAX_STREAMS_PER_CONN)
         return len(self.bridges) < limit
 
@@ -114,6 +140,8 @@ class H2Upstream(H2Side):
             if bridge is not None:
                 bridge.on_response_headers(event.headers, event.stream_ended is not None)
             return
+        if isinstance(event, h2.events.RemoteSettingsChanged):
+            self.settings_received = True
         super().handle(event)
 
     # ---- what a Bridge calls --------------------------------------------------------------------------
@@ -133,151 +161,297 @@ class H2Upstream(H2Side):
             self.close()
 
 
-class H1StreamUpstream(asyncio.Protocol):
-    """One HTTP/1.1 request per connection for one h2 stream (no pooling: correct and simple first)."""
+class H1Stream:
+    """One h2 stream's request on a pooled HTTP/1.1 connection: the HTTP/1 path's UpstreamPool (per endpoint,
+    source and mark; idle timeout; max idle per key).
 
-    def __init__(self, bridge: Bridge, key: tuple, headers: list[tuple[bytes, bytes]], ended: bool,
-                 timeout: float) -> None:
+    UpstreamPool and UpstreamConnection drive it through the callbacks they drive an Exchange with. A connection
+    goes back to the pool only after a complete response to a completely sent request, both with keep-alive and
+    not delimited by the close; errors, `connection: close`, a cancelled stream or a partly read body close it.
+    """
+
+    __slots__ = (
+        "addr",
+        "bridge",
+        "chunked",
+        "close_delimited",
+        "conn",
+        "connect_task",
+        "ds",
+        "finished",
+        "h2ds",
+        "held_acks",
+        "is_head",
+        "keep_alive",
+        "out",
+        "pending",
+        "queued_down",
+        "replay",
+        "replay_len",
+        "req_done",
+        "resp_started",
+        "retried",
+        "timeout",
+        "trailers",
+        "upstream_host",
+        "upstream_key",
+        "write_paused",
+    )
+
+    def __init__(
+        self, bridge: Bridge, addr: tuple[str, int], headers: list[tuple[bytes, bytes]], ended: bool, timeout: float
+    ) -> None:
         self.bridge = bridge
-        self.proxy = bridge.ds.proxy
-        self.transport: asyncio.Transport | None = None
-        self.out: list[bytes] = []
+        self.h2ds = bridge.ds
+        self.ds = self  # UpstreamConnection reaches flushes and write back-pressure through `exchange.ds`
+        self.addr = addr
+        self.timeout = timeout
+        self.conn: UpstreamConnection | None = None
+        self.connect_task = None
+        self.pending = False
+        self.finished = False
+        self.upstream_host: str | None = None
+        self.upstream_key: tuple | None = None
+        self.req_done = ended
+        self.resp_started = False
+        self.keep_alive = True
+        self.close_delimited = False
+        self.retried = False
         self.write_paused = False
         self.held_acks: list = []
         self.queued_down = 0
-        self.reading_paused = False
-        self.parser = HttpResponseParser(self)
-        self.resp_headers: list[tuple[bytes, bytes]] = []
-        self.chunked = not ended and not any(n == b"content-length" for n, _ in headers)
-        self.done = False
-        bridge.up = self
-        pseudo = {n: v for n, v in headers if n.startswith(b":")}
-        parts = [pseudo.get(b":method", b"GET"), b" ", pseudo.get(b":path", b"/"), b" HTTP/1.1\r\n",
-                 b"host: ", pseudo.get(b":authority", b""), b"\r\n"]
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        method = b"GET"
+        path = b"/"
+        authority = host = b""
+        has_length = False
+        fields = []
         for n, v in headers:
-            if not n.startswith(b":") and n not in _H1_DROP:
-                parts += (n, b": ", v, b"\r\n")
-        for n, v in headers:
-            if n == b"content-length":
-                parts += (b"content-length: ", v, b"\r\n")
+            if n[0] == 58:  # b":"
+                if n == b":method":
+                    method = v
+                elif n == b":path":
+                    path = v
+                elif n == b":authority":
+                    authority = v
+            elif n not in _H1_DROP:
+                fields += (n, b": ", v, b"\r\n")
+            elif n == b"host":
+                host = v
+            elif n == b"content-length":
+                has_length = True
+                fields += (b"content-length: ", v, b"\r\n")
+        self.is_head = method == b"HEAD"
+        self.chunked = not ended and not has_length
         if self.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        parts.append(b"\r\n")
-        self.out.append(b"".join(parts))
-        self.task = self.proxy.loop.create_task(_connect(self.proxy, key, timeout, lambda: self))
-        self.task.add_done_callback(self._connected)
+            fields.append(b"transfer-encoding: chunked\r\n")
+        head = b"".join((method, b" ", path, b" HTTP/1.1\r\nhost: ", authority or host, b"\r\n", *fields, b"\r\n"))
+        self.out = [head]
+        self.replay: list[bytes] | None = [head]  # the request so far, while small enough to send again
+        self.replay_len = 0
+        bridge.up = self
+        bridge.ds.proxy.pool.acquire_for(self, addr, timeout)  # type: ignore[arg-type]
 
-    def _connected(self, task: asyncio.Task) -> None:
-        if task.cancelled() or task.exception() is not None:
-            self.proxy.stats.upstream_connect_failures += 1
-            self.bridge.up = None
-            self.bridge.up_failed(503, "upstream connect error", flags.UF)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.proxy.stats.upstream_active += 1
-        self.proxy.stats.upstream_total += 1
-        if self.done:
-            transport.close()
-            return
-        self.transport.write(b"".join(self.out))
-        self.out.clear()
+    # ---- the request (what a Bridge calls) --------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        if self.transport is None:
+        conn = self.conn
+        if conn is None:
             self.out.append(data)
-        elif not self.transport.is_closing():
-            self.transport.write(data)
+        else:
+            conn.transport.write(data)
+        replay = self.replay
+        if replay is not None:
+            self.replay_len += len(data)
+            if self.replay_len > MAX_REPLAY_BODY:
+                self.replay = None
+            else:
+                replay.append(data)
 
     def send_body(self, bridge: Bridge, data: bytes, end: bool, on_sent) -> None:
-        if data:
-            self._write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
-        if end and self.chunked:
-            self._write(b"0\r\n\r\n")
-        if on_sent is not None and data:
-            if self.write_paused or self.transport is None:
-                self.held_acks.append((on_sent, len(data)))
-            else:
+        if self.finished:
+            if on_sent is not None and data:
                 on_sent(len(data))
+            return
+        if data:
+            self._write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+            if on_sent is not None:
+                if self.write_paused or self.conn is None:
+                    self.held_acks.append((on_sent, len(data)))
+                else:
+                    on_sent(len(data))
+        if end and not self.req_done:
+            self.req_done = True
+            if self.chunked:
+                self._write(LAST_CHUNK)
 
     def send_trailers(self, bridge: Bridge, trailers: list[tuple[bytes, bytes]]) -> None:
-        if self.chunked:
-            self._write(b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n")
+        if self.finished or self.req_done:
+            return
+        self.req_done = True
+        if self.chunked:  # a content-length body has nowhere to carry trailers: dropped
+            self._write(last_chunk(trailers))
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
+    def cancel(self, bridge: Bridge) -> None:
+        """The client reset the stream, or its timeout fired: the connection is dropped, never reused."""
+        self._abort()
 
-    def resume_writing(self) -> None:
-        self.write_paused = False
+    def release(self, bridge: Bridge) -> None:
+        """The Bridge finished; unless the response completed (the connection is pooled already), drop it."""
+        self._abort()
+
+    def _abort(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.connect_task = None  # the pool keeps a connection that arrives late
+        if self.pending:
+            self.pending = False
+            self.h2ds.proxy.stats.requests_pending -= 1
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.close()
+        self._release_acks()
+
+    def _release_acks(self) -> None:
         acks, self.held_acks = self.held_acks, []
         for on_sent, n in acks:
             on_sent(n)
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except HttpParserError:
-            self.bridge.up_failed(502, "upstream protocol error", flags.UPE)
-            self.close()
+    # ---- UpstreamPool / UpstreamConnection callbacks ------------------------------------------------------
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.proxy.stats.upstream_active -= 1
-        if not self.done:
-            self.done = True
-            self.bridge.up_failed(502, "upstream connection closed", flags.UC)
+    def on_connected(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        conn.exchange = self  # type: ignore[assignment]
+        out = self.out
+        if out:
+            conn.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            self.out = []
+        if not self.write_paused:
+            self._release_acks()
 
-    def cancel(self, bridge: Bridge) -> None:
-        self.close()
+    def on_connect_failed(self, timed_out: bool) -> None:
+        self.h2ds.proxy.stats.upstream_connect_failures += 1
+        self.bridge.up_failed(503, "upstream connect error", flags.UF)
 
-    def release(self, bridge: Bridge) -> None:
-        self.close()
+    def overloaded(self, which: bytes) -> None:
+        self.h2ds.proxy.stats.overloaded += 1
+        self.bridge.up_failed(503, "overloaded", flags.UO)
 
-    def close(self) -> None:
-        self.done = True
-        if self.transport is not None:
-            self.transport.close()
-        else:
-            self.task.cancel()
+    def flush(self) -> None:
+        self.h2ds.flush()
 
-    # ---- httptools callbacks ----------------------------------------------------------------------------
+    def pause_for_upstream(self) -> None:  # the upstream is slow to take the body: hold the client's credit
+        self.write_paused = True
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.resp_headers.append((name.lower(), value))
+    def resume_for_upstream(self) -> None:
+        self.write_paused = False
+        self._release_acks()
 
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if status < 200:
-            self.resp_headers = []
+    def on_response_head(
+        self,
+        status: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int | None,
+        chunked: bool,
+        keep_alive: bool,
+        connection_values: list[bytes] | None,
+    ) -> None:
+        if self.finished or status < 200:
+            return  # interim responses (100 Continue, 103) are not relayed
+        self.resp_started = True
+        self.keep_alive = keep_alive
+        if length is None and not chunked and not self.is_head and status != 204 and status != 304:
+            self.close_delimited = True  # the body ends with the connection
+        drop = _H1_RESPONSE_DROP if connection_values is None else _response_drop(connection_values)
+        out = [(b":status", _status_bytes(status))]
+        out += [(n, v) for n, v in headers if n not in drop]
+        self.bridge.on_response_headers(out, False)
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.finished:
             return
-        headers = [(b":status", str(status).encode())]
-        headers += [(n, v) for n, v in self.resp_headers if n not in _H1_DROP or n == b"content-length"]
-        self.resp_headers = []
-        self.bridge.on_response_headers(headers, False)
-
-    def on_body(self, data: bytes) -> None:
         bridge = self.bridge
         bridge.bytes_tx += len(data)
         self.queued_down += len(data)
-        if self.queued_down > WINDOW and not self.reading_paused and self.transport is not None:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        if self.queued_down > WINDOW and self.conn is not None:
+            self.conn.pause_reading()
         bridge.ds.send(bridge.sid, data, False, self._sent_down)
 
     def _sent_down(self, n: int) -> None:
         self.queued_down -= n
-        if self.reading_paused and self.queued_down < WINDOW // 2 and self.transport is not None:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        conn = self.conn
+        if conn is not None and conn.reading_paused and self.queued_down < WINDOW // 2:
+            conn.resume_reading()
 
-    def on_message_complete(self) -> None:
-        if self.parser.get_status_code() < 200:
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.trailers = [(n, v) for n, v in trailers if n not in TRAILER_DROP]
+
+    def on_response_complete(self) -> None:
+        if self.finished:
             return
+        self.finished = True
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.exchange = None
+            if self.keep_alive and self.req_done and not self.close_delimited:
+                self.h2ds.proxy.pool.release(conn)
+            else:
+                conn.close()
+        self._end_stream()
+
+    def _end_stream(self) -> None:
         bridge = self.bridge
-        self.done = True
-        # Header callbacks after the head were a chunked body's trailers: they become the stream's trailers.
-        trailers = [(n, v) for n, v in self.resp_headers if n not in TRAILER_DROP]
-        bridge.ds.send(bridge.sid, trailers if trailers else b"", True)  # type: ignore[arg-type]
+        bridge.ds.send(bridge.sid, self.trailers or b"", True)  # type: ignore[arg-type]
         bridge.finish("")
 
+    def on_upstream_lost(self, conn: UpstreamConnection) -> None:
+        if self.finished:
+            return
+        self.conn = None
+        if self.resp_started:
+            if self.close_delimited:  # the close is the body's end
+                self.finished = True
+                self._end_stream()
+            else:
+                self.bridge.up_failed(502, "upstream connection closed", flags.UC)
+            return
+        # A pooled connection the server had closed meanwhile: once more on a fresh one, when the request can be
+        # sent again (the HTTP/1 path's rule).
+        if conn.reused and not self.retried and self.replay is not None:
+            self.retried = True
+            self.out = list(self.replay)
+            self.h2ds.proxy.pool.connect_for(self, self.addr, self.timeout)  # type: ignore[arg-type]
+            return
+        self.bridge.up_failed(502, "upstream connection closed", flags.UC)
 
-__all__ = ["H1StreamUpstream", "H2Side", "H2Upstream", "open_stream"]
+    def on_upstream_protocol_error(self) -> None:
+        if self.finished:
+            return
+        self.bridge.up_failed(502, "upstream protocol error", flags.UPE)  # -> release() closes the connection
+
+    def on_upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        conn.close()  # a switch nobody asked for
+        self.on_upstream_protocol_error()
+
+
+def _response_drop(connection_values: list[bytes]) -> frozenset[bytes]:
+    """_H1_RESPONSE_DROP plus the headers a Connection header names (usually none: `keep-alive`)."""
+    named = dropped_names(connection_values)
+    return _H1_RESPONSE_DROP if named is HOP_BY_HOP else _H1_RESPONSE_DROP | (named - HOP_BY_HOP)
+
+
+def _status_bytes(status: int) -> bytes:
+    found = _STATUS.get(status)
+    if found is None:
+        found = _STATUS[status] = str(status).encode()  # llhttp: 3 digits, so the memo stays small
+    return found
+
+
+_STATUS: dict[int, bytes] = {}
+
+
+__all__ = ["H1Stream", "H2Side", "H2Upstream", "open_stream"]

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.server import PlaneProxy
 
 PoolKey = tuple[str, int, str | None, int]
+# Idle connections above max_idle_per_key are closed once idle this long (not at once): many requests ending in
+# one event-loop pass (h2 streams, a burst of clients) would otherwise close connections the next pass reopens.
+SURPLUS_GRACE_S = 1.0
+SURPLUS_FACTOR = 16  # ... but never more than max_idle_per_key * SURPLUS_FACTOR idle per key
 
 
 class _HeadResponseDone(Exception):
@@ -217,7 +221,8 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per (address, port, source, mark); connects on a miss."""
+    """Idle keep-alive connections per (address, port, source, mark); connects on a miss. The most recently
+    idle connection is reused first, so the surplus above max_idle_per_key ages and is closed by sweep()."""
 
     def __init__(self, proxy: PlaneProxy, max_idle_per_key: int = 64, idle_timeout_s: float = 60.0) -> None:
         self.proxy = proxy
@@ -310,7 +315,7 @@ class UpstreamPool:
             return
         conn.resume_reading()
         idle = self.idle.setdefault(conn.key, [])
-        if len(idle) >= self.max_idle_per_key or self.proxy.draining:
+        if len(idle) >= self.max_idle_per_key * SURPLUS_FACTOR or self.proxy.draining:
             conn.close()
             return
         conn.idle_since = self.proxy.loop.time()
@@ -322,10 +327,16 @@ class UpstreamPool:
             idle.remove(conn)
 
     def sweep(self) -> None:
-        """Close connections idle longer than the idle timeout (called from the proxy's periodic timer)."""
-        deadline = self.proxy.loop.time() - self.idle_timeout_s
+        """Close connections idle longer than the idle timeout, and the surplus above max_idle_per_key idle
+        longer than SURPLUS_GRACE_S (called from the proxy's periodic timer)."""
+        now = self.proxy.loop.time()
+        deadline = now - self.idle_timeout_s
+        surplus_deadline = now - SURPLUS_GRACE_S
+        keep = self.max_idle_per_key
         for key, idle in list(self.idle.items()):
-            while idle and idle[0].idle_since < deadline:
+            while idle and (
+                idle[0].idle_since < deadline or (len(idle) > keep and idle[0].idle_since < surplus_deadline)
+            ):
                 idle.pop(0).close()
             if not idle:
                 del self.idle[key]

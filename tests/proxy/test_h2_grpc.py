@@ -42,12 +42,15 @@ def _bidi(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[
 @pytest.fixture(scope="module")
 def grpc_backend() -> Iterator[int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    handler = grpc.method_handlers_generic_handler("t.Svc", {
-        "Unary": grpc.unary_unary_rpc_method_handler(_unary, *_ident),
-        "ServerStream": grpc.unary_stream_rpc_method_handler(_server_stream, *_ident),
-        "ClientStream": grpc.stream_unary_rpc_method_handler(_client_stream, *_ident),
-        "Bidi": grpc.stream_stream_rpc_method_handler(_bidi, *_ident),
-    })
+    handler = grpc.method_handlers_generic_handler(
+        "t.Svc",
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(_unary, *_ident),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(_server_stream, *_ident),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(_client_stream, *_ident),
+            "Bidi": grpc.stream_stream_rpc_method_handler(_bidi, *_ident),
+        },
+    )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -58,14 +61,19 @@ def grpc_backend() -> Iterator[int]:
 
 
 def _h2_cluster(port: int) -> dict[str, Cluster]:
-    return {"backend": Cluster(name="backend", kind=ClusterKind.STATIC, http2=True,
-                               endpoints=(Endpoint(address="127.0.0.1", port=port),))}
+    return {
+        "backend": Cluster(
+            name="backend", kind=ClusterKind.STATIC, http2=True, endpoints=(Endpoint(address="127.0.0.1", port=port),)
+        )
+    }
 
 
 @pytest.fixture
 def channel(grpc_backend: int) -> Iterator[tuple[grpc.Channel, ProxyThread]]:
-    with ProxyThread([("127.0.0.1", grpc_backend)], clusters=_h2_cluster(grpc_backend)) as proxy, \
-            grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as ch:
+    with (
+        ProxyThread([("127.0.0.1", grpc_backend)], clusters=_h2_cluster(grpc_backend)) as proxy,
+        grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as ch,
+    ):
         yield ch, proxy
 
 
@@ -98,8 +106,10 @@ def test_grpc_server_error_and_deadline(channel: tuple[grpc.Channel, ProxyThread
 
 def test_proxy_errors_are_grpc_statuses(grpc_backend: int) -> None:
     dead = free_port()
-    with ProxyThread([("127.0.0.1", dead)], clusters=_h2_cluster(dead)) as proxy, \
-            grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as ch:
+    with (
+        ProxyThread([("127.0.0.1", dead)], clusters=_h2_cluster(dead)) as proxy,
+        grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as ch,
+    ):
         with pytest.raises(grpc.RpcError) as err:
             ch.unary_unary("/t.Svc/Unary", *_ident)(b"x", timeout=5)
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE

@@ -11,8 +11,9 @@ import pytest
 from tests.proxy.proxy_harness import Backend, ProxyThread
 from tests.proxy.test_sniff_passthrough import SniffProxy
 
-pytestmark = pytest.mark.skipif(shutil.which("h2load") is None or shutil.which("curl") is None,
-                                reason="h2load/curl not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("h2load") is None or shutil.which("curl") is None, reason="h2load/curl not installed"
+)
 
 
 class WideBackend(Backend):
@@ -21,10 +22,17 @@ class WideBackend(Backend):
 
 def test_h2load_no_stream_lost() -> None:
     with WideBackend() as backend, ProxyThread([("127.0.0.1", backend.port)]) as proxy:
-        out = subprocess.run(["h2load", "-n", "2000", "-c", "4", "-m", "50", f"http://127.0.0.1:{proxy.port}/load"],
-                             capture_output=True, text=True, timeout=60).stdout
-        done = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
-                         r"(\d+) errored", out)
+        out = subprocess.run(
+            ["h2load", "-n", "2000", "-c", "4", "-m", "50", f"http://127.0.0.1:{proxy.port}/load"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        done = re.search(
+            r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+            r"(\d+) errored",
+            out,
+        )
         assert done is not None, out
         assert done.groups() == ("2000", "2000", "2000", "0", "0"), out
         assert "status codes: 2000 2xx" in out
@@ -35,10 +43,23 @@ def test_h2load_no_stream_lost() -> None:
 def test_curl_h2_prior_knowledge_on_a_sniffed_port() -> None:
     with Backend() as backend, SniffProxy() as sniffer:
         sniffer.target = ("127.0.0.1", backend.port)
-        res = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null",
-                              "-w", "%{http_version} %{http_code}", "--max-time", "5",
-                              f"http://127.0.0.1:{sniffer.port}/via-h2"],
-                             capture_output=True, text=True, timeout=10)
+        res = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--http2-prior-knowledge",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+                "--max-time",
+                "5",
+                f"http://127.0.0.1:{sniffer.port}/via-h2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         assert res.stdout == "2 200", res.stderr
         method, path, headers = backend.seen[-1]
         assert (method, path) == ("GET", "/via-h2") and "x-request-id" in headers
