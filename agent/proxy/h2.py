@@ -22,6 +22,7 @@ import h2.settings
 
 from planemesh.agent.proxy import accesslog
 from planemesh.agent.proxy.exchange import new_request_id
+from planemesh.agent.proxy.h2_hpack import StatelessEncoder
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.server import PlaneProxy
@@ -34,7 +35,11 @@ MAX_STREAMS = 1000
 
 
 class H2Side(asyncio.Protocol):
-    """One h2 connection (either direction) with per-stream send queues that respect the peer's windows."""
+    """One h2 connection (either direction) with per-stream send queues that respect the peer's windows.
+
+    What h2 has to send is written once per event-loop pass (flush() schedules the write): every stream
+    answered in one pass shares one send().
+    """
 
     client_side = False
 
@@ -46,12 +51,18 @@ class H2Side(asyncio.Protocol):
                 header_encoding=None,
                 validate_inbound_headers=False,
                 normalize_inbound_headers=False,
+                # StatelessEncoder lower-cases names, trims values and never indexes credentials; the proxy
+                # drops connection-specific fields itself.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
             )
         )
+        self.conn.encoder = StatelessEncoder()  # type: ignore[assignment]
         self.transport: asyncio.Transport | None = None
         self.bridges: dict[int, Bridge] = {}
-        self.queues: dict[int, deque[list]] = {}  # stream -> [[data, end, on_sent], ...]
+        self.queues: dict[int, deque[list]] = {}  # stream -> [[data, end, on_sent], ...] waiting for window
         self.closed = False
+        self.write_scheduled = False
 
     def _init_conn(self) -> None:
         self.conn.local_settings = h2.settings.Settings(
@@ -65,6 +76,13 @@ class H2Side(asyncio.Protocol):
         self.conn.increment_flow_control_window(WINDOW * 4)
 
     def flush(self) -> None:
+        """Write what h2 prepared, at the end of this event-loop pass."""
+        if not self.write_scheduled and self.transport is not None and not self.closed:
+            self.write_scheduled = True
+            self.proxy.loop.call_soon(self.write_now)
+
+    def write_now(self) -> None:
+        self.write_scheduled = False
         if self.transport is None or self.closed:
             return  # not connected yet: h2 keeps the bytes until connection_made flushes
         data = self.conn.data_to_send()
@@ -75,28 +93,33 @@ class H2Side(asyncio.Protocol):
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError:
-            self.flush()  # the GOAWAY h2 prepared
-            self.close()
+            self.close()  # with the GOAWAY h2 prepared
             return
+        bridges = self.bridges
         for event in events:
-            self.handle(event)
+            kind = type(event)
+            if kind is h2.events.DataReceived:
+                bridge = bridges.get(event.stream_id)
+                if bridge is None:
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                else:
+                    bridge.on_data(self, event.data, event.flow_controlled_length)
+            elif kind is h2.events.StreamEnded:
+                bridge = bridges.get(event.stream_id)
+                if bridge is not None:
+                    bridge.on_end(self)
+            else:
+                self.handle(event)
         self.flush()
 
     def handle(self, event: h2.events.Event) -> None:
-        bridge = self.bridges.get(getattr(event, "stream_id", 0) or 0)
-        if isinstance(event, h2.events.DataReceived):
-            if bridge is None:
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            else:
-                bridge.on_data(self, event.data, event.flow_controlled_length, event.stream_ended is not None)
-        elif isinstance(event, h2.events.TrailersReceived):
+        if isinstance(event, h2.events.TrailersReceived):
+            bridge = self.bridges.get(event.stream_id)
             if bridge is not None:
                 bridge.on_trailers(self, event.headers)
-        elif isinstance(event, h2.events.StreamEnded):
-            if bridge is not None:
-                bridge.on_end(self)
         elif isinstance(event, h2.events.StreamReset):
             self.queues.pop(event.stream_id, None)
+            bridge = self.bridges.get(event.stream_id)
             if bridge is not None:
                 bridge.on_reset(self, event.error_code)
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
@@ -112,46 +135,62 @@ class H2Side(asyncio.Protocol):
 
     # ---- sending ------------------------------------------------------------------------------------
 
-    def send(self, sid: int, data: bytes, end: bool, on_sent=None) -> None:
-        self.queues.setdefault(sid, deque()).append([data, end, on_sent])
-        self.pump()
+    def send(self, sid: int, data: bytes | list, end: bool, on_sent=None) -> None:
+        """Queue DATA (bytes) or trailers (a list of fields, always ending the stream) for stream `sid`."""
+        queue = self.queues.get(sid)
+        if queue is not None:  # already waiting for window: keep the order
+            queue.append([data, end, on_sent])
+            return
+        queue = deque(([data, end, on_sent],))
+        self._pump_stream(sid, queue)
+        if queue:
+            self.queues[sid] = queue
+        self.flush()
 
     def pump(self) -> None:
-        conn = self.conn
-        for sid, queue in list(self.queues.items()):
-            while queue:
-                item = queue[0]
-                data, end, on_sent = item
-                if isinstance(data, list):  # trailers: no window needed
-                    try:
-                        conn.send_headers(sid, data, end_stream=True)
-                    except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                        pass
-                    queue.clear()
-                    break
-                try:
-                    window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-                except h2.exceptions.StreamClosedError:
-                    queue.clear()
-                    break
-                if data and window <= 0:
-                    break
-                piece = data[:window]
-                rest = data[len(piece) :]
-                try:
-                    conn.send_data(sid, piece, end_stream=end and not rest)
-                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                    queue.clear()
-                    break
-                if on_sent is not None and piece:
-                    on_sent(len(piece))
-                if rest:
-                    item[0] = rest
-                else:
-                    queue.popleft()
+        """The peer's windows grew: send what waited for them."""
+        queues = self.queues
+        for sid, queue in list(queues.items()):
+            self._pump_stream(sid, queue)
             if not queue:
-                self.queues.pop(sid, None)
+                del queues[sid]
         self.flush()
+
+    def _pump_stream(self, sid: int, queue: deque[list]) -> None:
+        conn = self.conn
+        while queue:
+            item = queue[0]
+            data, end, on_sent = item
+            if type(data) is list:  # trailers: no window needed
+                try:
+                    conn.send_headers(sid, data, end_stream=True)
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                    pass
+                queue.clear()
+                return
+            try:
+                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            except h2.exceptions.StreamClosedError:
+                queue.clear()
+                return
+            if data and window <= 0:
+                return
+            if len(data) > window:
+                piece = data[:window]
+                item[0] = data[window:]
+                last = False
+            else:
+                piece = data
+                last = True
+            try:
+                conn.send_data(sid, piece, end_stream=end and last)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                queue.clear()
+                return
+            if on_sent is not None and piece:
+                on_sent(len(piece))
+            if last:
+                queue.popleft()
 
     def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         self.queues.pop(sid, None)
@@ -176,6 +215,7 @@ class H2Side(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed:
+            self.write_now()  # a GOAWAY h2 prepared goes out before the close
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
@@ -337,7 +377,7 @@ class Bridge:
         out.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
         return out
 
-    def on_data(self, side: H2Side, data: bytes, flow_len: int, ended: bool) -> None:
+    def on_data(self, side: H2Side, data: bytes, flow_len: int) -> None:
         if side is self.ds:
             self.bytes_rx += len(data)
             if self.up is None:
@@ -356,12 +396,14 @@ class Bridge:
             self.ds.send(self.sid, data, False, lambda n: up.ack(up_sid, n))
 
     def on_trailers(self, side: H2Side, trailers: list[tuple[bytes, bytes]]) -> None:
+        trailers = [(n.lower(), v) for n, v in trailers]
+        trailers = [(n, v) for n, v in trailers if n not in HOP_BY_HOP_H2 and n[:1] != b":"]
         if side is self.ds:
             self.req_ended = True
             if self.up is not None:
                 self.up.send_trailers(self, trailers)
         else:
-            self.ds.send(self.sid, list(trailers), True)  # type: ignore[arg-type]
+            self.ds.send(self.sid, trailers, True)
             self.finish("")
 
     def on_end(self, side: H2Side) -> None:
@@ -392,10 +434,20 @@ class Bridge:
     # ---- upstream side ------------------------------------------------------------------------------
 
     def on_response_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        """A response head from an h2 upstream (not validated by h2: names lower-cased here, and connection-
+        specific fields dropped, as a client would otherwise reject the stream)."""
+        out = []
         for n, v in headers:
+            n = n.lower()
             if n == b":status":
                 self.status = int(v)
-        self.ds.respond(self.sid, [(n, v) for n, v in headers if n not in HOP_BY_HOP_H2], end)
+            if n not in HOP_BY_HOP_H2 and n != b"te":
+                out.append((n, v))
+        self.respond(out, end)
+
+    def respond(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        """Send a response head already fit for h2 (status set by the caller)."""
+        self.ds.respond(self.sid, headers, end)
         if end:
             self.finish("")
 

@@ -172,6 +172,7 @@ class H1Stream:
 
     __slots__ = (
         "addr",
+        "body",
         "bridge",
         "chunked",
         "close_delimited",
@@ -220,6 +221,7 @@ class H1Stream:
         self.write_paused = False
         self.held_acks: list = []
         self.queued_down = 0
+        self.body: list[bytes] = []  # response body read, not yet handed to the h2 stream
         self.trailers: list[tuple[bytes, bytes]] | None = None
         method = b"GET"
         path = b"/"
@@ -340,7 +342,10 @@ class H1Stream:
         self.bridge.up_failed(503, "overloaded", flags.UO)
 
     def flush(self) -> None:
-        self.h2ds.flush()
+        """UpstreamConnection read and parsed a piece of the response: pass its body on."""
+        if self.body and not self.finished:
+            bridge = self.bridge
+            bridge.ds.send(bridge.sid, self._body_out(), False, self._sent_down)
 
     def pause_for_upstream(self) -> None:  # the upstream is slow to take the body: hold the client's credit
         self.write_paused = True
@@ -368,17 +373,27 @@ class H1Stream:
         drop = _H1_RESPONSE_DROP if connection_values is None else _response_drop(connection_values)
         out = [(b":status", _status_bytes(status))]
         out += [(n, v) for n, v in headers if n not in drop]
-        self.bridge.on_response_headers(out, False)
+        self.bridge.status = status
+        self.bridge.respond(out, False)
 
     def on_response_body(self, data: bytes) -> None:
+        """Body bytes wait for the end of this read (flush) or of the response: one DATA frame, END_STREAM on
+        the last, instead of a frame per parser callback and an empty one to end the stream."""
         if self.finished:
             return
-        bridge = self.bridge
-        bridge.bytes_tx += len(data)
+        self.bridge.bytes_tx += len(data)
+        self.body.append(data)
         self.queued_down += len(data)
         if self.queued_down > WINDOW and self.conn is not None:
             self.conn.pause_reading()
-        bridge.ds.send(bridge.sid, data, False, self._sent_down)
+
+    def _body_out(self) -> bytes:
+        body = self.body
+        if not body:
+            return b""
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        return data
 
     def _sent_down(self, n: int) -> None:
         self.queued_down -= n
@@ -405,7 +420,13 @@ class H1Stream:
 
     def _end_stream(self) -> None:
         bridge = self.bridge
-        bridge.ds.send(bridge.sid, self.trailers or b"", True)  # type: ignore[arg-type]
+        data = self._body_out()
+        if self.trailers:
+            if data:
+                bridge.ds.send(bridge.sid, data, False, self._sent_down)
+            bridge.ds.send(bridge.sid, self.trailers, True)
+        else:
+            bridge.ds.send(bridge.sid, data, True, self._sent_down if data else None)
         bridge.finish("")
 
     def on_upstream_lost(self, conn: UpstreamConnection) -> None:

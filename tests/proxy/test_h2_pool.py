@@ -138,6 +138,8 @@ class PortHandler(BackendHandler):
 
 
 class PortBackend(ThreadedBackend):
+    request_queue_size = 1024  # many streams at once: one upstream connection each (listen's backlog)
+
     def __init__(self) -> None:
         super().__init__("127.0.0.1", PortHandler)
         self.ports: list[tuple[str, int]] = []
