@@ -25,8 +25,9 @@ def normalise_ip(address: str) -> str:
     return address[7:] if address.startswith("::ffff:") and "." in address else address
 
 
-def request_hash(policies: tuple[HashPolicy, ...], headers: Callable[[], Mapping[str, str]],
-                 source_ip: str) -> int | None:
+def request_hash(
+    policies: tuple[HashPolicy, ...], headers: Callable[[], Mapping[str, str]], source_ip: str
+) -> int | None:
     """The hash key of a request under a route's hash policies (the first that applies), None: no key."""
     for policy in policies:
         if policy.header is not None:
@@ -39,8 +40,9 @@ def request_hash(policies: tuple[HashPolicy, ...], headers: Callable[[], Mapping
 
 
 class Balancer:
-    def __init__(self, snapshot: Snapshot, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, snapshot: Snapshot, clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None
+    ) -> None:
         self._snapshot = snapshot
         self._clock = clock
         self._rng = rng or random.Random()
@@ -86,7 +88,8 @@ class Balancer:
         found = self._outliers.get(cluster.name)
         if found is None:
             found = self._outliers[cluster.name] = OutlierDetector(
-                cluster.outlier, sum(1 for e in cluster.endpoints if e.healthy), self._clock)
+                cluster.outlier, sum(1 for e in cluster.endpoints if e.healthy), self._clock
+            )
         return found
 
     def pick_endpoint(self, cluster: Cluster, hash_key: int | None = None) -> Endpoint | None:
@@ -99,8 +102,9 @@ class Balancer:
         # Envoy's panic mode in spirit: when every endpoint is ejected, use them anyway rather than fail.
         return ep if ep is not None else lb.pick(hash_key)
 
-    def pick(self, cluster: Cluster, original_dst: tuple[str, int],
-             hash_key: int | None = None) -> tuple[str, int] | None:
+    def pick(
+        self, cluster: Cluster, original_dst: tuple[str, int], hash_key: int | None = None
+    ) -> tuple[str, int] | None:
         """(address, port) to connect to, or None when the cluster has no healthy endpoint."""
         if cluster.kind is ClusterKind.ORIGINAL_DST:
             return normalise_ip(original_dst[0]), original_dst[1]

@@ -21,12 +21,15 @@ def cluster(endpoints, policy=LbPolicy.ROUND_ROBIN) -> Cluster:
     return Cluster(name="c", kind=ClusterKind.STATIC, endpoints=tuple(endpoints), lb_policy=policy)
 
 
-@pytest.mark.parametrize(("weights", "expected"), [
-    ([1, 1, 1], [0, 1, 2]),
-    ([5, 1, 1], [0, 0, 1, 0, 2, 0, 0]),  # nginx's documented smooth order
-    ([2, 1], [0, 1, 0]),
-    ([1], [0]),
-])
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        ([1, 1, 1], [0, 1, 2]),
+        ([5, 1, 1], [0, 0, 1, 0, 2, 0, 0]),  # nginx's documented smooth order
+        ([2, 1], [0, 1, 0]),
+        ([1], [0]),
+    ],
+)
 def test_smooth_weighted_sequence(weights, expected) -> None:
     assert smooth_weighted_sequence(weights) == expected
 
@@ -52,8 +55,11 @@ def test_unhealthy_endpoints_never_picked() -> None:
 
 
 def test_priority_failover_uses_lowest_level_with_available_endpoints() -> None:
-    endpoints = (Endpoint("10.0.0.1", 80, priority=0, locality="a"), Endpoint("10.0.0.2", 80, priority=1),
-                 Endpoint("10.0.0.3", 80, priority=2))
+    endpoints = (
+        Endpoint("10.0.0.1", 80, priority=0, locality="a"),
+        Endpoint("10.0.0.2", 80, priority=1),
+        Endpoint("10.0.0.3", 80, priority=2),
+    )
     lb = ClusterLb(cluster(endpoints))
     assert {lb.pick().address for _ in range(5)} == {"10.0.0.1"}
     down = {"10.0.0.1"}
@@ -120,8 +126,11 @@ def test_maglev_table_weights() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(min_value=1, max_value=20), min_size=1, max_size=8),
-       st.sampled_from(list(LbPolicy)), st.integers(min_value=0, max_value=2**64 - 1))
+@given(
+    st.lists(st.integers(min_value=1, max_value=20), min_size=1, max_size=8),
+    st.sampled_from(list(LbPolicy)),
+    st.integers(min_value=0, max_value=2**64 - 1),
+)
 def test_property_pick_is_always_a_healthy_available_endpoint(weights, policy, key) -> None:
     endpoints = tuple(Endpoint(f"10.0.1.{i}", 80, weight=w) for i, w in enumerate(weights))
     lb = ClusterLb(cluster(endpoints, policy), random.Random(key))
@@ -142,11 +151,14 @@ def test_property_ring_hash_removing_an_endpoint_moves_only_its_keys(n, key) -> 
         assert after.pick(key) == before.pick(key)
 
 
-@pytest.mark.parametrize(("weights", "first_ten"), [
-    ((90, 10), ["a"] * 5 + ["b"] + ["a"] * 4),  # interleaved, not ten in a row
-    ((75, 25), ["a", "a", "b", "a"] * 2 + ["a", "a"]),
-    ((0, 5), ["b"] * 10),
-])
+@pytest.mark.parametrize(
+    ("weights", "first_ten"),
+    [
+        ((90, 10), ["a"] * 5 + ["b"] + ["a"] * 4),  # interleaved, not ten in a row
+        ((75, 25), ["a", "a", "b", "a"] * 2 + ["a", "a"]),
+        ((0, 5), ["b"] * 10),
+    ],
+)
 def test_weighted_clusters_interleave_exact_shares(weights, first_ten) -> None:
     from types import MappingProxyType
 
