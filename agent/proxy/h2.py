@@ -21,8 +21,9 @@ import h2.exceptions
 import h2.settings
 
 from planemesh.agent.proxy import accesslog
-from planemesh.agent.proxy.exchange import new_request_id
-from planemesh.agent.proxy.h2_hpack import StatelessEncoder
+from planemesh.agent.proxy.balancer import normalise_ip
+from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
+from planemesh.agent.proxy.request_head import header_map, new_request_id
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.server import PlaneProxy
@@ -58,6 +59,7 @@ class H2Side(asyncio.Protocol):
             )
         )
         self.conn.encoder = StatelessEncoder()  # type: ignore[assignment]
+        self.conn.decoder = MemoDecoder(self.conn.decoder.max_header_list_size)
         self.transport: asyncio.Transport | None = None
         self.bridges: dict[int, Bridge] = {}
         self.queues: dict[int, deque[list]] = {}  # stream -> [[data, end, on_sent], ...] waiting for window
@@ -236,7 +238,9 @@ class H2Downstream(H2Side):
         super().__init__(proxy)
         self.preread = preread  # bytes an HTTP/1 Downstream read before seeing the preface
         self.local: tuple[str, int] = ("", 0)
-        self.peer_ip = ""
+        self.peer_ip_b = b""
+        self.table = None  # the routing table route_config was looked up in
+        self.route_config = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -246,7 +250,7 @@ class H2Downstream(H2Side):
         sockname = transport.get_extra_info("sockname")
         peer = transport.get_extra_info("peername")
         self.local = proxy.original_destination(sockname, peer)
-        self.peer_ip = peer[0].removeprefix("::ffff:") if peer else ""
+        self.peer_ip_b = peer[0].removeprefix("::ffff:").encode() if peer else b""
         self._init_conn()
         self.flush()
         if self.preread:
@@ -280,35 +284,130 @@ class H2Downstream(H2Side):
 
 
 class Bridge:
-    """One request stream: downstream h2 stream <-> an upstream (h2 stream or HTTP/1.1 connection)."""
+    """One request stream: downstream h2 stream <-> an upstream (h2 stream or HTTP/1.1 connection).
+
+    It is also its own access-log record (formatted in batches later, like an Exchange)."""
+
+    __slots__ = (
+        "authority_b",
+        "bytes_rx",
+        "bytes_tx",
+        "deadline",
+        "done",
+        "ds",
+        "duration_ms",
+        "fields",
+        "flags",
+        "grpc",
+        "method_b",
+        "path_b",
+        "pseudo",
+        "req_ended",
+        "rid",
+        "sid",
+        "start_time",
+        "status",
+        "t0",
+        "try_deadline",
+        "up",
+        "up_sid",
+        "upstream_host",
+    )
+
+    protocol = "HTTP/2"
+    upstream_ms = None
+    xff = None
+    user_agent = None
 
     def __init__(self, ds: H2Downstream, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.ds = ds
         self.sid = sid
-        self.headers = headers
-        self.pseudo = {n: v for n, v in headers if n.startswith(b":")}
-        self.grpc = any(n == b"content-type" and v.startswith(b"application/grpc") for n, v in headers)
-        self.up = None  # H2Upstream or H1StreamUpstream
+        # One pass over the request's fields: the pseudo-headers, gRPC or not, and what goes upstream (hop-by-hop
+        # fields dropped, x-request-id kept or added, x-forwarded-for extended with the client's address).
+        pseudo = []
+        fields = []
+        method = path = b""
+        authority = None
+        grpc = False
+        rid = xff = None
+        for field in headers:
+            n = field[0]
+            if n[:1] == b":":
+                pseudo.append(field)
+                if n == b":method":
+                    method = field[1]
+                elif n == b":path":
+                    path = field[1]
+                elif n == b":authority":
+                    authority = field[1]
+            elif n in HOP_BY_HOP_H2:
+                continue
+            elif n == b"te":
+                if field[1] == b"trailers":
+                    fields.append(field)
+            elif n == b"x-forwarded-for":
+                xff = field[1]
+            else:
+                if n == b"content-type":
+                    grpc = field[1].startswith(b"application/grpc")
+                elif n == b"x-request-id":
+                    rid = field[1]
+                fields.append(field)
+        if rid is None:
+            rid = new_request_id()
+            fields.append((b"x-request-id", rid))
+        peer = ds.peer_ip_b
+        fields.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
+        self.pseudo = pseudo
+        self.fields = fields
+        self.method_b = method
+        self.path_b = path
+        self.authority_b = authority
+        self.grpc = grpc
+        self.rid = rid
+        self.up = None  # H2Upstream or H1Stream
         self.up_sid = 0
         self.req_ended = False  # the client's end of the stream went upstream (with the headers, a DATA or trailers)
         self.status = 0
         self.done = False
         self.t0 = time.perf_counter()
         self.start_time = time.time()
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time; 0: none (checked by the proxy's deadline sweep)
+        self.try_deadline = 0.0
         self.bytes_rx = 0
         self.bytes_tx = 0
-        self.request_id: str | None = None
         self.upstream_host: str | None = None
         self.flags = ""
+        self.duration_ms = 0
+
+    # ---- access-log view (decoded when the batch is formatted) -----------------------------------------
+
+    @property
+    def method(self) -> str:
+        return self.method_b.decode("latin-1") or "-"
+
+    @property
+    def path(self) -> str:
+        return self.path_b.decode("latin-1") or "-"
+
+    @property
+    def authority(self) -> str | None:
+        return self.authority_b.decode("latin-1") if self.authority_b else None
+
+    @property
+    def request_id(self) -> str:
+        return self.rid.decode("latin-1")
+
+    @property
+    def plane(self) -> str:
+        return self.ds.proxy.plane_name
 
     # ---- request side -------------------------------------------------------------------------------
 
     def start(self, ended: bool) -> None:
-        from planemesh.agent.proxy.h2_upstream import open_stream
-
         self.req_ended = ended
-        proxy = self.ds.proxy
+        ds = self.ds
+        proxy = ds.proxy
         stats = proxy.stats
         stats.requests_total += 1
         stats.requests_active += 1
@@ -320,10 +419,11 @@ class Bridge:
             return self.local_error(429, "local rate limited", accesslog.RL)
         table = proxy.table
         router = table.router
-        crc = router.route_config(self.ds.local[0], self.ds.local[1]) or router.original_destination
-        authority = self.pseudo.get(b":authority", b"").decode("latin-1")
-        target = self.pseudo.get(b":path", b"/")
-        result = router.route_request(crc, authority, target, self._header_map)
+        if ds.table is not table:  # first stream of the connection, or a new snapshot since
+            ds.table = table
+            ds.route_config = router.route_config(ds.local[0], ds.local[1]) or router.original_destination
+        authority = self.authority_b.decode("latin-1") if self.authority_b else ""
+        result = router.route_request(ds.route_config, authority, self.path_b or b"/", self._header_map)
         if not result.forward:
             if result.direct is not None:
                 return self.local_error(result.direct.status, result.direct.body.decode("latin-1", "replace"))
@@ -332,50 +432,24 @@ class Bridge:
         if result.weighted:
             cluster = table.balancer.cluster_for(result.route.action)  # type: ignore[union-attr, arg-type]
         if cluster is None:
-            if result.cluster_missing or self.ds.local[1] in proxy.listen_ports:
+            if result.cluster_missing or ds.local[1] in proxy.listen_ports:
                 return self.local_error(503, "no healthy upstream", accesslog.UF)
-            from planemesh.agent.proxy.balancer import normalise_ip
-
-            addr = (normalise_ip(self.ds.local[0]), self.ds.local[1])
+            addr = (normalise_ip(ds.local[0]), ds.local[1])
         else:
-            addr = table.balancer.pick(cluster, self.ds.local)
+            addr = table.balancer.pick(cluster, ds.local)
             if addr is None:
                 return self.local_error(503, "no healthy upstream", accesslog.UF)
-        host, port = addr
-        self.upstream_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if result.timeout_s:
-            self.timer = proxy.loop.call_later(result.timeout_s, self.on_timeout)
-        open_stream(
-            self, addr, self._upstream_headers(), ended, cluster is not None and cluster.http2, result.connect_timeout_s
-        )
+            self.deadline = self.try_deadline = proxy.loop.time() + result.timeout_s
+            proxy.watch_deadline(self)  # type: ignore[arg-type]
+        open_stream(self, addr, ended, cluster is not None and cluster.http2, result.connect_timeout_s)
 
     def _header_map(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for n, v in self.headers:
-            if not n.startswith(b":"):
-                key, val = n.decode("latin-1"), v.decode("latin-1")
-                out[key] = f"{out[key]},{val}" if key in out else val
-        return out
+        return header_map(self.fields)
 
-    def _upstream_headers(self) -> list[tuple[bytes, bytes]]:
-        out = []
-        rid = xff = None
-        for n, v in self.headers:
-            if n in HOP_BY_HOP_H2 or (n == b"te" and v != b"trailers"):
-                continue
-            if n == b"x-request-id":
-                rid = v
-            elif n == b"x-forwarded-for":
-                xff = v
-                continue
-            out.append((n, v))
-        if rid is None:
-            rid = new_request_id()
-            out.append((b"x-request-id", rid))
-        self.request_id = rid.decode("latin-1")
-        peer = self.ds.peer_ip.encode()
-        out.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
-        return out
+    def upstream_headers(self) -> list[tuple[bytes, bytes]]:
+        """The request's fields for an h2 upstream: pseudo-headers first."""
+        return self.pseudo + self.fields
 
     def on_data(self, side: H2Side, data: bytes, flow_len: int) -> None:
         if side is self.ds:
@@ -386,14 +460,23 @@ class Bridge:
             pad = flow_len - len(data)
             if pad:
                 self.ds.ack(self.sid, pad)
-            self.up.send_body(self, data, False, lambda n: self.ds.ack(self.sid, n))
+            self.up.send_body(self, data, False, self._ack_down)
         else:  # response body from an h2 upstream
             self.bytes_tx += len(data)
             pad = flow_len - len(data)
-            up, up_sid = side, self.up_sid
             if pad:
-                up.ack(up_sid, pad)
-            self.ds.send(self.sid, data, False, lambda n: up.ack(up_sid, n))
+                side.ack(self.up_sid, pad)
+            self.ds.send(self.sid, data, False, self._ack_up)
+
+    def _ack_down(self, n: int) -> None:
+        """n request bytes went upstream: the client may send as many more."""
+        self.ds.ack(self.sid, n)
+
+    def _ack_up(self, n: int) -> None:
+        """n response bytes went to the client: the h2 upstream may send as many more."""
+        up = self.up
+        if up is not None:
+            up.ack(self.up_sid, n)
 
     def on_trailers(self, side: H2Side, trailers: list[tuple[bytes, bytes]]) -> None:
         trailers = [(n.lower(), v) for n, v in trailers]
@@ -460,8 +543,9 @@ class Bridge:
         else:
             self.local_error(status, message, flag)
 
-    def on_timeout(self) -> None:
-        self.timer = None
+    def on_timeout(self, now: float) -> None:
+        """Called by the proxy's deadline sweep once `try_deadline` has passed."""
+        self.deadline = self.try_deadline = float("inf")
         if not self.done:
             self.ds.proxy.stats.upstream_timeouts += 1
             if self.up is not None:
@@ -500,31 +584,17 @@ class Bridge:
         self.flags = flag
         if self.up is not None:
             self.up.release(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.ds.bridges.pop(self.sid, None)
-        proxy = self.ds.proxy
+        ds = self.ds
+        proxy = ds.proxy
+        if self.deadline:
+            proxy.inflight.discard(self)  # type: ignore[arg-type]
+        ds.bridges.pop(self.sid, None)
         stats = proxy.stats
         stats.requests_active -= 1
         duration_ms = (time.perf_counter() - self.t0) * 1000
+        self.duration_ms = int(duration_ms)
         stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx)
-        rec = accesslog.AccessRecord(
-            start_time=self.start_time,
-            method=self.pseudo.get(b":method", b"-").decode("latin-1"),
-            path=self.pseudo.get(b":path", b"-").decode("latin-1"),
-            protocol="HTTP/2",
-            status=self.status,
-            flags=flag or "-",
-            bytes_rx=self.bytes_rx,
-            bytes_tx=self.bytes_tx,
-            duration_ms=int(duration_ms),
-            upstream_ms=None,
-            xff=None,
-            user_agent=None,
-            request_id=self.request_id,
-            authority=self.pseudo.get(b":authority", b"").decode("latin-1") or None,
-            upstream_host=self.upstream_host,
-            plane=proxy.plane_name,
-        )
-        proxy.log.append(rec)
+        proxy.log.append(self)  # type: ignore[arg-type]
+
+
+from planemesh.agent.proxy.h2_upstream import open_stream  # noqa: E402  (h2_upstream builds on H2Side)

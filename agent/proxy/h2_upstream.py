@@ -43,26 +43,18 @@ _H1_RESPONSE_DROP = _H1_DROP - {b"content-length"}
 _pools: weakref.WeakKeyDictionary[PlaneProxy, dict[tuple, list[H2Upstream]]] = weakref.WeakKeyDictionary()
 
 
-def open_stream(
-    bridge: Bridge,
-    addr: tuple[str, int],
-    headers: list[tuple[bytes, bytes]],
-    ended: bool,
-    http2: bool,
-    connect_timeout: float,
-) -> None:
-    proxy = bridge.ds.proxy
-    source, mark = proxy.upstream_binding(addr[0])
-    key = (addr[0], addr[1], source, mark)
+def open_stream(bridge: Bridge, addr: tuple[str, int], ended: bool, http2: bool, connect_timeout: float) -> None:
     if http2:
+        proxy = bridge.ds.proxy
+        key, _ = proxy.pool.key_for(addr)
         conns = _pools.setdefault(proxy, {}).setdefault(key, [])
         conn = next((c for c in conns if c.has_capacity()), None)
         if conn is None:
             conn = H2Upstream(proxy, key, conns, connect_timeout)
             conns.append(conn)
-        conn.open(bridge, headers, ended)
+        conn.open(bridge, bridge.upstream_headers(), ended)
     else:
-        H1Stream(bridge, addr, headers, ended, connect_timeout)
+        H1Stream(bridge, addr, ended, connect_timeout)
 
 
 async def _connect(proxy: PlaneProxy, key: tuple, timeout: float, factory) -> None:
@@ -199,9 +191,7 @@ class H1Stream:
         "write_paused",
     )
 
-    def __init__(
-        self, bridge: Bridge, addr: tuple[str, int], headers: list[tuple[bytes, bytes]], ended: bool, timeout: float
-    ) -> None:
+    def __init__(self, bridge: Bridge, addr: tuple[str, int], ended: bool, timeout: float) -> None:
         self.bridge = bridge
         self.h2ds = bridge.ds
         self.ds = self  # UpstreamConnection reaches flushes and write back-pressure through `exchange.ds`
@@ -223,31 +213,24 @@ class H1Stream:
         self.queued_down = 0
         self.body: list[bytes] = []  # response body read, not yet handed to the h2 stream
         self.trailers: list[tuple[bytes, bytes]] | None = None
-        method = b"GET"
-        path = b"/"
-        authority = host = b""
+        method = bridge.method_b or b"GET"
+        host = bridge.authority_b
         has_length = False
         fields = []
-        for n, v in headers:
-            if n[0] == 58:  # b":"
-                if n == b":method":
-                    method = v
-                elif n == b":path":
-                    path = v
-                elif n == b":authority":
-                    authority = v
-            elif n not in _H1_DROP:
+        for n, v in bridge.fields:
+            if n not in _H1_DROP:
                 fields += (n, b": ", v, b"\r\n")
-            elif n == b"host":
-                host = v
             elif n == b"content-length":
                 has_length = True
                 fields += (b"content-length: ", v, b"\r\n")
+            elif n == b"host" and host is None:
+                host = v
         self.is_head = method == b"HEAD"
         self.chunked = not ended and not has_length
         if self.chunked:
             fields.append(b"transfer-encoding: chunked\r\n")
-        head = b"".join((method, b" ", path, b" HTTP/1.1\r\nhost: ", authority or host, b"\r\n", *fields, b"\r\n"))
+        path = bridge.path_b or b"/"
+        head = b"".join((method, b" ", path, b" HTTP/1.1\r\nhost: ", host or b"", b"\r\n", *fields, b"\r\n"))
         self.out = [head]
         self.replay: list[bytes] | None = [head]  # the request so far, while small enough to send again
         self.replay_len = 0

@@ -1,13 +1,14 @@
-"""The proxy's stateless HPACK encoder, checked by decoding its output with hpack's own Decoder."""
+"""The proxy's HPACK pieces checked against hpack itself: the stateless encoder's output decoded by hpack's Decoder,
+the memoising decoder decoding in lockstep with hpack's."""
 
 from __future__ import annotations
 
 import pytest
-from hpack import Decoder, NeverIndexedHeaderTuple
+from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 from hypothesis import given
 from hypothesis import strategies as st
 
-from planemesh.agent.proxy.h2_hpack import StatelessEncoder, encode_field, encode_integer
+from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder, encode_field, encode_integer
 
 
 @pytest.mark.parametrize(
@@ -76,3 +77,30 @@ def test_any_fields_round_trip(headers: list[tuple[bytes, bytes]]) -> None:
     enc, dec = StatelessEncoder(), Decoder()
     for _ in range(2):
         assert dec.decode(enc.encode(headers), raw=True) == headers
+
+
+def test_memo_decoder_hits_repeated_indexed_blocks() -> None:
+    enc, dec = Encoder(), MemoDecoder(65536)
+    request = [(b":method", b"GET"), (b":path", b"/x"), (b"user-agent", b"h2load")]
+    first = enc.encode(request)
+    second = enc.encode(request)  # all indexed now: leaves the table as it is
+    assert dec.decode(first, raw=True) == request
+    assert dec._memo == {}  # the first block added to the table: not remembered
+    assert dec.decode(second, raw=True) == request
+    assert second in dec._memo
+    again = dec.decode(second, raw=True)
+    assert again == request and again is not dec._memo[second]
+
+
+_fields = st.lists(st.tuples(st.sampled_from([b"a", b"b", b"user-agent", b"x-y"]), st.sampled_from([b"1", b"22", b""])))
+
+
+@given(st.lists(_fields, min_size=1, max_size=12), st.lists(st.integers(0, 4096), max_size=3))
+def test_memo_decoder_agrees_with_hpack(blocks: list[list[tuple[bytes, bytes]]], sizes: list[int]) -> None:
+    """Whatever the dynamic table does (inserts, evictions, resizes), the memo never answers stale."""
+    enc, plain, memo = Encoder(), Decoder(), MemoDecoder(65536)
+    for i, headers in enumerate(blocks * 2):
+        if sizes and i % 5 == 4:
+            enc.header_table_size = sizes[i % len(sizes)]
+        block = enc.encode(headers)
+        assert memo.decode(block, raw=True) == plain.decode(block, raw=True) == headers
