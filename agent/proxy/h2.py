@@ -36,7 +36,8 @@ MAX_STREAMS = 1000
 
 
 class H2Side(asyncio.Protocol):
-    """One h2 connection (either direction) with per-stream send queues that respect the peer's windows.
+    """One h2 connection (either direction) with per-stream send queues that respect the peer's windows and
+    the transport's buffer.
 
     What h2 has to send is written once per event-loop pass (flush() schedules the write): every stream
     answered in one pass shares one send().
@@ -65,6 +66,7 @@ class H2Side(asyncio.Protocol):
         self.queues: dict[int, deque[list]] = {}  # stream -> [[data, end, on_sent], ...] waiting for window
         self.closed = False
         self.write_scheduled = False
+        self.write_paused = False  # the transport's buffer is full: DATA waits (and so does the other side)
 
     def _init_conn(self) -> None:
         self.conn.local_settings = h2.settings.Settings(
@@ -90,6 +92,15 @@ class H2Side(asyncio.Protocol):
         data = self.conn.data_to_send()
         if data:
             self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        """A peer with a large window that reads slowly: stop handing DATA to h2, so what waits stays in the
+        stream queues, unacknowledged, and the other side's flow control stops its sender."""
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.pump()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -175,7 +186,7 @@ class H2Side(asyncio.Protocol):
             except h2.exceptions.StreamClosedError:
                 queue.clear()
                 return
-            if data and window <= 0:
+            if data and (window <= 0 or self.write_paused):
                 return
             if len(data) > window:
                 piece = data[:window]
@@ -260,12 +271,6 @@ class H2Downstream(H2Side):
     def connection_lost(self, exc: Exception | None) -> None:
         self.proxy.stats.downstream_active -= 1
         super().connection_lost(exc)
-
-    def pause_writing(self) -> None:  # h2 flow control bounds what we queue; nothing to do
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     def handle(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):

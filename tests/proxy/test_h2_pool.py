@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 
 from tests.proxy.proxy_harness import BackendHandler, ProxyThread, ThreadedBackend
@@ -23,10 +24,16 @@ from tests.proxy.proxy_harness import BackendHandler, ProxyThread, ThreadedBacke
 class H2Client:
     """A blocking h2c (prior knowledge) client: enough to send streams, read answers and reset streams."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1", window: int = 0) -> None:
         self.sock = socket.create_connection((host, port), timeout=10)
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        if window:  # a client that allows (much) more than it reads
+            self.conn.local_settings = h2.settings.Settings(
+                client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+            )
         self.conn.initiate_connection()
+        if window:
+            self.conn.increment_flow_control_window(window - 65535)
         self.sock.sendall(self.conn.data_to_send())
         self.authority = f"{host}:{port}".encode()
         self.responses: dict[int, dict] = {}
@@ -50,7 +57,7 @@ class H2Client:
         self.conn.send_headers(sid, headers, end_stream=not body)
         if body:
             self.conn.send_data(sid, body, end_stream=True)  # small bodies only: within the first window
-        self.responses[sid] = {"status": 0, "body": b"", "done": False, "reset": None}
+        self.responses[sid] = {"status": 0, "body": bytearray(), "done": False, "reset": None}
         self.sock.sendall(self.conn.data_to_send())
         return sid
 
@@ -119,6 +126,18 @@ class PortHandler(BackendHandler):
             except OSError:
                 pass
             self.close_connection = True
+        elif self.path.startswith("/huge"):  # 256 MiB, counting what went out
+            self.send_response(200)
+            self.send_header("content-length", str(256 << 20))
+            self.end_headers()
+            block = b"y" * (1 << 20)
+            try:
+                for _ in range(256):
+                    self.wfile.write(block)
+                    self.server.huge_sent += len(block)
+            except OSError:
+                pass
+            self.close_connection = True
         elif self.path.startswith("/once"):  # keep-alive in words, yet only one request per connection
             self.send_response(200)
             self.send_header("content-length", "4")
@@ -144,6 +163,7 @@ class PortBackend(ThreadedBackend):
         super().__init__("127.0.0.1", PortHandler)
         self.ports: list[tuple[str, int]] = []
         self.once_conns: list[socket.socket] = []
+        self.huge_sent = 0
         self.seen: list = []
         self.failed_once: set[str] = set()
 
@@ -284,3 +304,19 @@ def test_many_streams_many_clients_no_mixup() -> None:
         assert len(backend.ports) == 400
         assert proxy.proxy.stats.upstream_total < 400
         assert proxy.proxy.stats.requests_active == 0
+
+
+def test_slow_reader_with_a_huge_window_holds_the_upstream_back(setup: tuple[PortBackend, ProxyThread]) -> None:
+    """h2 flow control alone would let 2 GiB through to a client that allows it; the proxy's transport buffer
+    stops at its high-water mark instead, and so does the upstream (kernel socket buffers on the way hold a
+    few MiB each)."""
+    backend, proxy = setup
+    with H2Client(proxy.port, window=(1 << 31) - 1) as client:
+        sid = client.start("/huge")
+        client.pump(lambda: client.responses[sid]["status"] == 200)
+        time.sleep(1.5)  # not reading
+        held = backend.huge_sent
+        assert held < 96 << 20, held
+        client.pump(lambda: len(client.responses[sid]["body"]) >= 128 << 20)  # reading again: it flows
+        client.reset(sid)
+    assert backend.huge_sent >= 128 << 20
