@@ -256,3 +256,14 @@ class ProxyThread(ServingProxy):
 
 async def _call(fn, *args):
     return fn(*args)
+
+
+def log_line_for(px: ProxyThread, needle: str, timeout: float = 3.0) -> str:
+    """The first access-log line of `px` containing `needle` (lines are flushed once per proxy tick)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in px.flush_log():
+            if needle in line:
+                return line
+        time.sleep(0.02)
+    raise AssertionError(f"no access-log line with {needle!r}: {px.log_lines}")

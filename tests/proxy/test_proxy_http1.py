@@ -25,7 +25,7 @@ from planemesh.agent.config import (
     RouteMatch,
 )
 from planemesh.netplanes.model import SLA
-from tests.proxy.proxy_harness import Backend, ProxyThread, big_body, free_port
+from tests.proxy.proxy_harness import Backend, ProxyThread, big_body, free_port, log_line_for
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +63,6 @@ def read_response(sock_file) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.decode().partition(":")
         headers[name.strip().lower()] = value.strip()
     return status, headers, b""
-
-
-def log_line_for(px: ProxyThread, needle: str, timeout: float = 3.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in px.flush_log():
-            if needle in line:
-                return line
-        time.sleep(0.02)
-    raise AssertionError(f"no access-log line with {needle!r}: {px.log_lines}")
 
 
 def test_keep_alive_many_requests_one_connection(backend) -> None:

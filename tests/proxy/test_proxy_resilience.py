@@ -9,8 +9,8 @@ import time
 import pytest
 
 from planemesh.netplanes.model import SLA
-from tests.proxy.proxy_harness import Backend, ProxyThread, free_port
-from tests.proxy.test_proxy_http1 import log_line_for, raw_exchange
+from tests.proxy.proxy_harness import Backend, ProxyThread, free_port, log_line_for
+from tests.proxy.test_proxy_http1 import raw_exchange
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,7 @@ from planemesh.agent.config import (
     Snapshot,
     VirtualHost,
 )
-from tests.proxy.proxy_harness import ProxyThread, ThreadedBackend, free_port
-from tests.proxy.test_proxy_http1 import log_line_for
+from tests.proxy.proxy_harness import ProxyThread, ThreadedBackend, free_port, log_line_for
 
 
 class VersionHandler(http.server.BaseHTTPRequestHandler):

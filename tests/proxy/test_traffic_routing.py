@@ -22,8 +22,7 @@ from planemesh.agent.config import (
     RouteMatch,
     WeightedCluster,
 )
-from tests.proxy.proxy_harness import free_port
-from tests.proxy.test_proxy_http1 import log_line_for
+from tests.proxy.proxy_harness import free_port, log_line_for
 from tests.proxy.test_traffic_resilience import Client, VersionServer, endpoint, get, proxy_for, static, to, with_config
 
 

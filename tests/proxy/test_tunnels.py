@@ -39,7 +39,7 @@ from planemesh.labs.ws_server import (
     encode_frame,
 )
 from planemesh.netplanes.model import SLA
-from tests.proxy.proxy_harness import ProxyThread, free_port
+from tests.proxy.proxy_harness import ProxyThread, free_port, log_line_for
 
 CONNECT_ROUTE = Route(match=RouteMatch(prefix=None, connect=True),
                       action=RouteAction(upgrades=(UpgradeConfig("connect"),)))  # fmt: skip
@@ -83,16 +83,6 @@ def with_listener_upgrades(px: ProxyThread, upgrades: tuple[UpgradeConfig, ...])
     else:
         px.proxy.update(px.snapshot)
     return px
-
-
-def log_line_for(px: ProxyThread, needle: str, timeout: float = 3.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in px.flush_log():
-            if needle in line:
-                return line
-        time.sleep(0.02)
-    raise AssertionError(f"no access-log line with {needle!r}: {px.log_lines}")
 
 
 def read_all(sock: socket.socket) -> bytes:
