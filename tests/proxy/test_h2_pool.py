@@ -44,7 +44,8 @@ class H2Client:
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
 
-    def start(self, path: str, method: str = "GET", body: bytes = b"") -> int:
+    def start(self, path: str, method: str = "GET", body: bytes = b"", *, end: bool = True) -> int:
+        """Open a stream; with end=False the body follows through upload()."""
         sid = self.conn.get_next_available_stream_id()
         headers = [
             (b":method", method.encode()),
@@ -54,12 +55,35 @@ class H2Client:
         ]
         if body:
             headers.append((b"content-length", str(len(body)).encode()))
-        self.conn.send_headers(sid, headers, end_stream=not body)
+        self.conn.send_headers(sid, headers, end_stream=end and not body)
         if body:
-            self.conn.send_data(sid, body, end_stream=True)  # small bodies only: within the first window
+            self.conn.send_data(sid, body, end_stream=end)  # small bodies only: within the first window
         self.responses[sid] = {"status": 0, "body": bytearray(), "done": False, "reset": None}
         self.sock.sendall(self.conn.data_to_send())
         return sid
+
+    def upload(self, sid: int, size: int, seconds: float, end: bool = False) -> int:
+        """Send up to `size` body bytes as fast as the proxy's windows allow, for at most `seconds`."""
+        sent = 0
+        deadline = time.monotonic() + seconds
+        self.sock.settimeout(0.05)
+        try:
+            while sent < size and time.monotonic() < deadline:
+                n = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size, size - sent)
+                if n > 0:
+                    sent += n
+                    self.conn.send_data(sid, b"z" * n, end_stream=end and sent == size)
+                    self.sock.sendall(self.conn.data_to_send())
+                    continue
+                try:
+                    data = self.sock.recv(65536)
+                except TimeoutError:
+                    continue
+                self.conn.receive_data(data)  # WINDOW_UPDATEs
+                self.sock.sendall(self.conn.data_to_send())
+        finally:
+            self.sock.settimeout(10)
+        return sent
 
     def reset(self, sid: int) -> None:
         self.conn.reset_stream(sid)
@@ -98,6 +122,17 @@ class PortHandler(BackendHandler):
     """Records (path, peer port) per request; a few paths misbehave on purpose."""
 
     server: PortBackend
+
+    def do_POST(self) -> None:
+        if not self.path.startswith("/slowread"):
+            super().do_POST()
+            return
+        time.sleep(1.5)  # reads nothing for a while, then all of the (chunked) body
+        self._read_body()
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
 
     def do_GET(self) -> None:
         self.server.ports.append((self.path, self.client_address[1]))
@@ -320,3 +355,18 @@ def test_slow_reader_with_a_huge_window_holds_the_upstream_back(setup: tuple[Por
         client.pump(lambda: len(client.responses[sid]["body"]) >= 128 << 20)  # reading again: it flows
         client.reset(sid)
     assert backend.huge_sent >= 128 << 20
+
+
+def test_slow_upstream_reader_holds_the_client_back(setup: tuple[PortBackend, ProxyThread]) -> None:
+    """A request body goes as fast as the upstream takes it: the client's credit (WINDOW_UPDATE) comes only
+    once the bytes went into the upstream connection below its high-water mark."""
+    _, proxy = setup
+    total = 64 << 20
+    with H2Client(proxy.port) as client:
+        sid = client.start("/slowread", method="POST", end=False)
+        sent = client.upload(sid, total, seconds=1.0)  # the backend reads nothing for 1.5 s
+        assert sent < 24 << 20, sent
+        sent += client.upload(sid, total - sent, seconds=20, end=True)
+        assert sent == total
+        client.pump(lambda: client.responses[sid]["done"])
+        assert (client.responses[sid]["status"], client.responses[sid]["body"]) == (200, b"ok")
