@@ -27,16 +27,10 @@
 #include <linux/bpf.h>
 
 #include "pm_abi.h"
+#include "pm_maps.h"
 
 #ifndef PM_HOST_OWN_MARK
 #define PM_HOST_OWN_MARK PM_MARK_OWN
-#endif
-
-#ifdef PM_PIN_DIR
-#define PM_MAP(type, key, leaf, name, max, flags) \
-	BPF_TABLE_PINNED(type, key, leaf, name, max, PM_PIN_DIR "/" #name, flags)
-#else
-#define PM_MAP(type, key, leaf, name, max, flags) BPF_F_TABLE(type, key, leaf, name, max, flags)
 #endif
 
 PM_MAP("lpm_trie", struct pm_dest_key, struct pm_dest_val, pm_host_dest, PM_HOST_MAX_DEST, BPF_F_NO_PREALLOC);

@@ -12,21 +12,15 @@
  *     Non-SYN without a socket passes (it started before the policy did); no listener passes unless
  *     the plane is fail-closed (drop).
  *
- * Build options (cflags): -DPM_PIN_DIR="\"/sys/fs/bpf/planemesh/x\"" pins every map there (bcc reuses
+ * Build options (cflags): -DPM_PIN_DIR="\"/sys/fs/bpf/planemesh/x\"" pins every map there (pm_maps.h; bcc reuses
  * an already pinned map, so a restarted agent re-adopts state); without it nothing is pinned.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 
 #include "pm_abi.h"
+#include "pm_maps.h"
 #include "pm_parse.h"
-
-#ifdef PM_PIN_DIR
-#define PM_MAP(type, key, leaf, name, max, flags) \
-	BPF_TABLE_PINNED(type, key, leaf, name, max, PM_PIN_DIR "/" #name, flags)
-#else
-#define PM_MAP(type, key, leaf, name, max, flags) BPF_F_TABLE(type, key, leaf, name, max, flags)
-#endif
 
 PM_MAP("hash", __u32, struct pm_iface, pm_ifaces, PM_MAX_IFACES, 0);
 PM_MAP("array", __u32, struct pm_plane, pm_planes, PM_MAX_PLANES, 0);
