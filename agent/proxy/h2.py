@@ -307,6 +307,7 @@ class Bridge:
         "method_b",
         "path_b",
         "pseudo",
+        "reopened",
         "req_ended",
         "rid",
         "sid",
@@ -372,6 +373,7 @@ class Bridge:
         self.rid = rid
         self.up = None  # H2Upstream or H1Stream
         self.up_sid = 0
+        self.reopened = 0  # times refused by an h2 upstream (not processed) and opened again
         self.req_ended = False  # the client's end of the stream went upstream (with the headers, a DATA or trailers)
         self.status = 0
         self.done = False
@@ -447,7 +449,7 @@ class Bridge:
         if result.timeout_s:
             self.deadline = self.try_deadline = proxy.loop.time() + result.timeout_s
             proxy.watch_deadline(self)  # type: ignore[arg-type]
-        open_stream(self, addr, ended, cluster is not None and cluster.http2, result.connect_timeout_s)
+        h2_upstream.open_stream(self, addr, ended, cluster is not None and cluster.http2, result.connect_timeout_s)
 
     def _header_map(self) -> dict[str, str]:
         return header_map(self.fields)
@@ -514,7 +516,10 @@ class Bridge:
                 self.up.cancel(self)
             self.finish(accesslog.DC)
         elif self.status == 0:
-            self.up_failed(502 if code != h2.errors.ErrorCodes.REFUSED_STREAM else 503, "upstream reset", accesslog.UC)
+            refused = code == h2.errors.ErrorCodes.REFUSED_STREAM
+            if refused and side.reopen(self):  # type: ignore[attr-defined]
+                return
+            self.up_failed(503 if refused else 502, "upstream reset", accesslog.UC)
         else:
             self.ds.reset(self.sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
             self.finish(accesslog.UC)
@@ -602,4 +607,5 @@ class Bridge:
         proxy.log.append(self)  # type: ignore[arg-type]
 
 
-from planemesh.agent.proxy.h2_upstream import open_stream  # noqa: E402  (h2_upstream builds on H2Side)
+# h2_upstream builds on H2Side: imported last, used through the module (whichever of the two is imported first).
+from planemesh.agent.proxy import h2_upstream  # noqa: E402

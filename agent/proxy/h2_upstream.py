@@ -8,12 +8,14 @@ import asyncio
 import weakref
 from typing import TYPE_CHECKING
 
+import h2.errors
 import h2.events
 import h2.exceptions
 
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.exchange import MAX_REPLAY_BODY
 from planemesh.agent.proxy.h2 import WINDOW, H2Side
+from planemesh.agent.proxy.h2_goaway import GoawaySplitter
 from planemesh.agent.proxy.http1 import HOP_BY_HOP, LAST_CHUNK, TRAILER_DROP, dropped_names, last_chunk
 from planemesh.agent.proxy.sockets import open_upstream
 
@@ -26,6 +28,7 @@ MAX_STREAMS_PER_CONN = 1000
 # Streams opened on a new h2c connection before the server's SETTINGS arrive (nghttp2's assumed peer default):
 # above the server's real limit, the surplus would be refused.
 STREAMS_BEFORE_SETTINGS = 100
+MAX_REOPEN = 5  # times a refused body-less stream is opened again (a server past its streams per connection)
 _H1_DROP = frozenset(
     {
         b"connection",
@@ -68,13 +71,22 @@ async def _connect(proxy: PlaneProxy, key: tuple, timeout: float, factory) -> No
 
 
 class H2Upstream(H2Side):
+    """A pooled h2c connection to one endpoint; streams are multiplexed while it has capacity.
+
+    A server's GOAWAY is handled here, not by h2 (GoawaySplitter): no new streams, the ones above its last
+    stream id were not processed (a body-less one is opened again on another connection, RFC 9113 8.7), the
+    others complete, then the connection closes.
+    """
+
     client_side = True
 
     def __init__(self, proxy: PlaneProxy, key: tuple, pool: list[H2Upstream], timeout: float) -> None:
         super().__init__(proxy)
         self.key = key
         self.pool = pool
+        self.timeout = timeout
         self.goaway = False
+        self.splitter = GoawaySplitter()
         self.settings_received = False
         self._init_conn()
         proxy.stats.upstream_total += 1
@@ -113,10 +125,35 @@ class H2Upstream(H2Side):
         limit = min(self.conn.remote_settings.max_concurrent_streams, MAX_STREAMS_PER_CONN)
         return len(self.bridges) < limit
 
+    def data_received(self, data: bytes) -> None:
+        data, goaways = self.splitter.feed(data)
+        if data:
+            super().data_received(data)
+        for last_stream_id, _ in goaways:
+            self.on_goaway(last_stream_id)
+        if goaways and not self.bridges:
+            self.close()
+
     def on_goaway(self, last_stream_id: int) -> None:
         self.goaway = True
         self._forget()
         super().on_goaway(last_stream_id)
+
+    def reopen(self, bridge: Bridge) -> bool:
+        """A stream this server refused (not processed): open it again elsewhere when nothing but its headers
+        went out (at most MAX_REOPEN times: a server may refuse everything)."""
+        if bridge.reopened >= MAX_REOPEN or not bridge.req_ended or bridge.bytes_rx:
+            return False
+        bridge.reopened += 1
+        self.bridges.pop(bridge.up_sid, None)
+        try:
+            self.conn.reset_stream(bridge.up_sid, h2.errors.ErrorCodes.CANCEL)
+        except h2.exceptions.ProtocolError:
+            pass
+        if self.goaway and not self.bridges:
+            self.close()
+        open_stream(bridge, (self.key[0], self.key[1]), True, True, self.timeout)
+        return True
 
     def open(self, bridge: Bridge, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         sid = self.conn.get_next_available_stream_id()

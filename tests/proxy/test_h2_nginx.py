@@ -31,6 +31,7 @@ BIG = hashlib.sha256(b"big").digest() * (4 * 1024 * 1024 // 32)  # 4 MiB: above 
 class Nginx:
     h2c_port: int
     h1_port: int
+    h2c_short_port: int  # h2c, a GOAWAY after every 100 streams (keepalive_requests)
     log: Path
 
     def log_lines(self) -> list[str]:
@@ -51,7 +52,7 @@ def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     (work / "www" / "up").mkdir(parents=True)
     (work / "www" / "index.html").write_text("hello from nginx\n")
     (work / "www" / "big.bin").write_bytes(BIG)
-    h2c, h1 = free_port(), free_port()
+    h2c, h1, h2c_short = free_port(), free_port(), free_port()
     log = work / "access.log"
     conf = work / "nginx.conf"
     conf.write_text(textwrap.dedent(f"""\
@@ -68,6 +69,7 @@ def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
             root {work}/www;
             location /up/ {{ dav_methods PUT; }}
           }}
+          server {{ listen 127.0.0.1:{h2c_short} http2; keepalive_requests 100; root {work}/www; }}
         }}
     """))  # fmt: skip
     proc = subprocess.Popen([NGINX, "-c", str(conf), "-e", str(work / "error.log")])
@@ -78,7 +80,7 @@ def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"nginx did not start: {(work / 'error.log').read_text()}")
             time.sleep(0.05)
-        yield Nginx(h2c, h1, log)
+        yield Nginx(h2c, h1, h2c_short, log)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -144,6 +146,22 @@ def test_h2load_over_h2c_to_nginx(nginx: Nginx) -> None:
     seen = _since(nginx, before, nginx.h2c_port)
     assert len(seen) == 2000
     assert len({conn for conn, *_ in seen}) <= 2  # multiplexed: 200 streams at once fit under nginx's 128 twice
+
+
+def test_streams_survive_nginx_goaway_every_100_streams(nginx: Nginx) -> None:
+    """nginx sends GOAWAY after keepalive_requests streams and still answers the streams up to its last stream
+    id (h2 alone would drop them: 502); the ones above it are opened again on a new connection (503 before)."""
+    port = nginx.h2c_short_port
+    before = len(nginx.log_lines())
+    with ProxyThread([("127.0.0.1", port)], clusters=_cluster(port, True)) as proxy:
+        out = _h2load(proxy.port, "/")
+        assert "status codes: 2000 2xx" in out
+        assert proxy.proxy.stats.upstream_total >= 20  # 100 streams per connection
+        assert proxy.proxy.stats.requests_active == 0
+        lines = proxy.flush_log()
+    assert sum('" 200 - ' in line for line in lines) == 2000, [line for line in lines if '" 200 - ' not in line][:3]
+    seen = _since(nginx, before, port)
+    assert len(seen) == 2000  # each request reached nginx exactly once
 
 
 def test_h2load_over_pooled_http1_to_nginx(nginx: Nginx) -> None:
