@@ -446,6 +446,7 @@ class Bridge:
             addr = table.balancer.pick(cluster, ds.local)
             if addr is None:
                 return self.local_error(503, "no healthy upstream", accesslog.UF)
+        self.upstream_host = proxy.pool.key_for(addr)[1]
         if result.timeout_s:
             self.deadline = self.try_deadline = proxy.loop.time() + result.timeout_s
             proxy.watch_deadline(self)  # type: ignore[arg-type]

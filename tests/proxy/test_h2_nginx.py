@@ -133,6 +133,7 @@ def test_h2c_upstream_to_nginx(nginx: Nginx) -> None:
         assert hashlib.sha256(back["body"]).digest() == hashlib.sha256(body).digest()
         lines = proxy.flush_log()
     assert all(" 502 " not in line for line in lines)
+    assert all(f'"127.0.0.1:{nginx.h2c_port}" oam' in line for line in lines), lines
     assert sum("HTTP/2" in line for line in lines) == 2
     assert proxy.proxy.stats.upstream_total == 1  # the PUT's stream and the GET's on one h2c connection
 
