@@ -150,6 +150,7 @@ class Route:
     request_headers_to_remove: tuple[str, ...] = ()
     response_headers_to_add: tuple[HeaderValue, ...] = ()
     response_headers_to_remove: tuple[str, ...] = ()
+    rate_limit: LocalRateLimit | None = None  # per-route local rate limit (typed_per_filter_config)
 
 
 @dataclass(frozen=True, slots=True)

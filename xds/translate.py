@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
-from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf.message import DecodeError
@@ -26,7 +25,6 @@ from planemesh.agent.config import (
     HttpFilter,
     Listener,
     ListenerProtocol,
-    LocalRateLimit,
     RouteConfig,
     Snapshot,
     UpgradeConfig,
@@ -47,8 +45,8 @@ from planemesh.xds.translate_common import (
     seconds,
     socket_address,
     type_name,
-    uint,
 )
+from planemesh.xds.translate_filters import LOCAL_RATELIMIT, local_ratelimit
 from planemesh.xds.translate_routes import translate_route_config, translate_upgrades
 
 _EXT = "envoy.extensions."
@@ -56,7 +54,6 @@ HCM = _EXT + "filters.network.http_connection_manager.v3.HttpConnectionManager"
 TCP_PROXY = _EXT + "filters.network.tcp_proxy.v3.TcpProxy"
 ROUTER = _EXT + "filters.http.router.v3.Router"
 FAULT = _EXT + "filters.http.fault.v3.HTTPFault"
-LOCAL_RATELIMIT = _EXT + "filters.http.local_ratelimit.v3.LocalRateLimit"
 LISTENER_FILTERS = {
     _EXT + "filters.listener.original_dst.v3.OriginalDst",
     _EXT + "filters.listener.http_inspector.v3.HttpInspector",
@@ -156,7 +153,7 @@ def _http_filters(hcm, path: str) -> tuple[HttpFilter, ...]:
         elif kind == FAULT:
             out.append(_fault(hf, fpath))
         elif kind == LOCAL_RATELIMIT:
-            rl = _local_ratelimit(hf, fpath)
+            rl = local_ratelimit(hf.typed_config, fpath)
             if rl is not None:
                 out.append(rl)
         elif hf.is_optional:
@@ -193,26 +190,6 @@ def _fault(hf, path: str) -> FaultFilter:
         abort_status=abort_status,
         abort_percent=abort_pct if abort_status or header else 0.0,
         header_controlled=header,
-    )
-
-
-def _local_ratelimit(hf, path: str) -> LocalRateLimit | None:
-    cfg = local_rate_limit_pb2.LocalRateLimit()
-    hf.typed_config.Unpack(cfg)
-    only(cfg, {"stat_prefix", "token_bucket", "filter_enabled", "filter_enforced", "status"}, path)
-    if not cfg.HasField("token_bucket"):
-        raise ConfigError(f"{path}.token_bucket", "a local rate limit needs a token bucket")
-    # Envoy enforces only the runtime fraction in filter_enabled/filter_enforced; planemesh enforces
-    # all or nothing: a 0% fraction disables the filter, anything else enforces it fully.
-    for key in ("filter_enabled", "filter_enforced"):
-        if cfg.HasField(key) and fraction(getattr(cfg, key).default_value) == 0:
-            return None
-    tb = cfg.token_bucket
-    interval = seconds(tb.fill_interval)
-    if tb.max_tokens < 1 or interval <= 0:
-        raise ConfigError(f"{path}.token_bucket", "needs max_tokens >= 1 and fill_interval > 0")
-    return LocalRateLimit(
-        max_tokens=tb.max_tokens, tokens_per_fill=uint(tb, "tokens_per_fill", 1), fill_interval_s=interval
     )
 
 

@@ -10,6 +10,7 @@ from planemesh.agent.config import (
     HashPolicy,
     HeaderMatch,
     HeaderValue,
+    LocalRateLimit,
     Mirror,
     QueryMatch,
     Redirect,
@@ -22,7 +23,8 @@ from planemesh.agent.config import (
     VirtualHost,
     WeightedCluster,
 )
-from planemesh.xds.translate_common import fraction, only, opt_seconds, seconds, uint
+from planemesh.xds.translate_common import fraction, only, opt_seconds, seconds, type_name, uint
+from planemesh.xds.translate_filters import LOCAL_RATELIMIT, local_ratelimit
 
 # Fields dropped on purpose: names, stats, metadata and tracing decorations change no forwarding.
 _HARMLESS = {"name", "metadata", "decorator", "stat_prefix"}
@@ -256,6 +258,18 @@ def _headers_to_add(options, path: str) -> tuple[HeaderValue, ...]:
     return tuple(out)
 
 
+def _per_route_filters(r, path: str) -> LocalRateLimit | None:
+    """typed_per_filter_config: a per-route local rate limit (its own token bucket, as in Envoy); per-route
+    config of any other filter is refused rather than silently ignored."""
+    rate_limit = None
+    for name, cfg in sorted(r.typed_per_filter_config.items()):
+        fpath = f"{path}.typed_per_filter_config[{name}]"
+        if type_name(cfg.type_url) != LOCAL_RATELIMIT:
+            raise ConfigError(fpath, f"per-route config of {type_name(cfg.type_url) or name!r} is not supported")
+        rate_limit = local_ratelimit(cfg, fpath)
+    return rate_limit
+
+
 def _route(r, path: str, inherited: dict, default_retry) -> Route:
     only(
         r,
@@ -269,9 +283,11 @@ def _route(r, path: str, inherited: dict, default_retry) -> Route:
             "request_headers_to_remove",
             "response_headers_to_add",
             "response_headers_to_remove",
+            "typed_per_filter_config",
         },
         path,
     )
+    rate_limit = _per_route_filters(r, path)
     match = _match(r.match, f"{path}.match")
     kind = r.WhichOneof("action")
     action = redirect = direct = None
@@ -315,6 +331,7 @@ def _route(r, path: str, inherited: dict, default_retry) -> Route:
         + inherited["response_add"],
         response_headers_to_remove=tuple(h.lower() for h in r.response_headers_to_remove)
         + inherited["response_remove"],
+        rate_limit=rate_limit,
     )
 
 

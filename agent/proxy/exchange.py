@@ -257,6 +257,11 @@ class Exchange(ResponseRelay, UpstreamAttempts):
                 return self.refuse(b"CONNECT is not enabled on this listener\n")
             return self.reply(404, b"", (), flags.NR)
         route = self.route = result.route
+        if route is not None and route.rate_limit is not None:  # the route's own bucket, after the listener's
+            limiter = table.route_limiter(route)
+            if not limiter.take():
+                proxy.stats.rate_limited += 1
+                return self.reply(429, b"local_rate_limited", limiter.headers(), flags.RL)
         if self.tunnel and not crc.upgrade_allowed(route, self.upgrade_type):
             kind = b"CONNECT" if connect else b"upgrade to " + self.upgrade.strip()
             return self.refuse(kind + b" is not allowed on this route\n")

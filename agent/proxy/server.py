@@ -16,11 +16,12 @@ from collections.abc import Callable
 
 from netaddr import AddrFormatError
 
-from planemesh.agent.config import Snapshot
+from planemesh.agent.config import Route, Snapshot
 from planemesh.agent.proxy.accesslog import AccessLogBuffer, Sink, format_json, format_text
 from planemesh.agent.proxy.balancer import Balancer
 from planemesh.agent.proxy.downstream import Downstream
 from planemesh.agent.proxy.exchange import Exchange
+from planemesh.agent.proxy.filters import LocalRateLimiter
 from planemesh.agent.proxy.limits import TokenBucket, bucket_for
 from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffListener, SniffStats
 from planemesh.agent.proxy.routing import PlaneRouter
@@ -70,13 +71,23 @@ def _sockname_is_destination(sockname: tuple, peername: tuple) -> tuple[str, int
 class RoutingTable:
     """Everything a request needs from one snapshot; swapped as a whole by PlaneProxy.update()."""
 
-    __slots__ = ("balancer", "router", "snapshot", "sni")
+    __slots__ = ("balancer", "clock", "route_limiters", "router", "snapshot", "sni")
 
     def __init__(self, snapshot: Snapshot, plane: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.snapshot = snapshot
+        self.clock = clock
+        self.route_limiters: dict[int, LocalRateLimiter] = {}  # id(route) -> its bucket (routes live as long)
         self.router = PlaneRouter(snapshot, plane)
         self.sni = SniRoutes(snapshot.listeners_of(plane))  # passthrough chains (sniff listener)
         self.balancer = Balancer(snapshot, clock=clock)  # outlier ejection follows the proxy's clock
+
+    def route_limiter(self, route: Route) -> LocalRateLimiter:
+        """The token bucket of a route with a per-route local rate limit, made on its first request."""
+        limiter = self.route_limiters.get(id(route))
+        if limiter is None:
+            assert route.rate_limit is not None
+            limiter = self.route_limiters[id(route)] = LocalRateLimiter(route.rate_limit, self.clock)
+        return limiter
 
 
 DRAIN_IDLE_CLOSE_S = 0.5

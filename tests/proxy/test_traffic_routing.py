@@ -168,6 +168,25 @@ def test_local_rate_limit_admits_the_configured_rate() -> None:
         assert len(v1.seen) == 10
 
 
+def test_per_route_rate_limit_has_its_own_bucket() -> None:
+    """typed_per_filter_config local_ratelimit: only its route is limited, with its own bucket."""
+    limited = Route(
+        match=RouteMatch(prefix="/limited"),
+        action=RouteAction(cluster="svc"),
+        rate_limit=LocalRateLimit(max_tokens=2, tokens_per_fill=2, fill_interval_s=60.0),
+    )
+    routes = (limited, Route(action=RouteAction(cluster="svc")))
+    with VersionServer("v1") as v1, proxy_for(routes, {"svc": static("svc", [endpoint(v1)])}) as px:
+        client = Client(px.port)
+        assert [client.request(f"/limited/{i}")[0] for i in range(4)] == [200, 200, 429, 429]
+        assert [client.request(f"/free/{i}")[0] for i in range(10)] == [200] * 10  # another route: unlimited
+        status, headers, _ = client.request("/limited/again")
+        assert status == 429 and headers["x-ratelimit-limit"] == "2" and headers["x-ratelimit-remaining"] == "0"
+        assert '" 429 RL ' in log_line_for(px, "/limited/again")
+        client.close()
+        assert len(v1.seen) == 12
+
+
 # ---- mirroring -------------------------------------------------------------------------------------------------
 
 def test_mirror_duplicates_without_changing_the_primary() -> None:

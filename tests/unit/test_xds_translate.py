@@ -195,6 +195,24 @@ def test_filter_chain_match_and_http_filters():
     assert translate(to_resources([http_listener(filters=[opt]), PASS]), PLANES).listeners[0].http_filters == ()
 
 
+def test_per_route_local_rate_limit():
+    per_route = {
+        "rl": {
+            "@type": T + "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "route",
+            "token_bucket": {"max_tokens": 3, "tokens_per_fill": 1, "fill_interval": "2s"},
+        }
+    }
+    docs = [http_listener(rds="r1"), routes(route={"cluster": "pass"}, typed_per_filter_config=per_route), PASS]
+    route = only_route(translate(to_resources(docs), PLANES))
+    assert route.rate_limit == LocalRateLimit(max_tokens=3, tokens_per_fill=1, fill_interval_s=2.0)
+    fault = {"f": {"@type": T + "envoy.extensions.filters.http.fault.v3.HTTPFault"}}
+    docs[1] = routes(route={"cluster": "pass"}, typed_per_filter_config=fault)
+    with pytest.raises(ConfigError) as err:
+        translate(to_resources(docs), PLANES)
+    assert "typed_per_filter_config[f]" in err.value.path and "not supported" in str(err.value)
+
+
 def test_route_action_fields():
     route = {
         "route": {
