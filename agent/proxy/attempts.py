@@ -60,6 +60,7 @@ class UpstreamAttempts:
     keep_alive: bool
     head: bytes
     flags: str
+    h2: bool
 
     def _pick(self) -> tuple[str, int] | None:
         """The next endpoint of the request's cluster; the attempt on it is open until _end_attempt()."""
@@ -100,6 +101,10 @@ class UpstreamAttempts:
                 self._end_attempt(-1)
                 return self.overloaded(b"cluster_pending")
             self.cb_held |= HELD_PENDING
+        if self.h2:
+            from planemesh.agent.proxy.h1_over_h2 import open_h2_attempt  # imports h2 -> exchange: not at the top
+
+            return open_h2_attempt(self, target)  # type: ignore[arg-type]
         pool = self.ds.proxy.pool
         if reuse:
             pool.acquire_for(self, target, self.connect_timeout_s)  # type: ignore[arg-type]
@@ -192,6 +197,12 @@ class UpstreamAttempts:
     def _rearm_request(self) -> None:
         """What a new attempt sends: the head and the buffered body again, framed as before; body bytes still
         to come are appended by on_request_body as usual."""
+        if self.h2:  # an h2 stream: the HEADERS come from h2_fields, the body goes as it came
+            out = list(self.body_copy or ())
+            if self.req_chunked and self.req_done:
+                out.append(self.h2_request_end())
+            self.up_out = out
+            return
         out = [self.head]
         for data in self.body_copy or ():
             out.append(chunk(data) if self.req_chunked else data)
@@ -270,6 +281,7 @@ class UpstreamAttempts:
 
         def flush_upstream(self) -> None: ...
         def request_end(self) -> bytes: ...
+        def h2_request_end(self) -> list[tuple[bytes, bytes]]: ...
         def overloaded(self, which: bytes) -> None: ...
         def reply(self, status: int, body: bytes, headers=(), flag: str = "") -> None: ...
         def finish(self, abort: bool = False) -> None: ...

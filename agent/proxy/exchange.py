@@ -67,6 +67,8 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         "endpoint",
         "finished",
         "flags",
+        "h2",
+        "h2_fields",
         "has_xfp",
         "hash_key",
         "head",
@@ -145,6 +147,8 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.t_upstream = 0.0
         self.cluster: Cluster | None = None
         self.conn: UpstreamConnection | None = None
+        self.h2 = False  # the request goes upstream as an h2 stream (h1_over_h2.py): the cluster says http2
+        self.h2_fields: list[tuple[bytes, bytes]] | None = None
         self.connect_task = None
         self.up_out: list[bytes] = []
         self.head = b""
@@ -285,6 +289,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
                 target = (normalise_ip(ds.local[0]), ds.local[1])
         else:
             self.cluster = cluster
+            self.h2 = cluster.http2 and not self.tunnel
             self.breaker = breaker = balancer.breaker(cluster)
             if not breaker.try_acquire(REQUESTS):
                 return self.overloaded(b"cluster_requests")
@@ -301,7 +306,8 @@ class Exchange(ResponseRelay, UpstreamAttempts):
             return self._open_connect(target, result.connect_timeout_s)
         extra = UPGRADE_CONNECTION + b"upgrade: " + self.upgrade + CRLF if self.tunnel else b""
         self.head = request_head(self, route, extra)
-        self.up_out.insert(0, self.head)
+        if not self.h2:  # an h2 stream's head is its HEADERS frame (h1_over_h2.py); up_out holds only the body
+            self.up_out.insert(0, self.head)
         if action is not None and action.mirrors and cluster is not None and not self.tunnel:
             self._mirror(action.mirrors)
         timeout = result.timeout_s
@@ -383,7 +389,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
                 self.body_copy = None  # too big to replay: no retry once any of it went out
             else:
                 self.body_copy.append(data)
-        self.up_out.append(chunk(data) if self.req_chunked else data)
+        self.up_out.append(chunk(data) if self.req_chunked and not self.h2 else data)
 
     def on_request_trailer(self, name: bytes, value: bytes) -> None:
         if self.req_trailers is None:
@@ -395,16 +401,24 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         """The last chunk of a chunked request body, with the client's trailers."""
         return LAST_CHUNK if self.req_trailers is None else last_chunk(self.req_trailers)
 
+    def h2_request_end(self) -> list[tuple[bytes, bytes]]:
+        """The end of a chunked request body on an h2 stream: its trailers (empty: an END_STREAM alone)."""
+        return self.req_trailers or []
+
     def on_request_complete(self) -> None:
         self.req_done = True
         if self.req_chunked and not self.finished:
-            self.up_out.append(self.request_end())
+            self.up_out.append(self.h2_request_end() if self.h2 else self.request_end())  # type: ignore[arg-type]
         if self.mirror_to and not self.finished:
             self._send_mirrors()
 
     def flush_upstream(self) -> None:
         conn = self.conn
         if conn is not None and self.up_out and conn.ready:
+            if self.h2:
+                items, self.up_out = self.up_out, []
+                conn.write(items)  # type: ignore[attr-defined]
+                return
             data = b"".join(self.up_out) if len(self.up_out) > 1 else self.up_out[0]
             self.up_out.clear()
             conn.transport.write(data)

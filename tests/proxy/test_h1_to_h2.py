@@ -1,0 +1,239 @@
+"""HTTP/1.x clients through the proxy to a cluster with http2=True: requests go upstream as streams on the pooled
+h2c connections (h1_over_h2.py), responses come back as HTTP/1.1 (or 1.0). The backend is a real h2 server (the
+h2 library on asyncio) that counts its connections, echoes bodies and trailers, resets or stalls on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from planemesh.agent.config import Cluster, ClusterKind, Endpoint, RetryPolicy, Route, RouteAction
+from tests.proxy.proxy_harness import ProxyThread, log_line_for
+
+BIG = hashlib.sha256(b"x").digest() * (3 * 1024 * 1024 // 32)  # 3 MiB: above every flow-control window
+
+
+class H2Backend:
+    """h2c prior-knowledge server. Paths: /echo (the body back, with content-length; request facts as headers),
+    /stream/<n> (n bytes, no content-length, trailers with their sha256), /reset (RST_STREAM before the head),
+    /slow (answers after 3 s)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests = 0
+        self.loop = asyncio.new_event_loop()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, sock=self.sock))
+        self.loop.run_forever()
+
+    def __enter__(self) -> H2Backend:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        streams: dict[int, dict] = {}
+        tasks: set[asyncio.Task] = set()
+        window_open = asyncio.Event()
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        streams[ev.stream_id] = {"headers": dict(ev.headers), "body": [], "trailers": []}
+                    elif isinstance(ev, h2.events.DataReceived):
+                        streams[ev.stream_id]["body"].append(ev.data)
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        streams[ev.stream_id]["trailers"] = ev.headers
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        self.requests += 1
+                        req = streams.pop(ev.stream_id)
+                        task = asyncio.ensure_future(self._respond(conn, writer, ev.stream_id, req, window_open))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    elif isinstance(ev, h2.events.WindowUpdated):
+                        window_open.set()
+                writer.write(conn.data_to_send())
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            return
+        finally:
+            writer.close()
+
+    async def _respond(self, conn, writer, sid: int, req: dict, window_open: asyncio.Event) -> None:
+        path = req["headers"][b":path"]
+        body = b"".join(req["body"])
+        if path == b"/reset":
+            conn.reset_stream(sid)
+            writer.write(conn.data_to_send())
+            return
+        if path == b"/slow":
+            await asyncio.sleep(3)
+        if path.startswith(b"/stream/"):
+            payload = BIG[: int(path[8:])]
+            conn.send_headers(sid, [(b":status", b"200"), (b"x-kind", b"stream")])
+            await self._send(conn, writer, sid, payload, window_open)
+            conn.send_headers(sid, [(b"x-sha", hashlib.sha256(payload).hexdigest().encode())], end_stream=True)
+            writer.write(conn.data_to_send())
+            return
+        h = req["headers"]
+        facts = [
+            (b"x-authority", h.get(b":authority", b"")),
+            (b"x-method", h[b":method"]),
+            (b"x-te", h.get(b"te", b"-")),
+            (b"x-hop", b"yes" if any(n in h for n in (b"connection", b"transfer-encoding", b"host")) else b"no"),
+            (b"x-req-trailers", b";".join(n + b"=" + v for n, v in req["trailers"]) or b"-"),
+            (b"x-rid", h.get(b"x-request-id", b"")),
+        ]
+        conn.send_headers(sid, [(b":status", b"200"), (b"content-length", str(len(body)).encode()), *facts])
+        await self._send(conn, writer, sid, body, window_open, end=True)
+
+    async def _send(self, conn, writer, sid: int, data: bytes, window_open: asyncio.Event, end: bool = False) -> None:
+        while True:
+            n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(data))
+            if n or not data:
+                conn.send_data(sid, data[:n], end_stream=end and n == len(data))
+                writer.write(conn.data_to_send())
+                data = data[n:]
+                if not data:
+                    return
+            else:
+                window_open.clear()
+                await window_open.wait()
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[H2Backend]:
+    with H2Backend() as b:
+        yield b
+
+
+def _proxy(port: int, retry: RetryPolicy | None = None, timeout_s: float | None = None) -> ProxyThread:
+    cluster = Cluster(name="h2", kind=ClusterKind.STATIC, http2=True, endpoints=(Endpoint("127.0.0.1", port),))
+    route = Route(action=RouteAction(cluster="h2", retry=retry, timeout_s=timeout_s))
+    return ProxyThread([("127.0.0.1", port)], routes=(route,), clusters={"h2": cluster})
+
+
+def _raw(port: int, request: bytes, until_close: bool = False) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while True:
+            part = s.recv(65536)
+            if not part:
+                return data
+            data += part
+            if not until_close and data.endswith(b"\r\n\r\n") and b"0\r\n" in data:
+                return data
+
+
+def test_bodies_both_ways_over_one_h2_connection(backend: H2Backend) -> None:
+    """Content-length and chunked request bodies (several MiB, byte-exact), a response without content-length
+    arrives chunked with its trailers, and every keep-alive request shares one upstream h2c connection."""
+    before = backend.connections
+    with _proxy(backend.port) as proxy:
+        client = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        client.request("GET", "/echo", headers={"Host": "svc.example:8080", "TE": "trailers"})
+        r = client.getresponse()
+        assert (r.status, r.read()) == (200, b"")
+        assert r.getheader("x-authority") == "svc.example:8080" and r.getheader("x-te") == "trailers"
+        assert r.getheader("x-hop") == "no" and r.getheader("x-method") == "GET" and r.getheader("x-rid")
+        client.request("POST", "/echo", body=BIG)
+        r = client.getresponse()
+        assert r.getheader("content-length") == str(len(BIG)) and r.read() == BIG
+        client.request("POST", "/echo", body=iter([BIG[:1000], BIG[1000:]]), encode_chunked=True)
+        r = client.getresponse()
+        assert r.read() == BIG
+        client.request("GET", f"/stream/{len(BIG) - 7}")
+        r = client.getresponse()
+        assert r.getheader("transfer-encoding") == "chunked" and r.getheader("content-length") is None
+        assert r.read() == BIG[: len(BIG) - 7]
+        for i in range(50):
+            client.request("POST", "/echo", body=b"n%d" % i)
+            assert client.getresponse().read() == b"n%d" % i
+        client.close()
+        line = log_line_for(proxy, "/stream/")
+        assert " 200 " in line and f"127.0.0.1:{backend.port}" in line, line
+    assert backend.connections == before + 1
+
+
+def test_trailers_both_ways(backend: H2Backend) -> None:
+    with _proxy(backend.port) as proxy:
+        req = (
+            b"POST /echo HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\nte: trailers\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n"
+        )
+        resp = _raw(proxy.port, req + b"GET /stream/10 HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", True)
+        first, _, second = resp.partition(b"hello")
+        assert b"x-req-trailers: x-checksum=abc" in first and b"content-length: 5" in first
+        head, _, body = second.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head
+        sha = hashlib.sha256(BIG[:10]).hexdigest().encode()
+        assert body == b"a\r\n" + BIG[:10] + b"\r\n0\r\nx-sha: " + sha + b"\r\n\r\n"
+
+
+def test_http10_client_gets_a_close_delimited_body(backend: H2Backend) -> None:
+    with _proxy(backend.port) as proxy:
+        resp = _raw(proxy.port, b"GET /stream/100000 HTTP/1.0\r\n\r\n", until_close=True)
+        head, _, body = resp.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head and b"content-length" not in head
+        assert body == BIG[:100000]
+        resp = _raw(proxy.port, b"POST /echo HTTP/1.0\r\ncontent-length: 3\r\n\r\nabc", until_close=True)
+        assert resp.endswith(b"\r\n\r\nabc") and b"content-length: 3" in resp
+
+
+def test_upstream_reset_is_502_and_retried(backend: H2Backend) -> None:
+    with _proxy(backend.port) as proxy:
+        client = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        client.request("GET", "/reset")
+        r = client.getresponse()
+        assert r.status == 502 and r.read()
+        client.request("GET", "/echo")  # the client's connection stays usable
+        assert client.getresponse().status == 200
+        assert " UC " in log_line_for(proxy, "/reset")
+    before = backend.requests
+    with _proxy(backend.port, RetryPolicy(retry_on=frozenset({"reset"}), num_retries=2)) as proxy:
+        client = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        client.request("GET", "/reset")
+        r = client.getresponse()
+        assert r.status == 502 and r.read()
+        assert "URX" in log_line_for(proxy, "/reset")
+    assert backend.requests - before == 3
+
+
+def test_slow_upstream_is_504(backend: H2Backend) -> None:
+    with _proxy(backend.port, timeout_s=0.3) as proxy:
+        client = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        t0 = time.monotonic()
+        client.request("GET", "/slow")
+        r = client.getresponse()
+        assert r.status == 504 and r.read() and time.monotonic() - t0 < 2
+        client.request("GET", "/echo")
+        assert client.getresponse().status == 200
+        assert " UT " in log_line_for(proxy, "/slow")
