@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import http.client
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ import pytest
 
 from planemesh.agent.config import Cluster, ClusterKind, Endpoint, RetryPolicy, Route, RouteAction
 from tests.proxy.proxy_harness import ProxyThread, log_line_for
+from tests.proxy.test_h2_nginx import Nginx, _since
+from tests.proxy.test_h2_nginx import nginx as nginx  # the fixture
 
 BIG = hashlib.sha256(b"x").digest() * (3 * 1024 * 1024 // 32)  # 3 MiB: above every flow-control window
 
@@ -87,6 +90,12 @@ class H2Backend:
             writer.close()
 
     async def _respond(self, conn, writer, sid: int, req: dict, window_open: asyncio.Event) -> None:
+        try:
+            await self._answer(conn, writer, sid, req, window_open)
+        except h2.exceptions.H2Error:
+            pass  # the proxy reset the stream meanwhile (its timeout)
+
+    async def _answer(self, conn, writer, sid: int, req: dict, window_open: asyncio.Event) -> None:
         path = req["headers"][b":path"]
         body = b"".join(req["body"])
         if path == b"/reset":
@@ -151,6 +160,18 @@ def _raw(port: int, request: bytes, until_close: bool = False) -> bytes:
             data += part
             if not until_close and data.endswith(b"\r\n\r\n") and b"0\r\n" in data:
                 return data
+
+
+def _dechunk(data: bytes) -> tuple[bytes, bytes]:
+    """A chunked body -> (the bytes, the trailer section)."""
+    out = []
+    while True:
+        size, _, data = data.partition(b"\r\n")
+        n = int(size, 16)
+        if not n:
+            return b"".join(out), data.removesuffix(b"\r\n\r\n")
+        out.append(data[:n])
+        data = data[n + 2 :]
 
 
 def test_bodies_both_ways_over_one_h2_connection(backend: H2Backend) -> None:
@@ -237,3 +258,58 @@ def test_slow_upstream_is_504(backend: H2Backend) -> None:
         client.request("GET", "/echo")
         assert client.getresponse().status == 200
         assert " UT " in log_line_for(proxy, "/slow")
+
+
+def test_concurrent_clients_and_a_slow_reader(backend: H2Backend) -> None:
+    """Eight HTTP/1.1 clients at once share the h2c connection; a client that reads a 3 MiB response only after
+    a second still gets it byte-exact, with its trailers."""
+    before = backend.connections
+    with _proxy(backend.port) as proxy:
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                client = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+                for j in range(20):
+                    body = b"%d-%d" % (i, j) * 1000
+                    client.request("POST", "/echo", body=body)
+                    assert client.getresponse().read() == body
+                client.close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as slow:
+            slow.sendall(b"GET /stream/%d HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n" % len(BIG))
+            time.sleep(1.0)
+            data = b""
+            while part := slow.recv(65536):
+                data += part
+        for t in threads:
+            t.join(20)
+        assert not errors, errors
+        body, trailers = _dechunk(data.partition(b"\r\n\r\n")[2])
+        assert body == BIG and trailers == b"x-sha: " + hashlib.sha256(BIG).hexdigest().encode()
+        assert proxy.proxy.stats.requests_active == 0
+    assert backend.connections == before + 1
+
+
+def test_h1_clients_to_nginx_h2c(nginx: Nginx) -> None:
+    """h2load --h1 (4 keep-alive HTTP/1.1 clients) to nginx's h2c: multiplexed on few connections; and on the
+    port where nginx sends GOAWAY every 100 streams, the refused ones are opened again (no 5xx)."""
+    for port, most in ((nginx.h2c_port, 2), (nginx.h2c_short_port, 100)):
+        before = len(nginx.log_lines())
+        with _proxy(port) as proxy:
+            out = subprocess.run(
+                ["h2load", "--h1", "-n", "2000", "-c", "4", f"http://127.0.0.1:{proxy.port}/"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+            assert "status codes: 2000 2xx" in out, out
+            assert proxy.proxy.stats.requests_active == 0
+        seen = _since(nginx, before, port)
+        assert len(seen) == 2000
+        assert len({conn for conn, *_ in seen}) <= most
