@@ -155,6 +155,25 @@ def _rmdir(group: Path) -> None:
     log.warning("cgroup %s still busy; left in place", group)
 
 
+def remove_stale_groups(parent: Path) -> list[Path]:
+    """Remove the groups of agents that died without cleaning up (SIGKILL): `planemesh-<pid>` whose pid is
+    gone and whose plane groups hold no process. Returns what was removed."""
+    removed = []
+    for group in parent.glob("planemesh-*"):
+        pid = group.name.removeprefix("planemesh-")
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        try:
+            for child in group.iterdir():
+                if child.is_dir():
+                    child.rmdir()  # fails (busy) while a process is still in it: then the group stays
+            group.rmdir()
+            removed.append(group)
+        except OSError:
+            continue
+    return removed
+
+
 def _prepare(name: str) -> Hierarchy:
     v2, v1_cpu = parse_mounts(Path("/proc/self/mounts").read_text())
     proc_cgroup = Path("/proc/self/cgroup").read_text()
@@ -162,6 +181,7 @@ def _prepare(name: str) -> Hierarchy:
         return _prepare_v2(v2, own_cgroup(proc_cgroup, None), name)
     if v1_cpu is not None:
         base = v1_cpu / own_cgroup(proc_cgroup, "cpu").lstrip("/") / name
+        remove_stale_groups(base.parent)
         base.mkdir(exist_ok=True)
         return Hierarchy(base, 1)
     raise OSError("no cgroup cpu controller (neither cgroup v2 nor a v1 cpu hierarchy is mounted)")
@@ -186,6 +206,7 @@ def _prepare_v2(mount: Path, own: str, name: str) -> Hierarchy:
                 (leaf / "cgroup.procs").write_text(pid)
         _enable_cpu(own_dir)
     base = own_dir / name
+    remove_stale_groups(own_dir)
     base.mkdir(exist_ok=True)
     _enable_cpu(base)
     return Hierarchy(base, 2)

@@ -67,6 +67,8 @@ def remove_pins(pin_dir: str) -> None:
         for name in os.listdir(pin_dir):
             os.unlink(os.path.join(pin_dir, name))
         os.rmdir(pin_dir)
+    with contextlib.suppress(OSError):  # the parent the agent made, unless others pin there too
+        os.rmdir(os.path.dirname(pin_dir))
 
 
 def measure(seconds: int, rounds: int, entries: int, prefix: str) -> tuple[list[WrkResult], dict[int, int]]:

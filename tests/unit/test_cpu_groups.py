@@ -41,3 +41,18 @@ def test_own_cgroup_v2_and_v1() -> None:
 @pytest.mark.parametrize(("weight", "shares"), [(100, 1024), (1, 10), (10000, 102400), (50, 512)])
 def test_v1_shares_follow_the_v2_weight(weight: int, shares: int) -> None:
     assert v1_shares(weight) == shares
+
+
+def test_groups_of_dead_agents_are_removed_live_ones_kept(tmp_path: Path) -> None:
+    import os
+
+    from planemesh.agent.cpu_groups import remove_stale_groups
+
+    dead = tmp_path / "planemesh-999999999"  # above pid_max: never alive
+    (dead / "plane-oam").mkdir(parents=True)
+    live = tmp_path / f"planemesh-{os.getpid()}"
+    (live / "plane-oam").mkdir(parents=True)
+    other = tmp_path / "planemesh-notapid"
+    other.mkdir()
+    assert remove_stale_groups(tmp_path) == [dead]
+    assert not dead.exists() and (live / "plane-oam").exists() and other.exists()
