@@ -402,7 +402,7 @@ def _listener_shape(snap: Snapshot | None, plane: Any) -> tuple[Any, ...]:
 
 
 def bind_listener(port: int) -> socket.socket:
-    from planemesh.agent.proxy.server import make_listener_socket
+    from planemesh.agent.proxy.sockets import make_listener_socket
 
     return make_listener_socket(port, transparent=True)
 

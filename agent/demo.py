@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,10 @@ def default_xds_resources() -> Path:
 
 
 def start_agent(
-    lab: Lab, workdir: Path, extra: list[str] | None = None, env: dict[str, str] | None = None
+    lab: Lab, workdir: Path, extra: Sequence[str] | None = None, env: dict[str, str] | None = None, **popen: Any
 ) -> subprocess.Popen:
+    """The agent in the lab's node namespace, admin socket and access log in `workdir`; `popen`: more
+    subprocess options (e.g. preexec_fn to start it in a cgroup)."""
     argv = [
         sys.executable, "-m", "planemesh.agent.cli", "agent",
         "--netns", lab.node_ns,
@@ -73,7 +76,7 @@ def start_agent(
         "--access-log", str(workdir / "access.log"),
         *(extra or []),
     ]  # fmt: skip
-    return ns_tools.start_until(None, argv, "planemesh agent ready", timeout=60, env=env)
+    return ns_tools.start_until(None, argv, "planemesh agent ready", timeout=60, env=env, **popen)
 
 
 def drive(lab: Lab, requests: int = 50) -> list[Row]:

@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import MappingProxyType
 
 NGINX = "/usr/sbin/nginx"
 BODY = b"hello from nginx, a small body for the proxy benchmark\n"
@@ -95,46 +94,18 @@ def wrk(port: int, duration: int, connections: int) -> dict[str, float]:
 def serve_proxy(proxy_port: int, upstream_port: int, profile: str | None, cpu: int | None) -> None:
     """Child process: run the proxy until SIGTERM."""
     import uvloop
-    from netaddr import IPNetwork
 
-    from planemesh.agent.config import (
-        Cluster,
-        ClusterKind,
-        Endpoint,
-        Listener,
-        ListenerProtocol,
-        Route,
-        RouteAction,
-        RouteConfig,
-        Snapshot,
-        VirtualHost,
-    )
-    from planemesh.agent.proxy.server import PlaneProxy, make_listener_socket
-    from planemesh.netplanes.model import Plane
+    from planemesh.agent.proxy.server import PlaneProxy
+    from planemesh.agent.proxy.sockets import make_listener_socket
+    from tests.proxy.proxy_harness import PLANE, make_snapshot
 
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    plane = Plane(
-        name="bench", plane_id=1, interfaces=("lo",), cidrs=(IPNetwork("127.0.0.0/8"),), proxy_port=proxy_port
-    )
-    rc = RouteConfig(
-        name="rc", virtual_hosts=(VirtualHost(name="all", routes=(Route(action=RouteAction(cluster="nginx")),)),)
-    )
-    snap = Snapshot(
-        version="bench",
-        planes=(plane,),
-        listeners=(
-            Listener(name="http", plane="bench", port=proxy_port, protocol=ListenerProtocol.HTTP, route_config="rc"),
-        ),
-        routes=MappingProxyType({"rc": rc}),
-        clusters=MappingProxyType(
-            {"nginx": Cluster(name="nginx", kind=ClusterKind.STATIC, endpoints=(Endpoint("127.0.0.1", upstream_port),))}
-        ),
-    )
+    snap = make_snapshot(proxy_port, [("127.0.0.1", upstream_port)])
     log_path = os.environ.get("PM_BENCH_ACCESS_LOG", os.devnull)
     from planemesh.agent.proxy.accesslog import file_sink
 
-    proxy = PlaneProxy(snap, "bench", access_log=file_sink(log_path))
+    proxy = PlaneProxy(snap, PLANE, access_log=file_sink(log_path))
     sock = make_listener_socket(proxy_port, transparent=False, host="127.0.0.1")
 
     async def main() -> None:
@@ -173,12 +144,12 @@ def main() -> int:
         try:
             nginx_port, proxy_port = free_port(), free_port()
             nginx = start_nginx(Path(tmp), nginx_port)
-            cmd = [sys.executable, __file__, "--serve", str(proxy_port), str(nginx_port)]
+            cmd = [sys.executable, "-m", "bench.proxy_loopback", "--serve", str(proxy_port), str(nginx_port)]
             if args.profile:
                 cmd += ["--profile", args.profile]
             if args.proxy_cpu is not None:
                 cmd += ["--proxy-cpu", str(args.proxy_cpu)]
-            proxy = subprocess.Popen(cmd)
+            proxy = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])  # the repo: bench, tests
             wait_port(proxy_port)
             wrk(nginx_port, 1, args.connections)  # warm-up
             direct = wrk(nginx_port, args.duration, args.connections)

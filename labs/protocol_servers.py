@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from planemesh.agent.proxy.sockets import make_listener_socket
+
 BANNER = b"220 planemesh-lab ESMTP ready\r\n"
 BLOCK = 1 << 20
 _BULK_HEAD = struct.Struct("!cc Q")
@@ -121,23 +123,25 @@ def serve_bulk(conn: socket.socket) -> None:
         count = _recv_until_eof(conn, digest.update if hashed else lambda _view: None)
         conn.sendall(digest.digest() + count.to_bytes(8, "big"))
     elif op in (b"D", b"d"):
-        block = memoryview(os.urandom(BLOCK))
-        left = size
-        while left:
-            part = block[: min(left, BLOCK)]
-            if hashed:
-                digest.update(part)
-            conn.sendall(part)
-            left -= len(part)
+        _send_blocks(conn, size, digest if hashed else None)
         conn.sendall(digest.digest())
 
 
+def _send_blocks(conn: socket.socket, size: int, digest: hashlib._Hash | None) -> None:
+    """`size` bytes of one random block repeated, hashed into `digest` on the way when given."""
+    block = memoryview(os.urandom(BLOCK))
+    left = size
+    while left:
+        part = block[: min(left, BLOCK)]
+        if digest is not None:
+            digest.update(part)
+        conn.sendall(part)
+        left -= len(part)
+
+
 def _listen(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind(("::", port))
-    sock.listen(1024)
+    sock = make_listener_socket(port, transparent=False, backlog=1024)
+    sock.setblocking(True)
     return sock
 
 
@@ -242,18 +246,11 @@ class BulkResult:
 def bulk_upload(
     address: str, port: int, size: int, *, hashed: bool = True, timeout: float = IO_TIMEOUT_S
 ) -> BulkResult:
-    block = memoryview(os.urandom(BLOCK))
     digest = hashlib.sha256()
     with socket.create_connection((address, port), timeout=timeout) as conn:
         started = time.perf_counter()
         conn.sendall(_BULK_HEAD.pack(b"\0", b"U" if hashed else b"u", size))
-        left = size
-        while left:
-            part = block[: min(left, BLOCK)]
-            if hashed:
-                digest.update(part)
-            conn.sendall(part)
-            left -= len(part)
+        _send_blocks(conn, size, digest if hashed else None)
         conn.shutdown(socket.SHUT_WR)
         answer = _recv_exact(conn, 40)
         seconds = time.perf_counter() - started

@@ -32,36 +32,8 @@ from planemesh.agent.proxy.upstream import UpstreamPool
 from planemesh.ebpf.abi import PM_MARK_PLANE_MASK
 from planemesh.netplanes.model import plane_of_address
 
-IP_TRANSPARENT = 19
-IPV6_TRANSPARENT = 75
-SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
-
 # (sockname, peername) of an accepted connection -> its original destination (address, port).
 OriginalDestination = Callable[[tuple, tuple], tuple[str, int]]
-
-
-def make_listener_socket(
-    port: int, *, transparent: bool = True, host: str = "::", backlog: int = 4096
-) -> socket.socket:
-    """A listening socket for a plane's proxy port. Transparent sockets (root) accept connections the
-    kernel assigned to them whatever their destination, so getsockname() is the original destination."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual-stack: v4 as ::ffff:a.b.c.d
-        if transparent:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _sockname_is_destination(sockname: tuple, peername: tuple) -> tuple[str, int]:

@@ -1,5 +1,7 @@
-"""Upstream sockets, made one way for every upstream the proxy opens (HTTP pool, h2, passthrough, mirrors):
-the own-traffic SO_MARK so the data path never re-intercepts them, and the destination plane's source address."""
+"""The proxy's sockets, each kind made in one place: listening sockets (transparent, dual-stack; also the labs'
+and tests' plain listeners), and upstream sockets for every upstream the proxy opens (HTTP pool, h2,
+passthrough, mirrors): the own-traffic SO_MARK so the data path never re-intercepts them, and the destination
+plane's source address."""
 
 from __future__ import annotations
 
@@ -7,6 +9,33 @@ import asyncio
 import socket
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+
+
+def make_listener_socket(
+    port: int, *, transparent: bool = True, host: str = "::", backlog: int = 4096
+) -> socket.socket:
+    """A listening socket for a plane's proxy port. Transparent sockets (root) accept connections the
+    kernel assigned to them whatever their destination, so getsockname() is the original destination."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual-stack: v4 as ::ffff:a.b.c.d
+        if transparent:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def open_upstream(host: str, port: int, *, mark: int, source: str | None, timeout: float) -> socket.socket:

@@ -16,6 +16,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 
+from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.ebpf.abi import PM_MARK_LOCAL, PM_MARK_OWN, Action, Reason
 from planemesh.ebpf.policy import PolicyRule
 from planemesh.ebpf.testrun import run_skb
@@ -220,13 +221,9 @@ def test_mark_planes_sets_the_plane_bits_on_bypass(configured, netns_worker) -> 
     assert result.mark == 0x1000 | PLANE
 
 
-def _listen(family: int, addr: str, port: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind((addr, port))
-    sock.listen(8)
+def _listen(addr: str, port: int) -> socket.socket:
+    sock = make_listener_socket(port, transparent=False, host=addr, backlog=8)
+    sock.setblocking(True)
     return sock
 
 
@@ -240,7 +237,7 @@ def test_syn_finds_the_dual_stack_listener(configured, netns_worker) -> None:
 
         with IPRoute() as ipr:
             ipr.link("set", index=LO, state="up")
-        listener = _listen(socket.AF_INET6, "::", PROXY_PORT)
+        listener = _listen("::", PROXY_PORT)
         try:
             return [run_skb(configured.prog_fd, pkt) for pkt in (v4(80), v6(80))]
         finally:
@@ -265,7 +262,7 @@ def test_established_socket_is_found_by_its_own_4tuple(configured, netns_worker)
 
         with IPRoute() as ipr:
             ipr.link("set", index=LO, state="up")
-        server = _listen(socket.AF_INET, "127.0.0.1", 80)
+        server = _listen("127.0.0.1", 80)
         client = socket.create_connection(("127.0.0.1", 80), timeout=5)
         conn, _ = server.accept()
         try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import pytest
 from pyroute2 import IPRoute
 
+from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.ebpf import abi, tc_attach
 from planemesh.ebpf.abi import Action, Reason
 from planemesh.ebpf.loader import Datapath
@@ -34,21 +35,14 @@ pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
 PLANE = 1
 PROXY_PORT, SNIFF_PORT, PROXIED, BYPASSED = 15001, 15002, 80, 9000
-IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75
 PAYLOAD = os.urandom(1 << 20)  # 1 MiB each way per connection
 CHUNK = 64 * 1024
 TIMEOUT = 10.0
 
 
 def _dual_stack_listener(port: int, transparent: bool) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    if transparent:  # accept connections to addresses that are not local (TPROXY semantics)
-        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-    sock.bind(("::", port))
-    sock.listen(64)
+    # transparent: accept connections to addresses that are not local (TPROXY semantics)
+    sock = make_listener_socket(port, transparent=transparent, backlog=64)
     sock.settimeout(TIMEOUT)
     return sock
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 from netaddr import IPNetwork
 
+from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.hostmode import (
     HostMode,
@@ -52,11 +53,7 @@ with socket.socket(family, socket.SOCK_STREAM) as s:
 
 
 def _listener(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind(("::", port))
-    sock.listen(16)
+    sock = make_listener_socket(port, transparent=False, backlog=16)
     sock.settimeout(0.2)
     return sock
 

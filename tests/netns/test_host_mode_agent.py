@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from planemesh.agent.demo import start_servers
+from planemesh.agent.demo import start_agent, start_servers
 from planemesh.agent.static_config import default_config_text, load_default_config
 from planemesh.ebpf.hostmode import HostMode, attached_programs
 from planemesh.labs import Lab, load_lab
@@ -41,16 +41,8 @@ def start_agent_in(
 ) -> subprocess.Popen:
     """The agent with host mode on `cgroup` (--host-cgroup, unless `extra` configures it); with inside=True
     it (and so its workers) runs in that very cgroup."""
-    argv = [
-        sys.executable, "-m", "planemesh.agent.cli", "agent",
-        "--netns", lab.node_ns,
-        "--admin", f"unix://{workdir / 'admin.sock'}",
-        "--access-log", str(workdir / "access.log"),
-        *(extra if "--config" in extra else ("--host-cgroup", cgroup, *extra)),
-    ]  # fmt: skip
-    return ns_tools.start_until(
-        None, argv, "planemesh agent ready", timeout=60, preexec_fn=joiner(cgroup if inside else None)
-    )
+    args = extra if "--config" in extra else ("--host-cgroup", cgroup, *extra)
+    return start_agent(lab, workdir, args, preexec_fn=joiner(cgroup if inside else None))
 
 
 def write_config(path: Path, cgroups: list[str]) -> None:
@@ -206,7 +198,8 @@ def test_reload_follows_the_host_mode_section(env: AgentLab, cgroup: str, run_pr
 
 NAIVE_PROXY = """
 import asyncio, json, os, sys
-from planemesh.agent.proxy.server import PlaneProxy, make_listener_socket
+from planemesh.agent.proxy.server import PlaneProxy
+from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.agent.static_config import default_config_text, load_default_config
 from planemesh.ebpf.hostmode import OriginalDestinations
 

@@ -31,7 +31,8 @@ from planemesh.agent.config import (
     Snapshot,
     VirtualHost,
 )
-from planemesh.agent.proxy.server import PlaneProxy, make_listener_socket
+from planemesh.agent.proxy.server import PlaneProxy
+from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.netplanes.model import SLA, Plane
 
 PLANE = "oam"

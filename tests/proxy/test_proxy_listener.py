@@ -10,7 +10,7 @@ import pytest
 
 CHECK = textwrap.dedent("""
     import socket
-    from planemesh.agent.proxy.server import make_listener_socket
+    from planemesh.agent.proxy.sockets import make_listener_socket
 
     sock = make_listener_socket(0, transparent=True)
     port = sock.getsockname()[1]
