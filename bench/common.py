@@ -9,12 +9,13 @@ import re
 import subprocess
 import tempfile
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from planemesh.labs import Lab
 from planemesh.labs import netns as ns_tools
-from planemesh.labs.traffic import host_port, wait_for_port
+from planemesh.labs.traffic import host_port, http_requests, wait_for_port
 
 NGINX = "/usr/sbin/nginx"
 
@@ -100,6 +101,23 @@ def start_nginx(lab: Lab, pod: str, ports: list[int], workdir: Path) -> subproce
     for p in ports:
         wait_for_port(lab.pod_ns("client"), lab.pod_addr(pod, "oam", 4) or "", p)
     return proc
+
+
+def wait_http(ns: str, host: str, port: int, *, status: int = 200, headers: dict[str, str] | None = None,
+              path: str = "/", response_header: str | None = None, timeout: float = 60.0) -> None:  # fmt: skip
+    """Until a request from `ns` answers `status` (carrying `response_header` when given: proof a proxy is in
+    the path, since the data path falls open to the destination when no proxy listens); raises after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = http_requests(ns, host, port, [path], headers=headers, timeout=2)
+            if r.status == [status] and (response_header is None or response_header in r.headers[0]):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{host}:{port} never answered {status} within {timeout:.0f}s")
+        time.sleep(0.2)
 
 
 def scratch_dir() -> tempfile.TemporaryDirectory:

@@ -23,11 +23,10 @@ import textwrap
 import time
 from pathlib import Path
 
-from bench.common import HEADER, WrkResult, scratch_dir, start_nginx, url, wrk
+from bench.common import HEADER, WrkResult, scratch_dir, start_nginx, url, wait_http, wrk
 from planemesh.agent.demo import start_agent
 from planemesh.labs import Lab, load_lab
 from planemesh.labs import netns as ns_tools
-from planemesh.labs.traffic import http_requests
 
 ENVOY_CONFIG = """\
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
@@ -82,19 +81,8 @@ def envoy_in_node(lab: Lab, workdir: Path, port: int):
 
 
 def wait_http_ok(lab: Lab, target_url_host: str, port: int, timeout: float = 20.0, header: str | None = None) -> None:
-    """Until a 200 comes back (carrying `header` when given: proof the proxy is in the path, since the
-    data path falls open to the destination when no proxy listens)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            r = http_requests(lab.pod_ns("client"), target_url_host, port, ["/"], timeout=2)
-            if r.status == [200] and (header is None or header in r.headers[0]):
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no HTTP 200 from {target_url_host}:{port} within {timeout}s")
-        time.sleep(0.2)
+    """Until the client pod gets a 200 (carrying `header` when given): bench.common.wait_http."""
+    wait_http(lab.pod_ns("client"), target_url_host, port, response_header=header, timeout=timeout)
 
 
 def run(seconds: int, connections: int, prefix: str) -> list[WrkResult]:

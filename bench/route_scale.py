@@ -134,8 +134,7 @@ def route_path(i: int, generation: int) -> str:
 
 
 def e2e(seconds: int, connections: int, rounds: int, prefix: str) -> None:
-    from bench.common import WrkResult, parse_wrk, start_nginx
-    from bench.traffic_features import wait_status
+    from bench.common import WrkResult, parse_wrk, start_nginx, wait_http
     from planemesh.labs import load_lab
     from planemesh.labs import netns as ns_tools
     from planemesh.labs.envoy_resources import write_resource_file
@@ -162,7 +161,7 @@ def e2e(seconds: int, connections: int, rounds: int, prefix: str) -> None:
                         write_resource_file(config, e2e_resources(n, with_headers, host, generation))
                         path = route_path(n - 1, generation)  # the last route: worst case for a linear match
                         headers = {"x-v": "1"} if with_headers else None
-                        wait_status(env.client_ns, host, 80, 200, headers, path=path, timeout=180)
+                        wait_http(env.client_ns, host, 80, headers=headers, path=path, timeout=180)
                         applied.setdefault(case, []).append(time.monotonic() - started)
                         argv = ["wrk", "-t1", f"-c{connections}", "--latency",
                                 *(["-H", "x-v: 1"] if with_headers else []), f"http://{host}{path}"]  # fmt: skip

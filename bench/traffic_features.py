@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from bench.common import HEADER, WrkResult, start_nginx, wrk
+from bench.common import HEADER, WrkResult, start_nginx, wait_http, wrk
 from planemesh.labs import load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.envoy_resources import (
@@ -39,7 +38,7 @@ from planemesh.labs.envoy_resources import (
     route_config,
     write_resource_file,
 )
-from planemesh.labs.traffic import host_port, http_requests
+from planemesh.labs.traffic import host_port
 
 BACKEND_PORT, PLAIN_PORT, FEATURED_PORT = 8081, 80, 8080
 RETRY = {"retry_on": "5xx,gateway-error,connect-failure,reset", "num_retries": 2, "per_try_timeout": "5s"}
@@ -58,21 +57,6 @@ def resources(backend: str) -> list[dict]:
     ]
 
 
-def wait_status(ns: str, host: str, port: int, status: int, headers: dict[str, str] | None = None,
-                path: str = "/", timeout: float = 60.0) -> None:  # fmt: skip
-    """Until a request answers `status` (the agent applied the resources); raises after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if http_requests(ns, host, port, [path], headers=headers, timeout=2).status == [status]:
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{host}:{port} never answered {status} within {timeout:.0f}s")
-        time.sleep(0.2)
-
-
 def run(seconds: int, rounds: int, connections: int, prefix: str) -> list[tuple[WrkResult, WrkResult]]:
     from tests.netns.agent_lab import running_agent
 
@@ -85,11 +69,11 @@ def run(seconds: int, rounds: int, connections: int, prefix: str) -> list[tuple[
             nginx = start_nginx(env.lab, "server", [BACKEND_PORT], work)
             try:
                 client = env.client_ns
-                wait_status(client, host, PLAIN_PORT, 200)
+                wait_http(client, host, PLAIN_PORT)
                 # Proof the features sit on the featured listener only: a fault header aborts there, not on plain.
                 abort = {"x-envoy-fault-abort-request": "418"}
-                wait_status(client, host, FEATURED_PORT, 418, abort)
-                wait_status(client, host, PLAIN_PORT, 200, abort)
+                wait_http(client, host, FEATURED_PORT, status=418, headers=abort)
+                wait_http(client, host, PLAIN_PORT, headers=abort)
                 cases = {"plain routing": PLAIN_PORT, "retries+fault+ratelimit": FEATURED_PORT}
                 urls = {name: f"http://{host_port(host, port)}/" for name, port in cases.items()}
                 for name in cases:  # warm-up: connections pooled, caches filled
