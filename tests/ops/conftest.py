@@ -30,22 +30,19 @@ class LiveAdmin:
     tcp_port: int
 
     def unix_get(self, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-        conn = UnixHTTPConnection(self.unix_path)
-        try:
-            conn.request(method, path)
-            resp = conn.getresponse()
-            return resp.status, dict(resp.getheaders()), resp.read()
-        finally:
-            conn.close()
+        return _exchange(UnixHTTPConnection(self.unix_path), path, method)
 
     def tcp_get(self, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.tcp_port, timeout=5)
-        try:
-            conn.request(method, path)
-            resp = conn.getresponse()
-            return resp.status, dict(resp.getheaders()), resp.read()
-        finally:
-            conn.close()
+        return _exchange(http.client.HTTPConnection("127.0.0.1", self.tcp_port, timeout=5), path, method)
+
+
+def _exchange(conn: http.client.HTTPConnection, path: str, method: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
