@@ -77,7 +77,7 @@ class CpuGroups:
     def __init__(self, hierarchy: Hierarchy | None) -> None:
         self.hierarchy = hierarchy
         self._groups: dict[str, Path] = {}
-        self._workers: dict[str, int] = {}
+        self._applied: dict[str, tuple[int, int]] = {}  # plane -> (weight, workers) last written
 
     @classmethod
     def create(cls, instance: str | None = None) -> CpuGroups:
@@ -94,8 +94,8 @@ class CpuGroups:
 
     def set_plane(self, plane: str, weight: int, workers: int = 1) -> None:
         """Create the plane's group if needed and set its weight (`workers`: how many processes it holds)."""
-        if self.hierarchy is None:
-            return
+        if self.hierarchy is None or self._applied.get(plane) == (weight, workers):
+            return  # called with every snapshot: cgroup files are written only when something changed
         group = self._groups.get(plane)
         try:
             if group is None:
@@ -103,8 +103,9 @@ class CpuGroups:
                 group.mkdir(exist_ok=True)
                 self._groups[plane] = group
             self._write_weight(group, weight)
-            self._workers[plane] = workers
-            self._write_weight(self.hierarchy.base, min(10000, V2_DEFAULT_WEIGHT * sum(self._workers.values())))
+            self._applied[plane] = (weight, workers)
+            total_workers = sum(count for _, count in self._applied.values())
+            self._write_weight(self.hierarchy.base, min(10000, V2_DEFAULT_WEIGHT * total_workers))
         except OSError as exc:
             log.warning("plane %s: cannot set CPU weight %d: %s", plane, weight, exc)
 
@@ -129,7 +130,7 @@ class CpuGroups:
 
     def remove_plane(self, plane: str) -> None:
         group = self._groups.pop(plane, None)
-        self._workers.pop(plane, None)
+        self._applied.pop(plane, None)
         if group is not None:
             _rmdir(group)
 
