@@ -199,7 +199,7 @@ def test_slow_headers_get_408_and_other_clients_are_served(backend) -> None:
         assert reply.startswith(b"HTTP/1.1 408 "), reply[:100]
         assert 0.5 <= time.monotonic() - started < 3.0
         assert px.proxy.stats.requests_total == 2  # only the fast ones ("H"TTP and "H"ost) went upstream
-        assert '" 408 DPE ' in log_line_for(px, "408")
+        assert '" 408 DPE ' in log_line_for(px, '" 408 ')  # not "408": ports and ids contain it too
 
 
 def test_upstream_down_gives_503_uf() -> None:
