@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -32,7 +31,16 @@ ENVOY_CONFIG = """\
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
 static_resources:
   listeners:
-  - name: oam
+{listeners}
+  clusters:
+  - name: orig
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 2s
+"""
+# One transparent original_dst listener per plane (its proxy port); stats under http.<plane>.
+ENVOY_LISTENER = """\
+  - name: {name}
     address: {{socket_address: {{address: "::", port_value: {port}, ipv4_compat: true}}}}
     transparent: true
     listener_filters:
@@ -43,7 +51,7 @@ static_resources:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: oam
+          stat_prefix: {name}
           access_log:
           - name: envoy.access_loggers.file
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog,
@@ -54,11 +62,6 @@ static_resources:
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: orig
-    type: ORIGINAL_DST
-    lb_policy: CLUSTER_PROVIDED
-    connect_timeout: 2s
 """
 
 
@@ -68,9 +71,14 @@ def envoy_binary() -> str:
 
 
 @contextlib.contextmanager
-def envoy_in_node(lab: Lab, workdir: Path, port: int):
+def envoy_in_node(lab: Lab, workdir: Path, port: int | dict[str, int]):
+    """Envoy (--concurrency 1) in the node namespace; `port`: the oam plane's proxy port, or plane -> port for
+    one listener per plane (a single shared node proxy, as in Istio/Cilium set-ups)."""
+    planes = port if isinstance(port, dict) else {"oam": port}
+    log = workdir / "envoy.log"
+    listeners = "".join(ENVOY_LISTENER.format(name=name, port=p, access_log=log) for name, p in planes.items())
     conf = workdir / "envoy.yaml"
-    conf.write_text(textwrap.dedent(ENVOY_CONFIG.format(admin_port=19901, port=port, access_log=workdir / "envoy.log")))
+    conf.write_text(ENVOY_CONFIG.format(admin_port=19901, listeners=listeners.rstrip("\n")))
     argv = [envoy_binary(), "-c", str(conf), "--concurrency", "1", "--base-id", str(os.getpid() % 50000 + 1000),
             "--disable-hot-restart", "-l", "warning"]  # fmt: skip
     proc = ns_tools.popen(lab.node_ns, argv)
