@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -46,6 +47,7 @@ from planemesh.labs.attacks import ATTACKS
 SLOW_PORT = 8090  # declared HTTP on both planes; its listener never accepts (blackhole_listener)
 PROBE_RATE = 25  # requests/s per probe: light on a 2-core machine, ~100 samples per attack
 PROBE_TIMEOUT_S = 2.0
+RECOVERY_LIMIT_S = 10.0  # after an attack, how long to wait for the attacked plane to serve again
 RSS_SAMPLE_S = 0.05
 TARGETS = {"close_s": 2.0, "rss_mb": 150.0, "other_p99_ratio": 1.5, "same_errors": 0}
 # attack -> (port, path, seconds scale): idle_flood needs time to open 10k connections before it holds them.
@@ -143,7 +145,7 @@ class Probe(threading.Thread):
             if (delay := scheduled - time.monotonic()) > 0:
                 time.sleep(delay)
             try:
-                status = self._get()
+                status = get_status(self.host, self.port, PROBE_TIMEOUT_S)
             except OSError as exc:
                 status = type(exc).__name__
             if status == "200":
@@ -152,19 +154,21 @@ class Probe(threading.Thread):
                 self.result.errors += 1
                 self.result.error_kinds[status] = self.result.error_kinds.get(status, 0) + 1
 
-    def _get(self) -> str:
-        with socket.create_connection((self.host, self.port), timeout=PROBE_TIMEOUT_S) as sock:
-            sock.settimeout(PROBE_TIMEOUT_S)
-            sock.sendall(f"GET / HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-        return data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.") else "no answer"
-
     def finish(self) -> ProbeResult:
         self.stop.set()
         self.join(PROBE_TIMEOUT_S * 3)
         return self.result
+
+
+def get_status(host: str, port: int, timeout: float) -> str:
+    """GET / over a new connection; the status code, or "no answer" when the connection closed without one."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/1.") else "no answer"
 
 
 class RssWatch(threading.Thread):
@@ -243,9 +247,11 @@ def run_attack(lab: Lab, proxy: Proxy, kind: str, seconds: float) -> dict[str, A
     argv = [sys.executable, "-m", "planemesh.labs.attacks", kind, "--host", target, "--port", str(port),
             "--path", path, "--seconds", str(seconds * scale)]  # fmt: skip
     done = ns_tools.run(client, argv, timeout=seconds * scale + 60, check=False)
+    ended = time.monotonic()
     time.sleep(0.5)  # what the proxy does right after the attack stops still counts
     same, other = (p.finish() for p in probes)
-    peak = watch.finish()
+    recovered = ns_tools.call_in(client, recovery_s, target, ended)
+    peak = watch.finish()  # the peak until the plane serves again: a backlog can keep growing after the attack
     try:
         outcome = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -255,7 +261,19 @@ def run_attack(lab: Lab, proxy: Proxy, kind: str, seconds: float) -> dict[str, A
         "rss_before_mb": round(rss_before or 0, 1), "rss_peak_mb": peak, "rss_after_mb": rss_mb(proxy.pid),
         "watched_process_exited": watch.gone, "restarted": proxy.after_pid() not in (None, proxy.pid),
         "host_alive": proxy.alive(), "same_plane": same.summary(), "other_plane": other.summary(),
+        "recovered_s": recovered,
     }  # fmt: skip
+
+
+def recovery_s(host: str, since: float) -> float | None:
+    """Seconds from `since` (the attack's end) until `host`:80 answers 200 through the attacked plane again;
+    None when it does not within RECOVERY_LIMIT_S. Call it inside the client pod."""
+    while time.monotonic() - since < RECOVERY_LIMIT_S:
+        with contextlib.suppress(OSError):
+            if get_status(host, 80, 1.0) == "200":
+                return round(time.monotonic() - since, 2)
+        time.sleep(0.2)
+    return None
 
 
 def probes_for(lab: Lab) -> list[Probe]:
@@ -288,7 +306,31 @@ def planemesh(lab: Lab, work: Path, config: Path) -> Iterator[Proxy]:
             raise RuntimeError("no oam worker process under the agent")
         yield Proxy("planemesh", pid, lambda: agent.poll() is None, lambda: worker_pid(agent.pid, "oam"))
     finally:
+        workers = [w for w in (worker_pid(agent.pid, p) for p in ("oam", "media")) if w is not None]
         ns_tools.stop(agent)
+        reap(workers)
+
+
+def reap(pids: list[int], grace_s: float = 10.0) -> None:
+    """Wait for this run's worker processes to exit after their agent stopped (a worker an attack left stuck
+    still holds the plane's listening port), SIGKILL after `grace_s`."""
+    deadline = time.monotonic() + grace_s
+    while (pids := [p for p in pids if os.path.exists(f"/proc/{p}")]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            print(f"  worker {pid} still alive {grace_s:.0f} s after its agent stopped: killed", file=sys.stderr)
+    while any(os.path.exists(f"/proc/{p}/stat") and _state(p) != "Z" for p in pids):
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 @contextlib.contextmanager
@@ -308,11 +350,14 @@ def run_proxy(lab: Lab, name: str, work: Path, config: Path, attacks: list[str],
         for i, kind in enumerate(attacks):
             run_dir = work / f"{name}-{i}"
             run_dir.mkdir()
-            with planemesh(lab, run_dir, config) if name == "planemesh" else envoy(lab, run_dir) as proxy:
-                if idle is None:
-                    idle = idle_probe(lab, 3.0)
-                rows.append(run_attack(lab, proxy, kind, seconds))
-                print(f"  {name:9} {kind:20} done", file=sys.stderr, flush=True)
+            print(f"  {name:9} {kind:20} ...", file=sys.stderr, flush=True)
+            try:
+                with planemesh(lab, run_dir, config) if name == "planemesh" else envoy(lab, run_dir) as proxy:
+                    if idle is None:
+                        idle = idle_probe(lab, 3.0)
+                    rows.append(run_attack(lab, proxy, kind, seconds))
+            except RuntimeError as exc:  # a proxy that does not come up (again) is a result, not the end of the run
+                rows.append({"attack": kind, "proxy": name, "error": str(exc)[-300:]})
     finally:
         if datapath is not None:
             ns_tools.stop(datapath)
@@ -355,12 +400,15 @@ def report(results: dict[str, dict[str, Any]], seconds: float) -> str:
         f"idle, same plane {t['same_errors']} errors.",
         "",
         "| attack | proxy | sent | closed after | proxy said | RSS MB before / peak | same plane errors / req"
-        " | same p99 ms | other p99 ms (x idle) | targets met |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " | same p99 ms | other p99 ms (x idle) | oam serves again | targets met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in results.items():
         idle_other = (res["idle"] or {}).get("media", {}).get("p99_ms")
         for row in res["rows"]:
+            if "error" in row:
+                lines.append(f"| {row['attack']} | {name} | proxy did not start: {row['error'][:80]!r} ||||||||")
+                continue
             o = row["outcome"]
             closed, close_ok = closed_text(o, t["close_s"])
             same, other = row["same_plane"], row["other_plane"]
@@ -377,7 +425,7 @@ def report(results: dict[str, dict[str, Any]], seconds: float) -> str:
                 f"| {row['attack']} | {name}{fate} | {sent_text(o)} | {closed} | {said_text(o)} | "
                 f"{row['rss_before_mb']:.0f} / {row['rss_peak_mb']:.0f} | {same['errors']} / {same['requests']} | "
                 f"{_ms(same['p99_ms'])} | {_ms(other['p99_ms'])} ({f'{ratio:.1f}x' if ratio else '-'}"
-                f"{', ' + str(other['errors']) + ' err' if other['errors'] else ''}) | "
+                f"{', ' + str(other['errors']) + ' err' if other['errors'] else ''}) | {_recovered(row)} | "
                 f"{' '.join(k for k, ok in met.items() if ok) or 'none'} |"
             )
     lines.append("")
@@ -385,6 +433,11 @@ def report(results: dict[str, dict[str, Any]], seconds: float) -> str:
         idle = res["idle"] or {}
         lines.append(f"idle p99 ({name}): " + ", ".join(f"{p} {_ms(v.get('p99_ms'))} ms" for p, v in idle.items()))
     return "\n".join(lines)
+
+
+def _recovered(row: dict[str, Any]) -> str:
+    r = row.get("recovered_s")
+    return f"> {RECOVERY_LIMIT_S:.0f} s" if r is None else f"{r:.1f} s"
 
 
 def _ms(value: float | None) -> str:

@@ -194,6 +194,7 @@ class H2Watch:
     def __call__(self, conn: Conn, data: bytes) -> None:
         reader = self.readers.setdefault(id(conn), f.FrameReader())
         for fr in reader.feed(data):
+            self.outcome.notes["frames_received"] = int(self.outcome.notes.get("frames_received", 0)) + 1
             if fr.kind == f.SETTINGS and not fr.flags & f.ACK:
                 conn.push(f.settings_ack(), 1)
             elif fr.kind == f.GOAWAY:
