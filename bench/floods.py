@@ -47,6 +47,7 @@ from planemesh.labs.attacks import ATTACKS
 SLOW_PORT = 8090  # declared HTTP on both planes; its listener never accepts (blackhole_listener)
 PROBE_RATE = 25  # requests/s per probe: light on a 2-core machine, ~100 samples per attack
 PROBE_TIMEOUT_S = 2.0
+IDLE_PROBE_S = 2.0  # the probes alone, right before each attack: the "idle" p99 the other plane is compared to
 RECOVERY_LIMIT_S = 10.0  # after an attack, how long to wait for the attacked plane to serve again
 RSS_SAMPLE_S = 0.05
 TARGETS = {"close_s": 2.0, "rss_mb": 150.0, "other_p99_ratio": 1.5, "same_errors": 0}
@@ -341,7 +342,7 @@ def envoy(lab: Lab, work: Path) -> Iterator[Proxy]:
 
 
 def run_proxy(lab: Lab, name: str, work: Path, config: Path, attacks: list[str], seconds: float) -> dict[str, Any]:
-    rows, idle = [], None
+    rows: list[dict[str, Any]] = []
     datapath = None
     if name == "envoy":  # the interception stays; only Envoy is restarted per attack
         (work / "datapath").mkdir()
@@ -353,15 +354,14 @@ def run_proxy(lab: Lab, name: str, work: Path, config: Path, attacks: list[str],
             print(f"  {name:9} {kind:20} ...", file=sys.stderr, flush=True)
             try:
                 with planemesh(lab, run_dir, config) if name == "planemesh" else envoy(lab, run_dir) as proxy:
-                    if idle is None:
-                        idle = idle_probe(lab, 3.0)
-                    rows.append(run_attack(lab, proxy, kind, seconds))
+                    idle = idle_probe(lab, IDLE_PROBE_S)  # just before the attack: the machine's load drifts
+                    rows.append({**run_attack(lab, proxy, kind, seconds), "idle": idle})
             except RuntimeError as exc:  # a proxy that does not come up (again) is a result, not the end of the run
                 rows.append({"attack": kind, "proxy": name, "error": str(exc)[-300:]})
     finally:
         if datapath is not None:
             ns_tools.stop(datapath)
-    return {"idle": idle, "rows": rows}
+    return {"rows": rows}
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -404,12 +404,11 @@ def report(results: dict[str, dict[str, Any]], seconds: float) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in results.items():
-        idle_other = (res["idle"] or {}).get("media", {}).get("p99_ms")
         for row in res["rows"]:
             if "error" in row:
-                lines.append(f"| {row['attack']} | {name} | proxy did not start: {row['error'][:80]!r} ||||||||")
+                lines.append(f"| {row['attack']} | {name} | proxy did not start: {row['error'][:80]!r} |||||||||")
                 continue
-            o = row["outcome"]
+            o, idle_other = row["outcome"], row["idle"]["media"]["p99_ms"]
             closed, close_ok = closed_text(o, t["close_s"])
             same, other = row["same_plane"], row["other_plane"]
             ratio = other["p99_ms"] / idle_other if other["p99_ms"] and idle_other else None
@@ -430,8 +429,9 @@ def report(results: dict[str, dict[str, Any]], seconds: float) -> str:
             )
     lines.append("")
     for name, res in results.items():
-        idle = res["idle"] or {}
-        lines.append(f"idle p99 ({name}): " + ", ".join(f"{p} {_ms(v.get('p99_ms'))} ms" for p, v in idle.items()))
+        idles = [row["idle"][plane]["p99_ms"] for row in res["rows"] if "idle" in row for plane in ("oam", "media")]
+        if idles := [v for v in idles if v is not None]:
+            lines.append(f"idle p99 before each attack ({name}): {min(idles):.1f} .. {max(idles):.1f} ms")
     return "\n".join(lines)
 
 
