@@ -228,6 +228,25 @@ def test_connection_header_cannot_strip_proxy_added_headers(backend) -> None:
     assert "x-private" not in seen
 
 
+def test_upstream_connection_header_cannot_strip_route_added_response_headers() -> None:
+    resp = (b"HTTP/1.1 200 OK\r\nconnection: x-resp-added, x-up-private\r\nx-up-private: 1\r\n"
+            b"content-length: 2\r\n\r\nok")
+    route = Route(action=RouteAction(cluster="backend"), response_headers_to_add=(HeaderValue("x-resp-added", "yes"),))
+    with ScriptedUpstream({"/r": resp}) as up, ProxyThread([("127.0.0.1", up.port)], routes=(route,)) as px:
+        reply = exchange(px.port, b"GET /r HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert statuses(reply) == [200] and b"x-resp-added: yes\r\n" in reply, reply
+    assert b"x-up-private" not in reply
+
+
+def test_too_many_pipelined_requests_answered_then_503() -> None:
+    with ScriptedUpstream() as up, ProxyThread([("127.0.0.1", up.port)]) as px:
+        reply = exchange(px.port, b"".join(b"GET /p%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(300)))
+    st = statuses(reply)
+    # The one being answered plus MAX_PIPELINED queued get their responses, in order; then 503 and close.
+    assert st == [200] * 129 + [503], (len(st), st[-3:])
+    assert reply.endswith(b"too many pipelined requests\n") and b"hello /p128\n" in reply
+
+
 # ---- finding 13: conformance -------------------------------------------------------------------------------------
 
 
