@@ -196,6 +196,15 @@ def test_bodiless_response_with_a_body_gets_502_and_the_next_request_is_served(b
         assert took < 3, took
 
 
+def test_head_response_with_a_body_is_not_read_as_the_next_response() -> None:
+    bad = b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil"
+    with ScriptedUpstream({"/h": bad}) as up, ProxyThread([("127.0.0.1", up.port)]) as px:
+        reply = exchange(px.port, b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n"
+                                  b"Connection: close\r\n\r\n", timeout=10)
+    assert statuses(reply) == [200, 200], reply
+    assert b"content-length: 40\r\n" in reply and reply.endswith(b"hello /next\n") and b"evil" not in reply, reply
+
+
 # ---- finding 11: a good pipelined request before a malformed one -------------------------------------------------
 
 
