@@ -359,7 +359,9 @@ class Downstream(asyncio.Protocol):
 
     def headers_overdue(self, now: float, timeout_s: float) -> bool:
         """A request head still incomplete `timeout_s` after its first byte (slowloris): answered 408 and closed."""
-        if not self.in_headers or self.closed or self.lingering or now - self.head_started <= timeout_s:
+        if not self.in_headers or self.closed or self.lingering or self.deferred_error is not None:
+            return False
+        if now - self.head_started <= timeout_s:
             return False
         self.protocol_error(REQUEST_HEADERS_TIMEOUT, 408)
         return True
