@@ -102,10 +102,13 @@ class UpstreamConnection(asyncio.Protocol):
             if self.exchange is ex:  # not taken over by a tunnel
                 self.close()
         except HttpParserError:
-            if self.head_done:
+            if self.head_done:  # a response to HEAD: complete at the end of its head
                 self.head_done = False
                 self.parser = HttpResponseParser(self)
                 ex.on_response_complete()
+                end = data.find(b"\r\n\r\n")
+                if end < 0 or end + 4 < len(data):  # a body nobody may send (or a head we cannot place): no reuse
+                    self.close()
             else:  # malformed, too many header fields, a body where none can be, bytes nobody asked for
                 ex.on_upstream_protocol_error()
                 self.close()

@@ -201,6 +201,9 @@ def test_head_response_with_a_body_is_not_read_as_the_next_response() -> None:
     with ScriptedUpstream({"/h": bad}) as up, ProxyThread([("127.0.0.1", up.port)]) as px:
         reply = exchange(px.port, b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n"
                                   b"Connection: close\r\n\r\n", timeout=10)
+        time.sleep(0.2)
+        idle = px.call(lambda: sum(len(v) for v in px.proxy.pool.idle.values()))
+        assert idle == 1, idle  # the connection that answered HEAD with a body is not kept (/next's is)
     assert statuses(reply) == [200, 200], reply
     assert b"content-length: 40\r\n" in reply and reply.endswith(b"hello /next\n") and b"evil" not in reply, reply
 
