@@ -41,6 +41,9 @@ class SLA:
     max_connections: int = 4096
     max_pending_requests: int = 1024
     max_requests: int = 4096
+    # Bytes buffered per connection (request body while the upstream connects, bytes held after an upgrade
+    # request) before the proxy stops reading the client: Envoy's per_connection_buffer_limit_bytes default.
+    buffer_limit_bytes: int = 1 << 20
     rate_limit_rps: float | None = None  # local token bucket; None = unlimited
     rate_limit_burst: int | None = None
     bandwidth_mbit: float | None = None  # HTB class rate on egress; None = no class

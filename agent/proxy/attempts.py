@@ -117,6 +117,8 @@ class UpstreamAttempts:
             self.breaker.release(PENDING)  # type: ignore[union-attr]
         self.conn = conn
         conn.exchange = self  # type: ignore[assignment]
+        if self.ds.write_paused:  # the client is not reading (a pipelined request's turn came meanwhile)
+            conn.pause_reading()
         self.flush_upstream()
         self.ds.resume_for_buffer()
 

@@ -20,10 +20,13 @@ from planemesh.agent.proxy.http1 import (
     BAD_REQUEST,
     HEADERS_TOO_LARGE,
     MAX_HEADER_BYTES,
+    MAX_HEADERS_COUNT,
+    VERSION_NOT_SUPPORTED,
     connection_tokens,
     local_reply,
     parse_authority,
 )
+from planemesh.agent.proxy.request_checks import Refused, check_expect, check_head, check_host
 from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, TUNNEL_UPGRADE
 
 if TYPE_CHECKING:
@@ -34,7 +37,10 @@ PAUSE_PIPELINE = 1  # a later request waits for the one in front
 PAUSE_UPSTREAM = 2  # the upstream is not taking the request body fast enough
 PAUSE_BUFFER = 4  # the request body is buffered while the upstream connection is being opened
 PAUSE_HELD = 8  # bytes after an upgrade/CONNECT request are held until it is known whether they tunnel
-MAX_BUFFERED_BODY = 1 << 20
+PAUSE_ERROR = 16  # malformed input after well-formed pipelined requests: those are answered, then the error
+# Requests parsed ahead of the one being answered (one read can hold thousands): past this, the queued ones
+# are answered, then 503 and close. Envoy parses one request at a time, so has no such queue.
+MAX_PIPELINED = 128
 LINGER_S = 1.0
 REQUEST_HEADERS_TIMEOUT = local_reply(408, b"request headers not received in time\n", close=True)
 OVERLOADED_CONNECTIONS = local_reply(503, b"overloaded\n", [(b"x-planemesh-overloaded", b"connections")], close=True)
@@ -49,28 +55,22 @@ _H_XFF = b"x-forwarded-for"
 _H_XFP = b"x-forwarded-proto"
 _H_UA = b"user-agent"
 _H_UPGRADE = b"upgrade"
+_H_EXPECT = b"expect"
 H2_PREFACE_START = b"PRI * HTTP/2.0\r\n"
-_SPECIAL = frozenset({_H_HOST, _H_CL, _H_TE, _H_CONN, _H_RID, _H_XFF, _H_XFP, _H_UA, _H_UPGRADE})
-
-
-class Refused(Exception):
-    """Raised in a parser callback for a request the proxy will not take: answered with `status` and a body
-    saying why, then the connection closes (httptools re-raises it as the context of its callback error)."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        super().__init__(body)
-        self.status = status
-        self.reply = local_reply(status, body, close=True)
+_SPECIAL = frozenset({_H_HOST, _H_CL, _H_TE, _H_CONN, _H_RID, _H_XFF, _H_XFP, _H_UA, _H_UPGRADE, _H_EXPECT})
 
 
 class Downstream(asyncio.Protocol):
     __slots__ = (
         "active",
+        "buffered",
         "chunk_watch",
         "closed",
+        "deferred_error",
         "ex",
         "head_bytes",
         "head_started",
+        "header_count",
         "header_sum",
         "held",
         "held_eof",
@@ -109,6 +109,9 @@ class Downstream(asyncio.Protocol):
         self.in_headers = False
         self.head_bytes = 0
         self.header_sum = 0
+        self.header_count = 0
+        self.buffered = 0  # request body bytes held while the upstream connection is being opened
+        self.deferred_error: tuple[bytes, int] | None = None  # answered once the requests before it are
         self.head_started = 0.0  # loop time the request head being parsed began (slow-header defence)
         self.last_active = 0.0
         self.local: tuple[str, int] = ("", 0)
@@ -144,7 +147,7 @@ class Downstream(asyncio.Protocol):
             self.linger_close()
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or self.lingering:
+        if self.closed or self.lingering or self.deferred_error is not None:
             return
         self.last_active = self.proxy.loop.time()
         if self.held is not None:
@@ -174,6 +177,8 @@ class Downstream(asyncio.Protocol):
                 self.protocol_error(refused.reply, refused.status)
             elif self.header_sum > MAX_HEADER_BYTES:
                 self.protocol_error(HEADERS_TOO_LARGE, 431)
+            elif "version" in str(err):  # llhttp takes 1.0, 1.1 (and 0.9, 2.0: check_head): 505 for the rest
+                self.protocol_error(VERSION_NOT_SUPPORTED, 505)
             else:
                 self.protocol_error(BAD_REQUEST, 400)
             return
@@ -234,16 +239,25 @@ class Downstream(asyncio.Protocol):
         if ex is not None:
             if part:
                 ex.on_request_body(part)
+                self._bound_body(ex, len(part))
             if not self.raw_body:
                 ex.on_request_complete()
         return rest
+
+    def _bound_body(self, ex: Exchange, n: int) -> None:
+        """Body bytes buffered while the upstream connection is being opened (or while queued behind a pipelined
+        request) are bounded by the SLA's buffer_limit_bytes: past it, the client's socket is not read."""
+        if ex.conn is None and not ex.finished:
+            self.buffered += n
+            if self.buffered > self.proxy.sla.buffer_limit_bytes:
+                self.pause(PAUSE_BUFFER)
 
     # ---- bytes held after a tunnel request ----------------------------------------------------------
 
     def _hold(self, data: bytes) -> None:
         self.held.append(data)  # type: ignore[union-attr]
         self.held_size += len(data)
-        if self.held_size > MAX_BUFFERED_BODY:
+        if self.held_size > self.proxy.sla.buffer_limit_bytes:
             self.pause(PAUSE_HELD)
 
     def take_held(self) -> tuple[bytes, bool]:
@@ -313,6 +327,7 @@ class Downstream(asyncio.Protocol):
         self.resume(PAUSE_UPSTREAM)
 
     def resume_for_buffer(self) -> None:
+        self.buffered = 0
         self.resume(PAUSE_BUFFER)
 
     def flush(self) -> None:
@@ -344,20 +359,29 @@ class Downstream(asyncio.Protocol):
 
     def headers_overdue(self, now: float, timeout_s: float) -> bool:
         """A request head still incomplete `timeout_s` after its first byte (slowloris): answered 408 and closed."""
-        if not self.in_headers or self.closed or self.lingering or now - self.head_started <= timeout_s:
+        if not self.in_headers or self.closed or self.lingering or self.deferred_error is not None:
+            return False
+        if now - self.head_started <= timeout_s:
             return False
         self.protocol_error(REQUEST_HEADERS_TIMEOUT, 408)
         return True
 
     def protocol_error(self, reply: bytes, status: int) -> None:
-        """Malformed input: answer (if nothing else is being answered), log, and close."""
+        """Malformed input: answer (if nothing else is being answered), log, and close. Well-formed requests
+        parsed before it (pipelined) are answered first: the error waits for them (exchange_done)."""
         active = self.active
+        bad = self.ex
+        if bad is not None and bad is not active and bad in self.queue:
+            self.queue.remove(bad)
+        if active is not None and active is not bad and not active.finished and not self.lingering:
+            self.deferred_error = (reply, status)
+            self.pause(PAUSE_ERROR)
+            return
         if active is not None:
             self.active = None
             active.on_downstream_lost()  # the connection ends here; the request in flight with it
         if active is None or not active.resp_started:
-            self.out.clear()
-            self.out.append(reply)
+            self.out.append(reply)  # after what is queued (responses to earlier requests, not yet flushed)
         ex = self.ex
         rec = accesslog.AccessRecord(
             start_time=time.time(),
@@ -388,6 +412,7 @@ class Downstream(asyncio.Protocol):
         self.in_headers = True
         self.head_started = self.proxy.loop.time()
         self.header_sum = 0
+        self.header_count = 0
 
     def on_url(self, url: bytes) -> None:
         ex = self.ex
@@ -398,6 +423,9 @@ class Downstream(asyncio.Protocol):
         ex: Exchange = self.ex  # type: ignore[assignment]
         n = name.lower()
         self.header_sum += len(name) + len(value) + 4
+        self.header_count += 1
+        if self.header_count > MAX_HEADERS_COUNT:
+            raise Refused(431, b"too many header fields\n")
         if not self.in_headers:  # after the head: the trailers of a chunked body
             if self.header_sum > MAX_HEADER_BYTES:
                 raise HttpParserError("trailers too large")  # answered with 431 in data_received
@@ -405,7 +433,7 @@ class Downstream(asyncio.Protocol):
             return
         if n in _SPECIAL:
             if n == _H_HOST:
-                ex.authority = value.decode("latin-1")
+                check_host(ex, value)
             elif n == _H_CL:
                 ex.req_length = int(value)  # llhttp has validated it
             elif n == _H_TE:
@@ -431,12 +459,16 @@ class Downstream(asyncio.Protocol):
                 ex.user_agent = value.decode("latin-1")
             elif n == _H_UPGRADE:
                 ex.upgrade = value
+            elif n == _H_EXPECT:
+                check_expect(ex, value)
+                return  # answered by the proxy (Exchange._route), never forwarded
         ex.headers.append((n, value))
 
     def on_headers_complete(self) -> None:
         ex: Exchange = self.ex  # type: ignore[assignment]
         self.in_headers = False
         self.head_bytes = 0
+        self.header_count = 0  # trailers count afresh
         if self.header_sum > MAX_HEADER_BYTES:
             raise HttpParserError("header section too large")  # answered with 431 in data_received
         parser = self.parser
@@ -444,6 +476,9 @@ class Downstream(asyncio.Protocol):
         ex.version = parser.get_http_version()
         ex.keep_alive = parser.should_keep_alive()
         ex.is_head = method == b"HEAD"
+        check_head(ex, method == b"CONNECT")
+        if len(self.queue) >= MAX_PIPELINED:
+            raise Refused(503, b"too many pipelined requests\n")
         if method == b"CONNECT":
             self._tunnel_request(ex, TUNNEL_CONNECT)
         elif parser.should_upgrade():
@@ -494,9 +529,8 @@ class Downstream(asyncio.Protocol):
             self.chunk_watch = False
         ex: Exchange = self.ex  # type: ignore[assignment]
         ex.on_request_body(body)
-        # Still connecting (or queued behind a pipelined request): bound what is held in memory.
-        if ex.conn is None and not ex.finished and len(ex.up_out) > 64 and sum(map(len, ex.up_out)) > MAX_BUFFERED_BODY:
-            self.pause(PAUSE_BUFFER)
+        if ex.conn is None:  # still connecting, or queued behind a pipelined request
+            self._bound_body(ex, len(body))
 
     def on_message_complete(self) -> None:
         ex = self.ex
@@ -511,7 +545,7 @@ class Downstream(asyncio.Protocol):
         if ex is not self.active:
             return
         self.active = None
-        self.resume(PAUSE_BUFFER)
+        self.resume_for_buffer()
         if abort or not ex.keep_alive or self.proxy.draining:
             self.close()
             return
@@ -527,5 +561,8 @@ class Downstream(asyncio.Protocol):
             self.active = nxt
             nxt.start()
             nxt.flush_upstream()
+        elif self.deferred_error is not None:  # the requests before the malformed input are answered
+            reply, status = self.deferred_error
+            self.protocol_error(reply, status)
         else:
             self.resume(PAUSE_PIPELINE)

@@ -18,9 +18,19 @@ from planemesh.agent.proxy.attempts import HELD_REQUEST, UpstreamAttempts, rng
 from planemesh.agent.proxy.balancer import normalise_ip, request_hash
 from planemesh.agent.proxy.circuit import REQUESTS, RETRIES
 from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_decision
-from planemesh.agent.proxy.http1 import CRLF, FRAME_NONE, LAST_CHUNK, UPGRADE_CONNECTION, chunk, last_chunk, local_reply
+from planemesh.agent.proxy.http1 import (
+    CONTINUE,
+    CRLF,
+    FRAME_NONE,
+    LAST_CHUNK,
+    UPGRADE_CONNECTION,
+    chunk,
+    last_chunk,
+    local_reply,
+)
 from planemesh.agent.proxy.limits import rate_limited_headers
 from planemesh.agent.proxy.mirror import sender_for, shadow_head
+from planemesh.agent.proxy.request_checks import CONTINUE_SENT, EXPECT_NONE
 from planemesh.agent.proxy.request_head import header_map, new_request_id, request_head
 from planemesh.agent.proxy.response import ResponseRelay
 from planemesh.agent.proxy.retry import NO_RETRY, backoff_s, sla_retry
@@ -65,6 +75,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         "ds_framing",
         "duration_ms",
         "endpoint",
+        "expect_continue",
         "finished",
         "flags",
         "h2",
@@ -135,6 +146,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.t_tunnel = -1.0  # ms from the request to the tunnel's start (-1: never a tunnel)
         self.req_trailers: list[tuple[bytes, bytes]] | None = None
         self.has_xfp = False
+        self.expect_continue = EXPECT_NONE  # request_checks: EXPECT_CONTINUE until the 100 is sent
         self.status = 0
         self.flags = ""
         self.bytes_rx = 0
@@ -319,6 +331,9 @@ class Exchange(ResponseRelay, UpstreamAttempts):
             proxy.watch_deadline(self)
         self.t_upstream = _perf()
         self.connect_timeout_s = result.connect_timeout_s
+        if self.expect_continue and not self.req_done:  # routed and going upstream: the client may send its body
+            self.expect_continue = CONTINUE_SENT
+            ds.out.append(CONTINUE)
         self._attempt(target, reuse=True)
 
     # ---- tunnels (tunnel.py) ----------------------------------------------------------------------------
@@ -450,7 +465,10 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         if (not self.req_done and not self.tunnel) or self.ds.proxy.draining:  # tunnel requests have no body
             self.keep_alive = False
         self.bytes_tx = 0 if self.is_head else len(body)
-        self.ds.out.append(local_reply(status, body, headers, close=not self.keep_alive, head_only=self.is_head))
+        http10 = self.version == "1.0"
+        self.ds.out.append(
+            local_reply(status, body, headers, close=not self.keep_alive, head_only=self.is_head, http10=http10)
+        )
         self.resp_started = True
         self._drop_upstream()
         self.finish()

@@ -18,18 +18,19 @@ from typing import TYPE_CHECKING
 import h2.errors
 
 from planemesh.agent.proxy import accesslog as flags
-from planemesh.agent.proxy.h2 import HOP_BY_HOP_H2, WINDOW
+from planemesh.agent.proxy.h2 import WINDOW
 from planemesh.agent.proxy.h2_upstream import open_stream
-from planemesh.agent.proxy.http1 import FRAME_NONE
+from planemesh.agent.proxy.http1 import FRAME_NONE, HOP_BY_HOP
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.exchange import Exchange
     from planemesh.agent.proxy.h2_upstream import H2Upstream
 
-# What an HTTP/1 request head carries that an h2 request must not (host becomes :authority).
-_REQUEST_DROP = HOP_BY_HOP_H2 | {b"host", b"te", b"trailer"}
-_RESPONSE_DROP = HOP_BY_HOP_H2 | {b"te", b"trailer"}
+# What an HTTP/1 request head carries that an h2 request must not (host becomes :authority): the hop-by-hop
+# fields (http1.HOP_BY_HOP); the content-length the proxy framed the body with stays.
+_REQUEST_DROP = (HOP_BY_HOP - {b"content-length"}) | {b"host"}
+_RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
 
 
 def h2_request_fields(ex: Exchange, head: bytes) -> list[tuple[bytes, bytes]]:

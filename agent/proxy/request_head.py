@@ -7,7 +7,7 @@ import itertools
 import random
 from typing import TYPE_CHECKING
 
-from planemesh.agent.proxy.http1 import CHUNKED, CRLF, HOP_BY_HOP, append_headers, dropped_names
+from planemesh.agent.proxy.http1 import CHUNKED, CRLF, HOP_BY_HOP, append_headers
 from planemesh.agent.proxy.tracing import TRACE_HEADERS, outgoing_trace_headers
 
 if TYPE_CHECKING:
@@ -51,8 +51,8 @@ def response_headers(route: Route, headers: list[tuple[bytes, bytes]]) -> list[t
 
 def request_head(ex: Exchange, route: Route | None, extra: bytes = b"") -> bytes:
     """The request head sent upstream. Sets ex.request_id (when the client sent none) and ex.xff.
-    `extra` is emitted as is before the framing headers (the upgrade headers of a tunnel request)."""
-    drop = HOP_BY_HOP if ex.connection_values is None else dropped_names(ex.connection_values)
+    `extra` is emitted as is before the framing headers (the upgrade headers of a tunnel request). The headers
+    the client's Connection header named are already gone (request_checks): what the proxy adds here stays."""
     target = ex.target
     headers = ex.headers
     if route is not None:
@@ -76,7 +76,7 @@ def request_head(ex: Exchange, route: Route | None, extra: bytes = b"") -> bytes
     if incoming_trace:
         headers = [(n, v) for n, v in headers if n not in TRACE_HEADERS]
     parts = [ex.method_b, b" ", target, b" HTTP/1.1\r\n"]
-    append_headers(parts, headers, drop)
+    append_headers(parts, headers, HOP_BY_HOP)
     for name, value in outgoing_trace_headers(incoming_trace):
         parts += (name, b": ", value, CRLF)
     if ex.request_id is None:

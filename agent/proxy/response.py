@@ -68,6 +68,7 @@ class ResponseRelay:
     ds_framing: int
     tunnel: int
     upgrade: bytes
+    expect_continue: int
 
     def on_response_head(
         self,
@@ -85,7 +86,7 @@ class ResponseRelay:
             self.on_upstream_protocol_error()  # a switch nobody asked for, or without Upgrade + Connection: upgrade
             return
         if status < 200 and status != 101:  # interim (100 Continue, 103): relay to 1.1 clients only
-            if self.version == "1.1":
+            if self.version == "1.1" and not (status == 100 and self.expect_continue):  # ours went already
                 parts = [status_line(status, phrase)]
                 append_headers(parts, headers, HOP_BY_HOP)
                 parts.append(CRLF)
@@ -102,12 +103,15 @@ class ResponseRelay:
         self.status = status
         self.resp_started = True
         self.up_keep_alive = up_keep_alive
-        drop = HOP_BY_HOP if connection_values is None else dropped_names(connection_values)
+        if connection_values is not None:  # what the upstream's Connection names goes before the route adds any
+            named = dropped_names(connection_values)
+            if named is not HOP_BY_HOP:
+                headers = [(n, v) for n, v in headers if n not in named]
         route = self.route
         if route is not None and (route.response_headers_to_add or route.response_headers_to_remove):
             headers = response_headers(route, headers)
-        parts = [status_line(status, phrase)]
-        append_headers(parts, headers, drop)
+        parts = [status_line(status, phrase, self.version == "1.0")]
+        append_headers(parts, headers, HOP_BY_HOP)
         if status == 101:  # switching protocols: the tunnel starts once the parser stops (on_upstream_upgraded)
             upgrade = next((v for n, v in headers if n == b"upgrade"), self.upgrade)
             parts += (UPGRADE_CONNECTION, b"upgrade: ", upgrade, CRLF, CRLF)

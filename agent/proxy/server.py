@@ -26,7 +26,7 @@ from planemesh.agent.proxy.limits import TokenBucket, bucket_for
 from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffListener, SniffStats
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.sni_routing import SniRoutes
-from planemesh.agent.proxy.sockets import SO_MARK
+from planemesh.agent.proxy.sockets import SO_MARK, listen_backlog
 from planemesh.agent.proxy.stats import PlaneStats
 from planemesh.agent.proxy.upstream import UpstreamPool
 from planemesh.ebpf.abi import PM_MARK_PLANE_MASK
@@ -135,7 +135,8 @@ class PlaneProxy:
             sniffer = SniffListener(self, sock, self.sniff_timeout_s)
             self._sniffers.append((sniffer, self.loop.create_task(sniffer.serve(), name=f"sniff-{port}")))
             return
-        server = await self.loop.create_server(lambda: Downstream(self), sock=sock)
+        # asyncio re-listens with backlog 100 unless told: keep the kernel's somaxconn (sockets.listen_backlog)
+        server = await self.loop.create_server(lambda: Downstream(self), sock=sock, backlog=listen_backlog())
         self._servers.append(server)
 
     async def serve(self, sock: socket.socket) -> None:

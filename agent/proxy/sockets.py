@@ -12,13 +12,25 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
+
+
+def listen_backlog() -> int:
+    """The accept-queue length the kernel allows in the caller's network namespace (net.core.somaxconn, read
+    per call: it is per netns). A larger backlog is cut to it; asyncio's default (100) wastes it."""
+    try:
+        with open(SOMAXCONN_PATH) as f:
+            return max(1, int(f.read()))
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
 
 
 def make_listener_socket(
-    port: int, *, transparent: bool = True, host: str = "::", backlog: int = 4096
+    port: int, *, transparent: bool = True, host: str = "::", backlog: int | None = None
 ) -> socket.socket:
     """A listening socket for a plane's proxy port. Transparent sockets (root) accept connections the
-    kernel assigned to them whatever their destination, so getsockname() is the original destination."""
+    kernel assigned to them whatever their destination, so getsockname() is the original destination.
+    The backlog is the kernel's somaxconn unless given."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -30,7 +42,7 @@ def make_listener_socket(
             if family == socket.AF_INET6:
                 sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
         sock.bind((host, port))
-        sock.listen(backlog)
+        sock.listen(listen_backlog() if backlog is None else backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()

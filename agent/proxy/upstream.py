@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from planemesh.agent.proxy.http1 import MAX_HEADER_BYTES
+from planemesh.agent.proxy.http1 import MAX_HEADER_BYTES, MAX_HEADERS_COUNT
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class UpstreamConnection(asyncio.Protocol):
         "chunked",
         "conn_values",
         "exchange",
+        "feeding",
         "head_done",
         "headers",
         "idle_since",
@@ -49,8 +50,8 @@ class UpstreamConnection(asyncio.Protocol):
         "reading_paused",
         "ready",
         "reused",
+        "section_bytes",
         "status",
-        "trailer_bytes",
         "trailers",
         "transport",
     )
@@ -75,7 +76,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.conn_values: list[bytes] | None = None
         self.in_body = False  # headers complete: header callbacks now bring trailers
         self.trailers: list[tuple[bytes, bytes]] | None = None
-        self.trailer_bytes = 0
+        self.section_bytes = 0  # of the header section (or trailer section) being parsed
+        self.feeding = False  # inside feed_data: the pool must not hand this connection out yet
 
     # ---- transport events ---------------------------------------------------------------------------
 
@@ -91,6 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:  # bytes on an idle connection: the server broke the protocol; never reuse it
             self.close()
             return
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:  # a 101 (checked by the exchange): the rest is the tunnel's
@@ -99,13 +102,18 @@ class UpstreamConnection(asyncio.Protocol):
             if self.exchange is ex:  # not taken over by a tunnel
                 self.close()
         except HttpParserError:
-            if self.head_done:
+            if self.head_done:  # a response to HEAD: complete at the end of its head
                 self.head_done = False
                 self.parser = HttpResponseParser(self)
                 ex.on_response_complete()
-            else:
+                end = data.find(b"\r\n\r\n")
+                if end < 0 or end + 4 < len(data):  # a body nobody may send (or a head we cannot place): no reuse
+                    self.close()
+            else:  # malformed, too many header fields, a body where none can be, bytes nobody asked for
                 ex.on_upstream_protocol_error()
                 self.close()
+        finally:
+            self.feeding = False
         ex.ds.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -150,6 +158,9 @@ class UpstreamConnection(asyncio.Protocol):
     # ---- httptools callbacks --------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.exchange is None:  # a response after the last one ended, in the same read: nobody asked for it
+            raise HttpParserError("unsolicited response")
+        self.section_bytes = 0
         self.headers = []
         self.phrase = b""
         self.length = None
@@ -163,9 +174,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         n = name.lower()
+        self.section_bytes += len(name) + len(value) + 4
+        if self.section_bytes > MAX_HEADER_BYTES:
+            raise HttpParserError("response header section too large")  # answered as an upstream protocol error
         if self.in_body:
             self._on_trailer(n, value)
             return
+        if len(self.headers) >= MAX_HEADERS_COUNT:
+            raise HttpParserError("too many response header fields")
         if n == b"content-length":
             self.length = int(value)  # llhttp has validated it
         elif n == b"transfer-encoding":
@@ -178,21 +194,24 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers.append((n, value))
 
     def _on_trailer(self, name: bytes, value: bytes) -> None:
-        self.trailer_bytes += len(name) + len(value) + 4
-        if self.trailer_bytes > MAX_HEADER_BYTES:
-            raise HttpParserError("trailers too large")  # answered as an upstream protocol error
         if self.trailers is None:
             self.trailers = [(name, value)]
+        elif len(self.trailers) >= MAX_HEADERS_COUNT:
+            raise HttpParserError("too many trailer fields")
         else:
             self.trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_body = True
-        self.trailer_bytes = 0
+        self.section_bytes = 0
         ex = self.exchange
         if ex is None:
             return
         status = self.status = self.parser.get_status_code()
+        if (status == 204 and (self.length or self.chunked)) or (status == 304 and self.chunked):
+            # RFC 9110 8.6, 9112 6.1: these never have a body; framing that says otherwise would leave bytes
+            # to be read as the next response (Envoy: 502, as here).
+            raise HttpParserError("body framing on a 204/304 response")
         ex.on_response_head(
             status,
             self.phrase,
@@ -254,8 +273,13 @@ class UpstreamPool:
         key, ex.upstream_host = self.key_for(addr)
         ex.upstream_key = key
         idle = self.idle.get(key)
-        while idle:
-            conn = idle.pop()
+        i = len(idle) - 1 if idle else -1
+        while i >= 0:
+            conn = idle[i]
+            i -= 1
+            if conn.feeding:  # released while its parser still runs: bytes after its response may follow
+                continue
+            del idle[i + 1]
             if conn.ready:
                 conn.reused = True
                 ex.on_connected(conn)
