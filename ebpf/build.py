@@ -139,6 +139,13 @@ def remove_stale_pins(pin_dir: str, spec: ProgramSpec, keep: str | None = None) 
                     os.unlink(path)
 
 
+def remove_program_pins(pin_dir: str) -> None:
+    """Unpin every program `load` pinned in pin_dir (any spec, any hash)."""
+    for path in glob.glob(os.path.join(glob.escape(pin_dir), f"{PROG_PIN_PREFIX}*")):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def _run_helper(spec: ProgramSpec, pin_dir: str | None, digest: str) -> Loaded:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     request = json.dumps({"spec": spec.to_json(), "pin_dir": pin_dir, "digest": digest})
@@ -217,8 +224,8 @@ def helper_main(sock_fd: int) -> int:
     return 0
 
 
+__all__ = ["BuildError", "Loaded", "ProgramSpec", "load", "prog_pin_path", "remove_program_pins", "remove_stale_pins"]
+
+
 if __name__ == "__main__":
     sys.exit(helper_main(int(sys.argv[1])))
-
-
-__all__ = ["BuildError", "Loaded", "ProgramSpec", "load", "prog_pin_path", "remove_stale_pins"]

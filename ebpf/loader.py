@@ -26,7 +26,7 @@ from pyroute2 import IPRoute
 
 from planemesh.ebpf import abi, build, tc_attach
 from planemesh.ebpf.abi import Action
-from planemesh.ebpf.maps import FdMap, u32_key
+from planemesh.ebpf.maps import open_maps, u32_key
 from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
 from planemesh.netplanes.netlink import ipr_or_new
 
@@ -67,18 +67,6 @@ def program_spec(pin_dir: str | None) -> build.ProgramSpec:
     return build.ProgramSpec(SOURCE, tuple(cflags), ((PROGRAM, "SCHED_CLS", None),), MAP_NAMES)
 
 
-def open_maps(loaded: build.Loaded, layouts: Mapping[str, tuple[int, type[ctypes.Structure]]]) -> dict[str, FdMap]:
-    """FdMaps for the loaded maps, each checked against the mirror; ValueError (all fds closed) if one differs."""
-    tables = {name: FdMap(name, fd) for name, fd in loaded.maps.items()}
-    try:
-        for name, (key_size, value_type) in layouts.items():
-            tables[name].check_layout(key_size, value_type)
-    except ValueError:
-        loaded.close()
-        raise
-    return tables
-
-
 def _validated_pin_dir(pin_dir: str) -> str:
     path = os.path.normpath(pin_dir)
     if not _SAFE_PIN_DIR.match(path) or not (path == BPFFS or path.startswith(BPFFS + "/")):
@@ -100,8 +88,12 @@ class Datapath:
             os.makedirs(self.pin_dir, exist_ok=True)
         try:
             self._loaded = build.load(program_spec(self.pin_dir), self.pin_dir)
-            self._tables = open_maps(self._loaded, MAP_LAYOUTS)
-        except (build.BuildError, OSError, ValueError) as exc:
+        except (build.BuildError, OSError) as exc:
+            raise DatapathError(f"cannot load {SOURCE.name}: {exc}") from exc
+        try:
+            self._tables = open_maps(self._loaded.maps, MAP_LAYOUTS)
+        except (OSError, ValueError) as exc:
+            self._loaded.close()
             raise DatapathError(f"cannot load {SOURCE.name}: {exc}") from exc
         self.compiled = self._loaded.compiled  # False: a pinned program of the same content hash was re-used
         try:
@@ -344,10 +336,11 @@ class Datapath:
         self._loaded.close()
 
     def unpin(self) -> None:
-        """Remove the map pins and the pinned program(s) (a later start compiles afresh)."""
+        """Remove the map pins and every program pinned in the directory (ours, the egress classifier's,
+        host mode's: ebpf/build.py), so a later start compiles afresh."""
         if not self.pin_dir:
             return
-        build.remove_stale_pins(self.pin_dir, program_spec(self.pin_dir))
+        build.remove_program_pins(self.pin_dir)
         for name in MAP_NAMES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.pin_dir, name))

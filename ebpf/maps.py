@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import os
 import struct
+from collections.abc import Mapping
 
 from planemesh.ebpf import libbpf
 
@@ -74,4 +75,13 @@ class FdMap:
             self.fd = -1
 
 
-__all__ = ["FdMap", "u32_key"]
+def open_maps(fds: Mapping[str, int], layouts: Mapping[str, tuple[int, type[ctypes.Structure]]]) -> dict[str, FdMap]:
+    """FdMaps for these map fds, each checked against its mirror layout (map -> (key size, value type)):
+    ValueError if one differs (the caller still owns the fds then)."""
+    tables = {name: FdMap(name, fd) for name, fd in fds.items()}
+    for name, (key_size, value_type) in layouts.items():
+        tables[name].check_layout(key_size, value_type)
+    return tables
+
+
+__all__ = ["FdMap", "open_maps", "u32_key"]
