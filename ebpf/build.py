@@ -42,6 +42,10 @@ class BuildError(RuntimeError):
     """The helper could not compile, load or hand back the programs."""
 
 
+def kernel_release() -> str:
+    return os.uname().release
+
+
 @dataclass(frozen=True, slots=True)
 class ProgramSpec:
     """What to build: one source, its cflags, its programs (name, bcc prog type name, expected attach
@@ -57,7 +61,7 @@ class ProgramSpec:
         h = hashlib.sha256()
         for path in [self.source, *sorted(Path(p) for p in glob.glob(str(self.source.parent / "*.h")))]:
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-        h.update(json.dumps([list(self.cflags), [list(p) for p in self.programs], os.uname().release]).encode())
+        h.update(json.dumps([list(self.cflags), [list(p) for p in self.programs], kernel_release()]).encode())
         return h.hexdigest()[:16]
 
     def to_json(self) -> str:
@@ -175,21 +179,24 @@ def _run_helper(spec: ProgramSpec, pin_dir: str | None, digest: str) -> Loaded:
 
 
 def _decode_reply(spec: ProgramSpec, data: bytes, fds: list[int], rc: int, stderr: str) -> Loaded:
+    """The helper's reply: {"programs": [...], "maps": [...]} naming the fds in order, exactly the spec's."""
     try:
         reply = json.loads(data) if data else {}
     except ValueError:
-        reply = {}
-    names = list(reply.get("programs", [])) + list(reply.get("maps", []))
-    if rc != 0 or "error" in reply or len(names) != len(fds):
+        reply = None
+    programs, maps = [p[0] for p in spec.programs], list(spec.maps)
+    ok = isinstance(reply, dict) and reply.get("programs") == programs and reply.get("maps") == maps
+    if rc != 0 or not ok or len(fds) != len(programs) + len(maps):
         for fd in fds:
             os.close(fd)
-        why = reply.get("error") or stderr.strip().splitlines()[-1:] or [f"helper exited with {rc}"]
-        raise BuildError(f"cannot load {spec.source.name}: {why if isinstance(why, str) else why[0]}")
-    loaded = Loaded(compiled=True)
-    programs = len(reply["programs"])
-    loaded.programs = dict(zip(reply["programs"], fds[:programs], strict=True))
-    loaded.maps = dict(zip(reply["maps"], fds[programs:], strict=True))
-    return loaded
+        error = reply.get("error") if isinstance(reply, dict) else None
+        why = error or (stderr.strip().splitlines() or [f"helper exited with {rc} and no usable reply"])[-1]
+        raise BuildError(f"cannot load {spec.source.name}: {why}")
+    return Loaded(
+        programs=dict(zip(programs, fds[: len(programs)], strict=True)),
+        maps=dict(zip(maps, fds[len(programs) :], strict=True)),
+        compiled=True,
+    )
 
 
 # ---- the helper's side (a separate process: bcc is imported here only) -------------------------------

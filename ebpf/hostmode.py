@@ -66,6 +66,8 @@ def program_spec(own_mark: int, pin_dir: str | None) -> build.ProgramSpec:
         for name, hook in PROGRAMS
     )
     return build.ProgramSpec(SOURCE, tuple(cflags), programs, MAP_NAMES)
+
+
 HOOK_NAMES = {
     libbpf.BPF_CGROUP_SOCK_OPS: "sock_ops",
     libbpf.BPF_CGROUP_INET4_CONNECT: "connect4",

@@ -87,8 +87,8 @@ def prog_map_ids(prog_fd: int, capacity: int = 64) -> list[int]:
     """Ids of the maps a loaded program uses (struct bpf_prog_info: nr_map_ids at 52, map_ids at 56)."""
     ids = (ctypes.c_uint32 * capacity)()
     info = ctypes.create_string_buffer(256)
-    info.raw = info.raw[:52] + capacity.to_bytes(4, "little") + ctypes.addressof(ids).to_bytes(8, "little") + bytes(
-        256 - 64
+    info.raw = (
+        info.raw[:52] + capacity.to_bytes(4, "little") + ctypes.addressof(ids).to_bytes(8, "little") + bytes(256 - 64)
     )
     length = ctypes.c_uint32(len(info))
     _check(lib().bpf_obj_get_info_by_fd(prog_fd, info, length), "BPF_OBJ_GET_INFO_BY_FD")
