@@ -56,8 +56,8 @@ def test_agent_holds_no_compiler_and_warm_starts_compile_nothing(run_prefix: str
     try:
         with running_agent(f"{run_prefix}f", ["--pin-dir", pin_dir]) as env:
             # Cold: compiled once, in a helper; the agent process never mapped the compiler.
-            assert COMPILED in env.agent_output()
             assert compiler_libraries(env.agent.pid) == set()
+            assert COMPILED in env.agent_output()
             assert proxied(env)
             workers = children(env.agent.pid)
             assert workers and all(compiler_libraries(pid) == set() for pid in workers)
