@@ -15,7 +15,7 @@ Measured (2-core VM, load ~5 from other jobs, 3 rounds, before/after run back to
     before (bcc in the agent):       cold 5.76 s  warm 5.31 s  agent 236.8 MB  worker 28.6 MB  compiler mapped
     after  (build helper + pins):    cold 3.80 s  warm 0.51 s  agent  61.4 MB  worker 28.6 MB  no compiler
     envoy 1.40 --concurrency 1, idle: 63.6 MB
-On an idle machine the cold compile of pm_tc.c takes ~2 s (ready cold ~2.7 s before and after).
+The old code on a quieter machine (load < 1): cold 2.65 s, warm 2.57 s (the compile of pm_tc.c ~2 s each time).
 """
 
 from __future__ import annotations
