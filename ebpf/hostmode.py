@@ -1,7 +1,7 @@
 """Host mode: redirect connects of processes running directly on the node (cgroups v2 of theirs) to the
 plane proxy, and tell the proxy where each connection was going.
 
-    host = HostMode(own_mark=abi.PM_MARK_OWN)       # compile and load once
+    host = HostMode(own_mark=abi.PM_MARK_OWN)       # load once (a helper compiles, or pins are re-used)
     host.apply_snapshot(snapshot)                    # planes' CIDRs, listener policy, proxy/sniff ports
     host.attach("/sys/fs/cgroup/unified/telecom.slice")   # connect4 + connect6 + sock_ops, as BPF links
     proxy = PlaneProxy(snapshot, "oam", original_destination=host.destinations.proxy_original_destination)
