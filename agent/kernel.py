@@ -120,7 +120,7 @@ class KernelDataPath:
         if self.shaper is None:
             from planemesh.ebpf.bandwidth import EgressShaper
 
-            self.shaper = EgressShaper()
+            self.shaper = EgressShaper(self.dp.pin_dir if self.dp is not None else None)
         for ifindex in sorted(ifindexes):
             self.shaper.apply(ifindex, self._egress_plan)
 

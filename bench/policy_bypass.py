@@ -25,7 +25,7 @@ import yaml
 from bench.common import HEADER, WrkResult, scratch_dir, start_nginx, url, wrk
 from planemesh.agent.demo import start_agent
 from planemesh.agent.static_config import default_config_text
-from planemesh.ebpf import abi
+from planemesh.ebpf import abi, libbpf
 from planemesh.labs import load_lab
 from planemesh.labs import netns as ns_tools
 
@@ -43,20 +43,10 @@ def config_with_entries(path: Path, entries: int) -> Path:
 
 
 def pinned_map_entries(path: str, key_size: int) -> int:
-    """How many keys a pinned BPF map holds (BPF_OBJ_GET + BPF_MAP_GET_NEXT_KEY via libbcc)."""
-    from bcc import libbcc
-
-    fd = libbcc.lib.bpf_obj_get(path.encode())
-    if fd < 0:
-        raise OSError(f"cannot open pinned map {path}")
+    """How many keys a pinned BPF map holds (BPF_OBJ_GET + BPF_MAP_GET_NEXT_KEY through libbpf)."""
+    fd = libbpf.obj_get(path)
     try:
-        key, next_key = ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size)
-        count, prev = 0, None
-        while libbcc.lib.bpf_get_next_key(fd, prev, next_key) == 0:
-            count += 1
-            ctypes.memmove(key, next_key, key_size)
-            prev = key
-        return count
+        return len(libbpf.map_keys(fd, key_size))
     finally:
         os.close(fd)
 

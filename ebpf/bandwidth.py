@@ -1,7 +1,7 @@
 """Per-plane egress shaping applied through pyroute2: the HTB tree of netplanes.bandwidth plus the
 pm_egress.c classifier on it.
 
-    shaper = EgressShaper()                                  # compiles pm_egress.c once
+    shaper = EgressShaper(pin_dir)                           # loads pm_egress.c once (ebpf/build.py)
     shaper.apply(ifindex, egress_plan(planes, link_mbit))    # diff: only what changed is touched
     shaper.remove(ifindex)                                   # our HTB goes; the kernel's default returns
     shaper.close()
@@ -24,7 +24,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from planemesh.ebpf import abi
+from planemesh.ebpf import abi, build
 from planemesh.netplanes.bandwidth import (
     QDISC_HANDLE,
     EgressOp,
@@ -43,6 +43,7 @@ TC_H_ROOT = 0xFFFFFFFF
 FILTER_PRIO = 0x504D
 FILTER_HANDLE = 0x1
 ETH_P_ALL = 0x0003
+SPEC = build.ProgramSpec(SOURCE, (f"-I{EBPF_DIR}",), ((PROGRAM, "SCHED_CLS", None),))
 
 log = logging.getLogger("planemesh.bandwidth")
 
@@ -138,14 +139,15 @@ def _run(ipr: IPRoute, ifindex: int, plan: EgressPlan, op: EgressOp) -> None:
 class EgressShaper:
     """One compiled egress classifier, attached to the HTB qdisc of every interface it shapes."""
 
-    def __init__(self) -> None:
-        from bcc import BPF  # imported here: the pure parts need no bcc
-
+    def __init__(self, pin_dir: str | None = None) -> None:
+        """pin_dir (already validated, e.g. the Datapath's): pin the program there under its content
+        hash, so the next agent re-uses it and compiles nothing. bcc runs in a helper process."""
         try:
-            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=[f"-I{EBPF_DIR}"])
-            self.fn = self.bpf.load_func(PROGRAM.encode(), BPF.SCHED_CLS)
-        except Exception as exc:
+            self._loaded = build.load(SPEC, pin_dir)
+        except (build.BuildError, OSError) as exc:
             raise ShapingError(f"cannot load {SOURCE.name}: {exc}") from exc
+        self.prog_fd = self._loaded.programs[PROGRAM]
+        self.compiled = self._loaded.compiled
         self.shaped: set[int] = set()
 
     def apply(self, ifindex: int, plan: EgressPlan, ipr: IPRoute | None = None) -> list[EgressOp]:
@@ -163,7 +165,7 @@ class EgressShaper:
                     "bpf",
                     ifindex,
                     FILTER_HANDLE,
-                    fd=self.fn.fd,
+                    fd=self.prog_fd,
                     name=PROGRAM,
                     parent=plan.handle,
                     classid=plan.handle,  # the major of every class the program picks (see pm_egress.c)
@@ -199,7 +201,7 @@ class EgressShaper:
             with ipr_or_new(ipr) as nl:
                 for ifindex in sorted(self.shaped):
                     self.remove(ifindex, nl)
-        self.bpf.cleanup()
+        self._loaded.close()
 
 
 __all__ = ["ClassStats", "EgressShaper", "ShapingError", "class_stats", "observe"]

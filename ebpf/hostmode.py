@@ -1,7 +1,7 @@
 """Host mode: redirect connects of processes running directly on the node (cgroups v2 of theirs) to the
 plane proxy, and tell the proxy where each connection was going.
 
-    host = HostMode(own_mark=abi.PM_MARK_OWN)       # compile and load once
+    host = HostMode(own_mark=abi.PM_MARK_OWN)       # load once (a helper compiles, or pins are re-used)
     host.apply_snapshot(snapshot)                    # planes' CIDRs, listener policy, proxy/sniff ports
     host.attach("/sys/fs/cgroup/unified/telecom.slice")   # connect4 + connect6 + sock_ops, as BPF links
     proxy = PlaneProxy(snapshot, "oam", original_destination=host.destinations.proxy_original_destination)
@@ -23,7 +23,7 @@ lookup-and-delete syscall, safe from any proxy event loop.
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import os
 import socket
 import struct
@@ -31,20 +31,43 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from planemesh.agent.config import Snapshot
-from planemesh.ebpf import abi, libbpf
+from planemesh.ebpf import abi, build, libbpf
 from planemesh.ebpf.abi import Action
+from planemesh.ebpf.maps import FdMap, open_maps, u32_key
 from planemesh.ebpf.policy import DatapathPolicy, PolicyRule, policy_from_snapshot
 from planemesh.netplanes.model import Plane
 
 EBPF_DIR = Path(__file__).resolve().parent
 SOURCE = EBPF_DIR / "pm_host.c"
-MAP_NAMES = ("pm_host_dest", "pm_host_policy", "pm_host_planes", "pm_host_by_cookie", "pm_host_by_peer")
+# map -> (key size, value type) from the ABI mirror, checked against every map we open.
+MAP_LAYOUTS: dict[str, tuple[int, type[ctypes.Structure]]] = {
+    "pm_host_dest": (ctypes.sizeof(abi.PmDestKey), abi.PmDestVal),
+    "pm_host_policy": (ctypes.sizeof(abi.PmPolicyKey), abi.PmPolicyVal),
+    "pm_host_planes": (4, abi.PmPlane),
+    "pm_host_by_cookie": (8, abi.PmHostOrig),
+    "pm_host_by_peer": (ctypes.sizeof(abi.PmHostPeer), abi.PmHostOrig),
+}
+MAP_NAMES = tuple(MAP_LAYOUTS)
 # (program, hook) in attach order: sock_ops first, so no redirected connect misses its re-keying.
 PROGRAMS = (
     ("pm_sockops", libbpf.BPF_CGROUP_SOCK_OPS),
     ("pm_connect4", libbpf.BPF_CGROUP_INET4_CONNECT),
     ("pm_connect6", libbpf.BPF_CGROUP_INET6_CONNECT),
 )
+
+
+def program_spec(own_mark: int, pin_dir: str | None) -> build.ProgramSpec:
+    """sock_ops loads as SOCK_OPS; cgroup sock_addr programs name their hook at load time (expected_attach_type)."""
+    cflags = [f"-I{EBPF_DIR}", f"-DPM_HOST_OWN_MARK={own_mark:#x}u"]
+    if pin_dir:
+        cflags.append(f'-DPM_PIN_DIR="{pin_dir}"')
+    programs = tuple(
+        (name, "SOCK_OPS", None) if hook == libbpf.BPF_CGROUP_SOCK_OPS else (name, "CGROUP_SOCK_ADDR", hook)
+        for name, hook in PROGRAMS
+    )
+    return build.ProgramSpec(SOURCE, tuple(cflags), programs, MAP_NAMES)
+
+
 HOOK_NAMES = {
     libbpf.BPF_CGROUP_SOCK_OPS: "sock_ops",
     libbpf.BPF_CGROUP_INET4_CONNECT: "connect4",
@@ -168,11 +191,8 @@ class OriginalDestinations:
 # ---- the agent's side: programs, attachments and policy maps --------------------------------------
 class HostMode:
     def __init__(self, *, own_mark: int = abi.PM_MARK_OWN, pin_dir: str | None = None) -> None:
-        from bcc import BPF  # imported here: the pure parts and OriginalDestinations need no bcc
-
         if not own_mark:
             raise HostModeError("the own mark must be non-zero (a zero mask would exempt every socket)")
-        cflags = [f"-I{EBPF_DIR}", f"-DPM_HOST_OWN_MARK={own_mark:#x}u"]
         if pin_dir:
             from planemesh.ebpf.loader import DatapathError, _validated_pin_dir
 
@@ -181,31 +201,30 @@ class HostMode:
             except DatapathError as exc:
                 raise HostModeError(str(exc)) from exc
             os.makedirs(pin_dir, exist_ok=True)
-            cflags.append(f'-DPM_PIN_DIR="{pin_dir}"')
         self.pin_dir = pin_dir
+        # Compiled by a helper process (ebpf/build.py); pinned programs of the same content hash are re-used.
         try:
-            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
-            self._progs = []
-            for name, hook in PROGRAMS:
-                if hook == libbpf.BPF_CGROUP_SOCK_OPS:
-                    fn = self.bpf.load_func(name.encode(), BPF.SOCK_OPS)
-                else:  # cgroup sock_addr programs name their hook at load time (expected_attach_type)
-                    fn = self.bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=hook)
-                self._progs.append((fn, hook))
-        except Exception as exc:
+            self._loaded = build.load(program_spec(own_mark, pin_dir), pin_dir)
+        except (build.BuildError, OSError) as exc:
             raise HostModeError(f"cannot load {SOURCE.name}: {exc}") from exc
-        self._tables = {name: self.bpf[name.encode()] for name in MAP_NAMES}
+        try:
+            self._tables: dict[str, FdMap] = open_maps(self._loaded.maps, MAP_LAYOUTS)
+        except (OSError, ValueError) as exc:
+            self._loaded.close()
+            raise HostModeError(f"cannot load {SOURCE.name}: {exc}") from exc
+        self.compiled = self._loaded.compiled
+        self._progs = [(self._loaded.programs[name], hook) for name, hook in PROGRAMS]
         self._links: dict[str, list[int]] = {}  # cgroup real path -> link fds (attach order)
         self.destinations = OriginalDestinations(self.peer_map_fd)
 
     @property
     def peer_map_fd(self) -> int:
         """The fd of pm_host_by_peer, for OriginalDestinations in another process (pass_fds)."""
-        return int(self._tables["pm_host_by_peer"].map_fd)
+        return self._tables["pm_host_by_peer"].fd
 
     @property
     def program_ids(self) -> set[int]:
-        return {libbpf.prog_id(fn.fd) for fn, _ in self._progs}
+        return {libbpf.prog_id(fd) for fd, _ in self._progs}
 
     # ---- attachment -----------------------------------------------------------------------------
     @property
@@ -223,8 +242,8 @@ class HostMode:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                for fn, hook in self._progs:
-                    links.append(libbpf.link_create(fn.fd, fd, hook))
+                for prog_fd, hook in self._progs:
+                    links.append(libbpf.link_create(prog_fd, fd, hook))
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -252,45 +271,46 @@ class HostMode:
     def apply(self, policy: DatapathPolicy, planes: Iterable[Plane]) -> None:
         """Make the maps hold exactly this policy and these plane CIDRs: adds and updates first, then
         deletes, so an entry present before and after never disappears in between."""
-        dest = self._tables["pm_host_dest"]
-        wanted_dest: dict[bytes, int] = {}
+        wanted_dest: dict[bytes, bytes] = {}
         for plane in planes:
             for net in plane.cidrs:
-                wanted_dest[abi.dest_key_bytes(str(net.cidr))] = plane.plane_id
-        self._sync(dest, {k: dest.Leaf(v, 0) for k, v in wanted_dest.items()})
+                wanted_dest[abi.dest_key_bytes(str(net.cidr))] = bytes(abi.PmDestVal(plane.plane_id, 0))
+        self._sync(self._tables["pm_host_dest"], wanted_dest)
 
         table = self._tables["pm_host_planes"]
         wanted_planes = {p.plane_id for p in policy.planes}
         for p in policy.planes:
-            leaf = table.Leaf()
+            leaf = abi.PmPlane()
             leaf.proxy_port, leaf.sniff_port, leaf.undeclared_action = p.proxy_port, p.sniff_port, int(p.undeclared)
             leaf.flags = abi.PM_PLANE_F_ACTIVE
-            table[table.Key(p.plane_id)] = leaf
+            table.put(u32_key(p.plane_id), bytes(leaf))
         for plane_id in range(1, abi.PM_MAX_PLANES):
-            if plane_id not in wanted_planes and table[table.Key(plane_id)].flags:
-                table[table.Key(plane_id)] = table.Leaf()
+            raw = table.get(u32_key(plane_id))
+            if plane_id not in wanted_planes and raw is not None and abi.PmPlane.from_buffer_copy(raw).flags:
+                table.put(u32_key(plane_id), bytes(abi.PmPlane()))
 
-        pol = self._tables["pm_host_policy"]
         self._sync(
-            pol,
-            {abi.policy_key_bytes(r.plane_id, r.port, r.prefix): pol.Leaf(int(a), 0) for r, a in policy.rules.items()},
+            self._tables["pm_host_policy"],
+            {
+                abi.policy_key_bytes(r.plane_id, r.port, r.prefix): bytes(abi.PmPolicyVal(int(a), 0))
+                for r, a in policy.rules.items()
+            },
         )
 
     @staticmethod
-    def _sync(table, wanted: dict[bytes, object]) -> None:  # type: ignore[no-untyped-def]
-        current = {bytes(k): bytes(v) for k, v in table.items()}
-        for raw, leaf in wanted.items():
-            if current.get(raw) != bytes(leaf):  # type: ignore[call-overload]
-                table[table.Key.from_buffer_copy(raw)] = leaf
-        for raw in set(current) - set(wanted):
-            with contextlib.suppress(KeyError):
-                del table[table.Key.from_buffer_copy(raw)]
+    def _sync(table: FdMap, wanted: dict[bytes, bytes]) -> None:
+        current = dict(table.items())
+        for key, value in wanted.items():
+            if current.get(key) != value:
+                table.put(key, value)
+        for key in set(current) - set(wanted):
+            table.delete(key)
 
     def rules(self) -> dict[PolicyRule, Action]:
         found = {}
-        for key, leaf in self._tables["pm_host_policy"].items():
-            plane_id, port, prefix = abi.decode_policy_key(bytes(key))
-            found[PolicyRule(plane_id, port, prefix)] = Action(leaf.action)
+        for key, raw in self._tables["pm_host_policy"].items():
+            plane_id, port, prefix = abi.decode_policy_key(key)
+            found[PolicyRule(plane_id, port, prefix)] = Action(abi.PmPolicyVal.from_buffer_copy(raw).action)
         return found
 
     # ---- lookups (tests, tools: the proxy uses `destinations`) ----------------------------------------
@@ -304,7 +324,9 @@ class HostMode:
     # ---- lifecycle ----------------------------------------------------------------------------------
     def close(self) -> None:
         self.detach()
-        self.bpf.cleanup()
+        for table in self._tables.values():
+            table.close()
+        self._loaded.close()
 
     def __enter__(self) -> HostMode:
         return self

@@ -1,9 +1,12 @@
-"""Load the TC classifier with bcc, attach it to interfaces, and keep its maps in step with policy.
+"""Load the TC classifier, attach it to interfaces, and keep its maps in step with policy.
 
-One `Datapath` = one compiled program and one set of maps, shared by every interface it is attached
-to. With `pin_dir` the maps are pinned there (bcc reuses maps already pinned, so a restarted agent
-re-adopts interface/plane/policy state, and the TC filters a previous agent left attached keep
-working until `attach` swaps in the new program). Without `pin_dir` nothing is pinned.
+One `Datapath` = one loaded program and one set of maps, shared by every interface it is attached
+to. bcc compiles it in a short-lived helper process (ebpf/build.py): this process holds only the
+program and map fds and talks to the maps with the bpf() syscall, never importing bcc. With `pin_dir`
+the maps are pinned there (a restarted agent re-adopts interface/plane/policy state, and the TC filters
+a previous agent left attached keep working until `attach` swaps in the new program), and so is the
+program, under its content hash: a restart or hot upgrade with the same source, flags and kernel
+re-uses it and compiles nothing. Without `pin_dir` nothing is pinned.
 
 Interface indexes are those of the network namespace the calling thread is in when it calls
 `attach`/`detach`; keep one Datapath per namespace.
@@ -12,6 +15,7 @@ Interface indexes are those of the network namespace the calling thread is in wh
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 from collections.abc import Mapping
@@ -20,15 +24,27 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from planemesh.ebpf import abi, tc_attach
+from planemesh.ebpf import abi, build, tc_attach
 from planemesh.ebpf.abi import Action
+from planemesh.ebpf.maps import open_maps, u32_key
 from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
 from planemesh.netplanes.netlink import ipr_or_new
 
 EBPF_DIR = Path(__file__).resolve().parent
 SOURCE = EBPF_DIR / "pm_tc.c"
 PROGRAM = "pm_tc_ingress"
-MAP_NAMES = ("pm_ifaces", "pm_planes", "pm_policy", "pm_counters", "pm_config", "pm_dests", "pm_forward")
+# map -> (key size, value type): the ABI mirror's layouts, checked against every map we open (pinned
+# maps of another layout are refused before anything is written to them).
+MAP_LAYOUTS: dict[str, tuple[int, type[ctypes.Structure]]] = {
+    "pm_ifaces": (4, abi.PmIface),
+    "pm_planes": (4, abi.PmPlane),
+    "pm_policy": (ctypes.sizeof(abi.PmPolicyKey), abi.PmPolicyVal),
+    "pm_counters": (4, abi.PmCounter),
+    "pm_config": (4, abi.PmConfig),
+    "pm_dests": (ctypes.sizeof(abi.PmDestKey), abi.PmDestVal),
+    "pm_forward": (4, abi.PmForward),
+}
+MAP_NAMES = tuple(MAP_LAYOUTS)
 BPFFS = "/sys/fs/bpf"
 _SAFE_PIN_DIR = re.compile(r"^/[A-Za-z0-9_./-]+$")
 
@@ -42,6 +58,13 @@ class SyncResult:
     added: int = 0
     updated: int = 0
     deleted: int = 0
+
+
+def program_spec(pin_dir: str | None) -> build.ProgramSpec:
+    cflags = [f"-I{EBPF_DIR}"]
+    if pin_dir:
+        cflags.append(f'-DPM_PIN_DIR="{pin_dir}"')
+    return build.ProgramSpec(SOURCE, tuple(cflags), ((PROGRAM, "SCHED_CLS", None),), MAP_NAMES)
 
 
 def _validated_pin_dir(pin_dir: str) -> str:
@@ -60,27 +83,30 @@ class Datapath:
         own_mark: int = abi.PM_MARK_OWN,
         mark_planes: bool = False,
     ) -> None:
-        from bcc import BPF  # imported here: unit tests of the pure parts need no bcc
-
         self.pin_dir = _validated_pin_dir(pin_dir) if pin_dir else None
-        cflags = [f"-I{EBPF_DIR}"]
         if self.pin_dir:
             os.makedirs(self.pin_dir, exist_ok=True)
-            cflags.append(f'-DPM_PIN_DIR="{self.pin_dir}"')
         try:
-            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
-            self.fn = self.bpf.load_func(PROGRAM.encode(), BPF.SCHED_CLS)
-        except Exception as exc:
+            self._loaded = build.load(program_spec(self.pin_dir), self.pin_dir)
+        except (build.BuildError, OSError) as exc:
             raise DatapathError(f"cannot load {SOURCE.name}: {exc}") from exc
-        self._tables = {name: self.bpf[name.encode()] for name in MAP_NAMES}
-        self.set_marks(local_mark, own_mark, mark_planes)
+        try:
+            self._tables = open_maps(self._loaded.maps, MAP_LAYOUTS)
+        except (OSError, ValueError) as exc:
+            self._loaded.close()
+            raise DatapathError(f"cannot load {SOURCE.name}: {exc}") from exc
+        self.compiled = self._loaded.compiled  # False: a pinned program of the same content hash was re-used
+        try:
+            self.set_marks(local_mark, own_mark, mark_planes)
+        except Exception:
+            self._loaded.close()
+            raise
 
     # ---- configuration ----------------------------------------------------------------------
     def set_marks(self, local_mark: int, own_mark: int, mark_planes: bool = False) -> None:
         """Write the global config: ABI version, the mark layout (see pm_abi.h)."""
         table = self._tables["pm_config"]
-        key = table.Key(0)
-        current = table[key]
+        current = abi.PmConfig.from_buffer_copy(table.get(u32_key(0)) or bytes(ctypes.sizeof(abi.PmConfig)))
         if current.abi_version not in (0, abi.PM_ABI_VERSION):
             raise DatapathError(
                 f"pinned maps in {self.pin_dir} speak ABI v{current.abi_version}, this agent v{abi.PM_ABI_VERSION}:"
@@ -90,34 +116,29 @@ class Datapath:
             raise DatapathError(f"local mark {local_mark:#x} and own mark {own_mark:#x} must be disjoint and non-zero")
         if (local_mark | own_mark) & abi.PM_MARK_PLANE_MASK:
             raise DatapathError(f"marks must leave the plane bits {abi.PM_MARK_PLANE_MASK:#x} free")
-        cfg = table.Leaf()
+        cfg = abi.PmConfig()
         cfg.abi_version = abi.PM_ABI_VERSION
         cfg.local_mark = cfg.local_mask = local_mark
         cfg.own_mark = cfg.own_mask = own_mark
         cfg.plane_mask = abi.PM_MARK_PLANE_MASK if mark_planes else 0
-        table[key] = cfg
+        table.put(u32_key(0), bytes(cfg))
         self.local_mark, self.own_mark = local_mark, own_mark
 
     @property
     def prog_fd(self) -> int:
-        return self.fn.fd
+        return self._loaded.programs[PROGRAM]
 
     # ---- interfaces -------------------------------------------------------------------------
     def _iface(self, ifindex: int) -> abi.PmIface | None:
-        table = self._tables["pm_ifaces"]
-        try:
-            leaf = table[table.Key(ifindex)]
-        except KeyError:
-            return None
-        return abi.PmIface(leaf.plane_id, leaf.flags)
+        raw = self._tables["pm_ifaces"].get(u32_key(ifindex))
+        return abi.PmIface.from_buffer_copy(raw) if raw is not None else None
 
     def _put_iface(self, ifindex: int, plane_id: int, flags: int) -> None:
         table = self._tables["pm_ifaces"]
         if plane_id == 0 and flags == 0:
-            with contextlib.suppress(KeyError):
-                del table[table.Key(ifindex)]
+            table.delete(u32_key(ifindex))
             return
-        table[table.Key(ifindex)] = table.Leaf(plane_id, flags)
+        table.put(u32_key(ifindex), bytes(abi.PmIface(plane_id, flags)))
 
     def set_interface(self, ifindex: int, plane_id: int) -> None:
         """Packets entering `ifindex` belong to `plane_id` (1..63)."""
@@ -134,7 +155,11 @@ class Datapath:
 
     def interfaces(self) -> dict[int, tuple[int, int]]:
         """ifindex -> (plane_id, PM_IF_F_* flags) as the map holds them."""
-        return {int(k.value): (int(v.plane_id), int(v.flags)) for k, v in self._tables["pm_ifaces"].items()}
+        found = {}
+        for key, raw in self._tables["pm_ifaces"].items():
+            iface = abi.PmIface.from_buffer_copy(raw)
+            found[int.from_bytes(key, "little")] = (int(iface.plane_id), int(iface.flags))
+        return found
 
     def attach(self, ifindex: int, ipr: IPRoute | None = None) -> None:
         """Attach to `ifindex` of the current netns (clsact ingress, direct action). Idempotent."""
@@ -179,28 +204,27 @@ class Datapath:
                 raise ValueError(f"{port} is not a TCP port")
         if Action(undeclared) not in (Action.BYPASS, Action.SNIFF, Action.PROXY, Action.DROP):
             raise ValueError(f"undeclared action {undeclared!r} is not a verdict")
-        table = self._tables["pm_planes"]
-        leaf = table.Leaf()
+        leaf = abi.PmPlane()
         leaf.proxy_port, leaf.sniff_port, leaf.undeclared_action = proxy_port, sniff_port, int(undeclared)
         leaf.flags = abi.PM_PLANE_F_ACTIVE | (abi.PM_PLANE_F_FAIL_CLOSED if fail_closed else 0)
-        forward = self._tables["pm_forward"]
-        forward[forward.Key(plane_id)] = forward.Leaf(abi.forward_mask(forward_to))
-        table[table.Key(plane_id)] = leaf
+        self._tables["pm_forward"].put(u32_key(plane_id), bytes(abi.PmForward(abi.forward_mask(forward_to))))
+        self._tables["pm_planes"].put(u32_key(plane_id), bytes(leaf))
 
     def clear_plane(self, plane_id: int) -> None:
-        table = self._tables["pm_planes"]
-        table[table.Key(plane_id)] = table.Leaf()
-        forward = self._tables["pm_forward"]
-        forward[forward.Key(plane_id)] = forward.Leaf()
+        self._tables["pm_planes"].put(u32_key(plane_id), bytes(abi.PmPlane()))
+        self._tables["pm_forward"].put(u32_key(plane_id), bytes(abi.PmForward()))
 
     def planes(self) -> dict[int, PlaneSettings]:
         found = {}
         forward = self._tables["pm_forward"]
-        for key, leaf in self._tables["pm_planes"].items():
+        for key, raw in self._tables["pm_planes"].items():
+            leaf = abi.PmPlane.from_buffer_copy(raw)
             if leaf.flags & abi.PM_PLANE_F_ACTIVE:
-                mask = int(forward[forward.Key(key.value)].planes)
-                found[int(key.value)] = PlaneSettings(
-                    int(key.value),
+                fwd = forward.get(key)
+                mask = int(abi.PmForward.from_buffer_copy(fwd).planes) if fwd else 0
+                plane_id = int.from_bytes(key, "little")
+                found[plane_id] = PlaneSettings(
+                    plane_id,
                     int(leaf.proxy_port),
                     int(leaf.sniff_port),
                     Action(leaf.undeclared_action),
@@ -211,7 +235,10 @@ class Datapath:
 
     def destinations(self) -> dict[str, int]:
         """The destination trie's content: plane CIDR -> plane id."""
-        return {abi.decode_dest_key(bytes(k)): int(v.plane_id) for k, v in self._tables["pm_dests"].items()}
+        return {
+            abi.decode_dest_key(k): int(abi.PmDestVal.from_buffer_copy(v).plane_id)
+            for k, v in self._tables["pm_dests"].items()
+        }
 
     def sync_destinations(self, wanted: Mapping[str, int]) -> SyncResult:
         """Make the destination trie hold exactly `wanted` (CIDR -> plane id); add and update before deleting."""
@@ -222,24 +249,22 @@ class Datapath:
         for net, plane_id in sorted(canonical.items()):
             if current.get(net) == plane_id:
                 continue
-            table[table.Key.from_buffer_copy(abi.dest_key_bytes(net))] = table.Leaf(plane_id, 0)
+            table.put(abi.dest_key_bytes(net), bytes(abi.PmDestVal(plane_id, 0)))
             if net in current:
                 updated += 1
             else:
                 added += 1
         deleted = 0
         for net in sorted(set(current) - set(canonical)):
-            with contextlib.suppress(KeyError):
-                del table[table.Key.from_buffer_copy(abi.dest_key_bytes(net))]
-                deleted += 1
+            deleted += table.delete(abi.dest_key_bytes(net))
         return SyncResult(added, updated, deleted)
 
     def policy(self) -> dict[PolicyRule, Action]:
         """The policy trie's content, decoded."""
         found = {}
-        for key, leaf in self._tables["pm_policy"].items():
-            plane_id, port, prefix = abi.decode_policy_key(bytes(key))
-            found[PolicyRule(plane_id, port, prefix)] = Action(leaf.action)
+        for key, raw in self._tables["pm_policy"].items():
+            plane_id, port, prefix = abi.decode_policy_key(key)
+            found[PolicyRule(plane_id, port, prefix)] = Action(abi.PmPolicyVal.from_buffer_copy(raw).action)
         return found
 
     def sync_policy(self, rules: Mapping[PolicyRule, Action]) -> SyncResult:
@@ -251,18 +276,15 @@ class Datapath:
         for rule, action in sorted(rules.items(), key=lambda item: item[0].sort_key()):
             if current.get(rule) == action:
                 continue
-            key = table.Key.from_buffer_copy(abi.policy_key_bytes(rule.plane_id, rule.port, rule.prefix))
-            table[key] = table.Leaf(int(action), 0)
+            key = abi.policy_key_bytes(rule.plane_id, rule.port, rule.prefix)
+            table.put(key, bytes(abi.PmPolicyVal(int(action), 0)))
             if rule in current:
                 updated += 1
             else:
                 added += 1
         deleted = 0
         for rule in sorted(set(current) - set(rules), key=PolicyRule.sort_key):
-            key = table.Key.from_buffer_copy(abi.policy_key_bytes(rule.plane_id, rule.port, rule.prefix))
-            with contextlib.suppress(KeyError):
-                del table[key]
-                deleted += 1
+            deleted += table.delete(abi.policy_key_bytes(rule.plane_id, rule.port, rule.prefix))
         return SyncResult(added, updated, deleted)
 
     def apply(self, policy: DatapathPolicy) -> SyncResult:
@@ -282,16 +304,20 @@ class Datapath:
         """{(plane_id, slot): (packets, bytes)} summed over CPUs, non-zero slots only. Slots are
         abi.Action and abi.Reason values."""
         table = self._tables["pm_counters"]
+        per_cpu_type = abi.PmCounter * (table.read_size // ctypes.sizeof(abi.PmCounter))
         found = {}
         for idx in range(abi.PM_CNT_ENTRIES):
-            per_cpu = table[table.Key(idx)]
+            raw = table.get(u32_key(idx))
+            if raw is None:
+                continue
+            per_cpu = per_cpu_type.from_buffer_copy(raw)
             packets = sum(int(c.packets) for c in per_cpu)
             if packets:
                 found[divmod(idx, abi.PM_CNT_SLOTS)] = (packets, sum(int(c.bytes) for c in per_cpu))
         return found
 
     def map_fd(self, name: str) -> int:
-        return self._tables[name].map_fd
+        return self._tables[name].fd
 
     # ---- lifecycle --------------------------------------------------------------------------
     def close(self, detach: bool = True, ipr: IPRoute | None = None) -> None:
@@ -305,11 +331,16 @@ class Datapath:
                         self.detach(ifindex, nl)
             if self.pin_dir:
                 self.unpin()
-        self.bpf.cleanup()
+        for table in self._tables.values():
+            table.close()
+        self._loaded.close()
 
     def unpin(self) -> None:
+        """Remove the map pins and every program pinned in the directory (ours, the egress classifier's,
+        host mode's: ebpf/build.py), so a later start compiles afresh."""
         if not self.pin_dir:
             return
+        build.remove_program_pins(self.pin_dir)
         for name in MAP_NAMES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.pin_dir, name))

@@ -1,4 +1,4 @@
-"""Fixtures for the eBPF data-path tests: one compiled Datapath per module, and a worker thread
+"""Fixtures for the eBPF data-path tests: one loaded Datapath per module, and a worker thread
 living in a private network namespace (setns is per thread; the pytest thread never moves)."""
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ def datapath() -> Iterator[Any]:
         yield dp
     finally:
         dp.close(detach=False)
+
+
+def compile_here(spec: Any) -> Any:
+    """bcc's BPF object for an ebpf.build.ProgramSpec, compiled in the test process (the agent never does
+    this: ebpf/build.py compiles in a helper). For the tests that compare bcc's generated types with the
+    ABI mirror."""
+    from bcc import BPF
+
+    return BPF(src_file=str(spec.source).encode(), cflags=list(spec.cflags))
 
 
 @pytest.fixture

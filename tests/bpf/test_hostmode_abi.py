@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from planemesh.ebpf import abi
+from planemesh.ebpf import abi, libbpf
+from planemesh.ebpf.hostmode import MAP_LAYOUTS, program_spec
+from tests.bpf.conftest import compile_here
 
 pytestmark = pytest.mark.bpf
 
@@ -38,9 +40,18 @@ def host() -> Iterator:
         mode.close()
 
 
+@pytest.fixture(scope="module")
+def compiled() -> Iterator:
+    bpf = compile_here(program_spec(abi.PM_MARK_OWN, None))
+    try:
+        yield bpf
+    finally:
+        bpf.cleanup()
+
+
 @pytest.mark.parametrize("map_name", sorted(MAPS))
-def test_host_mirror_matches_compiled_layout(host, map_name: str) -> None:
-    table = host.bpf[map_name.encode()]
+def test_host_mirror_matches_compiled_layout(compiled, map_name: str) -> None:
+    table = compiled[map_name.encode()]
     key_name, leaf_name = MAPS[map_name]
     assert _layout(table.Leaf) == _layout(ALL[leaf_name])
     if key_name is not None:
@@ -52,6 +63,10 @@ def test_every_host_struct_is_a_map_type() -> None:
 
 
 def test_host_map_sizes(host) -> None:
-    assert host.bpf[b"pm_host_dest"].max_entries == abi.PM_HOST_MAX_DEST
-    assert host.bpf[b"pm_host_by_peer"].max_entries == abi.PM_HOST_MAX_CONNS
-    assert host.bpf[b"pm_host_planes"].max_entries == abi.PM_MAX_PLANES
+    """On the maps the helper process handed over: entries and the key/value sizes the agent checks."""
+    info = {name: libbpf.map_info(host._tables[name].fd) for name in MAPS}
+    assert info["pm_host_dest"][4] == abi.PM_HOST_MAX_DEST
+    assert info["pm_host_by_peer"][4] == abi.PM_HOST_MAX_CONNS
+    assert info["pm_host_planes"][4] == abi.PM_MAX_PLANES
+    for name, (key_size, value_type) in MAP_LAYOUTS.items():
+        assert (info[name][2], info[name][3]) == (key_size, ctypes.sizeof(value_type)), name

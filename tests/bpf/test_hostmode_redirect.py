@@ -204,8 +204,8 @@ def test_a_path_outside_cgroup2_is_refused(tmp_path) -> None:  # type: ignore[no
 
 
 def test_pinned_maps_are_shared_with_a_successor(lab, cgroup: str, run_prefix: str) -> None:
-    """With a pin directory a second HostMode (an agent taking over) reuses the first one's maps: a connect
-    redirected by either one's programs is found through either one's map fd."""
+    """With a pin directory a second HostMode (an agent taking over) reuses the first one's maps and its
+    pinned programs (compiling nothing): a connect redirected by either one is found through either one's map fd."""
     node, server = lab.node_ns, lab.pod_ns("server")
     server4 = lab.pod_addr("server", "oam", 4)
     plane, policy = _oam(lab)
@@ -224,13 +224,21 @@ def test_pinned_maps_are_shared_with_a_successor(lab, cgroup: str, run_prefix: s
                 assert _connect_from(node, cgroup, server4, PROXIED) == "proxy"
                 # Two connects recorded in the one shared map, readable through the successor's fd.
                 assert second.pending() == 2
-                assert set(os.listdir(pin_dir)) == {
+                pins = set(os.listdir(pin_dir))
+                assert {p for p in pins if not p.startswith("prog_")} == {
                     "pm_host_by_cookie",
                     "pm_host_by_peer",
                     "pm_host_dest",
                     "pm_host_planes",
                     "pm_host_policy",
                 }
+                # ... and its programs: pinned once under their content hash, re-used by the successor.
+                assert {p.rsplit("_", 1)[0] for p in pins - {p for p in pins if p.startswith("pm_")}} == {
+                    "prog_pm_sockops",
+                    "prog_pm_connect4",
+                    "prog_pm_connect6",
+                }
+                assert (first.compiled, second.compiled) == (True, False)
     finally:
         proxy.close()
         real.close()

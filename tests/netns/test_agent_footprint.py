@@ -1,0 +1,92 @@
+"""The long-lived agent never holds the BPF compiler, and a restart or hot upgrade compiles nothing.
+
+bcc (and with it LLVM/clang, ~75-130 MB) runs only in the short-lived helper process of ebpf/build.py;
+with --pin-dir the programs are pinned under their content hash and re-used by the next agent.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from planemesh.agent.demo import start_agent
+from planemesh.labs import netns as ns_tools
+from planemesh.labs.traffic import http_requests
+from tests.netns.agent_lab import AgentLab, eventually, running_agent
+
+pytestmark = [pytest.mark.netns, pytest.mark.bpf]
+
+COMPILED = "compiled pm_tc.c in a helper process"
+REUSED = "re-used pinned pm_tc.c"
+
+
+def compiler_libraries(pid: int) -> set[str]:
+    """libbcc / libLLVM / libclang files mapped into a process."""
+    with open(f"/proc/{pid}/maps") as f:
+        paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
+    return {p for p in paths if any(lib in os.path.basename(p) for lib in ("libbcc", "libLLVM", "libclang"))}
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after comm's ')' + state: ppid
+            found.append(int(entry))
+    return found
+
+
+def output(proc) -> str:  # type: ignore[no-untyped-def]
+    return "\n".join(getattr(proc, "output_lines", []))
+
+
+def proxied(env: AgentLab) -> bool:
+    r = http_requests(env.client_ns, env.server("oam", 4), 80, ["/"])
+    return r.status == [200] and "x-request-id" in r.seen(0)["headers"]
+
+
+def test_agent_holds_no_compiler_and_warm_starts_compile_nothing(run_prefix: str) -> None:
+    pin_dir = f"/sys/fs/bpf/{run_prefix}-lean"
+    try:
+        with running_agent(f"{run_prefix}f", ["--pin-dir", pin_dir]) as env:
+            # Cold: compiled once, in a helper; the agent process never mapped the compiler.
+            assert compiler_libraries(env.agent.pid) == set()
+            assert COMPILED in env.agent_output()
+            assert proxied(env)
+            workers = children(env.agent.pid)
+            assert workers and all(compiler_libraries(pid) == set() for pid in workers)
+            programs = {p for p in os.listdir(pin_dir) if p.startswith("prog_pm_tc_ingress_")}
+            assert len(programs) == 1, programs
+
+            # Hot upgrade: the successor takes over and re-uses the pinned program.
+            successor = start_agent(env.lab, env.workdir, ["--pin-dir", pin_dir])
+            try:
+                assert env.agent.wait(30) == 0
+                assert REUSED in output(successor) and COMPILED not in output(successor)
+                assert compiler_libraries(successor.pid) == set()
+                assert eventually(lambda: proxied(env), timeout=10)
+                # Fail-open kill, then a restart: pins present, nothing compiled either.
+                successor.send_signal(signal.SIGKILL)
+                successor.wait(10)
+            finally:
+                ns_tools.stop(successor)
+            restarted = start_agent(env.lab, env.workdir, ["--pin-dir", pin_dir])
+            try:
+                assert REUSED in output(restarted) and COMPILED not in output(restarted)
+                assert eventually(lambda: proxied(env), timeout=10)
+                assert {p for p in os.listdir(pin_dir) if p.startswith("prog_pm_tc_ingress_")} == programs
+            finally:
+                assert ns_tools.stop(restarted) == 0
+            # A clean stop detaches and removes every pin, programs included: the next start is cold.
+            assert not os.path.exists(pin_dir)
+    finally:
+        for name in os.listdir(pin_dir) if os.path.isdir(pin_dir) else []:
+            os.unlink(os.path.join(pin_dir, name))
+        if os.path.isdir(pin_dir):
+            os.rmdir(pin_dir)
