@@ -73,5 +73,5 @@ def group_memory(memory_max_mb: int, workers: int) -> tuple[int, int] | None:
     if memory_max_mb <= 0:
         return None
     per_worker_mb = memory_max_mb + max(MARGIN_MIN_MB, memory_max_mb // MARGIN_SHARE)
-    limit = per_worker_mb * max(1, workers) * MIB
-    return limit, limit * HIGH_PERCENT // 100
+    total_mb = per_worker_mb * max(1, workers)
+    return total_mb * MIB, total_mb * HIGH_PERCENT // 100 * MIB  # whole MiB: page-aligned, read back as written

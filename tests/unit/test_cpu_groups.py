@@ -110,7 +110,7 @@ def test_cpu_lists_that_are_refused(spec: str, message: str) -> None:
     [
         (256, 1, (320, 288)),  # 256 + 64 (a quarter); high = 90%
         (256, 2, (640, 576)),
-        (64, 1, (96, 86.4)),  # the 32 MiB minimum margin
+        (64, 1, (96, 86)),  # the 32 MiB minimum margin; whole MiB
         (2048, 1, (2560, 2304)),
         (0, 3, None),  # 0: no limit
     ],
@@ -123,7 +123,7 @@ def test_group_memory_is_the_workers_caps_plus_margin(mb: int, workers: int, lim
         assert got is None
         return
     assert got is not None
-    assert got[0] == limits_mb[0] * MIB and abs(got[1] - limits_mb[1] * MIB) < 1
+    assert got == (limits_mb[0] * MIB, limits_mb[1] * MIB)
     assert got[1] > 0.95 * mb * MIB * workers  # memory.high above the workers' hard shed point
 
 
