@@ -238,7 +238,7 @@ class CpuGroups:
     def report(self) -> dict[str, Any]:
         """The `plane_groups` stats rows (agent/metrics.py PlaneGroupStats): asked, in force, not applied."""
         rows = []
-        for plane, wanted in self._applied.items():
+        for plane, wanted in list(self._applied.items()):  # called on the scrape thread: a copy
             limits = group_memory(wanted.memory_max_mb, wanted.workers)
             missing = self.not_applied.get(plane, {})
             rows.append({

@@ -233,3 +233,21 @@ def test_limits_follow_a_hot_upgrade_to_the_successors_groups(run_prefix: str, t
         finally:
             assert ns_tools.stop(successor) == 0
         assert not any(base.exists() for base in new_bases), "the successor's groups outlive it"
+
+
+def test_groups_of_a_killed_agent_are_removed_by_the_next(run_prefix: str, tmp_path: Path) -> None:
+    config = _limits_config(tmp_path / "agent.yaml", {"cpus": str(LAST), "memory_max_mb": 128})
+    with running_agent(f"{run_prefix}k", ["--config", str(config)]) as env:
+        killed = env.agent.pid
+        pids = _check_oam_confined(killed, LAST, workers=1, cap_mb=128)
+        stale = _bases(killed, pids[0])
+        env.agent.kill()  # SIGKILL: no cleanup; the workers die with it (PR_SET_PDEATHSIG)
+        env.agent.wait(10)
+        assert eventually(lambda: not _worker_pids(killed) and not any(Path(f"/proc/{p}").exists() for p in pids))
+        assert all(base.exists() for base in stale)
+        successor = start_agent(env.lab, tmp_path, ["--config", str(config)])
+        try:
+            _check_oam_confined(successor.pid, LAST, workers=1, cap_mb=128)
+            assert not any(base.exists() for base in stale), "a dead agent's groups stay"
+        finally:
+            assert ns_tools.stop(successor) == 0
