@@ -70,6 +70,7 @@ def check_cpus(spec: str, online: frozenset[int] | None) -> str:
 
 def group_memory(memory_max_mb: int, workers: int) -> tuple[int, int] | None:
     """(memory.max, memory.high) in bytes for a plane group; None for no limit (memory_max_mb 0)."""
+    memory_max_mb = int(memory_max_mb)  # a YAML float (128.5) must not reach a cgroup file as "1.6e8"
     if memory_max_mb <= 0:
         return None
     per_worker_mb = memory_max_mb + max(MARGIN_MIN_MB, memory_max_mb // MARGIN_SHARE)
