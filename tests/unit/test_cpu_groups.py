@@ -27,6 +27,35 @@ def test_unified_mounts_have_no_v1_cpu() -> None:
     assert parse_mounts(UNIFIED_MOUNTS) == (Path("/sys/fs/cgroup"), None)
 
 
+def test_cpuset_and_memory_hierarchies_are_found_by_their_own_option() -> None:
+    mounts = HYBRID_MOUNTS + "cgroup /sys/fs/cgroup/cpuset cgroup rw,cpuset 0 0\ncgroup /m cgroup rw,memory 0 0\n"
+    assert parse_mounts(mounts, "cpuset")[1] == Path("/sys/fs/cgroup/cpuset")  # not the "cpu" mount
+    assert parse_mounts(mounts, "memory")[1] == Path("/m")
+    assert parse_mounts(HYBRID_MOUNTS, "cpuset")[1] is None
+    assert parse_mounts(mounts, "cpu")[1] == Path("/sys/fs/cgroup/cpu")  # not the "cpuset" mount
+
+
+def test_v2_groups_get_every_controller_enabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from planemesh.agent.cpu_groups import _prepare_v2
+
+    writes: list[tuple[str, str]] = []
+    real_write = Path.write_text
+
+    def recording(path: Path, text: str, *args: object, **kwargs: object) -> int:
+        if path.name == "cgroup.subtree_control" and path.parent.name == "planemesh-1" and text == "+memory":
+            raise OSError(16, "memory refused below the base")  # one controller failing leaves the others
+        writes.append((path.parent.name, text))
+        return real_write(path, text)
+
+    monkeypatch.setattr(Path, "write_text", recording)
+    hierarchy, enabled = _prepare_v2(tmp_path, "/", "planemesh-1", ["cpu", "cpuset", "memory"])
+    assert hierarchy.base == tmp_path / "planemesh-1" and hierarchy.version == 2
+    assert enabled == ["cpu", "cpuset"]
+    own = tmp_path.name
+    assert writes == [(own, "+cpu"), (own, "+cpuset"), (own, "+memory"), ("planemesh-1", "+cpu"),
+                      ("planemesh-1", "+cpuset")]  # fmt: skip
+
+
 def test_cpuacct_alone_is_not_the_cpu_controller() -> None:
     assert parse_mounts("cgroup /x cgroup rw,cpuacct 0 0\n") == (None, None)
 
