@@ -130,7 +130,8 @@ class Agent:
                 if plane_new is None:
                     self.cpu_groups.remove_plane(name)
         for name, plane in wanted.items():
-            self.cpu_groups.set_plane(name, plane.sla.cpu_weight, plane.sla.workers)
+            sla = plane.sla
+            self.cpu_groups.set_plane(name, sla.cpu_weight, sla.workers, sla.cpus, sla.memory_max_mb)
             if name in self.workers:
                 await self.workers[name].update(snap, sources)
                 continue

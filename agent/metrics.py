@@ -111,6 +111,19 @@ class DataPathStats:
 
 
 @dataclass(slots=True)
+class PlaneGroupStats:
+    """A plane's worker cgroup (agent/cpu_groups.py): the limits asked for and those the kernel did not take."""
+
+    plane: str
+    cpu_weight: int = 100
+    cpus: str | None = None  # the SLA's cpu list; None: no cpuset asked
+    cpus_effective: str | None = None  # the CPUs the kernel lets the workers run on
+    memory_max_bytes: int | None = None  # in force (None: no limit, or not applied)
+    memory_high_bytes: int | None = None
+    not_applied: dict[str, str] = field(default_factory=dict)  # cpu_weight/cpuset/memory -> why
+
+
+@dataclass(slots=True)
 class XdsTypeStats:
     type_url: str
     version: str = ""
@@ -154,6 +167,7 @@ class StatsReport:
     xds_connected: bool | None = None
     sniff: list[SniffListenerStats] = field(default_factory=list)
     sni_routes: list[SniRouteStats] = field(default_factory=list)
+    plane_groups: list[PlaneGroupStats] = field(default_factory=list)
 
 
 _ROW_TYPES = {
@@ -164,6 +178,7 @@ _ROW_TYPES = {
     "xds": XdsTypeStats,
     "sniff": SniffListenerStats,
     "sni_routes": SniRouteStats,
+    "plane_groups": PlaneGroupStats,
 }
 
 
@@ -299,6 +314,7 @@ def merge_reports(reports: Sequence[StatsReport]) -> StatsReport:
         xds_connected=any(connected) if connected else None,
         sniff=_sum_rows((r for rep in reports for r in rep.sniff), ("plane",)),
         sni_routes=_sum_rows((r for rep in reports for r in rep.sni_routes), ("plane", "chain", "sni")),
+        plane_groups=[r for rep in reports for r in rep.plane_groups],  # one provider: nothing to sum
     )
 
 
@@ -325,6 +341,7 @@ class PlanemeshCollector(Collector):
         yield from _datapath_families(report.datapath)
         yield from _xds_families(report)
         yield from _sniff_families(report)
+        yield from _plane_group_families(report.plane_groups)
         yield from self._agent_families()
 
     def _agent_families(self) -> Iterator[Metric]:
@@ -416,6 +433,24 @@ def _datapath_families(rows: Sequence[DataPathStats]) -> Iterator[Metric]:
             packets.add_metric([r.plane, verdict], n)
         attached.add_metric([r.plane], r.interfaces_attached)
     yield from (packets, attached)
+
+
+def _plane_group_families(rows: Sequence[PlaneGroupStats]) -> Iterator[Metric]:
+    applied = GaugeMetricFamily(
+        "planemesh_plane_limit_applied",
+        "1 when a cgroup limit the plane's SLA asks for is in force, 0 when it could not be applied",
+        labels=["plane", "limit"],
+    )
+    memory = GaugeMetricFamily(
+        "planemesh_plane_memory_max_bytes", "memory.max of the plane's worker cgroup", labels=["plane"]
+    )
+    for r in rows:
+        asked = ["cpu_weight", "memory"] + (["cpuset"] if r.cpus is not None else [])
+        for limit in sorted(set(asked) | set(r.not_applied)):
+            applied.add_metric([r.plane, limit], int(limit not in r.not_applied))
+        if r.memory_max_bytes is not None:
+            memory.add_metric([r.plane], r.memory_max_bytes)
+    yield from (applied, memory)
 
 
 def _xds_families(report: StatsReport) -> Iterator[Metric]:

@@ -6,14 +6,33 @@ Each failure is a ConfigError naming the field; a snapshot that fails is never a
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 
 from netaddr import IPNetwork
 
 from planemesh.agent.config import ConfigError, ListenerProtocol, Snapshot
+from planemesh.agent.plane_limits import check_cpus, parse_cpu_list
 from planemesh.netplanes.model import LOCAL_DELIVERY_TABLE, MAX_PLANES, MAX_TABLE, RESERVED_TABLES, ROUTED, Plane
 
 _GLOB = frozenset("*?[")
 _V4_MAPPED = IPNetwork("::ffff:0:0/96")
+ONLINE_CPUS = Path("/sys/devices/system/cpu/online")
+
+
+def online_cpus() -> frozenset[int] | None:
+    """The node's online CPUs (None when sysfs cannot be read: then only a cpu list's syntax is checked)."""
+    try:
+        return parse_cpu_list(ONLINE_CPUS.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_cpus_field(spec: str, path: str) -> None:
+    """An SLA `cpus` value: a cpu list of online CPUs, else a ConfigError naming `path`."""
+    try:
+        check_cpus(spec, online_cpus())
+    except ValueError as exc:
+        raise ConfigError(path, f"{spec!r}: {exc}") from None
 
 
 def _check_table(plane: Plane, where: str, tables: dict[int, str]) -> None:
@@ -95,6 +114,8 @@ def validate_snapshot(snap: Snapshot) -> None:
             raise ConfigError(f"{where}.sla.workers", "must be >= 1")
         if not 1 <= sla.cpu_weight <= 10000:
             raise ConfigError(f"{where}.sla.cpu_weight", "must be 1..10000 (cgroup cpu.weight)")
+        if sla.cpus is not None:
+            check_cpus_field(sla.cpus, f"{where}.sla.cpus")
         if not 0 <= sla.priority <= 7:
             raise ConfigError(f"{where}.sla.priority", "must be 0..7")
     _check_interface_claims(snap.planes)

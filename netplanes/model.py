@@ -50,6 +50,8 @@ class SLA:
     priority: int = 3  # HTB prio (0 highest .. 7)
     workers: int = 1  # proxy worker processes for this plane
     cpu_weight: int = 100  # the plane's workers' CPU share (cgroup v2 cpu.weight, 1..10000), agent/cpu_groups.py
+    cpus: str | None = None  # cpu list the plane's workers are pinned to (cgroup cpuset.cpus, "0-1,3"); None: any
+    memory_max_mb: int = 256  # per-worker memory cap (overload manager sheds at 80%/95%); plane group memory.max
     fail_closed: bool = False  # agent gone: drop (True) or fall through to the original destination
 
 

@@ -31,7 +31,7 @@ from planemesh.agent.config import (
     WeightedCluster,
 )
 from planemesh.agent.proxy.sni_routing import server_name_error
-from planemesh.agent.validation import validate_snapshot
+from planemesh.agent.validation import check_cpus_field, validate_snapshot
 from planemesh.netplanes.model import SLA, Plane, plane_of_address
 from planemesh.xds.client_state import XdsResources, eds_name
 from planemesh.xds.translate_clusters import translate_cluster
@@ -96,7 +96,7 @@ _HCM_SUPPORTED = {
     "http_protocol_options",
     "http2_protocol_options",
 }
-# SLA fields a control plane may set through listener metadata planemesh.sla (numbers and booleans).
+# SLA fields a control plane may set through listener metadata planemesh.sla (numbers, booleans, cpus string).
 _SLA_FIELDS = {f.name: f for f in dataclasses.fields(SLA) if f.name != "retry_on"}
 
 
@@ -309,6 +309,10 @@ def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str
         if isinstance(fld.default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{path}.metadata.planemesh.sla.{key}", "expected true or false")
+        elif fld.type == "str | None":  # cpus: a cpu list ("0-1,3") of the node's online CPUs
+            if not isinstance(value, str):
+                raise ConfigError(f"{path}.metadata.planemesh.sla.{key}", "expected a string such as 0-1,3")
+            check_cpus_field(value, f"{path}.metadata.planemesh.sla.{key}")
         elif not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{path}.metadata.planemesh.sla.{key}", "expected a non-negative number")
         elif fld.type in ("int", "int | None"):

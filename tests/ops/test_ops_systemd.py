@@ -67,9 +67,9 @@ def test_unit_contract():
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert d["CapabilityBoundingSet"] == d["AmbientCapabilities"] == [" ".join(UNIT_CAPS)]
     assert d["ProtectSystem"] == ["strict"]
-    # bpffs, the runtime dir, and our own delegated cgroup (per-plane CPU groups), nothing else
+    # bpffs, the runtime dir, and our own delegated cgroup (per-plane worker groups), nothing else
     assert d["ReadWritePaths"] == ["/sys/fs/bpf /run/planemesh", "-/sys/fs/cgroup/system.slice/planemesh-agent.service"]
-    assert d["Delegate"] == ["cpu"]
+    assert d["Delegate"] == ["cpu cpuset memory"]  # per-plane weight, cpuset and memory limits
     assert d["RuntimeDirectory"] == ["planemesh"] and d["PrivateTmp"] == ["yes"] and d["NoNewPrivileges"] == ["yes"]
     assert d["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"]
     assert "MemoryDenyWriteExecute" not in d and "PrivateBPF" not in d  # break bcc / hide our pins

@@ -468,7 +468,25 @@ BAD = [
     ),
     ("duplicate-port", [tcp_listener(name="a"), tcp_listener(name="b"), PASS], "listeners[1]", "already declared"),
     ("sla-field", [http_listener(meta={"plane": "oam", "sla": {"warp": 9}}), PASS], "listener[l1].metadata", "warp"),
+    *(
+        (
+            f"sla-cpus-{name}",
+            [http_listener(meta={"plane": "oam", "sla": {"cpus": cpus}}), PASS],
+            "listener[l1].metadata.planemesh.sla.cpus",
+            reason,
+        )
+        for name, cpus, reason in [
+            ("syntax", "0-a", "not a CPU number or range"),
+            ("offline", "4000", "not online on this node"),
+            ("number", 1, "expected a string"),
+        ]
+    ),
 ]
+
+
+def test_sla_cpus_from_listener_metadata():
+    snap = translate(to_resources([http_listener(meta={"plane": "oam", "sla": {"cpus": "0"}}), PASS]), PLANES)
+    assert snap.plane("oam").sla.cpus == "0"
 
 
 @pytest.mark.parametrize(("docs", "path", "reason"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
