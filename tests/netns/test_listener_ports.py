@@ -1,0 +1,66 @@
+"""Issue 11 finding 7a: a pod cannot open a connection straight to a plane's proxy or sniff listener at the node's
+address (an oam pod filled media's connection budget that way); intercepted traffic still reaches the same
+listeners, v4 and v6."""
+
+from __future__ import annotations
+
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from planemesh.labs.netns import call_in
+from planemesh.labs.traffic import http_requests
+from tests.netns.agent_lab import AgentLab, eventually, running_agent
+
+pytestmark = pytest.mark.netns
+LISTENER_PORTS = (15001, 15002, 15011, 15012)  # oam proxy/sniff, media proxy/sniff (agent/default-config.yaml)
+
+
+def _connect(address: str, port: int, timeout: float) -> str:
+    """'connected', 'refused' (RST) or 'timeout' (the SYN was dropped)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((address, port))
+        except TimeoutError:
+            return "timeout"
+        except ConnectionRefusedError:
+            return "refused"
+        return "connected"
+
+
+def test_direct_connects_to_listener_ports_are_dropped(run_prefix: str) -> None:
+    with running_agent(f"{run_prefix}lp") as env:
+        _check(env)
+
+
+def _check(env: AgentLab) -> None:
+    # Intercepted HTTP works on both planes and families before and after the direct attempts.
+    for plane in ("oam", "media"):
+        for version in (4, 6):
+            assert http_requests(env.client_ns, env.server(plane, version), 80, ["/"]).status == [200]
+    targets = [
+        (env.lab.node_addr(plane, version), port)
+        for plane in ("oam", "media")
+        for version in (4, 6)
+        for port in LISTENER_PORTS
+    ]
+    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        outcomes = list(pool.map(lambda t: call_in(env.client_ns, _connect, t[0], t[1], 3.0), targets))
+    assert dict(zip(targets, outcomes, strict=True)) == dict.fromkeys(targets, "timeout")
+    for plane in ("oam", "media"):
+        for version in (4, 6):
+            assert http_requests(env.client_ns, env.server(plane, version), 80, ["/"]).status == [200]
+
+    def drops() -> dict[str, int]:
+        planes = env.planes()
+        return {name: planes[name]["counters"]["bpf_packets"].get("listener_port_drop", 0) for name in planes}
+
+    # Each plane counted its own pods' SYNs (8 each, plus SYN retransmits during the 3 s wait).
+    def enough() -> dict[str, int] | None:
+        seen = drops()
+        return seen if all(n >= 8 for n in seen.values()) else None
+
+    assert eventually(enough, timeout=10), drops()
