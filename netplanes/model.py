@@ -39,6 +39,18 @@ class SLA:
     per_try_timeout_s: float | None = None
     retry_on: frozenset[str] = frozenset({"connect-failure"})
     max_connections: int = 4096
+    # One client address may hold this many of the plane's connections; None: a quarter of max_connections
+    # (1024 by default). Envoy has no per-source default (only totals: global_downstream_max_connections).
+    max_connections_per_source: int | None = None
+    # A connection that has not sent a byte is closed after this long (0 = never); under pressure (the plane
+    # above 3/4 of max_connections, or its worker over its memory soft limit) every idle connection gets
+    # agent/proxy/limits.py PRESSURED_IDLE_TIMEOUT_S. Envoy: request_headers_timeout (off by default) and the
+    # overload manager's reduce_timeouts action.
+    idle_connection_timeout_s: float = 10.0
+    # Per worker process: above 80% the worker sheds new connections/requests (503) and keeps nothing alive,
+    # above 95% it resets the connections buffering most (agent/proxy/overload.py). Envoy: the overload
+    # manager's fixed_heap resource monitor (no default: off unless configured).
+    memory_max_mb: int = 256
     max_pending_requests: int = 1024
     max_requests: int = 4096
     rate_limit_rps: float | None = None  # local token bucket; None = unlimited
