@@ -72,3 +72,31 @@ def test_read_rss_reads_statm_and_survives_garbage(tmp_path) -> None:
     bad.write_text("garbage")
     assert read_rss(str(bad)) == 0
     assert read_rss(str(tmp_path / "missing")) == 0
+
+
+def test_worker_stats_report_carries_the_overload_state_to_prometheus() -> None:
+    from planemesh.agent.metrics import StatsRegistry
+    from planemesh.agent.proxy.stats import PlaneStats
+    from planemesh.agent.worker import stats_report
+    from tests.unit.test_ops_metrics import _scrape
+
+    workers = []
+    for level, rss in ((Level.HARD, 300 * MIB), (Level.SOFT, 200 * MIB)):  # two workers of one plane
+        stats = PlaneStats()
+        stats.overload_level, stats.memory_bytes = int(level), rss
+        stats.shed_requests, stats.shed_connections, stats.overload_resets = 3, 2, int(level is Level.HARD)
+        stats.source_refused, stats.idle_closed = 5, 7
+        workers.append(stats_report("oam", stats))
+    registry = StatsRegistry()
+    for i, report in enumerate(workers):
+        registry.register(f"worker{i}", lambda report=report: report)
+    samples = _scrape(registry)
+    plane = (("plane", "oam"),)
+    assert samples[("planemesh_overload_workers", (("level", "soft"), *plane))] == 2
+    assert samples[("planemesh_overload_workers", (("level", "hard"), *plane))] == 1
+    assert samples[("planemesh_worker_memory_bytes", plane)] == 500 * MIB
+    assert samples[("planemesh_overload_shed_total", (*plane, ("what", "requests")))] == 6
+    assert samples[("planemesh_overload_shed_total", (*plane, ("what", "connections")))] == 4
+    assert samples[("planemesh_overload_resets_total", plane)] == 1
+    assert samples[("planemesh_connections_refused_per_source_total", plane)] == 10
+    assert samples[("planemesh_idle_connections_closed_total", plane)] == 14
