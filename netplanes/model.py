@@ -47,7 +47,7 @@ class SLA:
     # agent/proxy/limits.py PRESSURED_IDLE_TIMEOUT_S. Envoy: request_headers_timeout (off by default) and the
     # overload manager's reduce_timeouts action.
     idle_connection_timeout_s: float = 10.0
-    # Per worker process: above 80% the worker sheds new connections/requests (503) and keeps nothing alive,
+    # Per worker process, RSS above its footprint at start: above 80% the worker sheds new connections/requests (503) and keeps nothing alive,
     # above 95% it resets the connections buffering most (agent/proxy/overload.py). Envoy: the overload
     # manager's fixed_heap resource monitor (no default: off unless configured).
     memory_max_mb: int = 256

@@ -24,7 +24,7 @@ from planemesh.agent.proxy.exchange import Exchange
 from planemesh.agent.proxy.filters import LocalRateLimiter
 from planemesh.agent.proxy.http1 import local_reply
 from planemesh.agent.proxy.limits import ConnectionShare, TokenBucket, bucket_for
-from planemesh.agent.proxy.overload import SAMPLE_INTERVAL_S, Level, OverloadManager, read_rss
+from planemesh.agent.proxy.overload import SAMPLE_INTERVAL_S, Level, OverloadManager, RssGrowth
 from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffListener, SniffStats
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.sni_routing import SniRoutes
@@ -88,7 +88,7 @@ class PlaneProxy:
         max_idle_per_key: int = 64,
         tick_s: float = 1.0,
         sniff_timeout_s: float = DEFAULT_SNIFF_TIMEOUT_S,
-        memory_source: Callable[[], int] = read_rss,
+        memory_source: Callable[[], int] | None = None,  # default: RSS growth since this proxy was made
         overload_interval_s: float = SAMPLE_INTERVAL_S,
     ) -> None:
         self.plane_name = plane
@@ -120,7 +120,7 @@ class PlaneProxy:
         self._tick_handle: asyncio.TimerHandle | None = None
         self.share = ConnectionShare(self.sla)  # per-source share, idle deadlines (HTTP/1.1 connections)
         self.overload = OverloadManager(self.sla.memory_max_mb, self.sla.max_connections)
-        self.memory_source = memory_source
+        self.memory_source = memory_source or RssGrowth()
         self._overload_s = overload_interval_s
         self._overload_handle: asyncio.TimerHandle | None = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planemesh.agent.proxy.overload import MIB, Level, OverloadManager, read_rss
+from planemesh.agent.proxy.overload import MIB, Level, OverloadManager, RssGrowth, read_rss
 
 
 @dataclass
@@ -72,6 +72,12 @@ def test_read_rss_reads_statm_and_survives_garbage(tmp_path) -> None:
     bad.write_text("garbage")
     assert read_rss(str(bad)) == 0
     assert read_rss(str(tmp_path / "missing")) == 0
+
+
+def test_rss_growth_counts_from_its_creation() -> None:
+    readings = iter([100 * MIB, 130 * MIB, 90 * MIB])
+    growth = RssGrowth(lambda: next(readings))
+    assert (growth.baseline, growth(), growth()) == (100 * MIB, 30 * MIB, 0)
 
 
 def test_worker_stats_report_carries_the_overload_state_to_prometheus() -> None:
