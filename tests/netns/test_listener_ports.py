@@ -64,3 +64,17 @@ def _check(env: AgentLab) -> None:
         return seen if all(n >= 8 for n in seen.values()) else None
 
     assert eventually(enough, timeout=10), drops()
+
+    # The workers report their overload state and memory (agent/proxy/overload.py) through the agent's /stats.
+    def overload_rows() -> list[dict] | None:
+        _, stats = env.admin.get_json("/stats?format=json")
+        rows = stats.get("overload", [])
+        return rows if {r["plane"] for r in rows} == {"oam", "media"} else None
+
+    rows = eventually(overload_rows, timeout=10)
+    assert rows, env.admin.get_json("/stats?format=json")
+    for row in rows:  # an idle worker: well inside its 256 MiB, nothing shed
+        assert row["workers_soft"] == 0 and row["shed_requests"] == 0 and row["shed_connections"] == 0
+        assert 0 <= row["memory_bytes"] < 64 << 20  # growth since the proxy started
+    metrics = env.admin.get("/stats").body.decode()
+    assert 'planemesh_overload_workers{level="soft",plane="oam"} 0.0' in metrics
