@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -348,7 +349,7 @@ class Downstream(asyncio.Protocol):
         if not self.closed:
             sock = self.transport.get_extra_info("socket")
             if sock is not None:  # RST, not FIN: the kernel drops the send queue too
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.transport.abort()
 
     def linger_close(self) -> None:
