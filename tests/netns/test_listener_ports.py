@@ -1,14 +1,17 @@
-"""Issue 11 finding 7a: a pod cannot open a connection straight to a plane's proxy or sniff listener at the node's
-address (an oam pod filled media's connection budget that way); intercepted traffic still reaches the same
-listeners, v4 and v6."""
+"""Issue 11 finding 7 end to end. (a) A pod cannot open a connection straight to a plane's proxy or sniff
+listener at the node's address (an oam pod filled media's connection budget that way); intercepted traffic still
+reaches the same listeners, v4 and v6. (b) One pod cannot take its own plane's connection budget."""
 
 from __future__ import annotations
 
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import yaml
 
+from planemesh.agent.static_config import default_config_text
 from planemesh.labs.netns import call_in
 from planemesh.labs.traffic import http_requests
 from tests.netns.agent_lab import AgentLab, eventually, running_agent
@@ -78,3 +81,54 @@ def _check(env: AgentLab) -> None:
         assert 0 <= row["memory_bytes"] < 64 << 20  # growth since the proxy started
     metrics = env.admin.get("/stats").body.decode()
     assert 'planemesh_overload_workers{level="soft",plane="oam"} 0.0' in metrics
+
+
+def _open_idle(address: str, port: int, n: int) -> list[socket.socket]:
+    return [socket.create_connection((address, port), timeout=10) for _ in range(n)]
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.settimeout(0.5)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_one_pod_cannot_take_its_planes_connection_budget(run_prefix: str, tmp_path: Path) -> None:
+    """Finding 7b end to end: the client pod opens idle connections through interception (server:80 on oam)
+    until its share is used up; a second pod on the same plane is served without a single error."""
+    raw = yaml.safe_load(default_config_text())
+    for plane in raw["planes"]:
+        if plane["name"] == "oam":
+            plane["sla"] = {**plane.get("sla", {}), "max_connections": 64, "max_connections_per_source": 16,
+                            "idle_connection_timeout_s": 60}  # fmt: skip
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with running_agent(f"{run_prefix}ps", ["--config", str(config)]) as env:
+        env.lab.add_pod("other", ("oam",))
+        other_ns = env.lab.pod_ns("other")
+        server = env.server("oam", 4)
+        # The new pod's interface is seen and intercepted (x-forwarded-for: the proxy saw it).
+        assert eventually(lambda: _proxied(other_ns, server), timeout=10)
+        idle = call_in(env.client_ns, _open_idle, server, 80, 80)
+        try:
+            refused = call_in(env.client_ns, lambda: sum(_closed(s) for s in idle))
+            assert refused == 80 - 16  # the client pod keeps its share, the rest got 503 and were closed
+            statuses = [http_requests(other_ns, server, 80, [f"/o{i}"]).status[0] for i in range(30)]
+            assert statuses == [200] * 30
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def _proxied(ns: str, server: str) -> bool:
+    try:
+        r = http_requests(ns, server, 80, ["/probe"], timeout=2)
+    except OSError:
+        return False
+    return r.status == [200] and "x-forwarded-for" in r.seen(0)["headers"]
