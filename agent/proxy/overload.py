@@ -18,7 +18,7 @@ be passed in the same iterable.
 Memory is read from /proc/self/statm (resident pages), the cheapest honest measure of what the kernel charges
 the process: Python's own allocator statistics miss the transports' buffers and fragmentation. What is compared
 with the cap is the growth over the RSS when the proxy was made (RssGrowth): the interpreter and its modules
-(30-50 MB in a worker) are not the clients' doing, and a proxy embedded in a bigger process (tests, host-mode
+(about 30 MB in a worker) are not the clients' doing, and a proxy embedded in a bigger process (tests, host-mode
 experiments: bcc/LLVM alone is ~200 MB) is judged on what it holds itself.
 """
 
