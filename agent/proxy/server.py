@@ -309,6 +309,7 @@ class PlaneProxy:
 
     def _sample_memory(self) -> None:
         """Every SAMPLE_INTERVAL_S: read RSS, move the overload level, at HARD reset the biggest buffers."""
+        self._overload_handle = self.loop.call_later(self._overload_s, self._sample_memory)  # first: never stops
         stats = self.stats
         rss = self.memory_source()
         level = self.overload.update(rss, stats.downstream_active)
@@ -318,4 +319,3 @@ class PlaneProxy:
             for victim in self.overload.victims(list(self.connections)):
                 stats.overload_resets += 1
                 victim.abort()
-        self._overload_handle = self.loop.call_later(self._overload_s, self._sample_memory)
