@@ -47,9 +47,9 @@ class SLA:
     # agent/proxy/limits.py PRESSURED_IDLE_TIMEOUT_S. Envoy: request_headers_timeout (off by default) and the
     # overload manager's reduce_timeouts action.
     idle_connection_timeout_s: float = 10.0
-    # Per worker process, RSS above its footprint at start: above 80% the worker sheds new connections/requests (503) and keeps nothing alive,
-    # above 95% it resets the connections buffering most (agent/proxy/overload.py). Envoy: the overload
-    # manager's fixed_heap resource monitor (no default: off unless configured).
+    # Per worker process, RSS growth over its footprint at start (about 30 MB): above 80% the worker sheds new
+    # connections/requests (503) and keeps nothing alive, above 95% it resets the connections buffering most
+    # (agent/proxy/overload.py). Envoy: the overload manager's fixed_heap monitor (off unless configured).
     memory_max_mb: int = 256
     max_pending_requests: int = 1024
     max_requests: int = 4096
