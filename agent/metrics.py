@@ -11,6 +11,8 @@ Who provides what (see docs/operations.md, "Metrics"):
 - xDS client: `XdsTypeStats` (per type URL: version, ACKs, NACKs, resource count), `xds_connected`
 - proxy workers with a sniffing listener: `SniffListenerStats` (verdicts, SNI, ALPN, passthrough connections and
   bytes), `SniRouteStats` (passthrough connections per filter chain and SNI)
+- proxy workers: `OverloadStats` (per plane: workers at each overload level, their memory, shed requests and
+  connections, resets, per-source refusals, idle connections closed early)
 """
 
 from __future__ import annotations
@@ -158,6 +160,22 @@ class SniRouteStats:
 
 
 @dataclass(slots=True)
+class OverloadStats:
+    """A plane's workers' overload manager and connection share (agent/proxy/overload.py, limits.py); rows of the
+    plane's workers are summed, so the levels are counts of workers."""
+
+    plane: str
+    workers_soft: int = 0  # workers above their memory soft threshold (shedding, no keep-alive)
+    workers_hard: int = 0  # of those, workers above the hard threshold (resetting the biggest buffers)
+    memory_bytes: int = 0  # RSS of the plane's workers at their last sample
+    shed_requests: int = 0  # requests answered 503 (x-planemesh-overloaded: memory)
+    shed_connections: int = 0  # new connections answered 503 (memory)
+    resets: int = 0  # connections reset at the hard threshold
+    source_refused: int = 0  # connections refused: their client address held its share
+    idle_closed: int = 0  # idle connections closed early (never used, or under pressure)
+
+
+@dataclass(slots=True)
 class StatsReport:
     routes: list[RouteStats] = field(default_factory=list)
     listeners: list[ListenerStats] = field(default_factory=list)
@@ -168,6 +186,7 @@ class StatsReport:
     sniff: list[SniffListenerStats] = field(default_factory=list)
     sni_routes: list[SniRouteStats] = field(default_factory=list)
     plane_groups: list[PlaneGroupStats] = field(default_factory=list)
+    overload: list[OverloadStats] = field(default_factory=list)
 
 
 _ROW_TYPES = {
@@ -179,6 +198,7 @@ _ROW_TYPES = {
     "sniff": SniffListenerStats,
     "sni_routes": SniRouteStats,
     "plane_groups": PlaneGroupStats,
+    "overload": OverloadStats,
 }
 
 
@@ -315,6 +335,7 @@ def merge_reports(reports: Sequence[StatsReport]) -> StatsReport:
         sniff=_sum_rows((r for rep in reports for r in rep.sniff), ("plane",)),
         sni_routes=_sum_rows((r for rep in reports for r in rep.sni_routes), ("plane", "chain", "sni")),
         plane_groups=[r for rep in reports for r in rep.plane_groups],  # one provider: nothing to sum
+        overload=_sum_rows((r for rep in reports for r in rep.overload), ("plane",)),
     )
 
 
@@ -342,6 +363,7 @@ class PlanemeshCollector(Collector):
         yield from _xds_families(report)
         yield from _sniff_families(report)
         yield from _plane_group_families(report.plane_groups)
+        yield from _overload_families(report.overload)
         yield from self._agent_families()
 
     def _agent_families(self) -> Iterator[Metric]:
@@ -519,3 +541,33 @@ def _sniff_families(report: StatsReport) -> Iterator[Metric]:
     for r in report.sni_routes:
         routed.add_metric([r.plane, r.chain, r.sni], r.connections)
     yield from (verdicts, sni, alpn, silent, active, total, nbytes, failures, no_upstream, routed)
+
+
+def _overload_families(rows: Sequence[OverloadStats]) -> Iterator[Metric]:
+    labels = ["plane"]
+    workers = GaugeMetricFamily(
+        "planemesh_overload_workers", "Proxy workers at or above an overload level", labels=["plane", "level"]
+    )
+    memory = GaugeMetricFamily("planemesh_worker_memory_bytes", "RSS of the plane's proxy workers", labels=labels)
+    shed = CounterMetricFamily(
+        "planemesh_overload_shed", "Requests and connections shed (503) by memory pressure", labels=["plane", "what"]
+    )
+    resets = CounterMetricFamily(
+        "planemesh_overload_resets", "Connections reset at the hard memory threshold", labels=labels
+    )
+    refused = CounterMetricFamily(
+        "planemesh_connections_refused_per_source", "Connections refused past a client address's share", labels=labels
+    )
+    idle = CounterMetricFamily(
+        "planemesh_idle_connections_closed", "Idle connections closed early (unused, or pressure)", labels=labels
+    )
+    for r in rows:
+        workers.add_metric([r.plane, "soft"], r.workers_soft)
+        workers.add_metric([r.plane, "hard"], r.workers_hard)
+        memory.add_metric([r.plane], r.memory_bytes)
+        shed.add_metric([r.plane, "requests"], r.shed_requests)
+        shed.add_metric([r.plane, "connections"], r.shed_connections)
+        resets.add_metric([r.plane], r.resets)
+        refused.add_metric([r.plane], r.source_refused)
+        idle.add_metric([r.plane], r.idle_closed)
+    yield from (workers, memory, shed, resets, refused, idle)

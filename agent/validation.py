@@ -112,6 +112,10 @@ def validate_snapshot(snap: Snapshot) -> None:
                 raise ConfigError(f"{where}.sla.{key}", "must be > 0")
         if sla.workers < 1:
             raise ConfigError(f"{where}.sla.workers", "must be >= 1")
+        if sla.memory_max_mb < 1:
+            raise ConfigError(f"{where}.sla.memory_max_mb", "must be >= 1 (MiB per worker process)")
+        if sla.max_connections_per_source is not None and sla.max_connections_per_source < 1:
+            raise ConfigError(f"{where}.sla.max_connections_per_source", "must be >= 1 (or absent: a quarter)")
         if not 1 <= sla.cpu_weight <= 10000:
             raise ConfigError(f"{where}.sla.cpu_weight", "must be 1..10000 (cgroup cpu.weight)")
         if sla.cpus is not None:

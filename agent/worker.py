@@ -67,6 +67,7 @@ def stats_report(plane: str, stats: Any, sniff: Any = None) -> dict[str, Any]:
                 "rate_limited": d["rate_limited"],
             }
         ],
+        "overload": [overload_row(plane, d)],  # agent/proxy/overload.py (conn helper)
         "clusters": [
             {
                 "plane": plane,
@@ -77,6 +78,22 @@ def stats_report(plane: str, stats: Any, sniff: Any = None) -> dict[str, Any]:
                 "circuit_breaker_overflows": {"requests": d["overloaded"]} if d["overloaded"] else {},
             }
         ],
+    }
+
+
+def overload_row(plane: str, d: dict[str, Any]) -> dict[str, Any]:
+    """The overload manager and connection share of one worker (PlaneStats.as_dict()), as an OverloadStats row."""
+    level = d["overload_level"]
+    return {
+        "plane": plane,
+        "workers_soft": int(level >= 1),
+        "workers_hard": int(level >= 2),
+        "memory_bytes": d["memory_bytes"],
+        "shed_requests": d["shed_requests"],
+        "shed_connections": d["shed_connections"],
+        "resets": d["overload_resets"],
+        "source_refused": d["source_refused"],
+        "idle_closed": d["idle_closed"],
     }
 
 

@@ -28,6 +28,8 @@ PACKETS = {
     "v4 prefix rule -> bypass": ETH / IP(dst="198.18.7.1") / TCP(dport=8080),
     "v4 SYN proxy, no listener": ETH / IP(dst="198.18.1.1") / TCP(dport=80),
     "v6 ACK proxy, no socket": ETH / IPv6(dst="fd00:18::1") / TCP(dport=80, flags="A"),
+    "v4 SYN bypass": ETH / IP(dst="198.18.1.1") / TCP(dport=60000, flags="S"),  # walks pm_planes (listener ports)
+    "v4 SYN to a proxy port: drop": ETH / IP(dst="198.18.1.1") / TCP(dport=15001, flags="S"),  # + FIB lookup
 }
 
 
@@ -60,7 +62,7 @@ def main() -> None:
             print(f"{len(wanted)} rules: sync {sync_s * 1000:.0f} ms ({result})")
             for desc, pkt in PACKETS.items():
                 run = call_in(ns, run_skb, dp.prog_fd, bytes(pkt), repeat=args.repeat)
-                print(f"  {desc:28s} {run.duration_ns:5d} ns/packet")
+                print(f"  {desc:30s} {run.duration_ns:5d} ns/packet")
     finally:
         dp.close()
         netns.remove(ns)

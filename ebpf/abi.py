@@ -76,6 +76,7 @@ class Reason(IntEnum):
     UNCONFIGURED = 16
     CROSS_PLANE_DROP = 17
     CROSS_PLANE = 18
+    LISTENER_PORT_DROP = 19
 
 
 def slot_name(slot: int) -> str:

@@ -33,7 +33,7 @@ enum pm_action {
 
 /* ---- counter slots: per plane, one slot per action above plus these reasons ------------------
  * Every packet of a known plane is counted once in a *decision* slot: BYPASS/PROXY/SNIFF, or one of
- * NOT_IP/NOT_TCP/FRAGMENT/PARSE_ERROR/OWN_TRAFFIC/UNCONFIGURED/CROSS_PLANE_DROP. Packets the policy sent
+ * NOT_IP/NOT_TCP/FRAGMENT/PARSE_ERROR/OWN_TRAFFIC/UNCONFIGURED/CROSS_PLANE_DROP/LISTENER_PORT_DROP. Packets the policy sent
  * to a listener (PROXY or SNIFF) are counted a second time in an *outcome* slot: ESTABLISHED, LISTENER,
  * NO_SOCKET, NO_LISTENER, ASSIGN_FAILED or DROP. A SYN to another plane's address that the plane may
  * forward to is also counted in CROSS_PLANE. Packets of interfaces that are not planes count as plane 0,
@@ -54,6 +54,7 @@ enum pm_reason {
 	PM_RSN_UNCONFIGURED = 16, /* the config map holds no valid ABI version yet: passes */
 	PM_RSN_CROSS_PLANE_DROP = 17, /* SYN to another plane's address, not in pm_forward: dropped */
 	PM_RSN_CROSS_PLANE = 18,      /* SYN to another plane's address that pm_forward allows (extra count) */
+	PM_RSN_LISTENER_PORT_DROP = 19, /* SYN to the node itself at a plane's proxy/sniff port: dropped */
 };
 #define PM_CNT_SLOTS 32 /* counter slots per plane: counter index = plane_id * PM_CNT_SLOTS + slot */
 #define PM_CNT_ENTRIES (PM_MAX_PLANES * PM_CNT_SLOTS)

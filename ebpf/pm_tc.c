@@ -4,6 +4,7 @@
  * interface of the node, sharing its maps.
  *
  *   ifindex -> plane (none: pass) -> own-traffic mark? pass -> parse v4/v6 TCP (anything else: pass)
+ *   -> SYN to the node itself at any plane's proxy/sniff port? drop (listeners are reached only by interception)
  *   -> SYN to another plane's address? drop unless this plane may forward there (pm_dests, pm_forward)
  *   -> policy LPM lookup (plane, dst port, dst prefix) or the plane's undeclared action
  *   BYPASS: the kernel forwards it as usual
@@ -69,6 +70,43 @@ static __always_inline __u32 pm_cross_plane(__u32 plane_id, const struct pm_pkt 
 		return PM_RSN_CROSS_PLANE_DROP;
 	pm_count(plane_id, PM_RSN_CROSS_PLANE, len);
 	return 0;
+}
+
+/* Is `dport` (network order) the proxy or sniff port of any active plane? A bounded walk of pm_planes (array
+ * lookups the verifier inlines), done for SYNs only, so the listener set never needs a map of its own. */
+static __always_inline int pm_listener_port(__be16 dport)
+{
+	__u16 port = bpf_ntohs(dport);
+	for (__u32 id = 1; id < PM_MAX_PLANES; id++) {
+		struct pm_plane *p = pm_planes.lookup(&id);
+		if (p && (p->flags & PM_PLANE_F_ACTIVE) && (p->proxy_port == port || p->sniff_port == port))
+			return 1;
+	}
+	return 0;
+}
+
+/* Would the kernel deliver this packet locally (a node address) rather than forward it? The FIB says so with
+ * NOT_FWDED (a local, broadcast or unroutable destination); with forwarding disabled on the interface nothing
+ * is forwarded, so whatever the kernel accepts is local too. A forwarded destination (even one whose route
+ * refuses it: blackhole, unreachable, prohibit) is transit: a SYN to remote:15001 is intercepted as usual. */
+static __always_inline int pm_node_local(struct __sk_buff *skb, const struct pm_pkt *pkt)
+{
+	struct bpf_fib_lookup fib = {};
+	fib.ifindex = skb->ifindex;
+	fib.l4_protocol = IPPROTO_TCP;
+	fib.sport = pkt->sport;
+	fib.dport = pkt->dport;
+	if (pkt->family == PM_FAMILY_V4) {
+		fib.family = 2; /* AF_INET */
+		__builtin_memcpy(&fib.ipv4_src, pkt->saddr, 4);
+		__builtin_memcpy(&fib.ipv4_dst, pkt->daddr, 4);
+	} else {
+		fib.family = 10; /* AF_INET6 */
+		__builtin_memcpy(fib.ipv6_src, pkt->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, pkt->daddr, 16);
+	}
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	return rc == BPF_FIB_LKUP_RET_NOT_FWDED || rc == BPF_FIB_LKUP_RET_FWD_DISABLED;
 }
 
 /* Fill a bpf_sock_tuple; returns its size for bpf_skc_lookup_tcp. */
@@ -169,6 +207,14 @@ int pm_tc_ingress(struct __sk_buff *skb)
 	if (reason) {
 		pm_count(plane_id, reason, len);
 		return TC_ACT_OK;
+	}
+
+	/* The planes' listeners take connections only through interception (sk_assign keeps the original
+	 * destination port). A SYN addressed to the node itself at a proxy/sniff port would reach a listener
+	 * directly, possibly another plane's (an oam pod filling media's connection budget): refused. */
+	if (pkt.syn && pm_listener_port(pkt.dport) && pm_node_local(skb, &pkt)) {
+		pm_count(plane_id, PM_RSN_LISTENER_PORT_DROP, len);
+		return TC_ACT_SHOT;
 	}
 
 	/* Only new connections are checked: replies and established flows cost nothing more, and a segment

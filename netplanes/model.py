@@ -39,6 +39,19 @@ class SLA:
     per_try_timeout_s: float | None = None
     retry_on: frozenset[str] = frozenset({"connect-failure"})
     max_connections: int = 4096
+    # One client address may hold this many of the plane's connections; None: a quarter of max_connections
+    # (1024 by default). Envoy has no per-source default (only totals: global_downstream_max_connections).
+    max_connections_per_source: int | None = None
+    # A connection that has not sent a byte is closed after this long (0 = never); under pressure (the plane
+    # above 3/4 of max_connections, or its worker over its memory soft limit) every idle connection gets
+    # agent/proxy/limits.py PRESSURED_IDLE_TIMEOUT_S. Envoy: request_headers_timeout (off by default) and the
+    # overload manager's reduce_timeouts action.
+    idle_connection_timeout_s: float = 10.0
+    # Per worker process, RSS growth over its footprint at start (about 30 MB): above 80% the worker sheds new
+    # connections/requests (503) and keeps nothing alive, above 95% it resets the connections buffering most
+    # (agent/proxy/overload.py). Envoy: the overload manager's fixed_heap monitor (off unless configured).
+    # Also the plane's cgroup memory.max (x workers, plus kernel-side margin: agent/plane_limits.py); 0 = none.
+    memory_max_mb: int = 256
     max_pending_requests: int = 1024
     max_requests: int = 4096
     # Bytes buffered per connection (request body while the upstream connects, bytes held after an upgrade
@@ -51,7 +64,6 @@ class SLA:
     workers: int = 1  # proxy worker processes for this plane
     cpu_weight: int = 100  # the plane's workers' CPU share (cgroup v2 cpu.weight, 1..10000), agent/cpu_groups.py
     cpus: str | None = None  # cpu list the plane's workers are pinned to (cgroup cpuset.cpus, "0-1,3"); None: any
-    memory_max_mb: int = 256  # per-worker memory cap (overload manager sheds at 80%/95%); plane group memory.max
     fail_closed: bool = False  # agent gone: drop (True) or fall through to the original destination
 
 

@@ -26,6 +26,7 @@ UO = "UO"  # upstream overflow (circuit breaking / overload)
 RL = "RL"  # rate limited locally
 UPE = "UPE"  # upstream protocol error
 DPE = "DPE"  # downstream protocol error
+OM = "OM"  # overload manager: shed by the worker's memory pressure (agent/proxy/overload.py)
 
 
 @dataclass(slots=True)

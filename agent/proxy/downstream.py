@@ -9,6 +9,8 @@ until the exchange knows whether the connection becomes a tunnel (tunnel.py) or 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -141,9 +143,9 @@ class Downstream(asyncio.Protocol):
         self.local = proxy.original_destination(sockname, peer)
         self.peer_ip = peer[0].removeprefix("::ffff:") if peer else ""
         self.loops_to_self = self.local[1] in proxy.listen_ports
-        if stats.downstream_active > proxy.sla.max_connections:
-            stats.overloaded += 1
-            self.out.append(OVERLOADED_CONNECTIONS)
+        refusal = proxy.admit(self)  # plane total, per-source share, memory overload (server.py)
+        if refusal is not None:
+            self.out.append(refusal)
             self.linger_close()
 
     def data_received(self, data: bytes) -> None:
@@ -207,6 +209,7 @@ class Downstream(asyncio.Protocol):
         proxy.stats.downstream_active -= 1
         proxy.stats.downstream_total -= 1
         proxy.connections.discard(self)
+        proxy.release(self)
         h2ds = H2Downstream(proxy, preread=data)
         self.transport.set_protocol(h2ds)
         h2ds.connection_made(self.transport)
@@ -290,6 +293,7 @@ class Downstream(asyncio.Protocol):
         proxy = self.proxy
         proxy.stats.downstream_active -= 1
         proxy.connections.discard(self)
+        proxy.release(self)
         self.queue.clear()
         active = self.active
         if active is not None:
@@ -344,6 +348,24 @@ class Downstream(asyncio.Protocol):
             self.flush()
             self.closed = True
             self.transport.close()
+
+    def buffered_bytes(self) -> int:
+        """Bytes this connection holds (agent/proxy/overload.py BufferHolder): output not yet written, the
+        transport's write buffer, tunnel bytes held, request bytes waiting for the upstream."""
+        n = self.held_size + sum(map(len, self.out))
+        if not self.closed:
+            n += self.transport.get_write_buffer_size()
+        for ex in {id(e): e for e in (self.active, self.ex) if e is not None}.values():
+            n += sum(map(len, ex.up_out))
+        return n
+
+    def abort(self) -> None:
+        """Reset now (overload.BufferHolder): the worker is past its hard memory threshold."""
+        if not self.closed:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # RST, not FIN: the kernel drops the send queue too
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
 
     def linger_close(self) -> None:
         """Send what is queued, shut our side, and drop whatever the client still sends until it closes

@@ -213,6 +213,8 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         sla = proxy.sla
         if stats.requests_active > sla.max_requests:
             return self.overloaded(b"requests")
+        if not proxy.overload.keep_alive and proxy.overload_gate(self):  # memory/connection pressure
+            return None
         if proxy.bucket is not None and not proxy.bucket.take():
             stats.rate_limited += 1
             return self.reply(429, b"local rate limited\n", rate_limited_headers(proxy.bucket), flags.RL)

@@ -17,12 +17,14 @@ from collections.abc import Callable
 from netaddr import AddrFormatError
 
 from planemesh.agent.config import Route, Snapshot
-from planemesh.agent.proxy.accesslog import AccessLogBuffer, Sink, format_json, format_text
+from planemesh.agent.proxy.accesslog import OM, AccessLogBuffer, Sink, format_json, format_text
 from planemesh.agent.proxy.balancer import Balancer
-from planemesh.agent.proxy.downstream import Downstream
+from planemesh.agent.proxy.downstream import OVERLOADED_CONNECTIONS, Downstream
 from planemesh.agent.proxy.exchange import Exchange
 from planemesh.agent.proxy.filters import LocalRateLimiter
-from planemesh.agent.proxy.limits import TokenBucket, bucket_for
+from planemesh.agent.proxy.http1 import local_reply
+from planemesh.agent.proxy.limits import ConnectionShare, TokenBucket, bucket_for
+from planemesh.agent.proxy.overload import SAMPLE_INTERVAL_S, Level, OverloadManager, RssGrowth
 from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffListener, SniffStats
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.sni_routing import SniRoutes
@@ -63,6 +65,12 @@ class RoutingTable:
 
 
 DRAIN_IDLE_CLOSE_S = 0.5
+SOURCE_REFUSED = local_reply(
+    503, b"too many connections from this address\n", [(b"x-planemesh-overloaded", b"source-connections")], close=True
+)
+MEMORY_SHED_BODY = b"overloaded\n"
+MEMORY_SHED_HEADERS = ((b"x-planemesh-overloaded", b"memory"),)
+MEMORY_SHED = local_reply(503, MEMORY_SHED_BODY, MEMORY_SHED_HEADERS, close=True)
 
 
 class PlaneProxy:
@@ -80,6 +88,8 @@ class PlaneProxy:
         max_idle_per_key: int = 64,
         tick_s: float = 1.0,
         sniff_timeout_s: float = DEFAULT_SNIFF_TIMEOUT_S,
+        memory_source: Callable[[], int] | None = None,  # default: RSS growth since this proxy was made
+        overload_interval_s: float = SAMPLE_INTERVAL_S,
     ) -> None:
         self.plane_name = plane
         self.upstream_mark = upstream_mark
@@ -108,6 +118,11 @@ class PlaneProxy:
         self._stopped: asyncio.Future[None] | None = None
         self._tick_s = tick_s
         self._tick_handle: asyncio.TimerHandle | None = None
+        self.share = ConnectionShare(self.sla)  # per-source share, idle deadlines (HTTP/1.1 connections)
+        self.overload = OverloadManager(self.sla.memory_max_mb, self.sla.max_connections)
+        self.memory_source = memory_source or RssGrowth()
+        self._overload_s = overload_interval_s
+        self._overload_handle: asyncio.TimerHandle | None = None
 
     @property
     def sniffing(self) -> bool:
@@ -121,6 +136,7 @@ class PlaneProxy:
             self.loop = asyncio.get_running_loop()
             self._stopped = self.loop.create_future()
             self._tick_handle = self.loop.call_later(self._tick_s, self._tick)
+            self._sample_memory()
 
     async def start(self, sock: socket.socket) -> None:
         """Begin accepting on an already-bound listening socket and return (serve() also waits)."""
@@ -177,6 +193,8 @@ class PlaneProxy:
             if (sla.rate_limit_rps, sla.rate_limit_burst) != (self.sla.rate_limit_rps, self.sla.rate_limit_burst):
                 self.bucket = bucket_for(sla, self.clock)
             self.sla = sla
+            self.share.configure(sla)
+            self.overload.configure(sla.memory_max_mb, sla.max_connections)
         self.table = table
         self.pool.forget_keys()
 
@@ -212,6 +230,9 @@ class PlaneProxy:
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
+        if self._overload_handle is not None:
+            self._overload_handle.cancel()
+            self._overload_handle = None
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
 
@@ -235,11 +256,67 @@ class PlaneProxy:
         self.log.flush()
         self.pool.sweep()
         now = self.loop.time()
-        idle_deadline = now - self.sla.idle_timeout_s
+        keepalive_s = self.sla.idle_timeout_s
         headers_timeout = self.sla.request_headers_timeout_s
+        share = self.share
+        pressure = share.pressured(self.open_connections()) or self.overload.level >= Level.SOFT
         for conn in list(self.connections):
-            if conn.active is None and conn.last_active < idle_deadline:
-                conn.close()
+            if conn.active is None and not conn.in_headers:
+                if share.idle_expired(conn, conn.last_active, now, keepalive_s, pressure):
+                    if now - conn.last_active <= keepalive_s:
+                        self.stats.idle_closed += 1  # closed before the plain idle timeout
+                    conn.close()
             elif headers_timeout:
                 conn.headers_overdue(now, headers_timeout)
+            elif conn.active is None and now - conn.last_active > keepalive_s:
+                conn.close()
         self._tick_handle = self.loop.call_later(self._tick_s, self._tick)
+
+    # ---- admission: connection share and overload (agent/proxy/limits.py, overload.py) --------------------
+
+    def admit(self, conn: Downstream) -> bytes | None:
+        """A new HTTP/1.1 connection (already counted in downstream_active): None if it may stay, else the reply
+        to send before closing it."""
+        stats = self.stats
+        if self.overload.shedding:
+            stats.shed_connections += 1
+            return MEMORY_SHED
+        why = self.share.admit(conn, conn.peer_ip, conn.last_active, self.open_connections() + 1)
+        if why is None:
+            return None
+        if why == "source":
+            stats.source_refused += 1
+            return SOURCE_REFUSED
+        stats.overloaded += 1
+        return OVERLOADED_CONNECTIONS
+
+    def open_connections(self) -> int:
+        """Connections holding the plane's budget: admitted HTTP/1.1 ones and h2 ones (not in self.connections).
+        Refused connections still sending their 503 (lingering) do not count: they cannot block anyone."""
+        return len(self.share) + self.stats.downstream_active - len(self.connections)
+
+    def release(self, conn: Downstream) -> None:
+        self.share.release(conn)
+
+    def overload_gate(self, ex: Exchange) -> bool:
+        """Called for each request while the worker is not at Level.NORMAL or near its connection budget: no
+        keep-alive; True if the request was answered 503 (memory) and must go no further."""
+        ex.keep_alive = False
+        if not self.overload.shedding:
+            return False
+        self.stats.shed_requests += 1
+        ex.reply(503, MEMORY_SHED_BODY, MEMORY_SHED_HEADERS, OM)
+        return True
+
+    def _sample_memory(self) -> None:
+        """Every SAMPLE_INTERVAL_S: read RSS, move the overload level, at HARD reset the biggest buffers."""
+        self._overload_handle = self.loop.call_later(self._overload_s, self._sample_memory)  # first: never stops
+        stats = self.stats
+        rss = self.memory_source()
+        level = self.overload.update(rss, stats.downstream_active)
+        stats.memory_bytes = rss
+        stats.overload_level = int(level)
+        if level is Level.HARD:
+            for victim in self.overload.victims(list(self.connections)):
+                stats.overload_resets += 1
+                victim.abort()

@@ -14,9 +14,13 @@ class PlaneStats:
         "bytes_tx",
         "downstream_active",
         "downstream_total",
+        "idle_closed",
         "latency_buckets",
         "latency_count",
         "latency_sum_ms",
+        "memory_bytes",
+        "overload_level",
+        "overload_resets",
         "overloaded",
         "rate_limited",
         "requests_active",
@@ -24,6 +28,9 @@ class PlaneStats:
         "requests_total",
         "responses",
         "retries",
+        "shed_connections",
+        "shed_requests",
+        "source_refused",
         "upstream_active",
         "upstream_connect_failures",
         "upstream_timeouts",
@@ -49,6 +56,14 @@ class PlaneStats:
         self.overloaded = 0
         self.rate_limited = 0
         self.retries = 0
+        # Connection share and overload manager (agent/proxy/limits.py, overload.py)
+        self.source_refused = 0  # connections refused: their address held its max_connections_per_source
+        self.idle_closed = 0  # idle connections closed early (never used, or under pressure)
+        self.shed_connections = 0  # new connections answered 503 (memory)
+        self.shed_requests = 0  # requests answered 503 (memory)
+        self.overload_resets = 0  # connections reset at the hard memory threshold
+        self.overload_level = 0  # overload.Level of the worker: 0 normal, 1 soft, 2 hard
+        self.memory_bytes = 0  # the worker's RSS at the last sample
 
     def record_response(self, status: int, duration_ms: float, rx: int, tx: int) -> None:
         cls = status // 100

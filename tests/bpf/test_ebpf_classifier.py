@@ -28,6 +28,7 @@ LO = 1  # BPF_PROG_TEST_RUN runs the packet on the namespace's loopback device
 PLANE, FAIL_CLOSED_PLANE, SNIFF_PLANE, UNCONFIGURED_PLANE = 5, 6, 7, 9
 CROSS_PLANE, ALLOWED_PLANE = 8, 10  # other planes' addresses: PLANE may forward to ALLOWED_PLANE only
 PROXY_PORT, SNIFF_PORT = 15001, 15002
+OTHER_PROXY_PORT, OTHER_SNIFF_PORT = 15011, 15012  # ALLOWED_PLANE's listeners
 CLIENT4, SERVER4, OTHER4 = "198.18.0.2", "198.18.1.7", "198.18.9.7"
 CLIENT6, SERVER6, OTHER6 = "fd00:18::2", "fd00:18:1::7", "fd00:18:9::7"
 HOME4, CROSS4, CROSS6, ALLOWED4, ALLOWED6 = "198.18.5.7", "198.18.8.7", "fd00:18:8::7", "198.18.10.7", "fd00:18:a::7"
@@ -152,6 +153,20 @@ CASES = [
     Case("SYN to an address of no plane passes", v4(9000, dst="198.18.200.1"), (Action.BYPASS,)),
     Case("own traffic to another plane passes untouched", v4(9000, dst=CROSS4), (Reason.OWN_TRAFFIC,),
          mark_in=PM_MARK_OWN | 0x8, mark_out=PM_MARK_OWN | 0x8),
+    # The listeners are reached by interception only. The test netns forwards nothing, so every destination
+    # is the node's own here (test_listener_port_drop_is_for_node_addresses_only covers transit).
+    Case("v4 SYN straight to the plane's proxy port: dropped", v4(PROXY_PORT),
+         (Reason.LISTENER_PORT_DROP,), retval=TC_ACT_SHOT),
+    Case("v6 SYN straight to the plane's sniff port: dropped", v6(SNIFF_PORT),
+         (Reason.LISTENER_PORT_DROP,), retval=TC_ACT_SHOT),
+    Case("v4 SYN straight to another plane's proxy port: dropped", v4(OTHER_PROXY_PORT, dst=HOME4),
+         (Reason.LISTENER_PORT_DROP,), retval=TC_ACT_SHOT),
+    Case("v6 SYN straight to another plane's sniff port: dropped", v6(OTHER_SNIFF_PORT),
+         (Reason.LISTENER_PORT_DROP,), retval=TC_ACT_SHOT, plane=SNIFF_PLANE),
+    Case("v4 ACK to a proxy port (not a new connection) follows the policy", v4(PROXY_PORT, "A"), (Action.BYPASS,)),
+    Case("own traffic to a proxy port passes untouched", v4(PROXY_PORT), (Reason.OWN_TRAFFIC,),
+         mark_in=PM_MARK_OWN | 0x5, mark_out=PM_MARK_OWN | 0x5),
+    Case("a port that is no active plane's listener is not refused", v4(15021), (Action.BYPASS,)),
 ]
 # fmt: on
 
@@ -162,7 +177,7 @@ def configured(datapath):
     datapath.set_plane(FAIL_CLOSED_PLANE, PROXY_PORT, SNIFF_PORT, Action.BYPASS, fail_closed=True)
     datapath.set_plane(SNIFF_PLANE, PROXY_PORT, SNIFF_PORT, Action.SNIFF)
     datapath.set_plane(PLANE, PROXY_PORT, SNIFF_PORT, Action.BYPASS, forward_to=frozenset({ALLOWED_PLANE}))
-    datapath.set_plane(ALLOWED_PLANE, PROXY_PORT, SNIFF_PORT, Action.BYPASS)
+    datapath.set_plane(ALLOWED_PLANE, OTHER_PROXY_PORT, OTHER_SNIFF_PORT, Action.BYPASS)
     datapath.clear_plane(UNCONFIGURED_PLANE)
     datapath.sync_policy(POLICY)
     datapath.sync_destinations(DESTINATIONS)
@@ -281,4 +296,34 @@ def test_established_socket_is_found_by_its_own_4tuple(configured, netns_worker)
         (PLANE, int(Action.PROXY)): 2,
         (PLANE, int(Reason.ASSIGN_FAILED)): 1,
         (PLANE, int(Reason.NO_SOCKET)): 1,
+    }
+
+
+def test_listener_port_drop_is_for_node_addresses_only(configured, netns_worker) -> None:
+    """With forwarding on, a SYN to an address of the node at a proxy port is dropped, while a SYN to a proxy
+    port of a forwarded (transit) destination follows the policy as before; v4 and v6."""
+    configured.set_interface(LO, PLANE)
+    node4, node6, far4, far6 = "198.18.0.1", "fd00:18::1", "203.0.113.9", "2001:db8::9"
+
+    def scenario() -> list:
+        from pyroute2 import IPRoute
+
+        for name in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
+            with open(f"/proc/sys/{name}", "w") as f:  # this thread's netns: the test's own
+                f.write("1")
+        with IPRoute() as ipr:
+            ipr.link("set", index=LO, state="up")
+            ipr.addr("add", index=LO, address=node4, prefixlen=32)
+            ipr.addr("add", index=LO, address=node6, prefixlen=128, flags=0x02)  # IFA_F_NODAD
+            ipr.route("add", dst="203.0.113.0/24", type="blackhole")  # forwarded (refused) elsewhere
+            ipr.route("add", dst="2001:db8::/32", type="blackhole", family=socket.AF_INET6)
+        packets = [v4(PROXY_PORT, dst=node4), v6(OTHER_PROXY_PORT, dst=node6), v4(PROXY_PORT, dst=far4),
+                   v6(SNIFF_PORT, dst=far6)]
+        return [run_skb(configured.prog_fd, pkt).retval for pkt in packets]
+
+    before = configured.counters()
+    assert netns_worker.call(scenario) == [TC_ACT_SHOT, TC_ACT_SHOT, TC_ACT_OK, TC_ACT_OK]
+    assert _delta(before, configured.counters()) == {
+        (PLANE, int(Reason.LISTENER_PORT_DROP)): 2,
+        (PLANE, int(Action.BYPASS)): 2,  # transit: the plane's undeclared action
     }
