@@ -22,6 +22,7 @@ import h2.settings
 
 from planemesh.agent.proxy import accesslog
 from planemesh.agent.proxy.balancer import normalise_ip
+from planemesh.agent.proxy.h2_guard import H2Guard, H2Limits
 from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
 from planemesh.agent.proxy.request_head import header_map, new_request_id
 
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 GRPC_STATUS = {400: 13, 404: 12, 429: 14, 502: 14, 503: 14, 504: 4}
 HOP_BY_HOP_H2 = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 WINDOW = 1 << 20
-MAX_STREAMS = 1000
+MAX_STREAMS = 1000  # advertised to upstream servers (they open no streams to us)
+ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
 class H2Side(asyncio.Protocol):
@@ -67,17 +69,24 @@ class H2Side(asyncio.Protocol):
         self.closed = False
         self.write_scheduled = False
         self.write_paused = False  # the transport's buffer is full: DATA waits (and so does the other side)
+        self.data_frames = 0  # DATA frames sent (the WINDOW_UPDATE allowance of a client grows with them)
 
-    def _init_conn(self) -> None:
-        self.conn.local_settings = h2.settings.Settings(
+    def _init_conn(self, max_streams: int = MAX_STREAMS, enforced_streams: int = MAX_STREAMS) -> None:
+        """Advertise max_streams; h2 itself ends the connection (PROTOCOL_ERROR) past enforced_streams."""
+        self.conn.local_settings = self._settings(max_streams)
+        self.conn.initiate_connection()
+        if enforced_streams != max_streams:  # the SETTINGS frame is prepared: what h2 enforces may differ
+            self.conn.local_settings = self._settings(enforced_streams)
+        self.conn.increment_flow_control_window(WINDOW * 4)
+
+    def _settings(self, max_streams: int) -> h2.settings.Settings:
+        return h2.settings.Settings(
             client=self.client_side,
             initial_values={
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
             },
         )
-        self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(WINDOW * 4)
 
     def flush(self) -> None:
         """Write what h2 prepared, at the end of this event-loop pass."""
@@ -131,7 +140,7 @@ class H2Side(asyncio.Protocol):
             if bridge is not None:
                 bridge.on_trailers(self, event.headers)
         elif isinstance(event, h2.events.StreamReset):
-            self.queues.pop(event.stream_id, None)
+            self.drop_queue(event.stream_id)
             bridge = self.bridges.get(event.stream_id)
             if bridge is not None:
                 bridge.on_reset(self, event.error_code)
@@ -200,13 +209,23 @@ class H2Side(asyncio.Protocol):
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 queue.clear()
                 return
+            self.data_frames += 1
             if on_sent is not None and piece:
                 on_sent(len(piece))
             if last:
                 queue.popleft()
 
+    def drop_queue(self, sid: int) -> None:
+        """The stream is gone: what waited for its window is dropped, and counted as sent so that the other
+        side's flow control and the response-buffer accounting get it back."""
+        queue = self.queues.pop(sid, None)
+        if queue:
+            for data, _, on_sent in queue:
+                if on_sent is not None and type(data) is not list and data:
+                    on_sent(len(data))
+
     def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
-        self.queues.pop(sid, None)
+        self.drop_queue(sid)
         self.bridges.pop(sid, None)
         try:
             self.conn.reset_stream(sid, code)
@@ -235,6 +254,8 @@ class H2Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        for sid in list(self.queues):
+            self.drop_queue(sid)
         for bridge in list(self.bridges.values()):
             bridge.on_reset(self, h2.errors.ErrorCodes.CANCEL)
         self.bridges.clear()
@@ -252,6 +273,9 @@ class H2Downstream(H2Side):
         self.peer_ip_b = b""
         self.table = None  # the routing table route_config was looked up in
         self.route_config = None
+        self.guard = H2Guard(H2Limits.from_sla(proxy.sla), time.perf_counter)
+        self.paused_up: set = set()  # H1Streams whose upstream reading waits for the connection's buffer budget
+        self.resets: set[int] | frozenset[int] = frozenset()  # streams reset in the batch being handled
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -262,7 +286,10 @@ class H2Downstream(H2Side):
         peer = transport.get_extra_info("peername")
         self.local = proxy.original_destination(sockname, peer)
         self.peer_ip_b = peer[0].removeprefix("::ffff:").encode() if peer else b""
-        self._init_conn()
+        limit = self.guard.limits.max_concurrent_streams
+        # Streams past the limit get REFUSED_STREAM from handle(); h2 ends the connection only far beyond it (a
+        # client ignoring the setting, or keeping answered streams half open).
+        self._init_conn(limit, limit * 2 + 16)
         self.flush()
         if self.preread:
             data, self.preread = self.preread, b""
@@ -270,15 +297,126 @@ class H2Downstream(H2Side):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.proxy.stats.downstream_active -= 1
+        self.paused_up.clear()
         super().connection_lost(exc)
 
-    def handle(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            bridge = Bridge(self, event.stream_id, event.headers)
-            self.bridges[event.stream_id] = bridge
-            bridge.start(event.stream_ended is not None)
+    # ---- back-pressure: a client that does not read is not read either -------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.transport is not None:
+            self.transport.pause_reading()  # no more requests, PINGs or SETTINGS to answer meanwhile
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+        super().resume_writing()
+
+    def write_now(self) -> None:
+        super().write_now()
+        guard = self.guard
+        if guard.control_queued and self.transport is not None and not self.transport.get_write_buffer_size():
+            guard.write_drained()
+
+    # ---- inbound frames, checked against the guard's limits ----------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.close()  # with the GOAWAY h2 prepared
             return
-        super().handle(event)
+        # A stream opened and reset in the same batch (rapid reset) never reaches an upstream.
+        resets = {e.stream_id for e in events if type(e) is h2.events.StreamReset}
+        self.resets = resets or frozenset()
+        bridges = self.bridges
+        guard = self.guard
+        for event in events:
+            kind = type(event)
+            if kind is h2.events.DataReceived:
+                if not event.flow_controlled_length and event.stream_ended is None:
+                    reason = guard.payload_frame(True)
+                    if reason is not None:
+                        return self.abuse(reason)
+                elif guard.empty_run:
+                    guard.empty_run = 0
+                bridge = bridges.get(event.stream_id)
+                if bridge is None:
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                else:
+                    bridge.on_data(self, event.data, event.flow_controlled_length)
+            elif kind is h2.events.StreamEnded:
+                bridge = bridges.get(event.stream_id)
+                if bridge is not None:
+                    bridge.on_end(self)
+            else:
+                self.handle(event)
+            if self.closed:
+                return
+        self.resets = frozenset()
+        self.flush()
+
+    def handle(self, event: h2.events.Event) -> None:
+        kind = type(event)
+        guard = self.guard
+        reason = None
+        if kind is h2.events.RequestReceived:
+            reason = guard.payload_frame(not event.headers and event.stream_ended is None)
+            if reason is None:
+                reason = self.open_stream(event)
+        elif kind is h2.events.WindowUpdated:
+            reason = guard.window_update_frame(self.data_frames)
+        elif kind is h2.events.PingReceived or kind is h2.events.RemoteSettingsChanged:
+            transport = self.transport
+            reason = guard.control_frame(transport is not None and transport.get_write_buffer_size() > 0)
+        elif kind is h2.events.PriorityUpdated:
+            reason = guard.priority_frame()
+        elif kind is h2.events.TrailersReceived:
+            guard.empty_run = 0
+        elif kind is h2.events.UnknownFrameReceived:
+            reason = guard.control_frame(False)
+        if reason is not None:
+            return self.abuse(reason)
+        if kind is not h2.events.RequestReceived:
+            super().handle(event)
+
+    def open_stream(self, event: h2.events.RequestReceived) -> str | None:
+        sid = event.stream_id
+        guard = self.guard
+        if sid in self.resets:  # reset before anything was done for it: a premature reset at once
+            guard.stream_opened()
+            self.proxy.stats.h2_premature_resets += 1
+            return guard.stream_closed(guard.clock(), False, True)
+        if not guard.may_open(len(self.bridges)):
+            self.proxy.stats.h2_refused_streams += 1
+            self.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            transport = self.transport
+            return guard.control_frame(transport is not None and transport.get_write_buffer_size() > 0)
+        guard.stream_opened()
+        bridge = Bridge(self, sid, event.headers)
+        self.bridges[sid] = bridge
+        bridge.start(event.stream_ended is not None)
+        return None
+
+    def stream_done(self, bridge: Bridge, reset_by_client: bool) -> None:
+        if self.closed:
+            return  # the connection went away: not the client's reset
+        if reset_by_client and not bridge.status:
+            self.proxy.stats.h2_premature_resets += 1
+        reason = self.guard.stream_closed(bridge.t0, bridge.status != 0, reset_by_client)
+        if reason is not None:
+            self.abuse(reason)
+
+    def abuse(self, reason: str) -> None:
+        """Past a limit: GOAWAY(ENHANCE_YOUR_CALM) naming the limit, then close (the streams are cancelled)."""
+        if self.closed:
+            return
+        self.proxy.stats.h2_abuse_closed += 1
+        try:
+            self.conn.close_connection(ENHANCE_YOUR_CALM, additional_data=reason.encode())
+        except h2.exceptions.ProtocolError:
+            pass
+        self.close()
 
     def respond(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         try:
@@ -600,6 +738,7 @@ class Bridge:
         if self.deadline:
             proxy.inflight.discard(self)  # type: ignore[arg-type]
         ds.bridges.pop(self.sid, None)
+        ds.stream_done(self, flag is accesslog.DC)
         stats = proxy.stats
         stats.requests_active -= 1
         duration_ms = (time.perf_counter() - self.t0) * 1000

@@ -14,7 +14,7 @@ import h2.exceptions
 
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.exchange import MAX_REPLAY_BODY
-from planemesh.agent.proxy.h2 import WINDOW, H2Side
+from planemesh.agent.proxy.h2 import H2Side
 from planemesh.agent.proxy.h2_goaway import GoawaySplitter
 from planemesh.agent.proxy.http1 import HOP_BY_HOP, LAST_CHUNK, TRAILER_DROP, dropped_names, last_chunk
 from planemesh.agent.proxy.sockets import open_upstream
@@ -315,7 +315,11 @@ class H1Stream:
             self._write(last_chunk(trailers))
 
     def cancel(self, bridge: Bridge) -> None:
-        """The client reset the stream, or its timeout fired: the connection is dropped, never reused."""
+        """The client reset the stream, or its timeout fired: the connection is dropped, never reused, and a
+        connection still being opened for it is not opened (rapid reset must not fan out to the upstream)."""
+        task = self.connect_task
+        if task is not None and not task.done():
+            task.cancel()
         self._abort()
 
     def release(self, bridge: Bridge) -> None:
@@ -327,6 +331,12 @@ class H1Stream:
             return
         self.finished = True
         self.connect_task = None  # the pool keeps a connection that arrives late
+        self.h2ds.paused_up.discard(self)
+        if self.body:  # read, never handed to the client: out of the connection's budget
+            pending = sum(map(len, self.body))
+            self.body.clear()
+            self.queued_down -= pending
+            self.h2ds.guard.buffered -= pending
         if self.pending:
             self.pending = False
             self.h2ds.proxy.stats.requests_pending -= 1
@@ -346,6 +356,9 @@ class H1Stream:
     def on_connected(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         conn.exchange = self  # type: ignore[assignment]
+        if self.h2ds.guard.over_budget():  # the client's connection holds its budget already: read nothing yet
+            conn.pause_reading()
+            self.h2ds.paused_up.add(self)
         out = self.out
         if out:
             conn.transport.write(b"".join(out) if len(out) > 1 else out[0])
@@ -404,8 +417,14 @@ class H1Stream:
         self.bridge.bytes_tx += len(data)
         self.body.append(data)
         self.queued_down += len(data)
-        if self.queued_down > WINDOW and self.conn is not None:
-            self.conn.pause_reading()
+        guard = self.h2ds.guard
+        guard.buffered += len(data)
+        # Bounded per stream and per client connection (a client with a zero window and many streams): the
+        # upstream is not read until the client takes what waits.
+        conn = self.conn
+        if conn is not None and (self.queued_down > guard.limits.buffer_limit_bytes or guard.over_budget()):
+            conn.pause_reading()
+            self.h2ds.paused_up.add(self)
 
     def _body_out(self) -> bytes:
         body = self.body
@@ -417,8 +436,23 @@ class H1Stream:
 
     def _sent_down(self, n: int) -> None:
         self.queued_down -= n
+        h2ds = self.h2ds
+        guard = h2ds.guard
+        guard.buffered -= n
+        if h2ds.paused_up:
+            if guard.below_resume():
+                for stream in list(h2ds.paused_up):
+                    stream._resume()
+            elif not guard.over_budget():
+                self._resume()
+
+    def _resume(self) -> None:
+        """Read the upstream again, unless this stream holds half its own budget still."""
         conn = self.conn
-        if conn is not None and conn.reading_paused and self.queued_down < WINDOW // 2:
+        if conn is None:
+            self.h2ds.paused_up.discard(self)
+        elif self.queued_down < self.h2ds.guard.limits.buffer_limit_bytes // 2:
+            self.h2ds.paused_up.discard(self)
             conn.resume_reading()
 
     def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
@@ -428,6 +462,7 @@ class H1Stream:
         if self.finished:
             return
         self.finished = True
+        self.h2ds.paused_up.discard(self)
         conn = self.conn
         self.conn = None
         if conn is not None:

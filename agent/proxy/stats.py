@@ -14,6 +14,9 @@ class PlaneStats:
         "bytes_tx",
         "downstream_active",
         "downstream_total",
+        "h2_abuse_closed",
+        "h2_premature_resets",
+        "h2_refused_streams",
         "latency_buckets",
         "latency_count",
         "latency_sum_ms",
@@ -49,6 +52,9 @@ class PlaneStats:
         self.overloaded = 0
         self.rate_limited = 0
         self.retries = 0
+        self.h2_premature_resets = 0  # streams a client reset before their response began (h2_guard.py)
+        self.h2_refused_streams = 0  # beyond the connection's max concurrent streams
+        self.h2_abuse_closed = 0  # connections closed with GOAWAY(ENHANCE_YOUR_CALM)
 
     def record_response(self, status: int, duration_ms: float, rx: int, tx: int) -> None:
         cls = status // 100
