@@ -35,6 +35,7 @@ HOP_BY_HOP_H2 = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"
 WINDOW = 1 << 20
 MAX_STREAMS = 1000  # advertised to upstream servers (they open no streams to us)
 ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+ABUSE_LINGER_S = 1.0  # Envoy: delayed_close_timeout (1 s)
 
 
 class H2Side(asyncio.Protocol):
@@ -321,6 +322,8 @@ class H2Downstream(H2Side):
     # ---- inbound frames, checked against the guard's limits ----------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # closing after a GOAWAY: dropped
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError:
@@ -408,7 +411,11 @@ class H2Downstream(H2Side):
             self.abuse(reason)
 
     def abuse(self, reason: str) -> None:
-        """Past a limit: GOAWAY(ENHANCE_YOUR_CALM) naming the limit, then close (the streams are cancelled)."""
+        """Past a limit: GOAWAY(ENHANCE_YOUR_CALM) naming the limit, the streams cancelled, then close.
+
+        Like Envoy's delayed close: the write side is shut at once, what the client still sends is read and
+        dropped for ABUSE_LINGER_S, so that the close is a FIN after the GOAWAY, not a reset that could
+        destroy the GOAWAY before the client read it."""
         if self.closed:
             return
         self.proxy.stats.h2_abuse_closed += 1
@@ -416,7 +423,18 @@ class H2Downstream(H2Side):
             self.conn.close_connection(ENHANCE_YOUR_CALM, additional_data=reason.encode())
         except h2.exceptions.ProtocolError:
             pass
-        self.close()
+        self.write_now()
+        self.closed = True
+        for bridge in list(self.bridges.values()):
+            bridge.on_reset(self, h2.errors.ErrorCodes.CANCEL)
+        self.bridges.clear()
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()
+        self.proxy.loop.call_later(ABUSE_LINGER_S, transport.close)
 
     def respond(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         try:
