@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 # (its outbound-control-frame limit only catches a client that does not read); a client that reads its ACKs
 # could otherwise keep a worker busy forever. gRPC keepalive and BDP pings stay far below this.
 MAX_INBOUND_CONTROL_FRAMES_PER_S = 10_000
+# What one read from an upstream socket may add to the response buffer before the proxy can pause it (reads take
+# what the socket holds, commonly tens of KiB): the buffer budget is shared by at most budget / READ_RESERVE
+# upstreams reading at once, so 1,000 streams cannot each bring one read past the budget.
+READ_RESERVE = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,7 @@ class H2Guard:
         "opened",
         "premature",
         "priority",
+        "readers",
         "window_updates",
     )
 
@@ -96,6 +101,7 @@ class H2Guard:
         self.priority = 0
         self.window_updates = 0
         self.buffered = 0  # response bytes read from upstreams, not yet sent to the client
+        self.readers = 0  # upstreams being read for this connection (each may bring READ_RESERVE at once)
 
     # ---- streams ----------------------------------------------------------------------------------
 
@@ -168,5 +174,10 @@ class H2Guard:
     def over_budget(self) -> bool:
         return self.buffered >= self.limits.buffer_limit_bytes
 
-    def below_resume(self) -> bool:
-        return self.buffered < self.limits.buffer_limit_bytes // 2
+    def may_read(self) -> bool:
+        """One more upstream may be read: the budget holds what is buffered plus a read from each reader (one
+        reader at least, whatever the budget, while it is not full)."""
+        limit = self.limits.buffer_limit_bytes
+        if self.buffered >= limit:
+            return False
+        return not self.readers or self.buffered + (self.readers + 1) * READ_RESERVE <= limit

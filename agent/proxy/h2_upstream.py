@@ -20,7 +20,7 @@ from planemesh.agent.proxy.http1 import HOP_BY_HOP, LAST_CHUNK, TRAILER_DROP, dr
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.h2 import Bridge
+    from planemesh.agent.proxy.h2 import Bridge, H2Downstream
     from planemesh.agent.proxy.server import PlaneProxy
     from planemesh.agent.proxy.upstream import UpstreamConnection
 
@@ -216,6 +216,7 @@ class H1Stream:
         "out",
         "pending",
         "queued_down",
+        "reading",
         "replay",
         "replay_len",
         "req_done",
@@ -248,6 +249,7 @@ class H1Stream:
         self.write_paused = False
         self.held_acks: list = []
         self.queued_down = 0
+        self.reading = False  # holds one of the client connection's upstream reading slots (h2_guard.py)
         self.body: list[bytes] = []  # response body read, not yet handed to the h2 stream
         self.trailers: list[tuple[bytes, bytes]] | None = None
         method = bridge.method_b or b"GET"
@@ -327,11 +329,11 @@ class H1Stream:
         self._abort()
 
     def _abort(self) -> None:
+        self._leave()
         if self.finished:
             return
         self.finished = True
         self.connect_task = None  # the pool keeps a connection that arrives late
-        self.h2ds.paused_up.discard(self)
         if self.body:  # read, never handed to the client: out of the connection's budget
             pending = sum(map(len, self.body))
             self.body.clear()
@@ -356,15 +358,28 @@ class H1Stream:
     def on_connected(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         conn.exchange = self  # type: ignore[assignment]
-        if self.h2ds.guard.over_budget():  # the client's connection holds its budget already: read nothing yet
-            conn.pause_reading()
-            self.h2ds.paused_up.add(self)
+        if not self.reading:
+            guard = self.h2ds.guard
+            if self._client_window_open() and not guard.over_budget():
+                pass  # what arrives goes on to the client at once: read freely (a slow response holds no slot)
+            elif guard.may_read():
+                self.reading = True
+                guard.readers += 1
+            else:  # the client's connection holds its budget already: read nothing yet
+                conn.pause_reading()
+                self.h2ds.paused_up[self] = None
         out = self.out
         if out:
             conn.transport.write(b"".join(out) if len(out) > 1 else out[0])
             self.out = []
         if not self.write_paused:
             self._release_acks()
+
+    def _client_window_open(self) -> bool:
+        try:
+            return self.h2ds.conn.local_flow_control_window(self.bridge.sid) > 0
+        except h2.exceptions.StreamClosedError:
+            return False
 
     def on_connect_failed(self, timed_out: bool) -> None:
         self.h2ds.proxy.stats.upstream_connect_failures += 1
@@ -424,7 +439,8 @@ class H1Stream:
         conn = self.conn
         if conn is not None and (self.queued_down > guard.limits.buffer_limit_bytes or guard.over_budget()):
             conn.pause_reading()
-            self.h2ds.paused_up.add(self)
+            self._leave()
+            self.h2ds.paused_up[self] = None
 
     def _body_out(self) -> bytes:
         body = self.body
@@ -437,23 +453,33 @@ class H1Stream:
     def _sent_down(self, n: int) -> None:
         self.queued_down -= n
         h2ds = self.h2ds
-        guard = h2ds.guard
-        guard.buffered -= n
-        if h2ds.paused_up:
-            if guard.below_resume():
-                for stream in list(h2ds.paused_up):
-                    stream._resume()
-            elif not guard.over_budget():
-                self._resume()
+        h2ds.guard.buffered -= n
+        if h2ds.paused_up and h2ds.guard.may_read():
+            wake_readers(h2ds)
 
-    def _resume(self) -> None:
-        """Read the upstream again, unless this stream holds half its own budget still."""
+    def _resume(self) -> bool:
+        """Read the upstream again (taking a reading slot), unless this stream holds half its own budget still.
+        False: it stays paused."""
         conn = self.conn
-        if conn is None:
-            self.h2ds.paused_up.discard(self)
-        elif self.queued_down < self.h2ds.guard.limits.buffer_limit_bytes // 2:
-            self.h2ds.paused_up.discard(self)
+        guard = self.h2ds.guard
+        if conn is not None and self.queued_down >= guard.limits.buffer_limit_bytes // 2:
+            return False
+        del self.h2ds.paused_up[self]
+        if conn is not None:
+            self.reading = True
+            guard.readers += 1
             conn.resume_reading()
+        return True
+
+    def _leave(self) -> None:
+        """Give back the reading slot (paused, or done) and let a waiting stream have it."""
+        h2ds = self.h2ds
+        h2ds.paused_up.pop(self, None)
+        if self.reading:
+            self.reading = False
+            h2ds.guard.readers -= 1
+            if h2ds.paused_up and h2ds.guard.may_read():
+                wake_readers(h2ds)
 
     def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
         self.trailers = [(n, v) for n, v in trailers if n not in TRAILER_DROP]
@@ -462,7 +488,7 @@ class H1Stream:
         if self.finished:
             return
         self.finished = True
-        self.h2ds.paused_up.discard(self)
+        self._leave()
         conn = self.conn
         self.conn = None
         if conn is not None:
@@ -512,6 +538,20 @@ class H1Stream:
     def on_upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         conn.close()  # a switch nobody asked for
         self.on_upstream_protocol_error()
+
+
+def wake_readers(h2ds: H2Downstream) -> None:
+    """The client connection's budget allows more upstream reads: resume paused streams, oldest first, while it
+    does. A stream still holding half its own budget goes to the back (few can: they share the budget)."""
+    paused = h2ds.paused_up
+    guard = h2ds.guard
+    skipped = 0
+    while paused and skipped < len(paused) and guard.may_read():
+        stream = next(iter(paused))
+        if not stream._resume():
+            del paused[stream]
+            paused[stream] = None
+            skipped += 1
 
 
 def _response_drop(connection_values: list[bytes]) -> frozenset[bytes]:

@@ -5,12 +5,16 @@ same proxy keeps getting 200s throughout."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h2.config
@@ -19,6 +23,7 @@ import h2.events
 import h2.settings
 import pytest
 
+from planemesh.netplanes.model import SLA
 from tests.proxy.proxy_harness import Backend, BackendHandler, ProxyThread, ThreadedBackend
 
 pytestmark = pytest.mark.unit
@@ -328,15 +333,37 @@ class SlowBackend(ThreadedBackend):
         self.failed_once: set[str] = set()
 
 
+@contextlib.contextmanager
+def backend_process() -> Iterator[int]:
+    """A SlowBackend in a child process (its threads' memory is not the worker's): yields its port."""
+    script = "import sys; from tests.proxy.test_h2_abuse import serve_forever; serve_forever()"
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        yield int(child.stdout.readline())  # type: ignore[union-attr]
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+def serve_forever() -> None:
+    with SlowBackend() as backend:
+        print(backend.port, flush=True)
+        threading.Event().wait()
+
+
 def rss_mb() -> float:
     status = Path("/proc/self/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
 
 
-def test_zero_window_client_with_1000_streams_keeps_memory_bounded() -> None:
+@pytest.mark.parametrize("max_streams", [100, 1000])
+def test_zero_window_client_with_1000_streams_keeps_memory_bounded(max_streams: int) -> None:
     """A client that advertises a zero stream window and opens 1,000 streams of large responses: the proxy
-    reads at most its buffer budget from the upstreams and waits (before: about 1 MiB per stream)."""
-    with SlowBackend() as backend, ProxyThread([("127.0.0.1", backend.port)]) as px:
+    reads at most its buffer budget from the upstreams and waits (before: about 1 MiB per stream, 1.1 GB).
+    With 1,000 concurrent streams allowed, the per-connection budget alone holds memory."""
+    sla = SLA(h2_max_concurrent_streams=max_streams)
+    with backend_process() as port, ProxyThread([("127.0.0.1", port)], sla=sla) as px:
         good = GoodClient(px.port)
         good.start()
         time.sleep(0.3)
@@ -356,6 +383,7 @@ def test_zero_window_client_with_1000_streams_keeps_memory_bounded() -> None:
                 peak = max(peak, rss_mb())
                 time.sleep(0.05)
             growth = peak - base
+            print(f"zero-window attack: worker RSS {base:.0f} MB -> peak {peak:.0f} MB")
             assert growth < 100, f"worker RSS grew by {growth:.0f} MB"
         finally:
             attacker.close()

@@ -126,14 +126,21 @@ def test_control_frame_rate() -> None:
 
 
 def test_concurrent_streams_and_buffer_budget() -> None:
-    g, _ = guard(max_concurrent_streams=2, buffer_limit_bytes=1000)
+    g, _ = guard(max_concurrent_streams=2, buffer_limit_bytes=1 << 20)
     assert g.may_open(0) and g.may_open(1) and not g.may_open(2)
-    g.buffered = 999
-    assert not g.over_budget() and not g.below_resume()
-    g.buffered = 1000
-    assert g.over_budget()
-    g.buffered = 499
-    assert g.below_resume()
+    assert g.may_read()
+    g.readers = 15  # a read each may bring READ_RESERVE: 16 readers fill a 1 MiB budget
+    assert g.may_read()
+    g.readers = 16
+    assert not g.may_read()
+    g.readers, g.buffered = 1, (1 << 20) - 1
+    assert not g.over_budget() and not g.may_read()
+    g.readers = 0  # one reader at least while the budget is not full
+    assert g.may_read()
+    g.buffered = 1 << 20
+    assert g.over_budget() and not g.may_read()
+    small, _ = guard(buffer_limit_bytes=16384)  # a budget below one read still lets one upstream be read
+    assert small.may_read()
 
 
 def test_limits_from_the_sla() -> None:
