@@ -589,7 +589,8 @@ class Bridge:
         result = router.route_request(ds.route_config, authority, self.path_b or b"/", self._header_map)
         if not result.forward:
             if result.direct is not None:
-                return self.local_error(result.direct.status, result.direct.body.decode("latin-1", "replace"))
+                direct = result.direct
+                return self.local_error(direct.status, direct.body.decode("latin-1", "replace"), "", direct.body)
             return self.local_error(404, "no route", accesslog.NR)
         cluster = result.cluster
         if result.weighted:
@@ -719,8 +720,9 @@ class Bridge:
                 self.up.cancel(self)
             self.up_failed(504, "upstream request timeout", accesslog.UT)
 
-    def local_error(self, status: int, message: str, flag: str) -> None:
-        """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests."""
+    def local_error(self, status: int, message: str, flag: str, body: bytes | None = None) -> None:
+        """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests. `body`: a
+        direct response's own body (else the message and a newline)."""
         self.status = status
         if self.grpc:
             headers = [
@@ -731,7 +733,8 @@ class Bridge:
             ]
             self.ds.respond(self.sid, headers, True)
         else:
-            body = (message + "\n").encode("latin-1", "replace")
+            if body is None:
+                body = (message + "\n").encode("latin-1", "replace")
             self.ds.respond(
                 self.sid,
                 [
