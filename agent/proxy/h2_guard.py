@@ -1,8 +1,8 @@
 """HTTP/2 abuse accounting for one downstream connection, without I/O: rapid reset (CVE-2023-44487), control-frame
 floods, and the connection's response-buffer budget.
 
-H2Downstream (h2.py) reports what it sees; a method returning a reason string means "past a limit: GOAWAY with
-ENHANCE_YOUR_CALM and close". Every check is O(1) per frame. The limits and their defaults are Envoy's
+H2Downstream (h2_downstream.py) reports what it sees; a method returning a reason string means "past a limit:
+GOAWAY with ENHANCE_YOUR_CALM and close". Every check is O(1) per frame. The limits and their defaults are Envoy's
 (http2_protocol_options, overload.premature_reset_*), read from the plane's SLA; see docs/protocols.md.
 """
 

@@ -20,7 +20,8 @@ from planemesh.agent.proxy.http1 import HOP_BY_HOP, LAST_CHUNK, TRAILER_DROP, dr
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.h2 import Bridge, H2Downstream
+    from planemesh.agent.proxy.h2 import Bridge
+    from planemesh.agent.proxy.h2_downstream import H2Downstream
     from planemesh.agent.proxy.server import PlaneProxy
     from planemesh.agent.proxy.upstream import UpstreamConnection
 
@@ -359,6 +360,7 @@ class H1Stream:
         self.conn = conn
         conn.exchange = self  # type: ignore[assignment]
         if not self.reading:
+            self.h2ds.paused_up.pop(self, None)  # a retry on a fresh connection decides afresh
             guard = self.h2ds.guard
             if self._client_window_open() and not guard.over_budget():
                 pass  # what arrives goes on to the client at once: read freely (a slow response holds no slot)
