@@ -70,19 +70,27 @@ class H2Side(asyncio.Protocol):
         self.write_paused = False  # the transport's buffer is full: DATA waits (and so does the other side)
         self.data_frames = 0  # DATA frames sent (the WINDOW_UPDATE allowance of a client grows with them)
 
-    def _init_conn(self, max_streams: int = MAX_STREAMS, enforced_streams: int = MAX_STREAMS) -> None:
-        """Advertise max_streams; h2 itself ends the connection (PROTOCOL_ERROR) past enforced_streams."""
-        self.conn.local_settings = self._settings(max_streams)
+    def _init_conn(
+        self,
+        max_streams: int = MAX_STREAMS,
+        enforced_streams: int = MAX_STREAMS,
+        window: int = WINDOW,
+        connection_window: int = WINDOW * 4 + 65535,
+    ) -> None:
+        """Advertise max_streams and a stream window; h2 itself ends the connection (PROTOCOL_ERROR) past
+        enforced_streams. The peer may have connection_window bytes in flight that the other side has not taken."""
+        self.conn.local_settings = self._settings(max_streams, window)
         self.conn.initiate_connection()
         if enforced_streams != max_streams:  # the SETTINGS frame is prepared: what h2 enforces may differ
-            self.conn.local_settings = self._settings(enforced_streams)
-        self.conn.increment_flow_control_window(WINDOW * 4)
+            self.conn.local_settings = self._settings(enforced_streams, window)
+        if connection_window > 65535:  # RFC 9113's initial connection window
+            self.conn.increment_flow_control_window(connection_window - 65535)
 
-    def _settings(self, max_streams: int) -> h2.settings.Settings:
+    def _settings(self, max_streams: int, window: int) -> h2.settings.Settings:
         return h2.settings.Settings(
             client=self.client_side,
             initial_values={
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
             },
         )
@@ -192,7 +200,7 @@ class H2Side(asyncio.Protocol):
             try:
                 window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
             except h2.exceptions.StreamClosedError:
-                queue.clear()
+                _discard(queue)
                 return
             if data and (window <= 0 or self.write_paused):
                 return
@@ -206,7 +214,7 @@ class H2Side(asyncio.Protocol):
             try:
                 conn.send_data(sid, piece, end_stream=end and last)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                queue.clear()
+                _discard(queue)
                 return
             self.data_frames += 1
             if on_sent is not None and piece:
@@ -219,9 +227,7 @@ class H2Side(asyncio.Protocol):
         side's flow control and the response-buffer accounting get it back."""
         queue = self.queues.pop(sid, None)
         if queue:
-            for data, _, on_sent in queue:
-                if on_sent is not None and type(data) is not list and data:
-                    on_sent(len(data))
+            _discard(queue)
 
     def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         self.drop_queue(sid)
@@ -258,6 +264,15 @@ class H2Side(asyncio.Protocol):
         for bridge in list(self.bridges.values()):
             bridge.on_reset(self, h2.errors.ErrorCodes.CANCEL)
         self.bridges.clear()
+
+
+def _discard(queue: deque[list]) -> None:
+    """Drop what waits in a stream's queue, counted as sent (its on_sent callbacks run)."""
+    items = list(queue)
+    queue.clear()
+    for data, _, on_sent in items:
+        if on_sent is not None and type(data) is not list and data:
+            on_sent(len(data))
 
 
 class Bridge:

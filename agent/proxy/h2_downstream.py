@@ -12,7 +12,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from planemesh.agent.proxy.h2 import Bridge, H2Side
+from planemesh.agent.proxy.h2 import WINDOW, Bridge, H2Side
 from planemesh.agent.proxy.h2_guard import H2Guard, H2Limits
 
 if TYPE_CHECKING:
@@ -47,10 +47,13 @@ class H2Downstream(H2Side):
         peer = transport.get_extra_info("peername")
         self.local = proxy.original_destination(sockname, peer)
         self.peer_ip_b = peer[0].removeprefix("::ffff:").encode() if peer else b""
-        limit = self.guard.limits.max_concurrent_streams
+        limits = self.guard.limits
+        streams, budget = limits.max_concurrent_streams, limits.buffer_limit_bytes
         # Streams past the limit get REFUSED_STREAM from handle(); h2 ends the connection only far beyond it (a
-        # client ignoring the setting, or keeping answered streams half open).
-        self._init_conn(limit, limit * 2 + 16)
+        # client ignoring the setting, or keeping answered streams half open). Request bytes not yet forwarded
+        # stay within the buffer budget: the connection window is the budget, and it is credited only as bytes
+        # go upstream.
+        self._init_conn(streams, streams * 2 + 16, min(WINDOW, budget), max(budget, 65535))
         self.flush()
         if self.preread:
             data, self.preread = self.preread, b""
@@ -87,7 +90,7 @@ class H2Downstream(H2Side):
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError:
-            self.close()  # with the GOAWAY h2 prepared
+            self.close_after_goaway()  # the one h2 prepared
             return
         # A stream opened and reset in the same batch (rapid reset) never reaches an upstream.
         resets = {e.stream_id for e in events if type(e) is h2.events.StreamReset}
@@ -164,6 +167,8 @@ class H2Downstream(H2Side):
     def stream_done(self, bridge: Bridge, reset_by_client: bool) -> None:
         if self.closed:
             return  # the connection went away: not the client's reset
+        if not self.bridges and not self.queues:
+            self.guard.buffered = 0  # nothing is in flight: the budget's count is exact again, whatever drifted
         if reset_by_client and not bridge.status:
             self.proxy.stats.h2_premature_resets += 1
         reason = self.guard.stream_closed(bridge.t0, bridge.status != 0, reset_by_client)
@@ -171,11 +176,7 @@ class H2Downstream(H2Side):
             self.abuse(reason)
 
     def abuse(self, reason: str) -> None:
-        """Past a limit: GOAWAY(ENHANCE_YOUR_CALM) naming the limit, the streams cancelled, then close.
-
-        Like Envoy's delayed close: the write side is shut at once, what the client still sends is read and
-        dropped for ABUSE_LINGER_S, so that the close is a FIN after the GOAWAY, not a reset that could
-        destroy the GOAWAY before the client read it."""
+        """Past a limit: GOAWAY(ENHANCE_YOUR_CALM) naming the limit, the streams cancelled, then close."""
         if self.closed:
             return
         self.proxy.stats.h2_abuse_closed += 1
@@ -183,6 +184,14 @@ class H2Downstream(H2Side):
             self.conn.close_connection(ENHANCE_YOUR_CALM, additional_data=reason.encode())
         except h2.exceptions.ProtocolError:
             pass
+        self.close_after_goaway()
+
+    def close_after_goaway(self) -> None:
+        """Like Envoy's delayed close: the write side is shut after the GOAWAY, what the client still sends is
+        read and dropped for ABUSE_LINGER_S, so that the close is a FIN after the GOAWAY, not a reset (unread
+        input) that could destroy the GOAWAY before the client read it."""
+        if self.closed:
+            return
         self.write_now()
         self.closed = True
         for bridge in list(self.bridges.values()):
