@@ -23,6 +23,7 @@ import h2.events
 import h2.settings
 import pytest
 
+from planemesh.agent.config import Route
 from planemesh.netplanes.model import SLA
 from tests.proxy.proxy_harness import Backend, BackendHandler, ProxyThread, ThreadedBackend
 
@@ -118,6 +119,7 @@ class GoodClient(threading.Thread):
         self.statuses: list[int] = []
         self.error: BaseException | None = None
         self.stop = threading.Event()
+        self.path = "/good"
 
     def run(self) -> None:
         try:
@@ -133,7 +135,7 @@ class GoodClient(threading.Thread):
             while not self.stop.is_set():
                 sid = client.get_next_available_stream_id()
                 client.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "good"),
-                                          (":path", "/good")], end_stream=True)  # fmt: skip
+                                          (":path", self.path)], end_stream=True)  # fmt: skip
                 sock.sendall(client.data_to_send())
                 status = 0
                 done = False
@@ -388,3 +390,32 @@ def test_zero_window_client_with_1000_streams_keeps_memory_bounded(max_streams: 
         finally:
             attacker.close()
         good.check()
+
+
+def test_streams_reset_with_queued_response_data_give_the_h2_upstream_its_window_back() -> None:
+    """A client with a zero window resets streams whose response (from an h2 upstream) waits in the proxy: the
+    dropped bytes are credited to the shared upstream connection. Before, each reset took up to 1 MiB of that
+    connection's window for good, and after a few the upstream could send nothing more to anyone."""
+    from planemesh.agent.config import Cluster, ClusterKind, Endpoint, RouteAction
+    from tests.proxy.test_h1_to_h2 import H2Backend
+
+    with H2Backend() as backend:
+        endpoint = Endpoint("127.0.0.1", backend.port)
+        cluster = Cluster(name="h2", kind=ClusterKind.STATIC, http2=True, endpoints=(endpoint,))
+        routes = (Route(action=RouteAction(cluster="h2")),)
+        with ProxyThread([("127.0.0.1", backend.port)], routes=routes, clusters={"h2": cluster}) as px:
+            path = b"/stream/3000000"
+            block = b"\x82\x86\x04" + bytes([len(path)]) + path + b"\x01\x01x"
+            for _ in range(6):  # 6 x ~1 MiB > the upstream connection's ~4 MiB window
+                attacker = Attacker(px.port, settings=struct.pack(">HI", 0x4, 0))
+                attacker.send(frame(HEADERS, END_STREAM | END_HEADERS, 1, block), 1)
+                time.sleep(0.4)  # the upstream fills the stream's 1 MiB window; it waits in the proxy
+                attacker.send(frame(RST_STREAM, 0, 1, struct.pack(">I", CANCEL)), 1)
+                time.sleep(0.1)
+                attacker.close()
+            assert backend.connections == 1  # every stream went over the same pooled upstream connection
+            good = GoodClient(px.port)
+            good.path = "/stream/2000000"
+            good.start()
+            time.sleep(2)
+            good.check()
