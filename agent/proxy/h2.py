@@ -151,7 +151,17 @@ class H2Side(asyncio.Protocol):
             bridge = self.bridges.get(event.stream_id)
             if bridge is not None:
                 bridge.on_reset(self, event.error_code)
-        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id:  # one stream's window: only its queue (O(1) per frame, not per stream)
+                queue = self.queues.get(event.stream_id)
+                if queue is not None:
+                    self._pump_stream(event.stream_id, queue)
+                    if not queue:
+                        del self.queues[event.stream_id]
+                    self.flush()
+            else:
+                self.pump()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
             self.pump()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.on_goaway(event.last_stream_id)
