@@ -65,6 +65,16 @@ class SLA:
     cpu_weight: int = 100  # the plane's workers' CPU share (cgroup v2 cpu.weight, 1..10000), agent/cpu_groups.py
     cpus: str | None = None  # cpu list the plane's workers are pinned to (cgroup cpuset.cpus, "0-1,3"); None: any
     fail_closed: bool = False  # agent gone: drop (True) or fall through to the original destination
+    # Bytes a connection may hold for a peer that does not read (Envoy: per_connection_buffer_limit_bytes, 1 MiB).
+    buffer_limit_bytes: int = 1 << 20
+    # HTTP/2 downstream abuse limits (agent/proxy/h2_guard.py), Envoy's http2_protocol_options defaults.
+    h2_max_concurrent_streams: int = 100  # Envoy: max_concurrent_streams, 100 advised for untrusted clients
+    h2_premature_reset_total_stream_count: int = 500  # Envoy: overload.premature_reset_total_stream_count
+    h2_premature_reset_min_stream_lifetime_s: float = 1.0  # Envoy: ..premature_reset_min_stream_lifetime_seconds
+    h2_max_outbound_control_frames: int = 1000  # Envoy: max_outbound_control_frames
+    h2_max_consecutive_inbound_frames_with_empty_payload: int = 1  # Envoy: same name
+    h2_max_inbound_priority_frames_per_stream: int = 100  # Envoy: same name
+    h2_max_inbound_window_update_frames_per_data_frame_sent: int = 10  # Envoy: same name
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,6 +137,29 @@ def _set_sla(acc: _Acc, planes: list[Plane], key: str, value: object, listener: 
         acc.sla_origin[(plane.name, key)] = listener
 
 
+# HCM http2_protocol_options -> the planes' HTTP/2 abuse limits (agent/proxy/h2_guard.py): field -> (SLA field,
+# least valid value, as Envoy validates it). Other fields of the message are accepted and not applied.
+_H2_LIMITS = {
+    "max_concurrent_streams": ("h2_max_concurrent_streams", 1),
+    "max_outbound_control_frames": ("h2_max_outbound_control_frames", 1),
+    "max_consecutive_inbound_frames_with_empty_payload": ("h2_max_consecutive_inbound_frames_with_empty_payload", 0),
+    "max_inbound_priority_frames_per_stream": ("h2_max_inbound_priority_frames_per_stream", 0),
+    "max_inbound_window_update_frames_per_data_frame_sent": (
+        "h2_max_inbound_window_update_frames_per_data_frame_sent",
+        1,
+    ),
+}
+
+
+def _http2_limits(acc: _Acc, planes: list[Plane], listener: str, opts, path: str) -> None:
+    for name, (key, least) in _H2_LIMITS.items():
+        if opts.HasField(name):
+            value = getattr(opts, name).value
+            if value < least:
+                raise ConfigError(f"{path}.{name}", f"must be at least {least}")
+            _set_sla(acc, planes, key, value, listener, f"{path}.{name}")
+
+
 def _http_filters(hcm, path: str) -> tuple[HttpFilter, ...]:
     out: list[HttpFilter] = []
     filters = list(hcm.http_filters)
@@ -258,6 +281,8 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
         idle = opt_seconds(hcm.common_http_protocol_options, "idle_timeout")
         if idle is not None and idle > 0:
             _set_sla(acc, planes, "idle_timeout_s", idle, listener.name, f"{fpath}.common_http_protocol_options")
+        if hcm.HasField("http2_protocol_options"):
+            _http2_limits(acc, planes, listener.name, hcm.http2_protocol_options, f"{fpath}.http2_protocol_options")
     elif kind == TCP_PROXY:
         protocol = ListenerProtocol.TCP
         tcp = tcp_proxy_pb2.TcpProxy()

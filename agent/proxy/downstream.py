@@ -202,7 +202,7 @@ class Downstream(asyncio.Protocol):
             self.flush()
 
     def _switch_to_h2(self, data: bytes) -> None:
-        from planemesh.agent.proxy.h2 import H2Downstream
+        from planemesh.agent.proxy.h2_downstream import H2Downstream
 
         self.closed = True  # this protocol object is done; H2Downstream counts the connection afresh
         proxy = self.proxy

@@ -26,13 +26,14 @@ from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
 from planemesh.agent.proxy.request_head import header_map, new_request_id
 
 if TYPE_CHECKING:
+    from planemesh.agent.proxy.h2_downstream import H2Downstream
     from planemesh.agent.proxy.server import PlaneProxy
 
 # HTTP status -> gRPC status for proxy-generated errors (as Envoy's grpc_http1_bridge / router do).
 GRPC_STATUS = {400: 13, 404: 12, 429: 14, 502: 14, 503: 14, 504: 4}
 HOP_BY_HOP_H2 = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 WINDOW = 1 << 20
-MAX_STREAMS = 1000
+MAX_STREAMS = 1000  # advertised to upstream servers (they open no streams to us)
 
 
 class H2Side(asyncio.Protocol):
@@ -67,17 +68,32 @@ class H2Side(asyncio.Protocol):
         self.closed = False
         self.write_scheduled = False
         self.write_paused = False  # the transport's buffer is full: DATA waits (and so does the other side)
+        self.data_frames = 0  # DATA frames sent (the WINDOW_UPDATE allowance of a client grows with them)
 
-    def _init_conn(self) -> None:
-        self.conn.local_settings = h2.settings.Settings(
+    def _init_conn(
+        self,
+        max_streams: int = MAX_STREAMS,
+        enforced_streams: int = MAX_STREAMS,
+        window: int = WINDOW,
+        connection_window: int = WINDOW * 4 + 65535,
+    ) -> None:
+        """Advertise max_streams and a stream window; h2 itself ends the connection (PROTOCOL_ERROR) past
+        enforced_streams. The peer may have connection_window bytes in flight that the other side has not taken."""
+        self.conn.local_settings = self._settings(max_streams, window)
+        self.conn.initiate_connection()
+        if enforced_streams != max_streams:  # the SETTINGS frame is prepared: what h2 enforces may differ
+            self.conn.local_settings = self._settings(enforced_streams, window)
+        if connection_window > 65535:  # RFC 9113's initial connection window
+            self.conn.increment_flow_control_window(connection_window - 65535)
+
+    def _settings(self, max_streams: int, window: int) -> h2.settings.Settings:
+        return h2.settings.Settings(
             client=self.client_side,
             initial_values={
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
             },
         )
-        self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(WINDOW * 4)
 
     def flush(self) -> None:
         """Write what h2 prepared, at the end of this event-loop pass."""
@@ -131,11 +147,21 @@ class H2Side(asyncio.Protocol):
             if bridge is not None:
                 bridge.on_trailers(self, event.headers)
         elif isinstance(event, h2.events.StreamReset):
-            self.queues.pop(event.stream_id, None)
+            self.drop_queue(event.stream_id)
             bridge = self.bridges.get(event.stream_id)
             if bridge is not None:
                 bridge.on_reset(self, event.error_code)
-        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id:  # one stream's window: only its queue (O(1) per frame, not per stream)
+                queue = self.queues.get(event.stream_id)
+                if queue is not None:
+                    self._pump_stream(event.stream_id, queue)
+                    if not queue:
+                        del self.queues[event.stream_id]
+                    self.flush()
+            else:
+                self.pump()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
             self.pump()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.on_goaway(event.last_stream_id)
@@ -184,7 +210,7 @@ class H2Side(asyncio.Protocol):
             try:
                 window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
             except h2.exceptions.StreamClosedError:
-                queue.clear()
+                _discard(queue)
                 return
             if data and (window <= 0 or self.write_paused):
                 return
@@ -198,15 +224,23 @@ class H2Side(asyncio.Protocol):
             try:
                 conn.send_data(sid, piece, end_stream=end and last)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                queue.clear()
+                _discard(queue)
                 return
+            self.data_frames += 1
             if on_sent is not None and piece:
                 on_sent(len(piece))
             if last:
                 queue.popleft()
 
+    def drop_queue(self, sid: int) -> None:
+        """The stream is gone: what waited for its window is dropped, and counted as sent so that the other
+        side's flow control and the response-buffer accounting get it back."""
+        queue = self.queues.pop(sid, None)
+        if queue:
+            _discard(queue)
+
     def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
-        self.queues.pop(sid, None)
+        self.drop_queue(sid)
         self.bridges.pop(sid, None)
         try:
             self.conn.reset_stream(sid, code)
@@ -235,57 +269,20 @@ class H2Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        for sid in list(self.queues):
+            self.drop_queue(sid)
         for bridge in list(self.bridges.values()):
             bridge.on_reset(self, h2.errors.ErrorCodes.CANCEL)
         self.bridges.clear()
 
 
-class H2Downstream(H2Side):
-    """A client's h2c connection: each request stream becomes a Bridge."""
-
-    client_side = False
-
-    def __init__(self, proxy: PlaneProxy, preread: bytes = b"") -> None:
-        super().__init__(proxy)
-        self.preread = preread  # bytes an HTTP/1 Downstream read before seeing the preface
-        self.local: tuple[str, int] = ("", 0)
-        self.peer_ip_b = b""
-        self.table = None  # the routing table route_config was looked up in
-        self.route_config = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        proxy = self.proxy
-        proxy.stats.downstream_active += 1
-        proxy.stats.downstream_total += 1
-        sockname = transport.get_extra_info("sockname")
-        peer = transport.get_extra_info("peername")
-        self.local = proxy.original_destination(sockname, peer)
-        self.peer_ip_b = peer[0].removeprefix("::ffff:").encode() if peer else b""
-        self._init_conn()
-        self.flush()
-        if self.preread:
-            data, self.preread = self.preread, b""
-            self.data_received(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.proxy.stats.downstream_active -= 1
-        super().connection_lost(exc)
-
-    def handle(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            bridge = Bridge(self, event.stream_id, event.headers)
-            self.bridges[event.stream_id] = bridge
-            bridge.start(event.stream_ended is not None)
-            return
-        super().handle(event)
-
-    def respond(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
-        try:
-            self.conn.send_headers(sid, headers, end_stream=end)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return
-        self.flush()
+def _discard(queue: deque[list]) -> None:
+    """Drop what waits in a stream's queue, counted as sent (its on_sent callbacks run)."""
+    items = list(queue)
+    queue.clear()
+    for data, _, on_sent in items:
+        if on_sent is not None and type(data) is not list and data:
+            on_sent(len(data))
 
 
 class Bridge:
@@ -433,7 +430,8 @@ class Bridge:
         result = router.route_request(ds.route_config, authority, self.path_b or b"/", self._header_map)
         if not result.forward:
             if result.direct is not None:
-                return self.local_error(result.direct.status, result.direct.body.decode("latin-1", "replace"))
+                direct = result.direct
+                return self.local_error(direct.status, direct.body.decode("latin-1", "replace"), "", direct.body)
             return self.local_error(404, "no route", accesslog.NR)
         cluster = result.cluster
         if result.weighted:
@@ -563,8 +561,9 @@ class Bridge:
                 self.up.cancel(self)
             self.up_failed(504, "upstream request timeout", accesslog.UT)
 
-    def local_error(self, status: int, message: str, flag: str) -> None:
-        """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests."""
+    def local_error(self, status: int, message: str, flag: str, body: bytes | None = None) -> None:
+        """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests. `body`: a
+        direct response's own body (else the message and a newline)."""
         self.status = status
         if self.grpc:
             headers = [
@@ -575,7 +574,8 @@ class Bridge:
             ]
             self.ds.respond(self.sid, headers, True)
         else:
-            body = (message + "\n").encode("latin-1", "replace")
+            if body is None:
+                body = (message + "\n").encode("latin-1", "replace")
             self.ds.respond(
                 self.sid,
                 [
@@ -600,6 +600,7 @@ class Bridge:
         if self.deadline:
             proxy.inflight.discard(self)  # type: ignore[arg-type]
         ds.bridges.pop(self.sid, None)
+        ds.stream_done(self, flag is accesslog.DC)
         stats = proxy.stats
         stats.requests_active -= 1
         duration_ms = (time.perf_counter() - self.t0) * 1000

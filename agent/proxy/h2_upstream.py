@@ -14,13 +14,14 @@ import h2.exceptions
 
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.exchange import MAX_REPLAY_BODY
-from planemesh.agent.proxy.h2 import WINDOW, H2Side
+from planemesh.agent.proxy.h2 import H2Side
 from planemesh.agent.proxy.h2_goaway import GoawaySplitter
 from planemesh.agent.proxy.http1 import HOP_BY_HOP, LAST_CHUNK, TRAILER_DROP, dropped_names, last_chunk
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.h2 import Bridge
+    from planemesh.agent.proxy.h2_downstream import H2Downstream
     from planemesh.agent.proxy.server import PlaneProxy
     from planemesh.agent.proxy.upstream import UpstreamConnection
 
@@ -216,6 +217,7 @@ class H1Stream:
         "out",
         "pending",
         "queued_down",
+        "reading",
         "replay",
         "replay_len",
         "req_done",
@@ -248,6 +250,7 @@ class H1Stream:
         self.write_paused = False
         self.held_acks: list = []
         self.queued_down = 0
+        self.reading = False  # holds one of the client connection's upstream reading slots (h2_guard.py)
         self.body: list[bytes] = []  # response body read, not yet handed to the h2 stream
         self.trailers: list[tuple[bytes, bytes]] | None = None
         method = bridge.method_b or b"GET"
@@ -315,7 +318,11 @@ class H1Stream:
             self._write(last_chunk(trailers))
 
     def cancel(self, bridge: Bridge) -> None:
-        """The client reset the stream, or its timeout fired: the connection is dropped, never reused."""
+        """The client reset the stream, or its timeout fired: the connection is dropped, never reused, and a
+        connection still being opened for it is not opened (rapid reset must not fan out to the upstream)."""
+        task = self.connect_task
+        if task is not None and not task.done():
+            task.cancel()
         self._abort()
 
     def release(self, bridge: Bridge) -> None:
@@ -323,10 +330,16 @@ class H1Stream:
         self._abort()
 
     def _abort(self) -> None:
+        self._leave()
         if self.finished:
             return
         self.finished = True
         self.connect_task = None  # the pool keeps a connection that arrives late
+        if self.body:  # read, never handed to the client: out of the connection's budget
+            pending = sum(map(len, self.body))
+            self.body.clear()
+            self.queued_down -= pending
+            self.h2ds.guard.buffered -= pending
         if self.pending:
             self.pending = False
             self.h2ds.proxy.stats.requests_pending -= 1
@@ -346,12 +359,29 @@ class H1Stream:
     def on_connected(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         conn.exchange = self  # type: ignore[assignment]
+        if not self.reading:
+            self.h2ds.paused_up.pop(self, None)  # a retry on a fresh connection decides afresh
+            guard = self.h2ds.guard
+            if self._client_window_open() and not guard.over_budget():
+                pass  # what arrives goes on to the client at once: read freely (a slow response holds no slot)
+            elif guard.may_read():
+                self.reading = True
+                guard.readers += 1
+            else:  # the client's connection holds its budget already: read nothing yet
+                conn.pause_reading()
+                self.h2ds.paused_up[self] = None
         out = self.out
         if out:
             conn.transport.write(b"".join(out) if len(out) > 1 else out[0])
             self.out = []
         if not self.write_paused:
             self._release_acks()
+
+    def _client_window_open(self) -> bool:
+        try:
+            return self.h2ds.conn.local_flow_control_window(self.bridge.sid) > 0
+        except h2.exceptions.StreamClosedError:
+            return False
 
     def on_connect_failed(self, timed_out: bool) -> None:
         self.h2ds.proxy.stats.upstream_connect_failures += 1
@@ -404,8 +434,15 @@ class H1Stream:
         self.bridge.bytes_tx += len(data)
         self.body.append(data)
         self.queued_down += len(data)
-        if self.queued_down > WINDOW and self.conn is not None:
-            self.conn.pause_reading()
+        guard = self.h2ds.guard
+        guard.buffered += len(data)
+        # Bounded per stream and per client connection (a client with a zero window and many streams): the
+        # upstream is not read until the client takes what waits.
+        conn = self.conn
+        if conn is not None and (self.queued_down > guard.limits.buffer_limit_bytes or guard.over_budget()):
+            conn.pause_reading()
+            self._leave()
+            self.h2ds.paused_up[self] = None
 
     def _body_out(self) -> bytes:
         body = self.body
@@ -417,9 +454,34 @@ class H1Stream:
 
     def _sent_down(self, n: int) -> None:
         self.queued_down -= n
+        h2ds = self.h2ds
+        h2ds.guard.buffered -= n
+        if h2ds.paused_up and h2ds.guard.may_read():
+            wake_readers(h2ds)
+
+    def _resume(self) -> bool:
+        """Read the upstream again (taking a reading slot), unless this stream holds half its own budget still.
+        False: it stays paused."""
         conn = self.conn
-        if conn is not None and conn.reading_paused and self.queued_down < WINDOW // 2:
+        guard = self.h2ds.guard
+        if conn is not None and self.queued_down >= guard.limits.buffer_limit_bytes // 2:
+            return False
+        del self.h2ds.paused_up[self]
+        if conn is not None:
+            self.reading = True
+            guard.readers += 1
             conn.resume_reading()
+        return True
+
+    def _leave(self) -> None:
+        """Give back the reading slot (paused, or done) and let a waiting stream have it."""
+        h2ds = self.h2ds
+        h2ds.paused_up.pop(self, None)
+        if self.reading:
+            self.reading = False
+            h2ds.guard.readers -= 1
+            if h2ds.paused_up and h2ds.guard.may_read():
+                wake_readers(h2ds)
 
     def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
         self.trailers = [(n, v) for n, v in trailers if n not in TRAILER_DROP]
@@ -428,6 +490,7 @@ class H1Stream:
         if self.finished:
             return
         self.finished = True
+        self._leave()
         conn = self.conn
         self.conn = None
         if conn is not None:
@@ -477,6 +540,20 @@ class H1Stream:
     def on_upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         conn.close()  # a switch nobody asked for
         self.on_upstream_protocol_error()
+
+
+def wake_readers(h2ds: H2Downstream) -> None:
+    """The client connection's budget allows more upstream reads: resume paused streams, oldest first, while it
+    does. A stream still holding half its own budget goes to the back (few can: they share the budget)."""
+    paused = h2ds.paused_up
+    guard = h2ds.guard
+    skipped = 0
+    while paused and skipped < len(paused) and guard.may_read():
+        stream = next(iter(paused))
+        if not stream._resume():
+            del paused[stream]
+            paused[stream] = None
+            skipped += 1
 
 
 def _response_drop(connection_values: list[bytes]) -> frozenset[bytes]:

@@ -324,7 +324,7 @@ class SniffListener:
             await proxy.loop.connect_accepted_socket(lambda: Downstream(proxy), conn)
             return
         if verdict.kind is Kind.H2 and not table.sni.declares(dst[1]):
-            from planemesh.agent.proxy.h2 import H2Downstream
+            from planemesh.agent.proxy.h2_downstream import H2Downstream
 
             await proxy.loop.connect_accepted_socket(lambda: H2Downstream(proxy), conn)
             return

@@ -15,6 +15,9 @@ class PlaneStats:
         "downstream_active",
         "downstream_total",
         "idle_closed",
+        "h2_abuse_closed",
+        "h2_premature_resets",
+        "h2_refused_streams",
         "latency_buckets",
         "latency_count",
         "latency_sum_ms",
@@ -64,6 +67,9 @@ class PlaneStats:
         self.overload_resets = 0  # connections reset at the hard memory threshold
         self.overload_level = 0  # overload.Level of the worker: 0 normal, 1 soft, 2 hard
         self.memory_bytes = 0  # the worker's RSS at the last sample
+        self.h2_premature_resets = 0  # streams a client reset before their response began (h2_guard.py)
+        self.h2_refused_streams = 0  # beyond the connection's max concurrent streams
+        self.h2_abuse_closed = 0  # connections closed with GOAWAY(ENHANCE_YOUR_CALM)
 
     def record_response(self, status: int, duration_ms: float, rx: int, tx: int) -> None:
         cls = status // 100

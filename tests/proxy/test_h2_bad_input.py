@@ -96,3 +96,30 @@ def test_header_list_beyond_the_limit_is_refused_not_buffered() -> None:
         code, closed = server_reaction(px.port, flood)
         assert closed and code is not None
         assert one_good_request(px.port) == 200
+
+
+def test_direct_response_route_over_h2() -> None:
+    """A route answered by the proxy itself (direct_response) over h2: its status and body (this used to end
+    the client's connection with a TypeError in the proxy)."""
+    from planemesh.agent.config import DirectResponse, Route
+
+    routes = (Route(action=None, direct_response=DirectResponse(403, b"denied by policy\n")),)
+    with Backend() as backend, ProxyThread([("127.0.0.1", backend.port)], routes=routes) as px:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        with socket.create_connection(("127.0.0.1", px.port), timeout=5) as sock:
+            client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/")],
+                                end_stream=True)  # fmt: skip
+            sock.sendall(client.data_to_send())
+            status, body, ended = 0, b"", False
+            while not ended:
+                data = sock.recv(65536)
+                assert data, "the proxy closed the connection"
+                for event in client.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended = True
+        assert (status, body) == (403, b"denied by policy\n")

@@ -559,3 +559,17 @@ def test_unsupported_locality_config_is_refused(doc, path, reason):
     with pytest.raises(ConfigError) as err:
         translate(to_resources([doc]), PLANES)
     assert path in str(err.value) and reason in str(err.value)
+
+
+def test_hcm_http2_protocol_options_set_the_planes_h2_limits():
+    h2 = {"max_concurrent_streams": 50, "max_outbound_control_frames": 500,
+          "max_inbound_priority_frames_per_stream": 10, "initial_stream_window_size": 65536}  # fmt: skip
+    snap = translate(to_resources([http_listener(http2_protocol_options=h2), PASS]), PLANES)
+    sla = snap.plane("oam").sla
+    assert (sla.h2_max_concurrent_streams, sla.h2_max_outbound_control_frames) == (50, 500)
+    assert sla.h2_max_inbound_priority_frames_per_stream == 10
+    assert sla.h2_max_consecutive_inbound_frames_with_empty_payload == 1  # not given: the default
+    bad = http_listener(http2_protocol_options={"max_concurrent_streams": 0})
+    with pytest.raises(ConfigError) as err:
+        translate(to_resources([bad, PASS]), PLANES)
+    assert err.value.path.endswith("http2_protocol_options.max_concurrent_streams")

@@ -1,0 +1,213 @@
+"""A client's h2c connection (the HTTP/2 server side): each request stream becomes a Bridge (h2.py), and every
+frame and stream is checked against the connection's abuse limits (h2_guard.py); past one, GOAWAY with
+ENHANCE_YOUR_CALM and close. See docs/protocols.md, "Abuse limits of the HTTP/2 server side"."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import h2.errors
+import h2.events
+import h2.exceptions
+
+from planemesh.agent.proxy.h2 import WINDOW, Bridge, H2Side
+from planemesh.agent.proxy.h2_guard import H2Guard, H2Limits
+
+if TYPE_CHECKING:
+    from planemesh.agent.proxy.server import PlaneProxy
+
+ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+ABUSE_LINGER_S = 1.0  # Envoy: delayed_close_timeout (1 s)
+
+
+class H2Downstream(H2Side):
+    """A client's h2c connection: each request stream becomes a Bridge."""
+
+    client_side = False
+
+    def __init__(self, proxy: PlaneProxy, preread: bytes = b"") -> None:
+        super().__init__(proxy)
+        self.preread = preread  # bytes an HTTP/1 Downstream read before seeing the preface
+        self.local: tuple[str, int] = ("", 0)
+        self.peer_ip_b = b""
+        self.table = None  # the routing table route_config was looked up in
+        self.route_config = None
+        self.guard = H2Guard(H2Limits.from_sla(proxy.sla), time.perf_counter)
+        self.paused_up: dict = {}  # H1Streams whose upstream reading waits for the connection's buffer budget
+        self.resets: set[int] | frozenset[int] = frozenset()  # streams reset in the batch being handled
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        proxy = self.proxy
+        proxy.stats.downstream_active += 1
+        proxy.stats.downstream_total += 1
+        sockname = transport.get_extra_info("sockname")
+        peer = transport.get_extra_info("peername")
+        self.local = proxy.original_destination(sockname, peer)
+        self.peer_ip_b = peer[0].removeprefix("::ffff:").encode() if peer else b""
+        limits = self.guard.limits
+        streams, budget = limits.max_concurrent_streams, limits.buffer_limit_bytes
+        # Streams past the limit get REFUSED_STREAM from handle(); h2 ends the connection only far beyond it (a
+        # client ignoring the setting, or keeping answered streams half open). Request bytes not yet forwarded
+        # stay within the buffer budget: the connection window is the budget, and it is credited only as bytes
+        # go upstream.
+        self._init_conn(streams, streams * 2 + 16, min(WINDOW, budget), max(budget, 65535))
+        self.flush()
+        if self.preread:
+            data, self.preread = self.preread, b""
+            self.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.stats.downstream_active -= 1
+        self.paused_up.clear()
+        super().connection_lost(exc)
+
+    # ---- back-pressure: a client that does not read is not read either -------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.transport is not None:
+            self.transport.pause_reading()  # no more requests, PINGs or SETTINGS to answer meanwhile
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+        super().resume_writing()
+
+    def write_now(self) -> None:
+        super().write_now()
+        guard = self.guard
+        if guard.control_queued and self.transport is not None and not self.transport.get_write_buffer_size():
+            guard.write_drained()
+
+    # ---- inbound frames, checked against the guard's limits ----------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # closing after a GOAWAY: dropped
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.close_after_goaway()  # the one h2 prepared
+            return
+        # A stream opened and reset in the same batch (rapid reset) never reaches an upstream.
+        resets = {e.stream_id for e in events if type(e) is h2.events.StreamReset}
+        self.resets = resets or frozenset()
+        bridges = self.bridges
+        guard = self.guard
+        for event in events:
+            kind = type(event)
+            if kind is h2.events.DataReceived:
+                if not event.flow_controlled_length and event.stream_ended is None:
+                    reason = guard.payload_frame(True)
+                    if reason is not None:
+                        return self.abuse(reason)
+                elif guard.empty_run:
+                    guard.empty_run = 0
+                bridge = bridges.get(event.stream_id)
+                if bridge is None:
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                else:
+                    bridge.on_data(self, event.data, event.flow_controlled_length)
+            elif kind is h2.events.StreamEnded:
+                bridge = bridges.get(event.stream_id)
+                if bridge is not None:
+                    bridge.on_end(self)
+            else:
+                self.handle(event)
+            if self.closed:
+                return
+        self.resets = frozenset()
+        self.flush()
+
+    def handle(self, event: h2.events.Event) -> None:
+        kind = type(event)
+        guard = self.guard
+        reason = None
+        if kind is h2.events.RequestReceived:
+            reason = guard.payload_frame(not event.headers and event.stream_ended is None)
+            if reason is None:
+                reason = self.open_stream(event)
+        elif kind is h2.events.WindowUpdated:
+            reason = guard.window_update_frame(self.data_frames)
+        elif kind is h2.events.PingReceived or kind is h2.events.RemoteSettingsChanged:
+            transport = self.transport
+            reason = guard.control_frame(transport is not None and transport.get_write_buffer_size() > 0)
+        elif kind is h2.events.PriorityUpdated:
+            reason = guard.priority_frame()
+        elif kind is h2.events.TrailersReceived:
+            guard.empty_run = 0
+        elif kind is h2.events.UnknownFrameReceived:
+            reason = guard.control_frame(False)
+        if reason is not None:
+            return self.abuse(reason)
+        if kind is not h2.events.RequestReceived:
+            super().handle(event)
+
+    def open_stream(self, event: h2.events.RequestReceived) -> str | None:
+        sid = event.stream_id
+        guard = self.guard
+        if sid in self.resets:  # reset before anything was done for it: a premature reset at once
+            guard.stream_opened()
+            self.proxy.stats.h2_premature_resets += 1
+            return guard.stream_closed(guard.clock(), False, True)
+        if not guard.may_open(len(self.bridges)):
+            self.proxy.stats.h2_refused_streams += 1
+            self.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            transport = self.transport
+            return guard.control_frame(transport is not None and transport.get_write_buffer_size() > 0)
+        guard.stream_opened()
+        bridge = Bridge(self, sid, event.headers)
+        self.bridges[sid] = bridge
+        bridge.start(event.stream_ended is not None)
+        return None
+
+    def stream_done(self, bridge: Bridge, reset_by_client: bool) -> None:
+        if self.closed:
+            return  # the connection went away: not the client's reset
+        if not self.bridges and not self.queues:
+            self.guard.buffered = 0  # nothing is in flight: the budget's count is exact again, whatever drifted
+        if reset_by_client and not bridge.status:
+            self.proxy.stats.h2_premature_resets += 1
+        reason = self.guard.stream_closed(bridge.t0, bridge.status != 0, reset_by_client)
+        if reason is not None:
+            self.abuse(reason)
+
+    def abuse(self, reason: str) -> None:
+        """Past a limit: GOAWAY(ENHANCE_YOUR_CALM) naming the limit, the streams cancelled, then close."""
+        if self.closed:
+            return
+        self.proxy.stats.h2_abuse_closed += 1
+        try:
+            self.conn.close_connection(ENHANCE_YOUR_CALM, additional_data=reason.encode())
+        except h2.exceptions.ProtocolError:
+            pass
+        self.close_after_goaway()
+
+    def close_after_goaway(self) -> None:
+        """Like Envoy's delayed close: the write side is shut after the GOAWAY, what the client still sends is
+        read and dropped for ABUSE_LINGER_S, so that the close is a FIN after the GOAWAY, not a reset (unread
+        input) that could destroy the GOAWAY before the client read it."""
+        if self.closed:
+            return
+        self.write_now()
+        self.closed = True
+        for bridge in list(self.bridges.values()):
+            bridge.on_reset(self, h2.errors.ErrorCodes.CANCEL)
+        self.bridges.clear()
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()
+        self.proxy.loop.call_later(ABUSE_LINGER_S, transport.close)
+
+    def respond(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        try:
+            self.conn.send_headers(sid, headers, end_stream=end)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return
+        self.flush()
