@@ -1,0 +1,51 @@
+"""Regexes that come from configuration, compiled with RE2 as Envoy's `safe_regex` is.
+
+Python's `re` backtracks: `(a+)+$` against 30 `a`s and a `b` takes minutes, in the worker that serves a whole
+plane. RE2 runs in time linear in the input and refuses what it cannot do that way (backreferences,
+lookaround); such patterns are NACKed with the field that holds them, as Envoy does. A match is always a
+full match of the value (Envoy's safe_regex semantics). Snapshots keep the pattern text; each worker compiles
+it once when it builds its routing table (agent/proxy/routing.py), never per request.
+"""
+
+from __future__ import annotations
+
+import re2
+
+from planemesh.agent.config import ConfigError
+
+# Envoy refuses a regex whose compiled program is bigger than `re2.max_program_size.error_level`, default 100.
+# Only patterns written in the configuration are held to it: the matchers planemesh builds itself
+# (suffix, contains: `.*` + an escaped literal) grow with their literal, as Envoy's non-regex matchers do.
+MAX_PROGRAM_SIZE = 100
+
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False  # a refused pattern is a ConfigError, not a line on stderr
+
+Regex = re2._Regexp
+
+
+def compile_regex(pattern: str, path: str = "", *, max_program_size: int | None = None) -> Regex:
+    """RE2-compile `pattern`; ConfigError naming `path` when RE2 refuses it or it is too big."""
+    try:
+        compiled = re2.compile(pattern, _OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise ConfigError(path, f"invalid regex {pattern!r} (RE2: {reason})") from None
+    except (TypeError, ValueError) as exc:  # e.g. a NUL byte or a surrogate the UTF-8 encoding refuses
+        raise ConfigError(path, f"invalid regex {pattern!r}: {exc}") from None
+    if max_program_size is not None and compiled.programsize > max_program_size:
+        raise ConfigError(
+            path, f"regex {pattern!r} is too complex (RE2 program size {compiled.programsize} > {max_program_size})"
+        )
+    return compiled
+
+
+def check_config_regex(pattern: str, path: str) -> str:
+    """Validate a safe_regex from configuration (RE2 syntax, Envoy's program-size limit); returns it."""
+    compile_regex(pattern, path, max_program_size=MAX_PROGRAM_SIZE)
+    return pattern
+
+
+def literal(text: str) -> str:
+    """An RE2 pattern that matches `text` literally."""
+    return re2.escape(text)
