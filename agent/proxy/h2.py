@@ -433,7 +433,7 @@ class Bridge:
         result = router.route_request(ds.route_config, authority, self.path_b or b"/", self._header_map)
         if not result.forward:
             if result.direct is not None:
-                return self.local_error(result.direct.status, result.direct.body.decode("latin-1", "replace"))
+                return self.local_error(result.direct.status, result.direct.body.decode("latin-1", "replace"), "")
             return self.local_error(404, "no route", accesslog.NR)
         cluster = result.cluster
         if result.weighted:
