@@ -33,10 +33,12 @@ def main(argv: list[str]) -> None:
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         result = fuzz(target, args.seconds, work, "-print_final_stats=1")
-        summary = [ln for ln in result.stderr.splitlines() if ln.startswith(("#", "Done ", "stat::number_of"))]
+        lines = result.stderr.splitlines()
+        progress = [ln.split(None, 2)[-1] for ln in lines if ln.startswith("#") and " cov: " in ln]
+        runs = [ln.split()[-1] for ln in lines if ln.startswith("stat::number_of_executed_units")]
         crashes = sorted(work.glob("crash-*")) + sorted(work.glob("timeout-*")) + sorted(work.glob("oom-*"))
-        print(f"{target}: {time.monotonic() - t0:.0f} s, exit {result.returncode}, "
-              f"{summary[-1] if summary else 'no summary'}; findings: {[str(c) for c in crashes] or 'none'}")
+        print(f"{target}: {time.monotonic() - t0:.0f} s, exit {result.returncode}, {runs[-1] if runs else '?'} runs, "
+              f"{progress[-1] if progress else 'no progress line'}; findings: {[str(c) for c in crashes] or 'none'}")
         if result.returncode != 0 or crashes:
             failed.append(target)
             print(result.stderr[-4000:], file=sys.stderr)
