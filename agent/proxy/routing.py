@@ -63,7 +63,7 @@ class CompiledHeaderMatch:
         elif self.prefix is not None:
             ok = value.startswith(self.prefix)
         elif self.regex is not None:
-            ok = self.regex.fullmatch(value) is not None
+            ok = self.regex.fullmatch(value)
         else:  # a bare name: the header must be present
             ok = True
         return ok != self.invert
@@ -87,7 +87,7 @@ class CompiledQueryMatch:
         if self.exact is not None:
             return value == self.exact
         if self.regex is not None:
-            return self.regex.fullmatch(value) is not None
+            return self.regex.fullmatch(value)
         return True
 
 
@@ -120,7 +120,7 @@ class CompiledRoute:
             if path != self.exact_path:
                 return False
         elif self.regex is not None:
-            if self.regex.fullmatch(path) is None:
+            if not self.regex.fullmatch(path):
                 return False
         elif self.prefix is not None and not path.startswith(self.prefix):
             return False
