@@ -22,22 +22,32 @@ _OPTIONS = re2.Options()
 _OPTIONS.log_errors = False  # a refused pattern is a ConfigError, not a line on stderr
 _OPTIONS.never_capture = True  # only "does the whole value match" is asked: no submatch engine needed
 _WHOLE = re2._re2.RE2.Anchor.ANCHOR_BOTH
+_RANGE_LEN = 32  # bytes of the match-range bounds RE2 computes once per pattern
 
 
 class Regex:
     """A compiled RE2 full-match test. It calls RE2's Match directly: google-re2's Python-level fullmatch()
     builds a match object with character offsets, about 10x the cost of the match itself."""
 
-    __slots__ = ("_re", "pattern", "programsize")
+    __slots__ = ("_hi", "_lo", "_re", "pattern", "programsize")
 
     def __init__(self, pattern: str, compiled: re2._Regexp) -> None:
         self.pattern = pattern
         self._re = compiled._regexp
         self.programsize = compiled.programsize
+        # RE2's bounds on every string the pattern matches (lo <= s <= hi): a request outside them is refused
+        # by two byte comparisons, without the call into RE2 (a route with a literal prefix, most of them).
+        try:
+            self._lo, hi = compiled.possiblematchrange(_RANGE_LEN)
+            self._hi: bytes | None = hi
+        except re2.error:  # no finite bounds (e.g. a leading `.*` over any byte)
+            self._lo, self._hi = b"", None
 
     def fullmatch(self, text: str) -> bool:
         """Whether `text` as a whole matches (Envoy's safe_regex semantics), in time linear in its length."""
         data = text.encode("utf-8", "surrogatepass")
+        if data < self._lo or (self._hi is not None and data > self._hi):
+            return False
         return self._re.Match(_WHOLE, data, 0, len(data))[0][0] >= 0
 
     def __reduce__(self):  # pickled (a snapshot's compiled form, if ever) as its pattern, compiled again

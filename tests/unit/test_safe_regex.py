@@ -111,3 +111,24 @@ def test_translated_regexes_travel_to_workers_as_text() -> None:
     assert compiled.matches("/aaaa", "", lambda: {"x": "a.v1", "y": "x(z)y"})
     assert not compiled.matches("/aaaa", "", lambda: {"x": "a-v1", "y": "x(z)y"})  # the dot is literal
     assert not compiled.matches(EVIL, "", lambda: {"x": "a.v1", "y": "x(z)y"})
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["/svc1/v[0-9]+/[a-z0-9-]+(/[0-9]+)?", r".*\.v1", "(a+)+$", "", "[^/]*", "/x/.*", "(?i)/AbC.*", "é+x",
+     r"[\x{100}-\x{10ffff}]+", "a|b|/zz"],
+)
+def test_match_range_prefilter_agrees_with_re2(pattern: str) -> None:
+    """The byte-range shortcut in Regex.fullmatch never changes an answer of RE2 itself."""
+    import itertools
+
+    import re2
+
+    raw = re2.compile(pattern)
+    compiled = compile_regex(pattern)
+    alphabet = ["/", "a", "b", "x", "/svc1/v", "9", "-", ".v1", "é", "\u0100", "\U0010ffff", "\x00", "\xff", "AbC",
+                "abc", "/x/", "zz"]
+    for n in range(4):
+        for parts in itertools.product(alphabet, repeat=n):
+            text = "".join(parts)
+            assert compiled.fullmatch(text) == (raw.fullmatch(text) is not None), (pattern, text)
