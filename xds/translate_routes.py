@@ -23,6 +23,7 @@ from planemesh.agent.config import (
     VirtualHost,
     WeightedCluster,
 )
+from planemesh.agent.safe_regex import check_config_regex, literal
 from planemesh.xds.translate_common import fraction, only, opt_seconds, seconds, type_name, uint
 from planemesh.xds.translate_filters import LOCAL_RATELIMIT, local_ratelimit
 
@@ -71,20 +72,17 @@ def _string_match(sm, path: str) -> dict:
     if kind == "prefix":
         return {"prefix": sm.prefix}
     if kind == "suffix":
-        return {"regex": ".*" + re.escape(sm.suffix)}
+        return {"regex": ".*" + literal(sm.suffix)}
     if kind == "contains":
-        return {"regex": ".*" + re.escape(sm.contains) + ".*"}
+        return {"regex": ".*" + literal(sm.contains) + ".*"}
     if kind == "safe_regex":
         return {"regex": _regex(sm.safe_regex.regex, f"{path}.safe_regex")}
     raise ConfigError(path, "empty string matcher")
 
 
 def _regex(pattern: str, path: str) -> str:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(path, f"invalid regex {pattern!r}: {exc}") from None
-    return pattern
+    """A safe_regex from the configuration: RE2 syntax (no backreferences, no lookaround), Envoy's size limit."""
+    return check_config_regex(pattern, path)
 
 
 def _header_match(hm, path: str) -> HeaderMatch:
@@ -113,9 +111,9 @@ def _header_match(hm, path: str) -> HeaderMatch:
     elif kind == "prefix_match":
         values = {"prefix": hm.prefix_match}
     elif kind == "suffix_match":
-        values = {"regex": ".*" + re.escape(hm.suffix_match)}
+        values = {"regex": ".*" + literal(hm.suffix_match)}
     elif kind == "contains_match":
-        values = {"regex": ".*" + re.escape(hm.contains_match) + ".*"}
+        values = {"regex": ".*" + literal(hm.contains_match) + ".*"}
     elif kind == "safe_regex_match":
         values = {"regex": _regex(hm.safe_regex_match.regex, f"{path}.safe_regex_match")}
     elif kind == "present_match":
@@ -146,7 +144,7 @@ def _match(m, path: str) -> RouteMatch:
         if q.HasField("string_match"):
             sm = _string_match(q.string_match, f"{qpath}.string_match")
             if "prefix" in sm:
-                sm = {"regex": re.escape(sm["prefix"]) + ".*"}
+                sm = {"regex": literal(sm["prefix"]) + ".*"}
             query.append(QueryMatch(name=q.name, **sm))
         else:
             query.append(QueryMatch(name=q.name, present=True))

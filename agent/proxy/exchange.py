@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from planemesh.agent.config import ClusterKind
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.attempts import HELD_REQUEST, UpstreamAttempts, rng
 from planemesh.agent.proxy.balancer import normalise_ip, request_hash
 from planemesh.agent.proxy.circuit import REQUESTS, RETRIES
+from planemesh.agent.proxy.connect_target import connect_refusal
 from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_decision
 from planemesh.agent.proxy.http1 import (
     CONTINUE,
@@ -295,8 +295,8 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         if cluster is None:
             if result.cluster_missing:
                 return self.reply(503, b"no healthy upstream\n", (), flags.UF)
-            if connect:
-                target = self.connect_to  # type: ignore[assignment]
+            if connect:  # the original destination, never the client's authority (connect_target.py)
+                target = (normalise_ip(ds.local[0]), ds.local[1])
             elif ds.loops_to_self:
                 return self.reply(404, b"", (), flags.NR)  # not intercepted: would forward to ourselves
             else:
@@ -310,8 +310,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
             self.cb_held |= HELD_REQUEST
             if action is not None and action.hash_policy:
                 self.hash_key = request_hash(action.hash_policy, self._header_map, ds.peer_ip)
-            # An ORIGINAL_DST cluster sends a CONNECT to its target (the destination the client asked for).
-            picked = self.connect_to if connect and cluster.kind is ClusterKind.ORIGINAL_DST else self._pick()
+            picked = self._pick()  # ORIGINAL_DST: the original destination, for a CONNECT too
             if picked is None:
                 return self.reply(503, b"no healthy upstream\n", (), flags.UF)
             target = picked
@@ -353,8 +352,9 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.reply(403, body)
 
     def _open_connect(self, target: tuple[str, int], connect_timeout_s: float) -> None:
-        if target[1] in self.ds.proxy.listen_ports:
-            return self.refuse(b"CONNECT to the proxy's own port is not allowed\n")
+        refused = connect_refusal(target, self.cluster, self.connect_to, self.ds.proxy.listen_ports)
+        if refused is not None:
+            return self.refuse(refused)
         if self.request_id is None:
             self.request_id = new_request_id().decode()
         self.t_upstream = _perf()

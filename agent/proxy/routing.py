@@ -8,7 +8,6 @@ Load balancing and resilience live elsewhere (balancer.py) and build on `RouteRe
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -31,13 +30,15 @@ from planemesh.agent.config import (
     VirtualHost,
 )
 from planemesh.agent.proxy.filters import FilterChain
+from planemesh.agent.safe_regex import Regex, compile_regex
 
 # Headers a route may look at, lower-case name -> value (repeated headers joined with ",").
 Headers = Mapping[str, str]
 
 
-def _compile_regex(pattern: str | None) -> re.Pattern[str] | None:
-    return re.compile(pattern) if pattern is not None else None
+def _compile_regex(pattern: str | None) -> Regex | None:
+    """RE2, compiled once per snapshot (Envoy's safe_regex: linear time, full match of the value)."""
+    return compile_regex(pattern) if pattern is not None else None
 
 
 class CompiledHeaderMatch:
@@ -62,7 +63,7 @@ class CompiledHeaderMatch:
         elif self.prefix is not None:
             ok = value.startswith(self.prefix)
         elif self.regex is not None:
-            ok = self.regex.fullmatch(value) is not None
+            ok = self.regex.fullmatch(value)
         else:  # a bare name: the header must be present
             ok = True
         return ok != self.invert
@@ -86,7 +87,7 @@ class CompiledQueryMatch:
         if self.exact is not None:
             return value == self.exact
         if self.regex is not None:
-            return self.regex.fullmatch(value) is not None
+            return self.regex.fullmatch(value)
         return True
 
 
@@ -119,7 +120,7 @@ class CompiledRoute:
             if path != self.exact_path:
                 return False
         elif self.regex is not None:
-            if self.regex.fullmatch(path) is None:
+            if not self.regex.fullmatch(path):
                 return False
         elif self.prefix is not None and not path.startswith(self.prefix):
             return False

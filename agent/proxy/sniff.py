@@ -97,7 +97,10 @@ def _http1(data: bytes) -> Verdict | bool | None:
         if len(data) >= MAX_REQUEST_LINE or b"\r" in data[space : len(data) - 1]:
             return None
         return False
-    line = data[space + 1 : eol].rstrip(b"\r")
+    line = data[space + 1 : eol]
+    line = line[:-1] if line.endswith(b"\r") else line
+    if b"\r" in line:  # a bare CR: not HTTP, however the bytes arrived (the partial check above says so too)
+        return None
     target, _, version = line.rpartition(b" ")
     if target and version in (b"HTTP/1.1", b"HTTP/1.0"):
         return HTTP1

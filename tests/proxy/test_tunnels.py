@@ -277,8 +277,15 @@ def connect(port: int, target: str, early: bytes = b"") -> socket.socket:
     return s
 
 
+def connect_to_cluster(name: str, *endpoints: tuple[str, int]) -> tuple[Route, dict[str, Cluster]]:
+    route = Route(match=RouteMatch(prefix=None, connect=True),
+                  action=RouteAction(cluster=name, upgrades=(UpgradeConfig("connect"),)))  # fmt: skip
+    return route, {name: Cluster(name=name, kind=ClusterKind.STATIC, endpoints=tuple(Endpoint(*e) for e in endpoints))}
+
+
 def test_connect_tunnel_is_byte_exact_with_half_close(echo_port: int) -> None:
-    with ProxyThread([], routes=(CONNECT_ROUTE,)) as px:
+    route, clusters = connect_to_cluster("echo", ("127.0.0.1", echo_port))
+    with ProxyThread([], routes=(route,), clusters=clusters) as px:
         payload = os.urandom(8 << 20)
         s = connect(px.port, f"127.0.0.1:{echo_port}", early=payload[:1000])  # bytes before the 200 are kept
         assert s.recv(len(b"HTTP/1.1 200 Connection established\r\n\r\n")) == (
@@ -320,12 +327,60 @@ def test_connect_refused_or_failing_gets_clear_answers(echo_port: int) -> None:
     with with_listener_upgrades(ProxyThread([], routes=(off,)), (UpgradeConfig("connect"),)) as px:
         assert read_response(connect(px.port, f"127.0.0.1:{echo_port}"))[::2] == (
             403, b"CONNECT is not allowed on this route\n")  # fmt: skip
-    with ProxyThread([], routes=(CONNECT_ROUTE,)) as px:
-        status, headers, body = read_response(connect(px.port, f"127.0.0.1:{free_port()}"))
+    dead = free_port()
+    route, clusters = connect_to_cluster("dead", ("127.0.0.1", dead))
+    with ProxyThread([], routes=(route,), clusters=clusters) as px:
+        status, headers, body = read_response(connect(px.port, f"127.0.0.1:{dead}"))
         assert (status, body, headers.get("connection")) == (503, b"upstream connect error\n", "close")
         assert " 503 UF " in log_line_for(px, " 503 UF ")
+    with ProxyThread([], routes=(CONNECT_ROUTE,)) as px:
         status, _, body = read_response(connect(px.port, f"127.0.0.1:{px.port}"))
         assert (status, body) == (403, b"CONNECT to the proxy's own port is not allowed\n")
+
+
+@pytest.fixture
+def loopback_only_service():
+    """A service only the node itself can reach (127.0.0.1): what the open CONNECT proxy handed to pods."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        srv.settimeout(0.2)
+        accepted: list[socket.socket] = []
+
+        def reached() -> bool:
+            try:
+                conn, _ = srv.accept()
+            except (TimeoutError, OSError):
+                return bool(accepted)
+            accepted.append(conn)
+            return True
+
+        yield srv.getsockname()[1], reached
+        for conn in accepted:
+            conn.close()
+
+
+def test_connect_cannot_reach_loopback_localhost_or_outside_the_cluster(loopback_only_service, echo_port) -> None:
+    """Issue 11 finding 5. Through an original-destination route the tunnel's target is the connection's
+    original destination (here the proxy itself: the client was not intercepted), never the authority;
+    through a cluster route an IP authority must be an endpoint of the cluster. Refused with 403."""
+    port, reached = loopback_only_service
+    with ProxyThread([], routes=(CONNECT_ROUTE,)) as px:
+        for authority in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::ffff:127.0.0.1]:{port}"):
+            status, headers, _ = read_response(connect(px.port, authority))
+            assert (status, headers.get("connection")) == (403, "close"), authority
+    route, clusters = connect_to_cluster("echo", ("127.0.0.1", echo_port))
+    with ProxyThread([], routes=(route,), clusters=clusters) as px:
+        for authority in (f"127.0.0.1:{port}", "198.18.2.10:5432", f"127.0.0.2:{echo_port}"):
+            status, _, body = read_response(connect(px.port, authority))
+            assert (status, body) == (403, b"CONNECT target is not an endpoint of the route's cluster\n"), authority
+        # The legitimate CONNECT, by the cluster's own endpoint or by a name, still tunnels.
+        for authority in (f"127.0.0.1:{echo_port}", "echo.internal:7"):
+            s = connect(px.port, authority)
+            assert read_response(s)[0] == 200
+            s.sendall(b"ping")
+            s.shutdown(socket.SHUT_WR)
+            assert read_all(s) == b"ping"
+            s.close()
+    assert not reached(), "a CONNECT reached the loopback-only service"
 
 
 @pytest.mark.parametrize(
