@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from planemesh.labs import netns as ns_tools
+
 
 def children(pid: int) -> list[int]:
     out: list[int] = []
@@ -53,3 +55,19 @@ def stopped(pid: int) -> Iterator[None]:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def flap(ns: str, ifname: str, down_s: float) -> None:
+    """Set `ifname` in `ns` down, then up again after `down_s`. The kernel drops the routes through a link set
+    down; the lab installed the node's routes to its pods once (as a CNI would), so they are put back here as
+    the node's network manager would, and only those: whatever planemesh installs must come back by itself."""
+    routes = {
+        family: ns_tools.run(ns, ["ip", family, "route", "show", "dev", ifname, "proto", "static"]).stdout.splitlines()
+        for family in ("-4", "-6")
+    }
+    ns_tools.run(ns, ["ip", "link", "set", "dev", ifname, "down"])
+    time.sleep(down_s)
+    ns_tools.run(ns, ["ip", "link", "set", "dev", ifname, "up"])
+    for family, lines in routes.items():
+        for line in lines:
+            ns_tools.run(ns, ["ip", family, "route", "replace", *line.split(), "dev", ifname, "proto", "static"])
