@@ -96,6 +96,7 @@ class Fault:
     started: float
     ended: float = 0.0
     may_fail: bool = True  # node-wide faults that must cause no error at all say False
+    marks: dict[str, float] = field(default_factory=dict)  # moments inside the fault, for the report
 
     def covers(self, outcome: Outcome, grace_s: float) -> bool:
         return outcome.started <= self.ended + grace_s and outcome.ended >= self.started
@@ -108,7 +109,7 @@ def unexplained(log: ClientLog, faults: list[Fault], grace_s: float) -> list[tup
     for outcome in log.errors():
         active = [f for f in faults if f.covers(outcome, grace_s)]
         if not any(f.may_fail and f.plane in (log.plane, None) for f in active):
-            out.append((outcome, [f"{f.kind}@{f.plane}" for f in active]))
+            out.append((outcome, [f"{f.kind}@{f.plane} {_offsets(f, outcome)}" for f in active]))
     return out
 
 
@@ -119,3 +120,9 @@ def by_fault(log: ClientLog, faults: list[Fault], grace_s: float) -> dict[str, i
         for kind in sorted({f.kind for f in faults if f.plane in (log.plane, None) and f.covers(outcome, grace_s)}):
             counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+def _offsets(fault: Fault, outcome: Outcome) -> str:
+    """When the failed request started, relative to the fault's start and marks (seconds)."""
+    points = {"start": fault.started, **fault.marks, "end": fault.ended}
+    return " ".join(f"{name}{outcome.started - t:+.3f}" for name, t in points.items())

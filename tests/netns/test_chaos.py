@@ -116,8 +116,10 @@ class Chaos:
     def agent_restart(self, fault: Fault) -> None:
         old = self.env.agent
         self.env.agent = start_agent(self.env.lab, self.env.workdir, self.agent_args)
+        fault.marks["successor_ready"] = time.monotonic()
         self.old_agents.append(old)
         assert old.wait(30) == 0, "the predecessor did not hand over cleanly"
+        fault.marks["predecessor_gone"] = time.monotonic()
 
     def xds(self) -> object:
         try:
