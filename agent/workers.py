@@ -188,8 +188,11 @@ class WorkerProcess:
         if not self.alive:
             self.close_channel()
             return
-        with contextlib.suppress(WorkerUnavailable):
-            await self.request({"op": "drain", "timeout": drain_timeout}, "drained", timeout=drain_timeout + 5)
+        if self.stalled_for() <= STATS_TIMEOUT_S:  # a stuck worker would not drain: it is killed below
+            with contextlib.suppress(WorkerUnavailable):
+                await self.request({"op": "drain", "timeout": drain_timeout}, "drained", timeout=drain_timeout + 5)
+        elif self._proc is not None and self._proc.returncode is None:
+            self.kill()
         assert self._proc is not None
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
