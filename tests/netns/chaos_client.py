@@ -32,6 +32,7 @@ class ClientLog:
     plane: str
     outcomes: list[Outcome] = field(default_factory=list)
     corrupted: list[str] = field(default_factory=list)  # a 2xx whose body did not match: never allowed
+    crashed: str = ""  # the client itself failed (a bug in the test): the run proves nothing
 
     @property
     def ok(self) -> int:
@@ -39,6 +40,14 @@ class ClientLog:
 
     def errors(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.error]
+
+
+def _sha256_field(data: bytes) -> str | None:
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return None
+    return answer.get("sha256") if isinstance(answer, dict) else None
 
 
 def _one(conn: http.client.HTTPConnection, rng: random.Random, log: ClientLog) -> None:
@@ -50,7 +59,7 @@ def _one(conn: http.client.HTTPConnection, rng: random.Random, log: ClientLog) -
         resp = conn.getresponse()
         data = resp.read()
         want = hashlib.sha256(body).hexdigest()
-        got = json.loads(data).get("sha256") if resp.status == 200 else None
+        got = _sha256_field(data) if 200 <= resp.status < 300 else None
         what = f"POST /sha256 of {size} bytes"
     else:
         conn.request("GET", f"/big?size={size}")
@@ -67,6 +76,13 @@ def _one(conn: http.client.HTTPConnection, rng: random.Random, log: ClientLog) -
 
 def run_client(address: str, port: int, stop: threading.Event, seed: int, log: ClientLog) -> None:
     """Requests one after another until `stop` (or MAX_REQUESTS), reconnecting after any error."""
+    try:
+        _run(address, port, stop, seed, log)
+    except BaseException as exc:
+        log.crashed = repr(exc)
+
+
+def _run(address: str, port: int, stop: threading.Event, seed: int, log: ClientLog) -> None:
     rng = random.Random(seed)
     conn: http.client.HTTPConnection | None = None
     while not stop.is_set() and len(log.outcomes) < MAX_REQUESTS:

@@ -207,6 +207,7 @@ def test_chaos(run_prefix: str, tmp_path: Path) -> None:
                     report.append(f"{log.plane}: {log.ok} ok, {len(log.errors())} failed, overlapping {causes}")
                 print("\n".join(report))
                 for log in logs.values():
+                    assert not log.crashed, (seed, log.plane, log.crashed)
                     assert log.ok > 20, report
                     assert not log.corrupted, (seed, log.corrupted[:5])
                     stray = unexplained(log, chaos.faults, GRACE_S)
