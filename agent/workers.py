@@ -19,7 +19,7 @@ from typing import Any
 
 from planemesh.agent.config import Snapshot
 from planemesh.agent.cpu_groups import CpuGroups
-from planemesh.agent.worker_channel import ChannelError, RequestTable, encode, read_message
+from planemesh.agent.worker_channel import RequestTable, encode, read_message
 
 log = logging.getLogger("planemesh.workers")
 START_TIMEOUT_S = 15.0
@@ -108,7 +108,7 @@ class WorkerProcess:
                 waiter = self._waiters.pop(rid, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg)
-        except (ChannelError, ValueError, EOFError, ConnectionError, asyncio.IncompleteReadError) as exc:
+        except Exception as exc:  # ChannelError, a torn or unreadable message, a reset: restart the worker
             log.error("worker %s: control channel broken (%s); restarting it", self.name, exc)
             self.kill()
         finally:
