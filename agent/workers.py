@@ -79,8 +79,13 @@ class WorkerProcess:
         if self._options.get("host_map_fd") is not None:  # host mode: original destinations by peer
             argv += ["--host-map-fd", str(self._options["host_map_fd"])]
             fds.append(self._options["host_map_fd"])
-        self._proc = await asyncio.create_subprocess_exec(*argv, pass_fds=fds)
-        theirs.close()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(*argv, pass_fds=fds)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         self.pid = self._proc.pid
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         try:
@@ -319,8 +324,10 @@ class PlaneWorkers:
             try:
                 await self._start_one(index)
                 return
-            except WorkerStartError as exc:  # keep trying: the other planes are not concerned
-                log.error("%s; plane %s keeps trying", exc, self.plane)
+            except Exception as exc:  # no start (or no fork, no cgroup): keep trying, the other planes are fine
+                log.error("worker %s/%d: %s; plane %s keeps trying", self.plane, index, exc, self.plane)
+                self.workers[index].close_channel()
+                self.workers[index].kill()
                 self.workers[index] = WorkerProcess(self.plane, index, self.listeners, self._options)
 
     async def stop(self, drain_timeout: float) -> None:
