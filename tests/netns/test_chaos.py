@@ -1,12 +1,13 @@
 """Chaos in the netns tier: random faults (seeded; the seed is printed, set PM_CHAOS_SEED to replay) while one
 client per plane runs continuously, checking every body by SHA-256.
 
-Faults, each attributed to the plane it hits: kill -9 of a plane's worker, SIGSTOP of it for a few seconds,
-a plane interface flapped down and up, the plane's upstream server killed and restarted. Node-wide: a new
-config pushed over xDS, a broken one (NACKed; the last good keeps serving), the agent replaced by a new one
-(hot upgrade). Afterwards: the agent is alive, every plane serves, no 2xx carried a wrong body, and every
-failed request overlaps a fault of its own plane. Node-wide faults are asserted to cause no error at all:
-a push and a NACK never touch the data path, and a hot upgrade hands the listening sockets over.
+Faults, each attributed to the plane it hits: kill -9 of a plane's worker, SIGSTOP of it for a few seconds (and
+once for good: the agent restarts it), a plane interface flapped down and up, the plane's upstream server killed
+and restarted. Node-wide: a new config pushed over xDS, a broken one (NACKed; the last good keeps serving), the
+agent replaced by a new one (hot upgrade). Afterwards: the agent is alive, every plane serves, no 2xx carried a
+wrong body, and every failed request overlaps a fault of its own plane. Node-wide faults are asserted to cause
+no error at all: a push and a NACK never touch the data path, and a hot upgrade hands the listening sockets
+over (the old workers answer what their clients send while draining, with `Connection: close`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ CHAOS_S = float(os.environ.get("PM_CHAOS_SECONDS", "40"))
 GRACE_S = 3.0  # a request that ends this long after its fault ended is still the fault's
 PORTS = {"oam": 8081, "media": 8082}  # one upstream server per plane, so killing it is that plane's fault
 FAMILY = {"oam": 4, "media": 6}  # one client per plane: IPv4 on oam, IPv6 on media
-PLANE_FAULTS = ("kill9", "sigstop", "flap", "upstream")
+PLANE_FAULTS = ("kill9", "sigstop", "stuck", "flap", "upstream")
 NODE_FAULTS = ("push", "broken_push", "agent_restart")
 # After one of each: not the agent restart again, it is the slow one (the new agent compiles its BPF program:
 # 5-25 s on a loaded 2-core machine) and the test is bounded to about a minute and a half.
-REPEATED = (*PLANE_FAULTS, "push", "broken_push")
+REPEATED = ("kill9", "sigstop", "flap", "upstream", "push", "broken_push")  # "stuck" once too: 6 s or more
 
 
 def chaos_resources(generation: int) -> list[dict]:
@@ -88,6 +89,13 @@ class Chaos:
     def sigstop(self, fault: Fault) -> None:
         with stopped(wait_worker(self.env.agent.pid, fault.plane or "")):
             time.sleep(self.rng.uniform(1.0, 3.0))
+
+    def stuck(self, fault: Fault) -> None:
+        """A worker stopped for good: the agent kills it after STALL_RESTART_S and starts a new one."""
+        pid = wait_worker(self.env.agent.pid, fault.plane or "")
+        with stopped(pid):
+            wait_worker(self.env.agent.pid, fault.plane or "", timeout=30, not_pid=pid)
+        time.sleep(0.5)
 
     def flap(self, fault: Fault) -> None:
         ifname = f"{self.rng.choice(['client', 'server'])}-{fault.plane}"
