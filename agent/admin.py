@@ -338,6 +338,7 @@ class AdminServer:
         if not self.binds:
             raise AdminBindError("the admin endpoint needs at least one bind address")
         self._servers: list[asyncio.Server] = []
+        self._own_paths: dict[str, tuple[int, int]] = {}  # unix socket path -> (dev, inode) we bound
         self.addresses: list[str] = []  # what was actually bound (port 0 resolved)
 
     async def start(self) -> None:
@@ -347,6 +348,8 @@ class AdminServer:
                     _prepare_unix_path(b.unix_path)
                     server = await asyncio.start_unix_server(self._serve, path=b.unix_path, limit=MAX_REQUEST_HEAD)
                     os.chmod(b.unix_path, 0o660)
+                    st = os.lstat(b.unix_path)
+                    self._own_paths[b.unix_path] = (st.st_dev, st.st_ino)
                     self.addresses.append(f"unix://{b.unix_path}")
                 else:
                     server = await asyncio.start_server(
@@ -361,17 +364,21 @@ class AdminServer:
         log.info("admin endpoint listening on %s", ", ".join(self.addresses))
 
     async def close(self) -> None:
+        # Unlink our socket files first, while still listening: a successor (hot upgrade) probing the path
+        # finds it answered and waits, so it never binds a file we would then unlink (that left the new
+        # agent without an admin socket). Only the file we bound (same inode) is removed.
+        for path, ident in self._own_paths.items():
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == ident:
+                    os.unlink(path)
+        self._own_paths.clear()
         for server in self._servers:
             server.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2.0)
         self._servers.clear()
-        for b in self.binds:
-            if b.unix_path is not None and self.addresses:
-                with contextlib.suppress(OSError):
-                    if stat.S_ISSOCK(os.lstat(b.unix_path).st_mode):
-                        os.unlink(b.unix_path)
         self.addresses.clear()
 
     async def run(self) -> None:

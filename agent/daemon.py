@@ -276,12 +276,14 @@ class Agent:
         return merged
 
     async def _collect_worker_stats(self, interval_s: float = 0.5) -> None:
-        while True:
-            for name, workers in list(self.workers.items()):
-                try:
-                    self._proxy_reports[name] = await workers.stats()
-                except Exception as exc:  # a worker being restarted: keep the last numbers
-                    log.debug("stats from %s: %s", name, exc)
+        while True:  # all planes at once: a stuck worker's 2 s deadline does not delay the others' numbers
+            planes = list(self.workers.items())
+            reports = await asyncio.gather(*(w.stats() for _, w in planes), return_exceptions=True)
+            for (name, _), report in zip(planes, reports, strict=True):
+                if isinstance(report, BaseException):  # a worker being restarted: keep the last numbers
+                    log.debug("stats from %s: %s", name, report)
+                else:
+                    self._proxy_reports[name] = report
             await asyncio.sleep(interval_s)
 
     # ---- lifecycle ---------------------------------------------------------------------------

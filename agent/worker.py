@@ -178,17 +178,17 @@ async def run_worker(
 
     async def control_loop() -> None:
         while (msg := await read_message(reader)) is not None:
-            op = msg.get("op")
+            op, rid = msg.get("op"), msg.get("id")  # every reply echoes the request's id
             if op == "snapshot":
                 sources.snapshot, sources.by_plane = msg["snapshot"], msg.get("sources", {})
                 proxy.update(msg["snapshot"])
-                writer.write(encode({"op": "applied", "version": msg["snapshot"].version}))
+                writer.write(encode({"op": "applied", "id": rid, "version": msg["snapshot"].version}))
             elif op == "stats":
                 sniff = proxy.sniff_stats if proxy.sniffing else None
-                writer.write(encode({"op": "stats", "stats": stats_report(plane, proxy.stats, sniff)}))
+                writer.write(encode({"op": "stats", "id": rid, "stats": stats_report(plane, proxy.stats, sniff)}))
             elif op == "drain":
                 await proxy.drain(float(msg.get("timeout", 10)))
-                writer.write(encode({"op": "drained"}))
+                writer.write(encode({"op": "drained", "id": rid}))
                 await writer.drain()
                 return
             await writer.drain()

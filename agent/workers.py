@@ -1,4 +1,11 @@
-"""The agent's side of the per-plane worker processes: spawn, configure, collect stats, supervise, drain."""
+"""The agent's side of the per-plane worker processes: spawn, configure, collect stats, supervise, drain.
+
+A worker that stops answering is a problem of that worker, never of the agent: requests to it time out (their
+late replies are dropped by id, agent/worker_channel.py), a snapshot push does not wait for it, and the
+supervisor kills it once it has been stuck for STALL_RESTART_S and starts a new one on the same listening
+sockets (the agent keeps them: connections queue in the backlog meanwhile, none is refused) with the newest
+snapshot.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +14,36 @@ import contextlib
 import logging
 import socket
 import sys
+import time
 from typing import Any
 
 from planemesh.agent.config import Snapshot
 from planemesh.agent.cpu_groups import CpuGroups
-from planemesh.agent.worker_channel import encode, read_message
+from planemesh.agent.worker_channel import RequestTable, encode, read_message
 
 log = logging.getLogger("planemesh.workers")
 START_TIMEOUT_S = 15.0
 START_ATTEMPTS = 3
+STATS_TIMEOUT_S = 2.0  # a stats poll (every 0.5 s) not answered by then is dropped; the numbers stay as they were
+APPLY_TIMEOUT_S = 5.0  # how long a snapshot push waits for one worker's ack before it goes on without it
+# A worker with a request unanswered this long is killed and restarted. Envoy's watchdog has the same idea per
+# worker thread (miss 200 ms / megamiss 1 s counted, kill off by default); a process restart costs the worker's
+# open connections, so only a worker stuck for seconds (a CPU-bound loop, SIGSTOP) is restarted.
+STALL_RESTART_S = 5.0
+SUPERVISE_TICK_S = 0.5
+RESTART_WINDOW_S = 30.0  # restarts counted for the back-off (0.1 s per recent restart, at most 2 s)
 
 
 class WorkerStartError(RuntimeError):
     pass
 
 
+class WorkerUnavailable(RuntimeError):
+    """The worker did not answer in time, or its channel is gone: the supervisor deals with it."""
+
+
 class WorkerProcess:
-    """One worker process of one plane, with its control channel (requests answered in order)."""
+    """One worker process of one plane, with its control channel (requests matched to replies by id)."""
 
     def __init__(self, plane: str, index: int, listeners: list[socket.socket], options: dict[str, Any]) -> None:
         self.plane = plane
@@ -31,10 +51,16 @@ class WorkerProcess:
         self._listeners = listeners
         self._options = options
         self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
+        self._table = RequestTable()
+        self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._replies: asyncio.Task[None] | None = None
         self.pid: int | None = None
+        self.ready = False  # answered the first snapshot and its channel is open
+
+    @property
+    def name(self) -> str:
+        return f"{self.plane}/{self.index}"
 
     async def start(self, first: dict[str, Any]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -53,31 +79,94 @@ class WorkerProcess:
         if self._options.get("host_map_fd") is not None:  # host mode: original destinations by peer
             argv += ["--host-map-fd", str(self._options["host_map_fd"])]
             fds.append(self._options["host_map_fd"])
-        self._proc = await asyncio.create_subprocess_exec(*argv, pass_fds=fds)
-        theirs.close()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(*argv, pass_fds=fds)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         self.pid = self._proc.pid
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         try:
             self._writer.write(encode(first))
             await self._writer.drain()
-            reply = await asyncio.wait_for(read_message(self._reader), START_TIMEOUT_S)
-        except (ConnectionError, TimeoutError) as exc:
+            reply = await asyncio.wait_for(read_message(reader), START_TIMEOUT_S)
+        except (ConnectionError, TimeoutError, ValueError, EOFError) as exc:
             reply = {"op": f"failed: {exc!r}"}
         if reply is None or reply.get("op") != "ready":
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
+            self.kill()
             code = await self._proc.wait()
-            raise WorkerStartError(f"worker {self.plane}/{self.index} did not start (exit {code}, {reply!r})")
+            self.close_channel()
+            raise WorkerStartError(f"worker {self.name} did not start (exit {code}, {reply!r})")
+        self._replies = asyncio.create_task(self._read_replies(reader), name=f"replies-{self.name}")
+        self.ready = True
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        """Hands each reply to the request waiting for it; a late one is dropped, a bad one ends the worker."""
+        try:
+            while (msg := await read_message(reader)) is not None:
+                rid = self._table.reply(msg)
+                if rid is None:
+                    log.info("worker %s: dropped a late %r reply", self.name, msg.get("op"))
+                    continue
+                waiter = self._waiters.pop(rid, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(msg)
+        except Exception as exc:  # ChannelError, a torn or unreadable message, a reset: restart the worker
+            log.error("worker %s: control channel broken (%s); restarting it", self.name, exc)
+            self.kill()
+        finally:
+            self._fail_waiters()
+
+    def _fail_waiters(self) -> None:
+        self.ready = False
+        self._table.close()
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(WorkerUnavailable(f"worker {self.name}: control channel closed"))
+        self._waiters.clear()
 
     async def request(self, message: dict[str, Any], expect: str, timeout: float = 10.0) -> dict[str, Any]:
-        assert self._writer is not None and self._reader is not None
-        async with self._lock:
-            self._writer.write(encode(message))
-            await self._writer.drain()
-            reply = await asyncio.wait_for(read_message(self._reader), timeout)
-        if reply is None or reply.get("op") != expect:
-            raise RuntimeError(f"worker {self.plane}/{self.index}: expected {expect}, got {reply!r}")
-        return reply
+        """Send a request and wait for its reply; WorkerUnavailable when none comes within `timeout`."""
+        if not self.ready or self._writer is None:
+            raise WorkerUnavailable(f"worker {self.name} is not running")
+        rid = self._table.new(expect, time.monotonic())
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters[rid] = waiter
+        try:
+            self._writer.write(encode({**message, "id": rid}))
+            await asyncio.wait_for(self._send_and_wait(waiter), timeout)
+            return waiter.result()
+        except (TimeoutError, ConnectionError) as exc:
+            self._table.abandon(rid)
+            raise WorkerUnavailable(f"worker {self.name}: no {expect!r} reply within {timeout:g}s") from exc
+        finally:
+            self._waiters.pop(rid, None)
+
+    async def _send_and_wait(self, waiter: asyncio.Future[dict[str, Any]]) -> None:
+        assert self._writer is not None
+        await self._writer.drain()
+        await waiter
+
+    def post(self, message: dict[str, Any], expect: str) -> None:
+        """Send a request without waiting for it (to a worker already stuck); its reply will be dropped."""
+        if not self.ready or self._writer is None:
+            return
+        rid = self._table.new(expect, time.monotonic())
+        self._table.abandon(rid)
+        self._writer.write(encode({**message, "id": rid}))
+
+    def stalled_for(self) -> float:
+        """Seconds the oldest unanswered request has waited (0 when none is open)."""
+        return self._table.stalled_for(time.monotonic()) if self.ready else 0.0
+
+    def waiting(self, expect: str) -> bool:
+        return self._table.waiting(expect)
+
+    @property
+    def proc_started(self) -> bool:
+        return self._proc is not None
 
     @property
     def alive(self) -> bool:
@@ -87,11 +176,28 @@ class WorkerProcess:
         assert self._proc is not None
         return await self._proc.wait()
 
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+
+    def close_channel(self) -> None:
+        self.ready = False
+        if self._replies is not None:
+            self._replies.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        self._fail_waiters()
+
     async def stop(self, drain_timeout: float) -> None:
         if not self.alive:
+            self.close_channel()
             return
-        with contextlib.suppress(Exception):
-            await self.request({"op": "drain", "timeout": drain_timeout}, "drained", timeout=drain_timeout + 5)
+        if self.stalled_for() <= STATS_TIMEOUT_S:  # a stuck worker would not drain: it is killed below
+            with contextlib.suppress(WorkerUnavailable):
+                await self.request({"op": "drain", "timeout": drain_timeout}, "drained", timeout=drain_timeout + 5)
+        elif self._proc is not None and self._proc.returncode is None:
+            self.kill()
         assert self._proc is not None
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -99,10 +205,9 @@ class WorkerProcess:
             try:
                 await asyncio.wait_for(self._proc.wait(), 5)
             except TimeoutError:
-                self._proc.kill()
+                self.kill()
                 await self._proc.wait()
-        if self._writer is not None:
-            self._writer.close()
+        self.close_channel()
 
 
 class PlaneWorkers:
@@ -123,59 +228,107 @@ class PlaneWorkers:
         self.workers = [WorkerProcess(plane, i, listeners, options) for i in range(count)]
         self._last: dict[str, Any] | None = None
         self.restarts = 0
+        self._restart_times: list[float] = []
         self.stopped = False  # stop() called: supervise() must not start workers on closed sockets
 
     async def start(self, snapshot: Snapshot, sources: dict[str, dict[int, str]]) -> None:
         self._last = {"op": "snapshot", "snapshot": snapshot, "sources": sources}
         await asyncio.gather(*(self._start_one(i) for i in range(len(self.workers))))
 
-    async def _start_one(self, index: int) -> None:
+    async def _start_one(self, index: int, attempts: int = START_ATTEMPTS) -> None:
         """Start a worker; one that dies before it reports ready is logged and started afresh."""
         assert self._last is not None
-        for attempt in range(1, START_ATTEMPTS + 1):
+        for attempt in range(1, attempts + 1):
+            sent = self._last
             try:
-                await self.workers[index].start(self._last)
-                self.cpu_groups.add(self.plane, self.workers[index].pid or 0)
-                return
+                await self.workers[index].start(sent)
             except WorkerStartError as exc:
-                if attempt == START_ATTEMPTS:
+                if attempt == attempts or self.stopped:
                     raise
                 log.error("%s; starting it again (attempt %d)", exc, attempt + 1)
                 self.workers[index] = WorkerProcess(self.plane, index, self.listeners, self._options)
-                await asyncio.sleep(0.1 * attempt)
+                await asyncio.sleep(min(0.1 * attempt, 2.0))
+                continue
+            self.cpu_groups.add(self.plane, self.workers[index].pid or 0)
+            if self._last is not sent:  # a snapshot came while it started: it gets the newest one
+                await self._push(self.workers[index], self._last)
+            return
 
     async def update(self, snapshot: Snapshot, sources: dict[str, dict[int, str]]) -> None:
+        """Push a snapshot to every worker. Never fails for a worker's sake: one that is stuck gets it queued
+        (it applies it when it resumes, or is restarted with it), one that is starting gets it once ready."""
         self._last = {"op": "snapshot", "snapshot": snapshot, "sources": sources}
-        await asyncio.gather(*(w.request(self._last, "applied") for w in self.workers if w.alive))
+        await asyncio.gather(*(self._push(w, self._last) for w in self.workers))
+
+    async def _push(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+        if not worker.ready:
+            return  # dead or starting: _start_one sends it self._last
+        if worker.stalled_for() > STATS_TIMEOUT_S:
+            log.warning("worker %s is not answering: snapshot queued for it, not waited for", worker.name)
+            worker.post(message, "applied")
+            return
+        try:
+            await worker.request(message, "applied", timeout=APPLY_TIMEOUT_S)
+        except WorkerUnavailable as exc:
+            log.warning("%s; the others applied the snapshot, it gets it when it resumes or restarts", exc)
 
     async def stats(self) -> list[dict[str, Any]]:
+        # One stats request at a time per worker: a stuck worker is not sent a new one every poll.
+        polled = [w for w in self.workers if w.ready and not w.waiting("stats")]
         replies = await asyncio.gather(
-            *(w.request({"op": "stats"}, "stats", timeout=2) for w in self.workers if w.alive), return_exceptions=True
+            *(w.request({"op": "stats"}, "stats", timeout=STATS_TIMEOUT_S) for w in polled), return_exceptions=True
         )
         return [r["stats"] for r in replies if isinstance(r, dict)]
 
     async def supervise(self) -> None:
-        """Restart a worker that dies; runs until cancelled or stop()."""
+        """Restart a worker that dies or is stuck; runs until cancelled or stop(). Never gives up on a plane."""
         while not self.stopped:
             waits = {asyncio.ensure_future(w.wait()): w for w in self.workers if w.alive}
-            if not waits:
-                await asyncio.sleep(0.5)
-                continue
             try:
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                done: set[asyncio.Future[int]] = set()
+                if waits:
+                    done, _ = await asyncio.wait(waits, timeout=SUPERVISE_TICK_S, return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await asyncio.sleep(SUPERVISE_TICK_S)
             finally:
                 for fut in waits:
                     if not fut.done():
                         fut.cancel()
+            if self.stopped:
+                return
             for fut in done:
-                if self.stopped:
-                    return
                 dead = waits[fut]
-                log.error("worker %s/%d exited with %s; restarting", self.plane, dead.index, fut.result())
-                self.workers[dead.index] = WorkerProcess(self.plane, dead.index, self.listeners, self._options)
-                self.restarts += 1
-                await asyncio.sleep(min(0.1 * self.restarts, 2.0))
-                await self._start_one(dead.index)
+                log.error("worker %s exited with %s; restarting", dead.name, fut.result())
+                await self._restart(dead.index)
+            for index, worker in enumerate(self.workers):
+                if worker.proc_started and not worker.alive and not self.stopped:
+                    await self._restart(index)  # died while we were busy restarting another
+            self._kill_stuck()
+
+    def _kill_stuck(self) -> None:
+        for worker in self.workers:
+            stuck = worker.stalled_for()
+            if stuck > STALL_RESTART_S:
+                log.error("worker %s has not answered for %.1fs; killing it to restart it", worker.name, stuck)
+                worker.close_channel()
+                worker.kill()
+
+    async def _restart(self, index: int) -> None:
+        self.workers[index].close_channel()
+        self.workers[index] = WorkerProcess(self.plane, index, self.listeners, self._options)
+        self.restarts += 1
+        now = time.monotonic()
+        self._restart_times = [t for t in self._restart_times if now - t < RESTART_WINDOW_S] + [now]
+        while not self.stopped:
+            await asyncio.sleep(min(0.1 * len(self._restart_times), 2.0))
+            try:
+                await self._start_one(index)
+                return
+            except Exception as exc:  # no start (or no fork, no cgroup): keep trying, the other planes are fine
+                log.error("worker %s/%d: %s; plane %s keeps trying", self.plane, index, exc, self.plane)
+                self.workers[index].close_channel()
+                self.workers[index].kill()
+                self.workers[index] = WorkerProcess(self.plane, index, self.listeners, self._options)
 
     async def stop(self, drain_timeout: float) -> None:
         self.stopped = True

@@ -568,9 +568,12 @@ class Downstream(asyncio.Protocol):
             return
         self.active = None
         self.resume_for_buffer()
-        if abort or not ex.keep_alive or self.proxy.draining:
+        if abort or not ex.keep_alive:
             self.close()
             return
+        # Draining, but this response's head promised keep-alive (it went out before the drain began): the
+        # client may be sending its next request right now. Stay open as an idle connection: the drain closes
+        # it once quiet (DRAIN_IDLE_CLOSE_S), and a request that comes first is answered, with `Connection: close`.
         self.last_active = self.proxy.loop.time()
         if self.held is not None and ex.tunnel:  # no tunnel after all: parse what followed (unless in the parser)
             if not self.parsing:

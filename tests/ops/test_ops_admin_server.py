@@ -215,6 +215,27 @@ def test_stale_socket_is_replaced(tmp_path, event_loop_thread):
         asyncio.run_coroutine_threadsafe(server.close(), event_loop_thread).result(5)
 
 
+def test_closing_never_removes_a_successors_socket(tmp_path, event_loop_thread):
+    # Hot upgrade: the successor binds the path as soon as the old agent stops answering on it; the old
+    # agent's close() used to unlink the path afterwards, leaving the new agent with no admin socket.
+    path = str(tmp_path / "admin.sock")
+    old = AdminServer(AdminApp(Readiness([])), [path])
+    asyncio.run_coroutine_threadsafe(old.start(), event_loop_thread).result(5)
+    os.unlink(path)  # as if the old one had stopped listening and the successor replaced the stale file
+    new = AdminServer(AdminApp(Readiness([])), [path])
+    asyncio.run_coroutine_threadsafe(new.start(), event_loop_thread).result(5)
+    try:
+        asyncio.run_coroutine_threadsafe(old.close(), event_loop_thread).result(5)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            sock.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        asyncio.run_coroutine_threadsafe(new.close(), event_loop_thread).result(5)
+    assert not os.path.exists(path)
+
+
 def test_a_regular_file_in_the_way_is_not_deleted(tmp_path, event_loop_thread):
     path = tmp_path / "admin.sock"
     path.write_text("precious")
