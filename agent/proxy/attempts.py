@@ -4,7 +4,6 @@ __slots__ hold the state used here."""
 
 from __future__ import annotations
 
-import random
 from typing import TYPE_CHECKING
 
 from planemesh.agent.config import ClusterKind, RetryPolicy
@@ -13,7 +12,7 @@ from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, RETRIES
 from planemesh.agent.proxy.http1 import FRAME_CHUNKED, FRAME_CLOSE, LAST_CHUNK, chunk
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
-from planemesh.agent.proxy.retry import backoff_s, covers
+from planemesh.agent.proxy.retry import backoff_s, covers, rng
 
 if TYPE_CHECKING:
     import asyncio
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.upstream import UpstreamConnection
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an exchange holds
-rng = random.Random()
 
 
 class UpstreamAttempts:

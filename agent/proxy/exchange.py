@@ -13,11 +13,12 @@ import time
 from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy import accesslog as flags
+from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.attempts import HELD_REQUEST, UpstreamAttempts, rng
-from planemesh.agent.proxy.balancer import normalise_ip, request_hash
+from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import REQUESTS, RETRIES
 from planemesh.agent.proxy.connect_target import connect_refusal
-from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_decision
+from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.http1 import (
     CONTINUE,
     CRLF,
@@ -28,13 +29,11 @@ from planemesh.agent.proxy.http1 import (
     last_chunk,
     local_reply,
 )
-from planemesh.agent.proxy.limits import rate_limited_headers
 from planemesh.agent.proxy.mirror import sender_for, shadow_head
 from planemesh.agent.proxy.request_checks import CONTINUE_SENT, EXPECT_NONE
 from planemesh.agent.proxy.request_head import header_map, new_request_id, request_head
 from planemesh.agent.proxy.response import ResponseRelay
-from planemesh.agent.proxy.retry import NO_RETRY, backoff_s, sla_retry
-from planemesh.agent.proxy.routing import redirect_location, split_target
+from planemesh.agent.proxy.retry import NO_RETRY, backoff_s
 from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, open_connect
 
 if TYPE_CHECKING:
@@ -205,39 +204,26 @@ class Exchange(ResponseRelay, UpstreamAttempts):
     # ---- request side -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """The request head is complete and it is this connection's turn: admit, filter, route, go upstream."""
+        """The request head is complete and it is this connection's turn: admit, filter, route, go upstream
+        (the steps of pipeline.py; this method only turns their answers into HTTP/1.1)."""
         proxy = self.ds.proxy
-        stats = proxy.stats
-        stats.requests_total += 1
-        stats.requests_active += 1
-        sla = proxy.sla
-        if stats.requests_active > sla.max_requests:
-            return self.overloaded(b"requests")
+        local = pipeline.admission(proxy)
+        if local is not None:
+            return self.answer(local)
         if not proxy.overload.keep_alive and proxy.overload_gate(self):  # memory/connection pressure
             return None
-        if proxy.bucket is not None and not proxy.bucket.take():
-            stats.rate_limited += 1
-            return self.reply(429, b"local rate limited\n", rate_limited_headers(proxy.bucket), flags.RL)
-        table = proxy.table
         ds = self.ds
+        table = proxy.table
         if ds.table is not table:  # first request of the connection, or a new snapshot since
             ds.table = table
             ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
-        crc = ds.route_config
-        if crc is not None and crc.http_filters:
-            chain = crc.filter_chain(proxy.clock)
-            for limiter in chain.limiters:
-                if not limiter.take():
-                    stats.rate_limited += 1
-                    return self.reply(429, b"local_rate_limited", limiter.headers(), flags.RL)
-            for fault in chain.faults:
-                decision = fault_decision(fault, header_map(self.headers), rng.random)
-                if decision.delay_s:
-                    self.flags = DELAY_INJECTED
-                    self.backoff = proxy.loop.call_later(decision.delay_s, self._after_delay, decision.abort_status)
-                    return None
-                if decision.abort_status is not None:
-                    return self.reply(decision.abort_status, b"fault filter abort", (), FAULT_INJECTED)
+        step = pipeline.listener_filters(proxy, ds.route_config, self._header_map, rng.random)
+        if step is not None:
+            if type(step) is pipeline.Delay:
+                self.flags = DELAY_INJECTED
+                self.backoff = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
+                return None
+            return self.answer(step)  # type: ignore[arg-type]
         return self._route()
 
     def _after_delay(self, abort_status: int | None) -> None:
@@ -245,85 +231,71 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         if self.finished:
             return
         if abort_status is not None:
-            self.reply(abort_status, b"fault filter abort", (), DELAY_INJECTED + "," + FAULT_INJECTED)
+            self.answer(pipeline.fault_abort(abort_status, delayed=True))
         else:
             self._route()
             self.flush_upstream()
         self.ds.flush()
 
+    def answer(self, local: pipeline.Local) -> None:
+        """A pipeline step's local answer, as an HTTP/1.1 reply."""
+        if local.close:
+            self.keep_alive = False
+        self.reply(local.status, local.body, local.headers, local.flag)
+
     def _route(self) -> None:
         proxy = self.ds.proxy
         table = proxy.table
-        router = table.router
         ds = self.ds
         if ds.table is not table:  # a new snapshot arrived during a fault delay
             ds.table = table
-            ds.route_config = router.route_config(ds.local[0], ds.local[1])
+            ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
         crc = ds.route_config
         if crc is None:
-            crc = router.original_destination
+            crc = table.router.original_destination
         connect = self.tunnel == TUNNEL_CONNECT
-        result = router.route_request(crc, self.authority or "", self.target, self._header_map, connect)
-        if not result.forward:
-            if result.direct is not None:
-                return self.reply(result.direct.status, result.direct.body)
-            if result.redirect is not None:
-                path, query = split_target(self.target.decode("latin-1"))
-                loc = redirect_location(result.redirect, "http", self.authority or "", path, query)
-                return self.reply(result.redirect.code, b"", [(b"location", loc.encode("latin-1"))])
-            if connect and not crc.upgrade_allowed(None, "connect"):
-                return self.refuse(b"CONNECT is not enabled on this listener\n")
-            return self.reply(404, b"", (), flags.NR)
-        route = self.route = result.route
-        if route is not None and route.rate_limit is not None:  # the route's own bucket, after the listener's
-            limiter = table.route_limiter(route)
-            if not limiter.take():
-                proxy.stats.rate_limited += 1
-                return self.reply(429, b"local_rate_limited", limiter.headers(), flags.RL)
+        result = pipeline.route(proxy, crc, self.authority or "", self.target, self._header_map, connect)
+        if type(result) is pipeline.Local:
+            return self.answer(result)
+        route = self.route = result.route  # type: ignore[union-attr]
         if self.tunnel and not crc.upgrade_allowed(route, self.upgrade_type):
             kind = b"CONNECT" if connect else b"upgrade to " + self.upgrade.strip()
             return self.refuse(kind + b" is not allowed on this route\n")
-        action = route.action  # type: ignore[union-attr]
-        cluster = result.cluster
-        balancer = self.balancer = table.balancer
-        if result.weighted:
-            cluster = balancer.cluster_for(action)  # type: ignore[arg-type]
-        sla = proxy.sla
-        policy = action.retry if action is not None and action.retry is not None else sla_retry(sla)
-        self.retry = policy
+        self.balancer = table.balancer
+        up = pipeline.upstream(proxy, result, self._header_map, ds.peer_ip)  # type: ignore[arg-type]
+        if type(up) is pipeline.Local:
+            return self.answer(up)
+        policy = self.retry = up.policy  # type: ignore[union-attr]
         self.tries_left = policy.num_retries
+        cluster = up.cluster  # type: ignore[union-attr]
         if cluster is None:
-            if result.cluster_missing:
-                return self.reply(503, b"no healthy upstream\n", (), flags.UF)
-            if connect:  # the original destination, never the client's authority (connect_target.py)
-                target = (normalise_ip(ds.local[0]), ds.local[1])
-            elif ds.loops_to_self:
-                return self.reply(404, b"", (), flags.NR)  # not intercepted: would forward to ourselves
-            else:
-                target = (normalise_ip(ds.local[0]), ds.local[1])
+            if result.cluster_missing:  # type: ignore[union-attr]
+                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
+            if not connect and ds.loops_to_self:
+                return self.answer(pipeline.NO_ROUTE)  # not intercepted: would forward to ourselves
+            # the original destination, never the client's authority for a CONNECT (connect_target.py)
+            target = (normalise_ip(ds.local[0]), ds.local[1])
         else:
             self.cluster = cluster
             self.h2 = cluster.http2 and not self.tunnel
-            self.breaker = breaker = balancer.breaker(cluster)
-            if not breaker.try_acquire(REQUESTS):
-                return self.overloaded(b"cluster_requests")
+            self.breaker = up.breaker  # type: ignore[union-attr]
             self.cb_held |= HELD_REQUEST
-            if action is not None and action.hash_policy:
-                self.hash_key = request_hash(action.hash_policy, self._header_map, ds.peer_ip)
+            self.hash_key = up.hash_key  # type: ignore[union-attr]
             picked = self._pick()  # ORIGINAL_DST: the original destination, for a CONNECT too
             if picked is None:
-                return self.reply(503, b"no healthy upstream\n", (), flags.UF)
+                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
             target = picked
         self.upstream_addr = target
         if connect:
-            return self._open_connect(target, result.connect_timeout_s)
+            return self._open_connect(target, result.connect_timeout_s)  # type: ignore[union-attr]
         extra = UPGRADE_CONNECTION + b"upgrade: " + self.upgrade + CRLF if self.tunnel else b""
         self.head = request_head(self, route, extra)
         if not self.h2:  # an h2 stream's head is its HEADERS frame (h1_over_h2.py); up_out holds only the body
             self.up_out.insert(0, self.head)
+        action = route.action if route is not None else None
         if action is not None and action.mirrors and cluster is not None and not self.tunnel:
             self._mirror(action.mirrors)
-        timeout = result.timeout_s
+        timeout = result.timeout_s  # type: ignore[union-attr]
         per_try = policy.per_try_timeout_s
         if timeout or per_try:
             now = proxy.loop.time()
@@ -331,7 +303,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
             self.try_deadline = min(self.deadline, now + per_try) if per_try else self.deadline
             proxy.watch_deadline(self)
         self.t_upstream = _perf()
-        self.connect_timeout_s = result.connect_timeout_s
+        self.connect_timeout_s = result.connect_timeout_s  # type: ignore[union-attr]
         if self.expect_continue and not self.req_done:  # routed and going upstream: the client may send its body
             self.expect_continue = CONTINUE_SENT
             ds.out.append(CONTINUE)

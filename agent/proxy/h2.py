@@ -20,17 +20,31 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from planemesh.agent.proxy import accesslog
+from planemesh.agent.proxy import accesslog, pipeline
 from planemesh.agent.proxy.balancer import normalise_ip
+from planemesh.agent.proxy.circuit import REQUESTS
+from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
-from planemesh.agent.proxy.request_head import header_map, new_request_id
+from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
+from planemesh.agent.proxy.request_head import (
+    header_map,
+    new_request_id,
+    prefix_rewritten,
+    response_headers,
+    route_request_headers,
+    with_trace_context,
+)
+from planemesh.agent.proxy.retry import rng
 
 if TYPE_CHECKING:
+    from planemesh.agent.config import Cluster, Endpoint, Route
+    from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.h2_downstream import H2Downstream
     from planemesh.agent.proxy.server import PlaneProxy
 
 # HTTP status -> gRPC status for proxy-generated errors (as Envoy's grpc_http1_bridge / router do).
 GRPC_STATUS = {400: 13, 404: 12, 429: 14, 502: 14, 503: 14, 504: 4}
+GATEWAY_FLAGS = frozenset({accesslog.UF, accesslog.UT, accesslog.UC})  # failures outlier detection counts
 HOP_BY_HOP_H2 = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 WINDOW = 1 << 20
 MAX_STREAMS = 1000  # advertised to upstream servers (they open no streams to us)
@@ -292,27 +306,35 @@ class Bridge:
 
     __slots__ = (
         "authority_b",
+        "breaker",
         "bytes_rx",
         "bytes_tx",
+        "cluster",
         "deadline",
         "done",
         "ds",
         "duration_ms",
+        "endpoint",
         "fields",
         "flags",
         "grpc",
+        "held",
         "method_b",
         "path_b",
         "pseudo",
         "reopened",
         "req_ended",
         "rid",
+        "route",
         "sid",
         "start_time",
         "status",
         "t0",
+        "timer",
         "try_deadline",
         "up",
+        "up_authority",
+        "up_path",
         "up_sid",
         "upstream_host",
     )
@@ -383,6 +405,14 @@ class Bridge:
         self.upstream_host: str | None = None
         self.flags = ""
         self.duration_ms = 0
+        self.route: Route | None = None
+        self.cluster: Cluster | None = None
+        self.breaker: CircuitBreaker | None = None  # holds one REQUESTS unit of it until finish()
+        self.endpoint: Endpoint | None = None  # the attempt's endpoint, reported to the balancer at the end
+        self.timer: asyncio.TimerHandle | None = None  # a fault delay
+        self.up_path = path  # :path and :authority upstream (after the route's rewrites)
+        self.up_authority = authority
+        self.held: list | None = None  # request DATA (data, flow length) received before the stream had an upstream
 
     # ---- access-log view (decoded when the batch is formatted) -----------------------------------------
 
@@ -409,46 +439,106 @@ class Bridge:
     # ---- request side -------------------------------------------------------------------------------
 
     def start(self, ended: bool) -> None:
+        """Run the request through the pipeline's steps (pipeline.py); this method only turns their answers into
+        h2 (or gRPC) answers and opens the upstream stream."""
         self.req_ended = ended
         ds = self.ds
         proxy = ds.proxy
-        stats = proxy.stats
-        stats.requests_total += 1
-        stats.requests_active += 1
-        if stats.requests_active > proxy.sla.max_requests:
-            stats.overloaded += 1
-            return self.local_error(503, "overloaded", accesslog.UO)
-        if proxy.bucket is not None and not proxy.bucket.take():
-            stats.rate_limited += 1
-            return self.local_error(429, "local rate limited", accesslog.RL)
+        local = pipeline.admission(proxy)
+        if local is not None:
+            return self.answer(local)
         table = proxy.table
-        router = table.router
         if ds.table is not table:  # first stream of the connection, or a new snapshot since
             ds.table = table
-            ds.route_config = router.route_config(ds.local[0], ds.local[1]) or router.original_destination
+            ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
+        step = pipeline.listener_filters(proxy, ds.route_config, self._header_map, rng.random)
+        if step is not None:
+            if type(step) is pipeline.Delay:
+                self.flags = DELAY_INJECTED
+                self.held = []
+                self.timer = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
+                return None
+            return self.answer(step)  # type: ignore[arg-type]
+        return self._route()
+
+    def _after_delay(self, abort_status: int | None) -> None:
+        self.timer = None
+        if self.done:
+            return
+        if abort_status is not None:
+            self.flags = ""
+            self.answer(pipeline.fault_abort(abort_status, delayed=True))
+        else:
+            self._route()
+
+    def answer(self, local: pipeline.Local) -> None:
+        """A pipeline step's local answer as an h2 response (a gRPC status for gRPC requests)."""
+        body = local.body
+        self.local_error(local.status, body.decode("latin-1").strip() or str(local.status), local.flag, body,
+                         local.headers)
+
+    def _route(self) -> None:
+        ds = self.ds
+        proxy = ds.proxy
+        table = proxy.table
+        if ds.table is not table:  # a new snapshot arrived during a fault delay
+            ds.table = table
+            ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
+        crc = ds.route_config or table.router.original_destination
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
-        result = router.route_request(ds.route_config, authority, self.path_b or b"/", self._header_map)
-        if not result.forward:
-            if result.direct is not None:
-                direct = result.direct
-                return self.local_error(direct.status, direct.body.decode("latin-1", "replace"), "", direct.body)
-            return self.local_error(404, "no route", accesslog.NR)
-        cluster = result.cluster
-        if result.weighted:
-            cluster = table.balancer.cluster_for(result.route.action)  # type: ignore[union-attr, arg-type]
+        result = pipeline.route(proxy, crc, authority, self.path_b or b"/", self._header_map)
+        if type(result) is pipeline.Local:
+            return self.answer(result)
+        route = self.route = result.route  # type: ignore[union-attr]
+        up = pipeline.upstream(proxy, result, self._header_map, ds.peer_ip_b.decode())  # type: ignore[arg-type]
+        if type(up) is pipeline.Local:
+            return self.answer(up)
+        cluster = self.cluster = up.cluster  # type: ignore[union-attr]
         if cluster is None:
-            if result.cluster_missing or ds.local[1] in proxy.listen_ports:
-                return self.local_error(503, "no healthy upstream", accesslog.UF)
+            if result.cluster_missing or ds.local[1] in proxy.listen_ports:  # type: ignore[union-attr]
+                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
             addr = (normalise_ip(ds.local[0]), ds.local[1])
         else:
-            addr = table.balancer.pick(cluster, ds.local)
-            if addr is None:
-                return self.local_error(503, "no healthy upstream", accesslog.UF)
+            self.breaker = up.breaker  # type: ignore[union-attr]
+            picked = pipeline.pick(table.balancer, cluster, up.hash_key, ds.local)  # type: ignore[union-attr]
+            if picked is None:
+                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
+            addr, self.endpoint = picked
+        self._mutate(route)
         self.upstream_host = proxy.pool.key_for(addr)[1]
-        if result.timeout_s:
-            self.deadline = self.try_deadline = proxy.loop.time() + result.timeout_s
+        if result.timeout_s:  # type: ignore[union-attr]
+            self.deadline = self.try_deadline = proxy.loop.time() + result.timeout_s  # type: ignore[union-attr]
             proxy.watch_deadline(self)  # type: ignore[arg-type]
-        h2_upstream.open_stream(self, addr, ended, cluster is not None and cluster.http2, result.connect_timeout_s)
+        held = self.held
+        self.held = None
+        ended = self.req_ended and not held
+        h2_upstream.open_stream(self, addr, ended, cluster is not None and cluster.http2,
+                                result.connect_timeout_s)  # type: ignore[union-attr]
+        if held and self.up is not None:  # the body that came during a fault delay
+            for data, flow_len in held:
+                self._forward(data, flow_len)
+            if self.req_ended and type(held[-1][0]) is not list:
+                self.up.send_body(self, b"", True, None)
+
+    def _mutate(self, route: Route | None) -> None:
+        """The route's rewrites and request header changes, and this hop's trace context (request_head.py)."""
+        fields = self.fields
+        action = route.action if route is not None else None
+        if action is not None:
+            pseudo = self.pseudo
+            if action.prefix_rewrite is not None:
+                path = prefix_rewritten(route, self.path_b)  # type: ignore[arg-type]
+                if path is not self.path_b:
+                    self.up_path = path
+                    pseudo = [(b":path", path) if n == b":path" else (n, v) for n, v in pseudo]
+            if action.host_rewrite is not None:
+                host = self.up_authority = action.host_rewrite.encode()
+                pseudo = [(b":authority", host) if n == b":authority" else (n, v) for n, v in pseudo]
+                fields = [(n, v) for n, v in fields if n != b"host"]
+            self.pseudo = pseudo
+        if route is not None and (route.request_headers_to_add or route.request_headers_to_remove):
+            fields = route_request_headers(route, fields)
+        self.fields = with_trace_context(fields)
 
     def _header_map(self) -> dict[str, str]:
         return header_map(self.fields)
@@ -460,19 +550,29 @@ class Bridge:
     def on_data(self, side: H2Side, data: bytes, flow_len: int) -> None:
         if side is self.ds:
             self.bytes_rx += len(data)
+            if self.held is not None:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
+                self.held.append((data, flow_len))
+                return
             if self.up is None:
                 self.ds.ack(self.sid, flow_len)
                 return
-            pad = flow_len - len(data)
-            if pad:
-                self.ds.ack(self.sid, pad)
-            self.up.send_body(self, data, False, self._ack_down)
+            self._forward(data, flow_len)
         else:  # response body from an h2 upstream
             self.bytes_tx += len(data)
             pad = flow_len - len(data)
             if pad:
                 side.ack(self.up_sid, pad)
             self.ds.send(self.sid, data, False, self._ack_up)
+
+    def _forward(self, data: bytes | list, flow_len: int) -> None:
+        """Request DATA (or trailers, a list) to the upstream; the client's window is credited as it goes."""
+        if type(data) is list:
+            self.up.send_trailers(self, data)  # type: ignore[union-attr, arg-type]
+            return
+        pad = flow_len - len(data)
+        if pad:
+            self.ds.ack(self.sid, pad)
+        self.up.send_body(self, data, False, self._ack_down)  # type: ignore[union-attr]
 
     def _ack_down(self, n: int) -> None:
         """n request bytes went upstream: the client may send as many more."""
@@ -489,7 +589,9 @@ class Bridge:
         trailers = [(n, v) for n, v in trailers if n not in HOP_BY_HOP_H2 and n[:1] != b":"]
         if side is self.ds:
             self.req_ended = True
-            if self.up is not None:
+            if self.held is not None:
+                self.held.append((trailers, 0))
+            elif self.up is not None:
                 self.up.send_trailers(self, trailers)
         else:
             self.ds.send(self.sid, trailers, True)
@@ -538,7 +640,10 @@ class Bridge:
         self.respond(out, end)
 
     def respond(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
-        """Send a response head already fit for h2 (status set by the caller)."""
+        """Send a response head already fit for h2 (status set by the caller), with the route's changes."""
+        route = self.route
+        if route is not None and (route.response_headers_to_add or route.response_headers_to_remove):
+            headers = response_headers(route, headers)
         self.ds.respond(self.sid, headers, end)
         if end:
             self.finish("")
@@ -561,9 +666,9 @@ class Bridge:
                 self.up.cancel(self)
             self.up_failed(504, "upstream request timeout", accesslog.UT)
 
-    def local_error(self, status: int, message: str, flag: str, body: bytes | None = None) -> None:
+    def local_error(self, status: int, message: str, flag: str, body: bytes | None = None, extra=()) -> None:
         """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests. `body`: a
-        direct response's own body (else the message and a newline)."""
+        direct response's own body (else the message and a newline); `extra`: more response fields."""
         self.status = status
         if self.grpc:
             headers = [
@@ -576,15 +681,14 @@ class Bridge:
         else:
             if body is None:
                 body = (message + "\n").encode("latin-1", "replace")
-            self.ds.respond(
-                self.sid,
-                [
-                    (b":status", str(status).encode()),
-                    (b"content-type", b"text/plain"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-                False,
-            )
+            head = [
+                (b":status", str(status).encode()),
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            if extra:
+                head += extra
+            self.ds.respond(self.sid, head, False)
             self.ds.send(self.sid, body, True)
         self.finish(flag)
 
@@ -592,9 +696,23 @@ class Bridge:
         if self.done:
             return
         self.done = True
-        self.flags = flag
+        self.flags = flag if not self.flags else self.flags + "," + flag if flag else self.flags
         if self.up is not None:
             self.up.release(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.breaker is not None:
+            self.breaker.release(REQUESTS)
+            self.breaker = None
+        ep = self.endpoint
+        if ep is not None:  # the attempt's outcome for outlier detection: a status, 0 gateway failure, -1 none
+            self.endpoint = None
+            if flag in GATEWAY_FLAGS:
+                outcome = GATEWAY_FAILURE
+            else:
+                outcome = self.status if self.status and flag is not accesslog.DC else -1
+            self.ds.proxy.table.balancer.report(self.cluster, ep, outcome)  # type: ignore[arg-type]
         ds = self.ds
         proxy = ds.proxy
         if self.deadline:

@@ -254,7 +254,7 @@ class H1Stream:
         self.body: list[bytes] = []  # response body read, not yet handed to the h2 stream
         self.trailers: list[tuple[bytes, bytes]] | None = None
         method = bridge.method_b or b"GET"
-        host = bridge.authority_b
+        host = bridge.up_authority
         has_length = False
         fields = []
         for n, v in bridge.fields:
@@ -269,7 +269,7 @@ class H1Stream:
         self.chunked = not ended and not has_length
         if self.chunked:
             fields.append(b"transfer-encoding: chunked\r\n")
-        path = bridge.path_b or b"/"
+        path = bridge.up_path or b"/"
         head = b"".join((method, b" ", path, b" HTTP/1.1\r\nhost: ", host or b"", b"\r\n", *fields, b"\r\n"))
         self.out = [head]
         self.replay: list[bytes] | None = [head]  # the request so far, while small enough to send again

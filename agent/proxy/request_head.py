@@ -49,6 +49,45 @@ def response_headers(route: Route, headers: list[tuple[bytes, bytes]]) -> list[t
     return headers
 
 
+def prefix_rewritten(route: Route, target: bytes) -> bytes:
+    """The request-target (or :path) after the route's prefix_rewrite (`target` itself when it does not apply)."""
+    action = route.action
+    if action is not None and action.prefix_rewrite is not None:
+        prefix = route.match.prefix
+        if prefix and target.startswith(prefix.encode()):
+            return action.prefix_rewrite.encode() + target[len(prefix) :]
+    return target
+
+
+def route_request_headers(route: Route, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A route's request header manipulation (lower-case names): remove, then add (append) or set."""
+    if route.request_headers_to_remove:
+        gone = {n.lower().encode() for n in route.request_headers_to_remove}
+        headers = [(n, v) for n, v in headers if n not in gone]
+    else:
+        headers = list(headers)
+    for hv in route.request_headers_to_add:
+        name = hv.name.lower().encode()
+        if not hv.append:
+            headers = [(n, v) for n, v in headers if n != name]
+        headers.append((name, hv.value.encode()))
+    return headers
+
+
+def split_trace(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], dict[str, str]]:
+    """The headers without the incoming trace context, and that context (lower-case name -> value)."""
+    incoming = {n.decode("latin-1"): v.decode("latin-1") for n, v in headers if n in TRACE_HEADERS}
+    if incoming:
+        headers = [(n, v) for n, v in headers if n not in TRACE_HEADERS]
+    return headers, incoming
+
+
+def with_trace_context(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers with this hop's trace context in place of the incoming one (tracing.py)."""
+    headers, incoming = split_trace(headers)
+    return headers + outgoing_trace_headers(incoming)
+
+
 def request_head(ex: Exchange, route: Route | None, extra: bytes = b"") -> bytes:
     """The request head sent upstream. Sets ex.request_id (when the client sent none) and ex.xff.
     `extra` is emitted as is before the framing headers (the upgrade headers of a tunnel request). The headers
@@ -57,24 +96,13 @@ def request_head(ex: Exchange, route: Route | None, extra: bytes = b"") -> bytes
     headers = ex.headers
     if route is not None:
         action = route.action
-        if action is not None and action.prefix_rewrite is not None:
-            prefix = route.match.prefix
-            if prefix and target.startswith(prefix.encode()):
-                target = action.prefix_rewrite.encode() + target[len(prefix) :]
+        target = prefix_rewritten(route, target)
         if action is not None and action.host_rewrite is not None:
             headers = [(n, v) for n, v in headers if n != b"host"]
             headers.insert(0, (b"host", action.host_rewrite.encode()))
-        if route.request_headers_to_remove:
-            gone = {n.lower().encode() for n in route.request_headers_to_remove}
-            headers = [(n, v) for n, v in headers if n not in gone]
-        for hv in route.request_headers_to_add:
-            name = hv.name.lower().encode()
-            if not hv.append:
-                headers = [(n, v) for n, v in headers if n != name]
-            headers.append((name, hv.value.encode()))
-    incoming_trace = {n.decode("latin-1"): v.decode("latin-1") for n, v in headers if n in TRACE_HEADERS}
-    if incoming_trace:
-        headers = [(n, v) for n, v in headers if n not in TRACE_HEADERS]
+        if route.request_headers_to_remove or route.request_headers_to_add:
+            headers = route_request_headers(route, headers)
+    headers, incoming_trace = split_trace(headers)
     parts = [ex.method_b, b" ", target, b" HTTP/1.1\r\n"]
     append_headers(parts, headers, HOP_BY_HOP)
     for name, value in outgoing_trace_headers(incoming_trace):

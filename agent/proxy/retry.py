@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 from typing import TYPE_CHECKING
 
 from planemesh.agent.config import RetryPolicy
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
 RETRY_ON_TIMEOUT = frozenset({"5xx", "gateway-error", "reset"})
 GATEWAY_ERRORS = frozenset({502, 503, 504})
 NO_RETRY = RetryPolicy(num_retries=0)
+rng = random.Random()  # the requests' dice: fault percentages, back-off jitter, mirror fractions
 
 
 @functools.lru_cache(maxsize=64)

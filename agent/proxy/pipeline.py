@@ -1,0 +1,217 @@
+"""The deciding steps of the request pipeline, codec-neutral and sans-IO (docs/traffic.md, "Order of a request").
+
+Every downstream codec (HTTP/1.1: exchange.py; HTTP/2: h2.py's Bridge) runs a request through the same steps,
+in this order, and only turns their answers into its own framing:
+
+    local = admission(proxy)                                        # 1. the plane's request limit
+    step = listener_filters(proxy, crc, headers, roll)              # 2. plane bucket, listener rate limits, faults
+    step = route(proxy.table, crc, authority, target, headers)      # 3. route; redirect, direct response, no route,
+                                                                    #    the route's own rate limit
+    up = upstream(proxy, result, headers, peer_ip)                  # 4. cluster (weights), retry policy, breaker
+                                                                    #    hold, hash key
+    addr, ep = pick(balancer, cluster, hash_key, original_dst)      # 5. endpoint (locality, outlier state)
+
+An answer is data: None (go on), a `Local` reply (status, body, headers, access-log flag), a `Delay` (fault
+delay) or the step's result. Nothing here reads or writes a socket or arms a timer; state touched is counters
+and token buckets. The request head is read through `headers`, a callable returning lower-case name -> value
+(built only when a filter or route looks at headers). What the codecs call back into is described by
+`typing.Protocol`s here, so this module imports no codec (no import cycle).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from planemesh.agent.config import ClusterKind
+from planemesh.agent.proxy import accesslog as flags
+from planemesh.agent.proxy.balancer import normalise_ip, request_hash
+from planemesh.agent.proxy.circuit import REQUESTS
+from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_decision
+from planemesh.agent.proxy.limits import rate_limited_headers
+from planemesh.agent.proxy.retry import sla_retry
+from planemesh.agent.proxy.routing import redirect_location, split_target
+
+if TYPE_CHECKING:
+    from planemesh.agent.config import Cluster, Endpoint, RetryPolicy, Route
+    from planemesh.agent.proxy.balancer import Balancer
+    from planemesh.agent.proxy.circuit import CircuitBreaker
+    from planemesh.agent.proxy.limits import TokenBucket
+    from planemesh.agent.proxy.routing import CompiledRouteConfig, PlaneRouter, RouteResult
+    from planemesh.agent.proxy.stats import PlaneStats
+    from planemesh.netplanes.model import SLA
+
+Headers = Callable[[], Mapping[str, str]]
+Field = tuple[bytes, bytes]
+
+
+class Table(Protocol):
+    """What the pipeline reads of one snapshot's routing table (server.RoutingTable)."""
+
+    router: PlaneRouter
+    balancer: Balancer
+
+    def route_limiter(self, route: Route): ...
+
+
+class ProxyState(Protocol):
+    """What the pipeline reads of the plane's proxy (server.PlaneProxy)."""
+
+    stats: PlaneStats
+    sla: SLA
+    bucket: TokenBucket | None
+    table: Table
+    clock: Callable[[], float]
+
+
+class Local:
+    """Answer the request locally: `status`, `body`, extra `headers`, the access-log `flag`; `close`: the
+    connection cannot carry another request (a refused CONNECT may be followed by tunnel bytes)."""
+
+    __slots__ = ("body", "close", "flag", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, headers=(), flag: str = "", close: bool = False) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+        self.flag = flag
+        self.close = close
+
+    def __repr__(self) -> str:
+        return f"Local({self.status}, {self.body!r}, {self.flag!r})"
+
+
+class Delay:
+    """A fault filter holds the request `delay_s`, then aborts it with `abort_status` or lets it go on."""
+
+    __slots__ = ("abort_status", "delay_s")
+
+    def __init__(self, delay_s: float, abort_status: int | None) -> None:
+        self.delay_s = delay_s
+        self.abort_status = abort_status
+
+
+class Upstream:
+    """Where a routed request goes: its cluster (None: the original destination), the retry policy, the circuit
+    breaker whose REQUESTS unit it holds (release it when the request ends), the hash key for the endpoint."""
+
+    __slots__ = ("breaker", "cluster", "hash_key", "policy")
+
+    def __init__(self, cluster: Cluster | None, policy: RetryPolicy, breaker: CircuitBreaker | None,
+                 hash_key: int | None) -> None:
+        self.cluster = cluster
+        self.policy = policy
+        self.breaker = breaker
+        self.hash_key = hash_key
+
+
+def overloaded(which: bytes) -> Local:
+    return Local(503, b"overloaded\n", [(b"x-planemesh-overloaded", which)], flags.UO)
+
+
+def fault_abort(abort_status: int, delayed: bool = False) -> Local:
+    return Local(abort_status, b"fault filter abort", (), DELAY_INJECTED + "," + FAULT_INJECTED if delayed
+                 else FAULT_INJECTED)
+
+
+NO_ROUTE = Local(404, b"", (), flags.NR)
+NO_HEALTHY_UPSTREAM = Local(503, b"no healthy upstream\n", (), flags.UF)
+CONNECT_DISABLED = Local(403, b"CONNECT is not enabled on this listener\n", close=True)
+
+
+def admission(proxy: ProxyState) -> Local | None:
+    """Step 1: the request is counted (the caller counts it done when it ends); past the plane's limit: 503 UO."""
+    stats = proxy.stats
+    stats.requests_total += 1
+    stats.requests_active += 1
+    if stats.requests_active > proxy.sla.max_requests:
+        stats.overloaded += 1
+        return overloaded(b"requests")
+    return None
+
+
+def listener_filters(
+    proxy: ProxyState, crc: CompiledRouteConfig | None, headers: Headers, roll: Callable[[], float]
+) -> Local | Delay | None:
+    """Step 2: the plane's token bucket, then the listener's HTTP filters in order (local rate limits, faults)."""
+    bucket = proxy.bucket
+    if bucket is not None and not bucket.take():
+        proxy.stats.rate_limited += 1
+        return Local(429, b"local rate limited\n", rate_limited_headers(bucket), flags.RL)
+    if crc is None or not crc.http_filters:
+        return None
+    chain = crc.filter_chain(proxy.clock)
+    for limiter in chain.limiters:
+        if not limiter.take():
+            proxy.stats.rate_limited += 1
+            return Local(429, b"local_rate_limited", limiter.headers(), flags.RL)
+    if chain.faults:
+        hmap = headers()
+        for fault in chain.faults:
+            decision = fault_decision(fault, hmap, roll)
+            if decision.delay_s:
+                return Delay(decision.delay_s, decision.abort_status)
+            if decision.abort_status is not None:
+                return fault_abort(decision.abort_status)
+    return None
+
+
+def route(
+    proxy: ProxyState, crc: CompiledRouteConfig, authority: str, target: bytes, headers: Headers,
+    connect: bool = False,
+) -> Local | RouteResult:
+    """Step 3: the route of the request, or the local answer when it is not forwarded (direct response,
+    redirect, no route, CONNECT not enabled) or the route's own rate limit refuses it."""
+    table = proxy.table
+    result = table.router.route_request(crc, authority, target, headers, connect)
+    if not result.forward:
+        if result.direct is not None:
+            return Local(result.direct.status, result.direct.body)
+        if result.redirect is not None:
+            path, query = split_target(target.decode("latin-1"))
+            loc = redirect_location(result.redirect, "http", authority, path, query)
+            return Local(result.redirect.code, b"", [(b"location", loc.encode("latin-1"))])
+        if connect and not crc.upgrade_allowed(None, "connect"):
+            return CONNECT_DISABLED
+        return NO_ROUTE
+    rt = result.route
+    if rt is not None and rt.rate_limit is not None:  # the route's own bucket, after the listener's
+        limiter = table.route_limiter(rt)
+        if not limiter.take():
+            proxy.stats.rate_limited += 1
+            return Local(429, b"local_rate_limited", limiter.headers(), flags.RL)
+    return result
+
+
+def upstream(proxy: ProxyState, result: RouteResult, headers: Headers, peer_ip: str) -> Local | Upstream:
+    """Step 4: the cluster (a weighted split picks per request), the retry policy (the route's, else the plane
+    SLA's), a REQUESTS unit of the cluster's circuit breaker (open: 503 UO), the hash policy's key."""
+    balancer = proxy.table.balancer
+    action = result.route.action if result.route is not None else None
+    cluster = result.cluster
+    if result.weighted:
+        cluster = balancer.cluster_for(action)  # type: ignore[arg-type]
+    policy = action.retry if action is not None and action.retry is not None else sla_retry(proxy.sla)
+    if cluster is None:
+        return Upstream(None, policy, None, None)
+    breaker = balancer.breaker(cluster)
+    if not breaker.try_acquire(REQUESTS):
+        proxy.stats.overloaded += 1
+        return overloaded(b"cluster_requests")
+    hash_key = request_hash(action.hash_policy, headers, peer_ip) if action is not None and action.hash_policy \
+        else None
+    return Upstream(cluster, policy, breaker, hash_key)
+
+
+def pick(
+    balancer: Balancer, cluster: Cluster, hash_key: int | None, original_dst: tuple[str, int]
+) -> tuple[tuple[str, int], Endpoint | None] | None:
+    """Step 5: the endpoint of an attempt (the lb's pick among healthy, not ejected endpoints; an ORIGINAL_DST
+    cluster: the original destination). The attempt is open on the endpoint until `balancer.report()`."""
+    if cluster.kind is ClusterKind.ORIGINAL_DST:
+        return (normalise_ip(original_dst[0]), original_dst[1]), None
+    ep = balancer.pick_endpoint(cluster, hash_key)
+    if ep is None:
+        return None
+    balancer.lb(cluster).started(ep)
+    return (ep.address, ep.port), ep
