@@ -27,6 +27,7 @@ from planemesh.agent.config import (
     Snapshot,
     VirtualHost,
 )
+from tests.proxy.conftest import h2_todo
 from tests.proxy.proxy_harness import ProxyThread, ThreadedBackend, free_port, log_line_for
 
 
@@ -141,120 +142,129 @@ def get(port: int, path: str, **kw) -> tuple[int, dict[str, str], bytes]:
 RETRY_5XX = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=3, backoff_base_s=0.01, backoff_max_s=0.02)
 
 
-def test_route_retry_turns_flaky_503s_into_200() -> None:
+def test_route_retry_turns_flaky_503s_into_200(http) -> None:
+    h2_todo(http)
     with VersionServer("v1", plan=[503, 503]) as flaky, \
             proxy_for(to("svc", retry=RETRY_5XX), {"svc": static("svc", [endpoint(flaky)])}) as px:
-        status, _, body = get(px.port, "/flaky")
+        status, _, body = http.get(px.port, "/flaky")
         assert (status, body) == (200, b"v1")
         assert px.proxy.stats.retries == 2 and len(flaky.seen) == 3
 
 
-def test_retries_exhausted_pass_the_last_answer_with_urx() -> None:
+def test_retries_exhausted_pass_the_last_answer_with_urx(http) -> None:
+    h2_todo(http)
     policy = replace(RETRY_5XX, num_retries=1)
     with VersionServer("v1", status=503) as broken, \
             proxy_for(to("svc", retry=policy), {"svc": static("svc", [endpoint(broken)])}) as px:
-        assert get(px.port, "/broken")[0] == 503
+        assert http.get(px.port, "/broken")[0] == 503
         assert len(broken.seen) == 2
         assert '" 503 URX ' in log_line_for(px, "/broken")
 
 
-def test_retriable_status_codes_only_when_listed() -> None:
+def test_retriable_status_codes_only_when_listed(http) -> None:
+    h2_todo(http)
     policy = RetryPolicy(retry_on=frozenset({"retriable-status-codes"}), num_retries=2,
                          retriable_status_codes=frozenset({409}), backoff_base_s=0.001)
     with VersionServer("v1", plan=[409, 503]) as srv, \
             proxy_for(to("svc", retry=policy), {"svc": static("svc", [endpoint(srv)])}) as px:
-        assert get(px.port, "/codes")[0] == 503  # 409 retried, 503 is not a listed code
+        assert http.get(px.port, "/codes")[0] == 503  # 409 retried, 503 is not a listed code
         assert len(srv.seen) == 2
 
 
-def test_route_policy_overrides_plane_sla() -> None:
+def test_route_policy_overrides_plane_sla(http) -> None:
     # No retry on the route: the plane SLA (no retries by default) applies and the 503 passes.
     with VersionServer("v1", plan=[503]) as srv, proxy_for(to("svc"), {"svc": static("svc", [endpoint(srv)])}) as px:
-        assert get(px.port, "/sla")[0] == 503 and px.proxy.stats.retries == 0
+        assert http.get(px.port, "/sla")[0] == 503 and px.proxy.stats.retries == 0
 
 
-def test_per_try_timeout_moves_to_the_next_endpoint() -> None:
+def test_per_try_timeout_moves_to_the_next_endpoint(http) -> None:
+    h2_todo(http)
     policy = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=1, per_try_timeout_s=0.2, backoff_base_s=0.001)
     with VersionServer("slow", delay_s=1.5) as slow, VersionServer("fast") as fast, \
             proxy_for(to("svc", retry=policy, timeout_s=3.0),
                       {"svc": static("svc", [endpoint(slow), endpoint(fast)])}) as px:
         t0 = time.monotonic()
-        status, _, body = get(px.port, "/pt")
+        status, _, body = http.get(px.port, "/pt")
         elapsed = time.monotonic() - t0
         assert (status, body) == (200, b"fast")
         assert 0.18 < elapsed < 0.9, elapsed  # one per-try timeout, not the slow server's 1.5 s
         assert px.proxy.stats.upstream_timeouts == 1
 
 
-def test_per_try_timeout_without_retries_left_is_504_ut() -> None:
+def test_per_try_timeout_without_retries_left_is_504_ut(http) -> None:
+    h2_todo(http)
     policy = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=0, per_try_timeout_s=0.2)
     with VersionServer("slow", delay_s=1.0) as slow, \
             proxy_for(to("svc", retry=policy), {"svc": static("svc", [endpoint(slow)])}) as px:
         t0 = time.monotonic()
-        assert get(px.port, "/pt504")[0] == 504
+        assert http.get(px.port, "/pt504")[0] == 504
         assert time.monotonic() - t0 < 0.8
 
 
-def test_buffered_body_is_replayed_on_retry() -> None:
+def test_buffered_body_is_replayed_on_retry(http) -> None:
+    h2_todo(http)
     body = bytes(range(256)) * 100  # 25.6 KB: within the replay buffer
     with VersionServer("v1", plan=[503]) as srv, \
             proxy_for(to("svc", retry=RETRY_5XX), {"svc": static("svc", [endpoint(srv)])}) as px:
-        assert get(px.port, "/post", method="POST", body=body)[0] == 200
+        assert http.get(px.port, "/post", method="POST", body=body)[0] == 200
         assert [entry[3] for entry in srv.seen] == [body, body]
 
 
-def test_body_beyond_replay_limit_is_not_retried() -> None:
+def test_body_beyond_replay_limit_is_not_retried(http) -> None:
+    h2_todo(http)
     body = b"x" * (200 * 1024)
     with VersionServer("v1", plan=[503]) as srv, \
             proxy_for(to("svc", retry=RETRY_5XX), {"svc": static("svc", [endpoint(srv)])}) as px:
-        assert get(px.port, "/bigpost", method="POST", body=body)[0] == 503
+        assert http.get(px.port, "/bigpost", method="POST", body=body)[0] == 503
         assert len(srv.seen) == 1 and px.proxy.stats.retries == 0
 
 
-def test_connect_failure_retried_by_route_policy() -> None:
+def test_connect_failure_retried_by_route_policy(http) -> None:
+    h2_todo(http)
     policy = RetryPolicy(retry_on=frozenset({"connect-failure"}), num_retries=1, backoff_base_s=0.001)
     with VersionServer("live") as live, \
             proxy_for(to("svc", retry=policy), {"svc": static("svc", [endpoint(free_port()), endpoint(live)])}) as px:
-        assert [get(px.port, f"/c{i}")[2] for i in range(4)] == [b"live"] * 4
+        assert [http.get(px.port, f"/c{i}")[2] for i in range(4)] == [b"live"] * 4
 
 
 # ---- circuit breakers ---------------------------------------------------------------------------------------
 
-def test_open_circuit_returns_503_uo_immediately() -> None:
+def test_open_circuit_returns_503_uo_immediately(http) -> None:
     cb = CircuitBreakers(max_requests=1)
     with VersionServer("slow", delay_s=0.6) as slow, \
             proxy_for(to("svc"), {"svc": static("svc", [endpoint(slow)], circuit_breakers=cb)}) as px:
         first: list[int] = []
-        t = threading.Thread(target=lambda: first.append(get(px.port, "/hold")[0]))
+        t = threading.Thread(target=lambda: first.append(http.get(px.port, "/hold")[0]))
         t.start()
         deadline = time.monotonic() + 2
         while not slow.seen and time.monotonic() < deadline:
             time.sleep(0.01)
         t0 = time.monotonic()
-        status, headers, _ = get(px.port, "/second")
+        status, headers, _ = http.get(px.port, "/second")
         assert status == 503 and time.monotonic() - t0 < 0.2
         assert headers["x-planemesh-overloaded"] == "cluster_requests"
         assert '" 503 UO ' in log_line_for(px, "/second")
         t.join(5)
         assert first == [200]
-        assert get(px.port, "/after")[0] == 200  # the unit was released
+        assert http.get(px.port, "/after")[0] == 200  # the unit was released
 
 
-def test_retry_budget_of_the_cluster() -> None:
+def test_retry_budget_of_the_cluster(http) -> None:
+    h2_todo(http)
     cb = CircuitBreakers(max_retries=0)
     with VersionServer("v1", plan=[503]) as srv, \
             proxy_for(to("svc", retry=RETRY_5XX), {"svc": static("svc", [endpoint(srv)], circuit_breakers=cb)}) as px:
-        assert get(px.port, "/nobudget")[0] == 503
+        assert http.get(px.port, "/nobudget")[0] == 503
         assert len(srv.seen) == 1 and '" 503 URX ' in log_line_for(px, "/nobudget")
 
 
 # ---- outlier detection and failover ---------------------------------------------------------------------------
 
-def test_outlier_ejection_and_return() -> None:
+def test_outlier_ejection_and_return(http) -> None:
     od = OutlierDetection(consecutive_5xx=2, base_ejection_time_s=0.5, max_ejection_percent=50)
     with VersionServer("bad", status=500) as bad, VersionServer("good") as good, \
             proxy_for(to("svc"), {"svc": static("svc", [endpoint(bad), endpoint(good)], outlier=od)}) as px:
-        client = Client(px.port)
+        client = http.client(px.port)
         statuses = [client.request(f"/o{i}")[0] for i in range(4)]  # round robin: bad, good, bad, good
         assert statuses == [500, 200, 500, 200]
         served = [client.request(f"/e{i}")[2] for i in range(10)]
@@ -265,31 +275,31 @@ def test_outlier_ejection_and_return() -> None:
         client.close()
 
 
-def test_priority_failover_to_next_level() -> None:
+def test_priority_failover_to_next_level(http) -> None:
     od = OutlierDetection(consecutive_5xx=1, base_ejection_time_s=30, max_ejection_percent=100)
     with VersionServer("p0", status=503) as p0, VersionServer("p1") as p1, VersionServer("p2") as p2:
         eps = [endpoint(p0, priority=0), endpoint(p1, priority=1), endpoint(p2, priority=2)]
         with proxy_for(to("svc"), {"svc": static("svc", eps, outlier=od)}) as px:
-            assert get(px.port, "/f0")[0] == 503  # p0 answers and is ejected
-            assert {get(px.port, f"/f{i}")[2] for i in range(1, 5)} == {b"p1"}
+            assert http.get(px.port, "/f0")[0] == 503  # p0 answers and is ejected
+            assert {http.get(px.port, f"/f{i}")[2] for i in range(1, 5)} == {b"p1"}
         unhealthy = [endpoint(p0, priority=0, healthy=False), endpoint(p1, priority=1, healthy=False),
                      endpoint(p2, priority=2)]
         with proxy_for(to("svc"), {"svc": static("svc", unhealthy)}) as px:  # EDS health
-            assert get(px.port, "/h")[2] == b"p2"
+            assert http.get(px.port, "/h")[2] == b"p2"
 
 
-def test_connect_failures_eject_a_dead_endpoint() -> None:
+def test_connect_failures_eject_a_dead_endpoint(http) -> None:
     od = OutlierDetection(consecutive_5xx=100, consecutive_gateway_failure=1, base_ejection_time_s=30,
                           max_ejection_percent=50)
     with VersionServer("live") as live, \
             proxy_for(to("svc"), {"svc": static("svc", [endpoint(free_port()), endpoint(live)], outlier=od)}) as px:
-        assert get(px.port, "/d0")[0] == 503  # the dead one, once
-        assert [get(px.port, f"/d{i}")[2] for i in range(1, 6)] == [b"live"] * 5
+        assert http.get(px.port, "/d0")[0] == 503  # the dead one, once
+        assert [http.get(px.port, f"/d{i}")[2] for i in range(1, 6)] == [b"live"] * 5
 
 
-def test_snapshot_update_switches_endpoints() -> None:
+def test_snapshot_update_switches_endpoints(http) -> None:
     with VersionServer("a") as a, VersionServer("b") as b, \
             proxy_for(to("svc"), {"svc": static("svc", [endpoint(a)])}) as px:
-        assert get(px.port, "/u")[2] == b"a"
+        assert http.get(px.port, "/u")[2] == b"a"
         with_config(px, to("svc"), {"svc": static("svc", [endpoint(b)])})
-        assert get(px.port, "/u")[2] == b"b"
+        assert http.get(px.port, "/u")[2] == b"b"
