@@ -1,5 +1,5 @@
-"""HTTP/2 (h2c prior knowledge) and gRPC: downstream h2 connections, streams bridged to pooled upstream h2c
-connections (clusters with http2=True) or to one HTTP/1.1 connection per stream (h2_upstream.py).
+"""HTTP/2 (h2c prior knowledge) connections, either side: the h2 codec the downstream (h2_downstream.py) and
+upstream (h2_upstream.py) connections build on. Request streams are h2_stream.Bridge (the pipeline's h2 driver).
 
 Flow control is end to end: DATA received on one side is acknowledged (WINDOW_UPDATE) only once it has been
 handed to the other side's connection within that side's window, so a slow reader slows the writer.
@@ -9,9 +9,8 @@ Errors the proxy generates for `content-type: application/grpc` requests are gRP
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import h2.config
 import h2.connection
@@ -20,31 +19,23 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from planemesh.agent.proxy import accesslog, pipeline
-from planemesh.agent.proxy.balancer import normalise_ip
-from planemesh.agent.proxy.circuit import REQUESTS
-from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
-from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
-from planemesh.agent.proxy.request_head import (
-    header_map,
-    new_request_id,
-    prefix_rewritten,
-    response_headers,
-    route_request_headers,
-    with_trace_context,
-)
-from planemesh.agent.proxy.retry import rng
 
 if TYPE_CHECKING:
-    from planemesh.agent.config import Cluster, Endpoint, Route
-    from planemesh.agent.proxy.circuit import CircuitBreaker
-    from planemesh.agent.proxy.h2_downstream import H2Downstream
     from planemesh.agent.proxy.server import PlaneProxy
+
+class Stream(Protocol):
+    """What an h2 connection calls on the request stream (h2_stream.Bridge) its frames belong to."""
+
+    def on_data(self, side: H2Side, data: bytes, flow_len: int) -> None: ...
+    def on_end(self, side: H2Side) -> None: ...
+    def on_trailers(self, side: H2Side, trailers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_reset(self, side: H2Side, code: int) -> None: ...
+
 
 # HTTP status -> gRPC status for proxy-generated errors (as Envoy's grpc_http1_bridge / router do).
 GRPC_STATUS = {400: 13, 404: 12, 429: 14, 502: 14, 503: 14, 504: 4}
-GATEWAY_FLAGS = frozenset({accesslog.UF, accesslog.UT, accesslog.UC})  # failures outlier detection counts
+
 HOP_BY_HOP_H2 = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 WINDOW = 1 << 20
 MAX_STREAMS = 1000  # advertised to upstream servers (they open no streams to us)
@@ -77,7 +68,7 @@ class H2Side(asyncio.Protocol):
         self.conn.encoder = StatelessEncoder()  # type: ignore[assignment]
         self.conn.decoder = MemoDecoder(self.conn.decoder.max_header_list_size)
         self.transport: asyncio.Transport | None = None
-        self.bridges: dict[int, Bridge] = {}
+        self.bridges: dict[int, Stream] = {}
         self.queues: dict[int, deque[list]] = {}  # stream -> [[data, end, on_sent], ...] waiting for window
         self.closed = False
         self.write_scheduled = False
@@ -297,435 +288,3 @@ def _discard(queue: deque[list]) -> None:
     for data, _, on_sent in items:
         if on_sent is not None and type(data) is not list and data:
             on_sent(len(data))
-
-
-class Bridge:
-    """One request stream: downstream h2 stream <-> an upstream (h2 stream or HTTP/1.1 connection).
-
-    It is also its own access-log record (formatted in batches later, like an Exchange)."""
-
-    __slots__ = (
-        "authority_b",
-        "breaker",
-        "bytes_rx",
-        "bytes_tx",
-        "cluster",
-        "deadline",
-        "done",
-        "ds",
-        "duration_ms",
-        "endpoint",
-        "fields",
-        "flags",
-        "grpc",
-        "held",
-        "method_b",
-        "path_b",
-        "pseudo",
-        "reopened",
-        "req_ended",
-        "rid",
-        "route",
-        "sid",
-        "start_time",
-        "status",
-        "t0",
-        "timer",
-        "try_deadline",
-        "up",
-        "up_authority",
-        "up_path",
-        "up_sid",
-        "upstream_host",
-    )
-
-    protocol = "HTTP/2"
-    upstream_ms = None
-    xff = None
-    user_agent = None
-
-    def __init__(self, ds: H2Downstream, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.ds = ds
-        self.sid = sid
-        # One pass over the request's fields: the pseudo-headers, gRPC or not, and what goes upstream (hop-by-hop
-        # fields dropped, x-request-id kept or added, x-forwarded-for extended with the client's address).
-        pseudo = []
-        fields = []
-        method = path = b""
-        authority = None
-        grpc = False
-        rid = xff = None
-        for field in headers:
-            n = field[0]
-            if n[:1] == b":":
-                pseudo.append(field)
-                if n == b":method":
-                    method = field[1]
-                elif n == b":path":
-                    path = field[1]
-                elif n == b":authority":
-                    authority = field[1]
-            elif n in HOP_BY_HOP_H2:
-                continue
-            elif n == b"te":
-                if field[1] == b"trailers":
-                    fields.append(field)
-            elif n == b"x-forwarded-for":
-                xff = field[1]
-            else:
-                if n == b"content-type":
-                    grpc = field[1].startswith(b"application/grpc")
-                elif n == b"x-request-id":
-                    rid = field[1]
-                fields.append(field)
-        if rid is None:
-            rid = new_request_id()
-            fields.append((b"x-request-id", rid))
-        peer = ds.peer_ip_b
-        fields.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
-        self.pseudo = pseudo
-        self.fields = fields
-        self.method_b = method
-        self.path_b = path
-        self.authority_b = authority
-        self.grpc = grpc
-        self.rid = rid
-        self.up = None  # H2Upstream or H1Stream
-        self.up_sid = 0
-        self.reopened = 0  # times refused by an h2 upstream (not processed) and opened again
-        self.req_ended = False  # the client's end of the stream went upstream (with the headers, a DATA or trailers)
-        self.status = 0
-        self.done = False
-        self.t0 = time.perf_counter()
-        self.start_time = time.time()
-        self.deadline = 0.0  # loop time; 0: none (checked by the proxy's deadline sweep)
-        self.try_deadline = 0.0
-        self.bytes_rx = 0
-        self.bytes_tx = 0
-        self.upstream_host: str | None = None
-        self.flags = ""
-        self.duration_ms = 0
-        self.route: Route | None = None
-        self.cluster: Cluster | None = None
-        self.breaker: CircuitBreaker | None = None  # holds one REQUESTS unit of it until finish()
-        self.endpoint: Endpoint | None = None  # the attempt's endpoint, reported to the balancer at the end
-        self.timer: asyncio.TimerHandle | None = None  # a fault delay
-        self.up_path = path  # :path and :authority upstream (after the route's rewrites)
-        self.up_authority = authority
-        self.held: list | None = None  # request DATA (data, flow length) received before the stream had an upstream
-
-    # ---- access-log view (decoded when the batch is formatted) -----------------------------------------
-
-    @property
-    def method(self) -> str:
-        return self.method_b.decode("latin-1") or "-"
-
-    @property
-    def path(self) -> str:
-        return self.path_b.decode("latin-1") or "-"
-
-    @property
-    def authority(self) -> str | None:
-        return self.authority_b.decode("latin-1") if self.authority_b else None
-
-    @property
-    def request_id(self) -> str:
-        return self.rid.decode("latin-1")
-
-    @property
-    def plane(self) -> str:
-        return self.ds.proxy.plane_name
-
-    # ---- request side -------------------------------------------------------------------------------
-
-    def start(self, ended: bool) -> None:
-        """Run the request through the pipeline's steps (pipeline.py); this method only turns their answers into
-        h2 (or gRPC) answers and opens the upstream stream."""
-        self.req_ended = ended
-        ds = self.ds
-        proxy = ds.proxy
-        local = pipeline.admission(proxy)
-        if local is not None:
-            return self.answer(local)
-        table = proxy.table
-        if ds.table is not table:  # first stream of the connection, or a new snapshot since
-            ds.table = table
-            ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
-        step = pipeline.listener_filters(proxy, ds.route_config, self._header_map, rng.random)
-        if step is not None:
-            if type(step) is pipeline.Delay:
-                self.flags = DELAY_INJECTED
-                self.held = []
-                self.timer = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
-                return None
-            return self.answer(step)  # type: ignore[arg-type]
-        return self._route()
-
-    def _after_delay(self, abort_status: int | None) -> None:
-        self.timer = None
-        if self.done:
-            return
-        if abort_status is not None:
-            self.flags = ""
-            self.answer(pipeline.fault_abort(abort_status, delayed=True))
-        else:
-            self._route()
-
-    def answer(self, local: pipeline.Local) -> None:
-        """A pipeline step's local answer as an h2 response (a gRPC status for gRPC requests)."""
-        body = local.body
-        self.local_error(local.status, body.decode("latin-1").strip() or str(local.status), local.flag, body,
-                         local.headers)
-
-    def _route(self) -> None:
-        ds = self.ds
-        proxy = ds.proxy
-        table = proxy.table
-        if ds.table is not table:  # a new snapshot arrived during a fault delay
-            ds.table = table
-            ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
-        crc = ds.route_config or table.router.original_destination
-        authority = self.authority_b.decode("latin-1") if self.authority_b else ""
-        result = pipeline.route(proxy, crc, authority, self.path_b or b"/", self._header_map)
-        if type(result) is pipeline.Local:
-            return self.answer(result)
-        route = self.route = result.route  # type: ignore[union-attr]
-        up = pipeline.upstream(proxy, result, self._header_map, ds.peer_ip_b.decode())  # type: ignore[arg-type]
-        if type(up) is pipeline.Local:
-            return self.answer(up)
-        cluster = self.cluster = up.cluster  # type: ignore[union-attr]
-        if cluster is None:
-            if result.cluster_missing or ds.local[1] in proxy.listen_ports:  # type: ignore[union-attr]
-                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
-            addr = (normalise_ip(ds.local[0]), ds.local[1])
-        else:
-            self.breaker = up.breaker  # type: ignore[union-attr]
-            picked = pipeline.pick(table.balancer, cluster, up.hash_key, ds.local)  # type: ignore[union-attr]
-            if picked is None:
-                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
-            addr, self.endpoint = picked
-        self._mutate(route)
-        self.upstream_host = proxy.pool.key_for(addr)[1]
-        if result.timeout_s:  # type: ignore[union-attr]
-            self.deadline = self.try_deadline = proxy.loop.time() + result.timeout_s  # type: ignore[union-attr]
-            proxy.watch_deadline(self)  # type: ignore[arg-type]
-        held = self.held
-        self.held = None
-        ended = self.req_ended and not held
-        h2_upstream.open_stream(self, addr, ended, cluster is not None and cluster.http2,
-                                result.connect_timeout_s)  # type: ignore[union-attr]
-        if held and self.up is not None:  # the body that came during a fault delay
-            for data, flow_len in held:
-                self._forward(data, flow_len)
-            if self.req_ended and type(held[-1][0]) is not list:
-                self.up.send_body(self, b"", True, None)
-
-    def _mutate(self, route: Route | None) -> None:
-        """The route's rewrites and request header changes, and this hop's trace context (request_head.py)."""
-        fields = self.fields
-        action = route.action if route is not None else None
-        if action is not None:
-            pseudo = self.pseudo
-            if action.prefix_rewrite is not None:
-                path = prefix_rewritten(route, self.path_b)  # type: ignore[arg-type]
-                if path is not self.path_b:
-                    self.up_path = path
-                    pseudo = [(b":path", path) if n == b":path" else (n, v) for n, v in pseudo]
-            if action.host_rewrite is not None:
-                host = self.up_authority = action.host_rewrite.encode()
-                pseudo = [(b":authority", host) if n == b":authority" else (n, v) for n, v in pseudo]
-                fields = [(n, v) for n, v in fields if n != b"host"]
-            self.pseudo = pseudo
-        if route is not None and (route.request_headers_to_add or route.request_headers_to_remove):
-            fields = route_request_headers(route, fields)
-        self.fields = with_trace_context(fields)
-
-    def _header_map(self) -> dict[str, str]:
-        return header_map(self.fields)
-
-    def upstream_headers(self) -> list[tuple[bytes, bytes]]:
-        """The request's fields for an h2 upstream: pseudo-headers first."""
-        return self.pseudo + self.fields
-
-    def on_data(self, side: H2Side, data: bytes, flow_len: int) -> None:
-        if side is self.ds:
-            self.bytes_rx += len(data)
-            if self.held is not None:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
-                self.held.append((data, flow_len))
-                return
-            if self.up is None:
-                self.ds.ack(self.sid, flow_len)
-                return
-            self._forward(data, flow_len)
-        else:  # response body from an h2 upstream
-            self.bytes_tx += len(data)
-            pad = flow_len - len(data)
-            if pad:
-                side.ack(self.up_sid, pad)
-            self.ds.send(self.sid, data, False, self._ack_up)
-
-    def _forward(self, data: bytes | list, flow_len: int) -> None:
-        """Request DATA (or trailers, a list) to the upstream; the client's window is credited as it goes."""
-        if type(data) is list:
-            self.up.send_trailers(self, data)  # type: ignore[union-attr, arg-type]
-            return
-        pad = flow_len - len(data)
-        if pad:
-            self.ds.ack(self.sid, pad)
-        self.up.send_body(self, data, False, self._ack_down)  # type: ignore[union-attr]
-
-    def _ack_down(self, n: int) -> None:
-        """n request bytes went upstream: the client may send as many more."""
-        self.ds.ack(self.sid, n)
-
-    def _ack_up(self, n: int) -> None:
-        """n response bytes went to the client: the h2 upstream may send as many more."""
-        up = self.up
-        if up is not None:
-            up.ack(self.up_sid, n)
-
-    def on_trailers(self, side: H2Side, trailers: list[tuple[bytes, bytes]]) -> None:
-        trailers = [(n.lower(), v) for n, v in trailers]
-        trailers = [(n, v) for n, v in trailers if n not in HOP_BY_HOP_H2 and n[:1] != b":"]
-        if side is self.ds:
-            self.req_ended = True
-            if self.held is not None:
-                self.held.append((trailers, 0))
-            elif self.up is not None:
-                self.up.send_trailers(self, trailers)
-        else:
-            self.ds.send(self.sid, trailers, True)
-            self.finish("")
-
-    def on_end(self, side: H2Side) -> None:
-        if side is self.ds:
-            # Sending the end twice (after END_STREAM on the headers or trailers) would make h2 close the
-            # upstream stream before its response arrived.
-            if not self.req_ended:
-                self.req_ended = True
-                if self.up is not None:
-                    self.up.send_body(self, b"", True, None)
-        elif not self.done:
-            self.ds.send(self.sid, b"", True)
-            self.finish("")
-
-    def on_reset(self, side: H2Side, code: int) -> None:
-        if self.done:
-            return
-        if side is self.ds:  # the client cancelled (e.g. a gRPC deadline): cancel upstream too
-            if self.up is not None:
-                self.up.cancel(self)
-            self.finish(accesslog.DC)
-        elif self.status == 0:
-            refused = code == h2.errors.ErrorCodes.REFUSED_STREAM
-            if refused and side.reopen(self):  # type: ignore[attr-defined]
-                return
-            self.up_failed(503 if refused else 502, "upstream reset", accesslog.UC)
-        else:
-            self.ds.reset(self.sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
-            self.finish(accesslog.UC)
-
-    # ---- upstream side ------------------------------------------------------------------------------
-
-    def on_response_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
-        """A response head from an h2 upstream (not validated by h2: names lower-cased here, and connection-
-        specific fields dropped, as a client would otherwise reject the stream)."""
-        out = []
-        for n, v in headers:
-            n = n.lower()
-            if n == b":status":
-                self.status = int(v)
-            if n not in HOP_BY_HOP_H2 and n != b"te":
-                out.append((n, v))
-        self.respond(out, end)
-
-    def respond(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
-        """Send a response head already fit for h2 (status set by the caller), with the route's changes."""
-        route = self.route
-        if route is not None and (route.response_headers_to_add or route.response_headers_to_remove):
-            headers = response_headers(route, headers)
-        self.ds.respond(self.sid, headers, end)
-        if end:
-            self.finish("")
-
-    def up_failed(self, status: int, message: str, flag: str) -> None:
-        if self.done:
-            return
-        if self.status:
-            self.ds.reset(self.sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
-            self.finish(flag)
-        else:
-            self.local_error(status, message, flag)
-
-    def on_timeout(self, now: float) -> None:
-        """Called by the proxy's deadline sweep once `try_deadline` has passed."""
-        self.deadline = self.try_deadline = float("inf")
-        if not self.done:
-            self.ds.proxy.stats.upstream_timeouts += 1
-            if self.up is not None:
-                self.up.cancel(self)
-            self.up_failed(504, "upstream request timeout", accesslog.UT)
-
-    def local_error(self, status: int, message: str, flag: str, body: bytes | None = None, extra=()) -> None:
-        """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests. `body`: a
-        direct response's own body (else the message and a newline); `extra`: more response fields."""
-        self.status = status
-        if self.grpc:
-            headers = [
-                (b":status", b"200"),
-                (b"content-type", b"application/grpc"),
-                (b"grpc-status", str(GRPC_STATUS.get(status, 2)).encode()),
-                (b"grpc-message", message.encode("latin-1", "replace")),
-            ]
-            self.ds.respond(self.sid, headers, True)
-        else:
-            if body is None:
-                body = (message + "\n").encode("latin-1", "replace")
-            head = [
-                (b":status", str(status).encode()),
-                (b"content-type", b"text/plain"),
-                (b"content-length", str(len(body)).encode()),
-            ]
-            if extra:
-                head += extra
-            self.ds.respond(self.sid, head, False)
-            self.ds.send(self.sid, body, True)
-        self.finish(flag)
-
-    def finish(self, flag: str) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.flags = flag if not self.flags else self.flags + "," + flag if flag else self.flags
-        if self.up is not None:
-            self.up.release(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.breaker is not None:
-            self.breaker.release(REQUESTS)
-            self.breaker = None
-        ep = self.endpoint
-        if ep is not None:  # the attempt's outcome for outlier detection: a status, 0 gateway failure, -1 none
-            self.endpoint = None
-            if flag in GATEWAY_FLAGS:
-                outcome = GATEWAY_FAILURE
-            else:
-                outcome = self.status if self.status and flag is not accesslog.DC else -1
-            self.ds.proxy.table.balancer.report(self.cluster, ep, outcome)  # type: ignore[arg-type]
-        ds = self.ds
-        proxy = ds.proxy
-        if self.deadline:
-            proxy.inflight.discard(self)  # type: ignore[arg-type]
-        ds.bridges.pop(self.sid, None)
-        ds.stream_done(self, flag is accesslog.DC)
-        stats = proxy.stats
-        stats.requests_active -= 1
-        duration_ms = (time.perf_counter() - self.t0) * 1000
-        self.duration_ms = int(duration_ms)
-        stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx)
-        proxy.log.append(self)  # type: ignore[arg-type]
-
-
-# h2_upstream builds on H2Side: imported last, used through the module (whichever of the two is imported first).
-from planemesh.agent.proxy import h2_upstream  # noqa: E402

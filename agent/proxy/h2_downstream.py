@@ -12,8 +12,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from planemesh.agent.proxy.h2 import WINDOW, Bridge, H2Side
+from planemesh.agent.proxy.h2 import WINDOW, H2Side
 from planemesh.agent.proxy.h2_guard import H2Guard, H2Limits
+from planemesh.agent.proxy.h2_stream import Bridge
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.server import PlaneProxy

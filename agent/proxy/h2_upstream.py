@@ -20,8 +20,8 @@ from planemesh.agent.proxy.http1 import HOP_BY_HOP, LAST_CHUNK, TRAILER_DROP, dr
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.h2 import Bridge
     from planemesh.agent.proxy.h2_downstream import H2Downstream
+    from planemesh.agent.proxy.h2_stream import Bridge
     from planemesh.agent.proxy.server import PlaneProxy
     from planemesh.agent.proxy.upstream import UpstreamConnection
 
