@@ -29,7 +29,7 @@ from planemesh.agent.proxy.http1 import (
     last_chunk,
     local_reply,
 )
-from planemesh.agent.proxy.mirror import sender_for, shadow_head
+from planemesh.agent.proxy.mirror import mirror_targets, sender_for, shadow_head
 from planemesh.agent.proxy.request_checks import CONTINUE_SENT, EXPECT_NONE
 from planemesh.agent.proxy.request_head import header_map, new_request_id, request_head
 from planemesh.agent.proxy.response import ResponseRelay
@@ -338,16 +338,8 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         """Shadow copies of a body-less (or fully buffered) request; the primary never waits for them."""
         if self.req_length > MAX_REPLAY_BODY:
             return  # a large body is not mirrored (it would have to be held); chunked ones are checked at the end
-        for mirror in mirrors:
-            if mirror.fraction < 1.0 and rng.random() >= mirror.fraction:
-                continue
-            cluster = self.ds.proxy.table.snapshot.clusters.get(mirror.cluster)
-            if cluster is None:
-                continue
-            ep = self.balancer.pick_endpoint(cluster)  # type: ignore[union-attr]
-            if ep is None:
-                continue
-            self.mirror_to.append((ep.address, ep.port))
+        clusters = self.ds.proxy.table.snapshot.clusters
+        self.mirror_to = mirror_targets(mirrors, clusters, self.balancer, rng.random)
         if self.mirror_to and self.req_done:
             self._send_mirrors()
 

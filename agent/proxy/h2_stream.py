@@ -16,6 +16,7 @@ from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.h2 import GRPC_STATUS, HOP_BY_HOP_H2, H2Side
+from planemesh.agent.proxy.mirror import mirror_targets, sender_for, shadow_request
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.request_head import (
     header_map,
@@ -25,7 +26,7 @@ from planemesh.agent.proxy.request_head import (
     route_request_headers,
     with_trace_context,
 )
-from planemesh.agent.proxy.retry import rng
+from planemesh.agent.proxy.retry import Retries, rng
 
 if TYPE_CHECKING:
     import asyncio
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.h2_downstream import H2Downstream
 
+MAX_REPLAY_BODY = 64 * 1024  # a request body up to this size is kept so a retry can send it again (exchange.py's)
 GATEWAY_FLAGS = frozenset({accesslog.UF, accesslog.UT, accesslog.UC})  # failures outlier detection counts
 
 
@@ -44,10 +46,13 @@ class Bridge:
 
     __slots__ = (
         "authority_b",
+        "body_copy",
+        "body_len",
         "breaker",
         "bytes_rx",
         "bytes_tx",
         "cluster",
+        "connect_timeout",
         "deadline",
         "done",
         "ds",
@@ -57,11 +62,14 @@ class Bridge:
         "flags",
         "grpc",
         "held",
+        "http2",
         "method_b",
+        "mirror_to",
         "path_b",
         "pseudo",
         "reopened",
         "req_ended",
+        "retries",
         "rid",
         "route",
         "sid",
@@ -74,6 +82,7 @@ class Bridge:
         "up_authority",
         "up_path",
         "up_sid",
+        "upstream_addr",
         "upstream_host",
     )
 
@@ -151,6 +160,13 @@ class Bridge:
         self.up_path = path  # :path and :authority upstream (after the route's rewrites)
         self.up_authority = authority
         self.held: list | None = None  # request DATA (data, flow length) received before the stream had an upstream
+        self.retries: Retries | None = None  # the route's retries (None: no retry configured)
+        self.body_copy: list | None = None  # the request body so far, kept for a retry or a mirror (bounded)
+        self.body_len = 0
+        self.upstream_addr: tuple[str, int] | None = None
+        self.mirror_to: list[tuple[str, int]] | None = None  # shadow copies to send once the request has ended
+        self.http2 = False  # the upstream speaks h2 (the cluster says http2)
+        self.connect_timeout = 5.0
 
     # ---- access-log view (decoded when the batch is formatted) -----------------------------------------
 
@@ -243,20 +259,126 @@ class Bridge:
                 return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
             addr, self.endpoint = picked
         self._mutate(route)
-        self.upstream_host = proxy.pool.key_for(addr)[1]
-        if result.timeout_s:  # type: ignore[union-attr]
-            self.deadline = self.try_deadline = proxy.loop.time() + result.timeout_s  # type: ignore[union-attr]
+        policy = up.policy  # type: ignore[union-attr]
+        if policy.num_retries:
+            self.retries = Retries(policy, up.breaker)  # type: ignore[union-attr]
+            self.body_copy = []
+        timeout = result.timeout_s  # type: ignore[union-attr]
+        per_try = policy.per_try_timeout_s
+        if timeout or per_try:
+            now = proxy.loop.time()
+            self.deadline = now + timeout if timeout else float("inf")
+            self.try_deadline = min(self.deadline, now + per_try) if per_try else self.deadline
             proxy.watch_deadline(self)  # type: ignore[arg-type]
+        self.http2 = cluster is not None and cluster.http2
+        self.connect_timeout = result.connect_timeout_s  # type: ignore[union-attr]
+        action = route.action if route is not None else None
+        if action is not None and action.mirrors and cluster is not None:
+            self._mirror(action.mirrors)
         held = self.held
         self.held = None
-        ended = self.req_ended and not held
-        h2_upstream.open_stream(self, addr, ended, cluster is not None and cluster.http2,
-                                result.connect_timeout_s)  # type: ignore[union-attr]
-        if held and self.up is not None:  # the body that came during a fault delay
-            for data, flow_len in held:
+        self._open(addr, held or ())
+        if self.mirror_to and self.req_ended:
+            self._send_mirrors()
+
+    def _open(self, addr: tuple[str, int], held, replay: bool = False) -> None:
+        """One upstream attempt on `addr`: the stream opens, then `held` ((data, flow length) items; a list item:
+        trailers) goes after its head, then what the client still sends. replay: `held` is the retry's copy, sent
+        again as it is (its window credit went to the client already)."""
+        self.upstream_addr = addr
+        self.upstream_host = self.ds.proxy.pool.key_for(addr)[1]
+        h2_upstream.open_stream(self, addr, self.req_ended and not held, self.http2, self.connect_timeout)
+        up = self.up
+        if not held or up is None:
+            return
+        for data, flow_len in held:
+            if replay:
+                if type(data) is list:
+                    up.send_trailers(self, data)
+                else:
+                    up.send_body(self, data, False, None)
+            else:
                 self._forward(data, flow_len)
-            if self.req_ended and type(held[-1][0]) is not list:
-                self.up.send_body(self, b"", True, None)
+        if self.req_ended and type(held[-1][0]) is not list:
+            up.send_body(self, b"", True, None)
+
+    def _mirror(self, mirrors) -> None:
+        """Shadow copies (HTTP/1.1) of the request, sent once it has ended; a body past MAX_REPLAY_BODY is not
+        mirrored. The primary never waits for them."""
+        proxy = self.ds.proxy
+        targets = mirror_targets(mirrors, proxy.table.snapshot.clusters, proxy.table.balancer, rng.random)
+        if not targets:
+            return
+        self.mirror_to = targets
+        if self.body_copy is None:
+            self.body_copy = []
+
+    def _send_mirrors(self) -> None:
+        targets, self.mirror_to = self.mirror_to, None
+        copy = self.body_copy
+        if not targets or copy is None:
+            return
+        body = b"".join(d for d in copy if type(d) is not list)
+        request = shadow_request(self.method_b, self.up_path or b"/", self.up_authority or b"", self.fields, body)
+        sender = sender_for(self.ds.proxy)
+        for addr in targets:
+            sender.send(addr, request)
+
+    # ---- retries (retry.Retries decides) --------------------------------------------------------------------
+
+    def _retry_if(self, condition: str, status: int = 0) -> bool:
+        """Retry instead of answering, when the policy covers this failure and the request can be replayed."""
+        retries = self.retries
+        if retries is None or self.done:
+            return False
+        if condition == "status" and not self.req_ended:
+            return False  # an early answer to a request still being sent is passed on
+        if not retries.may_retry(condition, status, self.body_copy is not None):
+            return False
+        up = self.up
+        self.up = None
+        if up is not None:
+            up.cancel(self)
+        self._end_attempt(status if condition == "status" else GATEWAY_FAILURE)
+        proxy = self.ds.proxy
+        proxy.stats.retries += 1
+        delay = retries.next_backoff(rng.random())
+        if self.deadline:
+            self.try_deadline = self.deadline  # no per-try clock runs during the back-off
+        if delay < 0.001:
+            self._next_attempt()
+        else:
+            self.timer = proxy.loop.call_later(delay, self._next_attempt)
+        return True
+
+    def _next_attempt(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        proxy = self.ds.proxy
+        per_try = self.retries.policy.per_try_timeout_s  # type: ignore[union-attr]
+        if self.deadline and per_try:
+            self.try_deadline = min(self.deadline, proxy.loop.time() + per_try)
+        addr = self.upstream_addr
+        if self.cluster is not None:
+            picked = pipeline.pick(proxy.table.balancer, self.cluster, None, self.ds.local)
+            if picked is None:
+                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
+            addr, self.endpoint = picked
+        copy = self.body_copy
+        if copy is None:  # the body outgrew the replay buffer during the back-off
+            return self.local_error(503, "upstream reset", self._exhausted(accesslog.UC))
+        self._open(addr, [(d, 0) for d in copy], replay=True)  # type: ignore[arg-type]
+
+    def _end_attempt(self, outcome: int) -> None:
+        """The attempt's outcome for outlier detection: an HTTP status, 0 gateway failure, -1 none."""
+        ep = self.endpoint
+        if ep is not None:
+            self.endpoint = None
+            self.ds.proxy.table.balancer.report(self.cluster, ep, outcome)  # type: ignore[arg-type]
+
+    def _exhausted(self, flag: str) -> str:
+        return self.retries.exhausted(flag) if self.retries is not None else flag
 
     def _mutate(self, route: Route | None) -> None:
         """The route's rewrites and request header changes, and this hop's trace context (request_head.py)."""
@@ -293,6 +415,12 @@ class Bridge:
                 return
             if self.up is None:
                 self.ds.ack(self.sid, flow_len)
+                if self.timer is not None and self.body_copy is not None:  # waiting to retry: the copy goes too
+                    self.body_len += len(data)
+                    if self.body_len > MAX_REPLAY_BODY:
+                        self.body_copy = None
+                    else:
+                        self.body_copy.append(data)
                 return
             self._forward(data, flow_len)
         else:  # response body from an h2 upstream
@@ -303,10 +431,20 @@ class Bridge:
             self.ds.send(self.sid, data, False, self._ack_up)
 
     def _forward(self, data: bytes | list, flow_len: int) -> None:
-        """Request DATA (or trailers, a list) to the upstream; the client's window is credited as it goes."""
+        """Request DATA (or trailers, a list) to the upstream; the client's window is credited as it goes.
+        A copy is kept while a retry may need it."""
         if type(data) is list:
+            if self.body_copy is not None:
+                self.body_copy.append(data)
             self.up.send_trailers(self, data)  # type: ignore[union-attr, arg-type]
             return
+        copy = self.body_copy
+        if copy is not None:
+            self.body_len += len(data)
+            if self.body_len > MAX_REPLAY_BODY:
+                self.body_copy = None  # too big to replay: no retry (nor mirror) once any of it went out
+            else:
+                copy.append(data)
         pad = flow_len - len(data)
         if pad:
             self.ds.ack(self.sid, pad)
@@ -329,8 +467,13 @@ class Bridge:
             self.req_ended = True
             if self.held is not None:
                 self.held.append((trailers, 0))
-            elif self.up is not None:
+                return
+            if self.body_copy is not None:
+                self.body_copy.append(trailers)
+            if self.up is not None:
                 self.up.send_trailers(self, trailers)
+            if self.mirror_to:
+                self._send_mirrors()
         else:
             self.ds.send(self.sid, trailers, True)
             self.finish("")
@@ -343,6 +486,8 @@ class Bridge:
                 self.req_ended = True
                 if self.up is not None:
                     self.up.send_body(self, b"", True, None)
+                if self.mirror_to:
+                    self._send_mirrors()
         elif not self.done:
             self.ds.send(self.sid, b"", True)
             self.finish("")
@@ -369,13 +514,29 @@ class Bridge:
         """A response head from an h2 upstream (not validated by h2: names lower-cased here, and connection-
         specific fields dropped, as a client would otherwise reject the stream)."""
         out = []
+        status = 0
         for n, v in headers:
             n = n.lower()
             if n == b":status":
-                self.status = int(v)
+                status = int(v)
             if n not in HOP_BY_HOP_H2 and n != b"te":
                 out.append((n, v))
+        if self.retry_status(status):
+            return
+        self.status = status
         self.respond(out, end)
+
+    def retry_status(self, status: int) -> bool:
+        """A response head arrived (before it is relayed): True when it is retried instead (its attempt is
+        dropped). An answer the policy would retry, with no retry left, is flagged URX."""
+        retries = self.retries
+        if retries is None:
+            return False
+        if self._retry_if("status", status):
+            return True
+        if retries.tries_left <= 0 and (status >= 500 or status in retries.policy.retriable_status_codes):
+            self.flags = accesslog.URX
+        return False
 
     def respond(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         """Send a response head already fit for h2 (status set by the caller), with the route's changes."""
@@ -392,17 +553,32 @@ class Bridge:
         if self.status:
             self.ds.reset(self.sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
             self.finish(flag)
-        else:
-            self.local_error(status, message, flag)
+            return
+        if self.retries is not None:
+            condition = "connect-failure" if flag is accesslog.UF else "timeout" if flag is accesslog.UT else "reset"
+            if self._retry_if(condition):
+                return
+            flag = self._exhausted(flag)
+        self.local_error(status, message, flag)
 
     def on_timeout(self, now: float) -> None:
         """Called by the proxy's deadline sweep once `try_deadline` has passed."""
+        if self.done:
+            return
+        if self.timer is not None and now < self.deadline:
+            self.try_deadline = self.deadline  # waiting to retry: only the overall deadline counts
+            return
+        self.ds.proxy.stats.upstream_timeouts += 1
+        if now < self.deadline and not self.status and self._retry_if("timeout"):
+            return  # a per-try timeout with retries left: a fresh attempt, same overall deadline
         self.deadline = self.try_deadline = float("inf")
-        if not self.done:
-            self.ds.proxy.stats.upstream_timeouts += 1
-            if self.up is not None:
-                self.up.cancel(self)
-            self.up_failed(504, "upstream request timeout", accesslog.UT)
+        if self.up is not None:
+            self.up.cancel(self)
+        retries, self.retries = self.retries, None  # the timeout is final: up_failed must not retry it
+        flag = accesslog.UT if retries is None else retries.exhausted(accesslog.UT)
+        if retries is not None:
+            retries.release()
+        self.up_failed(504, "upstream request timeout", flag)
 
     def local_error(self, status: int, message: str, flag: str, body: bytes | None = None, extra=()) -> None:
         """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests. `body`: a
@@ -443,14 +619,13 @@ class Bridge:
         if self.breaker is not None:
             self.breaker.release(REQUESTS)
             self.breaker = None
-        ep = self.endpoint
-        if ep is not None:  # the attempt's outcome for outlier detection: a status, 0 gateway failure, -1 none
-            self.endpoint = None
-            if flag in GATEWAY_FLAGS:
-                outcome = GATEWAY_FAILURE
+        if self.retries is not None:
+            self.retries.release()
+        if self.endpoint is not None:  # the attempt's outcome for outlier detection
+            if flag in GATEWAY_FLAGS or flag[:2] in GATEWAY_FLAGS:
+                self._end_attempt(GATEWAY_FAILURE)
             else:
-                outcome = self.status if self.status and flag is not accesslog.DC else -1
-            self.ds.proxy.table.balancer.report(self.cluster, ep, outcome)  # type: ignore[arg-type]
+                self._end_attempt(self.status if self.status and flag is not accesslog.DC else -1)
         ds = self.ds
         proxy = ds.proxy
         if self.deadline:

@@ -416,6 +416,8 @@ class H1Stream:
     ) -> None:
         if self.finished or status < 200:
             return  # interim responses (100 Continue, 103) are not relayed
+        if self.bridge.retry_status(status):
+            return  # retried: this attempt (and its connection) is dropped
         self.resp_started = True
         self.keep_alive = keep_alive
         if length is None and not chunked and not self.is_head and status != 204 and status != 304:

@@ -13,6 +13,39 @@ from collections.abc import Callable
 from planemesh.agent.proxy.sockets import open_upstream
 
 
+def mirror_targets(mirrors, clusters, balancer, roll: Callable[[], float]) -> list[tuple[str, int]]:
+    """Where shadow copies of one request go: an endpoint of each mirror cluster whose fraction `roll()` hits
+    (pipeline step of both codecs; a missing cluster or one with no endpoint is skipped)."""
+    out = []
+    for mirror in mirrors:
+        if mirror.fraction < 1.0 and roll() >= mirror.fraction:
+            continue
+        cluster = clusters.get(mirror.cluster)
+        if cluster is None:
+            continue
+        ep = balancer.pick_endpoint(cluster)
+        if ep is not None:
+            out.append((ep.address, ep.port))
+    return out
+
+
+_SHADOW_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
+                          b"content-length", b"te", b"trailer", b"host"})
+
+
+def shadow_request(method: bytes, path: bytes, authority: bytes, fields, body: bytes) -> bytes:
+    """An HTTP/1.1 shadow request from a neutral request head (an h2 stream's): Host `<authority>-shadow`,
+    the body with its length, `connection: close`."""
+    parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, b"-shadow\r\n"]
+    for n, v in fields:
+        if n not in _SHADOW_DROP and n[:1] != b":":
+            parts += (n, b": ", v, b"\r\n")
+    if body or method not in (b"GET", b"HEAD"):
+        parts.append(b"content-length: %d\r\n" % len(body))
+    parts += (b"connection: close\r\n\r\n", body)
+    return b"".join(parts)
+
+
 def shadow_head(head: bytes) -> bytes:
     """The request head with `Host: x` -> `Host: x-shadow` and `connection: close` (one-shot connection)."""
     lines = head.split(b"\r\n")

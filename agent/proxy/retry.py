@@ -7,8 +7,10 @@ import random
 from typing import TYPE_CHECKING
 
 from planemesh.agent.config import RetryPolicy
+from planemesh.agent.proxy.circuit import RETRIES
 
 if TYPE_CHECKING:
+    from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.netplanes.model import SLA
 
 RETRY_ON_TIMEOUT = frozenset({"5xx", "gateway-error", "reset"})
@@ -46,3 +48,46 @@ def covers(policy: RetryPolicy, condition: str, status: int = 0) -> bool:
     if condition == "connect-failure":
         return "connect-failure" in retry_on or "gateway-error" in retry_on or "5xx" in retry_on
     return condition in retry_on or "5xx" in retry_on
+
+
+class Retries:
+    """The retries of one request, sans-IO: the policy, tries left, the cluster breaker's RETRIES units held
+    (the retry budget). Used by the h2 stream driver (h2_stream.py); call release() when the request ends."""
+
+    __slots__ = ("breaker", "held", "policy", "tries_left")
+
+    def __init__(self, policy: RetryPolicy, breaker: CircuitBreaker | None) -> None:
+        self.policy = policy
+        self.breaker = breaker
+        self.tries_left = policy.num_retries
+        self.held = 0
+
+    def may_retry(self, condition: str, status: int = 0, replayable: bool = True) -> bool:
+        """Whether the policy covers this failure and a retry is still allowed (a RETRIES unit is taken)."""
+        if not replayable or self.tries_left <= 0 or not covers(self.policy, condition, status):
+            return False
+        breaker = self.breaker
+        if breaker is not None:
+            if not breaker.try_acquire(RETRIES):
+                self.tries_left = 0  # the cluster's retry budget is spent: the failure goes to the client (URX)
+                return False
+            self.held += 1
+        return True
+
+    def next_backoff(self, roll: float) -> float:
+        """One retry starts: the back-off before it (Envoy's jittered exponential)."""
+        self.tries_left -= 1
+        return backoff_s(self.policy, self.policy.num_retries - self.tries_left, roll)
+
+    def exhausted(self, flag: str) -> str:
+        """`flag`, plus URX when retries were configured and all were used."""
+        if self.policy.num_retries > 0 and self.tries_left <= 0:
+            return f"{flag},URX" if flag else "URX"
+        return flag
+
+    def release(self) -> None:
+        breaker = self.breaker
+        if breaker is not None:
+            for _ in range(self.held):
+                breaker.release(RETRIES)
+        self.held = 0

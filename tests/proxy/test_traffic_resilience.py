@@ -27,7 +27,6 @@ from planemesh.agent.config import (
     Snapshot,
     VirtualHost,
 )
-from tests.proxy.conftest import h2_todo
 from tests.proxy.proxy_harness import ProxyThread, ThreadedBackend, free_port, log_line_for
 
 
@@ -143,7 +142,6 @@ RETRY_5XX = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=3, backoff_base
 
 
 def test_route_retry_turns_flaky_503s_into_200(http) -> None:
-    h2_todo(http)
     with VersionServer("v1", plan=[503, 503]) as flaky, \
             proxy_for(to("svc", retry=RETRY_5XX), {"svc": static("svc", [endpoint(flaky)])}) as px:
         status, _, body = http.get(px.port, "/flaky")
@@ -152,7 +150,6 @@ def test_route_retry_turns_flaky_503s_into_200(http) -> None:
 
 
 def test_retries_exhausted_pass_the_last_answer_with_urx(http) -> None:
-    h2_todo(http)
     policy = replace(RETRY_5XX, num_retries=1)
     with VersionServer("v1", status=503) as broken, \
             proxy_for(to("svc", retry=policy), {"svc": static("svc", [endpoint(broken)])}) as px:
@@ -162,7 +159,6 @@ def test_retries_exhausted_pass_the_last_answer_with_urx(http) -> None:
 
 
 def test_retriable_status_codes_only_when_listed(http) -> None:
-    h2_todo(http)
     policy = RetryPolicy(retry_on=frozenset({"retriable-status-codes"}), num_retries=2,
                          retriable_status_codes=frozenset({409}), backoff_base_s=0.001)
     with VersionServer("v1", plan=[409, 503]) as srv, \
@@ -178,7 +174,6 @@ def test_route_policy_overrides_plane_sla(http) -> None:
 
 
 def test_per_try_timeout_moves_to_the_next_endpoint(http) -> None:
-    h2_todo(http)
     policy = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=1, per_try_timeout_s=0.2, backoff_base_s=0.001)
     with VersionServer("slow", delay_s=1.5) as slow, VersionServer("fast") as fast, \
             proxy_for(to("svc", retry=policy, timeout_s=3.0),
@@ -192,7 +187,6 @@ def test_per_try_timeout_moves_to_the_next_endpoint(http) -> None:
 
 
 def test_per_try_timeout_without_retries_left_is_504_ut(http) -> None:
-    h2_todo(http)
     policy = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=0, per_try_timeout_s=0.2)
     with VersionServer("slow", delay_s=1.0) as slow, \
             proxy_for(to("svc", retry=policy), {"svc": static("svc", [endpoint(slow)])}) as px:
@@ -202,7 +196,6 @@ def test_per_try_timeout_without_retries_left_is_504_ut(http) -> None:
 
 
 def test_buffered_body_is_replayed_on_retry(http) -> None:
-    h2_todo(http)
     body = bytes(range(256)) * 100  # 25.6 KB: within the replay buffer
     with VersionServer("v1", plan=[503]) as srv, \
             proxy_for(to("svc", retry=RETRY_5XX), {"svc": static("svc", [endpoint(srv)])}) as px:
@@ -211,7 +204,6 @@ def test_buffered_body_is_replayed_on_retry(http) -> None:
 
 
 def test_body_beyond_replay_limit_is_not_retried(http) -> None:
-    h2_todo(http)
     body = b"x" * (200 * 1024)
     with VersionServer("v1", plan=[503]) as srv, \
             proxy_for(to("svc", retry=RETRY_5XX), {"svc": static("svc", [endpoint(srv)])}) as px:
@@ -220,7 +212,6 @@ def test_body_beyond_replay_limit_is_not_retried(http) -> None:
 
 
 def test_connect_failure_retried_by_route_policy(http) -> None:
-    h2_todo(http)
     policy = RetryPolicy(retry_on=frozenset({"connect-failure"}), num_retries=1, backoff_base_s=0.001)
     with VersionServer("live") as live, \
             proxy_for(to("svc", retry=policy), {"svc": static("svc", [endpoint(free_port()), endpoint(live)])}) as px:
@@ -250,7 +241,6 @@ def test_open_circuit_returns_503_uo_immediately(http) -> None:
 
 
 def test_retry_budget_of_the_cluster(http) -> None:
-    h2_todo(http)
     cb = CircuitBreakers(max_retries=0)
     with VersionServer("v1", plan=[503]) as srv, \
             proxy_for(to("svc", retry=RETRY_5XX), {"svc": static("svc", [endpoint(srv)], circuit_breakers=cb)}) as px:

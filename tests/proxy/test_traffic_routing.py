@@ -24,7 +24,6 @@ from planemesh.agent.config import (
     RouteMatch,
     WeightedCluster,
 )
-from tests.proxy.conftest import h2_todo
 from tests.proxy.proxy_harness import free_port, log_line_for
 from tests.proxy.test_traffic_resilience import VersionServer, endpoint, proxy_for, static, to, with_config
 
@@ -216,7 +215,6 @@ def test_per_route_rate_limit_has_its_own_bucket(http) -> None:
 # ---- mirroring -------------------------------------------------------------------------------------------------
 
 def test_mirror_duplicates_without_changing_the_primary(http) -> None:
-    h2_todo(http)
     with VersionServer("primary") as primary, VersionServer("shadow", status=500, delay_s=0.3) as shadow:
         route = to("svc", mirrors=(Mirror(cluster="shadow", fraction=1.0),))
         clusters = {"svc": static("svc", [endpoint(primary)]), "shadow": static("shadow", [endpoint(shadow)])}
@@ -234,7 +232,6 @@ def test_mirror_duplicates_without_changing_the_primary(http) -> None:
 
 
 def test_mirror_fraction_and_dead_shadow(http) -> None:
-    h2_todo(http)
     with VersionServer("primary") as primary:
         route = to("svc", mirrors=(Mirror(cluster="shadow", fraction=0.5),))
         clusters = {"svc": static("svc", [endpoint(primary)]), "shadow": static("shadow", [endpoint(free_port())])}
@@ -248,7 +245,6 @@ def test_mirror_fraction_and_dead_shadow(http) -> None:
 
 
 def test_mirror_fraction_reaches_live_shadow(http) -> None:
-    h2_todo(http)
     with VersionServer("primary") as primary, VersionServer("shadow") as shadow:
         route = to("svc", mirrors=(Mirror(cluster="shadow", fraction=0.25),))
         clusters = {"svc": static("svc", [endpoint(primary)]), "shadow": static("shadow", [endpoint(shadow)])}
