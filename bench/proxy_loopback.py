@@ -1,6 +1,7 @@
 """nginx on loopback, direct vs through planemesh's proxy, measured with wrk.
 
     .venv/bin/python bench/proxy_loopback.py [--duration 5] [--connections 16] [--profile out.prof]
+    .venv/bin/python -m bench proxy_loopback --h2 [--streams 32]    # h2load, h2c prior knowledge, to the proxy
 
 nginx: a throw-away config in a temp dir (daemon off, worker_processes 1, 127.0.0.1, small body).
 The proxy runs in its own process (uvloop, one core) with a STATIC cluster pointing at nginx.
@@ -91,6 +92,24 @@ def wrk(port: int, duration: int, connections: int) -> dict[str, float]:
     return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"), "non2xx": float(errors.group(1)) if errors else 0}
 
 
+def h2load(port: int, duration: int, connections: int, streams: int) -> dict[str, float]:
+    """h2c (prior knowledge) load: `connections` connections with `streams` concurrent streams each."""
+    out = subprocess.run(
+        ["h2load", "-t1", f"-c{connections}", f"-m{streams}", f"-D{duration}", f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=duration + 30,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    non2xx = sum(int(m.group(i)) for i in (2, 3, 4)) if m else float("nan")
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    p50 = float(mean.group(1)) * scale[mean.group(2)] if mean else float("nan")
+    return {"rps": rps, "p50_ms": p50, "p99_ms": float("nan"), "non2xx": non2xx}
+
+
 def serve_proxy(proxy_port: int, upstream_port: int, profile: str | None, cpu: int | None) -> None:
     """Child process: run the proxy until SIGTERM."""
     import uvloop
@@ -134,6 +153,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--profile", help="write a cProfile of the proxy process here")
     ap.add_argument("--proxy-cpu", type=int, default=None, help="pin the proxy process to this CPU")
+    ap.add_argument("--h2", action="store_true", help="h2load (h2c) to the proxy instead of wrk (HTTP/1.1)")
+    ap.add_argument("--streams", type=int, default=32, help="h2: concurrent streams per connection (-m)")
     ap.add_argument("--serve", nargs=2, type=int, metavar=("PROXY_PORT", "UPSTREAM_PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -153,8 +174,12 @@ def main() -> int:
             wait_port(proxy_port)
             wrk(nginx_port, 1, args.connections)  # warm-up
             direct = wrk(nginx_port, args.duration, args.connections)
-            wrk(proxy_port, 1, args.connections)
-            proxied = wrk(proxy_port, args.duration, args.connections)
+            if args.h2:  # nginx here speaks HTTP/1.1 only: the proxy's h2 downstream, HTTP/1.1 upstream
+                h2load(proxy_port, 1, args.connections, args.streams)
+                proxied = h2load(proxy_port, args.duration, args.connections, args.streams)
+            else:
+                wrk(proxy_port, 1, args.connections)
+                proxied = wrk(proxy_port, args.duration, args.connections)
         finally:
             for proc in (proxy, nginx):
                 if proc is not None and proc.poll() is None:
@@ -164,7 +189,8 @@ def main() -> int:
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
-    print(f"{'':>8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    kind = "h2c; its p50 column is the mean" if args.h2 else "HTTP/1.1"
+    print(f"{'':>8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}   (proxy: {kind})")
     for name, r in (("direct", direct), ("proxy", proxied)):
         print(f"{name:>8} {r['rps']:>10.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['non2xx']:>8.0f}")
     print(
