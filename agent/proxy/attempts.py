@@ -10,6 +10,7 @@ from planemesh.agent.config import ClusterKind, RetryPolicy
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, RETRIES
+from planemesh.agent.proxy.h1_over_h2 import open_h2_attempt
 from planemesh.agent.proxy.http1 import FRAME_CHUNKED, FRAME_CLOSE, LAST_CHUNK, chunk
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.retry import backoff_s, covers, rng
@@ -20,8 +21,8 @@ if TYPE_CHECKING:
     from planemesh.agent.config import Cluster, Endpoint
     from planemesh.agent.proxy.balancer import Balancer
     from planemesh.agent.proxy.circuit import CircuitBreaker
-    from planemesh.agent.proxy.downstream import Downstream
-    from planemesh.agent.proxy.upstream import UpstreamConnection
+    from planemesh.agent.proxy.contracts import ClientConn as Downstream
+    from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an exchange holds
 
@@ -100,8 +101,6 @@ class UpstreamAttempts:
                 return self.overloaded(b"cluster_pending")
             self.cb_held |= HELD_PENDING
         if self.h2:
-            from planemesh.agent.proxy.h1_over_h2 import open_h2_attempt  # imports h2 -> exchange: not at the top
-
             return open_h2_attempt(self, target)  # type: ignore[arg-type]
         pool = self.ds.proxy.pool
         if reuse:

@@ -32,8 +32,9 @@ from planemesh.agent.proxy.request_checks import Refused, check_expect, check_he
 from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, TUNNEL_UPGRADE
 
 if TYPE_CHECKING:
+    from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
     from planemesh.agent.proxy.routing import CompiledRouteConfig
-    from planemesh.agent.proxy.server import PlaneProxy, RoutingTable
+    from planemesh.agent.proxy.routing_table import RoutingTable
 
 PAUSE_PIPELINE = 1  # a later request waits for the one in front
 PAUSE_UPSTREAM = 2  # the upstream is not taking the request body fast enough
@@ -202,15 +203,13 @@ class Downstream(asyncio.Protocol):
             self.flush()
 
     def _switch_to_h2(self, data: bytes) -> None:
-        from planemesh.agent.proxy.h2_downstream import H2Downstream
-
         self.closed = True  # this protocol object is done; H2Downstream counts the connection afresh
         proxy = self.proxy
         proxy.stats.downstream_active -= 1
         proxy.stats.downstream_total -= 1
         proxy.connections.discard(self)
         proxy.release(self)
-        h2ds = H2Downstream(proxy, preread=data)
+        h2ds = proxy.h2_protocol(preread=data)
         self.transport.set_protocol(h2ds)
         h2ds.connection_made(self.transport)
 

@@ -33,7 +33,7 @@ from planemesh.agent.proxy.mirror import mirror_targets, sender_for, shadow_head
 from planemesh.agent.proxy.request_checks import CONTINUE_SENT, EXPECT_NONE
 from planemesh.agent.proxy.request_head import header_map, new_request_id, request_head
 from planemesh.agent.proxy.response import ResponseRelay
-from planemesh.agent.proxy.retry import NO_RETRY, backoff_s
+from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, NO_RETRY, backoff_s
 from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, open_connect
 
 if TYPE_CHECKING:
@@ -42,13 +42,12 @@ if TYPE_CHECKING:
     from planemesh.agent.config import Cluster, Endpoint, Route
     from planemesh.agent.proxy.balancer import Balancer
     from planemesh.agent.proxy.circuit import CircuitBreaker
-    from planemesh.agent.proxy.downstream import Downstream
-    from planemesh.agent.proxy.upstream import UpstreamConnection
+    from planemesh.agent.proxy.contracts import ClientConn as Downstream
+    from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
 
 __all__ = ["Exchange", "backoff_s", "new_request_id"]  # backoff_s, new_request_id: re-exported for callers
 
 _perf = time.perf_counter
-MAX_REPLAY_BODY = 64 * 1024  # a request body up to this size is kept so a retry can send it again
 
 
 class Exchange(ResponseRelay, UpstreamAttempts):

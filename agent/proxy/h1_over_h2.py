@@ -24,7 +24,7 @@ from planemesh.agent.proxy.http1 import FRAME_NONE, HOP_BY_HOP
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.exchange import Exchange
+    from planemesh.agent.proxy.contracts import UpstreamUser as Exchange
     from planemesh.agent.proxy.h2_upstream import H2Upstream
 
 # What an HTTP/1 request head carries that an h2 request must not (host becomes :authority): the hop-by-hop

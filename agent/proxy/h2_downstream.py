@@ -17,7 +17,7 @@ from planemesh.agent.proxy.h2_guard import H2Guard, H2Limits
 from planemesh.agent.proxy.h2_stream import Bridge
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.server import PlaneProxy
+    from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
 
 ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 ABUSE_LINGER_S = 1.0  # Envoy: delayed_close_timeout (1 s)

@@ -26,16 +26,15 @@ from planemesh.agent.proxy.request_head import (
     route_request_headers,
     with_trace_context,
 )
-from planemesh.agent.proxy.retry import Retries, rng
+from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, rng
 
 if TYPE_CHECKING:
     import asyncio
 
     from planemesh.agent.config import Cluster, Endpoint, Route
     from planemesh.agent.proxy.circuit import CircuitBreaker
-    from planemesh.agent.proxy.h2_downstream import H2Downstream
+    from planemesh.agent.proxy.contracts import H2Client as H2Downstream
 
-MAX_REPLAY_BODY = 64 * 1024  # a request body up to this size is kept so a retry can send it again (exchange.py's)
 GATEWAY_FLAGS = frozenset({accesslog.UF, accesslog.UT, accesslog.UC})  # failures outlier detection counts
 
 

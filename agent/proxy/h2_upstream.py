@@ -13,17 +13,17 @@ import h2.events
 import h2.exceptions
 
 from planemesh.agent.proxy import accesslog as flags
-from planemesh.agent.proxy.exchange import MAX_REPLAY_BODY
 from planemesh.agent.proxy.h2 import H2Side
 from planemesh.agent.proxy.h2_goaway import GoawaySplitter
 from planemesh.agent.proxy.http1 import HOP_BY_HOP, LAST_CHUNK, TRAILER_DROP, dropped_names, last_chunk
+from planemesh.agent.proxy.retry import MAX_REPLAY_BODY
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.h2_downstream import H2Downstream
-    from planemesh.agent.proxy.h2_stream import Bridge
-    from planemesh.agent.proxy.server import PlaneProxy
-    from planemesh.agent.proxy.upstream import UpstreamConnection
+    from planemesh.agent.proxy.contracts import H2Client as H2Downstream
+    from planemesh.agent.proxy.contracts import H2StreamUser as Bridge
+    from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
+    from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
 
 MAX_STREAMS_PER_CONN = 1000
 # Streams opened on a new h2c connection before the server's SETTINGS arrive (nghttp2's assumed peer default):

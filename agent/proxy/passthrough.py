@@ -27,7 +27,8 @@ from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classif
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.server import PlaneProxy, RoutingTable
+    from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
+    from planemesh.agent.proxy.routing_table import RoutingTable
 
 MAX_SNI_NAMES = 1024  # distinct SNI names counted; the rest are counted under "(other)"
 DEFAULT_SNIFF_TIMEOUT_S = 0.3
@@ -319,14 +320,10 @@ class SniffListener:
         table = proxy.table  # one snapshot for the whole connection
         # HTTP goes to the L7 proxy, unless a tcp_proxy chain owns the port (declared TCP, sniffed for its SNI).
         if verdict.kind is Kind.HTTP1 and not table.sni.declares(dst[1]):
-            from planemesh.agent.proxy.downstream import Downstream
-
-            await proxy.loop.connect_accepted_socket(lambda: Downstream(proxy), conn)
+            await proxy.loop.connect_accepted_socket(proxy.http1_protocol, conn)
             return
         if verdict.kind is Kind.H2 and not table.sni.declares(dst[1]):
-            from planemesh.agent.proxy.h2_downstream import H2Downstream
-
-            await proxy.loop.connect_accepted_socket(lambda: H2Downstream(proxy), conn)
+            await proxy.loop.connect_accepted_socket(proxy.h2_protocol, conn)
             return
         await self.passthrough(conn, verdict, table, dst)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from planemesh.agent.proxy.http1 import HOP_BY_HOP, dropped_names, local_reply
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.exchange import Exchange
+    from planemesh.agent.proxy.contracts import H1Request as Exchange
 
 # RFC 3986 host [":" port]: an IP-literal, or a reg-name (unreserved, pct-encoded, sub-delims; IPv4 is one too).
 # No userinfo ("@"), no path or whitespace. An empty Host is valid (RFC 9112 3.2).

@@ -12,7 +12,7 @@ from planemesh.agent.proxy.tracing import TRACE_HEADERS, outgoing_trace_headers
 
 if TYPE_CHECKING:
     from planemesh.agent.config import Route
-    from planemesh.agent.proxy.exchange import Exchange
+    from planemesh.agent.proxy.contracts import H1Request as Exchange
 
 _getrandbits = random.getrandbits
 # Request ids: uuid4 text, a random per-process part plus a counter. Ids need uniqueness, not secrecy;

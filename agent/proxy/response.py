@@ -32,8 +32,8 @@ from planemesh.agent.proxy.tunnel import upgrade_to_tunnel
 
 if TYPE_CHECKING:
     from planemesh.agent.config import Route
-    from planemesh.agent.proxy.downstream import Downstream
-    from planemesh.agent.proxy.upstream import UpstreamConnection
+    from planemesh.agent.proxy.contracts import ClientConn as Downstream
+    from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
 
 _perf = time.perf_counter
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 RETRY_ON_TIMEOUT = frozenset({"5xx", "gateway-error", "reset"})
 GATEWAY_ERRORS = frozenset({502, 503, 504})
 NO_RETRY = RetryPolicy(num_retries=0)
+MAX_REPLAY_BODY = 64 * 1024  # a request body up to this size is kept so a retry can send it again
 rng = random.Random()  # the requests' dice: fault percentages, back-off jitter, mirror fractions
 
 

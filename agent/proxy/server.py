@@ -16,18 +16,16 @@ from collections.abc import Callable
 
 from netaddr import AddrFormatError
 
-from planemesh.agent.config import Route, Snapshot
+from planemesh.agent.config import Snapshot
 from planemesh.agent.proxy.accesslog import OM, AccessLogBuffer, Sink, format_json, format_text
-from planemesh.agent.proxy.balancer import Balancer
 from planemesh.agent.proxy.downstream import OVERLOADED_CONNECTIONS, Downstream
 from planemesh.agent.proxy.exchange import Exchange
-from planemesh.agent.proxy.filters import LocalRateLimiter
+from planemesh.agent.proxy.h2_downstream import H2Downstream
 from planemesh.agent.proxy.http1 import local_reply
 from planemesh.agent.proxy.limits import ConnectionShare, TokenBucket, bucket_for
 from planemesh.agent.proxy.overload import SAMPLE_INTERVAL_S, Level, OverloadManager, RssGrowth
 from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffListener, SniffStats
-from planemesh.agent.proxy.routing import PlaneRouter
-from planemesh.agent.proxy.sni_routing import SniRoutes
+from planemesh.agent.proxy.routing_table import RoutingTable
 from planemesh.agent.proxy.sockets import SO_MARK, listen_backlog
 from planemesh.agent.proxy.stats import PlaneStats
 from planemesh.agent.proxy.upstream import UpstreamPool
@@ -40,28 +38,6 @@ OriginalDestination = Callable[[tuple, tuple], tuple[str, int]]
 
 def _sockname_is_destination(sockname: tuple, peername: tuple) -> tuple[str, int]:
     return sockname[0], sockname[1]
-
-
-class RoutingTable:
-    """Everything a request needs from one snapshot; swapped as a whole by PlaneProxy.update()."""
-
-    __slots__ = ("balancer", "clock", "route_limiters", "router", "snapshot", "sni")
-
-    def __init__(self, snapshot: Snapshot, plane: str, clock: Callable[[], float] = time.monotonic) -> None:
-        self.snapshot = snapshot
-        self.clock = clock
-        self.route_limiters: dict[int, LocalRateLimiter] = {}  # id(route) -> its bucket (routes live as long)
-        self.router = PlaneRouter(snapshot, plane)
-        self.sni = SniRoutes(snapshot.listeners_of(plane))  # passthrough chains (sniff listener)
-        self.balancer = Balancer(snapshot, clock=clock)  # outlier ejection follows the proxy's clock
-
-    def route_limiter(self, route: Route) -> LocalRateLimiter:
-        """The token bucket of a route with a per-route local rate limit, made on its first request."""
-        limiter = self.route_limiters.get(id(route))
-        if limiter is None:
-            assert route.rate_limit is not None
-            limiter = self.route_limiters[id(route)] = LocalRateLimiter(route.rate_limit, self.clock)
-        return limiter
 
 
 DRAIN_IDLE_CLOSE_S = 0.5
@@ -152,7 +128,7 @@ class PlaneProxy:
             self._sniffers.append((sniffer, self.loop.create_task(sniffer.serve(), name=f"sniff-{port}")))
             return
         # asyncio re-listens with backlog 100 unless told: keep the kernel's somaxconn (sockets.listen_backlog)
-        server = await self.loop.create_server(lambda: Downstream(self), sock=sock, backlog=listen_backlog())
+        server = await self.loop.create_server(self.http1_protocol, sock=sock, backlog=listen_backlog())
         self._servers.append(server)
 
     async def serve(self, sock: socket.socket) -> None:
@@ -235,6 +211,14 @@ class PlaneProxy:
             self._overload_handle = None
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
+
+    def http1_protocol(self) -> Downstream:
+        """A new client connection speaking HTTP/1.x (an h2c preface found in it hands over to h2_protocol)."""
+        return Downstream(self)
+
+    def h2_protocol(self, preread: bytes = b"") -> H2Downstream:
+        """A new client connection speaking h2c (prior knowledge); `preread`: its first bytes, read already."""
+        return H2Downstream(self, preread)
 
     def watch_deadline(self, ex: Exchange) -> None:
         """Deadlines are checked by one sweep every `deadline_resolution_s` while requests are in flight:

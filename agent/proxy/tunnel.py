@@ -21,8 +21,8 @@ from planemesh.agent.proxy.passthrough import pipe_pair
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.exchange import Exchange
-    from planemesh.agent.proxy.upstream import UpstreamConnection
+    from planemesh.agent.proxy.contracts import H1Request as Exchange
+    from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
 
 TUNNEL_UPGRADE, TUNNEL_CONNECT = 1, 2
 _perf = time.perf_counter

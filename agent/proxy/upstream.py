@@ -16,8 +16,8 @@ from planemesh.agent.proxy.http1 import MAX_HEADER_BYTES, MAX_HEADERS_COUNT
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.exchange import Exchange
-    from planemesh.agent.proxy.server import PlaneProxy
+    from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
+    from planemesh.agent.proxy.contracts import UpstreamUser as Exchange
 
 PoolKey = tuple[str, int, str | None, int]
 # Idle connections above max_idle_per_key are closed once idle this long (not at once): many requests ending in

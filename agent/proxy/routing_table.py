@@ -1,0 +1,35 @@
+"""One snapshot's routing state for a plane: the compiled router, the balancer (lb, breakers, outlier state),
+the SNI chains, the per-route rate limit buckets. PlaneProxy.update() swaps it as a whole."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from planemesh.agent.config import Route, Snapshot
+from planemesh.agent.proxy.balancer import Balancer
+from planemesh.agent.proxy.filters import LocalRateLimiter
+from planemesh.agent.proxy.routing import PlaneRouter
+from planemesh.agent.proxy.sni_routing import SniRoutes
+
+
+class RoutingTable:
+    """Everything a request needs from one snapshot; swapped as a whole by PlaneProxy.update()."""
+
+    __slots__ = ("balancer", "clock", "route_limiters", "router", "snapshot", "sni")
+
+    def __init__(self, snapshot: Snapshot, plane: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.snapshot = snapshot
+        self.clock = clock
+        self.route_limiters: dict[int, LocalRateLimiter] = {}  # id(route) -> its bucket (routes live as long)
+        self.router = PlaneRouter(snapshot, plane)
+        self.sni = SniRoutes(snapshot.listeners_of(plane))  # passthrough chains (sniff listener)
+        self.balancer = Balancer(snapshot, clock=clock)  # outlier ejection follows the proxy's clock
+
+    def route_limiter(self, route: Route) -> LocalRateLimiter:
+        """The token bucket of a route with a per-route local rate limit, made on its first request."""
+        limiter = self.route_limiters.get(id(route))
+        if limiter is None:
+            assert route.rate_limit is not None
+            limiter = self.route_limiters[id(route)] = LocalRateLimiter(route.rate_limit, self.clock)
+        return limiter
