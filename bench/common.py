@@ -71,6 +71,27 @@ def wrk(ns: str, name: str, url: str, *, threads: int = 1, connections: int = 16
     return parse_wrk(name, out)
 
 
+def parse_h2load(name: str, out: str) -> WrkResult:
+    """h2load's summary as a WrkResult (p50: h2load prints the mean and sd of request times, not percentiles;
+    the mean is reported in the p50 column and p99 is mean + 2 sd)."""
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    done, failed = (int(m.group(1)), int(m.group(3)) + int(m.group(4))) if m else (0, 0)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    non_2xx = sum(int(codes.group(i)) for i in (3, 4)) if codes else 0
+    t = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)\s+(\S+)", out)
+    mean, sd = (_ms(t.group(1)), _ms(t.group(2))) if t else (float("nan"), float("nan"))
+    return WrkResult(name, rps, mean, mean + 2 * sd, failed + non_2xx, done, non_2xx, 0)
+
+
+def h2load(ns: str, name: str, url: str, *, connections: int = 16, streams: int = 32, seconds: int = 5) -> WrkResult:
+    """h2c (prior knowledge) load from inside `ns`: `connections` connections, `streams` concurrent streams each."""
+    out = ns_tools.run(
+        ns, ["h2load", "-t1", f"-c{connections}", f"-m{streams}", f"-D{seconds}", url], timeout=seconds + 30
+    ).stdout
+    return parse_h2load(name, out)
+
+
 def url(lab: Lab, plane: str, version: int, port: int, path: str = "/") -> str:
     addr = lab.pod_addr("server", plane, version)
     assert addr is not None

@@ -8,6 +8,7 @@ nginx (one worker) in the server pod, wrk -t1 -cN in the client pod, across the 
   3. agent running, port 80 declared HTTP: through planemesh's proxy (one worker process per plane)
   4. Envoy 1.40 (--concurrency 1) behind the same interception: the agent runs --datapath-only (BPF + routes)
      and Envoy binds the plane's transparent listener port with original_dst, as in Istio/Cilium set-ups.
+With --h2, cases 3 and 4 are also measured with h2load (h2c prior knowledge, -c16 -m32) in the same run.
 Prints req/s, p50/p99, errors and the ratios the targets are stated in.
 """
 
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import HEADER, WrkResult, scratch_dir, start_nginx, url, wait_http, wrk
+from bench.common import HEADER, WrkResult, h2load, scratch_dir, start_nginx, url, wait_http, wrk
 from planemesh.agent.demo import start_agent
 from planemesh.labs import Lab, load_lab
 from planemesh.labs import netns as ns_tools
@@ -93,7 +94,7 @@ def wait_http_ok(lab: Lab, target_url_host: str, port: int, timeout: float = 20.
     wait_http(lab.pod_ns("client"), target_url_host, port, response_header=header, timeout=timeout)
 
 
-def run(seconds: int, connections: int, prefix: str) -> list[WrkResult]:
+def run(seconds: int, connections: int, prefix: str, h2: bool = False) -> list[WrkResult]:
     lab = load_lab(prefix=prefix)
     client = lab.pod_ns("client")
     server4 = lab.pod_addr("server", "oam", 4) or ""
@@ -105,6 +106,9 @@ def run(seconds: int, connections: int, prefix: str) -> list[WrkResult]:
         try:
             measure = lambda name, port, v=4: results.append(  # noqa: E731
                 wrk(client, name, url(lab, "oam", v, port), connections=connections, seconds=seconds)
+            )
+            measure_h2 = lambda name, port: results.append(  # noqa: E731
+                h2load(client, name, url(lab, "oam", 4, port), connections=connections, seconds=seconds)
             )
             measure("direct (no agent)", 80)
             (work / "a").mkdir()
@@ -119,6 +123,8 @@ def run(seconds: int, connections: int, prefix: str) -> list[WrkResult]:
                     planemesh_requests(work / "a") - before,
                     results[-1].requests + results[-2].requests,
                 )
+                if h2:
+                    measure_h2("planemesh proxy, h2c, IPv4", 80)
             finally:
                 ns_tools.stop(agent)
             (work / "b").mkdir()
@@ -129,6 +135,8 @@ def run(seconds: int, connections: int, prefix: str) -> list[WrkResult]:
                     before = envoy_requests(lab)
                     measure("envoy 1.40, concurrency 1, IPv4", 80)
                     proven["envoy"] = (envoy_requests(lab) - before, results[-1].requests)
+                    if h2:
+                        measure_h2("envoy 1.40, h2c, IPv4", 80)
             finally:
                 ns_tools.stop(agent)
         finally:
@@ -182,6 +190,11 @@ def report(results: list[WrkResult], seconds: int, connections: int) -> str:
         f"added p50 planemesh / envoy:    {added_ours:.3f} / {added_envoy:.3f} ms = "
         f"{(added_ours / added_envoy) if added_envoy > 0 else float('inf'):.2f}   (target <= 2)",
     ]
+    if "planemesh proxy, h2c, IPv4" in by and "envoy 1.40, h2c, IPv4" in by:
+        h2_ours, h2_envoy = by["planemesh proxy, h2c, IPv4"], by["envoy 1.40, h2c, IPv4"]
+        lines.append(f"h2c planemesh / envoy req/s:    {h2_ours.rps / h2_envoy.rps:.3f}   (target >= 1.0; "
+                     "h2load -m32: the p50 column is the mean)")
+        lines.append(f"HTTP/1.1 planemesh / envoy:     {ours.rps / envoy.rps:.3f}   (target >= 1.2)")
     for name, (counted, sent) in proven.items():
         lines.append(f"in the path: {name} counted {counted} requests of the {sent} wrk completed")
     return "\n".join(lines)
@@ -192,9 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--prefix", default="pmbench")
+    parser.add_argument("--h2", action="store_true", help="also h2load (h2c, -m32) through planemesh and Envoy")
     parser.add_argument("--rounds", type=int, default=1, help="repeat everything; report each case's median round")
     args = parser.parse_args(argv)
-    rounds = [run(args.seconds, args.connections, args.prefix) for _ in range(args.rounds)]
+    rounds = [run(args.seconds, args.connections, args.prefix, args.h2) for _ in range(args.rounds)]
     print(report(median_results(rounds), args.seconds, args.connections))
     if args.rounds > 1:
         print(

@@ -73,6 +73,69 @@ def _http_requests(
     return result
 
 
+def _http2_requests(
+    address: str,
+    port: int,
+    paths: list[str],
+    headers: Headers,
+    timeout: float,
+    method: str,
+    body: bytes | None,
+) -> HttpResult:
+    """The requests one after the other, each a stream on one h2c (prior knowledge) connection."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    result = HttpResult()
+    sock = socket.create_connection((address, port), timeout=timeout)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    authority = host_port(address, port).encode()
+    try:
+        for i, path in enumerate(paths):
+            extra = (headers[i] if isinstance(headers, list) else headers) or {}
+            fields = [(b":method", method.encode()), (b":path", path.encode()), (b":scheme", b"http"),
+                      (b":authority", authority)]
+            fields += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+            if body:
+                fields.append((b"content-length", str(len(body)).encode()))
+            started = time.perf_counter()
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, fields, end_stream=not body)
+            if body:
+                conn.send_data(sid, body, end_stream=True)  # small bodies: within the first window
+            sock.sendall(conn.data_to_send())
+            status, got, data, done = 0, {}, bytearray(), False
+            while not done:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("the connection closed")
+                for event in conn.receive_data(chunk):
+                    if getattr(event, "stream_id", sid) != sid:
+                        continue
+                    if isinstance(event, h2.events.ResponseReceived):
+                        for n, v in event.headers:
+                            if n == b":status":
+                                status = int(v)
+                            else:
+                                got[n.decode().lower()] = v.decode()
+                    elif isinstance(event, h2.events.DataReceived):
+                        data += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                    elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                        done = True
+                sock.sendall(conn.data_to_send())
+            result.latency_ms.append((time.perf_counter() - started) * 1000)
+            result.status.append(status)
+            result.bodies.append(bytes(data))
+            result.headers.append(got)
+    finally:
+        sock.close()
+    return result
+
+
 def http_requests(
     ns: str,
     address: str,
@@ -83,9 +146,12 @@ def http_requests(
     timeout: float = 10.0,
     method: str = "GET",
     body: bytes | None = None,
+    http2: bool = False,
 ) -> HttpResult:
-    """Send requests over one keep-alive connection from inside `ns` (headers: one dict for all, or a list)."""
-    return call_in(ns, _http_requests, address, port, paths, headers, timeout, method, body)
+    """Send requests over one keep-alive connection from inside `ns` (headers: one dict for all, or a list);
+    http2: as streams of one h2c (prior knowledge) connection, one after the other."""
+    fn = _http2_requests if http2 else _http_requests
+    return call_in(ns, fn, address, port, paths, headers, timeout, method, body)
 
 
 def _http_until(address: str, port: int, path: str, stop: threading.Event, pause_s: float,

@@ -108,6 +108,12 @@ class Mesh:
     env: AgentLab
     xds: XdsPusher
     host: str  # the server pod's oam IPv4 address: the service address clients call, and the endpoints' host
+    http2: bool = False  # the client speaks h2c (prior knowledge); set per test by the `http` fixture
+
+    @property
+    def proto(self) -> str:
+        """The protocol as the access log writes it."""
+        return "HTTP/2" if self.http2 else "HTTP/1.1"
 
     def ep(self, name: str) -> tuple[str, int]:
         return self.host, PORTS[name]
@@ -123,7 +129,8 @@ class Mesh:
         self.xds.push(docs)
 
     def get(self, paths: list[str], headers=None, timeout: float = 10.0) -> HttpResult:
-        return http_requests(self.env.client_ns, self.host, 80, paths, headers=headers, timeout=timeout)
+        return http_requests(self.env.client_ns, self.host, 80, paths, headers=headers, timeout=timeout,
+                             http2=self.http2)
 
     def get_parallel(self, paths: list[str], headers: list[dict] | None = None, conns: int = 4) -> HttpResult:
         """The paths over `conns` keep-alive connections at once; results back in path order."""
@@ -196,10 +203,24 @@ def mesh(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         loop.close()
 
 
+@pytest.fixture(params=["h1", "h2"])
+def http(request: pytest.FixtureRequest, mesh: Mesh) -> Iterator[Mesh]:
+    """The mesh with an HTTP/1.1 client, then an HTTP/2 (h2c prior knowledge) one: one test body for both."""
+    mesh.http2 = request.param == "h2"
+    # The test's own push must change the resources, so that the h2 run starts from a fresh snapshot (balancer
+    # cursors, ejections, buckets) like the HTTP/1.1 run before it: an unchanged set is not sent again.
+    mesh.push([route("/reset-between-protocols/", "v2"), route(cluster="v1")])
+    try:
+        yield mesh
+    finally:
+        mesh.http2 = False
+
+
 # ---- routing ------------------------------------------------------------------------------------------------
 
 
-def test_weighted_split_90_10_over_2000_requests(mesh: Mesh) -> None:
+def test_weighted_split_90_10_over_2000_requests(http: Mesh) -> None:
+    mesh = http
     mesh.push([route(weighted={"v1": 90, "v2": 10})])
     result = mesh.get_parallel([f"/split/{i}" for i in range(2000)])
     counts = Counter(served_by(result))
@@ -207,7 +228,8 @@ def test_weighted_split_90_10_over_2000_requests(mesh: Mesh) -> None:
     assert abs(counts["v2"] - 200) <= 40, counts  # 10% +/- 2% (3 sigma of a binomial 2000 x 0.1)
 
 
-def test_header_matched_requests_always_reach_v2(mesh: Mesh) -> None:
+def test_header_matched_requests_always_reach_v2(http: Mesh) -> None:
+    mesh = http
     mesh.push([route(cluster="v2", headers=[header_exact("x-canary", "v2")]), route(cluster="v1")])
     assert served_by(mesh.get([f"/h/{i}" for i in range(100)], headers={"x-canary": "v2"})) == ["v2"] * 100
     assert served_by(mesh.get([f"/n/{i}" for i in range(50)])) == ["v1"] * 50
@@ -217,7 +239,8 @@ def test_header_matched_requests_always_reach_v2(mesh: Mesh) -> None:
 # ---- fault injection ----------------------------------------------------------------------------------------
 
 
-def test_fault_abort_50_percent(mesh: Mesh) -> None:
+def test_fault_abort_50_percent(http: Mesh) -> None:
+    mesh = http
     mesh.push([route(cluster="v1")], filters=(fault(abort_status=503, abort_percent=50),))
     result = mesh.get_parallel([f"/abort/{i}" for i in range(1000)])
     counts = Counter(served_by(result))
@@ -225,10 +248,11 @@ def test_fault_abort_50_percent(mesh: Mesh) -> None:
     assert abs(counts["503"] - 500) <= 80, counts  # 50% +/- 8% (5 sigma of a binomial 1000 x 0.5)
     aborted = result.status.index(503)
     assert result.bodies[aborted] == b"fault filter abort"
-    access_lines(mesh, r'"GET /abort/\d+ HTTP/1.1" 503 FI ', counts["503"])
+    access_lines(mesh, rf'"GET /abort/\d+ {mesh.proto}" 503 FI ', counts["503"])
 
 
-def test_fault_delay_shifts_latency_by_the_configured_amount(mesh: Mesh) -> None:
+def test_fault_delay_shifts_latency_by_the_configured_amount(http: Mesh) -> None:
+    mesh = http
     mesh.push([route(cluster="v1")])
     before = mesh.get([f"/nodelay/{i}" for i in range(20)])
     mesh.push([route(cluster="v1")], filters=(fault(delay_ms=200),))
@@ -237,13 +261,14 @@ def test_fault_delay_shifts_latency_by_the_configured_amount(mesh: Mesh) -> None
     assert min(delayed.latency_ms) >= 200
     shift = delayed.p50_ms - before.p50_ms
     assert 195 <= shift <= 300, (before.p50_ms, delayed.p50_ms)  # 200 ms, give or take a busy machine
-    access_lines(mesh, r'"GET /delay-fault/\d+ HTTP/1.1" 200 DI ', 6)
+    access_lines(mesh, rf'"GET /delay-fault/\d+ {mesh.proto}" 200 DI ', 6)
 
 
 # ---- resilience -----------------------------------------------------------------------------------------------
 
 
-def test_retries_turn_503s_into_200s_and_respect_per_try_timeout(mesh: Mesh) -> None:
+def test_retries_turn_503s_into_200s_and_respect_per_try_timeout(http: Mesh) -> None:
+    mesh = http
     retry = {"retry_on": "5xx", "num_retries": 2, "per_try_timeout": "0.3s"}
     mesh.push([route("/flaky/", "v1", retry_policy=retry), route(cluster="v1")])
     run = uuid.uuid4().hex[:8]
@@ -253,14 +278,15 @@ def test_retries_turn_503s_into_200s_and_respect_per_try_timeout(mesh: Mesh) -> 
     # Three failures are one too many: the last answer passes, flagged URX.
     spent = mesh.get([f"/flaky/{run}-spent/3"])
     assert spent.status == [503] and spent.seen(0)["attempt"] == 3
-    access_lines(mesh, rf'"GET /flaky/{run}-spent/3 HTTP/1.1" 503 URX ', 1)
+    access_lines(mesh, rf'"GET /flaky/{run}-spent/3 {mesh.proto}" 503 URX ', 1)
     # The first attempt hangs for 2 s: the per-try timeout (0.3 s) moves on to a second, fast attempt.
     slow = mesh.get([f"/flaky/{run}-slow/1?delay=2000"])
     assert slow.status == [200] and slow.seen(0)["attempt"] == 2
     assert 300 <= slow.latency_ms[0] < 800, slow.latency_ms  # 0.3 s + back-off (<= 25 ms), not 2 s
 
 
-def test_open_circuit_returns_503_uo_immediately(mesh: Mesh) -> None:
+def test_open_circuit_returns_503_uo_immediately(http: Mesh) -> None:
+    mesh = http
     mesh.push([route(cluster="pool")], pool=[locality([mesh.ep("v1")])],
               circuit_breakers={"thresholds": [{"max_requests": 1}]})  # fmt: skip
     run = uuid.uuid4().hex[:8]
@@ -272,12 +298,13 @@ def test_open_circuit_returns_503_uo_immediately(mesh: Mesh) -> None:
     hold.join(10)
     assert refused.status == [503] * 5 and max(refused.latency_ms) < 200, refused.latency_ms
     assert {h["x-planemesh-overloaded"] for h in refused.headers} == {"cluster_requests"}
-    access_lines(mesh, rf'"GET /cb/{run}/\d HTTP/1.1" 503 UO ', 5)
+    access_lines(mesh, rf'"GET /cb/{run}/\d {mesh.proto}" 503 UO ', 5)
     assert held["r"].status == [200]
     assert mesh.get(["/cb/after"]).status == [200]  # the request's unit was released: the circuit closed
 
 
-def test_outlier_detection_ejects_and_returns_after_backoff(mesh: Mesh) -> None:
+def test_outlier_detection_ejects_and_returns_after_backoff(http: Mesh) -> None:
+    mesh = http
     mesh.push([route(cluster="pool")], outlier_detection={"consecutive_5xx": 3, "base_ejection_time": "1s",
                                                           "max_ejection_percent": 50})  # fmt: skip
     mesh.lab("v2", "/_lab/fail/503")
@@ -297,7 +324,8 @@ def test_outlier_detection_ejects_and_returns_after_backoff(mesh: Mesh) -> None:
 # ---- load balancing --------------------------------------------------------------------------------------------
 
 
-def test_ring_hash_is_sticky_and_moves_about_one_nth_on_eds_update(mesh: Mesh) -> None:
+def test_ring_hash_is_sticky_and_moves_about_one_nth_on_eds_update(http: Mesh) -> None:
+    mesh = http
     four = [mesh.ep(v) for v in ("v1", "v2", "v3", "v4")]
     hashing = [{"header": {"header_name": "x-user"}}]
     mesh.push([route(cluster="pool", hash_policy=hashing)], pool=[locality(four)], pool_lb="RING_HASH")
@@ -313,7 +341,8 @@ def test_ring_hash_is_sticky_and_moves_about_one_nth_on_eds_update(mesh: Mesh) -
     assert 0.15 <= len(moved) / 400 <= 0.35, len(moved)  # about 1/N of the keys
 
 
-def test_locality_weights_3_to_1_scaled_by_health(mesh: Mesh) -> None:
+def test_locality_weights_3_to_1_scaled_by_health(http: Mesh) -> None:
+    mesh = http
     weighted = {"common_lb_config": {"locality_weighted_lb_config": {}}}
     three_to_one = [locality([mesh.ep("v1")], zone="a", weight=3), locality([mesh.ep("v2")], zone="b", weight=1)]
     mesh.push([route(cluster="pool")], pool=three_to_one, **weighted)
@@ -329,7 +358,8 @@ def test_locality_weights_3_to_1_scaled_by_health(mesh: Mesh) -> None:
 # ---- mirroring and rate limiting -------------------------------------------------------------------------------
 
 
-def test_mirroring_duplicates_to_the_shadow_without_changing_the_primary(mesh: Mesh) -> None:
+def test_mirroring_duplicates_to_the_shadow_without_changing_the_primary(http: Mesh) -> None:
+    mesh = http
     mesh.push([route(cluster="v1", request_mirror_policies=[{"cluster": "shadow"}])])
     mesh.lab("shadow", "/_lab/clear")
     run = uuid.uuid4().hex[:8]
