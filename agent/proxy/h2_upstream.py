@@ -30,19 +30,7 @@ MAX_STREAMS_PER_CONN = 1000
 # above the server's real limit, the surplus would be refused.
 STREAMS_BEFORE_SETTINGS = 100
 MAX_REOPEN = 5  # times a refused body-less stream is opened again (a server past its streams per connection)
-_H1_DROP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"te",
-        b"trailer",
-        b"host",
-    }
-)
+_H1_DROP = TRAILER_DROP  # http1.py keeps the one list
 _H1_RESPONSE_DROP = _H1_DROP - {b"content-length"}
 _pools: weakref.WeakKeyDictionary[PlaneProxy, dict[tuple, list[H2Upstream]]] = weakref.WeakKeyDictionary()
 

@@ -7,21 +7,12 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-# The one list of hop-by-hop fields for the HTTP/1 path and its bridges (h2.py and h2_upstream.py keep their own):
-# never forwarded. RFC 9110 7.6.1's connection options, plus the framing headers, which the proxy re-emits itself
-# because it may re-frame a body (e.g. close-delimited upstream -> chunked downstream).
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-    }
-)
+# The one hop-by-hop list of the proxy, for every codec. Connection-specific fields (RFC 9113 8.2.2): never on
+# an h2 stream, never forwarded.
+CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+# Never forwarded on the HTTP/1 path: RFC 9110 7.6.1's connection options, plus the framing headers, which the
+# proxy re-emits itself because it may re-frame a body (e.g. close-delimited upstream -> chunked downstream).
+HOP_BY_HOP = CONNECTION_SPECIFIC | {b"te", b"trailer", b"content-length"}
 # Fields a client's (or upstream's) Connection header cannot make hop-by-hop: Host routes the request
 # (RFC 9112 3.2 requires it on every HTTP/1.1 request).
 NEVER_HOP_BY_HOP = frozenset({b"host"})
@@ -96,6 +87,7 @@ def chunk(data: bytes) -> bytes:
 
 
 # Trailer fields never relayed: hop-by-hop and framing ones, and Host (RFC 9110 6.5.1: trailers must not route).
+# What an h2 request's fields (or trailers) written as HTTP/1.1 drop: Host comes from :authority.
 TRAILER_DROP = HOP_BY_HOP | {b"host"}
 
 

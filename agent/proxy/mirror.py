@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from planemesh.agent.proxy.http1 import TRAILER_DROP
 from planemesh.agent.proxy.sockets import open_upstream
 
 
@@ -29,16 +30,12 @@ def mirror_targets(mirrors, clusters, balancer, roll: Callable[[], float]) -> li
     return out
 
 
-_SHADOW_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade",
-                          b"content-length", b"te", b"trailer", b"host"})
-
-
 def shadow_request(method: bytes, path: bytes, authority: bytes, fields, body: bytes) -> bytes:
     """An HTTP/1.1 shadow request from a neutral request head (an h2 stream's): Host `<authority>-shadow`,
     the body with its length, `connection: close`."""
     parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, b"-shadow\r\n"]
     for n, v in fields:
-        if n not in _SHADOW_DROP and n[:1] != b":":
+        if n not in TRAILER_DROP and n[:1] != b":":
             parts += (n, b": ", v, b"\r\n")
     if body or method not in (b"GET", b"HEAD"):
         parts.append(b"content-length: %d\r\n" % len(body))
