@@ -187,11 +187,11 @@ def translate_update(
                 continue
             if why is not None:
                 rejected.setdefault(LISTENER, {})[name] = why
-            prev = old_listeners.get(name)
-            if prev is not None and prev is not msg and lst.add(name, prev) == (None, False):
-                continue  # the previous version keeps serving
             if warm:
                 warming.append(name)
+            prev = old_listeners.get(name)
+            if prev is not None and prev is not msg:
+                lst.add(name, prev)  # the previous version keeps serving (if it still can)
         cache.retain(res.clusters, {**res.routes, **{n: None for n in lst.routes}})
         snap = Snapshot(
             version=f"xds:{res.version}",
@@ -211,7 +211,7 @@ def translate_update(
             culprit = _culprit(exc, lst, planes)
             if culprit is None or culprit in skip:
                 raise
-            skip[culprit] = str(exc)
+            skip[culprit] = f"listener[{culprit}]: {exc}"
             continue
         return Translation(snap, MappingProxyType(rejected), tuple(warming))
     raise ConfigError("listeners", "no consistent set of listeners")  # unreachable: each round skips one
