@@ -190,7 +190,7 @@ def test_translate_update_per_resource(docs, before, names, rejected, warming):
     got = translate_update(update, PLANES, cache, accepted)
     assert _names(got.snapshot) == names
     assert {t: sorted(r) for t, r in got.rejected.items()} == rejected
-    for type_url, bad in got.rejected.items():  # each reason names its resource
+    for bad in got.rejected.values():  # each reason names its resource
         for name, reason in bad.items():
             assert name in reason
     assert got.warming == warming
