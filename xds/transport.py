@@ -113,6 +113,13 @@ def make_channel(bootstrap: Bootstrap) -> grpc.aio.Channel:
 _EOF = object()
 
 
+async def _requests(outbox: asyncio.Queue[Any]) -> Any:
+    """The stream's requests. gRPC writes them itself: a write racing the server's end of the call (a
+    refused token) must not replace the server's status (UNAUTHENTICATED) by a local INTERNAL error."""
+    while (req := await outbox.get()) is not None:
+        yield req
+
+
 class XdsClient:
     def __init__(
         self,
@@ -219,29 +226,30 @@ class XdsClient:
         metadata = call_metadata(self.bootstrap)
         async with make_channel(self.bootstrap) as channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            outbox: asyncio.Queue[Any] = asyncio.Queue()
             if self.bootstrap.mode is Mode.DELTA:
-                call = stub.DeltaAggregatedResources(metadata=metadata)
+                call = stub.DeltaAggregatedResources(_requests(outbox), metadata=metadata)
             else:
-                call = stub.StreamAggregatedResources(metadata=metadata)
+                call = stub.StreamAggregatedResources(_requests(outbox), metadata=metadata)
             queue: asyncio.Queue[Any] = asyncio.Queue()
             reader = asyncio.create_task(self._read(call, queue))
             self.streams += 1
             try:
-                await self._execute(call, self.state.stream_started(self._clock()))
+                await self._execute(outbox, self.state.stream_started(self._clock()))
                 while True:
                     deadline = self.state.next_deadline()
                     timeout = None if deadline is None else max(0.0, deadline - self._clock())
                     try:
                         item = await asyncio.wait_for(queue.get(), timeout)
                     except TimeoutError:
-                        await self._execute(call, self.state.timer_fired(self._clock()))
+                        await self._execute(outbox, self.state.timer_fired(self._clock()))
                         continue
                     if item is _EOF:
                         return
                     if isinstance(item, BaseException):
                         raise item
                     self.backoff.reset()  # the server answered: next outage starts from the base delay
-                    await self._execute(call, self.state.response_received(item, self._clock()))
+                    await self._execute(outbox, self.state.response_received(item, self._clock()))
             finally:
                 reader.cancel()
                 call.cancel()
@@ -260,13 +268,13 @@ class XdsClient:
         except grpc.aio.AioRpcError as exc:
             await queue.put(exc)
 
-    async def _execute(self, call: Any, actions: list[Action]) -> None:
+    async def _execute(self, outbox: asyncio.Queue[Any] | None, actions: list[Action]) -> None:
         work = list(actions)
         while work:
             action = work.pop(0)
             if isinstance(action, SendRequest):
-                if call is not None:
-                    await call.write(action.request)
+                if outbox is not None:  # None: no stream (timers during the backoff)
+                    outbox.put_nowait(action.request)
             elif isinstance(action, ApplyConfig):
                 error, rejected = await self._apply_resources(action)
                 work += self.state.apply_result(action.token, error, self._clock(), rejected)
