@@ -252,6 +252,7 @@ class ManagementServer:
             got = metadata.get("authorization")
             if got != f"Bearer {self.bearer_token}":
                 why = "no authorization metadata" if got is None else "wrong bearer token"
+                await _drain(context)  # the client's first requests are read: none races the refusal
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"authentication failed: {why}")
         status = ClientStatus(node_id="", mode="delta" if delta else "sotw", peer=context.peer())
         self._clients.append(status)
@@ -402,6 +403,23 @@ class ManagementServer:
         if status.first_send_at is None:
             status.first_send_at = time.monotonic()
         await context.write(resp)
+
+
+async def _drain(context: grpc.aio.ServicerContext, quiet_s: float = 0.1) -> None:
+    """Read what the client sends until it is quiet for `quiet_s` (at most 1 s)."""
+    reader = asyncio.ensure_future(context.read())
+    deadline = time.monotonic() + 1.0
+    try:
+        while time.monotonic() < deadline:
+            done, _ = await asyncio.wait({reader}, timeout=quiet_s)
+            if not done or reader.result() is grpc.aio.EOF:
+                return
+            reader = asyncio.ensure_future(context.read())
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return
+    finally:
+        if not reader.done():
+            reader.cancel()
 
 
 class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
