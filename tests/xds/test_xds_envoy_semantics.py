@@ -15,15 +15,12 @@ import pytest
 import yaml
 
 from planemesh.xds.server import ManagementServer
-from tests.xds.test_xds_envoy_interop import (  # noqa: F401  (world: the module's Envoy + our client)
-    acked_everything,
-    report,
-    resources,
-    world,
-)
+from tests.xds import test_xds_envoy_interop as interop
+from tests.xds.test_xds_envoy_interop import acked_everything, report, resources
 from tests.xds.xds_harness import Envoy, LoopThread, free_port, wait_for, write_resources
 
 T = "type.googleapis.com/"
+world = interop.world  # the module-scoped Envoy + our client on one ManagementServer, per mode
 
 
 def _listener(name: str, address: str, port: int) -> dict:
