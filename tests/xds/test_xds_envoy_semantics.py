@@ -52,6 +52,7 @@ def test_a_bad_listener_is_nacked_alone_the_good_one_is_applied_by_envoy_and_us(
         our_nack = wait_for(lambda: (r := report(server, ours, "LDS")) and r.nacks and r, 10, "our NACK")
         assert "bad" in envoy_nack.last_nack and "extra" not in envoy_nack.last_nack
         assert "listener[bad]" in our_nack.last_nack and "extra" not in our_nack.last_nack
+        assert envoy_nack.acked_version == our_nack.acked_version  # both still on the previous version
         # both applied the good listener of the NACKed push
         wait_for(lambda: "extra" in envoy.config_dump()["listeners"], 10, "envoy to apply the good listener")
         wait_for(lambda: any(x.name == "extra" for x in world["applied"][-1].listeners), 10, "us to apply it")
