@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import socket
 
+import grpc
 import pytest
 
 from planemesh.agent.config import Listener, ListenerProtocol, Route, RouteAction, WeightedCluster
@@ -44,6 +45,19 @@ def test_weighted_route_with_a_missing_cluster_is_503_nc_for_its_share(backend) 
     with ProxyThread([("127.0.0.1", backend.port)], routes=routes) as px:
         statuses = sorted(_get(px.port, f"/w{i}")[0] for i in range(4))
         assert statuses == [200, 200, 503, 503]  # the smooth sequence alternates: half each
+        assert '" 503 NC ' in log_line_for(px, '" 503 ')
+
+
+def test_http2_route_to_a_missing_cluster_is_503_nc_as_a_grpc_status(backend) -> None:
+    """h2c downstream (agent/proxy/h2.py): gRPC gets UNAVAILABLE (HTTP 503), logged with NC."""
+    routes = (Route(action=RouteAction(cluster="ghost")),)
+    with (
+        ProxyThread([("127.0.0.1", backend.port)], routes=routes) as px,
+        grpc.insecure_channel(f"127.0.0.1:{px.port}") as ch,
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            ch.unary_unary("/t.Svc/Unary")(b"x", timeout=5)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
         assert '" 503 NC ' in log_line_for(px, '" 503 ')
 
 
