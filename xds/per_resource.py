@@ -67,14 +67,19 @@ def _clusters(res: XdsResources, old: XdsResources | None, planes, cache: Transl
         path = f"cluster[{name}]"
         eps = _with_empty_cla(cluster, res.endpoints)
         got, why = _one(cache.cluster, name, cluster, eps, planes, path)
+        service = eds_name(cluster)
+        unchanged = old is not None and old.clusters.get(name) is cluster
+        if why is not None and service is not None and (unchanged or f"endpoints[{service}]" in why):
+            # A failure that comes from the endpoints is the ClusterLoadAssignment's (an EDS NACK): the
+            # cluster keeps the previous assignment, or has none (Envoy: warming, then no hosts).
+            rejected.setdefault(ENDPOINT, {})[service] = why
+            old_eps = old.endpoints if old is not None else {}
+            kept = {k: v for k, v in res.endpoints.items() if k != service}
+            if service in old_eps:
+                kept[service] = old_eps[service]
+            got, why = _one(cache.cluster, name, cluster, _with_empty_cla(cluster, kept), planes, path)
         if why is not None:
-            service = eds_name(cluster)
-            unchanged = old is not None and old.clusters.get(name) is cluster
-            # A failure that comes from the endpoints is the ClusterLoadAssignment's (an EDS NACK).
-            if service is not None and (unchanged or f"endpoints[{service}]" in why):
-                rejected.setdefault(ENDPOINT, {})[service] = why
-            else:
-                rejected.setdefault(CLUSTER, {})[name] = why
+            rejected.setdefault(CLUSTER, {})[name] = why
             prev = old.clusters.get(name) if old is not None else None
             if prev is not None:
                 peps = _with_empty_cla(prev, old.endpoints)  # type: ignore[union-attr]

@@ -148,7 +148,7 @@ CASES = [
         "bad-endpoints-are-the-eds-resource-s-fault",
         [eds_cluster(), cla_doc(address="web.example")],
         None,
-        {"listeners": set(), "routes": set(), "clusters": set()},
+        {"listeners": set(), "routes": set(), "clusters": {"api"}},  # active, without endpoints
         {ENDPOINT: ["api"]},
         (),
     ),
@@ -218,6 +218,16 @@ def test_previous_cluster_version_really_serves():
     got = translate_update(to_resources([static_cluster(address="198.18.1.999")]), PLANES, cache, accepted)
     assert [e.address for e in got.snapshot.clusters["web"].endpoints] == ["198.18.1.20"]
     assert "not an IP" in got.rejected[CLUSTER]["web"]
+
+
+def test_rejected_endpoints_keep_the_previous_assignment():
+    accepted = to_resources([eds_cluster(), cla_doc(port=9000)])
+    cache = TranslationCache()
+    translate_update(accepted, PLANES, cache)
+    update = _share_unchanged(to_resources([eds_cluster(), cla_doc(port=70000)]), accepted)
+    got = translate_update(update, PLANES, cache, accepted)
+    assert [e.port for e in got.snapshot.clusters["api"].endpoints] == [9000]
+    assert list(got.rejected) == [ENDPOINT] and "endpoints[api]" in got.rejected[ENDPOINT]["api"]
 
 
 def test_eds_cluster_without_assignment_has_no_endpoints():
