@@ -433,11 +433,23 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         await self.server.serve_stream(context, delta=True)
 
 
-async def serve_forever(resources: str | Path, listen: str, poll_interval_s: float = 0.2) -> None:
+async def serve_forever(
+    resources: str | Path,
+    listen: str,
+    poll_interval_s: float = 0.2,
+    credentials: grpc.ServerCredentials | None = None,
+    bearer_token: str | None = None,
+) -> None:
     """Serve until SIGINT/SIGTERM (the `planemesh xds-server` command)."""
-    server = ManagementServer(resources, poll_interval_s=poll_interval_s)
-    address = await server.start(listen)
-    log.info("ADS (SotW and Delta) on %s, resources from %s", address, resources)
+    server = ManagementServer(resources, poll_interval_s=poll_interval_s, bearer_token=bearer_token)
+    address = await server.start(listen, credentials)
+    log.info(
+        "ADS (SotW and Delta) on %s%s%s, resources from %s",
+        address,
+        " with TLS" if credentials is not None else "",
+        " requiring a bearer token" if bearer_token is not None else "",
+        resources,
+    )
     if server.load_error:
         log.error("serving an empty set until the files are fixed: %s", server.load_error)
     stop = asyncio.Event()
@@ -469,6 +481,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds between checks of the resource files; bounds file change -> push latency "
         "(env PLANEMESH_XDS_POLL_INTERVAL_S; default %(default)s)",
     )
+    parser.add_argument("--tls-cert", default=env("PLANEMESH_XDS_TLS_CERT"), help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", default=env("PLANEMESH_XDS_TLS_KEY"), help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--bearer-token-file",
+        default=env("PLANEMESH_XDS_BEARER_TOKEN_FILE"),
+        help="refuse streams without `authorization: Bearer <this file's token>` (as istiod checks JWTs)",
+    )
 
 
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -476,8 +495,21 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--resources {args.resources}: not a directory")
     if not 0.005 <= args.poll_interval <= 60:
         parser.error(f"--poll-interval {args.poll_interval}: expected 0.005 .. 60 seconds")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    credentials = token = None
+    try:
+        if args.tls_cert is not None:
+            pair = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
+            credentials = grpc.ssl_server_credentials([pair])
+        if args.bearer_token_file is not None:
+            token = Path(args.bearer_token_file).read_text().strip()
+    except OSError as exc:
+        parser.error(f"{exc.filename}: {exc.strerror}")
+    if token == "":
+        parser.error(f"--bearer-token-file {args.bearer_token_file}: empty")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval))
+    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval, credentials, token))
     return 0
 
 

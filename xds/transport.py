@@ -120,6 +120,11 @@ async def _requests(outbox: asyncio.Queue[Any]) -> Any:
         yield req
 
 
+def _tls_failure(details: str | None) -> bool:
+    text = (details or "").lower()
+    return any(word in text for word in ("ssl", "handshake", "certificate", "tls"))
+
+
 class XdsClient:
     def __init__(
         self,
@@ -208,7 +213,7 @@ class XdsClient:
                 if self.bootstrap.token_file
                 else (" (the server wants a token: set server.token_file)")
             )
-        elif code is grpc.StatusCode.UNAVAILABLE and self.bootstrap.tls is not None:
+        elif code is grpc.StatusCode.UNAVAILABLE and self.bootstrap.tls is not None and _tls_failure(exc.details()):
             text += " (TLS: does server.tls.ca sign the server's certificate for server.tls.server_name?)"
         return text
 

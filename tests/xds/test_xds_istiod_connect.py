@@ -133,3 +133,49 @@ def test_the_token_is_read_again_on_reconnect(istiod):
 
     client = asyncio.run(run())
     assert client.streams >= 2
+
+
+def test_the_xds_server_command_serves_tls_with_a_bearer_token(istiod, tmp_path):
+    """`planemesh xds-server --tls-cert --tls-key --bearer-token-file`: a stand-in for istiod's 15012."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.xds.xds_harness import ENVOY, free_port
+
+    cert, key = tmp_path / "srv.pem", tmp_path / "srv.key"
+    _ca, srv_cert, srv_key = _pki(tmp_path)
+    cert.write_bytes(srv_cert)
+    key.write_bytes(srv_key)
+    port = free_port()
+    cmd = [str(ENVOY.parent / "planemesh"), "xds-server", "--resources", str(istiod["resdir"])]
+    cmd += ["--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key", str(key)]
+    cmd += ["--bearer-token-file", str(istiod["token"])]
+    proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    good: list = []
+    anonymous: list = []
+
+    async def run():
+        clients = [
+            _client(f"127.0.0.1:{port}", str(tmp_path / "ca.pem"), str(istiod["token"]), good),
+            _client(f"127.0.0.1:{port}", str(tmp_path / "ca.pem"), None, anonymous),
+        ]
+        tasks = [asyncio.create_task(c.run()) for c in clients]
+        try:
+            await until(lambda: good, 15, "the command to serve over TLS")
+            await until(lambda: "UNAUTHENTICATED" in (clients[1].last_error or ""), 5, "the anonymous refused")
+            return clients
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        _good, anon = asyncio.run(run())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out
+    assert "with TLS requiring a bearer token" in out
+    assert "secure" in good[-1].clusters and not anonymous
+    assert "UNAUTHENTICATED" in anon.last_error
