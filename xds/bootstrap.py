@@ -34,20 +34,6 @@ from planemesh.xds.client_state import Mode
 # and Envoy's own gRPC client has no receive limit unless max_receive_message_length is set, so the limit
 # only guards memory: 256 MiB (grpc's default, 4 MiB, is far too small for a mesh).
 MAX_RECEIVE_BYTES = 256 << 20
-# istio-agent's node metadata keys, documented for users; any key is accepted (values: JSON values).
-ISTIO_NODE_METADATA = (
-    "ISTIO_VERSION",
-    "NAMESPACE",
-    "SERVICE_ACCOUNT",
-    "INTERCEPTION_MODE",
-    "CLUSTER_ID",
-    "LABELS",
-    "INSTANCE_IPS",
-    "MESH_ID",
-    "WORKLOAD_NAME",
-    "OWNER",
-    "POD_PORTS",
-)
 
 
 @dataclass(frozen=True, slots=True)
