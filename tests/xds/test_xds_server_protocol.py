@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import yaml
 from envoy.config.listener.v3 import listener_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
@@ -144,3 +145,48 @@ def test_a_broken_file_still_refuses_the_set_with_a_clear_error(tmp_path):
         assert server.load_error and "example.Unknown" in server.load_error and "@value_base64" in server.load_error
 
     _run(tmp_path, body)
+
+
+def test_our_delta_client_stops_waiting_when_the_server_says_a_route_does_not_exist():
+    """Both halves together: the listener names a route configuration nobody has; the server's
+    removed_resources ends the client's warming wait at once (not after initial_fetch_timeout), the other
+    listener is applied and LDS ACKed, the orphan listener reported as warming."""
+    from planemesh.xds.bootstrap import bootstrap_from_dict
+    from planemesh.xds.resources import parse_resource_text, unpack
+    from planemesh.xds.transport import XdsClient
+    from tests.unit.test_xds_translate import PASS, http_listener
+    from tests.xds.test_xds_transport import PLANES, until
+
+    def msgs(*docs):
+        return [unpack(p, p.type_url) for p in parse_resource_text(yaml.safe_dump(list(docs)), "t")]
+
+    async def scenario():
+        server = ManagementServer(None)
+        server.set_resources(CLUSTER, msgs({**PASS}))
+        server.set_resources(
+            LISTENER, msgs(http_listener("orphan", address="127.0.0.1", rds="r9"), http_listener("ok", port=81))
+        )
+        address = await server.start("127.0.0.1:0")
+        boot = bootstrap_from_dict(
+            {"node": {"id": "d"}, "server": {"address": address, "mode": "delta"}, "planes": PLANES,
+             "timing": {"initial_fetch_timeout_s": 30}}
+        )  # fmt: skip
+        applied: list = []
+
+        async def apply(snapshot):
+            applied.append(snapshot)
+
+        client = XdsClient(boot, apply)
+        task = asyncio.create_task(client.run())
+        try:
+            await until(lambda: applied, 5, "an update applied well before the 30 s fetch timeout")
+            await until(lambda: server.clients()[0].types["LDS"].acks, 5, "the LDS ACK")
+            return client, applied[-1], server.clients()[0].types["LDS"]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop(0)
+
+    client, snap, lds = asyncio.run(scenario())
+    assert {x.name.split("@")[0] for x in snap.listeners} == {"ok"} and lds.nacks == 0
+    assert client.status()["warming_listeners"] == ["orphan"]
