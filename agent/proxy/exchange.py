@@ -293,8 +293,8 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.retry = policy
         self.tries_left = policy.num_retries
         if cluster is None:
-            if result.cluster_missing:
-                return self.reply(503, b"no healthy upstream\n", (), flags.UF)
+            if result.cluster_missing or result.weighted:  # Envoy: 503, empty body, flag NC
+                return self.reply(503, b"", (), flags.NC)
             if connect:  # the original destination, never the client's authority (connect_target.py)
                 target = (normalise_ip(ds.local[0]), ds.local[1])
             elif ds.loops_to_self:

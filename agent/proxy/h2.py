@@ -437,7 +437,9 @@ class Bridge:
         if result.weighted:
             cluster = table.balancer.cluster_for(result.route.action)  # type: ignore[union-attr, arg-type]
         if cluster is None:
-            if result.cluster_missing or ds.local[1] in proxy.listen_ports:
+            if result.cluster_missing or result.weighted:  # the route's cluster does not exist: Envoy's NC
+                return self.local_error(503, "", accesslog.NC)
+            if ds.local[1] in proxy.listen_ports:
                 return self.local_error(503, "no healthy upstream", accesslog.UF)
             addr = (normalise_ip(ds.local[0]), ds.local[1])
         else:
