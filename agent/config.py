@@ -269,6 +269,9 @@ class Listener:
     # tcp_proxy chains: the cluster(s) passthrough connections of this chain go to; empty: the original destination
     tcp_clusters: tuple[WeightedCluster, ...] = ()
     upgrades: tuple[UpgradeConfig, ...] = DEFAULT_UPGRADES  # HTTP upgrades and CONNECT allowed here
+    # HTTP listeners only: peek first (Envoy's http_inspector + a tcp_proxy fallback chain, Istio's protocol
+    # detection): HTTP is proxied with this listener's routes, anything else passes through untouched.
+    sniff: bool = False
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:
