@@ -151,6 +151,7 @@ class Route:
     response_headers_to_add: tuple[HeaderValue, ...] = ()
     response_headers_to_remove: tuple[str, ...] = ()
     rate_limit: LocalRateLimit | None = None  # per-route local rate limit (typed_per_filter_config)
+    fault: FaultFilter | None = None  # per-route fault injection (typed_per_filter_config; Istio's VirtualService)
 
 
 @dataclass(frozen=True, slots=True)

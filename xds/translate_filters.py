@@ -123,12 +123,14 @@ def fault(typed_config: any_pb2.Any, path: str) -> FaultFilter:
     )
 
 
-def per_route_filter(name: str, cfg: any_pb2.Any, path: str) -> LocalRateLimit | None:
-    """One typed_per_filter_config entry: a local rate limit (its own bucket), a CORS policy (noted), else
-    refused (a per-route fault would need the fault to run after routing, which the proxy does not do yet)."""
+def per_route_filter(name: str, cfg: any_pb2.Any, path: str) -> LocalRateLimit | FaultFilter | None:
+    """One typed_per_filter_config entry: a local rate limit (its own bucket), a fault (Istio's VirtualService
+    fault: injected after routing), a CORS policy (noted), else refused."""
     kind = type_name(cfg.type_url)
     if kind == LOCAL_RATELIMIT:
         return local_ratelimit(cfg, path)
+    if kind == FAULT:
+        return fault(cfg, path)
     if kind == CORS_POLICY:
         note_ignored(path, _CORS_REASON)
         return None

@@ -7,6 +7,7 @@ import re
 from planemesh.agent.config import (
     ConfigError,
     DirectResponse,
+    FaultFilter,
     HashPolicy,
     HeaderMatch,
     HeaderValue,
@@ -295,14 +296,17 @@ def _headers_to_add(options, path: str) -> tuple[HeaderValue, ...]:
     return tuple(out)
 
 
-def _per_route_filters(r, path: str) -> LocalRateLimit | None:
-    """typed_per_filter_config: a per-route local rate limit (its own token bucket, as in Envoy), a CORS policy
-    (noted); per-route config of any other filter is refused rather than silently ignored."""
-    rate_limit = None
+def _per_route_filters(r, path: str) -> tuple[LocalRateLimit | None, FaultFilter | None]:
+    """typed_per_filter_config: a per-route local rate limit (its own token bucket, as in Envoy), a fault, a
+    CORS policy (noted); per-route config of any other filter is refused rather than silently ignored."""
+    rate_limit = fault = None
     for name, cfg in sorted(r.typed_per_filter_config.items()):
-        limit = per_route_filter(name, cfg, f"{path}.typed_per_filter_config[{name}]")
-        rate_limit = limit if limit is not None else rate_limit
-    return rate_limit
+        found = per_route_filter(name, cfg, f"{path}.typed_per_filter_config[{name}]")
+        if isinstance(found, FaultFilter):
+            fault = found
+        elif found is not None:
+            rate_limit = found
+    return rate_limit, fault
 
 
 def _route(r, path: str, inherited: dict, default_retry) -> Route:
@@ -322,7 +326,7 @@ def _route(r, path: str, inherited: dict, default_retry) -> Route:
         },
         path,
     )
-    rate_limit = _per_route_filters(r, path)
+    rate_limit, fault = _per_route_filters(r, path)
     match = _match(r.match, f"{path}.match")
     kind = r.WhichOneof("action")
     action = redirect = direct = None
@@ -367,6 +371,7 @@ def _route(r, path: str, inherited: dict, default_retry) -> Route:
         response_headers_to_remove=tuple(h.lower() for h in r.response_headers_to_remove)
         + inherited["response_remove"],
         rate_limit=rate_limit,
+        fault=fault,
     )
 
 
