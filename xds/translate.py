@@ -75,10 +75,10 @@ _LISTENER_HARMLESS = {
     "bind_to_port",
 }
 _ORIGINAL_DST = _EXT + "filters.listener.original_dst.v3.OriginalDst"
+_LISTENER_CHECKED = {"address", "filter_chains", "default_filter_chain", "listener_filters", "use_original_dst"}
 _LISTENER_IGNORED = {
     "additional_addresses": "the [::] twin of a 0.0.0.0 listener: planemesh intercepts both families alike",
     "connection_balance_config": "the kernel spreads accepted connections over a plane's workers",
-    "use_original_dst": "checked: a capture listener (see _capture_chain)",
 }
 _HCM_SUPPORTED = {
     "codec_type",
@@ -287,6 +287,8 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
             "(an HTTP chain and a TCP chain on one destination become one sniffed listener)",
         )
     base = chain.name or (listener.name if ci == 0 else f"{listener.name}#{ci}")
+    if where.capture:  # istiod names virtualInbound's chains like the outbound listeners of the same port
+        base = f"{listener.name}/{base}"
     return [
         Listener(
             name=base if len(planes) == 1 else f"{base}@{plane.name}",
@@ -388,7 +390,7 @@ def _capture_chain_listeners(listener, path: str) -> None:
 def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str) -> list[Listener]:
     only(
         listener,
-        _LISTENER_HARMLESS | {"address", "filter_chains", "default_filter_chain", "listener_filters"},
+        _LISTENER_HARMLESS | _LISTENER_CHECKED,
         path,
         _LISTENER_IGNORED,
     )

@@ -61,6 +61,9 @@ _SUPPORTED = {
     "outlier_detection",
     "http2_protocol_options",
     "typed_extension_protocol_options",
+    "transport_socket",  # checked by _transport
+    "transport_socket_matches",  # checked by _transport
+    "filters",  # checked by _upstream_filters
 }
 # Accepted without effect (docs/istio-conformance.md): field -> why dropping it is safe.
 _IGNORED = {
@@ -68,9 +71,6 @@ _IGNORED = {
         "istiod binds inbound connections to 127.0.0.6 so iptables does not capture them again; planemesh "
         "intercepts in eBPF and never captures its own upstream connections"
     ),
-    "filters": "upstream network filters: only istio-proxy extensions are accepted (checked one by one)",
-    "transport_socket_matches": "checked: a plaintext match exists (see _transport)",
-    "transport_socket": "checked: raw_buffer only (see _transport)",
 }
 _RAW_BUFFER = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
 _TLS_PENDING = (

@@ -206,8 +206,8 @@ def test_per_route_local_rate_limit():
     docs = [http_listener(rds="r1"), routes(route={"cluster": "pass"}, typed_per_filter_config=per_route), PASS]
     route = only_route(translate(to_resources(docs), PLANES))
     assert route.rate_limit == LocalRateLimit(max_tokens=3, tokens_per_fill=1, fill_interval_s=2.0)
-    fault = {"f": {"@type": T + "envoy.extensions.filters.http.fault.v3.HTTPFault"}}
-    docs[1] = routes(route={"cluster": "pass"}, typed_per_filter_config=fault)
+    other = {"f": {"@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"}}
+    docs[1] = routes(route={"cluster": "pass"}, typed_per_filter_config=other)
     with pytest.raises(ConfigError) as err:
         translate(to_resources(docs), PLANES)
     assert "typed_per_filter_config[f]" in err.value.path and "not supported" in str(err.value)
@@ -388,7 +388,10 @@ BAD = [
         [
             http_listener(
                 filters=[
-                    {"name": "authz", "typed_config": {"@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"}}
+                    {
+                        "name": "authz",
+                        "typed_config": {"@type": T + "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"},
+                    },
                 ]
             ),
             PASS,
