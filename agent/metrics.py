@@ -364,6 +364,9 @@ class PlanemeshCollector(Collector):
         yield from _sniff_families(report)
         yield from _plane_group_families(report.plane_groups)
         yield from _overload_families(report.overload)
+        from planemesh.agent.istio_metrics import istio_families  # imports this module
+
+        yield from istio_families(report.routes)
         yield from self._agent_families()
 
     def _agent_families(self) -> Iterator[Metric]:
