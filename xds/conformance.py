@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -246,6 +247,24 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _field(path: str) -> str:
+    """`listener[x].filter_chains[3].filters[0].normalize_path` -> `filter_chains[].filters[].normalize_path`."""
+    rest = path.split("]", 1)[1].lstrip(".") if "]" in path else path
+    return re.sub(r"\[[^\]]*\]", "[]", rest) or "(whole resource)"
+
+
+def _summary(rows: list[Row]) -> list[str]:
+    """One line per (field, reason): how many resources of the corpus carry it."""
+    seen: dict[tuple[str, str, str], set[str]] = {}
+    for r in rows:
+        for path, why in r.ignored:
+            seen.setdefault((r.kind, _field(path), why), set()).add(r.name)
+    out = ["| type | field | why ignoring it is safe | resources |", "|---|---|---|---|"]
+    for (kind, fld, why), names in sorted(seen.items()):
+        out.append(f"| {kind} | `{_cell(fld)}` | {_cell(why)} | {len(names)} |")
+    return out
+
+
 def render(rows: list[Row]) -> str:
     accepted_by_envoy = [r for r in rows if r.envoy == "accepted"]
     both = [r for r in accepted_by_envoy if r.planemesh == "accepted"]
@@ -267,11 +286,11 @@ def render(rows: list[Row]) -> str:
     ]
     for i, r in enumerate(rows, 1):
         out.append(f"| {i} | {r.kind} | `{_cell(r.name)}` | {_cell(r.envoy)} | {_cell(r.planemesh)} |")
-    out += ["", "## Accepted without effect, and why that is safe", ""]
+    out += ["", "## Accepted without effect, and why that is safe", "", *_summary(rows), "", "### Per resource", ""]
     for i, r in enumerate(rows, 1):
         if not r.ignored:
             continue
-        out += [f"### {i}. {r.kind} `{_cell(r.name)}`", "", "| field | why ignoring it is safe |", "|---|---|"]
+        out += [f"#### {i}. {r.kind} `{_cell(r.name)}`", "", "| field | why ignoring it is safe |", "|---|---|"]
         seen = set()
         for path, why in r.ignored:
             if (path, why) in seen:

@@ -364,7 +364,7 @@ def _merge_same_destination(out: list[Listener], paths: list[str]) -> list[Liste
             why = (
                 "non-HTTP bytes pass through to the original destination (the HTTP chain is sniffed)"
                 if http
-                else f"a fallback behind {paths[keep]}, which serves this destination"
+                else "a fallback chain (PassthroughCluster) behind the chain that serves this destination"
             )
             note_ignored(paths[i], why)
         merged.append(dataclasses.replace(first, sniff=True) if http and tcp else first)
