@@ -15,10 +15,9 @@ produced.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-
-from planemesh.agent.metrics import RouteStats
 
 LABELS = (
     "reporter",
@@ -67,7 +66,8 @@ def istio_labels(cluster: str) -> dict[str, str] | None:
     return out
 
 
-def istio_families(rows: Sequence[RouteStats]) -> Iterator[Metric]:
+def istio_families(rows: Sequence[Any]) -> Iterator[Metric]:
+    """From agent.metrics.RouteStats rows (not imported: agent.metrics imports this module)."""
     requests = CounterMetricFamily("istio_requests", "Requests (Istio standard metric)", labels=list(LABELS))
     duration = HistogramMetricFamily(
         "istio_request_duration_milliseconds", "Request duration (Istio standard metric)", labels=list(LABELS)
