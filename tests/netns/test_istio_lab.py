@@ -67,7 +67,8 @@ def istiod_push(host: str) -> list[dict]:
     rc["virtual_hosts"] = [split]
     docs = [listeners["virtualOutbound"], listeners["virtualInbound"], outbound, rc]
     docs += [clusters[n] for n in ("BlackHoleCluster", "PassthroughCluster", "InboundPassthroughCluster")]
-    docs += [clusters["inbound|9080||"], clusters["inbound|9090||"], endpoints["BlackHoleCluster"]]
+    docs += [clusters[n] for n in ("inbound|9080||", "inbound|9090||", "inbound|9091||")]
+    docs += [endpoints["BlackHoleCluster"]]
     template_cluster, template_cla = clusters[f"outbound|9080|v1|{SVC}"], endpoints[f"outbound|9080|v1|{SVC}"]
     for subset, port in (("v1", 8081), ("v2", 8082)):
         name = f"outbound|{PORT}|{subset}|{SVC}"

@@ -107,6 +107,8 @@ def test_the_whole_push_is_one_valid_snapshot_with_istio_semantics(loaded):
         assert by_key[(plane, 443, (IPNetwork("10.96.12.34/32"),))]
         auto = by_key[(plane, 5000, (IPNetwork("10.96.7.7/32"),))]
         assert auto.sniff and auto.route_config == "metrics.default.svc.cluster.local:5000"
+        inbound_auto = by_key[(plane, 9091, ())]  # 5 chains (mTLS/plain x HTTP/TCP, plain TLS) -> one sniffed
+        assert inbound_auto.sniff and inbound_auto.route_config == "inbound|9091||"
         inbound_tcp = by_key[(plane, 9090, ())]  # virtualInbound's port chain (raw_buffer twin of mTLS)
         assert inbound_tcp.protocol is ListenerProtocol.TCP and inbound_tcp.tcp_clusters[0].name == "inbound|9090||"
     ratings = snap.routes["9080-vs"].virtual_hosts[1].routes[0]
