@@ -75,6 +75,7 @@ _LISTENER_HARMLESS = {
     "bind_to_port",
 }
 _ORIGINAL_DST = _EXT + "filters.listener.original_dst.v3.OriginalDst"
+BLACKHOLE = "BlackHoleCluster"  # istiod's cluster with no endpoints: what it blocks goes there
 _LISTENER_CHECKED = {"address", "filter_chains", "default_filter_chain", "listener_filters", "use_original_dst"}
 _LISTENER_IGNORED = {
     "additional_addresses": "the [::] twin of a 0.0.0.0 listener: planemesh intercepts both families alike",
@@ -360,15 +361,23 @@ def _merge_same_destination(out: list[Listener], paths: list[str]) -> list[Liste
                     "planemesh cannot choose between them by transport_protocol/application_protocols",
                 )
             note_ignored(paths[i], f"the same HTTP handling as {paths[keep]}")
+        # istiod's REGISTRY_ONLY: the fallback is BlackHoleCluster; not sniffing makes the HTTP parser refuse
+        # non-HTTP bytes instead of passing them through.
+        passthrough = [i for i in tcp if not _blackhole(out[i])]
         for i in tcp if http else tcp[1:]:
-            why = (
-                "non-HTTP bytes pass through to the original destination (the HTTP chain is sniffed)"
-                if http
-                else "a fallback chain (PassthroughCluster) behind the chain that serves this destination"
-            )
+            if http and _blackhole(out[i]):
+                why = "BlackHoleCluster (REGISTRY_ONLY): the HTTP listener is not sniffed, non-HTTP bytes are refused"
+            elif http:
+                why = "non-HTTP bytes pass through to the original destination (the HTTP chain is sniffed)"
+            else:
+                why = "a fallback chain behind the chain that serves this destination"
             note_ignored(paths[i], why)
-        merged.append(dataclasses.replace(first, sniff=True) if http and tcp else first)
+        merged.append(dataclasses.replace(first, sniff=True) if http and passthrough else first)
     return merged
+
+
+def _blackhole(lsn: Listener) -> bool:
+    return bool(lsn.tcp_clusters) and all(w.name == BLACKHOLE for w in lsn.tcp_clusters)
 
 
 def _capture_chain_listeners(listener, path: str) -> None:
@@ -379,12 +388,29 @@ def _capture_chain_listeners(listener, path: str) -> None:
         kinds = {type_name(f.typed_config.type_url) for f in chain.filters}
         if TCP_PROXY not in kinds:
             raise ConfigError(cpath, "a use_original_dst listener's chains must end in tcp_proxy")
+        m = chain.filter_chain_match
+        own_port = (
+            m.HasField("destination_port") and m.destination_port.value == listener.address.socket_address.port_value
+        )
+        if not own_port and any(_tcp_cluster(f) == BLACKHOLE for f in chain.filters):
+            raise ConfigError(
+                cpath,
+                "a BlackHoleCluster catch-all (Istio outboundTrafficPolicy REGISTRY_ONLY) is not supported: planemesh "
+                "passes connections to undeclared destinations and will not pretend to block them",
+            )
         note_ignored(
             cpath,
             "use_original_dst dispatch: planemesh intercepts by original destination; connections no listener "
-            "declares follow the plane's undeclared-ports setting (Istio ALLOW_ANY = PassthroughCluster; "
-            "REGISTRY_ONLY's BlackHoleCluster catch-all is not enforced)",
+            "declares are passed through (Istio ALLOW_ANY = PassthroughCluster)",
         )
+
+
+def _tcp_cluster(flt) -> str | None:
+    if type_name(flt.typed_config.type_url) != TCP_PROXY:
+        return None
+    tcp = tcp_proxy_pb2.TcpProxy()
+    flt.typed_config.Unpack(tcp)
+    return tcp.cluster or None
 
 
 def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str) -> list[Listener]:

@@ -120,6 +120,18 @@ ACCEPTED = [
         lambda s: all(x.protocol is ListenerProtocol.HTTP and x.sniff for x in s.listeners),
     ),
     (
+        "registry-only-http-port-is-not-sniffed",  # non-HTTP bytes must not pass where istio blackholes them
+        [
+            listener(
+                [{"filter_chain_match": {"application_protocols": ["http/1.1"]}, "filters": [hcm()]}],
+                default={"filters": [tcp("BlackHoleCluster")]},
+                bind_to_port=False,
+            ),
+            cluster(name="BlackHoleCluster"),
+        ],
+        lambda s: all(x.protocol is ListenerProtocol.HTTP and not x.sniff for x in s.listeners),
+    ),
+    (
         "use-original-dst-dispatcher-declares-nothing",
         [listener([{"filters": [STATS, tcp()]}], name="virtualOutbound", port=15001, use_original_dst=True)],
         lambda s: s.listeners == (),
@@ -340,6 +352,23 @@ REFUSED = [
         ],
         "transport_socket",
         "TLS only",
+    ),
+    (
+        "registry-only-virtual-outbound",  # ignoring it would open egress istio blocks
+        [
+            listener(
+                [
+                    {"filter_chain_match": {"destination_port": 15001}, "filters": [tcp("BlackHoleCluster")]},
+                    {"filters": [tcp("BlackHoleCluster")]},
+                ],
+                name="virtualOutbound",
+                port=15001,
+                use_original_dst=True,
+            ),
+            cluster(name="BlackHoleCluster"),
+        ],
+        "filter_chains[1]",
+        "REGISTRY_ONLY",
     ),
     (
         "enforcing-rbac",
