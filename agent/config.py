@@ -227,6 +227,8 @@ class Cluster:
     circuit_breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
     outlier: OutlierDetection | None = None
     http2: bool = False  # speak h2c upstream
+    # use_downstream_protocol_config: HTTP/2 clients get h2c upstream, HTTP/1 clients HTTP/1.1 (http2 wins)
+    downstream_protocol: bool = False
     plane: str | None = None  # None: the plane of each endpoint's address
     locality_weighted: bool = False  # common_lb_config.locality_weighted_lb_config: pick a locality first
 

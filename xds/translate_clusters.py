@@ -161,8 +161,10 @@ def _locality_weighted(cluster, lb: LbPolicy, path: str) -> bool:
     return True
 
 
-def _http2(cluster, path: str) -> bool:
+def _http2(cluster, path: str) -> tuple[bool, bool]:
+    """(h2c upstream, upstream protocol as the downstream's: use_downstream_protocol_config)."""
     http2 = cluster.HasField("http2_protocol_options")
+    downstream = False
     for key, packed in cluster.typed_extension_protocol_options.items():
         kpath = f"{path}.typed_extension_protocol_options[{key}]"
         if type_name(packed.type_url) != HTTP_OPTIONS:
@@ -170,18 +172,12 @@ def _http2(cluster, path: str) -> bool:
         opts = http_protocol_options_pb2.HttpProtocolOptions()
         packed.Unpack(opts)
         only(opts, {"explicit_http_config", "common_http_protocol_options", "use_downstream_protocol_config"}, kpath)
-        if opts.HasField("use_downstream_protocol_config"):
-            note_ignored(
-                f"{kpath}.use_downstream_protocol_config",
-                "planemesh speaks HTTP/1.1 upstream unless explicit_http_config asks for h2: requests from "
-                "HTTP/2 clients go upstream as HTTP/1.1, complete except gRPC trailers (istiod sends explicit "
-                "h2 for ports declared grpc/http2)",
-            )
+        downstream = downstream or opts.HasField("use_downstream_protocol_config")
         explicit = opts.explicit_http_config
         if explicit.HasField("http3_protocol_options"):
             raise ConfigError(kpath, "HTTP/3 upstreams are not supported")
         http2 = http2 or explicit.HasField("http2_protocol_options")
-    return http2
+    return http2, downstream
 
 
 def _circuit_breakers(cluster, path: str) -> CircuitBreakers:
@@ -301,6 +297,7 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
     plane = planemesh_metadata(cluster.metadata).get("plane")
     if plane is not None and plane not in {p.name for p in planes}:
         raise ConfigError(f"{path}.metadata.planemesh.plane", f"unknown plane {plane!r}")
+    http2, downstream = _http2(cluster, path)
     timeout = opt_seconds(cluster, "connect_timeout")
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"{path}.connect_timeout", "must be > 0")
@@ -312,7 +309,8 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
         connect_timeout_s=timeout,
         circuit_breakers=_circuit_breakers(cluster, path),
         outlier=_outlier(cluster, path),
-        http2=_http2(cluster, path),
+        http2=http2,
+        downstream_protocol=downstream,
         plane=plane,
         locality_weighted=_locality_weighted(cluster, lb, f"{path}.common_lb_config"),
     )

@@ -272,7 +272,7 @@ ACCEPTED = [
                 }
             )
         ],
-        lambda s: not s.clusters["c"].http2,
+        lambda s: not s.clusters["c"].http2 and s.clusters["c"].downstream_protocol,
     ),
 ]
 
