@@ -28,6 +28,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from planemesh.agent.istio_metrics import istio_families
+
 log = logging.getLogger(__name__)
 
 # Request latency buckets (seconds): sub-millisecond proxying up to the longest SLA timeouts.
@@ -364,6 +366,7 @@ class PlanemeshCollector(Collector):
         yield from _sniff_families(report)
         yield from _plane_group_families(report.plane_groups)
         yield from _overload_families(report.overload)
+        yield from istio_families(report.routes)
         yield from self._agent_families()
 
     def _agent_families(self) -> Iterator[Metric]:

@@ -280,6 +280,15 @@ class Exchange(ResponseRelay, UpstreamAttempts):
             if not limiter.take():
                 proxy.stats.rate_limited += 1
                 return self.reply(429, b"local_rate_limited", limiter.headers(), flags.RL)
+        if route is not None and route.fault is not None and DELAY_INJECTED not in self.flags:
+            # The route's fault (Istio VirtualService), after routing; a delay comes back here once, flagged.
+            decision = fault_decision(route.fault, header_map(self.headers), rng.random)
+            if decision.delay_s:
+                self.flags = DELAY_INJECTED
+                self.backoff = proxy.loop.call_later(decision.delay_s, self._after_delay, decision.abort_status)
+                return None
+            if decision.abort_status is not None:
+                return self.reply(decision.abort_status, b"fault filter abort", (), FAULT_INJECTED)
         if self.tunnel and not crc.upgrade_allowed(route, self.upgrade_type):
             kind = b"CONNECT" if connect else b"upgrade to " + self.upgrade.strip()
             return self.refuse(kind + b" is not allowed on this route\n")

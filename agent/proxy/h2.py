@@ -450,7 +450,8 @@ class Bridge:
         if result.timeout_s:
             self.deadline = self.try_deadline = proxy.loop.time() + result.timeout_s
             proxy.watch_deadline(self)  # type: ignore[arg-type]
-        h2_upstream.open_stream(self, addr, ended, cluster is not None and cluster.http2, result.connect_timeout_s)
+        h2 = cluster is not None and (cluster.http2 or cluster.downstream_protocol)  # this client speaks h2
+        h2_upstream.open_stream(self, addr, ended, h2, result.connect_timeout_s)
 
     def _header_map(self) -> dict[str, str]:
         return header_map(self.fields)
