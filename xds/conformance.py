@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool
+from google.protobuf import any_pb2
 from netaddr import IPNetwork
 
 from planemesh.agent.config import ConfigError
@@ -61,41 +61,14 @@ class Row:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ---- loading: istio-proxy-only types have no proto here; they are carried as their type URL, empty -------
-
-
-def _register_opaque(full_name: str) -> None:
-    """An empty message named `full_name` in the default pool, so JSON with it parses (its body is dropped)."""
-    pool = descriptor_pool.Default()
-    try:
-        pool.FindMessageTypeByName(full_name)
-        return
-    except KeyError:
-        pass
-    package, _, name = full_name.rpartition(".")
-    fdp = descriptor_pb2.FileDescriptorProto(name=f"planemesh_opaque/{full_name}.proto", package=package)
-    fdp.message_type.add(name=name)
-    pool.Add(fdp)
-
-
-def opaque_istio_types(node):
-    """A copy of a resource dict where istio-proxy-only Any bodies are emptied (they are opaque anyway)."""
-    if isinstance(node, list):
-        return [opaque_istio_types(x) for x in node]
-    if not isinstance(node, dict):
-        return node
-    kind = str(node.get("@type", "")).rsplit("/", 1)[-1]
-    if kind in ISTIO_PROXY_TYPES and not kind.endswith(".Wasm"):
-        _register_opaque(kind)
-        return {"@type": node["@type"]}
-    return {k: opaque_istio_types(v) for k, v in node.items()}
+# ---- loading: istio-proxy-only types have no proto here; xds/resources.py carries them as TypedStruct ------
 
 
 def load_corpus(corpus: Path = CORPUS) -> list[tuple[Row, any_pb2.Any]]:
     out = []
     for fname, type_url in FILES:
         for i, raw in enumerate(json.loads((corpus / fname).read_text())):
-            packed = res.parse_resource_dict(opaque_istio_types(raw), f"{fname}[{i}]")
+            packed = res.parse_resource_dict(raw, f"{fname}[{i}]")
             msg = res.unpack(packed, type_url)
             out.append((Row(KIND[type_url], res.resource_name(msg), raw), msg))
     return out

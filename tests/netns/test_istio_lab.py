@@ -21,7 +21,7 @@ from planemesh.agent.static_config import default_config_text
 from planemesh.labs import load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import http_requests
-from planemesh.xds.conformance import CORPUS, opaque_istio_types
+from planemesh.xds.conformance import CORPUS
 from tests.netns.agent_lab import eventually, running_agent
 from tests.netns.test_traffic_xds import XdsPusher
 from tests.xds.xds_harness import LoopThread
@@ -81,7 +81,7 @@ def istiod_push(host: str) -> list[dict]:
         cla["endpoints"][0]["lb_endpoints"] = [lbe]
         cla["endpoints"][0]["load_balancing_weight"] = 1
         docs += [cluster, cla]
-    return opaque_istio_types(docs)
+    return docs
 
 
 @pytest.fixture(scope="module")

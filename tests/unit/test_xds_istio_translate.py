@@ -9,7 +9,6 @@ import pytest
 from netaddr import IPNetwork
 
 from planemesh.agent.config import ConfigError, ListenerProtocol
-from planemesh.xds.conformance import opaque_istio_types
 from planemesh.xds.translate import translate
 from planemesh.xds.translate_common import collect_ignored, stop_collecting
 from tests.unit.test_xds_translate import HCM, PASS, PLANES, ROUTER, T, to_resources
@@ -81,7 +80,7 @@ def cluster(**fields):
 def run(docs):
     notes, token = collect_ignored()
     try:
-        return translate(to_resources(opaque_istio_types([*docs, PASS])), PLANES), notes
+        return translate(to_resources([*docs, PASS]), PLANES), notes
     finally:
         stop_collecting(token)
 
