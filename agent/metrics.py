@@ -7,7 +7,7 @@ and yields Prometheus families. A provider that raises is logged and counted; th
 
 Who provides what (see docs/operations.md, "Metrics"):
 - proxy workers: `RouteStats` (per plane/listener/route/cluster), `ListenerStats`, `ClusterStats`
-- data path (ebpf): `DataPathStats` (per plane, verdict -> packets)
+- data path (ebpf): `DataPathStats` (per plane, verdict -> packets and bytes)
 - xDS client: `XdsTypeStats` (per type URL: version, ACKs, NACKs, resource count), `xds_connected`
 - proxy workers with a sniffing listener: `SniffListenerStats` (verdicts, SNI, ALPN, passthrough connections and
   bytes), `SniRouteStats` (passthrough connections per filter chain and SNI)
@@ -82,6 +82,7 @@ class RouteStats:
     request_bytes: int = 0
     response_bytes: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    response_flags: dict[str, int] = field(default_factory=dict)  # Envoy response flag (UF, UO, RL, ...) -> count
 
 
 @dataclass(slots=True)
@@ -109,6 +110,7 @@ class ClusterStats:
 class DataPathStats:
     plane: str
     packets: dict[str, int] = field(default_factory=dict)  # BPF verdict name -> packets (bypass, proxy, ...)
+    bytes: dict[str, int] = field(default_factory=dict)  # BPF verdict name -> bytes
     interfaces_attached: int = 0
 
 
@@ -395,6 +397,9 @@ def _route_families(rows: Sequence[RouteStats]) -> Iterator[Metric]:
     latency = HistogramMetricFamily(
         "planemesh_http_request_duration_seconds", "Request latency through the proxy", labels=labels
     )
+    flags = CounterMetricFamily(
+        "planemesh_http_response_flags", "Responses by Envoy response flag (UF, UO, RL, ...)", labels=[*labels, "flag"]
+    )
     for r in rows:
         values = [r.plane, r.listener, r.route, r.cluster]
         requests.add_metric(values, r.requests)
@@ -403,7 +408,9 @@ def _route_families(rows: Sequence[RouteStats]) -> Iterator[Metric]:
         req_bytes.add_metric(values, r.request_bytes)
         resp_bytes.add_metric(values, r.response_bytes)
         latency.add_metric(values, buckets=_cumulative(r.latency), sum_value=r.latency.sum_s)
-    yield from (requests, responses, req_bytes, resp_bytes, latency)
+        for flag, n in sorted(r.response_flags.items()):
+            flags.add_metric([*values, flag], n)
+    yield from (requests, responses, req_bytes, resp_bytes, latency, flags)
 
 
 def _listener_families(rows: Sequence[ListenerStats]) -> Iterator[Metric]:
@@ -447,14 +454,19 @@ def _datapath_families(rows: Sequence[DataPathStats]) -> Iterator[Metric]:
     packets = CounterMetricFamily(
         "planemesh_bpf_packets", "Packets by TC verdict (bypass stays in the kernel)", labels=["plane", "verdict"]
     )
+    nbytes = CounterMetricFamily(
+        "planemesh_bpf_bytes", "Bytes by TC verdict (bypass stays in the kernel)", labels=["plane", "verdict"]
+    )
     attached = GaugeMetricFamily(
         "planemesh_bpf_interfaces_attached", "Plane interfaces with the TC program attached", labels=["plane"]
     )
     for r in rows:
         for verdict, n in sorted(r.packets.items()):
             packets.add_metric([r.plane, verdict], n)
+        for verdict, n in sorted(r.bytes.items()):
+            nbytes.add_metric([r.plane, verdict], n)
         attached.add_metric([r.plane], r.interfaces_attached)
-    yield from (packets, attached)
+    yield from (packets, nbytes, attached)
 
 
 def _plane_group_families(rows: Sequence[PlaneGroupStats]) -> Iterator[Metric]:
