@@ -169,7 +169,7 @@ class OverloadStats:
     plane: str
     workers_soft: int = 0  # workers above their memory soft threshold (shedding, no keep-alive)
     workers_hard: int = 0  # of those, workers above the hard threshold (resetting the biggest buffers)
-    memory_bytes: int = 0  # RSS of the plane's workers at their last sample
+    memory_bytes: int = 0  # RSS growth of the plane's workers since they started (agent/proxy/overload.py RssGrowth)
     shed_requests: int = 0  # requests answered 503 (x-planemesh-overloaded: memory)
     shed_connections: int = 0  # new connections answered 503 (memory)
     resets: int = 0  # connections reset at the hard threshold
@@ -560,7 +560,11 @@ def _overload_families(rows: Sequence[OverloadStats]) -> Iterator[Metric]:
     workers = GaugeMetricFamily(
         "planemesh_overload_workers", "Proxy workers at or above an overload level", labels=["plane", "level"]
     )
-    memory = GaugeMetricFamily("planemesh_worker_memory_bytes", "RSS of the plane's proxy workers", labels=labels)
+    memory = GaugeMetricFamily(
+        "planemesh_worker_memory_bytes",
+        "RSS growth of the plane's proxy workers since they started (what the overload manager compares)",
+        labels=labels,
+    )
     shed = CounterMetricFamily(
         "planemesh_overload_shed", "Requests and connections shed (503) by memory pressure", labels=["plane", "what"]
     )

@@ -98,8 +98,8 @@ ROWS: list[tuple[str, list[tuple[str, str, list[Target]]]]] = [
         ("Workers in overload", "short", [
             (gauge("planemesh_overload_workers", "plane, level"), "{{plane}} {{level}}"),
         ]),
-        ("Worker memory vs limit", "bytes", [
-            (gauge("planemesh_worker_memory_bytes"), "{{plane}} RSS"),
+        ("Worker memory growth vs limit", "bytes", [
+            (gauge("planemesh_worker_memory_bytes"), "{{plane}} RSS growth since start"),
             (gauge("planemesh_plane_memory_max_bytes", agg="max"), "{{plane}} memory.max"),
         ]),
         ("Plane limits not applied", "short", [
