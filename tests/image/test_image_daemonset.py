@@ -166,6 +166,8 @@ def test_image_runs_as_the_daemonset_says(run_prefix: str) -> None:
             pid = agent_pid(name)
             wanted = ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
             assert cap_eff(pid) == sum(1 << CAP_BITS[c] for c in wanted)
+            rss = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmRSS"))
+            print(f"agent in the image, pid {pid}: {rss}")
             maps = Path(f"/proc/{pid}/maps").read_text()
             assert "libLLVM" not in maps and "libbcc" not in maps
             stats = json.loads(admin.get("/stats?format=json").body)
