@@ -515,6 +515,6 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         duration = (_perf() - self.t0) * 1000
         self.duration_ms = int(duration)
         latency = duration if self.t_tunnel < 0 else self.t_tunnel  # a tunnel's latency: until it was open
-        proxy.stats.record_response(self.status, latency, self.bytes_rx, self.bytes_tx)
+        proxy.stats.record_response(self.status, latency, self.bytes_rx, self.bytes_tx, self.flags)
         proxy.log.append(self)
         self.ds.exchange_done(self, abort)

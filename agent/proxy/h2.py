@@ -608,7 +608,7 @@ class Bridge:
         stats.requests_active -= 1
         duration_ms = (time.perf_counter() - self.t0) * 1000
         self.duration_ms = int(duration_ms)
-        stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx)
+        stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx, self.flags)
         proxy.log.append(self)  # type: ignore[arg-type]
 
 
