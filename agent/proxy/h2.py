@@ -23,6 +23,7 @@ import h2.settings
 from planemesh.agent.proxy import accesslog
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
+from planemesh.agent.proxy.limits import MEMORY_SHED_HEADERS
 from planemesh.agent.proxy.request_head import header_map, new_request_id
 
 if TYPE_CHECKING:
@@ -415,6 +416,12 @@ class Bridge:
         stats = proxy.stats
         stats.requests_total += 1
         stats.requests_active += 1
+        overload = proxy.overload
+        if not overload.keep_alive:  # memory or connection pressure: as PlaneProxy.overload_gate for HTTP/1.1
+            ds.stop_keep_alive()
+            if overload.shedding:
+                stats.shed_requests += 1
+                return self.local_error(503, "overloaded", accesslog.OM, headers=MEMORY_SHED_HEADERS)
         if stats.requests_active > proxy.sla.max_requests:
             stats.overloaded += 1
             return self.local_error(503, "overloaded", accesslog.UO)
@@ -449,6 +456,11 @@ class Bridge:
             self.deadline = self.try_deadline = proxy.loop.time() + result.timeout_s
             proxy.watch_deadline(self)  # type: ignore[arg-type]
         h2_upstream.open_stream(self, addr, ended, cluster is not None and cluster.http2, result.connect_timeout_s)
+
+    def upstream_buffered(self) -> int:
+        """What the stream's upstream holds for it (H2Downstream.buffered_bytes)."""
+        up = self.up
+        return up.buffered_for(self) if up is not None else 0
 
     def _header_map(self) -> dict[str, str]:
         return header_map(self.fields)
@@ -561,18 +573,19 @@ class Bridge:
                 self.up.cancel(self)
             self.up_failed(504, "upstream request timeout", accesslog.UT)
 
-    def local_error(self, status: int, message: str, flag: str, body: bytes | None = None) -> None:
+    def local_error(self, status: int, message: str, flag: str, body: bytes | None = None, headers: tuple = ()) -> None:
         """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests. `body`: a
-        direct response's own body (else the message and a newline)."""
+        direct response's own body (else the message and a newline); `headers`: more response fields."""
         self.status = status
         if self.grpc:
-            headers = [
+            fields = [
                 (b":status", b"200"),
                 (b"content-type", b"application/grpc"),
                 (b"grpc-status", str(GRPC_STATUS.get(status, 2)).encode()),
                 (b"grpc-message", message.encode("latin-1", "replace")),
+                *headers,
             ]
-            self.ds.respond(self.sid, headers, True)
+            self.ds.respond(self.sid, fields, True)
         else:
             if body is None:
                 body = (message + "\n").encode("latin-1", "replace")
@@ -582,6 +595,7 @@ class Bridge:
                     (b":status", str(status).encode()),
                     (b"content-type", b"text/plain"),
                     (b"content-length", str(len(body)).encode()),
+                    *headers,
                 ],
                 False,
             )

@@ -185,6 +185,11 @@ class H2Upstream(H2Side):
     def cancel(self, bridge: Bridge) -> None:
         self.reset(bridge.up_sid)
 
+    def buffered_for(self, bridge: Bridge) -> int:
+        """Request bytes of the stream waiting for this connection's window (the overload manager's measure)."""
+        queue = self.queues.get(bridge.up_sid)
+        return sum(len(item[0]) for item in queue if type(item[0]) is not list) if queue else 0
+
     def release(self, bridge: Bridge) -> None:
         self.bridges.pop(bridge.up_sid, None)
         if self.goaway and not self.bridges:
@@ -316,6 +321,17 @@ class H1Stream:
         self.req_done = True
         if self.chunked:  # a content-length body has nowhere to carry trailers: dropped
             self._write(last_chunk(trailers))
+
+    def buffered_for(self, bridge: Bridge) -> int:
+        """Bytes held for the stream (the overload manager's measure): the request before the connection is open,
+        its replay copy, the response read but not handed on, and the connection's write buffer."""
+        n = sum(map(len, self.out)) + sum(map(len, self.body))
+        if self.replay is not None:
+            n += self.replay_len
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            n += conn.transport.get_write_buffer_size()
+        return n
 
     def cancel(self, bridge: Bridge) -> None:
         """The client reset the stream, or its timeout fired: the connection is dropped, never reused, and a
