@@ -291,6 +291,7 @@ class H2Downstream(H2Side):
             return
         self.write_now()
         self.closed = True
+        self.proxy.release(self)  # lingering, it blocks no one: out of the plane's budget and its source's share
         for bridge in list(self.bridges.values()):
             bridge.on_reset(self, h2.errors.ErrorCodes.CANCEL)
         self.bridges.clear()
