@@ -234,6 +234,11 @@ class H2Downstream(H2Side):
             guard.empty_run = 0
         elif kind is h2.events.UnknownFrameReceived:
             reason = guard.control_frame(False)
+        elif kind is h2.events.StreamReset and not event.remote_reset:
+            # MadeYouReset (CVE-2025-8671): h2 reset the stream for the client's protocol error (DATA after
+            # END_STREAM, a stream WINDOW_UPDATE overflowing). Handled as the client's own reset, as Envoy does:
+            # the Bridge cancels its upstream and the guard counts it as premature (stream_done).
+            self.proxy.stats.h2_provoked_resets += 1
         if reason is not None:
             return self.abuse(reason)
         if kind is not h2.events.RequestReceived:
