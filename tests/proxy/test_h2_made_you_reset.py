@@ -69,5 +69,6 @@ def test_provoked_reset_flood_is_closed(kind: str) -> None:
         assert (code, debug) == (hf.ENHANCE_YOUR_CALM, b"premature_resets")
         # Envoy's rule: closed once premature resets reach half of the total-count limit (500)
         assert 250 <= px.proxy.stats.h2_premature_resets < 2000
-        assert px.proxy.stats.h2_provoked_resets >= 250
+        # every one provoked, but those of the last batch, whose reading the close stopped
+        assert px.proxy.stats.h2_provoked_resets >= 250 - 20
         client.close()
