@@ -23,6 +23,7 @@ import h2.settings
 from planemesh.agent.proxy import accesslog
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
+from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2, TRAILER_DROP
 from planemesh.agent.proxy.limits import MEMORY_SHED_HEADERS
 from planemesh.agent.proxy.request_head import header_map, new_request_id
 
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 
 # HTTP status -> gRPC status for proxy-generated errors (as Envoy's grpc_http1_bridge / router do).
 GRPC_STATUS = {400: 13, 404: 12, 429: 14, 502: 14, 503: 14, 504: 4}
-HOP_BY_HOP_H2 = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+# Response fields from an h2 upstream that never reach the client: the connection-specific ones, and te.
+_RESPONSE_DROP = HOP_BY_HOP_H2 | {b"te"}
 WINDOW = 1 << 20
 MAX_STREAMS = 1000  # advertised to upstream servers (they open no streams to us)
 
@@ -498,7 +500,8 @@ class Bridge:
 
     def on_trailers(self, side: H2Side, trailers: list[tuple[bytes, bytes]]) -> None:
         trailers = [(n.lower(), v) for n, v in trailers]
-        trailers = [(n, v) for n, v in trailers if n not in HOP_BY_HOP_H2 and n[:1] != b":"]
+        # as on the HTTP/1 path: hop-by-hop and framing fields, and Host (trailers must not route) are dropped
+        trailers = [(n, v) for n, v in trailers if n not in TRAILER_DROP and n[:1] != b":"]
         if side is self.ds:
             self.req_ended = True
             if self.up is not None:
@@ -545,7 +548,7 @@ class Bridge:
             n = n.lower()
             if n == b":status":
                 self.status = int(v)
-            if n not in HOP_BY_HOP_H2 and n != b"te":
+            if n not in _RESPONSE_DROP:
                 out.append((n, v))
         self.respond(out, end)
 

@@ -16,7 +16,14 @@ from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.exchange import MAX_REPLAY_BODY
 from planemesh.agent.proxy.h2 import H2Side
 from planemesh.agent.proxy.h2_goaway import GoawaySplitter
-from planemesh.agent.proxy.http1 import HOP_BY_HOP, LAST_CHUNK, TRAILER_DROP, dropped_names, last_chunk
+from planemesh.agent.proxy.http1 import (
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    NEVER_HOP_BY_HOP,
+    TRAILER_DROP,
+    dropped_names,
+    last_chunk,
+)
 from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
@@ -30,19 +37,9 @@ MAX_STREAMS_PER_CONN = 1000
 # above the server's real limit, the surplus would be refused.
 STREAMS_BEFORE_SETTINGS = 100
 MAX_REOPEN = 5  # times a refused body-less stream is opened again (a server past its streams per connection)
-_H1_DROP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"te",
-        b"trailer",
-        b"host",
-    }
-)
+# What of an h2 request's fields is not copied into the HTTP/1.1 head: hop-by-hop and framing fields (re-emitted
+# by the proxy) and Host (written from :authority, or the first Host when there is none).
+_H1_DROP = HOP_BY_HOP | NEVER_HOP_BY_HOP
 _H1_RESPONSE_DROP = _H1_DROP - {b"content-length"}
 _pools: weakref.WeakKeyDictionary[PlaneProxy, dict[tuple, list[H2Upstream]]] = weakref.WeakKeyDictionary()
 
