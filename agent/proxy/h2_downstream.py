@@ -116,8 +116,11 @@ class H2Downstream(H2Side):
         return False  # never in_headers
 
     def close(self) -> None:
-        """Idle timeout, drain: GOAWAY(NO_ERROR), then the delayed close (Envoy does the same on idle_timeout)."""
+        """Idle timeout, drain: GOAWAY(NO_ERROR), then the delayed close (Envoy does the same on idle_timeout).
+        Called again while that delay runs (drain's end), the connection is closed at once."""
         if self.closed:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
             return
         try:
             self.conn.close_connection(NO_ERROR)
