@@ -139,9 +139,9 @@ class H2Downstream(H2Side):
 
     def buffered_bytes(self) -> int:
         """Bytes this connection holds (overload.BufferHolder): response bytes queued per stream for the client's
-        window, what h2 and the transport have not sent yet, and the request bytes of its streams waiting in
-        their upstreams (h2 upstreams' stream queues; HTTP/1.1 upstreams' write buffers)."""
-        n = len(self.conn._data_to_send)  # h2's pending output (flushed every pass: small)
+        window, what the transport has not sent yet, and what the upstreams of its streams hold for them (h2's
+        own output is written every event-loop pass: not counted)."""
+        n = 0
         for queue in self.queues.values():
             n += sum(len(item[0]) for item in queue if type(item[0]) is not list)
         if self.transport is not None and not self.closed:
