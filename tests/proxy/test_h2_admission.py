@@ -190,22 +190,28 @@ def test_h2_connections_take_their_source_share(backend: Backend, listener: str)
 def test_never_used_and_ping_only_h2_connections_are_closed_with_goaway(backend: Backend) -> None:
     """Before: an h2 connection that never opened a stream stayed forever (no idle sweep for h2). PINGs, which
     the proxy answers, do not count as use (Envoy's idle timeout runs while no stream is active)."""
-    sla = SLA(max_connections=40, max_connections_per_source=10, idle_connection_timeout_s=1.0)
+    timeout_s = 2.0
+    sla = SLA(max_connections=40, max_connections_per_source=10, idle_connection_timeout_s=timeout_s)
     with ProxyThread([("127.0.0.1", backend.port)], sla=sla) as px:
+        created = time.monotonic()  # the proxy accepted them after this: it may close them no sooner than + 2 s
         quiet = H2Probe(px.port, ATTACKER)
         pinger = H2Probe(px.port, ATTACKER)
         used = H2Probe(px.port)
         used.send(hf.headers(1, get_block("/used")))
         try:
-            started = time.monotonic()
-            while time.monotonic() - started < 0.5:
-                pinger.send(hf.ping())
-                pinger.poll(0.1)
-            assert not quiet.closed and not pinger.closed
+            closed_at = {}
+            while len(closed_at) < 2 and time.monotonic() - created < 8:
+                if not pinger.closed:
+                    pinger.send(hf.ping())
+                for name, probe in (("quiet", quiet), ("pinger", pinger)):
+                    probe.poll(0.05)
+                    if probe.closed and name not in closed_at:
+                        closed_at[name] = time.monotonic() - created
+            assert set(closed_at) == {"quiet", "pinger"}, closed_at
+            assert all(timeout_s <= t < timeout_s + 4 for t in closed_at.values()), closed_at
+            assert any(f.kind == hf.PING and f.flags & hf.ACK for f in pinger.frames)  # its PINGs were answered
             for probe in (quiet, pinger):
-                assert probe.wait(lambda p=probe: p.closed, 5)
                 assert probe.goaway is not None and probe.goaway_fields()[1] == hf.NO_ERROR
-            assert time.monotonic() - started < 4
             # A connection that was used waits for the plane's keep-alive idle timeout (300 s), not this one.
             used.poll(0.2)
             assert not used.closed and any(f.kind == hf.HEADERS and f.stream_id == 1 for f in used.frames)
@@ -280,7 +286,7 @@ def hf_decode(block: bytes) -> list[tuple[bytes, bytes]]:
 
 def test_hard_level_resets_the_h2_connection_buffering_most(backend: Backend) -> None:
     """An h2 client with a zero stream window holding large responses is the biggest buffer: reset at the hard
-    level; a quiet HTTP/2 client on the same worker is not. Before: h2 connections were never candidates."""
+    level; a quiet h2 client on the same worker is not. Before: h2 connections were never candidates."""
     memory = {"rss": 10 * MIB}
     with ProxyThread(
         [("127.0.0.1", backend.port)],
@@ -305,10 +311,13 @@ def test_hard_level_resets_the_h2_connection_buffering_most(backend: Backend) ->
         assert wait_until(lambda: px.proxy.stats.overload_resets >= 1, 3)
         memory["rss"] = 10 * MIB
         assert hog.wait(lambda: hog.closed, 5) and hog.reset
-        quiet.frames.clear()
-        quiet.send(hf.headers(3, get_block("/q2")))  # the quiet client's connection survived
-        assert quiet.wait(lambda: any(f.kind == hf.DATA and f.stream_id == 3 for f in quiet.frames), 5)
-        assert not quiet.closed
+        assert wait_until(lambda: px.proxy.stats.overload_level == 0, 3)
+        # The quiet client was no victim: never reset (while the worker was over its soft level its idle
+        # connection may have been closed gracefully, GOAWAY then FIN, as every idle one under pressure).
+        quiet.poll(0.1)
+        assert not quiet.reset
+        assert not quiet.closed or quiet.goaway_fields()[1] == hf.NO_ERROR
+        assert h2_get(px.port, "/after")[0] == 200
         hog.close()
         quiet.close()
         assert px.proxy.stats.overload_resets == 1
