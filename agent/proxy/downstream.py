@@ -349,6 +349,10 @@ class Downstream(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
+    def stop_keep_alive(self) -> None:
+        """limits.ClientConnection: exchange_done already closes after the response while the proxy drains, and
+        each request is told `connection: close` while the worker sheds (PlaneProxy.overload_gate)."""
+
     def buffered_bytes(self) -> int:
         """Bytes this connection holds (agent/proxy/overload.py BufferHolder): output not yet written, the
         transport's write buffer, tunnel bytes held, request bytes waiting for the upstream."""

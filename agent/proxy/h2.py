@@ -419,7 +419,7 @@ class Bridge:
         stats.requests_total += 1
         stats.requests_active += 1
         overload = proxy.overload
-        if not overload.keep_alive:  # memory or connection pressure: as PlaneProxy.overload_gate for HTTP/1.1
+        if not overload.keep_alive or proxy.draining:  # memory or connection pressure: as overload_gate for h1
             ds.stop_keep_alive()
             if overload.shedding:
                 stats.shed_requests += 1

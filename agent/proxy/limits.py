@@ -112,6 +112,9 @@ class ClientConnection(Protocol):
     def close(self) -> None:
         """Close gracefully (what is queued goes out first; h2: GOAWAY(NO_ERROR))."""
 
+    def stop_keep_alive(self) -> None:
+        """Drain or shed: no request after those in progress (h2: a graceful GOAWAY), then close once idle."""
+
     def buffered_bytes(self) -> int: ...
 
     def abort(self) -> None: ...

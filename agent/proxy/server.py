@@ -211,9 +211,13 @@ class PlaneProxy:
         for sniffer, task in self._sniffers:
             sniffer.close()
             task.cancel()
-        # Busy connections close after their current response (it says `Connection: close`). An idle
-        # keep-alive connection is closed only once it stayed idle a while: closing it at once races with
-        # a request the client may already have sent (Envoy's drain does the same).
+        # Busy connections close after their current response (it says `Connection: close`; h2: a graceful
+        # GOAWAY now, the streams in progress complete). An idle keep-alive connection is closed only once it
+        # stayed idle a while: closing it at once races with a request the client may already have sent (Envoy's
+        # drain does the same).
+        for conn in list(self.connections):
+            if conn.active is not None:
+                conn.stop_keep_alive()
         deadline = self.loop.time() + timeout
         while self.connections and self.loop.time() < deadline:
             quiet_since = self.loop.time() - DRAIN_IDLE_CLOSE_S

@@ -7,6 +7,7 @@ the h2 connection holding the biggest buffers is reset. Real sockets on loopback
 
 from __future__ import annotations
 
+import asyncio
 import select
 import socket
 import struct
@@ -26,6 +27,7 @@ from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.labs import h2_frames as hf
 from planemesh.netplanes.model import SLA
 from tests.proxy.proxy_harness import PLANE, Backend, ProxyThread, ServingProxy, make_snapshot
+from tests.proxy.test_h2_abuse import SlowBackend
 
 pytestmark = pytest.mark.unit
 
@@ -321,3 +323,33 @@ def test_hard_level_resets_the_h2_connection_buffering_most(backend: Backend) ->
         hog.close()
         quiet.close()
         assert px.proxy.stats.overload_resets == 1
+
+
+def test_drain_tells_busy_h2_connections_to_go_away_and_completes_their_streams() -> None:
+    """Before: drain did not see h2 connections (they were not in the proxy's connections): no GOAWAY, new streams
+    accepted during the drain, and whatever was in flight at its end cut off."""
+    with SlowBackend() as backend:
+        px = ProxyThread([("127.0.0.1", backend.port)]).__enter__()
+        drained = None
+        try:
+            client = H2Probe(px.port)
+            client.send(hf.headers(1, get_block("/hold/1.5")))
+            assert wait_until(lambda: px.proxy.stats.requests_active == 1, 5)
+            drained = asyncio.run_coroutine_threadsafe(px.proxy.drain(10), px.loop)  # what __exit__ would do
+            assert client.wait(lambda: client.goaway is not None, 2)
+            assert client.goaway_fields()[:2] == (1, hf.NO_ERROR)  # stream 1 will be answered, nothing after it
+            client.send(hf.headers(3, get_block("/late")))
+            assert client.wait(lambda: client.closed, 8)
+            refused = [f for f in client.frames if f.kind == hf.RST_STREAM and f.stream_id == 3]
+            assert refused and int.from_bytes(refused[0].payload, "big") == hf.REFUSED_STREAM
+            heads = [f for f in client.frames if f.kind == hf.HEADERS and f.stream_id == 1]
+            assert heads and dict(hf_decode(heads[0].payload))[b":status"] == b"200"
+            assert any(f.kind == hf.DATA and f.stream_id == 1 and f.flags & hf.END_STREAM for f in client.frames)
+            drained.result(timeout=10)
+            client.close()
+        finally:
+            if drained is None:
+                px.__exit__(None, None, None)
+            else:
+                px.thread.join(timeout=10)
+                px.sock.close()
