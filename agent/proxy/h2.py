@@ -23,6 +23,8 @@ import h2.settings
 from planemesh.agent.proxy import accesslog
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
+from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2, TRAILER_DROP
+from planemesh.agent.proxy.limits import MEMORY_SHED_HEADERS
 from planemesh.agent.proxy.request_head import header_map, new_request_id
 
 if TYPE_CHECKING:
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
 
 # HTTP status -> gRPC status for proxy-generated errors (as Envoy's grpc_http1_bridge / router do).
 GRPC_STATUS = {400: 13, 404: 12, 429: 14, 502: 14, 503: 14, 504: 4}
-HOP_BY_HOP_H2 = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+# Response fields from an h2 upstream that never reach the client: the connection-specific ones, and te.
+_RESPONSE_DROP = HOP_BY_HOP_H2 | {b"te"}
 WINDOW = 1 << 20
 MAX_STREAMS = 1000  # advertised to upstream servers (they open no streams to us)
 
@@ -415,6 +418,12 @@ class Bridge:
         stats = proxy.stats
         stats.requests_total += 1
         stats.requests_active += 1
+        overload = proxy.overload
+        if not overload.keep_alive or proxy.draining:  # memory or connection pressure: as overload_gate for h1
+            ds.stop_keep_alive()
+            if overload.shedding:
+                stats.shed_requests += 1
+                return self.local_error(503, "overloaded", accesslog.OM, headers=MEMORY_SHED_HEADERS)
         if stats.requests_active > proxy.sla.max_requests:
             stats.overloaded += 1
             return self.local_error(503, "overloaded", accesslog.UO)
@@ -453,6 +462,11 @@ class Bridge:
         h2 = cluster is not None and (cluster.http2 or cluster.downstream_protocol)  # this client speaks h2
         h2_upstream.open_stream(self, addr, ended, h2, result.connect_timeout_s)
 
+    def upstream_buffered(self) -> int:
+        """What the stream's upstream holds for it (H2Downstream.buffered_bytes)."""
+        up = self.up
+        return up.buffered_for(self) if up is not None else 0
+
     def _header_map(self) -> dict[str, str]:
         return header_map(self.fields)
 
@@ -489,7 +503,8 @@ class Bridge:
 
     def on_trailers(self, side: H2Side, trailers: list[tuple[bytes, bytes]]) -> None:
         trailers = [(n.lower(), v) for n, v in trailers]
-        trailers = [(n, v) for n, v in trailers if n not in HOP_BY_HOP_H2 and n[:1] != b":"]
+        # as on the HTTP/1 path: hop-by-hop and framing fields, and Host (trailers must not route) are dropped
+        trailers = [(n, v) for n, v in trailers if n not in TRAILER_DROP and n[:1] != b":"]
         if side is self.ds:
             self.req_ended = True
             if self.up is not None:
@@ -536,7 +551,7 @@ class Bridge:
             n = n.lower()
             if n == b":status":
                 self.status = int(v)
-            if n not in HOP_BY_HOP_H2 and n != b"te":
+            if n not in _RESPONSE_DROP:
                 out.append((n, v))
         self.respond(out, end)
 
@@ -564,18 +579,19 @@ class Bridge:
                 self.up.cancel(self)
             self.up_failed(504, "upstream request timeout", accesslog.UT)
 
-    def local_error(self, status: int, message: str, flag: str, body: bytes | None = None) -> None:
+    def local_error(self, status: int, message: str, flag: str, body: bytes | None = None, headers: tuple = ()) -> None:
         """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests. `body`: a
-        direct response's own body (else the message and a newline)."""
+        direct response's own body (else the message and a newline); `headers`: more response fields."""
         self.status = status
         if self.grpc:
-            headers = [
+            fields = [
                 (b":status", b"200"),
                 (b"content-type", b"application/grpc"),
                 (b"grpc-status", str(GRPC_STATUS.get(status, 2)).encode()),
                 (b"grpc-message", message.encode("latin-1", "replace")),
+                *headers,
             ]
-            self.ds.respond(self.sid, headers, True)
+            self.ds.respond(self.sid, fields, True)
         else:
             if body is None:
                 body = (message + "\n").encode("latin-1", "replace")
@@ -585,6 +601,7 @@ class Bridge:
                     (b":status", str(status).encode()),
                     (b"content-type", b"text/plain"),
                     (b"content-length", str(len(body)).encode()),
+                    *headers,
                 ],
                 False,
             )

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-# The one list of hop-by-hop fields for the HTTP/1 path and its bridges (h2.py and h2_upstream.py keep their own):
-# never forwarded. RFC 9110 7.6.1's connection options, plus the framing headers, which the proxy re-emits itself
-# because it may re-frame a body (e.g. close-delimited upstream -> chunked downstream).
+# The one list of hop-by-hop fields, for the HTTP/1 path and every bridge (h2.py, h2_upstream.py, h1_over_h2.py
+# derive theirs from it): never forwarded. RFC 9110 7.6.1's connection options, plus the framing headers, which the
+# proxy re-emits itself because it may re-frame a body (e.g. close-delimited upstream -> chunked downstream).
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -25,6 +25,11 @@ HOP_BY_HOP = frozenset(
 # Fields a client's (or upstream's) Connection header cannot make hop-by-hop: Host routes the request
 # (RFC 9112 3.2 requires it on every HTTP/1.1 request).
 NEVER_HOP_BY_HOP = frozenset({b"host"})
+# HTTP/2 frames bodies itself: content-length and trailer are end to end there, and te is allowed as
+# "te: trailers" only (checked where h2 fields are built). What remains of HOP_BY_HOP is RFC 9113 8.2.2's
+# connection-specific fields, which an h2 message must not carry (a peer would reject the stream).
+H2_END_TO_END = frozenset({b"content-length", b"te", b"trailer"})
+HOP_BY_HOP_H2 = HOP_BY_HOP - H2_END_TO_END
 
 MAX_HEADER_BYTES = 64 * 1024  # larger header sections get 431
 # Header fields per request or response head (and per trailer section): a request with more gets 431, a

@@ -16,6 +16,7 @@ class PlaneStats:
         "downstream_total",
         "h2_abuse_closed",
         "h2_premature_resets",
+        "h2_provoked_resets",
         "h2_refused_streams",
         "idle_closed",
         "latency_buckets",
@@ -70,6 +71,7 @@ class PlaneStats:
         self.overload_level = 0  # overload.Level of the worker: 0 normal, 1 soft, 2 hard
         self.memory_bytes = 0  # the worker's RSS at the last sample
         self.h2_premature_resets = 0  # streams a client reset before their response began (h2_guard.py)
+        self.h2_provoked_resets = 0  # streams h2 reset for the client's protocol errors (MadeYouReset), premature too
         self.h2_refused_streams = 0  # beyond the connection's max concurrent streams
         self.h2_abuse_closed = 0  # connections closed with GOAWAY(ENHANCE_YOUR_CALM)
 
