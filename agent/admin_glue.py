@@ -21,15 +21,16 @@ def datapath_report(agent: Agent) -> dict[str, Any]:
         return {}
     names = {p.plane_id: p.name for p in snap.planes}
     rows: dict[str, dict[str, Any]] = {}
-    for (plane_id, slot), (packets, _bytes) in agent.kernel.counters().items():
+    for (plane_id, slot), (packets, nbytes) in agent.kernel.counters().items():
         name = names.get(plane_id)
         if name is None:
             continue
-        row = rows.setdefault(name, {"plane": name, "packets": {}, "interfaces_attached": 0})
+        row = rows.setdefault(name, {"plane": name, "packets": {}, "bytes": {}, "interfaces_attached": 0})
         row["packets"][abi.slot_name(slot)] = packets
+        row["bytes"][abi.slot_name(slot)] = nbytes
     for iface in agent.interfaces.values():
         if iface.plane in names.values():
-            rows.setdefault(iface.plane, {"plane": iface.plane, "packets": {}, "interfaces_attached": 0})
+            rows.setdefault(iface.plane, {"plane": iface.plane, "packets": {}, "bytes": {}, "interfaces_attached": 0})
             rows[iface.plane]["interfaces_attached"] += 1
     return {"datapath": list(rows.values())}
 

@@ -46,27 +46,51 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_lab)
 
 
-def build_parser(extra: Sequence[Callable[[argparse._SubParsersAction], None]] = ()) -> argparse.ArgumentParser:
+def build_parser(
+    extra: Sequence[Callable[[argparse._SubParsersAction], None]] = (), argv: Sequence[str] | None = None
+) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the module of the command asked for is imported (see COMMANDS)."""
     parser = argparse.ArgumentParser(prog="planemesh", description="multi-plane service-mesh node agent")
     parser.add_argument("--version", action="version", version=f"planemesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_lab(sub)
-    for add in _registered_commands():
+    for add in _registered_commands(_command_of(argv)):
         add(sub)
     for add in extra:
         add(sub)
     return parser
 
 
-def _registered_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Commands whose modules may be absent while the tree is being built up stay optional here."""
+# command -> (module, function that registers it). Only the asked-for command's module is imported: the
+# long-lived agent must not carry what other commands import (xds-server: grpc and protobuf, ~20 MB of RSS,
+# which the agent loads only when xDS is configured).
+_ADMIN = ("planemesh.agent.admin_client", "add_admin_commands")
+COMMANDS: dict[str, tuple[str, str]] = {
+    "agent": ("planemesh.agent.daemon", "add_agent_command"),
+    "demo": ("planemesh.agent.demo", "add_demo_command"),
+    "xds-server": ("planemesh.xds.cli", "add_xds_server_command"),
+    "status": _ADMIN,
+    "planes": _ADMIN,
+    "stats": _ADMIN,
+    "config-dump": _ADMIN,
+    "top": ("planemesh.agent.top", "add_top_command"),
+}
+
+
+def _command_of(argv: Sequence[str] | None) -> str | None:
+    """The subcommand named in argv (its first non-option word) if it is one of COMMANDS, else None (all)."""
+    if argv is None:
+        return None
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
+def _registered_commands(command: str | None = None) -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Every command's registration function, or only `command`'s. Commands whose modules may be absent while
+    the tree is being built up stay optional here."""
+    wanted = [COMMANDS[command]] if command is not None else list(dict.fromkeys(COMMANDS.values()))
     adders = []
-    for module, attr in (
-        ("planemesh.agent.daemon", "add_agent_command"),
-        ("planemesh.agent.demo", "add_demo_command"),
-        ("planemesh.xds.cli", "add_xds_server_command"),
-        ("planemesh.agent.admin_client", "add_admin_commands"),
-    ):
+    for module, attr in wanted:
         try:
             mod = __import__(module, fromlist=[attr])
         except ImportError as exc:
@@ -93,7 +117,8 @@ def exit_on_sigterm() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     exit_on_sigterm()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv=argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -151,6 +151,7 @@ class Route:
     response_headers_to_add: tuple[HeaderValue, ...] = ()
     response_headers_to_remove: tuple[str, ...] = ()
     rate_limit: LocalRateLimit | None = None  # per-route local rate limit (typed_per_filter_config)
+    fault: FaultFilter | None = None  # per-route fault injection (typed_per_filter_config; Istio's VirtualService)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +227,8 @@ class Cluster:
     circuit_breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
     outlier: OutlierDetection | None = None
     http2: bool = False  # speak h2c upstream
+    # use_downstream_protocol_config: HTTP/2 clients get h2c upstream, HTTP/1 clients HTTP/1.1 (http2 wins)
+    downstream_protocol: bool = False
     plane: str | None = None  # None: the plane of each endpoint's address
     locality_weighted: bool = False  # common_lb_config.locality_weighted_lb_config: pick a locality first
 
@@ -269,6 +272,9 @@ class Listener:
     # tcp_proxy chains: the cluster(s) passthrough connections of this chain go to; empty: the original destination
     tcp_clusters: tuple[WeightedCluster, ...] = ()
     upgrades: tuple[UpgradeConfig, ...] = DEFAULT_UPGRADES  # HTTP upgrades and CONNECT allowed here
+    # HTTP listeners only: peek first (Envoy's http_inspector + a tcp_proxy fallback chain, Istio's protocol
+    # detection): HTTP is proxied with this listener's routes, anything else passes through untouched.
+    sniff: bool = False
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:

@@ -7,7 +7,7 @@ and yields Prometheus families. A provider that raises is logged and counted; th
 
 Who provides what (see docs/operations.md, "Metrics"):
 - proxy workers: `RouteStats` (per plane/listener/route/cluster), `ListenerStats`, `ClusterStats`
-- data path (ebpf): `DataPathStats` (per plane, verdict -> packets)
+- data path (ebpf): `DataPathStats` (per plane, verdict -> packets and bytes)
 - xDS client: `XdsTypeStats` (per type URL: version, ACKs, NACKs, resource count), `xds_connected`
 - proxy workers with a sniffing listener: `SniffListenerStats` (verdicts, SNI, ALPN, passthrough connections and
   bytes), `SniRouteStats` (passthrough connections per filter chain and SNI)
@@ -27,6 +27,8 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from planemesh.agent.istio_metrics import istio_families
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class RouteStats:
     request_bytes: int = 0
     response_bytes: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    response_flags: dict[str, int] = field(default_factory=dict)  # Envoy response flag (UF, UO, RL, ...) -> count
 
 
 @dataclass(slots=True)
@@ -109,6 +112,7 @@ class ClusterStats:
 class DataPathStats:
     plane: str
     packets: dict[str, int] = field(default_factory=dict)  # BPF verdict name -> packets (bypass, proxy, ...)
+    bytes: dict[str, int] = field(default_factory=dict)  # BPF verdict name -> bytes
     interfaces_attached: int = 0
 
 
@@ -167,7 +171,7 @@ class OverloadStats:
     plane: str
     workers_soft: int = 0  # workers above their memory soft threshold (shedding, no keep-alive)
     workers_hard: int = 0  # of those, workers above the hard threshold (resetting the biggest buffers)
-    memory_bytes: int = 0  # RSS of the plane's workers at their last sample
+    memory_bytes: int = 0  # RSS growth of the plane's workers since they started (agent/proxy/overload.py RssGrowth)
     shed_requests: int = 0  # requests answered 503 (x-planemesh-overloaded: memory)
     shed_connections: int = 0  # new connections answered 503 (memory)
     resets: int = 0  # connections reset at the hard threshold
@@ -364,6 +368,7 @@ class PlanemeshCollector(Collector):
         yield from _sniff_families(report)
         yield from _plane_group_families(report.plane_groups)
         yield from _overload_families(report.overload)
+        yield from istio_families(report.routes)
         yield from self._agent_families()
 
     def _agent_families(self) -> Iterator[Metric]:
@@ -395,6 +400,9 @@ def _route_families(rows: Sequence[RouteStats]) -> Iterator[Metric]:
     latency = HistogramMetricFamily(
         "planemesh_http_request_duration_seconds", "Request latency through the proxy", labels=labels
     )
+    flags = CounterMetricFamily(
+        "planemesh_http_response_flags", "Responses by Envoy response flag (UF, UO, RL, ...)", labels=[*labels, "flag"]
+    )
     for r in rows:
         values = [r.plane, r.listener, r.route, r.cluster]
         requests.add_metric(values, r.requests)
@@ -403,7 +411,9 @@ def _route_families(rows: Sequence[RouteStats]) -> Iterator[Metric]:
         req_bytes.add_metric(values, r.request_bytes)
         resp_bytes.add_metric(values, r.response_bytes)
         latency.add_metric(values, buckets=_cumulative(r.latency), sum_value=r.latency.sum_s)
-    yield from (requests, responses, req_bytes, resp_bytes, latency)
+        for flag, n in sorted(r.response_flags.items()):
+            flags.add_metric([*values, flag], n)
+    yield from (requests, responses, req_bytes, resp_bytes, latency, flags)
 
 
 def _listener_families(rows: Sequence[ListenerStats]) -> Iterator[Metric]:
@@ -447,14 +457,19 @@ def _datapath_families(rows: Sequence[DataPathStats]) -> Iterator[Metric]:
     packets = CounterMetricFamily(
         "planemesh_bpf_packets", "Packets by TC verdict (bypass stays in the kernel)", labels=["plane", "verdict"]
     )
+    nbytes = CounterMetricFamily(
+        "planemesh_bpf_bytes", "Bytes by TC verdict (bypass stays in the kernel)", labels=["plane", "verdict"]
+    )
     attached = GaugeMetricFamily(
         "planemesh_bpf_interfaces_attached", "Plane interfaces with the TC program attached", labels=["plane"]
     )
     for r in rows:
         for verdict, n in sorted(r.packets.items()):
             packets.add_metric([r.plane, verdict], n)
+        for verdict, n in sorted(r.bytes.items()):
+            nbytes.add_metric([r.plane, verdict], n)
         attached.add_metric([r.plane], r.interfaces_attached)
-    yield from (packets, attached)
+    yield from (packets, nbytes, attached)
 
 
 def _plane_group_families(rows: Sequence[PlaneGroupStats]) -> Iterator[Metric]:
@@ -548,7 +563,11 @@ def _overload_families(rows: Sequence[OverloadStats]) -> Iterator[Metric]:
     workers = GaugeMetricFamily(
         "planemesh_overload_workers", "Proxy workers at or above an overload level", labels=["plane", "level"]
     )
-    memory = GaugeMetricFamily("planemesh_worker_memory_bytes", "RSS of the plane's proxy workers", labels=labels)
+    memory = GaugeMetricFamily(
+        "planemesh_worker_memory_bytes",
+        "RSS growth of the plane's proxy workers since they started (what the overload manager compares)",
+        labels=labels,
+    )
     shed = CounterMetricFamily(
         "planemesh_overload_shed", "Requests and connections shed (503) by memory pressure", labels=["plane", "what"]
     )

@@ -66,7 +66,9 @@ def _check_interface_claims(planes: tuple[Plane, ...]) -> None:
                 )
 
 
-def validate_snapshot(snap: Snapshot) -> None:
+def validate_snapshot(snap: Snapshot, *, references: bool = True) -> None:
+    """Raise the first ConfigError. `references=False` (xDS): a route may name a cluster that does not
+    exist (answered 503 NC at request time, as Envoy does); the translator resolves listener -> route."""
     names: dict[str, int] = {}
     ids: dict[int, str] = {}
     ports: dict[int, str] = {}
@@ -153,12 +155,13 @@ def validate_snapshot(snap: Snapshot) -> None:
                     )
                 declared[key] = lsn.name
         if (
-            lsn.protocol is ListenerProtocol.HTTP
+            references
+            and lsn.protocol is ListenerProtocol.HTTP
             and lsn.route_config is not None
             and lsn.route_config not in snap.routes
         ):
             raise ConfigError(f"{where}.route_config", f"unknown route configuration {lsn.route_config!r}")
-    for rc_name, rc in snap.routes.items():
+    for rc_name, rc in snap.routes.items() if references else ():
         for vi, vh in enumerate(rc.virtual_hosts):
             for ri, route in enumerate(vh.routes):
                 act = route.action

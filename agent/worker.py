@@ -51,6 +51,7 @@ def stats_report(plane: str, stats: Any, sniff: Any = None) -> dict[str, Any]:
                 "responses": {k: v for k, v in d["responses"].items() if k != "none"},
                 "request_bytes": d["bytes_rx"],
                 "response_bytes": d["bytes_tx"],
+                "response_flags": d["response_flags"],
                 "latency": {
                     "bounds": tuple(b / 1000 for b in LATENCY_BUCKETS_MS),
                     "counts": list(d["latency_buckets"].values()),

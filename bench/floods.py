@@ -39,12 +39,15 @@ from bench.common import scratch_dir, start_nginx, wait_http
 from bench.http_proxy import envoy_in_node
 from bench.plane_isolation import HEAVY_BYTES, HEAVY_PATH, HEAVY_PORT
 from planemesh.agent.demo import start_agent
-from planemesh.agent.static_config import default_config_text
-from planemesh.labs import Lab, load_lab
+from planemesh.agent.static_config import default_config_text, read_yaml_file
+from planemesh.labs import Lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.attacks import ATTACKS
+from planemesh.labs.lab import DEFAULT_PREFIX, default_lab_path
+from planemesh.labs.model import lab_from_dict
 
 SLOW_PORT = 8090  # declared HTTP on both planes; its listener never accepts (blackhole_listener)
+BYSTANDER = "peer"  # the well-behaved clients' pod (node-side interfaces peer-oam, peer-media)
 PROBE_RATE = 25  # requests/s per probe: light on a 2-core machine, ~100 samples per attack
 PROBE_TIMEOUT_S = 2.0
 IDLE_PROBE_S = 2.0  # the probes alone, right before each attack: the "idle" p99 the other plane is compared to
@@ -278,10 +281,19 @@ def recovery_s(host: str, since: float) -> float | None:
 
 
 def probes_for(lab: Lab) -> list[Probe]:
-    """Same plane (oam, attacked) first, then the other plane (media); both to nginx on port 80."""
+    """Same plane (oam, attacked) first, then the other plane (media); both to nginx on port 80, from the
+    bystander pod: another pod than the attacker's, as a well-behaved neighbour is (the attacker's own pod may
+    be refused by its per-source share: that is the defence, not a failure)."""
     return [
-        Probe(lab.pod_ns("client"), plane, lab.pod_addr("server", plane, 4) or "", 80) for plane in ("oam", "media")
+        Probe(lab.pod_ns(BYSTANDER), plane, lab.pod_addr("server", plane, 4) or "", 80) for plane in ("oam", "media")
     ]
+
+
+def flood_lab(prefix: str | None) -> Lab:
+    """The default lab plus a bystander pod on both planes, where the probes run."""
+    raw = read_yaml_file(default_lab_path())
+    raw["pods"].append({"name": BYSTANDER, "planes": ["oam", "media"]})
+    return Lab(lab_from_dict(raw), prefix or os.environ.get("PM_LAB_PREFIX") or DEFAULT_PREFIX)
 
 
 def idle_probe(lab: Lab, seconds: float) -> dict[str, dict[str, Any]]:
@@ -293,8 +305,9 @@ def idle_probe(lab: Lab, seconds: float) -> dict[str, dict[str, Any]]:
 
 
 def wait_both_planes(lab: Lab, header: str | None) -> None:
-    for plane in ("oam", "media"):
-        wait_http(lab.pod_ns("client"), lab.pod_addr("server", plane, 4) or "", 80, response_header=header)
+    for pod in ("client", BYSTANDER):
+        for plane in ("oam", "media"):
+            wait_http(lab.pod_ns(pod), lab.pod_addr("server", plane, 4) or "", 80, response_header=header)
 
 
 @contextlib.contextmanager
@@ -456,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := [a for a in attacks if a not in PLAN] + [p for p in proxies if p not in ("planemesh", "envoy")]:
         parser.error(f"unknown: {', '.join(unknown)}; attacks: {', '.join(ATTACKS)}; proxies: planemesh, envoy")
     started = time.monotonic()
-    lab = load_lab(prefix=args.prefix)
+    lab = flood_lab(args.prefix)
     results: dict[str, dict[str, Any]] = {}
     with scratch_dir() as tmp, lab:
         work = Path(tmp)

@@ -85,7 +85,7 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
         where = f"listeners[{i}]"
         if lsn.plane not in plane_ids:
             raise ConfigError(f"{where}.plane", f"unknown plane {lsn.plane!r}")
-        action = _LISTENER_ACTION[lsn.protocol]
+        action = Action.SNIFF if lsn.sniff else _LISTENER_ACTION[lsn.protocol]
         try:
             keys = [PolicyRule(plane_ids[lsn.plane], lsn.port, str(net.cidr)) for net in lsn.prefixes] or [
                 PolicyRule(plane_ids[lsn.plane], lsn.port)
@@ -112,7 +112,8 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
 def needs_sniff_listener(snap: Snapshot, plane: Plane) -> bool:
     """The plane's sniffing listener is in use: undeclared ports are sniffed, or a TCP chain routes by SNI."""
     return plane.undeclared is UndeclaredPorts.SNIFF or any(
-        lsn.protocol is ListenerProtocol.TCP and lsn.server_names for lsn in snap.listeners_of(plane.name)
+        (lsn.protocol is ListenerProtocol.TCP and lsn.server_names) or lsn.sniff
+        for lsn in snap.listeners_of(plane.name)
     )
 
 

@@ -38,6 +38,11 @@ def _why_no_privilege() -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PM_IMAGE_TEST") != "1":  # the container image test: slow, needs the image (tests/image)
+        image = [item for item in items if item.get_closest_marker("image")]
+        if image:
+            config.hook.pytest_deselected(items=image)
+            items[:] = [item for item in items if not item.get_closest_marker("image")]
     reason = _why_no_privilege()
     for item in items:
         if not _privileged(item):

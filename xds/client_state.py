@@ -8,11 +8,17 @@ back with `apply_result`). Rules followed (xDS protocol, grpc-go and Envoy's sub
 - version and nonce differ: the last ACKed version per type survives reconnects, the nonce is per stream;
 - an ACK is sent only once the consumer applied the update; its failure becomes the NACK, which echoes the
   new nonce with the *previous* version, and every error of one response is collected into that NACK;
+- per resource (Envoy): the consumer reports which resources it rejected (`apply_result(rejected=)`); the
+  others are applied, each rejected one keeps its previously accepted version (or stays absent), and the
+  NACK of each type names only that type's rejected resources;
+- a response for a type URL not subscribed is ignored (logged in `ignored_responses`), as Envoy does;
 - LDS and CDS are wildcard; RDS and EDS follow the names the listeners and clusters reference;
 - SotW: a listener or cluster absent from a response is deleted; RDS/EDS resources leave with their parents;
 - Delta: subscribe/unsubscribe diffs, removed_resources, initial_resource_versions on reconnect;
-- warming: an update whose listeners or clusters reference routes or endpoints not received yet waits for
-  them (at most `initial_fetch_timeout_s`), so clusters and endpoints become active before their users;
+- warming: an update whose listeners or clusters reference routes or endpoints subscribed to and not
+  received yet waits for them (at most `initial_fetch_timeout_s`, once per name), so clusters and
+  endpoints become active before their users; a name the server removed, or that timed out, is the
+  consumer's business (xds/per_resource.py: the listener is warming, the cluster has no endpoints);
 - TTL: a resource with a TTL that is not refreshed (by an update or a heartbeat) in time is removed.
 """
 
@@ -37,7 +43,6 @@ from planemesh.xds.resources import (
     ENDPOINT,
     FULL_STATE_TYPES,
     LISTENER,
-    MESSAGE_OF_TYPE,
     ROUTE,
     SHORT_NAME,
     TYPE_ORDER,
@@ -84,6 +89,7 @@ class SendRequest:
 class ApplyConfig:
     token: int
     resources: XdsResources
+    accepted: XdsResources | None = None  # what was applied before: a rejected resource falls back to it
 
 
 Action = SendRequest | ApplyConfig
@@ -158,6 +164,7 @@ class TypeState:
     nonce: str = ""  # last nonce received on the current stream
     cache: dict[str, Entry] = field(default_factory=dict)
     names: set[str] = field(default_factory=set)  # subscription the server knows (named types)
+    awaiting: set[str] = field(default_factory=set)  # subscribed, no response of this type since
     pending: Staged | None = None
     acks: int = 0
     nacks: int = 0
@@ -195,7 +202,7 @@ class AdsClientState:
         self._tokens = itertools.count(1)
         self._inflight: tuple[int, dict[str, Staged]] | None = None
         self._warm_deadline: float | None = None
-        self.unknown_type_nacks = 0
+        self.ignored_responses = 0  # responses for type URLs not subscribed (ignored, as Envoy does)
         self.last_error: str | None = None
 
     # ---- readable state --------------------------------------------------------------------------
@@ -232,6 +239,7 @@ class AdsClientState:
             ts.pending = None
             if not ts.wildcard:
                 ts.names = self._desired_names(ts.type_url)
+                ts.awaiting = ts.names - set(ts.cache)
                 if not ts.names:
                     continue  # never open a named type with an empty list: that would mean wildcard
             out.append(SendRequest(self._initial_request(ts)))
@@ -250,11 +258,14 @@ class AdsClientState:
         delta = isinstance(resp, discovery_pb2.DeltaDiscoveryResponse)
         nonce = resp.nonce
         if delta != (self.mode is Mode.DELTA):
-            return [self._nack_unknown(resp, f"{'delta' if delta else 'SotW'} response on a {self.mode} stream")]
+            self.ignored_responses += 1  # cannot happen on a real stream: the gRPC method fixes the kind
+            self.last_error = f"ignored a {'delta' if delta else 'SotW'} response on a {self.mode} stream"
+            return []
         ts = self.types.get(resp.type_url)
-        if ts is None:
-            known = "known" if resp.type_url in MESSAGE_OF_TYPE else "unknown"
-            return [self._nack_unknown(resp, f"{known} type URL {resp.type_url!r} was not subscribed")]
+        if ts is None:  # Envoy: "Ignoring the message for type URL ... as it has no current subscribers"
+            self.ignored_responses += 1
+            self.last_error = f"ignored a response for type URL {resp.type_url!r}: not subscribed"
+            return []
         ts.nonce = nonce
         errors: list[str] = []
         base = ts.pending.cache if ts.pending is not None else ts.cache
@@ -268,6 +279,9 @@ class AdsClientState:
             version = resp.version_info
             received = self._decode(ts, [unwrap_sotw for _ in resp.resources], resp.resources, errors)
             cache = {} if ts.type_url in FULL_STATE_TYPES else dict(base)
+        ts.awaiting -= {item.name for item in received}
+        if delta:
+            ts.awaiting -= set(resp.removed_resources)  # the server says it does not exist
         for item in received:
             entry_version = item.version or version
             expires = now + item.ttl_s if item.ttl_s else None
@@ -282,25 +296,46 @@ class AdsClientState:
         ts.pending = Staged(nonce, version, cache, self._stream)
         return self._resubscribe() + self._maybe_apply(now)
 
-    def apply_result(self, token: int, error: Exception | None, now: float) -> list[Action]:
-        """The consumer applied (error None) or rejected the resources of ApplyConfig `token`."""
+    def apply_result(
+        self,
+        token: int,
+        error: Exception | None,
+        now: float,
+        rejected: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> list[Action]:
+        """The consumer applied the resources of ApplyConfig `token` (error None), except those in
+        `rejected` (type URL -> name -> reason), or refused the whole update (`error`)."""
         if self._inflight is None or self._inflight[0] != token:
             return []
         _, batch = self._inflight
         self._inflight = None
         answers: list[tuple[TypeState, str, str | None]] = []  # (type, nonce, NACK reason)
+        rejected = rejected or {}
         for type_url, staged in batch.items():
             ts = self.types[type_url]
             live = staged.nonce is not None and staged.stream == self._stream and self._connected
             current = live and ts.nonce == staged.nonce  # a newer response will be ACKed/NACKed itself
             if error is None:
-                ts.cache = dict(staged.cache)
+                bad = rejected.get(type_url, {})
+                cache = dict(staged.cache)
+                for name in bad:  # a rejected resource keeps its accepted version, or stays absent
+                    if name in ts.cache:
+                        cache[name] = ts.cache[name]
+                    else:
+                        cache.pop(name, None)
+                ts.cache = cache
+                reason = "; ".join(bad[n] for n in sorted(bad)) if bad else None
                 if staged.nonce is not None:
-                    ts.version = staged.version
-                    ts.acks += 1
-                    ts.last_error = None
+                    if reason is None:
+                        ts.version = staged.version
+                        ts.acks += 1
+                        ts.last_error = None
+                    else:
+                        ts.nacks += 1
+                        ts.last_error = reason
+                        self.last_error = f"{SHORT_NAME[type_url]}: {reason}"
                 if current:
-                    answers.append((ts, staged.nonce or "", None))
+                    answers.append((ts, staged.nonce or "", reason))
                 continue
             reason = str(error)
             ts.last_error = reason
@@ -399,6 +434,7 @@ class AdsClientState:
                 continue
             added, removed = desired - ts.names, ts.names - desired
             ts.names = desired
+            ts.awaiting = (ts.awaiting | added) - removed
             for name in removed:
                 ts.cache.pop(name, None)
             if not self._connected:
@@ -428,27 +464,33 @@ class AdsClientState:
         for type_url, parent in PARENT_OF.items():
             if type_url in candidate and parent in candidate:
                 wanted = references(parent, {n: e.msg for n, e in candidate[parent].items()})
-                missing += sorted(wanted - set(candidate[type_url]))
+                missing += sorted((wanted - set(candidate[type_url])) & self.types[type_url].awaiting)
         if missing and any(staged.nonce is not None for staged in batch.values()):
             if self._warm_deadline is None:
                 self._warm_deadline = now + self.initial_fetch_timeout_s
             if now < self._warm_deadline:
                 return []  # warming: wait for the routes/endpoints the update needs
+            for type_url in PARENT_OF:  # timed out: these are the consumer's to handle (not active yet)
+                if type_url in self.types:
+                    self.types[type_url].awaiting.clear()
         self._warm_deadline = None
         for ts in self.types.values():
             ts.pending = None
         token = next(self._tokens)
+        accepted = self._view({t: ts.cache for t, ts in self.types.items()}, {})
         self._inflight = (token, batch)
-        views = {t: {n: e.msg for n, e in self._pruned(t, c).items()} for t, c in candidate.items()}
+        return [ApplyConfig(token, self._view(candidate, batch), accepted)]
+
+    def _view(self, caches: dict[str, dict[str, Entry]], batch: dict[str, Staged]) -> XdsResources:
+        views = {t: {n: e.msg for n, e in self._pruned(t, c).items()} for t, c in caches.items()}
         versions = {SHORT_NAME[t]: (batch[t].version if t in batch else self.types[t].version) for t in self.types}
-        resources = XdsResources(
+        return XdsResources(
             listeners=MappingProxyType(views.get(LISTENER, {})),
             routes=MappingProxyType(views.get(ROUTE, {})),
             clusters=MappingProxyType(views.get(CLUSTER, {})),
             endpoints=MappingProxyType(views.get(ENDPOINT, {})),
             versions=MappingProxyType(versions),
         )
-        return [ApplyConfig(token, resources)]
 
     def _with_node(self, req: Request) -> Request:
         if not self._node_sent:  # the node identity goes on the first request of each stream
@@ -488,14 +530,3 @@ class AdsClientState:
         ts.last_error = reason
         self.last_error = f"{SHORT_NAME[ts.type_url]}: {reason}"
         return SendRequest(self._nack_request(ts, nonce, reason))
-
-    def _nack_unknown(self, resp: Response, reason: str) -> Action:
-        self.unknown_type_nacks += 1
-        self.last_error = reason
-        status = status_pb2.Status(code=INVALID_ARGUMENT, message=reason)
-        if self.mode is Mode.DELTA:
-            req: Request = discovery_pb2.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
-        else:
-            req = discovery_pb2.DiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
-        req.error_detail.CopyFrom(status)
-        return SendRequest(self._with_node(req))

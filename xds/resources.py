@@ -6,6 +6,8 @@ in protobuf's default pool, so `json_format` can read `typed_config` blocks that
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import importlib
 import json
@@ -34,7 +36,9 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa:
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import any_pb2, json_format, message
+from google.protobuf import any_pb2, descriptor_pool, json_format, message, message_factory
+
+from xds.type.v3 import typed_struct_pb2
 
 _PREFIX = "type.googleapis.com/"
 LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
@@ -139,13 +143,68 @@ def from_delta_resource(res: discovery_pb2.Resource, type_url: str) -> Wrapped:
 # ---- reading resources from files (the management server's format, the examples) ----------------
 
 
+TYPED_STRUCT = _PREFIX + typed_struct_pb2.TypedStruct.DESCRIPTOR.full_name
+OPAQUE_VALUE = "@value_base64"  # {"@type": URL, "@name": NAME, "@value_base64": serialized bytes}
+
+
+def message_class(type_url: str) -> type[message.Message] | None:
+    """The message class of a type URL: the xDS types, else any message protobuf can find or import."""
+    cls = MESSAGE_OF_TYPE.get(type_url)
+    if cls is not None:
+        return cls
+    if not type_url.startswith(_PREFIX):
+        return None
+    full_name = type_url[len(_PREFIX) :]
+    for _ in range(2):
+        try:
+            return message_factory.GetMessageClass(descriptor_pool.Default().FindMessageTypeByName(full_name))
+        except KeyError:
+            if not _register_package_of(full_name):
+                return None
+    return None
+
+
+def _opaque_typed_configs(raw: Any) -> Any:
+    """Nested `@type`s nobody here knows become xds.type.v3.TypedStruct {type_url, value: the fields}:
+    the form Envoy (and istiod) use for extension configs whose schema the sender does not have, which
+    Envoy converts back for the extensions it knows. An `@value_base64` Any is kept as raw bytes later."""
+    if isinstance(raw, list):
+        return [_opaque_typed_configs(v) for v in raw]
+    if not isinstance(raw, dict):
+        return raw
+    out = {k: _opaque_typed_configs(v) for k, v in raw.items()}
+    url = out.get("@type")
+    if isinstance(url, str) and OPAQUE_VALUE not in out and message_class(url) is None:
+        return {"@type": TYPED_STRUCT, "type_url": url, "value": {k: v for k, v in out.items() if k != "@type"}}
+    return out
+
+
+def _opaque_any(raw: dict, where: str) -> any_pb2.Any:
+    if set(raw) - {"@type", "@name", OPAQUE_VALUE}:
+        raise ResourceError(where, f"an {OPAQUE_VALUE} resource has only @type, @name and {OPAQUE_VALUE}")
+    try:
+        value = base64.b64decode(str(raw[OPAQUE_VALUE]), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ResourceError(where, f"{OPAQUE_VALUE}: not base64: {exc}") from None
+    return any_pb2.Any(type_url=str(raw["@type"]), value=value)
+
+
 def parse_resource_dict(raw: Any, where: str) -> any_pb2.Any:
-    """One resource written as JSON/YAML with an `@type` (json_format's Any form)."""
+    """One resource written as JSON/YAML with an `@type` (json_format's Any form). Any message type
+    protobuf can find is accepted (the server serves what it is given); nested extension configs of
+    unknown types become TypedStruct; `{"@type", "@name", "@value_base64"}` is an opaque resource."""
     if not isinstance(raw, dict) or "@type" not in raw:
         raise ResourceError(where, "a resource must be a mapping with an '@type'")
     type_url = raw["@type"]
-    if type_url not in MESSAGE_OF_TYPE:
-        raise ResourceError(where, f"unknown resource type {type_url!r} (known: {', '.join(MESSAGE_OF_TYPE)})")
+    if not isinstance(type_url, str):
+        raise ResourceError(where, "'@type' must be a string")
+    if OPAQUE_VALUE in raw:
+        return _opaque_any(raw, where)
+    if message_class(type_url) is None:
+        raise ResourceError(
+            where, f"unknown resource type {type_url!r}: give it as {{'@type', '@name', '{OPAQUE_VALUE}'}}"
+        )
+    raw = _opaque_typed_configs(raw)
     for _ in range(8):  # each round may register one more extension package
         packed = any_pb2.Any()
         try:
@@ -181,6 +240,10 @@ def _register_package_of(full_name: str) -> bool:
 
 def parse_resource_text(text: str, where: str) -> list[any_pb2.Any]:
     """A file: a YAML/JSON list of resources, or a mapping with a `resources:` list."""
+    return [parse_resource_dict(item, f"{where}[{i}]") for i, item in enumerate(_documents(text, where))]
+
+
+def _documents(text: str, where: str) -> list:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -193,14 +256,30 @@ def parse_resource_text(text: str, where: str) -> list[any_pb2.Any]:
         doc = [doc]
     if not isinstance(doc, list):
         raise ResourceError(where, "expected a list of resources")
-    return [parse_resource_dict(item, f"{where}[{i}]") for i, item in enumerate(doc)]
+    return doc
 
 
 RESOURCE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
+def _name_of(packed: any_pb2.Any, doc: Any, where: str) -> str:
+    if isinstance(doc, dict) and OPAQUE_VALUE in doc:
+        name = doc.get("@name")
+        if not isinstance(name, str) or not name:
+            raise ResourceError(where, f"an {OPAQUE_VALUE} resource needs an '@name'")
+        return name
+    cls = message_class(packed.type_url)
+    if cls is None:
+        raise ResourceError(where, f"unknown resource type {packed.type_url!r}")
+    msg = cls()
+    msg.ParseFromString(packed.value)
+    return resource_name(msg)
+
+
 def load_resource_dir(directory: str | Path) -> dict[str, dict[str, any_pb2.Any]]:
-    """Every resource file of a directory -> {type_url: {name: Any}}. Duplicate names are errors."""
+    """Every resource file of a directory -> {type_url: {name: Any}}. Duplicate names are errors.
+
+    Types other than the five xDS ones are kept (served to whoever subscribes to their type URL)."""
     result: dict[str, dict[str, any_pb2.Any]] = {t: {} for t in MESSAGE_OF_TYPE}
     seen: dict[tuple[str, str], str] = {}
     for path in sorted(Path(directory).iterdir()):
@@ -210,18 +289,19 @@ def load_resource_dir(directory: str | Path) -> dict[str, dict[str, any_pb2.Any]
             text = path.read_text()
         except OSError as exc:
             raise ResourceError(path.name, f"cannot read: {exc.strerror}") from None
-        for i, packed in enumerate(parse_resource_text(text, path.name)):
-            name = resource_name(unpack(packed, packed.type_url))
+        docs = _documents(text, path.name)
+        for i, doc in enumerate(docs):
             where = f"{path.name}[{i}]"
+            packed = parse_resource_dict(doc, where)
+            name = _name_of(packed, doc, where)
+            kind = SHORT_NAME.get(packed.type_url, packed.type_url)
             if not name:
-                raise ResourceError(where, f"{SHORT_NAME[packed.type_url]} resource has no name")
+                raise ResourceError(where, f"{kind} resource has no name")
             key = (packed.type_url, name)
             if key in seen:
-                raise ResourceError(
-                    where, f"duplicate {SHORT_NAME[packed.type_url]} name {name!r} (also in {seen[key]})"
-                )
+                raise ResourceError(where, f"duplicate {kind} name {name!r} (also in {seen[key]})")
             seen[key] = where
-            result[packed.type_url][name] = packed
+            result.setdefault(packed.type_url, {})[name] = packed
     return result
 
 

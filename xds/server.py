@@ -6,9 +6,12 @@
     await server.stop()
 
 Files (`*.yaml`, `*.yml`, `*.json`) hold a list of resources, each with an `@type` (json_format's Any
-form). The directory is polled every 200 ms; a changed set is validated first (parse, known types,
-unique names) and pushed to every subscribed stream; a broken file is reported in `load_error` and the
-last good set keeps being served. Each client's ACKs and NACKs are tracked (`clients()`).
+form). Resources of other types than the xDS five (any protobuf message with a name, or opaque
+`{"@type", "@name", "@value_base64"}`) are served to whoever subscribes to their type URL; nested
+extension configs of types nobody here knows are served as TypedStruct (xds/resources.py). The
+directory is polled every 200 ms; a changed set is validated first (parse, unique names) and pushed to
+every subscribed stream; a broken file is reported in `load_error` and the last good set keeps being
+served. Each client's ACKs and NACKs are tracked (`clients()`).
 `set_resources(type_url, messages)` replaces one type's set from code (no file, no poll delay); with
 `resource_dir=None` the server serves only what is set that way.
 `main(argv)` is `planemesh xds-server --resources DIR --listen ADDR`.
@@ -40,6 +43,7 @@ from planemesh.xds.resources import (
     SHORT_NAME,
     ResourceError,
     load_resource_dir,
+    message_class,
     pack,
     resource_name,
 )
@@ -84,6 +88,8 @@ class _Sub:
     sent_version: str = ""
     sent_nonce: str = ""
     known: dict[str, str] = field(default_factory=dict)  # Delta: name -> version the client holds
+    told_absent: set[str] = field(default_factory=set)  # Delta: subscribed names reported as not existing
+    answered: bool = False  # Delta: a response was sent for this type (an empty wildcard needs one)
     nonce_versions: dict[str, str] = field(default_factory=dict)  # Delta: nonce -> system version
 
 
@@ -93,8 +99,11 @@ def resource_version(packed: any_pb2.Any) -> str:
 
 
 class ManagementServer:
-    def __init__(self, resource_dir: str | Path | None, *, poll_interval_s: float = 0.2) -> None:
+    def __init__(
+        self, resource_dir: str | Path | None, *, poll_interval_s: float = 0.2, bearer_token: str | None = None
+    ) -> None:
         self.resource_dir = Path(resource_dir) if resource_dir is not None else None
+        self.bearer_token = bearer_token  # when set, streams without `authorization: Bearer <it>` are refused
         self.poll_interval_s = poll_interval_s
         self.resources: dict[str, dict[str, any_pb2.Any]] = {t: {} for t in MESSAGE_OF_TYPE}
         # Per-resource digests, computed once per accepted change: Delta versions and change detection
@@ -151,12 +160,12 @@ class ManagementServer:
         without a name or a duplicate name. True when the set changed and was pushed. A later change of
         the resource directory replaces every type again (the last writer wins).
         """
-        cls = MESSAGE_OF_TYPE.get(type_url)
+        cls = message_class(type_url)
         if cls is None:
             raise ResourceError(type_url, "unknown resource type URL")
         items: dict[str, any_pb2.Any] = {}
         for i, msg in enumerate(messages):
-            where = f"{SHORT_NAME[type_url]}[{i}]"
+            where = f"{SHORT_NAME.get(type_url, type_url)}[{i}]"
             if not isinstance(msg, cls):
                 raise ResourceError(where, f"a {type(msg).__name__} is not a {cls.__name__}")
             name = resource_name(msg)
@@ -171,9 +180,12 @@ class ManagementServer:
         """Adopt a validated set: bump the versions of the types that changed and wake every stream."""
         changed = False
         digests = {}
+        for type_url in self.digests.keys() - loaded.keys():  # a type no longer in the directory
+            loaded[type_url] = {}
         for type_url, items in loaded.items():
-            old = self.digests[type_url]
-            if items is self.resources[type_url]:
+            old = self.digests.get(type_url, {})
+            self.type_versions.setdefault(type_url, 0)
+            if items is self.resources.get(type_url):
                 digests[type_url] = old  # untouched type (set_resources of another one)
                 continue
             digests[type_url] = {n: resource_version(a) for n, a in items.items()}
@@ -190,7 +202,7 @@ class ManagementServer:
         return True
 
     def _counts(self) -> str:
-        return ", ".join(f"{SHORT_NAME[t]} {len(r)}" for t, r in self.resources.items() if r)
+        return ", ".join(f"{SHORT_NAME.get(t, t)} {len(r)}" for t, r in self.resources.items() if r)
 
     def clients(self) -> list[ClientStatus]:
         return list(self._clients)
@@ -235,6 +247,13 @@ class ManagementServer:
     # ---- one ADS stream --------------------------------------------------------------------------
 
     async def serve_stream(self, context: grpc.aio.ServicerContext, delta: bool) -> None:
+        if self.bearer_token is not None:  # istiod checks the service-account JWT the same way
+            metadata = {m.key: m.value for m in context.invocation_metadata() or ()}
+            got = metadata.get("authorization")
+            if got != f"Bearer {self.bearer_token}":
+                why = "no authorization metadata" if got is None else "wrong bearer token"
+                await _drain(context)  # the client's first requests are read: none races the refusal
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"authentication failed: {why}")
         status = ClientStatus(node_id="", mode="delta" if delta else "sotw", peer=context.peer())
         self._clients.append(status)
         events: asyncio.Queue[Any] = asyncio.Queue()
@@ -274,8 +293,8 @@ class ManagementServer:
         if req.node.id:
             status.node_id = req.node.id
         type_url = req.type_url
-        if type_url not in MESSAGE_OF_TYPE:
-            log.warning("%s asked for unknown type %r", status.node_id or status.peer, type_url)
+        if not type_url:
+            log.warning("%s sent a request without a type URL", status.node_id or status.peer)
             return
         report = status.report(type_url)
         sub = subs.get(type_url)
@@ -285,6 +304,9 @@ class ManagementServer:
             if sub is None:
                 sub = subs[type_url] = _Sub(wildcard=not subscribe or "*" in subscribe, names=set())
                 sub.known = dict(req.initial_resource_versions)
+                # A fresh subscription is answered even when empty; a client resuming with versions
+                # (a reconnect) is answered only with what changed.
+                sub.answered = bool(sub.known)
             if req.response_nonce:
                 version = sub.nonce_versions.pop(req.response_nonce, "")
                 self._record(report, req, version, status)
@@ -294,6 +316,7 @@ class ManagementServer:
             sub.wildcard = sub.wildcard or "*" in subscribe
             for name in req.resource_names_unsubscribe:
                 sub.names.discard(name)
+                sub.told_absent.discard(name)
                 if not sub.wildcard:
                     sub.known.pop(name, None)
             report.subscribed = ("*",) if sub.wildcard else tuple(sorted(sub.names))
@@ -326,7 +349,7 @@ class ManagementServer:
             log.warning(
                 "%s NACKed %s version %s: %s",
                 status.node_id,
-                SHORT_NAME[req.type_url],
+                SHORT_NAME.get(req.type_url, req.type_url),
                 version,
                 req.error_detail.message,
             )
@@ -337,16 +360,24 @@ class ManagementServer:
     async def _push(
         self, context, type_url: str, sub: _Sub, delta: bool, status: ClientStatus, force: bool = False
     ) -> None:
-        current = self.resources[type_url]
+        current = self.resources.get(type_url, {})
         wanted = current if sub.wildcard else {n: current[n] for n in sorted(sub.names) if n in current}
         report = status.report(type_url)
         nonce = str(next(self._nonces))
         if delta:
-            versions = self.digests[type_url]
+            versions = self.digests.get(type_url, {})
             updated = [n for n in wanted if sub.known.get(n) != versions[n]]
             removed = [n for n in sub.known if n not in current]
-            if not updated and not removed:
+            # Names asked for that do not exist go in removed_resources, once (the protocol requires it:
+            # a client waiting for them stops warming).
+            absent = sorted(n for n in sub.names if n not in current and n not in sub.known) if sub.names else []
+            absent = [n for n in absent if n not in sub.told_absent]
+            sub.told_absent.update(absent)
+            sub.told_absent.difference_update(updated)
+            removed += absent
+            if not updated and not removed and sub.answered:
                 return
+            sub.answered = True  # the first answer is sent even if empty: an empty wildcard is a state
             resp = discovery_pb2.DeltaDiscoveryResponse(
                 type_url=type_url, nonce=nonce, system_version_info=str(self.version), removed_resources=removed
             )
@@ -358,7 +389,7 @@ class ManagementServer:
             sub.nonce_versions[nonce] = str(self.version)
             report.sent_version = str(self.version)
         else:
-            version = str(self.type_versions[type_url])
+            version = str(self.type_versions.get(type_url, 0))
             if not force and version == sub.sent_version:
                 return
             resp = discovery_pb2.DiscoveryResponse(
@@ -374,6 +405,23 @@ class ManagementServer:
         await context.write(resp)
 
 
+async def _drain(context: grpc.aio.ServicerContext, quiet_s: float = 0.1) -> None:
+    """Read what the client sends until it is quiet for `quiet_s` (at most 1 s)."""
+    reader = asyncio.ensure_future(context.read())
+    deadline = time.monotonic() + 1.0
+    try:
+        while time.monotonic() < deadline:
+            done, _ = await asyncio.wait({reader}, timeout=quiet_s)
+            if not done or reader.result() is grpc.aio.EOF:
+                return
+            reader = asyncio.ensure_future(context.read())
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return
+    finally:
+        if not reader.done():
+            reader.cancel()
+
+
 class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def __init__(self, server: ManagementServer) -> None:
         self.server = server
@@ -385,11 +433,23 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         await self.server.serve_stream(context, delta=True)
 
 
-async def serve_forever(resources: str | Path, listen: str, poll_interval_s: float = 0.2) -> None:
+async def serve_forever(
+    resources: str | Path,
+    listen: str,
+    poll_interval_s: float = 0.2,
+    credentials: grpc.ServerCredentials | None = None,
+    bearer_token: str | None = None,
+) -> None:
     """Serve until SIGINT/SIGTERM (the `planemesh xds-server` command)."""
-    server = ManagementServer(resources, poll_interval_s=poll_interval_s)
-    address = await server.start(listen)
-    log.info("ADS (SotW and Delta) on %s, resources from %s", address, resources)
+    server = ManagementServer(resources, poll_interval_s=poll_interval_s, bearer_token=bearer_token)
+    address = await server.start(listen, credentials)
+    log.info(
+        "ADS (SotW and Delta) on %s%s%s, resources from %s",
+        address,
+        " with TLS" if credentials is not None else "",
+        " requiring a bearer token" if bearer_token is not None else "",
+        resources,
+    )
     if server.load_error:
         log.error("serving an empty set until the files are fixed: %s", server.load_error)
     stop = asyncio.Event()
@@ -421,6 +481,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds between checks of the resource files; bounds file change -> push latency "
         "(env PLANEMESH_XDS_POLL_INTERVAL_S; default %(default)s)",
     )
+    parser.add_argument("--tls-cert", default=env("PLANEMESH_XDS_TLS_CERT"), help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", default=env("PLANEMESH_XDS_TLS_KEY"), help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--bearer-token-file",
+        default=env("PLANEMESH_XDS_BEARER_TOKEN_FILE"),
+        help="refuse streams without `authorization: Bearer <this file's token>` (as istiod checks JWTs)",
+    )
 
 
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -428,8 +495,21 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--resources {args.resources}: not a directory")
     if not 0.005 <= args.poll_interval <= 60:
         parser.error(f"--poll-interval {args.poll_interval}: expected 0.005 .. 60 seconds")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    credentials = token = None
+    try:
+        if args.tls_cert is not None:
+            pair = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
+            credentials = grpc.ssl_server_credentials([pair])
+        if args.bearer_token_file is not None:
+            token = Path(args.bearer_token_file).read_text().strip()
+    except OSError as exc:
+        parser.error(f"{exc.filename}: {exc.strerror}")
+    if token == "":
+        parser.error(f"--bearer-token-file {args.bearer_token_file}: empty")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval))
+    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval, credentials, token))
     return 0
 
 

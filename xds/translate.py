@@ -1,8 +1,12 @@
 """xDS resources + this node's planes -> one validated planemesh Snapshot (pure; see docs/xds.md).
 
 A listener's plane: `metadata.filter_metadata.planemesh.plane`, else the plane whose CIDRs hold its bind
-address, else (0.0.0.0 / ::) every plane. Each filter chain becomes one planemesh Listener per plane:
-`http_connection_manager` -> HTTP (proxied), `tcp_proxy` -> TCP (bypassed in the kernel). Every error of
+address, else (0.0.0.0 / ::, or a service VIP of a listener that does not bind) every plane: the plane of a
+connection is the interface it arrives on, never a listener's address. Each filter chain becomes one
+planemesh Listener per plane: `http_connection_manager` -> HTTP (proxied), `tcp_proxy` -> TCP (bypassed in
+the kernel), both on one destination -> HTTP sniffed. istiod's capture listeners (virtualOutbound,
+virtualInbound) dispatch by original destination, which planemesh's interception does itself: their
+per-port chains become listeners, their catch-alls are noted (docs/istio-conformance.md). Every error of
 the whole update is collected into one ConfigError (one NACK naming every bad resource).
 """
 
@@ -12,7 +16,6 @@ import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf.message import DecodeError
@@ -21,7 +24,6 @@ from netaddr import IPNetwork
 from planemesh.agent.config import (
     Cluster,
     ConfigError,
-    FaultFilter,
     HttpFilter,
     Listener,
     ListenerProtocol,
@@ -37,23 +39,21 @@ from planemesh.xds.client_state import XdsResources, eds_name
 from planemesh.xds.translate_clusters import translate_cluster
 from planemesh.xds.translate_common import (
     Errors,
-    fraction,
+    note_ignored,
     only,
     opt_seconds,
     parse_ip,
     planemesh_metadata,
-    seconds,
     socket_address,
     type_name,
 )
-from planemesh.xds.translate_filters import LOCAL_RATELIMIT, local_ratelimit
+from planemesh.xds.translate_filters import http_filters, network_filter
+from planemesh.xds.translate_http2 import http2_limits
 from planemesh.xds.translate_routes import translate_route_config, translate_upgrades
 
 _EXT = "envoy.extensions."
 HCM = _EXT + "filters.network.http_connection_manager.v3.HttpConnectionManager"
 TCP_PROXY = _EXT + "filters.network.tcp_proxy.v3.TcpProxy"
-ROUTER = _EXT + "filters.http.router.v3.Router"
-FAULT = _EXT + "filters.http.fault.v3.HTTPFault"
 LISTENER_FILTERS = {
     _EXT + "filters.listener.original_dst.v3.OriginalDst",
     _EXT + "filters.listener.http_inspector.v3.HttpInspector",
@@ -75,6 +75,13 @@ _LISTENER_HARMLESS = {
     "tcp_backlog_size",
     "bind_to_port",
 }
+_ORIGINAL_DST = _EXT + "filters.listener.original_dst.v3.OriginalDst"
+BLACKHOLE = "BlackHoleCluster"  # istiod's cluster with no endpoints: what it blocks goes there
+_LISTENER_CHECKED = {"address", "filter_chains", "default_filter_chain", "listener_filters", "use_original_dst"}
+_LISTENER_IGNORED = {
+    "additional_addresses": "the [::] twin of a 0.0.0.0 listener: planemesh intercepts both families alike",
+    "connection_balance_config": "the kernel spreads accepted connections over a plane's workers",
+}
 _HCM_SUPPORTED = {
     "codec_type",
     "stat_prefix",
@@ -84,17 +91,35 @@ _HCM_SUPPORTED = {
     "request_timeout",
     "common_http_protocol_options",
     "access_log",
-    "use_remote_address",
     "generate_request_id",
     "server_name",
-    "stream_idle_timeout",
-    "normalize_path",
     "merge_slashes",
     "xff_num_trusted_hops",
     "upgrade_configs",
     "tracing",
     "http_protocol_options",
     "http2_protocol_options",
+}
+_NO_TLS = "only acts on TLS connections with a client certificate; planemesh terminates no TLS yet"
+_HCM_IGNORED = {
+    "request_id_extension": "the UUID request id is Envoy's default; planemesh keeps or adds x-request-id alike",
+    "stream_idle_timeout": (
+        "planemesh bounds a stream by the request timeout and the connection idle timeout (istiod: 0s = off)"
+    ),
+    "normalize_path": (
+        "planemesh matches routes on the path as received; only dot-segment/percent-encoded paths differ, and "
+        "path-based authorization (where normalization is a security matter) is refused, not ignored"
+    ),
+    "path_with_escaped_slashes_action": "as normalize_path: %2F stays as received",
+    "use_remote_address": (
+        "decides whether x-forwarded-for is trusted for internal/external checks; planemesh appends the "
+        "downstream address and trusts x-forwarded-for for nothing"
+    ),
+    "internal_address_config": "goes with use_remote_address",
+    "forward_client_cert_details": _NO_TLS,
+    "set_current_client_cert_details": _NO_TLS,
+    "preserve_external_request_id": "x-request-id from the client is kept, as with this field",
+    "always_set_request_id_in_response": "adds x-request-id to responses for information only",
 }
 # SLA fields a control plane may set through listener metadata planemesh.sla (numbers, booleans, cpus string).
 _SLA_FIELDS = {f.name: f for f in dataclasses.fields(SLA) if f.name != "retry_on"}
@@ -108,9 +133,10 @@ class _Acc:
     sla: dict[str, dict[str, object]]  # plane -> field -> value
     sla_origin: dict[tuple[str, str], str]  # (plane, field) -> listener that set it
     tcp_clusters: list[tuple[str, str]]  # (path, cluster) for tcp_proxy cluster references
+    inbound: set[str] = dataclasses.field(default_factory=set)  # listeners from a capture (virtualInbound) chain
 
 
-def _planes_of(listener, planes: tuple[Plane, ...], ip: str, path: str) -> list[Plane]:
+def _planes_of(listener, planes: tuple[Plane, ...], ip: str, binds: bool, path: str) -> list[Plane]:
     meta = planemesh_metadata(listener.metadata).get("plane")
     if meta is not None:
         for plane in planes:
@@ -122,9 +148,11 @@ def _planes_of(listener, planes: tuple[Plane, ...], ip: str, path: str) -> list[
     if ip in ("0.0.0.0", "::"):
         return list(planes)
     plane = plane_of_address(planes, ip)
-    if plane is None:
-        raise ConfigError(f"{path}.address", f"{ip} belongs to no plane of this node; set metadata planemesh.plane")
-    return [plane]
+    if plane is not None:
+        return [plane]
+    if not binds:  # a service VIP (istiod's per-service listeners): on whichever plane the connection arrives
+        return list(planes)
+    raise ConfigError(f"{path}.address", f"{ip} belongs to no plane of this node; set metadata planemesh.plane")
 
 
 def _set_sla(acc: _Acc, planes: list[Plane], key: str, value: object, listener: str, path: str) -> None:
@@ -137,97 +165,17 @@ def _set_sla(acc: _Acc, planes: list[Plane], key: str, value: object, listener: 
         acc.sla_origin[(plane.name, key)] = listener
 
 
-# HCM http2_protocol_options -> the planes' HTTP/2 abuse limits (agent/proxy/h2_guard.py): field -> (SLA field,
-# least valid value, as Envoy validates it). Other fields of the message are accepted and not applied.
-_H2_LIMITS = {
-    "max_concurrent_streams": ("h2_max_concurrent_streams", 1),
-    "max_outbound_control_frames": ("h2_max_outbound_control_frames", 1),
-    "max_consecutive_inbound_frames_with_empty_payload": ("h2_max_consecutive_inbound_frames_with_empty_payload", 0),
-    "max_inbound_priority_frames_per_stream": ("h2_max_inbound_priority_frames_per_stream", 0),
-    "max_inbound_window_update_frames_per_data_frame_sent": (
-        "h2_max_inbound_window_update_frames_per_data_frame_sent",
-        1,
-    ),
-}
+@dataclasses.dataclass(slots=True)
+class _Where:
+    """What a chain of one listener inherits: planes, port, the destination a non-binding listener stands for."""
+
+    planes: list[Plane]
+    port: int
+    vip: tuple[IPNetwork, ...]  # a non-binding listener's own address: the destination it serves
+    capture: bool  # istiod's virtualInbound: chains are matched on the original destination
 
 
-def _http2_limits(acc: _Acc, planes: list[Plane], listener: str, opts, path: str) -> None:
-    for name, (key, least) in _H2_LIMITS.items():
-        if opts.HasField(name):
-            value = getattr(opts, name).value
-            if value < least:
-                raise ConfigError(f"{path}.{name}", f"must be at least {least}")
-            _set_sla(acc, planes, key, value, listener, f"{path}.{name}")
-
-
-def _http_filters(hcm, path: str) -> tuple[HttpFilter, ...]:
-    out: list[HttpFilter] = []
-    filters = list(hcm.http_filters)
-    for i, hf in enumerate(filters):
-        fpath = f"{path}.http_filters[{i}]"
-        kind = type_name(hf.typed_config.type_url)
-        if hf.HasField("config_discovery"):
-            raise ConfigError(fpath, "filter config discovery (ECDS) is not supported")
-        if kind == ROUTER:
-            if i != len(filters) - 1:
-                raise ConfigError(fpath, "the router filter must be the last HTTP filter")
-        elif hf.disabled:
-            continue  # disabled by default and enabled per route: planemesh has no per-route filter config
-        elif kind == FAULT:
-            out.append(_fault(hf, fpath))
-        elif kind == LOCAL_RATELIMIT:
-            rl = local_ratelimit(hf.typed_config, fpath)
-            if rl is not None:
-                out.append(rl)
-        elif hf.is_optional:
-            continue
-        else:
-            raise ConfigError(fpath, f"HTTP filter {hf.name!r} ({kind or 'no typed_config'}) is not supported")
-    if not filters or type_name(filters[-1].typed_config.type_url) != ROUTER:
-        raise ConfigError(f"{path}.http_filters", "the last HTTP filter must be envoy.filters.http.router")
-    return tuple(out)
-
-
-def _fault(hf, path: str) -> FaultFilter:
-    cfg = fault_pb2.HTTPFault()
-    hf.typed_config.Unpack(cfg)
-    only(cfg, {"delay", "abort"}, path)
-    delay_s = delay_pct = abort_pct = 0.0
-    abort_status = None
-    header = False
-    if cfg.HasField("delay"):
-        only(cfg.delay, {"fixed_delay", "header_delay", "percentage"}, f"{path}.delay")
-        delay_s = seconds(cfg.delay.fixed_delay)
-        delay_pct = fraction(cfg.delay.percentage) * 100 if cfg.delay.HasField("percentage") else 100.0
-        header = header or cfg.delay.HasField("header_delay")
-    if cfg.HasField("abort"):
-        only(cfg.abort, {"http_status", "header_abort", "percentage"}, f"{path}.abort")
-        if cfg.abort.http_status and not 200 <= cfg.abort.http_status <= 599:
-            raise ConfigError(f"{path}.abort.http_status", f"{cfg.abort.http_status} is not an HTTP status")
-        abort_status = cfg.abort.http_status or None
-        abort_pct = fraction(cfg.abort.percentage) * 100 if cfg.abort.HasField("percentage") else 100.0
-        header = header or cfg.abort.HasField("header_abort")
-    return FaultFilter(
-        delay_s=delay_s or None,
-        delay_percent=delay_pct if delay_s or header else 0.0,
-        abort_status=abort_status,
-        abort_percent=abort_pct if abort_status or header else 0.0,
-        header_controlled=header,
-    )
-
-
-def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, path: str) -> list[Listener]:
-    only(chain, {"filter_chain_match", "filters", "name", "metadata", "transport_socket_connect_timeout"}, path)
-    m = chain.filter_chain_match
-    only(
-        m,
-        {"destination_port", "prefix_ranges", "server_names", "transport_protocol", "application_protocols"},
-        f"{path}.filter_chain_match",
-    )
-    if m.HasField("destination_port"):
-        port = m.destination_port.value
-        if not 1 <= port <= 65535:
-            raise ConfigError(f"{path}.filter_chain_match.destination_port", f"{port} is not a TCP port")
+def _prefixes(m, path: str) -> list[IPNetwork]:
     prefixes = []
     for i, rng in enumerate(m.prefix_ranges):
         ppath = f"{path}.filter_chain_match.prefix_ranges[{i}]"
@@ -236,6 +184,71 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
         if length > (32 if ":" not in ip else 128):
             raise ConfigError(f"{ppath}.prefix_len", f"{length} is too long for {ip}")
         prefixes.append(IPNetwork(f"{ip}/{length}").cidr)
+    return prefixes
+
+
+def _plain_sibling(listener, chain) -> bool:
+    """Another chain of the listener, without TLS, for the same destination port and prefixes (PERMISSIVE)."""
+    m = chain.filter_chain_match
+    key = (m.destination_port.value, [(r.address_prefix, r.prefix_len.value) for r in m.prefix_ranges])
+    others = list(listener.filter_chains) + (
+        [listener.default_filter_chain] if listener.HasField("default_filter_chain") else []
+    )
+    for other in others:
+        o = other.filter_chain_match
+        if other.HasField("transport_socket") or o.transport_protocol == "tls":
+            continue
+        if (o.destination_port.value, [(r.address_prefix, r.prefix_len.value) for r in o.prefix_ranges]) == key:
+            return True
+    return False
+
+
+def _skipped_chain(listener, chain, where: _Where, path: str) -> bool:
+    """Chains planemesh has no use for, noted: TLS-terminating chains that have a plaintext twin, and a
+    capture listener's catch-alls. A destination that only TLS may reach (Istio STRICT) is refused: dropping
+    its chain would let plaintext in."""
+    m = chain.filter_chain_match
+    if chain.HasField("transport_socket"):
+        if not _plain_sibling(listener, chain):
+            kind = type_name(chain.transport_socket.typed_config.type_url) or chain.transport_socket.name
+            raise ConfigError(
+                f"{path}.transport_socket",
+                f"{kind} is not supported: this destination accepts TLS only (mTLS STRICT) and planemesh "
+                "terminates no TLS yet",
+            )
+        note_ignored(
+            f"{path}.transport_socket",
+            "a TLS-terminating chain (istio mTLS PERMISSIVE): planemesh terminates no TLS yet; plaintext peers "
+            "use the raw_buffer chain of the same destination",
+        )
+        return True
+    if where.capture and not m.HasField("destination_port"):
+        note_ignored(
+            path,
+            "a capture listener's catch-all: connections to ports no chain declares are passed to their original "
+            "destination by planemesh's interception (plane undeclared-ports setting)",
+        )
+        return True
+    if where.capture and m.destination_port.value == where.port:
+        note_ignored(path, "refuses direct connections to the capture port; planemesh's TC program does so")
+        return True
+    return False
+
+
+def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> list[Listener]:
+    only(chain, {"filter_chain_match", "filters", "name", "metadata", "transport_socket_connect_timeout"}, path)
+    m = chain.filter_chain_match
+    only(
+        m,
+        {"destination_port", "prefix_ranges", "server_names", "transport_protocol", "application_protocols"},
+        f"{path}.filter_chain_match",
+    )
+    port, planes = where.port, where.planes
+    if m.HasField("destination_port"):
+        port = m.destination_port.value
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{path}.filter_chain_match.destination_port", f"{port} is not a TCP port")
+    prefixes = _prefixes(m, path) or list(where.vip)
     for i, name in enumerate(m.server_names):
         if (why := server_name_error(name)) is not None:
             raise ConfigError(f"{path}.filter_chain_match.server_names[{i}]", why)
@@ -244,45 +257,17 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
             f"{path}.filters", "a filter chain needs a terminal filter (http_connection_manager or tcp_proxy)"
         )
     for i, flt in enumerate(chain.filters[:-1]):
-        raise ConfigError(
-            f"{path}.filters[{i}]",
-            f"network filter {flt.name!r} ({type_name(flt.typed_config.type_url)}) is not supported",
-        )
+        network_filter(flt, f"{path}.filters[{i}]")
     last = chain.filters[-1]
     fpath = f"{path}.filters[{len(chain.filters) - 1}]"
     kind = type_name(last.typed_config.type_url)
     route_config = None
-    http_filters: tuple[HttpFilter, ...] = ()
+    filters: tuple[HttpFilter, ...] = ()
     tcp_clusters: tuple[WeightedCluster, ...] = ()
     upgrades: tuple[UpgradeConfig, ...] = ()  # Envoy: an HCM without upgrade_configs refuses every upgrade
     if kind == HCM:
         protocol = ListenerProtocol.HTTP
-        hcm = hcm_pb2.HttpConnectionManager()
-        last.typed_config.Unpack(hcm)
-        only(hcm, _HCM_SUPPORTED, fpath)
-        if hcm.HasField("rds"):
-            route_config = hcm.rds.route_config_name
-            if not route_config:
-                raise ConfigError(f"{fpath}.rds.route_config_name", "empty")
-        elif hcm.HasField("route_config"):
-            rc = translate_route_config(hcm.route_config, f"{fpath}.route_config")
-            route_config = rc.name or f"{listener.name}.inline.{chain.name or ci}"
-            if route_config in acc.routes:
-                raise ConfigError(
-                    f"{fpath}.route_config.name", f"route configuration {route_config!r} is defined twice"
-                )
-            acc.routes[route_config] = RouteConfig(route_config, rc.virtual_hosts)
-        else:
-            raise ConfigError(fpath, "needs rds or an inline route_config (scoped routes are not supported)")
-        http_filters = _http_filters(hcm, fpath)
-        upgrades = translate_upgrades(hcm.upgrade_configs, f"{fpath}.upgrade_configs", route_level=False)
-        if (timeout := opt_seconds(hcm, "request_timeout")) is not None and timeout > 0:
-            _set_sla(acc, planes, "request_timeout_s", timeout, listener.name, f"{fpath}.request_timeout")
-        idle = opt_seconds(hcm.common_http_protocol_options, "idle_timeout")
-        if idle is not None and idle > 0:
-            _set_sla(acc, planes, "idle_timeout_s", idle, listener.name, f"{fpath}.common_http_protocol_options")
-        if hcm.HasField("http2_protocol_options"):
-            _http2_limits(acc, planes, listener.name, hcm.http2_protocol_options, f"{fpath}.http2_protocol_options")
+        route_config, filters, upgrades = _hcm(listener, last, ci, chain.name, planes, acc, fpath)
     elif kind == TCP_PROXY:
         protocol = ListenerProtocol.TCP
         tcp = tcp_proxy_pb2.TcpProxy()
@@ -297,7 +282,15 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
         acc.tcp_clusters += [(f"{fpath}.cluster", w.name) for w in tcp_clusters]
     else:
         raise ConfigError(fpath, f"network filter {last.name!r} ({kind or 'no typed_config'}) is not supported")
+    if m.transport_protocol or m.application_protocols:
+        note_ignored(
+            f"{path}.filter_chain_match",
+            "transport_protocol/application_protocols: planemesh tells HTTP from other bytes by sniffing "
+            "(an HTTP chain and a TCP chain on one destination become one sniffed listener)",
+        )
     base = chain.name or (listener.name if ci == 0 else f"{listener.name}#{ci}")
+    if where.capture:  # istiod names virtualInbound's chains like the outbound listeners of the same port
+        base = f"{listener.name}/{base}"
     return [
         Listener(
             name=base if len(planes) == 1 else f"{base}@{plane.name}",
@@ -306,7 +299,7 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
             protocol=protocol,
             prefixes=tuple(prefixes),
             route_config=route_config,
-            http_filters=http_filters,
+            http_filters=filters,
             server_names=tuple(n.lower() for n in m.server_names),
             tcp_clusters=tcp_clusters,
             upgrades=upgrades,
@@ -315,13 +308,169 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
     ]
 
 
+def _hcm(listener, last, ci: int, chain_name: str, planes: list[Plane], acc: _Acc, fpath: str):
+    """An http_connection_manager -> (route config name, HTTP filters, upgrades); inline routes go to acc."""
+    hcm = hcm_pb2.HttpConnectionManager()
+    last.typed_config.Unpack(hcm)
+    only(hcm, _HCM_SUPPORTED, fpath, _HCM_IGNORED)
+    if hcm.HasField("rds"):
+        route_config = hcm.rds.route_config_name
+        if not route_config:
+            raise ConfigError(f"{fpath}.rds.route_config_name", "empty")
+    elif hcm.HasField("route_config"):
+        rc = translate_route_config(hcm.route_config, f"{fpath}.route_config")
+        route_config = rc.name or f"{listener.name}.inline.{chain_name or ci}"
+        known = acc.routes.get(route_config)
+        if known is not None and known != RouteConfig(route_config, rc.virtual_hosts):
+            raise ConfigError(f"{fpath}.route_config.name", f"route configuration {route_config!r} is defined twice")
+        acc.routes[route_config] = RouteConfig(route_config, rc.virtual_hosts)
+    else:
+        raise ConfigError(fpath, "needs rds or an inline route_config (scoped routes are not supported)")
+    filters = http_filters(hcm, fpath)
+    upgrades = translate_upgrades(hcm.upgrade_configs, f"{fpath}.upgrade_configs", route_level=False)
+    if (timeout := opt_seconds(hcm, "request_timeout")) is not None and timeout > 0:
+        _set_sla(acc, planes, "request_timeout_s", timeout, listener.name, f"{fpath}.request_timeout")
+    idle = opt_seconds(hcm.common_http_protocol_options, "idle_timeout")
+    if idle is not None and idle > 0:
+        _set_sla(acc, planes, "idle_timeout_s", idle, listener.name, f"{fpath}.common_http_protocol_options")
+    if hcm.HasField("http2_protocol_options"):
+        for key, value, where in http2_limits(hcm.http2_protocol_options, f"{fpath}.http2_protocol_options"):
+            _set_sla(acc, planes, key, value, listener.name, where)
+    return route_config, filters, upgrades
+
+
+def _merge_same_destination(out: list[Listener], paths: list[str]) -> list[Listener]:
+    """Chains of one listener that planemesh cannot tell apart (they differ only by transport_protocol or
+    application_protocols) -> one listener per destination: HTTP with TCP -> HTTP sniffed, equal HTTP chains
+    -> one, TCP fallbacks behind the first -> noted."""
+    groups: dict[tuple, list[int]] = {}
+    for i, lsn in enumerate(out):
+        groups.setdefault((lsn.plane, lsn.port, lsn.prefixes, lsn.server_names), []).append(i)
+    merged: list[Listener] = []
+    for idx in groups.values():
+        http = [i for i in idx if out[i].protocol is ListenerProtocol.HTTP]
+        tcp = [i for i in idx if out[i].protocol is ListenerProtocol.TCP]
+        keep = http[0] if http else tcp[0]
+        first = out[keep]
+        for i in http[1:]:
+            other = out[i]
+            if (other.route_config, other.http_filters, other.upgrades) != (
+                first.route_config,
+                first.http_filters,
+                first.upgrades,
+            ):
+                raise ConfigError(
+                    paths[i],
+                    f"another HTTP chain ({paths[keep]}) serves the same destination with other routes or filters; "
+                    "planemesh cannot choose between them by transport_protocol/application_protocols",
+                )
+            note_ignored(paths[i], f"the same HTTP handling as {paths[keep]}")
+        # istiod's REGISTRY_ONLY: the fallback is BlackHoleCluster; not sniffing makes the HTTP parser refuse
+        # non-HTTP bytes instead of passing them through.
+        passthrough = [i for i in tcp if not _blackhole(out[i])]
+        for i in tcp if http else tcp[1:]:
+            if http and _blackhole(out[i]):
+                why = "BlackHoleCluster (REGISTRY_ONLY): the HTTP listener is not sniffed, non-HTTP bytes are refused"
+            elif http:
+                why = "non-HTTP bytes pass through to the original destination (the HTTP chain is sniffed)"
+            else:
+                why = "a fallback chain behind the chain that serves this destination"
+            note_ignored(paths[i], why)
+        merged.append(dataclasses.replace(first, sniff=True) if http and passthrough else first)
+    return merged
+
+
+def _blackhole(lsn: Listener) -> bool:
+    return bool(lsn.tcp_clusters) and all(w.name == BLACKHOLE for w in lsn.tcp_clusters)
+
+
+def _capture_chain_listeners(listener, path: str) -> None:
+    """virtualOutbound (use_original_dst): Envoy hands each connection to the listener of its original
+    destination; planemesh's interception already delivers it there, so only its chains' meaning is noted."""
+    for ci, chain in enumerate(listener.filter_chains):
+        cpath = f"{path}.filter_chains[{ci}]"
+        kinds = {type_name(f.typed_config.type_url) for f in chain.filters}
+        if TCP_PROXY not in kinds:
+            raise ConfigError(cpath, "a use_original_dst listener's chains must end in tcp_proxy")
+        m = chain.filter_chain_match
+        own_port = (
+            m.HasField("destination_port") and m.destination_port.value == listener.address.socket_address.port_value
+        )
+        if not own_port and any(_tcp_cluster(f) == BLACKHOLE for f in chain.filters):
+            raise ConfigError(
+                cpath,
+                "a BlackHoleCluster catch-all (Istio outboundTrafficPolicy REGISTRY_ONLY) is not supported: planemesh "
+                "passes connections to undeclared destinations and will not pretend to block them",
+            )
+        note_ignored(
+            cpath,
+            "use_original_dst dispatch: planemesh intercepts by original destination; connections no listener "
+            "declares are passed through (Istio ALLOW_ANY = PassthroughCluster)",
+        )
+
+
+def _tcp_cluster(flt) -> str | None:
+    if type_name(flt.typed_config.type_url) != TCP_PROXY:
+        return None
+    tcp = tcp_proxy_pb2.TcpProxy()
+    flt.typed_config.Unpack(tcp)
+    return tcp.cluster or None
+
+
 def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str) -> list[Listener]:
-    only(listener, _LISTENER_HARMLESS | {"address", "filter_chains", "default_filter_chain", "listener_filters"}, path)
+    only(
+        listener,
+        _LISTENER_HARMLESS | _LISTENER_CHECKED,
+        path,
+        _LISTENER_IGNORED,
+    )
     ip, port = socket_address(listener.address, f"{path}.address")
-    mine = _planes_of(listener, planes, ip, path)
+    binds = not listener.HasField("bind_to_port") or listener.bind_to_port.value
+    mine = _planes_of(listener, planes, ip, binds, path)
+    capture = False
     for i, lf in enumerate(listener.listener_filters):
-        if type_name(lf.typed_config.type_url) not in LISTENER_FILTERS:
+        kind = type_name(lf.typed_config.type_url)
+        if kind not in LISTENER_FILTERS:
             raise ConfigError(f"{path}.listener_filters[{i}]", f"listener filter {lf.name!r} is not supported")
+        capture = capture or kind == _ORIGINAL_DST
+    _listener_sla(listener, mine, acc, path)
+    if listener.HasField("use_original_dst") and listener.use_original_dst.value:
+        _capture_chain_listeners(listener, path)
+        return []
+    chains = list(listener.filter_chains)
+    if listener.HasField("default_filter_chain"):
+        chains.append(listener.default_filter_chain)
+    if not chains:
+        raise ConfigError(f"{path}.filter_chains", "a listener needs at least one filter chain")
+    vip = () if binds or ip in ("0.0.0.0", "::") else (IPNetwork(ip).cidr,)
+    # istiod's virtualInbound: original_dst plus chains for other destination ports than its own.
+    capture = capture and binds and any(_other_port(c, port) for c in chains)
+    where = _Where(planes=mine, port=port, vip=vip, capture=capture)
+    out: list[Listener] = []
+    paths: list[str] = []
+    names: set[str] = set()
+    for ci, chain in enumerate(chains):
+        cpath = f"{path}.filter_chains[{ci}]" if ci < len(listener.filter_chains) else f"{path}.default_filter_chain"
+        if _skipped_chain(listener, chain, where, cpath):
+            continue
+        for lsn in _chain(listener, chain, ci, where, acc, cpath):
+            if lsn.name in names:  # istiod reuses a chain name for its tls and raw_buffer variants
+                lsn = dataclasses.replace(lsn, name=f"{lsn.name}#{ci}")
+            names.add(lsn.name)
+            out.append(lsn)
+            paths.append(cpath)
+    merged = _merge_same_destination(out, paths)
+    if where.capture:
+        acc.inbound.update(lsn.name for lsn in merged)
+    return merged
+
+
+def _other_port(chain, port: int) -> bool:
+    m = chain.filter_chain_match
+    return m.HasField("destination_port") and m.destination_port.value != port
+
+
+def _listener_sla(listener, mine: list[Plane], acc: _Acc, path: str) -> None:
     meta_sla = planemesh_metadata(listener.metadata).get("sla") or {}
     if not isinstance(meta_sla, dict):
         raise ConfigError(f"{path}.metadata.planemesh.sla", "expected a struct")
@@ -343,15 +492,20 @@ def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str
         elif fld.type in ("int", "int | None"):
             value = int(value)
         _set_sla(acc, mine, key, value, listener.name, f"{path}.metadata.planemesh.sla.{key}")
-    chains = list(listener.filter_chains)
-    if listener.HasField("default_filter_chain"):
-        chains.append(listener.default_filter_chain)
-    if not chains:
-        raise ConfigError(f"{path}.filter_chains", "a listener needs at least one filter chain")
-    out: list[Listener] = []
-    for ci, chain in enumerate(chains):
-        out += _chain(listener, chain, ci, mine, port, acc, f"{path}.filter_chains[{ci}]")
-    return out
+
+
+def drop_shadowed_inbound(listeners: list[Listener], inbound: set[str]) -> list[Listener]:
+    """A virtualInbound port chain and an outbound listener on the same plane/port/destination: the outbound
+    one wins (it carries the routing istiod computed for clients: splits, retries, faults); the inbound chain
+    only hands the request to the local application, which the original destination does as well."""
+    outbound = {(lsn.plane, lsn.port, lsn.prefixes, lsn.server_names) for lsn in listeners if lsn.name not in inbound}
+    kept = []
+    for lsn in listeners:
+        if lsn.name in inbound and (lsn.plane, lsn.port, lsn.prefixes, lsn.server_names) in outbound:
+            note_ignored(f"listener[{lsn.name}]", "shadowed by the outbound listener of the same port")
+            continue
+        kept.append(lsn)
+    return kept
 
 
 def _guarded(errors: Errors, path: str, fn, *args):
@@ -430,6 +584,7 @@ def translate(
     for name, listener in sorted(resources.listeners.items()):
         path = f"listener[{name}]"
         listeners += _guarded(errors, path, translate_listener, listener, planes, acc, path) or []
+    listeners = drop_shadowed_inbound(listeners, acc.inbound)
     routes = dict(acc.routes)
     for name, rc in sorted(resources.routes.items()):
         path = f"route_config[{name}]"

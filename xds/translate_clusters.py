@@ -18,7 +18,9 @@ from planemesh.agent.config import (
 )
 from planemesh.netplanes.model import Plane
 from planemesh.xds.client_state import eds_name
+from planemesh.xds.istio_ext import istio_extension
 from planemesh.xds.translate_common import (
+    note_ignored,
     only,
     opt_seconds,
     planemesh_metadata,
@@ -59,7 +61,22 @@ _SUPPORTED = {
     "outlier_detection",
     "http2_protocol_options",
     "typed_extension_protocol_options",
+    "transport_socket",  # checked by _transport
+    "transport_socket_matches",  # checked by _transport
+    "filters",  # checked by _upstream_filters
 }
+# Accepted without effect (docs/istio-conformance.md): field -> why dropping it is safe.
+_IGNORED = {
+    "upstream_bind_config": (
+        "istiod binds inbound connections to 127.0.0.6 so iptables does not capture them again; planemesh "
+        "intercepts in eBPF and never captures its own upstream connections"
+    ),
+}
+_RAW_BUFFER = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+_TLS_PENDING = (
+    "planemesh does not originate TLS yet: tlsMode istio endpoints are reached in plaintext through the "
+    "plaintext match (Istio PERMISSIVE peers accept it; STRICT peers refuse it)"
+)
 # EDS health statuses that receive traffic: UNKNOWN, HEALTHY, DEGRADED.
 _HEALTHY = {0, 1, 5}
 # common_lb_config fields accepted without effect: planemesh merges no updates, runs no active health checks
@@ -144,20 +161,23 @@ def _locality_weighted(cluster, lb: LbPolicy, path: str) -> bool:
     return True
 
 
-def _http2(cluster, path: str) -> bool:
+def _http2(cluster, path: str) -> tuple[bool, bool]:
+    """(h2c upstream, upstream protocol as the downstream's: use_downstream_protocol_config)."""
     http2 = cluster.HasField("http2_protocol_options")
+    downstream = False
     for key, packed in cluster.typed_extension_protocol_options.items():
         kpath = f"{path}.typed_extension_protocol_options[{key}]"
         if type_name(packed.type_url) != HTTP_OPTIONS:
             raise ConfigError(kpath, f"protocol options {type_name(packed.type_url)!r} are not supported")
         opts = http_protocol_options_pb2.HttpProtocolOptions()
         packed.Unpack(opts)
-        only(opts, {"explicit_http_config", "common_http_protocol_options"}, kpath)
+        only(opts, {"explicit_http_config", "common_http_protocol_options", "use_downstream_protocol_config"}, kpath)
+        downstream = downstream or opts.HasField("use_downstream_protocol_config")
         explicit = opts.explicit_http_config
         if explicit.HasField("http3_protocol_options"):
             raise ConfigError(kpath, "HTTP/3 upstreams are not supported")
         http2 = http2 or explicit.HasField("http2_protocol_options")
-    return http2
+    return http2, downstream
 
 
 def _circuit_breakers(cluster, path: str) -> CircuitBreakers:
@@ -194,9 +214,12 @@ def _outlier(cluster, path: str) -> OutlierDetection | None:
             "max_ejection_percent",
             "enforcing_consecutive_5xx",
             "enforcing_consecutive_gateway_failure",
+            "enforcing_success_rate",
         },
         f"{path}.outlier_detection",
     )
+    if od.HasField("enforcing_success_rate") and od.enforcing_success_rate.value != 0:
+        raise ConfigError(f"{path}.outlier_detection.enforcing_success_rate", "success-rate ejection is not supported")
     d = OutlierDetection()
     return OutlierDetection(
         consecutive_5xx=uint(od, "consecutive_5xx", d.consecutive_5xx),
@@ -207,8 +230,43 @@ def _outlier(cluster, path: str) -> OutlierDetection | None:
     )
 
 
+def _is_raw_buffer(socket) -> bool:
+    if socket.HasField("typed_config"):
+        return type_name(socket.typed_config.type_url) == _RAW_BUFFER
+    return socket.name in ("envoy.transport_sockets.raw_buffer", "raw_buffer")
+
+
+def _transport(cluster, path: str) -> None:
+    """transport_socket: plaintext only; transport_socket_matches: accepted when a plaintext match with an
+    empty criterion exists (Istio's tlsMode-disabled), which planemesh then uses for every endpoint."""
+    if cluster.HasField("transport_socket"):
+        if not _is_raw_buffer(cluster.transport_socket):
+            kind = type_name(cluster.transport_socket.typed_config.type_url) or cluster.transport_socket.name
+            raise ConfigError(f"{path}.transport_socket", f"{kind} is not supported (plaintext upstreams only)")
+        note_ignored(f"{path}.transport_socket", "raw_buffer: plaintext, what planemesh does")
+    if not cluster.transport_socket_matches:
+        return
+    plain = [m for m in cluster.transport_socket_matches if not m.match.fields and _is_raw_buffer(m.transport_socket)]
+    if not plain:
+        raise ConfigError(
+            f"{path}.transport_socket_matches", "needs a plaintext match (empty match, raw_buffer): " + _TLS_PENDING
+        )
+    note_ignored(f"{path}.transport_socket_matches", _TLS_PENDING)
+
+
+def _upstream_filters(cluster, path: str) -> None:
+    for i, flt in enumerate(cluster.filters):
+        fpath = f"{path}.filters[{i}]"
+        why = istio_extension(flt.name, flt.typed_config)
+        if why is None:
+            raise ConfigError(fpath, f"upstream network filter {flt.name!r} is not supported")
+        note_ignored(fpath, why)
+
+
 def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Plane, ...], path: str) -> Cluster:
-    only(cluster, _HARMLESS | _SUPPORTED, path)
+    only(cluster, _HARMLESS | _SUPPORTED, path, _IGNORED)
+    _transport(cluster, path)
+    _upstream_filters(cluster, path)
     if cluster.WhichOneof("cluster_discovery_type") != "type" and cluster.HasField("cluster_type"):
         raise ConfigError(f"{path}.cluster_type", "custom cluster types are not supported")
     kind = _KINDS.get(cluster.type)
@@ -224,9 +282,8 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
         raise ConfigError(f"{path}.lb_policy", f"{C.LbPolicy.Name(cluster.lb_policy)} is not supported")
     eps: tuple[Endpoint, ...] = ()
     if kind is ClusterKind.STATIC:
+        # No endpoints is valid (Istio's BlackHoleCluster): every request answers 503 UH, as in Envoy.
         eps = endpoints_of(cluster.load_assignment, f"{path}.load_assignment")
-        if not eps:
-            raise ConfigError(f"{path}.load_assignment", "a STATIC cluster needs at least one endpoint")
     elif kind is ClusterKind.EDS:
         service = eds_name(cluster) or cluster.name
         cla = endpoints.get(service)
@@ -240,6 +297,7 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
     plane = planemesh_metadata(cluster.metadata).get("plane")
     if plane is not None and plane not in {p.name for p in planes}:
         raise ConfigError(f"{path}.metadata.planemesh.plane", f"unknown plane {plane!r}")
+    http2, downstream = _http2(cluster, path)
     timeout = opt_seconds(cluster, "connect_timeout")
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"{path}.connect_timeout", "must be > 0")
@@ -251,7 +309,8 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
         connect_timeout_s=timeout,
         circuit_breakers=_circuit_breakers(cluster, path),
         outlier=_outlier(cluster, path),
-        http2=_http2(cluster, path),
+        http2=http2,
+        downstream_protocol=downstream,
         plane=plane,
         locality_weighted=_locality_weighted(cluster, lb, f"{path}.common_lb_config"),
     )

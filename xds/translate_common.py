@@ -7,9 +7,10 @@ access logs...), and `only()` rejects everything else by name.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from google.protobuf import json_format, message
 
@@ -33,12 +34,38 @@ class Errors:
         raise ConfigError(first.path, reason)
 
 
-def only(msg: message.Message, allowed: Iterable[str], path: str) -> None:
-    """Reject any set field outside `allowed` (an unsupported feature must be NACKed, not ignored)."""
+# Where translation notes the fields it accepts without effect (docs/istio-conformance.md lists them):
+# a list of (path, reason) while a caller such as xds/conformance.py collects, else None (no cost).
+_IGNORED: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("ignored", default=None)
+
+
+def collect_ignored() -> tuple[list[tuple[str, str]], contextvars.Token]:
+    """Start collecting ignored fields in this context; pass the token to `stop_collecting`."""
+    notes: list[tuple[str, str]] = []
+    return notes, _IGNORED.set(notes)
+
+
+def stop_collecting(token: contextvars.Token) -> None:
+    _IGNORED.reset(token)
+
+
+def note_ignored(path: str, reason: str) -> None:
+    notes = _IGNORED.get()
+    if notes is not None:
+        notes.append((path, reason))
+
+
+def only(msg: message.Message, allowed: Iterable[str], path: str, ignored: Mapping[str, str] | None = None) -> None:
+    """Reject any set field outside `allowed` (an unsupported feature must be NACKed, not ignored), except
+    the fields of `ignored` (name -> why dropping it is safe), which are accepted and noted."""
     allowed = set(allowed)
     for fd, _value in msg.ListFields():
-        if fd.name not in allowed:
-            raise ConfigError(f"{path}.{fd.name}", f"not supported by planemesh ({msg.DESCRIPTOR.name}.{fd.name})")
+        if fd.name in allowed:
+            continue
+        if ignored is not None and fd.name in ignored:
+            note_ignored(f"{path}.{fd.name}", ignored[fd.name])
+            continue
+        raise ConfigError(f"{path}.{fd.name}", f"not supported by planemesh ({msg.DESCRIPTOR.name}.{fd.name})")
 
 
 def seconds(duration: message.Message) -> float:

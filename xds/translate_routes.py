@@ -7,6 +7,7 @@ import re
 from planemesh.agent.config import (
     ConfigError,
     DirectResponse,
+    FaultFilter,
     HashPolicy,
     HeaderMatch,
     HeaderValue,
@@ -24,13 +25,41 @@ from planemesh.agent.config import (
     WeightedCluster,
 )
 from planemesh.agent.safe_regex import check_config_regex, literal
-from planemesh.xds.translate_common import fraction, only, opt_seconds, seconds, type_name, uint
-from planemesh.xds.translate_filters import LOCAL_RATELIMIT, local_ratelimit
+from planemesh.xds.translate_common import fraction, note_ignored, only, opt_seconds, seconds, uint
+from planemesh.xds.translate_filters import per_route_filter
 
 # Fields dropped on purpose: names, stats, metadata and tracing decorations change no forwarding.
 _HARMLESS = {"name", "metadata", "decorator", "stat_prefix"}
 _RETRY_ON = {"5xx", "gateway-error", "connect-failure", "reset", "retriable-status-codes"}
 _RETRY_ALIASES = {"refused-stream": "reset"}  # a refused stream is a reset before any response
+# gRPC retry conditions (grpc-status of a trailers-only response): planemesh does not retry on them, so a
+# failed gRPC call is returned at once; istiod's default retry_on carries unavailable and cancelled.
+_RETRY_GRPC = {"cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"}
+# Accepted without effect (docs/istio-conformance.md): field -> why dropping it is safe.
+_ACTION_IGNORED = {
+    "max_stream_duration": (
+        "istiod sets 0s (no limit; grpc-timeout headers unbounded): planemesh applies the route timeout only, "
+        "a gRPC client still cancels at its own deadline"
+    ),
+    "max_grpc_timeout": "deprecated grpc-timeout cap; 0s means unbounded, as planemesh behaves",
+    "grpc_timeout_offset": "grpc-timeout adjustment; planemesh does not derive timeouts from grpc-timeout",
+}
+_RETRY_IGNORED = {
+    "retry_host_predicate": (
+        "previous_hosts: a retry may pick the same endpoint again; the number of attempts is unchanged"
+    ),
+    "host_selection_retry_max_attempts": "goes with retry_host_predicate",
+}
+_VHOST_IGNORED = {
+    "include_request_attempt_count": "adds x-envoy-attempt-count for the upstream's information only",
+    "include_attempt_count_in_response": "adds x-envoy-attempt-count to responses for information only",
+}
+_RC_IGNORED = {
+    "ignore_port_in_host_matching": (
+        "planemesh matches the authority as sent, then without its port: a name without port still matches"
+    ),
+    "max_direct_response_body_size_bytes": "a bound on configured bodies, checked by the control plane",
+}
 _REDIRECT_CODES = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
 # An Upgrade protocol name (RFC 9110 token, with an optional "/version").
 _UPGRADE_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(/[!#$%&'*+.^_`|~0-9A-Za-z-]+)?")
@@ -162,10 +191,18 @@ def _match(m, path: str) -> RouteMatch:
 
 
 def _retry(rp, path: str) -> RetryPolicy:
-    only(rp, {"retry_on", "num_retries", "per_try_timeout", "retriable_status_codes", "retry_back_off"}, path)
+    only(
+        rp,
+        {"retry_on", "num_retries", "per_try_timeout", "retriable_status_codes", "retry_back_off"},
+        path,
+        _RETRY_IGNORED,
+    )
     retry_on = set()
     for token in filter(None, (t.strip() for t in rp.retry_on.split(","))):
         token = _RETRY_ALIASES.get(token, token)
+        if token in _RETRY_GRPC:
+            note_ignored(f"{path}.retry_on.{token}", "gRPC status retries are not made: fewer retries, never more")
+            continue
         if token not in _RETRY_ON:
             raise ConfigError(
                 f"{path}.retry_on", f"retry condition {token!r} is not supported ({', '.join(sorted(_RETRY_ON))})"
@@ -202,6 +239,7 @@ def _action(ra, path: str, default_retry, connect: bool = False) -> RouteAction:
             "upgrade_configs",
         },
         path,
+        _ACTION_IGNORED,
     )
     weighted: list[WeightedCluster] = []
     if ra.WhichOneof("cluster_specifier") == "weighted_clusters":
@@ -256,16 +294,17 @@ def _headers_to_add(options, path: str) -> tuple[HeaderValue, ...]:
     return tuple(out)
 
 
-def _per_route_filters(r, path: str) -> LocalRateLimit | None:
-    """typed_per_filter_config: a per-route local rate limit (its own token bucket, as in Envoy); per-route
-    config of any other filter is refused rather than silently ignored."""
-    rate_limit = None
+def _per_route_filters(r, path: str) -> tuple[LocalRateLimit | None, FaultFilter | None]:
+    """typed_per_filter_config: a per-route local rate limit (its own token bucket, as in Envoy), a fault, a
+    CORS policy (noted); per-route config of any other filter is refused rather than silently ignored."""
+    rate_limit = fault = None
     for name, cfg in sorted(r.typed_per_filter_config.items()):
-        fpath = f"{path}.typed_per_filter_config[{name}]"
-        if type_name(cfg.type_url) != LOCAL_RATELIMIT:
-            raise ConfigError(fpath, f"per-route config of {type_name(cfg.type_url) or name!r} is not supported")
-        rate_limit = local_ratelimit(cfg, fpath)
-    return rate_limit
+        found = per_route_filter(name, cfg, f"{path}.typed_per_filter_config[{name}]")
+        if isinstance(found, FaultFilter):
+            fault = found
+        elif found is not None:
+            rate_limit = found
+    return rate_limit, fault
 
 
 def _route(r, path: str, inherited: dict, default_retry) -> Route:
@@ -285,7 +324,7 @@ def _route(r, path: str, inherited: dict, default_retry) -> Route:
         },
         path,
     )
-    rate_limit = _per_route_filters(r, path)
+    rate_limit, fault = _per_route_filters(r, path)
     match = _match(r.match, f"{path}.match")
     kind = r.WhichOneof("action")
     action = redirect = direct = None
@@ -330,6 +369,7 @@ def _route(r, path: str, inherited: dict, default_retry) -> Route:
         response_headers_to_remove=tuple(h.lower() for h in r.response_headers_to_remove)
         + inherited["response_remove"],
         rate_limit=rate_limit,
+        fault=fault,
     )
 
 
@@ -350,13 +390,13 @@ def translate_route_config(rc, path: str) -> RouteConfig:
         "response_headers_to_add",
         "response_headers_to_remove",
     }
-    only(rc, _HARMLESS | {"virtual_hosts", "validate_clusters"} | _ops, path)
+    only(rc, _HARMLESS | {"virtual_hosts", "validate_clusters"} | _ops, path, _RC_IGNORED)
     top = _header_ops(rc, path)
     vhosts = []
     seen_domains: dict[str, str] = {}
     for vi, vh in enumerate(rc.virtual_hosts):
         vpath = f"{path}.virtual_hosts[{vi}]"
-        only(vh, _HARMLESS | {"domains", "routes", "retry_policy"} | _ops, vpath)
+        only(vh, _HARMLESS | {"domains", "routes", "retry_policy"} | _ops, vpath, _VHOST_IGNORED)
         if not vh.domains:
             raise ConfigError(f"{vpath}.domains", "a virtual host needs at least one domain")
         for domain in vh.domains:

@@ -22,6 +22,7 @@ UC = "UC"  # upstream connection termination
 URX = "URX"  # retries exhausted / upstream retry limit
 DC = "DC"  # downstream connection termination
 NR = "NR"  # no route
+NC = "NC"  # no cluster: the route names a cluster the configuration does not have (yet)
 UO = "UO"  # upstream overflow (circuit breaking / overload)
 RL = "RL"  # rate limited locally
 UPE = "UPE"  # upstream protocol error

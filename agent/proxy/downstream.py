@@ -28,6 +28,7 @@ from planemesh.agent.proxy.http1 import (
     local_reply,
     parse_authority,
 )
+from planemesh.agent.proxy.limits import H1_REFUSALS
 from planemesh.agent.proxy.request_checks import Refused, check_expect, check_head, check_host
 from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, TUNNEL_UPGRADE
 
@@ -46,7 +47,6 @@ PAUSE_ERROR = 16  # malformed input after well-formed pipelined requests: those 
 MAX_PIPELINED = 128
 LINGER_S = 1.0
 REQUEST_HEADERS_TIMEOUT = local_reply(408, b"request headers not received in time\n", close=True)
-OVERLOADED_CONNECTIONS = local_reply(503, b"overloaded\n", [(b"x-planemesh-overloaded", b"connections")], close=True)
 
 # Request headers the proxy reads while parsing; the rest are forwarded untouched.
 _H_HOST = b"host"
@@ -146,7 +146,7 @@ class Downstream(asyncio.Protocol):
         self.loops_to_self = self.local[1] in proxy.listen_ports
         refusal = proxy.admit(self)  # plane total, per-source share, memory overload (server.py)
         if refusal is not None:
-            self.out.append(refusal)
+            self.out.append(H1_REFUSALS[refusal])
             self.linger_close()
 
     def data_received(self, data: bytes) -> None:
@@ -347,6 +347,10 @@ class Downstream(asyncio.Protocol):
             self.flush()
             self.closed = True
             self.transport.close()
+
+    def stop_keep_alive(self) -> None:
+        """limits.ClientConnection: exchange_done already closes after the response while the proxy drains, and
+        each request is told `connection: close` while the worker sheds (PlaneProxy.overload_gate)."""
 
     def buffered_bytes(self) -> int:
         """Bytes this connection holds (agent/proxy/overload.py BufferHolder): output not yet written, the

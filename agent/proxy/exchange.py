@@ -257,6 +257,15 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         if type(result) is pipeline.Local:
             return self.answer(result)
         route = self.route = result.route  # type: ignore[union-attr]
+        if route is not None and route.fault is not None and DELAY_INJECTED not in self.flags:
+            # The route's fault (Istio VirtualService), after routing; a delay comes back here once, flagged.
+            step = pipeline.route_fault(route.fault, self._header_map, rng.random)
+            if type(step) is pipeline.Delay:
+                self.flags = DELAY_INJECTED
+                self.backoff = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
+                return None
+            if step is not None:
+                return self.answer(step)  # type: ignore[arg-type]
         if self.tunnel and not crc.upgrade_allowed(route, self.upgrade_type):
             kind = b"CONNECT" if connect else b"upgrade to " + self.upgrade.strip()
             return self.refuse(kind + b" is not allowed on this route\n")
@@ -268,8 +277,8 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.tries_left = policy.num_retries
         cluster = up.cluster  # type: ignore[union-attr]
         if cluster is None:
-            if result.cluster_missing:  # type: ignore[union-attr]
-                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
+            if result.cluster_missing or result.weighted:  # type: ignore[union-attr]  # Envoy: 503, empty, NC
+                return self.answer(pipeline.NO_CLUSTER)
             if not connect and ds.loops_to_self:
                 return self.answer(pipeline.NO_ROUTE)  # not intercepted: would forward to ourselves
             # the original destination, never the client's authority for a CONNECT (connect_target.py)
@@ -469,6 +478,6 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         duration = (_perf() - self.t0) * 1000
         self.duration_ms = int(duration)
         latency = duration if self.t_tunnel < 0 else self.t_tunnel  # a tunnel's latency: until it was open
-        proxy.stats.record_response(self.status, latency, self.bytes_rx, self.bytes_tx)
+        proxy.stats.record_response(self.status, latency, self.bytes_rx, self.bytes_tx, self.flags)
         proxy.log.append(self)
         self.ds.exchange_done(self, abort)

@@ -20,7 +20,6 @@ import h2.exceptions
 import h2.settings
 
 from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
-from planemesh.agent.proxy.http1 import CONNECTION_SPECIFIC
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
@@ -37,7 +36,6 @@ class Stream(Protocol):
 # HTTP status -> gRPC status for proxy-generated errors (as Envoy's grpc_http1_bridge / router do).
 GRPC_STATUS = {400: 13, 404: 12, 429: 14, 502: 14, 503: 14, 504: 4}
 
-HOP_BY_HOP_H2 = CONNECTION_SPECIFIC  # http1.py keeps the one list
 WINDOW = 1 << 20
 MAX_STREAMS = 1000  # advertised to upstream servers (they open no streams to us)
 

@@ -15,7 +15,9 @@ from planemesh.agent.proxy import accesslog, h2_upstream, pipeline
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.filters import DELAY_INJECTED
-from planemesh.agent.proxy.h2 import GRPC_STATUS, HOP_BY_HOP_H2, H2Side
+from planemesh.agent.proxy.h2 import GRPC_STATUS, H2Side
+from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2, TRAILER_DROP
+from planemesh.agent.proxy.limits import MEMORY_SHED_HEADERS
 from planemesh.agent.proxy.mirror import mirror_targets, sender_for, shadow_request
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.request_head import (
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import H2Client as H2Downstream
 
+# Response fields from an h2 upstream that never reach the client: the connection-specific ones, and te.
+_RESPONSE_DROP = HOP_BY_HOP_H2 | {b"te"}
 GATEWAY_FLAGS = frozenset({accesslog.UF, accesslog.UT, accesslog.UC})  # failures outlier detection counts
 
 
@@ -200,6 +204,12 @@ class Bridge:
         local = pipeline.admission(proxy)
         if local is not None:
             return self.answer(local)
+        overload = proxy.overload
+        if not overload.keep_alive or proxy.draining:  # memory or connection pressure: as overload_gate for h1
+            ds.stop_keep_alive()
+            if overload.shedding:
+                proxy.stats.shed_requests += 1
+                return self.local_error(503, "overloaded", accesslog.OM, extra=MEMORY_SHED_HEADERS)
         table = proxy.table
         if ds.table is not table:  # first stream of the connection, or a new snapshot since
             ds.table = table
@@ -243,12 +253,24 @@ class Bridge:
         if type(result) is pipeline.Local:
             return self.answer(result)
         route = self.route = result.route  # type: ignore[union-attr]
+        if route is not None and route.fault is not None and DELAY_INJECTED not in self.flags:
+            # The route's fault (Istio VirtualService), after routing; a delay comes back here once, flagged.
+            step = pipeline.route_fault(route.fault, self._header_map, rng.random)
+            if type(step) is pipeline.Delay:
+                self.flags = DELAY_INJECTED
+                self.held = self.held if self.held is not None else []
+                self.timer = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
+                return None
+            if step is not None:
+                return self.answer(step)  # type: ignore[arg-type]
         up = pipeline.upstream(proxy, result, self._header_map, ds.peer_ip_b.decode())  # type: ignore[arg-type]
         if type(up) is pipeline.Local:
             return self.answer(up)
         cluster = self.cluster = up.cluster  # type: ignore[union-attr]
         if cluster is None:
-            if result.cluster_missing or ds.local[1] in proxy.listen_ports:  # type: ignore[union-attr]
+            if result.cluster_missing or result.weighted:  # type: ignore[union-attr]  # Envoy: 503, empty, NC
+                return self.answer(pipeline.NO_CLUSTER)
+            if ds.local[1] in proxy.listen_ports:
                 return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
             addr = (normalise_ip(ds.local[0]), ds.local[1])
         else:
@@ -269,7 +291,7 @@ class Bridge:
             self.deadline = now + timeout if timeout else float("inf")
             self.try_deadline = min(self.deadline, now + per_try) if per_try else self.deadline
             proxy.watch_deadline(self)  # type: ignore[arg-type]
-        self.http2 = cluster is not None and cluster.http2
+        self.http2 = cluster is not None and (cluster.http2 or cluster.downstream_protocol)  # this client speaks h2
         self.connect_timeout = result.connect_timeout_s  # type: ignore[union-attr]
         action = route.action if route is not None else None
         if action is not None and action.mirrors and cluster is not None:
@@ -379,6 +401,11 @@ class Bridge:
     def _exhausted(self, flag: str) -> str:
         return self.retries.exhausted(flag) if self.retries is not None else flag
 
+    def upstream_buffered(self) -> int:
+        """What the stream's upstream holds for it (H2Downstream.buffered_bytes)."""
+        up = self.up
+        return up.buffered_for(self) if up is not None else 0
+
     def _mutate(self, route: Route | None) -> None:
         """The route's rewrites and request header changes, and this hop's trace context (request_head.py)."""
         fields = self.fields
@@ -461,7 +488,8 @@ class Bridge:
 
     def on_trailers(self, side: H2Side, trailers: list[tuple[bytes, bytes]]) -> None:
         trailers = [(n.lower(), v) for n, v in trailers]
-        trailers = [(n, v) for n, v in trailers if n not in HOP_BY_HOP_H2 and n[:1] != b":"]
+        # as on the HTTP/1 path: hop-by-hop and framing fields, and Host (trailers must not route) are dropped
+        trailers = [(n, v) for n, v in trailers if n not in TRAILER_DROP and n[:1] != b":"]
         if side is self.ds:
             self.req_ended = True
             if self.held is not None:
@@ -518,7 +546,7 @@ class Bridge:
             n = n.lower()
             if n == b":status":
                 status = int(v)
-            if n not in HOP_BY_HOP_H2 and n != b"te":
+            if n not in _RESPONSE_DROP:
                 out.append((n, v))
         if self.retry_status(status):
             return
@@ -589,6 +617,7 @@ class Bridge:
                 (b"content-type", b"application/grpc"),
                 (b"grpc-status", str(GRPC_STATUS.get(status, 2)).encode()),
                 (b"grpc-message", message.encode("latin-1", "replace")),
+                *extra,
             ]
             self.ds.respond(self.sid, headers, True)
         else:
@@ -635,5 +664,5 @@ class Bridge:
         stats.requests_active -= 1
         duration_ms = (time.perf_counter() - self.t0) * 1000
         self.duration_ms = int(duration_ms)
-        stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx)
+        stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx, self.flags)
         proxy.log.append(self)  # type: ignore[arg-type]

@@ -15,7 +15,14 @@ import h2.exceptions
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.h2 import H2Side
 from planemesh.agent.proxy.h2_goaway import GoawaySplitter
-from planemesh.agent.proxy.http1 import HOP_BY_HOP, LAST_CHUNK, TRAILER_DROP, dropped_names, last_chunk
+from planemesh.agent.proxy.http1 import (
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    NEVER_HOP_BY_HOP,
+    TRAILER_DROP,
+    dropped_names,
+    last_chunk,
+)
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY
 from planemesh.agent.proxy.sockets import open_upstream
 
@@ -30,7 +37,9 @@ MAX_STREAMS_PER_CONN = 1000
 # above the server's real limit, the surplus would be refused.
 STREAMS_BEFORE_SETTINGS = 100
 MAX_REOPEN = 5  # times a refused body-less stream is opened again (a server past its streams per connection)
-_H1_DROP = TRAILER_DROP  # http1.py keeps the one list
+# What of an h2 request's fields is not copied into the HTTP/1.1 head: hop-by-hop and framing fields (re-emitted
+# by the proxy) and Host (written from :authority, or the first Host when there is none).
+_H1_DROP = HOP_BY_HOP | NEVER_HOP_BY_HOP
 _H1_RESPONSE_DROP = _H1_DROP - {b"content-length"}
 _pools: weakref.WeakKeyDictionary[PlaneProxy, dict[tuple, list[H2Upstream]]] = weakref.WeakKeyDictionary()
 
@@ -173,6 +182,11 @@ class H2Upstream(H2Side):
     def cancel(self, bridge: Bridge) -> None:
         self.reset(bridge.up_sid)
 
+    def buffered_for(self, bridge: Bridge) -> int:
+        """Request bytes of the stream waiting for this connection's window (the overload manager's measure)."""
+        queue = self.queues.get(bridge.up_sid)
+        return sum(len(item[0]) for item in queue if type(item[0]) is not list) if queue else 0
+
     def release(self, bridge: Bridge) -> None:
         self.bridges.pop(bridge.up_sid, None)
         if self.goaway and not self.bridges:
@@ -304,6 +318,17 @@ class H1Stream:
         self.req_done = True
         if self.chunked:  # a content-length body has nowhere to carry trailers: dropped
             self._write(last_chunk(trailers))
+
+    def buffered_for(self, bridge: Bridge) -> int:
+        """Bytes held for the stream (the overload manager's measure): the request before the connection is open,
+        its replay copy, the response read but not handed on, and the connection's write buffer."""
+        n = sum(map(len, self.out)) + sum(map(len, self.body))
+        if self.replay is not None:
+            n += self.replay_len
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            n += conn.transport.get_write_buffer_size()
+        return n
 
     def cancel(self, bridge: Bridge) -> None:
         """The client reset the stream, or its timeout fired: the connection is dropped, never reused, and a

@@ -7,15 +7,29 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-# The one hop-by-hop list of the proxy, for every codec. Connection-specific fields (RFC 9113 8.2.2): never on
-# an h2 stream, never forwarded.
-CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
-# Never forwarded on the HTTP/1 path: RFC 9110 7.6.1's connection options, plus the framing headers, which the
+# The one list of hop-by-hop fields, for the HTTP/1 path and every bridge (h2.py, h2_upstream.py, h1_over_h2.py
+# derive theirs from it): never forwarded. RFC 9110 7.6.1's connection options, plus the framing headers, which the
 # proxy re-emits itself because it may re-frame a body (e.g. close-delimited upstream -> chunked downstream).
-HOP_BY_HOP = CONNECTION_SPECIFIC | {b"te", b"trailer", b"content-length"}
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    }
+)
 # Fields a client's (or upstream's) Connection header cannot make hop-by-hop: Host routes the request
 # (RFC 9112 3.2 requires it on every HTTP/1.1 request).
 NEVER_HOP_BY_HOP = frozenset({b"host"})
+# HTTP/2 frames bodies itself: content-length and trailer are end to end there, and te is allowed as
+# "te: trailers" only (checked where h2 fields are built). What remains of HOP_BY_HOP is RFC 9113 8.2.2's
+# connection-specific fields, which an h2 message must not carry (a peer would reject the stream).
+H2_END_TO_END = frozenset({b"content-length", b"te", b"trailer"})
+HOP_BY_HOP_H2 = HOP_BY_HOP - H2_END_TO_END
 
 MAX_HEADER_BYTES = 64 * 1024  # larger header sections get 431
 # Header fields per request or response head (and per trailer section): a request with more gets 431, a
@@ -87,7 +101,6 @@ def chunk(data: bytes) -> bytes:
 
 
 # Trailer fields never relayed: hop-by-hop and framing ones, and Host (RFC 9110 6.5.1: trailers must not route).
-# What an h2 request's fields (or trailers) written as HTTP/1.1 drop: Host comes from :authority.
 TRAILER_DROP = HOP_BY_HOP | {b"host"}
 
 

@@ -8,7 +8,9 @@ import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
+from planemesh.agent.proxy.http1 import local_reply
 from planemesh.netplanes.model import SLA
 
 
@@ -70,6 +72,52 @@ def per_source_limit(sla: SLA) -> int:
     if sla.max_connections_per_source is not None:
         return max(1, sla.max_connections_per_source)
     return max(1, sla.max_connections // DEFAULT_SOURCE_SHARE)
+
+
+# Why PlaneProxy.admit refused a connection (also the x-planemesh-overloaded value, and an h2 GOAWAY's debug
+# data) -> the HTTP/1.1 answer. An h2 connection gets a GOAWAY instead (h2_downstream.H2Downstream.refuse).
+REFUSED_MEMORY, REFUSED_SOURCE, REFUSED_CONNECTIONS = "memory", "source-connections", "connections"
+MEMORY_SHED_BODY = b"overloaded\n"
+MEMORY_SHED_HEADERS = ((b"x-planemesh-overloaded", REFUSED_MEMORY.encode()),)
+H1_REFUSALS = {
+    REFUSED_MEMORY: local_reply(503, MEMORY_SHED_BODY, MEMORY_SHED_HEADERS, close=True),
+    REFUSED_SOURCE: local_reply(
+        503,
+        b"too many connections from this address\n",
+        [(b"x-planemesh-overloaded", b"source-connections")],
+        close=True,
+    ),
+    REFUSED_CONNECTIONS: local_reply(503, b"overloaded\n", [(b"x-planemesh-overloaded", b"connections")], close=True),
+}
+
+
+class ClientConnection(Protocol):
+    """A client connection as the plane's admission, idle sweep, drain and overload manager see it, whatever its
+    codec (downstream.Downstream for HTTP/1.1, h2_downstream.H2Downstream for h2c): admitted and released once,
+    swept while idle, reset when it holds the biggest buffers (overload.BufferHolder)."""
+
+    peer_ip: str  # the client's address: its connection share
+    last_active: float  # loop time it was accepted, or a request was last seen or finished (not any byte: h2 PINGs)
+
+    @property
+    def active(self) -> object | None:
+        """What is being answered (None: idle between requests, or never used)."""
+
+    @property
+    def in_headers(self) -> bool:
+        """A request head has begun and is not complete (the slow-header timeout applies, not the idle one)."""
+
+    def headers_overdue(self, now: float, timeout_s: float) -> bool: ...
+
+    def close(self) -> None:
+        """Close gracefully (what is queued goes out first; h2: GOAWAY(NO_ERROR))."""
+
+    def stop_keep_alive(self) -> None:
+        """Drain or shed: no request after those in progress (h2: a graceful GOAWAY), then close once idle."""
+
+    def buffered_bytes(self) -> int: ...
+
+    def abort(self) -> None: ...
 
 
 @dataclass(slots=True)

@@ -341,6 +341,10 @@ class SniffListener:
             stats.record_route(chain.name, verdict.sni)
             if chain.action is not None:
                 cluster = balancer.cluster_for(chain.action)
+                if cluster is None:  # tcp_proxy naming a cluster that does not exist: Envoy closes (NC)
+                    stats.no_upstream += 1
+                    reset(conn)
+                    return
         if cluster is not None and cluster.kind is not ClusterKind.ORIGINAL_DST:
             breaker = balancer.breaker(cluster)
             if breaker.try_acquire(CONNECTIONS):

@@ -7,6 +7,7 @@ in this order, and only turns their answers into its own framing:
     step = listener_filters(proxy, crc, headers, roll)              # 2. plane bucket, listener rate limits, faults
     step = route(proxy.table, crc, authority, target, headers)      # 3. route; redirect, direct response, no route,
                                                                     #    the route's own rate limit
+    step = route_fault(route.fault, headers, roll)                  # 3b. the route's own fault
     up = upstream(proxy, result, headers, peer_ip)                  # 4. cluster (weights), retry policy, breaker
                                                                     #    hold, hash key
     addr, ep = pick(balancer, cluster, hash_key, original_dst)      # 5. endpoint (locality, outlier state)
@@ -33,7 +34,7 @@ from planemesh.agent.proxy.retry import sla_retry
 from planemesh.agent.proxy.routing import redirect_location, split_target
 
 if TYPE_CHECKING:
-    from planemesh.agent.config import Cluster, Endpoint, RetryPolicy, Route
+    from planemesh.agent.config import Cluster, Endpoint, FaultFilter, RetryPolicy, Route
     from planemesh.agent.proxy.balancer import Balancer
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.limits import TokenBucket
@@ -116,6 +117,7 @@ def fault_abort(abort_status: int, delayed: bool = False) -> Local:
 
 NO_ROUTE = Local(404, b"", (), flags.NR)
 NO_HEALTHY_UPSTREAM = Local(503, b"no healthy upstream\n", (), flags.UF)
+NO_CLUSTER = Local(503, b"", (), flags.NC)  # the route's cluster is not in the snapshot (Envoy: empty body, NC)
 CONNECT_DISABLED = Local(403, b"CONNECT is not enabled on this listener\n", close=True)
 
 
@@ -181,6 +183,17 @@ def route(
             proxy.stats.rate_limited += 1
             return Local(429, b"local_rate_limited", limiter.headers(), flags.RL)
     return result
+
+
+def route_fault(fault: FaultFilter, headers: Headers, roll: Callable[[], float]) -> Local | Delay | None:
+    """Step 3b: the route's own fault (Istio VirtualService fault, typed_per_filter_config), after routing. The
+    caller runs it once: after a delay it routes again without it."""
+    decision = fault_decision(fault, headers(), roll)
+    if decision.delay_s:
+        return Delay(decision.delay_s, decision.abort_status)
+    if decision.abort_status is not None:
+        return fault_abort(decision.abort_status)
+    return None
 
 
 def upstream(proxy: ProxyState, result: RouteResult, headers: Headers, peer_ip: str) -> Local | Upstream:

@@ -18,11 +18,20 @@ from netaddr import AddrFormatError
 
 from planemesh.agent.config import Snapshot
 from planemesh.agent.proxy.accesslog import OM, AccessLogBuffer, Sink, format_json, format_text
-from planemesh.agent.proxy.downstream import OVERLOADED_CONNECTIONS, Downstream
+from planemesh.agent.proxy.downstream import Downstream
 from planemesh.agent.proxy.exchange import Exchange
 from planemesh.agent.proxy.h2_downstream import H2Downstream
-from planemesh.agent.proxy.http1 import local_reply
-from planemesh.agent.proxy.limits import ConnectionShare, TokenBucket, bucket_for
+from planemesh.agent.proxy.limits import (
+    MEMORY_SHED_BODY,
+    MEMORY_SHED_HEADERS,
+    REFUSED_CONNECTIONS,
+    REFUSED_MEMORY,
+    REFUSED_SOURCE,
+    ClientConnection,
+    ConnectionShare,
+    TokenBucket,
+    bucket_for,
+)
 from planemesh.agent.proxy.overload import SAMPLE_INTERVAL_S, Level, OverloadManager, RssGrowth
 from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffListener, SniffStats
 from planemesh.agent.proxy.routing_table import RoutingTable
@@ -41,12 +50,6 @@ def _sockname_is_destination(sockname: tuple, peername: tuple) -> tuple[str, int
 
 
 DRAIN_IDLE_CLOSE_S = 0.5
-SOURCE_REFUSED = local_reply(
-    503, b"too many connections from this address\n", [(b"x-planemesh-overloaded", b"source-connections")], close=True
-)
-MEMORY_SHED_BODY = b"overloaded\n"
-MEMORY_SHED_HEADERS = ((b"x-planemesh-overloaded", b"memory"),)
-MEMORY_SHED = local_reply(503, MEMORY_SHED_BODY, MEMORY_SHED_HEADERS, close=True)
 
 
 class PlaneProxy:
@@ -80,7 +83,7 @@ class PlaneProxy:
         self.pool = UpstreamPool(
             self, max_idle_per_key=max_idle_per_key, idle_timeout_s=min(60.0, self.sla.idle_timeout_s)
         )
-        self.connections: set[Downstream] = set()
+        self.connections: set[ClientConnection] = set()  # every client connection, HTTP/1.1 or h2 (admitted or not)
         self.inflight: set[Exchange] = set()  # requests with a deadline, checked by _sweep_deadlines
         self._sweep_handle: asyncio.TimerHandle | None = None
         self.deadline_resolution_s = 0.02
@@ -94,7 +97,7 @@ class PlaneProxy:
         self._stopped: asyncio.Future[None] | None = None
         self._tick_s = tick_s
         self._tick_handle: asyncio.TimerHandle | None = None
-        self.share = ConnectionShare(self.sla)  # per-source share, idle deadlines (HTTP/1.1 connections)
+        self.share = ConnectionShare(self.sla)  # per-source share, idle deadlines (every client connection)
         self.overload = OverloadManager(self.sla.memory_max_mb, self.sla.max_connections)
         self.memory_source = memory_source or RssGrowth()
         self._overload_s = overload_interval_s
@@ -184,9 +187,13 @@ class PlaneProxy:
         for sniffer, task in self._sniffers:
             sniffer.close()
             task.cancel()
-        # Busy connections close after their current response (it says `Connection: close`). An idle
-        # keep-alive connection is closed only once it stayed idle a while: closing it at once races with
-        # a request the client may already have sent (Envoy's drain does the same).
+        # Busy connections close after their current response (it says `Connection: close`; h2: a graceful
+        # GOAWAY now, the streams in progress complete). An idle keep-alive connection is closed only once it
+        # stayed idle a while: closing it at once races with a request the client may already have sent (Envoy's
+        # drain does the same).
+        for conn in list(self.connections):
+            if conn.active is not None:
+                conn.stop_keep_alive()
         deadline = self.loop.time() + timeout
         while self.connections and self.loop.time() < deadline:
             quiet_since = self.loop.time() - DRAIN_IDLE_CLOSE_S
@@ -258,33 +265,34 @@ class PlaneProxy:
 
     # ---- admission: connection share and overload (agent/proxy/limits.py, overload.py) --------------------
 
-    def admit(self, conn: Downstream) -> bytes | None:
-        """A new HTTP/1.1 connection (already counted in downstream_active): None if it may stay, else the reply
-        to send before closing it."""
+    def admit(self, conn: ClientConnection) -> str | None:
+        """A new client connection, any codec (in self.connections, counted in downstream_active): None if it may
+        stay, else why not (REFUSED_*): HTTP/1.1 answers H1_REFUSALS[why], h2 a GOAWAY, then it is closed."""
         stats = self.stats
         if self.overload.shedding:
             stats.shed_connections += 1
-            return MEMORY_SHED
+            return REFUSED_MEMORY
         why = self.share.admit(conn, conn.peer_ip, conn.last_active, self.open_connections() + 1)
         if why is None:
             return None
         if why == "source":
             stats.source_refused += 1
-            return SOURCE_REFUSED
+            return REFUSED_SOURCE
         stats.overloaded += 1
-        return OVERLOADED_CONNECTIONS
+        return REFUSED_CONNECTIONS
 
     def open_connections(self) -> int:
-        """Connections holding the plane's budget: admitted HTTP/1.1 ones and h2 ones (not in self.connections).
-        Refused connections still sending their 503 (lingering) do not count: they cannot block anyone."""
-        return len(self.share) + self.stats.downstream_active - len(self.connections)
+        """Connections holding the plane's budget: the admitted ones, whatever their codec. Refused connections
+        still sending their 503 or GOAWAY (lingering) do not count: they cannot block anyone."""
+        return len(self.share)
 
-    def release(self, conn: Downstream) -> None:
+    def release(self, conn: ClientConnection) -> None:
         self.share.release(conn)
 
     def overload_gate(self, ex: Exchange) -> bool:
         """Called for each request while the worker is not at Level.NORMAL or near its connection budget: no
-        keep-alive; True if the request was answered 503 (memory) and must go no further."""
+        keep-alive; True if the request was answered 503 (memory) and must go no further. The h2 equivalent is
+        h2.Bridge.start (its connection is told to stop keep-alive with a GOAWAY, the stream is shed alike)."""
         ex.keep_alive = False
         if not self.overload.shedding:
             return False

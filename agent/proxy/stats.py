@@ -16,6 +16,7 @@ class PlaneStats:
         "downstream_total",
         "h2_abuse_closed",
         "h2_premature_resets",
+        "h2_provoked_resets",
         "h2_refused_streams",
         "idle_closed",
         "latency_buckets",
@@ -29,6 +30,7 @@ class PlaneStats:
         "requests_active",
         "requests_pending",
         "requests_total",
+        "response_flags",
         "responses",
         "retries",
         "shed_connections",
@@ -45,6 +47,7 @@ class PlaneStats:
         self.requests_active = 0
         self.requests_pending = 0  # waiting for an upstream connection
         self.responses = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0: no response, e.g. client gone)
+        self.response_flags: dict[str, int] = {}  # Envoy response flag (accesslog.UF, ...) -> responses
         self.downstream_active = 0
         self.downstream_total = 0
         self.upstream_active = 0
@@ -68,10 +71,14 @@ class PlaneStats:
         self.overload_level = 0  # overload.Level of the worker: 0 normal, 1 soft, 2 hard
         self.memory_bytes = 0  # the worker's RSS at the last sample
         self.h2_premature_resets = 0  # streams a client reset before their response began (h2_guard.py)
+        self.h2_provoked_resets = 0  # streams h2 reset for the client's protocol errors (MadeYouReset), premature too
         self.h2_refused_streams = 0  # beyond the connection's max concurrent streams
         self.h2_abuse_closed = 0  # connections closed with GOAWAY(ENHANCE_YOUR_CALM)
 
-    def record_response(self, status: int, duration_ms: float, rx: int, tx: int) -> None:
+    def record_response(self, status: int, duration_ms: float, rx: int, tx: int, flags: str = "") -> None:
+        if flags:  # rare (errors): "UF,URX" counts once for each flag
+            for flag in flags.split(","):
+                self.response_flags[flag] = self.response_flags.get(flag, 0) + 1
         cls = status // 100
         self.responses[cls if 0 <= cls < 6 else 0] += 1
         self.latency_buckets[bisect_left(LATENCY_BUCKETS_MS, duration_ms)] += 1
@@ -82,6 +89,7 @@ class PlaneStats:
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {name: getattr(self, name) for name in self.__slots__}
+        out["response_flags"] = dict(self.response_flags)
         out["responses"] = {f"{i}xx" if i else "none": n for i, n in enumerate(self.responses)}
         out["latency_buckets"] = dict(
             zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], self.latency_buckets, strict=True)

@@ -30,6 +30,13 @@ def compiler_libraries(pid: int) -> set[str]:
     return {p for p in paths if any(lib in os.path.basename(p) for lib in ("libbcc", "libLLVM", "libclang"))}
 
 
+def grpc_libraries(pid: int) -> set[str]:
+    """grpc's and protobuf's extension modules mapped into a process (loaded only when xDS is configured)."""
+    with open(f"/proc/{pid}/maps") as f:
+        paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
+    return {p for p in paths if any(lib in os.path.basename(p) for lib in ("cygrpc", "_message.abi3", "_upb"))}
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
@@ -61,6 +68,8 @@ def test_agent_holds_no_compiler_and_warm_starts_compile_nothing(run_prefix: str
             assert proxied(env)
             workers = children(env.agent.pid)
             assert workers and all(compiler_libraries(pid) == set() for pid in workers)
+            # A static config: no xDS, so neither the agent nor a worker loaded grpc/protobuf.
+            assert all(grpc_libraries(pid) == set() for pid in [env.agent.pid, *workers])
             programs = {p for p in os.listdir(pin_dir) if p.startswith("prog_pm_tc_ingress_")}
             assert len(programs) == 1, programs
 

@@ -71,7 +71,8 @@ def resources(root_route: dict) -> list[dict]:
 
 PASSTHROUGH = {"route": {"cluster": "passthrough"}}
 TEAPOT = {"direct_response": {"status": 418, "body": {"inline_string": "routed by the new config"}}}
-BROKEN = {"route": {"cluster": "no-such-cluster"}}
+BROKEN = {"direct_response": {"status": 1000}}  # not an HTTP status: the route configuration is NACKed
+GHOST = {"route": {"cluster": "no-such-cluster"}}  # valid (Envoy): answered 503 NC until the cluster exists
 
 
 def write(path: Path, items: list[dict]) -> None:
@@ -138,6 +139,11 @@ def test_agent_follows_xds_keeps_last_good_config_and_survives_server_loss(run_p
 
             assert eventually(nacked, timeout=5)
             assert http_requests(env.client_ns, dst, 80, ["/"]).status == [418]
+            # A route naming a cluster that does not exist is not an error: it answers 503 (flag NC).
+            write(res / "config.yaml", resources(GHOST))
+            assert eventually(lambda: http_requests(env.client_ns, dst, 80, ["/"]).status == [503], 5, 0.05)
+            write(res / "config.yaml", resources(TEAPOT))
+            assert eventually(lambda: http_requests(env.client_ns, dst, 80, ["/"]).status == [418], 5, 0.05)
 
             # Losing the server: traffic keeps flowing on the current config.
             server.terminate()

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from planemesh.agent.proxy.limits import PRESSURE_FRACTION
 from planemesh.agent.proxy.overload import HARD_FRACTION, MIB, SOFT_FRACTION
 from planemesh.netplanes.model import SLA
 from tests.proxy.proxy_harness import Backend, ProxyThread
@@ -99,16 +100,19 @@ def test_never_used_connections_are_closed_and_sooner_under_pressure(backend: Ba
             for sock in quiet:
                 sock.close()
     # Four addresses fill 40 of 40: above 3/4 of the budget every idle connection gets the short timeout
-    # (1 s), although idle_connection_timeout_s says 60 s; then the plane serves others again.
+    # (1 s), although idle_connection_timeout_s says 60 s, until the plane is out of pressure (the pressure is
+    # judged once per tick, so connections opened a little later may keep their 60 s once enough have gone);
+    # then the plane serves others again.
     sla = SLA(max_connections=40, max_connections_per_source=10, idle_connection_timeout_s=60)
     with ProxyThread([("127.0.0.1", backend.port)], sla=sla) as px:
         flood = [s for i in range(2, 6) for s in open_idle(px.port, 10, f"127.0.0.{i}")]
         try:
             assert wait_until(lambda: px.proxy.stats.downstream_active >= 40, 5)
             started = time.monotonic()
-            assert wait_until(lambda: all(closed_by_proxy(s) for s in flood), 5)
+            out_of_pressure = int(40 * PRESSURE_FRACTION)
+            assert wait_until(lambda: sum(closed_by_proxy(s) for s in flood) >= 40 - out_of_pressure, 5)
             assert time.monotonic() - started < 4
-            assert px.proxy.stats.idle_closed >= 40
+            assert px.proxy.stats.idle_closed >= 40 - out_of_pressure
             assert [get(px.port, f"/after{i}")[0] for i in range(10)] == [200] * 10
         finally:
             for sock in flood:

@@ -98,3 +98,23 @@ def test_collector_values_and_provider_errors():
     assert samples[("planemesh_ready", ())] == 1
     stats.unregister("bad")
     assert _scrape(stats)[("planemesh_stats_provider_errors_total", (("provider", "bad"),))] == 1
+
+
+def test_response_flags_and_bpf_bytes_reach_prometheus():
+    """A worker's response flags (each flag of "UF,URX" once) and the BPF byte counters are exposed per plane."""
+    from planemesh.agent.proxy.stats import PlaneStats
+    from planemesh.agent.worker import stats_report
+
+    plane = PlaneStats()
+    plane.record_response(503, 1.0, 0, 20, "UF,URX")
+    plane.record_response(503, 1.0, 0, 20, "UF")
+    plane.record_response(200, 1.0, 0, 20)
+    stats = StatsRegistry()
+    stats.register("worker", lambda: stats_report("oam", plane))
+    stats.register("bpf", lambda: {"datapath": [{"plane": "oam", "packets": {"bypass": 3}, "bytes": {"bypass": 180}}]})
+    got = _scrape(stats)
+    base = (("cluster", "all"), ("listener", "oam"), ("plane", "oam"), ("route", "all"))
+    assert got[("planemesh_http_response_flags_total", (*base[:1], ("flag", "UF"), *base[1:]))] == 2
+    assert got[("planemesh_http_response_flags_total", (*base[:1], ("flag", "URX"), *base[1:]))] == 1
+    assert got[("planemesh_bpf_bytes_total", (("plane", "oam"), ("verdict", "bypass")))] == 180
+    assert got[("planemesh_bpf_packets_total", (("plane", "oam"), ("verdict", "bypass")))] == 3

@@ -46,6 +46,11 @@ def test_bootstrap_targets(address):
         ({**boot(), "host_mode": {"slices": ["not a slice"]}}, "host_mode.slices[0]"),
         ({**boot(), "host_mode": {"cgroup": ["/x"]}}, "host_mode.cgroup"),
         ([], "bootstrap"),
+        (boot(token_file="relative/token"), "server.token_file"),
+        (boot(max_receive_bytes=1000), "server.max_receive_bytes"),
+        (boot(max_receive_bytes="64MiB"), "server.max_receive_bytes"),
+        ({**boot(), "node": {"id": "n", "metadata": ["x"]}}, "node.metadata"),
+        ({**boot(), "node": {"id": "n", "metadata": {"LABELS": {"app": object()}}}}, "node.metadata.LABELS"),
     ],
 )
 def test_bootstrap_errors_name_the_field(raw, path):
@@ -80,6 +85,32 @@ def test_node_identity_lists_planes():
     assert meta["planemesh.planes"] == [
         {"name": "oam", "id": 1, "interfaces": ["*-oam"], "cidrs": ["198.18.1.0/24", "fd00:18:1::/64"]}
     ]
+
+
+def test_istiod_bootstrap_token_ca_limit_and_node_metadata():
+    """What istio-agent gives Envoy: a CA for istiod's 15012, a service-account token, node metadata."""
+    metadata = {
+        "ISTIO_VERSION": "1.24.0",
+        "NAMESPACE": "default",
+        "SERVICE_ACCOUNT": "sleep",
+        "INTERCEPTION_MODE": "TPROXY",
+        "CLUSTER_ID": "Kubernetes",
+        "LABELS": {"app": "sleep", "version": "v1"},
+        "INSTANCE_IPS": "198.18.1.7,198.18.2.7",
+    }
+    raw = boot(
+        address="istiod.istio-system.svc:15012",
+        tls={"ca": "/var/run/secrets/istio/root-cert.pem", "server_name": "istiod.istio-system.svc"},
+        token_file="/var/run/secrets/tokens/istio-token",
+        max_receive_bytes=512 << 20,
+    )
+    b = bootstrap_from_dict(
+        {**raw, "node": {"id": "sidecar~198.18.1.7~sleep-1.default~default.svc", "metadata": metadata}}
+    )
+    assert (b.token_file, b.max_receive_bytes) == ("/var/run/secrets/tokens/istio-token", 512 << 20)
+    meta = json_format.MessageToDict(node_identity(b).metadata)
+    assert {k: meta[k] for k in metadata} == metadata and "planemesh.planes" in meta
+    assert bootstrap_from_dict(boot()).max_receive_bytes == 256 << 20  # the default
 
 
 def test_backoff_grows_with_jitter_caps_and_resets():

@@ -143,11 +143,16 @@ def test_every_decode_error_of_a_response_is_collected_into_one_nack():
 
 
 @pytest.mark.parametrize("type_url", ["type.googleapis.com/envoy.config.bogus.v3.Thing", ""])
-def test_unknown_type_url_is_nacked_and_nothing_changes(type_url):
+def test_unknown_type_url_is_ignored_as_envoy_does(type_url):
+    """Envoy ignores a response for a type URL nobody subscribed to: no ACK, no NACK, nothing changes."""
     st = started()
-    [nack] = requests(st.response_received(sotw(type_url, "1", "n9"), 0.0))
-    assert nack.type_url == type_url and nack.response_nonce == "n9" and "type URL" in nack.error_detail.message
-    assert st.unknown_type_nacks == 1 and all(not t.cache for t in st.types.values())
+    assert st.response_received(sotw(type_url, "1", "n9"), 0.0) == []
+    assert st.ignored_responses == 1 and "type URL" in (st.last_error or "")
+    assert all(not t.cache and t.nacks == 0 for t in st.types.values())
+    # the types it does follow are unaffected
+    [apply] = applies(st.response_received(sotw(CLUSTER, "1", "n10", cluster("c1")), 1.0))
+    [ack] = requests(st.apply_result(apply.token, None, 1.0))
+    assert ack.response_nonce == "n10" and not ack.HasField("error_detail")
 
 
 def test_sotw_listener_absent_from_response_is_deleted():
@@ -307,7 +312,7 @@ def test_delta_ttl_expiry_removes_resource():
     assert apply.resources.clusters == {}
 
 
-def test_wrong_protocol_flavour_is_nacked():
+def test_wrong_protocol_flavour_is_ignored():
     st = started(Mode.DELTA)
-    [nack] = requests(st.response_received(sotw(CLUSTER, "1", "a", cluster("c1")), 0.0))
-    assert "SotW response" in nack.error_detail.message and st.types[CLUSTER].cache == {}
+    assert st.response_received(sotw(CLUSTER, "1", "a", cluster("c1")), 0.0) == []
+    assert "SotW response" in (st.last_error or "") and st.types[CLUSTER].cache == {}

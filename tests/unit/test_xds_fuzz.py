@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from planemesh.agent.config import ConfigError
 from planemesh.agent.static_config import load_default_config
 from planemesh.xds.client_state import AdsClientState, ApplyConfig, Mode, SendRequest
+from planemesh.xds.per_resource import translate_update
 from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from planemesh.xds.translate import translate
 
@@ -40,10 +41,17 @@ def test_random_resources_never_crash_the_client(response_type, delta, items):
         if isinstance(action, ApplyConfig):
             try:
                 translate(action.resources, PLANES)
+            except ConfigError:
+                pass
+            rejected: dict = {}
+            try:  # per resource, as the client does: a Translation, or one ConfigError
+                got = translate_update(action.resources, PLANES, None, action.accepted)
+                rejected = {t: dict(r) for t, r in got.rejected.items()}
+                assert set(rejected) <= set(TYPES)
                 error = None
             except ConfigError as exc:
                 error = exc
-            answers = state.apply_result(action.token, error, 100.0)
+            answers = state.apply_result(action.token, error, 100.0, rejected)
             assert all(isinstance(a, SendRequest) for a in answers)
         else:
             assert isinstance(action, SendRequest)
@@ -93,3 +101,16 @@ def test_mutated_example_resources_translate_or_fail_with_config_error(which, fl
         translate(res, PLANES)
     except ConfigError:
         pass
+    accepted = {t: {} for t in TYPES}  # the unmutated set as the previously accepted one (the fallback)
+    for p in EXAMPLES:
+        msg = unpack(p, p.type_url)
+        accepted[p.type_url][resource_name(msg)] = msg
+    old = XdsResources(
+        *(MappingProxyType(accepted[t]) for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)), versions=MappingProxyType({})
+    )
+    try:
+        got = translate_update(res, PLANES, None, old)
+    except ConfigError:
+        return
+    for type_url, bad in got.rejected.items():
+        assert type_url in TYPES and set(bad) <= set(by_type[type_url]) | set(accepted[type_url])

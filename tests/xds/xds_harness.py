@@ -73,7 +73,12 @@ def write_resources(directory: Path, name: str, docs: list[dict]) -> None:
 class Envoy:
     """A real Envoy on loopback, bootstrapped to fetch everything over ADS from `xds_port`."""
 
-    def __init__(self, workdir: Path, xds_port: int, node_id: str, delta: bool) -> None:
+    def __init__(
+        self, workdir: Path, xds_port: int, node_id: str, delta: bool, *, istio_agent: bool = False
+    ) -> None:
+        """`istio_agent`: LDS/CDS without an initial fetch timeout, as istio-agent's bootstrap has them
+        (Envoy then stays PRE_INITIALIZING until the server answers both); the constructor then does not
+        wait for readiness (see `state()`)."""
         self.admin_port = free_port()
         self.node_id = node_id
         xds_cluster = {
@@ -101,7 +106,9 @@ class Envoy:
                 ],
             },
         }
-        ads = {"ads": {}, "resource_api_version": "V3"}
+        ads: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+        if istio_agent:
+            ads["initial_fetch_timeout"] = "0s"
         bootstrap = {
             "node": {"id": node_id, "cluster": "interop"},
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin_port}}},
@@ -137,7 +144,20 @@ class Envoy:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_for(self._ready, 15, f"envoy {node_id} admin")
+        wait_for(self._admin if istio_agent else self._ready, 15, f"envoy {node_id} admin")
+
+    def _admin(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"envoy exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+        try:
+            return bool(self.state())
+        except OSError:
+            return False
+
+    def state(self) -> str:
+        """Envoy's server state: PRE_INITIALIZING, INITIALIZING, LIVE..."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/server_info", timeout=1) as r:
+            return json.load(r)["state"]
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:

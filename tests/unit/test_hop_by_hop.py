@@ -1,0 +1,50 @@
+"""One hop-by-hop set (agent/proxy/http1.py HOP_BY_HOP) for every codec: the h2 side's sets are derived from it,
+and h2 trailers are filtered like HTTP/1.1 ones (before, h2.py kept its own list and relayed Host and framing
+fields in a client's trailers to the upstream)."""
+
+from __future__ import annotations
+
+from planemesh.agent.proxy import h1_over_h2, h2_stream, h2_upstream, http1
+from planemesh.agent.proxy.h2_stream import Bridge
+
+# RFC 9113 8.2.2: fields an h2 message must not carry (te only as "te: trailers").
+CONNECTION_SPECIFIC = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+
+
+def test_h2_sets_are_derived_from_the_one_hop_by_hop_set() -> None:
+    assert http1.HOP_BY_HOP_H2 == CONNECTION_SPECIFIC
+    assert http1.HOP_BY_HOP_H2 == http1.HOP_BY_HOP - http1.H2_END_TO_END
+    assert h2_stream.HOP_BY_HOP_H2 is http1.HOP_BY_HOP_H2
+    assert h2_upstream._H1_DROP == http1.HOP_BY_HOP | http1.NEVER_HOP_BY_HOP
+    assert h1_over_h2._RESPONSE_DROP <= http1.HOP_BY_HOP
+
+
+class _Upstream:
+    def __init__(self) -> None:
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+
+    def send_trailers(self, bridge: Bridge, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.trailers = trailers
+
+
+def test_client_trailers_lose_host_and_framing_fields_like_on_http1() -> None:
+    bridge = Bridge.__new__(Bridge)  # only what on_trailers touches
+    ds = object()
+    up = _Upstream()
+    bridge.ds = ds  # type: ignore[assignment]
+    bridge.up = up
+    bridge.req_ended = False
+    bridge.held = bridge.body_copy = bridge.mirror_to = None
+    sent = [
+        (b"grpc-status", b"0"),
+        (b"Host", b"admin.internal"),  # trailers must not route (RFC 9110 6.5.1)
+        (b"content-length", b"5"),
+        (b"trailer", b"x"),
+        (b"te", b"trailers"),
+        (b"connection", b"close"),
+        (b":path", b"/smuggled"),
+        (b"x-checksum", b"abc"),
+    ]
+    bridge.on_trailers(ds, sent)  # type: ignore[arg-type]
+    assert up.trailers == [(b"grpc-status", b"0"), (b"x-checksum", b"abc")]
+    assert bridge.req_ended

@@ -1,0 +1,222 @@
+"""Envoy's update semantics: translate an xDS update resource by resource (pure; see docs/xds.md).
+
+Envoy applies every valid resource of an update and NACKs only the bad ones, naming them; a rejected
+resource keeps its previously accepted version (or stays absent if it had none). References that cannot
+be resolved are not errors:
+
+- a route (or tcp_proxy) naming a cluster that does not exist is applied; the request is answered 503
+  with response flag `NC` (the connection is reset) until the cluster appears;
+- a listener naming an RDS route configuration that was never received is *warming*: it keeps serving
+  its previous version if it had one, else it is not active yet. A route configuration the server removed
+  while a listener still names it keeps serving its last accepted version (Envoy keeps the last config of
+  an RDS subscription that still has a user);
+- an EDS cluster whose ClusterLoadAssignment has not arrived is active with no endpoints (503 `UH`),
+  as Envoy's cluster is once its initial fetch timed out.
+
+`translate_update` returns the snapshot of everything accepted plus `rejected`: type URL -> resource
+name -> reason, which the client state machine turns into one NACK per type naming only those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from envoy.config.endpoint.v3 import endpoint_pb2
+
+from planemesh.agent.config import ConfigError, Listener, RouteConfig, Snapshot
+from planemesh.agent.validation import validate_snapshot
+from planemesh.netplanes.model import Plane
+from planemesh.xds.client_state import XdsResources, eds_name, route_names
+from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from planemesh.xds.translate import TranslationCache, _Acc, _guarded, translate_listener
+from planemesh.xds.translate_common import Errors
+
+Rejected = dict[str, dict[str, str]]  # type URL -> resource name -> reason
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Translation:
+    snapshot: Snapshot
+    rejected: Mapping[str, Mapping[str, str]]
+    warming: tuple[str, ...] = ()  # listeners not active yet: their route configuration never arrived
+
+
+def _one(fn, *args) -> tuple[object | None, str | None]:
+    """Run one resource's translation: (result, None) or (None, the reason)."""
+    errors = Errors()
+    result = _guarded(errors, "", fn, *args)
+    if errors.items:
+        return None, "; ".join(str(e) for e in errors.items)
+    return result, None
+
+
+def _with_empty_cla(cluster, endpoints: Mapping[str, object]) -> Mapping[str, object]:
+    """An EDS cluster whose endpoints never arrived is active with none (Envoy, after initial fetch)."""
+    service = eds_name(cluster)
+    if service is None or service in endpoints:
+        return endpoints
+    return {**endpoints, service: endpoint_pb2.ClusterLoadAssignment(cluster_name=service)}
+
+
+def _clusters(res: XdsResources, old: XdsResources | None, planes, cache: TranslationCache, rejected: Rejected):
+    out = {}
+    for name, cluster in sorted(res.clusters.items()):
+        path = f"cluster[{name}]"
+        eps = _with_empty_cla(cluster, res.endpoints)
+        got, why = _one(cache.cluster, name, cluster, eps, planes, path)
+        service = eds_name(cluster)
+        unchanged = old is not None and old.clusters.get(name) is cluster
+        if why is not None and service is not None and (unchanged or f"endpoints[{service}]" in why):
+            # A failure that comes from the endpoints is the ClusterLoadAssignment's (an EDS NACK): the
+            # cluster keeps the previous assignment, or has none (Envoy: warming, then no hosts).
+            rejected.setdefault(ENDPOINT, {})[service] = why
+            old_eps = old.endpoints if old is not None else {}
+            kept = {k: v for k, v in res.endpoints.items() if k != service}
+            if service in old_eps:
+                kept[service] = old_eps[service]
+            got, why = _one(cache.cluster, name, cluster, _with_empty_cla(cluster, kept), planes, path)
+        if why is not None:
+            rejected.setdefault(CLUSTER, {})[name] = why
+            prev = old.clusters.get(name) if old is not None else None
+            if prev is not None:
+                peps = _with_empty_cla(prev, old.endpoints)  # type: ignore[union-attr]
+                got, _ = _one(cache.cluster, name, prev, peps, planes, path)
+        if got is not None:
+            out[name] = got
+    return out
+
+
+def _routes(res: XdsResources, old: XdsResources | None, cache: TranslationCache, rejected: Rejected):
+    out: dict[str, RouteConfig] = {}
+    for name, rc in sorted(res.routes.items()):
+        path = f"route_config[{name}]"
+        got, why = _one(cache.route, name, rc, path)
+        if why is not None:
+            rejected.setdefault(ROUTE, {})[name] = why
+            prev = old.routes.get(name) if old is not None else None
+            if prev is not None:
+                got, _ = _one(cache.route, name, prev, path)
+        if got is not None:
+            out[name] = got
+    return out
+
+
+def _fork(acc: _Acc) -> _Acc:
+    """A listener's own accumulator: a failing listener leaves nothing behind (no inline route, no SLA)."""
+    return _Acc(
+        routes={},
+        sla={p: dict(v) for p, v in acc.sla.items()},
+        sla_origin=dict(acc.sla_origin),
+        tcp_clusters=[],
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class _Listeners:
+    planes: tuple[Plane, ...]
+    routes: dict[str, RouteConfig]  # RDS + inline, grows as listeners are accepted
+    old_routes: Mapping[str, object]
+    cache: TranslationCache
+    acc: _Acc = dataclasses.field(default_factory=lambda: _Acc(routes={}, sla={}, sla_origin={}, tcp_clusters=[]))
+    out: list[Listener] = dataclasses.field(default_factory=list)
+    owner: list[str] = dataclasses.field(default_factory=list)  # resource name of each Listener in `out`
+
+    def add(self, name: str, msg) -> tuple[str | None, bool]:
+        """Translate and take one listener: (error, warming). Nothing is taken on error or warming."""
+        for rds in sorted(route_names(msg)):
+            if rds in self.routes:
+                continue
+            prev = self.old_routes.get(rds)
+            if prev is None:
+                return None, True  # warming: its route configuration has not arrived
+            got, _ = _one(self.cache.route, rds, prev, f"route_config[{rds}]")
+            if got is None:
+                return None, True
+            self.routes[rds] = got  # removed by the server, still named: the last accepted version serves
+        fork = _fork(self.acc)
+        path = f"listener[{name}]"
+        got, why = _one(translate_listener, msg, self.planes, fork, path)
+        if why is not None:
+            return why, False
+        for rname in fork.routes:
+            if rname in self.routes:
+                return f"{path}: route configuration {rname!r} is also defined elsewhere", False
+        self.routes.update(fork.routes)
+        self.acc = dataclasses.replace(fork, routes={}, tcp_clusters=[])
+        self.out += got  # type: ignore[arg-type]
+        self.owner += [name] * len(got)  # type: ignore[arg-type]
+        return None, False
+
+
+_LISTENER_PATH = re.compile(r"^listeners\[(\d+)\]")
+_SLA_PATH = re.compile(r"^planes\[(\d+)\]\.sla\.(\w+)")
+
+
+def _culprit(exc: ConfigError, lst: _Listeners, planes: tuple[Plane, ...]) -> str | None:
+    """The listener resource a whole-snapshot check failed on (a port clash, an SLA it set), if any."""
+    if (m := _LISTENER_PATH.match(exc.path)) is not None and int(m.group(1)) < len(lst.owner):
+        return lst.owner[int(m.group(1))]
+    if (m := _SLA_PATH.match(exc.path)) is not None and int(m.group(1)) < len(planes):
+        return lst.acc.sla_origin.get((planes[int(m.group(1))].name, m.group(2)))
+    return None
+
+
+def translate_update(
+    res: XdsResources,
+    planes: tuple[Plane, ...],
+    cache: TranslationCache | None = None,
+    accepted: XdsResources | None = None,
+) -> Translation:
+    """Every valid resource of `res` -> a validated Snapshot; the bad ones fall back to `accepted`.
+
+    Raises ConfigError only for a failure no single resource explains (the update is then NACKed whole).
+    """
+    cache = cache or TranslationCache()
+    rejected: Rejected = {}
+    clusters = _clusters(res, accepted, planes, cache, rejected)
+    routes = _routes(res, accepted, cache, rejected)
+    old_listeners = accepted.listeners if accepted is not None else {}
+    skip: dict[str, str] = {}  # listeners dropped by a whole-snapshot check -> why
+    for _ in range(len(res.listeners) + 1):
+        lst = _Listeners(planes, dict(routes), accepted.routes if accepted is not None else {}, cache)
+        warming: list[str] = []
+        for name, msg in sorted(res.listeners.items()):
+            if name in skip:
+                rejected.setdefault(LISTENER, {})[name] = skip[name]
+                continue
+            why, warm = lst.add(name, msg)
+            if why is None and not warm:
+                continue
+            if why is not None:
+                rejected.setdefault(LISTENER, {})[name] = why
+            if warm:
+                warming.append(name)
+            prev = old_listeners.get(name)
+            if prev is not None and prev is not msg:
+                lst.add(name, prev)  # the previous version keeps serving (if it still can)
+        cache.retain(res.clusters, {**res.routes, **{n: None for n in lst.routes}})
+        snap = Snapshot(
+            version=f"xds:{res.version}",
+            planes=tuple(
+                dataclasses.replace(p, sla=dataclasses.replace(p.sla, **lst.acc.sla[p.name]))
+                if p.name in lst.acc.sla
+                else p
+                for p in planes
+            ),
+            listeners=tuple(lst.out),
+            routes=MappingProxyType(lst.routes),
+            clusters=MappingProxyType(clusters),
+        )
+        try:
+            validate_snapshot(snap, references=False)
+        except ConfigError as exc:
+            culprit = _culprit(exc, lst, planes)
+            if culprit is None or culprit in skip:
+                raise
+            skip[culprit] = f"listener[{culprit}]: {exc}"
+            continue
+        return Translation(snap, MappingProxyType(rejected), tuple(warming))
+    raise ConfigError("listeners", "no consistent set of listeners")  # unreachable: each round skips one
