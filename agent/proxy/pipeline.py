@@ -1,7 +1,7 @@
 """The deciding steps of the request pipeline, codec-neutral and sans-IO (docs/traffic.md, "Order of a request").
 
-Every downstream codec (HTTP/1.1: exchange.py; HTTP/2: h2.py's Bridge) runs a request through the same steps,
-in this order, and only turns their answers into its own framing:
+Every downstream codec (HTTP/1.1: exchange.py; HTTP/2: h2_stream.py's Bridge) runs a request through the same
+steps, in this order, and only turns their answers into its own framing:
 
     local = admission(proxy)                                        # 1. the plane's request limit
     step = listener_filters(proxy, crc, headers, roll)              # 2. plane bucket, listener rate limits, faults

@@ -292,7 +292,7 @@ class PlaneProxy:
     def overload_gate(self, ex: Exchange) -> bool:
         """Called for each request while the worker is not at Level.NORMAL or near its connection budget: no
         keep-alive; True if the request was answered 503 (memory) and must go no further. The h2 equivalent is
-        h2.Bridge.start (its connection is told to stop keep-alive with a GOAWAY, the stream is shed alike)."""
+        h2_stream.Bridge.start (its connection is told to stop keep-alive with a GOAWAY, the stream is shed alike)."""
         ex.keep_alive = False
         if not self.overload.shedding:
             return False
