@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from planemesh.agent.config import ClusterKind, RetryPolicy
+from planemesh.agent.config import ClusterKind
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.balancer import normalise_ip
-from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, RETRIES
+from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING
 from planemesh.agent.proxy.h1_over_h2 import open_h2_attempt
 from planemesh.agent.proxy.http1 import FRAME_CHUNKED, FRAME_CLOSE, LAST_CHUNK, chunk
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
-from planemesh.agent.proxy.retry import backoff_s, covers, rng
+from planemesh.agent.proxy.retry import rng
 
 if TYPE_CHECKING:
     import asyncio
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import ClientConn as Downstream
     from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
+    from planemesh.agent.proxy.retry import Retries
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an exchange holds
 
@@ -36,15 +37,13 @@ class UpstreamAttempts:
     breaker: CircuitBreaker | None
     endpoint: Endpoint | None
     conn: UpstreamConnection | None
-    retry: RetryPolicy
     backoff: asyncio.TimerHandle | None
     body_copy: list[bytes] | None
     up_out: list[bytes]
     upstream_addr: tuple[str, int] | None
     upstream_key: tuple | None
     cb_held: int
-    retries_held: int
-    tries_left: int
+    retries: Retries
     hash_key: int | None
     connect_timeout_s: float
     deadline: float
@@ -137,29 +136,19 @@ class UpstreamAttempts:
 
     def _may_retry(self, condition: str, status: int = 0) -> bool:
         """Whether the retry policy covers this failure and a retry is still allowed."""
-        if not covers(self.retry, condition, status) or self.tries_left <= 0 or not self._replayable():
-            return False
-        if self.breaker is not None and not self.breaker.try_acquire(RETRIES):
-            self.tries_left = 0  # retry budget of the cluster spent: the failure goes to the client (URX)
-            return False
-        if self.breaker is not None:
-            self.retries_held += 1
-        return True
+        return self.retries.may_retry(condition, status, self._replayable())
 
     def _exhausted(self, flag: str) -> str:
         """`flag`, plus URX when retries were configured and all were used."""
-        if self.retry.num_retries > 0 and self.tries_left <= 0:
-            return f"{flag},{flags.URX}" if flag else flags.URX
-        return flag
+        return self.retries.exhausted(flag)
 
     def _retry(self, reuse: bool = False) -> None:
         """Start the next attempt after a jittered back-off (the failed attempt has been ended)."""
         proxy = self.ds.proxy
-        self.tries_left -= 1
         proxy.stats.retries += 1
         self._drop_upstream()
         self._rearm_request()
-        delay = backoff_s(self.retry, self.retry.num_retries - self.tries_left, rng.random())
+        delay = self.retries.next_backoff(rng.random())
         if self.deadline:
             self.try_deadline = self.deadline  # no per-try clock runs during the back-off
         if delay < 0.001:
@@ -171,7 +160,7 @@ class UpstreamAttempts:
         self.backoff = None
         if self.finished:
             return
-        per_try = self.retry.per_try_timeout_s
+        per_try = self.retries.policy.per_try_timeout_s
         if self.deadline and per_try:
             self.try_deadline = min(self.deadline, self.ds.proxy.loop.time() + per_try)
         target = self._next_target()

@@ -16,7 +16,7 @@ from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.attempts import HELD_REQUEST, UpstreamAttempts, rng
 from planemesh.agent.proxy.balancer import normalise_ip
-from planemesh.agent.proxy.circuit import REQUESTS, RETRIES
+from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.connect_target import connect_refusal
 from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.http1 import (
@@ -33,7 +33,7 @@ from planemesh.agent.proxy.mirror import mirror_targets, sender_for, shadow_head
 from planemesh.agent.proxy.request_checks import CONTINUE_SENT, EXPECT_NONE
 from planemesh.agent.proxy.request_head import header_map, new_request_id, request_head
 from planemesh.agent.proxy.response import ResponseRelay
-from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, NO_RETRY, backoff_s
+from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, NO_RETRIES, Retries, backoff_s
 from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, open_connect
 
 if TYPE_CHECKING:
@@ -94,8 +94,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         "req_trailers",
         "request_id",
         "resp_started",
-        "retries_held",
-        "retry",
+        "retries",
         "route",
         "start_time",
         "status",
@@ -103,7 +102,6 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         "t_tunnel",
         "t_upstream",
         "target",
-        "tries_left",
         "try_deadline",
         "tunnel",
         "up_framing",
@@ -171,13 +169,11 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.try_deadline = 0.0
         self.finished = False
         self.pending = False
-        self.tries_left = 0
-        self.retry = NO_RETRY
+        self.retries = NO_RETRIES  # the retry state (retry.Retries), shared with the h2 driver
         self.route: Route | None = None
         self.balancer: Balancer | None = None
         self.breaker: CircuitBreaker | None = None
         self.cb_held = 0
-        self.retries_held = 0
         self.endpoint: Endpoint | None = None
         self.hash_key: int | None = None
         self.backoff: asyncio.TimerHandle | None = None
@@ -273,8 +269,9 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         up = pipeline.upstream(proxy, result, self._header_map, ds.peer_ip)  # type: ignore[arg-type]
         if type(up) is pipeline.Local:
             return self.answer(up)
-        policy = self.retry = up.policy  # type: ignore[union-attr]
-        self.tries_left = policy.num_retries
+        policy = up.policy  # type: ignore[union-attr]
+        if policy.num_retries:
+            self.retries = Retries(policy, up.breaker)  # type: ignore[union-attr]
         cluster = up.cluster  # type: ignore[union-attr]
         if cluster is None:
             if result.cluster_missing or result.weighted:  # type: ignore[union-attr]  # Envoy: 503, empty, NC
@@ -469,9 +466,8 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         if breaker is not None:
             if self.cb_held & HELD_REQUEST:
                 breaker.release(REQUESTS)
-            for _ in range(self.retries_held):
-                breaker.release(RETRIES)
-            self.cb_held = self.retries_held = 0
+            self.cb_held = 0
+        self.retries.release()
         proxy.stats.requests_active -= 1
         self.up_out.clear()
         self.headers = []

@@ -63,7 +63,6 @@ class ResponseRelay:
     bytes_tx: int
     upstream_ms: int | None
     t_upstream: float
-    tries_left: int
     up_framing: int
     ds_framing: int
     tunnel: int
@@ -93,11 +92,12 @@ class ResponseRelay:
                 self.ds.out.append(b"".join(parts))
             return
         self._end_attempt(status)
-        retriable = status >= 500 or status in self.retry.retriable_status_codes
+        retries = self.retries
+        retriable = status >= 500 or status in retries.policy.retriable_status_codes
         if retriable and self.req_done and self._may_retry("status", status):
             self._retry()  # this response is dropped with its connection
             return
-        if retriable and self.retry.num_retries > 0 and self.tries_left <= 0:
+        if retriable and retries.policy.num_retries > 0 and retries.tries_left <= 0:
             self.flags = flags.URX
         self.upstream_ms = int((_perf() - self.t_upstream) * 1000)
         self.status = status
@@ -197,9 +197,9 @@ class ResponseRelay:
         self.ds.flush()
 
     if TYPE_CHECKING:  # provided by UpstreamAttempts and Exchange
-        from planemesh.agent.config import RetryPolicy
+        from planemesh.agent.proxy.retry import Retries
 
-        retry: RetryPolicy
+        retries: Retries
 
         def _end_attempt(self, status: int) -> None: ...
         def _may_retry(self, condition: str, status: int = 0) -> bool: ...

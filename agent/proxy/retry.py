@@ -92,3 +92,6 @@ class Retries:
             for _ in range(self.held):
                 breaker.release(RETRIES)
         self.held = 0
+
+
+NO_RETRIES = Retries(NO_RETRY, None)  # shared by every request without retries: never changed (no retry is taken)
