@@ -202,7 +202,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         """The request head is complete and it is this connection's turn: admit, filter, route, go upstream
         (the steps of pipeline.py; this method only turns their answers into HTTP/1.1)."""
         proxy = self.ds.proxy
-        local = pipeline.admission(proxy)
+        local = pipeline.admission(proxy, self._header_map)
         if local is not None:
             return self.answer(local)
         if not proxy.overload.keep_alive and proxy.overload_gate(self):  # memory/connection pressure

@@ -201,7 +201,7 @@ class Bridge:
         self.req_ended = ended
         ds = self.ds
         proxy = ds.proxy
-        local = pipeline.admission(proxy)
+        local = pipeline.admission(proxy, self._header_map)
         if local is not None:
             return self.answer(local)
         overload = proxy.overload

@@ -121,14 +121,40 @@ NO_CLUSTER = Local(503, b"", (), flags.NC)  # the route's cluster is not in the 
 CONNECT_DISABLED = Local(403, b"CONNECT is not enabled on this listener\n", close=True)
 
 
-def admission(proxy: ProxyState) -> Local | None:
-    """Step 1: the request is counted (the caller counts it done when it ends); past the plane's limit: 503 UO."""
+# 5G SBI message priority (3GPP TS 29.500 5.2.3.2.x, `3gpp-Sbi-Message-Priority`: 0 highest .. 31 lowest). Under
+# pressure, that is more than SBI_PRESSURE_FRACTION of the plane's max_requests in flight, a message that says
+# its priority is SBI_SHED_PRIORITY or lower (value >= 16) is refused at once (503 UO, `x-planemesh-overloaded:
+# priority`), keeping the remaining room for higher-priority messages. Messages without the header are not
+# affected. Envoy has no equivalent (an SCP does this); 0.8 matches the overload manager's soft level (80%).
+SBI_PRIORITY = "3gpp-sbi-message-priority"
+SBI_PRESSURE_FRACTION = 0.8
+SBI_SHED_PRIORITY = 16
+
+
+def sbi_priority(headers: Headers) -> int | None:
+    """The request's SBI message priority, None when absent or malformed (a bad header never fails a request)."""
+    raw = headers().get(SBI_PRIORITY)
+    if raw is None:
+        return None
+    raw = raw.split(",")[0].strip()
+    return int(raw) if raw.isdigit() and len(raw) <= 2 else None
+
+
+def admission(proxy: ProxyState, headers: Headers) -> Local | None:
+    """Step 1: the request is counted (the caller counts it done when it ends); past the plane's limit: 503 UO;
+    under pressure, low-priority SBI messages are shed first (SBI_SHED_PRIORITY)."""
     stats = proxy.stats
     stats.requests_total += 1
-    stats.requests_active += 1
-    if stats.requests_active > proxy.sla.max_requests:
+    active = stats.requests_active = stats.requests_active + 1
+    limit = proxy.sla.max_requests
+    if active > limit:
         stats.overloaded += 1
         return overloaded(b"requests")
+    if active > limit * SBI_PRESSURE_FRACTION:
+        priority = sbi_priority(headers)
+        if priority is not None and priority >= SBI_SHED_PRIORITY:
+            stats.overloaded += 1
+            return overloaded(b"priority")
     return None
 
 

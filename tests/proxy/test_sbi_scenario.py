@@ -4,13 +4,16 @@ goes to the producer it names with its authority rewritten, as an SCP does in in
 split between producer versions, a retry on 503 to the other producer, a fault abort on one service path and a
 route rate limit. One test body, run for an HTTP/1.1 and an HTTP/2 (h2c prior knowledge) consumer.
 
-Not covered here: shedding by `3gpp-Sbi-Message-Priority` under overload (not implemented), and the lab version
-through the management server (tests/netns/test_traffic_xds.py covers each feature there, for both protocols)."""
+Under pressure, low-priority messages (`3gpp-Sbi-Message-Priority` >= 16) are shed first (pipeline.py). Not
+covered here: the lab version through the management server (tests/netns/test_traffic_xds.py covers each feature
+there, for both protocols)."""
 
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
+from dataclasses import replace
 
 from planemesh.agent.config import (
     FaultFilter,
@@ -24,6 +27,7 @@ from planemesh.agent.config import (
 )
 from tests.proxy.proxy_harness import log_line_for
 from tests.proxy.test_traffic_resilience import VersionServer, endpoint, proxy_for, static
+from tests.proxy.test_traffic_routing import wait_for
 
 TARGET = "3gpp-sbi-target-apiroot"
 RETRY_503 = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=1, backoff_base_s=0.001, backoff_max_s=0.002)
@@ -86,3 +90,31 @@ def test_sbi_calls_through_the_proxy(http) -> None:
                                          headers=json_headers)[0] for i in range(3)]
             assert charging[2] == 429 and charging[:2] != [429, 429]
             consumer.close()
+
+
+def test_low_priority_sbi_messages_are_shed_first_under_pressure(http) -> None:
+    """With 4 of max_requests=5 in flight (above 80 %), a message of priority 20 is refused at once and one of
+    priority 1 still takes the last slot (pipeline.SBI_SHED_PRIORITY)."""
+    routes = (Route(match=RouteMatch(prefix="/hold/"), action=RouteAction(cluster="slow")),
+              Route(action=RouteAction(cluster="fast")))
+    with VersionServer("slow", delay_s=1.5) as slow, VersionServer("fast") as fast:
+        clusters = {"slow": static("slow", [endpoint(slow)]), "fast": static("fast", [endpoint(fast)])}
+        with proxy_for(routes, clusters) as px:
+            px.update_sla(replace(px.proxy.sla, max_requests=5))
+            holders = [threading.Thread(target=http.get, args=(px.port, f"/hold/{i}")) for i in range(4)]
+            for t in holders:
+                t.start()
+            try:
+                assert wait_for(lambda: len(slow.seen) == 4, 5.0)
+                status, headers, _ = http.get(px.port, "/nsmf-pdusession/v1/sm-contexts", method="POST",
+                                              body=b"{}", headers={"3gpp-sbi-message-priority": "20"})
+                assert (status, headers["x-planemesh-overloaded"]) == (503, "priority")
+                assert '" 503 UO ' in log_line_for(px, "/nsmf-pdusession/v1/sm-contexts")
+                status, _, served = http.get(px.port, "/namf-comm/v1/ue-contexts/n1-n2-messages", method="POST",
+                                             body=b"{}", headers={"3gpp-sbi-message-priority": "1"})
+                assert (status, served) == (200, b"fast")
+                assert [p for _, p, _, _ in fast.seen] == ["/namf-comm/v1/ue-contexts/n1-n2-messages"]
+            finally:
+                for t in holders:
+                    t.join(5)
+            assert http.get(px.port, "/after", headers={"3gpp-sbi-message-priority": "31"})[0] == 200  # no pressure

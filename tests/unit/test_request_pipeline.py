@@ -84,10 +84,30 @@ def to_svc(**kw) -> tuple[Route, ...]:
 
 def test_admission_counts_and_refuses_past_the_plane_limit() -> None:
     proxy = proxy_with(to_svc(), sla=SLA(max_requests=2))
-    assert pipeline.admission(proxy) is None and pipeline.admission(proxy) is None
-    local = pipeline.admission(proxy)
+    assert pipeline.admission(proxy, no_headers) is None and pipeline.admission(proxy, no_headers) is None
+    local = pipeline.admission(proxy, no_headers)
     assert (local.status, local.flag, local.headers) == (503, "UO", [(b"x-planemesh-overloaded", b"requests")])
     assert (proxy.stats.requests_total, proxy.stats.requests_active, proxy.stats.overloaded) == (3, 3, 1)
+
+
+@pytest.mark.parametrize(("active", "priority", "want"), [
+    (0, "31", None),  # no pressure: every priority goes
+    (7, "31", None),  # 8 of 10 in flight: not above 80 %
+    (8, "31", b"priority"),  # 9 of 10: above 80 %, a low-priority message is shed
+    (8, "16", b"priority"),
+    (8, "15", None),  # higher priority keeps the remaining room
+    (8, "0", None),
+    (8, None, None),  # no header: not an SBI message, not shed early
+    (8, "bogus", None),  # malformed: ignored
+    (9, "0", None),  # the last slot
+    (10, "0", b"requests"),  # past max_requests: everything
+])
+def test_admission_sheds_low_priority_sbi_messages_first(active, priority, want) -> None:
+    proxy = proxy_with(to_svc(), sla=SLA(max_requests=10))
+    proxy.stats.requests_active = active
+    headers = headers_of(**{"3gpp_sbi_message_priority": priority}) if priority is not None else no_headers
+    local = pipeline.admission(proxy, headers)
+    assert (local.headers[0][1] if local is not None else None) == want
 
 
 # ---- step 2: listener filters ----------------------------------------------------------------------------------
