@@ -263,7 +263,7 @@ class Bridge:
                 return None
             if step is not None:
                 return self.answer(step)  # type: ignore[arg-type]
-        up = pipeline.upstream(proxy, result, self._header_map, ds.peer_ip_b.decode())  # type: ignore[arg-type]
+        up = pipeline.upstream(proxy, result, self._header_map, ds.peer_ip_b)  # type: ignore[arg-type]
         if type(up) is pipeline.Local:
             return self.answer(up)
         cluster = self.cluster = up.cluster  # type: ignore[union-attr]

@@ -222,7 +222,7 @@ def route_fault(fault: FaultFilter, headers: Headers, roll: Callable[[], float])
     return None
 
 
-def upstream(proxy: ProxyState, result: RouteResult, headers: Headers, peer_ip: str) -> Local | Upstream:
+def upstream(proxy: ProxyState, result: RouteResult, headers: Headers, peer_ip: str | bytes) -> Local | Upstream:
     """Step 4: the cluster (a weighted split picks per request), the retry policy (the route's, else the plane
     SLA's), a REQUESTS unit of the cluster's circuit breaker (open: 503 UO), the hash policy's key."""
     balancer = proxy.table.balancer
@@ -237,8 +237,10 @@ def upstream(proxy: ProxyState, result: RouteResult, headers: Headers, peer_ip: 
     if not breaker.try_acquire(REQUESTS):
         proxy.stats.overloaded += 1
         return overloaded(b"cluster_requests")
-    hash_key = request_hash(action.hash_policy, headers, peer_ip) if action is not None and action.hash_policy \
-        else None
+    hash_key = None
+    if action is not None and action.hash_policy:
+        peer = peer_ip.decode() if type(peer_ip) is bytes else peer_ip
+        hash_key = request_hash(action.hash_policy, headers, peer)  # type: ignore[arg-type]
     return Upstream(cluster, policy, breaker, hash_key)
 
 

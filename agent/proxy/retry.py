@@ -20,9 +20,20 @@ MAX_REPLAY_BODY = 64 * 1024  # a request body up to this size is kept so a retry
 rng = random.Random()  # the requests' dice: fault percentages, back-off jitter, mirror fractions
 
 
-@functools.lru_cache(maxsize=64)
+_last_sla: list = [None, NO_RETRY]  # the last SLA asked for and its policy: an SLA's hash costs per request
+
+
 def sla_retry(sla: SLA) -> RetryPolicy:
     """The plane SLA's retries as a route retry policy (used when the route has none)."""
+    last = _last_sla
+    if last[0] is not sla:
+        last[1] = _sla_retry(sla)
+        last[0] = sla
+    return last[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _sla_retry(sla: SLA) -> RetryPolicy:
     return RetryPolicy(
         retry_on=frozenset(sla.retry_on), num_retries=sla.retries, per_try_timeout_s=sla.per_try_timeout_s
     )
