@@ -15,18 +15,15 @@ from planemesh.agent.proxy import accesslog, h2_upstream, pipeline
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.filters import DELAY_INJECTED
-from planemesh.agent.proxy.h2 import GRPC_STATUS, H2Side
+from planemesh.agent.proxy.h2 import H2Side
+from planemesh.agent.proxy.h2_fields import local_answer, mutated_request, split_request
 from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2, TRAILER_DROP
 from planemesh.agent.proxy.limits import MEMORY_SHED_HEADERS
 from planemesh.agent.proxy.mirror import mirror_targets, sender_for, shadow_request
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.request_head import (
     header_map,
-    new_request_id,
-    prefix_rewritten,
     response_headers,
-    route_request_headers,
-    with_trace_context,
 )
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, rng
 
@@ -97,42 +94,7 @@ class Bridge:
     def __init__(self, ds: H2Downstream, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.ds = ds
         self.sid = sid
-        # One pass over the request's fields: the pseudo-headers, gRPC or not, and what goes upstream (hop-by-hop
-        # fields dropped, x-request-id kept or added, x-forwarded-for extended with the client's address).
-        pseudo = []
-        fields = []
-        method = path = b""
-        authority = None
-        grpc = False
-        rid = xff = None
-        for field in headers:
-            n = field[0]
-            if n[:1] == b":":
-                pseudo.append(field)
-                if n == b":method":
-                    method = field[1]
-                elif n == b":path":
-                    path = field[1]
-                elif n == b":authority":
-                    authority = field[1]
-            elif n in HOP_BY_HOP_H2:
-                continue
-            elif n == b"te":
-                if field[1] == b"trailers":
-                    fields.append(field)
-            elif n == b"x-forwarded-for":
-                xff = field[1]
-            else:
-                if n == b"content-type":
-                    grpc = field[1].startswith(b"application/grpc")
-                elif n == b"x-request-id":
-                    rid = field[1]
-                fields.append(field)
-        if rid is None:
-            rid = new_request_id()
-            fields.append((b"x-request-id", rid))
-        peer = ds.peer_ip_b
-        fields.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
+        pseudo, fields, method, path, authority, grpc, rid = split_request(headers, ds.peer_ip_b)
         self.pseudo = pseudo
         self.fields = fields
         self.method_b = method
@@ -407,24 +369,10 @@ class Bridge:
         return up.buffered_for(self) if up is not None else 0
 
     def _mutate(self, route: Route | None) -> None:
-        """The route's rewrites and request header changes, and this hop's trace context (request_head.py)."""
-        fields = self.fields
-        action = route.action if route is not None else None
-        if action is not None:
-            pseudo = self.pseudo
-            if action.prefix_rewrite is not None:
-                path = prefix_rewritten(route, self.path_b)  # type: ignore[arg-type]
-                if path is not self.path_b:
-                    self.up_path = path
-                    pseudo = [(b":path", path) if n == b":path" else (n, v) for n, v in pseudo]
-            if action.host_rewrite is not None:
-                host = self.up_authority = action.host_rewrite.encode()
-                pseudo = [(b":authority", host) if n == b":authority" else (n, v) for n, v in pseudo]
-                fields = [(n, v) for n, v in fields if n != b"host"]
-            self.pseudo = pseudo
-        if route is not None and (route.request_headers_to_add or route.request_headers_to_remove):
-            fields = route_request_headers(route, fields)
-        self.fields = with_trace_context(fields)
+        """The route's rewrites and request header changes, and this hop's trace context (h2_fields.py)."""
+        self.pseudo, self.fields, self.up_path, self.up_authority = mutated_request(
+            route, self.pseudo, self.fields, self.path_b, self.authority_b
+        )
 
     def _header_map(self) -> dict[str, str]:
         return header_map(self.fields)
@@ -611,26 +559,9 @@ class Bridge:
         """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests. `body`: a
         direct response's own body (else the message and a newline); `extra`: more response fields."""
         self.status = status
-        if self.grpc:
-            headers = [
-                (b":status", b"200"),
-                (b"content-type", b"application/grpc"),
-                (b"grpc-status", str(GRPC_STATUS.get(status, 2)).encode()),
-                (b"grpc-message", message.encode("latin-1", "replace")),
-                *extra,
-            ]
-            self.ds.respond(self.sid, headers, True)
-        else:
-            if body is None:
-                body = (message + "\n").encode("latin-1", "replace")
-            head = [
-                (b":status", str(status).encode()),
-                (b"content-type", b"text/plain"),
-                (b"content-length", str(len(body)).encode()),
-            ]
-            if extra:
-                head += extra
-            self.ds.respond(self.sid, head, False)
+        head, body = local_answer(status, message, self.grpc, body, extra)
+        self.ds.respond(self.sid, head, body is None)
+        if body is not None:
             self.ds.send(self.sid, body, True)
         self.finish(flag)
 
