@@ -236,6 +236,21 @@ def test_header_matched_requests_always_reach_v2(http: Mesh) -> None:
     assert served_by(mesh.get([f"/o/{i}" for i in range(50)], headers={"x-canary": "v3"})) == ["v1"] * 50
 
 
+def test_sbi_target_header_routes_with_authority_rewrite_and_a_weighted_split(http: Mesh) -> None:
+    """5G indirect communication as an SCP routes it: `3gpp-Sbi-Target-apiRoot` names the producer, which gets
+    the request with its own authority; calls without it are split between producer versions, 3 to 1."""
+    mesh = http
+    target = "3gpp-sbi-target-apiroot"
+    by_target = route(cluster="v2", headers=[header_exact(target, "http://nf-v2.5gc")],
+                      host_rewrite_literal="nf-v2.5gc")
+    mesh.push([by_target, route(weighted={"v1": 3, "v2": 1})])
+    direct = mesh.get([f"/nudr-dr/v2/{i}" for i in range(10)], headers={target: "http://nf-v2.5gc"})
+    assert served_by(direct) == ["v2"] * 10
+    assert {direct.seen(i)["headers"]["host"] for i in range(10)} == {"nf-v2.5gc"}
+    split = Counter(served_by(mesh.get([f"/nudm-sdm/v2/{i}" for i in range(40)])))
+    assert split == {"v1": 30, "v2": 10}, split
+
+
 # ---- fault injection ----------------------------------------------------------------------------------------
 
 
