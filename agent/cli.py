@@ -66,6 +66,7 @@ def _registered_commands() -> list[Callable[[argparse._SubParsersAction], None]]
         ("planemesh.agent.demo", "add_demo_command"),
         ("planemesh.xds.cli", "add_xds_server_command"),
         ("planemesh.agent.admin_client", "add_admin_commands"),
+        ("planemesh.agent.identity.ca_files", "add_ca_command"),
     ):
         try:
             mod = __import__(module, fromlist=[attr])
