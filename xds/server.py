@@ -37,12 +37,14 @@ from google.protobuf import any_pb2, message
 from planemesh.xds.resources import (
     MESSAGE_OF_TYPE,
     RESOURCE_SUFFIXES,
+    SECRET,
     SHORT_NAME,
     ResourceError,
     load_resource_dir,
     pack,
     resource_name,
 )
+from planemesh.xds.sds import SecretIssuer, add_sds_arguments, issuer_from_args
 
 log = logging.getLogger("planemesh.xds.server")
 _CHANGED = object()
@@ -72,6 +74,7 @@ class ClientStatus:
     connected: bool = True
     types: dict[str, TypeReport] = field(default_factory=dict)
     first_send_at: float | None = None  # time.monotonic() of the first response written (benchmarks)
+    node: Any = None  # the envoy.config.core.v3.Node of the stream's first request (SDS identity)
 
     def report(self, type_url: str) -> TypeReport:
         return self.types.setdefault(SHORT_NAME.get(type_url, type_url), TypeReport())
@@ -93,7 +96,11 @@ def resource_version(packed: any_pb2.Any) -> str:
 
 
 class ManagementServer:
-    def __init__(self, resource_dir: str | Path | None, *, poll_interval_s: float = 0.2) -> None:
+    def __init__(
+        self, resource_dir: str | Path | None, *, poll_interval_s: float = 0.2, secrets: SecretIssuer | None = None
+    ) -> None:
+        self.secrets = secrets  # SDS `default`/`ROOTCA` per node from the built-in CA (xds/sds.py)
+        self._rotator: asyncio.Task[None] | None = None
         self.resource_dir = Path(resource_dir) if resource_dir is not None else None
         self.poll_interval_s = poll_interval_s
         self.resources: dict[str, dict[str, any_pb2.Any]] = {t: {} for t in MESSAGE_OF_TYPE}
@@ -185,9 +192,18 @@ class ManagementServer:
         self.resources, self.digests = loaded, digests
         self.version += 1
         log.info("serving resource set version %d (%s)", self.version, self._counts())
+        self._wake_all()
+        return True
+
+    def _wake_all(self) -> None:
         for queue in self._watchers:
             queue.put_nowait(_CHANGED)
-        return True
+
+    def _served(self, type_url: str, status: ClientStatus) -> tuple[dict[str, any_pb2.Any], dict[str, str], str]:
+        """(resources, Delta digests, SotW version) of one type for one stream: SDS is per node."""
+        if type_url == SECRET and self.secrets is not None and status.node is not None:
+            return self.secrets.served(status.node, self.resources[SECRET], self.type_versions[SECRET])
+        return self.resources[type_url], self.digests[type_url], str(self.type_versions[type_url])
 
     def _counts(self) -> str:
         return ", ".join(f"{SHORT_NAME[t]} {len(r)}" for t, r in self.resources.items() if r)
@@ -212,15 +228,18 @@ class ManagementServer:
         self._server = server
         if self.resource_dir is not None:
             self._poller = asyncio.create_task(self._poll())
+        if self.secrets is not None:
+            self._rotator = asyncio.create_task(self.secrets.rotate_forever(self._wake_all))
         if address.startswith("unix:"):
             return address
         return f"{address.rsplit(':', 1)[0]}:{port}"
 
     async def stop(self, grace_s: float = 0.5) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._rotator):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._server is not None:
             for queue in self._watchers:
                 queue.put_nowait(_EOF)
@@ -273,6 +292,8 @@ class ManagementServer:
     async def _on_request(self, context, req, subs: dict[str, _Sub], delta: bool, status: ClientStatus) -> None:
         if req.node.id:
             status.node_id = req.node.id
+        if status.node is None and req.HasField("node"):
+            status.node = req.node
         type_url = req.type_url
         if type_url not in MESSAGE_OF_TYPE:
             log.warning("%s asked for unknown type %r", status.node_id or status.peer, type_url)
@@ -337,12 +358,11 @@ class ManagementServer:
     async def _push(
         self, context, type_url: str, sub: _Sub, delta: bool, status: ClientStatus, force: bool = False
     ) -> None:
-        current = self.resources[type_url]
+        current, versions, version = self._served(type_url, status)
         wanted = current if sub.wildcard else {n: current[n] for n in sorted(sub.names) if n in current}
         report = status.report(type_url)
         nonce = str(next(self._nonces))
         if delta:
-            versions = self.digests[type_url]
             updated = [n for n in wanted if sub.known.get(n) != versions[n]]
             removed = [n for n in sub.known if n not in current]
             if not updated and not removed:
@@ -358,7 +378,6 @@ class ManagementServer:
             sub.nonce_versions[nonce] = str(self.version)
             report.sent_version = str(self.version)
         else:
-            version = str(self.type_versions[type_url])
             if not force and version == sub.sent_version:
                 return
             resp = discovery_pb2.DiscoveryResponse(
@@ -385,9 +404,11 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         await self.server.serve_stream(context, delta=True)
 
 
-async def serve_forever(resources: str | Path, listen: str, poll_interval_s: float = 0.2) -> None:
+async def serve_forever(
+    resources: str | Path, listen: str, poll_interval_s: float = 0.2, secrets: SecretIssuer | None = None
+) -> None:
     """Serve until SIGINT/SIGTERM (the `planemesh xds-server` command)."""
-    server = ManagementServer(resources, poll_interval_s=poll_interval_s)
+    server = ManagementServer(resources, poll_interval_s=poll_interval_s, secrets=secrets)
     address = await server.start(listen)
     log.info("ADS (SotW and Delta) on %s, resources from %s", address, resources)
     if server.load_error:
@@ -421,6 +442,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds between checks of the resource files; bounds file change -> push latency "
         "(env PLANEMESH_XDS_POLL_INTERVAL_S; default %(default)s)",
     )
+    add_sds_arguments(parser)
 
 
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -429,7 +451,8 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if not 0.005 <= args.poll_interval <= 60:
         parser.error(f"--poll-interval {args.poll_interval}: expected 0.005 .. 60 seconds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval))
+    secrets = issuer_from_args(parser, args)
+    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval, secrets))
     return 0
 
 

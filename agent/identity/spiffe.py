@@ -57,5 +57,9 @@ def parse_spiffe_id(text: str) -> SpiffeId:
 
 
 def istio_identity(trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
-    """spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>, validated."""
+    """spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>, validated; each part is one segment
+    (a namespace "a/sa/admin" must not forge another path)."""
+    for what, part in (("namespace", namespace), ("service account", service_account)):
+        if not _SEGMENT.fullmatch(part) or part in (".", ".."):
+            raise SpiffeError(f"{what} {part!r}: one path segment of letters, digits, '.', '-', '_'")
     return parse_spiffe_id(f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
