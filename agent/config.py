@@ -14,6 +14,7 @@ from types import MappingProxyType
 
 from netaddr import IPNetwork
 
+from planemesh.agent.tls_config import Secret, TlsContext
 from planemesh.netplanes.model import SLA, Plane
 
 
@@ -228,6 +229,7 @@ class Cluster:
     http2: bool = False  # speak h2c upstream
     plane: str | None = None  # None: the plane of each endpoint's address
     locality_weighted: bool = False  # common_lb_config.locality_weighted_lb_config: pick a locality first
+    tls: TlsContext | None = None  # TLS origination (UpstreamTlsContext; agent/tls_config.py)
 
 
 # ---- HTTP filters ----------------------------------------------------------------------------
@@ -269,6 +271,8 @@ class Listener:
     # tcp_proxy chains: the cluster(s) passthrough connections of this chain go to; empty: the original destination
     tcp_clusters: tuple[WeightedCluster, ...] = ()
     upgrades: tuple[UpgradeConfig, ...] = DEFAULT_UPGRADES  # HTTP upgrades and CONNECT allowed here
+    tls: TlsContext | None = None  # TLS termination (DownstreamTlsContext; agent/tls_config.py)
+    transport_protocol: str = ""  # filter_chain_match: "tls" / "raw_buffer" (permissive ports); "" any
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:
@@ -292,6 +296,7 @@ class Snapshot:
     listeners: tuple[Listener, ...] = ()
     routes: Mapping[str, RouteConfig] = field(default_factory=lambda: _frozen(None))
     clusters: Mapping[str, Cluster] = field(default_factory=lambda: _frozen(None))
+    secrets: Mapping[str, Secret] = field(default_factory=lambda: _frozen(None))  # by name (SDS or inline:...)
 
     def plane(self, name: str) -> Plane:
         for plane in self.planes:

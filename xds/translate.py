@@ -31,6 +31,7 @@ from planemesh.agent.config import (
     WeightedCluster,
 )
 from planemesh.agent.proxy.sni_routing import server_name_error
+from planemesh.agent.tls_config import Secret
 from planemesh.agent.validation import check_cpus_field, validate_snapshot
 from planemesh.netplanes.model import SLA, Plane, plane_of_address
 from planemesh.xds.client_state import XdsResources, eds_name
@@ -48,6 +49,7 @@ from planemesh.xds.translate_common import (
 )
 from planemesh.xds.translate_filters import LOCAL_RATELIMIT, local_ratelimit
 from planemesh.xds.translate_routes import translate_route_config, translate_upgrades
+from planemesh.xds.translate_tls import resolve_secrets, secret_uses, socket_tls
 
 _EXT = "envoy.extensions."
 HCM = _EXT + "filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -108,6 +110,8 @@ class _Acc:
     sla: dict[str, dict[str, object]]  # plane -> field -> value
     sla_origin: dict[tuple[str, str], str]  # (plane, field) -> listener that set it
     tcp_clusters: list[tuple[str, str]]  # (path, cluster) for tcp_proxy cluster references
+    secrets_used: dict[str, tuple[str, type]] = dataclasses.field(default_factory=dict)  # xds/translate_tls.py
+    secrets_inline: dict[str, Secret] = dataclasses.field(default_factory=dict)
 
 
 def _planes_of(listener, planes: tuple[Plane, ...], ip: str, path: str) -> list[Plane]:
@@ -194,7 +198,15 @@ def _fault(hf, path: str) -> FaultFilter:
 
 
 def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, path: str) -> list[Listener]:
-    only(chain, {"filter_chain_match", "filters", "name", "metadata", "transport_socket_connect_timeout"}, path)
+    only(
+        chain,
+        {"filter_chain_match", "filters", "name", "metadata", "transport_socket_connect_timeout", "transport_socket"},
+        path,
+    )
+    tls = socket_tls(chain, path, upstream=False)
+    transport = chain.filter_chain_match.transport_protocol
+    if transport not in ("", "tls", "raw_buffer"):
+        raise ConfigError(f"{path}.filter_chain_match.transport_protocol", f"{transport!r}: expected tls or raw_buffer")
     m = chain.filter_chain_match
     only(
         m,
@@ -272,6 +284,10 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
         acc.tcp_clusters += [(f"{fpath}.cluster", w.name) for w in tcp_clusters]
     else:
         raise ConfigError(fpath, f"network filter {last.name!r} ({kind or 'no typed_config'}) is not supported")
+    if tls is not None:
+        if protocol is not ListenerProtocol.HTTP:
+            raise ConfigError(f"{path}.transport_socket", "TLS is terminated on http_connection_manager chains only")
+        secret_uses(tls, f"{path}.transport_socket", acc.secrets_used, acc.secrets_inline)
     base = chain.name or (listener.name if ci == 0 else f"{listener.name}#{ci}")
     return [
         Listener(
@@ -285,6 +301,8 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
             server_names=tuple(n.lower() for n in m.server_names),
             tcp_clusters=tcp_clusters,
             upgrades=upgrades,
+            tls=tls,
+            transport_protocol=m.transport_protocol,
         )
         for plane in planes
     ]
@@ -415,6 +433,10 @@ def translate(
     for path, cname in acc.tcp_clusters:
         if cname not in resources.clusters:
             errors.add(ConfigError(path, f"unknown cluster {cname!r}"))
+    for name, c in sorted(clusters.items()):
+        if c.tls is not None:
+            secret_uses(c.tls, f"cluster[{name}].transport_socket", acc.secrets_used, acc.secrets_inline)
+    secrets = resolve_secrets(acc.secrets_used, resources.secrets, acc.secrets_inline, errors)
     cache.retain(resources.clusters, resources.routes)
     errors.raise_if_any()
     new_planes = tuple(
@@ -427,6 +449,7 @@ def translate(
         listeners=tuple(listeners),
         routes=MappingProxyType(routes),
         clusters=MappingProxyType(clusters),
+        secrets=MappingProxyType(secrets),
     )
     validate_snapshot(snap)
     return snap

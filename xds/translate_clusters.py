@@ -27,6 +27,7 @@ from planemesh.xds.translate_common import (
     type_name,
     uint,
 )
+from planemesh.xds.translate_tls import socket_tls
 
 C = cluster_pb2.Cluster
 _KINDS = {C.STATIC: ClusterKind.STATIC, C.EDS: ClusterKind.EDS, C.ORIGINAL_DST: ClusterKind.ORIGINAL_DST}
@@ -208,7 +209,7 @@ def _outlier(cluster, path: str) -> OutlierDetection | None:
 
 
 def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Plane, ...], path: str) -> Cluster:
-    only(cluster, _HARMLESS | _SUPPORTED, path)
+    only(cluster, _HARMLESS | _SUPPORTED | {"transport_socket"}, path)  # TLS: xds/translate_tls.py
     if cluster.WhichOneof("cluster_discovery_type") != "type" and cluster.HasField("cluster_type"):
         raise ConfigError(f"{path}.cluster_type", "custom cluster types are not supported")
     kind = _KINDS.get(cluster.type)
@@ -254,6 +255,7 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
         http2=_http2(cluster, path),
         plane=plane,
         locality_weighted=_locality_weighted(cluster, lb, f"{path}.common_lb_config"),
+        tls=socket_tls(cluster, path, upstream=True),
     )
 
 

@@ -199,3 +199,35 @@ def test_envoy_terminates_mtls_with_certificates_from_our_sds(tmp_path) -> None:
         asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+@pytest.mark.parametrize("mode", ["sotw", "delta"])
+def test_our_client_fetches_secrets_for_its_tls_listener_and_gets_the_rotation(mode: str) -> None:
+    from bench.xds_scale import Recorder, bootstrap
+    from planemesh.xds.resources import LISTENER
+    from planemesh.xds.transport import XdsClient
+    from tests.unit.test_xds_sds_client import _listener_msg
+
+    async def scenario() -> list:
+        root = new_root("cluster.local", now=utcnow())
+        server = ManagementServer(None, secrets=SecretIssuer(root, ttl_s=3))
+        server.set_resources(LISTENER, [_listener_msg()])
+        rec = Recorder()
+        client = XdsClient(bootstrap(await server.start("127.0.0.1:0"), mode), rec.apply)
+        task = asyncio.create_task(client.run())
+        try:
+            await rec.wait_for(lambda s: "default" in s.secrets, 10)
+            first = rec.snapshots[-1]
+            await rec.wait_for(lambda s: s.secrets["default"].chain_pem != first.secrets["default"].chain_pem, 10)
+            return [first, rec.snapshots[-1], client.status()["types"]["SDS"]]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop(0)
+
+    first, rotated, sds = asyncio.run(scenario())
+    assert first.listeners[0].tls.cert == "default" and rotated.listeners == first.listeners  # listener untouched
+    for snap in (first, rotated):
+        chain = load_certs(snap.secrets["default"].chain_pem, "chain")
+        assert spiffe_ids(chain[0]) == ["spiffe://cluster.local/ns/default/sa/bench"]
+    assert sds["nacks"] == 0 and sds["acks"] >= 2

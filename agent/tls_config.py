@@ -1,0 +1,75 @@
+"""TLS in the configuration model (no I/O): secrets by name and the TLS contexts that reference them.
+
+A Listener's `tls` (DownstreamTlsContext) and a Cluster's `tls` (UpstreamTlsContext) name their certificate
+and trust secrets; the material lives once in `Snapshot.secrets`, so a rotated secret is a new snapshot whose
+listeners and clusters did not change (new handshakes use the new material: agent/proxy/tls.py).
+Inline secrets of a context get a synthetic name (`inline:<resource path>`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TLS_VERSIONS = ("TLSv1_0", "TLSv1_1", "TLSv1_2", "TLSv1_3")  # Envoy's TlsParameters.TlsProtocol names
+
+
+@dataclass(frozen=True, slots=True)
+class CertSecret:
+    """tls_certificate: a PEM chain (leaf first) and its PEM private key."""
+
+    chain_pem: bytes
+    key_pem: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TrustSecret:
+    """validation_context: PEM roots, and the subject alt names a peer must present (any one of them)."""
+
+    ca_pem: bytes
+    san: tuple[SanMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SanMatch:
+    """One match_typed_subject_alt_names entry: kind URI/DNS, and a StringMatcher (exact/prefix/suffix/contains)."""
+
+    kind: str  # "uri" | "dns"
+    exact: str | None = None
+    prefix: str | None = None
+    suffix: str | None = None
+    contains: str | None = None
+
+    def matches(self, value: str) -> bool:
+        if self.exact is not None:
+            return value == self.exact
+        if self.prefix is not None:
+            return value.startswith(self.prefix)
+        if self.suffix is not None:
+            return value.endswith(self.suffix)
+        return self.contains is not None and self.contains in value
+
+
+@dataclass(frozen=True, slots=True)
+class TlsContext:
+    """Downstream (listener, server side) or upstream (cluster, client side) TLS settings."""
+
+    cert: str | None = None  # a CertSecret's name; required downstream
+    trust: str | None = None  # a TrustSecret's name; None: the peer's certificate is not verified
+    san: tuple[SanMatch, ...] = ()  # the context's own matchers (combined_validation_context default + SDS one)
+    alpn: tuple[str, ...] = ()
+    min_version: str = "TLSv1_2"  # Envoy's defaults: TLS 1.2 .. 1.3 (servers and clients)
+    max_version: str = "TLSv1_3"
+    ciphers: tuple[str, ...] = ()  # OpenSSL cipher names for TLS <= 1.2; empty: the library's default
+    require_client_cert: bool = False  # downstream only
+    sni: str = ""  # upstream only
+    inline: tuple[tuple[str, CertSecret | TrustSecret], ...] = ()  # secrets given inline: (name, material)
+
+
+Secret = CertSecret | TrustSecret
+
+
+def san_accepts(matchers: tuple[SanMatch, ...], uris: list[str], dns: list[str]) -> bool:
+    """Envoy: with matchers, the peer passes if any of its SANs of the matcher's kind matches any matcher."""
+    if not matchers:
+        return True
+    return any(m.matches(v) for m in matchers for v in (uris if m.kind == "uri" else dns))
