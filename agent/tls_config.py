@@ -8,7 +8,7 @@ Inline secrets of a context get a synthetic name (`inline:<resource path>`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TLS_VERSIONS = ("TLSv1_0", "TLSv1_1", "TLSv1_2", "TLSv1_3")  # Envoy's TlsParameters.TlsProtocol names
 
@@ -18,7 +18,8 @@ class CertSecret:
     """tls_certificate: a PEM chain (leaf first) and its PEM private key."""
 
     chain_pem: bytes
-    key_pem: bytes
+    # Never printed (repr) nor dumped (agent/snapshot_json.py writes "[redacted]", as Envoy's config_dump does).
+    key_pem: bytes = field(repr=False, metadata={"redact": True})
 
 
 @dataclass(frozen=True, slots=True)

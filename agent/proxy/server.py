@@ -30,6 +30,7 @@ from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.sni_routing import SniRoutes
 from planemesh.agent.proxy.sockets import SO_MARK, listen_backlog
 from planemesh.agent.proxy.stats import PlaneStats
+from planemesh.agent.proxy.tls import TlsRoutes, TlsStats, accept_factory
 from planemesh.agent.proxy.upstream import UpstreamPool
 from planemesh.ebpf.abi import PM_MARK_PLANE_MASK
 from planemesh.netplanes.model import plane_of_address
@@ -45,10 +46,13 @@ def _sockname_is_destination(sockname: tuple, peername: tuple) -> tuple[str, int
 class RoutingTable:
     """Everything a request needs from one snapshot; swapped as a whole by PlaneProxy.update()."""
 
-    __slots__ = ("balancer", "clock", "route_limiters", "router", "snapshot", "sni")
+    __slots__ = ("balancer", "clock", "route_limiters", "router", "snapshot", "sni", "tls")
 
-    def __init__(self, snapshot: Snapshot, plane: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, snapshot: Snapshot, plane: str, clock: Callable[[], float] = time.monotonic, tls_cache: dict | None = None
+    ) -> None:
         self.snapshot = snapshot
+        self.tls = TlsRoutes(snapshot, plane, {} if tls_cache is None else tls_cache)  # TLS ports (tls.py)
         self.clock = clock
         self.route_limiters: dict[int, LocalRateLimiter] = {}  # id(route) -> its bucket (routes live as long)
         self.router = PlaneRouter(snapshot, plane)
@@ -98,7 +102,9 @@ class PlaneProxy:
         self.clock = clock
         self.stats = PlaneStats()
         self.log = AccessLogBuffer(access_log, format_json if log_format == "json" else format_text)
-        self.table = RoutingTable(snapshot, plane, clock)
+        self.tls_cache: dict = {}  # SSL contexts by (TLS context, secrets): survive snapshots (agent/proxy/tls.py)
+        self.tls_stats = TlsStats()
+        self.table = RoutingTable(snapshot, plane, clock, self.tls_cache)
         self.sla = self.table.router.plane.sla
         self.bucket: TokenBucket | None = bucket_for(self.sla, clock)
         self.pool = UpstreamPool(
@@ -152,7 +158,7 @@ class PlaneProxy:
             self._sniffers.append((sniffer, self.loop.create_task(sniffer.serve(), name=f"sniff-{port}")))
             return
         # asyncio re-listens with backlog 100 unless told: keep the kernel's somaxconn (sockets.listen_backlog)
-        server = await self.loop.create_server(lambda: Downstream(self), sock=sock, backlog=listen_backlog())
+        server = await self.loop.create_server(accept_factory(self), sock=sock, backlog=listen_backlog())
         self._servers.append(server)
 
     async def serve(self, sock: socket.socket) -> None:
@@ -187,7 +193,7 @@ class PlaneProxy:
 
     def update(self, snapshot: Snapshot) -> None:
         """Swap the configuration atomically; requests already routed keep what they resolved."""
-        table = RoutingTable(snapshot, self.plane_name, self.clock)
+        table = RoutingTable(snapshot, self.plane_name, self.clock, self.tls_cache)
         sla = table.router.plane.sla
         if sla != self.sla:
             if (sla.rate_limit_rps, sla.rate_limit_burst) != (self.sla.rate_limit_rps, self.sla.rate_limit_burst):

@@ -211,3 +211,12 @@ def test_cluster_secrets_are_subscribed_too():
     st = started()
     actions = st.response_received(sotw(CLUSTER, "1", "c1", c), 0.0)
     assert applies(actions) == [] and [list(r.resource_names) for r in requests(actions, SECRET)] == [["ROOTCA"]]
+
+
+def test_private_keys_are_redacted_in_dumps_and_reprs():
+    from planemesh.agent.snapshot_json import to_jsonable
+
+    snap = translate(with_secrets([tls_listener()], secrets()), PLANES)
+    dumped = str(to_jsonable(snap))
+    assert "PRIVATE KEY" not in dumped and "[redacted]" in dumped and "BEGIN CERTIFICATE" in dumped
+    assert "PRIVATE KEY" not in repr(snap)

@@ -1,0 +1,307 @@
+"""TLS termination in a plane's L7 proxy: a transport under the unchanged HTTP/1.1 and h2 codecs.
+
+A connection whose original destination has a TLS filter chain (Listener.tls) is taken from the accepting
+transport (its socket is duplicated, the transport dropped before it read a byte), its first bytes are
+peeked (nothing consumed), then:
+  TLS ClientHello (0x16)            -> handshake (stdlib ssl on the event loop's TLS transport, uvloop's
+                                       when running under uvloop), then Downstream as for plaintext;
+  anything else, a plaintext chain  -> plain Downstream (permissive port: `transport_protocol` raw_buffer);
+  anything else, TLS only (strict)  -> closed, counted (`plaintext_refused`).
+A failed handshake (wrong CA, expired, no client certificate where one is required, timeout) is counted and
+logged, the connection closed; a peer whose certificate has no SAN matching the context's matchers is closed
+after the handshake (`san_refused`). The peer's SPIFFE ID is kept on the connection's SSLObject
+(`planemesh_peer`) for the access log. Handshakes in progress count in the plane's open connections.
+
+SSL contexts are built once per (context, secrets) value and reused across snapshots: a rotated secret is
+a new value, so new handshakes use the new certificate while existing connections keep theirs. Keys reach
+OpenSSL through a memfd (never a file on disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from netaddr import IPAddress
+
+from planemesh.agent.config import Listener, ListenerProtocol, Snapshot
+from planemesh.agent.proxy.downstream import Downstream
+from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
+
+if TYPE_CHECKING:
+    from planemesh.agent.proxy.server import PlaneProxy
+
+log = logging.getLogger("planemesh.proxy.tls")
+HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by default (asyncio's default: 60 s)
+PEEK_TIMEOUT_S = 10.0  # first byte of a connection to a TLS port; Envoy's listener_filters_timeout is 15 s
+TLS_HANDSHAKE_RECORD = 0x16
+_VERSION = {
+    "TLSv1_0": ssl.TLSVersion.TLSv1,
+    "TLSv1_1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1_2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1_3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+class TlsStats:
+    __slots__ = ("handshake_failed", "handshakes", "peer_cert_refused", "plaintext_accepted", "plaintext_refused",
+                 "san_refused", "timeouts")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.handshakes = 0  # completed
+        self.handshake_failed = 0  # every failed handshake (including the two below)
+        self.peer_cert_refused = 0  # the peer's certificate did not verify (wrong CA, expired, missing)
+        self.timeouts = 0  # no first byte or no finished handshake in time
+        self.san_refused = 0  # verified, but no SAN matched the context's matchers
+        self.plaintext_refused = 0  # plaintext on a TLS-only (strict) port
+        self.plaintext_accepted = 0  # plaintext on a permissive port
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def _memfd_with(data: bytes) -> int:
+    fd = os.memfd_create("planemesh-tls", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def build_context(tls: TlsContext, cert: CertSecret | None, trust: TrustSecret | None, server: bool) -> ssl.SSLContext:
+    """An SSLContext for one TlsContext and its secrets' material."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = _VERSION[tls.min_version]
+    ctx.maximum_version = _VERSION[tls.max_version]
+    if tls.ciphers:
+        ctx.set_ciphers(":".join(tls.ciphers))
+    if cert is not None:
+        fd = _memfd_with(cert.chain_pem + b"\n" + cert.key_pem)
+        try:
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    ctx.check_hostname = False  # SPIFFE identities are URIs: the SAN matchers decide (check_peer)
+    if trust is not None:
+        ctx.load_verify_locations(cadata=trust.ca_pem.decode("ascii", "replace"))
+        ctx.verify_mode = ssl.CERT_REQUIRED if (tls.require_client_cert or not server) else ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    if tls.alpn:
+        ctx.set_alpn_protocols(list(tls.alpn))
+    return ctx
+
+
+def peer_sans(ssl_object: ssl.SSLObject | None) -> tuple[list[str], list[str]]:
+    """(URI SANs, DNS SANs) of the peer's certificate; empty without one."""
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return [], []
+    try:
+        san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (ValueError, x509.ExtensionNotFound):
+        return [], []
+    return san.value.get_values_for_type(x509.UniformResourceIdentifier), san.value.get_values_for_type(x509.DNSName)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsDecision:
+    """What a TLS-capable port does: the TLS chain's context, and whether plaintext is also served."""
+
+    listener: Listener
+    context: ssl.SSLContext
+    plaintext: bool
+
+
+class TlsRoutes:
+    """The plane's TLS ports from one snapshot; contexts come from (and go back to) the proxy's cache."""
+
+    def __init__(self, snapshot: Snapshot, plane: str, cache: dict) -> None:
+        self.ports: dict[int, list[Listener]] = {}
+        fresh: dict = {}
+        self.decisions: dict[tuple[int, str], TlsDecision] = {}
+        for lsn in snapshot.listeners_of(plane):
+            if lsn.protocol is ListenerProtocol.HTTP:
+                self.ports.setdefault(lsn.port, []).append(lsn)
+        self.ports = {p: ls for p, ls in self.ports.items() if any(lsn.tls is not None for lsn in ls)}
+        for lsn in (lsn for ls in self.ports.values() for lsn in ls if lsn.tls is not None):
+            tls = lsn.tls
+            assert tls is not None
+            cert = snapshot.secrets.get(tls.cert) if tls.cert else None
+            trust = snapshot.secrets.get(tls.trust) if tls.trust else None
+            key = (tls, cert, trust)
+            if key not in fresh:
+                fresh[key] = cache.get(key) or build_context(tls, cert, trust, server=True)  # type: ignore[arg-type]
+        cache.clear()
+        cache.update(fresh)  # contexts no listener uses any more are dropped
+        self._cache = fresh
+
+    def decide(self, ip: str, port: int) -> TlsDecision | None:
+        """None: not a TLS port (plain Downstream). Chains are matched by port and most specific prefix."""
+        listeners = self.ports.get(port)
+        if not listeners:
+            return None
+        addr = IPAddress(ip.split("%", 1)[0])
+        if addr.version == 6 and addr.is_ipv4_mapped():
+            addr = addr.ipv4()
+        best: list[Listener] = []
+        best_len = -1
+        for lsn in listeners:
+            lengths = [n.prefixlen for n in lsn.prefixes if n.version == addr.version and addr in n]
+            length = max(lengths) if lengths else (0 if not lsn.prefixes else -1)
+            if length > best_len:
+                best, best_len = [lsn], length
+            elif length == best_len and length >= 0:
+                best.append(lsn)
+        tls_chain = next((lsn for lsn in best if lsn.tls is not None), None)
+        if tls_chain is None:
+            return None
+        tls = tls_chain.tls
+        assert tls is not None
+        plaintext = any(lsn.tls is None and lsn.transport_protocol != "tls" for lsn in best)
+        return TlsDecision(tls_chain, self._context(tls_chain), plaintext)
+
+    def _context(self, lsn: Listener) -> ssl.SSLContext:
+        for (tls, _cert, _trust), ctx in self._cache.items():
+            if tls is lsn.tls or tls == lsn.tls:
+                return ctx
+        raise KeyError(lsn.name)
+
+
+class TlsDownstream(Downstream):
+    """Downstream over a finished TLS handshake: checks the peer's SANs, keeps its SPIFFE ID, then HTTP."""
+
+    __slots__ = ("tls",)
+
+    def __init__(self, proxy: PlaneProxy, tls: TlsContext) -> None:
+        super().__init__(proxy)
+        self.tls = tls
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        uris, dns = peer_sans(ssl_object)
+        stats: TlsStats = self.proxy.tls_stats
+        stats.handshakes += 1
+        trust = self.proxy.table.snapshot.secrets.get(self.tls.trust) if self.tls.trust else None
+        matchers = self.tls.san + (trust.san if isinstance(trust, TrustSecret) else ())
+        if ssl_object is not None:
+            ssl_object.planemesh_peer = next((u for u in uris if u.startswith("spiffe://")), None)
+        super().connection_made(transport)
+        if (uris or dns or matchers) and not san_accepts(matchers, uris, dns):
+            stats.san_refused += 1
+            log.warning("%s: client certificate SANs %s match no matcher: closed", self.peer_ip, uris + dns)
+            self.abort()
+
+
+def accept_factory(proxy: PlaneProxy) -> Callable[[], asyncio.Protocol]:
+    """The accepting server's protocol factory: plain Downstream unless the plane has TLS ports."""
+
+    def make() -> asyncio.Protocol:
+        tls = proxy.table.tls
+        return Downstream(proxy) if tls is None or not tls.ports else _TlsGate(proxy)
+
+    return make
+
+
+class _TlsGate(asyncio.Protocol):
+    """Decides, before any byte is read, whether an accepted connection is TLS (module docstring)."""
+
+    __slots__ = ("proxy",)
+
+    def __init__(self, proxy: PlaneProxy) -> None:
+        self.proxy = proxy
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        proxy = self.proxy
+        sockname, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        decision = proxy.table.tls.decide(*proxy.original_destination(sockname, peer))
+        if decision is None:
+            ds = Downstream(proxy)
+            transport.set_protocol(ds)  # type: ignore[attr-defined]
+            ds.connection_made(transport)
+            return
+        try:
+            sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        except OSError:
+            transport.abort()
+            return
+        sock.setblocking(False)
+        transport.abort()  # closes its descriptor only: the connection lives on in `sock`
+        proxy.stats.downstream_active += 1  # a handshake in progress holds a place in the plane's budget
+        proxy.loop.create_task(self._serve(sock, decision, peer))
+
+    def data_received(self, data: bytes) -> None:  # never: the transport is dropped before it reads
+        pass
+
+    async def _serve(self, sock: socket.socket, decision: TlsDecision, peer) -> None:
+        proxy, stats = self.proxy, self.proxy.tls_stats
+        where = peer[0] if peer else "?"
+        handed = False
+        try:
+            first = await _peek(proxy.loop, sock, PEEK_TIMEOUT_S)
+            if first is None:
+                stats.timeouts += 1
+                return
+            if first[:1] != bytes([TLS_HANDSHAKE_RECORD]):
+                if not decision.plaintext:
+                    stats.plaintext_refused += 1
+                    log.info("%s: plaintext on TLS-only port %s: closed", where, decision.listener.port)
+                    return
+                stats.plaintext_accepted += 1
+                proxy.stats.downstream_active -= 1
+                handed = True
+                await proxy.loop.connect_accepted_socket(lambda: Downstream(proxy), sock)
+                return
+            tls = decision.listener.tls
+            assert tls is not None
+            proxy.stats.downstream_active -= 1
+            handed = True
+            await proxy.loop.connect_accepted_socket(
+                lambda: TlsDownstream(proxy, tls), sock, ssl=decision.context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+            )
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            stats.handshake_failed += 1
+            if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc).upper():
+                stats.peer_cert_refused += 1
+            if isinstance(exc, TimeoutError):
+                stats.timeouts += 1
+            log.info("%s: TLS handshake on port %s failed: %s", where, decision.listener.port, exc)
+        finally:
+            if not handed:
+                proxy.stats.downstream_active -= 1
+            if sock.fileno() != -1 and not handed:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout_s: float) -> bytes | None:
+    """The first bytes without consuming them; None when nothing (or only EOF) came in time."""
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            data = sock.recv(8, socket.MSG_PEEK)
+            return data or None
+        except (BlockingIOError, InterruptedError):
+            pass
+        left = deadline - loop.time()
+        if left <= 0:
+            return None
+        fut: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _settle, fut)
+        try:
+            await asyncio.wait_for(fut, left)
+        except TimeoutError:
+            return None
+        finally:
+            loop.remove_reader(sock.fileno())
