@@ -434,6 +434,8 @@ def translate(
         if cname not in resources.clusters:
             errors.add(ConfigError(path, f"unknown cluster {cname!r}"))
     for name, c in sorted(clusters.items()):
+        if c.tls is not None and c.http2:
+            errors.add(ConfigError(f"cluster[{name}].transport_socket", "TLS origination speaks HTTP/1.1 upstream"))
         if c.tls is not None:
             secret_uses(c.tls, f"cluster[{name}].transport_socket", acc.secrets_used, acc.secrets_inline)
     secrets = resolve_secrets(acc.secrets_used, resources.secrets, acc.secrets_inline, errors)

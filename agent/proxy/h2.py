@@ -438,6 +438,8 @@ class Bridge:
         cluster = result.cluster
         if result.weighted:
             cluster = table.balancer.cluster_for(result.route.action)  # type: ignore[union-attr, arg-type]
+        if cluster is not None and cluster.tls is not None:  # never a plaintext downgrade (agent/proxy/tls.py)
+            return self.local_error(503, "TLS origination for HTTP/2 clients is not supported", accesslog.UF)
         if cluster is None:
             if result.cluster_missing or ds.local[1] in proxy.listen_ports:
                 return self.local_error(503, "no healthy upstream", accesslog.UF)

@@ -104,6 +104,7 @@ class PlaneProxy:
         self.log = AccessLogBuffer(access_log, format_json if log_format == "json" else format_text)
         self.tls_cache: dict = {}  # SSL contexts by (TLS context, secrets): survive snapshots (agent/proxy/tls.py)
         self.tls_stats = TlsStats()
+        self.tls_client_cache: dict = {}  # upstream SSL contexts (agent/proxy/tls_context.py)
         self.table = RoutingTable(snapshot, plane, clock, self.tls_cache)
         self.sla = self.table.router.plane.sla
         self.bucket: TokenBucket | None = bucket_for(self.sla, clock)
@@ -158,7 +159,8 @@ class PlaneProxy:
             self._sniffers.append((sniffer, self.loop.create_task(sniffer.serve(), name=f"sniff-{port}")))
             return
         # asyncio re-listens with backlog 100 unless told: keep the kernel's somaxconn (sockets.listen_backlog)
-        server = await self.loop.create_server(accept_factory(self), sock=sock, backlog=listen_backlog())
+        accept = accept_factory(self, lambda: Downstream(self))  # TLS ports first meet agent/proxy/tls.py
+        server = await self.loop.create_server(accept, sock=sock, backlog=listen_backlog())
         self._servers.append(server)
 
     async def serve(self, sock: socket.socket) -> None:

@@ -27,28 +27,18 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-from cryptography import x509
 from netaddr import IPAddress
 
 from planemesh.agent.config import Listener, ListenerProtocol, Snapshot
-from planemesh.agent.proxy.downstream import Downstream
-from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
-
-if TYPE_CHECKING:
-    from planemesh.agent.proxy.server import PlaneProxy
+from planemesh.agent.proxy.tls_context import build_context, peer_sans
+from planemesh.agent.tls_config import TlsContext, TrustSecret, san_accepts
 
 log = logging.getLogger("planemesh.proxy.tls")
 HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by default (asyncio's default: 60 s)
 PEEK_TIMEOUT_S = 10.0  # first byte of a connection to a TLS port; Envoy's listener_filters_timeout is 15 s
 TLS_HANDSHAKE_RECORD = 0x16
-_VERSION = {
-    "TLSv1_0": ssl.TLSVersion.TLSv1,
-    "TLSv1_1": ssl.TLSVersion.TLSv1_1,
-    "TLSv1_2": ssl.TLSVersion.TLSv1_2,
-    "TLSv1_3": ssl.TLSVersion.TLSv1_3,
-}
 
 
 class TlsStats:
@@ -66,48 +56,6 @@ class TlsStats:
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
-
-
-def _memfd_with(data: bytes) -> int:
-    fd = os.memfd_create("planemesh-tls", os.MFD_CLOEXEC)
-    os.write(fd, data)
-    return fd
-
-
-def build_context(tls: TlsContext, cert: CertSecret | None, trust: TrustSecret | None, server: bool) -> ssl.SSLContext:
-    """An SSLContext for one TlsContext and its secrets' material."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = _VERSION[tls.min_version]
-    ctx.maximum_version = _VERSION[tls.max_version]
-    if tls.ciphers:
-        ctx.set_ciphers(":".join(tls.ciphers))
-    if cert is not None:
-        fd = _memfd_with(cert.chain_pem + b"\n" + cert.key_pem)
-        try:
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-    ctx.check_hostname = False  # SPIFFE identities are URIs: the SAN matchers decide (check_peer)
-    if trust is not None:
-        ctx.load_verify_locations(cadata=trust.ca_pem.decode("ascii", "replace"))
-        ctx.verify_mode = ssl.CERT_REQUIRED if (tls.require_client_cert or not server) else ssl.CERT_OPTIONAL
-    else:
-        ctx.verify_mode = ssl.CERT_NONE
-    if tls.alpn:
-        ctx.set_alpn_protocols(list(tls.alpn))
-    return ctx
-
-
-def peer_sans(ssl_object: ssl.SSLObject | None) -> tuple[list[str], list[str]]:
-    """(URI SANs, DNS SANs) of the peer's certificate; empty without one."""
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not der:
-        return [], []
-    try:
-        san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except (ValueError, x509.ExtensionNotFound):
-        return [], []
-    return san.value.get_values_for_type(x509.UniformResourceIdentifier), san.value.get_values_for_type(x509.DNSName)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,14 +122,14 @@ class TlsRoutes:
         raise KeyError(lsn.name)
 
 
-class TlsDownstream(Downstream):
-    """Downstream over a finished TLS handshake: checks the peer's SANs, keeps its SPIFFE ID, then HTTP."""
+class _TlsChecked(asyncio.Protocol):
+    """The first protocol over a finished handshake: checks the peer's SANs, keeps its SPIFFE ID on the
+    SSLObject, then hands the transport to the HTTP codec (or closes it, counted)."""
 
-    __slots__ = ("tls",)
+    __slots__ = ("make", "proxy", "tls")
 
-    def __init__(self, proxy: PlaneProxy, tls: TlsContext) -> None:
-        super().__init__(proxy)
-        self.tls = tls
+    def __init__(self, proxy: Any, tls: TlsContext, make: Callable[[], asyncio.Protocol]) -> None:
+        self.proxy, self.tls, self.make = proxy, tls, make
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -190,21 +138,28 @@ class TlsDownstream(Downstream):
         stats.handshakes += 1
         trust = self.proxy.table.snapshot.secrets.get(self.tls.trust) if self.tls.trust else None
         matchers = self.tls.san + (trust.san if isinstance(trust, TrustSecret) else ())
-        if ssl_object is not None:
-            ssl_object.planemesh_peer = next((u for u in uris if u.startswith("spiffe://")), None)
-        super().connection_made(transport)
         if (uris or dns or matchers) and not san_accepts(matchers, uris, dns):
             stats.san_refused += 1
-            log.warning("%s: client certificate SANs %s match no matcher: closed", self.peer_ip, uris + dns)
-            self.abort()
+            peer = transport.get_extra_info("peername")
+            log.warning("%s: client certificate SANs %s match no matcher: closed", peer, uris + dns)
+            transport.abort()
+            return
+        if ssl_object is not None:
+            ssl_object.planemesh_peer = next((u for u in uris if u.startswith("spiffe://")), None)
+        inner = self.make()
+        transport.set_protocol(inner)  # type: ignore[attr-defined]
+        inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:  # never: connection_made handed the transport over
+        pass
 
 
-def accept_factory(proxy: PlaneProxy) -> Callable[[], asyncio.Protocol]:
+def accept_factory(proxy: Any, make_downstream: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
     """The accepting server's protocol factory: plain Downstream unless the plane has TLS ports."""
 
     def make() -> asyncio.Protocol:
         tls = proxy.table.tls
-        return Downstream(proxy) if tls is None or not tls.ports else _TlsGate(proxy)
+        return make_downstream() if tls is None or not tls.ports else _TlsGate(proxy, make_downstream)
 
     return make
 
@@ -212,17 +167,17 @@ def accept_factory(proxy: PlaneProxy) -> Callable[[], asyncio.Protocol]:
 class _TlsGate(asyncio.Protocol):
     """Decides, before any byte is read, whether an accepted connection is TLS (module docstring)."""
 
-    __slots__ = ("proxy",)
+    __slots__ = ("make", "proxy")
 
-    def __init__(self, proxy: PlaneProxy) -> None:
-        self.proxy = proxy
+    def __init__(self, proxy: Any, make: Callable[[], asyncio.Protocol]) -> None:
+        self.proxy, self.make = proxy, make
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         proxy = self.proxy
         sockname, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
         decision = proxy.table.tls.decide(*proxy.original_destination(sockname, peer))
         if decision is None:
-            ds = Downstream(proxy)
+            ds = self.make()
             transport.set_protocol(ds)  # type: ignore[attr-defined]
             ds.connection_made(transport)
             return
@@ -256,14 +211,17 @@ class _TlsGate(asyncio.Protocol):
                 stats.plaintext_accepted += 1
                 proxy.stats.downstream_active -= 1
                 handed = True
-                await proxy.loop.connect_accepted_socket(lambda: Downstream(proxy), sock)
+                await proxy.loop.connect_accepted_socket(self.make, sock)
                 return
             tls = decision.listener.tls
             assert tls is not None
             proxy.stats.downstream_active -= 1
             handed = True
             await proxy.loop.connect_accepted_socket(
-                lambda: TlsDownstream(proxy, tls), sock, ssl=decision.context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+                lambda: _TlsChecked(proxy, tls, self.make),
+                sock,
+                ssl=decision.context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
             )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             stats.handshake_failed += 1
