@@ -227,7 +227,7 @@ class _TlsGate(asyncio.Protocol):
             stats.handshake_failed += 1
             if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc).upper():
                 stats.peer_cert_refused += 1
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError) or "taking longer" in str(exc):  # uvloop/asyncio: ConnectionAborted
                 stats.timeouts += 1
             log.info("%s: TLS handshake on port %s failed: %s", where, decision.listener.port, exc)
         finally:

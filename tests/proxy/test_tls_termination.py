@@ -220,3 +220,22 @@ def test_rotation_applies_to_new_handshakes_and_open_connections_continue(backen
         assert kept[0].recv(65536).startswith(b"HTTP/1.1 200")
         for s in kept + fresh:
             s.close()
+
+
+def test_truncated_handshake_and_silent_client_time_out_counted(backend, certs, monkeypatch):
+    from planemesh.agent.proxy import tls as tls_module
+
+    monkeypatch.setattr(tls_module, "HANDSHAKE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(tls_module, "PEEK_TIMEOUT_S", 0.5)
+    with TlsProxy(backend.port) as px:
+        silent = socket.create_connection(("127.0.0.1", px.port), timeout=5)
+        truncated = socket.create_connection(("127.0.0.1", px.port), timeout=5)
+        truncated.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello cut short
+        assert get(px.port, client_ctx(certs)).startswith(b"HTTP/1.1 200")  # meanwhile others are served
+        for s in (silent, truncated):
+            s.settimeout(3)
+            assert s.recv(100) == b""  # closed by the proxy
+            s.close()
+        stats = px.stats
+        assert stats["timeouts"] == 2 and stats["handshake_failed"] == 1, stats
+        assert px.call(lambda: px.proxy.stats.downstream_active) == 0  # handshakes gave their budget back
