@@ -203,6 +203,8 @@ class _TlsGate(asyncio.Protocol):
             if first is None:
                 stats.timeouts += 1
                 return
+            if not first:
+                return  # closed before a byte (port probes, health checks)
             if first[:1] != bytes([TLS_HANDSHAKE_RECORD]):
                 if not decision.plaintext:
                     stats.plaintext_refused += 1
@@ -244,12 +246,11 @@ def _settle(fut: asyncio.Future[None]) -> None:
 
 
 async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout_s: float) -> bytes | None:
-    """The first bytes without consuming them; None when nothing (or only EOF) came in time."""
+    """The first bytes without consuming them (b"" at EOF); None when nothing came in time."""
     deadline = loop.time() + timeout_s
     while True:
         try:
-            data = sock.recv(8, socket.MSG_PEEK)
-            return data or None
+            return sock.recv(8, socket.MSG_PEEK)  # b"": closed without a byte
         except (BlockingIOError, InterruptedError):
             pass
         left = deadline - loop.time()

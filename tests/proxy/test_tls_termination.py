@@ -228,6 +228,7 @@ def test_truncated_handshake_and_silent_client_time_out_counted(backend, certs, 
     monkeypatch.setattr(tls_module, "HANDSHAKE_TIMEOUT_S", 0.5)
     monkeypatch.setattr(tls_module, "PEEK_TIMEOUT_S", 0.5)
     with TlsProxy(backend.port) as px:
+        socket.create_connection(("127.0.0.1", px.port), timeout=5).close()  # a port probe: not a timeout
         silent = socket.create_connection(("127.0.0.1", px.port), timeout=5)
         truncated = socket.create_connection(("127.0.0.1", px.port), timeout=5)
         truncated.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello cut short
