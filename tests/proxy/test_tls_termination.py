@@ -119,7 +119,7 @@ def get(port: int, ctx: ssl.SSLContext | None, path: str = "/", sock_out: list |
     try:
         s.sendall(f"GET {path} HTTP/1.1\r\nhost: svc\r\n\r\n".encode())
         reply = b""
-        while b"\r\n\r\n" not in reply or not reply.endswith(b"\n"):
+        while not _complete(reply):
             chunk = s.recv(65536)
             if not chunk:
                 break
@@ -130,6 +130,18 @@ def get(port: int, ctx: ssl.SSLContext | None, path: str = "/", sock_out: list |
             sock_out.append(s)
         else:
             s.close()
+
+
+def _complete(reply: bytes) -> bool:
+    """A whole response: the head and content-length bytes of body (the backend always sends the length)."""
+    head, sep, body = reply.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return True
 
 
 def refused(port: int, ctx: ssl.SSLContext | None) -> bool:
