@@ -92,6 +92,19 @@ def test_agent_terminates_mtls_with_sds_certificates_in_the_data_path(run_prefix
             plain = curl(env.client_ns, url.replace("https", "http"), certs, None)
             assert " 200" not in plain.stdout, plain
             assert curl(env.client_ns, url, certs, "amf").stdout == "mtls ok 200"
+
+            def tls_row() -> dict:
+                _, stats = env.admin.get_json("/stats?format=json")
+                rows = [r for r in stats.get("tls", []) if r["plane"] == "oam"]
+                row = rows[0] if rows else {}
+                return row if row.get("plaintext_refused", 0) >= 1 and row.get("handshake_failed", 0) >= 2 else {}
+
+            row = eventually(tls_row, 10, 0.3)  # the workers' counters reach the agent's /stats
+            assert row and row["handshakes"] >= 2, row
+            prom = env.admin.get("/stats").body.decode()
+            assert 'planemesh_tls_refused_total{plane="oam",reason="plaintext"} 1.0' in prom, prom[-3000:]
+            dump = env.admin.get("/config_dump").body.decode()
+            assert "BEGIN CERTIFICATE" in dump and "PRIVATE KEY" not in dump  # keys never leave the agent
             assert env.agent.poll() is None
     finally:
         server.kill()
