@@ -187,6 +187,7 @@ class TlsTerminationStats:
     san_refused: int = 0
     plaintext_refused: int = 0  # plaintext on a TLS-only port
     plaintext_accepted: int = 0  # plaintext on a permissive port
+    overloaded: int = 0  # closed before the handshake: the plane's max_connections were open
 
 
 @dataclass(slots=True)
@@ -605,7 +606,8 @@ def _tls_families(rows: Sequence[TlsTerminationStats]) -> Iterator[Metric]:
         handshakes.add_metric([r.plane], r.handshakes)
         other = r.handshake_failed - r.peer_cert_refused - r.timeouts
         for reason, n in (("peer_certificate", r.peer_cert_refused), ("timeout", r.timeouts), ("san", r.san_refused),
-                          ("plaintext", r.plaintext_refused), ("handshake", max(other, 0))):  # fmt: skip
+                          ("plaintext", r.plaintext_refused), ("handshake", max(other, 0)),
+                          ("overloaded", r.overloaded)):  # fmt: skip
             failed.add_metric([r.plane, reason], n)
         plain.add_metric([r.plane], r.plaintext_accepted)
     yield from (handshakes, failed, plain)

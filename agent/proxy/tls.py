@@ -42,8 +42,8 @@ TLS_HANDSHAKE_RECORD = 0x16
 
 
 class TlsStats:
-    __slots__ = ("handshake_failed", "handshakes", "peer_cert_refused", "plaintext_accepted", "plaintext_refused",
-                 "san_refused", "timeouts")  # fmt: skip
+    __slots__ = ("handshake_failed", "handshakes", "overloaded", "peer_cert_refused", "plaintext_accepted",
+                 "plaintext_refused", "san_refused", "timeouts")  # fmt: skip
 
     def __init__(self) -> None:
         self.handshakes = 0  # completed
@@ -53,6 +53,7 @@ class TlsStats:
         self.san_refused = 0  # verified, but no SAN matched the context's matchers
         self.plaintext_refused = 0  # plaintext on a TLS-only (strict) port
         self.plaintext_accepted = 0  # plaintext on a permissive port
+        self.overloaded = 0  # closed before the handshake: the plane's max_connections were open
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -180,6 +181,11 @@ class _TlsGate(asyncio.Protocol):
             ds = self.make()
             transport.set_protocol(ds)  # type: ignore[attr-defined]
             ds.connection_made(transport)
+            return
+        if proxy.open_connections() >= proxy.sla.max_connections:  # handshakes cost CPU: refuse before one
+            proxy.stats.overloaded += 1
+            proxy.tls_stats.overloaded += 1
+            transport.abort()
             return
         try:
             sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))

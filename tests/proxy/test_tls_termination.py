@@ -45,10 +45,10 @@ def secrets(server_issued) -> dict:
 
 
 class TlsProxy(ServingProxy):
-    def __init__(self, backend_port: int, *, permissive: bool = False, tls: TlsContext = TLS) -> None:
+    def __init__(self, backend_port: int, *, permissive: bool = False, tls: TlsContext = TLS, sla=None) -> None:
         sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
         port = sock.getsockname()[1]
-        base = make_snapshot(port, [("127.0.0.1", backend_port)])
+        base = make_snapshot(port, [("127.0.0.1", backend_port)], sla=sla)
         self.server_cert = ROOT.issue(GW, now=NOW)
         [plain] = base.listeners
         listeners = [replace(plain, name="mtls", tls=tls, transport_protocol="tls" if permissive else "")]
@@ -252,3 +252,19 @@ def test_truncated_handshake_and_silent_client_time_out_counted(backend, certs, 
         stats = px.stats
         assert stats["timeouts"] == 2 and stats["handshake_failed"] == 1, stats
         assert px.call(lambda: px.proxy.stats.downstream_active) == 0  # handshakes gave their budget back
+
+
+def test_handshakes_count_against_the_plane_connection_budget(backend, certs, monkeypatch):
+    from planemesh.agent.proxy import tls as tls_module
+    from planemesh.netplanes.model import SLA
+
+    monkeypatch.setattr(tls_module, "PEEK_TIMEOUT_S", 30)
+    with TlsProxy(backend.port, sla=SLA(max_connections=2)) as px:
+        held = [socket.create_connection(("127.0.0.1", px.port), timeout=5) for _ in range(2)]
+        time.sleep(0.2)  # both wait for their first byte: each holds a place
+        assert refused(px.port, client_ctx(certs))  # the third is closed before any handshake work
+        assert px.stats["overloaded"] == 1 and px.stats["handshakes"] == 0
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        assert get(px.port, client_ctx(certs)).startswith(b"HTTP/1.1 200")
