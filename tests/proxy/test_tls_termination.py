@@ -268,3 +268,46 @@ def test_handshakes_count_against_the_plane_connection_budget(backend, certs, mo
             s.close()
         time.sleep(0.2)
         assert get(px.port, client_ctx(certs)).startswith(b"HTTP/1.1 200")
+
+
+def test_rotation_under_load_fails_no_request(backend, certs):
+    """wrk over TLS for 10 s while the certificate is pushed twice, and new handshakes all along: nothing fails,
+    and new connections present the newest certificate."""
+    import re
+    import threading
+
+    server_only = replace(TLS, require_client_cert=False, san=())  # wrk sends no client certificate
+    with TlsProxy(backend.port, tls=server_only) as px:
+        wrk = subprocess.Popen(["wrk", "-t1", "-c8", "-d10s", f"https://127.0.0.1:{px.port}/load"],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+        serials, failures, done = [], [], threading.Event()
+
+        def handshakes() -> None:
+            while not done.is_set():
+                kept: list = []
+                try:
+                    ok = get(px.port, client_ctx(certs), "/new", kept).startswith(b"HTTP/1.1 200")
+                    serials.append(x509.load_der_x509_certificate(kept[0].getpeercert(True)).serial_number)
+                    if not ok:
+                        failures.append("status")
+                except (OSError, ssl.SSLError) as exc:
+                    failures.append(repr(exc))
+                finally:
+                    for s in kept:
+                        s.close()
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=handshakes)
+        thread.start()
+        pushed = []
+        for _ in range(2):
+            time.sleep(3)
+            issued = ROOT.issue(GW, now=utcnow())
+            px.call(px.proxy.update, replace(px.snapshot, secrets=MappingProxyType(secrets(issued))))
+            pushed.append(issued.cert.serial_number)
+        out, _ = wrk.communicate(timeout=30)
+        done.set()
+        thread.join(10)
+        total = int(re.search(r"(\d+) requests in", out).group(1))
+        assert total > 100 and "Socket errors" not in out and "Non-2xx" not in out, out
+        assert failures == [] and serials[-1] == pushed[-1] and set(pushed) <= set(serials)
