@@ -273,6 +273,9 @@ class Listener:
     upgrades: tuple[UpgradeConfig, ...] = DEFAULT_UPGRADES  # HTTP upgrades and CONNECT allowed here
     tls: TlsContext | None = None  # TLS termination (DownstreamTlsContext; agent/tls_config.py)
     transport_protocol: str = ""  # filter_chain_match: "tls" / "raw_buffer" (permissive ports); "" any
+    # x-forwarded-client-cert (agent/proxy/xfcc.py): HCM forward_client_cert_details (Envoy's default: sanitize)
+    forward_client_cert: str = "sanitize"
+    client_cert_details: tuple[str, ...] = ()  # set_current_client_cert_details: subject, uri, dns
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:

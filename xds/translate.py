@@ -31,6 +31,8 @@ from planemesh.agent.config import (
     WeightedCluster,
 )
 from planemesh.agent.proxy.sni_routing import server_name_error
+from planemesh.agent.proxy.xfcc import DETAILS as XFCC_DETAILS
+from planemesh.agent.proxy.xfcc import MODES as XFCC_MODES
 from planemesh.agent.tls_config import Secret
 from planemesh.agent.validation import check_cpus_field, validate_snapshot
 from planemesh.netplanes.model import SLA, Plane, plane_of_address
@@ -97,6 +99,8 @@ _HCM_SUPPORTED = {
     "tracing",
     "http_protocol_options",
     "http2_protocol_options",
+    "forward_client_cert_details",
+    "set_current_client_cert_details",
 }
 # SLA fields a control plane may set through listener metadata planemesh.sla (numbers, booleans, cpus string).
 _SLA_FIELDS = {f.name: f for f in dataclasses.fields(SLA) if f.name != "retry_on"}
@@ -167,6 +171,17 @@ def _http_filters(hcm, path: str) -> tuple[HttpFilter, ...]:
     if not filters or type_name(filters[-1].typed_config.type_url) != ROUTER:
         raise ConfigError(f"{path}.http_filters", "the last HTTP filter must be envoy.filters.http.router")
     return tuple(out)
+
+
+def _xfcc(hcm, path: str) -> tuple[str, tuple[str, ...]]:
+    """forward_client_cert_details / set_current_client_cert_details (agent/proxy/xfcc.py)."""
+    mode = hcm_pb2.HttpConnectionManager.ForwardClientCertDetails.Name(hcm.forward_client_cert_details).lower()
+    if mode not in XFCC_MODES:
+        raise ConfigError(f"{path}.forward_client_cert_details", f"{mode.upper()} is not supported")
+    details = hcm.set_current_client_cert_details
+    only(details, XFCC_DETAILS, f"{path}.set_current_client_cert_details")
+    subject = details.HasField("subject") and details.subject.value  # a BoolValue; uri and dns are bools
+    return mode, tuple(d for d in XFCC_DETAILS if (subject if d == "subject" else getattr(details, d)))
 
 
 def _fault(hf, path: str) -> FaultFilter:
@@ -244,6 +259,7 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
     http_filters: tuple[HttpFilter, ...] = ()
     tcp_clusters: tuple[WeightedCluster, ...] = ()
     upgrades: tuple[UpgradeConfig, ...] = ()  # Envoy: an HCM without upgrade_configs refuses every upgrade
+    xfcc: tuple[str, tuple[str, ...]] = ("sanitize", ())
     if kind == HCM:
         protocol = ListenerProtocol.HTTP
         hcm = hcm_pb2.HttpConnectionManager()
@@ -264,6 +280,7 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
         else:
             raise ConfigError(fpath, "needs rds or an inline route_config (scoped routes are not supported)")
         http_filters = _http_filters(hcm, fpath)
+        xfcc = _xfcc(hcm, fpath)
         upgrades = translate_upgrades(hcm.upgrade_configs, f"{fpath}.upgrade_configs", route_level=False)
         if (timeout := opt_seconds(hcm, "request_timeout")) is not None and timeout > 0:
             _set_sla(acc, planes, "request_timeout_s", timeout, listener.name, f"{fpath}.request_timeout")
@@ -303,6 +320,8 @@ def _chain(listener, chain, ci: int, planes: list[Plane], port: int, acc: _Acc, 
             upgrades=upgrades,
             tls=tls,
             transport_protocol=m.transport_protocol,
+            forward_client_cert=xfcc[0],
+            client_cert_details=xfcc[1],
         )
         for plane in planes
     ]

@@ -29,11 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
 from netaddr import IPAddress
 
 from planemesh.agent.config import Listener, ListenerProtocol, Snapshot
+from planemesh.agent.identity.ca import spiffe_ids
 from planemesh.agent.proxy.tls_context import build_context, peer_sans
-from planemesh.agent.tls_config import TlsContext, TrustSecret, san_accepts
+from planemesh.agent.proxy.xfcc import connection_xfcc, element
+from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
 
 log = logging.getLogger("planemesh.proxy.tls")
 HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by default (asyncio's default: 60 s)
@@ -66,6 +69,7 @@ class TlsDecision:
     listener: Listener
     context: ssl.SSLContext
     plaintext: bool
+    local_uri: str | None = None  # our certificate's SPIFFE ID (XFCC's By=)
 
 
 class TlsRoutes:
@@ -87,6 +91,7 @@ class TlsRoutes:
             key = (tls, cert, trust)
             if key not in fresh:
                 fresh[key] = cache.get(key) or build_context(tls, cert, trust, server=True)  # type: ignore[arg-type]
+        self._local_uri = {name: _uri_of(secret) for name, secret in snapshot.secrets.items()}
         cache.clear()
         cache.update(fresh)  # contexts no listener uses any more are dropped
         self._cache = fresh
@@ -114,7 +119,7 @@ class TlsRoutes:
         tls = tls_chain.tls
         assert tls is not None
         plaintext = any(lsn.tls is None and lsn.transport_protocol != "tls" for lsn in best)
-        return TlsDecision(tls_chain, self._context(tls_chain), plaintext)
+        return TlsDecision(tls_chain, self._context(tls_chain), plaintext, self._local_uri.get(tls.cert))
 
     def _context(self, lsn: Listener) -> ssl.SSLContext:
         for (tls, _cert, _trust), ctx in self._cache.items():
@@ -123,14 +128,30 @@ class TlsRoutes:
         raise KeyError(lsn.name)
 
 
+def _subject(ssl_object: ssl.SSLObject) -> str:
+    cert = ssl_object.getpeercert() or {}
+    return ",".join(f"{k}={v}" for rdn in reversed(cert.get("subject", ())) for k, v in rdn)
+
+
+def _uri_of(secret: object) -> str | None:
+    if not isinstance(secret, CertSecret):
+        return None
+    try:
+        ids = spiffe_ids(x509.load_pem_x509_certificate(secret.chain_pem))
+    except ValueError:
+        return None
+    return ids[0] if ids else None
+
+
 class _TlsChecked(asyncio.Protocol):
     """The first protocol over a finished handshake: checks the peer's SANs, keeps its SPIFFE ID on the
     SSLObject, then hands the transport to the HTTP codec (or closes it, counted)."""
 
-    __slots__ = ("make", "proxy", "tls")
+    __slots__ = ("decision", "make", "proxy", "tls")
 
-    def __init__(self, proxy: Any, tls: TlsContext, make: Callable[[], asyncio.Protocol]) -> None:
-        self.proxy, self.tls, self.make = proxy, tls, make
+    def __init__(self, proxy: Any, decision: TlsDecision, make: Callable[[], asyncio.Protocol]) -> None:
+        self.proxy, self.decision, self.make = proxy, decision, make
+        self.tls: TlsContext = decision.listener.tls  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
@@ -147,6 +168,12 @@ class _TlsChecked(asyncio.Protocol):
             return
         if ssl_object is not None:
             ssl_object.planemesh_peer = next((u for u in uris if u.startswith("spiffe://")), None)
+            lsn, der = self.decision.listener, ssl_object.getpeercert(binary_form=True)
+            ssl_object.planemesh_xfcc = connection_xfcc(  # agent/proxy/xfcc.py, read by request_head()
+                lsn.forward_client_cert,
+                bool(der),
+                lambda: element(self.decision.local_uri, der, _subject(ssl_object), uris, dns, lsn.client_cert_details),
+            )
         inner = self.make()
         transport.set_protocol(inner)  # type: ignore[attr-defined]
         inner.connection_made(transport)
@@ -221,12 +248,10 @@ class _TlsGate(asyncio.Protocol):
                 handed = True
                 await proxy.loop.connect_accepted_socket(self.make, sock)
                 return
-            tls = decision.listener.tls
-            assert tls is not None
             proxy.stats.downstream_active -= 1
             handed = True
             await proxy.loop.connect_accepted_socket(
-                lambda: _TlsChecked(proxy, tls, self.make),
+                lambda: _TlsChecked(proxy, decision, self.make),
                 sock,
                 ssl=decision.context,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,

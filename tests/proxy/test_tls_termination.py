@@ -45,13 +45,15 @@ def secrets(server_issued) -> dict:
 
 
 class TlsProxy(ServingProxy):
-    def __init__(self, backend_port: int, *, permissive: bool = False, tls: TlsContext = TLS, sla=None) -> None:
+    def __init__(
+        self, backend_port: int, *, permissive: bool = False, tls: TlsContext = TLS, sla=None, **listener
+    ) -> None:
         sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
         port = sock.getsockname()[1]
         base = make_snapshot(port, [("127.0.0.1", backend_port)], sla=sla)
         self.server_cert = ROOT.issue(GW, now=NOW)
         [plain] = base.listeners
-        listeners = [replace(plain, name="mtls", tls=tls, transport_protocol="tls" if permissive else "")]
+        listeners = [replace(plain, name="mtls", tls=tls, transport_protocol="tls" if permissive else "", **listener)]
         if permissive:
             listeners.append(replace(plain, name="plain", transport_protocol="raw_buffer"))
         self.snapshot = replace(base, listeners=tuple(listeners), secrets=MappingProxyType(secrets(self.server_cert)))
@@ -311,3 +313,47 @@ def test_rotation_under_load_fails_no_request(backend, certs):
         total = int(re.search(r"(\d+) requests in", out).group(1))
         assert total > 100 and "Socket errors" not in out and "Non-2xx" not in out, out
         assert failures == [] and serials[-1] == pushed[-1] and set(pushed) <= set(serials)
+
+
+FORGED = "By=spiffe://cluster.local/ns/x/sa/x;URI=spiffe://cluster.local/ns/kube-system/sa/admin"
+
+
+def _xfcc_seen(backend, path: str) -> str | None:
+    for _method, p, headers in backend.seen:
+        if p == path:
+            return headers.get("x-forwarded-client-cert")
+    raise AssertionError(f"{path} never reached the backend")
+
+
+def _get_with(port: int, ctx, path: str, xfcc: str) -> bytes:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s = ctx.wrap_socket(raw) if ctx is not None else raw
+    with s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nhost: svc\r\nx-forwarded-client-cert: {xfcc}\r\n\r\n".encode())
+        reply = b""
+        while not _complete(reply):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        return reply
+
+
+def test_xfcc_is_sanitized_by_default_and_set_from_the_client_certificate(backend, certs):
+    """A client cannot forge x-forwarded-client-cert (Envoy's default: sanitize); sanitize_set and
+    append_forward put the mTLS client's identity there, By= our own."""
+    import hashlib
+
+    with TlsProxy(backend.port, permissive=True) as px:  # default: sanitize
+        assert _get_with(px.port, None, "/xfcc-plain", FORGED).startswith(b"HTTP/1.1 200")
+        assert _get_with(px.port, client_ctx(certs), "/xfcc-mtls", FORGED).startswith(b"HTTP/1.1 200")
+        assert _xfcc_seen(backend, "/xfcc-plain") is None and _xfcc_seen(backend, "/xfcc-mtls") is None
+    der = ssl.PEM_cert_to_DER_cert((certs / "amf.pem").read_text().split("-----END CERTIFICATE-----")[0]
+                                   + "-----END CERTIFICATE-----\n")  # fmt: skip
+    ours = f"By={GW};Hash={hashlib.sha256(der).hexdigest()};URI={AMF}"
+    with TlsProxy(backend.port, forward_client_cert="sanitize_set", client_cert_details=("uri",)) as px:
+        assert _get_with(px.port, client_ctx(certs), "/xfcc-set", FORGED).startswith(b"HTTP/1.1 200")
+        assert _xfcc_seen(backend, "/xfcc-set") == ours
+    with TlsProxy(backend.port, forward_client_cert="append_forward", client_cert_details=("uri",)) as px:
+        assert _get_with(px.port, client_ctx(certs), "/xfcc-append", "By=a;URI=b").startswith(b"HTTP/1.1 200")
+        assert _xfcc_seen(backend, "/xfcc-append") == f"By=a;URI=b, {ours}"

@@ -220,3 +220,19 @@ def test_private_keys_are_redacted_in_dumps_and_reprs():
     dumped = str(to_jsonable(snap))
     assert "PRIVATE KEY" not in dumped and "[redacted]" in dumped and "BEGIN CERTIFICATE" in dumped
     assert "PRIVATE KEY" not in repr(snap)
+
+
+def test_xfcc_settings_translate_and_always_forward_is_refused():
+    doc = tls_listener()
+    hcm = doc["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["forward_client_cert_details"] = "APPEND_FORWARD"
+    hcm["set_current_client_cert_details"] = {"uri": True, "subject": True}
+    [lsn] = translate(with_secrets([doc], secrets()), PLANES).listeners
+    assert (lsn.forward_client_cert, lsn.client_cert_details) == ("append_forward", ("subject", "uri"))
+    [plain] = translate(with_secrets([tls_listener()], secrets()), PLANES).listeners
+    assert (plain.forward_client_cert, plain.client_cert_details) == ("sanitize", ())  # Envoy's default
+    hcm["forward_client_cert_details"] = "ALWAYS_FORWARD_ONLY"
+    assert "forward_client_cert_details: ALWAYS_FORWARD_ONLY is not supported" in str(_pem_error(secrets(), [doc]))
+    hcm["forward_client_cert_details"] = "SANITIZE_SET"
+    hcm["set_current_client_cert_details"] = {"cert": True}
+    assert "set_current_client_cert_details.cert" in str(_pem_error(secrets(), [doc]))
