@@ -9,6 +9,7 @@ ConfigError naming it, e.g. `secret[default].tls_certificate.private_key: ...`, 
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from collections.abc import Mapping
 
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
@@ -153,8 +154,10 @@ def _common(common: tls_pb2.CommonTlsContext, path: str) -> TlsContext:
     if low > high:
         raise ConfigError(f"{path}.tls_params", f"minimum {low} is above maximum {high}")
     for i, proto in enumerate(common.alpn_protocols):
-        if not proto or len(proto) > 255:
-            raise ConfigError(f"{path}.alpn_protocols[{i}]", "an ALPN name is 1..255 bytes")
+        if not proto or len(proto) > 255 or not proto.isascii() or not proto.isprintable():
+            raise ConfigError(f"{path}.alpn_protocols[{i}]", "an ALPN name is 1..255 printable ASCII bytes")
+    if params.cipher_suites:
+        _check_ciphers(params.cipher_suites, f"{path}.tls_params.cipher_suites")
     return TlsContext(
         cert=certs[0] if certs else None,
         trust=trust,
@@ -180,6 +183,17 @@ def socket_tls(parent, path: str, upstream: bool) -> TlsContext | None:
         return None
     spath = f"{path}.transport_socket"
     return upstream_tls(socket, spath) if upstream else downstream_tls(socket, spath)
+
+
+def _check_ciphers(names, path: str) -> None:
+    """OpenSSL must know at least one of them (as set_ciphers demands), else the proxy could build no context."""
+    for i, name in enumerate(names):
+        if not name or not name.isascii() or not name.isprintable() or ":" in name:
+            raise ConfigError(f"{path}[{i}]", f"{name!r} is not a cipher suite name")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(":".join(names))
+    except ssl.SSLError:
+        raise ConfigError(path, f"none of {list(names)} is a cipher suite OpenSSL knows") from None
 
 
 def _unpack(socket, expected: str, cls: type[message.Message], path: str):

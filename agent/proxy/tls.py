@@ -72,6 +72,9 @@ class TlsDecision:
     local_uri: str | None = None  # our certificate's SPIFFE ID (XFCC's By=)
 
 
+_REFUSING = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails (counted)
+
+
 class TlsRoutes:
     """The plane's TLS ports from one snapshot; contexts come from (and go back to) the proxy's cache."""
 
@@ -90,7 +93,10 @@ class TlsRoutes:
             trust = snapshot.secrets.get(tls.trust) if tls.trust else None
             key = (tls, cert, trust)
             if key not in fresh:
-                fresh[key] = cache.get(key) or build_context(tls, cert, trust, server=True)  # type: ignore[arg-type]
+                try:
+                    fresh[key] = cache.get(key) or build_context(tls, cert, trust, server=True)  # type: ignore[arg-type]
+                except (ssl.SSLError, ValueError, OSError) as exc:  # translation checks; never take the worker down
+                    log.error("listener %s: no TLS context (%s): its TLS connections are refused", lsn.name, exc)
         self._local_uri = {name: _uri_of(secret) for name, secret in snapshot.secrets.items()}
         cache.clear()
         cache.update(fresh)  # contexts no listener uses any more are dropped
@@ -119,13 +125,16 @@ class TlsRoutes:
         tls = tls_chain.tls
         assert tls is not None
         plaintext = any(lsn.tls is None and lsn.transport_protocol != "tls" for lsn in best)
-        return TlsDecision(tls_chain, self._context(tls_chain), plaintext, self._local_uri.get(tls.cert))
+        context = self._context(tls_chain)
+        if context is None:  # its context could not be built (logged): TLS here is refused
+            context = _REFUSING
+        return TlsDecision(tls_chain, context, plaintext, self._local_uri.get(tls.cert))
 
-    def _context(self, lsn: Listener) -> ssl.SSLContext:
+    def _context(self, lsn: Listener) -> ssl.SSLContext | None:
         for (tls, _cert, _trust), ctx in self._cache.items():
             if tls is lsn.tls or tls == lsn.tls:
                 return ctx
-        raise KeyError(lsn.name)
+        return None
 
 
 def _subject(ssl_object: ssl.SSLObject) -> str:

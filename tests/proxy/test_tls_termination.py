@@ -357,3 +357,15 @@ def test_xfcc_is_sanitized_by_default_and_set_from_the_client_certificate(backen
     with TlsProxy(backend.port, forward_client_cert="append_forward", client_cert_details=("uri",)) as px:
         assert _get_with(px.port, client_ctx(certs), "/xfcc-append", "By=a;URI=b").startswith(b"HTTP/1.1 200")
         assert _xfcc_seen(backend, "/xfcc-append") == f"By=a;URI=b, {ours}"
+
+
+def test_a_context_that_cannot_be_built_refuses_tls_and_never_takes_the_proxy_down(backend, certs):
+    """Translation refuses unknown ciphers; a snapshot from elsewhere with them must still not crash the worker."""
+    bad = replace(TLS, ciphers=("NOT-A-CIPHER",))
+    with TlsProxy(backend.port, tls=bad, permissive=True) as px:
+        assert refused(px.port, client_ctx(certs))
+        assert get(px.port, None).startswith(b"HTTP/1.1 200")  # the plaintext chain of the port still serves
+        good = replace(px.snapshot, listeners=tuple(replace(lsn, tls=TLS) if lsn.tls else lsn
+                                                    for lsn in px.snapshot.listeners))  # fmt: skip
+        px.call(px.proxy.update, good)
+        assert get(px.port, client_ctx(certs)).startswith(b"HTTP/1.1 200")

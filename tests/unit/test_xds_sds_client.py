@@ -236,3 +236,13 @@ def test_xfcc_settings_translate_and_always_forward_is_refused():
     hcm["forward_client_cert_details"] = "SANITIZE_SET"
     hcm["set_current_client_cert_details"] = {"cert": True}
     assert "set_current_client_cert_details.cert" in str(_pem_error(secrets(), [doc]))
+
+
+def test_unknown_ciphers_and_bad_alpn_are_refused_at_translation():
+    err = _pem_error(secrets(), [tls_listener(tls_params={"cipher_suites": ["NOT-A-CIPHER"]})])
+    assert "tls_params.cipher_suites: none of ['NOT-A-CIPHER']" in str(err)
+    err = _pem_error(secrets(), [tls_listener(alpn_protocols=["h2", "caf\u00e9"])])
+    assert "alpn_protocols[1]" in str(err)
+    ok = translate(with_secrets([tls_listener(tls_params={"cipher_suites": ["ECDHE-ECDSA-AES128-GCM-SHA256"]})],
+                                secrets()), PLANES)  # fmt: skip
+    assert ok.listeners[0].tls.ciphers == ("ECDHE-ECDSA-AES128-GCM-SHA256",)
