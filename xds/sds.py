@@ -33,7 +33,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from google.protobuf import any_pb2, struct_pb2
 
 from planemesh.agent.config import ConfigError
-from planemesh.agent.identity.ca import DEFAULT_WORKLOAD_TTL_S, CertificateAuthority, Issued, utcnow
+from planemesh.agent.identity.ca import DEFAULT_WORKLOAD_TTL_S, CertError, CertificateAuthority, Issued, utcnow
 from planemesh.agent.identity.ca_files import parse_duration, read_ca
 from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, istio_identity
 from planemesh.xds.resources import pack
@@ -106,6 +106,7 @@ class SecretIssuer:
         self._nodes: dict[SpiffeId, _NodeSecrets] = {}
         self.issued = 0  # certificates issued (first ones and rotations)
         self.refused = 0  # nodes whose metadata names no valid identity
+        self.failed = 0  # issuing failed (an expired CA)
 
     def served(
         self, node: base_pb2.Node, static: Mapping[str, any_pb2.Any], static_version: int
@@ -120,7 +121,12 @@ class SecretIssuer:
             self.refused += 1
             log.warning("node %r: no SDS identity: %s", node.id, exc)
             return items, digests, f"{static_version}.0"
-        entry = self._current(identity)
+        try:
+            entry = self._current(identity)
+        except CertError as exc:  # the CA expired (or cannot sign): no Secret, the stream stays up
+            self.failed += 1
+            log.error("cannot issue %s: %s", identity, exc)
+            return items, digests, f"{static_version}.0"
         items.update(entry.packed)
         digests.update(entry.digests)
         return items, digests, f"{static_version}.{entry.generation}"
@@ -156,9 +162,16 @@ class SecretIssuer:
         """Re-issue every certificate past its half-life; how many were."""
         now = self.clock()
         due = [identity for identity, e in self._nodes.items() if now >= e.rotate_at]
+        done = 0
         for identity in due:
-            self._current(identity)
-        return len(due)
+            try:
+                self._current(identity)
+                done += 1
+            except CertError as exc:
+                self.failed += 1
+                del self._nodes[identity]  # asked again on its next request (and refused again, logged)
+                log.error("cannot rotate %s: %s", identity, exc)
+        return done
 
     async def rotate_forever(self, wake: Callable[[], None]) -> None:
         """Sleep until the next half-life, re-issue what is due, then wake every stream to push it."""

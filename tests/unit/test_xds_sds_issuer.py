@@ -77,3 +77,15 @@ def test_identity_defaults_and_refusal(issuer):
         items, _, version = issuer.served(bad, static, 3)
         assert set(items) == {"other"} and version == "3.0"
     assert issuer.refused == 2
+
+
+def test_an_expired_ca_serves_no_secret_and_raises_nothing():
+    clock = Clock()
+    root = new_root("cluster.local", now=T0, ttl_s=7200)
+    issuer = SecretIssuer(root, ttl_s=3600, clock=clock)
+    items, _, _ = issuer.served(node(), {}, 0)
+    assert WORKLOAD_SECRET in items
+    clock.now = T0 + dt.timedelta(hours=3)  # past the CA's own end
+    assert issuer.rotate_due() == 0 and issuer.failed == 1
+    items, _, version = issuer.served(node(), {}, 0)
+    assert items == {} and version == "0.0" and issuer.failed == 2
