@@ -188,6 +188,7 @@ class TlsTerminationStats:
     plaintext_refused: int = 0  # plaintext on a TLS-only port
     plaintext_accepted: int = 0  # plaintext on a permissive port
     overloaded: int = 0  # closed before the handshake: the plane's max_connections were open
+    rbac_denied: int = 0  # requests refused (403) by RBAC (agent/proxy/authz.py)
 
 
 @dataclass(slots=True)
@@ -610,4 +611,7 @@ def _tls_families(rows: Sequence[TlsTerminationStats]) -> Iterator[Metric]:
                           ("overloaded", r.overloaded)):  # fmt: skip
             failed.add_metric([r.plane, reason], n)
         plain.add_metric([r.plane], r.plaintext_accepted)
-    yield from (handshakes, failed, plain)
+    denied = CounterMetricFamily("planemesh_rbac_denied", "Requests refused (403) by RBAC filters", labels=["plane"])
+    for r in rows:
+        denied.add_metric([r.plane], r.rbac_denied)
+    yield from (handshakes, failed, plain, denied)

@@ -50,6 +50,7 @@ from planemesh.xds.translate_common import (
     type_name,
 )
 from planemesh.xds.translate_filters import LOCAL_RATELIMIT, local_ratelimit
+from planemesh.xds.translate_rbac import RBAC, translate_rbac
 from planemesh.xds.translate_routes import translate_route_config, translate_upgrades
 from planemesh.xds.translate_tls import resolve_secrets, secret_uses, socket_tls
 
@@ -160,6 +161,10 @@ def _http_filters(hcm, path: str) -> tuple[HttpFilter, ...]:
             continue  # disabled by default and enabled per route: planemesh has no per-route filter config
         elif kind == FAULT:
             out.append(_fault(hf, fpath))
+        elif kind == RBAC:
+            rbac = translate_rbac(hf.typed_config, fpath)
+            if rbac is not None:
+                out.append(rbac)  # type: ignore[arg-type]
         elif kind == LOCAL_RATELIMIT:
             rl = local_ratelimit(hf.typed_config, fpath)
             if rl is not None:

@@ -21,6 +21,7 @@ import h2.exceptions
 import h2.settings
 
 from planemesh.agent.proxy import accesslog
+from planemesh.agent.proxy.authz import DENIED_BODY, rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
 from planemesh.agent.proxy.request_head import header_map, new_request_id
@@ -430,6 +431,13 @@ class Bridge:
             ds.table = table
             ds.route_config = router.route_config(ds.local[0], ds.local[1]) or router.original_destination
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
+        crc = ds.route_config
+        if crc is not None and crc.http_filters:  # RBAC applies to h2 clients too (agent/proxy/authz.py)
+            rbac = crc.filter_chain(proxy.clock).rbac
+            path = (self.path_b or b"/").decode("latin-1")
+            if rbac and rbac_denial(proxy, rbac, self._header_map, self.method_b.decode("latin-1"), path, authority,
+                                    ds.local, ds.peer_ip_b.decode(), ds.transport):  # fmt: skip
+                return self.local_error(403, DENIED_BODY.decode(), "")
         result = router.route_request(ds.route_config, authority, self.path_b or b"/", self._header_map)
         if not result.forward:
             if result.direct is not None:

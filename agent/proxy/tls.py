@@ -46,7 +46,7 @@ TLS_HANDSHAKE_RECORD = 0x16
 
 class TlsStats:
     __slots__ = ("handshake_failed", "handshakes", "overloaded", "peer_cert_refused", "plaintext_accepted",
-                 "plaintext_refused", "san_refused", "timeouts")  # fmt: skip
+                 "plaintext_refused", "rbac_denied", "san_refused", "timeouts")  # fmt: skip
 
     def __init__(self) -> None:
         self.handshakes = 0  # completed
@@ -57,6 +57,7 @@ class TlsStats:
         self.plaintext_refused = 0  # plaintext on a TLS-only (strict) port
         self.plaintext_accepted = 0  # plaintext on a permissive port
         self.overloaded = 0  # closed before the handshake: the plane's max_connections were open
+        self.rbac_denied = 0  # requests refused (403) by an RBAC filter (agent/proxy/authz.py)
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

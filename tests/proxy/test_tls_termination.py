@@ -369,3 +369,29 @@ def test_a_context_that_cannot_be_built_refuses_tls_and_never_takes_the_proxy_do
                                                     for lsn in px.snapshot.listeners))  # fmt: skip
         px.call(px.proxy.update, good)
         assert get(px.port, client_ctx(certs)).startswith(b"HTTP/1.1 200")
+
+
+def test_rbac_authorizes_by_spiffe_identity_for_http1_and_h2(backend, certs):
+    """An ALLOW policy for sa/amf GET: amf's GET passes; its POST, another identity (h1 and h2) and plaintext get
+    403 `RBAC: access denied`, counted; the backend never sees them."""
+    from planemesh.agent.config import HeaderMatch
+    from planemesh.agent.rbac import RbacFilter, RbacPolicy, Rule
+    from planemesh.agent.tls_config import SanMatch as StringMatch
+
+    allow = RbacFilter("allow", (RbacPolicy(
+        "amf-get", (Rule("header", header=HeaderMatch(":method", exact="GET")),),
+        (Rule("authenticated", string=StringMatch("any", exact=str(AMF))),)),))  # fmt: skip
+    tls = replace(TLS, san=())  # authorization, not the SAN matchers, decides here
+    with TlsProxy(backend.port, permissive=True, tls=tls, http_filters=(allow,)) as px:
+        assert get(px.port, client_ctx(certs), "/rbac-ok").startswith(b"HTTP/1.1 200")
+        raw = socket.create_connection(("127.0.0.1", px.port), timeout=5)
+        with client_ctx(certs).wrap_socket(raw) as s:
+            s.sendall(b"POST /rbac-post HTTP/1.1\r\nhost: svc\r\ncontent-length: 0\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 403")
+        assert get(px.port, client_ctx(certs, "outsider"), "/rbac-other").startswith(b"HTTP/1.1 403")
+        h2 = curl(px.port, certs, "outsider", "--http2")
+        assert h2.stdout.endswith(" 403") and "RBAC: access denied" in h2.stdout, h2
+        assert get(px.port, None, "/rbac-plain").startswith(b"HTTP/1.1 403")
+        assert px.stats["rbac_denied"] == 4
+        seen = {p for _m, p, _h in backend.seen}
+        assert "/rbac-ok" in seen and not {"/rbac-post", "/rbac-other", "/rbac-plain"} & seen
