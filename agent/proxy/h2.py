@@ -25,6 +25,8 @@ from planemesh.agent.proxy.authz import DENIED_BODY, rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
 from planemesh.agent.proxy.request_head import header_map, new_request_id
+from planemesh.agent.proxy.xfcc import XFCC
+from planemesh.agent.proxy.xfcc import combined as xfcc_combined
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.server import PlaneProxy
@@ -337,6 +339,7 @@ class Bridge:
         authority = None
         grpc = False
         rid = xff = None
+        xfcc: list[bytes] = []
         for field in headers:
             n = field[0]
             if n[:1] == b":":
@@ -354,6 +357,8 @@ class Bridge:
                     fields.append(field)
             elif n == b"x-forwarded-for":
                 xff = field[1]
+            elif n == XFCC:
+                xfcc.append(field[1])  # decided below: a client must not forge it (agent/proxy/xfcc.py)
             else:
                 if n == b"content-type":
                     grpc = field[1].startswith(b"application/grpc")
@@ -365,6 +370,8 @@ class Bridge:
             fields.append((b"x-request-id", rid))
         peer = ds.peer_ip_b
         fields.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
+        if (client_cert := xfcc_combined(ds.transport, xfcc)) is not None:
+            fields.append((XFCC, client_cert))
         self.pseudo = pseudo
         self.fields = fields
         self.method_b = method

@@ -42,6 +42,18 @@ def element(
     return ";".join(parts).encode("latin-1", "replace")
 
 
+def combined(transport, prior: list[bytes]) -> bytes | None:
+    """The x-forwarded-client-cert value to send upstream for a request on `transport`, given the client's
+    values (`prior`); None: send none. Plaintext connections sanitize."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    decided = getattr(ssl_object, "planemesh_xfcc", None) if ssl_object is not None else None
+    if decided is None:
+        return None
+    keep, ours = decided
+    values = (prior if keep else []) + ([ours] if ours is not None else [])
+    return b", ".join(values) if values else None
+
+
 def connection_xfcc(mode: str, mtls: bool, make_element) -> tuple[bool, bytes | None]:
     """(keep the client's header, our element or None) for one connection."""
     if not mtls:

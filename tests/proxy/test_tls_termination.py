@@ -319,7 +319,7 @@ FORGED = "By=spiffe://cluster.local/ns/x/sa/x;URI=spiffe://cluster.local/ns/kube
 
 
 def _xfcc_seen(backend, path: str) -> str | None:
-    for _method, p, headers in backend.seen:
+    for _method, p, headers in reversed(backend.seen):  # the latest request to `path`
         if p == path:
             return headers.get("x-forwarded-client-cert")
     raise AssertionError(f"{path} never reached the backend")
@@ -395,3 +395,20 @@ def test_rbac_authorizes_by_spiffe_identity_for_http1_and_h2(backend, certs):
         assert px.stats["rbac_denied"] == 4
         seen = {p for _m, p, _h in backend.seen}
         assert "/rbac-ok" in seen and not {"/rbac-post", "/rbac-other", "/rbac-plain"} & seen
+
+
+def test_xfcc_from_h2_clients_is_sanitized_and_set_too(backend, certs):
+    with TlsProxy(
+        backend.port, permissive=True, forward_client_cert="sanitize_set", client_cert_details=("uri",)
+    ) as px:
+        forged = ["-H", f"x-forwarded-client-cert: {FORGED}"]
+        url = f"http://127.0.0.1:{px.port}/xfcc-h2-plain"
+        args = ["curl", "-sS", "--http2-prior-knowledge", "--max-time", "5", *forged, url]
+        plain = subprocess.run(args, capture_output=True, text=True, check=False)
+        assert "hello" in plain.stdout, plain
+        mtls = curl(px.port, certs, "amf", "--http2", *forged)
+        assert mtls.stdout.endswith(" 200"), mtls
+        assert _xfcc_seen(backend, "/xfcc-h2-plain") is None
+        assert _xfcc_seen(backend, "/curl").startswith(f"By={GW};Hash=") and f"URI={AMF}" in _xfcc_seen(
+            backend, "/curl"
+        )
