@@ -34,7 +34,7 @@ class TrustSecret:
 class SanMatch:
     """One match_typed_subject_alt_names entry: kind URI/DNS, and a StringMatcher (exact/prefix/suffix/contains)."""
 
-    kind: str  # "uri" | "dns"
+    kind: str  # "uri" | "dns" | "any" (the deprecated match_subject_alt_names: every SAN type; Istio uses it)
     exact: str | None = None
     prefix: str | None = None
     suffix: str | None = None
@@ -73,4 +73,7 @@ def san_accepts(matchers: tuple[SanMatch, ...], uris: list[str], dns: list[str])
     """Envoy: with matchers, the peer passes if any of its SANs of the matcher's kind matches any matcher."""
     if not matchers:
         return True
-    return any(m.matches(v) for m in matchers for v in (uris if m.kind == "uri" else dns))
+    def values(kind: str) -> list[str]:
+        return uris if kind == "uri" else dns if kind == "dns" else uris + dns  # "any": match_subject_alt_names
+
+    return any(m.matches(v) for m in matchers for v in values(m.kind))

@@ -246,3 +246,35 @@ def test_unknown_ciphers_and_bad_alpn_are_refused_at_translation():
     ok = translate(with_secrets([tls_listener(tls_params={"cipher_suites": ["ECDHE-ECDSA-AES128-GCM-SHA256"]})],
                                 secrets()), PLANES)  # fmt: skip
     assert ok.listeners[0].tls.ciphers == ("ECDHE-ECDSA-AES128-GCM-SHA256",)
+
+
+ISTIO_SDS = {  # how istiod points Envoy at istio-agent's SDS server (fetched over ADS by planemesh)
+    "api_config_source": {"api_type": "GRPC", "set_node_on_first_message_only": True, "transport_api_version": "V3",
+                          "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]},
+    "initial_fetch_timeout": "0s", "resource_api_version": "V3",
+}  # fmt: skip
+
+
+def test_istio_shaped_inbound_mtls_chain_translates():
+    """The DownstreamTlsContext istiod writes for a STRICT/PERMISSIVE inbound chain (istio's
+    pilot/pkg/security authn builder, structurally): TLS params and cipher list, ALPN, SDS `default` and
+    `ROOTCA` through sds-grpc, SAN prefix of the trust domain."""
+    doc = tls_listener("tls", require=True)
+    doc["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"] = {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3",
+                       "cipher_suites": ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+                                         "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+                                         "AES256-GCM-SHA384", "AES128-GCM-SHA256"]},
+        "alpn_protocols": ["h2", "http/1.1"],
+        "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": ISTIO_SDS}],
+        "combined_validation_context": {
+            "default_validation_context": {"match_subject_alt_names": [{"prefix": "spiffe://cluster.local/"}]},
+            "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": ISTIO_SDS}},
+    }  # fmt: skip
+    doc["filter_chains"][0]["filter_chain_match"]["application_protocols"] = ["istio-peer-exchange", "istio"]
+    snap = translate(with_secrets([doc], secrets()), PLANES)
+    tls = snap.listeners[0].tls
+    assert (tls.cert, tls.trust, tls.require_client_cert) == ("default", "ROOTCA", True)
+    assert tls.san == (SanMatch("any", prefix="spiffe://cluster.local/"),) and len(tls.ciphers) == 6
+    assert san_accepts(tls.san, ["spiffe://cluster.local/ns/ran/sa/amf"], [])
+    assert not san_accepts(tls.san, ["spiffe://evil.org/ns/ran/sa/amf"], [])
