@@ -82,7 +82,6 @@ class TlsRoutes:
     def __init__(self, snapshot: Snapshot, plane: str, cache: dict) -> None:
         self.ports: dict[int, list[Listener]] = {}
         fresh: dict = {}
-        self.decisions: dict[tuple[int, str], TlsDecision] = {}
         for lsn in snapshot.listeners_of(plane):
             if lsn.protocol is ListenerProtocol.HTTP:
                 self.ports.setdefault(lsn.port, []).append(lsn)
@@ -98,7 +97,8 @@ class TlsRoutes:
                     fresh[key] = cache.get(key) or build_context(tls, cert, trust, server=True)  # type: ignore[arg-type]
                 except (ssl.SSLError, ValueError, OSError) as exc:  # translation checks; never take the worker down
                     log.error("listener %s: no TLS context (%s): its TLS connections are refused", lsn.name, exc)
-        self._local_uri = {name: _uri_of(secret) for name, secret in snapshot.secrets.items()}
+        certs = {lsn.tls.cert for ls in self.ports.values() for lsn in ls if lsn.tls is not None and lsn.tls.cert}
+        self._local_uri = {name: _uri_of(snapshot.secrets.get(name)) for name in certs}
         cache.clear()
         cache.update(fresh)  # contexts no listener uses any more are dropped
         self._cache = fresh
