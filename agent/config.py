@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 from netaddr import IPNetwork
 
-from planemesh.agent.tls_config import Secret, TlsContext
+from planemesh.agent.tls_config import Secret, TlsContext, TlsMatch
 from planemesh.netplanes.model import SLA, Plane
 
 
@@ -198,6 +198,8 @@ class Endpoint:
     locality: str = ""
     healthy: bool = True
     locality_weight: int = 0  # EDS LocalityLbEndpoints.load_balancing_weight (0: unset); see Cluster.locality_weighted
+    tls_labels: tuple[tuple[str, str], ...] = ()  # metadata envoy.transport_socket_match (Istio: tlsMode)
+    tls_socket: int = -1  # index into its cluster's tls_matches; -1: the cluster's tls (agent/tls_config.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +232,7 @@ class Cluster:
     plane: str | None = None  # None: the plane of each endpoint's address
     locality_weighted: bool = False  # common_lb_config.locality_weighted_lb_config: pick a locality first
     tls: TlsContext | None = None  # TLS origination (UpstreamTlsContext; agent/tls_config.py)
+    tls_matches: tuple[TlsMatch, ...] = ()  # transport_socket_matches with labels, in order
 
 
 # ---- HTTP filters ----------------------------------------------------------------------------

@@ -66,7 +66,33 @@ class TlsContext:
     inline: tuple[tuple[str, CertSecret | TrustSecret], ...] = ()  # secrets given inline: (name, material)
 
 
+@dataclass(frozen=True, slots=True)
+class TlsMatch:
+    """One transport_socket_matches entry: endpoints whose `envoy.transport_socket_match` metadata holds all of
+    `labels` use `tls` (None: plaintext, raw_buffer). Istio: {tlsMode: istio} -> mTLS."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    tls: TlsContext | None
+
+
 Secret = CertSecret | TrustSecret
+
+
+def endpoint_tls(cluster: object, endpoint: object, addr: tuple[str, int]) -> TlsContext | None:
+    """The TLS context of an upstream connection: the endpoint's transport_socket match, else the cluster's.
+    Without the picked endpoint (a retry's fallback address), the endpoint is found by address: never plaintext
+    to an endpoint whose match says TLS."""
+    if endpoint is None and cluster.tls_matches:  # type: ignore[attr-defined]
+        endpoint = next((e for e in cluster.endpoints if (e.address, e.port) == addr), None)  # type: ignore[attr-defined]
+    index = getattr(endpoint, "tls_socket", -1)
+    if index >= 0:
+        return cluster.tls_matches[index].tls  # type: ignore[attr-defined]
+    return cluster.tls  # type: ignore[attr-defined]
+
+
+def any_tls(cluster: object) -> bool:
+    return cluster.tls is not None or any(m.tls is not None for m in cluster.tls_matches)  # type: ignore[attr-defined]
 
 
 def san_accepts(matchers: tuple[SanMatch, ...], uris: list[str], dns: list[str]) -> bool:

@@ -33,7 +33,7 @@ from planemesh.agent.config import (
 from planemesh.agent.proxy.sni_routing import server_name_error
 from planemesh.agent.proxy.xfcc import DETAILS as XFCC_DETAILS
 from planemesh.agent.proxy.xfcc import MODES as XFCC_MODES
-from planemesh.agent.tls_config import Secret
+from planemesh.agent.tls_config import Secret, any_tls
 from planemesh.agent.validation import check_cpus_field, validate_snapshot
 from planemesh.netplanes.model import SLA, Plane, plane_of_address
 from planemesh.xds.client_state import XdsResources, eds_name
@@ -458,10 +458,11 @@ def translate(
         if cname not in resources.clusters:
             errors.add(ConfigError(path, f"unknown cluster {cname!r}"))
     for name, c in sorted(clusters.items()):
-        if c.tls is not None and c.http2:
+        if any_tls(c) and c.http2:
             errors.add(ConfigError(f"cluster[{name}].transport_socket", "TLS origination speaks HTTP/1.1 upstream"))
-        if c.tls is not None:
-            secret_uses(c.tls, f"cluster[{name}].transport_socket", acc.secrets_used, acc.secrets_inline)
+        for tls in (c.tls, *(m.tls for m in c.tls_matches)):
+            if tls is not None:
+                secret_uses(tls, f"cluster[{name}].transport_socket", acc.secrets_used, acc.secrets_inline)
     secrets = resolve_secrets(acc.secrets_used, resources.secrets, acc.secrets_inline, errors)
     cache.retain(resources.clusters, resources.routes)
     errors.raise_if_any()

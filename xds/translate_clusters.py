@@ -27,7 +27,7 @@ from planemesh.xds.translate_common import (
     type_name,
     uint,
 )
-from planemesh.xds.translate_tls import socket_tls
+from planemesh.xds.translate_tls import socket_tls, tls_labels, with_socket_matches
 
 C = cluster_pb2.Cluster
 _KINDS = {C.STATIC: ClusterKind.STATIC, C.EDS: ClusterKind.EDS, C.ORIGINAL_DST: ClusterKind.ORIGINAL_DST}
@@ -112,6 +112,7 @@ def endpoints_of(cla, path: str) -> tuple[Endpoint, ...]:
                     locality=locality,
                     healthy=lbe.health_status in _HEALTHY,
                     locality_weight=locality_weight,
+                    tls_labels=tls_labels(lbe.metadata),  # xds/translate_tls.py
                 )
             )
     return tuple(out)
@@ -209,7 +210,7 @@ def _outlier(cluster, path: str) -> OutlierDetection | None:
 
 
 def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Plane, ...], path: str) -> Cluster:
-    only(cluster, _HARMLESS | _SUPPORTED | {"transport_socket"}, path)  # TLS: xds/translate_tls.py
+    only(cluster, _HARMLESS | _SUPPORTED | {"transport_socket", "transport_socket_matches"}, path)  # translate_tls.py
     if cluster.WhichOneof("cluster_discovery_type") != "type" and cluster.HasField("cluster_type"):
         raise ConfigError(f"{path}.cluster_type", "custom cluster types are not supported")
     kind = _KINDS.get(cluster.type)
@@ -244,7 +245,7 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
     timeout = opt_seconds(cluster, "connect_timeout")
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"{path}.connect_timeout", "must be > 0")
-    return Cluster(
+    base = Cluster(
         name=cluster.name,
         kind=kind,
         endpoints=eps,
@@ -257,6 +258,7 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
         locality_weighted=_locality_weighted(cluster, lb, f"{path}.common_lb_config"),
         tls=socket_tls(cluster, path, upstream=True),
     )
+    return with_socket_matches(cluster, path, base)  # transport_socket_matches (xds/translate_tls.py)
 
 
 __all__ = ["endpoints_of", "seconds", "translate_cluster"]

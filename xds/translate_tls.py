@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from google.protobuf import message
 
-from planemesh.agent.config import ConfigError
+from planemesh.agent.config import Cluster, ConfigError
 from planemesh.agent.identity.ca import CertError, load_certs, load_key
-from planemesh.agent.tls_config import CertSecret, SanMatch, Secret, TlsContext, TrustSecret
+from planemesh.agent.tls_config import CertSecret, SanMatch, Secret, TlsContext, TlsMatch, TrustSecret
 from planemesh.xds.tls_refs import DOWNSTREAM_TLS, UPSTREAM_TLS
 from planemesh.xds.translate_common import only
 
@@ -194,6 +194,53 @@ def _check_ciphers(names, path: str) -> None:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(":".join(names))
     except ssl.SSLError:
         raise ConfigError(path, f"none of {list(names)} is a cipher suite OpenSSL knows") from None
+
+
+MATCH_KEY = "envoy.transport_socket_match"  # Envoy's endpoint metadata namespace for transport_socket_matches
+
+
+def tls_labels(metadata) -> tuple[tuple[str, str], ...]:
+    """An endpoint's `envoy.transport_socket_match` metadata, as sorted (key, value) strings."""
+    fields = metadata.filter_metadata.get(MATCH_KEY)
+    return () if fields is None else tls_labels_of_struct(fields)
+
+
+def with_socket_matches(cluster, path: str, base: Cluster) -> Cluster:
+    """transport_socket_matches: each endpoint gets the first match whose labels its metadata holds; a match
+    without labels is the cluster's default (Envoy: it matches every endpoint, and ORIGINAL_DST connections)."""
+    if not cluster.transport_socket_matches:
+        return base
+    matches: list[TlsMatch] = []
+    default: TlsMatch | None = None
+    for i, m in enumerate(cluster.transport_socket_matches):
+        mpath = f"{path}.transport_socket_matches[{i}]"
+        only(m, {"name", "match", "transport_socket"}, mpath)
+        labels = tls_labels_of_struct(m.match)
+        tls = socket_tls(m, mpath, upstream=True)
+        entry = TlsMatch(m.name, labels, tls)
+        if not labels:
+            default = default or entry
+            break  # Envoy: later entries can never match
+        matches.append(entry)
+    fallback = default.tls if default is not None else base.tls
+    eps = tuple(dataclasses.replace(e, tls_socket=_first(matches, e.tls_labels)) for e in base.endpoints)
+    return dataclasses.replace(base, endpoints=eps, tls=fallback, tls_matches=tuple(matches))
+
+
+def tls_labels_of_struct(struct) -> tuple[tuple[str, str], ...]:
+    out = []
+    for key, value in struct.fields.items():
+        kind = value.WhichOneof("kind")
+        out.append((key, value.string_value if kind == "string_value" else str(getattr(value, kind)) if kind else ""))
+    return tuple(sorted(out))
+
+
+def _first(matches: list[TlsMatch], labels: tuple[tuple[str, str], ...]) -> int:
+    have = set(labels)
+    for i, m in enumerate(matches):
+        if set(m.labels) <= have:
+            return i
+    return -1
 
 
 def _unpack(socket, expected: str, cls: type[message.Message], path: str):

@@ -27,6 +27,7 @@ from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
 from planemesh.agent.proxy.request_head import header_map, new_request_id
 from planemesh.agent.proxy.xfcc import XFCC
 from planemesh.agent.proxy.xfcc import combined as xfcc_combined
+from planemesh.agent.tls_config import any_tls
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.server import PlaneProxy
@@ -453,7 +454,7 @@ class Bridge:
         cluster = result.cluster
         if result.weighted:
             cluster = table.balancer.cluster_for(result.route.action)  # type: ignore[union-attr, arg-type]
-        if cluster is not None and cluster.tls is not None:  # never a plaintext downgrade (agent/proxy/tls.py)
+        if cluster is not None and any_tls(cluster):  # never a plaintext downgrade (agent/proxy/tls_context.py)
             return self.local_error(503, "TLS origination for HTTP/2 clients is not supported", accesslog.UF)
         if cluster is None:
             if result.cluster_missing or ds.local[1] in proxy.listen_ports:

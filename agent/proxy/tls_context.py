@@ -8,6 +8,7 @@ cluster's matchers (Envoy's match_typed_subject_alt_names), else the connection 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import ssl
@@ -18,6 +19,7 @@ from cryptography import x509
 
 from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
 
+log = logging.getLogger("planemesh.proxy.tls")
 _VERSION = {
     "TLSv1_0": ssl.TLSVersion.TLSv1,
     "TLSv1_1": ssl.TLSVersion.TLSv1_1,
@@ -97,15 +99,21 @@ async def originate_tls(
 ) -> Any:
     """TLS over a connected upstream socket; returns the protocol made by `factory`."""
     try:
+        sock_peer = sock.getpeername()
+    except OSError:
+        sock_peer = "?"
+    try:
         transport, conn = await proxy.loop.create_connection(
             factory,
             sock=sock,
             ssl=client_context(proxy, tls),
-            server_hostname=tls.sni or None,
+            server_hostname=tls.sni,  # "" (no sni): no SNI extension; None would be refused with sock=
             ssl_handshake_timeout=timeout,
         )
-    except BaseException:
+    except BaseException as exc:
         sock.close()
+        if isinstance(exc, (ssl.SSLError, OSError, ValueError)):
+            log.info("upstream TLS to %s failed: %s", sock_peer, exc)
         raise
     trust = proxy.table.snapshot.secrets.get(tls.trust) if tls.trust else None
     matchers = tls.san + (trust.san if isinstance(trust, TrustSecret) else ())

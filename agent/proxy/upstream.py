@@ -15,6 +15,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from planemesh.agent.proxy.http1 import MAX_HEADER_BYTES, MAX_HEADERS_COUNT
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tls_context import originate_tls
+from planemesh.agent.tls_config import endpoint_tls
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.exchange import Exchange
@@ -273,8 +274,8 @@ class UpstreamPool:
     def acquire_for(self, ex: Exchange, addr: tuple[str, int], connect_timeout: float) -> None:
         key, ex.upstream_host = self.key_for(addr)
         cluster = getattr(ex, "cluster", None)  # h2 bridges (H1Stream) carry none: no TLS upstream there
-        if cluster is not None and cluster.tls is not None:
-            key = (*key, cluster.tls)  # TLS origination (agent/proxy/tls.py): its own connections
+        if cluster is not None and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None:
+            key = (*key, tls)  # TLS origination (agent/proxy/tls_context.py): its own connections
         ex.upstream_key = key
         idle = self.idle.get(key)
         i = len(idle) - 1 if idle else -1
@@ -299,8 +300,8 @@ class UpstreamPool:
             return
         key, ex.upstream_host = self.key_for(addr)
         cluster = getattr(ex, "cluster", None)  # h2 bridges (H1Stream) carry none: no TLS upstream there
-        if cluster is not None and cluster.tls is not None:
-            key = (*key, cluster.tls)
+        if cluster is not None and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None:
+            key = (*key, tls)
         ex.upstream_key = key
         if not ex.pending:
             ex.pending = True

@@ -104,3 +104,28 @@ def test_h2_client_to_a_tls_cluster_is_refused_not_downgraded(backend):
         args = ["curl", "-sS", "--http2-prior-knowledge", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"]
         out = subprocess.run([*args, url], capture_output=True, text=True, check=False)
         assert out.stdout == "503" and backend.seen == []
+
+
+def test_transport_socket_matches_mtls_to_labelled_endpoints_plaintext_to_others(backend):
+    """Istio's auto-mTLS shape: an endpoint labelled tlsMode=istio is reached over mTLS, an unlabelled one in
+    plaintext, within one cluster (round robin over both)."""
+    from planemesh.agent.config import Endpoint
+    from planemesh.agent.tls_config import TlsMatch
+
+    with Backend() as plain:
+        sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
+        base = make_snapshot(sock.getsockname()[1], [("127.0.0.1", backend.port)])
+        mine = ROOT.issue(PROXY_ID, now=NOW)
+        tls = TlsContext(cert="default", trust="ROOTCA", san=(SanMatch("uri", exact=str(BACKEND_ID)),))
+        eps = (Endpoint("127.0.0.1", backend.port, tls_labels=(("tlsMode", "istio"),), tls_socket=0),
+               Endpoint("127.0.0.1", plain.port))  # fmt: skip
+        cluster = replace(
+            base.clusters["backend"], endpoints=eps, tls_matches=(TlsMatch("istio", (("tlsMode", "istio"),), tls),)
+        )
+        secrets = {"default": CertSecret(mine.cert_chain_pem(), mine.key_pem()), "ROOTCA": TrustSecret(ROOT.root_pem())}
+        snap = replace(base, clusters=MappingProxyType({"backend": cluster}), secrets=MappingProxyType(secrets))
+        with ServingProxy(PlaneProxy(snap, PLANE), sock) as px:
+            replies = [get(px.port, f"/rr{i}") for i in range(4)]
+        assert all(r.startswith(b"HTTP/1.1 200") for r in replies), replies
+        assert len(backend.seen) == 2 and len(plain.seen) == 2
+        assert backend.clients and all(c == [str(PROXY_ID)] for c in backend.clients)

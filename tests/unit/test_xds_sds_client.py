@@ -278,3 +278,46 @@ def test_istio_shaped_inbound_mtls_chain_translates():
     assert tls.san == (SanMatch("any", prefix="spiffe://cluster.local/"),) and len(tls.ciphers) == 6
     assert san_accepts(tls.san, ["spiffe://cluster.local/ns/ran/sa/amf"], [])
     assert not san_accepts(tls.san, ["spiffe://evil.org/ns/ran/sa/amf"], [])
+
+
+def istio_outbound_cluster() -> dict:
+    """An Istio outbound cluster's auto-mTLS: endpoints labelled tlsMode=istio get mTLS, others plaintext."""
+    ctx = {
+        "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": "outbound_.8080_._.udm.ran.svc.cluster.local",
+        "common_tls_context": {
+            "alpn_protocols": ["istio-peer-exchange", "istio"],
+            "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": ISTIO_SDS}],
+            "combined_validation_context": {
+                "default_validation_context": {"match_subject_alt_names": [{"exact": "spiffe://cluster.local/ns/ran/sa/udm"}]},
+                "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": ISTIO_SDS}}},
+    }  # fmt: skip
+    doc = static_cluster(name="udm")
+    doc["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["metadata"] = {
+        "filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}
+    }
+    doc["load_assignment"]["endpoints"][0]["lb_endpoints"].append(
+        {"endpoint": {"address": {"socket_address": {"address": "198.18.1.21", "port_value": 8080}}}}
+    )
+    doc["transport_socket_matches"] = [
+        {"name": "tlsMode-istio", "match": {"tlsMode": "istio"},
+         "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": ctx}},
+        {"name": "tlsMode-disabled", "match": {},
+         "transport_socket": {"name": "envoy.transport_sockets.raw_buffer", "typed_config": {
+             "@type": T + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}},
+    ]  # fmt: skip
+    return doc
+
+
+def test_istio_transport_socket_matches_pick_tls_per_endpoint():
+    from planemesh.agent.tls_config import endpoint_tls
+
+    snap = translate(with_secrets([istio_outbound_cluster()], secrets()), PLANES)
+    c = snap.clusters["udm"]
+    labelled, plain = c.endpoints
+    assert labelled.tls_labels == (("tlsMode", "istio"),) and labelled.tls_socket == 0 and plain.tls_socket == -1
+    assert c.tls is None and c.tls_matches[0].tls.sni == "outbound_.8080_._.udm.ran.svc.cluster.local"
+    assert endpoint_tls(c, labelled, ("198.18.1.20", 8080)).alpn == ("istio-peer-exchange", "istio")
+    assert endpoint_tls(c, plain, ("198.18.1.21", 8080)) is None
+    assert endpoint_tls(c, None, ("198.18.1.20", 8080)) is c.tls_matches[0].tls  # a retry's fallback address
+    assert set(snap.secrets) == {"default", "ROOTCA"}
