@@ -99,6 +99,7 @@ def san_accepts(matchers: tuple[SanMatch, ...], uris: list[str], dns: list[str])
     """Envoy: with matchers, the peer passes if any of its SANs of the matcher's kind matches any matcher."""
     if not matchers:
         return True
+
     def values(kind: str) -> list[str]:
         return uris if kind == "uri" else dns if kind == "dns" else uris + dns  # "any": match_subject_alt_names
 
