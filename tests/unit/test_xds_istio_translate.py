@@ -574,3 +574,49 @@ def test_unsafe_to_ignore_is_refused_by_name(docs, where, reason):
     with pytest.raises(ConfigError) as err:
         run(copy.deepcopy(docs))
     assert where in str(err.value) and reason in str(err.value)
+
+
+def _auto_mtls_cluster() -> dict:
+    """istiod's auto-mTLS cluster: tlsMode=istio endpoints over mTLS (SDS `default`/`ROOTCA`), others plaintext."""
+    sds = {"ads": {}, "resource_api_version": "V3"}
+    tls = {
+        "name": "tls",
+        "typed_config": {
+            "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds}],
+                "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": sds},
+            },
+        },
+    }
+    lbe = {
+        "endpoint": {"address": {"socket_address": {"address": "10.0.0.9", "port_value": 80}}},
+        "metadata": {"filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}},
+    }
+    return cluster(
+        load_assignment={"cluster_name": "c", "endpoints": [{"lb_endpoints": [lbe]}]},
+        transport_socket_matches=[
+            {"name": "tlsMode-istio", "match": {"tlsMode": "istio"}, "transport_socket": tls},
+            {"name": "tlsMode-disabled", "match": {}, "transport_socket": RAW},
+        ],
+    )
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["secrets-served", "no-secrets"])
+def test_auto_mtls_originates_tls_when_its_secrets_are_served_else_keeps_the_plaintext_match(served):
+    from planemesh.xds.per_resource import translate_update
+    from planemesh.xds.sds import root_secret, tls_certificate_secret
+
+    root = new_root("cluster.local", now=_NOW)
+    issued = root.issue(parse_spiffe_id("spiffe://cluster.local/ns/a/sa/b"), now=_NOW)
+    received = {"default": tls_certificate_secret(issued), "ROOTCA": root_secret(root.root_pem())} if served else {}
+    res = to_resources([_auto_mtls_cluster(), PASS])
+    res = type(res)(res.listeners, res.routes, res.clusters, res.endpoints, res.versions, received)
+    for snap in (translate(res, PLANES), translate_update(res, PLANES).snapshot):  # whole and per resource
+        c = snap.clusters["c"]
+        if served:
+            assert [m.labels for m in c.tls_matches] == [(("tlsMode", "istio"),)] and c.endpoints[0].tls_socket == 0
+            assert set(snap.secrets) == {"default", "ROOTCA"}
+        else:  # istiod without istio-agent's SDS: plaintext, as before TLS existed (noted), not a NACK
+            assert c.tls is None and c.tls_matches == () and c.endpoints[0].tls_socket == -1
+            assert dict(snap.secrets) == {}
