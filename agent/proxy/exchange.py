@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.attempts import HELD_REQUEST, UpstreamAttempts, rng
+from planemesh.agent.proxy.authz import DENIED_BODY, rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip, request_hash
 from planemesh.agent.proxy.circuit import REQUESTS, RETRIES
 from planemesh.agent.proxy.connect_target import connect_refusal
@@ -226,6 +227,10 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         crc = ds.route_config
         if crc is not None and crc.http_filters:
             chain = crc.filter_chain(proxy.clock)
+            if chain.rbac and rbac_denial(proxy, chain.rbac, lambda: header_map(self.headers), self.method,
+                                          self.target.decode("latin-1"), self.authority or "", ds.local, ds.peer_ip,
+                                          ds.transport):  # fmt: skip
+                return self.reply(403, DENIED_BODY)
             for limiter in chain.limiters:
                 if not limiter.take():
                     stats.rate_limited += 1

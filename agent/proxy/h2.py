@@ -21,11 +21,15 @@ import h2.exceptions
 import h2.settings
 
 from planemesh.agent.proxy import accesslog
+from planemesh.agent.proxy.authz import DENIED_BODY, rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
 from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2, TRAILER_DROP
 from planemesh.agent.proxy.limits import MEMORY_SHED_HEADERS
 from planemesh.agent.proxy.request_head import header_map, new_request_id
+from planemesh.agent.proxy.xfcc import XFCC
+from planemesh.agent.proxy.xfcc import combined as xfcc_combined
+from planemesh.agent.tls_config import any_tls
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.h2_downstream import H2Downstream
@@ -336,6 +340,7 @@ class Bridge:
         authority = None
         grpc = False
         rid = xff = None
+        xfcc: list[bytes] = []
         for field in headers:
             n = field[0]
             if n[:1] == b":":
@@ -353,6 +358,8 @@ class Bridge:
                     fields.append(field)
             elif n == b"x-forwarded-for":
                 xff = field[1]
+            elif n == XFCC:
+                xfcc.append(field[1])  # decided below: a client must not forge it (agent/proxy/xfcc.py)
             else:
                 if n == b"content-type":
                     grpc = field[1].startswith(b"application/grpc")
@@ -364,6 +371,8 @@ class Bridge:
             fields.append((b"x-request-id", rid))
         peer = ds.peer_ip_b
         fields.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
+        if (client_cert := xfcc_combined(ds.transport, xfcc)) is not None:
+            fields.append((XFCC, client_cert))
         self.pseudo = pseudo
         self.fields = fields
         self.method_b = method
@@ -436,6 +445,13 @@ class Bridge:
             ds.table = table
             ds.route_config = router.route_config(ds.local[0], ds.local[1]) or router.original_destination
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
+        crc = ds.route_config
+        if crc is not None and crc.http_filters:  # RBAC applies to h2 clients too (agent/proxy/authz.py)
+            rbac = crc.filter_chain(proxy.clock).rbac
+            path = (self.path_b or b"/").decode("latin-1")
+            if rbac and rbac_denial(proxy, rbac, self._header_map, self.method_b.decode("latin-1"), path, authority,
+                                    ds.local, ds.peer_ip_b.decode(), ds.transport):  # fmt: skip
+                return self.local_error(403, DENIED_BODY.decode(), "")
         result = router.route_request(ds.route_config, authority, self.path_b or b"/", self._header_map)
         if not result.forward:
             if result.direct is not None:
@@ -445,6 +461,8 @@ class Bridge:
         cluster = result.cluster
         if result.weighted:
             cluster = table.balancer.cluster_for(result.route.action)  # type: ignore[union-attr, arg-type]
+        if cluster is not None and any_tls(cluster):  # never a plaintext downgrade (agent/proxy/tls_context.py)
+            return self.local_error(503, "TLS origination for HTTP/2 clients is not supported", accesslog.UF)
         if cluster is None:
             if result.cluster_missing or result.weighted:  # the route's cluster does not exist: Envoy's NC
                 return self.local_error(503, "", accesslog.NC)
