@@ -74,6 +74,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": _ADMIN,
     "config-dump": _ADMIN,
     "top": ("planemesh.agent.top", "add_top_command"),
+    "ca": ("planemesh.agent.identity.ca_files", "add_ca_command"),
 }
 
 

@@ -14,6 +14,7 @@ from types import MappingProxyType
 
 from netaddr import IPNetwork
 
+from planemesh.agent.tls_config import Secret, TlsContext, TlsMatch
 from planemesh.netplanes.model import SLA, Plane
 
 
@@ -198,6 +199,8 @@ class Endpoint:
     locality: str = ""
     healthy: bool = True
     locality_weight: int = 0  # EDS LocalityLbEndpoints.load_balancing_weight (0: unset); see Cluster.locality_weighted
+    tls_labels: tuple[tuple[str, str], ...] = ()  # metadata envoy.transport_socket_match (Istio: tlsMode)
+    tls_socket: int = -1  # index into its cluster's tls_matches; -1: the cluster's tls (agent/tls_config.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +234,8 @@ class Cluster:
     downstream_protocol: bool = False
     plane: str | None = None  # None: the plane of each endpoint's address
     locality_weighted: bool = False  # common_lb_config.locality_weighted_lb_config: pick a locality first
+    tls: TlsContext | None = None  # TLS origination (UpstreamTlsContext; agent/tls_config.py)
+    tls_matches: tuple[TlsMatch, ...] = ()  # transport_socket_matches with labels, in order
 
 
 # ---- HTTP filters ----------------------------------------------------------------------------
@@ -275,6 +280,11 @@ class Listener:
     # HTTP listeners only: peek first (Envoy's http_inspector + a tcp_proxy fallback chain, Istio's protocol
     # detection): HTTP is proxied with this listener's routes, anything else passes through untouched.
     sniff: bool = False
+    tls: TlsContext | None = None  # TLS termination (DownstreamTlsContext; agent/tls_config.py)
+    transport_protocol: str = ""  # filter_chain_match: "tls" / "raw_buffer" (permissive ports); "" any
+    # x-forwarded-client-cert (agent/proxy/xfcc.py): HCM forward_client_cert_details (Envoy's default: sanitize)
+    forward_client_cert: str = "sanitize"
+    client_cert_details: tuple[str, ...] = ()  # set_current_client_cert_details: subject, uri, dns
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:
@@ -298,6 +308,7 @@ class Snapshot:
     listeners: tuple[Listener, ...] = ()
     routes: Mapping[str, RouteConfig] = field(default_factory=lambda: _frozen(None))
     clusters: Mapping[str, Cluster] = field(default_factory=lambda: _frozen(None))
+    secrets: Mapping[str, Secret] = field(default_factory=lambda: _frozen(None))  # by name (SDS or inline:...)
 
     def plane(self, name: str) -> Plane:
         for plane in self.planes:

@@ -180,6 +180,22 @@ class OverloadStats:
 
 
 @dataclass(slots=True)
+class TlsTerminationStats:
+    """A plane's TLS termination (agent/proxy/tls.py TlsStats); rows of the plane's workers are summed."""
+
+    plane: str
+    handshakes: int = 0
+    handshake_failed: int = 0
+    peer_cert_refused: int = 0  # wrong CA, expired, missing where required
+    timeouts: int = 0
+    san_refused: int = 0
+    plaintext_refused: int = 0  # plaintext on a TLS-only port
+    plaintext_accepted: int = 0  # plaintext on a permissive port
+    overloaded: int = 0  # closed before the handshake: the plane's max_connections were open
+    rbac_denied: int = 0  # requests refused (403) by RBAC (agent/proxy/authz.py)
+
+
+@dataclass(slots=True)
 class StatsReport:
     routes: list[RouteStats] = field(default_factory=list)
     listeners: list[ListenerStats] = field(default_factory=list)
@@ -191,6 +207,7 @@ class StatsReport:
     sni_routes: list[SniRouteStats] = field(default_factory=list)
     plane_groups: list[PlaneGroupStats] = field(default_factory=list)
     overload: list[OverloadStats] = field(default_factory=list)
+    tls: list[TlsTerminationStats] = field(default_factory=list)
 
 
 _ROW_TYPES = {
@@ -200,6 +217,7 @@ _ROW_TYPES = {
     "datapath": DataPathStats,
     "xds": XdsTypeStats,
     "sniff": SniffListenerStats,
+    "tls": TlsTerminationStats,
     "sni_routes": SniRouteStats,
     "plane_groups": PlaneGroupStats,
     "overload": OverloadStats,
@@ -340,6 +358,7 @@ def merge_reports(reports: Sequence[StatsReport]) -> StatsReport:
         sni_routes=_sum_rows((r for rep in reports for r in rep.sni_routes), ("plane", "chain", "sni")),
         plane_groups=[r for rep in reports for r in rep.plane_groups],  # one provider: nothing to sum
         overload=_sum_rows((r for rep in reports for r in rep.overload), ("plane",)),
+        tls=_sum_rows((r for rep in reports for r in rep.tls), ("plane",)),
     )
 
 
@@ -369,6 +388,7 @@ class PlanemeshCollector(Collector):
         yield from _plane_group_families(report.plane_groups)
         yield from _overload_families(report.overload)
         yield from istio_families(report.routes)
+        yield from _tls_families(report.tls)
         yield from self._agent_families()
 
     def _agent_families(self) -> Iterator[Metric]:
@@ -590,3 +610,27 @@ def _overload_families(rows: Sequence[OverloadStats]) -> Iterator[Metric]:
         refused.add_metric([r.plane], r.source_refused)
         idle.add_metric([r.plane], r.idle_closed)
     yield from (workers, memory, shed, resets, refused, idle)
+
+
+def _tls_families(rows: Sequence[TlsTerminationStats]) -> Iterator[Metric]:
+    handshakes = CounterMetricFamily(
+        "planemesh_tls_handshakes", "Completed TLS handshakes (termination)", labels=["plane"]
+    )
+    failed = CounterMetricFamily(
+        "planemesh_tls_refused", "TLS connections refused, by reason (agent/proxy/tls.py)", labels=["plane", "reason"]
+    )
+    plain = CounterMetricFamily(
+        "planemesh_tls_plaintext_accepted", "Plaintext connections on permissive TLS ports", labels=["plane"]
+    )
+    for r in rows:
+        handshakes.add_metric([r.plane], r.handshakes)
+        other = r.handshake_failed - r.peer_cert_refused - r.timeouts
+        for reason, n in (("peer_certificate", r.peer_cert_refused), ("timeout", r.timeouts), ("san", r.san_refused),
+                          ("plaintext", r.plaintext_refused), ("handshake", max(other, 0)),
+                          ("overloaded", r.overloaded)):  # fmt: skip
+            failed.add_metric([r.plane, reason], n)
+        plain.add_metric([r.plane], r.plaintext_accepted)
+    denied = CounterMetricFamily("planemesh_rbac_denied", "Requests refused (403) by RBAC filters", labels=["plane"])
+    for r in rows:
+        denied.add_metric([r.plane], r.rbac_denied)
+    yield from (handshakes, failed, plain, denied)

@@ -186,7 +186,9 @@ async def run_worker(
                 writer.write(encode({"op": "applied", "id": rid, "version": msg["snapshot"].version}))
             elif op == "stats":
                 sniff = proxy.sniff_stats if proxy.sniffing else None
-                writer.write(encode({"op": "stats", "id": rid, "stats": stats_report(plane, proxy.stats, sniff)}))
+                report = stats_report(plane, proxy.stats, sniff)
+                report["tls"] = [{"plane": plane, **proxy.tls_stats.as_dict()}]  # agent/proxy/tls.py
+                writer.write(encode({"op": "stats", "id": rid, "stats": report}))
             elif op == "drain":
                 await proxy.drain(float(msg.get("timeout", 10)))
                 writer.write(encode({"op": "drained", "id": rid}))

@@ -44,6 +44,7 @@ from planemesh.xds.resources import (
     FULL_STATE_TYPES,
     LISTENER,
     ROUTE,
+    SECRET,
     SHORT_NAME,
     TYPE_ORDER,
     ResourceError,
@@ -51,6 +52,7 @@ from planemesh.xds.resources import (
     from_delta_resource,
     unwrap_sotw,
 )
+from planemesh.xds.tls_refs import cluster_secret_names, listener_secret_names
 
 HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 INVALID_ARGUMENT = 3  # google.rpc.Code, the status a NACK carries
@@ -74,6 +76,8 @@ class XdsResources:
     clusters: Mapping[str, cluster_pb2.Cluster]
     endpoints: Mapping[str, message.Message]
     versions: Mapping[str, str]  # short type name (LDS...) -> version
+    # SDS: the secrets the listeners and clusters name
+    secrets: Mapping[str, message.Message] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def version(self) -> str:
@@ -123,18 +127,21 @@ def eds_name(cluster: cluster_pb2.Cluster) -> str | None:
     return None
 
 
-def references(type_url: str, resources: Mapping[str, message.Message]) -> set[str]:
-    """Names of dependent resources (RDS for LDS, EDS for CDS) referenced by `resources`."""
+def references(type_url: str, resources: Mapping[str, message.Message], child: str | None = None) -> set[str]:
+    """Names of dependent resources (RDS for LDS, EDS for CDS; SDS for both when child is SECRET)."""
     out: set[str] = set()
     for msg in resources.values():
-        if type_url == LISTENER:
+        if child == SECRET:  # xds/tls_refs.py
+            out |= listener_secret_names(msg) if type_url == LISTENER else cluster_secret_names(msg)  # type: ignore[arg-type]
+        elif type_url == LISTENER:
             out |= route_names(msg)  # type: ignore[arg-type]
         elif type_url == CLUSTER and (name := eds_name(msg)) is not None:  # type: ignore[arg-type]
             out.add(name)
     return out
 
 
-PARENT_OF = {ROUTE: LISTENER, ENDPOINT: CLUSTER}
+# Secrets have two parents: listeners (DownstreamTlsContext) and clusters (UpstreamTlsContext).
+PARENTS_OF = {ROUTE: (LISTENER,), ENDPOINT: (CLUSTER,), SECRET: (LISTENER, CLUSTER)}
 
 # ---- per-type state -------------------------------------------------------------------------------
 
@@ -190,7 +197,7 @@ class AdsClientState:
         mode: Mode = Mode.SOTW,
         *,
         initial_fetch_timeout_s: float = 15.0,
-        types: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE),
+        types: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET),
     ) -> None:
         self.node = node
         self.mode = Mode(mode)
@@ -403,29 +410,30 @@ class AdsClientState:
 
     def _desired_names(self, type_url: str) -> set[str]:
         """Named types follow every parent version we may still apply: accepted, pending, in flight."""
-        parent = PARENT_OF.get(type_url)
-        if parent is None or parent not in self.types:
+        parents = [p for p in PARENTS_OF.get(type_url, ()) if p in self.types]
+        if not parents:
             return set(self.types[type_url].names)
-        pts = self.types[parent]
-        sources = [pts.cache]
-        if pts.pending is not None:
-            sources.append(pts.pending.cache)
-        if self._inflight is not None and parent in self._inflight[1]:
-            sources.append(self._inflight[1][parent].cache)
         names: set[str] = set()
-        for cache in sources:
-            names |= references(parent, {n: e.msg for n, e in cache.items()})
+        for parent in parents:
+            pts = self.types[parent]
+            sources = [pts.cache]
+            if pts.pending is not None:
+                sources.append(pts.pending.cache)
+            if self._inflight is not None and parent in self._inflight[1]:
+                sources.append(self._inflight[1][parent].cache)
+            for cache in sources:
+                names |= references(parent, {n: e.msg for n, e in cache.items()}, type_url)
         return names
 
     def _pruned(self, type_url: str, cache: dict[str, Entry]) -> dict[str, Entry]:
-        if type_url not in PARENT_OF:
+        if type_url not in PARENTS_OF:
             return dict(cache)
         wanted = self._desired_names(type_url)
         return {n: e for n, e in cache.items() if n in wanted}
 
     def _resubscribe(self) -> list[Action]:
         out: list[Action] = []
-        for type_url in PARENT_OF:
+        for type_url in PARENTS_OF:
             ts = self.types.get(type_url)
             if ts is None:
                 continue
@@ -461,16 +469,17 @@ class AdsClientState:
             return []
         candidate = self._candidate()
         missing = []
-        for type_url, parent in PARENT_OF.items():
-            if type_url in candidate and parent in candidate:
-                wanted = references(parent, {n: e.msg for n, e in candidate[parent].items()})
-                missing += sorted((wanted - set(candidate[type_url])) & self.types[type_url].awaiting)
+        for type_url, parents in PARENTS_OF.items():
+            for parent in parents:
+                if type_url in candidate and parent in candidate:
+                    wanted = references(parent, {n: e.msg for n, e in candidate[parent].items()}, type_url)
+                    missing += sorted((wanted - set(candidate[type_url])) & self.types[type_url].awaiting)
         if missing and any(staged.nonce is not None for staged in batch.values()):
             if self._warm_deadline is None:
                 self._warm_deadline = now + self.initial_fetch_timeout_s
             if now < self._warm_deadline:
                 return []  # warming: wait for the routes/endpoints the update needs
-            for type_url in PARENT_OF:  # timed out: these are the consumer's to handle (not active yet)
+            for type_url in PARENTS_OF:  # timed out: these are the consumer's to handle (not active yet)
                 if type_url in self.types:
                     self.types[type_url].awaiting.clear()
         self._warm_deadline = None
@@ -490,6 +499,7 @@ class AdsClientState:
             clusters=MappingProxyType(views.get(CLUSTER, {})),
             endpoints=MappingProxyType(views.get(ENDPOINT, {})),
             versions=MappingProxyType(versions),
+            secrets=MappingProxyType(views.get(SECRET, {})),
         )
 
     def _with_node(self, req: Request) -> Request:

@@ -27,7 +27,8 @@ ISTIO_PROXY_TYPES = {
         "peer metadata (HTTP): adds/reads x-istio-peer headers for telemetry labels only"
     ),
     "io.istio.network.authn.Config": (
-        "istio_authn: publishes the mTLS peer identity to later filters; without TLS termination there is none"
+        "istio_authn: publishes the mTLS peer identity to later filters; planemesh's RBAC and XFCC read the peer "
+        "certificate of the TLS connection themselves"
     ),
     "istio.set_internal_dst_address.v1.Config": "set_dst_address: an internal-listener hop of waypoints",
     "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig": (

@@ -33,6 +33,7 @@ from planemesh.xds.client_state import XdsResources, eds_name, route_names
 from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from planemesh.xds.translate import TranslationCache, _Acc, _guarded, translate_listener
 from planemesh.xds.translate_common import Errors
+from planemesh.xds.translate_mtls import cluster_tls_error, secrets_of, served_cluster, served_listeners
 
 Rejected = dict[str, dict[str, str]]  # type URL -> resource name -> reason
 
@@ -164,6 +165,20 @@ def _culprit(exc: ConfigError, lst: _Listeners, planes: tuple[Plane, ...]) -> st
     return None
 
 
+def _tls_listeners(lst: _Listeners, available: set[str], received, secrets: dict) -> dict[str, str]:
+    """Drop the TLS listeners served in plaintext (translate_mtls.py); resource -> why, for unusable secrets."""
+    served = {id(lsn) for lsn in served_listeners(lst.out, available)}
+    kept = [(lsn, owner) for lsn, owner in zip(lst.out, lst.owner, strict=True) if id(lsn) in served]
+    lst.out, lst.owner = [lsn for lsn, _ in kept], [owner for _, owner in kept]
+    bad: dict[str, str] = {}
+    for lsn, owner in kept:
+        if lsn.tls is not None and owner not in bad:
+            why = secrets_of((lsn.tls,), f"listener[{owner}].transport_socket", received, secrets)
+            if why is not None:
+                bad[owner] = why
+    return bad
+
+
 def translate_update(
     res: XdsResources,
     planes: tuple[Plane, ...],
@@ -177,6 +192,15 @@ def translate_update(
     cache = cache or TranslationCache()
     rejected: Rejected = {}
     clusters = _clusters(res, accepted, planes, cache, rejected)
+    available = set(res.secrets)  # TLS with a plaintext path but no secrets: plaintext (xds/translate_mtls.py)
+    cluster_secrets: dict[str, object] = {}
+    for name in sorted(clusters):
+        c = served_cluster(clusters[name], available)
+        if (why := cluster_tls_error(c, res.secrets, cluster_secrets)) is not None:
+            rejected.setdefault(CLUSTER, {})[name] = why
+            del clusters[name]
+        else:
+            clusters[name] = c
     routes = _routes(res, accepted, cache, rejected)
     old_listeners = accepted.listeners if accepted is not None else {}
     skip: dict[str, str] = {}  # listeners dropped by a whole-snapshot check -> why
@@ -198,6 +222,11 @@ def translate_update(
             if prev is not None and prev is not msg:
                 lst.add(name, prev)  # the previous version keeps serving (if it still can)
         cache.retain(res.clusters, {**res.routes, **{n: None for n in lst.routes}})
+        secrets = dict(cluster_secrets)
+        tls_bad = _tls_listeners(lst, available, res.secrets, secrets)
+        if tls_bad:
+            skip.update(tls_bad)  # a listener whose TLS secrets are unusable is refused whole; retry without
+            continue
         snap = Snapshot(
             version=f"xds:{res.version}",
             planes=tuple(
@@ -209,6 +238,7 @@ def translate_update(
             listeners=tuple(lst.out),
             routes=MappingProxyType(lst.routes),
             clusters=MappingProxyType(clusters),
+            secrets=MappingProxyType(secrets),
         )
         try:
             validate_snapshot(snap, references=False)

@@ -40,6 +40,7 @@ from google.protobuf import any_pb2, message
 from planemesh.xds.resources import (
     MESSAGE_OF_TYPE,
     RESOURCE_SUFFIXES,
+    SECRET,
     SHORT_NAME,
     ResourceError,
     load_resource_dir,
@@ -47,6 +48,7 @@ from planemesh.xds.resources import (
     pack,
     resource_name,
 )
+from planemesh.xds.sds import SecretIssuer, add_sds_arguments, issuer_from_args
 
 log = logging.getLogger("planemesh.xds.server")
 _CHANGED = object()
@@ -76,6 +78,7 @@ class ClientStatus:
     connected: bool = True
     types: dict[str, TypeReport] = field(default_factory=dict)
     first_send_at: float | None = None  # time.monotonic() of the first response written (benchmarks)
+    node: Any = None  # the envoy.config.core.v3.Node of the stream's first request (SDS identity)
 
     def report(self, type_url: str) -> TypeReport:
         return self.types.setdefault(SHORT_NAME.get(type_url, type_url), TypeReport())
@@ -100,8 +103,15 @@ def resource_version(packed: any_pb2.Any) -> str:
 
 class ManagementServer:
     def __init__(
-        self, resource_dir: str | Path | None, *, poll_interval_s: float = 0.2, bearer_token: str | None = None
+        self,
+        resource_dir: str | Path | None,
+        *,
+        poll_interval_s: float = 0.2,
+        bearer_token: str | None = None,
+        secrets: SecretIssuer | None = None,
     ) -> None:
+        self.secrets = secrets  # SDS `default`/`ROOTCA` per node from the built-in CA (xds/sds.py)
+        self._rotator: asyncio.Task[None] | None = None
         self.resource_dir = Path(resource_dir) if resource_dir is not None else None
         self.bearer_token = bearer_token  # when set, streams without `authorization: Bearer <it>` are refused
         self.poll_interval_s = poll_interval_s
@@ -197,9 +207,20 @@ class ManagementServer:
         self.resources, self.digests = loaded, digests
         self.version += 1
         log.info("serving resource set version %d (%s)", self.version, self._counts())
+        self._wake_all()
+        return True
+
+    def _wake_all(self) -> None:
         for queue in self._watchers:
             queue.put_nowait(_CHANGED)
-        return True
+
+    def _served(self, type_url: str, status: ClientStatus) -> tuple[dict[str, any_pb2.Any], dict[str, str], str]:
+        """(resources, Delta digests, SotW version) of one type for one stream: SDS is per node."""
+        if type_url == SECRET and self.secrets is not None and status.node is not None:
+            return self.secrets.served(status.node, self.resources.get(SECRET, {}), self.type_versions.get(SECRET, 0))
+        # .get: a type URL nobody serves is answered with an empty set, never a KeyError
+        current, digests = self.resources.get(type_url, {}), self.digests.get(type_url, {})
+        return current, digests, str(self.type_versions.get(type_url, 0))
 
     def _counts(self) -> str:
         return ", ".join(f"{SHORT_NAME.get(t, t)} {len(r)}" for t, r in self.resources.items() if r)
@@ -224,15 +245,18 @@ class ManagementServer:
         self._server = server
         if self.resource_dir is not None:
             self._poller = asyncio.create_task(self._poll())
+        if self.secrets is not None:
+            self._rotator = asyncio.create_task(self.secrets.rotate_forever(self._wake_all))
         if address.startswith("unix:"):
             return address
         return f"{address.rsplit(':', 1)[0]}:{port}"
 
     async def stop(self, grace_s: float = 0.5) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._rotator):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._server is not None:
             for queue in self._watchers:
                 queue.put_nowait(_EOF)
@@ -292,6 +316,8 @@ class ManagementServer:
     async def _on_request(self, context, req, subs: dict[str, _Sub], delta: bool, status: ClientStatus) -> None:
         if req.node.id:
             status.node_id = req.node.id
+        if status.node is None and req.HasField("node"):
+            status.node = req.node
         type_url = req.type_url
         if not type_url:
             log.warning("%s sent a request without a type URL", status.node_id or status.peer)
@@ -360,12 +386,11 @@ class ManagementServer:
     async def _push(
         self, context, type_url: str, sub: _Sub, delta: bool, status: ClientStatus, force: bool = False
     ) -> None:
-        current = self.resources.get(type_url, {})
+        current, versions, version = self._served(type_url, status)
         wanted = current if sub.wildcard else {n: current[n] for n in sorted(sub.names) if n in current}
         report = status.report(type_url)
         nonce = str(next(self._nonces))
         if delta:
-            versions = self.digests.get(type_url, {})
             updated = [n for n in wanted if sub.known.get(n) != versions[n]]
             removed = [n for n in sub.known if n not in current]
             # Names asked for that do not exist go in removed_resources, once (the protocol requires it:
@@ -389,7 +414,6 @@ class ManagementServer:
             sub.nonce_versions[nonce] = str(self.version)
             report.sent_version = str(self.version)
         else:
-            version = str(self.type_versions.get(type_url, 0))
             if not force and version == sub.sent_version:
                 return
             resp = discovery_pb2.DiscoveryResponse(
@@ -439,15 +463,17 @@ async def serve_forever(
     poll_interval_s: float = 0.2,
     credentials: grpc.ServerCredentials | None = None,
     bearer_token: str | None = None,
+    secrets: SecretIssuer | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (the `planemesh xds-server` command)."""
-    server = ManagementServer(resources, poll_interval_s=poll_interval_s, bearer_token=bearer_token)
+    server = ManagementServer(resources, poll_interval_s=poll_interval_s, bearer_token=bearer_token, secrets=secrets)
     address = await server.start(listen, credentials)
     log.info(
-        "ADS (SotW and Delta) on %s%s%s, resources from %s",
+        "ADS (SotW and Delta) on %s%s%s%s, resources from %s",
         address,
         " with TLS" if credentials is not None else "",
         " requiring a bearer token" if bearer_token is not None else "",
+        " serving SDS from the built-in CA" if secrets is not None else "",
         resources,
     )
     if server.load_error:
@@ -488,6 +514,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("PLANEMESH_XDS_BEARER_TOKEN_FILE"),
         help="refuse streams without `authorization: Bearer <this file's token>` (as istiod checks JWTs)",
     )
+    add_sds_arguments(parser)
 
 
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -509,7 +536,8 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if token == "":
         parser.error(f"--bearer-token-file {args.bearer_token_file}: empty")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval, credentials, token))
+    secrets = issuer_from_args(parser, args)
+    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval, credentials, token, secrets))
     return 0
 
 

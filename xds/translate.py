@@ -33,9 +33,18 @@ from planemesh.agent.config import (
     WeightedCluster,
 )
 from planemesh.agent.proxy.sni_routing import server_name_error
+from planemesh.agent.proxy.xfcc import DETAILS as XFCC_DETAILS
+from planemesh.agent.proxy.xfcc import MODES as XFCC_MODES
+from planemesh.agent.tls_config import Secret, any_tls
 from planemesh.agent.validation import check_cpus_field, validate_snapshot
 from planemesh.netplanes.model import SLA, Plane, plane_of_address
 from planemesh.xds.client_state import XdsResources, eds_name
+from planemesh.xds.translate_capture import (
+    TCP_PROXY,
+    capture_chain_listeners,
+    drop_shadowed_inbound,
+    merge_same_destination,
+)
 from planemesh.xds.translate_clusters import translate_cluster
 from planemesh.xds.translate_common import (
     Errors,
@@ -49,11 +58,13 @@ from planemesh.xds.translate_common import (
 )
 from planemesh.xds.translate_filters import http_filters, network_filter
 from planemesh.xds.translate_http2 import http2_limits
+from planemesh.xds.translate_mtls import served_cluster, served_listeners
+from planemesh.xds.translate_rbac import translate_rbac
 from planemesh.xds.translate_routes import translate_route_config, translate_upgrades
+from planemesh.xds.translate_tls import resolve_secrets, secret_uses, socket_tls
 
 _EXT = "envoy.extensions."
 HCM = _EXT + "filters.network.http_connection_manager.v3.HttpConnectionManager"
-TCP_PROXY = _EXT + "filters.network.tcp_proxy.v3.TcpProxy"
 LISTENER_FILTERS = {
     _EXT + "filters.listener.original_dst.v3.OriginalDst",
     _EXT + "filters.listener.http_inspector.v3.HttpInspector",
@@ -76,7 +87,6 @@ _LISTENER_HARMLESS = {
     "bind_to_port",
 }
 _ORIGINAL_DST = _EXT + "filters.listener.original_dst.v3.OriginalDst"
-BLACKHOLE = "BlackHoleCluster"  # istiod's cluster with no endpoints: what it blocks goes there
 _LISTENER_CHECKED = {"address", "filter_chains", "default_filter_chain", "listener_filters", "use_original_dst"}
 _LISTENER_IGNORED = {
     "additional_addresses": "the [::] twin of a 0.0.0.0 listener: planemesh intercepts both families alike",
@@ -99,8 +109,9 @@ _HCM_SUPPORTED = {
     "tracing",
     "http_protocol_options",
     "http2_protocol_options",
+    "forward_client_cert_details",  # x-forwarded-client-cert: agent/proxy/xfcc.py
+    "set_current_client_cert_details",
 }
-_NO_TLS = "only acts on TLS connections with a client certificate; planemesh terminates no TLS yet"
 _HCM_IGNORED = {
     "request_id_extension": "the UUID request id is Envoy's default; planemesh keeps or adds x-request-id alike",
     "stream_idle_timeout": (
@@ -116,8 +127,6 @@ _HCM_IGNORED = {
         "downstream address and trusts x-forwarded-for for nothing"
     ),
     "internal_address_config": "goes with use_remote_address",
-    "forward_client_cert_details": _NO_TLS,
-    "set_current_client_cert_details": _NO_TLS,
     "preserve_external_request_id": "x-request-id from the client is kept, as with this field",
     "always_set_request_id_in_response": "adds x-request-id to responses for information only",
 }
@@ -134,6 +143,9 @@ class _Acc:
     sla_origin: dict[tuple[str, str], str]  # (plane, field) -> listener that set it
     tcp_clusters: list[tuple[str, str]]  # (path, cluster) for tcp_proxy cluster references
     inbound: set[str] = dataclasses.field(default_factory=set)  # listeners from a capture (virtualInbound) chain
+    secrets_used: dict[str, tuple[str, type]] = dataclasses.field(default_factory=dict)  # xds/translate_tls.py
+    secrets_inline: dict[str, Secret] = dataclasses.field(default_factory=dict)
+    tls_paths: dict[int, str] = dataclasses.field(default_factory=dict)  # id(TlsContext) -> its chain's path
 
 
 def _planes_of(listener, planes: tuple[Plane, ...], ip: str, binds: bool, path: str) -> list[Plane]:
@@ -204,22 +216,22 @@ def _plain_sibling(listener, chain) -> bool:
 
 
 def _skipped_chain(listener, chain, where: _Where, path: str) -> bool:
-    """Chains planemesh has no use for, noted: TLS-terminating chains that have a plaintext twin, and a
-    capture listener's catch-alls. A destination that only TLS may reach (Istio STRICT) is refused: dropping
-    its chain would let plaintext in."""
+    """Chains planemesh has no use for, noted: a capture listener's catch-alls, and TLS-terminating tcp_proxy
+    chains that have a plaintext twin. TLS is terminated on http_connection_manager chains only
+    (xds/translate_tls.py); a tcp_proxy destination that only TLS may reach (Istio STRICT) is refused:
+    dropping its chain would let plaintext in."""
     m = chain.filter_chain_match
-    if chain.HasField("transport_socket"):
+    if _terminal(chain) != HCM and socket_tls(chain, path, upstream=False) is not None:
         if not _plain_sibling(listener, chain):
-            kind = type_name(chain.transport_socket.typed_config.type_url) or chain.transport_socket.name
             raise ConfigError(
                 f"{path}.transport_socket",
-                f"{kind} is not supported: this destination accepts TLS only (mTLS STRICT) and planemesh "
-                "terminates no TLS yet",
+                "TLS is terminated on http_connection_manager chains only: this tcp_proxy destination accepts "
+                "TLS only (mTLS STRICT) and planemesh does not terminate TLS for TCP yet",
             )
         note_ignored(
             f"{path}.transport_socket",
-            "a TLS-terminating chain (istio mTLS PERMISSIVE): planemesh terminates no TLS yet; plaintext peers "
-            "use the raw_buffer chain of the same destination",
+            "TCP over TLS (istio mTLS PERMISSIVE, a tcp_proxy chain): planemesh terminates TLS on HTTP chains "
+            "only; plaintext peers use the raw_buffer chain of the same destination",
         )
         return True
     if where.capture and not m.HasField("destination_port"):
@@ -235,9 +247,19 @@ def _skipped_chain(listener, chain, where: _Where, path: str) -> bool:
     return False
 
 
+def _terminal(chain) -> str | None:
+    return type_name(chain.filters[-1].typed_config.type_url) if chain.filters else None
+
+
 def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> list[Listener]:
-    only(chain, {"filter_chain_match", "filters", "name", "metadata", "transport_socket_connect_timeout"}, path)
+    chain_fields = {"filter_chain_match", "filters", "name", "metadata", "transport_socket_connect_timeout"}
+    only(chain, chain_fields | {"transport_socket"}, path)
+    tls = socket_tls(chain, path, upstream=False)  # xds/translate_tls.py
     m = chain.filter_chain_match
+    if m.transport_protocol not in ("", "tls", "raw_buffer"):
+        raise ConfigError(
+            f"{path}.filter_chain_match.transport_protocol", f"{m.transport_protocol!r}: expected tls or raw_buffer"
+        )
     only(
         m,
         {"destination_port", "prefix_ranges", "server_names", "transport_protocol", "application_protocols"},
@@ -265,9 +287,10 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
     filters: tuple[HttpFilter, ...] = ()
     tcp_clusters: tuple[WeightedCluster, ...] = ()
     upgrades: tuple[UpgradeConfig, ...] = ()  # Envoy: an HCM without upgrade_configs refuses every upgrade
+    xfcc: tuple[str, tuple[str, ...]] = ("sanitize", ())
     if kind == HCM:
         protocol = ListenerProtocol.HTTP
-        route_config, filters, upgrades = _hcm(listener, last, ci, chain.name, planes, acc, fpath)
+        route_config, filters, upgrades, xfcc = _hcm(listener, last, ci, chain.name, planes, acc, fpath)
     elif kind == TCP_PROXY:
         protocol = ListenerProtocol.TCP
         tcp = tcp_proxy_pb2.TcpProxy()
@@ -282,11 +305,15 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
         acc.tcp_clusters += [(f"{fpath}.cluster", w.name) for w in tcp_clusters]
     else:
         raise ConfigError(fpath, f"network filter {last.name!r} ({kind or 'no typed_config'}) is not supported")
-    if m.transport_protocol or m.application_protocols:
+    if tls is not None:
+        if protocol is not ListenerProtocol.HTTP:
+            raise ConfigError(f"{path}.transport_socket", "TLS is terminated on http_connection_manager chains only")
+        acc.tls_paths[id(tls)] = f"{path}.transport_socket"  # its secrets' user, if it is served
+    if m.application_protocols:
         note_ignored(
             f"{path}.filter_chain_match",
-            "transport_protocol/application_protocols: planemesh tells HTTP from other bytes by sniffing "
-            "(an HTTP chain and a TCP chain on one destination become one sniffed listener)",
+            "application_protocols: planemesh tells HTTP from other bytes by sniffing (an HTTP chain and a TCP "
+            "chain on one destination become one sniffed listener); transport_protocol splits TLS from plaintext",
         )
     base = chain.name or (listener.name if ci == 0 else f"{listener.name}#{ci}")
     if where.capture:  # istiod names virtualInbound's chains like the outbound listeners of the same port
@@ -303,13 +330,17 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
             server_names=tuple(n.lower() for n in m.server_names),
             tcp_clusters=tcp_clusters,
             upgrades=upgrades,
+            tls=tls,
+            transport_protocol=m.transport_protocol,
+            forward_client_cert=xfcc[0],
+            client_cert_details=xfcc[1],
         )
         for plane in planes
     ]
 
 
 def _hcm(listener, last, ci: int, chain_name: str, planes: list[Plane], acc: _Acc, fpath: str):
-    """An http_connection_manager -> (route config name, HTTP filters, upgrades); inline routes go to acc."""
+    """An http_connection_manager -> (route config name, HTTP filters, upgrades, XFCC); inline routes go to acc."""
     hcm = hcm_pb2.HttpConnectionManager()
     last.typed_config.Unpack(hcm)
     only(hcm, _HCM_SUPPORTED, fpath, _HCM_IGNORED)
@@ -326,7 +357,7 @@ def _hcm(listener, last, ci: int, chain_name: str, planes: list[Plane], acc: _Ac
         acc.routes[route_config] = RouteConfig(route_config, rc.virtual_hosts)
     else:
         raise ConfigError(fpath, "needs rds or an inline route_config (scoped routes are not supported)")
-    filters = http_filters(hcm, fpath)
+    filters = http_filters(hcm, fpath, translate_rbac)  # HTTP RBAC: xds/translate_rbac.py
     upgrades = translate_upgrades(hcm.upgrade_configs, f"{fpath}.upgrade_configs", route_level=False)
     if (timeout := opt_seconds(hcm, "request_timeout")) is not None and timeout > 0:
         _set_sla(acc, planes, "request_timeout_s", timeout, listener.name, f"{fpath}.request_timeout")
@@ -336,85 +367,18 @@ def _hcm(listener, last, ci: int, chain_name: str, planes: list[Plane], acc: _Ac
     if hcm.HasField("http2_protocol_options"):
         for key, value, where in http2_limits(hcm.http2_protocol_options, f"{fpath}.http2_protocol_options"):
             _set_sla(acc, planes, key, value, listener.name, where)
-    return route_config, filters, upgrades
+    return route_config, filters, upgrades, _xfcc(hcm, fpath)
 
 
-def _merge_same_destination(out: list[Listener], paths: list[str]) -> list[Listener]:
-    """Chains of one listener that planemesh cannot tell apart (they differ only by transport_protocol or
-    application_protocols) -> one listener per destination: HTTP with TCP -> HTTP sniffed, equal HTTP chains
-    -> one, TCP fallbacks behind the first -> noted."""
-    groups: dict[tuple, list[int]] = {}
-    for i, lsn in enumerate(out):
-        groups.setdefault((lsn.plane, lsn.port, lsn.prefixes, lsn.server_names), []).append(i)
-    merged: list[Listener] = []
-    for idx in groups.values():
-        http = [i for i in idx if out[i].protocol is ListenerProtocol.HTTP]
-        tcp = [i for i in idx if out[i].protocol is ListenerProtocol.TCP]
-        keep = http[0] if http else tcp[0]
-        first = out[keep]
-        for i in http[1:]:
-            other = out[i]
-            if (other.route_config, other.http_filters, other.upgrades) != (
-                first.route_config,
-                first.http_filters,
-                first.upgrades,
-            ):
-                raise ConfigError(
-                    paths[i],
-                    f"another HTTP chain ({paths[keep]}) serves the same destination with other routes or filters; "
-                    "planemesh cannot choose between them by transport_protocol/application_protocols",
-                )
-            note_ignored(paths[i], f"the same HTTP handling as {paths[keep]}")
-        # istiod's REGISTRY_ONLY: the fallback is BlackHoleCluster; not sniffing makes the HTTP parser refuse
-        # non-HTTP bytes instead of passing them through.
-        passthrough = [i for i in tcp if not _blackhole(out[i])]
-        for i in tcp if http else tcp[1:]:
-            if http and _blackhole(out[i]):
-                why = "BlackHoleCluster (REGISTRY_ONLY): the HTTP listener is not sniffed, non-HTTP bytes are refused"
-            elif http:
-                why = "non-HTTP bytes pass through to the original destination (the HTTP chain is sniffed)"
-            else:
-                why = "a fallback chain behind the chain that serves this destination"
-            note_ignored(paths[i], why)
-        merged.append(dataclasses.replace(first, sniff=True) if http and passthrough else first)
-    return merged
-
-
-def _blackhole(lsn: Listener) -> bool:
-    return bool(lsn.tcp_clusters) and all(w.name == BLACKHOLE for w in lsn.tcp_clusters)
-
-
-def _capture_chain_listeners(listener, path: str) -> None:
-    """virtualOutbound (use_original_dst): Envoy hands each connection to the listener of its original
-    destination; planemesh's interception already delivers it there, so only its chains' meaning is noted."""
-    for ci, chain in enumerate(listener.filter_chains):
-        cpath = f"{path}.filter_chains[{ci}]"
-        kinds = {type_name(f.typed_config.type_url) for f in chain.filters}
-        if TCP_PROXY not in kinds:
-            raise ConfigError(cpath, "a use_original_dst listener's chains must end in tcp_proxy")
-        m = chain.filter_chain_match
-        own_port = (
-            m.HasField("destination_port") and m.destination_port.value == listener.address.socket_address.port_value
-        )
-        if not own_port and any(_tcp_cluster(f) == BLACKHOLE for f in chain.filters):
-            raise ConfigError(
-                cpath,
-                "a BlackHoleCluster catch-all (Istio outboundTrafficPolicy REGISTRY_ONLY) is not supported: planemesh "
-                "passes connections to undeclared destinations and will not pretend to block them",
-            )
-        note_ignored(
-            cpath,
-            "use_original_dst dispatch: planemesh intercepts by original destination; connections no listener "
-            "declares are passed through (Istio ALLOW_ANY = PassthroughCluster)",
-        )
-
-
-def _tcp_cluster(flt) -> str | None:
-    if type_name(flt.typed_config.type_url) != TCP_PROXY:
-        return None
-    tcp = tcp_proxy_pb2.TcpProxy()
-    flt.typed_config.Unpack(tcp)
-    return tcp.cluster or None
+def _xfcc(hcm, path: str) -> tuple[str, tuple[str, ...]]:
+    """forward_client_cert_details / set_current_client_cert_details (agent/proxy/xfcc.py)."""
+    mode = hcm_pb2.HttpConnectionManager.ForwardClientCertDetails.Name(hcm.forward_client_cert_details).lower()
+    if mode not in XFCC_MODES:
+        raise ConfigError(f"{path}.forward_client_cert_details", f"{mode.upper()} is not supported")
+    details = hcm.set_current_client_cert_details
+    only(details, XFCC_DETAILS, f"{path}.set_current_client_cert_details")
+    subject = details.HasField("subject") and details.subject.value  # a BoolValue; uri and dns are bools
+    return mode, tuple(d for d in XFCC_DETAILS if (subject if d == "subject" else getattr(details, d)))
 
 
 def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str) -> list[Listener]:
@@ -435,7 +399,7 @@ def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str
         capture = capture or kind == _ORIGINAL_DST
     _listener_sla(listener, mine, acc, path)
     if listener.HasField("use_original_dst") and listener.use_original_dst.value:
-        _capture_chain_listeners(listener, path)
+        capture_chain_listeners(listener, path)
         return []
     chains = list(listener.filter_chains)
     if listener.HasField("default_filter_chain"):
@@ -459,7 +423,7 @@ def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str
             names.add(lsn.name)
             out.append(lsn)
             paths.append(cpath)
-    merged = _merge_same_destination(out, paths)
+    merged = merge_same_destination(out, paths)
     if where.capture:
         acc.inbound.update(lsn.name for lsn in merged)
     return merged
@@ -492,20 +456,6 @@ def _listener_sla(listener, mine: list[Plane], acc: _Acc, path: str) -> None:
         elif fld.type in ("int", "int | None"):
             value = int(value)
         _set_sla(acc, mine, key, value, listener.name, f"{path}.metadata.planemesh.sla.{key}")
-
-
-def drop_shadowed_inbound(listeners: list[Listener], inbound: set[str]) -> list[Listener]:
-    """A virtualInbound port chain and an outbound listener on the same plane/port/destination: the outbound
-    one wins (it carries the routing istiod computed for clients: splits, retries, faults); the inbound chain
-    only hands the request to the local application, which the original destination does as well."""
-    outbound = {(lsn.plane, lsn.port, lsn.prefixes, lsn.server_names) for lsn in listeners if lsn.name not in inbound}
-    kept = []
-    for lsn in listeners:
-        if lsn.name in inbound and (lsn.plane, lsn.port, lsn.prefixes, lsn.server_names) in outbound:
-            note_ignored(f"listener[{lsn.name}]", "shadowed by the outbound listener of the same port")
-            continue
-        kept.append(lsn)
-    return kept
 
 
 def _guarded(errors: Errors, path: str, fn, *args):
@@ -565,9 +515,7 @@ class TranslationCache:
             self._routes = {n: v for n, v in self._routes.items() if n in routes}
 
 
-def translate(
-    resources: XdsResources, planes: tuple[Plane, ...], cache: TranslationCache | None = None
-) -> Snapshot:
+def translate(resources: XdsResources, planes: tuple[Plane, ...], cache: TranslationCache | None = None) -> Snapshot:
     """The complete update -> a validated Snapshot, or one ConfigError naming every bad resource.
 
     With `cache` (one per client), resources unchanged since the previous call are not translated again.
@@ -585,6 +533,12 @@ def translate(
         path = f"listener[{name}]"
         listeners += _guarded(errors, path, translate_listener, listener, planes, acc, path) or []
     listeners = drop_shadowed_inbound(listeners, acc.inbound)
+    available = set(resources.secrets)  # TLS with a plaintext path but no secrets: plaintext (translate_mtls.py)
+    clusters = {name: served_cluster(c, available) for name, c in clusters.items()}
+    listeners = served_listeners(listeners, available)
+    for lsn in listeners:
+        if lsn.tls is not None:
+            secret_uses(lsn.tls, acc.tls_paths[id(lsn.tls)], acc.secrets_used, acc.secrets_inline)
     routes = dict(acc.routes)
     for name, rc in sorted(resources.routes.items()):
         path = f"route_config[{name}]"
@@ -595,6 +549,13 @@ def translate(
     for path, cname in acc.tcp_clusters:
         if cname not in resources.clusters:
             errors.add(ConfigError(path, f"unknown cluster {cname!r}"))
+    for name, c in sorted(clusters.items()):
+        if any_tls(c) and c.http2:
+            errors.add(ConfigError(f"cluster[{name}].transport_socket", "TLS origination speaks HTTP/1.1 upstream"))
+        for tls in (c.tls, *(m.tls for m in c.tls_matches)):
+            if tls is not None:
+                secret_uses(tls, f"cluster[{name}].transport_socket", acc.secrets_used, acc.secrets_inline)
+    secrets = resolve_secrets(acc.secrets_used, resources.secrets, acc.secrets_inline, errors)
     cache.retain(resources.clusters, resources.routes)
     errors.raise_if_any()
     new_planes = tuple(
@@ -607,6 +568,7 @@ def translate(
         listeners=tuple(listeners),
         routes=MappingProxyType(routes),
         clusters=MappingProxyType(clusters),
+        secrets=MappingProxyType(secrets),
     )
     validate_snapshot(snap)
     return snap

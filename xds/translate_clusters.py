@@ -29,6 +29,7 @@ from planemesh.xds.translate_common import (
     type_name,
     uint,
 )
+from planemesh.xds.translate_tls import socket_tls, tls_labels, with_socket_matches
 
 C = cluster_pb2.Cluster
 _KINDS = {C.STATIC: ClusterKind.STATIC, C.EDS: ClusterKind.EDS, C.ORIGINAL_DST: ClusterKind.ORIGINAL_DST}
@@ -61,8 +62,8 @@ _SUPPORTED = {
     "outlier_detection",
     "http2_protocol_options",
     "typed_extension_protocol_options",
-    "transport_socket",  # checked by _transport
-    "transport_socket_matches",  # checked by _transport
+    "transport_socket",  # TLS origination: xds/translate_tls.py
+    "transport_socket_matches",  # Istio's auto-mTLS: xds/translate_tls.py
     "filters",  # checked by _upstream_filters
 }
 # Accepted without effect (docs/istio-conformance.md): field -> why dropping it is safe.
@@ -72,11 +73,6 @@ _IGNORED = {
         "intercepts in eBPF and never captures its own upstream connections"
     ),
 }
-_RAW_BUFFER = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
-_TLS_PENDING = (
-    "planemesh does not originate TLS yet: tlsMode istio endpoints are reached in plaintext through the "
-    "plaintext match (Istio PERMISSIVE peers accept it; STRICT peers refuse it)"
-)
 # EDS health statuses that receive traffic: UNKNOWN, HEALTHY, DEGRADED.
 _HEALTHY = {0, 1, 5}
 # common_lb_config fields accepted without effect: planemesh merges no updates, runs no active health checks
@@ -128,6 +124,7 @@ def endpoints_of(cla, path: str) -> tuple[Endpoint, ...]:
                     locality=locality,
                     healthy=lbe.health_status in _HEALTHY,
                     locality_weight=locality_weight,
+                    tls_labels=tls_labels(lbe.metadata),  # xds/translate_tls.py
                 )
             )
     return tuple(out)
@@ -230,30 +227,6 @@ def _outlier(cluster, path: str) -> OutlierDetection | None:
     )
 
 
-def _is_raw_buffer(socket) -> bool:
-    if socket.HasField("typed_config"):
-        return type_name(socket.typed_config.type_url) == _RAW_BUFFER
-    return socket.name in ("envoy.transport_sockets.raw_buffer", "raw_buffer")
-
-
-def _transport(cluster, path: str) -> None:
-    """transport_socket: plaintext only; transport_socket_matches: accepted when a plaintext match with an
-    empty criterion exists (Istio's tlsMode-disabled), which planemesh then uses for every endpoint."""
-    if cluster.HasField("transport_socket"):
-        if not _is_raw_buffer(cluster.transport_socket):
-            kind = type_name(cluster.transport_socket.typed_config.type_url) or cluster.transport_socket.name
-            raise ConfigError(f"{path}.transport_socket", f"{kind} is not supported (plaintext upstreams only)")
-        note_ignored(f"{path}.transport_socket", "raw_buffer: plaintext, what planemesh does")
-    if not cluster.transport_socket_matches:
-        return
-    plain = [m for m in cluster.transport_socket_matches if not m.match.fields and _is_raw_buffer(m.transport_socket)]
-    if not plain:
-        raise ConfigError(
-            f"{path}.transport_socket_matches", "needs a plaintext match (empty match, raw_buffer): " + _TLS_PENDING
-        )
-    note_ignored(f"{path}.transport_socket_matches", _TLS_PENDING)
-
-
 def _upstream_filters(cluster, path: str) -> None:
     for i, flt in enumerate(cluster.filters):
         fpath = f"{path}.filters[{i}]"
@@ -265,7 +238,6 @@ def _upstream_filters(cluster, path: str) -> None:
 
 def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Plane, ...], path: str) -> Cluster:
     only(cluster, _HARMLESS | _SUPPORTED, path, _IGNORED)
-    _transport(cluster, path)
     _upstream_filters(cluster, path)
     if cluster.WhichOneof("cluster_discovery_type") != "type" and cluster.HasField("cluster_type"):
         raise ConfigError(f"{path}.cluster_type", "custom cluster types are not supported")
@@ -301,7 +273,7 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
     timeout = opt_seconds(cluster, "connect_timeout")
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"{path}.connect_timeout", "must be > 0")
-    return Cluster(
+    base = Cluster(
         name=cluster.name,
         kind=kind,
         endpoints=eps,
@@ -313,7 +285,9 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
         downstream_protocol=downstream,
         plane=plane,
         locality_weighted=_locality_weighted(cluster, lb, f"{path}.common_lb_config"),
+        tls=socket_tls(cluster, path, upstream=True),
     )
+    return with_socket_matches(cluster, path, base)  # transport_socket_matches (xds/translate_tls.py)
 
 
 __all__ = ["endpoints_of", "seconds", "translate_cluster"]

@@ -1,12 +1,14 @@
 """HTTP and network filters of a listener's filter chain, and per-route filter configs (typed_per_filter_config).
 
-A filter is implemented (router, fault, local_ratelimit), accepted without effect when Envoy's semantics allow
-it (statistics, an empty cors filter, shadow-only RBAC, the istio-proxy extensions: each noted with its
-reason), or refused by name. Security filters that would deny requests (enforcing RBAC, ext_authz) are
-never ignored.
+A filter is implemented (router, fault, local_ratelimit, HTTP RBAC: xds/translate_rbac.py), accepted without
+effect when Envoy's semantics allow it (statistics, an empty cors filter, shadow-only RBAC, the istio-proxy
+extensions: each noted with its reason), or refused by name. Security filters that would deny requests and that
+planemesh does not implement (network RBAC, ext_authz) are never ignored.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
@@ -52,8 +54,9 @@ def network_filter(flt, path: str) -> None:
     raise ConfigError(path, f"network filter {flt.name!r} ({kind or 'no typed_config'}) is not supported")
 
 
-def http_filters(hcm, path: str) -> tuple[HttpFilter, ...]:
-    """An HCM's http_filters -> planemesh filters; the router must be last."""
+def http_filters(hcm, path: str, rbac: Callable[[any_pb2.Any, str], object] | None = None) -> tuple[HttpFilter, ...]:
+    """An HCM's http_filters -> planemesh filters; the router must be last. `rbac` translates an enforcing
+    RBAC filter (xds/translate_rbac.py, passed in: it depends on translate_routes, which imports this module)."""
     out: list[HttpFilter] = []
     filters = list(hcm.http_filters)
     for i, hf in enumerate(filters):
@@ -77,7 +80,8 @@ def http_filters(hcm, path: str) -> tuple[HttpFilter, ...]:
         elif kind == CORS:
             note_ignored(fpath, _CORS_REASON)
         elif kind == RBAC:
-            _http_rbac(hf.typed_config, fpath)
+            if (enforced := _http_rbac(hf.typed_config, fpath, rbac)) is not None:
+                out.append(enforced)  # type: ignore[arg-type]
         elif hf.is_optional:
             note_ignored(fpath, "is_optional: Envoy too runs without a filter it does not have")
         else:
@@ -87,12 +91,22 @@ def http_filters(hcm, path: str) -> tuple[HttpFilter, ...]:
     return tuple(out)
 
 
-def _http_rbac(typed_config: any_pb2.Any, path: str) -> None:
+def _http_rbac(typed_config: any_pb2.Any, path: str, rbac) -> object | None:
+    """Enforcing rules: `rbac` (HTTP RBAC, docs/security.md); shadow rules only: noted."""
     cfg = rbac_pb2.RBAC()
     typed_config.Unpack(cfg)
-    if cfg.HasField("rules"):
-        raise ConfigError(path, "RBAC enforcement is not supported (an authorization policy is never ignored)")
-    note_ignored(path, "RBAC with shadow rules only (dry run): statistics, never a denial")
+    if not cfg.HasField("rules"):
+        note_ignored(path, "RBAC with shadow rules only (dry run): statistics, never a denial")
+        return None
+    if rbac is None:
+        raise ConfigError(path, "RBAC enforcement is not supported here (an authorization policy is never ignored)")
+    if cfg.HasField("shadow_rules") or cfg.shadow_rules_stat_prefix:
+        note_ignored(f"{path}.shadow_rules", "dry-run rules: statistics, never a denial (the enforced rules apply)")
+        cfg.ClearField("shadow_rules")
+        cfg.ClearField("shadow_rules_stat_prefix")
+        typed_config = any_pb2.Any()
+        typed_config.Pack(cfg)
+    return rbac(typed_config, path)
 
 
 def fault(typed_config: any_pb2.Any, path: str) -> FaultFilter:

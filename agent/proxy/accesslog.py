@@ -4,7 +4,8 @@ The hot path only appends the finished exchange to a list; lines are formatted a
 (on a timer or when the batch is full), so a request costs no logging syscall.
 Envoy's default format, plus the plane name:
 [START] "METHOD PATH PROTOCOL" CODE FLAGS BYTES_RX BYTES_TX DURATION UPSTREAM_TIME "XFF" "UA" "REQUEST_ID"
-"AUTHORITY" "UPSTREAM_HOST" PLANE
+"AUTHORITY" "UPSTREAM_HOST" PLANE ["PEER_IDENTITY"]
+The last field is the client certificate's SPIFFE ID, on TLS connections that presented one (agent/proxy/tls.py).
 """
 
 from __future__ import annotations
@@ -71,14 +72,23 @@ def _q(value: str | None) -> str:
     return '"' + value.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
 
 
+def peer_identity(rec: object) -> str | None:
+    """The SPIFFE ID of the record's client (kept on the connection's SSLObject by agent/proxy/tls.py)."""
+    transport = getattr(getattr(rec, "ds", None), "transport", None)
+    if transport is None:
+        return None
+    return getattr(transport.get_extra_info("ssl_object"), "planemesh_peer", None)
+
+
 def format_text(rec: AccessRecord) -> str:
     upstream = rec.upstream_ms
     q = _q
+    peer = peer_identity(rec)
     return (
         f"[{format_start_time(rec.start_time)}] {q(f'{rec.method} {rec.path} {rec.protocol}')} {rec.status} "
         f"{rec.flags or '-'} {rec.bytes_rx} {rec.bytes_tx} {rec.duration_ms} {'-' if upstream is None else upstream} "
         f"{q(rec.xff)} {q(rec.user_agent)} {q(rec.request_id)} {q(rec.authority)} {q(rec.upstream_host)} "
-        f"{rec.plane}\n"
+        f"{rec.plane}{'' if peer is None else ' ' + q(peer)}\n"
     )
 
 
@@ -102,6 +112,7 @@ def format_json(rec: AccessRecord) -> str:
                 "authority": rec.authority,
                 "upstream_host": rec.upstream_host,
                 "plane": rec.plane,
+                "peer_identity": peer_identity(rec),
             },
             separators=(",", ":"),
         )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.attempts import HELD_REQUEST, UpstreamAttempts, rng
+from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.connect_target import connect_refusal
@@ -212,7 +213,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         if ds.table is not table:  # first request of the connection, or a new snapshot since
             ds.table = table
             ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
-        step = pipeline.listener_filters(proxy, ds.route_config, self._header_map, rng.random)
+        step = pipeline.listener_filters(proxy, ds.route_config, self._header_map, rng.random, self._rbac_denied)
         if step is not None:
             if type(step) is pipeline.Delay:
                 self.flags = DELAY_INJECTED
@@ -220,6 +221,12 @@ class Exchange(ResponseRelay, UpstreamAttempts):
                 return None
             return self.answer(step)  # type: ignore[arg-type]
         return self._route()
+
+    def _rbac_denied(self, rbac) -> str | None:
+        """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this request: why denied, or None."""
+        ds = self.ds
+        return rbac_denial(ds.proxy, rbac, self._header_map, self.method, self.target.decode("latin-1"),
+                           self.authority or "", ds.local, ds.peer_ip, ds.transport)
 
     def _after_delay(self, abort_status: int | None) -> None:
         self.backoff = None

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from planemesh.agent.config import FaultFilter, LocalRateLimit
+from planemesh.agent.rbac import RbacFilter
 
 ABORT_HEADER = "x-envoy-fault-abort-request"
 ABORT_PERCENT_HEADER = "x-envoy-fault-abort-request-percentage"
@@ -110,8 +111,9 @@ class LocalRateLimiter:
 class FilterChain:
     """A listener's filters with their state (the rate limit bucket), built once per snapshot."""
 
-    __slots__ = ("faults", "limiters")
+    __slots__ = ("faults", "limiters", "rbac")
 
     def __init__(self, filters: tuple[object, ...], clock: Callable[[], float]) -> None:
+        self.rbac = tuple(f for f in filters if isinstance(f, RbacFilter))  # agent/rbac.py, first (Envoy: filter order)
         self.faults = tuple(f for f in filters if isinstance(f, FaultFilter))
         self.limiters = tuple(LocalRateLimiter(f, clock) for f in filters if isinstance(f, LocalRateLimit))

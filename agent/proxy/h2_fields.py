@@ -3,7 +3,7 @@ fields of a proxy-made answer (an HTTP status, or a trailers-only gRPC status). 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from planemesh.agent.proxy.h2 import GRPC_STATUS
 from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2
@@ -13,6 +13,8 @@ from planemesh.agent.proxy.request_head import (
     route_request_headers,
     with_trace_context,
 )
+from planemesh.agent.proxy.xfcc import XFCC
+from planemesh.agent.proxy.xfcc import combined as xfcc_combined
 
 if TYPE_CHECKING:
     from planemesh.agent.config import Route
@@ -21,17 +23,19 @@ Fields = list[tuple[bytes, bytes]]
 
 
 def split_request(
-    headers: Fields, peer_ip: bytes
+    headers: Fields, peer_ip: bytes, transport: Any = None
 ) -> tuple[Fields, Fields, bytes, bytes, bytes | None, bool, bytes]:
     """One pass over a request's fields: (pseudo-headers, what goes upstream, :method, :path, :authority, gRPC or
     not, x-request-id). Connection-specific fields are dropped (te only as "te: trailers"), x-request-id kept or
-    added, x-forwarded-for extended with the client's address."""
+    added, x-forwarded-for extended with the client's address, x-forwarded-client-cert decided from the
+    connection (`transport`; a client must not forge it, xfcc.py)."""
     pseudo = []
     fields = []
     method = path = b""
     authority = None
     grpc = False
     rid = xff = None
+    xfcc: list[bytes] = []
     for field in headers:
         n = field[0]
         if n[:1] == b":":
@@ -49,6 +53,8 @@ def split_request(
                 fields.append(field)
         elif n == b"x-forwarded-for":
             xff = field[1]
+        elif n == XFCC:
+            xfcc.append(field[1])
         else:
             if n == b"content-type":
                 grpc = field[1].startswith(b"application/grpc")
@@ -59,6 +65,8 @@ def split_request(
         rid = new_request_id()
         fields.append((b"x-request-id", rid))
     fields.append((b"x-forwarded-for", xff + b", " + peer_ip if xff else peer_ip))
+    if (client_cert := xfcc_combined(transport, xfcc)) is not None:
+        fields.append((XFCC, client_cert))
     return pseudo, fields, method, path, authority, grpc, rid
 
 

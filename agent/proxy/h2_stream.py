@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import h2.errors
 
 from planemesh.agent.proxy import accesslog, h2_upstream, pipeline
+from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.filters import DELAY_INJECTED
@@ -26,6 +27,7 @@ from planemesh.agent.proxy.request_head import (
     response_headers,
 )
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, rng
+from planemesh.agent.tls_config import any_tls
 
 if TYPE_CHECKING:
     import asyncio
@@ -94,7 +96,7 @@ class Bridge:
     def __init__(self, ds: H2Downstream, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.ds = ds
         self.sid = sid
-        pseudo, fields, method, path, authority, grpc, rid = split_request(headers, ds.peer_ip_b)
+        pseudo, fields, method, path, authority, grpc, rid = split_request(headers, ds.peer_ip_b, ds.transport)
         self.pseudo = pseudo
         self.fields = fields
         self.method_b = method
@@ -176,7 +178,7 @@ class Bridge:
         if ds.table is not table:  # first stream of the connection, or a new snapshot since
             ds.table = table
             ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
-        step = pipeline.listener_filters(proxy, ds.route_config, self._header_map, rng.random)
+        step = pipeline.listener_filters(proxy, ds.route_config, self._header_map, rng.random, self._rbac_denied)
         if step is not None:
             if type(step) is pipeline.Delay:
                 self.flags = DELAY_INJECTED
@@ -185,6 +187,14 @@ class Bridge:
                 return None
             return self.answer(step)  # type: ignore[arg-type]
         return self._route()
+
+    def _rbac_denied(self, rbac) -> str | None:
+        """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this stream: why denied, or None."""
+        ds = self.ds
+        authority = self.authority_b.decode("latin-1") if self.authority_b else ""
+        return rbac_denial(ds.proxy, rbac, self._header_map, self.method_b.decode("latin-1"),
+                           (self.path_b or b"/").decode("latin-1"), authority, ds.local, ds.peer_ip_b.decode(),
+                           ds.transport)
 
     def _after_delay(self, abort_status: int | None) -> None:
         self.timer = None
@@ -237,6 +247,8 @@ class Bridge:
             addr = (normalise_ip(ds.local[0]), ds.local[1])
         else:
             self.breaker = up.breaker  # type: ignore[union-attr]
+            if any_tls(cluster):  # never a plaintext downgrade (agent/proxy/tls_context.py)
+                return self.local_error(503, "TLS origination for HTTP/2 clients is not supported", accesslog.UF)
             picked = pipeline.pick(table.balancer, cluster, up.hash_key, ds.local)  # type: ignore[union-attr]
             if picked is None:
                 return self.answer(pipeline.NO_HEALTHY_UPSTREAM)

@@ -22,10 +22,11 @@ and token buckets. The request head is read through `headers`, a callable return
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from planemesh.agent.config import ClusterKind
 from planemesh.agent.proxy import accesslog as flags
+from planemesh.agent.proxy.authz import DENIED_BODY
 from planemesh.agent.proxy.balancer import normalise_ip, request_hash
 from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_decision
@@ -118,6 +119,7 @@ def fault_abort(abort_status: int, delayed: bool = False) -> Local:
 NO_ROUTE = Local(404, b"", (), flags.NR)
 NO_HEALTHY_UPSTREAM = Local(503, b"no healthy upstream\n", (), flags.UF)
 NO_CLUSTER = Local(503, b"", (), flags.NC)  # the route's cluster is not in the snapshot (Envoy: empty body, NC)
+RBAC_DENIED = Local(403, DENIED_BODY)
 CONNECT_DISABLED = Local(403, b"CONNECT is not enabled on this listener\n", close=True)
 
 
@@ -159,9 +161,11 @@ def admission(proxy: ProxyState, headers: Headers) -> Local | None:
 
 
 def listener_filters(
-    proxy: ProxyState, crc: CompiledRouteConfig | None, headers: Headers, roll: Callable[[], float]
+    proxy: ProxyState, crc: CompiledRouteConfig | None, headers: Headers, roll: Callable[[], float],
+    rbac_denied: Callable[[Any], str | None] | None = None,
 ) -> Local | Delay | None:
-    """Step 2: the plane's token bucket, then the listener's HTTP filters in order (local rate limits, faults)."""
+    """Step 2: the plane's token bucket, then the listener's HTTP filters in order: RBAC (`rbac_denied(filters)`,
+    the codec's view of the request's connection and head, authz.py: 403), local rate limits, faults."""
     bucket = proxy.bucket
     if bucket is not None and not bucket.take():
         proxy.stats.rate_limited += 1
@@ -169,6 +173,8 @@ def listener_filters(
     if crc is None or not crc.http_filters:
         return None
     chain = crc.filter_chain(proxy.clock)
+    if chain.rbac and rbac_denied is not None and rbac_denied(chain.rbac):
+        return RBAC_DENIED
     for limiter in chain.limiters:
         if not limiter.take():
             proxy.stats.rate_limited += 1

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy.http1 import CHUNKED, CRLF, HOP_BY_HOP, append_headers
 from planemesh.agent.proxy.tracing import TRACE_HEADERS, outgoing_trace_headers
+from planemesh.agent.proxy.xfcc import DROP_WITH_XFCC, XFCC
 
 if TYPE_CHECKING:
     from planemesh.agent.config import Route
@@ -104,7 +105,16 @@ def request_head(ex: Exchange, route: Route | None, extra: bytes = b"") -> bytes
             headers = route_request_headers(route, headers)
     headers, incoming_trace = split_trace(headers)
     parts = [ex.method_b, b" ", target, b" HTTP/1.1\r\n"]
-    append_headers(parts, headers, HOP_BY_HOP)
+    # x-forwarded-client-cert: dropped unless the mTLS connection's listener forwards it (agent/proxy/xfcc.py)
+    ssl_object = ex.ds.transport.get_extra_info("ssl_object")
+    xfcc = getattr(ssl_object, "planemesh_xfcc", None) if ssl_object is not None else None
+    if xfcc is None or xfcc == (True, None):  # plaintext (sanitize), or forward_only on mTLS (keep as is)
+        append_headers(parts, headers, HOP_BY_HOP if xfcc else DROP_WITH_XFCC)
+    else:  # sanitize_set: ours only; append_forward: the client's elements, then ours, in one field
+        prior = [v for n, v in headers if n == XFCC] if xfcc[0] else []
+        append_headers(parts, headers, DROP_WITH_XFCC)
+        if xfcc[1] is not None:
+            parts += (XFCC, b": ", b", ".join([*prior, xfcc[1]]), CRLF)
     for name, value in outgoing_trace_headers(incoming_trace):
         parts += (name, b": ", value, CRLF)
     if ex.request_id is None:

@@ -11,15 +11,19 @@ from planemesh.agent.proxy.balancer import Balancer
 from planemesh.agent.proxy.filters import LocalRateLimiter
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.sni_routing import SniRoutes
+from planemesh.agent.proxy.tls import TlsRoutes
 
 
 class RoutingTable:
     """Everything a request needs from one snapshot; swapped as a whole by PlaneProxy.update()."""
 
-    __slots__ = ("balancer", "clock", "route_limiters", "router", "snapshot", "sni")
+    __slots__ = ("balancer", "clock", "route_limiters", "router", "snapshot", "sni", "tls")
 
-    def __init__(self, snapshot: Snapshot, plane: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, snapshot: Snapshot, plane: str, clock: Callable[[], float] = time.monotonic, tls_cache: dict | None = None
+    ) -> None:
         self.snapshot = snapshot
+        self.tls = TlsRoutes(snapshot, plane, {} if tls_cache is None else tls_cache)  # TLS ports (tls.py)
         self.clock = clock
         self.route_limiters: dict[int, LocalRateLimiter] = {}  # id(route) -> its bucket (routes live as long)
         self.router = PlaneRouter(snapshot, plane)

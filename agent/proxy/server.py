@@ -37,6 +37,7 @@ from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffList
 from planemesh.agent.proxy.routing_table import RoutingTable
 from planemesh.agent.proxy.sockets import SO_MARK, listen_backlog
 from planemesh.agent.proxy.stats import PlaneStats
+from planemesh.agent.proxy.tls import TlsStats, accept_factory
 from planemesh.agent.proxy.upstream import UpstreamPool
 from planemesh.ebpf.abi import PM_MARK_PLANE_MASK
 from planemesh.netplanes.model import plane_of_address
@@ -77,7 +78,10 @@ class PlaneProxy:
         self.clock = clock
         self.stats = PlaneStats()
         self.log = AccessLogBuffer(access_log, format_json if log_format == "json" else format_text)
-        self.table = RoutingTable(snapshot, plane, clock)
+        self.tls_cache: dict = {}  # SSL contexts by (TLS context, secrets): survive snapshots (agent/proxy/tls.py)
+        self.tls_stats = TlsStats()
+        self.tls_client_cache: dict = {}  # upstream SSL contexts (agent/proxy/tls_context.py)
+        self.table = RoutingTable(snapshot, plane, clock, self.tls_cache)
         self.sla = self.table.router.plane.sla
         self.bucket: TokenBucket | None = bucket_for(self.sla, clock)
         self.pool = UpstreamPool(
@@ -98,6 +102,7 @@ class PlaneProxy:
         self._tick_s = tick_s
         self._tick_handle: asyncio.TimerHandle | None = None
         self.share = ConnectionShare(self.sla)  # per-source share, idle deadlines (every client connection)
+        self.tls_pending = 0  # accepted connections before or in their TLS handshake (agent/proxy/tls.py)
         self.overload = OverloadManager(self.sla.memory_max_mb, self.sla.max_connections)
         self.memory_source = memory_source or RssGrowth()
         self._overload_s = overload_interval_s
@@ -131,7 +136,8 @@ class PlaneProxy:
             self._sniffers.append((sniffer, self.loop.create_task(sniffer.serve(), name=f"sniff-{port}")))
             return
         # asyncio re-listens with backlog 100 unless told: keep the kernel's somaxconn (sockets.listen_backlog)
-        server = await self.loop.create_server(self.http1_protocol, sock=sock, backlog=listen_backlog())
+        accept = accept_factory(self, self.http1_protocol)  # TLS ports first meet agent/proxy/tls.py
+        server = await self.loop.create_server(accept, sock=sock, backlog=listen_backlog())
         self._servers.append(server)
 
     async def serve(self, sock: socket.socket) -> None:
@@ -166,7 +172,7 @@ class PlaneProxy:
 
     def update(self, snapshot: Snapshot) -> None:
         """Swap the configuration atomically; requests already routed keep what they resolved."""
-        table = RoutingTable(snapshot, self.plane_name, self.clock)
+        table = RoutingTable(snapshot, self.plane_name, self.clock, self.tls_cache)
         sla = table.router.plane.sla
         if sla != self.sla:
             if (sla.rate_limit_rps, sla.rate_limit_burst) != (self.sla.rate_limit_rps, self.sla.rate_limit_burst):
@@ -284,7 +290,7 @@ class PlaneProxy:
     def open_connections(self) -> int:
         """Connections holding the plane's budget: the admitted ones, whatever their codec. Refused connections
         still sending their 503 or GOAWAY (lingering) do not count: they cannot block anyone."""
-        return len(self.share)
+        return len(self.share) + self.tls_pending  # TLS handshakes in progress hold a place too
 
     def release(self, conn: ClientConnection) -> None:
         self.share.release(conn)

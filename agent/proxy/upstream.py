@@ -14,6 +14,8 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from planemesh.agent.proxy.http1 import MAX_HEADER_BYTES, MAX_HEADERS_COUNT
 from planemesh.agent.proxy.sockets import open_upstream
+from planemesh.agent.proxy.tls_context import originate_tls
+from planemesh.agent.tls_config import endpoint_tls
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
@@ -271,6 +273,9 @@ class UpstreamPool:
 
     def acquire_for(self, ex: Exchange, addr: tuple[str, int], connect_timeout: float) -> None:
         key, ex.upstream_host = self.key_for(addr)
+        cluster = getattr(ex, "cluster", None)  # h2 bridges (H1Stream) carry none: no TLS upstream there
+        if cluster is not None and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None:
+            key = (*key, tls)  # TLS origination (agent/proxy/tls_context.py): its own connections
         ex.upstream_key = key
         idle = self.idle.get(key)
         i = len(idle) - 1 if idle else -1
@@ -294,6 +299,9 @@ class UpstreamPool:
             ex.ds.flush()
             return
         key, ex.upstream_host = self.key_for(addr)
+        cluster = getattr(ex, "cluster", None)  # h2 bridges (H1Stream) carry none: no TLS upstream there
+        if cluster is not None and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None:
+            key = (*key, tls)
         ex.upstream_key = key
         if not ex.pending:
             ex.pending = True
@@ -304,8 +312,10 @@ class UpstreamPool:
         task.add_done_callback(functools.partial(self._opened, ex))
 
     async def _open(self, key: PoolKey, timeout: float) -> UpstreamConnection:
-        host, port, source, mark = key
+        host, port, source, mark = key[:4]
         sock = await open_upstream(host, port, mark=mark, source=source, timeout=timeout)
+        if len(key) > 4:  # TLS origination: handshake, then the peer's SANs (agent/proxy/tls.py)
+            return await originate_tls(self.proxy, sock, key[4], lambda: UpstreamConnection(self, key), timeout)
         try:
             _, conn = await self.proxy.loop.create_connection(lambda: UpstreamConnection(self, key), sock=sock)
         except BaseException:

@@ -7,6 +7,7 @@ the known gaps named here; and the whole push translates into one valid Snapshot
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from types import MappingProxyType
 
@@ -14,10 +15,13 @@ import pytest
 from netaddr import IPNetwork
 
 from planemesh.agent.config import FaultFilter, ListenerProtocol
+from planemesh.agent.identity.ca import new_root
+from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.policy import PolicyRule, needs_sniff_listener, policy_from_snapshot
 from planemesh.xds import conformance
 from planemesh.xds.client_state import XdsResources
+from planemesh.xds.sds import root_secret, tls_certificate_secret
 from planemesh.xds.translate import translate
 
 ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
@@ -78,6 +82,14 @@ def test_istio_extensions_are_carried_not_refused(loaded):
         assert any(why.startswith(ext) for why in notes), ext
 
 
+_NOW = dt.datetime.now(dt.UTC)
+_ROOT = new_root("cluster.local", now=_NOW)
+_SECRETS = {
+    "default": tls_certificate_secret(_ROOT.issue(parse_spiffe_id("spiffe://cluster.local/ns/default/sa/x"), now=_NOW)),
+    "ROOTCA": root_secret(_ROOT.root_pem()),
+}
+
+
 def _whole_push(loaded) -> XdsResources:
     kinds = {"Listener": {}, "RouteConfiguration": {}, "Cluster": {}, "ClusterLoadAssignment": {}}
     for row, msg in loaded:
@@ -89,13 +101,16 @@ def _whole_push(loaded) -> XdsResources:
         clusters=MappingProxyType(kinds["Cluster"]),
         endpoints=MappingProxyType(kinds["ClusterLoadAssignment"]),
         versions=MappingProxyType({"LDS": "1"}),
+        secrets=MappingProxyType(_SECRETS),  # what `planemesh xds-server --ca` serves (istio-agent's SDS)
     )
 
 
 def test_the_whole_push_is_one_valid_snapshot_with_istio_semantics(loaded):
     snap = translate(_whole_push(loaded), conformance.PLANES)
-    by_key = {(lsn.plane, lsn.port, lsn.prefixes): lsn for lsn in snap.listeners}
-    assert len(by_key) == len(snap.listeners)  # no two listeners for one plane/port/destination
+    # no two listeners for one plane/port/destination, but a permissive port's TLS chain (mTLS terminated)
+    tls = {(lsn.plane, lsn.port, lsn.prefixes): lsn for lsn in snap.listeners if lsn.tls is not None}
+    by_key = {(lsn.plane, lsn.port, lsn.prefixes): lsn for lsn in snap.listeners if lsn.tls is None}
+    assert len(by_key) + len(tls) == len(snap.listeners)
     assert not {lsn.port for lsn in snap.listeners} & {15001, 15006}  # the capture listeners dispatch only
     for plane in ("pod", "media"):  # every plane: the plane is where a connection arrives, not an address
         outbound_http = by_key[(plane, 9080, ())]
@@ -107,8 +122,11 @@ def test_the_whole_push_is_one_valid_snapshot_with_istio_semantics(loaded):
         assert by_key[(plane, 443, (IPNetwork("10.96.12.34/32"),))]
         auto = by_key[(plane, 5000, (IPNetwork("10.96.7.7/32"),))]
         assert auto.sniff and auto.route_config == "metrics.default.svc.cluster.local:5000"
-        inbound_auto = by_key[(plane, 9091, ())]  # 5 chains (mTLS/plain x HTTP/TCP, plain TLS) -> one sniffed
+        # 5 chains (mTLS/plain x HTTP/TCP, plain TLS) -> one sniffed; the mTLS HTTP chain is not terminated: the
+        # datapath sniffs this destination (one action per port), TLS bytes pass through as before (noted)
+        inbound_auto = by_key[(plane, 9091, ())]
         assert inbound_auto.sniff and inbound_auto.route_config == "inbound|9091||"
+        assert (plane, 9091, ()) not in tls
         inbound_tcp = by_key[(plane, 9090, ())]  # virtualInbound's port chain (raw_buffer twin of mTLS)
         assert inbound_tcp.protocol is ListenerProtocol.TCP and inbound_tcp.tcp_clusters[0].name == "inbound|9090||"
     ratings = snap.routes["9080-vs"].virtual_hosts[1].routes[0]
@@ -118,7 +136,12 @@ def test_the_whole_push_is_one_valid_snapshot_with_istio_semantics(loaded):
     retry = snap.routes["9080"].virtual_hosts[0].routes[0].action.retry
     assert retry.retry_on == {"connect-failure", "reset", "retriable-status-codes"} and retry.num_retries == 2
     assert snap.clusters["BlackHoleCluster"].endpoints == ()
-    assert snap.clusters["outbound|15012||istiod.istio-system.svc.cluster.local"].http2
+    istiod = snap.clusters["outbound|15012||istiod.istio-system.svc.cluster.local"]
+    assert istiod.http2 and istiod.tls is None and istiod.tls_matches == ()  # h2: plaintext match (noted)
+    ratings = snap.clusters["outbound|9080||ratings.default.svc.cluster.local"]  # Istio auto-mTLS, HTTP/1.1
+    assert ratings.tls is None and [m.labels for m in ratings.tls_matches] == [(("tlsMode", "istio"),)]
+    assert {e.tls_socket for e in ratings.endpoints} == {0}  # the tlsMode=istio endpoints: mTLS
+    assert set(snap.secrets) == {"default", "ROOTCA"}
     assert snap.clusters["outbound|9080||ratings.default.svc.cluster.local"].outlier.consecutive_5xx == 3
     policy = policy_from_snapshot(snap)
     assert policy.rules[PolicyRule(1, 9080)] is Action.SNIFF

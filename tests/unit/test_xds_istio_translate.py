@@ -4,19 +4,36 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 
 import pytest
 from netaddr import IPNetwork
 
 from planemesh.agent.config import ConfigError, ListenerProtocol
+from planemesh.agent.identity.ca import new_root
+from planemesh.agent.identity.spiffe import parse_spiffe_id
+from planemesh.agent.rbac import RbacFilter
 from planemesh.xds.translate import translate
 from planemesh.xds.translate_common import collect_ignored, stop_collecting
 from tests.unit.test_xds_translate import HCM, PASS, PLANES, ROUTER, T, to_resources
 
 RAW = {"name": "raw", "typed_config": {"@type": T + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}
+_NOW = dt.datetime.now(dt.UTC)
+_ISSUED = new_root("cluster.local", now=_NOW).issue(parse_spiffe_id("spiffe://cluster.local/ns/a/sa/b"), now=_NOW)
+# An inline certificate: TLS is terminated now (xds/translate_tls.py), so a TLS chain needs one.
 TLS_DOWN = {
     "name": "tls",
-    "typed_config": {"@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"},
+    "typed_config": {
+        "@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": {
+            "tls_certificates": [
+                {
+                    "certificate_chain": {"inline_string": _ISSUED.cert_chain_pem().decode()},
+                    "private_key": {"inline_string": _ISSUED.key_pem().decode()},
+                }
+            ]
+        },
+    },
 }
 TLS_UP = {"name": "tls", "typed_config": {"@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"}}
 STATS = {"name": "istio.stats", "typed_config": {"@type": T + "stats.PluginConfig"}}
@@ -157,7 +174,85 @@ ACCEPTED = [
                 listener_filters=[ORIGINAL_DST_LF],
             )
         ],
-        lambda s: {(x.port, x.protocol, x.sniff) for x in s.listeners} == {(9080, ListenerProtocol.HTTP, False)},
+        # TLS is terminated now: the mTLS chain is a TLS listener, its raw_buffer twin the plaintext one
+        lambda s: (
+            {(x.port, x.protocol, x.sniff, x.transport_protocol, x.tls is not None) for x in s.listeners}
+            == {
+                (9080, ListenerProtocol.HTTP, False, "tls", True),
+                (9080, ListenerProtocol.HTTP, False, "raw_buffer", False),
+            }
+        ),
+    ),
+    (
+        "strict-mtls-http-chain-terminates-tls",  # refused before TLS existed ("terminates no TLS yet")
+        [
+            listener(
+                [
+                    {
+                        "filter_chain_match": {"transport_protocol": "tls"},
+                        "filters": [hcm()],
+                        "transport_socket": TLS_DOWN,
+                    }
+                ]
+            )
+        ],
+        lambda s: (
+            [(x.protocol, x.transport_protocol, x.tls is not None) for x in s.listeners]
+            == [(ListenerProtocol.HTTP, "tls", True)] * len(PLANES)
+        ),
+    ),
+    (
+        "permissive-tcp-over-tls-chain-is-skipped-for-its-plaintext-twin",  # TLS ends on HTTP chains only
+        [
+            listener(
+                [
+                    {
+                        "filter_chain_match": {"transport_protocol": "tls"},
+                        "filters": [tcp()],
+                        "transport_socket": TLS_DOWN,
+                    },
+                    {"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": [tcp()]},
+                ]
+            )
+        ],
+        lambda s: {(x.protocol, x.tls) for x in s.listeners} == {(ListenerProtocol.TCP, None)},
+    ),
+    (
+        "enforcing-rbac-is-enforced",  # refused before HTTP RBAC existed (xds/translate_rbac.py)
+        [
+            listener(
+                [
+                    {
+                        "filters": [
+                            hcm(
+                                [
+                                    {
+                                        "name": "rbac",
+                                        "typed_config": {
+                                            "@type": T + "envoy.extensions.filters.http.rbac.v3.RBAC",
+                                            "rules": {},
+                                        },
+                                    }
+                                ]
+                            )
+                        ]
+                    }
+                ]
+            )
+        ],
+        lambda s: all(
+            [f for f in x.http_filters if isinstance(f, RbacFilter)] == [RbacFilter("allow", ())] for x in s.listeners
+        ),
+    ),
+    (
+        "tls-upstream-originates-tls",  # refused before TLS origination existed
+        [cluster(transport_socket=TLS_UP)],
+        lambda s: s.clusters["c"].tls is not None,
+    ),
+    (
+        "tls-only-transport-socket-matches-originate-tls-for-every-endpoint",
+        [cluster(transport_socket_matches=[{"name": "tls", "match": {}, "transport_socket": TLS_UP}])],
+        lambda s: s.clusters["c"].tls is not None and s.clusters["c"].tls_matches == (),
     ),
     (
         "hcm-fields-istiod-sets",
@@ -370,29 +465,27 @@ REFUSED = [
         "REGISTRY_ONLY",
     ),
     (
-        "enforcing-rbac",
+        "enforcing-network-rbac",  # HTTP RBAC is implemented (xds/translate_rbac.py), the network filter is not
         [
             listener(
                 [
                     {
                         "filters": [
-                            hcm(
-                                [
-                                    {
-                                        "name": "rbac",
-                                        "typed_config": {
-                                            "@type": T + "envoy.extensions.filters.http.rbac.v3.RBAC",
-                                            "rules": {},
-                                        },
-                                    }
-                                ]
-                            )
+                            {
+                                "name": "rbac",
+                                "typed_config": {
+                                    "@type": T + "envoy.extensions.filters.network.rbac.v3.RBAC",
+                                    "stat_prefix": "x",
+                                    "rules": {},
+                                },
+                            },
+                            tcp(),
                         ]
                     }
                 ]
             )
         ],
-        "http_filters[0]",
+        "filters[0]",
         "RBAC enforcement",
     ),
     (
@@ -445,12 +538,11 @@ REFUSED = [
         "not supported",
     ),
     (
-        "tls-only-transport-socket-matches",
-        [cluster(transport_socket_matches=[{"name": "tls", "match": {}, "transport_socket": TLS_UP}])],
-        "transport_socket_matches",
-        "plaintext match",
+        "tls-upstream-with-http2",  # TLS origination speaks HTTP/1.1 only
+        [cluster(transport_socket=TLS_UP, http2_protocol_options={})],
+        "transport_socket",
+        "HTTP/1.1",
     ),
-    ("tls-upstream", [cluster(transport_socket=TLS_UP)], "transport_socket", "not supported"),
     ("upstream-filter-not-istio", [cluster(filters=[tcp()])], "filters[0]", "not supported"),
     (
         "success-rate-ejection",
@@ -482,3 +574,49 @@ def test_unsafe_to_ignore_is_refused_by_name(docs, where, reason):
     with pytest.raises(ConfigError) as err:
         run(copy.deepcopy(docs))
     assert where in str(err.value) and reason in str(err.value)
+
+
+def _auto_mtls_cluster() -> dict:
+    """istiod's auto-mTLS cluster: tlsMode=istio endpoints over mTLS (SDS `default`/`ROOTCA`), others plaintext."""
+    sds = {"ads": {}, "resource_api_version": "V3"}
+    tls = {
+        "name": "tls",
+        "typed_config": {
+            "@type": T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds}],
+                "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": sds},
+            },
+        },
+    }
+    lbe = {
+        "endpoint": {"address": {"socket_address": {"address": "10.0.0.9", "port_value": 80}}},
+        "metadata": {"filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}},
+    }
+    return cluster(
+        load_assignment={"cluster_name": "c", "endpoints": [{"lb_endpoints": [lbe]}]},
+        transport_socket_matches=[
+            {"name": "tlsMode-istio", "match": {"tlsMode": "istio"}, "transport_socket": tls},
+            {"name": "tlsMode-disabled", "match": {}, "transport_socket": RAW},
+        ],
+    )
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["secrets-served", "no-secrets"])
+def test_auto_mtls_originates_tls_when_its_secrets_are_served_else_keeps_the_plaintext_match(served):
+    from planemesh.xds.per_resource import translate_update
+    from planemesh.xds.sds import root_secret, tls_certificate_secret
+
+    root = new_root("cluster.local", now=_NOW)
+    issued = root.issue(parse_spiffe_id("spiffe://cluster.local/ns/a/sa/b"), now=_NOW)
+    received = {"default": tls_certificate_secret(issued), "ROOTCA": root_secret(root.root_pem())} if served else {}
+    res = to_resources([_auto_mtls_cluster(), PASS])
+    res = type(res)(res.listeners, res.routes, res.clusters, res.endpoints, res.versions, received)
+    for snap in (translate(res, PLANES), translate_update(res, PLANES).snapshot):  # whole and per resource
+        c = snap.clusters["c"]
+        if served:
+            assert [m.labels for m in c.tls_matches] == [(("tlsMode", "istio"),)] and c.endpoints[0].tls_socket == 0
+            assert set(snap.secrets) == {"default", "ROOTCA"}
+        else:  # istiod without istio-agent's SDS: plaintext, as before TLS existed (noted), not a NACK
+            assert c.tls is None and c.tls_matches == () and c.endpoints[0].tls_socket == -1
+            assert dict(snap.secrets) == {}

@@ -399,7 +399,12 @@ BAD = [
         "listener[l1].filter_chains[0].filters[0].http_filters[0]",
         "HTTP filter 'authz'",
     ),
-    ("tls-termination", _tls_chain(), "listener[t1].filter_chains[0].transport_socket", "not supported"),
+    (
+        "tls-without-certificate",
+        _tls_chain(),
+        "listener[t1].filter_chains[0].transport_socket.typed_config.common_tls_context",
+        "needs a certificate",
+    ),
     ("extra-network-filter", _extra_network_filter(), "listener[t1].filter_chains[0].filters[0]", "not supported"),
     (
         "unknown-listener-filter",
@@ -444,10 +449,10 @@ BAD = [
         "ORIGINAL_DST",
     ),
     (
-        "upstream-tls",
+        "upstream-tls-without-context",
         [dict(static_cluster(), transport_socket={"name": "tls"})],
-        "cluster[web].transport_socket",
-        "not supported",
+        "cluster[web].transport_socket.typed_config",
+        "expected type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
     ),
     (
         "unsupported-retry-on",

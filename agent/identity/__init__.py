@@ -1,0 +1,1 @@
+"""Workload identity: SPIFFE IDs, the built-in CA (sans-IO) and its files (docs/security.md)."""

@@ -1,0 +1,311 @@
+"""TLS termination in a plane's L7 proxy: a transport under the unchanged HTTP/1.1 and h2 codecs.
+
+A connection whose original destination has a TLS filter chain (Listener.tls) is taken from the accepting
+transport (its socket is duplicated, the transport dropped before it read a byte), its first bytes are
+peeked (nothing consumed), then:
+  TLS ClientHello (0x16)            -> handshake (stdlib ssl on the event loop's TLS transport, uvloop's
+                                       when running under uvloop), then Downstream as for plaintext;
+  anything else, a plaintext chain  -> plain Downstream (permissive port: `transport_protocol` raw_buffer);
+  anything else, TLS only (strict)  -> closed, counted (`plaintext_refused`).
+A failed handshake (wrong CA, expired, no client certificate where one is required, timeout) is counted and
+logged, the connection closed; a peer whose certificate has no SAN matching the context's matchers is closed
+after the handshake (`san_refused`). The peer's SPIFFE ID is kept on the connection's SSLObject
+(`planemesh_peer`) for the access log. Handshakes in progress count in the plane's open connections.
+
+SSL contexts are built once per (context, secrets) value and reused across snapshots: a rotated secret is
+a new value, so new handshakes use the new certificate while existing connections keep theirs. Keys reach
+OpenSSL through a memfd (never a file on disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from netaddr import IPAddress
+
+from planemesh.agent.config import Listener, ListenerProtocol, Snapshot
+from planemesh.agent.identity.ca import spiffe_ids
+from planemesh.agent.proxy.tls_context import build_context, peer_sans
+from planemesh.agent.proxy.xfcc import connection_xfcc, element
+from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
+
+log = logging.getLogger("planemesh.proxy.tls")
+HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by default (asyncio's default: 60 s)
+PEEK_TIMEOUT_S = 10.0  # first byte of a connection to a TLS port; Envoy's listener_filters_timeout is 15 s
+TLS_HANDSHAKE_RECORD = 0x16
+
+
+class TlsStats:
+    __slots__ = ("handshake_failed", "handshakes", "overloaded", "peer_cert_refused", "plaintext_accepted",
+                 "plaintext_refused", "rbac_denied", "san_refused", "timeouts")  # fmt: skip
+
+    def __init__(self) -> None:
+        self.handshakes = 0  # completed
+        self.handshake_failed = 0  # every failed handshake (including the two below)
+        self.peer_cert_refused = 0  # the peer's certificate did not verify (wrong CA, expired, missing)
+        self.timeouts = 0  # no first byte or no finished handshake in time
+        self.san_refused = 0  # verified, but no SAN matched the context's matchers
+        self.plaintext_refused = 0  # plaintext on a TLS-only (strict) port
+        self.plaintext_accepted = 0  # plaintext on a permissive port
+        self.overloaded = 0  # closed before the handshake: the plane's max_connections were open
+        self.rbac_denied = 0  # requests refused (403) by an RBAC filter (agent/proxy/authz.py)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class TlsDecision:
+    """What a TLS-capable port does: the TLS chain's context, and whether plaintext is also served."""
+
+    listener: Listener
+    context: ssl.SSLContext
+    plaintext: bool
+    local_uri: str | None = None  # our certificate's SPIFFE ID (XFCC's By=)
+
+
+_REFUSING = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails (counted)
+
+
+class TlsRoutes:
+    """The plane's TLS ports from one snapshot; contexts come from (and go back to) the proxy's cache."""
+
+    def __init__(self, snapshot: Snapshot, plane: str, cache: dict) -> None:
+        self.ports: dict[int, list[Listener]] = {}
+        fresh: dict = {}
+        for lsn in snapshot.listeners_of(plane):
+            if lsn.protocol is ListenerProtocol.HTTP:
+                self.ports.setdefault(lsn.port, []).append(lsn)
+        self.ports = {p: ls for p, ls in self.ports.items() if any(lsn.tls is not None for lsn in ls)}
+        for lsn in (lsn for ls in self.ports.values() for lsn in ls if lsn.tls is not None):
+            tls = lsn.tls
+            assert tls is not None
+            cert = snapshot.secrets.get(tls.cert) if tls.cert else None
+            trust = snapshot.secrets.get(tls.trust) if tls.trust else None
+            key = (tls, cert, trust)
+            if key not in fresh:
+                try:
+                    fresh[key] = cache.get(key) or build_context(tls, cert, trust, server=True)  # type: ignore[arg-type]
+                except (ssl.SSLError, ValueError, OSError) as exc:  # translation checks; never take the worker down
+                    log.error("listener %s: no TLS context (%s): its TLS connections are refused", lsn.name, exc)
+        certs = {lsn.tls.cert for ls in self.ports.values() for lsn in ls if lsn.tls is not None and lsn.tls.cert}
+        self._local_uri = {name: _uri_of(snapshot.secrets.get(name)) for name in certs}
+        cache.clear()
+        cache.update(fresh)  # contexts no listener uses any more are dropped
+        self._cache = fresh
+
+    def decide(self, ip: str, port: int) -> TlsDecision | None:
+        """None: not a TLS port (plain Downstream). Chains are matched by port and most specific prefix."""
+        listeners = self.ports.get(port)
+        if not listeners:
+            return None
+        addr = IPAddress(ip.split("%", 1)[0])
+        if addr.version == 6 and addr.is_ipv4_mapped():
+            addr = addr.ipv4()
+        best: list[Listener] = []
+        best_len = -1
+        for lsn in listeners:
+            lengths = [n.prefixlen for n in lsn.prefixes if n.version == addr.version and addr in n]
+            length = max(lengths) if lengths else (0 if not lsn.prefixes else -1)
+            if length > best_len:
+                best, best_len = [lsn], length
+            elif length == best_len and length >= 0:
+                best.append(lsn)
+        tls_chain = next((lsn for lsn in best if lsn.tls is not None), None)
+        if tls_chain is None:
+            return None
+        tls = tls_chain.tls
+        assert tls is not None
+        plaintext = any(lsn.tls is None and lsn.transport_protocol != "tls" for lsn in best)
+        context = self._context(tls_chain)
+        if context is None:  # its context could not be built (logged): TLS here is refused
+            context = _REFUSING
+        return TlsDecision(tls_chain, context, plaintext, self._local_uri.get(tls.cert))
+
+    def _context(self, lsn: Listener) -> ssl.SSLContext | None:
+        for (tls, _cert, _trust), ctx in self._cache.items():
+            if tls is lsn.tls or tls == lsn.tls:
+                return ctx
+        return None
+
+
+def _subject(ssl_object: ssl.SSLObject) -> str:
+    cert = ssl_object.getpeercert() or {}
+    return ",".join(f"{k}={v}" for rdn in reversed(cert.get("subject", ())) for k, v in rdn)
+
+
+def _uri_of(secret: object) -> str | None:
+    if not isinstance(secret, CertSecret):
+        return None
+    try:
+        ids = spiffe_ids(x509.load_pem_x509_certificate(secret.chain_pem))
+    except ValueError:
+        return None
+    return ids[0] if ids else None
+
+
+class _TlsChecked(asyncio.Protocol):
+    """The first protocol over a finished handshake: checks the peer's SANs, keeps its SPIFFE ID on the
+    SSLObject, then hands the transport to the HTTP codec (or closes it, counted)."""
+
+    __slots__ = ("decision", "make", "proxy", "tls")
+
+    def __init__(self, proxy: Any, decision: TlsDecision, make: Callable[[], asyncio.Protocol]) -> None:
+        self.proxy, self.decision, self.make = proxy, decision, make
+        self.tls: TlsContext = decision.listener.tls  # type: ignore[assignment]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        uris, dns = peer_sans(ssl_object)
+        stats: TlsStats = self.proxy.tls_stats
+        stats.handshakes += 1
+        trust = self.proxy.table.snapshot.secrets.get(self.tls.trust) if self.tls.trust else None
+        matchers = self.tls.san + (trust.san if isinstance(trust, TrustSecret) else ())
+        if (uris or dns or matchers) and not san_accepts(matchers, uris, dns):
+            stats.san_refused += 1
+            peer = transport.get_extra_info("peername")
+            log.warning("%s: client certificate SANs %s match no matcher: closed", peer, uris + dns)
+            transport.abort()
+            return
+        if ssl_object is not None:
+            ssl_object.planemesh_peer = next((u for u in uris if u.startswith("spiffe://")), None)
+            lsn, der = self.decision.listener, ssl_object.getpeercert(binary_form=True)
+            ssl_object.planemesh_xfcc = connection_xfcc(  # agent/proxy/xfcc.py, read by request_head()
+                lsn.forward_client_cert,
+                bool(der),
+                lambda: element(self.decision.local_uri, der, _subject(ssl_object), uris, dns, lsn.client_cert_details),
+            )
+        inner = self.make()
+        transport.set_protocol(inner)  # type: ignore[attr-defined]
+        inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:  # never: connection_made handed the transport over
+        pass
+
+
+def accept_factory(proxy: Any, make_downstream: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+    """The accepting server's protocol factory: plain Downstream unless the plane has TLS ports."""
+
+    def make() -> asyncio.Protocol:
+        tls = proxy.table.tls
+        return make_downstream() if tls is None or not tls.ports else _TlsGate(proxy, make_downstream)
+
+    return make
+
+
+class _TlsGate(asyncio.Protocol):
+    """Decides, before any byte is read, whether an accepted connection is TLS (module docstring)."""
+
+    __slots__ = ("make", "proxy")
+
+    def __init__(self, proxy: Any, make: Callable[[], asyncio.Protocol]) -> None:
+        self.proxy, self.make = proxy, make
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        proxy = self.proxy
+        sockname, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        decision = proxy.table.tls.decide(*proxy.original_destination(sockname, peer))
+        if decision is None:
+            ds = self.make()
+            transport.set_protocol(ds)  # type: ignore[attr-defined]
+            ds.connection_made(transport)
+            return
+        if proxy.open_connections() >= proxy.sla.max_connections:  # handshakes cost CPU: refuse before one
+            proxy.stats.overloaded += 1
+            proxy.tls_stats.overloaded += 1
+            transport.abort()
+            return
+        try:
+            sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        except OSError:
+            transport.abort()
+            return
+        sock.setblocking(False)
+        transport.abort()  # closes its descriptor only: the connection lives on in `sock`
+        proxy.stats.downstream_active += 1  # a handshake in progress holds a place in the plane's budget
+        proxy.tls_pending += 1  # (open_connections counts it)
+        proxy.loop.create_task(self._serve(sock, decision, peer))
+
+    def data_received(self, data: bytes) -> None:  # never: the transport is dropped before it reads
+        pass
+
+    async def _serve(self, sock: socket.socket, decision: TlsDecision, peer) -> None:
+        proxy, stats = self.proxy, self.proxy.tls_stats
+        where = peer[0] if peer else "?"
+        handed = False
+        try:
+            first = await _peek(proxy.loop, sock, PEEK_TIMEOUT_S)
+            if first is None:
+                stats.timeouts += 1
+                return
+            if not first:
+                return  # closed before a byte (port probes, health checks)
+            if first[:1] != bytes([TLS_HANDSHAKE_RECORD]):
+                if not decision.plaintext:
+                    stats.plaintext_refused += 1
+                    log.info("%s: plaintext on TLS-only port %s: closed", where, decision.listener.port)
+                    return
+                stats.plaintext_accepted += 1
+                proxy.stats.downstream_active -= 1
+                proxy.tls_pending -= 1
+                handed = True
+                await proxy.loop.connect_accepted_socket(self.make, sock)
+                return
+            proxy.stats.downstream_active -= 1
+            proxy.tls_pending -= 1
+            handed = True
+            await proxy.loop.connect_accepted_socket(
+                lambda: _TlsChecked(proxy, decision, self.make),
+                sock,
+                ssl=decision.context,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
+            )
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            stats.handshake_failed += 1
+            if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc).upper():
+                stats.peer_cert_refused += 1
+            if isinstance(exc, TimeoutError) or "taking longer" in str(exc):  # uvloop/asyncio: ConnectionAborted
+                stats.timeouts += 1
+            log.info("%s: TLS handshake on port %s failed: %s", where, decision.listener.port, exc)
+        finally:
+            if not handed:
+                proxy.stats.downstream_active -= 1
+                proxy.tls_pending -= 1
+            if sock.fileno() != -1 and not handed:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout_s: float) -> bytes | None:
+    """The first bytes without consuming them (b"" at EOF); None when nothing came in time."""
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            return sock.recv(8, socket.MSG_PEEK)  # b"": closed without a byte
+        except (BlockingIOError, InterruptedError):
+            pass
+        left = deadline - loop.time()
+        if left <= 0:
+            return None
+        fut: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _settle, fut)
+        try:
+            await asyncio.wait_for(fut, left)
+        except TimeoutError:
+            return None
+        finally:
+            loop.remove_reader(sock.fileno())

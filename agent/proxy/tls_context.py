@@ -1,0 +1,124 @@
+"""SSL contexts from the TLS model, peer SANs, and TLS origination (no import of the proxy's codecs).
+
+Keys reach OpenSSL through a memfd (never a file on disk). agent/proxy/tls.py terminates, `originate_tls` (used
+by agent/proxy/upstream.py) originates: handshake on a connected socket, then the server's SANs against the
+cluster's matchers (Envoy's match_typed_subject_alt_names), else the connection is closed and the attempt fails
+(503 UF, counted as a connect failure).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from cryptography import x509
+
+from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
+
+log = logging.getLogger("planemesh.proxy.tls")
+_VERSION = {
+    "TLSv1_0": ssl.TLSVersion.TLSv1,
+    "TLSv1_1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1_2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1_3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+class TlsPeerRefused(ConnectionError):
+    """The upstream's certificate verified, but none of its SANs matched the cluster's matchers."""
+
+
+def _memfd_with(data: bytes) -> int:
+    fd = os.memfd_create("planemesh-tls", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def build_context(tls: TlsContext, cert: CertSecret | None, trust: TrustSecret | None, server: bool) -> ssl.SSLContext:
+    """An SSLContext for one TlsContext and its secrets' material."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = _VERSION[tls.min_version]
+    ctx.maximum_version = _VERSION[tls.max_version]
+    if tls.ciphers:
+        ctx.set_ciphers(":".join(tls.ciphers))
+    if cert is not None:
+        fd = _memfd_with(cert.chain_pem + b"\n" + cert.key_pem)
+        try:
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    ctx.check_hostname = False  # SPIFFE identities are URIs: the SAN matchers decide (check_peer)
+    if trust is not None:
+        ctx.load_verify_locations(cadata=trust.ca_pem.decode("ascii", "replace"))
+        ctx.verify_mode = ssl.CERT_REQUIRED if (tls.require_client_cert or not server) else ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    if tls.alpn:
+        ctx.set_alpn_protocols(list(tls.alpn))
+    return ctx
+
+
+def peer_sans(ssl_object: ssl.SSLObject | None) -> tuple[list[str], list[str]]:
+    """(URI SANs, DNS SANs) of the peer's certificate; empty without one."""
+    if ssl_object is None:
+        return [], []
+    verified = ssl_object.getpeercert()  # parsed by OpenSSL: a tenth of cryptography's cost per handshake
+    if verified:
+        sans = verified.get("subjectAltName", ())
+        return [v for k, v in sans if k == "URI"], [v for k, v in sans if k == "DNS"]
+    der = ssl_object.getpeercert(binary_form=True)  # not verified (no trusted roots): parse it ourselves
+    if not der:
+        return [], []
+    try:
+        san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (ValueError, x509.ExtensionNotFound):
+        return [], []
+    return san.value.get_values_for_type(x509.UniformResourceIdentifier), san.value.get_values_for_type(x509.DNSName)
+
+
+def client_context(proxy: Any, tls: TlsContext) -> ssl.SSLContext:
+    """The SSLContext of a cluster's UpstreamTlsContext with the current snapshot's secrets (cached per value)."""
+    secrets = proxy.table.snapshot.secrets
+    cert = secrets.get(tls.cert) if tls.cert else None
+    trust = secrets.get(tls.trust) if tls.trust else None
+    key = ("client", tls, cert, trust)
+    ctx = proxy.tls_client_cache.get(key)
+    if ctx is None:
+        if len(proxy.tls_client_cache) > 256:  # old material after many rotations: start afresh
+            proxy.tls_client_cache.clear()
+        ctx = proxy.tls_client_cache[key] = build_context(tls, cert, trust, server=False)  # type: ignore[arg-type]
+    return ctx
+
+
+async def originate_tls(
+    proxy: Any, sock: socket.socket, tls: TlsContext, factory: Callable[[], Any], timeout: float
+) -> Any:
+    """TLS over a connected upstream socket; returns the protocol made by `factory`."""
+    try:
+        sock_peer = sock.getpeername()
+    except OSError:
+        sock_peer = "?"
+    try:
+        transport, conn = await proxy.loop.create_connection(
+            factory,
+            sock=sock,
+            ssl=client_context(proxy, tls),
+            server_hostname=tls.sni,  # "" (no sni): no SNI extension; None would be refused with sock=
+            ssl_handshake_timeout=timeout,
+        )
+    except BaseException as exc:
+        sock.close()
+        if isinstance(exc, (ssl.SSLError, OSError, ValueError)):
+            log.info("upstream TLS to %s failed: %s", sock_peer, exc)
+        raise
+    trust = proxy.table.snapshot.secrets.get(tls.trust) if tls.trust else None
+    matchers = tls.san + (trust.san if isinstance(trust, TrustSecret) else ())
+    uris, dns = peer_sans(transport.get_extra_info("ssl_object"))
+    if matchers and not san_accepts(matchers, uris, dns):
+        transport.abort()
+        raise TlsPeerRefused(f"upstream certificate SANs {uris + dns} match none of {len(matchers)} matchers")
+    return conn
