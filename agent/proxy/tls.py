@@ -29,11 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography import x509
 from netaddr import IPAddress
 
 from planemesh.agent.config import Listener, ListenerProtocol, Snapshot
-from planemesh.agent.identity.ca import spiffe_ids
 from planemesh.agent.proxy.tls_context import build_context, peer_sans
 from planemesh.agent.proxy.xfcc import connection_xfcc, element
 from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
@@ -146,6 +144,11 @@ def _subject(ssl_object: ssl.SSLObject) -> str:
 def _uri_of(secret: object) -> str | None:
     if not isinstance(secret, CertSecret):
         return None
+    # Imported here: cryptography costs every worker ~9 MB of RSS, and only planes with TLS need it.
+    from cryptography import x509
+
+    from planemesh.agent.identity.ca import spiffe_ids
+
     try:
         ids = spiffe_ids(x509.load_pem_x509_certificate(secret.chain_pem))
     except ValueError:

@@ -15,8 +15,6 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from cryptography import x509
-
 from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
 
 log = logging.getLogger("planemesh.proxy.tls")
@@ -73,6 +71,8 @@ def peer_sans(ssl_object: ssl.SSLObject | None) -> tuple[list[str], list[str]]:
     der = ssl_object.getpeercert(binary_form=True)  # not verified (no trusted roots): parse it ourselves
     if not der:
         return [], []
+    from cryptography import x509  # here: ~9 MB of RSS that workers without TLS do not pay
+
     try:
         san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except (ValueError, x509.ExtensionNotFound):

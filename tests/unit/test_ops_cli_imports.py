@@ -42,3 +42,11 @@ def test_xds_server_command_still_has_its_options() -> None:
 def test_command_of(argv: list[str], want: str | None) -> None:
     assert _command_of(argv) == want
     assert want is None or want in COMMANDS
+
+
+def test_worker_proxy_does_not_import_cryptography() -> None:
+    """The proxy a worker runs loads cryptography (~9 MB of RSS) only when a plane terminates or originates TLS."""
+    probe = "import sys, planemesh.agent.worker, planemesh.agent.proxy.server; print('cryptography' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
