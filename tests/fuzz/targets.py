@@ -34,7 +34,7 @@ from planemesh.agent.config import (
     UpgradeConfig,
 )
 from planemesh.agent.proxy.downstream import Downstream
-from planemesh.agent.proxy.h2 import H2Downstream
+from planemesh.agent.proxy.h2_downstream import H2Downstream
 from planemesh.agent.proxy.server import PlaneProxy, RoutingTable
 from planemesh.agent.proxy.sni_routing import SniRoutes, server_name_error
 from planemesh.agent.proxy.sniff import MAX_PEEK, Kind, classify, parse_client_hello
