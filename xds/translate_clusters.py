@@ -69,8 +69,8 @@ _SUPPORTED = {
 # Accepted without effect (docs/istio-conformance.md): field -> why dropping it is safe.
 _IGNORED = {
     "upstream_bind_config": (
-        "istiod binds inbound connections to 127.0.0.6 so iptables does not capture them again; planemesh "
-        "intercepts in eBPF and never captures its own upstream connections"
+        "istiod binds inbound connections to 127.0.0.6 so the sidecar's own netfilter redirect does not capture "
+        "them again; planemesh intercepts in eBPF and never captures its own upstream connections"
     ),
 }
 # EDS health statuses that receive traffic: UNKNOWN, HEALTHY, DEGRADED.
