@@ -210,10 +210,8 @@ class Exchange(ResponseRelay, UpstreamAttempts):
             return None
         ds = self.ds
         table = proxy.table
-        if ds.table is not table:  # first request of the connection, or a new snapshot since
-            ds.table = table
-            ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
-        step = pipeline.listener_filters(proxy, ds.route_config, self._header_map, rng.random, self._rbac_denied)
+        route_config = pipeline.connection_route_config(ds, table)
+        step = pipeline.listener_filters(proxy, route_config, self._header_map, rng.random, self._rbac_denied)
         if step is not None:
             if type(step) is pipeline.Delay:
                 self.flags = DELAY_INJECTED
@@ -249,10 +247,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         proxy = self.ds.proxy
         table = proxy.table
         ds = self.ds
-        if ds.table is not table:  # a new snapshot arrived during a fault delay
-            ds.table = table
-            ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
-        crc = ds.route_config
+        crc = pipeline.connection_route_config(ds, table)
         if crc is None:
             crc = table.router.original_destination
         connect = self.tunnel == TUNNEL_CONNECT

@@ -141,10 +141,8 @@ class Bridge:
                 proxy.stats.shed_requests += 1
                 return self.local_error(503, "overloaded", accesslog.OM, extra=MEMORY_SHED_HEADERS)
         table = proxy.table
-        if ds.table is not table:  # first stream of the connection, or a new snapshot since
-            ds.table = table
-            ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
-        step = pipeline.listener_filters(proxy, ds.route_config, self._header_map, rng.random, self._rbac_denied)
+        route_config = pipeline.connection_route_config(ds, table)
+        step = pipeline.listener_filters(proxy, route_config, self._header_map, rng.random, self._rbac_denied)
         if step is not None:
             if type(step) is pipeline.Delay:
                 self.flags = DELAY_INJECTED
@@ -182,10 +180,7 @@ class Bridge:
         ds = self.ds
         proxy = ds.proxy
         table = proxy.table
-        if ds.table is not table:  # a new snapshot arrived during a fault delay
-            ds.table = table
-            ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
-        crc = ds.route_config or table.router.original_destination
+        crc = pipeline.connection_route_config(ds, table) or table.router.original_destination
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
         result = pipeline.route(proxy, crc, authority, self.path_b or b"/", self._header_map)
         if type(result) is pipeline.Local:

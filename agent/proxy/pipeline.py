@@ -56,6 +56,23 @@ class Table(Protocol):
     def route_limiter(self, route: Route): ...
 
 
+class RoutedConnection(Protocol):
+    """What the pipeline keeps on a client connection (HTTP/1.1 Downstream, H2Downstream): the route config of
+    its original destination, looked up once per connection and snapshot."""
+
+    local: tuple[str, int]
+    table: Table | None
+    route_config: object
+
+
+def connection_route_config(ds: RoutedConnection, table: Table):
+    """The connection's route config in `table`: cached on the connection until a new snapshot arrives."""
+    if ds.table is not table:  # first request of the connection, or a new snapshot since
+        ds.table = table
+        ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
+    return ds.route_config
+
+
 class ProxyState(Protocol):
     """What the pipeline reads of the plane's proxy (server.PlaneProxy)."""
 

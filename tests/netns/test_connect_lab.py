@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs import load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.envoy_resources import T, http_listener, route_config
@@ -95,12 +93,7 @@ def lab(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     xds = None
     try:
         xds = XdsPusher(loop, tmp / "xds.sock")
-        boot = tmp / "bootstrap.yaml"
-        boot.write_text(yaml.safe_dump({
-            "node": {"id": "connect-lab"}, "server": {"address": xds.address},
-            "timing": {"backoff_base_s": 0.1, "backoff_max_s": 0.5},
-            "planes": yaml.safe_load(default_config_text())["planes"],
-        }))  # fmt: skip
+        boot = xds.write_bootstrap(tmp / "bootstrap.yaml", {"id": "connect-lab"})
         docs = [connect_listener(), tunnel_routes(), passthrough_cluster()]
         xds.push(docs, wait=False)  # before the agent exists: its first fetch finds a complete set
         with running_agent(prefix, ["--bootstrap", str(boot)]) as env:

@@ -15,9 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs import load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import http_requests
@@ -94,13 +92,9 @@ def lab(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     xds = None
     try:
         xds = XdsPusher(loop, tmp / "xds.sock")
-        boot = tmp / "bootstrap.yaml"
-        boot.write_text(yaml.safe_dump({
-            "node": {"id": "sidecar~10.244.0.5~productpage-v1.default~default.svc.cluster.local"},
-            "server": {"address": xds.address},
-            "timing": {"backoff_base_s": 0.1, "backoff_max_s": 0.5},
-            "planes": yaml.safe_load(default_config_text())["planes"],
-        }))  # fmt: skip
+        boot = xds.write_bootstrap(
+            tmp / "bootstrap.yaml", {"id": "sidecar~10.244.0.5~productpage-v1.default~default.svc.cluster.local"}
+        )
         xds.push(istiod_push(host), wait=False)  # before the agent exists: its first fetch is the whole push
         with running_agent(prefix, ["--bootstrap", str(boot)]) as env:
             argv = [sys.executable, "-m", "planemesh.labs.servers", "http", "--port", "8081=v1", "--port", "8082=v2"]

@@ -62,6 +62,15 @@ class XdsPusher:
         self.server = ManagementServer(None)
         self.address = loop.run(self.server.start(f"unix://{sock}"))
 
+    def write_bootstrap(self, path: Path, node: dict[str, Any]) -> Path:
+        """An agent bootstrap for this server: the default planes, quick reconnects."""
+        path.write_text(yaml.safe_dump({
+            "node": node, "server": {"address": self.address},
+            "timing": {"backoff_base_s": 0.1, "backoff_max_s": 0.5},
+            "planes": yaml.safe_load(default_config_text())["planes"],
+        }))  # fmt: skip
+        return path
+
     def _in_loop(self, fn, *args) -> Any:
         async def call() -> Any:
             return fn(*args)
@@ -177,12 +186,7 @@ def mesh(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     xds = None
     try:
         xds = XdsPusher(loop, tmp / "xds.sock")
-        boot = tmp / "bootstrap.yaml"
-        boot.write_text(yaml.safe_dump({
-            "node": {"id": "traffic-lab"}, "server": {"address": xds.address},
-            "timing": {"backoff_base_s": 0.1, "backoff_max_s": 0.5},
-            "planes": yaml.safe_load(default_config_text())["planes"],
-        }))  # fmt: skip
+        boot = xds.write_bootstrap(tmp / "bootstrap.yaml", {"id": "traffic-lab"})
         first = [http_listener(), route_config([route(cluster="v1")]), eds_cluster("pool"), load_assignment("pool", [])]
         for name in SERVICES:
             first += [eds_cluster(name), load_assignment(name, [locality([(host, PORTS[name])])])]
