@@ -4,7 +4,6 @@ a closed connection for TCP. Never forwarded anywhere else (not to the original 
 
 from __future__ import annotations
 
-import http.client
 import socket
 
 import grpc
@@ -12,6 +11,7 @@ import pytest
 
 from planemesh.agent.config import Listener, ListenerProtocol, Route, RouteAction, WeightedCluster
 from tests.proxy.proxy_harness import Backend, ProxyThread, log_line_for
+from tests.proxy.test_proxy_resilience import get as _get
 from tests.proxy.test_sniff_passthrough import PLANE, SniffProxy, TcpServer, recv_all
 
 
@@ -19,16 +19,6 @@ from tests.proxy.test_sniff_passthrough import PLANE, SniffProxy, TcpServer, rec
 def backend():
     with Backend() as be:
         yield be
-
-
-def _get(port: int, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
 
 
 def test_route_to_a_missing_cluster_is_503_nc(backend) -> None:
