@@ -28,10 +28,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, ProcessCollector, generate_latest
 
-from planemesh.agent.config import Snapshot
 from planemesh.agent.metrics import PlanemeshCollector, StatsRegistry
 from planemesh.agent.sdnotify import Readiness
-from planemesh.agent.snapshot_json import to_jsonable
+from planemesh.model.config import Snapshot
+from planemesh.model.snapshot_json import to_jsonable
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from planemesh import __version__
-from planemesh.agent.config import ConfigError
+from planemesh.model.config import ConfigError
 
 
 def env_default(name: str, default: str | None = None) -> str | None:

@@ -2,7 +2,7 @@
 `sla.cpu_weight`, so a plane that saturates its workers (or runs more of them) gets its weighted share of
 the CPU and no more, and the other planes' workers are scheduled ahead of its backlog; `sla.cpus` pins them to
 a cpu list (`cpuset.cpus`), and `sla.memory_max_mb` bounds their memory (`memory.max`, with `memory.high`
-below it: reclaim and throttling before the OOM killer; the values come from agent/plane_limits.py).
+below it: reclaim and throttling before the OOM killer; the values come from model/plane_limits.py).
 
 Each controller is used where the node has it: cgroup v2 when the controller is on the unified hierarchy
 (`cpu.weight`, 1..10000, default 100), else its v1 hierarchy (`cpu.shares` = weight * 1024 / 100,
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planemesh.agent.plane_limits import format_cpu_list, group_memory, parse_cpu_list
+from planemesh.model.plane_limits import format_cpu_list, group_memory, parse_cpu_list
 
 log = logging.getLogger("planemesh.cpu")
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planemesh.agent.config import ConfigError, Snapshot
 from planemesh.agent.control_thread import ControlThread
 from planemesh.agent.cpu_groups import CpuGroups
 from planemesh.agent.kernel import KernelDataPath
@@ -33,8 +32,9 @@ from planemesh.agent.sdnotify import (
     Readiness,
     run_watchdog,
 )
-from planemesh.agent.workers import PlaneWorkers
+from planemesh.agent.worker_supervisor import PlaneWorkers
 from planemesh.ebpf.policy import needs_sniff_listener
+from planemesh.model.config import ConfigError, Snapshot
 from planemesh.netplanes import discovery
 from planemesh.netplanes.discovery import NetlinkWatch, PlaneInterface
 
@@ -66,8 +66,8 @@ class AgentOptions:
 class Agent:
     def __init__(self, options: AgentOptions, host_cgroups: tuple[str, ...] = ()) -> None:
         self.options = options
-        self.host_cgroups = host_cgroups  # host mode: real cgroup v2 paths (planemesh.agent.host_mode)
-        self.host: Any = None  # planemesh.ebpf.hostmode.HostMode, loaded at start when host mode is on
+        self.host_cgroups = host_cgroups  # host mode: real cgroup v2 paths (planemesh.agent.host_attach)
+        self.host: Any = None  # planemesh.ebpf.host_redirect.HostMode, loaded at start when host mode is on
         self.snapshot: Snapshot | None = None
         self.interfaces: dict[int, PlaneInterface] = {}
         self.control = ControlThread()
@@ -166,13 +166,13 @@ class Agent:
 
     # ---- host mode ---------------------------------------------------------------------------
     async def _open_host_mode(self) -> None:
-        from planemesh.ebpf.hostmode import HostMode
+        from planemesh.ebpf.host_redirect import HostMode
 
         own_mark, pin_dir = self.kernel.own_mark, self.options.pin_dir
         self.host = await self.control.call(lambda: HostMode(own_mark=own_mark, pin_dir=pin_dir))
 
     async def _sync_host_cgroups(self) -> None:
-        from planemesh.agent.host_mode import sync_cgroups
+        from planemesh.agent.host_attach import sync_cgroups
 
         added, removed = await self.control.call(sync_cgroups, self.host, self.host_cgroups)
         for path in added:
@@ -182,7 +182,7 @@ class Agent:
 
     async def _reload_host_cgroups(self) -> tuple[str, ...]:
         """The cgroups the configuration names now (ConfigError if one is bad: nothing is applied)."""
-        from planemesh.agent.host_mode import load_host_cgroups
+        from planemesh.agent.host_attach import load_host_cgroups
 
         cgroups = await asyncio.to_thread(load_host_cgroups, self.options.host_cgroups, self.options.host_mode_file)
         if cgroups and self.host is None:
@@ -418,7 +418,7 @@ def enter_netns(name: str) -> None:
 
 
 def load_snapshot(options: AgentOptions) -> Snapshot | None:
-    from planemesh.agent.static_config import load_default_config, load_static_config
+    from planemesh.model.static_config import load_default_config, load_static_config
 
     if options.bootstrap is not None or options.xds_resources is not None:
         return None
@@ -426,7 +426,7 @@ def load_snapshot(options: AgentOptions) -> Snapshot | None:
 
 
 def run_agent(options: AgentOptions) -> int:
-    from planemesh.agent.host_mode import load_host_cgroups
+    from planemesh.agent.host_attach import load_host_cgroups
 
     first = load_snapshot(options)  # a bad file fails here, before anything is changed
     host_cgroups = load_host_cgroups(options.host_cgroups, options.host_mode_file)  # so does a bad cgroup

@@ -8,14 +8,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from planemesh.agent.config import Snapshot
 from planemesh.ebpf import abi
+from planemesh.model.config import Snapshot
 from planemesh.netplanes.discovery import InterfaceDiff
 
 if TYPE_CHECKING:
-    from planemesh.ebpf.bandwidth import EgressShaper
+    from planemesh.ebpf.egress_shaper import EgressShaper
     from planemesh.ebpf.loader import Datapath
-    from planemesh.netplanes.bandwidth import EgressPlan
+    from planemesh.netplanes.htb_plan import EgressPlan
     from planemesh.netplanes.routing import PlaneRouting
 
 log = logging.getLogger("planemesh.kernel")
@@ -58,8 +58,8 @@ class KernelDataPath:
 
     def check(self, snap: Snapshot) -> None:
         """Raise ConfigError if the snapshot cannot be expressed in the data path (changes nothing)."""
-        from planemesh.agent.config import ConfigError
         from planemesh.ebpf.policy import policy_from_snapshot
+        from planemesh.model.config import ConfigError
 
         policy_from_snapshot(snap)
         self._plan_egress(snap)
@@ -85,10 +85,10 @@ class KernelDataPath:
 
         return PlaneRouting(own_mark=self.own_mark)
 
-    # ---- per-plane bandwidth (HTB on egress; see ebpf/bandwidth.py) ----------------------------
+    # ---- per-plane bandwidth (HTB on egress; see ebpf/egress_shaper.py) ----------------------------
     def _plan_egress(self, snap: Snapshot) -> EgressPlan | None:
         """The HTB plan for this snapshot, or None when shaping is off. Raises ConfigError."""
-        from planemesh.netplanes.bandwidth import DEFAULT_LINK_MBIT, egress_plan
+        from planemesh.netplanes.htb_plan import DEFAULT_LINK_MBIT, egress_plan
 
         wanted = self.shape_egress
         if wanted is None:
@@ -118,7 +118,7 @@ class KernelDataPath:
                 self.shaper = None
             return
         if self.shaper is None:
-            from planemesh.ebpf.bandwidth import EgressShaper
+            from planemesh.ebpf.egress_shaper import EgressShaper
 
             self.shaper = EgressShaper(self.dp.pin_dir if self.dp is not None else None)
         for ifindex in sorted(ifindexes):

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from netaddr import IPAddress, IPNetwork
 
-from planemesh.agent.config import HeaderMatch
-from planemesh.agent.tls_config import SanMatch as StringMatch
+from planemesh.model.config import HeaderMatch
+from planemesh.model.tls_config import SanMatch as StringMatch
 
 
 @dataclass(frozen=True, slots=True)

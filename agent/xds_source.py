@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
-from planemesh.agent.config import ConfigError
+from planemesh.model.config import ConfigError
 
 if TYPE_CHECKING:
     from planemesh.agent.daemon import Agent
@@ -26,7 +26,7 @@ def _bootstrap(agent: Agent) -> Any:
         boot = load_bootstrap(opts.bootstrap)
     else:
         # Embedded mode: the node's planes come from the static config (or the embedded default).
-        from planemesh.agent.static_config import load_default_config, load_static_config
+        from planemesh.model.static_config import load_default_config, load_static_config
 
         planes = (load_static_config(opts.config) if opts.config else load_default_config()).planes
         boot = Bootstrap(node_id=os.uname().nodename, cluster="planemesh", server="unix:///dev/null", planes=planes)

@@ -39,12 +39,12 @@ from bench.common import scratch_dir, start_nginx, wait_http
 from bench.http_proxy import envoy_in_node
 from bench.plane_isolation import HEAVY_BYTES, HEAVY_PATH, HEAVY_PORT
 from planemesh.agent.demo import start_agent
-from planemesh.agent.static_config import default_config_text, read_yaml_file
 from planemesh.labs import Lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.attacks import ATTACKS
 from planemesh.labs.lab import DEFAULT_PREFIX, default_lab_path
 from planemesh.labs.model import lab_from_dict
+from planemesh.model.static_config import default_config_text, read_yaml_file
 
 SLOW_PORT = 8090  # declared HTTP on both planes; its listener never accepts (blackhole_listener)
 BYSTANDER = "peer"  # the well-behaved clients' pod (node-side interfaces peer-oam, peer-media)
@@ -210,7 +210,7 @@ def rss_mb(pid: int) -> float | None:
 
 
 def worker_pid(agent_pid: int, plane: str) -> int | None:
-    """The agent's proxy worker process for `plane` (its child running planemesh.agent.worker --plane PLANE)."""
+    """The agent's proxy worker process for `plane` (its child running planemesh.agent.worker_process --plane PLANE)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -221,7 +221,7 @@ def worker_pid(agent_pid: int, plane: str) -> int | None:
                 argv = cmd.read().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == agent_pid and b"planemesh.agent.worker" in argv and plane.encode() in argv:
+        if ppid == agent_pid and b"planemesh.agent.worker_process" in argv and plane.encode() in argv:
             i = argv.index(b"--plane") if b"--plane" in argv else -2
             if argv[i + 1] == plane.encode():
                 return int(entry)

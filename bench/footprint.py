@@ -48,9 +48,9 @@ from bench.common import scratch_dir
 from bench.footprint_load import LoadResult, under_load
 from bench.footprint_load import report as load_report
 from planemesh.agent.demo import start_agent
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs import load_lab
 from planemesh.labs import netns as ns_tools
+from planemesh.model.static_config import default_config_text
 
 
 @dataclass

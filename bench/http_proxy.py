@@ -165,7 +165,7 @@ def envoy_requests(lab: Lab) -> int:
 
 
 def lab_plane_port(lab: Lab) -> int:
-    from planemesh.agent.static_config import load_default_config
+    from planemesh.model.static_config import load_default_config
 
     return load_default_config().plane("oam").proxy_port
 

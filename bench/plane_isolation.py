@@ -24,9 +24,9 @@ from pathlib import Path
 import yaml
 
 from bench.common import WrkResult, parse_wrk, start_nginx
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import host_port
+from planemesh.model.static_config import default_config_text
 
 FLOOD_RATE_LIMIT_RPS = 300
 EQUAL_WEIGHTS = {"oam": 100, "media": 100}

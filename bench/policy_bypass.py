@@ -24,10 +24,10 @@ import yaml
 
 from bench.common import HEADER, WrkResult, scratch_dir, start_nginx, url, wrk
 from planemesh.agent.demo import start_agent
-from planemesh.agent.static_config import default_config_text
 from planemesh.ebpf import abi, libbpf
 from planemesh.labs import load_lab
 from planemesh.labs import netns as ns_tools
+from planemesh.model.static_config import default_config_text
 
 PORT = 9000
 FIRST_EXTRA_PORT = 20000

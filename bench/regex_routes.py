@@ -1,4 +1,4 @@
-"""Cost of route regexes: RE2 (what planemesh compiles configuration regexes with, agent/safe_regex.py) against
+"""Cost of route regexes: RE2 (what planemesh compiles configuration regexes with, model/safe_regex.py) against
 Python's backtracking `re`, in process, no network:
 
     python -m bench regex_routes [--routes N] [--requests N]
@@ -16,9 +16,9 @@ import argparse
 import re
 import time
 
-from planemesh.agent.config import Route, RouteMatch, VirtualHost
 from planemesh.agent.proxy import routing
-from planemesh.agent.safe_regex import compile_regex
+from planemesh.model.config import Route, RouteMatch, VirtualHost
+from planemesh.model.safe_regex import compile_regex
 
 
 class _BacktrackingRegex:

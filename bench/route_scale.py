@@ -24,7 +24,11 @@ from types import MappingProxyType
 
 from netaddr import IPNetwork
 
-from planemesh.agent.config import (
+from planemesh.agent.proxy.balancer import Balancer
+from planemesh.agent.proxy.lb import hash64
+from planemesh.agent.proxy.routing import PlaneRouter
+from planemesh.agent.proxy.tracing import outgoing_trace_headers
+from planemesh.model.config import (
     Cluster,
     ClusterKind,
     Endpoint,
@@ -39,11 +43,7 @@ from planemesh.agent.config import (
     Snapshot,
     VirtualHost,
 )
-from planemesh.agent.proxy.balancer import Balancer
-from planemesh.agent.proxy.lb import hash64
-from planemesh.agent.proxy.routing import PlaneRouter
-from planemesh.agent.proxy.tracing import outgoing_trace_headers
-from planemesh.netplanes.model import Plane
+from planemesh.model.planes import Plane
 
 
 def snapshot(n_routes: int, with_headers: bool) -> Snapshot:

@@ -30,12 +30,12 @@ import yaml
 from bench.common import scratch_dir, start_nginx
 from bench.http_proxy import envoy_in_node, envoy_requests, lab_plane_port, planemesh_requests, wait_http_ok
 from planemesh.agent.demo import start_agent
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs import Lab, load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.netns import call_in
 from planemesh.labs.protocol_servers import BulkResult, bulk_download, bulk_upload
 from planemesh.labs.traffic import wait_for_port
+from planemesh.model.static_config import default_config_text
 
 DECLARED_PORT, UNDECLARED_PORT, BULK_PORT = 80, 9080, 7001
 

@@ -50,7 +50,7 @@ def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls:
     """Child process: planemesh's proxy terminating TLS on `port` until SIGTERM."""
     from planemesh.agent.proxy.server import PlaneProxy
     from planemesh.agent.proxy.sockets import make_listener_socket
-    from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret
+    from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret
     from tests.proxy.proxy_harness import PLANE, make_snapshot
 
     base = make_snapshot(port, [("127.0.0.1", upstream)])

@@ -158,8 +158,8 @@ def _probe_until(address: str, port: int, marker: str, timeout_s: float) -> floa
 
 
 def lab(changes: int, poll_s: float) -> tuple[list[float], int]:
-    from planemesh.agent.static_config import default_config_text
     from planemesh.labs import netns as ns_tools
+    from planemesh.model.static_config import default_config_text
     from tests.netns.agent_lab import eventually, running_agent
 
     prefix = os.environ.setdefault("PM_RUN_PREFIX", f"pb{os.getpid() % 10000}")

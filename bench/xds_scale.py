@@ -25,7 +25,7 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
-from planemesh.agent.static_config import load_default_config
+from planemesh.model.static_config import load_default_config
 from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.client_state import Mode
 from planemesh.xds.resources import CLUSTER, ENDPOINT

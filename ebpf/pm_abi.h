@@ -16,7 +16,7 @@
 
 #define PM_ABI_VERSION 1
 
-/* Plane ids 1..63; 0 means "not a plane interface". Mirrors planemesh.netplanes.model.MAX_PLANES. */
+/* Plane ids 1..63; 0 means "not a plane interface". Mirrors planemesh.model.planes.MAX_PLANES. */
 #define PM_MAX_PLANES 64
 #define PM_MAX_IFACES 4096
 #define PM_MAX_POLICY 65536
@@ -153,7 +153,7 @@ struct pm_forward {
 	__u64 planes; /* host order: bit P set = may open connections to plane P's addresses */
 };
 
-/* ---- egress shaping (pm_egress.c on an HTB root qdisc; planemesh.netplanes.bandwidth) ----------
+/* ---- egress shaping (pm_egress.c on an HTB root qdisc; planemesh.netplanes.htb_plan) ----------
  * The HTB qdisc we own has handle PM_HTB_MAJOR:0; its root class is PM_HTB_MAJOR:PM_HTB_ROOT_MINOR,
  * plane P's class is PM_HTB_MAJOR:(PM_HTB_PLANE_MINOR_BASE + P), unmarked traffic goes to the default
  * class PM_HTB_MAJOR:PM_HTB_DEFAULT_MINOR. The classifier sets skb->tc_classid from the plane bits of

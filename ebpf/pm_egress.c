@@ -11,7 +11,7 @@
  * In direct-action mode cls_bpf hands HTB classid = TC_H_MAJ(filter classid) | skb->tc_classid.
  * VERIFIER/KERNEL QUIRK: skb->tc_classid is stored in qdisc_skb_cb as a __u16, so a full major:minor
  * written here silently loses its major; the major comes from the filter's own classid, which the
- * loader sets to PM_HTB_MAJOR:0 (ebpf/bandwidth.py). A class id that does not exist (a plane without
+ * loader sets to PM_HTB_MAJOR:0 (ebpf/egress_shaper.py). A class id that does not exist (a plane without
  * a class on this interface) makes HTB fall back to its default class.
  * No maps, no packet parsing: the mark is the whole contract.
  */

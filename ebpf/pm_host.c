@@ -14,7 +14,7 @@
  *     a process in another netns) the connect goes to its original destination untouched.
  *   sock_ops at TCP_CONNECT_CB: the local port is known now; move the entry to pm_host_by_peer keyed
  *     by the socket's (family, local address, local port) -- what the proxy sees as the peer after
- *     accept() -- where planemesh.ebpf.hostmode looks it up.
+ *     accept() -- where planemesh.ebpf.host_redirect looks it up.
  *
  * Build options: -DPM_HOST_OWN_MARK=<mask> (default PM_MARK_OWN); -DPM_PIN_DIR="\"/sys/fs/bpf/...\""
  * pins every map there (bcc reuses a pinned map: an agent taking over from another shares its maps, so

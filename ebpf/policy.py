@@ -13,9 +13,9 @@ from types import MappingProxyType
 
 from netaddr import AddrFormatError, IPNetwork
 
-from planemesh.agent.config import ConfigError, ListenerProtocol, Snapshot
 from planemesh.ebpf.abi import PM_MAX_PLANES, Action
-from planemesh.netplanes.model import Plane, UndeclaredPorts
+from planemesh.model.config import ConfigError, ListenerProtocol, Snapshot
+from planemesh.model.planes import Plane, UndeclaredPorts
 
 _LISTENER_ACTION = {ListenerProtocol.HTTP: Action.PROXY, ListenerProtocol.TCP: Action.BYPASS}
 _UNDECLARED_ACTION = {UndeclaredPorts.BYPASS: Action.BYPASS, UndeclaredPorts.SNIFF: Action.SNIFF}

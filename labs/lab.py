@@ -20,9 +20,9 @@ from typing import Any
 
 from pyroute2 import IPRoute, netns
 
-from planemesh.agent.static_config import read_yaml_file
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.model import LabPod, LabSpec, lab_from_dict, spec_to_dict
+from planemesh.model.static_config import read_yaml_file
 
 IFA_F_NODAD = 0x02  # no duplicate address detection: lab addresses are unique by construction
 DEFAULT_PREFIX = "pm"

@@ -20,9 +20,9 @@ from typing import Any
 
 from netaddr import IPNetwork
 
-from planemesh.agent.config import ConfigError
-from planemesh.agent.static_config import parse_cidr
-from planemesh.netplanes.model import MAX_TABLE, RESERVED_TABLES
+from planemesh.model.config import ConfigError
+from planemesh.model.planes import MAX_TABLE, RESERVED_TABLES
+from planemesh.model.static_config import parse_cidr
 
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")  # short: interface names are <pod>-<plane>, at most 15 chars
 _SYSCTL = re.compile(r"^net\.[a-z0-9_.-]+$")  # per-namespace keys only: never the machine's own settings

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-from planemesh.netplanes.model import ROUTED, Plane, plane_of_interface
+from planemesh.model.planes import ROUTED, Plane, plane_of_interface
 from planemesh.netplanes.netlink import ipr_or_new
 
 log = logging.getLogger("planemesh.netplanes")

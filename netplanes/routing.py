@@ -32,7 +32,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from planemesh.ebpf.abi import PM_MARK_LOCAL, PM_MARK_OWN, PM_MARK_PLANE_MASK
-from planemesh.netplanes.model import LOCAL_DELIVERY_TABLE, Plane
+from planemesh.model.planes import LOCAL_DELIVERY_TABLE, Plane
 from planemesh.netplanes.netlink import ipr_or_new
 
 DEFAULT_TABLE = LOCAL_DELIVERY_TABLE

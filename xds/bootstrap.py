@@ -11,8 +11,8 @@
       token_file: /var/run/secrets/tokens/istio-token   # optional: `authorization: Bearer <JWT>`
       max_receive_bytes: 268435456    # largest response accepted (gRPC receive limit), default 256 MiB
     timing: {initial_fetch_timeout_s: 15, backoff_base_s: 0.5, backoff_max_s: 30}
-    planes: [...]                     # the static configuration's `planes:` (agent/static_config.py)
-    host_mode: {slices: [telecom.slice], cgroups: [...]}   # optional: host-mode cgroups (agent/host_mode.py)
+    planes: [...]                     # the static configuration's `planes:` (model/static_config.py)
+    host_mode: {slices: [telecom.slice], cgroups: [...]}   # optional: host-mode cgroups (agent/host_attach.py)
 
 Planes are local knowledge (interfaces and CIDRs of this node), so they come from here, not from xDS;
 every error names its field like the static configuration's.
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planemesh.agent.config import ConfigError
-from planemesh.agent.static_config import read_yaml_file, snapshot_from_dict
-from planemesh.netplanes.model import Plane
+from planemesh.model.config import ConfigError
+from planemesh.model.planes import Plane
+from planemesh.model.static_config import read_yaml_file, snapshot_from_dict
 from planemesh.xds.client_state import Mode
 
 # istiod pushes a whole sidecar configuration in one response; Envoy accepted 70 MiB in the test
@@ -91,8 +91,8 @@ def _str(raw: dict, key: str, path: str, default: str | None = None) -> str:
 
 def bootstrap_from_dict(raw: Any) -> Bootstrap:
     top = _mapping(raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode"})
-    if "host_mode" in top:  # read by the agent (planemesh.agent.host_mode); checked here so errors come early
-        from planemesh.agent.host_mode import host_mode_from_dict
+    if "host_mode" in top:  # read by the agent (planemesh.agent.host_attach); checked here so errors come early
+        from planemesh.agent.host_attach import host_mode_from_dict
 
         host_mode_from_dict(top["host_mode"])
     node = _mapping(top.get("node"), "node", {"id", "cluster", "metadata"})

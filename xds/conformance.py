@@ -24,8 +24,8 @@ from pathlib import Path
 from google.protobuf import any_pb2
 from netaddr import IPNetwork
 
-from planemesh.agent.config import ConfigError
-from planemesh.netplanes.model import Plane
+from planemesh.model.config import ConfigError
+from planemesh.model.planes import Plane
 from planemesh.xds import resources as res
 from planemesh.xds.istio_ext import ISTIO_PROXY_TYPES, TYPED_STRUCTS
 from planemesh.xds.translate import _Acc, translate_listener

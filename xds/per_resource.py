@@ -26,9 +26,9 @@ from types import MappingProxyType
 
 from envoy.config.endpoint.v3 import endpoint_pb2
 
-from planemesh.agent.config import ConfigError, Listener, RouteConfig, Snapshot
-from planemesh.agent.validation import validate_snapshot
-from planemesh.netplanes.model import Plane
+from planemesh.model.config import ConfigError, Listener, RouteConfig, Snapshot
+from planemesh.model.planes import Plane
+from planemesh.model.validation import validate_snapshot
 from planemesh.xds.client_state import XdsResources, eds_name, route_names
 from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from planemesh.xds.translate import TranslationCache, _Acc, _guarded, translate_listener

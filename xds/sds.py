@@ -32,10 +32,10 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from google.protobuf import any_pb2, struct_pb2
 
-from planemesh.agent.config import ConfigError
 from planemesh.agent.identity.ca import DEFAULT_WORKLOAD_TTL_S, CertError, CertificateAuthority, Issued, utcnow
 from planemesh.agent.identity.ca_files import parse_duration, read_ca
 from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, istio_identity
+from planemesh.model.config import ConfigError
 from planemesh.xds.resources import pack
 
 log = logging.getLogger("planemesh.xds.sds")

@@ -21,7 +21,9 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf.message import DecodeError
 from netaddr import IPNetwork
 
-from planemesh.agent.config import (
+from planemesh.model.config import (
+    XFCC_DETAILS,
+    XFCC_MODES,
     Cluster,
     ConfigError,
     HttpFilter,
@@ -32,12 +34,10 @@ from planemesh.agent.config import (
     UpgradeConfig,
     WeightedCluster,
 )
-from planemesh.agent.proxy.sni_routing import server_name_error
-from planemesh.agent.proxy.xfcc import DETAILS as XFCC_DETAILS
-from planemesh.agent.proxy.xfcc import MODES as XFCC_MODES
-from planemesh.agent.tls_config import Secret, any_tls
-from planemesh.agent.validation import check_cpus_field, validate_snapshot
-from planemesh.netplanes.model import SLA, Plane, plane_of_address
+from planemesh.model.planes import SLA, Plane, plane_of_address
+from planemesh.model.server_names import server_name_error
+from planemesh.model.tls_config import Secret, any_tls
+from planemesh.model.validation import check_cpus_field, validate_snapshot
 from planemesh.xds.client_state import XdsResources, eds_name
 from planemesh.xds.translate_capture import (
     TCP_PROXY,

@@ -11,7 +11,7 @@ import dataclasses
 
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
-from planemesh.agent.config import ConfigError, Listener, ListenerProtocol
+from planemesh.model.config import ConfigError, Listener, ListenerProtocol
 from planemesh.xds.translate_common import note_ignored, type_name
 
 TCP_PROXY = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"

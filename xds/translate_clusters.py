@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
-from planemesh.agent.config import (
+from planemesh.model.config import (
     CircuitBreakers,
     Cluster,
     ClusterKind,
@@ -16,7 +16,7 @@ from planemesh.agent.config import (
     LbPolicy,
     OutlierDetection,
 )
-from planemesh.netplanes.model import Plane
+from planemesh.model.planes import Plane
 from planemesh.xds.client_state import eds_name
 from planemesh.xds.istio_ext import istio_extension
 from planemesh.xds.translate_common import (

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from google.protobuf import json_format, message
 
-from planemesh.agent.config import ConfigError
+from planemesh.model.config import ConfigError
 
 
 class Errors:

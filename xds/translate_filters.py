@@ -15,7 +15,7 @@ from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from google.protobuf import any_pb2
 
-from planemesh.agent.config import ConfigError, FaultFilter, HttpFilter, LocalRateLimit
+from planemesh.model.config import ConfigError, FaultFilter, HttpFilter, LocalRateLimit
 from planemesh.xds.istio_ext import istio_extension
 from planemesh.xds.translate_common import fraction, note_ignored, only, seconds, type_name, uint
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from planemesh.agent.config import ConfigError
+from planemesh.model.config import ConfigError
 
 # field -> (SLA field, least valid value, as Envoy validates it). Other fields of the message are accepted and
 # not applied.

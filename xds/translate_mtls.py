@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from planemesh.agent.config import Cluster, Listener, ListenerProtocol
-from planemesh.agent.tls_config import Secret, TlsContext, any_tls
+from planemesh.model.config import Cluster, Listener, ListenerProtocol
+from planemesh.model.tls_config import Secret, TlsContext, any_tls
 from planemesh.xds.translate_common import Errors, note_ignored
 from planemesh.xds.translate_tls import resolve_secrets, secret_uses
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from planemesh.agent.config import (
+from planemesh.model.config import (
     ConfigError,
     DirectResponse,
     FaultFilter,
@@ -24,7 +24,7 @@ from planemesh.agent.config import (
     VirtualHost,
     WeightedCluster,
 )
-from planemesh.agent.safe_regex import check_config_regex, literal
+from planemesh.model.safe_regex import check_config_regex, literal
 from planemesh.xds.translate_common import fraction, note_ignored, only, opt_seconds, seconds, uint
 from planemesh.xds.translate_filters import per_route_filter
 

@@ -1,4 +1,4 @@
-"""DownstreamTlsContext / UpstreamTlsContext / Secret -> planemesh's TLS model (agent/tls_config.py). Pure.
+"""DownstreamTlsContext / UpstreamTlsContext / Secret -> planemesh's TLS model (model/tls_config.py). Pure.
 
 Certificates and keys come from SDS secrets (by name, over the ADS stream whatever `sds_config` says) or
 inline in the context (`inline_bytes` / `inline_string`); planemesh reads no key file named by xDS.
@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from google.protobuf import message
 
-from planemesh.agent.config import Cluster, ConfigError
 from planemesh.agent.identity.ca import CertError, load_certs, load_key
-from planemesh.agent.tls_config import CertSecret, SanMatch, Secret, TlsContext, TlsMatch, TrustSecret
+from planemesh.model.config import Cluster, ConfigError
+from planemesh.model.tls_config import CertSecret, SanMatch, Secret, TlsContext, TlsMatch, TrustSecret
 from planemesh.xds.tls_refs import DOWNSTREAM_TLS, UPSTREAM_TLS
 from planemesh.xds.translate_common import note_ignored, only
 

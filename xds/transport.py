@@ -25,7 +25,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from google.protobuf import struct_pb2
 
-from planemesh.agent.config import ConfigError, Snapshot
+from planemesh.model.config import ConfigError, Snapshot
 from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.client_state import Action, AdsClientState, ApplyConfig, Mode, SendRequest
 from planemesh.xds.per_resource import Rejected, translate_update

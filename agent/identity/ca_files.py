@@ -19,7 +19,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from planemesh.agent.config import ConfigError
 from planemesh.agent.identity.ca import (
     DEFAULT_INTERMEDIATE_TTL_S,
     DEFAULT_ROOT_TTL_S,
@@ -32,6 +31,7 @@ from planemesh.agent.identity.ca import (
     utcnow,
 )
 from planemesh.agent.identity.spiffe import SpiffeError, parse_spiffe_id
+from planemesh.model.config import ConfigError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

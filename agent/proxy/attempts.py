@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from planemesh.agent.config import ClusterKind
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING
@@ -14,16 +13,17 @@ from planemesh.agent.proxy.h1_over_h2 import open_h2_attempt
 from planemesh.agent.proxy.http1 import FRAME_CHUNKED, FRAME_CLOSE, LAST_CHUNK, chunk
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.retry import rng
+from planemesh.model.config import ClusterKind
 
 if TYPE_CHECKING:
     import asyncio
 
-    from planemesh.agent.config import Cluster, Endpoint
     from planemesh.agent.proxy.balancer import Balancer
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import ClientConn as Downstream
     from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
     from planemesh.agent.proxy.retry import Retries
+    from planemesh.model.config import Cluster, Endpoint
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an exchange holds
 

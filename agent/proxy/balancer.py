@@ -14,10 +14,10 @@ import random
 import time
 from collections.abc import Callable, Mapping
 
-from planemesh.agent.config import Cluster, ClusterKind, Endpoint, HashPolicy, RouteAction, Snapshot
 from planemesh.agent.proxy.circuit import CircuitBreaker
 from planemesh.agent.proxy.lb import ClusterLb, hash64, smooth_weighted_sequence
 from planemesh.agent.proxy.outlier import OutlierDetector
+from planemesh.model.config import Cluster, ClusterKind, Endpoint, HashPolicy, RouteAction, Snapshot
 
 
 def normalise_ip(address: str) -> str:

@@ -6,7 +6,7 @@ holds one unit of its counter; when a counter is at its maximum the request is a
 
 from __future__ import annotations
 
-from planemesh.agent.config import CircuitBreakers
+from planemesh.model.config import CircuitBreakers
 
 REQUESTS, PENDING, CONNECTIONS, RETRIES = "requests", "pending", "connections", "retries"
 

@@ -20,7 +20,7 @@ import ipaddress
 import socket
 from collections.abc import Callable, Collection
 
-from planemesh.agent.config import Cluster, ClusterKind
+from planemesh.model.config import Cluster, ClusterKind
 
 OWN_PORT = b"CONNECT to the proxy's own port is not allowed\n"
 LOOPBACK = b"CONNECT to the node's loopback is not allowed\n"

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from planemesh.agent.proxy.stats import PlaneStats
-    from planemesh.netplanes.model import SLA
+    from planemesh.model.planes import SLA
 
 Fields = list[tuple[bytes, bytes]]
 

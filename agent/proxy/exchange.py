@@ -40,11 +40,11 @@ from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, open_connect
 if TYPE_CHECKING:
     import asyncio
 
-    from planemesh.agent.config import Cluster, Endpoint, Route
     from planemesh.agent.proxy.balancer import Balancer
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import ClientConn as Downstream
     from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
+    from planemesh.model.config import Cluster, Endpoint, Route
 
 __all__ = ["Exchange", "backoff_s", "new_request_id"]  # backoff_s, new_request_id: re-exported for callers
 

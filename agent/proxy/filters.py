@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from planemesh.agent.config import FaultFilter, LocalRateLimit
 from planemesh.agent.rbac import RbacFilter
+from planemesh.model.config import FaultFilter, LocalRateLimit
 
 ABORT_HEADER = "x-envoy-fault-abort-request"
 ABORT_PERCENT_HEADER = "x-envoy-fault-abort-request-percentage"

@@ -17,7 +17,7 @@ from planemesh.agent.proxy.xfcc import XFCC
 from planemesh.agent.proxy.xfcc import combined as xfcc_combined
 
 if TYPE_CHECKING:
-    from planemesh.agent.config import Route
+    from planemesh.model.config import Route
 
 Fields = list[tuple[bytes, bytes]]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from planemesh.netplanes.model import SLA
+    from planemesh.model.planes import SLA
 
 # A client's PING + SETTINGS frames per second (ACKs the proxy must send). Envoy has no inbound rate of its own
 # (its outbound-control-frame limit only catches a client that does not read); a client that reads its ACKs

@@ -27,14 +27,14 @@ from planemesh.agent.proxy.request_head import (
     response_headers,
 )
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, rng
-from planemesh.agent.tls_config import any_tls
+from planemesh.model.tls_config import any_tls
 
 if TYPE_CHECKING:
     import asyncio
 
-    from planemesh.agent.config import Cluster, Endpoint, Route
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import H2Client as H2Downstream
+    from planemesh.model.config import Cluster, Endpoint, Route
 
 # Response fields from an h2 upstream that never reach the client: the connection-specific ones, and te.
 _RESPONSE_DROP = HOP_BY_HOP_H2 | {b"te"}

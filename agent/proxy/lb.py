@@ -22,7 +22,7 @@ import hashlib
 import random
 from collections.abc import Callable, Sequence
 
-from planemesh.agent.config import Cluster, Endpoint, LbPolicy
+from planemesh.model.config import Cluster, Endpoint, LbPolicy
 
 Available = Callable[[Endpoint], bool]
 RING_VNODES_PER_WEIGHT = 160  # ketama's count; fixed per endpoint so a leaving endpoint moves only its keys

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from planemesh.agent.proxy.http1 import local_reply
-from planemesh.netplanes.model import SLA
+from planemesh.model.planes import SLA
 
 
 class TokenBucket:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable
 
-from planemesh.agent.config import OutlierDetection
+from planemesh.model.config import OutlierDetection
 
 GATEWAY_FAILURE = 0  # report() status for a connect failure, reset before headers or timeout
 _GATEWAY_STATUSES = frozenset({GATEWAY_FAILURE, 502, 503, 504})

@@ -20,11 +20,11 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from planemesh.agent.config import ClusterKind
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS
 from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classify
 from planemesh.agent.proxy.sockets import open_upstream
+from planemesh.model.config import ClusterKind
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy

@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from planemesh.agent.config import ClusterKind
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.authz import DENIED_BODY
 from planemesh.agent.proxy.balancer import normalise_ip, request_hash
@@ -33,15 +32,16 @@ from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_
 from planemesh.agent.proxy.limits import rate_limited_headers
 from planemesh.agent.proxy.retry import sla_retry
 from planemesh.agent.proxy.routing import redirect_location, split_target
+from planemesh.model.config import ClusterKind
 
 if TYPE_CHECKING:
-    from planemesh.agent.config import Cluster, Endpoint, FaultFilter, RetryPolicy, Route
     from planemesh.agent.proxy.balancer import Balancer
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.limits import TokenBucket
     from planemesh.agent.proxy.routing import CompiledRouteConfig, PlaneRouter, RouteResult
     from planemesh.agent.proxy.stats import PlaneStats
-    from planemesh.netplanes.model import SLA
+    from planemesh.model.config import Cluster, Endpoint, FaultFilter, RetryPolicy, Route
+    from planemesh.model.planes import SLA
 
 Headers = Callable[[], Mapping[str, str]]
 Field = tuple[bytes, bytes]

@@ -12,8 +12,8 @@ from planemesh.agent.proxy.tracing import TRACE_HEADERS, outgoing_trace_headers
 from planemesh.agent.proxy.xfcc import DROP_WITH_XFCC, XFCC
 
 if TYPE_CHECKING:
-    from planemesh.agent.config import Route
     from planemesh.agent.proxy.contracts import H1Request as Exchange
+    from planemesh.model.config import Route
 
 _getrandbits = random.getrandbits
 # Request ids: uuid4 text, a random per-process part plus a counter. Ids need uniqueness, not secrecy;

@@ -31,9 +31,9 @@ from planemesh.agent.proxy.request_head import response_headers
 from planemesh.agent.proxy.tunnel import upgrade_to_tunnel
 
 if TYPE_CHECKING:
-    from planemesh.agent.config import Route
     from planemesh.agent.proxy.contracts import ClientConn as Downstream
     from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
+    from planemesh.model.config import Route
 
 _perf = time.perf_counter
 

@@ -6,12 +6,12 @@ import functools
 import random
 from typing import TYPE_CHECKING
 
-from planemesh.agent.config import RetryPolicy
 from planemesh.agent.proxy.circuit import RETRIES
+from planemesh.model.config import RetryPolicy
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.circuit import CircuitBreaker
-    from planemesh.netplanes.model import SLA
+    from planemesh.model.planes import SLA
 
 RETRY_ON_TIMEOUT = frozenset({"5xx", "gateway-error", "reset"})
 GATEWAY_ERRORS = frozenset({502, 503, 504})

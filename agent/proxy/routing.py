@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from netaddr import IPAddress, IPNetwork
 
-from planemesh.agent.config import (
+from planemesh.agent.proxy.filters import FilterChain
+from planemesh.model.config import (
     DEFAULT_UPGRADES,
     Cluster,
     DirectResponse,
@@ -29,8 +30,7 @@ from planemesh.agent.config import (
     UpgradeConfig,
     VirtualHost,
 )
-from planemesh.agent.proxy.filters import FilterChain
-from planemesh.agent.safe_regex import Regex, compile_regex
+from planemesh.model.safe_regex import Regex, compile_regex
 
 # Headers a route may look at, lower-case name -> value (repeated headers joined with ",").
 Headers = Mapping[str, str]

@@ -6,12 +6,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from planemesh.agent.config import Route, Snapshot
 from planemesh.agent.proxy.balancer import Balancer
 from planemesh.agent.proxy.filters import LocalRateLimiter
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.sni_routing import SniRoutes
 from planemesh.agent.proxy.tls import TlsRoutes
+from planemesh.model.config import Route, Snapshot
 
 
 class RoutingTable:

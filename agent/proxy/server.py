@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 from netaddr import AddrFormatError
 
-from planemesh.agent.config import Snapshot
 from planemesh.agent.proxy.accesslog import OM, AccessLogBuffer, Sink, format_json, format_text
 from planemesh.agent.proxy.downstream import Downstream
 from planemesh.agent.proxy.exchange import Exchange
@@ -40,7 +39,8 @@ from planemesh.agent.proxy.stats import PlaneStats
 from planemesh.agent.proxy.tls import TlsStats, accept_factory
 from planemesh.agent.proxy.upstream import UpstreamPool
 from planemesh.ebpf.abi import PM_MARK_PLANE_MASK
-from planemesh.netplanes.model import plane_of_address
+from planemesh.model.config import Snapshot
+from planemesh.model.planes import plane_of_address
 
 # (sockname, peername) of an accepted connection -> its original destination (address, port).
 OriginalDestination = Callable[[tuple, tuple], tuple[str, int]]

@@ -21,23 +21,8 @@ from dataclasses import dataclass
 
 from netaddr import IPAddress, IPNetwork
 
-from planemesh.agent.config import Listener, ListenerProtocol, RouteAction
-
-MAX_SERVER_NAME = 253
-
-
-def server_name_error(name: str) -> str | None:
-    """Why `name` cannot be a filter_chain_match server name (Envoy accepts exact names and `*.suffix`)."""
-    if not name:
-        return "empty server name"
-    if len(name) > MAX_SERVER_NAME:
-        return f"longer than {MAX_SERVER_NAME} characters"
-    rest = name[2:] if name.startswith("*.") else name
-    if not rest or "*" in rest:
-        return f"{name!r}: only exact names and '*.suffix' wildcards are supported"
-    if any(c.isspace() for c in name) or ".." in name or rest.startswith(".") or name.endswith("."):
-        return f"{name!r} is not a DNS name"
-    return None
+from planemesh.model.config import Listener, ListenerProtocol, RouteAction
+from planemesh.model.server_names import MAX_SERVER_NAME, server_name_error  # noqa: F401  (re-exported)
 
 
 def candidate_names(sni: str) -> Iterable[str]:

@@ -31,10 +31,10 @@ from typing import Any
 
 from netaddr import IPAddress
 
-from planemesh.agent.config import Listener, ListenerProtocol, Snapshot
 from planemesh.agent.proxy.tls_context import build_context, peer_sans
 from planemesh.agent.proxy.xfcc import connection_xfcc, element
-from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
+from planemesh.model.config import Listener, ListenerProtocol, Snapshot
+from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
 
 log = logging.getLogger("planemesh.proxy.tls")
 HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by default (asyncio's default: 60 s)

@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
+from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
 
 log = logging.getLogger("planemesh.proxy.tls")
 _VERSION = {

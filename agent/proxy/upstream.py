@@ -15,7 +15,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from planemesh.agent.proxy.http1 import MAX_HEADER_BYTES, MAX_HEADERS_COUNT
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tls_context import originate_tls
-from planemesh.agent.tls_config import endpoint_tls
+from planemesh.model.tls_config import endpoint_tls
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy

@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 
 from planemesh.agent.proxy.http1 import HOP_BY_HOP
+from planemesh.model.config import XFCC_DETAILS, XFCC_MODES
 
 XFCC = b"x-forwarded-client-cert"
 DROP_WITH_XFCC = HOP_BY_HOP | {XFCC}
-MODES = ("sanitize", "forward_only", "append_forward", "sanitize_set")
-DETAILS = ("subject", "uri", "dns")  # set_current_client_cert_details fields planemesh fills
+MODES = XFCC_MODES
+DETAILS = XFCC_DETAILS
 
 
 def _quote(value: str) -> str:

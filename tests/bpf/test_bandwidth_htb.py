@@ -24,11 +24,11 @@ from pyroute2 import IPRoute, netns
 
 from planemesh.ebpf import abi
 from planemesh.ebpf.abi import Action
-from planemesh.ebpf.bandwidth import EgressShaper, class_stats, observe
+from planemesh.ebpf.egress_shaper import EgressShaper, class_stats, observe
 from planemesh.ebpf.loader import Datapath
 from planemesh.labs.netns import call_in
-from planemesh.netplanes.bandwidth import OpKind, egress_plan
-from planemesh.netplanes.model import SLA, Plane
+from planemesh.model.planes import SLA, Plane
+from planemesh.netplanes.htb_plan import OpKind, egress_plan
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 

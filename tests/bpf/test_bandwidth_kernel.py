@@ -7,12 +7,12 @@ import pytest
 from pyroute2 import IPRoute
 
 from planemesh.agent.kernel import KernelDataPath
-from planemesh.agent.static_config import snapshot_from_dict
 from planemesh.ebpf import abi
-from planemesh.ebpf.bandwidth import observe
+from planemesh.ebpf.egress_shaper import observe
 from planemesh.labs.netns import call_in
+from planemesh.model.static_config import snapshot_from_dict
 from planemesh.netplanes import discovery
-from planemesh.netplanes.bandwidth import mbit_to_bytes
+from planemesh.netplanes.htb_plan import mbit_to_bytes
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 

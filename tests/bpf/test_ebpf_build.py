@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from planemesh.ebpf import build, libbpf
-from planemesh.ebpf.bandwidth import SPEC as EGRESS
+from planemesh.ebpf.egress_shaper import SPEC as EGRESS
 from planemesh.ebpf.loader import Datapath, DatapathError
 from tests.bpf.conftest import compile_here
 

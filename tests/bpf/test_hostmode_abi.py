@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from planemesh.ebpf import abi, libbpf
-from planemesh.ebpf.hostmode import MAP_LAYOUTS, program_spec
+from planemesh.ebpf.host_redirect import MAP_LAYOUTS, program_spec
 from tests.bpf.conftest import compile_here
 
 pytestmark = pytest.mark.bpf
@@ -31,7 +31,7 @@ def _layout(ctype: type) -> tuple[int, list[tuple[str, int, int]]]:
 
 @pytest.fixture(scope="module")
 def host() -> Iterator:
-    from planemesh.ebpf.hostmode import HostMode
+    from planemesh.ebpf.host_redirect import HostMode
 
     mode = HostMode()  # loaded, never attached
     try:

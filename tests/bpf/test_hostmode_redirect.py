@@ -19,7 +19,7 @@ from netaddr import IPNetwork
 
 from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.ebpf.abi import Action
-from planemesh.ebpf.hostmode import (
+from planemesh.ebpf.host_redirect import (
     HostMode,
     HostModeError,
     OriginalDestinations,
@@ -28,7 +28,7 @@ from planemesh.ebpf.hostmode import (
 )
 from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
 from planemesh.labs.netns import call_in, exec_argv
-from planemesh.netplanes.model import Plane
+from planemesh.model.planes import Plane
 from tests.netns.host_cgroups import joiner, temporary_cgroup
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]

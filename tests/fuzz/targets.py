@@ -19,7 +19,12 @@ from dataclasses import replace
 from functools import cache
 from types import MappingProxyType
 
-from planemesh.agent.config import (
+from planemesh.agent.proxy.downstream import Downstream
+from planemesh.agent.proxy.h2_downstream import H2Downstream
+from planemesh.agent.proxy.server import PlaneProxy, RoutingTable
+from planemesh.agent.proxy.sni_routing import SniRoutes, server_name_error
+from planemesh.agent.proxy.sniff import MAX_PEEK, Kind, classify, parse_client_hello
+from planemesh.model.config import (
     ConfigError,
     DirectResponse,
     FaultFilter,
@@ -33,11 +38,6 @@ from planemesh.agent.config import (
     RouteMatch,
     UpgradeConfig,
 )
-from planemesh.agent.proxy.downstream import Downstream
-from planemesh.agent.proxy.h2_downstream import H2Downstream
-from planemesh.agent.proxy.server import PlaneProxy, RoutingTable
-from planemesh.agent.proxy.sni_routing import SniRoutes, server_name_error
-from planemesh.agent.proxy.sniff import MAX_PEEK, Kind, classify, parse_client_hello
 
 PROXY_PORT = 15001
 HELD_PORT = 15002  # a listener whose fault filter holds every request: bodies and pipelined requests get parsed
@@ -238,7 +238,7 @@ def _example_resources() -> list:
 
 @cache
 def _planes():
-    from planemesh.agent.static_config import load_default_config
+    from planemesh.model.static_config import load_default_config
 
     return load_default_config().planes
 

@@ -23,10 +23,10 @@ import yaml
 
 from planemesh.agent.admin_client import AdminClient
 from planemesh.agent.demo import start_servers
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs import load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import http_requests
+from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import eventually
 from tests.netns.test_agent_xds import PASSTHROUGH, resources, start_server, write
 

@@ -29,7 +29,7 @@ def worker_pids(agent_pid: int, plane: str) -> list[int]:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"planemesh.agent.worker" in argv and plane.encode() in argv and state != "Z":
+        if b"planemesh.agent.worker_process" in argv and plane.encode() in argv and state != "Z":
             pids.append(pid)
     return sorted(pids)
 

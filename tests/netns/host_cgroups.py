@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from planemesh.ebpf.hostmode import cgroup2_mounts
+from planemesh.ebpf.host_redirect import cgroup2_mounts
 from planemesh.labs.netns import exec_argv
 
 TIMEOUT = 10.0

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs.traffic import http_requests
+from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import eventually, running_agent
 
 pytestmark = pytest.mark.netns

@@ -13,9 +13,9 @@ import yaml
 
 from planemesh.agent.cpu_groups import V1_SHARES_PER_WEIGHT
 from planemesh.agent.demo import default_xds_resources, start_agent
-from planemesh.agent.plane_limits import parse_cpu_list
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs import netns as ns_tools
+from planemesh.model.plane_limits import parse_cpu_list
+from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import eventually, running_agent
 
 pytestmark = pytest.mark.netns
@@ -43,7 +43,7 @@ def _worker_pids(agent_pid: int) -> dict[str, list[int]]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == agent_pid and b"planemesh.agent.worker" in argv:
+        if ppid == agent_pid and b"planemesh.agent.worker_process" in argv:
             found.setdefault(argv[argv.index(b"--plane") + 1].decode(), []).append(int(proc.name))
     return {plane: sorted(pids) for plane, pids in found.items()}
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 from planemesh.agent.demo import start_agent, start_servers
-from planemesh.agent.static_config import default_config_text, load_default_config
-from planemesh.ebpf.hostmode import HostMode, attached_programs
+from planemesh.ebpf.host_redirect import HostMode, attached_programs
 from planemesh.labs import Lab, load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import http_requests
+from planemesh.model.static_config import default_config_text, load_default_config
 from tests.netns.agent_lab import AgentLab, eventually
 from tests.netns.host_cgroups import cgroup2_root, http_get, joiner, temporary_cgroup
 
@@ -139,7 +139,7 @@ def test_bypassed_port_from_the_cgroup_is_not_redirected(env: AgentLab, cgroup: 
 def test_agent_inside_the_cgroup_does_not_loop(env: AgentLab, cgroup: str) -> None:
     """planemesh's real configuration: the agent and its workers are in the intercepted cgroup, their
     upstream sockets carry the own mark: one request, one proxied connection, one upstream request, 200."""
-    workers = [pid for pid in ns_tools.pids_in(env.lab.node_ns) if b"planemesh.agent.worker" in _cmdline(pid)]
+    workers = [pid for pid in ns_tools.pids_in(env.lab.node_ns) if b"planemesh.agent.worker_process" in _cmdline(pid)]
     assert len(workers) == 2  # one per plane
     for pid in (env.agent.pid, *workers):
         assert _in_cgroup(pid, cgroup), pid
@@ -200,8 +200,8 @@ NAIVE_PROXY = """
 import asyncio, json, os, sys
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
-from planemesh.agent.static_config import default_config_text, load_default_config
-from planemesh.ebpf.hostmode import OriginalDestinations
+from planemesh.model.static_config import default_config_text, load_default_config
+from planemesh.ebpf.host_redirect import OriginalDestinations
 
 map_fd, port, limit = (int(v) for v in sys.argv[1:4])
 

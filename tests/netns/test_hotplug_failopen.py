@@ -77,7 +77,7 @@ def test_routed_planes_find_pod_interfaces_by_their_host_routes(run_prefix: str,
     """DaemonSet mode on Multus/Knitter nodes: host-side veth names are arbitrary, the routes are not."""
     import yaml
 
-    from planemesh.agent.static_config import default_config_text
+    from planemesh.model.static_config import default_config_text
 
     raw = yaml.safe_load(default_config_text())
     for plane in raw["planes"]:

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs.netns import call_in
 from planemesh.labs.traffic import http_requests
+from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import AgentLab, eventually, running_agent
 
 pytestmark = pytest.mark.netns
-LISTENER_PORTS = (15001, 15002, 15011, 15012)  # oam proxy/sniff, media proxy/sniff (agent/default-config.yaml)
+LISTENER_PORTS = (15001, 15002, 15011, 15012)  # oam proxy/sniff, media proxy/sniff (model/default-config.yaml)
 
 
 def _connect(address: str, port: int, timeout: float) -> str:

@@ -15,7 +15,7 @@ import yaml
 from planemesh.agent.identity.ca import key_pem, new_root, utcnow
 from planemesh.agent.identity.ca_files import write_new
 from planemesh.agent.identity.spiffe import parse_spiffe_id
-from planemesh.agent.static_config import default_config_text
+from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import eventually, running_agent
 
 pytestmark = pytest.mark.netns

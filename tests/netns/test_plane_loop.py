@@ -129,8 +129,8 @@ def test_plane_rules_survive_a_hand_over_and_go_with_a_detaching_close(lab: Lab)
     """KernelDataPath.close(detach=False) (hand-over, fail-open) leaves the plane rules routing; the next
     agent's snapshot is diffed against what it finds; close(detach=True) removes them."""
     from planemesh.agent.kernel import KernelDataPath
-    from planemesh.agent.static_config import snapshot_from_dict
     from planemesh.labs.netns import call_in
+    from planemesh.model.static_config import snapshot_from_dict
 
     with_tables = snapshot_from_dict(agent_config(tables=True))
     sig_only = config([plane("oam", 1, CIDRS["oam"]), plane("sig", 2, CIDRS["sig"], table=102)])

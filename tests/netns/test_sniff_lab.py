@@ -21,7 +21,6 @@ import pytest
 import yaml
 
 from planemesh.agent.demo import BYPASS_HTTP_PORT
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs import load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.netns import call_in
@@ -35,6 +34,7 @@ from planemesh.labs.protocol_servers import (
     tls_exchange,
 )
 from planemesh.labs.traffic import host_port, wait_for_port
+from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import AgentLab, eventually, running_agent
 
 pytestmark = pytest.mark.netns

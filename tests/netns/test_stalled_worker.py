@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs.traffic import http_requests
+from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import AgentLab, eventually, running_agent
 from tests.netns.faults import stopped, wait_worker, worker_pids
 from tests.netns.test_agent_xds import PASSTHROUGH, resources, start_server, write

@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 import yaml
 
-from planemesh.agent.static_config import default_config_text
 from planemesh.labs import load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.envoy_resources import (
@@ -42,6 +41,7 @@ from planemesh.labs.envoy_resources import (
     route_config,
 )
 from planemesh.labs.traffic import HttpResult, http_requests, http_requests_until
+from planemesh.model.static_config import default_config_text
 from planemesh.xds.resources import SHORT_NAME, TYPE_ORDER
 from planemesh.xds.server import ManagementServer
 from tests.netns.agent_lab import AgentLab, eventually, running_agent

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from planemesh.agent.admin import AdminApp, AdminServer
-from planemesh.agent.config import Snapshot
 from planemesh.agent.metrics import StatsRegistry
 from planemesh.agent.sdnotify import Readiness
-from planemesh.agent.static_config import load_default_config
+from planemesh.model.config import Snapshot
+from planemesh.model.static_config import load_default_config
 
 
 @dataclass

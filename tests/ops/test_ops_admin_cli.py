@@ -19,10 +19,10 @@ from planemesh.agent.admin_client import (
     AdminUnreachable,
     add_admin_commands,
 )
-from planemesh.agent.config import Snapshot
 from planemesh.agent.metrics import DataPathStats, ListenerStats, StatsReport, XdsTypeStats
 from planemesh.agent.sdnotify import DEFAULT_BLOCKERS
-from planemesh.agent.snapshot_json import from_jsonable
+from planemesh.model.config import Snapshot
+from planemesh.model.snapshot_json import from_jsonable
 
 
 def _report() -> StatsReport:

@@ -12,7 +12,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from planemesh.agent.admin import AdminApp, AdminBind, AdminBindError, AdminServer, parse_admin_bind
-from planemesh.agent.config import Snapshot
 from planemesh.agent.metrics import (
     ClusterStats,
     LatencyHistogram,
@@ -22,7 +21,8 @@ from planemesh.agent.metrics import (
     XdsTypeStats,
 )
 from planemesh.agent.sdnotify import DEFAULT_BLOCKERS, Readiness
-from planemesh.agent.snapshot_json import from_jsonable
+from planemesh.model.config import Snapshot
+from planemesh.model.snapshot_json import from_jsonable
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 

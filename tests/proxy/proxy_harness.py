@@ -19,7 +19,9 @@ from typing import Self
 import uvloop
 from netaddr import IPNetwork
 
-from planemesh.agent.config import (
+from planemesh.agent.proxy.server import PlaneProxy
+from planemesh.agent.proxy.sockets import make_listener_socket
+from planemesh.model.config import (
     Cluster,
     ClusterKind,
     Endpoint,
@@ -31,9 +33,7 @@ from planemesh.agent.config import (
     Snapshot,
     VirtualHost,
 )
-from planemesh.agent.proxy.server import PlaneProxy
-from planemesh.agent.proxy.sockets import make_listener_socket
-from planemesh.netplanes.model import SLA, Plane
+from planemesh.model.planes import SLA, Plane
 
 PLANE = "oam"
 

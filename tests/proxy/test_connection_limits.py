@@ -17,7 +17,7 @@ import pytest
 
 from planemesh.agent.proxy.limits import PRESSURE_FRACTION
 from planemesh.agent.proxy.overload import HARD_FRACTION, MIB, SOFT_FRACTION
-from planemesh.netplanes.model import SLA
+from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import Backend, ProxyThread
 
 ATTACKER = "127.0.0.2"  # every 127/8 address is the loopback's: a second client address without a netns

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import grpc
 
-from planemesh.agent.config import Cluster, ClusterKind, Endpoint
+from planemesh.model.config import Cluster, ClusterKind, Endpoint
 from tests.proxy.proxy_harness import ProxyThread
 from tests.proxy.test_h2_grpc import _ident, grpc_backend  # noqa: F401 - the module fixture
 from tests.proxy.test_traffic_resilience import VersionServer, get

@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import pytest
 
-from planemesh.agent.config import DirectResponse, HeaderValue, Route, RouteAction, VirtualHost
-from planemesh.netplanes.model import SLA
+from planemesh.model.config import DirectResponse, HeaderValue, Route, RouteAction, VirtualHost
+from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import Backend, ProxyThread
 
 

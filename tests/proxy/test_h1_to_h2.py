@@ -18,7 +18,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from planemesh.agent.config import Cluster, ClusterKind, Endpoint, RetryPolicy, Route, RouteAction
+from planemesh.model.config import Cluster, ClusterKind, Endpoint, RetryPolicy, Route, RouteAction
 from tests.proxy.proxy_harness import ProxyThread, log_line_for
 from tests.proxy.test_h2_nginx import Nginx, _since
 from tests.proxy.test_h2_nginx import nginx as nginx  # the fixture

@@ -23,8 +23,8 @@ import h2.events
 import h2.settings
 import pytest
 
-from planemesh.agent.config import Route
-from planemesh.netplanes.model import SLA
+from planemesh.model.config import Route
+from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import Backend, BackendHandler, ProxyThread, ThreadedBackend
 
 pytestmark = pytest.mark.unit
@@ -396,7 +396,7 @@ def test_streams_reset_with_queued_response_data_give_the_h2_upstream_its_window
     """A client with a zero window resets streams whose response (from an h2 upstream) waits in the proxy: the
     dropped bytes are credited to the shared upstream connection. Before, each reset took up to 1 MiB of that
     connection's window for good, and after a few the upstream could send nothing more to anyone."""
-    from planemesh.agent.config import Cluster, ClusterKind, Endpoint, RouteAction
+    from planemesh.model.config import Cluster, ClusterKind, Endpoint, RouteAction
     from tests.proxy.test_h1_to_h2 import H2Backend
 
     with H2Backend() as backend:

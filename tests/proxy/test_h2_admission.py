@@ -25,7 +25,7 @@ from planemesh.agent.proxy.overload import MIB
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.labs import h2_frames as hf
-from planemesh.netplanes.model import SLA
+from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import PLANE, Backend, ProxyThread, ServingProxy, make_snapshot
 from tests.proxy.test_h2_abuse import SlowBackend
 

@@ -101,7 +101,7 @@ def test_header_list_beyond_the_limit_is_refused_not_buffered() -> None:
 def test_direct_response_route_over_h2() -> None:
     """A route answered by the proxy itself (direct_response) over h2: its status and body (this used to end
     the client's connection with a TypeError in the proxy)."""
-    from planemesh.agent.config import DirectResponse, Route
+    from planemesh.model.config import DirectResponse, Route
 
     routes = (Route(action=None, direct_response=DirectResponse(403, b"denied by policy\n")),)
     with Backend() as backend, ProxyThread([("127.0.0.1", backend.port)], routes=routes) as px:

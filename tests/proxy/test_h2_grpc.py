@@ -10,7 +10,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from planemesh.agent.config import Cluster, ClusterKind, Endpoint
+from planemesh.model.config import Cluster, ClusterKind, Endpoint
 from tests.proxy.proxy_harness import ProxyThread, free_port
 
 _ident = (lambda b: b, lambda b: b)  # raw bytes messages: no generated stubs needed

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from planemesh.agent.config import Cluster, ClusterKind, Endpoint
+from planemesh.model.config import Cluster, ClusterKind, Endpoint
 from tests.proxy.proxy_harness import ProxyThread, free_port
 from tests.proxy.test_h2_pool import H2Client
 

@@ -9,7 +9,7 @@ import socket
 import grpc
 import pytest
 
-from planemesh.agent.config import Listener, ListenerProtocol, Route, RouteAction, WeightedCluster
+from planemesh.model.config import Listener, ListenerProtocol, Route, RouteAction, WeightedCluster
 from tests.proxy.proxy_harness import Backend, ProxyThread, log_line_for
 from tests.proxy.test_proxy_resilience import get as _get
 from tests.proxy.test_sniff_passthrough import PLANE, SniffProxy, TcpServer, recv_all

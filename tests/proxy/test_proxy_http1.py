@@ -17,14 +17,14 @@ import uuid
 
 import pytest
 
-from planemesh.agent.config import (
+from planemesh.model.config import (
     DirectResponse,
     Redirect,
     Route,
     RouteAction,
     RouteMatch,
 )
-from planemesh.netplanes.model import SLA
+from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import Backend, ProxyThread, big_body, free_port, log_line_for
 
 

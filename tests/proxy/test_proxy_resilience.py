@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from planemesh.netplanes.model import SLA
+from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import Backend, ProxyThread, free_port, log_line_for
 from tests.proxy.test_proxy_http1 import raw_exchange
 

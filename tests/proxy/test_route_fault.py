@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from planemesh.agent.config import FaultFilter, Route, RouteAction, RouteMatch
+from planemesh.model.config import FaultFilter, Route, RouteAction, RouteMatch
 from tests.proxy.proxy_harness import log_line_for
 from tests.proxy.test_traffic_resilience import VersionServer, endpoint, proxy_for, static
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 
-from planemesh.agent.config import HeaderMatch, Route, RouteAction, RouteMatch
+from planemesh.model.config import HeaderMatch, Route, RouteAction, RouteMatch
 from tests.proxy.test_traffic_resilience import Client, VersionServer, endpoint, proxy_for, static
 
 EVIL_A = 30  # `a`s: about a minute for Python's re, doubling with each one

@@ -15,7 +15,7 @@ import threading
 from collections import Counter
 from dataclasses import replace
 
-from planemesh.agent.config import (
+from planemesh.model.config import (
     FaultFilter,
     HeaderMatch,
     LocalRateLimit,

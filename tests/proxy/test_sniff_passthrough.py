@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from planemesh.agent.config import Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, WeightedCluster
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.labs.protocol_servers import self_signed_cert
+from planemesh.model.config import Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, WeightedCluster
 from tests.proxy.proxy_harness import PLANE, Backend, ServingProxy, free_port, make_snapshot
 
 SNIFF_TIMEOUT_S = 0.15

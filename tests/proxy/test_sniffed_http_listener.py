@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from planemesh.agent.config import Listener, ListenerProtocol
+from planemesh.model.config import Listener, ListenerProtocol
 from tests.proxy.proxy_harness import PLANE, Backend
 from tests.proxy.test_sniff_passthrough import SniffProxy, TcpServer, recv_all
 

@@ -20,7 +20,7 @@ from planemesh.agent.identity.ca import key_pem, utcnow
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
-from planemesh.agent.tls_config import CertSecret, SanMatch, TlsContext, TrustSecret
+from planemesh.model.tls_config import CertSecret, SanMatch, TlsContext, TrustSecret
 from tests.proxy.proxy_harness import PLANE, Backend, ServingProxy, free_port, make_snapshot
 from tests.proxy.test_tls_termination import GW, ROOT, TlsProxy, log_line_for
 from tests.xds.xds_harness import ENVOY, wait_for

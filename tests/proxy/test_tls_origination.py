@@ -20,7 +20,7 @@ from planemesh.agent.identity.ca import key_pem, new_root, spiffe_ids, utcnow
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
-from planemesh.agent.tls_config import CertSecret, SanMatch, TlsContext, TrustSecret
+from planemesh.model.tls_config import CertSecret, SanMatch, TlsContext, TrustSecret
 from tests.proxy.proxy_harness import PLANE, Backend, ServingProxy, make_snapshot
 
 NOW = utcnow()
@@ -109,8 +109,8 @@ def test_h2_client_to_a_tls_cluster_is_refused_not_downgraded(backend):
 def test_transport_socket_matches_mtls_to_labelled_endpoints_plaintext_to_others(backend):
     """Istio's auto-mTLS shape: an endpoint labelled tlsMode=istio is reached over mTLS, an unlabelled one in
     plaintext, within one cluster (round robin over both)."""
-    from planemesh.agent.config import Endpoint
-    from planemesh.agent.tls_config import TlsMatch
+    from planemesh.model.config import Endpoint
+    from planemesh.model.tls_config import TlsMatch
 
     with Backend() as plain:
         sock = make_listener_socket(0, transparent=False, host="127.0.0.1")

@@ -25,7 +25,7 @@ from planemesh.agent.identity.ca import key_pem, new_root, spiffe_ids, utcnow
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
-from planemesh.agent.tls_config import CertSecret, SanMatch, TlsContext, TrustSecret
+from planemesh.model.tls_config import CertSecret, SanMatch, TlsContext, TrustSecret
 from tests.proxy.proxy_harness import PLANE, Backend, ServingProxy, log_line_for, make_snapshot
 
 NOW = utcnow()
@@ -258,7 +258,7 @@ def test_truncated_handshake_and_silent_client_time_out_counted(backend, certs, 
 
 def test_handshakes_count_against_the_plane_connection_budget(backend, certs, monkeypatch):
     from planemesh.agent.proxy import tls as tls_module
-    from planemesh.netplanes.model import SLA
+    from planemesh.model.planes import SLA
 
     monkeypatch.setattr(tls_module, "PEEK_TIMEOUT_S", 30)
     with TlsProxy(backend.port, sla=SLA(max_connections=2)) as px:
@@ -374,9 +374,9 @@ def test_a_context_that_cannot_be_built_refuses_tls_and_never_takes_the_proxy_do
 def test_rbac_authorizes_by_spiffe_identity_for_http1_and_h2(backend, certs):
     """An ALLOW policy for sa/amf GET: amf's GET passes; its POST, another identity (h1 and h2) and plaintext get
     403 `RBAC: access denied`, counted; the backend never sees them."""
-    from planemesh.agent.config import HeaderMatch
     from planemesh.agent.rbac import RbacFilter, RbacPolicy, Rule
-    from planemesh.agent.tls_config import SanMatch as StringMatch
+    from planemesh.model.config import HeaderMatch
+    from planemesh.model.tls_config import SanMatch as StringMatch
 
     allow = RbacFilter("allow", (RbacPolicy(
         "amf-get", (Rule("header", header=HeaderMatch(":method", exact="GET")),),

@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from types import MappingProxyType
 
-from planemesh.agent.config import (
+from planemesh.model.config import (
     CircuitBreakers,
     Cluster,
     ClusterKind,

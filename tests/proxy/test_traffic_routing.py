@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from planemesh.agent.config import (
+from planemesh.model.config import (
     DirectResponse,
     FaultFilter,
     HashPolicy,

@@ -17,15 +17,6 @@ from dataclasses import replace
 
 import pytest
 
-from planemesh.agent.config import (
-    Cluster,
-    ClusterKind,
-    Endpoint,
-    Route,
-    RouteAction,
-    RouteMatch,
-    UpgradeConfig,
-)
 from planemesh.labs.ws_server import (
     BINARY,
     CLOSE,
@@ -38,7 +29,16 @@ from planemesh.labs.ws_server import (
     close_status,
     encode_frame,
 )
-from planemesh.netplanes.model import SLA
+from planemesh.model.config import (
+    Cluster,
+    ClusterKind,
+    Endpoint,
+    Route,
+    RouteAction,
+    RouteMatch,
+    UpgradeConfig,
+)
+from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import ProxyThread, free_port, log_line_for
 
 CONNECT_ROUTE = Route(match=RouteMatch(prefix=None, connect=True),

@@ -13,10 +13,10 @@ from dataclasses import replace
 
 import pytest
 
-from planemesh.agent import workers as workers_mod
-from planemesh.agent.config import DirectResponse, Route, Snapshot
+from planemesh.agent import worker_supervisor as workers_mod
 from planemesh.agent.proxy.sockets import make_listener_socket
-from planemesh.agent.workers import PlaneWorkers
+from planemesh.agent.worker_supervisor import PlaneWorkers
+from planemesh.model.config import DirectResponse, Route, Snapshot
 from tests.proxy.proxy_harness import PLANE, Backend, make_snapshot
 
 OPTIONS = {"upstream_mark": 0, "drain_timeout": 0.5}

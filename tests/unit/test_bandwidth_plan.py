@@ -1,4 +1,4 @@
-"""netplanes.bandwidth: the HTB tree planned from planes' SLAs, and the diff against what an interface has."""
+"""netplanes.htb_plan: the HTB tree planned from planes' SLAs, and the diff against what an interface has."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 
-from planemesh.agent.config import ConfigError
 from planemesh.ebpf import abi
-from planemesh.netplanes.bandwidth import (
+from planemesh.model.config import ConfigError
+from planemesh.model.planes import SLA, Plane
+from planemesh.netplanes.htb_plan import (
     DEFAULT_CLASSID,
     QDISC_HANDLE,
     ROOT_CLASSID,
@@ -19,7 +20,6 @@ from planemesh.netplanes.bandwidth import (
     egress_plan,
     mbit_to_bytes,
 )
-from planemesh.netplanes.model import SLA, Plane
 
 
 def plane(name: str, plane_id: int, mbit: float | None = None, prio: int = 3) -> Plane:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from planemesh.agent.config import Cluster, ClusterKind, Endpoint
 from planemesh.agent.proxy.connect_target import (
     LOOPBACK,
     NODE_ADDRESS,
@@ -14,6 +13,7 @@ from planemesh.agent.proxy.connect_target import (
     connect_refusal,
     is_node_address,
 )
+from planemesh.model.config import Cluster, ClusterKind, Endpoint
 
 NODE = {"198.18.1.1", "fd00:18:1::1", "10.0.0.5"}  # the node's own addresses in this table
 DB = Cluster(name="db", kind=ClusterKind.STATIC,

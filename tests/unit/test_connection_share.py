@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from planemesh.agent.proxy.limits import PRESSURED_IDLE_TIMEOUT_S, ConnectionShare, per_source_limit
-from planemesh.agent.validation import validate_snapshot
-from planemesh.netplanes.model import SLA
+from planemesh.model.planes import SLA
+from planemesh.model.validation import validate_snapshot
 
 
 def test_default_share_is_a_quarter_of_the_budget() -> None:

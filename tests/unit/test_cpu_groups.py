@@ -87,7 +87,7 @@ def test_groups_of_dead_agents_are_removed_live_ones_kept(tmp_path: Path) -> Non
     assert not dead.exists() and (live / "plane-oam").exists() and other.exists()
 
 
-# ---- cpusets and memory limits (agent/plane_limits.py, and the writes against a fake cgroup tree) ----------
+# ---- cpusets and memory limits (model/plane_limits.py, and the writes against a fake cgroup tree) ----------
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ def test_groups_of_dead_agents_are_removed_live_ones_kept(tmp_path: Path) -> Non
     ],
 )
 def test_cpu_lists_that_are_accepted(spec: str, online: str | None, canonical: str) -> None:
-    from planemesh.agent.plane_limits import check_cpus, parse_cpu_list
+    from planemesh.model.plane_limits import check_cpus, parse_cpu_list
 
     assert check_cpus(spec, parse_cpu_list(online) if online else None) == canonical
 
@@ -128,7 +128,7 @@ def test_cpu_lists_that_are_accepted(spec: str, online: str | None, canonical: s
     ],
 )
 def test_cpu_lists_that_are_refused(spec: str, message: str) -> None:
-    from planemesh.agent.plane_limits import check_cpus
+    from planemesh.model.plane_limits import check_cpus
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_cpus(spec, frozenset({0, 1}))
@@ -145,7 +145,7 @@ def test_cpu_lists_that_are_refused(spec: str, message: str) -> None:
     ],
 )
 def test_group_memory_is_the_workers_caps_plus_margin(mb: int, workers: int, limits_mb: tuple | None) -> None:
-    from planemesh.agent.plane_limits import MIB, group_memory
+    from planemesh.model.plane_limits import MIB, group_memory
 
     got = group_memory(mb, workers)
     if limits_mb is None:
@@ -219,8 +219,8 @@ def test_unavailable_controllers_are_reported_only_when_asked_for() -> None:
 def test_static_config_refuses_a_bad_cpuset_naming_the_field(cpus: object, reason: str) -> None:
     import yaml
 
-    from planemesh.agent.config import ConfigError
-    from planemesh.agent.static_config import default_config_text, snapshot_from_dict
+    from planemesh.model.config import ConfigError
+    from planemesh.model.static_config import default_config_text, snapshot_from_dict
 
     raw = yaml.safe_load(default_config_text())
     raw["planes"][1]["sla"] = {"cpus": cpus}
@@ -232,7 +232,7 @@ def test_static_config_refuses_a_bad_cpuset_naming_the_field(cpus: object, reaso
 def test_static_config_takes_a_cpuset_and_memory_cap() -> None:
     import yaml
 
-    from planemesh.agent.static_config import default_config_text, snapshot_from_dict
+    from planemesh.model.static_config import default_config_text, snapshot_from_dict
 
     raw = yaml.safe_load(default_config_text())
     raw["planes"][0]["sla"] = {"cpus": 0, "memory_max_mb": 128}  # YAML reads `cpus: 0` as a number

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from netaddr import IPNetwork
 
-from planemesh.agent.config import Snapshot
 from planemesh.ebpf import abi
 from planemesh.ebpf.policy import policy_from_snapshot
-from planemesh.netplanes.model import Plane
+from planemesh.model.config import Snapshot
+from planemesh.model.planes import Plane
 
 OAM = Plane("oam", 1, ("*-oam",), (IPNetwork("198.18.1.0/24"), IPNetwork("fd00:18:1::/64")), forward_to=("sig",))
 SIG = Plane("sig", 5, ("*-sig",), (IPNetwork("198.18.5.7/24"),))

@@ -2,8 +2,8 @@
 
 from netaddr import IPNetwork
 
+from planemesh.model.planes import ROUTED, Plane
 from planemesh.netplanes.discovery import LinkFacts, classify, diff, plane_source_addresses
-from planemesh.netplanes.model import ROUTED, Plane
 
 OAM = Plane("oam", 1, ("*-oam",), (IPNetwork("198.18.1.0/24"), IPNetwork("fd00:18:1::/64")))
 SIG = Plane("sig", 3, (ROUTED,), (IPNetwork("fd00:18:3::/64"),))

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from planemesh.ebpf import abi
-from planemesh.netplanes.model import MAX_PLANES
+from planemesh.model.planes import MAX_PLANES
 
 HEADER = abi.HEADER.read_text()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from planemesh.ebpf import build
-from planemesh.ebpf.bandwidth import SPEC as EGRESS
+from planemesh.ebpf.egress_shaper import SPEC as EGRESS
 from planemesh.ebpf.loader import program_spec
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from netaddr import IPNetwork
 
-from planemesh.agent.config import ConfigError, Listener, ListenerProtocol, Snapshot
-from planemesh.agent.static_config import load_default_config
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.policy import PlaneSettings, PolicyRule, interface_planes, policy_from_snapshot
-from planemesh.netplanes.model import SLA, Plane, UndeclaredPorts
+from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot
+from planemesh.model.planes import SLA, Plane, UndeclaredPorts
+from planemesh.model.static_config import load_default_config
 
 OAM = Plane("oam", 1, ("*-oam",), (IPNetwork("198.18.1.0/24"),))
 MEDIA = Plane(

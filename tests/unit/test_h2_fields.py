@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from planemesh.agent.config import HeaderValue, Route, RouteAction, RouteMatch
 from planemesh.agent.proxy.h2_fields import local_answer, mutated_request, split_request
+from planemesh.model.config import HeaderValue, Route, RouteAction, RouteMatch
 
 HEAD = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/api/x?q=1"), (b":authority", b"front"),
         (b"content-type", b"application/grpc+proto"), (b"connection", b"close"), (b"te", b"trailers"),

@@ -8,7 +8,7 @@ import pytest
 
 from planemesh.agent.proxy import h2_guard
 from planemesh.agent.proxy.h2_guard import H2Guard, H2Limits
-from planemesh.netplanes.model import SLA
+from planemesh.model.planes import SLA
 
 pytestmark = pytest.mark.unit
 

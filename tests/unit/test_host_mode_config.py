@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from planemesh.agent.config import ConfigError
-from planemesh.agent.host_mode import (
+from planemesh.agent.host_attach import (
     HostModeConfig,
     cli_specs,
     host_mode_from_dict,
@@ -16,8 +15,9 @@ from planemesh.agent.host_mode import (
     resolve,
     slice_cgroup,
 )
-from planemesh.agent.static_config import load_static_config
-from planemesh.ebpf.hostmode import cgroup2_mounts_in
+from planemesh.ebpf.host_redirect import cgroup2_mounts_in
+from planemesh.model.config import ConfigError
+from planemesh.model.static_config import load_static_config
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from planemesh.ebpf import abi
-from planemesh.ebpf.hostmode import _peer_key, decode_orig
+from planemesh.ebpf.host_redirect import _peer_key, decode_orig
 
 
 def _mirror_peer(family: int, port: int, packed: bytes) -> bytes:

@@ -14,11 +14,11 @@ from types import MappingProxyType
 import pytest
 from netaddr import IPNetwork
 
-from planemesh.agent.config import FaultFilter, ListenerProtocol
 from planemesh.agent.identity.ca import new_root
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.policy import PolicyRule, needs_sniff_listener, policy_from_snapshot
+from planemesh.model.config import FaultFilter, ListenerProtocol
 from planemesh.xds import conformance
 from planemesh.xds.client_state import XdsResources
 from planemesh.xds.sds import root_secret, tls_certificate_secret

@@ -1,7 +1,7 @@
 import pytest
 
-from planemesh.agent.config import ConfigError
 from planemesh.labs.model import lab_from_dict
+from planemesh.model.config import ConfigError
 
 GOOD = {
     "name": "t",

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from planemesh.agent.config import ConfigError
 from planemesh.labs.model import lab_from_dict, spec_to_dict
+from planemesh.model.config import ConfigError
 
 GOOD = {
     "name": "vrf",

@@ -46,7 +46,8 @@ def test_command_of(argv: list[str], want: str | None) -> None:
 
 def test_worker_proxy_does_not_import_cryptography() -> None:
     """The proxy a worker runs loads cryptography (~9 MB of RSS) only when a plane terminates or originates TLS."""
-    probe = "import sys, planemesh.agent.worker, planemesh.agent.proxy.server; print('cryptography' in sys.modules)"
+    probe = ("import sys, planemesh.agent.worker_process, planemesh.agent.proxy.server; "
+             "print('cryptography' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

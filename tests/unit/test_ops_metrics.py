@@ -103,7 +103,7 @@ def test_collector_values_and_provider_errors():
 def test_response_flags_and_bpf_bytes_reach_prometheus():
     """A worker's response flags (each flag of "UF,URX" once) and the BPF byte counters are exposed per plane."""
     from planemesh.agent.proxy.stats import PlaneStats
-    from planemesh.agent.worker import stats_report
+    from planemesh.agent.worker_process import stats_report
 
     plane = PlaneStats()
     plane.record_response(503, 1.0, 0, 20, "UF,URX")

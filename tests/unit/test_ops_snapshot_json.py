@@ -8,7 +8,7 @@ import json
 import pytest
 from netaddr import IPNetwork
 
-from planemesh.agent.config import (
+from planemesh.model.config import (
     Cluster,
     ClusterKind,
     DirectResponse,
@@ -26,9 +26,9 @@ from planemesh.agent.config import (
     Snapshot,
     VirtualHost,
 )
-from planemesh.agent.snapshot_json import DecodeError, from_jsonable, to_jsonable
-from planemesh.agent.static_config import load_default_config
-from planemesh.netplanes.model import SLA
+from planemesh.model.planes import SLA
+from planemesh.model.snapshot_json import DecodeError, from_jsonable, to_jsonable
+from planemesh.model.static_config import load_default_config
 
 
 def _rich_snapshot() -> Snapshot:

@@ -7,9 +7,9 @@ import copy
 import pytest
 import yaml
 
-from planemesh.agent.config import ConfigError
-from planemesh.agent.static_config import default_config_text, snapshot_from_dict
-from planemesh.netplanes.model import LOCAL_DELIVERY_TABLE
+from planemesh.model.config import ConfigError
+from planemesh.model.planes import LOCAL_DELIVERY_TABLE
+from planemesh.model.static_config import default_config_text, snapshot_from_dict
 from planemesh.xds.bootstrap import bootstrap_from_dict
 
 GOOD = yaml.safe_load(default_config_text())  # planes oam (id 1) and media (id 2)

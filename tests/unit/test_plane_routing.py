@@ -8,7 +8,7 @@ import pytest
 from netaddr import IPNetwork
 
 from planemesh.ebpf.abi import PM_MARK_OWN, PM_MARK_PLANE_MASK
-from planemesh.netplanes.model import Plane
+from planemesh.model.planes import Plane
 from planemesh.netplanes.routing import PLANE_PRIORITY, MarkRule, PlaneRouting, diff_rules
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
@@ -37,7 +37,7 @@ def test_one_rule_per_plane_with_a_table_and_per_ip_version_it_has() -> None:
 
 def test_the_mark_matches_what_the_proxy_sets() -> None:
     (r,) = PlaneRouting().desired([plane("media", 3, 103, "fd00:18:3::/64")])
-    so_mark = PM_MARK_OWN | 3  # agent/worker.py: upstream_mark = own mark | plane id
+    so_mark = PM_MARK_OWN | 3  # agent/worker_process.py: upstream_mark = own mark | plane id
     assert so_mark & r.mask == r.mark
     assert (PM_MARK_OWN | 4) & r.mask != r.mark  # another plane's upstream does not match
     assert 3 & r.mask != r.mark  # nor a packet that only carries the plane bits (bypassed traffic)

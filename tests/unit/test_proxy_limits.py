@@ -10,7 +10,7 @@ from planemesh.agent.proxy.exchange import new_request_id
 from planemesh.agent.proxy.http1 import HOP_BY_HOP, chunk, dropped_names, local_reply, status_line
 from planemesh.agent.proxy.limits import TokenBucket, bucket_for, rate_limited_headers
 from planemesh.agent.proxy.stats import PlaneStats
-from planemesh.netplanes.model import SLA
+from planemesh.model.planes import SLA
 
 
 class FakeClock:

@@ -7,7 +7,16 @@ from types import MappingProxyType
 import pytest
 from netaddr import IPNetwork
 
-from planemesh.agent.config import (
+from planemesh.agent.proxy.balancer import Balancer, normalise_ip
+from planemesh.agent.proxy.routing import (
+    CompiledRouteConfig,
+    CompiledVirtualHost,
+    PlaneRouter,
+    parse_query,
+    redirect_location,
+    split_target,
+)
+from planemesh.model.config import (
     Cluster,
     ClusterKind,
     DirectResponse,
@@ -25,16 +34,7 @@ from planemesh.agent.config import (
     VirtualHost,
     WeightedCluster,
 )
-from planemesh.agent.proxy.balancer import Balancer, normalise_ip
-from planemesh.agent.proxy.routing import (
-    CompiledRouteConfig,
-    CompiledVirtualHost,
-    PlaneRouter,
-    parse_query,
-    redirect_location,
-    split_target,
-)
-from planemesh.netplanes.model import Plane
+from planemesh.model.planes import Plane
 
 VHOSTS = RouteConfig(name="rc", virtual_hosts=(
     VirtualHost(name="exact", domains=("api.example.com", "api.example.com:8080")),

@@ -7,7 +7,9 @@ from types import MappingProxyType
 
 import pytest
 
-from planemesh.agent.config import (
+from planemesh.agent.proxy.http1 import last_chunk, parse_authority
+from planemesh.agent.proxy.routing import CompiledRouteConfig, PlaneRouter
+from planemesh.model.config import (
     DEFAULT_UPGRADES,
     ConfigError,
     Listener,
@@ -20,8 +22,6 @@ from planemesh.agent.config import (
     UpgradeConfig,
     VirtualHost,
 )
-from planemesh.agent.proxy.http1 import last_chunk, parse_authority
-from planemesh.agent.proxy.routing import CompiledRouteConfig, PlaneRouter
 from planemesh.xds.translate import translate
 from tests.unit.test_xds_translate import PLANES, http_listener, to_resources
 

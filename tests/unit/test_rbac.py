@@ -7,8 +7,8 @@ import pytest
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from google.protobuf import json_format
 
-from planemesh.agent.config import ConfigError
 from planemesh.agent.rbac import RequestFacts, evaluate
+from planemesh.model.config import ConfigError
 from planemesh.xds.resources import pack
 from planemesh.xds.translate_rbac import translate_rbac
 

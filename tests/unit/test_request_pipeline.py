@@ -9,7 +9,13 @@ from types import MappingProxyType, SimpleNamespace
 
 import pytest
 
-from planemesh.agent.config import (
+from planemesh.agent.proxy import pipeline
+from planemesh.agent.proxy.circuit import RETRIES, CircuitBreaker
+from planemesh.agent.proxy.limits import bucket_for
+from planemesh.agent.proxy.retry import Retries
+from planemesh.agent.proxy.server import RoutingTable
+from planemesh.agent.proxy.stats import PlaneStats
+from planemesh.model.config import (
     CircuitBreakers,
     Cluster,
     ClusterKind,
@@ -28,13 +34,7 @@ from planemesh.agent.config import (
     VirtualHost,
     WeightedCluster,
 )
-from planemesh.agent.proxy import pipeline
-from planemesh.agent.proxy.circuit import RETRIES, CircuitBreaker
-from planemesh.agent.proxy.limits import bucket_for
-from planemesh.agent.proxy.retry import Retries
-from planemesh.agent.proxy.server import RoutingTable
-from planemesh.agent.proxy.stats import PlaneStats
-from planemesh.netplanes.model import SLA
+from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import PLANE, make_snapshot
 
 PORT = 15001

@@ -7,7 +7,8 @@ import pickle
 
 import pytest
 
-from planemesh.agent.config import (
+from planemesh.agent.proxy.routing import CompiledHeaderMatch, CompiledQueryMatch, CompiledRoute, CompiledVirtualHost
+from planemesh.model.config import (
     ConfigError,
     HeaderMatch,
     QueryMatch,
@@ -16,8 +17,7 @@ from planemesh.agent.config import (
     RouteMatch,
     VirtualHost,
 )
-from planemesh.agent.proxy.routing import CompiledHeaderMatch, CompiledQueryMatch, CompiledRoute, CompiledVirtualHost
-from planemesh.agent.safe_regex import MAX_PROGRAM_SIZE, check_config_regex, compile_regex, literal
+from planemesh.model.safe_regex import MAX_PROGRAM_SIZE, check_config_regex, compile_regex, literal
 from planemesh.xds.translate import translate
 from tests.unit.test_xds_translate import PASS, PLANES, http_listener, routes, to_resources
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 from netaddr import IPNetwork
 
-from planemesh.agent.config import ConfigError, Listener, ListenerProtocol, Snapshot, WeightedCluster
 from planemesh.agent.proxy.sni_routing import SniRoutes, candidate_names, server_name_error
-from planemesh.agent.static_config import load_default_config
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.policy import PolicyRule, needs_sniff_listener, policy_from_snapshot
-from planemesh.netplanes.model import UndeclaredPorts
+from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot, WeightedCluster
+from planemesh.model.planes import UndeclaredPorts
+from planemesh.model.static_config import load_default_config
 from planemesh.xds.translate import translate
 from tests.unit.test_xds_translate import PASS, static_cluster, tcp_listener, to_resources
 

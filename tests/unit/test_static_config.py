@@ -5,9 +5,9 @@ import copy
 import pytest
 import yaml
 
-from planemesh.agent.config import ConfigError, ListenerProtocol
-from planemesh.agent.static_config import default_config_text, load_static_config, snapshot_from_dict
-from planemesh.netplanes.model import UndeclaredPorts, plane_of_address, plane_of_interface
+from planemesh.model.config import ConfigError, ListenerProtocol
+from planemesh.model.planes import UndeclaredPorts, plane_of_address, plane_of_interface
+from planemesh.model.static_config import default_config_text, load_static_config, snapshot_from_dict
 
 GOOD = yaml.safe_load(default_config_text())
 
@@ -86,7 +86,7 @@ def test_unreadable_and_invalid_yaml_files(tmp_path):
 )
 def test_ready_only_after_the_initial_listener_and_cluster_fetch(version, done):
     from planemesh.agent.daemon import initial_fetch_done
-    from planemesh.agent.static_config import load_default_config
+    from planemesh.model.static_config import load_default_config
 
     snap = load_default_config()
     assert initial_fetch_done(type(snap)(version=version, planes=snap.planes)) is done

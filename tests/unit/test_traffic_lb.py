@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planemesh.agent.config import Cluster, ClusterKind, Endpoint, LbPolicy
 from planemesh.agent.proxy.lb import ClusterLb, build_maglev_table, hash64, smooth_weighted_sequence
+from planemesh.model.config import Cluster, ClusterKind, Endpoint, LbPolicy
 
 
 def eps(n: int, **kw) -> tuple[Endpoint, ...]:
@@ -162,8 +162,8 @@ def test_property_ring_hash_removing_an_endpoint_moves_only_its_keys(n, key) -> 
 def test_weighted_clusters_interleave_exact_shares(weights, first_ten) -> None:
     from types import MappingProxyType
 
-    from planemesh.agent.config import RouteAction, Snapshot, WeightedCluster
     from planemesh.agent.proxy.balancer import Balancer
+    from planemesh.model.config import RouteAction, Snapshot, WeightedCluster
 
     snap = Snapshot(version="1", planes=(), clusters=MappingProxyType({"a": cluster(eps(1)), "b": cluster(eps(1))}))
     balancer = Balancer(snap)

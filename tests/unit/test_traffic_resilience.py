@@ -7,13 +7,13 @@ import re
 
 import pytest
 
-from planemesh.agent.config import CircuitBreakers, FaultFilter, LocalRateLimit, OutlierDetection, RetryPolicy
 from planemesh.agent.proxy.circuit import PENDING, REQUESTS, RETRIES, CircuitBreaker
 from planemesh.agent.proxy.exchange import backoff_s
 from planemesh.agent.proxy.filters import NO_FAULT, FaultDecision, LocalRateLimiter, fault_decision
 from planemesh.agent.proxy.mirror import shadow_head
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE, OutlierDetector
 from planemesh.agent.proxy.tracing import outgoing_trace_headers
+from planemesh.model.config import CircuitBreakers, FaultFilter, LocalRateLimit, OutlierDetection, RetryPolicy
 
 
 class Clock:

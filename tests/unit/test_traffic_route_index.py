@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planemesh.agent.config import Route, RouteMatch, VirtualHost
 from planemesh.agent.proxy.routing import CompiledVirtualHost
+from planemesh.model.config import Route, RouteMatch, VirtualHost
 
 segments = st.sampled_from(["a", "ab", "b", "svc1", "svc10", ""])
 paths = st.lists(segments, min_size=0, max_size=3).map(lambda segs: "/" + "/".join(segs))

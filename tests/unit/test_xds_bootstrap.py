@@ -7,7 +7,7 @@ import random
 import pytest
 from google.protobuf import json_format
 
-from planemesh.agent.config import ConfigError
+from planemesh.model.config import ConfigError
 from planemesh.xds.bootstrap import bootstrap_from_dict, load_bootstrap
 from planemesh.xds.client_state import Mode
 from planemesh.xds.transport import Backoff, node_identity
@@ -61,7 +61,7 @@ def test_bootstrap_errors_name_the_field(raw, path):
 
 def test_bootstrap_may_name_host_mode_cgroups(tmp_path):
     from planemesh.agent.daemon import AgentOptions
-    from planemesh.agent.host_mode import host_mode_from_dict
+    from planemesh.agent.host_attach import host_mode_from_dict
 
     raw = {**boot(), "host_mode": {"slices": ["telecom.slice"], "cgroups": ["/apps/sig"]}}
     assert bootstrap_from_dict(raw).planes[0].name == "oam"

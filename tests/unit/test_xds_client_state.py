@@ -13,7 +13,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, duration_pb2
 
 import planemesh.xds  # noqa: F401  (the real `xds` protos package before envoy imports)
-from planemesh.agent.config import ConfigError
+from planemesh.model.config import ConfigError
 from planemesh.xds.client_state import AdsClientState, ApplyConfig, Mode, SendRequest
 from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, RESOURCE_WRAPPER, ROUTE, pack
 

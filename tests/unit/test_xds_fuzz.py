@@ -7,8 +7,8 @@ from google.protobuf import any_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planemesh.agent.config import ConfigError
-from planemesh.agent.static_config import load_default_config
+from planemesh.model.config import ConfigError
+from planemesh.model.static_config import load_default_config
 from planemesh.xds.client_state import AdsClientState, ApplyConfig, Mode, SendRequest
 from planemesh.xds.per_resource import translate_update
 from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE

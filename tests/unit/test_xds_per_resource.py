@@ -12,7 +12,7 @@ from types import MappingProxyType
 import pytest
 import yaml
 
-from planemesh.agent.config import ClusterKind
+from planemesh.model.config import ClusterKind
 from planemesh.xds.client_state import AdsClientState, ApplyConfig, Mode, SendRequest, XdsResources
 from planemesh.xds.per_resource import translate_update
 from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, parse_resource_text, unpack

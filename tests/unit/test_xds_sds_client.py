@@ -13,10 +13,10 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from google.protobuf import json_format
 
-from planemesh.agent.config import ConfigError
 from planemesh.agent.identity.ca import new_root
 from planemesh.agent.identity.spiffe import parse_spiffe_id
-from planemesh.agent.tls_config import CertSecret, SanMatch, TrustSecret, san_accepts
+from planemesh.model.config import ConfigError
+from planemesh.model.tls_config import CertSecret, SanMatch, TrustSecret, san_accepts
 from planemesh.xds.client_state import Mode
 from planemesh.xds.resources import CLUSTER, LISTENER, SECRET, pack
 from planemesh.xds.sds import root_secret, tls_certificate_secret
@@ -214,7 +214,7 @@ def test_cluster_secrets_are_subscribed_too():
 
 
 def test_private_keys_are_redacted_in_dumps_and_reprs():
-    from planemesh.agent.snapshot_json import to_jsonable
+    from planemesh.model.snapshot_json import to_jsonable
 
     snap = translate(with_secrets([tls_listener()], secrets()), PLANES)
     dumped = str(to_jsonable(snap))
@@ -310,7 +310,7 @@ def istio_outbound_cluster() -> dict:
 
 
 def test_istio_transport_socket_matches_pick_tls_per_endpoint():
-    from planemesh.agent.tls_config import endpoint_tls
+    from planemesh.model.tls_config import endpoint_tls
 
     snap = translate(with_secrets([istio_outbound_cluster()], secrets()), PLANES)
     c = snap.clusters["udm"]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from netaddr import IPNetwork
 
-from planemesh.agent.config import (
+from planemesh.model.config import (
     ClusterKind,
     ConfigError,
     FaultFilter,
@@ -19,7 +19,7 @@ from planemesh.agent.config import (
     ListenerProtocol,
     LocalRateLimit,
 )
-from planemesh.agent.static_config import load_default_config
+from planemesh.model.static_config import load_default_config
 from planemesh.xds.client_state import XdsResources
 from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, parse_resource_text, unpack
 from planemesh.xds.translate import translate

@@ -11,8 +11,8 @@ from envoy.config.core.v3 import address_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.route.v3 import route_pb2
 
-from planemesh.agent.config import ConfigError
-from planemesh.agent.static_config import load_default_config
+from planemesh.model.config import ConfigError
+from planemesh.model.static_config import load_default_config
 from planemesh.xds.client_state import XdsResources
 from planemesh.xds.translate import TranslationCache, translate
 

@@ -14,7 +14,7 @@ The egress classifier (ebpf/pm_egress.c) picks 504d:(0x100 + plane) from skb->ma
 
 `egress_plan(planes, link_mbit)` computes the tree; `diff(plan, observed)` lists the netlink operations
 that turn what the interface has into it, never tearing down a tree that is already ours (a changed rate
-is a `change` of that one class). ebpf/bandwidth.py applies the operations through pyroute2.
+is a `change` of that one class). ebpf/egress_shaper.py applies the operations through pyroute2.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from planemesh.agent.config import ConfigError
 from planemesh.ebpf.abi import (
     PM_HTB_DEFAULT_MINOR,
     PM_HTB_MAJOR,
@@ -32,7 +31,8 @@ from planemesh.ebpf.abi import (
     htb_classid,
     plane_classid,
 )
-from planemesh.netplanes.model import Plane
+from planemesh.model.config import ConfigError
+from planemesh.model.planes import Plane
 
 QDISC_HANDLE = PM_HTB_MAJOR << 16
 ROOT_CLASSID = htb_classid(PM_HTB_ROOT_MINOR)

@@ -50,7 +50,7 @@ class SLA:
     # Per worker process, RSS growth over its footprint at start (about 30 MB): above 80% the worker sheds new
     # connections/requests (503) and keeps nothing alive, above 95% it resets the connections buffering most
     # (agent/proxy/overload.py). Envoy: the overload manager's fixed_heap monitor (off unless configured).
-    # Also the plane's cgroup memory.max (x workers, plus kernel-side margin: agent/plane_limits.py); 0 = none.
+    # Also the plane's cgroup memory.max (x workers, plus kernel-side margin: model/plane_limits.py); 0 = none.
     memory_max_mb: int = 256
     max_pending_requests: int = 1024
     max_requests: int = 4096

@@ -1,6 +1,6 @@
 """planemesh's configuration model: one immutable Snapshot, whatever produced it.
 
-Sources (the static YAML loader in agent/static_config.py, the xDS translation in planemesh.xds)
+Sources (the static YAML loader in model/static_config.py, the xDS translation in planemesh.xds)
 build a Snapshot; consumers (BPF policy, proxy workers, plane SLA) read it. Nothing here does I/O.
 """
 
@@ -14,8 +14,8 @@ from types import MappingProxyType
 
 from netaddr import IPNetwork
 
-from planemesh.agent.tls_config import Secret, TlsContext, TlsMatch
-from planemesh.netplanes.model import SLA, Plane
+from planemesh.model.planes import SLA, Plane
+from planemesh.model.tls_config import Secret, TlsContext, TlsMatch
 
 
 class ConfigError(ValueError):
@@ -200,7 +200,7 @@ class Endpoint:
     healthy: bool = True
     locality_weight: int = 0  # EDS LocalityLbEndpoints.load_balancing_weight (0: unset); see Cluster.locality_weighted
     tls_labels: tuple[tuple[str, str], ...] = ()  # metadata envoy.transport_socket_match (Istio: tlsMode)
-    tls_socket: int = -1  # index into its cluster's tls_matches; -1: the cluster's tls (agent/tls_config.py)
+    tls_socket: int = -1  # index into its cluster's tls_matches; -1: the cluster's tls (model/tls_config.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +234,7 @@ class Cluster:
     downstream_protocol: bool = False
     plane: str | None = None  # None: the plane of each endpoint's address
     locality_weighted: bool = False  # common_lb_config.locality_weighted_lb_config: pick a locality first
-    tls: TlsContext | None = None  # TLS origination (UpstreamTlsContext; agent/tls_config.py)
+    tls: TlsContext | None = None  # TLS origination (UpstreamTlsContext; model/tls_config.py)
     tls_matches: tuple[TlsMatch, ...] = ()  # transport_socket_matches with labels, in order
 
 
@@ -262,6 +262,12 @@ HttpFilter = FaultFilter | LocalRateLimit
 # ---- listeners and the snapshot -----------------------------------------------------------------
 
 
+# x-forwarded-client-cert (agent/proxy/xfcc.py): HCM forward_client_cert_details modes, and the
+# set_current_client_cert_details fields planemesh fills.
+XFCC_MODES = ("sanitize", "forward_only", "append_forward", "sanitize_set")
+XFCC_DETAILS = ("subject", "uri", "dns")
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     """A declared port on a plane: HTTP is proxied, TCP is bypassed in the kernel."""
@@ -280,7 +286,7 @@ class Listener:
     # HTTP listeners only: peek first (Envoy's http_inspector + a tcp_proxy fallback chain, Istio's protocol
     # detection): HTTP is proxied with this listener's routes, anything else passes through untouched.
     sniff: bool = False
-    tls: TlsContext | None = None  # TLS termination (DownstreamTlsContext; agent/tls_config.py)
+    tls: TlsContext | None = None  # TLS termination (DownstreamTlsContext; model/tls_config.py)
     transport_protocol: str = ""  # filter_chain_match: "tls" / "raw_buffer" (permissive ports); "" any
     # x-forwarded-client-cert (agent/proxy/xfcc.py): HCM forward_client_cert_details (Envoy's default: sanitize)
     forward_client_cert: str = "sanitize"

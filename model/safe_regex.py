@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re2
 
-from planemesh.agent.config import ConfigError
+from planemesh.model.config import ConfigError
 
 # Envoy refuses a regex whose compiled program is bigger than `re2.max_program_size.error_level`, default 100.
 # Only patterns written in the configuration are held to it: the matchers planemesh builds itself

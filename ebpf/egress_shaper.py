@@ -1,4 +1,4 @@
-"""Per-plane egress shaping applied through pyroute2: the HTB tree of netplanes.bandwidth plus the
+"""Per-plane egress shaping applied through pyroute2: the HTB tree of netplanes.htb_plan plus the
 pm_egress.c classifier on it.
 
     shaper = EgressShaper(pin_dir)                           # loads pm_egress.c once (ebpf/build.py)
@@ -25,7 +25,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from planemesh.ebpf import abi, build
-from planemesh.netplanes.bandwidth import (
+from planemesh.netplanes.htb_plan import (
     QDISC_HANDLE,
     EgressOp,
     EgressPlan,

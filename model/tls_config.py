@@ -18,7 +18,7 @@ class CertSecret:
     """tls_certificate: a PEM chain (leaf first) and its PEM private key."""
 
     chain_pem: bytes
-    # Never printed (repr) nor dumped (agent/snapshot_json.py writes "[redacted]", as Envoy's config_dump does).
+    # Never printed (repr) nor dumped (model/snapshot_json.py writes "[redacted]", as Envoy's config_dump does).
     key_pem: bytes = field(repr=False, metadata={"redact": True})
 
 

@@ -11,7 +11,7 @@ plane proxy, and tell the proxy where each connection was going.
 pm_host.c rewrites a TCP connect whose (plane of destination, port) is PROXY (or SNIFF) to the plane's
 listener on loopback -- only while that listener exists -- and records the original destination, which
 `OriginalDestinations` pops after accept(). `OriginalDestinations` needs nothing but the map's fd, so a
-proxy worker process (agent/worker.py) uses it without bcc. One HostMode serves any number of cgroups.
+proxy worker process (agent/worker_process.py) uses it without bcc. One HostMode serves any number of cgroups.
 
 Fail open: the programs are attached as BPF links owned by this process, so they detach when it closes
 them or dies (no orphaned program keeps redirecting to a listener nobody serves), and they redirect only
@@ -30,12 +30,12 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from planemesh.agent.config import Snapshot
 from planemesh.ebpf import abi, build, libbpf
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.maps import FdMap, open_maps, u32_key
 from planemesh.ebpf.policy import DatapathPolicy, PolicyRule, policy_from_snapshot
-from planemesh.netplanes.model import Plane
+from planemesh.model.config import Snapshot
+from planemesh.model.planes import Plane
 
 EBPF_DIR = Path(__file__).resolve().parent
 SOURCE = EBPF_DIR / "pm_host.c"

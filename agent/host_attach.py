@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from planemesh.agent.config import ConfigError
+from planemesh.model.config import ConfigError
 
 if TYPE_CHECKING:
-    from planemesh.ebpf.hostmode import HostMode
+    from planemesh.ebpf.host_redirect import HostMode
 
 # systemd unit name characters (systemd escapes everything else as \xNN); a slice's dashes are its nesting.
 _SLICE = re.compile(r"^[A-Za-z0-9:_.\\]+(-[A-Za-z0-9:_.\\]+)*\.slice$")
@@ -88,7 +88,7 @@ def cli_specs(values: Iterable[str]) -> HostModeConfig:
 def resolve(config: HostModeConfig, where: str = "host_mode", mounts: Iterable[str] | None = None) -> tuple[str, ...]:
     """The real paths of the configured cgroups (each one once). ConfigError naming the field of the first
     one that is not an existing cgroup v2 directory."""
-    from planemesh.ebpf.hostmode import HostModeError, cgroup2_mounts, validated_cgroup
+    from planemesh.ebpf.host_redirect import HostModeError, cgroup2_mounts, validated_cgroup
 
     roots = list(cgroup2_mounts() if mounts is None else mounts)
 
@@ -115,7 +115,7 @@ def load_host_cgroups(
     cli: Iterable[str], config_file: str | Path | None, mounts: Iterable[str] | None = None
 ) -> tuple[str, ...]:
     """Every cgroup to intercept: the static configuration's `host_mode:` and the --host-cgroup values."""
-    from planemesh.agent.static_config import read_yaml_file
+    from planemesh.model.static_config import read_yaml_file
 
     mounts = None if mounts is None else list(mounts)
     paths: list[str] = []
@@ -132,7 +132,7 @@ def load_host_cgroups(
 def sync_cgroups(host: HostMode, wanted: Iterable[str]) -> tuple[list[str], list[str]]:
     """Attach to every wanted cgroup, then detach from the others (control thread). A cgroup that cannot
     be attached rolls back what this call attached and raises ConfigError. Returns (attached, detached)."""
-    from planemesh.ebpf.hostmode import HostModeError
+    from planemesh.ebpf.host_redirect import HostModeError
 
     wanted = list(wanted)
     before = set(host.cgroups)

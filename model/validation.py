@@ -10,9 +10,9 @@ from pathlib import Path
 
 from netaddr import IPNetwork
 
-from planemesh.agent.config import ConfigError, ListenerProtocol, Snapshot
-from planemesh.agent.plane_limits import check_cpus, parse_cpu_list
-from planemesh.netplanes.model import LOCAL_DELIVERY_TABLE, MAX_PLANES, MAX_TABLE, RESERVED_TABLES, ROUTED, Plane
+from planemesh.model.config import ConfigError, ListenerProtocol, Snapshot
+from planemesh.model.plane_limits import check_cpus, parse_cpu_list
+from planemesh.model.planes import LOCAL_DELIVERY_TABLE, MAX_PLANES, MAX_TABLE, RESERVED_TABLES, ROUTED, Plane
 
 _GLOB = frozenset("*?[")
 _V4_MAPPED = IPNetwork("::ffff:0:0/96")

@@ -28,9 +28,9 @@ from typing import Any
 import yaml
 from netaddr import AddrFormatError, IPNetwork
 
-from planemesh.agent.config import ConfigError, Listener, ListenerProtocol, Snapshot
-from planemesh.agent.validation import validate_snapshot
-from planemesh.netplanes.model import SLA, Plane, UndeclaredPorts
+from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot
+from planemesh.model.planes import SLA, Plane, UndeclaredPorts
+from planemesh.model.validation import validate_snapshot
 
 _PLANE_KEYS = {
     "name", "id", "interfaces", "cidrs", "undeclared", "proxy_port", "sniff_port", "sla", "table", "forward_to",
@@ -148,7 +148,7 @@ def _parse_listener(raw: Any, i: int) -> Listener:
 
 def snapshot_from_dict(raw: Any, version: str = "static") -> Snapshot:
     _require(raw, dict, "", "a mapping at the top level")
-    # host_mode: node-local cgroups to intercept, read by planemesh.agent.host_mode (not part of a Snapshot).
+    # host_mode: node-local cgroups to intercept, read by planemesh.agent.host_attach (not part of a Snapshot).
     _unknown_keys(raw, {"planes", "listeners", "host_mode"}, "config")
     planes = _require(raw.get("planes"), list, "planes", "a list of planes")
     listeners = _require(raw.get("listeners", []), list, "listeners", "a list of listeners")
@@ -181,7 +181,7 @@ DEFAULT_CONFIG = "default-config.yaml"
 
 
 def default_config_text() -> str:
-    return resources.files("planemesh.agent").joinpath(DEFAULT_CONFIG).read_text()
+    return resources.files("planemesh.model").joinpath(DEFAULT_CONFIG).read_text()
 
 
 def load_default_config() -> Snapshot:

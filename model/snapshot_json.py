@@ -39,7 +39,7 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {  # a field marked redact (private keys: agent/tls_config.py) is never written out
+        return {  # a field marked redact (private keys: model/tls_config.py) is never written out
             f.name: "[redacted]" if f.metadata.get("redact") else to_jsonable(getattr(value, f.name))
             for f in dataclasses.fields(value)
         }

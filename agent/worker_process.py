@@ -1,6 +1,6 @@
 """A plane's proxy worker process: serves the plane's listening sockets, nothing else.
 
-Started by the agent (agent/workers.py) with the listening sockets and one end of a control
+Started by the agent (agent/worker_supervisor.py) with the listening sockets and one end of a control
 socketpair passed as file descriptors. Each plane runs in processes of its own so that one plane's CPU
 saturation cannot starve another's. The worker dies with the agent (PR_SET_PDEATHSIG): the data path
 then falls open to the original destinations instead of feeding a proxy nobody controls.
@@ -18,9 +18,9 @@ import socket
 import sys
 from typing import Any
 
-from planemesh.agent.config import Snapshot
 from planemesh.agent.worker_channel import encode, read_message
-from planemesh.netplanes.model import plane_of_address
+from planemesh.model.config import Snapshot
+from planemesh.model.planes import plane_of_address
 
 log = logging.getLogger("planemesh.worker")
 PR_SET_PDEATHSIG = 1
@@ -156,7 +156,7 @@ async def run_worker(
     sources.snapshot, sources.by_plane = first["snapshot"], first.get("sources", {})
     extra: dict[str, Any] = {}
     if options.get("host_map_fd") is not None:
-        from planemesh.ebpf.hostmode import OriginalDestinations
+        from planemesh.ebpf.host_redirect import OriginalDestinations
 
         # Host-mode connections arrive from loopback: their destination is in the agent's map, by peer.
         extra["original_destination"] = OriginalDestinations(options["host_map_fd"]).proxy_original_destination
