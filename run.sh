@@ -13,7 +13,7 @@ case "$cmd" in
     demo)  exec .venv/bin/planemesh demo "$@" ;;
     test)
         .venv/bin/ruff check .
-        exec .venv/bin/python -m pytest "$@" ;;
-    bench) exec .venv/bin/python -m bench "$@" ;;
+        exec .venv/bin/python -P -m pytest "$@" ;;
+    bench) exec .venv/bin/python -P scripts/run_module.py bench "$@" ;;
     *) echo "usage: $0 demo|test|bench|setup" >&2; exit 2 ;;
 esac

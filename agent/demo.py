@@ -12,7 +12,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planemesh import module_argv
 from planemesh.labs import Lab, load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import host_port, http_requests, tcp_echo, wait_for_port
@@ -44,16 +44,15 @@ class Row:
 
 def start_servers(lab: Lab) -> list[subprocess.Popen]:
     server_ns = lab.pod_ns("server")
-    py = sys.executable
     return [
         ns_tools.start_until(
             server_ns,
-            [py, "-m", "planemesh.labs.servers", "http", "--port", str(HTTP_PORT), "--port", str(BYPASS_HTTP_PORT)],
+            module_argv("planemesh.labs.servers", "http", "--port", str(HTTP_PORT), "--port", str(BYPASS_HTTP_PORT)),
             "ready",
         ),
         ns_tools.start_until(
             server_ns,
-            [py, "-m", "planemesh.labs.servers", "tcp", "--port", str(TCP_PORT), "--port", str(UNDECLARED_TCP_PORT)],
+            module_argv("planemesh.labs.servers", "tcp", "--port", str(TCP_PORT), "--port", str(UNDECLARED_TCP_PORT)),
             "ready",
         ),
     ]
@@ -70,7 +69,7 @@ def start_agent(
     """The agent in the lab's node namespace, admin socket and access log in `workdir`; `popen`: more
     subprocess options (e.g. preexec_fn to start it in a cgroup)."""
     argv = [
-        sys.executable, "-m", "planemesh.agent.cli", "agent",
+        *module_argv("planemesh.agent.cli", "agent"),
         "--netns", lab.node_ns,
         "--admin", f"unix://{workdir / 'admin.sock'}",
         "--access-log", str(workdir / "access.log"),

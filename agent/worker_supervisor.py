@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 import socket
-import sys
 import time
 from typing import Any
 
+from planemesh import module_argv
 from planemesh.agent.cpu_groups import CpuGroups
 from planemesh.agent.worker_channel import RequestTable, encode, read_message
 from planemesh.model.config import Snapshot
@@ -65,7 +65,7 @@ class WorkerProcess:
     async def start(self, first: dict[str, Any]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [
-            sys.executable, "-m", "planemesh.agent.worker_process",
+            *module_argv("planemesh.agent.worker_process"),
             "--plane", self.plane,
             "--control-fd", str(theirs.fileno()),
             "--upstream-mark", hex(self._options["upstream_mark"]),

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support.procs import dev_module_argv
+
 NGINX = "/usr/sbin/nginx"
 BODY = b"hello from nginx, a small body for the proxy benchmark\n"
 
@@ -165,7 +167,7 @@ def main() -> int:
         try:
             nginx_port, proxy_port = free_port(), free_port()
             nginx = start_nginx(Path(tmp), nginx_port)
-            cmd = [sys.executable, "-m", "bench.proxy_loopback", "--serve", str(proxy_port), str(nginx_port)]
+            cmd = dev_module_argv("bench.proxy_loopback", "--serve", str(proxy_port), str(nginx_port))
             if args.profile:
                 cmd += ["--profile", args.profile]
             if args.proxy_cpu is not None:

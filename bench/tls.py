@@ -29,6 +29,7 @@ from types import MappingProxyType
 import yaml
 
 from bench.proxy_loopback import free_port, start_nginx, wait_port
+from tests.support.procs import dev_module_argv
 
 ENVOY = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "envoy"
 T = "type.googleapis.com/"
@@ -153,8 +154,7 @@ def run_server(kind: str, port: int, upstream: int, certs: Path, mtls: bool, wor
         cmd = [str(ENVOY), "-c", str(cfg), "--concurrency", "1", "-l", "error", "--disable-hot-restart",
                "--base-id", str(3000 + port % 40000)]  # fmt: skip
     else:
-        cmd = [sys.executable, "-m", "bench.tls", "--serve", str(port), str(upstream), str(certs), kind,
-               "1" if mtls else "0"]  # fmt: skip
+        cmd = dev_module_argv("bench.tls", "--serve", str(port), str(upstream), str(certs), kind, "1" if mtls else "0")
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
     wait_port(port, 15)
     return proc

@@ -17,7 +17,6 @@ import asyncio
 import json
 import resource
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -31,6 +30,7 @@ from planemesh.xds.client_state import Mode
 from planemesh.xds.resources import CLUSTER, ENDPOINT
 from planemesh.xds.server import ManagementServer
 from planemesh.xds.transport import XdsClient
+from tests.support.procs import dev_module_argv
 
 
 def eds_cluster(name: str) -> cluster_pb2.Cluster:
@@ -163,7 +163,7 @@ async def run_mode(mode: str, clusters: int, endpoints: int, changes: int) -> di
 
 def child(argv: list[str]) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "bench", "xds_scale", *argv, "--one"], capture_output=True, text=True, timeout=300
+        dev_module_argv("bench", "xds_scale", *argv, "--one"), capture_output=True, text=True, timeout=300
     )
     if out.returncode != 0:
         raise SystemExit(f"child failed: {out.stderr[-2000:]}")

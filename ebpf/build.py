@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from planemesh import module_argv
 from planemesh.ebpf import libbpf
 
 log = logging.getLogger("planemesh.ebpf.build")
@@ -156,7 +157,7 @@ def _run_helper(spec: ProgramSpec, pin_dir: str | None, digest: str) -> Loaded:
     with ours:
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "planemesh.ebpf.build", str(theirs.fileno())],
+                module_argv("planemesh.ebpf.build", str(theirs.fileno())),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

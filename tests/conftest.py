@@ -9,8 +9,18 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
+
+# The repository root never goes on sys.path (its xds/ folder would hide xds-protos' `xds`): pytest imports
+# tests/ by location (--import-mode=importlib in pyproject.toml); `python -m pytest` puts the working directory
+# first, so it goes again here, before any test imports anything; and every Python child of a test starts
+# without its working directory on sys.path (PYTHONSAFEPATH, Python's -P). tests/unit/test_package_layout.py.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PRIVILEGED_MARKS = ("bpf", "netns")

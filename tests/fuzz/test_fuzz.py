@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.fuzz.targets import TARGETS
+from tests.support.procs import dev_module_argv
 
 pytestmark = pytest.mark.unit
 CORPUS = Path(__file__).parent / "corpus"
@@ -32,7 +32,7 @@ def fuzz(target: str, seconds: int, work: Path, *extra: str) -> subprocess.Compl
     """atheris on `target` for `seconds`; new inputs go to `work`/new, findings to `work`/crash-*."""
     new = work / "new"
     new.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "tests.fuzz.run", target, f"-max_total_time={seconds}", "-timeout=10",
+    cmd = [*dev_module_argv("tests.fuzz.run", target), f"-max_total_time={seconds}", "-timeout=10",
            "-rss_limit_mb=1024", f"-artifact_prefix={work}/", *extra, str(new), str(CORPUS / target)]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=seconds + 60)
