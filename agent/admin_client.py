@@ -17,9 +17,15 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from planemesh.agent.admin import DEFAULT_ADMIN_SOCKET, AdminBindError, parse_admin_bind
+from planemesh.model.defaults import option
 
-ADMIN_ENV = "PLANEMESH_ADMIN"
+ADMIN_ENV = "PLANEMESH_ADMIN"  # the agent's endpoints, comma-separated: a client uses the first
 DEFAULT_ADMIN = f"unix://{DEFAULT_ADMIN_SOCKET}"
+
+
+def first_admin(value: str) -> str:
+    """The endpoint a client talks to, of a PLANEMESH_ADMIN list the agent binds all of."""
+    return value.split(",")[0].strip() or DEFAULT_ADMIN
 TIMEOUT_S = 5.0
 
 EXIT_OK, EXIT_NOT_READY, EXIT_UNREACHABLE = 0, 1, 2
@@ -57,7 +63,7 @@ class AdminReply:
 
 class AdminClient:
     def __init__(self, target: str | None = None, timeout_s: float = TIMEOUT_S) -> None:
-        self.target = target or os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN
+        self.target = target or first_admin(os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN)
         self.bind = parse_admin_bind(self.target)  # the same loopback-only rule as the server
         self.timeout_s = timeout_s
 
@@ -177,22 +183,17 @@ def add_admin_commands(subparsers: Any) -> None:
 
     def admin_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help=help_text, description=help_text)
-        parser.add_argument(
-            "--admin",
-            default=os.environ.get(ADMIN_ENV, DEFAULT_ADMIN),
-            help=f"agent admin address: unix:///path or http://127.0.0.1:PORT (env {ADMIN_ENV}; "
-            f"default {DEFAULT_ADMIN})",
-        )
+        parser.add_argument("--admin", type=first_admin, **option(name, "--admin"))
         return parser
 
     p = admin_parser("status", "readiness, health, config and xDS versions of the running agent")
     p.set_defaults(func=lambda a: _run(status, a))
     p = admin_parser("planes", "the planes with their interfaces, addresses and counters")
-    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--json", action="store_true", **option("planes", "--json"))
     p.set_defaults(func=lambda a: _run(planes, a, as_json=a.json))
     p = admin_parser("stats", "the agent's metrics (Prometheus text format)")
-    p.add_argument("--filter", default="", help="only metrics whose name contains this")
-    p.add_argument("--json", action="store_true", help="the merged stats report as JSON")
+    p.add_argument("--filter", **option("stats", "--filter"))
+    p.add_argument("--json", action="store_true", **option("stats", "--json"))
     p.set_defaults(func=lambda a: _run(stats, a, prefix=a.filter, as_json=a.json))
     p = admin_parser("config-dump", "the live configuration snapshot as JSON")
     p.set_defaults(func=lambda a: _run(config_dump, a))

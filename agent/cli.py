@@ -1,7 +1,7 @@
 """The `planemesh` command: a thin front over the agent, the labs, the demo and the admin socket.
 
-Every flag also reads an environment variable (PLANEMESH_<FLAG>), as the defaults table in
-docs/configuration.md lists.
+Every flag, its environment variable and its default: planemesh.model.defaults, listed in
+docs/configuration.md (generated from it by scripts/gen_configuration_doc.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from collections.abc import Callable, Sequence
 
 from planemesh import __version__
 from planemesh.model.config import ConfigError
-
-
-def env_default(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"PLANEMESH_{name.upper().replace('-', '_')}", default)
+from planemesh.model.defaults import option
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
@@ -40,9 +37,7 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lab", help="build, inspect or tear down a network-namespace lab")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("file", nargs="?", default=None, help="lab YAML (default: the built-in default lab)")
-    p.add_argument(
-        "--prefix", default=env_default("lab-prefix", "pm"), help="namespace name prefix [PLANEMESH_LAB_PREFIX]"
-    )
+    p.add_argument("--prefix", **option("lab", "--prefix"))
     p.set_defaults(func=_cmd_lab)
 
 

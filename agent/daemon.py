@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from planemesh.agent.sdnotify import (
 from planemesh.agent.worker_supervisor import PlaneWorkers
 from planemesh.ebpf.policy import needs_sniff_listener
 from planemesh.model.config import ConfigError, Snapshot
+from planemesh.model.defaults import env_setting, option, setting
+from planemesh.model.node import NodeIdentity
 from planemesh.netplanes import discovery
 from planemesh.netplanes.discovery import NetlinkWatch, PlaneInterface
 
@@ -56,6 +59,8 @@ class AgentOptions:
     handover: Path | None = None  # hot-upgrade socket; default <runtime_dir>/handover-<netns or host>.sock
     datapath_only: bool = False  # programs and routes only: another proxy (e.g. Envoy in bench/) owns the ports
     host_cgroups: list[str] = field(default_factory=list)  # --host-cgroup: cgroup paths or systemd slices
+    node: NodeIdentity = field(default_factory=NodeIdentity)  # --node-id/--node-ip/--pod-name: the xDS Node
+    host_proc: Path = Path("/proc")  # --host-proc: the host's /proc as this process sees it
 
     @property
     def host_mode_file(self) -> Path | None:
@@ -444,16 +449,17 @@ def run_agent(options: AgentOptions) -> int:
     return 0
 
 
-def _cmd_agent(args: argparse.Namespace) -> int:
-    from planemesh.agent.cli import env_default
-    from planemesh.agent.logs import configure_logging
-
-    configure_logging(level=args.log_level, fmt=args.log_format)  # flag > PLANEMESH_LOG_* > default
-    options = AgentOptions(
+def options_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentOptions:
+    """The agent's options from its parsed flags; a repeatable flag not given falls back to its variable
+    (planemesh.model.defaults: flag > environment > default)."""
+    node_ips = setting("agent", "--node-ip").values(args.node_ip, environ)
+    if not node_ips:
+        node_ips = env_setting("PLANEMESH_NODE_IP").values(None, environ)
+    return AgentOptions(
         config=Path(args.config) if args.config else None,
         bootstrap=Path(args.bootstrap) if args.bootstrap else None,
         netns=args.netns,
-        admin=args.admin or ["unix:///run/planemesh/admin.sock"],
+        admin=setting("agent", "--admin").values(args.admin, environ),
         pin_dir=args.pin_dir,
         access_log=args.access_log,
         drain_timeout_s=args.drain_timeout,
@@ -461,61 +467,32 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         xds_resources=Path(args.xds_resources) if args.xds_resources else None,
         handover=Path(args.handover) if args.handover else None,
         datapath_only=args.datapath_only,
-        host_cgroups=args.host_cgroup or [v for v in [env_default("host_cgroup")] if v],
+        host_cgroups=setting("agent", "--host-cgroup").values(args.host_cgroup, environ),
+        node=NodeIdentity(node_id=args.node_id, node_ips=tuple(node_ips), pod_name=args.pod_name),
+        host_proc=Path(args.host_proc),
     )
-    return run_agent(options)
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from planemesh.agent.logs import configure_logging
+
+    configure_logging(level=args.log_level, fmt=args.log_format)  # flag > PLANEMESH_LOG_* > default
+    return run_agent(options_from_args(args))
 
 
 def add_agent_command(sub: argparse._SubParsersAction) -> None:
-    from planemesh.agent.cli import env_default
+    from planemesh.agent.logs import FORMATS, LEVELS
 
     p = sub.add_parser("agent", help="run the node agent")
-    p.add_argument("--config", default=env_default("config"), help="static YAML config [PLANEMESH_CONFIG]")
-    p.add_argument("--bootstrap", default=env_default("bootstrap"), help="xDS bootstrap YAML [PLANEMESH_BOOTSTRAP]")
-    p.add_argument("--xds", default=env_default("xds"), help="xDS server: host:port or unix:///path [PLANEMESH_XDS]")
-    p.add_argument(
-        "--xds-resources",
-        default=env_default("xds_resources"),
-        help="serve this directory of Envoy resources from an embedded xDS server [PLANEMESH_XDS_RESOURCES]",
-    )
-    p.add_argument(
-        "--handover",
-        default=env_default("handover"),
-        help="hot-upgrade socket (default /run/planemesh/handover-<netns>.sock): a new agent started while one"
-        " runs takes its listening sockets over it [PLANEMESH_HANDOVER]",
-    )
-    p.add_argument("--netns", default=env_default("netns"), help="run inside this network namespace [PLANEMESH_NETNS]")
-    p.add_argument(
-        "--admin",
-        action="append",
-        default=None,
-        help="admin endpoint: unix:///path or 127.0.0.1:PORT, repeatable [PLANEMESH_ADMIN]",
-    )
-    p.add_argument(
-        "--pin-dir", default=env_default("pin_dir"), help="bpffs directory for pinned maps [PLANEMESH_PIN_DIR]"
-    )
-    p.add_argument("--access-log", default=env_default("access_log"), help="access log file [PLANEMESH_ACCESS_LOG]")
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=float(env_default("drain_timeout", "5")),
-        help="[PLANEMESH_DRAIN_TIMEOUT]",
-    )
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING [PLANEMESH_LOG_LEVEL]")
-    p.add_argument("--log-format", default=None, choices=["text", "json"], help="[PLANEMESH_LOG_FORMAT]")
-    p.add_argument(
-        "--datapath-only",
-        action="store_true",
-        default=env_default("datapath_only") == "1",
-        help="programs and routes only; another proxy binds the plane ports [PLANEMESH_DATAPATH_ONLY=1]",
-    )
-    p.add_argument(
-        "--host-cgroup",
-        action="append",
-        default=None,
-        help="host mode: intercept connects of the processes in this cgroup v2 (a path, absolute or relative to"
-        " the cgroup2 mount) or systemd slice (telecom.slice), repeatable [PLANEMESH_HOST_CGROUP, comma-separated]",
-    )
+    for flag in ("--config", "--bootstrap", "--xds", "--xds-resources", "--handover", "--netns", "--pin-dir",
+                 "--access-log", "--node-id", "--pod-name", "--host-proc"):  # fmt: skip
+        p.add_argument(flag, **option("agent", flag))
+    p.add_argument("--drain-timeout", type=float, **option("agent", "--drain-timeout"))
+    p.add_argument("--log-level", type=str.lower, choices=LEVELS, **option("agent", "--log-level"))
+    p.add_argument("--log-format", type=str.lower, choices=FORMATS, **option("agent", "--log-format"))
+    p.add_argument("--datapath-only", action="store_true", **option("agent", "--datapath-only"))
+    for flag in ("--admin", "--host-cgroup", "--node-ip"):
+        p.add_argument(flag, action="append", **option("agent", flag))
     p.set_defaults(func=_cmd_agent)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ from planemesh import module_argv
 from planemesh.labs import Lab, load_lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import host_port, http_requests, tcp_echo, wait_for_port
+from planemesh.model.defaults import option
 
 HTTP_PORT, TCP_PORT, UNDECLARED_TCP_PORT = 80, 9000, 9001
 BYPASS_HTTP_PORT = 9080  # HTTP on an undeclared port: bypassed in the kernel (load tests)
@@ -217,6 +217,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the default lab with the agent and real traffic, print a table")
-    p.add_argument("--prefix", default=os.environ.get("PLANEMESH_LAB_PREFIX", "pmdemo"))
-    p.add_argument("--requests", type=int, default=50, help="HTTP requests per plane and family")
+    p.add_argument("--prefix", **option("demo", "--prefix"))
+    p.add_argument("--requests", type=int, **option("demo", "--requests"))
     p.set_defaults(func=_cmd_demo)

@@ -9,14 +9,14 @@ agent restarted) count from zero, as Prometheus' rate() does.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from planemesh.agent.admin_client import ADMIN_ENV, DEFAULT_ADMIN, EXIT_OK, EXIT_UNREACHABLE, AdminClient
+from planemesh.agent.admin_client import EXIT_OK, EXIT_UNREACHABLE, AdminClient, first_admin
+from planemesh.model.defaults import option
 
 # Response flags that are not errors (Envoy: DI delay injected); every other flag counts as an error.
 NOT_ERRORS = frozenset({"DI"})
@@ -293,9 +293,8 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
 def add_top_command(subparsers: Any) -> None:
     p = subparsers.add_parser("top", help="live per-plane view of the running agent (q quits)")
-    p.add_argument("--admin", default=os.environ.get(ADMIN_ENV, DEFAULT_ADMIN),
-                   help=f"agent admin address (env {ADMIN_ENV}; default {DEFAULT_ADMIN})")  # fmt: skip
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    p.add_argument("--once", action="store_true", help="print one frame (rates over one interval) and exit")
-    p.add_argument("--iterations", type=int, default=None, help="print N frames as text and exit")
+    p.add_argument("--admin", type=first_admin, **option("top", "--admin"))
+    p.add_argument("--interval", type=float, **option("top", "--interval"))
+    p.add_argument("--once", action="store_true", **option("top", "--once"))
+    p.add_argument("--iterations", type=int, **option("top", "--iterations"))
     p.set_defaults(func=_cmd_top)

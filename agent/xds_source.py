@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def _bootstrap(agent: Agent) -> Any:
-    from planemesh.xds.bootstrap import Bootstrap, check_target, load_bootstrap
+    from planemesh.xds.bootstrap import Bootstrap, check_target, load_bootstrap, with_node
 
     opts = agent.options
     if opts.bootstrap is not None:
@@ -32,7 +32,7 @@ def _bootstrap(agent: Agent) -> Any:
         boot = Bootstrap(node_id=os.uname().nodename, cluster="planemesh", server="unix:///dev/null", planes=planes)
     if opts.xds:
         boot = dataclasses.replace(boot, server=check_target(opts.xds, "--xds"))
-    return boot
+    return with_node(boot, opts.node)
 
 
 async def start_xds(agent: Agent) -> Any:

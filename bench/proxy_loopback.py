@@ -15,34 +15,17 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from tests.support.net import free_port
 from tests.support.procs import dev_module_argv
+from tests.support.waiting import wait_port
 
 NGINX = "/usr/sbin/nginx"
 BODY = b"hello from nginx, a small body for the proxy benchmark\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def start_nginx(workdir: Path, port: int) -> subprocess.Popen:

@@ -22,15 +22,16 @@ PACKAGES = ("bench", "tests")  # the checkout's folders importable by their own 
 
 
 def register_packages(root: Path = ROOT) -> None:
+    """tests/ by its location (as tests/support/procs.register_package does), then the others with that."""
+    init = root / "tests" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("tests", init, submodule_search_locations=[str(init.parent)])
+    assert spec is not None and spec.loader is not None
+    sys.modules["tests"] = module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from tests.support.procs import register_package
+
     for name in PACKAGES:
-        if name in sys.modules:
-            continue
-        init = root / name / "__init__.py"
-        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        register_package(name, root)
 
 
 def main() -> None:

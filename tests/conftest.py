@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procs import register_package
+
 # The repository root never goes on sys.path (its xds/ folder would hide xds-protos' `xds`): pytest imports
 # tests/ by location (--import-mode=importlib in pyproject.toml); `python -m pytest` puts the working directory
 # first, so it goes again here, before any test imports anything; and every Python child of a test starts
@@ -21,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
 os.environ["PYTHONSAFEPATH"] = "1"
+register_package("bench")  # some tests reuse a benchmark's harness (bench/common.py)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PRIVILEGED_MARKS = ("bpf", "netns")

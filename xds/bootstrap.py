@@ -20,12 +20,14 @@ every error names its field like the static configuration's.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from planemesh.model.config import ConfigError
+from planemesh.model.node import NodeIdentity
 from planemesh.model.planes import Plane
 from planemesh.model.static_config import read_yaml_file, snapshot_from_dict
 from planemesh.xds.client_state import Mode
@@ -154,3 +156,11 @@ def _json_value(value: Any) -> bool:
 
 def load_bootstrap(path: str | Path) -> Bootstrap:
     return bootstrap_from_dict(read_yaml_file(path))
+
+
+def with_node(boot: Bootstrap, node: NodeIdentity) -> Bootstrap:
+    """The bootstrap with the node identity the orchestrator gave (--node-id, --node-ip, --pod-name) applied."""
+    metadata = node.metadata(dict(boot.node_metadata))
+    return dataclasses.replace(
+        boot, node_id=node.node_id or boot.node_id, node_metadata=tuple(sorted(metadata.items()))
+    )

@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import os
 import signal
 import time
 from collections.abc import Iterable
@@ -37,6 +36,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, message
 
+from planemesh.model.defaults import option
 from planemesh.xds.resources import (
     MESSAGE_OF_TYPE,
     RESOURCE_SUFFIXES,
@@ -489,31 +489,9 @@ async def serve_forever(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument(
-        "--resources",
-        default=env("PLANEMESH_XDS_RESOURCES"),
-        help="directory of YAML/JSON Envoy resources (env PLANEMESH_XDS_RESOURCES)",
-    )
-    parser.add_argument(
-        "--listen",
-        default=env("PLANEMESH_XDS_LISTEN", "127.0.0.1:18000"),
-        help="host:port, [v6]:port or unix:///path (env PLANEMESH_XDS_LISTEN; default %(default)s)",
-    )
-    parser.add_argument(
-        "--poll-interval",
-        type=float,
-        default=float(env("PLANEMESH_XDS_POLL_INTERVAL_S", "0.2")),
-        help="seconds between checks of the resource files; bounds file change -> push latency "
-        "(env PLANEMESH_XDS_POLL_INTERVAL_S; default %(default)s)",
-    )
-    parser.add_argument("--tls-cert", default=env("PLANEMESH_XDS_TLS_CERT"), help="PEM certificate chain: serve TLS")
-    parser.add_argument("--tls-key", default=env("PLANEMESH_XDS_TLS_KEY"), help="PEM private key of --tls-cert")
-    parser.add_argument(
-        "--bearer-token-file",
-        default=env("PLANEMESH_XDS_BEARER_TOKEN_FILE"),
-        help="refuse streams without `authorization: Bearer <this file's token>` (as istiod checks JWTs)",
-    )
+    for flag in ("--resources", "--listen", "--tls-cert", "--tls-key", "--bearer-token-file"):
+        parser.add_argument(flag, **option("xds-server", flag))
+    parser.add_argument("--poll-interval", type=float, **option("xds-server", "--poll-interval"))
     add_sds_arguments(parser)
 
 

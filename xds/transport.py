@@ -16,9 +16,9 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -111,6 +111,32 @@ def make_channel(bootstrap: Bootstrap) -> grpc.aio.Channel:
 
 
 _EOF = object()
+_RECONFIGURED = object()
+
+
+class AdsCall(Protocol):
+    """One ADS stream as the client sees it (grpc.aio's stream-stream call is one; so is tests/support/ads.py's
+    in-memory FakeAdsServer): the server's messages, then grpc.aio.EOF; AioRpcError when the server fails it."""
+
+    async def read(self) -> Any: ...
+
+    def cancel(self) -> bool: ...
+
+
+# (bootstrap, the client's requests) -> a context manager holding the open stream for its lifetime.
+OpenStream = Callable[[Bootstrap, AsyncIterator[Any]], contextlib.AbstractAsyncContextManager[AdsCall]]
+
+
+@contextlib.asynccontextmanager
+async def grpc_stream(bootstrap: Bootstrap, requests: AsyncIterator[Any]) -> AsyncIterator[AdsCall]:
+    """The ADS stream over gRPC to the bootstrap's server (SotW or delta as it says)."""
+    metadata = call_metadata(bootstrap)
+    async with make_channel(bootstrap) as channel:
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        if bootstrap.mode is Mode.DELTA:
+            yield stub.DeltaAggregatedResources(requests, metadata=metadata)
+        else:
+            yield stub.StreamAggregatedResources(requests, metadata=metadata)
 
 
 async def _requests(outbox: asyncio.Queue[Any]) -> Any:
@@ -134,11 +160,17 @@ class XdsClient:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        open_stream: OpenStream = grpc_stream,
     ) -> None:
         self.bootstrap = bootstrap
         self._apply = apply
         self._clock = clock
         self._sleep = sleep
+        self._rng = rng
+        self._open_stream = open_stream
+        self._queue: asyncio.Queue[Any] | None = None  # the live stream's inbox
+        self._reconfigured = asyncio.Event()
+        self._pending: Bootstrap | None = None  # reconfigure()'s bootstrap, not adopted yet
         self.state = AdsClientState(
             node_identity(bootstrap), bootstrap.mode, initial_fetch_timeout_s=bootstrap.initial_fetch_timeout_s
         )
@@ -186,6 +218,27 @@ class XdsClient:
         ]
         return {"xds": rows, "xds_connected": self.state.connected}
 
+    def reconfigure(self, bootstrap: Bootstrap) -> bool:
+        """A new bootstrap (SIGHUP with --bootstrap): when it differs, the stream ends at once and a new one starts
+        with it, as at start-up (subscriptions, versions and translations are the new server's business; the
+        applied snapshot keeps serving until the new stream's first update is applied). False: unchanged."""
+        if bootstrap == (self._pending or self.bootstrap):
+            return False
+        self._pending = bootstrap  # adopted by run() once the stream (or the backoff wait) has ended
+        self._reconfigured.set()
+        if self._queue is not None:
+            self._queue.put_nowait(_RECONFIGURED)
+        return True
+
+    def _adopt(self, bootstrap: Bootstrap) -> None:
+        self.bootstrap = bootstrap
+        self.state = AdsClientState(
+            node_identity(bootstrap), bootstrap.mode, initial_fetch_timeout_s=bootstrap.initial_fetch_timeout_s
+        )
+        self.backoff = Backoff(bootstrap.backoff_base_s, bootstrap.backoff_max_s, self._rng)
+        self.translation_cache = TranslationCache()  # the planes may have changed: translation depends on them
+        self.last_error = None
+
     # ---- the loop --------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -198,8 +251,13 @@ class XdsClient:
                 self.last_error = self._explain(exc)
             except CredentialsError as exc:
                 self.last_error = str(exc)
-            self.state.stream_reset(self._clock())
-            await self._wait(self.backoff.next_delay())
+            if self._pending is None:
+                self.state.stream_reset(self._clock())
+                await self._wait(self.backoff.next_delay())
+            if self._pending is not None:  # a new bootstrap: connect with it now, no backoff
+                self._adopt(self._pending)
+                self._pending = None
+                self._reconfigured.clear()
 
     def _explain(self, exc: grpc.aio.AioRpcError) -> str:
         """The server's error, with the bootstrap setting that most likely explains it."""
@@ -220,23 +278,29 @@ class XdsClient:
     async def _wait(self, delay: float) -> None:
         """Sleep through the backoff, still firing timers (TTL expiry needs no server)."""
         end = self._clock() + delay
-        while (now := self._clock()) < end:
+        while (now := self._clock()) < end and not self._reconfigured.is_set():
             deadline = self.state.next_deadline()
             if deadline is not None and deadline <= now:
                 await self._execute(None, self.state.timer_fired(now))
                 continue
-            await self._sleep(min(end, deadline or end) - now)
+            await self._sleep_unless_reconfigured(min(end, deadline or end) - now)
+
+    async def _sleep_unless_reconfigured(self, seconds: float) -> None:
+        sleep = asyncio.ensure_future(self._sleep(seconds))
+        woken = asyncio.ensure_future(self._reconfigured.wait())
+        try:
+            await asyncio.wait({sleep, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleep, woken):
+                task.cancel()
+            await asyncio.gather(sleep, woken, return_exceptions=True)
 
     async def _one_stream(self) -> None:
-        metadata = call_metadata(self.bootstrap)
-        async with make_channel(self.bootstrap) as channel:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            outbox: asyncio.Queue[Any] = asyncio.Queue()
-            if self.bootstrap.mode is Mode.DELTA:
-                call = stub.DeltaAggregatedResources(_requests(outbox), metadata=metadata)
-            else:
-                call = stub.StreamAggregatedResources(_requests(outbox), metadata=metadata)
-            queue: asyncio.Queue[Any] = asyncio.Queue()
+        outbox: asyncio.Queue[Any] = asyncio.Queue()
+        async with self._open_stream(self.bootstrap, _requests(outbox)) as call:
+            if self._pending is not None:
+                return  # reconfigured while connecting
+            self._queue = queue = asyncio.Queue()
             reader = asyncio.create_task(self._read(call, queue))
             self.streams += 1
             try:
@@ -249,13 +313,14 @@ class XdsClient:
                     except TimeoutError:
                         await self._execute(outbox, self.state.timer_fired(self._clock()))
                         continue
-                    if item is _EOF:
+                    if item is _EOF or item is _RECONFIGURED:
                         return
                     if isinstance(item, BaseException):
                         raise item
                     self.backoff.reset()  # the server answered: next outage starts from the base delay
                     await self._execute(outbox, self.state.response_received(item, self._clock()))
             finally:
+                self._queue = None
                 reader.cancel()
                 call.cancel()
                 with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):

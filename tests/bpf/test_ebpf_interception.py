@@ -16,7 +16,6 @@ import ipaddress
 import os
 import shutil
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from planemesh.ebpf.loader import Datapath
 from planemesh.ebpf.policy import PolicyRule
 from planemesh.labs.netns import call_in
 from planemesh.netplanes import routing
+from tests.support.servers import AcceptLoop
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
@@ -58,18 +58,7 @@ class EchoServer:
 
     def __init__(self, listener: socket.socket) -> None:
         self.listener = listener
-        self.listener.settimeout(0.2)  # short, so close() is quick
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+        self.loop = AcceptLoop(listener, self._echo)
 
     @staticmethod
     def _echo(conn: socket.socket) -> None:
@@ -82,9 +71,7 @@ class EchoServer:
                     conn.sendall(data)
 
     def close(self) -> None:
-        self.stop.set()
-        self.listener.close()
-        self.thread.join(timeout=TIMEOUT)
+        self.loop.close()
 
 
 @dataclass

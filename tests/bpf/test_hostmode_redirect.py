@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -30,6 +29,7 @@ from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
 from planemesh.labs.netns import call_in, exec_argv
 from planemesh.model.planes import Plane
 from tests.netns.host_cgroups import joiner, temporary_cgroup
+from tests.support.servers import AcceptLoop
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
@@ -62,24 +62,15 @@ class Greeter:
     """Accepts and answers each connection with one line made by `greet(conn)`."""
 
     def __init__(self, sock: socket.socket, greet) -> None:  # type: ignore[no-untyped-def]
-        self.sock, self.greet = sock, greet
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.greet = greet
+        self.loop = AcceptLoop(sock, self._answer, threaded=False)
 
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            with conn:
-                conn.sendall((self.greet(conn) + "\n").encode())
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.sendall((self.greet(conn) + "\n").encode())
 
     def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-        self.thread.join(timeout=TIMEOUT)
+        self.loop.close()
 
 
 def _plain(host: str) -> str:

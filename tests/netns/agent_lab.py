@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from planemesh.agent.admin_client import AdminClient
 from planemesh.agent.demo import start_agent, start_servers
 from planemesh.labs import Lab, load_lab
 from planemesh.labs import netns as ns_tools
+from tests.support.waiting import eventually  # noqa: F401  (re-exported: tests import it from here)
 
 
 @dataclass
@@ -52,16 +52,6 @@ class AgentLab:
 
     def agent_output(self) -> str:
         return "\n".join(getattr(self.agent, "output_lines", []))
-
-
-def eventually(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.1) -> Any:
-    """Poll until check() returns a truthy value (stats and logs are reported periodically)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from planemesh.model.config import (
     VirtualHost,
 )
 from planemesh.model.planes import SLA, Plane
+from tests.support.net import free_port  # noqa: F401  (re-exported: tests import it from here)
 
 PLANE = "oam"
 
@@ -163,12 +164,6 @@ class Backend(ThreadedBackend):
         super().__init__(host, BackendHandler)
         self.seen: list[tuple[str, str, dict[str, str]]] = []
         self.failed_once: set[str] = set()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def make_snapshot(proxy_port: int, endpoints: list[tuple[str, int]], *, sla: SLA | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.client
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,6 +19,7 @@ from planemesh.agent.proxy.limits import PRESSURE_FRACTION
 from planemesh.agent.proxy.overload import HARD_FRACTION, MIB, SOFT_FRACTION
 from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import Backend, ProxyThread
+from tests.support.waiting import eventually as wait_until
 
 ATTACKER = "127.0.0.2"  # every 127/8 address is the loopback's: a second client address without a netns
 
@@ -60,15 +61,6 @@ def closed_by_proxy(sock: socket.socket) -> bool:
         return False
     except ConnectionResetError:
         return True
-
-
-def wait_until(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def test_one_source_cannot_take_the_plane_budget(backend: Backend) -> None:

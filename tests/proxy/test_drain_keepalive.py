@@ -10,23 +10,15 @@ import threading
 import time
 
 from tests.proxy.proxy_harness import ProxyThread
+from tests.support.servers import AcceptLoop
 
 
 class SlowBodyBackend:
     """Answers each request with a head at once and the rest of its body 0.4 s later, keep-alive."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        self.loop = AcceptLoop(socket.create_server(("127.0.0.1", 0)), self._serve)
+        self.port = self.loop.port
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -63,4 +55,4 @@ def test_drain_answers_the_request_sent_right_after_a_keep_alive_response() -> N
         conn.close()
         drain.join(10)
     finally:
-        backend.sock.close()
+        backend.loop.close()

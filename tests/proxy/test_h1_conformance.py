@@ -7,7 +7,6 @@ import contextlib
 import re
 import socket
 import subprocess
-import threading
 import time
 from dataclasses import replace
 
@@ -16,6 +15,7 @@ import pytest
 from planemesh.model.config import DirectResponse, HeaderValue, Route, RouteAction, VirtualHost
 from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import Backend, ProxyThread
+from tests.support.servers import AcceptLoop
 
 
 @pytest.fixture(scope="module")
@@ -30,25 +30,16 @@ class ScriptedUpstream:
 
     def __init__(self, script: dict[str, bytes] | None = None) -> None:
         self.script = script or {}
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.heads: list[bytes] = []
         self.bodies: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.loop = AcceptLoop(socket.create_server(("127.0.0.1", 0)), self._one)
+        self.port = self.loop.port
 
     def __enter__(self) -> ScriptedUpstream:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+        self.loop.close()
 
     def _one(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError, ValueError):

@@ -28,6 +28,7 @@ from planemesh.labs import h2_frames as hf
 from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import PLANE, Backend, ProxyThread, ServingProxy, make_snapshot
 from tests.proxy.test_h2_abuse import SlowBackend
+from tests.support.waiting import eventually as wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -132,15 +133,6 @@ def h2_get(port: int, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
                 elif isinstance(event, h2.events.StreamEnded):
                     return int(fields[b":status"]), fields, body
             sock.sendall(client.data_to_send())
-
-
-def wait_until(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,7 @@ from planemesh.model.config import (
 )
 from tests.proxy.proxy_harness import free_port, log_line_for
 from tests.proxy.test_traffic_resilience import VersionServer, endpoint, proxy_for, static, to, with_config
-
-
-def wait_for(predicate, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+from tests.support.waiting import eventually as wait_for
 
 
 def test_weighted_canary_split_90_10(http) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 
 import h2.config
@@ -13,6 +12,7 @@ import h2.events
 import pytest
 
 from tests.proxy.proxy_harness import ProxyThread
+from tests.support.servers import AcceptLoop
 
 CHUNKED_WITH_TRAILERS = (
     b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n"
@@ -36,22 +36,13 @@ class RawUpstream:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.requests: list[tuple[bytes, bytes, bytes]] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
 
     def __enter__(self) -> RawUpstream:
-        self.thread.start()
+        self.loop = AcceptLoop(self.sock, self._one)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+        self.loop.close()
 
     def _one(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError, ValueError):  # a request the proxy aborted ends early

@@ -40,6 +40,7 @@ from planemesh.model.config import (
 )
 from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import ProxyThread, free_port, log_line_for
+from tests.support.waiting import eventually as wait_for
 
 CONNECT_ROUTE = Route(match=RouteMatch(prefix=None, connect=True),
                       action=RouteAction(upgrades=(UpgradeConfig("connect"),)))  # fmt: skip
@@ -105,13 +106,6 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     while len(body) < int(headers.get("content-length", "0")):
         body += sock.recv(65536)
     return int(lines[0].split(" ")[1]), headers, body
-
-
-def wait_for(check, timeout: float = 3.0):
-    deadline = time.monotonic() + timeout
-    while not (value := check()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return value
 
 
 # ---- WebSocket --------------------------------------------------------------------------------------------

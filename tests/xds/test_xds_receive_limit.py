@@ -12,9 +12,30 @@ from google.protobuf import any_pb2
 from planemesh.xds.bootstrap import bootstrap_from_dict
 from planemesh.xds.resources import CLUSTER
 from planemesh.xds.transport import XdsClient
-from tests.xds.test_xds_transport import PLANES, ScriptedAds, cluster_doc, packed, until
+from tests.support.waiting import until
+from tests.xds.test_xds_transport import PLANES, cluster_doc, packed
 
 T = "type.googleapis.com/"
+
+
+class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """A real gRPC ADS server (the limit under test is gRPC's) answering the client's CDS subscription with one
+    scripted response per ACK/NACK it receives."""
+
+    def __init__(self, script: list) -> None:
+        self.script = list(script)
+        self.answers: list[discovery_pb2.DiscoveryRequest] = []
+
+    async def StreamAggregatedResources(self, request_iterator, context):
+        while (req := await context.read()) is not grpc.aio.EOF:
+            if req.type_url != CLUSTER and not (req.response_nonce and req.response_nonce.startswith("s")):
+                continue
+            if req.response_nonce:
+                self.answers.append(req)
+            if self.script:
+                item = self.script.pop(0)
+                for resp in item if isinstance(item, list) else [item]:
+                    await context.write(resp)
 
 
 def _big(size: int) -> discovery_pb2.DiscoveryResponse:

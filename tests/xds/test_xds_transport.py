@@ -1,4 +1,5 @@
-"""Our XdsClient over real gRPC on loopback: bad responses, file changes, outages, unix and IPv6 targets."""
+"""Our XdsClient over real gRPC on loopback: file changes, outages, unix and IPv6 targets, TLS. The stream logic
+without gRPC (NACKs, reconnects, reconfigure): tests/unit/test_xds_client_stream.py on tests/support/ads.py."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import time
 import grpc
 import pytest
 import yaml
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
 from planemesh.xds.bootstrap import bootstrap_from_dict
 from planemesh.xds.resources import CLUSTER, parse_resource_text
 from planemesh.xds.server import ManagementServer
 from planemesh.xds.transport import XdsClient
+from tests.support.waiting import until
 from tests.xds.xds_harness import write_resources
 
 T = "type.googleapis.com/"
@@ -61,86 +62,6 @@ def make_client(address: str, mode: str = "sotw", applied: list | None = None) -
             applied.append(snapshot)
 
     return XdsClient(boot, apply)
-
-
-async def until(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-    return value
-
-
-class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    """Answers the client's CDS subscription with one scripted response per ACK/NACK it receives."""
-
-    def __init__(self, script: list[discovery_pb2.DiscoveryResponse]) -> None:
-        self.script = list(script)
-        self.answers: list[discovery_pb2.DiscoveryRequest] = []
-
-    async def StreamAggregatedResources(self, request_iterator, context):
-        while (req := await context.read()) is not grpc.aio.EOF:
-            if req.type_url != CLUSTER and not (req.response_nonce and req.response_nonce.startswith("s")):
-                continue
-            if req.response_nonce:
-                self.answers.append(req)
-            if self.script:
-                item = self.script.pop(0)
-                for resp in item if isinstance(item, list) else [item]:
-                    await context.write(resp)
-
-
-def test_bad_responses_are_nacked_with_reasons_and_the_client_keeps_running():
-    good = packed(cluster_doc("good"))
-    script = [
-        [  # a type URL nobody subscribed to is ignored (Envoy): no answer, the next response is answered
-            discovery_pb2.DiscoveryResponse(type_url=T + "envoy.config.bogus.v3.Thing", version_info="x", nonce="s1"),
-            discovery_pb2.DiscoveryResponse(
-                type_url=CLUSTER,
-                version_info="2",
-                nonce="s2",
-                resources=[any_pb2.Any(type_url=CLUSTER, value=b"\x0a\xff\xff")],
-            ),
-        ],
-        discovery_pb2.DiscoveryResponse(type_url=CLUSTER, version_info="3", nonce="s3", resources=good + good),
-        discovery_pb2.DiscoveryResponse(
-            type_url=CLUSTER, version_info="4", nonce="s4", resources=packed(cluster_doc("ip", address="1.2.3.400"))
-        ),
-        discovery_pb2.DiscoveryResponse(
-            type_url=CLUSTER, version_info="5", nonce="s5", resources=packed(cluster_doc("port", port=0))
-        ),
-        discovery_pb2.DiscoveryResponse(type_url=CLUSTER, version_info="6", nonce="s6", resources=good),
-    ]
-    ads = ScriptedAds(script)
-
-    async def scenario():
-        server = grpc.aio.server()
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        applied: list = []
-        client = make_client(f"127.0.0.1:{port}", applied=applied)
-        task = asyncio.create_task(client.run())
-        try:
-            await until(lambda: len(ads.answers) == 5, what="five answers")
-        finally:
-            task.cancel()
-            await server.stop(0)
-        return client, applied
-
-    client, applied = asyncio.run(scenario())
-    nacks = [(a.response_nonce, a.version_info, a.error_detail.message) for a in ads.answers]
-    assert [n[:2] for n in nacks] == [("s2", ""), ("s3", ""), ("s4", ""), ("s5", ""), ("s6", "6")]
-    reasons = [""] + [n[2] for n in nacks]
-    assert client.state.ignored_responses == 1
-    assert "cannot decode" in reasons[1]
-    assert "'good': duplicate name" in reasons[2]
-    assert "cluster[ip]" in reasons[3] and "not an IP" in reasons[3]
-    assert "cluster[port]" in reasons[4] and "not a TCP port" in reasons[4]
-    assert reasons[5] == "" and not ads.answers[4].HasField("error_detail")
-    assert client.streams == 1  # never reconnected: bad input did not break the stream
-    assert list(applied[-1].clusters) == ["good"] and client.status()["types"]["CDS"]["nacks"] == 4
 
 
 @pytest.mark.parametrize("mode", ["sotw", "delta"])
