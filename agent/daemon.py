@@ -185,6 +185,15 @@ class Agent:
         for path in removed:
             log.info("host mode: released cgroup %s", path)
 
+    async def _reload_bootstrap(self) -> None:
+        from planemesh.agent.xds_source import bootstrap_for
+
+        boot = await asyncio.to_thread(bootstrap_for, self)  # ConfigError: the running stream stays
+        if self.xds_client is not None and self.xds_client.reconfigure(boot):
+            log.info("SIGHUP: bootstrap changed: reconnecting to %s as node %s", boot.server, boot.node_id)
+        else:
+            log.info("SIGHUP: bootstrap unchanged; the xDS stream stays")
+
     async def _reload_host_cgroups(self) -> tuple[str, ...]:
         """The cgroups the configuration names now (ConfigError if one is bad: nothing is applied)."""
         from planemesh.agent.host_attach import load_host_cgroups
@@ -220,16 +229,22 @@ class Agent:
                 await workers.update(snap, sources)
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the static configuration and apply it; a bad file changes nothing."""
-        if self.options.bootstrap is not None or self.options.xds_resources is not None:
-            log.info("SIGHUP: configuration comes from xDS; nothing to reload locally")
+        """SIGHUP (docs/configuration.md, "Signals"): with --config (or the embedded default) re-read the static
+        file and apply it; with --bootstrap re-read the bootstrap: its host_mode section, and when its xDS
+        settings changed, reconnect with them. A bad file changes nothing. --xds-resources: the embedded server
+        already follows its directory, nothing to do."""
+        if self.options.bootstrap is None and self.options.xds_resources is not None:
+            log.info("SIGHUP: the embedded xDS server follows %s itself; nothing to reload", self.options.xds_resources)
             return
         self.notifier.reloading()
         try:
             cgroups = await self._reload_host_cgroups()
-            snap = await asyncio.to_thread(load_snapshot, self.options)
-            if snap is not None:
-                await self.apply(snap)
+            if self.options.bootstrap is not None:
+                await self._reload_bootstrap()
+            else:
+                snap = await asyncio.to_thread(load_snapshot, self.options)
+                if snap is not None:
+                    await self.apply(snap)
             if self.host is not None and cgroups != self.host_cgroups:
                 self.host_cgroups = cgroups
                 await self._sync_host_cgroups()

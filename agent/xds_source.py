@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from planemesh.agent.daemon import Agent
 
 
-def _bootstrap(agent: Agent) -> Any:
+def bootstrap_for(agent: Agent) -> Any:
+    """The bootstrap the agent connects with: the file (or the embedded default), --xds and the node identity."""
     from planemesh.xds.bootstrap import Bootstrap, check_target, load_bootstrap, with_node
 
     opts = agent.options
@@ -39,7 +40,7 @@ async def start_xds(agent: Agent) -> Any:
     from planemesh.xds.transport import XdsClient
 
     opts = agent.options
-    boot = _bootstrap(agent)
+    boot = bootstrap_for(agent)
     if opts.xds_resources is not None:
         from planemesh.xds.server import ManagementServer
 

@@ -72,7 +72,7 @@ SETTINGS: tuple[Setting, ...] = (
             "serve this directory of Envoy resources from an embedded xDS server and follow it"),
     Setting(AGENT, "--handover", "PLANEMESH_HANDOVER", None,
             "hot-upgrade socket: a new agent started while one runs takes its listening sockets over it",
-            shown_default="/run/planemesh/handover-<netns or host>.sock"),
+            shown_default="/run/planemesh/handover-NETNS.sock (or -host)"),
     Setting(AGENT, "--netns", "PLANEMESH_NETNS", None, "run inside this named network namespace (labs)"),
     Setting(AGENT, "--admin", "PLANEMESH_ADMIN", ADMIN_SOCKET,
             "admin endpoint, unix:///path or 127.0.0.1:PORT (loopback only), repeatable", Kind.LIST),
@@ -100,7 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
             "the agent's own pod: sent as xDS node metadata NAME unless the bootstrap sets it"),
     Setting(AGENT, "--host-proc", "PLANEMESH_HOST_PROC", "/proc",
             "the host's /proc as this process sees it (the DaemonSet mounts it at /host/proc): where pod discovery"
-            " finds the pods' network namespaces (/proc/<pid>/ns/net); AgentOptions.host_proc"),
+            " finds the pods' network namespaces (HOST_PROC/PID/ns/net); AgentOptions.host_proc"),
     # ---- planemesh xds-server -----------------------------------------------------------------------
     Setting(("xds-server",), "--resources", "PLANEMESH_XDS_RESOURCES", None,
             "directory of YAML/JSON Envoy resources (required)"),
