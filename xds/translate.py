@@ -60,7 +60,7 @@ from planemesh.xds.translate_filters import http_filters, network_filter
 from planemesh.xds.translate_http2 import http2_limits
 from planemesh.xds.translate_mtls import served_cluster, served_listeners
 from planemesh.xds.translate_rbac import translate_rbac
-from planemesh.xds.translate_routes import translate_route_config, translate_upgrades
+from planemesh.xds.translate_routes import RouteMemo, translate_route_config, translate_upgrades
 from planemesh.xds.translate_tls import resolve_secrets, secret_uses, socket_tls
 
 _EXT = "envoy.extensions."
@@ -482,6 +482,7 @@ class TranslationCache:
     def __init__(self) -> None:
         self._clusters: dict[str, tuple[object, object, tuple[Plane, ...], Cluster]] = {}
         self._routes: dict[str, tuple[object, RouteConfig]] = {}
+        self.route_memos: dict[str, RouteMemo] = {}  # per route config: its unchanged virtual hosts and routes
         self.hits = 0
         self.misses = 0
 
@@ -503,7 +504,7 @@ class TranslationCache:
             self.hits += 1
             return hit[1]
         self.misses += 1
-        result = translate_route_config(rc, path)
+        result = translate_route_config(rc, path, self.route_memos.setdefault(name, RouteMemo()))
         self._routes[name] = (rc, result)
         return result
 
@@ -513,6 +514,8 @@ class TranslationCache:
             self._clusters = {n: v for n, v in self._clusters.items() if n in clusters}
         if len(self._routes) > len(routes) or any(n not in routes for n in self._routes):
             self._routes = {n: v for n, v in self._routes.items() if n in routes}
+        if any(n not in routes for n in self.route_memos):
+            self.route_memos = {n: v for n, v in self.route_memos.items() if n in routes}
 
 
 def translate(resources: XdsResources, planes: tuple[Plane, ...], cache: TranslationCache | None = None) -> Snapshot:
