@@ -80,6 +80,60 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def memory_kb(pid: int) -> dict[str, int]:
+    """RSS, PSS (shared pages split between their users) and USS (pages only this process has: what killing it
+    frees) from /proc/PID/smaps_rollup, in kB; zeros when the process is gone."""
+    fields = {"Rss": 0, "Pss": 0, "Private_Clean": 0, "Private_Dirty": 0}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in fields:
+                fields[key] = int(rest.split()[0])
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "uss": fields["Private_Clean"] + fields["Private_Dirty"]}
+
+
+ENVOY_ADS = """\
+node: {{id: envoy-bench, cluster: bench}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 19902}}}}}}
+dynamic_resources:
+  ads_config: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{path}"}}}}}}}}]}}]
+"""
+
+
+@contextlib.contextmanager
+def envoy_ads_in_node(lab, work: Path, address: str):
+    """Envoy 1.40 --concurrency 1 in the node namespace on an ADS server at `address` (unix://PATH); yields
+    None when Envoy is not installed."""
+    from bench.http_proxy import envoy_binary
+
+    if not shutil.which(envoy_binary()) and not os.path.exists(envoy_binary()):
+        yield None
+        return
+    conf = work / "envoy-ads.yaml"
+    conf.write_text(ENVOY_ADS.format(path=address.removeprefix("unix://")))
+    argv = [envoy_binary(), "-c", str(conf), "--concurrency", "1", "--base-id", str(os.getpid() % 50000 + 2000),
+            "--disable-hot-restart", "-l", "warning"]  # fmt: skip
+    proc = ns_tools.popen(lab.node_ns, argv)
+    try:
+        yield proc
+    finally:
+        ns_tools.stop(proc)
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):

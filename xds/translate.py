@@ -469,6 +469,10 @@ def _guarded(errors: Errors, path: str, fn, *args):
     return None
 
 
+def _wire(msg) -> bytes:
+    return msg.SerializeToString(deterministic=True)
+
+
 class TranslationCache:
     """Results of earlier translations, reused while a resource is the very same message object.
 
@@ -480,7 +484,7 @@ class TranslationCache:
     """
 
     def __init__(self) -> None:
-        self._clusters: dict[str, tuple[object, object, tuple[Plane, ...], Cluster]] = {}
+        self._clusters: dict[str, tuple[object, object, tuple[Plane, ...], Cluster, tuple]] = {}
         self._routes: dict[str, tuple[object, RouteConfig]] = {}
         self.route_memos: dict[str, RouteMemo] = {}  # per route config: its unchanged virtual hosts and routes
         self.hits = 0
@@ -493,9 +497,16 @@ class TranslationCache:
         if hit is not None and hit[0] is cluster and hit[1] is cla and (hit[2] is planes or hit[2] == planes):
             self.hits += 1
             return hit[3]
+        # SotW resends every ClusterLoadAssignment as a new message: the same bytes are the same translation
+        # (a one-endpoint change in 1,000 clusters: serializing them costs ~10 ms, translating them ~150 ms).
+        wire = (_wire(cluster), _wire(cla) if cla is not None else None)
+        if hit is not None and hit[4] == wire and (hit[2] is planes or hit[2] == planes):
+            self.hits += 1
+            self._clusters[name] = (cluster, cla, planes, hit[3], wire)
+            return hit[3]
         self.misses += 1
         result = translate_cluster(cluster, endpoints, planes, path)
-        self._clusters[name] = (cluster, cla, planes, result)
+        self._clusters[name] = (cluster, cla, planes, result, wire)
         return result
 
     def route(self, name: str, rc, path: str) -> RouteConfig:
