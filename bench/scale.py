@@ -143,6 +143,7 @@ def lab_runs(shape: Shape, changes: int, envoy: bool) -> tuple[list[Run], dict[s
                             run.route_change_s.append(push(xds, one_change(run.shape, "route", k)))
             if envoy:
                 envoy_result = envoy_run(lab, work, xds, typed(shape), minimal)
+            loop.run(xds.server.stop(0))
     finally:
         shutil.rmtree(pin_dir, ignore_errors=True)
         loop.close()

@@ -61,7 +61,7 @@ def test_one_route_change_translates_one_route_and_keeps_the_others_identical() 
 def test_a_bad_update_is_refused_with_a_memo_and_does_not_poison_it() -> None:
     memo = RouteMemo()
     translate_route_config(route_config(), "rc", memo)
-    with pytest.raises(ConfigError, match="s0.example"):
+    with pytest.raises(ConfigError, match=r"s0\.example"):
         translate_route_config(route_config(dup_domain=True), "rc", memo)  # every vhost but one is a hit
     misses = memo.route_misses
     translate_route_config(route_config(), "rc", memo)
@@ -127,3 +127,21 @@ def test_a_decoder_out_of_step_fails_loudly() -> None:
     enc.encode({"op": "snapshot", "snapshot": snap})
     with pytest.raises(Exception, match="not in the table"):
         SnapshotDecoder().decode(enc.encode({"op": "snapshot", "snapshot": snap})[4:])
+
+
+def test_workers_sent_the_same_snapshots_share_one_encoding_and_a_new_worker_gets_all_of_it() -> None:
+    memo = RouteMemo()
+    a, b = SnapshotEncoder(), SnapshotEncoder()  # two planes' workers
+    snap1, _ = snapshot_with(translate_route_config(route_config(), "rc", memo))
+    snap2, _ = snapshot_with(translate_route_config(route_config({5: 1}), "rc", memo))
+    full_a = a.encode({"op": "snapshot", "snapshot": snap1, "id": 1})
+    full_b = b.encode({"op": "snapshot", "snapshot": snap1, "id": 7})
+    assert full_a != full_b and full_a[-1000:] == full_b[-1000:]  # own ids, one snapshot encoding
+    delta_a = a.encode({"op": "snapshot", "snapshot": snap2, "id": 2})
+    delta_b = b.encode({"op": "snapshot", "snapshot": snap2, "id": 8})
+    assert delta_a[-200:] == delta_b[-200:] and len(delta_a) * 10 < len(full_a)
+    fresh = SnapshotEncoder()  # a restarted worker: its table is empty, it gets the whole snapshot
+    whole = fresh.encode({"op": "snapshot", "snapshot": snap2, "id": 1})
+    assert len(whole) > 10 * len(delta_a)
+    dec = SnapshotDecoder()
+    assert dec.decode(whole[4:]) == {"op": "snapshot", "id": 1, "snapshot": snap2}
