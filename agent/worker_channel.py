@@ -62,38 +62,38 @@ def _children(obj: object) -> Iterator[object]:
 
 
 class _Table:
-    """Objects of the last snapshot by number, with the same numbers on both ends of the channel."""
+    """Objects of the last snapshot by number, with the same numbers on both ends of the channel. Each
+    snapshot builds a new table (as it is encoded or decoded) from the objects it holds."""
 
     def __init__(self) -> None:
         self.by_n: dict[int, object] = {}
         self.n_of: dict[int, int] = {}  # id(obj) -> n; the object is held by by_n, so its id stays its own
         self.next = 1
 
-    def keep(self, used: dict[int, object], n: int, obj: object) -> None:
-        """`obj` is in the new snapshot, and so is everything it holds."""
+    def add(self, n: int, obj: object) -> None:
+        self.by_n[n] = obj
+        self.n_of[id(obj)] = n
+
+    def keep(self, old: _Table, n: int, obj: object) -> None:
+        """`obj` of the `old` table is in this snapshot, and so is everything it holds."""
         stack = [(n, obj)]
         while stack:
             n, obj = stack.pop()
-            if n in used:
+            if n in self.by_n:
                 continue
-            used[n] = obj
+            self.add(n, obj)
             for child in _children(obj):
-                cn = self.n_of.get(id(child))
-                if cn is not None and self.by_n.get(cn) is child:
+                cn = old.n_of.get(id(child))
+                if cn is not None and old.by_n.get(cn) is child:
                     stack.append((cn, child))
-
-    def replace(self, used: dict[int, object], next_n: int) -> None:
-        self.by_n = used
-        self.n_of = {id(obj): n for n, obj in used.items()}
-        self.next = next_n
 
 
 class _SharingPickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO, table: _Table) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.table = table
-        self.used: dict[int, object] = {}
-        self.next = table.next
+        self.used = _Table()  # the table after this snapshot
+        self.used.next = table.next
         self.payload: set[int] = set()  # ids of the new objects written out in full in this message
         self.refs = self.new = 0
 
@@ -103,11 +103,12 @@ class _SharingPickler(pickle.Pickler):
         n = self.table.n_of.get(id(obj))
         if n is not None and self.table.by_n.get(n) is obj:
             self.refs += 1
-            self.table.keep(self.used, n, obj)
+            self.used.keep(self.table, n, obj)
             return n
-        n, self.next = self.next, self.next + 1
+        n = self.used.next
+        self.used.next += 1
         self.payload.add(id(obj))
-        self.used[n] = obj
+        self.used.add(n, obj)
         self.new += 1
         return (n, obj)
 
@@ -137,12 +138,11 @@ class SnapshotEncoder:
             buf = io.BytesIO()
             pickler = _SharingPickler(buf, self._table)
             pickler.dump(snapshot)
-            done = _Encoded(snapshot, buf.getvalue(), pickler.used, pickler.next, next(_LINEAGES), pickler.refs,
-                            pickler.new)  # fmt: skip
+            done = _Encoded(snapshot, buf.getvalue(), pickler.used, next(_LINEAGES), pickler.refs, pickler.new)
             _ENCODED[key] = done
             while len(_ENCODED) > 8:
                 del _ENCODED[next(iter(_ENCODED))]
-        self._table.replace(done.used, done.next)  # only once the whole snapshot is encoded
+        self._table = done.table  # only once the whole snapshot is encoded (read-only: shared by encoders)
         self._lineage = done.lineage
         self.refs += done.refs
         self.new += done.new
@@ -154,8 +154,7 @@ class SnapshotEncoder:
 class _Encoded:
     snapshot: object  # held: the key's id stays this snapshot's
     body: bytes
-    used: dict[int, object]
-    next: int
+    table: _Table
     lineage: int
     refs: int
     new: int
@@ -169,19 +168,17 @@ class _SharingUnpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, table: _Table) -> None:
         super().__init__(file)
         self.table = table
-        self.used: dict[int, object] = {}
-        self.next = table.next
+        self.used = _Table()
 
     def persistent_load(self, pid: Any) -> object:
         if isinstance(pid, int):
             obj = self.table.by_n.get(pid)
             if obj is None:
                 raise pickle.UnpicklingError(f"shared object {pid} is not in the table")
-            self.table.keep(self.used, pid, obj)
+            self.used.keep(self.table, pid, obj)
             return obj
         n, obj = pid
-        self.used[n] = obj
-        self.next = max(self.next, n + 1)
+        self.used.add(n, obj)
         return obj
 
 
@@ -197,7 +194,7 @@ class SnapshotDecoder:
         if isinstance(message, dict) and message.get("op") == "snapshot" and "snapshot" not in message:
             unpickler = _SharingUnpickler(stream, self._table)  # SnapshotEncoder's second part
             message["snapshot"] = unpickler.load()
-            self._table.replace(unpickler.used, unpickler.next)
+            self._table = unpickler.used
         return message
 
 
