@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from planemesh.agent.config import (
@@ -435,7 +436,9 @@ class RouteMemo:
 
 
 def _wire(msg) -> bytes:
-    return msg.SerializeToString(deterministic=True)
+    """A digest of the message's deterministic encoding: memo keys hold 16 bytes instead of the message's
+    (10,000 routes: ~1 MB of route and ~1.4 MB of virtual host encodings otherwise kept in the agent)."""
+    return hashlib.blake2b(msg.SerializeToString(deterministic=True), digest_size=16).digest()
 
 
 def _virtual_host(vh, vi: int, vpath: str, top: dict, memo: RouteMemo | None) -> VirtualHost:
