@@ -139,9 +139,9 @@ class SnapshotEncoder:
             pickler = _SharingPickler(buf, self._table)
             pickler.dump(snapshot)
             done = _Encoded(snapshot, buf.getvalue(), pickler.used, next(_LINEAGES), pickler.refs, pickler.new)
+            if any(e.snapshot is not snapshot for e in _ENCODED.values()):
+                _ENCODED.clear()  # workers are only ever sent the newest snapshot: older encodings are done with
             _ENCODED[key] = done
-            while len(_ENCODED) > 8:
-                del _ENCODED[next(iter(_ENCODED))]
         self._table = done.table  # only once the whole snapshot is encoded (read-only: shared by encoders)
         self._lineage = done.lineage
         self.refs += done.refs
@@ -160,7 +160,7 @@ class _Encoded:
     new: int
 
 
-_ENCODED: dict[tuple[int, int], _Encoded] = {}  # (lineage, id(snapshot)) -> its encoding, the newest few
+_ENCODED: dict[tuple[int, int], _Encoded] = {}  # (lineage, id(snapshot)) -> its encoding, newest snapshot only
 _LINEAGES = itertools.count(1)
 
 
