@@ -18,7 +18,7 @@ import socket
 import sys
 from typing import Any
 
-from planemesh.agent.worker_channel import encode, read_message
+from planemesh.agent.worker_channel import encode, read_message, SnapshotDecoder
 from planemesh.model.config import Snapshot
 from planemesh.model.planes import plane_of_address
 
@@ -149,7 +149,8 @@ async def run_worker(
     from planemesh.agent.proxy.server import PlaneProxy
 
     reader, writer = await asyncio.open_unix_connection(sock=control)
-    first = await read_message(reader)
+    decoder = SnapshotDecoder()  # unchanged routes and clusters arrive as the objects this worker already has
+    first = await read_message(reader, decoder)
     if first is None or first.get("op") != "snapshot":
         raise RuntimeError("worker: the agent sent no initial snapshot")
     sources = SourceAddresses()
@@ -178,7 +179,7 @@ async def run_worker(
     loop.add_signal_handler(signal.SIGINT, stop.set)
 
     async def control_loop() -> None:
-        while (msg := await read_message(reader)) is not None:
+        while (msg := await read_message(reader, decoder)) is not None:
             op, rid = msg.get("op"), msg.get("id")  # every reply echoes the request's id
             if op == "snapshot":
                 sources.snapshot, sources.by_plane = msg["snapshot"], msg.get("sources", {})

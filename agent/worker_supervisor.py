@@ -18,7 +18,7 @@ from typing import Any
 
 from planemesh import module_argv
 from planemesh.agent.cpu_groups import CpuGroups
-from planemesh.agent.worker_channel import RequestTable, encode, read_message
+from planemesh.agent.worker_channel import RequestTable, encode, read_message, SnapshotEncoder
 from planemesh.model.config import Snapshot
 
 log = logging.getLogger("planemesh.workers")
@@ -53,6 +53,7 @@ class WorkerProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._table = RequestTable()
+        self._encoder = SnapshotEncoder()  # snapshots go as changes to the last one (worker_channel.py)
         self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._replies: asyncio.Task[None] | None = None
         self.pid: int | None = None
@@ -89,7 +90,7 @@ class WorkerProcess:
         self.pid = self._proc.pid
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         try:
-            self._writer.write(encode(first))
+            self._writer.write(self._encoder.encode(first))
             await self._writer.drain()
             reply = await asyncio.wait_for(read_message(reader), START_TIMEOUT_S)
         except (ConnectionError, TimeoutError, ValueError, EOFError) as exc:
@@ -135,7 +136,7 @@ class WorkerProcess:
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[rid] = waiter
         try:
-            self._writer.write(encode({**message, "id": rid}))
+            self._writer.write(self._encoder.encode({**message, "id": rid}))
             await asyncio.wait_for(self._send_and_wait(waiter), timeout)
             return waiter.result()
         except (TimeoutError, ConnectionError) as exc:
@@ -155,7 +156,7 @@ class WorkerProcess:
             return
         rid = self._table.new(expect, time.monotonic())
         self._table.abandon(rid)
-        self._writer.write(encode({**message, "id": rid}))
+        self._writer.write(self._encoder.encode({**message, "id": rid}))
 
     def stalled_for(self) -> float:
         """Seconds the oldest unanswered request has waited (0 when none is open)."""

@@ -80,6 +80,60 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def memory_kb(pid: int) -> dict[str, int]:
+    """RSS, PSS (shared pages split between their users) and USS (pages only this process has: what killing it
+    frees) from /proc/PID/smaps_rollup, in kB; zeros when the process is gone."""
+    fields = {"Rss": 0, "Pss": 0, "Private_Clean": 0, "Private_Dirty": 0}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in fields:
+                fields[key] = int(rest.split()[0])
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "uss": fields["Private_Clean"] + fields["Private_Dirty"]}
+
+
+ENVOY_ADS = """\
+node: {{id: envoy-bench, cluster: bench}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 19902}}}}}}
+dynamic_resources:
+  ads_config: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{path}"}}}}}}}}]}}]
+"""
+
+
+@contextlib.contextmanager
+def envoy_ads_in_node(lab, work: Path, address: str):
+    """Envoy 1.40 --concurrency 1 in the node namespace on an ADS server at `address` (unix://PATH); yields
+    None when Envoy is not installed."""
+    from bench.http_proxy import envoy_binary
+
+    if not shutil.which(envoy_binary()) and not os.path.exists(envoy_binary()):
+        yield None
+        return
+    conf = work / "envoy-ads.yaml"
+    conf.write_text(ENVOY_ADS.format(path=address.removeprefix("unix://")))
+    argv = [envoy_binary(), "-c", str(conf), "--concurrency", "1", "--base-id", str(os.getpid() % 50000 + 2000),
+            "--disable-hot-restart", "-l", "warning"]  # fmt: skip
+    proc = ns_tools.popen(lab.node_ns, argv)
+    try:
+        yield proc
+    finally:
+        ns_tools.stop(proc)
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -109,14 +163,42 @@ def measure(lab, work: Path, config: Path, pin_dir: str, kind: str, settle: floa
     return sample, agent
 
 
-def envoy_rss_kb(lab, work: Path, settle: float) -> int | None:
+def envoy_memory_kb(lab, work: Path, settle: float) -> dict[str, int] | None:
     from bench.http_proxy import envoy_binary, envoy_in_node
 
     if not shutil.which(envoy_binary()) and not os.path.exists(envoy_binary()):
         return None
     with envoy_in_node(lab, work, 15001) as proc:
         time.sleep(settle + 1)
-        return rss_kb(proc.pid) if proc.poll() is None else None
+        return memory_kb(proc.pid) if proc.poll() is None else None
+
+
+def two_planes_memory(lab, work: Path, pin_dir: str, settle: float) -> dict[str, dict[str, int]]:
+    """The default configuration (two planes, one worker each), at rest: RSS/PSS/USS of the agent and workers."""
+    agent = start_agent(lab, work, ["--pin-dir", pin_dir])
+    try:
+        time.sleep(settle)
+        out = {"agent": memory_kb(agent.pid)}
+        for i, pid in enumerate(sorted(children(agent.pid))):
+            out[f"worker {i + 1}"] = memory_kb(pid)
+        return out
+    finally:
+        ns_tools.stop(agent)
+
+
+def memory_report(ours: dict[str, dict[str, int]], envoy: dict[str, int] | None) -> list[str]:
+    """RSS counts shared pages (libpython, OpenSSL...) in every process that maps them; PSS splits them between
+    their users, so a sum of PSS is what the processes take together; USS is what each alone holds."""
+    lines = ["at rest, default configuration (two planes, one worker each), MB:",
+             f"  {'process':24} {'RSS':>7} {'PSS':>7} {'USS':>7}"]  # fmt: skip
+    total = {k: sum(m[k] for m in ours.values()) for k in ("rss", "pss", "uss")}
+    rows = [*ours.items(), ("agent + workers", total), *([("envoy 1.40 --concurrency 1", envoy)] if envoy else [])]
+    for name, m in rows:
+        lines.append(f"  {name:24} {m['rss'] / 1024:7.1f} {m['pss'] / 1024:7.1f} {m['uss'] / 1024:7.1f}")
+    if envoy:
+        lines.append(f"  agent + workers / Envoy: RSS {total['rss'] / envoy['rss']:.2f}x, "
+                     f"PSS {total['pss'] / envoy['pss']:.2f}x (target <= 1)")  # fmt: skip
+    return lines
 
 
 def main(argv: list[str]) -> None:
@@ -138,6 +220,7 @@ def main(argv: list[str]) -> None:
     pin_dir = f"/sys/fs/bpf/{prefix}"
     samples: list[Sample] = []
     envoy = None
+    two_planes: dict[str, dict[str, int]] = {}
     with scratch_dir() as tmp, load_lab(prefix=prefix) as lab:
         work = Path(tmp)
         config = one_plane_config(work / "config.yaml")
@@ -148,8 +231,9 @@ def main(argv: list[str]) -> None:
                 warm, agent = measure(lab, work, config, pin_dir, "warm", args.settle)
                 ns_tools.stop(agent)  # clean stop: detaches and removes the pins (the next round is cold)
                 samples += [cold, warm]
+            two_planes = two_planes_memory(lab, work, pin_dir, args.settle)
             if not args.no_envoy:
-                envoy = envoy_rss_kb(lab, work, args.settle)
+                envoy = envoy_memory_kb(lab, work, args.settle)
             if args.load_seconds:
                 loaded = under_load(lab, work, config, pin_dir, opts, not args.no_envoy, rss_kb, children)
         finally:
@@ -164,6 +248,7 @@ def main(argv: list[str]) -> None:
         )
     print("(medians of", args.rounds, "rounds; one plane, one worker, no traffic)")
     if envoy is not None:
-        print(f"envoy 1.40 --concurrency 1, idle: {envoy / 1024:.1f} MB")
+        print(f"envoy 1.40 --concurrency 1, idle: {envoy['rss'] / 1024:.1f} MB")
+    print("\n".join(memory_report(two_planes, envoy)))
     if loaded is not None:
         print("\n".join(load_report(loaded, opts)))

@@ -9,7 +9,9 @@ it once when it builds its routing table (agent/proxy/routing.py), never per req
 
 from __future__ import annotations
 
-import re2
+import functools
+import importlib
+from typing import Any
 
 from planemesh.model.config import ConfigError
 
@@ -18,29 +20,41 @@ from planemesh.model.config import ConfigError
 # (suffix, contains: `.*` + an escaped literal) grow with their literal, as Envoy's non-regex matchers do.
 MAX_PROGRAM_SIZE = 100
 
-_OPTIONS = re2.Options()
-_OPTIONS.log_errors = False  # a refused pattern is a ConfigError, not a line on stderr
-_OPTIONS.never_capture = True  # only "does the whole value match" is asked: no submatch engine needed
-_WHOLE = re2._re2.RE2.Anchor.ANCHOR_BOTH
 _RANGE_LEN = 32  # bytes of the match-range bounds RE2 computes once per pattern
+
+
+@functools.cache
+def _re2() -> Any:
+    """google-re2, loaded on the first regex: RE2 and the C++ runtime it maps cost a worker ~3 MB RSS, and most
+    planes have no regex route (bench/footprint.py)."""
+    return importlib.import_module("re2")
+
+
+@functools.cache
+def _options() -> Any:
+    options = _re2().Options()
+    options.log_errors = False  # a refused pattern is a ConfigError, not a line on stderr
+    options.never_capture = True  # only "does the whole value match" is asked: no submatch engine needed
+    return options
 
 
 class Regex:
     """A compiled RE2 full-match test. It calls RE2's Match directly: google-re2's Python-level fullmatch()
     builds a match object with character offsets, about 10x the cost of the match itself."""
 
-    __slots__ = ("_hi", "_lo", "_re", "pattern", "programsize")
+    __slots__ = ("_hi", "_lo", "_re", "_whole", "pattern", "programsize")
 
-    def __init__(self, pattern: str, compiled: re2._Regexp) -> None:
+    def __init__(self, pattern: str, compiled: Any) -> None:
         self.pattern = pattern
         self._re = compiled._regexp
         self.programsize = compiled.programsize
+        self._whole = _re2()._re2.RE2.Anchor.ANCHOR_BOTH
         # RE2's bounds on every string the pattern matches (lo <= s <= hi): a request outside them is refused
         # by two byte comparisons, without the call into RE2 (a route with a literal prefix, most of them).
         try:
             self._lo, hi = compiled.possiblematchrange(_RANGE_LEN)
             self._hi: bytes | None = hi
-        except re2.error:  # no finite bounds (e.g. a leading `.*` over any byte)
+        except _re2().error:  # no finite bounds (e.g. a leading `.*` over any byte)
             self._lo, self._hi = b"", None
 
     def fullmatch(self, text: str) -> bool:
@@ -48,7 +62,7 @@ class Regex:
         data = text.encode("utf-8", "surrogatepass")
         if data < self._lo or (self._hi is not None and data > self._hi):
             return False
-        return self._re.Match(_WHOLE, data, 0, len(data))[0][0] >= 0
+        return self._re.Match(self._whole, data, 0, len(data))[0][0] >= 0
 
     def __reduce__(self):  # pickled (a snapshot's compiled form, if ever) as its pattern, compiled again
         return compile_regex, (self.pattern,)
@@ -59,8 +73,9 @@ class Regex:
 
 def compile_regex(pattern: str, path: str = "", *, max_program_size: int | None = None) -> Regex:
     """RE2-compile `pattern`; ConfigError naming `path` when RE2 refuses it or it is too big."""
+    re2 = _re2()
     try:
-        compiled = Regex(pattern, re2.compile(pattern, _OPTIONS))
+        compiled = Regex(pattern, re2.compile(pattern, _options()))
     except re2.error as exc:
         reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise ConfigError(path, f"invalid regex {pattern!r} (RE2: {reason})") from None
@@ -81,4 +96,4 @@ def check_config_regex(pattern: str, path: str) -> str:
 
 def literal(text: str) -> str:
     """An RE2 pattern that matches `text` literally."""
-    return re2.escape(text)
+    return _re2().escape(text)

@@ -13,6 +13,7 @@ the whole update is collected into one ConfigError (one NACK naming every bad re
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -60,7 +61,7 @@ from planemesh.xds.translate_filters import http_filters, network_filter
 from planemesh.xds.translate_http2 import http2_limits
 from planemesh.xds.translate_mtls import served_cluster, served_listeners
 from planemesh.xds.translate_rbac import translate_rbac
-from planemesh.xds.translate_routes import translate_route_config, translate_upgrades
+from planemesh.xds.translate_routes import RouteMemo, translate_route_config, translate_upgrades
 from planemesh.xds.translate_tls import resolve_secrets, secret_uses, socket_tls
 
 _EXT = "envoy.extensions."
@@ -469,6 +470,11 @@ def _guarded(errors: Errors, path: str, fn, *args):
     return None
 
 
+def _wire(msg) -> bytes:
+    """A digest of the message's deterministic encoding (16 bytes kept per cluster and CLA, not the messages')."""
+    return hashlib.blake2b(msg.SerializeToString(deterministic=True), digest_size=16).digest()
+
+
 class TranslationCache:
     """Results of earlier translations, reused while a resource is the very same message object.
 
@@ -480,8 +486,9 @@ class TranslationCache:
     """
 
     def __init__(self) -> None:
-        self._clusters: dict[str, tuple[object, object, tuple[Plane, ...], Cluster]] = {}
+        self._clusters: dict[str, tuple[object, object, tuple[Plane, ...], Cluster, tuple]] = {}
         self._routes: dict[str, tuple[object, RouteConfig]] = {}
+        self.route_memos: dict[str, RouteMemo] = {}  # per route config: its unchanged virtual hosts and routes
         self.hits = 0
         self.misses = 0
 
@@ -492,9 +499,16 @@ class TranslationCache:
         if hit is not None and hit[0] is cluster and hit[1] is cla and (hit[2] is planes or hit[2] == planes):
             self.hits += 1
             return hit[3]
+        # SotW resends every ClusterLoadAssignment as a new message: the same bytes are the same translation
+        # (a one-endpoint change in 1,000 clusters: serializing them costs ~10 ms, translating them ~150 ms).
+        wire = (_wire(cluster), _wire(cla) if cla is not None else None)
+        if hit is not None and hit[4] == wire and (hit[2] is planes or hit[2] == planes):
+            self.hits += 1
+            self._clusters[name] = (cluster, cla, planes, hit[3], wire)
+            return hit[3]
         self.misses += 1
         result = translate_cluster(cluster, endpoints, planes, path)
-        self._clusters[name] = (cluster, cla, planes, result)
+        self._clusters[name] = (cluster, cla, planes, result, wire)
         return result
 
     def route(self, name: str, rc, path: str) -> RouteConfig:
@@ -503,7 +517,7 @@ class TranslationCache:
             self.hits += 1
             return hit[1]
         self.misses += 1
-        result = translate_route_config(rc, path)
+        result = translate_route_config(rc, path, self.route_memos.setdefault(name, RouteMemo()))
         self._routes[name] = (rc, result)
         return result
 
@@ -513,6 +527,8 @@ class TranslationCache:
             self._clusters = {n: v for n, v in self._clusters.items() if n in clusters}
         if len(self._routes) > len(routes) or any(n not in routes for n in self._routes):
             self._routes = {n: v for n, v in self._routes.items() if n in routes}
+        if any(n not in routes for n in self.route_memos):
+            self.route_memos = {n: v for n, v in self.route_memos.items() if n in routes}
 
 
 def translate(resources: XdsResources, planes: tuple[Plane, ...], cache: TranslationCache | None = None) -> Snapshot:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from planemesh.model.config import (
@@ -382,8 +383,86 @@ def _header_ops(msg, path: str) -> dict:
     }
 
 
-def translate_route_config(rc, path: str) -> RouteConfig:
-    """Route-, virtual-host- and configuration-level header changes are merged, the most specific first."""
+class RouteMemo:
+    """Translated virtual hosts and routes of the previous update, reused when their bytes are the same.
+
+    RDS sends a whole RouteConfiguration for a one-route change (10,000 routes: ~0.25 s to translate again);
+    with a memo only the virtual host that changed is translated, and within it only the routes that changed.
+    Unchanged ones come back as the very same objects, which the worker channel (agent/worker_channel.py) and
+    the router (agent/proxy/routing.py) recognise by identity. Keys hold the serialized message and what it
+    inherits, so an equal key is an equal translation. Only the last update's entries are kept.
+    """
+
+    def __init__(self) -> None:
+        # vhost key -> (the translation, the keys of its routes: they stay while it does)
+        self._vhosts: dict[tuple, tuple[VirtualHost, list[tuple]]] = {}
+        self._routes: dict[tuple, Route] = {}
+        self._next_vhosts: dict[tuple, tuple[VirtualHost, list[tuple]]] = {}
+        self._next_routes: dict[tuple, Route] = {}
+        self._route_keys: list[tuple] = []  # of the virtual host being translated
+        self.vhost_hits = self.vhost_misses = self.route_hits = self.route_misses = 0
+
+    def begin(self) -> None:
+        self._next_vhosts, self._next_routes = {}, {}
+
+    def commit(self) -> None:
+        """The update translated without error: its entries are what the next one is compared with."""
+        self._vhosts, self._routes = self._next_vhosts, self._next_routes
+
+    def vhost(self, key: tuple, make) -> VirtualHost:
+        found = self._vhosts.get(key) or self._next_vhosts.get(key)
+        if found is None:
+            self.vhost_misses += 1
+            self._route_keys = []
+            found = (make(), self._route_keys)
+        else:
+            self.vhost_hits += 1
+            routes = self._routes
+            for rkey in found[1]:
+                self._next_routes[rkey] = routes.get(rkey) or self._next_routes[rkey]
+        self._next_vhosts[key] = found
+        return found[0]
+
+    def route(self, key: tuple, make) -> Route:
+        found = self._routes.get(key) or self._next_routes.get(key)
+        if found is None:
+            self.route_misses += 1
+            found = make()
+        else:
+            self.route_hits += 1
+        self._next_routes[key] = found
+        self._route_keys.append(key)
+        return found
+
+
+def _wire(msg) -> bytes:
+    """A digest of the message's deterministic encoding: memo keys hold 16 bytes instead of the message's
+    (10,000 routes: ~1 MB of route and ~1.4 MB of virtual host encodings otherwise kept in the agent)."""
+    return hashlib.blake2b(msg.SerializeToString(deterministic=True), digest_size=16).digest()
+
+
+def _virtual_host(vh, vi: int, vpath: str, top: dict, memo: RouteMemo | None) -> VirtualHost:
+    own = _header_ops(vh, vpath)
+    inherited = {k: own[k] + top[k] for k in own}
+    default_retry = _retry(vh.retry_policy, f"{vpath}.retry_policy") if vh.HasField("retry_policy") else None
+    if memo is None:
+        routes = tuple(_route(r, f"{vpath}.routes[{ri}]", inherited, default_retry) for ri, r in enumerate(vh.routes))
+    else:
+        inherited_key = (*inherited.values(), default_retry)
+        routes = tuple(
+            memo.route(
+                (_wire(r), inherited_key),
+                lambda r=r, ri=ri: _route(r, f"{vpath}.routes[{ri}]", inherited, default_retry),
+            )
+            for ri, r in enumerate(vh.routes)
+        )
+    return VirtualHost(name=vh.name or f"vhost{vi}", domains=tuple(d.lower() for d in vh.domains), routes=routes)
+
+
+def translate_route_config(rc, path: str, memo: RouteMemo | None = None) -> RouteConfig:
+    """Route-, virtual-host- and configuration-level header changes are merged, the most specific first.
+    With `memo` (one per route configuration name and xDS client), unchanged virtual hosts and routes are not
+    translated again."""
     _ops = {
         "request_headers_to_add",
         "request_headers_to_remove",
@@ -392,6 +471,9 @@ def translate_route_config(rc, path: str) -> RouteConfig:
     }
     only(rc, _HARMLESS | {"virtual_hosts", "validate_clusters"} | _ops, path, _RC_IGNORED)
     top = _header_ops(rc, path)
+    top_key = tuple(top.values())
+    if memo is not None:
+        memo.begin()
     vhosts = []
     seen_domains: dict[str, str] = {}
     for vi, vh in enumerate(rc.virtual_hosts):
@@ -406,11 +488,12 @@ def translate_route_config(rc, path: str) -> RouteConfig:
                     f"{vpath}.domains", f"domain {domain!r} is also in virtual host {seen_domains[key]!r}"
                 )
             seen_domains[key] = vh.name
-        own = _header_ops(vh, vpath)
-        inherited = {k: own[k] + top[k] for k in own}
-        default_retry = _retry(vh.retry_policy, f"{vpath}.retry_policy") if vh.HasField("retry_policy") else None
-        routes = tuple(_route(r, f"{vpath}.routes[{ri}]", inherited, default_retry) for ri, r in enumerate(vh.routes))
-        vhosts.append(
-            VirtualHost(name=vh.name or f"vhost{vi}", domains=tuple(d.lower() for d in vh.domains), routes=routes)
-        )
+        if memo is None:
+            vhosts.append(_virtual_host(vh, vi, vpath, top, None))
+        else:
+            vkey = (_wire(vh), vh.name or vi, top_key)
+            make = lambda vh=vh, vi=vi, vpath=vpath: _virtual_host(vh, vi, vpath, top, memo)  # noqa: E731
+            vhosts.append(memo.vhost(vkey, make))
+    if memo is not None:
+        memo.commit()
     return RouteConfig(name=rc.name, virtual_hosts=tuple(vhosts))

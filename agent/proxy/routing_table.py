@@ -20,13 +20,19 @@ class RoutingTable:
     __slots__ = ("balancer", "clock", "route_limiters", "router", "snapshot", "sni", "tls")
 
     def __init__(
-        self, snapshot: Snapshot, plane: str, clock: Callable[[], float] = time.monotonic, tls_cache: dict | None = None
+        self,
+        snapshot: Snapshot,
+        plane: str,
+        clock: Callable[[], float] = time.monotonic,
+        tls_cache: dict | None = None,
+        previous: RoutingTable | None = None,
     ) -> None:
+        """`previous`: the table this one replaces; its compiled routes whose config is unchanged are reused."""
         self.snapshot = snapshot
         self.tls = TlsRoutes(snapshot, plane, {} if tls_cache is None else tls_cache)  # TLS ports (tls.py)
         self.clock = clock
         self.route_limiters: dict[int, LocalRateLimiter] = {}  # id(route) -> its bucket (routes live as long)
-        self.router = PlaneRouter(snapshot, plane)
+        self.router = PlaneRouter(snapshot, plane, previous.router if previous is not None else None)
         self.sni = SniRoutes(snapshot.listeners_of(plane))  # passthrough chains (sniff listener)
         self.balancer = Balancer(snapshot, clock=clock)  # outlier ejection follows the proxy's clock
 

@@ -172,7 +172,7 @@ class PlaneProxy:
 
     def update(self, snapshot: Snapshot) -> None:
         """Swap the configuration atomically; requests already routed keep what they resolved."""
-        table = RoutingTable(snapshot, self.plane_name, self.clock, self.tls_cache)
+        table = RoutingTable(snapshot, self.plane_name, self.clock, self.tls_cache, previous=self.table)
         sla = table.router.plane.sla
         if sla != self.sla:
             if (sla.rate_limit_rps, sla.rate_limit_burst) != (self.sla.rate_limit_rps, self.sla.rate_limit_burst):

@@ -195,6 +195,27 @@ def test_eds_follows_clusters_and_sotw_eds_absence_is_not_deletion():
     st.apply_result(apply.token, None, 1.0)
 
 
+def test_sotw_response_that_crossed_a_subscription_change_gets_the_names_again():
+    # The server pushed CDS v2 and EDS v2 together; our EDS subscription for the new cluster carried EDS v1's
+    # nonce, arrived after EDS v2 was sent and was ignored as stale. EDS v2 lacks c2: without sending the names
+    # again with v2's nonce the update waited out initial_fetch_timeout_s (bench/scale.py: 15 s).
+    st = started()
+    accept(st, st.response_received(sotw(CLUSTER, "1", "a", cluster("c1", eds=True)), 0.0))
+    accept(st, st.response_received(sotw(ENDPOINT, "1", "b", cla("c1")), 0.0))
+    actions = st.response_received(sotw(CLUSTER, "2", "c", cluster("c1", eds=True), cluster("c2", eds=True)), 1.0)
+    [sub] = requests(actions, ENDPOINT)
+    assert (sorted(sub.resource_names), sub.response_nonce) == (["c1", "c2"], "b")
+    actions = st.response_received(sotw(ENDPOINT, "2", "d", cla("c1")), 1.0)  # built before it read `sub`
+    [again] = requests(actions)
+    assert (again.type_url, sorted(again.resource_names), again.response_nonce) == (ENDPOINT, ["c1", "c2"], "d")
+    assert again.version_info == "1" and not again.HasField("error_detail")  # not an ACK of v2: not applied yet
+    assert applies(actions) == []  # still warming for c2
+    [apply] = applies(st.response_received(sotw(ENDPOINT, "2", "e", cla("c1"), cla("c2")), 1.1))
+    assert set(apply.resources.endpoints) == {"c1", "c2"}
+    # A later response without the missing names, after it was sent again with the current nonce: no repeat.
+    assert requests(st.response_received(sotw(ENDPOINT, "2", "e", cla("c1"), cla("c2")), 1.2), ENDPOINT) == []
+
+
 def test_warming_gives_up_after_initial_fetch_timeout():
     st = started(initial_fetch_timeout_s=5.0)
     assert applies(st.response_received(sotw(LISTENER, "1", "a", listener("l1", route="missing")), 0.0)) == []

@@ -59,8 +59,7 @@ def test_one_changed_endpoint_set_is_pushed_and_delta_resends_only_it(mode: str)
     assert wire["sent"] == ((1, 1) if mode == "delta" else (1, len(NAMES)))
     assert wire["bytes"] > 0
     cache = client.translation_cache
-    if mode == "delta":  # only the changed cluster was translated again
-        assert (cache.misses, cache.hits) == (len(NAMES) + 1, len(NAMES) - 1)
-    else:  # SotW resent every ClusterLoadAssignment: new message objects, all translated again
-        assert (cache.misses, cache.hits) == (2 * len(NAMES), 0)
+    # Only the changed cluster was translated again. SotW resent every ClusterLoadAssignment as a new message:
+    # the cache recognises the unchanged ones by their bytes.
+    assert (cache.misses, cache.hits) == (len(NAMES) + 1, len(NAMES) - 1)
     assert client.status()["types"]["EDS"]["nacks"] == 0

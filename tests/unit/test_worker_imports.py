@@ -1,0 +1,45 @@
+"""What a plane's worker process loads at start-up: nothing a plane without that feature does not use.
+
+Each worker is a process of its own (agent/worker.py), so every module it imports costs RSS once per plane
+(bench/footprint.py reports RSS, PSS and USS). The check runs in a fresh interpreter, as a worker starts."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+from planemesh.agent.safe_regex import compile_regex
+from planemesh.agent.static_config import load_default_config
+
+NOT_IN_A_WORKER = {
+    "re2": "RE2 and its C++ runtime (~3 MB RSS): loaded by the first regex route only (agent/safe_regex.py)",
+    "grpc": "the xDS client lives in the agent",
+    "google.protobuf": "xDS messages are translated in the agent",
+    "bcc": "BPF programs are built by a short-lived helper of the agent",
+    "yaml": "configuration files are read by the agent",
+    "pyroute2": "netlink is the agent's",
+    "cryptography": "certificates are made by the agent",
+}
+
+# The snapshot arrives pickled, as the agent sends it (agent/worker_channel.py).
+STARTUP = (
+    "import pickle, sys, planemesh.agent.worker\n"
+    "from planemesh.agent.proxy.server import PlaneProxy\n"
+    "from planemesh.agent.proxy.accesslog import file_sink\n"
+    "PlaneProxy(pickle.load(sys.stdin.buffer), 'oam', upstream_mark=1)\n"
+    "print(' '.join(m for m in {names!r} if m in sys.modules))\n"
+)
+
+
+def test_worker_start_up_loads_none_of_what_belongs_to_the_agent_or_to_unused_features() -> None:
+    code = STARTUP.format(names=sorted(NOT_IN_A_WORKER))
+    snapshot = pickle.dumps(load_default_config())
+    out = subprocess.run([sys.executable, "-c", code], input=snapshot, capture_output=True, timeout=120, check=True)
+    loaded = out.stdout.decode().split()
+    assert not loaded, {m: NOT_IN_A_WORKER[m] for m in loaded}
+
+
+def test_regexes_still_compile_and_match_once_re2_is_loaded_on_demand() -> None:
+    rx = compile_regex(r"/v[0-9]+/.*")
+    assert rx.fullmatch("/v12/x") and not rx.fullmatch("/w/x")
