@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from planemesh.agent.config import Cluster, Route, RouteConfig, VirtualHost
+from planemesh.model.config import Cluster, Route, RouteConfig, VirtualHost
 
 _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 256 << 20

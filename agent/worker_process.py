@@ -18,7 +18,7 @@ import socket
 import sys
 from typing import Any
 
-from planemesh.agent.worker_channel import encode, read_message, SnapshotDecoder
+from planemesh.agent.worker_channel import SnapshotDecoder, encode, read_message
 from planemesh.model.config import Snapshot
 from planemesh.model.planes import plane_of_address
 

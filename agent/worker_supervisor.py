@@ -18,7 +18,7 @@ from typing import Any
 
 from planemesh import module_argv
 from planemesh.agent.cpu_groups import CpuGroups
-from planemesh.agent.worker_channel import RequestTable, encode, read_message, SnapshotEncoder
+from planemesh.agent.worker_channel import RequestTable, SnapshotEncoder, read_message
 from planemesh.model.config import Snapshot
 
 log = logging.getLogger("planemesh.workers")

@@ -11,7 +11,7 @@ Three agent runs, each started on a minimal set (1 cluster, 1 endpoint, 1 route)
   full       -- N clusters x M endpoints and R routes in V virtual hosts (bench/scale_resources.py), then
                 `--changes` one-endpoint changes (EDS) and `--changes` one-route changes (RDS).
 Apply time = set_resources on the server -> the agent ACKed every changed type; the agent ACKs only once the
-snapshot is applied in the agent and acknowledged by every worker (agent/workers.py), so it is end to end.
+snapshot is applied in the agent and acknowledged by every worker (agent/worker_supervisor.py), so it is end to end.
 Memory of the agent and of each worker after each push (1 s settle): RSS, PSS and USS (private) from
 /proc/PID/smaps_rollup. "What grows with what" is the difference between runs (each against its own minimal
 start): per 1,000 clusters (with one endpoint each), per 1,000 endpoints, per 1,000 routes.
@@ -244,8 +244,8 @@ def in_process(shape: Shape, changes: int) -> None:
     from types import MappingProxyType
 
     from planemesh.agent.proxy.routing_table import RoutingTable
-    from planemesh.agent.static_config import load_default_config
     from planemesh.agent.worker_channel import SnapshotDecoder, SnapshotEncoder
+    from planemesh.model.static_config import load_default_config
     from planemesh.xds.client_state import XdsResources
     from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
     from planemesh.xds.translate import TranslationCache, translate

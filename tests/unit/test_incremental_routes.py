@@ -11,11 +11,11 @@ from types import MappingProxyType
 import pytest
 from envoy.config.route.v3 import route_pb2
 
-from planemesh.agent.config import ConfigError, ListenerProtocol, Route, RouteConfig
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.routing_table import RoutingTable
-from planemesh.agent.static_config import load_default_config
 from planemesh.agent.worker_channel import SnapshotDecoder, SnapshotEncoder, encode
+from planemesh.model.config import ConfigError, ListenerProtocol, Route, RouteConfig
+from planemesh.model.static_config import load_default_config
 from planemesh.xds.translate_routes import RouteMemo, translate_route_config
 
 VHOSTS, PER_VHOST = 50, 20  # 1,000 routes

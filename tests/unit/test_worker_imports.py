@@ -1,6 +1,6 @@
 """What a plane's worker process loads at start-up: nothing a plane without that feature does not use.
 
-Each worker is a process of its own (agent/worker.py), so every module it imports costs RSS once per plane
+Each worker is a process of its own (agent/worker_process.py), so every module it imports costs RSS once per plane
 (bench/footprint.py reports RSS, PSS and USS). The check runs in a fresh interpreter, as a worker starts."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pickle
 import subprocess
 import sys
 
-from planemesh.agent.safe_regex import compile_regex
-from planemesh.agent.static_config import load_default_config
+from planemesh.model.safe_regex import compile_regex
+from planemesh.model.static_config import load_default_config
 
 NOT_IN_A_WORKER = {
-    "re2": "RE2 and its C++ runtime (~3 MB RSS): loaded by the first regex route only (agent/safe_regex.py)",
+    "re2": "RE2 and its C++ runtime (~3 MB RSS): loaded by the first regex route only (model/safe_regex.py)",
     "grpc": "the xDS client lives in the agent",
     "google.protobuf": "xDS messages are translated in the agent",
     "bcc": "BPF programs are built by a short-lived helper of the agent",
@@ -24,7 +24,7 @@ NOT_IN_A_WORKER = {
 
 # The snapshot arrives pickled, as the agent sends it (agent/worker_channel.py).
 STARTUP = (
-    "import pickle, sys, planemesh.agent.worker\n"
+    "import pickle, sys, planemesh.agent.worker_process\n"
     "from planemesh.agent.proxy.server import PlaneProxy\n"
     "from planemesh.agent.proxy.accesslog import file_sink\n"
     "PlaneProxy(pickle.load(sys.stdin.buffer), 'oam', upstream_mark=1)\n"
