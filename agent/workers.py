@@ -230,6 +230,7 @@ class PlaneWorkers:
         self.restarts = 0
         self._restart_times: list[float] = []
         self.stopped = False  # stop() called: supervise() must not start workers on closed sockets
+        self.shed = 0.0  # the node-wide overload's shed fraction for this plane (agent/node_overload.py)
 
     async def start(self, snapshot: Snapshot, sources: dict[str, dict[int, str]]) -> None:
         self._last = {"op": "snapshot", "snapshot": snapshot, "sources": sources}
@@ -252,7 +253,25 @@ class PlaneWorkers:
             self.cpu_groups.add(self.plane, self.workers[index].pid or 0)
             if self._last is not sent:  # a snapshot came while it started: it gets the newest one
                 await self._push(self.workers[index], self._last)
+            if self.shed:
+                await self._send_shed(self.workers[index], self.shed)
             return
+
+    async def set_shed(self, fraction: float) -> None:
+        """Tell every worker the share of requests to refuse for the node's sake (only when it changed). A worker
+        that is starting or restarted gets it once ready; a stuck one has it queued."""
+        if fraction == self.shed:
+            return
+        self.shed = fraction
+        await asyncio.gather(*(self._send_shed(w, fraction) for w in self.workers if w.ready))
+
+    async def _send_shed(self, worker: WorkerProcess, fraction: float) -> None:
+        message = {"op": "shed", "fraction": fraction}
+        if worker.stalled_for() > STATS_TIMEOUT_S:
+            worker.post(message, "shed_set")
+            return
+        with contextlib.suppress(WorkerUnavailable):
+            await worker.request(message, "shed_set", timeout=APPLY_TIMEOUT_S)
 
     async def update(self, snapshot: Snapshot, sources: dict[str, dict[int, str]]) -> None:
         """Push a snapshot to every worker. Never fails for a worker's sake: one that is stuck gets it queued
