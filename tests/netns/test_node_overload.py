@@ -69,6 +69,13 @@ def test_the_lower_priority_plane_sheds_first_under_node_pressure(run_prefix: st
         logged = eventually(lambda: [x for x in env.access_log().splitlines() if '"GET /shed' in x])
         assert logged and " 503 OM " in logged[0] and logged[0].endswith(" media")
 
+        def shed_requests() -> dict[str, int]:
+            rows = env.admin.get_json("/stats?format=json")[1]["overload"]
+            return {r["plane"]: r["shed_requests"] for r in rows}
+
+        assert eventually(lambda: shed_requests().get("media", 0) >= 13)  # 8 + 1 + 4 at least
+        assert shed_requests()["oam"] == 0
+
         _fake_proc(proc, CALM)  # calm again: media steps back down to 0
         assert eventually(lambda: statuses(media) == [200] * 8, timeout=10)
         assert statuses(oam) == [200] * 8
