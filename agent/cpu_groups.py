@@ -222,6 +222,11 @@ class CpuGroups:
         except OSError as exc:  # v1 refuses a limit below what the group already uses (EBUSY)
             problems["memory"] = f"cannot set memory.max {values[0]}: {exc}"
 
+    def group(self, plane: str, controller: str) -> tuple[Path, int] | None:
+        """The plane's group directory for `controller` and its cgroup version (None: not made)."""
+        group = self._groups.get(plane, {}).get(controller)
+        return None if group is None else (group, self.hierarchies[controller].version)
+
     def procs_files(self, plane: str) -> list[str]:
         """The plane's groups' `cgroup.procs` files: a worker writes its pid there before it execs (join_argv)."""
         return [str(group / "cgroup.procs") for group in self._groups.get(plane, {}).values()]
