@@ -79,3 +79,13 @@ def test_the_lower_priority_plane_sheds_first_under_node_pressure(run_prefix: st
         _fake_proc(proc, CALM)  # calm again: media steps back down to 0
         assert eventually(lambda: statuses(media) == [200] * 8, timeout=10)
         assert statuses(oam) == [200] * 8
+
+
+def test_a_bad_node_overload_section_stops_the_start_naming_the_field(run_prefix: str, tmp_path: Path) -> None:
+    raw = yaml.safe_load(default_config_text())
+    raw["node_overload"] = {"thresholds": {"cpu_high": 50}}
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RuntimeError) as err, running_agent(f"{run_prefix}nb", ["--config", str(config)]):
+        pass
+    assert "node_overload.thresholds.cpu_high: unknown threshold" in str(err.value)
