@@ -8,8 +8,9 @@ its throughput with plane `media` idle, then while the attacker's pod floods med
 FLOODS): rate (64 connections, far beyond media's 300 req/s limit), cpu_heavy (1 MiB bodies), connections (idle
 connections, labs/attacks.py idle_flood), rapid_reset and stream_flood (HTTP/2 abuse, labs/attacks.py),
 bandwidth (bulk TCP through the kernel bypass on media, shaped by its HTB class). The probe, the floods and the
-lab's servers run in their own cgroups with their own CPU budget, off the CPU that oam's worker is pinned to
-(bench/plane_isolation_lab.py), so the figures are the agent's rather than the VM's.
+lab's servers run in their own cgroups with their own CPU budget (bench/plane_isolation_lab.py): by default
+(`--layout sides`) oam's probe and server share the protected CPU with oam's worker and the flood's side keeps
+to the other CPUs; `--layout apart` keeps every load generator and server off oam's CPU.
 
 Variants: `cpusets` (oam's worker pinned to the last CPU, media's to the others), `shared` (no cpuset: both
 workers on any CPU), `envoy` (Envoy 1.40, --concurrency 1, as the single node proxy of both planes; the agent
@@ -38,17 +39,18 @@ from bench.floods import BYSTANDER, flood_lab, proxy_ports, reap, wait_both_plan
 from bench.http_proxy import envoy_in_node
 from bench.plane_isolation_lab import (
     FLOOD,
+    FLOOD_SERVERS,
     FLOODS,
     HEAVY_PORT,
+    LAYOUTS,
     PROBE,
     PROBE_PATH,
-    SERVERS,
     BenchGroups,
     describe_answers,
     flood_answers,
     flood_argv,
-    heavy_backend,
     online_cpus,
+    plane_backends,
     plane_cpus,
 )
 from planemesh.agent.demo import start_agent, start_servers
@@ -154,16 +156,16 @@ def envoy(lab: Lab, work: Path, config: Path) -> Iterator[None]:
         ns_tools.stop(datapath)
 
 
-def run(prefix: str | None, seconds: float, floods: list[str], variants: list[str]) -> list[Row]:
+def run(prefix: str | None, seconds: float, floods: list[str], variants: list[str], layout: str = "sides") -> list[Row]:
     lab = flood_lab(prefix)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="planemesh-bench-") as tmp, lab:
         work = Path(tmp)
-        groups = BenchGroups(prefix)
-        servers = start_servers(lab)
+        groups = BenchGroups(layout, prefix)
+        servers = start_servers(lab)  # port 80 (the rate flood's backend) and 9000 (the bulk TCP echo)
         try:
-            with heavy_backend(lab, work) as nginx:
-                groups.move(SERVERS, [p.pid for p in servers] + [nginx.pid])
+            groups.move(FLOOD_SERVERS, [p.pid for p in servers])
+            with plane_backends(lab, work, groups):
                 print(f"bench groups: {groups.describe()}", file=sys.stderr)
                 bench = Bench(lab, groups, seconds)
                 for variant in variants:
@@ -181,9 +183,10 @@ def run(prefix: str | None, seconds: float, floods: list[str], variants: list[st
     return rows
 
 
-def report(rows: list[Row], seconds: float, quick: bool) -> str:
+def report(rows: list[Row], seconds: float, quick: bool, layout: str) -> str:
     out = [
-        f"oam (protected) with media idle vs flooded; {seconds:g} s per measurement{' (quick)' if quick else ''}",
+        f"oam (protected) with media idle vs flooded; {seconds:g} s per measurement{' (quick)' if quick else ''}; "
+        f"bench groups: layout {layout}",
         "",
         "| flood | proxy | oam p99 idle ms | p99 flooded ms | p99 flooded/idle | oam req/s idle | req/s flooded "
         "| req/s flooded/idle | oam errors | media's answers |",
@@ -197,6 +200,7 @@ def report(rows: list[Row], seconds: float, quick: bool) -> str:
                 f"| {r.idle.rps:.0f} | {r.flooded.rps:.0f} | {r.rps_ratio:.2f}x | {r.idle.errors + r.flooded.errors} "
                 f"| {describe_answers(kind, r.answers)} |"
             )
+    out += ["", f"media: rate limit {FLOOD_RATE_LIMIT_RPS} req/s, HTB class {MEDIA_BANDWIDTH_MBIT} Mbit/s"]
     pinned = [r for r in rows if r.variant == "cpusets"]
     if pinned:
         p99_ok = sum(r.p99_ratio <= TARGET_P99 for r in pinned)
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=None, help="per measurement (default 4, quick 2)")
     parser.add_argument("--only", default=",".join(FLOODS), help=f"floods, comma-separated: {', '.join(FLOODS)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--layout", choices=LAYOUTS, default="sides", help="bench groups' CPUs (lab module doc)")
     parser.add_argument("--prefix", default=None)
     args = parser.parse_args(argv)
     floods = [f for f in args.only.split(",") if f]
@@ -221,8 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown flood or variant: {', '.join(unknown)}")
     seconds = args.seconds or (2.0 if args.quick else 4.0)
     started = time.monotonic()
-    rows = run(args.prefix, seconds, floods, variants)
-    print(report(rows, seconds, args.quick))
+    rows = run(args.prefix, seconds, floods, variants, args.layout)
+    print(report(rows, seconds, args.quick, args.layout))
     print(f"\n({time.monotonic() - started:.0f} s)")
 
 

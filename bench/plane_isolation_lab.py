@@ -1,20 +1,25 @@
 """The isolation bench's lab pieces: cgroups that give the load generators and lab servers their own CPU budget
-(and, with two CPUs or more, keep them off the protected plane's CPU), the floods aimed at the flooded plane,
-and a bulk-TCP client for the bandwidth flood.
+(pinned per layout), one nginx per plane, the floods aimed at the flooded plane, and a bulk-TCP client.
 
     python -m bench.plane_isolation_lab bulk --host ADDR --port 9000 --seconds S [--streams N]
 
-Group layout with CPUs 0..n (the protected plane `oam` gets the last CPU when its cpuset is on):
+Groups, each with its own budget (cgroup v2 cpu.max / v1 cfs quota) and weight; with two CPUs or more the
+protected plane `oam` owns the last CPU ("P") when its cpuset is on, the others are the rest ("R"):
 
-| group         | CPUs            | budget (cpu.max)  | weight | holds                                   |
-|---------------|-----------------|-------------------|--------|-----------------------------------------|
-| bench-probe   | all but the last | 0.6 CPU          | 1000   | wrk measuring oam                       |
-| bench-servers | all but the last | 0.6 CPU          | 400    | the lab's HTTP/TCP servers, nginx       |
-| bench-flood   | all but the last | 0.5 CPU          | 100    | the flood clients aimed at media        |
+| group               | budget  | weight | holds                                        | layout sides | apart |
+|---------------------|---------|--------|----------------------------------------------|--------------|-------|
+| bench-probe         | 0.6 CPU | 1000   | wrk measuring oam                            | P            | R     |
+| bench-oam-server    | 0.6 CPU | 400    | nginx answering oam's probe                  | P            | R     |
+| bench-flood         | 0.5 CPU | 100    | the flood clients aimed at media             | R            | R     |
+| bench-flood-servers | 0.6 CPU | 100    | nginx on media's address, the lab's servers  | R            | R     |
 
-Their parent group has weight 10,000 (the agent's has 100 per worker). The groups are made with the agent's
-own cgroup code (agent/cpu_groups.py: v2 where the controller is on the unified hierarchy, else v1) below this
-process's cgroup as `planemesh-bench-[<prefix>-]<pid>`, and removed at the end.
+Layout `sides` (default): oam's whole path (probe, its worker, its server) on one CPU, the flood's whole path
+(flood client, media's worker, media's servers) on the others, so the flood cannot slow oam's measurement
+through anything but the agent (and the kernel they share). Layout `apart` keeps every load generator and
+server off the protected plane's CPU (the probe then shares the others with the flood). Their parent group has
+weight 10,000 (the agent's has 100 per worker). The groups are made with the agent's own cgroup code
+(agent/cpu_groups.py: v2 where the controller is on the unified hierarchy, else v1) below this process's cgroup
+as `planemesh-bench-[<prefix>-]<pid>`, and removed at the end.
 """
 
 from __future__ import annotations
@@ -32,12 +37,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import parse_wrk, start_nginx
+from bench.common import NGINX, parse_wrk
 from planemesh.agent.cpu_groups import CpuGroups, join_argv
 from planemesh.agent.plane_limits import format_cpu_list, parse_cpu_list
 from planemesh.labs import Lab
 from planemesh.labs import netns as ns_tools
-from planemesh.labs.traffic import host_port
+from planemesh.labs.traffic import host_port, wait_for_port
 
 # The CPU-heavy flood: nginx in the server pod serves a large body on port 8080 (declared HTTP on both planes),
 # so plane media's worker spends its CPU streaming bodies rather than refusing requests. The probe reads nginx's
@@ -45,16 +50,23 @@ from planemesh.labs.traffic import host_port
 HEAVY_PORT, HEAVY_PATH, HEAVY_BYTES = 8080, "/heavy.bin", 1 << 20
 PROBE_PATH = "/index.html"
 BULK_PORT = 9000  # declared TCP: bypassed in the kernel, shaped by the plane's HTB class (sla.bandwidth_mbit)
-PROBE, SERVERS, FLOOD = "bench-probe", "bench-servers", "bench-flood"
+PROBE, OAM_SERVER, FLOOD, FLOOD_SERVERS = "bench-probe", "bench-oam-server", "bench-flood", "bench-flood-servers"
+LAYOUTS = ("sides", "apart")
 
 
 @dataclass(frozen=True)
 class Budget:
     weight: int
     cpu_max: float  # CPUs' worth of time per period
+    oam_side: bool  # layout sides: on the protected plane's CPU
 
 
-BUDGETS = {PROBE: Budget(1000, 0.6), SERVERS: Budget(400, 0.6), FLOOD: Budget(100, 0.5)}
+BUDGETS = {
+    PROBE: Budget(1000, 0.6, True),
+    OAM_SERVER: Budget(400, 0.6, True),
+    FLOOD: Budget(100, 0.5, False),
+    FLOOD_SERVERS: Budget(100, 0.6, False),
+}
 PERIOD_US = 100_000
 PARENT_WEIGHT = 10_000
 
@@ -74,16 +86,18 @@ def plane_cpus(online: frozenset[int]) -> tuple[str | None, str | None]:
 class BenchGroups:
     """The load generators' and lab servers' cgroups (see the module docstring)."""
 
-    def __init__(self, prefix: str | None = None) -> None:
+    def __init__(self, layout: str = "sides", prefix: str | None = None) -> None:
+        self.layout = layout
         self.groups = CpuGroups.create(f"bench-{prefix + '-' if prefix else ''}{os.getpid()}")
-        _, rest = plane_cpus(online_cpus())
-        self.cpus = rest
+        self.cpus: dict[str, str | None] = {}
         self.budgets: dict[str, str] = {}
+        protected, rest = plane_cpus(online_cpus())
         for name, budget in BUDGETS.items():
-            self.groups.set_plane(name, budget.weight, 1, rest, 0)
+            self.cpus[name] = protected if layout == "sides" and budget.oam_side else rest
+            self.groups.set_plane(name, budget.weight, 1, self.cpus[name], 0)
             self.budgets[name] = self._set_cpu_max(name, budget.cpu_max)
-        # The groups' parent outweighs the agent's (100 per worker): on the CPU they share with the flooded
-        # plane's worker, the probe is not starved by the flood it measures; the budgets above still cap them.
+        # The groups' parent outweighs the agent's (100 per worker): on the CPU they share with a plane's
+        # worker, the probe is not starved by the flood it measures; the budgets above still cap them.
         cpu = self.groups.hierarchies.get("cpu")
         if cpu is not None:
             with contextlib.suppress(OSError):
@@ -106,10 +120,9 @@ class BenchGroups:
         return f"{cpus:g} CPU"
 
     def describe(self) -> str:
-        where = f"CPUs {self.cpus}" if self.cpus else "any CPU"
-        parts = [f"{n} ({self.budgets[n]}, weight {BUDGETS[n].weight})" for n in BUDGETS]
+        parts = [f"{n} ({self.budgets[n]}, weight {BUDGETS[n].weight}, CPUs {self.cpus[n] or 'any'})" for n in BUDGETS]
         missing = {p: w for p, w in self.groups.not_applied.items() if w}
-        return f"{', '.join(parts)} on {where}" + (f"; not applied: {missing}" if missing else "")
+        return f"layout {self.layout}: {', '.join(parts)}" + (f"; not applied: {missing}" if missing else "")
 
     def wrap(self, name: str, argv: list[str]) -> list[str]:
         """`argv` started inside group `name` (it joins before it execs: everything it does counts there)."""
@@ -123,16 +136,41 @@ class BenchGroups:
         self.groups.close()
 
 
+NGINX_CONF = """\
+daemon off; master_process off; worker_processes 1; pid {work}/nginx.pid; error_log {work}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; keepalive_requests 1000000; keepalive_timeout 120s;
+  client_body_temp_path {work}; proxy_temp_path {work}; fastcgi_temp_path {work}; uwsgi_temp_path {work};
+  scgi_temp_path {work};
+  server {{ listen {address}:{port} backlog=4096; root {root}; }}
+}}
+"""
+
+
 @contextlib.contextmanager
-def heavy_backend(lab: Lab, workdir: Path) -> Iterator[subprocess.Popen]:
-    """nginx on HEAVY_PORT in the server pod: index.html for the probe, HEAVY_PATH for the CPU-heavy flood."""
-    (workdir / "www").mkdir(exist_ok=True)
-    (workdir / "www" / HEAVY_PATH.lstrip("/")).write_bytes(bytes(range(256)) * (HEAVY_BYTES // 256))
-    nginx = start_nginx(lab, "server", [HEAVY_PORT], workdir)
+def plane_backends(lab: Lab, workdir: Path, groups: BenchGroups) -> Iterator[None]:
+    """One nginx per plane on HEAVY_PORT, each on its plane's server address only and in its side's group:
+    oam's answers the probe (PROBE_PATH), media's the CPU-heavy flood (HEAVY_PATH)."""
+    root = workdir / "www"
+    root.mkdir(exist_ok=True)
+    (root / PROBE_PATH.lstrip("/")).write_text("planemesh bench " * 8)
+    (root / HEAVY_PATH.lstrip("/")).write_bytes(bytes(range(256)) * (HEAVY_BYTES // 256))
+    procs = []
     try:
-        yield nginx
+        for plane, group in (("oam", OAM_SERVER), ("media", FLOOD_SERVERS)):
+            address = lab.pod_addr("server", plane, 4) or ""
+            work = workdir / f"nginx-{plane}"
+            work.mkdir(exist_ok=True)
+            conf = work / "nginx.conf"
+            conf.write_text(NGINX_CONF.format(work=work, address=address, port=HEAVY_PORT, root=root))
+            argv = ns_tools.exec_argv(lab.pod_ns("server"), [NGINX, "-c", str(conf), "-e", str(work / "error.log")])
+            procs.append(subprocess.Popen(groups.wrap(group, argv)))
+            wait_for_port(lab.pod_ns("client"), address, HEAVY_PORT)
+        yield
     finally:
-        ns_tools.stop(nginx)
+        for proc in procs:
+            ns_tools.stop(proc)
 
 
 # ---- the floods ------------------------------------------------------------------------------------------------
@@ -185,7 +223,7 @@ def describe_answers(kind: str, o: dict) -> str:
     if kind in ("rate", "cpu_heavy"):
         return f"{o['requests']} requests, {o['non_2xx']} non-2xx (429/503), {o['timeouts']} timeouts"
     if kind == "bandwidth":
-        return f"{o['mbit_s']:.0f} Mbit/s over {o['streams']} streams"
+        return f"{o['mbit_s']:.0f} Mbit/s echoed over {o['streams']} streams"
     said = {**o.get("responses", {}), **{f"GOAWAY {k}": v for k, v in o.get("goaway", {}).items()}}
     return f"{o.get('connections', 0)} conns, {o.get('closed', 0)} closed by the proxy, answers {said or '-'}"
 
