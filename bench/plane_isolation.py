@@ -129,7 +129,9 @@ class Bench:
         for kind in floods:
             print(f"  {variant:8} {kind:13} ...", file=sys.stderr, flush=True)
             rows.append(self.measure(variant, kind, None))  # idle right before: the machine's load drifts
-            time.sleep(0.5)  # what a flood leaves behind (closing connections) settles
+            # What a flood leaves behind settles: both planes answer through the proxy again before the next.
+            time.sleep(0.5)
+            wait_both_planes(self.lab, "x-envoy-upstream-service-time" if variant == "envoy" else None)
         return rows
 
 
@@ -183,6 +185,10 @@ def run(prefix: str | None, seconds: float, floods: list[str], variants: list[st
     return rows
 
 
+def _ratio(value: float) -> str:
+    return f"{value:.2f}x" if value != float("inf") else "-"
+
+
 def report(rows: list[Row], seconds: float, quick: bool, layout: str) -> str:
     out = [
         f"oam (protected) with media idle vs flooded; {seconds:g} s per measurement{' (quick)' if quick else ''}; "
@@ -196,7 +202,7 @@ def report(rows: list[Row], seconds: float, quick: bool, layout: str) -> str:
         for r in (r for r in rows if r.flood == kind):
             flooded_p99 = f"{r.flooded.p99_ms:.2f}" if r.flooded.requests else "no answer"
             out.append(
-                f"| {kind} | {r.variant} | {r.idle.p99_ms:.2f} | {flooded_p99} | {r.p99_ratio:.2f}x "
+                f"| {kind} | {r.variant} | {r.idle.p99_ms:.2f} | {flooded_p99} | {_ratio(r.p99_ratio)} "
                 f"| {r.idle.rps:.0f} | {r.flooded.rps:.0f} | {r.rps_ratio:.2f}x | {r.idle.errors + r.flooded.errors} "
                 f"| {describe_answers(kind, r.answers)} |"
             )
