@@ -222,6 +222,15 @@ class CpuGroups:
         except OSError as exc:  # v1 refuses a limit below what the group already uses (EBUSY)
             problems["memory"] = f"cannot set memory.max {values[0]}: {exc}"
 
+    def group(self, plane: str, controller: str) -> tuple[Path, int] | None:
+        """The plane's group directory for `controller` and its cgroup version (None: not made)."""
+        group = self._groups.get(plane, {}).get(controller)
+        return None if group is None else (group, self.hierarchies[controller].version)
+
+    def procs_files(self, plane: str) -> list[str]:
+        """The plane's groups' `cgroup.procs` files: a worker writes its pid there before it execs (join_argv)."""
+        return [str(group / "cgroup.procs") for group in self._groups.get(plane, {}).values()]
+
     def add(self, plane: str, pid: int) -> None:
         for group in self._groups.get(plane, {}).values():
             try:
@@ -265,6 +274,21 @@ class CpuGroups:
             self.remove_plane(plane)
         for base in {h.base for h in self.hierarchies.values()}:
             _rmdir(base)
+
+
+# The worker joins its groups itself, between fork and exec: everything it allocates from its first instruction
+# (interpreter, imports: ~20 MB) is charged to its plane's memory group (cgroup v1 without
+# move_charge_at_immigrate, and v2 always, leave the pages of a process moved later in its old group). A shell
+# does it, not a preexec_fn: the agent has threads, and the child of a threaded parent must not run Python.
+# A failed write is ignored here: CpuGroups.add moves the worker once it runs, and logs what fails.
+_JOIN = 'while [ "$1" != -- ]; do echo $$ 2>/dev/null >"$1"; shift; done; shift; exec "$@"'
+
+
+def join_argv(procs_files: list[str], argv: list[str]) -> list[str]:
+    """`argv` run by a shell that first writes its own pid (kept across exec) to each `cgroup.procs` file."""
+    if not procs_files:
+        return argv
+    return ["/bin/sh", "-c", _JOIN, "planemesh-join", *procs_files, "--", *argv]
 
 
 def _rmdir(group: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from planemesh.agent.control_thread import ControlThread
 from planemesh.agent.cpu_groups import CpuGroups
 from planemesh.agent.kernel import KernelDataPath
+from planemesh.agent.node_overload import NodeOverloadConfig, NodeShedding, load_node_overload
 from planemesh.agent.sdnotify import (
     FIRST_SNAPSHOT_APPLIED,
     LISTENERS_BOUND,
@@ -69,8 +70,14 @@ class AgentOptions:
 
 
 class Agent:
-    def __init__(self, options: AgentOptions, host_cgroups: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        options: AgentOptions,
+        host_cgroups: tuple[str, ...] = (),
+        node_overload: NodeOverloadConfig | None = None,
+    ) -> None:
         self.options = options
+        self.node_overload = node_overload or NodeOverloadConfig()  # priority between planes (node_overload.py)
         self.host_cgroups = host_cgroups  # host mode: real cgroup v2 paths (planemesh.agent.host_attach)
         self.host: Any = None  # planemesh.ebpf.host_redirect.HostMode, loaded at start when host mode is on
         self.snapshot: Snapshot | None = None
@@ -306,6 +313,15 @@ class Agent:
                     self._proxy_reports[name] = report
             await asyncio.sleep(interval_s)
 
+    def _plane_priorities(self) -> dict[str, int]:
+        snap = self.snapshot
+        return {p.name: p.sla.priority for p in snap.planes if p.name in self.workers} if snap else {}
+
+    async def _set_shed(self, plane: str, fraction: float) -> None:
+        workers = self.workers.get(plane)
+        if workers is not None:
+            await workers.set_shed(fraction)
+
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, first: Snapshot | None) -> None:
         loop = asyncio.get_running_loop()
@@ -330,6 +346,9 @@ class Agent:
             if self._takeover is None:
                 await self._start_admin()
             self.spawn(self._collect_worker_stats(), "worker-stats")
+            if self.node_overload.enabled and not self.options.datapath_only:
+                shedding = NodeShedding(self.node_overload)
+                self.spawn(shedding.run(self._plane_priorities, self._set_shed), "node-overload")
             self.spawn(run_watchdog(self.notifier, self.healthy), "watchdog")
             await self.readiness.wait()
             if self._takeover is not None:
@@ -450,11 +469,12 @@ def run_agent(options: AgentOptions) -> int:
 
     first = load_snapshot(options)  # a bad file fails here, before anything is changed
     host_cgroups = load_host_cgroups(options.host_cgroups, options.host_mode_file)  # so does a bad cgroup
+    node_overload = load_node_overload(options.host_mode_file)  # and a bad node_overload section
     if host_cgroups and options.datapath_only:
         raise ConfigError("--host-cgroup", "host mode needs planemesh's own proxy (not --datapath-only)")
     if options.netns:
         enter_netns(options.netns)
-    agent = Agent(options, host_cgroups)
+    agent = Agent(options, host_cgroups, node_overload)
     try:
         import uvloop
 

@@ -190,6 +190,9 @@ async def run_worker(
                 report = stats_report(plane, proxy.stats, sniff)
                 report["tls"] = [{"plane": plane, **proxy.tls_stats.as_dict()}]  # agent/proxy/tls.py
                 writer.write(encode({"op": "stats", "id": rid, "stats": report}))
+            elif op == "shed":  # the node's overload: this plane's share to refuse (agent/node_overload.py)
+                proxy.overload.set_node_shed(float(msg.get("fraction", 0.0)))
+                writer.write(encode({"op": "shed_set", "id": rid}))
             elif op == "drain":
                 await proxy.drain(float(msg.get("timeout", 10)))
                 writer.write(encode({"op": "drained", "id": rid}))

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from planemesh import module_argv
-from planemesh.agent.cpu_groups import CpuGroups
+from planemesh.agent.cpu_groups import CpuGroups, join_argv
 from planemesh.agent.worker_channel import RequestTable, SnapshotEncoder, read_message
 from planemesh.model.config import Snapshot
 
@@ -45,8 +45,16 @@ class WorkerUnavailable(RuntimeError):
 class WorkerProcess:
     """One worker process of one plane, with its control channel (requests matched to replies by id)."""
 
-    def __init__(self, plane: str, index: int, listeners: list[socket.socket], options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        plane: str,
+        index: int,
+        listeners: list[socket.socket],
+        options: dict[str, Any],
+        groups: list[str] | None = None,
+    ) -> None:
         self.plane = plane
+        self.groups = groups or []  # cgroup.procs files the process joins before it execs (CpuGroups.procs_files)
         self.index = index
         self._listeners = listeners
         self._options = options
@@ -81,7 +89,7 @@ class WorkerProcess:
             argv += ["--host-map-fd", str(self._options["host_map_fd"])]
             fds.append(self._options["host_map_fd"])
         try:
-            self._proc = await asyncio.create_subprocess_exec(*argv, pass_fds=fds)
+            self._proc = await asyncio.create_subprocess_exec(*join_argv(self.groups, argv), pass_fds=fds)
         except BaseException:
             ours.close()
             raise
@@ -226,11 +234,15 @@ class PlaneWorkers:
         self.cpu_groups = cpu_groups or CpuGroups(None)
         self.listeners = listeners
         self._options = options
-        self.workers = [WorkerProcess(plane, i, listeners, options) for i in range(count)]
+        self.workers = [self._new_worker(i) for i in range(count)]
         self._last: dict[str, Any] | None = None
         self.restarts = 0
         self._restart_times: list[float] = []
         self.stopped = False  # stop() called: supervise() must not start workers on closed sockets
+        self.shed = 0.0  # the node-wide overload's shed fraction for this plane (agent/node_overload.py)
+
+    def _new_worker(self, index: int) -> WorkerProcess:
+        return WorkerProcess(self.plane, index, self.listeners, self._options, self.cpu_groups.procs_files(self.plane))
 
     async def start(self, snapshot: Snapshot, sources: dict[str, dict[int, str]]) -> None:
         self._last = {"op": "snapshot", "snapshot": snapshot, "sources": sources}
@@ -247,13 +259,31 @@ class PlaneWorkers:
                 if attempt == attempts or self.stopped:
                     raise
                 log.error("%s; starting it again (attempt %d)", exc, attempt + 1)
-                self.workers[index] = WorkerProcess(self.plane, index, self.listeners, self._options)
+                self.workers[index] = self._new_worker(index)
                 await asyncio.sleep(min(0.1 * attempt, 2.0))
                 continue
             self.cpu_groups.add(self.plane, self.workers[index].pid or 0)
             if self._last is not sent:  # a snapshot came while it started: it gets the newest one
                 await self._push(self.workers[index], self._last)
+            if self.shed:
+                await self._send_shed(self.workers[index], self.shed)
             return
+
+    async def set_shed(self, fraction: float) -> None:
+        """Tell every worker the share of requests to refuse for the node's sake (only when it changed). A worker
+        that is starting or restarted gets it once ready; a stuck one has it queued."""
+        if fraction == self.shed:
+            return
+        self.shed = fraction
+        await asyncio.gather(*(self._send_shed(w, fraction) for w in self.workers if w.ready))
+
+    async def _send_shed(self, worker: WorkerProcess, fraction: float) -> None:
+        message = {"op": "shed", "fraction": fraction}
+        if worker.stalled_for() > STATS_TIMEOUT_S:
+            worker.post(message, "shed_set")
+            return
+        with contextlib.suppress(WorkerUnavailable):
+            await worker.request(message, "shed_set", timeout=APPLY_TIMEOUT_S)
 
     async def update(self, snapshot: Snapshot, sources: dict[str, dict[int, str]]) -> None:
         """Push a snapshot to every worker. Never fails for a worker's sake: one that is stuck gets it queued
@@ -316,7 +346,7 @@ class PlaneWorkers:
 
     async def _restart(self, index: int) -> None:
         self.workers[index].close_channel()
-        self.workers[index] = WorkerProcess(self.plane, index, self.listeners, self._options)
+        self.workers[index] = self._new_worker(index)
         self.restarts += 1
         now = time.monotonic()
         self._restart_times = [t for t in self._restart_times if now - t < RESTART_WINDOW_S] + [now]
@@ -329,7 +359,7 @@ class PlaneWorkers:
                 log.error("worker %s/%d: %s; plane %s keeps trying", self.plane, index, exc, self.plane)
                 self.workers[index].close_channel()
                 self.workers[index].kill()
-                self.workers[index] = WorkerProcess(self.plane, index, self.listeners, self._options)
+                self.workers[index] = self._new_worker(index)
 
     async def stop(self, drain_timeout: float) -> None:
         self.stopped = True

@@ -37,7 +37,7 @@ import yaml
 
 from bench.common import scratch_dir, start_nginx, wait_http
 from bench.http_proxy import envoy_in_node
-from bench.plane_isolation import HEAVY_BYTES, HEAVY_PATH, HEAVY_PORT
+from bench.plane_isolation_lab import HEAVY_BYTES, HEAVY_PATH, HEAVY_PORT
 from planemesh.agent.demo import start_agent
 from planemesh.labs import Lab
 from planemesh.labs import netns as ns_tools

@@ -1,20 +1,31 @@
-"""Plane isolation (issue 4): plane A's latency with plane B idle vs flooded beyond its rate limit.
+"""Plane isolation (issue 16): the protected plane's figures with the other plane idle and flooded, for every
+flood kind, with and without the planes' cpusets, and Envoy 1.40 as one shared proxy for both planes, in one run.
 
-    ./run.sh bench plane_isolation [--seconds 5]
+    ./run.sh bench plane_isolation [--quick] [--seconds 4] [--only rate,cpu_heavy] [--variants cpusets,envoy]
 
-The lab's two planes each run their own proxy worker process, in their own CPU cgroup. Plane `media` has a
-local rate limit in its SLA; wrk floods it with many connections (well past the limit: its excess must get
-429s, never timeouts), while a steady wrk on plane `oam` measures p50/p99. Two SLA variants in one run, the
-second applied live by SIGHUP: equal CPU weights, then oam weighted above media (sla.cpu_weight).
-Target: oam p99 flooded / idle <= 1.2.
+Plane `oam` is protected: a wrk probe (2 connections, closed loop, from the bystander pod) measures its p99 and
+its throughput with plane `media` idle, then while the attacker's pod floods media (bench/plane_isolation_lab.py
+FLOODS): rate (64 connections, far beyond media's 300 req/s limit), cpu_heavy (1 MiB bodies), connections (idle
+connections, labs/attacks.py idle_flood), rapid_reset and stream_flood (HTTP/2 abuse, labs/attacks.py),
+bandwidth (bulk TCP through the kernel bypass on media, shaped by its HTB class). The probe, the floods and the
+lab's servers run in their own cgroups with their own CPU budget (bench/plane_isolation_lab.py): by default
+(`--layout sides`) oam's probe and server share the protected CPU with oam's worker and the flood's side keeps
+to the other CPUs; `--layout apart` keeps every load generator and server off oam's CPU.
+
+Variants: `cpusets` (oam's worker pinned to the last CPU, media's to the others), `shared` (no cpuset: both
+workers on any CPU), `envoy` (Envoy 1.40, --concurrency 1, as the single node proxy of both planes; the agent
+runs --datapath-only). Targets with cpusets: oam p99 flooded/idle <= 1.2, throughput flooded/idle >= 0.8; media
+answers its excess 429/503, never with timeouts.
+Each flood's idle probe runs right before it (the machine's load drifts). `--quick` (< 3 min): 2 s per
+measurement instead of 4.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,114 +34,207 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import WrkResult, parse_wrk, start_nginx
+from bench.common import WrkResult, parse_wrk
+from bench.floods import BYSTANDER, flood_lab, proxy_ports, reap, wait_both_planes, worker_pid
+from bench.http_proxy import envoy_in_node
+from bench.plane_isolation_lab import (
+    FLOOD,
+    FLOOD_SERVERS,
+    FLOODS,
+    HEAVY_PORT,
+    LAYOUTS,
+    PROBE,
+    PROBE_PATH,
+    BenchGroups,
+    describe_answers,
+    flood_answers,
+    flood_argv,
+    online_cpus,
+    plane_backends,
+    plane_cpus,
+)
+from planemesh.agent.demo import start_agent, start_servers
+from planemesh.labs import Lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import host_port
 from planemesh.model.static_config import default_config_text
 
 FLOOD_RATE_LIMIT_RPS = 300
-EQUAL_WEIGHTS = {"oam": 100, "media": 100}
-SLA_WEIGHTS = {"oam": 1000, "media": 100}
+MEDIA_BANDWIDTH_MBIT = 200  # media's HTB class (sla.bandwidth_mbit): the bandwidth flood's ceiling
+VARIANTS = ("cpusets", "shared", "envoy")
+TARGET_P99, TARGET_RPS = 1.2, 0.8
+FLOOD_SETTLE_S = {"connections": 2.0}  # idle_flood needs time to open its connections; others 1 s
 
 
-def isolation_config(
-    path: Path, rate_limit_rps: int = FLOOD_RATE_LIMIT_RPS, cpu_weights: dict[str, int] = EQUAL_WEIGHTS
-) -> Path:
+def isolation_config(path: Path, cpus: tuple[str | None, str | None] = (None, None)) -> Path:
+    """The default planes; media rate-limited and shaped; `cpus`: (oam's, media's) cpu lists or None."""
     raw = yaml.safe_load(default_config_text())
     for plane in raw["planes"]:
-        plane["sla"] = {**plane.get("sla", {}), "cpu_weight": cpu_weights[plane["name"]]}
+        sla = plane.setdefault("sla", {})
+        plane_cpus_ = cpus[0] if plane["name"] == "oam" else cpus[1]
+        if plane_cpus_ is not None:
+            sla["cpus"] = plane_cpus_
         if plane["name"] == "media":
-            plane["sla"].update(rate_limit_rps=rate_limit_rps, rate_limit_burst=50)
+            sla.update(rate_limit_rps=FLOOD_RATE_LIMIT_RPS, rate_limit_burst=50, bandwidth_mbit=MEDIA_BANDWIDTH_MBIT)
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-# The CPU-heavy flood: nginx in the server pod serves a large body on port 8080 (declared HTTP on both planes),
-# so plane media's worker spends its CPU streaming bodies rather than refusing requests.
-HEAVY_PORT, HEAVY_PATH, HEAVY_BYTES = 8080, "/heavy.bin", 1 << 20
-
-
-@contextlib.contextmanager
-def heavy_backend(env, workdir: Path) -> Iterator[None]:  # type: ignore[no-untyped-def]
-    (workdir / "www").mkdir(exist_ok=True)
-    (workdir / "www" / HEAVY_PATH.lstrip("/")).write_bytes(bytes(range(256)) * (HEAVY_BYTES // 256))
-    nginx = start_nginx(env.lab, "server", [HEAVY_PORT], workdir)
-    try:
-        yield
-    finally:
-        ns_tools.stop(nginx)
-
-
-def _wrk(env, plane: str, connections: int, seconds: int, port: int = 80, path: str = "/iso") -> subprocess.Popen:  # type: ignore[no-untyped-def]
-    url = f"http://{host_port(env.server(plane, 4), port)}{path}"
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
-    return ns_tools.popen(env.client_ns, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _result(proc: subprocess.Popen, name: str) -> WrkResult:
-    out, _ = proc.communicate(timeout=120)
-    return parse_wrk(name, out)
-
-
 @dataclass
-class Isolation:
+class Row:
+    variant: str
+    flood: str
     idle: WrkResult
     flooded: WrkResult
-    flood: WrkResult
+    answers: dict
 
     @property
     def p99_ratio(self) -> float:
-        return self.flooded.p99_ms / self.idle.p99_ms if self.idle.p99_ms else float("inf")
+        if not self.flooded.requests or not self.idle.p99_ms:
+            return float("inf")  # no answer at all while flooded: the worst ratio, not the best
+        return self.flooded.p99_ms / self.idle.p99_ms
+
+    @property
+    def rps_ratio(self) -> float:
+        return self.flooded.rps / self.idle.rps if self.idle.rps else 0.0
 
 
-def measure(  # type: ignore[no-untyped-def]
-    env, seconds: int = 5, probe_connections: int = 2, flood_connections: int = 64, heavy: bool = False
-) -> Isolation:
-    """oam's probe with media idle, then flooded (heavy: large bodies from HEAVY_PORT, see heavy_backend)."""
-    idle = _result(_wrk(env, "oam", probe_connections, seconds), "oam, media idle")
-    time.sleep(0.5)
-    target = (HEAVY_PORT, HEAVY_PATH) if heavy else (80, "/iso")
-    flood = _wrk(env, "media", flood_connections, seconds + 2, *target)
-    time.sleep(1.0)  # the flood is in full swing
-    flooded = _result(_wrk(env, "oam", probe_connections, seconds), "oam, media flooded")
-    return Isolation(idle, flooded, _result(flood, "media flood" + (" (1 MiB)" if heavy else "")))
+class Bench:
+    def __init__(self, lab: Lab, groups: BenchGroups, seconds: float) -> None:
+        self.lab, self.groups, self.seconds = lab, groups, seconds
+        self.oam = lab.pod_addr("server", "oam", 4) or ""
+        self.media = lab.pod_addr("server", "media", 4) or ""
+
+    def probe(self, name: str) -> WrkResult:
+        url = f"http://{host_port(self.oam, HEAVY_PORT)}{PROBE_PATH}"
+        argv = ["wrk", "-t1", "-c2", f"-d{max(1, round(self.seconds))}s", "--latency", "--timeout", "5s", url]
+        out = self._run(PROBE, BYSTANDER, argv).communicate(timeout=self.seconds + 60)[0]
+        return parse_wrk(name, out)
+
+    def _run(self, group: str, pod: str, argv: list[str]) -> subprocess.Popen:
+        wrapped = self.groups.wrap(group, ns_tools.exec_argv(self.lab.pod_ns(pod), argv))
+        return subprocess.Popen(wrapped, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def measure(self, variant: str, kind: str, idle: WrkResult | None) -> Row:
+        idle = idle or self.probe("oam, media idle")
+        settle = FLOOD_SETTLE_S.get(kind, 1.0)
+        flood = self._run(FLOOD, "client", flood_argv(kind, self.media, self.seconds + settle + 0.5))
+        time.sleep(settle)  # the flood is in full swing
+        flooded = self.probe(f"oam, media {kind}")
+        out = flood.communicate(timeout=self.seconds + 90)[0]
+        return Row(variant, kind, idle, flooded, flood_answers(kind, out))
+
+    def run_variant(self, variant: str, floods: list[str]) -> list[Row]:
+        rows = []
+        for kind in floods:
+            print(f"  {variant:8} {kind:13} ...", file=sys.stderr, flush=True)
+            rows.append(self.measure(variant, kind, None))  # idle right before: the machine's load drifts
+            # What a flood leaves behind settles: both planes answer through the proxy again before the next.
+            time.sleep(0.5)
+            wait_both_planes(self.lab, "x-envoy-upstream-service-time" if variant == "envoy" else None)
+        return rows
 
 
-def report(iso: Isolation, title: str) -> str:
-    rows = [
-        title,
-        f"{'case':22} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} {'timeouts':>8}",
-        *(
-            f"{r.name:22} {r.rps:9.0f} {r.p50_ms:8.3f} {r.p99_ms:8.3f} {r.non_2xx:8d} {r.timeouts:8d}"
-            for r in (iso.idle, iso.flooded, iso.flood)
-        ),
+@contextlib.contextmanager
+def planemesh(lab: Lab, work: Path, config: Path) -> Iterator[None]:
+    agent = start_agent(lab, work, ["--config", str(config)])
+    try:
+        wait_both_planes(lab, None)
+        yield
+    finally:
+        workers = [w for w in (worker_pid(agent.pid, p) for p in ("oam", "media")) if w is not None]
+        ns_tools.stop(agent)
+        reap(workers)
+
+
+@contextlib.contextmanager
+def envoy(lab: Lab, work: Path, config: Path) -> Iterator[None]:
+    datapath = start_agent(lab, work, ["--datapath-only", "--config", str(config)])
+    try:
+        with envoy_in_node(lab, work, proxy_ports()):
+            wait_both_planes(lab, "x-envoy-upstream-service-time")  # Envoy answers, not the fall-open path
+            yield
+    finally:
+        ns_tools.stop(datapath)
+
+
+def run(prefix: str | None, seconds: float, floods: list[str], variants: list[str], layout: str = "sides") -> list[Row]:
+    lab = flood_lab(prefix)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="planemesh-bench-") as tmp, lab:
+        work = Path(tmp)
+        groups = BenchGroups(layout, prefix)
+        servers = start_servers(lab)  # port 80 (the rate flood's backend) and 9000 (the bulk TCP echo)
+        try:
+            groups.move(FLOOD_SERVERS, [p.pid for p in servers])
+            with plane_backends(lab, work, groups):
+                print(f"bench groups: {groups.describe()}", file=sys.stderr)
+                bench = Bench(lab, groups, seconds)
+                for variant in variants:
+                    run_dir = work / variant
+                    run_dir.mkdir()
+                    cpus = plane_cpus(online_cpus()) if variant == "cpusets" else (None, None)
+                    config = isolation_config(run_dir / "agent.yaml", cpus)
+                    proxy = envoy if variant == "envoy" else planemesh
+                    with proxy(lab, run_dir, config):
+                        rows += bench.run_variant(variant, floods)
+        finally:
+            for proc in servers:
+                ns_tools.stop(proc)
+            groups.close()
+    return rows
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}x" if value != float("inf") else "-"
+
+
+def report(rows: list[Row], seconds: float, quick: bool, layout: str) -> str:
+    out = [
+        f"oam (protected) with media idle vs flooded; {seconds:g} s per measurement{' (quick)' if quick else ''}; "
+        f"bench groups: layout {layout}",
         "",
-        f"oam p99 flooded / idle: {iso.p99_ratio:.2f}   (target <= 1.2)",
-        f"media excess answered:  {iso.flood.non_2xx} x 429, {iso.flood.timeouts} timeouts "
-        f"(rate limit {FLOOD_RATE_LIMIT_RPS}/s)",
+        "| flood | proxy | oam p99 idle ms | p99 flooded ms | p99 flooded/idle | oam req/s idle | req/s flooded "
+        "| req/s flooded/idle | oam errors | media's answers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    return "\n".join(rows)
+    for kind in dict.fromkeys(r.flood for r in rows):
+        for r in (r for r in rows if r.flood == kind):
+            flooded_p99 = f"{r.flooded.p99_ms:.2f}" if r.flooded.requests else "no answer"
+            out.append(
+                f"| {kind} | {r.variant} | {r.idle.p99_ms:.2f} | {flooded_p99} | {_ratio(r.p99_ratio)} "
+                f"| {r.idle.rps:.0f} | {r.flooded.rps:.0f} | {r.rps_ratio:.2f}x | {r.idle.errors + r.flooded.errors} "
+                f"| {describe_answers(kind, r.answers)} |"
+            )
+    out += ["", f"media: rate limit {FLOOD_RATE_LIMIT_RPS} req/s, HTB class {MEDIA_BANDWIDTH_MBIT} Mbit/s"]
+    pinned = [r for r in rows if r.variant == "cpusets"]
+    if pinned:
+        p99_ok = sum(r.p99_ratio <= TARGET_P99 for r in pinned)
+        rps_ok = sum(r.rps_ratio >= TARGET_RPS for r in pinned)
+        out += ["", f"with cpusets: p99 target (<= {TARGET_P99}x) met for {p99_ok}/{len(pinned)} floods, "
+                f"throughput target (>= {TARGET_RPS}x) for {rps_ok}/{len(pinned)}"]  # fmt: skip
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tests.netns.agent_lab import running_agent
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--prefix", default="pmiso")
+    parser.add_argument("--quick", action="store_true", help="2 s per measurement (default 4)")
+    parser.add_argument("--seconds", type=float, default=None, help="per measurement (default 4, quick 2)")
+    parser.add_argument("--only", default=",".join(FLOODS), help=f"floods, comma-separated: {', '.join(FLOODS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--layout", choices=LAYOUTS, default="sides", help="bench groups' CPUs (lab module doc)")
+    parser.add_argument("--prefix", default=None)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="planemesh-bench-") as tmp:
-        config = isolation_config(Path(tmp) / "agent.yaml")
-        with running_agent(args.prefix, ["--config", str(config)]) as env, heavy_backend(env, Path(tmp)):
-            for weights in (EQUAL_WEIGHTS, SLA_WEIGHTS):
-                if weights is not EQUAL_WEIGHTS:
-                    isolation_config(config, cpu_weights=weights)
-                    env.agent.send_signal(signal.SIGHUP)  # the weights change in place; workers keep running
-                    time.sleep(2.0)
-                for heavy in (False, True):
-                    flood = "CPU-heavy flood (1 MiB bodies)" if heavy else "flood beyond the rate limit"
-                    print(report(measure(env, args.seconds, heavy=heavy), f"{flood}, CPU weights {weights}"))
-                    print()
+    floods = [f for f in args.only.split(",") if f]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted((set(floods) - set(FLOODS)) | (set(variants) - set(VARIANTS)))
+    if unknown:
+        parser.error(f"unknown flood or variant: {', '.join(unknown)}")
+    seconds = args.seconds or (2.0 if args.quick else 4.0)
+    started = time.monotonic()
+    rows = run(args.prefix, seconds, floods, variants, args.layout)
+    print(report(rows, seconds, args.quick, args.layout))
+    print(f"\n({time.monotonic() - started:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ class SLA:
     rate_limit_rps: float | None = None  # local token bucket; None = unlimited
     rate_limit_burst: int | None = None
     bandwidth_mbit: float | None = None  # HTB class rate on egress; None = no class
-    priority: int = 3  # HTB prio (0 highest .. 7)
+    # HTB prio (0 highest .. 7); also the order planes shed in when the node runs out of CPU or memory (the
+    # highest never sheds: agent/node_pressure.py). Envoy: none (one overload manager for all its listeners).
+    priority: int = 3
     workers: int = 1  # proxy worker processes for this plane
     cpu_weight: int = 100  # the plane's workers' CPU share (cgroup v2 cpu.weight, 1..10000), agent/cpu_groups.py
     cpus: str | None = None  # cpu list the plane's workers are pinned to (cgroup cpuset.cpus, "0-1,3"); None: any

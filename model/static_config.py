@@ -148,8 +148,9 @@ def _parse_listener(raw: Any, i: int) -> Listener:
 
 def snapshot_from_dict(raw: Any, version: str = "static") -> Snapshot:
     _require(raw, dict, "", "a mapping at the top level")
-    # host_mode: node-local cgroups to intercept, read by planemesh.agent.host_attach (not part of a Snapshot).
-    _unknown_keys(raw, {"planes", "listeners", "host_mode"}, "config")
+    # host_mode: node-local cgroups to intercept, read by planemesh.agent.host_attach; node_overload: priority
+    # between planes under node-wide overload, read by planemesh.agent.node_overload (neither is in a Snapshot).
+    _unknown_keys(raw, {"planes", "listeners", "host_mode", "node_overload"}, "config")
     planes = _require(raw.get("planes"), list, "planes", "a list of planes")
     listeners = _require(raw.get("listeners", []), list, "listeners", "a list of listeners")
     snap = Snapshot(

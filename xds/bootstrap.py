@@ -92,7 +92,7 @@ def _str(raw: dict, key: str, path: str, default: str | None = None) -> str:
 
 
 def bootstrap_from_dict(raw: Any) -> Bootstrap:
-    top = _mapping(raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode"})
+    top = _mapping(raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode", "node_overload"})
     if "host_mode" in top:  # read by the agent (planemesh.agent.host_attach); checked here so errors come early
         from planemesh.agent.host_attach import host_mode_from_dict
 

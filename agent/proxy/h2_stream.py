@@ -19,9 +19,9 @@ from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.h2 import H2Side
 from planemesh.agent.proxy.h2_fields import local_answer, mutated_request, split_request
 from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2, TRAILER_DROP
-from planemesh.agent.proxy.limits import MEMORY_SHED_HEADERS
 from planemesh.agent.proxy.mirror import mirror_targets, sender_for, shadow_request
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
+from planemesh.agent.proxy.overload import SHED_HEADERS
 from planemesh.agent.proxy.request_head import (
     header_map,
     response_headers,
@@ -137,9 +137,10 @@ class Bridge:
         overload = proxy.overload
         if not overload.keep_alive or proxy.draining:  # memory or connection pressure: as overload_gate for h1
             ds.stop_keep_alive()
-            if overload.shedding:
+            why = overload.refuse()  # memory, or the node's overload
+            if why is not None:
                 proxy.stats.shed_requests += 1
-                return self.local_error(503, "overloaded", accesslog.OM, extra=MEMORY_SHED_HEADERS)
+                return self.local_error(503, "overloaded", accesslog.OM, extra=SHED_HEADERS[why])
         table = proxy.table
         route_config = pipeline.connection_route_config(ds, table)
         step = pipeline.listener_filters(proxy, route_config, self._header_map, rng.random, self._rbac_denied)

@@ -10,6 +10,11 @@ The proxy samples its memory every SAMPLE_INTERVAL_S (`update(rss, connections)`
 - level HARD (above HARD_FRACTION): as SOFT, and `victims(connections)` names the connections to reset,
   those buffering the most first, until their buffers cover the excess over the soft threshold.
 
+Node-wide overload (agent/node_pressure.py): the agent tells the worker a shed fraction for its plane
+(`set_node_shed`, 0..1) when the node runs short of CPU or memory and the plane is not of the highest
+priority. While it is above 0 keep-alive stops and `refuse()` answers that share of requests (spread evenly by an
+error-diffusion counter, not at random) with the reason REFUSED_NODE: a 503 with `x-planemesh-overloaded: node`.
+
 Connections take part through the BufferHolder protocol: `buffered_bytes()` (what the connection holds in
 user space and in its transports' write buffers) and `abort()` (reset it now, freeing all of that). The HTTP/1.1
 connection (downstream.Downstream) implements it; an HTTP/2 connection can implement the same two methods and
@@ -34,6 +39,8 @@ SOFT_FRACTION = 0.80  # shed and stop keep-alive (Envoy examples: stop_accepting
 HARD_FRACTION = 0.95  # reset the biggest buffers (Envoy examples: reset_high_memory_stream at 0.95..0.99)
 KEEPALIVE_CONNECTION_FRACTION = 0.9  # of max_connections: close after each response to free the budget
 MIB = 1 << 20
+SHED_MEMORY, SHED_NODE = "memory", "node"  # why refuse() sheds: the x-planemesh-overloaded value
+SHED_HEADERS = {why: ((b"x-planemesh-overloaded", why.encode()),) for why in (SHED_MEMORY, SHED_NODE)}
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -73,11 +80,13 @@ class RssGrowth:
 
 class OverloadManager:
     __slots__ = (
+        "_node_debt",
         "connections",
         "hard_bytes",
         "keep_alive",
         "keepalive_connections",
         "level",
+        "node_shed",
         "rss",
         "shedding",
         "soft_bytes",
@@ -89,6 +98,8 @@ class OverloadManager:
         self.keep_alive = True  # responses may keep their connection open (read per request: an attribute)
         self.rss = 0
         self.connections = 0
+        self.node_shed = 0.0  # share of requests to refuse for the node's sake (set by the agent)
+        self._node_debt = 0.0
         self.configure(memory_max_mb, max_connections)
 
     def configure(self, memory_max_mb: int, max_connections: int) -> None:
@@ -103,6 +114,25 @@ class OverloadManager:
         self.connections = connections
         return self._reassess()
 
+    def set_node_shed(self, fraction: float) -> None:
+        self.node_shed = min(1.0, max(0.0, float(fraction)))
+        if self.node_shed == 0.0:
+            self._node_debt = 0.0
+        self._reassess()
+
+    def refuse(self) -> str | None:
+        """For a request while keep_alive is off: why to shed it (SHED_MEMORY, SHED_NODE), or None to serve it.
+        Node shedding refuses `node_shed` of the requests asked about, evenly spaced."""
+        if self.shedding:
+            return SHED_MEMORY
+        if self.node_shed <= 0.0:
+            return None
+        self._node_debt += self.node_shed
+        if self._node_debt >= 1.0 - 1e-9:
+            self._node_debt -= 1.0
+            return SHED_NODE
+        return None
+
     def _reassess(self) -> Level:
         if self.rss > self.hard_bytes:
             self.level = Level.HARD
@@ -111,7 +141,9 @@ class OverloadManager:
         else:
             self.level = Level.NORMAL
         self.shedding = self.level >= Level.SOFT
-        self.keep_alive = self.level == Level.NORMAL and self.connections <= self.keepalive_connections
+        self.keep_alive = (
+            self.level == Level.NORMAL and self.node_shed == 0.0 and self.connections <= self.keepalive_connections
+        )
         return self.level
 
     def victims(self, holders: Iterable[BufferHolder]) -> list[BufferHolder]:

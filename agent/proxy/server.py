@@ -22,7 +22,6 @@ from planemesh.agent.proxy.exchange import Exchange
 from planemesh.agent.proxy.h2_downstream import H2Downstream
 from planemesh.agent.proxy.limits import (
     MEMORY_SHED_BODY,
-    MEMORY_SHED_HEADERS,
     REFUSED_CONNECTIONS,
     REFUSED_MEMORY,
     REFUSED_SOURCE,
@@ -31,7 +30,7 @@ from planemesh.agent.proxy.limits import (
     TokenBucket,
     bucket_for,
 )
-from planemesh.agent.proxy.overload import SAMPLE_INTERVAL_S, Level, OverloadManager, RssGrowth
+from planemesh.agent.proxy.overload import SAMPLE_INTERVAL_S, SHED_HEADERS, Level, OverloadManager, RssGrowth
 from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffListener, SniffStats
 from planemesh.agent.proxy.routing_table import RoutingTable
 from planemesh.agent.proxy.sockets import SO_MARK, listen_backlog
@@ -300,10 +299,11 @@ class PlaneProxy:
         keep-alive; True if the request was answered 503 (memory) and must go no further. The h2 equivalent is
         h2_stream.Bridge.start (its connection is told to stop keep-alive with a GOAWAY, the stream is shed alike)."""
         ex.keep_alive = False
-        if not self.overload.shedding:
+        why = self.overload.refuse()  # memory, or the node's overload (agent/node_pressure.py)
+        if why is None:
             return False
         self.stats.shed_requests += 1
-        ex.reply(503, MEMORY_SHED_BODY, MEMORY_SHED_HEADERS, OM)
+        ex.reply(503, MEMORY_SHED_BODY, SHED_HEADERS[why], OM)
         return True
 
     def _sample_memory(self) -> None:

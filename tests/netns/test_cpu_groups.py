@@ -251,3 +251,22 @@ def test_groups_of_a_killed_agent_are_removed_by_the_next(run_prefix: str, tmp_p
             assert not any(base.exists() for base in stale), "a dead agent's groups stay"
         finally:
             assert ns_tools.stop(successor) == 0
+
+
+def _anon_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("RssAnon:")).split()[1]) * 1024
+
+
+def test_a_worker_is_in_its_groups_from_its_first_instruction(run_prefix: str, tmp_path: Path) -> None:
+    """The worker's start-up memory (interpreter, imports: ~30 MB) is charged to its plane's memory group, not
+    left in the agent's: the worker joins its groups before it execs, not after it reports ready."""
+    config = _limits_config(tmp_path / "agent.yaml", {"memory_max_mb": 128})
+    with running_agent(f"{run_prefix}j", ["--config", str(config)]) as env:
+        pid = eventually(lambda: _worker_pids(env.agent.pid).get("oam", [None])[0])
+        memory = _group(pid, "memory")
+        assert memory.name == "plane-oam"
+        usage = int(_read(memory, "memory.current", "memory.usage_in_bytes"))
+        anon = _anon_bytes(pid)
+        print(f"plane-oam group charged {usage / MIB:.1f} MiB, worker's anonymous memory {anon / MIB:.1f} MiB")
+        assert usage >= 0.8 * anon

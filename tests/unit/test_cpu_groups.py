@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from planemesh.agent.cpu_groups import own_cgroup, parse_mounts, v1_shares
+from planemesh.agent.cpu_groups import join_argv, own_cgroup, parse_mounts, v1_shares
 
 pytestmark = pytest.mark.unit
 
@@ -238,3 +240,14 @@ def test_static_config_takes_a_cpuset_and_memory_cap() -> None:
     raw["planes"][0]["sla"] = {"cpus": 0, "memory_max_mb": 128}  # YAML reads `cpus: 0` as a number
     sla = snapshot_from_dict(raw).planes[0].sla
     assert sla.cpus == "0" and sla.memory_max_mb == 128
+
+
+def test_join_argv_writes_the_pid_that_then_execs(tmp_path: Path) -> None:
+    """The shell writes its own pid, which the program keeps across exec; a file it cannot write is skipped."""
+    files = [tmp_path / "cpu.procs", tmp_path / "missing-dir" / "cgroup.procs", tmp_path / "memory.procs"]
+    program = [sys.executable, "-c", "import os, sys; print(os.getpid(), sys.argv[1:])", "a b", "--"]
+    done = subprocess.run(join_argv([str(f) for f in files], program), capture_output=True, text=True, check=True)
+    pid = done.stdout.split()[0]
+    assert files[0].read_text().strip() == pid and files[2].read_text().strip() == pid
+    assert done.stdout.strip() == f"{pid} ['a b', '--']"  # arguments pass through untouched
+    assert join_argv([], program) == program

@@ -1,0 +1,91 @@
+"""Priority between planes under node-wide overload, with the real agent: the node's pressure comes from files
+the test writes (node_overload.proc_root: the same reader as /proc, no real CPU burn). Under pressure the
+lower-priority plane (media, priority 2) answers 503 `x-planemesh-overloaded: node` at once (flag OM in the
+access log, no timeout), over HTTP/1.1 and h2, while oam (priority 1) serves every request; calm again, media
+serves again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.common import WrkResult, parse_h2load
+from planemesh.labs import netns as ns_tools
+from planemesh.labs.traffic import http_requests
+from planemesh.model.static_config import default_config_text
+from tests.netns.agent_lab import eventually, running_agent
+
+pytestmark = pytest.mark.netns
+
+CALM = "some avg10=1.00 avg60=1.00 avg300=1.00 total=100\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+BUSY = "some avg10=95.00 avg60=80.00 avg300=40.00 total=900\nfull avg10=30.00 avg60=20.00 avg300=9.00 total=90\n"
+
+
+def _fake_proc(root: Path, cpu: str) -> Path:
+    (root / "pressure").mkdir(parents=True, exist_ok=True)
+    (root / "pressure" / "cpu").write_text(cpu)
+    (root / "pressure" / "memory").write_text(CALM)
+    (root / "meminfo").write_text("MemTotal: 4000000 kB\nMemAvailable: 3000000 kB\n")
+    return root
+
+
+def test_the_lower_priority_plane_sheds_first_under_node_pressure(run_prefix: str, tmp_path: Path) -> None:
+    proc = _fake_proc(tmp_path / "proc", CALM)
+    raw = yaml.safe_load(default_config_text())  # oam priority 1, media priority 2
+    raw["node_overload"] = {"proc_root": str(proc), "interval_s": 0.1}
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with running_agent(f"{run_prefix}n", ["--config", str(config)]) as env:
+        oam, media = env.server("oam", 4), env.server("media", 4)
+
+        def statuses(dst: str, n: int = 8) -> list[int]:
+            return http_requests(env.client_ns, dst, 80, ["/p"] * n, timeout=10).status
+
+        def h2_statuses(dst: str, n: int) -> list[str]:
+            """One curl (nghttp2) h2c request per connection: python-hyper h2 trips over the GOAWAY a shedding
+            worker sends (python-hyper/h2#1181)."""
+            argv = ["curl", "-s", "--http2-prior-knowledge", "-m", "10", "-w", "%{http_code}/%{http_version}\\n"]
+            urls = [x for _ in range(n) for x in ("-o", "/dev/null", f"http://{dst}/h2")]
+            return ns_tools.run(env.client_ns, [*argv, *urls]).stdout.split()
+
+        def h2_load(dst: str, n: int) -> WrkResult:
+            """`n` h2c requests on one connection (h2load)."""
+            out = ns_tools.run(env.client_ns, ["h2load", "-c1", "-m1", f"-n{n}", f"http://{dst}/h2"]).stdout
+            return parse_h2load("oam h2", out)
+
+        assert statuses(media) == [200] * 8 and statuses(oam) == [200] * 8
+
+        _fake_proc(proc, BUSY)  # the node is out of CPU: media steps to 100% shed within ~0.4 s
+        assert eventually(lambda: statuses(media) == [503] * 8, timeout=10)
+        shed = http_requests(env.client_ns, media, 80, ["/shed"], timeout=10)
+        assert shed.headers[0]["x-planemesh-overloaded"] == "node" and shed.headers[0]["connection"] == "close"
+        assert h2_statuses(media, 4) == ["503/2"] * 4
+        assert statuses(oam, 50) == [200] * 50  # the higher priority keeps serving every request
+        h2 = h2_load(oam, 200)
+        assert h2.requests == 200 and h2.errors == 0
+        assert "node overloaded" in env.agent_output() and "media 100%" in env.agent_output()
+        logged = eventually(lambda: [x for x in env.access_log().splitlines() if '"GET /shed' in x])
+        assert logged and " 503 OM " in logged[0] and logged[0].endswith(" media")
+
+        def shed_requests() -> dict[str, int]:
+            rows = env.admin.get_json("/stats?format=json")[1]["overload"]
+            return {r["plane"]: r["shed_requests"] for r in rows}
+
+        assert eventually(lambda: shed_requests().get("media", 0) >= 13)  # 8 + 1 + 4 at least
+        assert shed_requests()["oam"] == 0
+
+        _fake_proc(proc, CALM)  # calm again: media steps back down to 0
+        assert eventually(lambda: statuses(media) == [200] * 8, timeout=10)
+        assert statuses(oam) == [200] * 8
+
+
+def test_a_bad_node_overload_section_stops_the_start_naming_the_field(run_prefix: str, tmp_path: Path) -> None:
+    raw = yaml.safe_load(default_config_text())
+    raw["node_overload"] = {"thresholds": {"cpu_high": 50}}
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RuntimeError) as err, running_agent(f"{run_prefix}nb", ["--config", str(config)]):
+        pass
+    assert "node_overload.thresholds.cpu_high: unknown threshold" in str(err.value)
