@@ -13,6 +13,7 @@
     timing: {initial_fetch_timeout_s: 15, backoff_base_s: 0.5, backoff_max_s: 30}
     planes: [...]                     # the static configuration's `planes:` (agent/static_config.py)
     host_mode: {slices: [telecom.slice], cgroups: [...]}   # optional: host-mode cgroups (agent/host_mode.py)
+    workloads: {source: kubernetes}   # optional: one ADS stream per local workload (agent/workloads/settings.py)
 
 Planes are local knowledge (interfaces and CIDRs of this node), so they come from here, not from xDS;
 every error names its field like the static configuration's.
@@ -27,6 +28,7 @@ from typing import Any
 
 from planemesh.agent.config import ConfigError
 from planemesh.agent.static_config import read_yaml_file, snapshot_from_dict
+from planemesh.agent.workloads.settings import WorkloadSettings, settings_from_dict
 from planemesh.netplanes.model import Plane
 from planemesh.xds.client_state import Mode
 
@@ -58,6 +60,7 @@ class Bootstrap:
     token_file: str | None = None  # re-read on every (re)connect: Kubernetes rotates projected tokens
     max_receive_bytes: int = MAX_RECEIVE_BYTES
     node_metadata: tuple[tuple[str, Any], ...] = ()  # extra node.metadata (istiod: ISTIO_VERSION, NAMESPACE...)
+    workloads: WorkloadSettings | None = None  # set: one stream per local workload, not one for the node
 
 
 _TARGET = re.compile(r"^(unix:(//)?/.+|\[[0-9a-fA-F:.]+\]:\d{1,5}|[A-Za-z0-9_.-]+:\d{1,5})$")
@@ -90,7 +93,7 @@ def _str(raw: dict, key: str, path: str, default: str | None = None) -> str:
 
 
 def bootstrap_from_dict(raw: Any) -> Bootstrap:
-    top = _mapping(raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode"})
+    top = _mapping(raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode", "workloads"})
     if "host_mode" in top:  # read by the agent (planemesh.agent.host_mode); checked here so errors come early
         from planemesh.agent.host_mode import host_mode_from_dict
 
@@ -138,6 +141,7 @@ def bootstrap_from_dict(raw: Any) -> Bootstrap:
         token_file=token_file,
         max_receive_bytes=limit,
         node_metadata=tuple(sorted(meta.items())),
+        workloads=settings_from_dict(top["workloads"]) if "workloads" in top else None,
         **times,
     )
 
