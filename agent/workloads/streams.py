@@ -81,7 +81,9 @@ class WorkloadStreams:
             await self._stop(w.key)
         for w in started:
             self._start(w)
-        if stopped:  # their configuration leaves the node now, not with the next stream's update
+        # Removed workloads leave the node now, not with the next stream's update; a node without workloads is
+        # configured (and ready) as soon as the source says so.
+        if stopped or (self.snapshot is None and not new.workloads and self._batch is None):
             try:
                 await self._flush(dict.fromkeys(w.key for w in stopped))
             except Exception as exc:
