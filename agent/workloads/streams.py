@@ -168,6 +168,15 @@ class WorkloadStreams:
             log.info("%s", note)
         self.applies += 1
         self.last_apply_s = time.perf_counter() - start
+        snap = merged.snapshot
+        log.info(
+            "applied %d workloads' configuration in %.1f ms: %d listeners, %d route configurations, %d clusters",
+            len(live),
+            self.last_apply_s * 1000,
+            len(snap.listeners),
+            len(snap.routes),
+            len(snap.clusters),
+        )
         self.last_error = None
         done.set_result(None)
 
