@@ -2,8 +2,9 @@
 
 PodList (the API server's `GET /api/v1/pods?fieldSelector=spec.nodeName=<node>`, or the kubelet's `/pods`):
 a pod is a local workload when it runs on this node, is `Running`, is not being deleted, does not use the
-host network, is not opted out (`sidecar.istio.io/inject: "false"` label or annotation), is not in an
-excluded namespace, and has at least one address on a plane. Its addresses are `status.podIPs` plus every
+host network, has no sidecar of its own (no `istio-proxy` container: it is its own proxy), is not opted out
+(`planemesh.io/workload: "false"` label or annotation), is not in an excluded namespace, and has at least one
+address on a plane. Its addresses are `status.podIPs` plus every
 `ips` entry of the NPWG network-status annotation (`k8s.v1.cni.cncf.io/network-status`, written by Multus
 and other multi-network CNIs for the secondary interfaces), kept when they lie in a plane's CIDRs.
 
@@ -30,7 +31,8 @@ from planemesh.agent.workloads.model import (
 from planemesh.netplanes.model import Plane
 
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
-INJECT = "sidecar.istio.io/inject"
+OPT_OUT = "planemesh.io/workload"  # "false": the agent leaves this pod alone
+SIDECAR = "istio-proxy"  # the injected sidecar's container name (a container, or a native sidecar init container)
 DEFAULT_EXCLUDED_NAMESPACES = ("kube-system", "istio-system", "planemesh-system")
 _FILE_FIELDS = {"name", "namespace", "addresses", "labels", "service_account", "uid"}
 
@@ -69,7 +71,10 @@ def pod_workload(
         return None
     if namespace in excluded or spec.get("hostNetwork") is True or meta.get("deletionTimestamp"):
         return None
-    if status.get("phase") != "Running" or "false" in (labels.get(INJECT), annotations.get(INJECT)):
+    if status.get("phase") != "Running" or "false" in (labels.get(OPT_OUT), annotations.get(OPT_OUT)):
+        return None
+    containers = [*(spec.get("containers") or ()), *(spec.get("initContainers") or ())]
+    if any(isinstance(c, dict) and c.get("name") == SIDECAR for c in containers):
         return None
     ips = [e.get("ip") for e in status.get("podIPs") or () if isinstance(e, dict)]
     if isinstance(status.get("podIP"), str):

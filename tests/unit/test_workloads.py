@@ -57,7 +57,9 @@ def test_pod_list_with_multus_network_status() -> None:
         _pod("elsewhere", ["198.18.1.11"], node="n2"),
         _pod("pending", ["198.18.1.12"], phase="Pending"),
         _pod("hostnet", ["198.18.1.13"], spec__hostNetwork=True),
-        _pod("optout", ["198.18.1.14"], metadata__annotations={"sidecar.istio.io/inject": "false"}),
+        _pod("optout", ["198.18.1.14"], metadata__annotations={"planemesh.io/workload": "false"}),
+        _pod("sidecar", ["198.18.1.16"], spec__containers=[{"name": "app"}, {"name": "istio-proxy"}]),
+        _pod("native", ["198.18.1.17"], spec__initContainers=[{"name": "istio-proxy", "restartPolicy": "Always"}]),
         _pod("gone", ["198.18.1.15"], metadata__deletionTimestamp="2026-12-06T00:00:00Z"),
         _pod("offplane", ["10.244.0.5"]),
         {"metadata": {"name": "Bad_Name"}},
@@ -67,7 +69,7 @@ def test_pod_list_with_multus_network_status() -> None:
     a = found.workloads["a.default"]
     assert a.addresses == ("198.18.1.10", "198.18.2.10", "fd00:18:2::10")
     assert a.service_account == "sa-a" and dict(a.labels) == {"app": "a"}
-    assert len(errors) == 1 and "items[7]" in errors[0] and "Bad_Name" in errors[0]
+    assert len(errors) == 1 and "items[9]" in errors[0] and "Bad_Name" in errors[0]
     with pytest.raises(WorkloadError, match="PodList"):
         workloads_from_pod_list({"kind": "Status"}, PLANES, "n1")
 
