@@ -11,6 +11,8 @@ an address on each plane (they need not exist as pods: none sends traffic). Meas
 - streams: connected streams the server sees;
 - apply: workloads file written -> the agent applied all N workloads' merged configuration (its log), and a
   change of a resource every workload shares -> every stream ACKed it;
+- merge: in process, one pod's push merged for N pods, and what the agent derives from it (validation, BPF
+  policy, a routing table per plane);
 - memory: RSS of the agent and its workers with N workloads minus with one, per workload; beside it one
   Envoy 1.40 sidecar (--concurrency 1) given one workload's configuration: what each pod pays with sidecars.
 Every packet stays on loopback or inside the lab's namespaces. Benchmarks measure, they do not assert.
@@ -32,10 +34,17 @@ import yaml
 
 from bench.footprint import children, rss_kb
 from planemesh.agent.identity.ca import new_root
-from planemesh.agent.static_config import default_config_text
+from planemesh.agent.proxy.routing_table import RoutingTable
+from planemesh.agent.static_config import default_config_text, snapshot_from_dict
+from planemesh.agent.validation import validate_snapshot
+from planemesh.agent.workloads.merge import merge
+from planemesh.agent.workloads.model import Workload
+from planemesh.ebpf.policy import policy_from_snapshot
 from planemesh.labs.envoy_resources import by_type
+from planemesh.xds.client_state import XdsResources
 from planemesh.xds.conformance import strip_istio
-from planemesh.xds.resources import ROUTE
+from planemesh.xds.per_resource import translate_update
+from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, resource_name
 from planemesh.xds.sds import SecretIssuer
 from planemesh.xds.server import ManagementServer
 from tests.netns.agent_lab import eventually, running_agent
@@ -50,7 +59,9 @@ LAB = {"name": "wlbench", "planes": [
     {"name": "sig", "ipv4": "198.18.3.0/24", "ipv6": "fd00:18:3::/64"},
 ], "pods": [{"name": "client", "planes": ["oam", "media", "sig"]},
             {"name": "server", "planes": ["oam", "media", "sig"]}]}  # fmt: skip
-APPLIED = re.compile(r"applied (\d+) workloads' configuration in ([\d.]+) ms: (\d+) listeners, (\d+) route conf")
+APPLIED = re.compile(
+    r"applied (\d+) workloads' configuration in ([\d.]+) ms: (\d+) listeners, (\d+) route configurations, (\d+) clu"
+)
 
 
 def workloads_doc(n: int) -> dict[str, Any]:
@@ -77,6 +88,28 @@ def istiod() -> ManagementServer:
     return ManagementServer(None, secrets=SecretIssuer(new_root("cluster.local", now=dt.datetime.now(dt.UTC))))
 
 
+def merge_cost(n: int, planes_raw: list[dict]) -> dict[str, float]:
+    """In process: one pod's push translated once, merged for N pods (3 planes), then what Agent.apply derives
+    from the result (validation, BPF policy, one routing table per plane). Milliseconds."""
+    docs = by_type(istiod_push("198.18.1.11"))
+    named = {t: {resource_name(m): m for m in ms} for t, ms in docs.items()}
+    planes = snapshot_from_dict({"planes": planes_raw}, version="bench").planes
+    res = XdsResources(named.get(LISTENER, {}), named.get(ROUTE, {}), named.get(CLUSTER, {}),
+                       named.get(ENDPOINT, {}), {"LDS": "1", "CDS": "1"})  # fmt: skip
+    snap = translate_update(res, planes).snapshot
+    pods = [Workload(f"wl{i:03d}", "default", tuple(f"198.18.{p}.{100 + i}" for p in (1, 2, 3))) for i in range(n)]
+    views = {w.key: (w, snap) for w in pods}
+    t0 = time.perf_counter()
+    merged = merge(planes, views, "bench").snapshot
+    t1 = time.perf_counter()
+    validate_snapshot(merged)
+    policy_from_snapshot(merged)
+    for plane in planes:
+        RoutingTable(merged, plane.name)
+    t2 = time.perf_counter()
+    return {"merge_ms": round((t1 - t0) * 1000, 1), "validate_policy_tables_ms": round((t2 - t1) * 1000, 1)}
+
+
 def memory_kb(pid: int) -> int:
     return rss_kb(pid) + sum(rss_kb(c) for c in children(pid))
 
@@ -87,10 +120,10 @@ def _write(path: Path, doc: dict) -> None:
     tmp.replace(path)
 
 
-def _applied(output: str, n: int) -> tuple[float, int, int] | None:
+def _applied(output: str, n: int) -> tuple[float, int, int, int] | None:
     for m in reversed(list(APPLIED.finditer(output))):
         if int(m.group(1)) == n:
-            return float(m.group(2)), int(m.group(3)), int(m.group(4))
+            return float(m.group(2)), int(m.group(3)), int(m.group(4)), int(m.group(5))
     return None
 
 
@@ -174,7 +207,7 @@ def run(n: int, variants: int, settle: float) -> dict[str, Any]:
             applied = eventually(lambda: _applied(env.agent_output(), n), timeout=120, interval=0.05)
             out["file_to_applied_s"] = round(time.monotonic() - started, 2)
             if applied:
-                out["last_merge_apply_ms"], out["listeners"], out["route_configs"] = applied
+                out["last_merge_apply_ms"], out["listeners"], out["route_configs"], out["clusters"] = applied
             out["streams"] = loop.run(streams())
             time.sleep(settle)
             after = memory_kb(env.agent.pid)
@@ -205,7 +238,8 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if not 1 <= args.workloads <= 150 or not 1 <= args.variants <= args.workloads:
         parser.error("--workloads 1..150 (addresses .100-.249), --variants 1..workloads")
-    result = run(args.workloads, args.variants, args.settle)
+    planes = [*yaml.safe_load(default_config_text())["planes"], SIG]
+    result = {**run(args.workloads, args.variants, args.settle), **merge_cost(args.workloads, planes)}
     if not args.no_envoy:
         kb = envoy_sidecar_kb([strip_istio(d) for d in istiod_push("198.18.1.11")], args.settle)
         if kb is not None:

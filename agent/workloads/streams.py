@@ -57,6 +57,7 @@ class WorkloadStreams:
         self.streams_opened = self.streams_closed = 0
         self._batch: dict[str, View | None] | None = None  # key -> view before the batch (rollback)
         self._done: asyncio.Future[None] | None = None
+        self._applying = False  # a batch is being merged and applied
 
     # ---- the workloads -----------------------------------------------------------------------------
 
@@ -133,7 +134,8 @@ class WorkloadStreams:
     async def _flush(self, changes: dict[str, View | None]) -> None:
         if self._batch is None:
             self._batch, self._done = {}, asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_later(self.settings.apply_delay_s, self._start_apply)
+            if not self._applying:  # else the batch starts when the one being applied is done
+                asyncio.get_running_loop().call_later(self.settings.apply_delay_s, self._start_apply)
         batch, done = self._batch, self._done
         assert done is not None
         for key, view in changes.items():
@@ -144,14 +146,30 @@ class WorkloadStreams:
 
     def _start_apply(self) -> None:
         batch, done = self._batch, self._done
+        if batch is None or done is None:
+            return
         self._batch = self._done = None
-        asyncio.get_running_loop().create_task(self._apply_batch(batch or {}, done))  # type: ignore[arg-type]
+        self._applying = True
+        asyncio.get_running_loop().create_task(self._apply_batch(batch, done))
 
     async def _apply_batch(self, batch: dict[str, View | None], done: asyncio.Future[None]) -> None:
+        """One batch at a time: what arrives meanwhile waits in the next batch (one apply for all of it)."""
+        try:
+            await self._merge_and_apply(batch, done)
+        finally:
+            self._applying = False
+            if self._batch is not None:
+                asyncio.get_running_loop().call_later(self.settings.apply_delay_s, self._start_apply)
+
+    async def _merge_and_apply(self, batch: dict[str, View | None], done: asyncio.Future[None]) -> None:
         start = time.perf_counter()
         try:
             live = {k: v for k, v in self.views.items() if k in self.clients}
-            merged = merge(self.bootstrap.planes, live, self._version(live))
+            version = self._version(live)
+            if self.snapshot is not None and self.snapshot.version == version:
+                done.set_result(None)  # the very configurations the node runs (every stream's version equal)
+                return
+            merged = merge(self.bootstrap.planes, live, version)
             await self._apply(merged.snapshot)
         except Exception as exc:
             for key, old in batch.items():  # roll back: the previous configuration keeps serving
