@@ -163,3 +163,39 @@ def test_node_resources_from_code_and_directory_errors(tmp_path: Path) -> None:
     assert server.node_key("sidecar~1.2.3.4~y.default~default.svc.cluster.local") is None
     (tmp_path / "nodes" / "x.default" / "bad.yaml").unlink()
     assert server.reload() is True and server.node_resources == {}
+
+
+def test_one_merged_apply_at_a_time(tmp_path: Path) -> None:
+    """Ten streams starting together: their updates are merged into few applies, never two at once (an apply
+    arriving while one runs waits in the next batch)."""
+
+    async def scenario() -> None:
+        server = ManagementServer(None)
+        for type_url, msgs in by_type(_shared()).items():
+            server.set_resources(type_url, msgs)
+        address = await server.start(f"unix://{tmp_path / 'xds.sock'}")
+        wl_file = tmp_path / "w.yaml"
+        wl_file.write_text(yaml.safe_dump({"workloads": [
+            {"name": f"p{i}", "addresses": [f"198.18.1.{20 + i}"]} for i in range(10)]}))  # fmt: skip
+        running, most, applied = 0, 0, []
+
+        async def apply(snap: Snapshot) -> None:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await asyncio.sleep(0.2)  # a slow node
+            running -= 1
+            applied.append(snap)
+
+        boot = Bootstrap("n", "planemesh", address, PLANES, backoff_base_s=0.05, backoff_max_s=0.2)
+        streams = WorkloadStreams(boot, settings_from_dict({"source": "file", "file": str(wl_file)}, {}), apply)
+        task = asyncio.create_task(streams.run(FileSource(str(wl_file), PLANES)))
+        try:
+            await _until(lambda: applied and applied[-1].version.startswith("xds:LDS=w,CDS=w,workloads=10:"))
+            assert most == 1 and len(applied) < 10, (most, len(applied))
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop()
+
+    asyncio.run(scenario())
