@@ -78,13 +78,8 @@ def test_bootstrap_loads_and_asks_for_one_stream_per_workload(monkeypatch: pytes
     assert settings is not None and settings.source == "kubernetes" and settings.node_name == "worker-1"
     assert settings.kubernetes is not None and settings.kubernetes.api == "https://10.96.0.1:443"
     assert settings.kubernetes.token_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    assert boot.server.endswith(":15012") and boot.tls is not None and boot.token_file is not None
-    agent = _container()
-    mounts = {m["mountPath"] for m in agent["volumeMounts"]}
-    assert str(Path(boot.tls.ca).parent) in mounts and str(Path(boot.token_file).parent) in mounts
-    names = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in agent["env"]}
+    # istiod's plaintext port: on 15012 istiod would require each stream's token to be the pod's own identity
+    assert boot.server == "istiod.istio-system.svc:15010" and boot.tls is None and boot.token_file is None
+    names = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in _container()["env"]}
     assert names[NODE_NAME_ENV] == "spec.nodeName"
-    volumes = {v["name"]: v for v in _one("DaemonSet")["spec"]["template"]["spec"]["volumes"]}
-    (token,) = volumes["istio-token"]["projected"]["sources"]
-    assert token["serviceAccountToken"]["audience"] == "istio-ca"
-    assert volumes["istiod-ca"]["configMap"]["name"] == "istio-ca-root-cert"
+    assert _one("DaemonSet")["spec"]["template"]["spec"]["automountServiceAccountToken"] is True  # the API token
