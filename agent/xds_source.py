@@ -1,5 +1,6 @@
 """The agent's xDS side: a client of any control plane (--bootstrap), or of an embedded management
-server serving a directory of Envoy resources (--xds-resources, the single-node default).
+server serving a directory of Envoy resources (--xds-resources, the single-node default). With a bootstrap
+`workloads:` section, one stream per local workload instead (agent/workloads/streams.py, docs/workloads.md).
 
 The client calls Agent.apply for every complete, validated snapshot; a ConfigError raised there becomes
 the NACK and the previous snapshot keeps serving.
@@ -52,6 +53,13 @@ async def start_xds(agent: Agent) -> Any:
         address = await server.start(f"unix://{runtime / f'xds-{os.getpid()}.sock'}")
         agent.embedded_xds_server = server
         boot = dataclasses.replace(boot, server=address)
+    if boot.workloads is not None:
+        from planemesh.agent.workloads.sources import make_source
+        from planemesh.agent.workloads.streams import WorkloadStreams
+
+        streams = WorkloadStreams(boot, boot.workloads, agent.apply)
+        agent.spawn(streams.run(make_source(boot.workloads, boot.planes)), "xds-workloads")
+        return streams
     client = XdsClient(boot, agent.apply)
     agent.spawn(client.run(), "xds-client")
     return client

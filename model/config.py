@@ -277,6 +277,9 @@ class Listener:
     port: int
     protocol: ListenerProtocol
     prefixes: tuple[IPNetwork, ...] = ()  # destination prefixes; empty: any destination of the plane
+    # source prefixes (Envoy filter_chain_match.source_prefix_ranges): a local workload's outbound listeners
+    # carry its addresses (agent/workloads/merge.py); empty: any source. HTTP listeners only so far.
+    sources: tuple[IPNetwork, ...] = ()
     route_config: str | None = None  # None: ORIGINAL_DESTINATION_ROUTES
     http_filters: tuple[HttpFilter, ...] = ()
     server_names: tuple[str, ...] = ()  # TLS SNI match for passthrough routing: exact names and `*.suffix`

@@ -13,6 +13,7 @@
     timing: {initial_fetch_timeout_s: 15, backoff_base_s: 0.5, backoff_max_s: 30}
     planes: [...]                     # the static configuration's `planes:` (model/static_config.py)
     host_mode: {slices: [telecom.slice], cgroups: [...]}   # optional: host-mode cgroups (agent/host_attach.py)
+    workloads: {source: kubernetes}   # optional: one ADS stream per local workload (agent/workloads/settings.py)
 
 Planes are local knowledge (interfaces and CIDRs of this node), so they come from here, not from xDS;
 every error names its field like the static configuration's.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planemesh.agent.workloads.settings import WorkloadSettings, settings_from_dict
 from planemesh.model.config import ConfigError
 from planemesh.model.node import NodeIdentity
 from planemesh.model.planes import Plane
@@ -60,6 +62,7 @@ class Bootstrap:
     token_file: str | None = None  # re-read on every (re)connect: Kubernetes rotates projected tokens
     max_receive_bytes: int = MAX_RECEIVE_BYTES
     node_metadata: tuple[tuple[str, Any], ...] = ()  # extra node.metadata (istiod: ISTIO_VERSION, NAMESPACE...)
+    workloads: WorkloadSettings | None = None  # set: one stream per local workload, not one for the node
 
 
 _TARGET = re.compile(r"^(unix:(//)?/.+|\[[0-9a-fA-F:.]+\]:\d{1,5}|[A-Za-z0-9_.-]+:\d{1,5})$")
@@ -92,7 +95,7 @@ def _str(raw: dict, key: str, path: str, default: str | None = None) -> str:
 
 
 def bootstrap_from_dict(raw: Any) -> Bootstrap:
-    top = _mapping(raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode", "node_overload"})
+    top = _mapping(raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode", "node_overload", "workloads"})
     if "host_mode" in top:  # read by the agent (planemesh.agent.host_attach); checked here so errors come early
         from planemesh.agent.host_attach import host_mode_from_dict
 
@@ -140,6 +143,7 @@ def bootstrap_from_dict(raw: Any) -> Bootstrap:
         token_file=token_file,
         max_receive_bytes=limit,
         node_metadata=tuple(sorted(meta.items())),
+        workloads=settings_from_dict(top["workloads"]) if "workloads" in top else None,
         **times,
     )
 

@@ -14,6 +14,10 @@ every subscribed stream; a broken file is reported in `load_error` and the last 
 served. Each client's ACKs and NACKs are tracked (`clients()`).
 `set_resources(type_url, messages)` replaces one type's set from code (no file, no poll delay); with
 `resource_dir=None` the server serves only what is set that way.
+Per-node resources (istiod computes a configuration per proxy): `nodes/<key>/` below the directory, or
+`set_node_resources(key, type_url, messages)`, adds resources for the streams whose node id is `<key>`, or whose
+pod part is `<key>` (`sidecar~<ip>~<pod>.<ns>~...` -> `<pod>.<ns>`); a per-node resource replaces the shared
+one of the same type and name for that node only.
 `main(argv)` is `planemesh xds-server --resources DIR --listen ADDR`.
 """
 
@@ -44,11 +48,9 @@ from planemesh.xds.resources import (
     SHORT_NAME,
     ResourceError,
     load_resource_dir,
-    message_class,
-    pack,
-    resource_name,
 )
 from planemesh.xds.sds import SecretIssuer, add_sds_arguments, issuer_from_args
+from planemesh.xds.server_nodes import NODES_DIR, load_node_dirs, packed
 
 log = logging.getLogger("planemesh.xds.server")
 _CHANGED = object()
@@ -121,6 +123,10 @@ class ManagementServer:
         self.digests: dict[str, dict[str, str]] = {t: {} for t in MESSAGE_OF_TYPE}
         self.type_versions: dict[str, int] = dict.fromkeys(MESSAGE_OF_TYPE, 0)
         self.version = 0  # bumped on every accepted change of the resource set
+        # per-node overlays: key -> type -> name -> Any, their digests, and a version per key
+        self.node_resources: dict[str, dict[str, dict[str, any_pb2.Any]]] = {}
+        self.node_digests: dict[str, dict[str, dict[str, str]]] = {}
+        self.node_versions: dict[str, int] = {}
         self.load_error: str | None = None
         self._signature: tuple | None = None
         self._watchers: set[asyncio.Queue[Any]] = set()
@@ -138,12 +144,15 @@ class ManagementServer:
             entries = sorted(self.resource_dir.iterdir())
         except OSError as exc:
             return (("<error>", str(exc)),)
+        nodes = self.resource_dir / NODES_DIR
+        with contextlib.suppress(OSError):
+            entries += [p for d in sorted(nodes.iterdir()) if d.is_dir() for p in sorted(d.iterdir())]
         sig = []
         for path in entries:
             if path.suffix in RESOURCE_SUFFIXES and not path.name.startswith("."):
                 with contextlib.suppress(OSError):
                     st = path.stat()
-                    sig.append((path.name, st.st_mtime_ns, st.st_size))
+                    sig.append((str(path.relative_to(self.resource_dir)), st.st_mtime_ns, st.st_size))
         return tuple(sig)
 
     def reload(self) -> bool:
@@ -156,12 +165,54 @@ class ManagementServer:
         self._signature = sig
         try:
             loaded = load_resource_dir(self.resource_dir)
+            nodes = load_node_dirs(self.resource_dir / NODES_DIR)
         except (ResourceError, OSError) as exc:
             self.load_error = str(exc)
             log.error("resources not loaded, still serving version %d: %s", self.version, exc)
             return False
         self.load_error = None
-        return self._take(loaded)
+        changed = False
+        for key in set(self.node_resources) - set(nodes):
+            changed |= self._take_node(key, {}, wake=False)
+        for key, overlay in nodes.items():
+            changed |= self._take_node(key, overlay, wake=False)
+        if self._take(loaded):
+            return True
+        if changed:
+            self._wake_all()
+        return changed
+
+    def set_node_resources(self, key: str, type_url: str, messages: Iterable[message.Message]) -> bool:
+        """Serve `messages` as node `key`'s own resources of `type_url` (replacing the shared ones of the same
+        names for that node; an empty list removes the overlay of that type). Errors as set_resources."""
+        items = packed(type_url, messages)
+        return self._take_node(key, {**self.node_resources.get(key, {}), type_url: items})
+
+    def _take_node(self, key: str, overlay: dict[str, dict[str, any_pb2.Any]], wake: bool = True) -> bool:
+        overlay = {t: items for t, items in overlay.items() if items}
+        digests = {t: {n: resource_version(a) for n, a in items.items()} for t, items in overlay.items()}
+        if digests == self.node_digests.get(key, {}):
+            return False
+        if overlay:
+            self.node_resources[key], self.node_digests[key] = overlay, digests
+        else:
+            self.node_resources.pop(key, None)
+            self.node_digests.pop(key, None)
+        self.node_versions[key] = self.node_versions.get(key, 0) + 1
+        self.version += 1
+        log.info("node %s: %d own resources (version %d)", key, sum(map(len, overlay.values())), self.version)
+        if wake:
+            self._wake_all()
+        return True
+
+    def node_key(self, node_id: str) -> str | None:
+        """The overlay serving `node_id`: its exact id, else its pod part `<pod>.<ns>`, else None."""
+        if node_id in self.node_resources:
+            return node_id
+        parts = node_id.split("~")
+        if len(parts) == 4 and parts[2] in self.node_resources:
+            return parts[2]
+        return None
 
     def set_resources(self, type_url: str, messages: Iterable[message.Message]) -> bool:
         """Serve `messages` as the whole set of `type_url` (the in-process API: no file, no poll delay).
@@ -170,21 +221,7 @@ class ManagementServer:
         without a name or a duplicate name. True when the set changed and was pushed. A later change of
         the resource directory replaces every type again (the last writer wins).
         """
-        cls = message_class(type_url)
-        if cls is None:
-            raise ResourceError(type_url, "unknown resource type URL")
-        items: dict[str, any_pb2.Any] = {}
-        for i, msg in enumerate(messages):
-            where = f"{SHORT_NAME.get(type_url, type_url)}[{i}]"
-            if not isinstance(msg, cls):
-                raise ResourceError(where, f"a {type(msg).__name__} is not a {cls.__name__}")
-            name = resource_name(msg)
-            if not name:
-                raise ResourceError(where, "resource has no name")
-            if name in items:
-                raise ResourceError(where, f"duplicate name {name!r}")
-            items[name] = pack(msg)
-        return self._take({**self.resources, type_url: items})
+        return self._take({**self.resources, type_url: packed(type_url, messages)})
 
     def _take(self, loaded: dict[str, dict[str, any_pb2.Any]]) -> bool:
         """Adopt a validated set: bump the versions of the types that changed and wake every stream."""
@@ -220,7 +257,13 @@ class ManagementServer:
             return self.secrets.served(status.node, self.resources.get(SECRET, {}), self.type_versions.get(SECRET, 0))
         # .get: a type URL nobody serves is answered with an empty set, never a KeyError
         current, digests = self.resources.get(type_url, {}), self.digests.get(type_url, {})
-        return current, digests, str(self.type_versions.get(type_url, 0))
+        version = str(self.type_versions.get(type_url, 0))
+        key = self.node_key(status.node_id) if self.node_resources else None
+        if key is not None:  # this node's own resources over the shared ones
+            own = self.node_resources[key].get(type_url, {})
+            current, digests = {**current, **own}, {**digests, **self.node_digests[key].get(type_url, {})}
+            version = f"{version}.{key}.{self.node_versions[key]}"
+        return current, digests, version
 
     def _counts(self) -> str:
         return ", ".join(f"{SHORT_NAME.get(t, t)} {len(r)}" for t, r in self.resources.items() if r)

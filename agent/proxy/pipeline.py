@@ -61,6 +61,7 @@ class RoutedConnection(Protocol):
     its original destination, looked up once per connection and snapshot."""
 
     local: tuple[str, int]
+    peer_ip: str  # a local workload's outbound listeners are chosen by it (Listener.sources)
     table: Table | None
     route_config: object
 
@@ -69,7 +70,7 @@ def connection_route_config(ds: RoutedConnection, table: Table):
     """The connection's route config in `table`: cached on the connection until a new snapshot arrives."""
     if ds.table is not table:  # first request of the connection, or a new snapshot since
         ds.table = table
-        ds.route_config = table.router.route_config(ds.local[0], ds.local[1])
+        ds.route_config = table.router.route_config(ds.local[0], ds.local[1], ds.peer_ip)
     return ds.route_config
 
 

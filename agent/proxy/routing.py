@@ -351,14 +351,16 @@ class PlaneRouter:
         self.reuse = Reuse(previous)  # the previous router's compiled matchers whose config did not change
         self._all: list[CompiledRouteConfig] = []
         self._configs: dict[tuple[str | None, tuple[UpgradeConfig, ...]], CompiledRouteConfig] = {}
-        self._by_port: dict[int, list[tuple[tuple[IPNetwork, ...], CompiledRouteConfig]]] = {}
+        self._by_port: dict[int, list[tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...], CompiledRouteConfig]]] = {}
         for lsn in snapshot.listeners_of(plane):
             if lsn.protocol is not ListenerProtocol.HTTP:
                 continue
-            self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, self._compiled(lsn)))
-        # Most specific prefixes first; listeners without prefixes catch the rest.
+            self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, lsn.sources, self._compiled(lsn)))
+        # A source-scoped listener (a local workload's outbound one) before any other: the client's routing
+        # wins over the destination's inbound chain, as drop_shadowed_inbound decides for one proxy. Then
+        # most specific prefixes first; listeners without prefixes catch the rest.
         for entries in self._by_port.values():
-            entries.sort(key=lambda e: -max((p.prefixlen for p in e[0]), default=-1))
+            entries.sort(key=lambda e: (not e[1], -max((p.prefixlen for p in e[0]), default=-1)))
         self.original_destination = self._compiled(None)
         self.reuse.vhosts, self.reuse.routes = {}, {}  # only the counts stay: the old table is not kept alive
 
@@ -386,17 +388,22 @@ class PlaneRouter:
             self._all.append(crc)
         return crc
 
-    def route_config(self, dst_ip: str, dst_port: int) -> CompiledRouteConfig | None:
-        """The route config of the listener for this original destination; None: no listener declared."""
+    def route_config(self, dst_ip: str, dst_port: int, src_ip: str = "") -> CompiledRouteConfig | None:
+        """The route config of the listener for this original destination (and source, for listeners scoped to
+        a local workload's addresses); None: no listener declared."""
         entries = self._by_port.get(dst_port)
         if not entries:
             return None
-        if len(entries) == 1 and not entries[0][0]:
-            return entries[0][1]
-        ip = IPAddress(dst_ip)
-        if ip.version == 6 and ip.is_ipv4_mapped():
-            ip = ip.ipv4()
-        for prefixes, crc in entries:
+        if len(entries) == 1 and not entries[0][0] and not entries[0][1]:
+            return entries[0][2]
+        ip = _address(dst_ip)
+        src = None
+        for prefixes, sources, crc in entries:
+            if sources:
+                if src is None:
+                    src = _address(src_ip) if src_ip else False
+                if src is False or not any(src.version == p.version and src in p for p in sources):
+                    continue
             if not prefixes or any(ip.version == p.version and ip in p for p in prefixes):
                 return crc
         return None
@@ -448,6 +455,11 @@ class PlaneRouter:
         if (vh is None or vh.cacheable) and len(cache) < 8192:  # bounded: targets come from clients
             cache[key] = result
         return result
+
+
+def _address(text: str) -> IPAddress:
+    ip = IPAddress(text.split("%", 1)[0])
+    return ip.ipv4() if ip.version == 6 and ip.is_ipv4_mapped() else ip
 
 
 def split_target(target: str) -> tuple[str, str]:

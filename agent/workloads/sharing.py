@@ -1,0 +1,72 @@
+"""One translation cache for every workload stream: identical resources become the very same object.
+
+istiod sends most resources identically to every pod of a namespace (clusters, endpoints, route
+configurations). Keyed by content (the serialized messages), the first stream that receives a resource
+translates it and every other stream gets that object back: translation runs once per distinct resource,
+the per-workload snapshots share their objects, and the merge (agent/workloads/merge.py) recognizes them by
+identity. The client's own `retain` (which only knows its own stream's names) is a no-op here; instead each
+name keeps at most MAX_VARIANTS contents, the most recently used.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from planemesh.model.config import Cluster, RouteConfig
+from planemesh.model.planes import Plane
+from planemesh.xds.client_state import eds_name
+from planemesh.xds.translate import TranslationCache
+from planemesh.xds.translate_clusters import translate_cluster
+from planemesh.xds.translate_routes import translate_route_config
+
+MAX_VARIANTS = 8  # contents kept per resource name (workloads given different versions of one resource)
+
+
+def _content(msg: Any) -> bytes:
+    return b"" if msg is None else msg.SerializeToString(deterministic=True)
+
+
+class SharedTranslations(TranslationCache):
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_content: dict[str, OrderedDict[tuple, Any]] = {}
+
+    def _lookup(self, kind: str, name: str, key: tuple) -> Any:
+        variants = self._by_content.get(f"{kind}:{name}")
+        if variants is None or key not in variants:
+            return None
+        variants.move_to_end(key)
+        self.hits += 1
+        return variants[key]
+
+    def _store(self, kind: str, name: str, key: tuple, value: Any) -> Any:
+        variants = self._by_content.setdefault(f"{kind}:{name}", OrderedDict())
+        variants[key] = value
+        while len(variants) > MAX_VARIANTS:
+            variants.popitem(last=False)
+        return value
+
+    def cluster(self, name: str, cluster, endpoints, planes: tuple[Plane, ...], path: str) -> Cluster:
+        service = eds_name(cluster)
+        cla = endpoints.get(service) if service is not None else None
+        key = (_content(cluster), _content(cla), planes)
+        hit = self._lookup("cluster", name, key)
+        if hit is not None:
+            return hit
+        self.misses += 1
+        return self._store("cluster", name, key, translate_cluster(cluster, endpoints, planes, path))
+
+    def route(self, name: str, rc, path: str) -> RouteConfig:
+        key = (_content(rc),)
+        hit = self._lookup("route", name, key)
+        if hit is not None:
+            return hit
+        self.misses += 1
+        return self._store("route", name, key, translate_route_config(rc, path))
+
+    def retain(self, clusters, routes) -> None:  # shared by every stream: bounded per name instead
+        return
+
+    def entries(self) -> int:
+        return sum(len(v) for v in self._by_content.values())

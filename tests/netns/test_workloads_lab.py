@@ -1,0 +1,149 @@
+"""One node, many workloads, for real: the agent opens one ADS stream per local pod (labs/workloads.yaml), the
+management server gives each pod its own configuration, and the traffic shows each pod gets its own
+behaviour: outbound chosen by the source pod (client -> v1, clientb -> v2 for the same destination), inbound by
+the destination pod (each server's own inbound chain, even for a client on no workload of this node), and a pod
+removed closes its stream and loses its configuration."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from planemesh.labs import netns as ns_tools
+from planemesh.labs.envoy_resources import HCM, PASSTHROUGH, ROUTER, T, by_type, http_listener, route, route_config
+from planemesh.labs.traffic import http_requests
+from planemesh.labs.workloads import write_workloads_file
+from planemesh.model.static_config import default_config_text
+from planemesh.xds.server import ManagementServer
+from tests.netns.agent_lab import eventually, running_agent
+from tests.xds.xds_harness import LoopThread
+
+pytestmark = pytest.mark.netns
+
+LAB = Path(__file__).resolve().parents[2] / "labs" / "workloads.yaml"
+WORKLOADS = ["client", "clientb", "server", "serverb"]  # `remote` is not one: a client on another node
+SERVICE, INBOUND = 8081, 8083
+ORIGINAL_DST = T + "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
+
+
+def _static_cluster(name: str, host: str, port: int) -> dict:
+    endpoint = {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+    return {"@type": T + "envoy.config.cluster.v3.Cluster", "name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]}}  # fmt: skip
+
+
+def _virtual_inbound(tag: str) -> dict:
+    """istiod's shape: 15006 with original_dst and a chain per pod port; this pod's chain stamps `tag`."""
+    rc = {"name": f"inbound|{INBOUND}", "virtual_hosts": [{"name": "inbound", "domains": ["*"], "routes": [{
+        "match": {"prefix": "/"}, "route": {"cluster": f"inbound|{INBOUND}||"},
+        "request_headers_to_add": [{"header": {"key": "x-inbound-config", "value": tag}}]}]}]}  # fmt: skip
+    hcm = {"@type": HCM, "stat_prefix": "inbound", "route_config": rc, "http_filters": [ROUTER]}
+    return {
+        "@type": T + "envoy.config.listener.v3.Listener",
+        "name": "virtualInbound",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
+        "listener_filters": [{"name": "envoy.filters.listener.original_dst", "typed_config": {"@type": ORIGINAL_DST}}],
+        "filter_chains": [{"name": f"0.0.0.0_{INBOUND}", "filter_chain_match": {"destination_port": INBOUND},
+                           "filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lab(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    tmp: Path = tmp_path_factory.mktemp("workloads-lab")
+    loop = LoopThread()
+    server = ManagementServer(None)
+    try:
+        address = loop.run(server.start(f"unix://{tmp / 'xds.sock'}"))
+        workloads = tmp / "workloads.yaml"
+        workloads.write_text("workloads: []\n")  # none yet: the agent is ready with an empty configuration
+        boot = tmp / "bootstrap.yaml"
+        boot.write_text(yaml.safe_dump({
+            "node": {"id": "node-1"}, "server": {"address": address},
+            "timing": {"backoff_base_s": 0.1, "backoff_max_s": 0.5},
+            "planes": yaml.safe_load(default_config_text())["planes"],
+            "workloads": {"source": "file", "file": str(workloads), "poll_interval_s": 0.1},
+        }))  # fmt: skip
+        with running_agent(f"{run_prefix}w", ["--bootstrap", str(boot)], lab_file=str(LAB)) as env:
+            host = env.lab.pod_addr("server", "oam", 4)
+            shared = [http_listener(f"0.0.0.0_{SERVICE}", SERVICE, routes=str(SERVICE)),
+                      route_config([route(cluster="v1")], name=str(SERVICE)),
+                      _static_cluster("v1", host, 8081), _static_cluster("v2", host, 8082),
+                      {**PASSTHROUGH, "name": f"inbound|{INBOUND}||"}]  # fmt: skip
+
+            async def serve() -> None:
+                for type_url, msgs in by_type(shared).items():
+                    server.set_resources(type_url, msgs)
+                # clientb's sidecar would be told: the service goes to v2 (its own VirtualService)
+                ((rds, msgs),) = by_type([route_config([route(cluster="v2")], name=str(SERVICE))]).items()
+                server.set_node_resources("clientb.default", rds, msgs)
+                for pod in ("server", "serverb"):
+                    ((lds, msgs),) = by_type([_virtual_inbound(f"{pod}-inbound")]).items()
+                    server.set_node_resources(f"{pod}.default", lds, msgs)
+
+            loop.run(serve())
+            write_workloads_file(workloads, env.lab, WORKLOADS)
+            argv = [sys.executable, "-m", "planemesh.labs.servers", "http", "--port", "8081=v1", "--port", "8082=v2",
+                    "--port", f"{INBOUND}=server"]  # fmt: skip
+            procs = [ns_tools.start_until(env.lab.pod_ns("server"), argv, "ready")]
+            argv = [sys.executable, "-m", "planemesh.labs.servers", "http", "--port", f"{INBOUND}=serverb"]
+            procs.append(ns_tools.start_until(env.lab.pod_ns("serverb"), argv, "ready"))
+            try:
+                yield env, server, loop, workloads, host
+            finally:
+                for proc in procs:
+                    ns_tools.stop(proc)
+    finally:
+        loop.run(server.stop())
+        loop.close()
+
+
+def _served_by(env, pod: str, host: str, port: int, n: int = 4) -> list[str]:
+    result = http_requests(env.lab.pod_ns(pod), host, port, [f"/{pod}/{i}" for i in range(n)])
+    return [result.seen(i)["server"] if s == 200 else str(s) for i, s in enumerate(result.status)]
+
+
+def _streams(server: ManagementServer, loop: LoopThread) -> set[str]:
+    async def live() -> set[str]:
+        return {c.node_id.split("~")[2] for c in server.clients() if c.connected}
+
+    return loop.run(live())
+
+
+def test_one_stream_per_workload(lab) -> None:
+    _env, server, loop, _wl, _host = lab
+    assert eventually(lambda: _streams(server, loop) == {f"{w}.default" for w in WORKLOADS}, timeout=20)
+
+
+def test_outbound_by_source(lab) -> None:
+    env, _server, _loop, _wl, host = lab
+    assert eventually(lambda: _served_by(env, "clientb", host, SERVICE) == ["v2"] * 4, timeout=20)
+    assert _served_by(env, "client", host, SERVICE) == ["v1"] * 4  # same destination, its own routes
+    # the proxy handled both (its access log names the clusters' endpoints), not the kernel's bypass
+    assert eventually(lambda: f'"{host}:8082"' in env.access_log() and f'"{host}:8081"' in env.access_log(), 5)
+
+
+def test_inbound_by_destination(lab) -> None:
+    env, _server, _loop, _wl, _host = lab
+    for pod in ("server", "serverb"):
+        dst = env.lab.pod_addr(pod, "oam", 4)
+        result = eventually(lambda dst=dst: (r := http_requests(env.lab.pod_ns("remote"), dst, INBOUND, ["/in"]))
+                            .status == [200] and r, timeout=20)  # fmt: skip
+        seen = result.seen(0)
+        assert seen["server"] == pod and seen["headers"].get("x-inbound-config") == f"{pod}-inbound", seen
+
+
+def test_a_removed_pod_closes_its_stream_and_loses_its_configuration(lab) -> None:
+    env, server, loop, workloads, host = lab
+    assert eventually(lambda: _served_by(env, "clientb", host, SERVICE) == ["v2"] * 4, timeout=20)
+    write_workloads_file(workloads, env.lab, ["client", "server", "serverb"])
+    assert eventually(lambda: "clientb.default" not in _streams(server, loop), timeout=10)
+    # clientb is no workload of this node any more: its connections go to their original destination (v1)
+    assert eventually(lambda: _served_by(env, "clientb", host, SERVICE) == ["v1"] * 4, timeout=10)
+    write_workloads_file(workloads, env.lab, WORKLOADS)  # back, for whatever runs next
+    assert eventually(lambda: _served_by(env, "clientb", host, SERVICE) == ["v2"] * 4, timeout=20)

@@ -1,0 +1,226 @@
+"""One node, many workloads: pod discovery parsing, the bootstrap section, and the merge that scopes each
+workload's configuration to its own traffic (outbound by source, inbound by destination)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from netaddr import IPNetwork
+
+from planemesh.agent.proxy.routing import PlaneRouter
+from planemesh.agent.workloads.discovery import (
+    NETWORK_STATUS,
+    network_status_addresses,
+    workloads_from_file_dict,
+    workloads_from_pod_list,
+)
+from planemesh.agent.workloads.merge import merge
+from planemesh.agent.workloads.model import Workload, WorkloadError, WorkloadSet
+from planemesh.agent.workloads.settings import settings_from_dict
+from planemesh.model.config import (
+    Cluster,
+    ConfigError,
+    Listener,
+    ListenerProtocol,
+    Route,
+    RouteAction,
+    RouteConfig,
+    Snapshot,
+    VirtualHost,
+)
+from planemesh.model.static_config import load_default_config
+from planemesh.model.validation import validate_snapshot
+
+PLANES = load_default_config().planes  # oam 198.18.1.0/24 + fd00:18:1::/64, media 198.18.2.0/24 + ...
+
+
+def _pod(name: str, ips: list[str], *, node: str = "n1", phase: str = "Running", **extra) -> dict:
+    pod = {
+        "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}", "labels": {"app": name}},
+        "spec": {"nodeName": node, "serviceAccountName": f"sa-{name}"},
+        "status": {"phase": phase, "podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips]},
+    }
+    for key, value in extra.items():
+        section, field = key.split("__")
+        pod[section][field] = value
+    return pod
+
+
+def test_pod_list_with_multus_network_status() -> None:
+    status = json.dumps([
+        {"name": "cbr0", "interface": "eth0", "ips": ["198.18.1.10"], "default": True},
+        {"name": "default/media", "interface": "net1", "ips": ["198.18.2.10", "fd00:18:2::10"]},
+    ])  # fmt: skip
+    pods = {"items": [
+        _pod("a", ["198.18.1.10"], metadata__annotations={NETWORK_STATUS: status}),
+        _pod("elsewhere", ["198.18.1.11"], node="n2"),
+        _pod("pending", ["198.18.1.12"], phase="Pending"),
+        _pod("hostnet", ["198.18.1.13"], spec__hostNetwork=True),
+        _pod("optout", ["198.18.1.14"], metadata__annotations={"planemesh.io/workload": "false"}),
+        _pod("sidecar", ["198.18.1.16"], spec__containers=[{"name": "app"}, {"name": "istio-proxy"}]),
+        _pod("native", ["198.18.1.17"], spec__initContainers=[{"name": "istio-proxy", "restartPolicy": "Always"}]),
+        _pod("gone", ["198.18.1.15"], metadata__deletionTimestamp="2026-12-06T00:00:00Z"),
+        _pod("offplane", ["10.244.0.5"]),
+        {"metadata": {"name": "Bad_Name"}},
+    ]}  # fmt: skip
+    found, errors = workloads_from_pod_list(pods, PLANES, "n1")
+    assert list(found.workloads) == ["a.default"]
+    a = found.workloads["a.default"]
+    assert a.addresses == ("198.18.1.10", "198.18.2.10", "fd00:18:2::10")
+    assert a.service_account == "sa-a" and dict(a.labels) == {"app": "a"}
+    assert len(errors) == 1 and "items[9]" in errors[0] and "Bad_Name" in errors[0]
+    with pytest.raises(WorkloadError, match="PodList"):
+        workloads_from_pod_list({"kind": "Status"}, PLANES, "n1")
+
+
+@pytest.mark.parametrize("text", [None, "", "not json", "{}", '[{"ips": "1.2.3.4"}]', '[1, "x"]'])
+def test_malformed_network_status_is_no_address(text) -> None:
+    assert network_status_addresses(text) == []
+
+
+def test_node_identity_is_istio_agents() -> None:
+    w = Workload("reviews-v1", "bookinfo", ("198.18.1.10", "198.18.2.10"), (("app", "reviews"),), "reviews")
+    assert w.node_id() == "sidecar~198.18.1.10~reviews-v1.bookinfo~bookinfo.svc.cluster.local"
+    meta = w.node_metadata("1.24.0", "Kubernetes")
+    assert meta["INSTANCE_IPS"] == "198.18.1.10,198.18.2.10" and meta["INTERCEPTION_MODE"] == "TPROXY"
+    assert meta["LABELS"] == {"app": "reviews"} and meta["NAMESPACE"] == "bookinfo"
+    assert meta["SERVICE_ACCOUNT"] == "reviews" and meta["CLUSTER_ID"] == "Kubernetes"
+
+
+def test_workloads_file_and_its_errors() -> None:
+    found = workloads_from_file_dict(
+        {"workloads": [{"name": "a", "addresses": ["198.18.1.10", "10.0.0.1"], "labels": {"app": "a"}}]}, PLANES
+    )
+    assert found.workloads["a.default"].addresses == ("198.18.1.10",)
+    for bad, where in [
+        ({"workloads": [{"name": "a"}]}, "workloads[0].addresses"),
+        ({"workloads": [{"name": "a", "addresses": ["x"]}]}, "workloads[0].addresses[0]"),
+        ({"workloads": [{"name": "a", "addresses": ["10.0.0.1"]}]}, "workloads[0].addresses"),
+        ({"workloads": [{"name": "A", "addresses": ["198.18.1.1"]}]}, "workloads[0].name"),
+        ({"workloads": [{"name": "a", "addresses": ["198.18.1.1"], "port": 1}]}, "workloads[0].port"),
+        ({"workloads": [{"name": "a", "addresses": ["198.18.1.1"]}] * 2}, "workloads[1].name"),
+        ({"pods": []}, "workloads file"),
+    ]:
+        with pytest.raises(WorkloadError) as info:
+            workloads_from_file_dict(bad, PLANES)
+        assert info.value.path == where, info.value
+
+
+def test_diff_restarts_a_changed_workload() -> None:
+    a, b = Workload("a", "d", ("198.18.1.10",)), Workload("b", "d", ("198.18.1.11",))
+    b2 = Workload("b", "d", ("198.18.1.11",), uid="new")
+    started, stopped = WorkloadSet({"a.d": a, "b.d": b}).diff(WorkloadSet({"b.d": b2}))
+    assert started == [b2] and stopped == [a, b]
+
+
+def test_settings() -> None:
+    s = settings_from_dict({"source": "kubernetes"}, {"KUBERNETES_SERVICE_HOST": "10.96.0.1",
+                                                     "PLANEMESH_NODE_ID": "n1"})  # fmt: skip
+    assert s.kubernetes is not None and s.kubernetes.api == "https://10.96.0.1:443" and s.node_name == "n1"
+    for raw, env, where in [
+        ({"source": "kubelet"}, {}, "workloads.source"),
+        ({"source": "file"}, {}, "workloads.file"),
+        ({"source": "kubernetes"}, {"PLANEMESH_NODE_ID": "n1"}, "workloads.kubernetes.api"),
+        ({"source": "kubernetes", "kubernetes": {"api": "https://k"}}, {}, "workloads.node_name"),
+        ({"source": "kubernetes", "kubernetes": {"api": "http://k:80"}}, {"PLANEMESH_NODE_ID": "n"},
+         "workloads.kubernetes.api"),
+        ({"source": "file", "file": "/f", "poll_interval_s": 0}, {}, "workloads.poll_interval_s"),
+        ({"source": "file", "file": "/f", "extra": 1}, {}, "workloads.extra"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            settings_from_dict(raw, env)
+        assert info.value.path == where
+
+
+# ---- merge: each workload's configuration on its own traffic ------------------------------------------
+
+
+def _snap(cluster: str, inbound_cluster: str = "inb") -> Snapshot:
+    """One workload's configuration: outbound port 80 routed to `cluster`, an inbound chain on port 8080."""
+    routes = {
+        "80": RouteConfig("80", (VirtualHost("any", routes=(Route(action=RouteAction(cluster=cluster)),)),)),
+        "in": RouteConfig("in", (VirtualHost("any", routes=(Route(action=RouteAction(cluster=inbound_cluster)),)),)),
+    }
+    clusters = {n: Cluster(n) for n in {cluster, inbound_cluster, "v1", "v2"}}
+    listeners = (
+        Listener("0.0.0.0_80", "oam", 80, ListenerProtocol.HTTP, route_config="80"),
+        Listener("0.0.0.0_80@media", "media", 80, ListenerProtocol.HTTP, route_config="80"),
+        Listener("virtualInbound/0.0.0.0_8080", "oam", 8080, ListenerProtocol.HTTP, route_config="in"),
+    )
+    return Snapshot("xds:LDS=1,CDS=1", PLANES, listeners, routes, clusters)
+
+
+A = Workload("a", "default", ("198.18.1.10", "198.18.2.10"))
+B = Workload("b", "default", ("198.18.1.11",))
+
+
+def _cluster_for(router: PlaneRouter, dst: str, port: int, src: str) -> str | None:
+    crc = router.route_config(dst, port, src)
+    if crc is None:
+        return None
+    return router.snapshot.routes[crc.name].virtual_hosts[0].routes[0].action.cluster
+
+
+def test_outbound_by_source_inbound_by_destination() -> None:
+    merged = merge(PLANES, {"a.default": (A, _snap("v1", "inb-a")), "b.default": (B, _snap("v2", "inb-b"))}, "m1")
+    snap = merged.snapshot
+    validate_snapshot(snap)
+    router = PlaneRouter(snap, "oam")
+    # the same service address, two clients: each gets its own route
+    assert _cluster_for(router, "198.18.1.50", 80, "198.18.1.10") == "v1"
+    assert _cluster_for(router, "198.18.1.50", 80, "198.18.1.11") == "v2"
+    assert _cluster_for(router, "198.18.1.50", 80, "198.18.1.99") is None  # not a local workload: no listener
+    # inbound: chosen by the destination pod, whoever the (remote) client is
+    assert _cluster_for(router, "198.18.1.10", 8080, "198.18.1.99") == "inb-a"
+    assert _cluster_for(router, "198.18.1.11", 8080, "198.18.1.99") == "inb-b"
+    assert _cluster_for(router, "198.18.1.12", 8080, "198.18.1.99") is None
+    # a local client to a local pod: the client's outbound routing wins (one proxy hop, as for one sidecar)
+    assert _cluster_for(router, "198.18.1.11", 80, "198.18.1.10") == "v1"
+    # b has no media address: none of its listeners is on media
+    assert [lsn.name for lsn in snap.listeners_of("media")] == ["0.0.0.0_80@media~a.default"]
+
+
+def test_identical_resources_are_one_object_and_variants_are_renamed() -> None:
+    same = _snap("v1")
+    views = {f"w{i}.default": (Workload(f"w{i}", "default", (f"198.18.1.{20 + i}",)), same) for i in range(50)}
+    merged = merge(PLANES, views, "m")
+    assert len(merged.snapshot.routes) == 2 and len(merged.snapshot.clusters) == 3  # not 50x
+    assert (
+        len(merged.snapshot.listeners) == 100
+    )  # two oam ones per workload (none has a media address), each scoped to it
+    diverse = merge(PLANES, {"a.default": (A, _snap("v1")), "b.default": (B, _snap("v2"))}, "m")
+    names = sorted(diverse.snapshot.routes)
+    assert len(names) == 3 and "in" in names and all(n.startswith("80@") for n in names if n != "in")
+    validate_snapshot(diverse.snapshot)
+
+
+def test_a_renamed_cluster_is_renamed_in_the_routes_that_name_it() -> None:
+    a, b = _snap("v1"), _snap("v1")
+    b = Snapshot(b.version, b.planes, b.listeners, b.routes, {**b.clusters, "v1": Cluster("v1", connect_timeout_s=3)})
+    snap = merge(PLANES, {"a.default": (A, a), "b.default": (B, b)}, "m").snapshot
+    validate_snapshot(snap)  # every reference resolves
+    router = PlaneRouter(snap, "oam")
+    ca, cb = _cluster_for(router, "198.18.1.50", 80, "198.18.1.10"), _cluster_for(router, "198.18.1.50", 80,
+                                                                                   "198.18.1.11")  # fmt: skip
+    assert ca != cb and ca.startswith("v1@") and cb.startswith("v1@")
+    assert snap.clusters[cb].connect_timeout_s == 3 and snap.clusters[ca].connect_timeout_s is None
+
+
+def test_http_and_tcp_on_one_destination_are_reconciled() -> None:
+    tcp = Snapshot("x", PLANES, (Listener("0.0.0.0_80", "oam", 80, ListenerProtocol.TCP),))
+    merged = merge(PLANES, {"a.default": (A, _snap("v1")), "b.default": (B, tcp)}, "m")
+    snap = merged.snapshot
+    validate_snapshot(snap)
+    port80 = [lsn for lsn in snap.listeners if lsn.port == 80 and lsn.plane == "oam"]
+    assert [lsn.sniff for lsn in port80] == [True] and merged.notes
+
+
+def test_a_source_scoped_listener_needs_its_source() -> None:
+    lsn = Listener("x", "oam", 80, ListenerProtocol.HTTP, sources=(IPNetwork("198.18.1.10/32"),))
+    snap = Snapshot("s", PLANES, (lsn,))
+    router = PlaneRouter(snap, "oam")
+    assert router.route_config("198.18.1.50", 80, "198.18.1.10") is not None
+    assert router.route_config("198.18.1.50", 80, "::ffff:198.18.1.10") is not None
+    assert router.route_config("198.18.1.50", 80, "198.18.1.11") is None
+    assert router.route_config("198.18.1.50", 80) is None
