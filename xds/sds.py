@@ -200,6 +200,13 @@ def add_sds_arguments(parser: argparse.ArgumentParser) -> None:
         help="workload certificate lifetime, rotated at half of it (env PLANEMESH_XDS_SDS_CERT_TTL; default 24h)",
     )
     parser.add_argument(
+        "--ca-api",
+        choices=("both", "csr", "sds"),
+        default=env("PLANEMESH_XDS_CA_API", "both"),
+        help="with --ca: what to serve: SDS `default`/`ROOTCA` per node, istio's CreateCertificate (istiod's "
+        "shape: workloads send CSRs), or both (env PLANEMESH_XDS_CA_API; default %(default)s)",
+    )
+    parser.add_argument(
         "--ca-tokens",
         default=env("PLANEMESH_XDS_CA_TOKENS"),
         help="with --ca: serve istio's CreateCertificate to callers with `authorization: Bearer TOKEN`; file of "

@@ -546,7 +546,9 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--bearer-token-file {args.bearer_token_file}: empty")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secrets = issuer_from_args(parser, args)
-    signer = signer_from_args(parser, args, secrets, token)
+    signer = signer_from_args(parser, args, secrets, token) if args.ca_api != "sds" else None
+    if args.ca_api == "csr":
+        secrets = None  # istiod's shape: certificates only by CreateCertificate
     asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval, credentials, token, secrets, signer))
     return 0
 
