@@ -59,7 +59,7 @@ from planemesh.xds.translate_common import (
 from planemesh.xds.translate_filters import http_filters, network_filter
 from planemesh.xds.translate_http2 import http2_limits
 from planemesh.xds.translate_mtls import served_cluster, served_listeners
-from planemesh.xds.translate_rbac import translate_rbac
+from planemesh.xds.translate_rbac import NETWORK_RBAC, translate_network_rbac, translate_rbac
 from planemesh.xds.translate_routes import translate_route_config, translate_upgrades
 from planemesh.xds.translate_tls import resolve_secrets, secret_uses, socket_tls
 
@@ -278,7 +278,12 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
         raise ConfigError(
             f"{path}.filters", "a filter chain needs a terminal filter (http_connection_manager or tcp_proxy)"
         )
+    network_rbac = []
     for i, flt in enumerate(chain.filters[:-1]):
+        tcp_rbac = type_name(flt.typed_config.type_url) == NETWORK_RBAC and _terminal(chain) == TCP_PROXY
+        if tcp_rbac and (rbac := translate_network_rbac(flt.typed_config, f"{path}.filters[{i}]")) is not None:
+            network_rbac.append(rbac)  # xds/translate_rbac.py; enforced by agent/proxy/tcp_authz.py
+            continue
         network_filter(flt, f"{path}.filters[{i}]")
     last = chain.filters[-1]
     fpath = f"{path}.filters[{len(chain.filters) - 1}]"
@@ -334,6 +339,7 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
             transport_protocol=m.transport_protocol,
             forward_client_cert=xfcc[0],
             client_cert_details=xfcc[1],
+            network_rbac=tuple(network_rbac),
         )
         for plane in planes
     ]

@@ -25,10 +25,12 @@ from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS
 from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classify
 from planemesh.agent.proxy.sockets import open_upstream
+from planemesh.agent.proxy.tcp_authz import tcp_denial
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
     from planemesh.agent.proxy.routing_table import RoutingTable
+    from planemesh.agent.proxy.sni_routing import PassthroughChain
 
 MAX_SNI_NAMES = 1024  # distinct SNI names counted; the rest are counted under "(other)"
 DEFAULT_SNIFF_TIMEOUT_S = 0.3
@@ -337,6 +339,12 @@ class SniffListener:
         chain = table.sni.select(port, host, verdict.sni)
         balancer = table.balancer
         cluster = ep = breaker = None
+        if chain is None and table.sni.guarded(port):
+            stats.no_upstream += 1
+            reset(conn)  # a guarded port and no chain for this connection: refused, as Envoy does
+            return
+        if chain is not None and chain.rbac and not self._authorized(conn, chain, (host, port), None):
+            return
         if chain is not None:
             stats.record_route(chain.name, verdict.sni)
             if chain.action is not None:
@@ -387,6 +395,17 @@ class SniffListener:
             if ep is not None and cluster is not None and breaker is not None:
                 breaker.release(CONNECTIONS)
                 balancer.report(cluster, ep, outcome)
+
+    def _authorized(self, conn: socket.socket, chain: PassthroughChain, dst: tuple[str, int], peer: str | None) -> bool:
+        """Network RBAC (agent/proxy/tcp_authz.py); a denied connection is reset here."""
+        try:
+            src = normalise_ip(conn.getpeername()[0])
+        except OSError:
+            src = ""
+        if tcp_denial(self.proxy, chain.name, chain.rbac, src, dst, peer) is None:  # type: ignore[arg-type]
+            return True
+        reset(conn)
+        return False
 
     def _count_up(self, n: int) -> None:
         self.stats.bytes_up += n

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from netaddr import IPAddress, IPNetwork
 
 from planemesh.agent.config import Listener, ListenerProtocol, RouteAction
+from planemesh.agent.rbac import RbacFilter
+from planemesh.agent.tls_config import TlsContext
 
 MAX_SERVER_NAME = 253
 
@@ -56,6 +58,9 @@ class PassthroughChain:
 
     name: str
     action: RouteAction | None
+    rbac: tuple[RbacFilter, ...] = ()  # network RBAC, checked per connection (agent/proxy/tcp_authz.py)
+    tls: TlsContext | None = None  # terminate TLS, then relay plaintext (agent/proxy/tcp_tls.py)
+    plaintext: bool = True  # with `tls`: a plaintext twin on the same destination (permissive)
 
 
 class _Entry:
@@ -71,7 +76,7 @@ class _Entry:
             action = RouteAction(cluster=tcp[0].name)
         elif tcp:
             action = RouteAction(weighted=tcp)
-        self.chain = PassthroughChain(lsn.name, action)
+        self.chain = PassthroughChain(lsn.name, action, lsn.network_rbac, lsn.tls, lsn.transport_protocol != "tls")
 
     def prefix_len(self, ip: IPAddress) -> int:
         """How specifically this chain matches `ip`: the longest containing prefix, 0 for any, -1 for none."""
@@ -92,6 +97,11 @@ class SniRoutes:
     def declares(self, port: int) -> bool:
         """Some tcp_proxy chain owns `port`: what arrives there is passed through, never L7-proxied."""
         return port in self._by_port
+
+    def guarded(self, port: int) -> bool:
+        """Some chain of `port` authorizes or terminates TLS: a connection no chain takes is refused there
+        (Envoy closes a connection that matches no filter chain), never passed to its original destination."""
+        return any(e.chain.rbac or e.chain.tls is not None for e in self._by_port.get(port, ()))
 
     def select(self, port: int, address: str, sni: str | None) -> PassthroughChain | None:
         entries = self._by_port.get(port)

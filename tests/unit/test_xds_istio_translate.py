@@ -465,7 +465,7 @@ REFUSED = [
         "REGISTRY_ONLY",
     ),
     (
-        "enforcing-network-rbac",  # HTTP RBAC is implemented (xds/translate_rbac.py), the network filter is not
+        "enforcing-network-rbac-on-http-chain",  # enforced on tcp_proxy chains (tests/unit/test_network_rbac.py)
         [
             listener(
                 [
@@ -479,7 +479,7 @@ REFUSED = [
                                     "rules": {},
                                 },
                             },
-                            tcp(),
+                            hcm(),
                         ]
                     }
                 ]
