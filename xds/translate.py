@@ -199,41 +199,9 @@ def _prefixes(m, path: str) -> list[IPNetwork]:
     return prefixes
 
 
-def _plain_sibling(listener, chain) -> bool:
-    """Another chain of the listener, without TLS, for the same destination port and prefixes (PERMISSIVE)."""
-    m = chain.filter_chain_match
-    key = (m.destination_port.value, [(r.address_prefix, r.prefix_len.value) for r in m.prefix_ranges])
-    others = list(listener.filter_chains) + (
-        [listener.default_filter_chain] if listener.HasField("default_filter_chain") else []
-    )
-    for other in others:
-        o = other.filter_chain_match
-        if other.HasField("transport_socket") or o.transport_protocol == "tls":
-            continue
-        if (o.destination_port.value, [(r.address_prefix, r.prefix_len.value) for r in o.prefix_ranges]) == key:
-            return True
-    return False
-
-
 def _skipped_chain(listener, chain, where: _Where, path: str) -> bool:
-    """Chains planemesh has no use for, noted: a capture listener's catch-alls, and TLS-terminating tcp_proxy
-    chains that have a plaintext twin. TLS is terminated on http_connection_manager chains only
-    (xds/translate_tls.py); a tcp_proxy destination that only TLS may reach (Istio STRICT) is refused:
-    dropping its chain would let plaintext in."""
+    """Chains planemesh has no use for, noted: a capture listener's catch-alls."""
     m = chain.filter_chain_match
-    if _terminal(chain) != HCM and socket_tls(chain, path, upstream=False) is not None:
-        if not _plain_sibling(listener, chain):
-            raise ConfigError(
-                f"{path}.transport_socket",
-                "TLS is terminated on http_connection_manager chains only: this tcp_proxy destination accepts "
-                "TLS only (mTLS STRICT) and planemesh does not terminate TLS for TCP yet",
-            )
-        note_ignored(
-            f"{path}.transport_socket",
-            "TCP over TLS (istio mTLS PERMISSIVE, a tcp_proxy chain): planemesh terminates TLS on HTTP chains "
-            "only; plaintext peers use the raw_buffer chain of the same destination",
-        )
-        return True
     if where.capture and not m.HasField("destination_port"):
         note_ignored(
             path,
@@ -310,11 +278,10 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
         acc.tcp_clusters += [(f"{fpath}.cluster", w.name) for w in tcp_clusters]
     else:
         raise ConfigError(fpath, f"network filter {last.name!r} ({kind or 'no typed_config'}) is not supported")
-    if tls is not None:
-        if protocol is not ListenerProtocol.HTTP:
-            raise ConfigError(f"{path}.transport_socket", "TLS is terminated on http_connection_manager chains only")
+    if tls is not None:  # HTTP: agent/proxy/tls.py; tcp_proxy: terminated, then relayed (agent/proxy/tcp_tls.py)
         acc.tls_paths[id(tls)] = f"{path}.transport_socket"  # its secrets' user, if it is served
-    if m.application_protocols:
+    alpn = tuple(m.application_protocols) if protocol is ListenerProtocol.TCP else ()  # TCP: agent/proxy/sni_routing.py
+    if m.application_protocols and protocol is ListenerProtocol.HTTP:
         note_ignored(
             f"{path}.filter_chain_match",
             "application_protocols: planemesh tells HTTP from other bytes by sniffing (an HTTP chain and a TCP "
@@ -340,6 +307,7 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
             forward_client_cert=xfcc[0],
             client_cert_details=xfcc[1],
             network_rbac=tuple(network_rbac),
+            application_protocols=alpn,
         )
         for plane in planes
     ]

@@ -156,6 +156,40 @@ def _uri_of(secret: object) -> str | None:
     return ids[0] if ids else None
 
 
+HANDSHAKE_ERRORS = (ssl.SSLError, OSError, TimeoutError, ConnectionError)
+
+
+def handshake_failed(stats: TlsStats, exc: BaseException, where: str, port: int) -> None:
+    """Count and log a failed server handshake (HTTP and tcp_proxy chains)."""
+    stats.handshake_failed += 1
+    if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc).upper():
+        stats.peer_cert_refused += 1
+    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):  # uvloop/asyncio: ConnectionAborted
+        stats.timeouts += 1
+    log.info("%s: TLS handshake on port %s failed: %s", where, port, exc)
+
+
+def check_peer(proxy: Any, tls: TlsContext, transport: asyncio.BaseTransport) -> tuple[list[str], list[str]] | None:
+    """After a finished handshake: (URI SANs, DNS SANs) of the client, or None when no SAN matches the
+    context's (and its validation Secret's) matchers: the connection is aborted, counted and logged."""
+    uris, dns = peer_sans(transport.get_extra_info("ssl_object"))
+    stats: TlsStats = proxy.tls_stats
+    stats.handshakes += 1
+    trust = proxy.table.snapshot.secrets.get(tls.trust) if tls.trust else None
+    matchers = tls.san + (trust.san if isinstance(trust, TrustSecret) else ())
+    if (uris or dns or matchers) and not san_accepts(matchers, uris, dns):
+        stats.san_refused += 1
+        log.warning("%s: client certificate SANs %s match no matcher: closed", transport.get_extra_info("peername"),
+                    uris + dns)  # fmt: skip
+        transport.abort()
+        return None
+    return uris, dns
+
+
+def spiffe_of(uris: list[str]) -> str | None:
+    return next((u for u in uris if u.startswith("spiffe://")), None)
+
+
 class _TlsChecked(asyncio.Protocol):
     """The first protocol over a finished handshake: checks the peer's SANs, keeps its SPIFFE ID on the
     SSLObject, then hands the transport to the HTTP codec (or closes it, counted)."""
@@ -168,20 +202,14 @@ class _TlsChecked(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
-        uris, dns = peer_sans(ssl_object)
-        stats: TlsStats = self.proxy.tls_stats
-        stats.handshakes += 1
-        trust = self.proxy.table.snapshot.secrets.get(self.tls.trust) if self.tls.trust else None
-        matchers = self.tls.san + (trust.san if isinstance(trust, TrustSecret) else ())
-        if (uris or dns or matchers) and not san_accepts(matchers, uris, dns):
-            stats.san_refused += 1
-            peer = transport.get_extra_info("peername")
-            log.warning("%s: client certificate SANs %s match no matcher: closed", peer, uris + dns)
-            transport.abort()
+        checked = check_peer(self.proxy, self.tls, transport)
+        if checked is None:
             return
+        uris, dns = checked
+        lsn = self.decision.listener
         if ssl_object is not None:
-            ssl_object.planemesh_peer = next((u for u in uris if u.startswith("spiffe://")), None)
-            lsn, der = self.decision.listener, ssl_object.getpeercert(binary_form=True)
+            ssl_object.planemesh_peer = spiffe_of(uris)
+            der = ssl_object.getpeercert(binary_form=True)
             ssl_object.planemesh_xfcc = connection_xfcc(  # agent/proxy/xfcc.py, read by request_head()
                 lsn.forward_client_cert,
                 bool(der),
@@ -272,13 +300,8 @@ class _TlsGate(asyncio.Protocol):
                 ssl=decision.context,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
             )
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
-            stats.handshake_failed += 1
-            if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc).upper():
-                stats.peer_cert_refused += 1
-            if isinstance(exc, TimeoutError) or "taking longer" in str(exc):  # uvloop/asyncio: ConnectionAborted
-                stats.timeouts += 1
-            log.info("%s: TLS handshake on port %s failed: %s", where, decision.listener.port, exc)
+        except HANDSHAKE_ERRORS as exc:
+            handshake_failed(stats, exc, where, decision.listener.port)
         finally:
             if not handed:
                 proxy.stats.downstream_active -= 1

@@ -80,17 +80,19 @@ def peer_sans(ssl_object: ssl.SSLObject | None) -> tuple[list[str], list[str]]:
     return san.value.get_values_for_type(x509.UniformResourceIdentifier), san.value.get_values_for_type(x509.DNSName)
 
 
-def client_context(proxy: Any, tls: TlsContext) -> ssl.SSLContext:
-    """The SSLContext of a cluster's UpstreamTlsContext with the current snapshot's secrets (cached per value)."""
+def client_context(proxy: Any, tls: TlsContext, server: bool = False) -> ssl.SSLContext:
+    """The SSLContext of a cluster's UpstreamTlsContext (or, `server`, of a tcp_proxy chain's
+    DownstreamTlsContext) with the current snapshot's secrets, cached per value: a rotated secret is a new
+    value, so new handshakes use it while open connections keep theirs."""
     secrets = proxy.table.snapshot.secrets
     cert = secrets.get(tls.cert) if tls.cert else None
     trust = secrets.get(tls.trust) if tls.trust else None
-    key = ("client", tls, cert, trust)
+    key = ("server" if server else "client", tls, cert, trust)
     ctx = proxy.tls_client_cache.get(key)
     if ctx is None:
         if len(proxy.tls_client_cache) > 256:  # old material after many rotations: start afresh
             proxy.tls_client_cache.clear()
-        ctx = proxy.tls_client_cache[key] = build_context(tls, cert, trust, server=False)  # type: ignore[arg-type]
+        ctx = proxy.tls_client_cache[key] = build_context(tls, cert, trust, server=server)  # type: ignore[arg-type]
     return ctx
 
 

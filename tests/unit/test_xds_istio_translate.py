@@ -202,7 +202,7 @@ ACCEPTED = [
         ),
     ),
     (
-        "permissive-tcp-over-tls-chain-is-skipped-for-its-plaintext-twin",  # TLS ends on HTTP chains only
+        "permissive-tcp-over-tls-chain-is-terminated-next-to-its-plaintext-twin",  # agent/proxy/tcp_tls.py
         [
             listener(
                 [
@@ -215,7 +215,23 @@ ACCEPTED = [
                 ]
             )
         ],
-        lambda s: {(x.protocol, x.tls) for x in s.listeners} == {(ListenerProtocol.TCP, None)},
+        lambda s: {(x.protocol, x.tls is not None, x.transport_protocol) for x in s.listeners}
+        == {(ListenerProtocol.TCP, False, "raw_buffer"), (ListenerProtocol.TCP, True, "tls")},
+    ),
+    (
+        "strict-mtls-only-tls-tcp-chain-is-terminated",  # before tcp_tls.py: refused (no TLS for TCP)
+        [
+            listener(
+                [
+                    {
+                        "filter_chain_match": {"transport_protocol": "tls"},
+                        "filters": [tcp()],
+                        "transport_socket": TLS_DOWN,
+                    }
+                ]
+            )
+        ],
+        lambda s: {(x.protocol, x.tls is not None) for x in s.listeners} == {(ListenerProtocol.TCP, True)},
     ),
     (
         "enforcing-rbac-is-enforced",  # refused before HTTP RBAC existed (xds/translate_rbac.py)
@@ -431,22 +447,6 @@ def test_istiod_retry_policy_keeps_what_planemesh_can_do():
 
 
 REFUSED = [
-    (
-        "strict-mtls-only-tls-chain",  # dropping it would let plaintext reach a STRICT port
-        [
-            listener(
-                [
-                    {
-                        "filter_chain_match": {"transport_protocol": "tls"},
-                        "filters": [tcp()],
-                        "transport_socket": TLS_DOWN,
-                    }
-                ]
-            )
-        ],
-        "transport_socket",
-        "TLS only",
-    ),
     (
         "registry-only-virtual-outbound",  # ignoring it would open egress istio blocks
         [
