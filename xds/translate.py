@@ -35,7 +35,7 @@ from planemesh.agent.config import (
 from planemesh.agent.proxy.sni_routing import server_name_error
 from planemesh.agent.proxy.xfcc import DETAILS as XFCC_DETAILS
 from planemesh.agent.proxy.xfcc import MODES as XFCC_MODES
-from planemesh.agent.tls_config import Secret, any_tls
+from planemesh.agent.tls_config import Secret
 from planemesh.agent.validation import check_cpus_field, validate_snapshot
 from planemesh.netplanes.model import SLA, Plane, plane_of_address
 from planemesh.xds.client_state import XdsResources, eds_name
@@ -524,8 +524,6 @@ def translate(resources: XdsResources, planes: tuple[Plane, ...], cache: Transla
         if cname not in resources.clusters:
             errors.add(ConfigError(path, f"unknown cluster {cname!r}"))
     for name, c in sorted(clusters.items()):
-        if any_tls(c) and c.http2:
-            errors.add(ConfigError(f"cluster[{name}].transport_socket", "TLS origination speaks HTTP/1.1 upstream"))
         for tls in (c.tls, *(m.tls for m in c.tls_matches)):
             if tls is not None:
                 secret_uses(tls, f"cluster[{name}].transport_socket", acc.secrets_used, acc.secrets_inline)

@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Iterable
 
 from planemesh.agent.config import Cluster, Listener
-from planemesh.agent.tls_config import Secret, TlsContext, any_tls
+from planemesh.agent.tls_config import Secret, TlsContext
 from planemesh.xds.translate_common import Errors, note_ignored
 from planemesh.xds.translate_tls import resolve_secrets, secret_uses
 
@@ -91,10 +91,8 @@ def secrets_of(contexts: Iterable[TlsContext | None], user: str, received, out: 
 
 
 def cluster_tls_error(cluster: Cluster, received, out: dict[str, Secret]) -> str | None:
-    """A cluster's TLS that cannot be served: HTTP/2 over TLS, or its secrets (added to `out` when fine)."""
+    """A cluster's TLS that cannot be served: its secrets (added to `out` when fine)."""
     user = f"cluster[{cluster.name}].transport_socket"
-    if any_tls(cluster) and cluster.http2:
-        return f"{user}: TLS origination speaks HTTP/1.1 upstream"
     return secrets_of((cluster.tls, *(m.tls for m in cluster.tls_matches)), user, received, out)
 
 

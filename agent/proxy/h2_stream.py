@@ -27,7 +27,6 @@ from planemesh.agent.proxy.request_head import (
     response_headers,
 )
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, rng
-from planemesh.agent.tls_config import any_tls
 
 if TYPE_CHECKING:
     import asyncio
@@ -208,8 +207,6 @@ class Bridge:
             addr = (normalise_ip(ds.local[0]), ds.local[1])
         else:
             self.breaker = up.breaker  # type: ignore[union-attr]
-            if any_tls(cluster):  # never a plaintext downgrade (agent/proxy/tls_context.py)
-                return self.local_error(503, "TLS origination for HTTP/2 clients is not supported", accesslog.UF)
             picked = pipeline.pick(table.balancer, cluster, up.hash_key, ds.local)  # type: ignore[union-attr]
             if picked is None:
                 return self.answer(pipeline.NO_HEALTHY_UPSTREAM)

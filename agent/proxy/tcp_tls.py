@@ -16,30 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from planemesh.agent.proxy.tls import HANDSHAKE_ERRORS, HANDSHAKE_TIMEOUT_S, check_peer, handshake_failed, spiffe_of
-from planemesh.agent.proxy.tls_context import client_context
+from planemesh.agent.proxy.tls_context import Held, client_context
 from planemesh.agent.tls_config import TlsContext
-
-
-class _Held(asyncio.Protocol):
-    """A finished TLS connection waiting for its checks: reading paused, early bytes kept in order."""
-
-    def __init__(self) -> None:
-        self.buffer: list[bytes] = []
-        self.eof = False
-        self.lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer.append(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
 
 
 @dataclass(slots=True)
@@ -47,7 +25,7 @@ class TlsDownstream:
     """A terminated client connection: its transport, what it sent early, its SPIFFE ID (None: no certificate)."""
 
     transport: asyncio.Transport
-    held: _Held
+    held: Held
     peer: str | None
 
     def refuse(self) -> None:
@@ -55,19 +33,13 @@ class TlsDownstream:
 
     def adopt_into(self, pipe: Any) -> None:
         """Hand the connection to the relay's downstream end (passthrough.py's pipe), early bytes first."""
-        pipe.adopt(self.transport)
-        for data in self.held.buffer:  # bytes that came with the handshake, before the checks: first, in order
-            pipe.data_received(data)
-        if self.held.eof:
-            pipe.eof_received()
-        if self.held.lost:
-            pipe.connection_lost(None)
+        self.held.hand_over(self.transport, pipe)
 
 
 async def terminate(proxy: Any, conn: socket.socket, tls: TlsContext, where: str, port: int) -> TlsDownstream | None:
     """The server handshake on an accepted socket; None when it failed or the SANs were refused (counted,
     logged, the connection closed)."""
-    held = _Held()
+    held = Held()
     try:
         context = client_context(proxy, tls, server=True)
         transport, _ = await proxy.loop.connect_accepted_socket(

@@ -8,6 +8,7 @@ cluster's matchers (Envoy's match_typed_subject_alt_names), else the connection 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -104,9 +105,10 @@ async def originate_tls(
         sock_peer = sock.getpeername()
     except OSError:
         sock_peer = "?"
+    held = Held()
     try:
-        transport, conn = await proxy.loop.create_connection(
-            factory,
+        transport, _ = await proxy.loop.create_connection(
+            lambda: held,
             sock=sock,
             ssl=client_context(proxy, tls),
             server_hostname=tls.sni,  # "" (no sni): no SNI extension; None would be refused with sock=
@@ -123,4 +125,43 @@ async def originate_tls(
     if matchers and not san_accepts(matchers, uris, dns):
         transport.abort()
         raise TlsPeerRefused(f"upstream certificate SANs {uris + dns} match none of {len(matchers)} matchers")
+    # Only now the codec sees the connection: an h2 client writes its preface and requests in connection_made,
+    # and nothing may reach a server whose identity was refused.
+    conn = factory()
+    held.hand_over(transport, conn)
     return conn
+
+
+class Held(asyncio.Protocol):
+    """A finished TLS connection waiting for its identity checks: reading paused, early bytes kept in order,
+    then handed to the real protocol (hand_over)."""
+
+    def __init__(self) -> None:
+        self.buffer: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+    def hand_over(self, transport: Any, protocol: Any) -> None:
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        for data in self.buffer:
+            protocol.data_received(data)
+        if self.eof:
+            protocol.eof_received()
+        if self.lost:
+            protocol.connection_lost(None)
+        elif not transport.is_closing():
+            transport.resume_reading()

@@ -234,6 +234,11 @@ ACCEPTED = [
         lambda s: {(x.protocol, x.tls is not None) for x in s.listeners} == {(ListenerProtocol.TCP, True)},
     ),
     (
+        "tls-upstream-with-http2-is-originated",  # before: refused (TLS origination spoke HTTP/1.1 only)
+        [cluster(transport_socket=TLS_UP, http2_protocol_options={})],
+        lambda s: s.clusters["c"].http2 and s.clusters["c"].tls is not None,
+    ),
+    (
         "enforcing-rbac-is-enforced",  # refused before HTTP RBAC existed (xds/translate_rbac.py)
         [
             listener(
@@ -536,12 +541,6 @@ REFUSED = [
         ],
         "http_filters[0]",
         "not supported",
-    ),
-    (
-        "tls-upstream-with-http2",  # TLS origination speaks HTTP/1.1 only
-        [cluster(transport_socket=TLS_UP, http2_protocol_options={})],
-        "transport_socket",
-        "HTTP/1.1",
     ),
     ("upstream-filter-not-istio", [cluster(filters=[tcp()])], "filters[0]", "not supported"),
     (
