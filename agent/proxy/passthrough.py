@@ -20,7 +20,7 @@ import select
 import socket
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from planemesh.agent.config import ClusterKind
 from planemesh.agent.proxy.balancer import normalise_ip
@@ -410,14 +410,18 @@ class SniffListener:
             outcome = CONNECTED
             stats.passthrough_active += 1
             stats.passthrough_total += 1
+            row = self._istio_row(cluster, chain, down)
+            count_up, count_down = self._counters(row)
             try:
                 if down is None:
-                    done = await splice_sockets(conn, up, self._count_up, self._count_down)
+                    done = await splice_sockets(conn, up, count_up, count_down)
                 else:
-                    done = await relay_tls(down, up, self._count_up, self._count_down)
+                    done = await relay_tls(down, up, count_up, count_down)
                 await done
             finally:
                 stats.passthrough_active -= 1
+                if row is not None:
+                    row.closed += 1
         finally:
             if ep is not None and cluster is not None and breaker is not None:
                 breaker.release(CONNECTIONS)
@@ -462,6 +466,29 @@ class SniffListener:
                 down.refuse() if down is not None else reset(conn)
                 return None
         return chain, down
+
+    def _istio_row(self, cluster: Any, chain: PassthroughChain | None, down: TlsDownstream | None) -> Any:
+        """istio_tcp_* for istiod-named clusters, with the client's identity on a terminated mTLS chain."""
+        if cluster is None:
+            return None
+        src = dst = None
+        if down is not None and chain is not None and chain.tls is not None:
+            src, dst = down.peer, self.proxy.istio.our_uri(self.proxy, chain.tls)
+        return self.proxy.istio.tcp(cluster.name, src, dst)
+
+    def _counters(self, row: Any) -> tuple[Callable[[int], None], Callable[[int], None]]:
+        if row is None:
+            return self._count_up, self._count_down
+
+        def up(n: int) -> None:
+            self.stats.bytes_up += n
+            row.received += n
+
+        def down(n: int) -> None:
+            self.stats.bytes_down += n
+            row.sent += n
+
+        return up, down
 
     def _count_up(self, n: int) -> None:
         self.stats.bytes_up += n

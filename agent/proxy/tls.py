@@ -32,9 +32,9 @@ from typing import Any
 from netaddr import IPAddress
 
 from planemesh.agent.config import Listener, ListenerProtocol, Snapshot
-from planemesh.agent.proxy.tls_context import build_context, peer_sans
+from planemesh.agent.proxy.tls_context import build_context, peer_sans, uri_of
 from planemesh.agent.proxy.xfcc import connection_xfcc, element
-from planemesh.agent.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
+from planemesh.agent.tls_config import TlsContext, TrustSecret, san_accepts
 
 log = logging.getLogger("planemesh.proxy.tls")
 HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by default (asyncio's default: 60 s)
@@ -96,7 +96,7 @@ class TlsRoutes:
                 except (ssl.SSLError, ValueError, OSError) as exc:  # translation checks; never take the worker down
                     log.error("listener %s: no TLS context (%s): its TLS connections are refused", lsn.name, exc)
         certs = {lsn.tls.cert for ls in self.ports.values() for lsn in ls if lsn.tls is not None and lsn.tls.cert}
-        self._local_uri = {name: _uri_of(snapshot.secrets.get(name)) for name in certs}
+        self._local_uri = {name: uri_of(snapshot.secrets.get(name)) for name in certs}
         cache.clear()
         cache.update(fresh)  # contexts no listener uses any more are dropped
         self._cache = fresh
@@ -139,21 +139,6 @@ class TlsRoutes:
 def _subject(ssl_object: ssl.SSLObject) -> str:
     cert = ssl_object.getpeercert() or {}
     return ",".join(f"{k}={v}" for rdn in reversed(cert.get("subject", ())) for k, v in rdn)
-
-
-def _uri_of(secret: object) -> str | None:
-    if not isinstance(secret, CertSecret):
-        return None
-    # Imported here: cryptography costs every worker ~9 MB of RSS, and only planes with TLS need it.
-    from cryptography import x509
-
-    from planemesh.agent.identity.ca import spiffe_ids
-
-    try:
-        ids = spiffe_ids(x509.load_pem_x509_certificate(secret.chain_pem))
-    except ValueError:
-        return None
-    return ids[0] if ids else None
 
 
 HANDSHAKE_ERRORS = (ssl.SSLError, OSError, TimeoutError, ConnectionError)
@@ -209,6 +194,7 @@ class _TlsChecked(asyncio.Protocol):
         lsn = self.decision.listener
         if ssl_object is not None:
             ssl_object.planemesh_peer = spiffe_of(uris)
+            ssl_object.planemesh_local = self.decision.local_uri  # ours (Istio's destination_principal)
             der = ssl_object.getpeercert(binary_form=True)
             ssl_object.planemesh_xfcc = connection_xfcc(  # agent/proxy/xfcc.py, read by request_head()
                 lsn.forward_client_cert,

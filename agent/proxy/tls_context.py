@@ -61,6 +61,22 @@ def build_context(tls: TlsContext, cert: CertSecret | None, trust: TrustSecret |
     return ctx
 
 
+def uri_of(secret: object) -> str | None:
+    """The SPIFFE ID of a certificate Secret's leaf (our own identity), None without one."""
+    if not isinstance(secret, CertSecret):
+        return None
+    # Imported here: cryptography costs every worker ~9 MB of RSS, and only planes with TLS need it.
+    from cryptography import x509
+
+    from planemesh.agent.identity.ca import spiffe_ids
+
+    try:
+        ids = spiffe_ids(x509.load_pem_x509_certificate(secret.chain_pem))
+    except ValueError:
+        return None
+    return ids[0] if ids else None
+
+
 def peer_sans(ssl_object: ssl.SSLObject | None) -> tuple[list[str], list[str]]:
     """(URI SANs, DNS SANs) of the peer's certificate; empty without one."""
     if ssl_object is None:

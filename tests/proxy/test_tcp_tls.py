@@ -61,8 +61,9 @@ def tls_call(sniffer: SniffProxy, ctx: ssl.SSLContext | None) -> bytes:
             return b"<refused>"
 
 
-def serve(upstream: Upstream, **kw) -> SniffProxy:
-    listeners, clusters = chains(upstream.addr[1], **kw)
+def serve(upstream: Upstream, listeners=None, clusters=None, **kw) -> SniffProxy:
+    if listeners is None:
+        listeners, clusters = chains(upstream.addr[1], **kw)
     server = ROOT.issue(AMF, now=ROOT.cert.not_valid_before_utc.replace(microsecond=0))
     px = SniffProxy(listeners, clusters, secrets=secrets(server))
     px.target = ("127.0.0.1", PORT)
