@@ -6,10 +6,15 @@ clusters `outbound|<port>|<subset>|<host>` (a client's request: reporter "source
 `inbound|<port>|<name>|<host>` (a request to a local workload: reporter "destination"), which gives the
 destination service labels. Rows of clusters not named so are not Istio traffic and are left out.
 
+The principals come from the proxy's handshakes (agent/proxy/istio_stats.py): `source_principal` and
+`destination_principal` are SPIFFE IDs when the connection was mTLS (then `connection_security_policy`
+is `mutual_tls`), else "unknown" (`none`). Relayed TCP connections of such clusters give
+`istio_tcp_connections_opened_total`, `..._closed_total`, `istio_tcp_sent_bytes_total` (to the client) and
+`istio_tcp_received_bytes_total` (from it).
+
 Differences from istio-proxy, on purpose and minimal: `response_code` is the status class ("2xx", "5xx";
-Istio's dashboards select on `response_code=~"5.*"`, which matches it), and the workload, principal and
-canonical-service labels are "unknown" (planemesh does not exchange peer metadata). `istio_tcp_*` is not
-produced.
+Istio's dashboards select on `response_code=~"5.*"`, which matches it), and the workload and
+canonical-service labels are "unknown" (planemesh does not exchange peer metadata).
 """
 
 from __future__ import annotations
@@ -44,8 +49,9 @@ LABELS = (
 UNKNOWN = "unknown"
 
 
-def istio_labels(cluster: str) -> dict[str, str] | None:
-    """Istio's labels for a route counter row of this cluster, without response_code; None: not istio."""
+def istio_labels(cluster: str, source: str = UNKNOWN, destination: str = UNKNOWN) -> dict[str, str] | None:
+    """Istio's labels for a counter row of this cluster and peer identities, without response_code; None: not
+    istio."""
     parts = cluster.split("|")
     if len(parts) != 4 or parts[0] not in ("outbound", "inbound") or not parts[1].isdigit():
         return None
@@ -61,22 +67,39 @@ def istio_labels(cluster: str) -> dict[str, str] | None:
         destination_version=(subset or UNKNOWN) if direction == "outbound" else UNKNOWN,
         request_protocol="http",
         response_flags="-",
-        connection_security_policy="none",  # planemesh's upstreams are plaintext
+        source_principal=source,
+        destination_principal=destination,
+        # mTLS proved an identity on this hop; without one, plaintext (or TLS without a client certificate)
+        connection_security_policy="mutual_tls" if UNKNOWN not in (source, destination) else "none",
     )
     return out
 
 
+def _labels_of(row: Any) -> dict[str, str] | None:
+    return istio_labels(
+        row.cluster, getattr(row, "source_principal", UNKNOWN), getattr(row, "destination_principal", UNKNOWN)
+    )
+
+
 def istio_families(rows: Sequence[Any]) -> Iterator[Metric]:
-    """From agent.metrics.RouteStats rows (not imported: agent.metrics imports this module)."""
+    """From agent.metrics.RouteStats / IstioStats rows (not imported: agent.metrics imports this module)."""
     requests = CounterMetricFamily("istio_requests", "Requests (Istio standard metric)", labels=list(LABELS))
     duration = HistogramMetricFamily(
         "istio_request_duration_milliseconds", "Request duration (Istio standard metric)", labels=list(LABELS)
     )
     merged: dict[tuple[str, ...], tuple[int, list[int], float, tuple[float, ...]]] = {}
     totals: dict[tuple[str, ...], int] = {}
+    tcp: dict[tuple[str, ...], list[int]] = {}
     for row in rows:
-        labels = istio_labels(row.cluster)
+        labels = _labels_of(row)
         if labels is None:
+            continue
+        if getattr(row, "tcp_opened", 0):
+            key = tuple({**labels, "request_protocol": "tcp", "response_code": "-"}[k] for k in TCP_LABELS)
+            acc = tcp.setdefault(key, [0, 0, 0, 0])
+            for i, name in enumerate(("tcp_opened", "tcp_closed", "tcp_sent_bytes", "tcp_received_bytes")):
+                acc[i] += getattr(row, name)
+        if not row.responses:
             continue
         for cls, n in row.responses.items():
             key = tuple({**labels, "response_code": cls}[k] for k in LABELS)
@@ -97,3 +120,21 @@ def istio_families(rows: Sequence[Any]) -> Iterator[Metric]:
         duration.add_metric(list(key), buckets=buckets, sum_value=total_s * 1000)
     yield requests
     yield duration
+    yield from _tcp_families(tcp)
+
+
+TCP_LABELS = tuple(k for k in LABELS if k not in ("response_code", "response_flags"))
+_TCP = (
+    ("istio_tcp_connections_opened", "TCP connections opened (Istio standard metric)"),
+    ("istio_tcp_connections_closed", "TCP connections closed (Istio standard metric)"),
+    ("istio_tcp_sent_bytes", "Bytes sent to the client during TCP connections (Istio standard metric)"),
+    ("istio_tcp_received_bytes", "Bytes received from the client during TCP connections (Istio standard metric)"),
+)
+
+
+def _tcp_families(tcp: dict[tuple[str, ...], list[int]]) -> Iterator[Metric]:
+    for i, (name, text) in enumerate(_TCP):
+        family = CounterMetricFamily(name, text, labels=list(TCP_LABELS))
+        for key, values in sorted(tcp.items()):
+            family.add_metric(list(key), values[i])
+        yield family

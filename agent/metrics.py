@@ -180,6 +180,22 @@ class OverloadStats:
 
 
 @dataclass(slots=True)
+class IstioStats:
+    """Istio's standard metrics of one istiod-named cluster and pair of peer identities (agent/proxy/istio_stats.py)."""
+
+    plane: str
+    cluster: str
+    source_principal: str = "unknown"
+    destination_principal: str = "unknown"
+    responses: dict[str, int] = field(default_factory=dict)  # "2xx" -> count
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    tcp_opened: int = 0
+    tcp_closed: int = 0
+    tcp_sent_bytes: int = 0  # Istio: response bytes (destination -> source), what the proxy sent the client
+    tcp_received_bytes: int = 0  # Istio: request bytes (source -> destination), what the client sent
+
+
+@dataclass(slots=True)
 class TlsTerminationStats:
     """A plane's TLS termination (agent/proxy/tls.py TlsStats); rows of the plane's workers are summed."""
 
@@ -208,6 +224,7 @@ class StatsReport:
     plane_groups: list[PlaneGroupStats] = field(default_factory=list)
     overload: list[OverloadStats] = field(default_factory=list)
     tls: list[TlsTerminationStats] = field(default_factory=list)
+    istio: list[IstioStats] = field(default_factory=list)
 
 
 _ROW_TYPES = {
@@ -218,6 +235,7 @@ _ROW_TYPES = {
     "xds": XdsTypeStats,
     "sniff": SniffListenerStats,
     "tls": TlsTerminationStats,
+    "istio": IstioStats,
     "sni_routes": SniRouteStats,
     "plane_groups": PlaneGroupStats,
     "overload": OverloadStats,
@@ -230,7 +248,7 @@ def _row(cls: type, raw: Any) -> Any:
     if not isinstance(raw, Mapping):
         raise TypeError(f"expected {cls.__name__} or a dict, got {type(raw).__name__}")
     values = dict(raw)
-    if cls is RouteStats and isinstance(values.get("latency"), Mapping):
+    if cls in (RouteStats, IstioStats) and isinstance(values.get("latency"), Mapping):
         lat = values["latency"]
         values["latency"] = LatencyHistogram(
             tuple(lat.get("bounds", DEFAULT_LATENCY_BUCKETS_S)), list(lat.get("counts", [])), lat.get("sum_s", 0.0)
@@ -359,6 +377,9 @@ def merge_reports(reports: Sequence[StatsReport]) -> StatsReport:
         plane_groups=[r for rep in reports for r in rep.plane_groups],  # one provider: nothing to sum
         overload=_sum_rows((r for rep in reports for r in rep.overload), ("plane",)),
         tls=_sum_rows((r for rep in reports for r in rep.tls), ("plane",)),
+        istio=_sum_rows(
+            (r for rep in reports for r in rep.istio), ("plane", "cluster", "source_principal", "destination_principal")
+        ),
     )
 
 
@@ -387,7 +408,7 @@ class PlanemeshCollector(Collector):
         yield from _sniff_families(report)
         yield from _plane_group_families(report.plane_groups)
         yield from _overload_families(report.overload)
-        yield from istio_families(report.routes)
+        yield from istio_families([*report.routes, *report.istio])
         yield from _tls_families(report.tls)
         yield from self._agent_families()
 

@@ -22,12 +22,12 @@ from planemesh.model.tls_config import SanMatch as StringMatch
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One node: kind any | and | or | not | header | path | dst_port | dst_ip | authenticated | source_ip."""
+    """One node: kind any | and | or | not | header | path | dst_port | dst_ip | authenticated | source_ip | plane."""
 
     kind: str
     children: tuple[Rule, ...] = ()
     header: HeaderMatch | None = None
-    string: StringMatch | None = None  # path, authenticated principal_name (None: any authenticated peer)
+    string: StringMatch | None = None  # path, plane, authenticated principal_name (None: any authenticated peer)
     port: int = 0
     cidr: IPNetwork | None = None
 
@@ -53,6 +53,7 @@ class RequestFacts:
     dst_port: int
     src_ip: str
     peer: str | None  # the client certificate's SPIFFE ID (mTLS), else None
+    plane: str = ""  # the plane the connection arrived on (the client's)
 
 
 def _header_matches(spec: HeaderMatch, headers: Mapping[str, str]) -> bool:
@@ -102,6 +103,8 @@ def matches(rule: Rule, req: RequestFacts) -> bool:
         return _in(rule.cidr, req.dst_ip)
     if kind == "source_ip":
         return _in(rule.cidr, req.src_ip)
+    if kind == "plane":
+        return rule.string is not None and rule.string.matches(req.plane)
     if kind == "authenticated":
         if req.peer is None:
             return False

@@ -189,6 +189,7 @@ async def run_worker(
                 sniff = proxy.sniff_stats if proxy.sniffing else None
                 report = stats_report(plane, proxy.stats, sniff)
                 report["tls"] = [{"plane": plane, **proxy.tls_stats.as_dict()}]  # agent/proxy/tls.py
+                report["istio"] = proxy.istio.report(plane)  # agent/proxy/istio_stats.py
                 writer.write(encode({"op": "stats", "id": rid, "stats": report}))
             elif op == "shed":  # the node's overload: this plane's share to refuse (agent/node_overload.py)
                 proxy.overload.set_node_shed(float(msg.get("fraction", 0.0)))

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from netaddr import AddrFormatError, IPNetwork
 
 from planemesh.ebpf.abi import PM_MAX_PLANES, Action
-from planemesh.model.config import ConfigError, ListenerProtocol, Snapshot
+from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot
 from planemesh.model.planes import Plane, UndeclaredPorts
 
 _LISTENER_ACTION = {ListenerProtocol.HTTP: Action.PROXY, ListenerProtocol.TCP: Action.BYPASS}
@@ -99,9 +99,10 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
                 )
             rules[key] = action
             owner[key] = lsn.name
-            if action is Action.BYPASS and lsn.server_names:
+            if action is Action.BYPASS and _inspected(lsn):
                 sni_routed.add(key)
-    # TCP chains routed by TLS SNI: the sniffing listener reads the ClientHello (agent/proxy/sni_routing.py).
+    # TCP chains routed by TLS SNI, authorized (network RBAC) or terminating TLS: the sniffing listener takes
+    # them (agent/proxy/sni_routing.py, passthrough.py) instead of the kernel bypass.
     for key in sni_routed:
         rules[key] = Action.SNIFF
     planes = tuple(sorted((plane_settings(p, plane_ids) for p in snap.planes), key=lambda s: s.plane_id))
@@ -109,11 +110,15 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
     return DatapathPolicy(planes=planes, rules=MappingProxyType(rules), destinations=MappingProxyType(destinations))
 
 
+def _inspected(lsn: Listener) -> bool:
+    """A tcp_proxy chain the proxy must see: routed by SNI, authorized by network RBAC, or terminating TLS."""
+    return lsn.protocol is ListenerProtocol.TCP and bool(lsn.server_names or lsn.network_rbac or lsn.tls)
+
+
 def needs_sniff_listener(snap: Snapshot, plane: Plane) -> bool:
-    """The plane's sniffing listener is in use: undeclared ports are sniffed, or a TCP chain routes by SNI."""
+    """The plane's sniffing listener is in use: undeclared ports are sniffed, or a TCP chain is inspected."""
     return plane.undeclared is UndeclaredPorts.SNIFF or any(
-        (lsn.protocol is ListenerProtocol.TCP and lsn.server_names) or lsn.sniff
-        for lsn in snap.listeners_of(plane.name)
+        _inspected(lsn) or lsn.sniff for lsn in snap.listeners_of(plane.name)
     )
 
 

@@ -294,6 +294,11 @@ class Listener:
     # x-forwarded-client-cert (agent/proxy/xfcc.py): HCM forward_client_cert_details (Envoy's default: sanitize)
     forward_client_cert: str = "sanitize"
     client_cert_details: tuple[str, ...] = ()  # set_current_client_cert_details: subject, uri, dns
+    # tcp_proxy chains: envoy.filters.network.rbac, checked once per connection (agent/proxy/tcp_authz.py);
+    # agent/rbac.py's RbacFilter (not imported: that module imports this one)
+    network_rbac: tuple[object, ...] = ()
+    # tcp_proxy chains: filter_chain_match.application_protocols, matched against the ClientHello's ALPN
+    application_protocols: tuple[str, ...] = ()
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:

@@ -139,7 +139,7 @@ def validate_snapshot(snap: Snapshot, *, references: bool = True) -> None:
         for pa, _ia, _ja, na in owned[:b]:
             if pa != pb and na.version == nb.version and (na.first <= nb.last and nb.first <= na.last):
                 raise ConfigError(f"planes[{ib}].cidrs[{jb}]", f"{nb} overlaps {na} of plane {pa!r}")
-    declared: dict[tuple[str, int, str, str, str], str] = {}  # (plane, port, prefix, sni|transport) -> listener
+    declared: dict[tuple[str, int, str, str, str], str] = {}  # (plane, port, prefix, sni|transport|alpn, sources)
     for i, lsn in enumerate(snap.listeners):
         where = f"listeners[{i}]"
         if lsn.plane not in names:
@@ -148,8 +148,10 @@ def validate_snapshot(snap: Snapshot, *, references: bool = True) -> None:
             raise ConfigError(f"{where}.port", f"{lsn.port} is not a TCP port")
         for prefix in lsn.prefixes or (None,):
             for server_name in lsn.server_names or ("",):  # chains may share a port and differ by TLS SNI
-                key = (lsn.plane, lsn.port, str(prefix), server_name + "|" + lsn.transport_protocol,  # permissive
-                       ",".join(map(str, lsn.sources)))  # one workload's outbound listener per source
+                # permissive ports: transport_protocol; Istio's inbound mTLS vs app-TLS chains: ALPN;
+                # one workload's outbound listener per source
+                match = f"{server_name}|{lsn.transport_protocol}|{','.join(lsn.application_protocols)}"
+                key = (lsn.plane, lsn.port, str(prefix), match, ",".join(map(str, lsn.sources)))
                 if key in declared:
                     raise ConfigError(
                         f"{where}", f"plane {lsn.plane!r} port {lsn.port} is already declared by {declared[key]!r}"

@@ -11,6 +11,8 @@
       token_file: /var/run/secrets/tokens/istio-token   # optional: `authorization: Bearer <JWT>`
       max_receive_bytes: 268435456    # largest response accepted (gRPC receive limit), default 256 MiB
     timing: {initial_fetch_timeout_s: 15, backoff_base_s: 0.5, backoff_max_s: 30}
+    ca: {trust_domain: cluster.local, ttl_s: 86400}   # optional: SDS `default`/`ROOTCA` by istio's CSR flow
+        # (CreateCertificate); address, root_cert, server_name and token_file default to server's
     planes: [...]                     # the static configuration's `planes:` (model/static_config.py)
     host_mode: {slices: [telecom.slice], cgroups: [...]}   # optional: host-mode cgroups (agent/host_attach.py)
     workloads: {source: kubernetes}   # optional: one ADS stream per local workload (agent/workloads/settings.py)
@@ -27,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planemesh.agent.identity.ca import MAX_WORKLOAD_TTL_S
+from planemesh.agent.identity.cert_client import CaSettings
+from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, istio_identity
 from planemesh.agent.workloads.settings import WorkloadSettings, settings_from_dict
 from planemesh.model.config import ConfigError
 from planemesh.model.node import NodeIdentity
@@ -38,6 +43,9 @@ from planemesh.xds.client_state import Mode
 # and Envoy's own gRPC client has no receive limit unless max_receive_message_length is set, so the limit
 # only guards memory: 256 MiB (grpc's default, 4 MiB, is far too small for a mesh).
 MAX_RECEIVE_BYTES = 256 << 20
+# Certificates are backdated 60 s (agent/identity/ca.py) and rotated at half-life from notBefore, so a
+# lifetime near a minute would be renewed at once; ten minutes leaves 4.5 minutes between renewals.
+MIN_TTL_S = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,8 @@ class Bootstrap:
     max_receive_bytes: int = MAX_RECEIVE_BYTES
     node_metadata: tuple[tuple[str, Any], ...] = ()  # extra node.metadata (istiod: ISTIO_VERSION, NAMESPACE...)
     workloads: WorkloadSettings | None = None  # set: one stream per local workload, not one for the node
+    ca: CaSettings | None = None  # workload certificate by CreateCertificate (agent/identity/cert_client.py)
+    identity: SpiffeId | None = None  # the SPIFFE ID asked for (with `ca`)
 
 
 _TARGET = re.compile(r"^(unix:(//)?/.+|\[[0-9a-fA-F:.]+\]:\d{1,5}|[A-Za-z0-9_.-]+:\d{1,5})$")
@@ -95,7 +105,9 @@ def _str(raw: dict, key: str, path: str, default: str | None = None) -> str:
 
 
 def bootstrap_from_dict(raw: Any) -> Bootstrap:
-    top = _mapping(raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode", "node_overload", "workloads"})
+    top = _mapping(
+        raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode", "node_overload", "workloads", "ca"}
+    )
     if "host_mode" in top:  # read by the agent (planemesh.agent.host_attach); checked here so errors come early
         from planemesh.agent.host_attach import host_mode_from_dict
 
@@ -133,6 +145,7 @@ def bootstrap_from_dict(raw: Any) -> Bootstrap:
         if not isinstance(key, str) or not _json_value(value):
             raise ConfigError(f"node.metadata.{key}", "expected a string key and a JSON value")
     planes = snapshot_from_dict({"planes": top.get("planes")}, version="bootstrap").planes
+    ca, identity = _ca(top["ca"], server, tls, token_file, dict(meta)) if "ca" in top else (None, None)
     return Bootstrap(
         node_id=_str(node, "id", "node"),
         cluster=_str(node, "cluster", "node", "planemesh"),
@@ -144,8 +157,43 @@ def bootstrap_from_dict(raw: Any) -> Bootstrap:
         max_receive_bytes=limit,
         node_metadata=tuple(sorted(meta.items())),
         workloads=settings_from_dict(top["workloads"]) if "workloads" in top else None,
+        ca=ca,
+        identity=identity,
         **times,
     )
+
+
+def _ca(
+    raw: Any, server: dict, tls: TlsFiles | None, token_file: str | None, meta: dict
+) -> tuple[CaSettings, SpiffeId]:
+    """The `ca:` section: where istio's CreateCertificate is served and which identity to ask for
+    (istio-agent: CA_ADDR defaults to the discovery address, NAMESPACE/SERVICE_ACCOUNT from the pod)."""
+    ca = _mapping(
+        raw or {}, "ca", {"address", "root_cert", "server_name", "token_file", "ttl_s", "trust_domain", "cluster_id"}
+    )
+    ttl = ca.get("ttl_s", 86400)
+    if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not MIN_TTL_S <= ttl <= MAX_WORKLOAD_TTL_S:
+        raise ConfigError("ca.ttl_s", f"expected seconds in {MIN_TTL_S} .. {MAX_WORKLOAD_TTL_S}, got {ttl!r}")
+    for key in ("root_cert", "token_file"):
+        if key in ca and (not isinstance(ca[key], str) or not ca[key].startswith("/")):
+            raise ConfigError(f"ca.{key}", f"expected an absolute path, got {ca[key]!r}")
+    trust_domain = _str(ca, "trust_domain", "ca", "cluster.local")
+    namespace, account = meta.get("NAMESPACE"), meta.get("SERVICE_ACCOUNT")
+    if not isinstance(namespace, str) or not isinstance(account, str):
+        raise ConfigError("node.metadata", "ca: needs NAMESPACE and SERVICE_ACCOUNT (the identity to ask for)")
+    try:
+        identity = istio_identity(trust_domain, namespace, account)
+    except SpiffeError as exc:
+        raise ConfigError("node.metadata", str(exc)) from None
+    settings = CaSettings(
+        address=check_target(ca.get("address", server.get("address")), "ca.address"),
+        root_cert=ca.get("root_cert", tls.ca if tls is not None else None),
+        server_name=ca.get("server_name", tls.server_name if tls is not None else None),
+        token_file=ca.get("token_file", token_file),
+        ttl_s=float(ttl),
+        cluster_id=ca.get("cluster_id"),
+    )
+    return settings, identity
 
 
 def _json_value(value: Any) -> bool:

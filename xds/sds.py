@@ -34,6 +34,8 @@ from google.protobuf import any_pb2, struct_pb2
 
 from planemesh.agent.identity.ca import DEFAULT_WORKLOAD_TTL_S, CertError, CertificateAuthority, Issued, utcnow
 from planemesh.agent.identity.ca_files import parse_duration, read_ca
+from planemesh.agent.identity.ca_service import ANY_IDENTITY, CsrSigner, read_token_file
+from planemesh.agent.identity.csr import WorkloadCert
 from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, istio_identity
 from planemesh.model.config import ConfigError
 from planemesh.xds.resources import pack
@@ -57,7 +59,7 @@ def node_identity(node: base_pb2.Node, trust_domain: str) -> SpiffeId:
     return istio_identity(trust_domain, namespace, account)
 
 
-def tls_certificate_secret(issued: Issued, name: str = WORKLOAD_SECRET) -> secret_pb2.Secret:
+def tls_certificate_secret(issued: Issued | WorkloadCert, name: str = WORKLOAD_SECRET) -> secret_pb2.Secret:
     return secret_pb2.Secret(
         name=name,
         tls_certificate=common_pb2.TlsCertificate(
@@ -197,6 +199,20 @@ def add_sds_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("PLANEMESH_XDS_SDS_CERT_TTL", str(int(DEFAULT_WORKLOAD_TTL_S))),
         help="workload certificate lifetime, rotated at half of it (env PLANEMESH_XDS_SDS_CERT_TTL; default 24h)",
     )
+    parser.add_argument(
+        "--ca-api",
+        choices=("both", "csr", "sds"),
+        default=env("PLANEMESH_XDS_CA_API", "both"),
+        help="with --ca: what to serve: SDS `default`/`ROOTCA` per node, istio's CreateCertificate (istiod's "
+        "shape: workloads send CSRs), or both (env PLANEMESH_XDS_CA_API; default %(default)s)",
+    )
+    parser.add_argument(
+        "--ca-tokens",
+        default=env("PLANEMESH_XDS_CA_TOKENS"),
+        help="with --ca: serve istio's CreateCertificate to callers with `authorization: Bearer TOKEN`; file of "
+        "lines `TOKEN NAMESPACE/SERVICE_ACCOUNT` (or `TOKEN *`: any identity) (env PLANEMESH_XDS_CA_TOKENS; "
+        "default: the --bearer-token-file token may ask for any identity)",
+    )
 
 
 def issuer_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SecretIssuer | None:
@@ -206,6 +222,27 @@ def issuer_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         return SecretIssuer(read_ca(Path(args.ca)), ttl_s=args.sds_cert_ttl)
     except ConfigError as exc:
         parser.error(str(exc))
+
+
+def signer_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, issuer: SecretIssuer | None, bearer_token: str | None
+) -> CsrSigner | None:
+    """CreateCertificate next to SDS when --ca is given and callers can be authenticated (a token)."""
+    if issuer is None:
+        if args.ca_tokens:
+            parser.error("--ca-tokens needs --ca")
+        return None
+    try:
+        if args.ca_tokens:
+            tokens = read_token_file(Path(args.ca_tokens), issuer.ca.trust_domain)
+        elif bearer_token is not None:
+            tokens = {bearer_token: ANY_IDENTITY}
+        else:
+            log.warning("CreateCertificate not served: no --ca-tokens and no --bearer-token-file to check callers")
+            return None
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return CsrSigner(issuer.ca, tokens, ttl_s=issuer.ttl_s)
 
 
 def node_metadata(namespace: str, service_account: str) -> struct_pb2.Struct:

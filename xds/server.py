@@ -40,6 +40,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, message
 
+from planemesh.agent.identity.ca_service import CsrSigner, certificate_service
 from planemesh.model.defaults import option
 from planemesh.xds.resources import (
     MESSAGE_OF_TYPE,
@@ -49,7 +50,7 @@ from planemesh.xds.resources import (
     ResourceError,
     load_resource_dir,
 )
-from planemesh.xds.sds import SecretIssuer, add_sds_arguments, issuer_from_args
+from planemesh.xds.sds import SecretIssuer, add_sds_arguments, issuer_from_args, signer_from_args
 from planemesh.xds.server_nodes import NODES_DIR, load_node_dirs, packed
 
 log = logging.getLogger("planemesh.xds.server")
@@ -111,7 +112,9 @@ class ManagementServer:
         poll_interval_s: float = 0.2,
         bearer_token: str | None = None,
         secrets: SecretIssuer | None = None,
+        csr_signer: CsrSigner | None = None,
     ) -> None:
+        self.csr_signer = csr_signer  # istio's CreateCertificate from the built-in CA (agent/identity/ca_service.py)
         self.secrets = secrets  # SDS `default`/`ROOTCA` per node from the built-in CA (xds/sds.py)
         self._rotator: asyncio.Task[None] | None = None
         self.resource_dir = Path(resource_dir) if resource_dir is not None else None
@@ -278,6 +281,8 @@ class ManagementServer:
         self.reload()
         server = grpc.aio.server()
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_AdsServicer(self), server)
+        if self.csr_signer is not None:  # on the same port, as istiod serves both on 15012
+            server.add_generic_rpc_handlers((certificate_service(self.csr_signer),))
         if credentials is None:
             port = server.add_insecure_port(address)
         else:
@@ -507,16 +512,20 @@ async def serve_forever(
     credentials: grpc.ServerCredentials | None = None,
     bearer_token: str | None = None,
     secrets: SecretIssuer | None = None,
+    csr_signer: CsrSigner | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (the `planemesh xds-server` command)."""
-    server = ManagementServer(resources, poll_interval_s=poll_interval_s, bearer_token=bearer_token, secrets=secrets)
+    server = ManagementServer(
+        resources, poll_interval_s=poll_interval_s, bearer_token=bearer_token, secrets=secrets, csr_signer=csr_signer
+    )
     address = await server.start(listen, credentials)
     log.info(
-        "ADS (SotW and Delta) on %s%s%s%s, resources from %s",
+        "ADS (SotW and Delta) on %s%s%s%s%s, resources from %s",
         address,
         " with TLS" if credentials is not None else "",
         " requiring a bearer token" if bearer_token is not None else "",
         " serving SDS from the built-in CA" if secrets is not None else "",
+        " and CreateCertificate" if csr_signer is not None else "",
         resources,
     )
     if server.load_error:
@@ -558,7 +567,10 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--bearer-token-file {args.bearer_token_file}: empty")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secrets = issuer_from_args(parser, args)
-    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval, credentials, token, secrets))
+    signer = signer_from_args(parser, args, secrets, token) if args.ca_api != "sds" else None
+    if args.ca_api == "csr":
+        secrets = None  # istiod's shape: certificates only by CreateCertificate
+    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval, credentials, token, secrets, signer))
     return 0
 
 

@@ -37,7 +37,7 @@ from planemesh.model.config import (
 )
 from planemesh.model.planes import SLA, Plane, plane_of_address
 from planemesh.model.server_names import server_name_error
-from planemesh.model.tls_config import Secret, any_tls
+from planemesh.model.tls_config import Secret
 from planemesh.model.validation import check_cpus_field, validate_snapshot
 from planemesh.xds.client_state import XdsResources, eds_name
 from planemesh.xds.translate_capture import (
@@ -60,7 +60,7 @@ from planemesh.xds.translate_common import (
 from planemesh.xds.translate_filters import http_filters, network_filter
 from planemesh.xds.translate_http2 import http2_limits
 from planemesh.xds.translate_mtls import served_cluster, served_listeners
-from planemesh.xds.translate_rbac import translate_rbac
+from planemesh.xds.translate_rbac import NETWORK_RBAC, translate_network_rbac, translate_rbac
 from planemesh.xds.translate_routes import RouteMemo, translate_route_config, translate_upgrades
 from planemesh.xds.translate_tls import resolve_secrets, secret_uses, socket_tls
 
@@ -200,41 +200,9 @@ def _prefixes(m, path: str) -> list[IPNetwork]:
     return prefixes
 
 
-def _plain_sibling(listener, chain) -> bool:
-    """Another chain of the listener, without TLS, for the same destination port and prefixes (PERMISSIVE)."""
-    m = chain.filter_chain_match
-    key = (m.destination_port.value, [(r.address_prefix, r.prefix_len.value) for r in m.prefix_ranges])
-    others = list(listener.filter_chains) + (
-        [listener.default_filter_chain] if listener.HasField("default_filter_chain") else []
-    )
-    for other in others:
-        o = other.filter_chain_match
-        if other.HasField("transport_socket") or o.transport_protocol == "tls":
-            continue
-        if (o.destination_port.value, [(r.address_prefix, r.prefix_len.value) for r in o.prefix_ranges]) == key:
-            return True
-    return False
-
-
 def _skipped_chain(listener, chain, where: _Where, path: str) -> bool:
-    """Chains planemesh has no use for, noted: a capture listener's catch-alls, and TLS-terminating tcp_proxy
-    chains that have a plaintext twin. TLS is terminated on http_connection_manager chains only
-    (xds/translate_tls.py); a tcp_proxy destination that only TLS may reach (Istio STRICT) is refused:
-    dropping its chain would let plaintext in."""
+    """Chains planemesh has no use for, noted: a capture listener's catch-alls."""
     m = chain.filter_chain_match
-    if _terminal(chain) != HCM and socket_tls(chain, path, upstream=False) is not None:
-        if not _plain_sibling(listener, chain):
-            raise ConfigError(
-                f"{path}.transport_socket",
-                "TLS is terminated on http_connection_manager chains only: this tcp_proxy destination accepts "
-                "TLS only (mTLS STRICT) and planemesh does not terminate TLS for TCP yet",
-            )
-        note_ignored(
-            f"{path}.transport_socket",
-            "TCP over TLS (istio mTLS PERMISSIVE, a tcp_proxy chain): planemesh terminates TLS on HTTP chains "
-            "only; plaintext peers use the raw_buffer chain of the same destination",
-        )
-        return True
     if where.capture and not m.HasField("destination_port"):
         note_ignored(
             path,
@@ -279,7 +247,12 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
         raise ConfigError(
             f"{path}.filters", "a filter chain needs a terminal filter (http_connection_manager or tcp_proxy)"
         )
+    network_rbac = []
     for i, flt in enumerate(chain.filters[:-1]):
+        tcp_rbac = type_name(flt.typed_config.type_url) == NETWORK_RBAC and _terminal(chain) == TCP_PROXY
+        if tcp_rbac and (rbac := translate_network_rbac(flt.typed_config, f"{path}.filters[{i}]")) is not None:
+            network_rbac.append(rbac)  # xds/translate_rbac.py; enforced by agent/proxy/tcp_authz.py
+            continue
         network_filter(flt, f"{path}.filters[{i}]")
     last = chain.filters[-1]
     fpath = f"{path}.filters[{len(chain.filters) - 1}]"
@@ -306,11 +279,10 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
         acc.tcp_clusters += [(f"{fpath}.cluster", w.name) for w in tcp_clusters]
     else:
         raise ConfigError(fpath, f"network filter {last.name!r} ({kind or 'no typed_config'}) is not supported")
-    if tls is not None:
-        if protocol is not ListenerProtocol.HTTP:
-            raise ConfigError(f"{path}.transport_socket", "TLS is terminated on http_connection_manager chains only")
+    if tls is not None:  # HTTP: agent/proxy/tls.py; tcp_proxy: terminated, then relayed (agent/proxy/tcp_tls.py)
         acc.tls_paths[id(tls)] = f"{path}.transport_socket"  # its secrets' user, if it is served
-    if m.application_protocols:
+    alpn = tuple(m.application_protocols) if protocol is ListenerProtocol.TCP else ()  # TCP: agent/proxy/sni_routing.py
+    if m.application_protocols and protocol is ListenerProtocol.HTTP:
         note_ignored(
             f"{path}.filter_chain_match",
             "application_protocols: planemesh tells HTTP from other bytes by sniffing (an HTTP chain and a TCP "
@@ -335,6 +307,8 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
             transport_protocol=m.transport_protocol,
             forward_client_cert=xfcc[0],
             client_cert_details=xfcc[1],
+            network_rbac=tuple(network_rbac),
+            application_protocols=alpn,
         )
         for plane in planes
     ]
@@ -566,8 +540,6 @@ def translate(resources: XdsResources, planes: tuple[Plane, ...], cache: Transla
         if cname not in resources.clusters:
             errors.add(ConfigError(path, f"unknown cluster {cname!r}"))
     for name, c in sorted(clusters.items()):
-        if any_tls(c) and c.http2:
-            errors.add(ConfigError(f"cluster[{name}].transport_socket", "TLS origination speaks HTTP/1.1 upstream"))
         for tls in (c.tls, *(m.tls for m in c.tls_matches)):
             if tls is not None:
                 secret_uses(tls, f"cluster[{name}].transport_socket", acc.secrets_used, acc.secrets_inline)

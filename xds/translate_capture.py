@@ -50,6 +50,12 @@ def merge_same_destination(out: list[Listener], paths: list[str]) -> list[Listen
         # non-HTTP bytes instead of passing them through.
         passthrough = [i for i in tcp if not _blackhole(out[i])]
         for i in tcp if http else tcp[1:]:
+            if out[i].network_rbac and not _blackhole(out[i]):  # dropping it would let unauthorized bytes by
+                raise ConfigError(
+                    paths[i],
+                    "network RBAC on a TCP chain that shares its destination with another chain: planemesh "
+                    "enforces it only on a destination's one tcp_proxy chain",
+                )
             if http and _blackhole(out[i]):
                 why = "BlackHoleCluster (REGISTRY_ONLY): the HTTP listener is not sniffed, non-HTTP bytes are refused"
             elif http:

@@ -5,8 +5,9 @@ TLS is terminated and originated by xds/translate_tls.py. Istio sends mTLS along
 TLS cannot be served here the plaintext path is used, noted, exactly as before TLS existed:
 - a TLS context whose SDS secrets were not served (istiod leaves `default`/`ROOTCA` to istio-agent's SDS;
   `planemesh xds-server --ca` serves them over ADS);
-- a TLS listener whose destination the datapath sniffs or bypasses (one BPF action per destination: a TLS
-  listener is proxied, so its plaintext twin must be a proxied, unsniffed HTTP listener).
+- a TLS listener whose plaintext twin the datapath handles differently (one BPF action per destination: an
+  HTTP TLS listener is proxied, so its twin must be a proxied, unsniffed HTTP listener; a TCP TLS listener
+  goes to the sniffing listener, so its twin must be TCP too).
 Without a plaintext path nothing is dropped: the missing secret or the conflict is the update's error.
 """
 
@@ -15,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from planemesh.model.config import Cluster, Listener, ListenerProtocol
-from planemesh.model.tls_config import Secret, TlsContext, any_tls
+from planemesh.model.config import Cluster, Listener
+from planemesh.model.tls_config import Secret, TlsContext
 from planemesh.xds.translate_common import Errors, note_ignored
 from planemesh.xds.translate_tls import resolve_secrets, secret_uses
 
@@ -58,8 +59,11 @@ def served_listeners(listeners: Iterable[Listener], available: set[str]) -> list
             continue
         if not _served(lsn.tls, available):
             why = "its SDS secrets were not served"
-        elif any(t.sniff or t.protocol is not ListenerProtocol.HTTP for t in twins):
-            why = f"its plaintext twin {twins[0].name!r} is sniffed or TCP and the datapath has one action per port"
+        elif any(t.sniff or t.protocol is not lsn.protocol for t in twins):
+            why = (
+                f"its plaintext twin {twins[0].name!r} is sniffed or of the other protocol (HTTP / TCP) and the "
+                "datapath has one action per port"
+            )
         else:
             out.append(lsn)
             continue
@@ -87,10 +91,8 @@ def secrets_of(contexts: Iterable[TlsContext | None], user: str, received, out: 
 
 
 def cluster_tls_error(cluster: Cluster, received, out: dict[str, Secret]) -> str | None:
-    """A cluster's TLS that cannot be served: HTTP/2 over TLS, or its secrets (added to `out` when fine)."""
+    """A cluster's TLS that cannot be served: its secrets (added to `out` when fine)."""
     user = f"cluster[{cluster.name}].transport_socket"
-    if any_tls(cluster) and cluster.http2:
-        return f"{user}: TLS origination speaks HTTP/1.1 upstream"
     return secrets_of((cluster.tls, *(m.tls for m in cluster.tls_matches)), user, received, out)
 
 

@@ -19,7 +19,7 @@ from planemesh.agent.identity.ca import CertError, load_certs, load_key
 from planemesh.model.config import Cluster, ConfigError
 from planemesh.model.tls_config import CertSecret, SanMatch, Secret, TlsContext, TlsMatch, TrustSecret
 from planemesh.xds.tls_refs import DOWNSTREAM_TLS, UPSTREAM_TLS
-from planemesh.xds.translate_common import note_ignored, only
+from planemesh.xds.translate_common import only
 
 _VERSIONS = {1: "TLSv1_0", 2: "TLSv1_1", 3: "TLSv1_2", 4: "TLSv1_3"}  # TLS_AUTO (0): Envoy's default
 _SAN_KINDS = {common_pb2.SubjectAltNameMatcher.URI: "uri", common_pb2.SubjectAltNameMatcher.DNS: "dns"}
@@ -223,16 +223,6 @@ def with_socket_matches(cluster, path: str, base: Cluster) -> Cluster:
             break  # Envoy: later entries can never match
         matches.append(entry)
     fallback = default.tls if default is not None else base.tls
-    if base.http2 and fallback is None and any(m.tls is not None for m in matches):
-        # TLS origination speaks HTTP/1.1 only; an h2 cluster (istiod's xds-grpc, gRPC services) keeps the
-        # plaintext match for every endpoint, as before TLS existed (Istio PERMISSIVE peers accept it).
-        note_ignored(
-            f"{path}.transport_socket_matches",
-            "planemesh originates TLS for HTTP/1.1 upstreams only: this HTTP/2 cluster's tlsMode istio endpoints "
-            "are reached in plaintext through the plaintext match (Istio PERMISSIVE peers accept it; STRICT "
-            "peers refuse it)",
-        )
-        return base
     eps = tuple(dataclasses.replace(e, tls_socket=_first(matches, e.tls_labels)) for e in base.endpoints)
     return dataclasses.replace(base, endpoints=eps, tls=fallback, tls_matches=tuple(matches))
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import grpc
@@ -25,12 +28,16 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from google.protobuf import struct_pb2
 
+from planemesh.agent.identity.cert_client import CertificateClient
+from planemesh.agent.identity.csr import WorkloadCert
 from planemesh.model.config import ConfigError, Snapshot
 from planemesh.xds.bootstrap import Bootstrap
-from planemesh.xds.client_state import Action, AdsClientState, ApplyConfig, Mode, SendRequest
+from planemesh.xds.client_state import Action, AdsClientState, ApplyConfig, Mode, SendRequest, XdsResources
 from planemesh.xds.per_resource import Rejected, translate_update
+from planemesh.xds.sds import ROOT_SECRET, WORKLOAD_SECRET, root_secret, tls_certificate_secret
 from planemesh.xds.translate import TranslationCache
 
+log = logging.getLogger("planemesh.xds.transport")
 USER_AGENT = "planemesh"
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -181,6 +188,16 @@ class XdsClient:
         self.applied = asyncio.Event()  # set after every applied snapshot (tests and readiness)
         self.translation_cache = TranslationCache()  # unchanged resources are not translated again
         self.warming: tuple[str, ...] = ()  # listeners waiting for their route configuration
+        # Bootstrap `ca:`: `default`/`ROOTCA` come from istio's CSR flow here, as istio-agent's SDS serves them
+        # to Envoy; they take precedence over Secrets of those names from the server.
+        self.certificates = (
+            CertificateClient(bootstrap.ca, bootstrap.identity, self._certificate_changed)
+            if bootstrap.ca is not None and bootstrap.identity is not None
+            else None
+        )
+        self._local_secrets: dict[str, Any] = {}
+        self._last_update: ApplyConfig | None = None  # re-translated when the certificate rotates
+        self._apply_lock = asyncio.Lock()
 
     # ---- readable state --------------------------------------------------------------------------
 
@@ -196,6 +213,7 @@ class XdsClient:
             "last_error": self.last_error or self.state.last_error,
             "warming_listeners": list(self.warming),
             "ignored_responses": self.state.ignored_responses,
+            "certificate": self.certificates.status() if self.certificates is not None else None,
             "types": {
                 SHORT_NAME[t.type_url]: {
                     "version": t.version,
@@ -243,6 +261,14 @@ class XdsClient:
 
     async def run(self) -> None:
         """Forever. Exceptions other than the server's (a consumer bug) propagate to the caller."""
+        if self.certificates is None:
+            await self._run_streams()
+            return
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.certificates.run())
+            group.create_task(self._run_streams())
+
+    async def _run_streams(self) -> None:
         while True:
             try:
                 await self._one_stream()
@@ -351,8 +377,20 @@ class XdsClient:
 
     async def _apply_resources(self, action: ApplyConfig) -> tuple[ConfigError | None, Rejected]:
         """Apply every valid resource; (None, the rejected ones) or (the error refusing everything, {})."""
+        certs = self.certificates
+        if certs is not None and not certs.ready.is_set():  # SDS warming: the first certificate, bounded
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(certs.ready.wait(), self.bootstrap.initial_fetch_timeout_s)
+        async with self._apply_lock:
+            self._last_update = action
+            return await self._translate_and_apply(action)
+
+    async def _translate_and_apply(self, action: ApplyConfig) -> tuple[ConfigError | None, Rejected]:
+        local = self._with_local_secrets
         try:
-            result = translate_update(action.resources, self.bootstrap.planes, self.translation_cache, action.accepted)
+            result = translate_update(
+                local(action.resources), self.bootstrap.planes, self.translation_cache, local(action.accepted)
+            )
             await self._apply(result.snapshot)
         except ConfigError as exc:
             self.last_error = str(exc)
@@ -362,3 +400,22 @@ class XdsClient:
         self.last_error = None
         self.applied.set()
         return None, {t: dict(r) for t, r in result.rejected.items()}
+
+    def _with_local_secrets(self, resources: XdsResources | None) -> XdsResources | None:
+        if resources is None or not self._local_secrets:
+            return resources
+        return dataclasses.replace(resources, secrets=MappingProxyType({**resources.secrets, **self._local_secrets}))
+
+    async def _certificate_changed(self, cert: WorkloadCert) -> None:
+        """A new workload certificate: new handshakes use it once the last update is translated again
+        (open connections keep theirs, as with a rotated SDS Secret)."""
+        self._local_secrets = {
+            WORKLOAD_SECRET: tls_certificate_secret(cert),
+            ROOT_SECRET: root_secret(cert.roots_pem()),
+        }
+        async with self._apply_lock:
+            if self._last_update is None:
+                return
+            error, _ = await self._translate_and_apply(self._last_update)
+            if error is not None:
+                log.error("the new workload certificate is not applied: %s", error)

@@ -192,20 +192,8 @@ class CertificateAuthority:
 
     def issue_for_csr(self, csr_pem: bytes, *, now: dt.datetime, ttl_s: float = DEFAULT_WORKLOAD_TTL_S) -> Issued:
         """Sign a CSR (istio-agent's path): the identity is its one SPIFFE URI SAN, its signature must verify."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise CertError(f"CSR: not a PEM certificate request ({exc})") from None
-        if not csr.is_signature_valid:
-            raise CertError("CSR: signature does not verify")
-        uris = _uri_sans(csr.extensions)
-        if len(uris) != 1:
-            raise CertError(f"CSR: expected exactly one URI SAN, found {len(uris)}")
-        try:
-            spiffe_id = parse_spiffe_id(uris[0])
-        except SpiffeError as exc:
-            raise CertError(f"CSR: {exc}") from None
-        return self.issue(spiffe_id, now=now, ttl_s=ttl_s, public_key=csr.public_key())  # type: ignore[arg-type]
+        spiffe_id, public_key = csr_identity(csr_pem)
+        return self.issue(spiffe_id, now=now, ttl_s=ttl_s, public_key=public_key)
 
     def _remaining_s(self, now: dt.datetime) -> float:
         """Nothing this CA signs outlives it."""
@@ -213,6 +201,25 @@ class CertificateAuthority:
         if left <= 0:
             raise CertError(f"CA certificate {self.cert.subject.rfc4514_string()} expired")
         return left
+
+
+def csr_identity(csr_pem: bytes) -> tuple[SpiffeId, ec.EllipticCurvePublicKey]:
+    """The SPIFFE ID a CSR asks for and its public key; CertError unless it parses, its signature verifies
+    and it has exactly one URI SAN that is a SPIFFE ID."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise CertError(f"CSR: not a PEM certificate request ({exc})") from None
+    if not csr.is_signature_valid:
+        raise CertError("CSR: signature does not verify")
+    uris = _uri_sans(csr.extensions)
+    if len(uris) != 1:
+        raise CertError(f"CSR: expected exactly one URI SAN, found {len(uris)}")
+    try:
+        spiffe_id = parse_spiffe_id(uris[0])
+    except SpiffeError as exc:
+        raise CertError(f"CSR: {exc}") from None
+    return spiffe_id, csr.public_key()  # type: ignore[return-value]  # issue() checks the key type
 
 
 def new_root(

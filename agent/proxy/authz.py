@@ -33,7 +33,7 @@ def rbac_denial(
     peer = getattr(ssl_object, "planemesh_peer", None) if ssl_object is not None else None
     path = target.split("?", 1)[0]
     pseudo = {":method": method, ":path": path, ":authority": authority}
-    facts = RequestFacts({**headers(), **pseudo}, path, local[0], local[1], peer_ip, peer)
+    facts = RequestFacts({**headers(), **pseudo}, path, local[0], local[1], peer_ip, peer, proxy.plane_name)
     for rbac in rbacs:
         allowed, policy = evaluate(rbac, facts)
         if not allowed:

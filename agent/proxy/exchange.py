@@ -223,8 +223,17 @@ class Exchange(ResponseRelay, UpstreamAttempts):
     def _rbac_denied(self, rbac) -> str | None:
         """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this request: why denied, or None."""
         ds = self.ds
-        return rbac_denial(ds.proxy, rbac, self._header_map, self.method, self.target.decode("latin-1"),
-                           self.authority or "", ds.local, ds.peer_ip, ds.transport)
+        return rbac_denial(
+            ds.proxy,
+            rbac,
+            self._header_map,
+            self.method,
+            self.target.decode("latin-1"),
+            self.authority or "",
+            ds.local,
+            ds.peer_ip,
+            ds.transport,
+        )
 
     def _after_delay(self, abort_status: int | None) -> None:
         self.backoff = None
@@ -477,5 +486,6 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.duration_ms = int(duration)
         latency = duration if self.t_tunnel < 0 else self.t_tunnel  # a tunnel's latency: until it was open
         proxy.stats.record_response(self.status, latency, self.bytes_rx, self.bytes_tx, self.flags)
+        proxy.istio.record(proxy, self, latency)  # with the peers' identities (agent/proxy/istio_stats.py)
         proxy.log.append(self)
         self.ds.exchange_done(self, abort)

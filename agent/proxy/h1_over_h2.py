@@ -13,7 +13,7 @@ response DATA is acknowledged (WINDOW_UPDATE) only once handed to a client trans
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import h2.errors
 
@@ -99,6 +99,14 @@ class H2Stream:
 
     ready = True  # flush_upstream writes at once: the h2 connection queues until connected and within windows
     reused = False  # a lost stream is never "a pooled connection the server had closed": no silent re-send
+
+    @property
+    def cluster(self) -> Any:  # TLS origination (h2_upstream.open_stream) reads the attempt's cluster/endpoint
+        return self.ex.cluster
+
+    @property
+    def endpoint(self) -> Any:
+        return self.ex.endpoint
 
     def __init__(self, ex: Exchange) -> None:
         self.ex = ex

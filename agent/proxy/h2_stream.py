@@ -27,7 +27,6 @@ from planemesh.agent.proxy.request_head import (
     response_headers,
 )
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, rng
-from planemesh.model.tls_config import any_tls
 
 if TYPE_CHECKING:
     import asyncio
@@ -47,10 +46,44 @@ class Bridge:
     It is also its own access-log record (formatted in batches later, like an Exchange)."""
 
     __slots__ = (
-        "authority_b", "body_copy", "body_len", "breaker", "bytes_rx", "bytes_tx", "cluster", "connect_timeout",
-        "deadline", "done", "ds", "duration_ms", "endpoint", "fields", "flags", "grpc", "held", "http2", "method_b",
-        "mirror_to", "path_b", "pseudo", "reopened", "req_ended", "retries", "rid", "route", "sid", "start_time",
-        "status", "t0", "timer", "try_deadline", "up", "up_authority", "up_path", "up_sid", "upstream_addr",
+        "authority_b",
+        "body_copy",
+        "body_len",
+        "breaker",
+        "bytes_rx",
+        "bytes_tx",
+        "cluster",
+        "connect_timeout",
+        "deadline",
+        "done",
+        "ds",
+        "duration_ms",
+        "endpoint",
+        "fields",
+        "flags",
+        "grpc",
+        "held",
+        "http2",
+        "method_b",
+        "mirror_to",
+        "path_b",
+        "pseudo",
+        "reopened",
+        "req_ended",
+        "retries",
+        "rid",
+        "route",
+        "sid",
+        "start_time",
+        "status",
+        "t0",
+        "timer",
+        "try_deadline",
+        "up",
+        "up_authority",
+        "up_path",
+        "up_sid",
+        "upstream_addr",
         "upstream_host",
     )
 
@@ -157,9 +190,17 @@ class Bridge:
         """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this stream: why denied, or None."""
         ds = self.ds
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
-        return rbac_denial(ds.proxy, rbac, self._header_map, self.method_b.decode("latin-1"),
-                           (self.path_b or b"/").decode("latin-1"), authority, ds.local, ds.peer_ip_b.decode(),
-                           ds.transport)
+        return rbac_denial(
+            ds.proxy,
+            rbac,
+            self._header_map,
+            self.method_b.decode("latin-1"),
+            (self.path_b or b"/").decode("latin-1"),
+            authority,
+            ds.local,
+            ds.peer_ip_b.decode(),
+            ds.transport,
+        )
 
     def _after_delay(self, abort_status: int | None) -> None:
         self.timer = None
@@ -174,8 +215,9 @@ class Bridge:
     def answer(self, local: pipeline.Local) -> None:
         """A pipeline step's local answer as an h2 response (a gRPC status for gRPC requests)."""
         body = local.body
-        self.local_error(local.status, body.decode("latin-1").strip() or str(local.status), local.flag, body,
-                         local.headers)
+        self.local_error(
+            local.status, body.decode("latin-1").strip() or str(local.status), local.flag, body, local.headers
+        )
 
     def _route(self) -> None:
         ds = self.ds
@@ -209,8 +251,6 @@ class Bridge:
             addr = (normalise_ip(ds.local[0]), ds.local[1])
         else:
             self.breaker = up.breaker  # type: ignore[union-attr]
-            if any_tls(cluster):  # never a plaintext downgrade (agent/proxy/tls_context.py)
-                return self.local_error(503, "TLS origination for HTTP/2 clients is not supported", accesslog.UF)
             picked = pipeline.pick(table.balancer, cluster, up.hash_key, ds.local)  # type: ignore[union-attr]
             if picked is None:
                 return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
@@ -570,4 +610,5 @@ class Bridge:
         duration_ms = (time.perf_counter() - self.t0) * 1000
         self.duration_ms = int(duration_ms)
         stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx, self.flags)
+        proxy.istio.record(proxy, self, duration_ms)  # with the peers' identities (agent/proxy/istio_stats.py)
         proxy.log.append(self)  # type: ignore[arg-type]

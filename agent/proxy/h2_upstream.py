@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import h2.errors
 import h2.events
@@ -25,6 +25,8 @@ from planemesh.agent.proxy.http1 import (
 )
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY
 from planemesh.agent.proxy.sockets import open_upstream
+from planemesh.agent.proxy.tls_context import originate_tls
+from planemesh.model.tls_config import endpoint_tls
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import H2Client as H2Downstream
@@ -48,6 +50,9 @@ def open_stream(bridge: Bridge, addr: tuple[str, int], ended: bool, http2: bool,
     if http2:
         proxy = bridge.ds.proxy
         key, _ = proxy.pool.key_for(addr)
+        cluster = getattr(bridge, "cluster", None)  # h2_stream.Bridge, h1_over_h2.H2Stream
+        if cluster is not None and (tls := endpoint_tls(cluster, bridge.endpoint, addr)) is not None:
+            key = (*key, tls)  # h2 over TLS (agent/proxy/tls_context.py): its own connections
         conns = _pools.setdefault(proxy, {}).setdefault(key, [])
         conn = next((c for c in conns if c.has_capacity()), None)
         if conn is None:
@@ -59,8 +64,11 @@ def open_stream(bridge: Bridge, addr: tuple[str, int], ended: bool, http2: bool,
 
 
 async def _connect(proxy: PlaneProxy, key: tuple, timeout: float, factory) -> None:
-    host, port, source, mark = key
+    host, port, source, mark = key[:4]
     sock = await open_upstream(host, port, mark=mark, source=source, timeout=timeout)
+    if len(key) > 4:  # TLS origination: handshake, then the server's SANs (closes the socket on failure)
+        await originate_tls(proxy, sock, key[4], factory, timeout)
+        return
     try:
         await proxy.loop.connect_accepted_socket(factory, sock)
     except BaseException:
@@ -231,6 +239,14 @@ class H1Stream:
         "upstream_key",
         "write_paused",
     )
+
+    @property
+    def cluster(self) -> Any:  # the pool's TLS origination reads the cluster and endpoint of the request
+        return self.bridge.cluster
+
+    @property
+    def endpoint(self) -> Any:
+        return self.bridge.endpoint
 
     def __init__(self, bridge: Bridge, addr: tuple[str, int], ended: bool, timeout: float) -> None:
         self.bridge = bridge

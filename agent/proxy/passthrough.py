@@ -14,22 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import select
 import socket
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS
 from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classify
 from planemesh.agent.proxy.sockets import open_upstream
+from planemesh.agent.proxy.tcp_authz import tcp_denial
+from planemesh.agent.proxy.tcp_tls import TlsDownstream, terminate
 from planemesh.model.config import ClusterKind
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
     from planemesh.agent.proxy.routing_table import RoutingTable
+    from planemesh.agent.proxy.sni_routing import PassthroughChain
 
+log = logging.getLogger("planemesh.proxy.tls")
 MAX_SNI_NAMES = 1024  # distinct SNI names counted; the rest are counted under "(other)"
 DEFAULT_SNIFF_TIMEOUT_S = 0.3
 # Outlier detection outcome of a passthrough connection that was established (balancer.report's HTTP-status
@@ -195,8 +201,12 @@ class _Pipe(asyncio.Protocol):
 
     def _write_eof(self) -> None:
         transport = self.transport
-        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():
             transport.write_eof()
+        else:  # TLS has no half-close: close_notify once what is buffered is sent
+            transport.close()
 
     def pause_writing(self) -> None:
         if self.peer.transport is not None:
@@ -269,6 +279,23 @@ async def splice_sockets(
     return done
 
 
+async def relay_tls(
+    down: TlsDownstream, up: socket.socket, count_up: Callable[[int], None], count_down: Callable[[int], None]
+) -> asyncio.Future[None]:
+    """splice_sockets for a client whose TLS this proxy terminated (agent/proxy/tcp_tls.py)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    pa, pb = pipe_pair(count_up, count_down, lambda: done.done() or done.set_result(None))
+    try:
+        await loop.connect_accepted_socket(lambda: pb, up)
+    except BaseException:
+        up.close()
+        down.refuse()
+        raise
+    down.adopt_into(pa)
+    return done
+
+
 class SniffListener:
     """Accepts on a plane's sniff port and dispatches each connection by its first bytes."""
 
@@ -330,11 +357,16 @@ class SniffListener:
     async def passthrough(
         self, conn: socket.socket, verdict: Verdict, table: RoutingTable, dst: tuple[str, int]
     ) -> None:
-        """Copy bytes to the SNI-routed chain's cluster (sni_routing.py), else to the original destination."""
+        """Copy bytes to the chain's cluster (sni_routing.py), else to the original destination; the chain may
+        first terminate TLS (tcp_tls.py) and authorize the connection (tcp_authz.py)."""
         proxy = self.proxy
         stats = self.stats
         host, port = normalise_ip(dst[0]), dst[1]
-        chain = table.sni.select(port, host, verdict.sni)
+        admitted = await self._admit(conn, verdict, table, (host, port))
+        if admitted is None:
+            return
+        chain, down = admitted
+        refuse = down.refuse if down is not None else functools.partial(reset, conn)
         balancer = table.balancer
         cluster = ep = breaker = None
         if chain is not None:
@@ -343,7 +375,7 @@ class SniffListener:
                 cluster = balancer.cluster_for(chain.action)
                 if cluster is None:  # tcp_proxy naming a cluster that does not exist: Envoy closes (NC)
                     stats.no_upstream += 1
-                    reset(conn)
+                    refuse()
                     return
         if cluster is not None and cluster.kind is not ClusterKind.ORIGINAL_DST:
             breaker = balancer.breaker(cluster)
@@ -353,12 +385,12 @@ class SniffListener:
                     breaker.release(CONNECTIONS)
             if ep is None:  # the cluster's connection breaker is full, or it has no healthy endpoint
                 stats.no_upstream += 1
-                reset(conn)
+                refuse()
                 return
             balancer.lb(cluster).started(ep)
             host, port = ep.address, ep.port
         elif port in proxy.listen_ports:
-            reset(conn)  # not intercepted: it would loop back into us
+            refuse()  # not intercepted: it would loop back into us
             return
         timeout = cluster.connect_timeout_s if cluster is not None else None
         timeout = timeout if timeout is not None else proxy.sla.connect_timeout_s
@@ -370,23 +402,93 @@ class SniffListener:
             except (OSError, TimeoutError):
                 stats.connect_failures += 1
                 outcome = 0
-                reset(conn)
+                refuse()
                 return
             except BaseException:
-                conn.close()
+                refuse()
                 raise
             outcome = CONNECTED
             stats.passthrough_active += 1
             stats.passthrough_total += 1
+            row = self._istio_row(cluster, chain, down)
+            count_up, count_down = self._counters(row)
             try:
-                done = await splice_sockets(conn, up, self._count_up, self._count_down)
+                if down is None:
+                    done = await splice_sockets(conn, up, count_up, count_down)
+                else:
+                    done = await relay_tls(down, up, count_up, count_down)
                 await done
             finally:
                 stats.passthrough_active -= 1
+                if row is not None:
+                    row.closed += 1
         finally:
             if ep is not None and cluster is not None and breaker is not None:
                 breaker.release(CONNECTIONS)
                 balancer.report(cluster, ep, outcome)
+
+    async def _admit(
+        self, conn: socket.socket, verdict: Verdict, table: RoutingTable, dst: tuple[str, int]
+    ) -> tuple[PassthroughChain | None, TlsDownstream | None] | None:
+        """The connection's chain, its TLS terminated when the chain says so, authorized by its network RBAC;
+        None when it was refused (closed, counted, logged)."""
+        proxy = self.proxy
+        is_tls = verdict.kind is Kind.TLS
+        chain = table.sni.select(dst[1], dst[0], verdict.sni, is_tls, verdict.alpn)
+        try:
+            src = normalise_ip(conn.getpeername()[0])
+        except OSError:
+            src = ""
+        if chain is None and table.sni.guarded(dst[1]):  # no chain for it on a guarded port: refused, as Envoy does
+            if not is_tls and table.sni.terminates_tls(dst[1]):
+                proxy.tls_stats.plaintext_refused += 1
+                log.info("%s: plaintext on TLS-only port %s: closed", src, dst[1])
+            else:
+                self.stats.no_upstream += 1
+            reset(conn)
+            return None
+        down = None
+        if chain is not None and chain.tls is not None:
+            if proxy.open_connections() >= proxy.sla.max_connections:  # handshakes cost CPU: refuse before one
+                proxy.tls_stats.overloaded += 1
+                reset(conn)
+                return None
+            proxy.tls_pending += 1  # a handshake in progress holds a place in the plane's budget
+            try:
+                down = await terminate(proxy, conn, chain.tls, src, dst[1])
+            finally:
+                proxy.tls_pending -= 1
+            if down is None:
+                return None
+        if chain is not None and chain.rbac:
+            peer = down.peer if down is not None else None
+            if tcp_denial(proxy, chain.name, chain.rbac, src, dst, peer) is not None:  # type: ignore[arg-type]
+                down.refuse() if down is not None else reset(conn)
+                return None
+        return chain, down
+
+    def _istio_row(self, cluster: Any, chain: PassthroughChain | None, down: TlsDownstream | None) -> Any:
+        """istio_tcp_* for istiod-named clusters, with the client's identity on a terminated mTLS chain."""
+        if cluster is None:
+            return None
+        src = dst = None
+        if down is not None and chain is not None and chain.tls is not None:
+            src, dst = down.peer, self.proxy.istio.our_uri(self.proxy, chain.tls)
+        return self.proxy.istio.tcp(cluster.name, src, dst)
+
+    def _counters(self, row: Any) -> tuple[Callable[[int], None], Callable[[int], None]]:
+        if row is None:
+            return self._count_up, self._count_down
+
+        def up(n: int) -> None:
+            self.stats.bytes_up += n
+            row.received += n
+
+        def down(n: int) -> None:
+            self.stats.bytes_down += n
+            row.sent += n
+
+        return up, down
 
     def _count_up(self, n: int) -> None:
         self.stats.bytes_up += n

@@ -20,6 +20,7 @@ from planemesh.agent.proxy.accesslog import OM, AccessLogBuffer, Sink, format_js
 from planemesh.agent.proxy.downstream import Downstream
 from planemesh.agent.proxy.exchange import Exchange
 from planemesh.agent.proxy.h2_downstream import H2Downstream
+from planemesh.agent.proxy.istio_stats import IstioCounters
 from planemesh.agent.proxy.limits import (
     MEMORY_SHED_BODY,
     REFUSED_CONNECTIONS,
@@ -79,6 +80,7 @@ class PlaneProxy:
         self.log = AccessLogBuffer(access_log, format_json if log_format == "json" else format_text)
         self.tls_cache: dict = {}  # SSL contexts by (TLS context, secrets): survive snapshots (agent/proxy/tls.py)
         self.tls_stats = TlsStats()
+        self.istio = IstioCounters()  # Istio's standard metrics with peer identities (agent/proxy/istio_stats.py)
         self.tls_client_cache: dict = {}  # upstream SSL contexts (agent/proxy/tls_context.py)
         self.table = RoutingTable(snapshot, plane, clock, self.tls_cache)
         self.sla = self.table.router.plane.sla

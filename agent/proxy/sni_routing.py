@@ -7,7 +7,12 @@ Envoy's filter_chain_match order, and like Envoy without backtracking (a more sp
 but has no chain for the next level means no chain at all):
 1. destination port (the listener's port, or the chain's destination_port);
 2. destination address: the longest matching prefix; a chain without prefix_ranges matches any address (/0);
-3. server name: an exact name, then wildcards from the longest suffix to the shortest (`a.b.example.com`
+3. transport protocol: chains with transport_protocol "tls" (or terminating TLS) take TLS connections only,
+   "raw_buffer" ones the others (Istio's PERMISSIVE pair); then application_protocols: a chain naming a
+   protocol the ClientHello offers (Istio's mTLS chain: `istio-peer-exchange`, `istio`) before chains
+   without (Istio's chain for applications doing their own TLS). Envoy matches server names before the
+   transport; planemesh the other way round, which differs only when an SNI chain's transport does not match;
+4. server name: an exact name, then wildcards from the longest suffix to the shortest (`a.b.example.com`
    tries `*.b.example.com`, then `*.example.com`, then `*.com`; `*.example.com` never matches `example.com`),
    then the chains without server_names. A connection without SNI (not TLS, or no extension) only
    matches chains without server_names.
@@ -21,8 +26,10 @@ from dataclasses import dataclass
 
 from netaddr import IPAddress, IPNetwork
 
+from planemesh.agent.rbac import RbacFilter
 from planemesh.model.config import Listener, ListenerProtocol, RouteAction
 from planemesh.model.server_names import MAX_SERVER_NAME, server_name_error  # noqa: F401  (re-exported)
+from planemesh.model.tls_config import TlsContext
 
 
 def candidate_names(sni: str) -> Iterable[str]:
@@ -41,10 +48,12 @@ class PassthroughChain:
 
     name: str
     action: RouteAction | None
+    rbac: tuple[RbacFilter, ...] = ()  # network RBAC, checked per connection (agent/proxy/tcp_authz.py)
+    tls: TlsContext | None = None  # terminate TLS, then relay plaintext (agent/proxy/tcp_tls.py)
 
 
 class _Entry:
-    __slots__ = ("chain", "names", "prefixes", "specificity")
+    __slots__ = ("alpn", "chain", "names", "prefixes", "specificity", "transport")
 
     def __init__(self, lsn: Listener) -> None:
         self.prefixes: tuple[IPNetwork, ...] = lsn.prefixes
@@ -56,7 +65,13 @@ class _Entry:
             action = RouteAction(cluster=tcp[0].name)
         elif tcp:
             action = RouteAction(weighted=tcp)
-        self.chain = PassthroughChain(lsn.name, action)
+        self.chain = PassthroughChain(lsn.name, action, lsn.network_rbac, lsn.tls)  # type: ignore[arg-type]
+        # filter_chain_match.transport_protocol; a chain that terminates TLS takes TLS connections only
+        self.transport = lsn.transport_protocol or ("tls" if lsn.tls is not None else "")
+        self.alpn = frozenset(lsn.application_protocols)
+
+    def accepts(self, tls: bool) -> bool:
+        return not self.transport or (self.transport == "tls") == tls
 
     def prefix_len(self, ip: IPAddress) -> int:
         """How specifically this chain matches `ip`: the longest containing prefix, 0 for any, -1 for none."""
@@ -78,8 +93,22 @@ class SniRoutes:
         """Some tcp_proxy chain owns `port`: what arrives there is passed through, never L7-proxied."""
         return port in self._by_port
 
-    def select(self, port: int, address: str, sni: str | None) -> PassthroughChain | None:
-        entries = self._by_port.get(port)
+    def guarded(self, port: int) -> bool:
+        """Some chain of `port` authorizes or terminates TLS: a connection no chain takes is refused there
+        (Envoy closes a connection that matches no filter chain), never passed to its original destination."""
+        return any(e.chain.rbac or e.chain.tls is not None for e in self._by_port.get(port, ()))
+
+    def terminates_tls(self, port: int) -> bool:
+        return any(e.chain.tls is not None for e in self._by_port.get(port, ()))
+
+    def select(
+        self, port: int, address: str, sni: str | None, tls: bool = False, alpn: tuple[str, ...] = ()
+    ) -> PassthroughChain | None:
+        """`tls`: the connection starts with a TLS record (transport_protocol "tls", else "raw_buffer");
+        `alpn`: the protocols its ClientHello offers."""
+        entries = [e for e in self._by_port.get(port, ()) if e.accepts(tls) and (not e.alpn or e.alpn & set(alpn))]
+        if any(e.alpn for e in entries):  # a chain naming an offered protocol is more specific than one without
+            entries = [e for e in entries if e.alpn]
         if not entries:
             return None
         if len(entries) > 1 or entries[0].prefixes:

@@ -31,10 +31,10 @@ from typing import Any
 
 from netaddr import IPAddress
 
-from planemesh.agent.proxy.tls_context import build_context, peer_sans
+from planemesh.agent.proxy.tls_context import build_context, peer_sans, uri_of
 from planemesh.agent.proxy.xfcc import connection_xfcc, element
 from planemesh.model.config import Listener, ListenerProtocol, Snapshot
-from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
+from planemesh.model.tls_config import TlsContext, TrustSecret, san_accepts
 
 log = logging.getLogger("planemesh.proxy.tls")
 HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by default (asyncio's default: 60 s)
@@ -96,7 +96,7 @@ class TlsRoutes:
                 except (ssl.SSLError, ValueError, OSError) as exc:  # translation checks; never take the worker down
                     log.error("listener %s: no TLS context (%s): its TLS connections are refused", lsn.name, exc)
         certs = {lsn.tls.cert for ls in self.ports.values() for lsn in ls if lsn.tls is not None and lsn.tls.cert}
-        self._local_uri = {name: _uri_of(snapshot.secrets.get(name)) for name in certs}
+        self._local_uri = {name: uri_of(snapshot.secrets.get(name)) for name in certs}
         cache.clear()
         cache.update(fresh)  # contexts no listener uses any more are dropped
         self._cache = fresh
@@ -141,19 +141,38 @@ def _subject(ssl_object: ssl.SSLObject) -> str:
     return ",".join(f"{k}={v}" for rdn in reversed(cert.get("subject", ())) for k, v in rdn)
 
 
-def _uri_of(secret: object) -> str | None:
-    if not isinstance(secret, CertSecret):
-        return None
-    # Imported here: cryptography costs every worker ~9 MB of RSS, and only planes with TLS need it.
-    from cryptography import x509
+HANDSHAKE_ERRORS = (ssl.SSLError, OSError, TimeoutError, ConnectionError)
 
-    from planemesh.agent.identity.ca import spiffe_ids
 
-    try:
-        ids = spiffe_ids(x509.load_pem_x509_certificate(secret.chain_pem))
-    except ValueError:
+def handshake_failed(stats: TlsStats, exc: BaseException, where: str, port: int) -> None:
+    """Count and log a failed server handshake (HTTP and tcp_proxy chains)."""
+    stats.handshake_failed += 1
+    if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc).upper():
+        stats.peer_cert_refused += 1
+    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):  # uvloop/asyncio: ConnectionAborted
+        stats.timeouts += 1
+    log.info("%s: TLS handshake on port %s failed: %s", where, port, exc)
+
+
+def check_peer(proxy: Any, tls: TlsContext, transport: asyncio.BaseTransport) -> tuple[list[str], list[str]] | None:
+    """After a finished handshake: (URI SANs, DNS SANs) of the client, or None when no SAN matches the
+    context's (and its validation Secret's) matchers: the connection is aborted, counted and logged."""
+    uris, dns = peer_sans(transport.get_extra_info("ssl_object"))
+    stats: TlsStats = proxy.tls_stats
+    stats.handshakes += 1
+    trust = proxy.table.snapshot.secrets.get(tls.trust) if tls.trust else None
+    matchers = tls.san + (trust.san if isinstance(trust, TrustSecret) else ())
+    if (uris or dns or matchers) and not san_accepts(matchers, uris, dns):
+        stats.san_refused += 1
+        log.warning("%s: client certificate SANs %s match no matcher: closed", transport.get_extra_info("peername"),
+                    uris + dns)  # fmt: skip
+        transport.abort()
         return None
-    return ids[0] if ids else None
+    return uris, dns
+
+
+def spiffe_of(uris: list[str]) -> str | None:
+    return next((u for u in uris if u.startswith("spiffe://")), None)
 
 
 class _TlsChecked(asyncio.Protocol):
@@ -168,20 +187,15 @@ class _TlsChecked(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
-        uris, dns = peer_sans(ssl_object)
-        stats: TlsStats = self.proxy.tls_stats
-        stats.handshakes += 1
-        trust = self.proxy.table.snapshot.secrets.get(self.tls.trust) if self.tls.trust else None
-        matchers = self.tls.san + (trust.san if isinstance(trust, TrustSecret) else ())
-        if (uris or dns or matchers) and not san_accepts(matchers, uris, dns):
-            stats.san_refused += 1
-            peer = transport.get_extra_info("peername")
-            log.warning("%s: client certificate SANs %s match no matcher: closed", peer, uris + dns)
-            transport.abort()
+        checked = check_peer(self.proxy, self.tls, transport)
+        if checked is None:
             return
+        uris, dns = checked
+        lsn = self.decision.listener
         if ssl_object is not None:
-            ssl_object.planemesh_peer = next((u for u in uris if u.startswith("spiffe://")), None)
-            lsn, der = self.decision.listener, ssl_object.getpeercert(binary_form=True)
+            ssl_object.planemesh_peer = spiffe_of(uris)
+            ssl_object.planemesh_local = self.decision.local_uri  # ours (Istio's destination_principal)
+            der = ssl_object.getpeercert(binary_form=True)
             ssl_object.planemesh_xfcc = connection_xfcc(  # agent/proxy/xfcc.py, read by request_head()
                 lsn.forward_client_cert,
                 bool(der),
@@ -272,13 +286,8 @@ class _TlsGate(asyncio.Protocol):
                 ssl=decision.context,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
             )
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
-            stats.handshake_failed += 1
-            if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc).upper():
-                stats.peer_cert_refused += 1
-            if isinstance(exc, TimeoutError) or "taking longer" in str(exc):  # uvloop/asyncio: ConnectionAborted
-                stats.timeouts += 1
-            log.info("%s: TLS handshake on port %s failed: %s", where, decision.listener.port, exc)
+        except HANDSHAKE_ERRORS as exc:
+            handshake_failed(stats, exc, where, decision.listener.port)
         finally:
             if not handed:
                 proxy.stats.downstream_active -= 1

@@ -8,6 +8,7 @@ cluster's matchers (Envoy's match_typed_subject_alt_names), else the connection 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -60,6 +61,22 @@ def build_context(tls: TlsContext, cert: CertSecret | None, trust: TrustSecret |
     return ctx
 
 
+def uri_of(secret: object) -> str | None:
+    """The SPIFFE ID of a certificate Secret's leaf (our own identity), None without one."""
+    if not isinstance(secret, CertSecret):
+        return None
+    # Imported here: cryptography costs every worker ~9 MB of RSS, and only planes with TLS need it.
+    from cryptography import x509
+
+    from planemesh.agent.identity.ca import spiffe_ids
+
+    try:
+        ids = spiffe_ids(x509.load_pem_x509_certificate(secret.chain_pem))
+    except ValueError:
+        return None
+    return ids[0] if ids else None
+
+
 def peer_sans(ssl_object: ssl.SSLObject | None) -> tuple[list[str], list[str]]:
     """(URI SANs, DNS SANs) of the peer's certificate; empty without one."""
     if ssl_object is None:
@@ -80,17 +97,19 @@ def peer_sans(ssl_object: ssl.SSLObject | None) -> tuple[list[str], list[str]]:
     return san.value.get_values_for_type(x509.UniformResourceIdentifier), san.value.get_values_for_type(x509.DNSName)
 
 
-def client_context(proxy: Any, tls: TlsContext) -> ssl.SSLContext:
-    """The SSLContext of a cluster's UpstreamTlsContext with the current snapshot's secrets (cached per value)."""
+def client_context(proxy: Any, tls: TlsContext, server: bool = False) -> ssl.SSLContext:
+    """The SSLContext of a cluster's UpstreamTlsContext (or, `server`, of a tcp_proxy chain's
+    DownstreamTlsContext) with the current snapshot's secrets, cached per value: a rotated secret is a new
+    value, so new handshakes use it while open connections keep theirs."""
     secrets = proxy.table.snapshot.secrets
     cert = secrets.get(tls.cert) if tls.cert else None
     trust = secrets.get(tls.trust) if tls.trust else None
-    key = ("client", tls, cert, trust)
+    key = ("server" if server else "client", tls, cert, trust)
     ctx = proxy.tls_client_cache.get(key)
     if ctx is None:
         if len(proxy.tls_client_cache) > 256:  # old material after many rotations: start afresh
             proxy.tls_client_cache.clear()
-        ctx = proxy.tls_client_cache[key] = build_context(tls, cert, trust, server=False)  # type: ignore[arg-type]
+        ctx = proxy.tls_client_cache[key] = build_context(tls, cert, trust, server=server)  # type: ignore[arg-type]
     return ctx
 
 
@@ -102,9 +121,10 @@ async def originate_tls(
         sock_peer = sock.getpeername()
     except OSError:
         sock_peer = "?"
+    held = Held()
     try:
-        transport, conn = await proxy.loop.create_connection(
-            factory,
+        transport, _ = await proxy.loop.create_connection(
+            lambda: held,
             sock=sock,
             ssl=client_context(proxy, tls),
             server_hostname=tls.sni,  # "" (no sni): no SNI extension; None would be refused with sock=
@@ -121,4 +141,43 @@ async def originate_tls(
     if matchers and not san_accepts(matchers, uris, dns):
         transport.abort()
         raise TlsPeerRefused(f"upstream certificate SANs {uris + dns} match none of {len(matchers)} matchers")
+    # Only now the codec sees the connection: an h2 client writes its preface and requests in connection_made,
+    # and nothing may reach a server whose identity was refused.
+    conn = factory()
+    held.hand_over(transport, conn)
     return conn
+
+
+class Held(asyncio.Protocol):
+    """A finished TLS connection waiting for its identity checks: reading paused, early bytes kept in order,
+    then handed to the real protocol (hand_over)."""
+
+    def __init__(self) -> None:
+        self.buffer: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+    def hand_over(self, transport: Any, protocol: Any) -> None:
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        for data in self.buffer:
+            protocol.data_received(data)
+        if self.eof:
+            protocol.eof_received()
+        if self.lost:
+            protocol.connection_lost(None)
+        elif not transport.is_closing():
+            transport.resume_reading()

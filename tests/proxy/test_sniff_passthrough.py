@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -30,7 +31,9 @@ class SniffProxy(ServingProxy):
 
     drain_s = 0.2
 
-    def __init__(self, listeners: tuple[Listener, ...] = (), clusters: dict[str, Cluster] | None = None) -> None:
+    def __init__(
+        self, listeners: tuple[Listener, ...] = (), clusters: dict[str, Cluster] | None = None, secrets=None
+    ) -> None:
         sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
         self.target: tuple[str, int] = ("127.0.0.1", 9)
         snap = make_snapshot(free_port(), [], clusters=clusters)
@@ -38,6 +41,7 @@ class SniffProxy(ServingProxy):
             snap,
             planes=(replace(snap.planes[0], sniff_port=sock.getsockname()[1]),),
             listeners=snap.listeners + listeners,
+            secrets=MappingProxyType(dict(secrets or {})),
         )
         proxy = PlaneProxy(
             snap,

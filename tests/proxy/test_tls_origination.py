@@ -1,7 +1,7 @@
 """TLS origination to a real TLS backend (Python's ssl server requiring client certificates), certificates from the
 built-in CA: the proxy presents its SPIFFE certificate, sends the cluster's SNI and checks the backend's SPIFFE
-SAN; a backend with the wrong SAN or from another CA is never sent the request (503 UF); an HTTP/2 client to a
-TLS cluster gets 503 instead of a plaintext downgrade."""
+SAN; a backend with the wrong SAN or from another CA is never sent the request (503 UF); an HTTP/2 client's
+request to a TLS cluster goes over mTLS too (h2 upstreams over TLS: tests/proxy/test_tls_h2_upstream.py)."""
 
 from __future__ import annotations
 
@@ -98,12 +98,20 @@ def test_wrong_san_or_foreign_ca_backend_gets_nothing(backend):
         assert foreign.seen == []
 
 
-def test_h2_client_to_a_tls_cluster_is_refused_not_downgraded(backend):
+def test_h2_client_to_a_tls_cluster_is_served_over_mtls(backend):
+    """Before: 503 (no TLS origination for h2 clients). Now the h2 client's request goes over the same mTLS
+    HTTP/1.1 upstream as an HTTP/1.1 client's, with our identity and the SNI; never in plaintext."""
     with proxy_for(backend.port) as px:
         url = f"http://127.0.0.1:{px.port}/h2"
         args = ["curl", "-sS", "--http2-prior-knowledge", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"]
         out = subprocess.run([*args, url], capture_output=True, text=True, check=False)
-        assert out.stdout == "503" and backend.seen == []
+        assert out.stdout == "200", out
+        assert [p for _, p, _ in backend.seen] == ["/h2"]
+        assert backend.sni == ["udm.ran.svc"] and backend.clients == [[str(PROXY_ID)]]
+    with proxy_for(backend.port, san="spiffe://cluster.local/ns/ran/sa/other") as px:
+        out = subprocess.run([*args, f"http://127.0.0.1:{px.port}/h2-wrong-san"], capture_output=True, text=True,
+                             check=False)  # fmt: skip
+        assert out.stdout == "503" and [p for _, p, _ in backend.seen] == ["/h2"]
 
 
 def test_transport_socket_matches_mtls_to_labelled_endpoints_plaintext_to_others(backend):

@@ -137,7 +137,8 @@ def test_the_whole_push_is_one_valid_snapshot_with_istio_semantics(loaded):
     assert retry.retry_on == {"connect-failure", "reset", "retriable-status-codes"} and retry.num_retries == 2
     assert snap.clusters["BlackHoleCluster"].endpoints == ()
     istiod = snap.clusters["outbound|15012||istiod.istio-system.svc.cluster.local"]
-    assert istiod.http2 and istiod.tls is None and istiod.tls_matches == ()  # h2: plaintext match (noted)
+    # h2 upstream with Istio auto-mTLS: tlsMode=istio endpoints over mTLS too (h2 over TLS, h2_upstream.py)
+    assert istiod.http2 and istiod.tls is None and [m.labels for m in istiod.tls_matches] == [(("tlsMode", "istio"),)]
     ratings = snap.clusters["outbound|9080||ratings.default.svc.cluster.local"]  # Istio auto-mTLS, HTTP/1.1
     assert ratings.tls is None and [m.labels for m in ratings.tls_matches] == [(("tlsMode", "istio"),)]
     assert {e.tls_socket for e in ratings.endpoints} == {0}  # the tlsMode=istio endpoints: mTLS

@@ -202,7 +202,7 @@ ACCEPTED = [
         ),
     ),
     (
-        "permissive-tcp-over-tls-chain-is-skipped-for-its-plaintext-twin",  # TLS ends on HTTP chains only
+        "permissive-tcp-over-tls-chain-is-terminated-next-to-its-plaintext-twin",  # agent/proxy/tcp_tls.py
         [
             listener(
                 [
@@ -215,7 +215,28 @@ ACCEPTED = [
                 ]
             )
         ],
-        lambda s: {(x.protocol, x.tls) for x in s.listeners} == {(ListenerProtocol.TCP, None)},
+        lambda s: {(x.protocol, x.tls is not None, x.transport_protocol) for x in s.listeners}
+        == {(ListenerProtocol.TCP, False, "raw_buffer"), (ListenerProtocol.TCP, True, "tls")},
+    ),
+    (
+        "strict-mtls-only-tls-tcp-chain-is-terminated",  # before tcp_tls.py: refused (no TLS for TCP)
+        [
+            listener(
+                [
+                    {
+                        "filter_chain_match": {"transport_protocol": "tls"},
+                        "filters": [tcp()],
+                        "transport_socket": TLS_DOWN,
+                    }
+                ]
+            )
+        ],
+        lambda s: {(x.protocol, x.tls is not None) for x in s.listeners} == {(ListenerProtocol.TCP, True)},
+    ),
+    (
+        "tls-upstream-with-http2-is-originated",  # before: refused (TLS origination spoke HTTP/1.1 only)
+        [cluster(transport_socket=TLS_UP, http2_protocol_options={})],
+        lambda s: s.clusters["c"].http2 and s.clusters["c"].tls is not None,
     ),
     (
         "enforcing-rbac-is-enforced",  # refused before HTTP RBAC existed (xds/translate_rbac.py)
@@ -432,22 +453,6 @@ def test_istiod_retry_policy_keeps_what_planemesh_can_do():
 
 REFUSED = [
     (
-        "strict-mtls-only-tls-chain",  # dropping it would let plaintext reach a STRICT port
-        [
-            listener(
-                [
-                    {
-                        "filter_chain_match": {"transport_protocol": "tls"},
-                        "filters": [tcp()],
-                        "transport_socket": TLS_DOWN,
-                    }
-                ]
-            )
-        ],
-        "transport_socket",
-        "TLS only",
-    ),
-    (
         "registry-only-virtual-outbound",  # ignoring it would open egress istio blocks
         [
             listener(
@@ -465,7 +470,7 @@ REFUSED = [
         "REGISTRY_ONLY",
     ),
     (
-        "enforcing-network-rbac",  # HTTP RBAC is implemented (xds/translate_rbac.py), the network filter is not
+        "enforcing-network-rbac-on-http-chain",  # enforced on tcp_proxy chains (tests/unit/test_network_rbac.py)
         [
             listener(
                 [
@@ -479,7 +484,7 @@ REFUSED = [
                                     "rules": {},
                                 },
                             },
-                            tcp(),
+                            hcm(),
                         ]
                     }
                 ]
@@ -536,12 +541,6 @@ REFUSED = [
         ],
         "http_filters[0]",
         "not supported",
-    ),
-    (
-        "tls-upstream-with-http2",  # TLS origination speaks HTTP/1.1 only
-        [cluster(transport_socket=TLS_UP, http2_protocol_options={})],
-        "transport_socket",
-        "HTTP/1.1",
     ),
     ("upstream-filter-not-istio", [cluster(filters=[tcp()])], "filters[0]", "not supported"),
     (

@@ -1,0 +1,100 @@
+"""Network RBAC (envoy.filters.network.rbac) on tcp_proxy chains over real loopback sockets: the rules come
+from the xDS proto through translation, the sniffing listener takes the chain's connections, an allowed one
+is relayed byte for byte, a denied one is reset before the upstream sees it, counted and logged."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2
+from google.protobuf import any_pb2, json_format
+
+from planemesh.model.config import Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, WeightedCluster
+from planemesh.xds.translate_rbac import translate_network_rbac
+from tests.proxy.proxy_harness import PLANE
+from tests.proxy.test_sniff_passthrough import SniffProxy, TcpServer, recv_all
+
+
+def network_rbac(rules: dict) -> tuple:
+    msg = json_format.ParseDict({"stat_prefix": "tcp", "rules": rules}, rbac_pb2.RBAC())
+    packed = any_pb2.Any()
+    packed.Pack(msg)
+    rbac = translate_network_rbac(packed, "filters[0]")
+    assert rbac is not None
+    return (rbac,)
+
+
+def _echo(conn: socket.socket) -> None:
+    conn.sendall(b"echo:" + conn.recv(100))
+
+
+def _call(sniffer: SniffProxy) -> bytes:
+    with sniffer.connect() as s:
+        s.sendall(b"ping")
+        try:
+            return recv_all(s)
+        except ConnectionResetError:
+            return b"<reset>"
+
+
+def _chain(port: int, rules: dict) -> Listener:
+    return Listener("db", PLANE, port, ListenerProtocol.TCP, tcp_clusters=(WeightedCluster("db", 1),),
+                    network_rbac=network_rbac(rules))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rules", "allowed"),
+    [
+        ({"action": "ALLOW", "policies": {"lo": {"permissions": [{"any": True}],
+          "principals": [{"source_ip": {"address_prefix": "127.0.0.0", "prefix_len": 8}}]}}}, True),
+        ({"action": "ALLOW", "policies": {"other-net": {"permissions": [{"any": True}],
+          "principals": [{"remote_ip": {"address_prefix": "10.0.0.0", "prefix_len": 8}}]}}}, False),
+        ({"action": "DENY", "policies": {"no-db-port": {"permissions": [{"destination_port": 0}],
+          "principals": [{"any": True}]}}}, False),  # destination_port filled in below
+        ({"action": "ALLOW", "policies": {"plane": {"permissions": [{"any": True}],
+          "principals": [{"filter_state": {"key": "planemesh.plane", "string_match": {"exact": PLANE}}}]}}}, True),
+        ({"action": "ALLOW", "policies": {"other-plane": {"permissions": [{"any": True}],
+          "principals": [{"filter_state": {"key": "planemesh.plane", "string_match": {"exact": "ran"}}}]}}}, False),
+        ({"action": "ALLOW", "policies": {"mtls-only": {"permissions": [{"any": True}],
+          "principals": [{"authenticated": {"principal_name": {"exact": "spiffe://cluster.local/ns/a/sa/b"}}}]}}},
+         False),  # a plaintext connection has no identity
+    ],
+)  # fmt: skip
+def test_network_rbac_allows_or_resets(rules: dict, allowed: bool, caplog) -> None:
+    with TcpServer(_echo) as upstream:
+        port = 15432
+        policy = next(iter(rules["policies"].values()))
+        if "destination_port" in policy["permissions"][0]:
+            policy["permissions"][0]["destination_port"] = port
+        clusters = {"db": Cluster("db", ClusterKind.STATIC, endpoints=(Endpoint("127.0.0.1", upstream.addr[1]),))}
+        with SniffProxy((_chain(port, rules),), clusters) as sniffer, caplog.at_level(logging.INFO):
+            sniffer.target = ("127.0.0.1", port)  # the original destination the chain declares
+            got = _call(sniffer)
+            assert _call(sniffer) == got  # every connection is checked, the worker keeps serving
+        assert not upstream.errors
+    stats = sniffer.proxy
+    if allowed:
+        assert got == b"echo:ping" and stats.tls_stats.rbac_denied == 0
+        assert stats.sniff_stats.passthrough_total == 2
+    else:
+        assert got in (b"", b"<reset>") and stats.tls_stats.rbac_denied == 2
+        assert stats.sniff_stats.passthrough_total == 0  # the upstream never saw the connection
+        name = next(iter(rules["policies"]))
+        why = f"deny policy {name}" if rules["action"] == "DENY" else "no ALLOW policy matched"
+        assert f"tcp 127.0.0.1:{port} from 127.0.0.1 (plaintext) on chain db: denied, {why}" in caplog.text
+
+
+def test_guarded_port_refuses_what_no_chain_takes() -> None:
+    """Only an SNI chain with RBAC on the port: a connection without that SNI matches no chain and is refused
+    instead of reaching its original destination unauthorized (Envoy closes it too)."""
+    rules = {"action": "ALLOW", "policies": {"all": {"permissions": [{"any": True}], "principals": [{"any": True}]}}}
+    with TcpServer(_echo) as original:
+        port = original.addr[1]
+        chain = Listener("sni", PLANE, port, ListenerProtocol.TCP, server_names=("db.test",),
+                         network_rbac=network_rbac(rules))  # fmt: skip
+        with SniffProxy((chain,)) as sniffer:
+            sniffer.target = original.addr
+            assert _call(sniffer) in (b"", b"<reset>")
+        assert sniffer.proxy.sniff_stats.no_upstream == 1 and sniffer.proxy.sniff_stats.passthrough_total == 0
