@@ -44,6 +44,7 @@ class TcpSide(asyncio.Protocol):
         self.on_close: Callable[[TcpSide, BaseException | None], None] | None = None
         self.on_open: Callable[[], None] | None = None  # called when the socket connects, before any byte
         self.ready = False  # the tunnel is open (200 sent or received): the socket may be read
+        self.held = bytearray()  # socket bytes read before the tunnel opened
         self.early = bytearray()  # tunnel bytes that came before the socket connected (not acknowledged yet)
 
     def bind(self, conn: HboneConnection, stream_id: int) -> None:
@@ -68,15 +69,31 @@ class TcpSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_up += len(data)
-        if self.conn is not None:
-            self.conn.send_data(self.stream_id, data)
+        if self.conn is None or not self.ready:  # read before the tunnel opened (uvloop may start reading
+            self.held += data  # despite a pause in connection_made): keep it for start()
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self.conn.send_data(self.stream_id, data)
 
     def eof_received(self) -> bool:
         self.local_eof = True
-        if self.conn is not None:
+        if self.conn is not None and self.ready:
             self.conn.end_stream(self.stream_id)
         self._maybe_close()
         return True  # keep the write half open: the other direction may still be flowing
+
+    def start(self) -> None:
+        """The tunnel is open: send what was read meanwhile, then read on."""
+        self.ready = True
+        assert self.conn is not None
+        if self.held:
+            held, self.held = bytes(self.held), bytearray()
+            self.conn.send_data(self.stream_id, held)
+        if self.local_eof:
+            self.conn.end_stream(self.stream_id)
+        else:
+            self.resume_source()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True

@@ -1,6 +1,6 @@
 """The HBONE node process: the composition root of the capture, the pool, the outbound and inbound listeners.
 
-    python -m planemesh.agent.hbone --config hbone.yaml [--stats FILE]
+    python -m planemesh.agent.hbone --config hbone.yaml [--stats FILE] [--netns NS] [--pin-dir DIR]
 
 Runs in the node's network namespace (as the agent does); SIGTERM closes the listeners, the pooled
 connections and the capture datapath.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvloop
 import yaml
+from pyroute2 import netns
 
 from planemesh.agent.config import ConfigError
 from planemesh.agent.hbone.capture import CaptureDatapath
@@ -86,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--stats", type=Path, help="write the counters (JSON) here every 0.5 s")
     parser.add_argument("--pin-dir", help="bpffs directory for the capture program's pins")
+    parser.add_argument("--netns", help="run in this network namespace (setns, as the agent's --netns)")
     args = parser.parse_args(argv)
+    if args.netns:
+        netns.setns(args.netns)  # the whole process, before any socket or thread exists
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
         settings = load_settings(args.config)

@@ -154,8 +154,7 @@ class Outbound:
             self._refuse(side, f"status_{status}", f"{identity} -> {dst_ip}:{dst_port} via {peer.name}")
             return
         self.stats.tunnels_out += 1
-        side.ready = True
-        side.resume_source()
+        side.start()
 
     def _refuse(self, side: TcpSide, reason: str, what: str) -> None:
         self.stats.refuse_out(reason)

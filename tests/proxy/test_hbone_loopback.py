@@ -10,6 +10,7 @@ import socket
 import ssl
 
 import pytest
+import uvloop
 
 from planemesh.agent.hbone.settings import parse_rbac
 from planemesh.agent.identity.ca import new_root, utcnow
@@ -18,7 +19,7 @@ from tests.proxy.hbone_harness import ID_A, NODE_A, POD_A, POD_B, hbone_pair, no
 
 
 def run(coro) -> None:  # type: ignore[no-untyped-def]
-    asyncio.run(asyncio.wait_for(coro, 60))
+    uvloop.run(asyncio.wait_for(coro, 60))  # the node's loop (agent/hbone/node.py)
 
 
 def deny(principal: str) -> dict:
