@@ -255,9 +255,13 @@ class HboneConnection(asyncio.Protocol):
             self.total_streams += 1
             self.on_request(self, sid, event.headers)
         elif isinstance(event, h2.events.ResponseReceived) and stream is not None and stream.opened is not None:
-            status = dict(event.headers).get(b":status", b"0")
+            raw = dict(event.headers).get(b":status", b"0")
+            status = int(raw) if raw.isdigit() else 0
+            if status != 200:  # refused: its body (e.g. Envoy's "RBAC: access denied") never reaches the pod
+                self.reset_stream(sid)
+                stream.side.conn = None
             if not stream.opened.done():
-                stream.opened.set_result(int(status) if status.isdigit() else 0)
+                stream.opened.set_result(status)
         elif isinstance(event, h2.events.StreamEnded) and stream is not None:
             stream.side.tunnel_eof()
             self._retire(sid)

@@ -57,16 +57,19 @@ class Pair:
     echo_port: int
 
     async def open(self, src: str = POD_A, dst: str = POD_B, port: int | None = None) -> socket.socket:
-        """A client socket whose other end is being tunnelled (returns once the tunnel decided)."""
-        client, captured = socket.socketpair()
-        side = TcpSide()
-        loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(lambda: side, captured)
-        assert side.transport is not None
-        side.transport.pause_reading()
-        await self.outbound.tunnel(side, src, dst, port or self.echo_port)
-        client.setblocking(False)
-        return client
+        return await open_tunnel(self.outbound, src, dst, port or self.echo_port)
+
+
+async def open_tunnel(outbound: Outbound, src: str, dst: str, port: int) -> socket.socket:
+    """A client socket whose other end `outbound` tunnels as if captured (returns once the tunnel decided)."""
+    client, captured = socket.socketpair()
+    side = TcpSide()
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: side, captured)
+    assert side.transport is not None
+    side.transport.pause_reading()
+    await outbound.tunnel(side, src, dst, port)
+    client.setblocking(False)
+    return client
 
 
 @contextlib.asynccontextmanager
