@@ -37,15 +37,15 @@ ID_A = f"spiffe://{TD}/ns/ran/sa/amf"
 ID_B = f"spiffe://{TD}/ns/ran/sa/smf"
 NODE_A_ID = f"spiffe://{TD}/ns/planemesh/sa/node-a"
 NODE_B_ID = f"spiffe://{TD}/ns/planemesh/sa/node-b"
-PORT = 8080  # tunnelled
-BYPASS_PORT = 9090  # not captured: plaintext across the link
+PORT, ECHO_PORT = 8080, 8081  # tunnelled
+BYPASS_PORT, BYPASS_ECHO_PORT = 9090, 9091  # not captured: plaintext across the link
 CAPTURE_PORT = 15001
 ETH_P_ALL = 0x0003
 
-# The pod B server: reads until EOF, answers `B saw <n> bytes from <peer>: <first 64 bytes>`, or echoes (mode echo).
+# The pod B server: on 8080/9090 reads until EOF, answers `B saw <n> bytes from <peer>: <first 64 bytes>`;
+# on 8081/9091 echoes.
 SERVER = r"""
 import socket, sys, threading
-mode = sys.argv[1]
 def serve(port):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port)); s.listen(512)
@@ -54,15 +54,17 @@ def serve(port):
         threading.Thread(target=handle, args=(c, peer), daemon=True).start()
 def handle(c, peer):
     with c:
-        if mode == "echo":
+        if c.getsockname()[1] in (8081, 9091):
             while data := c.recv(1 << 16):
                 c.sendall(data)
             return
-        got = b""
+        head, n = b"", 0
         while data := c.recv(1 << 16):
-            got += data
-        c.sendall(b"B saw %d bytes from %s: %s" % (len(got), peer[0].encode(), got[:64]))
-for p in (8080, 9090):
+            n += len(data)
+            if len(head) < 64:
+                head = (head + data)[:64]
+        c.sendall(b"B saw %d bytes from %s: %s" % (n, peer[0].encode(), head))
+for p in (8080, 9090, 8081, 9091):
     threading.Thread(target=serve, args=(p,), daemon=True).start()
 print("server ready", flush=True)
 threading.Event().wait()
@@ -129,8 +131,8 @@ class HboneLab:
             ns_tools.remove(ns)
         shutil.rmtree(self.pin_dir, ignore_errors=True)
 
-    def start_server(self, mode: str = "report") -> subprocess.Popen:
-        proc = ns_tools.start_until(self.pod_b, [sys.executable, "-c", SERVER, mode], "server ready", timeout=20)
+    def start_server(self) -> subprocess.Popen:
+        proc = ns_tools.start_until(self.pod_b, [sys.executable, "-c", SERVER], "server ready", timeout=20)
         self.procs.append(proc)
         return proc
 
@@ -171,7 +173,7 @@ def node_a_settings(ca_dir: Path, peer_identity: str | None = NODE_B_ID) -> dict
         peer["identity"] = peer_identity
     return {
         "node": {"identity": NODE_A_ID}, "ca": str(ca_dir), "listen": f"{NODE_A_LINK}:15008",
-        "capture": {"port": CAPTURE_PORT, "interfaces": ["hbpa1"], "ports": [PORT]},
+        "capture": {"port": CAPTURE_PORT, "interfaces": ["hbpa1"], "ports": [PORT, ECHO_PORT]},
         "workloads": {POD_A: ID_A}, "peers": [peer],
     }  # fmt: skip
 

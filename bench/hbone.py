@@ -1,0 +1,142 @@
+"""HBONE (node-to-node mTLS, h2 CONNECT to 15008) vs the plaintext bypass, in the two-node netns lab.
+
+    python -m bench hbone [--mib 64] [--rtts 2000] [--connects 300]
+
+Pod A -> pod B across the inter-node link: on the tunnelled ports the connection is captured by node A's TC
+program and carried by the two HBONE node processes; on the bypass ports the nodes just route it. Figures:
+one-way bulk throughput of one connection (and of 4 at once), request/response latency of 64-byte messages on
+one connection, and new connection + first round trip. Measures, never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from planemesh.agent.identity.ca import new_root, utcnow
+from planemesh.labs import netns as ns_tools
+from tests.netns.hbone_lab import (
+    BYPASS_ECHO_PORT,
+    BYPASS_PORT,
+    ECHO_PORT,
+    POD_B,
+    PORT,
+    HboneLab,
+    hbone_lab,
+    node_a_settings,
+    node_b_settings,
+)
+
+CHUNK = 1 << 20
+
+
+def bulk(port: int, size: int) -> float:
+    """Seconds to push `size` bytes to pod B and get its answer (it reads to EOF, then answers)."""
+    block = os.urandom(CHUNK)
+    t0 = time.perf_counter()
+    with socket.create_connection((POD_B, port), timeout=60) as s:
+        for _ in range(size // CHUNK):
+            s.sendall(block)
+        s.shutdown(socket.SHUT_WR)
+        answer = s.recv(256)
+    elapsed = time.perf_counter() - t0
+    assert answer.startswith(b"B saw %d" % size), answer
+    return elapsed
+
+
+def parallel_bulk(port: int, size: int, n: int) -> float:
+    """Seconds for n connections pushing size/n bytes each at once."""
+    threads = [threading.Thread(target=bulk, args=(port, size // n)) for _ in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def _roundtrip(s: socket.socket, msg: bytes) -> None:
+    s.sendall(msg)
+    got = b""
+    while len(got) < len(msg):
+        data = s.recv(len(msg) - len(got))
+        assert data, "echo closed"
+        got += data
+
+
+def rtts(port: int, n: int) -> list[float]:
+    msg = b"x" * 64
+    out = []
+    with socket.create_connection((POD_B, port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            _roundtrip(s, msg)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def connects(port: int, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with socket.create_connection((POD_B, port), timeout=10) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _roundtrip(s, b"y" * 64)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+def measure(lab: HboneLab, mib: int, n_rtt: int, n_conn: int) -> dict[str, dict[str, float]]:
+    size = mib * CHUNK
+    rows: dict[str, dict[str, float]] = {}
+    for name, port, echo in (("bypass (plaintext)", BYPASS_PORT, BYPASS_ECHO_PORT), ("HBONE", PORT, ECHO_PORT)):
+
+        def run(port: int = port, echo: int = echo) -> dict[str, float]:
+            connects(echo, 20)  # warm-up: the pooled HBONE connection exists, pages are touched
+            one = statistics.median(bulk(port, size) for _ in range(3))
+            four = parallel_bulk(port, size, 4)
+            lat = rtts(echo, n_rtt)
+            new = connects(echo, n_conn)
+            return {
+                "Mbit/s 1 conn": size * 8 / one / 1e6, "Mbit/s 4 conns": size * 8 / four / 1e6,
+                "rtt p50 ms": _pct(lat, 0.5), "rtt p99 ms": _pct(lat, 0.99),
+                "connect+rtt p50 ms": _pct(new, 0.5), "connect+rtt p99 ms": _pct(new, 0.99),
+            }  # fmt: skip
+
+        rows[name] = ns_tools.call_in(lab.pod_a, run)
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bench hbone")
+    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--rtts", type=int, default=2000)
+    parser.add_argument("--connects", type=int, default=300)
+    args = parser.parse_args(argv)
+    prefix = f"bhb{os.getpid() % 10000}"
+    with tempfile.TemporaryDirectory(prefix="bench-hbone-") as tmp, hbone_lab(prefix, Path(tmp)) as lab:
+        lab.start_server()
+        root = new_root("cluster.local", now=utcnow())
+        ca_a = lab.write_ca("ca-a", root.intermediate("node-a", now=utcnow()))
+        ca_b = lab.write_ca("ca-b", root.intermediate("node-b", now=utcnow()))
+        lab.start_node("b", node_b_settings(ca_b))
+        lab.start_node("a", node_a_settings(ca_a))
+        rows = measure(lab, args.mib, args.rtts, args.connects)
+        lab.stop_nodes()
+    cols = list(next(iter(rows.values())))
+    print(f"{'case':20}" + "".join(f"{c:>20}" for c in cols))
+    for name, row in rows.items():
+        print(f"{name:20}" + "".join(f"{row[c]:20.2f}" for c in cols))
+    base, hb = rows["bypass (plaintext)"], rows["HBONE"]
+    print("HBONE / bypass:", ", ".join(f"{c} {hb[c] / base[c]:.2f}x" for c in cols))
