@@ -117,6 +117,8 @@ class Inbound:
         conn.respond(sid, 200, end=False)
 
     def _closed(self, conn: HboneConnection, authority: str, side: TcpSide) -> None:
+        self.stats.bytes_up += side.bytes_down  # from the tunnel to the pod
+        self.stats.bytes_down += side.bytes_up
         log.info(
             "HBONE tunnel %s <- %s (%s): %d bytes in, %d out", authority, conn.peer_ip, conn.peer_identity,
             side.bytes_down, side.bytes_up,

@@ -154,7 +154,12 @@ class Outbound:
             self._refuse(side, f"status_{status}", f"{identity} -> {dst_ip}:{dst_port} via {peer.name}")
             return
         self.stats.tunnels_out += 1
+        side.on_close = self._closed
         side.start()
+
+    def _closed(self, side: TcpSide, _exc: BaseException | None) -> None:
+        self.stats.bytes_up += side.bytes_up  # from the pod into the tunnel
+        self.stats.bytes_down += side.bytes_down
 
     def _refuse(self, side: TcpSide, reason: str, what: str) -> None:
         self.stats.refuse_out(reason)

@@ -18,7 +18,7 @@ class HboneStats:
     tunnels_out: int = 0
     refused_out: dict[str, int] = field(default_factory=dict)  # no_route, unknown_source, connect_failed, status_N
     connections_out: int = 0
-    bytes_up: int = 0
+    bytes_up: int = 0  # source pod -> destination pod, counted when a tunnel closes (each side counts its own)
     bytes_down: int = 0
 
     def refuse_in(self, reason: str) -> None:

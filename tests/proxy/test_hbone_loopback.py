@@ -5,10 +5,14 @@ RBAC deny, wrong CA, wrong peer identity, unknown source or destination, a desti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import uvloop
 
@@ -188,5 +192,49 @@ def test_the_listener_refuses_a_client_from_another_ca_without_a_certificate_or_
             assert await asyncio.wait_for(reader.read(100), 15) == b""  # plaintext: no TLS record answers it
             writer.close()
             assert pair.stats_b.connections_in == 0 and pair.stats_b.tunnels_in == 0
+
+    run(scenario())
+
+
+def _raw_h2_client(ca, tmp: str) -> ssl.SSLContext:  # type: ignore[no-untyped-def]
+    issued = ca.issue(parse_spiffe_id(ID_A), now=utcnow())
+    return _client_ctx(ca.root_pem(), issued.cert_chain_pem(), issued.key_pem(), tmp)
+
+
+def test_bad_requests_get_their_status_and_garbage_closes_only_its_connection(tmp_path) -> None:
+    async def scenario() -> None:
+        ca_a, ca_b = node_cas()
+        async with hbone_pair(ca_a, ca_b) as pair:
+            assert pair.inbound.server is not None
+            port = pair.inbound.server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_raw_h2_client(ca_a, str(tmp_path)))
+            client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            client.initiate_connection()
+            heads = {
+                1: [(":method", "GET"), (":authority", f"{POD_B}:80"), (":scheme", "https"), (":path", "/")],
+                3: [(":method", "CONNECT"), (":authority", f"pod-b.ran:{pair.echo_port}")],
+                5: [(":method", "CONNECT"), (":authority", f"127.0.0.99:{pair.echo_port}")],  # not node B's pod
+            }
+            for sid, head in heads.items():
+                client.send_headers(sid, head, end_stream=sid == 1)
+            writer.write(client.data_to_send())
+            statuses: dict[int, bytes] = {}
+            async with asyncio.timeout(10):
+                while len(statuses) < 3:
+                    data = await reader.read(65536)
+                    assert data
+                    for ev in client.receive_data(data):
+                        if isinstance(ev, h2.events.ResponseReceived):
+                            statuses[ev.stream_id] = dict(ev.headers)[b":status"]
+            assert statuses == {1: b"405", 3: b"400", 5: b"404"}
+            writer.write(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00X")  # DATA on stream 0: a connection error
+            with contextlib.suppress(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 10)  # read to the end: the listener closed it
+            assert reader.at_eof() or writer.is_closing()
+            writer.close()
+            sock = await pair.open()  # the listener still serves everyone else
+            assert await _echo_roundtrip(sock, b"still fine") == b"still fine"
+            sock.close()
+            assert pair.stats_b.refused_in == {"bad_request": 2, "unknown_destination": 1}
 
     run(scenario())
