@@ -25,7 +25,9 @@ log = logging.getLogger("planemesh.hbone")
 
 STREAM_WINDOW = 4 << 20  # per-stream receive window (ztunnel: 4 MiB)
 CONN_WINDOW = 16 << 20  # per-connection receive window (ztunnel: 16 MiB)
-MAX_FRAME = 1 << 20  # largest DATA frame we accept (peers may send up to this; 16 KiB is h2's default)
+# Largest frame we accept. h2's frame buffer grows a frame by bytes concatenation (quadratic in its size) and a
+# 1 MiB frame measured slower than 64 KiB (bench note in docs/hbone.md); 16 KiB is h2's default.
+MAX_FRAME = 64 << 10
 MAX_STREAMS = 1000  # concurrent CONNECT streams a peer may open on one connection
 PENDING_HIGH = 256 << 10  # bytes waiting for window before the source socket stops being read
 
@@ -310,8 +312,17 @@ class HboneConnection(asyncio.Protocol):
         stream = self.streams.get(sid)
         if stream is None or self.closed:
             return
-        stream.pending += data
-        self._send_pending(sid)
+        if not stream.pending and len(data) <= min(
+            self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size
+        ):
+            try:  # the common case: it fits the window in one frame, no copy through `pending`
+                self.h2.send_data(sid, data)
+            except h2.exceptions.ProtocolError:
+                self.streams.pop(sid, None)
+                stream.side.tunnel_reset()
+        else:
+            stream.pending += data
+            self._send_pending(sid)
         self._flush()
 
     def end_stream(self, sid: int) -> None:

@@ -45,7 +45,9 @@ def _tls(ca: CertificateAuthority, identity: str, root: CertificateAuthority) ->
     }  # fmt: skip
 
 
-def terminator(port: int, ca: CertificateAuthority, root: CertificateAuthority) -> tuple[list, list]:
+def terminator(
+    port: int, ca: CertificateAuthority, root: CertificateAuthority, address: str = "127.0.0.1"
+) -> tuple[list, list]:
     allow_a = {"rules": {"action": "ALLOW", "policies": {"amf-only": {
         "permissions": [{"any": True}],
         "principals": [{"authenticated": {"principal_name": {"exact": ID_A}}}]}}}}  # fmt: skip
@@ -64,7 +66,7 @@ def terminator(port: int, ca: CertificateAuthority, root: CertificateAuthority) 
                 "@type": T + "envoy.extensions.filters.http.router.v3.Router"}}],
     }  # fmt: skip
     listener = {
-        "name": "hbone", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "name": "hbone", "address": {"socket_address": {"address": address, "port_value": port}},
         "filter_chains": [{
             "transport_socket": {"name": "tls", "typed_config": {
                 "@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
@@ -78,19 +80,27 @@ def terminator(port: int, ca: CertificateAuthority, root: CertificateAuthority) 
     return [listener], [cluster]
 
 
-def originator(port: int, target: str, inbound: int, ca: CertificateAuthority, root: CertificateAuthority) -> tuple:
+def originator(
+    port: int, target: str, inbound: int, ca: CertificateAuthority, root: CertificateAuthority,
+    inbound_host: str = "127.0.0.1", identity: str = ENVOY_ID, transparent: bool = False,
+) -> tuple:  # fmt: skip
+    """`target`: the CONNECT authority (`%DOWNSTREAM_LOCAL_ADDRESS%` with `transparent`: the original destination)."""
     listener = {
-        "name": "plain", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "name": "plain", "address": {"socket_address": {"address": "0.0.0.0" if transparent else "127.0.0.1",
+                                                        "port_value": port}},
+        **({"transparent": True, "listener_filters": [{"name": "envoy.filters.listener.original_dst",
+            "typed_config": {"@type": T + "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}]}
+           if transparent else {}),
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
             "@type": T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
             "stat_prefix": "out", "cluster": "hbone", "tunneling_config": {"hostname": target}}}]}],
     }  # fmt: skip
-    tls = _tls(ca, ENVOY_ID, root)
+    tls = _tls(ca, identity, root)
     tls["validation_context"]["match_typed_subject_alt_names"] = [{"san_type": "URI", "matcher": {"exact": NODE_B}}]
     cluster = {
         "name": "hbone", "type": "STATIC", "connect_timeout": "2s",
         "load_assignment": {"cluster_name": "hbone", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-            "socket_address": {"address": "127.0.0.1", "port_value": inbound}}}}]}]},
+            "socket_address": {"address": inbound_host, "port_value": inbound}}}}]}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}}}},
