@@ -20,14 +20,26 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 log = logging.getLogger("planemesh.hbone")
 
+
+def _data_frame_repr(frame: hyperframe.frame.DataFrame) -> str:
+    return f"<{len(frame.data)} bytes>"
+
+
+# h2 4.x formats `repr(frame)` for a trace log on every received frame even with logging off
+# (h2/connection.py `_receive_frame`), and a DATA frame's repr serializes and hex-dumps its whole payload:
+# 20 % of a bulk tunnel's CPU (bench note in docs/hbone.md). Its repr shows the length instead (process-wide;
+# repr only, nothing parses it).
+hyperframe.frame.DataFrame._body_repr = _data_frame_repr  # type: ignore[method-assign]
+
 STREAM_WINDOW = 4 << 20  # per-stream receive window (ztunnel: 4 MiB)
 CONN_WINDOW = 16 << 20  # per-connection receive window (ztunnel: 16 MiB)
-# Largest frame we accept. h2's frame buffer grows a frame by bytes concatenation (quadratic in its size) and a
-# 1 MiB frame measured slower than 64 KiB (bench note in docs/hbone.md); 16 KiB is h2's default.
-MAX_FRAME = 64 << 10
+# Largest frame we accept (16 KiB is h2's default). Bigger frames cost fewer Python calls per byte; h2's frame
+# buffer grows a frame by concatenation, so past 256 KiB the CPU per GiB measured no better (docs/hbone.md).
+MAX_FRAME = 256 << 10
 MAX_STREAMS = 1000  # concurrent CONNECT streams a peer may open on one connection
 PENDING_HIGH = 256 << 10  # bytes waiting for window before the source socket stops being read
 
