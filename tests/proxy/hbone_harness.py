@@ -12,6 +12,7 @@ import ipaddress
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from planemesh.agent.hbone.certs import CaCertSource
 from planemesh.agent.hbone.conn import TcpSide
@@ -75,9 +76,10 @@ async def open_tunnel(outbound: Outbound, src: str, dst: str, port: int) -> sock
 @contextlib.asynccontextmanager
 async def hbone_pair(
     ca_a: CertificateAuthority, ca_b: CertificateAuthority, rbacs: tuple[RbacFilter, ...] = (),
-    peer_identity: str | None = NODE_B,
+    peer_identity: str | None = NODE_B, certs_a: CaCertSource | None = None, server: Any = None,
 ) -> AsyncIterator[Pair]:  # fmt: skip
-    echo = await echo_server(POD_B)
+    """`server`: an async factory of the pod's server (default: echo) taking the address to listen on."""
+    echo = await (server or echo_server)(POD_B)
     echo_port = echo.sockets[0].getsockname()[1]
     stats_a, stats_b = HboneStats(), HboneStats()
     routes_b = Routes({POD_B: ID_B})
@@ -86,7 +88,7 @@ async def hbone_pair(
     port = server.sockets[0].getsockname()[1]
     peer = Peer("node-b", ("127.0.0.1", port), (ipaddress.ip_network(f"{POD_B}/32"),), peer_identity)
     routes_a = Routes({POD_A: ID_A}, (peer,))
-    outbound = Outbound(routes_a, Pool(CaCertSource(ca_a, NODE_A), stats_a), stats_a)
+    outbound = Outbound(routes_a, Pool(certs_a or CaCertSource(ca_a, NODE_A), stats_a), stats_a)
     try:
         yield Pair(outbound, inbound, stats_a, stats_b, echo_port)
     finally:

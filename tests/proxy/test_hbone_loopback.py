@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import socket
 import ssl
@@ -16,6 +17,8 @@ import h2.events
 import pytest
 import uvloop
 
+from planemesh.agent.hbone import conn as hbone_conn
+from planemesh.agent.hbone.certs import CaCertSource
 from planemesh.agent.hbone.settings import parse_rbac
 from planemesh.agent.identity.ca import new_root, utcnow
 from planemesh.agent.identity.spiffe import parse_spiffe_id
@@ -236,5 +239,81 @@ def test_bad_requests_get_their_status_and_garbage_closes_only_its_connection(tm
             assert await _echo_roundtrip(sock, b"still fine") == b"still fine"
             sock.close()
             assert pair.stats_b.refused_in == {"bad_request": 2, "unknown_destination": 1}
+
+    run(scenario())
+
+
+def test_a_renewed_certificate_opens_a_new_connection_and_the_old_tunnel_continues() -> None:
+    async def scenario() -> None:
+        ca_a, ca_b = node_cas()
+        now = [utcnow() - dt.timedelta(seconds=2000)]  # the first certificate is past half-life by real time
+        certs = CaCertSource(ca_a, NODE_A, ttl_s=3600, clock=lambda: now[0])
+        async with hbone_pair(ca_a, ca_b, certs_a=certs) as pair:
+            old = await pair.open()
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(old, b"before")
+            assert await recv_all(old, 6) == b"before"
+            now[0] = utcnow()  # past half-life: the next tunnel gets a new certificate
+            new = await pair.open()
+            assert await _echo_roundtrip(new, b"new") == b"new"
+            assert await _echo_roundtrip(old, b"after") == b"after"  # the open tunnel kept its connection
+            assert pair.stats_a.connections_out == 2 and certs.issued == 2
+            old.close()
+            new.close()
+
+    run(scenario())
+
+
+def test_a_second_connection_only_when_the_peer_stream_limit_is_reached(monkeypatch) -> None:
+    monkeypatch.setattr(hbone_conn, "MAX_STREAMS", 2)  # what both ends advertise
+
+    async def scenario() -> None:
+        async with hbone_pair(*node_cas()) as pair:
+            socks = [await pair.open() for _ in range(3)]
+            assert pair.stats_a.connections_out == 2 and pair.stats_a.tunnels_out == 3
+            got = await asyncio.gather(*(_echo_roundtrip(s, b"%d" % i) for i, s in enumerate(socks)))
+            assert got == [b"0", b"1", b"2"]
+            for s in socks:
+                s.close()
+
+    run(scenario())
+
+
+async def _stalled_pod(host: str) -> asyncio.Server:
+    """Never reads its first connection (its receive buffer fills, then the tunnel must stop); echoes the others."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not held:
+            held.append(writer)
+            await asyncio.sleep(3600)
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, host, 0)
+
+
+def test_a_pod_that_does_not_read_stops_its_stream_without_unbounded_buffering() -> None:
+    async def scenario() -> None:
+        async with hbone_pair(*node_cas(), server=_stalled_pod) as pair:
+            sock = await pair.open()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+            loop = asyncio.get_running_loop()
+            block, sent = b"z" * (1 << 16), 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    while True:
+                        await loop.sock_sendall(sock, block)
+                        sent += len(block)
+            assert sent > 0
+            # what the nodes hold: the stream window (4 MiB) plus socket buffers on the way, never the whole stream
+            assert sent < hbone_conn.STREAM_WINDOW + (24 << 20), sent
+            other = await pair.open()  # another tunnel on the same pooled connection keeps flowing
+            assert await _echo_roundtrip(other, b"x" * 100_000) == b"x" * 100_000
+            assert pair.stats_a.connections_out == 1
+            sock.close()
+            other.close()
 
     run(scenario())
