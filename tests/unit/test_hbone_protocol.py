@@ -9,6 +9,7 @@ import pytest
 
 from planemesh.agent.hbone.capture import PLANE, capture_rules
 from planemesh.agent.hbone.certs import CaCertSource
+from planemesh.agent.hbone.node import main as node_main
 from planemesh.agent.hbone.protocol import (
     HboneError,
     connect_headers,
@@ -189,3 +190,17 @@ def test_workload_certificates_are_issued_per_identity_and_renewed_at_half_life(
     assert certs.client_context(AMF) is not first and certs.server_context() is not server
     with pytest.raises(ValueError):
         certs.client_context("spiffe://other.domain/ns/a/sa/b")  # not this CA's trust domain
+
+
+def test_the_node_command_exits_2_naming_the_bad_field(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "hbone.yaml"
+    config.write_text("node: {identity: spiffe://cluster.local/ns/a/sa/b}\nca: /nonexistent\n"
+                      "peers: [{address: 10.0.0.1, cidrs: [10.0.0.0/33]}]\n")  # fmt: skip
+    assert node_main(["--config", str(config)]) == 2
+    assert "peers[0].cidrs[0]: '10.0.0.0/33' is not an IP prefix" in capsys.readouterr().err
+    config.write_text("node: {identity: spiffe://cluster.local/ns/a/sa/b}\nca: /nonexistent\n")
+    assert node_main(["--config", str(config)]) == 2
+    assert "/nonexistent" in capsys.readouterr().err
+    config.write_text("{unclosed")
+    assert node_main(["--config", str(config)]) == 2
+    assert str(config) in capsys.readouterr().err
