@@ -35,12 +35,12 @@ def _data_frame_repr(frame: hyperframe.frame.DataFrame) -> str:
 # repr only, nothing parses it).
 hyperframe.frame.DataFrame._body_repr = _data_frame_repr  # type: ignore[method-assign]
 
-STREAM_WINDOW = 4 << 20  # per-stream receive window (ztunnel: 4 MiB)
-CONN_WINDOW = 16 << 20  # per-connection receive window (ztunnel: 16 MiB)
+STREAM_WINDOW = 4 << 20  # per-stream receive window (ztunnel's HTTP2_STREAM_WINDOW_SIZE default)
+CONN_WINDOW = 16 << 20  # per-connection receive window (ztunnel's HTTP2_CONNECTION_WINDOW_SIZE default)
 # Largest frame we accept (16 KiB is h2's default). Bigger frames cost fewer Python calls per byte; h2's frame
 # buffer grows a frame by concatenation, so past 256 KiB the CPU per GiB measured no better (docs/hbone.md).
 MAX_FRAME = 256 << 10
-MAX_STREAMS = 1000  # concurrent CONNECT streams a peer may open on one connection
+MAX_STREAMS = 100  # concurrent CONNECT streams per connection (ztunnel's POOL_MAX_STREAMS_PER_CONNECTION)
 PENDING_HIGH = 256 << 10  # bytes waiting for window before the source socket stops being read
 
 
@@ -195,6 +195,7 @@ class HboneConnection(asyncio.Protocol):
         self.peer_identity: str | None = None
         self.peer_ip = ""
         self.total_streams = 0
+        self.last_active = 0.0  # loop time a stream last opened or ended (the pool releases idle connections)
         self.on_lost: Callable[[HboneConnection], None] | None = None
         self.made: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -295,6 +296,7 @@ class HboneConnection(asyncio.Protocol):
         stream = self.streams.get(sid)
         if stream is not None and stream.side.remote_eof and stream.side.local_eof and not stream.pending:
             del self.streams[sid]
+            self.last_active = asyncio.get_running_loop().time()
 
     # ---- called by the TCP sides and the listeners -----------------------------------------------------
     def open_stream(self, headers: list[tuple[str, str]], side: TcpSide) -> asyncio.Future[int]:
@@ -303,6 +305,7 @@ class HboneConnection(asyncio.Protocol):
         stream.opened = asyncio.get_running_loop().create_future()
         side.bind(self, sid)
         self.total_streams += 1
+        self.last_active = asyncio.get_running_loop().time()
         self.h2.send_headers(sid, headers)
         self._flush()
         return stream.opened
@@ -349,6 +352,7 @@ class HboneConnection(asyncio.Protocol):
     def reset_stream(self, sid: int) -> None:
         if self.streams.pop(sid, None) is None or self.closed:
             return
+        self.last_active = asyncio.get_running_loop().time()
         try:
             self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
         except h2.exceptions.ProtocolError:  # already closed (or the connection is)
@@ -400,6 +404,7 @@ class HboneConnection(asyncio.Protocol):
         return not (self.closed or self.goaway) and self.h2.open_outbound_streams < limit
 
     def close(self) -> None:
+        self.goaway = True  # no new streams on it from now on
         if not self.closed and self.transport is not None:
             self.h2.close_connection()
             self._flush()

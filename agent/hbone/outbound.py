@@ -24,6 +24,8 @@ from planemesh.agent.proxy.sockets import make_listener_socket
 log = logging.getLogger("planemesh.hbone")
 CONNECT_TIMEOUT_S = 10.0  # TCP + TLS to the peer node
 RESPONSE_TIMEOUT_S = 10.0  # the peer's answer to CONNECT (it dials the pod within 5 s)
+IDLE_RELEASE_S = 300.0  # a pooled connection without streams is closed after this (ztunnel's
+# POOL_UNUSED_RELEASE_TIMEOUT default)
 
 
 class PeerRefused(ConnectionError):
@@ -97,6 +99,16 @@ class Pool:
         if not held:
             self.conns.pop(key, None)
 
+    def release_idle(self, now: float, idle_s: float = IDLE_RELEASE_S) -> int:
+        """Close pooled connections that carried no stream for `idle_s` (loop time `now`); how many."""
+        released = 0
+        for held in list(self.conns.values()):
+            for _, conn in list(held):
+                if not conn.streams and now - conn.last_active >= idle_s:
+                    conn.close()  # GOAWAY, then on_lost drops it from the pool
+                    released += 1
+        return released
+
     def close(self) -> None:
         for held in list(self.conns.values()):
             for _, conn in held:
@@ -119,11 +131,20 @@ class Outbound:
         self.routes, self.pool, self.stats = routes, pool, stats
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        self.sweeper: asyncio.Task[None] | None = None
 
     async def start(self, port: int, host: str = "::") -> asyncio.Server:
         sock = make_listener_socket(port, transparent=True, host=host)
-        self.server = await asyncio.get_running_loop().create_server(lambda: CapturedSide(self), sock=sock)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: CapturedSide(self), sock=sock)
+        self.sweeper = loop.create_task(self._sweep())
         return self.server
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(IDLE_RELEASE_S / 10)
+            self.pool.release_idle(loop.time())
 
     def accepted(self, side: CapturedSide) -> None:
         self.stats.captured += 1
@@ -173,6 +194,8 @@ class Outbound:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         for task in list(self.tasks):
             task.cancel()
         self.pool.close()

@@ -317,3 +317,22 @@ def test_a_pod_that_does_not_read_stops_its_stream_without_unbounded_buffering()
             other.close()
 
     run(scenario())
+
+
+def test_the_pool_releases_a_connection_idle_for_five_minutes_but_not_one_in_use() -> None:
+    async def scenario() -> None:
+        async with hbone_pair(*node_cas()) as pair:
+            pool, loop = pair.outbound.pool, asyncio.get_running_loop()
+            busy = await pair.open()
+            assert pool.release_idle(loop.time() + 3600) == 0  # a tunnel is open on it
+            assert await _echo_roundtrip(busy, b"a") == b"a"
+            busy.close()
+            await asyncio.sleep(0.2)  # the tunnel's end reaches both nodes
+            assert pool.release_idle(loop.time() + 299) == 0
+            assert pool.release_idle(loop.time() + 301) == 1
+            sock = await pair.open()  # a new connection
+            assert await _echo_roundtrip(sock, b"b") == b"b"
+            sock.close()
+            assert pair.stats_a.connections_out == 2
+
+    run(scenario())
