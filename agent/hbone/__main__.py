@@ -1,0 +1,5 @@
+import sys
+
+from planemesh.agent.hbone.node import main
+
+sys.exit(main())

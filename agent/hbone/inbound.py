@@ -1,0 +1,141 @@
+"""The destination node's HBONE listener (port 15008): mTLS with the node's certificate, h2, one CONNECT per
+tunnel. Each CONNECT is parsed and decided (protocol.decide: local pod only, RBAC by the source workload's SPIFFE
+ID), then the pod is dialled in plaintext and `200` is sent once it answered; a refusal is answered with its
+status and the stream closes. A client certificate is required and must chain to our roots (TLS handshake
+failure otherwise) and carry exactly one SPIFFE ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+
+from planemesh.agent.hbone.certs import CertSource
+from planemesh.agent.hbone.conn import HboneConnection, TcpSide
+from planemesh.agent.hbone.protocol import HboneError, decide, parse_connect
+from planemesh.agent.hbone.routes import Routes
+from planemesh.agent.hbone.stats import HboneStats
+from planemesh.agent.proxy.tls_context import peer_sans
+from planemesh.agent.rbac import RbacFilter
+
+log = logging.getLogger("planemesh.hbone")
+HANDSHAKE_TIMEOUT_S = 10.0  # as the proxy's TLS ports (agent/proxy/tls.py)
+DIAL_TIMEOUT_S = 5.0  # destination pod connect; a refusal is 503
+
+
+def spiffe_peer(transport: asyncio.BaseTransport) -> str | None:
+    """The verified peer's one SPIFFE ID, else None."""
+    uris, _ = peer_sans(transport.get_extra_info("ssl_object"))
+    ids = [u for u in uris if u.startswith("spiffe://")]
+    return ids[0] if len(ids) == 1 else None
+
+
+def server_ssl(certs: CertSource) -> ssl.SSLContext:
+    """A listener context that hands each handshake the current node certificate (rotation without a restart)."""
+    base = certs.server_context()
+
+    def pick(obj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        obj.context = certs.server_context()
+
+    base.sni_callback = pick
+    return base
+
+
+class InboundConnection(HboneConnection):
+    def __init__(self, inbound: Inbound) -> None:
+        super().__init__(client_side=False, on_request=inbound.request)
+        self.inbound = inbound
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inbound.stats.connections_in += 1
+        self.peer_identity = spiffe_peer(transport)
+        if self.peer_identity is None:
+            self.inbound.stats.peer_refused += 1
+            log.info("HBONE peer %s refused: no single SPIFFE ID", transport.get_extra_info("peername"))
+            transport.abort()
+            return
+        super().connection_made(transport)
+
+
+class Inbound:
+    def __init__(
+        self, routes: Callable[[], Routes], rbacs: Callable[[], tuple[RbacFilter, ...]], certs: CertSource,
+        stats: HboneStats,
+    ) -> None:  # fmt: skip
+        self.routes, self.rbacs, self.certs, self.stats = routes, rbacs, certs, stats
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: InboundConnection(self), sock=sock, ssl=server_ssl(self.certs),
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
+        )  # fmt: skip
+        return self.server
+
+    def request(self, conn: HboneConnection, sid: int, headers: list) -> None:
+        try:
+            req = parse_connect(headers)
+        except HboneError as exc:
+            self.stats.refuse_in("bad_request")
+            log.info("HBONE CONNECT from %s (%s) refused %d: %s", conn.peer_ip, conn.peer_identity, exc.status, exc)
+            conn.respond(sid, exc.status, end=True)
+            return
+        assert conn.peer_identity is not None
+        decision = decide(req, conn.peer_identity, conn.peer_ip, self.routes().workloads, self.rbacs())
+        if decision.status != 200:
+            self.stats.refuse_in(decision.reason)
+            log.info(
+                "HBONE CONNECT %s from %s (%s) refused %d: %s%s", req.authority, conn.peer_ip, conn.peer_identity,
+                decision.status, decision.reason, f", {decision.policy}" if decision.policy else "",
+            )  # fmt: skip
+            conn.respond(sid, decision.status, end=True)
+            return
+        side = TcpSide()
+        side.on_open = lambda: self._opened(conn, sid, side)
+        side.on_close = lambda s, _exc: self._closed(conn, req.authority, s)
+        conn.attach(sid, side)
+        task = asyncio.get_running_loop().create_task(self._dial(conn, sid, side, req.dst_ip, req.dst_port))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _opened(self, conn: HboneConnection, sid: int, side: TcpSide) -> None:
+        self.stats.tunnels_in += 1
+        side.ready = True
+        conn.respond(sid, 200, end=False)
+
+    def _closed(self, conn: HboneConnection, authority: str, side: TcpSide) -> None:
+        self.stats.bytes_up += side.bytes_down  # from the tunnel to the pod
+        self.stats.bytes_down += side.bytes_up
+        log.info(
+            "HBONE tunnel %s <- %s (%s): %d bytes in, %d out", authority, conn.peer_ip, conn.peer_identity,
+            side.bytes_down, side.bytes_up,
+        )  # fmt: skip
+
+    async def _dial(self, conn: HboneConnection, sid: int, side: TcpSide, ip: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: side, ip, port), DIAL_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            self.stats.dial_failed += 1
+            log.info("HBONE tunnel to %s:%d failed: %s", ip, port, exc)
+            conn.streams.pop(sid, None)
+            conn.respond(sid, 503, end=True)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()

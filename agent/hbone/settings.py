@@ -1,0 +1,123 @@
+"""The HBONE node settings file (YAML), parsed into one frozen value; every error names its field.
+
+node: {identity: spiffe://cluster.local/ns/planemesh/sa/node-a}
+ca: /etc/planemesh/ca/node-a          # a signing CA (Istio's cacerts layout, `planemesh ca intermediate`)
+listen: "[::]:15008"                   # the HBONE listener
+capture:                               # optional: the TC interception of pod traffic to peers' CIDRs
+  port: 15001                          #   the transparent listener PROXY verdicts are assigned to
+  interfaces: [veth-pod-a]             #   where pod traffic enters the node
+  ports: [8080]                        #   destination ports tunnelled (the per-port policy of pm_tc.c)
+workloads: {10.81.1.2: spiffe://cluster.local/ns/ran/sa/amf}
+peers: [{name: node-b, address: 10.81.0.2, cidrs: [10.81.2.0/24],
+         identity: spiffe://cluster.local/ns/planemesh/sa/node-b}]
+rbac: [{rules: {action: DENY, policies: {...}}}]   # envoy.filters.http.rbac RBAC messages (AuthorizationPolicy)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+from google.protobuf import any_pb2, json_format
+
+from planemesh.agent.hbone.protocol import HBONE_PORT
+from planemesh.agent.hbone.routes import HboneConfigError, Routes, _address, _spiffe, parse_routes
+from planemesh.agent.rbac import RbacFilter
+from planemesh.model.config import ConfigError
+from planemesh.xds.translate_rbac import translate_rbac
+
+_FIELDS = {"node", "ca", "listen", "capture", "workloads", "peers", "rbac", "cert_ttl_s"}
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    port: int
+    interfaces: tuple[str, ...]
+    ports: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HboneSettings:
+    identity: str
+    ca_dir: Path
+    listen: tuple[str, int]
+    routes: Routes
+    rbacs: tuple[RbacFilter, ...] = ()
+    capture: Capture | None = None
+    cert_ttl_s: float = 24 * 3600.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _port(value: object, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise HboneConfigError(f"{where}: a TCP port expected, got {value!r}")
+    return value
+
+
+def parse_rbac(items: object) -> tuple[RbacFilter, ...]:
+    if not isinstance(items, list):
+        raise HboneConfigError("rbac: a list of RBAC filter configs expected")
+    out = []
+    for i, item in enumerate(items):
+        where = f"rbac[{i}]"
+        msg = rbac_pb2.RBAC()
+        try:
+            json_format.ParseDict(item, msg)
+        except (json_format.ParseError, TypeError) as exc:
+            raise HboneConfigError(f"{where}: {exc}") from None
+        packed = any_pb2.Any()
+        packed.Pack(msg)
+        try:
+            rbac = translate_rbac(packed, where)
+        except ConfigError as exc:
+            raise HboneConfigError(str(exc)) from None
+        if rbac is not None:
+            out.append(rbac)
+    return tuple(out)
+
+
+def _capture(raw: object) -> Capture:
+    if not isinstance(raw, Mapping):
+        raise HboneConfigError("capture: a mapping expected")
+    unknown = set(raw) - {"port", "interfaces", "ports"}
+    if unknown:
+        raise HboneConfigError(f"capture.{sorted(unknown)[0]}: unknown field")
+    ifaces = raw.get("interfaces") or []
+    if not isinstance(ifaces, list) or not ifaces or not all(isinstance(x, str) for x in ifaces):
+        raise HboneConfigError("capture.interfaces: a list of interface names expected")
+    ports = raw.get("ports") or []
+    if not isinstance(ports, list) or not ports:
+        raise HboneConfigError("capture.ports: a list of destination ports expected")
+    return Capture(
+        _port(raw.get("port", 15001), "capture.port"),
+        tuple(ifaces),
+        tuple(_port(p, f"capture.ports[{i}]") for i, p in enumerate(ports)),
+    )
+
+
+def parse_settings(raw: object) -> HboneSettings:
+    if not isinstance(raw, Mapping):
+        raise HboneConfigError("the HBONE settings must be a mapping")
+    unknown = set(raw) - _FIELDS
+    if unknown:
+        raise HboneConfigError(f"{sorted(unknown)[0]}: unknown field")
+    node = raw.get("node")
+    if not isinstance(node, Mapping) or "identity" not in node:
+        raise HboneConfigError("node.identity: required")
+    if not isinstance(raw.get("ca"), str):
+        raise HboneConfigError("ca: the directory of the node's signing CA is required")
+    ttl = raw.get("cert_ttl_s", 24 * 3600.0)
+    if not isinstance(ttl, (int, float)) or not 60 <= ttl <= 90 * 86400:
+        raise HboneConfigError("cert_ttl_s: 60 s .. 90 days")
+    return HboneSettings(
+        identity=_spiffe(node["identity"], "node.identity"),
+        ca_dir=Path(raw["ca"]),
+        listen=_address(raw.get("listen", f"[::]:{HBONE_PORT}"), "listen"),
+        routes=parse_routes(raw),
+        rbacs=parse_rbac(raw.get("rbac") or []),
+        capture=_capture(raw["capture"]) if raw.get("capture") is not None else None,
+        cert_ttl_s=float(ttl),
+    )
