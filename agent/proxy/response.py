@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from planemesh.agent.config import Route
     from planemesh.agent.proxy.contracts import ClientConn as Downstream
     from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
+    from planemesh.agent.proxy.retry import Retries
 
 _perf = time.perf_counter
 
@@ -197,8 +198,6 @@ class ResponseRelay:
         self.ds.flush()
 
     if TYPE_CHECKING:  # provided by UpstreamAttempts and Exchange
-        from planemesh.agent.proxy.retry import Retries
-
         retries: Retries
 
         def _end_attempt(self, status: int) -> None: ...
