@@ -18,8 +18,8 @@ from planemesh.agent.proxy.tls_context import originate_tls
 from planemesh.agent.tls_config import endpoint_tls
 
 if TYPE_CHECKING:
+    from planemesh.agent.proxy.contracts import PoolUser, ResponseSink
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
-    from planemesh.agent.proxy.contracts import UpstreamUser as Exchange
 
 PoolKey = tuple[str, int, str | None, int]
 # Idle connections above max_idle_per_key are closed once idle this long (not at once): many requests ending in
@@ -63,7 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = HttpResponseParser(self)
-        self.exchange: Exchange | None = None
+        self.exchange: ResponseSink | None = None
         self.ready = False
         self.reused = False
         self.head_done = False
@@ -271,7 +271,7 @@ class UpstreamPool:
         """Source addresses may have changed (new snapshot): compute keys afresh."""
         self._keys.clear()
 
-    def acquire_for(self, ex: Exchange, addr: tuple[str, int], connect_timeout: float) -> None:
+    def acquire_for(self, ex: PoolUser, addr: tuple[str, int], connect_timeout: float) -> None:
         key, ex.upstream_host = self.key_for(addr)
         cluster = getattr(ex, "cluster", None)  # h2 bridges (H1Stream) carry none: no TLS upstream there
         if cluster is not None and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None:
@@ -291,7 +291,7 @@ class UpstreamPool:
                 return
         self.connect_for(ex, addr, connect_timeout)
 
-    def connect_for(self, ex: Exchange, addr: tuple[str, int], connect_timeout: float) -> None:
+    def connect_for(self, ex: PoolUser, addr: tuple[str, int], connect_timeout: float) -> None:
         proxy = self.proxy
         stats = proxy.stats
         if stats.requests_pending >= proxy.sla.max_pending_requests:
@@ -323,7 +323,7 @@ class UpstreamPool:
             raise
         return conn  # type: ignore[return-value]
 
-    def _opened(self, ex: Exchange, task: asyncio.Task) -> None:
+    def _opened(self, ex: PoolUser, task: asyncio.Task) -> None:
         self.connecting.discard(task)
         if ex.pending and ex.connect_task is task:
             ex.pending = False
