@@ -129,6 +129,7 @@ class AttemptOwner(Protocol):
     ds: ClientConn
     finished: bool
     head: bytes
+    req_head: Any  # messages.RequestHead
     headers: Fields
     req_length: int
     req_chunked: bool

@@ -26,13 +26,12 @@ from planemesh.agent.proxy.connect_target import connect_refusal
 from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.http1 import (
     CONTINUE,
-    CRLF,
     LAST_CHUNK,
-    UPGRADE_CONNECTION,
     chunk,
     last_chunk,
     local_reply,
 )
+from planemesh.agent.proxy.messages import RequestHead, h1_request_bytes
 from planemesh.agent.proxy.mirror import mirror_targets, sender_for, shadow_head
 from planemesh.agent.proxy.request_checks import CONTINUE_SENT, EXPECT_NONE
 from planemesh.agent.proxy.request_head import header_map, new_request_id, request_head
@@ -75,6 +74,7 @@ class Exchange:
         "relay",
         "req_chunked",
         "req_done",
+        "req_head",
         "req_length",
         "req_trailers",
         "request_id",
@@ -120,7 +120,8 @@ class Exchange:
         self.flags = ""
         self.bytes_rx = 0
         self.up_out: list = []  # what goes upstream next: head and body bytes (an h2 stream: body, trailers)
-        self.head = b""
+        self.head = b""  # the upstream request head, HTTP/1.1-encoded
+        self.req_head: RequestHead | None = None  # the same, codec-neutral (messages.py)
         self.body_streamed = False
         self.finished = False
         self.route: Route | None = None
@@ -250,8 +251,8 @@ class Exchange:
         attempt.upstream_addr = target
         if connect:
             return self._open_connect(target, result.connect_timeout_s)
-        extra = UPGRADE_CONNECTION + b"upgrade: " + self.upgrade + CRLF if self.tunnel else b""
-        self.head = request_head(self, route, extra)
+        self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"")
+        self.head = h1_request_bytes(self.req_head)  # an h2 attempt sends req_head's fields; mirrors this
         if not attempt.h2:  # an h2 stream's head is its HEADERS frame (h1_over_h2.py); up_out holds only the body
             self.up_out.insert(0, self.head)
         action = route.action if route is not None else None

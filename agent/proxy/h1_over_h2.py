@@ -21,47 +21,14 @@ from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.h2 import WINDOW
 from planemesh.agent.proxy.h2_upstream import open_stream
 from planemesh.agent.proxy.http1 import FRAME_NONE, HOP_BY_HOP
+from planemesh.agent.proxy.messages import h2_request_fields
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.contracts import AttemptOwner as Exchange
     from planemesh.agent.proxy.contracts import H2Attempt as Attempt
     from planemesh.agent.proxy.h2_upstream import H2Upstream
 
-# What an HTTP/1 request head carries that an h2 request must not (host becomes :authority): the hop-by-hop
-# fields (http1.HOP_BY_HOP); the content-length the proxy framed the body with stays.
-_REQUEST_DROP = (HOP_BY_HOP - {b"content-length"}) | {b"host"}
 _RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
-
-
-def h2_request_fields(ex: Exchange, head: bytes, upstream_host: str | None) -> list[tuple[bytes, bytes]]:
-    """The request head the HTTP/1 path built (rewrites, route headers, trace context, x-request-id,
-    x-forwarded-*) as h2 fields: pseudo-headers first, hop-by-hop fields dropped, `te: trailers` kept."""
-    lines = head.split(b"\r\n")
-    method, target, _ = lines[0].split(b" ", 2)
-    authority = None
-    fields = []
-    for line in lines[1:]:
-        if not line:
-            break  # the blank line ending the head
-        name, _, value = line.partition(b": ")
-        if name == b"host":
-            if authority is None:
-                authority = value
-        elif name not in _REQUEST_DROP:
-            fields.append((name, value))
-    if any(n == b"te" and b"trailers" in v.lower() for n, v in ex.headers):
-        fields.append((b"te", b"trailers"))
-    if target[:1] != b"/" and target != b"*":  # absolute form (a proxy request): h2 carries only the path
-        rest = target.split(b"://", 1)[-1]
-        slash = rest.find(b"/")
-        if authority is None:
-            authority = rest[:slash] if slash >= 0 else rest
-        target = rest[slash:] if slash >= 0 else b"/"
-    if authority is None:  # an HTTP/1.0 client without Host: the upstream's address
-        authority = (upstream_host or "").encode("latin-1")
-    pseudo = [(b":method", method), (b":scheme", b"http"), (b":authority", authority), (b":path", target)]
-    return pseudo + fields
 
 
 def open_h2_attempt(attempt: Attempt, target: tuple[str, int]) -> None:
@@ -72,7 +39,8 @@ def open_h2_attempt(attempt: Attempt, target: tuple[str, int]) -> None:
     key, attempt.upstream_host = pool.key_for(target)
     attempt.upstream_key = key
     if attempt.h2_fields is None:
-        attempt.h2_fields = h2_request_fields(ex, ex.head, attempt.upstream_host)
+        te_trailers = any(n == b"te" and b"trailers" in v.lower() for n, v in ex.headers)
+        attempt.h2_fields = h2_request_fields(ex.req_head, attempt.upstream_host, te_trailers)
     stream = H2Stream(attempt)
     open_stream(stream, target, stream.req_ended, True, attempt.connect_timeout_s)  # type: ignore[arg-type]
     if stream.up is not None and not ex.finished:
@@ -281,4 +249,4 @@ class H2Stream:
             up.release(self)  # type: ignore[arg-type]
 
 
-__all__ = ["H2Stream", "h2_request_fields", "open_h2_attempt"]
+__all__ = ["H2Stream", "open_h2_attempt"]

@@ -1,6 +1,7 @@
 """agent/proxy/ stays readable (issue 12, STYLE.md): no module over MAX_MODULE_LINES, no function over
-MAX_FUNCTION_LINES, and no import inside a function or class body, except the lazy third-party imports named
-in LAZY (each with its reason). A module grows past these limits by splitting it into single-job modules."""
+MAX_FUNCTION_LINES, no import inside a function or class body (except the lazy third-party imports named in LAZY,
+each with its reason), and no mixin that declares its host's state (composition instead). A module grows past
+these limits by splitting it into single-job modules."""
 
 from __future__ import annotations
 
@@ -61,6 +62,30 @@ def _late_imports(tree: ast.Module) -> list[int]:
     return late
 
 
+def _mixins(tree: ast.Module) -> list[str]:
+    """Classes with `__slots__ = ()` that annotate attributes (state their host class declares and holds), or that
+    declare their host's methods under `if TYPE_CHECKING:`: the mixin pattern the Exchange used to be built of."""
+    found = []
+    for cls in ast.walk(tree):
+        if not isinstance(cls, ast.ClassDef) or any(ast.unparse(b).endswith("Protocol") for b in cls.bases):
+            continue
+        empty_slots = any(
+            isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "__slots__" for t in n.targets)
+            and isinstance(n.value, ast.Tuple) and not n.value.elts
+            for n in cls.body
+        )
+        annotated = any(isinstance(n, ast.AnnAssign) and n.value is None for n in cls.body)
+        stubs = any(isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING" for n in cls.body)
+        if (empty_slots and annotated) or stubs:
+            found.append(cls.name)
+    return found
+
+
+def test_no_mixin_declares_its_hosts_state() -> None:
+    mixins = [(f.name, name) for f, tree, _ in _modules() for name in _mixins(tree)]
+    assert not mixins, mixins
+
+
 def test_no_module_over_the_limit() -> None:
     big = [(f.name, n) for f, _, n in _modules() if n > MAX_MODULE_LINES]
     assert not big, big
@@ -82,3 +107,6 @@ def test_the_checks_see_violations() -> None:  # the walkers above find what the
     assert _long_functions(tree) == [("f", 92)]
     assert _nested_imports(tree) == [(2, "os")]
     assert _late_imports(tree) == [95]
+    mixin = "class M:\n    __slots__ = ()\n    ds: object\nclass S:\n    if TYPE_CHECKING:\n        def f(self): ...\n"
+    assert _mixins(ast.parse(mixin)) == ["M", "S"]
+    assert _mixins(ast.parse("class P(Protocol):\n    __slots__ = ()\n    ds: object\n")) == []
