@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from planemesh.agent.proxy.messages import ResponseEvents
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -251,8 +253,9 @@ class H2Client(Protocol):
     def stream_done(self, stream: Any, reset_by_client: bool) -> None: ...
 
 
-class H2StreamUser(Protocol):
-    """What an upstream of an h2 stream (h2_upstream.H2Upstream, H1Stream) drives (h2_stream.Bridge)."""
+class H2StreamUser(ResponseEvents, Protocol):
+    """What an upstream of an h2 stream (h2_upstream.H2Upstream, H1Stream) drives (h2_stream.Bridge): the neutral
+    response events (messages.ResponseEvents) and what the upstream reads of the request."""
 
     ds: H2Client
     sid: int
@@ -269,7 +272,6 @@ class H2StreamUser(Protocol):
     fields: Fields
 
     def upstream_headers(self) -> Fields: ...
-    def on_response_headers(self, headers: Fields, end: bool) -> None: ...
     def retry_status(self, status: int) -> bool: ...
     def respond(self, headers: Fields, end: bool) -> None: ...
     def up_failed(self, status: int, message: str, flag: str) -> None: ...
