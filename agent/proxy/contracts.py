@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from planemesh.agent.proxy.messages import ResponseEvents
+from planemesh.agent.proxy.messages import ResponseEvents, ResponseHead
 
 if TYPE_CHECKING:
     import asyncio
@@ -219,8 +219,7 @@ class ResponseSink(Protocol):
     ds: Any  # flush() and write back-pressure of the side the response goes to
     is_head: bool
 
-    def on_response_head(self, status: int, phrase: bytes, headers: Fields, length: int | None, chunked: bool,
-                         keep_alive: bool, connection_values: list[bytes] | None) -> None: ...
+    def on_response_head(self, head: ResponseHead) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_trailers(self, trailers: Fields) -> None: ...
     def on_response_complete(self) -> None: ...

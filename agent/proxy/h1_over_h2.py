@@ -21,7 +21,7 @@ from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.h2 import WINDOW
 from planemesh.agent.proxy.h2_upstream import open_stream
 from planemesh.agent.proxy.http1 import FRAME_NONE, HOP_BY_HOP
-from planemesh.agent.proxy.messages import h2_request_fields
+from planemesh.agent.proxy.messages import ResponseHead, h2_request_fields
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 
 if TYPE_CHECKING:
@@ -174,9 +174,9 @@ class H2Stream:
                 out.append((n, v))
         if status < 200 or status > 999:
             return self.on_reset(self.up, h2.errors.ErrorCodes.PROTOCOL_ERROR)  # type: ignore[arg-type]
-        # Without content-length the body is read to END_STREAM: "chunked" for the relay (chunked to a 1.1 client,
-        # close-delimited to a 1.0 one). Not keep-alive: the relay must close (release) this stream, not pool it.
-        self.relay.on_response_head(status, b"", out, length, length is None, False, None)
+        # Without content-length the body is read to END_STREAM: chunked to a 1.1 client, close-delimited to a 1.0
+        # one. Not reusable: the relay must close (release) this stream, not pool it.
+        self.relay.on_response_head(ResponseHead(status, out, length))
         self.ds.flush()
 
     def on_data(self, side: H2Upstream, data: bytes, flow_len: int) -> None:

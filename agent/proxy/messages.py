@@ -1,14 +1,19 @@
 """Codec-neutral messages: the request head the pipeline sends upstream, whatever the codecs on either side, and
-the stream events a codec delivers (headers, data, trailers, end, reset), as `typing.Protocol`s.
+the response head and the stream events a codec delivers (headers, data, trailers, end, reset), as
+`typing.Protocol`s.
 
 A RequestHead is what request_head.py decides (rewrites, route header changes, trace context, x-request-id,
 x-forwarded-*); each upstream codec encodes it: `h1_request_bytes` for an HTTP/1.1 connection, `h2_request_fields`
 for an h2 stream. Neither reads the other's framing back (before, the h2 upstream parsed the HTTP/1.1 head).
 
+A ResponseHead is what either upstream codec makes of a response head: upstream.UpstreamConnection (HTTP/1.1)
+and h1_over_h2.H2Stream (an h2 stream) both hand one to the HTTP/1 ResponseRelay, and the HTTP/1.1 one to an h2
+stream (h2_upstream.H1Stream): the hop-by-hop fields and framing are the codec's business, not the relay's.
+
 StreamEvents is the shape of every per-stream callback set in agent/proxy/: the h2 codecs deliver a stream's
 events as these five (h2.H2Side -> h2_stream.Bridge, h1_over_h2.H2Stream); the HTTP/1.1 upstream codec's
-(upstream.UpstreamConnection) are the same events with HTTP/1.1's head details (contracts.ResponseSink). The h2
-codec (h2codec's work) and the relay meet here.
+(upstream.UpstreamConnection) are the same events with a ResponseHead (contracts.ResponseSink). The h2 codec
+(h2codec's work) and the relay meet here.
 """
 
 from __future__ import annotations
@@ -38,6 +43,23 @@ class RequestHead:
         self.length = length  # content-length of the body (0: none, or chunked)
         self.chunked = chunked  # a body of unknown length (HTTP/1.1 chunked; on h2, DATA until END_STREAM)
         self.upgrade = upgrade  # an HTTP/1.1 Upgrade the request asks for (a tunnel once answered 101)
+
+
+class ResponseHead:
+    """A response head as an upstream codec delivers it, whatever its protocol: status, end-to-end fields
+    (lower-case names, nothing hop-by-hop, none a Connection header named), and how the body is delimited."""
+
+    __slots__ = ("fields", "length", "reason", "reusable", "status", "until_close", "upgrade")
+
+    def __init__(self, status: int, fields: Fields, length: int | None, until_close: bool = False,
+                 reusable: bool = False, reason: bytes = b"", upgrade: bytes | None = None) -> None:
+        self.status = status
+        self.fields = fields
+        self.length = length  # the body's length when the upstream said it (content-length)
+        self.until_close = until_close  # an HTTP/1.x body delimited by the connection's end
+        self.reusable = reusable  # the upstream connection may carry another request afterwards
+        self.reason = reason  # HTTP/1.x reason phrase (b"": the status' usual one)
+        self.upgrade = upgrade  # a 101's protocol, when it really switches (Upgrade and Connection: upgrade)
 
 
 def h1_request_bytes(head: RequestHead) -> bytes:

@@ -26,8 +26,6 @@ from planemesh.agent.proxy.http1 import (
     UPGRADE_CONNECTION,
     append_headers,
     chunk,
-    connection_tokens,
-    dropped_names,
     last_chunk,
     no_body_status,
     status_line,
@@ -38,15 +36,9 @@ from planemesh.agent.proxy.tunnel import upgrade_to_tunnel
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Fields, RelayOwner
     from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
+    from planemesh.agent.proxy.messages import ResponseHead
 
 _perf = time.perf_counter
-
-
-def switches(headers: list[tuple[bytes, bytes]], connection_values: list[bytes] | None) -> bool:
-    """A 101 that really switches: an Upgrade header and `Connection: upgrade` (what llhttp stops on)."""
-    return any(n == b"upgrade" for n, _ in headers) and any(
-        b"upgrade" in connection_tokens(v) for v in connection_values or ()
-    )
 
 
 class ResponseRelay:
@@ -68,26 +60,19 @@ class ResponseRelay:
     def is_head(self) -> bool:
         return self.ex.is_head
 
-    def on_response_head(
-        self,
-        status: int,
-        phrase: bytes,
-        headers: Fields,
-        up_length: int | None,
-        up_chunked: bool,
-        up_keep_alive: bool,
-        connection_values: list[bytes] | None,
-    ) -> None:
+    def on_response_head(self, head: ResponseHead) -> None:
+        """A response head from either upstream codec (messages.ResponseHead), re-framed for the client."""
         ex = self.ex
         if ex.finished:
             return
-        if status == 101 and not (ex.tunnel and switches(headers, connection_values)):
+        status = head.status
+        if status == 101 and not (ex.tunnel and head.upgrade is not None):
             self.on_upstream_protocol_error()  # a switch nobody asked for, or without Upgrade + Connection: upgrade
             return
         if status < 200 and status != 101:  # interim (100 Continue, 103): relay to 1.1 clients only
             if ex.version == "1.1" and not (status == 100 and ex.expect_continue):  # ours went already
-                parts = [status_line(status, phrase)]
-                append_headers(parts, headers, HOP_BY_HOP)
+                parts = [status_line(status, head.reason)]
+                append_headers(parts, head.fields, HOP_BY_HOP)
                 parts.append(CRLF)
                 self.ds.out.append(b"".join(parts))
             return
@@ -103,22 +88,18 @@ class ResponseRelay:
         self.upstream_ms = int((_perf() - attempt.t_upstream) * 1000)
         self.status = status
         self.started = True
-        self.up_keep_alive = up_keep_alive
-        if connection_values is not None:  # what the upstream's Connection names goes before the route adds any
-            named = dropped_names(connection_values)
-            if named is not HOP_BY_HOP:
-                headers = [(n, v) for n, v in headers if n not in named]
+        self.up_keep_alive = head.reusable
+        headers = head.fields  # what the upstream's Connection named is gone already, before the route adds any
         route = ex.route
         if route is not None and (route.response_headers_to_add or route.response_headers_to_remove):
             headers = response_headers(route, headers)
-        parts = [status_line(status, phrase, ex.version == "1.0")]
+        parts = [status_line(status, head.reason, ex.version == "1.0")]
         append_headers(parts, headers, HOP_BY_HOP)
         if status == 101:  # switching protocols: the tunnel starts once the parser stops (on_upstream_upgraded)
-            upgrade = next((v for n, v in headers if n == b"upgrade"), ex.upgrade)
-            parts += (UPGRADE_CONNECTION, b"upgrade: ", upgrade, CRLF, CRLF)
+            parts += (UPGRADE_CONNECTION, b"upgrade: ", head.upgrade or ex.upgrade, CRLF, CRLF)
             self.ds.out.append(b"".join(parts))
             return
-        self._frame(parts, status, up_length, up_chunked)
+        self._frame(parts, status, head.length, not head.until_close)
         if self.ds.proxy.draining or not ex.req_done:
             ex.keep_alive = False  # an early response while the client still sends: close afterwards
         if not ex.keep_alive:
