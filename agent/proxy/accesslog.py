@@ -49,6 +49,7 @@ class AccessRecord:
     authority: str | None
     upstream_host: str | None
     plane: str
+    ds: object = None  # the client connection (its TLS peer identity is read when the line is formatted)
 
 
 _last_second: list = [-1, ""]  # strftime is slow: lines of the same second share the prefix
@@ -145,6 +146,11 @@ class AccessLogBuffer:
         self._formatter = formatter
         self._pending: list[AccessRecord] = []
         self.max_pending = max_pending
+
+    @property
+    def enabled(self) -> bool:
+        """Whether records are kept at all (a request builds its record only then)."""
+        return self._sink is not None
 
     def append(self, rec: AccessRecord) -> None:
         if self._sink is None:

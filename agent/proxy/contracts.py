@@ -5,11 +5,19 @@ back by one of these, never by importing the class that implements it: the impor
 a tree (checked by /work/shared/tools/import_cycles.py). Implementations, for orientation:
 
     Proxy           server.PlaneProxy            what connections and requests use of their plane's proxy
+    Timed           attempts.Attempt, h2_stream.Bridge
+                                                 what the proxy's deadline sweep checks
     ClientConn      downstream.Downstream        an HTTP/1.1 client connection, as its requests see it
     H1Request       exchange.Exchange            an HTTP/1.x request, as its head checks, its upstream head and
                                                  its tunnel see it
-    UpstreamUser    exchange.Exchange, h2_upstream.H1Stream, h1_over_h2's attempt
-                                                 what UpstreamConnection/UpstreamPool drive: the response events
+    AttemptOwner    exchange.Exchange            the request an Attempt serves (attempts.py, h1_over_h2.py)
+    RelayOwner      exchange.Exchange            the request a ResponseRelay answers (response.py)
+    H2Attempt       attempts.Attempt             an attempt as h1_over_h2.py's stream sees it
+    PoolUser        attempts.Attempt, h2_upstream.H1Stream
+                                                 what UpstreamPool drives: connected, failed, overloaded
+    ResponseSink    response.ResponseRelay, h2_upstream.H1Stream, h1_over_h2.H2Stream's relay
+                                                 what an UpstreamConnection drives: the response events
+    UpstreamUser    h2_upstream.H1Stream         both of the above in one object
     UpstreamConn    upstream.UpstreamConnection  one pooled HTTP/1.1 upstream connection
     H2Client        h2_downstream.H2Downstream   an h2 client connection, as its streams see it
     H2StreamUser    h2_stream.Bridge             what an h2 upstream connection drives: the response events
@@ -18,6 +26,8 @@ a tree (checked by /work/shared/tools/import_cycles.py). Implementations, for or
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
+
+from planemesh.agent.proxy.messages import ResponseEvents, ResponseHead
 
 if TYPE_CHECKING:
     import asyncio
@@ -58,6 +68,15 @@ class Proxy(Protocol):
     def h2_protocol(self, preread: bytes = b"") -> asyncio.Protocol: ...
 
 
+class Timed(Protocol):
+    """What the proxy's deadline sweep checks (attempts.Attempt, h2_stream.Bridge)."""
+
+    deadline: float
+    try_deadline: float
+
+    def on_timeout(self, now: float) -> None: ...
+
+
 class ClientConn(Protocol):
     """An HTTP/1.1 client connection, as its requests see it (downstream.Downstream)."""
 
@@ -94,25 +113,76 @@ class H1Request(Protocol):
     req_length: int
     expect_continue: int
     route: Any
-    conn: Any
-    connect_task: Any
-    connect_timeout_s: float
     keep_alive: bool
     finished: bool
-    resp_started: bool
-    status: int
     bytes_rx: int
-    bytes_tx: int
-    deadline: float
-    try_deadline: float
+    t0: float
     t_tunnel: float
-    t_upstream: float
-    upstream_host: str | None
-    upstream_ms: int | None
+    attempt: Any  # attempts.Attempt
+    relay: Any  # response.ResponseRelay
 
     def reply(self, status: int, body: bytes, headers: Any = (), flag: str = "") -> None: ...
     def finish(self, abort: bool = False) -> None: ...
-    def _end_attempt(self, status: int) -> None: ...
+
+
+class AttemptOwner(Protocol):
+    """The request an Attempt (attempts.py) serves: what it answers, replays and flushes (exchange.Exchange)."""
+
+    ds: ClientConn
+    finished: bool
+    head: bytes
+    req_head: Any  # messages.RequestHead
+    headers: Fields
+    req_length: int
+    req_chunked: bool
+    relay: Any  # response.ResponseRelay: the connection's response events go there
+
+    def replayable(self) -> bool: ...
+    def rearm(self) -> None: ...
+    def flush_upstream(self) -> None: ...
+    def overloaded(self, which: bytes) -> None: ...
+    def reply(self, status: int, body: bytes, headers: Any = (), flag: str = "") -> None: ...
+    def abort(self, flag: str) -> None: ...
+
+
+class RelayOwner(Protocol):
+    """The request a ResponseRelay (response.py) answers (exchange.Exchange)."""
+
+    ds: ClientConn
+    finished: bool
+    version: str
+    is_head: bool
+    req_done: bool
+    keep_alive: bool
+    tunnel: int
+    upgrade: bytes
+    expect_continue: int
+    route: Any
+    flags: str
+    attempt: Any  # attempts.Attempt: retry decisions and the connection
+
+    def reply(self, status: int, body: bytes, headers: Any = (), flag: str = "") -> None: ...
+    def abort(self, flag: str) -> None: ...
+    def finish(self, abort: bool = False) -> None: ...
+
+
+class H2Attempt(Protocol):
+    """An attempt (attempts.Attempt) as h1_over_h2.py's stream sees it."""
+
+    ex: Any  # AttemptOwner & RelayOwner
+    ds: ClientConn
+    conn: Any
+    h2_fields: Fields | None
+    upstream_host: str | None
+    upstream_key: tuple | None
+    connect_timeout_s: float
+
+    def on_connected(self, conn: Any) -> None: ...
+    def on_connect_failed(self, timed_out: bool) -> None: ...
+    def end(self, status: int) -> None: ...
+    def may_retry(self, condition: str, status: int = 0) -> bool: ...
+    def retry(self, reuse: bool = False) -> None: ...
+    def exhausted(self, flag: str) -> str: ...
 
 
 class UpstreamConn(Protocol):
@@ -128,36 +198,38 @@ class UpstreamConn(Protocol):
     def resume_reading(self) -> None: ...
 
 
-class UpstreamUser(Protocol):
-    """What the upstream pool and connection drive (exchange.Exchange, h2_upstream.H1Stream)."""
+class PoolUser(Protocol):
+    """What upstream.UpstreamPool drives while it finds or opens a connection (attempts.Attempt, H1Stream)."""
 
-    ds: Any  # flush() and write back-pressure of the side the response goes to
+    ds: Any  # flush() of the side the answer goes to
     finished: bool
     pending: bool
     connect_task: Any
-    is_head: bool
     upstream_host: str | None
     upstream_key: tuple | None
 
     def on_connected(self, conn: UpstreamConn) -> None: ...
     def on_connect_failed(self, timed_out: bool) -> None: ...
     def overloaded(self, which: bytes) -> None: ...
-    def on_response_head(
-        self,
-        status: int,
-        phrase: bytes,
-        headers: Fields,
-        length: int | None,
-        chunked: bool,
-        keep_alive: bool,
-        connection_values: list[bytes] | None,
-    ) -> None: ...
+
+
+class ResponseSink(Protocol):
+    """What an UpstreamConnection (its `exchange`) drives: the response events (response.ResponseRelay, H1Stream)."""
+
+    ds: Any  # flush() and write back-pressure of the side the response goes to
+    is_head: bool
+
+    def on_response_head(self, head: ResponseHead) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_trailers(self, trailers: Fields) -> None: ...
     def on_response_complete(self) -> None: ...
     def on_upstream_lost(self, conn: UpstreamConn) -> None: ...
     def on_upstream_protocol_error(self) -> None: ...
     def on_upstream_upgraded(self, conn: UpstreamConn, rest: bytes) -> None: ...
+
+
+class UpstreamUser(PoolUser, ResponseSink, Protocol):
+    """Both sides in one object (h2_upstream.H1Stream: an h2 stream's HTTP/1.1 upstream request)."""
 
 
 class H2Client(Protocol):
@@ -180,8 +252,9 @@ class H2Client(Protocol):
     def stream_done(self, stream: Any, reset_by_client: bool) -> None: ...
 
 
-class H2StreamUser(Protocol):
-    """What an upstream of an h2 stream (h2_upstream.H2Upstream, H1Stream) drives (h2_stream.Bridge)."""
+class H2StreamUser(ResponseEvents, Protocol):
+    """What an upstream of an h2 stream (h2_upstream.H2Upstream, H1Stream) drives (h2_stream.Bridge): the neutral
+    response events (messages.ResponseEvents) and what the upstream reads of the request."""
 
     ds: H2Client
     sid: int
@@ -198,7 +271,6 @@ class H2StreamUser(Protocol):
     fields: Fields
 
     def upstream_headers(self) -> Fields: ...
-    def on_response_headers(self, headers: Fields, end: bool) -> None: ...
     def retry_status(self, status: int) -> bool: ...
     def respond(self, headers: Fields, end: bool) -> None: ...
     def up_failed(self, status: int, message: str, flag: str) -> None: ...

@@ -249,7 +249,7 @@ class Downstream(asyncio.Protocol):
     def _bound_body(self, ex: Exchange, n: int) -> None:
         """Body bytes buffered while the upstream connection is being opened (or while queued behind a pipelined
         request) are bounded by the SLA's buffer_limit_bytes: past it, the client's socket is not read."""
-        if ex.conn is None and not ex.finished:
+        if ex.attempt.conn is None and not ex.finished:
             self.buffered += n
             if self.buffered > self.proxy.sla.buffer_limit_bytes:
                 self.pause(PAUSE_BUFFER)
@@ -301,14 +301,14 @@ class Downstream(asyncio.Protocol):
     def pause_writing(self) -> None:  # the client is slow: stop reading the upstream response
         self.write_paused = True
         active = self.active
-        if active is not None and active.conn is not None:
-            active.conn.pause_reading()
+        if active is not None and active.attempt.conn is not None:
+            active.attempt.conn.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         active = self.active
-        if active is not None and active.conn is not None:
-            active.conn.resume_reading()
+        if active is not None and active.attempt.conn is not None:
+            active.attempt.conn.resume_reading()
 
     # ---- flow control helpers ----------------------------------------------------------------------
 
@@ -405,7 +405,7 @@ class Downstream(asyncio.Protocol):
         if active is not None:
             self.active = None
             active.on_downstream_lost()  # the connection ends here; the request in flight with it
-        if active is None or not active.resp_started:
+        if active is None or not active.relay.started:
             self.out.append(reply)  # after what is queued (responses to earlier requests, not yet flushed)
         ex = self.ex
         rec = accesslog.AccessRecord(
@@ -554,7 +554,7 @@ class Downstream(asyncio.Protocol):
             self.chunk_watch = False
         ex: Exchange = self.ex  # type: ignore[assignment]
         ex.on_request_body(body)
-        if ex.conn is None:  # still connecting, or queued behind a pipelined request
+        if ex.attempt.conn is None:  # still connecting, or queued behind a pipelined request
             self._bound_body(ex, len(body))
 
     def on_message_complete(self) -> None:

@@ -3,8 +3,12 @@
 An Exchange is driven by callbacks from the downstream connection (request parsed, body bytes, request
 complete, client gone) and from its upstream connection (response head, body, complete, lost). It never
 awaits: no Task per request. Outgoing bytes are collected in lists and written once per event, so a small
-request/response costs one send() each way. The upstream attempts (retries, timeouts) are in attempts.py,
-the response relay in response.py, the upstream request head in request_head.py.
+request/response costs one send() each way.
+
+An Exchange is composed of parts that own their state: its Attempt (attempts.py: endpoint, connection, breaker
+holds, retries, timers), its ResponseRelay (response.py: the response re-framed for the client), and the
+access-log record built once it is finished (accesslog.AccessRecord). The upstream request head is
+request_head.py's.
 """
 
 from __future__ import annotations
@@ -14,105 +18,75 @@ from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy import pipeline
-from planemesh.agent.proxy.attempts import HELD_REQUEST, UpstreamAttempts, rng
+from planemesh.agent.proxy.accesslog import AccessRecord
+from planemesh.agent.proxy.attempts import HELD_REQUEST, Attempt
 from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
-from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.connect_target import connect_refusal
 from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.http1 import (
     CONTINUE,
-    CRLF,
-    FRAME_NONE,
     LAST_CHUNK,
-    UPGRADE_CONNECTION,
     chunk,
     last_chunk,
     local_reply,
 )
+from planemesh.agent.proxy.messages import RequestHead, h1_request_bytes
 from planemesh.agent.proxy.mirror import mirror_targets, sender_for, shadow_head
 from planemesh.agent.proxy.request_checks import CONTINUE_SENT, EXPECT_NONE
 from planemesh.agent.proxy.request_head import header_map, new_request_id, request_head
 from planemesh.agent.proxy.response import ResponseRelay
-from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, NO_RETRIES, Retries, backoff_s
+from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, backoff_s, rng
 from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, open_connect
 
 if TYPE_CHECKING:
     import asyncio
 
-    from planemesh.agent.proxy.balancer import Balancer
-    from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import ClientConn as Downstream
-    from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
-    from planemesh.model.config import Cluster, Endpoint, Route
+    from planemesh.model.config import Route
 
 __all__ = ["Exchange", "backoff_s", "new_request_id"]  # backoff_s, new_request_id: re-exported for callers
 
 _perf = time.perf_counter
 
 
-class Exchange(ResponseRelay, UpstreamAttempts):
+class Exchange:
     __slots__ = (
+        "attempt",
         "authority",
-        "backoff",
-        "balancer",
         "body_copy",
         "body_len",
         "body_streamed",
-        "breaker",
         "bytes_rx",
-        "bytes_tx",
-        "cb_held",
-        "cluster",
-        "conn",
-        "connect_task",
-        "connect_timeout_s",
         "connect_to",
         "connection_values",
-        "deadline",
         "ds",
-        "ds_framing",
-        "duration_ms",
-        "endpoint",
         "expect_continue",
         "finished",
         "flags",
-        "h2",
-        "h2_fields",
         "has_xfp",
-        "hash_key",
         "head",
         "headers",
         "is_head",
         "keep_alive",
         "method_b",
         "mirror_to",
-        "pending",
-        "plane",
+        "relay",
         "req_chunked",
         "req_done",
+        "req_head",
         "req_length",
         "req_trailers",
         "request_id",
-        "resp_started",
-        "retries",
         "route",
         "start_time",
-        "status",
         "t0",
         "t_tunnel",
-        "t_upstream",
         "target",
-        "try_deadline",
+        "timer",
         "tunnel",
-        "up_framing",
-        "up_keep_alive",
         "up_out",
         "upgrade",
-        "upstream_addr",
-        "upstream_host",
-        "upstream_key",
-        "upstream_ms",
         "user_agent",
         "version",
         "xff",
@@ -120,7 +94,6 @@ class Exchange(ResponseRelay, UpstreamAttempts):
 
     def __init__(self, ds: Downstream) -> None:
         self.ds = ds
-        self.plane = ds.proxy.plane_name
         self.start_time = time.time()
         self.t0 = _perf()
         self.target = b""
@@ -144,46 +117,22 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.req_trailers: list[tuple[bytes, bytes]] | None = None
         self.has_xfp = False
         self.expect_continue = EXPECT_NONE  # request_checks: EXPECT_CONTINUE until the 100 is sent
-        self.status = 0
         self.flags = ""
         self.bytes_rx = 0
-        self.bytes_tx = 0
-        self.duration_ms = 0
-        self.upstream_ms: int | None = None
-        self.upstream_host: str | None = None
-        self.upstream_addr: tuple[str, int] | None = None
-        self.upstream_key: tuple | None = None
-        self.t_upstream = 0.0
-        self.cluster: Cluster | None = None
-        self.conn: UpstreamConnection | None = None
-        self.h2 = False  # the request goes upstream as an h2 stream (h1_over_h2.py): the cluster says http2
-        self.h2_fields: list[tuple[bytes, bytes]] | None = None
-        self.connect_task = None
-        self.up_out: list[bytes] = []
-        self.head = b""
+        self.up_out: list = []  # what goes upstream next: head and body bytes (an h2 stream: body, trailers)
+        self.head = b""  # the upstream request head, HTTP/1.1-encoded
+        self.req_head: RequestHead | None = None  # the same, codec-neutral (messages.py)
         self.body_streamed = False
-        self.resp_started = False
-        self.ds_framing = FRAME_NONE
-        self.up_framing = FRAME_NONE
-        self.up_keep_alive = False
-        self.deadline = 0.0  # loop time; 0: no deadline
-        self.try_deadline = 0.0
         self.finished = False
-        self.pending = False
-        self.retries = NO_RETRIES  # the retry state (retry.Retries), shared with the h2 driver
         self.route: Route | None = None
-        self.balancer: Balancer | None = None
-        self.breaker: CircuitBreaker | None = None
-        self.cb_held = 0
-        self.endpoint: Endpoint | None = None
-        self.hash_key: int | None = None
-        self.backoff: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None  # a fault delay
         self.body_copy: list[bytes] | None = []
         self.body_len = 0
-        self.connect_timeout_s = 5.0
         self.mirror_to: list[tuple[str, int]] = []
+        self.attempt = Attempt(self)
+        self.relay = ResponseRelay(self)
 
-    # ---- access-log view (formatted lazily at flush time) -------------------------------------------
+    # ---- the request line, as logs show it ------------------------------------------------------------
 
     @property
     def method(self) -> str:
@@ -215,7 +164,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         if step is not None:
             if type(step) is pipeline.Delay:
                 self.flags = DELAY_INJECTED
-                self.backoff = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
+                self.timer = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
                 return None
             return self.answer(step)  # type: ignore[arg-type]
         return self._route()
@@ -236,7 +185,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         )
 
     def _after_delay(self, abort_status: int | None) -> None:
-        self.backoff = None
+        self.timer = None
         if self.finished:
             return
         if abort_status is not None:
@@ -269,61 +218,68 @@ class Exchange(ResponseRelay, UpstreamAttempts):
             step = pipeline.route_fault(route.fault, self._header_map, rng.random)
             if type(step) is pipeline.Delay:
                 self.flags = DELAY_INJECTED
-                self.backoff = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
+                self.timer = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
                 return None
             if step is not None:
                 return self.answer(step)  # type: ignore[arg-type]
         if self.tunnel and not crc.upgrade_allowed(route, self.upgrade_type):
             kind = b"CONNECT" if connect else b"upgrade to " + self.upgrade.strip()
             return self.refuse(kind + b" is not allowed on this route\n")
-        self.balancer = table.balancer
-        up = pipeline.upstream(proxy, result, self._header_map, ds.peer_ip)  # type: ignore[arg-type]
+        return self._upstream(result, route, connect)  # type: ignore[arg-type]
+
+    def _upstream(self, result: pipeline.RouteResult, route: Route | None, connect: bool) -> None:
+        """Cluster and endpoint choice (pipeline.upstream, the attempt's pick), then the first attempt."""
+        ds = self.ds
+        proxy = ds.proxy
+        attempt = self.attempt
+        attempt.balancer = proxy.table.balancer
+        up = pipeline.upstream(proxy, result, self._header_map, ds.peer_ip)
         if type(up) is pipeline.Local:
             return self.answer(up)
         policy = up.policy  # type: ignore[union-attr]
         if policy.num_retries:
-            self.retries = Retries(policy, up.breaker)  # type: ignore[union-attr]
+            attempt.retries = Retries(policy, up.breaker)  # type: ignore[union-attr]
         cluster = up.cluster  # type: ignore[union-attr]
         if cluster is None:
-            if result.cluster_missing or result.weighted:  # type: ignore[union-attr]  # Envoy: 503, empty, NC
+            if result.cluster_missing or result.weighted:  # Envoy: 503, empty, NC
                 return self.answer(pipeline.NO_CLUSTER)
             if not connect and ds.loops_to_self:
                 return self.answer(pipeline.NO_ROUTE)  # not intercepted: would forward to ourselves
             # the original destination, never the client's authority for a CONNECT (connect_target.py)
             target = (normalise_ip(ds.local[0]), ds.local[1])
         else:
-            self.cluster = cluster
-            self.h2 = cluster.http2 and not self.tunnel
-            self.breaker = up.breaker  # type: ignore[union-attr]
-            self.cb_held |= HELD_REQUEST
-            self.hash_key = up.hash_key  # type: ignore[union-attr]
-            picked = self._pick()  # ORIGINAL_DST: the original destination, for a CONNECT too
+            attempt.cluster = cluster
+            attempt.h2 = cluster.http2 and not self.tunnel
+            attempt.breaker = up.breaker  # type: ignore[union-attr]
+            attempt.cb_held |= HELD_REQUEST
+            attempt.hash_key = up.hash_key  # type: ignore[union-attr]
+            picked = attempt.pick()  # ORIGINAL_DST: the original destination, for a CONNECT too
             if picked is None:
                 return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
             target = picked
-        self.upstream_addr = target
+        attempt.upstream_addr = target
         if connect:
-            return self._open_connect(target, result.connect_timeout_s)  # type: ignore[union-attr]
-        extra = UPGRADE_CONNECTION + b"upgrade: " + self.upgrade + CRLF if self.tunnel else b""
-        self.head = request_head(self, route, extra)
-        if not self.h2:  # an h2 stream's head is its HEADERS frame (h1_over_h2.py); up_out holds only the body
+            return self._open_connect(target, result.connect_timeout_s)
+        self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"")
+        self.head = h1_request_bytes(self.req_head)  # an h2 attempt sends req_head's fields; mirrors this
+        if not attempt.h2:  # an h2 stream's head is its HEADERS frame (h1_over_h2.py); up_out holds only the body
             self.up_out.insert(0, self.head)
         action = route.action if route is not None else None
         if action is not None and action.mirrors and cluster is not None and not self.tunnel:
             self._mirror(action.mirrors)
-        timeout = result.timeout_s  # type: ignore[union-attr]
+        timeout = result.timeout_s
         per_try = policy.per_try_timeout_s
         if timeout or per_try:
             now = proxy.loop.time()
-            self.deadline = now + timeout if timeout else float("inf")
-            self.try_deadline = min(self.deadline, now + per_try) if per_try else self.deadline
-            proxy.watch_deadline(self)
-        self.t_upstream = _perf()
-        self.connect_timeout_s = result.connect_timeout_s  # type: ignore[union-attr]
+            attempt.deadline = now + timeout if timeout else float("inf")
+            attempt.try_deadline = min(attempt.deadline, now + per_try) if per_try else attempt.deadline
+            proxy.watch_deadline(attempt)
+        attempt.t_upstream = _perf()
+        attempt.connect_timeout_s = result.connect_timeout_s
         if self.expect_continue and not self.req_done:  # routed and going upstream: the client may send its body
             self.expect_continue = CONTINUE_SENT
             ds.out.append(CONTINUE)
-        self._attempt(target, reuse=True)
+        attempt.open(target, reuse=True)
 
     # ---- tunnels (tunnel.py) ----------------------------------------------------------------------------
 
@@ -340,13 +296,14 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.reply(403, body)
 
     def _open_connect(self, target: tuple[str, int], connect_timeout_s: float) -> None:
-        refused = connect_refusal(target, self.cluster, self.connect_to, self.ds.proxy.listen_ports)
+        attempt = self.attempt
+        refused = connect_refusal(target, attempt.cluster, self.connect_to, self.ds.proxy.listen_ports)
         if refused is not None:
             return self.refuse(refused)
         if self.request_id is None:
             self.request_id = new_request_id().decode()
-        self.t_upstream = _perf()
-        self.connect_timeout_s = connect_timeout_s
+        attempt.t_upstream = _perf()
+        attempt.connect_timeout_s = connect_timeout_s
         open_connect(self, target[0], target[1])
         return None
 
@@ -355,7 +312,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         if self.req_length > MAX_REPLAY_BODY:
             return  # a large body is not mirrored (it would have to be held); chunked ones are checked at the end
         clusters = self.ds.proxy.table.snapshot.clusters
-        self.mirror_to = mirror_targets(mirrors, clusters, self.balancer, rng.random)
+        self.mirror_to = mirror_targets(mirrors, clusters, self.attempt.balancer, rng.random)
         if self.mirror_to and self.req_done:
             self._send_mirrors()
 
@@ -386,7 +343,7 @@ class Exchange(ResponseRelay, UpstreamAttempts):
                 self.body_copy = None  # too big to replay: no retry once any of it went out
             else:
                 self.body_copy.append(data)
-        self.up_out.append(chunk(data) if self.req_chunked and not self.h2 else data)
+        self.up_out.append(chunk(data) if self.req_chunked and not self.attempt.h2 else data)
 
     def on_request_trailer(self, name: bytes, value: bytes) -> None:
         if self.req_trailers is None:
@@ -405,20 +362,41 @@ class Exchange(ResponseRelay, UpstreamAttempts):
     def on_request_complete(self) -> None:
         self.req_done = True
         if self.req_chunked and not self.finished:
-            self.up_out.append(self.h2_request_end() if self.h2 else self.request_end())  # type: ignore[arg-type]
+            self.up_out.append(self.h2_request_end() if self.attempt.h2 else self.request_end())  # type: ignore[arg-type]
         if self.mirror_to and not self.finished:
             self._send_mirrors()
 
     def flush_upstream(self) -> None:
-        conn = self.conn
+        attempt = self.attempt
+        conn = attempt.conn
         if conn is not None and self.up_out and conn.ready:
-            if self.h2:
+            if attempt.h2:
                 items, self.up_out = self.up_out, []
                 conn.write(items)  # type: ignore[attr-defined]
                 return
             data = b"".join(self.up_out) if len(self.up_out) > 1 else self.up_out[0]
             self.up_out.clear()
             conn.transport.write(data)
+
+    def replayable(self) -> bool:
+        """Nothing of the body went out yet, or all of it is buffered (within MAX_REPLAY_BODY)."""
+        return not self.body_streamed or self.body_copy is not None
+
+    def rearm(self) -> None:
+        """What a new attempt sends: the head and the buffered body again, framed as before; body bytes still
+        to come are appended by on_request_body as usual."""
+        if self.attempt.h2:  # an h2 stream: the HEADERS come from the attempt's h2_fields, the body goes as it came
+            out: list = list(self.body_copy or ())
+            if self.req_chunked and self.req_done:
+                out.append(self.h2_request_end())
+            self.up_out = out
+            return
+        out = [self.head]
+        for data in self.body_copy or ():
+            out.append(chunk(data) if self.req_chunked else data)
+        if self.req_chunked and self.req_done:
+            out.append(self.request_end())
+        self.up_out = out
 
     def on_downstream_lost(self) -> None:
         if self.finished:
@@ -433,59 +411,66 @@ class Exchange(ResponseRelay, UpstreamAttempts):
         self.ds.proxy.stats.overloaded += 1
         self.reply(503, b"overloaded\n", [(b"x-planemesh-overloaded", which)], flags.UO)
 
+    def abort(self, flag: str) -> None:
+        """The response started and cannot complete: the client's connection closes mid-response."""
+        self.flags = flag
+        self.keep_alive = False
+        self.finish(abort=True)
+
     def reply(self, status: int, body: bytes, headers=(), flag: str = "") -> None:
         """Answer locally (errors, redirects, direct responses) unless a response has already started."""
         if self.finished:
             return
-        if self.resp_started:
-            self.flags = flag
-            self.keep_alive = False
-            self.finish(abort=True)
-            return
-        self.status = status
+        relay = self.relay
+        if relay.started:
+            return self.abort(flag)
+        relay.status = status
         self.flags = flag
         if (not self.req_done and not self.tunnel) or self.ds.proxy.draining:  # tunnel requests have no body
             self.keep_alive = False
-        self.bytes_tx = 0 if self.is_head else len(body)
+        relay.bytes_tx = 0 if self.is_head else len(body)
         http10 = self.version == "1.0"
         self.ds.out.append(
             local_reply(status, body, headers, close=not self.keep_alive, head_only=self.is_head, http10=http10)
         )
-        self.resp_started = True
-        self._drop_upstream()
+        relay.started = True
+        self.attempt.drop()
         self.finish()
+        return None
 
     def finish(self, abort: bool = False) -> None:
         if self.finished:
             return
         self.finished = True
         proxy = self.ds.proxy
-        if self.deadline:
-            proxy.inflight.discard(self)
-        if self.connect_task is not None:
-            self.connect_task = None  # the pool hands a late connection back to the idle list
-        if self.pending:
-            self.pending = False
-            proxy.stats.requests_pending -= 1
         if abort:
-            self._drop_upstream()
-        if self.backoff is not None:
-            self.backoff.cancel()
-            self.backoff = None
-        self._end_attempt(-1)
-        breaker = self.breaker
-        if breaker is not None:
-            if self.cb_held & HELD_REQUEST:
-                breaker.release(REQUESTS)
-            self.cb_held = 0
-        self.retries.release()
-        proxy.stats.requests_active -= 1
+            self.attempt.drop()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.attempt.release()
+        stats = proxy.stats
+        stats.requests_active -= 1
         self.up_out.clear()
         self.headers = []
         duration = (_perf() - self.t0) * 1000
-        self.duration_ms = int(duration)
         latency = duration if self.t_tunnel < 0 else self.t_tunnel  # a tunnel's latency: until it was open
-        proxy.stats.record_response(self.status, latency, self.bytes_rx, self.bytes_tx, self.flags)
-        proxy.istio.record(proxy, self, latency)  # with the peers' identities (agent/proxy/istio_stats.py)
-        proxy.log.append(self)
+        relay = self.relay
+        stats.record_response(relay.status, latency, self.bytes_rx, relay.bytes_tx, self.flags)
+        attempt = self.attempt
+        proxy.istio.record(proxy, self, attempt.cluster, attempt.endpoint, attempt.upstream_addr, relay.status,
+                           latency)  # with the peers' identities (agent/proxy/istio_stats.py)
+        log = proxy.log
+        if log.enabled:
+            log.append(self._record(int(duration)))
         self.ds.exchange_done(self, abort)
+
+    def _record(self, duration_ms: int) -> AccessRecord:
+        """The access-log line's fields, built once the request is finished."""
+        relay = self.relay
+        return AccessRecord(
+            self.start_time, self.method_b.decode("latin-1"), self.target.decode("latin-1"),
+            f"HTTP/{self.version}", relay.status, self.flags, self.bytes_rx, relay.bytes_tx, duration_ms,
+            relay.upstream_ms, self.xff, self.user_agent, self.request_id, self.authority,
+            self.attempt.upstream_host, self.ds.proxy.plane_name, self.ds,
+        )

@@ -1,11 +1,11 @@
 """An HTTP/1.x request (an Exchange) sent as a stream on a pooled h2c upstream connection (h2_upstream.py's
 H2Upstream), for clusters with http2=True.
 
-H2Stream is the Exchange's `conn` (what flush_upstream writes to, what is closed when the attempt ends) and the
-H2Upstream's stream owner (the callbacks a Bridge gets). The response goes through the Exchange's ResponseRelay
-as if parsed from HTTP/1.1: status line, content-length when the server sent one, else chunked (close-delimited
-to an HTTP/1.0 client), trailers as chunked trailers. Retries, timeouts, circuit breakers, outlier reports and the
-access log stay the Exchange's.
+H2Stream is the attempt's `conn` (what the Exchange's flush_upstream writes to, what is closed when the attempt
+ends) and the H2Upstream's stream owner (the callbacks a Bridge gets). The response goes through the Exchange's
+ResponseRelay as if parsed from HTTP/1.1: status line, content-length when the server sent one, else chunked
+(close-delimited to an HTTP/1.0 client), trailers as chunked trailers. Retries, timeouts, circuit breakers and
+outlier reports stay the Attempt's (attempts.py).
 
 Back-pressure: request DATA waiting for the server's window pauses reading from the client above WINDOW bytes;
 response DATA is acknowledged (WINDOW_UPDATE) only once handed to a client transport that is not paused.
@@ -21,66 +21,37 @@ from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.h2 import WINDOW
 from planemesh.agent.proxy.h2_upstream import open_stream
 from planemesh.agent.proxy.http1 import FRAME_NONE, HOP_BY_HOP
+from planemesh.agent.proxy.messages import ResponseHead, h2_request_fields
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.contracts import UpstreamUser as Exchange
+    from planemesh.agent.proxy.contracts import H2Attempt as Attempt
     from planemesh.agent.proxy.h2_upstream import H2Upstream
 
-# What an HTTP/1 request head carries that an h2 request must not (host becomes :authority): the hop-by-hop
-# fields (http1.HOP_BY_HOP); the content-length the proxy framed the body with stays.
-_REQUEST_DROP = (HOP_BY_HOP - {b"content-length"}) | {b"host"}
 _RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
 
 
-def h2_request_fields(ex: Exchange, head: bytes) -> list[tuple[bytes, bytes]]:
-    """The request head the HTTP/1 path built (rewrites, route headers, trace context, x-request-id,
-    x-forwarded-*) as h2 fields: pseudo-headers first, hop-by-hop fields dropped, `te: trailers` kept."""
-    lines = head.split(b"\r\n")
-    method, target, _ = lines[0].split(b" ", 2)
-    authority = None
-    fields = []
-    for line in lines[1:]:
-        if not line:
-            break  # the blank line ending the head
-        name, _, value = line.partition(b": ")
-        if name == b"host":
-            if authority is None:
-                authority = value
-        elif name not in _REQUEST_DROP:
-            fields.append((name, value))
-    if any(n == b"te" and b"trailers" in v.lower() for n, v in ex.headers):
-        fields.append((b"te", b"trailers"))
-    if target[:1] != b"/" and target != b"*":  # absolute form (a proxy request): h2 carries only the path
-        rest = target.split(b"://", 1)[-1]
-        slash = rest.find(b"/")
-        if authority is None:
-            authority = rest[:slash] if slash >= 0 else rest
-        target = rest[slash:] if slash >= 0 else b"/"
-    if authority is None:  # an HTTP/1.0 client without Host: the upstream's address
-        authority = (ex.upstream_host or "").encode("latin-1")
-    pseudo = [(b":method", method), (b":scheme", b"http"), (b":authority", authority), (b":path", target)]
-    return pseudo + fields
-
-
-def open_h2_attempt(ex: Exchange, target: tuple[str, int]) -> None:
-    """Start the Exchange's attempt on `target` as a stream of a pooled h2c connection (opened when none has
-    room); the request head goes out at once, the body as the Exchange flushes it."""
-    pool = ex.ds.proxy.pool
-    key, ex.upstream_host = pool.key_for(target)
-    ex.upstream_key = key
-    if ex.h2_fields is None:
-        ex.h2_fields = h2_request_fields(ex, ex.head)
-    stream = H2Stream(ex)
-    open_stream(stream, target, stream.req_ended, True, ex.connect_timeout_s)  # type: ignore[arg-type]
+def open_h2_attempt(attempt: Attempt, target: tuple[str, int]) -> None:
+    """Start the attempt on `target` as a stream of a pooled h2c connection (opened when none has room); the
+    request head goes out at once, the body as the Exchange flushes it."""
+    ex = attempt.ex
+    pool = attempt.ds.proxy.pool
+    key, attempt.upstream_host = pool.key_for(target)
+    attempt.upstream_key = key
+    if attempt.h2_fields is None:
+        te_trailers = any(n == b"te" and b"trailers" in v.lower() for n, v in ex.headers)
+        attempt.h2_fields = h2_request_fields(ex.req_head, attempt.upstream_host, te_trailers)
+    stream = H2Stream(attempt)
+    open_stream(stream, target, stream.req_ended, True, attempt.connect_timeout_s)  # type: ignore[arg-type]
     if stream.up is not None and not ex.finished:
-        ex.on_connected(stream)  # type: ignore[arg-type]
+        attempt.on_connected(stream)  # type: ignore[arg-type]
 
 
 class H2Stream:
     """One attempt of an Exchange as an h2 stream."""
 
     __slots__ = (
+        "attempt",
         "body_left",
         "bytes_rx",
         "ds",
@@ -88,6 +59,7 @@ class H2Stream:
         "exchange",
         "held_acks",
         "reading_paused",
+        "relay",
         "reopened",
         "req_ended",
         "resp_ended",
@@ -102,15 +74,17 @@ class H2Stream:
 
     @property
     def cluster(self) -> Any:  # TLS origination (h2_upstream.open_stream) reads the attempt's cluster/endpoint
-        return self.ex.cluster
+        return self.attempt.cluster
 
     @property
     def endpoint(self) -> Any:
-        return self.ex.endpoint
+        return self.attempt.endpoint
 
-    def __init__(self, ex: Exchange) -> None:
-        self.ex = ex
-        self.exchange: Exchange | None = None  # set and cleared by the Exchange, as on an UpstreamConnection
+    def __init__(self, attempt: Attempt) -> None:
+        ex = self.ex = attempt.ex
+        self.attempt = attempt
+        self.relay = ex.relay
+        self.exchange = None  # the relay while the attempt uses this stream, as on an UpstreamConnection
         self.ds = ex.ds  # open_stream and H2Upstream.reopen reach the proxy through `ds.proxy`
         self.up: H2Upstream | None = None
         self.up_sid = 0
@@ -125,7 +99,7 @@ class H2Stream:
         self.held_acks = 0
 
     def upstream_headers(self) -> list[tuple[bytes, bytes]]:
-        return self.ex.h2_fields  # type: ignore[return-value]
+        return self.attempt.h2_fields  # type: ignore[return-value]
 
     # ---- the request (what the Exchange writes) ------------------------------------------------------------
 
@@ -192,8 +166,7 @@ class H2Stream:
     # ---- H2Upstream callbacks (those of a Bridge) --------------------------------------------------------------
 
     def on_response_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
-        ex = self.ex
-        if ex.conn is not self:
+        if self.attempt.conn is not self:
             return
         status = 0
         length = None
@@ -209,77 +182,74 @@ class H2Stream:
                 out.append((n, v))
         if status < 200 or status > 999:
             return self.on_reset(self.up, h2.errors.ErrorCodes.PROTOCOL_ERROR)  # type: ignore[arg-type]
-        # Without content-length the body is read to END_STREAM: "chunked" for the relay (chunked to a 1.1 client,
-        # close-delimited to a 1.0 one). Not keep-alive: the relay must close (release) this stream, not pool it.
-        ex.on_response_head(status, b"", out, length, length is None, False, None)
-        ex.ds.flush()
+        # Without content-length the body is read to END_STREAM: chunked to a 1.1 client, close-delimited to a 1.0
+        # one. Not reusable: the relay must close (release) this stream, not pool it.
+        self.relay.on_response_head(ResponseHead(status, out, length))
+        self.ds.flush()
 
     def on_data(self, side: H2Upstream, data: bytes, flow_len: int) -> None:
-        ex = self.ex
-        if ex.conn is not self:
+        if self.attempt.conn is not self:
             side.ack(self.up_sid, flow_len)
             return
-        if ex.ds_framing != FRAME_NONE:  # DATA on a response without a body (HEAD, 204, 304) is dropped
-            ex.on_response_body(data)
-            ex.ds.flush()
-        if self.reading_paused or ex.ds.write_paused:
+        relay = self.relay
+        if relay.ds_framing != FRAME_NONE:  # DATA on a response without a body (HEAD, 204, 304) is dropped
+            relay.on_response_body(data)
+            self.ds.flush()
+        if self.reading_paused or self.ds.write_paused:
             self.reading_paused = True
             self.held_acks += flow_len
         else:
             side.ack(self.up_sid, flow_len)
 
     def on_trailers(self, side: H2Upstream, trailers: list[tuple[bytes, bytes]]) -> None:
-        ex = self.ex
-        if ex.conn is not self:
+        if self.attempt.conn is not self:
             return
-        ex.on_response_trailers([(n.lower(), v) for n, v in trailers if n[:1] != b":"])
+        self.relay.on_response_trailers([(n.lower(), v) for n, v in trailers if n[:1] != b":"])
         self.on_end(side)
 
     def on_end(self, side: H2Upstream) -> None:
-        ex = self.ex
-        if ex.conn is not self or self.resp_ended:
+        if self.attempt.conn is not self or self.resp_ended:
             return
         self.resp_ended = True
-        if ex.status == 0:  # END_STREAM before any response head
+        if self.relay.status == 0:  # END_STREAM before any response head
             return self.on_reset(side, h2.errors.ErrorCodes.PROTOCOL_ERROR)
-        ex.on_response_complete()
-        ex.ds.flush()
+        self.relay.on_response_complete()
+        self.ds.flush()
 
     def on_reset(self, side: H2Upstream, code: int) -> None:
         """The server reset the stream, sent GOAWAY below it, or the connection was lost."""
         ex = self.ex
-        if ex.conn is not self or ex.finished:
+        attempt = self.attempt
+        if attempt.conn is not self or ex.finished:
             return
-        if ex.resp_started:
+        if self.relay.started:
             self._lost()
-            ex.flags = flags.UC
-            ex.keep_alive = False
-            ex.finish(abort=True)
-            ex.ds.flush()
+            ex.abort(flags.UC)
+            self.ds.flush()
             return
-        if code == h2.errors.ErrorCodes.REFUSED_STREAM and side.reopen(self):  # type: ignore[arg-type]
+        refused = code == h2.errors.ErrorCodes.REFUSED_STREAM
+        if refused and side.reopen(self):  # type: ignore[arg-type]
             return  # not processed: opened again on another connection
         self._lost()
-        ex._end_attempt(GATEWAY_FAILURE)
-        if ex._may_retry("reset") or (code == h2.errors.ErrorCodes.REFUSED_STREAM and ex._may_retry("refused-stream")):
-            ex._retry()
+        attempt.end(GATEWAY_FAILURE)
+        if attempt.may_retry("reset") or (refused and attempt.may_retry("refused-stream")):
+            attempt.retry()
         else:
-            ex.reply(502, b"upstream reset before response headers\n", (), ex._exhausted(flags.UC))
-        ex.ds.flush()
+            ex.reply(502, b"upstream reset before response headers\n", (), attempt.exhausted(flags.UC))
+        self.ds.flush()
 
     def up_failed(self, status: int, message: str, flag: str) -> None:
         """The h2c connection could not be opened (H2Upstream._connected)."""
-        ex = self.ex
-        if ex.conn is not self or ex.finished:
+        if self.attempt.conn is not self or self.ex.finished:
             return
         self._lost()
-        ex.on_connect_failed(False)
+        self.attempt.on_connect_failed(False)
 
     def _lost(self) -> None:
         """This stream is gone: the Exchange's attempt no longer has an upstream."""
         up = self.up
         self.up = None
-        self.ex.conn = None
+        self.attempt.conn = None
         if self.write_paused:
             self.write_paused = False
             self.ds.resume_for_upstream()
@@ -287,4 +257,4 @@ class H2Stream:
             up.release(self)  # type: ignore[arg-type]
 
 
-__all__ = ["H2Stream", "h2_request_fields", "open_h2_attempt"]
+__all__ = ["H2Stream", "open_h2_attempt"]

@@ -610,5 +610,6 @@ class Bridge:
         duration_ms = (time.perf_counter() - self.t0) * 1000
         self.duration_ms = int(duration_ms)
         stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx, self.flags)
-        proxy.istio.record(proxy, self, duration_ms)  # with the peers' identities (agent/proxy/istio_stats.py)
+        # with the peers' identities (agent/proxy/istio_stats.py)
+        proxy.istio.record(proxy, self, self.cluster, self.endpoint, self.upstream_addr, self.status, duration_ms)
         proxy.log.append(self)  # type: ignore[arg-type]

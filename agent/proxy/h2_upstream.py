@@ -20,7 +20,6 @@ from planemesh.agent.proxy.http1 import (
     LAST_CHUNK,
     NEVER_HOP_BY_HOP,
     TRAILER_DROP,
-    dropped_names,
     last_chunk,
 )
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import H2StreamUser as Bridge
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
     from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
+    from planemesh.agent.proxy.messages import ResponseHead
 
 MAX_STREAMS_PER_CONN = 1000
 # Streams opened on a new h2c connection before the server's SETTINGS arrive (nghttp2's assumed peer default):
@@ -42,7 +42,6 @@ MAX_REOPEN = 5  # times a refused body-less stream is opened again (a server pas
 # What of an h2 request's fields is not copied into the HTTP/1.1 head: hop-by-hop and framing fields (re-emitted
 # by the proxy) and Host (written from :authority, or the first Host when there is none).
 _H1_DROP = HOP_BY_HOP | NEVER_HOP_BY_HOP
-_H1_RESPONSE_DROP = _H1_DROP - {b"content-length"}
 _pools: weakref.WeakKeyDictionary[PlaneProxy, dict[tuple, list[H2Upstream]]] = weakref.WeakKeyDictionary()
 
 
@@ -433,27 +432,20 @@ class H1Stream:
         self.write_paused = False
         self._release_acks()
 
-    def on_response_head(
-        self,
-        status: int,
-        phrase: bytes,
-        headers: list[tuple[bytes, bytes]],
-        length: int | None,
-        chunked: bool,
-        keep_alive: bool,
-        connection_values: list[bytes] | None,
-    ) -> None:
+    def on_response_head(self, head: ResponseHead) -> None:
+        status = head.status
         if self.finished or status < 200:
             return  # interim responses (100 Continue, 103) are not relayed
         if self.bridge.retry_status(status):
             return  # retried: this attempt (and its connection) is dropped
         self.resp_started = True
-        self.keep_alive = keep_alive
-        if length is None and not chunked and not self.is_head and status != 204 and status != 304:
+        self.keep_alive = head.reusable
+        if head.until_close and not self.is_head and status != 204 and status != 304:
             self.close_delimited = True  # the body ends with the connection
-        drop = _H1_RESPONSE_DROP if connection_values is None else _response_drop(connection_values)
         out = [(b":status", _status_bytes(status))]
-        out += [(n, v) for n, v in headers if n not in drop]
+        out += [(n, v) for n, v in head.fields if n not in NEVER_HOP_BY_HOP]  # no Host in a response to h2
+        if head.length is not None:
+            out.append((b"content-length", b"%d" % head.length))
         self.bridge.status = status
         self.bridge.respond(out, False)
 
@@ -585,12 +577,6 @@ def wake_readers(h2ds: H2Downstream) -> None:
             del paused[stream]
             paused[stream] = None
             skipped += 1
-
-
-def _response_drop(connection_values: list[bytes]) -> frozenset[bytes]:
-    """_H1_RESPONSE_DROP plus the headers a Connection header names (usually none: `keep-alive`)."""
-    named = dropped_names(connection_values)
-    return _H1_RESPONSE_DROP if named is HOP_BY_HOP else _H1_RESPONSE_DROP | (named - HOP_BY_HOP)
 
 
 def _status_bytes(status: int) -> bytes:

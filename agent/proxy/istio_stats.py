@@ -74,14 +74,15 @@ class IstioCounters:
             self._local_uri[cert] = uri_of(cert)
         return self._local_uri[cert]
 
-    def record(self, proxy: Any, ex: Any, duration_ms: float) -> None:
-        """One finished HTTP request (an Exchange or an h2 stream)."""
-        cluster = getattr(ex, "cluster", None)
+    def record(
+        self, proxy: Any, rec: Any, cluster: Any, endpoint: Any, addr: Any, status: int, duration_ms: float
+    ) -> None:
+        """One finished HTTP request; `rec` (an Exchange or an h2 stream) reaches the client connection as `.ds`."""
         if cluster is None or not _istio_cluster(cluster.name):
             return
-        source, destination = self.principals(proxy, cluster, ex.endpoint, getattr(ex, "upstream_addr", None), ex)
+        source, destination = self.principals(proxy, cluster, endpoint, addr, rec)
         row = self._row(cluster.name, source, destination)
-        cls = ex.status // 100
+        cls = status // 100
         row.responses[cls if 0 <= cls < 6 else 0] += 1
         row.latency[bisect_left(LATENCY_BUCKETS_MS, duration_ms)] += 1
         row.sum_ms += duration_ms

@@ -7,7 +7,8 @@ import itertools
 import random
 from typing import TYPE_CHECKING
 
-from planemesh.agent.proxy.http1 import CHUNKED, CRLF, HOP_BY_HOP, append_headers
+from planemesh.agent.proxy.http1 import HOP_BY_HOP
+from planemesh.agent.proxy.messages import RequestHead
 from planemesh.agent.proxy.tracing import TRACE_HEADERS, outgoing_trace_headers
 from planemesh.agent.proxy.xfcc import DROP_WITH_XFCC, XFCC
 
@@ -20,7 +21,7 @@ _getrandbits = random.getrandbits
 # uuid.uuid4() costs a getrandom() syscall per request.
 _RID_PREFIX = f"{_getrandbits(32):08x}-{_getrandbits(16):04x}-4{_getrandbits(12):03x}-{0x8000 | _getrandbits(14):04x}-"
 _rid_counter = itertools.count(_getrandbits(40))
-FORWARDED_PROTO = b"x-forwarded-proto: http\r\n"
+FORWARDED_PROTO = (b"x-forwarded-proto", b"http")
 
 
 def new_request_id() -> bytes:
@@ -89,10 +90,10 @@ def with_trace_context(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, 
     return headers + outgoing_trace_headers(incoming)
 
 
-def request_head(ex: Exchange, route: Route | None, extra: bytes = b"") -> bytes:
-    """The request head sent upstream. Sets ex.request_id (when the client sent none) and ex.xff.
-    `extra` is emitted as is before the framing headers (the upgrade headers of a tunnel request). The headers
-    the client's Connection header named are already gone (request_checks): what the proxy adds here stays."""
+def request_head(ex: Exchange, route: Route | None, upgrade: bytes = b"") -> RequestHead:
+    """The request head sent upstream, codec-neutral (messages.py). Sets ex.request_id (when the client sent none)
+    and ex.xff. `upgrade`: the Upgrade a tunnel request asks for. The headers the client's Connection header
+    named are already gone (request_checks): what the proxy adds here stays."""
     target = ex.target
     headers = ex.headers
     if route is not None:
@@ -104,33 +105,23 @@ def request_head(ex: Exchange, route: Route | None, extra: bytes = b"") -> bytes
         if route.request_headers_to_remove or route.request_headers_to_add:
             headers = route_request_headers(route, headers)
     headers, incoming_trace = split_trace(headers)
-    parts = [ex.method_b, b" ", target, b" HTTP/1.1\r\n"]
     # x-forwarded-client-cert: dropped unless the mTLS connection's listener forwards it (agent/proxy/xfcc.py)
     ssl_object = ex.ds.transport.get_extra_info("ssl_object")
     xfcc = getattr(ssl_object, "planemesh_xfcc", None) if ssl_object is not None else None
-    if xfcc is None or xfcc == (True, None):  # plaintext (sanitize), or forward_only on mTLS (keep as is)
-        append_headers(parts, headers, HOP_BY_HOP if xfcc else DROP_WITH_XFCC)
-    else:  # sanitize_set: ours only; append_forward: the client's elements, then ours, in one field
+    drop = HOP_BY_HOP if xfcc is not None and xfcc == (True, None) else DROP_WITH_XFCC
+    fields = [(n, v) for n, v in headers if n not in drop]
+    if xfcc is not None and xfcc != (True, None):  # sanitize_set: ours only; append_forward: theirs, then ours
         prior = [v for n, v in headers if n == XFCC] if xfcc[0] else []
-        append_headers(parts, headers, DROP_WITH_XFCC)
         if xfcc[1] is not None:
-            parts += (XFCC, b": ", b", ".join([*prior, xfcc[1]]), CRLF)
-    for name, value in outgoing_trace_headers(incoming_trace):
-        parts += (name, b": ", value, CRLF)
+            fields.append((XFCC, b", ".join([*prior, xfcc[1]])))
+    fields += outgoing_trace_headers(incoming_trace)
     if ex.request_id is None:
         rid = new_request_id()
         ex.request_id = rid.decode()
-        parts += (b"x-request-id: ", rid, CRLF)
+        fields.append((b"x-request-id", rid))
     peer = ex.ds.peer_ip
     ex.xff = f"{ex.xff}, {peer}" if ex.xff else peer
-    parts += (b"x-forwarded-for: ", ex.xff.encode("latin-1"), CRLF)
+    fields.append((b"x-forwarded-for", ex.xff.encode("latin-1")))
     if not ex.has_xfp:
-        parts.append(FORWARDED_PROTO)
-    if extra:
-        parts.append(extra)
-    if ex.req_chunked:
-        parts.append(CHUNKED)
-    elif ex.req_length:
-        parts.append(b"content-length: %d\r\n" % ex.req_length)
-    parts.append(CRLF)
-    return b"".join(parts)
+        fields.append(FORWARDED_PROTO)
+    return RequestHead(ex.method_b, target, fields, ex.req_length, ex.req_chunked, upgrade)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from netaddr import AddrFormatError
 
 from planemesh.agent.proxy.accesslog import OM, AccessLogBuffer, Sink, format_json, format_text
+from planemesh.agent.proxy.contracts import Timed
 from planemesh.agent.proxy.downstream import Downstream
 from planemesh.agent.proxy.exchange import Exchange
 from planemesh.agent.proxy.h2_downstream import H2Downstream
@@ -89,7 +90,7 @@ class PlaneProxy:
             self, max_idle_per_key=max_idle_per_key, idle_timeout_s=min(60.0, self.sla.idle_timeout_s)
         )
         self.connections: set[ClientConnection] = set()  # every client connection, HTTP/1.1 or h2 (admitted or not)
-        self.inflight: set[Exchange] = set()  # requests with a deadline, checked by _sweep_deadlines
+        self.inflight: set[Timed] = set()  # attempts and h2 streams with a deadline, checked by _sweep_deadlines
         self._sweep_handle: asyncio.TimerHandle | None = None
         self.deadline_resolution_s = 0.02
         self.listen_ports: set[int] = set()
@@ -234,7 +235,7 @@ class PlaneProxy:
         """A new client connection speaking h2c (prior knowledge); `preread`: its first bytes, read already."""
         return H2Downstream(self, preread)
 
-    def watch_deadline(self, ex: Exchange) -> None:
+    def watch_deadline(self, ex: Timed) -> None:
         """Deadlines are checked by one sweep every `deadline_resolution_s` while requests are in flight:
         a call_later + cancel per request costs more than the whole routing step."""
         self.inflight.add(ex)

@@ -46,7 +46,7 @@ class Tunnel:
         self.moved = True
 
     def _to_client(self, n: int) -> None:
-        self.ex.bytes_tx += n
+        self.ex.relay.bytes_tx += n
         self.moved = True
 
     def start(self, to_upstream: bytes, client_eof: bool) -> None:
@@ -55,9 +55,10 @@ class Tunnel:
         ex = self.ex
         ex.t_tunnel = (_perf() - ex.t0) * 1000
         ds = ex.ds
-        if ex.deadline:  # the request timeout covered opening the tunnel; now only the idle timeout applies
-            ds.proxy.inflight.discard(ex)
-            ex.deadline = ex.try_deadline = 0.0
+        attempt = ex.attempt
+        if attempt.deadline:  # the request timeout covered opening the tunnel; now only the idle timeout applies
+            ds.proxy.inflight.discard(attempt)
+            attempt.deadline = attempt.try_deadline = 0.0
         ds.flush()  # the 101 or 200 goes out before any tunnel byte
         up_transport = self.up.transport
         if to_upstream and up_transport is not None:
@@ -93,7 +94,7 @@ class Tunnel:
 def upgrade_to_tunnel(ex: Exchange, conn: UpstreamConnection, from_upstream: bytes) -> None:
     """The upstream answered 101 (its head is queued for the client): its connection becomes the tunnel."""
     conn.exchange = None
-    ex.conn = None
+    ex.attempt.conn = None
     tunnel = Tunnel(ex, conn)
     if from_upstream:
         tunnel._to_client(len(from_upstream))
@@ -106,7 +107,7 @@ def upgrade_to_tunnel(ex: Exchange, conn: UpstreamConnection, from_upstream: byt
 def open_connect(ex: Exchange, host: str, port: int) -> None:
     """CONNECT: open the upstream to (host, port) (a name is resolved first), then 200 and the tunnel."""
     pool = ex.ds.proxy.pool
-    task = ex.connect_task = pool.proxy.loop.create_task(_connect(ex, host, port))
+    task = ex.attempt.connect_task = pool.proxy.loop.create_task(_connect(ex, host, port))
     pool.connecting.add(task)  # cancelled by a drain's close_all, like the pool's own connects
     task.add_done_callback(pool.connecting.discard)
 
@@ -115,7 +116,8 @@ async def _connect(ex: Exchange, host: str, port: int) -> None:
     ds = ex.ds
     proxy = ds.proxy
     loop = proxy.loop
-    timeout = ex.connect_timeout_s
+    attempt = ex.attempt
+    timeout = attempt.connect_timeout_s
     try:
         async with asyncio.timeout(timeout):
             if not _is_ip(host):
@@ -126,7 +128,7 @@ async def _connect(ex: Exchange, host: str, port: int) -> None:
     except (OSError, TimeoutError):
         if not ex.finished:
             proxy.stats.upstream_connect_failures += 1
-            ex._end_attempt(GATEWAY_FAILURE)
+            attempt.end(GATEWAY_FAILURE)
             ex.keep_alive = False  # the client may already be sending tunnel bytes: never parse them as HTTP
             ex.reply(503, b"upstream connect error\n", (), flags.UF)
             ds.flush()
@@ -134,9 +136,9 @@ async def _connect(ex: Exchange, host: str, port: int) -> None:
     if ex.finished:
         sock.close()
         return
-    ex.connect_task = None
-    ex.upstream_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    ex._end_attempt(200)
+    attempt.connect_task = None
+    attempt.upstream_host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    attempt.end(200)
     tunnel = Tunnel(ex, None)
     try:
         await loop.connect_accepted_socket(lambda: tunnel.up, sock)
@@ -146,9 +148,10 @@ async def _connect(ex: Exchange, host: str, port: int) -> None:
     if ex.finished:  # the client went away meanwhile
         tunnel.up.close()
         return
-    ex.upstream_ms = int((_perf() - ex.t_upstream) * 1000)
-    ex.status = 200
-    ex.resp_started = True
+    relay = ex.relay
+    relay.upstream_ms = int((_perf() - attempt.t_upstream) * 1000)
+    relay.status = 200
+    relay.started = True
     ds.out.append(CONNECT_ESTABLISHED)
     to_upstream, client_eof = ds.take_held()
     tunnel.start(to_upstream, client_eof)

@@ -12,14 +12,21 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from planemesh.agent.proxy.http1 import MAX_HEADER_BYTES, MAX_HEADERS_COUNT
+from planemesh.agent.proxy.http1 import (
+    HOP_BY_HOP,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS_COUNT,
+    connection_tokens,
+    dropped_names,
+)
+from planemesh.agent.proxy.messages import ResponseHead
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tls_context import originate_tls
 from planemesh.model.tls_config import endpoint_tls
 
 if TYPE_CHECKING:
+    from planemesh.agent.proxy.contracts import PoolUser, ResponseSink
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
-    from planemesh.agent.proxy.contracts import UpstreamUser as Exchange
 
 PoolKey = tuple[str, int, str | None, int]
 # Idle connections above max_idle_per_key are closed once idle this long (not at once): many requests ending in
@@ -45,6 +52,7 @@ class UpstreamConnection(asyncio.Protocol):
         "in_body",
         "key",
         "length",
+        "nfields",
         "parser",
         "paused_ds",
         "phrase",
@@ -56,6 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
         "status",
         "trailers",
         "transport",
+        "upgrade",
     )
 
     def __init__(self, pool: UpstreamPool, key: PoolKey) -> None:
@@ -63,7 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = HttpResponseParser(self)
-        self.exchange: Exchange | None = None
+        self.exchange: ResponseSink | None = None
         self.ready = False
         self.reused = False
         self.head_done = False
@@ -76,6 +85,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.length: int | None = None
         self.chunked = False
         self.conn_values: list[bytes] | None = None
+        self.upgrade: bytes | None = None
+        self.nfields = 0
         self.in_body = False  # headers complete: header callbacks now bring trailers
         self.trailers: list[tuple[bytes, bytes]] | None = None
         self.section_bytes = 0  # of the header section (or trailer section) being parsed
@@ -168,6 +179,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.length = None
         self.chunked = False
         self.conn_values = None
+        self.upgrade = None
+        self.nfields = 0
         self.in_body = False
         self.trailers = None
 
@@ -182,9 +195,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self.in_body:
             self._on_trailer(n, value)
             return
-        if len(self.headers) >= MAX_HEADERS_COUNT:
+        if self.nfields >= MAX_HEADERS_COUNT:
             raise HttpParserError("too many response header fields")
-        if n == b"content-length":
+        self.nfields += 1
+        if n not in HOP_BY_HOP:  # the head's fields are end-to-end (messages.ResponseHead); framing is ours
+            self.headers.append((n, value))
+        elif n == b"content-length":
             self.length = int(value)  # llhttp has validated it
         elif n == b"transfer-encoding":
             self.chunked = value.rstrip().lower().endswith(b"chunked")
@@ -193,7 +209,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.conn_values = [value]
             else:
                 self.conn_values.append(value)
-        self.headers.append((n, value))
+        elif n == b"upgrade" and self.upgrade is None:
+            self.upgrade = value
 
     def _on_trailer(self, name: bytes, value: bytes) -> None:
         if self.trailers is None:
@@ -214,18 +231,26 @@ class UpstreamConnection(asyncio.Protocol):
             # RFC 9110 8.6, 9112 6.1: these never have a body; framing that says otherwise would leave bytes
             # to be read as the next response (Envoy: 502, as here).
             raise HttpParserError("body framing on a 204/304 response")
-        ex.on_response_head(
-            status,
-            self.phrase,
-            self.headers,
-            self.length,
-            self.chunked,
-            self.parser.should_keep_alive(),
-            self.conn_values,
-        )
+        ex.on_response_head(self._head(status))
         if ex.is_head and status >= 200:
             self.head_done = True
             raise _HeadResponseDone
+
+    def _head(self, status: int) -> ResponseHead:
+        """The response head, codec-neutral: what the Connection header named is gone too, and a 101's protocol
+        is kept only when it really switches (an Upgrade and `Connection: upgrade`, what llhttp stops on)."""
+        fields = self.headers
+        conn_values = self.conn_values
+        upgrade = None
+        if conn_values is not None:
+            named = dropped_names(conn_values)
+            if named is not HOP_BY_HOP:
+                fields = [(n, v) for n, v in fields if n not in named]
+            if self.upgrade is not None and any(b"upgrade" in connection_tokens(v) for v in conn_values):
+                upgrade = self.upgrade
+        until_close = self.length is None and not self.chunked
+        return ResponseHead(status, fields, self.length, until_close, self.parser.should_keep_alive(), self.phrase,
+                            upgrade)
 
     def on_body(self, data: bytes) -> None:
         ex = self.exchange
@@ -271,7 +296,7 @@ class UpstreamPool:
         """Source addresses may have changed (new snapshot): compute keys afresh."""
         self._keys.clear()
 
-    def acquire_for(self, ex: Exchange, addr: tuple[str, int], connect_timeout: float) -> None:
+    def acquire_for(self, ex: PoolUser, addr: tuple[str, int], connect_timeout: float) -> None:
         key, ex.upstream_host = self.key_for(addr)
         cluster = getattr(ex, "cluster", None)  # h2 bridges (H1Stream) carry none: no TLS upstream there
         if cluster is not None and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None:
@@ -291,7 +316,7 @@ class UpstreamPool:
                 return
         self.connect_for(ex, addr, connect_timeout)
 
-    def connect_for(self, ex: Exchange, addr: tuple[str, int], connect_timeout: float) -> None:
+    def connect_for(self, ex: PoolUser, addr: tuple[str, int], connect_timeout: float) -> None:
         proxy = self.proxy
         stats = proxy.stats
         if stats.requests_pending >= proxy.sla.max_pending_requests:
@@ -323,7 +348,7 @@ class UpstreamPool:
             raise
         return conn  # type: ignore[return-value]
 
-    def _opened(self, ex: Exchange, task: asyncio.Task) -> None:
+    def _opened(self, ex: PoolUser, task: asyncio.Task) -> None:
         self.connecting.discard(task)
         if ex.pending and ex.connect_task is task:
             ex.pending = False

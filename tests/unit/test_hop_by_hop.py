@@ -4,7 +4,9 @@ fields in a client's trailers to the upstream)."""
 
 from __future__ import annotations
 
-from planemesh.agent.proxy import h1_over_h2, h2_stream, h2_upstream, http1
+from pathlib import Path
+
+from planemesh.agent.proxy import h1_over_h2, h2_stream, h2_upstream, http1, messages
 from planemesh.agent.proxy.h2_stream import Bridge
 
 # RFC 9113 8.2.2: fields an h2 message must not carry (te only as "te: trailers").
@@ -17,6 +19,7 @@ def test_h2_sets_are_derived_from_the_one_hop_by_hop_set() -> None:
     assert h2_stream.HOP_BY_HOP_H2 is http1.HOP_BY_HOP_H2
     assert h2_upstream._H1_DROP == http1.HOP_BY_HOP | http1.NEVER_HOP_BY_HOP
     assert h1_over_h2._RESPONSE_DROP <= http1.HOP_BY_HOP
+    assert http1.HOP_BY_HOP | {b"host"} == messages.H2_REQUEST_DROP
 
 
 class _Upstream:
@@ -48,3 +51,14 @@ def test_client_trailers_lose_host_and_framing_fields_like_on_http1() -> None:
     bridge.on_trailers(ds, sent)  # type: ignore[arg-type]
     assert up.trailers == [(b"grpc-status", b"0"), (b"x-checksum", b"abc")]
     assert bridge.req_ended
+
+
+def test_no_other_copy_of_the_hop_by_hop_set_in_agent() -> None:
+    """Only http1.py spells the hop-by-hop names out as bytes; every other module derives its set from HOP_BY_HOP."""
+    agent = Path(__file__).resolve().parents[2] / "agent"
+    copies = [
+        str(f.relative_to(agent))
+        for f in agent.rglob("*.py")
+        if f.name != "http1.py" and any(name in f.read_text() for name in ('b"proxy-connection"', 'b"keep-alive"'))
+    ]
+    assert not copies, copies

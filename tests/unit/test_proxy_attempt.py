@@ -1,0 +1,120 @@
+"""attempts.Attempt on its own (composition: it owns the upstream side's state and reaches its request only
+through contracts.AttemptOwner): circuit-breaker holds taken and given back, a connect failure retried after a
+back-off with the request re-armed, retries exhausted (URX), timeouts. No sockets: a recording pool and loop."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from planemesh.agent.proxy.attempts import HELD_REQUEST, Attempt
+from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS, RETRIES, CircuitBreaker
+from planemesh.agent.proxy.retry import Retries
+from planemesh.model.config import CircuitBreakers, RetryPolicy
+
+TARGET = ("10.0.0.1", 8080)
+
+
+class Owner:
+    """A request, as an Attempt sees it (contracts.AttemptOwner), recording what the attempt asks of it."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+        self.finished = False
+        self.relay = SimpleNamespace(started=False)
+        self.calls: list[tuple] = []
+
+    def replayable(self) -> bool:
+        return True
+
+    def rearm(self) -> None:
+        self.calls.append(("rearm",))
+
+    def flush_upstream(self) -> None:
+        self.calls.append(("flush_upstream",))
+
+    def overloaded(self, which: bytes) -> None:
+        self.calls.append(("overloaded", which))
+        self.finished = True
+
+    def reply(self, status: int, body: bytes, headers=(), flag: str = "") -> None:
+        self.calls.append(("reply", status, flag))
+        self.finished = True
+
+    def abort(self, flag: str) -> None:
+        self.calls.append(("abort", flag))
+        self.finished = True
+
+
+def _world():
+    timers: list = []
+    pool = SimpleNamespace(opened=[])
+    pool.acquire_for = lambda user, addr, timeout: pool.opened.append(("acquire", addr))
+    pool.connect_for = lambda user, addr, timeout: pool.opened.append(("connect", addr))
+    loop = SimpleNamespace(time=lambda: 100.0, call_later=lambda d, fn, *a: timers.append((d, fn, a)) or object())
+    stats = SimpleNamespace(upstream_connect_failures=0, retries=0, upstream_timeouts=0, requests_pending=0)
+    proxy = SimpleNamespace(pool=pool, loop=loop, stats=stats, inflight=set())
+    ds = SimpleNamespace(proxy=proxy, write_paused=False, local=TARGET, flush=lambda: None,
+                         resume_for_buffer=lambda: None)
+    return ds, pool, timers
+
+
+def _attempt(breaker: CircuitBreaker | None = None, policy: RetryPolicy | None = None):
+    ds, pool, timers = _world()
+    owner = Owner(ds)
+    attempt = Attempt(owner)
+    owner.attempt = attempt
+    attempt.upstream_addr = TARGET
+    if breaker is not None:
+        breaker.try_acquire(REQUESTS)
+        attempt.breaker = breaker
+        attempt.cb_held |= HELD_REQUEST
+    if policy is not None:
+        attempt.retries = Retries(policy, breaker)
+    return attempt, owner, pool, timers
+
+
+def test_breaker_units_are_held_per_attempt_and_given_back() -> None:
+    breaker = CircuitBreaker(CircuitBreakers(max_connections=1))
+    first, owner, pool, _ = _attempt(breaker)
+    first.open(TARGET, reuse=True)
+    assert pool.opened == [("acquire", TARGET)]
+    assert breaker.counts[CONNECTIONS] == 1 and breaker.counts[PENDING] == 1
+    conn = SimpleNamespace(exchange=None, pause_reading=lambda: None)
+    first.on_connected(conn)  # type: ignore[arg-type]
+    assert conn.exchange is owner.relay and breaker.counts[PENDING] == 0  # the response goes to the relay
+    second, owner2, pool2, _ = _attempt(breaker)
+    second.open(TARGET, reuse=True)
+    assert owner2.calls == [("overloaded", b"cluster_connections")] and pool2.opened == []
+    second.release()
+    first.release()
+    assert breaker.counts == {REQUESTS: 0, PENDING: 0, CONNECTIONS: 0, RETRIES: 0}
+
+
+def test_connect_failure_is_retried_after_a_back_off_then_exhausted() -> None:
+    breaker = CircuitBreaker(CircuitBreakers())
+    policy = RetryPolicy(retry_on=frozenset({"connect-failure"}), num_retries=1, backoff_base_s=0.5)
+    attempt, owner, pool, timers = _attempt(breaker, policy)
+    attempt.open(TARGET, reuse=True)
+    attempt.on_connect_failed(False)
+    assert ("rearm",) in owner.calls and breaker.counts[RETRIES] == 1
+    if timers:  # a back-off was drawn (jittered: it may be under a millisecond, then the retry went at once)
+        delay, fn, args = timers.pop()
+        assert 0 <= delay <= 0.5
+        fn(*args)
+    assert pool.opened == [("acquire", TARGET), ("acquire", TARGET)]
+    attempt.on_connect_failed(False)
+    assert owner.calls[-1] == ("reply", 503, "UF,URX")
+    attempt.release()
+    assert breaker.counts == {REQUESTS: 0, PENDING: 0, CONNECTIONS: 0, RETRIES: 0}
+
+
+def test_timeouts_before_and_after_the_response_started() -> None:
+    attempt, owner, _, _ = _attempt()
+    attempt.deadline = attempt.try_deadline = 99.0
+    attempt.on_timeout(100.0)
+    assert owner.calls == [("reply", 504, "UT")]
+    attempt, owner, _, _ = _attempt()
+    owner.relay.started = True
+    attempt.deadline = attempt.try_deadline = 99.0
+    attempt.on_timeout(100.0)
+    assert owner.calls == [("abort", "UT")]  # mid-response: the client's connection closes
