@@ -52,7 +52,18 @@ class H2Side(asyncio.Protocol):
 
     def __init__(self, proxy: PlaneProxy) -> None:
         self.proxy = proxy
-        self.conn = h2.connection.H2Connection(
+        self.conn = self._new_conn()
+        self.transport: asyncio.Transport | None = None
+        self.bridges: dict[int, Stream] = {}
+        self.queues: dict[int, deque[list]] = {}  # stream -> [[data, end, on_sent], ...] waiting for window
+        self.closed = False
+        self.write_scheduled = False
+        self.write_paused = False  # the transport's buffer is full: DATA waits (and so does the other side)
+        self.data_frames = 0  # DATA frames sent (the WINDOW_UPDATE allowance of a client grows with them)
+
+    def _new_conn(self) -> h2.connection.H2Connection:
+        """The codec: the h2 library's connection (the server side replaces it with h2_codec's)."""
+        conn = h2.connection.H2Connection(
             h2.config.H2Configuration(
                 client_side=self.client_side,
                 header_encoding=None,
@@ -64,15 +75,9 @@ class H2Side(asyncio.Protocol):
                 normalize_outbound_headers=False,
             )
         )
-        self.conn.encoder = StatelessEncoder()  # type: ignore[assignment]
-        self.conn.decoder = MemoDecoder(self.conn.decoder.max_header_list_size)
-        self.transport: asyncio.Transport | None = None
-        self.bridges: dict[int, Stream] = {}
-        self.queues: dict[int, deque[list]] = {}  # stream -> [[data, end, on_sent], ...] waiting for window
-        self.closed = False
-        self.write_scheduled = False
-        self.write_paused = False  # the transport's buffer is full: DATA waits (and so does the other side)
-        self.data_frames = 0  # DATA frames sent (the WINDOW_UPDATE allowance of a client grows with them)
+        conn.encoder = StatelessEncoder()  # type: ignore[assignment]
+        conn.decoder = MemoDecoder(conn.decoder.max_header_list_size)
+        return conn
 
     def _init_conn(
         self,

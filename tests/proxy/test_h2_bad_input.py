@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 EMPTY_SETTINGS = struct.pack(">I", 0)[1:] + bytes([4, 0]) + struct.pack(">I", 0)
-PROTOCOL_ERROR, FRAME_SIZE_ERROR = 1, 6
+PROTOCOL_ERROR, FRAME_SIZE_ERROR, COMPRESSION_ERROR = 1, 6, 9
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
@@ -71,9 +71,8 @@ def one_good_request(port: int) -> int:
     ("garbage", "expected"),
     [
         (frame(0, 1, 0, b"data on stream 0"), PROTOCOL_ERROR),  # DATA must belong to a stream
-        # undecodable HPACK block: the h2 library reports it as PROTOCOL_ERROR (RFC 9113 would say
-        # COMPRESSION_ERROR); either way a connection error: GOAWAY and close
-        (frame(1, 4, 1, b"\xff\xff\xff\xff\xff\xff"), PROTOCOL_ERROR),
+        # undecodable HPACK block: a connection error of type COMPRESSION_ERROR (RFC 9113 4.3)
+        (frame(1, 4, 1, b"\xff\xff\xff\xff\xff\xff"), COMPRESSION_ERROR),
         (frame(4, 0, 0, b"\x00\x04\x00\x00"), FRAME_SIZE_ERROR),  # SETTINGS whose length is not a multiple of 6
         (frame(8, 0, 0, struct.pack(">I", 0)), PROTOCOL_ERROR),  # WINDOW_UPDATE of 0 on the connection
         (frame(1, 4, 2, b"\x82"), PROTOCOL_ERROR),  # a client stream with an even id
