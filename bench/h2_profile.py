@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench import grpc as grpc_bench
+from planemesh.agent.config import Cluster, ClusterKind, Endpoint
 from tests.proxy.proxy_harness import ProxyThread, free_port
 
 
@@ -86,7 +88,8 @@ def nginx(workdir: Path, port: int) -> subprocess.Popen:
     root.mkdir()
     (root / "index.html").write_text("planemesh bench " * 8)
     conf = workdir / "nginx.conf"
-    conf.write_text(textwrap.dedent(f"""\
+    conf.write_text(
+        textwrap.dedent(f"""\
         daemon off; master_process off; worker_processes 1; pid {workdir}/nginx.pid;
         error_log {workdir}/nginx-error.log;
         events {{ worker_connections 4096; }}
@@ -96,13 +99,18 @@ def nginx(workdir: Path, port: int) -> subprocess.Popen:
           uwsgi_temp_path {workdir}; scgi_temp_path {workdir};
           server {{ listen 127.0.0.1:{port} backlog=4096; root {root}; }}
         }}
-    """))
+    """)
+    )
     return subprocess.Popen(["nginx", "-c", str(conf), "-e", str(workdir / "nginx-error.log")])
 
 
-def h2load(port: int, seconds: int, clients: int, streams: int) -> str:
-    argv = ["h2load", "-t1", f"-c{clients}", f"-m{streams}", f"-D{seconds}", "--warm-up-time=1",
-            f"http://127.0.0.1:{port}/"]  # fmt: skip
+def h2load(port: int, seconds: int, clients: int, streams: int, grpc_body: Path | None = None) -> str:
+    argv = ["h2load", "-t1", f"-c{clients}", f"-m{streams}", f"-D{seconds}", "--warm-up-time=1"]
+    if grpc_body is None:
+        argv.append(f"http://127.0.0.1:{port}/")
+    else:  # gRPC-framed unary calls to an h2c backend
+        argv += ["-d", str(grpc_body), "-H", "content-type: application/grpc", "-H", "te: trailers",
+                 f"http://127.0.0.1:{port}{grpc_bench.UNARY}"]  # fmt: skip
     return subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
 
 
@@ -115,22 +123,33 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--sample", action="store_true", help="a statistical profile instead of cProfile")
     parser.add_argument("--dump", help="write the pstats file here")
+    parser.add_argument("--grpc", action="store_true", help="gRPC unary calls to an h2c backend (bench/grpc.py's)")
     args = parser.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        server = nginx(Path(tmp), port)
+        body = None
+        if args.grpc:
+            server = grpc_bench.start_backend(Path(tmp), port)
+            body = Path(tmp) / "request.bin"
+            body.write_bytes(grpc_bench.grpc_message(b"\x0a\x02hi"))
+            cluster = Cluster(name="backend", kind=ClusterKind.STATIC, http2=True,
+                              endpoints=(Endpoint(address="127.0.0.1", port=port),))  # fmt: skip
+            clusters = {"backend": cluster}
+        else:
+            server = nginx(Path(tmp), port)
+            clusters = None
         try:
-            proxy = ProfiledProxy([("127.0.0.1", port)])
+            proxy = ProfiledProxy([("127.0.0.1", port)], clusters=clusters)
             if not args.no_profile and not args.sample:
                 proxy.profile = cProfile.Profile()
             sampler = Sampler(proxy.thread) if args.sample else None
             with proxy:
-                h2load(proxy.port, 1, 4, 4)  # warm the pools
+                h2load(proxy.port, 1, 4, 4, body)  # warm the pools
                 if sampler is not None:
                     sampler.start()
                 t0 = os.times()
                 opened = proxy.proxy.stats.upstream_total
-                out = h2load(proxy.port, args.seconds, args.clients, args.streams)
+                out = h2load(proxy.port, args.seconds, args.clients, args.streams, body)
                 t1 = os.times()
                 opened = proxy.proxy.stats.upstream_total - opened
                 if sampler is not None:
@@ -144,8 +163,10 @@ def main() -> None:
     n = int(done.group(0).split()[1]) if done else 0
     user, system = t1.user - t0.user, t1.system - t0.system
     per = 1e6 / max(n, 1)
-    print(f"proxy CPU: user {user:.2f} s, system {system:.2f} s; per request {per * (user + system):.1f} us "
-          f"(user {per * user:.1f})")
+    print(
+        f"proxy CPU: user {user:.2f} s, system {system:.2f} s; per request {per * (user + system):.1f} us "
+        f"(user {per * user:.1f})"
+    )
     print(f"upstream connections opened during the run: {opened}")
     if sampler is not None:
         print(sampler.report(args.top))

@@ -1,21 +1,23 @@
-"""The HTTP/2 server side's codec, without I/O (RFC 9113): bytes in -> stream events, calls -> bytes out.
+"""The proxy's HTTP/2 codec, either side, without I/O (RFC 9113): bytes in -> stream events, calls -> bytes out.
 
-It replaces the `h2` library on the downstream hot path, where h2's generality (a state machine object per
-stream, frame objects from hyperframe, enum flags, header validation the proxy switches off) cost about 40% of a
-worker's time per request. The API is the subset of `h2.connection.H2Connection` that H2Side uses, and the
-events are h2's event classes (plain records), so the connection code and the request streams work on either.
+It replaces the `h2` library on the proxy's hot paths (client connections and h2c upstreams), where h2's
+generality (a state machine object per stream, hyperframe frame objects, enum flags, header validation the proxy
+switches off) cost about 40% of a worker's time per request. Its API is the subset of `h2.connection.H2Connection`
+that H2Side uses and its events are h2's event classes (plain records), so the connection code and the request
+streams did not change with it. HPACK: h2_hpack_decode's memoising decoder and h2_hpack's stateless encoder.
 
 What it checks, each a connection error (GOAWAY with the code, then ProtocolError) unless said otherwise:
-frame sizes (FRAME_SIZE_ERROR), frames on stream 0 that must not be and the reverse, even or decreasing client
-stream ids, CONTINUATION out of sequence or beyond CONTINUATION_BACKLOG frames, padding longer than the payload,
-bad SETTINGS values, PUSH_PROMISE from a client (PROTOCOL_ERROR), undecodable HPACK (COMPRESSION_ERROR), a header
-list past the advertised size (ENHANCE_YOUR_CALM), flow-control violations (FLOW_CONTROL_ERROR), more streams
-than `enforced_streams` at once (PROTOCOL_ERROR). Stream errors (RST_STREAM, reported as a StreamReset with
-remote_reset False, as h2 does): DATA or HEADERS after the client ended the stream (STREAM_CLOSED), a stream
-WINDOW_UPDATE of 0 (PROTOCOL_ERROR) or past 2^31-1 (FLOW_CONTROL_ERROR).
+frame sizes (FRAME_SIZE_ERROR), frames on stream 0 that must not be and the reverse, frames on idle streams,
+even (server side) or decreasing client stream ids, CONTINUATION out of sequence or beyond CONTINUATION_BACKLOG
+frames, padding longer than the payload, bad SETTINGS values, PUSH_PROMISE (never enabled: PROTOCOL_ERROR),
+undecodable HPACK (COMPRESSION_ERROR), a header list past the advertised size (ENHANCE_YOUR_CALM), flow-control
+violations (FLOW_CONTROL_ERROR), more streams than `enforced_streams` at once (PROTOCOL_ERROR). Stream errors
+(RST_STREAM, reported as a StreamReset with remote_reset False, as h2 does): DATA or HEADERS after the peer ended
+the stream (STREAM_CLOSED), a stream WINDOW_UPDATE of 0 (PROTOCOL_ERROR) or past 2^31-1 (FLOW_CONTROL_ERROR).
 
 Receive flow control: bytes the proxy acknowledges (acknowledge_received_data, once forwarded) are credited back
 with WINDOW_UPDATE once they reach half the window, as h2 does; frames on closed streams are credited at once.
+A GOAWAY received is reported and changes nothing else: the streams it lets complete do (RFC 9113 6.8).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import h2.events as ev
 import h2.exceptions
 from hpack import HPACKError, OversizedHeaderListError
 
-from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
+from planemesh.agent.proxy.h2_hpack import StatelessEncoder
+from planemesh.agent.proxy.h2_hpack_decode import MemoDecoder
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -65,9 +68,10 @@ def _frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
 class _Stream:
     """One stream's flow-control windows and half-closed states."""
 
-    __slots__ = ("local_ended", "recv_window", "remote_ended", "send_window", "unacked")
+    __slots__ = ("head_done", "local_ended", "recv_window", "remote_ended", "send_window", "unacked")
 
-    def __init__(self, send_window: int, recv_window: int) -> None:
+    def __init__(self, send_window: int, recv_window: int, head_done: bool) -> None:
+        self.head_done = head_done  # the request's (server side) or final response's (client side) head came
         self.send_window = send_window  # what we may still send (the peer's window)
         self.recv_window = recv_window  # what the peer may still send us
         self.unacked = 0  # received, acknowledged by the proxy, not yet credited back (WINDOW_UPDATE)
@@ -75,12 +79,15 @@ class _Stream:
         self.local_ended = False
 
 
-class H2ServerCodec:
-    """The server side of one h2c connection (prior knowledge; the client's preface is expected first)."""
+class H2Codec:
+    """One h2c connection (prior knowledge). Server side: the client's preface is expected first, the client opens
+    the streams. Client side: our preface goes first, send_headers on get_next_available_stream_id() opens one."""
 
     client_side = False
 
     def __init__(self, max_streams: int, enforced_streams: int, window: int, connection_window: int) -> None:
+        self.next_stream_id = 1  # client side: the stream send_headers may open next
+        self.peer_max_concurrent_streams = 100  # the peer's SETTINGS_MAX_CONCURRENT_STREAMS (assumed until told)
         self.max_streams = max_streams  # advertised
         self.enforced_streams = enforced_streams  # past this many open at once: PROTOCOL_ERROR
         self.local_window = window  # our SETTINGS_INITIAL_WINDOW_SIZE
@@ -96,7 +103,7 @@ class H2ServerCodec:
         self.recv_unacked = 0
         self.out: list[bytes] = []
         self.buf = b""
-        self.preface = False  # the client's preface and first SETTINGS have been read
+        self.preface = self.client_side  # the client's preface has been read (a client expects none)
         self.settings_seen = False
         self.closed = False
         self.headers_sid = 0  # a header block in progress (CONTINUATION expected)
@@ -107,13 +114,16 @@ class H2ServerCodec:
     # ---- set-up and output --------------------------------------------------------------------------
 
     def initiate_connection(self) -> None:
-        """Our SETTINGS, and the connection window beyond RFC 9113's initial 65,535 bytes."""
+        """(A client's preface,) our SETTINGS, and the connection window beyond RFC 9113's initial 65,535 bytes."""
         payload = struct.pack(
             ">HIHIHI",
             SETTING_MAX_CONCURRENT_STREAMS, self.max_streams,
             SETTING_INITIAL_WINDOW_SIZE, self.local_window,
             SETTING_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST,
         )  # fmt: skip
+        if self.client_side:
+            self.out.append(PREFACE)
+            payload += _U16U32.pack(SETTING_ENABLE_PUSH, 0)
         self.out.append(_frame(SETTINGS, 0, 0, payload))
         if self.connection_window > DEFAULT_WINDOW:
             self.out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.connection_window - DEFAULT_WINDOW)))
@@ -171,7 +181,7 @@ class H2ServerCodec:
     def _receive_frame(self, kind: int, flags: int, sid: int, payload: bytes, events: list) -> None:
         if not self.settings_seen:
             if kind != SETTINGS or flags & ACK:
-                self._fail("the client's first frame must be SETTINGS", PROTOCOL_ERROR)
+                self._fail("the peer's first frame must be SETTINGS", PROTOCOL_ERROR)
             self.settings_seen = True
         if self.headers_sid and kind != CONTINUATION:
             self._fail("a header block was interrupted", PROTOCOL_ERROR)
@@ -216,7 +226,7 @@ class H2ServerCodec:
             event.additional_data = payload[8:]
             events.append(event)
         elif kind == PUSH_PROMISE:
-            self._fail("PUSH_PROMISE from a client", PROTOCOL_ERROR)
+            self._fail("PUSH_PROMISE (never enabled)", PROTOCOL_ERROR)
         else:  # unknown types (and ALTSVC, PRIORITY_UPDATE) are ignored, as RFC 9113 4.1 requires; reported
             events.append(ev.UnknownFrameReceived(frame=None))  # type: ignore[arg-type]
 
@@ -272,6 +282,10 @@ class H2ServerCodec:
         ended = flags & END_STREAM
         stream = self.streams.get(sid)
         if stream is None:
+            if self.client_side:
+                if self._idle(sid):
+                    self._fail("HEADERS on a stream the client did not open", PROTOCOL_ERROR)
+                return  # closed (reset by us, frames in flight): dropped
             if sid <= self.highest_inbound_stream_id:
                 # a closed stream: ours to have reset (frames in flight), or one the client had ended
                 self.out.append(_frame(RST_STREAM, 0, sid, _U32.pack(STREAM_CLOSED)))
@@ -281,11 +295,20 @@ class H2ServerCodec:
             if len(self.streams) >= self.enforced_streams:
                 self._fail("too many concurrent streams", PROTOCOL_ERROR)
             self.highest_inbound_stream_id = sid
-            stream = self.streams[sid] = _Stream(self.peer_initial_window, self.local_window)
+            stream = self.streams[sid] = _Stream(self.peer_initial_window, self.local_window, True)
             event = ev.RequestReceived(stream_id=sid, headers=headers)
             events.append(event)
         elif stream.remote_ended:
             return self._stream_error(sid, STREAM_CLOSED, events)
+        elif not stream.head_done:  # client side: a response head
+            if headers and headers[0][0] == b":status" and headers[0][1][:1] == b"1":
+                if ended:
+                    self._fail("an interim response ending the stream", PROTOCOL_ERROR)
+                events.append(ev.InformationalResponseReceived(stream_id=sid, headers=headers))
+                return
+            stream.head_done = True
+            event = ev.ResponseReceived(stream_id=sid, headers=headers)
+            events.append(event)
         else:  # trailers
             if not ended:
                 self._fail("trailers without END_STREAM", PROTOCOL_ERROR)
@@ -293,6 +316,13 @@ class H2ServerCodec:
             events.append(event)
         if ended:
             event.stream_ended = self._remote_end(sid, stream, events)
+
+    def _idle(self, sid: int) -> bool:
+        """No frame but HEADERS (from the side that opens it) may name an idle stream. Only clients open streams
+        here (odd ids): the server never does, push is never enabled."""
+        if not sid & 1:
+            return True
+        return sid >= self.next_stream_id if self.client_side else sid > self.highest_inbound_stream_id
 
     def _remote_end(self, sid: int, stream: _Stream, events: list) -> ev.StreamEnded:
         stream.remote_ended = True
@@ -321,7 +351,7 @@ class H2ServerCodec:
             self._fail(str(e), e.error_code)
         stream = self.streams.get(sid)
         if stream is None or stream.remote_ended:
-            if sid > self.highest_inbound_stream_id:
+            if self._idle(sid):
                 self._fail("DATA on an idle stream", PROTOCOL_ERROR)
             self._credit_connection(flow_len)
             if stream is not None:  # the client had ended it
@@ -348,7 +378,7 @@ class H2ServerCodec:
         else:
             stream = self.streams.get(sid)
             if stream is None:
-                if sid > self.highest_inbound_stream_id:
+                if self._idle(sid):
                     self._fail("WINDOW_UPDATE on an idle stream", PROTOCOL_ERROR)
                 return  # closed: frames in flight
             if not delta:
@@ -363,7 +393,7 @@ class H2ServerCodec:
             self._fail("RST_STREAM of a length other than 4", FRAME_SIZE_ERROR)
         if not sid:
             self._fail("RST_STREAM on stream 0", PROTOCOL_ERROR)
-        if sid > self.highest_inbound_stream_id:
+        if self._idle(sid):
             self._fail("RST_STREAM on an idle stream", PROTOCOL_ERROR)
         if self.streams.pop(sid, None) is None:
             return  # closed already
@@ -400,6 +430,8 @@ class H2ServerCodec:
                     self._fail("SETTINGS_ENABLE_PUSH other than 0 or 1", PROTOCOL_ERROR)
             elif code == SETTING_HEADER_TABLE_SIZE:
                 self.encoder.header_table_size = value
+            elif code == SETTING_MAX_CONCURRENT_STREAMS:
+                self.peer_max_concurrent_streams = value
             changed[code] = value
         self.out.append(_SETTINGS_ACK)
         event = ev.RemoteSettingsChanged()
@@ -448,7 +480,15 @@ class H2ServerCodec:
         window = stream.send_window
         return window if window < self.send_window else self.send_window
 
+    def get_next_available_stream_id(self) -> int:
+        return self.next_stream_id
+
     def send_headers(self, sid: int, headers, end_stream: bool = False) -> None:
+        if self.client_side and sid >= self.next_stream_id and not self.closed:  # opens a stream
+            if sid != self.next_stream_id:
+                raise ProtocolError(f"stream {sid} opened out of order", PROTOCOL_ERROR)
+            self.next_stream_id = sid + 2
+            self.streams[sid] = _Stream(self.peer_initial_window, self.local_window, False)
         stream = self._sendable(sid)
         block = self.encoder.encode(headers)
         size = self.max_outbound_frame_size
@@ -492,7 +532,19 @@ class H2ServerCodec:
         """GOAWAY; the codec takes and sends nothing more."""
         if self.closed:
             raise ProtocolError("the connection is closed", PROTOCOL_ERROR)
-        last = self.highest_inbound_stream_id if last_stream_id is None else last_stream_id
+        if last_stream_id is None:  # the last stream the peer opened that we may process (none, client side)
+            last_stream_id = 0 if self.client_side else self.highest_inbound_stream_id
+        last = last_stream_id
         payload = struct.pack(">II", last & MAX_WINDOW, error_code) + (additional_data or b"")
         self.out.append(_frame(GOAWAY, 0, 0, payload))
         self.closed = True
+
+
+class H2ServerCodec(H2Codec):
+    """The server side: a client's connection."""
+
+
+class H2ClientCodec(H2Codec):
+    """The client side: an h2c upstream."""
+
+    client_side = True

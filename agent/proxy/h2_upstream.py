@@ -120,7 +120,7 @@ class H2Upstream(H2Side):
             return False
         if not self.settings_received:
             return len(self.bridges) < STREAMS_BEFORE_SETTINGS
-        limit = min(self.conn.remote_settings.max_concurrent_streams, MAX_STREAMS_PER_CONN)
+        limit = min(self.conn.peer_max_concurrent_streams, MAX_STREAMS_PER_CONN)
         return len(self.bridges) < limit
 
     def data_received(self, data: bytes) -> None:

@@ -4,11 +4,12 @@ the memoising decoder decoding in lockstep with hpack's."""
 from __future__ import annotations
 
 import pytest
-from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
+from hpack import Decoder, Encoder, HPACKError, NeverIndexedHeaderTuple
 from hypothesis import given
 from hypothesis import strategies as st
 
-from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder, encode_field, encode_integer
+from planemesh.agent.proxy.h2_hpack import StatelessEncoder, encode_field, encode_integer
+from planemesh.agent.proxy.h2_hpack_decode import MemoDecoder
 
 
 @pytest.mark.parametrize(
@@ -104,3 +105,22 @@ def test_memo_decoder_agrees_with_hpack(blocks: list[list[tuple[bytes, bytes]]],
             enc.header_table_size = sizes[i % len(sizes)]
         block = enc.encode(headers)
         assert memo.decode(block, raw=True) == plain.decode(block, raw=True) == headers
+
+
+@given(st.binary(max_size=200))
+def test_memo_decoder_raises_only_hpack_errors_on_garbage(data: bytes) -> None:
+    """Bytes from a peer: fields, or an HPACK error (the codec's COMPRESSION_ERROR), never another exception; and
+    where hpack's own decoder accepts a block, the same fields."""
+    try:
+        ours = MemoDecoder(65536).decode(data, raw=True)
+    except HPACKError:
+        return
+    assert ours == Decoder().decode(data, raw=True)
+
+
+def test_huffman_strings_are_decoded_once() -> None:
+    enc, dec = Encoder(), MemoDecoder(65536)
+    for i in range(3):  # a new date each time: the block differs, the server's value is Huffman-decoded once
+        block = enc.encode([(b":status", b"200"), (b"server", b"nginx/1.22.1"), (b"date", b"Sun %d" % i)])
+        assert dec.decode(block, raw=True)[2] == (b"date", b"Sun %d" % i)
+    assert list(dec._huffman.values()).count(b"nginx/1.22.1") == 1
