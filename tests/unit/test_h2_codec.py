@@ -365,3 +365,77 @@ def test_close_connection_names_the_last_stream_and_reason_and_ends_sending() ->
         server.send_headers(1, [(b":status", b"200")])
     with pytest.raises(c.ProtocolError):
         server.close_connection()
+
+
+# ---- the client side (h2c upstreams), with the h2 library as the server ---------------------------------------
+
+
+def h2_server() -> h2.connection.H2Connection:
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    server.initiate_connection()
+    return server
+
+
+def client_codec() -> c.H2ClientCodec:
+    client = c.H2ClientCodec(1000, 1000, 1 << 20, 1 << 22)
+    client.initiate_connection()
+    return client
+
+
+def test_client_side_request_interim_response_trailers_round_trip() -> None:
+    client, server = client_codec(), h2_server()
+    sid = client.get_next_available_stream_id()
+    assert sid == 1
+    client.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")])
+    client.send_data(sid, b"body", end_stream=True)
+    assert client.get_next_available_stream_id() == 3
+    events = server.receive_data(client.data_to_send())
+    assert server.remote_settings.enable_push == 0
+    assert [e.data for e in events if isinstance(e, ev.DataReceived)] == [b"body"]
+    server.send_headers(1, [(b":status", b"100")])
+    server.send_headers(1, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    server.send_data(1, b"reply")
+    server.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)
+    got = client.receive_data(server.data_to_send())
+    kinds = [type(e) for e in got]
+    assert kinds == [
+        ev.RemoteSettingsChanged, ev.SettingsAcknowledged, ev.InformationalResponseReceived,
+        ev.ResponseReceived, ev.DataReceived, ev.TrailersReceived, ev.StreamEnded,
+    ]  # fmt: skip
+    assert dict(got[3].headers)[b":status"] == b"200" and got[4].data == b"reply"
+    assert list(got[5].headers) == [(b"grpc-status", b"0")]
+    assert client.streams == {}
+    assert client.peer_max_concurrent_streams == server.local_settings.max_concurrent_streams
+
+
+def test_client_side_goaway_lets_the_accepted_streams_complete() -> None:
+    client, server = client_codec(), h2_server()
+    for sid in (1, 3):
+        client.send_headers(sid, GET, end_stream=True)
+    server.receive_data(client.data_to_send())
+    goaway = hf.frame(hf.GOAWAY, 0, 0, struct.pack(">II", 1, 0))
+    events = client.receive_data(server.data_to_send() + goaway)
+    assert [(e.last_stream_id, e.error_code) for e in events if isinstance(e, ev.ConnectionTerminated)] == [(1, 0)]
+    server.send_headers(1, [(b":status", b"204")], end_stream=True)
+    got = client.receive_data(server.data_to_send())
+    assert [type(e) for e in got] == [ev.ResponseReceived, ev.StreamEnded]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        hf.frame(5, 4, 1, b"\x00\x00\x00\x02\x82"),  # PUSH_PROMISE: push was never enabled
+        hf.headers(2, b"\x88"),  # a stream the server may not open
+        hf.headers(5, b"\x88"),  # one the client has not opened yet
+        hf.frame(hf.DATA, 0, 7, b"x"),
+    ],
+)
+def test_client_side_frames_on_streams_it_did_not_open_are_connection_errors(data: bytes) -> None:
+    client = client_codec()
+    client.send_headers(1, GET, end_stream=True)
+    client.receive_data(hf.settings())
+    client.data_to_send()
+    with pytest.raises(c.ProtocolError) as raised:
+        client.receive_data(data)
+    assert raised.value.error_code == c.PROTOCOL_ERROR
+    assert goaway_of(client)[:2] == (0, c.PROTOCOL_ERROR)  # a client processed no stream of the server's
