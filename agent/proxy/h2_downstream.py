@@ -252,6 +252,8 @@ class H2Downstream(H2Side):
             guard.empty_run = 0
         elif kind is h2.events.UnknownFrameReceived:
             reason = guard.control_frame(False)
+        elif kind is h2.events.ConnectionTerminated:
+            return self.client_goaway(event.error_code)
         elif kind is h2.events.StreamReset and not event.remote_reset:
             # MadeYouReset (CVE-2025-8671): h2 reset the stream for the client's protocol error (DATA after
             # END_STREAM, a stream WINDOW_UPDATE overflowing). Handled as the client's own reset, as Envoy does:
@@ -261,6 +263,17 @@ class H2Downstream(H2Side):
             return self.abuse(reason)
         if kind is not h2.events.RequestReceived:
             super().handle(event)
+
+    def client_goaway(self, code: int) -> None:
+        """The client's GOAWAY. NO_ERROR: it opens no more streams and those in progress complete (RFC 9113 6.8),
+        then the connection closes (as after the proxy's own graceful GOAWAY). Another code: the client gives up
+        on the connection, its streams are cancelled."""
+        if code != NO_ERROR:
+            return self.on_goaway(0)
+        if self.goaway_sid is None:
+            self.goaway_sid = self.conn.highest_inbound_stream_id
+        if not self.bridges:
+            self.proxy.loop.call_soon(self.close)
 
     def open_stream(self, event: h2.events.RequestReceived) -> str | None:
         sid = event.stream_id

@@ -122,3 +122,29 @@ def test_direct_response_route_over_h2() -> None:
                     elif isinstance(event, h2.events.StreamEnded):
                         ended = True
         assert (status, body) == (403, b"denied by policy\n")
+
+
+def test_a_clients_graceful_goaway_lets_its_streams_complete() -> None:
+    """GOAWAY(NO_ERROR) from the client after a request: the response still comes (RFC 9113 6.8: the streams
+    it opened complete), then the proxy closes the connection. Before, the proxy cancelled every stream."""
+    with Backend() as backend, ProxyThread([("127.0.0.1", backend.port)]) as px:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        with socket.create_connection(("127.0.0.1", px.port), timeout=5) as sock:
+            client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/a")],
+                                end_stream=True)  # fmt: skip
+            goaway = struct.pack(">I", 8)[1:] + bytes((7, 0)) + struct.pack(">III", 0, 0, 0)  # last 0, NO_ERROR
+            sock.sendall(client.data_to_send() + goaway)
+            status, ended, closed = 0, False, False
+            while not closed:
+                data = sock.recv(65536)
+                if not data:
+                    closed = True
+                    break
+                for event in client.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended = True
+        assert (status, ended, closed) == (200, True, True)
+        assert backend.seen[-1][1] == "/a"
