@@ -129,7 +129,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         body = None
         if args.grpc:
-            server = grpc_bench.start_backend(Path(tmp), port)
+            server = grpc_bench.start_backend(Path(tmp), port, free_port())
             body = Path(tmp) / "request.bin"
             body.write_bytes(grpc_bench.grpc_message(b"\x0a\x02hi"))
             cluster = Cluster(name="backend", kind=ClusterKind.STATIC, http2=True,

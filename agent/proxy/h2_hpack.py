@@ -26,6 +26,11 @@ for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, start=1):
 SENSITIVE = frozenset({b"authorization", b"proxy-authorization"})  # plus short cookies, as nghttp2 and h2 do
 MEMO_MAX = 4096  # memoised fields; the memo starts afresh when full (values come from peers)
 MEMO_VALUE_MAX = 256  # longer values are encoded every time, and so are never-indexed fields (credentials)
+# Fields whose value is new on every request: remembering them would only fill the memo (and so empty it).
+PER_REQUEST = frozenset({
+    b"x-request-id", b"traceparent", b"tracestate", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"b3",
+    b"x-client-trace-id",
+})  # fmt: skip
 
 
 def encode_integer(value: int, prefix_bits: int, first: int) -> bytes:
@@ -89,11 +94,11 @@ class StatelessEncoder:
             parts.append(self._size_update)
             self._size_update = None
         for field in headers:
-            key = (field[0], field[1])
+            key = (field[0], field[1])  # fields may come as lists
             encoded = memo.get(key)
             if encoded is None:
                 encoded = encode_field(key[0], key[1])
-                if len(key[1]) <= MEMO_VALUE_MAX and encoded[0] >> 4 != 1:  # 0001xxxx: never indexed
+                if len(key[1]) <= MEMO_VALUE_MAX and encoded[0] >> 4 != 1 and key[0] not in PER_REQUEST:  # 0001: never
                     if len(memo) >= MEMO_MAX:
                         memo.clear()
                     memo[key] = encoded

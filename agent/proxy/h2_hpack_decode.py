@@ -3,8 +3,10 @@
 hpack's Decoder Huffman-decodes every literal in pure Python; servers (nginx) send each response's fields
 Huffman-coded and indexed, so a response head that differs only in its `date` was most of an upstream h2 stream's
 cost. This one keeps the decoded form of each Huffman string it has seen (values repeat: content types, server
-names, status texts), and, like the MemoDecoder it replaces, remembers whole header blocks that leave the dynamic
-table as it was (a client's repeated requests are the same few bytes of indexed fields).
+names, status texts), and remembers whole header blocks: one that refers to no dynamic-table entry means the same
+fields whatever the table holds, and is remembered with the entries it adds (replayed on the next sight: nginx
+sends the same block, indexing its fields again, for each response); one that refers to the table is remembered
+while the table stays as it was (a client's repeated requests are the same few bytes of indexed fields).
 
 Errors are hpack's exceptions (HPACKDecodingError, InvalidTableIndex, OversizedHeaderListError): the codec turns
 them into COMPRESSION_ERROR (or ENHANCE_YOUR_CALM for an oversized list).
@@ -69,35 +71,54 @@ class Table:
 class MemoDecoder:
     """decode(block) -> [(name, value), ...], the dynamic table kept across blocks (one per connection)."""
 
-    __slots__ = ("_huffman", "_memo", "header_table", "max_allowed_table_size", "max_header_list_size")
+    __slots__ = ("_huffman", "_memo", "_stable", "header_table", "max_allowed_table_size", "max_header_list_size")
 
     def __init__(self, max_header_list_size: int) -> None:
         self.max_header_list_size = max_header_list_size
         self.max_allowed_table_size = DEFAULT_TABLE_SIZE
         self.header_table = Table(DEFAULT_TABLE_SIZE)
-        self._memo: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._memo: dict[bytes, list[tuple[bytes, bytes]]] = {}  # blocks that refer to the table as it is
+        self._stable: dict[bytes, tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]] = {}  # (fields, adds)
         self._huffman: dict[bytes, bytes] = {}
 
     def decode(self, data: bytes, raw: bool = True) -> list[tuple[bytes, bytes]]:
+        stable = self._stable.get(data)
+        if stable is not None:
+            headers, adds = stable
+            if adds:
+                add = self.header_table.add
+                for name, value in adds:
+                    add(name, value)
+                self._memo.clear()
+            return list(headers)  # the caller may change its list: never the memo's own
         memo = self._memo
         found = memo.get(data)
         if found is not None:
-            return list(found)  # the caller may change its list: never the memo's own
-        headers, changed = self._decode(data)
-        if changed:
-            memo.clear()  # the same bytes may mean something else now
-        elif len(data) <= MEMO_VALUE_MAX:
+            return list(found)
+        headers, adds, refers = self._decode(data)
+        if adds or refers is None:
+            memo.clear()  # the table changed: the same bytes may mean something else now
+        if len(data) > MEMO_VALUE_MAX:
+            return headers
+        if refers is False:
+            if len(self._stable) >= MEMO_MAX:
+                self._stable.clear()
+            self._stable[data] = (headers, adds)
+        elif refers and not adds:
             if len(memo) >= MEMO_MAX:
                 memo.clear()
             memo[data] = headers
-            return list(headers)
-        return headers
+        else:
+            return headers
+        return list(headers)
 
-    def _decode(self, data: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
-        """(the fields, whether the dynamic table changed)."""
+    def _decode(self, data: bytes) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], bool | None]:
+        """(the fields, the entries added to the table, whether an entry of the table was referred to; None: the
+        table was resized)."""
         table = self.header_table
         headers: list[tuple[bytes, bytes]] = []
-        changed = False
+        adds: list[tuple[bytes, bytes]] = []
+        refers: bool | None = False
         total = 0
         limit = self.max_header_list_size
         pos, end = 0, len(data)
@@ -107,11 +128,15 @@ class MemoDecoder:
                 index, pos = _integer(data, pos, 7)
                 if not index:
                     raise HPACKDecodingError("indexed field 0")
+                if index > STATIC_LEN and refers is not None:
+                    refers = True
                 field = table.get(index)
             elif first & 0x40:  # literal with incremental indexing
-                field, pos = self._literal(data, pos, 6)
+                field, pos, dynamic = self._literal(data, pos, 6)
+                if dynamic and refers is not None:
+                    refers = True
                 table.add(*field)
-                changed = True
+                adds.append(field)
             elif first & 0x20:  # dynamic table size update: only before the first field (RFC 7541 4.2)
                 if headers:
                     raise HPACKDecodingError("table size update after a field")
@@ -119,24 +144,27 @@ class MemoDecoder:
                 if size > self.max_allowed_table_size:
                     raise InvalidTableSizeError(f"table size {size} past the {self.max_allowed_table_size} allowed")
                 table.resize(size)
-                changed = True
+                refers = None
                 continue
             else:  # literal without indexing (0000) or never indexed (0001)
-                field, pos = self._literal(data, pos, 4)
+                field, pos, dynamic = self._literal(data, pos, 4)
+                if dynamic and refers is not None:
+                    refers = True
             total += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
             if total > limit:
                 raise OversizedHeaderListError(f"header list past {limit} bytes")
             headers.append(field)
-        return headers, changed
+        return headers, adds, refers
 
-    def _literal(self, data: bytes, pos: int, prefix: int) -> tuple[tuple[bytes, bytes], int]:
+    def _literal(self, data: bytes, pos: int, prefix: int) -> tuple[tuple[bytes, bytes], int, bool]:
+        """(name, value), the position after it, whether its name came from the dynamic table."""
         index, pos = _integer(data, pos, prefix)
         if index:
             name = self.header_table.get(index)[0]
         else:
             name, pos = self._string(data, pos)
         value, pos = self._string(data, pos)
-        return (name, value), pos
+        return (name, value), pos, index > STATIC_LEN
 
     def _string(self, data: bytes, pos: int) -> tuple[bytes, int]:
         if pos >= len(data):
