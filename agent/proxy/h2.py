@@ -12,14 +12,11 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
-import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
-import h2.settings
 
-from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder
+from planemesh.agent.proxy.h2_codec import H2ClientCodec, H2Codec
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
@@ -53,20 +50,7 @@ class H2Side(asyncio.Protocol):
 
     def __init__(self, proxy: PlaneProxy) -> None:
         self.proxy = proxy
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(
-                client_side=self.client_side,
-                header_encoding=None,
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-                # StatelessEncoder lower-cases names, trims values and never indexes credentials; the proxy
-                # drops connection-specific fields itself.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
-        self.conn.encoder = StatelessEncoder()  # type: ignore[assignment]
-        self.conn.decoder = MemoDecoder(self.conn.decoder.max_header_list_size)
+        self.conn = self._new_conn()
         self.transport: asyncio.Transport | None = None
         self.bridges: dict[int, Stream] = {}
         self.queues: dict[int, deque[list]] = {}  # stream -> [[data, end, on_sent], ...] waiting for window
@@ -75,30 +59,14 @@ class H2Side(asyncio.Protocol):
         self.write_paused = False  # the transport's buffer is full: DATA waits (and so does the other side)
         self.data_frames = 0  # DATA frames sent (the WINDOW_UPDATE allowance of a client grows with them)
 
-    def _init_conn(
-        self,
-        max_streams: int = MAX_STREAMS,
-        enforced_streams: int = MAX_STREAMS,
-        window: int = WINDOW,
-        connection_window: int = WINDOW * 4 + 65535,
-    ) -> None:
-        """Advertise max_streams and a stream window; h2 itself ends the connection (PROTOCOL_ERROR) past
-        enforced_streams. The peer may have connection_window bytes in flight that the other side has not taken."""
-        self.conn.local_settings = self._settings(max_streams, window)
-        self.conn.initiate_connection()
-        if enforced_streams != max_streams:  # the SETTINGS frame is prepared: what h2 enforces may differ
-            self.conn.local_settings = self._settings(enforced_streams, window)
-        if connection_window > 65535:  # RFC 9113's initial connection window
-            self.conn.increment_flow_control_window(connection_window - 65535)
+    def _new_conn(self) -> H2Codec:
+        """The codec (h2_codec.py): an h2c upstream's client side here; H2Downstream makes its server side."""
+        return H2ClientCodec(MAX_STREAMS, MAX_STREAMS, WINDOW, WINDOW * 4 + 65535)
 
-    def _settings(self, max_streams: int, window: int) -> h2.settings.Settings:
-        return h2.settings.Settings(
-            client=self.client_side,
-            initial_values={
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
-            },
-        )
+    def _init_conn(self) -> None:
+        """Our preface and SETTINGS: a stream window of WINDOW, and a connection window that lets the peer have
+        4 such windows in flight that the other side has not taken yet."""
+        self.conn.initiate_connection()
 
     def flush(self) -> None:
         """Write what h2 prepared, at the end of this event-loop pass."""

@@ -15,6 +15,7 @@ import h2.events
 import h2.exceptions
 
 from planemesh.agent.proxy.h2 import WINDOW, H2Side
+from planemesh.agent.proxy.h2_codec import H2ServerCodec
 from planemesh.agent.proxy.h2_guard import H2Guard, H2Limits
 from planemesh.agent.proxy.h2_stream import Bridge
 
@@ -49,6 +50,7 @@ class H2Downstream(H2Side):
     admitted, swept while idle and reset under memory pressure by the plane (limits.ClientConnection)."""
 
     client_side = False
+    conn: H2ServerCodec  # type: ignore[assignment]
     in_headers = False  # h2 hands a header block over whole (its CONTINUATION backlog is h2's own limit)
 
     def __init__(self, proxy: PlaneProxy, preread: bytes = b"") -> None:
@@ -65,6 +67,15 @@ class H2Downstream(H2Side):
         self.peer_ip = ""
         self.last_active = 0.0  # accepted, or a stream last opened or finished (PINGs do not keep it alive)
         self.goaway_sid: int | None = None  # after a graceful GOAWAY: the last stream it lets in
+
+    def _new_conn(self) -> H2ServerCodec:  # type: ignore[override]
+        limits = H2Limits.from_sla(self.proxy.sla)
+        streams, budget = limits.max_concurrent_streams, limits.buffer_limit_bytes
+        # Streams past the limit get REFUSED_STREAM from handle(); the codec ends the connection only far beyond
+        # it (a client ignoring the setting, or keeping answered streams half open). Request bytes not yet
+        # forwarded stay within the buffer budget: the connection window is the budget, and it is credited only
+        # as bytes go upstream.
+        return H2ServerCodec(streams, streams * 2 + 16, min(WINDOW, budget), max(budget, 65535))
 
     @property
     def active(self) -> dict[int, Bridge] | None:
@@ -83,13 +94,7 @@ class H2Downstream(H2Side):
         self.local = proxy.original_destination(sockname, peer)
         self.peer_ip = peer[0].removeprefix("::ffff:") if peer else ""
         self.peer_ip_b = self.peer_ip.encode()
-        limits = self.guard.limits
-        streams, budget = limits.max_concurrent_streams, limits.buffer_limit_bytes
-        # Streams past the limit get REFUSED_STREAM from handle(); h2 ends the connection only far beyond it (a
-        # client ignoring the setting, or keeping answered streams half open). Request bytes not yet forwarded
-        # stay within the buffer budget: the connection window is the budget, and it is credited only as bytes
-        # go upstream.
-        self._init_conn(streams, streams * 2 + 16, min(WINDOW, budget), max(budget, 65535))
+        self.conn.initiate_connection()
         refusal = proxy.admit(self)  # plane total, per-source share, memory overload: as for HTTP/1.1
         if refusal is not None:
             self.refuse(refusal)
@@ -247,6 +252,8 @@ class H2Downstream(H2Side):
             guard.empty_run = 0
         elif kind is h2.events.UnknownFrameReceived:
             reason = guard.control_frame(False)
+        elif kind is h2.events.ConnectionTerminated:
+            return self.client_goaway(event.error_code)
         elif kind is h2.events.StreamReset and not event.remote_reset:
             # MadeYouReset (CVE-2025-8671): h2 reset the stream for the client's protocol error (DATA after
             # END_STREAM, a stream WINDOW_UPDATE overflowing). Handled as the client's own reset, as Envoy does:
@@ -256,6 +263,17 @@ class H2Downstream(H2Side):
             return self.abuse(reason)
         if kind is not h2.events.RequestReceived:
             super().handle(event)
+
+    def client_goaway(self, code: int) -> None:
+        """The client's GOAWAY. NO_ERROR: it opens no more streams and those in progress complete (RFC 9113 6.8),
+        then the connection closes (as after the proxy's own graceful GOAWAY). Another code: the client gives up
+        on the connection, its streams are cancelled."""
+        if code != NO_ERROR:
+            return self.on_goaway(0)
+        if self.goaway_sid is None:
+            self.goaway_sid = self.conn.highest_inbound_stream_id
+        if not self.bridges:
+            self.proxy.loop.call_soon(self.close)
 
     def open_stream(self, event: h2.events.RequestReceived) -> str | None:
         sid = event.stream_id

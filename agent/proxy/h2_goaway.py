@@ -1,5 +1,8 @@
 """GOAWAY frames taken out of an inbound h2 byte stream before h2 sees them, without I/O.
 
+The proxy itself no longer needs it (its codec, h2_codec.py, reports a GOAWAY and goes on taking frames); test
+clients built on the h2 library do (tests/proxy/test_h2_admission.py).
+
 h2 closes its connection state machine on a GOAWAY and then rejects every further frame
 (python-hyper/h2#1181), yet RFC 9113 6.8 lets the streams up to the GOAWAY's last stream id complete: nginx
 sends a GOAWAY after `keepalive_requests` (1000) streams and goes on answering the ones it accepted. The

@@ -1,4 +1,5 @@
-"""HPACK for the proxy's h2 connections, without I/O (RFC 7541): a stateless encoder and a memoising decoder.
+"""HPACK encoding for the proxy's h2 connections, without I/O (RFC 7541): a stateless encoder (the decoder is
+h2_hpack_decode.py).
 
 hpack's Encoder indexes every field into the dynamic table and Huffman-codes every literal: about a third of
 the proxy's time per h2 request. This one never adds to the dynamic table and sends literals raw, so a
@@ -14,7 +15,6 @@ a dynamic table size update at the start of the next block, as RFC 7541 4.2 requ
 
 from __future__ import annotations
 
-from hpack import Decoder
 from hpack.table import HeaderTable
 
 _STATIC_FIELDS: dict[tuple[bytes, bytes], int] = {}
@@ -26,6 +26,11 @@ for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, start=1):
 SENSITIVE = frozenset({b"authorization", b"proxy-authorization"})  # plus short cookies, as nghttp2 and h2 do
 MEMO_MAX = 4096  # memoised fields; the memo starts afresh when full (values come from peers)
 MEMO_VALUE_MAX = 256  # longer values are encoded every time, and so are never-indexed fields (credentials)
+# Fields whose value is new on every request: remembering them would only fill the memo (and so empty it).
+PER_REQUEST = frozenset({
+    b"x-request-id", b"traceparent", b"tracestate", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"b3",
+    b"x-client-trace-id",
+})  # fmt: skip
 
 
 def encode_integer(value: int, prefix_bits: int, first: int) -> bytes:
@@ -89,46 +94,13 @@ class StatelessEncoder:
             parts.append(self._size_update)
             self._size_update = None
         for field in headers:
-            key = (field[0], field[1])
+            key = (field[0], field[1])  # fields may come as lists
             encoded = memo.get(key)
             if encoded is None:
                 encoded = encode_field(key[0], key[1])
-                if len(key[1]) <= MEMO_VALUE_MAX and encoded[0] >> 4 != 1:  # 0001xxxx: never indexed
+                if len(key[1]) <= MEMO_VALUE_MAX and encoded[0] >> 4 != 1 and key[0] not in PER_REQUEST:  # 0001: never
                     if len(memo) >= MEMO_MAX:
                         memo.clear()
                     memo[key] = encoded
             parts.append(encoded)
         return b"".join(parts)
-
-
-class MemoDecoder(Decoder):
-    """hpack's Decoder, remembering what a header block decoded to while the dynamic table stays as it was.
-
-    A client's requests after the first are mostly the same few bytes of indexed fields, so a block seen before
-    is a dict lookup. A block that adds to the table (or resizes it) is decoded by hpack and empties the memo:
-    the same bytes may mean something else afterwards.
-    """
-
-    def __init__(self, max_header_list_size: int) -> None:
-        super().__init__(max_header_list_size)
-        self._memo: dict[bytes, list] = {}
-
-    def decode(self, data: bytes, raw: bool = False) -> list:
-        memo = self._memo
-        found = memo.get(data)
-        if found is not None and raw:
-            return list(found)  # h2 hands the list to the caller: never the memo's own
-        table = self.header_table
-        entries = table.dynamic_entries
-        first = entries[0] if entries else None
-        size, maxsize = len(entries), table.maxsize
-        headers = list(super().decode(data, raw=raw))
-        unchanged = len(entries) == size and (entries[0] if entries else None) is first and table.maxsize == maxsize
-        if not unchanged:
-            memo.clear()
-        elif raw and len(data) <= MEMO_VALUE_MAX:
-            if len(memo) >= MEMO_MAX:
-                memo.clear()
-            memo[data] = headers
-            return list(headers)
-        return headers

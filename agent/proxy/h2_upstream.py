@@ -14,7 +14,6 @@ import h2.exceptions
 
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.h2 import H2Side
-from planemesh.agent.proxy.h2_goaway import GoawaySplitter
 from planemesh.agent.proxy.http1 import (
     HOP_BY_HOP,
     LAST_CHUNK,
@@ -78,7 +77,7 @@ async def _connect(proxy: PlaneProxy, key: tuple, timeout: float, factory) -> No
 class H2Upstream(H2Side):
     """A pooled h2c connection to one endpoint; streams are multiplexed while it has capacity.
 
-    A server's GOAWAY is handled here, not by h2 (GoawaySplitter): no new streams, the ones above its last
+    A server's GOAWAY (reported by the codec, which goes on taking frames): no new streams, the ones above its last
     stream id were not processed (a body-less one is opened again on another connection, RFC 9113 8.7), the
     others complete, then the connection closes.
     """
@@ -91,7 +90,6 @@ class H2Upstream(H2Side):
         self.pool = pool
         self.timeout = timeout
         self.goaway = False
-        self.splitter = GoawaySplitter()
         self.settings_received = False
         self._init_conn()
         proxy.stats.upstream_total += 1
@@ -127,16 +125,12 @@ class H2Upstream(H2Side):
             return False
         if not self.settings_received:
             return len(self.bridges) < STREAMS_BEFORE_SETTINGS
-        limit = min(self.conn.remote_settings.max_concurrent_streams, MAX_STREAMS_PER_CONN)
+        limit = min(self.conn.peer_max_concurrent_streams, MAX_STREAMS_PER_CONN)
         return len(self.bridges) < limit
 
     def data_received(self, data: bytes) -> None:
-        data, goaways = self.splitter.feed(data)
-        if data:
-            super().data_received(data)
-        for last_stream_id, _ in goaways:
-            self.on_goaway(last_stream_id)
-        if goaways and not self.bridges:
+        super().data_received(data)
+        if self.goaway and not self.bridges and not self.closed:
             self.close()
 
     def on_goaway(self, last_stream_id: int) -> None:

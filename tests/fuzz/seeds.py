@@ -63,6 +63,28 @@ def h2_seeds() -> dict[str, bytes]:
     return out
 
 
+def h2client_seeds() -> dict[str, bytes]:
+    """What an h2c server (the h2 library) answers the harness's three streams."""
+    out = {}
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    server.initiate_connection()
+    client = _client()
+    for sid in (1, 3, 5):
+        client.send_headers(sid, HDRS, end_stream=sid == 1)
+    server.receive_data(client.data_to_send())
+    server.data_to_send()
+    server.send_headers(1, [(b":status", b"100")])
+    server.send_headers(1, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    server.send_data(1, b"\x00\x00\x00\x00\x02hi")
+    server.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)
+    server.reset_stream(3)
+    server.increment_flow_control_window(1000, 5)
+    server.ping(b"12345678")
+    server.close_connection(last_stream_id=5)
+    out["responses-reset-goaway"] = server.data_to_send()
+    return out
+
+
 def client_hello(server_name: str | None, alpn: list[str] | None) -> bytes:
     """The first TLS record a real client (the ssl module) sends."""
     ctx = ssl.create_default_context()
@@ -80,7 +102,9 @@ def client_hello(server_name: str | None, alpn: list[str] | None) -> bytes:
 
 
 def seeds() -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {"http1": {}, "h2": h2_seeds(), "sniff": {}, "sni": {}, "xds": {}}
+    out: dict[str, dict[str, bytes]] = {
+        "http1": {}, "h2": h2_seeds(), "h2client": h2client_seeds(), "sniff": {}, "sni": {}, "xds": {},
+    }  # fmt: skip
     for name, req in HTTP1.items():
         out["http1"][name + "-oneread"] = b"\x80" + req
         out["http1"][name + "-held-split"] = b"\x47" + req

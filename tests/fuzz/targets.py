@@ -5,6 +5,8 @@ Each target takes one input (bytes) and must never raise: an exception is a find
 - http1: bytes from a client, in pieces, into the proxy's HTTP/1.1 Downstream protocol (head, chunked body,
   pipelining, upgrade/CONNECT holding) with a fake transport; routes answer directly (no upstream I/O).
 - h2: the same bytes after the HTTP/2 preface into the h2 server connection (H2Downstream).
+- h2client: bytes from an h2c upstream into the codec's client side (h2_codec.H2ClientCodec), three streams open,
+  driven as H2Side drives it (data acknowledged, DATA sent into the windows it grants).
 - sniff: the sniff classifier on every prefix of the input, and its final verdict.
 - sni: the TLS record reader and ClientHello parser (SNI, ALPN) and the SNI chain selection.
 - xds: a valid Listener / RouteConfiguration / Cluster from the repository's example, mutated field by field
@@ -20,6 +22,7 @@ from functools import cache
 from types import MappingProxyType
 
 from planemesh.agent.proxy.downstream import Downstream
+from planemesh.agent.proxy.h2_codec import GOAWAY, H2ClientCodec, ProtocolError, StreamClosedError
 from planemesh.agent.proxy.h2_downstream import H2Downstream
 from planemesh.agent.proxy.server import PlaneProxy, RoutingTable
 from planemesh.agent.proxy.sni_routing import SniRoutes, server_name_error
@@ -188,6 +191,40 @@ def h2(data: bytes) -> None:
     bench = _bench()
     data = data or b"\x80"
     _drive(H2Downstream(bench.proxy), data[:1] + H2_PREFACE + data[1:], bench)
+
+
+H2_REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]
+
+
+def h2client(data: bytes) -> None:
+    codec = H2ClientCodec(1000, 1000, 1 << 16, 1 << 17)
+    codec.initiate_connection()
+    for sid in (1, 3, 5):
+        codec.send_headers(sid, H2_REQUEST, end_stream=sid == 1)
+    codec.data_to_send()
+    half = len(data) // 2
+    try:
+        for piece in (data[:half], data[half:]):
+            for event in codec.receive_data(piece):
+                sid = getattr(event, "stream_id", 0)
+                length = getattr(event, "flow_controlled_length", None)
+                if length is not None:
+                    codec.acknowledge_received_data(length, sid)
+                elif sid and not codec.closed:
+                    try:
+                        window = codec.local_flow_control_window(sid)
+                        if window > 0:
+                            codec.send_data(sid, b"x" * min(window, codec.max_outbound_frame_size, 40000))
+                    except StreamClosedError:
+                        pass
+            codec.data_to_send()
+    except ProtocolError:
+        assert codec.closed
+        out, kinds = codec.data_to_send(), []
+        while len(out) >= 9:  # the frames prepared: the last one is the GOAWAY
+            kinds.append(out[3])
+            out = out[9 + int.from_bytes(out[:3], "big") :]
+        assert kinds[-1:] == [GOAWAY] and not out, kinds
 
 
 def sniff(data: bytes) -> None:
@@ -389,13 +426,17 @@ def _unpack_any(any_msg):
     return inner
 
 
-TARGETS: dict[str, Callable[[bytes], None]] = {"http1": http1, "h2": h2, "sniff": sniff, "sni": sni, "xds": xds}
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "http1": http1, "h2": h2, "h2client": h2client, "sniff": sniff, "sni": sni, "xds": xds,
+}  # fmt: skip
 # The modules each target exercises: atheris instruments them for coverage feedback.
 INSTRUMENT = {
     "http1": ("planemesh.agent.proxy.downstream", "planemesh.agent.proxy.exchange", "planemesh.agent.proxy.http1",
               "planemesh.agent.proxy.request_head", "planemesh.agent.proxy.routing"),
     "h2": ("planemesh.agent.proxy.h2", "planemesh.agent.proxy.h1_over_h2", "planemesh.agent.proxy.h2_hpack",
-           "planemesh.agent.proxy.h2_goaway", "h2"),
+           "planemesh.agent.proxy.h2_goaway", "planemesh.agent.proxy.h2_codec", "planemesh.agent.proxy.h2_hpack_decode",
+           "planemesh.agent.proxy.h2_downstream", "planemesh.agent.proxy.h2_guard"),
+    "h2client": ("planemesh.agent.proxy.h2_codec", "planemesh.agent.proxy.h2_hpack_decode"),
     "sniff": ("planemesh.agent.proxy.sniff",),
     "sni": ("planemesh.agent.proxy.sniff", "planemesh.agent.proxy.sni_routing"),
     "xds": ("planemesh.xds",),

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 EMPTY_SETTINGS = struct.pack(">I", 0)[1:] + bytes([4, 0]) + struct.pack(">I", 0)
-PROTOCOL_ERROR, FRAME_SIZE_ERROR = 1, 6
+PROTOCOL_ERROR, FRAME_SIZE_ERROR, COMPRESSION_ERROR = 1, 6, 9
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
@@ -71,9 +71,8 @@ def one_good_request(port: int) -> int:
     ("garbage", "expected"),
     [
         (frame(0, 1, 0, b"data on stream 0"), PROTOCOL_ERROR),  # DATA must belong to a stream
-        # undecodable HPACK block: the h2 library reports it as PROTOCOL_ERROR (RFC 9113 would say
-        # COMPRESSION_ERROR); either way a connection error: GOAWAY and close
-        (frame(1, 4, 1, b"\xff\xff\xff\xff\xff\xff"), PROTOCOL_ERROR),
+        # undecodable HPACK block: a connection error of type COMPRESSION_ERROR (RFC 9113 4.3)
+        (frame(1, 4, 1, b"\xff\xff\xff\xff\xff\xff"), COMPRESSION_ERROR),
         (frame(4, 0, 0, b"\x00\x04\x00\x00"), FRAME_SIZE_ERROR),  # SETTINGS whose length is not a multiple of 6
         (frame(8, 0, 0, struct.pack(">I", 0)), PROTOCOL_ERROR),  # WINDOW_UPDATE of 0 on the connection
         (frame(1, 4, 2, b"\x82"), PROTOCOL_ERROR),  # a client stream with an even id
@@ -123,3 +122,29 @@ def test_direct_response_route_over_h2() -> None:
                     elif isinstance(event, h2.events.StreamEnded):
                         ended = True
         assert (status, body) == (403, b"denied by policy\n")
+
+
+def test_a_clients_graceful_goaway_lets_its_streams_complete() -> None:
+    """GOAWAY(NO_ERROR) from the client after a request: the response still comes (RFC 9113 6.8: the streams
+    it opened complete), then the proxy closes the connection. Before, the proxy cancelled every stream."""
+    with Backend() as backend, ProxyThread([("127.0.0.1", backend.port)]) as px:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        with socket.create_connection(("127.0.0.1", px.port), timeout=5) as sock:
+            client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/a")],
+                                end_stream=True)  # fmt: skip
+            goaway = struct.pack(">I", 8)[1:] + bytes((7, 0)) + struct.pack(">III", 0, 0, 0)  # last 0, NO_ERROR
+            sock.sendall(client.data_to_send() + goaway)
+            status, ended, closed = 0, False, False
+            while not closed:
+                data = sock.recv(65536)
+                if not data:
+                    closed = True
+                    break
+                for event in client.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended = True
+        assert (status, ended, closed) == (200, True, True)
+        assert backend.seen[-1][1] == "/a"

@@ -4,11 +4,12 @@ the memoising decoder decoding in lockstep with hpack's."""
 from __future__ import annotations
 
 import pytest
-from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
+from hpack import Decoder, Encoder, HPACKError, NeverIndexedHeaderTuple
 from hypothesis import given
 from hypothesis import strategies as st
 
-from planemesh.agent.proxy.h2_hpack import MemoDecoder, StatelessEncoder, encode_field, encode_integer
+from planemesh.agent.proxy.h2_hpack import StatelessEncoder, encode_field, encode_integer
+from planemesh.agent.proxy.h2_hpack_decode import MemoDecoder
 
 
 @pytest.mark.parametrize(
@@ -104,3 +105,42 @@ def test_memo_decoder_agrees_with_hpack(blocks: list[list[tuple[bytes, bytes]]],
             enc.header_table_size = sizes[i % len(sizes)]
         block = enc.encode(headers)
         assert memo.decode(block, raw=True) == plain.decode(block, raw=True) == headers
+
+
+@given(st.binary(max_size=200))
+def test_memo_decoder_raises_only_hpack_errors_on_garbage(data: bytes) -> None:
+    """Bytes from a peer: fields, or an HPACK error (the codec's COMPRESSION_ERROR), never another exception; and
+    where hpack's own decoder accepts a block, the same fields."""
+    try:
+        ours = MemoDecoder(65536).decode(data, raw=True)
+    except HPACKError:
+        return
+    assert ours == Decoder().decode(data, raw=True)
+
+
+def test_huffman_strings_are_decoded_once() -> None:
+    enc, dec = Encoder(), MemoDecoder(65536)
+    for i in range(3):  # a new date each time: the block differs, the server's value is Huffman-decoded once
+        block = enc.encode([(b":status", b"200"), (b"server", b"nginx/1.22.1"), (b"date", b"Sun %d" % i)])
+        assert dec.decode(block, raw=True)[2] == (b"date", b"Sun %d" % i)
+    assert list(dec._huffman.values()).count(b"nginx/1.22.1") == 1
+
+
+def test_a_block_that_indexes_its_fields_again_each_time_is_replayed_from_the_memo() -> None:
+    """nginx sends the same response block each time, adding its fields to the table again (literals with
+    incremental indexing, names from the static table): remembered with the entries it adds, which are replayed,
+    so the table ends as hpack's does."""
+    block = (
+        bytes.fromhex("88") + b"\x76\x05nginx" + b"\x61\x1dSun, 06 Dec 2026 04:50:00 GMT"
+    )  # :status 200, server, date
+    ours, plain = MemoDecoder(65536), Decoder()
+    for _ in range(3):
+        assert ours.decode(block, raw=True) == plain.decode(block, raw=True)
+    assert block in ours._stable
+    assert list(ours.header_table.dynamic_entries) == [tuple(e) for e in plain.header_table.dynamic_entries]
+    indexed = bytes.fromhex("be")  # index 62: the newest entry (date)
+    assert (
+        ours.decode(indexed, raw=True)
+        == plain.decode(indexed, raw=True)
+        == [(b"date", b"Sun, 06 Dec 2026 04:50:00 GMT")]
+    )

@@ -1,0 +1,379 @@
+"""gRPC (and plain h2) through the proxy vs Envoy 1.40, same run, loopback only:
+
+    ./run.sh bench grpc [--seconds 5] [--calls 64] [--streams 16] [--only get|unary|grpcio|stream]
+
+One planemesh worker (a PlaneProxy in its own process, the test harness's, access log to a file) and Envoy
+`--concurrency 1` (file access log), one after the other, in front of the same backend, nginx (one worker; a C
+server, so that the proxies and not the backend are measured): over h2c it answers `/bench.Bench/Unary` with one
+18-byte message and `/bench.Bench/Stream` with 1,000 100-byte messages, each with `grpc-status: 0` trailers; over
+HTTP/1.1 a small page. Each proxy's cluster speaks h2c to the former, HTTP/1.1 to the latter. Loads:
+
+- get: `h2load -c16 -m32` GETs, HTTP/1.1 upstream (bench/sniff.py's h2 case without the interception);
+- unary: `h2load -c16 -m32` of gRPC-framed POSTs (content-type application/grpc, te: trailers);
+- grpcio: the grpcio (grpc.aio) client with `--calls` unary calls in flight (the Python client is the bottleneck
+  here: proof that a real gRPC stack works at load more than a ratio);
+- stream: grpcio, `--streams` server-streaming calls in flight, each reading 1,000 messages (rate: messages/s).
+
+Each row: rate, p50/p99 per call (h2load's per-request log, or timed by the client), and the proxy process's CPU
+per call (/proc: user + system over the load), the figure that the other work on a shared machine moves least.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from bench.http_proxy import envoy_binary
+from planemesh.agent.proxy.server import PlaneProxy
+from planemesh.agent.proxy.sockets import make_listener_socket
+from planemesh.model.config import Cluster, ClusterKind, Endpoint
+from tests.proxy.proxy_harness import ServingProxy, free_port, make_snapshot
+
+UNARY = "/bench.Bench/Unary"
+STREAM = "/bench.Bench/Stream"
+STREAM_MESSAGES = 1000
+
+
+def grpc_message(payload: bytes) -> bytes:
+    return b"\x00" + struct.pack(">I", len(payload)) + payload
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# ---- the backend and the proxies ------------------------------------------------------------------------------
+
+
+def start_backend(work: Path, port: int, h1_port: int) -> subprocess.Popen:
+    """nginx, one worker: gRPC over h2c on `port`, a small page over HTTP/1.1 on `h1_port`."""
+    root = work / "www" / "bench.Bench"
+    root.mkdir(parents=True)
+    (root / "Unary").write_bytes(grpc_message(b"\x0a\x10" + b"p" * 16))
+    (root / "Stream").write_bytes(grpc_message(b"\x0a\x62" + b"s" * 98) * STREAM_MESSAGES)
+    (work / "www" / "index.html").write_text("planemesh bench " * 8)
+    conf = work / "nginx.conf"
+    conf.write_text(
+        textwrap.dedent(f"""\
+        daemon off; master_process off; worker_processes 1; pid {work}/nginx.pid;
+        error_log {work}/nginx-error.log;
+        events {{ worker_connections 4096; }}
+        http {{
+          access_log off; keepalive_requests 1000000; keepalive_timeout 120s; http2_max_concurrent_streams 1000;
+          client_body_temp_path {work}; proxy_temp_path {work}; fastcgi_temp_path {work};
+          uwsgi_temp_path {work}; scgi_temp_path {work};
+          server {{
+            listen 127.0.0.1:{port} http2 backlog=4096;
+            root {work}/www;
+            default_type application/grpc;
+            error_page 405 =200 $uri;  # a static file answers POST
+            add_trailer grpc-status 0 always;
+          }}
+          server {{ listen 127.0.0.1:{h1_port} backlog=4096; root {work}/www; }}
+        }}
+    """)
+    )
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-e", str(work / "nginx-error.log")])
+    wait_port(port)
+    wait_port(h1_port)
+    return proc
+
+
+ENVOY = """\
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - name: grpc
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: grpc
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog,
+                           path: {log}}}
+          route_config:
+            virtual_hosts:
+            - {{name: any, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}]}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: backend
+    type: STATIC
+    connect_timeout: 2s
+{protocol}    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend}}}}}}}
+"""
+
+
+ENVOY_H2_UPSTREAM = """\
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+"""
+
+
+@contextlib.contextmanager
+def envoy(work: Path, port: int, backend: int, http2: bool) -> Iterator[subprocess.Popen]:
+    conf = work / "envoy.yaml"
+    conf.write_text(ENVOY.format(admin=free_port(), port=port, backend=backend, log=work / "envoy-access.log",
+                                 protocol=ENVOY_H2_UPSTREAM if http2 else ""))  # fmt: skip
+    argv = [envoy_binary(), "-c", str(conf), "--concurrency", "1", "--base-id", str(os.getpid() % 50000 + 2000),
+            "--disable-hot-restart", "-l", "warning"]  # fmt: skip
+    with _process(argv, port) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def planemesh(work: Path, port: int, backend: int, http2: bool) -> Iterator[subprocess.Popen]:
+    argv = [sys.executable, "-m", "bench.grpc", "--serve", str(port), str(backend), str(work / "pm-access.log"),
+            "h2" if http2 else "h1"]  # fmt: skip
+    with _process(argv, port) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def _process(argv: list[str], port: int) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(argv, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        wait_port(port, 20)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cpu_seconds(proc: subprocess.Popen) -> float:
+    """User + system CPU the process (all its threads) has used so far."""
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve(port: int, backend: int, log_path: str, http2: bool) -> None:
+    """The planemesh side: one PlaneProxy (as one worker runs it) on 127.0.0.1:port, a cluster to the backend
+    (h2c when http2, else HTTP/1.1), the access log appended to a file; until SIGTERM."""
+    log = open(log_path, "a")  # noqa: SIM115
+    sock = make_listener_socket(port, transparent=False, host="127.0.0.1")
+    cluster = Cluster(name="backend", kind=ClusterKind.STATIC, http2=http2,
+                      endpoints=(Endpoint(address="127.0.0.1", port=backend),))  # fmt: skip
+    snapshot = make_snapshot(port, [("127.0.0.1", backend)], clusters={"backend": cluster})
+    proxy = PlaneProxy(snapshot, "oam", access_log=log.write)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with ServingProxy(proxy, sock):
+        stop.wait()
+    log.close()
+
+
+# ---- the loads ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    proxy: str
+    load: str
+    rate: float  # calls/s (messages/s for streaming)
+    p50_ms: float
+    p99_ms: float
+    failed: int
+    units: int  # calls (messages for streaming) completed
+    cpu_s: float = 0.0  # the proxy process's CPU during the load
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu_s * 1e6 / self.units if self.units else 0.0
+
+    def row(self, envoy: Result | None) -> str:
+        ratio = f"{self.rate / envoy.rate:5.2f}x" if envoy and envoy.rate else "    -"
+        cpu = f"{self.cpu_us / envoy.cpu_us:5.2f}x" if envoy and envoy.cpu_us else "    -"
+        return (f"{self.load:28} {self.proxy:10} {self.rate:9.0f} {self.p50_ms:8.2f} {self.p99_ms:8.2f} "
+                f"{self.failed:6d}  {ratio} {self.cpu_us:9.1f}  {cpu}")  # fmt: skip
+
+
+def percentiles(samples_ms: list[float]) -> tuple[float, float]:
+    if len(samples_ms) < 2:
+        return (samples_ms[0] if samples_ms else 0.0), (samples_ms[0] if samples_ms else 0.0)
+    q = statistics.quantiles(samples_ms, n=100)
+    return q[49], q[98]
+
+
+def h2load(work: Path, proxy: str, port: int, seconds: int, grpc_call: bool) -> Result:
+    """h2load -c16 -m32: gRPC-framed unary POSTs, or GETs of the small page (the h2 case of bench/sniff.py)."""
+    log = work / f"h2load-{proxy}-{grpc_call}.log"
+    argv = ["h2load", "-t1", "-c16", "-m32", f"-D{seconds}", "--warm-up-time=1", f"--log-file={log}"]
+    if grpc_call:
+        body = work / "unary-request.bin"
+        body.write_bytes(grpc_message(b"\x0a\x02hi"))
+        argv += ["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
+                 f"http://127.0.0.1:{port}{UNARY}"]  # fmt: skip
+    else:
+        argv.append(f"http://127.0.0.1:{port}/")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60).stdout
+    rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    done = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if rate is None or done is None:
+        raise RuntimeError(f"unexpected h2load output:\n{out}")
+    samples = []
+    for line in log.read_text().splitlines():  # start (us since epoch), status, duration (us)
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "200":
+            samples.append(int(parts[2]) / 1000)
+    p50, p99 = percentiles(samples)
+    failed = sum(int(x) for x in done.groups()[1:])
+    load = "gRPC unary (h2load)" if grpc_call else "h2 GET, HTTP/1.1 up (h2load)"
+    return Result(proxy, load, float(rate.group(1)), p50, p99, failed, int(done.group(1)))
+
+
+async def _grpcio(port: int, seconds: float, concurrency: int, streaming: bool) -> tuple[int, list[float], int]:
+    calls = 0
+    failed = 0
+    samples: list[float] = []
+    ident = (lambda b: b, lambda b: b)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        unary = channel.unary_unary(UNARY, *ident)
+        stream = channel.unary_stream(STREAM, *ident)
+        await unary(b"\x0a\x02hi", timeout=5)  # connected
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal calls, failed
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                try:
+                    if streaming:
+                        n = 0
+                        async for _ in stream(b"\x0a\x02hi", timeout=10):
+                            n += 1
+                        if n != STREAM_MESSAGES:
+                            failed += 1
+                            continue
+                    else:
+                        await unary(b"\x0a\x02hi", timeout=5)
+                except grpc.RpcError:
+                    failed += 1
+                    continue
+                samples.append((time.perf_counter() - t0) * 1000)
+                calls += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return calls, samples, failed
+
+
+def grpcio_load(proxy: str, port: int, seconds: int, concurrency: int, streaming: bool) -> Result:
+    t0 = time.perf_counter()
+    calls, samples, failed = asyncio.run(_grpcio(port, seconds, concurrency, streaming))
+    elapsed = time.perf_counter() - t0
+    p50, p99 = percentiles(samples)
+    if streaming:
+        n = calls * STREAM_MESSAGES
+        return Result(proxy, "gRPC server stream (grpcio)", n / elapsed, p50, p99, failed, n)
+    return Result(proxy, "gRPC unary (grpcio)", calls / elapsed, p50, p99, failed, calls)
+
+
+def measured(proc: subprocess.Popen, load, *args) -> Result:
+    """load(*args), with the proxy process's CPU over it."""
+    before = cpu_seconds(proc)
+    result = load(*args)
+    result.cpu_s = cpu_seconds(proc) - before
+    return result
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    results: list[Result] = []
+    case = lambda name: args.only in (None, name)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="planemesh-grpc-") as tmp:
+        work = Path(tmp)
+        grpc_port, h1_port = free_port(), free_port()
+        backend = start_backend(work, grpc_port, h1_port)
+        try:
+            for name, runner in (("planemesh", planemesh), ("envoy", envoy)):
+                if case("get"):
+                    port = free_port()
+                    with runner(work, port, h1_port, False) as proc:
+                        h2load(work, name, port, 1, False)  # warm-up: the upstream pool
+                        results.append(measured(proc, h2load, work, name, port, args.seconds, False))
+                if args.only == "get":
+                    continue
+                port = free_port()
+                with runner(work, port, grpc_port, True) as proc:
+                    grpcio_load(name, port, 1, 4, False)  # warm-up
+                    if case("unary"):
+                        results.append(measured(proc, h2load, work, name, port, args.seconds, True))
+                    if case("grpcio"):
+                        results.append(measured(proc, grpcio_load, name, port, args.seconds, args.calls, False))
+                    if case("stream"):
+                        results.append(measured(proc, grpcio_load, name, port, args.seconds, args.streams, True))
+        finally:
+            backend.terminate()
+            backend.wait()
+    return results
+
+
+def report(results: list[Result]) -> str:
+    lines = [
+        f"{'load':28} {'proxy':10} {'rate/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}  ratio "
+        f"{'CPU us/call':>9}  ratio (rate/s: calls, streaming: messages; CPU: the proxy process's per call)"
+    ]
+    for r in results:
+        envoy_result = next((e for e in results if e.proxy == "envoy" and e.load == r.load), None)
+        lines.append(r.row(envoy_result))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--serve"]:
+        return serve(int(argv[1]), int(argv[2]), argv[3], argv[4] == "h2")
+    parser = argparse.ArgumentParser(prog="python -m bench grpc", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=64, help="grpcio unary calls in flight")
+    parser.add_argument("--streams", type=int, default=16, help="grpcio streaming calls in flight")
+    parser.add_argument("--only", choices=("get", "unary", "grpcio", "stream"))
+    args = parser.parse_args(argv)
+    for tool in ("nginx", "h2load"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed")
+    print(report(run(args)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
