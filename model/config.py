@@ -277,9 +277,6 @@ class Listener:
     port: int
     protocol: ListenerProtocol
     prefixes: tuple[IPNetwork, ...] = ()  # destination prefixes; empty: any destination of the plane
-    # source prefixes (Envoy filter_chain_match.source_prefix_ranges): a local workload's outbound listeners
-    # carry its addresses (agent/workloads/merge.py); empty: any source. HTTP listeners only so far.
-    sources: tuple[IPNetwork, ...] = ()
     route_config: str | None = None  # None: ORIGINAL_DESTINATION_ROUTES
     http_filters: tuple[HttpFilter, ...] = ()
     server_names: tuple[str, ...] = ()  # TLS SNI match for passthrough routing: exact names and `*.suffix`
@@ -299,6 +296,9 @@ class Listener:
     network_rbac: tuple[object, ...] = ()
     # tcp_proxy chains: filter_chain_match.application_protocols, matched against the ClientHello's ALPN
     application_protocols: tuple[str, ...] = ()
+    # source prefixes (Envoy filter_chain_match.source_prefix_ranges): a local workload's outbound listeners
+    # carry its addresses (agent/workloads/merge.py); empty: any source. HTTP listeners only so far.
+    sources: tuple[IPNetwork, ...] = ()
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:
