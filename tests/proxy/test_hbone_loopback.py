@@ -68,6 +68,9 @@ def test_many_tunnels_share_one_pooled_connection_per_identity_and_peer() -> Non
             assert pair.stats_b.connections_in == 1
             (held,) = pair.outbound.pool.conns.values()
             assert held[0][1].total_streams == 20  # ... carrying 20 CONNECT streams
+            await asyncio.sleep(0.2)
+            assert held[0][1].streams == {}  # every finished tunnel forgotten, both ends
+            assert [c.streams for c in pair.inbound.open] == [{}]
 
     run(scenario())
 
