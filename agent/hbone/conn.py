@@ -197,7 +197,6 @@ class HboneConnection(asyncio.Protocol):
         self.total_streams = 0
         self.last_active = 0.0  # loop time a stream last opened or ended (the pool releases idle connections)
         self.on_lost: Callable[[HboneConnection], None] | None = None
-        self.made: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # ---- asyncio --------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -219,8 +218,6 @@ class HboneConnection(asyncio.Protocol):
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONN_WINDOW - 65535)
         self._flush()
-        if not self.made.done():
-            self.made.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -241,8 +238,6 @@ class HboneConnection(asyncio.Protocol):
             if stream.opened is not None and not stream.opened.done():
                 stream.opened.set_exception(ConnectionError("HBONE connection lost"))
         self.streams.clear()
-        if not self.made.done():
-            self.made.set_exception(ConnectionError("HBONE connection lost"))
         if self.on_lost is not None:
             self.on_lost(self)
 

@@ -24,6 +24,9 @@ from planemesh.agent.rbac import RbacFilter
 log = logging.getLogger("planemesh.hbone")
 HANDSHAKE_TIMEOUT_S = 10.0  # as the proxy's TLS ports (agent/proxy/tls.py)
 DIAL_TIMEOUT_S = 5.0  # destination pod connect; a refusal is 503
+# Peer connections open at once: each carries up to conn.MAX_STREAMS tunnels. A node has one per (source
+# identity, peer node) pair in the cluster; beyond this a new one is closed after its handshake.
+MAX_CONNECTIONS = 4096
 
 
 def spiffe_peer(transport: asyncio.BaseTransport) -> str | None:
@@ -50,6 +53,10 @@ class InboundConnection(HboneConnection):
         self.inbound = inbound
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if len(self.inbound.open) >= MAX_CONNECTIONS:
+            self.inbound.stats.refuse_in("overloaded")
+            transport.abort()
+            return
         self.inbound.stats.connections_in += 1
         self.peer_identity = spiffe_peer(transport)
         if self.peer_identity is None:
@@ -57,7 +64,12 @@ class InboundConnection(HboneConnection):
             log.info("HBONE peer %s refused: no single SPIFFE ID", transport.get_extra_info("peername"))
             transport.abort()
             return
+        self.inbound.open.add(self)
         super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.inbound.open.discard(self)
+        super().connection_lost(exc)
 
 
 class Inbound:
@@ -68,6 +80,7 @@ class Inbound:
         self.routes, self.rbacs, self.certs, self.stats = routes, rbacs, certs, stats
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        self.open: set[InboundConnection] = set()
 
     async def start(self, host: str, port: int) -> asyncio.Server:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -30,6 +30,8 @@ from planemesh.agent.identity.ca_files import write_new
 from planemesh.labs import netns as ns_tools
 
 POD_A, POD_B = "10.81.1.2", "10.81.2.2"
+POD_A6, POD_B6 = "fd81:1::2", "fd81:2::2"
+CIDR_A6, CIDR_B6 = "fd81:1::/64", "fd81:2::/64"
 NODE_A_LINK, NODE_B_LINK = "10.81.0.1", "10.81.0.2"
 CIDR_A, CIDR_B = "10.81.1.0/24", "10.81.2.0/24"
 TD = "cluster.local"
@@ -47,8 +49,9 @@ ETH_P_ALL = 0x0003
 SERVER = r"""
 import socket, sys, threading
 def serve(port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(512)
+    s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port)); s.listen(512)
     while True:
         c, peer = s.accept()
         threading.Thread(target=handle, args=(c, peer), daemon=True).start()
@@ -63,7 +66,7 @@ def handle(c, peer):
             n += len(data)
             if len(head) < 64:
                 head = (head + data)[:64]
-        c.sendall(b"B saw %d bytes from %s: %s" % (n, peer[0].encode(), head))
+        c.sendall(b"B saw %d bytes from %s: %s" % (n, peer[0].removeprefix("::ffff:").encode(), head))
 for p in (8080, 9090, 8081, 9091):
     threading.Thread(target=serve, args=(p,), daemon=True).start()
 print("server ready", flush=True)
@@ -116,12 +119,22 @@ class HboneLab:
             _ip(ns, "addr", "add", addr, "dev", ifname)
             _ip(ns, "link", "set", ifname, "up")
             _ip(ns, "link", "set", "lo", "up")
+        for ns, ifname, addr in (
+            (self.pod_a, "hbpa0", f"{POD_A6}/64"), (self.node_a, "hbpa1", "fd81:1::1/64"),
+            (self.pod_b, "hbpb0", f"{POD_B6}/64"), (self.node_b, "hbpb1", "fd81:2::1/64"),
+            (self.node_a, "hbla", "fd81::1/64"), (self.node_b, "hblb", "fd81::2/64"),
+        ):  # fmt: skip
+            _ip(ns, "-6", "addr", "add", addr, "dev", ifname, "nodad")
+        _ip(self.pod_a, "-6", "route", "add", "default", "via", "fd81:1::1")
+        _ip(self.pod_b, "-6", "route", "add", "default", "via", "fd81:2::1")
+        _ip(self.node_a, "-6", "route", "add", CIDR_B6, "via", "fd81::2")
+        _ip(self.node_b, "-6", "route", "add", CIDR_A6, "via", "fd81::1")
         _ip(self.pod_a, "route", "add", "default", "via", "10.81.1.1")
         _ip(self.pod_b, "route", "add", "default", "via", "10.81.2.1")
         _ip(self.node_a, "route", "add", CIDR_B, "via", NODE_B_LINK)
         _ip(self.node_b, "route", "add", CIDR_A, "via", NODE_A_LINK)
         for ns in (self.node_a, self.node_b):
-            ns_tools.write_sysctls(ns, {"net.ipv4.ip_forward": "1"})
+            ns_tools.write_sysctls(ns, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
 
     def down(self) -> None:
         for proc in self.procs:
@@ -168,20 +181,20 @@ class HboneLab:
 
 
 def node_a_settings(ca_dir: Path, peer_identity: str | None = NODE_B_ID) -> dict:
-    peer: dict = {"name": "node-b", "address": NODE_B_LINK, "cidrs": [CIDR_B]}
+    peer: dict = {"name": "node-b", "address": NODE_B_LINK, "cidrs": [CIDR_B, CIDR_B6]}
     if peer_identity:
         peer["identity"] = peer_identity
     return {
         "node": {"identity": NODE_A_ID}, "ca": str(ca_dir), "listen": f"{NODE_A_LINK}:15008",
         "capture": {"port": CAPTURE_PORT, "interfaces": ["hbpa1"], "ports": [PORT, ECHO_PORT]},
-        "workloads": {POD_A: ID_A}, "peers": [peer],
+        "workloads": {POD_A: ID_A, POD_A6: ID_A}, "peers": [peer],
     }  # fmt: skip
 
 
 def node_b_settings(ca_dir: Path, rbac: list | None = None) -> dict:
     return {
         "node": {"identity": NODE_B_ID}, "ca": str(ca_dir), "listen": f"{NODE_B_LINK}:15008",
-        "workloads": {POD_B: ID_B}, "rbac": rbac or [],
+        "workloads": {POD_B: ID_B, POD_B6: ID_B}, "rbac": rbac or [],
     }  # fmt: skip
 
 
@@ -196,7 +209,8 @@ def hbone_lab(prefix: str, workdir: Path) -> Iterator[HboneLab]:
 
 
 class LinkCapture:
-    """Every TCP/IPv4 frame on an interface of a namespace (AF_PACKET), read by a thread until stopped."""
+    """Every frame on an interface of a namespace (AF_PACKET), read by a thread until stopped; `segments` are the
+    TCP ones (IPv4 and IPv6 without extension headers) as (sport, dport, payload), `frames` all of them raw."""
 
     def __init__(self, ns: str, ifname: str) -> None:
         def make() -> socket.socket:
@@ -207,6 +221,7 @@ class LinkCapture:
 
         self.sock = ns_tools.call_in(ns, make)
         self.segments: list[tuple[int, int, bytes]] = []  # (sport, dport, payload)
+        self.frames: list[bytes] = []
         self.stop_flag = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -219,16 +234,18 @@ class LinkCapture:
                 continue
             except OSError:
                 return
-            if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+            self.frames.append(frame)
+            if frame[12:14] == b"\x08\x00" and len(frame) >= 34 and frame[23] == 6:
+                tcp, end = 14 + (frame[14] & 0x0F) * 4, 14 + struct.unpack("!H", frame[16:18])[0]
+            elif frame[12:14] == b"\x86\xdd" and len(frame) >= 74 and frame[20] == 6:
+                tcp, end = 54, 54 + struct.unpack("!H", frame[18:20])[0]
+            else:
                 continue
-            ihl = (frame[14] & 0x0F) * 4
-            tcp = 14 + ihl
             sport, dport = struct.unpack("!HH", frame[tcp : tcp + 4])
-            doff = (frame[tcp + 12] >> 4) * 4
-            total = struct.unpack("!H", frame[16:18])[0]
-            self.segments.append((sport, dport, frame[tcp + doff : 14 + total]))
+            self.segments.append((sport, dport, frame[tcp + (frame[tcp + 12] >> 4) * 4 : end]))
 
     def stop(self) -> list[tuple[int, int, bytes]]:
+        """The TCP segments seen (`frames` keeps every frame)."""
         time.sleep(0.3)  # frames in flight
         self.stop_flag.set()
         self.thread.join(timeout=5)
@@ -236,11 +253,11 @@ class LinkCapture:
         return self.segments
 
 
-def pod_exchange(lab: HboneLab, payload: bytes, port: int = PORT, timeout: float = 15.0) -> bytes:
+def pod_exchange(lab: HboneLab, payload: bytes, port: int = PORT, timeout: float = 15.0, dst: str = POD_B) -> bytes:
     """From pod A: connect to pod B, send payload, half-close, read the answer until EOF (b'' when refused)."""
 
     def go() -> bytes:
-        s = socket.create_connection((POD_B, port), timeout=timeout)
+        s = socket.create_connection((dst, port), timeout=timeout)
         with s:
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)

@@ -20,6 +20,7 @@ from tests.netns.hbone_lab import (
     BYPASS_PORT,
     ID_A,
     NODE_A_LINK,
+    POD_B6,
     LinkCapture,
     hbone_lab,
     node_a_settings,
@@ -62,6 +63,7 @@ def test_pod_traffic_crosses_the_link_only_as_tls_to_15008_and_arrives_in_plaint
     wire = b"".join(p for _, _, p in segments)
     assert len(wire) > 5 * len(payload)  # the bytes did cross the link ...
     assert MARKER not in wire and b"PLAINTEXT-MARKER" not in wire  # ... encrypted
+    assert not any(b"PLAINTEXT-MARKER" in frame for frame in cap.frames)  # nor in any frame of any protocol
     assert any(p[:1] == b"\x17" for _, _, p in segments)  # TLS application-data records
     assert eventually(lambda: lab.stats("a").get("tunnels_out") == 5), lab.stats("a")
     assert lab.stats("a")["connections_out"] == 1  # one pooled connection carried the five tunnels
@@ -72,6 +74,17 @@ def test_pod_traffic_crosses_the_link_only_as_tls_to_15008_and_arrives_in_plaint
     cap = LinkCapture(lab.node_a, "hbla")
     assert pod_exchange(lab, MARKER, port=BYPASS_PORT).startswith(b"B saw")
     assert MARKER in b"".join(p for _, _, p in cap.stop())
+
+
+def test_ipv6_pods_over_the_same_tunnel(lab) -> None:  # type: ignore[no-untyped-def]
+    lab.start_node("b", node_b_settings(lab.ca_b))
+    lab.start_node("a", node_a_settings(lab.ca_a))
+    cap = LinkCapture(lab.node_a, "hbla")
+    assert pod_exchange(lab, MARKER, dst=POD_B6) == b"B saw %d bytes from fd81:2::1: %s" % (len(MARKER), MARKER)
+    segments = cap.stop()
+    assert segments and all(15008 in (s, d) for s, d, _ in segments)
+    assert not any(MARKER in frame for frame in cap.frames)
+    assert eventually(lambda: lab.stats("b").get("tunnels_in") == 1), lab.stats("b")
 
 
 def test_rbac_deny_for_the_source_identity_refuses_the_tunnel(lab) -> None:  # type: ignore[no-untyped-def]

@@ -18,6 +18,7 @@ import pytest
 import uvloop
 
 from planemesh.agent.hbone import conn as hbone_conn
+from planemesh.agent.hbone import inbound as hbone_inbound
 from planemesh.agent.hbone.certs import CaCertSource
 from planemesh.agent.hbone.settings import parse_rbac
 from planemesh.agent.identity.ca import new_root, utcnow
@@ -67,6 +68,9 @@ def test_many_tunnels_share_one_pooled_connection_per_identity_and_peer() -> Non
             assert pair.stats_b.connections_in == 1
             (held,) = pair.outbound.pool.conns.values()
             assert held[0][1].total_streams == 20  # ... carrying 20 CONNECT streams
+            await asyncio.sleep(0.2)
+            assert held[0][1].streams == {}  # every finished tunnel forgotten, both ends
+            assert [c.streams for c in pair.inbound.open] == [{}]
 
     run(scenario())
 
@@ -334,5 +338,25 @@ def test_the_pool_releases_a_connection_idle_for_five_minutes_but_not_one_in_use
             assert await _echo_roundtrip(sock, b"b") == b"b"
             sock.close()
             assert pair.stats_a.connections_out == 2
+
+    run(scenario())
+
+
+def test_peer_connections_beyond_the_budget_are_closed_and_counted(monkeypatch) -> None:
+    monkeypatch.setattr(hbone_inbound, "MAX_CONNECTIONS", 1)
+
+    async def scenario() -> None:
+        ca_a, ca_b = node_cas()
+        now = [utcnow() - dt.timedelta(seconds=2000)]
+        certs = CaCertSource(ca_a, NODE_A, ttl_s=3600, clock=lambda: now[0])
+        async with hbone_pair(ca_a, ca_b, certs_a=certs) as pair:
+            first = await pair.open()
+            now[0] = utcnow()  # renewed certificate: the next tunnel needs a second connection
+            second = await pair.open()
+            assert await recv_all(second) == b""
+            assert pair.stats_b.refused_in == {"overloaded": 1}
+            assert await _echo_roundtrip(first, b"ok") == b"ok"  # the admitted connection is untouched
+            first.close()
+            second.close()
 
     run(scenario())
