@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from planemesh.model.config import ConfigError
+from planemesh.model.host_mode import host_mode_from_dict
 from planemesh.model.node import NodeIdentity
 from planemesh.model.planes import Plane
 from planemesh.model.static_config import read_yaml_file, snapshot_from_dict
@@ -94,8 +95,6 @@ def _str(raw: dict, key: str, path: str, default: str | None = None) -> str:
 def bootstrap_from_dict(raw: Any) -> Bootstrap:
     top = _mapping(raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode"})
     if "host_mode" in top:  # read by the agent (planemesh.agent.host_attach); checked here so errors come early
-        from planemesh.agent.host_attach import host_mode_from_dict
-
         host_mode_from_dict(top["host_mode"])
     node = _mapping(top.get("node"), "node", {"id", "cluster", "metadata"})
     server = _mapping(top.get("server"), "server", {"address", "mode", "tls", "token_file", "max_receive_bytes"})
