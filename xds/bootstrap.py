@@ -34,6 +34,7 @@ from planemesh.agent.identity.cert_client import CaSettings
 from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, istio_identity
 from planemesh.agent.workloads.settings import WorkloadSettings, settings_from_dict
 from planemesh.model.config import ConfigError
+from planemesh.model.host_mode import host_mode_from_dict
 from planemesh.model.node import NodeIdentity
 from planemesh.model.planes import Plane
 from planemesh.model.static_config import read_yaml_file, snapshot_from_dict
@@ -109,8 +110,6 @@ def bootstrap_from_dict(raw: Any) -> Bootstrap:
         raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode", "node_overload", "workloads", "ca"}
     )
     if "host_mode" in top:  # read by the agent (planemesh.agent.host_attach); checked here so errors come early
-        from planemesh.agent.host_attach import host_mode_from_dict
-
         host_mode_from_dict(top["host_mode"])
     node = _mapping(top.get("node"), "node", {"id", "cluster", "metadata"})
     server = _mapping(top.get("server"), "server", {"address", "mode", "tls", "token_file", "max_receive_bytes"})

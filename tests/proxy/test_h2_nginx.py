@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from planemesh.model.config import Cluster, ClusterKind, Endpoint
+from planemesh.model.config import Cluster
 from tests.proxy.proxy_harness import ProxyThread, free_port
 from tests.proxy.test_h2_pool import H2Client
+from tests.support.clusters import endpoint, static_cluster
 
 NGINX = "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(
@@ -87,11 +88,7 @@ def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
 
 
 def _cluster(port: int, http2: bool) -> dict[str, Cluster]:
-    return {
-        "backend": Cluster(
-            name="backend", kind=ClusterKind.STATIC, http2=http2, endpoints=(Endpoint(address="127.0.0.1", port=port),)
-        )
-    }
+    return {"backend": static_cluster("backend", [endpoint(port)], http2=http2)}
 
 
 def _h2load(port: int, path: str, n: int = 2000) -> str:

@@ -16,8 +16,6 @@ from types import MappingProxyType
 from planemesh.model.config import (
     CircuitBreakers,
     Cluster,
-    ClusterKind,
-    Endpoint,
     HttpFilter,
     OutlierDetection,
     RetryPolicy,
@@ -28,6 +26,8 @@ from planemesh.model.config import (
     VirtualHost,
 )
 from tests.proxy.proxy_harness import ProxyThread, ThreadedBackend, free_port, log_line_for
+from tests.support.clusters import endpoint
+from tests.support.clusters import static_cluster as static
 
 
 class VersionHandler(http.server.BaseHTTPRequestHandler):
@@ -71,14 +71,6 @@ class VersionServer(ThreadedBackend):
         self.delay_s = delay_s
         self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
         self.lock = threading.Lock()
-
-
-def endpoint(srv: VersionServer | int, **kw) -> Endpoint:
-    return Endpoint(address="127.0.0.1", port=srv if isinstance(srv, int) else srv.port, **kw)
-
-
-def static(name: str, endpoints, **kw) -> Cluster:
-    return Cluster(name=name, kind=ClusterKind.STATIC, endpoints=tuple(endpoints), **kw)
 
 
 def with_config(px: ProxyThread, routes: tuple[Route, ...], clusters: dict[str, Cluster],

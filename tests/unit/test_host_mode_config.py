@@ -7,16 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from planemesh.agent.host_attach import (
-    HostModeConfig,
-    cli_specs,
-    host_mode_from_dict,
-    load_host_cgroups,
-    resolve,
-    slice_cgroup,
-)
+from planemesh.agent.host_attach import load_host_cgroups, resolve
 from planemesh.ebpf.host_redirect import cgroup2_mounts_in
 from planemesh.model.config import ConfigError
+from planemesh.model.host_mode import HostModeConfig, cli_specs, host_mode_from_dict, slice_cgroup
 from planemesh.model.static_config import load_static_config
 
 

@@ -61,7 +61,7 @@ def test_bootstrap_errors_name_the_field(raw, path):
 
 def test_bootstrap_may_name_host_mode_cgroups(tmp_path):
     from planemesh.agent.daemon import AgentOptions
-    from planemesh.agent.host_attach import host_mode_from_dict
+    from planemesh.model.host_mode import host_mode_from_dict
 
     raw = {**boot(), "host_mode": {"slices": ["telecom.slice"], "cgroups": ["/apps/sig"]}}
     assert bootstrap_from_dict(raw).planes[0].name == "oam"

@@ -16,11 +16,11 @@ from planemesh.xds.bootstrap import bootstrap_from_dict
 from planemesh.xds.resources import CLUSTER
 from planemesh.xds.transport import XdsClient
 from tests.support.ads import FakeAdsServer, FakeAdsStream, sotw_response
+from tests.support.clusters import LOOPBACK_PLANES, cluster_doc, packed
 from tests.support.waiting import until
-from tests.xds.test_xds_transport import cluster_doc, packed
 
 T = "type.googleapis.com/"
-PLANES = [{"name": "lo", "id": 1, "interfaces": ["lo"], "cidrs": ["127.0.0.0/8", "::1/128"]}]
+PLANES = LOOPBACK_PLANES
 
 
 def bootstrap(node_id: str = "n1", server: str = "fake:1", mode: str = "sotw"):

@@ -14,7 +14,10 @@ import pytest
 from planemesh.xds.bootstrap import bootstrap_from_dict
 from planemesh.xds.server import ManagementServer
 from planemesh.xds.transport import XdsClient
-from tests.xds.test_xds_transport import PLANES, _pki, cluster_doc, until
+from tests.support.clusters import LOOPBACK_PLANES as PLANES
+from tests.support.clusters import cluster_doc
+from tests.support.waiting import until
+from tests.xds.test_xds_transport import _pki
 from tests.xds.xds_harness import write_resources
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVmYXVsdDpzbGVlcCJ9.c2ln"

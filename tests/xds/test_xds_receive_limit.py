@@ -12,8 +12,9 @@ from google.protobuf import any_pb2
 from planemesh.xds.bootstrap import bootstrap_from_dict
 from planemesh.xds.resources import CLUSTER
 from planemesh.xds.transport import XdsClient
+from tests.support.clusters import LOOPBACK_PLANES as PLANES
+from tests.support.clusters import cluster_doc, packed
 from tests.support.waiting import until
-from tests.xds.test_xds_transport import PLANES, cluster_doc, packed
 
 T = "type.googleapis.com/"
 

@@ -12,7 +12,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, TYPED_STRUCT
 from planemesh.xds.server import ManagementServer
-from tests.xds.test_xds_transport import cluster_doc
+from tests.support.clusters import cluster_doc
 from tests.xds.xds_harness import write_resources
 
 T = "type.googleapis.com/"
@@ -154,8 +154,9 @@ def test_our_delta_client_stops_waiting_when_the_server_says_a_route_does_not_ex
     from planemesh.xds.bootstrap import bootstrap_from_dict
     from planemesh.xds.resources import parse_resource_text, unpack
     from planemesh.xds.transport import XdsClient
+    from tests.support.clusters import LOOPBACK_PLANES as PLANES
+    from tests.support.waiting import until
     from tests.unit.test_xds_translate import PASS, http_listener
-    from tests.xds.test_xds_transport import PLANES, until
 
     def msgs(*docs):
         return [unpack(p, p.type_url) for p in parse_resource_text(yaml.safe_dump(list(docs)), "t")]

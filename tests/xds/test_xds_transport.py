@@ -11,40 +11,17 @@ import time
 
 import grpc
 import pytest
-import yaml
-from google.protobuf import any_pb2
 
 from planemesh.xds.bootstrap import bootstrap_from_dict
-from planemesh.xds.resources import CLUSTER, parse_resource_text
+from planemesh.xds.resources import CLUSTER
 from planemesh.xds.server import ManagementServer
 from planemesh.xds.transport import XdsClient
+from tests.support.clusters import LOOPBACK_PLANES, cluster_doc
 from tests.support.waiting import until
 from tests.xds.xds_harness import write_resources
 
 T = "type.googleapis.com/"
-PLANES = [{"name": "lo", "id": 1, "interfaces": ["lo"], "cidrs": ["127.0.0.0/8", "::1/128"]}]
-
-
-def cluster_doc(name: str, address: str = "127.0.0.1", port: int = 8080) -> dict:
-    return {
-        "@type": T + "envoy.config.cluster.v3.Cluster",
-        "name": name,
-        "type": "STATIC",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": {"socket_address": {"address": address, "port_value": port}}}}
-                    ]
-                }
-            ],
-        },
-    }
-
-
-def packed(*docs: dict) -> list[any_pb2.Any]:
-    return parse_resource_text(yaml.safe_dump(list(docs)), "test")
+PLANES = LOOPBACK_PLANES
 
 
 def make_client(address: str, mode: str = "sotw", applied: list | None = None) -> XdsClient:
