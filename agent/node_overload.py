@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,13 @@ from planemesh.agent.node_pressure import (
     Pressure,
     ShedController,
     Signal,
+    Stall,
     Thresholds,
     classify,
     parse_meminfo,
-    parse_psi,
+    parse_stall,
     parse_stat,
+    stall_share,
     steal_share,
 )
 from planemesh.model.config import ConfigError
@@ -106,9 +109,11 @@ def load_node_overload(config_file: str | Path | None) -> NodeOverloadConfig:
 class NodeSampler:
     """Reads the node's pressure under `proc_root`: PSI when the kernel offers it, else run queue and steal."""
 
-    def __init__(self, proc_root: str = "/proc") -> None:
+    def __init__(self, proc_root: str = "/proc", clock: Callable[[], float] = time.monotonic) -> None:
         self.root = Path(proc_root)
+        self.clock = clock
         self._last_stat: CpuTimes | None = None
+        self._last_stall: dict[str, tuple[Stall, float]] = {}
         self._cpus = _online_cpus()
 
     def read(self) -> Pressure:
@@ -129,7 +134,15 @@ class NodeSampler:
         )
 
     def _psi(self, resource: str) -> float | None:
-        return _read(self.root / "pressure" / resource, parse_psi)
+        """Percent stalled since the last sample (avg10 on the first: nothing to compare with yet)."""
+        stall = _read(self.root / "pressure" / resource, parse_stall)
+        now = self.clock()
+        last = self._last_stall.get(resource)
+        if stall is None:
+            self._last_stall.pop(resource, None)
+            return None
+        self._last_stall[resource] = (stall, now)
+        return stall.avg10 if last is None else stall_share(last[0], stall, now - last[1])
 
 
 def _read(path: Path, parse: Callable[[str], Any]) -> Any:

@@ -3,10 +3,11 @@
 The agent samples the node's pressure (agent/node_overload.py reads the files) and asks this module how much
 of each plane's load to shed:
 
-- `parse_psi`, `parse_meminfo`, `parse_stat`: the kernel's text -> numbers. Pressure stall information
-  (/proc/pressure/cpu and memory, "some avg10": the share of the last 10 s in which some task waited for the
-  resource) when the kernel has it; otherwise the run queue (/proc/stat procs_running per online CPU) and the
-  CPU time the hypervisor stole since the last sample; MemAvailable / MemTotal for memory either way.
+- `parse_psi`, `parse_stall`, `parse_meminfo`, `parse_stat`: the kernel's text -> numbers. Pressure stall
+  information (/proc/pressure/cpu and memory: the share of time in which some task waited for the resource,
+  from the `some` line's `total` between two samples, its avg10 for the first) when the kernel has it;
+  otherwise the run queue (/proc/stat procs_running per online CPU) and the CPU time the hypervisor stole
+  since the last sample; MemAvailable / MemTotal for memory either way.
 - `classify`: a reading -> OVER (any figure above its high mark), UNDER (every figure below its low mark) or
   HOLD (between the marks: hysteresis, so the shed level does not flap).
 - `ShedController`: one shed "step" more per OVER sample, one less per UNDER sample. The steps fill the
@@ -36,8 +37,8 @@ class Signal(enum.Enum):
 class Pressure:
     """One reading of the node; None where the figure is not available."""
 
-    cpu_some: float | None = None  # PSI cpu some avg10, percent
-    memory_some: float | None = None  # PSI memory some avg10, percent
+    cpu_some: float | None = None  # PSI cpu `some`: percent of the time since the last sample
+    memory_some: float | None = None  # PSI memory `some`, likewise
     memory_available: float | None = None  # MemAvailable / MemTotal, 0..1
     runnable_per_cpu: float | None = None  # procs_running / online CPUs (used when there is no cpu PSI)
     steal: float | None = None  # share of CPU time stolen since the last sample, 0..1 (no cpu PSI)
@@ -46,7 +47,7 @@ class Pressure:
 @dataclass(frozen=True)
 class Thresholds:
     """High marks (OVER above) and low marks (UNDER below each). Defaults: a node whose tasks wait for a CPU
-    half the time is overloaded (PSI some avg10 50%), calm again under 25%; memory stalls are rarer and
+    half the time is overloaded (PSI cpu some 50%), calm again under 25%; memory stalls are rarer and
     costlier (10% / 2%); MemAvailable under 5% of RAM is overload (the OOM killer is near), over 10% calm."""
 
     cpu_some_high: float = 50.0
@@ -142,6 +143,26 @@ def parse_psi(text: str, line: str = "some", field: str = "avg10") -> float:
                 if key == field:
                     return float(value)
     raise ValueError(f"no {line} {field} in pressure text {text[:60]!r}")
+
+
+@dataclass(frozen=True)
+class Stall:
+    """A PSI line's figures: the 10 s average (percent) and the cumulative stall time (microseconds)."""
+
+    avg10: float
+    total_us: int
+
+
+def parse_stall(text: str, line: str = "some") -> Stall:
+    return Stall(parse_psi(text, line, "avg10"), int(parse_psi(text, line, "total")))
+
+
+def stall_share(before: Stall, after: Stall, elapsed_s: float) -> float:
+    """Percent of the time between two readings in which some task stalled (PSI's `total` moves in
+    microseconds): what the node is doing now, where avg10 still remembers the last ten seconds."""
+    if elapsed_s <= 0:
+        return after.avg10
+    return min(100.0, max(0, after.total_us - before.total_us) / (elapsed_s * 1e6) * 100)
 
 
 def parse_meminfo(text: str) -> float:

@@ -6,6 +6,8 @@ serves again."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,25 +21,51 @@ from tests.netns.agent_lab import eventually, running_agent
 
 pytestmark = pytest.mark.netns
 
-CALM = "some avg10=1.00 avg60=1.00 avg300=1.00 total=100\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
-BUSY = "some avg10=95.00 avg60=80.00 avg300=40.00 total=900\nfull avg10=30.00 avg60=20.00 avg300=9.00 total=90\n"
+CALM_MEMORY = "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
 
 
-def _fake_proc(root: Path, cpu: str) -> Path:
-    (root / "pressure").mkdir(parents=True, exist_ok=True)
-    (root / "pressure" / "cpu").write_text(cpu)
-    (root / "pressure" / "memory").write_text(CALM)
-    (root / "meminfo").write_text("MemTotal: 4000000 kB\nMemAvailable: 3000000 kB\n")
-    return root
+class FakePressure(threading.Thread):
+    """Writes /proc/pressure/cpu as a node whose tasks stall `share` percent of the time: `total` (microseconds
+    stalled) advances by that share of the wall time every 50 ms, avg10 says the same."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root, self.share, self.total, self.stop = root, 1.0, 0, threading.Event()
+        (root / "pressure").mkdir(parents=True, exist_ok=True)
+        (root / "pressure" / "memory").write_text(CALM_MEMORY)
+        (root / "meminfo").write_text("MemTotal: 4000000 kB\nMemAvailable: 3000000 kB\n")
+        self.write(0.0)
+
+    def write(self, elapsed_s: float) -> None:
+        self.total += int(self.share / 100 * elapsed_s * 1e6)
+        text = f"some avg10={self.share:.2f} avg60=0.00 avg300=0.00 total={self.total}\n"
+        tmp = self.root / "pressure" / "cpu.tmp"
+        tmp.write_text(text + "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+        tmp.replace(self.root / "pressure" / "cpu")  # whole: the agent never reads half a file
+
+    def __enter__(self) -> FakePressure:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join()
+
+    def run(self) -> None:
+        last = time.monotonic()
+        while not self.stop.wait(0.05):
+            now = time.monotonic()
+            self.write(now - last)
+            last = now
 
 
 def test_the_lower_priority_plane_sheds_first_under_node_pressure(run_prefix: str, tmp_path: Path) -> None:
-    proc = _fake_proc(tmp_path / "proc", CALM)
+    proc = tmp_path / "proc"
     raw = yaml.safe_load(default_config_text())  # oam priority 1, media priority 2
     raw["node_overload"] = {"proc_root": str(proc), "interval_s": 0.1}
     config = tmp_path / "agent.yaml"
     config.write_text(yaml.safe_dump(raw))
-    with running_agent(f"{run_prefix}n", ["--config", str(config)]) as env:
+    with FakePressure(proc) as pressure, running_agent(f"{run_prefix}n", ["--config", str(config)]) as env:
         oam, media = env.server("oam", 4), env.server("media", 4)
 
         def statuses(dst: str, n: int = 8) -> list[int]:
@@ -57,7 +85,7 @@ def test_the_lower_priority_plane_sheds_first_under_node_pressure(run_prefix: st
 
         assert statuses(media) == [200] * 8 and statuses(oam) == [200] * 8
 
-        _fake_proc(proc, BUSY)  # the node is out of CPU: media steps to 100% shed within ~0.4 s
+        pressure.share = 95.0  # the node is out of CPU: media steps to 100% shed within ~0.4 s
         assert eventually(lambda: statuses(media) == [503] * 8, timeout=10)
         shed = http_requests(env.client_ns, media, 80, ["/shed"], timeout=10)
         assert shed.headers[0]["x-planemesh-overloaded"] == "node" and shed.headers[0]["connection"] == "close"
@@ -76,7 +104,7 @@ def test_the_lower_priority_plane_sheds_first_under_node_pressure(run_prefix: st
         assert eventually(lambda: shed_requests().get("media", 0) >= 13)  # 8 + 1 + 4 at least
         assert shed_requests()["oam"] == 0
 
-        _fake_proc(proc, CALM)  # calm again: media steps back down to 0
+        pressure.share = 1.0  # calm again: media steps back down to 0
         assert eventually(lambda: statuses(media) == [200] * 8, timeout=10)
         assert statuses(oam) == [200] * 8
 

@@ -14,12 +14,15 @@ from planemesh.agent.node_pressure import (
     Pressure,
     ShedController,
     Signal,
+    Stall,
     Thresholds,
     classify,
     parse_meminfo,
     parse_psi,
+    parse_stall,
     parse_stat,
     sheddable_tiers,
+    stall_share,
     steal_share,
 )
 from planemesh.agent.proxy.overload import MIB, SHED_MEMORY, SHED_NODE, OverloadManager
@@ -37,6 +40,10 @@ def test_the_kernels_text_is_parsed() -> None:
     assert parse_stat(STAT) == CpuTimes(total=1000, steal=35, running=7)
     assert steal_share(CpuTimes(1000, 35, 1), CpuTimes(1200, 95, 1)) == pytest.approx(0.3)
     assert steal_share(CpuTimes(1000, 35, 1), CpuTimes(1000, 35, 1)) is None
+    assert parse_stall(PSI) == Stall(61.5, 123)
+    assert stall_share(Stall(0, 1_000_000), Stall(0, 1_400_000), 0.5) == pytest.approx(80.0)
+    assert stall_share(Stall(0, 1_000_000), Stall(0, 9_000_000), 0.5) == 100.0  # clamped (coarse clocks)
+    assert stall_share(Stall(7, 5), Stall(9, 5), 0.0) == 9  # no time passed: the kernel's own average
 
 
 @pytest.mark.parametrize("text", ["", "some avg60=1", "some avg10=x", "garbage"])
@@ -168,11 +175,21 @@ def test_the_sampler_reads_psi_or_falls_back_to_the_run_queue(tmp_path: Path) ->
     assert broken.cpu_some is None
 
 
+def test_after_the_first_sample_psi_is_read_as_the_stall_since_the_last(tmp_path: Path) -> None:
+    root = _proc(tmp_path, "some avg10=0.00 avg60=0 avg300=0 total=1000000\n")
+    now = [100.0]
+    sampler = NodeSampler(str(root), clock=lambda: now[0])
+    assert sampler.read().cpu_some == 0.0  # first: avg10
+    now[0] += 0.25
+    (root / "pressure" / "cpu").write_text("some avg10=0.00 avg60=0 avg300=0 total=1200000\n")  # 0.2 s stalled
+    assert sampler.read().cpu_some == pytest.approx(80.0)  # the kernel's avg10 still says 0: the node stalls now
+    now[0] += 0.25
+    assert sampler.read().cpu_some == 0.0  # total did not move: no stall since
+
+
 def test_the_loop_step_sheds_from_the_files(tmp_path: Path) -> None:
     root = _proc(tmp_path, PSI)
     shedding = NodeShedding(node_overload_from_dict({"proc_root": str(root)}))
     priorities = {"oam": 1, "media": 2}
-    assert shedding.step(priorities) == {"oam": 0.0, "media": 0.25}
-    assert shedding.step(priorities) == {"oam": 0.0, "media": 0.5}
-    (root / "pressure" / "cpu").write_text("some avg10=1.00 avg60=0 avg300=0 total=0\n")
-    assert shedding.step(priorities) == {"oam": 0.0, "media": 0.25}
+    assert shedding.step(priorities) == {"oam": 0.0, "media": 0.25}  # avg10 61.5
+    assert shedding.step(priorities) == {"oam": 0.0, "media": 0.0}  # total did not move: calm
