@@ -11,6 +11,9 @@ Reported: time from exec to the "planemesh agent ready" line, then after `--sett
 agent and of its worker (/proc/PID/status), and whether the agent process has bcc/LLVM mapped
 (/proc/PID/maps). With Envoy 1.40 installed (.venv/bin/envoy), its RSS at concurrency 1 after the same
 settle time, from the same run, for comparison (idle, the bench/http_proxy.py configuration).
+Then the issue's memory target: the default configuration (two planes, one worker each) at rest, RSS, PSS and
+USS (/proc/PID/smaps_rollup) of the agent and each worker, their sums against Envoy's (RSS counts shared
+libraries once per process, PSS splits them: the PSS sum is what the processes take together).
 Then, unless --load-seconds 0, the same lab under load (bench/footprint_load.py): worker CPU seconds per 10k
 proxied requests with wrk (HTTP/1.1) and h2load (h2c), planemesh and Envoy in the same run, and RSS after the
 load (--load-seconds 30: RSS after 60 s of load, the issue's figure; the default is short for quick runs).
