@@ -12,6 +12,7 @@ from netaddr import IPNetwork
 
 from planemesh.agent.config import ConfigError, ListenerProtocol, Snapshot
 from planemesh.agent.plane_limits import check_cpus, parse_cpu_list
+from planemesh.agent.tls_config import plane_mtls_error
 from planemesh.netplanes.model import LOCAL_DELIVERY_TABLE, MAX_PLANES, MAX_TABLE, RESERVED_TABLES, ROUTED, Plane
 
 _GLOB = frozenset("*?[")
@@ -124,6 +125,8 @@ def validate_snapshot(snap: Snapshot, *, references: bool = True) -> None:
             check_cpus_field(sla.cpus, f"{where}.sla.cpus")
         if not 0 <= sla.priority <= 7:
             raise ConfigError(f"{where}.sla.priority", "must be 0..7")
+        if (why := plane_mtls_error(sla)) is not None:
+            raise ConfigError(f"{where}.sla.{why[0]}", why[1])
     _check_interface_claims(snap.planes)
     for i, plane in enumerate(snap.planes):
         for j, target in enumerate(plane.forward_to):

@@ -35,7 +35,7 @@ from planemesh.agent.config import (
 from planemesh.agent.proxy.sni_routing import server_name_error
 from planemesh.agent.proxy.xfcc import DETAILS as XFCC_DETAILS
 from planemesh.agent.proxy.xfcc import MODES as XFCC_MODES
-from planemesh.agent.tls_config import Secret
+from planemesh.agent.tls_config import Secret, plane_tls
 from planemesh.agent.validation import check_cpus_field, validate_snapshot
 from planemesh.netplanes.model import SLA, Plane, plane_of_address
 from planemesh.xds.client_state import XdsResources, eds_name
@@ -527,6 +527,9 @@ def translate(resources: XdsResources, planes: tuple[Plane, ...], cache: Transla
         for tls in (c.tls, *(m.tls for m in c.tls_matches)):
             if tls is not None:
                 secret_uses(tls, f"cluster[{name}].transport_socket", acc.secrets_used, acc.secrets_inline)
+    for p in planes:  # a plane whose SLA requires mTLS needs its certificate and roots (agent/proxy/tls.py)
+        if (ctx := plane_tls(p.sla)) is not None:
+            secret_uses(ctx, f"planes[{p.name}].sla.mtls_cert", acc.secrets_used, acc.secrets_inline)
     secrets = resolve_secrets(acc.secrets_used, resources.secrets, acc.secrets_inline, errors)
     cache.retain(resources.clusters, resources.routes)
     errors.raise_if_any()
