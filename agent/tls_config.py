@@ -64,6 +64,10 @@ class TlsContext:
     require_client_cert: bool = False  # downstream only
     sni: str = ""  # upstream only
     inline: tuple[tuple[str, CertSecret | TrustSecret], ...] = ()  # secrets given inline: (name, material)
+    # downstream only: TLS session tickets (Envoy: disable_stateless_session_resumption false). OpenSSL 3.0 spends
+    # about a third of a server handshake issuing them (docs/benchmarks.md, TLS section); clients that never
+    # resume (pooled mesh connections) gain nothing from them.
+    session_tickets: bool = True
 
 
 @dataclass(frozen=True, slots=True)
