@@ -6,6 +6,7 @@ network RBAC decides with the client's SPIFFE ID."""
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import ssl
 from dataclasses import replace
@@ -89,6 +90,19 @@ def test_bad_client_certificates_are_refused(tls_certs: Path, client, counter) -
         assert tls_call(px, client_ctx(tls_certs)) == b"echo:ping"  # others unaffected
     assert upstream.seen == [b"ping"]
     assert getattr(px.proxy.tls_stats, counter) == 1
+
+
+def test_not_yet_valid_client_certificate_is_refused(tls_certs: Path, tmp_path: Path) -> None:
+    from planemesh.agent.identity.ca import key_pem
+
+    future = ROOT.issue(AMF, now=ROOT.cert.not_valid_before_utc + dt.timedelta(hours=2))
+    (tmp_path / "f.pem").write_bytes(future.cert_chain_pem())
+    (tmp_path / "f.key").write_bytes(key_pem(future.key))
+    ctx = client_ctx(tls_certs, None)
+    ctx.load_cert_chain(tmp_path / "f.pem", tmp_path / "f.key")
+    with Upstream() as upstream, serve(upstream) as px:
+        assert tls_call(px, ctx) in (b"", b"<refused>")
+    assert upstream.seen == [] and px.proxy.tls_stats.peer_cert_refused == 1
 
 
 def test_plaintext_on_tls_only_port_and_truncated_handshake_are_refused(tls_certs: Path) -> None:
