@@ -9,12 +9,14 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import ssl
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from planemesh.agent.config import Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, WeightedCluster
+from planemesh.agent.proxy.accesslog import AccessLogBuffer
 from planemesh.agent.tls_config import SanMatch
 from tests.proxy.proxy_harness import PLANE
 from tests.proxy.test_sniff_passthrough import SniffProxy, TcpServer, recv_all
@@ -72,11 +74,20 @@ def serve(upstream: Upstream, listeners=None, clusters=None, **kw) -> SniffProxy
 
 
 def test_mtls_is_terminated_and_relayed_in_plaintext(tls_certs: Path) -> None:
+    lines: list[str] = []
     with Upstream() as upstream, serve(upstream) as px:
+        px.proxy.log = AccessLogBuffer(lines.append)
         assert tls_call(px, client_ctx(tls_certs)) == b"echo:ping"
         assert tls_call(px, client_ctx(tls_certs)) == b"echo:ping"
+        deadline = time.monotonic() + 5  # the proxy logs once it has seen both ends close
+        while px.proxy.sniff_stats.passthrough_active and time.monotonic() < deadline:
+            time.sleep(0.05)
+    px.proxy.log.flush()
     assert upstream.seen == [b"ping", b"ping"]  # plaintext upstream
     assert px.proxy.tls_stats.handshakes == 2 and px.proxy.sniff_stats.passthrough_total == 2
+    logged = "".join(lines).splitlines()
+    assert len(logged) == 2, logged  # one access-log line per relayed connection, with the client's identity
+    assert all(' "- - TCP" 0 - 4 9 ' in line and line.endswith(f' "{AMF}"') for line in logged), logged
 
 
 @pytest.mark.parametrize(
