@@ -28,6 +28,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from planemesh.agent.identity.cert_metrics import certificate_families
 from planemesh.agent.istio_metrics import istio_families
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,16 @@ class IstioStats:
 
 
 @dataclass(slots=True)
+class WorkloadCertStats:
+    """The agent's workload certificate from istio's CSR flow (agent/identity/cert_client.py)."""
+
+    identity: str
+    not_after_s: float = 0.0  # Unix time; 0: none yet
+    fetched: int = 0
+    failures: int = 0
+
+
+@dataclass(slots=True)
 class TlsTerminationStats:
     """A plane's TLS termination (agent/proxy/tls.py TlsStats); rows of the plane's workers are summed."""
 
@@ -225,6 +236,7 @@ class StatsReport:
     overload: list[OverloadStats] = field(default_factory=list)
     tls: list[TlsTerminationStats] = field(default_factory=list)
     istio: list[IstioStats] = field(default_factory=list)
+    certificates: list[WorkloadCertStats] = field(default_factory=list)
 
 
 _ROW_TYPES = {
@@ -236,6 +248,7 @@ _ROW_TYPES = {
     "sniff": SniffListenerStats,
     "tls": TlsTerminationStats,
     "istio": IstioStats,
+    "certificates": WorkloadCertStats,
     "sni_routes": SniRouteStats,
     "plane_groups": PlaneGroupStats,
     "overload": OverloadStats,
@@ -377,6 +390,7 @@ def merge_reports(reports: Sequence[StatsReport]) -> StatsReport:
         plane_groups=[r for rep in reports for r in rep.plane_groups],  # one provider: nothing to sum
         overload=_sum_rows((r for rep in reports for r in rep.overload), ("plane",)),
         tls=_sum_rows((r for rep in reports for r in rep.tls), ("plane",)),
+        certificates=[r for rep in reports for r in rep.certificates],  # one provider: the xDS client
         istio=_sum_rows(
             (r for rep in reports for r in rep.istio), ("plane", "cluster", "source_principal", "destination_principal")
         ),
@@ -410,6 +424,7 @@ class PlanemeshCollector(Collector):
         yield from _overload_families(report.overload)
         yield from istio_families([*report.routes, *report.istio])
         yield from _tls_families(report.tls)
+        yield from certificate_families(report.certificates)
         yield from self._agent_families()
 
     def _agent_families(self) -> Iterator[Metric]:

@@ -47,7 +47,7 @@ def write_certs(d: Path) -> None:
         (d / f"{name}.key").write_bytes(key_pem(issued.key))
 
 
-def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls: bool) -> None:
+def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls: bool, tickets: bool = True) -> None:
     """Child process: planemesh's proxy terminating TLS on `port` until SIGTERM."""
     from planemesh.agent.proxy.server import PlaneProxy
     from planemesh.agent.proxy.sockets import make_listener_socket
@@ -55,7 +55,8 @@ def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls:
     from tests.proxy.proxy_harness import PLANE, make_snapshot
 
     base = make_snapshot(port, [("127.0.0.1", upstream)])
-    tls = TlsContext(cert="default", trust="ROOTCA", require_client_cert=mtls, alpn=("http/1.1",))
+    tls = TlsContext(cert="default", trust="ROOTCA", require_client_cert=mtls, alpn=("http/1.1",),
+                     session_tickets=tickets)  # fmt: skip
     secrets = {
         "default": CertSecret((certs / "server.pem").read_bytes(), (certs / "server.key").read_bytes()),
         "ROOTCA": TrustSecret((certs / "root.pem").read_bytes()),
@@ -78,7 +79,7 @@ def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls:
     print(f"tls: {proxy.tls_stats.as_dict()}", file=sys.stderr)
 
 
-def envoy_config(port: int, upstream: int, certs: Path, mtls: bool, admin: int) -> dict:
+def envoy_config(port: int, upstream: int, certs: Path, mtls: bool, admin: int, tickets: bool = True) -> dict:
     def inline(name: str) -> dict:
         return {"inline_bytes": base64.b64encode((certs / name).read_bytes()).decode()}
 
@@ -101,7 +102,8 @@ def envoy_config(port: int, upstream: int, certs: Path, mtls: bool, admin: int) 
         "filter_chains": [{
             "transport_socket": {"name": "tls", "typed_config": {
                 "@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                "require_client_certificate": mtls, "common_tls_context": common}},
+                "require_client_certificate": mtls, "common_tls_context": common,
+                "disable_stateless_session_resumption": not tickets}},
             "filters": [{"name": "hcm", "typed_config": hcm}]}],
     }  # fmt: skip
     cluster = {
@@ -128,9 +130,10 @@ def wrk_tls(port: int, duration: int, connections: int) -> dict[str, float]:
     return {"rps": rps, "p50": pct("50"), "p99": pct("99")}
 
 
-def handshakes(port: int, certs: Path, seconds: int) -> float:
+def handshakes(port: int, certs: Path, seconds: int, mode: str = "-new") -> float:
+    """mTLS handshakes/s: `-new` full handshakes, `-reuse` resumed ones (the session of the first connection)."""
     out = subprocess.run(
-        ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(seconds),
+        ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", mode, "-time", str(seconds),
          "-cert", certs / "client.pem", "-key", certs / "client.key", "-CAfile", certs / "root.pem"],
         capture_output=True, text=True, timeout=seconds + 30, check=False).stdout  # fmt: skip
     m = re.search(r"(\d+) connections in ([\d.]+) real seconds", out)
@@ -147,14 +150,17 @@ def stop(proc: subprocess.Popen | None) -> None:
             proc.wait()
 
 
-def run_server(kind: str, port: int, upstream: int, certs: Path, mtls: bool, workdir: Path) -> subprocess.Popen:
+def run_server(
+    kind: str, port: int, upstream: int, certs: Path, mtls: bool, workdir: Path, tickets: bool = True
+) -> subprocess.Popen:
     if kind == "envoy":
         cfg = workdir / f"envoy-{port}.yaml"
-        cfg.write_text(yaml.safe_dump(envoy_config(port, upstream, certs, mtls, free_port())))
+        cfg.write_text(yaml.safe_dump(envoy_config(port, upstream, certs, mtls, free_port(), tickets)))
         cmd = [str(ENVOY), "-c", str(cfg), "--concurrency", "1", "-l", "error", "--disable-hot-restart",
                "--base-id", str(3000 + port % 40000)]  # fmt: skip
     else:
-        cmd = dev_module_argv("bench.tls", "--serve", str(port), str(upstream), str(certs), kind, "1" if mtls else "0")
+        cmd = dev_module_argv("bench.tls", "--serve", str(port), str(upstream), str(certs), kind,
+                              "1" if mtls else "0", "1" if tickets else "0")
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
     wait_port(port, 15)
     return proc
@@ -164,12 +170,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=16)
-    ap.add_argument("--serve", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--handshakes",
+        action="store_true",
+        help="only mTLS handshakes/s (new and resumed), with and without session tickets",
+    )
+    ap.add_argument("--serve", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        port, upstream, certs, kind, mtls = args.serve
-        serve_planemesh(int(port), int(upstream), Path(certs), kind, mtls == "1")
+        port, upstream, certs, kind, mtls, tickets = args.serve
+        serve_planemesh(int(port), int(upstream), Path(certs), kind, mtls == "1", tickets == "1")
         return 0
+    if args.handshakes:
+        return handshake_table(args.duration)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
         work = Path(tmp)
@@ -200,6 +213,43 @@ def main() -> int:
         print(f"{kind:>10} {reused['rps']:>10.0f} {reused['p50']:>8.3f} {reused['p99']:>8.3f} {new:>18.0f}")
     for kind, reused, new in rows[1:]:
         print(f"{kind} / envoy: req/s {reused['rps'] / base[1]['rps']:.2f}x, handshakes/s {new / base[2]:.2f}x")
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (/proc/PID/stat utime, stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def handshake_table(duration: int) -> int:
+    """New and resumed mTLS handshakes/s of Envoy and planemesh (uvloop), session tickets on (both defaults)
+    and off (DownstreamTlsContext disable_stateless_session_resumption), and the server's CPU time per new
+    handshake (/proc: less sensitive than the rate to other work on the machine)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
+        work = Path(tmp)
+        write_certs(work)
+        for tickets in (True, False):
+            for kind in ("envoy", "uvloop"):
+                port = free_port()
+                server = run_server(kind, port, free_port(), work, True, work, tickets)
+                try:
+                    handshakes(port, work, 1)  # warm-up
+                    before = cpu_s(server.pid)
+                    new = handshakes(port, work, duration)
+                    cpu_ms = (cpu_s(server.pid) - before) * 1000 / max(new * duration, 1)
+                    rows.append((kind, tickets, new, handshakes(port, work, 2, "-reuse"), cpu_ms))
+                finally:
+                    stop(server)
+    print(f"{'server':>8} {'tickets':>8} {'new/s':>8} {'resumed/s':>10} {'CPU ms/new':>11}")
+    for kind, tickets, new, reused, cpu_ms in rows:
+        print(f"{kind:>8} {'on' if tickets else 'off':>8} {new:>8.0f} {reused:>10.0f} {cpu_ms:>11.2f}")
+    by = {(k, t): (n, c) for k, t, n, _, c in rows}
+    for tickets in (True, False):
+        (pn, pc), (en, ec) = by[("uvloop", tickets)], by[("envoy", tickets)]
+        print(f"tickets {'on' if tickets else 'off'}: planemesh / envoy new handshakes/s {pn / en:.2f}x, "
+              f"CPU per handshake {pc / ec:.2f}x Envoy's")  # fmt: skip
     return 0
 
 

@@ -76,6 +76,8 @@ def _parse_sla(raw: Any, path: str) -> SLA:
             values[key] = _require(value, bool, f"{path}.{key}", "true or false")
         elif value is None:
             values[key] = None
+        elif isinstance(default, str):  # mtls, mtls_cert, mtls_trust
+            values[key] = _require(value, str, f"{path}.{key}", "a string")
         elif _SLA_FIELDS[key].type == "str | None":  # cpus: YAML reads a single CPU (`cpus: 1`) as a number
             values[key] = str(_require(value, (str, int), f"{path}.{key}", "a string such as 0-1,3"))
         else:

@@ -64,6 +64,10 @@ class TlsContext:
     require_client_cert: bool = False  # downstream only
     sni: str = ""  # upstream only
     inline: tuple[tuple[str, CertSecret | TrustSecret], ...] = ()  # secrets given inline: (name, material)
+    # downstream only: TLS session tickets (Envoy: disable_stateless_session_resumption false). OpenSSL 3.0 spends
+    # about a third of a server handshake issuing them (docs/benchmarks.md, TLS section); clients that never
+    # resume (pooled mesh connections) gain nothing from them.
+    session_tickets: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,3 +108,36 @@ def san_accepts(matchers: tuple[SanMatch, ...], uris: list[str], dns: list[str])
         return uris if kind == "uri" else dns if kind == "dns" else uris + dns  # "any": match_subject_alt_names
 
     return any(m.matches(v) for m in matchers for v in values(m.kind))
+
+
+PLANE_MTLS_MODES = ("", "strict", "permissive", "disable")
+PLANE_ALPN = ("h2", "http/1.1")
+
+
+def plane_mtls_error(sla: object) -> tuple[str, str] | None:
+    """(field, why) when a plane SLA's mTLS settings are not usable (model/planes.py SLA.mtls*)."""
+    mode = getattr(sla, "mtls", "")
+    if mode not in PLANE_MTLS_MODES:
+        return "mtls", f"{mode!r}: expected strict, permissive, disable or empty (as the listeners say)"
+    for key in ("mtls_cert", "mtls_trust"):
+        if not getattr(sla, key):
+            return key, "an SDS Secret name is required"
+    domain = getattr(sla, "mtls_trust_domain", None)
+    if domain is not None and (not domain or "/" in domain or ":" in domain or domain != domain.lower()):
+        return "mtls_trust_domain", f"{domain!r} is not a trust domain (lower case, no scheme or path)"
+    return None
+
+
+def plane_tls(sla: object) -> TlsContext | None:
+    """The TLS context a plane's SLA imposes on its proxied ports (strict / permissive), else None."""
+    if getattr(sla, "mtls", "") not in ("strict", "permissive"):
+        return None
+    domain = getattr(sla, "mtls_trust_domain", None)
+    san = (SanMatch("uri", prefix=f"spiffe://{domain}/"),) if domain else ()
+    return TlsContext(
+        cert=sla.mtls_cert,  # type: ignore[attr-defined]
+        trust=sla.mtls_trust,  # type: ignore[attr-defined]
+        san=san,
+        alpn=PLANE_ALPN,
+        require_client_cert=True,
+    )

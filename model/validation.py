@@ -13,6 +13,7 @@ from netaddr import IPNetwork
 from planemesh.model.config import ConfigError, ListenerProtocol, Snapshot
 from planemesh.model.plane_limits import check_cpus, parse_cpu_list
 from planemesh.model.planes import LOCAL_DELIVERY_TABLE, MAX_PLANES, MAX_TABLE, RESERVED_TABLES, ROUTED, Plane
+from planemesh.model.tls_config import plane_mtls_error
 
 _GLOB = frozenset("*?[")
 _V4_MAPPED = IPNetwork("::ffff:0:0/96")
@@ -124,6 +125,8 @@ def validate_snapshot(snap: Snapshot, *, references: bool = True) -> None:
             check_cpus_field(sla.cpus, f"{where}.sla.cpus")
         if not 0 <= sla.priority <= 7:
             raise ConfigError(f"{where}.sla.priority", "must be 0..7")
+        if (why := plane_mtls_error(sla)) is not None:
+            raise ConfigError(f"{where}.sla.{why[0]}", why[1])
     _check_interface_claims(snap.planes)
     for i, plane in enumerate(snap.planes):
         for j, target in enumerate(plane.forward_to):

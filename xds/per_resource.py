@@ -28,6 +28,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 
 from planemesh.model.config import ConfigError, Listener, RouteConfig, Snapshot
 from planemesh.model.planes import Plane
+from planemesh.model.tls_config import plane_tls
 from planemesh.model.validation import validate_snapshot
 from planemesh.xds.client_state import XdsResources, eds_name, route_names
 from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -194,6 +195,10 @@ def translate_update(
     clusters = _clusters(res, accepted, planes, cache, rejected)
     available = set(res.secrets)  # TLS with a plaintext path but no secrets: plaintext (xds/translate_mtls.py)
     cluster_secrets: dict[str, object] = {}
+    for p in planes:  # a plane whose SLA requires mTLS needs its certificate and roots (agent/proxy/tls.py)
+        user = f"planes[{p.name}].sla.mtls_cert"
+        if (ctx := plane_tls(p.sla)) is not None and (why := secrets_of((ctx,), user, res.secrets, cluster_secrets)):
+            raise ConfigError(user, why)  # the whole update waits: the plane must not fall back to plaintext
     for name in sorted(clusters):
         c = served_cluster(clusters[name], available)
         if (why := cluster_tls_error(c, res.secrets, cluster_secrets)) is not None:

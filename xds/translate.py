@@ -22,6 +22,9 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf.message import DecodeError
 from netaddr import IPNetwork
 
+from planemesh.agent.proxy.sni_routing import server_name_error
+from planemesh.agent.proxy.xfcc import DETAILS as XFCC_DETAILS
+from planemesh.agent.proxy.xfcc import MODES as XFCC_MODES
 from planemesh.model.config import (
     XFCC_DETAILS,
     XFCC_MODES,
@@ -37,7 +40,7 @@ from planemesh.model.config import (
 )
 from planemesh.model.planes import SLA, Plane, plane_of_address
 from planemesh.model.server_names import server_name_error
-from planemesh.model.tls_config import Secret
+from planemesh.model.tls_config import Secret, plane_tls
 from planemesh.model.validation import check_cpus_field, validate_snapshot
 from planemesh.xds.client_state import XdsResources, eds_name
 from planemesh.xds.translate_capture import (
@@ -543,6 +546,9 @@ def translate(resources: XdsResources, planes: tuple[Plane, ...], cache: Transla
         for tls in (c.tls, *(m.tls for m in c.tls_matches)):
             if tls is not None:
                 secret_uses(tls, f"cluster[{name}].transport_socket", acc.secrets_used, acc.secrets_inline)
+    for p in planes:  # a plane whose SLA requires mTLS needs its certificate and roots (agent/proxy/tls.py)
+        if (ctx := plane_tls(p.sla)) is not None:
+            secret_uses(ctx, f"planes[{p.name}].sla.mtls_cert", acc.secrets_used, acc.secrets_inline)
     secrets = resolve_secrets(acc.secrets_used, resources.secrets, acc.secrets_inline, errors)
     cache.retain(resources.clusters, resources.routes)
     errors.raise_if_any()

@@ -264,7 +264,7 @@ def downstream_tls(socket, path: str) -> TlsContext:
     require = ctx.require_client_certificate.value if ctx.HasField("require_client_certificate") else False
     if require and tls.trust is None:
         raise ConfigError(f"{cpath}.require_client_certificate", "needs a validation context (the trusted roots)")
-    return _replace(tls, require_client_cert=require)
+    return _replace(tls, require_client_cert=require, session_tickets=not ctx.disable_stateless_session_resumption)
 
 
 def upstream_tls(socket, path: str) -> TlsContext:

@@ -234,7 +234,10 @@ class XdsClient:
             {"type_url": t.type_url, "version": t.version, "acks": t.acks, "nacks": t.nacks, "resources": t.resources}
             for t in self.state.status()
         ]
-        return {"xds": rows, "xds_connected": self.state.connected}
+        report: dict[str, Any] = {"xds": rows, "xds_connected": self.state.connected}
+        if self.certificates is not None:  # istio's CSR flow (agent/identity/cert_metrics.py)
+            report["certificates"] = [self.certificates.stats_row()]
+        return report
 
     def reconfigure(self, bootstrap: Bootstrap) -> bool:
         """A new bootstrap (SIGHUP with --bootstrap): when it differs, the stream ends at once and a new one starts

@@ -127,6 +127,16 @@ class CertificateClient:
             "last_error": self.last_error,
         }
 
+    def stats_row(self) -> dict:
+        """An agent.metrics.WorkloadCertStats row."""
+        cert = self.current
+        return {
+            "identity": str(self.spiffe_id),
+            "not_after_s": cert.not_after.timestamp() if cert else 0.0,
+            "fetched": self.fetched,
+            "failures": self.failures,
+        }
+
     async def run(self) -> None:
         attempt = 0
         while True:

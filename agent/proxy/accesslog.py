@@ -139,9 +139,8 @@ class AccessLogBuffer:
 
     __slots__ = ("_formatter", "_pending", "_sink", "max_pending")
 
-    def __init__(
-        self, sink: Sink | None, formatter: Callable[[AccessRecord], str] = format_text, max_pending: int = 1024
-    ) -> None:
+    def __init__(self, sink: Sink | None, formatter: Callable[[AccessRecord], str] = format_text,
+                 max_pending: int = 1024) -> None:
         self._sink = sink
         self._formatter = formatter
         self._pending: list[AccessRecord] = []

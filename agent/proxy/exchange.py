@@ -172,17 +172,8 @@ class Exchange:
     def _rbac_denied(self, rbac) -> str | None:
         """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this request: why denied, or None."""
         ds = self.ds
-        return rbac_denial(
-            ds.proxy,
-            rbac,
-            self._header_map,
-            self.method,
-            self.target.decode("latin-1"),
-            self.authority or "",
-            ds.local,
-            ds.peer_ip,
-            ds.transport,
-        )
+        return rbac_denial(ds.proxy, rbac, self._header_map, self.method, self.target.decode("latin-1"),
+                           self.authority or "", ds.local, ds.peer_ip, ds.transport)
 
     def _after_delay(self, abort_status: int | None) -> None:
         self.timer = None

@@ -1,8 +1,8 @@
 """The listener's HTTP filters, pure: fault injection decisions and the local rate limit token bucket.
 
-decision = fault_decision(fault_filter, headers, rng.random)   # -> FaultDecision(delay_s, abort_status)
-limiter = LocalRateLimiter(LocalRateLimit(10, 10, 1.0), clock)
-ok = limiter.take(); limiter.headers()                          # x-ratelimit-limit/remaining/reset
+    decision = fault_decision(fault_filter, headers, rng.random)   # -> FaultDecision(delay_s, abort_status)
+    limiter = LocalRateLimiter(LocalRateLimit(10, 10, 1.0), clock)
+    ok = limiter.take(); limiter.headers()                          # x-ratelimit-limit/remaining/reset
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from planemesh.agent.proxy.h2_codec import H2ClientCodec, H2Codec
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
 
-
 class Stream(Protocol):
     """What an h2 connection calls on the request stream (h2_stream.Bridge) its frames belong to."""
 

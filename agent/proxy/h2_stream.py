@@ -46,44 +46,10 @@ class Bridge:
     It is also its own access-log record (formatted in batches later, like an Exchange)."""
 
     __slots__ = (
-        "authority_b",
-        "body_copy",
-        "body_len",
-        "breaker",
-        "bytes_rx",
-        "bytes_tx",
-        "cluster",
-        "connect_timeout",
-        "deadline",
-        "done",
-        "ds",
-        "duration_ms",
-        "endpoint",
-        "fields",
-        "flags",
-        "grpc",
-        "held",
-        "http2",
-        "method_b",
-        "mirror_to",
-        "path_b",
-        "pseudo",
-        "reopened",
-        "req_ended",
-        "retries",
-        "rid",
-        "route",
-        "sid",
-        "start_time",
-        "status",
-        "t0",
-        "timer",
-        "try_deadline",
-        "up",
-        "up_authority",
-        "up_path",
-        "up_sid",
-        "upstream_addr",
+        "authority_b", "body_copy", "body_len", "breaker", "bytes_rx", "bytes_tx", "cluster", "connect_timeout",
+        "deadline", "done", "ds", "duration_ms", "endpoint", "fields", "flags", "grpc", "held", "http2", "method_b",
+        "mirror_to", "path_b", "pseudo", "reopened", "req_ended", "retries", "rid", "route", "sid", "start_time",
+        "status", "t0", "timer", "try_deadline", "up", "up_authority", "up_path", "up_sid", "upstream_addr",
         "upstream_host",
     )
 
@@ -190,17 +156,9 @@ class Bridge:
         """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this stream: why denied, or None."""
         ds = self.ds
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
-        return rbac_denial(
-            ds.proxy,
-            rbac,
-            self._header_map,
-            self.method_b.decode("latin-1"),
-            (self.path_b or b"/").decode("latin-1"),
-            authority,
-            ds.local,
-            ds.peer_ip_b.decode(),
-            ds.transport,
-        )
+        return rbac_denial(ds.proxy, rbac, self._header_map, self.method_b.decode("latin-1"),
+                           (self.path_b or b"/").decode("latin-1"), authority, ds.local, ds.peer_ip_b.decode(),
+                           ds.transport)
 
     def _after_delay(self, abort_status: int | None) -> None:
         self.timer = None
@@ -215,9 +173,8 @@ class Bridge:
     def answer(self, local: pipeline.Local) -> None:
         """A pipeline step's local answer as an h2 response (a gRPC status for gRPC requests)."""
         body = local.body
-        self.local_error(
-            local.status, body.decode("latin-1").strip() or str(local.status), local.flag, body, local.headers
-        )
+        self.local_error(local.status, body.decode("latin-1").strip() or str(local.status), local.flag, body,
+                         local.headers)
 
     def _route(self) -> None:
         ds = self.ds

@@ -28,7 +28,8 @@ class _HostState:
 
 
 class OutlierDetector:
-    def __init__(self, config: OutlierDetection, host_count: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: OutlierDetection, host_count: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.host_count = max(1, host_count)
         self.clock = clock
@@ -63,8 +64,7 @@ class OutlierDetector:
             state.consecutive_gateway = 0
         cfg = self.config
         tripped = (cfg.consecutive_5xx > 0 and state.consecutive_5xx >= cfg.consecutive_5xx) or (
-            cfg.consecutive_gateway_failure > 0 and state.consecutive_gateway >= cfg.consecutive_gateway_failure
-        )
+            cfg.consecutive_gateway_failure > 0 and state.consecutive_gateway >= cfg.consecutive_gateway_failure)
         if not tripped or self.is_ejected(host):
             return False
         # Envoy: eject while the ejected share is below the maximum (so one host of a small cluster may go).

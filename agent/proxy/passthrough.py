@@ -19,6 +19,7 @@ import logging
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ from planemesh.agent.proxy.circuit import CONNECTIONS
 from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classify
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tcp_authz import tcp_denial
-from planemesh.agent.proxy.tcp_tls import TlsDownstream, terminate
+from planemesh.agent.proxy.tcp_tls import TcpRecord, TlsDownstream, terminate
 from planemesh.model.config import ClusterKind
 
 if TYPE_CHECKING:
@@ -412,16 +413,21 @@ class SniffListener:
             stats.passthrough_total += 1
             row = self._istio_row(cluster, chain, down)
             count_up, count_down = self._counters(row)
+            tally = [0, 0]  # this connection's bytes from / to the client (the TLS chains' access log)
+            t0 = time.time()
             try:
                 if down is None:
                     done = await splice_sockets(conn, up, count_up, count_down)
                 else:
-                    done = await relay_tls(down, up, count_up, count_down)
+                    done = await relay_tls(down, up, _tallied(count_up, tally, 0), _tallied(count_down, tally, 1))
                 await done
             finally:
                 stats.passthrough_active -= 1
                 if row is not None:
                     row.closed += 1
+                if down is not None:  # a line per relayed mTLS connection, with the client's SPIFFE ID
+                    ms = int((time.time() - t0) * 1000)
+                    proxy.log.append(TcpRecord(t0, tally[0], tally[1], ms, f"{host}:{port}", proxy.plane_name, down))
         finally:
             if ep is not None and cluster is not None and breaker is not None:
                 breaker.release(CONNECTIONS)
@@ -495,6 +501,14 @@ class SniffListener:
 
     def _count_down(self, n: int) -> None:
         self.stats.bytes_down += n
+
+
+def _tallied(count: Callable[[int], None], tally: list[int], i: int) -> Callable[[int], None]:
+    def counted(n: int) -> None:
+        count(n)
+        tally[i] += n
+
+    return counted
 
 
 def _has_bytes(sock: socket.socket) -> bool:

@@ -117,9 +117,8 @@ class Upstream:
 
     __slots__ = ("breaker", "cluster", "hash_key", "policy")
 
-    def __init__(
-        self, cluster: Cluster | None, policy: RetryPolicy, breaker: CircuitBreaker | None, hash_key: int | None
-    ) -> None:
+    def __init__(self, cluster: Cluster | None, policy: RetryPolicy, breaker: CircuitBreaker | None,
+                 hash_key: int | None) -> None:
         self.cluster = cluster
         self.policy = policy
         self.breaker = breaker
@@ -131,9 +130,8 @@ def overloaded(which: bytes) -> Local:
 
 
 def fault_abort(abort_status: int, delayed: bool = False) -> Local:
-    return Local(
-        abort_status, b"fault filter abort", (), DELAY_INJECTED + "," + FAULT_INJECTED if delayed else FAULT_INJECTED
-    )
+    return Local(abort_status, b"fault filter abort", (), DELAY_INJECTED + "," + FAULT_INJECTED if delayed
+                 else FAULT_INJECTED)
 
 
 NO_ROUTE = Local(404, b"", (), flags.NR)
@@ -181,10 +179,7 @@ def admission(proxy: ProxyState, headers: Headers) -> Local | None:
 
 
 def listener_filters(
-    proxy: ProxyState,
-    crc: CompiledRouteConfig | None,
-    headers: Headers,
-    roll: Callable[[], float],
+    proxy: ProxyState, crc: CompiledRouteConfig | None, headers: Headers, roll: Callable[[], float],
     rbac_denied: Callable[[Any], str | None] | None = None,
 ) -> Local | Delay | None:
     """Step 2: the plane's token bucket, then the listener's HTTP filters in order: RBAC (`rbac_denied(filters)`,
@@ -214,11 +209,7 @@ def listener_filters(
 
 
 def route(
-    proxy: ProxyState,
-    crc: CompiledRouteConfig,
-    authority: str,
-    target: bytes,
-    headers: Headers,
+    proxy: ProxyState, crc: CompiledRouteConfig, authority: str, target: bytes, headers: Headers,
     connect: bool = False,
 ) -> Local | RouteResult:
     """Step 3: the route of the request, or the local answer when it is not forwarded (direct response,

@@ -134,3 +134,4 @@ def _strip_connection_options(ex: Exchange) -> None:
         ex.has_xfp = False
     if _UA in gone:
         ex.user_agent = None
+

@@ -218,9 +218,8 @@ class CompiledVirtualHost:
         self.unindexed = tuple(self.routes[i] for i in unindexed)
         self.by_segment: dict[str, tuple[CompiledRoute, ...]] | None = None
         if len(self.routes) > 8 and len(unindexed) <= self.MAX_UNINDEXED:
-            self.by_segment = {
-                seg: tuple(self.routes[i] for i in sorted(idx + unindexed)) for seg, idx in buckets.items()
-            }
+            self.by_segment = {seg: tuple(self.routes[i] for i in sorted(idx + unindexed))
+                               for seg, idx in buckets.items()}
 
     def select(self, path: str, query: str, headers: Callable[[], Headers], connect: bool = False) -> Route | None:
         candidates: tuple[CompiledRoute, ...] = self.routes
@@ -410,12 +409,7 @@ class PlaneRouter:
         return None
 
     def route(
-        self,
-        crc: CompiledRouteConfig,
-        authority: str,
-        path: str,
-        query: str,
-        headers: Callable[[], Headers],
+        self, crc: CompiledRouteConfig, authority: str, path: str, query: str, headers: Callable[[], Headers],
         connect: bool = False,
     ) -> RouteResult:
         vh = crc.virtual_host(authority)
@@ -436,22 +430,14 @@ class PlaneRouter:
         sla = self.plane.sla
         connect = cluster.connect_timeout_s if cluster is not None else None
         return RouteResult(
-            route=route,
-            vhost=vh.name,
-            cluster=cluster,
-            forward=True,
-            weighted=bool(act.weighted),
+            route=route, vhost=vh.name, cluster=cluster, forward=True, weighted=bool(act.weighted),
             cluster_missing=name is not None and cluster is None,
             timeout_s=act.timeout_s if act.timeout_s is not None else sla.request_timeout_s,
             connect_timeout_s=connect if connect is not None else sla.connect_timeout_s,
         )
 
     def route_request(
-        self,
-        crc: CompiledRouteConfig,
-        authority: str,
-        target: bytes,
-        headers: Callable[[], Headers],
+        self, crc: CompiledRouteConfig, authority: str, target: bytes, headers: Callable[[], Headers],
         connect: bool = False,
     ) -> RouteResult:
         """route() for a raw request-target, memoised when the answer cannot depend on headers or query.

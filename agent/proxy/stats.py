@@ -91,5 +91,7 @@ class PlaneStats:
         out: dict[str, object] = {name: getattr(self, name) for name in self.__slots__}
         out["response_flags"] = dict(self.response_flags)
         out["responses"] = {f"{i}xx" if i else "none": n for i, n in enumerate(self.responses)}
-        out["latency_buckets"] = dict(zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], self.latency_buckets, strict=True))
+        out["latency_buckets"] = dict(
+            zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], self.latency_buckets, strict=True)
+        )
         return out

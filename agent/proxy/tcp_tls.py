@@ -21,6 +21,30 @@ from planemesh.model.tls_config import TlsContext
 
 
 @dataclass(slots=True)
+class TcpRecord:
+    """An access-log record of a relayed connection of a chain that terminated TLS (accesslog.AccessRecord's
+    fields; method/path "-", protocol "TCP", status 0), its client's SPIFFE ID read like an HTTP request's."""
+
+    start_time: float
+    bytes_rx: int
+    bytes_tx: int
+    duration_ms: int
+    upstream_host: str | None
+    plane: str
+    ds: Any  # .transport: the TLS connection (accesslog.peer_identity)
+    flags: str = ""
+    method: str = "-"
+    path: str = "-"
+    protocol: str = "TCP"
+    status: int = 0
+    upstream_ms: int | None = None
+    xff: str | None = None
+    user_agent: str | None = None
+    request_id: str | None = None
+    authority: str | None = None
+
+
+@dataclass(slots=True)
 class TlsDownstream:
     """A terminated client connection: its transport, what it sent early, its SPIFFE ID (None: no certificate)."""
 
@@ -52,4 +76,8 @@ async def terminate(proxy: Any, conn: socket.socket, tls: TlsContext, where: str
     checked = check_peer(proxy, tls, transport)
     if checked is None:
         return None
-    return TlsDownstream(transport, held, spiffe_of(checked[0]))  # type: ignore[arg-type]
+    peer = spiffe_of(checked[0])
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is not None:
+        ssl_object.planemesh_peer = peer  # the access log's peer identity (accesslog.peer_identity)
+    return TlsDownstream(transport, held, peer)  # type: ignore[arg-type]

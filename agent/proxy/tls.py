@@ -26,7 +26,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from netaddr import IPAddress
@@ -34,7 +34,7 @@ from netaddr import IPAddress
 from planemesh.agent.proxy.tls_context import build_context, peer_sans, uri_of
 from planemesh.agent.proxy.xfcc import connection_xfcc, element
 from planemesh.model.config import Listener, ListenerProtocol, Snapshot
-from planemesh.model.tls_config import TlsContext, TrustSecret, san_accepts
+from planemesh.model.tls_config import TlsContext, TrustSecret, plane_tls, san_accepts
 
 log = logging.getLogger("planemesh.proxy.tls")
 HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by default (asyncio's default: 60 s)
@@ -80,9 +80,13 @@ class TlsRoutes:
     def __init__(self, snapshot: Snapshot, plane: str, cache: dict) -> None:
         self.ports: dict[int, list[Listener]] = {}
         fresh: dict = {}
+        sla = next((p.sla for p in snapshot.planes if p.name == plane), None)
+        self.mode = sla.mtls if sla is not None else ""  # the plane SLA's mTLS mode (model/planes.py)
         for lsn in snapshot.listeners_of(plane):
-            if lsn.protocol is ListenerProtocol.HTTP:
+            if lsn.protocol is ListenerProtocol.HTTP and not (self.mode == "disable" and lsn.tls is not None):
                 self.ports.setdefault(lsn.port, []).append(lsn)
+        if (forced := plane_tls(sla)) is not None:
+            self.ports = {p: _with_plane_tls(ls, forced) for p, ls in self.ports.items()}
         self.ports = {p: ls for p, ls in self.ports.items() if any(lsn.tls is not None for lsn in ls)}
         for lsn in (lsn for ls in self.ports.values() for lsn in ls if lsn.tls is not None):
             tls = lsn.tls
@@ -124,6 +128,8 @@ class TlsRoutes:
         tls = tls_chain.tls
         assert tls is not None
         plaintext = any(lsn.tls is None and lsn.transport_protocol != "tls" for lsn in best)
+        if self.mode:  # the plane's SLA decides over the chains (strict: never plaintext; permissive: both)
+            plaintext = self.mode == "permissive"
         context = self._context(tls_chain)
         if context is None:  # its context could not be built (logged): TLS here is refused
             context = _REFUSING
@@ -134,6 +140,18 @@ class TlsRoutes:
             if tls is lsn.tls or tls == lsn.tls:
                 return ctx
         return None
+
+
+def _with_plane_tls(listeners: list[Listener], forced: TlsContext) -> list[Listener]:
+    """A plane requiring mTLS: every destination (port, prefixes) without a TLS chain gets one with the
+    plane's context; chains that terminate TLS already keep theirs."""
+    tls_dests = {lsn.prefixes for lsn in listeners if lsn.tls is not None}
+    added = [
+        replace(lsn, name=f"{lsn.name}~mtls", tls=forced, transport_protocol="tls")
+        for lsn in listeners
+        if lsn.tls is None and lsn.prefixes not in tls_dests
+    ]
+    return listeners + added
 
 
 def _subject(ssl_object: ssl.SSLObject) -> str:

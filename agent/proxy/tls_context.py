@@ -58,6 +58,9 @@ def build_context(tls: TlsContext, cert: CertSecret | None, trust: TrustSecret |
         ctx.verify_mode = ssl.CERT_NONE
     if tls.alpn:
         ctx.set_alpn_protocols(list(tls.alpn))
+    if server and not tls.session_tickets:  # no ticket to make per handshake (TLS 1.3), none in TLS 1.2
+        ctx.num_tickets = 0
+        ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 

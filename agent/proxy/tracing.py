@@ -12,17 +12,10 @@ from collections.abc import Callable, Mapping
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _HEX = re.compile(r"^[0-9a-f]+$")
-TRACE_HEADERS = frozenset(
-    {
-        b"traceparent",
-        b"tracestate",
-        b"x-b3-traceid",
-        b"x-b3-spanid",
-        b"x-b3-parentspanid",
-        b"x-b3-sampled",
-        b"b3",
-    }
-)
+TRACE_HEADERS = frozenset({
+    b"traceparent", b"tracestate", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled",
+    b"b3",
+})
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
 
@@ -33,9 +26,8 @@ def _valid_hex(value: str | None, lengths: tuple[int, ...]) -> str | None:
     return value if len(value) in lengths and _HEX.match(value) and set(value) != {"0"} else None
 
 
-def outgoing_trace_headers(
-    headers: Mapping[str, str], bits: Callable[[int], int] = random.getrandbits
-) -> list[tuple[bytes, bytes]]:
+def outgoing_trace_headers(headers: Mapping[str, str],
+                           bits: Callable[[int], int] = random.getrandbits) -> list[tuple[bytes, bytes]]:
     """The trace headers to send upstream for a request with these (lower-case) headers."""
     trace_id = parent = None
     sampled = "01"
@@ -58,11 +50,8 @@ def outgoing_trace_headers(
     out = [(b"traceparent", f"00-{trace_id}-{span}-{sampled}".encode())]
     if tracestate:
         out.append((b"tracestate", tracestate.encode("latin-1")))
-    out += [
-        (b"x-b3-traceid", trace_id.encode()),
-        (b"x-b3-spanid", span.encode()),
-        (b"x-b3-sampled", b"1" if int(sampled, 16) & 1 else b"0"),
-    ]
+    out += [(b"x-b3-traceid", trace_id.encode()), (b"x-b3-spanid", span.encode()),
+            (b"x-b3-sampled", b"1" if int(sampled, 16) & 1 else b"0")]
     if parent is not None:
         out.append((b"x-b3-parentspanid", parent.encode()))
     return out

@@ -6,13 +6,16 @@ network RBAC decides with the client's SPIFFE ID."""
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import ssl
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from planemesh.agent.proxy.accesslog import AccessLogBuffer
 from planemesh.model.config import Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, WeightedCluster
 from planemesh.model.tls_config import SanMatch
 from tests.proxy.proxy_harness import PLANE
@@ -71,11 +74,20 @@ def serve(upstream: Upstream, listeners=None, clusters=None, **kw) -> SniffProxy
 
 
 def test_mtls_is_terminated_and_relayed_in_plaintext(tls_certs: Path) -> None:
+    lines: list[str] = []
     with Upstream() as upstream, serve(upstream) as px:
+        px.proxy.log = AccessLogBuffer(lines.append)
         assert tls_call(px, client_ctx(tls_certs)) == b"echo:ping"
         assert tls_call(px, client_ctx(tls_certs)) == b"echo:ping"
+        deadline = time.monotonic() + 5  # the proxy logs once it has seen both ends close
+        while px.proxy.sniff_stats.passthrough_active and time.monotonic() < deadline:
+            time.sleep(0.05)
+    px.proxy.log.flush()
     assert upstream.seen == [b"ping", b"ping"]  # plaintext upstream
     assert px.proxy.tls_stats.handshakes == 2 and px.proxy.sniff_stats.passthrough_total == 2
+    logged = "".join(lines).splitlines()
+    assert len(logged) == 2, logged  # one access-log line per relayed connection, with the client's identity
+    assert all(' "- - TCP" 0 - 4 9 ' in line and line.endswith(f' "{AMF}"') for line in logged), logged
 
 
 @pytest.mark.parametrize(
@@ -89,6 +101,19 @@ def test_bad_client_certificates_are_refused(tls_certs: Path, client, counter) -
         assert tls_call(px, client_ctx(tls_certs)) == b"echo:ping"  # others unaffected
     assert upstream.seen == [b"ping"]
     assert getattr(px.proxy.tls_stats, counter) == 1
+
+
+def test_not_yet_valid_client_certificate_is_refused(tls_certs: Path, tmp_path: Path) -> None:
+    from planemesh.agent.identity.ca import key_pem
+
+    future = ROOT.issue(AMF, now=ROOT.cert.not_valid_before_utc + dt.timedelta(hours=2))
+    (tmp_path / "f.pem").write_bytes(future.cert_chain_pem())
+    (tmp_path / "f.key").write_bytes(key_pem(future.key))
+    ctx = client_ctx(tls_certs, None)
+    ctx.load_cert_chain(tmp_path / "f.pem", tmp_path / "f.key")
+    with Upstream() as upstream, serve(upstream) as px:
+        assert tls_call(px, ctx) in (b"", b"<refused>")
+    assert upstream.seen == [] and px.proxy.tls_stats.peer_cert_refused == 1
 
 
 def test_plaintext_on_tls_only_port_and_truncated_handshake_are_refused(tls_certs: Path) -> None:

@@ -5,6 +5,7 @@ request to a TLS cluster goes over mTLS too (h2 upstreams over TLS: tests/proxy/
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import ssl
 import subprocess
@@ -33,9 +34,9 @@ BACKEND_ID = parse_spiffe_id("spiffe://cluster.local/ns/ran/sa/udm")
 class TlsBackend(Backend):
     """The harness backend behind TLS, requiring a client certificate from ROOT."""
 
-    def __init__(self, ca=ROOT) -> None:
+    def __init__(self, ca=ROOT, now=NOW, ttl_s: float = 3600) -> None:
         super().__init__()
-        issued = ca.issue(BACKEND_ID, now=NOW)
+        issued = ca.issue(BACKEND_ID, now=now, ttl_s=ttl_s)
         self.tmp = Path(tempfile.mkdtemp())
         (self.tmp / "c.pem").write_bytes(issued.cert_chain_pem() + key_pem(issued.key))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -96,6 +97,17 @@ def test_wrong_san_or_foreign_ca_backend_gets_nothing(backend):
     with TlsBackend(ca=OTHER) as foreign, proxy_for(foreign.port) as px:
         assert get(px.port, "/secret").startswith(b"HTTP/1.1 503")
         assert foreign.seen == []
+
+
+@pytest.mark.parametrize(
+    ("now", "ttl_s"),
+    [(NOW - dt.timedelta(hours=2), 600), (NOW + dt.timedelta(hours=2), 3600)],
+    ids=["expired", "future"],
+)
+def test_expired_or_not_yet_valid_backend_gets_nothing(now, ttl_s):
+    with TlsBackend(now=now, ttl_s=ttl_s) as stale, proxy_for(stale.port) as px:
+        assert get(px.port, "/stale").startswith(b"HTTP/1.1 503")
+        assert stale.seen == []
 
 
 def test_h2_client_to_a_tls_cluster_is_served_over_mtls(backend):

@@ -17,11 +17,13 @@ from planemesh.agent.identity.ca_service import CsrSigner
 from planemesh.agent.identity.cert_client import CaSettings, CertificateClient, FetchError, create_certificate
 from planemesh.agent.identity.istio_ca_proto import METHOD, IstioCertificateRequest, IstioCertificateResponse
 from planemesh.agent.identity.spiffe import parse_spiffe_id
+from planemesh.agent.metrics import StatsRegistry
 from planemesh.model.static_config import default_config_text
 from planemesh.xds.bootstrap import bootstrap_from_dict
 from planemesh.xds.resources import LISTENER
 from planemesh.xds.server import ManagementServer
 from planemesh.xds.transport import XdsClient
+from tests.unit.test_ops_metrics import _scrape
 from tests.xds.test_xds_transport import _pki
 
 AMF = parse_spiffe_id("spiffe://cluster.local/ns/ran/sa/amf")
@@ -133,19 +135,30 @@ def test_xds_client_uses_the_csr_certificate_and_reapplies_the_rotation(pki) -> 
             first = snapshots[-1]
             client.certificates.renew_now()  # as at half-life: a new key and certificate, the listener's secret changes
             await until(lambda s: s.secrets["default"].chain_pem != first.secrets["default"].chain_pem)
-            return first, snapshots[-1], client.status()
+            registry = StatsRegistry()
+            registry.register("xds", client.stats_report)
+            return first, snapshots[-1], client.status(), _scrape(registry)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await server.stop(0)
 
-    first, rotated, status = asyncio.run(scenario())
+    first, rotated, status, samples = asyncio.run(scenario())
+    labels = (("identity", str(AMF)),)
+    assert samples[("planemesh_workload_certificate_fetches_total", labels)] >= 2
+    assert samples[("planemesh_workload_certificate_failures_total", labels)] == 0
+    expiry = samples[("planemesh_workload_certificate_expiry_timestamp_seconds", labels)]
+    assert expiry == rotated_not_after(rotated)
     assert first.listeners[0].tls.cert == "default"  # the listener terminates TLS with the CSR certificate
     for snap in (first, rotated):
         leaf = load_certs(snap.secrets["default"].chain_pem, "chain")[0]
         assert spiffe_ids(leaf) == [str(AMF)]
     assert status["certificate"]["fetched"] >= 2 and status["certificate"]["identity"] == str(AMF)
     assert status["certificate"]["last_error"] is None
+
+
+def rotated_not_after(snapshot) -> float:
+    return load_certs(snapshot.secrets["default"].chain_pem, "chain")[0].not_valid_after_utc.timestamp()
 
 
 def test_certificate_client_renews_at_half_life(pki) -> None:
