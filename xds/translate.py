@@ -22,9 +22,6 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf.message import DecodeError
 from netaddr import IPNetwork
 
-from planemesh.agent.proxy.sni_routing import server_name_error
-from planemesh.agent.proxy.xfcc import DETAILS as XFCC_DETAILS
-from planemesh.agent.proxy.xfcc import MODES as XFCC_MODES
 from planemesh.model.config import (
     XFCC_DETAILS,
     XFCC_MODES,
