@@ -117,6 +117,13 @@ SETTINGS: tuple[Setting, ...] = (
             " node from it; unset: no SDS issuing"),
     Setting(("xds-server",), "--sds-cert-ttl", "PLANEMESH_XDS_SDS_CERT_TTL", "86400",
             "workload certificate lifetime (seconds, or 30m/24h/7d), rotated at half of it"),
+    Setting(("xds-server",), "--ca-api", "PLANEMESH_XDS_CA_API", "both",
+            "with --ca: what to serve: SDS `default`/`ROOTCA` per node (sds), istio's CreateCertificate (csr:"
+            " istiod's shape, workloads send CSRs), or both"),
+    Setting(("xds-server",), "--ca-tokens", "PLANEMESH_XDS_CA_TOKENS", None,
+            "with --ca: serve istio's CreateCertificate to callers with `authorization: Bearer TOKEN`; file of lines"
+            " `TOKEN NAMESPACE/SERVICE_ACCOUNT` (or `TOKEN *`: any identity)",
+            shown_default="the --bearer-token-file token may ask for any identity"),
     # ---- admin clients: status, planes, stats, config-dump, top -------------------------------------
     Setting(ADMIN_CLIENTS, "--admin", "PLANEMESH_ADMIN", ADMIN_SOCKET,
             "where the agent's admin endpoint is: unix:///path or http://127.0.0.1:PORT (the first of the list)"),

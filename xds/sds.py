@@ -22,7 +22,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from planemesh.agent.identity.ca_service import ANY_IDENTITY, CsrSigner, read_to
 from planemesh.agent.identity.csr import WorkloadCert
 from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, istio_identity
 from planemesh.model.config import ConfigError
+from planemesh.model.defaults import option
 from planemesh.xds.resources import pack
 
 log = logging.getLogger("planemesh.xds.sds")
@@ -186,33 +186,11 @@ class SecretIssuer:
 
 
 def add_sds_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument(
-        "--ca",
-        default=env("PLANEMESH_XDS_CA"),
-        help="directory of the built-in CA (`planemesh ca init/intermediate`): serve SDS `default` and `ROOTCA` "
-        "per node from it (env PLANEMESH_XDS_CA; default: no SDS issuing)",
-    )
-    parser.add_argument(
-        "--sds-cert-ttl",
-        type=parse_duration,
-        default=env("PLANEMESH_XDS_SDS_CERT_TTL", str(int(DEFAULT_WORKLOAD_TTL_S))),
-        help="workload certificate lifetime, rotated at half of it (env PLANEMESH_XDS_SDS_CERT_TTL; default 24h)",
-    )
-    parser.add_argument(
-        "--ca-api",
-        choices=("both", "csr", "sds"),
-        default=env("PLANEMESH_XDS_CA_API", "both"),
-        help="with --ca: what to serve: SDS `default`/`ROOTCA` per node, istio's CreateCertificate (istiod's "
-        "shape: workloads send CSRs), or both (env PLANEMESH_XDS_CA_API; default %(default)s)",
-    )
-    parser.add_argument(
-        "--ca-tokens",
-        default=env("PLANEMESH_XDS_CA_TOKENS"),
-        help="with --ca: serve istio's CreateCertificate to callers with `authorization: Bearer TOKEN`; file of "
-        "lines `TOKEN NAMESPACE/SERVICE_ACCOUNT` (or `TOKEN *`: any identity) (env PLANEMESH_XDS_CA_TOKENS; "
-        "default: the --bearer-token-file token may ask for any identity)",
-    )
+    # defaults, variables and help: planemesh.model.defaults (docs/configuration.md)
+    parser.add_argument("--ca", **option("xds-server", "--ca"))
+    parser.add_argument("--sds-cert-ttl", type=parse_duration, **option("xds-server", "--sds-cert-ttl"))
+    parser.add_argument("--ca-api", choices=("both", "csr", "sds"), **option("xds-server", "--ca-api"))
+    parser.add_argument("--ca-tokens", **option("xds-server", "--ca-tokens"))
 
 
 def issuer_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> SecretIssuer | None:
