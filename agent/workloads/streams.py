@@ -67,7 +67,9 @@ class WorkloadStreams:
             while True:
                 try:
                     await self.sync(await source.read())
-                except SourceError as exc:
+                except Exception as exc:  # a source's failure (SourceError or a bug) never ends the streams
+                    if not isinstance(exc, SourceError):
+                        log.exception("workloads source failed")
                     if str(exc) != self.last_error:
                         log.warning("workloads not read (the %d streams stay): %s", len(self.clients), exc)
                     self.last_error = str(exc)
