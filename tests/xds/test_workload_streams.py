@@ -14,8 +14,9 @@ import yaml
 from planemesh.agent.config import ConfigError, Snapshot
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.static_config import load_default_config
+from planemesh.agent.workloads.model import Workload, WorkloadSet
 from planemesh.agent.workloads.settings import settings_from_dict
-from planemesh.agent.workloads.sources import FileSource
+from planemesh.agent.workloads.sources import FileSource, SourceError
 from planemesh.agent.workloads.streams import WorkloadStreams
 from planemesh.labs.envoy_resources import (
     by_type,
@@ -193,6 +194,45 @@ def test_one_merged_apply_at_a_time(tmp_path: Path) -> None:
         try:
             await _until(lambda: applied and applied[-1].version.startswith("xds:LDS=w,CDS=w,workloads=10:"))
             assert most == 1 and len(applied) < 10, (most, len(applied))
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_source_never_ends_the_streams(tmp_path: Path) -> None:
+    """A source raising (its own error or a bug) keeps the last good workloads and their streams."""
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def read(self) -> WorkloadSet:
+            self.calls += 1
+            if self.calls % 2 == 0:
+                raise RuntimeError("a bug in the source") if self.calls % 4 == 0 else SourceError("API down")
+            return WorkloadSet({"a.default": Workload("a", "default", (A,))})
+
+    async def scenario() -> None:
+        server = ManagementServer(None)
+        for type_url, msgs in by_type(_shared()).items():
+            server.set_resources(type_url, msgs)
+        address = await server.start(f"unix://{tmp_path / 'xds.sock'}")
+        applied: list[Snapshot] = []
+
+        async def apply(snap: Snapshot) -> None:
+            applied.append(snap)
+
+        boot = Bootstrap("n", "planemesh", address, PLANES, backoff_base_s=0.05, backoff_max_s=0.2)
+        settings = settings_from_dict({"source": "file", "file": "/unused", "poll_interval_s": 0.05}, {})
+        streams = WorkloadStreams(boot, settings, apply)
+        source = Flaky()
+        task = asyncio.create_task(streams.run(source))
+        try:
+            await _until(lambda: source.calls >= 6 and applied and _cluster(applied[-1], A) == "v1")
+            assert not task.done() and list(streams.clients) == ["a.default"] and streams.streams_opened == 1
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
