@@ -25,7 +25,7 @@ from planemesh.agent.config import Snapshot
 from planemesh.agent.workloads.merge import merge
 from planemesh.agent.workloads.model import Workload, WorkloadSet
 from planemesh.agent.workloads.settings import WorkloadSettings
-from planemesh.agent.workloads.sharing import SharedTranslations
+from planemesh.agent.workloads.sharing import SharedDecoder, SharedTranslations
 from planemesh.agent.workloads.sources import SourceError, WorkloadSource
 from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.transport import XdsClient
@@ -49,6 +49,7 @@ class WorkloadStreams:
         self.clients: dict[str, tuple[Workload, XdsClient, asyncio.Task[None]]] = {}
         self.views: dict[str, View] = {}  # applied configurations, by workload key
         self.cache = SharedTranslations()
+        self.decoder = SharedDecoder()
         self.snapshot: Snapshot | None = None
         self.last_error: str | None = None
         self.notes: tuple[str, ...] = ()
@@ -103,6 +104,7 @@ class WorkloadStreams:
 
         client = XdsClient(self._bootstrap(w), apply)
         client.translation_cache = self.cache  # identical resources translated once, shared by every stream
+        client.state.decode_hook = self.decoder  # ... and decoded once
         task = asyncio.get_running_loop().create_task(client.run(), name=f"xds-{w.key}")
         self.clients[w.key] = (w, client, task)
         self.streams_opened += 1
@@ -221,6 +223,8 @@ class WorkloadStreams:
             "last_apply_ms": round(self.last_apply_s * 1000, 2),
             "translations_shared": self.cache.hits,
             "translations": self.cache.misses,
+            "decodes_shared": self.decoder.hits,
+            "decodes": self.decoder.misses,
             "notes": list(self.notes),
             "last_error": self.last_error,
             "per_workload": {

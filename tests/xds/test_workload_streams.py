@@ -98,6 +98,7 @@ def test_each_workload_gets_its_own_configuration(tmp_path: Path, mode: str) -> 
             assert meta["INSTANCE_IPS"] == "198.18.1.10,198.18.2.10" and meta["INTERCEPTION_MODE"] == "TPROXY"
             assert meta["NAMESPACE"] == "default" and meta["ISTIO_VERSION"] and meta["CLUSTER_ID"] == "Kubernetes"
             assert streams.cache.hits > 0  # the clusters both streams received were translated once
+            assert streams.decoder.hits > 0  # ... and decoded once: both streams hold the same messages
             # b goes away: its stream closes and its listeners leave the node's snapshot
             _workloads_file(wl_file, ["a"])
             await _until(lambda: not any(c.connected and c.node_id == node_b for c in server.clients()))
