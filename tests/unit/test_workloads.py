@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from google.protobuf import any_pb2
 from netaddr import IPNetwork
 
 from planemesh.agent.config import (
@@ -31,6 +32,8 @@ from planemesh.agent.workloads.discovery import (
 from planemesh.agent.workloads.merge import merge
 from planemesh.agent.workloads.model import Workload, WorkloadError, WorkloadSet
 from planemesh.agent.workloads.settings import settings_from_dict
+from planemesh.agent.workloads.sharing import MAX_VARIANTS, SharedDecoder
+from planemesh.xds.resources import ResourceError, Wrapped
 
 PLANES = load_default_config().planes  # oam 198.18.1.0/24 + fd00:18:1::/64, media 198.18.2.0/24 + ...
 
@@ -224,3 +227,25 @@ def test_a_source_scoped_listener_needs_its_source() -> None:
     assert router.route_config("198.18.1.50", 80, "::ffff:198.18.1.10") is not None
     assert router.route_config("198.18.1.50", 80, "198.18.1.11") is None
     assert router.route_config("198.18.1.50", 80) is None
+
+
+def test_shared_decoder_decodes_each_content_once_and_keeps_few_per_name() -> None:
+    calls: list[bytes] = []
+
+    def decode(raw, type_url: str) -> Wrapped:
+        calls.append(raw.value)
+        if raw.value == b"bad":
+            raise ResourceError(type_url, "cannot decode")
+        return Wrapped("same-name", object())
+
+    shared = SharedDecoder()
+    raw = any_pb2.Any(type_url="t", value=b"v1")
+    first = shared("t", raw, decode)
+    assert shared("t", any_pb2.Any(type_url="t", value=b"v1"), decode) is first and calls == [b"v1"]
+    for _ in range(2):  # a bad resource is never kept: decoded (and refused) each time
+        with pytest.raises(ResourceError):
+            shared("t", any_pb2.Any(type_url="t", value=b"bad"), decode)
+    for i in range(2, 2 + MAX_VARIANTS):
+        shared("t", any_pb2.Any(type_url="t", value=b"v%d" % i), decode)
+    assert shared.entries() == MAX_VARIANTS  # the oldest content of the name went
+    assert shared("t", raw, decode) is not first and calls[-1] == b"v1"
