@@ -271,9 +271,6 @@ class Listener:
     port: int
     protocol: ListenerProtocol
     prefixes: tuple[IPNetwork, ...] = ()  # destination prefixes; empty: any destination of the plane
-    # source prefixes (Envoy filter_chain_match.source_prefix_ranges): a local workload's outbound listeners
-    # carry its addresses (agent/workloads/merge.py); empty: any source. HTTP listeners only so far.
-    sources: tuple[IPNetwork, ...] = ()
     route_config: str | None = None  # None: ORIGINAL_DESTINATION_ROUTES
     http_filters: tuple[HttpFilter, ...] = ()
     server_names: tuple[str, ...] = ()  # TLS SNI match for passthrough routing: exact names and `*.suffix`
@@ -288,6 +285,10 @@ class Listener:
     # x-forwarded-client-cert (agent/proxy/xfcc.py): HCM forward_client_cert_details (Envoy's default: sanitize)
     forward_client_cert: str = "sanitize"
     client_cert_details: tuple[str, ...] = ()  # set_current_client_cert_details: subject, uri, dns
+    # Source prefixes (Envoy filter_chain_match.source_prefix_ranges): a local workload's outbound listeners carry
+    # its addresses (agent/workloads/merge.py); empty: any source. HTTP listeners only so far. Last: callers
+    # give the fields above by position.
+    sources: tuple[IPNetwork, ...] = ()
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:
