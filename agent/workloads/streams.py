@@ -204,7 +204,9 @@ class WorkloadStreams:
 
     @staticmethod
     def _version(live: dict[str, View]) -> str:
-        digest = hashlib.sha256("|".join(f"{k}={v[1].version}" for k, v in sorted(live.items())).encode())
+        # what the merge reads of each workload: its configuration's version and its addresses
+        parts = (f"{k}={v[1].version}@{','.join(v[0].addresses)}" for k, v in sorted(live.items()))
+        digest = hashlib.sha256("|".join(parts).encode())
         # xds:LDS/CDS only when every stream had its initial fetch: readiness waits for all of them
         complete = all(_complete(v[1]) for v in live.values())
         prefix = "xds:LDS=w,CDS=w," if complete else "xds:"

@@ -33,6 +33,7 @@ from planemesh.agent.workloads.merge import merge
 from planemesh.agent.workloads.model import Workload, WorkloadError, WorkloadSet
 from planemesh.agent.workloads.settings import settings_from_dict
 from planemesh.agent.workloads.sharing import MAX_VARIANTS, SharedDecoder
+from planemesh.agent.workloads.streams import WorkloadStreams
 from planemesh.xds.resources import ResourceError, Wrapped
 
 PLANES = load_default_config().planes  # oam 198.18.1.0/24 + fd00:18:1::/64, media 198.18.2.0/24 + ...
@@ -249,3 +250,11 @@ def test_shared_decoder_decodes_each_content_once_and_keeps_few_per_name() -> No
         shared("t", any_pb2.Any(type_url="t", value=b"v%d" % i), decode)
     assert shared.entries() == MAX_VARIANTS  # the oldest content of the name went
     assert shared("t", raw, decode) is not first and calls[-1] == b"v1"
+
+
+def test_node_version_changes_with_a_workloads_addresses() -> None:
+    snap = _snap("v1")
+    before = WorkloadStreams._version({"a.default": (A, snap)})
+    moved = Workload("a", "default", ("198.18.1.42",))
+    assert WorkloadStreams._version({"a.default": (moved, snap)}) != before  # same xDS versions, new addresses
+    assert WorkloadStreams._version({"a.default": (A, snap)}) == before
