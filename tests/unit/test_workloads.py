@@ -21,6 +21,7 @@ from planemesh.agent.config import (
     VirtualHost,
 )
 from planemesh.agent.proxy.routing import PlaneRouter
+from planemesh.agent.rbac import RbacFilter
 from planemesh.agent.static_config import load_default_config
 from planemesh.agent.validation import validate_snapshot
 from planemesh.agent.workloads.discovery import (
@@ -258,3 +259,25 @@ def test_node_version_changes_with_a_workloads_addresses() -> None:
     moved = Workload("a", "default", ("198.18.1.42",))
     assert WorkloadStreams._version({"a.default": (moved, snap)}) != before  # same xDS versions, new addresses
     assert WorkloadStreams._version({"a.default": (A, snap)}) == before
+
+
+def test_local_to_local_applies_the_servers_inbound_filters_too() -> None:
+    """A local client to a local server: the client's routes, and the server's inbound HTTP filters (its
+    AuthorizationPolicy's RBAC) after the client's own, as the two sidecars would apply them in turn."""
+    deny = RbacFilter("deny")
+    server = Snapshot("xds:LDS=1,CDS=1", PLANES, (
+        Listener("virtualInbound/0.0.0.0_80", "oam", 80, ListenerProtocol.HTTP, route_config="in",
+                 http_filters=(deny,)),
+    ), {"in": RouteConfig("in", (VirtualHost("any", routes=(Route(action=RouteAction(cluster="inb")),)),))},
+        {"inb": Cluster("inb")})  # fmt: skip
+    snap = merge(PLANES, {"a.default": (A, _snap("v1")), "b.default": (B, server)}, "m").snapshot
+    validate_snapshot(snap)
+    router = PlaneRouter(snap, "oam")
+    both = router.route_config("198.18.1.11", 80, "198.18.1.10")  # a -> b, both local
+    assert _cluster_for(router, "198.18.1.11", 80, "198.18.1.10") == "v1"  # a's routing
+    assert both is not None and both.filter_chain(lambda: 0.0).rbac == (deny,)  # b's authorization
+    assert router.route_config("198.18.1.11", 80, "198.18.1.10") is both  # made once
+    remote = router.route_config("198.18.1.11", 80, "198.18.1.99")
+    assert remote is not None and remote.filter_chain(lambda: 0.0).rbac == (deny,) and remote is not both
+    elsewhere = router.route_config("198.18.1.50", 80, "198.18.1.10")  # a -> not a local pod: a's only
+    assert elsewhere is not None and not elsewhere.http_filters
