@@ -25,7 +25,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from google.protobuf import struct_pb2
 
-from planemesh.agent.config import ConfigError, Snapshot
+from planemesh.agent.config import ConfigError, Listener, Snapshot
 from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.client_state import Action, AdsClientState, ApplyConfig, Mode, SendRequest
 from planemesh.xds.per_resource import Rejected, translate_update
@@ -149,6 +149,7 @@ class XdsClient:
         self.applied = asyncio.Event()  # set after every applied snapshot (tests and readiness)
         self.translation_cache = TranslationCache()  # unchanged resources are not translated again
         self.warming: tuple[str, ...] = ()  # listeners waiting for their route configuration
+        self.listener_scope: Callable[[Listener], Listener] | None = None  # per_resource.translate_update's scope
 
     # ---- readable state --------------------------------------------------------------------------
 
@@ -287,7 +288,9 @@ class XdsClient:
     async def _apply_resources(self, action: ApplyConfig) -> tuple[ConfigError | None, Rejected]:
         """Apply every valid resource; (None, the rejected ones) or (the error refusing everything, {})."""
         try:
-            result = translate_update(action.resources, self.bootstrap.planes, self.translation_cache, action.accepted)
+            result = translate_update(
+                action.resources, self.bootstrap.planes, self.translation_cache, action.accepted, self.listener_scope
+            )
             await self._apply(result.snapshot)
         except ConfigError as exc:
             self.last_error = str(exc)

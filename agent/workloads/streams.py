@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from planemesh.agent.config import Snapshot
-from planemesh.agent.workloads.merge import merge
+from planemesh.agent.workloads.merge import merge, scope
 from planemesh.agent.workloads.model import Workload, WorkloadSet
 from planemesh.agent.workloads.settings import WorkloadSettings
 from planemesh.agent.workloads.sharing import SharedDecoder, SharedTranslations
@@ -105,6 +105,8 @@ class WorkloadStreams:
         client = XdsClient(self._bootstrap(w), apply)
         client.translation_cache = self.cache  # identical resources translated once, shared by every stream
         client.state.decode_hook = self.decoder  # ... and decoded once
+        planes = self.bootstrap.planes
+        client.listener_scope = lambda lsn: scope(lsn, w, planes)  # its inbound and outbound never collide
         task = asyncio.get_running_loop().create_task(client.run(), name=f"xds-{w.key}")
         self.clients[w.key] = (w, client, task)
         self.streams_opened += 1

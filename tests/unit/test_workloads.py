@@ -30,12 +30,15 @@ from planemesh.agent.workloads.discovery import (
     workloads_from_file_dict,
     workloads_from_pod_list,
 )
-from planemesh.agent.workloads.merge import merge
+from planemesh.agent.workloads.merge import merge, scope
 from planemesh.agent.workloads.model import Workload, WorkloadError, WorkloadSet
 from planemesh.agent.workloads.settings import settings_from_dict
 from planemesh.agent.workloads.sharing import MAX_VARIANTS, SharedDecoder
 from planemesh.agent.workloads.streams import WorkloadStreams
-from planemesh.xds.resources import ResourceError, Wrapped
+from planemesh.labs.envoy_resources import HCM, PASSTHROUGH, ROUTER, T, by_type, http_listener, route, route_config
+from planemesh.xds.client_state import XdsResources
+from planemesh.xds.per_resource import translate_update
+from planemesh.xds.resources import CLUSTER, LISTENER, ROUTE, ResourceError, Wrapped, resource_name
 
 PLANES = load_default_config().planes  # oam 198.18.1.0/24 + fd00:18:1::/64, media 198.18.2.0/24 + ...
 
@@ -281,3 +284,36 @@ def test_local_to_local_applies_the_servers_inbound_filters_too() -> None:
     assert remote is not None and remote.filter_chain(lambda: 0.0).rbac == (deny,) and remote is not both
     elsewhere = router.route_config("198.18.1.50", 80, "198.18.1.10")  # a -> not a local pod: a's only
     assert elsewhere is not None and not elsewhere.http_filters
+
+
+def test_a_pods_inbound_and_outbound_listeners_of_one_port_do_not_collide() -> None:
+    """istiod gives a pod that serves port 8081 and calls a service on 8081 an inbound chain and an outbound
+    listener of that port; scoped to the pod (inbound by destination, outbound by source) they are two
+    listeners, where one proxy for the node had to refuse one of them."""
+    docs = [http_listener("0.0.0.0_8081", 8081, routes="8081"), route_config([route(cluster="v1")], name="8081"),
+            {**PASSTHROUGH, "name": "v1"}, {**PASSTHROUGH, "name": "inbound|8081||"},
+            _virtual_inbound_doc(8081)]  # fmt: skip
+    named = {t: {resource_name(m): m for m in ms} for t, ms in by_type(docs).items()}
+    res = XdsResources(named[LISTENER], named[ROUTE], named[CLUSTER], {}, {"LDS": "1", "CDS": "1"})
+    assert LISTENER in translate_update(res, PLANES).rejected  # the node's one stream: a collision
+    pod = Workload("p", "default", ("198.18.1.10",))
+    result = translate_update(res, PLANES, scope=lambda lsn: scope(lsn, pod, PLANES))
+    assert result.rejected == {}
+    snap = merge(PLANES, {pod.key: (pod, result.snapshot)}, "m").snapshot
+    validate_snapshot(snap)
+    router = PlaneRouter(snap, "oam")
+    assert _cluster_for(router, "198.18.1.50", 8081, "198.18.1.10") == "v1"  # its outbound
+    assert _cluster_for(router, "198.18.1.10", 8081, "198.18.1.99") == "inbound|8081||"  # its inbound
+
+
+def _virtual_inbound_doc(port: int) -> dict:
+    rc = {"name": f"inbound|{port}", "virtual_hosts": [{"name": "inbound", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": f"inbound|{port}||"}}]}]}  # fmt: skip
+    hcm = {"@type": HCM, "stat_prefix": "inbound", "route_config": rc, "http_filters": [ROUTER]}
+    return {"@type": T + "envoy.config.listener.v3.Listener", "name": "virtualInbound",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
+            "listener_filters": [{"name": "envoy.filters.listener.original_dst", "typed_config": {
+                "@type": T + "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}],
+            "filter_chains": [{"name": f"0.0.0.0_{port}", "filter_chain_match": {"destination_port": port},
+                               "filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}]}  # fmt: skip
