@@ -148,8 +148,9 @@ def validate_snapshot(snap: Snapshot, *, references: bool = True) -> None:
             raise ConfigError(f"{where}.port", f"{lsn.port} is not a TCP port")
         for prefix in lsn.prefixes or (None,):
             for server_name in lsn.server_names or ("",):  # chains may share a port and differ by TLS SNI
-                key = (lsn.plane, lsn.port, str(prefix), server_name + "|" + lsn.transport_protocol,  # permissive
-                       ",".join(map(str, lsn.sources)))  # one workload's outbound listener per source
+                # sni|transport: permissive ports; sources: one workload's outbound listener per source
+                sources = ",".join(map(str, lsn.sources))
+                key = (lsn.plane, lsn.port, str(prefix), server_name + "|" + lsn.transport_protocol, sources)
                 if key in declared:
                     raise ConfigError(
                         f"{where}", f"plane {lsn.plane!r} port {lsn.port} is already declared by {declared[key]!r}"
