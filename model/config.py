@@ -296,8 +296,9 @@ class Listener:
     network_rbac: tuple[object, ...] = ()
     # tcp_proxy chains: filter_chain_match.application_protocols, matched against the ClientHello's ALPN
     application_protocols: tuple[str, ...] = ()
-    # source prefixes (Envoy filter_chain_match.source_prefix_ranges): a local workload's outbound listeners
-    # carry its addresses (agent/workloads/merge.py); empty: any source. HTTP listeners only so far.
+    # Source prefixes (Envoy filter_chain_match.source_prefix_ranges): a local workload's outbound listeners carry
+    # its addresses (agent/workloads/merge.py); empty: any source. HTTP listeners only so far. Last: callers
+    # give the fields above by position.
     sources: tuple[IPNetwork, ...] = ()
 
 

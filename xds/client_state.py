@@ -25,10 +25,11 @@ back with `apply_result`). Rules followed (xDS protocol, grpc-go and Envoy's sub
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
+from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -212,6 +213,8 @@ class AdsClientState:
         self._warm_deadline: float | None = None
         self.ignored_responses = 0  # responses for type URLs not subscribed (ignored, as Envoy does)
         self.last_error: str | None = None
+        # (type URL, raw resource) -> the decoded one, possibly shared with other streams (agent/workloads/)
+        self.decode_hook: Callable[[str, Any, Callable[[Any, str], Wrapped]], Wrapped] | None = None
 
     # ---- readable state --------------------------------------------------------------------------
 
@@ -404,7 +407,8 @@ class AdsClientState:
         kind = SHORT_NAME[ts.type_url]
         for i, (decode, raw) in enumerate(zip(decoders, resources, strict=True)):
             try:
-                item = decode(raw, ts.type_url)
+                hook = self.decode_hook
+                item = decode(raw, ts.type_url) if hook is None else hook(ts.type_url, raw, decode)
             except ResourceError as exc:
                 errors.append(f"{kind} resource [{i}]: {exc.reason}")
                 continue

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -185,8 +185,11 @@ def translate_update(
     planes: tuple[Plane, ...],
     cache: TranslationCache | None = None,
     accepted: XdsResources | None = None,
+    scope: Callable[[Listener], Listener] | None = None,
 ) -> Translation:
     """Every valid resource of `res` -> a validated Snapshot; the bad ones fall back to `accepted`.
+    `scope`: each listener as the node will serve it (one per listener: a local workload's own traffic,
+    agent/workloads/merge.py), before the whole-snapshot checks.
 
     Raises ConfigError only for a failure no single resource explains (the update is then NACKed whole).
     """
@@ -240,7 +243,7 @@ def translate_update(
                 else p
                 for p in planes
             ),
-            listeners=tuple(lst.out),
+            listeners=tuple(lst.out) if scope is None else tuple(map(scope, lst.out)),  # 1:1: _culprit's indexes
             routes=MappingProxyType(lst.routes),
             clusters=MappingProxyType(clusters),
             secrets=MappingProxyType(secrets),

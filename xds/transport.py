@@ -30,7 +30,7 @@ from google.protobuf import struct_pb2
 
 from planemesh.agent.identity.cert_client import CertificateClient
 from planemesh.agent.identity.csr import WorkloadCert
-from planemesh.model.config import ConfigError, Snapshot
+from planemesh.model.config import ConfigError, Listener, Snapshot
 from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.client_state import Action, AdsClientState, ApplyConfig, Mode, SendRequest, XdsResources
 from planemesh.xds.per_resource import Rejected, translate_update
@@ -198,6 +198,7 @@ class XdsClient:
         self._local_secrets: dict[str, Any] = {}
         self._last_update: ApplyConfig | None = None  # re-translated when the certificate rotates
         self._apply_lock = asyncio.Lock()
+        self.listener_scope: Callable[[Listener], Listener] | None = None  # per_resource.translate_update's scope
 
     # ---- readable state --------------------------------------------------------------------------
 
@@ -392,7 +393,8 @@ class XdsClient:
         local = self._with_local_secrets
         try:
             result = translate_update(
-                local(action.resources), self.bootstrap.planes, self.translation_cache, local(action.accepted)
+                local(action.resources), self.bootstrap.planes, self.translation_cache, local(action.accepted),
+                self.listener_scope,
             )
             await self._apply(result.snapshot)
         except ConfigError as exc:

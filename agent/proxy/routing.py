@@ -352,10 +352,14 @@ class PlaneRouter:
         self._all: list[CompiledRouteConfig] = []
         self._configs: dict[tuple[str | None, tuple[UpgradeConfig, ...]], CompiledRouteConfig] = {}
         self._by_port: dict[int, list[tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...], CompiledRouteConfig]]] = {}
+        self._listener_of: dict[int, Listener] = {}  # id(compiled) -> its listener (composites, below)
+        self._composites: dict[tuple[int, int], CompiledRouteConfig] = {}
         for lsn in snapshot.listeners_of(plane):
             if lsn.protocol is not ListenerProtocol.HTTP:
                 continue
-            self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, lsn.sources, self._compiled(lsn)))
+            crc = self._compiled(lsn)
+            self._listener_of[id(crc)] = lsn
+            self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, lsn.sources, crc))
         # A source-scoped listener (a local workload's outbound one) before any other: the client's routing
         # wins over the destination's inbound chain, as drop_shadowed_inbound decides for one proxy. Then
         # most specific prefixes first; listeners without prefixes catch the rest.
@@ -398,6 +402,7 @@ class PlaneRouter:
             return entries[0][2]
         ip = _address(dst_ip)
         src = None
+        chosen = None
         for prefixes, sources, crc in entries:
             if sources:
                 if src is None:
@@ -405,8 +410,26 @@ class PlaneRouter:
                 if src is False or not any(src.version == p.version and src in p for p in sources):
                     continue
             if not prefixes or any(ip.version == p.version and ip in p for p in prefixes):
-                return crc
-        return None
+                if chosen is None:
+                    chosen = crc
+                    if not sources:
+                        return crc
+                elif prefixes and not sources and crc.http_filters:
+                    return self._composite(chosen, crc)
+        return chosen
+
+    def _composite(self, outbound: CompiledRouteConfig, inbound: CompiledRouteConfig) -> CompiledRouteConfig:
+        """A local client's outbound listener (chosen by source) to a local server whose inbound listener (chosen
+        by destination) has HTTP filters: the client's routes, both listeners' filters (the client's first),
+        as the client's sidecar then the server's would apply them."""
+        key = (id(outbound), id(inbound))
+        crc = self._composites.get(key)
+        if crc is None:
+            out = self._listener_of[id(outbound)]
+            crc = self._composites[key] = CompiledRouteConfig(
+                self.snapshot.route_config(out.route_config), out.http_filters + inbound.http_filters, out.upgrades
+            )
+        return crc
 
     def route(
         self, crc: CompiledRouteConfig, authority: str, path: str, query: str, headers: Callable[[], Headers],

@@ -108,27 +108,36 @@ def _rename_clusters(rc: RouteConfig, names: Mapping[str, str]) -> RouteConfig:
     return dataclasses.replace(rc, virtual_hosts=tuple(hosts))
 
 
+def scope(lsn: Listener, w: Workload, planes: tuple[Plane, ...]) -> Listener:
+    """The listener for workload `w`'s traffic only: outbound by source, inbound by destination (its addresses
+    on the listener's plane). One listener in, one out (the stream's translation checks the scoped set: an
+    inbound chain and an outbound listener of one port no longer collide); a listener on a plane where `w`
+    has no address keeps all of `w`'s addresses and is dropped by the merge."""
+    mine = w.prefixes(planes, lsn.plane) or w.prefixes(planes)
+    if not is_inbound(lsn):
+        return dataclasses.replace(lsn, sources=mine)
+    if lsn.prefixes:
+        mine = tuple(p for p in mine if any(p.version == q.version and p in q for q in lsn.prefixes)) or mine
+    return dataclasses.replace(lsn, prefixes=mine)
+
+
 def _scoped(lsn: Listener, w: Workload, planes: tuple[Plane, ...], routes: Mapping[str, str],
             clusters: Mapping[str, str]) -> Listener | None:  # fmt: skip
-    """The listener for workload `w` only; None when `w` has no address on the listener's plane."""
+    """The listener in the node's snapshot: scoped, renamed `<name>~<pod>.<ns>`, its references renamed; None
+    when `w` has no address on the listener's plane (or, inbound, none inside its destination prefixes)."""
     mine = w.prefixes(planes, lsn.plane)
     if not mine:
         return None
+    inside = any(p.version == q.version and p in q for p in mine for q in lsn.prefixes)
+    if is_inbound(lsn) and lsn.prefixes and not inside:
+        return None
     changes: dict[str, Any] = {"name": f"{lsn.name}~{w.key}"}
-    if is_inbound(lsn):
-        if lsn.prefixes:
-            mine = tuple(p for p in mine if any(p.version == q.version and p in q for q in lsn.prefixes))
-            if not mine:
-                return None
-        changes["prefixes"] = mine
-    else:
-        changes["sources"] = mine
     if lsn.route_config is not None:
         changes["route_config"] = routes.get(lsn.route_config, lsn.route_config)
     if lsn.tcp_clusters:
         renamed = (WeightedCluster(clusters.get(c.name, c.name), c.weight) for c in lsn.tcp_clusters)
         changes["tcp_clusters"] = tuple(renamed)
-    return dataclasses.replace(lsn, **changes)
+    return dataclasses.replace(scope(lsn, w, planes), **changes)
 
 
 def _action(lsn: Listener) -> str:

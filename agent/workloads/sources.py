@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import ssl
 import urllib.error
@@ -81,7 +82,7 @@ class KubernetesPods:
                 body = resp.read(MAX_POD_LIST_BYTES + 1)
         except urllib.error.HTTPError as exc:
             raise SourceError(f"GET {self.url()}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
+        except (urllib.error.URLError, OSError, ssl.SSLError, http.client.HTTPException) as exc:
             raise SourceError(f"GET {self.url()}: {getattr(exc, 'reason', exc)}") from None
         if len(body) > MAX_POD_LIST_BYTES:
             raise SourceError(f"GET {self.url()}: answer over {MAX_POD_LIST_BYTES} bytes")

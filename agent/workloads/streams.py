@@ -21,10 +21,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from planemesh.agent.workloads.merge import merge
+from planemesh.agent.workloads.merge import merge, scope
 from planemesh.agent.workloads.model import Workload, WorkloadSet
 from planemesh.agent.workloads.settings import WorkloadSettings
-from planemesh.agent.workloads.sharing import SharedTranslations
+from planemesh.agent.workloads.sharing import SharedDecoder, SharedTranslations
 from planemesh.agent.workloads.sources import SourceError, WorkloadSource
 from planemesh.model.config import Snapshot
 from planemesh.xds.bootstrap import Bootstrap
@@ -49,6 +49,7 @@ class WorkloadStreams:
         self.clients: dict[str, tuple[Workload, XdsClient, asyncio.Task[None]]] = {}
         self.views: dict[str, View] = {}  # applied configurations, by workload key
         self.cache = SharedTranslations()
+        self.decoder = SharedDecoder()
         self.snapshot: Snapshot | None = None
         self.last_error: str | None = None
         self.notes: tuple[str, ...] = ()
@@ -67,7 +68,9 @@ class WorkloadStreams:
             while True:
                 try:
                     await self.sync(await source.read())
-                except SourceError as exc:
+                except Exception as exc:  # a source's failure (SourceError or a bug) never ends the streams
+                    if not isinstance(exc, SourceError):
+                        log.exception("workloads source failed")
                     if str(exc) != self.last_error:
                         log.warning("workloads not read (the %d streams stay): %s", len(self.clients), exc)
                     self.last_error = str(exc)
@@ -101,6 +104,9 @@ class WorkloadStreams:
 
         client = XdsClient(self._bootstrap(w), apply)
         client.translation_cache = self.cache  # identical resources translated once, shared by every stream
+        client.state.decode_hook = self.decoder  # ... and decoded once
+        planes = self.bootstrap.planes
+        client.listener_scope = lambda lsn: scope(lsn, w, planes)  # its inbound and outbound never collide
         task = asyncio.get_running_loop().create_task(client.run(), name=f"xds-{w.key}")
         self.clients[w.key] = (w, client, task)
         self.streams_opened += 1
@@ -200,7 +206,9 @@ class WorkloadStreams:
 
     @staticmethod
     def _version(live: dict[str, View]) -> str:
-        digest = hashlib.sha256("|".join(f"{k}={v[1].version}" for k, v in sorted(live.items())).encode())
+        # what the merge reads of each workload: its configuration's version and its addresses
+        parts = (f"{k}={v[1].version}@{','.join(v[0].addresses)}" for k, v in sorted(live.items()))
+        digest = hashlib.sha256("|".join(parts).encode())
         # xds:LDS/CDS only when every stream had its initial fetch: readiness waits for all of them
         complete = all(_complete(v[1]) for v in live.values())
         prefix = "xds:LDS=w,CDS=w," if complete else "xds:"
@@ -219,6 +227,8 @@ class WorkloadStreams:
             "last_apply_ms": round(self.last_apply_s * 1000, 2),
             "translations_shared": self.cache.hits,
             "translations": self.cache.misses,
+            "decodes_shared": self.decoder.hits,
+            "decodes": self.decoder.misses,
             "notes": list(self.notes),
             "last_error": self.last_error,
             "per_workload": {

@@ -36,21 +36,41 @@ def _static_cluster(name: str, host: str, port: int) -> dict:
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]}}  # fmt: skip
 
 
-def _virtual_inbound(tag: str) -> dict:
-    """istiod's shape: 15006 with original_dst and a chain per pod port; this pod's chain stamps `tag`."""
-    rc = {"name": f"inbound|{INBOUND}", "virtual_hosts": [{"name": "inbound", "domains": ["*"], "routes": [{
-        "match": {"prefix": "/"}, "route": {"cluster": f"inbound|{INBOUND}||"},
+DENY_POLICY = {
+    "ns[default]-policy[deny-forbidden]-rule[0]": {
+        "permissions": [{"header": {"name": "x-forbidden", "present_match": True}}],
+        "principals": [{"any": True}],
+    }
+}
+DENY_FORBIDDEN = {  # an AuthorizationPolicy DENY as istiod renders it: requests carrying x-forbidden
+    "name": "envoy.filters.http.rbac",
+    "typed_config": {"@type": T + "envoy.extensions.filters.http.rbac.v3.RBAC",
+                     "rules": {"action": "DENY", "policies": DENY_POLICY}},
+}  # fmt: skip
+
+
+def _chain(port: int, tag: str, filters: list[dict]) -> dict:
+    rc = {"name": f"inbound|{port}", "virtual_hosts": [{"name": "inbound", "domains": ["*"], "routes": [{
+        "match": {"prefix": "/"}, "route": {"cluster": f"inbound|{port}||"},
         "request_headers_to_add": [{"header": {"key": "x-inbound-config", "value": tag}}]}]}]}  # fmt: skip
-    hcm = {"@type": HCM, "stat_prefix": "inbound", "route_config": rc, "http_filters": [ROUTER]}
+    hcm = {"@type": HCM, "stat_prefix": "inbound", "route_config": rc, "http_filters": [*filters, ROUTER]}
+    return {"name": f"0.0.0.0_{port}", "filter_chain_match": {"destination_port": port},
+            "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}  # fmt: skip
+
+
+def _virtual_inbound(tag: str, service_port_rbac: bool = False) -> dict:
+    """istiod's shape: 15006 with original_dst and a chain per pod port; this pod's chains stamp `tag`. With
+    `service_port_rbac`, the pod also serves the service port behind a DENY policy."""
+    chains = [_chain(INBOUND, tag, [])]
+    if service_port_rbac:
+        chains.append(_chain(SERVICE, tag, [DENY_FORBIDDEN]))
     return {
         "@type": T + "envoy.config.listener.v3.Listener",
         "name": "virtualInbound",
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
         "listener_filters": [{"name": "envoy.filters.listener.original_dst", "typed_config": {"@type": ORIGINAL_DST}}],
-        "filter_chains": [{"name": f"0.0.0.0_{INBOUND}", "filter_chain_match": {"destination_port": INBOUND},
-                           "filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                        "typed_config": hcm}]}],
-    }  # fmt: skip
+        "filter_chains": chains,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +94,8 @@ def lab(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
             shared = [http_listener(f"0.0.0.0_{SERVICE}", SERVICE, routes=str(SERVICE)),
                       route_config([route(cluster="v1")], name=str(SERVICE)),
                       _static_cluster("v1", host, 8081), _static_cluster("v2", host, 8082),
-                      {**PASSTHROUGH, "name": f"inbound|{INBOUND}||"}]  # fmt: skip
+                      {**PASSTHROUGH, "name": f"inbound|{INBOUND}||"},
+                      {**PASSTHROUGH, "name": f"inbound|{SERVICE}||"}]  # fmt: skip
 
             async def serve() -> None:
                 for type_url, msgs in by_type(shared).items():
@@ -82,8 +103,8 @@ def lab(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
                 # clientb's sidecar would be told: the service goes to v2 (its own VirtualService)
                 ((rds, msgs),) = by_type([route_config([route(cluster="v2")], name=str(SERVICE))]).items()
                 server.set_node_resources("clientb.default", rds, msgs)
-                for pod in ("server", "serverb"):
-                    ((lds, msgs),) = by_type([_virtual_inbound(f"{pod}-inbound")]).items()
+                for pod in ("server", "serverb"):  # server also serves the service port, behind a DENY policy
+                    ((lds, msgs),) = by_type([_virtual_inbound(f"{pod}-inbound", pod == "server")]).items()
                     server.set_node_resources(f"{pod}.default", lds, msgs)
 
             loop.run(serve())
@@ -147,3 +168,17 @@ def test_a_removed_pod_closes_its_stream_and_loses_its_configuration(lab) -> Non
     assert eventually(lambda: _served_by(env, "clientb", host, SERVICE) == ["v1"] * 4, timeout=10)
     write_workloads_file(workloads, env.lab, WORKLOADS)  # back, for whatever runs next
     assert eventually(lambda: _served_by(env, "clientb", host, SERVICE) == ["v2"] * 4, timeout=20)
+
+
+def test_the_servers_policy_holds_for_a_client_on_the_same_node(lab) -> None:
+    """client and server are both pods of this node: the client's routes (v1 for it) and the server's inbound
+    DENY policy apply to one connection, as the two sidecars would apply them in turn; a client on another
+    node meets the same policy."""
+    env, _server, _loop, _wl, host = lab
+    deny = {"x-forbidden": "1"}
+    for pod in ("client", "remote"):
+        ns = env.lab.pod_ns(pod)
+        assert eventually(lambda ns=ns: http_requests(ns, host, SERVICE, ["/p"], headers=deny).status == [403], 20)
+    assert _served_by(env, "client", host, SERVICE) == ["v1"] * 4  # allowed requests: the client's route
+    seen = http_requests(env.lab.pod_ns("remote"), host, SERVICE, ["/p"]).seen(0)  # the server's inbound chain
+    assert seen["server"] == "v1" and seen["headers"].get("x-inbound-config") == "server-inbound", seen

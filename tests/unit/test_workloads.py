@@ -6,18 +6,23 @@ from __future__ import annotations
 import json
 
 import pytest
+from google.protobuf import any_pb2
 from netaddr import IPNetwork
 
 from planemesh.agent.proxy.routing import PlaneRouter
+from planemesh.agent.rbac import RbacFilter
 from planemesh.agent.workloads.discovery import (
     NETWORK_STATUS,
     network_status_addresses,
     workloads_from_file_dict,
     workloads_from_pod_list,
 )
-from planemesh.agent.workloads.merge import merge
+from planemesh.agent.workloads.merge import merge, scope
 from planemesh.agent.workloads.model import Workload, WorkloadError, WorkloadSet
 from planemesh.agent.workloads.settings import settings_from_dict
+from planemesh.agent.workloads.sharing import MAX_VARIANTS, SharedDecoder
+from planemesh.agent.workloads.streams import WorkloadStreams
+from planemesh.labs.envoy_resources import HCM, PASSTHROUGH, ROUTER, T, by_type, http_listener, route, route_config
 from planemesh.model.config import (
     Cluster,
     ConfigError,
@@ -31,6 +36,9 @@ from planemesh.model.config import (
 )
 from planemesh.model.static_config import load_default_config
 from planemesh.model.validation import validate_snapshot
+from planemesh.xds.client_state import XdsResources
+from planemesh.xds.per_resource import translate_update
+from planemesh.xds.resources import CLUSTER, LISTENER, ROUTE, ResourceError, Wrapped, resource_name
 
 PLANES = load_default_config().planes  # oam 198.18.1.0/24 + fd00:18:1::/64, media 198.18.2.0/24 + ...
 
@@ -224,3 +232,88 @@ def test_a_source_scoped_listener_needs_its_source() -> None:
     assert router.route_config("198.18.1.50", 80, "::ffff:198.18.1.10") is not None
     assert router.route_config("198.18.1.50", 80, "198.18.1.11") is None
     assert router.route_config("198.18.1.50", 80) is None
+
+
+def test_shared_decoder_decodes_each_content_once_and_keeps_few_per_name() -> None:
+    calls: list[bytes] = []
+
+    def decode(raw, type_url: str) -> Wrapped:
+        calls.append(raw.value)
+        if raw.value == b"bad":
+            raise ResourceError(type_url, "cannot decode")
+        return Wrapped("same-name", object())
+
+    shared = SharedDecoder()
+    raw = any_pb2.Any(type_url="t", value=b"v1")
+    first = shared("t", raw, decode)
+    assert shared("t", any_pb2.Any(type_url="t", value=b"v1"), decode) is first and calls == [b"v1"]
+    for _ in range(2):  # a bad resource is never kept: decoded (and refused) each time
+        with pytest.raises(ResourceError):
+            shared("t", any_pb2.Any(type_url="t", value=b"bad"), decode)
+    for i in range(2, 2 + MAX_VARIANTS):
+        shared("t", any_pb2.Any(type_url="t", value=b"v%d" % i), decode)
+    assert shared.entries() == MAX_VARIANTS  # the oldest content of the name went
+    assert shared("t", raw, decode) is not first and calls[-1] == b"v1"
+
+
+def test_node_version_changes_with_a_workloads_addresses() -> None:
+    snap = _snap("v1")
+    before = WorkloadStreams._version({"a.default": (A, snap)})
+    moved = Workload("a", "default", ("198.18.1.42",))
+    assert WorkloadStreams._version({"a.default": (moved, snap)}) != before  # same xDS versions, new addresses
+    assert WorkloadStreams._version({"a.default": (A, snap)}) == before
+
+
+def test_local_to_local_applies_the_servers_inbound_filters_too() -> None:
+    """A local client to a local server: the client's routes, and the server's inbound HTTP filters (its
+    AuthorizationPolicy's RBAC) after the client's own, as the two sidecars would apply them in turn."""
+    deny = RbacFilter("deny")
+    server = Snapshot("xds:LDS=1,CDS=1", PLANES, (
+        Listener("virtualInbound/0.0.0.0_80", "oam", 80, ListenerProtocol.HTTP, route_config="in",
+                 http_filters=(deny,)),
+    ), {"in": RouteConfig("in", (VirtualHost("any", routes=(Route(action=RouteAction(cluster="inb")),)),))},
+        {"inb": Cluster("inb")})  # fmt: skip
+    snap = merge(PLANES, {"a.default": (A, _snap("v1")), "b.default": (B, server)}, "m").snapshot
+    validate_snapshot(snap)
+    router = PlaneRouter(snap, "oam")
+    both = router.route_config("198.18.1.11", 80, "198.18.1.10")  # a -> b, both local
+    assert _cluster_for(router, "198.18.1.11", 80, "198.18.1.10") == "v1"  # a's routing
+    assert both is not None and both.filter_chain(lambda: 0.0).rbac == (deny,)  # b's authorization
+    assert router.route_config("198.18.1.11", 80, "198.18.1.10") is both  # made once
+    remote = router.route_config("198.18.1.11", 80, "198.18.1.99")
+    assert remote is not None and remote.filter_chain(lambda: 0.0).rbac == (deny,) and remote is not both
+    elsewhere = router.route_config("198.18.1.50", 80, "198.18.1.10")  # a -> not a local pod: a's only
+    assert elsewhere is not None and not elsewhere.http_filters
+
+
+def test_a_pods_inbound_and_outbound_listeners_of_one_port_do_not_collide() -> None:
+    """istiod gives a pod that serves port 8081 and calls a service on 8081 an inbound chain and an outbound
+    listener of that port; scoped to the pod (inbound by destination, outbound by source) they are two
+    listeners, where one proxy for the node had to refuse one of them."""
+    docs = [http_listener("0.0.0.0_8081", 8081, routes="8081"), route_config([route(cluster="v1")], name="8081"),
+            {**PASSTHROUGH, "name": "v1"}, {**PASSTHROUGH, "name": "inbound|8081||"},
+            _virtual_inbound_doc(8081)]  # fmt: skip
+    named = {t: {resource_name(m): m for m in ms} for t, ms in by_type(docs).items()}
+    res = XdsResources(named[LISTENER], named[ROUTE], named[CLUSTER], {}, {"LDS": "1", "CDS": "1"})
+    assert LISTENER in translate_update(res, PLANES).rejected  # the node's one stream: a collision
+    pod = Workload("p", "default", ("198.18.1.10",))
+    result = translate_update(res, PLANES, scope=lambda lsn: scope(lsn, pod, PLANES))
+    assert result.rejected == {}
+    snap = merge(PLANES, {pod.key: (pod, result.snapshot)}, "m").snapshot
+    validate_snapshot(snap)
+    router = PlaneRouter(snap, "oam")
+    assert _cluster_for(router, "198.18.1.50", 8081, "198.18.1.10") == "v1"  # its outbound
+    assert _cluster_for(router, "198.18.1.10", 8081, "198.18.1.99") == "inbound|8081||"  # its inbound
+
+
+def _virtual_inbound_doc(port: int) -> dict:
+    rc = {"name": f"inbound|{port}", "virtual_hosts": [{"name": "inbound", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": f"inbound|{port}||"}}]}]}  # fmt: skip
+    hcm = {"@type": HCM, "stat_prefix": "inbound", "route_config": rc, "http_filters": [ROUTER]}
+    return {"@type": T + "envoy.config.listener.v3.Listener", "name": "virtualInbound",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
+            "listener_filters": [{"name": "envoy.filters.listener.original_dst", "typed_config": {
+                "@type": T + "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}],
+            "filter_chains": [{"name": f"0.0.0.0_{port}", "filter_chain_match": {"destination_port": port},
+                               "filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}]}  # fmt: skip

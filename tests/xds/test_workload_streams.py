@@ -6,14 +6,16 @@ closes its stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
 import yaml
 
 from planemesh.agent.proxy.routing import PlaneRouter
+from planemesh.agent.workloads.model import Workload, WorkloadSet
 from planemesh.agent.workloads.settings import settings_from_dict
-from planemesh.agent.workloads.sources import FileSource
+from planemesh.agent.workloads.sources import FileSource, SourceError
 from planemesh.agent.workloads.streams import WorkloadStreams
 from planemesh.labs.envoy_resources import (
     by_type,
@@ -60,6 +62,27 @@ async def _until(check, timeout: float = 10.0):
     return value
 
 
+@contextlib.asynccontextmanager
+async def _running(tmp_path: Path, apply, source, resources: Path | None = None, mode: str = "sotw"):
+    """The management server (`resources`, or the shared set from code) and WorkloadStreams following
+    `source`, torn down after."""
+    server = ManagementServer(resources, poll_interval_s=0.05)
+    if resources is None:
+        for type_url, msgs in by_type(_shared()).items():
+            server.set_resources(type_url, msgs)
+    address = await server.start(f"unix://{tmp_path / 'xds.sock'}")
+    boot = Bootstrap("node-1", "planemesh", address, PLANES, Mode(mode), backoff_base_s=0.05, backoff_max_s=0.2)
+    settings = settings_from_dict({"source": "file", "file": "/unused", "poll_interval_s": 0.05}, {})
+    streams = WorkloadStreams(boot, settings, apply)
+    task = asyncio.create_task(streams.run(source))
+    try:
+        yield server, streams, task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.stop()
+
+
 @pytest.mark.parametrize("mode", ["sotw", "delta"])
 def test_each_workload_gets_its_own_configuration(tmp_path: Path, mode: str) -> None:
     resources = tmp_path / "resources"
@@ -71,18 +94,12 @@ def test_each_workload_gets_its_own_configuration(tmp_path: Path, mode: str) -> 
     _workloads_file(wl_file, ["a", "b"])
 
     async def scenario() -> None:
-        server = ManagementServer(resources, poll_interval_s=0.05)
-        address = await server.start(f"unix://{tmp_path / 'xds.sock'}")
         applied: list[Snapshot] = []
 
         async def apply(snap: Snapshot) -> None:
             applied.append(snap)
 
-        boot = Bootstrap("node-1", "planemesh", address, PLANES, Mode(mode), backoff_base_s=0.05, backoff_max_s=0.2)
-        settings = settings_from_dict({"source": "file", "file": str(wl_file), "poll_interval_s": 0.05}, {})
-        streams = WorkloadStreams(boot, settings, apply)
-        task = asyncio.create_task(streams.run(FileSource(str(wl_file), PLANES)))
-        try:
+        async with _running(tmp_path, apply, FileSource(str(wl_file), PLANES), resources, mode) as (server, streams, _):
             snap = await _until(
                 lambda: applied and _cluster(applied[-1], B) and _cluster(applied[-1], A) and applied[-1]
             )
@@ -97,16 +114,13 @@ def test_each_workload_gets_its_own_configuration(tmp_path: Path, mode: str) -> 
             assert meta["INSTANCE_IPS"] == "198.18.1.10,198.18.2.10" and meta["INTERCEPTION_MODE"] == "TPROXY"
             assert meta["NAMESPACE"] == "default" and meta["ISTIO_VERSION"] and meta["CLUSTER_ID"] == "Kubernetes"
             assert streams.cache.hits > 0  # the clusters both streams received were translated once
+            assert streams.decoder.hits > 0  # ... and decoded once: both streams hold the same messages
             # b goes away: its stream closes and its listeners leave the node's snapshot
             _workloads_file(wl_file, ["a"])
             await _until(lambda: not any(c.connected and c.node_id == node_b for c in server.clients()))
             snap = await _until(lambda: _cluster(applied[-1], B) is None and applied[-1])
             assert _cluster(snap, A) == "v1" and all(not lsn.name.endswith("~b.default") for lsn in snap.listeners)
             assert streams.status()["streams"] == 1 and streams.streams_closed == 1
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await server.stop()
 
     asyncio.run(scenario())
 
@@ -114,14 +128,10 @@ def test_each_workload_gets_its_own_configuration(tmp_path: Path, mode: str) -> 
 def test_a_refused_node_snapshot_nacks_the_streams_of_the_batch(tmp_path: Path) -> None:
     """The node refusing the merged snapshot (a ConfigError from the agent) NACKs the workload's update and
     keeps its previous configuration."""
+    wl_file = tmp_path / "w.yaml"
+    _workloads_file(wl_file, ["a"])
 
     async def scenario() -> None:
-        server = ManagementServer(None)
-        for type_url, msgs in by_type(_shared()).items():
-            server.set_resources(type_url, msgs)
-        address = await server.start(f"unix://{tmp_path / 'xds.sock'}")
-        wl_file = tmp_path / "w.yaml"
-        _workloads_file(wl_file, ["a"])
         refuse = {"on": False}
         applied: list[Snapshot] = []
 
@@ -130,10 +140,7 @@ def test_a_refused_node_snapshot_nacks_the_streams_of_the_batch(tmp_path: Path) 
                 raise ConfigError("listeners[0]", "refused by the node")
             applied.append(snap)
 
-        boot = Bootstrap("n", "planemesh", address, PLANES, backoff_base_s=0.05, backoff_max_s=0.2)
-        streams = WorkloadStreams(boot, settings_from_dict({"source": "file", "file": str(wl_file)}, {}), apply)
-        task = asyncio.create_task(streams.run(FileSource(str(wl_file), PLANES)))
-        try:
+        async with _running(tmp_path, apply, FileSource(str(wl_file), PLANES)) as (server, streams, _):
             await _until(lambda: applied and _cluster(applied[-1], A) == "v1")
             refuse["on"] = True
             ((rds, messages),) = by_type([route_config([route(cluster="v2")], "80")]).items()
@@ -143,10 +150,6 @@ def test_a_refused_node_snapshot_nacks_the_streams_of_the_batch(tmp_path: Path) 
             assert "refused by the node" in report.last_nack
             assert _cluster(streams.views["a.default"][1], A) == "v1"  # rolled back to what the node applied
             assert _cluster(applied[-1], A) == "v1" and streams.last_error and "refused" in streams.last_error
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await server.stop()
 
     asyncio.run(scenario())
 
@@ -168,15 +171,11 @@ def test_node_resources_from_code_and_directory_errors(tmp_path: Path) -> None:
 def test_one_merged_apply_at_a_time(tmp_path: Path) -> None:
     """Ten streams starting together: their updates are merged into few applies, never two at once (an apply
     arriving while one runs waits in the next batch)."""
+    wl_file = tmp_path / "w.yaml"
+    wl_file.write_text(yaml.safe_dump({"workloads": [
+        {"name": f"p{i}", "addresses": [f"198.18.1.{20 + i}"]} for i in range(10)]}))  # fmt: skip
 
     async def scenario() -> None:
-        server = ManagementServer(None)
-        for type_url, msgs in by_type(_shared()).items():
-            server.set_resources(type_url, msgs)
-        address = await server.start(f"unix://{tmp_path / 'xds.sock'}")
-        wl_file = tmp_path / "w.yaml"
-        wl_file.write_text(yaml.safe_dump({"workloads": [
-            {"name": f"p{i}", "addresses": [f"198.18.1.{20 + i}"]} for i in range(10)]}))  # fmt: skip
         running, most, applied = 0, 0, []
 
         async def apply(snap: Snapshot) -> None:
@@ -187,15 +186,35 @@ def test_one_merged_apply_at_a_time(tmp_path: Path) -> None:
             running -= 1
             applied.append(snap)
 
-        boot = Bootstrap("n", "planemesh", address, PLANES, backoff_base_s=0.05, backoff_max_s=0.2)
-        streams = WorkloadStreams(boot, settings_from_dict({"source": "file", "file": str(wl_file)}, {}), apply)
-        task = asyncio.create_task(streams.run(FileSource(str(wl_file), PLANES)))
-        try:
+        async with _running(tmp_path, apply, FileSource(str(wl_file), PLANES)):
             await _until(lambda: applied and applied[-1].version.startswith("xds:LDS=w,CDS=w,workloads=10:"))
             assert most == 1 and len(applied) < 10, (most, len(applied))
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await server.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_source_never_ends_the_streams(tmp_path: Path) -> None:
+    """A source raising (its own error or a bug) keeps the last good workloads and their streams."""
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def read(self) -> WorkloadSet:
+            self.calls += 1
+            if self.calls % 2 == 0:
+                raise RuntimeError("a bug in the source") if self.calls % 4 == 0 else SourceError("API down")
+            return WorkloadSet({"a.default": Workload("a", "default", (A,))})
+
+    async def scenario() -> None:
+        applied: list[Snapshot] = []
+
+        async def apply(snap: Snapshot) -> None:
+            applied.append(snap)
+
+        source = Flaky()
+        async with _running(tmp_path, apply, source) as (_server, streams, task):
+            await _until(lambda: source.calls >= 6 and applied and _cluster(applied[-1], A) == "v1")
+            assert not task.done() and list(streams.clients) == ["a.default"] and streams.streams_opened == 1
 
     asyncio.run(scenario())
