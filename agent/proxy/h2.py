@@ -152,6 +152,20 @@ class H2Side(asyncio.Protocol):
         if queue is not None:  # already waiting for window: keep the order
             queue.append([data, end, on_sent])
             return
+        if data and type(data) is bytes and not self.write_paused:  # the common case: it fits, one frame
+            conn = self.conn
+            try:
+                fits = len(data) <= conn.local_flow_control_window(sid) and len(data) <= conn.max_outbound_frame_size
+                if fits:
+                    conn.send_data(sid, data, end_stream=end)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                fits = True  # the stream is gone: counted as sent, as _discard does
+            if fits:
+                self.data_frames += 1
+                if on_sent is not None:
+                    on_sent(len(data))
+                self.flush()
+                return
         queue = deque(([data, end, on_sent],))
         self._pump_stream(sid, queue)
         if queue:

@@ -16,7 +16,8 @@ violations (FLOW_CONTROL_ERROR), more streams than `enforced_streams` at once (P
 the stream (STREAM_CLOSED), a stream WINDOW_UPDATE of 0 (PROTOCOL_ERROR) or past 2^31-1 (FLOW_CONTROL_ERROR).
 
 Receive flow control: bytes the proxy acknowledges (acknowledge_received_data, once forwarded) are credited back
-with WINDOW_UPDATE once they reach half the window, as h2 does; frames on closed streams are credited at once.
+with WINDOW_UPDATE once they reach half the window, as h2 does; DATA on a closed stream is reported like any
+other (and so acknowledged by the connection code, crediting the connection).
 A GOAWAY received is reported and changes nothing else: the streams it lets complete do (RFC 9113 6.8).
 """
 
@@ -43,6 +44,7 @@ DEFAULT_WINDOW = 65535
 DEFAULT_FRAME_SIZE = 16384
 MAX_HEADER_LIST = 1 << 16  # what the proxy advertises (h2's default) and enforces
 CONTINUATION_BACKLOG = 64  # CONTINUATION frames one header block may take (h2's limit)
+RECENTLY_RESET_MAX = 1024  # reset stream ids remembered: frames the peer sent before it knew are dropped quietly
 
 _HEAD = struct.Struct(">IBI")  # 24-bit length and type in the first word, flags, stream id
 _U32 = struct.Struct(">I")
@@ -110,6 +112,7 @@ class H2Codec:
         self.headers_flags = 0
         self.headers_parts: list[bytes] = []
         self.headers_frames = 0
+        self.recently_reset: dict[int, None] = {}  # streams reset either way (frames in flight may still come)
 
     # ---- set-up and output --------------------------------------------------------------------------
 
@@ -287,9 +290,10 @@ class H2Codec:
                     self._fail("HEADERS on a stream the client did not open", PROTOCOL_ERROR)
                 return  # closed (reset by us, frames in flight): dropped
             if sid <= self.highest_inbound_stream_id:
-                # a closed stream: ours to have reset (frames in flight), or one the client had ended
-                self.out.append(_frame(RST_STREAM, 0, sid, _U32.pack(STREAM_CLOSED)))
-                return
+                if sid in self.recently_reset:
+                    return  # in flight when the stream was reset: dropped
+                # closed after both ends ended, or an idle one a higher stream closed (RFC 9113 5.1, 5.1.1)
+                self._fail("HEADERS on a closed stream", STREAM_CLOSED)
             if not sid & 1:
                 self._fail("client stream with an even id", PROTOCOL_ERROR)
             if len(self.streams) >= self.enforced_streams:
@@ -332,9 +336,17 @@ class H2Codec:
             del self.streams[sid]
         return ended
 
+    def _forget(self, sid: int) -> _Stream | None:
+        """A stream reset (either way): gone, but remembered for a while (frames in flight)."""
+        recent = self.recently_reset
+        if len(recent) >= RECENTLY_RESET_MAX:
+            del recent[next(iter(recent))]
+        recent[sid] = None
+        return self.streams.pop(sid, None)
+
     def _stream_error(self, sid: int, code: int, events: list) -> None:
         """RST_STREAM for the client's error on one stream, reported as a reset not sent by the client."""
-        self.streams.pop(sid, None)
+        self._forget(sid)
         self.out.append(_frame(RST_STREAM, 0, sid, _U32.pack(code)))
         events.append(ev.StreamReset(stream_id=sid, error_code=code, remote_reset=False))
 
@@ -353,10 +365,13 @@ class H2Codec:
         if stream is None or stream.remote_ended:
             if self._idle(sid):
                 self._fail("DATA on an idle stream", PROTOCOL_ERROR)
-            self._credit_connection(flow_len)
-            if stream is not None:  # the client had ended it
+            if stream is not None:  # the peer had ended it
+                self._credit_connection(flow_len)
                 return self._stream_error(sid, STREAM_CLOSED, events)
-            return  # closed, by a reset in flight most likely: dropped
+            # closed (a reset in flight, most likely): reported all the same, so that the guard counts empty
+            # frames; nobody takes the data, and acknowledging it credits the connection (H2Side does)
+            events.append(ev.DataReceived(stream_id=sid, data=data, flow_controlled_length=flow_len))
+            return
         stream.recv_window -= flow_len
         if stream.recv_window < 0:
             self._fail("DATA beyond the stream window", FLOW_CONTROL_ERROR)
@@ -380,6 +395,7 @@ class H2Codec:
             if stream is None:
                 if self._idle(sid):
                     self._fail("WINDOW_UPDATE on an idle stream", PROTOCOL_ERROR)
+                events.append(ev.WindowUpdated(stream_id=sid, delta=delta))  # counted by the guard all the same
                 return  # closed: frames in flight
             if not delta:
                 return self._stream_error(sid, PROTOCOL_ERROR, events)
@@ -395,7 +411,7 @@ class H2Codec:
             self._fail("RST_STREAM on stream 0", PROTOCOL_ERROR)
         if self._idle(sid):
             self._fail("RST_STREAM on an idle stream", PROTOCOL_ERROR)
-        if self.streams.pop(sid, None) is None:
+        if self._forget(sid) is None:
             return  # closed already
         events.append(ev.StreamReset(stream_id=sid, error_code=_U32.unpack(payload)[0], remote_reset=True))
 
@@ -523,7 +539,7 @@ class H2Codec:
     def reset_stream(self, sid: int, error_code: int = 8) -> None:
         if self.closed:
             raise ProtocolError("the connection is closed", PROTOCOL_ERROR)
-        if self.streams.pop(sid, None) is None:
+        if self._forget(sid) is None:
             raise StreamClosedError(sid)
         self.out.append(_frame(RST_STREAM, 0, sid, _U32.pack(error_code)))
 
