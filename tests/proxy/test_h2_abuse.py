@@ -11,7 +11,6 @@ import select
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import pytest
 from planemesh.model.config import Route
 from planemesh.model.planes import SLA
 from tests.proxy.proxy_harness import Backend, BackendHandler, ProxyThread, ThreadedBackend
+from tests.support.procs import dev_module_argv
 
 pytestmark = pytest.mark.unit
 
@@ -338,9 +338,7 @@ class SlowBackend(ThreadedBackend):
 @contextlib.contextmanager
 def backend_process() -> Iterator[int]:
     """A SlowBackend in a child process (its threads' memory is not the worker's): yields its port."""
-    script = "import sys; from tests.proxy.test_h2_abuse import serve_forever; serve_forever()"
-    root = Path(__file__).resolve().parents[2]
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(dev_module_argv("tests.proxy.test_h2_abuse"), stdout=subprocess.PIPE, text=True)
     try:
         yield int(child.stdout.readline())  # type: ignore[union-attr]
     finally:
@@ -419,3 +417,7 @@ def test_streams_reset_with_queued_response_data_give_the_h2_upstream_its_window
             good.start()
             time.sleep(2)
             good.check()
+
+
+if __name__ == "__main__":  # backend_process(): the child runs this module
+    serve_forever()
