@@ -21,6 +21,7 @@ from planemesh.ebpf.policy import PolicyRule, needs_sniff_listener, policy_from_
 from planemesh.model.config import FaultFilter, ListenerProtocol
 from planemesh.xds import conformance
 from planemesh.xds.client_state import XdsResources
+from planemesh.xds.per_resource import translate_update
 from planemesh.xds.sds import root_secret, tls_certificate_secret
 from planemesh.xds.translate import translate
 
@@ -148,3 +149,14 @@ def test_the_whole_push_is_one_valid_snapshot_with_istio_semantics(loaded):
     assert policy.rules[PolicyRule(1, 9080)] is Action.SNIFF
     assert policy.rules[PolicyRule(1, 53, "10.96.0.10/32")] is Action.BYPASS
     assert needs_sniff_listener(snap, snap.plane("pod"))
+
+
+def test_per_resource_application_drops_shadowed_inbound_chains_as_the_whole_push_does(loaded):
+    """Regression: per_resource.py did not apply drop_shadowed_inbound, so virtualInbound's 9080 chain clashed
+    with 0.0.0.0_9080 and the whole virtualInbound listener was NACKed."""
+    push = _whole_push(loaded)
+    whole = translate(push, conformance.PLANES)
+    each = translate_update(push, conformance.PLANES)
+    assert dict(each.rejected) == {} and each.warming == ()
+    assert sorted(lsn.name for lsn in each.snapshot.listeners) == sorted(lsn.name for lsn in whole.listeners)
+    assert each.snapshot.listeners and set(each.snapshot.listeners) == set(whole.listeners)
