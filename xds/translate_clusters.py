@@ -29,6 +29,7 @@ from planemesh.xds.translate_common import (
     type_name,
     uint,
 )
+from planemesh.xds.translate_internal import unwrap_internal_upstream
 from planemesh.xds.translate_tls import socket_tls, tls_labels, with_socket_matches
 
 C = cluster_pb2.Cluster
@@ -237,6 +238,7 @@ def _upstream_filters(cluster, path: str) -> None:
 
 
 def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Plane, ...], path: str) -> Cluster:
+    cluster = unwrap_internal_upstream(cluster, path)  # xds/translate_internal.py
     only(cluster, _HARMLESS | _SUPPORTED, path, _IGNORED)
     _upstream_filters(cluster, path)
     if cluster.WhichOneof("cluster_discovery_type") != "type" and cluster.HasField("cluster_type"):

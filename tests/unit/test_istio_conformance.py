@@ -29,7 +29,6 @@ ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
 # Envoy accepts these and planemesh refuses them, on purpose (docs/istio-conformance.md says why).
 KNOWN_GAPS = {
     "outbound|443||api.example.com",  # STRICT_DNS: planemesh resolves no names
-    "inbound-vip|8000|http|httpbin.default.svc.cluster.local",  # a waypoint's internal_upstream cluster
 }
 SAMPLE = {"virtualInbound", "9080-vs", "outbound|9080||ratings.default.svc.cluster.local", "BlackHoleCluster"}
 
