@@ -27,9 +27,7 @@ from planemesh.xds.translate import translate
 
 ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
 # Envoy accepts these and planemesh refuses them, on purpose (docs/istio-conformance.md says why).
-KNOWN_GAPS = {
-    "outbound|443||api.example.com",  # STRICT_DNS: planemesh resolves no names
-}
+KNOWN_GAPS: set[str] = set()
 SAMPLE = {"virtualInbound", "9080-vs", "outbound|9080||ratings.default.svc.cluster.local", "BlackHoleCluster"}
 
 
