@@ -283,7 +283,8 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
         raise ConfigError(fpath, f"network filter {last.name!r} ({kind or 'no typed_config'}) is not supported")
     if tls is not None:  # HTTP: agent/proxy/tls.py; tcp_proxy: terminated, then relayed (agent/proxy/tcp_tls.py)
         acc.tls_paths[id(tls)] = f"{path}.transport_socket"  # its secrets' user, if it is served
-    alpn = tuple(m.application_protocols) if protocol is ListenerProtocol.TCP else ()  # TCP: agent/proxy/sni_routing.py
+    # TCP: agent/proxy/sni_routing.py; a TLS chain's: whether a sniffed port terminates (agent/proxy/sniff_tls.py)
+    alpn = tuple(m.application_protocols) if protocol is ListenerProtocol.TCP or tls is not None else ()
     if m.application_protocols and protocol is ListenerProtocol.HTTP:
         note_ignored(
             f"{path}.filter_chain_match",

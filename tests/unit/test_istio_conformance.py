@@ -120,11 +120,13 @@ def test_the_whole_push_is_one_valid_snapshot_with_istio_semantics(loaded):
         assert by_key[(plane, 443, (IPNetwork("10.96.12.34/32"),))]
         auto = by_key[(plane, 5000, (IPNetwork("10.96.7.7/32"),))]
         assert auto.sniff and auto.route_config == "metrics.default.svc.cluster.local:5000"
-        # 5 chains (mTLS/plain x HTTP/TCP, plain TLS) -> one sniffed; the mTLS HTTP chain is not terminated: the
-        # datapath sniffs this destination (one action per port), TLS bytes pass through as before (noted)
+        # 5 chains (mTLS/plain x HTTP/TCP, plain TLS) -> one sniffed plaintext listener and one sniffed mTLS one:
+        # the sniffer terminates a ClientHello offering istio's ALPN, then sniffs inside (agent/proxy/sniff_tls.py)
         inbound_auto = by_key[(plane, 9091, ())]
         assert inbound_auto.sniff and inbound_auto.route_config == "inbound|9091||"
-        assert (plane, 9091, ()) not in tls
+        mtls_auto = tls[(plane, 9091, ())]
+        assert mtls_auto.sniff and mtls_auto.route_config == "inbound|9091||"
+        assert {"istio-peer-exchange", "istio", "istio-h2", "istio-http/1.1"} <= set(mtls_auto.application_protocols)
         inbound_tcp = by_key[(plane, 9090, ())]  # virtualInbound's port chain (raw_buffer twin of mTLS)
         assert inbound_tcp.protocol is ListenerProtocol.TCP and inbound_tcp.tcp_clusters[0].name == "inbound|9090||"
     ratings = snap.routes["9080-vs"].virtual_hosts[1].routes[0]
@@ -144,6 +146,7 @@ def test_the_whole_push_is_one_valid_snapshot_with_istio_semantics(loaded):
     assert snap.clusters["outbound|9080||ratings.default.svc.cluster.local"].outlier.consecutive_5xx == 3
     policy = policy_from_snapshot(snap)
     assert policy.rules[PolicyRule(1, 9080)] is Action.SNIFF
+    assert policy.rules[PolicyRule(1, 9091)] is Action.SNIFF  # the mTLS twin too: one action per port
     assert policy.rules[PolicyRule(1, 53, "10.96.0.10/32")] is Action.BYPASS
     assert needs_sniff_listener(snap, snap.plane("pod"))
 
