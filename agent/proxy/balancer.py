@@ -70,6 +70,9 @@ class Balancer:
             return hit[2]
         resolved = dataclasses.replace(cluster, endpoints=eps)
         self._resolved[cluster.name] = (cluster, gen, resolved)
+        detector = self._outliers.get(cluster.name)
+        if detector is not None:  # max_ejection_percent counts the hosts the name resolves to now
+            detector.host_count = max(1, sum(1 for e in eps if e.healthy))
         return resolved
 
     def cluster_for(self, action: RouteAction) -> Cluster | None:

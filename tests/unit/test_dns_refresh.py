@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from types import MappingProxyType
+
+from planemesh.agent.proxy.balancer import Balancer
 from planemesh.agent.proxy.dns import DnsRefresh, by_family
-from planemesh.model.config import Cluster, ClusterKind, DnsSettings, Endpoint
+from planemesh.model.config import Cluster, ClusterKind, DnsSettings, Endpoint, OutlierDetection, Snapshot
 
 
 class Clock:
@@ -100,3 +104,25 @@ def test_lookup_family():
     r.due()
     assert not r.resolved("c", {"api.example.com": ["2001:db8::1"]})  # no v4 answer: a failure
     assert r.failures("c") == 1
+
+
+def test_the_balancer_picks_among_the_addresses_resolved_now():
+    """Balancer + DnsRefresh: a new answer changes the picks of the same snapshot's cluster; the outlier
+    detector's host count follows."""
+    clock = Clock()
+    c = dataclasses.replace(dns_cluster(refresh_s=1.0), outlier=OutlierDetection())
+    snap = Snapshot(version="1", planes=(), listeners=(), clusters=MappingProxyType({"c": c}))
+    refresh = DnsRefresh(clock)
+    refresh.sync(snap.clusters)
+    bal = Balancer(snap, clock=clock)
+    bal.dns = refresh
+    assert bal.pick_endpoint(c) is None  # no answer yet
+    refresh.due()
+    refresh.resolved("c", {"api.example.com": ["10.0.0.1", "10.0.0.2"]})
+    assert {bal.pick_endpoint(c).address for _ in range(4)} == {"10.0.0.1", "10.0.0.2"}
+    assert bal.outlier(c).host_count == 2
+    clock.t += 1.0
+    refresh.due()
+    refresh.resolved("c", {"api.example.com": ["10.0.0.3"]})
+    assert {bal.pick_endpoint(c).address for _ in range(4)} == {"10.0.0.3"}
+    assert bal.outlier(c).host_count == 1
