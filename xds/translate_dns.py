@@ -73,6 +73,8 @@ def dns_settings(cluster, kind: ClusterKind, hosts: tuple[Endpoint, ...], path: 
         raise ConfigError(f"{path}.dns_lookup_family", f"unknown family {cluster.dns_lookup_family}")
     if cluster.respect_dns_ttl:
         note_ignored(f"{path}.respect_dns_ttl", WHY_TTL)
+    if cluster.HasField("dns_jitter"):
+        note_ignored(f"{path}.dns_jitter", "spreads refreshes over time only; planemesh refreshes at the exact rate")
     return DnsSettings(
         hosts=hosts,
         refresh_s=refresh or ENVOY_REFRESH_S,
