@@ -16,6 +16,7 @@ import pytest
 from planemesh.labs import netns as ns_tools
 from tests.support.procs import dev_module_argv
 
+pytestmark = pytest.mark.netns
 REFRESH_S = 0.3
 
 
