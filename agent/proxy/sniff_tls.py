@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from planemesh.agent.proxy.sniff import MAX_PEEK, Kind, Verdict, classify
@@ -43,7 +44,7 @@ class _InnerSniff(asyncio.Protocol):
     """The first protocol inside the terminated TLS: buffers until classify() decides (or `timeout_s`,
     or EOF), then hands the transport to the HTTP codec or to `relay`."""
 
-    def __init__(self, proxy: Any, timeout_s: float, relay) -> None:
+    def __init__(self, proxy: Any, timeout_s: float, relay: Callable[[Any, bytes, bool], None]) -> None:
         self.proxy = proxy
         self.timeout_s = timeout_s
         self.relay = relay  # (transport, early bytes, eof) -> None: the opaque path
@@ -97,7 +98,12 @@ class _InnerSniff(asyncio.Protocol):
 
 
 async def terminate_and_sniff(
-    proxy: Any, conn: socket.socket, decision: TlsDecision, where: str, timeout_s: float, relay
+    proxy: Any,
+    conn: socket.socket,
+    decision: TlsDecision,
+    where: str,
+    timeout_s: float,
+    relay: Callable[[TlsDownstream], None],
 ) -> bool:
     """The server handshake on a sniffed connection, then _InnerSniff; False when the handshake failed
     (counted, logged, closed). `relay(down: TlsDownstream)` starts relaying a connection not HTTP inside."""
