@@ -145,6 +145,7 @@ class SniffListenerStats:
 
     plane: str
     verdicts: dict[str, int] = field(default_factory=dict)  # http1, h2, tls, opaque -> connections
+    inner_verdicts: dict[str, int] = field(default_factory=dict)  # inside terminated mTLS (agent/proxy/sniff_tls.py)
     sni: dict[str, int] = field(default_factory=dict)  # TLS server name -> connections
     alpn: dict[str, int] = field(default_factory=dict)  # ALPN protocol offered -> connections
     silent_clients: int = 0  # nothing sent within the sniff timeout (server-first protocols)
@@ -590,9 +591,16 @@ def _sniff_families(report: StatsReport) -> Iterator[Metric]:
     no_upstream = CounterMetricFamily(
         "planemesh_passthrough_no_upstream", "SNI-routed connections whose cluster had no endpoint", labels=["plane"]
     )
+    inner = CounterMetricFamily(
+        "planemesh_sniff_mtls_inner_connections",
+        "mTLS connections the sniffing listener terminated, by what their plaintext was",
+        labels=["plane", "verdict"],
+    )
     for r in report.sniff:
         for verdict, n in sorted(r.verdicts.items()):
             verdicts.add_metric([r.plane, verdict], n)
+        for verdict, n in sorted(r.inner_verdicts.items()):
+            inner.add_metric([r.plane, verdict], n)
         for name, n in sorted(r.sni.items()):
             sni.add_metric([r.plane, name], n)
         for proto, n in sorted(r.alpn.items()):
@@ -611,7 +619,7 @@ def _sniff_families(report: StatsReport) -> Iterator[Metric]:
     )
     for r in report.sni_routes:
         routed.add_metric([r.plane, r.chain, r.sni], r.connections)
-    yield from (verdicts, sni, alpn, silent, active, total, nbytes, failures, no_upstream, routed)
+    yield from (verdicts, inner, sni, alpn, silent, active, total, nbytes, failures, no_upstream, routed)
 
 
 def _overload_families(rows: Sequence[OverloadStats]) -> Iterator[Metric]:

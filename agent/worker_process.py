@@ -105,6 +105,7 @@ def sniff_rows(plane: str, sniff: Any) -> dict[str, Any]:
             {
                 "plane": plane,
                 "verdicts": s["kinds"],
+                "inner_verdicts": s["inner_kinds"],
                 "sni": s["sni"],
                 "alpn": s["alpn"],
                 "silent_clients": s["silent_clients"],

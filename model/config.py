@@ -180,6 +180,8 @@ class ClusterKind(StrEnum):
     ORIGINAL_DST = "original_dst"
     STATIC = "static"
     EDS = "eds"
+    STRICT_DNS = "strict_dns"  # every address of every host name (agent/proxy/dns.py resolves them)
+    LOGICAL_DNS = "logical_dns"  # the first address of the one host name
 
 
 class LbPolicy(StrEnum):
@@ -201,6 +203,20 @@ class Endpoint:
     locality_weight: int = 0  # EDS LocalityLbEndpoints.load_balancing_weight (0: unset); see Cluster.locality_weighted
     tls_labels: tuple[tuple[str, str], ...] = ()  # metadata envoy.transport_socket_match (Istio: tlsMode)
     tls_socket: int = -1  # index into its cluster's tls_matches; -1: the cluster's tls (model/tls_config.py)
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    """How a STRICT_DNS / LOGICAL_DNS cluster resolves its hosts (Envoy's Cluster dns_* fields).
+
+    `hosts` are endpoints whose address is a host name (or an IP literal, used as is); each resolved address
+    becomes an endpoint with that host's port, weight, priority, locality and labels."""
+
+    hosts: tuple[Endpoint, ...]
+    refresh_s: float = 5.0  # dns_refresh_rate (Envoy's default 5 s)
+    failure_refresh_s: float | None = None  # dns_failure_refresh_rate base; None: refresh_s
+    respect_ttl: bool = False  # respect_dns_ttl: needs the record's TTL, which the system resolver hides
+    family: str = "auto"  # dns_lookup_family: auto (v6 then v4), v4, v6, v4_preferred, all
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +252,7 @@ class Cluster:
     locality_weighted: bool = False  # common_lb_config.locality_weighted_lb_config: pick a locality first
     tls: TlsContext | None = None  # TLS origination (UpstreamTlsContext; model/tls_config.py)
     tls_matches: tuple[TlsMatch, ...] = ()  # transport_socket_matches with labels, in order
+    dns: DnsSettings | None = None  # STRICT_DNS / LOGICAL_DNS only: endpoints come from resolving these hosts
 
 
 # ---- HTTP filters ----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ PLANES = (
     Plane("media", 2, ("net1",), (IPNetwork("198.18.2.0/24"),), proxy_port=15101, sniff_port=15102),
 )
 ENVOY_TIMEOUT_S = 60.0
+INTERNAL = "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
 
 
 @dataclasses.dataclass(slots=True)
@@ -166,6 +167,8 @@ def envoy_bootstrap(kind: str, raw: dict) -> dict:
             {"name": "rc-holder", "address": _addr("127.0.0.1", 10000), "filter_chains": [{"filters": filters}]}
         )
     return {
+        # istio-proxy's bootstrap enables internal listeners (waypoints and HBONE use them)
+        "bootstrap_extensions": [{"name": "envoy.bootstrap.internal_listener", "typed_config": {"@type": INTERNAL}}],
         "node": {"id": "sidecar~10.244.0.5~productpage-v1.default~default.svc.cluster.local", "cluster": "productpage"},
         "static_resources": {"listeners": listeners, "clusters": clusters},
         "dynamic_resources": {

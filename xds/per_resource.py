@@ -33,6 +33,7 @@ from planemesh.model.validation import validate_snapshot
 from planemesh.xds.client_state import XdsResources, eds_name, route_names
 from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from planemesh.xds.translate import TranslationCache, _Acc, _guarded, translate_listener
+from planemesh.xds.translate_capture import drop_shadowed_inbound
 from planemesh.xds.translate_common import Errors
 from planemesh.xds.translate_mtls import cluster_tls_error, secrets_of, served_cluster, served_listeners
 
@@ -113,6 +114,7 @@ def _fork(acc: _Acc) -> _Acc:
         sla={p: dict(v) for p, v in acc.sla.items()},
         sla_origin=dict(acc.sla_origin),
         tcp_clusters=[],
+        inbound=set(acc.inbound),  # drop_shadowed_inbound needs every capture chain of the update
     )
 
 
@@ -164,6 +166,14 @@ def _culprit(exc: ConfigError, lst: _Listeners, planes: tuple[Plane, ...]) -> st
     if (m := _SLA_PATH.match(exc.path)) is not None and int(m.group(1)) < len(planes):
         return lst.acc.sla_origin.get((planes[int(m.group(1))].name, m.group(2)))
     return None
+
+
+def _drop_shadowed(lst: _Listeners) -> None:
+    """As the whole-push translation: a virtualInbound port chain behind an outbound listener of the same
+    destination is dropped, not a port clash that would refuse virtualInbound whole."""
+    kept = {id(lsn) for lsn in drop_shadowed_inbound(lst.out, lst.acc.inbound)}
+    pairs = [(lsn, owner) for lsn, owner in zip(lst.out, lst.owner, strict=True) if id(lsn) in kept]
+    lst.out, lst.owner = [lsn for lsn, _ in pairs], [owner for _, owner in pairs]
 
 
 def _tls_listeners(lst: _Listeners, available: set[str], received, secrets: dict) -> dict[str, str]:
@@ -230,6 +240,7 @@ def translate_update(
             if prev is not None and prev is not msg:
                 lst.add(name, prev)  # the previous version keeps serving (if it still can)
         cache.retain(res.clusters, {**res.routes, **{n: None for n in lst.routes}})
+        _drop_shadowed(lst)
         secrets = dict(cluster_secrets)
         tls_bad = _tls_listeners(lst, available, res.secrets, secrets)
         if tls_bad:

@@ -59,6 +59,7 @@ from planemesh.xds.translate_common import (
 )
 from planemesh.xds.translate_filters import http_filters, network_filter
 from planemesh.xds.translate_http2 import http2_limits
+from planemesh.xds.translate_internal import internal_listener
 from planemesh.xds.translate_mtls import served_cluster, served_listeners
 from planemesh.xds.translate_rbac import NETWORK_RBAC, translate_network_rbac, translate_rbac
 from planemesh.xds.translate_routes import RouteMemo, translate_route_config, translate_upgrades
@@ -89,6 +90,7 @@ _LISTENER_HARMLESS = {
 }
 _ORIGINAL_DST = _EXT + "filters.listener.original_dst.v3.OriginalDst"
 _LISTENER_CHECKED = {"address", "filter_chains", "default_filter_chain", "listener_filters", "use_original_dst"}
+_LISTENER_CHECKED |= {"internal_listener"}  # xds/translate_internal.py
 _LISTENER_IGNORED = {
     "additional_addresses": "the [::] twin of a 0.0.0.0 listener: planemesh intercepts both families alike",
     "connection_balance_config": "the kernel spreads accepted connections over a plane's workers",
@@ -281,7 +283,8 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
         raise ConfigError(fpath, f"network filter {last.name!r} ({kind or 'no typed_config'}) is not supported")
     if tls is not None:  # HTTP: agent/proxy/tls.py; tcp_proxy: terminated, then relayed (agent/proxy/tcp_tls.py)
         acc.tls_paths[id(tls)] = f"{path}.transport_socket"  # its secrets' user, if it is served
-    alpn = tuple(m.application_protocols) if protocol is ListenerProtocol.TCP else ()  # TCP: agent/proxy/sni_routing.py
+    # TCP: agent/proxy/sni_routing.py; a TLS chain's: whether a sniffed port terminates (agent/proxy/sniff_tls.py)
+    alpn = tuple(m.application_protocols) if protocol is ListenerProtocol.TCP or tls is not None else ()
     if m.application_protocols and protocol is ListenerProtocol.HTTP:
         note_ignored(
             f"{path}.filter_chain_match",
@@ -363,6 +366,8 @@ def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str
         path,
         _LISTENER_IGNORED,
     )
+    if internal_listener(listener, path):  # xds/translate_internal.py: reachable by no accepted endpoint
+        return []
     ip, port = socket_address(listener.address, f"{path}.address")
     binds = not listener.HasField("bind_to_port") or listener.bind_to_port.value
     mine = _planes_of(listener, planes, ip, binds, path)

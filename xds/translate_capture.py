@@ -63,7 +63,11 @@ def merge_same_destination(out: list[Listener], paths: list[str]) -> list[Listen
             else:
                 why = "a fallback chain behind the chain that serves this destination"
             note_ignored(paths[i], why)
-        merged.append(dataclasses.replace(first, sniff=True) if http and passthrough else first)
+        if http and passthrough:
+            # a TLS group: every chain's ALPN decides termination (agent/proxy/sniff_tls.py)
+            alpn = tuple(dict.fromkeys(a for i in idx for a in out[i].application_protocols)) if first.tls else ()
+            first = dataclasses.replace(first, sniff=True, application_protocols=alpn)
+        merged.append(first)
     return merged
 
 

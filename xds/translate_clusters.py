@@ -29,10 +29,13 @@ from planemesh.xds.translate_common import (
     type_name,
     uint,
 )
+from planemesh.xds.translate_dns import DNS_FIELDS, DNS_KINDS, dns_address, dns_settings
+from planemesh.xds.translate_internal import unwrap_internal_upstream
 from planemesh.xds.translate_tls import socket_tls, tls_labels, with_socket_matches
 
 C = cluster_pb2.Cluster
 _KINDS = {C.STATIC: ClusterKind.STATIC, C.EDS: ClusterKind.EDS, C.ORIGINAL_DST: ClusterKind.ORIGINAL_DST}
+_KINDS.update(DNS_KINDS)  # xds/translate_dns.py
 _LB = {
     C.ROUND_ROBIN: LbPolicy.ROUND_ROBIN,
     C.LEAST_REQUEST: LbPolicy.LEAST_REQUEST,
@@ -46,7 +49,6 @@ _HARMLESS = {
     "name",
     "alt_stat_name",
     "metadata",
-    "dns_lookup_family",
     "cleanup_interval",
     "per_connection_buffer_limit_bytes",
     "track_cluster_stats",
@@ -65,7 +67,7 @@ _SUPPORTED = {
     "transport_socket",  # TLS origination: xds/translate_tls.py
     "transport_socket_matches",  # Istio's auto-mTLS: xds/translate_tls.py
     "filters",  # checked by _upstream_filters
-}
+} | DNS_FIELDS  # checked by dns_settings (a cluster of another type ignores them, as Envoy does)
 # Accepted without effect (docs/istio-conformance.md): field -> why dropping it is safe.
 _IGNORED = {
     "upstream_bind_config": (
@@ -83,9 +85,9 @@ _LOCALITY_POLICIES = {LbPolicy.ROUND_ROBIN, LbPolicy.LEAST_REQUEST, LbPolicy.RAN
 ENVOY_OVERPROVISIONING = 140  # the factor planemesh applies to locality health (agent/proxy/lb.py)
 
 
-def endpoints_of(cla, path: str) -> tuple[Endpoint, ...]:
+def endpoints_of(cla, path: str, address_of=socket_address) -> tuple[Endpoint, ...]:
     """ClusterLoadAssignment -> endpoints with locality ("region/zone/sub_zone") and its weight, priority,
-    weight, health."""
+    weight, health. `address_of`: dns_address for a DNS cluster's hosts (names kept)."""
     only(cla, {"cluster_name", "endpoints", "policy"}, path)
     _cla_policy(cla, f"{path}.policy")
     out: list[Endpoint] = []
@@ -108,7 +110,7 @@ def endpoints_of(cla, path: str) -> tuple[Endpoint, ...]:
             epath = f"{lpath}.lb_endpoints[{ei}]"
             only(lbe, {"endpoint", "health_status", "load_balancing_weight", "metadata", "endpoint_name"}, epath)
             only(lbe.endpoint, {"address", "hostname", "health_check_config"}, f"{epath}.endpoint")
-            ip, port = socket_address(lbe.endpoint.address, f"{epath}.endpoint.address")
+            ip, port = address_of(lbe.endpoint.address, f"{epath}.endpoint.address")
             if (ip, port) in seen:
                 raise ConfigError(epath, f"endpoint {ip} port {port} is listed twice")
             seen.add((ip, port))
@@ -237,6 +239,7 @@ def _upstream_filters(cluster, path: str) -> None:
 
 
 def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Plane, ...], path: str) -> Cluster:
+    cluster = unwrap_internal_upstream(cluster, path)  # xds/translate_internal.py
     only(cluster, _HARMLESS | _SUPPORTED, path, _IGNORED)
     _upstream_filters(cluster, path)
     if cluster.WhichOneof("cluster_discovery_type") != "type" and cluster.HasField("cluster_type"):
@@ -245,7 +248,8 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
     if kind is None:
         raise ConfigError(
             f"{path}.type",
-            f"{C.DiscoveryType.Name(cluster.type)} clusters are not supported (STATIC, EDS, ORIGINAL_DST)",
+            f"{C.DiscoveryType.Name(cluster.type)} clusters are not supported (STATIC, EDS, ORIGINAL_DST, "
+            "STRICT_DNS, LOGICAL_DNS)",
         )
     if (cluster.lb_policy == C.CLUSTER_PROVIDED) != (kind is ClusterKind.ORIGINAL_DST):
         raise ConfigError(f"{path}.lb_policy", "CLUSTER_PROVIDED goes with ORIGINAL_DST clusters, and only with them")
@@ -253,7 +257,11 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
     if lb is None:
         raise ConfigError(f"{path}.lb_policy", f"{C.LbPolicy.Name(cluster.lb_policy)} is not supported")
     eps: tuple[Endpoint, ...] = ()
-    if kind is ClusterKind.STATIC:
+    dns = None
+    if kind in DNS_KINDS.values():  # the hosts resolve in the workers (agent/proxy/dns.py)
+        hosts = endpoints_of(cluster.load_assignment, f"{path}.load_assignment", dns_address)
+        dns = dns_settings(cluster, kind, hosts, path)
+    elif kind is ClusterKind.STATIC:
         # No endpoints is valid (Istio's BlackHoleCluster): every request answers 503 UH, as in Envoy.
         eps = endpoints_of(cluster.load_assignment, f"{path}.load_assignment")
     elif kind is ClusterKind.EDS:
@@ -286,6 +294,7 @@ def translate_cluster(cluster, endpoints: Mapping[str, object], planes: tuple[Pl
         plane=plane,
         locality_weighted=_locality_weighted(cluster, lb, f"{path}.common_lb_config"),
         tls=socket_tls(cluster, path, upstream=True),
+        dns=dns,
     )
     return with_socket_matches(cluster, path, base)  # transport_socket_matches (xds/translate_tls.py)
 

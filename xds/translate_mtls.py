@@ -59,7 +59,7 @@ def served_listeners(listeners: Iterable[Listener], available: set[str]) -> list
             continue
         if not _served(lsn.tls, available):
             why = "its SDS secrets were not served"
-        elif any(t.sniff or t.protocol is not lsn.protocol for t in twins):
+        elif any(t.sniff is not lsn.sniff or t.protocol is not lsn.protocol for t in twins):  # both sniffed: fine
             why = (
                 f"its plaintext twin {twins[0].name!r} is sniffed or of the other protocol (HTTP / TCP) and the "
                 "datapath has one action per port"

@@ -8,6 +8,7 @@ objects they took (their breaker and lb), so their releases land where they were
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from planemesh.agent.proxy.circuit import CircuitBreaker
+from planemesh.agent.proxy.dns import DnsRefresh
 from planemesh.agent.proxy.lb import ClusterLb, hash64, smooth_weighted_sequence
 from planemesh.agent.proxy.outlier import OutlierDetector
 from planemesh.model.config import Cluster, ClusterKind, Endpoint, HashPolicy, RouteAction, Snapshot
@@ -50,6 +52,28 @@ class Balancer:
         self._lbs: dict[str, ClusterLb] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._outliers: dict[str, OutlierDetector] = {}
+        # DNS clusters' endpoints (agent/proxy/dns.py), shared across snapshots; set by the PlaneProxy
+        self.dns: DnsRefresh | None = None
+        self._resolved: dict[str, tuple[Cluster, int, Cluster]] = {}  # name -> (config, generation, resolved)
+
+    def _effective(self, cluster: Cluster) -> Cluster:
+        """A DNS cluster with the endpoints its hosts resolve to now (the same object while they do not change,
+        so its lb keeps its state); any other cluster as it is."""
+        if cluster.dns is None or self.dns is None:
+            return cluster
+        got = self.dns.endpoints(cluster.name)
+        if got is None:
+            return cluster
+        eps, gen = got
+        hit = self._resolved.get(cluster.name)
+        if hit is not None and hit[0] is cluster and hit[1] == gen:
+            return hit[2]
+        resolved = dataclasses.replace(cluster, endpoints=eps)
+        self._resolved[cluster.name] = (cluster, gen, resolved)
+        detector = self._outliers.get(cluster.name)
+        if detector is not None:  # max_ejection_percent counts the hosts the name resolves to now
+            detector.host_count = max(1, sum(1 for e in eps if e.healthy))
+        return resolved
 
     def cluster_for(self, action: RouteAction) -> Cluster | None:
         """The cluster of a route action; weighted clusters follow a smooth weighted sequence (exact shares
@@ -71,6 +95,7 @@ class Balancer:
         return self._snapshot.clusters.get(action.weighted[order[n]].name)
 
     def lb(self, cluster: Cluster) -> ClusterLb:
+        cluster = self._effective(cluster)
         found = self._lbs.get(cluster.name)
         if found is None or found.cluster is not cluster:
             found = self._lbs[cluster.name] = ClusterLb(cluster, self._rng)
@@ -85,6 +110,7 @@ class Balancer:
     def outlier(self, cluster: Cluster) -> OutlierDetector | None:
         if cluster.outlier is None:
             return None
+        cluster = self._effective(cluster)
         found = self._outliers.get(cluster.name)
         if found is None:
             found = self._outliers[cluster.name] = OutlierDetector(
@@ -93,7 +119,7 @@ class Balancer:
         return found
 
     def pick_endpoint(self, cluster: Cluster, hash_key: int | None = None) -> Endpoint | None:
-        """An endpoint of a STATIC/EDS cluster (lowest healthy priority, not ejected), None: none available."""
+        """An endpoint of a STATIC/EDS/DNS cluster (lowest healthy priority, not ejected), None: none available."""
         detector = self.outlier(cluster)
         lb = self.lb(cluster)
         if detector is None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS
 from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classify
+from planemesh.agent.proxy.sniff_tls import mtls_decision, terminate_and_sniff
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tcp_authz import tcp_denial
 from planemesh.agent.proxy.tcp_tls import TcpRecord, TlsDownstream, terminate
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
     from planemesh.agent.proxy.routing_table import RoutingTable
     from planemesh.agent.proxy.sni_routing import PassthroughChain
+    from planemesh.agent.proxy.tls import TlsDecision
 
 log = logging.getLogger("planemesh.proxy.tls")
 MAX_SNI_NAMES = 1024  # distinct SNI names counted; the rest are counted under "(other)"
@@ -52,6 +54,7 @@ class SniffStats:
         "bytes_down",
         "bytes_up",
         "connect_failures",
+        "inner_kinds",
         "kinds",
         "no_upstream",
         "passthrough_active",
@@ -63,6 +66,7 @@ class SniffStats:
 
     def __init__(self) -> None:
         self.kinds: dict[str, int] = {k.value: 0 for k in Kind}
+        self.inner_kinds: dict[str, int] = {k.value: 0 for k in Kind}  # inside terminated mTLS (sniff_tls.py)
         self.sni: dict[str, int] = {}
         self.alpn: dict[str, int] = {}
         self.silent_clients = 0  # nothing sent first within the timeout (server-first protocols)
@@ -346,6 +350,10 @@ class SniffListener:
             self.stats.silent_clients += 1
         self.stats.record(verdict)
         table = proxy.table  # one snapshot for the whole connection
+        decision = None if table.sni.declares(dst[1]) else mtls_decision(table, dst, verdict)
+        if decision is not None:  # Istio's mTLS on a sniffed port: terminated, then sniffed inside
+            await self._terminate(conn, decision, dst)
+            return
         # HTTP goes to the L7 proxy, unless a tcp_proxy chain owns the port (declared TCP, sniffed for its SNI).
         if verdict.kind is Kind.HTTP1 and not table.sni.declares(dst[1]):
             await proxy.loop.connect_accepted_socket(proxy.http1_protocol, conn)
@@ -354,6 +362,47 @@ class SniffListener:
             await proxy.loop.connect_accepted_socket(proxy.h2_protocol, conn)
             return
         await self.passthrough(conn, verdict, table, dst)
+
+    async def _terminate(self, conn: socket.socket, decision: TlsDecision, dst: tuple[str, int]) -> None:
+        proxy = self.proxy
+        if proxy.open_connections() >= proxy.sla.max_connections:  # handshakes cost CPU: refuse before one
+            proxy.tls_stats.overloaded += 1
+            reset(conn)
+            return
+        try:
+            where = normalise_ip(conn.getpeername()[0])
+        except OSError:
+            conn.close()
+            return
+
+        def relay(down: TlsDownstream) -> None:
+            task = proxy.loop.create_task(self._relay_decrypted(down, dst))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+        await terminate_and_sniff(proxy, conn, decision, where, self.timeout_s, relay)
+
+    async def _relay_decrypted(self, down: TlsDownstream, dst: tuple[str, int]) -> None:
+        """Not HTTP inside terminated mTLS: the decrypted bytes go to the original destination (istio's TCP
+        chain: tcp_proxy to the inbound cluster, i.e. the local application)."""
+        proxy, stats = self.proxy, self.stats
+        host, port = normalise_ip(dst[0]), dst[1]
+        if port in proxy.listen_ports:
+            down.refuse()  # not intercepted: it would loop back into us
+            return
+        source, mark = proxy.upstream_binding(host)
+        try:
+            up = await open_upstream(host, port, mark=mark, source=source, timeout=proxy.sla.connect_timeout_s)
+        except (OSError, TimeoutError):
+            stats.connect_failures += 1
+            down.refuse()
+            return
+        stats.passthrough_active += 1
+        stats.passthrough_total += 1
+        try:
+            await (await relay_tls(down, up, self._count_up, self._count_down))
+        finally:
+            stats.passthrough_active -= 1
 
     async def passthrough(
         self, conn: socket.socket, verdict: Verdict, table: RoutingTable, dst: tuple[str, int]

@@ -70,7 +70,9 @@ def connection_route_config(ds: RoutedConnection, table: Table):
     """The connection's route config in `table`: cached on the connection until a new snapshot arrives."""
     if ds.table is not table:  # first request of the connection, or a new snapshot since
         ds.table = table
-        ds.route_config = table.router.route_config(ds.local[0], ds.local[1], ds.peer_ip)
+        transport = getattr(ds, "transport", None)  # TLS terminated: the permissive port's TLS twin routes it
+        tls = transport is not None and transport.get_extra_info("ssl_object") is not None
+        ds.route_config = table.router.route_config(ds.local[0], ds.local[1], ds.peer_ip, tls)
     return ds.route_config
 
 

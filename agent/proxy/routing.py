@@ -354,11 +354,14 @@ class PlaneRouter:
         self._by_port: dict[int, list[tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...], CompiledRouteConfig]]] = {}
         self._listener_of: dict[int, Listener] = {}  # id(compiled) -> its listener (composites, below)
         self._composites: dict[tuple[int, int], CompiledRouteConfig] = {}
+        self._tls: set[int] = set()  # id() of the route configs of TLS-terminating listeners (a permissive twin)
         for lsn in snapshot.listeners_of(plane):
             if lsn.protocol is not ListenerProtocol.HTTP:
                 continue
             crc = self._compiled(lsn)
             self._listener_of[id(crc)] = lsn
+            if lsn.tls is not None:
+                self._tls.add(id(crc))
             self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, lsn.sources, crc))
         # A source-scoped listener (a local workload's outbound one) before any other: the client's routing
         # wins over the destination's inbound chain, as drop_shadowed_inbound decides for one proxy. Then
@@ -392,9 +395,13 @@ class PlaneRouter:
             self._all.append(crc)
         return crc
 
-    def route_config(self, dst_ip: str, dst_port: int, src_ip: str = "") -> CompiledRouteConfig | None:
+    def route_config(
+        self, dst_ip: str, dst_port: int, src_ip: str = "", tls: bool = False
+    ) -> CompiledRouteConfig | None:
         """The route config of the listener for this original destination (and source, for listeners scoped to
-        a local workload's addresses); None: no listener declared."""
+        a local workload's addresses); None: no listener declared. `tls`: the connection's TLS was terminated;
+        of a permissive port's twins (same destination) the TLS one serves it, the plaintext one the others
+        (Envoy's transport_protocol match, after the prefix match)."""
         entries = self._by_port.get(dst_port)
         if not entries:
             return None
@@ -403,13 +410,15 @@ class PlaneRouter:
         ip = _address(dst_ip)
         src = None
         chosen = None
-        for prefixes, sources, crc in entries:
+        for i, (prefixes, sources, crc) in enumerate(entries):
             if sources:
                 if src is None:
                     src = _address(src_ip) if src_ip else False
                 if src is False or not any(src.version == p.version and src in p for p in sources):
                     continue
             if not prefixes or any(ip.version == p.version and ip in p for p in prefixes):
+                if self._tls:
+                    crc = self._twin(entries, i, tls)
                 if chosen is None:
                     chosen = crc
                     if not sources:
@@ -429,6 +438,16 @@ class PlaneRouter:
             crc = self._composites[key] = CompiledRouteConfig(
                 self.snapshot.route_config(out.route_config), out.http_filters + inbound.http_filters, out.upgrades
             )
+        return crc
+
+    def _twin(self, entries: list, i: int, tls: bool) -> CompiledRouteConfig:
+        """entries[i], or its TLS / plaintext twin (same prefixes and sources) that fits the connection."""
+        prefixes, sources, crc = entries[i]
+        if (id(crc) in self._tls) is tls:
+            return crc
+        for other_prefixes, other_sources, other in entries[i + 1 :]:
+            if (other_prefixes, other_sources) == (prefixes, sources) and (id(other) in self._tls) is tls:
+                return other
         return crc
 
     def route(

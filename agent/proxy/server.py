@@ -18,6 +18,8 @@ from netaddr import AddrFormatError
 
 from planemesh.agent.proxy.accesslog import OM, AccessLogBuffer, Sink, format_json, format_text
 from planemesh.agent.proxy.contracts import Timed
+from planemesh.agent.proxy.dns import DnsRefresh
+from planemesh.agent.proxy.dns_resolver import DnsResolver, Resolve, system_resolve
 from planemesh.agent.proxy.downstream import Downstream
 from planemesh.agent.proxy.exchange import Exchange
 from planemesh.agent.proxy.h2_downstream import H2Downstream
@@ -71,6 +73,7 @@ class PlaneProxy:
         sniff_timeout_s: float = DEFAULT_SNIFF_TIMEOUT_S,
         memory_source: Callable[[], int] | None = None,  # default: RSS growth since this proxy was made
         overload_interval_s: float = SAMPLE_INTERVAL_S,
+        dns_resolve: Resolve = system_resolve,
     ) -> None:
         self.plane_name = plane
         self.upstream_mark = upstream_mark
@@ -84,6 +87,12 @@ class PlaneProxy:
         self.istio = IstioCounters()  # Istio's standard metrics with peer identities (agent/proxy/istio_stats.py)
         self.tls_client_cache: dict = {}  # upstream SSL contexts (agent/proxy/tls_context.py)
         self.table = RoutingTable(snapshot, plane, clock, self.tls_cache)
+        # STRICT_DNS/LOGICAL_DNS clusters: resolved here, kept across snapshots (agent/proxy/dns.py)
+        self.dns = DnsRefresh(clock)
+        self.dns.sync(snapshot.clusters)
+        self.table.balancer.dns = self.dns
+        self.dns_resolver = DnsResolver(self.dns, dns_resolve, clock)
+        self._dns_task: asyncio.Task | None = None
         self.sla = self.table.router.plane.sla
         self.bucket: TokenBucket | None = bucket_for(self.sla, clock)
         self.pool = UpstreamPool(
@@ -122,6 +131,7 @@ class PlaneProxy:
             self.loop = asyncio.get_running_loop()
             self._stopped = self.loop.create_future()
             self._tick_handle = self.loop.call_later(self._tick_s, self._tick)
+            self._dns_task = self.loop.create_task(self.dns_resolver.run(), name=f"dns-{self.plane_name}")
             self._sample_memory()
 
     async def start(self, sock: socket.socket) -> None:
@@ -182,7 +192,10 @@ class PlaneProxy:
             self.sla = sla
             self.share.configure(sla)
             self.overload.configure(sla.memory_max_mb, sla.max_connections)
+        self.dns.sync(snapshot.clusters)
+        table.balancer.dns = self.dns
         self.table = table
+        self.dns_resolver.kick()
         self.pool.forget_keys()
 
     async def drain(self, timeout: float) -> None:
@@ -218,6 +231,9 @@ class PlaneProxy:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
+        if self._dns_task is not None:
+            self._dns_task.cancel()
+            self._dns_task = None
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None

@@ -339,3 +339,6 @@ async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout_s:
             return None
         finally:
             loop.remove_reader(sock.fileno())
+
+
+TlsChecked = _TlsChecked  # public: the sniffing listener terminates mTLS too (agent/proxy/sniff_tls.py)

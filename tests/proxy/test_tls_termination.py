@@ -55,7 +55,8 @@ class TlsProxy(ServingProxy):
         [plain] = base.listeners
         listeners = [replace(plain, name="mtls", tls=tls, transport_protocol="tls" if permissive else "", **listener)]
         if permissive:
-            listeners.append(replace(plain, name="plain", transport_protocol="raw_buffer"))
+            # istiod gives both chains the same filters; each transport is routed by its own chain (routing.py)
+            listeners.append(replace(plain, name="plain", transport_protocol="raw_buffer", **listener))
         self.snapshot = replace(base, listeners=tuple(listeners), secrets=MappingProxyType(secrets(self.server_cert)))
         self.log_lines: list[str] = []
         proxy = (

@@ -21,15 +21,13 @@ from planemesh.ebpf.policy import PolicyRule, needs_sniff_listener, policy_from_
 from planemesh.model.config import FaultFilter, ListenerProtocol
 from planemesh.xds import conformance
 from planemesh.xds.client_state import XdsResources
+from planemesh.xds.per_resource import translate_update
 from planemesh.xds.sds import root_secret, tls_certificate_secret
 from planemesh.xds.translate import translate
 
 ENVOY = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "envoy"
 # Envoy accepts these and planemesh refuses them, on purpose (docs/istio-conformance.md says why).
-KNOWN_GAPS = {
-    "outbound|443||api.example.com",  # STRICT_DNS: planemesh resolves no names
-    "inbound-vip|8000|http|httpbin.default.svc.cluster.local",  # a waypoint's internal_upstream cluster
-}
+KNOWN_GAPS: set[str] = set()
 SAMPLE = {"virtualInbound", "9080-vs", "outbound|9080||ratings.default.svc.cluster.local", "BlackHoleCluster"}
 
 
@@ -122,11 +120,13 @@ def test_the_whole_push_is_one_valid_snapshot_with_istio_semantics(loaded):
         assert by_key[(plane, 443, (IPNetwork("10.96.12.34/32"),))]
         auto = by_key[(plane, 5000, (IPNetwork("10.96.7.7/32"),))]
         assert auto.sniff and auto.route_config == "metrics.default.svc.cluster.local:5000"
-        # 5 chains (mTLS/plain x HTTP/TCP, plain TLS) -> one sniffed; the mTLS HTTP chain is not terminated: the
-        # datapath sniffs this destination (one action per port), TLS bytes pass through as before (noted)
+        # 5 chains (mTLS/plain x HTTP/TCP, plain TLS) -> one sniffed plaintext listener and one sniffed mTLS one:
+        # the sniffer terminates a ClientHello offering istio's ALPN, then sniffs inside (agent/proxy/sniff_tls.py)
         inbound_auto = by_key[(plane, 9091, ())]
         assert inbound_auto.sniff and inbound_auto.route_config == "inbound|9091||"
-        assert (plane, 9091, ()) not in tls
+        mtls_auto = tls[(plane, 9091, ())]
+        assert mtls_auto.sniff and mtls_auto.route_config == "inbound|9091||"
+        assert {"istio-peer-exchange", "istio", "istio-h2", "istio-http/1.1"} <= set(mtls_auto.application_protocols)
         inbound_tcp = by_key[(plane, 9090, ())]  # virtualInbound's port chain (raw_buffer twin of mTLS)
         assert inbound_tcp.protocol is ListenerProtocol.TCP and inbound_tcp.tcp_clusters[0].name == "inbound|9090||"
     ratings = snap.routes["9080-vs"].virtual_hosts[1].routes[0]
@@ -146,5 +146,17 @@ def test_the_whole_push_is_one_valid_snapshot_with_istio_semantics(loaded):
     assert snap.clusters["outbound|9080||ratings.default.svc.cluster.local"].outlier.consecutive_5xx == 3
     policy = policy_from_snapshot(snap)
     assert policy.rules[PolicyRule(1, 9080)] is Action.SNIFF
+    assert policy.rules[PolicyRule(1, 9091)] is Action.SNIFF  # the mTLS twin too: one action per port
     assert policy.rules[PolicyRule(1, 53, "10.96.0.10/32")] is Action.BYPASS
     assert needs_sniff_listener(snap, snap.plane("pod"))
+
+
+def test_per_resource_application_drops_shadowed_inbound_chains_as_the_whole_push_does(loaded):
+    """Regression: per_resource.py did not apply drop_shadowed_inbound, so virtualInbound's 9080 chain clashed
+    with 0.0.0.0_9080 and the whole virtualInbound listener was NACKed."""
+    push = _whole_push(loaded)
+    whole = translate(push, conformance.PLANES)
+    each = translate_update(push, conformance.PLANES)
+    assert dict(each.rejected) == {} and each.warming == ()
+    assert sorted(lsn.name for lsn in each.snapshot.listeners) == sorted(lsn.name for lsn in whole.listeners)
+    assert each.snapshot.listeners and set(each.snapshot.listeners) == set(whole.listeners)

@@ -441,7 +441,12 @@ BAD = [
     ),
     ("endpoint-hostname", [static_cluster(address="web.example")], "cluster[web].load_assignment", "not an IP"),
     ("endpoint-port", [static_cluster(port=70000)], "cluster[web]", "not a TCP port"),
-    ("dns-cluster", [dict(static_cluster(), type="STRICT_DNS")], "cluster[web].type", "STRICT_DNS"),
+    (
+        "dns-cluster-bad-name",
+        [dict(static_cluster(address="-bad-.example"), type="STRICT_DNS")],
+        "cluster[web].load_assignment",
+        "valid DNS name",
+    ),
     (
         "cluster-provided-on-static",
         [static_cluster(lb_policy="CLUSTER_PROVIDED")],
