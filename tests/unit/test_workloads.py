@@ -295,7 +295,8 @@ def test_a_pods_inbound_and_outbound_listeners_of_one_port_do_not_collide() -> N
             _virtual_inbound_doc(8081)]  # fmt: skip
     named = {t: {resource_name(m): m for m in ms} for t, ms in by_type(docs).items()}
     res = XdsResources(named[LISTENER], named[ROUTE], named[CLUSTER], {}, {"LDS": "1", "CDS": "1"})
-    assert LISTENER in translate_update(res, PLANES).rejected  # the node's one stream: a collision
+    # the node's one stream: per-resource application, like the whole push, no longer NACKs the pair
+    assert translate_update(res, PLANES).rejected == {}
     pod = Workload("p", "default", ("198.18.1.10",))
     result = translate_update(res, PLANES, scope=lambda lsn: scope(lsn, pod, PLANES))
     assert result.rejected == {}
