@@ -240,6 +240,8 @@ def translate_update(
             if prev is not None and prev is not msg:
                 lst.add(name, prev)  # the previous version keeps serving (if it still can)
         cache.retain(res.clusters, {**res.routes, **{n: None for n in lst.routes}})
+        if scope is not None:  # before the shadowing check: a pod's outbound listener shadows only its own traffic
+            lst.out = [scope(lsn) for lsn in lst.out]  # 1:1 with lst.owner (_culprit's indexes)
         _drop_shadowed(lst)
         secrets = dict(cluster_secrets)
         tls_bad = _tls_listeners(lst, available, res.secrets, secrets)
@@ -254,7 +256,7 @@ def translate_update(
                 else p
                 for p in planes
             ),
-            listeners=tuple(lst.out) if scope is None else tuple(map(scope, lst.out)),  # 1:1: _culprit's indexes
+            listeners=tuple(lst.out),
             routes=MappingProxyType(lst.routes),
             clusters=MappingProxyType(clusters),
             secrets=MappingProxyType(secrets),

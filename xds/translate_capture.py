@@ -20,8 +20,9 @@ BLACKHOLE = "BlackHoleCluster"  # istiod's cluster with no endpoints: what it bl
 
 def _key(lsn: Listener) -> tuple:
     """What tells two listeners apart: destination, SNI, and whether it terminates TLS (a permissive port has
-    a TLS chain and a plaintext one: transport_protocol tls / raw_buffer, agent/proxy/tls.py)."""
-    return (lsn.plane, lsn.port, lsn.prefixes, lsn.server_names, lsn.tls is not None)
+    a TLS chain and a plaintext one: transport_protocol tls / raw_buffer, agent/proxy/tls.py), and the sources
+    a local workload's listener is scoped to (agent/workloads/merge.py)."""
+    return (lsn.plane, lsn.port, lsn.prefixes, lsn.server_names, lsn.tls is not None, lsn.sources)
 
 
 def merge_same_destination(out: list[Listener], paths: list[str]) -> list[Listener]:
