@@ -137,19 +137,15 @@ def file_sink(path: str) -> Sink:
 class AccessLogBuffer:
     """Collects finished records; `flush()` formats and hands one batch to the sink."""
 
-    __slots__ = ("_formatter", "_pending", "_sink", "max_pending")
+    __slots__ = ("_formatter", "_pending", "_sink", "enabled", "max_pending")
 
     def __init__(self, sink: Sink | None, formatter: Callable[[AccessRecord], str] = format_text,
                  max_pending: int = 1024) -> None:
         self._sink = sink
+        self.enabled = sink is not None  # records are kept at all (a request builds its record only then)
         self._formatter = formatter
         self._pending: list[AccessRecord] = []
         self.max_pending = max_pending
-
-    @property
-    def enabled(self) -> bool:
-        """Whether records are kept at all (a request builds its record only then)."""
-        return self._sink is not None
 
     def append(self, rec: AccessRecord) -> None:
         if self._sink is None:

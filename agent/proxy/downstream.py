@@ -500,7 +500,7 @@ class Downstream(asyncio.Protocol):
         ex.method_b = method = parser.get_method()
         ex.version = parser.get_http_version()
         ex.keep_alive = parser.should_keep_alive()
-        ex.is_head = method == b"HEAD"
+        ex.is_head = ex.relay.is_head = method == b"HEAD"
         check_head(ex, method == b"CONNECT")
         if len(self.queue) >= MAX_PIPELINED:
             raise Refused(503, b"too many pipelined requests\n")

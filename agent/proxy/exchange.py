@@ -50,6 +50,16 @@ __all__ = ["Exchange", "backoff_s", "new_request_id"]  # backoff_s, new_request_
 _perf = time.perf_counter
 
 
+class _Finished:
+    """What an Attempt or a ResponseRelay sees of its request once the request is finished."""
+
+    __slots__ = ()
+    finished = True
+
+
+FINISHED = _Finished()
+
+
 class Exchange:
     __slots__ = (
         "attempt",
@@ -452,16 +462,14 @@ class Exchange:
         proxy.istio.record(proxy, self, attempt.cluster, attempt.endpoint, attempt.upstream_addr, relay.status,
                            latency)  # with the peers' identities (agent/proxy/istio_stats.py)
         log = proxy.log
-        if log.enabled:
-            log.append(self._record(int(duration)))
+        if log.enabled:  # the access record, built now that the request is finished
+            log.append(AccessRecord(
+                self.start_time, self.method_b.decode("latin-1"), self.target.decode("latin-1"),
+                f"HTTP/{self.version}", relay.status, self.flags, self.bytes_rx, relay.bytes_tx, int(duration),
+                relay.upstream_ms, self.xff, self.user_agent, self.request_id, self.authority,
+                self.attempt.upstream_host, proxy.plane_name, self.ds,
+            ))
+        # Its parts see a finished request from now on (late callbacks return at once), and the reference cycle
+        # between them and the Exchange is broken: all three are freed by reference counting, not the cyclic GC.
+        self.attempt.ex = self.relay.ex = FINISHED
         self.ds.exchange_done(self, abort)
-
-    def _record(self, duration_ms: int) -> AccessRecord:
-        """The access-log line's fields, built once the request is finished."""
-        relay = self.relay
-        return AccessRecord(
-            self.start_time, self.method_b.decode("latin-1"), self.target.decode("latin-1"),
-            f"HTTP/{self.version}", relay.status, self.flags, self.bytes_rx, relay.bytes_tx, duration_ms,
-            relay.upstream_ms, self.xff, self.user_agent, self.request_id, self.authority,
-            self.attempt.upstream_host, self.ds.proxy.plane_name, self.ds,
-        )

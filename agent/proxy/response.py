@@ -42,8 +42,8 @@ _perf = time.perf_counter
 
 
 class ResponseRelay:
-    __slots__ = ("bytes_tx", "ds", "ds_framing", "ex", "started", "status", "up_framing", "up_keep_alive",
-                 "upstream_ms")
+    __slots__ = ("bytes_tx", "ds", "ds_framing", "ex", "is_head", "started", "status", "up_framing",
+                 "up_keep_alive", "upstream_ms")
 
     def __init__(self, ex: RelayOwner) -> None:
         self.ex = ex
@@ -55,10 +55,7 @@ class ResponseRelay:
         self.up_framing = FRAME_NONE  # how the upstream delimits the body (http1.FRAME_*)
         self.ds_framing = FRAME_NONE  # how the body is re-framed for the client
         self.up_keep_alive = False
-
-    @property
-    def is_head(self) -> bool:
-        return self.ex.is_head
+        self.is_head = False  # a response to HEAD (set with the request's own, by the downstream codec)
 
     def on_response_head(self, head: ResponseHead) -> None:
         """A response head from either upstream codec (messages.ResponseHead), re-framed for the client."""
@@ -112,7 +109,7 @@ class ResponseRelay:
     def _frame(self, parts: list[bytes], status: int, up_length: int | None, up_chunked: bool) -> None:
         """How the body is delimited on both sides, and the framing header for the client."""
         ex = self.ex
-        if ex.is_head or no_body_status(status):
+        if self.is_head or no_body_status(status):
             self.up_framing = FRAME_NONE
             self.ds_framing = FRAME_NONE
             if up_length is not None and status != 204 and status >= 200:

@@ -231,14 +231,8 @@ class UpstreamConnection(asyncio.Protocol):
             # RFC 9110 8.6, 9112 6.1: these never have a body; framing that says otherwise would leave bytes
             # to be read as the next response (Envoy: 502, as here).
             raise HttpParserError("body framing on a 204/304 response")
-        ex.on_response_head(self._head(status))
-        if ex.is_head and status >= 200:
-            self.head_done = True
-            raise _HeadResponseDone
-
-    def _head(self, status: int) -> ResponseHead:
-        """The response head, codec-neutral: what the Connection header named is gone too, and a 101's protocol
-        is kept only when it really switches (an Upgrade and `Connection: upgrade`, what llhttp stops on)."""
+        # The response head, codec-neutral: what the Connection header named is gone too, and a 101's protocol is
+        # kept only when it really switches (an Upgrade and `Connection: upgrade`, what llhttp stops on).
         fields = self.headers
         conn_values = self.conn_values
         upgrade = None
@@ -249,8 +243,11 @@ class UpstreamConnection(asyncio.Protocol):
             if self.upgrade is not None and any(b"upgrade" in connection_tokens(v) for v in conn_values):
                 upgrade = self.upgrade
         until_close = self.length is None and not self.chunked
-        return ResponseHead(status, fields, self.length, until_close, self.parser.should_keep_alive(), self.phrase,
-                            upgrade)
+        keep_alive = self.parser.should_keep_alive()
+        ex.on_response_head(ResponseHead(status, fields, self.length, until_close, keep_alive, self.phrase, upgrade))
+        if ex.is_head and status >= 200:
+            self.head_done = True
+            raise _HeadResponseDone
 
     def on_body(self, data: bytes) -> None:
         ex = self.exchange
