@@ -72,8 +72,11 @@ TARGET_P99, TARGET_RPS = 1.2, 0.8
 FLOOD_SETTLE_S = {"connections": 2.0}  # idle_flood needs time to open its connections; others 1 s
 
 
-def isolation_config(path: Path, cpus: tuple[str | None, str | None] = (None, None)) -> Path:
-    """The default planes; media rate-limited and shaped; `cpus`: (oam's, media's) cpu lists or None."""
+def isolation_config(
+    path: Path, cpus: tuple[str | None, str | None] = (None, None), media_mbit: float | None = MEDIA_BANDWIDTH_MBIT
+) -> Path:
+    """The default planes; media rate-limited and shaped (`media_mbit` None: no class of its own, its bypassed
+    traffic unshaped); `cpus`: (oam's, media's) cpu lists or None."""
     raw = yaml.safe_load(default_config_text())
     for plane in raw["planes"]:
         sla = plane.setdefault("sla", {})
@@ -81,7 +84,7 @@ def isolation_config(path: Path, cpus: tuple[str | None, str | None] = (None, No
         if plane_cpus_ is not None:
             sla["cpus"] = plane_cpus_
         if plane["name"] == "media":
-            sla.update(rate_limit_rps=FLOOD_RATE_LIMIT_RPS, rate_limit_burst=50, bandwidth_mbit=MEDIA_BANDWIDTH_MBIT)
+            sla.update(rate_limit_rps=FLOOD_RATE_LIMIT_RPS, rate_limit_burst=50, bandwidth_mbit=media_mbit)
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -172,7 +175,13 @@ def envoy(lab: Lab, work: Path, config: Path) -> Iterator[None]:
 
 
 def run(
-    prefix: str | None, seconds: float, floods: list[str], variants: list[str], layout: str = "sides", rounds: int = 1
+    prefix: str | None,
+    seconds: float,
+    floods: list[str],
+    variants: list[str],
+    layout: str = "sides",
+    rounds: int = 1,
+    media_mbit: float | None = MEDIA_BANDWIDTH_MBIT,
 ) -> list[Row]:
     lab = flood_lab(prefix)
     rows: list[Row] = []
@@ -189,7 +198,7 @@ def run(
                     run_dir = work / variant
                     run_dir.mkdir()
                     cpus = plane_cpus(online_cpus()) if variant == "cpusets" else (None, None)
-                    config = isolation_config(run_dir / "agent.yaml", cpus)
+                    config = isolation_config(run_dir / "agent.yaml", cpus, media_mbit)
                     proxy = envoy if variant == "envoy" else planemesh
                     with proxy(lab, run_dir, config):
                         rows += bench.run_variant(variant, floods, rounds)
@@ -217,7 +226,14 @@ def _spread(ratios: list[float]) -> str:
     return shown
 
 
-def report(rows: list[Row], seconds: float, quick: bool, layout: str, rounds: int = 1) -> str:
+def report(
+    rows: list[Row],
+    seconds: float,
+    quick: bool,
+    layout: str,
+    rounds: int = 1,
+    media_mbit: float | None = MEDIA_BANDWIDTH_MBIT,
+) -> str:
     out = [
         f"oam (protected) with media idle vs flooded; {seconds:g} s per measurement{' (quick)' if quick else ''}; "
         f"bench groups: layout {layout}; {rounds} round(s): medians (range of the ratios)",
@@ -244,7 +260,8 @@ def report(rows: list[Row], seconds: float, quick: bool, layout: str, rounds: in
         )
     out += [
         "",
-        f"media: rate limit {FLOOD_RATE_LIMIT_RPS} req/s, HTB class {MEDIA_BANDWIDTH_MBIT} Mbit/s. Others on "
+        f"media: rate limit {FLOOD_RATE_LIMIT_RPS} req/s, "
+        f"{f'HTB class {media_mbit:g} Mbit/s' if media_mbit else 'no HTB class (bypass unshaped)'}. Others on "
         "oam's CPU: CPU time of tasks outside this bench and its agent (a shared machine's neighbours) on the "
         "protected CPU during each probe (bench/plane_isolation_lab.py OthersOnCpu).",
     ]
@@ -265,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
         "--only", default=",".join(FLOODS), help=f"floods, comma-separated: {', '.join(FLOODS)} (control: {CONTROL})"
     )
     parser.add_argument("--rounds", type=int, default=1, help="idle/flooded pairs per flood (medians reported)")
+    parser.add_argument(
+        "--media-mbit", type=float, default=MEDIA_BANDWIDTH_MBIT, help="media's HTB class (0: none, unshaped)"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--layout", choices=LAYOUTS, default="sides", help="bench groups' CPUs (lab module doc)")
     parser.add_argument("--prefix", default=None)
@@ -278,8 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    rows = run(args.prefix, seconds, floods, variants, args.layout, args.rounds)
-    print(report(rows, seconds, args.quick, args.layout, args.rounds))
+    media_mbit = args.media_mbit or None
+    rows = run(args.prefix, seconds, floods, variants, args.layout, args.rounds, media_mbit)
+    print(report(rows, seconds, args.quick, args.layout, args.rounds, media_mbit))
     print(f"\n({time.monotonic() - started:.0f} s)")
 
 
