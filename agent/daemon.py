@@ -78,6 +78,8 @@ class Agent:
     ) -> None:
         self.options = options
         self.node_overload = node_overload or NodeOverloadConfig()  # priority between planes (node_overload.py)
+        self.node_shedding: NodeShedding | None = None  # its loop, while node_overload is enabled
+        self._shed_task: asyncio.Task[Any] | None = None
         self.host_cgroups = host_cgroups  # host mode: real cgroup v2 paths (planemesh.agent.host_attach)
         self.host: Any = None  # planemesh.ebpf.host_redirect.HostMode, loaded at start when host mode is on
         self.snapshot: Snapshot | None = None
@@ -246,6 +248,7 @@ class Agent:
         self.notifier.reloading()
         try:
             cgroups = await self._reload_host_cgroups()
+            node_overload = await asyncio.to_thread(load_node_overload, self.options.host_mode_file)
             if self.options.bootstrap is not None:
                 await self._reload_bootstrap()
             else:
@@ -255,6 +258,7 @@ class Agent:
             if self.host is not None and cgroups != self.host_cgroups:
                 self.host_cgroups = cgroups
                 await self._sync_host_cgroups()
+            await self._reload_node_overload(node_overload)
         except ConfigError as exc:
             log.error("SIGHUP: keeping the running configuration: %s", exc)
         finally:
@@ -317,6 +321,37 @@ class Agent:
         snap = self.snapshot
         return {p.name: p.sla.priority for p in snap.planes if p.name in self.workers} if snap else {}
 
+    def _start_node_shedding(self) -> None:
+        if self.node_overload.enabled and not self.options.datapath_only:
+            shedding = self.node_shedding = NodeShedding(self.node_overload)
+            self._shed_task = self.spawn(shedding.run(self._plane_priorities, self._set_shed), "node-overload")
+
+    async def _reload_node_overload(self, config: NodeOverloadConfig) -> None:
+        """SIGHUP's node_overload section: new marks keep the loop (and its shed level); off stops it and every
+        plane serves everything again; on starts it."""
+        if config == self.node_overload:
+            return
+        self.node_overload = config
+        if self.node_shedding is not None and config.enabled:
+            self.node_shedding.reconfigure(config)
+            log.info("SIGHUP: node_overload: new settings from the next sample")
+            return
+        if self._shed_task is not None:
+            self._shed_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._shed_task
+            self._shed_task = self.node_shedding = None
+            for plane in list(self.workers):
+                await self._set_shed(plane, 0.0)
+            log.info("SIGHUP: node_overload off: no plane sheds for the node")
+        self._start_node_shedding()
+        if self._shed_task is not None:
+            log.info("SIGHUP: node_overload on")
+
+    def node_shed_report(self) -> dict[str, list[dict[str, Any]]]:
+        """Stats provider: each plane's node shed level (none while node_overload is off)."""
+        return self.node_shedding.report() if self.node_shedding is not None else {}
+
     async def _set_shed(self, plane: str, fraction: float) -> None:
         workers = self.workers.get(plane)
         if workers is not None:
@@ -346,9 +381,7 @@ class Agent:
             if self._takeover is None:
                 await self._start_admin()
             self.spawn(self._collect_worker_stats(), "worker-stats")
-            if self.node_overload.enabled and not self.options.datapath_only:
-                shedding = NodeShedding(self.node_overload)
-                self.spawn(shedding.run(self._plane_priorities, self._set_shed), "node-overload")
+            self._start_node_shedding()
             self.spawn(run_watchdog(self.notifier, self.healthy), "watchdog")
             await self.readiness.wait()
             if self._takeover is not None:

@@ -12,7 +12,8 @@ Who provides what (see docs/operations.md, "Metrics"):
 - proxy workers with a sniffing listener: `SniffListenerStats` (verdicts, SNI, ALPN, passthrough connections and
   bytes), `SniRouteStats` (passthrough connections per filter chain and SNI)
 - proxy workers: `OverloadStats` (per plane: workers at each overload level, their memory, shed requests and
-  connections, resets, per-source refusals, idle connections closed early)
+  connections, resets, per-source refusals, idle connections closed early; requests shed for the node's sake)
+- node overload loop (agent/node_overload.py): `NodeShedStats` (per plane: the share of requests it sheds now)
 """
 
 from __future__ import annotations
@@ -174,11 +175,20 @@ class OverloadStats:
     workers_soft: int = 0  # workers above their memory soft threshold (shedding, no keep-alive)
     workers_hard: int = 0  # of those, workers above the hard threshold (resetting the biggest buffers)
     memory_bytes: int = 0  # RSS growth of the plane's workers since they started (agent/proxy/overload.py RssGrowth)
-    shed_requests: int = 0  # requests answered 503 (x-planemesh-overloaded: memory)
+    shed_requests: int = 0  # requests answered 503 (x-planemesh-overloaded: memory or node)
     shed_connections: int = 0  # new connections answered 503 (memory)
     resets: int = 0  # connections reset at the hard threshold
     source_refused: int = 0  # connections refused: their client address held its share
     idle_closed: int = 0  # idle connections closed early (never used, or under pressure)
+    node_shed_requests: int = 0  # of shed_requests, those refused for the node's sake (x-planemesh-overloaded: node)
+
+
+@dataclass(slots=True)
+class NodeShedStats:
+    """The node-wide overload loop's level for one plane (agent/node_overload.py): one provider, no sums."""
+
+    plane: str
+    fraction: float = 0.0  # share of the plane's requests its workers refuse now (0, 0.25, ... 1)
 
 
 @dataclass(slots=True)
@@ -238,6 +248,7 @@ class StatsReport:
     tls: list[TlsTerminationStats] = field(default_factory=list)
     istio: list[IstioStats] = field(default_factory=list)
     certificates: list[WorkloadCertStats] = field(default_factory=list)
+    node_shed: list[NodeShedStats] = field(default_factory=list)
 
 
 _ROW_TYPES = {
@@ -253,6 +264,7 @@ _ROW_TYPES = {
     "sni_routes": SniRouteStats,
     "plane_groups": PlaneGroupStats,
     "overload": OverloadStats,
+    "node_shed": NodeShedStats,
 }
 
 
@@ -395,6 +407,7 @@ def merge_reports(reports: Sequence[StatsReport]) -> StatsReport:
         istio=_sum_rows(
             (r for rep in reports for r in rep.istio), ("plane", "cluster", "source_principal", "destination_principal")
         ),
+        node_shed=[r for rep in reports for r in rep.node_shed],  # one provider: nothing to sum
     )
 
 
@@ -423,6 +436,7 @@ class PlanemeshCollector(Collector):
         yield from _sniff_families(report)
         yield from _plane_group_families(report.plane_groups)
         yield from _overload_families(report.overload)
+        yield from _node_shed_families(report.node_shed, report.overload)
         yield from istio_families([*report.routes, *report.istio])
         yield from _tls_families(report.tls)
         yield from certificate_families(report.certificates)
@@ -622,6 +636,26 @@ def _sniff_families(report: StatsReport) -> Iterator[Metric]:
     yield from (verdicts, inner, sni, alpn, silent, active, total, nbytes, failures, no_upstream, routed)
 
 
+def _node_shed_families(levels: Sequence[NodeShedStats], overload: Sequence[OverloadStats]) -> Iterator[Metric]:
+    """The node-wide overload: each plane's shed level (from the agent) and the requests its workers refused for
+    the node's sake (their overload rows). Absent while node_overload is off and nothing was shed."""
+    fraction = GaugeMetricFamily(
+        "planemesh_node_shed_fraction",
+        "Share of the plane's requests shed (503) because the node is overloaded (agent/node_pressure.py)",
+        labels=["plane"],
+    )
+    requests = CounterMetricFamily(
+        "planemesh_node_shed_requests",
+        "Requests shed (503, x-planemesh-overloaded: node) for the node's sake",
+        labels=["plane"],
+    )
+    for r in levels:
+        fraction.add_metric([r.plane], r.fraction)
+    for r in overload:
+        requests.add_metric([r.plane], r.node_shed_requests)
+    yield from (fraction, requests)
+
+
 def _overload_families(rows: Sequence[OverloadStats]) -> Iterator[Metric]:
     labels = ["plane"]
     workers = GaugeMetricFamily(
@@ -633,7 +667,9 @@ def _overload_families(rows: Sequence[OverloadStats]) -> Iterator[Metric]:
         labels=labels,
     )
     shed = CounterMetricFamily(
-        "planemesh_overload_shed", "Requests and connections shed (503) by memory pressure", labels=["plane", "what"]
+        "planemesh_overload_shed",
+        "Requests and connections shed (503) by memory or node pressure",
+        labels=["plane", "what"],
     )
     resets = CounterMetricFamily(
         "planemesh_overload_resets", "Connections reset at the hard memory threshold", labels=labels

@@ -11,7 +11,9 @@ Configured by a `node_overload:` section of the static config or of the xDS boot
       thresholds: {cpu_some_high: 50, cpu_some_low: 25, ...}   # agent/node_pressure.py Thresholds
 
 Off unless asked for: the marks are a property of the node (a shared VM lives at a CPU pressure a dedicated
-node would call overload), so the operator sets them for the node.
+node would call overload), so the operator sets them for the node. SIGHUP re-reads the section (agent/daemon.py):
+new marks or interval apply from the next sample and keep the current shed level; turned off, every plane
+serves everything again. Metrics: planemesh_node_shed_fraction and planemesh_node_shed_requests per plane.
 """
 
 from __future__ import annotations
@@ -173,6 +175,16 @@ class NodeShedding:
         self.fractions: dict[str, float] = {}
         self.last: Pressure | None = None
         self.signal = Signal.HOLD
+
+    def reconfigure(self, config: NodeOverloadConfig) -> None:
+        """New marks and interval from the next sample on; the shed level reached so far stays (no jump)."""
+        if config.proc_root != self.config.proc_root:
+            self.sampler = NodeSampler(config.proc_root)
+        self.config = config
+
+    def report(self) -> dict[str, list[dict[str, Any]]]:
+        """Each plane's shed level as NodeShedStats rows (agent/metrics.py)."""
+        return {"node_shed": [{"plane": p, "fraction": f} for p, f in sorted(self.fractions.items())]}
 
     def step(self, priorities: Mapping[str, int]) -> dict[str, float]:
         """Sample once; every plane's shed fraction (a change is logged)."""

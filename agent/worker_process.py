@@ -191,6 +191,7 @@ async def run_worker(
                 report = stats_report(plane, proxy.stats, sniff)
                 report["tls"] = [{"plane": plane, **proxy.tls_stats.as_dict()}]  # agent/proxy/tls.py
                 report["istio"] = proxy.istio.report(plane)  # agent/proxy/istio_stats.py
+                report["overload"][0]["node_shed_requests"] = proxy.overload.node_refused  # node_overload.py
                 writer.write(encode({"op": "stats", "id": rid, "stats": report}))
             elif op == "shed":  # the node's overload: this plane's share to refuse (agent/node_overload.py)
                 proxy.overload.set_node_shed(float(msg.get("fraction", 0.0)))

@@ -2,6 +2,7 @@
 flood kind, with and without the planes' cpusets, and Envoy 1.40 as one shared proxy for both planes, in one run.
 
     ./run.sh bench plane_isolation [--quick] [--seconds 4] [--only rate,cpu_heavy] [--variants cpusets,envoy]
+                                   [--rounds 3]
 
 Plane `oam` is protected: a wrk probe (2 connections, closed loop, from the bystander pod) measures its p99 and
 its throughput with plane `media` idle, then while the attacker's pod floods media (bench/plane_isolation_lab.py
@@ -17,13 +18,16 @@ workers on any CPU), `envoy` (Envoy 1.40, --concurrency 1, as the single node pr
 runs --datapath-only). Targets with cpusets: oam p99 flooded/idle <= 1.2, throughput flooded/idle >= 0.8; media
 answers its excess 429/503, never with timeouts.
 Each flood's idle probe runs right before it (the machine's load drifts). `--quick` (< 3 min): 2 s per
-measurement instead of 4.
+measurement instead of 4. `--rounds N` repeats every idle/flooded pair N times and reports the median ratio
+(and its range); `--only none,...` adds the control: no flood at all, two idle probes in a row, whose ratio is
+what the machine alone does to oam's p99 (on a shared box it spreads as wide as a flood's).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +42,7 @@ from bench.common import WrkResult, parse_wrk
 from bench.floods import BYSTANDER, flood_lab, proxy_ports, reap, wait_both_planes, worker_pid
 from bench.http_proxy import envoy_in_node
 from bench.plane_isolation_lab import (
+    CONTROL,
     FLOOD,
     FLOOD_SERVERS,
     FLOODS,
@@ -46,6 +51,7 @@ from bench.plane_isolation_lab import (
     PROBE,
     PROBE_PATH,
     BenchGroups,
+    OthersOnCpu,
     describe_answers,
     flood_answers,
     flood_argv,
@@ -66,8 +72,11 @@ TARGET_P99, TARGET_RPS = 1.2, 0.8
 FLOOD_SETTLE_S = {"connections": 2.0}  # idle_flood needs time to open its connections; others 1 s
 
 
-def isolation_config(path: Path, cpus: tuple[str | None, str | None] = (None, None)) -> Path:
-    """The default planes; media rate-limited and shaped; `cpus`: (oam's, media's) cpu lists or None."""
+def isolation_config(
+    path: Path, cpus: tuple[str | None, str | None] = (None, None), media_mbit: float | None = MEDIA_BANDWIDTH_MBIT
+) -> Path:
+    """The default planes; media rate-limited and shaped (`media_mbit` None: no class of its own, its bypassed
+    traffic unshaped); `cpus`: (oam's, media's) cpu lists or None."""
     raw = yaml.safe_load(default_config_text())
     for plane in raw["planes"]:
         sla = plane.setdefault("sla", {})
@@ -75,7 +84,7 @@ def isolation_config(path: Path, cpus: tuple[str | None, str | None] = (None, No
         if plane_cpus_ is not None:
             sla["cpus"] = plane_cpus_
         if plane["name"] == "media":
-            sla.update(rate_limit_rps=FLOOD_RATE_LIMIT_RPS, rate_limit_burst=50, bandwidth_mbit=MEDIA_BANDWIDTH_MBIT)
+            sla.update(rate_limit_rps=FLOOD_RATE_LIMIT_RPS, rate_limit_burst=50, bandwidth_mbit=media_mbit)
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -87,6 +96,8 @@ class Row:
     idle: WrkResult
     flooded: WrkResult
     answers: dict
+    others_idle: float = 0.0  # ms/s the rest of the machine ran on oam's CPU (OthersOnCpu) during each probe
+    others_flooded: float = 0.0
 
     @property
     def p99_ratio(self) -> float:
@@ -104,34 +115,39 @@ class Bench:
         self.lab, self.groups, self.seconds = lab, groups, seconds
         self.oam = lab.pod_addr("server", "oam", 4) or ""
         self.media = lab.pod_addr("server", "media", 4) or ""
+        self.others = OthersOnCpu(max(online_cpus()))  # the protected CPU (plane_cpus)
 
-    def probe(self, name: str) -> WrkResult:
+    def probe(self, name: str) -> tuple[WrkResult, float]:
+        """oam's figures, and the ms/s the rest of the machine ran on oam's CPU meanwhile."""
         url = f"http://{host_port(self.oam, HEAVY_PORT)}{PROBE_PATH}"
         argv = ["wrk", "-t1", "-c2", f"-d{max(1, round(self.seconds))}s", "--latency", "--timeout", "5s", url]
+        self.others.start()
         out = self._run(PROBE, BYSTANDER, argv).communicate(timeout=self.seconds + 60)[0]
-        return parse_wrk(name, out)
+        others = self.others.stop()
+        return parse_wrk(name, out), others
 
     def _run(self, group: str, pod: str, argv: list[str]) -> subprocess.Popen:
         wrapped = self.groups.wrap(group, ns_tools.exec_argv(self.lab.pod_ns(pod), argv))
         return subprocess.Popen(wrapped, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def measure(self, variant: str, kind: str, idle: WrkResult | None) -> Row:
-        idle = idle or self.probe("oam, media idle")
+    def measure(self, variant: str, kind: str) -> Row:
+        idle, others_idle = self.probe("oam, media idle")
         settle = FLOOD_SETTLE_S.get(kind, 1.0)
         flood = self._run(FLOOD, "client", flood_argv(kind, self.media, self.seconds + settle + 0.5))
         time.sleep(settle)  # the flood is in full swing
-        flooded = self.probe(f"oam, media {kind}")
+        flooded, others_flooded = self.probe(f"oam, media {kind}")
         out = flood.communicate(timeout=self.seconds + 90)[0]
-        return Row(variant, kind, idle, flooded, flood_answers(kind, out))
+        return Row(variant, kind, idle, flooded, flood_answers(kind, out), others_idle, others_flooded)
 
-    def run_variant(self, variant: str, floods: list[str]) -> list[Row]:
+    def run_variant(self, variant: str, floods: list[str], rounds: int = 1) -> list[Row]:
         rows = []
-        for kind in floods:
-            print(f"  {variant:8} {kind:13} ...", file=sys.stderr, flush=True)
-            rows.append(self.measure(variant, kind, None))  # idle right before: the machine's load drifts
-            # What a flood leaves behind settles: both planes answer through the proxy again before the next.
-            time.sleep(0.5)
-            wait_both_planes(self.lab, "x-envoy-upstream-service-time" if variant == "envoy" else None)
+        for round_ in range(rounds):
+            for kind in floods:
+                print(f"  {variant:8} {kind:13} round {round_ + 1}/{rounds} ...", file=sys.stderr, flush=True)
+                rows.append(self.measure(variant, kind))  # idle right before: the machine's load drifts
+                # What a flood leaves behind settles: both planes answer through the proxy again before the next.
+                time.sleep(0.5)
+                wait_both_planes(self.lab, "x-envoy-upstream-service-time" if variant == "envoy" else None)
         return rows
 
 
@@ -158,7 +174,15 @@ def envoy(lab: Lab, work: Path, config: Path) -> Iterator[None]:
         ns_tools.stop(datapath)
 
 
-def run(prefix: str | None, seconds: float, floods: list[str], variants: list[str], layout: str = "sides") -> list[Row]:
+def run(
+    prefix: str | None,
+    seconds: float,
+    floods: list[str],
+    variants: list[str],
+    layout: str = "sides",
+    rounds: int = 1,
+    media_mbit: float | None = MEDIA_BANDWIDTH_MBIT,
+) -> list[Row]:
     lab = flood_lab(prefix)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="planemesh-bench-") as tmp, lab:
@@ -174,10 +198,10 @@ def run(prefix: str | None, seconds: float, floods: list[str], variants: list[st
                     run_dir = work / variant
                     run_dir.mkdir()
                     cpus = plane_cpus(online_cpus()) if variant == "cpusets" else (None, None)
-                    config = isolation_config(run_dir / "agent.yaml", cpus)
+                    config = isolation_config(run_dir / "agent.yaml", cpus, media_mbit)
                     proxy = envoy if variant == "envoy" else planemesh
                     with proxy(lab, run_dir, config):
-                        rows += bench.run_variant(variant, floods)
+                        rows += bench.run_variant(variant, floods, rounds)
         finally:
             for proc in servers:
                 ns_tools.stop(proc)
@@ -189,28 +213,62 @@ def _ratio(value: float) -> str:
     return f"{value:.2f}x" if value != float("inf") else "-"
 
 
-def report(rows: list[Row], seconds: float, quick: bool, layout: str) -> str:
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def _spread(ratios: list[float]) -> str:
+    """The median ratio, and with several rounds their range."""
+    shown = _ratio(_median(ratios))
+    finite = [r for r in ratios if r != float("inf")]
+    if len(ratios) > 1 and finite:
+        shown += f" ({min(finite):.2f}-{max(finite):.2f}{', some no answer' if len(finite) < len(ratios) else ''})"
+    return shown
+
+
+def report(
+    rows: list[Row],
+    seconds: float,
+    quick: bool,
+    layout: str,
+    rounds: int = 1,
+    media_mbit: float | None = MEDIA_BANDWIDTH_MBIT,
+) -> str:
     out = [
         f"oam (protected) with media idle vs flooded; {seconds:g} s per measurement{' (quick)' if quick else ''}; "
-        f"bench groups: layout {layout}",
+        f"bench groups: layout {layout}; {rounds} round(s): medians (range of the ratios)",
         "",
         "| flood | proxy | oam p99 idle ms | p99 flooded ms | p99 flooded/idle | oam req/s idle | req/s flooded "
-        "| req/s flooded/idle | oam errors | media's answers |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| req/s flooded/idle | oam errors | others on oam's CPU ms/s idle, flooded | media's answers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for kind in dict.fromkeys(r.flood for r in rows):
-        for r in (r for r in rows if r.flood == kind):
-            flooded_p99 = f"{r.flooded.p99_ms:.2f}" if r.flooded.requests else "no answer"
-            out.append(
-                f"| {kind} | {r.variant} | {r.idle.p99_ms:.2f} | {flooded_p99} | {_ratio(r.p99_ratio)} "
-                f"| {r.idle.rps:.0f} | {r.flooded.rps:.0f} | {r.rps_ratio:.2f}x | {r.idle.errors + r.flooded.errors} "
-                f"| {describe_answers(kind, r.answers)} |"
-            )
-    out += ["", f"media: rate limit {FLOOD_RATE_LIMIT_RPS} req/s, HTB class {MEDIA_BANDWIDTH_MBIT} Mbit/s"]
-    pinned = [r for r in rows if r.variant == "cpusets"]
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.flood, r.variant), []).append(r)
+    medians: dict[tuple[str, str], tuple[float, float]] = {}
+    for (kind, variant), rs in sorted(groups.items(), key=lambda kv: [r.flood for r in rows].index(kv[0][0])):
+        p99s, rpss = [r.p99_ratio for r in rs], [r.rps_ratio for r in rs]
+        medians[kind, variant] = _median(p99s), _median(rpss)
+        answered = [r.flooded.p99_ms for r in rs if r.flooded.requests]
+        flooded_p99 = f"{_median(answered):.2f}" if answered else "no answer"
+        out.append(
+            f"| {kind} | {variant} | {_median([r.idle.p99_ms for r in rs]):.2f} | {flooded_p99} | {_spread(p99s)} "
+            f"| {_median([r.idle.rps for r in rs]):.0f} | {_median([r.flooded.rps for r in rs]):.0f} "
+            f"| {_spread(rpss)} | {sum(r.idle.errors + r.flooded.errors for r in rs)} "
+            f"| {_median([r.others_idle for r in rs]):.0f}, {_median([r.others_flooded for r in rs]):.0f} "
+            f"| {describe_answers(kind, rs[-1].answers)} |"
+        )
+    out += [
+        "",
+        f"media: rate limit {FLOOD_RATE_LIMIT_RPS} req/s, "
+        f"{f'HTB class {media_mbit:g} Mbit/s' if media_mbit else 'no HTB class (bypass unshaped)'}. Others on "
+        "oam's CPU: CPU time of tasks outside this bench and its agent (a shared machine's neighbours) on the "
+        "protected CPU during each probe (bench/plane_isolation_lab.py OthersOnCpu).",
+    ]
+    pinned = {k: v for k, v in medians.items() if k[1] == "cpusets" and k[0] != CONTROL}
     if pinned:
-        p99_ok = sum(r.p99_ratio <= TARGET_P99 for r in pinned)
-        rps_ok = sum(r.rps_ratio >= TARGET_RPS for r in pinned)
+        p99_ok = sum(p <= TARGET_P99 for p, _ in pinned.values())
+        rps_ok = sum(q >= TARGET_RPS for _, q in pinned.values())
         out += ["", f"with cpusets: p99 target (<= {TARGET_P99}x) met for {p99_ok}/{len(pinned)} floods, "
                 f"throughput target (>= {TARGET_RPS}x) for {rps_ok}/{len(pinned)}"]  # fmt: skip
     return "\n".join(out)
@@ -220,20 +278,29 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 s per measurement (default 4)")
     parser.add_argument("--seconds", type=float, default=None, help="per measurement (default 4, quick 2)")
-    parser.add_argument("--only", default=",".join(FLOODS), help=f"floods, comma-separated: {', '.join(FLOODS)}")
+    parser.add_argument(
+        "--only", default=",".join(FLOODS), help=f"floods, comma-separated: {', '.join(FLOODS)} (control: {CONTROL})"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="idle/flooded pairs per flood (medians reported)")
+    parser.add_argument(
+        "--media-mbit", type=float, default=MEDIA_BANDWIDTH_MBIT, help="media's HTB class (0: none, unshaped)"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--layout", choices=LAYOUTS, default="sides", help="bench groups' CPUs (lab module doc)")
     parser.add_argument("--prefix", default=None)
     args = parser.parse_args(argv)
     floods = [f for f in args.only.split(",") if f]
     variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted((set(floods) - set(FLOODS)) | (set(variants) - set(VARIANTS)))
+    unknown = sorted((set(floods) - {*FLOODS, CONTROL}) | (set(variants) - set(VARIANTS)))
     if unknown:
         parser.error(f"unknown flood or variant: {', '.join(unknown)}")
     seconds = args.seconds or (2.0 if args.quick else 4.0)
     started = time.monotonic()
-    rows = run(args.prefix, seconds, floods, variants, args.layout)
-    print(report(rows, seconds, args.quick, args.layout))
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    media_mbit = args.media_mbit or None
+    rows = run(args.prefix, seconds, floods, variants, args.layout, args.rounds, media_mbit)
+    print(report(rows, seconds, args.quick, args.layout, args.rounds, media_mbit))
     print(f"\n({time.monotonic() - started:.0f} s)")
 
 

@@ -173,13 +173,74 @@ def plane_backends(lab: Lab, workdir: Path, groups: BenchGroups) -> Iterator[Non
             ns_tools.stop(proc)
 
 
+# ---- CPU the rest of the machine takes on the protected CPU -------------------------------------------------
+
+
+def _stat_fields(path: Path) -> list[str]:
+    """The fields of a /proc stat file after the command name (which may hold spaces and parentheses)."""
+    text = path.read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _task_times(own_root: int) -> dict[int, tuple[int, int]]:
+    """User-space threads that are not `own_root` nor its descendants (the agent, its workers, the lab's servers,
+    the probe and the floods all are): tid -> (run time ns, the CPU it last ran on). Kernel threads are left out:
+    they do the lab's own packet work."""
+    parents: dict[int, int] = {}
+    threads: dict[int, list[tuple[int, int, int]]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            parents[pid] = int(_stat_fields(Path(f"/proc/{pid}/stat"))[1])
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                cpu = int(_stat_fields(Path(f"/proc/{pid}/task/{tid}/stat"))[36])
+                run = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+                threads.setdefault(pid, []).append((int(tid), run, cpu))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    ours = {own_root}
+    for pid in sorted(parents):  # walk up: a pid is ours if an ancestor is
+        chain, cur = [], pid
+        while cur not in ours and cur > 2 and cur in parents and len(chain) < 64:
+            chain.append(cur)
+            cur = parents[cur]
+        if cur in ours:
+            ours.update(chain)
+    kernel = {pid for pid, parent in parents.items() if parent == 2 or pid == 2}
+    return {tid: (run, cpu) for pid, rows in threads.items() if pid not in ours | kernel for tid, run, cpu in rows}
+
+
+class OthersOnCpu:
+    """CPU time that tasks of the rest of the machine (not this bench, not the agent it started: on a shared box,
+    the neighbours' work) spent on `cpu` during a measurement, ms per second; each task's time counts on the
+    CPU it last ran on, so it is an estimate (a task that moved mid-measurement counts wholly on one CPU)."""
+
+    def __init__(self, cpu: int) -> None:
+        self.cpu = cpu
+        self._start: dict[int, tuple[int, int]] = {}
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._start, self._t0 = _task_times(os.getpid()), time.monotonic()
+
+    def stop(self) -> float:
+        end, elapsed = _task_times(os.getpid()), max(1e-3, time.monotonic() - self._t0)
+        ns = sum(run - self._start.get(tid, (0, 0))[0] for tid, (run, cpu) in end.items() if cpu == self.cpu)
+        return ns / 1e6 / elapsed
+
+
 # ---- the floods ------------------------------------------------------------------------------------------------
 
 FLOODS = ("rate", "cpu_heavy", "connections", "rapid_reset", "stream_flood", "bandwidth")
+CONTROL = "none"  # no flood at all: two idle probes in a row, the machine's own spread of the ratios
 
 
 def flood_argv(kind: str, target: str, seconds: float) -> list[str]:
     """The client that floods plane media (address `target`) for `seconds`, run in the attacker's pod."""
+    if kind == CONTROL:
+        return ["sleep", f"{seconds:g}"]
     attack = [sys.executable, "-m", "planemesh.labs.attacks"]
     seconds_arg = ["--seconds", f"{seconds:g}"]
     if kind == "rate":  # far beyond the plane's rate limit: its excess must get 429s at once
@@ -205,6 +266,8 @@ def _wrk(target: str, port: int, path: str, connections: int, seconds: float) ->
 
 def flood_answers(kind: str, out: str) -> dict:
     """What the flooded plane answered, from the flood client's output."""
+    if kind == CONTROL:
+        return {}
     if kind in ("rate", "cpu_heavy"):
         try:
             r = parse_wrk(f"media {kind}", out)
@@ -220,6 +283,8 @@ def flood_answers(kind: str, out: str) -> dict:
 def describe_answers(kind: str, o: dict) -> str:
     if "error" in o:
         return f"flood failed: {o['error'][:80]!r}"
+    if kind == CONTROL:
+        return "no flood: idle vs idle, the machine's noise"
     if kind in ("rate", "cpu_heavy"):
         return f"{o['requests']} requests, {o['non_2xx']} non-2xx (429/503), {o['timeouts']} timeouts"
     if kind == "bandwidth":

@@ -86,6 +86,7 @@ class OverloadManager:
         "keep_alive",
         "keepalive_connections",
         "level",
+        "node_refused",
         "node_shed",
         "rss",
         "shedding",
@@ -100,6 +101,7 @@ class OverloadManager:
         self.connections = 0
         self.node_shed = 0.0  # share of requests to refuse for the node's sake (set by the agent)
         self._node_debt = 0.0
+        self.node_refused = 0  # requests refuse() shed for the node's sake (metric planemesh_node_shed_requests)
         self.configure(memory_max_mb, max_connections)
 
     def configure(self, memory_max_mb: int, max_connections: int) -> None:
@@ -130,6 +132,7 @@ class OverloadManager:
         self._node_debt += self.node_shed
         if self._node_debt >= 1.0 - 1e-9:
             self._node_debt -= 1.0
+            self.node_refused += 1
             return SHED_NODE
         return None
 

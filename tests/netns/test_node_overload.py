@@ -6,6 +6,8 @@ serves again."""
 
 from __future__ import annotations
 
+import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -17,10 +19,11 @@ from bench.common import WrkResult, parse_h2load
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import http_requests
 from planemesh.model.static_config import default_config_text
-from tests.netns.agent_lab import eventually, running_agent
+from tests.netns.agent_lab import AgentLab, eventually, running_agent
 
 pytestmark = pytest.mark.netns
 
+SHED_SAMPLE = re.compile(r'^(planemesh_node_shed_(?:fraction|requests_total))\{plane="(\w+)"\} (\S+)$', re.M)
 CALM_MEMORY = "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
 
 
@@ -117,3 +120,49 @@ def test_a_bad_node_overload_section_stops_the_start_naming_the_field(run_prefix
     with pytest.raises(RuntimeError) as err, running_agent(f"{run_prefix}nb", ["--config", str(config)]):
         pass
     assert "node_overload.thresholds.cpu_high: unknown threshold" in str(err.value)
+
+
+def _node_shed_samples(env: AgentLab) -> dict[tuple[str, str], float]:
+    """planemesh_node_shed_* samples from the agent's /stats (Prometheus text): (name, plane) -> value."""
+    text = env.admin.get("/stats").body.decode()
+    return {(m[1], m[2]): float(m[3]) for m in SHED_SAMPLE.finditer(text)}
+
+
+def test_sighup_turns_node_shedding_on_and_off_and_metrics_show_it(run_prefix: str, tmp_path: Path) -> None:
+    """The node_overload section is re-read on SIGHUP: on, the lower plane sheds and /metrics shows its level and
+    the requests it shed; a bad section keeps the running one; removed, every plane serves everything again."""
+    proc = tmp_path / "proc"
+    raw = yaml.safe_load(default_config_text())  # no node_overload section: off
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with FakePressure(proc) as pressure, running_agent(f"{run_prefix}nh", ["--config", str(config)]) as env:
+        media = env.server("media", 4)
+
+        def statuses(n: int = 8) -> list[int]:
+            return http_requests(env.client_ns, media, 80, ["/p"] * n, timeout=10).status
+
+        pressure.share = 95.0
+        time.sleep(0.5)
+        assert statuses() == [200] * 8  # off: the node's pressure sheds nothing
+        assert not any(k[0] == "planemesh_node_shed_fraction" for k in _node_shed_samples(env))
+
+        config.write_text(yaml.safe_dump({**raw, "node_overload": {"proc_root": str(proc), "interval_s": 0.1}}))
+        env.agent.send_signal(signal.SIGHUP)
+        assert eventually(lambda: statuses() == [503] * 8, timeout=10)
+        assert eventually(lambda: _node_shed_samples(env).get(("planemesh_node_shed_requests_total", "media"), 0) >= 8)
+        samples = _node_shed_samples(env)
+        assert samples[("planemesh_node_shed_fraction", "media")] == 1.0
+        assert samples[("planemesh_node_shed_fraction", "oam")] == 0.0
+        assert samples[("planemesh_node_shed_requests_total", "oam")] == 0
+
+        config.write_text(yaml.safe_dump({**raw, "node_overload": {"interval_s": 0}}))  # bad: the running one stays
+        env.agent.send_signal(signal.SIGHUP)
+        assert eventually(lambda: "node_overload.interval_s" in env.agent_output(), timeout=5)
+        assert "keeping the running configuration" in env.agent_output()
+        assert statuses() == [503] * 8
+
+        config.write_text(yaml.safe_dump(raw))  # the section removed: off again
+        env.agent.send_signal(signal.SIGHUP)
+        assert eventually(lambda: statuses() == [200] * 8, timeout=10)
+        assert "node_overload off" in env.agent_output()
+        assert not any(k[0] == "planemesh_node_shed_fraction" for k in _node_shed_samples(env))

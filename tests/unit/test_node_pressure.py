@@ -193,3 +193,44 @@ def test_the_loop_step_sheds_from_the_files(tmp_path: Path) -> None:
     priorities = {"oam": 1, "media": 2}
     assert shedding.step(priorities) == {"oam": 0.0, "media": 0.25}  # avg10 61.5
     assert shedding.step(priorities) == {"oam": 0.0, "media": 0.0}  # total did not move: calm
+
+
+def test_node_shedding_reaches_prometheus_per_plane(tmp_path: Path) -> None:
+    """The loop's level per plane (planemesh_node_shed_fraction) and the requests the workers refused for the
+    node's sake (planemesh_node_shed_requests), apart from those their own memory shed."""
+    from planemesh.agent.metrics import StatsRegistry
+    from planemesh.agent.proxy.stats import PlaneStats
+    from planemesh.agent.worker_process import stats_report
+    from tests.unit.test_ops_metrics import _scrape
+
+    shedding = NodeShedding(node_overload_from_dict({"proc_root": str(_proc(tmp_path, PSI))}))
+    shedding.step({"oam": 1, "media": 2})  # media 25%
+    om = OverloadManager(memory_max_mb=100, max_connections=1000)
+    om.set_node_shed(0.25)
+    answers = [om.refuse() for _ in range(40)]
+    assert om.node_refused == answers.count(SHED_NODE) == 10
+    registry = StatsRegistry()
+    for plane, refused in (("media", om.node_refused), ("oam", 0)):
+        report = stats_report(plane, PlaneStats())
+        report["overload"][0]["node_shed_requests"] = refused  # as the worker's control loop adds it
+        registry.register(f"worker-{plane}", lambda report=report: report)
+    registry.register("node_overload", shedding.report)
+    samples = _scrape(registry)
+    assert samples[("planemesh_node_shed_fraction", (("plane", "media"),))] == 0.25
+    assert samples[("planemesh_node_shed_fraction", (("plane", "oam"),))] == 0.0
+    assert samples[("planemesh_node_shed_requests_total", (("plane", "media"),))] == 10
+    assert samples[("planemesh_node_shed_requests_total", (("plane", "oam"),))] == 0
+
+
+def test_reconfigure_keeps_the_shed_level_and_reads_the_new_root(tmp_path: Path) -> None:
+    busy = _proc(tmp_path / "busy", PSI)
+    shedding = NodeShedding(node_overload_from_dict({"proc_root": str(busy)}))
+    assert shedding.step({"oam": 1, "media": 2})["media"] == 0.25
+    calm = _proc(tmp_path / "calm", "some avg10=30.00 avg60=0 avg300=0 total=5\n")  # between the default marks
+    shedding.reconfigure(node_overload_from_dict({"proc_root": str(calm), "interval_s": 2}))
+    assert shedding.config.interval_s == 2.0
+    assert shedding.step({"oam": 1, "media": 2})["media"] == 0.25  # HOLD on the new files: the level stays
+    lower = {"cpu_some_high": 20, "cpu_some_low": 10}
+    shedding.reconfigure(node_overload_from_dict({"proc_root": str(calm), "thresholds": lower}))
+    (calm / "pressure" / "cpu").write_text("some avg10=30.00 avg60=0 avg300=0 total=5000000\n")
+    assert shedding.step({"oam": 1, "media": 2})["media"] == 0.5  # 30% is over the new high mark
