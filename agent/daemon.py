@@ -43,6 +43,7 @@ from planemesh.netplanes import discovery
 from planemesh.netplanes.discovery import NetlinkWatch, PlaneInterface
 
 log = logging.getLogger("planemesh.agent")
+HBONE_READY_S = 60.0  # the HBONE node's first start (BPF load, certificates) before the agent says ready
 
 
 @dataclass
@@ -75,8 +76,11 @@ class Agent:
         options: AgentOptions,
         host_cgroups: tuple[str, ...] = (),
         node_overload: NodeOverloadConfig | None = None,
+        hbone: dict[str, Any] | None = None,
     ) -> None:
         self.options = options
+        self.hbone_settings = hbone  # the checked `hbone:` section (agent/hbone/section.py); None: no HBONE
+        self.hbone: Any = None  # planemesh.agent.hbone.supervisor.HboneSupervisor while it runs
         self.node_overload = node_overload or NodeOverloadConfig()  # priority between planes (node_overload.py)
         self.host_cgroups = host_cgroups  # host mode: real cgroup v2 paths (planemesh.agent.host_attach)
         self.host: Any = None  # planemesh.ebpf.host_redirect.HostMode, loaded at start when host mode is on
@@ -350,12 +354,15 @@ class Agent:
                 shedding = NodeShedding(self.node_overload)
                 self.spawn(shedding.run(self._plane_priorities, self._set_shed), "node-overload")
             self.spawn(run_watchdog(self.notifier, self.healthy), "watchdog")
+            if self._takeover is None:
+                await self._start_hbone(wait_s=HBONE_READY_S)
             await self.readiness.wait()
             if self._takeover is not None:
                 # Our workers serve the inherited sockets: let the predecessor drain, then take its admin socket.
                 self._takeover.done()
                 self._takeover = None
                 await self._start_admin(retry_s=self.options.drain_timeout_s + 10)
+                await self._start_hbone(wait_s=0)  # binds once the predecessor's HBONE node released 15008
             self._handover_server = HandoverServer(self.handover_path, self.listening_sockets, self._handed_over)
             await self._handover_server.start()
             self.notifier.ready(f"planes: {', '.join(self.workers)}")
@@ -367,6 +374,24 @@ class Agent:
             await self.shutdown()
         if self.failure is not None:
             raise self.failure
+
+    async def _start_hbone(self, wait_s: float) -> None:
+        """Start the supervised HBONE node (if configured); wait up to `wait_s` for it to be ready (it keeps
+        being retried in the background either way)."""
+        if self.hbone_settings is None:
+            return
+        from planemesh.agent.hbone.supervisor import HboneSupervisor
+
+        tag = self.options.netns or "host"
+        self.hbone = HboneSupervisor(self.hbone_settings, self.options.runtime_dir, tag, self.options.pin_dir)
+        self.spawn(self.hbone.run(), "hbone")
+        if self.admin_app is not None:
+            self.admin_app.stats.register("hbone", self.hbone.report)
+        if wait_s > 0:
+            try:
+                await asyncio.wait_for(self.hbone.ready.wait(), wait_s)
+            except TimeoutError:
+                log.error("HBONE node not ready after %.0fs; still trying", wait_s)
 
     async def _start_xds(self) -> None:
         from planemesh.agent.xds_source import start_xds
@@ -399,6 +424,8 @@ class Agent:
         if self.handed_over and self._admin is not None:
             await self._admin.close()  # the successor takes the admin socket over now
             self._admin = None
+        if self.hbone is not None:  # before the tasks: its supervisor must not take the stop for a crash
+            await self.hbone.stop(self.options.drain_timeout_s)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -464,17 +491,36 @@ def load_snapshot(options: AgentOptions) -> Snapshot | None:
     return load_static_config(options.config) if options.config else load_default_config()
 
 
+def _load_hbone(options: AgentOptions) -> dict[str, Any] | None:
+    """The `hbone:` section, checked (ConfigError naming the field); the HBONE modules (and grpc, which the
+    CreateCertificate client needs) are imported only when the file has one."""
+    path = options.host_mode_file
+    if path is None or "hbone" not in (_yaml_keys(path)):
+        return None
+    from planemesh.agent.hbone.supervisor import load_hbone
+
+    return load_hbone(options.config, options.bootstrap)
+
+
+def _yaml_keys(path: Path) -> set[str]:
+    from planemesh.model.static_config import read_yaml_file
+
+    raw = read_yaml_file(path)
+    return set(raw) if isinstance(raw, dict) else set()
+
+
 def run_agent(options: AgentOptions) -> int:
     from planemesh.agent.host_attach import load_host_cgroups
 
     first = load_snapshot(options)  # a bad file fails here, before anything is changed
     host_cgroups = load_host_cgroups(options.host_cgroups, options.host_mode_file)  # so does a bad cgroup
     node_overload = load_node_overload(options.host_mode_file)  # and a bad node_overload section
+    hbone = _load_hbone(options)  # and a bad hbone section
     if host_cgroups and options.datapath_only:
         raise ConfigError("--host-cgroup", "host mode needs planemesh's own proxy (not --datapath-only)")
     if options.netns:
         enter_netns(options.netns)
-    agent = Agent(options, host_cgroups, node_overload)
+    agent = Agent(options, host_cgroups, node_overload, hbone)
     try:
         import uvloop
 

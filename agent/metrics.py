@@ -8,6 +8,7 @@ and yields Prometheus families. A provider that raises is logged and counted; th
 Who provides what (see docs/operations.md, "Metrics"):
 - proxy workers: `RouteStats` (per plane/listener/route/cluster), `ListenerStats`, `ClusterStats`
 - data path (ebpf): `DataPathStats` (per plane, verdict -> packets and bytes)
+- HBONE node (agent/hbone/supervisor.py): `HbonePeerStats` per peer node and direction, `HboneNodeStats`
 - xDS client: `XdsTypeStats` (per type URL: version, ACKs, NACKs, resource count), `xds_connected`
 - proxy workers with a sniffing listener: `SniffListenerStats` (verdicts, SNI, ALPN, passthrough connections and
   bytes), `SniRouteStats` (passthrough connections per filter chain and SNI)
@@ -28,6 +29,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from planemesh.agent.hbone.metrics import PEER_KEY, HboneNodeStats, HbonePeerStats, hbone_families
 from planemesh.agent.istio_metrics import istio_families
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,8 @@ class StatsReport:
     overload: list[OverloadStats] = field(default_factory=list)
     tls: list[TlsTerminationStats] = field(default_factory=list)
     istio: list[IstioStats] = field(default_factory=list)
+    hbone: list[HbonePeerStats] = field(default_factory=list)  # agent/hbone/metrics.py
+    hbone_node: list[HboneNodeStats] = field(default_factory=list)
 
 
 _ROW_TYPES = {
@@ -239,6 +243,8 @@ _ROW_TYPES = {
     "sni_routes": SniRouteStats,
     "plane_groups": PlaneGroupStats,
     "overload": OverloadStats,
+    "hbone": HbonePeerStats,
+    "hbone_node": HboneNodeStats,
 }
 
 
@@ -380,6 +386,8 @@ def merge_reports(reports: Sequence[StatsReport]) -> StatsReport:
         istio=_sum_rows(
             (r for rep in reports for r in rep.istio), ("plane", "cluster", "source_principal", "destination_principal")
         ),
+        hbone=_sum_rows((r for rep in reports for r in rep.hbone), PEER_KEY),
+        hbone_node=[r for rep in reports for r in rep.hbone_node],  # one provider
     )
 
 
@@ -410,6 +418,7 @@ class PlanemeshCollector(Collector):
         yield from _overload_families(report.overload)
         yield from istio_families([*report.routes, *report.istio])
         yield from _tls_families(report.tls)
+        yield from hbone_families(report.hbone, report.hbone_node)
         yield from self._agent_families()
 
     def _agent_families(self) -> Iterator[Metric]:
