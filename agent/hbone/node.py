@@ -89,7 +89,10 @@ async def serve(
     try:
         if settings.capture is not None:
             if capture:
-                datapath = CaptureDatapath(settings.capture, settings.routes, pin_dir, routing=not shared_routing)
+                # a thread: pyroute2's IPRoute runs an event loop of its own
+                datapath = await asyncio.to_thread(
+                    CaptureDatapath, settings.capture, settings.routes, pin_dir, not shared_routing
+                )
             outbound = Outbound(settings.routes, Pool(certs, stats), stats)
             await outbound.start(settings.capture.port)
         stop = asyncio.Event()
@@ -106,7 +109,7 @@ async def serve(
                 await writer
     finally:
         if datapath is not None:  # first: new pod connections stop being captured before the listeners go
-            datapath.close()
+            await asyncio.to_thread(datapath.close)
         if outbound is not None:
             await outbound.close()
         await inbound.close()
@@ -151,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         uvloop.run(serve(settings, stats, pin_dir=args.pin_dir, capture=True, shared_routing=args.shared_routing))
     except OSError as exc:
-        print(f"planemesh-hbone: {exc} (listen {settings.listen[0]}:{settings.listen[1]})", file=sys.stderr)
+        print(f"planemesh-hbone: {exc} (a port in use? HBONE {settings.listen[1]}, capture"
+              f" {settings.capture.port if settings.capture else '-'})", file=sys.stderr)  # fmt: skip
         return EXIT_BIND
     except TimeoutError:
         print(f"planemesh-hbone: no certificate for {settings.identity} from the CA", file=sys.stderr)

@@ -21,14 +21,17 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from planemesh.agent.hbone.section import SECTION, section_settings
+from planemesh.agent.hbone.section import SECTION, check, section_settings
 from planemesh.agent.hbone.stats import peer_rows
-from planemesh.model.static_config import read_yaml_file
+from planemesh.model.config import ConfigError
+from planemesh.model.planes import Plane
+from planemesh.model.static_config import read_yaml_file, snapshot_from_dict
 from planemesh.xds.bootstrap import bootstrap_from_dict
 
 log = logging.getLogger("planemesh.hbone")
@@ -45,8 +48,23 @@ def load_hbone(config: Path | None, bootstrap: Path | None) -> dict[str, Any] | 
     raw = read_yaml_file(path)
     if not isinstance(raw, dict) or raw.get(SECTION) is None:
         return None
-    ca_api = bootstrap_from_dict(raw).ca if config is None else None
-    return section_settings(raw, ca_api)
+    if config is None:
+        boot = bootstrap_from_dict(raw)
+        ca_api, planes = boot.ca, boot.planes
+    else:
+        ca_api, planes = None, snapshot_from_dict(raw).planes
+    settings = section_settings(raw, ca_api)
+    check_ports(settings, planes)
+    return settings
+
+
+def check_ports(settings: dict[str, Any] | None, planes: Sequence[Plane]) -> None:
+    """The capture listener cannot share a port with a plane's proxy workers (both bind it on `::`)."""
+    port = check(settings).capture.port if settings and check(settings).capture else None
+    for plane in planes:
+        for name in ("proxy_port", "sniff_port"):
+            if port == getattr(plane, name):
+                raise ConfigError("hbone.capture.port", f"{port} is plane {plane.name}'s {name}")
 
 
 class HboneSupervisor:
