@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from planemesh.agent.admin_client import AdminClient
-from planemesh.agent.identity.ca import new_root, utcnow
+from planemesh.agent.identity.ca import key_pem, new_root, utcnow
+from planemesh.agent.identity.ca_files import write_new
 from planemesh.labs import netns as ns_tools
 from tests.netns.agent_lab import eventually
 from tests.netns.hbone_lab import (
@@ -107,3 +110,56 @@ def test_agents_run_hbone_from_their_config_with_counters_restart_and_cleanup(la
     cap = LinkCapture(lab.node_a, "hbla")
     assert pod_exchange(lab, MARKER, port=PORT).startswith(b"B saw")
     assert MARKER in b"".join(p for _, _, p in cap.stop())
+
+
+def test_agents_get_hbone_certificates_by_create_certificate(lab) -> None:  # type: ignore[no-untyped-def]
+    """Bootstraps with `ca:` and `hbone:` sections without their own CA: the HBONE node asks `planemesh
+    xds-server --ca-api csr` (istiod's CreateCertificate) for the node's and each workload's certificate,
+    with keys made in memory, and tunnels with them."""
+    root = new_root("cluster.local", now=utcnow())
+    ca_dir = lab.workdir / "root"
+    ca_dir.mkdir()
+    write_new(ca_dir / "root-cert.pem", root.root_pem())
+    write_new(ca_dir / "root-key.pem", key_pem(root.key), secret=True)
+    (lab.workdir / "resources").mkdir()
+    (lab.workdir / "token").write_text("lab-node-token\n")
+    (lab.workdir / "ca-tokens").write_text("lab-node-token *\n")  # node-trusted: may ask for its workloads' ids
+    sock = lab.workdir / "xds.sock"
+    log = lab.workdir / "xds-server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "planemesh.agent.cli", "xds-server", "--resources", str(lab.workdir / "resources"),
+             "--listen", f"unix://{sock}", "--ca", str(ca_dir), "--ca-api", "csr",
+             "--ca-tokens", str(lab.workdir / "ca-tokens"), "--bearer-token-file", str(lab.workdir / "token")],
+            stdout=out, stderr=out)  # fmt: skip
+    try:
+        assert eventually(sock.exists, timeout=15), log.read_text()
+
+        def bootstrap(name: str, hbone: dict) -> dict:
+            del hbone["ca"]  # certificates from the bootstrap's `ca:` instead
+            meta = {"NAMESPACE": "planemesh", "SERVICE_ACCOUNT": f"node-{name}"}
+            return {
+                "node": {"id": f"node-{name}", "metadata": meta},
+                "server": {"address": f"unix://{sock}", "token_file": str(lab.workdir / "token")},
+                "ca": {"ttl_s": 3600},
+                "timing": {"backoff_base_s": 0.1, "backoff_max_s": 0.5},
+                "planes": AGENT_PLANES, "hbone": hbone,
+            }  # fmt: skip
+
+        lab.start_agent("b", bootstrap("b", node_b_settings(lab.ca_b)), bootstrap=True)
+        lab.start_agent("a", bootstrap("a", node_a_settings(lab.ca_a)), bootstrap=True)
+        cap = LinkCapture(lab.node_a, "hbla")
+        assert pod_exchange(lab, MARKER) == b"B saw %d bytes from 10.81.2.1: %s" % (len(MARKER), MARKER)
+        segments = cap.stop()
+        assert segments and all(15008 in (s, d) for s, d, _ in segments)
+        assert not any(MARKER in frame for frame in cap.frames)
+        signed = log.read_text()
+        for who in ("ran/sa/amf", "planemesh/sa/node-a", "planemesh/sa/node-b"):  # the source pod's, both nodes'
+            assert f"CreateCertificate: signed spiffe://cluster.local/ns/{who}" in signed, signed[-3000:]
+        row = eventually(lambda: hbone_rows(AdminClient(f"unix://{lab.admin_path('a')}")).get(("node-b", "outbound")))
+        assert row and row["streams"] == 1, row
+        runtime = [p for p in Path("/run/planemesh").glob(f"hbone-{lab.prefix}-*") if p.is_file()]
+        assert runtime and not any(b"PRIVATE KEY" in p.read_bytes() for p in runtime)  # keys stay in memory
+    finally:
+        server.kill()
+        server.wait()
