@@ -37,9 +37,9 @@ def capture_rules(capture: Capture, routes: Routes) -> dict[PolicyRule, Action]:
 class CaptureDatapath:
     """Attach, configure, and on close detach everything it installed (in the calling netns)."""
 
-    def __init__(self, capture: Capture, routes: Routes, pin_dir: str | None = None, routing: bool = True) -> None:
-        """`routing`: install (and on close remove) the policy route; False when the agent owns it (same mark)."""
-        self.routing = routing
+    def __init__(self, capture: Capture, routes: Routes, pin_dir: str | None = None, own_route: bool = True) -> None:
+        """`own_route`: install (and on close remove) the policy route; False when the agent owns it (same mark)."""
+        self.own_route = own_route
         self.dp = Datapath(pin_dir)
         self.ifindexes: list[int] = []
         try:
@@ -53,7 +53,7 @@ class CaptureDatapath:
                     self.ifindexes.append(found[0])
                 self.dp.set_plane(PLANE, capture.port, 0, Action.BYPASS)
                 self.dp.sync_policy(capture_rules(capture, routes))
-                if self.routing:
+                if self.own_route:
                     routing.install(routing.LocalDelivery(), ipr)
         except BaseException:
             self.close()
@@ -61,6 +61,6 @@ class CaptureDatapath:
 
     def close(self) -> None:
         with IPRoute() as ipr:
-            if self.routing:
+            if self.own_route:
                 routing.remove(routing.LocalDelivery(), ipr)
             self.dp.close(detach=True, ipr=ipr)
