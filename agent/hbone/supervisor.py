@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +38,7 @@ from planemesh.xds.bootstrap import bootstrap_from_dict
 
 log = logging.getLogger("planemesh.hbone")
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 10.0
+PORT_POLL_S = 0.2
 STABLE_S = 30.0  # a child that ran this long restarts after the minimum backoff again
 
 
@@ -98,6 +101,7 @@ class HboneSupervisor:
         loop = asyncio.get_running_loop()
         backoff = BACKOFF_MIN_S
         while not self._stopping:
+            await self._port_free()
             started = loop.time()
             self.proc = await asyncio.create_subprocess_exec(*self.argv(), stdout=asyncio.subprocess.PIPE)
             self.starts += 1
@@ -114,6 +118,26 @@ class HboneSupervisor:
             log.error("HBONE node exited (%s); restarting in %.1fs", self.last_exit, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _port_free(self) -> None:
+        """Wait until the HBONE address can be bound (a predecessor's node still holds it after a hand-over):
+        cheaper than starting a child that loads its BPF program only to find the port taken."""
+        host, port = check(self.settings).listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        waited = 0.0
+        while not self._stopping:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, port))
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        return  # not ours to judge: the child reports it
+            if waited == 0.0:
+                log.info("HBONE: %s:%d is in use (a predecessor's node?); waiting for it", host, port)
+            await asyncio.sleep(PORT_POLL_S)
+            waited += PORT_POLL_S
 
     async def _read_stdout(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None

@@ -4,7 +4,8 @@ process) with an `hbone:` section in its static configuration, a pod behind each
 Pod A's connection to pod B crosses the link only as TLS to 15008 (the link capture of hbone_lab) and arrives
 in plaintext; the per-peer counters are on both agents' admin API (`/stats?format=json` and Prometheus text);
 an RBAC refusal is counted by reason on both sides; a killed HBONE node is restarted by the agent and tunnels
-again; stopping the agent stops its HBONE node and detaches its capture (the pod's traffic then crosses the
+again; a hot upgrade (a successor agent taking over) ends with the successor's HBONE node tunnelling;
+stopping the agent stops its HBONE node and detaches its capture (the pod's traffic then crosses the
 link in plaintext: the kernel's own routing, as before HBONE).
 """
 
@@ -103,9 +104,20 @@ def test_agents_run_hbone_from_their_config_with_counters_restart_and_cleanup(la
     assert again and again["restarts"] == 1, hbone_rows(admin_a)
     assert pod_exchange(lab, MARKER) == b"B saw %d bytes from 10.81.2.1: %s" % (len(MARKER), MARKER)
 
-    # stopping the agent stops its HBONE node and detaches the capture: plaintext across the link again
+    # hot upgrade: a successor takes over; the predecessor stops its HBONE node, the successor starts its own
     child = again["pid"]
-    assert ns_tools.stop(agent_a) == 0
+    successor = lab.start_agent("a", {"planes": AGENT_PLANES, "hbone": node_a_settings(lab.ca_a)})
+    assert agent_a.wait(timeout=60) == 0
+    assert not Path(f"/proc/{child}").exists()
+    new = eventually(lambda: (n := hbone_rows(admin_a)["node"])["up"] == 1 and n["pid"] not in (0, child) and n, 60)
+    assert new and new["restarts"] == 0, hbone_rows(admin_a)  # started once, after the predecessor's was gone
+    cap = LinkCapture(lab.node_a, "hbla")
+    assert pod_exchange(lab, MARKER) == b"B saw %d bytes from 10.81.2.1: %s" % (len(MARKER), MARKER)
+    assert cap.stop() and not any(MARKER in frame for frame in cap.frames)
+
+    # stopping the agent stops its HBONE node and detaches the capture: plaintext across the link again
+    child = new["pid"]
+    assert ns_tools.stop(successor) == 0
     assert not Path(f"/proc/{child}").exists()
     cap = LinkCapture(lab.node_a, "hbla")
     assert pod_exchange(lab, MARKER, port=PORT).startswith(b"B saw")
