@@ -57,17 +57,23 @@ def load_hbone(config: Path | None, bootstrap: Path | None) -> dict[str, Any] | 
     else:
         ca_api, planes = None, snapshot_from_dict(raw).planes
     settings = section_settings(raw, ca_api)
-    check_ports(settings, planes)
+    check_ports(settings, planes)  # the capture against the agent's planes
     return settings
 
 
 def check_ports(settings: dict[str, Any] | None, planes: Sequence[Plane]) -> None:
-    """The capture listener cannot share a port with a plane's proxy workers (both bind it on `::`)."""
-    port = check(settings).capture.port if settings and check(settings).capture else None
+    """The capture cannot share a port with a plane's proxy workers (both bind it on `::`), nor an interface
+    with a plane (one TC program of ours per interface: the agent's and HBONE's would replace each other)."""
+    capture = check(settings).capture if settings else None
+    if capture is None:
+        return
     for plane in planes:
         for name in ("proxy_port", "sniff_port"):
-            if port == getattr(plane, name):
-                raise ConfigError("hbone.capture.port", f"{port} is plane {plane.name}'s {name}")
+            if capture.port == getattr(plane, name):
+                raise ConfigError("hbone.capture.port", f"{capture.port} is plane {plane.name}'s {name}")
+        for i, ifname in enumerate(capture.interfaces):
+            if plane.claims_interface(ifname):
+                raise ConfigError(f"hbone.capture.interfaces[{i}]", f"{ifname!r} is an interface of plane {plane.name}")
 
 
 class HboneSupervisor:

@@ -56,6 +56,8 @@ def test_static_config_accepts_the_section_and_the_agent_checks_it(tmp_path: Pat
         (section(listen="nowhere:15008"), "hbone.listen", "is not an IP address"),
         (section(capture={"port": 15001, "interfaces": ["veth0"], "ports": [8080]}), "hbone.capture.port",
          "15001 is plane oam's proxy_port"),
+        (section(capture={"port": 15006, "interfaces": ["veth0", "n3-oam"], "ports": [8080]}),
+         "hbone.capture.interfaces[1]", "'n3-oam' is an interface of plane oam"),
         (section(rbac=[{"rules": {"policies": {"p": {"permissions": [{"any": True}],
                                                       "principals": [{"metadata": {}}]}}}}]),
          "hbone.rbac[0].rules.policies[p].principals[0].metadata", "not supported"),
