@@ -31,6 +31,8 @@ import yaml
 
 from planemesh.agent.hbone.section import SECTION, check, section_settings
 from planemesh.agent.hbone.stats import peer_rows
+from planemesh.agent.identity.ca import CertError
+from planemesh.agent.identity.ca_files import read_ca
 from planemesh.model.config import ConfigError
 from planemesh.model.planes import Plane
 from planemesh.model.static_config import read_yaml_file, snapshot_from_dict
@@ -58,6 +60,11 @@ def load_hbone(config: Path | None, bootstrap: Path | None) -> dict[str, Any] | 
         ca_api, planes = None, snapshot_from_dict(raw).planes
     settings = section_settings(raw, ca_api)
     check_ports(settings, planes)  # the capture against the agent's planes
+    if settings is not None and "ca" in settings:
+        try:
+            read_ca(Path(settings["ca"]))  # a missing or expired CA fails the agent's start, not its child's
+        except (ConfigError, CertError) as exc:
+            raise ConfigError("hbone.ca", getattr(exc, "reason", str(exc))) from None
     return settings
 
 

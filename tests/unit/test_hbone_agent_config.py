@@ -14,6 +14,8 @@ from planemesh.agent.cli import build_parser, main
 from planemesh.agent.daemon import AgentOptions, _load_hbone
 from planemesh.agent.hbone.stats import HboneStats
 from planemesh.agent.hbone.supervisor import HboneSupervisor, load_hbone
+from planemesh.agent.identity.ca import key_pem, new_root, utcnow
+from planemesh.agent.identity.ca_files import write_new
 from planemesh.agent.metrics import PlanemeshCollector, StatsRegistry, coerce_report, merge_reports
 from planemesh.model.config import ConfigError
 from planemesh.model.static_config import snapshot_from_dict
@@ -24,8 +26,11 @@ NODE = "spiffe://cluster.local/ns/planemesh/sa/node-a"
 AMF = "spiffe://cluster.local/ns/ran/sa/amf"
 
 
+CA_DIR = "/nonexistent/planemesh-ca"  # read by the agent's start only after the section checked out
+
+
 def section(**extra: object) -> dict:
-    return {"node": {"identity": NODE}, "ca": "/etc/planemesh/ca", "workloads": {"10.81.1.2": AMF},
+    return {"node": {"identity": NODE}, "ca": CA_DIR, "workloads": {"10.81.1.2": AMF},
             "peers": [{"name": "node-b", "address": "10.81.0.2", "cidrs": ["10.81.2.0/24"]}], **extra}  # fmt: skip
 
 
@@ -33,6 +38,15 @@ def boot(hbone: dict, **top: object) -> dict:
     return {"node": {"id": "n", "metadata": {"NAMESPACE": "planemesh", "SERVICE_ACCOUNT": "node-a"}},
             "server": {"address": "unix:///run/xds.sock", "token_file": "/run/token"}, "planes": PLANES,
             "hbone": hbone, **top}  # fmt: skip
+
+
+def real_ca(tmp_path: Path) -> str:
+    root = new_root("cluster.local", now=utcnow())
+    out = tmp_path / "ca"
+    out.mkdir(exist_ok=True)
+    write_new(out / "root-cert.pem", root.root_pem())
+    write_new(out / "root-key.pem", key_pem(root.key), secret=True)
+    return str(out)
 
 
 def write(tmp_path: Path, raw: dict) -> Path:
@@ -43,9 +57,11 @@ def write(tmp_path: Path, raw: dict) -> Path:
 
 def test_static_config_accepts_the_section_and_the_agent_checks_it(tmp_path: Path) -> None:
     snapshot_from_dict({"planes": PLANES, "hbone": section()})  # the Snapshot ignores it, the agent reads it
-    good = _load_hbone(AgentOptions(config=write(tmp_path, {"planes": PLANES, "hbone": section()})))
+    good = _load_hbone(AgentOptions(config=write(tmp_path, {"planes": PLANES, "hbone": section(ca=real_ca(tmp_path))})))
     assert good is not None and good["peers"][0]["name"] == "node-b"
     assert _load_hbone(AgentOptions(config=write(tmp_path, {"planes": PLANES}))) is None
+    with pytest.raises(ConfigError, match=r"^hbone\.ca: .*/nonexistent/planemesh-ca"):  # read before anything starts
+        _load_hbone(AgentOptions(config=write(tmp_path, {"planes": PLANES, "hbone": section()})))
 
 
 @pytest.mark.parametrize(
@@ -81,7 +97,7 @@ def test_bootstrap_ca_section_gives_hbone_its_certificates_by_create_certificate
     settings = load_hbone(None, write(tmp_path, boot(no_ca, ca={"ttl_s": 3600})))
     assert settings is not None and "ca" not in settings
     assert settings["ca_api"] == {"address": "unix:///run/xds.sock", "token_file": "/run/token", "ttl_s": 3600.0}
-    own = load_hbone(None, write(tmp_path, boot(section(), ca={"ttl_s": 3600})))
+    own = load_hbone(None, write(tmp_path, boot(section(ca=real_ca(tmp_path)), ca={"ttl_s": 3600})))
     assert own is not None and "ca_api" not in own  # a section with its own CA keeps it
 
 
