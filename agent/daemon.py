@@ -242,7 +242,8 @@ class Agent:
     async def reload(self) -> None:
         """SIGHUP (docs/configuration.md, "Signals"): with --config (or the embedded default) re-read the static
         file and apply it; with --bootstrap re-read the bootstrap: its host_mode section, and when its xDS
-        settings changed, reconnect with them. A bad file changes nothing. --xds-resources: the embedded server
+        settings changed, reconnect with them. Either way an hbone section that changed restarts the HBONE node
+        with it. A bad file changes nothing. --xds-resources: the embedded server
         already follows its directory, nothing to do."""
         if self.options.bootstrap is None and self.options.xds_resources is not None:
             log.info("SIGHUP: the embedded xDS server follows %s itself; nothing to reload", self.options.xds_resources)
@@ -250,6 +251,7 @@ class Agent:
         self.notifier.reloading()
         try:
             cgroups = await self._reload_host_cgroups()
+            hbone = await asyncio.to_thread(_load_hbone, self.options)  # checked before anything changes
             if self.options.bootstrap is not None:
                 await self._reload_bootstrap()
             else:
@@ -259,6 +261,7 @@ class Agent:
             if self.host is not None and cgroups != self.host_cgroups:
                 self.host_cgroups = cgroups
                 await self._sync_host_cgroups()
+            await self._reload_hbone(hbone)
         except ConfigError as exc:
             log.error("SIGHUP: keeping the running configuration: %s", exc)
         finally:
@@ -392,6 +395,24 @@ class Agent:
                 await asyncio.wait_for(self.hbone.ready.wait(), wait_s)
             except TimeoutError:
                 log.error("HBONE node not ready after %.0fs; still trying", wait_s)
+
+    async def _reload_hbone(self, settings: dict[str, Any] | None) -> None:
+        """SIGHUP: start, restart with new settings, or stop the HBONE node as the section now says."""
+        if settings == self.hbone_settings:
+            return
+        self.hbone_settings = settings
+        if self.hbone is None:
+            log.info("SIGHUP: starting the HBONE node")
+            await self._start_hbone(wait_s=0)
+        elif settings is None:
+            log.info("SIGHUP: no hbone section any more: stopping the HBONE node")
+            await self.hbone.stop(self.options.drain_timeout_s)
+            if self.admin_app is not None:
+                self.admin_app.stats.unregister("hbone")
+            self.hbone = None
+        else:
+            log.info("SIGHUP: hbone section changed: restarting the HBONE node with it")
+            self.hbone.reconfigure(settings)
 
     async def _start_xds(self) -> None:
         from planemesh.agent.xds_source import start_xds

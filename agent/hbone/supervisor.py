@@ -94,7 +94,9 @@ class HboneSupervisor:
         self.starts = 0
         self.restarts = 0
         self.last_exit: int | None = None
+        self.reconfigured = 0
         self._stopping = False
+        self._replacing = False  # the current child is being stopped for new settings: not a crash
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "planemesh.agent.hbone", "--config", str(self.config_path),
@@ -126,6 +128,9 @@ class HboneSupervisor:
                 await asyncio.gather(reader, return_exceptions=True)
             if self._stopping:
                 return
+            if self._replacing:
+                self._replacing = False
+                continue
             self.restarts += 1
             backoff = BACKOFF_MIN_S if loop.time() - started >= STABLE_S else backoff
             log.error("HBONE node exited (%s); restarting in %.1fs", self.last_exit, backoff)
@@ -158,6 +163,17 @@ class HboneSupervisor:
             if line.strip() == b"hbone ready":
                 log.info("HBONE node ready (pid %d)", proc.pid)
                 self.ready.set()
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        """New settings (SIGHUP): the child is stopped and a new one starts with them at once (no backoff)."""
+        self.settings = settings
+        self._write_config()
+        self.reconfigured += 1
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            self._replacing = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM (the child detaches its capture, closes its listeners), SIGKILL after `timeout_s`."""

@@ -3,7 +3,8 @@ process) with an `hbone:` section in its static configuration, a pod behind each
 
 Pod A's connection to pod B crosses the link only as TLS to 15008 (the link capture of hbone_lab) and arrives
 in plaintext; the per-peer counters are on both agents' admin API (`/stats?format=json` and Prometheus text);
-an RBAC refusal is counted by reason on both sides; a killed HBONE node is restarted by the agent and tunnels
+an RBAC refusal is counted by reason on both sides; SIGHUP with a changed section restarts the HBONE node
+with it (the refused port then tunnels); a killed HBONE node is restarted by the agent and tunnels
 again; a hot upgrade (a successor agent taking over) ends with the successor's HBONE node tunnelling;
 stopping the agent stops its HBONE node and detaches its capture (the pod's traffic then crosses the
 link in plaintext: the kernel's own routing, as before HBONE).
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from planemesh.agent.admin_client import AdminClient
 from planemesh.agent.identity.ca import key_pem, new_root, utcnow
@@ -65,7 +67,7 @@ def lab(run_prefix: str, tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_agents_run_hbone_from_their_config_with_counters_restart_and_cleanup(lab) -> None:  # type: ignore[no-untyped-def]
     hbone_b = node_b_settings(lab.ca_b, rbac=deny_echo_port())
     hbone_b["peers"] = [{"name": "node-a", "address": NODE_A_LINK, "cidrs": [CIDR_A]}]  # names node A in counters
-    lab.start_agent("b", {"planes": AGENT_PLANES, "hbone": hbone_b})
+    agent_b = lab.start_agent("b", {"planes": AGENT_PLANES, "hbone": hbone_b})
     agent_a = lab.start_agent("a", {"planes": AGENT_PLANES, "hbone": node_a_settings(lab.ca_a)})
     admin_a, admin_b = AdminClient(f"unix://{lab.admin_path('a')}"), AdminClient(f"unix://{lab.admin_path('b')}")
 
@@ -96,6 +98,15 @@ def test_agents_run_hbone_from_their_config_with_counters_restart_and_cleanup(la
     assert "planemesh_hbone_up 1.0" in text
     prom_b = admin_b.get("/stats").body.decode()
     assert 'planemesh_hbone_refused_total{direction="inbound",peer="node-a",reason="rbac_denied"} 1.0' in prom_b
+
+    # SIGHUP: node B's section without the RBAC restarts its HBONE node with it (not a crash); the echo port tunnels
+    pid_b = inb["node"]["pid"]
+    hbone_b["rbac"] = []
+    (lab.workdir / "agent-b.yaml").write_text(yaml.safe_dump({"planes": AGENT_PLANES, "hbone": hbone_b}))
+    agent_b.send_signal(signal.SIGHUP)
+    node_b = eventually(lambda: (n := hbone_rows(admin_b)["node"])["up"] == 1 and n["pid"] not in (0, pid_b) and n, 30)
+    assert node_b and node_b["restarts"] == 0, hbone_rows(admin_b)
+    assert eventually(lambda: pod_exchange(lab, MARKER, port=ECHO_PORT) == MARKER, 15)
 
     # the agent restarts a crashed HBONE node, which tunnels again
     pid = out["node"]["pid"]
