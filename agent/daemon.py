@@ -23,6 +23,7 @@ from typing import Any
 
 from planemesh.agent.control_thread import ControlThread
 from planemesh.agent.cpu_groups import CpuGroups
+from planemesh.agent.hbone.load import load_hbone_section
 from planemesh.agent.kernel import KernelDataPath
 from planemesh.agent.node_overload import NodeOverloadConfig, NodeShedding, load_node_overload
 from planemesh.agent.sdnotify import (
@@ -251,7 +252,7 @@ class Agent:
         self.notifier.reloading()
         try:
             cgroups = await self._reload_host_cgroups()
-            hbone = await asyncio.to_thread(_load_hbone, self.options)  # checked before anything changes
+            hbone = await asyncio.to_thread(load_hbone_section, self.options.config, self.options.bootstrap)
             if self.options.bootstrap is not None:
                 await self._reload_bootstrap()
             else:
@@ -512,31 +513,13 @@ def load_snapshot(options: AgentOptions) -> Snapshot | None:
     return load_static_config(options.config) if options.config else load_default_config()
 
 
-def _load_hbone(options: AgentOptions) -> dict[str, Any] | None:
-    """The `hbone:` section, checked (ConfigError naming the field); the HBONE modules (and grpc, which the
-    CreateCertificate client needs) are imported only when the file has one."""
-    path = options.host_mode_file
-    if path is None or "hbone" not in (_yaml_keys(path)):
-        return None
-    from planemesh.agent.hbone.supervisor import load_hbone
-
-    return load_hbone(options.config, options.bootstrap)
-
-
-def _yaml_keys(path: Path) -> set[str]:
-    from planemesh.model.static_config import read_yaml_file
-
-    raw = read_yaml_file(path)
-    return set(raw) if isinstance(raw, dict) else set()
-
-
 def run_agent(options: AgentOptions) -> int:
     from planemesh.agent.host_attach import load_host_cgroups
 
     first = load_snapshot(options)  # a bad file fails here, before anything is changed
     host_cgroups = load_host_cgroups(options.host_cgroups, options.host_mode_file)  # so does a bad cgroup
     node_overload = load_node_overload(options.host_mode_file)  # and a bad node_overload section
-    hbone = _load_hbone(options)  # and a bad hbone section
+    hbone = load_hbone_section(options.config, options.bootstrap)  # and a bad hbone section
     if host_cgroups and options.datapath_only:
         raise ConfigError("--host-cgroup", "host mode needs planemesh's own proxy (not --datapath-only)")
     if options.netns:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from planemesh.agent.cli import build_parser, main
-from planemesh.agent.daemon import AgentOptions, _load_hbone
+from planemesh.agent.hbone.load import load_hbone_section
 from planemesh.agent.hbone.stats import HboneStats
 from planemesh.agent.hbone.supervisor import HboneSupervisor, load_hbone
 from planemesh.agent.identity.ca import key_pem, new_root, utcnow
@@ -57,11 +57,11 @@ def write(tmp_path: Path, raw: dict) -> Path:
 
 def test_static_config_accepts_the_section_and_the_agent_checks_it(tmp_path: Path) -> None:
     snapshot_from_dict({"planes": PLANES, "hbone": section()})  # the Snapshot ignores it, the agent reads it
-    good = _load_hbone(AgentOptions(config=write(tmp_path, {"planes": PLANES, "hbone": section(ca=real_ca(tmp_path))})))
+    good = load_hbone_section(write(tmp_path, {"planes": PLANES, "hbone": section(ca=real_ca(tmp_path))}), None)
     assert good is not None and good["peers"][0]["name"] == "node-b"
-    assert _load_hbone(AgentOptions(config=write(tmp_path, {"planes": PLANES}))) is None
+    assert load_hbone_section(write(tmp_path, {"planes": PLANES}), None) is None
     with pytest.raises(ConfigError, match=r"^hbone\.ca: .*/nonexistent/planemesh-ca"):  # read before anything starts
-        _load_hbone(AgentOptions(config=write(tmp_path, {"planes": PLANES, "hbone": section()})))
+        load_hbone_section(write(tmp_path, {"planes": PLANES, "hbone": section()}), None)
 
 
 @pytest.mark.parametrize(
