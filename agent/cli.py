@@ -76,6 +76,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config-dump": _ADMIN,
     "top": ("planemesh.agent.top", "add_top_command"),
     "ca": ("planemesh.agent.identity.ca_files", "add_ca_command"),
+    "hbone": ("planemesh.agent.hbone.node", "add_hbone_command"),
 }
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from planemesh.agent.control_thread import ControlThread
 from planemesh.agent.cpu_groups import CpuGroups
+from planemesh.agent.hbone.load import load_hbone_section
 from planemesh.agent.kernel import KernelDataPath
 from planemesh.agent.node_overload import NodeOverloadConfig, NodeShedding, load_node_overload
 from planemesh.agent.sdnotify import (
@@ -43,6 +44,7 @@ from planemesh.netplanes import discovery
 from planemesh.netplanes.discovery import NetlinkWatch, PlaneInterface
 
 log = logging.getLogger("planemesh.agent")
+HBONE_READY_S = 60.0  # the HBONE node's first start (BPF load, certificates) before the agent says ready
 
 
 @dataclass
@@ -75,8 +77,11 @@ class Agent:
         options: AgentOptions,
         host_cgroups: tuple[str, ...] = (),
         node_overload: NodeOverloadConfig | None = None,
+        hbone: dict[str, Any] | None = None,
     ) -> None:
         self.options = options
+        self.hbone_settings = hbone  # the checked `hbone:` section (agent/hbone/section.py); None: no HBONE
+        self.hbone: Any = None  # planemesh.agent.hbone.supervisor.HboneSupervisor while it runs
         self.node_overload = node_overload or NodeOverloadConfig()  # priority between planes (node_overload.py)
         self.node_shedding: NodeShedding | None = None  # its loop, while node_overload is enabled
         self._shed_task: asyncio.Task[Any] | None = None
@@ -240,7 +245,8 @@ class Agent:
     async def reload(self) -> None:
         """SIGHUP (docs/configuration.md, "Signals"): with --config (or the embedded default) re-read the static
         file and apply it; with --bootstrap re-read the bootstrap: its host_mode section, and when its xDS
-        settings changed, reconnect with them. A bad file changes nothing. --xds-resources: the embedded server
+        settings changed, reconnect with them. Either way an hbone section that changed restarts the HBONE node
+        with it. A bad file changes nothing. --xds-resources: the embedded server
         already follows its directory, nothing to do."""
         if self.options.bootstrap is None and self.options.xds_resources is not None:
             log.info("SIGHUP: the embedded xDS server follows %s itself; nothing to reload", self.options.xds_resources)
@@ -249,6 +255,7 @@ class Agent:
         try:
             cgroups = await self._reload_host_cgroups()
             node_overload = await asyncio.to_thread(load_node_overload, self.options.host_mode_file)
+            hbone = await asyncio.to_thread(load_hbone_section, self.options.config, self.options.bootstrap)
             if self.options.bootstrap is not None:
                 await self._reload_bootstrap()
             else:
@@ -259,6 +266,7 @@ class Agent:
                 self.host_cgroups = cgroups
                 await self._sync_host_cgroups()
             await self._reload_node_overload(node_overload)
+            await self._reload_hbone(hbone)
         except ConfigError as exc:
             log.error("SIGHUP: keeping the running configuration: %s", exc)
         finally:
@@ -383,12 +391,15 @@ class Agent:
             self.spawn(self._collect_worker_stats(), "worker-stats")
             self._start_node_shedding()
             self.spawn(run_watchdog(self.notifier, self.healthy), "watchdog")
+            if self._takeover is None:
+                await self._start_hbone(wait_s=HBONE_READY_S)
             await self.readiness.wait()
             if self._takeover is not None:
                 # Our workers serve the inherited sockets: let the predecessor drain, then take its admin socket.
                 self._takeover.done()
                 self._takeover = None
                 await self._start_admin(retry_s=self.options.drain_timeout_s + 10)
+                await self._start_hbone(wait_s=0)  # binds once the predecessor's HBONE node released 15008
             self._handover_server = HandoverServer(self.handover_path, self.listening_sockets, self._handed_over)
             await self._handover_server.start()
             self.notifier.ready(f"planes: {', '.join(self.workers)}")
@@ -400,6 +411,42 @@ class Agent:
             await self.shutdown()
         if self.failure is not None:
             raise self.failure
+
+    async def _start_hbone(self, wait_s: float) -> None:
+        """Start the supervised HBONE node (if configured); wait up to `wait_s` for it to be ready (it keeps
+        being retried in the background either way)."""
+        if self.hbone_settings is None:
+            return
+        from planemesh.agent.hbone.supervisor import HboneSupervisor
+
+        tag = self.options.netns or "host"
+        self.hbone = HboneSupervisor(self.hbone_settings, self.options.runtime_dir, tag, self.options.pin_dir)
+        self.spawn(self.hbone.run(), "hbone")
+        if self.admin_app is not None:
+            self.admin_app.stats.register("hbone", self.hbone.report)
+        if wait_s > 0:
+            try:
+                await asyncio.wait_for(self.hbone.ready.wait(), wait_s)
+            except TimeoutError:
+                log.error("HBONE node not ready after %.0fs; still trying", wait_s)
+
+    async def _reload_hbone(self, settings: dict[str, Any] | None) -> None:
+        """SIGHUP: start, restart with new settings, or stop the HBONE node as the section now says."""
+        if settings == self.hbone_settings:
+            return
+        self.hbone_settings = settings
+        if self.hbone is None:
+            log.info("SIGHUP: starting the HBONE node")
+            await self._start_hbone(wait_s=0)
+        elif settings is None:
+            log.info("SIGHUP: no hbone section any more: stopping the HBONE node")
+            await self.hbone.stop(self.options.drain_timeout_s)
+            if self.admin_app is not None:
+                self.admin_app.stats.unregister("hbone")
+            self.hbone = None
+        else:
+            log.info("SIGHUP: hbone section changed: restarting the HBONE node with it")
+            self.hbone.reconfigure(settings)
 
     async def _start_xds(self) -> None:
         from planemesh.agent.xds_source import start_xds
@@ -432,6 +479,8 @@ class Agent:
         if self.handed_over and self._admin is not None:
             await self._admin.close()  # the successor takes the admin socket over now
             self._admin = None
+        if self.hbone is not None:  # before the tasks: its supervisor must not take the stop for a crash
+            await self.hbone.stop(self.options.drain_timeout_s)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -503,11 +552,12 @@ def run_agent(options: AgentOptions) -> int:
     first = load_snapshot(options)  # a bad file fails here, before anything is changed
     host_cgroups = load_host_cgroups(options.host_cgroups, options.host_mode_file)  # so does a bad cgroup
     node_overload = load_node_overload(options.host_mode_file)  # and a bad node_overload section
+    hbone = load_hbone_section(options.config, options.bootstrap)  # and a bad hbone section
     if host_cgroups and options.datapath_only:
         raise ConfigError("--host-cgroup", "host mode needs planemesh's own proxy (not --datapath-only)")
     if options.netns:
         enter_netns(options.netns)
-    agent = Agent(options, host_cgroups, node_overload)
+    agent = Agent(options, host_cgroups, node_overload, hbone)
     try:
         import uvloop
 

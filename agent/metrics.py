@@ -8,6 +8,7 @@ and yields Prometheus families. A provider that raises is logged and counted; th
 Who provides what (see docs/operations.md, "Metrics"):
 - proxy workers: `RouteStats` (per plane/listener/route/cluster), `ListenerStats`, `ClusterStats`
 - data path (ebpf): `DataPathStats` (per plane, verdict -> packets and bytes)
+- HBONE node (agent/hbone/supervisor.py): `HbonePeerStats` per peer node and direction, `HboneNodeStats`
 - xDS client: `XdsTypeStats` (per type URL: version, ACKs, NACKs, resource count), `xds_connected`
 - proxy workers with a sniffing listener: `SniffListenerStats` (verdicts, SNI, ALPN, passthrough connections and
   bytes), `SniRouteStats` (passthrough connections per filter chain and SNI)
@@ -29,6 +30,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from planemesh.agent.hbone.metrics import PEER_KEY, HboneNodeStats, HbonePeerStats, hbone_families
 from planemesh.agent.identity.cert_metrics import certificate_families
 from planemesh.agent.istio_metrics import istio_families
 
@@ -249,6 +251,8 @@ class StatsReport:
     istio: list[IstioStats] = field(default_factory=list)
     certificates: list[WorkloadCertStats] = field(default_factory=list)
     node_shed: list[NodeShedStats] = field(default_factory=list)
+    hbone: list[HbonePeerStats] = field(default_factory=list)  # agent/hbone/metrics.py
+    hbone_node: list[HboneNodeStats] = field(default_factory=list)
 
 
 _ROW_TYPES = {
@@ -265,6 +269,8 @@ _ROW_TYPES = {
     "plane_groups": PlaneGroupStats,
     "overload": OverloadStats,
     "node_shed": NodeShedStats,
+    "hbone": HbonePeerStats,
+    "hbone_node": HboneNodeStats,
 }
 
 
@@ -408,6 +414,8 @@ def merge_reports(reports: Sequence[StatsReport]) -> StatsReport:
             (r for rep in reports for r in rep.istio), ("plane", "cluster", "source_principal", "destination_principal")
         ),
         node_shed=[r for rep in reports for r in rep.node_shed],  # one provider: nothing to sum
+        hbone=_sum_rows((r for rep in reports for r in rep.hbone), PEER_KEY),
+        hbone_node=[r for rep in reports for r in rep.hbone_node],  # one provider
     )
 
 
@@ -440,6 +448,7 @@ class PlanemeshCollector(Collector):
         yield from istio_families([*report.routes, *report.istio])
         yield from _tls_families(report.tls)
         yield from certificate_families(report.certificates)
+        yield from hbone_families(report.hbone, report.hbone_node)
         yield from self._agent_families()
 
     def _agent_families(self) -> Iterator[Metric]:

@@ -124,6 +124,16 @@ SETTINGS: tuple[Setting, ...] = (
             "with --ca: serve istio's CreateCertificate to callers with `authorization: Bearer TOKEN`; file of lines"
             " `TOKEN NAMESPACE/SERVICE_ACCOUNT` (or `TOKEN *`: any identity)",
             shown_default="the --bearer-token-file token may ask for any identity"),
+    # ---- planemesh hbone (node-to-node mTLS standalone; the agent runs it itself from an `hbone:` section) ----
+    Setting(("hbone",), "--config", "PLANEMESH_HBONE_CONFIG", None,
+            "HBONE settings YAML, or a static config with an `hbone:` section (docs/hbone.md; required)"),
+    Setting(("hbone",), "--stats", "PLANEMESH_HBONE_STATS", None,
+            "write the counters (JSON) to this file every 0.5 s; unset: no counters file"),
+    Setting(("hbone",), "--pin-dir", "PLANEMESH_HBONE_PIN_DIR", None,
+            "bpffs directory for the capture program's pins; unset: nothing pinned"),
+    Setting(("hbone",), "--netns", "PLANEMESH_HBONE_NETNS", None, "run inside this named network namespace (labs)"),
+    Setting(("hbone",), "--shared-routing", "PLANEMESH_HBONE_SHARED_ROUTING", None,
+            "the agent owns the policy route (same mark): neither install nor remove it", Kind.SWITCH),
     # ---- admin clients: status, planes, stats, config-dump, top -------------------------------------
     Setting(ADMIN_CLIENTS, "--admin", "PLANEMESH_ADMIN", ADMIN_SOCKET,
             "where the agent's admin endpoint is: unix:///path or http://127.0.0.1:PORT (the first of the list)"),

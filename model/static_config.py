@@ -151,8 +151,9 @@ def _parse_listener(raw: Any, i: int) -> Listener:
 def snapshot_from_dict(raw: Any, version: str = "static") -> Snapshot:
     _require(raw, dict, "", "a mapping at the top level")
     # host_mode: node-local cgroups to intercept, read by planemesh.agent.host_attach; node_overload: priority
-    # between planes under node-wide overload, read by planemesh.agent.node_overload (neither is in a Snapshot).
-    _unknown_keys(raw, {"planes", "listeners", "host_mode", "node_overload"}, "config")
+    # between planes under node-wide overload, read by planemesh.agent.node_overload; hbone: the node's HBONE
+    # (node-to-node mTLS), checked and run by the agent (planemesh.agent.hbone.section; none is in a Snapshot).
+    _unknown_keys(raw, {"planes", "listeners", "host_mode", "node_overload", "hbone"}, "config")
     planes = _require(raw.get("planes"), list, "planes", "a list of planes")
     listeners = _require(raw.get("listeners", []), list, "listeners", "a list of listeners")
     snap = Snapshot(

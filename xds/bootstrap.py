@@ -16,6 +16,8 @@
     planes: [...]                     # the static configuration's `planes:` (model/static_config.py)
     host_mode: {slices: [telecom.slice], cgroups: [...]}   # optional: host-mode cgroups (agent/host_attach.py)
     workloads: {source: kubernetes}   # optional: one ADS stream per local workload (agent/workloads/settings.py)
+    hbone: {node: ..., peers: [...]}  # optional: node-to-node mTLS run by the agent (agent/hbone/section.py);
+        # without its own `ca`, certificates by CreateCertificate from the `ca:` section
 
 Planes are local knowledge (interfaces and CIDRs of this node), so they come from here, not from xDS;
 every error names its field like the static configuration's.
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planemesh.agent.hbone.section import section_settings
 from planemesh.agent.identity.ca import MAX_WORKLOAD_TTL_S
 from planemesh.agent.identity.cert_client import CaSettings
 from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, istio_identity
@@ -107,8 +110,9 @@ def _str(raw: dict, key: str, path: str, default: str | None = None) -> str:
 
 def bootstrap_from_dict(raw: Any) -> Bootstrap:
     top = _mapping(
-        raw, "bootstrap", {"node", "server", "planes", "timing", "host_mode", "node_overload", "workloads", "ca"}
-    )
+        raw, "bootstrap",
+        {"node", "server", "planes", "timing", "host_mode", "node_overload", "workloads", "ca", "hbone"},
+    )  # fmt: skip
     if "host_mode" in top:  # read by the agent (planemesh.agent.host_attach); checked here so errors come early
         host_mode_from_dict(top["host_mode"])
     node = _mapping(top.get("node"), "node", {"id", "cluster", "metadata"})
@@ -145,6 +149,7 @@ def bootstrap_from_dict(raw: Any) -> Bootstrap:
             raise ConfigError(f"node.metadata.{key}", "expected a string key and a JSON value")
     planes = snapshot_from_dict({"planes": top.get("planes")}, version="bootstrap").planes
     ca, identity = _ca(top["ca"], server, tls, token_file, dict(meta)) if "ca" in top else (None, None)
+    section_settings(top, ca)  # the agent runs it (agent/hbone/supervisor.py); checked here so errors come early
     return Bootstrap(
         node_id=_str(node, "id", "node"),
         cluster=_str(node, "cluster", "node", "planemesh"),

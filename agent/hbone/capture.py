@@ -37,7 +37,9 @@ def capture_rules(capture: Capture, routes: Routes) -> dict[PolicyRule, Action]:
 class CaptureDatapath:
     """Attach, configure, and on close detach everything it installed (in the calling netns)."""
 
-    def __init__(self, capture: Capture, routes: Routes, pin_dir: str | None = None) -> None:
+    def __init__(self, capture: Capture, routes: Routes, pin_dir: str | None = None, own_route: bool = True) -> None:
+        """`own_route`: install (and on close remove) the policy route; False when the agent owns it (same mark)."""
+        self.own_route = own_route
         self.dp = Datapath(pin_dir)
         self.ifindexes: list[int] = []
         try:
@@ -51,12 +53,14 @@ class CaptureDatapath:
                     self.ifindexes.append(found[0])
                 self.dp.set_plane(PLANE, capture.port, 0, Action.BYPASS)
                 self.dp.sync_policy(capture_rules(capture, routes))
-                routing.install(routing.LocalDelivery(), ipr)
+                if self.own_route:
+                    routing.install(routing.LocalDelivery(), ipr)
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
         with IPRoute() as ipr:
-            routing.remove(routing.LocalDelivery(), ipr)
+            if self.own_route:
+                routing.remove(routing.LocalDelivery(), ipr)
             self.dp.close(detach=True, ipr=ipr)

@@ -51,16 +51,21 @@ class InboundConnection(HboneConnection):
     def __init__(self, inbound: Inbound) -> None:
         super().__init__(client_side=False, on_request=inbound.request)
         self.inbound = inbound
+        self.peer_name = "-"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peername = transport.get_extra_info("peername")
+        self.peer_name = self.inbound.routes().peer_name(peername[0] if peername else None)
         if len(self.inbound.open) >= MAX_CONNECTIONS:
-            self.inbound.stats.refuse_in("overloaded")
+            self.inbound.stats.refuse_in("overloaded", self.peer_name)
             transport.abort()
             return
         self.inbound.stats.connections_in += 1
+        self.inbound.stats.peer_in(self.peer_name).connections += 1
         self.peer_identity = spiffe_peer(transport)
         if self.peer_identity is None:
             self.inbound.stats.peer_refused += 1
+            self.inbound.stats.refuse_in("peer_identity", self.peer_name)
             log.info("HBONE peer %s refused: no single SPIFFE ID", transport.get_extra_info("peername"))
             transport.abort()
             return
@@ -99,17 +104,18 @@ class Inbound:
         return self.server
 
     def request(self, conn: HboneConnection, sid: int, headers: list) -> None:
+        peer = getattr(conn, "peer_name", "-")
         try:
             req = parse_connect(headers)
         except HboneError as exc:
-            self.stats.refuse_in("bad_request")
+            self.stats.refuse_in("bad_request", peer)
             log.info("HBONE CONNECT from %s (%s) refused %d: %s", conn.peer_ip, conn.peer_identity, exc.status, exc)
             conn.respond(sid, exc.status, end=True)
             return
         assert conn.peer_identity is not None
         decision = decide(req, conn.peer_identity, conn.peer_ip, self.routes().workloads, self.rbacs())
         if decision.status != 200:
-            self.stats.refuse_in(decision.reason)
+            self.stats.refuse_in(decision.reason, peer)
             log.info(
                 "HBONE CONNECT %s from %s (%s) refused %d: %s%s", req.authority, conn.peer_ip, conn.peer_identity,
                 decision.status, decision.reason, f", {decision.policy}" if decision.policy else "",
@@ -117,32 +123,37 @@ class Inbound:
             conn.respond(sid, decision.status, end=True)
             return
         side = TcpSide()
-        side.on_open = lambda: self._opened(conn, sid, side)
-        side.on_close = lambda s, _exc: self._closed(conn, req.authority, s)
+        side.on_open = lambda: self._opened(conn, sid, side, peer)
+        side.on_close = lambda s, _exc: self._closed(conn, req.authority, s, peer)
         conn.attach(sid, side)
-        task = asyncio.get_running_loop().create_task(self._dial(conn, sid, side, req.dst_ip, req.dst_port))
+        task = asyncio.get_running_loop().create_task(self._dial(conn, sid, side, req.dst_ip, req.dst_port, peer))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _opened(self, conn: HboneConnection, sid: int, side: TcpSide) -> None:
+    def _opened(self, conn: HboneConnection, sid: int, side: TcpSide, peer: str) -> None:
         self.stats.tunnels_in += 1
+        self.stats.peer_in(peer).streams += 1
         side.ready = True
         conn.respond(sid, 200, end=False)
 
-    def _closed(self, conn: HboneConnection, authority: str, side: TcpSide) -> None:
+    def _closed(self, conn: HboneConnection, authority: str, side: TcpSide, peer: str) -> None:
         self.stats.bytes_up += side.bytes_down  # from the tunnel to the pod
         self.stats.bytes_down += side.bytes_up
+        counters = self.stats.peer_in(peer)
+        counters.bytes_received += side.bytes_down
+        counters.bytes_sent += side.bytes_up
         log.info(
             "HBONE tunnel %s <- %s (%s): %d bytes in, %d out", authority, conn.peer_ip, conn.peer_identity,
             side.bytes_down, side.bytes_up,
         )  # fmt: skip
 
-    async def _dial(self, conn: HboneConnection, sid: int, side: TcpSide, ip: str, port: int) -> None:
+    async def _dial(self, conn: HboneConnection, sid: int, side: TcpSide, ip: str, port: int, peer: str) -> None:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(loop.create_connection(lambda: side, ip, port), DIAL_TIMEOUT_S)
         except (OSError, TimeoutError) as exc:
             self.stats.dial_failed += 1
+            self.stats.refuse_in("dial_failed", peer)
             log.info("HBONE tunnel to %s:%d failed: %s", ip, port, exc)
             conn.streams.pop(sid, None)
             conn.respond(sid, 503, end=True)

@@ -1,9 +1,16 @@
 """The HBONE node process: the composition root of the capture, the pool, the outbound and inbound listeners.
 
-    python -m planemesh.agent.hbone --config hbone.yaml [--stats FILE] [--netns NS] [--pin-dir DIR]
+    planemesh hbone --config FILE [--stats FILE] [--netns NS] [--pin-dir DIR]
+    python -m planemesh.agent.hbone ...   (the same)
 
-Runs in the node's network namespace (as the agent does); SIGTERM closes the listeners, the pooled
-connections and the capture datapath.
+FILE is either HBONE settings (agent/hbone/settings.py) or an agent configuration (static config or xDS
+bootstrap) with an `hbone:` section (agent/hbone/section.py). The agent runs this process itself when its
+configuration has that section (agent/hbone/supervisor.py). Runs in the node's network namespace; SIGTERM
+detaches the capture, then closes the listeners and the pooled connections.
+
+Start-up order: certificates, the 15008 listener, then the capture. The listener's bind is the hand-over
+lock: a successor (restart, hot upgrade) attaches its capture only once its predecessor released 15008,
+which it does only after detaching its own (so the predecessor's clean-up never removes the successor's).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -19,91 +27,149 @@ import sys
 from pathlib import Path
 
 import uvloop
-import yaml
 from pyroute2 import netns
 
 from planemesh.agent.hbone.capture import CaptureDatapath
-from planemesh.agent.hbone.certs import CaCertSource
+from planemesh.agent.hbone.certs import CaCertSource, CertSource
+from planemesh.agent.hbone.csr_certs import CsrCertSource
 from planemesh.agent.hbone.inbound import Inbound
 from planemesh.agent.hbone.outbound import Outbound, Pool
 from planemesh.agent.hbone.routes import HboneConfigError
-from planemesh.agent.hbone.settings import HboneSettings, parse_settings
+from planemesh.agent.hbone.section import settings_from_file
+from planemesh.agent.hbone.settings import HboneSettings
 from planemesh.agent.hbone.stats import HboneStats
 from planemesh.agent.identity.ca import CertError
 from planemesh.agent.identity.ca_files import read_ca
 from planemesh.model.config import ConfigError
+from planemesh.model.defaults import option
 
 log = logging.getLogger("planemesh.hbone")
 STATS_PERIOD_S = 0.5
+CERT_TIMEOUT_S = 30.0  # the node's own certificate from the CA (ca_api) before the listener can serve
+EXIT_CONFIG, EXIT_BIND = 2, 3
+PR_SET_PDEATHSIG = 1
 
 
 def load_settings(path: Path) -> HboneSettings:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise HboneConfigError(f"{path}: {exc}") from None
-    return parse_settings(raw)
+    return settings_from_file(path)
+
+
+def _write_stats_now(stats: HboneStats, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stats.as_dict()))
+    os.replace(tmp, path)
 
 
 async def _write_stats(stats: HboneStats, path: Path) -> None:
     while True:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stats.as_dict()))
-        os.replace(tmp, path)
+        _write_stats_now(stats, path)
         await asyncio.sleep(STATS_PERIOD_S)
 
 
-async def serve(settings: HboneSettings, stats_path: Path | None, ready: str | None = None) -> None:
-    ca = read_ca(settings.ca_dir)
-    certs = CaCertSource(ca, settings.identity, settings.cert_ttl_s)
+async def cert_source(settings: HboneSettings) -> tuple[CertSource, CsrCertSource | None]:
+    if settings.ca_api is not None:
+        csr = CsrCertSource(settings.ca_api, settings.identity, set(settings.routes.workloads.values()))
+        await csr.start(CERT_TIMEOUT_S)
+        return csr, csr
+    assert settings.ca_dir is not None
+    return CaCertSource(read_ca(settings.ca_dir), settings.identity, settings.cert_ttl_s), None
+
+
+async def serve(
+    settings: HboneSettings, stats_path: Path | None, ready: str | None = None, *, pin_dir: str | None = None,
+    capture: bool = False, shared_routing: bool = False,
+) -> None:  # fmt: skip
+    """Run until SIGTERM/SIGINT. `capture`: attach the TC capture here (after the listener is bound)."""
+    certs, csr = await cert_source(settings)
     stats = HboneStats()
     inbound = Inbound(lambda: settings.routes, lambda: settings.rbacs, certs, stats)
-    await inbound.start(*settings.listen)
+    await inbound.start(*settings.listen)  # OSError (in use): the caller exits EXIT_BIND
+    datapath = None
     outbound = None
-    if settings.capture is not None:
-        outbound = Outbound(settings.routes, Pool(certs, stats), stats)
-        await outbound.start(settings.capture.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    writer = loop.create_task(_write_stats(stats, stats_path)) if stats_path else None
-    log.info("HBONE node %s listening on %s:%d", settings.identity, *settings.listen)
-    print(ready or "hbone ready", flush=True)
-    await stop.wait()
-    if writer is not None:
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
-    if outbound is not None:
-        await outbound.close()
-    await inbound.close()
+    try:
+        if settings.capture is not None:
+            if capture:
+                # a thread: pyroute2's IPRoute runs an event loop of its own
+                datapath = await asyncio.to_thread(
+                    CaptureDatapath, settings.capture, settings.routes, pin_dir, not shared_routing
+                )
+            outbound = Outbound(settings.routes, Pool(certs, stats), stats)
+            await outbound.start(settings.capture.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        writer = loop.create_task(_write_stats(stats, stats_path)) if stats_path else None
+        log.info("HBONE node %s listening on %s:%d", settings.identity, *settings.listen)
+        print(ready or "hbone ready", flush=True)
+        await stop.wait()
+        if writer is not None:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+    finally:
+        if datapath is not None:  # first: new pod connections stop being captured before the listeners go
+            await asyncio.to_thread(datapath.close)
+        if outbound is not None:
+            await outbound.close()
+        await inbound.close()
+        if csr is not None:
+            await csr.close()
     if stats_path:
-        stats_path.write_text(json.dumps(stats.as_dict()))
+        _write_stats_now(stats, stats_path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="planemesh-hbone", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path)
-    parser.add_argument("--stats", type=Path, help="write the counters (JSON) here every 0.5 s")
-    parser.add_argument("--pin-dir", help="bpffs directory for the capture program's pins")
-    parser.add_argument("--netns", help="run in this network namespace (setns, as the agent's --netns)")
-    args = parser.parse_args(argv)
+def _die_with_parent() -> None:
+    """Supervised by the agent: go when it goes, even on SIGKILL (as its proxy workers do)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:
+        sys.exit(0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag in ("--config", "--stats", "--pin-dir", "--netns"):
+        parser.add_argument(flag, **option("hbone", flag))
+    parser.add_argument("--shared-routing", action="store_true", **option("hbone", "--shared-routing"))
+    parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.supervised:
+        _die_with_parent()
+    if not args.config:
+        print("planemesh hbone: --config is required", file=sys.stderr)
+        return EXIT_CONFIG
     if args.netns:
         netns.setns(args.netns)  # the whole process, before any socket or thread exists
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
-        settings = load_settings(args.config)
-        read_ca(settings.ca_dir)  # a missing or expired CA is a clear exit 2, not a traceback
+        settings = load_settings(Path(args.config))
+        if settings.ca_dir is not None:
+            read_ca(settings.ca_dir)  # a missing or expired CA is a clear exit 2, not a traceback
     except (HboneConfigError, ConfigError, CertError, OSError) as exc:
         print(f"planemesh-hbone: {exc}", file=sys.stderr)
-        return 2
-    capture = None
-    if settings.capture is not None:
-        capture = CaptureDatapath(settings.capture, settings.routes, args.pin_dir)
+        return EXIT_CONFIG
+    stats = Path(args.stats) if args.stats else None
     try:
-        uvloop.run(serve(settings, args.stats))
-    finally:
-        if capture is not None:
-            capture.close()
+        uvloop.run(serve(settings, stats, pin_dir=args.pin_dir, capture=True, shared_routing=args.shared_routing))
+    except OSError as exc:
+        print(f"planemesh-hbone: {exc} (a port in use? HBONE {settings.listen[1]}, capture"
+              f" {settings.capture.port if settings.capture else '-'})", file=sys.stderr)  # fmt: skip
+        return EXIT_BIND
+    except TimeoutError:
+        print(f"planemesh-hbone: no certificate for {settings.identity} from the CA", file=sys.stderr)
+        return EXIT_BIND
     return 0
+
+
+def add_hbone_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("hbone", help="run an HBONE node (node-to-node mTLS) standalone; the agent runs it itself")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="planemesh-hbone", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -18,7 +18,7 @@ from planemesh.agent.hbone.conn import HboneConnection, TcpSide
 from planemesh.agent.hbone.inbound import HANDSHAKE_TIMEOUT_S, spiffe_peer
 from planemesh.agent.hbone.protocol import connect_headers
 from planemesh.agent.hbone.routes import Peer, Routes
-from planemesh.agent.hbone.stats import HboneStats
+from planemesh.agent.hbone.stats import UNKNOWN_PEER, HboneStats
 from planemesh.agent.proxy.sockets import make_listener_socket
 
 log = logging.getLogger("planemesh.hbone")
@@ -90,6 +90,7 @@ class Pool:
             raise PeerRefused(f"peer {peer.name} presented {got}, expected {peer.identity}")
         conn.peer_identity = got
         self.stats.connections_out += 1
+        self.stats.peer_out(peer.name).connections += 1
         return conn
 
     def _drop(self, key: tuple[str, tuple[str, int]], entry: tuple[ssl.SSLContext, HboneConnection]) -> None:
@@ -161,7 +162,7 @@ class Outbound:
         identity = self.routes.identity_of(src_ip)
         reason = "no_route" if peer is None else "unknown_source" if identity is None else ""
         if peer is None or identity is None:
-            self._refuse(side, reason, f"{src_ip} -> {dst_ip}:{dst_port}")
+            self._refuse(side, reason, f"{src_ip} -> {dst_ip}:{dst_port}", peer.name if peer else UNKNOWN_PEER)
             return
         try:
             conn = await self.pool.get(identity, peer)
@@ -169,21 +170,26 @@ class Outbound:
                 conn.open_stream(connect_headers(dst_ip, dst_port, src_ip), side), RESPONSE_TIMEOUT_S
             )
         except (OSError, TimeoutError, PeerRefused, ssl.SSLError) as exc:
-            self._refuse(side, "connect_failed", f"{identity} -> {peer.name} {peer.address}: {exc}")
+            self._refuse(side, "connect_failed", f"{identity} -> {peer.name} {peer.address}: {exc}", peer.name)
             return
         if status != 200:
-            self._refuse(side, f"status_{status}", f"{identity} -> {dst_ip}:{dst_port} via {peer.name}")
+            self._refuse(side, f"status_{status}", f"{identity} -> {dst_ip}:{dst_port} via {peer.name}", peer.name)
             return
         self.stats.tunnels_out += 1
-        side.on_close = self._closed
+        self.stats.peer_out(peer.name).streams += 1
+        name = peer.name
+        side.on_close = lambda s, _exc: self._closed(s, name)
         side.start()
 
-    def _closed(self, side: TcpSide, _exc: BaseException | None) -> None:
+    def _closed(self, side: TcpSide, peer: str) -> None:
         self.stats.bytes_up += side.bytes_up  # from the pod into the tunnel
         self.stats.bytes_down += side.bytes_down
+        counters = self.stats.peer_out(peer)
+        counters.bytes_sent += side.bytes_up
+        counters.bytes_received += side.bytes_down
 
-    def _refuse(self, side: TcpSide, reason: str, what: str) -> None:
-        self.stats.refuse_out(reason)
+    def _refuse(self, side: TcpSide, reason: str, what: str, peer: str) -> None:
+        self.stats.refuse_out(reason, peer)
         log.info("HBONE outbound %s refused: %s", what, reason)
         if side.conn is not None:
             side.conn.reset_stream(side.stream_id)

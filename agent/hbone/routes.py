@@ -48,6 +48,16 @@ class Routes:
                     best = (net.prefixlen, peer)
         return best[1] if best else None
 
+    def peer_name(self, ip: str | None) -> str:
+        """The name of the peer whose HBONE address is `ip` (an inbound connection's source), else the address."""
+        if ip is None:
+            return "-"
+        try:
+            key = str(_canonical(ip))
+        except ValueError:
+            return ip
+        return next((p.name for p in self.peers if p.address[0] == key), key)
+
     def identity_of(self, src_ip: str) -> str | None:
         try:
             return self.workloads.get(str(_canonical(src_ip)))

@@ -1,7 +1,8 @@
 """The HBONE node settings file (YAML), parsed into one frozen value; every error names its field.
 
 node: {identity: spiffe://cluster.local/ns/planemesh/sa/node-a}
-ca: /etc/planemesh/ca/node-a          # a signing CA (Istio's cacerts layout, `planemesh ca intermediate`)
+ca: /etc/planemesh/ca/node-a          # a signing CA (Istio's cacerts layout, `planemesh ca intermediate`), or:
+ca_api: {address: "istiod:15012", root_cert: /etc/root.pem, token_file: /var/run/token}  # CreateCertificate
 listen: "[::]:15008"                   # the HBONE listener
 capture:                               # optional: the TC interception of pod traffic to peers' CIDRs
   port: 15001                          #   the transparent listener PROXY verdicts are assigned to
@@ -25,11 +26,13 @@ from google.protobuf import any_pb2, json_format
 
 from planemesh.agent.hbone.protocol import HBONE_PORT
 from planemesh.agent.hbone.routes import HboneConfigError, Routes, _address, _spiffe, parse_routes
+from planemesh.agent.identity.cert_client import CaSettings
 from planemesh.agent.rbac import RbacFilter
 from planemesh.model.config import ConfigError
 from planemesh.xds.translate_rbac import translate_rbac
 
-_FIELDS = {"node", "ca", "listen", "capture", "workloads", "peers", "rbac", "cert_ttl_s"}
+_FIELDS = {"node", "ca", "ca_api", "listen", "capture", "workloads", "peers", "rbac", "cert_ttl_s"}
+_CA_API_FIELDS = ("address", "root_cert", "server_name", "token_file", "ttl_s", "cluster_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +45,10 @@ class Capture:
 @dataclass(frozen=True, slots=True)
 class HboneSettings:
     identity: str
-    ca_dir: Path
+    ca_dir: Path | None  # the built-in CA's signing intermediate, or None with ca_api
     listen: tuple[str, int]
     routes: Routes
+    ca_api: CaSettings | None = None  # certificates by istio's CreateCertificate (agent/hbone/csr_certs.py)
     rbacs: tuple[RbacFilter, ...] = ()
     capture: Capture | None = None
     cert_ttl_s: float = 24 * 3600.0
@@ -98,6 +102,36 @@ def _capture(raw: object) -> Capture:
     )
 
 
+def _ca_api(raw: object) -> CaSettings:
+    """The CreateCertificate endpoint (the agent fills it from its bootstrap's `ca:` section)."""
+    if not isinstance(raw, Mapping):
+        raise HboneConfigError("ca_api: a mapping expected")
+    unknown = set(raw) - set(_CA_API_FIELDS)
+    if unknown:
+        raise HboneConfigError(f"ca_api.{sorted(unknown)[0]}: unknown field")
+    address = raw.get("address")
+    if not isinstance(address, str) or not address:
+        raise HboneConfigError("ca_api.address: host:port or unix:///path required")
+    for key in ("root_cert", "token_file"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value.startswith("/")):
+            raise HboneConfigError(f"ca_api.{key}: an absolute path expected, got {value!r}")
+    for key in ("server_name", "cluster_id"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise HboneConfigError(f"ca_api.{key}: a string expected")
+    ttl = raw.get("ttl_s", 24 * 3600)
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 600 <= ttl <= 90 * 86400:
+        raise HboneConfigError("ca_api.ttl_s: 600 s .. 90 days")
+    return CaSettings(
+        address, raw.get("root_cert"), raw.get("server_name"), raw.get("token_file"), float(ttl), raw.get("cluster_id")
+    )
+
+
+def ca_api_dict(settings: CaSettings) -> dict[str, Any]:
+    """CaSettings as the `ca_api:` mapping (how the agent passes its bootstrap's CA to the HBONE node)."""
+    return {k: getattr(settings, k) for k in _CA_API_FIELDS if getattr(settings, k) is not None}
+
+
 def parse_settings(raw: object) -> HboneSettings:
     if not isinstance(raw, Mapping):
         raise HboneConfigError("the HBONE settings must be a mapping")
@@ -107,14 +141,17 @@ def parse_settings(raw: object) -> HboneSettings:
     node = raw.get("node")
     if not isinstance(node, Mapping) or "identity" not in node:
         raise HboneConfigError("node.identity: required")
-    if not isinstance(raw.get("ca"), str):
+    if ("ca" in raw) == ("ca_api" in raw):
+        raise HboneConfigError("ca: the node's signing CA directory, or ca_api: a CreateCertificate CA, is required")
+    if "ca" in raw and not isinstance(raw["ca"], str):
         raise HboneConfigError("ca: the directory of the node's signing CA is required")
     ttl = raw.get("cert_ttl_s", 24 * 3600.0)
     if not isinstance(ttl, (int, float)) or not 60 <= ttl <= 90 * 86400:
         raise HboneConfigError("cert_ttl_s: 60 s .. 90 days")
     return HboneSettings(
         identity=_spiffe(node["identity"], "node.identity"),
-        ca_dir=Path(raw["ca"]),
+        ca_dir=Path(raw["ca"]) if "ca" in raw else None,
+        ca_api=_ca_api(raw["ca_api"]) if "ca_api" in raw else None,
         listen=_address(raw.get("listen", f"[::]:{HBONE_PORT}"), "listen"),
         routes=parse_routes(raw),
         rbacs=parse_rbac(raw.get("rbac") or []),

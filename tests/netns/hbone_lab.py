@@ -170,6 +170,24 @@ class HboneLab:
         self.procs.append(proc)
         return proc
 
+    def start_agent(self, name: str, config: dict, bootstrap: bool = False) -> subprocess.Popen:
+        """`planemesh agent` in node `name`'s namespace with `config` (a static config or, `bootstrap`, an xDS
+        bootstrap) carrying an `hbone:` section: the agent runs the HBONE node itself."""
+        ns = self.node_a if name == "a" else self.node_b
+        path = self.workdir / f"agent-{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        argv = [
+            sys.executable, "-m", "planemesh.agent.cli", "agent", "--netns", ns,
+            "--bootstrap" if bootstrap else "--config", str(path), "--admin", f"unix://{self.admin_path(name)}",
+            "--drain-timeout", "1",
+        ]  # fmt: skip
+        proc = ns_tools.start_until(None, argv, "planemesh agent ready", timeout=120)
+        self.procs.append(proc)
+        return proc
+
+    def admin_path(self, name: str) -> Path:
+        return self.workdir / f"admin-{name}.sock"
+
     def stop_nodes(self) -> None:
         for proc in [p for p in self.procs if "planemesh.agent.hbone" in " ".join(map(str, p.args))]:
             ns_tools.stop(proc)
@@ -189,6 +207,12 @@ def node_a_settings(ca_dir: Path, peer_identity: str | None = NODE_B_ID) -> dict
         "capture": {"port": CAPTURE_PORT, "interfaces": ["hbpa1"], "ports": [PORT, ECHO_PORT]},
         "workloads": {POD_A: ID_A, POD_A6: ID_A}, "peers": [peer],
     }  # fmt: skip
+
+
+# The agent's own plane: an interface pattern that matches nothing in this lab (the pod-facing veth is HBONE's
+# capture, the link is the HBONE path), so only HBONE intercepts here; its ports are not HBONE's capture port.
+AGENT_PLANES = [{"name": "mesh", "id": 1, "interfaces": ["hbzz*"], "cidrs": ["10.81.99.0/24"], "proxy_port": 15101,
+                 "sniff_port": 15102}]  # fmt: skip
 
 
 def node_b_settings(ca_dir: Path, rbac: list | None = None) -> dict:

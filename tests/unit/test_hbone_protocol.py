@@ -211,7 +211,7 @@ def test_the_node_command_exits_2_naming_the_bad_field(tmp_path, capsys) -> None
 def test_the_settings_example_in_the_docs_parses() -> None:
     text = (Path(__file__).parents[2] / "docs" / "hbone.md").read_text()
     block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
-    settings = parse_settings(yaml.safe_load(block))
-    assert settings.capture == Capture(15001, ("hbpa1",), (8080, 8081))
+    settings = parse_settings(yaml.safe_load(block)["hbone"])  # the agent's `hbone:` section
+    assert settings.capture == Capture(15006, ("hbpa1",), (8080, 8081))
     assert settings.routes.peer_for("10.81.2.2").identity == "spiffe://cluster.local/ns/planemesh/sa/node-b"  # type: ignore[union-attr]
     assert settings.rbacs[0].action == "deny"
