@@ -134,6 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(("hbone",), "--netns", "PLANEMESH_HBONE_NETNS", None, "run inside this named network namespace (labs)"),
     Setting(("hbone",), "--shared-routing", "PLANEMESH_HBONE_SHARED_ROUTING", None,
             "the agent owns the policy route (same mark): neither install nor remove it", Kind.SWITCH),
+    Setting(("hbone",), "--supervised", None, None,
+            "internal: started by the agent's supervisor (exits with the agent)", Kind.SWITCH),
     # ---- admin clients: status, planes, stats, config-dump, top -------------------------------------
     Setting(ADMIN_CLIENTS, "--admin", "PLANEMESH_ADMIN", ADMIN_SOCKET,
             "where the agent's admin endpoint is: unix:///path or http://127.0.0.1:PORT (the first of the list)"),

@@ -131,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag in ("--config", "--stats", "--pin-dir", "--netns"):
         parser.add_argument(flag, **option("hbone", flag))
     parser.add_argument("--shared-routing", action="store_true", **option("hbone", "--shared-routing"))
-    parser.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--supervised", action="store_true", **option("hbone", "--supervised"))
 
 
 def run(args: argparse.Namespace) -> int:
