@@ -97,10 +97,9 @@ class Attempt:
         assert cluster is not None and self.balancer is not None
         if cluster.kind is ClusterKind.ORIGINAL_DST:
             return normalise_ip(self.ds.local[0]), self.ds.local[1]
-        ep = self.balancer.pick_endpoint(cluster, self.hash_key)
+        ep = self.balancer.start_endpoint(cluster, self.hash_key)
         if ep is None:
             return None
-        self.balancer.lb(cluster).started(ep)
         self.endpoint = ep
         return ep.address, ep.port
 

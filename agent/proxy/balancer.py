@@ -128,6 +128,14 @@ class Balancer:
         # Envoy's panic mode in spirit: when every endpoint is ejected, use them anyway rather than fail.
         return ep if ep is not None else lb.pick(hash_key)
 
+    def start_endpoint(self, cluster: Cluster, hash_key: int | None = None) -> Endpoint | None:
+        """pick_endpoint, and the attempt on it counted open (until report())."""
+        lb = self.lb(cluster)
+        ep = lb.pick(hash_key) if cluster.outlier is None else self.pick_endpoint(cluster, hash_key)
+        if ep is not None:
+            lb.started(ep)
+        return ep
+
     def pick(
         self, cluster: Cluster, original_dst: tuple[str, int], hash_key: int | None = None
     ) -> tuple[str, int] | None:

@@ -282,6 +282,8 @@ class ClusterLb:
         self.cluster = cluster
         self.rng = rng or random.Random()
         self.active: dict[Endpoint, int] = {}
+        # Only least request reads the counts: other policies skip them (an Endpoint's hash is a Python call).
+        self.counts = cluster.lb_policy is LbPolicy.LEAST_REQUEST
         levels: dict[int, list[Endpoint]] = {}
         totals: dict[int, dict[str, int]] = {}  # priority -> locality -> endpoints in EDS (healthy or not)
         for ep in cluster.endpoints:
@@ -299,9 +301,12 @@ class ClusterLb:
         return None
 
     def started(self, ep: Endpoint) -> None:
-        self.active[ep] = self.active.get(ep, 0) + 1
+        if self.counts:
+            self.active[ep] = self.active.get(ep, 0) + 1
 
     def ended(self, ep: Endpoint) -> None:
+        if not self.counts:
+            return
         n = self.active.get(ep, 0) - 1
         if n > 0:
             self.active[ep] = n

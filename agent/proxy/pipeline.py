@@ -277,8 +277,7 @@ def pick(
     cluster: the original destination). The attempt is open on the endpoint until `balancer.report()`."""
     if cluster.kind is ClusterKind.ORIGINAL_DST:
         return (normalise_ip(original_dst[0]), original_dst[1]), None
-    ep = balancer.pick_endpoint(cluster, hash_key)
+    ep = balancer.start_endpoint(cluster, hash_key)
     if ep is None:
         return None
-    balancer.lb(cluster).started(ep)
     return (ep.address, ep.port), ep

@@ -17,6 +17,7 @@ TRACE_HEADERS = frozenset({
     b"b3",
 })
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+_SAMPLED = (b"x-b3-sampled", b"1")
 
 
 def _valid_hex(value: str | None, lengths: tuple[int, ...]) -> str | None:
@@ -29,6 +30,12 @@ def _valid_hex(value: str | None, lengths: tuple[int, ...]) -> str | None:
 def outgoing_trace_headers(headers: Mapping[str, str],
                            bits: Callable[[int], int] = random.getrandbits) -> list[tuple[bytes, bytes]]:
     """The trace headers to send upstream for a request with these (lower-case) headers."""
+    if not headers:  # no incoming context (most requests): a new trace, without parsing or text formatting
+        trace = bits(128) or 1
+        span = b"%016x" % (bits(64) or 1)
+        trace_b = b"%032x" % trace
+        return [(b"traceparent", b"00-%s-%s-01" % (trace_b, span)), (b"x-b3-traceid", trace_b),
+                (b"x-b3-spanid", span), _SAMPLED]
     trace_id = parent = None
     sampled = "01"
     tracestate = None
