@@ -83,12 +83,22 @@ def peer_identity(rec: object) -> str | None:
 
 def format_text(rec: AccessRecord) -> str:
     upstream = rec.upstream_ms
-    q = _q
     peer = peer_identity(rec)
+    line = f"{rec.method} {rec.path} {rec.protocol}"
+    xff, ua, rid, authority, host = rec.xff, rec.user_agent, rec.request_id, rec.authority, rec.upstream_host
+    plain = f"{line}{xff}{ua}{rid}{authority}{host}{peer}"
+    if plain.isprintable() and '"' not in plain and "\\" not in plain:  # nothing to escape: no _q per field
+        return (
+            f"[{format_start_time(rec.start_time)}] \"{line}\" {rec.status} {rec.flags or '-'} "
+            f"{rec.bytes_rx} {rec.bytes_tx} {rec.duration_ms} {'-' if upstream is None else upstream}"
+            f" \"{xff or '-'}\" \"{ua or '-'}\" \"{rid or '-'}\" \"{authority or '-'}\" \"{host or '-'}\" "
+            f"{rec.plane}{'' if peer is None else ' ' + _q(peer)}\n"
+        )
+    q = _q
     return (
-        f"[{format_start_time(rec.start_time)}] {q(f'{rec.method} {rec.path} {rec.protocol}')} {rec.status} "
+        f"[{format_start_time(rec.start_time)}] {q(line)} {rec.status} "
         f"{rec.flags or '-'} {rec.bytes_rx} {rec.bytes_tx} {rec.duration_ms} {'-' if upstream is None else upstream} "
-        f"{q(rec.xff)} {q(rec.user_agent)} {q(rec.request_id)} {q(rec.authority)} {q(rec.upstream_host)} "
+        f"{q(xff)} {q(ua)} {q(rid)} {q(authority)} {q(host)} "
         f"{rec.plane}{'' if peer is None else ' ' + q(peer)}\n"
     )
 
