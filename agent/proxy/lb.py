@@ -295,6 +295,11 @@ class ClusterLb:
 
     def pick(self, hash_key: int | None = None, available: Available = _always) -> Endpoint | None:
         """An endpoint of the lowest priority level with an available endpoint; None when there is none."""
+        if available is _always:  # no outlier detection: the first level with an endpoint
+            for level in self.levels:
+                if level.endpoints:
+                    return level.pick(hash_key, available)
+            return None
         for level in self.levels:
             if any(available(ep) for ep in level.endpoints):
                 return level.pick(hash_key, available)

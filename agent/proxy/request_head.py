@@ -78,7 +78,10 @@ def route_request_headers(route: Route, headers: list[tuple[bytes, bytes]]) -> l
 
 def split_trace(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], dict[str, str]]:
     """The headers without the incoming trace context, and that context (lower-case name -> value)."""
-    if TRACE_HEADERS.isdisjoint([n for n, _ in headers]):  # none (most requests): no copy
+    for name, _ in headers:
+        if name in TRACE_HEADERS:
+            break
+    else:  # none (most requests): no copy
         return headers, {}
     incoming = {n.decode("latin-1"): v.decode("latin-1") for n, v in headers if n in TRACE_HEADERS}
     if incoming:
