@@ -188,16 +188,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.phrase += phrase
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        n = name.lower()
-        self.section_bytes += len(name) + len(value) + 4
-        if self.section_bytes > MAX_HEADER_BYTES:
+        size = self.section_bytes = self.section_bytes + len(name) + len(value) + 4
+        if size > MAX_HEADER_BYTES:
             raise HttpParserError("response header section too large")  # answered as an upstream protocol error
+        n = name.lower()
         if self.in_body:
             self._on_trailer(n, value)
             return
-        if self.nfields >= MAX_HEADERS_COUNT:
+        nfields = self.nfields
+        if nfields >= MAX_HEADERS_COUNT:
             raise HttpParserError("too many response header fields")
-        self.nfields += 1
+        self.nfields = nfields + 1
         if n not in HOP_BY_HOP:  # the head's fields are end-to-end (messages.ResponseHead); framing is ours
             self.headers.append((n, value))
         elif n == b"content-length":
