@@ -331,7 +331,8 @@ class Downstream(asyncio.Protocol):
 
     def resume_for_buffer(self) -> None:
         self.buffered = 0
-        self.resume(PAUSE_BUFFER)
+        if self.paused & PAUSE_BUFFER:  # twice per request: the call only when paused
+            self.resume(PAUSE_BUFFER)
 
     def flush(self) -> None:
         out = self.out
@@ -592,5 +593,5 @@ class Downstream(asyncio.Protocol):
         elif self.deferred_error is not None:  # the requests before the malformed input are answered
             reply, status = self.deferred_error
             self.protocol_error(reply, status)
-        else:
+        elif self.paused & PAUSE_PIPELINE:
             self.resume(PAUSE_PIPELINE)
