@@ -297,7 +297,8 @@ class UpstreamPool:
     def acquire_for(self, ex: PoolUser, addr: tuple[str, int], connect_timeout: float) -> None:
         key, ex.upstream_host = self.key_for(addr)
         cluster = getattr(ex, "cluster", None)  # h2 bridges (H1Stream) carry none: no TLS upstream there
-        if cluster is not None and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None:
+        if (cluster is not None and (cluster.tls is not None or cluster.tls_matches)  # a plaintext cluster: no call
+                and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None):
             key = (*key, tls)  # TLS origination (agent/proxy/tls_context.py): its own connections
         ex.upstream_key = key
         idle = self.idle.get(key)
@@ -323,7 +324,8 @@ class UpstreamPool:
             return
         key, ex.upstream_host = self.key_for(addr)
         cluster = getattr(ex, "cluster", None)  # h2 bridges (H1Stream) carry none: no TLS upstream there
-        if cluster is not None and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None:
+        if (cluster is not None and (cluster.tls is not None or cluster.tls_matches)  # a plaintext cluster: no call
+                and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None):
             key = (*key, tls)
         ex.upstream_key = key
         if not ex.pending:
