@@ -51,9 +51,16 @@ def open_stream(bridge: Bridge, addr: tuple[str, int], ended: bool, http2: bool,
         cluster = getattr(bridge, "cluster", None)  # h2_stream.Bridge, h1_over_h2.H2Stream
         if cluster is not None and (tls := endpoint_tls(cluster, bridge.endpoint, addr)) is not None:
             key = (*key, tls)  # h2 over TLS (agent/proxy/tls_context.py): its own connections
-        conns = _pools.setdefault(proxy, {}).setdefault(key, [])
-        conn = next((c for c in conns if c.has_capacity()), None)
-        if conn is None:
+        pools = _pools.get(proxy)  # get, not setdefault: no weakref with a callback per request
+        if pools is None:
+            pools = _pools[proxy] = {}
+        conns = pools.get(key)
+        if conns is None:
+            conns = pools[key] = []
+        for conn in conns:  # the first connection with a free stream
+            if conn.has_capacity():
+                break
+        else:
             conn = H2Upstream(proxy, key, conns, connect_timeout)
             conns.append(conn)
         conn.open(bridge, bridge.upstream_headers(), ended)
