@@ -173,23 +173,37 @@ def envoy_memory_kb(lab, work: Path, settle: float) -> dict[str, int] | None:
         return memory_kb(proc.pid) if proc.poll() is None else None
 
 
-def two_planes_memory(lab, work: Path, pin_dir: str, settle: float) -> dict[str, dict[str, int]]:
-    """The default configuration (two planes, one worker each), at rest: RSS/PSS/USS of the agent and workers."""
-    agent = start_agent(lab, work, ["--pin-dir", pin_dir])
+def is_zygote(pid: int) -> bool:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+        return b"planemesh.agent.zygote" in f.read()
+    return False
+
+
+def two_planes_memory(lab, work: Path, pin_dir: str, settle: float, zygote: bool = False) -> dict[str, dict[str, int]]:
+    """The default configuration (two planes, one worker each), at rest: RSS/PSS/USS of the agent and workers;
+    with `zygote` (--worker-zygote) the workers are the zygote's children and the zygote is a row of its own."""
+    agent = start_agent(lab, work, ["--pin-dir", pin_dir, *(["--worker-zygote"] if zygote else [])])
     try:
         time.sleep(settle)
         out = {"agent": memory_kb(agent.pid)}
-        for i, pid in enumerate(sorted(children(agent.pid))):
+        workers = []
+        for pid in sorted(children(agent.pid)):
+            if is_zygote(pid):
+                out["zygote"] = memory_kb(pid)
+                workers += sorted(children(pid))
+            else:
+                workers.append(pid)
+        for i, pid in enumerate(workers):
             out[f"worker {i + 1}"] = memory_kb(pid)
         return out
     finally:
         ns_tools.stop(agent)
 
 
-def memory_report(ours: dict[str, dict[str, int]], envoy: dict[str, int] | None) -> list[str]:
+def memory_report(ours: dict[str, dict[str, int]], envoy: dict[str, int] | None, how: str = "") -> list[str]:
     """RSS counts shared pages (libpython, OpenSSL...) in every process that maps them; PSS splits them between
     their users, so a sum of PSS is what the processes take together; USS is what each alone holds."""
-    lines = ["at rest, default configuration (two planes, one worker each), MB:",
+    lines = [f"at rest, default configuration (two planes, one worker each){how}, MB:",
              f"  {'process':24} {'RSS':>7} {'PSS':>7} {'USS':>7}"]  # fmt: skip
     total = {k: sum(m[k] for m in ours.values()) for k in ("rss", "pss", "uss")}
     rows = [*ours.items(), ("agent + workers", total), *([("envoy 1.40 --concurrency 1", envoy)] if envoy else [])]
@@ -221,6 +235,7 @@ def main(argv: list[str]) -> None:
     samples: list[Sample] = []
     envoy = None
     two_planes: dict[str, dict[str, int]] = {}
+    forked: dict[str, dict[str, int]] = {}
     with scratch_dir() as tmp, load_lab(prefix=prefix) as lab:
         work = Path(tmp)
         config = one_plane_config(work / "config.yaml")
@@ -232,6 +247,7 @@ def main(argv: list[str]) -> None:
                 ns_tools.stop(agent)  # clean stop: detaches and removes the pins (the next round is cold)
                 samples += [cold, warm]
             two_planes = two_planes_memory(lab, work, pin_dir, args.settle)
+            forked = two_planes_memory(lab, work, pin_dir, args.settle, zygote=True)
             if not args.no_envoy:
                 envoy = envoy_memory_kb(lab, work, args.settle)
             if args.load_seconds:
@@ -249,6 +265,7 @@ def main(argv: list[str]) -> None:
     print("(medians of", args.rounds, "rounds; one plane, one worker, no traffic)")
     if envoy is not None:
         print(f"envoy 1.40 --concurrency 1, idle: {envoy['rss'] / 1024:.1f} MB")
-    print("\n".join(memory_report(two_planes, envoy)))
+    print("\n".join(memory_report(two_planes, envoy, ", workers exec'd (default)")))
+    print("\n".join(memory_report(forked, envoy, ", --worker-zygote: workers forked from the zygote")))
     if loaded is not None:
         print("\n".join(load_report(loaded, opts)))
