@@ -77,6 +77,7 @@ class Agent:
         options: AgentOptions,
         host_cgroups: tuple[str, ...] = (),
         node_overload: NodeOverloadConfig | None = None,
+        zygotes: Zygotes | None = None,
     ) -> None:
         self.options = options
         self.node_overload = node_overload or NodeOverloadConfig()  # priority between planes (node_overload.py)
@@ -87,7 +88,8 @@ class Agent:
         self.control = ControlThread()
         self.kernel = KernelDataPath(pin_dir=options.pin_dir)
         self.workers: dict[str, PlaneWorkers] = {}
-        self.zygotes = Zygotes() if options.worker_zygote else None  # started with the first worker
+        # --worker-zygote: the workers' fork server (agent/zygote.py); exec'd at the first worker unless given
+        self.zygotes = zygotes if zygotes is not None or not options.worker_zygote else Zygotes()
         self.cpu_groups = CpuGroups.create() if not options.datapath_only else CpuGroups(None)
         self.readiness = Readiness()
         self.notifier = Notifier()
@@ -480,7 +482,9 @@ def run_agent(options: AgentOptions) -> int:
         raise ConfigError("--host-cgroup", "host mode needs planemesh's own proxy (not --datapath-only)")
     if options.netns:
         enter_netns(options.netns)
-    agent = Agent(options, host_cgroups, node_overload)
+    # Forked before Agent() starts any thread: the zygote shares what the agent has imported so far.
+    zygotes = Zygotes.prefork() if options.worker_zygote and not options.datapath_only else None
+    agent = Agent(options, host_cgroups, node_overload, zygotes)
     try:
         import uvloop
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -25,10 +26,12 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 MAX_FDS = 16
 MAX_MESSAGE = 1 << 16
+PR_SET_NAME = 15
+COMM = b"pm-zygote"  # what `ps`/the bench see for a zygote forked from the agent
 
 
 def preload() -> None:
@@ -153,14 +156,11 @@ def serve(sock: socket.socket) -> None:
             _reap(sock)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] != "--fd":
-        raise SystemExit("usage: python -m planemesh.agent.zygote --fd N")
+def run(sock: socket.socket) -> None:
+    """Be the zygote on `sock` until the agent closes it."""
     from planemesh.agent.worker_process import die_with_parent
 
     die_with_parent()
-    sock = socket.socket(fileno=int(args[1]))
     preload()
     gc.collect()
     gc.freeze()  # the preloaded objects go to a generation the children's collections never walk (no page writes)
@@ -169,6 +169,29 @@ def main(argv: list[str] | None = None) -> None:
         serve(sock)
     except (BrokenPipeError, ConnectionResetError):  # the agent is gone
         pass
+
+
+def run_forked(fd: int) -> NoReturn:
+    """In a child forked from the agent before it started any thread (agent/zygote_client.py Zygotes.prefork):
+    keep stdio and `fd` only, name the process, and be the zygote. Never returns."""
+    code = 1
+    try:
+        os.closerange(3, fd)
+        os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+        ctypes.CDLL(None).prctl(PR_SET_NAME, COMM, 0, 0, 0)  # /proc/PID/comm; the cmdline stays the agent's
+        run(socket.socket(fileno=fd))
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "--fd":
+        raise SystemExit("usage: python -m planemesh.agent.zygote --fd N")
+    run(socket.socket(fileno=int(args[1])))
 
 
 if __name__ == "__main__":

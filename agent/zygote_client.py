@@ -19,10 +19,11 @@ import logging
 import os
 import signal
 import socket
+import threading
 from typing import Any
 
 from planemesh import module_argv
-from planemesh.agent.zygote import MAX_FDS, MAX_MESSAGE
+from planemesh.agent.zygote import MAX_FDS, MAX_MESSAGE, exit_code, run_forked
 
 log = logging.getLogger("planemesh.zygote")
 START_TIMEOUT_S = 30.0  # interpreter start plus the worker's imports, on a loaded node
@@ -181,15 +182,73 @@ class Zygote:
             await self.proc.wait()
 
 
+class ChildProcess:
+    """The part of asyncio.subprocess.Process Zygote uses, for a zygote this process forked itself."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def _poll(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid == 0:
+                    return
+                self.returncode = exit_code(status)
+
+    async def wait(self) -> int:
+        self._poll()
+        while self.returncode is None:
+            await asyncio.sleep(0.05)
+            self._poll()
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        self._poll()
+        if self.returncode is None:  # not reaped yet: the pid is still ours
+            os.kill(self.pid, sig)
+
+
 class Zygotes:
     """The agent's one zygote, (re)started on demand: a dead one is replaced by the next fork request."""
 
     def __init__(self) -> None:
         self._zygote: Zygote | None = None
         self._starting = asyncio.Lock()
+        self._forked: tuple[int, socket.socket] | None = None  # forked by prefork(), adopted at the first request
+
+    @classmethod
+    def prefork(cls) -> Zygotes:
+        """Fork the zygote from the agent now, while the agent has one thread and no event loop (forking a
+        threaded process is unsafe), so the zygote and its workers also share what the agent imported. With
+        another thread running already, the first request execs a zygote instead."""
+        zygotes = cls()
+        if threading.active_count() != 1:
+            log.warning("worker zygote: the agent already runs threads; the zygote will be exec'd")
+            return zygotes
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            run_forked(theirs.fileno())
+        theirs.close()
+        ours.setblocking(False)
+        zygotes._forked = (pid, ours)
+        return zygotes
 
     async def fork(self, argv: list[str], fds: list[int], groups: list[str]) -> ForkedWorker:
         async with self._starting:
+            if self._forked is not None:
+                pid, sock = self._forked
+                self._forked = None
+                self._zygote = Zygote(ChildProcess(pid), sock)  # type: ignore[arg-type]
+                log.info("worker zygote forked from the agent (pid %d)", pid)
             if self._zygote is None or self._zygote.closed or self._zygote.proc.returncode is not None:
                 if self._zygote is not None:
                     await self._zygote.close()
@@ -200,9 +259,17 @@ class Zygotes:
 
     @property
     def pid(self) -> int | None:
+        if self._forked is not None:
+            return self._forked[0]
         return self._zygote.proc.pid if self._zygote is not None and not self._zygote.closed else None
 
     async def close(self) -> None:
+        if self._forked is not None:  # never asked for a worker: closing its socket ends it
+            pid, sock = self._forked
+            self._forked = None
+            sock.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ChildProcess(pid).wait(), 5)
         if self._zygote is not None:
             await self._zygote.close()
             self._zygote = None

@@ -174,8 +174,9 @@ def envoy_memory_kb(lab, work: Path, settle: float) -> dict[str, int] | None:
 
 
 def is_zygote(pid: int) -> bool:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
-        return b"planemesh.agent.zygote" in f.read()
+    """agent/zygote.py: exec'd (its command line) or forked from the agent (its name, pm-zygote)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f, open(f"/proc/{pid}/comm") as c:
+        return b"planemesh.agent.zygote" in f.read() or c.read().strip() == "pm-zygote"
     return False
 
 

@@ -20,15 +20,16 @@ pytestmark = pytest.mark.netns
 MIB = 1 << 20
 
 
-def _cmdline(pid: int) -> list[bytes]:
+def _comm(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
-        return []
+        return ""
 
 
 def _zygote_and_workers(agent_pid: int) -> tuple[int, list[int]] | None:
-    zygotes = [p for p in children(agent_pid) if b"planemesh.agent.zygote" in _cmdline(p)]
+    """The zygote (forked from the agent: named pm-zygote) and the workers it forked."""
+    zygotes = [p for p in children(agent_pid) if _comm(p) == "pm-zygote"]
     if len(zygotes) != 1:
         return None
     workers = sorted(children(zygotes[0]))
