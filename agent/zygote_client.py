@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -234,6 +235,10 @@ class Zygotes:
             log.warning("worker zygote: the agent already runs threads; the zygote will be exec'd")
             return zygotes
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # What exists now is kept for good on both sides: no collection in the zygote or its workers walks (and
+        # so writes to, copying) the pages they share with the agent.
+        gc.collect()
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             run_forked(theirs.fileno())

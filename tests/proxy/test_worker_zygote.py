@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -118,3 +119,17 @@ def test_workers_die_with_their_zygote_and_come_back_from_a_new_one() -> None:
         assert await asyncio.to_thread(status, port) == 200
 
     asyncio.run(run_forked(body))
+
+
+def test_prefork_in_a_threaded_agent_forks_nothing() -> None:
+    """Forking a process that runs threads is unsafe (a lock held by another thread stays held in the child)."""
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    try:
+        zygotes = Zygotes.prefork()
+    finally:
+        release.set()
+        thread.join()
+    assert zygotes.pid is None, "forked from a threaded process"
+    assert zygotes._forked is None  # the first fork request execs `python -m planemesh.agent.zygote` instead
