@@ -32,6 +32,7 @@ MAX_FDS = 16
 MAX_MESSAGE = 1 << 16
 PR_SET_NAME = 15
 COMM = b"pm-zygote"  # what `ps`/the bench see for a zygote forked from the agent
+WORKER_COMM = b"pm-worker"  # and for the workers it forks (their command line is the zygote's)
 
 
 def preload() -> None:
@@ -61,6 +62,10 @@ def exit_code(status: int) -> int:
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
+def _set_name(name: bytes) -> None:
+    ctypes.CDLL(None).prctl(PR_SET_NAME, name, 0, 0, 0)
+
+
 def _join_groups(groups: list[str]) -> None:
     pid = str(os.getpid()).encode()
     for procs in groups:
@@ -77,6 +82,7 @@ def _run_child(request: dict[str, Any], fds: list[int], keep_closed: list[int]) 
     code = 1
     try:
         _join_groups(list(request.get("groups", [])))
+        _set_name(WORKER_COMM)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -178,7 +184,7 @@ def run_forked(fd: int) -> NoReturn:
     try:
         os.closerange(3, fd)
         os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
-        ctypes.CDLL(None).prctl(PR_SET_NAME, COMM, 0, 0, 0)  # /proc/PID/comm; the cmdline stays the agent's
+        _set_name(COMM)  # /proc/PID/comm; the command line stays the agent's
         run(socket.socket(fileno=fd))
         code = 0
     except BaseException:

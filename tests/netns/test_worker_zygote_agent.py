@@ -47,6 +47,7 @@ def test_forked_workers_serve_each_plane_in_its_groups_and_die_with_the_agent(ru
         found = eventually(lambda: _zygote_and_workers(env.agent.pid))
         assert found, "no zygote with two forked workers under the agent"
         zygote, workers = found
+        assert [_comm(p) for p in workers] == ["pm-worker", "pm-worker"]
         assert eventually(lambda: all_answer(env, 200), 10)
         planes = set()
         for pid in workers:
