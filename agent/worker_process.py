@@ -225,8 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host-map-fd", type=int, default=None, help="host mode: the agent's pm_host_by_peer map")
     args = parser.parse_args(argv)
     die_with_parent()
-    logging.basicConfig(
-        level=os.environ.get("PLANEMESH_LOG_LEVEL", "INFO"), format=f"%(levelname)s {args.plane}: %(message)s"
+    logging.basicConfig(  # force: a worker forked by the zygote (agent/zygote.py) has the agent's handlers
+        level=os.environ.get("PLANEMESH_LOG_LEVEL", "INFO"),
+        format=f"%(levelname)s {args.plane}: %(message)s",
+        force=True,
     )
     control = socket.socket(fileno=args.control_fd)
     listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -126,6 +127,8 @@ class Zygote:
             if code is not None and not code.done():
                 code.set_result(int(message["code"]))
         elif self._reply is not None and not self._reply.done():
+            if "pid" in message:  # its exit may be reported before fork() resumes: listen for it now
+                self._codes[int(message["pid"])] = asyncio.get_running_loop().create_future()
             self._reply.set_result((message, list(fds)))
         else:  # not asked for: never leak a descriptor
             for fd in fds:
@@ -155,7 +158,11 @@ class Zygote:
             loop = asyncio.get_running_loop()
             self._reply = loop.create_future()
             payload = json.dumps({"argv": argv, "groups": groups}).encode()
-            self._sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            try:
+                self._sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            except OSError as exc:
+                self._closed(f"cannot send a fork request: {exc}")
+                raise ZygoteError(f"the zygote is gone ({exc})") from exc
             try:
                 message, got = await asyncio.wait_for(self._reply, START_TIMEOUT_S)
             except TimeoutError:
@@ -166,9 +173,8 @@ class Zygote:
                 for fd in got:
                     os.close(fd)
                 raise ZygoteError(f"fork refused: {message.get('error', message)!r}")
-            code: asyncio.Future[int] = loop.create_future()
-            self._codes[int(message["pid"])] = code
-            return ForkedWorker(int(message["pid"]), got[0], code)
+            pid = int(message["pid"])
+            return ForkedWorker(pid, got[0], self._codes.get(pid) or loop.create_future())
 
     async def close(self) -> None:
         """Stop the zygote (its workers stopped first: the ones still alive get SIGTERM and drain)."""
@@ -239,6 +245,8 @@ class Zygotes:
         # so writes to, copying) the pages they share with the agent.
         gc.collect()
         gc.freeze()
+        sys.stdout.flush()  # nothing buffered is written twice
+        sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             run_forked(theirs.fileno())

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from planemesh.agent import worker_supervisor as workers_mod
 from planemesh.agent.cpu_groups import CpuGroups
@@ -77,7 +78,8 @@ def test_a_forked_worker_serves_joins_its_groups_and_shares_the_zygotes_pages(tm
     asyncio.run(run_forked(body, [str(procs)]))
 
 
-def test_a_killed_forked_worker_is_reported_with_its_signal_and_restarted() -> None:
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])  # the agent runs uvloop
+def test_a_killed_forked_worker_is_reported_with_its_signal_and_restarted(run) -> None:  # type: ignore[no-untyped-def]
     async def body(plane: PlaneWorkers, port: int, deny: Snapshot, zygotes: Zygotes) -> None:
         dead = plane.workers[0]
         assert dead.pid is not None
@@ -87,7 +89,7 @@ def test_a_killed_forked_worker_is_reported_with_its_signal_and_restarted() -> N
         assert plane.restarts == 1
         assert await asyncio.to_thread(status, port) == 200
 
-    asyncio.run(run_forked(body))
+    run(run_forked(body))
 
 
 def test_a_stuck_forked_worker_is_killed_through_its_pidfd_and_restarted(monkeypatch: pytest.MonkeyPatch) -> None:
