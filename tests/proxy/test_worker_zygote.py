@@ -135,3 +135,17 @@ def test_prefork_in_a_threaded_agent_forks_nothing() -> None:
         thread.join()
     assert zygotes.pid is None, "forked from a threaded process"
     assert zygotes._forked is None  # the first fork request execs `python -m planemesh.agent.zygote` instead
+
+
+def test_a_worker_that_exits_at_once_reports_its_own_exit_code() -> None:
+    """Its exit can be reported right behind its pid, before the fork request resumes: the code is not lost."""
+
+    async def main() -> list[int]:
+        zygotes = Zygotes()
+        try:
+            forked = [await zygotes.fork(["--plane", "oam"], [], []) for _ in range(3)]  # argparse: exit 2
+            return [await asyncio.wait_for(w.wait(), 10) for w in forked]
+        finally:
+            await zygotes.close()
+
+    assert asyncio.run(main()) == [2, 2, 2]
