@@ -145,6 +145,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def worker_pids(agent_pid: int) -> list[int]:
+    """The agent's workers: its children, or with --worker-zygote its zygote's children (the zygote left out)."""
+    found = []
+    for pid in children(agent_pid):
+        found += children(pid) if is_zygote(pid) else [pid]
+    return sorted(found)
+
+
 def compiler_mapped(pid: int) -> bool:
     """libbcc or libLLVM mapped into the process."""
     with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
@@ -158,7 +166,7 @@ def measure(lab, work: Path, config: Path, pin_dir: str, kind: str, settle: floa
     agent = start_agent(lab, work, ["--config", str(config), "--pin-dir", pin_dir])
     ready = time.monotonic() - started
     time.sleep(settle)
-    workers = children(agent.pid)
+    workers = worker_pids(agent.pid)
     sample = Sample(kind, ready, rss_kb(agent.pid), sum(rss_kb(w) for w in workers), compiler_mapped(agent.pid))
     return sample, agent
 
@@ -221,6 +229,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds between ready and the RSS sample")
     parser.add_argument("--no-envoy", action="store_true")
+    parser.add_argument("--worker-zygote", action="store_true", help="every agent of the run forks its workers")
     parser.add_argument("--load-seconds", type=int, default=5, help="each load run (wrk, h2load); 0: no load")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
     parser.add_argument("--h2-clients", type=int, default=4, help="h2load connections")
@@ -230,6 +239,8 @@ def main(argv: list[str]) -> None:
         parser.error("--rounds, --connections, --h2-* must be >= 1 and --load-seconds >= 0")
     opts = {"seconds": args.load_seconds, "connections": args.connections, "h2_clients": args.h2_clients,
             "h2_streams": args.h2_streams}  # fmt: skip
+    if args.worker_zygote:  # every agent reads the variable: the start and load runs fork their workers too
+        os.environ["PLANEMESH_WORKER_ZYGOTE"] = "1"
     loaded: LoadResult | None = None
     prefix = f"pmfp{secrets.token_hex(2)}"
     pin_dir = f"/sys/fs/bpf/{prefix}"
@@ -247,12 +258,13 @@ def main(argv: list[str]) -> None:
                 warm, agent = measure(lab, work, config, pin_dir, "warm", args.settle)
                 ns_tools.stop(agent)  # clean stop: detaches and removes the pins (the next round is cold)
                 samples += [cold, warm]
-            two_planes = two_planes_memory(lab, work, pin_dir, args.settle)
+            if not args.worker_zygote:
+                two_planes = two_planes_memory(lab, work, pin_dir, args.settle)
             forked = two_planes_memory(lab, work, pin_dir, args.settle, zygote=True)
             if not args.no_envoy:
                 envoy = envoy_memory_kb(lab, work, args.settle)
             if args.load_seconds:
-                loaded = under_load(lab, work, config, pin_dir, opts, not args.no_envoy, rss_kb, children)
+                loaded = under_load(lab, work, config, pin_dir, opts, not args.no_envoy, rss_kb, worker_pids)
         finally:
             shutil.rmtree(pin_dir, ignore_errors=True)
     print(f"{'start':6} {'ready s':>8} {'agent MB':>9} {'worker MB':>10}  compiler mapped in agent")
@@ -266,7 +278,8 @@ def main(argv: list[str]) -> None:
     print("(medians of", args.rounds, "rounds; one plane, one worker, no traffic)")
     if envoy is not None:
         print(f"envoy 1.40 --concurrency 1, idle: {envoy['rss'] / 1024:.1f} MB")
-    print("\n".join(memory_report(two_planes, envoy, ", workers exec'd (default)")))
+    if two_planes:
+        print("\n".join(memory_report(two_planes, envoy, ", workers exec'd (default)")))
     print("\n".join(memory_report(forked, envoy, ", --worker-zygote: workers forked from the zygote")))
     if loaded is not None:
         print("\n".join(load_report(loaded, opts)))
