@@ -4,6 +4,7 @@ upgrade whose successor forks its workers from a zygote of its own."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -27,9 +28,26 @@ def _comm(pid: int) -> str:
         return ""
 
 
+def _gone(pid: int) -> bool:
+    """Exited: no process, or a zombie left to whoever reaps orphans here (its parent, the zygote, is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _is_zygote(pid: int) -> bool:
+    """Forked from the agent (named pm-zygote) or exec'd (a restarted one: its command line)."""
+    try:
+        exec_d = b"planemesh.agent.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        exec_d = False
+    return _comm(pid) == "pm-zygote" or exec_d
+
+
 def _zygote_and_workers(agent_pid: int) -> tuple[int, list[int]] | None:
-    """The zygote (forked from the agent: named pm-zygote) and the workers it forked."""
-    zygotes = [p for p in children(agent_pid) if _comm(p) == "pm-zygote"]
+    """The zygote and the workers it forked."""
+    zygotes = [p for p in children(agent_pid) if _is_zygote(p)]
     if len(zygotes) != 1:
         return None
     workers = sorted(children(zygotes[0]))
@@ -64,7 +82,7 @@ def test_forked_workers_serve_each_plane_in_its_groups_and_die_with_the_agent(ru
         assert _group(zygote, "memory").name != "plane-oam"
         env.agent.kill()  # SIGKILL: the zygote (PDEATHSIG) and then its workers (theirs) go with it
         env.agent.wait(10)
-        assert eventually(lambda: not any(Path(f"/proc/{p}").exists() for p in [zygote, *workers]), 10)
+        assert eventually(lambda: all(_gone(p) for p in [zygote, *workers]), 10)
 
 
 def test_a_hot_upgrade_hands_over_to_workers_forked_by_the_successors_zygote(run_prefix: str, tmp_path: Path) -> None:
@@ -81,3 +99,16 @@ def test_a_hot_upgrade_hands_over_to_workers_forked_by_the_successors_zygote(run
             assert eventually(lambda: all_answer(env, 200), 10)
         finally:
             assert ns_tools.stop(successor, signal.SIGTERM) == 0
+
+
+def test_a_killed_zygote_takes_its_workers_and_an_execd_one_replaces_it(run_prefix: str) -> None:
+    with running_agent(f"{run_prefix}k", ["--worker-zygote"]) as env:
+        old = eventually(lambda: _zygote_and_workers(env.agent.pid))
+        assert old and _comm(old[0]) == "pm-zygote" and eventually(lambda: all_answer(env, 200), 10)
+        os.kill(old[0], signal.SIGKILL)  # its workers die with it (PDEATHSIG); the supervisor restarts them
+        new = eventually(lambda: (got := _zygote_and_workers(env.agent.pid)) and got[0] != old[0] and got, 30)
+        assert new, env.agent_output()
+        assert b"planemesh.agent.zygote" in Path(f"/proc/{new[0]}/cmdline").read_bytes()
+        assert eventually(lambda: all(_gone(p) for p in old[1]), 15)
+        assert eventually(lambda: all_answer(env, 200), 10)
+        assert env.agent.poll() is None
