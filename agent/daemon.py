@@ -36,6 +36,7 @@ from planemesh.agent.sdnotify import (
     run_watchdog,
 )
 from planemesh.agent.worker_supervisor import PlaneWorkers
+from planemesh.agent.zygote_client import Zygotes
 from planemesh.ebpf.policy import needs_sniff_listener
 from planemesh.model.config import ConfigError, Snapshot
 from planemesh.model.defaults import env_setting, option, setting
@@ -61,6 +62,7 @@ class AgentOptions:
     runtime_dir: Path = Path("/run/planemesh")
     handover: Path | None = None  # hot-upgrade socket; default <runtime_dir>/handover-<netns or host>.sock
     datapath_only: bool = False  # programs and routes only: another proxy (e.g. Envoy in bench/) owns the ports
+    worker_zygote: bool = False  # fork workers from a pre-imported process (agent/zygote.py)
     host_cgroups: list[str] = field(default_factory=list)  # --host-cgroup: cgroup paths or systemd slices
     node: NodeIdentity = field(default_factory=NodeIdentity)  # --node-id/--node-ip/--pod-name: the xDS Node
     host_proc: Path = Path("/proc")  # --host-proc: the host's /proc as this process sees it
@@ -78,6 +80,7 @@ class Agent:
         host_cgroups: tuple[str, ...] = (),
         node_overload: NodeOverloadConfig | None = None,
         hbone: dict[str, Any] | None = None,
+        zygotes: Zygotes | None = None,
     ) -> None:
         self.options = options
         self.hbone_settings = hbone  # the checked `hbone:` section (agent/hbone/section.py); None: no HBONE
@@ -92,6 +95,8 @@ class Agent:
         self.control = ControlThread()
         self.kernel = KernelDataPath(pin_dir=options.pin_dir)
         self.workers: dict[str, PlaneWorkers] = {}
+        # --worker-zygote: the workers' fork server (agent/zygote.py); exec'd at the first worker unless given
+        self.zygotes = zygotes if zygotes is not None or not options.worker_zygote else Zygotes()
         self.cpu_groups = CpuGroups.create() if not options.datapath_only else CpuGroups(None)
         self.readiness = Readiness()
         self.notifier = Notifier()
@@ -181,6 +186,7 @@ class Agent:
             "access_log": self.options.access_log,
             "drain_timeout": self.options.drain_timeout_s,
             "host_map_fd": self.host.peer_map_fd if self.host is not None else None,
+            "zygote": self.zygotes,
         }
 
     # ---- host mode ---------------------------------------------------------------------------
@@ -494,6 +500,8 @@ class Agent:
             *(w.stop(self.options.drain_timeout_s) for w in self.workers.values()), return_exceptions=True
         )
         self.workers.clear()
+        if self.zygotes is not None:
+            await self.zygotes.close()
         self.cpu_groups.close()
         if self._admin is not None:
             await self._admin.close()
@@ -557,7 +565,9 @@ def run_agent(options: AgentOptions) -> int:
         raise ConfigError("--host-cgroup", "host mode needs planemesh's own proxy (not --datapath-only)")
     if options.netns:
         enter_netns(options.netns)
-    agent = Agent(options, host_cgroups, node_overload, hbone)
+    # Forked before Agent() starts any thread: the zygote shares what the agent has imported so far.
+    zygotes = Zygotes.prefork() if options.worker_zygote and not options.datapath_only else None
+    agent = Agent(options, host_cgroups, node_overload, hbone, zygotes)
     try:
         import uvloop
 
@@ -585,6 +595,7 @@ def options_from_args(args: argparse.Namespace, environ: Mapping[str, str] | Non
         xds_resources=Path(args.xds_resources) if args.xds_resources else None,
         handover=Path(args.handover) if args.handover else None,
         datapath_only=args.datapath_only,
+        worker_zygote=args.worker_zygote,
         host_cgroups=setting("agent", "--host-cgroup").values(args.host_cgroup, environ),
         node=NodeIdentity(node_id=args.node_id, node_ips=tuple(node_ips), pod_name=args.pod_name),
         host_proc=Path(args.host_proc),
@@ -609,6 +620,7 @@ def add_agent_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", type=str.lower, choices=LEVELS, **option("agent", "--log-level"))
     p.add_argument("--log-format", type=str.lower, choices=FORMATS, **option("agent", "--log-format"))
     p.add_argument("--datapath-only", action="store_true", **option("agent", "--datapath-only"))
+    p.add_argument("--worker-zygote", action="store_true", **option("agent", "--worker-zygote"))
     for flag in ("--admin", "--host-cgroup", "--node-ip"):
         p.add_argument(flag, action="append", **option("agent", flag))
     p.set_defaults(func=_cmd_agent)

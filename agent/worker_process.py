@@ -26,7 +26,7 @@ log = logging.getLogger("planemesh.worker")
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() == 1:  # the parent already went before we asked
@@ -226,9 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drain-timeout", type=float, default=5.0)
     parser.add_argument("--host-map-fd", type=int, default=None, help="host mode: the agent's pm_host_by_peer map")
     args = parser.parse_args(argv)
-    _die_with_parent()
-    logging.basicConfig(
-        level=os.environ.get("PLANEMESH_LOG_LEVEL", "INFO"), format=f"%(levelname)s {args.plane}: %(message)s"
+    die_with_parent()
+    logging.basicConfig(  # force: a worker forked by the zygote (agent/zygote.py) has the agent's handlers
+        level=os.environ.get("PLANEMESH_LOG_LEVEL", "INFO"),
+        format=f"%(levelname)s {args.plane}: %(message)s",
+        force=True,
     )
     control = socket.socket(fileno=args.control_fd)
     listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]
