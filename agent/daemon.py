@@ -486,7 +486,7 @@ class Agent:
             await self._admin.close()  # the successor takes the admin socket over now
             self._admin = None
         if self.hbone is not None:  # before the tasks: its supervisor must not take the stop for a crash
-            await self.hbone.stop(self.options.drain_timeout_s)
+            await self.hbone.stop(self.options.drain_timeout_s, hand_over=self.handed_over)  # capture stays
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
