@@ -13,9 +13,11 @@ in the gap crossed the link in plaintext.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
+from datetime import datetime
 
 import pytest
 
@@ -60,6 +62,12 @@ def stream(stop: threading.Event, out: dict) -> None:
         out["error"] = repr(exc)
 
 
+def log_time(proc, text: str) -> float:  # type: ignore[no-untyped-def]
+    """The timestamp of the first line of `proc`'s output (the agent's and its HBONE node's logs) with `text`."""
+    line = next(x for x in proc.output_lines if text in x)
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
 def opener(lab, stop: threading.Event, attempts: list) -> None:  # type: ignore[no-untyped-def]
     while not stop.is_set():
         started = time.monotonic()
@@ -100,6 +108,12 @@ def test_hot_upgrade_never_sends_pod_traffic_untunnelled(run_prefix: str, tmp_pa
         assert new and new["restarts"] == 0, hbone_rows(admin_a)
         up_at = time.monotonic()
         time.sleep(2.0)  # connections opened after the new node is up
+        # and a crash of the new HBONE node: the agent restarts it; the capture never left (fail-closed meanwhile)
+        os.kill(new["pid"], signal.SIGKILL)
+        again = eventually(lambda: (n := hbone_rows(admin_a)["node"])["up"] == 1 and n["pid"] != new["pid"] and n, 30)
+        assert again and again["restarts"] == 1, hbone_rows(admin_a)
+        crash_up_at = time.monotonic()
+        time.sleep(2.0)
         stop.set()
         for t in threads:
             t.join(timeout=30)
@@ -111,10 +125,13 @@ def test_hot_upgrade_never_sends_pod_traffic_untunnelled(run_prefix: str, tmp_pa
         ok = [(s, e) for s, e, a in attempts if a.startswith(TUNNELLED % len(MARKER))]
         failed = [a[:80] for _, _, a in attempts if not a.startswith(TUNNELLED % len(MARKER))]
         assert ok and any(s > up_at for s, _ in ok), attempts  # tunnelling again after the upgrade
+        assert any(s > crash_up_at for s, _ in ok), attempts  # and after the crash
         assert PLAINTEXT not in streamed.get("answer", b""), streamed
         assert streamed.get("sent", 0) > 0, streamed
         during = [e - s for s, e in ok if s >= upgrade_at - 1]
-        print(f"\nhot upgrade: {len(attempts)} connections, {len(failed)} failed, longest wait of a tunnelled one "
+        gone, back = log_time(agent_a, "handing over"), log_time(successor, "HBONE capture attached")
+        print(f"\nhot upgrade: no capture listener for {back - gone:.2f}s (old node's hand-over to new capture);"
+              f" {len(attempts)} connections, {len(failed)} failed, longest wait of a tunnelled one "
               f"{max(during):.2f}s, new HBONE node up {up_at - upgrade_at:.2f}s after the successor started; "
               f"stream: {streamed.get('error') or 'completed'}")  # fmt: skip
         out = "\n".join(successor.output_lines)  # type: ignore[attr-defined]
