@@ -50,9 +50,9 @@ async def start_admin(agent: AgentForAdmin) -> AdminServer:
         is_healthy=agent.healthy,
     )
     app.stats.register("datapath", lambda: datapath_report(agent))
-    app.stats.register("proxy", agent.proxy_report)
+    app.stats.register("proxy", agent.worker_stats.report)
     app.stats.register("plane_groups", agent.cpu_groups.report)
-    app.stats.register("node_overload", agent.node_shed_report)
+    app.stats.register("node_overload", agent.node_overload.report)
     if agent.xds_client is not None and hasattr(agent.xds_client, "stats_report"):
         app.stats.register("xds", agent.xds_client.stats_report)
     server = AdminServer(app, agent.options.admin)

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from planemesh.agent.agent_options import AgentOptions
 from planemesh.agent.cpu_groups import CpuGroups
 from planemesh.agent.kernel import KernelDataPath
+from planemesh.agent.node_overload_loop import NodeOverloadLoop
 from planemesh.agent.sdnotify import Readiness
+from planemesh.agent.worker_stats import WorkerStats
 from planemesh.model.config import Snapshot
 from planemesh.netplanes.discovery import PlaneInterface
 
@@ -39,11 +41,9 @@ class AgentForAdmin(Protocol):
     kernel: KernelDataPath
     readiness: Readiness
     cpu_groups: CpuGroups
+    worker_stats: WorkerStats  # the "proxy" stats provider
+    node_overload: NodeOverloadLoop  # the "node_overload" stats provider
     xds_client: Any  # an XdsClient or WorkloadStreams (agent/xds_source.py); None without xDS
     admin_app: AdminApp | None  # set by admin_glue once the endpoint serves
 
     def healthy(self) -> bool: ...
-
-    def proxy_report(self) -> dict[str, Any]: ...
-
-    def node_shed_report(self) -> dict[str, list[dict[str, Any]]]: ...

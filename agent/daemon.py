@@ -29,7 +29,8 @@ from planemesh.agent.hbone.load import load_hbone_section
 from planemesh.agent.host_attach import load_host_cgroups, sync_cgroups
 from planemesh.agent.kernel import KernelDataPath
 from planemesh.agent.logs import FORMATS, LEVELS, configure_logging
-from planemesh.agent.node_overload import NodeOverloadConfig, NodeShedding, load_node_overload
+from planemesh.agent.node_overload import NodeOverloadConfig, load_node_overload
+from planemesh.agent.node_overload_loop import NodeOverloadLoop
 from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.agent.sdnotify import (
     FIRST_SNAPSHOT_APPLIED,
@@ -40,6 +41,7 @@ from planemesh.agent.sdnotify import (
     Readiness,
     run_watchdog,
 )
+from planemesh.agent.worker_stats import WorkerStats
 from planemesh.agent.worker_supervisor import PlaneWorkers
 from planemesh.agent.xds_source import bootstrap_for, start_xds, stop_xds
 from planemesh.agent.zygote_client import Zygotes
@@ -66,9 +68,6 @@ class Agent:
         self.options = options
         self.hbone_settings = hbone  # the checked `hbone:` section (agent/hbone/section.py); None: no HBONE
         self.hbone: Any = None  # planemesh.agent.hbone.supervisor.HboneSupervisor while it runs
-        self.node_overload = node_overload or NodeOverloadConfig()  # priority between planes (node_overload.py)
-        self.node_shedding: NodeShedding | None = None  # its loop, while node_overload is enabled
-        self._shed_task: asyncio.Task[Any] | None = None
         self.host_cgroups = host_cgroups  # host mode: real cgroup v2 paths (planemesh.agent.host_attach)
         self.host: Any = None  # planemesh.ebpf.host_redirect.HostMode, loaded at start when host mode is on
         self.snapshot: Snapshot | None = None
@@ -76,6 +75,11 @@ class Agent:
         self.control = ControlThread()
         self.kernel = KernelDataPath(pin_dir=options.pin_dir)
         self.workers: dict[str, PlaneWorkers] = {}
+        self.worker_stats = WorkerStats(self.workers)
+        self.node_overload = NodeOverloadLoop(  # priority between planes (node_overload.py)
+            node_overload or NodeOverloadConfig(), self.workers, self._plane_priorities, self.spawn,
+            active=not options.datapath_only,
+        )
         # --worker-zygote: the workers' fork server (agent/zygote.py); exec'd at the first worker unless given
         self.zygotes = zygotes if zygotes is not None or not options.worker_zygote else Zygotes()
         self.cpu_groups = CpuGroups.create() if not options.datapath_only else CpuGroups(None)
@@ -83,7 +87,6 @@ class Agent:
         self.notifier = Notifier()
         self.admin_app: Any = None
         self._admin: Any = None
-        self._proxy_reports: dict[str, list[dict[str, Any]]] = {}
         self.stopping = asyncio.Event()
         self._apply_lock = asyncio.Lock()
         self._iface_lock = asyncio.Lock()
@@ -247,7 +250,7 @@ class Agent:
             if self.host is not None and cgroups != self.host_cgroups:
                 self.host_cgroups = cgroups
                 await self._sync_host_cgroups()
-            await self._reload_node_overload(node_overload)
+            await self.node_overload.reconfigure(node_overload)
             await self._reload_hbone(hbone)
         except ConfigError as exc:
             log.error("SIGHUP: keeping the running configuration: %s", exc)
@@ -286,66 +289,9 @@ class Agent:
         """Liveness: every plane has a live worker (a dead one is being restarted by its supervisor)."""
         return all(any(w.alive for w in pw.workers) for pw in self.workers.values())
 
-    def proxy_report(self) -> dict[str, Any]:
-        """The workers' last reported stats, merged by the metrics registry (collected every 0.5 s)."""
-        merged: dict[str, list[Any]] = {}
-        for reports in self._proxy_reports.values():
-            for report in reports:
-                for key, rows in report.items():
-                    if isinstance(rows, list):
-                        merged.setdefault(key, []).extend(rows)
-        return merged
-
-    async def _collect_worker_stats(self, interval_s: float = 0.5) -> None:
-        while True:  # all planes at once: a stuck worker's 2 s deadline does not delay the others' numbers
-            planes = list(self.workers.items())
-            reports = await asyncio.gather(*(w.stats() for _, w in planes), return_exceptions=True)
-            for (name, _), report in zip(planes, reports, strict=True):
-                if isinstance(report, BaseException):  # a worker being restarted: keep the last numbers
-                    log.debug("stats from %s: %s", name, report)
-                else:
-                    self._proxy_reports[name] = report
-            await asyncio.sleep(interval_s)
-
     def _plane_priorities(self) -> dict[str, int]:
         snap = self.snapshot
         return {p.name: p.sla.priority for p in snap.planes if p.name in self.workers} if snap else {}
-
-    def _start_node_shedding(self) -> None:
-        if self.node_overload.enabled and not self.options.datapath_only:
-            shedding = self.node_shedding = NodeShedding(self.node_overload)
-            self._shed_task = self.spawn(shedding.run(self._plane_priorities, self._set_shed), "node-overload")
-
-    async def _reload_node_overload(self, config: NodeOverloadConfig) -> None:
-        """SIGHUP's node_overload section: new marks keep the loop (and its shed level); off stops it and every
-        plane serves everything again; on starts it."""
-        if config == self.node_overload:
-            return
-        self.node_overload = config
-        if self.node_shedding is not None and config.enabled:
-            self.node_shedding.reconfigure(config)
-            log.info("SIGHUP: node_overload: new settings from the next sample")
-            return
-        if self._shed_task is not None:
-            self._shed_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._shed_task
-            self._shed_task = self.node_shedding = None
-            for plane in list(self.workers):
-                await self._set_shed(plane, 0.0)
-            log.info("SIGHUP: node_overload off: no plane sheds for the node")
-        self._start_node_shedding()
-        if self._shed_task is not None:
-            log.info("SIGHUP: node_overload on")
-
-    def node_shed_report(self) -> dict[str, list[dict[str, Any]]]:
-        """Stats provider: each plane's node shed level (none while node_overload is off)."""
-        return self.node_shedding.report() if self.node_shedding is not None else {}
-
-    async def _set_shed(self, plane: str, fraction: float) -> None:
-        workers = self.workers.get(plane)
-        if workers is not None:
-            await workers.set_shed(fraction)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, first: Snapshot | None) -> None:
@@ -368,8 +314,8 @@ class Agent:
                 await self._start_xds()
             if self._takeover is None:
                 await self._start_admin()
-            self.spawn(self._collect_worker_stats(), "worker-stats")
-            self._start_node_shedding()
+            self.spawn(self.worker_stats.collect(), "worker-stats")
+            self.node_overload.start()
             self.spawn(run_watchdog(self.notifier, self.healthy), "watchdog")
             if self._takeover is None:
                 await self._start_hbone(wait_s=HBONE_READY_S)

@@ -69,7 +69,7 @@ def test_the_glue_modules_do_not_import_the_daemon() -> None:
         assert "planemesh.agent.daemon" not in imported, name
 
 
-class _Half:  # provides some of AgentForAdmin only
+class _Half:  # provides some of each protocol only
     def __init__(self) -> None:
         self.options = self.snapshot = None
         self.interfaces: dict[int, object] = {}
@@ -77,9 +77,15 @@ class _Half:  # provides some of AgentForAdmin only
     def healthy(self) -> bool:
         return True
 
+    def spawn(self, coro: object) -> None:  # a parameter short
+        pass
+
 
 def test_the_check_sees_a_missing_member() -> None:  # not vacuous
-    missing = _missing(AgentForAdmin, _Half, inspect.getsource(_Half))
-    assert "attribute kernel" in missing and "method proxy_report" in missing
+    source = inspect.getsource(_Half)
+    missing = _missing(AgentForAdmin, _Half, source)
+    assert "attribute kernel" in missing and "attribute worker_stats" in missing
     assert "attribute options" not in missing and "attribute interfaces" not in missing
     assert "method healthy" not in missing
+    missing = _missing(AgentForXds, _Half, source)
+    assert "method apply" in missing and any(m.startswith("method spawn[") for m in missing)
