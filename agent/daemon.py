@@ -24,7 +24,7 @@ from pyroute2 import netns
 from planemesh.agent.agent_options import AgentOptions, options_from_args
 from planemesh.agent.control_thread import ControlThread
 from planemesh.agent.cpu_groups import CpuGroups
-from planemesh.agent.handover import HandoverServer, take_over
+from planemesh.agent.handover import HandoverServer, Takeover, take_over
 from planemesh.agent.hbone.load import load_hbone_section
 from planemesh.agent.host_attach import load_host_cgroups, sync_cgroups
 from planemesh.agent.kernel import KernelDataPath
@@ -94,8 +94,8 @@ class Agent:
         self.failure: BaseException | None = None
         self.embedded_xds_server: Any = None
         self.handed_over = False  # a successor took our sockets: leave programs and routes to it
-        self._takeover: Any = None
-        self._handover_server: Any = None
+        self._takeover: Takeover | None = None
+        self._handover_server: HandoverServer | None = None
         self.handover_path = options.handover or options.runtime_dir / f"handover-{options.netns or 'host'}.sock"
         self._watch: NetlinkWatch | None = None
         self.xds_client: Any = None
