@@ -34,7 +34,7 @@ def die_with_parent() -> None:
 
 
 def stats_report(plane: str, stats: Any, sniff: Any = None) -> dict[str, Any]:
-    """A worker's plane counters as rows of the admin's StatsReport (agent/metrics.py); `sniff`: the sniffing
+    """A worker's plane counters as rows of the admin's StatsReport (agent/stats_report.py); `sniff`: the sniffing
     listener's SniffStats (agent/proxy/passthrough.py), None when the plane has none."""
     from planemesh.agent.proxy.stats import LATENCY_BUCKETS_MS
 
