@@ -28,8 +28,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, ProcessCollector, generate_latest
 
-from planemesh.agent.metrics import PlanemeshCollector, StatsRegistry
+from planemesh.agent.metrics import PlanemeshCollector
 from planemesh.agent.sdnotify import Readiness
+from planemesh.agent.stats_report import StatsRegistry
 from planemesh.model.config import Snapshot
 from planemesh.model.snapshot_json import to_jsonable
 

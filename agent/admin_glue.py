@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from planemesh.agent.admin import AdminApp, AdminServer
+from planemesh.agent.agent_protocols import AgentForAdmin
 from planemesh.ebpf import abi
-
-if TYPE_CHECKING:
-    from planemesh.agent.daemon import Agent
 
 log = logging.getLogger("planemesh.admin")
 
 
-def datapath_report(agent: Agent) -> dict[str, Any]:
+def datapath_report(agent: AgentForAdmin) -> dict[str, Any]:
     """BPF per-CPU counters, summed, as the metrics module's DataPathStats rows (one per plane)."""
     snap = agent.snapshot
     if snap is None:
@@ -35,7 +33,7 @@ def datapath_report(agent: Agent) -> dict[str, Any]:
     return {"datapath": list(rows.values())}
 
 
-def interface_rows(agent: Agent) -> dict[str, list[dict[str, Any]]]:
+def interface_rows(agent: AgentForAdmin) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for iface in sorted(agent.interfaces.values(), key=lambda i: i.ifindex):
         out.setdefault(iface.plane, []).append(
@@ -44,7 +42,7 @@ def interface_rows(agent: Agent) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-async def start_admin(agent: Agent) -> AdminServer:
+async def start_admin(agent: AgentForAdmin) -> AdminServer:
     app = AdminApp(
         readiness=agent.readiness,
         snapshot=lambda: agent.snapshot,
@@ -52,9 +50,9 @@ async def start_admin(agent: Agent) -> AdminServer:
         is_healthy=agent.healthy,
     )
     app.stats.register("datapath", lambda: datapath_report(agent))
-    app.stats.register("proxy", agent.proxy_report)
+    app.stats.register("proxy", agent.worker_stats.report)
     app.stats.register("plane_groups", agent.cpu_groups.report)
-    app.stats.register("node_overload", agent.node_shed_report)
+    app.stats.register("node_overload", agent.node_overload.report)
     if agent.xds_client is not None and hasattr(agent.xds_client, "stats_report"):
         app.stats.register("xds", agent.xds_client.stats_report)
     server = AdminServer(app, agent.options.admin)

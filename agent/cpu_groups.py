@@ -245,7 +245,7 @@ class CpuGroups:
         return int(self.hierarchy.weight_file(group).read_text())
 
     def report(self) -> dict[str, Any]:
-        """The `plane_groups` stats rows (agent/metrics.py PlaneGroupStats): asked, in force, not applied."""
+        """The `plane_groups` stats rows (agent/stats_report.py PlaneGroupStats): asked, in force, not applied."""
         rows = []
         for plane, wanted in list(self._applied.items()):  # called on the scrape thread: a copy
             limits = group_memory(wanted.memory_max_mb, wanted.workers)

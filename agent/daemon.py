@@ -16,16 +16,22 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import uvloop
+from pyroute2 import netns
+
+from planemesh.agent.agent_options import AgentOptions, options_from_args
 from planemesh.agent.control_thread import ControlThread
 from planemesh.agent.cpu_groups import CpuGroups
+from planemesh.agent.handover import HandoverServer, Takeover, take_over
 from planemesh.agent.hbone.load import load_hbone_section
+from planemesh.agent.host_attach import load_host_cgroups, sync_cgroups
 from planemesh.agent.kernel import KernelDataPath
-from planemesh.agent.node_overload import NodeOverloadConfig, NodeShedding, load_node_overload
+from planemesh.agent.logs import FORMATS, LEVELS, configure_logging
+from planemesh.agent.node_overload import NodeOverloadConfig, load_node_overload
+from planemesh.agent.node_overload_loop import NodeOverloadLoop
+from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.agent.sdnotify import (
     FIRST_SNAPSHOT_APPLIED,
     LISTENERS_BOUND,
@@ -35,40 +41,19 @@ from planemesh.agent.sdnotify import (
     Readiness,
     run_watchdog,
 )
+from planemesh.agent.worker_stats import WorkerStats
 from planemesh.agent.worker_supervisor import PlaneWorkers
+from planemesh.agent.xds_source import bootstrap_for, start_xds, stop_xds
+from planemesh.agent.zygote_client import Zygotes
 from planemesh.ebpf.policy import needs_sniff_listener
 from planemesh.model.config import ConfigError, Snapshot
-from planemesh.model.defaults import env_setting, option, setting
-from planemesh.model.node import NodeIdentity
+from planemesh.model.defaults import option
+from planemesh.model.static_config import load_default_config, load_static_config
 from planemesh.netplanes import discovery
 from planemesh.netplanes.discovery import NetlinkWatch, PlaneInterface
 
 log = logging.getLogger("planemesh.agent")
 HBONE_READY_S = 60.0  # the HBONE node's first start (BPF load, certificates) before the agent says ready
-
-
-@dataclass
-class AgentOptions:
-    config: Path | None = None  # static YAML; None with no bootstrap: the embedded default
-    bootstrap: Path | None = None  # xDS bootstrap
-    netns: str | None = None  # enter this network namespace first (labs)
-    admin: list[str] = field(default_factory=lambda: ["unix:///run/planemesh/admin.sock"])
-    pin_dir: str | None = None
-    access_log: str | None = None
-    drain_timeout_s: float = 5.0
-    xds: str | None = None  # override the bootstrap's server address
-    xds_resources: Path | None = None  # serve this directory with an embedded management server
-    runtime_dir: Path = Path("/run/planemesh")
-    handover: Path | None = None  # hot-upgrade socket; default <runtime_dir>/handover-<netns or host>.sock
-    datapath_only: bool = False  # programs and routes only: another proxy (e.g. Envoy in bench/) owns the ports
-    host_cgroups: list[str] = field(default_factory=list)  # --host-cgroup: cgroup paths or systemd slices
-    node: NodeIdentity = field(default_factory=NodeIdentity)  # --node-id/--node-ip/--pod-name: the xDS Node
-    host_proc: Path = Path("/proc")  # --host-proc: the host's /proc as this process sees it
-
-    @property
-    def host_mode_file(self) -> Path | None:
-        """The YAML file whose `host_mode:` section names host-mode cgroups: the static config or the bootstrap."""
-        return self.config or self.bootstrap
 
 
 class Agent:
@@ -78,13 +63,11 @@ class Agent:
         host_cgroups: tuple[str, ...] = (),
         node_overload: NodeOverloadConfig | None = None,
         hbone: dict[str, Any] | None = None,
+        zygotes: Zygotes | None = None,
     ) -> None:
         self.options = options
         self.hbone_settings = hbone  # the checked `hbone:` section (agent/hbone/section.py); None: no HBONE
         self.hbone: Any = None  # planemesh.agent.hbone.supervisor.HboneSupervisor while it runs
-        self.node_overload = node_overload or NodeOverloadConfig()  # priority between planes (node_overload.py)
-        self.node_shedding: NodeShedding | None = None  # its loop, while node_overload is enabled
-        self._shed_task: asyncio.Task[Any] | None = None
         self.host_cgroups = host_cgroups  # host mode: real cgroup v2 paths (planemesh.agent.host_attach)
         self.host: Any = None  # planemesh.ebpf.host_redirect.HostMode, loaded at start when host mode is on
         self.snapshot: Snapshot | None = None
@@ -92,12 +75,18 @@ class Agent:
         self.control = ControlThread()
         self.kernel = KernelDataPath(pin_dir=options.pin_dir)
         self.workers: dict[str, PlaneWorkers] = {}
+        self.worker_stats = WorkerStats(self.workers)
+        self.node_overload = NodeOverloadLoop(  # priority between planes (node_overload.py)
+            node_overload or NodeOverloadConfig(), self.workers, self._plane_priorities, self.spawn,
+            active=not options.datapath_only,
+        )
+        # --worker-zygote: the workers' fork server (agent/zygote.py); exec'd at the first worker unless given
+        self.zygotes = zygotes if zygotes is not None or not options.worker_zygote else Zygotes()
         self.cpu_groups = CpuGroups.create() if not options.datapath_only else CpuGroups(None)
         self.readiness = Readiness()
         self.notifier = Notifier()
         self.admin_app: Any = None
         self._admin: Any = None
-        self._proxy_reports: dict[str, list[dict[str, Any]]] = {}
         self.stopping = asyncio.Event()
         self._apply_lock = asyncio.Lock()
         self._iface_lock = asyncio.Lock()
@@ -105,8 +94,8 @@ class Agent:
         self.failure: BaseException | None = None
         self.embedded_xds_server: Any = None
         self.handed_over = False  # a successor took our sockets: leave programs and routes to it
-        self._takeover: Any = None
-        self._handover_server: Any = None
+        self._takeover: Takeover | None = None
+        self._handover_server: HandoverServer | None = None
         self.handover_path = options.handover or options.runtime_dir / f"handover-{options.netns or 'host'}.sock"
         self._watch: NetlinkWatch | None = None
         self.xds_client: Any = None
@@ -181,18 +170,18 @@ class Agent:
             "access_log": self.options.access_log,
             "drain_timeout": self.options.drain_timeout_s,
             "host_map_fd": self.host.peer_map_fd if self.host is not None else None,
+            "zygote": self.zygotes,
         }
 
     # ---- host mode ---------------------------------------------------------------------------
     async def _open_host_mode(self) -> None:
+        # Host mode only: its BPF build and map modules stay out of the agent (and the zygote) when it is off.
         from planemesh.ebpf.host_redirect import HostMode
 
         own_mark, pin_dir = self.kernel.own_mark, self.options.pin_dir
         self.host = await self.control.call(lambda: HostMode(own_mark=own_mark, pin_dir=pin_dir))
 
     async def _sync_host_cgroups(self) -> None:
-        from planemesh.agent.host_attach import sync_cgroups
-
         added, removed = await self.control.call(sync_cgroups, self.host, self.host_cgroups)
         for path in added:
             log.info("host mode: intercepting connects in cgroup %s", path)
@@ -200,8 +189,6 @@ class Agent:
             log.info("host mode: released cgroup %s", path)
 
     async def _reload_bootstrap(self) -> None:
-        from planemesh.agent.xds_source import bootstrap_for
-
         boot = await asyncio.to_thread(bootstrap_for, self)  # ConfigError: the running stream stays
         if self.xds_client is not None and self.xds_client.reconfigure(boot):
             log.info("SIGHUP: bootstrap changed: reconnecting to %s as node %s", boot.server, boot.node_id)
@@ -210,8 +197,6 @@ class Agent:
 
     async def _reload_host_cgroups(self) -> tuple[str, ...]:
         """The cgroups the configuration names now (ConfigError if one is bad: nothing is applied)."""
-        from planemesh.agent.host_attach import load_host_cgroups
-
         cgroups = await asyncio.to_thread(load_host_cgroups, self.options.host_cgroups, self.options.host_mode_file)
         if cgroups and self.host is None:
             # The workers were started without the map to look host-mode connections up in.
@@ -265,7 +250,7 @@ class Agent:
             if self.host is not None and cgroups != self.host_cgroups:
                 self.host_cgroups = cgroups
                 await self._sync_host_cgroups()
-            await self._reload_node_overload(node_overload)
+            await self.node_overload.reconfigure(node_overload)
             await self._reload_hbone(hbone)
         except ConfigError as exc:
             log.error("SIGHUP: keeping the running configuration: %s", exc)
@@ -304,66 +289,9 @@ class Agent:
         """Liveness: every plane has a live worker (a dead one is being restarted by its supervisor)."""
         return all(any(w.alive for w in pw.workers) for pw in self.workers.values())
 
-    def proxy_report(self) -> dict[str, Any]:
-        """The workers' last reported stats, merged by the metrics registry (collected every 0.5 s)."""
-        merged: dict[str, list[Any]] = {}
-        for reports in self._proxy_reports.values():
-            for report in reports:
-                for key, rows in report.items():
-                    if isinstance(rows, list):
-                        merged.setdefault(key, []).extend(rows)
-        return merged
-
-    async def _collect_worker_stats(self, interval_s: float = 0.5) -> None:
-        while True:  # all planes at once: a stuck worker's 2 s deadline does not delay the others' numbers
-            planes = list(self.workers.items())
-            reports = await asyncio.gather(*(w.stats() for _, w in planes), return_exceptions=True)
-            for (name, _), report in zip(planes, reports, strict=True):
-                if isinstance(report, BaseException):  # a worker being restarted: keep the last numbers
-                    log.debug("stats from %s: %s", name, report)
-                else:
-                    self._proxy_reports[name] = report
-            await asyncio.sleep(interval_s)
-
     def _plane_priorities(self) -> dict[str, int]:
         snap = self.snapshot
         return {p.name: p.sla.priority for p in snap.planes if p.name in self.workers} if snap else {}
-
-    def _start_node_shedding(self) -> None:
-        if self.node_overload.enabled and not self.options.datapath_only:
-            shedding = self.node_shedding = NodeShedding(self.node_overload)
-            self._shed_task = self.spawn(shedding.run(self._plane_priorities, self._set_shed), "node-overload")
-
-    async def _reload_node_overload(self, config: NodeOverloadConfig) -> None:
-        """SIGHUP's node_overload section: new marks keep the loop (and its shed level); off stops it and every
-        plane serves everything again; on starts it."""
-        if config == self.node_overload:
-            return
-        self.node_overload = config
-        if self.node_shedding is not None and config.enabled:
-            self.node_shedding.reconfigure(config)
-            log.info("SIGHUP: node_overload: new settings from the next sample")
-            return
-        if self._shed_task is not None:
-            self._shed_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._shed_task
-            self._shed_task = self.node_shedding = None
-            for plane in list(self.workers):
-                await self._set_shed(plane, 0.0)
-            log.info("SIGHUP: node_overload off: no plane sheds for the node")
-        self._start_node_shedding()
-        if self._shed_task is not None:
-            log.info("SIGHUP: node_overload on")
-
-    def node_shed_report(self) -> dict[str, list[dict[str, Any]]]:
-        """Stats provider: each plane's node shed level (none while node_overload is off)."""
-        return self.node_shedding.report() if self.node_shedding is not None else {}
-
-    async def _set_shed(self, plane: str, fraction: float) -> None:
-        workers = self.workers.get(plane)
-        if workers is not None:
-            await workers.set_shed(fraction)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self, first: Snapshot | None) -> None:
@@ -377,8 +305,6 @@ class Agent:
                 await self._open_host_mode()
             await self.control.call(self.kernel.install_routing)
             self.readiness.clear(ROUTES_INSTALLED)
-            from planemesh.agent.handover import HandoverServer, take_over
-
             self._takeover = await asyncio.to_thread(take_over, self.handover_path)
             self._watch = NetlinkWatch(self._on_links_changed)
             self._watch.start()
@@ -388,8 +314,8 @@ class Agent:
                 await self._start_xds()
             if self._takeover is None:
                 await self._start_admin()
-            self.spawn(self._collect_worker_stats(), "worker-stats")
-            self._start_node_shedding()
+            self.spawn(self.worker_stats.collect(), "worker-stats")
+            self.node_overload.start()
             self.spawn(run_watchdog(self.notifier, self.healthy), "watchdog")
             if self._takeover is None:
                 await self._start_hbone(wait_s=HBONE_READY_S)
@@ -449,11 +375,11 @@ class Agent:
             self.hbone.reconfigure(settings)
 
     async def _start_xds(self) -> None:
-        from planemesh.agent.xds_source import start_xds
-
         self.xds_client = await start_xds(self)
 
     async def _start_admin(self, retry_s: float = 0.0) -> None:
+        # Imported once the endpoint starts, after --worker-zygote's zygote forked (run_agent): prometheus_client
+        # and the http stack (~3 MB of RSS) stay out of the pages each worker shares with the agent.
         from planemesh.agent.admin import AdminBindError
         from planemesh.agent.admin_glue import start_admin
 
@@ -480,13 +406,11 @@ class Agent:
             await self._admin.close()  # the successor takes the admin socket over now
             self._admin = None
         if self.hbone is not None:  # before the tasks: its supervisor must not take the stop for a crash
-            await self.hbone.stop(self.options.drain_timeout_s)
+            await self.hbone.stop(self.options.drain_timeout_s, hand_over=self.handed_over)  # capture stays
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.embedded_xds_server is not None:
-            from planemesh.agent.xds_source import stop_xds
-
             await stop_xds(self)
         if self._watch is not None:
             self._watch.close()
@@ -494,6 +418,8 @@ class Agent:
             *(w.stop(self.options.drain_timeout_s) for w in self.workers.values()), return_exceptions=True
         )
         self.workers.clear()
+        if self.zygotes is not None:
+            await self.zygotes.close()
         self.cpu_groups.close()
         if self._admin is not None:
             await self._admin.close()
@@ -526,29 +452,21 @@ def _listener_shape(snap: Snapshot | None, plane: Any) -> tuple[Any, ...]:
 
 
 def bind_listener(port: int) -> socket.socket:
-    from planemesh.agent.proxy.sockets import make_listener_socket
-
     return make_listener_socket(port, transparent=True)
 
 
 def enter_netns(name: str) -> None:
     """Move this (still single-threaded) process into a named network namespace, network only."""
-    from pyroute2 import netns
-
     netns.setns(name)
 
 
 def load_snapshot(options: AgentOptions) -> Snapshot | None:
-    from planemesh.model.static_config import load_default_config, load_static_config
-
     if options.bootstrap is not None or options.xds_resources is not None:
         return None
     return load_static_config(options.config) if options.config else load_default_config()
 
 
 def run_agent(options: AgentOptions) -> int:
-    from planemesh.agent.host_attach import load_host_cgroups
-
     first = load_snapshot(options)  # a bad file fails here, before anything is changed
     host_cgroups = load_host_cgroups(options.host_cgroups, options.host_mode_file)  # so does a bad cgroup
     node_overload = load_node_overload(options.host_mode_file)  # and a bad node_overload section
@@ -557,50 +475,22 @@ def run_agent(options: AgentOptions) -> int:
         raise ConfigError("--host-cgroup", "host mode needs planemesh's own proxy (not --datapath-only)")
     if options.netns:
         enter_netns(options.netns)
-    agent = Agent(options, host_cgroups, node_overload, hbone)
+    # Forked before Agent() starts any thread: the zygote shares what the agent has imported so far.
+    zygotes = Zygotes.prefork() if options.worker_zygote and not options.datapath_only else None
+    agent = Agent(options, host_cgroups, node_overload, hbone, zygotes)
     try:
-        import uvloop
-
         uvloop.run(agent.run(first))
     except ConfigError:
         raise
     return 0
 
 
-def options_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentOptions:
-    """The agent's options from its parsed flags; a repeatable flag not given falls back to its variable
-    (planemesh.model.defaults: flag > environment > default)."""
-    node_ips = setting("agent", "--node-ip").values(args.node_ip, environ)
-    if not node_ips:
-        node_ips = env_setting("PLANEMESH_NODE_IP").values(None, environ)
-    return AgentOptions(
-        config=Path(args.config) if args.config else None,
-        bootstrap=Path(args.bootstrap) if args.bootstrap else None,
-        netns=args.netns,
-        admin=setting("agent", "--admin").values(args.admin, environ),
-        pin_dir=args.pin_dir,
-        access_log=args.access_log,
-        drain_timeout_s=args.drain_timeout,
-        xds=args.xds,
-        xds_resources=Path(args.xds_resources) if args.xds_resources else None,
-        handover=Path(args.handover) if args.handover else None,
-        datapath_only=args.datapath_only,
-        host_cgroups=setting("agent", "--host-cgroup").values(args.host_cgroup, environ),
-        node=NodeIdentity(node_id=args.node_id, node_ips=tuple(node_ips), pod_name=args.pod_name),
-        host_proc=Path(args.host_proc),
-    )
-
-
 def _cmd_agent(args: argparse.Namespace) -> int:
-    from planemesh.agent.logs import configure_logging
-
     configure_logging(level=args.log_level, fmt=args.log_format)  # flag > PLANEMESH_LOG_* > default
     return run_agent(options_from_args(args))
 
 
 def add_agent_command(sub: argparse._SubParsersAction) -> None:
-    from planemesh.agent.logs import FORMATS, LEVELS
-
     p = sub.add_parser("agent", help="run the node agent")
     for flag in ("--config", "--bootstrap", "--xds", "--xds-resources", "--handover", "--netns", "--pin-dir",
                  "--access-log", "--node-id", "--pod-name", "--host-proc"):  # fmt: skip
@@ -609,9 +499,10 @@ def add_agent_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", type=str.lower, choices=LEVELS, **option("agent", "--log-level"))
     p.add_argument("--log-format", type=str.lower, choices=FORMATS, **option("agent", "--log-format"))
     p.add_argument("--datapath-only", action="store_true", **option("agent", "--datapath-only"))
+    p.add_argument("--worker-zygote", action="store_true", **option("agent", "--worker-zygote"))
     for flag in ("--admin", "--host-cgroup", "--node-ip"):
         p.add_argument(flag, action="append", **option("agent", flag))
     p.set_defaults(func=_cmd_agent)
 
 
-__all__ = ["Agent", "AgentOptions", "add_agent_command", "run_agent"]
+__all__ = ["Agent", "add_agent_command", "run_agent"]

@@ -82,7 +82,7 @@ def _labels_of(row: Any) -> dict[str, str] | None:
 
 
 def istio_families(rows: Sequence[Any]) -> Iterator[Metric]:
-    """From agent.metrics.RouteStats / IstioStats rows (not imported: agent.metrics imports this module)."""
+    """From agent.stats_report.RouteStats / IstioStats rows."""
     requests = CounterMetricFamily("istio_requests", "Requests (Istio standard metric)", labels=list(LABELS))
     duration = HistogramMetricFamily(
         "istio_request_duration_milliseconds", "Request duration (Istio standard metric)", labels=list(LABELS)

@@ -183,7 +183,7 @@ class NodeShedding:
         self.config = config
 
     def report(self) -> dict[str, list[dict[str, Any]]]:
-        """Each plane's shed level as NodeShedStats rows (agent/metrics.py)."""
+        """Each plane's shed level as NodeShedStats rows (agent/stats_report.py)."""
         return {"node_shed": [{"plane": p, "fraction": f} for p, f in sorted(self.fractions.items())]}
 
     def step(self, priorities: Mapping[str, int]) -> dict[str, float]:

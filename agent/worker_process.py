@@ -26,7 +26,7 @@ log = logging.getLogger("planemesh.worker")
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() == 1:  # the parent already went before we asked
@@ -34,7 +34,7 @@ def _die_with_parent() -> None:
 
 
 def stats_report(plane: str, stats: Any, sniff: Any = None) -> dict[str, Any]:
-    """A worker's plane counters as rows of the admin's StatsReport (agent/metrics.py); `sniff`: the sniffing
+    """A worker's plane counters as rows of the admin's StatsReport (agent/stats_report.py); `sniff`: the sniffing
     listener's SniffStats (agent/proxy/passthrough.py), None when the plane has none."""
     from planemesh.agent.proxy.stats import LATENCY_BUCKETS_MS
 
@@ -226,9 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drain-timeout", type=float, default=5.0)
     parser.add_argument("--host-map-fd", type=int, default=None, help="host mode: the agent's pm_host_by_peer map")
     args = parser.parse_args(argv)
-    _die_with_parent()
-    logging.basicConfig(
-        level=os.environ.get("PLANEMESH_LOG_LEVEL", "INFO"), format=f"%(levelname)s {args.plane}: %(message)s"
+    die_with_parent()
+    logging.basicConfig(  # force: a worker forked by the zygote (agent/zygote.py) has the agent's handlers
+        level=os.environ.get("PLANEMESH_LOG_LEVEL", "INFO"),
+        format=f"%(levelname)s {args.plane}: %(message)s",
+        force=True,
     )
     control = socket.socket(fileno=args.control_fd)
     listeners = [socket.socket(fileno=fd) for fd in args.listen_fd]

@@ -19,6 +19,7 @@ from typing import Any
 from planemesh import module_argv
 from planemesh.agent.cpu_groups import CpuGroups, join_argv
 from planemesh.agent.worker_channel import RequestTable, SnapshotEncoder, read_message
+from planemesh.agent.zygote_client import ForkedWorker, ZygoteError, Zygotes
 from planemesh.model.config import Snapshot
 
 log = logging.getLogger("planemesh.workers")
@@ -52,13 +53,15 @@ class WorkerProcess:
         listeners: list[socket.socket],
         options: dict[str, Any],
         groups: list[str] | None = None,
+        zygote: Zygotes | None = None,
     ) -> None:
         self.plane = plane
+        self.zygote = zygote  # None: started by exec; else forked by the zygote (agent/zygote.py)
         self.groups = groups or []  # cgroup.procs files the process joins before it execs (CpuGroups.procs_files)
         self.index = index
         self._listeners = listeners
         self._options = options
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | ForkedWorker | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._table = RequestTable()
         self._encoder = SnapshotEncoder()  # snapshots go as changes to the last one (worker_channel.py)
@@ -71,25 +74,36 @@ class WorkerProcess:
     def name(self) -> str:
         return f"{self.plane}/{self.index}"
 
-    async def start(self, first: dict[str, Any]) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _argv(self, fds: list[int], name: Any) -> list[str]:
+        """The worker's arguments; `name(i)`: how the i-th of `fds` is named to it (its number, or "{i}")."""
         argv = [
-            *module_argv("planemesh.agent.worker_process"),
             "--plane", self.plane,
-            "--control-fd", str(theirs.fileno()),
+            "--control-fd", name(0),
             "--upstream-mark", hex(self._options["upstream_mark"]),
             "--drain-timeout", str(self._options.get("drain_timeout", 5.0)),
         ]  # fmt: skip
-        for sock in self._listeners:
-            argv += ["--listen-fd", str(sock.fileno())]
+        for i in range(1, len(self._listeners) + 1):
+            argv += ["--listen-fd", name(i)]
         if self._options.get("access_log"):
             argv += ["--access-log", self._options["access_log"]]
-        fds = [theirs.fileno(), *(s.fileno() for s in self._listeners)]
         if self._options.get("host_map_fd") is not None:  # host mode: original destinations by peer
-            argv += ["--host-map-fd", str(self._options["host_map_fd"])]
+            argv += ["--host-map-fd", name(len(fds) - 1)]
+        return argv
+
+    async def start(self, first: dict[str, Any]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [theirs.fileno(), *(s.fileno() for s in self._listeners)]
+        if self._options.get("host_map_fd") is not None:
             fds.append(self._options["host_map_fd"])
         try:
-            self._proc = await asyncio.create_subprocess_exec(*join_argv(self.groups, argv), pass_fds=fds)
+            if self.zygote is not None:  # forked from the pre-imported zygote: code pages shared (agent/zygote.py)
+                try:
+                    self._proc = await self.zygote.fork(self._argv(fds, lambda i: f"{{{i}}}"), fds, self.groups)
+                except ZygoteError as exc:  # the next attempt starts a new zygote
+                    raise WorkerStartError(f"worker {self.name}: {exc}") from exc
+            else:
+                argv = [*module_argv("planemesh.agent.worker_process"), *self._argv(fds, lambda i: str(fds[i]))]
+                self._proc = await asyncio.create_subprocess_exec(*join_argv(self.groups, argv), pass_fds=fds)
         except BaseException:
             ours.close()
             raise
@@ -242,7 +256,8 @@ class PlaneWorkers:
         self.shed = 0.0  # the node-wide overload's shed fraction for this plane (agent/node_overload.py)
 
     def _new_worker(self, index: int) -> WorkerProcess:
-        return WorkerProcess(self.plane, index, self.listeners, self._options, self.cpu_groups.procs_files(self.plane))
+        groups = self.cpu_groups.procs_files(self.plane)
+        return WorkerProcess(self.plane, index, self.listeners, self._options, groups, self._options.get("zygote"))
 
     async def start(self, snapshot: Snapshot, sources: dict[str, dict[int, str]]) -> None:
         self._last = {"op": "snapshot", "snapshot": snapshot, "sources": sources}

@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from planemesh.agent.agent_protocols import AgentForXds
 from planemesh.model.config import ConfigError
 
-if TYPE_CHECKING:
-    from planemesh.agent.daemon import Agent
 
-
-def bootstrap_for(agent: Agent) -> Any:
+def bootstrap_for(agent: AgentForXds) -> Any:
     """The bootstrap the agent connects with: the file (or the embedded default), --xds and the node identity."""
     from planemesh.xds.bootstrap import Bootstrap, check_target, load_bootstrap, with_node
 
@@ -37,7 +35,7 @@ def bootstrap_for(agent: Agent) -> Any:
     return with_node(boot, opts.node)
 
 
-async def start_xds(agent: Agent) -> Any:
+async def start_xds(agent: AgentForXds) -> Any:
     from planemesh.xds.transport import XdsClient
 
     opts = agent.options
@@ -65,7 +63,7 @@ async def start_xds(agent: Agent) -> Any:
     return client
 
 
-async def stop_xds(agent: Agent) -> None:
+async def stop_xds(agent: AgentForXds) -> None:
     server = getattr(agent, "embedded_xds_server", None)
     if server is not None:
         await asyncio.wait_for(server.stop(), 5)

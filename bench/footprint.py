@@ -148,6 +148,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def worker_pids(agent_pid: int) -> list[int]:
+    """The agent's workers: its children, or with --worker-zygote its zygote's children (the zygote left out)."""
+    found = []
+    for pid in children(agent_pid):
+        found += children(pid) if is_zygote(pid) else [pid]
+    return sorted(found)
+
+
 def compiler_mapped(pid: int) -> bool:
     """libbcc or libLLVM mapped into the process."""
     with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
@@ -161,7 +169,7 @@ def measure(lab, work: Path, config: Path, pin_dir: str, kind: str, settle: floa
     agent = start_agent(lab, work, ["--config", str(config), "--pin-dir", pin_dir])
     ready = time.monotonic() - started
     time.sleep(settle)
-    workers = children(agent.pid)
+    workers = worker_pids(agent.pid)
     sample = Sample(kind, ready, rss_kb(agent.pid), sum(rss_kb(w) for w in workers), compiler_mapped(agent.pid))
     return sample, agent
 
@@ -176,23 +184,38 @@ def envoy_memory_kb(lab, work: Path, settle: float) -> dict[str, int] | None:
         return memory_kb(proc.pid) if proc.poll() is None else None
 
 
-def two_planes_memory(lab, work: Path, pin_dir: str, settle: float) -> dict[str, dict[str, int]]:
-    """The default configuration (two planes, one worker each), at rest: RSS/PSS/USS of the agent and workers."""
-    agent = start_agent(lab, work, ["--pin-dir", pin_dir])
+def is_zygote(pid: int) -> bool:
+    """agent/zygote.py: exec'd (its command line) or forked from the agent (its name, pm-zygote)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f, open(f"/proc/{pid}/comm") as c:
+        return b"planemesh.agent.zygote" in f.read() or c.read().strip() == "pm-zygote"
+    return False
+
+
+def two_planes_memory(lab, work: Path, pin_dir: str, settle: float, zygote: bool = False) -> dict[str, dict[str, int]]:
+    """The default configuration (two planes, one worker each), at rest: RSS/PSS/USS of the agent and workers;
+    with `zygote` (--worker-zygote) the workers are the zygote's children and the zygote is a row of its own."""
+    agent = start_agent(lab, work, ["--pin-dir", pin_dir, *(["--worker-zygote"] if zygote else [])])
     try:
         time.sleep(settle)
         out = {"agent": memory_kb(agent.pid)}
-        for i, pid in enumerate(sorted(children(agent.pid))):
+        workers = []
+        for pid in sorted(children(agent.pid)):
+            if is_zygote(pid):
+                out["zygote"] = memory_kb(pid)
+                workers += sorted(children(pid))
+            else:
+                workers.append(pid)
+        for i, pid in enumerate(workers):
             out[f"worker {i + 1}"] = memory_kb(pid)
         return out
     finally:
         ns_tools.stop(agent)
 
 
-def memory_report(ours: dict[str, dict[str, int]], envoy: dict[str, int] | None) -> list[str]:
+def memory_report(ours: dict[str, dict[str, int]], envoy: dict[str, int] | None, how: str = "") -> list[str]:
     """RSS counts shared pages (libpython, OpenSSL...) in every process that maps them; PSS splits them between
     their users, so a sum of PSS is what the processes take together; USS is what each alone holds."""
-    lines = ["at rest, default configuration (two planes, one worker each), MB:",
+    lines = [f"at rest, default configuration (two planes, one worker each){how}, MB:",
              f"  {'process':24} {'RSS':>7} {'PSS':>7} {'USS':>7}"]  # fmt: skip
     total = {k: sum(m[k] for m in ours.values()) for k in ("rss", "pss", "uss")}
     rows = [*ours.items(), ("agent + workers", total), *([("envoy 1.40 --concurrency 1", envoy)] if envoy else [])]
@@ -209,6 +232,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds between ready and the RSS sample")
     parser.add_argument("--no-envoy", action="store_true")
+    parser.add_argument("--worker-zygote", action="store_true", help="every agent of the run forks its workers")
     parser.add_argument("--load-seconds", type=int, default=5, help="each load run (wrk, h2load); 0: no load")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
     parser.add_argument("--h2-clients", type=int, default=4, help="h2load connections")
@@ -218,12 +242,15 @@ def main(argv: list[str]) -> None:
         parser.error("--rounds, --connections, --h2-* must be >= 1 and --load-seconds >= 0")
     opts = {"seconds": args.load_seconds, "connections": args.connections, "h2_clients": args.h2_clients,
             "h2_streams": args.h2_streams}  # fmt: skip
+    if args.worker_zygote:  # every agent reads the variable: the start and load runs fork their workers too
+        os.environ["PLANEMESH_WORKER_ZYGOTE"] = "1"
     loaded: LoadResult | None = None
     prefix = f"pmfp{secrets.token_hex(2)}"
     pin_dir = f"/sys/fs/bpf/{prefix}"
     samples: list[Sample] = []
     envoy = None
     two_planes: dict[str, dict[str, int]] = {}
+    forked: dict[str, dict[str, int]] = {}
     with scratch_dir() as tmp, load_lab(prefix=prefix) as lab:
         work = Path(tmp)
         config = one_plane_config(work / "config.yaml")
@@ -234,11 +261,13 @@ def main(argv: list[str]) -> None:
                 warm, agent = measure(lab, work, config, pin_dir, "warm", args.settle)
                 ns_tools.stop(agent)  # clean stop: detaches and removes the pins (the next round is cold)
                 samples += [cold, warm]
-            two_planes = two_planes_memory(lab, work, pin_dir, args.settle)
+            if not args.worker_zygote:
+                two_planes = two_planes_memory(lab, work, pin_dir, args.settle)
+            forked = two_planes_memory(lab, work, pin_dir, args.settle, zygote=True)
             if not args.no_envoy:
                 envoy = envoy_memory_kb(lab, work, args.settle)
             if args.load_seconds:
-                loaded = under_load(lab, work, config, pin_dir, opts, not args.no_envoy, rss_kb, children)
+                loaded = under_load(lab, work, config, pin_dir, opts, not args.no_envoy, rss_kb, worker_pids)
         finally:
             shutil.rmtree(pin_dir, ignore_errors=True)
     print(f"{'start':6} {'ready s':>8} {'agent MB':>9} {'worker MB':>10}  compiler mapped in agent")
@@ -252,6 +281,8 @@ def main(argv: list[str]) -> None:
     print("(medians of", args.rounds, "rounds; one plane, one worker, no traffic)")
     if envoy is not None:
         print(f"envoy 1.40 --concurrency 1, idle: {envoy['rss'] / 1024:.1f} MB")
-    print("\n".join(memory_report(two_planes, envoy)))
+    if two_planes:
+        print("\n".join(memory_report(two_planes, envoy, ", workers exec'd (default)")))
+    print("\n".join(memory_report(forked, envoy, ", --worker-zygote: workers forked from the zygote")))
     if loaded is not None:
         print("\n".join(load_report(loaded, opts)))

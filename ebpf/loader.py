@@ -195,8 +195,10 @@ class Datapath:
         undeclared: Action,
         fail_closed: bool = False,
         forward_to: frozenset[int] = frozenset(),
+        drop_orphans: bool = False,
     ) -> None:
-        """A plane's settings; `forward_to`: the planes whose addresses its traffic may reach."""
+        """A plane's settings; `forward_to`: the planes whose addresses its traffic may reach; `drop_orphans`:
+        a non-SYN of an intercepted flow whose socket is gone is dropped instead of routed (HBONE)."""
         if not 1 <= plane_id < abi.PM_MAX_PLANES:
             raise ValueError(f"plane id {plane_id} is outside 1..{abi.PM_MAX_PLANES - 1}")
         for port in (proxy_port, sniff_port):
@@ -207,6 +209,7 @@ class Datapath:
         leaf = abi.PmPlane()
         leaf.proxy_port, leaf.sniff_port, leaf.undeclared_action = proxy_port, sniff_port, int(undeclared)
         leaf.flags = abi.PM_PLANE_F_ACTIVE | (abi.PM_PLANE_F_FAIL_CLOSED if fail_closed else 0)
+        leaf.flags |= abi.PM_PLANE_F_NO_ORPHANS if drop_orphans else 0
         self._tables["pm_forward"].put(u32_key(plane_id), bytes(abi.PmForward(abi.forward_mask(forward_to))))
         self._tables["pm_planes"].put(u32_key(plane_id), bytes(leaf))
 

@@ -81,6 +81,7 @@ struct pm_iface {
 /* ---- map: pm_planes, array indexed by plane_id -> struct pm_plane ---------------------------- */
 #define PM_PLANE_F_FAIL_CLOSED 0x1u /* no listener for a new connection: drop instead of pass */
 #define PM_PLANE_F_ACTIVE 0x2u      /* this slot holds a configured plane */
+#define PM_PLANE_F_NO_ORPHANS 0x4u  /* a non-SYN of an intercepted flow without its socket: drop, not pass */
 struct pm_plane {
 	__u16 proxy_port;        /* host order: the plane's transparent L7 listener */
 	__u16 sniff_port;        /* host order: the plane's sniffing listener */

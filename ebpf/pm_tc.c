@@ -10,8 +10,9 @@
  *   BYPASS: the kernel forwards it as usual
  *   PROXY/SNIFF: established-socket-first: a non-LISTEN socket of the packet's own 4-tuple gets it;
  *     else a SYN goes to the plane's listener; then the "route locally" mark (policy routing table).
- *     Non-SYN without a socket passes (it started before the policy did); no listener passes unless
- *     the plane is fail-closed (drop).
+ *     Non-SYN without a socket passes (it started before the policy did) unless the plane drops
+ *     orphans (HBONE: its proxy died, the rest of its payload must not leave unproxied); no listener
+ *     passes unless the plane is fail-closed (drop).
  *
  * Build options (cflags): -DPM_PIN_DIR="\"/sys/fs/bpf/planemesh/x\"" pins every map there (pm_maps.h; bcc reuses
  * an already pinned map, so a restarted agent re-adopts state); without it nothing is pinned.
@@ -240,7 +241,8 @@ int pm_tc_ingress(struct __sk_buff *skb)
 
 	__u16 port = action == PM_ACT_PROXY ? plane->proxy_port : plane->sniff_port;
 	__u32 outcome = pm_intercept(skb, &pkt, cfg, plane, plane_id, port);
-	if (outcome == PM_RSN_NO_LISTENER && (plane->flags & PM_PLANE_F_FAIL_CLOSED)) {
+	if ((outcome == PM_RSN_NO_LISTENER && (plane->flags & PM_PLANE_F_FAIL_CLOSED)) ||
+	    (outcome == PM_RSN_NO_SOCKET && (plane->flags & PM_PLANE_F_NO_ORPHANS))) {
 		pm_count(plane_id, PM_ACT_DROP, len);
 		return TC_ACT_SHOT;
 	}

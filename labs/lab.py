@@ -20,7 +20,7 @@ from typing import Any
 
 from pyroute2 import IPRoute, netns
 
-from planemesh.labs import netns as ns_tools
+import planemesh.labs.netns as ns_tools
 from planemesh.labs.model import LabPod, LabSpec, lab_from_dict, spec_to_dict
 from planemesh.model.static_config import read_yaml_file
 

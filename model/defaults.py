@@ -86,6 +86,8 @@ SETTINGS: tuple[Setting, ...] = (
             "text or json (text under systemd carries journald priorities)"),
     Setting(AGENT, "--datapath-only", "PLANEMESH_DATAPATH_ONLY", None,
             "programs and routes only; another proxy binds the plane ports", Kind.SWITCH),
+    Setting(AGENT, "--worker-zygote", "PLANEMESH_WORKER_ZYGOTE", None,
+            "fork plane workers from a pre-imported process (agent/zygote.py): code pages shared", Kind.SWITCH),
     Setting(AGENT, "--host-cgroup", "PLANEMESH_HOST_CGROUP", None,
             "host mode: intercept connects in this cgroup v2 (path absolute or below the cgroup2 mount) or systemd"
             " slice (telecom.slice), repeatable", Kind.LIST),

@@ -6,13 +6,14 @@ Each failure is a ConfigError naming the field; a snapshot that fails is never a
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from pathlib import Path
 
 from netaddr import IPNetwork
 
 from planemesh.model.config import ConfigError, ListenerProtocol, Snapshot
 from planemesh.model.plane_limits import check_cpus, parse_cpu_list
-from planemesh.model.planes import LOCAL_DELIVERY_TABLE, MAX_PLANES, MAX_TABLE, RESERVED_TABLES, ROUTED, Plane
+from planemesh.model.planes import LOCAL_DELIVERY_TABLE, MAX_PLANES, MAX_TABLE, RESERVED_TABLES, ROUTED, SLA, Plane
 from planemesh.model.tls_config import plane_mtls_error
 
 _GLOB = frozenset("*?[")
@@ -109,24 +110,7 @@ def validate_snapshot(snap: Snapshot, *, references: bool = True) -> None:
             if net.version == 6 and net in _V4_MAPPED:
                 raise ConfigError(f"{where}.cidrs[{j}]", f"{net} is IPv4-mapped: write the IPv4 CIDR")
         _check_table(plane, where, tables)
-        sla = plane.sla
-        for key in ("connect_timeout_s", "request_timeout_s", "idle_timeout_s"):
-            if getattr(sla, key) <= 0:
-                raise ConfigError(f"{where}.sla.{key}", "must be > 0")
-        if sla.workers < 1:
-            raise ConfigError(f"{where}.sla.workers", "must be >= 1")
-        if sla.memory_max_mb < 1:
-            raise ConfigError(f"{where}.sla.memory_max_mb", "must be >= 1 (MiB per worker process)")
-        if sla.max_connections_per_source is not None and sla.max_connections_per_source < 1:
-            raise ConfigError(f"{where}.sla.max_connections_per_source", "must be >= 1 (or absent: a quarter)")
-        if not 1 <= sla.cpu_weight <= 10000:
-            raise ConfigError(f"{where}.sla.cpu_weight", "must be 1..10000 (cgroup cpu.weight)")
-        if sla.cpus is not None:
-            check_cpus_field(sla.cpus, f"{where}.sla.cpus")
-        if not 0 <= sla.priority <= 7:
-            raise ConfigError(f"{where}.sla.priority", "must be 0..7")
-        if (why := plane_mtls_error(sla)) is not None:
-            raise ConfigError(f"{where}.sla.{why[0]}", why[1])
+        _check_sla(plane.sla, f"{where}.sla")
     _check_interface_claims(snap.planes)
     for i, plane in enumerate(snap.planes):
         for j, target in enumerate(plane.forward_to):
@@ -142,6 +126,32 @@ def validate_snapshot(snap: Snapshot, *, references: bool = True) -> None:
         for pa, _ia, _ja, na in owned[:b]:
             if pa != pb and na.version == nb.version and (na.first <= nb.last and nb.first <= na.last):
                 raise ConfigError(f"planes[{ib}].cidrs[{jb}]", f"{nb} overlaps {na} of plane {pa!r}")
+    _check_listeners(snap, names, references)
+    if references:
+        _check_route_references(snap)
+
+
+def _check_sla(sla: SLA, where: str) -> None:
+    for key in ("connect_timeout_s", "request_timeout_s", "idle_timeout_s"):
+        if getattr(sla, key) <= 0:
+            raise ConfigError(f"{where}.{key}", "must be > 0")
+    if sla.workers < 1:
+        raise ConfigError(f"{where}.workers", "must be >= 1")
+    if sla.memory_max_mb < 1:
+        raise ConfigError(f"{where}.memory_max_mb", "must be >= 1 (MiB per worker process)")
+    if sla.max_connections_per_source is not None and sla.max_connections_per_source < 1:
+        raise ConfigError(f"{where}.max_connections_per_source", "must be >= 1 (or absent: a quarter)")
+    if not 1 <= sla.cpu_weight <= 10000:
+        raise ConfigError(f"{where}.cpu_weight", "must be 1..10000 (cgroup cpu.weight)")
+    if sla.cpus is not None:
+        check_cpus_field(sla.cpus, f"{where}.cpus")
+    if not 0 <= sla.priority <= 7:
+        raise ConfigError(f"{where}.priority", "must be 0..7")
+    if (why := plane_mtls_error(sla)) is not None:
+        raise ConfigError(f"{where}.{why[0]}", why[1])
+
+
+def _check_listeners(snap: Snapshot, names: Mapping[str, int], references: bool) -> None:
     declared: dict[tuple[str, int, str, str, str], str] = {}  # (plane, port, prefix, sni|transport|alpn, sources)
     for i, lsn in enumerate(snap.listeners):
         where = f"listeners[{i}]"
@@ -167,7 +177,11 @@ def validate_snapshot(snap: Snapshot, *, references: bool = True) -> None:
             and lsn.route_config not in snap.routes
         ):
             raise ConfigError(f"{where}.route_config", f"unknown route configuration {lsn.route_config!r}")
-    for rc_name, rc in snap.routes.items() if references else ():
+
+
+def _check_route_references(snap: Snapshot) -> None:
+    """Every cluster a route names exists (with references: a static config; xDS answers 503 NC instead)."""
+    for rc_name, rc in snap.routes.items():
         for vi, vh in enumerate(rc.virtual_hosts):
             for ri, route in enumerate(vh.routes):
                 act = route.action

@@ -230,7 +230,7 @@ class XdsClient:
         }
 
     def stats_report(self) -> dict[str, Any]:
-        """The admin/metrics provider (agent/metrics.py's StatsReport as a dict): per type URL."""
+        """The admin/metrics provider (agent/stats_report.py's StatsReport as a dict): per type URL."""
         rows = [
             {"type_url": t.type_url, "version": t.version, "acks": t.acks, "nacks": t.nacks, "resources": t.resources}
             for t in self.state.status()

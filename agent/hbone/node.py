@@ -5,8 +5,15 @@
 
 FILE is either HBONE settings (agent/hbone/settings.py) or an agent configuration (static config or xDS
 bootstrap) with an `hbone:` section (agent/hbone/section.py). The agent runs this process itself when its
-configuration has that section (agent/hbone/supervisor.py). Runs in the node's network namespace; SIGTERM
-detaches the capture, then closes the listeners and the pooled connections.
+configuration has that section (agent/hbone/supervisor.py). Runs in the node's network namespace.
+
+Two ways to stop. SIGTERM (HBONE off: the agent stops for good, the section was removed): detach the capture,
+then close the listeners and the pooled connections. SIGUSR1 (hand over: a hot upgrade, a restart, new settings,
+or the agent died: the parent-death signal): close the listeners at once (15008 is free for the successor) but
+leave the capture attached, its maps and program pinned, and let open tunnels finish (at most DRAIN_S). The
+capture plane is fail-closed: while no capture listener exists a tunnelled SYN is dropped by the TC program,
+never routed in plaintext; the successor re-uses the pinned program (nothing compiled) and its listener takes
+new connections from its bind on.
 
 Start-up order: certificates, the 15008 listener, then the capture. The listener's bind is the hand-over
 lock: a successor (restart, hot upgrade) attaches its capture only once its predecessor released 15008,
@@ -45,6 +52,7 @@ from planemesh.model.defaults import option
 
 log = logging.getLogger("planemesh.hbone")
 STATS_PERIOD_S = 0.5
+DRAIN_S = 30.0  # hand-over: open tunnels finish within this, then the old node exits
 CERT_TIMEOUT_S = 30.0  # the node's own certificate from the CA (ca_api) before the listener can serve
 EXIT_CONFIG, EXIT_BIND = 2, 3
 PR_SET_PDEATHSIG = 1
@@ -86,6 +94,7 @@ async def serve(
     await inbound.start(*settings.listen)  # OSError (in use): the caller exits EXIT_BIND
     datapath = None
     outbound = None
+    handover = asyncio.Event()
     try:
         if settings.capture is not None:
             if capture:
@@ -93,23 +102,28 @@ async def serve(
                 datapath = await asyncio.to_thread(
                     CaptureDatapath, settings.capture, settings.routes, pin_dir, not shared_routing
                 )
+                how = "compiled" if datapath.compiled else "re-used from its pins: nothing compiled"
+                log.info("HBONE capture attached (fail-closed), program %s", how)
             outbound = Outbound(settings.routes, Pool(certs, stats), stats)
             await outbound.start(settings.capture.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: (handover.set(), stop.set()))
         writer = loop.create_task(_write_stats(stats, stats_path)) if stats_path else None
         log.info("HBONE node %s listening on %s:%d", settings.identity, *settings.listen)
         print(ready or "hbone ready", flush=True)
         await stop.wait()
+        if handover.is_set():
+            await _hand_over(inbound, outbound)
         if writer is not None:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
     finally:
         if datapath is not None:  # first: new pod connections stop being captured before the listeners go
-            await asyncio.to_thread(datapath.close)
+            await asyncio.to_thread(datapath.close, not handover.is_set())
         if outbound is not None:
             await outbound.close()
         await inbound.close()
@@ -119,10 +133,29 @@ async def serve(
         _write_stats_now(stats, stats_path)
 
 
+async def _hand_over(inbound: Inbound, outbound: Outbound | None) -> None:
+    """Release both listening ports now (the successor binds them), keep serving open tunnels until they end."""
+    servers = [inbound.server, outbound.server if outbound else None]
+    for server in servers:
+        if server is not None:
+            server.close()
+    log.info("HBONE node handing over: listeners closed, capture left attached; draining open tunnels")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_S
+    while open_tunnels(inbound, outbound) and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+
+
+def open_tunnels(inbound: Inbound, outbound: Outbound | None) -> int:
+    conns = [c for held in (outbound.pool.conns.values() if outbound else ()) for _, c in held]
+    return sum(len(c.streams) for c in [*conns, *inbound.open])
+
+
 def _die_with_parent() -> None:
-    """Supervised by the agent: go when it goes, even on SIGKILL (as its proxy workers do)."""
+    """Supervised by the agent: go when it goes, even on SIGKILL (as its proxy workers do), by handing over:
+    the capture stays attached and fail-closed until the next agent's node takes it."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)
     if os.getppid() == 1:
         sys.exit(0)
 

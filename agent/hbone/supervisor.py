@@ -3,14 +3,18 @@
 The agent runs one when its static configuration or bootstrap has an `hbone:` section (agent/hbone/section.py).
 The child is `python -m planemesh.agent.hbone` in the agent's network namespace with the section written to
 `<runtime_dir>/hbone-<tag>.yaml`, its counters in `hbone-<tag>.json` (read at scrape time), its BPF pins under
-`<pin_dir>/hbone`, and `--shared-routing` (the policy route is the agent's: same mark, never removed by the
-child). A process rather than a task of the agent's loop: tunnel bytes are the data path, and the agent's loop
+`<pin_dir>/hbone` (without --pin-dir `/sys/fs/bpf/planemesh/hbone-<tag>`), and `--shared-routing` (the
+policy route is the agent's: same mark, never removed by the child).
+A process rather than a task of the agent's loop: tunnel bytes are the data path, and the agent's loop
 is its control plane (as the proxy workers are processes). It dies with the agent (PR_SET_PDEATHSIG).
 
 Restart: an exit while the agent runs is logged, counted and followed by a new child after a backoff (0.5 s
-doubling to 10 s; reset after 30 s of running). Hot upgrade: the predecessor stops its child when it hands
-over; the successor starts its own after the hand-over and retries until 15008 is free (node.py's order makes
-the bind the lock), so HBONE is down from the predecessor's stop to the successor's start (docs/hbone.md).
+doubling to 10 s; reset after 30 s of running). Hot upgrade: the predecessor tells its child to hand over
+(SIGUSR1: listeners closed at once, capture left attached and fail-closed, open tunnels drained); the successor
+starts its own after the hand-over once 15008 is free, and it re-uses the pinned capture program. Between the
+two, new tunnelled connections are dropped (their SYN retried by the pod's kernel), never sent in plaintext
+(docs/hbone.md). A restart for new settings hands over the same way; only `stop()` without `hand_over`
+(the agent stops for good, the section is gone) detaches the capture.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -41,6 +46,7 @@ from planemesh.xds.bootstrap import bootstrap_from_dict
 log = logging.getLogger("planemesh.hbone")
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 10.0
 PORT_POLL_S = 0.2
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/planemesh"  # the agent runs without --pin-dir: HBONE's pins go here
 STABLE_S = 30.0  # a child that ran this long restarts after the minimum backoff again
 
 
@@ -88,7 +94,8 @@ class HboneSupervisor:
         self.settings = settings
         self.config_path = runtime_dir / f"hbone-{tag}.yaml"
         self.stats_path = runtime_dir / f"hbone-{tag}.json"
-        self.pin_dir = f"{pin_dir.rstrip('/')}/hbone" if pin_dir else None
+        # Always pinned (the agent's own pins or not): a restart or successor re-uses the program (no compile).
+        self.pin_dir = f"{pin_dir.rstrip('/')}/hbone" if pin_dir else f"{DEFAULT_PIN_ROOT}/hbone-{tag}"
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = asyncio.Event()  # set while a child that said "hbone ready" runs
         self.starts = 0
@@ -101,7 +108,7 @@ class HboneSupervisor:
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "planemesh.agent.hbone", "--config", str(self.config_path),
                 "--stats", str(self.stats_path), "--shared-routing", "--supervised"]  # fmt: skip
-        return [*argv, "--pin-dir", self.pin_dir] if self.pin_dir else argv
+        return [*argv, "--pin-dir", self.pin_dir]
 
     def _write_config(self) -> None:
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,16 +180,17 @@ class HboneSupervisor:
         if proc is not None and proc.returncode is None:
             self._replacing = True
             with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
+                proc.send_signal(signal.SIGUSR1)  # hand over: the capture stays, fail-closed, for the new child
 
-    async def stop(self, timeout_s: float = 5.0) -> None:
-        """SIGTERM (the child detaches its capture, closes its listeners), SIGKILL after `timeout_s`."""
+    async def stop(self, timeout_s: float = 5.0, hand_over: bool = False) -> None:
+        """SIGTERM (the child detaches its capture, closes its listeners), SIGKILL after `timeout_s`.
+        `hand_over` (a successor agent runs HBONE next): SIGUSR1, the capture stays attached and fail-closed."""
         self._stopping = True
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
+            proc.send_signal(signal.SIGUSR1 if hand_over else signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), timeout_s)
         except TimeoutError:

@@ -96,7 +96,7 @@ class IstioCounters:
         return row
 
     def report(self, plane: str) -> list[dict[str, Any]]:
-        """Rows for agent/metrics.py's IstioStats."""
+        """Rows for agent/stats_report.py's IstioStats."""
         bounds = tuple(b / 1000 for b in LATENCY_BUCKETS_MS)
         return [
             {

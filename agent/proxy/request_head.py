@@ -4,6 +4,7 @@ the upstream request head (rewrites, route header changes, trace context, x-requ
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from typing import TYPE_CHECKING
 
@@ -19,8 +20,21 @@ if TYPE_CHECKING:
 _getrandbits = random.getrandbits
 # Request ids: uuid4 text, a random per-process part plus a counter. Ids need uniqueness, not secrecy;
 # uuid.uuid4() costs a getrandom() syscall per request.
-_RID_PREFIX = f"{_getrandbits(32):08x}-{_getrandbits(16):04x}-4{_getrandbits(12):03x}-{0x8000 | _getrandbits(14):04x}-"
-_rid_counter = itertools.count(_getrandbits(40))
+_RID_PREFIX = ""
+_rid_counter = itertools.count()
+
+
+def _new_request_ids() -> None:
+    global _RID_PREFIX, _rid_counter
+    bits = _getrandbits
+    _RID_PREFIX = f"{bits(32):08x}-{bits(16):04x}-4{bits(12):03x}-{0x8000 | bits(14):04x}-"
+    _rid_counter = itertools.count(_getrandbits(40))
+
+
+_new_request_ids()
+# A worker forked from the zygote (agent/zygote.py) gets its own part: forked workers must not hand out the same ids
+# (the random module reseeds itself in a forked child, so _getrandbits differs there).
+os.register_at_fork(after_in_child=_new_request_ids)
 FORWARDED_PROTO = (b"x-forwarded-proto", b"http")
 
 

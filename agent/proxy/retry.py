@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ GATEWAY_ERRORS = frozenset({502, 503, 504})
 NO_RETRY = RetryPolicy(num_retries=0)
 MAX_REPLAY_BODY = 64 * 1024  # a request body up to this size is kept so a retry can send it again
 rng = random.Random()  # the requests' dice: fault percentages, back-off jitter, mirror fractions
+os.register_at_fork(after_in_child=rng.seed)  # forked workers (agent/zygote.py) roll their own dice
 
 
 _last_sla: list = [None, NO_RETRY]  # the last SLA asked for and its policy: an SLA's hash costs per request

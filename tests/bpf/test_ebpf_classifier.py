@@ -327,3 +327,18 @@ def test_listener_port_drop_is_for_node_addresses_only(configured, netns_worker)
         (PLANE, int(Reason.LISTENER_PORT_DROP)): 2,
         (PLANE, int(Action.BYPASS)): 2,  # transit: the plane's undeclared action
     }
+
+
+def test_drop_orphans_drops_a_segment_whose_socket_is_gone(configured, netns_worker) -> None:
+    """HBONE's capture plane (agent/hbone/capture.py): a non-SYN of an intercepted flow without its socket (the
+    node holding it died) is dropped, not routed in plaintext; without the flag it passes as before."""
+    dp = configured
+    dp.set_interface(LO, FAIL_CLOSED_PLANE)
+    for orphans, retval, slots in ((False, TC_ACT_OK, (Action.PROXY, Reason.NO_SOCKET)),
+                                   (True, TC_ACT_SHOT, (Action.PROXY, Action.DROP))):  # fmt: skip
+        dp.set_plane(FAIL_CLOSED_PLANE, PROXY_PORT, SNIFF_PORT, Action.BYPASS, fail_closed=True, drop_orphans=orphans)
+        for packet in (v4(80, "A"), v6(80, "PA")):
+            before = dp.counters()
+            assert netns_worker.call(run_skb, dp.prog_fd, packet).retval == retval
+            assert _delta(before, dp.counters()) == {(FAIL_CLOSED_PLANE, int(s)): 1 for s in slots}
+    dp.set_plane(FAIL_CLOSED_PLANE, PROXY_PORT, SNIFF_PORT, Action.BYPASS, fail_closed=True)

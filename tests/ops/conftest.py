@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from planemesh.agent.admin import AdminApp, AdminServer
-from planemesh.agent.metrics import StatsRegistry
 from planemesh.agent.sdnotify import Readiness
+from planemesh.agent.stats_report import StatsRegistry
 from planemesh.model.config import Snapshot
 from planemesh.model.static_config import load_default_config
 

@@ -19,8 +19,8 @@ from planemesh.agent.admin_client import (
     AdminUnreachable,
     add_admin_commands,
 )
-from planemesh.agent.metrics import DataPathStats, ListenerStats, StatsReport, XdsTypeStats
 from planemesh.agent.sdnotify import DEFAULT_BLOCKERS
+from planemesh.agent.stats_report import DataPathStats, ListenerStats, StatsReport, XdsTypeStats
 from planemesh.model.config import Snapshot
 from planemesh.model.snapshot_json import from_jsonable
 

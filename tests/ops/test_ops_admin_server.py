@@ -12,7 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from planemesh.agent.admin import AdminApp, AdminBind, AdminBindError, AdminServer, parse_admin_bind
-from planemesh.agent.metrics import (
+from planemesh.agent.sdnotify import DEFAULT_BLOCKERS, Readiness
+from planemesh.agent.stats_report import (
     ClusterStats,
     LatencyHistogram,
     ListenerStats,
@@ -20,7 +21,6 @@ from planemesh.agent.metrics import (
     StatsReport,
     XdsTypeStats,
 )
-from planemesh.agent.sdnotify import DEFAULT_BLOCKERS, Readiness
 from planemesh.model.config import Snapshot
 from planemesh.model.snapshot_json import from_jsonable
 

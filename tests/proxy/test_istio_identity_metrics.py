@@ -11,9 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
-from planemesh.agent.metrics import StatsRegistry
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
+from planemesh.agent.stats_report import StatsRegistry
 from planemesh.model.config import Cluster, ClusterKind, Endpoint, Route, RouteAction
 from tests.proxy.proxy_harness import PLANE, Backend, ServingProxy, make_snapshot
 from tests.proxy.test_tcp_tls import Upstream, chains, tls_call

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from planemesh.agent.agent_options import options_from_args
 from planemesh.agent.cli import COMMANDS, build_parser
-from planemesh.agent.daemon import options_from_args
 from planemesh.model.config import ConfigError
 from planemesh.model.defaults import SETTINGS, Kind, setting
 from planemesh.xds.bootstrap import bootstrap_from_dict, with_node

@@ -16,7 +16,8 @@ from planemesh.agent.hbone.stats import HboneStats
 from planemesh.agent.hbone.supervisor import HboneSupervisor, load_hbone
 from planemesh.agent.identity.ca import key_pem, new_root, utcnow
 from planemesh.agent.identity.ca_files import write_new
-from planemesh.agent.metrics import PlanemeshCollector, StatsRegistry, coerce_report, merge_reports
+from planemesh.agent.metrics import PlanemeshCollector
+from planemesh.agent.stats_report import StatsRegistry, coerce_report, merge_reports
 from planemesh.model.config import ConfigError
 from planemesh.model.static_config import snapshot_from_dict
 from planemesh.xds.bootstrap import bootstrap_from_dict

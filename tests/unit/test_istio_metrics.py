@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from planemesh.agent.istio_metrics import istio_labels
-from planemesh.agent.metrics import RouteCounters, StatsRegistry
+from planemesh.agent.stats_report import RouteCounters, StatsRegistry
 from tests.unit.test_ops_metrics import _scrape
 
 

@@ -198,8 +198,8 @@ def test_the_loop_step_sheds_from_the_files(tmp_path: Path) -> None:
 def test_node_shedding_reaches_prometheus_per_plane(tmp_path: Path) -> None:
     """The loop's level per plane (planemesh_node_shed_fraction) and the requests the workers refused for the
     node's sake (planemesh_node_shed_requests), apart from those their own memory shed."""
-    from planemesh.agent.metrics import StatsRegistry
     from planemesh.agent.proxy.stats import PlaneStats
+    from planemesh.agent.stats_report import StatsRegistry
     from planemesh.agent.worker_process import stats_report
     from tests.unit.test_ops_metrics import _scrape
 

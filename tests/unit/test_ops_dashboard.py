@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from planemesh.agent.admin import AdminApp
-from planemesh.agent.metrics import _ROW_TYPES
 from planemesh.agent.sdnotify import Readiness
+from planemesh.agent.stats_report import ROW_TYPES
 
 pytestmark = pytest.mark.unit
 
@@ -38,7 +38,7 @@ AGENT_WIDE = (
 def one_of_every_row() -> dict:
     """A stats report with one row of every type, every counter and every dict filled."""
     report: dict = {"xds_connected": True}
-    for key, cls in _ROW_TYPES.items():
+    for key, cls in ROW_TYPES.items():
         row = {}
         for f in dataclasses.fields(cls):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

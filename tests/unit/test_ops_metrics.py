@@ -6,10 +6,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from planemesh.agent.metrics import (
+from planemesh.agent.metrics import PlanemeshCollector
+from planemesh.agent.stats_report import (
     DEFAULT_LATENCY_BUCKETS_S,
     LatencyHistogram,
-    PlanemeshCollector,
     RouteCounters,
     StatsRegistry,
     coerce_report,

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from planemesh.agent.metrics import DEFAULT_LATENCY_BUCKETS_S
+from planemesh.agent.stats_report import DEFAULT_LATENCY_BUCKETS_S
 from planemesh.agent.top import Sample, plain, quantile_ms, render, rows
 
 pytestmark = pytest.mark.unit

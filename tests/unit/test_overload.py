@@ -81,8 +81,8 @@ def test_rss_growth_counts_from_its_creation() -> None:
 
 
 def test_worker_stats_report_carries_the_overload_state_to_prometheus() -> None:
-    from planemesh.agent.metrics import StatsRegistry
     from planemesh.agent.proxy.stats import PlaneStats
+    from planemesh.agent.stats_report import StatsRegistry
     from planemesh.agent.worker_process import stats_report
     from tests.unit.test_ops_metrics import _scrape
 

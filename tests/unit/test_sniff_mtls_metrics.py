@@ -3,8 +3,8 @@ summed over workers, as planemesh_sniff_mtls_inner_connections{plane,verdict}.""
 
 from __future__ import annotations
 
-from planemesh.agent.metrics import StatsRegistry
 from planemesh.agent.proxy.passthrough import SniffStats
+from planemesh.agent.stats_report import StatsRegistry
 from planemesh.agent.worker_process import sniff_rows
 from tests.unit.test_ops_metrics import _scrape
 

@@ -60,7 +60,7 @@ def test_bootstrap_errors_name_the_field(raw, path):
 
 
 def test_bootstrap_may_name_host_mode_cgroups(tmp_path):
-    from planemesh.agent.daemon import AgentOptions
+    from planemesh.agent.agent_options import AgentOptions
     from planemesh.model.host_mode import host_mode_from_dict
 
     raw = {**boot(), "host_mode": {"slices": ["telecom.slice"], "cgroups": ["/apps/sig"]}}

@@ -17,7 +17,7 @@ from planemesh.agent.identity.ca_service import CsrSigner
 from planemesh.agent.identity.cert_client import CaSettings, CertificateClient, FetchError, create_certificate
 from planemesh.agent.identity.istio_ca_proto import METHOD, IstioCertificateRequest, IstioCertificateResponse
 from planemesh.agent.identity.spiffe import parse_spiffe_id
-from planemesh.agent.metrics import StatsRegistry
+from planemesh.agent.stats_report import StatsRegistry
 from planemesh.model.static_config import default_config_text
 from planemesh.xds.bootstrap import bootstrap_from_dict
 from planemesh.xds.resources import LISTENER

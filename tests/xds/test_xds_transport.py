@@ -120,7 +120,7 @@ def test_losing_the_server_keeps_config_and_reconnect_resumes(tmp_path):
 def test_xds_server_command_serves_the_examples_and_stats_feed_the_admin(tmp_path):
     from importlib import resources as importlib_resources
 
-    from planemesh.agent.metrics import coerce_report
+    from planemesh.agent.stats_report import coerce_report
     from tests.xds.xds_harness import ENVOY, free_port
 
     examples = importlib_resources.files("planemesh.xds").joinpath("examples")
