@@ -27,13 +27,13 @@ import logging
 import os
 import signal
 import socket
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from planemesh import module_argv
 from planemesh.agent.hbone.section import SECTION, check, section_settings
 from planemesh.agent.hbone.stats import peer_rows
 from planemesh.agent.identity.ca import CertError
@@ -106,8 +106,9 @@ class HboneSupervisor:
         self._replacing = False  # the current child is being stopped for new settings: not a crash
 
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "planemesh.agent.hbone", "--config", str(self.config_path),
-                "--stats", str(self.stats_path), "--shared-routing", "--supervised"]  # fmt: skip
+        # -P (module_argv): started from a checkout, the child must not import the checkout's `xds/` folder
+        argv = module_argv("planemesh.agent.hbone", "--config", str(self.config_path),
+                           "--stats", str(self.stats_path), "--shared-routing", "--supervised")  # fmt: skip
         return [*argv, "--pin-dir", self.pin_dir]
 
     def _write_config(self) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from planemesh import module_argv
 from planemesh.agent.identity.ca import CertificateAuthority, key_pem
 from planemesh.agent.identity.ca_files import write_new
 from planemesh.labs import netns as ns_tools
@@ -163,7 +164,7 @@ class HboneLab:
         config = self.workdir / f"hbone-{name}.yaml"
         config.write_text(yaml.safe_dump(settings))
         argv = [
-            sys.executable, "-m", "planemesh.agent.hbone", "--config", str(config), "--netns", ns,
+            *module_argv("planemesh.agent.hbone"), "--config", str(config), "--netns", ns,
             "--stats", str(self.workdir / f"stats-{name}.json"), "--pin-dir", self.pin_dir,
         ]  # fmt: skip
         proc = ns_tools.start_until(None, argv, "hbone ready", timeout=60)
