@@ -133,3 +133,10 @@ def test_planemesh_hbone_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     bad = write(tmp_path, {"planes": PLANES, "hbone": section(listen="nowhere")})
     assert main(["hbone", "--config", str(bad)]) == 2
     assert "hbone.listen" in capsys.readouterr().err
+
+
+def test_the_supervised_child_never_imports_the_checkouts_folders(tmp_path: Path) -> None:
+    """Started from a checkout (the working directory on sys.path), `python -m planemesh.agent.hbone` found the
+    repository's xds/ folder instead of xds-protos and died: the child runs with -P like every product child."""
+    argv = HboneSupervisor(section(), tmp_path, "test").argv()
+    assert argv[1:4] == ["-P", "-m", "planemesh.agent.hbone"]
