@@ -8,9 +8,16 @@ Envoy API module imports (docs/configuration.md, "Running from a checkout").
 
 from __future__ import annotations
 
+import os
 import sys
 
 __version__ = "0.1.0"
+
+# gRPC's fork handlers serve children that go on using gRPC. Ours exec at once (workers, HBONE, the BPF build
+# helper) or fork before any gRPC thread exists (the zygote); with the handlers on, a fork while the xDS
+# client's threads ran could abort the child inside gRPC (ev_epoll1_linux.cc check, exit -6). Read by grpc at
+# import, so it is set here, before anything imports it; an operator's own setting wins.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 def module_argv(module: str, *args: str) -> list[str]:

@@ -13,7 +13,6 @@ by their location, as pytest's importlib import mode does for tests/, and the pr
 from __future__ import annotations
 
 import importlib.util
-import os
 import runpy
 import sys
 from pathlib import Path
@@ -36,9 +35,6 @@ def register_packages(root: Path = ROOT) -> None:
 
 
 def main() -> None:
-    # Children a benchmark starts with `python -m planemesh...` from the checkout must not import its folders
-    # either (as tests/conftest.py does for the tests' children).
-    os.environ["PYTHONSAFEPATH"] = "1"
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     module = sys.argv[1]
