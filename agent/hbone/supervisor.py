@@ -198,6 +198,10 @@ class HboneSupervisor:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+        if not hand_over and self.pin_dir.startswith(DEFAULT_PIN_ROOT + "/"):
+            # The child removed its own pin directory; the shared root we chose goes too once nothing is in it.
+            with contextlib.suppress(OSError):
+                os.rmdir(DEFAULT_PIN_ROOT)
 
     def report(self) -> dict[str, Any]:
         """Stats provider (agent/metrics.py): per-peer rows from the child's counters, and the node's row."""

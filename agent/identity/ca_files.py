@@ -63,6 +63,11 @@ def _write_all(out: Path, files: dict[str, tuple[bytes, bool]]) -> None:
         write_new(out / name, data, secret)
 
 
+def write_root_ca(out: Path, root: CertificateAuthority) -> None:
+    """A root CA directory as `ca init` writes it and read_ca reads it (root-cert.pem, root-key.pem 0600)."""
+    _write_all(out, {"root-cert.pem": (root.root_pem(), False), "root-key.pem": (_key(root), True)})
+
+
 def read_ca(directory: Path) -> CertificateAuthority:
     """The signing CA of a directory: an intermediate (ca-*.pem) if present, else the root."""
     try:
@@ -85,7 +90,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         root = new_root(args.trust_domain, now=utcnow(), common_name=args.name, ttl_s=args.ttl)
     except (CertError, SpiffeError) as exc:
         raise ConfigError("--trust-domain", str(exc)) from None
-    _write_all(Path(args.out), {"root-cert.pem": (root.root_pem(), False), "root-key.pem": (_key(root), True)})
+    write_root_ca(Path(args.out), root)
     print(f"root CA for trust domain {args.trust_domain} in {args.out} (root-cert.pem, root-key.pem)")
     return 0
 

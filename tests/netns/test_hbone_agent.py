@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from planemesh.agent.admin_client import AdminClient
-from planemesh.agent.identity.ca import key_pem, new_root, utcnow
-from planemesh.agent.identity.ca_files import write_new
+from planemesh.agent.identity.ca import new_root, utcnow
+from planemesh.agent.identity.ca_files import write_root_ca
 from planemesh.labs import netns as ns_tools
 from tests.netns.agent_lab import eventually
 from tests.netns.hbone_lab import (
@@ -141,9 +141,7 @@ def test_agents_get_hbone_certificates_by_create_certificate(lab) -> None:  # ty
     with keys made in memory, and tunnels with them."""
     root = new_root("cluster.local", now=utcnow())
     ca_dir = lab.workdir / "root"
-    ca_dir.mkdir()
-    write_new(ca_dir / "root-cert.pem", root.root_pem())
-    write_new(ca_dir / "root-key.pem", key_pem(root.key), secret=True)
+    write_root_ca(ca_dir, root)
     (lab.workdir / "resources").mkdir()
     (lab.workdir / "token").write_text("lab-node-token\n")
     (lab.workdir / "ca-tokens").write_text("lab-node-token *\n")  # node-trusted: may ask for its workloads' ids

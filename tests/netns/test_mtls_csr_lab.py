@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from planemesh.agent.identity.ca import key_pem, new_root, utcnow
-from planemesh.agent.identity.ca_files import write_new
+from planemesh.agent.identity.ca_files import write_root_ca
 from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import eventually, running_agent
 from tests.netns.test_mtls_lab import CLIENT, curl, listener
@@ -25,9 +25,7 @@ pytestmark = pytest.mark.netns
 def test_agent_serves_mtls_with_a_certificate_from_create_certificate(run_prefix: str, tmp_path: Path) -> None:
     root = new_root("cluster.local", now=utcnow())
     ca_dir = tmp_path / "ca"
-    ca_dir.mkdir()
-    write_new(ca_dir / "root-cert.pem", root.root_pem())
-    write_new(ca_dir / "root-key.pem", key_pem(root.key), secret=True)
+    write_root_ca(ca_dir, root)
     certs = tmp_path / "certs"
     certs.mkdir()
     for name, ca in (("amf", root), ("foreign", new_root("cluster.local", now=utcnow()))):

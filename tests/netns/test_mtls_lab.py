@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from planemesh.agent.identity.ca import key_pem, new_root, utcnow
-from planemesh.agent.identity.ca_files import write_new
+from planemesh.agent.identity.ca_files import write_root_ca
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import eventually, running_agent
@@ -58,9 +58,7 @@ def curl(ns: str, url: str, certs: Path, who: str | None) -> subprocess.Complete
 def test_agent_terminates_mtls_with_sds_certificates_in_the_data_path(run_prefix: str, tmp_path: Path) -> None:
     root = new_root("cluster.local", now=utcnow())
     ca_dir = tmp_path / "ca"
-    ca_dir.mkdir()
-    write_new(ca_dir / "root-cert.pem", root.root_pem())
-    write_new(ca_dir / "root-key.pem", key_pem(root.key), secret=True)
+    write_root_ca(ca_dir, root)
     certs = tmp_path / "certs"
     certs.mkdir()
     for name, ca in (("amf", root), ("foreign", new_root("cluster.local", now=utcnow()))):

@@ -16,7 +16,7 @@ import yaml
 
 from planemesh.agent.demo import UNDECLARED_TCP_PORT
 from planemesh.agent.identity.ca import key_pem, new_root, utcnow
-from planemesh.agent.identity.ca_files import write_new
+from planemesh.agent.identity.ca_files import write_root_ca
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import eventually, running_agent
@@ -79,9 +79,7 @@ def client(ns: str, host: str, certs: Path, who: str | None, alpn: str, payload:
 def test_mtls_on_a_sniffed_port_is_terminated_and_sniffed_inside(run_prefix: str, tmp_path: Path) -> None:
     root = new_root("cluster.local", now=utcnow())
     ca_dir = tmp_path / "ca"
-    ca_dir.mkdir()
-    write_new(ca_dir / "root-cert.pem", root.root_pem())
-    write_new(ca_dir / "root-key.pem", key_pem(root.key), secret=True)
+    write_root_ca(ca_dir, root)
     certs = tmp_path / "certs"
     certs.mkdir()
     issued = root.issue(CLIENT, now=utcnow())

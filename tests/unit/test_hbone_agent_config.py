@@ -14,8 +14,8 @@ from planemesh.agent.cli import build_parser, main
 from planemesh.agent.hbone.load import load_hbone_section
 from planemesh.agent.hbone.stats import HboneStats
 from planemesh.agent.hbone.supervisor import HboneSupervisor, load_hbone
-from planemesh.agent.identity.ca import key_pem, new_root, utcnow
-from planemesh.agent.identity.ca_files import write_new
+from planemesh.agent.identity.ca import new_root, utcnow
+from planemesh.agent.identity.ca_files import write_root_ca
 from planemesh.agent.metrics import PlanemeshCollector
 from planemesh.agent.stats_report import StatsRegistry, coerce_report, merge_reports
 from planemesh.model.config import ConfigError
@@ -44,9 +44,7 @@ def boot(hbone: dict, **top: object) -> dict:
 def real_ca(tmp_path: Path) -> str:
     root = new_root("cluster.local", now=utcnow())
     out = tmp_path / "ca"
-    out.mkdir(exist_ok=True)
-    write_new(out / "root-cert.pem", root.root_pem())
-    write_new(out / "root-key.pem", key_pem(root.key), secret=True)
+    write_root_ca(out, root)
     return str(out)
 
 
