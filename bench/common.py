@@ -98,12 +98,11 @@ def url(lab: Lab, plane: str, version: int, port: int, path: str = "/") -> str:
     return f"http://{host_port(addr, port)}{path}"
 
 
-def start_nginx(lab: Lab, pod: str, ports: list[int], workdir: Path) -> subprocess.Popen:
-    """nginx in a pod, one worker, a small static body on every port (dual-stack)."""
+def nginx_conf(workdir: Path, listens: str) -> Path:
+    """One-worker nginx serving a small static body with `listens` (listen directives); its config file."""
     root = workdir / "www"
     root.mkdir(exist_ok=True)
     (root / "index.html").write_text("planemesh bench " * 8)
-    listens = "\n".join(f"listen [::]:{p} ipv6only=off backlog=4096;" for p in ports)
     conf = workdir / "nginx.conf"
     conf.write_text(
         textwrap.dedent(f"""\
@@ -118,6 +117,12 @@ def start_nginx(lab: Lab, pod: str, ports: list[int], workdir: Path) -> subproce
             }}
         """)
     )
+    return conf
+
+
+def start_nginx(lab: Lab, pod: str, ports: list[int], workdir: Path) -> subprocess.Popen:
+    """nginx in a pod, one worker, a small static body on every port (dual-stack)."""
+    conf = nginx_conf(workdir, "\n".join(f"listen [::]:{p} ipv6only=off backlog=4096;" for p in ports))
     proc = ns_tools.popen(lab.pod_ns(pod), [NGINX, "-c", str(conf), "-e", str(workdir / "nginx-error.log")])
     for p in ports:
         wait_for_port(lab.pod_ns("client"), lab.pod_addr(pod, "oam", 4) or "", p)

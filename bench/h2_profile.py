@@ -19,12 +19,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
 
 from bench import grpc as grpc_bench
+from bench.common import nginx_conf
 from planemesh.model.config import Cluster, ClusterKind, Endpoint
 from tests.proxy.proxy_harness import ProxyThread, free_port
 
@@ -84,23 +84,7 @@ class ProfiledProxy(ProxyThread):
 
 
 def nginx(workdir: Path, port: int) -> subprocess.Popen:
-    root = workdir / "www"
-    root.mkdir()
-    (root / "index.html").write_text("planemesh bench " * 8)
-    conf = workdir / "nginx.conf"
-    conf.write_text(
-        textwrap.dedent(f"""\
-        daemon off; master_process off; worker_processes 1; pid {workdir}/nginx.pid;
-        error_log {workdir}/nginx-error.log;
-        events {{ worker_connections 4096; }}
-        http {{
-          access_log off; keepalive_requests 1000000; keepalive_timeout 120s;
-          client_body_temp_path {workdir}; proxy_temp_path {workdir}; fastcgi_temp_path {workdir};
-          uwsgi_temp_path {workdir}; scgi_temp_path {workdir};
-          server {{ listen 127.0.0.1:{port} backlog=4096; root {root}; }}
-        }}
-    """)
-    )
+    conf = nginx_conf(workdir, f"listen 127.0.0.1:{port} backlog=4096;")
     return subprocess.Popen(["nginx", "-c", str(conf), "-e", str(workdir / "nginx-error.log")])
 
 
