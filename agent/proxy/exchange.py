@@ -32,7 +32,7 @@ from planemesh.agent.proxy.http1 import (
     local_reply,
 )
 from planemesh.agent.proxy.messages import RequestHead, h1_request_bytes
-from planemesh.agent.proxy.mirror import mirror_targets, sender_for, shadow_head
+from planemesh.agent.proxy.mirror import mirror_targets, shadow_head
 from planemesh.agent.proxy.request_checks import CONTINUE_SENT, EXPECT_NONE
 from planemesh.agent.proxy.request_head import header_map, new_request_id, request_head
 from planemesh.agent.proxy.response import ResponseRelay
@@ -325,7 +325,7 @@ class Exchange:
             self.mirror_to.clear()
             return
         request = shadow_head(self.head) + body
-        sender = sender_for(self.ds.proxy)
+        sender = self.ds.proxy.mirrors()
         for addr in self.mirror_to:
             sender.send(addr, request)
         self.mirror_to.clear()

@@ -19,7 +19,7 @@ from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.h2 import H2Side
 from planemesh.agent.proxy.h2_fields import local_answer, mutated_request, split_request
 from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2, TRAILER_DROP
-from planemesh.agent.proxy.mirror import mirror_targets, sender_for, shadow_request
+from planemesh.agent.proxy.mirror import mirror_targets, shadow_request
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.overload import SHED_HEADERS
 from planemesh.agent.proxy.request_head import (
@@ -274,7 +274,7 @@ class Bridge:
             return
         body = b"".join(d for d in copy if type(d) is not list)
         request = shadow_request(self.method_b, self.up_path or b"/", self.up_authority or b"", self.fields, body)
-        sender = sender_for(self.ds.proxy)
+        sender = self.ds.proxy.mirrors()
         for addr in targets:
             sender.send(addr, request)
 

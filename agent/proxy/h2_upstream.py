@@ -5,7 +5,6 @@ SO_MARK and the plane's source address."""
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import h2.errors
@@ -41,22 +40,33 @@ MAX_REOPEN = 5  # times a refused body-less stream is opened again (a server pas
 # What of an h2 request's fields is not copied into the HTTP/1.1 head: hop-by-hop and framing fields (re-emitted
 # by the proxy) and Host (written from :authority, or the first Host when there is none).
 _H1_DROP = HOP_BY_HOP | NEVER_HOP_BY_HOP
-_pools: weakref.WeakKeyDictionary[PlaneProxy, dict[tuple, list[H2Upstream]]] = weakref.WeakKeyDictionary()
 
 
 def open_stream(bridge: Bridge, addr: tuple[str, int], ended: bool, http2: bool, connect_timeout: float) -> None:
     if http2:
-        proxy = bridge.ds.proxy
+        bridge.ds.proxy.h2_pool.open(bridge, addr, ended, connect_timeout)
+    else:
+        H1Stream(bridge, addr, ended, connect_timeout)
+
+
+class H2Pool:
+    """A plane proxy's h2c (and h2 over TLS) upstream connections, per (address, port, source, mark[, TLS]):
+    owned by the PlaneProxy (server.py), whose drain() closes them with close_all()."""
+
+    def __init__(self, proxy: PlaneProxy) -> None:
+        self.proxy = proxy
+        self.conns: dict[tuple, list[H2Upstream]] = {}
+
+    def open(self, bridge: Bridge, addr: tuple[str, int], ended: bool, connect_timeout: float) -> None:
+        """A stream for `bridge` on the first connection to `addr` with a free stream (a new one when none)."""
+        proxy = self.proxy
         key, _ = proxy.pool.key_for(addr)
         cluster = getattr(bridge, "cluster", None)  # h2_stream.Bridge, h1_over_h2.H2Stream
         if cluster is not None and (tls := endpoint_tls(cluster, bridge.endpoint, addr)) is not None:
             key = (*key, tls)  # h2 over TLS (agent/proxy/tls_context.py): its own connections
-        pools = _pools.get(proxy)  # get, not setdefault: no weakref with a callback per request
-        if pools is None:
-            pools = _pools[proxy] = {}
-        conns = pools.get(key)
+        conns = self.conns.get(key)
         if conns is None:
-            conns = pools[key] = []
+            conns = self.conns[key] = []
         for conn in conns:  # the first connection with a free stream
             if conn.has_capacity():
                 break
@@ -64,8 +74,13 @@ def open_stream(bridge: Bridge, addr: tuple[str, int], ended: bool, http2: bool,
             conn = H2Upstream(proxy, key, conns, connect_timeout)
             conns.append(conn)
         conn.open(bridge, bridge.upstream_headers(), ended)
-    else:
-        H1Stream(bridge, addr, ended, connect_timeout)
+
+    def close_all(self) -> None:
+        """Close every connection (drain's end): those still connecting are cancelled, their streams fail."""
+        conns = [conn for pool in self.conns.values() for conn in pool]
+        self.conns.clear()
+        for conn in conns:
+            conn.shut()
 
 
 async def _connect(proxy: PlaneProxy, key: tuple, timeout: float, factory) -> None:
@@ -126,6 +141,12 @@ class H2Upstream(H2Side):
     def _forget(self) -> None:
         if self in self.pool:
             self.pool.remove(self)
+
+    def shut(self) -> None:
+        """Closed by its pool (the proxy's drain): a connect in progress is cancelled (its streams fail)."""
+        if not self.task.done():
+            self.task.cancel()
+        self.close()
 
     def has_capacity(self) -> bool:
         if self.closed or self.goaway:
@@ -590,4 +611,4 @@ def _status_bytes(status: int) -> bytes:
 _STATUS: dict[int, bytes] = {}
 
 
-__all__ = ["H1Stream", "H2Side", "H2Upstream", "open_stream"]
+__all__ = ["H1Stream", "H2Pool", "H2Side", "H2Upstream", "open_stream"]

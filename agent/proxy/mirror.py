@@ -109,11 +109,3 @@ class MirrorSender:
         for task in list(self.tasks):
             task.cancel()
 
-
-def sender_for(proxy) -> MirrorSender:
-    """The proxy's mirror sender, made on first use (a proxy that never mirrors pays nothing)."""
-    sender = getattr(proxy, "mirror_sender", None)
-    if sender is None:
-        sender = MirrorSender(proxy.loop, proxy.upstream_binding)
-        proxy.mirror_sender = sender
-    return sender

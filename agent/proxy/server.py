@@ -23,6 +23,7 @@ from planemesh.agent.proxy.dns_resolver import DnsResolver, Resolve, system_reso
 from planemesh.agent.proxy.downstream import Downstream
 from planemesh.agent.proxy.exchange import Exchange
 from planemesh.agent.proxy.h2_downstream import H2Downstream
+from planemesh.agent.proxy.h2_upstream import H2Pool
 from planemesh.agent.proxy.istio_stats import IstioCounters
 from planemesh.agent.proxy.limits import (
     MEMORY_SHED_BODY,
@@ -34,6 +35,7 @@ from planemesh.agent.proxy.limits import (
     TokenBucket,
     bucket_for,
 )
+from planemesh.agent.proxy.mirror import MirrorSender
 from planemesh.agent.proxy.overload import SAMPLE_INTERVAL_S, SHED_HEADERS, Level, OverloadManager, RssGrowth
 from planemesh.agent.proxy.passthrough import DEFAULT_SNIFF_TIMEOUT_S, SniffListener, SniffStats
 from planemesh.agent.proxy.routing_table import RoutingTable
@@ -98,6 +100,8 @@ class PlaneProxy:
         self.pool = UpstreamPool(
             self, max_idle_per_key=max_idle_per_key, idle_timeout_s=min(60.0, self.sla.idle_timeout_s)
         )
+        self.h2_pool = H2Pool(self)  # h2c (and h2 over TLS) upstream connections, multiplexed
+        self.mirror_sender: MirrorSender | None = None  # made on the first mirrored request (mirrors())
         self.connections: set[ClientConnection] = set()  # every client connection, HTTP/1.1 or h2 (admitted or not)
         self.inflight: set[Timed] = set()  # attempts and h2 streams with a deadline, checked by _sweep_deadlines
         self._sweep_handle: asyncio.TimerHandle | None = None
@@ -223,10 +227,10 @@ class PlaneProxy:
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             conn.close()
-        self.pool.close_all()
-        mirror = getattr(self, "mirror_sender", None)  # created on first mirrored request
-        if mirror is not None:
-            mirror.close()
+        self.pool.close_all()  # every upstream connection this proxy owns: HTTP/1.1, h2c, the mirrors' ones
+        self.h2_pool.close_all()
+        if self.mirror_sender is not None:
+            self.mirror_sender.close()
         self.log.flush()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
@@ -250,6 +254,13 @@ class PlaneProxy:
     def h2_protocol(self, preread: bytes = b"") -> H2Downstream:
         """A new client connection speaking h2c (prior knowledge); `preread`: its first bytes, read already."""
         return H2Downstream(self, preread)
+
+    def mirrors(self) -> MirrorSender:
+        """The mirror sender, made on first use (a proxy that never mirrors pays nothing)."""
+        sender = self.mirror_sender
+        if sender is None:
+            sender = self.mirror_sender = MirrorSender(self.loop, self.upstream_binding)
+        return sender
 
     def watch_deadline(self, ex: Timed) -> None:
         """Deadlines are checked by one sweep every `deadline_resolution_s` while requests are in flight:

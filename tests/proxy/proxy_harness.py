@@ -184,6 +184,7 @@ class ServingProxy:
     """A PlaneProxy accepting on `sock` in its own uvloop thread while inside `with`."""
 
     drain_s = 0.5
+    after_drain_s = 0.0  # the loop keeps running this long after drain() (what drain closed is seen closing)
 
     def __init__(self, proxy: PlaneProxy, sock: socket.socket) -> None:
         self.proxy = proxy
@@ -200,6 +201,7 @@ class ServingProxy:
             await self.proxy.start(self.sock)
             self._ready.set()
             await self.proxy.wait_closed()
+            await asyncio.sleep(self.after_drain_s)
 
         try:
             self.loop.run_until_complete(main())

@@ -22,6 +22,7 @@ from planemesh.model.config import Cluster, ClusterKind, Endpoint, RetryPolicy, 
 from tests.proxy.proxy_harness import ProxyThread, log_line_for
 from tests.proxy.test_h2_nginx import Nginx, _since
 from tests.proxy.test_h2_nginx import nginx as nginx  # the fixture
+from tests.proxy.test_h2_pool import H2Client
 
 BIG = hashlib.sha256(b"x").digest() * (3 * 1024 * 1024 // 32)  # 3 MiB: above every flow-control window
 
@@ -33,6 +34,7 @@ class H2Backend:
 
     def __init__(self) -> None:
         self.connections = 0
+        self.closed = 0  # connections the proxy closed (or that broke)
         self.requests = 0
         self.loop = asyncio.new_event_loop()
         self.sock = socket.socket()
@@ -87,6 +89,7 @@ class H2Backend:
         except (ConnectionError, h2.exceptions.ProtocolError):
             return
         finally:
+            self.closed += 1
             writer.close()
 
     async def _respond(self, conn, writer, sid: int, req: dict, window_open: asyncio.Event) -> None:
@@ -202,6 +205,28 @@ def test_bodies_both_ways_over_one_h2_connection(backend: H2Backend) -> None:
         line = log_line_for(proxy, "/stream/")
         assert " 200 " in line and f"127.0.0.1:{backend.port}" in line, line
     assert backend.connections == before + 1
+
+
+def test_drain_closes_the_pooled_h2c_upstream_connections() -> None:
+    """PlaneProxy.drain() closes the h2c upstream connections it pooled, for an HTTP/1.1 and an h2 client (old
+    code: they lived in a module-level map that drain never saw, and stayed open after drain, until the event
+    loop itself was closed)."""
+    with H2Backend() as b:
+        proxy = _proxy(b.port)
+        proxy.after_drain_s = 3.0  # the proxy's loop goes on running after drain: nothing else closes them
+        with proxy:
+            client = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            client.request("GET", "/echo")
+            assert client.getresponse().read() == b""
+            client.close()
+            with H2Client(proxy.port) as h2c:
+                assert h2c.get("/echo")["status"] == 200
+            assert b.connections == 1 and b.closed == 0  # pooled: one connection for both, still open
+            asyncio.run_coroutine_threadsafe(proxy.proxy.drain(0.2), proxy.loop).result(timeout=5)
+            deadline = time.monotonic() + 2
+            while b.closed < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert b.closed == 1
 
 
 def test_trailers_both_ways(backend: H2Backend) -> None:
