@@ -1,10 +1,11 @@
-"""The upstream side of one HTTP/1.x request (an Attempt, owned by exchange.Exchange): endpoint choice,
-circuit-breaker holds, the connection, retries with back-off, timeouts, and what a lost upstream connection
-means before a response started.
+"""The upstream side of one request, whatever its codecs (an Attempt, owned by exchange.Exchange for HTTP/1.x and
+by h2_stream.Bridge for an h2 stream): endpoint choice, circuit-breaker holds, the upstream stream (an HTTP/1.1
+connection of the UpstreamPool, or an h2_upstream.H2ClientStream for an http2 cluster), retries with back-off,
+per-try and overall timeouts, and what a lost upstream means before a response started.
 
 The Attempt owns this state; what it needs of the request it serves goes through contracts.AttemptOwner. It is
-the user the upstream pool drives (contracts.PoolUser: connected, connect failed, overloaded); the connection's
-response events go to the owner's response relay (response.py).
+the user the upstream pool drives (contracts.PoolUser: connected, connect failed, overloaded); the upstream
+stream's response events go to the owner's response relay (response.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS
-from planemesh.agent.proxy.h1_over_h2 import open_h2_attempt
+from planemesh.agent.proxy.h2_upstream import open_h2_stream
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.retry import NO_RETRIES, rng
 from planemesh.model.config import ClusterKind
@@ -25,11 +26,22 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.balancer import Balancer
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import AttemptOwner, Fields
-    from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
+    from planemesh.agent.proxy.contracts import UpstreamStream as UpstreamConnection
     from planemesh.agent.proxy.retry import Retries
     from planemesh.model.config import Cluster, Endpoint
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an attempt holds
+
+
+class _Finished:
+    """What an Attempt or a ResponseRelay sees of its request once the request is finished (its `ex`, set by the
+    request's finish: late callbacks return at once, and no reference cycle is left for the cyclic GC)."""
+
+    __slots__ = ()
+    finished = True
+
+
+FINISHED = _Finished()
 
 
 class Attempt:
@@ -82,7 +94,7 @@ class Attempt:
         self.upstream_addr: tuple[str, int] | None = None
         self.upstream_key: tuple | None = None
         self.upstream_host: str | None = None
-        self.h2 = False  # the request goes upstream as an h2 stream (h1_over_h2.py): the cluster says http2
+        self.h2 = False  # the request goes upstream as an h2 stream (h2_upstream.H2ClientStream): an http2 cluster
         self.h2_fields: Fields | None = None
 
     @property
@@ -130,7 +142,7 @@ class Attempt:
                 return self.ex.overloaded(b"cluster_pending")
             self.cb_held |= HELD_PENDING
         if self.h2:
-            return open_h2_attempt(self, target)
+            return open_h2_stream(self, target)
         pool = self.ds.proxy.pool
         if reuse:
             pool.acquire_for(self, target, self.connect_timeout_s)

@@ -5,29 +5,34 @@ back by one of these, never by importing the class that implements it: the impor
 a tree (checked by /work/shared/tools/import_cycles.py). Implementations, for orientation:
 
     Proxy           server.PlaneProxy            what connections and requests use of their plane's proxy
-    Timed           attempts.Attempt, h2_stream.Bridge
-                                                 what the proxy's deadline sweep checks
+    Timed           attempts.Attempt             what the proxy's deadline sweep checks
+    RequestSource   downstream.Downstream, h2_stream.Bridge
+                                                 a request's client side as its Attempt, its ResponseRelay and its
+                                                 upstream stream see it (an HTTP/1.x connection, or one h2 stream)
     ClientConn      downstream.Downstream        an HTTP/1.1 client connection, as its requests see it
-    H1Request       exchange.Exchange            an HTTP/1.x request, as its head checks, its upstream head and
-                                                 its tunnel see it
-    AttemptOwner    exchange.Exchange            the request an Attempt serves (attempts.py, h1_over_h2.py)
-    RelayOwner      exchange.Exchange            the request a ResponseRelay answers (response.py)
-    H2Attempt       attempts.Attempt             an attempt as h1_over_h2.py's stream sees it
-    PoolUser        attempts.Attempt, h2_upstream.H1Stream
-                                                 what UpstreamPool drives: connected, failed, overloaded
-    ResponseSink    response.ResponseRelay, h2_upstream.H1Stream, h1_over_h2.H2Stream's relay
-                                                 what an UpstreamConnection drives: the response events
-    UpstreamUser    h2_upstream.H1Stream         both of the above in one object
-    UpstreamConn    upstream.UpstreamConnection  one pooled HTTP/1.1 upstream connection
+    H1Request       exchange.Exchange            an HTTP/1.x request, as its head checks, its upstream head, its
+                                                 response writer and its tunnel see it
+    AttemptOwner    exchange.Exchange, h2_stream.Bridge
+                                                 the request an Attempt serves (attempts.py, h2_upstream.py)
+    RelayOwner      exchange.Exchange, h2_stream.Bridge
+                                                 the request a ResponseRelay answers (response.py)
+    H2Attempt       attempts.Attempt             an attempt as its h2 upstream stream sees it
+    PoolUser        attempts.Attempt             what UpstreamPool drives: connected, failed, overloaded
+    UpstreamStream  upstream.UpstreamConnection, h2_upstream.H2ClientStream
+                                                 one request's upstream, HTTP/1.1 or h2 (what an Attempt holds)
+    ResponseSink    response.ResponseRelay       what an upstream stream drives: the neutral response events
+    DownstreamSink  response_h1.H1ResponseWriter, response_h2.H2ResponseWriter
+                                                 what the relay drives: the response, framed for the client
     H2Client        h2_downstream.H2Downstream   an h2 client connection, as its streams see it
-    H2StreamUser    h2_stream.Bridge             what an h2 upstream connection drives: the response events
+
+One relay (response.py) joins any upstream stream to any downstream sink: there is no adapter per pair of codecs.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from planemesh.agent.proxy.messages import ResponseEvents, ResponseHead
+from planemesh.agent.proxy.messages import ResponseHead
 
 if TYPE_CHECKING:
     import asyncio
@@ -71,12 +76,27 @@ class Proxy(Protocol):
 
 
 class Timed(Protocol):
-    """What the proxy's deadline sweep checks (attempts.Attempt, h2_stream.Bridge)."""
+    """What the proxy's deadline sweep checks (attempts.Attempt)."""
 
     deadline: float
     try_deadline: float
 
     def on_timeout(self, now: float) -> None: ...
+
+
+class RequestSource(Protocol):
+    """A request's client side, as its Attempt, its ResponseRelay and its upstream stream see it (its `ds`):
+    downstream.Downstream (an HTTP/1.x connection, one request at a time) or h2_stream.Bridge (one h2 stream)."""
+
+    proxy: Proxy
+    local: tuple[str, int]
+    write_paused: bool  # the client is not reading: an upstream stream opened now starts paused
+    upstream_window: int  # request bytes an h2 upstream stream may hold unsent before pause_for_upstream
+
+    def flush(self) -> None: ...  # after an upstream read: what it produced goes to the client
+    def resume_for_buffer(self) -> None: ...  # the upstream stream is open: what waited for it may go
+    def pause_for_upstream(self) -> None: ...  # the upstream stream is not taking the request body: stop reading
+    def resume_for_upstream(self) -> None: ...
 
 
 class ClientConn(Protocol):
@@ -128,9 +148,10 @@ class H1Request(Protocol):
 
 
 class AttemptOwner(Protocol):
-    """The request an Attempt (attempts.py) serves: what it answers, replays and flushes (exchange.Exchange)."""
+    """The request an Attempt (attempts.py) serves: what it answers, replays and flushes (exchange.Exchange,
+    h2_stream.Bridge)."""
 
-    ds: ClientConn
+    ds: RequestSource
     finished: bool
     head: bytes
     req_head: Any  # messages.RequestHead
@@ -148,9 +169,9 @@ class AttemptOwner(Protocol):
 
 
 class RelayOwner(Protocol):
-    """The request a ResponseRelay (response.py) answers (exchange.Exchange)."""
+    """The request a ResponseRelay (response.py) answers (exchange.Exchange, h2_stream.Bridge)."""
 
-    ds: ClientConn
+    ds: RequestSource
     finished: bool
     version: str
     is_head: bool
@@ -169,10 +190,12 @@ class RelayOwner(Protocol):
 
 
 class H2Attempt(Protocol):
-    """An attempt (attempts.Attempt) as h1_over_h2.py's stream sees it."""
+    """An attempt (attempts.Attempt) as its h2 upstream stream (h2_upstream.H2ClientStream) sees it."""
 
     ex: Any  # AttemptOwner & RelayOwner
-    ds: ClientConn
+    ds: RequestSource
+    cluster: Any
+    endpoint: Any
     conn: Any
     h2_fields: Fields | None
     upstream_host: str | None
@@ -187,13 +210,14 @@ class H2Attempt(Protocol):
     def exhausted(self, flag: str) -> str: ...
 
 
-class UpstreamConn(Protocol):
-    """One pooled HTTP/1.1 upstream connection (upstream.UpstreamConnection)."""
+class UpstreamStream(Protocol):
+    """One request's upstream: an HTTP/1.1 connection of the pool (upstream.UpstreamConnection) or a stream on a
+    pooled h2 connection (h2_upstream.H2ClientStream). Its response events go to `exchange` (a ResponseSink);
+    the request is written by its owner's flush_upstream (HTTP/1.1: bytes on `transport`; h2: write(pieces))."""
 
-    exchange: Any
-    transport: Any
+    exchange: Any  # ResponseSink
     ready: bool
-    reused: bool
+    reused: bool  # a pooled connection: lost before any response, the request may be sent again on a fresh one
 
     def close(self) -> None: ...
     def pause_reading(self) -> None: ...
@@ -201,37 +225,46 @@ class UpstreamConn(Protocol):
 
 
 class PoolUser(Protocol):
-    """What upstream.UpstreamPool drives while it finds or opens a connection (attempts.Attempt, H1Stream)."""
+    """What upstream.UpstreamPool drives while it finds or opens a connection (attempts.Attempt)."""
 
     ds: Any  # flush() of the side the answer goes to
+    cluster: Any  # its TLS settings pick the connection (None: the original destination)
+    endpoint: Any
     finished: bool
     pending: bool
     connect_task: Any
     upstream_host: str | None
     upstream_key: tuple | None
 
-    def on_connected(self, conn: UpstreamConn) -> None: ...
+    def on_connected(self, conn: UpstreamStream) -> None: ...
     def on_connect_failed(self, timed_out: bool) -> None: ...
     def overloaded(self, which: bytes) -> None: ...
 
 
 class ResponseSink(Protocol):
-    """What an UpstreamConnection (its `exchange`) drives: the response events (response.ResponseRelay, H1Stream)."""
+    """What an upstream stream (its `exchange`) drives: the neutral response events (response.ResponseRelay)."""
 
-    ds: Any  # flush() and write back-pressure of the side the response goes to
+    ds: Any  # RequestSource: flush() and request back-pressure of the request's client side
     is_head: bool
 
     def on_response_head(self, head: ResponseHead) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_trailers(self, trailers: Fields) -> None: ...
     def on_response_complete(self) -> None: ...
-    def on_upstream_lost(self, conn: UpstreamConn) -> None: ...
+    def on_upstream_lost(self, conn: UpstreamStream) -> None: ...
     def on_upstream_protocol_error(self) -> None: ...
-    def on_upstream_upgraded(self, conn: UpstreamConn, rest: bytes) -> None: ...
+    def on_upstream_upgraded(self, conn: UpstreamStream, rest: bytes) -> None: ...
 
 
-class UpstreamUser(PoolUser, ResponseSink, Protocol):
-    """Both sides in one object (h2_upstream.H1Stream: an h2 stream's HTTP/1.1 upstream request)."""
+class DownstreamSink(Protocol):
+    """What the relay (response.py) drives once it has decided: the response, framed for the client by the
+    request's downstream codec (response_h1.H1ResponseWriter, response_h2.H2ResponseWriter)."""
+
+    def interim(self, head: ResponseHead) -> None: ...  # 1xx other than 101
+    def response_head(self, status: int, fields: Fields, head: ResponseHead) -> None: ...  # fields: after the route
+    def response_body(self, data: bytes) -> None: ...
+    def response_trailers(self, trailers: Fields) -> None: ...
+    def response_end(self) -> None: ...
 
 
 class H2Client(Protocol):
@@ -246,34 +279,12 @@ class H2Client(Protocol):
     guard: Any
     paused_up: dict
     bridges: dict
+    transport: Any
+    write_paused: bool
 
     def send(self, sid: int, data: bytes | list, end: bool, on_sent: Any = None) -> None: ...
     def respond(self, sid: int, headers: Fields, end: bool) -> None: ...
     def reset(self, sid: int, code: int = ...) -> None: ...
     def ack(self, sid: int, n: int) -> None: ...
     def stream_done(self, stream: Any, reset_by_client: bool) -> None: ...
-
-
-class H2StreamUser(ResponseEvents, Protocol):
-    """What an upstream of an h2 stream (h2_upstream.H2Upstream, H1Stream) drives (h2_stream.Bridge): the neutral
-    response events (messages.ResponseEvents) and what the upstream reads of the request."""
-
-    ds: H2Client
-    sid: int
-    up: Any
-    up_sid: int
-    status: int
-    bytes_rx: int
-    bytes_tx: int
-    req_ended: bool
-    reopened: int
-    method_b: bytes
-    up_path: bytes
-    up_authority: bytes | None
-    fields: Fields
-
-    def upstream_headers(self) -> Fields: ...
-    def retry_status(self, status: int) -> bool: ...
-    def respond(self, headers: Fields, end: bool) -> None: ...
-    def up_failed(self, status: int, message: str, flag: str) -> None: ...
-    def finish(self, flag: str) -> None: ...
+    def stop_keep_alive(self) -> None: ...

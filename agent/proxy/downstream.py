@@ -64,6 +64,8 @@ _SPECIAL = frozenset({_H_HOST, _H_CL, _H_TE, _H_CONN, _H_RID, _H_XFF, _H_XFP, _H
 
 
 class Downstream(asyncio.Protocol):
+    # Request bytes an h2 upstream stream may hold for the server's window before reading from this client pauses.
+    upstream_window = 1 << 20
     __slots__ = (
         "active",
         "buffered",

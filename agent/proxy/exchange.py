@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.accesslog import AccessRecord
-from planemesh.agent.proxy.attempts import HELD_REQUEST, Attempt
+from planemesh.agent.proxy.attempts import FINISHED, HELD_REQUEST, Attempt
 from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.connect_target import connect_refusal
@@ -36,6 +36,7 @@ from planemesh.agent.proxy.mirror import mirror_targets, shadow_head
 from planemesh.agent.proxy.request_checks import CONTINUE_SENT, EXPECT_NONE
 from planemesh.agent.proxy.request_head import header_map, new_request_id, request_head
 from planemesh.agent.proxy.response import ResponseRelay
+from planemesh.agent.proxy.response_h1 import H1ResponseWriter
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, backoff_s, rng
 from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, open_connect
 
@@ -48,16 +49,6 @@ if TYPE_CHECKING:
 __all__ = ["Exchange", "backoff_s", "new_request_id"]  # backoff_s, new_request_id: re-exported for callers
 
 _perf = time.perf_counter
-
-
-class _Finished:
-    """What an Attempt or a ResponseRelay sees of its request once the request is finished."""
-
-    __slots__ = ()
-    finished = True
-
-
-FINISHED = _Finished()
 
 
 class Exchange:
@@ -140,7 +131,7 @@ class Exchange:
         self.body_len = 0
         self.mirror_to: list[tuple[str, int]] = []
         self.attempt = Attempt(self)
-        self.relay = ResponseRelay(self)
+        self.relay = ResponseRelay(self, H1ResponseWriter(self))
 
     # ---- the request line, as logs show it ------------------------------------------------------------
 
@@ -263,7 +254,7 @@ class Exchange:
             return self._open_connect(target, result.connect_timeout_s)
         self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"")
         self.head = h1_request_bytes(self.req_head)  # an h2 attempt sends req_head's fields; mirrors this
-        if not attempt.h2:  # an h2 stream's head is its HEADERS frame (h1_over_h2.py); up_out holds only the body
+        if not attempt.h2:  # an h2 stream's head is its HEADERS frame (H2ClientStream); up_out holds only the body
             self.up_out.insert(0, self.head)
         action = route.action if route is not None else None
         if action is not None and action.mirrors and cluster is not None and not self.tunnel:
@@ -470,6 +461,6 @@ class Exchange:
                 self.attempt.upstream_host, proxy.plane_name, self.ds,
             ))
         # Its parts see a finished request from now on (late callbacks return at once), and the reference cycle
-        # between them and the Exchange is broken: all three are freed by reference counting, not the cyclic GC.
-        self.attempt.ex = self.relay.ex = FINISHED
+        # between them and the Exchange is broken: all are freed by reference counting, not the cyclic GC.
+        self.attempt.ex = relay.ex = relay.sink.ex = FINISHED  # type: ignore[assignment]
         self.ds.exchange_done(self, abort)

@@ -62,7 +62,7 @@ class H2Downstream(H2Side):
         self.table = None  # the routing table route_config was looked up in
         self.route_config = None
         self.guard = H2Guard(H2Limits.from_sla(proxy.sla), time.perf_counter)
-        self.paused_up: dict = {}  # H1Streams whose upstream reading waits for the connection's buffer budget
+        self.paused_up: dict = {}  # response writers whose upstream waits for the connection's buffer budget
         self.resets: set[int] | frozenset[int] = frozenset()  # streams reset in the batch being handled
         self.peer_ip = ""
         self.last_active = 0.0  # accepted, or a stream last opened or finished (PINGs do not keep it alive)

@@ -1,7 +1,14 @@
-"""One h2 request stream (h2_stream.Bridge): the request pipeline (pipeline.py) driven from h2 frames, its
-upstream an h2 stream on a pooled h2c connection (clusters with http2=True) or a pooled HTTP/1.1 connection
-(h2_upstream.py). Errors the proxy generates for `content-type: application/grpc` requests are gRPC statuses
-(trailers-only).
+"""One h2 request stream (h2_stream.Bridge): the h2 server side's driver of the request pipeline (pipeline.py),
+as exchange.Exchange is HTTP/1.x's. It runs the same steps and hands the request to the same parts: an Attempt
+(attempts.py: endpoint, breakers, retries, per-try timeouts, outlier reports; an HTTP/1.1 connection of the
+proxy's UpstreamPool, or an h2_upstream.H2ClientStream for an http2 cluster) and a ResponseRelay (response.py),
+for which the Bridge is the downstream codec (contracts.DownstreamSink: the response as h2 frames on this stream).
+Errors the proxy generates for `content-type: application/grpc` requests are gRPC statuses (trailers-only).
+
+Flow control is end to end: the client's request DATA is acknowledged once handed to the upstream stream while it
+takes more (contracts.RequestSource); response bytes read for the client count against its connection's buffer
+budget (h2_guard.py), and an upstream stream is not read while the budget is full (its h2 window, or TCP, holds
+the server back).
 """
 
 from __future__ import annotations
@@ -11,57 +18,94 @@ from typing import TYPE_CHECKING
 
 import h2.errors
 
-from planemesh.agent.proxy import accesslog, h2_upstream, pipeline
+from planemesh.agent.proxy import accesslog, pipeline
+from planemesh.agent.proxy.attempts import FINISHED, HELD_REQUEST, Attempt
 from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
-from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.filters import DELAY_INJECTED
-from planemesh.agent.proxy.h2 import H2Side
 from planemesh.agent.proxy.h2_fields import local_answer, mutated_request, split_request
-from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2, TRAILER_DROP
+from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2, LAST_CHUNK, TRAILER_DROP, chunk, last_chunk
+from planemesh.agent.proxy.messages import RequestHead, h1_request_bytes
 from planemesh.agent.proxy.mirror import mirror_targets, shadow_request
-from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.overload import SHED_HEADERS
-from planemesh.agent.proxy.request_head import (
-    header_map,
-    response_headers,
-)
+from planemesh.agent.proxy.request_head import header_map
+from planemesh.agent.proxy.response import ResponseRelay
+from planemesh.agent.proxy.response_h2 import H2ResponseWriter
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, rng
 
 if TYPE_CHECKING:
     import asyncio
 
-    from planemesh.agent.proxy.circuit import CircuitBreaker
+    from planemesh.agent.proxy.contracts import Fields
     from planemesh.agent.proxy.contracts import H2Client as H2Downstream
-    from planemesh.model.config import Cluster, Endpoint, Route
+    from planemesh.model.config import Route
 
-# Response fields from an h2 upstream that never reach the client: the connection-specific ones, and te.
-_RESPONSE_DROP = HOP_BY_HOP_H2 | {b"te"}
-GATEWAY_FLAGS = frozenset({accesslog.UF, accesslog.UT, accesslog.UC})  # failures outlier detection counts
+__all__ = ["HOP_BY_HOP_H2", "Bridge"]  # HOP_BY_HOP_H2: the one set, for h2 request fields
+
+_perf = time.perf_counter
+_INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
 
 
 class Bridge:
-    """One request stream: downstream h2 stream <-> an upstream (h2 stream or HTTP/1.1 connection).
-
-    It is also its own access-log record (formatted in batches later, like an Exchange)."""
+    """One request stream of an h2 client connection. It is also its own access-log record (formatted in
+    batches later, like an Exchange's AccessRecord)."""
 
     __slots__ = (
-        "authority_b", "body_copy", "body_len", "breaker", "bytes_rx", "bytes_tx", "cluster", "connect_timeout",
-        "deadline", "done", "ds", "duration_ms", "endpoint", "fields", "flags", "grpc", "held", "http2", "method_b",
-        "mirror_to", "path_b", "pseudo", "reopened", "req_ended", "retries", "rid", "route", "sid", "start_time",
-        "status", "t0", "timer", "try_deadline", "up", "up_authority", "up_path", "up_sid", "upstream_addr",
-        "upstream_host",
+        "attempt",
+        "authority_b",
+        "body_copy",
+        "body_len",
+        "body_streamed",
+        "bytes_rx",
+        "client",
+        "duration_ms",
+        "fields",
+        "finished",
+        "flags",
+        "grpc",
+        "head",
+        "held",
+        "method_b",
+        "mirror_to",
+        "no_body",
+        "path_b",
+        "proxy",
+        "pseudo",
+        "relay",
+        "req_chunked",
+        "req_done",
+        "req_head",
+        "req_length",
+        "req_trailers",
+        "rid",
+        "route",
+        "sid",
+        "start_time",
+        "status",
+        "t0",
+        "timer",
+        "unacked",
+        "up_authority",
+        "up_out",
+        "up_path",
+        "up_paused",
+        "writer",
     )
 
     protocol = "HTTP/2"
-    upstream_ms = None
     xff = None
     user_agent = None
+    version = "2"
+    tunnel = 0  # no upgrade or CONNECT tunnels on h2 streams: a 101 from an upstream is a protocol error
+    upgrade = b""
+    expect_continue = 0
+    upstream_window = 0  # request bytes an upstream stream may hold unsent: none (the client's window waits)
 
-    def __init__(self, ds: H2Downstream, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.ds = ds
+    def __init__(self, client: H2Downstream, sid: int, headers: Fields) -> None:
+        self.client = client
+        self.proxy = client.proxy
         self.sid = sid
-        pseudo, fields, method, path, authority, grpc, rid = split_request(headers, ds.peer_ip_b, ds.transport)
+        pseudo, fields, method, path, authority, grpc, rid = split_request(headers, client.peer_ip_b, client.transport)
         self.pseudo = pseudo
         self.fields = fields
         self.method_b = method
@@ -69,36 +113,59 @@ class Bridge:
         self.authority_b = authority
         self.grpc = grpc
         self.rid = rid
-        self.up = None  # H2Upstream or H1Stream
-        self.up_sid = 0
-        self.reopened = 0  # times refused by an h2 upstream (not processed) and opened again
-        self.req_ended = False  # the client's end of the stream went upstream (with the headers, a DATA or trailers)
         self.status = 0
-        self.done = False
-        self.t0 = time.perf_counter()
+        self.finished = False
+        self.t0 = _perf()
         self.start_time = time.time()
-        self.deadline = 0.0  # loop time; 0: none (checked by the proxy's deadline sweep)
-        self.try_deadline = 0.0
         self.bytes_rx = 0
-        self.bytes_tx = 0
-        self.upstream_host: str | None = None
         self.flags = ""
         self.duration_ms = 0
         self.route: Route | None = None
-        self.cluster: Cluster | None = None
-        self.breaker: CircuitBreaker | None = None  # holds one REQUESTS unit of it until finish()
-        self.endpoint: Endpoint | None = None  # the attempt's endpoint, reported to the balancer at the end
         self.timer: asyncio.TimerHandle | None = None  # a fault delay
         self.up_path = path  # :path and :authority upstream (after the route's rewrites)
         self.up_authority = authority
-        self.held: list | None = None  # request DATA (data, flow length) received before the stream had an upstream
-        self.retries: Retries | None = None  # the route's retries (None: no retry configured)
-        self.body_copy: list | None = None  # the request body so far, kept for a retry or a mirror (bounded)
+        # the request upstream (what the Attempt replays and flushes, as an Exchange's)
+        self.held: list[bytes] | None = []  # request DATA before the stream is routed (a fault delay): not acked
+        self.no_body = False  # END_STREAM came with the request's HEADERS
+        self.req_done = False  # the client's end of the stream arrived
+        self.req_head: RequestHead | None = None
+        self.head = b""  # req_head as HTTP/1.1 bytes, for an HTTP/1.1 upstream
+        self.req_length = 0
+        self.req_chunked = False  # a body of unknown length (HTTP/1.1 upstream: chunked)
+        self.req_trailers: Fields | None = None
+        self.up_out: list = []  # what goes upstream next (HTTP/1.1: framed bytes; h2: pieces, a list ends)
+        self.body_copy: list[bytes] | None = []  # the body so far, for a retry or a mirror (bounded)
         self.body_len = 0
-        self.upstream_addr: tuple[str, int] | None = None
+        self.body_streamed = False
+        self.unacked = 0  # request bytes received and not acknowledged to the client yet
+        self.up_paused = False  # the upstream stream is not taking the request body
         self.mirror_to: list[tuple[str, int]] | None = None  # shadow copies to send once the request has ended
-        self.http2 = False  # the upstream speaks h2 (the cluster says http2)
-        self.connect_timeout = 5.0
+        self.attempt = Attempt(self)
+        self.writer = H2ResponseWriter(self)  # the response as this stream's frames (contracts.DownstreamSink)
+        self.relay = ResponseRelay(self, self.writer)
+        self.relay.is_head = method == b"HEAD"
+
+    # ---- what the Attempt, the relay and the upstream streams see (contracts.RequestSource) -------------------
+
+    @property
+    def ds(self) -> Bridge:
+        return self
+
+    @property
+    def local(self) -> tuple[str, int]:
+        return self.client.local
+
+    @property
+    def transport(self):  # the client connection's (its TLS peer: access log, Istio metrics)
+        return self.client.transport
+
+    @property
+    def write_paused(self) -> bool:
+        return self.client.write_paused
+
+    @property
+    def headers(self) -> Fields:
+        return self.fields
 
     # ---- access-log view (decoded when the batch is formatted) -----------------------------------------
 
@@ -120,33 +187,42 @@ class Bridge:
 
     @property
     def plane(self) -> str:
-        return self.ds.proxy.plane_name
+        return self.proxy.plane_name
 
-    # ---- request side -------------------------------------------------------------------------------
+    @property
+    def upstream_host(self) -> str | None:
+        return self.attempt.upstream_host
+
+    @property
+    def upstream_ms(self) -> int | None:
+        return self.relay.upstream_ms
+
+    @property
+    def bytes_tx(self) -> int:
+        return self.relay.bytes_tx
+
+    # ---- the pipeline's steps -----------------------------------------------------------------------------
 
     def start(self, ended: bool) -> None:
         """Run the request through the pipeline's steps (pipeline.py); this method only turns their answers into
-        h2 (or gRPC) answers and opens the upstream stream."""
-        self.req_ended = ended
-        ds = self.ds
-        proxy = ds.proxy
+        h2 (or gRPC) answers; the Attempt opens the upstream stream."""
+        self.no_body = self.req_done = ended
+        proxy = self.proxy
         local = pipeline.admission(proxy, self._header_map)
         if local is not None:
             return self.answer(local)
         overload = proxy.overload
         if not overload.keep_alive or proxy.draining:  # memory or connection pressure: as overload_gate for h1
-            ds.stop_keep_alive()
+            self.client.stop_keep_alive()
             why = overload.refuse()  # memory, or the node's overload
             if why is not None:
                 proxy.stats.shed_requests += 1
                 return self.local_error(503, "overloaded", accesslog.OM, extra=SHED_HEADERS[why])
-        table = proxy.table
-        route_config = pipeline.connection_route_config(ds, table)
+        route_config = pipeline.connection_route_config(self.client, proxy.table)
         step = pipeline.listener_filters(proxy, route_config, self._header_map, rng.random, self._rbac_denied)
         if step is not None:
             if type(step) is pipeline.Delay:
                 self.flags = DELAY_INJECTED
-                self.held = []
                 self.timer = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
                 return None
             return self.answer(step)  # type: ignore[arg-type]
@@ -154,33 +230,29 @@ class Bridge:
 
     def _rbac_denied(self, rbac) -> str | None:
         """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this stream: why denied, or None."""
-        ds = self.ds
+        client = self.client
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
-        return rbac_denial(ds.proxy, rbac, self._header_map, self.method_b.decode("latin-1"),
-                           (self.path_b or b"/").decode("latin-1"), authority, ds.local, ds.peer_ip_b.decode(),
-                           ds.transport)
+        return rbac_denial(self.proxy, rbac, self._header_map, self.method_b.decode("latin-1"),
+                           (self.path_b or b"/").decode("latin-1"), authority, client.local,
+                           client.peer_ip_b.decode(), client.transport)
 
     def _after_delay(self, abort_status: int | None) -> None:
         self.timer = None
-        if self.done:
+        if self.finished:
             return
         if abort_status is not None:
-            self.flags = ""
             self.answer(pipeline.fault_abort(abort_status, delayed=True))
         else:
             self._route()
 
     def answer(self, local: pipeline.Local) -> None:
         """A pipeline step's local answer as an h2 response (a gRPC status for gRPC requests)."""
-        body = local.body
-        self.local_error(local.status, body.decode("latin-1").strip() or str(local.status), local.flag, body,
-                         local.headers)
+        self.reply(local.status, local.body, local.headers, local.flag)
 
     def _route(self) -> None:
-        ds = self.ds
-        proxy = ds.proxy
+        proxy = self.proxy
         table = proxy.table
-        crc = pipeline.connection_route_config(ds, table) or table.router.original_destination
+        crc = pipeline.connection_route_config(self.client, table) or table.router.original_destination
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
         result = pipeline.route(proxy, crc, authority, self.path_b or b"/", self._header_map)
         if type(result) is pipeline.Local:
@@ -191,198 +263,131 @@ class Bridge:
             step = pipeline.route_fault(route.fault, self._header_map, rng.random)
             if type(step) is pipeline.Delay:
                 self.flags = DELAY_INJECTED
-                self.held = self.held if self.held is not None else []
                 self.timer = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
                 return None
             if step is not None:
                 return self.answer(step)  # type: ignore[arg-type]
-        up = pipeline.upstream(proxy, result, self._header_map, ds.peer_ip_b)  # type: ignore[arg-type]
+        return self._upstream(result, route)  # type: ignore[arg-type]
+
+    def _upstream(self, result: pipeline.RouteResult, route: Route | None) -> None:
+        """Cluster and endpoint choice (pipeline.upstream, the attempt's pick), then the first attempt: the same
+        steps as exchange.Exchange._upstream."""
+        proxy = self.proxy
+        client = self.client
+        attempt = self.attempt
+        attempt.balancer = proxy.table.balancer
+        up = pipeline.upstream(proxy, result, self._header_map, client.peer_ip_b)  # type: ignore[arg-type]
         if type(up) is pipeline.Local:
             return self.answer(up)
-        cluster = self.cluster = up.cluster  # type: ignore[union-attr]
-        if cluster is None:
-            if result.cluster_missing or result.weighted:  # type: ignore[union-attr]  # Envoy: 503, empty, NC
-                return self.answer(pipeline.NO_CLUSTER)
-            if ds.local[1] in proxy.listen_ports:
-                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
-            addr = (normalise_ip(ds.local[0]), ds.local[1])
-        else:
-            self.breaker = up.breaker  # type: ignore[union-attr]
-            picked = pipeline.pick(table.balancer, cluster, up.hash_key, ds.local)  # type: ignore[union-attr]
-            if picked is None:
-                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
-            addr, self.endpoint = picked
-        self._mutate(route)
         policy = up.policy  # type: ignore[union-attr]
         if policy.num_retries:
-            self.retries = Retries(policy, up.breaker)  # type: ignore[union-attr]
-            self.body_copy = []
-        timeout = result.timeout_s  # type: ignore[union-attr]
-        per_try = policy.per_try_timeout_s
-        if timeout or per_try:
-            now = proxy.loop.time()
-            self.deadline = now + timeout if timeout else float("inf")
-            self.try_deadline = min(self.deadline, now + per_try) if per_try else self.deadline
-            proxy.watch_deadline(self)  # type: ignore[arg-type]
-        self.http2 = cluster is not None and (cluster.http2 or cluster.downstream_protocol)  # this client speaks h2
-        self.connect_timeout = result.connect_timeout_s  # type: ignore[union-attr]
+            attempt.retries = Retries(policy, up.breaker)  # type: ignore[union-attr]
+        cluster = up.cluster  # type: ignore[union-attr]
+        if cluster is None:
+            if result.cluster_missing or result.weighted:  # Envoy: 503, empty, NC
+                return self.answer(pipeline.NO_CLUSTER)
+            if client.local[1] in proxy.listen_ports:
+                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)  # not intercepted: would forward to ourselves
+            target = (normalise_ip(client.local[0]), client.local[1])
+        else:
+            attempt.cluster = cluster
+            attempt.h2 = cluster.http2 or cluster.downstream_protocol  # this client speaks h2
+            attempt.breaker = up.breaker  # type: ignore[union-attr]
+            attempt.cb_held |= HELD_REQUEST
+            attempt.hash_key = up.hash_key  # type: ignore[union-attr]
+            picked = attempt.pick()  # ORIGINAL_DST: the original destination
+            if picked is None:
+                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
+            target = picked
+        attempt.upstream_addr = target
+        self.pseudo, self.fields, self.up_path, self.up_authority = mutated_request(
+            route, self.pseudo, self.fields, self.path_b, self.authority_b
+        )  # the route's rewrites and header changes, this hop's trace context (h2_fields.py)
+        self._request_head()
         action = route.action if route is not None else None
         if action is not None and action.mirrors and cluster is not None:
             self._mirror(action.mirrors)
-        held = self.held
-        self.held = None
-        self._open(addr, held or ())
-        if self.mirror_to and self.req_ended:
+        timeout = result.timeout_s
+        per_try = policy.per_try_timeout_s
+        if timeout or per_try:
+            now = proxy.loop.time()
+            attempt.deadline = now + timeout if timeout else float("inf")
+            attempt.try_deadline = min(attempt.deadline, now + per_try) if per_try else attempt.deadline
+            proxy.watch_deadline(attempt)
+        attempt.t_upstream = _perf()
+        attempt.connect_timeout_s = result.connect_timeout_s
+        attempt.open(target, reuse=True)
+        if self.mirror_to and self.req_done and not self.finished:
             self._send_mirrors()
 
-    def _open(self, addr: tuple[str, int], held, replay: bool = False) -> None:
-        """One upstream attempt on `addr`: the stream opens, then `held` ((data, flow length) items; a list item:
-        trailers) goes after its head, then what the client still sends. replay: `held` is the retry's copy, sent
-        again as it is (its window credit went to the client already)."""
-        self.upstream_addr = addr
-        self.upstream_host = self.ds.proxy.pool.key_for(addr)[1]
-        h2_upstream.open_stream(self, addr, self.req_ended and not held, self.http2, self.connect_timeout)
-        up = self.up
-        if not held or up is None:
-            return
-        for data, flow_len in held:
-            if replay:
-                if type(data) is list:
-                    up.send_trailers(self, data)
-                else:
-                    up.send_body(self, data, False, None)
-            else:
-                self._forward(data, flow_len)
-        if self.req_ended and type(held[-1][0]) is not list:
-            up.send_body(self, b"", True, None)
+    def _request_head(self) -> None:
+        """The codec-neutral request head (messages.RequestHead: Host from :authority, te and content-length as
+        framing), then what the stream held while it was not routed."""
+        host = self.up_authority
+        length = -1
+        fields: Fields = []
+        for n, v in self.fields:
+            if n == b"content-length":
+                length = int(v)  # validated by the h2 codec
+            elif n == b"host":
+                if host is None:
+                    host = v
+            elif n != b"te":  # te: trailers is an h2 upstream's business (h2_request_fields), hop-by-hop on 1.1
+                fields.append((n, v))
+        if host is not None:
+            fields.insert(0, (b"host", host))
+        self.req_length = max(length, 0)
+        self.req_chunked = not self.no_body and length < 0
+        head = self.req_head = RequestHead(self.method_b or b"GET", self.up_path or b"/", fields, self.req_length,
+                                           self.req_chunked)
+        if not self.attempt.h2:
+            self.head = h1_request_bytes(head)
+            self.up_out.append(self.head)
+        held, self.held = self.held, None
+        for data in held or ():
+            self._body(data)
+        if self.req_done:
+            self._body_end()
 
     def _mirror(self, mirrors) -> None:
         """Shadow copies (HTTP/1.1) of the request, sent once it has ended; a body past MAX_REPLAY_BODY is not
         mirrored. The primary never waits for them."""
-        proxy = self.ds.proxy
+        proxy = self.proxy
         targets = mirror_targets(mirrors, proxy.table.snapshot.clusters, proxy.table.balancer, rng.random)
-        if not targets:
-            return
-        self.mirror_to = targets
-        if self.body_copy is None:
-            self.body_copy = []
+        if targets:
+            self.mirror_to = targets
 
     def _send_mirrors(self) -> None:
         targets, self.mirror_to = self.mirror_to, None
         copy = self.body_copy
         if not targets or copy is None:
             return
-        body = b"".join(d for d in copy if type(d) is not list)
-        request = shadow_request(self.method_b, self.up_path or b"/", self.up_authority or b"", self.fields, body)
-        sender = self.ds.proxy.mirrors()
+        request = shadow_request(self.method_b, self.up_path or b"/", self.up_authority or b"", self.fields,
+                                 b"".join(copy))
+        sender = self.proxy.mirrors()
         for addr in targets:
             sender.send(addr, request)
-
-    # ---- retries (retry.Retries decides) --------------------------------------------------------------------
-
-    def _retry_if(self, condition: str, status: int = 0) -> bool:
-        """Retry instead of answering, when the policy covers this failure and the request can be replayed."""
-        retries = self.retries
-        if retries is None or self.done:
-            return False
-        if condition == "status" and not self.req_ended:
-            return False  # an early answer to a request still being sent is passed on
-        if not retries.may_retry(condition, status, self.body_copy is not None):
-            return False
-        up = self.up
-        self.up = None
-        if up is not None:
-            up.cancel(self)
-        self._end_attempt(status if condition == "status" else GATEWAY_FAILURE)
-        proxy = self.ds.proxy
-        proxy.stats.retries += 1
-        delay = retries.next_backoff(rng.random())
-        if self.deadline:
-            self.try_deadline = self.deadline  # no per-try clock runs during the back-off
-        if delay < 0.001:
-            self._next_attempt()
-        else:
-            self.timer = proxy.loop.call_later(delay, self._next_attempt)
-        return True
-
-    def _next_attempt(self) -> None:
-        self.timer = None
-        if self.done:
-            return
-        proxy = self.ds.proxy
-        per_try = self.retries.policy.per_try_timeout_s  # type: ignore[union-attr]
-        if self.deadline and per_try:
-            self.try_deadline = min(self.deadline, proxy.loop.time() + per_try)
-        addr = self.upstream_addr
-        if self.cluster is not None:
-            picked = pipeline.pick(proxy.table.balancer, self.cluster, None, self.ds.local)
-            if picked is None:
-                return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
-            addr, self.endpoint = picked
-        copy = self.body_copy
-        if copy is None:  # the body outgrew the replay buffer during the back-off
-            return self.local_error(503, "upstream reset", self._exhausted(accesslog.UC))
-        self._open(addr, [(d, 0) for d in copy], replay=True)  # type: ignore[arg-type]
-
-    def _end_attempt(self, outcome: int) -> None:
-        """The attempt's outcome for outlier detection: an HTTP status, 0 gateway failure, -1 none."""
-        ep = self.endpoint
-        if ep is not None:
-            self.endpoint = None
-            self.ds.proxy.table.balancer.report(self.cluster, ep, outcome)  # type: ignore[arg-type]
-
-    def _exhausted(self, flag: str) -> str:
-        return self.retries.exhausted(flag) if self.retries is not None else flag
-
-    def upstream_buffered(self) -> int:
-        """What the stream's upstream holds for it (H2Downstream.buffered_bytes)."""
-        up = self.up
-        return up.buffered_for(self) if up is not None else 0
-
-    def _mutate(self, route: Route | None) -> None:
-        """The route's rewrites and request header changes, and this hop's trace context (h2_fields.py)."""
-        self.pseudo, self.fields, self.up_path, self.up_authority = mutated_request(
-            route, self.pseudo, self.fields, self.path_b, self.authority_b
-        )
 
     def _header_map(self) -> dict[str, str]:
         return header_map(self.fields)
 
-    def upstream_headers(self) -> list[tuple[bytes, bytes]]:
-        """The request's fields for an h2 upstream: pseudo-headers first."""
-        return self.pseudo + self.fields
+    # ---- the request body, from the client (h2_downstream.H2Downstream's events) ------------------------------
 
-    def on_data(self, side: H2Side, data: bytes, flow_len: int) -> None:
-        if side is self.ds:
-            self.bytes_rx += len(data)
-            if self.held is not None:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
-                self.held.append((data, flow_len))
-                return
-            if self.up is None:
-                self.ds.ack(self.sid, flow_len)
-                if self.timer is not None and self.body_copy is not None:  # waiting to retry: the copy goes too
-                    self.body_len += len(data)
-                    if self.body_len > MAX_REPLAY_BODY:
-                        self.body_copy = None
-                    else:
-                        self.body_copy.append(data)
-                return
-            self._forward(data, flow_len)
-        else:  # response body from an h2 upstream
-            self.bytes_tx += len(data)
-            pad = flow_len - len(data)
-            if pad:
-                side.ack(self.up_sid, pad)
-            self.ds.send(self.sid, data, False, self._ack_up)
-
-    def _forward(self, data: bytes | list, flow_len: int) -> None:
-        """Request DATA (or trailers, a list) to the upstream; the client's window is credited as it goes.
-        A copy is kept while a retry may need it."""
-        if type(data) is list:
-            if self.body_copy is not None:
-                self.body_copy.append(data)
-            self.up.send_trailers(self, data)  # type: ignore[union-attr, arg-type]
+    def on_data(self, side, data: bytes, flow_len: int) -> None:
+        n = len(data)
+        self.bytes_rx += n
+        if flow_len > n:
+            self.client.ack(self.sid, flow_len - n)  # padding: nothing to forward
+        self.unacked += n
+        if self.held is not None:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
+            self.held.append(data)
             return
+        self._body(data)
+        self.flush_upstream()
+        self._credit()
+
+    def _body(self, data: bytes) -> None:
+        self.body_streamed = True
         copy = self.body_copy
         if copy is not None:
             self.body_len += len(data)
@@ -390,183 +395,174 @@ class Bridge:
                 self.body_copy = None  # too big to replay: no retry (nor mirror) once any of it went out
             else:
                 copy.append(data)
-        pad = flow_len - len(data)
-        if pad:
-            self.ds.ack(self.sid, pad)
-        self.up.send_body(self, data, False, self._ack_down)  # type: ignore[union-attr]
+        self.up_out.append(chunk(data) if self.req_chunked and not self.attempt.h2 else data)
 
-    def _ack_down(self, n: int) -> None:
-        """n request bytes went upstream: the client may send as many more."""
-        self.ds.ack(self.sid, n)
+    def _body_end(self) -> None:
+        """The client's end of the request (with its trailers, if any) after its body."""
+        if self.req_chunked:
+            self.up_out.append(self.request_end())
 
-    def _ack_up(self, n: int) -> None:
-        """n response bytes went to the client: the h2 upstream may send as many more."""
-        up = self.up
-        if up is not None:
-            up.ack(self.up_sid, n)
+    def request_end(self) -> bytes | Fields:
+        """The end of a body of unknown length: the last chunk with the client's trailers (HTTP/1.1), or the
+        trailers (h2; empty: END_STREAM alone). A content-length body has ended with its last byte."""
+        if self.attempt.h2:
+            return self.req_trailers or []
+        return LAST_CHUNK if self.req_trailers is None else last_chunk(self.req_trailers)
 
-    def on_trailers(self, side: H2Side, trailers: list[tuple[bytes, bytes]]) -> None:
-        trailers = [(n.lower(), v) for n, v in trailers]
+    def on_trailers(self, side, trailers: Fields) -> None:
         # as on the HTTP/1 path: hop-by-hop and framing fields, and Host (trailers must not route) are dropped
-        trailers = [(n, v) for n, v in trailers if n not in TRAILER_DROP and n[:1] != b":"]
-        if side is self.ds:
-            self.req_ended = True
-            if self.held is not None:
-                self.held.append((trailers, 0))
+        self.req_trailers = [(n, v) for n, v in ((n.lower(), v) for n, v in trailers)
+                             if n not in TRAILER_DROP and n[:1] != b":"]
+        self.on_end(side)
+
+    def on_end(self, side) -> None:
+        if self.req_done:
+            return  # END_STREAM came with the headers or the trailers already
+        self.req_done = True
+        if self.held is not None:
+            return  # routed later: the end goes after what is held
+        self._body_end()
+        self.flush_upstream()
+        if self.mirror_to:
+            self._send_mirrors()
+
+    def flush_upstream(self) -> None:
+        attempt = self.attempt
+        conn = attempt.conn
+        if conn is not None and self.up_out and conn.ready:
+            if attempt.h2:
+                items, self.up_out = self.up_out, []
+                conn.write(items)  # type: ignore[attr-defined]
                 return
-            if self.body_copy is not None:
-                self.body_copy.append(trailers)
-            if self.up is not None:
-                self.up.send_trailers(self, trailers)
-            if self.mirror_to:
-                self._send_mirrors()
-        else:
-            self.ds.send(self.sid, trailers, True)
-            self.finish("")
+            data = b"".join(self.up_out) if len(self.up_out) > 1 else self.up_out[0]
+            self.up_out.clear()
+            conn.transport.write(data)
 
-    def on_end(self, side: H2Side) -> None:
-        if side is self.ds:
-            # Sending the end twice (after END_STREAM on the headers or trailers) would make h2 close the
-            # upstream stream before its response arrived.
-            if not self.req_ended:
-                self.req_ended = True
-                if self.up is not None:
-                    self.up.send_body(self, b"", True, None)
-                if self.mirror_to:
-                    self._send_mirrors()
-        elif not self.done:
-            self.ds.send(self.sid, b"", True)
-            self.finish("")
+    def _credit(self) -> None:
+        """Acknowledge what the upstream stream took, while it takes more: the client may send as much again."""
+        n = self.unacked
+        if n and not self.up_paused and self.attempt.conn is not None:
+            self.unacked = 0
+            self.client.ack(self.sid, n)
 
-    def on_reset(self, side: H2Side, code: int) -> None:
-        if self.done:
+    def pause_for_upstream(self) -> None:
+        self.up_paused = True
+
+    def resume_for_upstream(self) -> None:
+        self.up_paused = False
+        self._credit()
+
+    def replayable(self) -> bool:
+        """Nothing of the body went out yet, or all of it is buffered (within MAX_REPLAY_BODY)."""
+        return not self.body_streamed or self.body_copy is not None
+
+    def rearm(self) -> None:
+        """What a new attempt sends: the head (HTTP/1.1) and the buffered body again, then what is still to come."""
+        out: list = [] if self.attempt.h2 else [self.head]
+        for data in self.body_copy or ():
+            out.append(chunk(data) if self.req_chunked and not self.attempt.h2 else data)
+        if self.req_done and self.req_chunked:
+            out.append(self.request_end())
+        self.up_out = out
+
+    def upstream_buffered(self) -> int:
+        """Bytes held for this stream (H2Downstream.buffered_bytes): the request on its way upstream and its
+        replay copy, the response read but not handed on, and what the upstream connection has not sent."""
+        n = sum(map(len, (x for x in self.up_out if type(x) is bytes))) + self.writer.pending_bytes()
+        if self.body_copy is not None:
+            n += self.body_len
+        conn = self.attempt.conn
+        if conn is not None:
+            if self.attempt.h2:
+                n += conn.buffered()  # type: ignore[attr-defined]
+            elif conn.transport is not None:
+                n += conn.transport.get_write_buffer_size()
+        return n
+
+    def flush(self) -> None:
+        """An upstream stream read and parsed a piece of the response: pass its body on."""
+        if not self.finished:
+            self.writer.flush()
+
+    def resume_for_buffer(self) -> None:
+        """The upstream stream is open (Attempt.on_connected): its reading slot is decided afresh, and what the
+        client sent meanwhile is acknowledged."""
+        self.writer.connected()
+        self._credit()
+
+    # ---- endings ------------------------------------------------------------------------------------------
+
+    def on_reset(self, side, code: int) -> None:
+        """The client reset the stream (or its connection went): the upstream stream is cancelled, and a
+        connection still being opened for it is not opened (rapid reset must not fan out to the upstream)."""
+        if self.finished:
             return
-        if side is self.ds:  # the client cancelled (e.g. a gRPC deadline): cancel upstream too
-            if self.up is not None:
-                self.up.cancel(self)
-            self.finish(accesslog.DC)
-        elif self.status == 0:
-            refused = code == h2.errors.ErrorCodes.REFUSED_STREAM
-            if refused and side.reopen(self):  # type: ignore[attr-defined]
-                return
-            self.up_failed(503 if refused else 502, "upstream reset", accesslog.UC)
-        else:
-            self.ds.reset(self.sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
-            self.finish(accesslog.UC)
+        task = self.attempt.connect_task
+        if task is not None and not task.done():
+            task.cancel()
+        self.flags = accesslog.DC if not self.flags else self.flags + "," + accesslog.DC
+        self.finish(abort=True, by_client=True)
 
-    # ---- upstream side ------------------------------------------------------------------------------
+    def overloaded(self, which: bytes) -> None:
+        self.proxy.stats.overloaded += 1
+        self.reply(503, b"overloaded\n", [(b"x-planemesh-overloaded", which)], accesslog.UO)
 
-    def on_response_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
-        """A response head from an h2 upstream (not validated by h2: names lower-cased here, and connection-
-        specific fields dropped, as a client would otherwise reject the stream)."""
-        out = []
-        status = 0
-        for n, v in headers:
-            n = n.lower()
-            if n == b":status":
-                status = int(v)
-            if n not in _RESPONSE_DROP:
-                out.append((n, v))
-        if self.retry_status(status):
+    def abort(self, flag: str) -> None:
+        """The response started and cannot complete: the stream is reset."""
+        self.flags = flag
+        self.client.reset(self.sid, _INTERNAL_ERROR)
+        self.finish(abort=True)
+
+    def reply(self, status: int, body: bytes, headers=(), flag: str = "") -> None:
+        """Answer locally (errors, redirects, direct responses) unless a response has already started."""
+        if self.finished:
             return
-        self.status = status
-        self.respond(out, end)
-
-    def retry_status(self, status: int) -> bool:
-        """A response head arrived (before it is relayed): True when it is retried instead (its attempt is
-        dropped). An answer the policy would retry, with no retry left, is flagged URX."""
-        retries = self.retries
-        if retries is None:
-            return False
-        if self._retry_if("status", status):
-            return True
-        if retries.tries_left <= 0 and (status >= 500 or status in retries.policy.retriable_status_codes):
-            self.flags = accesslog.URX
-        return False
-
-    def respond(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
-        """Send a response head already fit for h2 (status set by the caller), with the route's changes."""
-        route = self.route
-        if route is not None and (route.response_headers_to_add or route.response_headers_to_remove):
-            headers = response_headers(route, headers)
-        self.ds.respond(self.sid, headers, end)
-        if end:
-            self.finish("")
-
-    def up_failed(self, status: int, message: str, flag: str) -> None:
-        if self.done:
-            return
-        if self.status:
-            self.ds.reset(self.sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
-            self.finish(flag)
-            return
-        if self.retries is not None:
-            condition = "connect-failure" if flag is accesslog.UF else "timeout" if flag is accesslog.UT else "reset"
-            if self._retry_if(condition):
-                return
-            flag = self._exhausted(flag)
-        self.local_error(status, message, flag)
-
-    def on_timeout(self, now: float) -> None:
-        """Called by the proxy's deadline sweep once `try_deadline` has passed."""
-        if self.done:
-            return
-        if self.timer is not None and now < self.deadline:
-            self.try_deadline = self.deadline  # waiting to retry: only the overall deadline counts
-            return
-        self.ds.proxy.stats.upstream_timeouts += 1
-        if now < self.deadline and not self.status and self._retry_if("timeout"):
-            return  # a per-try timeout with retries left: a fresh attempt, same overall deadline
-        self.deadline = self.try_deadline = float("inf")
-        if self.up is not None:
-            self.up.cancel(self)
-        retries, self.retries = self.retries, None  # the timeout is final: up_failed must not retry it
-        flag = accesslog.UT if retries is None else retries.exhausted(accesslog.UT)
-        if retries is not None:
-            retries.release()
-        self.up_failed(504, "upstream request timeout", flag)
+        if self.relay.started:
+            return self.abort(flag)
+        self.attempt.drop()
+        self.local_error(status, body.decode("latin-1").strip() or str(status), flag, body, headers)
+        return None
 
     def local_error(self, status: int, message: str, flag: str, body: bytes | None = None, extra=()) -> None:
         """A proxy-generated answer: an HTTP status, or a trailers-only gRPC status for gRPC requests. `body`: a
         direct response's own body (else the message and a newline); `extra`: more response fields."""
-        self.status = status
+        self.status = self.relay.status = status
+        self.relay.started = True
+        self.flags = flag
         head, body = local_answer(status, message, self.grpc, body, extra)
-        self.ds.respond(self.sid, head, body is None)
+        self.client.respond(self.sid, head, body is None)
         if body is not None:
-            self.ds.send(self.sid, body, True)
-        self.finish(flag)
+            self.relay.bytes_tx = len(body)
+            self.client.send(self.sid, body, True)
+        self.finish()
 
-    def finish(self, flag: str) -> None:
-        if self.done:
+    def finish(self, abort: bool = False, by_client: bool = False) -> None:
+        if self.finished:
             return
-        self.done = True
-        self.flags = flag if not self.flags else self.flags + "," + flag if flag else self.flags
-        if self.up is not None:
-            self.up.release(self)
+        self.finished = True
+        attempt = self.attempt
+        if abort:
+            attempt.drop()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.breaker is not None:
-            self.breaker.release(REQUESTS)
-            self.breaker = None
-        if self.retries is not None:
-            self.retries.release()
-        if self.endpoint is not None:  # the attempt's outcome for outlier detection
-            if flag in GATEWAY_FLAGS or flag[:2] in GATEWAY_FLAGS:
-                self._end_attempt(GATEWAY_FAILURE)
-            else:
-                self._end_attempt(self.status if self.status and flag is not accesslog.DC else -1)
-        ds = self.ds
-        proxy = ds.proxy
-        if self.deadline:
-            proxy.inflight.discard(self)  # type: ignore[arg-type]
-        ds.bridges.pop(self.sid, None)
-        ds.stream_done(self, flag is accesslog.DC)
+        attempt.release()
+        client = self.client
+        if self.unacked:  # the connection's window gets back what the stream took and did not forward
+            client.ack(self.sid, self.unacked)
+            self.unacked = 0
+        self.writer.close()
+        self.up_out = []
+        proxy = self.proxy
+        client.bridges.pop(self.sid, None)
+        client.stream_done(self, by_client)
         stats = proxy.stats
         stats.requests_active -= 1
-        duration_ms = (time.perf_counter() - self.t0) * 1000
+        duration_ms = (_perf() - self.t0) * 1000
         self.duration_ms = int(duration_ms)
-        stats.record_response(self.status, duration_ms, self.bytes_rx, self.bytes_tx, self.flags)
+        stats.record_response(self.status, duration_ms, self.bytes_rx, self.relay.bytes_tx, self.flags)
         # with the peers' identities (agent/proxy/istio_stats.py)
-        proxy.istio.record(proxy, self, self.cluster, self.endpoint, self.upstream_addr, self.status, duration_ms)
+        proxy.istio.record(proxy, self, attempt.cluster, attempt.endpoint, attempt.upstream_addr, self.status,
+                           duration_ms)
         proxy.log.append(self)  # type: ignore[arg-type]
+        attempt.ex = self.relay.ex = FINISHED  # late callbacks of its parts see a finished request

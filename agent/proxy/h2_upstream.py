@@ -1,6 +1,15 @@
-"""Upstreams of h2 streams: pooled, multiplexed h2c connections (clusters with http2=True), else pooled
-HTTP/1.1 connections, one in-flight request each (the HTTP/1 path's UpstreamPool). Both carry the proxy's
-SO_MARK and the plane's source address."""
+"""The h2 client side: pooled, multiplexed h2c (or h2 over TLS) upstream connections for clusters with http2=True
+(H2Upstream, pooled per endpoint by the proxy's H2Pool), and one request's stream on one (H2ClientStream).
+
+H2ClientStream is the h2 client codec of one request: an upstream stream (contracts.UpstreamStream) as an
+upstream.UpstreamConnection is for HTTP/1.1. The request's Attempt (attempts.py) opens it, the request writes its
+neutral request to it (the head as h2 fields from messages.RequestHead, body pieces, trailers or the end), and it
+delivers the neutral response events to the request's ResponseRelay (response.py), whatever the client speaks.
+Retries, timeouts, circuit breakers and outlier reports stay the Attempt's.
+
+Back-pressure: request DATA waiting for the server's window pauses the request's source (contracts.RequestSource)
+past its upstream_window; response DATA is acknowledged (WINDOW_UPDATE) only while the client side reads.
+"""
 
 from __future__ import annotations
 
@@ -13,40 +22,25 @@ import h2.exceptions
 
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.h2 import H2Side
-from planemesh.agent.proxy.http1 import (
-    HOP_BY_HOP,
-    LAST_CHUNK,
-    NEVER_HOP_BY_HOP,
-    TRAILER_DROP,
-    last_chunk,
-)
-from planemesh.agent.proxy.retry import MAX_REPLAY_BODY
+from planemesh.agent.proxy.http1 import HOP_BY_HOP
+from planemesh.agent.proxy.messages import ResponseHead, h2_request_fields
+from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tls_context import originate_tls
 from planemesh.model.tls_config import endpoint_tls
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.contracts import H2Client as H2Downstream
-    from planemesh.agent.proxy.contracts import H2StreamUser as Bridge
+    from planemesh.agent.proxy.contracts import H2Attempt as Attempt
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
-    from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
-    from planemesh.agent.proxy.messages import ResponseHead
 
 MAX_STREAMS_PER_CONN = 1000
 # Streams opened on a new h2c connection before the server's SETTINGS arrive (nghttp2's assumed peer default):
 # above the server's real limit, the surplus would be refused.
 STREAMS_BEFORE_SETTINGS = 100
 MAX_REOPEN = 5  # times a refused body-less stream is opened again (a server past its streams per connection)
-# What of an h2 request's fields is not copied into the HTTP/1.1 head: hop-by-hop and framing fields (re-emitted
-# by the proxy) and Host (written from :authority, or the first Host when there is none).
-_H1_DROP = HOP_BY_HOP | NEVER_HOP_BY_HOP
-
-
-def open_stream(bridge: Bridge, addr: tuple[str, int], ended: bool, http2: bool, connect_timeout: float) -> None:
-    if http2:
-        bridge.ds.proxy.h2_pool.open(bridge, addr, ended, connect_timeout)
-    else:
-        H1Stream(bridge, addr, ended, connect_timeout)
+# Response fields of an h2 server that a ResponseHead does not carry: the connection-specific ones (and te,
+# trailer); content-length becomes the head's length.
+_RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
 
 
 class H2Pool:
@@ -57,12 +51,12 @@ class H2Pool:
         self.proxy = proxy
         self.conns: dict[tuple, list[H2Upstream]] = {}
 
-    def open(self, bridge: Bridge, addr: tuple[str, int], ended: bool, connect_timeout: float) -> None:
-        """A stream for `bridge` on the first connection to `addr` with a free stream (a new one when none)."""
+    def open(self, stream: H2ClientStream, addr: tuple[str, int], ended: bool, connect_timeout: float) -> None:
+        """`stream` on the first connection to `addr` with a free stream (a new connection when none has one)."""
         proxy = self.proxy
         key, _ = proxy.pool.key_for(addr)
-        cluster = getattr(bridge, "cluster", None)  # h2_stream.Bridge, h1_over_h2.H2Stream
-        if cluster is not None and (tls := endpoint_tls(cluster, bridge.endpoint, addr)) is not None:
+        cluster = stream.cluster
+        if cluster is not None and (tls := endpoint_tls(cluster, stream.endpoint, addr)) is not None:
             key = (*key, tls)  # h2 over TLS (agent/proxy/tls_context.py): its own connections
         conns = self.conns.get(key)
         if conns is None:
@@ -73,7 +67,7 @@ class H2Pool:
         else:
             conn = H2Upstream(proxy, key, conns, connect_timeout)
             conns.append(conn)
-        conn.open(bridge, bridge.upstream_headers(), ended)
+        conn.open(stream, stream.upstream_headers(), ended)
 
     def close_all(self) -> None:
         """Close every connection (drain's end): those still connecting are cancelled, their streams fail."""
@@ -123,9 +117,9 @@ class H2Upstream(H2Side):
             self.proxy.stats.upstream_connect_failures += 1
             self._forget()
             self.closed = True
-            for bridge in list(self.bridges.values()):
-                bridge.up = None
-                bridge.up_failed(503, "upstream connect error", flags.UF)
+            for stream in list(self.bridges.values()):
+                stream.up = None
+                stream.up_failed(503, "upstream connect error", flags.UF)
             self.bridges.clear()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -166,449 +160,288 @@ class H2Upstream(H2Side):
         self._forget()
         super().on_goaway(last_stream_id)
 
-    def reopen(self, bridge: Bridge) -> bool:
+    def reopen(self, stream: H2ClientStream) -> bool:
         """A stream this server refused (not processed): open it again elsewhere when nothing but its headers
         went out (at most MAX_REOPEN times: a server may refuse everything)."""
-        if bridge.reopened >= MAX_REOPEN or not bridge.req_ended or bridge.bytes_rx:
+        if stream.reopened >= MAX_REOPEN or not stream.req_ended or stream.bytes_rx:
             return False
-        bridge.reopened += 1
-        self.bridges.pop(bridge.up_sid, None)
+        stream.reopened += 1
+        self.bridges.pop(stream.up_sid, None)
         try:
-            self.conn.reset_stream(bridge.up_sid, h2.errors.ErrorCodes.CANCEL)
+            self.conn.reset_stream(stream.up_sid, h2.errors.ErrorCodes.CANCEL)
         except h2.exceptions.ProtocolError:
             pass
         if self.goaway and not self.bridges:
             self.close()
-        open_stream(bridge, (self.key[0], self.key[1]), True, True, self.timeout)
+        self.proxy.h2_pool.open(stream, (self.key[0], self.key[1]), True, self.timeout)
         return True
 
-    def open(self, bridge: Bridge, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+    def open(self, stream: H2ClientStream, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         sid = self.conn.get_next_available_stream_id()
         self.conn.send_headers(sid, headers, end_stream=ended)
-        self.bridges[sid] = bridge
-        bridge.up = self
-        bridge.up_sid = sid
+        self.bridges[sid] = stream
+        stream.up = self
+        stream.up_sid = sid
         self.flush()
 
     def handle(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.ResponseReceived):
-            bridge = self.bridges.get(event.stream_id)
-            if bridge is not None:
-                bridge.on_response_headers(event.headers, event.stream_ended is not None)
+            stream = self.bridges.get(event.stream_id)
+            if stream is not None:
+                stream.on_response_headers(event.headers, event.stream_ended is not None)
             return
         if isinstance(event, h2.events.RemoteSettingsChanged):
             self.settings_received = True
         super().handle(event)
 
-    # ---- what a Bridge calls --------------------------------------------------------------------------
+    # ---- what an H2ClientStream calls ---------------------------------------------------------------------
 
-    def send_body(self, bridge: Bridge, data: bytes, end: bool, on_sent) -> None:
-        self.send(bridge.up_sid, data, end, on_sent)
+    def send_body(self, stream: H2ClientStream, data: bytes, end: bool, on_sent) -> None:
+        self.send(stream.up_sid, data, end, on_sent)
 
-    def send_trailers(self, bridge: Bridge, trailers: list[tuple[bytes, bytes]]) -> None:
-        self.send(bridge.up_sid, list(trailers), True)  # type: ignore[arg-type]
+    def send_trailers(self, stream: H2ClientStream, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.send(stream.up_sid, list(trailers), True)  # type: ignore[arg-type]
 
-    def cancel(self, bridge: Bridge) -> None:
-        self.reset(bridge.up_sid)
+    def cancel(self, stream: H2ClientStream) -> None:
+        self.reset(stream.up_sid)
 
-    def buffered_for(self, bridge: Bridge) -> int:
+    def buffered_for(self, stream: H2ClientStream) -> int:
         """Request bytes of the stream waiting for this connection's window (the overload manager's measure)."""
-        queue = self.queues.get(bridge.up_sid)
+        queue = self.queues.get(stream.up_sid)
         return sum(len(item[0]) for item in queue if type(item[0]) is not list) if queue else 0
 
-    def release(self, bridge: Bridge) -> None:
-        self.bridges.pop(bridge.up_sid, None)
+    def release(self, stream: H2ClientStream) -> None:
+        self.bridges.pop(stream.up_sid, None)
         if self.goaway and not self.bridges:
             self.close()
 
 
-class H1Stream:
-    """One h2 stream's request on a pooled HTTP/1.1 connection: the HTTP/1 path's UpstreamPool (per endpoint,
-    source and mark; idle timeout; max idle per key).
+def open_h2_stream(attempt: Attempt, target: tuple[str, int]) -> None:
+    """Start the attempt on `target` as a stream of a pooled h2c connection (opened when none has room); the
+    request head goes out at once, the body as the request flushes it."""
+    ex = attempt.ex
+    proxy = attempt.ds.proxy
+    key, attempt.upstream_host = proxy.pool.key_for(target)
+    attempt.upstream_key = key
+    if attempt.h2_fields is None:
+        te_trailers = any(n == b"te" and b"trailers" in v.lower() for n, v in ex.headers)
+        attempt.h2_fields = h2_request_fields(ex.req_head, attempt.upstream_host, te_trailers)
+    stream = H2ClientStream(attempt)
+    proxy.h2_pool.open(stream, target, stream.req_ended, attempt.connect_timeout_s)
+    if stream.up is not None and not ex.finished:
+        attempt.on_connected(stream)  # type: ignore[arg-type]
 
-    UpstreamPool and UpstreamConnection drive it through the callbacks they drive an Exchange with. A connection
-    goes back to the pool only after a complete response to a completely sent request, both with keep-alive and
-    not delimited by the close; errors, `connection: close`, a cancelled stream or a partly read body close it.
-    """
+
+class H2ClientStream:
+    """One attempt of a request as an h2 stream (contracts.UpstreamStream)."""
 
     __slots__ = (
-        "addr",
-        "body",
-        "bridge",
-        "chunked",
-        "close_delimited",
-        "conn",
-        "connect_task",
+        "attempt",
+        "body_left",
+        "bytes_rx",
         "ds",
-        "finished",
-        "h2ds",
+        "ex",
+        "exchange",
         "held_acks",
-        "is_head",
-        "keep_alive",
-        "out",
-        "pending",
-        "queued_down",
-        "reading",
-        "replay",
-        "replay_len",
-        "req_done",
-        "resp_started",
-        "retried",
-        "timeout",
-        "trailers",
-        "upstream_host",
-        "upstream_key",
+        "reading_paused",
+        "relay",
+        "reopened",
+        "req_ended",
+        "resp_ended",
+        "unsent",
+        "up",
+        "up_sid",
         "write_paused",
     )
 
+    ready = True  # the request writes at once: the h2 connection queues until connected and within windows
+    reused = False  # a lost stream is never "a pooled connection the server had closed": no silent re-send
+
     @property
-    def cluster(self) -> Any:  # the pool's TLS origination reads the cluster and endpoint of the request
-        return self.bridge.cluster
+    def cluster(self) -> Any:  # TLS origination (H2Pool.open) reads the attempt's cluster and endpoint
+        return self.attempt.cluster
 
     @property
     def endpoint(self) -> Any:
-        return self.bridge.endpoint
+        return self.attempt.endpoint
 
-    def __init__(self, bridge: Bridge, addr: tuple[str, int], ended: bool, timeout: float) -> None:
-        self.bridge = bridge
-        self.h2ds = bridge.ds
-        self.ds = self  # UpstreamConnection reaches flushes and write back-pressure through `exchange.ds`
-        self.addr = addr
-        self.timeout = timeout
-        self.conn: UpstreamConnection | None = None
-        self.connect_task = None
-        self.pending = False
-        self.finished = False
-        self.upstream_host: str | None = None
-        self.upstream_key: tuple | None = None
-        self.req_done = ended
-        self.resp_started = False
-        self.keep_alive = True
-        self.close_delimited = False
-        self.retried = False
-        self.write_paused = False
-        self.held_acks: list = []
-        self.queued_down = 0
-        self.reading = False  # holds one of the client connection's upstream reading slots (h2_guard.py)
-        self.body: list[bytes] = []  # response body read, not yet handed to the h2 stream
-        self.trailers: list[tuple[bytes, bytes]] | None = None
-        method = bridge.method_b or b"GET"
-        host = bridge.up_authority
-        has_length = False
-        fields = []
-        for n, v in bridge.fields:
-            if n not in _H1_DROP:
-                fields += (n, b": ", v, b"\r\n")
-            elif n == b"content-length":
-                has_length = True
-                fields += (b"content-length: ", v, b"\r\n")
-            elif n == b"host" and host is None:
-                host = v
-        self.is_head = method == b"HEAD"
-        self.chunked = not ended and not has_length
-        if self.chunked:
-            fields.append(b"transfer-encoding: chunked\r\n")
-        path = bridge.up_path or b"/"
-        head = b"".join((method, b" ", path, b" HTTP/1.1\r\nhost: ", host or b"", b"\r\n", *fields, b"\r\n"))
-        self.out = [head]
-        self.replay: list[bytes] | None = [head]  # the request so far, while small enough to send again
-        self.replay_len = 0
-        bridge.up = self
-        bridge.ds.proxy.pool.acquire_for(self, addr, timeout)  # type: ignore[arg-type]
+    def __init__(self, attempt: Attempt) -> None:
+        ex = self.ex = attempt.ex
+        self.attempt = attempt
+        self.relay = ex.relay
+        self.exchange = None  # the relay while the attempt uses this stream, as on an UpstreamConnection
+        self.ds = ex.ds  # the request's source: flushes, request back-pressure, the proxy
+        self.up: H2Upstream | None = None
+        self.up_sid = 0
+        self.reopened = 0
+        self.bytes_rx = 0  # request body bytes sent (a stream with body sent is never re-opened elsewhere)
+        self.body_left = ex.req_length  # a content-length body ends the stream with its last byte
+        self.req_ended = not ex.req_chunked and not ex.req_length  # no body: END_STREAM on the headers
+        self.resp_ended = False
+        self.unsent = 0  # request bytes queued for the server's window
+        self.write_paused = False  # the request's source is paused for us
+        self.reading_paused = False  # the client side is slow: response DATA is not acknowledged
+        self.held_acks = 0
 
-    # ---- the request (what a Bridge calls) --------------------------------------------------------------
+    def upstream_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.attempt.h2_fields  # type: ignore[return-value]
 
-    def _write(self, data: bytes) -> None:
-        conn = self.conn
-        if conn is None:
-            self.out.append(data)
-        else:
-            conn.transport.write(data)
-        replay = self.replay
-        if replay is not None:
-            self.replay_len += len(data)
-            if self.replay_len > MAX_REPLAY_BODY:
-                self.replay = None
-            else:
-                replay.append(data)
+    # ---- the request (what the request's flush_upstream writes) ------------------------------------------------
 
-    def send_body(self, bridge: Bridge, data: bytes, end: bool, on_sent) -> None:
-        if self.finished:
-            if on_sent is not None and data:
-                on_sent(len(data))
+    def write(self, items: list) -> None:
+        """Body pieces (bytes) and, for a body of unknown length, its end: a list of trailers (empty: none)."""
+        up = self.up
+        if up is None or self.req_ended:
             return
-        if data:
-            self._write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
-            if on_sent is not None:
-                if self.write_paused or self.conn is None:
-                    self.held_acks.append((on_sent, len(data)))
+        for item in items:
+            if type(item) is list:
+                self.req_ended = True
+                if item:
+                    up.send_trailers(self, item)
                 else:
-                    on_sent(len(data))
-        if end and not self.req_done:
-            self.req_done = True
-            if self.chunked:
-                self._write(LAST_CHUNK)
+                    up.send_body(self, b"", True, None)
+                return
+            if not item:
+                continue
+            n = len(item)
+            self.bytes_rx += n
+            end = False
+            if self.body_left:
+                self.body_left -= n
+                end = self.body_left <= 0
+            self.unsent += n
+            up.send_body(self, item, end, self._sent)
+            if end:
+                self.req_ended = True
+                break
+        if self.unsent > self.ds.upstream_window and not self.write_paused and self.up is not None:
+            self.write_paused = True
+            self.ds.pause_for_upstream()
 
-    def send_trailers(self, bridge: Bridge, trailers: list[tuple[bytes, bytes]]) -> None:
-        if self.finished or self.req_done:
+    def _sent(self, n: int) -> None:
+        self.unsent -= n
+        if self.write_paused and self.unsent <= self.ds.upstream_window // 2:
+            self.write_paused = False
+            self.ds.resume_for_upstream()
+
+    def buffered(self) -> int:
+        """Request bytes waiting for the server's window (the overload manager's measure)."""
+        up = self.up
+        return up.buffered_for(self) if up is not None else 0
+
+    # ---- the response side's back-pressure (the client side is slow) -------------------------------------------
+
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        self.reading_paused = False
+        n, self.held_acks = self.held_acks, 0
+        if n and self.up is not None:
+            self.up.ack(self.up_sid, n)
+
+    # ---- the end of the attempt (response complete, retry, timeout, client gone) --------------------------------
+
+    def close(self) -> None:
+        up = self.up
+        self.up = None
+        if self.write_paused:
+            self.write_paused = False
+            self.ds.resume_for_upstream()
+        if up is not None:
+            if not (self.req_ended and self.resp_ended):
+                up.cancel(self)
+            up.release(self)
+
+    # ---- H2Upstream callbacks: the stream's events ------------------------------------------------------------
+
+    def on_response_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        if self.attempt.conn is not self:
             return
-        self.req_done = True
-        if self.chunked:  # a content-length body has nowhere to carry trailers: dropped
-            self._write(last_chunk(trailers))
+        status = 0
+        length = None
+        out = []
+        for n, v in headers:
+            n = n.lower()
+            if n[:1] == b":":
+                if n == b":status":
+                    status = int(v)
+            elif n == b"content-length":
+                length = int(v)
+            elif n not in _RESPONSE_DROP:
+                out.append((n, v))
+        if status < 200 or status > 999:
+            return self.on_reset(self.up, h2.errors.ErrorCodes.PROTOCOL_ERROR)  # type: ignore[arg-type]
+        # Not reusable: the relay closes (releases) this stream, it does not pool it.
+        self.relay.on_response_head(ResponseHead(status, out, length, ended=end))
+        self.ds.flush()
 
-    def buffered_for(self, bridge: Bridge) -> int:
-        """Bytes held for the stream (the overload manager's measure): the request before the connection is open,
-        its replay copy, the response read but not handed on, and the connection's write buffer."""
-        n = sum(map(len, self.out)) + sum(map(len, self.body))
-        if self.replay is not None:
-            n += self.replay_len
-        conn = self.conn
-        if conn is not None and conn.transport is not None:
-            n += conn.transport.get_write_buffer_size()
-        return n
-
-    def cancel(self, bridge: Bridge) -> None:
-        """The client reset the stream, or its timeout fired: the connection is dropped, never reused, and a
-        connection still being opened for it is not opened (rapid reset must not fan out to the upstream)."""
-        task = self.connect_task
-        if task is not None and not task.done():
-            task.cancel()
-        self._abort()
-
-    def release(self, bridge: Bridge) -> None:
-        """The Bridge finished; unless the response completed (the connection is pooled already), drop it."""
-        self._abort()
-
-    def _abort(self) -> None:
-        self._leave()
-        if self.finished:
+    def on_data(self, side: H2Upstream, data: bytes, flow_len: int) -> None:
+        if self.attempt.conn is not self:
+            side.ack(self.up_sid, flow_len)
             return
-        self.finished = True
-        self.connect_task = None  # the pool keeps a connection that arrives late
-        if self.body:  # read, never handed to the client: out of the connection's budget
-            pending = sum(map(len, self.body))
-            self.body.clear()
-            self.queued_down -= pending
-            self.h2ds.guard.buffered -= pending
-        if self.pending:
-            self.pending = False
-            self.h2ds.proxy.stats.requests_pending -= 1
-        conn = self.conn
-        if conn is not None:
-            self.conn = None
-            conn.close()
-        self._release_acks()
-
-    def _release_acks(self) -> None:
-        acks, self.held_acks = self.held_acks, []
-        for on_sent, n in acks:
-            on_sent(n)
-
-    # ---- UpstreamPool / UpstreamConnection callbacks ------------------------------------------------------
-
-    def on_connected(self, conn: UpstreamConnection) -> None:
-        self.conn = conn
-        conn.exchange = self  # type: ignore[assignment]
-        if not self.reading:
-            self.h2ds.paused_up.pop(self, None)  # a retry on a fresh connection decides afresh
-            guard = self.h2ds.guard
-            if self._client_window_open() and not guard.over_budget():
-                pass  # what arrives goes on to the client at once: read freely (a slow response holds no slot)
-            elif guard.may_read():
-                self.reading = True
-                guard.readers += 1
-            else:  # the client's connection holds its budget already: read nothing yet
-                conn.pause_reading()
-                self.h2ds.paused_up[self] = None
-        out = self.out
-        if out:
-            conn.transport.write(b"".join(out) if len(out) > 1 else out[0])
-            self.out = []
-        if not self.write_paused:
-            self._release_acks()
-
-    def _client_window_open(self) -> bool:
-        try:
-            return self.h2ds.conn.local_flow_control_window(self.bridge.sid) > 0
-        except h2.exceptions.StreamClosedError:
-            return False
-
-    def on_connect_failed(self, timed_out: bool) -> None:
-        self.h2ds.proxy.stats.upstream_connect_failures += 1
-        self.bridge.up_failed(503, "upstream connect error", flags.UF)
-
-    def overloaded(self, which: bytes) -> None:
-        self.h2ds.proxy.stats.overloaded += 1
-        self.bridge.up_failed(503, "overloaded", flags.UO)
-
-    def flush(self) -> None:
-        """UpstreamConnection read and parsed a piece of the response: pass its body on."""
-        if self.body and not self.finished:
-            bridge = self.bridge
-            bridge.ds.send(bridge.sid, self._body_out(), False, self._sent_down)
-
-    def pause_for_upstream(self) -> None:  # the upstream is slow to take the body: hold the client's credit
-        self.write_paused = True
-
-    def resume_for_upstream(self) -> None:
-        self.write_paused = False
-        self._release_acks()
-
-    def on_response_head(self, head: ResponseHead) -> None:
-        status = head.status
-        if self.finished or status < 200:
-            return  # interim responses (100 Continue, 103) are not relayed
-        if self.bridge.retry_status(status):
-            return  # retried: this attempt (and its connection) is dropped
-        self.resp_started = True
-        self.keep_alive = head.reusable
-        if head.until_close and not self.is_head and status != 204 and status != 304:
-            self.close_delimited = True  # the body ends with the connection
-        out = [(b":status", _status_bytes(status))]
-        out += [(n, v) for n, v in head.fields if n not in NEVER_HOP_BY_HOP]  # no Host in a response to h2
-        if head.length is not None:
-            out.append((b"content-length", b"%d" % head.length))
-        self.bridge.status = status
-        self.bridge.respond(out, False)
-
-    def on_response_body(self, data: bytes) -> None:
-        """Body bytes wait for the end of this read (flush) or of the response: one DATA frame, END_STREAM on
-        the last, instead of a frame per parser callback and an empty one to end the stream."""
-        if self.finished:
-            return
-        self.bridge.bytes_tx += len(data)
-        self.body.append(data)
-        self.queued_down += len(data)
-        guard = self.h2ds.guard
-        guard.buffered += len(data)
-        # Bounded per stream and per client connection (a client with a zero window and many streams): the
-        # upstream is not read until the client takes what waits.
-        conn = self.conn
-        if conn is not None and (self.queued_down > guard.limits.buffer_limit_bytes or guard.over_budget()):
-            conn.pause_reading()
-            self._leave()
-            self.h2ds.paused_up[self] = None
-
-    def _body_out(self) -> bytes:
-        body = self.body
-        if not body:
-            return b""
-        data = body[0] if len(body) == 1 else b"".join(body)
-        body.clear()
-        return data
-
-    def _sent_down(self, n: int) -> None:
-        self.queued_down -= n
-        h2ds = self.h2ds
-        h2ds.guard.buffered -= n
-        if h2ds.paused_up and h2ds.guard.may_read():
-            wake_readers(h2ds)
-
-    def _resume(self) -> bool:
-        """Read the upstream again (taking a reading slot), unless this stream holds half its own budget still.
-        False: it stays paused."""
-        conn = self.conn
-        guard = self.h2ds.guard
-        if conn is not None and self.queued_down >= guard.limits.buffer_limit_bytes // 2:
-            return False
-        del self.h2ds.paused_up[self]
-        if conn is not None:
-            self.reading = True
-            guard.readers += 1
-            conn.resume_reading()
-        return True
-
-    def _leave(self) -> None:
-        """Give back the reading slot (paused, or done) and let a waiting stream have it."""
-        h2ds = self.h2ds
-        h2ds.paused_up.pop(self, None)
-        if self.reading:
-            self.reading = False
-            h2ds.guard.readers -= 1
-            if h2ds.paused_up and h2ds.guard.may_read():
-                wake_readers(h2ds)
-
-    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
-        self.trailers = [(n, v) for n, v in trailers if n not in TRAILER_DROP]
-
-    def on_response_complete(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        self._leave()
-        conn = self.conn
-        self.conn = None
-        if conn is not None:
-            conn.exchange = None
-            if self.keep_alive and self.req_done and not self.close_delimited:
-                self.h2ds.proxy.pool.release(conn)
-            else:
-                conn.close()
-        self._end_stream()
-
-    def _end_stream(self) -> None:
-        bridge = self.bridge
-        data = self._body_out()
-        if self.trailers:
-            if data:
-                bridge.ds.send(bridge.sid, data, False, self._sent_down)
-            bridge.ds.send(bridge.sid, self.trailers, True)
+        self.relay.on_response_body(data)  # dropped there when the response has no body (HEAD, 204, 304)
+        self.ds.flush()
+        if self.reading_paused or self.ds.write_paused:
+            self.reading_paused = True
+            self.held_acks += flow_len
         else:
-            bridge.ds.send(bridge.sid, data, True, self._sent_down if data else None)
-        bridge.finish("")
+            side.ack(self.up_sid, flow_len)
 
-    def on_upstream_lost(self, conn: UpstreamConnection) -> None:
-        if self.finished:
+    def on_trailers(self, side: H2Upstream, trailers: list[tuple[bytes, bytes]]) -> None:
+        if self.attempt.conn is not self:
             return
-        self.conn = None
-        if self.resp_started:
-            if self.close_delimited:  # the close is the body's end
-                self.finished = True
-                self._end_stream()
-            else:
-                self.bridge.up_failed(502, "upstream connection closed", flags.UC)
+        self.relay.on_response_trailers([(n.lower(), v) for n, v in trailers if n[:1] != b":"])
+        self.on_end(side)
+
+    def on_end(self, side: H2Upstream) -> None:
+        if self.attempt.conn is not self or self.resp_ended:
             return
-        # A pooled connection the server had closed meanwhile: once more on a fresh one, when the request can be
-        # sent again (the HTTP/1 path's rule).
-        if conn.reused and not self.retried and self.replay is not None:
-            self.retried = True
-            self.out = list(self.replay)
-            self.h2ds.proxy.pool.connect_for(self, self.addr, self.timeout)  # type: ignore[arg-type]
+        self.resp_ended = True
+        if self.relay.status == 0:  # END_STREAM before any response head
+            return self.on_reset(side, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        self.relay.on_response_complete()
+        self.ds.flush()
+
+    def on_reset(self, side: H2Upstream, code: int) -> None:
+        """The server reset the stream, sent GOAWAY below it, or the connection was lost."""
+        ex = self.ex
+        attempt = self.attempt
+        if attempt.conn is not self or ex.finished:
             return
-        self.bridge.up_failed(502, "upstream connection closed", flags.UC)
-
-    def on_upstream_protocol_error(self) -> None:
-        if self.finished:
+        if self.relay.started:
+            self._lost()
+            ex.abort(flags.UC)
+            self.ds.flush()
             return
-        self.bridge.up_failed(502, "upstream protocol error", flags.UPE)  # -> release() closes the connection
+        refused = code == h2.errors.ErrorCodes.REFUSED_STREAM
+        if refused and side.reopen(self):
+            return  # not processed: opened again on another connection
+        self._lost()
+        attempt.end(GATEWAY_FAILURE)
+        if attempt.may_retry("reset") or (refused and attempt.may_retry("refused-stream")):
+            attempt.retry()
+        else:
+            ex.reply(502, b"upstream reset before response headers\n", (), attempt.exhausted(flags.UC))
+        self.ds.flush()
 
-    def on_upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
-        conn.close()  # a switch nobody asked for
-        self.on_upstream_protocol_error()
+    def up_failed(self, status: int, message: str, flag: str) -> None:
+        """The h2c connection could not be opened (H2Upstream._connected)."""
+        if self.attempt.conn is not self or self.ex.finished:
+            return
+        self._lost()
+        self.attempt.on_connect_failed(False)
+
+    def _lost(self) -> None:
+        """This stream is gone: the request's attempt no longer has an upstream."""
+        up = self.up
+        self.up = None
+        self.attempt.conn = None
+        if self.write_paused:
+            self.write_paused = False
+            self.ds.resume_for_upstream()
+        if up is not None:
+            up.release(self)
 
 
-def wake_readers(h2ds: H2Downstream) -> None:
-    """The client connection's budget allows more upstream reads: resume paused streams, oldest first, while it
-    does. A stream still holding half its own budget goes to the back (few can: they share the budget)."""
-    paused = h2ds.paused_up
-    guard = h2ds.guard
-    skipped = 0
-    while paused and skipped < len(paused) and guard.may_read():
-        stream = next(iter(paused))
-        if not stream._resume():
-            del paused[stream]
-            paused[stream] = None
-            skipped += 1
-
-
-def _status_bytes(status: int) -> bytes:
-    found = _STATUS.get(status)
-    if found is None:
-        found = _STATUS[status] = str(status).encode()  # llhttp: 3 digits, so the memo stays small
-    return found
-
-
-_STATUS: dict[int, bytes] = {}
-
-
-__all__ = ["H1Stream", "H2Pool", "H2Side", "H2Upstream", "open_stream"]
+__all__ = ["H2ClientStream", "H2Pool", "H2Upstream", "open_h2_stream"]

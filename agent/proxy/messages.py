@@ -49,10 +49,11 @@ class ResponseHead:
     """A response head as an upstream codec delivers it, whatever its protocol: status, end-to-end fields
     (lower-case names, nothing hop-by-hop, none a Connection header named), and how the body is delimited."""
 
-    __slots__ = ("fields", "length", "reason", "reusable", "status", "until_close", "upgrade")
+    __slots__ = ("ended", "fields", "length", "reason", "reusable", "status", "until_close", "upgrade")
 
     def __init__(self, status: int, fields: Fields, length: int | None, until_close: bool = False,
-                 reusable: bool = False, reason: bytes = b"", upgrade: bytes | None = None) -> None:
+                 reusable: bool = False, reason: bytes = b"", upgrade: bytes | None = None,
+                 ended: bool = False) -> None:
         self.status = status
         self.fields = fields
         self.length = length  # the body's length when the upstream said it (content-length)
@@ -60,6 +61,7 @@ class ResponseHead:
         self.reusable = reusable  # the upstream connection may carry another request afterwards
         self.reason = reason  # HTTP/1.x reason phrase (b"": the status' usual one)
         self.upgrade = upgrade  # a 101's protocol, when it really switches (Upgrade and Connection: upgrade)
+        self.ended = ended  # nothing follows the head (an h2 HEADERS frame with END_STREAM)
 
 
 def h1_request_bytes(head: RequestHead) -> bytes:

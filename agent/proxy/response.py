@@ -1,9 +1,13 @@
-"""The response side of one HTTP/1.x request (a ResponseRelay, owned by exchange.Exchange): the upstream's head
-re-framed for the client, body bytes, trailers, the end, and what an upstream protocol error or a lost
-connection means once the response started.
+"""The response relay of one request, whatever the codecs on either side (a ResponseRelay, owned by the request:
+exchange.Exchange for HTTP/1.x, h2_stream.Bridge for an h2 stream).
 
-The relay owns the response's state (status, framing both ways, bytes sent, upstream time); what it needs of
-the request goes through contracts.RelayOwner. It is what an upstream connection drives (contracts.ResponseSink).
+An upstream stream (upstream.UpstreamConnection for HTTP/1.1, h2_upstream.H2ClientStream for an h2 stream)
+delivers the neutral response events (contracts.ResponseSink: a messages.ResponseHead, body, trailers, the end, a
+lost connection, a protocol error); the relay decides what they mean (a retry on the status, the access log's
+URX, the route's response header changes, whether the upstream connection may be reused, what a lost connection
+means once the response started) and hands the response to the request's downstream codec, a
+contracts.DownstreamSink (response_h1.H1ResponseWriter, or the h2 stream itself), which frames it. Written
+once for every pair of codecs: there is no per-pair adapter.
 """
 
 from __future__ import annotations
@@ -12,53 +16,37 @@ import time
 from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy import accesslog as flags
-from planemesh.agent.proxy.http1 import (
-    CHUNKED,
-    CONNECTION_CLOSE,
-    CRLF,
-    FRAME_CHUNKED,
-    FRAME_CLOSE,
-    FRAME_LENGTH,
-    FRAME_NONE,
-    HOP_BY_HOP,
-    KEEP_ALIVE_HEADER,
-    LAST_CHUNK,
-    UPGRADE_CONNECTION,
-    append_headers,
-    chunk,
-    last_chunk,
-    no_body_status,
-    status_line,
-)
+from planemesh.agent.proxy.http1 import no_body_status
 from planemesh.agent.proxy.request_head import response_headers
 from planemesh.agent.proxy.tunnel import upgrade_to_tunnel
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.contracts import Fields, RelayOwner
-    from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
+    from planemesh.agent.proxy.contracts import DownstreamSink, Fields, RelayOwner
+    from planemesh.agent.proxy.contracts import UpstreamStream as UpstreamConnection
     from planemesh.agent.proxy.messages import ResponseHead
 
 _perf = time.perf_counter
 
 
 class ResponseRelay:
-    __slots__ = ("bytes_tx", "ds", "ds_framing", "ex", "is_head", "started", "status", "up_framing",
-                 "up_keep_alive", "upstream_ms")
+    __slots__ = ("body_allowed", "bytes_tx", "ds", "ex", "is_head", "sink", "started", "status", "up_close",
+                 "up_reusable", "upstream_ms")
 
-    def __init__(self, ex: RelayOwner) -> None:
+    def __init__(self, ex: RelayOwner, sink: DownstreamSink) -> None:
         self.ex = ex
-        self.ds = ex.ds
+        self.ds = ex.ds  # what the upstream stream flushes and pauses (contracts.RequestSource)
+        self.sink = sink
         self.status = 0
         self.started = False  # a response head (ours or the upstream's) went to the client
         self.bytes_tx = 0
         self.upstream_ms: int | None = None
-        self.up_framing = FRAME_NONE  # how the upstream delimits the body (http1.FRAME_*)
-        self.ds_framing = FRAME_NONE  # how the body is re-framed for the client
-        self.up_keep_alive = False
+        self.up_reusable = False  # the upstream connection may carry another request afterwards
+        self.up_close = False  # the body ends with the upstream connection's close
+        self.body_allowed = True  # a response to HEAD, a 204 or a 304 has no body, whatever comes
         self.is_head = False  # a response to HEAD (set with the request's own, by the downstream codec)
 
     def on_response_head(self, head: ResponseHead) -> None:
-        """A response head from either upstream codec (messages.ResponseHead), re-framed for the client."""
+        """A response head from either upstream codec: retried, or handed to the downstream codec."""
         ex = self.ex
         if ex.finished:
             return
@@ -66,12 +54,8 @@ class ResponseRelay:
         if status == 101 and not (ex.tunnel and head.upgrade is not None):
             self.on_upstream_protocol_error()  # a switch nobody asked for, or without Upgrade + Connection: upgrade
             return
-        if status < 200 and status != 101:  # interim (100 Continue, 103): relay to 1.1 clients only
-            if ex.version == "1.1" and not (status == 100 and ex.expect_continue):  # ours went already
-                parts = [status_line(status, head.reason)]
-                append_headers(parts, head.fields, HOP_BY_HOP)
-                parts.append(CRLF)
-                self.ds.out.append(b"".join(parts))
+        if status < 200 and status != 101:  # interim (100 Continue, 103): the downstream codec decides
+            self.sink.interim(head)
             return
         attempt = ex.attempt
         attempt.end(status)
@@ -85,76 +69,37 @@ class ResponseRelay:
         self.upstream_ms = int((_perf() - attempt.t_upstream) * 1000)
         self.status = status
         self.started = True
-        self.up_keep_alive = head.reusable
+        self.up_reusable = head.reusable
+        self.body_allowed = body = not self.is_head and not no_body_status(status)
+        self.up_close = body and head.length is None and head.until_close
         headers = head.fields  # what the upstream's Connection named is gone already, before the route adds any
         route = ex.route
         if route is not None and (route.response_headers_to_add or route.response_headers_to_remove):
             headers = response_headers(route, headers)
-        parts = [status_line(status, head.reason, ex.version == "1.0")]
-        append_headers(parts, headers, HOP_BY_HOP)
-        if status == 101:  # switching protocols: the tunnel starts once the parser stops (on_upstream_upgraded)
-            parts += (UPGRADE_CONNECTION, b"upgrade: ", head.upgrade or ex.upgrade, CRLF, CRLF)
-            self.ds.out.append(b"".join(parts))
-            return
-        self._frame(parts, status, head.length, not head.until_close)
-        if self.ds.proxy.draining or not ex.req_done:
-            ex.keep_alive = False  # an early response while the client still sends: close afterwards
-        if not ex.keep_alive:
-            parts.append(CONNECTION_CLOSE)
-        elif ex.version == "1.0":
-            parts.append(KEEP_ALIVE_HEADER)
-        parts.append(CRLF)
-        self.ds.out.append(b"".join(parts))
-
-    def _frame(self, parts: list[bytes], status: int, up_length: int | None, up_chunked: bool) -> None:
-        """How the body is delimited on both sides, and the framing header for the client."""
-        ex = self.ex
-        if self.is_head or no_body_status(status):
-            self.up_framing = FRAME_NONE
-            self.ds_framing = FRAME_NONE
-            if up_length is not None and status != 204 and status >= 200:
-                parts.append(b"content-length: %d\r\n" % up_length)
-        elif up_length is not None:
-            self.up_framing = self.ds_framing = FRAME_LENGTH
-            parts.append(b"content-length: %d\r\n" % up_length)
-        else:
-            self.up_framing = FRAME_CHUNKED if up_chunked else FRAME_CLOSE
-            if not up_chunked:
-                self.up_keep_alive = False
-            if ex.version == "1.1":
-                self.ds_framing = FRAME_CHUNKED
-                parts.append(CHUNKED)
-            else:
-                self.ds_framing = FRAME_CLOSE
-                ex.keep_alive = False
+        self.sink.response_head(status, headers, head)
 
     def on_response_body(self, data: bytes) -> None:
-        if self.ex.finished:
+        if self.ex.finished or not self.body_allowed:  # DATA on a response without a body is dropped
             return
         self.bytes_tx += len(data)
-        self.ds.out.append(chunk(data) if self.ds_framing == FRAME_CHUNKED else data)
+        self.sink.response_body(data)
 
     def on_response_trailers(self, trailers: Fields) -> None:
-        """Trailers of a chunked response: relayed when the client's body is chunked too (an HTTP/1.0 client's
-        close-delimited body has nowhere to carry them)."""
-        if self.ex.finished or self.ds_framing != FRAME_CHUNKED:
-            return
-        self.ds.out.append(last_chunk(trailers))
-        self.ds_framing = FRAME_NONE  # the body has ended
+        if not self.ex.finished:
+            self.sink.response_trailers(trailers)
 
     def on_response_complete(self) -> None:
         ex = self.ex
         if ex.finished:
             return
-        if self.ds_framing == FRAME_CHUNKED:
-            self.ds.out.append(LAST_CHUNK)
+        self.sink.response_end()
         attempt = ex.attempt
         conn = attempt.conn
         attempt.conn = None
         if conn is not None:
             conn.exchange = None
             # A connection that carried an upgrade request is never reused, whatever the answer was.
-            if self.up_keep_alive and ex.req_done and self.up_framing != FRAME_CLOSE and not ex.tunnel:
+            if self.up_reusable and ex.req_done and not self.up_close and not ex.tunnel:
                 self.ds.proxy.pool.release(conn)
             else:
                 conn.close()
@@ -190,9 +135,8 @@ class ResponseRelay:
         if not self.started:
             ex.attempt.lost(conn)
             return
-        if self.up_framing == FRAME_CLOSE:  # close-delimited body: this is its end
-            if self.ds_framing == FRAME_CHUNKED:
-                self.ds.out.append(LAST_CHUNK)
+        if self.up_close:  # close-delimited body: this is its end
+            self.sink.response_end()
             ex.finish()
         else:
             ex.abort(flags.UC)

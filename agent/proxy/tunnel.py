@@ -22,7 +22,7 @@ from planemesh.agent.proxy.sockets import open_upstream
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import H1Request as Exchange
-    from planemesh.agent.proxy.contracts import UpstreamConn as UpstreamConnection
+    from planemesh.agent.proxy.contracts import UpstreamStream as UpstreamConnection
 
 TUNNEL_UPGRADE, TUNNEL_CONNECT = 1, 2
 _perf = time.perf_counter

@@ -296,7 +296,7 @@ class UpstreamPool:
 
     def acquire_for(self, ex: PoolUser, addr: tuple[str, int], connect_timeout: float) -> None:
         key, ex.upstream_host = self.key_for(addr)
-        cluster = getattr(ex, "cluster", None)  # h2 bridges (H1Stream) carry none: no TLS upstream there
+        cluster = ex.cluster
         if (cluster is not None and (cluster.tls is not None or cluster.tls_matches)  # a plaintext cluster: no call
                 and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None):
             key = (*key, tls)  # TLS origination (agent/proxy/tls_context.py): its own connections
@@ -323,7 +323,7 @@ class UpstreamPool:
             ex.ds.flush()
             return
         key, ex.upstream_host = self.key_for(addr)
-        cluster = getattr(ex, "cluster", None)  # h2 bridges (H1Stream) carry none: no TLS upstream there
+        cluster = ex.cluster
         if (cluster is not None and (cluster.tls is not None or cluster.tls_matches)  # a plaintext cluster: no call
                 and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None):
             key = (*key, tls)

@@ -433,7 +433,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 INSTRUMENT = {
     "http1": ("planemesh.agent.proxy.downstream", "planemesh.agent.proxy.exchange", "planemesh.agent.proxy.http1",
               "planemesh.agent.proxy.request_head", "planemesh.agent.proxy.routing"),
-    "h2": ("planemesh.agent.proxy.h2", "planemesh.agent.proxy.h1_over_h2", "planemesh.agent.proxy.h2_hpack",
+    "h2": ("planemesh.agent.proxy.h2", "planemesh.agent.proxy.h2_upstream", "planemesh.agent.proxy.h2_hpack",
            "planemesh.agent.proxy.h2_goaway", "planemesh.agent.proxy.h2_codec", "planemesh.agent.proxy.h2_hpack_decode",
            "planemesh.agent.proxy.h2_downstream", "planemesh.agent.proxy.h2_guard"),
     "h2client": ("planemesh.agent.proxy.h2_codec", "planemesh.agent.proxy.h2_hpack_decode"),

@@ -232,6 +232,26 @@ def test_open_circuit_returns_503_uo_immediately(http) -> None:
         assert http.get(px.port, "/after")[0] == 200  # the unit was released
 
 
+def test_connection_breaker_holds_for_both_protocols(http) -> None:
+    """max_connections bounds the attempts in progress whatever the client speaks (one Attempt for both: before,
+    an h2 stream held only a max_requests unit, and its second concurrent request simply waited)."""
+    cb = CircuitBreakers(max_connections=1)
+    with VersionServer("slow", delay_s=0.6) as slow, \
+            proxy_for(to("svc"), {"svc": static("svc", [endpoint(slow)], circuit_breakers=cb)}) as px:
+        first: list[int] = []
+        t = threading.Thread(target=lambda: first.append(http.get(px.port, "/hold")[0]))
+        t.start()
+        deadline = time.monotonic() + 2
+        while not slow.seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, headers, _ = http.get(px.port, "/second")
+        assert status == 503 and headers["x-planemesh-overloaded"] == "cluster_connections"
+        assert '" 503 UO ' in log_line_for(px, "/second")
+        t.join(5)
+        assert first == [200]
+        assert http.get(px.port, "/after")[0] == 200  # the unit was released
+
+
 def test_retry_budget_of_the_cluster(http) -> None:
     cb = CircuitBreakers(max_retries=0)
     with VersionServer("v1", plan=[503]) as srv, \
