@@ -153,7 +153,6 @@ class AttemptOwner(Protocol):
 
     ds: RequestSource
     finished: bool
-    head: bytes
     req_head: Any  # messages.RequestHead
     headers: Fields
     req_length: int

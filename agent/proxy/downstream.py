@@ -196,10 +196,10 @@ class Downstream(asyncio.Protocol):
 
     def _flush_all(self) -> None:
         active = self.active
-        if active is not None and active.up_out:
+        if active is not None and active.upreq.out:
             active.flush_upstream()
         ex = self.ex
-        if ex is not None and ex is not active and ex.up_out:
+        if ex is not None and ex is not active and ex.upreq.out:
             ex.flush_upstream()
         if self.out:
             self.flush()
@@ -362,7 +362,7 @@ class Downstream(asyncio.Protocol):
         if not self.closed:
             n += self.transport.get_write_buffer_size()
         for ex in {id(e): e for e in (self.active, self.ex) if e is not None}.values():
-            n += sum(map(len, ex.up_out))
+            n += ex.upreq.buffered()
         return n
 
     def abort(self) -> None:
@@ -469,7 +469,7 @@ class Downstream(asyncio.Protocol):
                 # Transfer-Encoding, is a smuggling vector: 400 before the request goes anywhere.
                 if ex.req_chunked or value.strip().lower() != b"chunked":
                     raise HttpParserError("unsupported transfer-encoding")
-                ex.req_chunked = True
+                ex.req_chunked = ex.upreq.chunked = True
             elif n == _H_CONN:
                 if ex.connection_values is None:
                     ex.connection_values = [value]
@@ -563,7 +563,7 @@ class Downstream(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.ex
         if ex is not None and not self.raw_body:  # an h2c upgrade's body is still to come
-            if ex.req_trailers is not None and not self.parser.should_keep_alive():
+            if ex.upreq.trailers is not None and not self.parser.should_keep_alive():
                 ex.keep_alive = False  # `Connection: close` among the trailers: llhttp takes nothing after it
             ex.on_request_complete()
 

@@ -5,10 +5,11 @@ complete, client gone) and from its upstream connection (response head, body, co
 awaits: no Task per request. Outgoing bytes are collected in lists and written once per event, so a small
 request/response costs one send() each way.
 
-An Exchange is composed of parts that own their state: its Attempt (attempts.py: endpoint, connection, breaker
-holds, retries, timers), its ResponseRelay (response.py: the response re-framed for the client), and the
-access-log record built once it is finished (accesslog.AccessRecord). The upstream request head is
-request_head.py's.
+An Exchange is composed of parts that own their state, the same parts an h2 stream (h2_stream.Bridge) uses: its
+Attempt (attempts.py: endpoint, upstream stream, breaker holds, retries, timers), its UpstreamRequest
+(upstream_request.py: the request body on its way, its replay copy), its ResponseRelay (response.py) with the
+HTTP/1.x response writer (response_h1.py), and the access-log record built once it is finished
+(accesslog.AccessRecord). The upstream request head is request_head.py's.
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ from planemesh.agent.proxy.connect_target import connect_refusal
 from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.http1 import (
     CONTINUE,
-    LAST_CHUNK,
     chunk,
-    last_chunk,
     local_reply,
 )
 from planemesh.agent.proxy.messages import RequestHead, h1_request_bytes
@@ -39,6 +38,7 @@ from planemesh.agent.proxy.response import ResponseRelay
 from planemesh.agent.proxy.response_h1 import H1ResponseWriter
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, backoff_s, rng
 from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, open_connect
+from planemesh.agent.proxy.upstream_request import UpstreamRequest
 
 if TYPE_CHECKING:
     import asyncio
@@ -55,9 +55,6 @@ class Exchange:
     __slots__ = (
         "attempt",
         "authority",
-        "body_copy",
-        "body_len",
-        "body_streamed",
         "bytes_rx",
         "connect_to",
         "connection_values",
@@ -66,7 +63,6 @@ class Exchange:
         "finished",
         "flags",
         "has_xfp",
-        "head",
         "headers",
         "is_head",
         "keep_alive",
@@ -77,7 +73,6 @@ class Exchange:
         "req_done",
         "req_head",
         "req_length",
-        "req_trailers",
         "request_id",
         "route",
         "start_time",
@@ -86,8 +81,8 @@ class Exchange:
         "target",
         "timer",
         "tunnel",
-        "up_out",
         "upgrade",
+        "upreq",
         "user_agent",
         "version",
         "xff",
@@ -115,22 +110,17 @@ class Exchange:
         self.tunnel = 0  # TUNNEL_UPGRADE or TUNNEL_CONNECT: a tunnel once the upstream answers
         self.connect_to: tuple[str, int] | None = None  # a CONNECT request's target
         self.t_tunnel = -1.0  # ms from the request to the tunnel's start (-1: never a tunnel)
-        self.req_trailers: list[tuple[bytes, bytes]] | None = None
         self.has_xfp = False
         self.expect_continue = EXPECT_NONE  # request_checks: EXPECT_CONTINUE until the 100 is sent
         self.flags = ""
         self.bytes_rx = 0
-        self.up_out: list = []  # what goes upstream next: head and body bytes (an h2 stream: body, trailers)
-        self.head = b""  # the upstream request head, HTTP/1.1-encoded
         self.req_head: RequestHead | None = None  # the same, codec-neutral (messages.py)
-        self.body_streamed = False
         self.finished = False
         self.route: Route | None = None
         self.timer: asyncio.TimerHandle | None = None  # a fault delay
-        self.body_copy: list[bytes] | None = []
-        self.body_len = 0
         self.mirror_to: list[tuple[str, int]] = []
         self.attempt = Attempt(self)
+        self.upreq = UpstreamRequest(self.attempt)  # the request as it goes upstream, its replay copy
         self.relay = ResponseRelay(self, H1ResponseWriter(self))
 
     # ---- the request line, as logs show it ------------------------------------------------------------
@@ -253,9 +243,10 @@ class Exchange:
         if connect:
             return self._open_connect(target, result.connect_timeout_s)
         self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"")
-        self.head = h1_request_bytes(self.req_head)  # an h2 attempt sends req_head's fields; mirrors this
-        if not attempt.h2:  # an h2 stream's head is its HEADERS frame (H2ClientStream); up_out holds only the body
-            self.up_out.insert(0, self.head)
+        upreq = self.upreq
+        upreq.head = h1_request_bytes(self.req_head)  # an h2 attempt sends req_head's fields; mirrors this
+        if not attempt.h2:  # an h2 stream's head is its HEADERS frame (H2ClientStream); `out` holds only the body
+            upreq.out.insert(0, upreq.head)
         action = route.action if route is not None else None
         if action is not None and action.mirrors and cluster is not None and not self.tunnel:
             self._mirror(action.mirrors)
@@ -309,13 +300,15 @@ class Exchange:
             self._send_mirrors()
 
     def _send_mirrors(self) -> None:
-        body = b"".join(self.body_copy) if self.body_copy else b""
-        if self.req_chunked and self.body_copy is not None:
-            body = (chunk(body) if body else b"") + self.request_end()
-        elif self.body_copy is None:
+        upreq = self.upreq
+        copy = upreq.body_copy
+        if copy is None:
             self.mirror_to.clear()
             return
-        request = shadow_head(self.head) + body
+        body = b"".join(copy)
+        if self.req_chunked:
+            body = (chunk(body) if body else b"") + upreq.h1_last()
+        request = shadow_head(upreq.head) + body
         sender = self.ds.proxy.mirrors()
         for addr in self.mirror_to:
             sender.send(addr, request)
@@ -326,69 +319,31 @@ class Exchange:
 
     def on_request_body(self, data: bytes) -> None:
         self.bytes_rx += len(data)
-        if self.finished:
-            return
-        self.body_streamed = True
-        if self.body_copy is not None:
-            self.body_len += len(data)
-            if self.body_len > MAX_REPLAY_BODY:
-                self.body_copy = None  # too big to replay: no retry once any of it went out
-            else:
-                self.body_copy.append(data)
-        self.up_out.append(chunk(data) if self.req_chunked and not self.attempt.h2 else data)
+        if not self.finished:
+            self.upreq.body(data)
 
     def on_request_trailer(self, name: bytes, value: bytes) -> None:
-        if self.req_trailers is None:
-            self.req_trailers = [(name, value)]
+        upreq = self.upreq
+        if upreq.trailers is None:
+            upreq.trailers = [(name, value)]
         else:
-            self.req_trailers.append((name, value))
-
-    def request_end(self) -> bytes:
-        """The last chunk of a chunked request body, with the client's trailers."""
-        return LAST_CHUNK if self.req_trailers is None else last_chunk(self.req_trailers)
-
-    def h2_request_end(self) -> list[tuple[bytes, bytes]]:
-        """The end of a chunked request body on an h2 stream: its trailers (empty: an END_STREAM alone)."""
-        return self.req_trailers or []
+            upreq.trailers.append((name, value))
 
     def on_request_complete(self) -> None:
         self.req_done = True
-        if self.req_chunked and not self.finished:
-            self.up_out.append(self.h2_request_end() if self.attempt.h2 else self.request_end())  # type: ignore[arg-type]
-        if self.mirror_to and not self.finished:
-            self._send_mirrors()
+        if not self.finished:
+            self.upreq.end()
+            if self.mirror_to:
+                self._send_mirrors()
 
     def flush_upstream(self) -> None:
-        attempt = self.attempt
-        conn = attempt.conn
-        if conn is not None and self.up_out and conn.ready:
-            if attempt.h2:
-                items, self.up_out = self.up_out, []
-                conn.write(items)  # type: ignore[attr-defined]
-                return
-            data = b"".join(self.up_out) if len(self.up_out) > 1 else self.up_out[0]
-            self.up_out.clear()
-            conn.transport.write(data)
+        self.upreq.flush()
 
     def replayable(self) -> bool:
-        """Nothing of the body went out yet, or all of it is buffered (within MAX_REPLAY_BODY)."""
-        return not self.body_streamed or self.body_copy is not None
+        return self.upreq.replayable()
 
     def rearm(self) -> None:
-        """What a new attempt sends: the head and the buffered body again, framed as before; body bytes still
-        to come are appended by on_request_body as usual."""
-        if self.attempt.h2:  # an h2 stream: the HEADERS come from the attempt's h2_fields, the body goes as it came
-            out: list = list(self.body_copy or ())
-            if self.req_chunked and self.req_done:
-                out.append(self.h2_request_end())
-            self.up_out = out
-            return
-        out = [self.head]
-        for data in self.body_copy or ():
-            out.append(chunk(data) if self.req_chunked else data)
-        if self.req_chunked and self.req_done:
-            out.append(self.request_end())
-        self.up_out = out
+        self.upreq.rearm(self.req_done)
 
     def on_downstream_lost(self) -> None:
         if self.finished:
@@ -443,7 +398,7 @@ class Exchange:
         self.attempt.release()
         stats = proxy.stats
         stats.requests_active -= 1
-        self.up_out.clear()
+        self.upreq.out = []
         self.headers = []
         duration = (_perf() - self.t0) * 1000
         latency = duration if self.t_tunnel < 0 else self.t_tunnel  # a tunnel's latency: until it was open

@@ -24,14 +24,15 @@ from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.h2_fields import local_answer, mutated_request, split_request
-from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2, LAST_CHUNK, TRAILER_DROP, chunk, last_chunk
+from planemesh.agent.proxy.http1 import HOP_BY_HOP_H2, TRAILER_DROP
 from planemesh.agent.proxy.messages import RequestHead, h1_request_bytes
 from planemesh.agent.proxy.mirror import mirror_targets, shadow_request
 from planemesh.agent.proxy.overload import SHED_HEADERS
 from planemesh.agent.proxy.request_head import header_map
 from planemesh.agent.proxy.response import ResponseRelay
 from planemesh.agent.proxy.response_h2 import H2ResponseWriter
-from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, rng
+from planemesh.agent.proxy.retry import Retries, rng
+from planemesh.agent.proxy.upstream_request import UpstreamRequest
 
 if TYPE_CHECKING:
     import asyncio
@@ -53,9 +54,6 @@ class Bridge:
     __slots__ = (
         "attempt",
         "authority_b",
-        "body_copy",
-        "body_len",
-        "body_streamed",
         "bytes_rx",
         "client",
         "duration_ms",
@@ -63,7 +61,6 @@ class Bridge:
         "finished",
         "flags",
         "grpc",
-        "head",
         "held",
         "method_b",
         "mirror_to",
@@ -76,7 +73,6 @@ class Bridge:
         "req_done",
         "req_head",
         "req_length",
-        "req_trailers",
         "rid",
         "route",
         "sid",
@@ -86,9 +82,9 @@ class Bridge:
         "timer",
         "unacked",
         "up_authority",
-        "up_out",
         "up_path",
         "up_paused",
+        "upreq",
         "writer",
     )
 
@@ -129,18 +125,13 @@ class Bridge:
         self.no_body = False  # END_STREAM came with the request's HEADERS
         self.req_done = False  # the client's end of the stream arrived
         self.req_head: RequestHead | None = None
-        self.head = b""  # req_head as HTTP/1.1 bytes, for an HTTP/1.1 upstream
         self.req_length = 0
         self.req_chunked = False  # a body of unknown length (HTTP/1.1 upstream: chunked)
-        self.req_trailers: Fields | None = None
-        self.up_out: list = []  # what goes upstream next (HTTP/1.1: framed bytes; h2: pieces, a list ends)
-        self.body_copy: list[bytes] | None = []  # the body so far, for a retry or a mirror (bounded)
-        self.body_len = 0
-        self.body_streamed = False
         self.unacked = 0  # request bytes received and not acknowledged to the client yet
         self.up_paused = False  # the upstream stream is not taking the request body
         self.mirror_to: list[tuple[str, int]] | None = None  # shadow copies to send once the request has ended
         self.attempt = Attempt(self)
+        self.upreq = UpstreamRequest(self.attempt)  # the request as it goes upstream, its replay copy
         self.writer = H2ResponseWriter(self)  # the response as this stream's frames (contracts.DownstreamSink)
         self.relay = ResponseRelay(self, self.writer)
         self.relay.is_head = method == b"HEAD"
@@ -337,17 +328,18 @@ class Bridge:
         if host is not None:
             fields.insert(0, (b"host", host))
         self.req_length = max(length, 0)
-        self.req_chunked = not self.no_body and length < 0
+        upreq = self.upreq
+        self.req_chunked = upreq.chunked = not self.no_body and length < 0
         head = self.req_head = RequestHead(self.method_b or b"GET", self.up_path or b"/", fields, self.req_length,
                                            self.req_chunked)
         if not self.attempt.h2:
-            self.head = h1_request_bytes(head)
-            self.up_out.append(self.head)
+            upreq.head = h1_request_bytes(head)
+            upreq.out.append(upreq.head)
         held, self.held = self.held, None
         for data in held or ():
-            self._body(data)
+            upreq.body(data)
         if self.req_done:
-            self._body_end()
+            upreq.end()
 
     def _mirror(self, mirrors) -> None:
         """Shadow copies (HTTP/1.1) of the request, sent once it has ended; a body past MAX_REPLAY_BODY is not
@@ -359,7 +351,7 @@ class Bridge:
 
     def _send_mirrors(self) -> None:
         targets, self.mirror_to = self.mirror_to, None
-        copy = self.body_copy
+        copy = self.upreq.body_copy
         if not targets or copy is None:
             return
         request = shadow_request(self.method_b, self.up_path or b"/", self.up_authority or b"", self.fields,
@@ -382,37 +374,14 @@ class Bridge:
         if self.held is not None:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
             self.held.append(data)
             return
-        self._body(data)
-        self.flush_upstream()
+        self.upreq.body(data)
+        self.upreq.flush()
         self._credit()
-
-    def _body(self, data: bytes) -> None:
-        self.body_streamed = True
-        copy = self.body_copy
-        if copy is not None:
-            self.body_len += len(data)
-            if self.body_len > MAX_REPLAY_BODY:
-                self.body_copy = None  # too big to replay: no retry (nor mirror) once any of it went out
-            else:
-                copy.append(data)
-        self.up_out.append(chunk(data) if self.req_chunked and not self.attempt.h2 else data)
-
-    def _body_end(self) -> None:
-        """The client's end of the request (with its trailers, if any) after its body."""
-        if self.req_chunked:
-            self.up_out.append(self.request_end())
-
-    def request_end(self) -> bytes | Fields:
-        """The end of a body of unknown length: the last chunk with the client's trailers (HTTP/1.1), or the
-        trailers (h2; empty: END_STREAM alone). A content-length body has ended with its last byte."""
-        if self.attempt.h2:
-            return self.req_trailers or []
-        return LAST_CHUNK if self.req_trailers is None else last_chunk(self.req_trailers)
 
     def on_trailers(self, side, trailers: Fields) -> None:
         # as on the HTTP/1 path: hop-by-hop and framing fields, and Host (trailers must not route) are dropped
-        self.req_trailers = [(n, v) for n, v in ((n.lower(), v) for n, v in trailers)
-                             if n not in TRAILER_DROP and n[:1] != b":"]
+        self.upreq.trailers = [(n, v) for n, v in ((n.lower(), v) for n, v in trailers)
+                               if n not in TRAILER_DROP and n[:1] != b":"]
         self.on_end(side)
 
     def on_end(self, side) -> None:
@@ -421,22 +390,13 @@ class Bridge:
         self.req_done = True
         if self.held is not None:
             return  # routed later: the end goes after what is held
-        self._body_end()
-        self.flush_upstream()
+        self.upreq.end()
+        self.upreq.flush()
         if self.mirror_to:
             self._send_mirrors()
 
     def flush_upstream(self) -> None:
-        attempt = self.attempt
-        conn = attempt.conn
-        if conn is not None and self.up_out and conn.ready:
-            if attempt.h2:
-                items, self.up_out = self.up_out, []
-                conn.write(items)  # type: ignore[attr-defined]
-                return
-            data = b"".join(self.up_out) if len(self.up_out) > 1 else self.up_out[0]
-            self.up_out.clear()
-            conn.transport.write(data)
+        self.upreq.flush()
 
     def _credit(self) -> None:
         """Acknowledge what the upstream stream took, while it takes more: the client may send as much again."""
@@ -453,24 +413,18 @@ class Bridge:
         self._credit()
 
     def replayable(self) -> bool:
-        """Nothing of the body went out yet, or all of it is buffered (within MAX_REPLAY_BODY)."""
-        return not self.body_streamed or self.body_copy is not None
+        return self.upreq.replayable()
 
     def rearm(self) -> None:
-        """What a new attempt sends: the head (HTTP/1.1) and the buffered body again, then what is still to come."""
-        out: list = [] if self.attempt.h2 else [self.head]
-        for data in self.body_copy or ():
-            out.append(chunk(data) if self.req_chunked and not self.attempt.h2 else data)
-        if self.req_done and self.req_chunked:
-            out.append(self.request_end())
-        self.up_out = out
+        self.upreq.rearm(self.req_done)
 
     def upstream_buffered(self) -> int:
         """Bytes held for this stream (H2Downstream.buffered_bytes): the request on its way upstream and its
         replay copy, the response read but not handed on, and what the upstream connection has not sent."""
-        n = sum(map(len, (x for x in self.up_out if type(x) is bytes))) + self.writer.pending_bytes()
-        if self.body_copy is not None:
-            n += self.body_len
+        upreq = self.upreq
+        n = upreq.buffered() + self.writer.pending_bytes()
+        if upreq.body_copy is not None:
+            n += upreq.body_len
         conn = self.attempt.conn
         if conn is not None:
             if self.attempt.h2:
@@ -552,7 +506,7 @@ class Bridge:
             client.ack(self.sid, self.unacked)
             self.unacked = 0
         self.writer.close()
-        self.up_out = []
+        self.upreq.out = []
         proxy = self.proxy
         client.bridges.pop(self.sid, None)
         client.stream_done(self, by_client)

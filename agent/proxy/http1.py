@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-# The one list of hop-by-hop fields, for the HTTP/1 path and every bridge (h2.py, h2_upstream.py, h1_over_h2.py
+# The one list of hop-by-hop fields, for the HTTP/1 path and the h2 codecs (h2_fields.py, h2_upstream.py, messages.py
 # derive theirs from it): never forwarded. RFC 9110 7.6.1's connection options, plus the framing headers, which the
 # proxy re-emits itself because it may re-frame a body (e.g. close-delimited upstream -> chunked downstream).
 HOP_BY_HOP = frozenset(

@@ -7,13 +7,12 @@ x-forwarded-*); each upstream codec encodes it: `h1_request_bytes` for an HTTP/1
 for an h2 stream. Neither reads the other's framing back (before, the h2 upstream parsed the HTTP/1.1 head).
 
 A ResponseHead is what either upstream codec makes of a response head: upstream.UpstreamConnection (HTTP/1.1)
-and h1_over_h2.H2Stream (an h2 stream) both hand one to the HTTP/1 ResponseRelay, and the HTTP/1.1 one to an h2
-stream (h2_upstream.H1Stream): the hop-by-hop fields and framing are the codec's business, not the relay's.
+and h2_upstream.H2ClientStream (an h2 stream) both hand one to the request's response.ResponseRelay, whatever the
+client speaks: the hop-by-hop fields and framing are the codec's business, not the relay's.
 
-StreamEvents is the shape of every per-stream callback set in agent/proxy/: the h2 codecs deliver a stream's
-events as these five (h2.H2Side -> h2_stream.Bridge, h1_over_h2.H2Stream); the HTTP/1.1 upstream codec's
-(upstream.UpstreamConnection) are the same events with a ResponseHead (contracts.ResponseSink). The h2 codec
-(h2codec's work) and the relay meet here.
+StreamEvents is the shape of every per-stream callback set of the h2 codecs: they deliver a stream's events as
+these (h2.H2Side -> h2_stream.Bridge for a client's request stream, h2_upstream.H2ClientStream for a response);
+the HTTP/1.1 upstream codec's are the same events with a ResponseHead (contracts.ResponseSink).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from planemesh.agent.proxy import h2_stream, h2_upstream, http1, messages
 from planemesh.agent.proxy.h2_stream import Bridge
+from planemesh.agent.proxy.upstream_request import UpstreamRequest
 
 # RFC 9113 8.2.2: fields an h2 message must not carry (te only as "te: trailers").
 CONNECTION_SPECIFIC = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
@@ -25,6 +26,7 @@ def test_client_trailers_lose_host_and_framing_fields_like_on_http1() -> None:
     bridge = Bridge.__new__(Bridge)  # only what on_trailers touches: a stream not routed yet
     bridge.req_done = False
     bridge.held = []
+    bridge.upreq = UpstreamRequest(None)  # type: ignore[arg-type]
     sent = [
         (b"grpc-status", b"0"),
         (b"Host", b"admin.internal"),  # trailers must not route (RFC 9110 6.5.1)
@@ -36,7 +38,7 @@ def test_client_trailers_lose_host_and_framing_fields_like_on_http1() -> None:
         (b"x-checksum", b"abc"),
     ]
     bridge.on_trailers(None, sent)
-    assert bridge.req_trailers == [(b"grpc-status", b"0"), (b"x-checksum", b"abc")]  # what goes upstream
+    assert bridge.upreq.trailers == [(b"grpc-status", b"0"), (b"x-checksum", b"abc")]  # what goes upstream
     assert bridge.req_done
 
 
