@@ -66,7 +66,7 @@ def covers(policy: RetryPolicy, condition: str, status: int = 0) -> bool:
 
 class Retries:
     """The retries of one request, sans-IO: the policy, tries left, the cluster breaker's RETRIES units held
-    (the retry budget). Used by the h2 stream driver (h2_stream.py); call release() when the request ends."""
+    (the retry budget). Used by attempts.Attempt for both protocols; call release() when the request ends."""
 
     __slots__ = ("breaker", "held", "policy", "tries_left")
 
