@@ -218,4 +218,3 @@ class Encoder:
             field, size = entries.popleft()
             del self._seqs[field]
             self._size -= size
-
