@@ -217,6 +217,7 @@ class Result:
     failed: int
     units: int  # calls (messages for streaming) completed
     cpu_s: float = 0.0  # the proxy process's CPU during the load
+    head_bytes: float = 0.0  # HPACK bytes of response heads and trailers per call, as h2load counts them
 
     @property
     def cpu_us(self) -> float:
@@ -225,8 +226,9 @@ class Result:
     def row(self, envoy: Result | None) -> str:
         ratio = f"{self.rate / envoy.rate:5.2f}x" if envoy and envoy.rate else "    -"
         cpu = f"{self.cpu_us / envoy.cpu_us:5.2f}x" if envoy and envoy.cpu_us else "    -"
+        head = f"{self.head_bytes:7.1f}" if self.head_bytes else "      -"
         return (f"{self.load:28} {self.proxy:10} {self.rate:9.0f} {self.p50_ms:8.2f} {self.p99_ms:8.2f} "
-                f"{self.failed:6d}  {ratio} {self.cpu_us:9.1f}  {cpu}")  # fmt: skip
+                f"{self.failed:6d}  {ratio} {self.cpu_us:9.1f}  {cpu} {head}")  # fmt: skip
 
 
 def percentiles(samples_ms: list[float]) -> tuple[float, float]:
@@ -260,7 +262,15 @@ def h2load(work: Path, proxy: str, port: int, seconds: int, grpc_call: bool) -> 
     p50, p99 = percentiles(samples)
     failed = sum(int(x) for x in done.groups()[1:])
     load = "gRPC unary (h2load)" if grpc_call else "h2 GET, HTTP/1.1 up (h2load)"
-    return Result(proxy, load, float(rate.group(1)), p50, p99, failed, int(done.group(1)))
+    result = Result(proxy, load, float(rate.group(1)), p50, p99, failed, int(done.group(1)))
+    result.head_bytes = header_bytes(out) / max(result.units, 1)
+    return result
+
+
+def header_bytes(out: str) -> float:
+    """The header bytes h2load received ("traffic: ... 1.2MB (1258291) headers (space savings ...)")."""
+    found = re.search(r"traffic: .*?, \S+ \((\d+)\) headers", out)
+    return float(found.group(1)) if found else 0.0
 
 
 async def _grpcio(port: int, seconds: float, concurrency: int, streaming: bool) -> tuple[int, list[float], int]:
@@ -351,7 +361,8 @@ def run(args: argparse.Namespace) -> list[Result]:
 def report(results: list[Result]) -> str:
     lines = [
         f"{'load':28} {'proxy':10} {'rate/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}  ratio "
-        f"{'CPU us/call':>9}  ratio (rate/s: calls, streaming: messages; CPU: the proxy process's per call)"
+        f"{'CPU us/call':>9}  ratio head B (rate/s: calls, streaming: messages; CPU: the proxy process's per "
+        "call; head B: HPACK bytes of response heads and trailers per call, h2load rows)"
     ]
     for r in results:
         envoy_result = next((e for e in results if e.proxy == "envoy" and e.load == r.load), None)

@@ -4,7 +4,8 @@ It replaces the `h2` library on the proxy's hot paths (client connections and h2
 generality (a state machine object per stream, hyperframe frame objects, enum flags, header validation the proxy
 switches off) cost about 40% of a worker's time per request. Its API is the subset of `h2.connection.H2Connection`
 that H2Side uses and its events are h2's event classes (plain records), so the connection code and the request
-streams did not change with it. HPACK: h2_hpack_decode's memoising decoder and h2_hpack's stateless encoder.
+streams did not change with it. HPACK: h2_hpack_decode's memoising decoder and h2_hpack's encoder (dynamic
+table included).
 
 What it checks, each a connection error (GOAWAY with the code, then ProtocolError) unless said otherwise:
 frame sizes (FRAME_SIZE_ERROR), frames on stream 0 that must not be and the reverse, frames on idle streams,
@@ -29,7 +30,7 @@ import h2.events as ev
 import h2.exceptions
 from hpack import HPACKError, OversizedHeaderListError
 
-from planemesh.agent.proxy.h2_hpack import StatelessEncoder
+from planemesh.agent.proxy.h2_hpack import Encoder
 from planemesh.agent.proxy.h2_hpack_decode import MemoDecoder
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -93,7 +94,7 @@ class H2Codec:
         self.max_streams = max_streams  # advertised
         self.enforced_streams = enforced_streams  # past this many open at once: PROTOCOL_ERROR
         self.local_window = window  # our SETTINGS_INITIAL_WINDOW_SIZE
-        self.encoder = StatelessEncoder()
+        self.encoder = Encoder()
         self.decoder = MemoDecoder(MAX_HEADER_LIST)
         self.streams: dict[int, _Stream] = {}
         self.highest_inbound_stream_id = 0

@@ -1,21 +1,37 @@
-"""HPACK encoding for the proxy's h2 connections, without I/O (RFC 7541): a stateless encoder (the decoder is
-h2_hpack_decode.py).
+"""HPACK encoding for the proxy's h2 connections, without I/O (RFC 7541): an encoder with the dynamic table (the
+decoder is h2_hpack_decode.py). One per connection and direction (responses to a client, requests to an h2c
+upstream).
 
-hpack's Encoder indexes every field into the dynamic table and Huffman-codes every literal: about a third of
-the proxy's time per h2 request. This one never adds to the dynamic table and sends literals raw, so a
-field's representation never depends on what went before and is memoised per (name, value): a response's
-fields cost a dict lookup each. Fields in the static table are sent indexed, names in it by index. It does
-what h2's outbound normalisation did (lower-case names, values without surrounding whitespace, credentials
-never indexed), so that can be switched off.
+A field is sent indexed when it is in the static table or in our dynamic table; else as a literal that adds it to
+the dynamic table (so the next response's same field is one byte), unless it should not be indexed: credentials
+(never indexed, 0001: authorization, proxy-authorization, set-cookie, cookies under 20 bytes, and any field a
+peer sent us never-indexed, RFC 7541 7.1.3), fields whose value is new on nearly every message (nghttp2's list:
+:path, content-length, etag, location...; and ids and trace context) and entries over 3/4 of the table
+(nghttp2's rule; they would evict everything else). Names are referred to in the static table only.
 
-The cost: larger header blocks than with a dynamic table (bytes on the wire, not CPU, is what the proxy has
-to spare). The decoder's table size still follows SETTINGS_HEADER_TABLE_SIZE: a change is acknowledged with
-a dynamic table size update at the start of the next block, as RFC 7541 4.2 requires.
+CPU is what the proxy has least of, so the representation of a field (its literal, Huffman-coded when shorter)
+is computed once per process and remembered per (name, value) in a bounded memo; per connection the encoder keeps
+only which of those fields its table holds (a dict lookup per field, then one byte). Fields whose value is new
+each time are sent raw (no Huffman: the bit loop costs more than the bytes it saves).
+
+The table's size follows the peer's SETTINGS_HEADER_TABLE_SIZE up to MAX_TABLE_SIZE; a change is signalled with
+dynamic table size updates at the start of the next block (the smallest size since the last block first, then
+the final one, RFC 7541 4.2), evicting what no longer fits. It does what h2's outbound normalisation did
+(lower-case names, values without surrounding whitespace).
 """
 
 from __future__ import annotations
 
+from collections import deque
+
+from hpack import NeverIndexedHeaderTuple
+from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.table import HeaderTable
+
+STATIC_LEN = len(HeaderTable.STATIC_TABLE)
+DEFAULT_TABLE_SIZE = 4096  # RFC 9113's initial SETTINGS_HEADER_TABLE_SIZE
+MAX_TABLE_SIZE = 4096  # used at most, whatever a peer allows (nghttp2's deflater default, so Envoy's)
+ENTRY_OVERHEAD = 32  # RFC 7541 4.1
 
 _STATIC_FIELDS: dict[tuple[bytes, bytes], int] = {}
 _STATIC_NAMES: dict[bytes, int] = {}
@@ -23,14 +39,24 @@ for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, start=1):
     _STATIC_FIELDS.setdefault((_name, _value), _index)
     _STATIC_NAMES.setdefault(_name, _index)
 
-SENSITIVE = frozenset({b"authorization", b"proxy-authorization"})  # plus short cookies, as nghttp2 and h2 do
-MEMO_MAX = 4096  # memoised fields; the memo starts afresh when full (values come from peers)
-MEMO_VALUE_MAX = 256  # longer values are encoded every time, and so are never-indexed fields (credentials)
-# Fields whose value is new on every request: remembering them would only fill the memo (and so empty it).
+NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization", b"set-cookie"})  # and cookies under 20 bytes
+# Not added to the table: values that change per message (nghttp2's list, then ids and trace context).
+NOT_INDEXED = frozenset({
+    b":path", b"age", b"content-length", b"etag", b"if-modified-since", b"if-none-match", b"location",
+    b"x-request-id", b"traceparent", b"tracestate", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"b3",
+    b"x-client-trace-id", b"grpc-timeout",
+})  # fmt: skip
+# Of those, the ones whose value is new on (nearly) every message: neither memoised nor Huffman-coded.
 PER_REQUEST = frozenset({
     b"x-request-id", b"traceparent", b"tracestate", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"b3",
     b"x-client-trace-id",
 })  # fmt: skip
+MEMO_MAX = 4096  # field representations remembered; the memo starts afresh when full (values come from peers)
+MEMO_VALUE_MAX = 256  # longer values are encoded (raw) every time, and so are never-indexed fields (credentials)
+
+# What a field's plan says to do: send it as it is (indexed static, or a literal not indexed), or add it.
+SEND, ADD = 0, 1
+Plan = tuple[int, bytes, bytes, int]  # (SEND or ADD, bytes, bytes without indexing (ADD), entry size (ADD))
 
 
 def encode_integer(value: int, prefix_bits: int, first: int) -> bytes:
@@ -47,60 +73,148 @@ def encode_integer(value: int, prefix_bits: int, first: int) -> bytes:
     return bytes(out)
 
 
-def _string(data: bytes) -> bytes:
-    return encode_integer(len(data), 7, 0) + data  # H bit 0: raw octets
+_INDEXED = [encode_integer(i, 7, 0x80) for i in range(STATIC_LEN + MAX_TABLE_SIZE // ENTRY_OVERHEAD + 1)]
+_CODES, _LENGTHS = REQUEST_CODES[:256], REQUEST_CODES_LENGTH[:256]
 
 
-def encode_field(name: bytes, value: bytes) -> bytes:
-    """One field: indexed when it is in the static table, else a literal without (or never) indexing."""
+def huffman(data: bytes) -> bytes:
+    """RFC 7541 5.2 / Appendix B: `data` Huffman-coded, padded with the EOS code's leading 1 bits."""
+    acc = bits = 0
+    for byte in data:
+        n = _LENGTHS[byte]
+        acc = acc << n | _CODES[byte]
+        bits += n
+    pad = -bits % 8
+    return (acc << pad | ((1 << pad) - 1)).to_bytes((bits + pad) >> 3, "big")
+
+
+def encode_string(data: bytes, huffman_coded: bool = True) -> bytes:
+    """A string literal: Huffman-coded when that is shorter (and asked for), else raw."""
+    if huffman_coded and data:
+        coded = huffman(data)
+        if len(coded) < len(data):
+            return encode_integer(len(coded), 7, 0x80) + coded
+    return encode_integer(len(data), 7, 0) + data
+
+
+def _literal(first: int, prefix_bits: int, name: bytes, value_string: bytes, huffman_coded: bool) -> bytes:
+    index = _STATIC_NAMES.get(name)
+    if index is not None:
+        return encode_integer(index, prefix_bits, first) + value_string
+    return bytes((first,)) + encode_string(name, huffman_coded) + value_string
+
+
+def plan_field(name: bytes, value: bytes, never: bool = False, huffman_coded: bool = True) -> Plan:
+    """How to send one field, given nothing about the dynamic table but whether it may hold it."""
     name = name.lower()
     value = value.strip(b" \t")
     index = _STATIC_FIELDS.get((name, value))
-    if index is not None:
-        return encode_integer(index, 7, 0x80)
-    never = name in SENSITIVE or (name == b"cookie" and len(value) < 20)
-    first = 0x10 if never else 0x00  # 0001xxxx never indexed, 0000xxxx without indexing
-    index = _STATIC_NAMES.get(name)
-    if index is not None:
-        return encode_integer(index, 4, first) + _string(value)
-    return bytes((first,)) + _string(name) + _string(value)
+    if index is not None and not never:
+        return SEND, _INDEXED[index], b"", 0
+    value_string = encode_string(value, huffman_coded)
+    if never or name in NEVER_INDEXED or (name == b"cookie" and len(value) < 20):
+        return SEND, _literal(0x10, 4, name, value_string, huffman_coded), b"", 0  # 0001: never indexed
+    plain = _literal(0x00, 4, name, value_string, huffman_coded)  # 0000: without indexing
+    if name in NOT_INDEXED:
+        return SEND, plain, b"", 0
+    return ADD, _literal(0x40, 6, name, value_string, huffman_coded), plain, len(name) + len(value) + ENTRY_OVERHEAD
 
 
-class StatelessEncoder:
-    """Drop-in for hpack.Encoder as h2 uses it: encode(headers) and a settable header_table_size."""
+_plans: dict[tuple[bytes, bytes], Plan] = {}
 
-    __slots__ = ("_memo", "_size", "_size_update")
+
+def _plan(field: tuple[bytes, bytes]) -> Plan:
+    """plan_field, remembered for fields that repeat (not credentials, not ids, not long values)."""
+    name, value = field[0], field[1]
+    if type(field) is NeverIndexedHeaderTuple:
+        return plan_field(name, value, never=True, huffman_coded=False)
+    if len(value) > MEMO_VALUE_MAX or name in PER_REQUEST:
+        return plan_field(name, value, huffman_coded=False)
+    plan = plan_field(name, value)
+    if plan[0] == SEND and plan[1][0] >> 4 == 1:  # never indexed: not kept in memory
+        return plan
+    if len(_plans) >= MEMO_MAX:
+        _plans.clear()
+    _plans[field] = plan
+    return plan
+
+
+class Encoder:
+    """Drop-in for hpack.Encoder as h2 uses it: encode(headers) and a settable header_table_size (the peer's
+    SETTINGS_HEADER_TABLE_SIZE)."""
+
+    __slots__ = ("_entries", "_inserted", "_max", "_pending_min", "_seqs", "_size", "_updated")
 
     def __init__(self) -> None:
-        self._memo: dict[tuple[bytes, bytes], bytes] = {}
-        self._size = HeaderTable.DEFAULT_SIZE
-        self._size_update: bytes | None = None
+        self._seqs: dict[tuple[bytes, bytes], int] = {}  # field -> its insertion number (while in the table)
+        self._entries: deque[tuple[tuple[bytes, bytes], int]] = deque()  # (field, size), oldest first
+        self._inserted = 0  # insertions so far: the newest entry's number + 1
+        self._size = 0
+        self._max = DEFAULT_TABLE_SIZE  # the table's size as the peer's decoder knows it (after pending updates)
+        self._pending_min: int | None = None  # the smallest size since the last block, when it changed
+        self._updated = False  # a size update is due at the start of the next block
 
     @property
     def header_table_size(self) -> int:
-        return self._size
+        return self._max
 
     @header_table_size.setter
     def header_table_size(self, value: int) -> None:
-        # Our table stays empty at any size; the update tells the decoder which size we now use.
-        if value != self._size:
-            self._size = value
-            self._size_update = encode_integer(value, 5, 0x20)
+        size = min(value, MAX_TABLE_SIZE)
+        if size == self._max:
+            return
+        self._max = size
+        self._updated = True
+        if self._pending_min is None or size < self._pending_min:
+            self._pending_min = size
+        self._evict(size)
 
-    def encode(self, headers, huffman: bool = True) -> bytes:  # huffman: ignored, literals are sent raw
-        memo = self._memo
+    def table(self) -> list[tuple[bytes, bytes]]:
+        """The dynamic table's fields as the peer's decoder holds them, newest first (for tests)."""
+        return [(f[0].lower(), f[1].strip(b" \t")) for f, _ in reversed(self._entries)]
+
+    def encode(self, headers, huffman: bool = True) -> bytes:  # huffman: decided per string (shorter or not)
         parts = []
-        if self._size_update is not None:
-            parts.append(self._size_update)
-            self._size_update = None
+        if self._updated:
+            if self._pending_min is not None and self._pending_min < self._max:
+                parts.append(encode_integer(self._pending_min, 5, 0x20))
+            parts.append(encode_integer(self._max, 5, 0x20))
+            self._updated = False
+            self._pending_min = None
+        seqs = self._seqs
+        plans = _plans
         for field in headers:
-            key = (field[0], field[1])  # fields may come as lists
-            encoded = memo.get(key)
-            if encoded is None:
-                encoded = encode_field(key[0], key[1])
-                if len(key[1]) <= MEMO_VALUE_MAX and encoded[0] >> 4 != 1 and key[0] not in PER_REQUEST:  # 0001: never
-                    if len(memo) >= MEMO_MAX:
-                        memo.clear()
-                    memo[key] = encoded
-            parts.append(encoded)
+            try:
+                seq = seqs.get(field)
+            except TypeError:  # fields may come as lists
+                field = (field[0], field[1])
+                seq = seqs.get(field)
+            if seq is not None and type(field) is not NeverIndexedHeaderTuple:
+                parts.append(_INDEXED[STATIC_LEN + self._inserted - seq])
+                continue
+            plan = plans.get(field) if type(field) is not NeverIndexedHeaderTuple else None
+            if plan is None:
+                plan = _plan(field)
+            if plan[0] == SEND:
+                parts.append(plan[1])
+            elif plan[3] <= self._max * 3 >> 2:
+                parts.append(plan[1])
+                self._add(field, plan[3])
+            else:  # too large for this table: sent without indexing
+                parts.append(plan[2])
         return b"".join(parts)
+
+    def _add(self, field: tuple[bytes, bytes], size: int) -> None:
+        self._evict(self._max - size)
+        self._seqs[field] = self._inserted
+        self._inserted += 1
+        self._entries.append((field, size))
+        self._size += size
+
+    def _evict(self, room: int) -> None:
+        """Evict the oldest entries until the table holds at most `room` bytes (RFC 7541 4.3, 4.4)."""
+        entries = self._entries
+        while self._size > room and entries:
+            field, size = entries.popleft()
+            del self._seqs[field]
+            self._size -= size

@@ -16,7 +16,13 @@ from __future__ import annotations
 
 from collections import deque
 
-from hpack import HPACKDecodingError, InvalidTableIndex, InvalidTableSizeError, OversizedHeaderListError
+from hpack import (
+    HPACKDecodingError,
+    InvalidTableIndex,
+    InvalidTableSizeError,
+    NeverIndexedHeaderTuple,
+    OversizedHeaderListError,
+)
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
@@ -150,6 +156,8 @@ class MemoDecoder:
                 field, pos, dynamic = self._literal(data, pos, 4)
                 if dynamic and refers is not None:
                     refers = True
+                if first & 0x10:  # never indexed: forwarded as such (RFC 7541 7.1.3), our encoder sees the type
+                    field = NeverIndexedHeaderTuple(*field)
             total += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
             if total > limit:
                 raise OversizedHeaderListError(f"header list past {limit} bytes")

@@ -1,5 +1,5 @@
-"""The proxy's HPACK pieces checked against hpack itself: the stateless encoder's output decoded by hpack's Decoder,
-the memoising decoder decoding in lockstep with hpack's."""
+"""The proxy's HPACK decoder checked against hpack itself: the memoising decoder decoding in lockstep with hpack's
+(the encoder: test_h2_hpack_encoder.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hpack import Decoder, Encoder, HPACKError, NeverIndexedHeaderTuple
 from hypothesis import given
 from hypothesis import strategies as st
 
-from planemesh.agent.proxy.h2_hpack import StatelessEncoder, encode_field, encode_integer
+from planemesh.agent.proxy.h2_hpack import encode_integer
 from planemesh.agent.proxy.h2_hpack_decode import MemoDecoder
 
 
@@ -24,60 +24,6 @@ from planemesh.agent.proxy.h2_hpack_decode import MemoDecoder
 )
 def test_encode_integer(value: int, prefix: int, first: int, expected: bytes) -> None:
     assert encode_integer(value, prefix, first) == expected
-
-
-@pytest.mark.parametrize(
-    ("name", "value", "expected"),
-    [
-        (b":status", b"200", b"\x88"),  # static table, indexed
-        (b":method", b"GET", b"\x82"),
-        (b"content-type", b"text/plain", b"\x0f\x10\x0atext/plain"),  # name 31 by index (4-bit prefix + 16)
-        (b"x-custom", b"v", b"\x00\x08x-custom\x01v"),  # new name, without indexing
-        (b"authorization", b"secret", b"\x1f\x08\x06secret"),  # never indexed (0001), name index 23
-        (b"X-Upper", b"  padded\t", b"\x00\x07x-upper\x06padded"),  # lower-cased name, trimmed value
-    ],
-)
-def test_encode_field(name: bytes, value: bytes, expected: bytes) -> None:
-    assert encode_field(name, value) == expected
-
-
-def test_round_trip_and_no_dynamic_table_use() -> None:
-    enc, dec = StatelessEncoder(), Decoder()
-    headers = [(b":status", b"200"), (b"server", b"nginx/1.22.1"), (b"content-length", b"6"), (b"etag", b'"x"')]
-    for _ in range(3):  # the second and later blocks come from the memo: same bytes, same meaning
-        assert dec.decode(enc.encode(headers), raw=True) == headers
-    assert len(dec.header_table.dynamic_entries) == 0
-
-
-def test_credentials_are_never_indexed_and_not_memoised() -> None:
-    enc, dec = StatelessEncoder(), Decoder()
-    out = dec.decode(enc.encode([(b"authorization", b"Bearer t"), (b"cookie", b"short=1")]), raw=True)
-    assert all(isinstance(h, NeverIndexedHeaderTuple) for h in out)
-    assert enc._memo == {}
-    long_cookie = (b"cookie", b"c" * 40)
-    dec.decode(enc.encode([long_cookie]), raw=True)
-    assert long_cookie in enc._memo
-
-
-def test_table_size_change_is_signalled_once() -> None:
-    enc, dec = StatelessEncoder(), Decoder()
-    enc.header_table_size = 0
-    block = enc.encode([(b":status", b"204")])
-    assert block == b"\x20\x89"  # size update to 0, then :status 204
-    dec.decode(block)
-    assert dec.header_table.maxsize == 0
-    assert enc.encode([(b":status", b"204")]) == b"\x89"
-
-
-_names = st.binary(min_size=1, max_size=40).map(lambda b: bytes(c % 26 + 97 for c in b))
-_values = st.binary(max_size=300).map(lambda b: bytes(c % 94 + 33 for c in b))
-
-
-@given(st.lists(st.tuples(_names, _values), max_size=20))
-def test_any_fields_round_trip(headers: list[tuple[bytes, bytes]]) -> None:
-    enc, dec = StatelessEncoder(), Decoder()
-    for _ in range(2):
-        assert dec.decode(enc.encode(headers), raw=True) == headers
 
 
 def test_memo_decoder_hits_repeated_indexed_blocks() -> None:
@@ -144,3 +90,11 @@ def test_a_block_that_indexes_its_fields_again_each_time_is_replayed_from_the_me
         == plain.decode(indexed, raw=True)
         == [(b"date", b"Sun, 06 Dec 2026 04:50:00 GMT")]
     )
+
+
+def test_never_indexed_literals_are_decoded_as_such() -> None:
+    """RFC 7541 7.1.3: an intermediary forwards a never-indexed field never-indexed; the type carries it."""
+    block = Encoder().encode([NeverIndexedHeaderTuple(b"x-secret", b"s3cret"), (b"x-plain", b"p")])
+    first, second = MemoDecoder(65536).decode(block, raw=True)
+    assert type(first) is NeverIndexedHeaderTuple and first == (b"x-secret", b"s3cret")
+    assert type(second) is not NeverIndexedHeaderTuple

@@ -1,0 +1,198 @@
+"""The proxy's HPACK encoder with the dynamic table (agent/proxy/h2_hpack.py), checked against RFC 7541's examples
+and round-tripped through two decoders: hpack's (python-hyper, independent of ours) and our memoising one, which
+must agree on every field and on the dynamic table after each block, across table-size changes and evictions."""
+
+from __future__ import annotations
+
+import hpack
+from hpack import NeverIndexedHeaderTuple
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planemesh.agent.proxy import h2_hpack
+from planemesh.agent.proxy.h2_hpack import Encoder, encode_string, huffman
+from planemesh.agent.proxy.h2_hpack_decode import MemoDecoder
+
+GRPC_RESPONSE = [
+    (b":status", b"200"),
+    (b"content-type", b"application/grpc"),
+    (b"server", b"nginx/1.22.1"),
+    (b"date", b"Sun, 06 Dec 2026 07:30:00 GMT"),
+    (b"grpc-accept-encoding", b"identity,deflate,gzip"),
+]
+
+
+class Peer:
+    """Both decoders, fed the same blocks."""
+
+    def __init__(self) -> None:
+        self.theirs = hpack.Decoder()
+        self.ours = MemoDecoder(1 << 16)
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        theirs = self.theirs.decode(block, raw=True)
+        ours = self.ours.decode(block, raw=True)
+        assert ours == theirs
+        assert [type(f) is NeverIndexedHeaderTuple for f in ours] == [
+            type(f) is NeverIndexedHeaderTuple for f in theirs
+        ]
+        return ours
+
+    def table(self) -> list[tuple[bytes, bytes]]:
+        theirs = [tuple(e) for e in self.theirs.header_table.dynamic_entries]
+        assert list(self.ours.header_table.dynamic_entries) == theirs
+        assert self.ours.header_table.maxsize == self.theirs.header_table.maxsize
+        return theirs
+
+
+def test_rfc_7541_c4_requests_with_huffman_coding() -> None:
+    """Appendix C.4: three requests on one connection, byte for byte."""
+    enc = Encoder()
+    c41 = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"www.example.com")]
+    assert enc.encode(c41).hex() == "828684418cf1e3c2e5f23a6ba0ab90f4ff"
+    assert enc.encode([*c41, (b"cache-control", b"no-cache")]).hex() == "828684be5886a8eb10649cbf"
+    c43 = [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/index.html"),
+           (b":authority", b"www.example.com"), (b"custom-key", b"custom-value")]  # fmt: skip
+    assert enc.encode(c43).hex() == "828785bf408825a849e95ba97d7f8925a849e95bb8e8b4bf"
+    assert enc.table() == [(b"custom-key", b"custom-value"), (b"cache-control", b"no-cache"),
+                           (b":authority", b"www.example.com")]  # fmt: skip
+
+
+def test_huffman_matches_hpack_and_is_used_only_when_shorter() -> None:
+    coder = hpack.huffman.HuffmanEncoder(hpack.huffman_constants.REQUEST_CODES,
+                                         hpack.huffman_constants.REQUEST_CODES_LENGTH)  # fmt: skip
+    for text in (b"", b"a", b"www.example.com", bytes(range(256)), b"\xff" * 7):
+        assert huffman(text) == coder.encode(text)
+    assert encode_string(b"no-cache") == b"\x86" + huffman(b"no-cache")
+    assert encode_string(b"\x00\x01") == b"\x02\x00\x01"  # Huffman would be longer: raw
+
+
+def test_a_repeated_response_head_is_one_byte_per_field() -> None:
+    enc, peer = Encoder(), Peer()
+    first = enc.encode(GRPC_RESPONSE)
+    assert peer.decode(first) == GRPC_RESPONSE
+    second = enc.encode(GRPC_RESPONSE)
+    assert second == bytes.fromhex("88c1c0bfbe")  # :status static, four entries of the dynamic table
+    assert peer.decode(second) == GRPC_RESPONSE
+    assert peer.table() == enc.table()
+    trailers = [(b"grpc-status", b"0"), (b"grpc-message", b"")]
+    assert peer.decode(enc.encode(trailers)) == trailers
+    assert len(enc.encode(trailers)) == 2
+
+
+def test_fields_given_as_lists_and_in_upper_case() -> None:
+    enc, peer = Encoder(), Peer()
+    for _ in range(2):
+        assert peer.decode(enc.encode([[b"X-Upper", b"  padded\t"], (b":status", b"204")])) == [
+            (b"x-upper", b"padded"), (b":status", b"204")]  # fmt: skip
+    assert peer.table() == enc.table() == [(b"x-upper", b"padded")]
+
+
+def test_credentials_are_never_indexed_nor_remembered() -> None:
+    enc, peer = Encoder(), Peer()
+    secrets = [(b"authorization", b"Bearer t"), (b"proxy-authorization", b"Basic x"), (b"cookie", b"short=1"),
+               (b"set-cookie", b"id=42; HttpOnly"), NeverIndexedHeaderTuple(b"x-token", b"abc")]  # fmt: skip
+    for _ in range(2):
+        out = peer.decode(enc.encode(secrets))
+        assert out == secrets and all(type(f) is NeverIndexedHeaderTuple for f in out)
+    assert enc.table() == peer.table() == []
+    assert not any(field[1] in (b"Bearer t", b"Basic x", b"short=1", b"abc") for field in h2_hpack._plans)
+    long_cookie = (b"cookie", b"c" * 40)  # as nghttp2: a cookie of 20 bytes or more is indexed
+    peer.decode(enc.encode([long_cookie]))
+    assert enc.table() == peer.table() == [long_cookie]
+
+
+def test_a_field_once_indexed_comes_never_indexed_when_the_peer_sent_it_so() -> None:
+    enc, peer = Encoder(), Peer()
+    peer.decode(enc.encode([(b"x-k", b"v")]))
+    out = peer.decode(enc.encode([NeverIndexedHeaderTuple(b"x-k", b"v")]))
+    assert type(out[0]) is NeverIndexedHeaderTuple
+
+
+def test_per_message_values_are_not_indexed() -> None:
+    enc, peer = Encoder(), Peer()
+    for i in range(3):
+        fields = [(b":path", b"/r/%d" % i), (b"content-length", b"%d" % i), (b"x-request-id", b"id-%d" % i),
+                  (b"traceparent", b"00-%032x-%016x-01" % (i, i)), (b"grpc-timeout", b"%dm" % i)]  # fmt: skip
+        assert peer.decode(enc.encode(fields)) == fields
+    assert enc.table() == peer.table() == []
+    assert not any(field[0] in h2_hpack.PER_REQUEST for field in h2_hpack._plans)
+
+
+def test_eviction_keeps_both_tables_equal() -> None:
+    enc, peer = Encoder(), Peer()
+    fields = [(b"x-field-%d" % i, b"v" * 100) for i in range(40)]  # 142 bytes each: 28 fit in 4,096
+    for field in fields:
+        peer.decode(enc.encode([field]))
+    assert len(enc.table()) == 4096 // 142
+    assert enc.table() == peer.table()
+    assert enc.table()[-1] == fields[40 - 4096 // 142]
+    evicted, kept = fields[0], fields[-1]
+    assert enc.encode([kept]) == bytes((0x80 | 62,))
+    assert peer.decode(enc.encode([evicted])) == [evicted]  # a literal again, indexed anew
+    assert enc.table()[0] == evicted and enc.table() == peer.table()
+
+
+def test_an_entry_over_three_quarters_of_the_table_is_not_indexed() -> None:
+    enc, peer = Encoder(), Peer()
+    peer.decode(enc.encode([(b"x-small", b"s")]))
+    big = (b"x-big", b"b" * 3100)
+    for _ in range(2):
+        assert peer.decode(enc.encode([big])) == [big]
+    assert enc.table() == peer.table() == [(b"x-small", b"s")]  # the small entry was not evicted by it
+
+
+def test_table_size_changes_are_signalled_at_the_next_block() -> None:
+    enc, peer = Encoder(), Peer()
+    peer.decode(enc.encode(GRPC_RESPONSE))
+    enc.header_table_size = 0  # the peer's SETTINGS_HEADER_TABLE_SIZE
+    block = enc.encode(GRPC_RESPONSE)
+    assert block[:1] == b"\x20"  # size update to 0 first
+    assert peer.decode(block) == GRPC_RESPONSE
+    assert enc.table() == peer.table() == []
+    assert enc.encode([(b":status", b"204")]) == b"\x89"  # signalled once
+    enc.header_table_size = 1 << 16  # more than we use: we keep MAX_TABLE_SIZE
+    assert enc.header_table_size == h2_hpack.MAX_TABLE_SIZE
+    assert enc.encode([(b":status", b"204")])[:3] == bytes.fromhex("3fe11f")  # 4,096
+    enc.header_table_size = 1 << 16
+    assert enc.encode([(b":status", b"204")]) == b"\x89"  # unchanged: nothing to signal
+
+
+def test_a_shrink_and_grow_between_blocks_signals_the_smallest_then_the_final_size() -> None:
+    """RFC 7541 4.2: the decoder must evict as the smaller size did, so both sizes are signalled."""
+    enc, peer = Encoder(), Peer()
+    peer.decode(enc.encode(GRPC_RESPONSE))
+    enc.header_table_size = 100
+    enc.header_table_size = 4096
+    block = enc.encode(GRPC_RESPONSE)
+    assert block.startswith(bytes.fromhex("3f45") + bytes.fromhex("3fe11f"))  # 100, then 4,096
+    assert peer.decode(block) == GRPC_RESPONSE
+    assert enc.table() == peer.table() and len(enc.table()) == 4
+
+
+def test_a_smaller_table_evicts_at_once() -> None:
+    enc, peer = Encoder(), Peer()
+    peer.decode(enc.encode(GRPC_RESPONSE))
+    enc.header_table_size = 110  # room for the newest entry only (grpc-accept-encoding, 73 bytes)
+    assert enc.table() == [GRPC_RESPONSE[-1]]
+    assert peer.decode(enc.encode(GRPC_RESPONSE)) == GRPC_RESPONSE
+    assert enc.table() == peer.table()
+
+
+_names = st.sampled_from([b"a", b"b", b"user-agent", b"content-type", b"x-y", b"cookie", b"date", b":path"])
+_values = st.one_of(st.sampled_from([b"", b"1", b"22", b"text/html"]), st.binary(max_size=400))
+_block = st.lists(st.tuples(_names, _values), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_block, st.none() | st.integers(0, 5000)), min_size=1, max_size=20))
+def test_any_blocks_and_size_changes_round_trip(steps: list[tuple[list[tuple[bytes, bytes]], int | None]]) -> None:
+    """Random fields (any bytes in values), random SETTINGS_HEADER_TABLE_SIZE changes: every block decodes to its
+    fields (normalised) in both decoders, and the three dynamic tables stay the same."""
+    enc, peer = Encoder(), Peer()
+    for fields, size in steps:
+        if size is not None:
+            enc.header_table_size = size
+        expected = [(n, v.strip(b" \t")) for n, v in fields]
+        assert peer.decode(enc.encode(fields)) == expected
+        assert peer.table() == enc.table()
