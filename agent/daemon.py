@@ -80,7 +80,7 @@ class Agent:
             node_overload or NodeOverloadConfig(), self.workers, self._plane_priorities, self.spawn,
             active=not options.datapath_only,
         )
-        # --worker-zygote: the workers' fork server (agent/zygote.py); exec'd at the first worker unless given
+        # The workers' fork server (agent/zygote.py; off: --no-worker-zygote); exec'd at the first worker unless given
         self.zygotes = zygotes if zygotes is not None or not options.worker_zygote else Zygotes()
         self.cpu_groups = CpuGroups.create() if not options.datapath_only else CpuGroups(None)
         self.readiness = Readiness()
@@ -378,7 +378,7 @@ class Agent:
         self.xds_client = await start_xds(self)
 
     async def _start_admin(self, retry_s: float = 0.0) -> None:
-        # Imported once the endpoint starts, after --worker-zygote's zygote forked (run_agent): prometheus_client
+        # Imported once the endpoint starts, after the workers' zygote forked (run_agent): prometheus_client
         # and the http stack (~3 MB of RSS) stay out of the pages each worker shares with the agent.
         from planemesh.agent.admin import AdminBindError
         from planemesh.agent.admin_glue import start_admin
@@ -500,6 +500,7 @@ def add_agent_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-format", type=str.lower, choices=FORMATS, **option("agent", "--log-format"))
     p.add_argument("--datapath-only", action="store_true", **option("agent", "--datapath-only"))
     p.add_argument("--worker-zygote", action="store_true", **option("agent", "--worker-zygote"))
+    p.add_argument("--no-worker-zygote", action="store_true", **option("agent", "--no-worker-zygote"))
     for flag in ("--admin", "--host-cgroup", "--node-ip"):
         p.add_argument(flag, action="append", **option("agent", flag))
     p.set_defaults(func=_cmd_agent)
