@@ -19,7 +19,6 @@ import socket
 from typing import Any
 
 import uvloop
-from pyroute2 import netns
 
 from planemesh.agent.agent_options import AgentOptions, options_from_args
 from planemesh.agent.control_thread import ControlThread
@@ -49,8 +48,9 @@ from planemesh.ebpf.policy import needs_sniff_listener
 from planemesh.model.config import ConfigError, Snapshot
 from planemesh.model.defaults import option
 from planemesh.model.static_config import load_default_config, load_static_config
-from planemesh.netplanes import discovery
-from planemesh.netplanes.discovery import NetlinkWatch, PlaneInterface
+from planemesh.netplanes import discovery, netns
+from planemesh.netplanes.discovery import PlaneInterface
+from planemesh.netplanes.link_monitor import LinkMonitor
 
 log = logging.getLogger("planemesh.agent")
 HBONE_READY_S = 60.0  # the HBONE node's first start (BPF load, certificates) before the agent says ready
@@ -97,7 +97,7 @@ class Agent:
         self._takeover: Takeover | None = None
         self._handover_server: HandoverServer | None = None
         self.handover_path = options.handover or options.runtime_dir / f"handover-{options.netns or 'host'}.sock"
-        self._watch: NetlinkWatch | None = None
+        self._watch: LinkMonitor | None = None
         self.xds_client: Any = None
 
     # ---- snapshots ---------------------------------------------------------------------------
@@ -106,11 +106,7 @@ class Agent:
         async with self._apply_lock:
             old = self.snapshot
             await self.control.call(self.kernel.check, snap)  # everything that can fail, before any change
-            seen = (
-                self.interfaces
-                if old and old.planes == snap.planes
-                else await self.control.call(discovery.scan, snap.planes)
-            )
+            seen = self.interfaces if old and old.planes == snap.planes else self._scan(snap)
             sources = discovery.plane_source_addresses(seen.values(), snap.planes)
             await self._apply_workers(old, snap, sources)
             await self.control.call(self.kernel.apply, snap)
@@ -212,7 +208,7 @@ class Agent:
         if self.snapshot is None:
             return
         snap = self.snapshot
-        now = await self.control.call(discovery.scan, snap.planes)
+        now = self._scan(snap)
         change = discovery.diff(self.interfaces, now)
         if change:
             await self.control.call(self.kernel.sync_interfaces, snap, change)
@@ -226,6 +222,10 @@ class Agent:
         if change and any(i.addresses for i in (*change.added, *change.changed)):
             for workers in self.workers.values():
                 await workers.update(snap, sources)
+
+    def _scan(self, snap: Snapshot) -> dict[int, PlaneInterface]:
+        """The plane interfaces among the links the monitor keeps (no netlink read once it runs)."""
+        return discovery.scan(snap.planes, self._watch.links() if self._watch is not None else None)
 
     async def reload(self) -> None:
         """SIGHUP (docs/configuration.md, "Signals"): with --config (or the embedded default) re-read the static
@@ -306,8 +306,9 @@ class Agent:
             await self.control.call(self.kernel.install_routing)
             self.readiness.clear(ROUTES_INSTALLED)
             self._takeover = await asyncio.to_thread(take_over, self.handover_path)
-            self._watch = NetlinkWatch(self._on_links_changed)
+            self._watch = LinkMonitor(self._on_links_changed)
             self._watch.start()
+            self.kernel.link_lookup = self._watch.lookup
             if first is not None:
                 await self.apply(first)
             else:
