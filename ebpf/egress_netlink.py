@@ -11,7 +11,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from planemesh.ebpf import abi
-from planemesh.ebpf.egress_shaper import ETH_P_ALL, FILTER_HANDLE, FILTER_PRIO, PROGRAM, TC_H_ROOT, ShapingError
+from planemesh.ebpf.egress_spec import ETH_P_ALL, FILTER_HANDLE, FILTER_PRIO, PROGRAM, TC_H_ROOT, ShapingError
 from planemesh.netplanes.htb_plan import QDISC_HANDLE, EgressOp, EgressPlan, HtbClass, ObservedEgress, OpKind, diff
 
 

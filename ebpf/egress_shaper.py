@@ -18,10 +18,19 @@ a TcHooks (ebpf/tc_hooks.py): in the agent, its short-lived netlink helper; this
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from planemesh.ebpf import build
+from planemesh.ebpf.egress_spec import (  # re-exported: the names the shaper's users know
+    ETH_P_ALL,
+    FILTER_HANDLE,
+    FILTER_PRIO,
+    PROGRAM,
+    SOURCE,
+    SPEC,
+    TC_H_ROOT,
+    ShapingError,
+)
 from planemesh.netplanes.htb_plan import EgressOp, EgressPlan
 
 if TYPE_CHECKING:
@@ -29,20 +38,7 @@ if TYPE_CHECKING:
 
     from planemesh.ebpf.tc_hooks import TcHooks
 
-EBPF_DIR = Path(__file__).resolve().parent
-SOURCE = EBPF_DIR / "pm_egress.c"
-PROGRAM = "pm_tc_egress"
-TC_H_ROOT = 0xFFFFFFFF
-FILTER_PRIO = 0x504D
-FILTER_HANDLE = 0x1
-ETH_P_ALL = 0x0003
-SPEC = build.ProgramSpec(SOURCE, (f"-I{EBPF_DIR}",), ((PROGRAM, "SCHED_CLS", None),))
-
 log = logging.getLogger("planemesh.bandwidth")
-
-
-class ShapingError(RuntimeError):
-    """The egress classifier cannot be loaded or the HTB tree cannot be applied."""
 
 
 class EgressShaper:
@@ -93,4 +89,7 @@ class EgressShaper:
         self._loaded.close()
 
 
-__all__ = ["EgressShaper", "ShapingError"]
+__all__ = [
+    "ETH_P_ALL", "FILTER_HANDLE", "FILTER_PRIO", "PROGRAM", "SOURCE", "SPEC", "TC_H_ROOT",
+    "EgressShaper", "ShapingError",
+]  # fmt: skip
