@@ -479,6 +479,7 @@ def run_agent(options: AgentOptions) -> int:
     # Forked before Agent() starts any thread: the zygote shares what the agent has imported so far.
     zygotes = Zygotes.prefork() if options.worker_zygote and not options.datapath_only else None
     agent = Agent(options, host_cgroups, node_overload, hbone, zygotes)
+    agent.kernel.netlink.prestart()  # pyroute2's import in the helper overlaps ours and the BPF load
     try:
         uvloop.run(agent.run(first))
     except ConfigError:

@@ -166,20 +166,26 @@ def envoy_memory_kb(lab, work: Path, settle: float) -> dict[str, int] | None:
         return memory_kb(proc.pid) if proc.poll() is None else None
 
 
+def helper_pids(agent_pid: int) -> list[int]:
+    return [pid for pid in procs.children(agent_pid) if procs.comm(pid) == "pm-nl-helper"]
+
+
 def two_planes_memory(lab, work: Path, pin_dir: str, settle: float, execd: bool = False) -> dict[str, dict[str, int]]:
     """The default configuration (two planes, one worker each), at rest: RSS/PSS/USS of the agent, its zygote and
     workers (forked by the zygote, the default); `execd` (--no-worker-zygote): workers exec'd, no zygote."""
     agent = start_agent(lab, work, ["--pin-dir", pin_dir, *(["--no-worker-zygote"] if execd else [])])
     try:
         time.sleep(settle)
+        deadline = time.monotonic() + 10  # at rest: the netlink helper (netplanes/nl_client.py) exits when idle
+        while helper_pids(agent.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
         out = {"agent": memory_kb(agent.pid)}
         for pid in procs.zygotes(agent.pid):
             out["zygote"] = memory_kb(pid)
         for i, pid in enumerate(worker_pids(agent.pid)):
             out[f"worker {i + 1}"] = memory_kb(pid)
-        for pid in procs.children(agent.pid):
-            if "nl-helper" in procs.comm(pid):  # the netlink helper, if it has not exited yet
-                out["netlink helper"] = memory_kb(pid)
+        for pid in helper_pids(agent.pid):  # still there 10 s after the last change: a row of its own
+            out["netlink helper"] = memory_kb(pid)
         return out
     finally:
         ns_tools.stop(agent)

@@ -2,7 +2,8 @@
 send the change, raise its error here, and stop it once idle, so pyroute2 is resident only while changes are made.
 
 Calls are synchronous (the agent's control thread makes them, one at a time); a helper idle for `linger_s` is
-closed by a timer (its socket closed: it exits), and the next call starts a new one (~0.3 s: pyroute2's import).
+closed by a timer (its socket closed: it exits), and the next call starts a new one (~0.3 s: pyroute2's import;
+the agent prestarts the first one as it starts, so that import overlaps its own start-up).
 The helper is started from the calling thread, so it lives in that thread's network namespace: use one
 NetlinkHelper per namespace, as one Datapath.
 """
@@ -22,7 +23,7 @@ from planemesh import module_argv
 from planemesh.netplanes.htb_plan import EgressOp, EgressPlan
 
 log = logging.getLogger("planemesh.netplanes")
-LINGER_S = 5.0  # idle this long, the helper exits (a burst of updates shares one helper)
+LINGER_S = 2.0  # idle this long, the helper exits (a burst of updates shares one helper)
 REPLY_TIMEOUT_S = 30.0  # a helper that answers nothing by then is killed (the call fails, the next starts anew)
 MAX_REPLY = 1 << 20
 
@@ -49,6 +50,14 @@ class NetlinkHelper:
     def pid(self) -> int | None:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
+
+    def prestart(self) -> None:
+        """Start the helper now without waiting for it (its ~0.3 s import overlaps the caller's start-up); it
+        exits after `linger_s` if no call comes."""
+        with self._lock:
+            if self._sock is None:
+                self._start()
+                self._arm()
 
     def call(self, op: str, *args: Any, fds: Sequence[int] = ()) -> Any:
         """Run `op` (nl_helper.OPS) with `args` and the descriptors `fds`; its result, or NetlinkOpError."""
