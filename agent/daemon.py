@@ -105,7 +105,7 @@ class Agent:
         """Apply a validated snapshot as a diff; raises ConfigError (the caller NACKs) and keeps the old one."""
         async with self._apply_lock:
             old = self.snapshot
-            await self.control.call(self.kernel.check, snap)  # everything that can fail, before any change
+            await asyncio.to_thread(self.kernel.check, snap)  # everything that can fail, before any change (pure)
             seen = self.interfaces if old and old.planes == snap.planes else self._scan(snap)
             sources = discovery.plane_source_addresses(seen.values(), snap.planes)
             await self._apply_workers(old, snap, sources)
@@ -176,6 +176,10 @@ class Agent:
 
         own_mark, pin_dir = self.kernel.own_mark, self.options.pin_dir
         self.host = await self.control.call(lambda: HostMode(own_mark=own_mark, pin_dir=pin_dir))
+
+    async def _install_routing(self) -> None:
+        await self.control.call(self.kernel.install_routing)
+        self.readiness.clear(ROUTES_INSTALLED)
 
     async def _sync_host_cgroups(self) -> None:
         added, removed = await self.control.call(sync_cgroups, self.host, self.host_cgroups)
@@ -303,8 +307,9 @@ class Agent:
             await self.control.call(self.kernel.open)
             if self.host_cgroups:
                 await self._open_host_mode()
-            await self.control.call(self.kernel.install_routing)
-            self.readiness.clear(ROUTES_INSTALLED)
+            # Queued first on the control thread (attach comes after it there), not awaited: the netlink helper's
+            # start overlaps the workers' (readiness waits for it).
+            self.spawn(self._install_routing(), "install-routing")
             self._takeover = await asyncio.to_thread(take_over, self.handover_path)
             self._watch = LinkMonitor(self._on_links_changed)
             self._watch.start()
