@@ -19,7 +19,6 @@ import socket
 from typing import Any
 
 import uvloop
-from pyroute2 import netns
 
 from planemesh.agent.agent_options import AgentOptions, options_from_args
 from planemesh.agent.control_thread import ControlThread
@@ -49,8 +48,9 @@ from planemesh.ebpf.policy import needs_sniff_listener
 from planemesh.model.config import ConfigError, Snapshot
 from planemesh.model.defaults import option
 from planemesh.model.static_config import load_default_config, load_static_config
-from planemesh.netplanes import discovery
-from planemesh.netplanes.discovery import NetlinkWatch, PlaneInterface
+from planemesh.netplanes import discovery, netns
+from planemesh.netplanes.discovery import PlaneInterface
+from planemesh.netplanes.link_monitor import LinkMonitor
 
 log = logging.getLogger("planemesh.agent")
 HBONE_READY_S = 60.0  # the HBONE node's first start (BPF load, certificates) before the agent says ready
@@ -80,7 +80,7 @@ class Agent:
             node_overload or NodeOverloadConfig(), self.workers, self._plane_priorities, self.spawn,
             active=not options.datapath_only,
         )
-        # --worker-zygote: the workers' fork server (agent/zygote.py); exec'd at the first worker unless given
+        # The workers' fork server (agent/zygote.py; off: --no-worker-zygote); exec'd at the first worker unless given
         self.zygotes = zygotes if zygotes is not None or not options.worker_zygote else Zygotes()
         self.cpu_groups = CpuGroups.create() if not options.datapath_only else CpuGroups(None)
         self.readiness = Readiness()
@@ -97,7 +97,7 @@ class Agent:
         self._takeover: Takeover | None = None
         self._handover_server: HandoverServer | None = None
         self.handover_path = options.handover or options.runtime_dir / f"handover-{options.netns or 'host'}.sock"
-        self._watch: NetlinkWatch | None = None
+        self._watch: LinkMonitor | None = None
         self.xds_client: Any = None
 
     # ---- snapshots ---------------------------------------------------------------------------
@@ -105,12 +105,8 @@ class Agent:
         """Apply a validated snapshot as a diff; raises ConfigError (the caller NACKs) and keeps the old one."""
         async with self._apply_lock:
             old = self.snapshot
-            await self.control.call(self.kernel.check, snap)  # everything that can fail, before any change
-            seen = (
-                self.interfaces
-                if old and old.planes == snap.planes
-                else await self.control.call(discovery.scan, snap.planes)
-            )
+            await asyncio.to_thread(self.kernel.check, snap)  # everything that can fail, before any change (pure)
+            seen = self.interfaces if old and old.planes == snap.planes else self._scan(snap)
             sources = discovery.plane_source_addresses(seen.values(), snap.planes)
             await self._apply_workers(old, snap, sources)
             await self.control.call(self.kernel.apply, snap)
@@ -181,6 +177,10 @@ class Agent:
         own_mark, pin_dir = self.kernel.own_mark, self.options.pin_dir
         self.host = await self.control.call(lambda: HostMode(own_mark=own_mark, pin_dir=pin_dir))
 
+    async def _install_routing(self) -> None:
+        await self.control.call(self.kernel.install_routing)
+        self.readiness.clear(ROUTES_INSTALLED)
+
     async def _sync_host_cgroups(self) -> None:
         added, removed = await self.control.call(sync_cgroups, self.host, self.host_cgroups)
         for path in added:
@@ -212,7 +212,7 @@ class Agent:
         if self.snapshot is None:
             return
         snap = self.snapshot
-        now = await self.control.call(discovery.scan, snap.planes)
+        now = self._scan(snap)
         change = discovery.diff(self.interfaces, now)
         if change:
             await self.control.call(self.kernel.sync_interfaces, snap, change)
@@ -226,6 +226,10 @@ class Agent:
         if change and any(i.addresses for i in (*change.added, *change.changed)):
             for workers in self.workers.values():
                 await workers.update(snap, sources)
+
+    def _scan(self, snap: Snapshot) -> dict[int, PlaneInterface]:
+        """The plane interfaces among the links the monitor keeps (no netlink read once it runs)."""
+        return discovery.scan(snap.planes, self._watch.links() if self._watch is not None else None)
 
     async def reload(self) -> None:
         """SIGHUP (docs/configuration.md, "Signals"): with --config (or the embedded default) re-read the static
@@ -303,11 +307,13 @@ class Agent:
             await self.control.call(self.kernel.open)
             if self.host_cgroups:
                 await self._open_host_mode()
-            await self.control.call(self.kernel.install_routing)
-            self.readiness.clear(ROUTES_INSTALLED)
+            # Queued first on the control thread (attach comes after it there), not awaited: the netlink helper's
+            # start overlaps the workers' (readiness waits for it).
+            self.spawn(self._install_routing(), "install-routing")
             self._takeover = await asyncio.to_thread(take_over, self.handover_path)
-            self._watch = NetlinkWatch(self._on_links_changed)
+            self._watch = LinkMonitor(self._on_links_changed)
             self._watch.start()
+            self.kernel.link_lookup = self._watch.lookup
             if first is not None:
                 await self.apply(first)
             else:
@@ -378,7 +384,7 @@ class Agent:
         self.xds_client = await start_xds(self)
 
     async def _start_admin(self, retry_s: float = 0.0) -> None:
-        # Imported once the endpoint starts, after --worker-zygote's zygote forked (run_agent): prometheus_client
+        # Imported once the endpoint starts, after the workers' zygote forked (run_agent): prometheus_client
         # and the http stack (~3 MB of RSS) stay out of the pages each worker shares with the agent.
         from planemesh.agent.admin import AdminBindError
         from planemesh.agent.admin_glue import start_admin
@@ -478,6 +484,7 @@ def run_agent(options: AgentOptions) -> int:
     # Forked before Agent() starts any thread: the zygote shares what the agent has imported so far.
     zygotes = Zygotes.prefork() if options.worker_zygote and not options.datapath_only else None
     agent = Agent(options, host_cgroups, node_overload, hbone, zygotes)
+    agent.kernel.netlink.prestart()  # pyroute2's import in the helper overlaps ours and the BPF load
     try:
         uvloop.run(agent.run(first))
     except ConfigError:
@@ -500,6 +507,7 @@ def add_agent_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-format", type=str.lower, choices=FORMATS, **option("agent", "--log-format"))
     p.add_argument("--datapath-only", action="store_true", **option("agent", "--datapath-only"))
     p.add_argument("--worker-zygote", action="store_true", **option("agent", "--worker-zygote"))
+    p.add_argument("--no-worker-zygote", action="store_true", **option("agent", "--no-worker-zygote"))
     for flag in ("--admin", "--host-cgroup", "--node-ip"):
         p.add_argument(flag, action="append", **option("agent", flag))
     p.set_defaults(func=_cmd_agent)

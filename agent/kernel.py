@@ -1,22 +1,28 @@
 """The agent's kernel side: the BPF data path and the policy routing it needs, driven by snapshots.
 
-Every method runs on the agent's control thread (agent/control_thread.py), one at a time.
+Every method runs on the agent's control thread (agent/control_thread.py), one at a time. Maps are written here
+(bpf() syscalls); rules, routes and tc changes go through the short-lived netlink helper (netplanes/nl_client.py),
+so pyroute2 is never imported in the agent; links are read from the agent's LinkMonitor (netplanes/link_monitor.py).
+What was last applied is remembered: a snapshot that changes no rule and no HTB plan sends nothing to netlink.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from planemesh.ebpf import abi
 from planemesh.model.config import Snapshot
 from planemesh.netplanes.discovery import InterfaceDiff
+from planemesh.netplanes.link_monitor import read_links
+from planemesh.netplanes.nl_client import HelperTc, NetlinkHelper
+from planemesh.netplanes.routing_plan import LocalDelivery, MarkRule, PlaneRouting
 
 if TYPE_CHECKING:
     from planemesh.ebpf.egress_shaper import EgressShaper
     from planemesh.ebpf.loader import Datapath
     from planemesh.netplanes.htb_plan import EgressPlan
-    from planemesh.netplanes.routing import PlaneRouting
 
 log = logging.getLogger("planemesh.kernel")
 
@@ -44,16 +50,23 @@ class KernelDataPath:
         self.shaper: EgressShaper | None = None
         self._egress_plan: EgressPlan | None = None
         self._plane_ifaces: set[int] = set()  # plane interfaces seen by sync_interfaces
+        self.netlink = NetlinkHelper()  # pyroute2 in a child, only while changes are made
+        self.link_lookup: Callable[[str], int | None] = _lookup_now  # the daemon's LinkMonitor.lookup once it runs
+        self._rules: frozenset[MarkRule] | None = None  # plane rules last synced (None: not yet, sync)
+        self._shaped: dict[int, EgressPlan] = {}  # ifindex -> HTB plan last applied there
 
     def open(self) -> None:
         from planemesh.ebpf.loader import Datapath
 
-        self.dp = Datapath(self.pin_dir, local_mark=self.local_mark, own_mark=self.own_mark, mark_planes=True)
+        tc = HelperTc(self.netlink)
+        self.dp = Datapath(self.pin_dir, local_mark=self.local_mark, own_mark=self.own_mark, mark_planes=True, tc=tc)
+
+    def _local_delivery(self) -> LocalDelivery:
+        return LocalDelivery(mark=self.local_mark, mask=self.local_mark)
 
     def install_routing(self) -> None:
-        from planemesh.netplanes import routing
-
-        routing.install(routing.LocalDelivery(mark=self.local_mark, mask=self.local_mark))
+        for change in self.netlink.call("routing.install", self._local_delivery()):
+            log.info("routing: %s", change)
         self._routing_installed = True
 
     def check(self, snap: Snapshot) -> None:
@@ -75,15 +88,20 @@ class KernelDataPath:
         result = self.dp.apply(policy_from_snapshot(snap))
         log.debug("policy sync: %s", result)
         # The proxy's own traffic of planes with a table is routed there (the multi-plane loop: docs/planes.md).
-        for change in self._plane_routing().sync(snap.planes):
-            log.info("plane routing: %s", change)
+        self._sync_rules(self._plane_routing().desired(snap.planes))
         self._egress_plan = self._plan_egress(snap)
         self._shape(self._egress_targets())
 
     def _plane_routing(self) -> PlaneRouting:
-        from planemesh.netplanes.routing import PlaneRouting
-
         return PlaneRouting(own_mark=self.own_mark)
+
+    def _sync_rules(self, desired: frozenset[MarkRule]) -> None:
+        if desired == self._rules:
+            return
+        plan = self._plane_routing()
+        for change in self.netlink.call("rules.sync", plan.own_mark, plan.priority, desired):
+            log.info("plane routing: %s", change)
+        self._rules = desired
 
     # ---- per-plane bandwidth (HTB on egress; see ebpf/egress_shaper.py) ----------------------------
     def _plan_egress(self, snap: Snapshot) -> EgressPlan | None:
@@ -99,16 +117,12 @@ class KernelDataPath:
 
     def _egress_targets(self) -> set[int]:
         targets = set(self._plane_ifaces)
-        if self.uplinks:
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                for name in self.uplinks:
-                    found = ipr.link_lookup(ifname=name)
-                    if found:
-                        targets.add(found[0])
-                    else:
-                        log.warning("uplink %s not found: not shaped", name)
+        for name in self.uplinks:
+            found = self.link_lookup(name)
+            if found is not None:
+                targets.add(found)
+            else:
+                log.warning("uplink %s not found: not shaped", name)
         return targets
 
     def _shape(self, ifindexes: set[int]) -> None:
@@ -116,13 +130,17 @@ class KernelDataPath:
             if self.shaper is not None:  # shaping switched off: the interfaces get their default back
                 self.shaper.close(remove=True)
                 self.shaper = None
+                self._shaped.clear()
             return
         if self.shaper is None:
             from planemesh.ebpf.egress_shaper import EgressShaper
 
-            self.shaper = EgressShaper(self.dp.pin_dir if self.dp is not None else None)
+            pin_dir = self.dp.pin_dir if self.dp is not None else None
+            self.shaper = EgressShaper(pin_dir, tc=HelperTc(self.netlink))
         for ifindex in sorted(ifindexes):
-            self.shaper.apply(ifindex, self._egress_plan)
+            if self._shaped.get(ifindex) != self._egress_plan:  # unchanged: nothing to ask the kernel
+                self.shaper.apply(ifindex, self._egress_plan)
+                self._shaped[ifindex] = self._egress_plan
 
     def sync_interfaces(self, snap: Snapshot, change: InterfaceDiff) -> None:
         assert self.dp is not None
@@ -134,6 +152,7 @@ class KernelDataPath:
                 log.debug("detach %s: %s", iface.ifname, exc)
             self.dp.clear_interface(iface.ifindex)
             self._plane_ifaces.discard(iface.ifindex)
+            self._shaped.pop(iface.ifindex, None)
             if self.shaper is not None:
                 try:
                     self.shaper.remove(iface.ifindex)
@@ -158,11 +177,18 @@ class KernelDataPath:
         if self.dp is not None:
             self.dp.close(detach=detach)
             self.dp = None
-        if detach:  # detach=False (fail-open, restart, hand-over): the rules keep routing for the next agent
-            for change in self._plane_routing().remove():
-                log.info("plane routing: %s", change)
-        if self._routing_installed and detach:
-            from planemesh.netplanes import routing
+        try:
+            if detach:  # detach=False (fail-open, restart, hand-over): the rules keep routing for the next agent
+                self._rules = None
+                self._sync_rules(frozenset())
+            if self._routing_installed and detach:
+                for change in self.netlink.call("routing.remove", self._local_delivery()):
+                    log.info("routing: %s", change)
+                self._routing_installed = False
+        finally:
+            self.netlink.close()
 
-            routing.remove(routing.LocalDelivery(mark=self.local_mark, mask=self.local_mark))
-            self._routing_installed = False
+
+def _lookup_now(ifname: str) -> int | None:
+    """An interface's index by name, read now (without a LinkMonitor)."""
+    return next((link.ifindex for link in read_links() if link.ifname == ifname), None)

@@ -32,7 +32,18 @@ MAX_FDS = 16
 MAX_MESSAGE = 1 << 16
 PR_SET_NAME = 15
 COMM = b"pm-zygote"  # what `ps`/the bench see for a zygote forked from the agent
-WORKER_COMM = b"pm-worker"  # and for the workers it forks (their command line is the zygote's)
+WORKER_COMM_PREFIX = "pmw:"  # and its workers: "pmw:<plane>" (their command line is the zygote's)
+COMM_MAX = 15  # TASK_COMM_LEN - 1
+
+
+def worker_comm(plane: str) -> str:
+    """A forked worker's process name (/proc/PID/comm, `ps -o comm`): the only place its plane shows, as its
+    command line is the zygote's. Cut at 15 bytes by the kernel: a plane name over 11 bytes is cut too."""
+    return (WORKER_COMM_PREFIX + plane).encode()[:COMM_MAX].decode(errors="ignore")
+
+
+def _plane_of(argv: list[str]) -> str:
+    return argv[argv.index("--plane") + 1] if "--plane" in argv[:-1] else ""
 
 
 def preload() -> None:
@@ -82,7 +93,7 @@ def _run_child(request: dict[str, Any], fds: list[int], keep_closed: list[int]) 
     code = 1
     try:
         _join_groups(list(request.get("groups", [])))
-        _set_name(WORKER_COMM)
+        _set_name(worker_comm(_plane_of([str(a) for a in request["argv"]])).encode())
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -51,8 +51,9 @@ from bench.common import scratch_dir
 from bench.footprint_load import LoadResult, under_load
 from bench.footprint_load import report as load_report
 from planemesh.agent.demo import start_agent
-from planemesh.labs import load_lab
+from planemesh.labs import load_lab, procs
 from planemesh.labs import netns as ns_tools
+from planemesh.labs.procs import worker_pids
 from planemesh.model.static_config import default_config_text
 
 
@@ -137,25 +138,6 @@ def envoy_ads_in_node(lab, work: Path, address: str):
         ns_tools.stop(proc)
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
-                # comm may hold spaces: the fields after the last ')' are fixed
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-    return found
-
-
-def worker_pids(agent_pid: int) -> list[int]:
-    """The agent's workers: its children, or with --worker-zygote its zygote's children (the zygote left out)."""
-    found = []
-    for pid in children(agent_pid):
-        found += children(pid) if is_zygote(pid) else [pid]
-    return sorted(found)
-
-
 def compiler_mapped(pid: int) -> bool:
     """libbcc or libLLVM mapped into the process."""
     with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
@@ -184,29 +166,26 @@ def envoy_memory_kb(lab, work: Path, settle: float) -> dict[str, int] | None:
         return memory_kb(proc.pid) if proc.poll() is None else None
 
 
-def is_zygote(pid: int) -> bool:
-    """agent/zygote.py: exec'd (its command line) or forked from the agent (its name, pm-zygote)."""
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f, open(f"/proc/{pid}/comm") as c:
-        return b"planemesh.agent.zygote" in f.read() or c.read().strip() == "pm-zygote"
-    return False
+def helper_pids(agent_pid: int) -> list[int]:
+    return [pid for pid in procs.children(agent_pid) if procs.comm(pid) == "pm-nl-helper"]
 
 
-def two_planes_memory(lab, work: Path, pin_dir: str, settle: float, zygote: bool = False) -> dict[str, dict[str, int]]:
-    """The default configuration (two planes, one worker each), at rest: RSS/PSS/USS of the agent and workers;
-    with `zygote` (--worker-zygote) the workers are the zygote's children and the zygote is a row of its own."""
-    agent = start_agent(lab, work, ["--pin-dir", pin_dir, *(["--worker-zygote"] if zygote else [])])
+def two_planes_memory(lab, work: Path, pin_dir: str, settle: float, execd: bool = False) -> dict[str, dict[str, int]]:
+    """The default configuration (two planes, one worker each), at rest: RSS/PSS/USS of the agent, its zygote and
+    workers (forked by the zygote, the default); `execd` (--no-worker-zygote): workers exec'd, no zygote."""
+    agent = start_agent(lab, work, ["--pin-dir", pin_dir, *(["--no-worker-zygote"] if execd else [])])
     try:
         time.sleep(settle)
+        deadline = time.monotonic() + 10  # at rest: the netlink helper (netplanes/nl_client.py) exits when idle
+        while helper_pids(agent.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
         out = {"agent": memory_kb(agent.pid)}
-        workers = []
-        for pid in sorted(children(agent.pid)):
-            if is_zygote(pid):
-                out["zygote"] = memory_kb(pid)
-                workers += sorted(children(pid))
-            else:
-                workers.append(pid)
-        for i, pid in enumerate(workers):
+        for pid in procs.zygotes(agent.pid):
+            out["zygote"] = memory_kb(pid)
+        for i, pid in enumerate(worker_pids(agent.pid)):
             out[f"worker {i + 1}"] = memory_kb(pid)
+        for pid in helper_pids(agent.pid):  # still there 10 s after the last change: a row of its own
+            out["netlink helper"] = memory_kb(pid)
         return out
     finally:
         ns_tools.stop(agent)
@@ -232,7 +211,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--settle", type=float, default=2.0, help="seconds between ready and the RSS sample")
     parser.add_argument("--no-envoy", action="store_true")
-    parser.add_argument("--worker-zygote", action="store_true", help="every agent of the run forks its workers")
+    parser.add_argument("--no-worker-zygote", action="store_true", help="every agent of the run execs its workers")
     parser.add_argument("--load-seconds", type=int, default=5, help="each load run (wrk, h2load); 0: no load")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
     parser.add_argument("--h2-clients", type=int, default=4, help="h2load connections")
@@ -242,14 +221,14 @@ def main(argv: list[str]) -> None:
         parser.error("--rounds, --connections, --h2-* must be >= 1 and --load-seconds >= 0")
     opts = {"seconds": args.load_seconds, "connections": args.connections, "h2_clients": args.h2_clients,
             "h2_streams": args.h2_streams}  # fmt: skip
-    if args.worker_zygote:  # every agent reads the variable: the start and load runs fork their workers too
-        os.environ["PLANEMESH_WORKER_ZYGOTE"] = "1"
+    if args.no_worker_zygote:  # every agent reads the variable: the start and load runs exec their workers too
+        os.environ["PLANEMESH_NO_WORKER_ZYGOTE"] = "1"
     loaded: LoadResult | None = None
     prefix = f"pmfp{secrets.token_hex(2)}"
     pin_dir = f"/sys/fs/bpf/{prefix}"
     samples: list[Sample] = []
     envoy = None
-    two_planes: dict[str, dict[str, int]] = {}
+    execd: dict[str, dict[str, int]] = {}
     forked: dict[str, dict[str, int]] = {}
     with scratch_dir() as tmp, load_lab(prefix=prefix) as lab:
         work = Path(tmp)
@@ -261,9 +240,9 @@ def main(argv: list[str]) -> None:
                 warm, agent = measure(lab, work, config, pin_dir, "warm", args.settle)
                 ns_tools.stop(agent)  # clean stop: detaches and removes the pins (the next round is cold)
                 samples += [cold, warm]
-            if not args.worker_zygote:
-                two_planes = two_planes_memory(lab, work, pin_dir, args.settle)
-            forked = two_planes_memory(lab, work, pin_dir, args.settle, zygote=True)
+            if not args.no_worker_zygote:
+                forked = two_planes_memory(lab, work, pin_dir, args.settle)
+            execd = two_planes_memory(lab, work, pin_dir, args.settle, execd=True)
             if not args.no_envoy:
                 envoy = envoy_memory_kb(lab, work, args.settle)
             if args.load_seconds:
@@ -281,8 +260,8 @@ def main(argv: list[str]) -> None:
     print("(medians of", args.rounds, "rounds; one plane, one worker, no traffic)")
     if envoy is not None:
         print(f"envoy 1.40 --concurrency 1, idle: {envoy['rss'] / 1024:.1f} MB")
-    if two_planes:
-        print("\n".join(memory_report(two_planes, envoy, ", workers exec'd (default)")))
-    print("\n".join(memory_report(forked, envoy, ", --worker-zygote: workers forked from the zygote")))
+    if forked:
+        print("\n".join(memory_report(forked, envoy, ", workers forked from the zygote (default)")))
+    print("\n".join(memory_report(execd, envoy, ", --no-worker-zygote: workers exec'd")))
     if loaded is not None:
         print("\n".join(load_report(loaded, opts)))

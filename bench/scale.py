@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.footprint import children, memory_kb
+from bench.footprint import memory_kb
 from bench.scale_resources import Shape, all_docs, endpoint_docs, route_config_doc
+from planemesh.labs import procs
 
 MINIMAL = Shape(clusters=1, endpoints=1, routes=1, vhosts=1)
 SERVER_S: list[float] = []  # per push: set_resources time in this process (part of push -> ACK)
@@ -78,8 +79,9 @@ def push(xds: Any, resources: dict[str, list], timeout: float = 120.0) -> float:
 
 
 def processes(agent_pid: int) -> dict[str, int]:
-    """agent and its workers (by plane order of start: worker1, worker2...)."""
-    return {"agent": agent_pid, **{f"worker{i + 1}": pid for i, pid in enumerate(sorted(children(agent_pid)))}}
+    """agent, its zygote (workers forked, the default) and its workers (by pid: worker1, worker2...)."""
+    found = {"agent": agent_pid, **{f"zygote{i + 1}": pid for i, pid in enumerate(procs.zygotes(agent_pid))}}
+    return {**found, **{f"worker{i + 1}": pid for i, pid in enumerate(procs.worker_pids(agent_pid))}}
 
 
 def sample(agent_pid: int, settle: float = 1.0) -> dict[str, dict[str, int]]:

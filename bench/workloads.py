@@ -32,12 +32,13 @@ from typing import Any
 
 import yaml
 
-from bench.footprint import children, rss_kb
+from bench.footprint import rss_kb
 from planemesh.agent.identity.ca import new_root
 from planemesh.agent.proxy.routing_table import RoutingTable
 from planemesh.agent.workloads.merge import merge
 from planemesh.agent.workloads.model import Workload
 from planemesh.ebpf.policy import policy_from_snapshot
+from planemesh.labs import procs
 from planemesh.labs.envoy_resources import by_type
 from planemesh.model.static_config import default_config_text, snapshot_from_dict
 from planemesh.model.validation import validate_snapshot
@@ -111,7 +112,8 @@ def merge_cost(n: int, planes_raw: list[dict]) -> dict[str, float]:
 
 
 def memory_kb(pid: int) -> int:
-    return rss_kb(pid) + sum(rss_kb(c) for c in children(pid))
+    """The agent's RSS plus its zygote's and workers' (exec'd or forked)."""
+    return rss_kb(pid) + sum(rss_kb(c) for c in (*procs.zygotes(pid), *procs.worker_pids(pid)))
 
 
 def _write(path: Path, doc: dict) -> None:

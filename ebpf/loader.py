@@ -9,7 +9,8 @@ program, under its content hash: a restart or hot upgrade with the same source, 
 re-uses it and compiles nothing. Without `pin_dir` nothing is pinned.
 
 Interface indexes are those of the network namespace the calling thread is in when it calls
-`attach`/`detach`; keep one Datapath per namespace.
+`attach`/`detach`; keep one Datapath per namespace. The tc calls go through a TcHooks (ebpf/tc_hooks.py): pyroute2
+in this process by default, the agent's short-lived netlink helper in the agent (no pyroute2 imported here).
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute
-
-from planemesh.ebpf import abi, build, tc_attach
+from planemesh.ebpf import abi, build
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.maps import open_maps, u32_key
 from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
-from planemesh.netplanes.netlink import ipr_or_new
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
+    from planemesh.ebpf.tc_hooks import TcHooks
 
 EBPF_DIR = Path(__file__).resolve().parent
 SOURCE = EBPF_DIR / "pm_tc.c"
@@ -82,7 +86,9 @@ class Datapath:
         local_mark: int = abi.PM_MARK_LOCAL,
         own_mark: int = abi.PM_MARK_OWN,
         mark_planes: bool = False,
+        tc: TcHooks | None = None,
     ) -> None:
+        self.tc = tc  # where attach/detach run (None: here, through pyroute2)
         self.pin_dir = _validated_pin_dir(pin_dir) if pin_dir else None
         if self.pin_dir:
             os.makedirs(self.pin_dir, exist_ok=True)
@@ -161,16 +167,16 @@ class Datapath:
             found[int.from_bytes(key, "little")] = (int(iface.plane_id), int(iface.flags))
         return found
 
+    def _hooks(self, ipr: IPRoute | None) -> TcHooks:
+        if ipr is None and self.tc is not None:
+            return self.tc
+        from planemesh.ebpf.tc_attach import LocalTc  # pyroute2: only where no other TcHooks was given
+
+        return LocalTc(ipr)
+
     def attach(self, ifindex: int, ipr: IPRoute | None = None) -> None:
         """Attach to `ifindex` of the current netns (clsact ingress, direct action). Idempotent."""
-        with ipr_or_new(ipr) as nl:
-            created = tc_attach.ensure_clsact(nl, ifindex)
-            try:
-                tc_attach.attach_filter(nl, ifindex, self.prog_fd, PROGRAM)
-            except Exception:
-                if created:
-                    tc_attach.remove_clsact_if_unused(nl, ifindex)
-                raise
+        created = self._hooks(ipr).attach(ifindex, self.prog_fd, PROGRAM)
         current = self._iface(ifindex)
         flags = (current.flags if current else 0) | abi.PM_IF_F_ATTACHED
         if created:
@@ -180,10 +186,7 @@ class Datapath:
     def detach(self, ifindex: int, ipr: IPRoute | None = None) -> None:
         """Remove our filter (and the clsact qdisc if we created it and it is unused) and forget ifindex."""
         current = self._iface(ifindex)
-        with ipr_or_new(ipr) as nl:
-            tc_attach.detach_filter(nl, ifindex)
-            if current and current.flags & abi.PM_IF_F_CLSACT_OURS:
-                tc_attach.remove_clsact_if_unused(nl, ifindex)
+        self._hooks(ipr).detach(ifindex, bool(current and current.flags & abi.PM_IF_F_CLSACT_OURS))
         self._put_iface(ifindex, 0, 0)
 
     # ---- planes and policy ------------------------------------------------------------------
@@ -328,10 +331,9 @@ class Datapath:
         as attached (in the current netns) and unpins the maps; detach=False leaves the data path
         running for the next agent to re-adopt."""
         if detach:
-            with ipr_or_new(ipr) as nl:
-                for ifindex, (_plane, flags) in self.interfaces().items():
-                    if flags & abi.PM_IF_F_ATTACHED:
-                        self.detach(ifindex, nl)
+            for ifindex, (_plane, flags) in self.interfaces().items():
+                if flags & abi.PM_IF_F_ATTACHED:
+                    self.detach(ifindex, ipr)
             if self.pin_dir:
                 self.unpin()
         for table in self._tables.values():

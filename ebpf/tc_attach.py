@@ -14,6 +14,10 @@ import errno
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from planemesh.ebpf import egress_netlink
+from planemesh.netplanes.htb_plan import EgressOp, EgressPlan
+from planemesh.netplanes.netlink import ipr_or_new
+
 TC_INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress ("ffff:fff2")
 TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress ("ffff:fff3")
 TC_CLSACT_HANDLE = 0xFFFF0000
@@ -101,3 +105,36 @@ def remove_clsact_if_unused(ipr: IPRoute, ifindex: int) -> bool:
             return False
         raise
     return True
+
+
+class LocalTc:
+    """TcHooks (ebpf/tc_hooks.py) run in this process through pyroute2, on `ipr` or a fresh IPRoute per call (in
+    the calling thread's network namespace)."""
+
+    def __init__(self, ipr: IPRoute | None = None) -> None:
+        self._ipr = ipr
+
+    def attach(self, ifindex: int, prog_fd: int, name: str) -> bool:
+        with ipr_or_new(self._ipr) as nl:
+            created = ensure_clsact(nl, ifindex)
+            try:
+                attach_filter(nl, ifindex, prog_fd, name)
+            except Exception:
+                if created:
+                    remove_clsact_if_unused(nl, ifindex)
+                raise
+        return created
+
+    def detach(self, ifindex: int, remove_clsact: bool) -> None:
+        with ipr_or_new(self._ipr) as nl:
+            detach_filter(nl, ifindex)
+            if remove_clsact:
+                remove_clsact_if_unused(nl, ifindex)
+
+    def egress_apply(self, ifindex: int, plan: EgressPlan, prog_fd: int) -> list[EgressOp]:
+        with ipr_or_new(self._ipr) as nl:
+            return egress_netlink.apply_plan(nl, ifindex, plan, prog_fd)
+
+    def egress_remove(self, ifindex: int) -> bool:
+        with ipr_or_new(self._ipr) as nl:
+            return egress_netlink.remove_plan(nl, ifindex)

@@ -17,7 +17,8 @@
 
 Everything works in the network namespace of the IPRoute it is given (by default one opened in the
 calling thread's namespace), is idempotent and removes only what it describes. Plans (`MarkRule`,
-`PlaneRouting.desired`, `diff_rules`) are pure; `install`/`remove`/`PlaneRouting.sync` apply them.
+`PlaneRouting.desired`, `diff_rules`) are pure, in netplanes/routing_plan.py (the agent imports only those);
+`install`/`remove`/`PlaneRouting.sync` apply them through pyroute2 (for the agent: in netplanes/nl_helper.py).
 """
 
 from __future__ import annotations
@@ -31,55 +32,25 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from planemesh.ebpf.abi import PM_MARK_LOCAL, PM_MARK_OWN, PM_MARK_PLANE_MASK
-from planemesh.model.planes import LOCAL_DELIVERY_TABLE, Plane
+from planemesh.model.planes import Plane
+from planemesh.netplanes import routing_plan
 from planemesh.netplanes.netlink import ipr_or_new
+from planemesh.netplanes.routing_plan import (
+    DEFAULT_PRIORITY,
+    DEFAULT_TABLE,
+    FAMILIES,
+    FAMILY_NAME,
+    PLANE_PRIORITY,
+    LocalDelivery,
+    MarkRule,
+    diff_rules,
+)
 
-DEFAULT_TABLE = LOCAL_DELIVERY_TABLE
-DEFAULT_PRIORITY = 1000  # after `local` (0), before `main` (32766)
-PLANE_PRIORITY = DEFAULT_PRIORITY + 1  # plane rules: right after local delivery
 RTN_LOCAL = 2
 SCOPE_HOST = 254
-FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _ANY = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
-_FAMILY_NAME = {socket.AF_INET: "v4", socket.AF_INET6: "v6"}
-
-
-@dataclass(frozen=True, slots=True)
-class MarkRule:
-    """`ip rule fwmark mark/mask lookup table priority P`, once per family."""
-
-    mark: int
-    mask: int
-    table: int
-    priority: int
-    families: tuple[int, ...] = FAMILIES
-
-    def __post_init__(self) -> None:
-        if not self.mark or self.mark & ~self.mask:
-            raise ValueError(f"mark {self.mark:#x} must be non-zero and inside mask {self.mask:#x}")
-        if not 0 < self.table < 2**32 or self.table in (253, 254, 255):
-            raise ValueError(f"table {self.table} is not a private routing table")
-        if not 0 < self.priority < 32766:
-            raise ValueError(f"priority {self.priority} must sit between the local and main rules")
-        if not set(self.families) <= set(FAMILIES):
-            raise ValueError(f"families {self.families} must be AF_INET and/or AF_INET6")
-
-    def describe(self, family: int) -> str:
-        return (
-            f"{_FAMILY_NAME[family]} rule fwmark {self.mark:#x}/{self.mask:#x} table {self.table} prio {self.priority}"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class LocalDelivery(MarkRule):
-    """Packets whose mark matches mark/mask are delivered locally via `table` (which holds `local default`)."""
-
-    mark: int = PM_MARK_LOCAL
-    mask: int = PM_MARK_LOCAL
-    table: int = DEFAULT_TABLE
-    priority: int = DEFAULT_PRIORITY
-    families: tuple[int, ...] = FAMILIES
+_FAMILY_NAME = FAMILY_NAME
+LOCAL_DELIVERY = LocalDelivery()  # the default spec (frozen)
 
 
 def _rule_table(msg) -> int:  # type: ignore[no-untyped-def]
@@ -155,13 +126,13 @@ def _local_route(nl: IPRoute, command: str, spec: LocalDelivery, family: int, lo
     nl.route(command, family=family, dst=_ANY[family], type="local", table=spec.table, oif=lo, scope=SCOPE_HOST)
 
 
-def installed(spec: LocalDelivery = LocalDelivery(), ipr: IPRoute | None = None) -> bool:
+def installed(spec: LocalDelivery = LOCAL_DELIVERY, ipr: IPRoute | None = None) -> bool:
     """True if the rule and the route exist for every family of `spec`."""
     with ipr_or_new(ipr) as nl:
         return all(rules_present(spec, nl, f) and routes_present(spec, nl, f) for f in spec.families)
 
 
-def install(spec: LocalDelivery = LocalDelivery(), ipr: IPRoute | None = None) -> list[str]:
+def install(spec: LocalDelivery = LOCAL_DELIVERY, ipr: IPRoute | None = None) -> list[str]:
     """Add what is missing (route before rule: a marked packet never meets an empty table); returns a
     description of each change (empty when already installed)."""
     done: list[str] = []
@@ -176,7 +147,7 @@ def install(spec: LocalDelivery = LocalDelivery(), ipr: IPRoute | None = None) -
     return done
 
 
-def remove(spec: LocalDelivery = LocalDelivery(), ipr: IPRoute | None = None) -> list[str]:
+def remove(spec: LocalDelivery = LOCAL_DELIVERY, ipr: IPRoute | None = None) -> list[str]:
     """Remove our rule and route (rule first, so marked packets never meet an empty table)."""
     with ipr_or_new(ipr) as nl:
         done = delete_rule(spec, nl)
@@ -192,45 +163,9 @@ def remove(spec: LocalDelivery = LocalDelivery(), ipr: IPRoute | None = None) ->
 # ---- plane rules: the proxy's own traffic of a plane routed in the plane's table --------------------
 
 
-def diff_rules(desired: Iterable[MarkRule], observed: Iterable[MarkRule]) -> tuple[list[MarkRule], list[MarkRule]]:
-    """(to add, to remove), single-family rules compared whole. Apply adds first: a plane whose table changes
-    keeps a rule all along (rules of one priority match in insertion order, so the old one wins until removed)."""
-    want, have = set(desired), set(observed)
-    return sorted(want - have, key=_rule_order), sorted(have - want, key=_rule_order)
-
-
-def _rule_order(rule: MarkRule) -> tuple[tuple[int, ...], int, int]:
-    return (rule.families, rule.mark, rule.table)
-
-
 @dataclass(frozen=True, slots=True)
-class PlaneRouting:
-    """One rule per plane with a table and per IP version it has CIDRs of (both when it has none):
-
-        fwmark (own_mark | plane_id)/(own_mark | PLANE_MASK) lookup <plane.table> priority <priority>
-
-    Ours are the rules at `priority` with exactly that mask: `observed` finds them whoever installed them
-    (a previous agent that left them for us), so `sync` also removes what an earlier configuration left."""
-
-    own_mark: int = PM_MARK_OWN
-    priority: int = PLANE_PRIORITY
-
-    @property
-    def mask(self) -> int:
-        return self.own_mark | PM_MARK_PLANE_MASK
-
-    def desired(self, planes: Iterable[Plane]) -> frozenset[MarkRule]:
-        rules = set()
-        for plane in planes:
-            if plane.table is None:
-                continue
-            versions = {net.version for net in plane.cidrs} or {4, 6}
-            for family in FAMILIES:
-                if (4 if family == socket.AF_INET else 6) in versions:
-                    rules.add(
-                        MarkRule(self.own_mark | plane.plane_id, self.mask, plane.table, self.priority, (family,))
-                    )
-        return frozenset(rules)
+class PlaneRouting(routing_plan.PlaneRouting):
+    """routing_plan.PlaneRouting with the netlink side: what the kernel holds, and the sync to the plan."""
 
     def observed(self, ipr: IPRoute | None = None) -> frozenset[MarkRule]:
         found = set()
@@ -245,8 +180,12 @@ class PlaneRouting:
 
     def sync(self, planes: Iterable[Plane], ipr: IPRoute | None = None) -> list[str]:
         """Make the kernel hold exactly the desired plane rules; returns what changed."""
+        return self.sync_rules(self.desired(planes), ipr)
+
+    def sync_rules(self, desired: Iterable[MarkRule], ipr: IPRoute | None = None) -> list[str]:
+        """Make the kernel hold exactly `desired` (this priority and mask's rules); returns what changed."""
         with ipr_or_new(ipr) as nl:
-            add, drop = diff_rules(self.desired(planes), self.observed(nl))
+            add, drop = diff_rules(desired, self.observed(nl))
             done = [f"add {line}" for rule in add for line in add_rule(rule, nl)]
             done += [f"del {line}" for rule in drop for line in delete_rule(rule, nl)]
         return done
@@ -262,3 +201,9 @@ def _tolerate(*codes: int) -> Iterator[None]:
     except NetlinkError as exc:
         if exc.code not in codes:
             raise
+
+
+__all__ = [
+    "DEFAULT_PRIORITY", "DEFAULT_TABLE", "FAMILIES", "PLANE_PRIORITY", "LocalDelivery", "MarkRule", "PlaneRouting",
+    "add_rule", "delete_rule", "diff_rules", "install", "installed", "remove",
+]  # fmt: skip

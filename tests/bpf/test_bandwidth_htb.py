@@ -24,7 +24,8 @@ from pyroute2 import IPRoute, netns
 
 from planemesh.ebpf import abi
 from planemesh.ebpf.abi import Action
-from planemesh.ebpf.egress_shaper import EgressShaper, class_stats, observe
+from planemesh.ebpf.egress_netlink import class_stats, observe
+from planemesh.ebpf.egress_shaper import EgressShaper
 from planemesh.ebpf.loader import Datapath
 from planemesh.labs.netns import call_in
 from planemesh.model.planes import SLA, Plane

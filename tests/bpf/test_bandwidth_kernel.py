@@ -8,7 +8,7 @@ from pyroute2 import IPRoute
 
 from planemesh.agent.kernel import KernelDataPath
 from planemesh.ebpf import abi
-from planemesh.ebpf.egress_shaper import observe
+from planemesh.ebpf.egress_netlink import observe
 from planemesh.labs.netns import call_in
 from planemesh.model.static_config import snapshot_from_dict
 from planemesh.netplanes import discovery

@@ -7,31 +7,14 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from planemesh.labs import netns as ns_tools
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            out += [int(c) for c in (task / "children").read_text().split()]
-    return out
+from planemesh.labs import procs
 
 
 def worker_pids(agent_pid: int, plane: str) -> list[int]:
-    """The agent's live worker processes serving `plane` (from their command lines)."""
-    pids = []
-    for pid in children(agent_pid):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"planemesh.agent.worker_process" in argv and plane.encode() in argv and state != "Z":
-            pids.append(pid)
-    return sorted(pids)
+    """The agent's live worker processes serving `plane`, exec'd or forked by its zygote (labs/procs.py)."""
+    return procs.worker_pids(agent_pid, plane)
 
 
 def wait_worker(agent_pid: int, plane: str, timeout: float = 20.0, not_pid: int | None = None) -> int:

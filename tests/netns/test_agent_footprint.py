@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
 from planemesh.agent.demo import start_agent
 from planemesh.labs import netns as ns_tools
+from planemesh.labs import procs
 from planemesh.labs.traffic import http_requests
 from tests.netns.agent_lab import AgentLab, eventually, running_agent
 
@@ -37,18 +37,6 @@ def grpc_libraries(pid: int) -> set[str]:
     return {p for p in paths if any(lib in os.path.basename(p) for lib in ("cygrpc", "_message.abi3", "_upb"))}
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after comm's ')' + state: ppid
-            found.append(int(entry))
-    return found
-
-
 def output(proc) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(getattr(proc, "output_lines", []))
 
@@ -66,8 +54,8 @@ def test_agent_holds_no_compiler_and_warm_starts_compile_nothing(run_prefix: str
             assert compiler_libraries(env.agent.pid) == set()
             assert COMPILED in env.agent_output()
             assert proxied(env)
-            workers = children(env.agent.pid)
-            assert workers and all(compiler_libraries(pid) == set() for pid in workers)
+            workers = [*procs.zygotes(env.agent.pid), *procs.worker_pids(env.agent.pid)]
+            assert len(workers) == 3 and all(compiler_libraries(pid) == set() for pid in workers)
             # A static config: no xDS, so neither the agent nor a worker loaded grpc/protobuf.
             assert all(grpc_libraries(pid) == set() for pid in [env.agent.pid, *workers])
             programs = {p for p in os.listdir(pin_dir) if p.startswith("prog_pm_tc_ingress_")}

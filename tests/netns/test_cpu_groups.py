@@ -14,6 +14,7 @@ import yaml
 from planemesh.agent.cpu_groups import V1_SHARES_PER_WEIGHT
 from planemesh.agent.demo import default_xds_resources, start_agent
 from planemesh.labs import netns as ns_tools
+from planemesh.labs import procs
 from planemesh.model.plane_limits import parse_cpu_list
 from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import eventually, running_agent
@@ -34,18 +35,8 @@ def _workers_of(agent_pid: int) -> dict[str, int]:
 
 
 def _worker_pids(agent_pid: int) -> dict[str, list[int]]:
-    found: dict[str, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == agent_pid and b"planemesh.agent.worker_process" in argv:
-            found.setdefault(argv[argv.index(b"--plane") + 1].decode(), []).append(int(proc.name))
-    return {plane: sorted(pids) for plane, pids in found.items()}
+    """Plane -> the agent's workers, exec'd or forked by its zygote (labs/procs.py)."""
+    return procs.workers_by_plane(agent_pid)
 
 
 def _cpu_group(pid: int) -> Path:

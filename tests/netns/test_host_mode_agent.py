@@ -23,7 +23,7 @@ import pytest
 
 from planemesh.agent.demo import start_agent, start_servers
 from planemesh.ebpf.host_redirect import HostMode, attached_programs
-from planemesh.labs import Lab, load_lab
+from planemesh.labs import Lab, load_lab, procs
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import http_requests
 from planemesh.model.static_config import default_config_text, load_default_config
@@ -85,12 +85,6 @@ def env(run_prefix: str, cgroup: str) -> Iterator[AgentLab]:
             ns_tools.stop(agent)
 
 
-def _cmdline(pid: int) -> bytes:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read()
-    return b""
-
-
 def _in_cgroup(pid: int, cgroup: str) -> bool:
     """Is the process in `cgroup` or below it (the agent may put its workers in per-plane CPU groups)?"""
     with open(f"/proc/{pid}/cgroup") as f:
@@ -139,9 +133,9 @@ def test_bypassed_port_from_the_cgroup_is_not_redirected(env: AgentLab, cgroup: 
 def test_agent_inside_the_cgroup_does_not_loop(env: AgentLab, cgroup: str) -> None:
     """planemesh's real configuration: the agent and its workers are in the intercepted cgroup, their
     upstream sockets carry the own mark: one request, one proxied connection, one upstream request, 200."""
-    workers = [pid for pid in ns_tools.pids_in(env.lab.node_ns) if b"planemesh.agent.worker_process" in _cmdline(pid)]
+    workers = procs.worker_pids(env.agent.pid)
     assert len(workers) == 2  # one per plane
-    for pid in (env.agent.pid, *workers):
+    for pid in (env.agent.pid, *procs.zygotes(env.agent.pid), *workers):
         assert _in_cgroup(pid, cgroup), pid
     assert {hook: len(ids) for hook, ids in attached_programs(cgroup).items()} == {
         "sock_ops": 1,

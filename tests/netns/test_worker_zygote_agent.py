@@ -1,6 +1,7 @@
-"""The real agent with --worker-zygote (agent/zygote.py): traffic through forked workers in every plane, each worker
-in its plane's groups with its own memory charged there, workers that die with a SIGKILLed agent, and a hot
-upgrade whose successor forks its workers from a zygote of its own."""
+"""The real agent with its workers forked by the zygote (agent/zygote.py, the default): traffic through forked
+workers in every plane, each worker in its plane's groups with its own memory charged there, workers that die with
+a SIGKILLed agent, a hot upgrade whose successor forks its workers from a zygote of its own, and
+--no-worker-zygote's exec'd workers."""
 
 from __future__ import annotations
 
@@ -12,20 +13,13 @@ import pytest
 
 from planemesh.agent.demo import start_agent
 from planemesh.labs import netns as ns_tools
+from planemesh.labs import procs
 from tests.netns.agent_lab import eventually, running_agent
-from tests.netns.faults import children
 from tests.netns.test_cpu_groups import _group, _limits_config, _read
 from tests.netns.test_stalled_worker import all_answer
 
 pytestmark = pytest.mark.netns
 MIB = 1 << 20
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _gone(pid: int) -> bool:
@@ -36,21 +30,12 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _is_zygote(pid: int) -> bool:
-    """Forked from the agent (named pm-zygote) or exec'd (a restarted one: its command line)."""
-    try:
-        exec_d = b"planemesh.agent.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        exec_d = False
-    return _comm(pid) == "pm-zygote" or exec_d
-
-
 def _zygote_and_workers(agent_pid: int) -> tuple[int, list[int]] | None:
     """The zygote and the workers it forked."""
-    zygotes = [p for p in children(agent_pid) if _is_zygote(p)]
+    zygotes = procs.zygotes(agent_pid)
     if len(zygotes) != 1:
         return None
-    workers = sorted(children(zygotes[0]))
+    workers = procs.children(zygotes[0])
     return (zygotes[0], workers) if len(workers) == 2 else None  # the default config: two planes, one worker each
 
 
@@ -61,11 +46,12 @@ def _private_dirty_bytes(pid: int) -> int:
 
 def test_forked_workers_serve_each_plane_in_its_groups_and_die_with_the_agent(run_prefix: str, tmp_path: Path) -> None:
     config = _limits_config(tmp_path / "agent.yaml", {"memory_max_mb": 128})
-    with running_agent(f"{run_prefix}z", ["--config", str(config), "--worker-zygote"]) as env:
+    with running_agent(f"{run_prefix}z", ["--config", str(config)]) as env:
         found = eventually(lambda: _zygote_and_workers(env.agent.pid))
         assert found, "no zygote with two forked workers under the agent"
         zygote, workers = found
-        assert [_comm(p) for p in workers] == ["pm-worker", "pm-worker"]
+        assert sorted(procs.comm(p) for p in workers) == ["pmw:media", "pmw:oam"]  # the plane in the name
+        assert procs.workers_by_plane(env.agent.pid) == {procs.worker_plane(p): [p] for p in workers}
         assert eventually(lambda: all_answer(env, 200), 10)
         planes = set()
         for pid in workers:
@@ -86,7 +72,7 @@ def test_forked_workers_serve_each_plane_in_its_groups_and_die_with_the_agent(ru
 
 
 def test_a_hot_upgrade_hands_over_to_workers_forked_by_the_successors_zygote(run_prefix: str, tmp_path: Path) -> None:
-    args = ["--worker-zygote"]
+    args: list[str] = []
     with running_agent(f"{run_prefix}u", args) as env:
         old = eventually(lambda: _zygote_and_workers(env.agent.pid))
         assert old and eventually(lambda: all_answer(env, 200), 10)
@@ -102,9 +88,9 @@ def test_a_hot_upgrade_hands_over_to_workers_forked_by_the_successors_zygote(run
 
 
 def test_a_killed_zygote_takes_its_workers_and_an_execd_one_replaces_it(run_prefix: str) -> None:
-    with running_agent(f"{run_prefix}k", ["--worker-zygote"]) as env:
+    with running_agent(f"{run_prefix}k", []) as env:
         old = eventually(lambda: _zygote_and_workers(env.agent.pid))
-        assert old and _comm(old[0]) == "pm-zygote" and eventually(lambda: all_answer(env, 200), 10)
+        assert old and procs.comm(old[0]) == "pm-zygote" and eventually(lambda: all_answer(env, 200), 10)
         os.kill(old[0], signal.SIGKILL)  # its workers die with it (PDEATHSIG); the supervisor restarts them
         new = eventually(lambda: (got := _zygote_and_workers(env.agent.pid)) and got[0] != old[0] and got, 30)
         assert new, env.agent_output()
@@ -112,3 +98,14 @@ def test_a_killed_zygote_takes_its_workers_and_an_execd_one_replaces_it(run_pref
         assert eventually(lambda: all(_gone(p) for p in old[1]), 15)
         assert eventually(lambda: all_answer(env, 200), 10)
         assert env.agent.poll() is None
+
+
+def test_no_worker_zygote_execs_each_worker_as_the_agents_child(run_prefix: str) -> None:
+    with running_agent(f"{run_prefix}x", ["--no-worker-zygote"]) as env:
+        workers = eventually(lambda: (w := procs.workers_by_plane(env.agent.pid)) and len(w) == 2 and w)
+        assert workers and sorted(workers) == ["media", "oam"]
+        assert procs.zygotes(env.agent.pid) == []
+        for (pid,) in workers.values():
+            assert b"planemesh.agent.worker_process" in procs.cmdline(pid)
+            assert pid in procs.children(env.agent.pid)
+        assert eventually(lambda: all_answer(env, 200), 10)

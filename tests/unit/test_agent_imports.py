@@ -1,0 +1,40 @@
+"""The long-lived agent process imports no pyroute2 (issue 15: ~10 MB of its RSS; pyroute2's package imports all of
+itself). Its kernel changes go through the short-lived netlink helper (netplanes/nl_helper.py, which does import
+it) and it reads links with its own rtnetlink reader (netplanes/link_monitor.py). The check runs in a fresh
+interpreter over every module the agent process loads, at start or later (host mode, HBONE supervision, xDS,
+admin, shaping); tests/bpf/test_kernel_netlink_helper.py runs the kernel side for real."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+AGENT_MODULES = (
+    "planemesh.agent.cli",
+    "planemesh.agent.daemon",
+    "planemesh.agent.kernel",
+    "planemesh.agent.admin_glue",
+    "planemesh.agent.xds_source",
+    "planemesh.agent.hbone.supervisor",
+    "planemesh.ebpf.loader",
+    "planemesh.ebpf.egress_shaper",
+    "planemesh.ebpf.host_redirect",
+    "planemesh.netplanes.discovery",
+    "planemesh.netplanes.link_monitor",
+    "planemesh.netplanes.nl_client",
+    "planemesh.netplanes.netns",
+)
+
+
+def _loaded(modules: tuple[str, ...]) -> list[str]:
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return out.stdout.split()
+
+
+def test_the_agents_modules_import_no_pyroute2() -> None:
+    assert [m for m in _loaded(AGENT_MODULES) if m.split(".")[0] == "pyroute2"] == []
+
+
+def test_the_netlink_helper_is_where_pyroute2_is() -> None:
+    assert "pyroute2" in _loaded(("planemesh.netplanes.nl_helper",))
