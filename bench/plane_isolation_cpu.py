@@ -115,7 +115,7 @@ class CpuLedger:
             argv = [self.perf, "record", "-q", "-e", "cpu-clock", "-C", str(self.cpu), "-F", str(PERF_HZ), "-o",
                     self._data]  # fmt: skip
             self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(0.2)  # perf opens its events before the probe starts
+            time.sleep(0.1)  # perf opens its events before the probe starts
         else:
             self._start = _task_times()
 
@@ -159,10 +159,11 @@ def _label(
     out: dict[str, float] = {}
     for tid, ms in by_tid.items():
         pid = threads.get(tid, tid)
+        named = _named(pid, names, parents)
         if tid == 0:
             label = IDLE
-        elif pid in names:
-            label = names[pid]
+        elif named is not None:
+            label = named
         elif pid in ours:
             label = BENCH
         elif pid == 2 or parents.get(pid) == 2:
@@ -171,6 +172,17 @@ def _label(
             label = OTHERS  # not ours, or gone before stop(): a neighbour's short-lived process
         out[label] = out.get(label, 0.0) + ms
     return out
+
+
+def _named(pid: int, names: dict[int, str], parents: dict[int, int]) -> str | None:
+    """The label of `pid` or of its nearest named ancestor (a proxy's launcher is named, the proxy is its child)."""
+    for _ in range(64):
+        if pid in names:
+            return names[pid]
+        pid = parents.get(pid, 0)
+        if pid <= 2:
+            return None
+    return None
 
 
 def _task_times() -> dict[int, tuple[int, int, int]]:

@@ -59,11 +59,11 @@ def test_the_ledger_table_and_re_measured_pairs_are_reported() -> None:
 
 def test_each_pid_on_the_protected_cpu_gets_its_label() -> None:
     me = os.getpid()
-    parents = {me: 1, 5001: me, 5002: 5001, 5003: 2, 5004: 1, 5005: me}
+    parents = {me: 1, 5001: me, 5002: 5001, 5003: 2, 5004: 1, 5005: me, 5006: me, 5007: 5006}
     threads = {5002: 5002, 5010: 5002, 5005: 5005}  # 5010: a thread of 5002
-    by_pid = {0: 5.0, 5002: 10.0, 5010: 4.0, 5003: 3.0, 5004: 40.0, 5005: 600.0, 9999: 7.0}
-    got = _label(by_pid, {5005: "oam worker"}, parents, threads)
-    assert got == {IDLE: 5.0, BENCH: 14.0, KERNEL: 3.0, OTHERS: 47.0, "oam worker": 600.0}
+    by_pid = {0: 5.0, 5002: 10.0, 5010: 4.0, 5003: 3.0, 5004: 40.0, 5005: 600.0, 9999: 7.0, 5007: 300.0}
+    got = _label(by_pid, {5005: "oam worker", 5006: "envoy"}, parents, threads)  # 5007: the launcher's child
+    assert got == {IDLE: 5.0, BENCH: 14.0, KERNEL: 3.0, OTHERS: 47.0, "oam worker": 600.0, "envoy": 300.0}
 
 
 def test_perf_samples_become_ms_per_second_by_process(tmp_path: Path) -> None:
@@ -71,3 +71,11 @@ def test_perf_samples_become_ms_per_second_by_process(tmp_path: Path) -> None:
     fake.write_text("#!/bin/sh\nprintf '   0 \\n 42 \\n 42 \\n 42 \\n'\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     assert perf_ms_per_s(str(fake), "unused") == {0: 250.0, 42: 750.0}
+
+
+def test_only_a_pinned_oam_has_pairs_left_out_for_neighbours() -> None:
+    rows = [_row("rate", 4.0, 4.4, others=10.0), _row("rate", 4.0, 8.0, others=50.0)]
+    for r in rows:
+        r.variant = "shared"  # unpinned: oam's CPU is anyone's, its idle time filled by whatever runs
+    line = next(x for x in report(rows, 2.0, True, "sides", rounds=2).splitlines() if x.startswith("| rate"))
+    assert "| 1.55x (1.10-2.00) |" in line and "| 2 / 2 (0) |" in line
