@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -41,6 +41,7 @@ import yaml
 from bench.common import WrkResult, parse_wrk
 from bench.floods import BYSTANDER, flood_lab, proxy_ports, reap, wait_both_planes, worker_pid
 from bench.http_proxy import envoy_in_node
+from bench.plane_isolation_cpu import OTHERS, CpuLedger, any_cpu, off_cpu
 from bench.plane_isolation_lab import (
     CONTROL,
     FLOOD,
@@ -51,7 +52,6 @@ from bench.plane_isolation_lab import (
     PROBE,
     PROBE_PATH,
     BenchGroups,
-    OthersOnCpu,
     describe_answers,
     flood_answers,
     flood_argv,
@@ -70,6 +70,10 @@ MEDIA_BANDWIDTH_MBIT = 200  # media's HTB class (sla.bandwidth_mbit): the bandwi
 VARIANTS = ("cpusets", "shared", "envoy")
 TARGET_P99, TARGET_RPS = 1.2, 0.8
 FLOOD_SETTLE_S = {"connections": 2.0}  # idle_flood needs time to open its connections; others 1 s
+# A pair whose probes saw the rest of the machine (not this bench, not its proxy) run more than this on oam's CPU
+# is measured again (at most --retries times): on a shared box a neighbour's burst there moves oam's p99 as much
+# as a flood (bench/plane_isolation_cpu.py). The row says how many pairs were re-measured.
+MAX_OTHERS_MS_S = 30.0
 
 
 def isolation_config(
@@ -96,8 +100,22 @@ class Row:
     idle: WrkResult
     flooded: WrkResult
     answers: dict
-    others_idle: float = 0.0  # ms/s the rest of the machine ran on oam's CPU (OthersOnCpu) during each probe
-    others_flooded: float = 0.0
+    cpu_idle: dict[str, float] = field(default_factory=dict)  # oam's CPU during each probe: label -> ms/s
+    cpu_flooded: dict[str, float] = field(default_factory=dict)  # (bench/plane_isolation_cpu.py CpuLedger)
+    remeasured: int = 0  # times this pair was measured again (neighbours on oam's CPU)
+
+    @property
+    def neighbours(self) -> float:
+        """The most the rest of the machine took on oam's CPU in either probe (ms/s)."""
+        return max(self.others_idle, self.others_flooded)
+
+    @property
+    def others_idle(self) -> float:
+        return self.cpu_idle.get(OTHERS, 0.0)
+
+    @property
+    def others_flooded(self) -> float:
+        return self.cpu_flooded.get(OTHERS, 0.0)
 
     @property
     def p99_ratio(self) -> float:
@@ -111,52 +129,86 @@ class Row:
 
 
 class Bench:
-    def __init__(self, lab: Lab, groups: BenchGroups, seconds: float) -> None:
+    def __init__(
+        self, lab: Lab, groups: BenchGroups, seconds: float, retries: int = 1, max_others: float = MAX_OTHERS_MS_S
+    ) -> None:
         self.lab, self.groups, self.seconds = lab, groups, seconds
+        self.retries, self.max_others = retries, max_others
         self.oam = lab.pod_addr("server", "oam", 4) or ""
         self.media = lab.pod_addr("server", "media", 4) or ""
-        self.others = OthersOnCpu(max(online_cpus()))  # the protected CPU (plane_cpus)
+        self.proxy_pids: dict[int, str] = {}  # the proxy under test's processes -> their labels
+        self.started: dict[int, str] = {}  # probes and floods of this pair (gone before the ledger stops)
+        self.ledger = CpuLedger(max(online_cpus()), self.labels)  # the protected CPU (plane_cpus)
 
-    def probe(self, name: str) -> tuple[WrkResult, float]:
-        """oam's figures, and the ms/s the rest of the machine ran on oam's CPU meanwhile."""
+    def labels(self) -> dict[int, str]:
+        return {**self.groups.members(), **self.started, **self.proxy_pids}
+
+    def probe(self, name: str) -> tuple[WrkResult, dict[str, float]]:
+        """oam's figures, and who ran on oam's CPU meanwhile (label -> ms/s)."""
         url = f"http://{host_port(self.oam, HEAVY_PORT)}{PROBE_PATH}"
         argv = ["wrk", "-t1", "-c2", f"-d{max(1, round(self.seconds))}s", "--latency", "--timeout", "5s", url]
-        self.others.start()
-        out = self._run(PROBE, BYSTANDER, argv).communicate(timeout=self.seconds + 60)[0]
-        others = self.others.stop()
-        return parse_wrk(name, out), others
+        self.ledger.start()
+        wrk = self._run(PROBE, BYSTANDER, argv)
+        self.started[wrk.pid] = "probe"  # the shell that joins the group execs ip, which execs wrk: one pid
+        out = wrk.communicate(timeout=self.seconds + 60)[0]
+        return parse_wrk(name, out), self.ledger.stop()
 
     def _run(self, group: str, pod: str, argv: list[str]) -> subprocess.Popen:
         wrapped = self.groups.wrap(group, ns_tools.exec_argv(self.lab.pod_ns(pod), argv))
         return subprocess.Popen(wrapped, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def measure(self, variant: str, kind: str) -> Row:
-        idle, others_idle = self.probe("oam, media idle")
+        self.started.clear()  # this pair's probes and flood only: a pid of an earlier one may be anyone's now
+        idle, cpu_idle = self.probe("oam, media idle")
         settle = FLOOD_SETTLE_S.get(kind, 1.0)
         flood = self._run(FLOOD, "client", flood_argv(kind, self.media, self.seconds + settle + 0.5))
+        self.started[flood.pid] = "flood"
         time.sleep(settle)  # the flood is in full swing
-        flooded, others_flooded = self.probe(f"oam, media {kind}")
+        flooded, cpu_flooded = self.probe(f"oam, media {kind}")
         out = flood.communicate(timeout=self.seconds + 90)[0]
-        return Row(variant, kind, idle, flooded, flood_answers(kind, out), others_idle, others_flooded)
+        return Row(variant, kind, idle, flooded, flood_answers(kind, out), cpu_idle, cpu_flooded)
 
     def run_variant(self, variant: str, floods: list[str], rounds: int = 1) -> list[Row]:
         rows = []
         for round_ in range(rounds):
             for kind in floods:
-                print(f"  {variant:8} {kind:13} round {round_ + 1}/{rounds} ...", file=sys.stderr, flush=True)
-                rows.append(self.measure(variant, kind))  # idle right before: the machine's load drifts
-                # What a flood leaves behind settles: both planes answer through the proxy again before the next.
-                time.sleep(0.5)
-                wait_both_planes(self.lab, "x-envoy-upstream-service-time" if variant == "envoy" else None)
+                attempts = []
+                # Only a pinned oam has a CPU of its own to disturb: unpinned, the scheduler fills its idle time
+                # on that CPU with whatever runs (neighbours included) and nothing is measured again.
+                for _ in range(self.retries + 1 if variant == "cpusets" else 1):
+                    print(f"  {variant:8} {kind:13} round {round_ + 1}/{rounds} ...", file=sys.stderr, flush=True)
+                    row = self.measure(variant, kind)  # idle right before: the machine's load drifts
+                    attempts.append(row)
+                    print(f"    {_pair_line(row)}", file=sys.stderr, flush=True)
+                    # What a flood leaves behind settles: both planes answer through the proxy again before the next.
+                    time.sleep(0.5)
+                    wait_both_planes(self.lab, "x-envoy-upstream-service-time" if variant == "envoy" else None)
+                    if row.neighbours <= self.max_others:
+                        break
+                kept = min(attempts, key=lambda r: r.neighbours)  # the pair the neighbours disturbed least
+                kept.remeasured = len(attempts) - 1
+                rows.append(kept)
         return rows
 
 
+def _pair_line(r: Row) -> str:
+    return (
+        f"p99 {r.idle.p99_ms:.2f} -> {r.flooded.p99_ms:.2f} ms ({_ratio(r.p99_ratio)}), req/s {r.idle.rps:.0f} -> "
+        f"{r.flooded.rps:.0f} ({r.rps_ratio:.2f}x), neighbours on oam's CPU {r.others_idle:.0f}, "
+        f"{r.others_flooded:.0f} ms/s"
+    )
+
+
 @contextlib.contextmanager
-def planemesh(lab: Lab, work: Path, config: Path) -> Iterator[None]:
-    agent = start_agent(lab, work, ["--config", str(config)])
+def planemesh(lab: Lab, work: Path, config: Path) -> Iterator[dict[int, str]]:
+    """The agent under test; yields its processes' labels for the CPU ledger."""
+    with any_cpu():  # the bench keeps off oam's CPU, the agent under test is not pinned by it
+        agent = start_agent(lab, work, ["--config", str(config)])
     try:
         wait_both_planes(lab, None)
-        yield
+        pids = {agent.pid: "agent"}
+        pids.update({w: f"{p} worker" for p in ("oam", "media") if (w := worker_pid(agent.pid, p)) is not None})
+        yield pids
     finally:
         workers = [w for w in (worker_pid(agent.pid, p) for p in ("oam", "media")) if w is not None]
         ns_tools.stop(agent)
@@ -164,12 +216,15 @@ def planemesh(lab: Lab, work: Path, config: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def envoy(lab: Lab, work: Path, config: Path) -> Iterator[None]:
-    datapath = start_agent(lab, work, ["--datapath-only", "--config", str(config)])
+def envoy(lab: Lab, work: Path, config: Path) -> Iterator[dict[int, str]]:
+    with any_cpu():
+        datapath = start_agent(lab, work, ["--datapath-only", "--config", str(config)])
     try:
-        with envoy_in_node(lab, work, proxy_ports()):
+        with contextlib.ExitStack() as stack:
+            with any_cpu():
+                proc = stack.enter_context(envoy_in_node(lab, work, proxy_ports()))
             wait_both_planes(lab, "x-envoy-upstream-service-time")  # Envoy answers, not the fall-open path
-            yield
+            yield {datapath.pid: "agent", proc.pid: "envoy"}
     finally:
         ns_tools.stop(datapath)
 
@@ -182,10 +237,12 @@ def run(
     layout: str = "sides",
     rounds: int = 1,
     media_mbit: float | None = MEDIA_BANDWIDTH_MBIT,
+    retries: int = 1,
 ) -> list[Row]:
     lab = flood_lab(prefix)
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="planemesh-bench-") as tmp, lab:
+    protected = max(online_cpus())
+    with off_cpu(protected), tempfile.TemporaryDirectory(prefix="planemesh-bench-") as tmp, lab:
         work = Path(tmp)
         groups = BenchGroups(layout, prefix)
         servers = start_servers(lab)  # port 80 (the rate flood's backend) and 9000 (the bulk TCP echo)
@@ -193,14 +250,15 @@ def run(
             groups.move(FLOOD_SERVERS, [p.pid for p in servers])
             with plane_backends(lab, work, groups):
                 print(f"bench groups: {groups.describe()}", file=sys.stderr)
-                bench = Bench(lab, groups, seconds)
+                bench = Bench(lab, groups, seconds, retries)
+                print(f"oam's CPU ({protected}) accounted by {bench.ledger.method}", file=sys.stderr)
                 for variant in variants:
                     run_dir = work / variant
                     run_dir.mkdir()
                     cpus = plane_cpus(online_cpus()) if variant == "cpusets" else (None, None)
                     config = isolation_config(run_dir / "agent.yaml", cpus, media_mbit)
                     proxy = envoy if variant == "envoy" else planemesh
-                    with proxy(lab, run_dir, config):
+                    with proxy(lab, run_dir, config) as bench.proxy_pids:
                         rows += bench.run_variant(variant, floods, rounds)
         finally:
             for proc in servers:
@@ -226,6 +284,28 @@ def _spread(ratios: list[float]) -> str:
     return shown
 
 
+LEDGER_COLUMNS = {  # the ledger table's columns: label(s) of bench/plane_isolation_cpu.py CpuLedger
+    "oam worker": ("oam worker",),
+    "oam's nginx": ("oam-server",),
+    "probe (wrk)": ("probe",),
+    "kernel threads": ("kernel",),
+    "idle": ("idle",),
+    "agent": ("agent",),
+    "media's side": ("media worker", "flood", "flood-servers"),
+    "envoy": ("envoy",),
+    "bench": ("bench",),
+    "others": (OTHERS,),
+}
+
+
+def _group_rows(rows: list[Row]) -> list[tuple[tuple[str, str], list[Row]]]:
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.flood, r.variant), []).append(r)
+    kinds = [r.flood for r in rows]
+    return sorted(groups.items(), key=lambda kv: kinds.index(kv[0][0]))
+
+
 def report(
     rows: list[Row],
     seconds: float,
@@ -233,20 +313,23 @@ def report(
     layout: str,
     rounds: int = 1,
     media_mbit: float | None = MEDIA_BANDWIDTH_MBIT,
+    max_others: float = MAX_OTHERS_MS_S,
 ) -> str:
     out = [
         f"oam (protected) with media idle vs flooded; {seconds:g} s per measurement{' (quick)' if quick else ''}; "
         f"bench groups: layout {layout}; {rounds} round(s): medians (range of the ratios)",
         "",
         "| flood | proxy | oam p99 idle ms | p99 flooded ms | p99 flooded/idle | oam req/s idle | req/s flooded "
-        "| req/s flooded/idle | oam errors | others on oam's CPU ms/s idle, flooded | media's answers |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| req/s flooded/idle | oam errors | others on oam's CPU ms/s idle, flooded | pairs clean / all (re-measured) "
+        "| media's answers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    groups: dict[tuple[str, str], list[Row]] = {}
-    for r in rows:
-        groups.setdefault((r.flood, r.variant), []).append(r)
     medians: dict[tuple[str, str], tuple[float, float]] = {}
-    for (kind, variant), rs in sorted(groups.items(), key=lambda kv: [r.flood for r in rows].index(kv[0][0])):
+    for (kind, variant), every in _group_rows(rows):
+        # The figures come from the pairs the neighbours left alone (all pairs if none was): on a shared machine a
+        # neighbour's burst on oam's CPU moves oam's p99 as much as a flood does.
+        clean = [r for r in every if r.neighbours <= max_others] if variant == "cpusets" else every
+        rs = clean or every
         p99s, rpss = [r.p99_ratio for r in rs], [r.rps_ratio for r in rs]
         medians[kind, variant] = _median(p99s), _median(rpss)
         answered = [r.flooded.p99_ms for r in rs if r.flooded.requests]
@@ -256,14 +339,20 @@ def report(
             f"| {_median([r.idle.rps for r in rs]):.0f} | {_median([r.flooded.rps for r in rs]):.0f} "
             f"| {_spread(rpss)} | {sum(r.idle.errors + r.flooded.errors for r in rs)} "
             f"| {_median([r.others_idle for r in rs]):.0f}, {_median([r.others_flooded for r in rs]):.0f} "
-            f"| {describe_answers(kind, rs[-1].answers)} |"
+            f"| {len(clean)} / {len(every)} ({sum(r.remeasured for r in every)}) "
+            f"| {describe_answers(kind, every[-1].answers)} |"
         )
     out += [
         "",
         f"media: rate limit {FLOOD_RATE_LIMIT_RPS} req/s, "
         f"{f'HTB class {media_mbit:g} Mbit/s' if media_mbit else 'no HTB class (bypass unshaped)'}. Others on "
-        "oam's CPU: CPU time of tasks outside this bench and its agent (a shared machine's neighbours) on the "
-        "protected CPU during each probe (bench/plane_isolation_lab.py OthersOnCpu).",
+        "oam's CPU: CPU time of tasks this bench did not start (a shared machine's neighbours) on the protected "
+        f"CPU during each probe. A pair where they took more than {max_others:g} ms/s in either probe is measured "
+        "again (--retries; the least disturbed attempt is kept); the figures are medians over the clean pairs "
+        "(all pairs when none was clean). Only with cpusets: unpinned (shared, envoy), oam has no CPU of its "
+        "own and the scheduler fills that CPU's idle time with whatever runs.",
+        "",
+        *ledger_table(rows),
     ]
     pinned = {k: v for k, v in medians.items() if k[1] == "cpusets" and k[0] != CONTROL}
     if pinned:
@@ -274,6 +363,27 @@ def report(
     return "\n".join(out)
 
 
+def ledger_table(rows: list[Row]) -> list[str]:
+    """Who ran on oam's CPU, idle -> flooded (ms/s, medians): what a flood costs the protected CPU, by whom."""
+    shown = [c for c, labels in LEDGER_COLUMNS.items() if any(r.cpu_idle.get(x) or r.cpu_flooded.get(x)
+                                                                for r in rows for x in labels)]  # fmt: skip
+    out = [
+        "oam's CPU, ms/s idle -> flooded (medians):",
+        "",
+        f"| flood | proxy | {' | '.join(shown)} |",
+        f"|---|---|{'---:|' * len(shown)}",
+    ]
+    for (kind, variant), rs in _group_rows(rows):
+        cells = []
+        for column in shown:
+            labels = LEDGER_COLUMNS[column]
+            idle = _median([sum(r.cpu_idle.get(x, 0.0) for x in labels) for r in rs])
+            flooded = _median([sum(r.cpu_flooded.get(x, 0.0) for x in labels) for r in rs])
+            cells.append(f"{idle:.0f} -> {flooded:.0f}")
+        out.append(f"| {kind} | {variant} | {' | '.join(cells)} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 s per measurement (default 4)")
@@ -282,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
         "--only", default=",".join(FLOODS), help=f"floods, comma-separated: {', '.join(FLOODS)} (control: {CONTROL})"
     )
     parser.add_argument("--rounds", type=int, default=1, help="idle/flooded pairs per flood (medians reported)")
+    parser.add_argument(
+        "--retries", type=int, default=1, help="measure a pair again while neighbours ran on oam's CPU (at most)"
+    )
     parser.add_argument(
         "--media-mbit", type=float, default=MEDIA_BANDWIDTH_MBIT, help="media's HTB class (0: none, unshaped)"
     )
@@ -299,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     media_mbit = args.media_mbit or None
-    rows = run(args.prefix, seconds, floods, variants, args.layout, args.rounds, media_mbit)
+    rows = run(args.prefix, seconds, floods, variants, args.layout, args.rounds, media_mbit, max(0, args.retries))
     print(report(rows, seconds, args.quick, args.layout, args.rounds, media_mbit))
     print(f"\n({time.monotonic() - started:.0f} s)")
 

@@ -43,6 +43,7 @@ from planemesh.labs import Lab
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import host_port, wait_for_port
 from planemesh.model.plane_limits import format_cpu_list, parse_cpu_list
+from tests.support.procs import dev_module_argv
 
 # The CPU-heavy flood: nginx in the server pod serves a large body on port 8080 (declared HTTP on both planes),
 # so plane media's worker spends its CPU streaming bodies rather than refusing requests. The probe reads nginx's
@@ -128,6 +129,15 @@ class BenchGroups:
         """`argv` started inside group `name` (it joins before it execs: everything it does counts there)."""
         return join_argv(self.groups.procs_files(name), argv)
 
+    def members(self) -> dict[int, str]:
+        """pid -> the bench group it is in (its label in bench/plane_isolation_cpu.py's ledger)."""
+        found: dict[int, str] = {}
+        for name in BUDGETS:
+            for procs in self.groups.procs_files(name)[:1]:
+                with contextlib.suppress(OSError, ValueError):
+                    found.update((int(pid), name.removeprefix("bench-")) for pid in Path(procs).read_text().split())
+        return found
+
     def move(self, name: str, pids: list[int]) -> None:
         for pid in pids:
             self.groups.add(name, pid)
@@ -173,64 +183,6 @@ def plane_backends(lab: Lab, workdir: Path, groups: BenchGroups) -> Iterator[Non
             ns_tools.stop(proc)
 
 
-# ---- CPU the rest of the machine takes on the protected CPU -------------------------------------------------
-
-
-def _stat_fields(path: Path) -> list[str]:
-    """The fields of a /proc stat file after the command name (which may hold spaces and parentheses)."""
-    text = path.read_text()
-    return text[text.rindex(")") + 2 :].split()
-
-
-def _task_times(own_root: int) -> dict[int, tuple[int, int]]:
-    """User-space threads that are not `own_root` nor its descendants (the agent, its workers, the lab's servers,
-    the probe and the floods all are): tid -> (run time ns, the CPU it last ran on). Kernel threads are left out:
-    they do the lab's own packet work."""
-    parents: dict[int, int] = {}
-    threads: dict[int, list[tuple[int, int, int]]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            parents[pid] = int(_stat_fields(Path(f"/proc/{pid}/stat"))[1])
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                cpu = int(_stat_fields(Path(f"/proc/{pid}/task/{tid}/stat"))[36])
-                run = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-                threads.setdefault(pid, []).append((int(tid), run, cpu))
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-    ours = {own_root}
-    for pid in sorted(parents):  # walk up: a pid is ours if an ancestor is
-        chain, cur = [], pid
-        while cur not in ours and cur > 2 and cur in parents and len(chain) < 64:
-            chain.append(cur)
-            cur = parents[cur]
-        if cur in ours:
-            ours.update(chain)
-    kernel = {pid for pid, parent in parents.items() if parent == 2 or pid == 2}
-    return {tid: (run, cpu) for pid, rows in threads.items() if pid not in ours | kernel for tid, run, cpu in rows}
-
-
-class OthersOnCpu:
-    """CPU time that tasks of the rest of the machine (not this bench, not the agent it started: on a shared box,
-    the neighbours' work) spent on `cpu` during a measurement, ms per second; each task's time counts on the
-    CPU it last ran on, so it is an estimate (a task that moved mid-measurement counts wholly on one CPU)."""
-
-    def __init__(self, cpu: int) -> None:
-        self.cpu = cpu
-        self._start: dict[int, tuple[int, int]] = {}
-        self._t0 = 0.0
-
-    def start(self) -> None:
-        self._start, self._t0 = _task_times(os.getpid()), time.monotonic()
-
-    def stop(self) -> float:
-        end, elapsed = _task_times(os.getpid()), max(1e-3, time.monotonic() - self._t0)
-        ns = sum(run - self._start.get(tid, (0, 0))[0] for tid, (run, cpu) in end.items() if cpu == self.cpu)
-        return ns / 1e6 / elapsed
-
-
 # ---- the floods ------------------------------------------------------------------------------------------------
 
 FLOODS = ("rate", "cpu_heavy", "connections", "rapid_reset", "stream_flood", "bandwidth")
@@ -255,7 +207,7 @@ def flood_argv(kind: str, target: str, seconds: float) -> list[str]:
         return [*attack, "stream_flood", "--host", target, "--port", str(HEAVY_PORT), "--path", HEAVY_PATH,
                 *seconds_arg]  # fmt: skip
     if kind == "bandwidth":  # bulk TCP through the kernel bypass on the flooded plane
-        return [sys.executable, "-m", "bench.plane_isolation_lab", "bulk", "--host", target, *seconds_arg]
+        return dev_module_argv("bench.plane_isolation_lab", "bulk", "--host", target, *seconds_arg)
     raise ValueError(f"unknown flood {kind!r} (known: {', '.join(FLOODS)})")
 
 
