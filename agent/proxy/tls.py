@@ -135,6 +135,10 @@ class TlsRoutes:
             context = _REFUSING
         return TlsDecision(tls_chain, context, plaintext, self._local_uri.get(tls.cert))
 
+    def contexts(self) -> list[ssl.SSLContext]:
+        """The server contexts in use (their session caches: tests, stats)."""
+        return list(self._cache.values())
+
     def _context(self, lsn: Listener) -> ssl.SSLContext | None:
         for (tls, _cert, _trust), ctx in self._cache.items():
             if tls is lsn.tls or tls == lsn.tls:
