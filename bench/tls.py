@@ -18,7 +18,9 @@ import asyncio
 import base64
 import os
 import re
+import resource
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -47,8 +49,9 @@ def write_certs(d: Path) -> None:
         (d / f"{name}.key").write_bytes(key_pem(issued.key))
 
 
-def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls: bool, tickets: bool = True) -> None:
-    """Child process: planemesh's proxy terminating TLS on `port` until SIGTERM."""
+def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls: bool, tickets: str = "on") -> None:
+    """Child process: planemesh's proxy terminating TLS on `port` until SIGTERM. `tickets`: on (stateful TLS 1.3
+    tickets, agent/proxy/tls_session.py), off, or stateless (OpenSSL's default tickets: session 4's "on")."""
     from planemesh.agent.proxy.server import PlaneProxy
     from planemesh.agent.proxy.sockets import make_listener_socket
     from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret
@@ -56,13 +59,16 @@ def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls:
 
     base = make_snapshot(port, [("127.0.0.1", upstream)])
     tls = TlsContext(cert="default", trust="ROOTCA", require_client_cert=mtls, alpn=("http/1.1",),
-                     session_tickets=tickets)  # fmt: skip
+                     session_tickets=tickets != "off")  # fmt: skip
     secrets = {
         "default": CertSecret((certs / "server.pem").read_bytes(), (certs / "server.key").read_bytes()),
         "ROOTCA": TrustSecret((certs / "root.pem").read_bytes()),
     }
     snap = replace(base, listeners=(replace(base.listeners[0], tls=tls),), secrets=MappingProxyType(secrets))
     proxy = PlaneProxy(snap, PLANE)
+    if tickets == "stateless":  # the code before stateful tickets, for a before/after in the same run
+        for ctx in proxy.table.tls.contexts():
+            ctx.options &= ~ssl.OP_NO_TICKET
     sock = make_listener_socket(port, transparent=False, host="127.0.0.1")
 
     async def main() -> None:
@@ -79,7 +85,7 @@ def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls:
     print(f"tls: {proxy.tls_stats.as_dict()}", file=sys.stderr)
 
 
-def envoy_config(port: int, upstream: int, certs: Path, mtls: bool, admin: int, tickets: bool = True) -> dict:
+def envoy_config(port: int, upstream: int, certs: Path, mtls: bool, admin: int, tickets: str = "on") -> dict:
     def inline(name: str) -> dict:
         return {"inline_bytes": base64.b64encode((certs / name).read_bytes()).decode()}
 
@@ -103,7 +109,7 @@ def envoy_config(port: int, upstream: int, certs: Path, mtls: bool, admin: int, 
             "transport_socket": {"name": "tls", "typed_config": {
                 "@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                 "require_client_certificate": mtls, "common_tls_context": common,
-                "disable_stateless_session_resumption": not tickets}},
+                "disable_stateless_session_resumption": tickets == "off"}},
             "filters": [{"name": "hcm", "typed_config": hcm}]}],
     }  # fmt: skip
     cluster = {
@@ -132,12 +138,33 @@ def wrk_tls(port: int, duration: int, connections: int) -> dict[str, float]:
 
 def handshakes(port: int, certs: Path, seconds: int, mode: str = "-new") -> float:
     """mTLS handshakes/s: `-new` full handshakes, `-reuse` resumed ones (the session of the first connection)."""
-    out = subprocess.run(
-        ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", mode, "-time", str(seconds),
-         "-cert", certs / "client.pem", "-key", certs / "client.key", "-CAfile", certs / "root.pem"],
-        capture_output=True, text=True, timeout=seconds + 30, check=False).stdout  # fmt: skip
+    out = subprocess.run(s_time_cmd(port, certs, seconds, mode), capture_output=True, text=True,
+                         timeout=seconds + 30, check=False).stdout  # fmt: skip
     m = re.search(r"(\d+) connections in ([\d.]+) real seconds", out)
     return int(m.group(1)) / float(m.group(2)) if m else float("nan")
+
+
+def s_time_cmd(port: int, certs: Path, seconds: int, mode: str = "-new") -> list[str]:
+    files = ["-cert", str(certs / "client.pem"), "-key", str(certs / "client.key"), "-CAfile", str(certs / "root.pem")]
+    return ["openssl", "s_time", "-connect", f"127.0.0.1:{port}", mode, "-time", str(seconds), *files]
+
+
+def parallel_handshakes(port: int, certs: Path, seconds: int, clients: int) -> tuple[float, float]:
+    """(new mTLS handshakes/s, client CPU ms per handshake) with `clients` concurrent `openssl s_time -new`."""
+    cmd = s_time_cmd(port, certs, seconds)
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(clients)
+    ]
+    total, real = 0, 0.0
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for proc in procs:
+        out, _ = proc.communicate(timeout=seconds + 30)
+        m = re.search(r"(\d+) connections in ([\d.]+) real seconds", out)
+        if m:
+            total, real = total + int(m.group(1)), max(real, float(m.group(2)))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only the clients were reaped in between
+    client_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return (total / real if real else float("nan")), client_cpu * 1000 / max(total, 1)
 
 
 def stop(proc: subprocess.Popen | None) -> None:
@@ -151,7 +178,7 @@ def stop(proc: subprocess.Popen | None) -> None:
 
 
 def run_server(
-    kind: str, port: int, upstream: int, certs: Path, mtls: bool, workdir: Path, tickets: bool = True
+    kind: str, port: int, upstream: int, certs: Path, mtls: bool, workdir: Path, tickets: str = "on"
 ) -> subprocess.Popen:
     if kind == "envoy":
         cfg = workdir / f"envoy-{port}.yaml"
@@ -159,8 +186,16 @@ def run_server(
         cmd = [str(ENVOY), "-c", str(cfg), "--concurrency", "1", "-l", "error", "--disable-hot-restart",
                "--base-id", str(3000 + port % 40000)]  # fmt: skip
     else:
-        cmd = dev_module_argv("bench.tls", "--serve", str(port), str(upstream), str(certs), kind,
-                              "1" if mtls else "0", "1" if tickets else "0")
+        cmd = dev_module_argv(
+            "bench.tls",
+            "--serve",
+            str(port),
+            str(upstream),
+            str(certs),
+            kind,
+            "1" if mtls else "0",
+            tickets,
+        )
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
     wait_port(port, 15)
     return proc
@@ -175,14 +210,15 @@ def main() -> int:
         action="store_true",
         help="only mTLS handshakes/s (new and resumed), with and without session tickets",
     )
+    ap.add_argument("--clients", type=int, default=4, help="concurrent s_time clients (--handshakes)")
     ap.add_argument("--serve", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         port, upstream, certs, kind, mtls, tickets = args.serve
-        serve_planemesh(int(port), int(upstream), Path(certs), kind, mtls == "1", tickets == "1")
+        serve_planemesh(int(port), int(upstream), Path(certs), kind, mtls == "1", tickets)
         return 0
     if args.handshakes:
-        return handshake_table(args.duration)
+        return handshake_table(args.duration, args.clients)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
         work = Path(tmp)
@@ -222,34 +258,48 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def handshake_table(duration: int) -> int:
+def measure_server(kind: str, tickets: str, work: Path, duration: int, clients: int) -> tuple[float, ...]:
+    """(new/s sequential, new/s with `clients`, server busy fraction then, client CPU ms per handshake,
+    resumed/s, server CPU ms per new handshake) of one server."""
+    port = free_port()
+    server = run_server(kind, port, free_port(), work, True, work, tickets)
+    try:
+        handshakes(port, work, 1)  # warm-up
+        before = cpu_s(server.pid)
+        new = handshakes(port, work, duration)
+        cpu_ms = (cpu_s(server.pid) - before) * 1000 / max(new * duration, 1)
+        before = cpu_s(server.pid)
+        par, client_ms = parallel_handshakes(port, work, duration, clients)
+        busy = (cpu_s(server.pid) - before) / duration
+        return new, par, busy, client_ms, handshakes(port, work, 2, "-reuse"), cpu_ms
+    finally:
+        stop(server)
+
+
+def handshake_table(duration: int, clients: int = 4) -> int:
     """New and resumed mTLS handshakes/s of Envoy and planemesh (uvloop), session tickets on (both defaults)
-    and off (DownstreamTlsContext disable_stateless_session_resumption), and the server's CPU time per new
-    handshake (/proc: less sensitive than the rate to other work on the machine)."""
-    rows = []
+    and off (DownstreamTlsContext disable_stateless_session_resumption). Two loads, the same client for both:
+    one `openssl s_time` (sequential: client and server take turns, each handshake's latency counts) and
+    `clients` concurrent ones (`srv CPU`: how busy the server was, `client ms`: the clients' CPU per handshake;
+    where the clients need more CPU per handshake than the server, the machine's two cores are spent on the
+    clients and the server is not saturated). CPU ms per new handshake: the server's /proc CPU time over the
+    sequential run, the figure least sensitive to other work, and the server's capacity at equal CPU."""
     with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
         work = Path(tmp)
         write_certs(work)
-        for tickets in (True, False):
-            for kind in ("envoy", "uvloop"):
-                port = free_port()
-                server = run_server(kind, port, free_port(), work, True, work, tickets)
-                try:
-                    handshakes(port, work, 1)  # warm-up
-                    before = cpu_s(server.pid)
-                    new = handshakes(port, work, duration)
-                    cpu_ms = (cpu_s(server.pid) - before) * 1000 / max(new * duration, 1)
-                    rows.append((kind, tickets, new, handshakes(port, work, 2, "-reuse"), cpu_ms))
-                finally:
-                    stop(server)
-    print(f"{'server':>8} {'tickets':>8} {'new/s':>8} {'resumed/s':>10} {'CPU ms/new':>11}")
-    for kind, tickets, new, reused, cpu_ms in rows:
-        print(f"{kind:>8} {'on' if tickets else 'off':>8} {new:>8.0f} {reused:>10.0f} {cpu_ms:>11.2f}")
-    by = {(k, t): (n, c) for k, t, n, _, c in rows}
-    for tickets in (True, False):
-        (pn, pc), (en, ec) = by[("uvloop", tickets)], by[("envoy", tickets)]
-        print(f"tickets {'on' if tickets else 'off'}: planemesh / envoy new handshakes/s {pn / en:.2f}x, "
-              f"CPU per handshake {pc / ec:.2f}x Envoy's")  # fmt: skip
+        runs = (("envoy", "on"), ("uvloop", "on"), ("uvloop", "stateless"), ("envoy", "off"), ("uvloop", "off"))
+        rows = [(kind, tickets, *measure_server(kind, tickets, work, duration, clients)) for kind, tickets in runs]
+    print(f"{'server':>8} {'tickets':>9} {'new/s seq':>9} {f'new/s x{clients}':>9} {'srv CPU':>7} "
+          f"{'client ms':>9} {'resumed/s':>9} {'CPU ms/new':>10}")  # fmt: skip
+    for kind, tickets, new, par, busy, client_ms, reused, cpu_ms in rows:
+        print(f"{kind:>8} {tickets:>9} {new:>9.0f} {par:>9.0f} {busy:>7.2f} {client_ms:>9.2f} "
+              f"{reused:>9.0f} {cpu_ms:>10.2f}")  # fmt: skip
+    by = {(r[0], r[1]): r for r in rows}
+    for tickets in ("on", "stateless", "off"):
+        p, e = by[("uvloop", tickets)], by[("envoy", "off" if tickets == "off" else "on")]
+        print(f"tickets {tickets}: planemesh / envoy new handshakes/s {p[2] / e[2]:.2f}x sequential, "
+              f"{p[3] / e[3]:.2f}x with {clients} clients; CPU per handshake {p[7] / e[7]:.2f}x Envoy's "
+              f"(capacity at equal CPU {e[7] / p[7]:.2f}x)")  # fmt: skip
     return 0
 
 
