@@ -1,6 +1,8 @@
 """TLS termination on loopback: planemesh (uvloop's TLS transport vs asyncio's SSLProtocol) vs Envoy 1.40.
 
     .venv/bin/python -m bench.tls [--duration 5] [--connections 16]
+    .venv/bin/python -m bench.tls --handshakes [--duration 5] [--clients 4]   # ~1.8 min
+    .venv/bin/python -m bench.tls --instructions [--duration 10]             # callgrind, ~4 min
 
 Each server terminates TLS (ECDSA P-256 certificates from planemesh's built-in CA) and proxies to nginx,
 one process / one worker (Envoy --concurrency 1). Measured:
@@ -8,6 +10,12 @@ one process / one worker (Envoy --concurrency 1). Measured:
     certificate), 16 connections;
   - new mTLS handshakes per second: `openssl s_time -new` with a client certificate (each connection one full
     handshake, then closed; no request: Envoy holds an HTTP/1.0 GET's connection open, which would measure that).
+    With no request, BoringSSL (Envoy) sends no session ticket at all (it sends its two with the first
+    application data), while OpenSSL sends them at the end of the handshake: planemesh's rows pay for tickets,
+    Envoy's do not.
+--handshakes: new and resumed handshakes/s, sequential and concurrent clients, server CPU per handshake
+(handshake_table); --instructions: planemesh's instructions per new handshake under callgrind, tickets on
+(stateful), stateless (session 4's) and off: a before/after that other work on the machine does not move.
 Everything binds to 127.0.0.1 and is stopped in `finally`. Measures; asserts nothing.
 """
 
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import glob
 import os
 import re
 import resource
@@ -33,7 +42,9 @@ import yaml
 from bench.proxy_loopback import free_port, start_nginx, wait_port
 from tests.support.procs import dev_module_argv
 
-ENVOY = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "envoy"
+ROOT = Path(__file__).resolve().parents[1]
+ENVOY = ROOT / ".venv" / "bin" / "envoy"
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"  # Debian's libjemalloc2: an extra row when present
 T = "type.googleapis.com/"
 
 
@@ -177,26 +188,24 @@ def stop(proc: subprocess.Popen | None) -> None:
             proc.wait()
 
 
-def run_server(
+def run_server_cmd(
     kind: str, port: int, upstream: int, certs: Path, mtls: bool, workdir: Path, tickets: str = "on"
-) -> subprocess.Popen:
+) -> list[str]:
     if kind == "envoy":
         cfg = workdir / f"envoy-{port}.yaml"
         cfg.write_text(yaml.safe_dump(envoy_config(port, upstream, certs, mtls, free_port(), tickets)))
-        cmd = [str(ENVOY), "-c", str(cfg), "--concurrency", "1", "-l", "error", "--disable-hot-restart",
-               "--base-id", str(3000 + port % 40000)]  # fmt: skip
-    else:
-        cmd = dev_module_argv(
-            "bench.tls",
-            "--serve",
-            str(port),
-            str(upstream),
-            str(certs),
-            kind,
-            "1" if mtls else "0",
-            tickets,
-        )
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1])
+        return [str(ENVOY), "-c", str(cfg), "--concurrency", "1", "-l", "error", "--disable-hot-restart",
+                "--base-id", str(3000 + port % 40000)]  # fmt: skip
+    return dev_module_argv("bench.tls", "--serve", str(port), str(upstream), str(certs), kind, "1" if mtls else "0",
+                           tickets)  # fmt: skip
+
+
+def run_server(
+    kind: str, port: int, upstream: int, certs: Path, mtls: bool, workdir: Path, tickets: str = "on"
+) -> subprocess.Popen:
+    cmd = run_server_cmd(kind, port, upstream, certs, mtls, workdir, tickets)
+    env = dict(os.environ, LD_PRELOAD=JEMALLOC) if tickets.endswith("+jemalloc") else None
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     wait_port(port, 15)
     return proc
 
@@ -210,6 +219,7 @@ def main() -> int:
         action="store_true",
         help="only mTLS handshakes/s (new and resumed), with and without session tickets",
     )
+    ap.add_argument("--instructions", action="store_true", help="instructions per new handshake (callgrind)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent s_time clients (--handshakes)")
     ap.add_argument("--serve", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -217,6 +227,8 @@ def main() -> int:
         port, upstream, certs, kind, mtls, tickets = args.serve
         serve_planemesh(int(port), int(upstream), Path(certs), kind, mtls == "1", tickets)
         return 0
+    if args.instructions:
+        return instructions_table(args.duration)
     if args.handshakes:
         return handshake_table(args.duration, args.clients)
     rows = []
@@ -287,19 +299,58 @@ def handshake_table(duration: int, clients: int = 4) -> int:
     with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
         work = Path(tmp)
         write_certs(work)
-        runs = (("envoy", "on"), ("uvloop", "on"), ("uvloop", "stateless"), ("envoy", "off"), ("uvloop", "off"))
+        runs = [("envoy", "on"), ("uvloop", "on"), ("uvloop", "stateless"), ("envoy", "off"), ("uvloop", "off")]
+        if Path(JEMALLOC).exists():  # OpenSSL 3.0 spends ~15 % of a handshake in glibc's malloc/free
+            runs.insert(2, ("uvloop", "on+jemalloc"))
         rows = [(kind, tickets, *measure_server(kind, tickets, work, duration, clients)) for kind, tickets in runs]
-    print(f"{'server':>8} {'tickets':>9} {'new/s seq':>9} {f'new/s x{clients}':>9} {'srv CPU':>7} "
+    print(f"{'server':>8} {'tickets':>11} {'new/s seq':>9} {f'new/s x{clients}':>9} {'srv CPU':>7} "
           f"{'client ms':>9} {'resumed/s':>9} {'CPU ms/new':>10}")  # fmt: skip
     for kind, tickets, new, par, busy, client_ms, reused, cpu_ms in rows:
-        print(f"{kind:>8} {tickets:>9} {new:>9.0f} {par:>9.0f} {busy:>7.2f} {client_ms:>9.2f} "
+        print(f"{kind:>8} {tickets:>11} {new:>9.0f} {par:>9.0f} {busy:>7.2f} {client_ms:>9.2f} "
               f"{reused:>9.0f} {cpu_ms:>10.2f}")  # fmt: skip
     by = {(r[0], r[1]): r for r in rows}
-    for tickets in ("on", "stateless", "off"):
+    for tickets in [t for k, t in by if k == "uvloop"]:
         p, e = by[("uvloop", tickets)], by[("envoy", "off" if tickets == "off" else "on")]
         print(f"tickets {tickets}: planemesh / envoy new handshakes/s {p[2] / e[2]:.2f}x sequential, "
               f"{p[3] / e[3]:.2f}x with {clients} clients; CPU per handshake {p[7] / e[7]:.2f}x Envoy's "
               f"(capacity at equal CPU {e[7] / p[7]:.2f}x)")  # fmt: skip
+    return 0
+
+
+def instructions_per_handshake(kind: str, tickets: str, work: Path, seconds: int) -> tuple[float, int]:
+    """(instructions per new mTLS handshake, handshakes counted) of one server under callgrind: a figure that
+    other work on the machine does not move (bench/proxy_instructions.py does the same per request)."""
+    port, out = free_port(), str(work / f"callgrind-{kind}-{tickets}.out")
+    inner = run_server_cmd(kind, port, free_port(), work, True, work, tickets)
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *inner]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_port(port, 240)
+        handshakes(port, work, 3)  # warm-up: imports, caches, the first contexts
+        subprocess.run(["callgrind_control", "-z", str(server.pid)], capture_output=True, timeout=120, check=True)
+        out_text = subprocess.run(s_time_cmd(port, work, seconds), capture_output=True, text=True,
+                                  timeout=seconds + 60, check=False).stdout  # fmt: skip
+        subprocess.run(["callgrind_control", "-d", str(server.pid)], capture_output=True, timeout=120, check=True)
+    finally:
+        stop(server)
+    m = re.search(r"(\d+) connections in", out_text)
+    count = int(m.group(1)) if m else 0
+    dumps = glob.glob(out + ".*") or glob.glob(out)  # the -d dump; else the one at exit (+ the short shutdown)
+    dump = min(dumps)
+    ir = int(re.search(r"^(?:summary|totals): (\d+)", Path(dump).read_text(), re.M).group(1))  # type: ignore[union-attr]
+    return ir / max(count, 1), count
+
+
+def instructions_table(seconds: int) -> int:
+    """planemesh only: Envoy under callgrind gave no counter dump (its threads never serve callgrind_control's
+    request) and its forced stop truncated the final one."""
+    with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
+        work = Path(tmp)
+        write_certs(work)
+        rows = [(t, *instructions_per_handshake("uvloop", t, work, seconds)) for t in ("on", "stateless", "off")]
+    for tickets, ir, count in rows:
+        print(f"planemesh tickets {tickets:>9}: {ir / 1e6:.2f} M instructions per new mTLS handshake ({count} counted)")
     return 0
 
 
