@@ -220,6 +220,7 @@ def main() -> int:
         help="only mTLS handshakes/s (new and resumed), with and without session tickets",
     )
     ap.add_argument("--instructions", action="store_true", help="instructions per new handshake (callgrind)")
+    ap.add_argument("--session-memory", action="store_true", help="RSS per cached TLS session (in memory)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent s_time clients (--handshakes)")
     ap.add_argument("--serve", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -227,6 +228,8 @@ def main() -> int:
         port, upstream, certs, kind, mtls, tickets = args.serve
         serve_planemesh(int(port), int(upstream), Path(certs), kind, mtls == "1", tickets)
         return 0
+    if args.session_memory:
+        return session_memory()
     if args.instructions:
         return instructions_table(args.duration)
     if args.handshakes:
@@ -351,6 +354,43 @@ def instructions_table(seconds: int) -> int:
         rows = [(t, *instructions_per_handshake("uvloop", t, work, seconds)) for t in ("on", "stateless", "off")]
     for tickets, ir, count in rows:
         print(f"planemesh tickets {tickets:>9}: {ir / 1e6:.2f} M instructions per new mTLS handshake ({count} counted)")
+    return 0
+
+
+def session_memory(count: int = 1500) -> int:
+    """RSS per cached TLS session: in-memory mTLS handshakes (MemoryBIO, tests/proxy/test_tls_tickets.py's)
+    against a stateful-ticket context with room for all, against one without tickets; RSS growth / count."""
+    import gc
+
+    from planemesh.agent.identity.ca import key_pem
+    from planemesh.agent.proxy.tls_context import build_context
+    from planemesh.model.tls_config import CertSecret, TrustSecret
+    from tests.proxy.test_tls_termination import AMF, GW, NOW, ROOT, TLS, client_ctx
+    from tests.proxy.test_tls_tickets import _handshake, _server_ctx
+
+    def rss_mb() -> float:
+        gc.collect()
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+    with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
+        d = Path(tmp)
+        issued, server = ROOT.issue(AMF, now=NOW), ROOT.issue(GW, now=NOW)
+        (d / "root.pem").write_bytes(ROOT.root_pem())
+        (d / "amf.pem").write_bytes(issued.cert_chain_pem())
+        (d / "amf.key").write_bytes(key_pem(issued.key))
+        cert, trust = CertSecret(server.cert_chain_pem(), server.key_pem()), TrustSecret(ROOT.root_pem())
+        contexts = {"stateful": _server_ctx(server, ROOT.root_pem(), cache_size=count * 2),
+                    "off": build_context(replace(TLS, session_tickets=False), cert, trust, server=True)}  # fmt: skip
+        client = client_ctx(d)
+        for name, ctx in contexts.items():
+            for _ in range(200):
+                _handshake(ctx, client)
+            before = rss_mb()
+            for _ in range(count):
+                _handshake(ctx, client)
+            grown = rss_mb() - before
+            print(f"tickets {name:>8}: {ctx.session_stats()['number']} sessions cached, RSS +{grown:.1f} MB over "
+                  f"{count} handshakes ({grown * 1e6 / count / 1000:.1f} KB each)")  # fmt: skip
     return 0
 
 
