@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.tls [--duration 5] [--connections 16]
     .venv/bin/python -m bench.tls --handshakes [--duration 5] [--clients 4]   # ~1.8 min
     .venv/bin/python -m bench.tls --instructions [--duration 10]             # callgrind, ~4 min
+    .venv/bin/python -m bench.tls --in-memory | --session-memory            # OpenSSL alone, ~15 s each
 
 Each server terminates TLS (ECDSA P-256 certificates from planemesh's built-in CA) and proxies to nginx,
 one process / one worker (Envoy --concurrency 1). Measured:
@@ -33,6 +34,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -221,6 +223,7 @@ def main() -> int:
     )
     ap.add_argument("--instructions", action="store_true", help="instructions per new handshake (callgrind)")
     ap.add_argument("--session-memory", action="store_true", help="RSS per cached TLS session (in memory)")
+    ap.add_argument("--in-memory", action="store_true", help="server CPU in OpenSSL per in-memory mTLS handshake")
     ap.add_argument("--clients", type=int, default=4, help="concurrent s_time clients (--handshakes)")
     ap.add_argument("--serve", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -228,6 +231,8 @@ def main() -> int:
         port, upstream, certs, kind, mtls, tickets = args.serve
         serve_planemesh(int(port), int(upstream), Path(certs), kind, mtls == "1", tickets)
         return 0
+    if args.in_memory:
+        return in_memory_table()
     if args.session_memory:
         return session_memory()
     if args.instructions:
@@ -354,6 +359,58 @@ def instructions_table(seconds: int) -> int:
         rows = [(t, *instructions_per_handshake("uvloop", t, work, seconds)) for t in ("on", "stateless", "off")]
     for tickets, ir, count in rows:
         print(f"planemesh tickets {tickets:>9}: {ir / 1e6:.2f} M instructions per new mTLS handshake ({count} counted)")
+    return 0
+
+
+def server_handshake_ms(server_ctx: ssl.SSLContext, client: ssl.SSLContext) -> float:
+    """Server CPU (process_time) inside OpenSSL's do_handshake for one in-memory mTLS handshake, tickets
+    included (no sockets, no event loop: what OpenSSL 3.0 itself costs)."""
+    cin, cout, sin, sout = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c, s = client.wrap_bio(cin, cout), server_ctx.wrap_bio(sin, sout, server_side=True)
+    spent, done = 0.0, [False, False]
+    while not all(done):
+        try:
+            c.do_handshake()
+            done[0] = True
+        except ssl.SSLWantReadError:
+            pass
+        sin.write(cout.read())
+        t0 = time.process_time()
+        try:
+            s.do_handshake()
+            done[1] = True
+        except ssl.SSLWantReadError:
+            pass
+        spent += time.process_time() - t0
+        cin.write(sout.read())
+    return spent * 1000
+
+
+def in_memory_table(count: int = 300) -> int:
+    """Median server CPU per in-memory mTLS handshake (server_handshake_ms), the variants interleaved."""
+    from planemesh.agent.identity.ca import key_pem
+    from planemesh.agent.proxy.tls_context import build_context
+    from planemesh.model.tls_config import CertSecret, TrustSecret
+    from tests.proxy.test_tls_termination import AMF, GW, NOW, ROOT, TLS, client_ctx
+
+    with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
+        d = Path(tmp)
+        issued, server = ROOT.issue(AMF, now=NOW), ROOT.issue(GW, now=NOW)
+        (d / "root.pem").write_bytes(ROOT.root_pem())
+        (d / "amf.pem").write_bytes(issued.cert_chain_pem())
+        (d / "amf.key").write_bytes(key_pem(issued.key))
+        cert, trust = CertSecret(server.cert_chain_pem(), server.key_pem()), TrustSecret(ROOT.root_pem())
+        contexts = {"on": build_context(TLS, cert, trust, server=True),
+                    "stateless": build_context(TLS, cert, trust, server=True),
+                    "off": build_context(replace(TLS, session_tickets=False), cert, trust, server=True)}  # fmt: skip
+        contexts["stateless"].options &= ~ssl.OP_NO_TICKET  # session 4's tickets
+        client = client_ctx(d)
+        times: dict[str, list[float]] = {name: [] for name in contexts}
+        for _ in range(count):
+            for name, ctx in contexts.items():
+                times[name].append(server_handshake_ms(ctx, client))
+    for name, ms in times.items():
+        print(f"tickets {name:>9}: server do_handshake {sorted(ms)[len(ms) // 2]:.3f} ms CPU (median of {count})")
     return 0
 
 
