@@ -27,7 +27,7 @@ from planemesh.model.tls_config import CertSecret, TrustSecret
 from planemesh.xds.resources import pack
 from planemesh.xds.translate_tls import downstream_tls
 from tests.proxy.proxy_harness import Backend, log_line_for
-from tests.proxy.test_tls_termination import GW, NOW, OTHER, ROOT, TLS, TlsProxy, certs, client_ctx  # noqa: F401
+from tests.proxy.test_tls_termination import AMF, GW, NOW, OTHER, ROOT, TLS, TlsProxy, certs, client_ctx  # noqa: F401
 
 
 def _resumes(port: int, ctx) -> tuple[bool, bool]:
@@ -159,3 +159,14 @@ def test_cpython_ssl_ctx_is_found_and_checked() -> None:
     ctx.options |= ssl.OP_NO_COMPRESSION
     assert ssl_ctx_pointer(ctx) is not None
     assert session_cache_size(ctx) == 20480  # OpenSSL's default, untouched until use_stateful_tickets
+
+
+def test_tls12_client_resumes_by_session_id(certs) -> None:  # noqa: F811
+    """With stateful tickets a TLS 1.2 client gets no RFC 5077 ticket but resumes by session ID."""
+    server = _server_ctx(ROOT.issue(GW, now=NOW), ROOT.root_pem())
+    client = client_ctx(certs)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    c, _ = _handshake(server, client)
+    assert c.version() == "TLSv1.2" and not c.session.has_ticket
+    again, s = _handshake(server, client, session=c.session)
+    assert again.session_reused and s.getpeercert()["subjectAltName"] == (("URI", str(AMF)),)
