@@ -40,6 +40,7 @@ log = logging.getLogger("planemesh.proxy.tls")
 HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by default (asyncio's default: 60 s)
 PEEK_TIMEOUT_S = 10.0  # first byte of a connection to a TLS port; Envoy's listener_filters_timeout is 15 s
 TLS_HANDSHAKE_RECORD = 0x16
+DECISIONS_KEPT = 4096  # (original destination, port) -> chain decisions kept per snapshot
 
 
 class TlsStats:
@@ -104,12 +105,25 @@ class TlsRoutes:
         cache.clear()
         cache.update(fresh)  # contexts no listener uses any more are dropped
         self._cache = fresh
+        self._decided: dict[tuple[str, int], TlsDecision | None] = {}
 
     def decide(self, ip: str, port: int) -> TlsDecision | None:
-        """None: not a TLS port (plain Downstream). Chains are matched by port and most specific prefix."""
-        listeners = self.ports.get(port)
-        if not listeners:
+        """None: not a TLS port (plain Downstream). Chains are matched by port and most specific prefix;
+        the answer is kept per (address, port) for this snapshot (parsing the address cost ~50 us a handshake)."""
+        if port not in self.ports:
             return None
+        key = (ip, port)
+        try:
+            return self._decided[key]
+        except KeyError:
+            pass
+        if len(self._decided) >= DECISIONS_KEPT:  # many distinct destinations (a scan): start afresh
+            self._decided.clear()
+        decision = self._decided[key] = self._decide(ip, port)
+        return decision
+
+    def _decide(self, ip: str, port: int) -> TlsDecision | None:
+        listeners = self.ports[port]
         addr = IPAddress(ip.split("%", 1)[0])
         if addr.version == 6 and addr.is_ipv4_mapped():
             addr = addr.ipv4()
@@ -134,6 +148,10 @@ class TlsRoutes:
         if context is None:  # its context could not be built (logged): TLS here is refused
             context = _REFUSING
         return TlsDecision(tls_chain, context, plaintext, self._local_uri.get(tls.cert))
+
+    def contexts(self) -> list[ssl.SSLContext]:
+        """The server contexts in use (their session caches: tests, stats)."""
+        return list(self._cache.values())
 
     def _context(self, lsn: Listener) -> ssl.SSLContext | None:
         for (tls, _cert, _trust), ctx in self._cache.items():

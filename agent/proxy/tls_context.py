@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from planemesh.agent.proxy.tls_session import use_stateful_tickets
 from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
 
 log = logging.getLogger("planemesh.proxy.tls")
@@ -61,6 +62,8 @@ def build_context(tls: TlsContext, cert: CertSecret | None, trust: TrustSecret |
     if server and not tls.session_tickets:  # no ticket to make per handshake (TLS 1.3), none in TLS 1.2
         ctx.num_tickets = 0
         ctx.options |= ssl.OP_NO_TICKET
+    elif server:  # resumption without OpenSSL 3.0's costly stateless tickets (agent/proxy/tls_session.py)
+        use_stateful_tickets(ctx)
     return ctx
 
 
