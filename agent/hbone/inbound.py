@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from planemesh.agent.hbone.certs import CertSource
 from planemesh.agent.hbone.conn import HboneConnection, TcpSide
+from planemesh.agent.hbone.listeners import bind_listen
 from planemesh.agent.hbone.protocol import HboneError, decide, parse_connect
 from planemesh.agent.hbone.routes import Routes
 from planemesh.agent.hbone.stats import HboneStats
@@ -87,15 +88,10 @@ class Inbound:
         self.server: asyncio.Server | None = None
         self.open: set[InboundConnection] = set()
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> asyncio.Server:
+        """Serve on `sock` (inherited from the agent, agent/hbone/listeners.py) or a new socket on host:port."""
+        if sock is None:
+            sock = bind_listen(host, port)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             lambda: InboundConnection(self), sock=sock, ssl=server_ssl(self.certs),

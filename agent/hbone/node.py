@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from planemesh.agent.hbone.capture import CaptureDatapath
 from planemesh.agent.hbone.certs import CaCertSource, CertSource
 from planemesh.agent.hbone.csr_certs import CsrCertSource
 from planemesh.agent.hbone.inbound import Inbound
+from planemesh.agent.hbone.listeners import CAPTURE, LISTEN, adopt
 from planemesh.agent.hbone.outbound import Outbound, Pool
 from planemesh.agent.hbone.routes import HboneConfigError
 from planemesh.agent.hbone.section import settings_from_file
@@ -85,13 +87,15 @@ async def cert_source(settings: HboneSettings) -> tuple[CertSource, CsrCertSourc
 
 async def serve(
     settings: HboneSettings, stats_path: Path | None, ready: str | None = None, *, pin_dir: str | None = None,
-    capture: bool = False, shared_routing: bool = False,
+    capture: bool = False, shared_routing: bool = False, sockets: dict[str, socket.socket] | None = None,
 ) -> None:  # fmt: skip
-    """Run until SIGTERM/SIGINT. `capture`: attach the TC capture here (after the listener is bound)."""
+    """Run until SIGTERM/SIGINT. `capture`: attach the TC capture here (after the listener is bound).
+    `sockets`: listening sockets inherited from the agent (LISTEN, CAPTURE); those missing are bound here."""
+    sockets = sockets or {}
     certs, csr = await cert_source(settings)
     stats = HboneStats()
     inbound = Inbound(lambda: settings.routes, lambda: settings.rbacs, certs, stats)
-    await inbound.start(*settings.listen)  # OSError (in use): the caller exits EXIT_BIND
+    await inbound.start(*settings.listen, sock=sockets.get(LISTEN))  # OSError (in use): exit EXIT_BIND
     datapath = None
     outbound = None
     handover = asyncio.Event()
@@ -105,7 +109,7 @@ async def serve(
                 how = "compiled" if datapath.compiled else "re-used from its pins: nothing compiled"
                 log.info("HBONE capture attached (fail-closed), program %s", how)
             outbound = Outbound(settings.routes, Pool(certs, stats), stats)
-            await outbound.start(settings.capture.port)
+            await outbound.start(settings.capture.port, sock=sockets.get(CAPTURE))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -163,6 +167,8 @@ def _die_with_parent() -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag in ("--config", "--stats", "--pin-dir", "--netns"):
         parser.add_argument(flag, **option("hbone", flag))
+    for flag in ("--listen-fd", "--capture-fd"):
+        parser.add_argument(flag, type=int, **option("hbone", flag))
     parser.add_argument("--shared-routing", action="store_true", **option("hbone", "--shared-routing"))
     parser.add_argument("--supervised", action="store_true", **option("hbone", "--supervised"))
 
@@ -185,7 +191,13 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     stats = Path(args.stats) if args.stats else None
     try:
-        uvloop.run(serve(settings, stats, pin_dir=args.pin_dir, capture=True, shared_routing=args.shared_routing))
+        sockets = inherited(args)
+    except (OSError, ValueError) as exc:
+        print(f"planemesh-hbone: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        uvloop.run(serve(settings, stats, pin_dir=args.pin_dir, capture=True, shared_routing=args.shared_routing,
+                         sockets=sockets))  # fmt: skip
     except OSError as exc:
         print(f"planemesh-hbone: {exc} (a port in use? HBONE {settings.listen[1]}, capture"
               f" {settings.capture.port if settings.capture else '-'})", file=sys.stderr)  # fmt: skip
@@ -194,6 +206,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"planemesh-hbone: no certificate for {settings.identity} from the CA", file=sys.stderr)
         return EXIT_BIND
     return 0
+
+
+def inherited(args: argparse.Namespace) -> dict[str, socket.socket]:
+    """The listening sockets the agent passed (--listen-fd, --capture-fd)."""
+    fds = {LISTEN: args.listen_fd, CAPTURE: args.capture_fd}
+    return {name: adopt(fd) for name, fd in fds.items() if fd is not None}
 
 
 def add_hbone_command(sub: argparse._SubParsersAction) -> None:
