@@ -37,16 +37,19 @@ from pathlib import Path
 import uvloop
 from pyroute2 import netns
 
+from planemesh.agent.hbone.authz import Authz
 from planemesh.agent.hbone.capture import CaptureDatapath
 from planemesh.agent.hbone.certs import CaCertSource, CertSource
 from planemesh.agent.hbone.csr_certs import CsrCertSource
 from planemesh.agent.hbone.inbound import Inbound
 from planemesh.agent.hbone.listeners import CAPTURE, LISTEN, adopt
 from planemesh.agent.hbone.outbound import Outbound, Pool
-from planemesh.agent.hbone.routes import HboneConfigError
+from planemesh.agent.hbone.routes import HboneConfigError, Routes
 from planemesh.agent.hbone.section import settings_from_file
 from planemesh.agent.hbone.settings import HboneSettings
 from planemesh.agent.hbone.stats import HboneStats
+from planemesh.agent.hbone.wds import Table, WdsState
+from planemesh.agent.hbone.wds_client import WdsClient
 from planemesh.agent.identity.ca import CertError
 from planemesh.agent.identity.ca_files import read_ca
 from planemesh.model.config import ConfigError
@@ -56,6 +59,7 @@ log = logging.getLogger("planemesh.hbone")
 STATS_PERIOD_S = 0.5
 DRAIN_S = 30.0  # hand-over: open tunnels finish within this, then the old node exits
 CERT_TIMEOUT_S = 30.0  # the node's own certificate from the CA (ca_api) before the listener can serve
+WDS_INITIAL_S = 10.0  # the first WDS answer before the node says ready (else it starts with the static table)
 EXIT_CONFIG, EXIT_BIND = 2, 3
 PR_SET_PDEATHSIG = 1
 
@@ -94,22 +98,28 @@ async def serve(
     sockets = sockets or {}
     certs, csr = await cert_source(settings)
     stats = HboneStats()
-    inbound = Inbound(lambda: settings.routes, lambda: settings.rbacs, certs, stats)
+    live = Live(settings.routes)
+    inbound = Inbound(lambda: live.routes, lambda: settings.rbacs, certs, stats, authz=lambda: live.authz)
     await inbound.start(*settings.listen, sock=sockets.get(LISTEN))  # OSError (in use): exit EXIT_BIND
     datapath = None
     outbound = None
     handover = asyncio.Event()
+    wds = None
     try:
+        if settings.wds is not None:  # first: the capture's rules then include WDS's routes from the start
+            wds = await start_wds(settings, live)
         if settings.capture is not None:
             if capture:
+                routes = live.routes
                 # a thread: pyroute2's IPRoute runs an event loop of its own
                 datapath = await asyncio.to_thread(
-                    CaptureDatapath, settings.capture, settings.routes, pin_dir, not shared_routing
+                    CaptureDatapath, settings.capture, routes, pin_dir, not shared_routing
                 )
                 how = "compiled" if datapath.compiled else "re-used from its pins: nothing compiled"
                 log.info("HBONE capture attached (fail-closed), program %s", how)
-            outbound = Outbound(settings.routes, Pool(certs, stats), stats)
+            outbound = Outbound(live.routes, Pool(certs, stats), stats)
             await outbound.start(settings.capture.port, sock=sockets.get(CAPTURE))
+        await live.attach(outbound, datapath)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -126,6 +136,11 @@ async def serve(
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
     finally:
+        for task in (wds, live.applier):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if datapath is not None:  # first: new pod connections stop being captured before the listeners go
             await asyncio.to_thread(datapath.close, not handover.is_set())
         if outbound is not None:
@@ -135,6 +150,71 @@ async def serve(
             await csr.close()
     if stats_path:
         _write_stats_now(stats, stats_path)
+
+
+class Live:
+    """The tables a running node serves: static settings, replaced by WDS updates without a restart."""
+
+    def __init__(self, routes: Routes) -> None:
+        self.routes = routes
+        self.authz: Authz | None = None
+        self.outbound: Outbound | None = None
+        self.datapath: CaptureDatapath | None = None
+        self.applier: asyncio.Task | None = None
+        self._pending: Table | None = None
+        self._lock = asyncio.Lock()  # one capture-rule sync at a time
+        self._synced: Routes | None = None  # the routes the capture's rules were made from
+
+    async def attach(self, outbound: Outbound | None, datapath: CaptureDatapath | None) -> None:
+        """The outbound and capture now exist: from here on WDS updates reach them; catch up on any missed."""
+        self.outbound, self.datapath = outbound, datapath
+        if outbound is not None:
+            outbound.routes = self.routes
+        if datapath is not None:
+            self._synced = datapath.routes
+            await self._sync()
+
+    async def _sync(self) -> None:
+        async with self._lock:
+            if self.datapath is not None and self._synced is not self.routes:
+                routes = self.routes
+                await asyncio.to_thread(self.datapath.update_routes, routes)
+                self._synced = routes
+
+    def on_table(self, table: Table) -> None:
+        """From the WDS client: the newest table wins; applied in order by one task."""
+        self._pending = table
+        if self.applier is None or self.applier.done():
+            self.applier = asyncio.get_running_loop().create_task(self._apply())
+
+    async def _apply(self) -> None:
+        while (table := self._pending) is not None:
+            self._pending = None
+            # Routes first: a connection the new capture rules catch finds its peer.
+            self.routes, self.authz = table.routes, table.authz
+            if self.outbound is not None:
+                self.outbound.routes = table.routes
+            await self._sync()
+            log.info("HBONE table from WDS: %d local workloads, %d peer routes, %d policies",
+                     len(table.routes.workloads), sum(len(p.cidrs) for p in table.routes.peers),
+                     len(table.authz.policies))  # fmt: skip
+
+
+async def start_wds(settings: HboneSettings, live: Live) -> asyncio.Task:
+    """The WDS stream (agent/hbone/wds_client.py); waits up to WDS_INITIAL_S for both types' first answer
+    (ztunnel waits for its initial xDS too): the node then says ready with its table complete."""
+    assert settings.wds is not None
+    state = WdsState(f"planemesh-hbone~{settings.wds.node}", settings.wds.node, settings.routes)
+    client = WdsClient(settings.wds.address, state, live.on_table)
+    task = asyncio.get_running_loop().create_task(client.run())
+    try:
+        await asyncio.wait_for(client.received.wait(), WDS_INITIAL_S)
+    except TimeoutError:
+        log.error("WDS: no answer from %s within %.0fs; serving the static table meanwhile",
+                  settings.wds.address, WDS_INITIAL_S)  # fmt: skip
+    if live.applier is not None:
+        await asyncio.shield(live.applier)
+    return task
 
 
 async def _hand_over(inbound: Inbound, outbound: Outbound | None) -> None:
