@@ -99,6 +99,7 @@ async def serve(
     certs, csr = await cert_source(settings)
     stats = HboneStats()
     live = Live(settings.routes)
+    live.csr = csr
     inbound = Inbound(lambda: live.routes, lambda: settings.rbacs, certs, stats, authz=lambda: live.authz)
     await inbound.start(*settings.listen, sock=sockets.get(LISTEN))  # OSError (in use): exit EXIT_BIND
     datapath = None
@@ -161,6 +162,7 @@ class Live:
         self.outbound: Outbound | None = None
         self.datapath: CaptureDatapath | None = None
         self.applier: asyncio.Task | None = None
+        self.csr: CsrCertSource | None = None
         self._pending: Table | None = None
         self._lock = asyncio.Lock()  # one capture-rule sync at a time
         self._synced: Routes | None = None  # the routes the capture's rules were made from
@@ -192,6 +194,8 @@ class Live:
             self._pending = None
             # Routes first: a connection the new capture rules catch finds its peer.
             self.routes, self.authz = table.routes, table.authz
+            if self.csr is not None:  # CreateCertificate: a certificate for each workload identity learned
+                self.csr.want(set(table.routes.workloads.values()))
             if self.outbound is not None:
                 self.outbound.routes = table.routes
             await self._sync()
