@@ -176,15 +176,20 @@ class _Stream:
         self.opened: asyncio.Future[int] | None = None  # client: resolves to the response status
 
 
+def new_h2(client_side: bool) -> h2.connection.H2Connection:
+    """The h2 state machine of one connection (bench/hbone_cpu.py swaps it to measure another codec)."""
+    return h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=client_side, header_encoding=None, validate_inbound_headers=True)
+    )
+
+
 class HboneConnection(asyncio.Protocol):
     """Client or server end of one HBONE connection. The server calls `on_request(conn, stream_id, headers)`."""
 
     def __init__(
         self, client_side: bool, on_request: Callable[[HboneConnection, int, list[Any]], None] | None = None
     ) -> None:
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=client_side, header_encoding=None, validate_inbound_headers=True)
-        )
+        self.h2 = new_h2(client_side)
         self.client_side = client_side
         self.on_request = on_request
         self.transport: asyncio.Transport | None = None
