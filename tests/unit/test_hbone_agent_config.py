@@ -78,6 +78,9 @@ def test_static_config_accepts_the_section_and_the_agent_checks_it(tmp_path: Pat
          "hbone.rbac[0].rules.policies[p].principals[0].metadata", "not supported"),
         ({k: v for k, v in section().items() if k != "ca"}, "hbone.ca", "ca_api"),
         (section(tunnel=True), "hbone.tunnel", "unknown field"),
+        (section(wds={"node": "node-a"}), "hbone.wds.address", "a non-empty string required"),
+        (section(wds={"address": "unix:///x", "node": "n", "token": "t"}), "hbone.wds.token", "unknown field"),
+        (section(peers=[{"address": "10.81.0.2"}]), "hbone.peers[0].cidrs", "at least one pod CIDR"),
         ("yes", "hbone", "expected a mapping"),
     ],
 )  # fmt: skip
