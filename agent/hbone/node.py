@@ -227,7 +227,9 @@ async def _hand_over(inbound: Inbound, outbound: Outbound | None) -> None:
     for server in servers:
         if server is not None:
             server.close()
-    log.info("HBONE node handing over: listeners closed, capture left attached; draining open tunnels")
+    for conn in list(inbound.open):
+        conn.drain()  # peers open their next tunnels to the node that took over
+    log.info("HBONE node handing over: listeners closed, GOAWAY to peers, capture left attached; draining open tunnels")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + DRAIN_S
     while open_tunnels(inbound, outbound) and loop.time() < deadline:
