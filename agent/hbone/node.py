@@ -15,9 +15,11 @@ capture plane is fail-closed: while no capture listener exists a tunnelled SYN i
 never routed in plaintext; the successor re-uses the pinned program (nothing compiled) and its listener takes
 new connections from its bind on.
 
-Start-up order: certificates, the 15008 listener, then the capture. The listener's bind is the hand-over
-lock: a successor (restart, hot upgrade) attaches its capture only once its predecessor released 15008,
-which it does only after detaching its own (so the predecessor's clean-up never removes the successor's).
+Start-up order: certificates, the WDS table (with `wds:`), the 15008 listener, then the capture. Run by the
+agent, the two listening sockets are inherited (--listen-fd, --capture-fd: agent/hbone/listeners.py) and a
+successor's node serves them while its predecessor still does: a predecessor only hands over (capture left
+attached), so its clean-up never removes the successor's. Standalone, it binds them itself, and the bind is
+the hand-over lock: a second node attaches its capture only once the first released 15008.
 """
 
 from __future__ import annotations
@@ -101,14 +103,19 @@ async def serve(
     live = Live(settings.routes)
     live.csr = csr
     inbound = Inbound(lambda: live.routes, lambda: settings.rbacs, certs, stats, authz=lambda: live.authz)
-    await inbound.start(*settings.listen, sock=sockets.get(LISTEN))  # OSError (in use): exit EXIT_BIND
+    # WDS first: the inbound's local pods and the capture's rules are complete before either serves (during a
+    # hot upgrade the predecessor's node keeps accepting on the same sockets meanwhile)
+    wds = await start_wds(settings, live) if settings.wds is not None else None
+    try:
+        await inbound.start(*settings.listen, sock=sockets.get(LISTEN))  # OSError (in use): exit EXIT_BIND
+    except BaseException:
+        if wds is not None:
+            wds.cancel()
+        raise
     datapath = None
     outbound = None
     handover = asyncio.Event()
-    wds = None
     try:
-        if settings.wds is not None:  # first: the capture's rules then include WDS's routes from the start
-            wds = await start_wds(settings, live)
         if settings.capture is not None:
             if capture:
                 routes = live.routes
