@@ -105,7 +105,7 @@ async def serve(
     inbound = Inbound(lambda: live.routes, lambda: settings.rbacs, certs, stats, authz=lambda: live.authz)
     # WDS first: the inbound's local pods and the capture's rules are complete before either serves (during a
     # hot upgrade the predecessor's node keeps accepting on the same sockets meanwhile)
-    wds = await start_wds(settings, live) if settings.wds is not None else None
+    wds = await start_wds(settings, live, stats) if settings.wds is not None else None
     try:
         await inbound.start(*settings.listen, sock=sockets.get(LISTEN))  # OSError (in use): exit EXIT_BIND
     except BaseException:
@@ -211,12 +211,12 @@ class Live:
                      len(table.authz.policies))  # fmt: skip
 
 
-async def start_wds(settings: HboneSettings, live: Live) -> asyncio.Task:
+async def start_wds(settings: HboneSettings, live: Live, stats: HboneStats) -> asyncio.Task:
     """The WDS stream (agent/hbone/wds_client.py); waits up to WDS_INITIAL_S for both types' first answer
     (ztunnel waits for its initial xDS too): the node then says ready with its table complete."""
     assert settings.wds is not None
     state = WdsState(f"planemesh-hbone~{settings.wds.node}", settings.wds.node, settings.routes)
-    client = WdsClient(settings.wds.address, state, live.on_table)
+    client = WdsClient(settings.wds.address, state, live.on_table, stats)
     task = asyncio.get_running_loop().create_task(client.run())
     try:
         await asyncio.wait_for(client.received.wait(), WDS_INITIAL_S)

@@ -280,6 +280,7 @@ class HboneSupervisor:
             stats = {}
         node = {
             "up": int(self.ready.is_set()), "restarts": self.restarts, "captured": stats.get("captured", 0),
+            "wds_acks": stats.get("wds_acks", 0), "wds_nacks": stats.get("wds_nacks", 0),
             "pid": self.proc.pid if self.proc is not None and self.proc.returncode is None else 0,
         }  # fmt: skip
         return {"hbone": peer_rows(stats), "hbone_node": [node]}

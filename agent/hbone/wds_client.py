@@ -11,6 +11,7 @@ from collections.abc import Callable
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from planemesh.agent.hbone.stats import HboneStats
 from planemesh.agent.hbone.wds import Table, WdsState
 from planemesh.xds.transport import CHANNEL_OPTIONS, Backoff
 
@@ -23,10 +24,13 @@ async def _requests(outbox: asyncio.Queue) -> object:
 
 
 class WdsClient:
-    def __init__(self, address: str, state: WdsState, on_table: Callable[[Table], None]) -> None:
+    def __init__(
+        self, address: str, state: WdsState, on_table: Callable[[Table], None], stats: HboneStats | None = None
+    ) -> None:
         self.address = address
         self.state = state
         self.on_table = on_table
+        self.stats = stats
         self.connected = asyncio.Event()
         self.received = asyncio.Event()  # a first response of each type arrived (the table is complete)
 
@@ -53,6 +57,8 @@ class WdsClient:
                     self.connected.set()
                     backoff.reset()
                     reply, changed = self.state.on_response(resp)
+                    if self.stats is not None:
+                        self.stats.wds_acks, self.stats.wds_nacks = self.state.acks, self.state.nacks
                     if changed:
                         self.on_table(self.state.table)
                     if reply.HasField("error_detail"):

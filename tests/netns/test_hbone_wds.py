@@ -87,6 +87,7 @@ def test_wds_feeds_identities_routes_and_policies_without_restart(run_prefix: st
             nack = "Authorization 'ran/bad': rules[0].clauses[0].matches[0].source_ips: not supported"
             assert eventually(lambda: any(nack in x for x in node_b.output_lines), timeout=15), node_b.output_lines[-5:]
             assert pod_exchange(lab, MARKER) == b""  # the last good table: still denied
+            assert eventually(lambda: lab.stats("b").get("wds_nacks", 0) >= 1), lab.stats("b")
 
             write(res, [pod_a, pod_b])
             assert eventually(lambda: pod_exchange(lab, MARKER).startswith(TUNNELLED), timeout=15)
