@@ -24,6 +24,7 @@ from planemesh.agent.agent_options import AgentOptions, options_from_args
 from planemesh.agent.control_thread import ControlThread
 from planemesh.agent.cpu_groups import CpuGroups
 from planemesh.agent.handover import HandoverServer, Takeover, take_over
+from planemesh.agent.hbone.listeners import NAMES as HBONE_SOCKETS
 from planemesh.agent.hbone.load import load_hbone_section
 from planemesh.agent.host_attach import load_host_cgroups, sync_cgroups
 from planemesh.agent.kernel import KernelDataPath
@@ -155,6 +156,10 @@ class Agent:
 
     def listening_sockets(self) -> dict[int, socket.socket]:
         return {s.getsockname()[1]: s for pw in self.workers.values() for s in pw.listeners}
+
+    def _hbone_sockets(self) -> dict[str, socket.socket]:
+        """The HBONE node's listening sockets, for a successor agent (handover manifest's `named`)."""
+        return dict(self.hbone.sockets) if self.hbone is not None else {}
 
     def _handed_over(self) -> None:
         self.handed_over = True
@@ -323,16 +328,24 @@ class Agent:
             self.spawn(self.worker_stats.collect(), "worker-stats")
             self.node_overload.start()
             self.spawn(run_watchdog(self.notifier, self.healthy), "watchdog")
-            if self._takeover is None:
-                await self._start_hbone(wait_s=HBONE_READY_S)
+            inherited = self._takeover.take_named(*HBONE_SOCKETS) if self._takeover is not None else {}
+            if self._takeover is None or inherited:
+                # With the predecessor's HBONE sockets our node serves them before it is told we are done:
+                # both nodes accept on them for a moment, and no tunnelled SYN finds no listener.
+                await self._start_hbone(wait_s=HBONE_READY_S, sockets=inherited)
             await self.readiness.wait()
             if self._takeover is not None:
                 # Our workers serve the inherited sockets: let the predecessor drain, then take its admin socket.
                 self._takeover.done()
                 self._takeover = None
                 await self._start_admin(retry_s=self.options.drain_timeout_s + 10)
-                await self._start_hbone(wait_s=0)  # binds once the predecessor's HBONE node released 15008
-            self._handover_server = HandoverServer(self.handover_path, self.listening_sockets, self._handed_over)
+                if self.hbone is None:  # an older predecessor sent no HBONE sockets: bound once it released them
+                    await self._start_hbone(wait_s=0)
+                elif self.admin_app is not None:
+                    self.admin_app.stats.register("hbone", self.hbone.report)
+            self._handover_server = HandoverServer(
+                self.handover_path, self.listening_sockets, self._handed_over, named=self._hbone_sockets
+            )
             await self._handover_server.start()
             self.notifier.ready(f"planes: {', '.join(self.workers)}")
             log.info("ready: planes %s", ", ".join(self.workers))
@@ -344,15 +357,15 @@ class Agent:
         if self.failure is not None:
             raise self.failure
 
-    async def _start_hbone(self, wait_s: float) -> None:
+    async def _start_hbone(self, wait_s: float, sockets: dict[str, socket.socket] | None = None) -> None:
         """Start the supervised HBONE node (if configured); wait up to `wait_s` for it to be ready (it keeps
-        being retried in the background either way)."""
+        being retried in the background either way). `sockets`: its listening sockets from a predecessor."""
         if self.hbone_settings is None:
             return
         from planemesh.agent.hbone.supervisor import HboneSupervisor
 
         tag = self.options.netns or "host"
-        self.hbone = HboneSupervisor(self.hbone_settings, self.options.runtime_dir, tag, self.options.pin_dir)
+        self.hbone = HboneSupervisor(self.hbone_settings, self.options.runtime_dir, tag, self.options.pin_dir, sockets)
         self.spawn(self.hbone.run(), "hbone")
         if self.admin_app is not None:
             self.admin_app.stats.register("hbone", self.hbone.report)
@@ -406,13 +419,15 @@ class Agent:
                 await self.control.call(self.host.detach)
         if self._handover_server is not None:
             await self._handover_server.close()
+        # We never became ready: the predecessor keeps serving, and our HBONE node must leave its capture.
+        never_ready = self._takeover is not None
         if self._takeover is not None:
-            self._takeover.close()  # we never became ready: the predecessor keeps serving
+            self._takeover.close()
         if self.handed_over and self._admin is not None:
             await self._admin.close()  # the successor takes the admin socket over now
             self._admin = None
         if self.hbone is not None:  # before the tasks: its supervisor must not take the stop for a crash
-            await self.hbone.stop(self.options.drain_timeout_s, hand_over=self.handed_over)  # capture stays
+            await self.hbone.stop(self.options.drain_timeout_s, hand_over=self.handed_over or never_ready)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

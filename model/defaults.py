@@ -140,6 +140,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(("hbone",), "--netns", "PLANEMESH_HBONE_NETNS", None, "run inside this named network namespace (labs)"),
     Setting(("hbone",), "--shared-routing", "PLANEMESH_HBONE_SHARED_ROUTING", None,
             "the agent owns the policy route (same mark): neither install nor remove it", Kind.SWITCH),
+    Setting(("hbone",), "--listen-fd", None, None,
+            "internal: serve HBONE (15008) on this inherited listening socket (the agent's, kept across restarts)"),
+    Setting(("hbone",), "--capture-fd", None, None,
+            "internal: serve the capture on this inherited listening socket (the agent's, kept across restarts)"),
     Setting(("hbone",), "--supervised", None, None,
             "internal: started by the agent's supervisor (exits with the agent)", Kind.SWITCH),
     # ---- admin clients: status, planes, stats, config-dump, top -------------------------------------

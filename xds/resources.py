@@ -39,6 +39,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, descriptor_pool, json_format, message, message_factory
 
+from planemesh.xds.istio_wds import RESOURCE_NAMES as WDS_RESOURCE_NAMES
 from xds.type.v3 import typed_struct_pb2
 
 _PREFIX = "type.googleapis.com/"
@@ -77,7 +78,8 @@ def resource_name(msg: message.Message) -> str:
     """The name a resource is known by: ClusterLoadAssignment calls it cluster_name."""
     if isinstance(msg, endpoint_pb2.ClusterLoadAssignment):
         return msg.cluster_name
-    return getattr(msg, "name", "")
+    named = WDS_RESOURCE_NAMES.get(msg.DESCRIPTOR.full_name)  # istio's WDS: ztunnel's keys (xds/istio_wds.py)
+    return named(msg) if named is not None else getattr(msg, "name", "")
 
 
 def unpack(packed: any_pb2.Any, expected_type: str) -> message.Message:

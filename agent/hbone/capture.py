@@ -48,6 +48,8 @@ class CaptureDatapath:
     def __init__(self, capture: Capture, routes: Routes, pin_dir: str | None = None, own_route: bool = True) -> None:
         """`own_route`: install (and on close remove) the policy route; False when the agent owns it (same mark)."""
         self.own_route = own_route
+        self.capture = capture
+        self.routes = routes  # the routes its rules were made from
         self.dp = Datapath(pin_dir)
         self.ifindexes: list[int] = []
         try:
@@ -72,6 +74,11 @@ class CaptureDatapath:
         except BaseException:
             self.close()
             raise
+
+    def update_routes(self, routes: Routes) -> None:
+        """New peer routes (WDS): the per-(port, CIDR) PROXY rules follow them, in place."""
+        self.dp.sync_policy(capture_rules(self.capture, routes))
+        self.routes = routes
 
     @property
     def compiled(self) -> bool:

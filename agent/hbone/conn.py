@@ -176,15 +176,20 @@ class _Stream:
         self.opened: asyncio.Future[int] | None = None  # client: resolves to the response status
 
 
+def new_h2(client_side: bool) -> h2.connection.H2Connection:
+    """The h2 state machine of one connection (bench/hbone_cpu.py swaps it to measure another codec)."""
+    return h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=client_side, header_encoding=None, validate_inbound_headers=True)
+    )
+
+
 class HboneConnection(asyncio.Protocol):
     """Client or server end of one HBONE connection. The server calls `on_request(conn, stream_id, headers)`."""
 
     def __init__(
         self, client_side: bool, on_request: Callable[[HboneConnection, int, list[Any]], None] | None = None
     ) -> None:
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=client_side, header_encoding=None, validate_inbound_headers=True)
-        )
+        self.h2 = new_h2(client_side)
         self.client_side = client_side
         self.on_request = on_request
         self.transport: asyncio.Transport | None = None
@@ -285,6 +290,11 @@ class HboneConnection(asyncio.Protocol):
                 self._send_pending(other)
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.goaway = True  # no new streams; open ones finish unless the peer closes the connection
+            if event.error_code == 0 and self.streams:
+                # RFC 9113 6.8: a graceful GOAWAY (a peer handing over) lets the open streams finish, but h2
+                # closes its whole state machine on any GOAWAY: put it back, new streams are ours to refuse.
+                cs = h2.connection.ConnectionState
+                self.h2.state_machine.state = cs.CLIENT_OPEN if self.client_side else cs.SERVER_OPEN
 
     def _retire(self, sid: int) -> None:
         """Forget a stream once both directions ended."""
@@ -397,6 +407,19 @@ class HboneConnection(asyncio.Protocol):
     def can_open(self) -> bool:
         limit = self.h2.remote_settings.max_concurrent_streams
         return not (self.closed or self.goaway) and self.h2.open_outbound_streams < limit
+
+    def drain(self) -> None:
+        """Server side, handing over: a GOAWAY (NO_ERROR, the last stream the peer opened) so the peer's pool opens
+        its next tunnels on a new connection (to the node that took over) while the open ones finish here.
+        Written past h2's state machine, which would refuse to send anything after its own GOAWAY."""
+        if self.closed or self.goaway or self.transport is None or self.transport.is_closing():
+            return
+        self.goaway = True
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = self.h2.highest_inbound_stream_id
+        frame.error_code = 0
+        self._flush()
+        self.transport.write(frame.serialize())
 
     def close(self) -> None:
         self.goaway = True  # no new streams on it from now on

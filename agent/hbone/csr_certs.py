@@ -32,6 +32,7 @@ class NoCertificate(ssl.SSLError):
 
 class CsrCertSource:
     def __init__(self, settings: CaSettings, node_identity: str, workload_identities: Iterable[str]) -> None:
+        self.settings = settings
         self.node_identity = str(parse_spiffe_id(node_identity))
         ids = dict.fromkeys([self.node_identity, *workload_identities])
         self.clients = {i: CertificateClient(settings, parse_spiffe_id(i), self._changed_cb(i)) for i in ids}
@@ -53,6 +54,17 @@ class CsrCertSource:
         """Start every client; return once the node's own certificate is in (TimeoutError otherwise)."""
         self._tasks = [asyncio.create_task(c.run(), name=f"cert-{i}") for i, c in self.clients.items()]
         await asyncio.wait_for(self.clients[self.node_identity].ready.wait(), timeout_s)
+
+    def want(self, identities: Iterable[str]) -> None:
+        """Identities of local workloads learned later (WDS): a client each, started now (once started)."""
+        for identity in identities:
+            if identity in self.clients:
+                continue
+            client = self.clients[identity] = CertificateClient(
+                self.settings, parse_spiffe_id(identity), self._changed_cb(identity)
+            )
+            if self._tasks:
+                self._tasks.append(asyncio.create_task(client.run(), name=f"cert-{identity}"))
 
     def client_context(self, identity: str) -> ssl.SSLContext:
         ctx = self._client_ctx.get(identity)

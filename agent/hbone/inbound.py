@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from planemesh.agent.hbone.certs import CertSource
 from planemesh.agent.hbone.conn import HboneConnection, TcpSide
-from planemesh.agent.hbone.protocol import HboneError, decide, parse_connect
+from planemesh.agent.hbone.listeners import bind_listen
+from planemesh.agent.hbone.protocol import Authorizer, HboneError, decide, parse_connect
 from planemesh.agent.hbone.routes import Routes
 from planemesh.agent.hbone.stats import HboneStats
 from planemesh.agent.proxy.tls_context import peer_sans
@@ -80,22 +81,18 @@ class InboundConnection(HboneConnection):
 class Inbound:
     def __init__(
         self, routes: Callable[[], Routes], rbacs: Callable[[], tuple[RbacFilter, ...]], certs: CertSource,
-        stats: HboneStats,
+        stats: HboneStats, authz: Callable[[], Authorizer | None] = lambda: None,
     ) -> None:  # fmt: skip
         self.routes, self.rbacs, self.certs, self.stats = routes, rbacs, certs, stats
+        self.authz = authz  # WDS Authorization policies (agent/hbone/authz.py), read per CONNECT
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         self.open: set[InboundConnection] = set()
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> asyncio.Server:
+        """Serve on `sock` (inherited from the agent, agent/hbone/listeners.py) or a new socket on host:port."""
+        if sock is None:
+            sock = bind_listen(host, port)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             lambda: InboundConnection(self), sock=sock, ssl=server_ssl(self.certs),
@@ -113,7 +110,7 @@ class Inbound:
             conn.respond(sid, exc.status, end=True)
             return
         assert conn.peer_identity is not None
-        decision = decide(req, conn.peer_identity, conn.peer_ip, self.routes().workloads, self.rbacs())
+        decision = decide(req, conn.peer_identity, conn.peer_ip, self.routes().workloads, self.rbacs(), self.authz())
         if decision.status != 200:
             self.stats.refuse_in(decision.reason, peer)
             log.info(

@@ -29,6 +29,8 @@ class HboneNodeStats:
     restarts: int = 0  # the agent restarted it after an exit
     captured: int = 0  # pod connections captured for HBONE (current process)
     pid: int = 0
+    wds_acks: int = 0  # WDS responses ACKed / NACKed (current process)
+    wds_nacks: int = 0
 
 
 PEER_KEY = ("peer", "direction")
@@ -58,3 +60,8 @@ def hbone_families(peers: Sequence[HbonePeerStats], nodes: Sequence[HboneNodeSta
         node = nodes[0]
         yield GaugeMetricFamily("planemesh_hbone_up", "1 while the HBONE node process runs and is ready", value=node.up)
         yield CounterMetricFamily("planemesh_hbone_restarts", "HBONE node restarts by the agent", value=node.restarts)
+        wds = CounterMetricFamily("planemesh_hbone_wds_responses", "WDS responses by result (ack, nack)",
+                                  labels=["result"])  # fmt: skip
+        wds.add_metric(["ack"], node.wds_acks)
+        wds.add_metric(["nack"], node.wds_nacks)
+        yield wds

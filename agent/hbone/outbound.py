@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 
 from planemesh.agent.hbone.certs import CertSource
 from planemesh.agent.hbone.conn import HboneConnection, TcpSide
 from planemesh.agent.hbone.inbound import HANDSHAKE_TIMEOUT_S, spiffe_peer
+from planemesh.agent.hbone.listeners import bind_capture
 from planemesh.agent.hbone.protocol import connect_headers
 from planemesh.agent.hbone.routes import Peer, Routes
 from planemesh.agent.hbone.stats import UNKNOWN_PEER, HboneStats
-from planemesh.agent.proxy.sockets import make_listener_socket
 
 log = logging.getLogger("planemesh.hbone")
 CONNECT_TIMEOUT_S = 10.0  # TCP + TLS to the peer node
@@ -134,8 +135,10 @@ class Outbound:
         self.server: asyncio.Server | None = None
         self.sweeper: asyncio.Task[None] | None = None
 
-    async def start(self, port: int, host: str = "::") -> asyncio.Server:
-        sock = make_listener_socket(port, transparent=True, host=host)
+    async def start(self, port: int, sock: socket.socket | None = None) -> asyncio.Server:
+        """Serve on `sock` (inherited from the agent, agent/hbone/listeners.py) or a new capture socket."""
+        if sock is None:
+            sock = bind_capture(port)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: CapturedSide(self), sock=sock)
         self.sweeper = loop.create_task(self._sweep())

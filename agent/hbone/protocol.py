@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from planemesh.agent.rbac import RbacFilter, RequestFacts, evaluate
 
@@ -94,6 +95,10 @@ def parse_connect(headers: Iterable[tuple[str | bytes, str | bytes]]) -> Connect
     return ConnectRequest(ip, port, authority, fields)
 
 
+class Authorizer(Protocol):
+    def check(self, identity: str, dst_ip: str, dst_port: int) -> tuple[bool, str | None]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     status: int  # 200: open the tunnel; else the status to answer (and close the stream)
@@ -107,6 +112,7 @@ def decide(
     peer_ip: str,
     local_workloads: Mapping[str, str],
     rbacs: tuple[RbacFilter, ...],
+    authz: Authorizer | None = None,
 ) -> Decision:
     """What the destination node does with an authenticated CONNECT.
 
@@ -123,4 +129,8 @@ def decide(
         allowed, policy = evaluate(rbac, facts)
         if not allowed:
             return Decision(403, "rbac_denied", policy or "no ALLOW policy matched")
+    if authz is not None:  # istio's Authorization policies from WDS (agent/hbone/authz.py)
+        allowed, policy = authz.check(peer, req.dst_ip, req.dst_port)
+        if not allowed:
+            return Decision(403, "rbac_denied", policy)
     return Decision(200, "ok")

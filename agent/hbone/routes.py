@@ -100,8 +100,9 @@ def _address(value: object, where: str) -> tuple[str, int]:
     return ip, int(port)
 
 
-def parse_routes(raw: Mapping[str, object]) -> Routes:
-    """`workloads: {ip: spiffe}`, `peers: [{name, address, cidrs, identity?}]` -> Routes (errors name the field)."""
+def parse_routes(raw: Mapping[str, object], cidrs_required: bool = True) -> Routes:
+    """`workloads: {ip: spiffe}`, `peers: [{name, address, cidrs, identity?}]` -> Routes (errors name the field).
+    `cidrs_required=False`: a peer may list none (its workloads' addresses come from WDS)."""
     workloads: dict[str, str] = {}
     raw_workloads = raw.get("workloads") or {}
     if not isinstance(raw_workloads, Mapping):
@@ -129,7 +130,7 @@ def parse_routes(raw: Mapping[str, object]) -> Routes:
                 cidrs.append(ipaddress.ip_network(str(cidr), strict=False))
             except ValueError:
                 raise HboneConfigError(f"{where}.cidrs[{j}]: {cidr!r} is not an IP prefix") from None
-        if not cidrs:
+        if not cidrs and cidrs_required:
             raise HboneConfigError(f"{where}.cidrs: at least one pod CIDR expected")
         if "address" not in item:
             raise HboneConfigError(f"{where}.address: required")

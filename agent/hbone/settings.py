@@ -12,6 +12,7 @@ workloads: {10.81.1.2: spiffe://cluster.local/ns/ran/sa/amf}
 peers: [{name: node-b, address: 10.81.0.2, cidrs: [10.81.2.0/24],
          identity: spiffe://cluster.local/ns/planemesh/sa/node-b}]
 rbac: [{rules: {action: DENY, policies: {...}}}]   # envoy.filters.http.rbac RBAC messages (AuthorizationPolicy)
+wds: {address: "127.0.0.1:18000", node: node-a}  # optional: workloads, peer routes, policies from istio's WDS
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from planemesh.agent.rbac import RbacFilter
 from planemesh.model.config import ConfigError
 from planemesh.xds.translate_rbac import translate_rbac
 
-_FIELDS = {"node", "ca", "ca_api", "listen", "capture", "workloads", "peers", "rbac", "cert_ttl_s"}
+_FIELDS = {"node", "ca", "ca_api", "listen", "capture", "workloads", "peers", "rbac", "cert_ttl_s", "wds"}
 _CA_API_FIELDS = ("address", "root_cert", "server_name", "token_file", "ttl_s", "cluster_id")
 
 
@@ -40,6 +41,15 @@ class Capture:
     port: int
     interfaces: tuple[str, ...]
     ports: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Wds:
+    """istio's workload discovery over an ADS stream (agent/hbone/wds.py): the server, and this node's name as
+    WDS Workloads name it (`node`); peers' `name`s are the other nodes' names."""
+
+    address: str  # host:port or unix:///path (plaintext gRPC, as `planemesh xds-server --listen`)
+    node: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,7 @@ class HboneSettings:
     capture: Capture | None = None
     cert_ttl_s: float = 24 * 3600.0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    wds: Wds | None = None
 
 
 def _port(value: object, where: str) -> int:
@@ -100,6 +111,18 @@ def _capture(raw: object) -> Capture:
         tuple(ifaces),
         tuple(_port(p, f"capture.ports[{i}]") for i, p in enumerate(ports)),
     )
+
+
+def _wds(raw: object) -> Wds:
+    if not isinstance(raw, Mapping):
+        raise HboneConfigError("wds: a mapping expected")
+    unknown = set(raw) - {"address", "node"}
+    if unknown:
+        raise HboneConfigError(f"wds.{sorted(unknown)[0]}: unknown field")
+    for key in ("address", "node"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise HboneConfigError(f"wds.{key}: a non-empty string required")
+    return Wds(raw["address"], raw["node"])
 
 
 def _ca_api(raw: object) -> CaSettings:
@@ -153,8 +176,9 @@ def parse_settings(raw: object) -> HboneSettings:
         ca_dir=Path(raw["ca"]) if "ca" in raw else None,
         ca_api=_ca_api(raw["ca_api"]) if "ca_api" in raw else None,
         listen=_address(raw.get("listen", f"[::]:{HBONE_PORT}"), "listen"),
-        routes=parse_routes(raw),
+        routes=parse_routes(raw, cidrs_required=raw.get("wds") is None),
         rbacs=parse_rbac(raw.get("rbac") or []),
         capture=_capture(raw["capture"]) if raw.get("capture") is not None else None,
         cert_ttl_s=float(ttl),
+        wds=_wds(raw["wds"]) if raw.get("wds") is not None else None,
     )

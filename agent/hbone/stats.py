@@ -41,6 +41,9 @@ class HboneStats:
     # per peer node name (inbound: the peer whose address the connection came from, else that address)
     peers_in: dict[str, PeerCounters] = field(default_factory=dict)
     peers_out: dict[str, PeerCounters] = field(default_factory=dict)
+    # WDS (agent/hbone/wds.py): responses ACKed / NACKed
+    wds_acks: int = 0
+    wds_nacks: int = 0
 
     def peer_in(self, peer: str) -> PeerCounters:
         return self.peers_in.setdefault(peer, PeerCounters())

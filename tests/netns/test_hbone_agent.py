@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from tests.netns.hbone_lab import (
     CIDR_A,
     ECHO_PORT,
     NODE_A_LINK,
+    POD_B,
     PORT,
     LinkCapture,
     hbone_lab,
@@ -46,6 +48,13 @@ MARKER = b"AGENT-HBONE-MARKER-" + os.urandom(8).hex().encode()
 def deny_echo_port() -> list:
     return [{"rules": {"action": "DENY", "policies": {"deny-echo": {
         "permissions": [{"destination_port": ECHO_PORT}], "principals": [{"any": True}]}}}}]  # fmt: skip
+
+
+def recv_until_eof(sock: socket.socket) -> bytes:
+    got = b""
+    while data := sock.recv(1 << 16):
+        got += data
+    return got
 
 
 def hbone_rows(admin: AdminClient) -> dict:
@@ -100,13 +109,23 @@ def test_agents_run_hbone_from_their_config_with_counters_restart_and_cleanup(la
     assert 'planemesh_hbone_refused_total{direction="inbound",peer="node-a",reason="rbac_denied"} 1.0' in prom_b
 
     # SIGHUP: node B's section without the RBAC restarts its HBONE node with it (not a crash); the echo port tunnels
+    # at once on the new node while the old one still drains a tunnel left open, which then completes
     pid_b = inb["node"]["pid"]
+    held = ns_tools.call_in(lab.pod_a, socket.create_connection, (POD_B, PORT), 15)
+    held.sendall(MARKER)
+    eventually(lambda: hbone_rows(admin_b).get(("node-a", "inbound"), {}).get("streams") == 4, 10)
     hbone_b["rbac"] = []
     (lab.workdir / "agent-b.yaml").write_text(yaml.safe_dump({"planes": AGENT_PLANES, "hbone": hbone_b}))
     agent_b.send_signal(signal.SIGHUP)
     node_b = eventually(lambda: (n := hbone_rows(admin_b)["node"])["up"] == 1 and n["pid"] not in (0, pid_b) and n, 30)
     assert node_b and node_b["restarts"] == 0, hbone_rows(admin_b)
     assert eventually(lambda: pod_exchange(lab, MARKER, port=ECHO_PORT) == MARKER, 15)
+    assert Path(f"/proc/{pid_b}").exists()  # the old node still drains the held tunnel (it did not delay the new)
+    held.sendall(MARKER)
+    held.shutdown(socket.SHUT_WR)
+    assert recv_until_eof(held) == b"B saw %d bytes from 10.81.2.1: %s" % (2 * len(MARKER), (MARKER * 2)[:64])
+    held.close()
+    assert eventually(lambda: not Path(f"/proc/{pid_b}").exists(), 15)
 
     # the agent restarts a crashed HBONE node, which tunnels again
     pid = out["node"]["pid"]

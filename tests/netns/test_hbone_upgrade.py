@@ -1,13 +1,16 @@
-"""A hot upgrade of the agent on node A never sends pod traffic untunnelled (the two-agent lab of
-test_hbone_agent.py, the link capture of hbone_lab).
+"""A hot upgrade of the agent on node A never sends pod traffic untunnelled and has no gap (the two-agent lab
+of test_hbone_agent.py, the link capture of hbone_lab).
 
-While pod A streams to pod B on one connection and keeps opening new ones, a successor agent takes node A
-over. The predecessor's HBONE node hands over (listeners closed, capture left attached, fail-closed); the
-successor's node re-uses the pinned capture program (nothing compiled) and binds. Throughout, no frame on the
-inter-node link carries the plaintext marker, and every connection either got its answer through the tunnel
-(pod B saw node B's address, not pod A's) or failed; the longest wait of a connection opened in the gap is
-printed as the measured gap. On the old code (the capture detached between the two nodes) connections opened
-in the gap crossed the link in plaintext.
+While pod A streams to pod B on one connection and three threads keep opening new ones, a successor agent
+takes node A over: it receives the HBONE node's listening sockets (15008, capture) over the handover socket
+and starts its node on them (re-using the pinned capture program: nothing compiled) before the predecessor's
+node hands over. Throughout, no frame on the inter-node link carries the plaintext marker, and every
+connection got its answer through the tunnel (pod B saw node B's address, not pod A's); through the upgrade
+none failed and every TCP connect took under 0.5 s. On the code before the sockets were handed over (the
+successor bound them once the predecessor's node closed them) a connection opened in that 0.4 s gap waited for
+its SYN retry (1.03 s measured) and one failed; on older code still (the capture detached between the two
+nodes) such connections crossed the link in plaintext. Then the new node is killed and restarted by the agent
+on the same sockets.
 """
 
 from __future__ import annotations
@@ -32,11 +35,17 @@ pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 MARKER = b"UPGRADE-HBONE-MARKER-" + os.urandom(8).hex().encode()
 TUNNELLED = b"B saw %d bytes from 10.81.2.1: "  # pod B's peer is node B when the bytes came through HBONE
 PLAINTEXT = b"from 10.81.1.2"  # pod A's own address: the connection was routed, not tunnelled
+MAX_CONNECT_S = 0.5  # half the kernel's first SYN retry: a connect that waited for a listener takes >= 1 s
 
 
-def exchange(payload: bytes, timeout: float) -> bytes:
-    """In pod A: one connection to pod B, payload, half-close, the answer (b'' if reset)."""
+def exchange(payload: bytes, timeout: float, timing: list | None = None) -> bytes:
+    """In pod A: one connection to pod B, payload, half-close, the answer (b'' if reset). `timing` gets the
+    TCP connect's duration: the capture listener's kernel completes it, so a SYN dropped for want of a
+    listener (the fail-closed plane) shows as a wait of at least the SYN retry (1 s)."""
+    started = time.monotonic()
     with socket.create_connection((POD_B, PORT), timeout=timeout) as s:
+        if timing is not None:
+            timing.append(time.monotonic() - started)
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         got = b""
@@ -69,14 +78,16 @@ def log_time(proc, text: str) -> float:  # type: ignore[no-untyped-def]
 
 
 def opener(lab, stop: threading.Event, attempts: list) -> None:  # type: ignore[no-untyped-def]
+    """(start, end, answer, connect seconds or None) per connection, until `stop`."""
     while not stop.is_set():
         started = time.monotonic()
+        timing: list = []
         try:
-            answer = ns_tools.call_in(lab.pod_a, exchange, MARKER, 10.0)
+            answer = ns_tools.call_in(lab.pod_a, exchange, MARKER, 10.0, timing)
         except OSError as exc:
             answer = repr(exc).encode()
-        attempts.append((started, time.monotonic(), answer))
-        time.sleep(0.05)
+        attempts.append((started, time.monotonic(), answer, timing[0] if timing else None))
+        time.sleep(0.02)
 
 
 def test_hot_upgrade_never_sends_pod_traffic_untunnelled(run_prefix: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -97,7 +108,7 @@ def test_hot_upgrade_never_sends_pod_traffic_untunnelled(run_prefix: str, tmp_pa
         streamed: dict = {}
         attempts: list = []
         threads = [threading.Thread(target=ns_tools.call_in, args=(lab.pod_a, stream, stop, streamed), daemon=True)]
-        threads += [threading.Thread(target=opener, args=(lab, stop, attempts), daemon=True) for _ in range(2)]
+        threads += [threading.Thread(target=opener, args=(lab, stop, attempts), daemon=True) for _ in range(3)]
         for t in threads:
             t.start()
         time.sleep(1.0)
@@ -108,8 +119,10 @@ def test_hot_upgrade_never_sends_pod_traffic_untunnelled(run_prefix: str, tmp_pa
         assert new and new["restarts"] == 0, hbone_rows(admin_a)
         up_at = time.monotonic()
         time.sleep(2.0)  # connections opened after the new node is up
+        crash_at = time.monotonic()
         # and a crash of the new HBONE node: the agent restarts it; the capture never left (fail-closed meanwhile)
         os.kill(new["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
         again = eventually(lambda: (n := hbone_rows(admin_a)["node"])["up"] == 1 and n["pid"] != new["pid"] and n, 30)
         assert again and again["restarts"] == 1, hbone_rows(admin_a)
         crash_up_at = time.monotonic()
@@ -120,20 +133,36 @@ def test_hot_upgrade_never_sends_pod_traffic_untunnelled(run_prefix: str, tmp_pa
         cap.stop()
 
         assert not any(MARKER in frame for frame in cap.frames), "plaintext pod bytes crossed the link"
-        answers = [a for _, _, a in attempts]
+        answers = [a for _, _, a, _ in attempts]
         assert not any(PLAINTEXT in a for a in answers), [a[:80] for a in answers if PLAINTEXT in a]
-        ok = [(s, e) for s, e, a in attempts if a.startswith(TUNNELLED % len(MARKER))]
-        failed = [a[:80] for _, _, a in attempts if not a.startswith(TUNNELLED % len(MARKER))]
+        ok = [(s, e) for s, e, a, _ in attempts if a.startswith(TUNNELLED % len(MARKER))]
+        failed = [a[:80] for _, _, a, _ in attempts if not a.startswith(TUNNELLED % len(MARKER))]
+        # Through the hot upgrade (before the crash): no gap. The successor took the listening sockets over the
+        # handover socket, so every SYN found a listener: 0 failures, connects answered by the kernel at once.
+        upgrade = [(a, c) for s, e, a, c in attempts if upgrade_at - 1 <= s and e < crash_at]
+        upgrade_failed = [a[:80] for a, _ in upgrade if not a.startswith(TUNNELLED % len(MARKER))]
+        connects = [c for _, c in upgrade if c is not None]
+        # While the killed node is restarted, the agent's capture socket stays: connections opened after the
+        # kill wait in its accept queue and are tunnelled by the next node (before: their SYN was dropped).
+        restart = [(a, c) for s, _, a, c in attempts if killed_at <= s < crash_up_at]
+        restart_failed = [a[:80] for a, _ in restart if not a.startswith(TUNNELLED % len(MARKER))]
         assert ok and any(s > up_at for s, _ in ok), attempts  # tunnelling again after the upgrade
         assert any(s > crash_up_at for s, _ in ok), attempts  # and after the crash
         assert PLAINTEXT not in streamed.get("answer", b""), streamed
         assert streamed.get("sent", 0) > 0, streamed
         during = [e - s for s, e in ok if s >= upgrade_at - 1]
         gone, back = log_time(agent_a, "handing over"), log_time(successor, "HBONE capture attached")
-        print(f"\nhot upgrade: no capture listener for {back - gone:.2f}s (old node's hand-over to new capture);"
+        print(f"\nhot upgrade: successor's capture attached {gone - back:.2f}s before the old node handed over;"
               f" {len(attempts)} connections, {len(failed)} failed, longest wait of a tunnelled one "
               f"{max(during):.2f}s, new HBONE node up {up_at - upgrade_at:.2f}s after the successor started; "
-              f"stream: {streamed.get('error') or 'completed'}")  # fmt: skip
+              f"stream: {streamed.get('error') or 'completed'}; through the upgrade {len(upgrade)} connections,"
+              f" {len(upgrade_failed)} failed, longest connect {max(connects, default=0) * 1000:.0f} ms")  # fmt: skip
+        assert len(upgrade) >= 20 and not upgrade_failed, upgrade_failed
+        assert max(connects) < MAX_CONNECT_S, sorted(connects)[-5:]  # old code: >= 1 s (a dropped SYN, retried)
+        print(f"restart: {len(restart)} connections opened while the node was down, {len(restart_failed)} failed,"
+              f" longest connect {max([c for _, c in restart if c is not None], default=0) * 1000:.0f} ms")
+        assert restart and not restart_failed, restart_failed
+        assert max(c for _, c in restart if c is not None) < MAX_CONNECT_S
         out = "\n".join(successor.output_lines)  # type: ignore[attr-defined]
         assert "program re-used from its pins: nothing compiled" in out, out[-3000:]
         assert ns_tools.stop(successor) == 0

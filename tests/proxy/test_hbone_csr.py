@@ -64,3 +64,28 @@ def test_tunnels_with_certificates_from_create_certificate_and_their_renewal(tmp
     connections, seen = uvloop.run(asyncio.wait_for(scenario(), 60))
     assert connections == 2  # the renewed certificate opened a new pooled connection
     assert seen == {"in": 2, "signed": 3}  # node A's, amf's, amf's renewal
+
+
+def test_an_identity_learned_later_gets_its_certificate(tmp_path: Path) -> None:
+    """A local workload that WDS reports after the start (`want`): its own CertificateClient, a certificate."""
+    root = new_root(TD, now=utcnow() - dt.timedelta(minutes=5))
+    (tmp_path / "token").write_text("node-a-token\n")
+
+    async def scenario() -> int:
+        signer = CsrSigner(root, {"node-a-token": None}, ttl_s=3600)
+        server = ManagementServer(None, csr_signer=signer)
+        address = await server.start("127.0.0.1:0")
+        certs = CsrCertSource(CaSettings(address, token_file=str(tmp_path / "token"), ttl_s=3600), NODE_A, [])
+        try:
+            await certs.start(timeout_s=20)
+            with pytest.raises(NoCertificate):
+                certs.client_context(ID_B)
+            certs.want([ID_B, NODE_A])
+            await asyncio.wait_for(certs.clients[ID_B].ready.wait(), 20)
+            assert certs.client_context(ID_B) is not None
+            return signer.signed
+        finally:
+            await certs.close()
+            await server.stop(0)
+
+    assert uvloop.run(asyncio.wait_for(scenario(), 60)) == 2  # the node's, then the learned workload's

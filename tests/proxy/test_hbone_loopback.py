@@ -360,3 +360,28 @@ def test_peer_connections_beyond_the_budget_are_closed_and_counted(monkeypatch) 
             second.close()
 
     run(scenario())
+
+
+def test_a_node_handing_over_sends_goaway_new_tunnels_take_a_new_connection_the_open_one_finishes() -> None:
+    """`drain()` (a node handing over): the peer's pool stops opening streams on that connection, the open tunnel
+    carries bytes both ways to its end (h2 would close its state machine on the GOAWAY: conn.py keeps it open)."""
+
+    async def scenario() -> None:
+        async with hbone_pair(*node_cas()) as pair:
+            old = await pair.open()
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(old, b"before")
+            assert await recv_all(old, 6) == b"before"
+            (served,) = pair.inbound.open
+            served.drain()
+            async with asyncio.timeout(10):
+                while not all(c.goaway for held in pair.outbound.pool.conns.values() for _, c in held):
+                    await asyncio.sleep(0.01)
+            new = await pair.open()
+            assert await _echo_roundtrip(new, b"new") == b"new"
+            assert pair.stats_a.connections_out == 2 and pair.stats_b.connections_in == 2
+            assert await _echo_roundtrip(old, b"after" * 1000) == b"after" * 1000  # both ways, after the GOAWAY
+            old.close()
+            new.close()
+
+    run(scenario())

@@ -78,6 +78,9 @@ def test_static_config_accepts_the_section_and_the_agent_checks_it(tmp_path: Pat
          "hbone.rbac[0].rules.policies[p].principals[0].metadata", "not supported"),
         ({k: v for k, v in section().items() if k != "ca"}, "hbone.ca", "ca_api"),
         (section(tunnel=True), "hbone.tunnel", "unknown field"),
+        (section(wds={"node": "node-a"}), "hbone.wds.address", "a non-empty string required"),
+        (section(wds={"address": "unix:///x", "node": "n", "token": "t"}), "hbone.wds.token", "unknown field"),
+        (section(peers=[{"address": "10.81.0.2"}]), "hbone.peers[0].cidrs", "at least one pod CIDR"),
         ("yes", "hbone", "expected a mapping"),
     ],
 )  # fmt: skip
@@ -108,6 +111,7 @@ def test_counters_reach_the_admin_report_and_prometheus(tmp_path: Path) -> None:
     stats.refuse_out("no_route")
     stats.peer_in("node-b").streams = 2
     stats.refuse_in("rbac_denied", "node-b")
+    stats.wds_acks, stats.wds_nacks = 4, 1
     sup = HboneSupervisor(section(), tmp_path, "test")
     sup.stats_path.write_text(json.dumps(stats.as_dict()))
     registry = StatsRegistry()
@@ -121,6 +125,7 @@ def test_counters_reach_the_admin_report_and_prometheus(tmp_path: Path) -> None:
     assert report.hbone_node[0].up == 0 and report.hbone_node[0].restarts == 0
     text = "\n".join(str(m) for m in PlanemeshCollector(registry).collect())
     assert "planemesh_hbone_streams" in text and "planemesh_hbone_refused" in text and "planemesh_hbone_up" in text
+    assert report.hbone_node[0].wds_nacks == 1 and "planemesh_hbone_wds_responses" in text
     one = merge_reports([coerce_report(sup.report())])
     assert {(r.peer, r.direction) for r in one.hbone} == set(rows)
 
