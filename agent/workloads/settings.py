@@ -8,7 +8,7 @@
         token_file: /var/run/secrets/kubernetes.io/serviceaccount/token
         ca_file: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
       node_name: worker-1         # default: $PLANEMESH_NODE_ID (the DaemonSet sets it to spec.nodeName)
-      poll_interval_s: 2          # how often the pod list / file is read
+      poll_interval_s: 2          # file: how often it is read; kubernetes (a watch): the retry delay after a failure
       istio_version: "1.24.0"     # node metadata ISTIO_VERSION (istiod gates features on it)
       cluster_id: Kubernetes      # node metadata CLUSTER_ID
       dns_domain: cluster.local   # the node id's last part: <ns>.svc.<dns_domain>

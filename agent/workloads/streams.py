@@ -25,7 +25,7 @@ from planemesh.agent.workloads.merge import merge, scope
 from planemesh.agent.workloads.model import Workload, WorkloadSet
 from planemesh.agent.workloads.settings import WorkloadSettings
 from planemesh.agent.workloads.sharing import SharedDecoder, SharedTranslations
-from planemesh.agent.workloads.sources import SourceError, WorkloadSource
+from planemesh.agent.workloads.sources import SourceError, WorkloadSource, follow
 from planemesh.model.config import Snapshot
 from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.transport import XdsClient
@@ -63,18 +63,18 @@ class WorkloadStreams:
     # ---- the workloads -----------------------------------------------------------------------------
 
     async def run(self, source: WorkloadSource) -> None:
-        """Forever: read the workloads, open and close streams to follow them."""
+        """Forever: follow the workloads (a watch, or a file read every poll_interval_s), open and close streams."""
         try:
-            while True:
+            async for item in follow(source, self.settings.poll_interval_s):
+                if isinstance(item, SourceError):  # the source's failure never ends the streams
+                    if str(item) != self.last_error:
+                        log.warning("workloads not read (the %d streams stay): %s", len(self.clients), item)
+                    self.last_error = str(item)
+                    continue
                 try:
-                    await self.sync(await source.read())
-                except Exception as exc:  # a source's failure (SourceError or a bug) never ends the streams
-                    if not isinstance(exc, SourceError):
-                        log.exception("workloads source failed")
-                    if str(exc) != self.last_error:
-                        log.warning("workloads not read (the %d streams stay): %s", len(self.clients), exc)
-                    self.last_error = str(exc)
-                await asyncio.sleep(self.settings.poll_interval_s)
+                    await self.sync(item)
+                except Exception:
+                    log.exception("following the workloads failed")
         finally:
             await self.close()
 
