@@ -28,7 +28,7 @@ from planemesh.agent.workloads.discovery import workloads_from_file_dict, worklo
 from planemesh.agent.workloads.kube_http import KubeHttpError, stream_lines
 from planemesh.agent.workloads.model import WorkloadError, WorkloadSet
 from planemesh.agent.workloads.pod_watch import GONE, PodCache, Step
-from planemesh.agent.workloads.settings import WorkloadSettings
+from planemesh.agent.workloads.settings import KubernetesSource, WorkloadSettings
 from planemesh.model.planes import Plane
 
 MAX_POD_LIST_BYTES = 64 << 20  # a node runs at most a few hundred pods: a bigger answer is not a pod list
@@ -61,6 +61,25 @@ async def follow(source: WorkloadSource, every_s: float) -> AsyncIterator[Worklo
             log.exception("workloads source failed")
             yield SourceError(f"{type(exc).__name__}: {exc}")
         await asyncio.sleep(every_s)
+
+
+def kube_auth(kube: KubernetesSource, error: type[Exception]) -> tuple[dict[str, str], ssl.SSLContext | None]:
+    """Headers (the agent's token, read each time: kubelet rotates projected tokens) and the TLS context for the
+    API server; `error` (naming the file) when the token or CA cannot be read."""
+    headers = {}
+    try:
+        token = Path(kube.token_file).read_text().strip() if kube.token_file else ""
+    except OSError as exc:
+        raise error(f"token {kube.token_file}: {exc.strerror}") from None
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    context = None
+    if kube.api.startswith("https://"):
+        try:
+            context = ssl.create_default_context(cafile=kube.ca_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise error(f"CA {kube.ca_file}: {exc}") from None
+    return headers, context
 
 
 class FileSource:
@@ -101,21 +120,7 @@ class KubernetesPods:
         return f"{self.kube.api}/api/v1/pods?{query}"
 
     def _auth(self) -> tuple[dict[str, str], ssl.SSLContext | None]:
-        """The request headers (the token, read each time: kubelet rotates projected tokens) and TLS context."""
-        headers = {}
-        try:
-            token = Path(self.kube.token_file).read_text().strip() if self.kube.token_file else ""
-        except OSError as exc:
-            raise SourceError(f"token {self.kube.token_file}: {exc.strerror}") from None
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        context = None
-        if self.kube.api.startswith("https://"):
-            try:
-                context = ssl.create_default_context(cafile=self.kube.ca_file or None)
-            except (OSError, ssl.SSLError) as exc:
-                raise SourceError(f"CA {self.kube.ca_file}: {exc}") from None
-        return headers, context
+        return kube_auth(self.kube, SourceError)
 
     def _get(self) -> bytes:
         headers, context = self._auth()

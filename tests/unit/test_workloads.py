@@ -140,6 +140,13 @@ def test_settings() -> None:
          "workloads.kubernetes.api"),
         ({"source": "file", "file": "/f", "poll_interval_s": 0}, {}, "workloads.poll_interval_s"),
         ({"source": "file", "file": "/f", "extra": 1}, {}, "workloads.extra"),
+        ({"source": "file", "file": "/f", "istiod_tokens": {}}, {}, "workloads.istiod_tokens"),
+        ({"source": "kubernetes", "node_name": "n", "kubernetes": {"api": "https://k"},
+          "istiod_tokens": {"expiration_s": 60}}, {}, "workloads.istiod_tokens.expiration_s"),
+        ({"source": "kubernetes", "node_name": "n", "kubernetes": {"api": "https://k"},
+          "istiod_tokens": {"dir": "tokens"}}, {}, "workloads.istiod_tokens.dir"),
+        ({"source": "kubernetes", "node_name": "n", "kubernetes": {"api": "https://k"},
+          "istiod_tokens": {"who": 1}}, {}, "workloads.istiod_tokens"),
     ]:  # fmt: skip
         with pytest.raises(ConfigError) as info:
             settings_from_dict(raw, env)

@@ -6,11 +6,7 @@ broken watch is reported and retried. PodCache, the pure part, on its own first.
 from __future__ import annotations
 
 import asyncio
-import http.server
-import json
-import queue
 import threading
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +18,7 @@ from planemesh.agent.workloads.pod_watch import PodCache, Step
 from planemesh.agent.workloads.settings import settings_from_dict
 from planemesh.agent.workloads.sources import KubernetesPods, SourceError
 from planemesh.model.static_config import load_default_config
+from tests.support.kube_api import start_fake_api
 
 PLANES = load_default_config().planes
 
@@ -85,62 +82,12 @@ def test_cache_reports_malformed_pods_and_refuses_malformed_events() -> None:
     assert list(cache.workloads().workloads) == ["a.default"] and cache.resource_version == "2"
 
 
-# ---- the fake API server -------------------------------------------------------------------------------------
-
-
-class FakeApi(http.server.BaseHTTPRequestHandler):
-    """GET /api/v1/pods: the list (`state["list"]`); with watch=1, the next script of `state["watches"]`:
-    ("event", dict), ("raw", bytes), ("wait", threading.Event), ("status", code), ("drop",) (close without
-    ending the chunked body); a script ends the body cleanly unless it dropped. No script: HTTP 500."""
-
-    protocol_version = "HTTP/1.1"
-    state: dict[str, Any] = {}
-
-    def do_GET(self) -> None:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-        self.state["requests"].append((query, self.headers.get("authorization")))
-        if "watch" not in query:
-            return self._answer(200, json.dumps(self.state["list"]).encode())
-        try:
-            script = self.state["watches"].get_nowait()
-        except queue.Empty:
-            return self._answer(500, b'{"kind":"Status","code":500}')
-        if script and script[0][0] == "status":
-            return self._answer(script[0][1], b'{"kind":"Status"}')
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("transfer-encoding", "chunked")
-        self.end_headers()
-        for step in script:
-            if step[0] == "drop":
-                self.wfile.flush()
-                self.close_connection = True
-                return
-            if step[0] == "wait":
-                step[1].wait(10)
-                continue
-            data = step[1] if step[0] == "raw" else json.dumps(step[1]).encode() + b"\n"
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-        self.wfile.write(b"0\r\n\r\n")
-        self.close_connection = True
-
-    def _answer(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
+# ---- against a fake API server (tests/support/kube_api.py) ----------------------------------------------------
 
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[tuple[KubernetesPods, dict[str, Any]]]:
-    FakeApi.state = state = {"list": pod_list("10"), "watches": queue.Queue(), "requests": []}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeApi)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, state = start_fake_api(pod_list("10"))
     token = tmp_path / "token"
     token.write_text("jwt-of-the-agent\n")
     raw = {"source": "kubernetes", "node_name": "n1",
