@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from planemesh.agent.workloads import tokens as tokens_module
 from planemesh.agent.workloads.model import Workload
 from planemesh.agent.workloads.settings import settings_from_dict
 from planemesh.agent.workloads.sources import KubernetesPods
@@ -130,6 +131,21 @@ def test_each_pod_streams_to_15012_with_its_own_token(world) -> None:
     # the streams are closed (the task ended): their token files went with them
     assert not [p for p in tokens.iterdir() if not p.name.startswith(".")]
     assert streams.tokens is not None and streams.tokens.minted == 2
+
+
+def test_a_refused_token_request_is_retried(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API server refuses each pod's first TokenRequest: logged, retried after RETRY_S, then served."""
+    monkeypatch.setattr(tokens_module, "RETRY_S", 0.2)
+    calls: dict[str, int] = {}
+
+    def flaky(path: str, body: dict) -> tuple[int, dict]:
+        calls[path] = calls.get(path, 0) + 1
+        return _mint(path, body) if calls[path] > 1 else (403, {"kind": "Status", "code": 403})
+
+    world["state"]["mint"] = flaky
+    server, streams, _status = _run(world, per_pod_tokens=True)
+    assert sorted(calls.values()) == [2, 2] and streams.tokens is not None and streams.tokens.failures == 2
+    assert {c.identity for c in server.clients() if c.types} == {("default", "sa-a"), ("shop", "sa-b")}
 
 
 def test_the_node_token_alone_is_refused_for_other_identities(world) -> None:
