@@ -60,6 +60,7 @@ class WorkloadStreams:
         self._batch: dict[str, View | None] | None = None  # key -> view before the batch (rollback)
         self._done: asyncio.Future[None] | None = None
         self._applying = False  # a batch is being merged and applied
+        self._source: WorkloadSource | None = None
         # each pod's own istiod token (15012), when asked for: agent/workloads/tokens.py
         self.tokens = (
             PodTokens(settings.kubernetes, settings.istiod_tokens)
@@ -69,8 +70,16 @@ class WorkloadStreams:
 
     # ---- the workloads -----------------------------------------------------------------------------
 
+    @property
+    def _source_counts(self) -> dict[str, int] | None:
+        source = self._source
+        if source is None or not hasattr(source, "watches"):
+            return None
+        return {"lists": source.lists, "watches": source.watches}
+
     async def run(self, source: WorkloadSource) -> None:
         """Forever: follow the workloads (a watch, or a file read every poll_interval_s), open and close streams."""
+        self._source = source
         try:
             async for item in follow(source, self.settings.poll_interval_s):
                 if isinstance(item, SourceError):  # the source's failure never ends the streams
@@ -249,6 +258,8 @@ class WorkloadStreams:
             "decodes": self.decoder.misses,
             "notes": list(self.notes),
             "last_error": self.last_error,
+            "pod_requests": dict(self._source_counts) if self._source_counts else None,  # list/watch (kubernetes)
+            "istiod_tokens": {"minted": self.tokens.minted, "failures": self.tokens.failures} if self.tokens else None,
             "per_workload": {
                 key: {
                     "node_id": client.bootstrap.node_id,

@@ -131,6 +131,8 @@ def test_each_pod_streams_to_15012_with_its_own_token(world) -> None:
     # the streams are closed (the task ended): their token files went with them
     assert not [p for p in tokens.iterdir() if not p.name.startswith(".")]
     assert streams.tokens is not None and streams.tokens.minted == 2
+    status = streams.status()  # admin: what the agent asked the API server
+    assert status["istiod_tokens"] == {"minted": 2, "failures": 0} and status["pod_requests"]["lists"] == 1
 
 
 def test_a_refused_token_request_is_retried(world, monkeypatch: pytest.MonkeyPatch) -> None:
