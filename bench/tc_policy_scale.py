@@ -1,7 +1,11 @@
 """Classifier cost per packet vs. policy size, measured with BPF_PROG_TEST_RUN (no traffic leaves
 the private namespace this script creates and removes).
 
-    .venv/bin/python bench/tc_policy_scale.py [--rules 1 100 10000 20000]
+    .venv/bin/python bench/tc_policy_scale.py [--rules 1 100 10000 20000] [--source-rules 0 1000 30000]
+
+`--source-rules`: then, with 100 node rules, per-source rules (pm_src_policy: local workloads' outbound
+configuration) of that many sources x one port each; the packets come from a source with rules and from one
+without (0: the map is empty and its lookup skipped, the flag off).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from scapy.layers.l2 import Ether
 
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.loader import Datapath
-from planemesh.ebpf.policy import PolicyRule
+from planemesh.ebpf.policy import PolicyRule, SourceRule
 from planemesh.ebpf.testrun import run_skb
 from planemesh.labs.netns import call_in
 
@@ -43,9 +47,24 @@ def rules_of(count: int) -> dict[PolicyRule, Action]:
     return dict(list(rules.items())[:count])  # exactly `count` (1: the port-80 rule alone)
 
 
+SOURCE_PACKETS = {
+    "v4 from a workload, own bypass": ETH / IP(src="198.18.100.1", dst="198.18.1.1") / TCP(dport=9000),
+    "v4 workload, node prefix rule": ETH / IP(src="198.18.100.1", dst="198.18.7.1") / TCP(dport=8080),
+    "v4 no workload, undeclared": ETH / IP(src="198.18.200.1", dst="198.18.1.1") / TCP(dport=60000),
+}
+
+
+def source_rules_of(count: int) -> dict[SourceRule, Action]:
+    """`count` sources in 198.18.100.0/22 onwards, each with a port-9000 rule (the kernel's per-source set)."""
+    return {
+        SourceRule(f"198.18.{100 + i // 250}.{1 + i % 250}", PolicyRule(5, 9000)): Action.SNIFF for i in range(count)
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", type=int, nargs="+", default=[1, 100, 10000, 20000])
+    parser.add_argument("--source-rules", type=int, nargs="*", default=[])
     parser.add_argument("--repeat", type=int, default=200_000)
     args = parser.parse_args()
     ns = f"{os.environ.get('PM_RUN_PREFIX', 'pmbench')}-tcscale-{secrets.token_hex(2)}"
@@ -63,6 +82,15 @@ def main() -> None:
             for desc, pkt in PACKETS.items():
                 run = call_in(ns, run_skb, dp.prog_fd, bytes(pkt), repeat=args.repeat)
                 print(f"  {desc:30s} {run.duration_ns:5d} ns/packet")
+        dp.sync_policy(rules_of(100))
+        for count in args.source_rules:
+            started = time.perf_counter()
+            result = dp.sync_source_policy(source_rules_of(count))
+            print(f"100 rules + {count} source rules: sync {(time.perf_counter() - started) * 1000:.0f} ms ({result})")
+            for desc, pkt in {**PACKETS, **SOURCE_PACKETS}.items():
+                run = call_in(ns, run_skb, dp.prog_fd, bytes(pkt), repeat=args.repeat)
+                print(f"  {desc:30s} {run.duration_ns:5d} ns/packet")
+        dp.sync_source_policy({})
     finally:
         dp.close()
         netns.remove(ns)

@@ -22,6 +22,7 @@ PM_MAX_PLANES = 64
 PM_MAX_IFACES = 4096
 PM_MAX_POLICY = 65536
 PM_MAX_DESTS = 16384
+PM_MAX_SRC_POLICY = 131072
 PM_CNT_SLOTS = 32
 PM_CNT_ENTRIES = PM_MAX_PLANES * PM_CNT_SLOTS
 
@@ -37,6 +38,8 @@ PM_PLANE_F_NO_ORPHANS = 0x4
 
 PM_POLICY_PORT_BITS = 32
 PM_POLICY_ADDR_OFFSET_BITS = 64
+PM_SRC_POLICY_DADDR_OFFSET_BITS = 192
+PM_CFG_F_SRC_POLICY = 0x1
 PM_FAMILY_V4 = 4
 PM_FAMILY_V6 = 6
 
@@ -115,6 +118,18 @@ class PmPolicyKey(ctypes.Structure):
     ]
 
 
+class PmSrcPolicyKey(ctypes.Structure):
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("plane_id", ctypes.c_uint16),  # network order
+        ("dst_port", ctypes.c_uint16),  # network order
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("saddr", ctypes.c_uint8 * 16),  # network order
+        ("daddr", ctypes.c_uint8 * 16),  # network order
+    ]
+
+
 class PmPolicyVal(ctypes.Structure):
     _fields_ = [("action", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
@@ -178,6 +193,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "pm_plane": PmPlane,
     "pm_policy_key": PmPolicyKey,
     "pm_policy_val": PmPolicyVal,
+    "pm_src_policy_key": PmSrcPolicyKey,
     "pm_counter": PmCounter,
     "pm_config": PmConfig,
     "pm_dest_key": PmDestKey,  # also host mode's pm_host_dest
@@ -264,3 +280,39 @@ def decode_policy_key(raw: bytes) -> tuple[int, int, str | None]:
     size = 4 if key.family == PM_FAMILY_V4 else 16
     addr = ipaddress.ip_address(bytes(key.addr[:size]))
     return plane_id, port, str(ipaddress.ip_network(f"{addr}/{plen}", strict=False))
+
+
+def src_policy_key_bytes(plane_id: int, port: int, source: str, network: str | None) -> bytes:
+    """The bytes of a pm_src_policy_key: `source` (a whole address) to `network` (None: any destination of the
+    source's family). Raises ValueError on an out-of-range plane/port, a malformed address or network, or a
+    network of the other family."""
+    if not 1 <= plane_id < PM_MAX_PLANES:
+        raise ValueError(f"plane id {plane_id} is outside 1..{PM_MAX_PLANES - 1}")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{port} is not a TCP port")
+    src = ipaddress.ip_address(source)
+    key = PmSrcPolicyKey()
+    key.plane_id = socket.htons(plane_id)
+    key.dst_port = socket.htons(port)
+    key.family = PM_FAMILY_V4 if src.version == 4 else PM_FAMILY_V6
+    ctypes.memmove(key.saddr, src.packed, len(src.packed))
+    key.prefixlen = PM_SRC_POLICY_DADDR_OFFSET_BITS
+    if network is not None:
+        net = ipaddress.ip_network(network, strict=False)
+        if net.version != src.version:
+            raise ValueError(f"{network} and source {source} are of different families")
+        key.prefixlen += net.prefixlen
+        ctypes.memmove(key.daddr, net.network_address.packed, len(net.network_address.packed))
+    return bytes(key)
+
+
+def decode_src_policy_key(raw: bytes) -> tuple[int, int, str, str | None]:
+    """Inverse of src_policy_key_bytes: (plane_id, port, source, network or None)."""
+    key = PmSrcPolicyKey.from_buffer_copy(raw)
+    size = 4 if key.family == PM_FAMILY_V4 else 16
+    source = str(ipaddress.ip_address(bytes(key.saddr[:size])))
+    plen = key.prefixlen - PM_SRC_POLICY_DADDR_OFFSET_BITS
+    if plen <= 0:
+        return socket.ntohs(key.plane_id), socket.ntohs(key.dst_port), source, None
+    addr = ipaddress.ip_address(bytes(key.daddr[:size]))
+    return socket.ntohs(key.plane_id), socket.ntohs(key.dst_port), source, str(ipaddress.ip_network(f"{addr}/{plen}"))

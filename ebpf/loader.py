@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from planemesh.ebpf import abi, build
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.maps import open_maps, u32_key
-from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
+from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule, SourceRule
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -47,6 +47,7 @@ MAP_LAYOUTS: dict[str, tuple[int, type[ctypes.Structure]]] = {
     "pm_config": (4, abi.PmConfig),
     "pm_dests": (ctypes.sizeof(abi.PmDestKey), abi.PmDestVal),
     "pm_forward": (4, abi.PmForward),
+    "pm_src_policy": (ctypes.sizeof(abi.PmSrcPolicyKey), abi.PmPolicyVal),
 }
 MAP_NAMES = tuple(MAP_LAYOUTS)
 BPFFS = "/sys/fs/bpf"
@@ -127,6 +128,7 @@ class Datapath:
         cfg.local_mark = cfg.local_mask = local_mark
         cfg.own_mark = cfg.own_mask = own_mark
         cfg.plane_mask = abi.PM_MARK_PLANE_MASK if mark_planes else 0
+        cfg.flags = current.flags & abi.PM_CFG_F_SRC_POLICY if current.abi_version else 0  # the rules' state stays
         table.put(u32_key(0), bytes(cfg))
         self.local_mark, self.own_mark = local_mark, own_mark
 
@@ -293,6 +295,49 @@ class Datapath:
             deleted += table.delete(abi.policy_key_bytes(rule.plane_id, rule.port, rule.prefix))
         return SyncResult(added, updated, deleted)
 
+    def source_policy(self) -> dict[SourceRule, Action]:
+        """The per-source trie's content, decoded."""
+        found = {}
+        for key, raw in self._tables["pm_src_policy"].items():
+            plane_id, port, source, prefix = abi.decode_src_policy_key(key)
+            rule = SourceRule(source, PolicyRule(plane_id, port, prefix))
+            found[rule] = Action(abi.PmPolicyVal.from_buffer_copy(raw).action)
+        return found
+
+    def _set_config_flag(self, flag: int, on: bool) -> None:
+        table = self._tables["pm_config"]
+        cfg = abi.PmConfig.from_buffer_copy(table.get(u32_key(0)) or bytes(ctypes.sizeof(abi.PmConfig)))
+        flags = cfg.flags | flag if on else cfg.flags & ~flag
+        if flags != cfg.flags:
+            cfg.flags = flags
+            table.put(u32_key(0), bytes(cfg))
+
+    def sync_source_policy(self, rules: Mapping[SourceRule, Action]) -> SyncResult:
+        """Make the per-source trie hold exactly `rules`, adds and updates before deletes; the program looks it
+        up only while it holds rules (PM_CFG_F_SRC_POLICY: set after the first rule, cleared before the last
+        goes)."""
+        table = self._tables["pm_src_policy"]
+        current = self.source_policy()
+        if len(rules) > abi.PM_MAX_SRC_POLICY:
+            raise DatapathError(f"{len(rules)} per-source rules, the map holds {abi.PM_MAX_SRC_POLICY}")
+        added = updated = 0
+        for key, action in sorted(rules.items(), key=lambda item: item[0].sort_key()):
+            if current.get(key) == action:
+                continue
+            r = key.rule
+            table.put(abi.src_policy_key_bytes(r.plane_id, r.port, key.source, r.prefix),
+                      bytes(abi.PmPolicyVal(int(action), 0)))  # fmt: skip
+            if key in current:
+                updated += 1
+            else:
+                added += 1
+        self._set_config_flag(abi.PM_CFG_F_SRC_POLICY, bool(rules))
+        deleted = 0
+        for key in sorted(set(current) - set(rules), key=SourceRule.sort_key):
+            r = key.rule
+            deleted += table.delete(abi.src_policy_key_bytes(r.plane_id, r.port, key.source, r.prefix))
+        return SyncResult(added, updated, deleted)
+
     def apply(self, policy: DatapathPolicy) -> SyncResult:
         """Planes first (so new rules never point at an unconfigured plane), then the rules and the
         destinations' planes, then deactivate planes that are gone."""
@@ -300,6 +345,8 @@ class Datapath:
         for p in policy.planes:
             self.set_plane(p.plane_id, p.proxy_port, p.sniff_port, p.undeclared, p.fail_closed, p.forward_to)
         result = self.sync_policy(policy.rules)
+        own = self.sync_source_policy(policy.source_rules)
+        result = SyncResult(result.added + own.added, result.updated + own.updated, result.deleted + own.deleted)
         self.sync_destinations(policy.destinations)
         for plane_id in set(self.planes()) - wanted:
             self.clear_plane(plane_id)

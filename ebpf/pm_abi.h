@@ -21,6 +21,7 @@
 #define PM_MAX_IFACES 4096
 #define PM_MAX_POLICY 65536
 #define PM_MAX_DESTS 16384 /* plane CIDRs of the node (pm_dests) */
+#define PM_MAX_SRC_POLICY 131072 /* per-source rules (pm_src_policy): workloads x their rules */
 
 /* ---- verdicts: what the policy says about a (plane, port[, prefix]) --------------------------- */
 enum pm_action {
@@ -112,6 +113,25 @@ struct pm_policy_val {
 	__u32 flags;  /* host order; reserved, zero */
 };
 
+/* ---- map: pm_src_policy, LPM trie struct pm_src_policy_key -> struct pm_policy_val -------------
+ * Per-source policy: one node agent serving many workloads, each with its own outbound configuration (its
+ * sidecar's). Match data after prefixlen: plane_id (16), dst_port (16), family (8), pad (24), saddr (128),
+ * daddr (128). The source is always a whole address: prefixlen is PM_SRC_POLICY_DADDR_OFFSET_BITS (any
+ * destination of the source's family) + the destination prefix length (v4 addresses in [0..3]). Looked up
+ * before pm_policy when pm_config.flags has PM_CFG_F_SRC_POLICY; a hit decides (the agent folds the
+ * node-wide rules of the same plane and port into each source's set, so the longest destination wins).
+ */
+#define PM_SRC_POLICY_DADDR_OFFSET_BITS 192
+struct pm_src_policy_key {
+	__u32 prefixlen;  /* host order: significant bits after this field */
+	__be16 plane_id;  /* NETWORK order */
+	__be16 dst_port;  /* NETWORK order */
+	__u8 family;      /* PM_FAMILY_V4 / PM_FAMILY_V6 */
+	__u8 pad[3];      /* zero */
+	__u8 saddr[16];   /* NETWORK order; IPv4 in saddr[0..3], the rest zero */
+	__u8 daddr[16];   /* NETWORK order; IPv4 in daddr[0..3], the rest zero */
+};
+
 /* ---- map: pm_counters, per-CPU array indexed by plane_id * PM_CNT_SLOTS + slot ------------------ */
 struct pm_counter {
 	__u64 packets; /* host order */
@@ -119,6 +139,7 @@ struct pm_counter {
 };
 
 /* ---- map: pm_config, array of one struct pm_config ------------------------------------------ */
+#define PM_CFG_F_SRC_POLICY 0x1u /* pm_src_policy holds rules: look it up first (else skip the lookup) */
 struct pm_config {
 	__u32 abi_version; /* host order: PM_ABI_VERSION, written by the loader; 0 = unconfigured */
 	__u32 local_mark;  /* host order: bits set to route a packet to the local proxy */
@@ -126,7 +147,7 @@ struct pm_config {
 	__u32 own_mark;    /* host order: the proxy's upstream traffic carries own_mark under own_mask */
 	__u32 own_mask;    /* host order */
 	__u32 plane_mask;  /* host order: where the plane id goes in skb->mark (0: don't mark planes) */
-	__u32 flags;       /* host order; reserved, zero */
+	__u32 flags;       /* host order; PM_CFG_F_* */
 	__u32 pad;         /* zero */
 };
 

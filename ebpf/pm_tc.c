@@ -6,7 +6,8 @@
  *   ifindex -> plane (none: pass) -> own-traffic mark? pass -> parse v4/v6 TCP (anything else: pass)
  *   -> SYN to the node itself at any plane's proxy/sniff port? drop (listeners are reached only by interception)
  *   -> SYN to another plane's address? drop unless this plane may forward there (pm_dests, pm_forward)
- *   -> policy LPM lookup (plane, dst port, dst prefix) or the plane's undeclared action
+ *   -> policy LPM lookup: the source's own rules (plane, dst port, src address, dst prefix), else
+ *      (plane, dst port, dst prefix), else the plane's undeclared action
  *   BYPASS: the kernel forwards it as usual
  *   PROXY/SNIFF: established-socket-first: a non-LISTEN socket of the packet's own 4-tuple gets it;
  *     else a SYN goes to the plane's listener; then the "route locally" mark (policy routing table).
@@ -31,6 +32,8 @@ PM_MAP("percpu_array", __u32, struct pm_counter, pm_counters, PM_CNT_ENTRIES, 0)
 PM_MAP("array", __u32, struct pm_config, pm_config, 1, 0);
 PM_MAP("lpm_trie", struct pm_dest_key, struct pm_dest_val, pm_dests, PM_MAX_DESTS, BPF_F_NO_PREALLOC);
 PM_MAP("array", __u32, struct pm_forward, pm_forward, PM_MAX_PLANES, 0);
+PM_MAP("lpm_trie", struct pm_src_policy_key, struct pm_policy_val, pm_src_policy, PM_MAX_SRC_POLICY,
+       BPF_F_NO_PREALLOC);
 
 static __always_inline void pm_count(__u32 plane_id, __u32 slot, __u32 len)
 {
@@ -42,8 +45,27 @@ static __always_inline void pm_count(__u32 plane_id, __u32 slot, __u32 len)
 	}
 }
 
-static __always_inline __u32 pm_policy_action(__u32 plane_id, const struct pm_pkt *pkt, const struct pm_plane *plane)
+/* The packet's source's own rule (a local workload's outbound configuration), if the source has one. */
+static __always_inline struct pm_policy_val *pm_src_policy_lookup(__u32 plane_id, const struct pm_pkt *pkt)
 {
+	struct pm_src_policy_key key = {};
+	key.prefixlen = PM_SRC_POLICY_DADDR_OFFSET_BITS + (pkt->family == PM_FAMILY_V4 ? 32 : 128);
+	key.plane_id = bpf_htons((__u16)plane_id);
+	key.dst_port = pkt->dport;
+	key.family = pkt->family;
+	__builtin_memcpy(key.saddr, pkt->saddr, 16);
+	__builtin_memcpy(key.daddr, pkt->daddr, 16);
+	return pm_src_policy.lookup(&key);
+}
+
+static __always_inline __u32 pm_policy_action(__u32 plane_id, const struct pm_pkt *pkt, const struct pm_plane *plane,
+					      const struct pm_config *cfg)
+{
+	if (cfg->flags & PM_CFG_F_SRC_POLICY) {
+		struct pm_policy_val *own = pm_src_policy_lookup(plane_id, pkt);
+		if (own)
+			return own->action;
+	}
 	struct pm_policy_key key = {};
 	key.prefixlen = PM_POLICY_ADDR_OFFSET_BITS + (pkt->family == PM_FAMILY_V4 ? 32 : 128);
 	key.plane_id = bpf_htons((__u16)plane_id);
@@ -226,7 +248,7 @@ int pm_tc_ingress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 
-	__u32 action = pm_policy_action(plane_id, &pkt, plane);
+	__u32 action = pm_policy_action(plane_id, &pkt, plane, cfg);
 	if (action != PM_ACT_PROXY && action != PM_ACT_SNIFF) {
 		if (action == PM_ACT_DROP) {
 			pm_count(plane_id, PM_ACT_DROP, len);

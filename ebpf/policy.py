@@ -3,6 +3,12 @@
 A Listener declares (plane, port[, destination prefixes]) with a protocol: HTTP is proxied (PROXY),
 plain TCP is bypassed in the kernel (BYPASS). Ports nobody declared follow the plane's `undeclared`
 setting. The loader (ebpf/loader.py) turns the result into map entries.
+
+A listener with `sources` (a local workload's outbound configuration: agent/workloads/merge.py) gives rules
+for traffic from those addresses only (`source_rules`, map pm_src_policy): two pods with different
+configurations for one destination get different actions in the kernel. Like Envoy's filter_chain_match
+(destination before source), the longest destination prefix wins: each source's set also holds the node-wide
+rules of its (plane, port), and its own rule wins at an equal prefix.
 """
 
 from __future__ import annotations
@@ -47,6 +53,29 @@ class PolicyRule:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceRule:
+    """One pm_src_policy key: traffic from `source` (a whole address) matching `rule`."""
+
+    source: str  # canonical address ("198.18.0.2", "fd00:18::2")
+    rule: PolicyRule
+
+    def sort_key(self) -> tuple[str, int, int, str]:
+        return (self.source, *self.rule.sort_key())
+
+    def __post_init__(self) -> None:
+        try:
+            net = IPNetwork(self.source)
+        except (AddrFormatError, TypeError, ValueError) as exc:
+            raise ValueError(f"{self.source!r} is not an IP address") from exc
+        if net.size != 1:
+            raise ValueError(f"source {self.source} is a prefix, not one address")
+        if self.rule.prefix is not None and IPNetwork(self.rule.prefix).version != net.version:
+            raise ValueError(f"source {self.source} and destination {self.rule.prefix} are of different families")
+        if str(net.ip) != self.source:
+            object.__setattr__(self, "source", str(net.ip))
+
+
+@dataclass(frozen=True, slots=True)
 class PlaneSettings:
     plane_id: int
     proxy_port: int
@@ -61,6 +90,7 @@ class DatapathPolicy:
     planes: tuple[PlaneSettings, ...] = ()
     rules: Mapping[PolicyRule, Action] = field(default_factory=lambda: MappingProxyType({}))
     destinations: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # CIDR -> plane id
+    source_rules: Mapping[SourceRule, Action] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def plane_settings(plane: Plane, plane_ids: Mapping[str, int] | None = None) -> PlaneSettings:
@@ -78,24 +108,19 @@ def plane_settings(plane: Plane, plane_ids: Mapping[str, int] | None = None) -> 
 def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
     """The BPF view of a snapshot. Raises ConfigError (naming the listener) on contradictions."""
     plane_ids = {plane.name: plane.plane_id for plane in snap.planes}
-    rules: dict[PolicyRule, Action] = {}
-    owner: dict[PolicyRule, str] = {}
-    sni_routed: set[PolicyRule] = set()
+    rules: dict[PolicyRule | SourceRule, Action] = {}
+    owner: dict[PolicyRule | SourceRule, str] = {}
+    sni_routed: set[PolicyRule | SourceRule] = set()
     for i, lsn in enumerate(snap.listeners):
         where = f"listeners[{i}]"
         if lsn.plane not in plane_ids:
             raise ConfigError(f"{where}.plane", f"unknown plane {lsn.plane!r}")
         action = Action.SNIFF if lsn.sniff else _LISTENER_ACTION[lsn.protocol]
-        try:
-            keys = [PolicyRule(plane_ids[lsn.plane], lsn.port, str(net.cidr)) for net in lsn.prefixes] or [
-                PolicyRule(plane_ids[lsn.plane], lsn.port)
-            ]
-        except ValueError as exc:
-            raise ConfigError(where, str(exc)) from exc
-        for key in keys:
+        for key in _listener_keys(lsn, plane_ids[lsn.plane], where):
             if key in rules and rules[key] is not action:
+                rule = key.rule if isinstance(key, SourceRule) else key
                 raise ConfigError(
-                    where, f"{key.prefix or 'any destination'} port {key.port} is already {owner[key]!r}'s"
+                    where, f"{rule.prefix or 'any destination'} port {rule.port} is already {owner[key]!r}'s"
                 )
             rules[key] = action
             owner[key] = lsn.name
@@ -105,9 +130,55 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
     # them (agent/proxy/sni_routing.py, passthrough.py) instead of the kernel bypass.
     for key in sni_routed:
         rules[key] = Action.SNIFF
+    node = {k: a for k, a in rules.items() if isinstance(k, PolicyRule)}
+    own = {k: a for k, a in rules.items() if isinstance(k, SourceRule)}
     planes = tuple(sorted((plane_settings(p, plane_ids) for p in snap.planes), key=lambda s: s.plane_id))
     destinations = {str(net.cidr): plane.plane_id for plane in snap.planes for net in plane.cidrs}
-    return DatapathPolicy(planes=planes, rules=MappingProxyType(rules), destinations=MappingProxyType(destinations))
+    return DatapathPolicy(
+        planes=planes,
+        rules=MappingProxyType(node),
+        destinations=MappingProxyType(destinations),
+        source_rules=MappingProxyType(fold_source_rules(own, node)),
+    )
+
+
+def _listener_keys(lsn: Listener, plane_id: int, where: str) -> list[PolicyRule | SourceRule]:
+    """The listener's policy keys: per destination prefix (or any), and per source address when it has sources.
+    Raises ConfigError (naming `where`) on a bad port, prefix or source."""
+    try:
+        keys = [PolicyRule(plane_id, lsn.port, str(net.cidr)) for net in lsn.prefixes] or [
+            PolicyRule(plane_id, lsn.port)
+        ]
+        if not lsn.sources:
+            return list(keys)
+        scoped: list[PolicyRule | SourceRule] = []
+        for src in lsn.sources:
+            if src.size != 1:
+                raise ValueError(f"source {src} is a prefix: the data path scopes by whole source addresses")
+            for key in keys:
+                if key.prefix is None or IPNetwork(key.prefix).version == src.version:
+                    scoped.append(SourceRule(str(src.ip), key))
+        return scoped
+    except ValueError as exc:
+        raise ConfigError(where, str(exc)) from exc
+
+
+def fold_source_rules(own: Mapping[SourceRule, Action], node: Mapping[PolicyRule, Action]) -> dict[SourceRule, Action]:
+    """Each source's rules plus the node-wide rules of the same (plane, port) and family that it does not
+    override: the kernel decides on the source's set alone when it has a hit, and the longest destination
+    prefix must still win (a server pod's inbound chain at its address beats a client's `0.0.0.0_PORT`)."""
+    out = dict(own)
+    groups = {(k.source, k.rule.plane_id, k.rule.port) for k in own}
+    by_port: dict[tuple[int, int], list[tuple[PolicyRule, Action]]] = {}
+    for rule, action in node.items():
+        by_port.setdefault((rule.plane_id, rule.port), []).append((rule, action))
+    for source, plane_id, port in groups:
+        version = IPNetwork(source).version
+        for rule, action in by_port.get((plane_id, port), ()):
+            if rule.prefix is not None and IPNetwork(rule.prefix).version != version:
+                continue
+            out.setdefault(SourceRule(source, rule), action)
+    return out
 
 
 def _inspected(lsn: Listener) -> bool:

@@ -31,7 +31,7 @@ import itertools
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from planemesh.xds.resources import (
     load_resource_dir,
 )
 from planemesh.xds.sds import SecretIssuer, add_sds_arguments, issuer_from_args, signer_from_args
+from planemesh.xds.server_auth import authenticate, identity_mismatch
 from planemesh.xds.server_nodes import NODES_DIR, load_node_dirs, packed
 
 log = logging.getLogger("planemesh.xds.server")
@@ -82,6 +83,7 @@ class ClientStatus:
     types: dict[str, TypeReport] = field(default_factory=dict)
     first_send_at: float | None = None  # time.monotonic() of the first response written (benchmarks)
     node: Any = None  # the envoy.config.core.v3.Node of the stream's first request (SDS identity)
+    identity: tuple[str, str] | None = None  # (namespace, service account) of its token (token_identities)
 
     def report(self, type_url: str) -> TypeReport:
         return self.types.setdefault(SHORT_NAME.get(type_url, type_url), TypeReport())
@@ -113,7 +115,11 @@ class ManagementServer:
         bearer_token: str | None = None,
         secrets: SecretIssuer | None = None,
         csr_signer: CsrSigner | None = None,
+        token_identities: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
+        # istiod's 15012: a token stands for (namespace, service account), and a stream is served only when its
+        # node is that identity's (NAMESPACE / SERVICE_ACCOUNT metadata): pilot/pkg/xds/auth.go authorize()
+        self.token_identities = dict(token_identities) if token_identities is not None else None
         self.csr_signer = csr_signer  # istio's CreateCertificate from the built-in CA (agent/identity/ca_service.py)
         self.secrets = secrets  # SDS `default`/`ROOTCA` per node from the built-in CA (xds/sds.py)
         self._rotator: asyncio.Task[None] | None = None
@@ -319,14 +325,15 @@ class ManagementServer:
     # ---- one ADS stream --------------------------------------------------------------------------
 
     async def serve_stream(self, context: grpc.aio.ServicerContext, delta: bool) -> None:
-        if self.bearer_token is not None:  # istiod checks the service-account JWT the same way
-            metadata = {m.key: m.value for m in context.invocation_metadata() or ()}
-            got = metadata.get("authorization")
-            if got != f"Bearer {self.bearer_token}":
-                why = "no authorization metadata" if got is None else "wrong bearer token"
+        identity = None
+        if self.bearer_token is not None or self.token_identities is not None:  # istiod checks the JWT likewise
+            got = {m.key: m.value for m in context.invocation_metadata() or ()}.get("authorization")
+            identity, why = authenticate(got, self.bearer_token, self.token_identities)
+            if why is not None:
                 await _drain(context)  # the client's first requests are read: none races the refusal
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"authentication failed: {why}")
         status = ClientStatus(node_id="", mode="delta" if delta else "sotw", peer=context.peer())
+        status.identity = identity
         self._clients.append(status)
         events: asyncio.Queue[Any] = asyncio.Queue()
         self._watchers.add(events)
@@ -366,6 +373,8 @@ class ManagementServer:
             status.node_id = req.node.id
         if status.node is None and req.HasField("node"):
             status.node = req.node
+            if status.identity is not None and (why := identity_mismatch(req.node, status.identity)) is not None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"authorization failed: {why}")
         type_url = req.type_url
         if not type_url:
             log.warning("%s sent a request without a type URL", status.node_id or status.peer)

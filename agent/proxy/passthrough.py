@@ -339,7 +339,8 @@ class SniffListener:
         proxy = self.proxy
         try:
             verdict = await peek_verdict(conn, self.timeout_s)
-            dst = proxy.original_destination(conn.getsockname(), conn.getpeername())
+            peer = conn.getpeername()
+            dst = proxy.original_destination(conn.getsockname(), peer)
         except OSError:
             conn.close()  # the client is gone already
             return
@@ -350,15 +351,16 @@ class SniffListener:
             self.stats.silent_clients += 1
         self.stats.record(verdict)
         table = proxy.table  # one snapshot for the whole connection
-        decision = None if table.sni.declares(dst[1]) else mtls_decision(table, dst, verdict)
+        owned = table.sni.declares(dst[1], normalise_ip(peer[0]))  # a tcp_proxy chain for this client owns the port
+        decision = None if owned else mtls_decision(table, dst, verdict)
         if decision is not None:  # Istio's mTLS on a sniffed port: terminated, then sniffed inside
             await self._terminate(conn, decision, dst)
             return
         # HTTP goes to the L7 proxy, unless a tcp_proxy chain owns the port (declared TCP, sniffed for its SNI).
-        if verdict.kind is Kind.HTTP1 and not table.sni.declares(dst[1]):
+        if verdict.kind is Kind.HTTP1 and not owned:
             await proxy.loop.connect_accepted_socket(proxy.http1_protocol, conn)
             return
-        if verdict.kind is Kind.H2 and not table.sni.declares(dst[1]):
+        if verdict.kind is Kind.H2 and not owned:
             await proxy.loop.connect_accepted_socket(proxy.h2_protocol, conn)
             return
         await self.passthrough(conn, verdict, table, dst)
@@ -489,13 +491,13 @@ class SniffListener:
         None when it was refused (closed, counted, logged)."""
         proxy = self.proxy
         is_tls = verdict.kind is Kind.TLS
-        chain = table.sni.select(dst[1], dst[0], verdict.sni, is_tls, verdict.alpn)
         try:
             src = normalise_ip(conn.getpeername()[0])
         except OSError:
             src = ""
-        if chain is None and table.sni.guarded(dst[1]):  # no chain for it on a guarded port: refused, as Envoy does
-            if not is_tls and table.sni.terminates_tls(dst[1]):
+        chain = table.sni.select(dst[1], dst[0], verdict.sni, is_tls, verdict.alpn, src or None)
+        if chain is None and table.sni.guarded(dst[1], src or None):  # no chain for it: refused, as Envoy does
+            if not is_tls and table.sni.terminates_tls(dst[1], src or None):
                 proxy.tls_stats.plaintext_refused += 1
                 log.info("%s: plaintext on TLS-only port %s: closed", src, dst[1])
             else:

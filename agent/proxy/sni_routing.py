@@ -17,6 +17,11 @@ but has no chain for the next level means no chain at all):
    then the chains without server_names. A connection without SNI (not TLS, or no extension) only
    matches chains without server_names.
 Only tcp_proxy chains (ListenerProtocol.TCP) take part: HTTP chains are served by the L7 proxy.
+
+Chains with `sources` (a local workload's outbound chains: agent/workloads/merge.py) take part for connections
+from those addresses only, and at an equal destination prefix they win over chains without sources: the
+connection gets its source's own chains, as its sidecar would have chosen them (ebpf/policy.py makes the kernel
+send it here by the same rule).
 """
 
 from __future__ import annotations
@@ -52,11 +57,17 @@ class PassthroughChain:
     tls: TlsContext | None = None  # terminate TLS, then relay plaintext (agent/proxy/tcp_tls.py)
 
 
+def _ip(address: str) -> IPAddress:
+    ip = IPAddress(address.split("%", 1)[0])
+    return ip.ipv4() if ip.version == 6 and ip.is_ipv4_mapped() else ip
+
+
 class _Entry:
-    __slots__ = ("alpn", "chain", "names", "prefixes", "specificity", "transport")
+    __slots__ = ("alpn", "chain", "names", "prefixes", "sources", "specificity", "transport")
 
     def __init__(self, lsn: Listener) -> None:
         self.prefixes: tuple[IPNetwork, ...] = lsn.prefixes
+        self.sources: tuple[IPNetwork, ...] = lsn.sources
         self.specificity = max((p.prefixlen for p in lsn.prefixes), default=0)
         self.names = frozenset(n.lower() for n in lsn.server_names)
         tcp = lsn.tcp_clusters
@@ -69,6 +80,12 @@ class _Entry:
         # filter_chain_match.transport_protocol; a chain that terminates TLS takes TLS connections only
         self.transport = lsn.transport_protocol or ("tls" if lsn.tls is not None else "")
         self.alpn = frozenset(lsn.application_protocols)
+
+    def applies(self, src: IPAddress | None) -> bool:
+        """The chain takes connections from `src` (None: a source no chain is scoped to)."""
+        if not self.sources:
+            return True
+        return src is not None and any(src.version == p.version and src in p for p in self.sources)
 
     def accepts(self, tls: bool) -> bool:
         return not self.transport or (self.transport == "tls") == tls
@@ -89,37 +106,45 @@ class SniRoutes:
             if lsn.protocol is ListenerProtocol.TCP:
                 self._by_port.setdefault(lsn.port, []).append(_Entry(lsn))
 
-    def declares(self, port: int) -> bool:
-        """Some tcp_proxy chain owns `port`: what arrives there is passed through, never L7-proxied."""
-        return port in self._by_port
+    def _of(self, port: int, src: str | None) -> list[_Entry]:
+        entries = self._by_port.get(port, [])
+        if not any(e.sources for e in entries):
+            return entries
+        ip = _ip(src) if src else None
+        return [e for e in entries if e.applies(ip)]
 
-    def guarded(self, port: int) -> bool:
+    def declares(self, port: int, src: str | None = None) -> bool:
+        """Some tcp_proxy chain for `src` owns `port`: what arrives there is passed through, never L7-proxied."""
+        return bool(self._of(port, src))
+
+    def guarded(self, port: int, src: str | None = None) -> bool:
         """Some chain of `port` authorizes or terminates TLS: a connection no chain takes is refused there
         (Envoy closes a connection that matches no filter chain), never passed to its original destination."""
-        return any(e.chain.rbac or e.chain.tls is not None for e in self._by_port.get(port, ()))
+        return any(e.chain.rbac or e.chain.tls is not None for e in self._of(port, src))
 
-    def terminates_tls(self, port: int) -> bool:
-        return any(e.chain.tls is not None for e in self._by_port.get(port, ()))
+    def terminates_tls(self, port: int, src: str | None = None) -> bool:
+        return any(e.chain.tls is not None for e in self._of(port, src))
 
     def select(
-        self, port: int, address: str, sni: str | None, tls: bool = False, alpn: tuple[str, ...] = ()
-    ) -> PassthroughChain | None:
+        self, port: int, address: str, sni: str | None, tls: bool = False, alpn: tuple[str, ...] = (),
+        src: str | None = None,
+    ) -> PassthroughChain | None:  # fmt: skip
         """`tls`: the connection starts with a TLS record (transport_protocol "tls", else "raw_buffer");
-        `alpn`: the protocols its ClientHello offers."""
-        entries = [e for e in self._by_port.get(port, ()) if e.accepts(tls) and (not e.alpn or e.alpn & set(alpn))]
+        `alpn`: the protocols its ClientHello offers; `src`: the client's address (its own chains first)."""
+        entries = [e for e in self._of(port, src) if e.accepts(tls) and (not e.alpn or e.alpn & set(alpn))]
         if any(e.alpn for e in entries):  # a chain naming an offered protocol is more specific than one without
             entries = [e for e in entries if e.alpn]
         if not entries:
             return None
         if len(entries) > 1 or entries[0].prefixes:
-            ip = IPAddress(address.split("%", 1)[0])
-            if ip.version == 6 and ip.is_ipv4_mapped():
-                ip = ip.ipv4()
+            ip = _ip(address)
             scored = [(e.prefix_len(ip), e) for e in entries]
             best = max(score for score, _ in scored)
             if best < 0:
                 return None
             entries = [e for score, e in scored if score == best]
+        if any(e.sources for e in entries):  # the source's own chains (its sidecar's) before the node-wide ones
+            entries = [e for e in entries if e.sources]
         if sni:
             by_name = {name: e for e in entries for name in e.names}
             if by_name:

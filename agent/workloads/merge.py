@@ -12,9 +12,11 @@ the data path serves them all from one Snapshot where:
   `name@<digest>` variant per distinct content otherwise, with each workload's references rewritten. Memory
   grows with the number of distinct configurations, not with the number of pods.
 
-Listeners of different workloads that claim one kernel policy key (plane, port, destination prefix) with
-different actions (one HTTP, one TCP) are reconciled: the HTTP ones become sniffing listeners (HTTP is proxied
-with the source's routes, other bytes pass through), the TCP ones leave the merged snapshot (noted).
+Outbound listeners claim kernel policy keys per source address (ebpf/policy.py `source_rules`): one pod's TCP
+bypass and another's HTTP proxy for one destination each keep their own action. Listeners that still claim one
+key (plane, port, destination prefix, source) with different actions (one HTTP, one TCP) are reconciled: the
+HTTP ones become sniffing listeners (HTTP is proxied with its routes, other bytes pass through), the TCP ones
+leave the merged snapshot (noted).
 """
 
 from __future__ import annotations
@@ -146,15 +148,18 @@ def _action(lsn: Listener) -> str:
     return "proxy" if lsn.protocol is ListenerProtocol.HTTP else "bypass"
 
 
-def _keys(lsn: Listener) -> list[tuple[str, int, str]]:
-    return [(lsn.plane, lsn.port, str(p)) for p in lsn.prefixes] or [(lsn.plane, lsn.port, "")]
+def _keys(lsn: Listener) -> list[tuple[str, int, str, str]]:
+    """The kernel policy keys the listener claims (ebpf/policy.py): per source address when it has sources (a
+    workload's outbound: pm_src_policy), so different pods' listeners of one destination never clash."""
+    dests = [str(p) for p in lsn.prefixes] or [""]
+    return [(lsn.plane, lsn.port, d, str(s)) for d in dests for s in (lsn.sources or ("",))]
 
 
 def reconcile(listeners: list[Listener]) -> tuple[list[Listener], list[str]]:
     """Make every kernel policy key carry one action (module docstring). Pure; bounded by the listener count."""
     notes: list[str] = []
     for _ in range(len(listeners) + 1):
-        actions: dict[tuple[str, int, str], set[str]] = {}
+        actions: dict[tuple[str, int, str, str], set[str]] = {}
         for lsn in listeners:
             for key in _keys(lsn):
                 actions.setdefault(key, set()).add(_action(lsn))

@@ -8,12 +8,16 @@
         token_file: /var/run/secrets/kubernetes.io/serviceaccount/token
         ca_file: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
       node_name: worker-1         # default: $PLANEMESH_NODE_ID (the DaemonSet sets it to spec.nodeName)
-      poll_interval_s: 2          # how often the pod list / file is read
+      poll_interval_s: 2          # file: how often it is read; kubernetes (a watch): the retry delay after a failure
       istio_version: "1.24.0"     # node metadata ISTIO_VERSION (istiod gates features on it)
       cluster_id: Kubernetes      # node metadata CLUSTER_ID
       dns_domain: cluster.local   # the node id's last part: <ns>.svc.<dns_domain>
       exclude_namespaces: [kube-system, istio-system, planemesh-system]
       apply_delay_s: 0.05         # streams' updates within this window are applied to the node together
+      istiod_tokens:              # source kubernetes: each pod's stream presents the pod's own token (15012)
+        audience: istio-ca        # istiod's token audience (istio-agent's projected token)
+        expiration_s: 3600        # requested lifetime (600 .. 86400); renewed at 80 %
+        dir: /run/planemesh/istiod-tokens   # private (0700) directory of the token files
 
 Pure: parsing only; every error names its field (`workloads.kubernetes.api`).
 """
@@ -40,6 +44,13 @@ class KubernetesSource:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenSettings:
+    audience: str = "istio-ca"
+    expiration_s: int = 3600
+    dir: str = "/run/planemesh/istiod-tokens"
+
+
+@dataclass(frozen=True, slots=True)
 class WorkloadSettings:
     source: str  # "file" or "kubernetes"
     file: str | None = None
@@ -51,11 +62,12 @@ class WorkloadSettings:
     dns_domain: str = "cluster.local"
     exclude_namespaces: tuple[str, ...] = DEFAULT_EXCLUDED_NAMESPACES
     apply_delay_s: float = 0.05
+    istiod_tokens: TokenSettings | None = None  # None: every stream presents server.token_file (if any)
 
 
 _FIELDS = {
     "source", "file", "kubernetes", "node_name", "poll_interval_s", "istio_version", "cluster_id", "dns_domain",
-    "exclude_namespaces", "apply_delay_s",
+    "exclude_namespaces", "apply_delay_s", "istiod_tokens",
 }  # fmt: skip
 
 
@@ -78,6 +90,23 @@ def _seconds(raw: dict, key: str, default: float, low: float, high: float) -> fl
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise ConfigError(f"workloads.{key}", f"expected seconds in {low} .. {high}, got {value!r}")
     return float(value)
+
+
+def _tokens(raw: Any, source: str) -> TokenSettings | None:
+    if raw is None:
+        return None
+    path = "workloads.istiod_tokens"
+    if source != "kubernetes":
+        raise ConfigError(path, "needs source: kubernetes (tokens come from the API server's TokenRequest)")
+    if not isinstance(raw, dict) or set(raw) - {"audience", "expiration_s", "dir"}:
+        raise ConfigError(path, "expected a mapping of audience, expiration_s, dir")
+    expiration = raw.get("expiration_s", 3600)
+    if isinstance(expiration, bool) or not isinstance(expiration, int) or not 600 <= expiration <= 86400:
+        raise ConfigError(f"{path}.expiration_s", f"expected whole seconds in 600 .. 86400, got {expiration!r}")
+    directory = _text(raw, "dir", path, "/run/planemesh/istiod-tokens") or ""
+    if not directory.startswith("/"):
+        raise ConfigError(f"{path}.dir", f"expected an absolute path, got {directory!r}")
+    return TokenSettings(_text(raw, "audience", path, "istio-ca") or "", expiration, directory)
 
 
 def settings_from_dict(raw: Any, env: Mapping[str, str] | None = None) -> WorkloadSettings:
@@ -124,4 +153,5 @@ def settings_from_dict(raw: Any, env: Mapping[str, str] | None = None) -> Worklo
         dns_domain=_text(raw, "dns_domain", "workloads", "cluster.local") or "",
         exclude_namespaces=tuple(excluded),
         apply_delay_s=_seconds(raw, "apply_delay_s", 0.05, 0.0, 5.0),
+        istiod_tokens=_tokens(raw.get("istiod_tokens"), source),
     )

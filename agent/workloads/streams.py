@@ -25,7 +25,8 @@ from planemesh.agent.workloads.merge import merge, scope
 from planemesh.agent.workloads.model import Workload, WorkloadSet
 from planemesh.agent.workloads.settings import WorkloadSettings
 from planemesh.agent.workloads.sharing import SharedDecoder, SharedTranslations
-from planemesh.agent.workloads.sources import SourceError, WorkloadSource
+from planemesh.agent.workloads.sources import SourceError, WorkloadSource, follow
+from planemesh.agent.workloads.tokens import PodTokens
 from planemesh.model.config import Snapshot
 from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.transport import XdsClient
@@ -59,22 +60,37 @@ class WorkloadStreams:
         self._batch: dict[str, View | None] | None = None  # key -> view before the batch (rollback)
         self._done: asyncio.Future[None] | None = None
         self._applying = False  # a batch is being merged and applied
+        self._source: WorkloadSource | None = None
+        # each pod's own istiod token (15012), when asked for: agent/workloads/tokens.py
+        self.tokens = (
+            PodTokens(settings.kubernetes, settings.istiod_tokens)
+            if settings.istiod_tokens is not None and settings.kubernetes is not None
+            else None
+        )
 
     # ---- the workloads -----------------------------------------------------------------------------
 
+    @property
+    def _source_counts(self) -> dict[str, int] | None:
+        source = self._source
+        if source is None or not hasattr(source, "watches"):
+            return None
+        return {"lists": source.lists, "watches": source.watches}
+
     async def run(self, source: WorkloadSource) -> None:
-        """Forever: read the workloads, open and close streams to follow them."""
+        """Forever: follow the workloads (a watch, or a file read every poll_interval_s), open and close streams."""
+        self._source = source
         try:
-            while True:
+            async for item in follow(source, self.settings.poll_interval_s):
+                if isinstance(item, SourceError):  # the source's failure never ends the streams
+                    if str(item) != self.last_error:
+                        log.warning("workloads not read (the %d streams stay): %s", len(self.clients), item)
+                    self.last_error = str(item)
+                    continue
                 try:
-                    await self.sync(await source.read())
-                except Exception as exc:  # a source's failure (SourceError or a bug) never ends the streams
-                    if not isinstance(exc, SourceError):
-                        log.exception("workloads source failed")
-                    if str(exc) != self.last_error:
-                        log.warning("workloads not read (the %d streams stay): %s", len(self.clients), exc)
-                    self.last_error = str(exc)
-                await asyncio.sleep(self.settings.poll_interval_s)
+                    await self.sync(item)
+                except Exception:
+                    log.exception("following the workloads failed")
         finally:
             await self.close()
 
@@ -96,7 +112,16 @@ class WorkloadStreams:
     def _bootstrap(self, w: Workload) -> Bootstrap:
         s = self.settings
         meta = {**dict(self.bootstrap.node_metadata), **w.node_metadata(s.istio_version, s.cluster_id)}
-        return dataclasses.replace(self.bootstrap, node_id=w.node_id(s.dns_domain), node_metadata=tuple(meta.items()))
+        token = self.tokens.path(w) if self.tokens is not None else self.bootstrap.token_file
+        return dataclasses.replace(
+            self.bootstrap, node_id=w.node_id(s.dns_domain), node_metadata=tuple(meta.items()), token_file=token
+        )
+
+    async def _stream(self, w: Workload, client: XdsClient) -> None:
+        if self.tokens is not None:  # its own token first: istiod refuses a stream presenting another identity's
+            self.tokens.keep(w)
+            await self.tokens.first(w)
+        await client.run()
 
     def _start(self, w: Workload) -> None:
         async def apply(snap: Snapshot, key: str = w.key, workload: Workload = w) -> None:
@@ -107,7 +132,7 @@ class WorkloadStreams:
         client.state.decode_hook = self.decoder  # ... and decoded once
         planes = self.bootstrap.planes
         client.listener_scope = lambda lsn: scope(lsn, w, planes)  # its inbound and outbound never collide
-        task = asyncio.get_running_loop().create_task(client.run(), name=f"xds-{w.key}")
+        task = asyncio.get_running_loop().create_task(self._stream(w, client), name=f"xds-{w.key}")
         self.clients[w.key] = (w, client, task)
         self.streams_opened += 1
         log.info("workload %s (%s): stream opened as %s", w.key, ",".join(w.addresses), client.bootstrap.node_id)
@@ -120,6 +145,8 @@ class WorkloadStreams:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+        if self.tokens is not None:
+            await self.tokens.forget(entry[0])
         self.views.pop(key, None)
         self.streams_closed += 1
         log.info("workload %s: stream closed", key)
@@ -231,6 +258,8 @@ class WorkloadStreams:
             "decodes": self.decoder.misses,
             "notes": list(self.notes),
             "last_error": self.last_error,
+            "pod_requests": dict(self._source_counts) if self._source_counts else None,  # list/watch (kubernetes)
+            "istiod_tokens": {"minted": self.tokens.minted, "failures": self.tokens.failures} if self.tokens else None,
             "per_workload": {
                 key: {
                     "node_id": client.bootstrap.node_id,

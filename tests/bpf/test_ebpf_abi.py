@@ -25,6 +25,7 @@ MAPS = {
     "pm_config": (None, "pm_config"),
     "pm_dests": ("pm_dest_key", "pm_dest_val"),
     "pm_forward": (None, "pm_forward"),
+    "pm_src_policy": ("pm_src_policy_key", "pm_policy_val"),
 }
 
 
@@ -70,6 +71,7 @@ def test_map_sizes_match_the_abi(datapath) -> None:
         "pm_dests": abi.PM_MAX_DESTS,
         "pm_forward": abi.PM_MAX_PLANES,
         "pm_config": 1,
+        "pm_src_policy": abi.PM_MAX_SRC_POLICY,
     }
 
 

@@ -18,7 +18,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.ebpf.abi import PM_MARK_LOCAL, PM_MARK_OWN, Action, Reason
-from planemesh.ebpf.policy import PolicyRule
+from planemesh.ebpf.policy import PolicyRule, SourceRule
 from planemesh.ebpf.testrun import run_skb
 
 pytestmark = pytest.mark.bpf
@@ -53,12 +53,12 @@ POLICY = {
 ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 
 
-def v4(dport: int, flags: str = "S", dst: str = SERVER4, **ip: object) -> bytes:
-    return bytes(ETH / IP(src=CLIENT4, dst=dst, **ip) / TCP(sport=40000, dport=dport, flags=flags))
+def v4(dport: int, flags: str = "S", dst: str = SERVER4, src: str = CLIENT4, **ip: object) -> bytes:
+    return bytes(ETH / IP(src=src, dst=dst, **ip) / TCP(sport=40000, dport=dport, flags=flags))
 
 
-def v6(dport: int, flags: str = "S", dst: str = SERVER6, ext: object = None) -> bytes:
-    ip6 = IPv6(src=CLIENT6, dst=dst)
+def v6(dport: int, flags: str = "S", dst: str = SERVER6, ext: object = None, src: str = CLIENT6) -> bytes:
+    ip6 = IPv6(src=src, dst=dst)
     tcp = TCP(sport=40000, dport=dport, flags=flags)
     return bytes(ETH / (ip6 / ext / tcp if ext is not None else ip6 / tcp))
 
@@ -214,6 +214,51 @@ def test_destinations_and_forward_sets_read_back(configured) -> None:
     result = configured.sync_destinations({"198.18.5.0/24": PLANE, "198.18.8.9/24": CROSS_PLANE})
     assert (result.added, result.updated, result.deleted) == (0, 0, 4)  # 198.18.8.9/24 is 198.18.8.0/24
     assert configured.sync_destinations({"198.18.5.0/24": CROSS_PLANE}).updated == 1
+
+
+# Per-source rules (a local workload's outbound configuration): CLIENT4's own 9000 is inspected, its 8080 to
+# OTHER4's /24 proxied (the node bypasses it); CLIENT6's 80 to SERVER6 is bypassed (the node proxies it).
+SOURCE_POLICY = {
+    SourceRule(CLIENT4, PolicyRule(PLANE, 9000)): Action.SNIFF,
+    SourceRule(CLIENT4, PolicyRule(PLANE, 8080, "198.18.9.0/24")): Action.PROXY,
+    SourceRule(CLIENT6, PolicyRule(PLANE, 80, SERVER6 + "/128")): Action.BYPASS,
+}
+OTHER_CLIENT4, OTHER_CLIENT6 = "198.18.0.3", "fd00:18::3"
+# fmt: off
+SOURCE_CASES = [
+    ("v4 source's own rule", v4(9000), (Action.SNIFF, Reason.NO_LISTENER)),
+    ("v4 other source: the node's rule", v4(9000, src=OTHER_CLIENT4), (Action.BYPASS,)),
+    ("v4 source's own prefix rule", v4(8080, dst=OTHER4), (Action.PROXY, Reason.NO_LISTENER)),
+    ("v4 other source: the node's prefix rule", v4(8080, dst=OTHER4, src=OTHER_CLIENT4), (Action.BYPASS,)),
+    ("v4 source without a rule for the port: the node's", v4(80), (Action.PROXY, Reason.NO_LISTENER)),
+    ("v6 source's own host rule", v6(80), (Action.BYPASS,)),
+    ("v6 source, another destination: the node's", v6(80, dst=OTHER6), (Action.PROXY, Reason.NO_LISTENER)),
+    ("v6 other source: the node's", v6(80, src=OTHER_CLIENT6), (Action.PROXY, Reason.NO_LISTENER)),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("desc", "packet", "slots"), SOURCE_CASES, ids=[c[0] for c in SOURCE_CASES])
+def test_source_rules(configured, netns_worker, desc: str, packet: bytes, slots: tuple) -> None:
+    configured.set_interface(LO, PLANE)
+    configured.sync_source_policy(SOURCE_POLICY)
+    try:
+        before = configured.counters()
+        assert netns_worker.call(run_skb, configured.prog_fd, packet).retval == TC_ACT_OK
+        assert _delta(before, configured.counters()) == {(PLANE, int(slot)): 1 for slot in slots}, desc
+    finally:
+        configured.sync_source_policy({})
+
+
+def test_source_rules_read_back_and_gate_the_lookup(configured, netns_worker) -> None:
+    """The rules decode to what was written; with none left the flag is off and the node's rules decide."""
+    configured.set_interface(LO, PLANE)
+    assert configured.sync_source_policy(SOURCE_POLICY).added == 3
+    assert configured.source_policy() == SOURCE_POLICY
+    assert configured.sync_source_policy({}).deleted == 3
+    before = configured.counters()
+    netns_worker.call(run_skb, configured.prog_fd, v4(9000))
+    assert _delta(before, configured.counters()) == {(PLANE, int(Action.BYPASS)): 1}
 
 
 def test_counters_count_bytes(configured, netns_worker) -> None:

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.netns
 LAB = Path(__file__).resolve().parents[2] / "labs" / "workloads.yaml"
 WORKLOADS = ["client", "clientb", "server", "serverb"]  # `remote` is not one: a client on another node
 SERVICE, INBOUND = 8081, 8083
+TCP_SERVICE = 9400  # a TCP port both clients' configurations declare, differently
 ORIGINAL_DST = T + "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
 
 
@@ -46,6 +47,23 @@ DENY_FORBIDDEN = {  # an AuthorizationPolicy DENY as istiod renders it: requests
     "name": "envoy.filters.http.rbac",
     "typed_config": {"@type": T + "envoy.extensions.filters.http.rbac.v3.RBAC",
                      "rules": {"action": "DENY", "policies": DENY_POLICY}},
+}  # fmt: skip
+
+
+def _tcp_listener(cluster: str, network_filters: tuple[dict, ...] = ()) -> dict:
+    """istiod's outbound listener of a TCP service port: one chain, tcp_proxy to `cluster`."""
+    tcp = {"@type": T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": cluster,
+           "cluster": cluster}  # fmt: skip
+    return {"@type": T + "envoy.config.listener.v3.Listener", "name": f"0.0.0.0_{TCP_SERVICE}",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": TCP_SERVICE}},
+            "filter_chains": [{"filters": [*network_filters, {"name": "tcp_proxy", "typed_config": tcp}]}]}  # fmt: skip
+
+
+ALLOW_ANY_TCP = {  # an AuthorizationPolicy ALLOW for TCP as istiod renders it (envoy.filters.network.rbac)
+    "name": "envoy.filters.network.rbac",
+    "typed_config": {"@type": T + "envoy.extensions.filters.network.rbac.v3.RBAC", "stat_prefix": "tcp.",
+                     "rules": {"action": "ALLOW", "policies": {"ns[default]-policy[any]-rule[0]": {
+                         "permissions": [{"any": True}], "principals": [{"any": True}]}}}},
 }  # fmt: skip
 
 
@@ -95,7 +113,8 @@ def lab(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
                       route_config([route(cluster="v1")], name=str(SERVICE)),
                       _static_cluster("v1", host, 8081), _static_cluster("v2", host, 8082),
                       {**PASSTHROUGH, "name": f"inbound|{INBOUND}||"},
-                      {**PASSTHROUGH, "name": f"inbound|{SERVICE}||"}]  # fmt: skip
+                      {**PASSTHROUGH, "name": f"inbound|{SERVICE}||"},
+                      {**PASSTHROUGH, "name": "PassthroughCluster"}]  # fmt: skip
 
             async def serve() -> None:
                 for type_url, msgs in by_type(shared).items():
@@ -103,6 +122,12 @@ def lab(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
                 # clientb's sidecar would be told: the service goes to v2 (its own VirtualService)
                 ((rds, msgs),) = by_type([route_config([route(cluster="v2")], name=str(SERVICE))]).items()
                 server.set_node_resources("clientb.default", rds, msgs)
+                # the TCP port: client's sidecar would pass it through (plain tcp_proxy: the kernel's bypass),
+                # clientb's sends it to v2 behind a network RBAC (an inspected chain: the proxy relays it)
+                ((lds, msgs),) = by_type([_tcp_listener("PassthroughCluster")]).items()
+                server.set_node_resources("client.default", lds, msgs)
+                ((lds, msgs),) = by_type([_tcp_listener("v2", (ALLOW_ANY_TCP,))]).items()
+                server.set_node_resources("clientb.default", lds, msgs)
                 for pod in ("server", "serverb"):  # server also serves the service port, behind a DENY policy
                     ((lds, msgs),) = by_type([_virtual_inbound(f"{pod}-inbound", pod == "server")]).items()
                     server.set_node_resources(f"{pod}.default", lds, msgs)
@@ -110,7 +135,7 @@ def lab(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
             loop.run(serve())
             write_workloads_file(workloads, env.lab, WORKLOADS)
             argv = [sys.executable, "-m", "planemesh.labs.servers", "http", "--port", "8081=v1", "--port", "8082=v2",
-                    "--port", f"{INBOUND}=server"]  # fmt: skip
+                    "--port", f"{INBOUND}=server", "--port", f"{TCP_SERVICE}=tcp-original"]  # fmt: skip
             procs = [ns_tools.start_until(env.lab.pod_ns("server"), argv, "ready")]
             argv = [sys.executable, "-m", "planemesh.labs.servers", "http", "--port", f"{INBOUND}=serverb"]
             procs.append(ns_tools.start_until(env.lab.pod_ns("serverb"), argv, "ready"))
@@ -182,3 +207,24 @@ def test_the_servers_policy_holds_for_a_client_on_the_same_node(lab) -> None:
     assert _served_by(env, "client", host, SERVICE) == ["v1"] * 4  # allowed requests: the client's route
     seen = http_requests(env.lab.pod_ns("remote"), host, SERVICE, ["/p"]).seen(0)  # the server's inbound chain
     assert seen["server"] == "v1" and seen["headers"].get("x-inbound-config") == "server-inbound", seen
+
+
+def _tcp_slots(env) -> tuple[int, int]:
+    counters = env.planes()["oam"]["counters"]["bpf_packets"]
+    return counters.get("bypass", 0), counters.get("sniff", 0)
+
+
+def test_tcp_chains_by_source(lab) -> None:
+    """Two pods, one destination TCP port, two configurations: client's plain tcp_proxy stays a bypass in the
+    kernel (the original destination answers, no packet of it reaches the proxy), clientb's chain (network
+    RBAC, tcp_proxy to v2) goes through the proxy to v2. Before source scoping both got one chain."""
+    env, _server, _loop, _wl, host = lab
+    assert eventually(lambda: _served_by(env, "clientb", host, TCP_SERVICE) == ["v2"] * 4, timeout=20)
+    bypass, sniff = _tcp_slots(env)
+    assert _served_by(env, "client", host, TCP_SERVICE) == ["tcp-original"] * 4
+    after = _tcp_slots(env)
+    assert after[0] > bypass and after[1] == sniff, (bypass, sniff, after)  # client's packets: the kernel only
+    assert _served_by(env, "clientb", host, TCP_SERVICE) == ["v2"] * 4
+    assert _tcp_slots(env)[1] > after[1]  # clientb's: intercepted
+    # a client on no workload of this node: neither configuration, its connection goes where it was sent
+    assert _served_by(env, "remote", host, TCP_SERVICE) == ["tcp-original"] * 4

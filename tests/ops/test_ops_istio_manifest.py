@@ -1,5 +1,7 @@
 """deploy/planemesh-istio.yaml, the DaemonSet a user applies next to an existing istiod: every document validates
-against the Kubernetes schemas, the RBAC grants reading pods and nothing else, the image is the one
+against the Kubernetes schemas, the RBAC grants reading pods and requesting tokens (held by an admission policy to
+istiod's audience and pod-bound tokens) and nothing else, the bootstrap connects to istiod's TLS port with
+istiod's root certificate and per-pod tokens, the image is the one
 deploy/build-image.sh builds, the arguments are flags the agent's CLI accepts, the bootstrap loads with the
 agent's own parser and asks for one stream per local workload, and the env var naming the node is the one the
 workloads source reads."""
@@ -41,12 +43,24 @@ def test_manifests_parse_and_validate() -> None:
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
         kinds.append(doc["kind"])
     assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Namespace",
-                             "ServiceAccount"]  # fmt: skip
+                             "ServiceAccount", "ValidatingAdmissionPolicy",
+                             "ValidatingAdmissionPolicyBinding"]  # fmt: skip
 
 
-def test_rbac_reads_pods_and_nothing_else() -> None:
+def test_rbac_reads_pods_requests_tokens_and_nothing_else() -> None:
     rules = _one("ClusterRole")["rules"]
-    assert rules == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert rules == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                     {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]  # fmt: skip
+    # the token grant is held to istiod's audience, pod-bound tokens, the agent's own requests
+    policy = _one("ValidatingAdmissionPolicy")
+    account = _one("ServiceAccount")["metadata"]
+    (cond,) = policy["spec"]["matchConditions"]
+    assert f"system:serviceaccount:{account['namespace']}:{account['name']}" in cond["expression"]
+    checks = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    assert "object.spec.audiences == ['istio-ca']" in checks and "boundObjectRef.kind == 'Pod'" in checks
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["serviceaccounts/token"]
+    binding = _one("ValidatingAdmissionPolicyBinding")["spec"]
+    assert binding == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
     binding = _one("ClusterRoleBinding")
     account = _one("ServiceAccount")["metadata"]
     assert binding["roleRef"]["name"] == _one("ClusterRole")["metadata"]["name"]
@@ -78,8 +92,19 @@ def test_bootstrap_loads_and_asks_for_one_stream_per_workload(monkeypatch: pytes
     assert settings is not None and settings.source == "kubernetes" and settings.node_name == "worker-1"
     assert settings.kubernetes is not None and settings.kubernetes.api == "https://10.96.0.1:443"
     assert settings.kubernetes.token_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    # istiod's plaintext port: on 15012 istiod would require each stream's token to be the pod's own identity
-    assert boot.server == "istiod.istio-system.svc:15010" and boot.tls is None and boot.token_file is None
+    # istiod's TLS port, verified with istiod's root certificate (mounted from istio-ca-root-cert), each pod's
+    # stream with its own token from the audience the agent's own projected token has
+    assert boot.server == "istiod.istio-system.svc:15012" and boot.tls is not None
+    assert boot.tls.ca == "/var/run/secrets/istio/root-cert.pem" and boot.tls.server_name == "istiod.istio-system.svc"
+    tokens = settings.istiod_tokens
+    assert tokens is not None and tokens.audience == "istio-ca"
+    mounts = {m["mountPath"]: m["name"] for m in _container()["volumeMounts"]}
+    volumes = {v["name"]: v for v in _one("DaemonSet")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mounts[tokens.dir]]["emptyDir"]["medium"] == "Memory"  # pods' tokens never on the host's disk
+    assert volumes[mounts["/var/run/secrets/istio"]]["configMap"]["name"] == "istio-ca-root-cert"
+    (projected,) = volumes[mounts["/var/run/secrets/tokens"]]["projected"]["sources"]
+    assert projected["serviceAccountToken"]["audience"] == tokens.audience
+    assert boot.token_file == "/var/run/secrets/tokens/" + projected["serviceAccountToken"]["path"]
     names = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in _container()["env"]}
     assert names[NODE_NAME_ENV] == "spec.nodeName"
     assert _one("DaemonSet")["spec"]["template"]["spec"]["automountServiceAccountToken"] is True  # the API token

@@ -3,6 +3,7 @@ workload's configuration to its own traffic (outbound by source, inbound by dest
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from google.protobuf import any_pb2
 from netaddr import IPNetwork
 
 from planemesh.agent.proxy.routing import PlaneRouter
+from planemesh.agent.proxy.sni_routing import SniRoutes
 from planemesh.agent.rbac import RbacFilter
 from planemesh.agent.workloads.discovery import (
     NETWORK_STATUS,
@@ -17,11 +19,13 @@ from planemesh.agent.workloads.discovery import (
     workloads_from_file_dict,
     workloads_from_pod_list,
 )
-from planemesh.agent.workloads.merge import merge, scope
+from planemesh.agent.workloads.merge import merge, reconcile, scope
 from planemesh.agent.workloads.model import Workload, WorkloadError, WorkloadSet
 from planemesh.agent.workloads.settings import settings_from_dict
 from planemesh.agent.workloads.sharing import MAX_VARIANTS, SharedDecoder
 from planemesh.agent.workloads.streams import WorkloadStreams
+from planemesh.ebpf.abi import Action
+from planemesh.ebpf.policy import PolicyRule, SourceRule, fold_source_rules, policy_from_snapshot
 from planemesh.labs.envoy_resources import HCM, PASSTHROUGH, ROUTER, T, by_type, http_listener, route, route_config
 from planemesh.model.config import (
     Cluster,
@@ -33,6 +37,7 @@ from planemesh.model.config import (
     RouteConfig,
     Snapshot,
     VirtualHost,
+    WeightedCluster,
 )
 from planemesh.model.static_config import load_default_config
 from planemesh.model.validation import validate_snapshot
@@ -135,6 +140,13 @@ def test_settings() -> None:
          "workloads.kubernetes.api"),
         ({"source": "file", "file": "/f", "poll_interval_s": 0}, {}, "workloads.poll_interval_s"),
         ({"source": "file", "file": "/f", "extra": 1}, {}, "workloads.extra"),
+        ({"source": "file", "file": "/f", "istiod_tokens": {}}, {}, "workloads.istiod_tokens"),
+        ({"source": "kubernetes", "node_name": "n", "kubernetes": {"api": "https://k"},
+          "istiod_tokens": {"expiration_s": 60}}, {}, "workloads.istiod_tokens.expiration_s"),
+        ({"source": "kubernetes", "node_name": "n", "kubernetes": {"api": "https://k"},
+          "istiod_tokens": {"dir": "tokens"}}, {}, "workloads.istiod_tokens.dir"),
+        ({"source": "kubernetes", "node_name": "n", "kubernetes": {"api": "https://k"},
+          "istiod_tokens": {"who": 1}}, {}, "workloads.istiod_tokens"),
     ]:  # fmt: skip
         with pytest.raises(ConfigError) as info:
             settings_from_dict(raw, env)
@@ -215,13 +227,31 @@ def test_a_renamed_cluster_is_renamed_in_the_routes_that_name_it() -> None:
     assert snap.clusters[cb].connect_timeout_s == 3 and snap.clusters[ca].connect_timeout_s is None
 
 
-def test_http_and_tcp_on_one_destination_are_reconciled() -> None:
+def test_http_and_tcp_of_two_pods_on_one_destination_each_keep_their_own() -> None:
+    """a proxies HTTP on port 80, b's sidecar would pass its port 80 through (tcp_proxy): the kernel decides per
+    source address (b's stays a bypass, in the kernel); nothing is sniffed or dropped."""
     tcp = Snapshot("x", PLANES, (Listener("0.0.0.0_80", "oam", 80, ListenerProtocol.TCP),))
     merged = merge(PLANES, {"a.default": (A, _snap("v1")), "b.default": (B, tcp)}, "m")
     snap = merged.snapshot
     validate_snapshot(snap)
     port80 = [lsn for lsn in snap.listeners if lsn.port == 80 and lsn.plane == "oam"]
-    assert [lsn.sniff for lsn in port80] == [True] and merged.notes
+    assert [(lsn.protocol, lsn.sniff) for lsn in port80] == [
+        (ListenerProtocol.HTTP, False),
+        (ListenerProtocol.TCP, False),
+    ]
+    assert not merged.notes
+    policy = policy_from_snapshot(snap)
+    oam = snap.plane("oam").plane_id
+    assert policy.source_rules[SourceRule("198.18.1.10", PolicyRule(oam, 80))] is Action.PROXY
+    assert policy.source_rules[SourceRule("198.18.1.11", PolicyRule(oam, 80))] is Action.BYPASS
+    assert PolicyRule(oam, 80) not in policy.rules  # other sources: the plane's undeclared action
+
+
+def test_http_and_tcp_claiming_one_unscoped_key_are_reconciled() -> None:
+    http = Listener("virtualInbound/a", "oam", 80, ListenerProtocol.HTTP, prefixes=(IPNetwork("198.18.1.10/32"),))
+    tcp = dataclasses.replace(http, name="virtualInbound/b", protocol=ListenerProtocol.TCP)
+    kept, notes = reconcile([http, tcp])
+    assert [(lsn.name, lsn.sniff) for lsn in kept] == [("virtualInbound/a", True)] and len(notes) == 2
 
 
 def test_a_source_scoped_listener_needs_its_source() -> None:
@@ -318,3 +348,43 @@ def _virtual_inbound_doc(port: int) -> dict:
             "filter_chains": [{"name": f"0.0.0.0_{port}", "filter_chain_match": {"destination_port": port},
                                "filters": [{"name": "envoy.filters.network.http_connection_manager",
                                             "typed_config": hcm}]}]}  # fmt: skip
+
+
+def test_tcp_chains_are_selected_by_source_then_node_wide() -> None:
+    """The sniffing listener's chain choice (agent/proxy/sni_routing.py) for merged TCP chains: a pod's own chain
+    for its connections, the node-wide one for others; a more specific destination (a server's inbound chain)
+    still wins over a client's catch-all, as in Envoy's filter_chain_match."""
+    own = Listener("0.0.0.0_9400~b", "oam", 9400, ListenerProtocol.TCP, tcp_clusters=(WeightedCluster("v2", 1),),
+                   sources=(IPNetwork("198.18.1.11/32"),))  # fmt: skip
+    node = Listener("0.0.0.0_9400", "oam", 9400, ListenerProtocol.TCP, tcp_clusters=(WeightedCluster("v1", 1),))
+    inbound = Listener("virtualInbound/9400", "oam", 9400, ListenerProtocol.TCP,
+                       prefixes=(IPNetwork("198.18.1.12/32"),), tcp_clusters=(WeightedCluster("in", 1),))  # fmt: skip
+    routes = SniRoutes([own, node, inbound])
+
+    def cluster(dst: str, src: str | None) -> str | None:
+        chain = routes.select(9400, dst, None, src=src)
+        return chain.action.cluster if chain and chain.action else None
+
+    assert cluster("198.18.1.50", "198.18.1.11") == "v2"
+    assert cluster("198.18.1.50", "::ffff:198.18.1.11") == "v2"
+    assert cluster("198.18.1.50", "198.18.1.10") == "v1"
+    assert cluster("198.18.1.50", None) == "v1"
+    assert cluster("198.18.1.12", "198.18.1.11") == "in"
+    assert routes.declares(9400, "198.18.1.10") and SniRoutes([own]).declares(9400, "198.18.1.11")
+    assert not SniRoutes([own]).declares(9400, "198.18.1.10")  # another pod's chain does not own the port for it
+
+
+def test_source_rules_fold_the_node_rules_of_their_port() -> None:
+    oam = 1
+    own = {SourceRule("198.18.1.11", PolicyRule(oam, 9400)): Action.SNIFF}
+    node = {PolicyRule(oam, 9400, "198.18.1.12/32"): Action.PROXY, PolicyRule(oam, 9400): Action.BYPASS,
+            PolicyRule(oam, 9400, "fd00:18:1::c/128"): Action.PROXY, PolicyRule(oam, 80): Action.PROXY}  # fmt: skip
+    folded = fold_source_rules(own, node)
+    assert folded == {
+        SourceRule("198.18.1.11", PolicyRule(oam, 9400)): Action.SNIFF,  # its own wins at an equal prefix
+        SourceRule("198.18.1.11", PolicyRule(oam, 9400, "198.18.1.12/32")): Action.PROXY,  # a longer one stays
+    }
+    with pytest.raises(ValueError, match="prefix"):
+        SourceRule("198.18.1.0/24", PolicyRule(oam, 80))
+    with pytest.raises(ValueError, match="families"):
+        SourceRule("198.18.1.11", PolicyRule(oam, 80, "fd00::/64"))
