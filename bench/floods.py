@@ -39,7 +39,7 @@ from bench.common import scratch_dir, start_nginx, wait_http
 from bench.http_proxy import envoy_in_node
 from bench.plane_isolation_lab import HEAVY_BYTES, HEAVY_PATH, HEAVY_PORT
 from planemesh.agent.demo import start_agent
-from planemesh.labs import Lab
+from planemesh.labs import Lab, procs
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.attacks import ATTACKS
 from planemesh.labs.lab import DEFAULT_PREFIX, default_lab_path
@@ -210,22 +210,9 @@ def rss_mb(pid: int) -> float | None:
 
 
 def worker_pid(agent_pid: int, plane: str) -> int | None:
-    """The agent's proxy worker process for `plane` (its child running planemesh.agent.worker_process --plane PLANE)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as cmd:
-                argv = cmd.read().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == agent_pid and b"planemesh.agent.worker_process" in argv and plane.encode() in argv:
-            i = argv.index(b"--plane") if b"--plane" in argv else -2
-            if argv[i + 1] == plane.encode():
-                return int(entry)
-    return None
+    """The agent's proxy worker process for `plane`, exec'd or forked by its zygote (labs/procs.py)."""
+    pids = procs.worker_pids(agent_pid, plane)
+    return pids[0] if pids else None
 
 
 # ---- one attack against one proxy -------------------------------------------------------------------------------

@@ -74,6 +74,8 @@ class NetlinkHelper:
         raise NetlinkOpError(code, f"{op}: {text}")
 
     def _exchange(self, payload: bytes, fds: Sequence[int]) -> tuple[Any, ...]:
+        if self._sock is not None and self._proc is not None and self._proc.poll() is not None:
+            self._stop()  # died while idle (killed, OOM): a fresh one answers; every operation is idempotent
         if self._sock is None:
             self._start()
         assert self._sock is not None

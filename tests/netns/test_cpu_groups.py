@@ -251,9 +251,11 @@ def _anon_bytes(pid: int) -> int:
 
 def test_a_worker_is_in_its_groups_from_its_first_instruction(run_prefix: str, tmp_path: Path) -> None:
     """The worker's start-up memory (interpreter, imports: ~30 MB) is charged to its plane's memory group, not
-    left in the agent's: the worker joins its groups before it execs, not after it reports ready."""
+    left in the agent's: the worker joins its groups before it execs, not after it reports ready. Exec'd workers
+    (--no-worker-zygote): a forked worker shares most of its pages with the zygote, whose group they stay charged
+    to (tests/netns/test_worker_zygote_agent.py checks what a forked worker's group is charged)."""
     config = _limits_config(tmp_path / "agent.yaml", {"memory_max_mb": 128})
-    with running_agent(f"{run_prefix}j", ["--config", str(config)]) as env:
+    with running_agent(f"{run_prefix}j", ["--config", str(config), "--no-worker-zygote"]) as env:
         pid = eventually(lambda: _worker_pids(env.agent.pid).get("oam", [None])[0])
         memory = _group(pid, "memory")
         assert memory.name == "plane-oam"
