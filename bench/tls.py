@@ -225,6 +225,7 @@ def main() -> int:
     ap.add_argument("--session-memory", action="store_true", help="RSS per cached TLS session (in memory)")
     ap.add_argument("--in-memory", action="store_true", help="server CPU in OpenSSL per in-memory mTLS handshake")
     ap.add_argument("--clients", type=int, default=4, help="concurrent s_time clients (--handshakes)")
+    ap.add_argument("--asyncio", action="store_true", help="--handshakes: also asyncio's SSLProtocol, tickets on")
     ap.add_argument("--serve", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -238,7 +239,7 @@ def main() -> int:
     if args.instructions:
         return instructions_table(args.duration)
     if args.handshakes:
-        return handshake_table(args.duration, args.clients)
+        return handshake_table(args.duration, args.clients, args.asyncio)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
         work = Path(tmp)
@@ -296,7 +297,7 @@ def measure_server(kind: str, tickets: str, work: Path, duration: int, clients: 
         stop(server)
 
 
-def handshake_table(duration: int, clients: int = 4) -> int:
+def handshake_table(duration: int, clients: int = 4, with_asyncio: bool = False) -> int:
     """New and resumed mTLS handshakes/s of Envoy and planemesh (uvloop), session tickets on (both defaults)
     and off (DownstreamTlsContext disable_stateless_session_resumption). Two loads, the same client for both:
     one `openssl s_time` (sequential: client and server take turns, each handshake's latency counts) and
@@ -310,6 +311,8 @@ def handshake_table(duration: int, clients: int = 4) -> int:
         runs = [("envoy", "on"), ("uvloop", "on"), ("uvloop", "stateless"), ("envoy", "off"), ("uvloop", "off")]
         if Path(JEMALLOC).exists():  # OpenSSL 3.0 spends ~15 % of a handshake in glibc's malloc/free
             runs.insert(2, ("uvloop", "on+jemalloc"))
+        if with_asyncio:
+            runs.insert(2, ("asyncio", "on"))
         rows = [(kind, tickets, *measure_server(kind, tickets, work, duration, clients)) for kind, tickets in runs]
     print(f"{'server':>8} {'tickets':>11} {'new/s seq':>9} {f'new/s x{clients}':>9} {'srv CPU':>7} "
           f"{'client ms':>9} {'resumed/s':>9} {'CPU ms/new':>10}")  # fmt: skip
@@ -317,9 +320,9 @@ def handshake_table(duration: int, clients: int = 4) -> int:
         print(f"{kind:>8} {tickets:>11} {new:>9.0f} {par:>9.0f} {busy:>7.2f} {client_ms:>9.2f} "
               f"{reused:>9.0f} {cpu_ms:>10.2f}")  # fmt: skip
     by = {(r[0], r[1]): r for r in rows}
-    for tickets in [t for k, t in by if k == "uvloop"]:
-        p, e = by[("uvloop", tickets)], by[("envoy", "off" if tickets == "off" else "on")]
-        print(f"tickets {tickets}: planemesh / envoy new handshakes/s {p[2] / e[2]:.2f}x sequential, "
+    for kind, tickets in [(k, t) for k, t in by if k != "envoy"]:
+        p, e = by[(kind, tickets)], by[("envoy", "off" if tickets == "off" else "on")]
+        print(f"{kind} tickets {tickets}: planemesh / envoy new handshakes/s {p[2] / e[2]:.2f}x sequential, "
               f"{p[3] / e[3]:.2f}x with {clients} clients; CPU per handshake {p[7] / e[7]:.2f}x Envoy's "
               f"(capacity at equal CPU {e[7] / p[7]:.2f}x)")  # fmt: skip
     return 0
