@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 from netaddr import AddrFormatError, IPNetwork
 
-from planemesh.ebpf.abi import PM_MAX_PLANES, Action
+from planemesh.ebpf.abi import PM_MAX_PLANES, PM_MAX_SRC_POLICY, Action
 from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot
 from planemesh.model.planes import Plane, UndeclaredPorts
 
@@ -134,11 +134,16 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
     own = {k: a for k, a in rules.items() if isinstance(k, SourceRule)}
     planes = tuple(sorted((plane_settings(p, plane_ids) for p in snap.planes), key=lambda s: s.plane_id))
     destinations = {str(net.cidr): plane.plane_id for plane in snap.planes for net in plane.cidrs}
+    folded = fold_source_rules(own, node)
+    if len(folded) > PM_MAX_SRC_POLICY:  # refused before anything is applied (the map would refuse the rest)
+        raise ConfigError(
+            "listeners", f"{len(folded)} per-source kernel rules, the data path holds {PM_MAX_SRC_POLICY}"
+        )
     return DatapathPolicy(
         planes=planes,
         rules=MappingProxyType(node),
         destinations=MappingProxyType(destinations),
-        source_rules=MappingProxyType(fold_source_rules(own, node)),
+        source_rules=MappingProxyType(folded),
     )
 
 

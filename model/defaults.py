@@ -118,6 +118,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(("xds-server",), "--tls-key", "PLANEMESH_XDS_TLS_KEY", None, "PEM private key of --tls-cert"),
     Setting(("xds-server",), "--bearer-token-file", "PLANEMESH_XDS_BEARER_TOKEN_FILE", None,
             "refuse streams without `authorization: Bearer <this file's token>` (as istiod checks JWTs)"),
+    Setting(("xds-server",), "--xds-tokens", "PLANEMESH_XDS_TOKENS", None,
+            "file of lines `TOKEN NAMESPACE/SERVICE_ACCOUNT` (or `TOKEN *`): streams presenting one of these tokens"
+            " are served, and only to nodes of that identity (NAMESPACE / SERVICE_ACCOUNT metadata), as istiod"
+            " authorizes on 15012"),
     Setting(("xds-server",), "--ca", "PLANEMESH_XDS_CA", None,
             "directory of the built-in CA (`planemesh ca init/intermediate`): serve SDS `default` and `ROOTCA` per"
             " node from it; unset: no SDS issuing"),

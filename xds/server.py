@@ -51,7 +51,7 @@ from planemesh.xds.resources import (
     load_resource_dir,
 )
 from planemesh.xds.sds import SecretIssuer, add_sds_arguments, issuer_from_args, signer_from_args
-from planemesh.xds.server_auth import authenticate, identity_mismatch
+from planemesh.xds.server_auth import add_auth_arguments, authenticate, identities_from_args, identity_mismatch
 from planemesh.xds.server_nodes import NODES_DIR, load_node_dirs, packed
 
 log = logging.getLogger("planemesh.xds.server")
@@ -115,7 +115,7 @@ class ManagementServer:
         bearer_token: str | None = None,
         secrets: SecretIssuer | None = None,
         csr_signer: CsrSigner | None = None,
-        token_identities: Mapping[str, tuple[str, str]] | None = None,
+        token_identities: Mapping[str, tuple[str, str] | None] | None = None,
     ) -> None:
         # istiod's 15012: a token stands for (namespace, service account), and a stream is served only when its
         # node is that identity's (NAMESPACE / SERVICE_ACCOUNT metadata): pilot/pkg/xds/auth.go authorize()
@@ -522,17 +522,17 @@ async def serve_forever(
     bearer_token: str | None = None,
     secrets: SecretIssuer | None = None,
     csr_signer: CsrSigner | None = None,
+    identities: Mapping[str, tuple[str, str] | None] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (the `planemesh xds-server` command)."""
-    server = ManagementServer(
-        resources, poll_interval_s=poll_interval_s, bearer_token=bearer_token, secrets=secrets, csr_signer=csr_signer
-    )
+    server = ManagementServer(resources, poll_interval_s=poll_interval_s, bearer_token=bearer_token, secrets=secrets,
+                              csr_signer=csr_signer, token_identities=identities)  # fmt: skip
     address = await server.start(listen, credentials)
     log.info(
         "ADS (SotW and Delta) on %s%s%s%s%s, resources from %s",
         address,
         " with TLS" if credentials is not None else "",
-        " requiring a bearer token" if bearer_token is not None else "",
+        " requiring a bearer token" if bearer_token is not None or identities else "",
         " serving SDS from the built-in CA" if secrets is not None else "",
         " and CreateCertificate" if csr_signer is not None else "",
         resources,
@@ -554,6 +554,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **option("xds-server", flag))
     parser.add_argument("--poll-interval", type=float, **option("xds-server", "--poll-interval"))
     add_sds_arguments(parser)
+    add_auth_arguments(parser)
 
 
 def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -579,7 +580,10 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     signer = signer_from_args(parser, args, secrets, token) if args.ca_api != "sds" else None
     if args.ca_api == "csr":
         secrets = None  # istiod's shape: certificates only by CreateCertificate
-    asyncio.run(serve_forever(args.resources, args.listen, args.poll_interval, credentials, token, secrets, signer))
+    ids = identities_from_args(parser, args)
+    asyncio.run(
+        serve_forever(args.resources, args.listen, args.poll_interval, credentials, token, secrets, signer, ids)
+    )
     return 0
 
 

@@ -9,16 +9,21 @@ PERMISSION_DENIED, which is why a node agent needs each pod's own token there (d
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+from planemesh.model.config import ConfigError
+from planemesh.model.defaults import option
 
 Identity = tuple[str, str]  # (namespace, service account)
 
 
 def authenticate(
-    authorization: str | None, bearer_token: str | None, identities: Mapping[str, Identity] | None
+    authorization: str | None, bearer_token: str | None, identities: Mapping[str, Identity | None] | None
 ) -> tuple[Identity | None, str | None]:
-    """(the token's identity or None, None) when the stream may go on; (None, why) when it is refused."""
+    """(the token's identity or None: any, None) when the stream may go on; (None, why) when it is refused."""
     token = authorization[7:] if authorization is not None and authorization.startswith("Bearer ") else None
     if token is not None and identities and token in identities:
         return identities[token], None
@@ -41,4 +46,38 @@ def identity_mismatch(node: Any, identity: Identity) -> str | None:
     return None
 
 
-__all__ = ["Identity", "authenticate", "identity_mismatch"]
+def read_identity_tokens(path: Path) -> dict[str, Identity | None]:
+    """Lines `TOKEN NAMESPACE/SERVICE_ACCOUNT` (or `TOKEN *`: any identity), `#` comments, as --ca-tokens.
+    ConfigError naming the file and line."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
+    found: dict[str, Identity | None] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        namespace, slash, account = words[-1].partition("/")
+        if len(words) != 2 or (words[1] != "*" and not (slash and namespace and account and "/" not in account)):
+            raise ConfigError(f"{path}:{number}", "expected `TOKEN NAMESPACE/SERVICE_ACCOUNT` or `TOKEN *`")
+        found[words[0]] = None if words[1] == "*" else (namespace, account)
+    if not found:
+        raise ConfigError(str(path), "no token")
+    return found
+
+
+def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--xds-tokens", **option("xds-server", "--xds-tokens"))
+
+
+def identities_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> dict[str, Identity | None] | None:
+    try:
+        return read_identity_tokens(Path(args.xds_tokens)) if args.xds_tokens else None
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+__all__ = ["Identity", "authenticate", "identities_from_args", "identity_mismatch", "read_identity_tokens"]

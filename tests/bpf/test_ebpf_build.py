@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from planemesh.ebpf import build, libbpf
+from planemesh.ebpf.abi import Action
 from planemesh.ebpf.egress_shaper import SPEC as EGRESS
 from planemesh.ebpf.loader import Datapath, DatapathError
+from planemesh.ebpf.policy import PolicyRule, SourceRule
 from tests.bpf.conftest import compile_here
 
 pytestmark = pytest.mark.bpf
@@ -83,6 +85,23 @@ def test_program_pinned_with_maps_since_replaced_is_rebuilt(pin_dir: str) -> Non
         assert dp.compiled
         assert twin_id in libbpf.prog_map_ids(dp.prog_fd)
         assert dp.interfaces() == {3: (1, 0)}  # the other pinned maps were re-adopted
+    finally:
+        dp.close(detach=True)
+
+
+def test_pins_of_an_agent_without_the_source_policy_map_are_upgraded(pin_dir: str) -> None:
+    """An agent of the previous session pinned no pm_src_policy: the next one re-adopts the other pinned maps
+    and creates (and pins) the new map, rather than refusing or losing state."""
+    dp = Datapath(pin_dir)
+    dp.set_interface(3, 1)
+    dp.close(detach=False)
+    os.unlink(f"{pin_dir}/pm_src_policy")  # what the older agent left: every map but this one
+    dp = Datapath(pin_dir)
+    try:
+        assert os.path.exists(f"{pin_dir}/pm_src_policy") and dp.interfaces() == {3: (1, 0)}
+        rule = {SourceRule("198.18.0.2", PolicyRule(1, 80)): Action.PROXY}
+        dp.sync_source_policy(rule)
+        assert dp.source_policy() == rule
     finally:
         dp.close(detach=True)
 

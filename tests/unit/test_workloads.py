@@ -388,3 +388,15 @@ def test_source_rules_fold_the_node_rules_of_their_port() -> None:
         SourceRule("198.18.1.0/24", PolicyRule(oam, 80))
     with pytest.raises(ValueError, match="families"):
         SourceRule("198.18.1.11", PolicyRule(oam, 80, "fd00::/64"))
+
+
+def test_too_many_per_source_rules_are_refused_before_anything_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    import planemesh.ebpf.policy as policy_module
+
+    monkeypatch.setattr(policy_module, "PM_MAX_SRC_POLICY", 3)
+    listeners = tuple(
+        Listener(f"l{i}", "oam", 9000 + i, ListenerProtocol.TCP, sources=(IPNetwork("198.18.1.10/32"),))
+        for i in range(4)
+    )
+    with pytest.raises(ConfigError, match="4 per-source kernel rules, the data path holds 3"):
+        policy_from_snapshot(Snapshot("s", PLANES, listeners))

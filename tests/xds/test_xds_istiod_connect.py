@@ -182,3 +182,67 @@ def test_the_xds_server_command_serves_tls_with_a_bearer_token(istiod, tmp_path)
     assert "with TLS requiring a bearer token" in out
     assert "secure" in good[-1].clusters and not anonymous
     assert "UNAUTHENTICATED" in anon.last_error
+
+
+def test_the_xds_server_command_authorizes_streams_by_token_identity(istiod, tmp_path):
+    """`planemesh xds-server --tls-cert --tls-key --xds-tokens`: istiod's 15012 authorization. The client's node
+    (NAMESPACE `x` in `_client`) is served with x's token and refused (PERMISSION_DENIED) with another's."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.xds.xds_harness import ENVOY, free_port
+
+    cert, key = tmp_path / "srv.pem", tmp_path / "srv.key"
+    _ca, srv_cert, srv_key = _pki(tmp_path)
+    cert.write_bytes(srv_cert)
+    key.write_bytes(srv_key)
+    (tmp_path / "mine").write_text("token-of-x\n")
+    (tmp_path / "theirs").write_text("token-of-y\n")
+    tokens = tmp_path / "xds-tokens"
+    tokens.write_text("# token identity\ntoken-of-x x/default\ntoken-of-y y/default\n")
+    port = free_port()
+    cmd = [str(ENVOY.parent / "planemesh"), "xds-server", "--resources", str(istiod["resdir"])]
+    cmd += ["--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key", str(key)]
+    cmd += ["--xds-tokens", str(tokens)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    mine: list = []
+    theirs: list = []
+
+    async def run():
+        clients = [
+            _client(f"127.0.0.1:{port}", str(tmp_path / "ca.pem"), str(tmp_path / "mine"), mine),
+            _client(f"127.0.0.1:{port}", str(tmp_path / "ca.pem"), str(tmp_path / "theirs"), theirs),
+        ]
+        tasks = [asyncio.create_task(c.run()) for c in clients]
+        try:
+            await until(lambda: mine, 15, "the command to serve the node its own token names")
+            await until(lambda: "PERMISSION_DENIED" in (clients[1].last_error or ""), 5, "another identity refused")
+            return clients
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        _mine, other = asyncio.run(run())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out
+    assert "secure" in mine[-1].clusters and not theirs
+    assert "authorization failed: no identities ([y/default]) matched x/" in other.last_error
+
+
+def test_xds_tokens_file_errors_name_the_line(tmp_path):
+    from planemesh.model.config import ConfigError
+    from planemesh.xds.server_auth import read_identity_tokens
+
+    path = tmp_path / "t"
+    path.write_text("a ns/sa\nb *\n")
+    assert read_identity_tokens(path) == {"a": ("ns", "sa"), "b": None}
+    for text, where in [("a ns\n", ":1"), ("a ns/sa extra\n", ":1"), ("a ns/sa\nb /sa\n", ":2"), ("# none\n", "t")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            read_identity_tokens(path)
+        assert info.value.path.endswith(where)
