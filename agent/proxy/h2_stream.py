@@ -96,6 +96,9 @@ class Bridge:
     upgrade = b""
     expect_continue = 0
     upstream_window = 0  # request bytes an upstream stream may hold unsent: none (the client's window waits)
+    # A slow client does not pause an upstream stream directly: what is read for it counts against its
+    # connection's buffer budget, and the response writer (response_h2.py) pauses and resumes the upstream by it.
+    write_paused = False
 
     def __init__(self, client: H2Downstream, sid: int, headers: Fields) -> None:
         self.client = client
@@ -149,10 +152,6 @@ class Bridge:
     @property
     def transport(self):  # the client connection's (its TLS peer: access log, Istio metrics)
         return self.client.transport
-
-    @property
-    def write_paused(self) -> bool:
-        return self.client.write_paused
 
     @property
     def headers(self) -> Fields:
