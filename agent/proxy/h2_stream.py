@@ -311,27 +311,36 @@ class Bridge:
             self._send_mirrors()
 
     def _request_head(self) -> None:
-        """The codec-neutral request head (messages.RequestHead: Host from :authority, te and content-length as
-        framing), then what the stream held while it was not routed."""
+        """The codec-neutral request head (messages.RequestHead: Host from :authority, content-length as the
+        body's length), then what the stream held while it was not routed. An h2 upstream gets the stream's own
+        fields (pseudo-headers first; connection-specific ones were dropped by split_request), re-encoded as
+        they are: the head's fields are only built for an HTTP/1.1 upstream."""
+        attempt = self.attempt
+        h2 = attempt.h2
         host = self.up_authority
         length = -1
         fields: Fields = []
-        for n, v in self.fields:
+        for field in self.fields:
+            n = field[0]
             if n == b"content-length":
-                length = int(v)  # validated by the h2 codec
+                length = int(field[1])  # validated by the h2 codec
+            elif h2:
+                continue
             elif n == b"host":
                 if host is None:
-                    host = v
-            elif n != b"te":  # te: trailers is an h2 upstream's business (h2_request_fields), hop-by-hop on 1.1
-                fields.append((n, v))
-        if host is not None:
-            fields.insert(0, (b"host", host))
+                    host = field[1]
+            elif n != b"te":  # te: trailers is hop-by-hop on HTTP/1.1
+                fields.append(field)
         self.req_length = max(length, 0)
         upreq = self.upreq
         self.req_chunked = upreq.chunked = not self.no_body and length < 0
+        if h2:
+            attempt.h2_fields = self.pseudo + self.fields
+        elif host is not None:
+            fields.insert(0, (b"host", host))
         head = self.req_head = RequestHead(self.method_b or b"GET", self.up_path or b"/", fields, self.req_length,
                                            self.req_chunked)
-        if not self.attempt.h2:
+        if not h2:
             upreq.head = h1_request_bytes(head)
             upreq.out.append(upreq.head)
         held, self.held = self.held, None
@@ -518,4 +527,7 @@ class Bridge:
         proxy.istio.record(proxy, self, attempt.cluster, attempt.endpoint, attempt.upstream_addr, self.status,
                            duration_ms)
         proxy.log.append(self)  # type: ignore[arg-type]
-        attempt.ex = self.relay.ex = FINISHED  # late callbacks of its parts see a finished request
+        # Its parts see a finished request from now on, and none refers back to it: the Bridge (kept by the access
+        # log until formatted) and its parts are freed by reference counting, not the cyclic GC.
+        relay = self.relay
+        attempt.ex = attempt.ds = relay.ex = relay.ds = FINISHED  # type: ignore[assignment]
