@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import h2.errors
 
 from planemesh.agent.proxy import accesslog, pipeline
+from planemesh.agent.proxy.accesslog import AccessRecord
 from planemesh.agent.proxy.attempts import FINISHED, HELD_REQUEST, Attempt
 from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
@@ -48,8 +49,8 @@ _INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
 
 
 class Bridge:
-    """One request stream of an h2 client connection. It is also its own access-log record (formatted in
-    batches later, like an Exchange's AccessRecord)."""
+    """One request stream of an h2 client connection; its access-log record is built when it finishes, like an
+    Exchange's."""
 
     __slots__ = (
         "attempt",
@@ -418,7 +419,8 @@ class Bridge:
 
     def resume_for_upstream(self) -> None:
         self.up_paused = False
-        self._credit()
+        if not self.finished:  # an upstream connection closing late (its paused_ds) finds nothing to credit
+            self._credit()
 
     def replayable(self) -> bool:
         return self.upreq.replayable()
@@ -526,8 +528,14 @@ class Bridge:
         # with the peers' identities (agent/proxy/istio_stats.py)
         proxy.istio.record(proxy, self, attempt.cluster, attempt.endpoint, attempt.upstream_addr, self.status,
                            duration_ms)
-        proxy.log.append(self)  # type: ignore[arg-type]
-        # Its parts see a finished request from now on, and none refers back to it: the Bridge (kept by the access
-        # log until formatted) and its parts are freed by reference counting, not the cyclic GC.
         relay = self.relay
+        log = proxy.log
+        if log.enabled:  # the access record, built now (the stream and its parts are not kept for it)
+            log.append(AccessRecord(
+                self.start_time, self.method, self.path, self.protocol, self.status, self.flags, self.bytes_rx,
+                relay.bytes_tx, self.duration_ms, relay.upstream_ms, None, None, self.request_id, self.authority,
+                attempt.upstream_host, proxy.plane_name, client,
+            ))
+        # Its parts see a finished request from now on, and none refers back to it: the stream and its parts are
+        # freed by reference counting when it ends, not by the cyclic GC (whose passes grow with what survives).
         attempt.ex = attempt.ds = relay.ex = relay.ds = FINISHED  # type: ignore[assignment]

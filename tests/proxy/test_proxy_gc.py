@@ -59,8 +59,8 @@ def _stream_objects() -> int:
 @pytest.mark.parametrize("upstream", ["http1", "h2"])
 def test_finished_h2_streams_are_freed_without_the_cyclic_gc(upstream: str) -> None:
     """The same for an h2 stream (h2_stream.Bridge and the parts it shares with an Exchange), to an HTTP/1.1 and
-    to an h2 upstream, once the access log has formatted it (before: each finished stream stayed in reference
-    cycles, and the cyclic GC's passes cost more CPU than the request)."""
+    to an h2 upstream (before: each finished stream stayed in reference cycles, and the cyclic GC's passes cost
+    more CPU than the request)."""
     with H2Backend() as h2b, Backend() as backend:
         if upstream == "h2":
             cluster = Cluster(name="h2", kind=ClusterKind.STATIC, http2=True,
