@@ -125,7 +125,7 @@ class Bridge:
         self.up_path = path  # :path and :authority upstream (after the route's rewrites)
         self.up_authority = authority
         # the request upstream (what the Attempt replays and flushes, as an Exchange's)
-        self.held: list[bytes] | None = []  # request DATA before the stream is routed (a fault delay): not acked
+        self.held: list[bytes] | None = None  # request DATA before the stream is routed (a fault delay): not acked
         self.no_body = False  # END_STREAM came with the request's HEADERS
         self.req_done = False  # the client's end of the stream arrived
         self.req_head: RequestHead | None = None
@@ -345,7 +345,7 @@ class Bridge:
             upreq.head = h1_request_bytes(head)
             upreq.out.append(upreq.head)
         held, self.held = self.held, None
-        for data in held or ():
+        for data in held or ():  # a list only when DATA came before routing
             upreq.body(data)
         if self.req_done:
             upreq.end()
@@ -380,8 +380,11 @@ class Bridge:
         if flow_len > n:
             self.client.ack(self.sid, flow_len - n)  # padding: nothing to forward
         self.unacked += n
-        if self.held is not None:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
-            self.held.append(data)
+        if self.req_head is None:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
+            if self.held is None:
+                self.held = [data]
+            else:
+                self.held.append(data)
             return
         self.upreq.body(data)
         self.upreq.flush()
@@ -397,7 +400,7 @@ class Bridge:
         if self.req_done:
             return  # END_STREAM came with the headers or the trailers already
         self.req_done = True
-        if self.held is not None:
+        if self.req_head is None:
             return  # routed later: the end goes after what is held
         self.upreq.end()
         self.upreq.flush()
