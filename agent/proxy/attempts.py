@@ -34,11 +34,15 @@ HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units a
 
 
 class _Finished:
-    """What an Attempt or a ResponseRelay sees of its request once the request is finished (its `ex`, set by the
-    request's finish: late callbacks return at once, and no reference cycle is left for the cyclic GC)."""
+    """What an Attempt or a ResponseRelay sees of its request once the request is finished (its `ex`, and for an
+    h2 stream its `ds`, set by the request's finish): late callbacks return at once, and no reference cycle is
+    left for the cyclic GC, whose passes would otherwise grow with the request rate."""
 
     __slots__ = ()
     finished = True
+
+    def flush(self) -> None:  # an upstream read that ended the request still flushes its client side
+        pass
 
 
 FINISHED = _Finished()

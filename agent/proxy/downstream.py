@@ -197,10 +197,10 @@ class Downstream(asyncio.Protocol):
     def _flush_all(self) -> None:
         active = self.active
         if active is not None and active.upreq.out:
-            active.flush_upstream()
+            active.upreq.flush()
         ex = self.ex
         if ex is not None and ex is not active and ex.upreq.out:
-            ex.flush_upstream()
+            ex.upreq.flush()
         if self.out:
             self.flush()
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import h2.errors
 
 from planemesh.agent.proxy import accesslog, pipeline
+from planemesh.agent.proxy.accesslog import AccessRecord
 from planemesh.agent.proxy.attempts import FINISHED, HELD_REQUEST, Attempt
 from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
@@ -48,8 +49,8 @@ _INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
 
 
 class Bridge:
-    """One request stream of an h2 client connection. It is also its own access-log record (formatted in
-    batches later, like an Exchange's AccessRecord)."""
+    """One request stream of an h2 client connection; its access-log record is built when it finishes, like an
+    Exchange's."""
 
     __slots__ = (
         "attempt",
@@ -96,6 +97,9 @@ class Bridge:
     upgrade = b""
     expect_continue = 0
     upstream_window = 0  # request bytes an upstream stream may hold unsent: none (the client's window waits)
+    # A slow client does not pause an upstream stream directly: what is read for it counts against its
+    # connection's buffer budget, and the response writer (response_h2.py) pauses and resumes the upstream by it.
+    write_paused = False
 
     def __init__(self, client: H2Downstream, sid: int, headers: Fields) -> None:
         self.client = client
@@ -121,7 +125,7 @@ class Bridge:
         self.up_path = path  # :path and :authority upstream (after the route's rewrites)
         self.up_authority = authority
         # the request upstream (what the Attempt replays and flushes, as an Exchange's)
-        self.held: list[bytes] | None = []  # request DATA before the stream is routed (a fault delay): not acked
+        self.held: list[bytes] | None = None  # request DATA before the stream is routed (a fault delay): not acked
         self.no_body = False  # END_STREAM came with the request's HEADERS
         self.req_done = False  # the client's end of the stream arrived
         self.req_head: RequestHead | None = None
@@ -149,10 +153,6 @@ class Bridge:
     @property
     def transport(self):  # the client connection's (its TLS peer: access log, Istio metrics)
         return self.client.transport
-
-    @property
-    def write_paused(self) -> bool:
-        return self.client.write_paused
 
     @property
     def headers(self) -> Fields:
@@ -312,31 +312,40 @@ class Bridge:
             self._send_mirrors()
 
     def _request_head(self) -> None:
-        """The codec-neutral request head (messages.RequestHead: Host from :authority, te and content-length as
-        framing), then what the stream held while it was not routed."""
+        """The codec-neutral request head (messages.RequestHead: Host from :authority, content-length as the
+        body's length), then what the stream held while it was not routed. An h2 upstream gets the stream's own
+        fields (pseudo-headers first; connection-specific ones were dropped by split_request), re-encoded as
+        they are: the head's fields are only built for an HTTP/1.1 upstream."""
+        attempt = self.attempt
+        h2 = attempt.h2
         host = self.up_authority
         length = -1
         fields: Fields = []
-        for n, v in self.fields:
+        for field in self.fields:
+            n = field[0]
             if n == b"content-length":
-                length = int(v)  # validated by the h2 codec
+                length = int(field[1])  # validated by the h2 codec
+            elif h2:
+                continue
             elif n == b"host":
                 if host is None:
-                    host = v
-            elif n != b"te":  # te: trailers is an h2 upstream's business (h2_request_fields), hop-by-hop on 1.1
-                fields.append((n, v))
-        if host is not None:
-            fields.insert(0, (b"host", host))
+                    host = field[1]
+            elif n != b"te":  # te: trailers is hop-by-hop on HTTP/1.1
+                fields.append(field)
         self.req_length = max(length, 0)
         upreq = self.upreq
         self.req_chunked = upreq.chunked = not self.no_body and length < 0
+        if h2:
+            attempt.h2_fields = self.pseudo + self.fields
+        elif host is not None:
+            fields.insert(0, (b"host", host))
         head = self.req_head = RequestHead(self.method_b or b"GET", self.up_path or b"/", fields, self.req_length,
                                            self.req_chunked)
-        if not self.attempt.h2:
+        if not h2:
             upreq.head = h1_request_bytes(head)
             upreq.out.append(upreq.head)
         held, self.held = self.held, None
-        for data in held or ():
+        for data in held or ():  # a list only when DATA came before routing
             upreq.body(data)
         if self.req_done:
             upreq.end()
@@ -371,8 +380,11 @@ class Bridge:
         if flow_len > n:
             self.client.ack(self.sid, flow_len - n)  # padding: nothing to forward
         self.unacked += n
-        if self.held is not None:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
-            self.held.append(data)
+        if self.req_head is None:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
+            if self.held is None:
+                self.held = [data]
+            else:
+                self.held.append(data)
             return
         self.upreq.body(data)
         self.upreq.flush()
@@ -388,7 +400,7 @@ class Bridge:
         if self.req_done:
             return  # END_STREAM came with the headers or the trailers already
         self.req_done = True
-        if self.held is not None:
+        if self.req_head is None:
             return  # routed later: the end goes after what is held
         self.upreq.end()
         self.upreq.flush()
@@ -410,7 +422,8 @@ class Bridge:
 
     def resume_for_upstream(self) -> None:
         self.up_paused = False
-        self._credit()
+        if not self.finished:  # an upstream connection closing late (its paused_ds) finds nothing to credit
+            self._credit()
 
     def replayable(self) -> bool:
         return self.upreq.replayable()
@@ -518,5 +531,14 @@ class Bridge:
         # with the peers' identities (agent/proxy/istio_stats.py)
         proxy.istio.record(proxy, self, attempt.cluster, attempt.endpoint, attempt.upstream_addr, self.status,
                            duration_ms)
-        proxy.log.append(self)  # type: ignore[arg-type]
-        attempt.ex = self.relay.ex = FINISHED  # late callbacks of its parts see a finished request
+        relay = self.relay
+        log = proxy.log
+        if log.enabled:  # the access record, built now (the stream and its parts are not kept for it)
+            log.append(AccessRecord(
+                self.start_time, self.method, self.path, self.protocol, self.status, self.flags, self.bytes_rx,
+                relay.bytes_tx, self.duration_ms, relay.upstream_ms, None, None, self.request_id, self.authority,
+                attempt.upstream_host, proxy.plane_name, client,
+            ))
+        # Its parts see a finished request from now on, and none refers back to it: the stream and its parts are
+        # freed by reference counting when it ends, not by the cyclic GC (whose passes grow with what survives).
+        attempt.ex = attempt.ds = relay.ex = relay.ds = FINISHED  # type: ignore[assignment]

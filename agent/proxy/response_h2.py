@@ -152,6 +152,7 @@ class H2ResponseWriter:
 
     def close(self) -> None:
         """The stream finished: its reading slot goes back, and what was read and never sent leaves the budget."""
+        self.stream = None  # no cycle left with the stream (freed by reference counting)
         self._leave()
         if self.pending:
             n = sum(map(len, self.pending))

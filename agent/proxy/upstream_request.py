@@ -24,7 +24,8 @@ class UpstreamRequest:
         self.head = b""  # the request head as HTTP/1.1 bytes (an HTTP/1.1 upstream's first bytes; mirrors)
         self.chunked = False  # a body of unknown length (HTTP/1.1: chunked; h2: DATA until the end)
         self.trailers: Fields | None = None  # the client's
-        self.body_copy: list[bytes] | None = []  # the body so far while small enough to replay
+        self.body_copy: list[bytes] | tuple | None = ()  # the body so far while small enough to replay (a list
+        # from its first piece on: no list for a request without a body)
         self.body_len = 0
         self.streamed = False  # body bytes went out
 
@@ -35,8 +36,10 @@ class UpstreamRequest:
             self.body_len += len(data)
             if self.body_len > MAX_REPLAY_BODY:
                 self.body_copy = None  # too big to replay: no retry once any of it went out
+            elif copy:
+                copy.append(data)  # type: ignore[union-attr]
             else:
-                copy.append(data)
+                self.body_copy = [data]
         self.out.append(chunk(data) if self.chunked and not self.attempt.h2 else data)
 
     def end(self) -> None:

@@ -25,7 +25,8 @@ def test_h2_sets_are_derived_from_the_one_hop_by_hop_set() -> None:
 def test_client_trailers_lose_host_and_framing_fields_like_on_http1() -> None:
     bridge = Bridge.__new__(Bridge)  # only what on_trailers touches: a stream not routed yet
     bridge.req_done = False
-    bridge.held = []
+    bridge.held = None
+    bridge.req_head = None
     bridge.upreq = UpstreamRequest(None)  # type: ignore[arg-type]
     sent = [
         (b"grpc-status", b"0"),
