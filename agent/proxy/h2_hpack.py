@@ -11,8 +11,10 @@ peer sent us never-indexed, RFC 7541 7.1.3), fields whose value is new on nearly
 
 CPU is what the proxy has least of, so the representation of a field (its literal, Huffman-coded when shorter)
 is computed once per process and remembered per (name, value) in a bounded memo; per connection the encoder keeps
-only which of those fields its table holds (a dict lookup per field, then one byte). Fields whose value is new
-each time are sent raw (no Huffman: the bit loop costs more than the bytes it saves).
+which fields its table holds and, until the table next changes, each known field's bytes, so that a head like
+the last ones is one C-level dict pass. Fields whose value is new each time are sent raw (no Huffman: the bit
+loop costs more than the bytes it saves). A field a peer sent never-indexed must come as NeverIndexed (what
+h2_hpack_decode makes): it hashes apart from its plain twin, which the per-connection cache may hold.
 
 The table's size follows the peer's SETTINGS_HEADER_TABLE_SIZE up to MAX_TABLE_SIZE; a change is signalled with
 dynamic table size updates at the start of the next block (the smallest size since the last block first, then
