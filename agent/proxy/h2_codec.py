@@ -162,16 +162,22 @@ class H2Codec:
         end = len(buf)
         try:
             while end - pos >= 9:
-                length = buf[pos] << 16 | buf[pos + 1] << 8 | buf[pos + 2]
+                word, flags, sid = _HEAD.unpack_from(buf, pos)
+                length = word >> 8
                 if length > DEFAULT_FRAME_SIZE:  # we never advertise a larger SETTINGS_MAX_FRAME_SIZE
                     self._fail("frame too large", FRAME_SIZE_ERROR)
                 if end - pos - 9 < length:
                     break
-                kind, flags = buf[pos + 3], buf[pos + 4]
-                sid = _U32.unpack_from(buf, pos + 5)[0] & MAX_WINDOW
+                kind = word & 0xFF
+                sid &= MAX_WINDOW
                 payload = buf[pos + 9 : pos + 9 + length]
                 pos += 9 + length
-                self._receive_frame(kind, flags, sid, payload, events)
+                if kind > HEADERS or self.headers_sid or not self.settings_seen:
+                    self._receive_frame(kind, flags, sid, payload, events)
+                elif kind:  # HEADERS and DATA, most frames, without the general dispatch
+                    self._headers(flags, sid, payload, events)
+                else:
+                    self._data(flags, sid, payload, events)
         except ProtocolError:
             self.buf = b""
             raise
@@ -248,10 +254,12 @@ class H2Codec:
     def _headers(self, flags: int, sid: int, payload: bytes, events: list) -> None:
         if not sid:
             self._fail("HEADERS on stream 0", PROTOCOL_ERROR)
-        try:
-            block = self._unpad(flags, payload)
-        except ProtocolError as e:
-            self._fail(str(e), e.error_code)
+        block = payload
+        if flags & PADDED:
+            try:
+                block = self._unpad(flags, payload)
+            except ProtocolError as e:
+                self._fail(str(e), e.error_code)
         if flags & PRIORITY_FLAG:
             if len(block) < 5:
                 self._fail("HEADERS too short for its priority fields", FRAME_SIZE_ERROR)
@@ -358,10 +366,12 @@ class H2Codec:
         self.recv_window -= flow_len
         if self.recv_window < 0:
             self._fail("DATA beyond the connection window", FLOW_CONTROL_ERROR)
-        try:
-            data = self._unpad(flags, payload)
-        except ProtocolError as e:
-            self._fail(str(e), e.error_code)
+        data = payload
+        if flags & PADDED:
+            try:
+                data = self._unpad(flags, payload)
+            except ProtocolError as e:
+                self._fail(str(e), e.error_code)
         stream = self.streams.get(sid)
         if stream is None or stream.remote_ended:
             if self._idle(sid):
@@ -467,7 +477,9 @@ class H2Codec:
                 self.out.append(_frame(WINDOW_UPDATE, 0, sid, _U32.pack(stream.unacked)))
                 stream.recv_window += stream.unacked
                 stream.unacked = 0
-        self._credit_connection(n)
+        self.recv_unacked += n
+        if self.recv_unacked >= self.connection_window >> 1 or self.recv_window <= 0:
+            self._credit_connection(0)
 
     def _credit_connection(self, n: int) -> None:
         self.recv_unacked += n
@@ -493,9 +505,11 @@ class H2Codec:
 
     def local_flow_control_window(self, sid: int) -> int:
         """What may be sent on stream `sid` now (the smaller of its window and the connection's)."""
-        stream = self._sendable(sid)
-        window = stream.send_window
-        return window if window < self.send_window else self.send_window
+        stream = self.streams.get(sid)
+        if stream is None or stream.local_ended or self.closed:
+            self._sendable(sid)  # raises
+        window, connection = stream.send_window, self.send_window  # type: ignore[union-attr]
+        return window if window < connection else connection
 
     def get_next_available_stream_id(self) -> int:
         return self.next_stream_id
@@ -506,12 +520,14 @@ class H2Codec:
                 raise ProtocolError(f"stream {sid} opened out of order", PROTOCOL_ERROR)
             self.next_stream_id = sid + 2
             self.streams[sid] = _Stream(self.peer_initial_window, self.local_window, False)
-        stream = self._sendable(sid)
+        stream = self.streams.get(sid)
+        if stream is None or stream.local_ended or self.closed:
+            self._sendable(sid)  # raises
         block = self.encoder.encode(headers)
         size = self.max_outbound_frame_size
         flags = END_STREAM if end_stream else 0
         if len(block) <= size:
-            self.out.append(_frame(HEADERS, flags | END_HEADERS, sid, block))
+            self.out.append(_HEAD.pack(len(block) << 8 | HEADERS, flags | END_HEADERS, sid) + block)
         else:
             pieces = [block[i : i + size] for i in range(0, len(block), size)]
             self.out.append(_frame(HEADERS, flags, sid, pieces[0]))
@@ -519,18 +535,22 @@ class H2Codec:
                 self.out.append(_frame(CONTINUATION, 0, sid, piece))
             self.out.append(_frame(CONTINUATION, END_HEADERS, sid, pieces[-1]))
         if end_stream:
-            self._local_end(sid, stream)
+            self._local_end(sid, stream)  # type: ignore[arg-type]
 
     def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> None:
-        stream = self._sendable(sid)
+        stream = self.streams.get(sid)
+        if stream is None or stream.local_ended or self.closed:
+            self._sendable(sid)  # raises
         n = len(data)
-        if n > stream.send_window or n > self.send_window or n > self.max_outbound_frame_size:
+        if n > stream.send_window or n > self.send_window or n > self.max_outbound_frame_size:  # type: ignore[union-attr]
             raise ProtocolError("DATA beyond the peer's window or frame size", FLOW_CONTROL_ERROR)
-        stream.send_window -= n
+        stream.send_window -= n  # type: ignore[union-attr]
         self.send_window -= n
-        self.out.append(_frame(DATA, END_STREAM if end_stream else 0, sid, data))
+        out = self.out
+        out.append(_HEAD.pack(n << 8 | DATA, END_STREAM if end_stream else 0, sid))
+        out.append(data)  # not copied into the frame: data_to_send joins them all once
         if end_stream:
-            self._local_end(sid, stream)
+            self._local_end(sid, stream)  # type: ignore[arg-type]
 
     def _local_end(self, sid: int, stream: _Stream) -> None:
         stream.local_ended = True

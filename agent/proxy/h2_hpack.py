@@ -11,8 +11,10 @@ peer sent us never-indexed, RFC 7541 7.1.3), fields whose value is new on nearly
 
 CPU is what the proxy has least of, so the representation of a field (its literal, Huffman-coded when shorter)
 is computed once per process and remembered per (name, value) in a bounded memo; per connection the encoder keeps
-only which of those fields its table holds (a dict lookup per field, then one byte). Fields whose value is new
-each time are sent raw (no Huffman: the bit loop costs more than the bytes it saves).
+which fields its table holds and, until the table next changes, each known field's bytes, so that a head like
+the last ones is one C-level dict pass. Fields whose value is new each time are sent raw (no Huffman: the bit
+loop costs more than the bytes it saves). A field a peer sent never-indexed must come as NeverIndexed (what
+h2_hpack_decode makes): it hashes apart from its plain twin, which the per-connection cache may hold.
 
 The table's size follows the peer's SETTINGS_HEADER_TABLE_SIZE up to MAX_TABLE_SIZE; a change is signalled with
 dynamic table size updates at the start of the next block (the smallest size since the last block first, then
@@ -51,12 +53,23 @@ PER_REQUEST = frozenset({
     b"x-request-id", b"traceparent", b"tracestate", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"b3",
     b"x-client-trace-id",
 })  # fmt: skip
+KNOWN_MAX = 512  # per connection: fields whose bytes are known while the table does not change
 MEMO_MAX = 4096  # field representations remembered; the memo starts afresh when full (values come from peers)
 MEMO_VALUE_MAX = 256  # longer values are encoded (raw) every time, and so are never-indexed fields (credentials)
 
 # What a field's plan says to do: send it as it is (indexed static, or a literal not indexed), or add it.
 SEND, ADD = 0, 1
 Plan = tuple[int, bytes, bytes, int]  # (SEND or ADD, bytes, bytes without indexing (ADD), entry size (ADD))
+
+
+class NeverIndexed(NeverIndexedHeaderTuple):
+    """A field a peer sent never-indexed (h2_hpack_decode makes them), to be forwarded so. It hashes unlike the
+    plain tuple it equals, so that no per-connection cache of a plain twin's bytes answers for it."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:
+        return ~tuple.__hash__(self)
 
 
 def encode_integer(value: int, prefix_bits: int, first: int) -> bytes:
@@ -123,12 +136,19 @@ def plan_field(name: bytes, value: bytes, never: bool = False, huffman_coded: bo
 _plans: dict[tuple[bytes, bytes], Plan] = {}
 
 
+_PER_REQUEST_NAMES = {name: _literal(0x00, 4, name, b"", False) for name in PER_REQUEST}
+
+
 def _plan(field: tuple[bytes, bytes]) -> Plan:
     """plan_field, remembered for fields that repeat (not credentials, not ids, not long values)."""
     name, value = field[0], field[1]
-    if type(field) is NeverIndexedHeaderTuple:
+    if isinstance(field, NeverIndexedHeaderTuple):
         return plan_field(name, value, never=True, huffman_coded=False)
-    if len(value) > MEMO_VALUE_MAX or name in PER_REQUEST:
+    prefix = _PER_REQUEST_NAMES.get(name)
+    if prefix is not None:  # an id: new each time, the name's bytes known
+        value = value.strip(b" \t")
+        return SEND, prefix + encode_integer(len(value), 7, 0) + value, b"", 0
+    if len(value) > MEMO_VALUE_MAX:
         return plan_field(name, value, huffman_coded=False)
     plan = plan_field(name, value)
     if plan[0] == SEND and plan[1][0] >> 4 == 1:  # never indexed: not kept in memory
@@ -143,10 +163,11 @@ class Encoder:
     """Drop-in for hpack.Encoder as h2 uses it: encode(headers) and a settable header_table_size (the peer's
     SETTINGS_HEADER_TABLE_SIZE)."""
 
-    __slots__ = ("_entries", "_inserted", "_max", "_pending_min", "_seqs", "_size", "_updated")
+    __slots__ = ("_entries", "_inserted", "_known", "_max", "_pending_min", "_seqs", "_size", "_updated")
 
     def __init__(self) -> None:
         self._seqs: dict[tuple[bytes, bytes], int] = {}  # field -> its insertion number (while in the table)
+        self._known: dict[tuple[bytes, bytes], bytes] = {}  # field -> its bytes, until the table next changes
         self._entries: deque[tuple[tuple[bytes, bytes], int]] = deque()  # (field, size), oldest first
         self._inserted = 0  # insertions so far: the newest entry's number + 1
         self._size = 0
@@ -168,12 +189,18 @@ class Encoder:
         if self._pending_min is None or size < self._pending_min:
             self._pending_min = size
         self._evict(size)
+        self._known.clear()
 
     def table(self) -> list[tuple[bytes, bytes]]:
         """The dynamic table's fields as the peer's decoder holds them, newest first (for tests)."""
         return [(f[0].lower(), f[1].strip(b" \t")) for f, _ in reversed(self._entries)]
 
     def encode(self, headers, huffman: bool = True) -> bytes:  # huffman: decided per string (shorter or not)
+        """One header block. Fields whose bytes the connection knows (a response like the last ones, no entry
+        added since) are a dict lookup each, in C; the others are worked out in order, and once one adds to the
+        table (which moves every entry's index) the rest are worked out too."""
+        if type(headers) is not list:
+            headers = list(headers)
         parts = []
         if self._updated:
             if self._pending_min is not None and self._pending_min < self._max:
@@ -181,30 +208,58 @@ class Encoder:
             parts.append(encode_integer(self._max, 5, 0x20))
             self._updated = False
             self._pending_min = None
-        seqs = self._seqs
-        plans = _plans
-        for field in headers:
-            try:
-                seq = seqs.get(field)
-            except TypeError:  # fields may come as lists
-                field = (field[0], field[1])
-                seq = seqs.get(field)
-            if seq is not None and type(field) is not NeverIndexedHeaderTuple:
-                parts.append(_INDEXED[STATIC_LEN + self._inserted - seq])
-                continue
-            plan = plans.get(field) if type(field) is not NeverIndexedHeaderTuple else None
-            if plan is None:
-                plan = _plan(field)
-            if plan[0] == SEND:
-                parts.append(plan[1])
-            elif plan[3] <= self._max * 3 >> 2:
-                parts.append(plan[1])
-                self._add(field, plan[3])
-            else:  # too large for this table: sent without indexing
-                parts.append(plan[2])
+            return b"".join(parts) + self._encode(headers)
+        try:
+            parts = list(map(self._known.get, headers))
+        except TypeError:  # fields given as lists
+            return self._encode(headers)
+        if None in parts:
+            if len(self._known) > KNOWN_MAX:
+                self._known.clear()
+            i = parts.index(None)
+            while True:
+                inserted = self._inserted
+                parts[i] = self._field(headers[i])
+                if self._inserted != inserted:
+                    return b"".join(parts[: i + 1]) + self._encode(headers[i + 1 :])
+                try:
+                    i = parts.index(None, i + 1)
+                except ValueError:
+                    break
         return b"".join(parts)
 
+    def _encode(self, headers: list) -> bytes:
+        field_bytes = self._field
+        return b"".join([field_bytes(field) for field in headers])
+
+    def _field(self, field) -> bytes:
+        """One field's bytes (the table and the known fields updated)."""
+        try:
+            seq = self._seqs.get(field)
+        except TypeError:  # fields may come as lists
+            field = (field[0], field[1])
+            seq = self._seqs.get(field)
+        never = isinstance(field, NeverIndexedHeaderTuple)
+        if seq is not None and not never:
+            self._known[field] = encoded = _INDEXED[STATIC_LEN + self._inserted - seq]
+            return encoded
+        plan = None if never else _plans.get(field)
+        if plan is None:
+            plan = _plan(field)
+            keep = _plans.get(field) is plan  # remembered: not a credential, an id or a long value
+        else:
+            keep = True
+        if plan[0] == SEND:
+            if keep:
+                self._known[field] = plan[1]
+            return plan[1]
+        if plan[3] <= self._max * 3 >> 2:
+            self._add(field, plan[3])  # the indices of the fields known so far change
+            return plan[1]
+        return plan[2]  # too large for this table: sent without indexing
+
     def _add(self, field: tuple[bytes, bytes], size: int) -> None:
+        self._known.clear()
         self._evict(self._max - size)
         self._seqs[field] = self._inserted
         self._inserted += 1

@@ -20,11 +20,12 @@ from hpack import (
     HPACKDecodingError,
     InvalidTableIndex,
     InvalidTableSizeError,
-    NeverIndexedHeaderTuple,
     OversizedHeaderListError,
 )
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
+
+from planemesh.agent.proxy.h2_hpack import NeverIndexed
 
 STATIC = HeaderTable.STATIC_TABLE
 STATIC_LEN = len(STATIC)
@@ -157,7 +158,7 @@ class MemoDecoder:
                 if dynamic and refers is not None:
                     refers = True
                 if first & 0x10:  # never indexed: forwarded as such (RFC 7541 7.1.3), our encoder sees the type
-                    field = NeverIndexedHeaderTuple(*field)
+                    field = NeverIndexed(*field)
             total += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
             if total > limit:
                 raise OversizedHeaderListError(f"header list past {limit} bytes")
