@@ -5,12 +5,10 @@ its range; the no-flood control is shown but never counted against the targets; 
 from __future__ import annotations
 
 import os
-import stat
-from pathlib import Path
 
 from bench.common import WrkResult
 from bench.plane_isolation import Row, report
-from bench.plane_isolation_cpu import BENCH, IDLE, KERNEL, OTHERS, _label, perf_ms_per_s
+from bench.plane_isolation_cpu import BENCH, IDLE, KERNEL, OTHERS, _label
 
 RATE_ANSWERS = {"requests": 900, "non_2xx": 800, "timeouts": 0}
 
@@ -64,13 +62,6 @@ def test_each_pid_on_the_protected_cpu_gets_its_label() -> None:
     by_pid = {0: 5.0, 5002: 10.0, 5010: 4.0, 5003: 3.0, 5004: 40.0, 5005: 600.0, 9999: 7.0, 5007: 300.0}
     got = _label(by_pid, {5005: "oam worker", 5006: "envoy"}, parents, threads)  # 5007: the launcher's child
     assert got == {IDLE: 5.0, BENCH: 14.0, KERNEL: 3.0, OTHERS: 47.0, "oam worker": 600.0, "envoy": 300.0}
-
-
-def test_perf_samples_become_ms_per_second_by_process(tmp_path: Path) -> None:
-    fake = tmp_path / "perf"  # prints what `perf script -F pid` prints: one process id per sample
-    fake.write_text("#!/bin/sh\nprintf '   0 \\n 42 \\n 42 \\n 42 \\n'\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    assert perf_ms_per_s(str(fake), "unused") == {0: 250.0, 42: 750.0}
 
 
 def test_only_a_pinned_oam_has_pairs_left_out_for_neighbours() -> None:
