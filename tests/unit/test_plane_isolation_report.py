@@ -48,9 +48,9 @@ def test_the_ledger_table_and_re_measured_pairs_are_reported() -> None:
     rows = [_row("connections", 4.0, 4.4, others=10.0), _row("connections", 4.0, 4.0, others=50.0)]
     rows[1].remeasured = 1
     text = report(rows, 2.0, True, "sides", rounds=2)
-    flood = next(line for line in text.splitlines() if line.startswith("| connections") and "conns" not in line)
+    flood = next(line for line in text.splitlines() if line.startswith("| connections") and " -> " in line)
     assert "| 600 -> 610 |" in flood and "| 30 -> 60 |" in flood  # oam worker; others: medians of 10/50, 20/100
-    main = next(line for line in text.splitlines() if line.startswith("| connections") and "conns" in line)
+    main = next(line for line in text.splitlines() if line.startswith("| connections") and " -> " not in line)
     assert "| 1.10x |" in main  # the clean pair alone (the other had 50, 100 ms/s of neighbours)
     assert "| 10, 20 | 1 / 2 (1) |" in main  # the clean pairs' others, 1 of 2 clean, one pair measured again
 
