@@ -252,14 +252,17 @@ def run(
                 print(f"bench groups: {groups.describe()}", file=sys.stderr)
                 bench = Bench(lab, groups, seconds, retries)
                 print(f"oam's CPU ({protected}) accounted by {bench.ledger.method}", file=sys.stderr)
-                for variant in variants:
-                    run_dir = work / variant
-                    run_dir.mkdir()
-                    cpus = plane_cpus(online_cpus()) if variant == "cpusets" else (None, None)
-                    config = isolation_config(run_dir / "agent.yaml", cpus, media_mbit)
-                    proxy = envoy if variant == "envoy" else planemesh
-                    with proxy(lab, run_dir, config) as bench.proxy_pids:
-                        rows += bench.run_variant(variant, floods, rounds)
+                try:
+                    for variant in variants:
+                        run_dir = work / variant
+                        run_dir.mkdir()
+                        cpus = plane_cpus(online_cpus()) if variant == "cpusets" else (None, None)
+                        config = isolation_config(run_dir / "agent.yaml", cpus, media_mbit)
+                        proxy = envoy if variant == "envoy" else planemesh
+                        with proxy(lab, run_dir, config) as bench.proxy_pids:
+                            rows += bench.run_variant(variant, floods, rounds)
+                finally:
+                    bench.ledger.close()
         finally:
             for proc in servers:
                 ns_tools.stop(proc)

@@ -1,32 +1,54 @@
 """Who ran on the protected plane's CPU during a probe of bench plane_isolation, and keeping the bench itself off it.
 
 On a shared machine a probe's p99 moves with whatever else the scheduler puts on the protected CPU: a neighbour's
-test run, the bench's own process. `CpuLedger` attributes that CPU's time during each probe: with perf (the
-`cpu-clock` samples of that one CPU, by pid; kernel work done on behalf of a task, softirqs included, counts under
-the task it interrupted) it is exact to the sampling; without perf it falls back to an estimate from /proc
-(each task's run time counted on the CPU it last ran on). Each pid is named by what it is to the bench
-(`label`): this bench's groups, the agent and its workers, the kernel's threads, idle, or `others` (the rest of
-the machine: not started by this bench).
+test run, the bench's own process. `CpuLedger` attributes that CPU's time during each probe: with BPF (bcc), a
+program on the `sched:sched_switch` tracepoint adds each stretch the CPU ran a process to that process's total
+(kernel work done meanwhile, softirqs included, counts under the process it interrupted; idle is pid 0), exact to
+the nanosecond and read in microseconds; without bcc it falls back to an estimate from /proc (each task's run
+time counted on the CPU it last ran on). Each pid is named by what it is to the bench (`_label`): this bench's
+groups, the agent and its workers, the kernel's threads, idle, or `others` (the rest of the machine: not
+started by this bench).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from planemesh.model.plane_limits import parse_cpu_list
 
-PERF = shutil.which("perf")
-PERF_HZ = 499  # samples per second of the one CPU: ~1,000 per 2 s probe, 2 ms per sample
 OTHERS, KERNEL, IDLE, BENCH = "others", "kernel", "idle", "bench"
+
+# Run time per process on one CPU, from the scheduler's switches: at each switch on CPU the process switched out
+# (the current one) is charged the time since the previous switch there.
+SCHED_PROGRAM = r"""
+BPF_ARRAY(last_switch, u64, 1);
+BPF_HASH(run_ns, u32, u64, 65536);
+TRACEPOINT_PROBE(sched, sched_switch) {
+    if (bpf_get_smp_processor_id() != CPU)
+        return 0;
+    int zero = 0;
+    u64 now = bpf_ktime_get_ns();
+    u64 *last = last_switch.lookup(&zero);
+    if (!last)
+        return 0;
+    if (*last) {
+        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        u64 ran = now - *last;
+        u64 *total = run_ns.lookup(&tgid);
+        if (total)
+            __sync_fetch_and_add(total, ran);
+        else
+            run_ns.update(&tgid, &ran);
+    }
+    *last = now;
+    return 0;
+}
+"""
 
 
 @contextlib.contextmanager
@@ -95,61 +117,51 @@ Labeller = Callable[[], dict[int, str]]  # pid -> label for this bench's process
 class CpuLedger:
     """ms per second of the protected CPU by label during one measurement (start() .. stop())."""
 
-    def __init__(self, cpu: int, labels: Labeller, use_perf: bool = True) -> None:
+    def __init__(self, cpu: int, labels: Labeller, use_bpf: bool = True) -> None:
         self.cpu, self.labels = cpu, labels
-        self.perf = PERF if use_perf else None
-        self._proc: subprocess.Popen | None = None
-        self._data = ""
-        self._start: dict[int, tuple[int, int]] = {}
+        self._bpf = _sched_program(cpu) if use_bpf else None
+        self._start: dict[int, tuple[int, int, int]] = {}
         self._t0 = 0.0
 
     @property
     def method(self) -> str:
-        return f"perf cpu-clock samples of CPU {self.cpu}" if self.perf else "/proc run times (estimate)"
+        return (
+            f"sched_switch BPF run times on CPU {self.cpu}" if self._bpf is not None else "/proc run times (estimate)"
+        )
 
     def start(self) -> None:
-        self._t0 = time.monotonic()
-        if self.perf:
-            fd, self._data = tempfile.mkstemp(prefix="pm-iso-perf-", suffix=".data")
-            os.close(fd)
-            argv = [self.perf, "record", "-q", "-e", "cpu-clock", "-C", str(self.cpu), "-F", str(PERF_HZ), "-o",
-                    self._data]  # fmt: skip
-            self._proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(0.1)  # perf opens its events before the probe starts
+        if self._bpf is not None:
+            self._bpf["run_ns"].clear()
         else:
             self._start = _task_times()
+        self._t0 = time.monotonic()
 
     def stop(self) -> dict[str, float]:
         """Label -> ms/s of the protected CPU; the labels of pids gone meanwhile are what `labels` said last."""
-        names = self.labels()
-        tree = process_tree()
-        if self._proc is None:
-            elapsed = max(1e-3, time.monotonic() - self._t0)
-            end = _task_times()
-            by_pid: dict[int, float] = {}
-            for tid, (_, run, cpu) in end.items():
+        elapsed = max(1e-3, time.monotonic() - self._t0)
+        by_pid: dict[int, float] = {}
+        if self._bpf is not None:
+            for key, ns in self._bpf["run_ns"].items():
+                by_pid[key.value] = ns.value / 1e6 / elapsed
+        else:
+            for tid, (_, run, cpu) in _task_times().items():
                 if cpu == self.cpu:
                     by_pid[tid] = (run - self._start.get(tid, (0, 0, 0))[1]) / 1e6 / elapsed
-            return _label(by_pid, names, *tree)
-        self._proc.send_signal(signal.SIGINT)
-        self._proc.wait(30)
-        self._proc = None
-        try:
-            return _label(perf_ms_per_s(self.perf or "perf", self._data), names, *tree)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(self._data)
+        return _label(by_pid, self.labels(), *process_tree())
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
 
 
-def perf_ms_per_s(perf: str, data: str) -> dict[int, float]:
-    """pid -> ms/s from a `perf record -C CPU` file: each process's share of the CPU's samples (idle: pid 0).
-    By process, not thread: a probe's worker thread is gone when the ledger names the pids."""
-    out = subprocess.run(
-        [perf, "script", "-i", data, "-F", "pid"], capture_output=True, text=True, timeout=60, check=False
-    ).stdout
-    samples = Counter(int(word) for word in out.split() if word.isdigit())
-    total = sum(samples.values())
-    return {pid: n * 1000 / total for pid, n in samples.items()} if total else {}
+def _sched_program(cpu: int) -> Any:
+    """The sched_switch program for `cpu` (bcc compiles it: a few seconds, once), or None without bcc."""
+    try:
+        from bcc import BPF  # optional: without bcc the bench falls back to /proc
+    except ImportError:
+        return None
+    return BPF(text=SCHED_PROGRAM.encode(), cflags=[f"-DCPU={cpu}"])
 
 
 def _label(

@@ -241,6 +241,10 @@ def describe_answers(kind: str, o: dict) -> str:
         return f"{o['requests']} requests, {o['non_2xx']} non-2xx (429/503), {o['timeouts']} timeouts"
     if kind == "bandwidth":
         return f"{o['mbit_s']:.0f} Mbit/s echoed over {o['streams']} streams"
+    if kind == "connections":  # idle_flood: how many it tried, got, lost before connecting, and saw closed
+        tried, failed = o.get("notes", {}).get("attempted", 0), o.get("connect_failed", 0)
+        return (f"{o.get('connections', 0)} of {tried} connected ({failed} did not), "
+                f"{o.get('closed', 0)} closed by the proxy")  # fmt: skip
     said = {**o.get("responses", {}), **{f"GOAWAY {k}": v for k, v in o.get("goaway", {}).items()}}
     return f"{o.get('connections', 0)} conns, {o.get('closed', 0)} closed by the proxy, answers {said or '-'}"
 
