@@ -13,6 +13,7 @@ started by this bench).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -24,9 +25,11 @@ from planemesh.model.plane_limits import parse_cpu_list
 OTHERS, KERNEL, IDLE, BENCH = "others", "kernel", "idle", "bench"
 
 # Run time per process on one CPU, from the scheduler's switches: at each switch on CPU the process switched out
-# (the current one) is charged the time since the previous switch there.
+# (the current one) is charged the time since the previous switch there. The task switched in is remembered so
+# that stop() can charge it the time since the last switch (a lone spinner may not be switched out for seconds).
 SCHED_PROGRAM = r"""
 BPF_ARRAY(last_switch, u64, 1);
+BPF_ARRAY(running_tid, u32, 1);
 BPF_HASH(run_ns, u32, u64, 65536);
 TRACEPOINT_PROBE(sched, sched_switch) {
     if (bpf_get_smp_processor_id() != CPU)
@@ -46,6 +49,8 @@ TRACEPOINT_PROBE(sched, sched_switch) {
             run_ns.update(&tgid, &ran);
     }
     *last = now;
+    u32 next = args->next_pid;
+    running_tid.update(&zero, &next);
     return 0;
 }
 """
@@ -132,6 +137,8 @@ class CpuLedger:
     def start(self) -> None:
         if self._bpf is not None:
             self._bpf["run_ns"].clear()
+            # the window starts now, not at the CPU's last switch (bpf_ktime_get_ns is CLOCK_MONOTONIC)
+            self._bpf["last_switch"][ctypes.c_int(0)] = ctypes.c_ulonglong(time.monotonic_ns())
         else:
             self._start = _task_times()
         self._t0 = time.monotonic()
@@ -141,8 +148,13 @@ class CpuLedger:
         elapsed = max(1e-3, time.monotonic() - self._t0)
         by_pid: dict[int, float] = {}
         if self._bpf is not None:
+            now = time.monotonic_ns()
             for key, ns in self._bpf["run_ns"].items():
                 by_pid[key.value] = ns.value / 1e6 / elapsed
+            since = now - self._bpf["last_switch"][ctypes.c_int(0)].value
+            running = self._bpf["running_tid"][ctypes.c_int(0)].value
+            if 0 < since < elapsed * 1e9:  # the task running now, since the CPU's last switch
+                by_pid[running] = by_pid.get(running, 0.0) + since / 1e6 / elapsed
         else:
             for tid, (_, run, cpu) in _task_times().items():
                 if cpu == self.cpu:

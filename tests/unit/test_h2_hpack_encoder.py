@@ -96,7 +96,7 @@ def test_credentials_are_never_indexed_nor_remembered() -> None:
         out = peer.decode(enc.encode(secrets))
         assert out == secrets and all(isinstance(f, NeverIndexedHeaderTuple) for f in out)
     assert enc.table() == peer.table() == []
-    assert not any(field[1] in (b"Bearer t", b"Basic x", b"short=1", b"abc") for field in h2_hpack._plans)
+    assert not set(map(tuple, secrets)) & set(h2_hpack._plans)  # (other tests may remember b"abc" as another field)
     long_cookie = (b"cookie", b"c" * 40)  # as nghttp2: a cookie of 20 bytes or more is indexed
     peer.decode(enc.encode([long_cookie]))
     assert enc.table() == peer.table() == [long_cookie]
