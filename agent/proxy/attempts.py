@@ -10,6 +10,7 @@ stream's response events go to the owner's response relay (response.py).
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy import accesslog as flags
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from planemesh.model.config import Cluster, Endpoint
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an attempt holds
+_perf = time.perf_counter
 
 
 class _Finished:
@@ -132,6 +134,17 @@ class Attempt:
         if ep is not None:
             self.endpoint = None
             self.balancer.report(self.cluster, ep, status)  # type: ignore[union-attr, arg-type]
+
+    def start_clock(self, timeout_s: float, per_try_s: float, connect_timeout_s: float) -> None:
+        """The route's overall and per-try deadlines (0: none) from now, watched by the proxy's sweep."""
+        if timeout_s or per_try_s:
+            proxy = self.ds.proxy
+            now = proxy.loop.time()
+            self.deadline = now + timeout_s if timeout_s else float("inf")
+            self.try_deadline = min(self.deadline, now + per_try_s) if per_try_s else self.deadline
+            proxy.watch_deadline(self)
+        self.t_upstream = _perf()
+        self.connect_timeout_s = connect_timeout_s
 
     def open(self, target: tuple[str, int], reuse: bool) -> None:
         """Open an attempt on `target` within the cluster's connection and pending limits."""

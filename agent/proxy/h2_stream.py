@@ -298,15 +298,7 @@ class Bridge:
         action = route.action if route is not None else None
         if action is not None and action.mirrors and cluster is not None:
             self._mirror(action.mirrors)
-        timeout = result.timeout_s
-        per_try = policy.per_try_timeout_s
-        if timeout or per_try:
-            now = proxy.loop.time()
-            attempt.deadline = now + timeout if timeout else float("inf")
-            attempt.try_deadline = min(attempt.deadline, now + per_try) if per_try else attempt.deadline
-            proxy.watch_deadline(attempt)
-        attempt.t_upstream = _perf()
-        attempt.connect_timeout_s = result.connect_timeout_s
+        attempt.start_clock(result.timeout_s, policy.per_try_timeout_s, result.connect_timeout_s)
         attempt.open(target, reuse=True)
         if self.mirror_to and self.req_done and not self.finished:
             self._send_mirrors()
