@@ -187,8 +187,12 @@ def fold_source_rules(own: Mapping[SourceRule, Action], node: Mapping[PolicyRule
 
 
 def _inspected(lsn: Listener) -> bool:
-    """A tcp_proxy chain the proxy must see: routed by SNI, authorized by network RBAC, or terminating TLS."""
-    return lsn.protocol is ListenerProtocol.TCP and bool(lsn.server_names or lsn.network_rbac or lsn.tls)
+    """A tcp_proxy chain the proxy must see: routed by SNI, authorized by network RBAC, terminating TLS, or
+    splitting by weight (the kernel can only forward to the original destination, which is one cluster's job:
+    a single-cluster chain stays a bypass)."""
+    return lsn.protocol is ListenerProtocol.TCP and bool(
+        lsn.server_names or lsn.network_rbac or lsn.tls or len(lsn.tcp_clusters) > 1
+    )
 
 
 def needs_sniff_listener(snap: Snapshot, plane: Plane) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ pytestmark = pytest.mark.netns
 
 HTTP_PORT = BYPASS_HTTP_PORT  # the lab's HTTP server on a port no listener declares
 TLS_PORT, SNI_PORT, ROUTED_PORT = 4443, 8443, 9443
+SPLIT_PORT = 7010  # a weighted tcp_proxy split on plane media; nothing listens there on the server
 BANNER_PORT, REVERSE_PORT, BULK_PORT = 2525, 7000, 7001
 BULK_SIZE = 100 * 1024 * 1024
 
@@ -61,6 +63,11 @@ def xds_resources(routed_endpoint: str) -> list[dict[str, Any]]:
             "@type": TCP_PROXY, "stat_prefix": name, "cluster": cluster}}]}  # fmt: skip
         return {**chain, "filter_chain_match": match} if match else chain
 
+    def static_cluster(name: str, address: str, port: int) -> dict[str, Any]:
+        return {"@type": T + "config.cluster.v3.Cluster", "name": name, "type": "STATIC", "connect_timeout": "2s",
+                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                    "address": {"socket_address": {"address": address, "port_value": port}}}}]}]}}  # fmt: skip
+
     hcm = T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
     return [
         {"@type": T + "config.listener.v3.Listener", "name": "http_80",
@@ -77,6 +84,15 @@ def xds_resources(routed_endpoint: str) -> list[dict[str, Any]]:
          "metadata": {"filter_metadata": {"planemesh": {"plane": "media"}}},
          "filter_chains": [tcp_chain("routed", "routed_tls", server_names=["*.routed.test"]),
                            tcp_chain("rest", "passthrough")]},
+        # Plane media: a TCP port split by weight between two clusters (another server port each).
+        {"@type": T + "config.listener.v3.Listener", "name": "split_7010",
+         "address": {"socket_address": {"address": "0.0.0.0", "port_value": SPLIT_PORT}},
+         "metadata": {"filter_metadata": {"planemesh": {"plane": "media"}}},
+         "filter_chains": [{"name": "split", "filters": [{"name": "tcp", "typed_config": {
+             "@type": TCP_PROXY, "stat_prefix": "split", "weighted_clusters": {"clusters": [
+                 {"name": "split_reverse", "weight": 1}, {"name": "split_banner", "weight": 1}]}}}]}]},
+        static_cluster("split_reverse", routed_endpoint, REVERSE_PORT),
+        static_cluster("split_banner", routed_endpoint, BANNER_PORT),
         {"@type": T + "config.cluster.v3.Cluster", "name": "passthrough", "type": "ORIGINAL_DST",
          "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s"},
         {"@type": T + "config.cluster.v3.Cluster", "name": "routed_tls", "type": "STATIC", "connect_timeout": "2s",
@@ -186,6 +202,27 @@ def test_declared_tls_port_routes_by_sni(env: SniffLab) -> None:
 
     seen = eventually(lambda: (found := routes()).get(("rest", "secure.lab")) and found) or routes()
     assert seen[("routed", "api.routed.test")] == 1 and seen[("rest", "secure.lab")] == 1
+
+
+def _which_server(address: str, port: int) -> str:
+    """Which lab server answered a connection to address:port: the banner (server-first) or the reverse one."""
+    with socket.create_connection((address, port), timeout=5) as conn:
+        conn.sendall(b"ping\n")
+        conn.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    if reply.startswith(BANNER):
+        return "banner"
+    return "reverse" if reply == hashlib.sha256(b"ping\n").digest() + b"\ngnip" else f"other: {reply[:40]!r}"
+
+
+def test_weighted_tcp_split_is_relayed_to_both_clusters(env: SniffLab) -> None:
+    """A plain tcp_proxy with weighted_clusters cannot be a kernel bypass (the original destination is one
+    place, and nothing listens there): the plane's proxy relays each connection to a cluster, 1:1 by weight."""
+    dst = env.server("media", 4)
+    answers = [call_in(env.agent.client_ns, _which_server, dst, SPLIT_PORT) for _ in range(6)]
+    assert sorted(answers) == ["banner"] * 3 + ["reverse"] * 3, answers
 
 
 def test_binary_protocol_is_byte_exact_with_half_close(env: SniffLab) -> None:
