@@ -69,6 +69,15 @@ class H2Pool:
             conns.append(conn)
         conn.open(stream, stream.upstream_headers(), ended)
 
+    def sweep(self, idle_timeout_s: float) -> None:
+        """Close the connections without a stream for longer than `idle_timeout_s` (the HTTP/1.1 pool's idle
+        timeout: Envoy's upstream `idle_timeout` applies to both protocols); called from the proxy's tick."""
+        deadline = self.proxy.loop.time() - idle_timeout_s
+        for pool in list(self.conns.values()):
+            for conn in [c for c in pool if not c.bridges and 0 < c.idle_since < deadline]:
+                conn.shut()  # leaves `pool` when its transport is lost (_forget)
+                conn._forget()
+
     def close_all(self) -> None:
         """Close every connection (drain's end): those still connecting are cancelled, their streams fail."""
         conns = [conn for pool in self.conns.values() for conn in pool]
@@ -107,6 +116,7 @@ class H2Upstream(H2Side):
         self.timeout = timeout
         self.goaway = False
         self.settings_received = False
+        self.idle_since = 0.0  # loop time its last stream ended (0: it has streams, or never had one)
         self._init_conn()
         proxy.stats.upstream_total += 1
         self.task = proxy.loop.create_task(_connect(proxy, key, timeout, lambda: self))
@@ -171,8 +181,7 @@ class H2Upstream(H2Side):
             self.conn.reset_stream(stream.up_sid, h2.errors.ErrorCodes.CANCEL)
         except h2.exceptions.ProtocolError:
             pass
-        if self.goaway and not self.bridges:
-            self.close()
+        self._after_stream()
         self.proxy.h2_pool.open(stream, (self.key[0], self.key[1]), True, self.timeout)
         return True
 
@@ -180,6 +189,7 @@ class H2Upstream(H2Side):
         sid = self.conn.get_next_available_stream_id()
         self.conn.send_headers(sid, headers, end_stream=ended)
         self.bridges[sid] = stream
+        self.idle_since = 0.0
         stream.up = self
         stream.up_sid = sid
         self.flush()
@@ -212,8 +222,15 @@ class H2Upstream(H2Side):
 
     def release(self, stream: H2ClientStream) -> None:
         self.bridges.pop(stream.up_sid, None)
-        if self.goaway and not self.bridges:
-            self.close()
+        self._after_stream()
+
+    def _after_stream(self) -> None:
+        """A stream left: after a GOAWAY the last one closes the connection, else it starts the idle clock."""
+        if not self.bridges:
+            if self.goaway:
+                self.close()
+            else:
+                self.idle_since = self.proxy.loop.time()
 
 
 def open_h2_stream(attempt: Attempt, target: tuple[str, int]) -> None:

@@ -281,6 +281,7 @@ class PlaneProxy:
         """Once per tick: write the access log batch, close idle pooled and client connections."""
         self.log.flush()
         self.pool.sweep()
+        self.h2_pool.sweep(self.pool.idle_timeout_s)
         now = self.loop.time()
         keepalive_s = self.sla.idle_timeout_s
         headers_timeout = self.sla.request_headers_timeout_s

@@ -229,6 +229,22 @@ def test_drain_closes_the_pooled_h2c_upstream_connections() -> None:
             assert b.closed == 1
 
 
+def test_an_idle_h2c_upstream_connection_is_closed_after_the_idle_timeout() -> None:
+    """A pooled h2c connection without streams is closed once idle for the pool's idle timeout, as HTTP/1.1
+    upstream connections are (old code: it stayed open until drain or the server's GOAWAY)."""
+    with H2Backend() as b, _proxy(b.port) as proxy:
+        proxy.proxy.pool.idle_timeout_s = 0.3
+        with H2Client(proxy.port) as h2c:
+            assert h2c.get("/echo")["status"] == 200
+            assert b.connections == 1
+            deadline = time.monotonic() + 5
+            while b.closed < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert b.closed == 1  # closed by the sweep while the client's connection stays open
+            assert h2c.get("/echo")["status"] == 200  # the next request opens a new one
+        assert b.connections == 2
+
+
 def test_trailers_both_ways(backend: H2Backend) -> None:
     with _proxy(backend.port) as proxy:
         req = (
