@@ -42,6 +42,7 @@ from planemesh.model.node import NodeIdentity
 from planemesh.model.planes import Plane
 from planemesh.model.static_config import read_yaml_file, snapshot_from_dict
 from planemesh.xds.client_state import Mode
+from planemesh.xds.server_channel import TlsFiles, check_token_file, tls_files_from_dict
 
 # istiod pushes a whole sidecar configuration in one response; Envoy accepted 70 MiB in the test
 # and Envoy's own gRPC client has no receive limit unless max_receive_message_length is set, so the limit
@@ -50,14 +51,6 @@ MAX_RECEIVE_BYTES = 256 << 20
 # Certificates are backdated 60 s (agent/identity/ca.py) and rotated at half-life from notBefore, so a
 # lifetime near a minute would be renewed at once; ten minutes leaves 4.5 minutes between renewals.
 MIN_TTL_S = 600
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:  # cert/key: a client certificate (mTLS); istiod's 15012 wants only the CA and a token
-    ca: str
-    cert: str | None = None
-    key: str | None = None
-    server_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,25 +114,15 @@ def bootstrap_from_dict(raw: Any) -> Bootstrap:
     mode = server.get("mode", "sotw")
     if mode not in ("sotw", "delta"):
         raise ConfigError("server.mode", f"{mode!r} is not one of sotw, delta")
-    tls = None
-    if "tls" in server:
-        t = _mapping(server["tls"], "server.tls", {"ca", "cert", "key", "server_name"})
-        if ("cert" in t) != ("key" in t):
-            raise ConfigError("server.tls", "cert and key go together")
-        tls = TlsFiles(
-            ca=_str(t, "ca", "server.tls"),
-            cert=t.get("cert"),
-            key=t.get("key"),
-            server_name=t.get("server_name"),
-        )
+    tls = tls_files_from_dict(server["tls"], "server.tls") if "tls" in server else None
     times: dict[str, float] = {}
     for key, value in timing.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"timing.{key}", f"expected a positive number, got {value!r}")
         times[key] = float(value)
     token_file = server.get("token_file")
-    if token_file is not None and (not isinstance(token_file, str) or not token_file.startswith("/")):
-        raise ConfigError("server.token_file", f"expected an absolute path, got {token_file!r}")
+    if token_file is not None:
+        check_token_file(token_file, "server.token_file")
     limit = server.get("max_receive_bytes", MAX_RECEIVE_BYTES)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 << 20 <= limit <= (1 << 31) - 1:
         raise ConfigError("server.max_receive_bytes", f"expected bytes in 1 MiB .. 2 GiB - 1, got {limit!r}")

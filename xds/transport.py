@@ -19,7 +19,6 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -35,16 +34,11 @@ from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.client_state import Action, AdsClientState, ApplyConfig, Mode, SendRequest, XdsResources
 from planemesh.xds.per_resource import Rejected, translate_update
 from planemesh.xds.sds import ROOT_SECRET, WORKLOAD_SECRET, root_secret, tls_certificate_secret
+from planemesh.xds.server_channel import CredentialsError, bearer_metadata, open_channel
 from planemesh.xds.translate import TranslationCache
 
 log = logging.getLogger("planemesh.xds.transport")
 USER_AGENT = "planemesh"
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-]
-
-
 class Backoff:
     """Exponential backoff with jitter (half fixed, half random), so restarted nodes do not stampede."""
 
@@ -79,42 +73,13 @@ def node_identity(bootstrap: Bootstrap) -> base_pb2.Node:
     return base_pb2.Node(id=bootstrap.node_id, cluster=bootstrap.cluster, metadata=metadata, user_agent_name=USER_AGENT)
 
 
-class CredentialsError(Exception):
-    """A credential file (CA, client cert/key, token) cannot be read: retried with backoff, reported."""
-
-
-def _read(path: str, field: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise CredentialsError(f"{field} {path}: cannot read: {exc.strerror}") from None
-
-
 def call_metadata(bootstrap: Bootstrap) -> tuple[tuple[str, str], ...] | None:
-    """`authorization: Bearer <JWT>` as istio-agent sends it; the token file is read on every stream."""
-    if bootstrap.token_file is None:
-        return None
-    token = _read(bootstrap.token_file, "server.token_file").decode("utf-8", "replace").strip()
-    if not token:
-        raise CredentialsError(f"server.token_file {bootstrap.token_file}: empty")
-    if any(c in token for c in "\r\n\0"):
-        raise CredentialsError(f"server.token_file {bootstrap.token_file}: not a single-line token")
-    return (("authorization", f"Bearer {token}"),)
+    return bearer_metadata(bootstrap.token_file, "server.token_file")
 
 
 def make_channel(bootstrap: Bootstrap) -> grpc.aio.Channel:
-    options = [*CHANNEL_OPTIONS, ("grpc.max_receive_message_length", bootstrap.max_receive_bytes)]
-    if bootstrap.tls is None:
-        return grpc.aio.insecure_channel(bootstrap.server, options=options)
-    tls = bootstrap.tls
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.ca, "server.tls.ca"),
-        private_key=_read(tls.key, "server.tls.key") if tls.key else None,
-        certificate_chain=_read(tls.cert, "server.tls.cert") if tls.cert else None,
-    )
-    if tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.aio.secure_channel(bootstrap.server, creds, options=options)
+    limit = [("grpc.max_receive_message_length", bootstrap.max_receive_bytes)]
+    return open_channel(bootstrap.server, bootstrap.tls, "server.tls", limit)
 
 
 _EOF = object()

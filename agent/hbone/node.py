@@ -216,7 +216,7 @@ async def start_wds(settings: HboneSettings, live: Live, stats: HboneStats) -> a
     (ztunnel waits for its initial xDS too): the node then says ready with its table complete."""
     assert settings.wds is not None
     state = WdsState(f"planemesh-hbone~{settings.wds.node}", settings.wds.node, settings.routes)
-    client = WdsClient(settings.wds.address, state, live.on_table, stats)
+    client = WdsClient(settings.wds, state, live.on_table, stats)
     task = asyncio.get_running_loop().create_task(client.run())
     try:
         await asyncio.wait_for(client.received.wait(), WDS_INITIAL_S)

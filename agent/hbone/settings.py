@@ -13,6 +13,7 @@ peers: [{name: node-b, address: 10.81.0.2, cidrs: [10.81.2.0/24],
          identity: spiffe://cluster.local/ns/planemesh/sa/node-b}]
 rbac: [{rules: {action: DENY, policies: {...}}}]   # envoy.filters.http.rbac RBAC messages (AuthorizationPolicy)
 wds: {address: "127.0.0.1:18000", node: node-a}  # optional: workloads, peer routes, policies from istio's WDS
+                                                 # (+ tls: {ca, server_name}, token_file: as server.tls/token_file)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from planemesh.agent.hbone.routes import HboneConfigError, Routes, _address, _sp
 from planemesh.agent.identity.cert_client import CaSettings
 from planemesh.agent.rbac import RbacFilter
 from planemesh.model.config import ConfigError
+from planemesh.xds.server_channel import TlsFiles, check_token_file, tls_files_from_dict
 from planemesh.xds.translate_rbac import translate_rbac
 
 _FIELDS = {"node", "ca", "ca_api", "listen", "capture", "workloads", "peers", "rbac", "cert_ttl_s", "wds"}
@@ -48,8 +50,10 @@ class Wds:
     """istio's workload discovery over an ADS stream (agent/hbone/wds.py): the server, and this node's name as
     WDS Workloads name it (`node`); peers' `name`s are the other nodes' names."""
 
-    address: str  # host:port or unix:///path (plaintext gRPC, as `planemesh xds-server --listen`)
+    address: str  # host:port or unix:///path
     node: str
+    tls: TlsFiles | None = None  # as the bootstrap's server.tls: istiod's 15012 wants its CA (and the token)
+    token_file: str | None = None  # `authorization: Bearer`, read on every stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,13 +120,18 @@ def _capture(raw: object) -> Capture:
 def _wds(raw: object) -> Wds:
     if not isinstance(raw, Mapping):
         raise HboneConfigError("wds: a mapping expected")
-    unknown = set(raw) - {"address", "node"}
+    unknown = set(raw) - {"address", "node", "tls", "token_file"}
     if unknown:
         raise HboneConfigError(f"wds.{sorted(unknown)[0]}: unknown field")
     for key in ("address", "node"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise HboneConfigError(f"wds.{key}: a non-empty string required")
-    return Wds(raw["address"], raw["node"])
+    try:
+        tls = tls_files_from_dict(dict(raw["tls"]), "wds.tls") if raw.get("tls") is not None else None
+        token = check_token_file(raw["token_file"], "wds.token_file") if raw.get("token_file") is not None else None
+    except ConfigError as exc:
+        raise HboneConfigError(str(exc)) from None
+    return Wds(raw["address"], raw["node"], tls, token)
 
 
 def _ca_api(raw: object) -> CaSettings:

@@ -11,9 +11,11 @@ from collections.abc import Callable
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from planemesh.agent.hbone.settings import Wds
 from planemesh.agent.hbone.stats import HboneStats
 from planemesh.agent.hbone.wds import Table, WdsState
-from planemesh.xds.transport import CHANNEL_OPTIONS, Backoff
+from planemesh.xds.server_channel import CredentialsError, bearer_metadata, open_channel
+from planemesh.xds.transport import Backoff
 
 log = logging.getLogger("planemesh.hbone.wds")
 
@@ -25,9 +27,10 @@ async def _requests(outbox: asyncio.Queue) -> object:
 
 class WdsClient:
     def __init__(
-        self, address: str, state: WdsState, on_table: Callable[[Table], None], stats: HboneStats | None = None
+        self, wds: Wds, state: WdsState, on_table: Callable[[Table], None], stats: HboneStats | None = None
     ) -> None:
-        self.address = address
+        self.wds = wds
+        self.address = wds.address
         self.state = state
         self.on_table = on_table
         self.stats = stats
@@ -42,6 +45,8 @@ class WdsClient:
                 await self._stream(backoff)
             except grpc.aio.AioRpcError as exc:
                 log.warning("WDS stream to %s ended: %s %s", self.address, exc.code().name, exc.details())
+            except CredentialsError as exc:  # a CA or token file not there (yet): retried
+                log.warning("WDS stream to %s: %s", self.address, exc)
             self.connected.clear()
             await asyncio.sleep(backoff.next_delay())
 
@@ -50,8 +55,10 @@ class WdsClient:
         for req in self.state.initial_requests():
             outbox.put_nowait(req)
         seen: set[str] = set()
-        async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
-            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(_requests(outbox))
+        metadata = bearer_metadata(self.wds.token_file, "wds.token_file")
+        async with open_channel(self.address, self.wds.tls, "wds.tls", []) as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.StreamAggregatedResources(_requests(outbox), metadata=metadata)
             try:
                 async for resp in call:
                     self.connected.set()
