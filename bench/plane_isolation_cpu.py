@@ -136,9 +136,9 @@ class CpuLedger:
 
     def start(self) -> None:
         if self._bpf is not None:
-            self._bpf["run_ns"].clear()
+            self._bpf[b"run_ns"].clear()
             # the window starts now, not at the CPU's last switch (bpf_ktime_get_ns is CLOCK_MONOTONIC)
-            self._bpf["last_switch"][ctypes.c_int(0)] = ctypes.c_ulonglong(time.monotonic_ns())
+            self._bpf[b"last_switch"][ctypes.c_int(0)] = ctypes.c_ulonglong(time.monotonic_ns())
         else:
             self._start = _task_times()
         self._t0 = time.monotonic()
@@ -149,10 +149,10 @@ class CpuLedger:
         by_pid: dict[int, float] = {}
         if self._bpf is not None:
             now = time.monotonic_ns()
-            for key, ns in self._bpf["run_ns"].items():
+            for key, ns in self._bpf[b"run_ns"].items():
                 by_pid[key.value] = ns.value / 1e6 / elapsed
-            since = now - self._bpf["last_switch"][ctypes.c_int(0)].value
-            running = self._bpf["running_tid"][ctypes.c_int(0)].value
+            since = now - self._bpf[b"last_switch"][ctypes.c_int(0)].value
+            running = self._bpf[b"running_tid"][ctypes.c_int(0)].value
             if 0 < since < elapsed * 1e9:  # the task running now, since the CPU's last switch
                 by_pid[running] = by_pid.get(running, 0.0) + since / 1e6 / elapsed
         else:
