@@ -240,26 +240,21 @@ class H2Codec:
         else:  # unknown types (and ALTSVC, PRIORITY_UPDATE) are ignored, as RFC 9113 4.1 requires; reported
             events.append(ev.UnknownFrameReceived(frame=None))  # type: ignore[arg-type]
 
-    @staticmethod
-    def _unpad(flags: int, payload: bytes) -> bytes:
+    def _unpad(self, flags: int, payload: bytes) -> bytes:
+        """The frame's content without its padding; malformed padding fails the connection."""
         if flags & PADDED:
             if not payload:
-                raise ProtocolError("PADDED frame without a pad length", PROTOCOL_ERROR)
+                self._fail("PADDED frame without a pad length", PROTOCOL_ERROR)
             pad = payload[0]
             if pad >= len(payload):
-                raise ProtocolError("padding longer than the frame", PROTOCOL_ERROR)
+                self._fail("padding longer than the frame", PROTOCOL_ERROR)
             return payload[1 : len(payload) - pad]
         return payload
 
     def _headers(self, flags: int, sid: int, payload: bytes, events: list) -> None:
         if not sid:
             self._fail("HEADERS on stream 0", PROTOCOL_ERROR)
-        block = payload
-        if flags & PADDED:
-            try:
-                block = self._unpad(flags, payload)
-            except ProtocolError as e:
-                self._fail(str(e), e.error_code)
+        block = self._unpad(flags, payload)
         if flags & PRIORITY_FLAG:
             if len(block) < 5:
                 self._fail("HEADERS too short for its priority fields", FRAME_SIZE_ERROR)
@@ -366,12 +361,7 @@ class H2Codec:
         self.recv_window -= flow_len
         if self.recv_window < 0:
             self._fail("DATA beyond the connection window", FLOW_CONTROL_ERROR)
-        data = payload
-        if flags & PADDED:
-            try:
-                data = self._unpad(flags, payload)
-            except ProtocolError as e:
-                self._fail(str(e), e.error_code)
+        data = self._unpad(flags, payload)
         stream = self.streams.get(sid)
         if stream is None or stream.remote_ended:
             if self._idle(sid):
