@@ -30,13 +30,18 @@ from tests.proxy.proxy_harness import Backend, log_line_for
 from tests.proxy.test_tls_termination import AMF, GW, NOW, OTHER, ROOT, TLS, TlsProxy, certs, client_ctx  # noqa: F401
 
 
-def _resumes(port: int, ctx) -> tuple[bool, bool]:
-    """(a ticket arrived on the first connection, the second connection resumed with it)."""
+def _first_session(port: int, ctx, path: str):
+    """The TLS session of a first connection that GETs `path` and reads the response to its end."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n")
+        s.sendall(f"GET {path} HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n".encode())
         while s.recv(65536):
             pass
-        session = s.session
+        return s.session
+
+
+def _resumes(port: int, ctx) -> tuple[bool, bool]:
+    """(a ticket arrived on the first connection, the second connection resumed with it)."""
+    session = _first_session(port, ctx, "/")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw, session=session) as s:
         return bool(session is not None and session.has_ticket), s.session_reused
 
@@ -61,11 +66,7 @@ def test_disable_stateless_session_resumption_is_translated() -> None:
 
 def _path_resumed(port: int, ctx, path: str) -> bool:
     """Two connections (GET `path` on the second, resuming the first's session): did the second resume?"""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw) as s:
-        s.sendall(b"GET /first HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n")
-        while s.recv(65536):
-            pass
-        session = s.session
+    session = _first_session(port, ctx, "/first")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw, session=session) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n".encode())
         head = s.recv(65536)
