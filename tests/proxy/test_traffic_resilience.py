@@ -212,16 +212,22 @@ def test_connect_failure_retried_by_route_policy(http) -> None:
 
 # ---- circuit breakers ---------------------------------------------------------------------------------------
 
+def _hold_one(http, px, slow) -> tuple[threading.Thread, list[int]]:
+    """GET /hold in a thread and wait (up to 2 s) until the slow backend has it: (the thread, its status list)."""
+    first: list[int] = []
+    t = threading.Thread(target=lambda: first.append(http.get(px.port, "/hold")[0]))
+    t.start()
+    deadline = time.monotonic() + 2
+    while not slow.seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return t, first
+
+
 def test_open_circuit_returns_503_uo_immediately(http) -> None:
     cb = CircuitBreakers(max_requests=1)
     with VersionServer("slow", delay_s=0.6) as slow, \
             proxy_for(to("svc"), {"svc": static("svc", [endpoint(slow)], circuit_breakers=cb)}) as px:
-        first: list[int] = []
-        t = threading.Thread(target=lambda: first.append(http.get(px.port, "/hold")[0]))
-        t.start()
-        deadline = time.monotonic() + 2
-        while not slow.seen and time.monotonic() < deadline:
-            time.sleep(0.01)
+        t, first = _hold_one(http, px, slow)
         t0 = time.monotonic()
         status, headers, _ = http.get(px.port, "/second")
         assert status == 503 and time.monotonic() - t0 < 0.2
@@ -238,12 +244,7 @@ def test_connection_breaker_holds_for_both_protocols(http) -> None:
     cb = CircuitBreakers(max_connections=1)
     with VersionServer("slow", delay_s=0.6) as slow, \
             proxy_for(to("svc"), {"svc": static("svc", [endpoint(slow)], circuit_breakers=cb)}) as px:
-        first: list[int] = []
-        t = threading.Thread(target=lambda: first.append(http.get(px.port, "/hold")[0]))
-        t.start()
-        deadline = time.monotonic() + 2
-        while not slow.seen and time.monotonic() < deadline:
-            time.sleep(0.01)
+        t, first = _hold_one(http, px, slow)
         status, headers, _ = http.get(px.port, "/second")
         assert status == 503 and headers["x-planemesh-overloaded"] == "cluster_connections"
         assert '" 503 UO ' in log_line_for(px, "/second")
