@@ -407,13 +407,13 @@ class PlaneRouter:
             return None
         if len(entries) == 1 and not entries[0][0] and not entries[0][1]:
             return entries[0][2]
-        ip = _address(dst_ip)
+        ip = parse_ip(dst_ip)
         src = None
         chosen = None
         for i, (prefixes, sources, crc) in enumerate(entries):
             if sources:
                 if src is None:
-                    src = _address(src_ip) if src_ip else False
+                    src = parse_ip(src_ip) if src_ip else False
                 if src is False or not any(src.version == p.version and src in p for p in sources):
                     continue
             if not prefixes or any(ip.version == p.version and ip in p for p in prefixes):
@@ -499,7 +499,8 @@ class PlaneRouter:
         return result
 
 
-def _address(text: str) -> IPAddress:
+def parse_ip(text: str) -> IPAddress:
+    """An address as text (a scope id dropped, `::ffff:a.b.c.d` as the v4 address) as an IPAddress."""
     ip = IPAddress(text.split("%", 1)[0])
     return ip.ipv4() if ip.version == 6 and ip.is_ipv4_mapped() else ip
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from netaddr import IPAddress, IPNetwork
 
+from planemesh.agent.proxy.routing import parse_ip
 from planemesh.agent.rbac import RbacFilter
 from planemesh.model.config import Listener, ListenerProtocol, RouteAction
 from planemesh.model.server_names import MAX_SERVER_NAME, server_name_error  # noqa: F401  (re-exported)
@@ -55,11 +56,6 @@ class PassthroughChain:
     action: RouteAction | None
     rbac: tuple[RbacFilter, ...] = ()  # network RBAC, checked per connection (agent/proxy/tcp_authz.py)
     tls: TlsContext | None = None  # terminate TLS, then relay plaintext (agent/proxy/tcp_tls.py)
-
-
-def _ip(address: str) -> IPAddress:
-    ip = IPAddress(address.split("%", 1)[0])
-    return ip.ipv4() if ip.version == 6 and ip.is_ipv4_mapped() else ip
 
 
 class _Entry:
@@ -110,7 +106,7 @@ class SniRoutes:
         entries = self._by_port.get(port, [])
         if not any(e.sources for e in entries):
             return entries
-        ip = _ip(src) if src else None
+        ip = parse_ip(src) if src else None
         return [e for e in entries if e.applies(ip)]
 
     def declares(self, port: int, src: str | None = None) -> bool:
@@ -137,7 +133,7 @@ class SniRoutes:
         if not entries:
             return None
         if len(entries) > 1 or entries[0].prefixes:
-            ip = _ip(address)
+            ip = parse_ip(address)
             scored = [(e.prefix_len(ip), e) for e in entries]
             best = max(score for score, _ in scored)
             if best < 0:

@@ -29,8 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from netaddr import IPAddress
-
+from planemesh.agent.proxy.routing import parse_ip
 from planemesh.agent.proxy.tls_context import build_context, peer_sans, uri_of
 from planemesh.agent.proxy.xfcc import connection_xfcc, element
 from planemesh.model.config import Listener, ListenerProtocol, Snapshot
@@ -124,9 +123,7 @@ class TlsRoutes:
 
     def _decide(self, ip: str, port: int) -> TlsDecision | None:
         listeners = self.ports[port]
-        addr = IPAddress(ip.split("%", 1)[0])
-        if addr.version == 6 and addr.is_ipv4_mapped():
-            addr = addr.ipv4()
+        addr = parse_ip(ip)
         best: list[Listener] = []
         best_len = -1
         for lsn in listeners:
