@@ -155,7 +155,7 @@ class H2ResponseWriter:
         self.stream = None  # no cycle left with the stream (freed by reference counting)
         self._leave()
         if self.pending:
-            n = sum(map(len, self.pending))
+            n = self.pending_bytes()
             self.pending.clear()
             self.queued_down -= n
             self.client.guard.buffered -= n
