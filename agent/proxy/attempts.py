@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import AttemptOwner, Fields
     from planemesh.agent.proxy.contracts import UpstreamStream as UpstreamConnection
+    from planemesh.agent.proxy.pipeline import Upstream
     from planemesh.agent.proxy.retry import Retries
     from planemesh.model.config import Cluster, Endpoint
 
@@ -108,6 +109,15 @@ class Attempt:
         return self.ex.finished
 
     # ---- endpoints and breaker holds ------------------------------------------------------------------
+
+    def take_cluster(self, up: Upstream) -> tuple[str, int] | None:
+        """The routed cluster (pipeline.upstream's answer, with a cluster): its breaker's REQUESTS unit, now held
+        by this attempt, and the hash key; then the first endpoint (None: no healthy one)."""
+        self.cluster = up.cluster
+        self.breaker = up.breaker
+        self.cb_held |= HELD_REQUEST
+        self.hash_key = up.hash_key
+        return self.pick()  # ORIGINAL_DST: the original destination
 
     def pick(self) -> tuple[str, int] | None:
         """The next endpoint of the request's cluster; the attempt on it is open until end()."""

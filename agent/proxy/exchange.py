@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.accesslog import AccessRecord
-from planemesh.agent.proxy.attempts import FINISHED, HELD_REQUEST, Attempt
+from planemesh.agent.proxy.attempts import FINISHED, Attempt
 from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.connect_target import connect_refusal
@@ -230,12 +230,8 @@ class Exchange:
             # the original destination, never the client's authority for a CONNECT (connect_target.py)
             target = (normalise_ip(ds.local[0]), ds.local[1])
         else:
-            attempt.cluster = cluster
             attempt.h2 = cluster.http2 and not self.tunnel
-            attempt.breaker = up.breaker  # type: ignore[union-attr]
-            attempt.cb_held |= HELD_REQUEST
-            attempt.hash_key = up.hash_key  # type: ignore[union-attr]
-            picked = attempt.pick()  # ORIGINAL_DST: the original destination, for a CONNECT too
+            picked = attempt.take_cluster(up)  # type: ignore[arg-type]  # ORIGINAL_DST: for a CONNECT too
             if picked is None:
                 return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
             target = picked

@@ -20,7 +20,7 @@ import h2.errors
 
 from planemesh.agent.proxy import accesslog, pipeline
 from planemesh.agent.proxy.accesslog import AccessRecord
-from planemesh.agent.proxy.attempts import FINISHED, HELD_REQUEST, Attempt
+from planemesh.agent.proxy.attempts import FINISHED, Attempt
 from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.filters import DELAY_INJECTED
@@ -281,12 +281,8 @@ class Bridge:
                 return self.answer(pipeline.NO_HEALTHY_UPSTREAM)  # not intercepted: would forward to ourselves
             target = (normalise_ip(client.local[0]), client.local[1])
         else:
-            attempt.cluster = cluster
             attempt.h2 = cluster.http2 or cluster.downstream_protocol  # this client speaks h2
-            attempt.breaker = up.breaker  # type: ignore[union-attr]
-            attempt.cb_held |= HELD_REQUEST
-            attempt.hash_key = up.hash_key  # type: ignore[union-attr]
-            picked = attempt.pick()  # ORIGINAL_DST: the original destination
+            picked = attempt.take_cluster(up)  # type: ignore[arg-type]
             if picked is None:
                 return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
             target = picked
