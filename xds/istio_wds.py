@@ -36,6 +36,8 @@ from collections.abc import Callable
 
 from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, message, message_factory
 
+from planemesh.agent.identity.istio_ca_proto import field_proto
+
 WORKLOAD_PKG, SECURITY_PKG = "istio.workload", "istio.security"
 ADDRESS_TYPE = f"type.googleapis.com/{WORKLOAD_PKG}.Address"
 AUTHORIZATION_TYPE = f"type.googleapis.com/{SECURITY_PKG}.Authorization"
@@ -47,11 +49,6 @@ _F = descriptor_pb2.FieldDescriptorProto
 _S, _B, _U32, _E, _M = _F.TYPE_STRING, _F.TYPE_BYTES, _F.TYPE_UINT32, _F.TYPE_ENUM, _F.TYPE_MESSAGE
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)
-
-
 def _msg(proto: descriptor_pb2.FileDescriptorProto, name: str, fields: list[tuple], oneof: str = "") -> None:
     """fields: (name, number, type[, type_name[, repeated]]); `oneof`: every field is in that oneof."""
     msg = proto.message_type.add(name=name)
@@ -60,10 +57,8 @@ def _msg(proto: descriptor_pb2.FileDescriptorProto, name: str, fields: list[tupl
     for fname, number, kind, *rest in fields:
         type_name = rest[0] if rest else ""
         repeated = len(rest) > 1 and rest[1]
-        f = msg.field.add(name=fname, number=number, type=kind, json_name=_camel(fname))
-        f.label = _F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL
-        if type_name:
-            f.type_name = type_name
+        f = msg.field.add()
+        f.CopyFrom(field_proto(fname, number, kind, repeated=bool(repeated), type_name=type_name))
         if oneof:
             f.oneof_index = 0
 

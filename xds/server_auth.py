@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from planemesh.agent.identity.ca_service import read_token_lines
 from planemesh.model.config import ConfigError
 from planemesh.model.defaults import option
 
@@ -46,25 +47,17 @@ def identity_mismatch(node: Any, identity: Identity) -> str | None:
     return None
 
 
+def _identity(who: str) -> Identity:
+    namespace, slash, account = who.partition("/")
+    if not (slash and namespace and account and "/" not in account):
+        raise ValueError("expected `TOKEN NAMESPACE/SERVICE_ACCOUNT` or `TOKEN *`")
+    return namespace, account
+
+
 def read_identity_tokens(path: Path) -> dict[str, Identity | None]:
     """Lines `TOKEN NAMESPACE/SERVICE_ACCOUNT` (or `TOKEN *`: any identity), `#` comments, as --ca-tokens.
     ConfigError naming the file and line."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
-    found: dict[str, Identity | None] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        words = line.split("#", 1)[0].split()
-        if not words:
-            continue
-        namespace, slash, account = words[-1].partition("/")
-        if len(words) != 2 or (words[1] != "*" and not (slash and namespace and account and "/" not in account)):
-            raise ConfigError(f"{path}:{number}", "expected `TOKEN NAMESPACE/SERVICE_ACCOUNT` or `TOKEN *`")
-        found[words[0]] = None if words[1] == "*" else (namespace, account)
-    if not found:
-        raise ConfigError(str(path), "no token")
-    return found
+    return read_token_lines(path, _identity)
 
 
 def add_auth_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,11 +34,11 @@ class CsrCertSource:
     def __init__(self, settings: CaSettings, node_identity: str, workload_identities: Iterable[str]) -> None:
         self.settings = settings
         self.node_identity = str(parse_spiffe_id(node_identity))
-        ids = dict.fromkeys([self.node_identity, *workload_identities])
-        self.clients = {i: CertificateClient(settings, parse_spiffe_id(i), self._changed_cb(i)) for i in ids}
+        self.clients: dict[str, CertificateClient] = {}
         self._client_ctx: dict[str, ssl.SSLContext] = {}
         self._server_ctx: ssl.SSLContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.want([self.node_identity, *workload_identities])
 
     def _changed_cb(self, identity: str):  # type: ignore[no-untyped-def]
         async def changed(cert: WorkloadCert) -> None:
@@ -56,7 +56,8 @@ class CsrCertSource:
         await asyncio.wait_for(self.clients[self.node_identity].ready.wait(), timeout_s)
 
     def want(self, identities: Iterable[str]) -> None:
-        """Identities of local workloads learned later (WDS): a client each, started now (once started)."""
+        """A client for each identity not yet served: the configured ones, and local workloads' learned later
+        (WDS), started now once `start` ran."""
         for identity in identities:
             if identity in self.clients:
                 continue

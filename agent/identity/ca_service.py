@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -36,6 +37,7 @@ from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, istio_identit
 from planemesh.model.config import ConfigError
 
 log = logging.getLogger("planemesh.identity.ca_service")
+T = TypeVar("T")
 ANY_IDENTITY = None  # a token that may ask for any identity of the trust domain (`*` in the token file)
 MAX_CSR_BYTES = 16 << 10  # a P-256 CSR is ~500 bytes; anything far larger is not one
 
@@ -103,13 +105,15 @@ class CsrSigner:
         return self.tokens[token]
 
 
-def read_token_file(path: Path, trust_domain: str) -> dict[str, SpiffeId | None]:
-    """Lines `TOKEN NAMESPACE/SERVICE_ACCOUNT` (or `TOKEN *`); `#` comments. ConfigError naming the line."""
+def read_token_lines(path: Path, identity: Callable[[str], T]) -> dict[str, T | None]:
+    """Lines `TOKEN IDENTITY` (or `TOKEN *`: any identity, None); `#` comments. `identity` turns the IDENTITY word
+    into a value or raises ValueError; ConfigError naming the file and line. The CA's --ca-tokens and the xDS
+    server's --xds-tokens (xds/server_auth.py)."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
-    tokens: dict[str, SpiffeId | None] = {}
+    tokens: dict[str, T | None] = {}
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()
         if not words:
@@ -118,19 +122,25 @@ def read_token_file(path: Path, trust_domain: str) -> dict[str, SpiffeId | None]
         if len(words) != 2:
             raise ConfigError(where, "expected `TOKEN NAMESPACE/SERVICE_ACCOUNT` or `TOKEN *`")
         token, who = words
-        if who == "*":
-            tokens[token] = ANY_IDENTITY
-            continue
-        namespace, slash, account = who.partition("/")
         try:
-            if not slash:
-                raise SpiffeError(f"{who!r}: expected NAMESPACE/SERVICE_ACCOUNT")
-            tokens[token] = istio_identity(trust_domain, namespace, account)
-        except SpiffeError as exc:
+            tokens[token] = ANY_IDENTITY if who == "*" else identity(who)
+        except ValueError as exc:
             raise ConfigError(where, str(exc)) from None
     if not tokens:
         raise ConfigError(str(path), "no token")
     return tokens
+
+
+def read_token_file(path: Path, trust_domain: str) -> dict[str, SpiffeId | None]:
+    """Lines `TOKEN NAMESPACE/SERVICE_ACCOUNT` (or `TOKEN *`); `#` comments. ConfigError naming the line."""
+
+    def identity(who: str) -> SpiffeId:
+        namespace, slash, account = who.partition("/")
+        if not slash:
+            raise SpiffeError(f"{who!r}: expected NAMESPACE/SERVICE_ACCOUNT")
+        return istio_identity(trust_domain, namespace, account)
+
+    return read_token_lines(path, identity)
 
 
 def certificate_service(signer: CsrSigner) -> grpc.GenericRpcHandler:
@@ -155,4 +165,4 @@ def certificate_service(signer: CsrSigner) -> grpc.GenericRpcHandler:
     )
 
 
-__all__ = ["CsrRefused", "CsrSigner", "certificate_service", "read_token_file"]
+__all__ = ["CsrRefused", "CsrSigner", "certificate_service", "read_token_file", "read_token_lines"]

@@ -24,7 +24,8 @@ METHOD = f"/{SERVICE}/CreateCertificate"  # the gRPC path istio-agent calls
 _F = descriptor_pb2.FieldDescriptorProto
 
 
-def _field(name: str, number: int, kind: int, *, repeated: bool = False, type_name: str = "") -> _F:
+def field_proto(name: str, number: int, kind: int, *, repeated: bool = False, type_name: str = "") -> _F:
+    """One field of a message descriptor built in Python (also xds/istio_wds.py's WDS messages)."""
     label = _F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL
     field = _F(name=name, number=number, type=kind, label=label, json_name=_camel(name))
     if type_name:
@@ -47,19 +48,19 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
     proto.message_type.add(
         name="IstioCertificateRequest",
         field=[
-            _field("csr", 1, _F.TYPE_STRING),
-            _field("validity_duration", 3, _F.TYPE_INT64),
-            _field("metadata", 4, _F.TYPE_MESSAGE, type_name=".google.protobuf.Struct"),
+            field_proto("csr", 1, _F.TYPE_STRING),
+            field_proto("validity_duration", 3, _F.TYPE_INT64),
+            field_proto("metadata", 4, _F.TYPE_MESSAGE, type_name=".google.protobuf.Struct"),
         ],
     )
     proto.message_type.add(
         name="IstioCertificateResponse",
         field=[
-            _field("cert_chain", 1, _F.TYPE_STRING, repeated=True),
-            _field("root_cert", 2, _F.TYPE_MESSAGE, type_name=f".{PACKAGE}.Roots"),
+            field_proto("cert_chain", 1, _F.TYPE_STRING, repeated=True),
+            field_proto("root_cert", 2, _F.TYPE_MESSAGE, type_name=f".{PACKAGE}.Roots"),
         ],
     )
-    proto.message_type.add(name="Roots", field=[_field("ca_cert", 1, _F.TYPE_STRING, repeated=True)])
+    proto.message_type.add(name="Roots", field=[field_proto("ca_cert", 1, _F.TYPE_STRING, repeated=True)])
     service = proto.service.add(name="IstioCertificateService")
     service.method.add(
         name="CreateCertificate",
@@ -84,4 +85,4 @@ IstioCertificateRequest = _CLASSES["IstioCertificateRequest"]
 IstioCertificateResponse = _CLASSES["IstioCertificateResponse"]
 Roots = _CLASSES["Roots"]
 
-__all__ = ["METHOD", "SERVICE", "IstioCertificateRequest", "IstioCertificateResponse", "Roots"]
+__all__ = ["METHOD", "SERVICE", "IstioCertificateRequest", "IstioCertificateResponse", "Roots", "field_proto"]

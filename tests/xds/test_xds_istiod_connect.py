@@ -138,8 +138,10 @@ def test_the_token_is_read_again_on_reconnect(istiod):
     assert client.streams >= 2
 
 
-def test_the_xds_server_command_serves_tls_with_a_bearer_token(istiod, tmp_path):
-    """`planemesh xds-server --tls-cert --tls-key --bearer-token-file`: a stand-in for istiod's 15012."""
+def _xds_server_command(istiod, tmp_path, auth_args, tokens, served_what, refused_code, refused_what):
+    """Runs `planemesh xds-server --tls-cert --tls-key <auth_args>` and two clients (token files `tokens`, None:
+    no token) until the first is served and the second refused with `refused_code`. Returns (the command's
+    exit code, its output, the snapshots each client applied, the refused client)."""
     import os
     import signal
     import subprocess
@@ -152,21 +154,18 @@ def test_the_xds_server_command_serves_tls_with_a_bearer_token(istiod, tmp_path)
     key.write_bytes(srv_key)
     port = free_port()
     cmd = [str(ENVOY.parent / "planemesh"), "xds-server", "--resources", str(istiod["resdir"])]
-    cmd += ["--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key", str(key)]
-    cmd += ["--bearer-token-file", str(istiod["token"])]
+    cmd += ["--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key", str(key), *auth_args]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    good: list = []
-    anonymous: list = []
+    applied: tuple[list, list] = ([], [])
 
     async def run():
         clients = [
-            _client(f"127.0.0.1:{port}", str(tmp_path / "ca.pem"), str(istiod["token"]), good),
-            _client(f"127.0.0.1:{port}", str(tmp_path / "ca.pem"), None, anonymous),
+            _client(f"127.0.0.1:{port}", str(tmp_path / "ca.pem"), t, a) for t, a in zip(tokens, applied, strict=True)
         ]
         tasks = [asyncio.create_task(c.run()) for c in clients]
         try:
-            await until(lambda: good, 15, "the command to serve over TLS")
-            await until(lambda: "UNAUTHENTICATED" in (clients[1].last_error or ""), 5, "the anonymous refused")
+            await until(lambda: applied[0], 15, served_what)
+            await until(lambda: refused_code in (clients[1].last_error or ""), 5, refused_what)
             return clients
         finally:
             for t in tasks:
@@ -174,11 +173,25 @@ def test_the_xds_server_command_serves_tls_with_a_bearer_token(istiod, tmp_path)
             await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
-        _good, anon = asyncio.run(run())
+        _served, refused = asyncio.run(run())
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0, out
+    return proc.returncode, out, applied, refused
+
+
+def test_the_xds_server_command_serves_tls_with_a_bearer_token(istiod, tmp_path):
+    """`planemesh xds-server --tls-cert --tls-key --bearer-token-file`: a stand-in for istiod's 15012."""
+    returncode, out, (good, anonymous), anon = _xds_server_command(
+        istiod,
+        tmp_path,
+        ["--bearer-token-file", str(istiod["token"])],
+        (str(istiod["token"]), None),
+        "the command to serve over TLS",
+        "UNAUTHENTICATED",
+        "the anonymous refused",
+    )
+    assert returncode == 0, out
     assert "with TLS requiring a bearer token" in out
     assert "secure" in good[-1].clusters and not anonymous
     assert "UNAUTHENTICATED" in anon.last_error
@@ -187,49 +200,20 @@ def test_the_xds_server_command_serves_tls_with_a_bearer_token(istiod, tmp_path)
 def test_the_xds_server_command_authorizes_streams_by_token_identity(istiod, tmp_path):
     """`planemesh xds-server --tls-cert --tls-key --xds-tokens`: istiod's 15012 authorization. The client's node
     (NAMESPACE `x` in `_client`) is served with x's token and refused (PERMISSION_DENIED) with another's."""
-    import os
-    import signal
-    import subprocess
-
-    from tests.xds.xds_harness import ENVOY, free_port
-
-    cert, key = tmp_path / "srv.pem", tmp_path / "srv.key"
-    _ca, srv_cert, srv_key = _pki(tmp_path)
-    cert.write_bytes(srv_cert)
-    key.write_bytes(srv_key)
     (tmp_path / "mine").write_text("token-of-x\n")
     (tmp_path / "theirs").write_text("token-of-y\n")
     tokens = tmp_path / "xds-tokens"
     tokens.write_text("# token identity\ntoken-of-x x/default\ntoken-of-y y/default\n")
-    port = free_port()
-    cmd = [str(ENVOY.parent / "planemesh"), "xds-server", "--resources", str(istiod["resdir"])]
-    cmd += ["--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key", str(key)]
-    cmd += ["--xds-tokens", str(tokens)]
-    proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    mine: list = []
-    theirs: list = []
-
-    async def run():
-        clients = [
-            _client(f"127.0.0.1:{port}", str(tmp_path / "ca.pem"), str(tmp_path / "mine"), mine),
-            _client(f"127.0.0.1:{port}", str(tmp_path / "ca.pem"), str(tmp_path / "theirs"), theirs),
-        ]
-        tasks = [asyncio.create_task(c.run()) for c in clients]
-        try:
-            await until(lambda: mine, 15, "the command to serve the node its own token names")
-            await until(lambda: "PERMISSION_DENIED" in (clients[1].last_error or ""), 5, "another identity refused")
-            return clients
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    try:
-        _mine, other = asyncio.run(run())
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0, out
+    returncode, out, (mine, theirs), other = _xds_server_command(
+        istiod,
+        tmp_path,
+        ["--xds-tokens", str(tokens)],
+        (str(tmp_path / "mine"), str(tmp_path / "theirs")),
+        "the command to serve the node its own token names",
+        "PERMISSION_DENIED",
+        "another identity refused",
+    )
+    assert returncode == 0, out
     assert "secure" in mine[-1].clusters and not theirs
     assert "authorization failed: no identities ([y/default]) matched x/" in other.last_error
 
