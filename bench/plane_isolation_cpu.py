@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from planemesh.labs.procs import stat_fields
 from planemesh.model.plane_limits import parse_cpu_list
 
 OTHERS, KERNEL, IDLE, BENCH = "others", "kernel", "idle", "bench"
@@ -85,12 +86,6 @@ def _online() -> set[int]:
     return set(parse_cpu_list(Path("/sys/devices/system/cpu/online").read_text()))
 
 
-def _stat_fields(path: Path) -> list[str]:
-    """The fields of a /proc stat file after the command name (which may hold spaces and parentheses)."""
-    text = path.read_text()
-    return text[text.rindex(")") + 2 :].split()
-
-
 def process_tree() -> tuple[dict[int, int], dict[int, int]]:
     """(pid -> parent pid of every process now, thread id -> its process's pid)."""
     parents: dict[int, int] = {}
@@ -98,7 +93,7 @@ def process_tree() -> tuple[dict[int, int], dict[int, int]]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError):
-                parents[int(entry)] = int(_stat_fields(Path(f"/proc/{entry}/stat"))[1])
+                parents[int(entry)] = int(stat_fields(int(entry))[1])
                 threads.update((int(tid), int(entry)) for tid in os.listdir(f"/proc/{entry}/task"))
     return parents, threads
 
@@ -217,7 +212,7 @@ def _task_times() -> dict[int, tuple[int, int, int]]:
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
             for tid in os.listdir(f"/proc/{entry}/task"):
-                cpu = int(_stat_fields(Path(f"/proc/{entry}/task/{tid}/stat"))[36])
+                cpu = int(stat_fields(int(entry), tid)[36])
                 run = int(Path(f"/proc/{entry}/task/{tid}/schedstat").read_text().split()[0])
                 found[int(tid)] = (int(entry), run, cpu)
     return found
