@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.plane_isolation_lab import online_cpus
 from planemesh.labs.procs import stat_fields
-from planemesh.model.plane_limits import parse_cpu_list
 
 OTHERS, KERNEL, IDLE, BENCH = "others", "kernel", "idle", "bench"
 
@@ -75,15 +75,11 @@ def off_cpu(cpu: int) -> Iterator[None]:
 def any_cpu() -> Iterator[None]:
     """Children started inside run wherever the node lets them (the proxies under test: not pinned by the bench)."""
     before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, _online())
+    os.sched_setaffinity(0, online_cpus())
     try:
         yield
     finally:
         os.sched_setaffinity(0, before)
-
-
-def _online() -> set[int]:
-    return set(parse_cpu_list(Path("/sys/devices/system/cpu/online").read_text()))
 
 
 def process_tree() -> tuple[dict[int, int], dict[int, int]]:
