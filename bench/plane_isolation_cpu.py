@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from planemesh.model.plane_limits import parse_cpu_list
+from bench.plane_isolation_lab import online_cpus
+from planemesh.labs.procs import stat_fields
 
 OTHERS, KERNEL, IDLE, BENCH = "others", "kernel", "idle", "bench"
 
@@ -74,21 +75,11 @@ def off_cpu(cpu: int) -> Iterator[None]:
 def any_cpu() -> Iterator[None]:
     """Children started inside run wherever the node lets them (the proxies under test: not pinned by the bench)."""
     before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, _online())
+    os.sched_setaffinity(0, online_cpus())
     try:
         yield
     finally:
         os.sched_setaffinity(0, before)
-
-
-def _online() -> set[int]:
-    return set(parse_cpu_list(Path("/sys/devices/system/cpu/online").read_text()))
-
-
-def _stat_fields(path: Path) -> list[str]:
-    """The fields of a /proc stat file after the command name (which may hold spaces and parentheses)."""
-    text = path.read_text()
-    return text[text.rindex(")") + 2 :].split()
 
 
 def process_tree() -> tuple[dict[int, int], dict[int, int]]:
@@ -98,7 +89,7 @@ def process_tree() -> tuple[dict[int, int], dict[int, int]]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError, ValueError, IndexError):
-                parents[int(entry)] = int(_stat_fields(Path(f"/proc/{entry}/stat"))[1])
+                parents[int(entry)] = int(stat_fields(int(entry))[1])
                 threads.update((int(tid), int(entry)) for tid in os.listdir(f"/proc/{entry}/task"))
     return parents, threads
 
@@ -217,7 +208,7 @@ def _task_times() -> dict[int, tuple[int, int, int]]:
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
             for tid in os.listdir(f"/proc/{entry}/task"):
-                cpu = int(_stat_fields(Path(f"/proc/{entry}/task/{tid}/stat"))[36])
+                cpu = int(stat_fields(int(entry), tid)[36])
                 run = int(Path(f"/proc/{entry}/task/{tid}/schedstat").read_text().split()[0])
                 found[int(tid)] = (int(entry), run, cpu)
     return found

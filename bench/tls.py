@@ -389,20 +389,28 @@ def server_handshake_ms(server_ctx: ssl.SSLContext, client: ssl.SSLContext) -> f
     return spent * 1000
 
 
+def _mtls_files(d: Path):  # type: ignore[no-untyped-def]
+    """The test CA's client (AMF) files under `d` (root.pem, amf.pem, amf.key: client_ctx's), and the server's
+    (GW) issued cert with its CertSecret and TrustSecret."""
+    from planemesh.agent.identity.ca import key_pem
+    from planemesh.model.tls_config import CertSecret, TrustSecret
+    from tests.proxy.test_tls_termination import AMF, GW, NOW, ROOT
+
+    issued, server = ROOT.issue(AMF, now=NOW), ROOT.issue(GW, now=NOW)
+    (d / "root.pem").write_bytes(ROOT.root_pem())
+    (d / "amf.pem").write_bytes(issued.cert_chain_pem())
+    (d / "amf.key").write_bytes(key_pem(issued.key))
+    return server, CertSecret(server.cert_chain_pem(), server.key_pem()), TrustSecret(ROOT.root_pem())
+
+
 def in_memory_table(count: int = 300) -> int:
     """Median server CPU per in-memory mTLS handshake (server_handshake_ms), the variants interleaved."""
-    from planemesh.agent.identity.ca import key_pem
     from planemesh.agent.proxy.tls_context import build_context
-    from planemesh.model.tls_config import CertSecret, TrustSecret
-    from tests.proxy.test_tls_termination import AMF, GW, NOW, ROOT, TLS, client_ctx
+    from tests.proxy.test_tls_termination import TLS, client_ctx
 
     with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
         d = Path(tmp)
-        issued, server = ROOT.issue(AMF, now=NOW), ROOT.issue(GW, now=NOW)
-        (d / "root.pem").write_bytes(ROOT.root_pem())
-        (d / "amf.pem").write_bytes(issued.cert_chain_pem())
-        (d / "amf.key").write_bytes(key_pem(issued.key))
-        cert, trust = CertSecret(server.cert_chain_pem(), server.key_pem()), TrustSecret(ROOT.root_pem())
+        _, cert, trust = _mtls_files(d)
         contexts = {"on": build_context(TLS, cert, trust, server=True),
                     "stateless": build_context(TLS, cert, trust, server=True),
                     "off": build_context(replace(TLS, session_tickets=False), cert, trust, server=True)}  # fmt: skip
@@ -422,10 +430,8 @@ def session_memory(count: int = 1500) -> int:
     against a stateful-ticket context with room for all, against one without tickets; RSS growth / count."""
     import gc
 
-    from planemesh.agent.identity.ca import key_pem
     from planemesh.agent.proxy.tls_context import build_context
-    from planemesh.model.tls_config import CertSecret, TrustSecret
-    from tests.proxy.test_tls_termination import AMF, GW, NOW, ROOT, TLS, client_ctx
+    from tests.proxy.test_tls_termination import ROOT, TLS, client_ctx
     from tests.proxy.test_tls_tickets import _handshake, _server_ctx
 
     def rss_mb() -> float:
@@ -434,11 +440,7 @@ def session_memory(count: int = 1500) -> int:
 
     with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
         d = Path(tmp)
-        issued, server = ROOT.issue(AMF, now=NOW), ROOT.issue(GW, now=NOW)
-        (d / "root.pem").write_bytes(ROOT.root_pem())
-        (d / "amf.pem").write_bytes(issued.cert_chain_pem())
-        (d / "amf.key").write_bytes(key_pem(issued.key))
-        cert, trust = CertSecret(server.cert_chain_pem(), server.key_pem()), TrustSecret(ROOT.root_pem())
+        server, cert, trust = _mtls_files(d)
         contexts = {"stateful": _server_ctx(server, ROOT.root_pem(), cache_size=count * 2),
                     "off": build_context(replace(TLS, session_tickets=False), cert, trust, server=True)}  # fmt: skip
         client = client_ctx(d)

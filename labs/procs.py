@@ -17,9 +17,11 @@ WORKER_MODULE = b"planemesh.agent.worker_process"
 ZYGOTE_MODULE = b"planemesh.agent.zygote"
 
 
-def _stat_fields(pid: int) -> list[str]:
-    # comm may hold spaces and parentheses: the fields after the last ')' are fixed (state, ppid, ...)
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def stat_fields(pid: int, tid: int | str | None = None) -> list[str]:
+    """The fields of /proc/PID/stat (of thread `tid`'s, /proc/PID/task/TID/stat, when given) after the command
+    name: comm may hold spaces and parentheses, the fields after the last ')' are fixed (state, ppid, ...)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    return Path(path).read_text().rsplit(")", 1)[1].split()
 
 
 def children(pid: int) -> list[int]:
@@ -27,7 +29,7 @@ def children(pid: int) -> list[int]:
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = _stat_fields(int(entry))
+            fields = stat_fields(int(entry))
             if int(fields[1]) == pid and fields[0] != "Z":
                 found.append(int(entry))
     return sorted(found)

@@ -278,11 +278,18 @@ class LinkCapture:
         return self.segments
 
 
-def pod_exchange(lab: HboneLab, payload: bytes, port: int = PORT, timeout: float = 15.0, dst: str = POD_B) -> bytes:
-    """From pod A: connect to pod B, send payload, half-close, read the answer until EOF (b'' when refused)."""
+def pod_exchange(
+    lab: HboneLab, payload: bytes, port: int = PORT, timeout: float = 15.0, dst: str = POD_B, timing: list | None = None
+) -> bytes:
+    """From pod A: connect to pod B, send payload, half-close, read the answer until EOF (b'' when refused).
+    `timing` gets the TCP connect's duration: the capture listener's kernel completes it, so a SYN dropped for want
+    of a listener (the fail-closed plane) shows as a wait of at least the SYN retry (1 s)."""
 
     def go() -> bytes:
+        started = time.monotonic()
         s = socket.create_connection((dst, port), timeout=timeout)
+        if timing is not None:
+            timing.append(time.monotonic() - started)
         with s:
             s.sendall(payload)
             s.shutdown(socket.SHUT_WR)

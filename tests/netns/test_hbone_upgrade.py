@@ -28,7 +28,16 @@ from planemesh.agent.admin_client import AdminClient
 from planemesh.agent.identity.ca import new_root, utcnow
 from planemesh.labs import netns as ns_tools
 from tests.netns.agent_lab import eventually
-from tests.netns.hbone_lab import AGENT_PLANES, POD_B, PORT, LinkCapture, hbone_lab, node_a_settings, node_b_settings
+from tests.netns.hbone_lab import (
+    AGENT_PLANES,
+    POD_B,
+    PORT,
+    LinkCapture,
+    hbone_lab,
+    node_a_settings,
+    node_b_settings,
+    pod_exchange,
+)
 from tests.netns.test_hbone_agent import hbone_rows
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -36,25 +45,6 @@ MARKER = b"UPGRADE-HBONE-MARKER-" + os.urandom(8).hex().encode()
 TUNNELLED = b"B saw %d bytes from 10.81.2.1: "  # pod B's peer is node B when the bytes came through HBONE
 PLAINTEXT = b"from 10.81.1.2"  # pod A's own address: the connection was routed, not tunnelled
 MAX_CONNECT_S = 0.5  # half the kernel's first SYN retry: a connect that waited for a listener takes >= 1 s
-
-
-def exchange(payload: bytes, timeout: float, timing: list | None = None) -> bytes:
-    """In pod A: one connection to pod B, payload, half-close, the answer (b'' if reset). `timing` gets the
-    TCP connect's duration: the capture listener's kernel completes it, so a SYN dropped for want of a
-    listener (the fail-closed plane) shows as a wait of at least the SYN retry (1 s)."""
-    started = time.monotonic()
-    with socket.create_connection((POD_B, PORT), timeout=timeout) as s:
-        if timing is not None:
-            timing.append(time.monotonic() - started)
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        got = b""
-        try:
-            while data := s.recv(1 << 16):
-                got += data
-        except ConnectionResetError:
-            pass
-        return got
 
 
 def stream(stop: threading.Event, out: dict) -> None:
@@ -83,7 +73,7 @@ def opener(lab, stop: threading.Event, attempts: list) -> None:  # type: ignore[
         started = time.monotonic()
         timing: list = []
         try:
-            answer = ns_tools.call_in(lab.pod_a, exchange, MARKER, 10.0, timing)
+            answer = pod_exchange(lab, MARKER, timeout=10.0, timing=timing)
         except OSError as exc:
             answer = repr(exc).encode()
         attempts.append((started, time.monotonic(), answer, timing[0] if timing else None))
@@ -101,7 +91,7 @@ def test_hot_upgrade_never_sends_pod_traffic_untunnelled(run_prefix: str, tmp_pa
         admin_a = AdminClient(f"unix://{lab.admin_path('a')}")
         first = eventually(lambda: (n := hbone_rows(admin_a)["node"])["up"] == 1 and n, 30)
         assert first, hbone_rows(admin_a)
-        assert ns_tools.call_in(lab.pod_a, exchange, MARKER, 10.0).startswith(TUNNELLED % len(MARKER))
+        assert pod_exchange(lab, MARKER, timeout=10.0).startswith(TUNNELLED % len(MARKER))
 
         cap = LinkCapture(lab.node_a, "hbla")
         stop = threading.Event()
