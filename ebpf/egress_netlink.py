@@ -31,14 +31,15 @@ def observe(ipr: IPRoute, ifindex: int) -> ObservedEgress:
     observed = ObservedEgress(root_kind=kind, root_handle=root["handle"])
     if not observed.ours:
         return observed
-    init = (root.get_attr("TCA_OPTIONS") or {}).get_attr("TCA_HTB_INIT") if root.get_attr("TCA_OPTIONS") else None
+    options = root.get_attr("TCA_OPTIONS")
+    init = options.get_attr("TCA_HTB_INIT") if options else None
     classes: dict[int, HtbClass] = {}
     for msg in ipr.get_classes(index=ifindex):
         if msg.get_attr("TCA_KIND") != "htb" or msg["handle"] >> 16 != abi.PM_HTB_MAJOR:
             continue
-        parms = msg.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
-        rate64 = msg.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_RATE64")
-        ceil64 = msg.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_CEIL64")
+        options = msg.get_attr("TCA_OPTIONS")
+        parms = options.get_attr("TCA_HTB_PARMS")
+        rate64, ceil64 = options.get_attr("TCA_HTB_RATE64"), options.get_attr("TCA_HTB_CEIL64")
         parent = msg["parent"]
         classes[msg["handle"]] = HtbClass(
             classid=msg["handle"],
