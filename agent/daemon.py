@@ -45,7 +45,6 @@ from planemesh.agent.worker_stats import WorkerStats
 from planemesh.agent.worker_supervisor import PlaneWorkers
 from planemesh.agent.xds_source import bootstrap_for, start_xds, stop_xds
 from planemesh.agent.zygote_client import Zygotes
-from planemesh.ebpf.policy import needs_sniff_listener
 from planemesh.model.config import ConfigError, Snapshot
 from planemesh.model.defaults import option
 from planemesh.model.static_config import load_default_config, load_static_config
@@ -130,7 +129,7 @@ class Agent:
         for name in list(self.workers):
             plane_old = old.plane(name) if old else None
             plane_new = wanted.get(name)
-            if plane_new is None or (plane_old and _listener_shape(old, plane_old) != _listener_shape(snap, plane_new)):
+            if plane_new is None or (plane_old and _listener_shape(plane_old) != _listener_shape(plane_new)):
                 await self.workers.pop(name).stop(self.options.drain_timeout_s)
                 if plane_new is None:
                     self.cpu_groups.remove_plane(name)
@@ -140,9 +139,9 @@ class Agent:
             if name in self.workers:
                 await self.workers[name].update(snap, sources)
                 continue
-            listeners = [self._listener(plane.proxy_port)]
-            if needs_sniff_listener(snap, plane):
-                listeners.append(self._listener(plane.sniff_port))
+            # The sniffing listener is bound whether or not the kernel sends anything there yet: a pod whose
+            # inspected TCP chain arrives or leaves changes the plane's BPF rules, never its workers.
+            listeners = [self._listener(plane.proxy_port), self._listener(plane.sniff_port)]
             workers = PlaneWorkers(name, plane.sla.workers, listeners, self._worker_options(), self.cpu_groups)
             await workers.start(snap, sources)
             self.workers[name] = workers
@@ -467,9 +466,10 @@ def initial_fetch_done(snap: Snapshot) -> bool:
     return {"LDS", "CDS"} <= types
 
 
-def _listener_shape(snap: Snapshot | None, plane: Any) -> tuple[Any, ...]:
-    sniffs = snap is not None and needs_sniff_listener(snap, plane)
-    return (plane.proxy_port, plane.sniff_port, plane.undeclared, sniffs, plane.sla.workers)
+def _listener_shape(plane: Any) -> tuple[Any, ...]:
+    """What a plane's workers are started with: a change restarts them (connections they hold are reset). The
+    `undeclared` setting and the inspected TCP chains are not in it: they change the kernel's rules only."""
+    return (plane.proxy_port, plane.sniff_port, plane.sla.workers)
 
 
 def bind_listener(port: int) -> socket.socket:

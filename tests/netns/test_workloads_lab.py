@@ -6,7 +6,10 @@ removed closes its stream and loses its configuration."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ import yaml
 
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.envoy_resources import HCM, PASSTHROUGH, ROUTER, T, by_type, http_listener, route, route_config
+from planemesh.labs.netns import call_in
 from planemesh.labs.traffic import http_requests
 from planemesh.labs.workloads import write_workloads_file
 from planemesh.model.static_config import default_config_text
@@ -244,3 +248,54 @@ def test_tcp_chains_by_source(lab) -> None:
     assert _tcp_slots(env)[1] > after[1]  # clientb's: intercepted
     # a client on no workload of this node: neither configuration, its connection goes where it was sent
     assert _served_by(env, "remote", host, TCP_SERVICE) == ["tcp-original"] * 4
+
+
+def _hold(address: str, port: int, stop: threading.Event) -> tuple[list[str], int, BaseException | None]:
+    """GET over ONE connection every 0.2 s (under the plane's 10 s idle timeout) until `stop`: the servers that
+    answered, how many local ports were used, and the error that ended it (None: it lasted). auto_open off:
+    http.client may not reconnect behind our back after the proxy closed the connection."""
+    conn = http.client.HTTPConnection(address, port, timeout=10)
+    conn.connect()
+    conn.auto_open = 0
+    ports, served = set(), []
+    try:
+        while not stop.is_set():
+            conn.request("GET", f"/held/{len(served)}")
+            resp = conn.getresponse()
+            body = resp.read()
+            served.append(json.loads(body)["server"] if resp.status == 200 else str(resp.status))
+            if conn.sock is None:  # the proxy answered with Connection: close
+                raise ConnectionError("the proxy closed the held connection")
+            ports.add(conn.sock.getsockname()[1])
+            time.sleep(0.2)
+    except (OSError, http.client.HTTPException) as exc:
+        return served, len(ports), exc
+    finally:
+        conn.close()
+    return served, len(ports), None
+
+
+def test_a_held_connection_survives_an_inspected_chain_leaving_and_arriving(lab) -> None:
+    """clientb's TCP chain (network RBAC) is the only inspected chain on plane oam. Its pod leaving and
+    returning changes oam's kernel rules (the sniffing listener's use), not oam's workers: a connection another
+    pod holds through oam's proxy the whole time lasts. Before, the workers restarted both times and reset it."""
+    env, server, loop, workloads, host = lab
+    assert eventually(lambda: _served_by(env, "clientb", host, TCP_SERVICE) == ["v2"] * 4, timeout=20)
+    stop = threading.Event()
+    held: dict = {}
+    thread = threading.Thread(target=lambda: held.update(r=call_in(env.lab.pod_ns("client"), _hold, host, SERVICE,
+                                                                   stop)))  # fmt: skip
+    thread.start()
+    try:
+        write_workloads_file(workloads, env.lab, ["client", "server", "serverb"])  # the inspected chain leaves
+        assert eventually(lambda: "clientb.default" not in _streams(server, loop), timeout=10)
+        assert eventually(lambda: _served_by(env, "clientb", host, TCP_SERVICE) == ["tcp-original"] * 4, 10)
+        write_workloads_file(workloads, env.lab, WORKLOADS)  # ... and arrives again
+        assert eventually(lambda: _served_by(env, "clientb", host, TCP_SERVICE) == ["v2"] * 4, timeout=20)
+        time.sleep(1.0)  # a restart's drain would close the idle-between-requests connection by now
+    finally:
+        stop.set()
+        thread.join(30)
+    served, ports, error = held["r"]
+    assert error is None and ports == 1, (error, ports, served[-5:])
+    assert len(served) >= 5 and set(served) == {"v1"}, served  # client's own route the whole time
