@@ -1,8 +1,9 @@
 """Snapshot -> data-path policy: pure translation, no kernel, no I/O.
 
 A Listener declares (plane, port[, destination prefixes]) with a protocol: HTTP is proxied (PROXY),
-plain TCP is bypassed in the kernel (BYPASS). Ports nobody declared follow the plane's `undeclared`
-setting. The loader (ebpf/loader.py) turns the result into map entries.
+plain TCP is bypassed in the kernel (BYPASS) where that is what its tcp_proxy would do, else relayed by the
+plane's sniffing listener (SNIFF; `keeps_destination`, `_inspected`). Ports nobody declared follow the plane's
+`undeclared` setting. The loader (ebpf/loader.py) turns the result into map entries.
 
 A listener with `sources` (a local workload's outbound configuration: agent/workloads/merge.py) gives rules
 for traffic from those addresses only (`source_rules`, map pm_src_policy): two pods with different
@@ -17,10 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from netaddr import AddrFormatError, IPNetwork
+from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from planemesh.ebpf.abi import PM_MAX_PLANES, PM_MAX_SRC_POLICY, Action
-from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot
+from planemesh.model.config import Cluster, ClusterKind, ConfigError, Listener, ListenerProtocol, Snapshot
 from planemesh.model.planes import Plane, UndeclaredPorts
 
 _LISTENER_ACTION = {ListenerProtocol.HTTP: Action.PROXY, ListenerProtocol.TCP: Action.BYPASS}
@@ -124,10 +125,11 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
                 )
             rules[key] = action
             owner[key] = lsn.name
-            if action is Action.BYPASS and _inspected(lsn):
+            if action is Action.BYPASS and _inspected(lsn, snap.clusters):
                 sni_routed.add(key)
-    # TCP chains routed by TLS SNI, authorized (network RBAC) or terminating TLS: the sniffing listener takes
-    # them (agent/proxy/sni_routing.py, passthrough.py) instead of the kernel bypass.
+    # TCP chains routed by TLS SNI, authorized (network RBAC), terminating TLS or sent to a cluster that would not
+    # pick the original destination: the sniffing listener takes them (agent/proxy/sni_routing.py,
+    # passthrough.py) instead of the kernel bypass.
     for key in sni_routed:
         rules[key] = Action.SNIFF
     node = {k: a for k, a in rules.items() if isinstance(k, PolicyRule)}
@@ -186,19 +188,64 @@ def fold_source_rules(own: Mapping[SourceRule, Action], node: Mapping[PolicyRule
     return out
 
 
-def _inspected(lsn: Listener) -> bool:
-    """A tcp_proxy chain the proxy must see: routed by SNI, authorized by network RBAC, terminating TLS, or
-    splitting by weight (the kernel can only forward to the original destination, which is one cluster's job:
-    a single-cluster chain stays a bypass)."""
-    return lsn.protocol is ListenerProtocol.TCP and bool(
-        lsn.server_names or lsn.network_rbac or lsn.tls or len(lsn.tcp_clusters) > 1
-    )
+def _inspected(lsn: Listener, clusters: Mapping[str, Cluster]) -> bool:
+    """A tcp_proxy chain the proxy must see (tcp_handling)."""
+    return lsn.protocol is ListenerProtocol.TCP and not tcp_handling(lsn, clusters)[0]
+
+
+def tcp_handling(lsn: Listener, clusters: Mapping[str, Cluster]) -> tuple[bool, str]:
+    """(kernel bypass, why) for a tcp_proxy chain. The proxy must see a chain routed by SNI, authorized by network
+    RBAC or terminating TLS, and one whose cluster would not send the connection where the kernel's bypass does
+    (keeps_destination): the plane's sniffing listener relays those (SNIFF)."""
+    if lsn.server_names:
+        return False, "routed by TLS server name"
+    if lsn.network_rbac:
+        return False, "authorized by network RBAC"
+    if lsn.tls is not None:
+        return False, "terminates TLS"
+    why = keeps_destination(lsn, clusters)
+    if why is not None:
+        return True, why
+    if len(lsn.tcp_clusters) > 1:
+        return False, "splits by weight between clusters"
+    return False, "its cluster would not pick the original destination"
+
+
+def keeps_destination(lsn: Listener, clusters: Mapping[str, Cluster]) -> str | None:
+    """Why the chain's tcp_proxy would connect to the connection's original destination, so that the kernel's
+    bypass does what the proxy would; None when it would not. Bypassed: no cluster (a static TCP listener), an
+    ORIGINAL_DST (passthrough) cluster, istiod's default chain of the listener's own service (`own_service`,
+    xds/translate_tcp.py: the service address is that cluster's), or a cluster whose healthy endpoints hold every
+    destination the chain matches (whole addresses, at the listener's port). Anything else (a weighted split,
+    another service, a subset, another port, a cluster not known yet or with no endpoints) is relayed by the
+    proxy to the cluster."""
+    if not lsn.tcp_clusters:
+        return "no cluster: the original destination"
+    if len(lsn.tcp_clusters) > 1:
+        return None
+    if lsn.own_service:
+        return "istiod's default chain of the listener's own service (VIP_PORT -> outbound|PORT||HOST)"
+    cluster = clusters.get(lsn.tcp_clusters[0].name)
+    if cluster is None:
+        return None
+    if cluster.kind is ClusterKind.ORIGINAL_DST:
+        return "ORIGINAL_DST (passthrough) cluster"
+    if not lsn.prefixes or any(net.size != 1 for net in lsn.prefixes):
+        return None
+    held = set()
+    for ep in cluster.endpoints:
+        if ep.healthy and ep.port == lsn.port:
+            try:
+                held.add(IPAddress(ep.address))
+            except (AddrFormatError, ValueError, TypeError):  # a DNS cluster's host name
+                continue
+    return "the cluster's endpoints hold the destination" if all(net.ip in held for net in lsn.prefixes) else None
 
 
 def needs_sniff_listener(snap: Snapshot, plane: Plane) -> bool:
     """The plane's sniffing listener is in use: undeclared ports are sniffed, or a TCP chain is inspected."""
     return plane.undeclared is UndeclaredPorts.SNIFF or any(
-        _inspected(lsn) or lsn.sniff for lsn in snap.listeners_of(plane.name)
+        _inspected(lsn, snap.clusters) or lsn.sniff for lsn in snap.listeners_of(plane.name)
     )
 
 

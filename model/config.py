@@ -317,6 +317,10 @@ class Listener:
     # its addresses (agent/workloads/merge.py); empty: any source. HTTP listeners only so far. Last: callers
     # give the fields above by position.
     sources: tuple[IPNetwork, ...] = ()
+    # tcp_proxy chains: istiod's default chain of the service this listener stands for (its VIP) to that service's
+    # own cluster (xds/translate_tcp.py): the original destination is that cluster's choice, so the kernel may
+    # bypass it (ebpf/policy.py keeps_destination)
+    own_service: bool = False
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:

@@ -20,14 +20,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import MappingProxyType
 
 from google.protobuf import any_pb2
 from netaddr import IPNetwork
 
-from planemesh.model.config import ConfigError
+from planemesh.ebpf.policy import tcp_handling
+from planemesh.model.config import ConfigError, ListenerProtocol
 from planemesh.model.planes import Plane
 from planemesh.xds import resources as res
+from planemesh.xds.client_state import XdsResources
 from planemesh.xds.istio_ext import ISTIO_PROXY_TYPES, TYPED_STRUCTS
+from planemesh.xds.per_resource import translate_update
 from planemesh.xds.translate import _Acc, translate_listener
 from planemesh.xds.translate_clusters import endpoints_of, translate_cluster
 from planemesh.xds.translate_common import collect_ignored, stop_collecting
@@ -101,6 +105,50 @@ def planemesh_verdicts(rows: list[tuple[Row, object]], planes: tuple[Plane, ...]
         finally:
             stop_collecting(token)
         row.ignored = notes
+
+
+def tcp_chains(rows: list[tuple[Row, object]], planes: tuple[Plane, ...] = PLANES) -> list[str]:
+    """The corpus's tcp_proxy chains on the first plane, as the data path handles them (ebpf/policy.py
+    tcp_handling): the whole push applied resource by resource, as the client applies it."""
+    kinds: dict[str, dict[str, object]] = {kind: {} for kind in KIND.values()}
+    for row, msg in rows:
+        kinds[row.kind][row.name] = msg
+    push = XdsResources(
+        listeners=MappingProxyType(kinds["Listener"]),  # type: ignore[arg-type]
+        routes=MappingProxyType(kinds["RouteConfiguration"]),  # type: ignore[arg-type]
+        clusters=MappingProxyType(kinds["Cluster"]),  # type: ignore[arg-type]
+        endpoints=MappingProxyType(kinds["ClusterLoadAssignment"]),  # type: ignore[arg-type]
+        versions=MappingProxyType({"LDS": "1"}),
+    )
+    _notes, token = collect_ignored()  # noted already, per resource, in the table above
+    try:
+        snap = translate_update(push, planes).snapshot
+    finally:
+        stop_collecting(token)
+    out = ["| chain | port | destination | cluster | data path | why |", "|---|---|---|---|---|---|"]
+    for lsn in sorted(snap.listeners_of(planes[0].name), key=lambda lsn: (lsn.port, lsn.name)):
+        if lsn.protocol is not ListenerProtocol.TCP:
+            continue
+        bypass, why = tcp_handling(lsn, snap.clusters)
+        dst = ", ".join(str(p) for p in lsn.prefixes) or "any"
+        cluster = ", ".join(w.name for w in lsn.tcp_clusters) or "-"
+        path = "kernel bypass" if bypass else "relayed by the proxy"
+        out.append(f"| `{_cell(lsn.name)}` | {lsn.port} | {dst} | `{_cell(cluster)}` | {path} | {_cell(why)} |")
+    return out
+
+
+TCP_RULE = [
+    "A `tcp_proxy` chain is bypassed in the kernel (BPF forwards the connection to its original destination)",
+    "only where its cluster would pick that destination anyway: an ORIGINAL_DST (passthrough) cluster, a cluster",
+    "whose healthy endpoints hold every destination the chain matches, or istiod's default chain of a",
+    "per-service listener (`VIP_PORT`, `bind_to_port: false`) to that service's own cluster",
+    "`outbound|PORT||HOST`: no chain metadata `istio.config` (istiod marks a chain built from a VirtualService",
+    "with it), no `filter_chain_match` of its own, the listener's port, no subset. Every other chain (a",
+    "VirtualService `tcp:` route to another host, a DestinationRule subset, a weighted split, SNI, network RBAC,",
+    "TLS) is relayed by the plane's proxy to its cluster (`ebpf/policy.py` `tcp_handling`, `xds/translate_tcp.py`;",
+    "`tests/unit/test_tcp_bypass_rule.py`). The corpus's chains on plane `pod`, the whole push applied as the",
+    "client applies it (without SDS secrets: istiod sends none; the mTLS twins are then dropped):",
+]
 
 
 # ---- Envoy's verdict -------------------------------------------------------------------------------------
@@ -241,7 +289,7 @@ def _summary(rows: list[Row]) -> list[str]:
     return out
 
 
-def render(rows: list[Row]) -> str:
+def render(rows: list[Row], tcp: list[str] | None = None) -> str:
     accepted_by_envoy = [r for r in rows if r.envoy == "accepted"]
     both = [r for r in accepted_by_envoy if r.planemesh == "accepted"]
     out = [
@@ -262,6 +310,8 @@ def render(rows: list[Row]) -> str:
     ]
     for i, r in enumerate(rows, 1):
         out.append(f"| {i} | {r.kind} | `{_cell(r.name)}` | {_cell(r.envoy)} | {_cell(r.planemesh)} |")
+    if tcp:
+        out += ["", "## tcp_proxy chains: kernel bypass or proxy", "", *TCP_RULE, "", *tcp]
     out += ["", "## Accepted without effect, and why that is safe", "", *_summary(rows), "", "### Per resource", ""]
     for i, r in enumerate(rows, 1):
         if not r.ignored:
@@ -282,7 +332,7 @@ def build(corpus: Path = CORPUS, envoy: str | None = None, refresh: bool = False
     planemesh_verdicts(loaded)
     rows = [r for r, _ in loaded]
     envoy_verdicts(rows, envoy, corpus / "envoy_verdicts.json", refresh)
-    return render(rows)
+    return render(rows, tcp_chains(loaded))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@ A listener's plane: `metadata.filter_metadata.planemesh.plane`, else the plane w
 address, else (0.0.0.0 / ::, or a service VIP of a listener that does not bind) every plane: the plane of a
 connection is the interface it arrives on, never a listener's address. Each filter chain becomes one
 planemesh Listener per plane: `http_connection_manager` -> HTTP (proxied), `tcp_proxy` -> TCP (bypassed in
-the kernel), both on one destination -> HTTP sniffed. istiod's capture listeners (virtualOutbound,
+the kernel where its cluster would pick the original destination anyway, else relayed by the proxy:
+ebpf/policy.py, xds/translate_tcp.py), both on one destination -> HTTP sniffed. istiod's capture listeners (virtualOutbound,
 virtualInbound) dispatch by original destination, which planemesh's interception does itself: their
 per-port chains become listeners, their catch-alls are noted (docs/istio-conformance.md). Every error of
 the whole update is collected into one ConfigError (one NACK naming every bad resource).
@@ -18,7 +19,6 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf.message import DecodeError
 from netaddr import IPNetwork
 
@@ -63,6 +63,7 @@ from planemesh.xds.translate_internal import internal_listener
 from planemesh.xds.translate_mtls import served_cluster, served_listeners
 from planemesh.xds.translate_rbac import NETWORK_RBAC, translate_network_rbac, translate_rbac
 from planemesh.xds.translate_routes import RouteMemo, translate_route_config, translate_upgrades
+from planemesh.xds.translate_tcp import own_service_chain, tcp_clusters, tcp_proxy
 from planemesh.xds.translate_tls import resolve_secrets, secret_uses, socket_tls
 
 _EXT = "envoy.extensions."
@@ -222,70 +223,85 @@ def _terminal(chain) -> str | None:
     return type_name(chain.filters[-1].typed_config.type_url) if chain.filters else None
 
 
-def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> list[Listener]:
-    chain_fields = {"filter_chain_match", "filters", "name", "metadata", "transport_socket_connect_timeout"}
-    only(chain, chain_fields | {"transport_socket"}, path)
-    tls = socket_tls(chain, path, upstream=False)  # xds/translate_tls.py
-    m = chain.filter_chain_match
+_CHAIN_FIELDS = {"filter_chain_match", "filters", "name", "metadata", "transport_socket_connect_timeout"}
+_MATCH_FIELDS = {"destination_port", "prefix_ranges", "server_names", "transport_protocol", "application_protocols"}
+
+
+@dataclasses.dataclass(slots=True)
+class _Terminal:
+    """What a chain's last filter makes of it: an HTTP connection manager's routes and filters, or tcp_proxy's
+    clusters."""
+
+    protocol: ListenerProtocol
+    route_config: str | None = None
+    filters: tuple[HttpFilter, ...] = ()
+    upgrades: tuple[UpgradeConfig, ...] = ()  # Envoy: an HCM without upgrade_configs refuses every upgrade
+    xfcc: tuple[str, tuple[str, ...]] = ("sanitize", ())
+    tcp_clusters: tuple[WeightedCluster, ...] = ()
+    own_service: bool = False  # istiod's default chain of the listener's own service (xds/translate_tcp.py)
+
+
+def _chain_match(m, where: _Where, path: str) -> tuple[int, list[IPNetwork]]:
+    """filter_chain_match checked -> (destination port, destination prefixes)."""
+    mpath = f"{path}.filter_chain_match"
     if m.transport_protocol not in ("", "tls", "raw_buffer"):
-        raise ConfigError(
-            f"{path}.filter_chain_match.transport_protocol", f"{m.transport_protocol!r}: expected tls or raw_buffer"
-        )
-    only(
-        m,
-        {"destination_port", "prefix_ranges", "server_names", "transport_protocol", "application_protocols"},
-        f"{path}.filter_chain_match",
-    )
-    port, planes = where.port, where.planes
+        raise ConfigError(f"{mpath}.transport_protocol", f"{m.transport_protocol!r}: expected tls or raw_buffer")
+    only(m, _MATCH_FIELDS, mpath)
+    port = where.port
     if m.HasField("destination_port"):
         port = m.destination_port.value
         if not 1 <= port <= 65535:
-            raise ConfigError(f"{path}.filter_chain_match.destination_port", f"{port} is not a TCP port")
-    prefixes = _prefixes(m, path) or list(where.vip)
+            raise ConfigError(f"{mpath}.destination_port", f"{port} is not a TCP port")
     for i, name in enumerate(m.server_names):
         if (why := server_name_error(name)) is not None:
-            raise ConfigError(f"{path}.filter_chain_match.server_names[{i}]", why)
-    if not chain.filters:
-        raise ConfigError(
-            f"{path}.filters", "a filter chain needs a terminal filter (http_connection_manager or tcp_proxy)"
-        )
+            raise ConfigError(f"{mpath}.server_names[{i}]", why)
+    return port, _prefixes(m, path) or list(where.vip)
+
+
+def _network_rbac(chain, path: str) -> list:
+    """The filters before the terminal one: network RBAC in front of tcp_proxy is enforced (xds/translate_rbac.py,
+    agent/proxy/tcp_authz.py); the others are checked (xds/translate_filters.py)."""
     network_rbac = []
     for i, flt in enumerate(chain.filters[:-1]):
         tcp_rbac = type_name(flt.typed_config.type_url) == NETWORK_RBAC and _terminal(chain) == TCP_PROXY
         if tcp_rbac and (rbac := translate_network_rbac(flt.typed_config, f"{path}.filters[{i}]")) is not None:
-            network_rbac.append(rbac)  # xds/translate_rbac.py; enforced by agent/proxy/tcp_authz.py
+            network_rbac.append(rbac)
             continue
         network_filter(flt, f"{path}.filters[{i}]")
+    return network_rbac
+
+
+def _terminal_filter(listener, chain, ci: int, where: _Where, port: int, acc: _Acc, fpath: str) -> _Terminal:
     last = chain.filters[-1]
-    fpath = f"{path}.filters[{len(chain.filters) - 1}]"
     kind = type_name(last.typed_config.type_url)
-    route_config = None
-    filters: tuple[HttpFilter, ...] = ()
-    tcp_clusters: tuple[WeightedCluster, ...] = ()
-    upgrades: tuple[UpgradeConfig, ...] = ()  # Envoy: an HCM without upgrade_configs refuses every upgrade
-    xfcc: tuple[str, tuple[str, ...]] = ("sanitize", ())
     if kind == HCM:
-        protocol = ListenerProtocol.HTTP
-        route_config, filters, upgrades, xfcc = _hcm(listener, last, ci, chain.name, planes, acc, fpath)
-    elif kind == TCP_PROXY:
-        protocol = ListenerProtocol.TCP
-        tcp = tcp_proxy_pb2.TcpProxy()
-        last.typed_config.Unpack(tcp)
-        only(tcp, {"stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "access_log"}, fpath)
-        if tcp.cluster:
-            tcp_clusters = (WeightedCluster(tcp.cluster, 1),)
-        else:
-            tcp_clusters = tuple(WeightedCluster(w.name, w.weight) for w in tcp.weighted_clusters.clusters)
-        if not tcp_clusters:
-            raise ConfigError(fpath, "tcp_proxy needs a cluster")
-        acc.tcp_clusters += [(f"{fpath}.cluster", w.name) for w in tcp_clusters]
-    else:
-        raise ConfigError(fpath, f"network filter {last.name!r} ({kind or 'no typed_config'}) is not supported")
+        route_config, filters, upgrades, xfcc = _hcm(listener, last, ci, chain.name, where.planes, acc, fpath)
+        return _Terminal(ListenerProtocol.HTTP, route_config, filters, upgrades, xfcc)
+    if kind == TCP_PROXY:
+        tcp = tcp_proxy(last, fpath)
+        clusters = tcp_clusters(tcp, fpath)
+        acc.tcp_clusters += [(f"{fpath}.cluster", w.name) for w in clusters]
+        own = own_service_chain(chain, tcp, port, vip=bool(where.vip) and not where.capture)
+        return _Terminal(ListenerProtocol.TCP, tcp_clusters=clusters, own_service=own)
+    raise ConfigError(fpath, f"network filter {last.name!r} ({kind or 'no typed_config'}) is not supported")
+
+
+def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> list[Listener]:
+    only(chain, _CHAIN_FIELDS | {"transport_socket"}, path)
+    tls = socket_tls(chain, path, upstream=False)  # xds/translate_tls.py
+    m = chain.filter_chain_match
+    port, prefixes = _chain_match(m, where, path)
+    if not chain.filters:
+        raise ConfigError(
+            f"{path}.filters", "a filter chain needs a terminal filter (http_connection_manager or tcp_proxy)"
+        )
+    network_rbac = _network_rbac(chain, path)
+    term = _terminal_filter(listener, chain, ci, where, port, acc, f"{path}.filters[{len(chain.filters) - 1}]")
     if tls is not None:  # HTTP: agent/proxy/tls.py; tcp_proxy: terminated, then relayed (agent/proxy/tcp_tls.py)
         acc.tls_paths[id(tls)] = f"{path}.transport_socket"  # its secrets' user, if it is served
     # TCP: agent/proxy/sni_routing.py; a TLS chain's: whether a sniffed port terminates (agent/proxy/sniff_tls.py)
-    alpn = tuple(m.application_protocols) if protocol is ListenerProtocol.TCP or tls is not None else ()
-    if m.application_protocols and protocol is ListenerProtocol.HTTP:
+    alpn = tuple(m.application_protocols) if term.protocol is ListenerProtocol.TCP or tls is not None else ()
+    if m.application_protocols and term.protocol is ListenerProtocol.HTTP:
         note_ignored(
             f"{path}.filter_chain_match",
             "application_protocols: planemesh tells HTTP from other bytes by sniffing (an HTTP chain and a TCP "
@@ -296,24 +312,25 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
         base = f"{listener.name}/{base}"
     return [
         Listener(
-            name=base if len(planes) == 1 else f"{base}@{plane.name}",
+            name=base if len(where.planes) == 1 else f"{base}@{plane.name}",
             plane=plane.name,
             port=port,
-            protocol=protocol,
+            protocol=term.protocol,
             prefixes=tuple(prefixes),
-            route_config=route_config,
-            http_filters=filters,
+            route_config=term.route_config,
+            http_filters=term.filters,
             server_names=tuple(n.lower() for n in m.server_names),
-            tcp_clusters=tcp_clusters,
-            upgrades=upgrades,
+            tcp_clusters=term.tcp_clusters,
+            upgrades=term.upgrades,
             tls=tls,
             transport_protocol=m.transport_protocol,
-            forward_client_cert=xfcc[0],
-            client_cert_details=xfcc[1],
+            forward_client_cert=term.xfcc[0],
+            client_cert_details=term.xfcc[1],
             network_rbac=tuple(network_rbac),
             application_protocols=alpn,
+            own_service=term.own_service,
         )
-        for plane in planes
+        for plane in where.planes
     ]
 
 

@@ -148,6 +148,8 @@ def test_the_whole_push_is_one_valid_snapshot_with_istio_semantics(loaded):
     assert policy.rules[PolicyRule(1, 9080)] is Action.SNIFF
     assert policy.rules[PolicyRule(1, 9091)] is Action.SNIFF  # the mTLS twin too: one action per port
     assert policy.rules[PolicyRule(1, 53, "10.96.0.10/32")] is Action.BYPASS
+    # a VirtualService tcp route to subset v2 (chain metadata istio.config): relayed to the subset, not bypassed
+    assert policy.rules[PolicyRule(1, 3306, "10.96.9.9/32")] is Action.SNIFF
     assert needs_sniff_listener(snap, snap.plane("pod"))
 
 

@@ -15,8 +15,6 @@ FOLDERS = ("agent", "xds", "model", "netplanes", "ebpf", "labs")
 
 # (module, function) -> why it is longer than MAX_FUNCTION_LINES for now. Each is a debt, not a design.
 LONG_FUNCTIONS = {
-    ("xds/translate.py", "_chain"): "one filter chain -> Listeners, field by field; being edited by the TLS/RBAC work "
-                                    "(sec) this session: to split (HCM vs tcp_proxy terminal) after that merge",
     ("xds/per_resource.py", "translate_update"): "the retry loop that drops one bad listener per round; being edited "
                                                  "by the per-workload (workloads) and TLS (sec) work this session",
 }  # fmt: skip
