@@ -5,8 +5,8 @@ address, else (0.0.0.0 / ::, or a service VIP of a listener that does not bind) 
 connection is the interface it arrives on, never a listener's address. Each filter chain becomes one
 planemesh Listener per plane: `http_connection_manager` -> HTTP (proxied), `tcp_proxy` -> TCP (bypassed in
 the kernel where its cluster would pick the original destination anyway, else relayed by the proxy:
-ebpf/policy.py, xds/translate_tcp.py), both on one destination -> HTTP sniffed. istiod's capture listeners (virtualOutbound,
-virtualInbound) dispatch by original destination, which planemesh's interception does itself: their
+ebpf/policy.py, xds/translate_tcp.py), both on one destination -> HTTP sniffed. istiod's capture listeners
+(virtualOutbound, virtualInbound) dispatch by original destination, which planemesh's interception does itself: their
 per-port chains become listeners, their catch-alls are noted (docs/istio-conformance.md). Every error of
 the whole update is collected into one ConfigError (one NACK naming every bad resource).
 """
