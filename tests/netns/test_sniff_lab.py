@@ -43,6 +43,8 @@ pytestmark = pytest.mark.netns
 HTTP_PORT = BYPASS_HTTP_PORT  # the lab's HTTP server on a port no listener declares
 TLS_PORT, SNI_PORT, ROUTED_PORT = 4443, 8443, 9443
 SPLIT_PORT = 7010  # a weighted tcp_proxy split on plane media; nothing listens there on the server
+ROUTED_TCP_PORT = 7011  # a VirtualService tcp route to another service; nothing listens there either
+REVERSE_SERVICE = f"outbound|{7000}||reverse.default.svc.cluster.local"
 BANNER_PORT, REVERSE_PORT, BULK_PORT = 2525, 7000, 7001
 BULK_SIZE = 100 * 1024 * 1024
 
@@ -91,6 +93,16 @@ def xds_resources(routed_endpoint: str) -> list[dict[str, Any]]:
          "filter_chains": [{"name": "split", "filters": [{"name": "tcp", "typed_config": {
              "@type": TCP_PROXY, "stat_prefix": "split", "weighted_clusters": {"clusters": [
                  {"name": "split_reverse", "weight": 1}, {"name": "split_banner", "weight": 1}]}}}]}]},
+        # Plane media: istiod's listener of a TCP service (its VIP: the server's media address, 7011) whose
+        # VirtualService `tcp:` route sends it to another service: one cluster, not the original destination.
+        {"@type": T + "config.listener.v3.Listener", "name": f"{routed_endpoint}_{ROUTED_TCP_PORT}",
+         "address": {"socket_address": {"address": routed_endpoint, "port_value": ROUTED_TCP_PORT}},
+         "bind_to_port": False,
+         "filter_chains": [{"metadata": {"filter_metadata": {"istio": {
+             "config": "/apis/networking.istio.io/v1alpha3/namespaces/default/virtual-service/to-reverse"}}},
+             "filters": [{"name": "tcp", "typed_config": {"@type": TCP_PROXY, "stat_prefix": REVERSE_SERVICE,
+                                                          "cluster": REVERSE_SERVICE}}]}]},
+        static_cluster(REVERSE_SERVICE, routed_endpoint, REVERSE_PORT),
         static_cluster("split_reverse", routed_endpoint, REVERSE_PORT),
         static_cluster("split_banner", routed_endpoint, BANNER_PORT),
         {"@type": T + "config.cluster.v3.Cluster", "name": "passthrough", "type": "ORIGINAL_DST",
@@ -223,6 +235,14 @@ def test_weighted_tcp_split_is_relayed_to_both_clusters(env: SniffLab) -> None:
     dst = env.server("media", 4)
     answers = [call_in(env.agent.client_ns, _which_server, dst, SPLIT_PORT) for _ in range(6)]
     assert sorted(answers) == ["banner"] * 3 + ["reverse"] * 3, answers
+
+
+def test_single_cluster_tcp_route_goes_to_its_cluster(env: SniffLab) -> None:
+    """A tcp_proxy chain with ONE cluster that is not the original destination (istio: a VirtualService tcp route
+    to another service) is relayed to that cluster. Before, every single-cluster chain was a kernel bypass: the
+    connection went to server:7011, where nothing listens, and was refused."""
+    dst = env.server("media", 4)
+    assert [call_in(env.agent.client_ns, _which_server, dst, ROUTED_TCP_PORT) for _ in range(2)] == ["reverse"] * 2
 
 
 def test_binary_protocol_is_byte_exact_with_half_close(env: SniffLab) -> None:
