@@ -48,6 +48,11 @@ def tls_files_from_dict(raw: Any, path: str) -> TlsFiles:
     return TlsFiles(ca=raw["ca"], cert=raw.get("cert"), key=raw.get("key"), server_name=raw.get("server_name"))
 
 
+def tls_files_dict(tls: TlsFiles) -> dict[str, str]:
+    """TlsFiles as the `tls:` mapping tls_files_from_dict reads (how a bootstrap's server.tls is passed on)."""
+    return {k: v for k in ("ca", "cert", "key", "server_name") if (v := getattr(tls, k)) is not None}
+
+
 def check_token_file(value: Any, path: str) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise ConfigError(path, f"expected an absolute path, got {value!r}")

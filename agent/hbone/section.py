@@ -25,6 +25,7 @@ from planemesh.agent.hbone.routes import HboneConfigError
 from planemesh.agent.hbone.settings import HboneSettings, ca_api_dict, parse_settings
 from planemesh.agent.identity.cert_client import CaSettings
 from planemesh.model.config import ConfigError
+from planemesh.xds.server_channel import TlsFiles, tls_files_dict
 
 SECTION = "hbone"
 
@@ -40,9 +41,14 @@ def check(settings: Mapping[str, Any], path: str = SECTION) -> HboneSettings:
         raise ConfigError(f"{path}.{field}", message) from None
 
 
-def section_settings(top: Any, ca_api: CaSettings | None = None) -> dict[str, Any] | None:
+def section_settings(
+    top: Any, ca_api: CaSettings | None = None, server_tls: TlsFiles | None = None, token_file: str | None = None
+) -> dict[str, Any] | None:
     """The checked `hbone:` settings of a parsed configuration (None: no section). Without its own `ca` or
-    `ca_api`, the section takes `ca_api` (the bootstrap's `ca:` CreateCertificate endpoint)."""
+    `ca_api`, the section takes `ca_api` (the bootstrap's `ca:` CreateCertificate endpoint). Its `wds` stream
+    reaches istiod as the agent's ADS stream does: without its own `tls` or `token_file` key it takes the
+    bootstrap's `server.tls` / `server.token_file` (`server_tls`, `token_file`); the key set to null keeps
+    the stream plaintext / without a token."""
     if not isinstance(top, Mapping) or top.get(SECTION) is None:
         return None
     raw = top[SECTION]
@@ -51,6 +57,14 @@ def section_settings(top: Any, ca_api: CaSettings | None = None) -> dict[str, An
     settings = dict(raw)
     if "ca" not in settings and "ca_api" not in settings and ca_api is not None:
         settings["ca_api"] = ca_api_dict(ca_api)
+    wds = settings.get("wds")
+    if isinstance(wds, Mapping):
+        wds = dict(wds)
+        if "tls" not in wds and server_tls is not None:
+            wds["tls"] = tls_files_dict(server_tls)
+        if "token_file" not in wds and token_file is not None:
+            wds["token_file"] = token_file
+        settings["wds"] = wds
     check(settings)
     return settings
 

@@ -13,7 +13,8 @@ peers: [{name: node-b, address: 10.81.0.2, cidrs: [10.81.2.0/24],
          identity: spiffe://cluster.local/ns/planemesh/sa/node-b}]
 rbac: [{rules: {action: DENY, policies: {...}}}]   # envoy.filters.http.rbac RBAC messages (AuthorizationPolicy)
 wds: {address: "127.0.0.1:18000", node: node-a}  # optional: workloads, peer routes, policies from istio's WDS
-                                                 # (+ tls: {ca, server_name}, token_file: as server.tls/token_file)
+                                                 # (+ tls: {ca, server_name}, token_file: as server.tls/token_file;
+                                                 # in the agent's bootstrap, those two by default)
 """
 
 from __future__ import annotations

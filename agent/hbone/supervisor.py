@@ -60,19 +60,20 @@ STABLE_S = 30.0  # a child that ran this long restarts after the minimum backoff
 
 def load_hbone(config: Path | None, bootstrap: Path | None) -> dict[str, Any] | None:
     """The checked `hbone:` settings of the agent's static config or bootstrap (None: no section).
-    ConfigError naming the field. In a bootstrap, its `ca:` section gives certificates by CreateCertificate."""
+    ConfigError naming the field. In a bootstrap, its `ca:` section gives certificates by CreateCertificate, and
+    its `server.tls`/`server.token_file` are the WDS stream's unless `hbone.wds` sets its own."""
     path = config or bootstrap
     if path is None:
         return None
     raw = read_yaml_file(path)
     if not isinstance(raw, dict) or raw.get(SECTION) is None:
         return None
-    if config is None:
+    if config is None:  # the bootstrap's CA and xDS channel settings are the section's defaults
         boot = bootstrap_from_dict(raw)
-        ca_api, planes = boot.ca, boot.planes
+        ca_api, planes, server_tls, token_file = boot.ca, boot.planes, boot.tls, boot.token_file
     else:
-        ca_api, planes = None, snapshot_from_dict(raw).planes
-    settings = section_settings(raw, ca_api)
+        ca_api, planes, server_tls, token_file = None, snapshot_from_dict(raw).planes, None, None
+    settings = section_settings(raw, ca_api, server_tls, token_file)
     check_ports(settings, planes)  # the capture against the agent's planes
     if settings is not None and "ca" in settings:
         try:
