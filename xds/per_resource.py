@@ -190,6 +190,68 @@ def _tls_listeners(lst: _Listeners, available: set[str], received, secrets: dict
     return bad
 
 
+def _served_clusters(res: XdsResources, accepted: XdsResources | None, planes: tuple[Plane, ...],
+                     cache: TranslationCache, rejected: Rejected) -> tuple[dict, dict[str, object]]:  # fmt: skip
+    """The accepted clusters, their TLS served or plaintext (xds/translate_mtls.py), and the secrets they use.
+    ConfigError when a plane's required mTLS secrets are missing: the whole update waits, the plane must not
+    fall back to plaintext."""
+    clusters = _clusters(res, accepted, planes, cache, rejected)
+    available = set(res.secrets)  # TLS with a plaintext path but no secrets: plaintext (xds/translate_mtls.py)
+    cluster_secrets: dict[str, object] = {}
+    for p in planes:  # a plane whose SLA requires mTLS needs its certificate and roots (agent/proxy/tls.py)
+        user = f"planes[{p.name}].sla.mtls_cert"
+        if (ctx := plane_tls(p.sla)) is not None and (why := secrets_of((ctx,), user, res.secrets, cluster_secrets)):
+            raise ConfigError(user, why)
+    for name in sorted(clusters):
+        c = served_cluster(clusters[name], available)
+        if (why := cluster_tls_error(c, res.secrets, cluster_secrets)) is not None:
+            rejected.setdefault(CLUSTER, {})[name] = why
+            del clusters[name]
+        else:
+            clusters[name] = c
+    return clusters, cluster_secrets
+
+
+def _listener_round(lst: _Listeners, res: XdsResources, accepted: XdsResources | None, skip: Mapping[str, str],
+                    rejected: Rejected) -> list[str]:  # fmt: skip
+    """Every listener of `res` but the skipped ones into `lst`; a bad or warming one keeps its previous
+    version (if it still can serve). Returns the warming listeners."""
+    old_listeners = accepted.listeners if accepted is not None else {}
+    warming: list[str] = []
+    for name, msg in sorted(res.listeners.items()):
+        if name in skip:
+            rejected.setdefault(LISTENER, {})[name] = skip[name]
+            continue
+        why, warm = lst.add(name, msg)
+        if why is None and not warm:
+            continue
+        if why is not None:
+            rejected.setdefault(LISTENER, {})[name] = why
+        if warm:
+            warming.append(name)
+        prev = old_listeners.get(name)
+        if prev is not None and prev is not msg:
+            lst.add(name, prev)  # the previous version keeps serving (if it still can)
+    return warming
+
+
+def _snapshot(res: XdsResources, planes: tuple[Plane, ...], lst: _Listeners, clusters: dict,
+              secrets: dict) -> Snapshot:  # fmt: skip
+    """The round's result, with the SLA values the accepted listeners set on their planes."""
+    sla = lst.acc.sla
+    return Snapshot(
+        version=f"xds:{res.version}",
+        planes=tuple(
+            dataclasses.replace(p, sla=dataclasses.replace(p.sla, **sla[p.name])) if p.name in sla else p
+            for p in planes
+        ),
+        listeners=tuple(lst.out),
+        routes=MappingProxyType(lst.routes),
+        clusters=MappingProxyType(clusters),
+        secrets=MappingProxyType(secrets),
+    )
+
+
 def translate_update(
     res: XdsResources,
     planes: tuple[Plane, ...],
@@ -202,43 +264,18 @@ def translate_update(
     agent/workloads/merge.py), before the whole-snapshot checks.
 
     Raises ConfigError only for a failure no single resource explains (the update is then NACKed whole).
+    Each round takes every listener not skipped yet; a whole-snapshot check that one listener fails (a port
+    clash, an SLA it set, unusable TLS secrets) skips it, NACKed, in the next round.
     """
     cache = cache or TranslationCache()
     rejected: Rejected = {}
-    clusters = _clusters(res, accepted, planes, cache, rejected)
-    available = set(res.secrets)  # TLS with a plaintext path but no secrets: plaintext (xds/translate_mtls.py)
-    cluster_secrets: dict[str, object] = {}
-    for p in planes:  # a plane whose SLA requires mTLS needs its certificate and roots (agent/proxy/tls.py)
-        user = f"planes[{p.name}].sla.mtls_cert"
-        if (ctx := plane_tls(p.sla)) is not None and (why := secrets_of((ctx,), user, res.secrets, cluster_secrets)):
-            raise ConfigError(user, why)  # the whole update waits: the plane must not fall back to plaintext
-    for name in sorted(clusters):
-        c = served_cluster(clusters[name], available)
-        if (why := cluster_tls_error(c, res.secrets, cluster_secrets)) is not None:
-            rejected.setdefault(CLUSTER, {})[name] = why
-            del clusters[name]
-        else:
-            clusters[name] = c
+    clusters, cluster_secrets = _served_clusters(res, accepted, planes, cache, rejected)
+    available = set(res.secrets)
     routes = _routes(res, accepted, cache, rejected)
-    old_listeners = accepted.listeners if accepted is not None else {}
     skip: dict[str, str] = {}  # listeners dropped by a whole-snapshot check -> why
     for _ in range(len(res.listeners) + 1):
         lst = _Listeners(planes, dict(routes), accepted.routes if accepted is not None else {}, cache)
-        warming: list[str] = []
-        for name, msg in sorted(res.listeners.items()):
-            if name in skip:
-                rejected.setdefault(LISTENER, {})[name] = skip[name]
-                continue
-            why, warm = lst.add(name, msg)
-            if why is None and not warm:
-                continue
-            if why is not None:
-                rejected.setdefault(LISTENER, {})[name] = why
-            if warm:
-                warming.append(name)
-            prev = old_listeners.get(name)
-            if prev is not None and prev is not msg:
-                lst.add(name, prev)  # the previous version keeps serving (if it still can)
+        warming = _listener_round(lst, res, accepted, skip, rejected)
         cache.retain(res.clusters, {**res.routes, **{n: None for n in lst.routes}})
         if scope is not None:  # before the shadowing check: a pod's outbound listener shadows only its own traffic
             lst.out = [scope(lsn) for lsn in lst.out]  # 1:1 with lst.owner (_culprit's indexes)
@@ -248,19 +285,7 @@ def translate_update(
         if tls_bad:
             skip.update(tls_bad)  # a listener whose TLS secrets are unusable is refused whole; retry without
             continue
-        snap = Snapshot(
-            version=f"xds:{res.version}",
-            planes=tuple(
-                dataclasses.replace(p, sla=dataclasses.replace(p.sla, **lst.acc.sla[p.name]))
-                if p.name in lst.acc.sla
-                else p
-                for p in planes
-            ),
-            listeners=tuple(lst.out),
-            routes=MappingProxyType(lst.routes),
-            clusters=MappingProxyType(clusters),
-            secrets=MappingProxyType(secrets),
-        )
+        snap = _snapshot(res, planes, lst, clusters, secrets)
         try:
             validate_snapshot(snap, references=False)
         except ConfigError as exc:
