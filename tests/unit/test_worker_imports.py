@@ -22,6 +22,9 @@ NOT_IN_A_WORKER = {
     "yaml": "configuration files are read by the agent",
     "pyroute2": "netlink is the agent's",
     "cryptography": "certificates are made by the agent",
+    "h2": "the h2 stack loads on a worker's first h2 connection (agent/proxy/h2_support.py)",
+    "hpack": "same",
+    "planemesh.agent.proxy.h2_codec": "same",
     "argparse": "the worker's command line is the agent's, parsed by hand (~0.6 MB RSS with gettext)",
 }
 
