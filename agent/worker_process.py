@@ -239,26 +239,37 @@ _CONVERT: dict[str, Any] = {
 }  # fmt: skip
 
 
+class UsageError(SystemExit):
+    """A bad worker command line: exit code 2, as argparse's."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+        print(f"{USAGE}\nplanemesh-worker: {message}", file=sys.stderr)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def parse_args(argv: list[str]) -> WorkerArgs:
     """The worker's command line, written by the agent (worker_supervisor.WorkerProcess._argv). Parsed by hand:
     argparse (and gettext with it) would cost every worker ~0.6 MB of RSS (bench/footprint.py)."""
     args = WorkerArgs()
     if len(argv) % 2:
-        raise SystemExit(f"{USAGE}\nplanemesh-worker: every option takes one value: {argv!r}")
+        raise UsageError(f"every option takes one value: {argv!r}")
     for flag, value in zip(argv[::2], argv[1::2], strict=True):
         if flag not in _CONVERT:
-            raise SystemExit(f"{USAGE}\nplanemesh-worker: unknown option {flag!r}")
+            raise UsageError(f"unknown option {flag!r}")
         try:
             converted = _CONVERT[flag](value)
         except ValueError:
-            raise SystemExit(f"{USAGE}\nplanemesh-worker: bad value for {flag}: {value!r}") from None
-        attr = flag[2:].replace("-", "_")
+            raise UsageError(f"bad value for {flag}: {value!r}") from None
         if flag == "--listen-fd":
             args.listen_fd.append(converted)
         else:
-            setattr(args, attr, converted)
+            setattr(args, flag[2:].replace("-", "_"), converted)
     if not args.plane or args.control_fd < 0 or args.upstream_mark < 0:
-        raise SystemExit(f"{USAGE}\nplanemesh-worker: --plane, --control-fd and --upstream-mark are required")
+        raise UsageError("--plane, --control-fd and --upstream-mark are required")
     return args
 
 

@@ -64,5 +64,6 @@ def test_worker_command_line_parses_what_the_supervisor_writes_and_refuses_the_r
         (["--plane", "x", "--control-fd", "3", "--upstream-mark", "1", "--bogus", "1"], "unknown option"),
         (["--plane", "x"], "required"),
     ]:
-        with pytest.raises(SystemExit, match=why):
+        with pytest.raises(SystemExit, match=why) as refused:
             parse_args(bad)
+        assert refused.value.code == 2  # argparse's usage exit code
