@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, ProcessCollector, generate_latest
-
 from planemesh.agent.metrics import PlanemeshCollector
+from planemesh.agent.metrics_text import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, ProcessCollector, generate_latest
 from planemesh.agent.sdnotify import Readiness
 from planemesh.agent.stats_report import StatsRegistry
 from planemesh.model.config import Snapshot
@@ -147,7 +146,7 @@ class AdminApp:
     started_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry = CollectorRegistry()
         self.registry.register(PlanemeshCollector(self.stats, lambda: self.readiness.blockers))
         ProcessCollector(registry=self.registry)
         self._routes: dict[str, Callable[[dict[str, list[str]]], Response]] = {

@@ -25,7 +25,7 @@ class AgentOptions:
     runtime_dir: Path = Path("/run/planemesh")
     handover: Path | None = None  # hot-upgrade socket; default <runtime_dir>/handover-<netns or host>.sock
     datapath_only: bool = False  # programs and routes only: another proxy (e.g. Envoy in bench/) owns the ports
-    worker_zygote: bool = True  # fork workers from a pre-imported process (agent/zygote.py); --no-worker-zygote: exec
+    worker_zygote: bool = False  # --worker-zygote: fork workers from a pre-imported process (agent/zygote.py)
     host_cgroups: list[str] = field(default_factory=list)  # --host-cgroup: cgroup paths or systemd slices
     node: NodeIdentity = field(default_factory=NodeIdentity)  # --node-id/--node-ip/--pod-name: the xDS Node
     host_proc: Path = Path("/proc")  # --host-proc: the host's /proc as this process sees it
@@ -54,7 +54,7 @@ def options_from_args(args: argparse.Namespace, environ: Mapping[str, str] | Non
         xds_resources=Path(args.xds_resources) if args.xds_resources else None,
         handover=Path(args.handover) if args.handover else None,
         datapath_only=args.datapath_only,
-        worker_zygote=args.worker_zygote or not args.no_worker_zygote,
+        worker_zygote=bool(args.worker_zygote) and not args.no_worker_zygote,  # exec'd workers: the least RSS
         host_cgroups=setting("agent", "--host-cgroup").values(args.host_cgroup, environ),
         node=NodeIdentity(node_id=args.node_id, node_ips=tuple(node_ips), pod_name=args.pod_name),
         host_proc=Path(args.host_proc),

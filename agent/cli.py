@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from planemesh import __version__
+from planemesh.agent.libc_tuning import limit_malloc_arenas
 from planemesh.model.config import ConfigError
 from planemesh.model.defaults import option
 
@@ -120,6 +121,7 @@ def exit_on_sigterm() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     exit_on_sigterm()
+    limit_malloc_arenas()  # before any thread
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv=argv)
     args = parser.parse_args(argv)

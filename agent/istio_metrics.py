@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from planemesh.agent.metrics_text import CounterMetricFamily, HistogramMetricFamily, Metric
 
 LABELS = (
     "reporter",

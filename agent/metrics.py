@@ -6,12 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from planemesh.agent.hbone.metrics import hbone_families
 from planemesh.agent.identity.cert_metrics import certificate_families
 from planemesh.agent.istio_metrics import istio_families
+from planemesh.agent.metrics_text import (
+    Collector,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from planemesh.agent.stats_report import (
     ClusterStats,
     DataPathStats,

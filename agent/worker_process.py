@@ -8,7 +8,6 @@ then falls open to the original destinations instead of feeding a proxy nobody c
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ctypes
 import logging
@@ -16,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 from planemesh.agent.worker_channel import SnapshotDecoder, encode, read_message
@@ -216,16 +216,65 @@ async def run_worker(
     await asyncio.gather(*serving, control_task, stop_task, return_exceptions=True)
 
 
+USAGE = (
+    "usage: planemesh-worker --plane NAME --control-fd N --upstream-mark MARK [--listen-fd N]... "
+    "[--access-log PATH] [--drain-timeout S] [--host-map-fd N]"
+)
+
+
+@dataclass
+class WorkerArgs:
+    plane: str = ""
+    control_fd: int = -1
+    upstream_mark: int = -1
+    listen_fd: list[int] = field(default_factory=list)
+    access_log: str | None = None
+    drain_timeout: float = 5.0
+    host_map_fd: int | None = None  # host mode: the agent's pm_host_by_peer map
+
+
+_CONVERT: dict[str, Any] = {
+    "--plane": str, "--control-fd": int, "--upstream-mark": lambda v: int(v, 0), "--listen-fd": int,
+    "--access-log": str, "--drain-timeout": float, "--host-map-fd": int,
+}  # fmt: skip
+
+
+class UsageError(SystemExit):
+    """A bad worker command line: exit code 2, as argparse's."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+        print(f"{USAGE}\nplanemesh-worker: {message}", file=sys.stderr)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def parse_args(argv: list[str]) -> WorkerArgs:
+    """The worker's command line, written by the agent (worker_supervisor.WorkerProcess._argv). Parsed by hand:
+    argparse (and gettext with it) would cost every worker ~0.6 MB of RSS (bench/footprint.py)."""
+    args = WorkerArgs()
+    if len(argv) % 2:
+        raise UsageError(f"every option takes one value: {argv!r}")
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        if flag not in _CONVERT:
+            raise UsageError(f"unknown option {flag!r}")
+        try:
+            converted = _CONVERT[flag](value)
+        except ValueError:
+            raise UsageError(f"bad value for {flag}: {value!r}") from None
+        if flag == "--listen-fd":
+            args.listen_fd.append(converted)
+        else:
+            setattr(args, flag[2:].replace("-", "_"), converted)
+    if not args.plane or args.control_fd < 0 or args.upstream_mark < 0:
+        raise UsageError("--plane, --control-fd and --upstream-mark are required")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="planemesh-worker")
-    parser.add_argument("--plane", required=True)
-    parser.add_argument("--control-fd", type=int, required=True)
-    parser.add_argument("--listen-fd", type=int, action="append", default=[])
-    parser.add_argument("--upstream-mark", type=lambda v: int(v, 0), required=True)
-    parser.add_argument("--access-log", default=None)
-    parser.add_argument("--drain-timeout", type=float, default=5.0)
-    parser.add_argument("--host-map-fd", type=int, default=None, help="host mode: the agent's pm_host_by_peer map")
-    args = parser.parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     die_with_parent()
     logging.basicConfig(  # force: a worker forked by the zygote (agent/zygote.py) has the agent's handlers
         level=os.environ.get("PLANEMESH_LOG_LEVEL", "INFO"),

@@ -87,11 +87,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(AGENT, "--datapath-only", "PLANEMESH_DATAPATH_ONLY", None,
             "programs and routes only; another proxy binds the plane ports", Kind.SWITCH),
     Setting(AGENT, "--worker-zygote", "PLANEMESH_WORKER_ZYGOTE", None,
-            "fork plane workers from a pre-imported process (agent/zygote.py): code pages shared; the default,"
-            " the flag overrides PLANEMESH_NO_WORKER_ZYGOTE", Kind.SWITCH),
+            "fork plane workers from a pre-imported process (agent/zygote.py): code pages shared (less PSS, more"
+            " RSS: docs/benchmarks.md); default: each worker exec'd", Kind.SWITCH),
     Setting(AGENT, "--no-worker-zygote", "PLANEMESH_NO_WORKER_ZYGOTE", None,
-            "exec each plane worker (python -m planemesh.agent.worker_process) instead of forking it from the"
-            " zygote", Kind.SWITCH),
+            "exec each plane worker (python -m planemesh.agent.worker_process), the default; overrides"
+            " --worker-zygote", Kind.SWITCH),
     Setting(AGENT, "--host-cgroup", "PLANEMESH_HOST_CGROUP", None,
             "host mode: intercept connects in this cgroup v2 (path absolute or below the cgroup2 mount) or systemd"
             " slice (telecom.slice), repeatable", Kind.LIST),

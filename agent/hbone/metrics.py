@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from planemesh.agent.metrics_text import CounterMetricFamily, GaugeMetricFamily, Metric
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from planemesh.agent.metrics_text import CounterMetricFamily, GaugeMetricFamily, Metric
 
 
 def certificate_families(rows: Sequence[Any]) -> Iterator[Metric]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS
-from planemesh.agent.proxy.h2_upstream import open_h2_stream
+from planemesh.agent.proxy.h2_support import open_h2_stream
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.retry import NO_RETRIES, rng
 from planemesh.model.config import ClusterKind

@@ -13,6 +13,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from netaddr import AddrFormatError
 
@@ -22,8 +23,7 @@ from planemesh.agent.proxy.dns import DnsRefresh
 from planemesh.agent.proxy.dns_resolver import DnsResolver, Resolve, system_resolve
 from planemesh.agent.proxy.downstream import Downstream
 from planemesh.agent.proxy.exchange import Exchange
-from planemesh.agent.proxy.h2_downstream import H2Downstream
-from planemesh.agent.proxy.h2_upstream import H2Pool
+from planemesh.agent.proxy.h2_support import LazyH2Pool, h2_downstream
 from planemesh.agent.proxy.istio_stats import IstioCounters
 from planemesh.agent.proxy.limits import (
     MEMORY_SHED_BODY,
@@ -46,6 +46,9 @@ from planemesh.agent.proxy.upstream import UpstreamPool
 from planemesh.ebpf.abi import PM_MARK_PLANE_MASK
 from planemesh.model.config import Snapshot
 from planemesh.model.planes import plane_of_address
+
+if TYPE_CHECKING:
+    from planemesh.agent.proxy.h2_downstream import H2Downstream
 
 # (sockname, peername) of an accepted connection -> its original destination (address, port).
 OriginalDestination = Callable[[tuple, tuple], tuple[str, int]]
@@ -100,7 +103,7 @@ class PlaneProxy:
         self.pool = UpstreamPool(
             self, max_idle_per_key=max_idle_per_key, idle_timeout_s=min(60.0, self.sla.idle_timeout_s)
         )
-        self.h2_pool = H2Pool(self)  # h2c (and h2 over TLS) upstream connections, multiplexed
+        self.h2_pool = LazyH2Pool(self)  # h2c (and h2 over TLS) upstream connections, multiplexed
         self.mirror_sender: MirrorSender | None = None  # made on the first mirrored request (mirrors())
         self.connections: set[ClientConnection] = set()  # every client connection, HTTP/1.1 or h2 (admitted or not)
         self.inflight: set[Timed] = set()  # attempts and h2 streams with a deadline, checked by _sweep_deadlines
@@ -253,7 +256,7 @@ class PlaneProxy:
 
     def h2_protocol(self, preread: bytes = b"") -> H2Downstream:
         """A new client connection speaking h2c (prior knowledge); `preread`: its first bytes, read already."""
-        return H2Downstream(self, preread)
+        return h2_downstream(self, preread)
 
     def mirrors(self) -> MirrorSender:
         """The mirror sender, made on first use (a proxy that never mirrors pays nothing)."""

@@ -54,8 +54,8 @@ def test_agent_holds_no_compiler_and_warm_starts_compile_nothing(run_prefix: str
             assert compiler_libraries(env.agent.pid) == set()
             assert COMPILED in env.agent_output()
             assert proxied(env)
-            workers = [*procs.zygotes(env.agent.pid), *procs.worker_pids(env.agent.pid)]
-            assert len(workers) == 3 and all(compiler_libraries(pid) == set() for pid in workers)
+            workers = [*procs.zygotes(env.agent.pid), *procs.worker_pids(env.agent.pid)]  # exec'd: no zygote
+            assert len(procs.worker_pids(env.agent.pid)) == 2 and all(compiler_libraries(p) == set() for p in workers)
             # A static config: no xDS, so neither the agent nor a worker loaded grpc/protobuf.
             assert all(grpc_libraries(pid) == set() for pid in [env.agent.pid, *workers])
             programs = {p for p in os.listdir(pin_dir) if p.startswith("prog_pm_tc_ingress_")}

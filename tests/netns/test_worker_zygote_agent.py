@@ -1,7 +1,7 @@
-"""The real agent with its workers forked by the zygote (agent/zygote.py, the default): traffic through forked
+"""The real agent with its workers forked by the zygote (agent/zygote.py, --worker-zygote): traffic through forked
 workers in every plane, each worker in its plane's groups with its own memory charged there, workers that die with
-a SIGKILLed agent, a hot upgrade whose successor forks its workers from a zygote of its own, and
---no-worker-zygote's exec'd workers."""
+a SIGKILLed agent, a hot upgrade whose successor forks its workers from a zygote of its own, and the default's
+exec'd workers (also with --no-worker-zygote, which overrides --worker-zygote)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tests.netns.test_stalled_worker import all_answer
 
 pytestmark = pytest.mark.netns
 MIB = 1 << 20
+ZYGOTE = ["--worker-zygote"]
 
 
 def _gone(pid: int) -> bool:
@@ -46,7 +47,7 @@ def _private_dirty_bytes(pid: int) -> int:
 
 def test_forked_workers_serve_each_plane_in_its_groups_and_die_with_the_agent(run_prefix: str, tmp_path: Path) -> None:
     config = _limits_config(tmp_path / "agent.yaml", {"memory_max_mb": 128})
-    with running_agent(f"{run_prefix}z", ["--config", str(config)]) as env:
+    with running_agent(f"{run_prefix}z", ["--config", str(config), *ZYGOTE]) as env:
         found = eventually(lambda: _zygote_and_workers(env.agent.pid))
         assert found, "no zygote with two forked workers under the agent"
         zygote, workers = found
@@ -72,7 +73,7 @@ def test_forked_workers_serve_each_plane_in_its_groups_and_die_with_the_agent(ru
 
 
 def test_a_hot_upgrade_hands_over_to_workers_forked_by_the_successors_zygote(run_prefix: str, tmp_path: Path) -> None:
-    args: list[str] = []
+    args = list(ZYGOTE)
     with running_agent(f"{run_prefix}u", args) as env:
         old = eventually(lambda: _zygote_and_workers(env.agent.pid))
         assert old and eventually(lambda: all_answer(env, 200), 10)
@@ -88,7 +89,7 @@ def test_a_hot_upgrade_hands_over_to_workers_forked_by_the_successors_zygote(run
 
 
 def test_a_killed_zygote_takes_its_workers_and_an_execd_one_replaces_it(run_prefix: str) -> None:
-    with running_agent(f"{run_prefix}k", []) as env:
+    with running_agent(f"{run_prefix}k", ZYGOTE) as env:
         old = eventually(lambda: _zygote_and_workers(env.agent.pid))
         assert old and procs.comm(old[0]) == "pm-zygote" and eventually(lambda: all_answer(env, 200), 10)
         os.kill(old[0], signal.SIGKILL)  # its workers die with it (PDEATHSIG); the supervisor restarts them
@@ -100,8 +101,9 @@ def test_a_killed_zygote_takes_its_workers_and_an_execd_one_replaces_it(run_pref
         assert env.agent.poll() is None
 
 
-def test_no_worker_zygote_execs_each_worker_as_the_agents_child(run_prefix: str) -> None:
-    with running_agent(f"{run_prefix}x", ["--no-worker-zygote"]) as env:
+@pytest.mark.parametrize("flags", [[], ["--worker-zygote", "--no-worker-zygote"]], ids=["default", "no-zygote"])
+def test_workers_are_execd_as_the_agents_children_by_default(run_prefix: str, flags: list[str]) -> None:
+    with running_agent(f"{run_prefix}x", flags) as env:
         workers = eventually(lambda: (w := procs.workers_by_plane(env.agent.pid)) and len(w) == 2 and w)
         assert workers and sorted(workers) == ["media", "oam"]
         assert procs.zygotes(env.agent.pid) == []

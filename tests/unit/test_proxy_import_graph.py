@@ -63,4 +63,4 @@ def test_no_function_local_proxy_imports() -> None:
 
 def test_the_graph_is_read() -> None:  # the checks above look at real edges
     graph = _graph()
-    assert "pipeline" in graph["exchange"] and "attempts" in graph["h2_stream"] and "h2_upstream" in graph["attempts"]
+    assert "pipeline" in graph["exchange"] and "attempts" in graph["h2_stream"] and "h2_support" in graph["attempts"]

@@ -9,6 +9,8 @@ import pickle
 import subprocess
 import sys
 
+import pytest
+
 from planemesh.model.safe_regex import compile_regex
 from planemesh.model.static_config import load_default_config
 
@@ -20,6 +22,10 @@ NOT_IN_A_WORKER = {
     "yaml": "configuration files are read by the agent",
     "pyroute2": "netlink is the agent's",
     "cryptography": "certificates are made by the agent",
+    "h2": "the h2 stack loads on a worker's first h2 connection (agent/proxy/h2_support.py)",
+    "hpack": "same",
+    "planemesh.agent.proxy.h2_codec": "same",
+    "argparse": "the worker's command line is the agent's, parsed by hand (~0.6 MB RSS with gettext)",
 }
 
 # The snapshot arrives pickled, as the agent sends it (agent/worker_channel.py).
@@ -43,3 +49,21 @@ def test_worker_start_up_loads_none_of_what_belongs_to_the_agent_or_to_unused_fe
 def test_regexes_still_compile_and_match_once_re2_is_loaded_on_demand() -> None:
     rx = compile_regex(r"/v[0-9]+/.*")
     assert rx.fullmatch("/v12/x") and not rx.fullmatch("/w/x")
+
+
+def test_worker_command_line_parses_what_the_supervisor_writes_and_refuses_the_rest() -> None:
+    from planemesh.agent.worker_process import parse_args
+
+    args = parse_args(["--plane", "oam", "--control-fd", "3", "--upstream-mark", "0x100", "--listen-fd", "4",
+                       "--listen-fd", "5", "--drain-timeout", "2.5", "--host-map-fd", "9"])  # fmt: skip
+    assert (args.plane, args.control_fd, args.upstream_mark) == ("oam", 3, 0x100)
+    assert (args.listen_fd, args.drain_timeout, args.host_map_fd, args.access_log) == ([4, 5], 2.5, 9, None)
+    for bad, why in [
+        (["--plane"], "one value"),
+        (["--plane", "x", "--control-fd", "z", "--upstream-mark", "1"], "bad value for --control-fd"),
+        (["--plane", "x", "--control-fd", "3", "--upstream-mark", "1", "--bogus", "1"], "unknown option"),
+        (["--plane", "x"], "required"),
+    ]:
+        with pytest.raises(SystemExit, match=why) as refused:
+            parse_args(bad)
+        assert refused.value.code == 2  # argparse's usage exit code
