@@ -17,6 +17,7 @@ from planemesh.agent.hbone.supervisor import HboneSupervisor, load_hbone
 from planemesh.agent.identity.ca import new_root, utcnow
 from planemesh.agent.identity.ca_files import write_root_ca
 from planemesh.agent.metrics import PlanemeshCollector
+from planemesh.agent.metrics_text import CollectorRegistry, generate_latest
 from planemesh.agent.stats_report import StatsRegistry, coerce_report, merge_reports
 from planemesh.model.config import ConfigError
 from planemesh.model.static_config import snapshot_from_dict
@@ -123,7 +124,9 @@ def test_counters_reach_the_admin_report_and_prometheus(tmp_path: Path) -> None:
     assert rows[("-", "outbound")].refused == {"no_route": 2}
     assert rows[("node-b", "inbound")].refused == {"rbac_denied": 2}
     assert report.hbone_node[0].up == 0 and report.hbone_node[0].restarts == 0
-    text = "\n".join(str(m) for m in PlanemeshCollector(registry).collect())
+    exposition = CollectorRegistry()
+    exposition.register(PlanemeshCollector(registry))
+    text = generate_latest(exposition).decode()
     assert "planemesh_hbone_streams" in text and "planemesh_hbone_refused" in text and "planemesh_hbone_up" in text
     assert report.hbone_node[0].wds_nacks == 1 and "planemesh_hbone_wds_responses" in text
     one = merge_reports([coerce_report(sup.report())])
