@@ -59,11 +59,13 @@ def test_rate_limited_requests_keep_their_connection(backend) -> None:
 def test_rate_limited_request_with_an_unread_body_closes(backend) -> None:
     clock = [1000.0]
     sla = SLA(rate_limit_rps=1, rate_limit_burst=1)
-    with ProxyThread([("127.0.0.1", backend.port)], sla=sla, clock=lambda: clock[0]) as px:
-        with socket.create_connection(("127.0.0.1", px.port), timeout=5) as s:
-            s.sendall(b"GET /rl HTTP/1.1\r\nHost: t\r\n\r\n")
-            assert _responses(s, 1)[0].startswith(b"HTTP/1.1 200 ")
-            s.sendall(b"POST /rl HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
-            reply = _responses(s, 1)[0]
-            assert reply.startswith(b"HTTP/1.1 429 ") and b"connection: close" in reply.lower()
-            assert s.recv(65536) == b""  # closed: the 99,990 bytes still to come are not read
+    with (
+        ProxyThread([("127.0.0.1", backend.port)], sla=sla, clock=lambda: clock[0]) as px,
+        socket.create_connection(("127.0.0.1", px.port), timeout=5) as s,
+    ):
+        s.sendall(b"GET /rl HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert _responses(s, 1)[0].startswith(b"HTTP/1.1 200 ")
+        s.sendall(b"POST /rl HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
+        reply = _responses(s, 1)[0]
+        assert reply.startswith(b"HTTP/1.1 429 ") and b"connection: close" in reply.lower()
+        assert s.recv(65536) == b""  # closed: the 99,990 bytes still to come are not read
