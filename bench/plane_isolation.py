@@ -52,6 +52,8 @@ from bench.plane_isolation_lab import (
     PROBE,
     PROBE_PATH,
     BenchGroups,
+    agent_counts,
+    counted,
     describe_answers,
     flood_answers,
     flood_argv,
@@ -74,6 +76,7 @@ FLOOD_SETTLE_S = {"connections": 2.0}  # idle_flood needs time to open its conne
 # is measured again (at most --retries times): on a shared box a neighbour's burst there moves oam's p99 as much
 # as a flood (bench/plane_isolation_cpu.py). The row says how many pairs were re-measured.
 MAX_OTHERS_MS_S = 30.0
+AGENT_STATS_S = 0.6  # the agent gathers its workers' counters every 0.5 s (agent/worker_stats.py)
 
 
 def isolation_config(
@@ -139,6 +142,7 @@ class Bench:
         self.proxy_pids: dict[int, str] = {}  # the proxy under test's processes -> their labels
         self.started: dict[int, str] = {}  # probes and floods of this pair (gone before the ledger stops)
         self.ledger = CpuLedger(max(online_cpus()), self.labels)  # the protected CPU (plane_cpus)
+        self.admin: Path | None = None  # the agent's admin socket (planemesh variants): media's counters
 
     def labels(self) -> dict[int, str]:
         return {**self.groups.members(), **self.started, **self.proxy_pids}
@@ -161,12 +165,17 @@ class Bench:
         self.started.clear()  # this pair's probes and flood only: a pid of an earlier one may be anyone's now
         idle, cpu_idle = self.probe("oam, media idle")
         settle = FLOOD_SETTLE_S.get(kind, 1.0)
+        before = agent_counts(self.admin, "media") if self.admin else {}
         flood = self._run(FLOOD, "client", flood_argv(kind, self.media, self.seconds + settle + 0.5))
         self.started[flood.pid] = "flood"
         time.sleep(settle)  # the flood is in full swing
         flooded, cpu_flooded = self.probe(f"oam, media {kind}")
         out = flood.communicate(timeout=self.seconds + 90)[0]
-        return Row(variant, kind, idle, flooded, flood_answers(kind, out), cpu_idle, cpu_flooded)
+        answers = flood_answers(kind, out)
+        if before:
+            time.sleep(AGENT_STATS_S)  # the workers' last counts reach the agent
+            answers["agent"] = counted(before, agent_counts(self.admin, "media"))  # type: ignore[arg-type]
+        return Row(variant, kind, idle, flooded, answers, cpu_idle, cpu_flooded)
 
     def run_variant(self, variant: str, floods: list[str], rounds: int = 1) -> list[Row]:
         rows = []
@@ -195,7 +204,7 @@ def _pair_line(r: Row) -> str:
     return (
         f"p99 {r.idle.p99_ms:.2f} -> {r.flooded.p99_ms:.2f} ms ({_ratio(r.p99_ratio)}), req/s {r.idle.rps:.0f} -> "
         f"{r.flooded.rps:.0f} ({r.rps_ratio:.2f}x), neighbours on oam's CPU {r.others_idle:.0f}, "
-        f"{r.others_flooded:.0f} ms/s"
+        f"{r.others_flooded:.0f} ms/s; media: {describe_answers(r.flood, r.answers)}"
     )
 
 
@@ -259,6 +268,7 @@ def run(
                         cpus = plane_cpus(online_cpus()) if variant == "cpusets" else (None, None)
                         config = isolation_config(run_dir / "agent.yaml", cpus, media_mbit)
                         proxy = envoy if variant == "envoy" else planemesh
+                        bench.admin = run_dir / "admin.sock" if variant != "envoy" else None
                         with proxy(lab, run_dir, config) as bench.proxy_pids:
                             rows += bench.run_variant(variant, floods, rounds)
                 finally:

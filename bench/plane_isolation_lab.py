@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import NGINX, parse_wrk
+from planemesh.agent.admin_client import AdminClient, AdminUnreachable
 from planemesh.agent.cpu_groups import CpuGroups, join_argv
 from planemesh.labs import Lab
 from planemesh.labs import netns as ns_tools
@@ -233,6 +234,12 @@ def flood_answers(kind: str, out: str) -> dict:
 
 
 def describe_answers(kind: str, o: dict) -> str:
+    shown = _describe(kind, o)
+    agent = {k: v for k, v in o.get("agent", {}).items() if v}
+    return shown + (f"; agent counted {', '.join(f'{v} {k}' for k, v in agent.items())}" if agent else "")
+
+
+def _describe(kind: str, o: dict) -> str:
     if "error" in o:
         return f"flood failed: {o['error'][:80]!r}"
     if kind == CONTROL:
@@ -242,11 +249,42 @@ def describe_answers(kind: str, o: dict) -> str:
     if kind == "bandwidth":
         return f"{o['mbit_s']:.0f} Mbit/s echoed over {o['streams']} streams"
     if kind == "connections":  # idle_flood: how many it tried, got, lost before connecting, and saw closed
-        tried, failed = o.get("notes", {}).get("attempted", 0), o.get("connect_failed", 0)
-        return (f"{o.get('connections', 0)} of {tried} connected ({failed} did not), "
+        notes = o.get("notes", {})
+        tried, failed, opened_s = notes.get("attempted", 0), o.get("connect_failed", 0), notes.get("opened_s")
+        took = f" in {opened_s:.1f} s" if opened_s is not None else " (deadline first)"
+        return (f"{o.get('connections', 0)} of {tried} connected{took} ({failed} did not), "
                 f"{o.get('closed', 0)} closed by the proxy")  # fmt: skip
     said = {**o.get("responses", {}), **{f"GOAWAY {k}": v for k, v in o.get("goaway", {}).items()}}
     return f"{o.get('connections', 0)} conns, {o.get('closed', 0)} closed by the proxy, answers {said or '-'}"
+
+
+# ---- what the agent counted on the flooded plane ------------------------------------------------------------
+
+# (/stats section, field) -> the name the report shows: how the flooded plane answered its excess, by the agent's
+# own count (connections accepted, 429s, connections refused past the source's share or by the overload manager).
+AGENT_COUNTERS = {
+    ("listeners", "connections"): "accepted",
+    ("listeners", "rate_limited"): "429",
+    ("overload", "source_refused"): "refused (source share)",
+    ("overload", "shed_connections"): "shed conns",
+    ("overload", "shed_requests"): "shed reqs",
+}
+
+
+def agent_counts(admin: Path, plane: str) -> dict[str, int]:
+    """The plane's AGENT_COUNTERS from the agent's admin /stats (summed over its rows); {} when unreachable."""
+    try:
+        _, stats = AdminClient(f"unix://{admin}").get_json("/stats?format=json")
+    except AdminUnreachable:
+        return {}
+    out = dict.fromkeys(AGENT_COUNTERS.values(), 0)
+    for (section, name), shown in AGENT_COUNTERS.items():
+        out[shown] += sum(int(row.get(name, 0)) for row in stats.get(section, []) if row.get("plane") == plane)
+    return out
+
+
+def counted(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
 
 
 # ---- bulk TCP client (run in the attacker's pod) ------------------------------------------------------------
