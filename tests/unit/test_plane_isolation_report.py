@@ -92,3 +92,15 @@ def test_media_answers_say_how_far_the_connection_flood_got_and_what_the_agent_c
         describe_answers("rate", rate)
         == "900 requests, 800 non-2xx (429/503), 0 timeouts; agent counted 64 accepted, 800 429"
     )
+
+
+def test_the_vms_floor_from_the_spin_control_is_printed_next_to_each_ratio() -> None:
+    rows = [_row("spin", 4.0, 5.2), _row("spin", 4.0, 5.6), _row("rate", 4.0, 5.0), _row("bandwidth", 4.0, 4.4)]
+    text = report(rows, 2.0, True, "sides", rounds=2)
+    lines = {x.split(" | ")[0]: x for x in text.splitlines() if x.startswith("| ") and " -> " not in x}
+    assert "| 1.25x | 1.35x |" in lines["| rate"]  # the flood's ratio, then the floor (median of 1.30x and 1.40x)
+    assert "| 1.10x | 1.35x |" in lines["| bandwidth"]
+    assert "busy loop on each other CPU" in lines["| spin"]
+    verdict = text.splitlines()[-1]  # the controls are no floods: 2 floods, rate over the target, under the floor
+    assert "p99 target (<= 1.2x) met for 1/2 floods" in verdict and "floor 1.35x" in verdict
+    assert "for 2/2" in verdict.split("floor")[1]
