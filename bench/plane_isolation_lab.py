@@ -195,9 +195,12 @@ FLOODS = ("rate", "cpu_heavy", "connections", "rapid_reset", "stream_flood", "ba
 CONTROL = "none"  # no flood at all: two idle probes in a row, the machine's own spread of the ratios
 # No flood either, but a busy loop on each CPU that is not oam's (in group SPIN): what plain load over there costs
 # oam's p99 on this machine, with nothing of the agent or the network involved (the VM's floor for the ratios).
+# SCHED_IDLE: the loops keep those CPUs busy without outweighing anyone there, so the scheduler does not move a
+# shared machine's other tasks onto oam's CPU to make room (uncapped at normal weight, they did: 385 ms/s there).
 SPIN_CONTROL = "spin"
 CONTROLS = (CONTROL, SPIN_CONTROL)
 SPIN_CODE = """import os, sys, time
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 end = time.monotonic() + float(sys.argv[2])
 for _ in range(int(sys.argv[1]) - 1):
     if os.fork() == 0:
