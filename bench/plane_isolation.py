@@ -20,7 +20,10 @@ answers its excess 429/503, never with timeouts.
 Each flood's idle probe runs right before it (the machine's load drifts). `--quick` (< 3 min): 2 s per
 measurement instead of 4. `--rounds N` repeats every idle/flooded pair N times and reports the median ratio
 (and its range); `--only none,...` adds the control: no flood at all, two idle probes in a row, whose ratio is
-what the machine alone does to oam's p99 (on a shared box it spreads as wide as a flood's).
+what the machine alone does to oam's p99 (on a shared box it spreads as wide as a flood's). The `spin` control
+runs by default (first in each round): instead of a flood, a busy loop on every CPU that is not oam's, nothing of
+the agent or the network; its ratio, the VM's floor (what plain load on the other vCPUs costs oam's p99 through
+what they share below the guest), is printed next to every flood's ratio.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from bench.floods import BYSTANDER, flood_lab, proxy_ports, reap, wait_both_plan
 from bench.http_proxy import envoy_in_node
 from bench.plane_isolation_cpu import OTHERS, CpuLedger, any_cpu, off_cpu
 from bench.plane_isolation_lab import (
-    CONTROL,
+    CONTROLS,
     FLOOD,
     FLOOD_SERVERS,
     FLOODS,
@@ -51,7 +54,11 @@ from bench.plane_isolation_lab import (
     LAYOUTS,
     PROBE,
     PROBE_PATH,
+    SPIN,
+    SPIN_CONTROL,
     BenchGroups,
+    agent_counts,
+    counted,
     describe_answers,
     flood_answers,
     flood_argv,
@@ -74,6 +81,7 @@ FLOOD_SETTLE_S = {"connections": 2.0}  # idle_flood needs time to open its conne
 # is measured again (at most --retries times): on a shared box a neighbour's burst there moves oam's p99 as much
 # as a flood (bench/plane_isolation_cpu.py). The row says how many pairs were re-measured.
 MAX_OTHERS_MS_S = 30.0
+AGENT_STATS_S = 0.6  # the agent gathers its workers' counters every 0.5 s (agent/worker_stats.py)
 
 
 def isolation_config(
@@ -139,6 +147,7 @@ class Bench:
         self.proxy_pids: dict[int, str] = {}  # the proxy under test's processes -> their labels
         self.started: dict[int, str] = {}  # probes and floods of this pair (gone before the ledger stops)
         self.ledger = CpuLedger(max(online_cpus()), self.labels)  # the protected CPU (plane_cpus)
+        self.admin: Path | None = None  # the agent's admin socket (planemesh variants): media's counters
 
     def labels(self) -> dict[int, str]:
         return {**self.groups.members(), **self.started, **self.proxy_pids}
@@ -161,12 +170,18 @@ class Bench:
         self.started.clear()  # this pair's probes and flood only: a pid of an earlier one may be anyone's now
         idle, cpu_idle = self.probe("oam, media idle")
         settle = FLOOD_SETTLE_S.get(kind, 1.0)
-        flood = self._run(FLOOD, "client", flood_argv(kind, self.media, self.seconds + settle + 0.5))
+        before = agent_counts(self.admin, "media") if self.admin else {}
+        group = SPIN if kind == SPIN_CONTROL else FLOOD
+        flood = self._run(group, "client", flood_argv(kind, self.media, self.seconds + settle + 0.5))
         self.started[flood.pid] = "flood"
         time.sleep(settle)  # the flood is in full swing
         flooded, cpu_flooded = self.probe(f"oam, media {kind}")
         out = flood.communicate(timeout=self.seconds + 90)[0]
-        return Row(variant, kind, idle, flooded, flood_answers(kind, out), cpu_idle, cpu_flooded)
+        answers = flood_answers(kind, out)
+        if before:
+            time.sleep(AGENT_STATS_S)  # the workers' last counts reach the agent
+            answers["agent"] = counted(before, agent_counts(self.admin, "media"))  # type: ignore[arg-type]
+        return Row(variant, kind, idle, flooded, answers, cpu_idle, cpu_flooded)
 
     def run_variant(self, variant: str, floods: list[str], rounds: int = 1) -> list[Row]:
         rows = []
@@ -195,7 +210,7 @@ def _pair_line(r: Row) -> str:
     return (
         f"p99 {r.idle.p99_ms:.2f} -> {r.flooded.p99_ms:.2f} ms ({_ratio(r.p99_ratio)}), req/s {r.idle.rps:.0f} -> "
         f"{r.flooded.rps:.0f} ({r.rps_ratio:.2f}x), neighbours on oam's CPU {r.others_idle:.0f}, "
-        f"{r.others_flooded:.0f} ms/s"
+        f"{r.others_flooded:.0f} ms/s; media: {describe_answers(r.flood, r.answers)}"
     )
 
 
@@ -259,6 +274,7 @@ def run(
                         cpus = plane_cpus(online_cpus()) if variant == "cpusets" else (None, None)
                         config = isolation_config(run_dir / "agent.yaml", cpus, media_mbit)
                         proxy = envoy if variant == "envoy" else planemesh
+                        bench.admin = run_dir / "admin.sock" if variant != "envoy" else None
                         with proxy(lab, run_dir, config) as bench.proxy_pids:
                             rows += bench.run_variant(variant, floods, rounds)
                 finally:
@@ -295,6 +311,7 @@ LEDGER_COLUMNS = {  # the ledger table's columns: label(s) of bench/plane_isolat
     "idle": ("idle",),
     "agent": ("agent",),
     "media's side": ("media worker", "flood", "flood-servers"),
+    "spin (control)": ("spin",),
     "envoy": ("envoy",),
     "bench": ("bench",),
     "others": (OTHERS,),
@@ -322,29 +339,16 @@ def report(
         f"oam (protected) with media idle vs flooded; {seconds:g} s per measurement{' (quick)' if quick else ''}; "
         f"bench groups: layout {layout}; {rounds} round(s): medians (range of the ratios)",
         "",
-        "| flood | proxy | oam p99 idle ms | p99 flooded ms | p99 flooded/idle | oam req/s idle | req/s flooded "
-        "| req/s flooded/idle | oam errors | others on oam's CPU ms/s idle, flooded | pairs clean / all (re-measured) "
-        "| media's answers |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| flood | proxy | oam p99 idle ms | p99 flooded ms | p99 flooded/idle | VM floor: p99 with the other CPUs "
+        "busy (spin) | oam req/s idle | req/s flooded | req/s flooded/idle | oam errors | others on oam's CPU ms/s "
+        "idle, flooded | pairs clean / all (re-measured) | media's answers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    medians: dict[tuple[str, str], tuple[float, float]] = {}
-    for (kind, variant), every in _group_rows(rows):
-        # The figures come from the pairs the neighbours left alone (all pairs if none was): on a shared machine a
-        # neighbour's burst on oam's CPU moves oam's p99 as much as a flood does.
-        clean = [r for r in every if r.neighbours <= max_others] if variant == "cpusets" else every
-        rs = clean or every
-        p99s, rpss = [r.p99_ratio for r in rs], [r.rps_ratio for r in rs]
-        medians[kind, variant] = _median(p99s), _median(rpss)
-        answered = [r.flooded.p99_ms for r in rs if r.flooded.requests]
-        flooded_p99 = f"{_median(answered):.2f}" if answered else "no answer"
-        out.append(
-            f"| {kind} | {variant} | {_median([r.idle.p99_ms for r in rs]):.2f} | {flooded_p99} | {_spread(p99s)} "
-            f"| {_median([r.idle.rps for r in rs]):.0f} | {_median([r.flooded.rps for r in rs]):.0f} "
-            f"| {_spread(rpss)} | {sum(r.idle.errors + r.flooded.errors for r in rs)} "
-            f"| {_median([r.others_idle for r in rs]):.0f}, {_median([r.others_flooded for r in rs]):.0f} "
-            f"| {len(clean)} / {len(every)} ({sum(r.remeasured for r in every)}) "
-            f"| {describe_answers(kind, every[-1].answers)} |"
-        )
+    groups = [(key, _kept(every, key[1], max_others), every) for key, every in _group_rows(rows)]
+    medians = {key: (_median([r.p99_ratio for r in rs]), _median([r.rps_ratio for r in rs])) for key, rs, _ in groups}
+    floors = {variant: p99 for (kind, variant), (p99, _) in medians.items() if kind == SPIN_CONTROL}
+    for (kind, variant), rs, every in groups:
+        out.append(_row_line(kind, variant, rs, every, floors.get(variant), max_others))
     out += [
         "",
         f"media: rate limit {FLOOD_RATE_LIMIT_RPS} req/s, "
@@ -357,13 +361,41 @@ def report(
         "",
         *ledger_table(rows),
     ]
-    pinned = {k: v for k, v in medians.items() if k[1] == "cpusets" and k[0] != CONTROL}
+    pinned = {k: v for k, v in medians.items() if k[1] == "cpusets" and k[0] not in CONTROLS}
     if pinned:
         p99_ok = sum(p <= TARGET_P99 for p, _ in pinned.values())
         rps_ok = sum(q >= TARGET_RPS for _, q in pinned.values())
         out += ["", f"with cpusets: p99 target (<= {TARGET_P99}x) met for {p99_ok}/{len(pinned)} floods, "
                 f"throughput target (>= {TARGET_RPS}x) for {rps_ok}/{len(pinned)}"]  # fmt: skip
+        floor = floors.get("cpusets")
+        if floor is not None:
+            within = sum(p <= max(floor, TARGET_P99) for p, _ in pinned.values())
+            out[-1] += (f"; p99 within max(target, the VM's floor {floor:.2f}x: the other CPUs merely busy) for "
+                        f"{within}/{len(pinned)}")  # fmt: skip
     return "\n".join(out)
+
+
+def _kept(every: list[Row], variant: str, max_others: float) -> list[Row]:
+    """The pairs the figures come from: those the neighbours left alone (all pairs if none was; only a pinned oam
+    has a CPU of its own to disturb): on a shared machine a neighbour's burst on oam's CPU moves oam's p99 as
+    much as a flood does."""
+    clean = [r for r in every if r.neighbours <= max_others] if variant == "cpusets" else every
+    return clean or every
+
+
+def _row_line(kind: str, variant: str, rs: list[Row], every: list[Row], floor: float | None, max_others: float) -> str:
+    answered = [r.flooded.p99_ms for r in rs if r.flooded.requests]
+    flooded_p99 = f"{_median(answered):.2f}" if answered else "no answer"
+    clean = sum(r.neighbours <= max_others for r in every) if variant == "cpusets" else len(every)
+    return (
+        f"| {kind} | {variant} | {_median([r.idle.p99_ms for r in rs]):.2f} | {flooded_p99} "
+        f"| {_spread([r.p99_ratio for r in rs])} | {_ratio(floor) if floor is not None else '-'} "
+        f"| {_median([r.idle.rps for r in rs]):.0f} | {_median([r.flooded.rps for r in rs]):.0f} "
+        f"| {_spread([r.rps_ratio for r in rs])} | {sum(r.idle.errors + r.flooded.errors for r in rs)} "
+        f"| {_median([r.others_idle for r in rs]):.0f}, {_median([r.others_flooded for r in rs]):.0f} "
+        f"| {clean} / {len(every)} ({sum(r.remeasured for r in every)}) "
+        f"| {describe_answers(kind, every[-1].answers)} |"
+    )
 
 
 def ledger_table(rows: list[Row]) -> list[str]:
@@ -392,7 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="2 s per measurement (default 4)")
     parser.add_argument("--seconds", type=float, default=None, help="per measurement (default 4, quick 2)")
     parser.add_argument(
-        "--only", default=",".join(FLOODS), help=f"floods, comma-separated: {', '.join(FLOODS)} (control: {CONTROL})"
+        "--only",
+        default=",".join((SPIN_CONTROL, *FLOODS)),
+        help=f"floods, comma-separated: {', '.join(FLOODS)} (controls: {', '.join(CONTROLS)})",
     )
     parser.add_argument("--rounds", type=int, default=1, help="idle/flooded pairs per flood (medians reported)")
     parser.add_argument(
@@ -407,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     floods = [f for f in args.only.split(",") if f]
     variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted((set(floods) - {*FLOODS, CONTROL}) | (set(variants) - set(VARIANTS)))
+    unknown = sorted((set(floods) - {*FLOODS, *CONTROLS}) | (set(variants) - set(VARIANTS)))
     if unknown:
         parser.error(f"unknown flood or variant: {', '.join(unknown)}")
     seconds = args.seconds or (2.0 if args.quick else 4.0)

@@ -12,6 +12,7 @@ protected plane `oam` owns the last CPU ("P") when its cpuset is on, the others 
 | bench-oam-server    | 0.6 CPU | 400    | nginx answering oam's probe                  | P            | R     |
 | bench-flood         | 0.5 CPU | 100    | the flood clients aimed at media             | R            | R     |
 | bench-flood-servers | 0.6 CPU | 100    | nginx on media's address, the lab's servers  | R            | R     |
+| bench-spin          | none    | 100    | the `spin` control: a busy loop per CPU      | R            | R     |
 
 Layout `sides` (default): oam's whole path (probe, its worker, its server) on one CPU, the flood's whole path
 (flood client, media's worker, media's servers) on the others, so the flood cannot slow oam's measurement
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import NGINX, parse_wrk
+from planemesh.agent.admin_client import AdminClient, AdminUnreachable
 from planemesh.agent.cpu_groups import CpuGroups, join_argv
 from planemesh.labs import Lab
 from planemesh.labs import netns as ns_tools
@@ -52,13 +54,14 @@ HEAVY_PORT, HEAVY_PATH, HEAVY_BYTES = 8080, "/heavy.bin", 1 << 20
 PROBE_PATH = "/index.html"
 BULK_PORT = 9000  # declared TCP: bypassed in the kernel, shaped by the plane's HTB class (sla.bandwidth_mbit)
 PROBE, OAM_SERVER, FLOOD, FLOOD_SERVERS = "bench-probe", "bench-oam-server", "bench-flood", "bench-flood-servers"
+SPIN = "bench-spin"
 LAYOUTS = ("sides", "apart")
 
 
 @dataclass(frozen=True)
 class Budget:
     weight: int
-    cpu_max: float  # CPUs' worth of time per period
+    cpu_max: float  # CPUs' worth of time per period (0: no cap)
     oam_side: bool  # layout sides: on the protected plane's CPU
 
 
@@ -67,6 +70,7 @@ BUDGETS = {
     OAM_SERVER: Budget(400, 0.6, True),
     FLOOD: Budget(100, 0.5, False),
     FLOOD_SERVERS: Budget(100, 0.6, False),
+    SPIN: Budget(100, 0.0, False),  # fills the other CPUs whole: what any load there costs oam on this machine
 }
 PERIOD_US = 100_000
 PARENT_WEIGHT = 10_000
@@ -108,6 +112,8 @@ class BenchGroups:
         found = self.groups.group(name, "cpu")
         if found is None:
             return "none (no cpu controller)"
+        if not cpus:
+            return "no cap"
         group, version = found
         quota = int(cpus * PERIOD_US)
         try:
@@ -187,12 +193,28 @@ def plane_backends(lab: Lab, workdir: Path, groups: BenchGroups) -> Iterator[Non
 
 FLOODS = ("rate", "cpu_heavy", "connections", "rapid_reset", "stream_flood", "bandwidth")
 CONTROL = "none"  # no flood at all: two idle probes in a row, the machine's own spread of the ratios
-
+# No flood either, but a busy loop on each CPU that is not oam's (in group SPIN): what plain load over there costs
+# oam's p99 on this machine, with nothing of the agent or the network involved (the VM's floor for the ratios).
+# SCHED_IDLE: the loops keep those CPUs busy without outweighing anyone there, so the scheduler does not move a
+# shared machine's other tasks onto oam's CPU to make room (uncapped at normal weight, they did: 385 ms/s there).
+SPIN_CONTROL = "spin"
+CONTROLS = (CONTROL, SPIN_CONTROL)
+SPIN_CODE = """import os, sys, time
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+end = time.monotonic() + float(sys.argv[2])
+for _ in range(int(sys.argv[1]) - 1):
+    if os.fork() == 0:
+        break
+while time.monotonic() < end:
+    pass
+"""
 
 def flood_argv(kind: str, target: str, seconds: float) -> list[str]:
     """The client that floods plane media (address `target`) for `seconds`, run in the attacker's pod."""
     if kind == CONTROL:
         return ["sleep", f"{seconds:g}"]
+    if kind == SPIN_CONTROL:  # one loop per CPU of the flood's side
+        return [sys.executable, "-c", SPIN_CODE, str(max(1, len(online_cpus()) - 1)), f"{seconds:g}"]
     attack = [sys.executable, "-m", "planemesh.labs.attacks"]
     seconds_arg = ["--seconds", f"{seconds:g}"]
     if kind == "rate":  # far beyond the plane's rate limit: its excess must get 429s at once
@@ -218,7 +240,7 @@ def _wrk(target: str, port: int, path: str, connections: int, seconds: float) ->
 
 def flood_answers(kind: str, out: str) -> dict:
     """What the flooded plane answered, from the flood client's output."""
-    if kind == CONTROL:
+    if kind in CONTROLS:
         return {}
     if kind in ("rate", "cpu_heavy"):
         try:
@@ -233,20 +255,59 @@ def flood_answers(kind: str, out: str) -> dict:
 
 
 def describe_answers(kind: str, o: dict) -> str:
+    shown = _describe(kind, o)
+    agent = {k: v for k, v in o.get("agent", {}).items() if v}
+    return shown + (f"; agent counted {', '.join(f'{v} {k}' for k, v in agent.items())}" if agent else "")
+
+
+def _describe(kind: str, o: dict) -> str:
     if "error" in o:
         return f"flood failed: {o['error'][:80]!r}"
     if kind == CONTROL:
         return "no flood: idle vs idle, the machine's noise"
+    if kind == SPIN_CONTROL:
+        return "no flood: a busy loop on each other CPU, the VM's floor"
     if kind in ("rate", "cpu_heavy"):
         return f"{o['requests']} requests, {o['non_2xx']} non-2xx (429/503), {o['timeouts']} timeouts"
     if kind == "bandwidth":
         return f"{o['mbit_s']:.0f} Mbit/s echoed over {o['streams']} streams"
     if kind == "connections":  # idle_flood: how many it tried, got, lost before connecting, and saw closed
-        tried, failed = o.get("notes", {}).get("attempted", 0), o.get("connect_failed", 0)
-        return (f"{o.get('connections', 0)} of {tried} connected ({failed} did not), "
+        notes = o.get("notes", {})
+        tried, failed, opened_s = notes.get("attempted", 0), o.get("connect_failed", 0), notes.get("opened_s")
+        took = f" in {opened_s:.1f} s" if opened_s is not None else " (deadline first)"
+        return (f"{o.get('connections', 0)} of {tried} connected{took} ({failed} did not), "
                 f"{o.get('closed', 0)} closed by the proxy")  # fmt: skip
     said = {**o.get("responses", {}), **{f"GOAWAY {k}": v for k, v in o.get("goaway", {}).items()}}
     return f"{o.get('connections', 0)} conns, {o.get('closed', 0)} closed by the proxy, answers {said or '-'}"
+
+
+# ---- what the agent counted on the flooded plane ------------------------------------------------------------
+
+# (/stats section, field) -> the name the report shows: how the flooded plane answered its excess, by the agent's
+# own count (connections accepted, 429s, connections refused past the source's share or by the overload manager).
+AGENT_COUNTERS = {
+    ("listeners", "connections"): "accepted",
+    ("listeners", "rate_limited"): "429",
+    ("overload", "source_refused"): "refused (source share)",
+    ("overload", "shed_connections"): "shed conns",
+    ("overload", "shed_requests"): "shed reqs",
+}
+
+
+def agent_counts(admin: Path, plane: str) -> dict[str, int]:
+    """The plane's AGENT_COUNTERS from the agent's admin /stats (summed over its rows); {} when unreachable."""
+    try:
+        _, stats = AdminClient(f"unix://{admin}").get_json("/stats?format=json")
+    except AdminUnreachable:
+        return {}
+    out = dict.fromkeys(AGENT_COUNTERS.values(), 0)
+    for (section, name), shown in AGENT_COUNTERS.items():
+        out[shown] += sum(int(row.get(name, 0)) for row in stats.get(section, []) if row.get("plane") == plane)
+    return out
+
+
+def counted(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
 
 
 # ---- bulk TCP client (run in the attacker's pod) ------------------------------------------------------------

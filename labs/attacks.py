@@ -17,6 +17,7 @@ import json
 import resource
 import select
 import socket
+import struct
 import sys
 import time
 from collections import Counter, deque
@@ -291,11 +292,14 @@ def h2c_upgrade_body(host: str, port: int, seconds: float, connections: int = 4,
 
 CONNECT_WINDOW = 256  # idle flood: connects in flight at once
 CONNECT_TIMEOUT_S = 3.0
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets, no TIME_WAIT
 
 
 def idle_flood(host: str, port: int, seconds: float, connections: int = 10_000) -> Outcome:
     """`connections` TCP connections that never send a byte, opened CONNECT_WINDOW at a time, then held; each
-    one's close by the proxy (FIN or reset) is timed from its establishment."""
+    one's close by the proxy (FIN or reset) is timed from its establishment. notes: `attempted`, `peak_open`,
+    `opened_s` (when the last connect was issued; absent if the deadline came first). Held connections are reset
+    at the end (SO_LINGER 0): no TIME_WAIT is left in the attacker's netns to slow the next flood's connects."""
     out = Outcome("idle_flood")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     poller = select.epoll()
@@ -312,10 +316,13 @@ def idle_flood(host: str, port: int, seconds: float, connections: int = 10_000) 
         return sock, since
 
     while (now := time.monotonic()) < deadline:
-        while opened < connections and len(pending) < CONNECT_WINDOW:
+        # The deadline holds inside a window too: a starved attacker reports what it really tried.
+        while opened < connections and len(pending) < CONNECT_WINDOW and time.monotonic() < deadline:
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
             opened += 1
+            if opened == connections:
+                out.notes["opened_s"] = round(time.monotonic() - started, 3)
             if sock.connect_ex((host, port)) not in (0, errno.EINPROGRESS):
                 out.connect_failed += 1
                 sock.close()
@@ -343,6 +350,7 @@ def idle_flood(host: str, port: int, seconds: float, connections: int = 10_000) 
             drop(pending, fd)
     for table in (pending, held):
         for fd in list(table):
+            table[fd][0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             drop(table, fd)
     poller.close()
     out.connections, out.seconds, out.close_how = established, round(time.monotonic() - started, 3), dict(how)

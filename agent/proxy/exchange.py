@@ -361,7 +361,10 @@ class Exchange:
             return self.abort(flag)
         relay.status = status
         self.flags = flag
-        if (not self.req_done and not self.tunnel) or self.ds.proxy.draining:  # tunnel requests have no body
+        # A body not read yet: close rather than read it to the end (tunnel requests have none). A request head
+        # still in the parser's hands with no body to come (a GET's 429) keeps its connection, as Envoy does.
+        unread = not self.req_done and not self.tunnel and (self.req_length or self.req_chunked)
+        if unread or self.ds.proxy.draining:
             self.keep_alive = False
         relay.bytes_tx = 0 if self.is_head else len(body)
         http10 = self.version == "1.0"

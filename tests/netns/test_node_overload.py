@@ -6,16 +6,21 @@ serves again."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bench.common import WrkResult, parse_h2load
+from bench.common import WrkResult, parse_h2load, parse_wrk
 from planemesh.labs import netns as ns_tools
 from planemesh.labs.traffic import http_requests
 from planemesh.model.static_config import default_config_text
@@ -166,3 +171,79 @@ def test_sighup_turns_node_shedding_on_and_off_and_metrics_show_it(run_prefix: s
         assert eventually(lambda: statuses() == [200] * 8, timeout=10)
         assert "node_overload off" in env.agent_output()
         assert not any(k[0] == "planemesh_node_shed_fraction" for k in _node_shed_samples(env))
+
+
+# ---- the kernel's own pressure, and memory --------------------------------------------------------------------
+
+SPIN = "import os, time\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True: pass\n"
+
+
+@contextlib.contextmanager
+def idle_spinners(count: int) -> Iterator[None]:
+    """`count` busy loops under SCHED_IDLE: always more runnable tasks than CPUs, so the kernel's PSI cpu `some`
+    reads ~100%, while they run only where the CPUs would otherwise idle (the neighbours barely notice)."""
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _wrk(env: AgentLab, dst: str, connections: int = 8) -> WrkResult:
+    argv = ["wrk", "-t1", f"-c{connections}", "-d2s", "--timeout", "3s", "--latency", f"http://{dst}/w"]
+    return parse_wrk(dst, ns_tools.run(env.client_ns, argv).stdout)
+
+
+def test_real_cpu_pressure_sheds_the_lower_plane_under_load_without_timeouts(run_prefix: str, tmp_path: Path) -> None:
+    """The node's real /proc: its PSI (or, on a kernel without PSI, its run queue: over 2 runnable tasks per CPU)
+    driven past the high mark by more runnable tasks than CPUs. Under wrk load
+    on both planes, media (priority 2) answers its requests 503 at once (0 timeouts) and oam (priority 1)
+    answers every one 200. The high mark is high (90%): this shared VM lives at 50-80% cpu `some`."""
+    raw = yaml.safe_load(default_config_text())
+    raw["node_overload"] = {"interval_s": 0.2, "thresholds": {"cpu_some_high": 90, "cpu_some_low": 60}}
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with running_agent(f"{run_prefix}nr", ["--config", str(config)]) as env:
+        oam, media = env.server("oam", 4), env.server("media", 4)
+        with idle_spinners(2 * (os.cpu_count() or 1) + 2):
+            assert eventually(lambda: "node overloaded" in env.agent_output() and "media 100%" in env.agent_output(),
+                              timeout=20)  # fmt: skip
+            shed, served = _wrk(env, media), _wrk(env, oam)
+        print(f"\nmedia under node pressure: {shed}\noam: {served}")
+        # ~all shed (a sample whose PSI dips under the high mark holds the level, one under the low mark steps it
+        # down 25%), each at once: no timeout, and every answer a status
+        assert shed.requests > 50 and shed.non_2xx >= shed.requests * 0.9 and shed.timeouts == 0
+        assert served.requests > 50 and served.errors == 0 and served.timeouts == 0
+        rows = env.admin.get_json("/stats?format=json")[1]["overload"]
+        shed_requests = {r["plane"]: r["node_shed_requests"] for r in rows}
+        assert shed_requests["oam"] == 0 and shed_requests["media"] > 0
+
+
+def test_memory_running_out_sheds_the_lower_plane_first(run_prefix: str, tmp_path: Path) -> None:
+    """MemAvailable under 5% of RAM (files the test writes; CPU calm): media sheds, oam serves; memory back over
+    10%: media serves again."""
+    proc = tmp_path / "proc"
+    (proc / "pressure").mkdir(parents=True)
+    for name in ("cpu", "memory"):
+        (proc / "pressure" / name).write_text(CALM_MEMORY)
+    meminfo = proc / "meminfo"
+    meminfo.write_text("MemTotal: 4000000 kB\nMemAvailable: 3000000 kB\n")
+    raw = yaml.safe_load(default_config_text())
+    raw["node_overload"] = {"proc_root": str(proc), "interval_s": 0.1}
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    with running_agent(f"{run_prefix}nm", ["--config", str(config)]) as env:
+        oam, media = env.server("oam", 4), env.server("media", 4)
+
+        def statuses(dst: str, n: int = 8) -> list[int]:
+            return http_requests(env.client_ns, dst, 80, ["/m"] * n, timeout=10).status
+
+        assert statuses(media) == [200] * 8
+        meminfo.write_text("MemTotal: 4000000 kB\nMemAvailable: 80000 kB\n")  # 2%: the OOM killer is near
+        assert eventually(lambda: statuses(media) == [503] * 8, timeout=10)
+        assert statuses(oam, 30) == [200] * 30
+        assert "memory_available=0.02" in env.agent_output()
+        meminfo.write_text("MemTotal: 4000000 kB\nMemAvailable: 1000000 kB\n")  # 25%: calm
+        assert eventually(lambda: statuses(media) == [200] * 8, timeout=10)

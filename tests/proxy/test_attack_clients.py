@@ -8,6 +8,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import pytest
+
 from planemesh.labs import attacks
 from planemesh.labs import h2_frames as f
 
@@ -98,5 +100,9 @@ def test_idle_flood_times_each_close() -> None:
         out = attacks.idle_flood("127.0.0.1", port, seconds=1.0, connections=40)
     assert out.connections == 40 and out.closed == 20 and out.connect_failed == 0
     assert out.close_how == {"fin": 20} and out.bytes_sent == 0
-    for conn in held:
+    assert out.notes["attempted"] == 40 and 0 < out.notes["opened_s"] < 1.0
+    for conn in held:  # the attacker reset the ones it held: nothing of it waits in TIME_WAIT
+        conn.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            conn.recv(1)
         conn.close()

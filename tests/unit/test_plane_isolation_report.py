@@ -9,6 +9,7 @@ import os
 from bench.common import WrkResult
 from bench.plane_isolation import Row, report
 from bench.plane_isolation_cpu import BENCH, IDLE, KERNEL, OTHERS, _label
+from bench.plane_isolation_lab import counted, describe_answers
 
 RATE_ANSWERS = {"requests": 900, "non_2xx": 800, "timeouts": 0}
 
@@ -70,3 +71,36 @@ def test_only_a_pinned_oam_has_pairs_left_out_for_neighbours() -> None:
         r.variant = "shared"  # unpinned: oam's CPU is anyone's, its idle time filled by whatever runs
     line = next(x for x in report(rows, 2.0, True, "sides", rounds=2).splitlines() if x.startswith("| rate"))
     assert "| 1.55x (1.10-2.00) |" in line and "| 2 / 2 (0) |" in line
+
+
+def test_media_answers_say_how_far_the_connection_flood_got_and_what_the_agent_counted() -> None:
+    full = {"connections": 10_000, "connect_failed": 0, "closed": 8976, "notes": {"attempted": 10_000, "opened_s": 0.8}}
+    full["agent"] = counted(
+        {"accepted": 5, "refused (source share)": 0}, {"accepted": 10_005, "refused (source share)": 8976}
+    )
+    assert describe_answers("connections", full) == (
+        "10000 of 10000 connected in 0.8 s (0 did not), 8976 closed by the proxy; "
+        "agent counted 10000 accepted, 8976 refused (source share)"
+    )
+    starved = {"connections": 700, "connect_failed": 0, "closed": 0, "notes": {"attempted": 700}}
+    assert (
+        describe_answers("connections", starved)
+        == "700 of 700 connected (deadline first) (0 did not), 0 closed by the proxy"
+    )
+    rate = {**RATE_ANSWERS, "agent": {"accepted": 64, "429": 800, "shed reqs": 0}}
+    assert (
+        describe_answers("rate", rate)
+        == "900 requests, 800 non-2xx (429/503), 0 timeouts; agent counted 64 accepted, 800 429"
+    )
+
+
+def test_the_vms_floor_from_the_spin_control_is_printed_next_to_each_ratio() -> None:
+    rows = [_row("spin", 4.0, 5.2), _row("spin", 4.0, 5.6), _row("rate", 4.0, 5.0), _row("bandwidth", 4.0, 4.4)]
+    text = report(rows, 2.0, True, "sides", rounds=2)
+    lines = {x.split(" | ")[0]: x for x in text.splitlines() if x.startswith("| ") and " -> " not in x}
+    assert "| 1.25x | 1.35x |" in lines["| rate"]  # the flood's ratio, then the floor (median of 1.30x and 1.40x)
+    assert "| 1.10x | 1.35x |" in lines["| bandwidth"]
+    assert "busy loop on each other CPU" in lines["| spin"]
+    verdict = text.splitlines()[-1]  # the controls are no floods: 2 floods, rate over the target, under the floor
+    assert "p99 target (<= 1.2x) met for 1/2 floods" in verdict and "floor 1.35x" in verdict
+    assert "for 2/2" in verdict.split("floor")[1]
