@@ -3,14 +3,15 @@
 A connection whose original destination has a TLS filter chain (Listener.tls) is taken from the accepting
 transport (its socket is duplicated, the transport dropped before it read a byte), its first bytes are
 peeked (nothing consumed), then:
-  TLS ClientHello (0x16)            -> handshake (stdlib ssl on the event loop's TLS transport, uvloop's
-                                       when running under uvloop), then Downstream as for plaintext;
+  TLS ClientHello (0x16)            -> handshake (the TLS engine: pyOpenSSL over the cryptography wheel's
+                                       OpenSSL, agent/proxy/tls_transport.py), then Downstream as for plaintext;
   anything else, a plaintext chain  -> plain Downstream (permissive port: `transport_protocol` raw_buffer);
   anything else, TLS only (strict)  -> closed, counted (`plaintext_refused`).
 A failed handshake (wrong CA, expired, no client certificate where one is required, timeout) is counted and
 logged, the connection closed; a peer whose certificate has no SAN matching the context's matchers is closed
-after the handshake (`san_refused`). The peer's SPIFFE ID is kept on the connection's SSLObject
-(`planemesh_peer`) for the access log. Handshakes in progress count in the plane's open connections.
+after the handshake (`san_refused`). The peer's SPIFFE ID is kept on the connection's `ssl_object`
+(tls_engine.TlsPeerView, `planemesh_peer`) for the access log. Handshakes in progress count in the plane's
+open connections.
 
 SSL contexts are built once per (context, secrets) value and reused across snapshots: a rotated secret is
 a new value, so new handshakes use the new certificate while existing connections keep theirs. Keys reach
@@ -24,13 +25,16 @@ import contextlib
 import logging
 import os
 import socket
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from OpenSSL import SSL
+
 from planemesh.agent.proxy.routing import parse_ip
-from planemesh.agent.proxy.tls_context import build_context, peer_sans, uri_of
+from planemesh.agent.proxy.tls_context import peer_sans, uri_of
+from planemesh.agent.proxy.tls_engine import TlsError, TlsPeerView, build_engine_context
+from planemesh.agent.proxy.tls_transport import accept_tls
 from planemesh.agent.proxy.xfcc import connection_xfcc, element
 from planemesh.model.config import Listener, ListenerProtocol, Snapshot
 from planemesh.model.tls_config import TlsContext, TrustSecret, plane_tls, san_accepts
@@ -66,12 +70,12 @@ class TlsDecision:
     """What a TLS-capable port does: the TLS chain's context, and whether plaintext is also served."""
 
     listener: Listener
-    context: ssl.SSLContext
+    context: SSL.Context
     plaintext: bool
     local_uri: str | None = None  # our certificate's SPIFFE ID (XFCC's By=)
 
 
-_REFUSING = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails (counted)
+_REFUSING = SSL.Context(SSL.TLS_SERVER_METHOD)  # no certificate: every handshake fails (counted)
 
 
 class TlsRoutes:
@@ -96,8 +100,8 @@ class TlsRoutes:
             key = (tls, cert, trust)
             if key not in fresh:
                 try:
-                    fresh[key] = cache.get(key) or build_context(tls, cert, trust, server=True)  # type: ignore[arg-type]
-                except (ssl.SSLError, ValueError, OSError) as exc:  # translation checks; never take the worker down
+                    fresh[key] = cache.get(key) or build_engine_context(tls, cert, trust, server=True)  # type: ignore[arg-type]
+                except (TlsError, ValueError, OSError) as exc:  # translation checks; never take the worker down
                     log.error("listener %s: no TLS context (%s): its TLS connections are refused", lsn.name, exc)
         certs = {lsn.tls.cert for ls in self.ports.values() for lsn in ls if lsn.tls is not None and lsn.tls.cert}
         self._local_uri = {name: uri_of(snapshot.secrets.get(name)) for name in certs}
@@ -146,11 +150,11 @@ class TlsRoutes:
             context = _REFUSING
         return TlsDecision(tls_chain, context, plaintext, self._local_uri.get(tls.cert))
 
-    def contexts(self) -> list[ssl.SSLContext]:
-        """The server contexts in use (their session caches: tests, stats)."""
+    def contexts(self) -> list[SSL.Context]:
+        """The server contexts in use (tests, stats)."""
         return list(self._cache.values())
 
-    def _context(self, lsn: Listener) -> ssl.SSLContext | None:
+    def _context(self, lsn: Listener) -> SSL.Context | None:
         for (tls, _cert, _trust), ctx in self._cache.items():
             if tls is lsn.tls or tls == lsn.tls:
                 return ctx
@@ -169,18 +173,17 @@ def _with_plane_tls(listeners: list[Listener], forced: TlsContext) -> list[Liste
     return listeners + added
 
 
-def _subject(ssl_object: ssl.SSLObject) -> str:
-    cert = ssl_object.getpeercert() or {}
-    return ",".join(f"{k}={v}" for rdn in reversed(cert.get("subject", ())) for k, v in rdn)
+def _subject(ssl_object: TlsPeerView) -> str:
+    return ssl_object.subject()
 
 
-HANDSHAKE_ERRORS = (ssl.SSLError, OSError, TimeoutError, ConnectionError)
+HANDSHAKE_ERRORS = (TlsError, OSError, TimeoutError, ConnectionError)
 
 
 def handshake_failed(stats: TlsStats, exc: BaseException, where: str, port: int) -> None:
     """Count and log a failed server handshake (HTTP and tcp_proxy chains)."""
     stats.handshake_failed += 1
-    if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc).upper():
+    if "CERTIFICATE" in str(exc).upper():
         stats.peer_cert_refused += 1
     if isinstance(exc, TimeoutError) or "taking longer" in str(exc):  # uvloop/asyncio: ConnectionAborted
         stats.timeouts += 1
@@ -313,12 +316,8 @@ class _TlsGate(asyncio.Protocol):
             proxy.stats.downstream_active -= 1
             proxy.tls_pending -= 1
             handed = True
-            await proxy.loop.connect_accepted_socket(
-                lambda: _TlsChecked(proxy, decision, self.make),
-                sock,
-                ssl=decision.context,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
-            )
+            await accept_tls(proxy.loop, sock, lambda: _TlsChecked(proxy, decision, self.make), decision.context,
+                             HANDSHAKE_TIMEOUT_S)  # fmt: skip
         except HANDSHAKE_ERRORS as exc:
             handshake_failed(stats, exc, where, decision.listener.port)
         finally:

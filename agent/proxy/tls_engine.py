@@ -1,0 +1,205 @@
+"""The TLS engine: pyOpenSSL over the OpenSSL that the `cryptography` wheel bundles (4.x), not the stdlib's.
+
+Why: Python's `ssl` links the system OpenSSL (3.0 on Debian 12), whose server handshake spends a quarter of its
+work setting up provider decoders for every certificate it parses; OpenSSL >= 3.2 caches them. Measured with
+callgrind on an in-memory mTLS handshake (ECDSA P-256, the same client): the server's OpenSSL work is 5.25 M
+instructions here vs 8.41 M with the stdlib (docs/benchmarks.md, "TLS engine on pyOpenSSL").
+
+This module is the sans-IO half: SSL contexts from the TLS model, and `TlsConn`, one connection's TLS state
+over memory BIOs (feed ciphertext in, take plaintext and ciphertext out). agent/proxy/tls_transport.py drives it
+under asyncio. Keys reach OpenSSL from memory (never a file on disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from OpenSSL import SSL, crypto
+
+from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret
+
+_VERSION = {
+    "TLSv1_0": SSL.TLS1_VERSION,
+    "TLSv1_1": SSL.TLS1_1_VERSION,
+    "TLSv1_2": SSL.TLS1_2_VERSION,
+    "TLSv1_3": SSL.TLS1_3_VERSION,
+}
+# The stdlib's defaults for a new SSLContext, which the previous engine had.
+_OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_SINGLE_DH_USE | SSL.OP_SINGLE_ECDH_USE
+_SESSION_ID_CONTEXT = b"planemesh"  # server-side resumption with client certificates needs one (CPython: "Python")
+READ_SIZE = 65536
+TlsError = SSL.Error
+
+
+def build_engine_context(
+    tls: TlsContext, cert: CertSecret | None, trust: TrustSecret | None, server: bool
+) -> SSL.Context:
+    """A pyOpenSSL context for one TlsContext and its secrets' material (ValueError / SSL.Error when the
+    material is unusable: a malformed PEM, a key that does not match its certificate)."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD if server else SSL.TLS_CLIENT_METHOD)
+    ctx.set_options(_OPTIONS)
+    ctx.set_min_proto_version(_VERSION[tls.min_version])
+    ctx.set_max_proto_version(_VERSION[tls.max_version])
+    if tls.ciphers:
+        ctx.set_cipher_list(":".join(tls.ciphers).encode())
+    if cert is not None:
+        chain = x509.load_pem_x509_certificates(cert.chain_pem)
+        ctx.use_certificate(chain[0])
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(load_pem_private_key(cert.key_pem, None))  # type: ignore[arg-type]
+        ctx.check_privatekey()
+    if trust is not None:
+        store = ctx.get_cert_store()
+        assert store is not None
+        for root in x509.load_pem_x509_certificates(trust.ca_pem):
+            store.add_cert(crypto.X509.from_cryptography(root))
+        mode = SSL.VERIFY_PEER
+        if tls.require_client_cert or not server:
+            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        ctx.set_verify(mode)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+    if server:
+        _server_options(ctx, tls)
+    elif tls.alpn:
+        ctx.set_alpn_protos([p.encode() for p in tls.alpn])
+    return ctx
+
+
+def _server_options(ctx: SSL.Context, tls: TlsContext) -> None:
+    ctx.set_session_id(_SESSION_ID_CONTEXT)
+    if tls.alpn:
+        ours = [p.encode() for p in tls.alpn]
+
+        def select(_conn: SSL.Connection, offered: list[bytes]) -> bytes:
+            # The stdlib's choice (SSL_select_next_proto): our order first; no overlap is no ALPN, not an error.
+            return next((p for p in ours if p in offered), SSL.NO_OVERLAPPING_PROTOCOLS)  # type: ignore[arg-type]
+
+        ctx.set_alpn_select_callback(select)
+    if not tls.session_tickets:  # no ticket, no session cache: every connection is a full handshake
+        ctx.set_options(SSL.OP_NO_TICKET)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    # Tickets on: OpenSSL's stateless TLS 1.3 tickets. OpenSSL >= 3.2 no longer re-decodes the client's
+    # certificate per ticket (the reason the stdlib engine used stateful ones, agent/proxy/tls_session.py), and
+    # a stateless ticket keeps no server memory; the session cache stays on for TLS 1.2 session IDs.
+
+
+class TlsConn:
+    """One TLS connection over memory BIOs (sans-IO): `feed` ciphertext, `handshake()` until True, `read()`
+    plaintext, `write()` plaintext, and send what `outgoing()` returns. Errors are TlsError (SSL.Error)."""
+
+    __slots__ = ("conn", "done", "server")
+
+    def __init__(self, ctx: SSL.Context, server: bool, sni: str | None = None) -> None:
+        self.conn = SSL.Connection(ctx, None)
+        self.server = server
+        self.done = False
+        if server:
+            self.conn.set_accept_state()
+        else:
+            if sni:
+                self.conn.set_tlsext_host_name(sni.encode("idna"))
+            self.conn.set_connect_state()
+
+    def feed(self, data: bytes) -> None:
+        self.conn.bio_write(data)
+
+    def handshake(self) -> bool:
+        """True once the handshake is complete; TlsError when it failed (send outgoing() first: the alert)."""
+        try:
+            self.conn.do_handshake()
+        except SSL.WantReadError:
+            return False
+        self.done = True
+        return True
+
+    def read(self) -> bytes | None:
+        """Plaintext available now (b"" when none); None when the peer sent close_notify."""
+        try:
+            return self.conn.recv(READ_SIZE)
+        except SSL.WantReadError:
+            return b""
+        except SSL.ZeroReturnError:
+            return None
+
+    def write(self, data: bytes) -> None:
+        self.conn.sendall(data)  # a memory BIO takes everything: never WantWrite
+
+    def outgoing(self) -> bytes:
+        """Ciphertext to send (b"" when none)."""
+        out = b""
+        while True:
+            try:
+                chunk = self.conn.bio_read(READ_SIZE * 4)
+            except SSL.WantReadError:
+                return out
+            out = out + chunk if out else chunk
+
+    def close_notify(self) -> None:
+        with contextlib.suppress(SSL.Error):
+            self.conn.shutdown()
+
+    def alpn(self) -> str | None:
+        proto = self.conn.get_alpn_proto_negotiated()
+        return proto.decode("ascii", "replace") if proto else None
+
+
+def _rdn_name(attr: x509.NameAttribute) -> str:
+    return attr.oid._name  # OpenSSL's long names ("commonName"), as the stdlib's getpeercert() gave
+
+
+class TlsPeerView:
+    """The connection's `ssl_object` (transport.get_extra_info): the peer's certificate and what the proxy
+    attaches for the access log, XFCC and RBAC (planemesh_peer, planemesh_local, planemesh_xfcc)."""
+
+    __slots__ = ("_cert", "conn", "planemesh_local", "planemesh_peer", "planemesh_xfcc")
+
+    def __init__(self, conn: TlsConn) -> None:
+        self.conn = conn
+        self._cert: x509.Certificate | bool | None = False  # False: not read yet
+        self.planemesh_peer: str | None = None
+        self.planemesh_local: str | None = None
+        self.planemesh_xfcc: object = None
+
+    def peer_certificate(self) -> x509.Certificate | None:
+        if self._cert is False:
+            self._cert = self.conn.conn.get_peer_certificate(as_cryptography=True)
+        return self._cert  # type: ignore[return-value]
+
+    def sans(self) -> tuple[list[str], list[str]]:
+        """(URI SANs, DNS SANs) of the peer's certificate; empty without one."""
+        cert = self.peer_certificate()
+        if cert is None:
+            return [], []
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except (ValueError, x509.ExtensionNotFound):
+            return [], []
+        return san.get_values_for_type(x509.UniformResourceIdentifier), san.get_values_for_type(x509.DNSName)
+
+    def subject(self) -> str:
+        """The peer's subject, most specific first, OpenSSL's long names (the stdlib engine's XFCC Subject)."""
+        cert = self.peer_certificate()
+        if cert is None:
+            return ""
+        return ",".join(f"{_rdn_name(a)}={a.value!s}" for rdn in reversed(cert.subject.rdns) for a in rdn)
+
+    def getpeercert(self, binary_form: bool = False) -> bytes | dict | None:
+        cert = self.peer_certificate()
+        if binary_form:
+            return cert.public_bytes(Encoding.DER) if cert is not None else None
+        uris, dns = self.sans()
+        return {"subjectAltName": tuple([("URI", u) for u in uris] + [("DNS", d) for d in dns])} if cert else {}
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self.conn.alpn()
+
+    def version(self) -> str | None:
+        return self.conn.conn.get_protocol_version_name()
+
+    def session_reused(self) -> bool:
+        return bool(SSL._lib.SSL_session_reused(self.conn.conn._ssl))  # type: ignore[attr-defined]
+
