@@ -90,8 +90,15 @@ class TlsTransport(asyncio.Transport):
 class _TlsWire(asyncio.Protocol):
     """The TCP transport's protocol: handshake (with its timeout), then ciphertext <-> the application."""
 
-    def __init__(self, tls: TlsConn, factory: Callable[[], Any], done: asyncio.Future, timeout: float) -> None:
-        self.tls, self.factory, self.done, self.timeout = tls, factory, done, timeout
+    def __init__(
+        self,
+        tls: TlsConn,
+        factory: Callable[[], Any],
+        done: asyncio.Future | None,
+        timeout: float,
+        on_fail: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.tls, self.factory, self.done, self.timeout, self.on_fail = tls, factory, done, timeout, on_fail
         self.view = TlsPeerView(tls)
         self.raw: asyncio.Transport | None = None
         self.app: Any = None
@@ -156,13 +163,14 @@ class _TlsWire(asyncio.Protocol):
     def _established(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        if self.done.done():  # the waiter went away (cancelled): nobody will own this connection
+        if self.done is not None and self.done.done():  # the waiter went away (cancelled): nobody owns this
             self.abort()
             return
         self.transport = TlsTransport(self)
         self.app = self.factory()
         self.app.connection_made(self.transport)
-        self.done.set_result((self.transport, self.app))
+        if self.done is not None:
+            self.done.set_result((self.transport, self.app))
 
     def _timed_out(self) -> None:
         if self.app is None:
@@ -171,9 +179,14 @@ class _TlsWire(asyncio.Protocol):
     def _fail(self, exc: BaseException) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        if not self.done.done():
-            self.done.set_exception(exc)
+        if isinstance(self.app, _Gone):
+            return  # failed already
         self.app = _Gone()
+        self.closing = True
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(exc)
+        if self.on_fail is not None:
+            self.on_fail(exc)
         if self.raw is not None and not self.raw.is_closing():
             self.raw.close()  # after the alert, if any
 
@@ -261,6 +274,23 @@ class _Gone:
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *a, **k: None
+
+
+def serve_tls(
+    transport: asyncio.Transport,
+    first: bytes,
+    factory: Callable[[], Any],
+    ctx: SSL.Context,
+    timeout: float,
+    on_fail: Callable[[BaseException], None],
+) -> None:
+    """The server handshake on an accepted transport that has already delivered `first` (the ClientHello's
+    first bytes, read by the listener's gate): no second transport, no duplicated socket. `factory` is called
+    when the handshake is done; `on_fail(exc)` once when it fails (the connection is then closed)."""
+    wire = _TlsWire(TlsConn(ctx, server=True), factory, None, timeout, on_fail)
+    transport.set_protocol(wire)
+    wire.connection_made(transport)
+    wire.data_received(first)
 
 
 async def _start(
