@@ -13,6 +13,8 @@ under asyncio. Keys reach OpenSSL from memory (never a file on disk).
 from __future__ import annotations
 
 import contextlib
+import threading
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -92,23 +94,30 @@ def _server_options(ctx: SSL.Context, tls: TlsContext) -> None:
 
 class TlsConn:
     """One TLS connection over memory BIOs (sans-IO): `feed` ciphertext, `handshake()` until True, `read()`
-    plaintext, `write()` plaintext, and send what `outgoing()` returns. Errors are TlsError (SSL.Error)."""
+    plaintext, `write()` plaintext, and send what `outgoing()` returns. Errors are TlsError (SSL.Error).
 
-    __slots__ = ("conn", "done", "server")
+    The per-record calls (read, write, feed, outgoing) go to OpenSSL through pyOpenSSL's cffi `lib` directly:
+    pyOpenSSL's methods allocate a buffer of the requested size per call (a 256 KiB bio_read is an mmap) and
+    report "nothing more" with an exception, which cost more than the record itself on a reused connection."""
+
+    __slots__ = ("conn", "done", "inbio", "outbio", "server", "ssl")
 
     def __init__(self, ctx: SSL.Context, server: bool, sni: str | None = None) -> None:
-        self.conn = SSL.Connection(ctx, None)
+        self.conn = conn = SSL.Connection(ctx, None)
+        self.ssl = conn._ssl  # type: ignore[attr-defined]
+        self.inbio, self.outbio = conn._into_ssl, conn._from_ssl  # type: ignore[attr-defined]
         self.server = server
         self.done = False
         if server:
-            self.conn.set_accept_state()
+            conn.set_accept_state()
         else:
             if sni:
-                self.conn.set_tlsext_host_name(sni.encode("idna"))
-            self.conn.set_connect_state()
+                conn.set_tlsext_host_name(sni.encode("idna"))
+            conn.set_connect_state()
 
     def feed(self, data: bytes) -> None:
-        self.conn.bio_write(data)
+        if _lib.BIO_write(self.inbio, data, len(data)) != len(data):  # a memory BIO grows: never short
+            raise TlsError([("planemesh", "feed", "memory BIO write failed")])
 
     def handshake(self) -> bool:
         """True once the handshake is complete; TlsError when it failed (send outgoing() first: the alert)."""
@@ -121,25 +130,40 @@ class TlsConn:
 
     def read(self) -> bytes | None:
         """Plaintext available now (b"" when none); None when the peer sent close_notify."""
-        try:
-            return self.conn.recv(READ_SIZE)
-        except SSL.WantReadError:
+        buf = _buffer()
+        n = _lib.SSL_read(self.ssl, buf, READ_SIZE)
+        if n > 0:
+            return _ffi.buffer(buf, n)[:]
+        err = _lib.SSL_get_error(self.ssl, n)
+        if err == _WANT_READ:
             return b""
-        except SSL.ZeroReturnError:
+        if err == _ZERO_RETURN:
             return None
+        self.conn._raise_ssl_error(self.ssl, n)  # type: ignore[attr-defined]  # raises the matching TlsError
+        return b""
 
     def write(self, data: bytes) -> None:
-        self.conn.sendall(data)  # a memory BIO takes everything: never WantWrite
+        with _ffi.from_buffer(data) as src:
+            left, sent = len(data), 0
+            while left:  # partial writes are records (16 KiB): a memory BIO takes them all, never WantWrite
+                n = _lib.SSL_write(self.ssl, src + sent, left)
+                if n <= 0:
+                    self.conn._raise_ssl_error(self.ssl, n)  # type: ignore[attr-defined]
+                    return
+                sent, left = sent + n, left - n
 
     def outgoing(self) -> bytes:
         """Ciphertext to send (b"" when none)."""
-        out = b""
-        while True:
-            try:
-                chunk = self.conn.bio_read(READ_SIZE * 4)
-            except SSL.WantReadError:
-                return out
-            out = out + chunk if out else chunk
+        buf = _buffer()
+        n = _lib.BIO_read(self.outbio, buf, READ_SIZE)
+        if n <= 0:
+            return b""
+        out = _ffi.buffer(buf, n)[:]
+        while n == READ_SIZE:  # more waiting
+            n = _lib.BIO_read(self.outbio, buf, READ_SIZE)
+            if n > 0:
+                out += _ffi.buffer(buf, n)[:]
+        return out
 
     def close_notify(self) -> None:
         with contextlib.suppress(SSL.Error):
@@ -148,6 +172,19 @@ class TlsConn:
     def alpn(self) -> str | None:
         proto = self.conn.get_alpn_proto_negotiated()
         return proto.decode("ascii", "replace") if proto else None
+
+
+_WANT_READ = _lib.SSL_ERROR_WANT_READ
+_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
+_LOCAL = threading.local()  # one read buffer per thread (cffi releases the GIL during OpenSSL's calls)
+
+
+def _buffer() -> Any:
+    try:
+        return _LOCAL.buf
+    except AttributeError:
+        _LOCAL.buf = _ffi.new("char[]", READ_SIZE)
+        return _LOCAL.buf
 
 
 def _rdn_name(attr: x509.NameAttribute) -> str:
