@@ -143,6 +143,8 @@ class TlsConn:
         return b""
 
     def write(self, data: bytes) -> None:
+        if len(data) <= _RECORD and _lib.SSL_write(self.ssl, data, len(data)) == len(data):
+            return  # one record: the common case
         with _ffi.from_buffer(data) as src:
             left, sent = len(data), 0
             while left:  # partial writes are records (16 KiB): a memory BIO takes them all, never WantWrite
@@ -174,6 +176,7 @@ class TlsConn:
         return proto.decode("ascii", "replace") if proto else None
 
 
+_RECORD = 16384  # the largest TLS record's plaintext: SSL_write takes it in one call
 _WANT_READ = _lib.SSL_ERROR_WANT_READ
 _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
 _LOCAL = threading.local()  # one read buffer per thread (cffi releases the GIL during OpenSSL's calls)
