@@ -167,6 +167,9 @@ class TlsConn:
                 out += _ffi.buffer(buf, n)[:]
         return out
 
+    def tls13(self) -> bool:
+        return _lib.SSL_version(self.ssl) == SSL.TLS1_3_VERSION
+
     def close_notify(self) -> None:
         with contextlib.suppress(SSL.Error):
             self.conn.shutdown()

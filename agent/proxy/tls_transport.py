@@ -106,6 +106,7 @@ class _TlsWire(asyncio.Protocol):
         self.transport: TlsTransport | None = None
         self.closing = self.paused = self.eof = False
         self.timer: asyncio.TimerHandle | None = None
+        self.held = b""  # a TLS 1.3 server's tickets, sent ahead of its first write (_handshake)
 
     # -- the TCP side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -157,7 +158,13 @@ class _TlsWire(asyncio.Protocol):
             self._flush()  # the alert tells the peer why
             self._fail(exc)
             return
-        self._flush()
+        if finished and self.tls.server and self.tls.tls13():
+            # What a TLS 1.3 server writes as its handshake completes is its session tickets: they go out with
+            # the first bytes it sends (a response, or the close), as BoringSSL (Envoy) sends them, instead of
+            # a write of their own that a client closing right after its handshake never reads.
+            self.held = self.tls.outgoing()
+        else:
+            self._flush()
         if finished:
             self._established()
 
@@ -228,6 +235,8 @@ class _TlsWire(asyncio.Protocol):
     def _flush(self) -> None:
         out = self.tls.outgoing()
         if out and self.raw is not None and not self.raw.is_closing():
+            if self.held:
+                out, self.held = self.held + out, b""
             self.raw.write(out)
 
     def pause_reading(self) -> None:
