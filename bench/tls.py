@@ -66,7 +66,7 @@ def write_certs(d: Path) -> None:
 
 def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls: bool, tickets: str = "on") -> None:
     """Child process: planemesh's proxy terminating TLS on `port` until SIGTERM. `tickets`: on (the TLS engine's
-    stateless tickets, agent/proxy/tls_engine.py) or off."""
+    stateless tickets, agent/tls/engine.py) or off."""
     from planemesh.agent.proxy.server import PlaneProxy
     from planemesh.agent.proxy.sockets import make_listener_socket
     from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret
@@ -395,7 +395,7 @@ def server_handshake_ms(server_ctx: Any, client: ssl.SSLContext) -> float:
     """Server CPU (process_time) inside OpenSSL's do_handshake for one in-memory mTLS handshake, tickets
     included (no sockets, no event loop): the stdlib's ssl (an SSLContext) or the TLS engine (an SSL.Context);
     the client is the stdlib's in both."""
-    from planemesh.agent.proxy.tls_engine import TlsConn
+    from planemesh.agent.tls.engine import TlsConn
 
     cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
     c = client.wrap_bio(cin, cout)
@@ -447,7 +447,7 @@ def in_memory_table(count: int = 300) -> int:
     """Median server CPU per in-memory mTLS handshake (server_handshake_ms), the variants interleaved: the TLS
     engine (OpenSSL of the cryptography wheel) vs the stdlib's ssl (the system's OpenSSL), tickets on and off."""
     from planemesh.agent.proxy.tls_context import build_context
-    from planemesh.agent.proxy.tls_engine import build_engine_context
+    from planemesh.agent.tls.engine import build_engine_context
     from tests.proxy.test_tls_termination import TLS, client_ctx
 
     with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:

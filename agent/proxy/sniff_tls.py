@@ -21,7 +21,7 @@ from planemesh.agent.proxy.sniff import MAX_PEEK, Kind, Verdict, classify
 from planemesh.agent.proxy.tcp_tls import TlsDownstream
 from planemesh.agent.proxy.tls import HANDSHAKE_ERRORS, HANDSHAKE_TIMEOUT_S, TlsChecked, TlsDecision, handshake_failed
 from planemesh.agent.proxy.tls_context import Held
-from planemesh.agent.proxy.tls_transport import accept_tls
+from planemesh.agent.proxy.tls_lazy import transport as tls_transport
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.routing_table import RoutingTable
@@ -122,7 +122,7 @@ async def terminate_and_sniff(
     proxy.tls_pending += 1  # a handshake in progress holds a place in the plane's budget
     try:
         checked = lambda: TlsChecked(proxy, decision, lambda: _InnerSniff(proxy, timeout_s, opaque))  # noqa: E731
-        await accept_tls(proxy.loop, conn, checked, decision.context, HANDSHAKE_TIMEOUT_S)
+        await tls_transport().accept_tls(proxy.loop, conn, checked, decision.context, HANDSHAKE_TIMEOUT_S)
     except HANDSHAKE_ERRORS as exc:
         handshake_failed(proxy.tls_stats, exc, where, port)
         conn.close()

@@ -3,13 +3,13 @@
 A connection whose original destination has a TLS filter chain (Listener.tls) waits for its first bytes on
 the accepting transport, then:
   TLS ClientHello (0x16)            -> handshake (the TLS engine: pyOpenSSL over the cryptography wheel's
-                                       OpenSSL, agent/proxy/tls_transport.py), then Downstream as for plaintext;
+                                       OpenSSL, agent/tls/transport.py), then Downstream as for plaintext;
   anything else, a plaintext chain  -> plain Downstream (permissive port: `transport_protocol` raw_buffer);
   anything else, TLS only (strict)  -> closed, counted (`plaintext_refused`).
 A failed handshake (wrong CA, expired, no client certificate where one is required, timeout) is counted and
 logged, the connection closed; a peer whose certificate has no SAN matching the context's matchers is closed
 after the handshake (`san_refused`). The peer's SPIFFE ID is kept on the connection's `ssl_object`
-(tls_engine.TlsPeerView, `planemesh_peer`) for the access log. Handshakes in progress count in the plane's
+(agent/tls/engine.py TlsPeerView, `planemesh_peer`) for the access log. Handshakes in progress count in the plane's
 open connections.
 
 SSL contexts are built once per (context, secrets) value and reused across snapshots: a rotated secret is
@@ -23,17 +23,20 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from OpenSSL import SSL
-
+from planemesh.agent.proxy import tls_lazy
 from planemesh.agent.proxy.routing import parse_ip
 from planemesh.agent.proxy.tls_context import peer_sans, uri_of
-from planemesh.agent.proxy.tls_engine import TlsError, TlsPeerView, build_engine_context
-from planemesh.agent.proxy.tls_transport import serve_tls
 from planemesh.agent.proxy.xfcc import connection_xfcc, element
+from planemesh.agent.tls.failure import TlsFailure
 from planemesh.model.config import Listener, ListenerProtocol, Snapshot
 from planemesh.model.tls_config import TlsContext, TrustSecret, plane_tls, san_accepts
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+
+    from planemesh.agent.tls.engine import TlsPeerView
 
 log = logging.getLogger("planemesh.proxy.tls")
 HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by default (asyncio's default: 60 s)
@@ -71,7 +74,13 @@ class TlsDecision:
     local_uri: str | None = None  # our certificate's SPIFFE ID (XFCC's By=)
 
 
-_REFUSING = SSL.Context(SSL.TLS_SERVER_METHOD)  # no certificate: every handshake fails (counted)
+_REFUSING: list = []  # a server context without a certificate (every handshake fails, counted), made on first use
+
+
+def _refusing() -> SSL.Context:
+    if not _REFUSING:
+        _REFUSING.append(tls_lazy.engine().refusing_context())
+    return _REFUSING[0]
 
 
 class TlsRoutes:
@@ -96,8 +105,8 @@ class TlsRoutes:
             key = (tls, cert, trust)
             if key not in fresh:
                 try:
-                    fresh[key] = cache.get(key) or build_engine_context(tls, cert, trust, server=True)  # type: ignore[arg-type]
-                except (TlsError, ValueError, OSError) as exc:  # translation checks; never take the worker down
+                    fresh[key] = cache.get(key) or tls_lazy.engine().build_engine_context(tls, cert, trust, server=True)
+                except (ValueError, OSError) as exc:  # translation checks; never take the worker down
                     log.error("listener %s: no TLS context (%s): its TLS connections are refused", lsn.name, exc)
         certs = {lsn.tls.cert for ls in self.ports.values() for lsn in ls if lsn.tls is not None and lsn.tls.cert}
         self._local_uri = {name: uri_of(snapshot.secrets.get(name)) for name in certs}
@@ -143,7 +152,7 @@ class TlsRoutes:
             plaintext = self.mode == "permissive"
         context = self._context(tls_chain)
         if context is None:  # its context could not be built (logged): TLS here is refused
-            context = _REFUSING
+            context = _refusing()
         return TlsDecision(tls_chain, context, plaintext, self._local_uri.get(tls.cert))
 
     def contexts(self) -> list[SSL.Context]:
@@ -173,7 +182,7 @@ def _subject(ssl_object: TlsPeerView) -> str:
     return ssl_object.subject()
 
 
-HANDSHAKE_ERRORS = (TlsError, OSError, TimeoutError, ConnectionError)
+HANDSHAKE_ERRORS = (TlsFailure, OSError, TimeoutError, ConnectionError)
 
 
 def handshake_failed(stats: TlsStats, exc: BaseException, where: str, port: int) -> None:
@@ -308,7 +317,7 @@ class _TlsGate(asyncio.Protocol):
             self._release()
             handshake_failed(proxy.tls_stats, exc, self._where(), decision.listener.port)
 
-        serve_tls(transport, data, checked, decision.context, HANDSHAKE_TIMEOUT_S, failed)
+        tls_lazy.transport().serve_tls(transport, data, checked, decision.context, HANDSHAKE_TIMEOUT_S, failed)
 
     def eof_received(self) -> bool:
         return False  # closed before a byte (port probes, health checks): close

@@ -1,6 +1,6 @@
 """SSL contexts from the TLS model, peer SANs, and TLS origination (no import of the proxy's codecs).
 
-The proxy's TLS (termination and origination) runs on the TLS engine (agent/proxy/tls_engine.py, pyOpenSSL);
+The proxy's TLS (termination and origination) runs on the TLS engine (agent/tls/engine.py, pyOpenSSL);
 `build_context` (stdlib ssl) is HBONE's (agent/hbone/), whose h2 tunnels run over the event loop's own TLS
 transport. Keys reach OpenSSL from memory or through a memfd (never a file on disk). agent/proxy/tls.py
 terminates, `originate_tls` (used by agent/proxy/upstream.py) originates: handshake on a connected socket, then
@@ -16,14 +16,16 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from OpenSSL import SSL
-
-from planemesh.agent.proxy.tls_engine import TlsPeerView, build_engine_context
+from planemesh.agent.proxy import tls_lazy
 from planemesh.agent.proxy.tls_session import use_stateful_tickets
-from planemesh.agent.proxy.tls_transport import connect_tls
 from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+
+    from planemesh.agent.tls.engine import TlsPeerView
 
 log = logging.getLogger("planemesh.proxy.tls")
 _VERSION = {
@@ -93,8 +95,9 @@ def peer_sans(ssl_object: ssl.SSLObject | TlsPeerView | None) -> tuple[list[str]
     """(URI SANs, DNS SANs) of the peer's certificate; empty without one."""
     if ssl_object is None:
         return [], []
-    if isinstance(ssl_object, TlsPeerView):  # the TLS engine's connections (agent/proxy/tls_engine.py)
-        return ssl_object.sans()
+    sans = getattr(ssl_object, "sans", None)
+    if sans is not None:  # the TLS engine's connections (agent/tls/engine.py TlsPeerView)
+        return sans()
     verified = ssl_object.getpeercert()  # parsed by OpenSSL: a tenth of cryptography's cost per handshake
     if verified:
         sans = verified.get("subjectAltName", ())
@@ -123,7 +126,7 @@ def client_context(proxy: Any, tls: TlsContext, server: bool = False) -> SSL.Con
     if ctx is None:
         if len(proxy.tls_client_cache) > 256:  # old material after many rotations: start afresh
             proxy.tls_client_cache.clear()
-        ctx = proxy.tls_client_cache[key] = build_engine_context(tls, cert, trust, server=server)  # type: ignore[arg-type]
+        ctx = proxy.tls_client_cache[key] = tls_lazy.engine().build_engine_context(tls, cert, trust, server=server)
     return ctx
 
 
@@ -137,10 +140,11 @@ async def originate_tls(
         sock_peer = "?"
     held = Held()
     try:
-        transport, _ = await connect_tls(proxy.loop, sock, lambda: held, client_context(proxy, tls), tls.sni, timeout)
+        ctx = client_context(proxy, tls)
+        transport, _ = await tls_lazy.transport().connect_tls(proxy.loop, sock, lambda: held, ctx, tls.sni, timeout)
     except BaseException as exc:
         sock.close()
-        if isinstance(exc, (SSL.Error, OSError, ValueError)):
+        if isinstance(exc, (OSError, ValueError)):  # TlsFailure is a ConnectionError
             log.info("upstream TLS to %s failed: %s", sock_peer, exc)
         raise
     trust = proxy.table.snapshot.secrets.get(tls.trust) if tls.trust else None

@@ -1,4 +1,4 @@
-"""The TLS engine (agent/proxy/tls_engine.py, tls_transport.py): pyOpenSSL over the cryptography wheel's OpenSSL,
+"""The TLS engine (agent/tls/engine.py, transport.py): pyOpenSSL over the cryptography wheel's OpenSSL,
 sans-IO over memory BIOs, and its asyncio transport over real loopback sockets with real clients (Python's
 ssl, i.e. the system OpenSSL): mTLS with ALPN and SANs, a TLS 1.3 server's tickets held until its first write,
 reading paused and resumed with records left in the BIO, a failed handshake reported once, a handshake
@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -16,13 +18,13 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from planemesh.agent.proxy.tls_engine import (
+from planemesh.agent.tls.engine import (
     TlsConn,
     TlsError,
     TlsPeerView,
     build_engine_context,
 )
-from planemesh.agent.proxy.tls_transport import accept_tls, connect_tls
+from planemesh.agent.tls.transport import accept_tls, connect_tls
 from planemesh.model.tls_config import CertSecret, TrustSecret
 from tests.proxy.test_tls_termination import AMF, GW, NOW, OTHER, ROOT, TLS, certs, client_ctx  # noqa: F401
 
@@ -82,7 +84,7 @@ def test_contexts_refuse_bad_material() -> None:
     other, _ = _secrets(AMF)
     with pytest.raises(ValueError):
         build_engine_context(TLS, CertSecret(b"not a pem", cert.key_pem), trust, server=True)
-    with pytest.raises(TlsError):  # a key that is not the certificate's
+    with pytest.raises(ValueError):  # a key that is not the certificate's
         build_engine_context(TLS, CertSecret(cert.chain_pem, other.key_pem), trust, server=True)
 
 
@@ -246,3 +248,13 @@ class _Collect(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got += data
+
+
+def test_a_worker_without_tls_does_not_load_the_engine() -> None:
+    """pyOpenSSL and the cryptography wheel (~13 MB of RSS) load with the first TLS context, not with the proxy."""
+    code = (
+        "import sys, planemesh.agent.proxy.server, planemesh.agent.proxy.passthrough\n"
+        "print(sorted(m for m in ('OpenSSL', 'cryptography') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

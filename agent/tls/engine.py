@@ -6,7 +6,7 @@ callgrind on an in-memory mTLS handshake (ECDSA P-256, the same client): the ser
 instructions here vs 8.41 M with the stdlib (docs/benchmarks.md, "TLS engine on pyOpenSSL").
 
 This module is the sans-IO half: SSL contexts from the TLS model, and `TlsConn`, one connection's TLS state
-over memory BIOs (feed ciphertext in, take plaintext and ciphertext out). agent/proxy/tls_transport.py drives it
+over memory BIOs (feed ciphertext in, take plaintext and ciphertext out). agent/tls/transport.py drives it
 under asyncio. Keys reach OpenSSL from memory (never a file on disk).
 """
 
@@ -23,6 +23,7 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from OpenSSL.crypto import _bio_to_string, _new_mem_buf  # private: pinned in pyproject.toml
 
+from planemesh.agent.tls.failure import TlsFailure
 from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret
 
 _VERSION = {
@@ -35,14 +36,26 @@ _VERSION = {
 _OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_SINGLE_DH_USE | SSL.OP_SINGLE_ECDH_USE
 _SESSION_ID_CONTEXT = b"planemesh"  # server-side resumption with client certificates needs one (CPython: "Python")
 READ_SIZE = 65536
-TlsError = SSL.Error
+TlsError = TlsFailure  # what the engine raises (OpenSSL's SSL.Error, converted: callers need not load pyOpenSSL)
 
 
 def build_engine_context(
     tls: TlsContext, cert: CertSecret | None, trust: TrustSecret | None, server: bool
 ) -> SSL.Context:
-    """A pyOpenSSL context for one TlsContext and its secrets' material (ValueError / SSL.Error when the
-    material is unusable: a malformed PEM, a key that does not match its certificate)."""
+    """A pyOpenSSL context for one TlsContext and its secrets' material (ValueError when the material is
+    unusable: a malformed PEM, a key that does not match its certificate)."""
+    try:
+        return _context(tls, cert, trust, server)
+    except SSL.Error as exc:
+        raise ValueError(f"TLS material refused by OpenSSL: {exc}") from exc
+
+
+def refusing_context() -> SSL.Context:
+    """A server context without a certificate: every handshake on it fails."""
+    return SSL.Context(SSL.TLS_SERVER_METHOD)
+
+
+def _context(tls: TlsContext, cert: CertSecret | None, trust: TrustSecret | None, server: bool) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD if server else SSL.TLS_CLIENT_METHOD)
     ctx.set_options(_OPTIONS)
     ctx.set_min_proto_version(_VERSION[tls.min_version])
@@ -117,7 +130,7 @@ class TlsConn:
 
     def feed(self, data: bytes) -> None:
         if _lib.BIO_write(self.inbio, data, len(data)) != len(data):  # a memory BIO grows: never short
-            raise TlsError([("planemesh", "feed", "memory BIO write failed")])
+            raise TlsFailure("memory BIO write failed")
 
     def handshake(self) -> bool:
         """True once the handshake is complete; TlsError when it failed (send outgoing() first: the alert)."""
@@ -125,6 +138,8 @@ class TlsConn:
             self.conn.do_handshake()
         except SSL.WantReadError:
             return False
+        except SSL.Error as exc:
+            raise TlsFailure(str(exc)) from exc
         self.done = True
         return True
 
@@ -139,7 +154,7 @@ class TlsConn:
             return b""
         if err == _ZERO_RETURN:
             return None
-        self.conn._raise_ssl_error(self.ssl, n)  # type: ignore[attr-defined]  # raises the matching TlsError
+        self._raise(n)
         return b""
 
     def write(self, data: bytes) -> None:
@@ -150,9 +165,15 @@ class TlsConn:
             while left:  # partial writes are records (16 KiB): a memory BIO takes them all, never WantWrite
                 n = _lib.SSL_write(self.ssl, src + sent, left)
                 if n <= 0:
-                    self.conn._raise_ssl_error(self.ssl, n)  # type: ignore[attr-defined]
+                    self._raise(n)
                     return
                 sent, left = sent + n, left - n
+
+    def _raise(self, result: int) -> None:
+        try:
+            self.conn._raise_ssl_error(self.ssl, result)  # type: ignore[attr-defined]  # OpenSSL's error
+        except SSL.Error as exc:
+            raise TlsFailure(str(exc)) from exc
 
     def outgoing(self) -> bytes:
         """Ciphertext to send (b"" when none)."""

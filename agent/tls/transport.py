@@ -1,4 +1,4 @@
-"""asyncio over the TLS engine (agent/proxy/tls_engine.py): a protocol on the TCP transport that drives a
+"""asyncio over the TLS engine (agent/tls/engine.py): a protocol on the TCP transport that drives a
 TlsConn, and the TLS transport the HTTP codecs, relays and tunnels see (the stdlib SSL transport's contract:
 write, close, abort, pause/resume reading, get_extra_info("ssl_object"), set_protocol).
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from OpenSSL import SSL
 
-from planemesh.agent.proxy.tls_engine import TlsConn, TlsError, TlsPeerView
+from planemesh.agent.tls.engine import TlsConn, TlsError, TlsPeerView
 
 
 class TlsTransport(asyncio.Transport):
