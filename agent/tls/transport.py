@@ -126,7 +126,9 @@ class _TlsWire(asyncio.Protocol):
         self.eof = True
         if self.app is None:
             self._fail(ConnectionResetError("connection closed during the TLS handshake"))
-        elif not self.paused:
+        elif self.paused:  # records wait in the BIO: they and the EOF go to the application when it resumes
+            return True
+        else:
             self._read()
             self._eof_to_app()
         return False  # the TCP transport closes (no half-close over TLS)

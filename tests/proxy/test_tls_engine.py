@@ -92,6 +92,7 @@ class _Echo(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.got = b""
+        self.eof = False
 
     def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
         self.transport = transport
@@ -100,6 +101,9 @@ class _Echo(asyncio.Protocol):
         self.got += data
         assert self.transport is not None
         self.transport.write(data.upper())
+
+    def eof_received(self) -> None:
+        self.eof = True
 
 
 def _serve(loop: asyncio.AbstractEventLoop, ctx: SSL.Context, timeout: float = 5.0):  # type: ignore[no-untyped-def]
@@ -174,6 +178,13 @@ def test_paused_reading_keeps_records_until_resumed(loop, certs: Path) -> None: 
             _run(loop, _call(transport.resume_reading))
             assert s.recv(10) == b"BCD"
             assert proto.got == b"abcd"
+            _run(loop, _call(transport.pause_reading))
+            s.sendall(b"ef")
+            s.shutdown(socket.SHUT_WR)  # the client's EOF while paused: its last records are not lost
+            _run(loop, asyncio.sleep(0.3))
+            _run(loop, _call(transport.resume_reading))
+            _run(loop, asyncio.sleep(0.3))
+            assert proto.got == b"abcdef" and proto.eof
     finally:
         task.cancel()
         lsock.close()
