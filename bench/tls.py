@@ -15,8 +15,9 @@ one process / one worker (Envoy --concurrency 1). Measured:
     application data), while OpenSSL sends them at the end of the handshake: planemesh's rows pay for tickets,
     Envoy's do not.
 --handshakes: new and resumed handshakes/s, sequential and concurrent clients, server CPU per handshake
-(handshake_table); --instructions: planemesh's instructions per new handshake under callgrind, tickets on
-(stateful), stateless (session 4's) and off: a before/after that other work on the machine does not move.
+(handshake_table); --instructions: planemesh's instructions per new handshake under callgrind, tickets on and
+off: a figure that other work on the machine does not move; --in-memory: server CPU per in-memory handshake,
+the TLS engine (pyOpenSSL, the cryptography wheel's OpenSSL) vs the stdlib's ssl (the system OpenSSL).
 Everything binds to 127.0.0.1 and is stopped in `finally`. Measures; asserts nothing.
 """
 
@@ -38,6 +39,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import yaml
 
@@ -63,8 +65,8 @@ def write_certs(d: Path) -> None:
 
 
 def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls: bool, tickets: str = "on") -> None:
-    """Child process: planemesh's proxy terminating TLS on `port` until SIGTERM. `tickets`: on (stateful TLS 1.3
-    tickets, agent/proxy/tls_session.py), off, or stateless (OpenSSL's default tickets: session 4's "on")."""
+    """Child process: planemesh's proxy terminating TLS on `port` until SIGTERM. `tickets`: on (the TLS engine's
+    stateless tickets, agent/tls/engine.py) or off."""
     from planemesh.agent.proxy.server import PlaneProxy
     from planemesh.agent.proxy.sockets import make_listener_socket
     from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret
@@ -79,9 +81,6 @@ def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls:
     }
     snap = replace(base, listeners=(replace(base.listeners[0], tls=tls),), secrets=MappingProxyType(secrets))
     proxy = PlaneProxy(snap, PLANE)
-    if tickets == "stateless":  # the code before stateful tickets, for a before/after in the same run
-        for ctx in proxy.table.tls.contexts():
-            ctx.options &= ~ssl.OP_NO_TICKET
     sock = make_listener_socket(port, transparent=False, host="127.0.0.1")
 
     async def main() -> None:
@@ -308,9 +307,7 @@ def handshake_table(duration: int, clients: int = 4, with_asyncio: bool = False)
     with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
         work = Path(tmp)
         write_certs(work)
-        runs = [("envoy", "on"), ("uvloop", "on"), ("uvloop", "stateless"), ("envoy", "off"), ("uvloop", "off")]
-        if Path(JEMALLOC).exists():  # OpenSSL 3.0 spends ~15 % of a handshake in glibc's malloc/free
-            runs.insert(2, ("uvloop", "on+jemalloc"))
+        runs = [("envoy", "on"), ("uvloop", "on"), ("envoy", "off"), ("uvloop", "off")]
         if with_asyncio:
             runs.insert(2, ("asyncio", "on"))
         rows = [(kind, tickets, *measure_server(kind, tickets, work, duration, clients)) for kind, tickets in runs]
@@ -353,23 +350,69 @@ def instructions_per_handshake(kind: str, tickets: str, work: Path, seconds: int
     return ir / max(count, 1), count
 
 
+def instructions_per_request(work: Path, seconds: int, connections: int = 4) -> tuple[float, int]:
+    """(instructions per request on reused TLS connections, requests counted): planemesh (uvloop, TLS, no
+    client certificate) proxying to nginx under callgrind, wrk over `connections` connections."""
+    port, nginx_port, out = free_port(), free_port(), str(work / "callgrind-reused.out")
+    nginx = start_nginx(work, nginx_port)
+    inner = run_server_cmd("uvloop", port, nginx_port, work, False, work)
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *inner]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_port(port, 240)
+        wrk_tls(port, 3, connections)  # warm-up: imports, caches, the handshakes of wrk's connections
+        subprocess.run(["callgrind_control", "-z", str(server.pid)], capture_output=True, timeout=120, check=True)
+        rps = wrk_tls(port, seconds, connections)["rps"]
+        subprocess.run(["callgrind_control", "-d", str(server.pid)], capture_output=True, timeout=120, check=True)
+    finally:
+        stop(server)
+        stop(nginx)
+    # wrk's own connections are new for the measured run too (one handshake each): counted in, 4 of thousands
+    count = int(rps * seconds)
+    dump = min(glob.glob(out + ".*") or glob.glob(out))
+    ir = int(re.search(r"^(?:summary|totals): (\d+)", Path(dump).read_text(), re.M).group(1))  # type: ignore[union-attr]
+    return ir / max(count, 1), count
+
+
 def instructions_table(seconds: int) -> int:
     """planemesh only: Envoy under callgrind gave no counter dump (its threads never serve callgrind_control's
     request) and its forced stop truncated the final one."""
     with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
         work = Path(tmp)
         write_certs(work)
-        rows = [(t, *instructions_per_handshake("uvloop", t, work, seconds)) for t in ("on", "stateless", "off")]
+        rows = [(t, *instructions_per_handshake("uvloop", t, work, seconds)) for t in ("on", "off")]
+        per_request, requests = instructions_per_request(work, seconds)
     for tickets, ir, count in rows:
         print(f"planemesh tickets {tickets:>9}: {ir / 1e6:.2f} M instructions per new mTLS handshake ({count} counted)")
+    print(f"planemesh reused TLS connections: {per_request / 1e3:.0f} k instructions per request ({requests} counted, "
+          f"including the 4 TLS handshakes of wrk's connections: ~{4 * rows[0][1] / max(requests, 1) / 1e3:.0f} k "
+          "of it per request)")  # fmt: skip
     return 0
 
 
-def server_handshake_ms(server_ctx: ssl.SSLContext, client: ssl.SSLContext) -> float:
+def server_handshake_ms(server_ctx: Any, client: ssl.SSLContext) -> float:
     """Server CPU (process_time) inside OpenSSL's do_handshake for one in-memory mTLS handshake, tickets
-    included (no sockets, no event loop: what OpenSSL 3.0 itself costs)."""
-    cin, cout, sin, sout = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    c, s = client.wrap_bio(cin, cout), server_ctx.wrap_bio(sin, sout, server_side=True)
+    included (no sockets, no event loop): the stdlib's ssl (an SSLContext) or the TLS engine (an SSL.Context);
+    the client is the stdlib's in both."""
+    from planemesh.agent.tls.engine import TlsConn
+
+    cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(cin, cout)
+    if isinstance(server_ctx, ssl.SSLContext):
+        sin, sout = ssl.MemoryBIO(), ssl.MemoryBIO()
+        s = server_ctx.wrap_bio(sin, sout, server_side=True)
+        feed, out = sin.write, sout.read
+
+        def step() -> bool:
+            try:
+                s.do_handshake()
+                return True
+            except ssl.SSLWantReadError:
+                return False
+    else:
+        conn = TlsConn(server_ctx, server=True)
+        feed, out, step = conn.feed, conn.outgoing, conn.handshake
     spent, done = 0.0, [False, False]
     while not all(done):
         try:
@@ -377,15 +420,12 @@ def server_handshake_ms(server_ctx: ssl.SSLContext, client: ssl.SSLContext) -> f
             done[0] = True
         except ssl.SSLWantReadError:
             pass
-        sin.write(cout.read())
         t0 = time.process_time()
-        try:
-            s.do_handshake()
-            done[1] = True
-        except ssl.SSLWantReadError:
-            pass
+        feed(cout.read())
+        done[1] = step() or done[1]
+        back = out()
         spent += time.process_time() - t0
-        cin.write(sout.read())
+        cin.write(back)
     return spent * 1000
 
 
@@ -404,24 +444,27 @@ def _mtls_files(d: Path):  # type: ignore[no-untyped-def]
 
 
 def in_memory_table(count: int = 300) -> int:
-    """Median server CPU per in-memory mTLS handshake (server_handshake_ms), the variants interleaved."""
+    """Median server CPU per in-memory mTLS handshake (server_handshake_ms), the variants interleaved: the TLS
+    engine (OpenSSL of the cryptography wheel) vs the stdlib's ssl (the system's OpenSSL), tickets on and off."""
     from planemesh.agent.proxy.tls_context import build_context
+    from planemesh.agent.tls.engine import build_engine_context
     from tests.proxy.test_tls_termination import TLS, client_ctx
 
     with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
         d = Path(tmp)
         _, cert, trust = _mtls_files(d)
-        contexts = {"on": build_context(TLS, cert, trust, server=True),
-                    "stateless": build_context(TLS, cert, trust, server=True),
-                    "off": build_context(replace(TLS, session_tickets=False), cert, trust, server=True)}  # fmt: skip
-        contexts["stateless"].options &= ~ssl.OP_NO_TICKET  # session 4's tickets
+        off = replace(TLS, session_tickets=False)
+        contexts = {"engine on": build_engine_context(TLS, cert, trust, server=True),
+                    "engine off": build_engine_context(off, cert, trust, server=True),
+                    "stdlib on": build_context(TLS, cert, trust, server=True),  # stateful tickets (tls_session.py)
+                    "stdlib off": build_context(off, cert, trust, server=True)}  # fmt: skip
         client = client_ctx(d)
         times: dict[str, list[float]] = {name: [] for name in contexts}
         for _ in range(count):
             for name, ctx in contexts.items():
                 times[name].append(server_handshake_ms(ctx, client))
     for name, ms in times.items():
-        print(f"tickets {name:>9}: server do_handshake {sorted(ms)[len(ms) // 2]:.3f} ms CPU (median of {count})")
+        print(f"{name:>10}: server do_handshake {sorted(ms)[len(ms) // 2]:.3f} ms CPU (median of {count})")
     return 0
 
 

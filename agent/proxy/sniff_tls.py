@@ -21,6 +21,7 @@ from planemesh.agent.proxy.sniff import MAX_PEEK, Kind, Verdict, classify
 from planemesh.agent.proxy.tcp_tls import TlsDownstream
 from planemesh.agent.proxy.tls import HANDSHAKE_ERRORS, HANDSHAKE_TIMEOUT_S, TlsChecked, TlsDecision, handshake_failed
 from planemesh.agent.proxy.tls_context import Held
+from planemesh.agent.proxy.tls_lazy import transport as tls_transport
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.routing_table import RoutingTable
@@ -120,12 +121,8 @@ async def terminate_and_sniff(
     port = decision.listener.port
     proxy.tls_pending += 1  # a handshake in progress holds a place in the plane's budget
     try:
-        await proxy.loop.connect_accepted_socket(
-            lambda: TlsChecked(proxy, decision, lambda: _InnerSniff(proxy, timeout_s, opaque)),
-            conn,
-            ssl=decision.context,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
-        )
+        checked = lambda: TlsChecked(proxy, decision, lambda: _InnerSniff(proxy, timeout_s, opaque))  # noqa: E731
+        await tls_transport().accept_tls(proxy.loop, conn, checked, decision.context, HANDSHAKE_TIMEOUT_S)
     except HANDSHAKE_ERRORS as exc:
         handshake_failed(proxy.tls_stats, exc, where, port)
         conn.close()

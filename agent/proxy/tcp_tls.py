@@ -17,6 +17,7 @@ from typing import Any
 
 from planemesh.agent.proxy.tls import HANDSHAKE_ERRORS, HANDSHAKE_TIMEOUT_S, check_peer, handshake_failed, spiffe_of
 from planemesh.agent.proxy.tls_context import Held, client_context
+from planemesh.agent.proxy.tls_lazy import transport as tls_transport
 from planemesh.model.tls_config import TlsContext
 
 
@@ -66,9 +67,7 @@ async def terminate(proxy: Any, conn: socket.socket, tls: TlsContext, where: str
     held = Held()
     try:
         context = client_context(proxy, tls, server=True)
-        transport, _ = await proxy.loop.connect_accepted_socket(
-            lambda: held, conn, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
-        )
+        transport, _ = await tls_transport().accept_tls(proxy.loop, conn, lambda: held, context, HANDSHAKE_TIMEOUT_S)
     except (*HANDSHAKE_ERRORS, ValueError) as exc:  # ValueError: a context that cannot be built from the secrets
         handshake_failed(proxy.tls_stats, exc, where, port)
         conn.close()

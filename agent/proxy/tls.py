@@ -1,39 +1,42 @@
 """TLS termination in a plane's L7 proxy: a transport under the unchanged HTTP/1.1 and h2 codecs.
 
-A connection whose original destination has a TLS filter chain (Listener.tls) is taken from the accepting
-transport (its socket is duplicated, the transport dropped before it read a byte), its first bytes are
-peeked (nothing consumed), then:
-  TLS ClientHello (0x16)            -> handshake (stdlib ssl on the event loop's TLS transport, uvloop's
-                                       when running under uvloop), then Downstream as for plaintext;
+A connection whose original destination has a TLS filter chain (Listener.tls) waits for its first bytes on
+the accepting transport, then:
+  TLS ClientHello (0x16)            -> handshake (the TLS engine: pyOpenSSL over the cryptography wheel's
+                                       OpenSSL, agent/tls/transport.py), then Downstream as for plaintext;
   anything else, a plaintext chain  -> plain Downstream (permissive port: `transport_protocol` raw_buffer);
   anything else, TLS only (strict)  -> closed, counted (`plaintext_refused`).
 A failed handshake (wrong CA, expired, no client certificate where one is required, timeout) is counted and
 logged, the connection closed; a peer whose certificate has no SAN matching the context's matchers is closed
-after the handshake (`san_refused`). The peer's SPIFFE ID is kept on the connection's SSLObject
-(`planemesh_peer`) for the access log. Handshakes in progress count in the plane's open connections.
+after the handshake (`san_refused`). The peer's SPIFFE ID is kept on the connection's `ssl_object`
+(agent/tls/engine.py TlsPeerView, `planemesh_peer`) for the access log. Handshakes in progress count in the plane's
+open connections.
 
 SSL contexts are built once per (context, secrets) value and reused across snapshots: a rotated secret is
 a new value, so new handshakes use the new certificate while existing connections keep theirs. Keys reach
-OpenSSL through a memfd (never a file on disk).
+OpenSSL from memory (never a file on disk).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import socket
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from planemesh.agent.proxy import tls_lazy
 from planemesh.agent.proxy.routing import parse_ip
-from planemesh.agent.proxy.tls_context import build_context, peer_sans, uri_of
+from planemesh.agent.proxy.tls_context import peer_sans, uri_of
 from planemesh.agent.proxy.xfcc import connection_xfcc, element
+from planemesh.agent.tls.failure import TlsFailure
 from planemesh.model.config import Listener, ListenerProtocol, Snapshot
 from planemesh.model.tls_config import TlsContext, TrustSecret, plane_tls, san_accepts
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+
+    from planemesh.agent.tls.engine import TlsPeerView
 
 log = logging.getLogger("planemesh.proxy.tls")
 HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by default (asyncio's default: 60 s)
@@ -66,12 +69,18 @@ class TlsDecision:
     """What a TLS-capable port does: the TLS chain's context, and whether plaintext is also served."""
 
     listener: Listener
-    context: ssl.SSLContext
+    context: SSL.Context
     plaintext: bool
     local_uri: str | None = None  # our certificate's SPIFFE ID (XFCC's By=)
 
 
-_REFUSING = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails (counted)
+_REFUSING: list = []  # a server context without a certificate (every handshake fails, counted), made on first use
+
+
+def _refusing() -> SSL.Context:
+    if not _REFUSING:
+        _REFUSING.append(tls_lazy.engine().refusing_context())
+    return _REFUSING[0]
 
 
 class TlsRoutes:
@@ -96,8 +105,8 @@ class TlsRoutes:
             key = (tls, cert, trust)
             if key not in fresh:
                 try:
-                    fresh[key] = cache.get(key) or build_context(tls, cert, trust, server=True)  # type: ignore[arg-type]
-                except (ssl.SSLError, ValueError, OSError) as exc:  # translation checks; never take the worker down
+                    fresh[key] = cache.get(key) or tls_lazy.engine().build_engine_context(tls, cert, trust, server=True)
+                except (ValueError, OSError) as exc:  # translation checks; never take the worker down
                     log.error("listener %s: no TLS context (%s): its TLS connections are refused", lsn.name, exc)
         certs = {lsn.tls.cert for ls in self.ports.values() for lsn in ls if lsn.tls is not None and lsn.tls.cert}
         self._local_uri = {name: uri_of(snapshot.secrets.get(name)) for name in certs}
@@ -143,14 +152,14 @@ class TlsRoutes:
             plaintext = self.mode == "permissive"
         context = self._context(tls_chain)
         if context is None:  # its context could not be built (logged): TLS here is refused
-            context = _REFUSING
+            context = _refusing()
         return TlsDecision(tls_chain, context, plaintext, self._local_uri.get(tls.cert))
 
-    def contexts(self) -> list[ssl.SSLContext]:
-        """The server contexts in use (their session caches: tests, stats)."""
+    def contexts(self) -> list[SSL.Context]:
+        """The server contexts in use (tests, stats)."""
         return list(self._cache.values())
 
-    def _context(self, lsn: Listener) -> ssl.SSLContext | None:
+    def _context(self, lsn: Listener) -> SSL.Context | None:
         for (tls, _cert, _trust), ctx in self._cache.items():
             if tls is lsn.tls or tls == lsn.tls:
                 return ctx
@@ -169,18 +178,17 @@ def _with_plane_tls(listeners: list[Listener], forced: TlsContext) -> list[Liste
     return listeners + added
 
 
-def _subject(ssl_object: ssl.SSLObject) -> str:
-    cert = ssl_object.getpeercert() or {}
-    return ",".join(f"{k}={v}" for rdn in reversed(cert.get("subject", ())) for k, v in rdn)
+def _subject(ssl_object: TlsPeerView) -> str:
+    return ssl_object.subject()
 
 
-HANDSHAKE_ERRORS = (ssl.SSLError, OSError, TimeoutError, ConnectionError)
+HANDSHAKE_ERRORS = (TlsFailure, OSError, TimeoutError, ConnectionError)
 
 
 def handshake_failed(stats: TlsStats, exc: BaseException, where: str, port: int) -> None:
     """Count and log a failed server handshake (HTTP and tcp_proxy chains)."""
     stats.handshake_failed += 1
-    if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc).upper():
+    if "CERTIFICATE" in str(exc).upper():
         stats.peer_cert_refused += 1
     if isinstance(exc, TimeoutError) or "taking longer" in str(exc):  # uvloop/asyncio: ConnectionAborted
         stats.timeouts += 1
@@ -253,107 +261,93 @@ def accept_factory(proxy: Any, make_downstream: Callable[[], asyncio.Protocol]) 
 
 
 class _TlsGate(asyncio.Protocol):
-    """Decides, before any byte is read, whether an accepted connection is TLS (module docstring)."""
+    """Decides whether an accepted connection is TLS: by its destination's chains, then by its first byte."""
 
-    __slots__ = ("make", "proxy")
+    __slots__ = ("counted", "decision", "make", "proxy", "timer", "transport")
 
     def __init__(self, proxy: Any, make: Callable[[], asyncio.Protocol]) -> None:
         self.proxy, self.make = proxy, make
+        self.transport: Any = None
+        self.decision: TlsDecision | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         proxy = self.proxy
         sockname, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
         decision = proxy.table.tls.decide(*proxy.original_destination(sockname, peer))
         if decision is None:
-            ds = self.make()
-            transport.set_protocol(ds)  # type: ignore[attr-defined]
-            ds.connection_made(transport)
+            self._hand_over(transport, b"")
             return
         if proxy.open_connections() >= proxy.sla.max_connections:  # handshakes cost CPU: refuse before one
             proxy.stats.overloaded += 1
             proxy.tls_stats.overloaded += 1
             transport.abort()
             return
-        try:
-            sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
-        except OSError:
-            transport.abort()
-            return
-        sock.setblocking(False)
-        transport.abort()  # closes its descriptor only: the connection lives on in `sock`
+        self.transport, self.decision = transport, decision
         proxy.stats.downstream_active += 1  # a handshake in progress holds a place in the plane's budget
         proxy.tls_pending += 1  # (open_connections counts it)
-        proxy.loop.create_task(self._serve(sock, decision, peer))
+        self.counted = True
+        self.timer = proxy.loop.call_later(PEEK_TIMEOUT_S, self._no_first_byte)
 
-    def data_received(self, data: bytes) -> None:  # never: the transport is dropped before it reads
-        pass
-
-    async def _serve(self, sock: socket.socket, decision: TlsDecision, peer) -> None:
-        proxy, stats = self.proxy, self.proxy.tls_stats
-        where = peer[0] if peer else "?"
-        handed = False
-        try:
-            first = await _peek(proxy.loop, sock, PEEK_TIMEOUT_S)
-            if first is None:
-                stats.timeouts += 1
+    def data_received(self, data: bytes) -> None:
+        decision, transport = self.decision, self.transport
+        if self.timer is not None:
+            self.timer.cancel()
+        if decision is None or not data:
+            return
+        self.decision = None  # decided once: the transport goes to the TLS engine or the plain codec
+        if data[0] != TLS_HANDSHAKE_RECORD:
+            self._release()
+            if not decision.plaintext:
+                self.proxy.tls_stats.plaintext_refused += 1
+                log.info("%s: plaintext on TLS-only port %s: closed", self._where(), decision.listener.port)
+                transport.abort()
                 return
-            if not first:
-                return  # closed before a byte (port probes, health checks)
-            if first[:1] != bytes([TLS_HANDSHAKE_RECORD]):
-                if not decision.plaintext:
-                    stats.plaintext_refused += 1
-                    log.info("%s: plaintext on TLS-only port %s: closed", where, decision.listener.port)
-                    return
-                stats.plaintext_accepted += 1
-                proxy.stats.downstream_active -= 1
-                proxy.tls_pending -= 1
-                handed = True
-                await proxy.loop.connect_accepted_socket(self.make, sock)
-                return
-            proxy.stats.downstream_active -= 1
-            proxy.tls_pending -= 1
-            handed = True
-            await proxy.loop.connect_accepted_socket(
-                lambda: _TlsChecked(proxy, decision, self.make),
-                sock,
-                ssl=decision.context,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
-            )
-        except HANDSHAKE_ERRORS as exc:
-            handshake_failed(stats, exc, where, decision.listener.port)
-        finally:
-            if not handed:
-                proxy.stats.downstream_active -= 1
-                proxy.tls_pending -= 1
-            if sock.fileno() != -1 and not handed:
-                with contextlib.suppress(OSError):
-                    sock.close()
+            self.proxy.tls_stats.plaintext_accepted += 1
+            self._hand_over(transport, data)
+            return
+        proxy = self.proxy
 
+        def checked() -> asyncio.Protocol:
+            self._release()  # the codec's connection_made counts the connection from here
+            return _TlsChecked(proxy, decision, self.make)
 
-def _settle(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+        def failed(exc: BaseException) -> None:
+            self._release()
+            handshake_failed(proxy.tls_stats, exc, self._where(), decision.listener.port)
 
+        tls_lazy.transport().serve_tls(transport, data, checked, decision.context, HANDSHAKE_TIMEOUT_S, failed)
 
-async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout_s: float) -> bytes | None:
-    """The first bytes without consuming them (b"" at EOF); None when nothing came in time."""
-    deadline = loop.time() + timeout_s
-    while True:
-        try:
-            return sock.recv(8, socket.MSG_PEEK)  # b"": closed without a byte
-        except (BlockingIOError, InterruptedError):
-            pass
-        left = deadline - loop.time()
-        if left <= 0:
-            return None
-        fut: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(sock.fileno(), _settle, fut)
-        try:
-            await asyncio.wait_for(fut, left)
-        except TimeoutError:
-            return None
-        finally:
-            loop.remove_reader(sock.fileno())
+    def eof_received(self) -> bool:
+        return False  # closed before a byte (port probes, health checks): close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self._release()
+
+    def _hand_over(self, transport: Any, data: bytes) -> None:
+        ds = self.make()
+        transport.set_protocol(ds)
+        ds.connection_made(transport)
+        if data:
+            ds.data_received(data)
+
+    def _no_first_byte(self) -> None:
+        if self.decision is not None:
+            self.proxy.tls_stats.timeouts += 1
+            self.transport.abort()
+
+    def _release(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.proxy.stats.downstream_active -= 1
+            self.proxy.tls_pending -= 1
+
+    def _where(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return peer[0] if peer else "?"
 
 
 TlsChecked = _TlsChecked  # public: the sniffing listener terminates mTLS too (agent/proxy/sniff_tls.py)

@@ -1,9 +1,11 @@
 """SSL contexts from the TLS model, peer SANs, and TLS origination (no import of the proxy's codecs).
 
-Keys reach OpenSSL through a memfd (never a file on disk). agent/proxy/tls.py terminates, `originate_tls` (used
-by agent/proxy/upstream.py) originates: handshake on a connected socket, then the server's SANs against the
-cluster's matchers (Envoy's match_typed_subject_alt_names), else the connection is closed and the attempt fails
-(503 UF, counted as a connect failure).
+The proxy's TLS (termination and origination) runs on the TLS engine (agent/tls/engine.py, pyOpenSSL);
+`build_context` (stdlib ssl) is HBONE's (agent/hbone/), whose h2 tunnels run over the event loop's own TLS
+transport. Keys reach OpenSSL from memory or through a memfd (never a file on disk). agent/proxy/tls.py
+terminates, `originate_tls` (used by agent/proxy/upstream.py) originates: handshake on a connected socket, then
+the server's SANs against the cluster's matchers (Envoy's match_typed_subject_alt_names), else the connection is
+closed and the attempt fails (503 UF, counted as a connect failure).
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from planemesh.agent.proxy import tls_lazy
 from planemesh.agent.proxy.tls_session import use_stateful_tickets
 from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+
+    from planemesh.agent.tls.engine import TlsPeerView
 
 log = logging.getLogger("planemesh.proxy.tls")
 _VERSION = {
@@ -83,10 +91,13 @@ def uri_of(secret: object) -> str | None:
     return ids[0] if ids else None
 
 
-def peer_sans(ssl_object: ssl.SSLObject | None) -> tuple[list[str], list[str]]:
+def peer_sans(ssl_object: ssl.SSLObject | TlsPeerView | None) -> tuple[list[str], list[str]]:
     """(URI SANs, DNS SANs) of the peer's certificate; empty without one."""
     if ssl_object is None:
         return [], []
+    sans = getattr(ssl_object, "sans", None)
+    if sans is not None:  # the TLS engine's connections (agent/tls/engine.py TlsPeerView)
+        return sans()
     verified = ssl_object.getpeercert()  # parsed by OpenSSL: a tenth of cryptography's cost per handshake
     if verified:
         sans = verified.get("subjectAltName", ())
@@ -103,8 +114,8 @@ def peer_sans(ssl_object: ssl.SSLObject | None) -> tuple[list[str], list[str]]:
     return san.value.get_values_for_type(x509.UniformResourceIdentifier), san.value.get_values_for_type(x509.DNSName)
 
 
-def client_context(proxy: Any, tls: TlsContext, server: bool = False) -> ssl.SSLContext:
-    """The SSLContext of a cluster's UpstreamTlsContext (or, `server`, of a tcp_proxy chain's
+def client_context(proxy: Any, tls: TlsContext, server: bool = False) -> SSL.Context:
+    """The TLS engine's context of a cluster's UpstreamTlsContext (or, `server`, of a tcp_proxy chain's
     DownstreamTlsContext) with the current snapshot's secrets, cached per value: a rotated secret is a new
     value, so new handshakes use it while open connections keep theirs."""
     secrets = proxy.table.snapshot.secrets
@@ -115,7 +126,7 @@ def client_context(proxy: Any, tls: TlsContext, server: bool = False) -> ssl.SSL
     if ctx is None:
         if len(proxy.tls_client_cache) > 256:  # old material after many rotations: start afresh
             proxy.tls_client_cache.clear()
-        ctx = proxy.tls_client_cache[key] = build_context(tls, cert, trust, server=server)  # type: ignore[arg-type]
+        ctx = proxy.tls_client_cache[key] = tls_lazy.engine().build_engine_context(tls, cert, trust, server=server)
     return ctx
 
 
@@ -129,16 +140,11 @@ async def originate_tls(
         sock_peer = "?"
     held = Held()
     try:
-        transport, _ = await proxy.loop.create_connection(
-            lambda: held,
-            sock=sock,
-            ssl=client_context(proxy, tls),
-            server_hostname=tls.sni,  # "" (no sni): no SNI extension; None would be refused with sock=
-            ssl_handshake_timeout=timeout,
-        )
+        ctx = client_context(proxy, tls)
+        transport, _ = await tls_lazy.transport().connect_tls(proxy.loop, sock, lambda: held, ctx, tls.sni, timeout)
     except BaseException as exc:
         sock.close()
-        if isinstance(exc, (ssl.SSLError, OSError, ValueError)):
+        if isinstance(exc, (OSError, ValueError)):  # TlsFailure is a ConnectionError
             log.info("upstream TLS to %s failed: %s", sock_peer, exc)
         raise
     trust = proxy.table.snapshot.secrets.get(tls.trust) if tls.trust else None
