@@ -6,21 +6,17 @@ once (14-61 ms in three runs at load average 6)."""
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Any
+
+from planemesh.agent.lazy_modules import load
 
 # No import of the modules loaded here, nor of their users, even for type checking: this module sits between
 # them (attempts, server -> h2_support -> h2_*), so it names their types as Any.
 
-_modules: dict[str, ModuleType] = {}
-
 
 def _module(name: str) -> ModuleType:
-    module = _modules.get(name)
-    if module is None:
-        module = _modules[name] = importlib.import_module(f"planemesh.agent.proxy.{name}")
-    return module
+    return load(f"planemesh.agent.proxy.{name}")
 
 
 def h2_downstream(proxy: Any, preread: bytes) -> Any:

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from planemesh.agent.lazy_modules import load
+
 
 def engine() -> ModuleType:
     """agent/tls/engine.py (contexts, TlsConn, TlsPeerView)."""
-    from planemesh.agent.tls import engine as tls_engine  # here: ~13 MB of RSS that workers without TLS do not pay
-
-    return tls_engine
+    return load("planemesh.agent.tls.engine")  # here: ~13 MB of RSS that workers without TLS do not pay
 
 
 def transport() -> ModuleType:
     """agent/tls/transport.py (serve_tls, accept_tls, connect_tls)."""
-    from planemesh.agent.tls import transport as tls_transport  # here: see engine()
-
-    return tls_transport
+    return load("planemesh.agent.tls.transport")
