@@ -137,6 +137,7 @@ _plans: dict[tuple[bytes, bytes], Plan] = {}
 
 
 _PER_REQUEST_NAMES = {name: _literal(0x00, 4, name, b"", False) for name in PER_REQUEST}
+_RAW_LENGTHS = [encode_integer(n, 7, 0) for n in range(127)]  # a raw string's length prefix, one byte
 
 
 def _plan(field: tuple[bytes, bytes]) -> Plan:
@@ -216,16 +217,18 @@ class Encoder:
         if None in parts:
             if len(self._known) > KNOWN_MAX:
                 self._known.clear()
-            i = parts.index(None)
-            while True:
+            for i in [i for i, part in enumerate(parts) if part is None]:
+                field = headers[i]
+                prefix = _PER_REQUEST_NAMES.get(field[0])
+                if prefix is not None and type(field) is tuple:  # an id (new each time): its bytes at once
+                    value = field[1].strip(b" \t")
+                    n = len(value)
+                    parts[i] = prefix + (_RAW_LENGTHS[n] if n < 127 else encode_integer(n, 7, 0)) + value
+                    continue
                 inserted = self._inserted
-                parts[i] = self._field(headers[i])
+                parts[i] = self._field(field)
                 if self._inserted != inserted:
                     return b"".join(parts[: i + 1]) + self._encode(headers[i + 1 :])
-                try:
-                    i = parts.index(None, i + 1)
-                except ValueError:
-                    break
         return b"".join(parts)
 
     def _encode(self, headers: list) -> bytes:

@@ -522,11 +522,13 @@ class Bridge:
         relay = self.relay
         log = proxy.log
         if log.enabled:  # the access record, built now (the stream and its parts are not kept for it)
+            authority = self.authority_b
             log.append(AccessRecord(
-                self.start_time, self.method, self.path, self.protocol, self.status, self.flags, self.bytes_rx,
-                relay.bytes_tx, self.duration_ms, relay.upstream_ms, None, None, self.request_id, self.authority,
-                attempt.upstream_host, proxy.plane_name, client,
-            ))
+                self.start_time, self.method_b.decode("latin-1") or "-", self.path_b.decode("latin-1") or "-",
+                self.protocol, self.status, self.flags, self.bytes_rx, relay.bytes_tx, self.duration_ms,
+                relay.upstream_ms, None, None, self.rid.decode("latin-1"),
+                authority.decode("latin-1") if authority else None, attempt.upstream_host, proxy.plane_name, client,
+            ))  # the properties' values, inline (once per stream)
         # Its parts see a finished request from now on, and none refers back to it: the stream and its parts are
         # freed by reference counting when it ends, not by the cyclic GC (whose passes grow with what survives).
         attempt.ex = attempt.ds = relay.ex = relay.ds = FINISHED  # type: ignore[assignment]
