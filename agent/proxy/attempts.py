@@ -157,7 +157,10 @@ class Attempt:
         self.connect_timeout_s = connect_timeout_s
 
     def open(self, target: tuple[str, int], reuse: bool) -> None:
-        """Open an attempt on `target` within the cluster's connection and pending limits."""
+        """Open an attempt on `target` within the cluster's connection and pending limits (an h2 stream: those of
+        the multiplexed connection it goes on, h2_upstream.H2Pool)."""
+        if self.h2:
+            return open_h2_stream(self, target)
         breaker = self.breaker
         if breaker is not None:
             if not breaker.try_acquire(CONNECTIONS):
@@ -168,8 +171,6 @@ class Attempt:
                 self.end(-1)
                 return self.ex.overloaded(b"cluster_pending")
             self.cb_held |= HELD_PENDING
-        if self.h2:
-            return open_h2_stream(self, target)
         pool = self.ds.proxy.pool
         if reuse:
             pool.acquire_for(self, target, self.connect_timeout_s)
@@ -179,10 +180,25 @@ class Attempt:
     def overloaded(self, which: bytes) -> None:
         self.ex.overloaded(which)
 
-    def on_connected(self, conn: UpstreamConnection) -> None:
+    def hold_pending(self) -> bool:
+        """A PENDING unit of the cluster's breaker while the attempt waits for its connection (False: none left)."""
+        breaker = self.breaker
+        if breaker is None:
+            return True
+        if not breaker.try_acquire(PENDING):
+            return False
+        self.cb_held |= HELD_PENDING
+        return True
+
+    def release_pending(self) -> None:
+        """The attempt's connection is established: it no longer waits for one."""
         if self.cb_held & HELD_PENDING:
             self.cb_held &= ~HELD_PENDING
             self.breaker.release(PENDING)  # type: ignore[union-attr]
+
+    def on_connected(self, conn: UpstreamConnection) -> None:
+        if self.cb_held & HELD_PENDING and not self.h2:  # an h2 stream waits until its connection is made
+            self.release_pending()
         self.conn = conn
         conn.exchange = self.ex.relay  # the connection's response events
         ds = self.ds
