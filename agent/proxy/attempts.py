@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from planemesh.agent.proxy.balancer import Balancer
     from planemesh.agent.proxy.circuit import CircuitBreaker
-    from planemesh.agent.proxy.contracts import AttemptOwner, Fields
+    from planemesh.agent.proxy.contracts import AttemptOwner, Fields, RequestSource
     from planemesh.agent.proxy.contracts import UpstreamStream as UpstreamConnection
     from planemesh.agent.proxy.pipeline import Upstream
     from planemesh.agent.proxy.retry import Retries
@@ -80,9 +80,9 @@ class Attempt:
         "upstream_key",
     )
 
-    def __init__(self, ex: AttemptOwner) -> None:
+    def __init__(self, ex: AttemptOwner, ds: RequestSource | None = None) -> None:
         self.ex = ex
-        self.ds = ex.ds
+        self.ds = ex.ds if ds is None else ds  # `ds`: the owner's, given by an owner that knows it (an h2 stream)
         self.cluster: Cluster | None = None
         self.balancer: Balancer | None = None
         self.breaker: CircuitBreaker | None = None
@@ -235,13 +235,15 @@ class Attempt:
         if self.backoff is not None:
             self.backoff.cancel()
             self.backoff = None
-        self.end(-1)
+        if self.endpoint is not None or self.cb_held & (HELD_PENDING | HELD_CONNECTION):
+            self.end(-1)
         breaker = self.breaker
         if breaker is not None:
             if self.cb_held & HELD_REQUEST:
                 breaker.release(REQUESTS)
             self.cb_held = 0
-        self.retries.release()
+        if self.retries is not NO_RETRIES:  # the shared one holds nothing
+            self.retries.release()
 
     # ---- retries ------------------------------------------------------------------------------------
 

@@ -249,14 +249,16 @@ class H2Side(asyncio.Protocol):
     def ack(self, sid: int, n: int) -> None:
         """The other side took n bytes of this stream: let our peer send more."""
         if n and not self.closed:
+            conn = self.conn
             try:
-                self.conn.acknowledge_received_data(n, sid)
+                conn.acknowledge_received_data(n, sid)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 try:  # the stream is gone: credit the connection window only
-                    self.conn.increment_flow_control_window(n)
+                    conn.increment_flow_control_window(n)
                 except h2.exceptions.ProtocolError:
                     return
-            self.flush()
+            if conn.out:  # a WINDOW_UPDATE is due (credit goes in batches of half a window)
+                self.flush()
 
     def close(self) -> None:
         if not self.closed:

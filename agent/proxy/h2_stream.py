@@ -134,10 +134,10 @@ class Bridge:
         self.unacked = 0  # request bytes received and not acknowledged to the client yet
         self.up_paused = False  # the upstream stream is not taking the request body
         self.mirror_to: list[tuple[str, int]] | None = None  # shadow copies to send once the request has ended
-        self.attempt = Attempt(self)
+        self.attempt = Attempt(self, self)
         self.upreq = UpstreamRequest(self.attempt)  # the request as it goes upstream, its replay copy
         self.writer = H2ResponseWriter(self)  # the response as this stream's frames (contracts.DownstreamSink)
-        self.relay = ResponseRelay(self, self.writer)
+        self.relay = ResponseRelay(self, self.writer, self)
         self.relay.is_head = method == b"HEAD"
 
     # ---- what the Attempt, the relay and the upstream streams see (contracts.RequestSource) -------------------
@@ -217,7 +217,7 @@ class Bridge:
                 self.timer = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
                 return None
             return self.answer(step)  # type: ignore[arg-type]
-        return self._route()
+        return self._route(route_config)
 
     def _rbac_denied(self, rbac) -> str | None:
         """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this stream: why denied, or None."""
@@ -240,10 +240,13 @@ class Bridge:
         """A pipeline step's local answer as an h2 response (a gRPC status for gRPC requests)."""
         self.reply(local.status, local.body, local.headers, local.flag)
 
-    def _route(self) -> None:
+    def _route(self, crc=None) -> None:
+        """Route, then the upstream. `crc`: the connection's route config, when the caller looked it up already."""
         proxy = self.proxy
         table = proxy.table
-        crc = pipeline.connection_route_config(self.client, table) or table.router.original_destination
+        if crc is None:
+            crc = pipeline.connection_route_config(self.client, table)
+        crc = crc or table.router.original_destination
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
         result = pipeline.route(proxy, crc, authority, self.path_b or b"/", self._header_map)
         if type(result) is pipeline.Local:
@@ -436,7 +439,7 @@ class Bridge:
 
     def flush(self) -> None:
         """An upstream stream read and parsed a piece of the response: pass its body on."""
-        if not self.finished:
+        if self.writer.pending and not self.finished:
             self.writer.flush()
 
     def resume_for_buffer(self) -> None:
