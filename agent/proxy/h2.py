@@ -115,7 +115,8 @@ class H2Side(asyncio.Protocol):
                     bridge.on_trailers(self, event.headers)
             else:
                 self.handle(event)
-        self.flush()
+        if self.conn.out:  # WINDOW_UPDATEs, SETTINGS or PING acks, trailers... (often nothing: no write)
+            self.flush()
 
     def handle(self, event: h2.events.Event) -> None:
         kind = type(event)

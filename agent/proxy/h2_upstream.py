@@ -135,6 +135,7 @@ class H2Upstream(H2Side):
         self.pool = pool
         self.timeout = timeout
         self.breaker = breaker  # whose max_connections unit this connection holds until it is gone
+        self.unflushed: list[H2ClientStream] = []  # streams to flush at the end of the read being handled
         self.goaway = False
         self.settings_received = False
         self.idle_since = 0.0  # loop time its last stream ended (0: it has streams, or never had one)
@@ -193,6 +194,11 @@ class H2Upstream(H2Side):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        streams = self.unflushed
+        if streams:  # the client sides of the streams that got response pieces in this read
+            self.unflushed = []
+            for stream in streams:
+                stream.ds.flush()
         if self.goaway and not self.bridges and not self.closed:
             self.close()
 
@@ -433,14 +439,23 @@ class H2ClientStream:
             return self.on_reset(self.up, h2.errors.ErrorCodes.PROTOCOL_ERROR)  # type: ignore[arg-type]
         # Not reusable: the relay closes (releases) this stream, it does not pool it.
         self.relay.on_response_head(ResponseHead(status, out, length, ended=end))
-        self.ds.flush()
+        self._flush_after_read()
+
+    def _flush_after_read(self) -> None:
+        """The request's client side is flushed once the read that brought this piece is handled (H2Upstream.
+        data_received): a response's head, body and trailers of one read leave together."""
+        up = self.up
+        if up is None:  # no longer this attempt's stream (a retry, an answer of the proxy's): at once
+            self.ds.flush()
+        else:
+            up.unflushed.append(self)
 
     def on_data(self, side: H2Upstream, data: bytes, flow_len: int) -> None:
         if self.attempt.conn is not self:
             side.ack(self.up_sid, flow_len)
             return
         self.relay.on_response_body(data)  # dropped there when the response has no body (HEAD, 204, 304)
-        self.ds.flush()
+        self._flush_after_read()
         if self.reading_paused or self.ds.write_paused:
             self.reading_paused = True
             self.held_acks += flow_len

@@ -69,7 +69,6 @@ class ResponseRelay:
         self.status = status
         self.started = True
         self.up_reusable = head.reusable
-        # no body for HEAD, 204, 304 or a 101 (http1.no_body_status, inline: once per response)
         self.body_allowed = body = not self.is_head and status >= 200 and status != 204 and status != 304
         self.up_close = body and head.length is None and head.until_close
         headers = head.fields  # what the upstream's Connection named is gone already, before the route adds any
