@@ -76,6 +76,7 @@ class Bridge:
         "req_length",
         "rid",
         "route",
+        "routed",
         "sid",
         "start_time",
         "status",
@@ -128,7 +129,8 @@ class Bridge:
         self.held: list[bytes] | None = None  # request DATA before the stream is routed (a fault delay): not acked
         self.no_body = False  # END_STREAM came with the request's HEADERS
         self.req_done = False  # the client's end of the stream arrived
-        self.req_head: RequestHead | None = None
+        self.req_head: RequestHead | None = None  # built for an HTTP/1.1 upstream only (h2: attempt.h2_fields)
+        self.routed = False  # the request goes upstream (else DATA is held: a fault delay)
         self.req_length = 0
         self.req_chunked = False  # a body of unknown length (HTTP/1.1 upstream: chunked)
         self.unacked = 0  # request bytes received and not acknowledged to the client yet
@@ -303,10 +305,10 @@ class Bridge:
             self._send_mirrors()
 
     def _request_head(self) -> None:
-        """The codec-neutral request head (messages.RequestHead: Host from :authority, content-length as the
-        body's length), then what the stream held while it was not routed. An h2 upstream gets the stream's own
-        fields (pseudo-headers first; connection-specific ones were dropped by split_request), re-encoded as
-        they are: the head's fields are only built for an HTTP/1.1 upstream."""
+        """The request head upstream, then what the stream held while it was not routed. An h2 upstream gets
+        the stream's own fields (pseudo-headers first; connection-specific ones were dropped by split_request),
+        re-encoded as they are; an HTTP/1.1 upstream the codec-neutral head (messages.RequestHead: Host from
+        :authority, content-length as the body's length)."""
         attempt = self.attempt
         h2 = attempt.h2
         host = self.up_authority
@@ -328,13 +330,14 @@ class Bridge:
         self.req_chunked = upreq.chunked = not self.no_body and length < 0
         if h2:
             attempt.h2_fields = self.pseudo + self.fields
-        elif host is not None:
-            fields.insert(0, (b"host", host))
-        head = self.req_head = RequestHead(self.method_b or b"GET", self.up_path or b"/", fields, self.req_length,
-                                           self.req_chunked)
-        if not h2:
+        else:
+            if host is not None:
+                fields.insert(0, (b"host", host))
+            head = self.req_head = RequestHead(self.method_b or b"GET", self.up_path or b"/", fields,
+                                               self.req_length, self.req_chunked)
             upreq.head = h1_request_bytes(head)
             upreq.out.append(upreq.head)
+        self.routed = True
         held, self.held = self.held, None
         for data in held or ():  # a list only when DATA came before routing
             upreq.body(data)
@@ -371,7 +374,7 @@ class Bridge:
         if flow_len > n:
             self.client.ack(self.sid, flow_len - n)  # padding: nothing to forward
         self.unacked += n
-        if self.req_head is None:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
+        if not self.routed:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
             if self.held is None:
                 self.held = [data]
             else:
@@ -391,7 +394,7 @@ class Bridge:
         if self.req_done:
             return  # END_STREAM came with the headers or the trailers already
         self.req_done = True
-        if self.req_head is None:
+        if not self.routed:
             return  # routed later: the end goes after what is held
         self.upreq.end()
         self.upreq.flush()
