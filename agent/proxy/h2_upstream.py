@@ -278,9 +278,11 @@ def open_h2_stream(attempt: Attempt, target: tuple[str, int]) -> None:
     proxy = attempt.ds.proxy
     key, attempt.upstream_host = proxy.pool.key_for(target)
     attempt.upstream_key = key
-    if attempt.h2_fields is None:
+    if attempt.h2_fields is None:  # an HTTP/1.x request (an h2 stream's are its own, its :scheme included)
         te_trailers = any(n == b"te" and b"trailers" in v.lower() for n, v in ex.headers)
-        attempt.h2_fields = h2_request_fields(ex.req_head, attempt.upstream_host, te_trailers)
+        tls = attempt.ds.transport.get_extra_info("ssl_object") is not None  # terminated here
+        attempt.h2_fields = h2_request_fields(ex.req_head, attempt.upstream_host, te_trailers,
+                                              b"https" if tls else b"http")
     stream = H2ClientStream(attempt)
     refusal = proxy.h2_pool.open(stream, target, stream.req_ended, attempt.connect_timeout_s, key)
     if refusal is not None:  # the cluster's breaker: no room for another connection, or for one more waiting

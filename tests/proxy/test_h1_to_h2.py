@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -19,10 +20,12 @@ import h2.events
 import pytest
 
 from planemesh.model.config import CircuitBreakers, Cluster, ClusterKind, Endpoint, RetryPolicy, Route, RouteAction
+from tests.proxy import test_tls_termination as tls_tests
 from tests.proxy.proxy_harness import ProxyThread, log_line_for
 from tests.proxy.test_h2_nginx import Nginx, _since
 from tests.proxy.test_h2_nginx import nginx as nginx  # the fixture
 from tests.proxy.test_h2_pool import H2Client
+from tests.proxy.test_tls_termination import certs as certs  # the fixture (TLS termination's certificates)
 
 BIG = hashlib.sha256(b"x").digest() * (3 * 1024 * 1024 // 32)  # 3 MiB: above every flow-control window
 
@@ -398,3 +401,22 @@ def test_max_pending_counts_streams_waiting_for_their_connection(backend: H2Back
     with _proxy(backend.port, breakers=CircuitBreakers(max_pending_requests=1)) as proxy:
         assert _concurrent_gets(proxy.port, "/echo", 1) == [(200, None)]
         assert _concurrent_gets(proxy.port, "/pause", 3) == [(200, None)] * 3  # on the made connection
+
+
+def test_scheme_upstream_is_the_clients(backend: H2Backend, monkeypatch: pytest.MonkeyPatch, certs: Path) -> None:
+    """An HTTP/1.1 request goes to an h2 upstream with :scheme http, or https when the proxy terminated the
+    client's TLS (Envoy's behaviour; before, always http)."""
+    with _proxy(backend.port) as proxy:
+        client = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        client.request("GET", "/echo")
+        r = client.getresponse()
+        assert (r.status, r.getheader("x-scheme"), r.read()) == (200, "http", b"")
+        client.close()
+    h2_cluster = Cluster(name="backend", kind=ClusterKind.STATIC, http2=True,
+                         endpoints=(Endpoint("127.0.0.1", backend.port),))
+    snapshot = tls_tests.make_snapshot
+    monkeypatch.setattr(tls_tests, "make_snapshot",
+                        lambda *a, **k: snapshot(*a, clusters={"backend": h2_cluster}, **k))
+    with tls_tests.TlsProxy(backend.port) as proxy:
+        reply = tls_tests.get(proxy.port, tls_tests.client_ctx(certs), "/echo")
+    assert reply.startswith(b"HTTP/1.1 200") and b"\r\nx-scheme: https\r\n" in reply.lower(), reply
