@@ -271,6 +271,30 @@ class H2Upstream(H2Side):
                 self.idle_since = self.proxy.loop.time()
 
 
+def _response_head(headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]], int | None]:
+    """(:status, the end-to-end fields, content-length) of an h2 response head (not validated by the codec: names
+    lower-cased here, connection-specific fields dropped, as a client would reject the stream otherwise)."""
+    status = 0
+    length = None
+    out = []
+    for n, v in headers:
+        n = n.lower()
+        if n[:1] == b":":
+            if n == b":status":
+                status = int(v)
+        elif n == b"content-length":
+            length = int(v)
+        elif n not in _RESPONSE_DROP:
+            out.append((n, v))
+    return status, out, length
+
+
+# Response heads repeat (a server's same fields; the decoder hands the same tuples back for the same block): each
+# distinct one is worked out once. Bounded (heads come from peers): the memo starts afresh when full.
+_HEADS: dict[tuple, tuple[int, list[tuple[bytes, bytes]], int | None]] = {}
+HEADS_MEMO_MAX = 256
+
+
 def open_h2_stream(attempt: Attempt, target: tuple[str, int]) -> None:
     """Start the attempt on `target` as a stream of a pooled h2c connection (opened when none has room); the
     request head goes out at once, the body as the request flushes it."""
@@ -425,22 +449,18 @@ class H2ClientStream:
     def on_response_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         if self.attempt.conn is not self:
             return
-        status = 0
-        length = None
-        out = []
-        for n, v in headers:
-            n = n.lower()
-            if n[:1] == b":":
-                if n == b":status":
-                    status = int(v)
-            elif n == b"content-length":
-                length = int(v)
-            elif n not in _RESPONSE_DROP:
-                out.append((n, v))
+        key = tuple(headers)
+        found = _HEADS.get(key)
+        if found is None:
+            found = _response_head(headers)
+            if len(_HEADS) >= HEADS_MEMO_MAX:
+                _HEADS.clear()
+            _HEADS[key] = found
+        status, out, length = found
         if status < 200 or status > 999:
             return self.on_reset(self.up, h2.errors.ErrorCodes.PROTOCOL_ERROR)  # type: ignore[arg-type]
         # Not reusable: the relay closes (releases) this stream, it does not pool it.
-        self.relay.on_response_head(ResponseHead(status, out, length, ended=end))
+        self.relay.on_response_head(ResponseHead(status, list(out), length, False, False, b"", None, end))
         self._flush_after_read()
 
     def _flush_after_read(self) -> None:
