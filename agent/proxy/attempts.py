@@ -198,7 +198,8 @@ class Attempt:
 
     def on_connected(self, conn: UpstreamConnection) -> None:
         if self.cb_held & HELD_PENDING and not self.h2:  # an h2 stream waits until its connection is made
-            self.release_pending()
+            self.cb_held &= ~HELD_PENDING
+            self.breaker.release(PENDING)  # type: ignore[union-attr]
         self.conn = conn
         conn.exchange = self.ex.relay  # the connection's response events
         ds = self.ds
