@@ -341,7 +341,7 @@ class Bridge:
         held, self.held = self.held, None
         for data in held or ():  # a list only when DATA came before routing
             upreq.body(data)
-        if self.req_done:
+        if self.req_done and upreq.chunked:  # (a body of known length, or none, has no end of its own)
             upreq.end()
 
     def _mirror(self, mirrors) -> None:
