@@ -1,7 +1,7 @@
 """CPU instructions (callgrind) and system calls (strace) per gRPC unary call through the proxy, h2c client ->
 h2c backend: figures a busy machine does not move, for A/B of the h2->h2 path.
 
-    ./run.sh bench grpc_instructions [--calls 3000] [--strace] [--get]
+    ./run.sh bench grpc_instructions [--calls 3000] [--strace] [--get] [--clients 16 --streams 32]
 
 bench/grpc.py's nginx backend (gRPC over h2c, one worker) on loopback; the proxy (one PlaneProxy, uvloop, access
 log to /dev/null, the backend as an http2 cluster) in its own process under `valgrind --tool=callgrind`. After
@@ -59,8 +59,8 @@ def serve(port: int, upstream: int, h2: bool) -> None:
     uvloop.run(main())
 
 
-def h2load(port: int, calls: int, body: Path | None) -> int:
-    argv = ["h2load", "-t1", "-c16", "-m32", f"-n{calls}"]
+def h2load(port: int, calls: int, body: Path | None, clients: int = 16, streams: int = 32) -> int:
+    argv = ["h2load", "-t1", f"-c{clients}", f"-m{streams}", f"-n{calls}"]
     if body is None:
         argv.append(f"http://127.0.0.1:{port}/")
     else:
@@ -70,7 +70,7 @@ def h2load(port: int, calls: int, body: Path | None) -> int:
     return int(re.search(r"(\d+) succeeded", out).group(1))  # type: ignore[union-attr]
 
 
-def measure(calls: int, use_strace: bool, get: bool) -> str:
+def measure(calls: int, use_strace: bool, get: bool, clients: int = 16, streams: int = 32) -> str:
     with tempfile.TemporaryDirectory(prefix="pm-bench-") as tmp:
         work = Path(tmp)
         up, h1 = free_port(), free_port()
@@ -93,14 +93,14 @@ def measure(calls: int, use_strace: bool, get: bool) -> str:
                 trace = subprocess.Popen(["strace", "-c", "-f", "-p", str(proxy.pid), "-o", str(work / "st")],
                                          stderr=subprocess.DEVNULL)  # fmt: skip
                 time.sleep(1)
-                ok = h2load(port, calls, body)
+                ok = h2load(port, calls, body, clients, streams)
                 trace.send_signal(signal.SIGINT)
                 trace.wait(timeout=60)
                 rows = re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$",
                                   (work / "st").read_text(), re.M)  # fmt: skip
                 return ", ".join(f"{name} {int(n) / ok:.3f}" for n, name in rows if name != "total") + " per call"
             subprocess.run(["callgrind_control", "-z", str(proxy.pid)], capture_output=True, timeout=120, check=True)
-            ok = h2load(port, calls, body)
+            ok = h2load(port, calls, body, clients, streams)
             subprocess.run(["callgrind_control", "-d", str(proxy.pid)], capture_output=True, timeout=120, check=True)
             dump = max(glob.glob(str(out) + ".*"), key=os.path.getmtime)
             ir = int(re.search(r"^(?:summary|totals): (\d+)", Path(dump).read_text(), re.M).group(1))  # type: ignore[union-attr]
@@ -120,13 +120,16 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--strace", action="store_true", help="system calls per call instead (no valgrind)")
     ap.add_argument("--get", action="store_true", help="h2 GETs to an HTTP/1.1 upstream instead of gRPC to h2c")
+    ap.add_argument("--clients", type=int, default=16, help="h2load -c (fewer: less per loop pass)")
+    ap.add_argument("--streams", type=int, default=32, help="h2load -m")
     ap.add_argument("--serve", nargs=3, type=int, metavar=("PORT", "UPSTREAM", "H2"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(args.serve[0], args.serve[1], bool(args.serve[2]))
         return 0
     what = "h2c GET -> HTTP/1.1 nginx" if args.get else "gRPC unary h2c -> h2c nginx"
-    print(f"{what} through the proxy: {measure(args.calls, args.strace, args.get)}")
+    figure = measure(args.calls, args.strace, args.get, args.clients, args.streams)
+    print(f"{what} through the proxy, -c{args.clients} -m{args.streams}: {figure}")
     return 0
 
 
