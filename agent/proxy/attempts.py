@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from planemesh.agent.proxy.balancer import Balancer
     from planemesh.agent.proxy.circuit import CircuitBreaker
-    from planemesh.agent.proxy.contracts import AttemptOwner, Fields
+    from planemesh.agent.proxy.contracts import AttemptOwner, Fields, RequestSource
     from planemesh.agent.proxy.contracts import UpstreamStream as UpstreamConnection
     from planemesh.agent.proxy.pipeline import Upstream
     from planemesh.agent.proxy.retry import Retries
@@ -80,9 +80,9 @@ class Attempt:
         "upstream_key",
     )
 
-    def __init__(self, ex: AttemptOwner) -> None:
+    def __init__(self, ex: AttemptOwner, ds: RequestSource | None = None) -> None:
         self.ex = ex
-        self.ds = ex.ds
+        self.ds = ex.ds if ds is None else ds  # `ds`: the owner's, given by an owner that knows it (an h2 stream)
         self.cluster: Cluster | None = None
         self.balancer: Balancer | None = None
         self.breaker: CircuitBreaker | None = None
@@ -157,7 +157,10 @@ class Attempt:
         self.connect_timeout_s = connect_timeout_s
 
     def open(self, target: tuple[str, int], reuse: bool) -> None:
-        """Open an attempt on `target` within the cluster's connection and pending limits."""
+        """Open an attempt on `target` within the cluster's connection and pending limits (an h2 stream: those of
+        the multiplexed connection it goes on, h2_upstream.H2Pool)."""
+        if self.h2:
+            return open_h2_stream(self, target)
         breaker = self.breaker
         if breaker is not None:
             if not breaker.try_acquire(CONNECTIONS):
@@ -168,8 +171,6 @@ class Attempt:
                 self.end(-1)
                 return self.ex.overloaded(b"cluster_pending")
             self.cb_held |= HELD_PENDING
-        if self.h2:
-            return open_h2_stream(self, target)
         pool = self.ds.proxy.pool
         if reuse:
             pool.acquire_for(self, target, self.connect_timeout_s)
@@ -179,8 +180,24 @@ class Attempt:
     def overloaded(self, which: bytes) -> None:
         self.ex.overloaded(which)
 
-    def on_connected(self, conn: UpstreamConnection) -> None:
+    def hold_pending(self) -> bool:
+        """A PENDING unit of the cluster's breaker while the attempt waits for its connection (False: none left)."""
+        breaker = self.breaker
+        if breaker is None:
+            return True
+        if not breaker.try_acquire(PENDING):
+            return False
+        self.cb_held |= HELD_PENDING
+        return True
+
+    def release_pending(self) -> None:
+        """The attempt's connection is established: it no longer waits for one."""
         if self.cb_held & HELD_PENDING:
+            self.cb_held &= ~HELD_PENDING
+            self.breaker.release(PENDING)  # type: ignore[union-attr]
+
+    def on_connected(self, conn: UpstreamConnection) -> None:
+        if self.cb_held & HELD_PENDING and not self.h2:  # an h2 stream waits until its connection is made
             self.cb_held &= ~HELD_PENDING
             self.breaker.release(PENDING)  # type: ignore[union-attr]
         self.conn = conn
@@ -219,13 +236,16 @@ class Attempt:
         if self.backoff is not None:
             self.backoff.cancel()
             self.backoff = None
-        self.end(-1)
+        if self.endpoint is not None or self.cb_held & (HELD_PENDING | HELD_CONNECTION):
+            self.end(-1)  # an attempt still open (its response had not begun)
         breaker = self.breaker
         if breaker is not None:
             if self.cb_held & HELD_REQUEST:
                 breaker.release(REQUESTS)
             self.cb_held = 0
-        self.retries.release()
+        retries = self.retries
+        if retries is not NO_RETRIES:
+            retries.release()
 
     # ---- retries ------------------------------------------------------------------------------------
 

@@ -109,21 +109,27 @@ class H2Side(asyncio.Protocol):
                 bridge = bridges.get(event.stream_id)
                 if bridge is not None:
                     bridge.on_end(self)
+            elif kind is h2.events.TrailersReceived:
+                bridge = bridges.get(event.stream_id)
+                if bridge is not None:
+                    bridge.on_trailers(self, event.headers)
             else:
                 self.handle(event)
-        self.flush()
+        if self.conn.out:  # WINDOW_UPDATEs, SETTINGS or PING acks, trailers... (often nothing: no write)
+            self.flush()
 
     def handle(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.TrailersReceived):
+        kind = type(event)
+        if kind is h2.events.TrailersReceived:
             bridge = self.bridges.get(event.stream_id)
             if bridge is not None:
                 bridge.on_trailers(self, event.headers)
-        elif isinstance(event, h2.events.StreamReset):
+        elif kind is h2.events.StreamReset:
             self.drop_queue(event.stream_id)
             bridge = self.bridges.get(event.stream_id)
             if bridge is not None:
                 bridge.on_reset(self, event.error_code)
-        elif isinstance(event, h2.events.WindowUpdated):
+        elif kind is h2.events.WindowUpdated:
             if event.stream_id:  # one stream's window: only its queue (O(1) per frame, not per stream)
                 queue = self.queues.get(event.stream_id)
                 if queue is not None:
@@ -133,9 +139,9 @@ class H2Side(asyncio.Protocol):
                     self.flush()
             else:
                 self.pump()
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
+        elif kind is h2.events.RemoteSettingsChanged:
             self.pump()
-        elif isinstance(event, h2.events.ConnectionTerminated):
+        elif kind is h2.events.ConnectionTerminated:
             self.on_goaway(event.last_stream_id)
 
     def on_goaway(self, last_stream_id: int) -> None:
@@ -151,6 +157,13 @@ class H2Side(asyncio.Protocol):
         queue = self.queues.get(sid)
         if queue is not None:  # already waiting for window: keep the order
             queue.append([data, end, on_sent])
+            return
+        if type(data) is list:  # trailers, nothing waiting before them: no window needed
+            try:
+                self.conn.send_headers(sid, data, end_stream=True)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass
+            self.flush()
             return
         if data and type(data) is bytes and not self.write_paused:  # the common case: it fits, one frame
             conn = self.conn
@@ -237,14 +250,16 @@ class H2Side(asyncio.Protocol):
     def ack(self, sid: int, n: int) -> None:
         """The other side took n bytes of this stream: let our peer send more."""
         if n and not self.closed:
+            conn = self.conn
             try:
-                self.conn.acknowledge_received_data(n, sid)
+                conn.acknowledge_received_data(n, sid)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 try:  # the stream is gone: credit the connection window only
-                    self.conn.increment_flow_control_window(n)
+                    conn.increment_flow_control_window(n)
                 except h2.exceptions.ProtocolError:
                     return
-            self.flush()
+            if conn.out:  # a WINDOW_UPDATE is due (credit goes in batches of half a window)
+                self.flush()
 
     def close(self) -> None:
         if not self.closed:

@@ -7,7 +7,8 @@ the dynamic table (so the next response's same field is one byte), unless it sho
 (never indexed, 0001: authorization, proxy-authorization, set-cookie, cookies under 20 bytes, and any field a
 peer sent us never-indexed, RFC 7541 7.1.3), fields whose value is new on nearly every message (nghttp2's list:
 :path, content-length, etag, location...; and ids and trace context) and entries over 3/4 of the table
-(nghttp2's rule; they would evict everything else). Names are referred to in the static table only.
+(nghttp2's rule; they would evict everything else). A name is referred to by index when the static table or
+ours has it (the newest entry of that name), else spelt.
 
 CPU is what the proxy has least of, so the representation of a field (its literal, Huffman-coded when shorter)
 is computed once per process and remembered per (name, value) in a bounded memo; per connection the encoder keeps
@@ -59,7 +60,7 @@ MEMO_VALUE_MAX = 256  # longer values are encoded (raw) every time, and so are n
 
 # What a field's plan says to do: send it as it is (indexed static, or a literal not indexed), or add it.
 SEND, ADD = 0, 1
-Plan = tuple[int, bytes, bytes, int]  # (SEND or ADD, bytes, bytes without indexing (ADD), entry size (ADD))
+Plan = tuple  # (SEND, bytes) or (ADD, bytes, bytes without indexing, entry size, the value's string literal)
 
 
 class NeverIndexed(NeverIndexedHeaderTuple):
@@ -130,13 +131,15 @@ def plan_field(name: bytes, value: bytes, never: bool = False, huffman_coded: bo
     plain = _literal(0x00, 4, name, value_string, huffman_coded)  # 0000: without indexing
     if name in NOT_INDEXED:
         return SEND, plain, b"", 0
-    return ADD, _literal(0x40, 6, name, value_string, huffman_coded), plain, len(name) + len(value) + ENTRY_OVERHEAD
+    size = len(name) + len(value) + ENTRY_OVERHEAD
+    return ADD, _literal(0x40, 6, name, value_string, huffman_coded), plain, size, value_string
 
 
 _plans: dict[tuple[bytes, bytes], Plan] = {}
 
 
 _PER_REQUEST_NAMES = {name: _literal(0x00, 4, name, b"", False) for name in PER_REQUEST}
+_RAW_LENGTHS = [encode_integer(n, 7, 0) for n in range(127)]  # a raw string's length prefix, one byte
 
 
 def _plan(field: tuple[bytes, bytes]) -> Plan:
@@ -163,10 +166,11 @@ class Encoder:
     """Drop-in for hpack.Encoder as h2 uses it: encode(headers) and a settable header_table_size (the peer's
     SETTINGS_HEADER_TABLE_SIZE)."""
 
-    __slots__ = ("_entries", "_inserted", "_known", "_max", "_pending_min", "_seqs", "_size", "_updated")
+    __slots__ = ("_entries", "_inserted", "_known", "_max", "_names", "_pending_min", "_seqs", "_size", "_updated")
 
     def __init__(self) -> None:
         self._seqs: dict[tuple[bytes, bytes], int] = {}  # field -> its insertion number (while in the table)
+        self._names: dict[bytes, int] = {}  # name -> the newest entry's insertion number, for names not static
         self._known: dict[tuple[bytes, bytes], bytes] = {}  # field -> its bytes, until the table next changes
         self._entries: deque[tuple[tuple[bytes, bytes], int]] = deque()  # (field, size), oldest first
         self._inserted = 0  # insertions so far: the newest entry's number + 1
@@ -216,16 +220,18 @@ class Encoder:
         if None in parts:
             if len(self._known) > KNOWN_MAX:
                 self._known.clear()
-            i = parts.index(None)
-            while True:
+            for i in [i for i, part in enumerate(parts) if part is None]:
+                field = headers[i]
+                prefix = _PER_REQUEST_NAMES.get(field[0])
+                if prefix is not None and type(field) is tuple:  # an id (new each time): its bytes at once
+                    value = field[1].strip(b" \t")
+                    n = len(value)
+                    parts[i] = prefix + (_RAW_LENGTHS[n] if n < 127 else encode_integer(n, 7, 0)) + value
+                    continue
                 inserted = self._inserted
-                parts[i] = self._field(headers[i])
+                parts[i] = self._field(field)
                 if self._inserted != inserted:
                     return b"".join(parts[: i + 1]) + self._encode(headers[i + 1 :])
-                try:
-                    i = parts.index(None, i + 1)
-                except ValueError:
-                    break
         return b"".join(parts)
 
     def _encode(self, headers: list) -> bytes:
@@ -253,15 +259,23 @@ class Encoder:
             if keep:
                 self._known[field] = plan[1]
             return plan[1]
+        seq = self._names.get(field[0])  # the name of an entry of ours (never a static name: not mapped)
         if plan[3] <= self._max * 3 >> 2:
+            # the entry's index as the name, resolved before this insertion (RFC 7541 4.4)
+            encoded = plan[1] if seq is None else encode_integer(STATIC_LEN + self._inserted - seq, 6, 0x40) + plan[4]
             self._add(field, plan[3])  # the indices of the fields known so far change
-            return plan[1]
-        return plan[2]  # too large for this table: sent without indexing
+            return encoded
+        if seq is None:
+            return plan[2]  # too large for this table: sent without indexing
+        return encode_integer(STATIC_LEN + self._inserted - seq, 4, 0x00) + plan[4]
 
     def _add(self, field: tuple[bytes, bytes], size: int) -> None:
         self._known.clear()
         self._evict(self._max - size)
-        self._seqs[field] = self._inserted
+        seq = self._seqs[field] = self._inserted
+        name = field[0]
+        if name not in _STATIC_NAMES and name == name.lower():  # as the peer's table holds it
+            self._names[name] = seq
         self._inserted += 1
         self._entries.append((field, size))
         self._size += size
@@ -269,7 +283,10 @@ class Encoder:
     def _evict(self, room: int) -> None:
         """Evict the oldest entries until the table holds at most `room` bytes (RFC 7541 4.3, 4.4)."""
         entries = self._entries
+        names = self._names
         while self._size > room and entries:
             field, size = entries.popleft()
-            del self._seqs[field]
+            seq = self._seqs.pop(field)
+            if names.get(field[0]) == seq:  # the newest of its name: no entry of that name is left
+                del names[field[0]]
             self._size -= size

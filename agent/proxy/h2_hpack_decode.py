@@ -62,7 +62,23 @@ class Table:
             return
         self.dynamic_entries.appendleft((name, value))
         self.size += size
-        self._shrink()
+        if self.size > self.maxsize:
+            self._shrink()
+
+    def add_all(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """add() of each field in order (a remembered block's entries: nginx indexes each response's again)."""
+        entries = self.dynamic_entries
+        maxsize = self.maxsize
+        for field in fields:
+            size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
+            if size > maxsize:
+                entries.clear()
+                self.size = 0
+                continue
+            entries.appendleft(field)
+            self.size += size
+            if self.size > maxsize:
+                self._shrink()
 
     def resize(self, maxsize: int) -> None:
         self.maxsize = maxsize
@@ -93,9 +109,7 @@ class MemoDecoder:
         if stable is not None:
             headers, adds = stable
             if adds:
-                add = self.header_table.add
-                for name, value in adds:
-                    add(name, value)
+                self.header_table.add_all(adds)
                 self._memo.clear()
             return list(headers)  # the caller may change its list: never the memo's own
         memo = self._memo

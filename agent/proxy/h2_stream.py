@@ -76,6 +76,7 @@ class Bridge:
         "req_length",
         "rid",
         "route",
+        "routed",
         "sid",
         "start_time",
         "status",
@@ -128,16 +129,17 @@ class Bridge:
         self.held: list[bytes] | None = None  # request DATA before the stream is routed (a fault delay): not acked
         self.no_body = False  # END_STREAM came with the request's HEADERS
         self.req_done = False  # the client's end of the stream arrived
-        self.req_head: RequestHead | None = None
+        self.req_head: RequestHead | None = None  # built for an HTTP/1.1 upstream only (h2: attempt.h2_fields)
+        self.routed = False  # the request goes upstream (else DATA is held: a fault delay)
         self.req_length = 0
         self.req_chunked = False  # a body of unknown length (HTTP/1.1 upstream: chunked)
         self.unacked = 0  # request bytes received and not acknowledged to the client yet
         self.up_paused = False  # the upstream stream is not taking the request body
         self.mirror_to: list[tuple[str, int]] | None = None  # shadow copies to send once the request has ended
-        self.attempt = Attempt(self)
+        self.attempt = Attempt(self, self)
         self.upreq = UpstreamRequest(self.attempt)  # the request as it goes upstream, its replay copy
         self.writer = H2ResponseWriter(self)  # the response as this stream's frames (contracts.DownstreamSink)
-        self.relay = ResponseRelay(self, self.writer)
+        self.relay = ResponseRelay(self, self.writer, self)
         self.relay.is_head = method == b"HEAD"
 
     # ---- what the Attempt, the relay and the upstream streams see (contracts.RequestSource) -------------------
@@ -217,7 +219,7 @@ class Bridge:
                 self.timer = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
                 return None
             return self.answer(step)  # type: ignore[arg-type]
-        return self._route()
+        return self._route(route_config)
 
     def _rbac_denied(self, rbac) -> str | None:
         """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this stream: why denied, or None."""
@@ -240,10 +242,13 @@ class Bridge:
         """A pipeline step's local answer as an h2 response (a gRPC status for gRPC requests)."""
         self.reply(local.status, local.body, local.headers, local.flag)
 
-    def _route(self) -> None:
+    def _route(self, crc=None) -> None:
+        """Route, then the upstream. `crc`: the connection's route config, when the caller looked it up already."""
         proxy = self.proxy
         table = proxy.table
-        crc = pipeline.connection_route_config(self.client, table) or table.router.original_destination
+        if crc is None:
+            crc = pipeline.connection_route_config(self.client, table)
+        crc = crc or table.router.original_destination
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
         result = pipeline.route(proxy, crc, authority, self.path_b or b"/", self._header_map)
         if type(result) is pipeline.Local:
@@ -300,10 +305,10 @@ class Bridge:
             self._send_mirrors()
 
     def _request_head(self) -> None:
-        """The codec-neutral request head (messages.RequestHead: Host from :authority, content-length as the
-        body's length), then what the stream held while it was not routed. An h2 upstream gets the stream's own
-        fields (pseudo-headers first; connection-specific ones were dropped by split_request), re-encoded as
-        they are: the head's fields are only built for an HTTP/1.1 upstream."""
+        """The request head upstream, then what the stream held while it was not routed. An h2 upstream gets
+        the stream's own fields (pseudo-headers first; connection-specific ones were dropped by split_request),
+        re-encoded as they are; an HTTP/1.1 upstream the codec-neutral head (messages.RequestHead: Host from
+        :authority, content-length as the body's length)."""
         attempt = self.attempt
         h2 = attempt.h2
         host = self.up_authority
@@ -325,17 +330,18 @@ class Bridge:
         self.req_chunked = upreq.chunked = not self.no_body and length < 0
         if h2:
             attempt.h2_fields = self.pseudo + self.fields
-        elif host is not None:
-            fields.insert(0, (b"host", host))
-        head = self.req_head = RequestHead(self.method_b or b"GET", self.up_path or b"/", fields, self.req_length,
-                                           self.req_chunked)
-        if not h2:
+        else:
+            if host is not None:
+                fields.insert(0, (b"host", host))
+            head = self.req_head = RequestHead(self.method_b or b"GET", self.up_path or b"/", fields,
+                                               self.req_length, self.req_chunked)
             upreq.head = h1_request_bytes(head)
             upreq.out.append(upreq.head)
+        self.routed = True
         held, self.held = self.held, None
         for data in held or ():  # a list only when DATA came before routing
             upreq.body(data)
-        if self.req_done:
+        if self.req_done and upreq.chunked:  # (a body of known length, or none, has no end of its own)
             upreq.end()
 
     def _mirror(self, mirrors) -> None:
@@ -368,7 +374,7 @@ class Bridge:
         if flow_len > n:
             self.client.ack(self.sid, flow_len - n)  # padding: nothing to forward
         self.unacked += n
-        if self.req_head is None:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
+        if not self.routed:  # not routed yet (a fault delay): kept, unacknowledged (the window bounds it)
             if self.held is None:
                 self.held = [data]
             else:
@@ -388,7 +394,7 @@ class Bridge:
         if self.req_done:
             return  # END_STREAM came with the headers or the trailers already
         self.req_done = True
-        if self.req_head is None:
+        if not self.routed:
             return  # routed later: the end goes after what is held
         self.upreq.end()
         self.upreq.flush()
@@ -436,7 +442,7 @@ class Bridge:
 
     def flush(self) -> None:
         """An upstream stream read and parsed a piece of the response: pass its body on."""
-        if not self.finished:
+        if self.writer.pending and not self.finished:
             self.writer.flush()
 
     def resume_for_buffer(self) -> None:
@@ -522,11 +528,13 @@ class Bridge:
         relay = self.relay
         log = proxy.log
         if log.enabled:  # the access record, built now (the stream and its parts are not kept for it)
+            authority = self.authority_b
             log.append(AccessRecord(
-                self.start_time, self.method, self.path, self.protocol, self.status, self.flags, self.bytes_rx,
-                relay.bytes_tx, self.duration_ms, relay.upstream_ms, None, None, self.request_id, self.authority,
-                attempt.upstream_host, proxy.plane_name, client,
-            ))
+                self.start_time, self.method_b.decode("latin-1") or "-", self.path_b.decode("latin-1") or "-",
+                self.protocol, self.status, self.flags, self.bytes_rx, relay.bytes_tx, self.duration_ms,
+                relay.upstream_ms, None, None, self.rid.decode("latin-1"),
+                authority.decode("latin-1") if authority else None, attempt.upstream_host, proxy.plane_name, client,
+            ))  # the properties' values, inline (once per stream)
         # Its parts see a finished request from now on, and none refers back to it: the stream and its parts are
         # freed by reference counting when it ends, not by the cyclic GC (whose passes grow with what survives).
         attempt.ex = attempt.ds = relay.ex = relay.ds = FINISHED  # type: ignore[assignment]

@@ -21,6 +21,7 @@ import h2.events
 import h2.exceptions
 
 from planemesh.agent.proxy import accesslog as flags
+from planemesh.agent.proxy.circuit import CONNECTIONS
 from planemesh.agent.proxy.h2 import H2Side
 from planemesh.agent.proxy.http1 import HOP_BY_HOP
 from planemesh.agent.proxy.messages import ResponseHead, h2_request_fields
@@ -30,6 +31,7 @@ from planemesh.agent.proxy.tls_context import originate_tls
 from planemesh.model.tls_config import endpoint_tls
 
 if TYPE_CHECKING:
+    from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import H2Attempt as Attempt
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
 
@@ -51,23 +53,40 @@ class H2Pool:
         self.proxy = proxy
         self.conns: dict[tuple, list[H2Upstream]] = {}
 
-    def open(self, stream: H2ClientStream, addr: tuple[str, int], ended: bool, connect_timeout: float) -> None:
-        """`stream` on the first connection to `addr` with a free stream (a new connection when none has one)."""
+    def open(self, stream: H2ClientStream, addr: tuple[str, int], ended: bool, connect_timeout: float,
+             key: tuple | None = None) -> bytes | None:
+        """`stream` on the first connection to `addr` with a free stream (a new connection when none has one).
+        Circuit breakers count as Envoy's do: a new connection takes a `max_connections` unit of the cluster's
+        breaker for its lifetime, a stream waiting for its connection to be made a `max_pending_requests` unit;
+        a stream on an established connection takes neither. The breaker's refusal (the overloaded value), or
+        None."""
         proxy = self.proxy
-        key, _ = proxy.pool.key_for(addr)
-        cluster = stream.cluster
-        if cluster is not None and (tls := endpoint_tls(cluster, stream.endpoint, addr)) is not None:
+        if key is None:
+            key = proxy.pool.key_for(addr)[0]
+        attempt = stream.attempt
+        cluster = attempt.cluster
+        if cluster is not None and (tls := endpoint_tls(cluster, attempt.endpoint, addr)) is not None:
             key = (*key, tls)  # h2 over TLS (agent/proxy/tls_context.py): its own connections
         conns = self.conns.get(key)
         if conns is None:
             conns = self.conns[key] = []
         for conn in conns:  # the first connection with a free stream
             if conn.has_capacity():
+                if conn.transport is None and not attempt.hold_pending():
+                    return b"cluster_pending"
                 break
         else:
-            conn = H2Upstream(proxy, key, conns, connect_timeout)
+            breaker = attempt.breaker
+            if breaker is not None and not breaker.try_acquire(CONNECTIONS):
+                return b"cluster_connections"
+            if not attempt.hold_pending():
+                if breaker is not None:
+                    breaker.release(CONNECTIONS)
+                return b"cluster_pending"
+            conn = H2Upstream(proxy, key, conns, connect_timeout, breaker)
             conns.append(conn)
         conn.open(stream, stream.upstream_headers(), ended)
+        return None
 
     def sweep(self, idle_timeout_s: float) -> None:
         """Close the connections without a stream for longer than `idle_timeout_s` (the HTTP/1.1 pool's idle
@@ -109,11 +128,14 @@ class H2Upstream(H2Side):
 
     client_side = True
 
-    def __init__(self, proxy: PlaneProxy, key: tuple, pool: list[H2Upstream], timeout: float) -> None:
+    def __init__(self, proxy: PlaneProxy, key: tuple, pool: list[H2Upstream], timeout: float,
+                 breaker: CircuitBreaker | None = None) -> None:
         super().__init__(proxy)
         self.key = key
         self.pool = pool
         self.timeout = timeout
+        self.breaker = breaker  # whose max_connections unit this connection holds until it is gone
+        self.unflushed: list[H2ClientStream] = []  # streams to flush at the end of the read being handled
         self.goaway = False
         self.settings_received = False
         self.idle_since = 0.0  # loop time its last stream ended (0: it has streams, or never had one)
@@ -126,6 +148,7 @@ class H2Upstream(H2Side):
         if task.cancelled() or task.exception() is not None:
             self.proxy.stats.upstream_connect_failures += 1
             self._forget()
+            self._release_unit()
             self.closed = True
             for stream in list(self.bridges.values()):
                 stream.up = None
@@ -135,12 +158,21 @@ class H2Upstream(H2Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.proxy.stats.upstream_active += 1
+        for stream in self.bridges.values():  # they waited for this connection (H2Pool.open's pending units)
+            stream.connection_made()
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.proxy.stats.upstream_active -= 1
         self._forget()
+        self._release_unit()
         super().connection_lost(exc)
+
+    def _release_unit(self) -> None:
+        """The connection is gone (or was never made): its max_connections unit goes back, once."""
+        breaker, self.breaker = self.breaker, None
+        if breaker is not None:
+            breaker.release(CONNECTIONS)
 
     def _forget(self) -> None:
         if self in self.pool:
@@ -162,6 +194,11 @@ class H2Upstream(H2Side):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        streams = self.unflushed
+        if streams:  # the client sides of the streams that got response pieces in this read
+            self.unflushed = []
+            for stream in streams:
+                stream.ds.flush()
         if self.goaway and not self.bridges and not self.closed:
             self.close()
 
@@ -182,8 +219,8 @@ class H2Upstream(H2Side):
         except h2.exceptions.ProtocolError:
             pass
         self._after_stream()
-        self.proxy.h2_pool.open(stream, (self.key[0], self.key[1]), True, self.timeout)
-        return True
+        # refused by the cluster's breaker: the stream is lost here (retried or answered as any reset)
+        return self.proxy.h2_pool.open(stream, (self.key[0], self.key[1]), True, self.timeout) is None
 
     def open(self, stream: H2ClientStream, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         sid = self.conn.get_next_available_stream_id()
@@ -195,12 +232,13 @@ class H2Upstream(H2Side):
         self.flush()
 
     def handle(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.ResponseReceived):
+        kind = type(event)
+        if kind is h2.events.ResponseReceived:
             stream = self.bridges.get(event.stream_id)
             if stream is not None:
                 stream.on_response_headers(event.headers, event.stream_ended is not None)
             return
-        if isinstance(event, h2.events.RemoteSettingsChanged):
+        if kind is h2.events.RemoteSettingsChanged:
             self.settings_received = True
         super().handle(event)
 
@@ -233,6 +271,30 @@ class H2Upstream(H2Side):
                 self.idle_since = self.proxy.loop.time()
 
 
+def _response_head(headers: list[tuple[bytes, bytes]]) -> tuple[int, list[tuple[bytes, bytes]], int | None]:
+    """(:status, the end-to-end fields, content-length) of an h2 response head (not validated by the codec: names
+    lower-cased here, connection-specific fields dropped, as a client would reject the stream otherwise)."""
+    status = 0
+    length = None
+    out = []
+    for n, v in headers:
+        n = n.lower()
+        if n[:1] == b":":
+            if n == b":status":
+                status = int(v)
+        elif n == b"content-length":
+            length = int(v)
+        elif n not in _RESPONSE_DROP:
+            out.append((n, v))
+    return status, out, length
+
+
+# Response heads repeat (a server's same fields; the decoder hands the same tuples back for the same block): each
+# distinct one is worked out once. Bounded (heads come from peers): the memo starts afresh when full.
+_HEADS: dict[tuple, tuple[int, list[tuple[bytes, bytes]], int | None]] = {}
+HEADS_MEMO_MAX = 256
+
+
 def open_h2_stream(attempt: Attempt, target: tuple[str, int]) -> None:
     """Start the attempt on `target` as a stream of a pooled h2c connection (opened when none has room); the
     request head goes out at once, the body as the request flushes it."""
@@ -240,11 +302,17 @@ def open_h2_stream(attempt: Attempt, target: tuple[str, int]) -> None:
     proxy = attempt.ds.proxy
     key, attempt.upstream_host = proxy.pool.key_for(target)
     attempt.upstream_key = key
-    if attempt.h2_fields is None:
+    if attempt.h2_fields is None:  # an HTTP/1.x request (an h2 stream's are its own, its :scheme included)
         te_trailers = any(n == b"te" and b"trailers" in v.lower() for n, v in ex.headers)
-        attempt.h2_fields = h2_request_fields(ex.req_head, attempt.upstream_host, te_trailers)
+        tls = attempt.ds.transport.get_extra_info("ssl_object") is not None  # terminated here
+        attempt.h2_fields = h2_request_fields(ex.req_head, attempt.upstream_host, te_trailers,
+                                              b"https" if tls else b"http")
     stream = H2ClientStream(attempt)
-    proxy.h2_pool.open(stream, target, stream.req_ended, attempt.connect_timeout_s)
+    refusal = proxy.h2_pool.open(stream, target, stream.req_ended, attempt.connect_timeout_s, key)
+    if refusal is not None:  # the cluster's breaker: no room for another connection, or for one more waiting
+        attempt.end(-1)
+        ex.overloaded(refusal)
+        return
     if stream.up is not None and not ex.finished:
         attempt.on_connected(stream)  # type: ignore[arg-type]
 
@@ -287,7 +355,7 @@ class H2ClientStream:
         self.attempt = attempt
         self.relay = ex.relay
         self.exchange = None  # the relay while the attempt uses this stream, as on an UpstreamConnection
-        self.ds = ex.ds  # the request's source: flushes, request back-pressure, the proxy
+        self.ds = attempt.ds  # the request's source: flushes, request back-pressure, the proxy
         self.up: H2Upstream | None = None
         self.up_sid = 0
         self.reopened = 0
@@ -302,6 +370,12 @@ class H2ClientStream:
 
     def upstream_headers(self) -> list[tuple[bytes, bytes]]:
         return self.attempt.h2_fields  # type: ignore[return-value]
+
+    def connection_made(self) -> None:
+        """Its connection is established: the attempt no longer waits for one (its pending unit)."""
+        attempt = self.attempt
+        if attempt.conn is self:
+            attempt.release_pending()
 
     # ---- the request (what the request's flush_upstream writes) ------------------------------------------------
 
@@ -375,30 +449,35 @@ class H2ClientStream:
     def on_response_headers(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         if self.attempt.conn is not self:
             return
-        status = 0
-        length = None
-        out = []
-        for n, v in headers:
-            n = n.lower()
-            if n[:1] == b":":
-                if n == b":status":
-                    status = int(v)
-            elif n == b"content-length":
-                length = int(v)
-            elif n not in _RESPONSE_DROP:
-                out.append((n, v))
+        key = tuple(headers)
+        found = _HEADS.get(key)
+        if found is None:
+            found = _response_head(headers)
+            if len(_HEADS) >= HEADS_MEMO_MAX:
+                _HEADS.clear()
+            _HEADS[key] = found
+        status, out, length = found
         if status < 200 or status > 999:
             return self.on_reset(self.up, h2.errors.ErrorCodes.PROTOCOL_ERROR)  # type: ignore[arg-type]
         # Not reusable: the relay closes (releases) this stream, it does not pool it.
-        self.relay.on_response_head(ResponseHead(status, out, length, ended=end))
-        self.ds.flush()
+        self.relay.on_response_head(ResponseHead(status, list(out), length, False, False, b"", None, end))
+        self._flush_after_read()
+
+    def _flush_after_read(self) -> None:
+        """The request's client side is flushed once the read that brought this piece is handled (H2Upstream.
+        data_received): a response's head, body and trailers of one read leave together."""
+        up = self.up
+        if up is None:  # no longer this attempt's stream (a retry, an answer of the proxy's): at once
+            self.ds.flush()
+        else:
+            up.unflushed.append(self)
 
     def on_data(self, side: H2Upstream, data: bytes, flow_len: int) -> None:
         if self.attempt.conn is not self:
             side.ack(self.up_sid, flow_len)
             return
         self.relay.on_response_body(data)  # dropped there when the response has no body (HEAD, 204, 304)
-        self.ds.flush()
+        self._flush_after_read()
         if self.reading_paused or self.ds.write_paused:
             self.reading_paused = True
             self.held_acks += flow_len

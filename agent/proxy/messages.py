@@ -78,10 +78,12 @@ def h1_request_bytes(head: RequestHead) -> bytes:
     return b"".join(parts)
 
 
-def h2_request_fields(head: RequestHead, default_authority: str | None, te_trailers: bool) -> Fields:
+def h2_request_fields(head: RequestHead, default_authority: str | None, te_trailers: bool,
+                      scheme: bytes = b"http") -> Fields:
     """The request as h2 fields: pseudo-headers first, Host as :authority (the upstream's address when the
     request has none: an HTTP/1.0 client without Host), hop-by-hop fields dropped, `te: trailers` kept when the
-    client asked for trailers, content-length when the body has one."""
+    client asked for trailers, content-length when the body has one. `scheme`: the client's (https when the
+    proxy terminated its TLS), as Envoy sets :scheme."""
     authority = None
     fields = []
     for name, value in head.fields:
@@ -103,7 +105,7 @@ def h2_request_fields(head: RequestHead, default_authority: str | None, te_trail
         target = rest[slash:] if slash >= 0 else b"/"
     if authority is None:
         authority = (default_authority or "").encode("latin-1")
-    pseudo = [(b":method", head.method), (b":scheme", b"http"), (b":authority", authority), (b":path", target)]
+    pseudo = [(b":method", head.method), (b":scheme", scheme), (b":authority", authority), (b":path", target)]
     return pseudo + fields
 
 

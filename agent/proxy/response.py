@@ -16,12 +16,11 @@ import time
 from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy import accesslog as flags
-from planemesh.agent.proxy.http1 import no_body_status
 from planemesh.agent.proxy.request_head import response_headers
 from planemesh.agent.proxy.tunnel import upgrade_to_tunnel
 
 if TYPE_CHECKING:
-    from planemesh.agent.proxy.contracts import DownstreamSink, Fields, RelayOwner
+    from planemesh.agent.proxy.contracts import DownstreamSink, Fields, RelayOwner, RequestSource
     from planemesh.agent.proxy.contracts import UpstreamStream as UpstreamConnection
     from planemesh.agent.proxy.messages import ResponseHead
 
@@ -32,9 +31,9 @@ class ResponseRelay:
     __slots__ = ("body_allowed", "bytes_tx", "ds", "ex", "is_head", "sink", "started", "status", "up_close",
                  "up_reusable", "upstream_ms")
 
-    def __init__(self, ex: RelayOwner, sink: DownstreamSink) -> None:
+    def __init__(self, ex: RelayOwner, sink: DownstreamSink, ds: RequestSource | None = None) -> None:
         self.ex = ex
-        self.ds = ex.ds  # what the upstream stream flushes and pauses (contracts.RequestSource)
+        self.ds = ex.ds if ds is None else ds  # what the upstream stream flushes and pauses (contracts.RequestSource)
         self.sink = sink
         self.status = 0
         self.started = False  # a response head (ours or the upstream's) went to the client
@@ -70,7 +69,7 @@ class ResponseRelay:
         self.status = status
         self.started = True
         self.up_reusable = head.reusable
-        self.body_allowed = body = not self.is_head and not no_body_status(status)
+        self.body_allowed = body = not self.is_head and status >= 200 and status != 204 and status != 304
         self.up_close = body and head.length is None and head.until_close
         headers = head.fields  # what the upstream's Connection named is gone already, before the route adds any
         route = ex.route

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import h2.exceptions
-
 from planemesh.agent.proxy.http1 import NEVER_HOP_BY_HOP, TRAILER_DROP
 
 if TYPE_CHECKING:
@@ -40,7 +38,7 @@ class H2ResponseWriter:
         """Interim responses (100 Continue, 103) are not relayed to h2 clients."""
 
     def response_head(self, status: int, fields: Fields, head: ResponseHead) -> None:
-        out = [(b":status", _status_bytes(status))]
+        out = [(b":status", _STATUS.get(status) or _status_bytes(status))]
         out += [(n, v) for n, v in fields if n not in NEVER_HOP_BY_HOP]  # no Host in a response to h2
         if head.length is not None:
             out.append((b"content-length", b"%d" % head.length))
@@ -59,7 +57,8 @@ class H2ResponseWriter:
         # Bounded per stream and per client connection (a client with a zero window and many streams): the
         # upstream is not read until the client takes what waits.
         conn = self.attempt.conn
-        if conn is not None and (self.queued_down > guard.limits.buffer_limit_bytes or guard.over_budget()):
+        limit = guard.limits.buffer_limit_bytes  # the stream's own limit, and the connection's (over_budget)
+        if conn is not None and (self.queued_down > limit or guard.buffered >= limit):
             conn.pause_reading()
             self._leave()
             self.client.paused_up[self] = None
@@ -105,7 +104,8 @@ class H2ResponseWriter:
         conn = self.attempt.conn
         if conn is not None and not self.reading:
             client = self.client
-            client.paused_up.pop(self, None)
+            if client.paused_up:
+                client.paused_up.pop(self, None)
             guard = client.guard
             if self._client_window_open() and not guard.over_budget():
                 pass  # what arrives goes on to the client at once: read freely (a slow response holds no slot)
@@ -117,10 +117,11 @@ class H2ResponseWriter:
                 client.paused_up[self] = None
 
     def _client_window_open(self) -> bool:
-        try:
-            return self.client.conn.local_flow_control_window(self.sid) > 0
-        except h2.exceptions.StreamClosedError:
-            return False
+        conn = self.client.conn
+        stream = conn.streams.get(self.sid)
+        if stream is None or stream.local_ended or conn.closed:
+            return False  # local_flow_control_window would raise StreamClosedError (or ProtocolError: closed)
+        return stream.send_window > 0 and conn.send_window > 0
 
     def resume(self) -> bool:
         """Read the upstream again (taking a reading slot), unless this stream holds half its own budget still.

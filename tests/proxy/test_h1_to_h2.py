@@ -12,17 +12,20 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import h2.config
 import h2.connection
 import h2.events
 import pytest
 
-from planemesh.model.config import Cluster, ClusterKind, Endpoint, RetryPolicy, Route, RouteAction
+from planemesh.model.config import CircuitBreakers, Cluster, ClusterKind, Endpoint, RetryPolicy, Route, RouteAction
+from tests.proxy import test_tls_termination as tls_tests
 from tests.proxy.proxy_harness import ProxyThread, log_line_for
 from tests.proxy.test_h2_nginx import Nginx, _since
 from tests.proxy.test_h2_nginx import nginx as nginx  # the fixture
 from tests.proxy.test_h2_pool import H2Client
+from tests.proxy.test_tls_termination import certs as certs  # the fixture (TLS termination's certificates)
 
 BIG = hashlib.sha256(b"x").digest() * (3 * 1024 * 1024 // 32)  # 3 MiB: above every flow-control window
 
@@ -30,7 +33,7 @@ BIG = hashlib.sha256(b"x").digest() * (3 * 1024 * 1024 // 32)  # 3 MiB: above ev
 class H2Backend:
     """h2c prior-knowledge server. Paths: /echo (the body back, with content-length; request facts as headers),
     /stream/<n> (n bytes, no content-length, trailers with their sha256), /reset (RST_STREAM before the head),
-    /slow (answers after 3 s)."""
+    /slow (answers after 3 s), /pause (after 0.5 s)."""
 
     def __init__(self) -> None:
         self.connections = 0
@@ -107,6 +110,8 @@ class H2Backend:
             return
         if path == b"/slow":
             await asyncio.sleep(3)
+        if path == b"/pause":
+            await asyncio.sleep(0.5)
         if path.startswith(b"/stream/"):
             payload = BIG[: int(path[8:])]
             conn.send_headers(sid, [(b":status", b"200"), (b"x-kind", b"stream")])
@@ -122,6 +127,7 @@ class H2Backend:
             (b"x-hop", b"yes" if any(n in h for n in (b"connection", b"transfer-encoding", b"host")) else b"no"),
             (b"x-req-trailers", b";".join(n + b"=" + v for n, v in req["trailers"]) or b"-"),
             (b"x-rid", h.get(b"x-request-id", b"")),
+            (b"x-scheme", h.get(b":scheme", b"")),
         ]
         conn.send_headers(sid, [(b":status", b"200"), (b"content-length", str(len(body)).encode()), *facts])
         await self._send(conn, writer, sid, body, window_open, end=True)
@@ -146,8 +152,10 @@ def backend() -> Iterator[H2Backend]:
         yield b
 
 
-def _proxy(port: int, retry: RetryPolicy | None = None, timeout_s: float | None = None) -> ProxyThread:
-    cluster = Cluster(name="h2", kind=ClusterKind.STATIC, http2=True, endpoints=(Endpoint("127.0.0.1", port),))
+def _proxy(port: int, retry: RetryPolicy | None = None, timeout_s: float | None = None,
+           breakers: CircuitBreakers | None = None) -> ProxyThread:
+    cluster = Cluster(name="h2", kind=ClusterKind.STATIC, http2=True, endpoints=(Endpoint("127.0.0.1", port),),
+                      circuit_breakers=breakers or CircuitBreakers())
     route = Route(action=RouteAction(cluster="h2", retry=retry, timeout_s=timeout_s))
     return ProxyThread([("127.0.0.1", port)], routes=(route,), clusters={"h2": cluster})
 
@@ -354,3 +362,61 @@ def test_h1_clients_to_nginx_h2c(nginx: Nginx) -> None:
         seen = _since(nginx, before, port)
         assert len(seen) == 2000
         assert len({conn for conn, *_ in seen}) <= most
+
+
+def _concurrent_gets(port: int, path: str, n: int) -> list[tuple[int, str | None]]:
+    """n HTTP/1.1 clients at once: (status, x-planemesh-overloaded) of each."""
+    results: list[tuple[int, str | None]] = []
+
+    def one() -> None:
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        client.request("GET", path)
+        r = client.getresponse()
+        r.read()
+        results.append((r.status, r.getheader("x-planemesh-overloaded")))
+        client.close()
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results
+
+
+def test_max_connections_counts_h2_connections_not_streams(backend: H2Backend) -> None:
+    """Envoy's max_connections counts upstream connections: concurrent requests to an http2 cluster are streams
+    of one connection, which holds the cluster's one unit (before, every stream took a unit: the second
+    concurrent request got 503 cluster_connections)."""
+    with _proxy(backend.port, breakers=CircuitBreakers(max_connections=1)) as proxy:
+        assert _concurrent_gets(proxy.port, "/pause", 4) == [(200, None)] * 4
+        assert _concurrent_gets(proxy.port, "/pause", 4) == [(200, None)] * 4  # the unit is the connection's
+
+
+def test_max_pending_counts_streams_waiting_for_their_connection(backend: H2Backend) -> None:
+    """max_pending_requests counts streams waiting for their h2 connection to be made: with none allowed no
+    stream may wait (503 cluster_pending), and once the connection exists streams on it never wait."""
+    with _proxy(backend.port, breakers=CircuitBreakers(max_pending_requests=0)) as proxy:
+        assert _concurrent_gets(proxy.port, "/echo", 1) == [(503, "cluster_pending")]
+    with _proxy(backend.port, breakers=CircuitBreakers(max_pending_requests=1)) as proxy:
+        assert _concurrent_gets(proxy.port, "/echo", 1) == [(200, None)]
+        assert _concurrent_gets(proxy.port, "/pause", 3) == [(200, None)] * 3  # on the made connection
+
+
+def test_scheme_upstream_is_the_clients(backend: H2Backend, monkeypatch: pytest.MonkeyPatch, certs: Path) -> None:
+    """An HTTP/1.1 request goes to an h2 upstream with :scheme http, or https when the proxy terminated the
+    client's TLS (Envoy's behaviour; before, always http)."""
+    with _proxy(backend.port) as proxy:
+        client = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        client.request("GET", "/echo")
+        r = client.getresponse()
+        assert (r.status, r.getheader("x-scheme"), r.read()) == (200, "http", b"")
+        client.close()
+    h2_cluster = Cluster(name="backend", kind=ClusterKind.STATIC, http2=True,
+                         endpoints=(Endpoint("127.0.0.1", backend.port),))
+    snapshot = tls_tests.make_snapshot
+    monkeypatch.setattr(tls_tests, "make_snapshot",
+                        lambda *a, **k: snapshot(*a, clusters={"backend": h2_cluster}, **k))
+    with tls_tests.TlsProxy(backend.port) as proxy:
+        reply = tls_tests.get(proxy.port, tls_tests.client_ctx(certs), "/echo")
+    assert reply.startswith(b"HTTP/1.1 200") and b"\r\nx-scheme: https\r\n" in reply.lower(), reply

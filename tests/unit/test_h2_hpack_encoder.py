@@ -203,3 +203,45 @@ def test_any_blocks_and_size_changes_round_trip(steps: list[tuple[list[tuple[byt
         for _ in range(2):  # the second time mostly from the connection's known fields
             assert peer.decode(enc.encode(fields)) == expected
             assert peer.table() == enc.table()
+
+
+def test_names_of_dynamic_entries_are_referred_to() -> None:
+    """A field whose name is in the dynamic table (not the static one) names that entry instead of spelling the
+    name again (RFC 7541 6.2.1, indexed name); both decoders agree on every block and on the table."""
+    enc, peer = Encoder(), Peer()
+    first = [(b"grpc-status", b"0"), (b"x-envoy-like-name", b"one")]
+    assert peer.decode(enc.encode(first)) == first
+    again = [(b"grpc-status", b"14"), (b"x-envoy-like-name", b"two")]
+    block = enc.encode(again)
+    assert peer.decode(block) == again
+    # each field: the entry's index (both 63 at their turn: the first's insertion moves the second's name) and
+    # its value string; a spelt name would cost its length
+    name_63 = h2_hpack.encode_integer(63, 6, 0x40)
+    assert block == name_63 + encode_string(b"14") + name_63 + encode_string(b"two")
+    assert peer.table() == enc.table() == [again[1], again[0], first[1], first[0]]
+    assert peer.decode(enc.encode(again)) == again  # now indexed whole
+
+
+def test_a_name_reference_to_the_entry_that_its_own_insertion_evicts() -> None:
+    """RFC 7541 4.4: a new entry may name the entry that adding it evicts; the name is resolved first."""
+    enc, peer = Encoder(), Peer()
+    enc.header_table_size = 150  # room for one entry of this size (32 + 18 + 40 = 90 bytes; at most 3/4 of the
+    # table is indexed); the next block starts with the size update that tells the decoders
+    first = [(b"x-some-long-name-1", b"a" * 40)]
+    assert peer.decode(enc.encode(first)) == first
+    second = [(b"x-some-long-name-1", b"b" * 40)]
+    block = enc.encode(second)
+    assert block[0] == 0x40 | 62  # the name of the one entry, evicted by this insertion
+    assert peer.decode(block) == second
+    assert peer.table() == enc.table() == second
+
+
+def test_name_references_stay_right_through_evictions() -> None:
+    """Fields of a few names with changing values over a small table: every block decodes right in both
+    decoders (the name map follows insertions and evictions)."""
+    enc, peer = Encoder(), Peer()
+    enc.header_table_size = 300
+    for i in range(200):
+        block = [(b"x-name-%d" % (i % 5), b"value-%d" % (i % 7)), (b"x-name-%d" % (i % 3), b"v%d" % i)]
+        assert peer.decode(enc.encode(block)) == block
+        assert peer.table() == enc.table()
