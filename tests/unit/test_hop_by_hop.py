@@ -26,6 +26,7 @@ def test_client_trailers_lose_host_and_framing_fields_like_on_http1() -> None:
     bridge = Bridge.__new__(Bridge)  # only what on_trailers touches: a stream not routed yet
     bridge.req_done = False
     bridge.held = None
+    bridge.routed = False
     bridge.req_head = None
     bridge.upreq = UpstreamRequest(None)  # type: ignore[arg-type]
     sent = [
