@@ -189,16 +189,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = self.section_bytes = self.section_bytes + len(name) + len(value) + 4
-        if size > MAX_HEADER_BYTES:
-            raise HttpParserError("response header section too large")  # answered as an upstream protocol error
-        n = name.lower()
-        if self.in_body:
-            self._on_trailer(n, value)
+        nfields = self.nfields = self.nfields + 1
+        if nfields > MAX_HEADERS_COUNT or size > MAX_HEADER_BYTES or self.in_body:
+            self._unusual_field(name.lower(), value, size)
             return
-        nfields = self.nfields
-        if nfields >= MAX_HEADERS_COUNT:
-            raise HttpParserError("too many response header fields")
-        self.nfields = nfields + 1
+        n = name.lower()
         if n not in HOP_BY_HOP:  # the head's fields are end-to-end (messages.ResponseHead); framing is ours
             self.headers.append((n, value))
         elif n == b"content-length":
@@ -212,6 +207,15 @@ class UpstreamConnection(asyncio.Protocol):
                 self.conn_values.append(value)
         elif n == b"upgrade" and self.upgrade is None:
             self.upgrade = value
+
+    def _unusual_field(self, n: bytes, value: bytes, size: int) -> None:
+        """A trailer, or a field past the head's limits (answered as an upstream protocol error)."""
+        if size > MAX_HEADER_BYTES:
+            raise HttpParserError("response header section too large")
+        if self.in_body:
+            self._on_trailer(n, value)
+            return
+        raise HttpParserError("too many response header fields")
 
     def _on_trailer(self, name: bytes, value: bytes) -> None:
         if self.trailers is None:
