@@ -219,13 +219,16 @@ class Attempt:
         if self.backoff is not None:
             self.backoff.cancel()
             self.backoff = None
-        self.end(-1)
+        if self.endpoint is not None or self.cb_held & (HELD_PENDING | HELD_CONNECTION):
+            self.end(-1)  # an attempt still open (its response had not begun)
         breaker = self.breaker
         if breaker is not None:
             if self.cb_held & HELD_REQUEST:
                 breaker.release(REQUESTS)
             self.cb_held = 0
-        self.retries.release()
+        retries = self.retries
+        if retries is not NO_RETRIES:
+            retries.release()
 
     # ---- retries ------------------------------------------------------------------------------------
 

@@ -94,6 +94,7 @@ class Downstream(asyncio.Protocol):
         "queue",
         "raw_body",
         "route_config",
+        "ssl_object",
         "table",
         "transport",
         "write_paused",
@@ -124,6 +125,7 @@ class Downstream(asyncio.Protocol):
         self.loops_to_self = False
         self.table: RoutingTable | None = None
         self.route_config: CompiledRouteConfig | None = None
+        self.ssl_object = None  # a TLS connection's (agent/proxy/tls.py set what request_head reads of it)
         self.held: list[bytes] | None = None  # not None: after a tunnel request, waiting for its outcome
         self.held_size = 0
         self.held_eof = False
@@ -135,6 +137,7 @@ class Downstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.ssl_object = transport.get_extra_info("ssl_object")
         proxy = self.proxy
         stats = proxy.stats
         stats.downstream_active += 1
@@ -412,21 +415,9 @@ class Downstream(asyncio.Protocol):
             self.out.append(reply)  # after what is queued (responses to earlier requests, not yet flushed)
         ex = self.ex
         rec = accesslog.AccessRecord(
-            start_time=time.time(),
-            method=ex.method if ex else "-",
-            path=ex.path if ex else "-",
-            protocol="HTTP/1.1",
-            status=status,
-            flags=accesslog.DPE,
-            bytes_rx=0,
-            bytes_tx=0,
-            duration_ms=0,
-            upstream_ms=None,
-            xff=None,
-            user_agent=None,
-            request_id=None,
-            authority=None,
-            upstream_host=None,
+            start_time=time.time(), method=ex.method if ex else "-", path=ex.path if ex else "-",
+            protocol="HTTP/1.1", status=status, flags=accesslog.DPE, bytes_rx=0, bytes_tx=0, duration_ms=0,
+            upstream_ms=None, xff=None, user_agent=None, request_id=None, authority=None, upstream_host=None,
             plane=self.proxy.plane_name,
         )
         self.proxy.stats.responses[status // 100] += 1
@@ -573,7 +564,9 @@ class Downstream(asyncio.Protocol):
         if ex is not self.active:
             return
         self.active = None
-        self.resume_for_buffer()
+        self.buffered = 0
+        if self.paused & PAUSE_BUFFER:
+            self.resume(PAUSE_BUFFER)
         if abort or not ex.keep_alive:
             self.close()
             return

@@ -16,7 +16,6 @@ import time
 from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy import accesslog as flags
-from planemesh.agent.proxy.http1 import no_body_status
 from planemesh.agent.proxy.request_head import response_headers
 from planemesh.agent.proxy.tunnel import upgrade_to_tunnel
 
@@ -70,7 +69,7 @@ class ResponseRelay:
         self.status = status
         self.started = True
         self.up_reusable = head.reusable
-        self.body_allowed = body = not self.is_head and not no_body_status(status)
+        self.body_allowed = body = not self.is_head and status >= 200 and status != 204 and status != 304
         self.up_close = body and head.length is None and head.until_close
         headers = head.fields  # what the upstream's Connection named is gone already, before the route adds any
         route = ex.route

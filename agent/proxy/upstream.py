@@ -376,8 +376,11 @@ class UpstreamPool:
         conn.exchange = None
         if not conn.ready:
             return
-        conn.resume_reading()
-        idle = self.idle.setdefault(conn.key, [])
+        if conn.reading_paused:
+            conn.resume_reading()
+        idle = self.idle.get(conn.key)
+        if idle is None:
+            idle = self.idle[conn.key] = []
         if len(idle) >= self.max_idle_per_key * SURPLUS_FACTOR or self.proxy.draining:
             conn.close()
             return
