@@ -30,6 +30,7 @@ from planemesh.agent.proxy.http1 import (
     chunk,
     local_reply,
 )
+from planemesh.agent.proxy.istio_stats import ISTIO_CLUSTER_PREFIXES
 from planemesh.agent.proxy.messages import RequestHead, h1_request_bytes
 from planemesh.agent.proxy.mirror import mirror_targets, shadow_head
 from planemesh.agent.proxy.request_checks import CONTINUE_SENT, EXPECT_NONE
@@ -321,7 +322,9 @@ class Exchange:
     def on_request_complete(self) -> None:
         self.req_done = True
         if not self.finished:
-            self.upreq.end()
+            upreq = self.upreq
+            if upreq.chunked:  # a content-length body ended with its last byte (UpstreamRequest.end)
+                upreq.end()
             if self.mirror_to:
                 self._send_mirrors()
 
@@ -396,7 +399,8 @@ class Exchange:
         relay = self.relay
         status = relay.status
         stats.record_response(status, latency, self.bytes_rx, relay.bytes_tx, self.flags)
-        if attempt.cluster is not None:  # with the peers' identities (agent/proxy/istio_stats.py)
+        cluster = attempt.cluster
+        if cluster is not None and cluster.name.startswith(ISTIO_CLUSTER_PREFIXES):  # with the peers' identities
             proxy.istio.record(proxy, self, attempt.cluster, attempt.endpoint, attempt.upstream_addr, status, latency)
         log = proxy.log
         if log.enabled:  # the access record, built now that the request is finished

@@ -33,6 +33,7 @@ PoolKey = tuple[str, int, str | None, int]
 # one event-loop pass (h2 streams, a burst of clients) would otherwise close connections the next pass reopens.
 SURPLUS_GRACE_S = 1.0
 SURPLUS_FACTOR = 16  # ... but never more than max_idle_per_key * SURPLUS_FACTOR idle per key
+_KEEP_ALIVE = [b"keep-alive"]  # a Connection header that names nothing but itself (most responses)
 
 
 class _HeadResponseDone(Exception):
@@ -242,7 +243,7 @@ class UpstreamConnection(asyncio.Protocol):
         conn_values = self.conn_values
         upgrade = None
         if conn_values is not None:
-            named = dropped_names(conn_values)
+            named = HOP_BY_HOP if conn_values == _KEEP_ALIVE else dropped_names(conn_values)
             if named is not HOP_BY_HOP:
                 fields = [(n, v) for n, v in fields if n not in named]
             if self.upgrade is not None and any(b"upgrade" in connection_tokens(v) for v in conn_values):
@@ -299,7 +300,7 @@ class UpstreamPool:
         self._keys.clear()
 
     def acquire_for(self, ex: PoolUser, addr: tuple[str, int], connect_timeout: float) -> None:
-        key, ex.upstream_host = self.key_for(addr)
+        key, ex.upstream_host = self._keys.get(addr) or self.key_for(addr)
         cluster = ex.cluster
         if (cluster is not None and (cluster.tls is not None or cluster.tls_matches)  # a plaintext cluster: no call
                 and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None):
