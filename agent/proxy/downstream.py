@@ -429,7 +429,7 @@ class Downstream(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.ex = Exchange(self)
         self.in_headers = True
-        self.head_started = self.proxy.loop.time()
+        self.head_started = self.last_active  # the loop's time, read by data_received (the parser's caller)
         self.header_sum = 0
         self.header_count = 0
 
