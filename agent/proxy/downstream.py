@@ -492,8 +492,11 @@ class Downstream(asyncio.Protocol):
             raise HttpParserError("header section too large")  # answered with 431 in data_received
         parser = self.parser
         ex.method_b = method = parser.get_method()
-        ex.version = parser.get_http_version()
-        ex.keep_alive = parser.should_keep_alive()
+        keep_alive = ex.keep_alive = parser.should_keep_alive()
+        # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 and, without a Connection header, keeps only 1.1 alive: then the
+        # version is known (ex.version's default) without get_http_version(), a str.format, the head's dearest call.
+        if not keep_alive or ex.connection_values is not None:
+            ex.version = parser.get_http_version()
         ex.is_head = ex.relay.is_head = method == b"HEAD"
         check_head(ex, method == b"CONNECT")
         if len(self.queue) >= MAX_PIPELINED:
