@@ -442,17 +442,19 @@ class Downstream(asyncio.Protocol):
         ex: Exchange = self.ex  # type: ignore[assignment]
         n = name.lower()
         self.header_sum += len(name) + len(value) + 4
-        self.header_count += 1
-        if self.header_count > MAX_HEADERS_COUNT:
+        count = self.header_count = self.header_count + 1
+        if count > MAX_HEADERS_COUNT:
             raise Refused(431, b"too many header fields\n")
         if not self.in_headers:  # after the head: the trailers of a chunked body
             if self.header_sum > MAX_HEADER_BYTES:
                 raise HttpParserError("trailers too large")  # answered with 431 in data_received
             ex.on_request_trailer(n, value)
             return
-        if n in _SPECIAL:
+        if n in _SPECIAL:  # the commonest first
             if n == _H_HOST:
                 check_host(ex, value)
+            elif n == _H_UA:
+                ex.user_agent = value.decode("latin-1")
             elif n == _H_CL:
                 ex.req_length = int(value)  # llhttp has validated it
             elif n == _H_TE:
@@ -474,8 +476,6 @@ class Downstream(asyncio.Protocol):
                 return  # re-emitted with the client appended
             elif n == _H_XFP:
                 ex.has_xfp = True
-            elif n == _H_UA:
-                ex.user_agent = value.decode("latin-1")
             elif n == _H_UPGRADE:
                 ex.upgrade = value
             elif n == _H_EXPECT:

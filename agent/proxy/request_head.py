@@ -45,7 +45,7 @@ _name = itemgetter(0)
 
 
 def new_request_id() -> bytes:
-    return f"{_RID_PREFIX}{next(_rid_counter) & 0xFFFFFFFFFFFF:012x}".encode()
+    return (_RID_PREFIX + (next(_rid_counter) & 0xFFFFFFFFFFFF).to_bytes(6, "big").hex()).encode()
 
 
 def header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
