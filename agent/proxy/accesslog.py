@@ -53,15 +53,15 @@ class AccessRecord:
 
 
 _last_second: list = [-1, ""]  # strftime is slow: lines of the same second share the prefix
+_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]  # a format spec per line costs more than a list index
 
 
 def format_start_time(epoch: float) -> str:
     secs = int(epoch)
-    millis = int((epoch - secs) * 1000)
     cached = _last_second
     if cached[0] != secs:
         cached[0], cached[1] = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
-    return f"{cached[1]}.{millis:03d}Z"
+    return cached[1] + _MILLIS[int((epoch - secs) * 1000)]
 
 
 def _q(value: str | None) -> str:
@@ -78,7 +78,10 @@ def peer_identity(rec: object) -> str | None:
     transport = getattr(getattr(rec, "ds", None), "transport", None)
     if transport is None:
         return None
-    return getattr(transport.get_extra_info("ssl_object"), "planemesh_peer", None)
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:  # plaintext (most lines): getattr(None, ...) would raise and catch an AttributeError
+        return None
+    return getattr(ssl_object, "planemesh_peer", None)
 
 
 def format_text(rec: AccessRecord) -> str:

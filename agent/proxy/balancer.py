@@ -19,7 +19,7 @@ from planemesh.agent.proxy.circuit import CircuitBreaker
 from planemesh.agent.proxy.dns import DnsRefresh
 from planemesh.agent.proxy.lb import ClusterLb, hash64, smooth_weighted_sequence
 from planemesh.agent.proxy.outlier import OutlierDetector
-from planemesh.model.config import Cluster, ClusterKind, Endpoint, HashPolicy, RouteAction, Snapshot
+from planemesh.model.config import Cluster, ClusterKind, Endpoint, HashPolicy, LbPolicy, RouteAction, Snapshot
 
 
 def normalise_ip(address: str) -> str:
@@ -95,7 +95,8 @@ class Balancer:
         return self._snapshot.clusters.get(action.weighted[order[n]].name)
 
     def lb(self, cluster: Cluster) -> ClusterLb:
-        cluster = self._effective(cluster)
+        if cluster.dns is not None:  # only a DNS cluster's endpoints change under the same config
+            cluster = self._effective(cluster)
         found = self._lbs.get(cluster.name)
         if found is None or found.cluster is not cluster:
             found = self._lbs[cluster.name] = ClusterLb(cluster, self._rng)
@@ -132,7 +133,7 @@ class Balancer:
         """pick_endpoint, and the attempt on it counted open (until report())."""
         lb = self.lb(cluster)
         ep = lb.pick(hash_key) if cluster.outlier is None else self.pick_endpoint(cluster, hash_key)
-        if ep is not None:
+        if ep is not None and lb.counts:
             lb.started(ep)
         return ep
 
@@ -148,6 +149,8 @@ class Balancer:
     def report(self, cluster: Cluster, ep: Endpoint, status: int) -> None:
         """One attempt on `ep` ended: an HTTP status, or 0 for connect failure/reset/timeout; -1: no outcome
         (the client went away)."""
+        if cluster.outlier is None and cluster.lb_policy is not LbPolicy.LEAST_REQUEST:
+            return  # nothing keeps count of attempts (ClusterLb.counts) or outcomes (no outlier detection)
         self.lb(cluster).ended(ep)
         if status >= 0:
             detector = self.outlier(cluster)

@@ -25,15 +25,19 @@ class CircuitBreaker:
         self.overflows = dict.fromkeys(self.limits, 0)
 
     def try_acquire(self, which: str) -> bool:
-        if self.counts[which] >= self.limits[which]:
+        counts = self.counts
+        n = counts[which]
+        if n >= self.limits[which]:
             self.overflows[which] += 1
             return False
-        self.counts[which] += 1
+        counts[which] = n + 1
         return True
 
     def release(self, which: str) -> None:
-        if self.counts[which] > 0:
-            self.counts[which] -= 1
+        counts = self.counts
+        n = counts[which]
+        if n > 0:
+            counts[which] = n - 1
 
     def is_open(self, which: str) -> bool:
         return self.counts[which] >= self.limits[which]

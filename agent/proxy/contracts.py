@@ -108,6 +108,7 @@ class ClientConn(Protocol):
     peer_ip: str
     write_paused: bool
     transport: Any
+    ssl_object: Any  # the TLS connection's SSLObject (None: plaintext), as tls.py left it
     table: Any
     route_config: Any
     loops_to_self: bool

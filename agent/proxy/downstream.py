@@ -94,6 +94,7 @@ class Downstream(asyncio.Protocol):
         "queue",
         "raw_body",
         "route_config",
+        "ssl_object",
         "table",
         "transport",
         "write_paused",
@@ -124,6 +125,7 @@ class Downstream(asyncio.Protocol):
         self.loops_to_self = False
         self.table: RoutingTable | None = None
         self.route_config: CompiledRouteConfig | None = None
+        self.ssl_object = None  # a TLS connection's (agent/proxy/tls.py set what request_head reads of it)
         self.held: list[bytes] | None = None  # not None: after a tunnel request, waiting for its outcome
         self.held_size = 0
         self.held_eof = False
@@ -135,6 +137,7 @@ class Downstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.ssl_object = transport.get_extra_info("ssl_object")
         proxy = self.proxy
         stats = proxy.stats
         stats.downstream_active += 1
@@ -412,21 +415,9 @@ class Downstream(asyncio.Protocol):
             self.out.append(reply)  # after what is queued (responses to earlier requests, not yet flushed)
         ex = self.ex
         rec = accesslog.AccessRecord(
-            start_time=time.time(),
-            method=ex.method if ex else "-",
-            path=ex.path if ex else "-",
-            protocol="HTTP/1.1",
-            status=status,
-            flags=accesslog.DPE,
-            bytes_rx=0,
-            bytes_tx=0,
-            duration_ms=0,
-            upstream_ms=None,
-            xff=None,
-            user_agent=None,
-            request_id=None,
-            authority=None,
-            upstream_host=None,
+            start_time=time.time(), method=ex.method if ex else "-", path=ex.path if ex else "-",
+            protocol="HTTP/1.1", status=status, flags=accesslog.DPE, bytes_rx=0, bytes_tx=0, duration_ms=0,
+            upstream_ms=None, xff=None, user_agent=None, request_id=None, authority=None, upstream_host=None,
             plane=self.proxy.plane_name,
         )
         self.proxy.stats.responses[status // 100] += 1
@@ -438,7 +429,7 @@ class Downstream(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.ex = Exchange(self)
         self.in_headers = True
-        self.head_started = self.proxy.loop.time()
+        self.head_started = self.last_active  # the loop's time, read by data_received (the parser's caller)
         self.header_sum = 0
         self.header_count = 0
 
@@ -451,17 +442,19 @@ class Downstream(asyncio.Protocol):
         ex: Exchange = self.ex  # type: ignore[assignment]
         n = name.lower()
         self.header_sum += len(name) + len(value) + 4
-        self.header_count += 1
-        if self.header_count > MAX_HEADERS_COUNT:
+        count = self.header_count = self.header_count + 1
+        if count > MAX_HEADERS_COUNT:
             raise Refused(431, b"too many header fields\n")
         if not self.in_headers:  # after the head: the trailers of a chunked body
             if self.header_sum > MAX_HEADER_BYTES:
                 raise HttpParserError("trailers too large")  # answered with 431 in data_received
             ex.on_request_trailer(n, value)
             return
-        if n in _SPECIAL:
+        if n in _SPECIAL:  # the commonest first
             if n == _H_HOST:
                 check_host(ex, value)
+            elif n == _H_UA:
+                ex.user_agent = value.decode("latin-1")
             elif n == _H_CL:
                 ex.req_length = int(value)  # llhttp has validated it
             elif n == _H_TE:
@@ -483,8 +476,6 @@ class Downstream(asyncio.Protocol):
                 return  # re-emitted with the client appended
             elif n == _H_XFP:
                 ex.has_xfp = True
-            elif n == _H_UA:
-                ex.user_agent = value.decode("latin-1")
             elif n == _H_UPGRADE:
                 ex.upgrade = value
             elif n == _H_EXPECT:
@@ -501,8 +492,11 @@ class Downstream(asyncio.Protocol):
             raise HttpParserError("header section too large")  # answered with 431 in data_received
         parser = self.parser
         ex.method_b = method = parser.get_method()
-        ex.version = parser.get_http_version()
-        ex.keep_alive = parser.should_keep_alive()
+        keep_alive = ex.keep_alive = parser.should_keep_alive()
+        # llhttp takes HTTP/0.9, 1.0, 1.1 and 2.0 and, without a Connection header, keeps only 1.1 alive: then the
+        # version is known (ex.version's default) without get_http_version(), a str.format, the head's dearest call.
+        if not keep_alive or ex.connection_values is not None:
+            ex.version = parser.get_http_version()
         ex.is_head = ex.relay.is_head = method == b"HEAD"
         check_head(ex, method == b"CONNECT")
         if len(self.queue) >= MAX_PIPELINED:
@@ -573,7 +567,9 @@ class Downstream(asyncio.Protocol):
         if ex is not self.active:
             return
         self.active = None
-        self.resume_for_buffer()
+        self.buffered = 0
+        if self.paused & PAUSE_BUFFER:
+            self.resume(PAUSE_BUFFER)
         if abort or not ex.keep_alive:
             self.close()
             return

@@ -30,6 +30,7 @@ from planemesh.agent.proxy.http1 import (
     chunk,
     local_reply,
 )
+from planemesh.agent.proxy.istio_stats import ISTIO_CLUSTER_PREFIXES
 from planemesh.agent.proxy.messages import RequestHead, h1_request_bytes
 from planemesh.agent.proxy.mirror import mirror_targets, shadow_head
 from planemesh.agent.proxy.request_checks import CONTINUE_SENT, EXPECT_NONE
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["Exchange", "backoff_s", "new_request_id"]  # backoff_s, new_request_id: re-exported for callers
 
 _perf = time.perf_counter
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}  # the access log's protocol field, without an f-string
 
 
 class Exchange:
@@ -118,7 +120,7 @@ class Exchange:
         self.finished = False
         self.route: Route | None = None
         self.timer: asyncio.TimerHandle | None = None  # a fault delay
-        self.mirror_to: list[tuple[str, int]] = []
+        self.mirror_to: list[tuple[str, int]] | tuple = ()  # a list once the route mirrors (no list per request)
         self.attempt = Attempt(self)
         self.upreq = UpstreamRequest(self.attempt)  # the request as it goes upstream, its replay copy
         self.relay = ResponseRelay(self, H1ResponseWriter(self))
@@ -142,23 +144,25 @@ class Exchange:
     def start(self) -> None:
         """The request head is complete and it is this connection's turn: admit, filter, route, go upstream
         (the steps of pipeline.py; this method only turns their answers into HTTP/1.1)."""
-        proxy = self.ds.proxy
-        local = pipeline.admission(proxy, self._header_map)
+        ds = self.ds
+        proxy = ds.proxy
+        headers = self._header_map
+        local = pipeline.admission(proxy, headers)
         if local is not None:
             return self.answer(local)
         if not proxy.overload.keep_alive and proxy.overload_gate(self):  # memory/connection pressure
             return None
-        ds = self.ds
-        table = proxy.table
-        route_config = pipeline.connection_route_config(ds, table)
-        step = pipeline.listener_filters(proxy, route_config, self._header_map, rng.random, self._rbac_denied)
+        route_config = pipeline.connection_route_config(ds, proxy.table)
+        if route_config is not None and not route_config.http_filters and proxy.bucket is None:
+            return self._route(route_config)  # no plane bucket, no listener filter: step 2 has nothing to do
+        step = pipeline.listener_filters(proxy, route_config, headers, rng.random, self._rbac_denied)
         if step is not None:
             if type(step) is pipeline.Delay:
                 self.flags = DELAY_INJECTED
                 self.timer = proxy.loop.call_later(step.delay_s, self._after_delay, step.abort_status)
                 return None
             return self.answer(step)  # type: ignore[arg-type]
-        return self._route()
+        return self._route(route_config)
 
     def _rbac_denied(self, rbac) -> str | None:
         """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this request: why denied, or None."""
@@ -173,7 +177,7 @@ class Exchange:
         if abort_status is not None:
             self.answer(pipeline.fault_abort(abort_status, delayed=True))
         else:
-            self._route()
+            self._route(pipeline.connection_route_config(self.ds, self.ds.proxy.table))
             self.flush_upstream()
         self.ds.flush()
 
@@ -183,13 +187,11 @@ class Exchange:
             self.keep_alive = False
         self.reply(local.status, local.body, local.headers, local.flag)
 
-    def _route(self) -> None:
+    def _route(self, crc) -> None:
+        """Steps 3-5; `crc`: the connection's route config (None: the plane's original-destination one)."""
         proxy = self.ds.proxy
-        table = proxy.table
-        ds = self.ds
-        crc = pipeline.connection_route_config(ds, table)
         if crc is None:
-            crc = table.router.original_destination
+            crc = proxy.table.router.original_destination
         connect = self.tunnel == TUNNEL_CONNECT
         result = pipeline.route(proxy, crc, self.authority or "", self.target, self._header_map, connect)
         if type(result) is pipeline.Local:
@@ -320,7 +322,9 @@ class Exchange:
     def on_request_complete(self) -> None:
         self.req_done = True
         if not self.finished:
-            self.upreq.end()
+            upreq = self.upreq
+            if upreq.chunked:  # a content-length body ended with its last byte (UpstreamRequest.end)
+                upreq.end()
             if self.mirror_to:
                 self._send_mirrors()
 
@@ -380,13 +384,15 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        proxy = self.ds.proxy
+        ds = self.ds
+        proxy = ds.proxy
+        attempt = self.attempt
         if abort:
-            self.attempt.drop()
+            attempt.drop()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.attempt.release()
+        attempt.release()
         stats = proxy.stats
         stats.requests_active -= 1
         self.upreq.out = []
@@ -394,19 +400,20 @@ class Exchange:
         duration = (_perf() - self.t0) * 1000
         latency = duration if self.t_tunnel < 0 else self.t_tunnel  # a tunnel's latency: until it was open
         relay = self.relay
-        stats.record_response(relay.status, latency, self.bytes_rx, relay.bytes_tx, self.flags)
-        attempt = self.attempt
-        proxy.istio.record(proxy, self, attempt.cluster, attempt.endpoint, attempt.upstream_addr, relay.status,
-                           latency)  # with the peers' identities (agent/proxy/istio_stats.py)
+        status = relay.status
+        stats.record_response(status, latency, self.bytes_rx, relay.bytes_tx, self.flags)
+        cluster = attempt.cluster
+        if cluster is not None and cluster.name.startswith(ISTIO_CLUSTER_PREFIXES):  # with the peers' identities
+            proxy.istio.record(proxy, self, attempt.cluster, attempt.endpoint, attempt.upstream_addr, status, latency)
         log = proxy.log
         if log.enabled:  # the access record, built now that the request is finished
             log.append(AccessRecord(
                 self.start_time, self.method_b.decode("latin-1"), self.target.decode("latin-1"),
-                f"HTTP/{self.version}", relay.status, self.flags, self.bytes_rx, relay.bytes_tx, int(duration),
-                relay.upstream_ms, self.xff, self.user_agent, self.request_id, self.authority,
-                self.attempt.upstream_host, proxy.plane_name, self.ds,
+                _PROTOCOLS.get(self.version) or f"HTTP/{self.version}", status, self.flags, self.bytes_rx,
+                relay.bytes_tx, int(duration), relay.upstream_ms, self.xff, self.user_agent, self.request_id,
+                self.authority, attempt.upstream_host, proxy.plane_name, ds,
             ))
         # Its parts see a finished request from now on (late callbacks return at once), and the reference cycle
         # between them and the Exchange is broken: all are freed by reference counting, not the cyclic GC.
-        self.attempt.ex = relay.ex = relay.sink.ex = FINISHED  # type: ignore[assignment]
-        self.ds.exchange_done(self, abort)
+        attempt.ex = relay.ex = relay.sink.ex = FINISHED  # type: ignore[assignment]
+        ds.exchange_done(self, abort)

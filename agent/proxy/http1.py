@@ -6,6 +6,7 @@ Header names are handled lower-case (as Envoy emits them); values are passed thr
 from __future__ import annotations
 
 from http import HTTPStatus
+from operator import itemgetter
 
 # The one list of hop-by-hop fields, for the HTTP/1 path and the h2 codecs (h2_fields.py, h2_upstream.py, messages.py
 # derive theirs from it): never forwarded. RFC 9110 7.6.1's connection options, plus the framing headers, which the
@@ -90,7 +91,22 @@ def dropped_names(connection_values: list[bytes]) -> frozenset[bytes]:
     return found
 
 
+_COLON = b": "
+_name = itemgetter(0)
+
+
+def field_lines(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """`name: value\r\n` for every field, in C (no Python step per field: a head is built on every request)."""
+    if not headers:
+        return b""
+    return CRLF.join(map(_COLON.join, headers)) + CRLF
+
+
 def append_headers(parts: list[bytes], headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> None:
+    if drop.isdisjoint(map(_name, headers)):  # the usual case (a codec's fields are end-to-end already)
+        if headers:
+            parts += (CRLF.join(map(_COLON.join, headers)), CRLF)  # field_lines, without a call
+        return
     for name, value in headers:
         if name not in drop:
             parts += (name, b": ", value, CRLF)

@@ -24,8 +24,11 @@ UNKNOWN = "unknown"
 MAX_KEYS = 4096  # (cluster, principals) rows per worker; beyond it new combinations are counted as unknown
 
 
+ISTIO_CLUSTER_PREFIXES = ("outbound|", "inbound|")  # a request's caller may check these before calling record()
+
+
 def _istio_cluster(name: str) -> bool:
-    return name.startswith(("outbound|", "inbound|"))
+    return name.startswith(ISTIO_CLUSTER_PREFIXES)
 
 
 class _Row:

@@ -86,6 +86,10 @@ class RoundRobin(Picker):
 
     def pick(self, hash_key: int | None, available: Available) -> Endpoint | None:
         seq = self.sequence
+        if available is _always and seq:  # no outlier detection: the next in the sequence
+            cursor = self.cursor
+            self.cursor = cursor + 1
+            return self.endpoints[seq[cursor % len(seq)]]
         for _ in range(len(seq)):
             ep = self.endpoints[seq[self.cursor % len(seq)]]
             self.cursor += 1

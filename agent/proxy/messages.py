@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from planemesh.agent.proxy.http1 import CHUNKED, CRLF, HOP_BY_HOP, UPGRADE_CONNECTION
+from planemesh.agent.proxy.http1 import CHUNKED, CRLF, HOP_BY_HOP, UPGRADE_CONNECTION, field_lines
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -65,9 +65,7 @@ class ResponseHead:
 
 def h1_request_bytes(head: RequestHead) -> bytes:
     """The HTTP/1.1 request head."""
-    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
-    for name, value in head.fields:
-        parts += (name, b": ", value, CRLF)
+    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n", field_lines(head.fields)]
     if head.upgrade:
         parts += (UPGRADE_CONNECTION, b"upgrade: ", head.upgrade, CRLF)
     if head.chunked:

@@ -92,7 +92,7 @@ def check_host(ex: Exchange, value: bytes) -> None:
     """A Host header line (RFC 9112 3.2: one, valid, or 400)."""
     if ex.authority is not None:
         raise Refused(400, b"more than one Host header\n")
-    if not valid_host(value):
+    if value not in _VALID_HOSTS and not valid_host(value):
         raise Refused(400, b"invalid Host header\n")
     ex.authority = value.decode("latin-1")
 

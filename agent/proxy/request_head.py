@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import os
 import random
+from operator import itemgetter
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy.http1 import HOP_BY_HOP
@@ -36,10 +38,14 @@ _new_request_ids()
 # (the random module reseeds itself in a forked child, so _getrandbits differs there).
 os.register_at_fork(after_in_child=_new_request_ids)
 FORWARDED_PROTO = (b"x-forwarded-proto", b"http")
+# A request carrying none of these has nothing dropped on its way upstream and no incoming trace context.
+_DROP_OR_TRACE = DROP_WITH_XFCC | TRACE_HEADERS
+_NO_TRACE: MappingProxyType[str, str] = MappingProxyType({})
+_name = itemgetter(0)
 
 
 def new_request_id() -> bytes:
-    return f"{_RID_PREFIX}{next(_rid_counter) & 0xFFFFFFFFFFFF:012x}".encode()
+    return (_RID_PREFIX + (next(_rid_counter) & 0xFFFFFFFFFFFF).to_bytes(6, "big").hex()).encode()
 
 
 def header_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -117,30 +123,36 @@ def request_head(ex: Exchange, route: Route | None, upgrade: bytes = b"") -> Req
     headers = ex.headers
     if route is not None:
         action = route.action
-        target = prefix_rewritten(route, target)
+        if action is not None and action.prefix_rewrite is not None:
+            target = prefix_rewritten(route, target)
         if action is not None and action.host_rewrite is not None:
             headers = [(n, v) for n, v in headers if n != b"host"]
             headers.insert(0, (b"host", action.host_rewrite.encode()))
         if route.request_headers_to_remove or route.request_headers_to_add:
             headers = route_request_headers(route, headers)
-    headers, incoming_trace = split_trace(headers)
     # x-forwarded-client-cert: dropped unless the mTLS connection's listener forwards it (agent/proxy/xfcc.py)
-    ssl_object = ex.ds.transport.get_extra_info("ssl_object")
+    ssl_object = ex.ds.ssl_object
     xfcc = getattr(ssl_object, "planemesh_xfcc", None) if ssl_object is not None else None
-    drop = HOP_BY_HOP if xfcc is not None and xfcc == (True, None) else DROP_WITH_XFCC
-    fields = [(n, v) for n, v in headers if n not in drop]
-    if xfcc is not None and xfcc != (True, None):  # sanitize_set: ours only; append_forward: theirs, then ours
-        prior = [v for n, v in headers if n == XFCC] if xfcc[0] else []
-        if xfcc[1] is not None:
-            fields.append((XFCC, b", ".join([*prior, xfcc[1]])))
-    fields += outgoing_trace_headers(incoming_trace)
+    if xfcc is None and _DROP_OR_TRACE.isdisjoint(map(_name, headers)):
+        # Nothing to drop and no incoming trace context (most requests): the fields as they are, checked in C.
+        fields = list(headers)
+        fields += outgoing_trace_headers(_NO_TRACE)
+    else:
+        headers, incoming_trace = split_trace(headers)
+        drop = HOP_BY_HOP if xfcc is not None and xfcc == (True, None) else DROP_WITH_XFCC
+        fields = [(n, v) for n, v in headers if n not in drop]
+        if xfcc is not None and xfcc != (True, None):  # sanitize_set: ours only; append_forward: theirs, then ours
+            prior = [v for n, v in headers if n == XFCC] if xfcc[0] else []
+            if xfcc[1] is not None:
+                fields.append((XFCC, b", ".join([*prior, xfcc[1]])))
+        fields += outgoing_trace_headers(incoming_trace)
     if ex.request_id is None:
         rid = new_request_id()
         ex.request_id = rid.decode()
         fields.append((b"x-request-id", rid))
     peer = ex.ds.peer_ip
-    ex.xff = f"{ex.xff}, {peer}" if ex.xff else peer
-    fields.append((b"x-forwarded-for", ex.xff.encode("latin-1")))
+    xff = ex.xff = f"{ex.xff}, {peer}" if ex.xff else peer
+    fields.append((b"x-forwarded-for", xff.encode("latin-1")))
     if not ex.has_xfp:
         fields.append(FORWARDED_PROTO)
     return RequestHead(ex.method_b, target, fields, ex.req_length, ex.req_chunked, upgrade)

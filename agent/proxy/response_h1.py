@@ -4,6 +4,7 @@ hands over, framed for an HTTP/1.x client: status line, end-to-end fields, conte
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy.http1 import (
@@ -23,6 +24,9 @@ from planemesh.agent.proxy.http1 import (
     last_chunk,
     status_line,
 )
+
+_COLON = b": "
+_name = itemgetter(0)
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Fields, H1Request
@@ -49,7 +53,10 @@ class H1ResponseWriter:
     def response_head(self, status: int, fields: Fields, head: ResponseHead) -> None:
         ex = self.ex
         parts = [status_line(status, head.reason, ex.version == "1.0")]
-        append_headers(parts, fields, HOP_BY_HOP)
+        if fields and HOP_BY_HOP.isdisjoint(map(_name, fields)):  # a codec's fields: end-to-end already (C only)
+            parts += (CRLF.join(map(_COLON.join, fields)), CRLF)
+        else:  # the route added some, or a peer's fields: filtered one by one
+            append_headers(parts, fields, HOP_BY_HOP)
         if status == 101:  # switching protocols: the tunnel starts once the parser stops (on_upstream_upgraded)
             parts += (UPGRADE_CONNECTION, b"upgrade: ", head.upgrade or ex.upgrade, CRLF, CRLF)
             self.ds.out.append(b"".join(parts))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+from binascii import hexlify as _hexlify
 from collections.abc import Callable, Mapping
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -31,10 +32,9 @@ def outgoing_trace_headers(headers: Mapping[str, str],
                            bits: Callable[[int], int] = random.getrandbits) -> list[tuple[bytes, bytes]]:
     """The trace headers to send upstream for a request with these (lower-case) headers."""
     if not headers:  # no incoming context (most requests): a new trace, without parsing or text formatting
-        trace = bits(128) or 1
-        span = b"%016x" % (bits(64) or 1)
-        trace_b = b"%032x" % trace
-        return [(b"traceparent", b"00-%s-%s-01" % (trace_b, span)), (b"x-b3-traceid", trace_b),
+        trace_b = _hexlify((bits(128) or 1).to_bytes(16, "big"))  # hex in C: no format spec to parse
+        span = _hexlify((bits(64) or 1).to_bytes(8, "big"))
+        return [(b"traceparent", b"".join((b"00-", trace_b, b"-", span, b"-01"))), (b"x-b3-traceid", trace_b),
                 (b"x-b3-spanid", span), _SAMPLED]
     trace_id = parent = None
     sampled = "01"

@@ -33,6 +33,7 @@ PoolKey = tuple[str, int, str | None, int]
 # one event-loop pass (h2 streams, a burst of clients) would otherwise close connections the next pass reopens.
 SURPLUS_GRACE_S = 1.0
 SURPLUS_FACTOR = 16  # ... but never more than max_idle_per_key * SURPLUS_FACTOR idle per key
+_KEEP_ALIVE = [b"keep-alive"]  # a Connection header that names nothing but itself (most responses)
 
 
 class _HeadResponseDone(Exception):
@@ -189,16 +190,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = self.section_bytes = self.section_bytes + len(name) + len(value) + 4
-        if size > MAX_HEADER_BYTES:
-            raise HttpParserError("response header section too large")  # answered as an upstream protocol error
-        n = name.lower()
-        if self.in_body:
-            self._on_trailer(n, value)
+        nfields = self.nfields = self.nfields + 1
+        if nfields > MAX_HEADERS_COUNT or size > MAX_HEADER_BYTES or self.in_body:
+            self._unusual_field(name.lower(), value, size)
             return
-        nfields = self.nfields
-        if nfields >= MAX_HEADERS_COUNT:
-            raise HttpParserError("too many response header fields")
-        self.nfields = nfields + 1
+        n = name.lower()
         if n not in HOP_BY_HOP:  # the head's fields are end-to-end (messages.ResponseHead); framing is ours
             self.headers.append((n, value))
         elif n == b"content-length":
@@ -212,6 +208,15 @@ class UpstreamConnection(asyncio.Protocol):
                 self.conn_values.append(value)
         elif n == b"upgrade" and self.upgrade is None:
             self.upgrade = value
+
+    def _unusual_field(self, n: bytes, value: bytes, size: int) -> None:
+        """A trailer, or a field past the head's limits (answered as an upstream protocol error)."""
+        if size > MAX_HEADER_BYTES:
+            raise HttpParserError("response header section too large")
+        if self.in_body:
+            self._on_trailer(n, value)
+            return
+        raise HttpParserError("too many response header fields")
 
     def _on_trailer(self, name: bytes, value: bytes) -> None:
         if self.trailers is None:
@@ -238,7 +243,7 @@ class UpstreamConnection(asyncio.Protocol):
         conn_values = self.conn_values
         upgrade = None
         if conn_values is not None:
-            named = dropped_names(conn_values)
+            named = HOP_BY_HOP if conn_values == _KEEP_ALIVE else dropped_names(conn_values)
             if named is not HOP_BY_HOP:
                 fields = [(n, v) for n, v in fields if n not in named]
             if self.upgrade is not None and any(b"upgrade" in connection_tokens(v) for v in conn_values):
@@ -295,7 +300,7 @@ class UpstreamPool:
         self._keys.clear()
 
     def acquire_for(self, ex: PoolUser, addr: tuple[str, int], connect_timeout: float) -> None:
-        key, ex.upstream_host = self.key_for(addr)
+        key, ex.upstream_host = self._keys.get(addr) or self.key_for(addr)
         cluster = ex.cluster
         if (cluster is not None and (cluster.tls is not None or cluster.tls_matches)  # a plaintext cluster: no call
                 and (tls := endpoint_tls(cluster, ex.endpoint, addr)) is not None):
@@ -372,8 +377,11 @@ class UpstreamPool:
         conn.exchange = None
         if not conn.ready:
             return
-        conn.resume_reading()
-        idle = self.idle.setdefault(conn.key, [])
+        if conn.reading_paused:
+            conn.resume_reading()
+        idle = self.idle.get(conn.key)
+        if idle is None:
+            idle = self.idle[conn.key] = []
         if len(idle) >= self.max_idle_per_key * SURPLUS_FACTOR or self.proxy.draining:
             conn.close()
             return

@@ -262,6 +262,7 @@ def test_too_many_pipelined_requests_answered_then_503() -> None:
     (b"GET / HTTP/1.1\r\nHost: a:b\r\n\r\n", 400),
     (b"GET http://a@b/ HTTP/1.1\r\nHost: b\r\n\r\n", 400),
     (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    (b"GET / HTTP/0.9\r\nHost: a\r\nKeep-Alive: 5\r\n\r\n", 505),  # its version read, not assumed (not kept alive)
     (b"GET / HTTP/3.0\r\nHost: a\r\n\r\n", 505),
     (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(101)) + b"\r\n", 431),
 ])

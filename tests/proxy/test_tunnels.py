@@ -13,6 +13,7 @@ import socket
 import socketserver
 import threading
 import time
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -93,9 +94,14 @@ def read_all(sock: socket.socket) -> bytes:
     return bytes(out)
 
 
+# Bytes read past a response on a socket (pipelined responses may arrive in one segment): the next one's start.
+_AFTER: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One response with a content-length body, read with no help from a library."""
-    buf = b""
+    """One response with a content-length body, read with no help from a library. What follows its body in the
+    same read is kept for the next call on the socket."""
+    buf = _AFTER.pop(sock, b"")
     while b"\r\n\r\n" not in buf:
         data = sock.recv(65536)
         assert data, f"closed before a response head: {buf!r}"
@@ -103,8 +109,11 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     head, _, body = buf.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    while len(body) < int(headers.get("content-length", "0")):
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
         body += sock.recv(65536)
+    if "content-length" in headers and len(body) > length:
+        body, _AFTER[sock] = body[:length], body[length:]
     return int(lines[0].split(" ")[1]), headers, body
 
 
