@@ -41,10 +41,12 @@ class LazyH2Pool:
     def conns(self) -> dict[tuple, list[Any]]:
         return self.pool.conns if self.pool is not None else {}
 
-    def open(self, stream: Any, addr: tuple[str, int], ended: bool, connect_timeout: float) -> None:
+    def open(self, stream: Any, addr: tuple[str, int], ended: bool, connect_timeout: float,
+             key: tuple | None = None) -> bytes | None:
+        """h2_upstream.H2Pool.open: the breaker's refusal, or None."""
         if self.pool is None:
             self.pool = _module("h2_upstream").H2Pool(self.proxy)
-        self.pool.open(stream, addr, ended, connect_timeout)
+        return self.pool.open(stream, addr, ended, connect_timeout, key)
 
     def sweep(self, idle_timeout_s: float) -> None:
         if self.pool is not None:

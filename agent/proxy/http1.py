@@ -40,6 +40,7 @@ CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 CHUNKED = b"transfer-encoding: chunked\r\n"
 CONNECTION_CLOSE = b"connection: close\r\n"
+KEEP_ALIVE_TOKEN = b"keep-alive"
 KEEP_ALIVE_HEADER = b"connection: keep-alive\r\n"
 
 # How a response body is delimited (upstream as received, downstream as re-emitted).

@@ -14,6 +14,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from planemesh.agent.proxy.http1 import (
     HOP_BY_HOP,
+    KEEP_ALIVE_TOKEN,
     MAX_HEADER_BYTES,
     MAX_HEADERS_COUNT,
     connection_tokens,
@@ -33,7 +34,7 @@ PoolKey = tuple[str, int, str | None, int]
 # one event-loop pass (h2 streams, a burst of clients) would otherwise close connections the next pass reopens.
 SURPLUS_GRACE_S = 1.0
 SURPLUS_FACTOR = 16  # ... but never more than max_idle_per_key * SURPLUS_FACTOR idle per key
-_KEEP_ALIVE = [b"keep-alive"]  # a Connection header that names nothing but itself (most responses)
+_KEEP_ALIVE = [KEEP_ALIVE_TOKEN]  # a Connection header that names nothing but itself (most responses)
 
 
 class _HeadResponseDone(Exception):
