@@ -209,10 +209,11 @@ class Exchange:
         if self.tunnel and not crc.upgrade_allowed(route, self.upgrade_type):
             kind = b"CONNECT" if connect else b"upgrade to " + self.upgrade.strip()
             return self.refuse(kind + b" is not allowed on this route\n")
-        return self._upstream(result, route, connect)  # type: ignore[arg-type]
+        return self._upstream(crc, result, route, connect)  # type: ignore[arg-type]
 
-    def _upstream(self, result: pipeline.RouteResult, route: Route | None, connect: bool) -> None:
-        """Cluster and endpoint choice (pipeline.upstream, the attempt's pick), then the first attempt."""
+    def _upstream(self, crc, result: pipeline.RouteResult, route: Route | None, connect: bool) -> None:
+        """Cluster and endpoint choice (pipeline.upstream, the attempt's pick), a local server pod's inbound
+        routes (pipeline.local_inbound), then the first attempt."""
         ds = self.ds
         proxy = ds.proxy
         attempt = self.attempt
@@ -240,6 +241,12 @@ class Exchange:
         attempt.upstream_addr = target
         if connect:
             return self._open_connect(target, result.connect_timeout_s)
+        step = pipeline.local_inbound(proxy, crc, target, result, self.authority or "", self.target, self._header_map)
+        if step is not None:
+            if type(step) is pipeline.Local:
+                return self.answer(step)
+            result = step  # type: ignore[assignment]
+            route = self.route = result.route
         self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"")
         upreq = self.upreq
         upreq.head = h1_request_bytes(self.req_head)  # an h2 attempt sends req_head's fields; mirrors this

@@ -263,11 +263,11 @@ class Bridge:
                 return None
             if step is not None:
                 return self.answer(step)  # type: ignore[arg-type]
-        return self._upstream(result, route)  # type: ignore[arg-type]
+        return self._upstream(crc, result, route)  # type: ignore[arg-type]
 
-    def _upstream(self, result: pipeline.RouteResult, route: Route | None) -> None:
-        """Cluster and endpoint choice (pipeline.upstream, the attempt's pick), then the first attempt: the same
-        steps as exchange.Exchange._upstream."""
+    def _upstream(self, crc, result: pipeline.RouteResult, route: Route | None) -> None:
+        """Cluster and endpoint choice (pipeline.upstream, the attempt's pick), a local server pod's inbound
+        routes (pipeline.local_inbound), then the first attempt: the same steps as exchange.Exchange._upstream."""
         proxy = self.proxy
         client = self.client
         attempt = self.attempt
@@ -292,6 +292,13 @@ class Bridge:
                 return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
             target = picked
         attempt.upstream_addr = target
+        authority = self.authority_b.decode("latin-1") if self.authority_b else ""
+        step = pipeline.local_inbound(proxy, crc, target, result, authority, self.path_b or b"/", self._header_map)
+        if step is not None:
+            if type(step) is pipeline.Local:
+                return self.answer(step)
+            result = step  # type: ignore[assignment]
+            route = self.route = result.route
         self.pseudo, self.fields, self.up_path, self.up_authority = mutated_request(
             route, self.pseudo, self.fields, self.path_b, self.authority_b
         )  # the route's rewrites and header changes, this hop's trace context (h2_fields.py)

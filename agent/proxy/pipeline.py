@@ -11,6 +11,8 @@ steps, in this order, and only turns their answers into its own framing:
     up = upstream(proxy, result, headers, peer_ip)                  # 4. cluster (weights), retry policy, breaker
                                                                     #    hold, hash key
     addr, ep = pick(balancer, cluster, hash_key, original_dst)      # 5. endpoint (locality, outlier state)
+    step = local_inbound(proxy, crc, addr, result, authority, target, headers)
+                                                                    # 6. a local server pod's inbound routes
 
 An answer is data: None (go on), a `Local` reply (status, body, headers, access-log flag), a `Delay` (fault
 delay) or the step's result. Nothing here reads or writes a socket or arms a timer; state touched is counters
@@ -22,6 +24,7 @@ and token buckets. The request head is read through `headers`, a callable return
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from planemesh.agent.proxy import accesslog as flags
@@ -30,6 +33,7 @@ from planemesh.agent.proxy.balancer import normalise_ip, request_hash
 from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_decision
 from planemesh.agent.proxy.limits import rate_limited_headers
+from planemesh.agent.proxy.local_inbound import headers_seen_by_server, seen_by_server, tighter_timeout
 from planemesh.agent.proxy.retry import sla_retry
 from planemesh.agent.proxy.routing import redirect_location, split_target
 from planemesh.model.config import ClusterKind
@@ -281,3 +285,31 @@ def pick(
     if ep is None:
         return None
     return (ep.address, ep.port), ep
+
+
+def local_inbound(
+    proxy: ProxyState, crc: CompiledRouteConfig, addr: tuple[str, int], result: RouteResult, authority: str,
+    target: bytes, headers: Headers,
+) -> Local | RouteResult | None:
+    """Step 6: a local client's request whose endpoint `addr` is a local workload with an inbound listener meets
+    that workload's inbound routes, as its sidecar would (local_inbound.py): matched on the request after the
+    client's rewrites and header changes; a direct response, a redirect or no route (404 NR) answers it;
+    else the chained route (both routes' header changes) with the tighter timeout. None: no such stage."""
+    router = proxy.table.router
+    inbound = router.local_inbound(crc, addr[0], addr[1])
+    route = result.route
+    if inbound is None or route is None:
+        return None
+    authority, target = seen_by_server(route, authority, target)
+    second = router.route_request(inbound, authority, target, headers_seen_by_server(route, headers))
+    if not second.forward:
+        if second.direct is not None:
+            return Local(second.direct.status, second.direct.body)
+        if second.redirect is not None:
+            path, query = split_target(target.decode("latin-1"))
+            loc = redirect_location(second.redirect, "http", authority, path, query)
+            return Local(second.redirect.code, b"", [(b"location", loc.encode("latin-1"))])
+        return NO_ROUTE
+    assert second.route is not None  # a forwarded result has its route
+    return replace(result, route=router.chained_route(route, second.route),
+                   timeout_s=tighter_timeout(result.timeout_s, second.timeout_s))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from netaddr import IPAddress, IPNetwork
 
 from planemesh.agent.proxy.filters import FilterChain
+from planemesh.agent.proxy.local_inbound import chained
 from planemesh.model.config import (
     DEFAULT_UPGRADES,
     Cluster,
@@ -355,6 +356,8 @@ class PlaneRouter:
         self._listener_of: dict[int, Listener] = {}  # id(compiled) -> its listener (composites, below)
         self._composites: dict[tuple[int, int], CompiledRouteConfig] = {}
         self._tls: set[int] = set()  # id() of the route configs of TLS-terminating listeners (a permissive twin)
+        self._scoped: set[int] = set()  # id() of the route configs of source-scoped listeners (local clients')
+        self._chained: dict[tuple[int, int], Route] = {}  # (client's route, server's inbound route) -> chained
         for lsn in snapshot.listeners_of(plane):
             if lsn.protocol is not ListenerProtocol.HTTP:
                 continue
@@ -362,6 +365,8 @@ class PlaneRouter:
             self._listener_of[id(crc)] = lsn
             if lsn.tls is not None:
                 self._tls.add(id(crc))
+            if lsn.sources:
+                self._scoped.add(id(crc))
             self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, lsn.sources, crc))
         # A source-scoped listener (a local workload's outbound one) before any other: the client's routing
         # wins over the destination's inbound chain, as drop_shadowed_inbound decides for one proxy. Then
@@ -438,7 +443,33 @@ class PlaneRouter:
             crc = self._composites[key] = CompiledRouteConfig(
                 self.snapshot.route_config(out.route_config), out.http_filters + inbound.http_filters, out.upgrades
             )
+            self._scoped.add(id(crc))
         return crc
+
+    def local_inbound(self, crc: CompiledRouteConfig, ip: str, port: int) -> CompiledRouteConfig | None:
+        """The inbound route config of a local workload at endpoint (ip, port), when `crc` is a local client's
+        (source-scoped) one: the server pod's own stage of a local-to-local request (local_inbound.py). None: the
+        client is no local workload, or no local workload's inbound listener holds that endpoint."""
+        if id(crc) not in self._scoped:
+            return None
+        entries = self._by_port.get(port)
+        if not entries:
+            return None
+        addr = parse_ip(ip)
+        for prefixes, sources, inbound in entries:  # most specific destination prefix first
+            if not sources and prefixes and any(addr.version == p.version and addr in p for p in prefixes):
+                return inbound if inbound is not crc else None
+        return None
+
+    def chained_route(self, outbound: Route, inbound: Route) -> Route:
+        """local_inbound.chained, once per pair of routes and snapshot (bounded: routes come from config)."""
+        key = (id(outbound), id(inbound))
+        found = self._chained.get(key)
+        if found is None:
+            found = chained(outbound, inbound)
+            if len(self._chained) < 65536:  # the pair's routes live as long as this router's snapshot
+                self._chained[key] = found
+        return found
 
     def _twin(self, entries: list, i: int, tls: bool) -> CompiledRouteConfig:
         """entries[i], or its TLS / plaintext twin (same prefixes and sources) that fits the connection."""

@@ -1,0 +1,176 @@
+"""A local client's request to a local server pod meets the server's inbound routes too (pipeline.local_inbound,
+agent/proxy/local_inbound.py), as the server's sidecar would apply them after the client's: the decision, table
+tested on the node snapshot the workloads merge builds."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from planemesh.agent.proxy import pipeline
+from planemesh.agent.proxy.local_inbound import chained, headers_seen_by_server, seen_by_server, tighter_timeout
+from planemesh.agent.proxy.request_head import response_headers, route_request_headers
+from planemesh.agent.proxy.routing import PlaneRouter, RouteResult
+from planemesh.agent.workloads.merge import merge
+from planemesh.agent.workloads.model import Workload
+from planemesh.model.config import (
+    Cluster,
+    DirectResponse,
+    HeaderMatch,
+    HeaderValue,
+    Listener,
+    ListenerProtocol,
+    Route,
+    RouteAction,
+    RouteConfig,
+    RouteMatch,
+    Snapshot,
+    VirtualHost,
+)
+from planemesh.model.static_config import load_default_config
+from planemesh.model.validation import validate_snapshot
+
+PLANES = load_default_config().planes  # oam 198.18.1.0/24
+A = Workload("a", "default", ("198.18.1.10",))  # the client pod
+B = Workload("b", "default", ("198.18.1.11",))  # the server pod
+REMOTE = "198.18.1.99"  # an address no workload of the node holds
+SERVER = ("198.18.1.11", 8080)
+
+
+def _client_route(**kw) -> Route:
+    return Route(action=RouteAction(cluster="to-b", timeout_s=kw.pop("timeout_s", 5.0),
+                                    prefix_rewrite=kw.pop("prefix_rewrite", None)), **kw)  # fmt: skip
+
+
+def _node(client_route: Route, server_routes: tuple[Route, ...]) -> PlaneRouter:
+    """a: an outbound listener of port 8080 with `client_route` to cluster to-b; b: an inbound chain of 8080."""
+    out = Listener("0.0.0.0_8080", "oam", 8080, ListenerProtocol.HTTP, route_config="out")
+    routes = RouteConfig("out", (VirtualHost("any", routes=(client_route,)),))
+    a = Snapshot("xds:LDS=1", PLANES, (out,), {"out": routes}, {"to-b": Cluster("to-b")})
+    inbound = Listener("virtualInbound/0.0.0.0_8080", "oam", 8080, ListenerProtocol.HTTP, route_config="in")
+    b = Snapshot("xds:LDS=1", PLANES, (inbound,), {"in": RouteConfig("in", (VirtualHost("in", routes=server_routes),))},
+                 {"inb": Cluster("inb")})
+    snap = merge(PLANES, {"a.default": (A, a), "b.default": (B, b)}, "m").snapshot
+    validate_snapshot(snap)
+    return PlaneRouter(snap, "oam")
+
+
+def _decide(router: PlaneRouter, target: bytes = b"/api/x", src: str = "198.18.1.10", endpoint=SERVER,
+            headers: dict | None = None) -> tuple[RouteResult, pipeline.Local | RouteResult | None]:  # fmt: skip
+    crc = router.route_config(SERVER[0], SERVER[1], src)
+    assert crc is not None
+    hmap = headers or {}
+    first = router.route_request(crc, "b.default:8080", target, lambda: hmap)
+    proxy = SimpleNamespace(table=SimpleNamespace(router=router))
+    return first, pipeline.local_inbound(proxy, crc, endpoint, first, "b.default:8080", target,  # type: ignore[arg-type]
+                                         lambda: hmap)  # fmt: skip
+
+
+ADDS_TAG = Route(action=RouteAction(cluster="inb", timeout_s=0.0),
+                 request_headers_to_add=(HeaderValue("x-inbound", "b"),),
+                 response_headers_to_add=(HeaderValue("x-served-by", "b"),))  # fmt: skip
+ONLY_API = Route(match=RouteMatch(prefix="/api"), action=RouteAction(cluster="inb"))
+
+
+@pytest.mark.parametrize(("client", "server", "target", "src", "endpoint", "headers", "expect"), [
+    # the server's inbound route adds a request and a response header: both reach the chained route
+    (_client_route(), (ADDS_TAG,), b"/api/x", A.addresses[0], SERVER, None, "forward: x-inbound"),
+    # a path the server's routes do not match: 404 NR, as b's sidecar answers a remote client
+    (_client_route(), (ONLY_API,), b"/other", A.addresses[0], SERVER, None, 404),
+    (_client_route(), (ONLY_API,), b"/api/x", A.addresses[0], SERVER, None, "forward"),
+    # the client's rewrite happens first: /old/x arrives at b as /api/x
+    (_client_route(match=RouteMatch(prefix="/old"), prefix_rewrite="/api"), (ONLY_API,), b"/old/x",
+     A.addresses[0], SERVER, None, "forward"),
+    # a header the client's route adds is one b's route matches on
+    (_client_route(request_headers_to_add=(HeaderValue("x-canary", "1"),)),
+     (Route(match=RouteMatch(headers=(HeaderMatch("x-canary", exact="1"),)), action=RouteAction(cluster="inb")),),
+     b"/", A.addresses[0], SERVER, None, "forward"),
+    (_client_route(),
+     (Route(match=RouteMatch(headers=(HeaderMatch("x-canary", exact="1"),)), action=RouteAction(cluster="inb")),),
+     b"/", A.addresses[0], SERVER, None, 404),
+    # the server's direct response answers
+    (_client_route(), (Route(action=None, direct_response=DirectResponse(418, b"teapot")),), b"/", A.addresses[0],
+     SERVER, None, 418),
+    # an endpoint that is no local workload's inbound listener: no second stage
+    (_client_route(), (ONLY_API,), b"/other", A.addresses[0], (REMOTE, 8080), None, None),
+    # the server's inbound chain is on 8080 only: an endpoint port it does not serve has no second stage
+    (_client_route(), (ONLY_API,), b"/other", A.addresses[0], ("198.18.1.11", 9090), None, None),
+], ids=["route-headers", "no-route-404", "matched", "after-rewrite", "client-header-matched",
+        "client-header-missing", "direct-response", "remote-endpoint", "other-port"])  # fmt: skip
+def test_local_inbound_decision(client, server, target, src, endpoint, headers, expect) -> None:
+    router = _node(client, server)
+    _first, step = _decide(router, target, src, endpoint, headers)
+    if expect is None:
+        assert step is None
+    elif isinstance(expect, int):
+        assert type(step) is pipeline.Local and step.status == expect, step
+        if expect == 404:
+            assert step.flag == "NR"
+    else:
+        assert isinstance(step, RouteResult) and step.forward and step.route is not None, step
+        assert step.cluster is not None and step.cluster.name == "to-b"  # the client's route picked the cluster
+        if expect.endswith("x-inbound"):
+            assert [h.name for h in step.route.request_headers_to_add] == ["x-inbound"]
+            assert [h.name for h in step.route.response_headers_to_add] == ["x-served-by"]
+
+
+def test_a_remote_client_gets_the_servers_chain_alone() -> None:
+    """A client that is no local workload is routed by b's inbound chain itself (route_config by destination):
+    there is no second stage to apply."""
+    router = _node(_client_route(), (ONLY_API,))
+    crc = router.route_config(SERVER[0], SERVER[1], REMOTE)
+    assert crc is not None and router.local_inbound(crc, *SERVER) is None
+    assert router.route_request(crc, "b", b"/other", dict).route is None  # b's own 404
+
+
+@pytest.mark.parametrize(("client_s", "server_s", "expect"), [
+    (5.0, 2.0, 2.0), (2.0, 5.0, 2.0), (5.0, 0.0, 5.0), (0.0, 3.0, 3.0), (0.0, 0.0, 0.0),
+])  # fmt: skip
+def test_the_tighter_timeout_wins(client_s: float, server_s: float, expect: float) -> None:
+    assert tighter_timeout(client_s, server_s) == expect
+    router = _node(_client_route(timeout_s=client_s),
+                   (Route(action=RouteAction(cluster="inb", timeout_s=server_s)),))  # fmt: skip
+    _first, step = _decide(router, b"/")
+    assert isinstance(step, RouteResult) and step.timeout_s == expect
+
+
+def test_chained_routes_are_made_once_per_pair() -> None:
+    router = _node(_client_route(), (ADDS_TAG,))
+    _f, one = _decide(router, b"/a")
+    _f, two = _decide(router, b"/b")
+    assert isinstance(one, RouteResult) and isinstance(two, RouteResult) and one.route is two.route
+
+
+def test_chained_header_changes_equal_the_two_sidecars_in_turn() -> None:
+    """Request: the client's route, then the server's; response: the server's, then the client's. A header the
+    second stage removes is gone even when the first one added it; a set (append false) overrides."""
+    client = Route(request_headers_to_remove=("x-drop",),
+                   request_headers_to_add=(HeaderValue("x-a", "1"), HeaderValue("x-tmp", "t")),
+                   response_headers_to_remove=("x-internal",),
+                   response_headers_to_add=(HeaderValue("x-via", "a", append=False),))  # fmt: skip
+    server = Route(request_headers_to_remove=("x-tmp",),
+                   request_headers_to_add=(HeaderValue("x-a", "2", append=False), HeaderValue("x-b", "b")),
+                   response_headers_to_add=(HeaderValue("x-via", "b"), HeaderValue("x-internal", "secret")))
+    both = chained(client, server)
+    request = [(b"x-drop", b"d"), (b"x-tmp", b"old"), (b"x-keep", b"k")]
+    assert route_request_headers(both, request) == route_request_headers(server, route_request_headers(client, request))
+    assert route_request_headers(both, request) == [(b"x-keep", b"k"), (b"x-a", b"2"), (b"x-b", b"b")]
+    response = [(b"x-via", b"origin"), (b"content-type", b"text/plain")]
+    assert response_headers(both, response) == response_headers(client, response_headers(server, response))
+    assert (b"x-internal", b"secret") not in response_headers(both, response)
+
+
+def test_what_the_server_matches_on() -> None:
+    """The authority, target and headers as they arrive at the server's sidecar."""
+    route = Route(match=RouteMatch(prefix="/old"),
+                  action=RouteAction(cluster="c", prefix_rewrite="/new", host_rewrite="b.internal"),
+                  request_headers_to_remove=("x-secret",),
+                  request_headers_to_add=(HeaderValue("x-a", "2"), HeaderValue("x-set", "s", append=False)))
+    assert seen_by_server(route, "b:80", b"/old/p?q=1") == ("b.internal", b"/new/p?q=1")
+    assert seen_by_server(route, "b:80", b"/other") == ("b.internal", b"/other")
+    hmap = headers_seen_by_server(route, lambda: {"x-secret": "s", "x-a": "1", "x-set": "old"})()
+    assert hmap == {"x-a": "1,2", "x-set": "s"}
+    plain = Route()
+    getter = dict
+    assert headers_seen_by_server(plain, getter) is getter  # nothing changed: the same callable
