@@ -72,10 +72,15 @@ ALLOW_ANY_TCP = {  # an AuthorizationPolicy ALLOW for TCP as istiod renders it (
 }  # fmt: skip
 
 
+UNSERVED = "/_unserved"  # a path no inbound route of the lab's servers matches (theirs: `/` and `/[^_].*`)
+
+
 def _chain(port: int, tag: str, filters: list[dict]) -> dict:
+    """An inbound chain whose route (not a filter) stamps `tag` on the request and on the response."""
     rc = {"name": f"inbound|{port}", "virtual_hosts": [{"name": "inbound", "domains": ["*"], "routes": [{
-        "match": {"prefix": "/"}, "route": {"cluster": f"inbound|{port}||"},
-        "request_headers_to_add": [{"header": {"key": "x-inbound-config", "value": tag}}]}]}]}  # fmt: skip
+        "match": {"safe_regex": {"regex": "/|/[^_].*"}}, "route": {"cluster": f"inbound|{port}||"},
+        "request_headers_to_add": [{"header": {"key": "x-inbound-config", "value": tag}}],
+        "response_headers_to_add": [{"header": {"key": "x-inbound-route", "value": tag}}]}]}]}  # fmt: skip
     hcm = {"@type": HCM, "stat_prefix": "inbound", "route_config": rc, "http_filters": [*filters, ROUTER]}
     return {"name": f"0.0.0.0_{port}", "filter_chain_match": {"destination_port": port},
             "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}  # fmt: skip
@@ -215,6 +220,38 @@ def test_the_servers_policy_holds_for_a_client_on_the_same_node(lab) -> None:
     assert _served_by(env, "client", host, SERVICE) == ["v1"] * 4  # allowed requests: the client's route
     seen = http_requests(env.lab.pod_ns("remote"), host, SERVICE, ["/p"]).seen(0)  # the server's inbound chain
     assert seen["server"] == "v1" and seen["headers"].get("x-inbound-config") == "server-inbound", seen
+
+
+def test_the_servers_inbound_route_applies_to_a_client_on_the_same_node(lab) -> None:
+    """client and server are both pods of this node: after client's route (v1, the server's service port),
+    the server's inbound *route* applies as its sidecar would: the request header it adds reaches the server,
+    its response header reaches the client, over HTTP/1.1 and h2. Before, a same-node client got only the
+    server's filters: the route's headers reached remote clients only."""
+    env, _server, _loop, _wl, host = lab
+    ns = env.lab.pod_ns("client")
+    for http2 in (False, True):
+        result = eventually(lambda h2=http2: (r := http_requests(ns, host, SERVICE, ["/client/route"], http2=h2))
+                            .status == [200] and r, timeout=20)  # fmt: skip
+        seen = result.seen(0)
+        assert seen["server"] == "v1", seen  # the client's route still chose the cluster
+        assert seen["headers"].get("x-inbound-config") == "server-inbound", (http2, seen)
+        assert result.headers[0].get("x-inbound-route") == "server-inbound", (http2, result.headers[0])
+    remote = http_requests(env.lab.pod_ns("remote"), host, SERVICE, ["/remote/route"])  # as a remote client gets
+    assert remote.headers[0].get("x-inbound-route") == "server-inbound" and remote.seen(0)["server"] == "v1"
+
+
+def test_a_path_the_servers_inbound_routes_do_not_match_is_404_from_the_same_node(lab) -> None:
+    """The server's inbound routes do not match UNSERVED: 404 (NR) for a remote client (the server's chain)
+    and for a same-node client (client's route, then the server's); before, the same-node client reached the
+    server. clientb's route sends it to v2 (port 8082), where the server declares no inbound chain: no second
+    stage, as the server's sidecar would pass it through."""
+    env, _server, _loop, _wl, host = lab
+    for pod in ("remote", "client"):
+        ns = env.lab.pod_ns(pod)
+        assert eventually(lambda ns=ns: http_requests(ns, host, SERVICE, [UNSERVED]).status == [404], 20), pod
+    assert http_requests(env.lab.pod_ns("client"), host, SERVICE, [UNSERVED], http2=True).status == [404]
+    assert eventually(lambda: (r := http_requests(env.lab.pod_ns("clientb"), host, SERVICE, [UNSERVED])).status
+                      == [200] and r.seen(0)["server"] == "v2", timeout=20)  # fmt: skip
 
 
 def _tcp_slots(env) -> tuple[int, int]:
