@@ -71,6 +71,7 @@ class Attempt:
         "h2",
         "h2_fields",
         "hash_key",
+        "inbound_hold",
         "pending",
         "retries",
         "t_upstream",
@@ -87,6 +88,7 @@ class Attempt:
         self.balancer: Balancer | None = None
         self.breaker: CircuitBreaker | None = None
         self.cb_held = 0
+        self.inbound_hold: CircuitBreaker | None = None  # a local server's inbound cluster (pipeline.local_inbound)
         self.endpoint: Endpoint | None = None
         self.conn: UpstreamConnection | None = None
         self.connect_task = None
@@ -243,6 +245,9 @@ class Attempt:
             if self.cb_held & HELD_REQUEST:
                 breaker.release(REQUESTS)
             self.cb_held = 0
+        if self.inbound_hold is not None:
+            self.inbound_hold.release(REQUESTS)
+            self.inbound_hold = None
         retries = self.retries
         if retries is not NO_RETRIES:
             retries.release()

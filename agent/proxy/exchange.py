@@ -246,6 +246,7 @@ class Exchange:
             if type(step) is pipeline.Local:
                 return self.answer(step)
             result = step  # type: ignore[assignment]
+            attempt.inbound_hold = result.inbound_hold
             route = self.route = result.route
         self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"")
         upreq = self.upreq

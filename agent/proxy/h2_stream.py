@@ -298,6 +298,7 @@ class Bridge:
             if type(step) is pipeline.Local:
                 return self.answer(step)
             result = step  # type: ignore[assignment]
+            attempt.inbound_hold = result.inbound_hold
             route = self.route = result.route
         self.pseudo, self.fields, self.up_path, self.up_authority = mutated_request(
             route, self.pseudo, self.fields, self.path_b, self.authority_b

@@ -234,11 +234,17 @@ def route(
         return NO_ROUTE
     rt = result.route
     if rt is not None and rt.rate_limit is not None:  # the route's own bucket, after the listener's
-        limiter = table.route_limiter(rt)
-        if not limiter.take():
-            proxy.stats.rate_limited += 1
-            return Local(429, b"local_rate_limited", limiter.headers(), flags.RL)
+        return _route_rate_limit(proxy, rt) or result
     return result
+
+
+def _route_rate_limit(proxy: ProxyState, rt: Route) -> Local | None:
+    """The route's own local rate limit: 429 when its bucket is empty."""
+    limiter = proxy.table.route_limiter(rt)
+    if limiter.take():
+        return None
+    proxy.stats.rate_limited += 1
+    return Local(429, b"local_rate_limited", limiter.headers(), flags.RL)
 
 
 def route_fault(fault: FaultFilter, headers: Headers, roll: Callable[[], float]) -> Local | Delay | None:
@@ -294,7 +300,9 @@ def local_inbound(
     """Step 6: a local client's request whose endpoint `addr` is a local workload with an inbound listener meets
     that workload's inbound routes, as its sidecar would (local_inbound.py): matched on the request after the
     client's rewrites and header changes; a direct response, a redirect or no route (404 NR) answers it;
-    else the chained route (both routes' header changes) with the tighter timeout. None: no such stage."""
+    the server's route's own rate limit and its inbound cluster's request limit (a REQUESTS unit, held in the
+    result's `inbound_hold` until the request ends: Attempt.inbound_hold) apply; else the chained route (both
+    routes' header changes) with the tighter timeout. None: no such stage."""
     router = proxy.table.router
     inbound = router.local_inbound(crc, addr[0], addr[1])
     route = result.route
@@ -310,6 +318,17 @@ def local_inbound(
             loc = redirect_location(second.redirect, "http", authority, path, query)
             return Local(second.redirect.code, b"", [(b"location", loc.encode("latin-1"))])
         return NO_ROUTE
-    assert second.route is not None  # a forwarded result has its route
-    return replace(result, route=router.chained_route(route, second.route),
+    inbound_route = second.route
+    assert inbound_route is not None  # a forwarded result has its route
+    if inbound_route.rate_limit is not None:
+        limited = _route_rate_limit(proxy, inbound_route)
+        if limited is not None:
+            return limited
+    held = None
+    if second.cluster is not None:  # the server's inbound cluster's request limit: shared with remote clients
+        held = proxy.table.balancer.breaker(second.cluster)
+        if not held.try_acquire(REQUESTS):
+            proxy.stats.overloaded += 1
+            return overloaded(b"cluster_requests")
+    return replace(result, route=router.chained_route(route, inbound_route), inbound_hold=held,
                    timeout_s=tighter_timeout(result.timeout_s, second.timeout_s))

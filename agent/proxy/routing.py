@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from netaddr import IPAddress, IPNetwork
 
@@ -32,6 +33,9 @@ from planemesh.model.config import (
     VirtualHost,
 )
 from planemesh.model.safe_regex import Regex, compile_regex
+
+if TYPE_CHECKING:
+    from planemesh.agent.proxy.circuit import CircuitBreaker
 
 # Headers a route may look at, lower-case name -> value (repeated headers joined with ",").
 Headers = Mapping[str, str]
@@ -338,6 +342,8 @@ class RouteResult:
     cluster_missing: bool = False  # the route names a cluster the snapshot does not have
     timeout_s: float = 0.0  # route timeout, else the plane's request timeout; 0: none
     connect_timeout_s: float = 5.0
+    # A local server pod's inbound cluster breaker whose REQUESTS unit the request holds (pipeline.local_inbound)
+    inbound_hold: CircuitBreaker | None = None
 
 
 NO_ROUTE = RouteResult(route=None)

@@ -9,18 +9,22 @@ from types import SimpleNamespace
 import pytest
 
 from planemesh.agent.proxy import pipeline
+from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.local_inbound import chained, headers_seen_by_server, seen_by_server, tighter_timeout
 from planemesh.agent.proxy.request_head import response_headers, route_request_headers
-from planemesh.agent.proxy.routing import PlaneRouter, RouteResult
+from planemesh.agent.proxy.routing import RouteResult
+from planemesh.agent.proxy.routing_table import RoutingTable
 from planemesh.agent.workloads.merge import merge
 from planemesh.agent.workloads.model import Workload
 from planemesh.model.config import (
+    CircuitBreakers,
     Cluster,
     DirectResponse,
     HeaderMatch,
     HeaderValue,
     Listener,
     ListenerProtocol,
+    LocalRateLimit,
     Route,
     RouteAction,
     RouteConfig,
@@ -43,28 +47,37 @@ def _client_route(**kw) -> Route:
                                     prefix_rewrite=kw.pop("prefix_rewrite", None)), **kw)  # fmt: skip
 
 
-def _node(client_route: Route, server_routes: tuple[Route, ...]) -> PlaneRouter:
+INB = Cluster("inb")
+
+
+def _node(client_route: Route, server_routes: tuple[Route, ...], inbound_cluster: Cluster = INB) -> RoutingTable:
     """a: an outbound listener of port 8080 with `client_route` to cluster to-b; b: an inbound chain of 8080."""
     out = Listener("0.0.0.0_8080", "oam", 8080, ListenerProtocol.HTTP, route_config="out")
     routes = RouteConfig("out", (VirtualHost("any", routes=(client_route,)),))
     a = Snapshot("xds:LDS=1", PLANES, (out,), {"out": routes}, {"to-b": Cluster("to-b")})
     inbound = Listener("virtualInbound/0.0.0.0_8080", "oam", 8080, ListenerProtocol.HTTP, route_config="in")
     b = Snapshot("xds:LDS=1", PLANES, (inbound,), {"in": RouteConfig("in", (VirtualHost("in", routes=server_routes),))},
-                 {"inb": Cluster("inb")})
+                 {"inb": inbound_cluster})
     snap = merge(PLANES, {"a.default": (A, a), "b.default": (B, b)}, "m").snapshot
     validate_snapshot(snap)
-    return PlaneRouter(snap, "oam")
+    return RoutingTable(snap, "oam")
 
 
-def _decide(router: PlaneRouter, target: bytes = b"/api/x", src: str = "198.18.1.10", endpoint=SERVER,
+def _decide(table: RoutingTable, target: bytes = b"/api/x", src: str = "198.18.1.10", endpoint=SERVER,
             headers: dict | None = None) -> tuple[RouteResult, pipeline.Local | RouteResult | None]:  # fmt: skip
+    router = table.router
     crc = router.route_config(SERVER[0], SERVER[1], src)
     assert crc is not None
     hmap = headers or {}
     first = router.route_request(crc, "b.default:8080", target, lambda: hmap)
-    proxy = SimpleNamespace(table=SimpleNamespace(router=router))
+    proxy = _proxy(table)
     return first, pipeline.local_inbound(proxy, crc, endpoint, first, "b.default:8080", target,  # type: ignore[arg-type]
                                          lambda: hmap)  # fmt: skip
+
+
+def _proxy(table: RoutingTable) -> SimpleNamespace:
+    """What pipeline.local_inbound reads of the plane's proxy: its table (router, balancer, route limiters)."""
+    return SimpleNamespace(table=table, stats=SimpleNamespace(rate_limited=0, overloaded=0))
 
 
 ADDS_TAG = Route(action=RouteAction(cluster="inb", timeout_s=0.0),
@@ -118,7 +131,7 @@ def test_local_inbound_decision(client, server, target, src, endpoint, headers, 
 def test_a_remote_client_gets_the_servers_chain_alone() -> None:
     """A client that is no local workload is routed by b's inbound chain itself (route_config by destination):
     there is no second stage to apply."""
-    router = _node(_client_route(), (ONLY_API,))
+    router = _node(_client_route(), (ONLY_API,)).router
     crc = router.route_config(SERVER[0], SERVER[1], REMOTE)
     assert crc is not None and router.local_inbound(crc, *SERVER) is None
     assert router.route_request(crc, "b", b"/other", dict).route is None  # b's own 404
@@ -174,3 +187,31 @@ def test_what_the_server_matches_on() -> None:
     plain = Route()
     getter = dict
     assert headers_seen_by_server(plain, getter) is getter  # nothing changed: the same callable
+
+
+def test_the_servers_inbound_cluster_request_limit_holds() -> None:
+    """The server's inbound cluster (max_requests 1) counts the local client's request as it counts a remote
+    client's: a second one at the same time is refused 503 UO; the unit comes back when the first ends."""
+    inb = Cluster("inb", circuit_breakers=CircuitBreakers(max_requests=1))
+    table = _node(_client_route(), (Route(action=RouteAction(cluster="inb")),), inb)
+    router, proxy = table.router, _proxy(table)
+    crc = router.route_config(*SERVER, A.addresses[0])
+    assert crc is not None
+    first = router.route_request(crc, "b", b"/", dict)
+    held = pipeline.local_inbound(proxy, crc, SERVER, first, "b", b"/", dict)  # type: ignore[arg-type]
+    assert isinstance(held, RouteResult) and held.inbound_hold is not None
+    refused = pipeline.local_inbound(proxy, crc, SERVER, first, "b", b"/", dict)  # type: ignore[arg-type]
+    assert type(refused) is pipeline.Local and refused.status == 503 and refused.flag == "UO"
+    assert proxy.stats.overloaded == 1
+    held.inbound_hold.release(REQUESTS)  # what Attempt.release does when the request ends
+    again = pipeline.local_inbound(proxy, crc, SERVER, first, "b", b"/", dict)  # type: ignore[arg-type]
+    assert isinstance(again, RouteResult) and again.inbound_hold is held.inbound_hold
+
+
+def test_the_servers_inbound_route_rate_limit_holds() -> None:
+    limited = Route(action=RouteAction(cluster="inb"), rate_limit=LocalRateLimit(1, 1, 3600.0))
+    router = _node(_client_route(), (limited,))
+    _f, ok = _decide(router, b"/")
+    _f, refused = _decide(router, b"/")
+    assert isinstance(ok, RouteResult)
+    assert type(refused) is pipeline.Local and refused.status == 429 and refused.flag == "RL"
