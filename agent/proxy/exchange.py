@@ -164,9 +164,13 @@ class Exchange:
             return self.answer(step)  # type: ignore[arg-type]
         return self._route(route_config)
 
-    def _rbac_denied(self, rbac) -> str | None:
-        """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this request: why denied, or None."""
+    def _rbac_denied(self, rbac, view: pipeline.ServerView | None = None) -> str | None:
+        """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this request: why denied, or None.
+        `view`: the request as a local server pod's inbound stage sees it (pipeline.local_inbound)."""
         ds = self.ds
+        if view is not None:
+            return rbac_denial(ds.proxy, rbac, view.headers, self.method, view.target, view.authority, view.local,
+                               ds.peer_ip, ds.transport)  # fmt: skip
         return rbac_denial(ds.proxy, rbac, self._header_map, self.method, self.target.decode("latin-1"),
                            self.authority or "", ds.local, ds.peer_ip, ds.transport)
 
@@ -241,7 +245,8 @@ class Exchange:
         attempt.upstream_addr = target
         if connect:
             return self._open_connect(target, result.connect_timeout_s)
-        step = pipeline.local_inbound(proxy, crc, target, result, self.authority or "", self.target, self._header_map)
+        step = pipeline.local_inbound(proxy, crc, target, result, self.authority or "", self.target, self._header_map,
+                                      self._rbac_denied)  # fmt: skip
         if step is not None:
             if type(step) is pipeline.Local:
                 return self.answer(step)

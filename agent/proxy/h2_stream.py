@@ -221,13 +221,17 @@ class Bridge:
             return self.answer(step)  # type: ignore[arg-type]
         return self._route(route_config)
 
-    def _rbac_denied(self, rbac) -> str | None:
-        """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this stream: why denied, or None."""
+    def _rbac_denied(self, rbac, view: pipeline.ServerView | None = None) -> str | None:
+        """The listener's RBAC filters (Istio AuthorizationPolicy, authz.py) on this stream: why denied, or None.
+        `view`: the request as a local server pod's inbound stage sees it (pipeline.local_inbound)."""
         client = self.client
+        method = self.method_b.decode("latin-1")
+        if view is not None:
+            return rbac_denial(self.proxy, rbac, view.headers, method, view.target, view.authority, view.local,
+                               client.peer_ip_b.decode(), client.transport)  # fmt: skip
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
-        return rbac_denial(self.proxy, rbac, self._header_map, self.method_b.decode("latin-1"),
-                           (self.path_b or b"/").decode("latin-1"), authority, client.local,
-                           client.peer_ip_b.decode(), client.transport)
+        return rbac_denial(self.proxy, rbac, self._header_map, method, (self.path_b or b"/").decode("latin-1"),
+                           authority, client.local, client.peer_ip_b.decode(), client.transport)
 
     def _after_delay(self, abort_status: int | None) -> None:
         self.timer = None
@@ -293,7 +297,8 @@ class Bridge:
             target = picked
         attempt.upstream_addr = target
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
-        step = pipeline.local_inbound(proxy, crc, target, result, authority, self.path_b or b"/", self._header_map)
+        step = pipeline.local_inbound(proxy, crc, target, result, authority, self.path_b or b"/", self._header_map,
+                                      self._rbac_denied)  # fmt: skip
         if step is not None:
             if type(step) is pipeline.Local:
                 return self.answer(step)

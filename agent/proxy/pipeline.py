@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy.authz import DENIED_BODY
@@ -34,7 +34,7 @@ from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_decision
 from planemesh.agent.proxy.limits import rate_limited_headers
 from planemesh.agent.proxy.local_inbound import headers_seen_by_server, seen_by_server, tighter_timeout
-from planemesh.agent.proxy.retry import sla_retry
+from planemesh.agent.proxy.retry import rng, sla_retry
 from planemesh.agent.proxy.routing import redirect_location, split_target
 from planemesh.model.config import ClusterKind
 
@@ -295,21 +295,29 @@ def pick(
 
 def local_inbound(
     proxy: ProxyState, crc: CompiledRouteConfig, addr: tuple[str, int], result: RouteResult, authority: str,
-    target: bytes, headers: Headers,
+    target: bytes, headers: Headers, rbac_denied: Callable[[Any, ServerView], str | None] | None = None,
 ) -> Local | RouteResult | None:
     """Step 6: a local client's request whose endpoint `addr` is a local workload with an inbound listener meets
-    that workload's inbound routes, as its sidecar would (local_inbound.py): matched on the request after the
-    client's rewrites and header changes; a direct response, a redirect or no route (404 NR) answers it;
-    the server's route's own rate limit and its inbound cluster's request limit (a REQUESTS unit, held in the
-    result's `inbound_hold` until the request ends: Attempt.inbound_hold) apply; else the chained route (both
-    routes' header changes) with the tighter timeout. None: no such stage."""
+    that workload's inbound stage, as its sidecar would after the client's (local_inbound.py), on the request as
+    it arrives there (the client's rewrites and header changes applied, the endpoint as destination): its HTTP
+    filters (RBAC through `rbac_denied(filters, view)`: 403; local rate limits; fault aborts), then its routes:
+    a direct response, a redirect or no route (404 NR) answers; the route's own rate limit and its inbound
+    cluster's request limit (a REQUESTS unit, held in the result's `inbound_hold` until the request ends:
+    Attempt.inbound_hold) apply; else the chained route (both routes' header changes) with the tighter
+    timeout. None: no such stage."""
     router = proxy.table.router
     inbound = router.local_inbound(crc, addr[0], addr[1])
     route = result.route
     if inbound is None or route is None:
         return None
     authority, target = seen_by_server(route, authority, target)
-    second = router.route_request(inbound, authority, target, headers_seen_by_server(route, headers))
+    headers = headers_seen_by_server(route, headers)
+    if inbound.http_filters:
+        view = ServerView(addr, authority, target.decode("latin-1"), headers)
+        refused = _server_filters(proxy, inbound, view, rbac_denied)
+        if refused is not None:
+            return refused
+    second = router.route_request(inbound, authority, target, headers)
     if not second.forward:
         if second.direct is not None:
             return Local(second.direct.status, second.direct.body)
@@ -332,3 +340,33 @@ def local_inbound(
             return overloaded(b"cluster_requests")
     return replace(result, route=router.chained_route(route, inbound_route), inbound_hold=held,
                    timeout_s=tighter_timeout(result.timeout_s, second.timeout_s))
+
+
+class ServerView(NamedTuple):
+    """The request as a local server pod's inbound stage sees it: the endpoint as its destination, the
+    authority, target and headers after the client's route (what RBAC evaluates there)."""
+
+    local: tuple[str, int]
+    authority: str
+    target: str
+    headers: Headers
+
+
+def _server_filters(proxy: ProxyState, inbound: CompiledRouteConfig, view: ServerView,
+                    rbac_denied: Callable[[Any, ServerView], str | None] | None) -> Local | None:  # fmt: skip
+    """The server's inbound HTTP filters in step 6: RBAC, local rate limits, fault aborts. A fault delay of
+    the server's listener is not applied here (the request is already routed and its endpoint picked)."""
+    chain = inbound.filter_chain(proxy.clock)
+    if chain.rbac and rbac_denied is not None and rbac_denied(chain.rbac, view):
+        return RBAC_DENIED
+    for limiter in chain.limiters:
+        if not limiter.take():
+            proxy.stats.rate_limited += 1
+            return Local(429, b"local_rate_limited", limiter.headers(), flags.RL)
+    if chain.faults:
+        hmap = view.headers()
+        for fault in chain.faults:
+            decision = fault_decision(fault, hmap, rng.random)
+            if decision.abort_status is not None:
+                return fault_abort(decision.abort_status)
+    return None

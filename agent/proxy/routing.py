@@ -359,8 +359,6 @@ class PlaneRouter:
         self._all: list[CompiledRouteConfig] = []
         self._configs: dict[tuple[str | None, tuple[UpgradeConfig, ...]], CompiledRouteConfig] = {}
         self._by_port: dict[int, list[tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...], CompiledRouteConfig]]] = {}
-        self._listener_of: dict[int, Listener] = {}  # id(compiled) -> its listener (composites, below)
-        self._composites: dict[tuple[int, int], CompiledRouteConfig] = {}
         self._tls: set[int] = set()  # id() of the route configs of TLS-terminating listeners (a permissive twin)
         self._scoped: set[int] = set()  # id() of the route configs of source-scoped listeners (local clients')
         self._chained: dict[tuple[int, int], Route] = {}  # (client's route, server's inbound route) -> chained
@@ -368,7 +366,6 @@ class PlaneRouter:
             if lsn.protocol is not ListenerProtocol.HTTP:
                 continue
             crc = self._compiled(lsn)
-            self._listener_of[id(crc)] = lsn
             if lsn.tls is not None:
                 self._tls.add(id(crc))
             if lsn.sources:
@@ -420,7 +417,6 @@ class PlaneRouter:
             return entries[0][2]
         ip = parse_ip(dst_ip)
         src = None
-        chosen = None
         for i, (prefixes, sources, crc) in enumerate(entries):
             if sources:
                 if src is None:
@@ -428,29 +424,10 @@ class PlaneRouter:
                 if src is False or not any(src.version == p.version and src in p for p in sources):
                     continue
             if not prefixes or any(ip.version == p.version and ip in p for p in prefixes):
-                if self._tls:
-                    crc = self._twin(entries, i, tls)
-                if chosen is None:
-                    chosen = crc
-                    if not sources:
-                        return crc
-                elif prefixes and not sources and crc.http_filters:
-                    return self._composite(chosen, crc)
-        return chosen
-
-    def _composite(self, outbound: CompiledRouteConfig, inbound: CompiledRouteConfig) -> CompiledRouteConfig:
-        """A local client's outbound listener (chosen by source) to a local server whose inbound listener (chosen
-        by destination) has HTTP filters: the client's routes, both listeners' filters (the client's first),
-        as the client's sidecar then the server's would apply them."""
-        key = (id(outbound), id(inbound))
-        crc = self._composites.get(key)
-        if crc is None:
-            out = self._listener_of[id(outbound)]
-            crc = self._composites[key] = CompiledRouteConfig(
-                self.snapshot.route_config(out.route_config), out.http_filters + inbound.http_filters, out.upgrades
-            )
-            self._scoped.add(id(crc))
-        return crc
+                # A local client's own listener first; a local server's inbound chain then applies at the
+                # request's endpoint (local_inbound), as the server's sidecar would after the client's.
+                return self._twin(entries, i, tls) if self._tls else crc
+        return None
 
     def local_inbound(self, crc: CompiledRouteConfig, ip: str, port: int) -> CompiledRouteConfig | None:
         """The inbound route config of a local workload at endpoint (ip, port), when `crc` is a local client's

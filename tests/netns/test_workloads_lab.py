@@ -33,6 +33,7 @@ LAB = Path(__file__).resolve().parents[2] / "labs" / "workloads.yaml"
 WORKLOADS = ["client", "clientb", "server", "serverb"]  # `remote` is not one: a client on another node
 SERVICE, INBOUND = 8081, 8083
 TCP_SERVICE = 9400  # a TCP port both clients' configurations declare, differently
+VIP_SERVICE = 8090  # client's own service port: any destination (serverb's address here) -> v1 (server's 8081)
 ORIGINAL_DST = T + "envoy.extensions.filters.listener.original_dst.v3.OriginalDst"
 
 
@@ -121,6 +122,7 @@ def lab(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
             host = env.lab.pod_addr("server", "oam", 4)
             shared = [http_listener(f"0.0.0.0_{SERVICE}", SERVICE, routes=str(SERVICE)),
                       route_config([route(cluster="v1")], name=str(SERVICE)),
+                      route_config([route(cluster="v1")], name=str(VIP_SERVICE)),
                       _static_cluster("v1", host, 8081), _static_cluster("v2", host, 8082),
                       {**PASSTHROUGH, "name": f"inbound|{INBOUND}||"},
                       {**PASSTHROUGH, "name": f"inbound|{SERVICE}||"},
@@ -134,7 +136,10 @@ def lab(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
                 server.set_node_resources("clientb.default", rds, msgs)
                 # the TCP port: client's sidecar would pass it through (plain tcp_proxy: the kernel's bypass),
                 # clientb's sends it to v2 behind a network RBAC (an inspected chain: the proxy relays it)
-                ((lds, msgs),) = by_type([_tcp_listener("PassthroughCluster")]).items()
+                # ... and client's sidecar has a service of its own on VIP_SERVICE, routed to the server's pod
+                ((lds, msgs),) = by_type([_tcp_listener("PassthroughCluster"),
+                                          http_listener(f"0.0.0.0_{VIP_SERVICE}", VIP_SERVICE,
+                                                        routes=str(VIP_SERVICE))]).items()  # fmt: skip
                 server.set_node_resources("client.default", lds, msgs)
                 ((lds, msgs),) = by_type([_tcp_listener("v2", (ALLOW_ANY_TCP,))]).items()
                 server.set_node_resources("clientb.default", lds, msgs)
@@ -252,6 +257,23 @@ def test_a_path_the_servers_inbound_routes_do_not_match_is_404_from_the_same_nod
     assert http_requests(env.lab.pod_ns("client"), host, SERVICE, [UNSERVED], http2=True).status == [404]
     assert eventually(lambda: (r := http_requests(env.lab.pod_ns("clientb"), host, SERVICE, [UNSERVED])).status
                       == [200] and r.seen(0)["server"] == "v2", timeout=20)  # fmt: skip
+
+
+def test_the_server_stage_follows_the_endpoint_not_the_address_dialled(lab) -> None:
+    """client dials serverb's address on VIP_SERVICE (as it would dial a service VIP); its own route sends the
+    request to v1, the server pod's service port: the server's inbound stage there applies, its DENY policy
+    (a filter) and its route's header, because the endpoint is the server, whatever address was dialled. Before,
+    the server's filters were chosen by the address dialled: the forbidden request reached the server."""
+    env, _server, _loop, _wl, _host = lab
+    ns = env.lab.pod_ns("client")
+    vip = env.lab.pod_addr("serverb", "oam", 4)  # no inbound chain of serverb's on this port
+    result = eventually(lambda: (r := http_requests(ns, vip, VIP_SERVICE, ["/client/vip"])).status == [200] and r,
+                        timeout=20)  # fmt: skip
+    seen = result.seen(0)
+    assert seen["server"] == "v1" and seen["headers"].get("x-inbound-config") == "server-inbound", seen
+    assert http_requests(ns, vip, VIP_SERVICE, ["/p"], headers={"x-forbidden": "1"}).status == [403]
+    assert http_requests(ns, vip, VIP_SERVICE, ["/p"], headers={"x-forbidden": "1"}, http2=True).status == [403]
+    assert http_requests(ns, vip, VIP_SERVICE, [UNSERVED]).status == [404]
 
 
 def _tcp_slots(env) -> tuple[int, int]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 from google.protobuf import any_pb2
 from netaddr import IPNetwork
 
+from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.routing import PlaneRouter
+from planemesh.agent.proxy.routing_table import RoutingTable
 from planemesh.agent.proxy.sni_routing import SniRoutes
 from planemesh.agent.rbac import RbacFilter
 from planemesh.agent.workloads.discovery import (
@@ -295,8 +298,9 @@ def test_node_version_changes_with_a_workloads_addresses() -> None:
 
 
 def test_local_to_local_applies_the_servers_inbound_filters_too() -> None:
-    """A local client to a local server: the client's routes, and the server's inbound HTTP filters (its
-    AuthorizationPolicy's RBAC) after the client's own, as the two sidecars would apply them in turn."""
+    """A local client to a local server: the client's listener and routes, then at the request's endpoint the
+    server's inbound HTTP filters (its AuthorizationPolicy's RBAC), as the two sidecars would apply them in
+    turn (pipeline.local_inbound, tests/unit/test_local_inbound.py); a remote client gets the server's chain."""
     deny = RbacFilter("deny")
     server = Snapshot("xds:LDS=1,CDS=1", PLANES, (
         Listener("virtualInbound/0.0.0.0_80", "oam", 80, ListenerProtocol.HTTP, route_config="in",
@@ -305,15 +309,23 @@ def test_local_to_local_applies_the_servers_inbound_filters_too() -> None:
         {"inb": Cluster("inb")})  # fmt: skip
     snap = merge(PLANES, {"a.default": (A, _snap("v1")), "b.default": (B, server)}, "m").snapshot
     validate_snapshot(snap)
-    router = PlaneRouter(snap, "oam")
-    both = router.route_config("198.18.1.11", 80, "198.18.1.10")  # a -> b, both local
-    assert _cluster_for(router, "198.18.1.11", 80, "198.18.1.10") == "v1"  # a's routing
-    assert both is not None and both.filter_chain(lambda: 0.0).rbac == (deny,)  # b's authorization
-    assert router.route_config("198.18.1.11", 80, "198.18.1.10") is both  # made once
+    table = RoutingTable(snap, "oam")
+    router = table.router
+    own = router.route_config("198.18.1.11", 80, "198.18.1.10")  # a -> b, both local: a's own listener
+    assert _cluster_for(router, "198.18.1.11", 80, "198.18.1.10") == "v1" and own is not None  # a's routing
+    assert router.local_inbound(own, "198.18.1.11", 80) is not None  # ... then b's inbound stage at b
+    first = router.route_request(own, "b", b"/p", dict)
+    views: list = []
+    proxy = SimpleNamespace(table=table, stats=SimpleNamespace(rate_limited=0, overloaded=0), clock=lambda: 0.0)
+    refused = pipeline.local_inbound(proxy, own, ("198.18.1.11", 80), first, "b", b"/p", dict,  # type: ignore[arg-type]
+                                     lambda rbac, view: views.append((rbac, view)) or "denied")  # fmt: skip
+    assert type(refused) is pipeline.Local and refused.status == 403
+    assert views[0][0] == (deny,) and views[0][1].local == ("198.18.1.11", 80) and views[0][1].target == "/p"
     remote = router.route_config("198.18.1.11", 80, "198.18.1.99")
-    assert remote is not None and remote.filter_chain(lambda: 0.0).rbac == (deny,) and remote is not both
+    assert remote is not None and remote.filter_chain(lambda: 0.0).rbac == (deny,)  # b's own chain
+    assert router.local_inbound(remote, "198.18.1.11", 80) is None  # no second stage for a remote client
     elsewhere = router.route_config("198.18.1.50", 80, "198.18.1.10")  # a -> not a local pod: a's only
-    assert elsewhere is not None and not elsewhere.http_filters
+    assert elsewhere is own and router.local_inbound(own, "198.18.1.50", 80) is None
 
 
 def test_a_pods_inbound_and_outbound_listeners_of_one_port_do_not_collide() -> None:
