@@ -24,7 +24,6 @@ and token buckets. The request head is read through `headers`, a callable return
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from planemesh.agent.proxy import accesslog as flags
@@ -33,7 +32,7 @@ from planemesh.agent.proxy.balancer import normalise_ip, request_hash
 from planemesh.agent.proxy.circuit import REQUESTS
 from planemesh.agent.proxy.filters import DELAY_INJECTED, FAULT_INJECTED, fault_decision
 from planemesh.agent.proxy.limits import rate_limited_headers
-from planemesh.agent.proxy.local_inbound import headers_seen_by_server, seen_by_server, tighter_timeout
+from planemesh.agent.proxy.local_inbound import headers_seen_by_server, seen_by_server
 from planemesh.agent.proxy.retry import rng, sla_retry
 from planemesh.agent.proxy.routing import redirect_location, split_target
 from planemesh.model.config import ClusterKind
@@ -338,8 +337,7 @@ def local_inbound(
         if not held.try_acquire(REQUESTS):
             proxy.stats.overloaded += 1
             return overloaded(b"cluster_requests")
-    return replace(result, route=router.chained_route(route, inbound_route), inbound_hold=held,
-                   timeout_s=tighter_timeout(result.timeout_s, second.timeout_s))
+    return router.chained_result(result, second, held)
 
 
 class ServerView(NamedTuple):

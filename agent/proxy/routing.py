@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from netaddr import IPAddress, IPNetwork
 
 from planemesh.agent.proxy.filters import FilterChain
-from planemesh.agent.proxy.local_inbound import chained
+from planemesh.agent.proxy.local_inbound import chained, tighter_timeout
 from planemesh.model.config import (
     DEFAULT_UPGRADES,
     Cluster,
@@ -361,7 +361,9 @@ class PlaneRouter:
         self._by_port: dict[int, list[tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...], CompiledRouteConfig]]] = {}
         self._tls: set[int] = set()  # id() of the route configs of TLS-terminating listeners (a permissive twin)
         self._scoped: set[int] = set()  # id() of the route configs of source-scoped listeners (local clients')
-        self._chained: dict[tuple[int, int], Route] = {}  # (client's route, server's inbound route) -> chained
+        self._inbound_at: dict[tuple[str, int], CompiledRouteConfig | None] = {}  # endpoint -> local inbound
+        self._chained: dict[tuple[int, int], tuple] = {}  # (client's result, server's result) -> chained_result
+        self._chained_routes: dict[tuple[int, int], Route] = {}  # (client's route, server's route) -> chained
         for lsn in snapshot.listeners_of(plane):
             if lsn.protocol is not ListenerProtocol.HTTP:
                 continue
@@ -435,24 +437,41 @@ class PlaneRouter:
         client is no local workload, or no local workload's inbound listener holds that endpoint."""
         if id(crc) not in self._scoped:
             return None
-        entries = self._by_port.get(port)
-        if not entries:
-            return None
+        key = (ip, port)
+        try:
+            inbound = self._inbound_at[key]
+        except KeyError:
+            inbound = self._inbound_at_endpoint(ip, port)
+            if len(self._inbound_at) < 8192:  # bounded: an original destination comes from the client
+                self._inbound_at[key] = inbound
+        return inbound if inbound is not crc else None
+
+    def _inbound_at_endpoint(self, ip: str, port: int) -> CompiledRouteConfig | None:
         addr = parse_ip(ip)
-        for prefixes, sources, inbound in entries:  # most specific destination prefix first
+        for prefixes, sources, inbound in self._by_port.get(port, ()):  # most specific destination prefix first
             if not sources and prefixes and any(addr.version == p.version and addr in p for p in prefixes):
-                return inbound if inbound is not crc else None
+                return inbound
         return None
 
-    def chained_route(self, outbound: Route, inbound: Route) -> Route:
-        """local_inbound.chained, once per pair of routes and snapshot (bounded: routes come from config)."""
-        key = (id(outbound), id(inbound))
-        found = self._chained.get(key)
-        if found is None:
-            found = chained(outbound, inbound)
-            if len(self._chained) < 65536:  # the pair's routes live as long as this router's snapshot
-                self._chained[key] = found
-        return found
+    def chained_result(self, first: RouteResult, second: RouteResult, hold: CircuitBreaker | None) -> RouteResult:
+        """The client's result `first` with the server's inbound result `second` chained in (local_inbound.py):
+        the chained route, the tighter timeout, the server's inbound cluster `hold`. Made once per pair: the
+        entry keeps the pair alive, so their ids stay theirs while it is cached."""
+        key = (id(first), id(second))
+        entry = self._chained.get(key)
+        if entry is not None and entry[0] is first and entry[1] is second and entry[2] is hold:
+            return entry[3]
+        assert first.route is not None and second.route is not None  # forwarded results have their routes
+        pair = (id(first.route), id(second.route))  # routes live as long as the snapshot: their ids are stable
+        route = self._chained_routes.get(pair)
+        if route is None:
+            route = self._chained_routes[pair] = chained(first.route, second.route)
+        timeout_s = tighter_timeout(first.timeout_s, second.timeout_s)
+        result = RouteResult(route, first.vhost, first.cluster, first.forward, first.redirect, first.direct,
+                             first.weighted, first.cluster_missing, timeout_s, first.connect_timeout_s, hold)
+        if len(self._chained) < 8192:  # bounded: a result not cached by route_request is new per request
+            self._chained[key] = (first, second, hold, result)
+        return result
 
     def _twin(self, entries: list, i: int, tls: bool) -> CompiledRouteConfig:
         """entries[i], or its TLS / plaintext twin (same prefixes and sources) that fits the connection."""

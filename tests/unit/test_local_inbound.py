@@ -152,7 +152,9 @@ def test_chained_routes_are_made_once_per_pair() -> None:
     router = _node(_client_route(), (ADDS_TAG,))
     _f, one = _decide(router, b"/a")
     _f, two = _decide(router, b"/b")
+    _f, again = _decide(router, b"/a")
     assert isinstance(one, RouteResult) and isinstance(two, RouteResult) and one.route is two.route
+    assert again is one  # the same request (its routing results cached): the same chained result
 
 
 def test_chained_header_changes_equal_the_two_sidecars_in_turn() -> None:
