@@ -20,11 +20,13 @@ from planemesh.model.config import (
     CircuitBreakers,
     Cluster,
     DirectResponse,
+    FaultFilter,
     HeaderMatch,
     HeaderValue,
     Listener,
     ListenerProtocol,
     LocalRateLimit,
+    Redirect,
     Route,
     RouteAction,
     RouteConfig,
@@ -32,6 +34,7 @@ from planemesh.model.config import (
     Snapshot,
     VirtualHost,
 )
+from planemesh.model.planes import SLA
 from planemesh.model.static_config import load_default_config
 from planemesh.model.validation import validate_snapshot
 
@@ -50,12 +53,14 @@ def _client_route(**kw) -> Route:
 INB = Cluster("inb")
 
 
-def _node(client_route: Route, server_routes: tuple[Route, ...], inbound_cluster: Cluster = INB) -> RoutingTable:
+def _node(client_route: Route, server_routes: tuple[Route, ...], inbound_cluster: Cluster = INB,
+          server_filters: tuple = ()) -> RoutingTable:  # fmt: skip
     """a: an outbound listener of port 8080 with `client_route` to cluster to-b; b: an inbound chain of 8080."""
     out = Listener("0.0.0.0_8080", "oam", 8080, ListenerProtocol.HTTP, route_config="out")
     routes = RouteConfig("out", (VirtualHost("any", routes=(client_route,)),))
     a = Snapshot("xds:LDS=1", PLANES, (out,), {"out": routes}, {"to-b": Cluster("to-b")})
-    inbound = Listener("virtualInbound/0.0.0.0_8080", "oam", 8080, ListenerProtocol.HTTP, route_config="in")
+    inbound = Listener("virtualInbound/0.0.0.0_8080", "oam", 8080, ListenerProtocol.HTTP, route_config="in",
+                       http_filters=server_filters)  # fmt: skip
     b = Snapshot("xds:LDS=1", PLANES, (inbound,), {"in": RouteConfig("in", (VirtualHost("in", routes=server_routes),))},
                  {"inb": inbound_cluster})
     snap = merge(PLANES, {"a.default": (A, a), "b.default": (B, b)}, "m").snapshot
@@ -77,7 +82,8 @@ def _decide(table: RoutingTable, target: bytes = b"/api/x", src: str = "198.18.1
 
 def _proxy(table: RoutingTable) -> SimpleNamespace:
     """What pipeline.local_inbound reads of the plane's proxy: its table (router, balancer, route limiters)."""
-    return SimpleNamespace(table=table, stats=SimpleNamespace(rate_limited=0, overloaded=0))
+    return SimpleNamespace(table=table, stats=SimpleNamespace(rate_limited=0, overloaded=0), sla=SLA(),
+                           clock=lambda: 0.0)  # fmt: skip
 
 
 ADDS_TAG = Route(action=RouteAction(cluster="inb", timeout_s=0.0),
@@ -105,12 +111,14 @@ ONLY_API = Route(match=RouteMatch(prefix="/api"), action=RouteAction(cluster="in
     # the server's direct response answers
     (_client_route(), (Route(action=None, direct_response=DirectResponse(418, b"teapot")),), b"/", A.addresses[0],
      SERVER, None, 418),
+    (_client_route(), (Route(action=None, redirect=Redirect(host="elsewhere", code=302)),), b"/r", A.addresses[0],
+     SERVER, None, 302),
     # an endpoint that is no local workload's inbound listener: no second stage
     (_client_route(), (ONLY_API,), b"/other", A.addresses[0], (REMOTE, 8080), None, None),
     # the server's inbound chain is on 8080 only: an endpoint port it does not serve has no second stage
     (_client_route(), (ONLY_API,), b"/other", A.addresses[0], ("198.18.1.11", 9090), None, None),
 ], ids=["route-headers", "no-route-404", "matched", "after-rewrite", "client-header-matched",
-        "client-header-missing", "direct-response", "remote-endpoint", "other-port"])  # fmt: skip
+        "client-header-missing", "direct-response", "redirect", "remote-endpoint", "other-port"])  # fmt: skip
 def test_local_inbound_decision(client, server, target, src, endpoint, headers, expect) -> None:
     router = _node(client, server)
     _first, step = _decide(router, target, src, endpoint, headers)
@@ -208,6 +216,14 @@ def test_the_servers_inbound_cluster_request_limit_holds() -> None:
     held.inbound_hold.release(REQUESTS)  # what Attempt.release does when the request ends
     again = pipeline.local_inbound(proxy, crc, SERVER, first, "b", b"/", dict)  # type: ignore[arg-type]
     assert isinstance(again, RouteResult) and again.inbound_hold is held.inbound_hold
+    again.inbound_hold.release(REQUESTS)
+    # a remote client's request through the server's own chain holds the same unit (pipeline.upstream, step 4)
+    remote_crc = router.route_config(*SERVER, REMOTE)
+    assert remote_crc is not None
+    up = pipeline.upstream(proxy, router.route_request(remote_crc, "b", b"/", dict), dict, REMOTE)  # type: ignore[arg-type]
+    assert isinstance(up, pipeline.Upstream) and up.breaker is held.inbound_hold
+    refused = pipeline.local_inbound(proxy, crc, SERVER, first, "b", b"/", dict)  # type: ignore[arg-type]
+    assert type(refused) is pipeline.Local and refused.status == 503
 
 
 def test_the_servers_inbound_route_rate_limit_holds() -> None:
@@ -217,3 +233,19 @@ def test_the_servers_inbound_route_rate_limit_holds() -> None:
     _f, refused = _decide(router, b"/")
     assert isinstance(ok, RouteResult)
     assert type(refused) is pipeline.Local and refused.status == 429 and refused.flag == "RL"
+
+
+@pytest.mark.parametrize(("filters", "expect"), [
+    ((LocalRateLimit(1, 1, 3600.0),), [200, 429]),  # the server listener's local rate limit
+    ((FaultFilter(abort_status=503, abort_percent=100.0),), [503, 503]),  # its fault abort
+    ((FaultFilter(delay_s=5.0, delay_percent=100.0),), [200, 200]),  # its fault delay: not applied (docs)
+])  # fmt: skip
+def test_the_servers_listener_filters(filters: tuple, expect: list[int]) -> None:
+    table = _node(_client_route(), (Route(action=RouteAction(cluster="inb")),), server_filters=filters)
+    got = []
+    for _ in expect:
+        _f, step = _decide(table, b"/")
+        got.append(step.status if type(step) is pipeline.Local else 200 if isinstance(step, RouteResult) else None)
+        if isinstance(step, RouteResult) and step.inbound_hold is not None:
+            step.inbound_hold.release(REQUESTS)
+    assert got == expect
