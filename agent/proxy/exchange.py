@@ -245,14 +245,15 @@ class Exchange:
         attempt.upstream_addr = target
         if connect:
             return self._open_connect(target, result.connect_timeout_s)
-        step = pipeline.local_inbound(proxy, crc, target, result, self.authority or "", self.target, self._header_map,
-                                      self._rbac_denied)  # fmt: skip
-        if step is not None:
-            if type(step) is pipeline.Local:
-                return self.answer(step)
-            result = step  # type: ignore[assignment]
-            attempt.inbound_hold = result.inbound_hold
-            route = self.route = result.route
+        if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
+            step = pipeline.local_inbound(proxy, crc, target, result, self.authority or "", self.target,
+                                          self._header_map, self._rbac_denied)  # fmt: skip
+            if step is not None:
+                if type(step) is pipeline.Local:
+                    return self.answer(step)
+                result = step  # type: ignore[assignment]
+                attempt.inbound_hold = result.inbound_hold
+                route = self.route = result.route
         self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"")
         upreq = self.upreq
         upreq.head = h1_request_bytes(self.req_head)  # an h2 attempt sends req_head's fields; mirrors this

@@ -296,15 +296,16 @@ class Bridge:
                 return self.answer(pipeline.NO_HEALTHY_UPSTREAM)
             target = picked
         attempt.upstream_addr = target
-        authority = self.authority_b.decode("latin-1") if self.authority_b else ""
-        step = pipeline.local_inbound(proxy, crc, target, result, authority, self.path_b or b"/", self._header_map,
-                                      self._rbac_denied)  # fmt: skip
-        if step is not None:
-            if type(step) is pipeline.Local:
-                return self.answer(step)
-            result = step  # type: ignore[assignment]
-            attempt.inbound_hold = result.inbound_hold
-            route = self.route = result.route
+        if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
+            authority = self.authority_b.decode("latin-1") if self.authority_b else ""
+            step = pipeline.local_inbound(proxy, crc, target, result, authority, self.path_b or b"/",
+                                          self._header_map, self._rbac_denied)  # fmt: skip
+            if step is not None:
+                if type(step) is pipeline.Local:
+                    return self.answer(step)
+                result = step  # type: ignore[assignment]
+                attempt.inbound_hold = result.inbound_hold
+                route = self.route = result.route
         self.pseudo, self.fields, self.up_path, self.up_authority = mutated_request(
             route, self.pseudo, self.fields, self.path_b, self.authority_b
         )  # the route's rewrites and header changes, this hop's trace context (h2_fields.py)

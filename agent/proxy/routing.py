@@ -252,7 +252,8 @@ class CompiledRouteConfig:
     """Virtual host lookup as Envoy does it: exact, then longest `*.suffix`, then longest `prefix.*`, then `*`."""
 
     __slots__ = (
-        "_cache", "_chain", "default", "exact", "http_filters", "name", "prefixes", "results", "suffixes", "upgrades",
+        "_cache", "_chain", "default", "exact", "http_filters", "local_client", "name", "prefixes", "results",
+        "suffixes", "upgrades",
     )  # fmt: skip
 
     def __init__(
@@ -266,6 +267,9 @@ class CompiledRouteConfig:
         self.http_filters = http_filters  # the listener's; a listener with filters gets its own instance
         self.upgrades = {u.upgrade_type: u.enabled for u in upgrades}  # the listener's
         self._chain: FilterChain | None = None
+        # A source-scoped listener's (a local client pod's outbound one): its requests may meet a local server
+        # pod's inbound stage at their endpoint (PlaneRouter.local_inbound). Set by the PlaneRouter.
+        self.local_client = False
         self.exact: dict[str, CompiledVirtualHost] = {}
         suffixes: list[tuple[str, CompiledVirtualHost]] = []
         prefixes: list[tuple[str, CompiledVirtualHost]] = []
@@ -360,7 +364,6 @@ class PlaneRouter:
         self._configs: dict[tuple[str | None, tuple[UpgradeConfig, ...]], CompiledRouteConfig] = {}
         self._by_port: dict[int, list[tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...], CompiledRouteConfig]]] = {}
         self._tls: set[int] = set()  # id() of the route configs of TLS-terminating listeners (a permissive twin)
-        self._scoped: set[int] = set()  # id() of the route configs of source-scoped listeners (local clients')
         self._inbound_at: dict[tuple[str, int], CompiledRouteConfig | None] = {}  # endpoint -> local inbound
         self._chained: dict[tuple[int, int], tuple] = {}  # (client's result, server's result) -> chained_result
         self._chained_routes: dict[tuple[int, int], Route] = {}  # (client's route, server's route) -> chained
@@ -371,7 +374,7 @@ class PlaneRouter:
             if lsn.tls is not None:
                 self._tls.add(id(crc))
             if lsn.sources:
-                self._scoped.add(id(crc))
+                crc.local_client = True
             self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, lsn.sources, crc))
         # A source-scoped listener (a local workload's outbound one) before any other: the client's routing
         # wins over the destination's inbound chain, as drop_shadowed_inbound decides for one proxy. Then
@@ -435,7 +438,7 @@ class PlaneRouter:
         """The inbound route config of a local workload at endpoint (ip, port), when `crc` is a local client's
         (source-scoped) one: the server pod's own stage of a local-to-local request (local_inbound.py). None: the
         client is no local workload, or no local workload's inbound listener holds that endpoint."""
-        if id(crc) not in self._scoped:
+        if not crc.local_client:
             return None
         key = (ip, port)
         try:
