@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from planemesh.model.config import Cluster, Endpoint
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an attempt holds
+MAX_STAGE_PICKS = 4  # a local client's retry: endpoints of another local pod's stage passed over, at most
 _perf = time.perf_counter
 
 
@@ -72,6 +73,7 @@ class Attempt:
         "h2_fields",
         "hash_key",
         "inbound_hold",
+        "local_client",
         "pending",
         "retries",
         "t_upstream",
@@ -89,6 +91,7 @@ class Attempt:
         self.breaker: CircuitBreaker | None = None
         self.cb_held = 0
         self.inbound_hold: CircuitBreaker | None = None  # a local server's inbound cluster (pipeline.local_inbound)
+        self.local_client: tuple | None = None  # (router, route config) of a local client pod's request
         self.endpoint: Endpoint | None = None
         self.conn: UpstreamConnection | None = None
         self.connect_task = None
@@ -297,11 +300,27 @@ class Attempt:
         """Where a retry goes: the cluster's next endpoint (the original destination stays the same)."""
         if self.cluster is not None and self.balancer is not None:
             picked = self.pick()
+            tries = MAX_STAGE_PICKS
+            while picked is not None and self.local_client is not None and self._other_stage(picked):
+                self.end(-1)  # not this endpoint: another local pod's stage would be skipped
+                tries -= 1
+                picked = self.pick() if tries else None
             if picked is None:
                 return None
             self.upstream_addr = picked
             self.upstream_key = None
         return self.upstream_addr
+
+    def _other_stage(self, picked: tuple[str, int]) -> bool:
+        """A local client's retry would reach a local pod whose server stage (pipeline.local_inbound: its
+        inbound filters and routes) is not the one the request went through: that pod's policy would be
+        skipped. Such endpoints are passed over (MAX_STAGE_PICKS picks, then 503 UF). An endpoint that is no
+        local pod (a remote one: its node applies its stage) is fine."""
+        router, crc = self.local_client  # type: ignore[misc]
+        addr = self.upstream_addr
+        assert addr is not None
+        stage = router.local_inbound(crc, *picked)
+        return stage is not None and stage is not router.local_inbound(crc, *addr)
 
     # ---- failures before a response started -----------------------------------------------------------
 

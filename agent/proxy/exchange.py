@@ -246,6 +246,7 @@ class Exchange:
         if connect:
             return self._open_connect(target, result.connect_timeout_s)
         if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
+            attempt.local_client = (proxy.table.router, crc)  # a retry keeps to endpoints of the same stage
             step = pipeline.local_inbound(proxy, crc, target, result, self.authority or "", self.target,
                                           self._header_map, self._rbac_denied)  # fmt: skip
             if step is not None:

@@ -297,6 +297,7 @@ class Bridge:
             target = picked
         attempt.upstream_addr = target
         if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
+            attempt.local_client = (proxy.table.router, crc)  # a retry keeps to endpoints of the same stage
             authority = self.authority_b.decode("latin-1") if self.authority_b else ""
             step = pipeline.local_inbound(proxy, crc, target, result, authority, self.path_b or b"/",
                                           self._header_map, self._rbac_denied)  # fmt: skip

@@ -23,6 +23,7 @@ from planemesh.model.config import (
     HeaderValue,
     Listener,
     ListenerProtocol,
+    RetryPolicy,
     Route,
     RouteAction,
     RouteConfig,
@@ -37,29 +38,37 @@ from tests.support.waiting import wait_for
 CLIENT = "127.0.0.2"  # the local client pod's address (its outbound listener's source)
 
 
-def _snapshot(proxy_port: int, backend_port: int) -> Snapshot:
+def _snapshot(proxy_port: int, backend_port: int, other: tuple[str, int] | None = None) -> Snapshot:
+    """a's outbound listener -> cluster to-b (b at 127.0.0.1:backend_port); b's inbound chain there. `other`:
+    a second endpoint of to-b, pod c's, with an inbound chain of its own, and a's route retries 5xx."""
     plane = Plane(name=PLANE, plane_id=1, interfaces=("lo",), cidrs=(IPNetwork("127.0.0.0/8"),),
                   proxy_port=proxy_port, sla=SLA())  # fmt: skip
     server = (Endpoint(address="127.0.0.1", port=backend_port),)
-    out = RouteConfig("out", (VirtualHost("out", routes=(Route(action=RouteAction(cluster="to-b")),)),))
+    endpoints = server if other is None else (*server, Endpoint(address=other[0], port=other[1]))
+    retry = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=3) if other is not None else None
+    out = RouteConfig("out", (VirtualHost("out", routes=(Route(action=RouteAction(cluster="to-b", retry=retry)),)),))
     inbound_route = Route(
         match=RouteMatch(prefix=None, regex="/|/[^_].*"), action=RouteAction(cluster="inb"),
         request_headers_to_add=(HeaderValue("x-inbound", "b"),),
         response_headers_to_add=(HeaderValue("x-inbound-route", "b"),),
     )  # fmt: skip
     inbound = RouteConfig("in", (VirtualHost("in", routes=(inbound_route,)),))
+    pod_c = RouteConfig("in-c", (VirtualHost("in", routes=(Route(action=RouteAction(cluster="inb")),)),))
     listeners = (
         Listener("0.0.0.0_out~a.default", PLANE, proxy_port, ListenerProtocol.HTTP, route_config="out",
                  sources=(IPNetwork(f"{CLIENT}/32"),)),
         Listener("virtualInbound/0.0.0.0_in~b.default", PLANE, backend_port, ListenerProtocol.HTTP,
                  route_config="in", prefixes=(IPNetwork("127.0.0.1/32"),)),
     )  # fmt: skip
+    if other is not None:
+        listeners += (Listener("virtualInbound/0.0.0.0_in~c.default", PLANE, other[1], ListenerProtocol.HTTP,
+                               route_config="in-c", prefixes=(IPNetwork(f"{other[0]}/32"),)),)  # fmt: skip
     clusters = {
-        "to-b": Cluster("to-b", kind=ClusterKind.STATIC, endpoints=server),
+        "to-b": Cluster("to-b", kind=ClusterKind.STATIC, endpoints=endpoints),
         "inb": Cluster("inb", kind=ClusterKind.STATIC, endpoints=server,
                        circuit_breakers=CircuitBreakers(max_requests=1)),
     }  # fmt: skip
-    routes = MappingProxyType({"out": out, "in": inbound})
+    routes = MappingProxyType({"out": out, "in": inbound, "in-c": pod_c})
     return Snapshot(version="t1", planes=(plane,), listeners=listeners, routes=routes,
                     clusters=MappingProxyType(clusters))
 
@@ -108,3 +117,24 @@ def test_the_servers_inbound_cluster_limit_is_held_per_request(node) -> None:
         thread.join(10)
     assert slow["r"][0] == 200
     assert [_get(px.port, f"/x/{i}")[0] for i in range(10)] == [200] * 10  # each released its unit
+
+
+def test_a_retry_does_not_cross_into_another_pods_stage() -> None:
+    """to-b has two endpoints, b's and c's, each a local pod with its own inbound chain; a's route retries 5xx
+    (3 retries). The request went through the first endpoint's server stage; a retry passes over the other
+    pod, whose stage would be skipped, and goes to an endpoint of the same stage: every attempt lands on one
+    pod, each with that pod's stage (b's header on b, none on c). Before, retries went round to the other pod
+    carrying b's changes, past c's own filters and routes."""
+    with Backend() as first, Backend("127.0.0.3") as second:
+        sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
+        snap = _snapshot(sock.getsockname()[1], first.port, ("127.0.0.3", second.port))
+        with ServingProxy(PlaneProxy(snap, PLANE, tick_s=0.05), sock) as px:
+            for _ in range(2):  # round robin: the first attempt of each request starts on another pod
+                assert _get(px.port, "/status/503")[0] == 503
+            for i in range(4):  # requests that succeed are served by either pod, each through its own stage
+                assert _get(px.port, f"/ok/{i}")[0] == 200
+    failed = [len([p for _m, p, _h in backend.seen if p == "/status/503"]) for backend in (first, second)]
+    assert sorted(failed) == [0, 8] or failed == [4, 4], failed  # 4 attempts each, never split between pods
+    assert all(h.get("x-inbound") == "b" for _m, _p, h in first.seen)  # b's stage only on b
+    assert not any("x-inbound" in h for _m, _p, h in second.seen)  # c's stage adds nothing
+    assert len(first.seen) >= 2 and len(second.seen) >= 2
