@@ -40,6 +40,7 @@ from planemesh.model.config import ClusterKind
 if TYPE_CHECKING:
     from planemesh.agent.proxy.balancer import Balancer
     from planemesh.agent.proxy.circuit import CircuitBreaker
+    from planemesh.agent.proxy.filters import FilterChain
     from planemesh.agent.proxy.limits import TokenBucket
     from planemesh.agent.proxy.routing import CompiledRouteConfig, PlaneRouter, RouteResult
     from planemesh.agent.proxy.stats import PlaneStats
@@ -198,10 +199,9 @@ def listener_filters(
     chain = crc.filter_chain(proxy.clock)
     if chain.rbac and rbac_denied is not None and rbac_denied(chain.rbac):
         return RBAC_DENIED
-    for limiter in chain.limiters:
-        if not limiter.take():
-            proxy.stats.rate_limited += 1
-            return Local(429, b"local_rate_limited", limiter.headers(), flags.RL)
+    limited = _filter_rate_limits(proxy, chain)
+    if limited is not None:
+        return limited
     if chain.faults:
         hmap = headers()
         for fault in chain.faults:
@@ -210,6 +210,15 @@ def listener_filters(
                 return Delay(decision.delay_s, decision.abort_status)
             if decision.abort_status is not None:
                 return fault_abort(decision.abort_status)
+    return None
+
+
+def _filter_rate_limits(proxy: ProxyState, chain: FilterChain) -> Local | None:
+    """A listener's local rate limit filters, in order: 429 from the first whose bucket is empty."""
+    for limiter in chain.limiters:
+        if not limiter.take():
+            proxy.stats.rate_limited += 1
+            return Local(429, b"local_rate_limited", limiter.headers(), flags.RL)
     return None
 
 
@@ -357,10 +366,9 @@ def _server_filters(proxy: ProxyState, inbound: CompiledRouteConfig, view: Serve
     chain = inbound.filter_chain(proxy.clock)
     if chain.rbac and rbac_denied is not None and rbac_denied(chain.rbac, view):
         return RBAC_DENIED
-    for limiter in chain.limiters:
-        if not limiter.take():
-            proxy.stats.rate_limited += 1
-            return Local(429, b"local_rate_limited", limiter.headers(), flags.RL)
+    limited = _filter_rate_limits(proxy, chain)
+    if limited is not None:
+        return limited
     if chain.faults:
         hmap = view.headers()
         for fault in chain.faults:
