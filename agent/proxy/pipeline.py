@@ -231,19 +231,24 @@ def route(
     table = proxy.table
     result = table.router.route_request(crc, authority, target, headers, connect)
     if not result.forward:
-        if result.direct is not None:
-            return Local(result.direct.status, result.direct.body)
-        if result.redirect is not None:
-            path, query = split_target(target.decode("latin-1"))
-            loc = redirect_location(result.redirect, "http", authority, path, query)
-            return Local(result.redirect.code, b"", [(b"location", loc.encode("latin-1"))])
-        if connect and not crc.upgrade_allowed(None, "connect"):
+        if connect and result.direct is None and result.redirect is None and not crc.upgrade_allowed(None, "connect"):
             return CONNECT_DISABLED
-        return NO_ROUTE
+        return not_forwarded(result, authority, target)
     rt = result.route
     if rt is not None and rt.rate_limit is not None:  # the route's own bucket, after the listener's
         return _route_rate_limit(proxy, rt) or result
     return result
+
+
+def not_forwarded(result: RouteResult, authority: str, target: bytes) -> Local:
+    """The local answer of a result that does not forward: its direct response, its redirect, else 404 NR."""
+    if result.direct is not None:
+        return Local(result.direct.status, result.direct.body)
+    if result.redirect is not None:
+        path, query = split_target(target.decode("latin-1"))
+        loc = redirect_location(result.redirect, "http", authority, path, query)
+        return Local(result.redirect.code, b"", [(b"location", loc.encode("latin-1"))])
+    return NO_ROUTE
 
 
 def _route_rate_limit(proxy: ProxyState, rt: Route) -> Local | None:
@@ -327,13 +332,7 @@ def local_inbound(
             return refused
     second = router.route_request(inbound, authority, target, headers)
     if not second.forward:
-        if second.direct is not None:
-            return Local(second.direct.status, second.direct.body)
-        if second.redirect is not None:
-            path, query = split_target(target.decode("latin-1"))
-            loc = redirect_location(second.redirect, "http", authority, path, query)
-            return Local(second.redirect.code, b"", [(b"location", loc.encode("latin-1"))])
-        return NO_ROUTE
+        return not_forwarded(second, authority, target)
     inbound_route = second.route
     assert inbound_route is not None  # a forwarded result has its route
     if inbound_route.rate_limit is not None:
