@@ -2,11 +2,14 @@
 TlsConn, and the TLS transport the HTTP codecs, relays and tunnels see (the stdlib SSL transport's contract:
 write, close, abort, pause/resume reading, get_extra_info("ssl_object"), set_protocol).
 
-`accept_tls` / `connect_tls` are `loop.connect_accepted_socket(..., ssl=)` / `loop.create_connection(...,
-ssl=, sock=)`: they return once the handshake is done, after the protocol made by `factory` has had its
+`accept_tls` / `connect_tls` / `open_tls` are `loop.connect_accepted_socket(..., ssl=)` /
+`loop.create_connection(..., ssl=, sock=)` / `loop.create_connection(..., host, port, ssl=)`: they return once
+the handshake is done, after the protocol made by `factory` has had its
 connection_made (called as the handshake completes, before any application byte is delivered); they raise
 TlsError, TimeoutError (no finished handshake in `timeout` seconds) or ConnectionError. A TLS transport has no
 half-close (as the stdlib's): the peer's EOF or close_notify is eof_received, then the connection closes.
+`tls_server_protocol` is `loop.create_server(..., ssl=)`'s per-connection protocol, with the context chosen per
+connection (a rotated certificate serves the next handshake).
 """
 
 from __future__ import annotations
@@ -335,3 +338,43 @@ async def connect_tls(
 ) -> tuple[TlsTransport, Any]:
     """The client handshake on a connected socket (`sni`: "" or None sends no SNI)."""
     return await _start(loop, sock, TlsConn(ctx, server=False, sni=sni), factory, timeout)
+
+
+async def open_tls(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    factory: Callable[[], Any],
+    ctx: SSL.Context,
+    sni: str | None,
+    timeout: float,
+) -> tuple[TlsTransport, Any]:
+    """TCP to host:port, then the client handshake (`timeout` counts from the TCP connection)."""
+    done: asyncio.Future = loop.create_future()
+    wire = _TlsWire(TlsConn(ctx, server=False, sni=sni), factory, done, timeout)
+    try:
+        await loop.create_connection(lambda: wire, host, port)
+        return await done
+    except asyncio.CancelledError:
+        wire.abort()
+        raise
+
+
+def tls_server_protocol(
+    ctx: SSL.Context,
+    factory: Callable[[], Any],
+    timeout: float,
+    on_fail: Callable[[BaseException, Any], None] | None = None,
+) -> asyncio.Protocol:
+    """The protocol of one accepted TCP connection (a `loop.create_server` factory returns one per connection):
+    the server handshake on `ctx` within `timeout`, then `factory()`'s protocol on the TLS transport. A failed
+    handshake closes the connection after its alert and calls `on_fail(exc, peername)`."""
+    wire: _TlsWire
+
+    def failed(exc: BaseException) -> None:
+        if on_fail is not None:
+            raw = wire.raw
+            on_fail(exc, raw.get_extra_info("peername") if raw is not None else None)
+
+    wire = _TlsWire(TlsConn(ctx, server=True), factory, None, timeout, failed)
+    return wire
