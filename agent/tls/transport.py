@@ -110,6 +110,7 @@ class _TlsWire(asyncio.Protocol):
         self.closing = self.paused = self.eof = False
         self.timer: asyncio.TimerHandle | None = None
         self.held = b""  # a TLS 1.3 server's tickets, sent ahead of its first write (_handshake)
+        self.read_end: TlsError | bool | None = None  # a close_notify / record error read while the app paused
 
     # -- the TCP side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -205,23 +206,45 @@ class _TlsWire(asyncio.Protocol):
 
     # -- application data
     def _read(self) -> None:
-        tls = self.tls
-        while not self.paused and not self.closing:
+        # SSL_read returns one record (16 KiB at most): every record the BIO holds (what one TCP read brought) goes
+        # to the application in one data_received, as the stdlib's SSL transport delivers it (a codec assembling
+        # a 256 KiB frame, HBONE's h2, re-concatenated it once per record). A close_notify or a record error after
+        # the data waits while the application paused (or closed) on that data.
+        if not self.paused and not self.closing:
+            end, self.read_end = self.read_end, None
+            if end is None:
+                end = self._read_records()
+            if end is not None:
+                if self.paused or self.closing:
+                    self.read_end = end
+                else:
+                    self._flush()
+                    if end is True:  # close_notify
+                        self._eof_to_app()
+                        self.close()
+                    else:
+                        self.abort_with(end)  # type: ignore[arg-type]
+                    return
+        self._flush()  # tickets, key updates
+
+    def _read_records(self) -> TlsError | bool | None:
+        """Deliver the plaintext the BIO holds; True at a close_notify, the TlsError of a bad record, else None."""
+        tls, chunks, end = self.tls, [], None
+        while True:
             try:
                 data = tls.read()
             except TlsError as exc:
-                self._flush()
-                self.abort_with(exc)
-                return
-            if data is None:  # close_notify
-                self._flush()
-                self._eof_to_app()
-                self.close()
-                return
+                end = exc
+                break
+            if data is None:
+                end = True
+                break
             if not data:
                 break
-            self.app.data_received(data)  # re-read each time: a protocol may hand the transport over
-        self._flush()  # tickets, key updates
+            chunks.append(data)
+        if chunks:
+            self.app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        return end
 
     def _eof_to_app(self) -> None:
         if self.app is not None and not isinstance(self.app, _Gone):
