@@ -1,6 +1,6 @@
 """CPU per GiB of the HBONE data path in one process (no netns, no Envoy): which h2 codec is cheaper.
 
-    python -m bench hbone_cpu [--mib 256] [--runs 3] [--codec h2|own|own-256k] [--handshakes N]
+    python -m bench hbone_cpu [--mib 256] [--runs 3] [--codec h2|own|own-256k] [--handshakes N] [--default-malloc]
 
 Two HBONE nodes on loopback (tests/proxy/hbone_harness.py: node A's outbound and pool, node B's inbound, a sink
 pod), one tunnel, MIB MiB pushed one way; the figure is the process's CPU (user + system) per GiB, client and
@@ -23,6 +23,7 @@ import time
 import uvloop
 
 from planemesh.agent.hbone import conn
+from planemesh.agent.hbone.node import tune_malloc
 from planemesh.agent.proxy import h2_codec
 from tests.proxy.hbone_harness import ID_A, POD_B, hbone_pair, node_cas
 
@@ -116,7 +117,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--codec", choices=("h2", "own", "own-256k"), default="h2")
     parser.add_argument("--handshakes", type=int, default=0)
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's thresholds (before hbone3)")
     args = parser.parse_args(argv)
+    if not args.default_malloc:
+        tune_malloc()  # as the HBONE node process does (agent/hbone/node.py)
     if args.handshakes:
         runs = [uvloop.run(new_connections(args.handshakes)) for _ in range(args.runs)]
         cpu = statistics.median(r[0] for r in runs)
