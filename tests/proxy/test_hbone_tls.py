@@ -19,6 +19,7 @@ from planemesh.agent.hbone import inbound as hbone_inbound
 from planemesh.agent.hbone import outbound as hbone_outbound
 from planemesh.agent.hbone.certs import CaCertSource
 from planemesh.agent.hbone.csr_certs import NoCertificate
+from planemesh.agent.hbone.node import tune_malloc
 from planemesh.agent.tls.engine import TlsPeerView
 from planemesh.agent.tls.transport import TlsTransport
 from tests.proxy.hbone_harness import ID_A, NODE_B, POD_A, POD_B, hbone_pair, node_cas, open_tunnel, recv_all
@@ -165,3 +166,7 @@ def test_a_listener_without_a_node_certificate_refuses_every_handshake() -> None
             assert pair.stats_b.refused_in == {"handshake_failed": 1} and pair.stats_b.tunnels_in == 0
 
     run(scenario())
+
+
+def test_the_node_process_sets_glibcs_malloc_thresholds() -> None:
+    assert tune_malloc() is True  # glibc accepted both (mallopt returns 1)
