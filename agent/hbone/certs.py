@@ -5,21 +5,25 @@ destination authorizes), so connections are pooled per (source identity, peer no
 certificate serves its HBONE listener. Both come from a `CertSource`; `CaCertSource` issues them from the
 built-in CA (agent/identity/ca.py: a per-node intermediate, Istio's `cacerts` layout) and re-issues each at
 half its lifetime (istio-agent's rotation point). In a cluster the same protocol would be fed by istiod's
-CreateCertificate (ztunnel's node-trusted CSR path), not built here.
+CreateCertificate (ztunnel's node-trusted CSR path): agent/hbone/csr_certs.py.
+
+The contexts are the TLS engine's (agent/tls/engine.py: pyOpenSSL over the cryptography wheel's OpenSSL, the
+proxy's TLS stack too); a new certificate is a new context, so open connections keep theirs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from OpenSSL import SSL
+
 from planemesh.agent.hbone.protocol import ALPN
 from planemesh.agent.identity.ca import CertificateAuthority, Issued, utcnow
 from planemesh.agent.identity.spiffe import parse_spiffe_id
-from planemesh.agent.proxy.tls_context import build_context
+from planemesh.agent.tls.engine import build_engine_context
 from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret
 
 # ztunnel speaks TLS 1.3 only on HBONE; so do we (Envoy's HBONE terminator accepts it).
@@ -28,20 +32,20 @@ DEFAULT_TTL_S = 24 * 3600.0
 
 
 class CertSource(Protocol):
-    def client_context(self, identity: str) -> ssl.SSLContext: ...
+    def client_context(self, identity: str) -> SSL.Context: ...
 
-    def server_context(self) -> ssl.SSLContext: ...
+    def server_context(self) -> SSL.Context: ...
 
 
 @dataclass
 class _Held:
     issued: Issued
-    context: ssl.SSLContext
+    context: SSL.Context
     renew_at: dt.datetime
 
 
 class CaCertSource:
-    """Contexts from a signing CA held in memory; keys never touch the disk (memfd, see tls_context)."""
+    """Contexts from a signing CA held in memory; keys never touch the disk (OpenSSL reads them from memory)."""
 
     def __init__(
         self,
@@ -64,17 +68,17 @@ class CaCertSource:
         issued = self.ca.issue(parse_spiffe_id(identity), now=now, ttl_s=self.ttl_s)
         self.issued += 1
         secret = CertSecret(issued.cert_chain_pem(), issued.key_pem())
-        context = build_context(HBONE_TLS, secret, self.trust, server=server)
+        context = build_engine_context(HBONE_TLS, secret, self.trust, server=server)
         half = (issued.not_after - issued.not_before) / 2
         return _Held(issued, context, issued.not_before + half)
 
-    def client_context(self, identity: str) -> ssl.SSLContext:
+    def client_context(self, identity: str) -> SSL.Context:
         held = self._client.get(identity)
         if held is None or self.clock() >= held.renew_at:
             held = self._client[identity] = self._issue(identity, server=False)
         return held.context
 
-    def server_context(self) -> ssl.SSLContext:
+    def server_context(self) -> SSL.Context:
         if self._server is None or self.clock() >= self._server.renew_at:
             self._server = self._issue(self.node_identity, server=True)
         return self._server.context

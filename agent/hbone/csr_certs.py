@@ -13,20 +13,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Iterable
+
+from OpenSSL import SSL
 
 from planemesh.agent.hbone.certs import HBONE_TLS
 from planemesh.agent.identity.cert_client import CaSettings, CertificateClient
 from planemesh.agent.identity.csr import WorkloadCert
 from planemesh.agent.identity.spiffe import parse_spiffe_id
-from planemesh.agent.proxy.tls_context import build_context
+from planemesh.agent.tls.engine import build_engine_context
+from planemesh.agent.tls.failure import TlsFailure
 from planemesh.model.tls_config import CertSecret, TrustSecret
 
 log = logging.getLogger("planemesh.hbone")
 
 
-class NoCertificate(ssl.SSLError):
+class NoCertificate(TlsFailure):
     """No certificate yet for an identity (the CA has not answered): the tunnel is refused, `connect_failed`."""
 
 
@@ -35,8 +37,8 @@ class CsrCertSource:
         self.settings = settings
         self.node_identity = str(parse_spiffe_id(node_identity))
         self.clients: dict[str, CertificateClient] = {}
-        self._client_ctx: dict[str, ssl.SSLContext] = {}
-        self._server_ctx: ssl.SSLContext | None = None
+        self._client_ctx: dict[str, SSL.Context] = {}
+        self._server_ctx: SSL.Context | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.want([self.node_identity, *workload_identities])
 
@@ -44,9 +46,9 @@ class CsrCertSource:
         async def changed(cert: WorkloadCert) -> None:
             secret = CertSecret(cert.cert_chain_pem(), cert.key_pem())
             trust = TrustSecret(cert.roots_pem())
-            self._client_ctx[identity] = build_context(HBONE_TLS, secret, trust, server=False)
+            self._client_ctx[identity] = build_engine_context(HBONE_TLS, secret, trust, server=False)
             if identity == self.node_identity:
-                self._server_ctx = build_context(HBONE_TLS, secret, trust, server=True)
+                self._server_ctx = build_engine_context(HBONE_TLS, secret, trust, server=True)
 
         return changed
 
@@ -67,7 +69,7 @@ class CsrCertSource:
             if self._tasks:
                 self._tasks.append(asyncio.create_task(client.run(), name=f"cert-{identity}"))
 
-    def client_context(self, identity: str) -> ssl.SSLContext:
+    def client_context(self, identity: str) -> SSL.Context:
         ctx = self._client_ctx.get(identity)
         if ctx is None:
             client = self.clients.get(identity)
@@ -75,7 +77,7 @@ class CsrCertSource:
             raise NoCertificate(f"no certificate for {identity} yet: {why}")
         return ctx
 
-    def server_context(self) -> ssl.SSLContext:
+    def server_context(self) -> SSL.Context:
         if self._server_ctx is None:
             raise NoCertificate(f"no certificate for the node {self.node_identity} yet")
         return self._server_ctx

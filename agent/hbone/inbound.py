@@ -2,7 +2,8 @@
 tunnel. Each CONNECT is parsed and decided (protocol.decide: local pod only, RBAC by the source workload's SPIFFE
 ID), then the pod is dialled in plaintext and `200` is sent once it answered; a refusal is answered with its
 status and the stream closes. A client certificate is required and must chain to our roots (TLS handshake
-failure otherwise) and carry exactly one SPIFFE ID.
+failure otherwise, counted `handshake_failed`) and carry exactly one SPIFFE ID. TLS is the TLS engine's
+(agent/tls/), each accepted connection handshaking on the node certificate current at its accept.
 """
 
 from __future__ import annotations
@@ -10,17 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
 from collections.abc import Callable
+from typing import Any
 
 from planemesh.agent.hbone.certs import CertSource
 from planemesh.agent.hbone.conn import HboneConnection, TcpSide
 from planemesh.agent.hbone.listeners import bind_listen
 from planemesh.agent.hbone.protocol import Authorizer, HboneError, decide, parse_connect
 from planemesh.agent.hbone.routes import Routes
-from planemesh.agent.hbone.stats import HboneStats
-from planemesh.agent.proxy.tls_context import peer_sans
+from planemesh.agent.hbone.stats import UNKNOWN_PEER, HboneStats
 from planemesh.agent.rbac import RbacFilter
+from planemesh.agent.tls.engine import TlsPeerView, refusing_context
+from planemesh.agent.tls.transport import tls_server_protocol
 
 log = logging.getLogger("planemesh.hbone")
 HANDSHAKE_TIMEOUT_S = 10.0  # as the proxy's TLS ports (agent/proxy/tls.py)
@@ -32,20 +34,10 @@ MAX_CONNECTIONS = 4096
 
 def spiffe_peer(transport: asyncio.BaseTransport) -> str | None:
     """The verified peer's one SPIFFE ID, else None."""
-    uris, _ = peer_sans(transport.get_extra_info("ssl_object"))
+    view = transport.get_extra_info("ssl_object")
+    uris, _ = view.sans() if isinstance(view, TlsPeerView) else ([], [])
     ids = [u for u in uris if u.startswith("spiffe://")]
     return ids[0] if len(ids) == 1 else None
-
-
-def server_ssl(certs: CertSource) -> ssl.SSLContext:
-    """A listener context that hands each handshake the current node certificate (rotation without a restart)."""
-    base = certs.server_context()
-
-    def pick(obj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        obj.context = certs.server_context()
-
-    base.sni_callback = pick
-    return base
 
 
 class InboundConnection(HboneConnection):
@@ -93,12 +85,26 @@ class Inbound:
         """Serve on `sock` (inherited from the agent, agent/hbone/listeners.py) or a new socket on host:port."""
         if sock is None:
             sock = bind_listen(host, port)
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: InboundConnection(self), sock=sock, ssl=server_ssl(self.certs),
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
-        )  # fmt: skip
+        self.server = await asyncio.get_running_loop().create_server(self._accepted, sock=sock)
         return self.server
+
+    def _accepted(self) -> asyncio.Protocol:
+        """One accepted connection: its handshake on the node certificate current now (a renewed one serves the
+        next handshake); without one (CreateCertificate not answered) it fails: fail closed."""
+        try:
+            ctx = self.certs.server_context()
+        except OSError as exc:
+            log.warning("HBONE listener has no node certificate: %s", exc)
+            ctx = refusing_context()
+        return tls_server_protocol(ctx, lambda: InboundConnection(self), HANDSHAKE_TIMEOUT_S, self._handshake_failed)
+
+    def _handshake_failed(self, exc: BaseException, peername: Any) -> None:
+        routes = self.routes()
+        name = routes.peer_name(peername[0] if peername else None)
+        # A configured peer by name; any other source as one row (a scan from many addresses adds no rows).
+        peer = name if any(p.name == name for p in routes.peers) else UNKNOWN_PEER
+        self.stats.refuse_in("handshake_failed", peer)
+        log.info("HBONE handshake from %s failed: %s", peername, exc)
 
     def request(self, conn: HboneConnection, sid: int, headers: list) -> None:
         peer = getattr(conn, "peer_name", "-")

@@ -248,6 +248,26 @@ def open_tunnels(inbound: Inbound, outbound: Outbound | None) -> int:
     return sum(len(c.streams) for c in [*conns, *inbound.open])
 
 
+# glibc's allocator for the tunnel's transient buffers (256 KiB h2 frames, the TLS engine's plaintext and
+# ciphertext chunks): with its defaults each such buffer is a fresh mmap or a re-grown heap top, page-faulted per
+# use (322 k faults per 256 MiB tunnelled vs 8 k with these; 2-3x the CPU per GiB until glibc's own threshold
+# adapts: docs/benchmarks.md, hbone3). Cost: up to TRIM of free heap kept by the node process.
+MALLOC_MMAP_THRESHOLD = 1 << 20  # M_MMAP_THRESHOLD: allocations below this come from the heap
+MALLOC_TRIM_THRESHOLD = 4 << 20  # M_TRIM_THRESHOLD: free heap top kept before it is returned to the kernel
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def tune_malloc() -> bool:
+    """Set the two thresholds (glibc only; False where mallopt is missing or refuses)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+    )
+
+
 def _die_with_parent() -> None:
     """Supervised by the agent: go when it goes, even on SIGKILL (as its proxy workers do), by handing over:
     the capture stays attached and fail-closed until the next agent's node takes it."""
@@ -275,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
     if args.netns:
         netns.setns(args.netns)  # the whole process, before any socket or thread exists
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    tune_malloc()
     try:
         settings = load_settings(Path(args.config))
         if settings.ca_dir is not None:

@@ -5,6 +5,7 @@ PROXY verdict assigns it; getsockname() is the original destination). The source
 workload identity; the pool holds one mTLS h2 connection per (source identity, peer node), as ztunnel's does,
 carrying one CONNECT stream per tunnel, and opens another only when the peer's MAX_CONCURRENT_STREAMS is
 reached or the identity's certificate was renewed. The pod's bytes are read only after the peer answered 200.
+TLS is the TLS engine's (agent/tls/); no SNI is sent (the peer is an address; ztunnel sends none either).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
+
+from OpenSSL import SSL
 
 from planemesh.agent.hbone.certs import CertSource
 from planemesh.agent.hbone.conn import HboneConnection, TcpSide
@@ -21,6 +23,7 @@ from planemesh.agent.hbone.listeners import bind_capture
 from planemesh.agent.hbone.protocol import connect_headers
 from planemesh.agent.hbone.routes import Peer, Routes
 from planemesh.agent.hbone.stats import UNKNOWN_PEER, HboneStats
+from planemesh.agent.tls.transport import open_tls
 
 log = logging.getLogger("planemesh.hbone")
 CONNECT_TIMEOUT_S = 10.0  # TCP + TLS to the peer node
@@ -36,10 +39,10 @@ class PeerRefused(ConnectionError):
 class Pool:
     def __init__(self, certs: CertSource, stats: HboneStats) -> None:
         self.certs, self.stats = certs, stats
-        self.conns: dict[tuple[str, tuple[str, int]], list[tuple[ssl.SSLContext, HboneConnection]]] = {}
+        self.conns: dict[tuple[str, tuple[str, int]], list[tuple[SSL.Context, HboneConnection]]] = {}
         self.connecting: dict[tuple[str, tuple[str, int]], asyncio.Future[HboneConnection]] = {}
 
-    def _usable(self, key: tuple[str, tuple[str, int]], ctx: ssl.SSLContext) -> HboneConnection | None:
+    def _usable(self, key: tuple[str, tuple[str, int]], ctx: SSL.Context) -> HboneConnection | None:
         for held_ctx, conn in self.conns.get(key, ()):
             if held_ctx is ctx and conn.can_open():
                 return conn
@@ -77,14 +80,13 @@ class Pool:
         conn.on_lost = lambda _c: self._drop(key, entry)
         return conn
 
-    async def _connect(self, ctx: ssl.SSLContext, peer: Peer) -> HboneConnection:
+    async def _connect(self, ctx: SSL.Context, peer: Peer) -> HboneConnection:
         loop = asyncio.get_running_loop()
         host, port = peer.address
         transport, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: HboneConnection(client_side=True), host, port, ssl=ctx,
-                                   ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S),
+            open_tls(loop, host, port, lambda: HboneConnection(client_side=True), ctx, None, HANDSHAKE_TIMEOUT_S),
             CONNECT_TIMEOUT_S,
-        )  # fmt: skip
+        )
         got = spiffe_peer(transport)
         if peer.identity is not None and got != peer.identity:
             transport.abort()
@@ -94,7 +96,7 @@ class Pool:
         self.stats.peer_out(peer.name).connections += 1
         return conn
 
-    def _drop(self, key: tuple[str, tuple[str, int]], entry: tuple[ssl.SSLContext, HboneConnection]) -> None:
+    def _drop(self, key: tuple[str, tuple[str, int]], entry: tuple[SSL.Context, HboneConnection]) -> None:
         held = self.conns.get(key, [])
         if entry in held:
             held.remove(entry)
@@ -172,7 +174,7 @@ class Outbound:
             status = await asyncio.wait_for(
                 conn.open_stream(connect_headers(dst_ip, dst_port, src_ip), side), RESPONSE_TIMEOUT_S
             )
-        except (OSError, TimeoutError, PeerRefused, ssl.SSLError) as exc:
+        except (OSError, TimeoutError, PeerRefused) as exc:  # TLS failures are ConnectionErrors (TlsFailure)
             self._refuse(side, "connect_failed", f"{identity} -> {peer.name} {peer.address}: {exc}", peer.name)
             return
         if status != 200:

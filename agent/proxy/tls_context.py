@@ -1,8 +1,8 @@
 """SSL contexts from the TLS model, peer SANs, and TLS origination (no import of the proxy's codecs).
 
 The proxy's TLS (termination and origination) runs on the TLS engine (agent/tls/engine.py, pyOpenSSL);
-`build_context` (stdlib ssl) is HBONE's (agent/hbone/), whose h2 tunnels run over the event loop's own TLS
-transport. Keys reach OpenSSL from memory or through a memfd (never a file on disk). agent/proxy/tls.py
+`build_context` (stdlib ssl) is kept for the benches' and tests' stdlib comparison (HBONE moved to the engine
+too). Keys reach OpenSSL from memory or through a memfd (never a file on disk). agent/proxy/tls.py
 terminates, `originate_tls` (used by agent/proxy/upstream.py) originates: handshake on a connected socket, then
 the server's SANs against the cluster's matchers (Envoy's match_typed_subject_alt_names), else the connection is
 closed and the attempt fails (503 UF, counted as a connect failure).

@@ -182,11 +182,14 @@ class TlsConn:
         if n <= 0:
             return b""
         out = _ffi.buffer(buf, n)[:]
-        while n == READ_SIZE:  # more waiting
+        if n < READ_SIZE:
+            return out
+        parts = [out]  # more waiting (a large write): joined once, not re-concatenated per 64 KiB
+        while n == READ_SIZE:
             n = _lib.BIO_read(self.outbio, buf, READ_SIZE)
             if n > 0:
-                out += _ffi.buffer(buf, n)[:]
-        return out
+                parts.append(_ffi.buffer(buf, n)[:])
+        return b"".join(parts)
 
     def tls13(self) -> bool:
         return _lib.SSL_version(self.ssl) == SSL.TLS1_3_VERSION

@@ -2,11 +2,14 @@
 TlsConn, and the TLS transport the HTTP codecs, relays and tunnels see (the stdlib SSL transport's contract:
 write, close, abort, pause/resume reading, get_extra_info("ssl_object"), set_protocol).
 
-`accept_tls` / `connect_tls` are `loop.connect_accepted_socket(..., ssl=)` / `loop.create_connection(...,
-ssl=, sock=)`: they return once the handshake is done, after the protocol made by `factory` has had its
+`accept_tls` / `connect_tls` / `open_tls` are `loop.connect_accepted_socket(..., ssl=)` /
+`loop.create_connection(..., ssl=, sock=)` / `loop.create_connection(..., host, port, ssl=)`: they return once
+the handshake is done, after the protocol made by `factory` has had its
 connection_made (called as the handshake completes, before any application byte is delivered); they raise
 TlsError, TimeoutError (no finished handshake in `timeout` seconds) or ConnectionError. A TLS transport has no
 half-close (as the stdlib's): the peer's EOF or close_notify is eof_received, then the connection closes.
+`tls_server_protocol` is `loop.create_server(..., ssl=)`'s per-connection protocol, with the context chosen per
+connection (a rotated certificate serves the next handshake).
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ class _TlsWire(asyncio.Protocol):
         self.closing = self.paused = self.eof = False
         self.timer: asyncio.TimerHandle | None = None
         self.held = b""  # a TLS 1.3 server's tickets, sent ahead of its first write (_handshake)
+        self.read_end: TlsError | bool | None = None  # a close_notify / record error read while the app paused
 
     # -- the TCP side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -202,23 +206,45 @@ class _TlsWire(asyncio.Protocol):
 
     # -- application data
     def _read(self) -> None:
-        tls = self.tls
-        while not self.paused and not self.closing:
+        # SSL_read returns one record (16 KiB at most): every record the BIO holds (what one TCP read brought) goes
+        # to the application in one data_received, as the stdlib's SSL transport delivers it (a codec assembling
+        # a 256 KiB frame, HBONE's h2, re-concatenated it once per record). A close_notify or a record error after
+        # the data waits while the application paused (or closed) on that data.
+        if not self.paused and not self.closing:
+            end, self.read_end = self.read_end, None
+            if end is None:
+                end = self._read_records()
+            if end is not None:
+                if self.paused or self.closing:
+                    self.read_end = end
+                else:
+                    self._flush()
+                    if end is True:  # close_notify
+                        self._eof_to_app()
+                        self.close()
+                    else:
+                        self.abort_with(end)  # type: ignore[arg-type]
+                    return
+        self._flush()  # tickets, key updates
+
+    def _read_records(self) -> TlsError | bool | None:
+        """Deliver the plaintext the BIO holds; True at a close_notify, the TlsError of a bad record, else None."""
+        tls, chunks, end = self.tls, [], None
+        while True:
             try:
                 data = tls.read()
             except TlsError as exc:
-                self._flush()
-                self.abort_with(exc)
-                return
-            if data is None:  # close_notify
-                self._flush()
-                self._eof_to_app()
-                self.close()
-                return
+                end = exc
+                break
+            if data is None:
+                end = True
+                break
             if not data:
                 break
-            self.app.data_received(data)  # re-read each time: a protocol may hand the transport over
-        self._flush()  # tickets, key updates
+            chunks.append(data)
+        if chunks:
+            self.app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        return end
 
     def _eof_to_app(self) -> None:
         if self.app is not None and not isinstance(self.app, _Gone):
@@ -335,3 +361,43 @@ async def connect_tls(
 ) -> tuple[TlsTransport, Any]:
     """The client handshake on a connected socket (`sni`: "" or None sends no SNI)."""
     return await _start(loop, sock, TlsConn(ctx, server=False, sni=sni), factory, timeout)
+
+
+async def open_tls(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    factory: Callable[[], Any],
+    ctx: SSL.Context,
+    sni: str | None,
+    timeout: float,
+) -> tuple[TlsTransport, Any]:
+    """TCP to host:port, then the client handshake (`timeout` counts from the TCP connection)."""
+    done: asyncio.Future = loop.create_future()
+    wire = _TlsWire(TlsConn(ctx, server=False, sni=sni), factory, done, timeout)
+    try:
+        await loop.create_connection(lambda: wire, host, port)
+        return await done
+    except asyncio.CancelledError:
+        wire.abort()
+        raise
+
+
+def tls_server_protocol(
+    ctx: SSL.Context,
+    factory: Callable[[], Any],
+    timeout: float,
+    on_fail: Callable[[BaseException, Any], None] | None = None,
+) -> asyncio.Protocol:
+    """The protocol of one accepted TCP connection (a `loop.create_server` factory returns one per connection):
+    the server handshake on `ctx` within `timeout`, then `factory()`'s protocol on the TLS transport. A failed
+    handshake closes the connection after its alert and calls `on_fail(exc, peername)`."""
+    wire: _TlsWire
+
+    def failed(exc: BaseException) -> None:
+        if on_fail is not None:
+            raw = wire.raw
+            on_fail(exc, raw.get_extra_info("peername") if raw is not None else None)
+
+    wire = _TlsWire(TlsConn(ctx, server=True), factory, None, timeout, failed)
+    return wire

@@ -77,13 +77,15 @@ async def open_tunnel(outbound: Outbound, src: str, dst: str, port: int) -> sock
 async def hbone_pair(
     ca_a: CertificateAuthority, ca_b: CertificateAuthority, rbacs: tuple[RbacFilter, ...] = (),
     peer_identity: str | None = NODE_B, certs_a: CaCertSource | None = None, server: Any = None,
+    certs_b: Any = None,
 ) -> AsyncIterator[Pair]:  # fmt: skip
-    """`server`: an async factory of the pod's server (default: echo) taking the address to listen on."""
+    """`server`: an async factory of the pod's server (default: echo) taking the address to listen on; `certs_b`:
+    node B's CertSource (default: its CA's)."""
     echo = await (server or echo_server)(POD_B)
     echo_port = echo.sockets[0].getsockname()[1]
     stats_a, stats_b = HboneStats(), HboneStats()
     routes_b = Routes({POD_B: ID_B})
-    inbound = Inbound(lambda: routes_b, lambda: rbacs, CaCertSource(ca_b, NODE_B), stats_b)
+    inbound = Inbound(lambda: routes_b, lambda: rbacs, certs_b or CaCertSource(ca_b, NODE_B), stats_b)
     server = await inbound.start("127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     peer = Peer("node-b", ("127.0.0.1", port), (ipaddress.ip_network(f"{POD_B}/32"),), peer_identity)

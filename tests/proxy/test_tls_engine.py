@@ -269,3 +269,56 @@ def test_a_worker_without_tls_does_not_load_the_engine() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+class _Pausing(asyncio.Protocol):
+    """Records each data_received and pauses reading on the first one."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.calls: list[int] = []
+        self.eof = False
+
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self.calls:
+            assert self.transport is not None
+            self.transport.pause_reading()
+        self.calls.append(len(data))
+
+    def eof_received(self) -> None:
+        self.eof = True
+
+
+def test_records_of_one_read_are_one_data_received_and_a_close_notify_waits_for_resume(loop) -> None:
+    cert, trust = _secrets()
+    amf, _ = _secrets(AMF)
+    server_ctx = build_engine_context(TLS, cert, trust, server=True)
+    client_ctx_ = build_engine_context(TLS, amf, trust, server=False)
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.setblocking(False)
+
+    async def scenario() -> _Pausing:
+        accepted = asyncio.ensure_future(loop.sock_accept(lsock))
+        raw = socket.create_connection(lsock.getsockname())
+        raw.setblocking(False)
+        conn, _ = await accepted
+        server_side = asyncio.ensure_future(accept_tls(loop, conn, _Pausing, server_ctx, 5))
+        transport, _ = await connect_tls(loop, raw, asyncio.Protocol, client_ctx_, None, 5)
+        _, proto = await server_side
+        transport.write(b"r" * 40000)  # three records, one TCP write
+        transport.close()  # then close_notify
+        await asyncio.sleep(0.3)
+        return proto
+
+    try:
+        proto = _run(loop, scenario())
+        assert proto.calls == [40000]  # one call for the three records (was one per 16 KiB record)
+        assert not proto.eof  # paused on that data: the close_notify behind it waits
+        _run(loop, _call(proto.transport.resume_reading))
+        _run(loop, asyncio.sleep(0.3))
+        assert proto.eof and proto.calls == [40000]
+    finally:
+        lsock.close()
