@@ -84,7 +84,9 @@ class Zygote:
         self.proc = proc
         self._sock = sock
         self._lock = asyncio.Lock()
-        self._reply: asyncio.Future[tuple[dict[str, Any], list[int]]] | None = None
+        # the fork's answer, its descriptors and its exit code's future (made when the answer is read: the exit may
+        # be read before fork() resumes, and must not find the future gone)
+        self._reply: asyncio.Future[tuple[dict[str, Any], list[int], asyncio.Future[int] | None]] | None = None
         self._codes: dict[int, asyncio.Future[int]] = {}
         self.closed = False
         loop = asyncio.get_running_loop()
@@ -127,9 +129,10 @@ class Zygote:
             if code is not None and not code.done():
                 code.set_result(int(message["code"]))
         elif self._reply is not None and not self._reply.done():
+            code = None
             if "pid" in message:  # its exit may be reported before fork() resumes: listen for it now
-                self._codes[int(message["pid"])] = asyncio.get_running_loop().create_future()
-            self._reply.set_result((message, list(fds)))
+                code = self._codes[int(message["pid"])] = asyncio.get_running_loop().create_future()
+            self._reply.set_result((message, list(fds), code))
         else:  # not asked for: never leak a descriptor
             for fd in fds:
                 os.close(fd)
@@ -164,7 +167,7 @@ class Zygote:
                 self._closed(f"cannot send a fork request: {exc}")
                 raise ZygoteError(f"the zygote is gone ({exc})") from exc
             try:
-                message, got = await asyncio.wait_for(self._reply, START_TIMEOUT_S)
+                message, got, code = await asyncio.wait_for(self._reply, START_TIMEOUT_S)
             except TimeoutError:
                 self._closed("no answer to a fork request")
                 self.proc.kill()
@@ -174,7 +177,7 @@ class Zygote:
                     os.close(fd)
                 raise ZygoteError(f"fork refused: {message.get('error', message)!r}")
             pid = int(message["pid"])
-            return ForkedWorker(pid, got[0], self._codes.get(pid) or loop.create_future())
+            return ForkedWorker(pid, got[0], code or loop.create_future())
 
     async def close(self) -> None:
         """Stop the zygote (its workers stopped first: the ones still alive get SIGTERM and drain)."""
