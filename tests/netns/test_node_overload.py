@@ -207,9 +207,10 @@ def test_real_cpu_pressure_sheds_the_lower_plane_under_load_without_timeouts(run
     config.write_text(yaml.safe_dump(raw))
     with running_agent(f"{run_prefix}nr", ["--config", str(config)]) as env:
         oam, media = env.server("oam", 4), env.server("media", 4)
-        with idle_spinners(2 * (os.cpu_count() or 1) + 2):
+        with idle_spinners(3 * (os.cpu_count() or 1) + 2):
+            # generous: on a quiet node the stall share can sit near the 90% mark for a while (flaked at 20 s)
             assert eventually(lambda: "node overloaded" in env.agent_output() and "media 100%" in env.agent_output(),
-                              timeout=20)  # fmt: skip
+                              timeout=45)  # fmt: skip
             shed, served = _wrk(env, media), _wrk(env, oam)
         print(f"\nmedia under node pressure: {shed}\noam: {served}")
         # ~all shed (a sample whose PSI dips under the high mark holds the level, one under the low mark steps it
