@@ -2,7 +2,7 @@
 flood kind, with and without the planes' cpusets, and Envoy 1.40 as one shared proxy for both planes, in one run.
 
     ./run.sh bench plane_isolation [--quick] [--seconds 4] [--only rate,cpu_heavy] [--variants cpusets,envoy]
-                                   [--rounds 3]
+                                   [--rounds 3] [--probe-share 0.5 | --probe-rate R | --no-open-loop]
 
 Plane `oam` is protected: a wrk probe (2 connections, closed loop, from the bystander pod) measures its p99 and
 its throughput with plane `media` idle, then while the attacker's pod floods media (bench/plane_isolation_lab.py
@@ -24,6 +24,10 @@ what the machine alone does to oam's p99 (on a shared box it spreads as wide as 
 runs by default (first in each round): instead of a flood, a busy loop on every CPU that is not oam's, nothing of
 the agent or the network; its ratio, the VM's floor (what plain load on the other vCPUs costs oam's p99 through
 what they share below the guest), is printed next to every flood's ratio.
+After each closed-loop probe an open-loop one (bench/plane_isolation_open.py, labs/open_loop_client.py) offers
+oam a fixed rate below its capacity (half the closed-loop req/s of the pair's idle probe, or --probe-rate) and
+times each request from when it fell due: its p99 flooded/idle is the SLA figure (a fixed load, stalls counted in
+full), the closed-loop ratios stay beside it (throughput, and the issue's p99 as first measured).
 """
 
 from __future__ import annotations

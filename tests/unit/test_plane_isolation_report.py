@@ -4,12 +4,14 @@ its range; the no-flood control is shown but never counted against the targets; 
 
 from __future__ import annotations
 
+import json
 import os
 
 from bench.common import WrkResult
 from bench.plane_isolation import Row, report
 from bench.plane_isolation_cpu import BENCH, IDLE, KERNEL, OTHERS, _label
 from bench.plane_isolation_lab import counted, describe_answers
+from bench.plane_isolation_open import offered_rate, parse_open
 from planemesh.labs.open_loop import Summary
 
 RATE_ANSWERS = {"requests": 900, "non_2xx": 800, "timeouts": 0}
@@ -128,3 +130,13 @@ def test_the_open_loop_table_is_the_sla_figure_next_to_the_closed_loop_ratios() 
     assert "open loop (the SLA figure): p99 target (<= 1.2x) met for 1/2 floods" in text
     assert "within max(target, the open-loop VM floor 1.30x) for 1/2" in text
     assert "closed loop with cpusets: p99 target (<= 1.2x) met for 2/2" in text
+
+
+def test_the_open_loop_rate_and_the_probes_output() -> None:
+    assert offered_rate(None, 0.5, 8000.0) == 4000.0 and offered_rate(1500.0, 0.5, 8000.0) == 1500.0
+    assert offered_rate(None, 0.5, 0.0) == 50.0  # oam answered nothing idle: still offer something
+    good = json.dumps(_open(float("inf"), late=10, no_answer=10).to_json_dict())
+    got = parse_open(f"noise\n{good}\n")
+    assert isinstance(got, Summary) and got.p99_ms == float("inf") and got.no_answer == 10
+    assert parse_open('{"error": "OSError: cannot connect"}\n') == "open-loop probe failed: OSError: cannot connect"
+    assert str(parse_open("Traceback ...")).startswith("open-loop probe printed no summary")
