@@ -17,13 +17,13 @@ Variants: `cpusets` (oam's worker pinned to the last CPU, media's to the others)
 workers on any CPU), `envoy` (Envoy 1.40, --concurrency 1, as the single node proxy of both planes; the agent
 runs --datapath-only). Targets with cpusets: oam p99 flooded/idle <= 1.2, throughput flooded/idle >= 0.8; media
 answers its excess 429/503, never with timeouts.
-Each flood's idle probe runs right before it (the machine's load drifts). `--quick` (< 3 min): 2 s per
-measurement instead of 4. `--rounds N` repeats every idle/flooded pair N times and reports the median ratio
-(and its range); `--only none,...` adds the control: no flood at all, two idle probes in a row, whose ratio is
-what the machine alone does to oam's p99 (on a shared box it spreads as wide as a flood's). The `spin` control
-runs by default (first in each round): instead of a flood, a busy loop on every CPU that is not oam's, nothing of
-the agent or the network; its ratio, the VM's floor (what plain load on the other vCPUs costs oam's p99 through
-what they share below the guest), is printed next to every flood's ratio.
+Each flood's idle probe runs right before it (the machine's load drifts). `--quick`: 2 s per measurement instead of
+4 (about 5 min for everything, 2.5 with --no-open-loop). `--rounds N` repeats every idle/flooded pair N times and
+reports the median ratio (and its range); `--only none,...` adds the control: no flood at all, two idle probes in a
+row, whose ratio is what the machine alone does to oam's p99 (on a shared box it spreads as wide as a flood's). The
+`spin` control runs by default (first in each round): instead of a flood, a busy loop on every CPU that is not
+oam's, nothing of the agent or the network; its ratio, the VM's floor (what plain load on the other vCPUs costs
+oam's p99 through what they share below the guest), is printed next to every flood's ratio.
 After each closed-loop probe an open-loop one (bench/plane_isolation_open.py, labs/open_loop_client.py) offers
 oam a fixed rate below its capacity (half the closed-loop req/s of the pair's idle probe, or --probe-rate) and
 times each request from when it fell due: its p99 flooded/idle is the SLA figure (a fixed load, stalls counted in
