@@ -24,10 +24,11 @@ row, whose ratio is what the machine alone does to oam's p99 (on a shared box it
 `spin` control runs by default (first in each round): instead of a flood, a busy loop on every CPU that is not
 oam's, nothing of the agent or the network; its ratio, the VM's floor (what plain load on the other vCPUs costs
 oam's p99 through what they share below the guest), is printed next to every flood's ratio.
-After each closed-loop probe an open-loop one (bench/plane_isolation_open.py, labs/open_loop_client.py) offers
-oam a fixed rate below its capacity (half the closed-loop req/s of the pair's idle probe, or --probe-rate) and
-times each request from when it fell due: its p99 flooded/idle is the SLA figure (a fixed load, stalls counted in
-full), the closed-loop ratios stay beside it (throughput, and the issue's p99 as first measured).
+After each closed-loop probe an open-loop one (bench/plane_isolation_open.py, labs/open_loop_client.py) offers oam
+a fixed rate below its capacity (a quarter of the closed-loop req/s of the pair's idle probe, or --probe-rate) and
+times each request from when it fell due: its late share (answered > 10 ms after due) and p99 flooded/idle are the
+SLA figures (a fixed load, stalls counted in full), the closed-loop ratios stay beside it (throughput, and the
+issue's p99 as first measured).
 """
 
 from __future__ import annotations

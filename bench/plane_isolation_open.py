@@ -5,10 +5,11 @@ Why both: the closed-loop probe (wrk -c2) sends as fast as oam answers, so oam's
 p99 is mostly queueing behind its own CPU: a few percent less CPU for oam (what load on the other vCPU costs on
 this VM) moves it a lot, and while oam stalls wrk sends nothing, so a stall is one slow sample (coordinated
 omission). A latency SLA is judged at a fixed offered load below capacity: the open-loop probe offers
-`--probe-share` (default 50%) of the closed-loop req/s oam gave idle right before, in the same pair (or a fixed
+`--probe-share` (default 25%) of the closed-loop req/s oam gave idle right before, in the same pair (or a fixed
 `--probe-rate`), and times each request from when it was due, so a stall counts in every request that fell due
-during it. Its p99 flooded/idle is the SLA figure; the share of requests answered more than 10 ms after their
-due time is the same question without a ratio.
+during it. The SLA figures: the share of requests answered more than 10 ms after they fell due (late; <= 1% is
+"p99 within 10 ms"), and the open-loop p99 flooded/idle. 25%, not 50%: the probe is Python and costs oam's CPU
+~4x what wrk does per request (~240-290 ms/s of it), so half the closed-loop rate kept that CPU ~70-75% busy.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Protocol
 
 from planemesh.labs.open_loop import LATE_MS, Summary
 
-PROBE_SHARE = 0.5  # of oam's idle closed-loop req/s in the same pair
+PROBE_SHARE = 0.25  # of oam's idle closed-loop req/s in the same pair (module doc: why not 0.5)
+LATE_BUDGET = 0.01  # late share <= 1%: the p99 from due time within LATE_MS
 PROBE_CONNECTIONS = 8  # one request in flight each: 8 x the service time of slack before a request waits
 PROBE_DRAIN_S = 1.0  # after the last request fell due, answers later than this count as none
 MIN_RATE = 50.0  # when the closed-loop probe got (almost) nothing idle, still offer something
@@ -97,7 +99,7 @@ def _ms(value: float) -> str:
 
 def open_loop_table(groups: list[tuple[tuple[str, str], list[Paired]]]) -> list[str]:
     out = [
-        f"open loop (**the SLA figure**: a fixed offered rate, latency from each request's due time; late: answered "
+        f"open loop (**the SLA figures**: a fixed offered rate, latency from each request's due time; late: answered "
         f"more than {LATE_MS:g} ms after it fell due, or never), next to the closed-loop ratios:",
         "",
         "| flood | proxy | offered req/s | p50 idle -> flooded ms | p99 idle -> flooded ms | **p99 flooded/idle** "
@@ -130,15 +132,16 @@ def open_loop_table(groups: list[tuple[tuple[str, str], list[Paired]]]) -> list[
 
 
 def open_loop_verdict(groups: list[tuple[tuple[str, str], list[Paired]]], target: float, floor: float | None) -> str:
-    """With cpusets: how many floods keep the open-loop p99 ratio within the target (and the VM's floor)."""
-    medians = [
-        median([_over(r.open_flooded.p99_ms, r.open_idle.p99_ms) for r in rows if r.open_idle and r.open_flooded])
-        for _, rows in groups
-        if any(r.open_idle and r.open_flooded for r in rows)
-    ]
+    """With cpusets: how many floods keep the open-loop late share within LATE_BUDGET and the p99 ratio within
+    the target (and the VM's floor)."""
+    measured = [[(r.open_idle, r.open_flooded) for r in rows if r.open_idle and r.open_flooded] for _, rows in groups]
+    pairs = [p for p in measured if p]
+    medians = [median([_over(f.p99_ms, i.p99_ms) for i, f in p]) for p in pairs]
+    late = [median([f.late_share for _, f in p]) for p in pairs]
     if not medians:
         return ""
-    shown = f"with cpusets, open loop (the SLA figure): p99 target (<= {target}x) met for "
+    shown = f"with cpusets, open loop (the SLA figures): late (> {LATE_MS:g} ms) <= {100 * LATE_BUDGET:g}% flooded "
+    shown += f"for {sum(x <= LATE_BUDGET for x in late)}/{len(late)} floods; p99 target (<= {target}x) met for "
     shown += f"{sum(m <= target for m in medians)}/{len(medians)} floods"
     if floor is not None:
         shown += f"; within max(target, the open-loop VM floor {floor:.2f}x) for "
