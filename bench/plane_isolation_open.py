@@ -9,7 +9,7 @@ omission). A latency SLA is judged at a fixed offered load below capacity: the o
 `--probe-rate`), and times each request from when it was due, so a stall counts in every request that fell due
 during it. The SLA figures: the share of requests answered more than 10 ms after they fell due (late; <= 1% is
 "p99 within 10 ms"), and the open-loop p99 flooded/idle. 25%, not 50%: the probe is Python and costs oam's CPU
-~4x what wrk does per request (~240-290 ms/s of it), so half the closed-loop rate kept that CPU ~70-75% busy.
+3-5x what wrk does per request (170-300 ms/s of it), so half the closed-loop rate kept that CPU ~75% busy.
 """
 
 from __future__ import annotations
