@@ -2,7 +2,7 @@
 flood kind, with and without the planes' cpusets, and Envoy 1.40 as one shared proxy for both planes, in one run.
 
     ./run.sh bench plane_isolation [--quick] [--seconds 4] [--only rate,cpu_heavy] [--variants cpusets,envoy]
-                                   [--rounds 3]
+                                   [--rounds 3] [--probe-share 0.5 | --probe-rate R | --no-open-loop]
 
 Plane `oam` is protected: a wrk probe (2 connections, closed loop, from the bystander pod) measures its p99 and
 its throughput with plane `media` idle, then while the attacker's pod floods media (bench/plane_isolation_lab.py
@@ -17,20 +17,24 @@ Variants: `cpusets` (oam's worker pinned to the last CPU, media's to the others)
 workers on any CPU), `envoy` (Envoy 1.40, --concurrency 1, as the single node proxy of both planes; the agent
 runs --datapath-only). Targets with cpusets: oam p99 flooded/idle <= 1.2, throughput flooded/idle >= 0.8; media
 answers its excess 429/503, never with timeouts.
-Each flood's idle probe runs right before it (the machine's load drifts). `--quick` (< 3 min): 2 s per
-measurement instead of 4. `--rounds N` repeats every idle/flooded pair N times and reports the median ratio
-(and its range); `--only none,...` adds the control: no flood at all, two idle probes in a row, whose ratio is
-what the machine alone does to oam's p99 (on a shared box it spreads as wide as a flood's). The `spin` control
-runs by default (first in each round): instead of a flood, a busy loop on every CPU that is not oam's, nothing of
-the agent or the network; its ratio, the VM's floor (what plain load on the other vCPUs costs oam's p99 through
-what they share below the guest), is printed next to every flood's ratio.
+Each flood's idle probe runs right before it (the machine's load drifts). `--quick`: 2 s per measurement instead of
+4 (about 5 min for everything, 2.5 with --no-open-loop). `--rounds N` repeats every idle/flooded pair N times and
+reports the median ratio (and its range); `--only none,...` adds the control: no flood at all, two idle probes in a
+row, whose ratio is what the machine alone does to oam's p99 (on a shared box it spreads as wide as a flood's). The
+`spin` control runs by default (first in each round): instead of a flood, a busy loop on every CPU that is not
+oam's, nothing of the agent or the network; its ratio, the VM's floor (what plain load on the other vCPUs costs
+oam's p99 through what they share below the guest), is printed next to every flood's ratio.
+After each closed-loop probe an open-loop one (bench/plane_isolation_open.py, labs/open_loop_client.py) offers oam
+a fixed rate below its capacity (a quarter of the closed-loop req/s of the pair's idle probe, or --probe-rate) and
+times each request from when it fell due: its late share (answered > 10 ms after due) and p99 flooded/idle are the
+SLA figures (a fixed load, stalls counted in full), the closed-loop ratios stay beside it (throughput, and the
+issue's p99 as first measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,9 +70,22 @@ from bench.plane_isolation_lab import (
     plane_backends,
     plane_cpus,
 )
+from bench.plane_isolation_open import (
+    PROBE_SHARE,
+    median,
+    offered_rate,
+    open_argv,
+    open_floor,
+    open_loop_table,
+    open_loop_verdict,
+    parse_open,
+    ratio,
+    spread,
+)
 from planemesh.agent.demo import start_agent, start_servers
 from planemesh.labs import Lab
 from planemesh.labs import netns as ns_tools
+from planemesh.labs.open_loop import Summary
 from planemesh.labs.traffic import host_port
 from planemesh.model.static_config import default_config_text
 
@@ -111,6 +128,9 @@ class Row:
     cpu_idle: dict[str, float] = field(default_factory=dict)  # oam's CPU during each probe: label -> ms/s
     cpu_flooded: dict[str, float] = field(default_factory=dict)  # (bench/plane_isolation_cpu.py CpuLedger)
     remeasured: int = 0  # times this pair was measured again (neighbours on oam's CPU)
+    open_idle: Summary | None = None  # the open-loop probe (bench/plane_isolation_open.py), idle and flooded
+    open_flooded: Summary | None = None
+    open_error: str = ""
 
     @property
     def neighbours(self) -> float:
@@ -142,6 +162,9 @@ class Bench:
     ) -> None:
         self.lab, self.groups, self.seconds = lab, groups, seconds
         self.retries, self.max_others = retries, max_others
+        # The open-loop probe: off (None), a fixed rate, or 0: a share of the pair's idle closed-loop req/s.
+        self.open_rate: float | None = 0.0
+        self.open_share = PROBE_SHARE
         self.oam = lab.pod_addr("server", "oam", 4) or ""
         self.media = lab.pod_addr("server", "media", 4) or ""
         self.proxy_pids: dict[int, str] = {}  # the proxy under test's processes -> their labels
@@ -162,6 +185,13 @@ class Bench:
         out = wrk.communicate(timeout=self.seconds + 60)[0]
         return parse_wrk(name, out), self.ledger.stop()
 
+    def open_probe(self, rate: float) -> Summary | str:
+        """oam's latency at a fixed offered rate, from each request's due time (or what went wrong)."""
+        argv = open_argv(self.oam, HEAVY_PORT, PROBE_PATH, rate, self.seconds)
+        probe = self._run(PROBE, BYSTANDER, argv)
+        self.started[probe.pid] = "probe"
+        return parse_open(probe.communicate(timeout=self.seconds + 60)[0])
+
     def _run(self, group: str, pod: str, argv: list[str]) -> subprocess.Popen:
         wrapped = self.groups.wrap(group, ns_tools.exec_argv(self.lab.pod_ns(pod), argv))
         return subprocess.Popen(wrapped, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -169,19 +199,30 @@ class Bench:
     def measure(self, variant: str, kind: str) -> Row:
         self.started.clear()  # this pair's probes and flood only: a pid of an earlier one may be anyone's now
         idle, cpu_idle = self.probe("oam, media idle")
+        rate = None if self.open_rate is None else offered_rate(self.open_rate, self.open_share, idle.rps)
+        open_idle = self.open_probe(rate) if rate else None
         settle = FLOOD_SETTLE_S.get(kind, 1.0)
         before = agent_counts(self.admin, "media") if self.admin else {}
         group = SPIN if kind == SPIN_CONTROL else FLOOD
-        flood = self._run(group, "client", flood_argv(kind, self.media, self.seconds + settle + 0.5))
+        # The flood lasts through both flooded probes (the open-loop one: its start-up and drain included).
+        during = self.seconds + settle + 0.5 + (self.seconds + 1.5 if rate else 0.0)
+        flood = self._run(group, "client", flood_argv(kind, self.media, during))
         self.started[flood.pid] = "flood"
         time.sleep(settle)  # the flood is in full swing
         flooded, cpu_flooded = self.probe(f"oam, media {kind}")
-        out = flood.communicate(timeout=self.seconds + 90)[0]
+        open_flooded = self.open_probe(rate) if rate else None
+        out = flood.communicate(timeout=during + 90)[0]
         answers = flood_answers(kind, out)
         if before:
             time.sleep(AGENT_STATS_S)  # the workers' last counts reach the agent
             answers["agent"] = counted(before, agent_counts(self.admin, "media"))  # type: ignore[arg-type]
-        return Row(variant, kind, idle, flooded, answers, cpu_idle, cpu_flooded)
+        row = Row(variant, kind, idle, flooded, answers, cpu_idle, cpu_flooded)
+        for attr, got in (("open_idle", open_idle), ("open_flooded", open_flooded)):
+            if isinstance(got, str):
+                row.open_error = got
+            else:
+                setattr(row, attr, got)
+        return row
 
     def run_variant(self, variant: str, floods: list[str], rounds: int = 1) -> list[Row]:
         rows = []
@@ -207,11 +248,16 @@ class Bench:
 
 
 def _pair_line(r: Row) -> str:
-    return (
+    line = (
         f"p99 {r.idle.p99_ms:.2f} -> {r.flooded.p99_ms:.2f} ms ({_ratio(r.p99_ratio)}), req/s {r.idle.rps:.0f} -> "
         f"{r.flooded.rps:.0f} ({r.rps_ratio:.2f}x), neighbours on oam's CPU {r.others_idle:.0f}, "
         f"{r.others_flooded:.0f} ms/s; media: {describe_answers(r.flood, r.answers)}"
     )
+    if r.open_idle and r.open_flooded:
+        i, f = r.open_idle, r.open_flooded
+        line += (f"\n    open loop at {i.rate:.0f} req/s: p99 {i.p99_ms:.2f} -> {f.p99_ms:.2f} ms, p99.9 "
+                 f"{i.p999_ms:.2f} -> {f.p999_ms:.2f} ms, late {i.late} -> {f.late} of {f.scheduled}")  # fmt: skip
+    return line + (f"\n    {r.open_error}" if r.open_error else "")
 
 
 @contextlib.contextmanager
@@ -253,7 +299,11 @@ def run(
     rounds: int = 1,
     media_mbit: float | None = MEDIA_BANDWIDTH_MBIT,
     retries: int = 1,
+    open_rate: float | None = 0.0,
+    open_share: float = PROBE_SHARE,
 ) -> list[Row]:
+    """`open_rate`: the open-loop probe's fixed rate; 0: `open_share` of the pair's idle closed-loop req/s;
+    None: no open-loop probe."""
     lab = flood_lab(prefix)
     rows: list[Row] = []
     protected = max(online_cpus())
@@ -266,6 +316,7 @@ def run(
             with plane_backends(lab, work, groups):
                 print(f"bench groups: {groups.describe()}", file=sys.stderr)
                 bench = Bench(lab, groups, seconds, retries)
+                bench.open_rate, bench.open_share = open_rate, open_share
                 print(f"oam's CPU ({protected}) accounted by {bench.ledger.method}", file=sys.stderr)
                 try:
                     for variant in variants:
@@ -286,21 +337,7 @@ def run(
     return rows
 
 
-def _ratio(value: float) -> str:
-    return f"{value:.2f}x" if value != float("inf") else "-"
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
-
-
-def _spread(ratios: list[float]) -> str:
-    """The median ratio, and with several rounds their range."""
-    shown = _ratio(_median(ratios))
-    finite = [r for r in ratios if r != float("inf")]
-    if len(ratios) > 1 and finite:
-        shown += f" ({min(finite):.2f}-{max(finite):.2f}{', some no answer' if len(finite) < len(ratios) else ''})"
-    return shown
+_ratio, _median, _spread = ratio, median, spread
 
 
 LEDGER_COLUMNS = {  # the ledger table's columns: label(s) of bench/plane_isolation_cpu.py CpuLedger
@@ -361,6 +398,9 @@ def report(
         "",
         *ledger_table(rows),
     ]
+    kept = [(key, rs) for key, rs, _ in groups]
+    if any(r.open_idle for r in rows):
+        out += ["", *open_loop_table(kept)]  # type: ignore[arg-type]
     pinned = {k: v for k, v in medians.items() if k[1] == "cpusets" and k[0] not in CONTROLS}
     if pinned:
         p99_ok = sum(p <= TARGET_P99 for p, _ in pinned.values())
@@ -372,6 +412,11 @@ def report(
             within = sum(p <= max(floor, TARGET_P99) for p, _ in pinned.values())
             out[-1] += (f"; p99 within max(target, the VM's floor {floor:.2f}x: the other CPUs merely busy) for "
                         f"{within}/{len(pinned)}")  # fmt: skip
+        out[-1] = "closed loop " + out[-1]
+        open_pinned = [(k, rs) for k, rs in kept if k[1] == "cpusets" and k[0] not in CONTROLS]
+        spin = next((rs for k, rs in kept if k == (SPIN_CONTROL, "cpusets")), [])
+        verdict = open_loop_verdict(open_pinned, TARGET_P99, open_floor(spin))  # type: ignore[arg-type]
+        out += [verdict] if verdict else []
     return "\n".join(out)
 
 
@@ -437,6 +482,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--layout", choices=LAYOUTS, default="sides", help="bench groups' CPUs (lab module doc)")
+    parser.add_argument(
+        "--probe-rate", type=float, default=0.0, help="open-loop probe: fixed req/s (default: --probe-share)"
+    )
+    parser.add_argument(
+        "--probe-share", type=float, default=PROBE_SHARE, help="open-loop rate: share of oam's idle closed-loop req/s"
+    )
+    parser.add_argument("--no-open-loop", action="store_true", help="closed-loop probe only (as before)")
     parser.add_argument("--prefix", default=None)
     args = parser.parse_args(argv)
     floods = [f for f in args.only.split(",") if f]
@@ -449,7 +501,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     media_mbit = args.media_mbit or None
-    rows = run(args.prefix, seconds, floods, variants, args.layout, args.rounds, media_mbit, max(0, args.retries))
+    if args.probe_rate < 0 or not 0 < args.probe_share <= 1:
+        parser.error("--probe-rate must be >= 0 and --probe-share in (0, 1]")
+    open_rate = None if args.no_open_loop else args.probe_rate
+    retries = max(0, args.retries)
+    rows = run(args.prefix, seconds, floods, variants, args.layout, args.rounds, media_mbit, retries, open_rate,
+               args.probe_share)  # fmt: skip
     print(report(rows, seconds, args.quick, args.layout, args.rounds, media_mbit))
     print(f"\n({time.monotonic() - started:.0f} s)")
 

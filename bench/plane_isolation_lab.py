@@ -209,6 +209,7 @@ while time.monotonic() < end:
     pass
 """
 
+
 def flood_argv(kind: str, target: str, seconds: float) -> list[str]:
     """The client that floods plane media (address `target`) for `seconds`, run in the attacker's pod."""
     if kind == CONTROL:

@@ -50,3 +50,11 @@ def test_flooded_plane_is_limited_and_other_plane_keeps_its_sla(run_prefix: str)
     share = 4096 // 4
     assert conns.answers["closed"] == 10_000 - share == conns.answers["agent"]["refused (source share)"]
     assert conns.idle.errors == 0 and conns.flooded.errors == 0 and conns.flooded.requests > 100
+    # The open-loop probe (fixed rate, latency from each request's due time) ran through the agent idle and
+    # under each flood: it offered its rate and every request was answered within its drain time.
+    for row in (rate, heavy, conns):
+        print(f"{row.flood}: open loop {row.open_idle}, flooded {row.open_flooded}")
+        assert row.open_error == "" and row.open_idle is not None and row.open_flooded is not None
+        assert row.open_flooded.scheduled == row.open_idle.scheduled > 100
+        assert row.open_idle.no_answer == 0 and row.open_flooded.no_answer == 0 and row.open_flooded.non_2xx == 0
+        assert row.open_flooded.p99_ms < 1000

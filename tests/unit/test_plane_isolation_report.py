@@ -4,12 +4,15 @@ its range; the no-flood control is shown but never counted against the targets; 
 
 from __future__ import annotations
 
+import json
 import os
 
 from bench.common import WrkResult
 from bench.plane_isolation import Row, report
 from bench.plane_isolation_cpu import BENCH, IDLE, KERNEL, OTHERS, _label
 from bench.plane_isolation_lab import counted, describe_answers
+from bench.plane_isolation_open import offered_rate, parse_open
+from planemesh.labs.open_loop import Summary
 
 RATE_ANSWERS = {"requests": 900, "non_2xx": 800, "timeouts": 0}
 
@@ -104,3 +107,38 @@ def test_the_vms_floor_from_the_spin_control_is_printed_next_to_each_ratio() -> 
     verdict = text.splitlines()[-1]  # the controls are no floods: 2 floods, rate over the target, under the floor
     assert "p99 target (<= 1.2x) met for 1/2 floods" in verdict and "floor 1.35x" in verdict
     assert "for 2/2" in verdict.split("floor")[1]
+
+
+def _open(p99: float, late: int = 0, no_answer: int = 0) -> Summary:
+    return Summary(
+        rate=4000.0, connections=8, seconds=2.0, scheduled=8000, answered=8000 - no_answer, no_answer=no_answer,
+        non_2xx=0, p50_ms=0.3, p99_ms=p99, p999_ms=p99 * 2, max_ms=p99 * 3, late=late, own_lag_p99_ms=0.5, cpu_s=0.5,
+    )  # fmt: skip
+
+
+def test_the_open_loop_table_is_the_sla_figure_next_to_the_closed_loop_ratios() -> None:
+    spin, rate, stalled = _row("spin", 4.0, 4.4), _row("rate", 4.0, 4.0), _row("cpu_heavy", 4.0, 4.0)
+    spin.open_idle, spin.open_flooded = _open(2.0), _open(2.6)
+    rate.open_idle, rate.open_flooded = _open(2.0), _open(2.2, late=80)
+    stalled.open_idle, stalled.open_flooded = _open(2.0), _open(float("inf"), late=200, no_answer=100)
+    text = report([spin, rate, stalled], 2.0, True, "sides")
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if "| 4000 |" in line}
+    assert "| 2.00 -> 2.20 | **1.10x** | 4.00 -> 4.40 | 1.10x | 0.00%, 1.00% | 0, 0 | 0.50, 250 |" in lines["rate"]
+    assert lines["rate"].endswith("| 1.00x | 0.90x |")  # the closed-loop ratios beside them
+    assert "| 2.00 -> no answer | **-** |" in lines["cpu_heavy"] and "| 0, 100 |" in lines["cpu_heavy"]
+    # The spin control's open-loop ratio is the floor; the closed-loop verdict is kept and says so.
+    # rate: 80 of 8,000 late is 1%, within the budget (p99 within 10 ms); the stalled pair: 2.5%
+    assert "open loop (the SLA figures): late (> 10 ms) <= 1% flooded for 1/2 floods" in text
+    assert "p99 target (<= 1.2x) met for 1/2 floods" in text
+    assert "within max(target, the open-loop VM floor 1.30x) for 1/2" in text
+    assert "closed loop with cpusets: p99 target (<= 1.2x) met for 2/2" in text
+
+
+def test_the_open_loop_rate_and_the_probes_output() -> None:
+    assert offered_rate(None, 0.5, 8000.0) == 4000.0 and offered_rate(1500.0, 0.5, 8000.0) == 1500.0
+    assert offered_rate(None, 0.5, 0.0) == 50.0  # oam answered nothing idle: still offer something
+    good = json.dumps(_open(float("inf"), late=10, no_answer=10).to_json_dict())
+    got = parse_open(f"noise\n{good}\n")
+    assert isinstance(got, Summary) and got.p99_ms == float("inf") and got.no_answer == 10
+    assert parse_open('{"error": "OSError: cannot connect"}\n') == "open-loop probe failed: OSError: cannot connect"
+    assert str(parse_open("Traceback ...")).startswith("open-loop probe printed no summary")
