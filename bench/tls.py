@@ -446,7 +446,7 @@ def _mtls_files(d: Path):  # type: ignore[no-untyped-def]
 def in_memory_table(count: int = 300) -> int:
     """Median server CPU per in-memory mTLS handshake (server_handshake_ms), the variants interleaved: the TLS
     engine (OpenSSL of the cryptography wheel) vs the stdlib's ssl (the system's OpenSSL), tickets on and off."""
-    from planemesh.agent.proxy.tls_context import build_context
+    from bench.tls_stdlib import build_context
     from planemesh.agent.tls.engine import build_engine_context
     from tests.proxy.test_tls_termination import TLS, client_ctx
 
@@ -456,7 +456,7 @@ def in_memory_table(count: int = 300) -> int:
         off = replace(TLS, session_tickets=False)
         contexts = {"engine on": build_engine_context(TLS, cert, trust, server=True),
                     "engine off": build_engine_context(off, cert, trust, server=True),
-                    "stdlib on": build_context(TLS, cert, trust, server=True),  # stateful tickets (tls_session.py)
+                    "stdlib on": build_context(TLS, cert, trust, server=True),  # stateful tickets (bench/tls_stdlib.py)
                     "stdlib off": build_context(off, cert, trust, server=True)}  # fmt: skip
         client = client_ctx(d)
         times: dict[str, list[float]] = {name: [] for name in contexts}
@@ -473,7 +473,7 @@ def session_memory(count: int = 1500) -> int:
     against a stateful-ticket context with room for all, against one without tickets; RSS growth / count."""
     import gc
 
-    from planemesh.agent.proxy.tls_context import build_context
+    from bench.tls_stdlib import build_context
     from tests.proxy.test_tls_termination import ROOT, TLS, client_ctx
     from tests.proxy.test_tls_tickets import _handshake, _server_ctx
 

@@ -1,8 +1,8 @@
 """SSL contexts from the TLS model, peer SANs, and TLS origination (no import of the proxy's codecs).
 
-The proxy's TLS (termination and origination) runs on the TLS engine (agent/tls/engine.py, pyOpenSSL);
-`build_context` (stdlib ssl) is kept for the benches' and tests' stdlib comparison (HBONE moved to the engine
-too). Keys reach OpenSSL from memory or through a memfd (never a file on disk). agent/proxy/tls.py
+Every TLS of the product (termination, origination, HBONE) runs on the TLS engine (agent/tls/engine.py,
+pyOpenSSL; keys reach OpenSSL from memory, never a file on disk); the stdlib `ssl` contexts it replaced live on
+in bench/tls_stdlib.py as the benches' baseline. agent/proxy/tls.py
 terminates, `originate_tls` (used by agent/proxy/upstream.py) originates: handshake on a connected socket, then
 the server's SANs against the cluster's matchers (Envoy's match_typed_subject_alt_names), else the connection is
 closed and the attempt fails (503 UF, counted as a connect failure).
@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from planemesh.agent.proxy import tls_lazy
-from planemesh.agent.proxy.tls_session import use_stateful_tickets
 from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
 
 if TYPE_CHECKING:
@@ -28,51 +26,8 @@ if TYPE_CHECKING:
     from planemesh.agent.tls.engine import TlsPeerView
 
 log = logging.getLogger("planemesh.proxy.tls")
-_VERSION = {
-    "TLSv1_0": ssl.TLSVersion.TLSv1,
-    "TLSv1_1": ssl.TLSVersion.TLSv1_1,
-    "TLSv1_2": ssl.TLSVersion.TLSv1_2,
-    "TLSv1_3": ssl.TLSVersion.TLSv1_3,
-}
-
-
 class TlsPeerRefused(ConnectionError):
     """The upstream's certificate verified, but none of its SANs matched the cluster's matchers."""
-
-
-def _memfd_with(data: bytes) -> int:
-    fd = os.memfd_create("planemesh-tls", os.MFD_CLOEXEC)
-    os.write(fd, data)
-    return fd
-
-
-def build_context(tls: TlsContext, cert: CertSecret | None, trust: TrustSecret | None, server: bool) -> ssl.SSLContext:
-    """An SSLContext for one TlsContext and its secrets' material."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = _VERSION[tls.min_version]
-    ctx.maximum_version = _VERSION[tls.max_version]
-    if tls.ciphers:
-        ctx.set_ciphers(":".join(tls.ciphers))
-    if cert is not None:
-        fd = _memfd_with(cert.chain_pem + b"\n" + cert.key_pem)
-        try:
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-    ctx.check_hostname = False  # SPIFFE identities are URIs: the SAN matchers decide (check_peer)
-    if trust is not None:
-        ctx.load_verify_locations(cadata=trust.ca_pem.decode("ascii", "replace"))
-        ctx.verify_mode = ssl.CERT_REQUIRED if (tls.require_client_cert or not server) else ssl.CERT_OPTIONAL
-    else:
-        ctx.verify_mode = ssl.CERT_NONE
-    if tls.alpn:
-        ctx.set_alpn_protocols(list(tls.alpn))
-    if server and not tls.session_tickets:  # no ticket to make per handshake (TLS 1.3), none in TLS 1.2
-        ctx.num_tickets = 0
-        ctx.options |= ssl.OP_NO_TICKET
-    elif server:  # resumption without OpenSSL 3.0's costly stateless tickets (agent/proxy/tls_session.py)
-        use_stateful_tickets(ctx)
-    return ctx
 
 
 def uri_of(secret: object) -> str | None:

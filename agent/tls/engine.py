@@ -101,7 +101,7 @@ def _server_options(ctx: SSL.Context, tls: TlsContext) -> None:
         ctx.set_options(SSL.OP_NO_TICKET)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     # Tickets on: OpenSSL's stateless TLS 1.3 tickets. OpenSSL >= 3.2 no longer re-decodes the client's
-    # certificate per ticket (the reason the stdlib engine used stateful ones, agent/proxy/tls_session.py), and
+    # certificate per ticket (the reason the stdlib engine used stateful ones, bench/tls_stdlib.py), and
     # a stateless ticket keeps no server memory; the session cache stays on for TLS 1.2 session IDs.
 
 

@@ -1,7 +1,7 @@
 """TLS session tickets on a terminating listener: issued by default (Envoy's default), so a client can resume;
 no resumption with `disable_stateless_session_resumption` (translated, then applied to the SSL context). The
-proxy's listeners run on the TLS engine (stateless tickets, OpenSSL >= 3.2); the stdlib contexts that HBONE
-still uses get TLS 1.3 stateful tickets over a bounded session cache (agent/proxy/tls_session.py: OpenSSL 3.0's
+proxy's listeners run on the TLS engine (stateless tickets, OpenSSL >= 3.2); the stdlib contexts of the benches'
+baseline get TLS 1.3 stateful tickets over a bounded session cache (bench/tls_stdlib.py: OpenSSL 3.0's
 stateless tickets cost a third of a server mTLS handshake); a session resumes only on the context that issued it
 and keeps the client's identity."""
 
@@ -18,8 +18,8 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import json_format
 from OpenSSL import SSL
 
-from planemesh.agent.proxy.tls_context import build_context
-from planemesh.agent.proxy.tls_session import (
+from bench.tls_stdlib import (
+    build_context,
     session_cache_size,
     ssl_ctx_pointer,
     use_stateful_tickets,

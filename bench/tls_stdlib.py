@@ -1,4 +1,8 @@
-"""Session resumption for server SSL contexts: stateful TLS 1.3 tickets and a bounded session cache.
+"""The stdlib `ssl` server and client contexts that the TLS engine (agent/tls/engine.py) replaced in session 6,
+kept as the baseline of bench/tls.py's side-by-side runs (`--in-memory`, `--handshakes`) and of
+tests/proxy/test_tls_tickets.py. Not product code: nothing under agent/ imports it.
+
+Session resumption for these contexts: stateful TLS 1.3 tickets and a bounded session cache.
 
 Why not OpenSSL's default (stateless tickets): OpenSSL 3.0 builds each stateless ticket by serializing the
 session, *parsing it back* (d2i_SSL_SESSION, to drop the session ID) and serializing it again; the parse
@@ -21,8 +25,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import platform
 import ssl
+
+from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret
 
 log = logging.getLogger("planemesh.proxy.tls")
 # Sessions kept per server context (one per full handshake, oldest evicted first). Each holds the client's
@@ -86,3 +93,46 @@ def use_stateful_tickets(ctx: ssl.SSLContext, cache_size: int = SESSION_CACHE_SI
     _LIB.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_SESS_CACHE_SIZE, cache_size, None)
     ctx.options |= ssl.OP_NO_TICKET  # TLS 1.3: stateful tickets (num_tickets stays 2); TLS 1.2: session IDs
     return True
+
+
+_VERSION = {
+    "TLSv1_0": ssl.TLSVersion.TLSv1,
+    "TLSv1_1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1_2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1_3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+def _memfd_with(data: bytes) -> int:
+    fd = os.memfd_create("planemesh-tls", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def build_context(tls: TlsContext, cert: CertSecret | None, trust: TrustSecret | None, server: bool) -> ssl.SSLContext:
+    """An SSLContext for one TlsContext and its secrets' material."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = _VERSION[tls.min_version]
+    ctx.maximum_version = _VERSION[tls.max_version]
+    if tls.ciphers:
+        ctx.set_ciphers(":".join(tls.ciphers))
+    if cert is not None:
+        fd = _memfd_with(cert.chain_pem + b"\n" + cert.key_pem)
+        try:
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    ctx.check_hostname = False  # SPIFFE identities are URIs: the SAN matchers decide (check_peer)
+    if trust is not None:
+        ctx.load_verify_locations(cadata=trust.ca_pem.decode("ascii", "replace"))
+        ctx.verify_mode = ssl.CERT_REQUIRED if (tls.require_client_cert or not server) else ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    if tls.alpn:
+        ctx.set_alpn_protocols(list(tls.alpn))
+    if server and not tls.session_tickets:  # no ticket to make per handshake (TLS 1.3), none in TLS 1.2
+        ctx.num_tickets = 0
+        ctx.options |= ssl.OP_NO_TICKET
+    elif server:  # resumption without OpenSSL 3.0's costly stateless tickets (above)
+        use_stateful_tickets(ctx)
+    return ctx
