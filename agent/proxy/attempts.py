@@ -11,9 +11,10 @@ stream's response events go to the owner's response relay (response.py).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from planemesh.agent.proxy import accesslog as flags
+from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS
 from planemesh.agent.proxy.h2_support import open_h2_stream
@@ -28,8 +29,9 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import AttemptOwner, Fields, RequestSource
     from planemesh.agent.proxy.contracts import UpstreamStream as UpstreamConnection
-    from planemesh.agent.proxy.pipeline import Upstream
+    from planemesh.agent.proxy.pipeline import Headers, Local, Upstream
     from planemesh.agent.proxy.retry import Retries
+    from planemesh.agent.proxy.routing import CompiledRouteConfig, RouteResult
     from planemesh.model.config import Cluster, Endpoint
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an attempt holds
@@ -123,6 +125,19 @@ class Attempt:
         self.cb_held |= HELD_REQUEST
         self.hash_key = up.hash_key
         return self.pick()  # ORIGINAL_DST: the original destination
+
+    def local_stage(self, crc: CompiledRouteConfig, result: RouteResult, authority: str, target: bytes,
+                    headers: Headers, rbac_denied: Any) -> Local | RouteResult | None:
+        """Step 6 for a local client pod's request on the endpoint just picked (pipeline.local_inbound, one call
+        for both codecs): a Local answer, the chained RouteResult (the server's inbound request unit now held
+        by this attempt until the request ends), or None. A retry keeps to endpoints of the same stage."""
+        proxy = self.ds.proxy
+        self.local_client = (proxy.table.router, crc)
+        assert self.upstream_addr is not None
+        step = pipeline.local_inbound(proxy, crc, self.upstream_addr, result, authority, target, headers, rbac_denied)
+        if step is not None and type(step) is not pipeline.Local:
+            self.inbound_hold = step.inbound_hold
+        return step
 
     def pick(self) -> tuple[str, int] | None:
         """The next endpoint of the request's cluster; the attempt on it is open until end()."""

@@ -246,14 +246,12 @@ class Exchange:
         if connect:
             return self._open_connect(target, result.connect_timeout_s)
         if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
-            attempt.local_client = (proxy.table.router, crc)  # a retry keeps to endpoints of the same stage
-            step = pipeline.local_inbound(proxy, crc, target, result, self.authority or "", self.target,
-                                          self._header_map, self._rbac_denied)  # fmt: skip
+            step = attempt.local_stage(crc, result, self.authority or "", self.target, self._header_map,
+                                       self._rbac_denied)  # fmt: skip
+            if type(step) is pipeline.Local:
+                return self.answer(step)
             if step is not None:
-                if type(step) is pipeline.Local:
-                    return self.answer(step)
-                result = step  # type: ignore[assignment]
-                attempt.inbound_hold = result.inbound_hold
+                result = step
                 route = self.route = result.route
         self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"")
         upreq = self.upreq

@@ -297,15 +297,13 @@ class Bridge:
             target = picked
         attempt.upstream_addr = target
         if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
-            attempt.local_client = (proxy.table.router, crc)  # a retry keeps to endpoints of the same stage
             authority = self.authority_b.decode("latin-1") if self.authority_b else ""
-            step = pipeline.local_inbound(proxy, crc, target, result, authority, self.path_b or b"/",
-                                          self._header_map, self._rbac_denied)  # fmt: skip
+            step = attempt.local_stage(crc, result, authority, self.path_b or b"/", self._header_map,
+                                       self._rbac_denied)  # fmt: skip
+            if type(step) is pipeline.Local:
+                return self.answer(step)
             if step is not None:
-                if type(step) is pipeline.Local:
-                    return self.answer(step)
-                result = step  # type: ignore[assignment]
-                attempt.inbound_hold = result.inbound_hold
+                result = step
                 route = self.route = result.route
         self.pseudo, self.fields, self.up_path, self.up_authority = mutated_request(
             route, self.pseudo, self.fields, self.path_b, self.authority_b
