@@ -54,6 +54,7 @@ from planemesh.agent.hbone.wds import Table, WdsState
 from planemesh.agent.hbone.wds_client import WdsClient
 from planemesh.agent.identity.ca import CertError
 from planemesh.agent.identity.ca_files import read_ca
+from planemesh.agent.libc_tuning import tune_malloc
 from planemesh.model.config import ConfigError
 from planemesh.model.defaults import option
 
@@ -246,26 +247,6 @@ async def _hand_over(inbound: Inbound, outbound: Outbound | None) -> None:
 def open_tunnels(inbound: Inbound, outbound: Outbound | None) -> int:
     conns = [c for held in (outbound.pool.conns.values() if outbound else ()) for _, c in held]
     return sum(len(c.streams) for c in [*conns, *inbound.open])
-
-
-# glibc's allocator for the tunnel's transient buffers (256 KiB h2 frames, the TLS engine's plaintext and
-# ciphertext chunks): with its defaults each such buffer is a fresh mmap or a re-grown heap top, page-faulted per
-# use (322 k faults per 256 MiB tunnelled vs 8 k with these; 2-3x the CPU per GiB until glibc's own threshold
-# adapts: docs/benchmarks.md, hbone3). Cost: up to TRIM of free heap kept by the node process.
-MALLOC_MMAP_THRESHOLD = 1 << 20  # M_MMAP_THRESHOLD: allocations below this come from the heap
-MALLOC_TRIM_THRESHOLD = 4 << 20  # M_TRIM_THRESHOLD: free heap top kept before it is returned to the kernel
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-
-
-def tune_malloc() -> bool:
-    """Set the two thresholds (glibc only; False where mallopt is missing or refuses)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
-    )
 
 
 def _die_with_parent() -> None:

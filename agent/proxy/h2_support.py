@@ -6,7 +6,6 @@ once (14-61 ms in three runs at load average 6)."""
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 from planemesh.agent.lazy_modules import load
@@ -14,19 +13,18 @@ from planemesh.agent.lazy_modules import load
 # No import of the modules loaded here, nor of their users, even for type checking: this module sits between
 # them (attempts, server -> h2_support -> h2_*), so it names their types as Any.
 
-
-def _module(name: str) -> ModuleType:
-    return load(f"planemesh.agent.proxy.{name}")
+_H2_DOWNSTREAM = "planemesh.agent.proxy.h2_downstream"
+_H2_UPSTREAM = "planemesh.agent.proxy.h2_upstream"  # names, not f-strings: open_h2_stream runs per request
 
 
 def h2_downstream(proxy: Any, preread: bytes) -> Any:
     """A client connection speaking h2 (agent/proxy/h2_downstream.py)."""
-    return _module("h2_downstream").H2Downstream(proxy, preread)
+    return load(_H2_DOWNSTREAM).H2Downstream(proxy, preread)
 
 
 def open_h2_stream(attempt: Any, target: tuple[str, int]) -> None:
     """agent/proxy/h2_upstream.py open_h2_stream."""
-    _module("h2_upstream").open_h2_stream(attempt, target)
+    load(_H2_UPSTREAM).open_h2_stream(attempt, target)
 
 
 class LazyH2Pool:
@@ -45,7 +43,7 @@ class LazyH2Pool:
              key: tuple | None = None) -> bytes | None:
         """h2_upstream.H2Pool.open: the breaker's refusal, or None."""
         if self.pool is None:
-            self.pool = _module("h2_upstream").H2Pool(self.proxy)
+            self.pool = load(_H2_UPSTREAM).H2Pool(self.proxy)
         return self.pool.open(stream, addr, ended, connect_timeout, key)
 
     def sweep(self, idle_timeout_s: float) -> None:
