@@ -23,6 +23,7 @@ from netaddr import AddrFormatError, IPAddress, IPNetwork
 from planemesh.ebpf.abi import PM_MAX_PLANES, PM_MAX_SRC_POLICY, Action
 from planemesh.model.config import Cluster, ClusterKind, ConfigError, Listener, ListenerProtocol, Snapshot
 from planemesh.model.planes import Plane, UndeclaredPorts
+from planemesh.model.tls_config import endpoint_tls
 
 _LISTENER_ACTION = {ListenerProtocol.HTTP: Action.PROXY, ListenerProtocol.TCP: Action.BYPASS}
 _UNDECLARED_ACTION = {UndeclaredPorts.BYPASS: Action.BYPASS, UndeclaredPorts.SNIFF: Action.SNIFF}
@@ -203,12 +204,29 @@ def tcp_handling(lsn: Listener, clusters: Mapping[str, Cluster]) -> tuple[bool, 
         return False, "authorized by network RBAC"
     if lsn.tls is not None:
         return False, "terminates TLS"
+    if originates_tls(lsn, clusters):
+        return False, "originates TLS to its cluster's endpoints (transport_socket_matches / transport_socket)"
     why = keeps_destination(lsn, clusters)
     if why is not None:
         return True, why
     if len(lsn.tcp_clusters) > 1:
         return False, "splits by weight between clusters"
     return False, "its cluster would not pick the original destination"
+
+
+def originates_tls(lsn: Listener, clusters: Mapping[str, Cluster]) -> bool:
+    """Some endpoint of the chain's clusters is reached over TLS (Istio auto-mTLS: `tlsMode: istio` endpoints),
+    or an ORIGINAL_DST cluster's own transport_socket is TLS: the proxy must originate it
+    (agent/proxy/tcp_originate.py), the kernel's bypass would send plaintext."""
+    for weighted in lsn.tcp_clusters:
+        cluster = clusters.get(weighted.name)
+        if cluster is None or (cluster.tls is None and not cluster.tls_matches):
+            continue
+        if cluster.kind is ClusterKind.ORIGINAL_DST and cluster.tls is not None:
+            return True
+        if any(endpoint_tls(cluster, ep, (ep.address, ep.port)) is not None for ep in cluster.endpoints):
+            return True
+    return False
 
 
 def keeps_destination(lsn: Listener, clusters: Mapping[str, Cluster]) -> str | None:

@@ -145,9 +145,13 @@ TCP_RULE = [
     "`outbound|PORT||HOST`: no chain metadata `istio.config` (istiod marks a chain built from a VirtualService",
     "with it), no `filter_chain_match` of its own, the listener's port, no subset. Every other chain (a",
     "VirtualService `tcp:` route to another host, a DestinationRule subset, a weighted split, SNI, network RBAC,",
-    "TLS) is relayed by the plane's proxy to its cluster (`ebpf/policy.py` `tcp_handling`, `xds/translate_tcp.py`;",
-    "`tests/unit/test_tcp_bypass_rule.py`). The corpus's chains on plane `pod`, the whole push applied as the",
-    "client applies it (without SDS secrets: istiod sends none; the mTLS twins are then dropped):",
+    "TLS termination, and TLS origination: a cluster whose `transport_socket_matches` give an endpoint mTLS, as",
+    "istiod's `tlsMode: istio` match does once its SDS secrets are served) is relayed by the plane's proxy to its",
+    "cluster, which originates TLS per endpoint (`ebpf/policy.py` `tcp_handling`, `xds/translate_tcp.py`,",
+    "`agent/proxy/tcp_originate.py`; `tests/unit/test_tcp_bypass_rule.py`). The TCP chain behind an HTTP chain",
+    "of one destination (an auto-protocol port) follows the same rule for the bytes that are not HTTP. The",
+    "corpus's chains on plane `pod`, the whole push applied as the client applies it (without SDS secrets:",
+    "istiod sends none, so `tlsMode: istio` endpoints keep the plaintext match and the mTLS twins are dropped):",
 ]
 
 

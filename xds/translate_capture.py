@@ -27,7 +27,8 @@ def _key(lsn: Listener) -> tuple:
 
 def merge_same_destination(out: list[Listener], paths: list[str]) -> list[Listener]:
     """Chains of one listener that planemesh cannot tell apart (they differ only by transport_protocol or
-    application_protocols) -> one listener per destination: HTTP with TCP -> HTTP sniffed, equal HTTP chains
+    application_protocols) -> one listener per destination: HTTP with TCP -> HTTP sniffed, carrying the TCP
+    chain's clusters (what is not HTTP goes there: agent/proxy/sni_routing.py `behind_http`), equal HTTP chains
     -> one, TCP fallbacks behind the first -> noted."""
     groups: dict[tuple, list[int]] = {}
     for i, lsn in enumerate(out):
@@ -59,15 +60,20 @@ def merge_same_destination(out: list[Listener], paths: list[str]) -> list[Listen
                 )
             if http and _blackhole(out[i]):
                 why = "BlackHoleCluster (REGISTRY_ONLY): the HTTP listener is not sniffed, non-HTTP bytes are refused"
+            elif http and i == passthrough[0]:
+                why = ("the HTTP chain is sniffed; non-HTTP bytes go to this chain's cluster (relayed; the original "
+                       "destination where the cluster would pick it: ebpf/policy.py tcp_handling)")
             elif http:
-                why = "non-HTTP bytes pass through to the original destination (the HTTP chain is sniffed)"
+                why = "a fallback chain behind the destination's first TCP chain, which takes the non-HTTP bytes"
             else:
                 why = "a fallback chain behind the chain that serves this destination"
             note_ignored(paths[i], why)
         if http and passthrough:
             # a TLS group: every chain's ALPN decides termination (agent/proxy/sniff_tls.py)
             alpn = tuple(dict.fromkeys(a for i in idx for a in out[i].application_protocols)) if first.tls else ()
-            first = dataclasses.replace(first, sniff=True, application_protocols=alpn)
+            tcp_chain = out[passthrough[0]]
+            first = dataclasses.replace(first, sniff=True, application_protocols=alpn,
+                                        tcp_clusters=tcp_chain.tcp_clusters, own_service=tcp_chain.own_service)
         merged.append(first)
     return merged
 

@@ -29,6 +29,7 @@ from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classif
 from planemesh.agent.proxy.sniff_tls import mtls_decision, terminate_and_sniff
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tcp_authz import tcp_denial
+from planemesh.agent.proxy.tcp_originate import TcpOriginStats, TlsUpstream, origin_tls, originate
 from planemesh.agent.proxy.tcp_tls import TcpRecord, TlsDownstream, terminate
 from planemesh.model.config import ClusterKind
 
@@ -57,6 +58,7 @@ class SniffStats:
         "inner_kinds",
         "kinds",
         "no_upstream",
+        "origin",
         "passthrough_active",
         "passthrough_total",
         "routed",
@@ -77,6 +79,7 @@ class SniffStats:
         self.bytes_down = 0  # server -> client
         self.routed: dict[str, dict[str, int]] = {}  # filter chain -> SNI ("(none)": no SNI) -> connections
         self.no_upstream = 0  # a chain's cluster had no endpoint or its connection breaker was full
+        self.origin = TcpOriginStats()  # TLS originated to the chain's endpoints (tcp_originate.py)
 
     def record(self, verdict: Verdict) -> None:
         self.kinds[verdict.kind.value] += 1
@@ -99,6 +102,7 @@ class SniffStats:
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {name: getattr(self, name) for name in self.__slots__}
         out["routed"] = {chain: dict(names) for chain, names in self.routed.items()}
+        out["origin"] = self.origin.as_dict()
         return {name: (dict(v) if isinstance(v, dict) else v) for name, v in out.items()}
 
 
@@ -261,16 +265,25 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
+async def _attach(up: socket.socket | TlsUpstream, end: _Pipe) -> None:
+    """The relay's upstream end: a connected socket, or a TLS connection this proxy originated."""
+    if isinstance(up, TlsUpstream):
+        up.adopt(end)
+    else:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: end, up)
+
+
 async def splice_sockets(
-    a: socket.socket, b: socket.socket, count_ab: Callable[[int], None], count_ba: Callable[[int], None]
-) -> asyncio.Future[None]:
-    """Copy bytes both ways between two connected sockets until both directions ended. Returns a future
-    that completes when both are closed."""
+    a: socket.socket, b: socket.socket | TlsUpstream, count_ab: Callable[[int], None],
+    count_ba: Callable[[int], None],
+) -> asyncio.Future[None]:  # fmt: skip
+    """Copy bytes both ways between two connected sockets (`b` may be an originated TLS connection) until both
+    directions ended. Returns a future that completes when both are closed."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     pa, pb = pipe_pair(count_ab, count_ba, lambda: done.done() or done.set_result(None))
     try:
-        await loop.connect_accepted_socket(lambda: pb, b)
+        await _attach(b, pb)
     except BaseException:
         a.close()
         b.close()
@@ -285,14 +298,15 @@ async def splice_sockets(
 
 
 async def relay_tls(
-    down: TlsDownstream, up: socket.socket, count_up: Callable[[int], None], count_down: Callable[[int], None]
-) -> asyncio.Future[None]:
+    down: TlsDownstream, up: socket.socket | TlsUpstream, count_up: Callable[[int], None],
+    count_down: Callable[[int], None],
+) -> asyncio.Future[None]:  # fmt: skip
     """splice_sockets for a client whose TLS this proxy terminated (agent/proxy/tcp_tls.py)."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     pa, pb = pipe_pair(count_up, count_down, lambda: done.done() or done.set_result(None))
     try:
-        await loop.connect_accepted_socket(lambda: pb, up)
+        await _attach(up, pb)
     except BaseException:
         up.close()
         down.refuse()
@@ -447,10 +461,13 @@ class SniffListener:
         timeout = cluster.connect_timeout_s if cluster is not None else None
         timeout = timeout if timeout is not None else proxy.sla.connect_timeout_s
         source, mark = proxy.upstream_binding(host)
+        origin = origin_tls(cluster, ep, (host, port))  # the endpoint's transport socket (tcp_originate.py)
         outcome = -1
         try:
             try:
                 up = await open_upstream(host, port, mark=mark, source=source, timeout=timeout)
+                if origin is not None:  # TLS refused (counted, logged): the client is closed, as a refused connect
+                    up = await originate(proxy, up, origin, timeout, stats.origin)
             except (OSError, TimeoutError):
                 stats.connect_failures += 1
                 outcome = 0
@@ -496,6 +513,8 @@ class SniffListener:
         except OSError:
             src = ""
         chain = table.sni.select(dst[1], dst[0], verdict.sni, is_tls, verdict.alpn, src or None)
+        if chain is None:  # not HTTP on an auto-protocol port: its TCP chain's cluster (sni_routing.py)
+            chain = table.sni.behind_http(dst[1], dst[0], src or None)
         if chain is None and table.sni.guarded(dst[1], src or None):  # no chain for it: refused, as Envoy does
             if not is_tls and table.sni.terminates_tls(dst[1], src or None):
                 proxy.tls_stats.plaintext_refused += 1

@@ -33,7 +33,7 @@ class RoutingTable:
         self.clock = clock
         self.route_limiters: dict[int, LocalRateLimiter] = {}  # id(route) -> its bucket (routes live as long)
         self.router = PlaneRouter(snapshot, plane, previous.router if previous is not None else None)
-        self.sni = SniRoutes(snapshot.listeners_of(plane))  # passthrough chains (sniff listener)
+        self.sni = SniRoutes(snapshot.listeners_of(plane), snapshot.clusters)  # passthrough chains (sniff listener)
         self.balancer = Balancer(snapshot, clock=clock)  # outlier ejection follows the proxy's clock
 
     def route_limiter(self, route: Route) -> LocalRateLimiter:

@@ -16,7 +16,11 @@ but has no chain for the next level means no chain at all):
    tries `*.b.example.com`, then `*.example.com`, then `*.com`; `*.example.com` never matches `example.com`),
    then the chains without server_names. A connection without SNI (not TLS, or no extension) only
    matches chains without server_names.
-Only tcp_proxy chains (ListenerProtocol.TCP) take part: HTTP chains are served by the L7 proxy.
+Only tcp_proxy chains (ListenerProtocol.TCP) take part: HTTP chains are served by the L7 proxy. An HTTP chain
+with a TCP chain behind it on one destination (an auto-protocol port: xds/translate_capture.py makes it one
+sniffed HTTP listener carrying the TCP chain's clusters) has its TCP chain in `behind_http`: the bytes the
+sniffer did not find to be HTTP go to that chain's cluster, unless the cluster would pick the original
+destination anyway and originates no TLS (ebpf/policy.py `tcp_handling`, the kernel bypass's own rule).
 
 Chains with `sources` (a local workload's outbound chains: agent/workloads/merge.py) take part for connections
 from those addresses only, and at an equal destination prefix they win over chains without sources: the
@@ -26,14 +30,16 @@ send it here by the same rule).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from netaddr import IPAddress, IPNetwork
 
 from planemesh.agent.proxy.routing import parse_ip
 from planemesh.agent.rbac import RbacFilter
-from planemesh.model.config import Listener, ListenerProtocol, RouteAction
+from planemesh.ebpf.policy import tcp_handling
+from planemesh.model.config import Cluster, Listener, ListenerProtocol, RouteAction
 from planemesh.model.server_names import MAX_SERVER_NAME, server_name_error  # noqa: F401  (re-exported)
 from planemesh.model.tls_config import TlsContext
 
@@ -96,11 +102,21 @@ class _Entry:
 class SniRoutes:
     """The tcp_proxy filter chains of one plane, indexed by destination port. Immutable."""
 
-    def __init__(self, listeners: Iterable[Listener]) -> None:
+    def __init__(self, listeners: Iterable[Listener], clusters: Mapping[str, Cluster] | None = None) -> None:
+        """`clusters`: the snapshot's, to relay the TCP chains behind sniffed HTTP chains (module doc)."""
         self._by_port: dict[int, list[_Entry]] = {}
+        behind: list[Listener] = []
         for lsn in listeners:
             if lsn.protocol is ListenerProtocol.TCP:
                 self._by_port.setdefault(lsn.port, []).append(_Entry(lsn))
+            elif clusters is not None and (tcp := _tcp_behind(lsn)) is not None and not tcp_handling(tcp, clusters)[0]:
+                behind.append(tcp)
+        self._behind = SniRoutes(behind) if behind else None
+
+    def behind_http(self, port: int, address: str, src: str | None = None) -> PassthroughChain | None:
+        """The TCP chain behind a sniffed HTTP chain of this destination that relays to its cluster, else None
+        (the original destination). For connections the sniffer did not find to be HTTP."""
+        return None if self._behind is None else self._behind.select(port, address, None, src=src)
 
     def _of(self, port: int, src: str | None) -> list[_Entry]:
         entries = self._by_port.get(port, [])
@@ -152,3 +168,15 @@ class SniRoutes:
             if not e.names:
                 return e.chain
         return None
+
+
+def _tcp_behind(lsn: Listener) -> Listener | None:
+    """A sniffed HTTP listener's TCP chain (its clusters) as a tcp_proxy chain; None without one, or when the
+    listener terminates TLS (inside mTLS, sniff_tls.py relays to the original destination: istiod's inbound TCP
+    chain's InboundPassthroughCluster)."""
+    if not lsn.sniff or not lsn.tcp_clusters or lsn.tls is not None:
+        return None
+    return dataclasses.replace(
+        lsn, protocol=ListenerProtocol.TCP, sniff=False, route_config=None, server_names=(), application_protocols=(),
+        transport_protocol="",
+    )

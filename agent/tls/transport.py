@@ -40,10 +40,17 @@ class TlsTransport(asyncio.Transport):
         self._wire.send(b"".join(chunks))
 
     def write_eof(self) -> None:
-        raise NotImplementedError("TLS transports have no half-close")
+        if not self._wire.half_close:
+            raise NotImplementedError("TLS transports have no half-close")
+        self._wire.write_eof()
 
     def can_write_eof(self) -> bool:
-        return False
+        return self._wire.half_close
+
+    def allow_half_close(self) -> None:
+        """Opt in to write_eof(): close_notify, then a TCP FIN, and keep reading (Envoy's TLS socket on a
+        downstream half-close). Relays of TCP over TLS use it (agent/proxy/tcp_originate.py); the codecs do not."""
+        self._wire.half_close = True
 
     def close(self) -> None:
         self._wire.close()
@@ -108,6 +115,7 @@ class _TlsWire(asyncio.Protocol):
         self.app: Any = None
         self.transport: TlsTransport | None = None
         self.closing = self.paused = self.eof = False
+        self.half_close = self.eof_sent = False  # TlsTransport.allow_half_close / write_eof
         self.timer: asyncio.TimerHandle | None = None
         self.held = b""  # a TLS 1.3 server's tickets, sent ahead of its first write (_handshake)
         self.read_end: TlsError | bool | None = None  # a close_notify / record error read while the app paused
@@ -295,6 +303,16 @@ class _TlsWire(asyncio.Protocol):
         self._flush()
         if self.raw is not None:
             self.raw.close()
+
+    def write_eof(self) -> None:
+        """Our close_notify and FIN; the peer's records are still read (TLS 1.3 and 1.2 allow it)."""
+        if self.closing or self.eof_sent:
+            return
+        self.eof_sent = True
+        self.tls.close_notify()
+        self._flush()
+        if self.raw is not None and not self.raw.is_closing() and self.raw.can_write_eof():
+            self.raw.write_eof()
 
     def abort(self) -> None:
         self.closing = True
