@@ -1,0 +1,222 @@
+"""TLS origination on relayed TCP over real loopback sockets (Istio auto-mTLS for tcp_proxy chains): a chain
+relayed by the sniffing listener to its cluster reaches an endpoint labelled `tlsMode: istio` over mTLS (a real
+TLS server requiring a client certificate from the built-in CA), with the proxy's SPIFFE certificate, the SNI and
+ALPN of the match, the server's SAN checked; an unlabelled endpoint stays plaintext. A server with the wrong SAN,
+from another CA or with an expired certificate gets nothing: counted, logged, the client closed. Half-close
+(the client's FIN -> close_notify, the answer still relayed) and back-pressure (megabytes both ways) hold over
+TLS. On an auto-protocol port (an HTTP chain and a TCP chain on one destination) the bytes that are not HTTP go
+to the TCP chain's cluster, HTTP to the routes. Before this, every relayed connection was plaintext and the
+auto-protocol port's non-HTTP bytes went to the original destination."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from planemesh.agent.identity.ca import key_pem, spiffe_ids
+from planemesh.model.config import (
+    Cluster,
+    ClusterKind,
+    Endpoint,
+    Listener,
+    ListenerProtocol,
+    WeightedCluster,
+)
+from planemesh.model.tls_config import CertSecret, SanMatch, TlsContext, TlsMatch, TrustSecret
+from tests.proxy.proxy_harness import PLANE, Backend
+from tests.proxy.test_sniff_passthrough import SniffProxy, TcpServer, recv_all
+from tests.proxy.test_tls_origination import BACKEND_ID, NOW, OTHER, PROXY_ID, ROOT
+
+PORT = 15444  # the chain's destination port (the sniffer's `target` plays the original destination)
+ISTIO = (("tlsMode", "istio"),)
+SNI = "outbound_.5000_._.db.ran.svc.cluster.local"
+MTLS = TlsContext(cert="default", trust="ROOTCA", san=(SanMatch("uri", exact=str(BACKEND_ID)),), sni=SNI,
+                  alpn=("istio-peer-exchange", "istio"))  # fmt: skip
+
+
+class MtlsEcho(TcpServer):
+    """A TLS server requiring a client certificate from ROOT: reads until the client's EOF (its close_notify),
+    then answers `echo:` + the SHA-256 of what it read, and the length (half-close over TLS)."""
+
+    def __init__(self, ca=ROOT, now=NOW, ttl_s: float = 3600, who=BACKEND_ID) -> None:
+        issued = ca.issue(who, now=now, ttl_s=ttl_s)
+        self.tmp = Path(tempfile.mkdtemp())
+        (self.tmp / "c.pem").write_bytes(issued.cert_chain_pem() + key_pem(issued.key))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.tmp / "c.pem")
+        ctx.load_verify_locations(cadata=ROOT.root_pem().decode())
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.set_alpn_protocols(["istio"])
+        self.sni: list[str | None] = []
+        ctx.sni_callback = lambda obj, name, _ctx: self.sni.append(name)
+        self.clients: list[list[str]] = []
+        self.alpn: list[str | None] = []
+        self.seen: list[bytes] = []
+        super().__init__(self._serve_one, wrap=ctx)
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        self.clients.append(spiffe_ids(x509.load_der_x509_certificate(conn.getpeercert(binary_form=True))))
+        self.alpn.append(conn.selected_alpn_protocol())
+        got = recv_all(conn)
+        self.seen.append(got[:64])
+        conn.sendall(b"echo:%s:%d" % (hashlib.sha256(got).hexdigest().encode(), len(got)))
+
+
+class PlainEcho(TcpServer):
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+        super().__init__(self._serve_one)
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        got = recv_all(conn)
+        self.seen.append(got[:64])
+        conn.sendall(b"plain:%d" % len(got))
+
+
+def db_cluster(*endpoints: tuple[int, bool], kind: ClusterKind = ClusterKind.STATIC) -> Cluster:
+    """istiod's outbound cluster shape: a `tlsMode: istio` match (mTLS) before the plaintext default."""
+    eps = tuple(Endpoint("127.0.0.1", port, tls_labels=ISTIO if istio else (), tls_socket=0 if istio else -1)
+                for port, istio in endpoints)  # fmt: skip
+    return Cluster("db", kind, endpoints=eps, connect_timeout_s=2.0,
+                   tls_matches=(TlsMatch("tlsMode-istio", ISTIO, MTLS),))  # fmt: skip
+
+
+def secrets() -> dict:
+    mine = ROOT.issue(PROXY_ID, now=NOW)
+    return {"default": CertSecret(mine.cert_chain_pem(), mine.key_pem()), "ROOTCA": TrustSecret(ROOT.root_pem())}
+
+
+def relay(cluster: Cluster, listener: Listener | None = None, clusters: dict | None = None) -> SniffProxy:
+    lsn = listener or Listener("db", PLANE, PORT, ListenerProtocol.TCP, tcp_clusters=(WeightedCluster("db", 1),))
+    px = SniffProxy((lsn,), {"db": cluster, **(clusters or {})}, secrets=secrets())
+    px.target = ("127.0.0.1", PORT)  # nothing listens there: only the cluster's endpoint answers
+    return px
+
+
+def call(px: SniffProxy, payload: bytes = b"ping", half_close: bool = True) -> bytes:
+    """Send, half-close, read the answer until the proxy closes."""
+    with px.connect() as s:
+        s.settimeout(10)
+        try:
+            s.sendall(payload)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+            return recv_all(s)
+        except ConnectionError:
+            return b"<reset>"
+
+
+def answer(payload: bytes) -> bytes:
+    return b"echo:%s:%d" % (hashlib.sha256(payload).hexdigest().encode(), len(payload))
+
+
+def settle(px: SniffProxy) -> None:
+    deadline = time.monotonic() + 5
+    while px.proxy.sniff_stats.passthrough_active and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_mtls_to_istio_endpoint_with_our_identity_sni_alpn_and_half_close() -> None:
+    with MtlsEcho() as server, relay(db_cluster((server.addr[1], True))) as px:
+        assert call(px) == answer(b"ping")  # the answer comes after our close_notify: half-close over TLS
+        assert call(px, b"pong") == answer(b"pong")
+    assert server.seen == [b"ping", b"pong"] and not server.errors
+    assert server.clients == [[str(PROXY_ID)]] * 2 and server.sni == [SNI] * 2 and server.alpn == ["istio"] * 2
+    origin = px.proxy.sniff_stats.origin
+    assert (origin.handshakes, origin.failed) == (2, 0)
+
+
+def test_megabytes_both_ways_keep_back_pressure() -> None:
+    """8 MiB up and the echo server's whole answer: nothing lost, no deadlock, over TLS."""
+    payload = os.urandom(8 << 20)
+    with MtlsEcho() as server, relay(db_cluster((server.addr[1], True))) as px:
+        assert call(px, payload) == answer(payload)
+        settle(px)
+        assert px.proxy.sniff_stats.bytes_up == len(payload)
+
+
+def test_server_streams_while_client_still_sends() -> None:
+    """Both directions at once through the TLS relay: the server echoes every chunk as it comes."""
+
+    def echo(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    srv = MtlsEcho()
+    srv.handler = echo
+    with srv as server, relay(db_cluster((server.addr[1], True))) as px, px.connect() as s:
+        s.settimeout(10)
+        chunk = os.urandom(256 << 10)
+        got = bytearray()
+        reader = threading.Thread(target=lambda: got.extend(recv_all(s)), daemon=True)
+        reader.start()
+        for _ in range(16):
+            s.sendall(chunk)
+        s.shutdown(socket.SHUT_WR)
+        reader.join(15)
+        assert bytes(got) == chunk * 16
+
+
+@pytest.mark.parametrize(
+    ("kw", "counter"),
+    [({"who": PROXY_ID}, "san_refused"), ({"ca": OTHER}, "failed"),
+     ({"now": NOW.replace(year=NOW.year - 1), "ttl_s": 600}, "failed")],
+    ids=["wrong-san", "foreign-ca", "expired"],
+)  # fmt: skip
+def test_refused_server_gets_nothing_and_is_counted(kw, counter, caplog) -> None:
+    caplog.set_level(logging.INFO, "planemesh.proxy.tls")
+    with MtlsEcho(**kw) as bad, relay(db_cluster((bad.addr[1], True))) as px:
+        assert call(px, b"secret") in (b"", b"<reset>")
+        settle(px)
+        stats = px.proxy.sniff_stats
+        assert getattr(stats.origin, counter) == 1 and stats.origin.failed == 1 and stats.origin.handshakes == 0
+        assert stats.connect_failures == 1
+    assert not any(bad.seen)  # never a byte of the client's (a handshake it finished ends with no data)
+    assert "upstream" in caplog.text  # logged with the reason
+
+
+def test_plaintext_endpoint_stays_plaintext_in_the_same_cluster() -> None:
+    """tlsMode-disabled endpoints (no label) are reached in plaintext; labelled ones over mTLS (round robin)."""
+    with MtlsEcho() as server, PlainEcho() as plain, relay(db_cluster((server.addr[1], True), (plain.addr[1], False))) as px:  # noqa: E501
+        answers = sorted(call(px, b"x%d" % i) for i in range(4))
+    assert sum(a.startswith(b"echo:") for a in answers) == 2 and answers.count(b"plain:2") == 2, answers
+    assert len(server.seen) == 2 and len(plain.seen) == 2 and plain.seen[0].startswith(b"x")
+    assert px.proxy.sniff_stats.origin.handshakes == 2
+
+
+def test_auto_protocol_port_relays_non_http_to_the_tcp_chains_cluster() -> None:
+    """An HTTP chain with a TCP chain behind it (one sniffed listener carrying the TCP chain's cluster, as
+    xds/translate_capture.py makes istiod's auto-protocol port): HTTP goes to the routes, other bytes over mTLS
+    to the TCP chain's cluster. Before, they went to the original destination (here: a plaintext server)."""
+    with Backend() as web, MtlsEcho() as server, PlainEcho() as original:
+        web_cluster = Cluster("backend", ClusterKind.STATIC, endpoints=(Endpoint("127.0.0.1", web.port),))
+        auto = Listener("auto", PLANE, original.addr[1], ListenerProtocol.HTTP, route_config="rc", sniff=True,
+                        tcp_clusters=(WeightedCluster("db", 1),))  # fmt: skip
+        with relay(db_cluster((server.addr[1], True)), auto, {"backend": web_cluster}) as px:
+            px.target = original.addr
+            assert call(px, b"\x00\x01binary protocol") == answer(b"\x00\x01binary protocol")
+            reply = call(px, b"GET /page HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n", half_close=False)
+            assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert server.seen == [b"\x00\x01binary protocol"] and original.seen == []
+    assert [p for _, p, _ in web.seen] == ["/page"]
+
+
+def test_auto_protocol_port_keeps_the_original_destination_for_a_passthrough_cluster() -> None:
+    """The TCP chain's cluster would pick the original destination (ORIGINAL_DST, no TLS): it is used."""
+    with PlainEcho() as original:
+        auto = Listener("auto", PLANE, original.addr[1], ListenerProtocol.HTTP, route_config="rc", sniff=True,
+                        tcp_clusters=(WeightedCluster("pass", 1),))  # fmt: skip
+        with relay(Cluster("db"), auto, {"pass": Cluster("pass", ClusterKind.ORIGINAL_DST)}) as px:
+            px.target = original.addr
+            assert call(px, b"\x00opaque") == b"plain:7"
+    assert original.seen == [b"\x00opaque"]
