@@ -226,6 +226,11 @@ def _sniff_families(report: StatsReport) -> Iterator[Metric]:
     no_upstream = CounterMetricFamily(
         "planemesh_passthrough_no_upstream", "SNI-routed connections whose cluster had no endpoint", labels=["plane"]
     )
+    upstream_tls = CounterMetricFamily(
+        "planemesh_passthrough_upstream_tls",
+        "TLS originated on relayed TCP (handshakes; failed, of which san_refused and timeouts)",
+        labels=["plane", "outcome"],
+    )
     inner = CounterMetricFamily(
         "planemesh_sniff_mtls_inner_connections",
         "mTLS connections the sniffing listener terminated, by what their plaintext was",
@@ -247,6 +252,8 @@ def _sniff_families(report: StatsReport) -> Iterator[Metric]:
         nbytes.add_metric([r.plane, "down"], r.passthrough_bytes_down)
         failures.add_metric([r.plane], r.connect_failures)
         no_upstream.add_metric([r.plane], r.no_upstream)
+        for outcome, n in sorted(r.upstream_tls.items()):
+            upstream_tls.add_metric([r.plane, outcome], n)
     routed = CounterMetricFamily(
         "planemesh_sni_routed_connections",
         "Passthrough connections per filter chain and SNI",
@@ -254,7 +261,7 @@ def _sniff_families(report: StatsReport) -> Iterator[Metric]:
     )
     for r in report.sni_routes:
         routed.add_metric([r.plane, r.chain, r.sni], r.connections)
-    yield from (verdicts, inner, sni, alpn, silent, active, total, nbytes, failures, no_upstream, routed)
+    yield from (verdicts, inner, sni, alpn, silent, active, total, nbytes, failures, no_upstream, upstream_tls, routed)
 
 
 def _node_shed_families(levels: Sequence[NodeShedStats], overload: Sequence[OverloadStats]) -> Iterator[Metric]:

@@ -154,6 +154,8 @@ class SniffListenerStats:
     passthrough_bytes_down: int = 0  # server -> client
     connect_failures: int = 0
     no_upstream: int = 0  # an SNI-routed chain's cluster had no endpoint or a full connection breaker
+    # TLS originated on relayed TCP (agent/proxy/tcp_originate.py): handshakes, failed, san_refused, timeouts
+    upstream_tls: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

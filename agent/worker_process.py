@@ -115,6 +115,7 @@ def sniff_rows(plane: str, sniff: Any) -> dict[str, Any]:
                 "passthrough_bytes_down": s["bytes_down"],
                 "connect_failures": s["connect_failures"],
                 "no_upstream": s["no_upstream"],
+                "upstream_tls": s["origin"],  # TLS originated on relayed TCP (agent/proxy/tcp_originate.py)
             }
         ],
         "sni_routes": [
