@@ -67,7 +67,7 @@ class IstioCounters:
         tls = endpoint_tls(cluster, endpoint, addr or ("", 0))
         if tls is None:
             return None, None
-        return self.our_uri(proxy, tls), _exact_spiffe(tls)
+        return self.our_uri(proxy, tls), exact_spiffe(tls)
 
     def our_uri(self, proxy: Any, tls: TlsContext) -> str | None:
         cert = proxy.table.snapshot.secrets.get(tls.cert) if tls.cert else None
@@ -118,6 +118,6 @@ def _ssl_object(rec: Any) -> Any:
     return transport.get_extra_info("ssl_object") if transport is not None else None
 
 
-def _exact_spiffe(tls: TlsContext) -> str | None:
+def exact_spiffe(tls: TlsContext) -> str | None:
     exact = [m.exact for m in tls.san if m.exact is not None and m.exact.startswith("spiffe://")]
     return exact[0] if len(exact) == 1 and len(tls.san) == 1 else None

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS
+from planemesh.agent.proxy.istio_stats import exact_spiffe
 from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classify
 from planemesh.agent.proxy.sniff_tls import mtls_decision, terminate_and_sniff
 from planemesh.agent.proxy.sockets import open_upstream
@@ -479,7 +480,7 @@ class SniffListener:
             outcome = CONNECTED
             stats.passthrough_active += 1
             stats.passthrough_total += 1
-            row = self._istio_row(cluster, chain, down)
+            row = self._istio_row(cluster, chain, down, origin)
             count_up, count_down = self._counters(row)
             tally = [0, 0]  # this connection's bytes from / to the client (the TLS chains' access log)
             t0 = time.time()
@@ -543,13 +544,18 @@ class SniffListener:
                 return None
         return chain, down
 
-    def _istio_row(self, cluster: Any, chain: PassthroughChain | None, down: TlsDownstream | None) -> Any:
-        """istio_tcp_* for istiod-named clusters, with the client's identity on a terminated mTLS chain."""
+    def _istio_row(
+        self, cluster: Any, chain: PassthroughChain | None, down: TlsDownstream | None, origin: Any = None
+    ) -> Any:
+        """istio_tcp_* for istiod-named clusters, with the client's identity on a terminated mTLS chain, or ours
+        and the server's (the SAN the cluster required) on originated mTLS (tcp_originate.py)."""
         if cluster is None:
             return None
         src = dst = None
         if down is not None and chain is not None and chain.tls is not None:
             src, dst = down.peer, self.proxy.istio.our_uri(self.proxy, chain.tls)
+        elif origin is not None:
+            src, dst = self.proxy.istio.our_uri(self.proxy, origin), exact_spiffe(origin)
         return self.proxy.istio.tcp(cluster.name, src, dst)
 
     def _counters(self, row: Any) -> tuple[Callable[[int], None], Callable[[int], None]]:

@@ -18,6 +18,7 @@ import ssl
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,19 @@ def test_auto_protocol_port_keeps_the_original_destination_for_a_passthrough_clu
             px.target = original.addr
             assert call(px, b"\x00opaque") == b"plain:7"
     assert original.seen == [b"\x00opaque"]
+
+
+def test_istio_tcp_metrics_carry_our_identity_and_the_servers() -> None:
+    """istio_tcp_* of an originated mTLS connection: source = our SPIFFE ID, destination = the identity the
+    cluster required of the server (before: unknown, as for plaintext)."""
+    name = "outbound|5000||db.ran.svc.cluster.local"
+    with MtlsEcho() as server:
+        cluster = replace(db_cluster((server.addr[1], True)), name=name)
+        lsn = Listener("db", PLANE, PORT, ListenerProtocol.TCP, tcp_clusters=(WeightedCluster(name, 1),))
+        with relay(cluster, lsn, {name: cluster}) as px:
+            assert call(px) == answer(b"ping")
+            settle(px)
+            rows = [r for r in px.proxy.istio.report(PLANE) if r["cluster"] == name]
+    assert [(r["source_principal"], r["destination_principal"], r["tcp_opened"]) for r in rows] == [
+        (str(PROXY_ID), str(BACKEND_ID), 1)
+    ], rows
