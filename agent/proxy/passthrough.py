@@ -468,7 +468,7 @@ class SniffListener:
             try:
                 up = await open_upstream(host, port, mark=mark, source=source, timeout=timeout)
                 if origin is not None:  # TLS refused (counted, logged): the client is closed, as a refused connect
-                    up = await originate(proxy, up, origin, timeout, stats.origin)
+                    up = await originate(proxy, up, origin, timeout, stats.origin, (host, port))
             except (OSError, TimeoutError):
                 stats.connect_failures += 1
                 outcome = 0

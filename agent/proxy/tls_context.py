@@ -86,9 +86,10 @@ def client_context(proxy: Any, tls: TlsContext, server: bool = False) -> SSL.Con
 
 
 async def originate_tls(
-    proxy: Any, sock: socket.socket, tls: TlsContext, factory: Callable[[], Any], timeout: float
+    proxy: Any, sock: socket.socket, tls: TlsContext, factory: Callable[[], Any], timeout: float, session: Any = None
 ) -> Any:
-    """TLS over a connected upstream socket; returns the protocol made by `factory`."""
+    """TLS over a connected upstream socket; returns the protocol made by `factory`. `session`: an earlier
+    connection's session with this context to resume (the SANs are checked on a resumed session too)."""
     try:
         sock_peer = sock.getpeername()
     except OSError:
@@ -96,7 +97,9 @@ async def originate_tls(
     held = Held()
     try:
         ctx = client_context(proxy, tls)
-        transport, _ = await tls_lazy.transport().connect_tls(proxy.loop, sock, lambda: held, ctx, tls.sni, timeout)
+        transport, _ = await tls_lazy.transport().connect_tls(
+            proxy.loop, sock, lambda: held, ctx, tls.sni, timeout, session
+        )
     except BaseException as exc:
         sock.close()
         if isinstance(exc, (OSError, ValueError)):  # TlsFailure is a ConnectionError

@@ -115,7 +115,8 @@ class TlsConn:
 
     __slots__ = ("conn", "done", "inbio", "outbio", "server", "ssl")
 
-    def __init__(self, ctx: SSL.Context, server: bool, sni: str | None = None) -> None:
+    def __init__(self, ctx: SSL.Context, server: bool, sni: str | None = None, session: Any = None) -> None:
+        """`session` (a client's): an earlier connection's SSL.Session to resume (`get_session`)."""
         self.conn = conn = SSL.Connection(ctx, None)
         self.ssl = conn._ssl  # type: ignore[attr-defined]
         self.inbio, self.outbio = conn._into_ssl, conn._from_ssl  # type: ignore[attr-defined]
@@ -126,7 +127,15 @@ class TlsConn:
         else:
             if sni:
                 conn.set_tlsext_host_name(sni.encode("idna"))
+            if session is not None:
+                conn.set_session(session)
             conn.set_connect_state()
+
+    def get_session(self) -> Any:
+        """This connection's session (None before the handshake), for a later client connection to the same
+        server to resume. TLS 1.3 makes it resumable once a ticket was read; OpenSSL does a full handshake with a
+        session that is not."""
+        return self.conn.get_session() if self.done else None
 
     def feed(self, data: bytes) -> None:
         if _lib.BIO_write(self.inbio, data, len(data)) != len(data):  # a memory BIO grows: never short

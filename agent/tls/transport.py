@@ -94,6 +94,8 @@ class TlsTransport(asyncio.Transport):
             return self.view.getpeercert()
         if name == "sslcontext":
             return self._wire.tls.conn.get_context()
+        if name == "ssl_session":  # resumable session (TlsConn.get_session), or None
+            return self._wire.tls.get_session()
         raw = self._wire.raw
         return raw.get_extra_info(name, default) if raw is not None else default
 
@@ -376,9 +378,10 @@ async def connect_tls(
     ctx: SSL.Context,
     sni: str | None,
     timeout: float,
+    session: Any = None,
 ) -> tuple[TlsTransport, Any]:
-    """The client handshake on a connected socket (`sni`: "" or None sends no SNI)."""
-    return await _start(loop, sock, TlsConn(ctx, server=False, sni=sni), factory, timeout)
+    """The client handshake on a connected socket (`sni`: "" or None sends no SNI; `session`: one to resume)."""
+    return await _start(loop, sock, TlsConn(ctx, server=False, sni=sni, session=session), factory, timeout)
 
 
 async def open_tls(

@@ -237,3 +237,15 @@ def test_istio_tcp_metrics_carry_our_identity_and_the_servers() -> None:
     assert [(r["source_principal"], r["destination_principal"], r["tcp_opened"]) for r in rows] == [
         (str(PROXY_ID), str(BACKEND_ID), 1)
     ], rows
+
+
+def test_sessions_are_resumed_and_the_san_still_checked() -> None:
+    """Later connections to the same server resume the session (as Envoy's upstream TLS does by default); a
+    resumed session still carries the server's certificate, so the SAN check passes on it (an empty SAN list
+    would refuse the connection) and the server still sees our certificate."""
+    with MtlsEcho() as server, relay(db_cluster((server.addr[1], True))) as px:
+        answers = [call(px, b"r%d" % i) for i in range(4)]
+    assert answers == [answer(b"r%d" % i) for i in range(4)]
+    origin = px.proxy.sniff_stats.origin
+    assert origin.handshakes == 4 and origin.resumed >= 2 and origin.failed == 0, origin.as_dict()
+    assert server.clients == [[str(PROXY_ID)]] * 4
