@@ -118,6 +118,7 @@ class _TlsWire(asyncio.Protocol):
         self.transport: TlsTransport | None = None
         self.closing = self.paused = self.eof = False
         self.half_close = self.eof_sent = False  # TlsTransport.allow_half_close / write_eof
+        self.eof_told = False  # the application got its eof_received (once)
         self.timer: asyncio.TimerHandle | None = None
         self.held = b""  # a TLS 1.3 server's tickets, sent ahead of its first write (_handshake)
         self.read_end: TlsError | bool | None = None  # a close_notify / record error read while the app paused
@@ -145,6 +146,8 @@ class _TlsWire(asyncio.Protocol):
         else:
             self._read()
             self._eof_to_app()
+            if self.half_close and not self.eof_sent and not self.closing:
+                return True  # the peer is done; we may still write (write_eof or close ends our side)
         return False  # the TCP transport closes (no half-close over TLS)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -231,7 +234,8 @@ class _TlsWire(asyncio.Protocol):
                     self._flush()
                     if end is True:  # close_notify
                         self._eof_to_app()
-                        self.close()
+                        if not self.half_close or self.eof_sent:
+                            self.close()  # (half-close: our side stays open until write_eof or close)
                     else:
                         self.abort_with(end)  # type: ignore[arg-type]
                     return
@@ -257,7 +261,8 @@ class _TlsWire(asyncio.Protocol):
         return end
 
     def _eof_to_app(self) -> None:
-        if self.app is not None and not isinstance(self.app, _Gone):
+        if self.app is not None and not isinstance(self.app, _Gone) and not self.eof_told:
+            self.eof_told = True
             self.app.eof_received()
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
@@ -309,6 +314,9 @@ class _TlsWire(asyncio.Protocol):
     def write_eof(self) -> None:
         """Our close_notify and FIN; the peer's records are still read (TLS 1.3 and 1.2 allow it)."""
         if self.closing or self.eof_sent:
+            return
+        if self.eof_told:  # the peer ended its side already: both are done
+            self.close()
             return
         self.eof_sent = True
         self.tls.close_notify()

@@ -10,6 +10,7 @@ auto-protocol port's non-HTTP bytes went to the original destination."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -171,18 +172,21 @@ def test_server_streams_while_client_still_sends() -> None:
 @pytest.mark.parametrize(
     ("kw", "counter"),
     [({"who": PROXY_ID}, "san_refused"), ({"ca": OTHER}, "failed"),
-     ({"now": NOW.replace(year=NOW.year - 1), "ttl_s": 600}, "failed")],
-    ids=["wrong-san", "foreign-ca", "expired"],
+     ({"now": NOW.replace(year=NOW.year - 1), "ttl_s": 600}, "failed"),
+     ({"now": NOW + dt.timedelta(hours=2)}, "failed"), (None, "timeouts")],
+    ids=["wrong-san", "foreign-ca", "expired", "not-yet-valid", "plaintext-server"],
 )  # fmt: skip
 def test_refused_server_gets_nothing_and_is_counted(kw, counter, caplog) -> None:
+    """A plaintext server behind a tlsMode istio endpoint never answers the ClientHello: the handshake times out
+    (the cluster's 2 s connect timeout)."""
     caplog.set_level(logging.INFO, "planemesh.proxy.tls")
-    with MtlsEcho(**kw) as bad, relay(db_cluster((bad.addr[1], True))) as px:
+    with (MtlsEcho(**kw) if kw is not None else PlainEcho()) as bad, relay(db_cluster((bad.addr[1], True))) as px:
         assert call(px, b"secret") in (b"", b"<reset>")
         settle(px)
         stats = px.proxy.sniff_stats
         assert getattr(stats.origin, counter) == 1 and stats.origin.failed == 1 and stats.origin.handshakes == 0
         assert stats.connect_failures == 1
-    assert not any(bad.seen)  # never a byte of the client's (a handshake it finished ends with no data)
+    assert not any(b"secret" in seen for seen in bad.seen)  # never a byte of the client's (a ClientHello at most)
     assert "upstream" in caplog.text  # logged with the reason
 
 
@@ -249,3 +253,59 @@ def test_sessions_are_resumed_and_the_san_still_checked() -> None:
     origin = px.proxy.sniff_stats.origin
     assert origin.handshakes == 4 and origin.resumed >= 2 and origin.failed == 0, origin.as_dict()
     assert server.clients == [[str(PROXY_ID)]] * 4
+
+
+class BannerFirst(TcpServer):
+    """A TLS server (pyOpenSSL, our client certificate required) that sends a banner, ends its side (close_notify
+    and FIN), and still reads what the client sends until the client's close_notify or FIN."""
+
+    def __init__(self) -> None:
+        from OpenSSL import SSL
+
+        issued = ROOT.issue(BACKEND_ID, now=NOW)
+        self.ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self.ctx.use_certificate(x509.load_pem_x509_certificate(issued.cert_chain_pem()))
+        self.ctx.use_privatekey(issued.key)
+        self.ctx.load_verify_locations(str(self.pem(ROOT.root_pem())))
+        self.ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *_: True)
+        self.seen: list[bytes] = []
+        super().__init__(self._serve_one)
+
+    @staticmethod
+    def pem(data: bytes) -> Path:
+        path = Path(tempfile.mkdtemp()) / "root.pem"
+        path.write_bytes(data)
+        return path
+
+    def _serve_one(self, raw: socket.socket) -> None:
+        from OpenSSL import SSL
+
+        raw.settimeout(None)  # pyOpenSSL on a socket with a timeout raises WantRead instead of waiting
+        conn = SSL.Connection(self.ctx, raw)
+        conn.set_accept_state()
+        conn.do_handshake()
+        conn.sendall(b"220 banner\r\n")
+        conn.shutdown()  # our close_notify: the server's side ends here
+        raw.shutdown(socket.SHUT_WR)
+        got = b""
+        try:
+            while chunk := conn.recv(65536):
+                got += chunk
+        except (SSL.ZeroReturnError, SSL.SysCallError):
+            pass
+        self.seen.append(got)
+
+
+def test_server_half_close_first_keeps_the_clients_direction() -> None:
+    """The server's close_notify and FIN reach the client as a FIN (half-close), and what the client sends
+    afterwards still reaches the server over TLS, as with a plaintext upstream. Before: the relay ended."""
+    with BannerFirst() as server, relay(db_cluster((server.addr[1], True))) as px, px.connect() as s:
+        s.settimeout(10)
+        assert recv_all(s) == b"220 banner\r\n"  # EOF after the banner: the server's half-close
+        s.sendall(b"QUIT after your EOF\r\n")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b""
+        deadline = time.monotonic() + 5
+        while not server.seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert server.seen == [b"QUIT after your EOF\r\n"] and not server.errors
