@@ -30,7 +30,7 @@ from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classif
 from planemesh.agent.proxy.sniff_tls import mtls_decision, terminate_and_sniff
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tcp_authz import tcp_denial
-from planemesh.agent.proxy.tcp_originate import TcpOriginStats, TlsUpstream, origin_tls, originate
+from planemesh.agent.proxy.tcp_originate import TcpOriginStats, TlsUpstream, attach, origin_tls, originate
 from planemesh.agent.proxy.tcp_tls import TcpRecord, TlsDownstream, terminate
 from planemesh.model.config import ClusterKind
 
@@ -266,14 +266,6 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
-async def _attach(up: socket.socket | TlsUpstream, end: _Pipe) -> None:
-    """The relay's upstream end: a connected socket, or a TLS connection this proxy originated."""
-    if isinstance(up, TlsUpstream):
-        up.adopt(end)
-    else:
-        await asyncio.get_running_loop().connect_accepted_socket(lambda: end, up)
-
-
 async def splice_sockets(
     a: socket.socket, b: socket.socket | TlsUpstream, count_ab: Callable[[int], None],
     count_ba: Callable[[int], None],
@@ -284,7 +276,7 @@ async def splice_sockets(
     done: asyncio.Future[None] = loop.create_future()
     pa, pb = pipe_pair(count_ab, count_ba, lambda: done.done() or done.set_result(None))
     try:
-        await _attach(b, pb)
+        await attach(b, pb)
     except BaseException:
         a.close()
         b.close()
@@ -307,7 +299,7 @@ async def relay_tls(
     done: asyncio.Future[None] = loop.create_future()
     pa, pb = pipe_pair(count_up, count_down, lambda: done.done() or done.set_result(None))
     try:
-        await _attach(up, pb)
+        await attach(up, pb)
     except BaseException:
         up.close()
         down.refuse()

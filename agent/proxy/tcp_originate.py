@@ -62,6 +62,14 @@ def origin_tls(cluster: Cluster | None, endpoint: Endpoint | None, addr: tuple[s
     return endpoint_tls(cluster, endpoint, addr)
 
 
+async def attach(up: socket.socket | TlsUpstream, end: asyncio.Protocol) -> None:
+    """A relay's upstream end (agent/proxy/passthrough.py): a connected socket, or a TLS connection originated here."""
+    if isinstance(up, TlsUpstream):
+        up.adopt(end)
+    else:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: end, up)
+
+
 class _Parked(Held):
     """Held (tls_context.py) that also keeps the transport, until a relay end adopts it."""
 
