@@ -309,3 +309,15 @@ def test_server_half_close_first_keeps_the_clients_direction() -> None:
         while not server.seen and time.monotonic() < deadline:
             time.sleep(0.02)
     assert server.seen == [b"QUIT after your EOF\r\n"] and not server.errors
+
+
+def test_original_dst_cluster_with_tls_originates_to_the_original_destination() -> None:
+    """An ORIGINAL_DST cluster's own transport_socket (no endpoints, no matches): TLS to where the client's packet
+    was addressed."""
+    with MtlsEcho() as server:
+        passthrough = Cluster("pass", ClusterKind.ORIGINAL_DST, tls=MTLS)
+        lsn = Listener("db", PLANE, server.addr[1], ListenerProtocol.TCP, tcp_clusters=(WeightedCluster("pass", 1),))
+        with relay(Cluster("db"), lsn, {"pass": passthrough}) as px:
+            px.target = server.addr
+            assert call(px) == answer(b"ping")
+    assert server.clients == [[str(PROXY_ID)]] and px.proxy.sniff_stats.origin.handshakes == 1

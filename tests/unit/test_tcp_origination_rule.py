@@ -141,3 +141,13 @@ def test_blackhole_tcp_chain_is_not_carried() -> None:
     snap = run([doc, blackhole], served=False)
     (lsn,) = [lsn for lsn in snap.listeners_of(OAM.name) if lsn.port == PORT]
     assert not lsn.sniff and lsn.tcp_clusters == ()
+
+
+def test_original_dst_cluster_with_tls_is_relayed() -> None:
+    """A passthrough cluster is a kernel bypass, unless its own transport_socket says TLS."""
+    passthrough = {"@type": T + "envoy.config.cluster.v3.Cluster", "name": "tls-pass", "type": "ORIGINAL_DST",
+                   "lb_policy": "CLUSTER_PROVIDED", "transport_socket": MTLS}  # fmt: skip
+    snap = run([vip_tcp("tls-pass"), passthrough], served=True)
+    (lsn,) = [lsn for lsn in snap.listeners_of(OAM.name) if lsn.port == PORT]
+    assert tcp_handling(lsn, snap.clusters)[0] is False and rule(snap) is Action.SNIFF
+    assert rule(run([vip_tcp("pass")], served=True)) is Action.BYPASS
