@@ -321,6 +321,9 @@ class Listener:
     # own cluster (xds/translate_tcp.py): the original destination is that cluster's choice, so the kernel may
     # bypass it (ebpf/policy.py keeps_destination)
     own_service: bool = False
+    # The SPIFFE ID of the local workload whose outbound listener this is (`sources` are its addresses;
+    # agent/workloads/merge.py): a local server pod's inbound RBAC sees it as that client's principal
+    source_principal: str = ""
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:

@@ -17,9 +17,11 @@ from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS
+from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.h2_support import open_h2_stream
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
-from planemesh.agent.proxy.retry import NO_RETRIES, rng
+from planemesh.agent.proxy.retry import NO_RETRIES, Retries, rng
+from planemesh.agent.proxy.stage_retry import StagedRetries
 from planemesh.model.config import ClusterKind
 
 if TYPE_CHECKING:
@@ -29,12 +31,12 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import AttemptOwner, Fields, RequestSource
     from planemesh.agent.proxy.contracts import UpstreamStream as UpstreamConnection
-    from planemesh.agent.proxy.pipeline import Headers, Local, Upstream
-    from planemesh.agent.proxy.retry import Retries
+    from planemesh.agent.proxy.pipeline import Delay, Headers, Local, Upstream
     from planemesh.agent.proxy.routing import CompiledRouteConfig, RouteResult
     from planemesh.model.config import Cluster, Endpoint
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an attempt holds
+HELD_IN_PENDING, HELD_IN_CONNECTION = 8, 16  # the same of a local server's inbound cluster (Attempt.inbound_hold)
 MAX_STAGE_PICKS = 4  # a local client's retry: endpoints of another local pod's stage passed over, at most
 _perf = time.perf_counter
 
@@ -78,6 +80,8 @@ class Attempt:
         "local_client",
         "pending",
         "retries",
+        "stage_delay",
+        "stage_endpoint",
         "t_upstream",
         "try_deadline",
         "upstream_addr",
@@ -94,6 +98,8 @@ class Attempt:
         self.cb_held = 0
         self.inbound_hold: CircuitBreaker | None = None  # a local server's inbound cluster (pipeline.local_inbound)
         self.local_client: tuple | None = None  # (router, route config) of a local client pod's request
+        self.stage_delay: Delay | None = None  # the local server stage's fault delay, before the first attempt
+        self.stage_endpoint: Endpoint | None = None  # the endpoint the server stage's own retries go back to
         self.endpoint: Endpoint | None = None
         self.conn: UpstreamConnection | None = None
         self.connect_task = None
@@ -129,14 +135,33 @@ class Attempt:
     def local_stage(self, crc: CompiledRouteConfig, result: RouteResult, authority: str, target: bytes,
                     headers: Headers, rbac_denied: Any) -> Local | RouteResult | None:
         """Step 6 for a local client pod's request on the endpoint just picked (pipeline.local_inbound, one call
-        for both codecs): a Local answer, the chained RouteResult (the server's inbound request unit now held
-        by this attempt until the request ends), or None. A retry keeps to endpoints of the same stage."""
+        for both codecs), with the client pod's SPIFFE ID from the pod table as its principal: a Local answer
+        (reported to the client's cluster as the endpoint's status, as the server's sidecar answering it would
+        be), the chained RouteResult, or None. The attempt takes over the rest of the stage: the server's
+        inbound cluster's request unit and its connection and pending limits (open), its fault delay (open),
+        its route's retry policy (StagedRetries: the same endpoint first). A retry keeps to endpoints of the
+        same stage."""
         proxy = self.ds.proxy
-        self.local_client = (proxy.table.router, crc)
+        router = proxy.table.router
+        self.local_client = (router, crc)
         assert self.upstream_addr is not None
-        step = pipeline.local_inbound(proxy, crc, self.upstream_addr, result, authority, target, headers, rbac_denied)
-        if step is not None and type(step) is not pipeline.Local:
-            self.inbound_hold = step.inbound_hold
+        principal = router.principal_of(crc, self.ds.peer_ip)
+        step = pipeline.local_inbound(proxy, crc, self.upstream_addr, result, authority, target, headers, rbac_denied,
+                                      principal)  # fmt: skip
+        if step is None:
+            return None
+        if type(step) is pipeline.Local:
+            self.end(step.status)
+            return step
+        if type(step) is pipeline.Staged:
+            self.stage_delay = step.delay
+            self.ex.flags = DELAY_INJECTED
+            step = step.result
+        self.inbound_hold = step.inbound_hold
+        policy = step.inbound_retry
+        if policy is not None and policy.num_retries > 0:
+            self.retries = StagedRetries(Retries(policy, step.inbound_hold), self.retries)
+            self.stage_endpoint = self.endpoint
         return step
 
     def pick(self) -> tuple[str, int] | None:
@@ -153,6 +178,8 @@ class Attempt:
 
     def end(self, status: int) -> None:
         """The current attempt's outcome (HTTP status, 0 gateway failure, -1 none) for outlier detection."""
+        if self.cb_held & (HELD_IN_PENDING | HELD_IN_CONNECTION):
+            self._release_inbound(HELD_IN_PENDING | HELD_IN_CONNECTION)
         breaker = self.breaker
         if breaker is not None:
             if self.cb_held & HELD_PENDING:
@@ -179,6 +206,14 @@ class Attempt:
     def open(self, target: tuple[str, int], reuse: bool) -> None:
         """Open an attempt on `target` within the cluster's connection and pending limits (an h2 stream: those of
         the multiplexed connection it goes on, h2_upstream.H2Pool)."""
+        if self.stage_delay is not None:  # the local server stage's fault delay first (pipeline.Staged)
+            delay, self.stage_delay = self.stage_delay, None
+            self.backoff = self.ds.proxy.loop.call_later(delay.delay_s, self._after_stage_delay, target, reuse,
+                                                         delay.abort_status)  # fmt: skip
+            return None
+        inbound = self.inbound_hold
+        if inbound is not None and not self._hold_inbound(inbound):
+            return None
         if self.h2:
             return open_h2_stream(self, target)
         breaker = self.breaker
@@ -197,6 +232,44 @@ class Attempt:
         else:
             pool.connect_for(self, target, self.connect_timeout_s)
 
+    def _after_stage_delay(self, target: tuple[str, int], reuse: bool, abort_status: int | None) -> None:
+        self.backoff = None
+        ex = self.ex
+        if ex.finished:
+            return
+        if abort_status is not None:
+            self.end(abort_status)
+            ex.reply(abort_status, b"fault filter abort", (), pipeline.fault_abort(abort_status, delayed=True).flag)
+        else:
+            self.open(target, reuse)
+        if ex.finished:
+            self.ds.flush()
+
+    def _hold_inbound(self, inbound: CircuitBreaker) -> bool:
+        """The local server's inbound cluster's connection and pending limits (its sidecar's pool to its pod),
+        held like the client cluster's; refused: 503 UO, which the client's cluster sees from the endpoint."""
+        if inbound.try_acquire(CONNECTIONS):
+            self.cb_held |= HELD_IN_CONNECTION
+            if inbound.try_acquire(PENDING):
+                self.cb_held |= HELD_IN_PENDING
+                return True
+            which = b"cluster_pending"
+        else:
+            which = b"cluster_connections"
+        self.end(503)
+        self.ex.overloaded(which)
+        return False
+
+    def _release_inbound(self, bits: int) -> None:
+        inbound = self.inbound_hold
+        held = self.cb_held & bits
+        self.cb_held &= ~bits
+        if inbound is not None:
+            if held & HELD_IN_PENDING:
+                inbound.release(PENDING)
+            if held & HELD_IN_CONNECTION:
+                inbound.release(CONNECTIONS)
+
     def overloaded(self, which: bytes) -> None:
         self.ex.overloaded(which)
 
@@ -212,11 +285,15 @@ class Attempt:
 
     def release_pending(self) -> None:
         """The attempt's connection is established: it no longer waits for one."""
+        if self.cb_held & HELD_IN_PENDING:
+            self._release_inbound(HELD_IN_PENDING)
         if self.cb_held & HELD_PENDING:
             self.cb_held &= ~HELD_PENDING
             self.breaker.release(PENDING)  # type: ignore[union-attr]
 
     def on_connected(self, conn: UpstreamConnection) -> None:
+        if self.cb_held & HELD_IN_PENDING:
+            self._release_inbound(HELD_IN_PENDING)
         if self.cb_held & HELD_PENDING and not self.h2:  # an h2 stream waits until its connection is made
             self.cb_held &= ~HELD_PENDING
             self.breaker.release(PENDING)  # type: ignore[union-attr]
@@ -264,7 +341,7 @@ class Attempt:
                 breaker.release(REQUESTS)
             self.cb_held = 0
         if self.inbound_hold is not None:
-            self.inbound_hold.release(REQUESTS)
+            self.inbound_hold.release(REQUESTS)  # (its pending and connection units went with end())
             self.inbound_hold = None
         retries = self.retries
         if retries is not NO_RETRIES:
@@ -312,7 +389,12 @@ class Attempt:
             self.ds.flush()
 
     def next_target(self) -> tuple[str, int] | None:
-        """Where a retry goes: the cluster's next endpoint (the original destination stays the same)."""
+        """Where a retry goes: the cluster's next endpoint (the original destination stays the same); the same
+        endpoint when the local server stage's own retry policy retries (StagedRetries)."""
+        retries = self.retries
+        if type(retries) is StagedRetries and retries.same_endpoint:
+            retries.same_endpoint = False
+            return self._same_endpoint()
         if self.cluster is not None and self.balancer is not None:
             picked = self.pick()
             tries = MAX_STAGE_PICKS
@@ -324,6 +406,20 @@ class Attempt:
                 return None
             self.upstream_addr = picked
             self.upstream_key = None
+            if self.stage_endpoint is not None:  # the server stage's retries go to this endpoint from now on
+                self.stage_endpoint = self.endpoint
+        return self.upstream_addr
+
+    def _same_endpoint(self) -> tuple[str, int] | None:
+        """The server stage's retry: the endpoint of its pod again, counted open on the client's cluster as a
+        new pick would be (the client's sidecar saw one attempt)."""
+        ep = self.stage_endpoint
+        if ep is not None and self.cluster is not None and self.balancer is not None:
+            lb = self.balancer.lb(self.cluster)
+            if lb.counts:
+                lb.started(ep)
+            self.endpoint = ep
+        self.upstream_key = None
         return self.upstream_addr
 
     def _other_stage(self, picked: tuple[str, int]) -> bool:

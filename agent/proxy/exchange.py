@@ -170,7 +170,7 @@ class Exchange:
         ds = self.ds
         if view is not None:
             return rbac_denial(ds.proxy, rbac, view.headers, self.method, view.target, view.authority, view.local,
-                               ds.peer_ip, ds.transport)  # fmt: skip
+                               ds.peer_ip, ds.transport, view.principal)  # fmt: skip
         return rbac_denial(ds.proxy, rbac, self._header_map, self.method, self.target.decode("latin-1"),
                            self.authority or "", ds.local, ds.peer_ip, ds.transport)
 

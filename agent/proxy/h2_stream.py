@@ -228,7 +228,7 @@ class Bridge:
         method = self.method_b.decode("latin-1")
         if view is not None:
             return rbac_denial(self.proxy, rbac, view.headers, method, view.target, view.authority, view.local,
-                               client.peer_ip_b.decode(), client.transport)  # fmt: skip
+                               client.peer_ip_b.decode(), client.transport, view.principal)  # fmt: skip
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
         return rbac_denial(self.proxy, rbac, self._header_map, method, (self.path_b or b"/").decode("latin-1"),
                            authority, client.local, client.peer_ip_b.decode(), client.transport)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from netaddr import IPAddress, IPNetwork
+from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from planemesh.agent.proxy.filters import FilterChain
 from planemesh.agent.proxy.local_inbound import chained, tighter_timeout
@@ -36,6 +36,7 @@ from planemesh.model.safe_regex import Regex, compile_regex
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.circuit import CircuitBreaker
+    from planemesh.model.config import RetryPolicy
 
 # Headers a route may look at, lower-case name -> value (repeated headers joined with ",").
 Headers = Mapping[str, str]
@@ -348,6 +349,7 @@ class RouteResult:
     connect_timeout_s: float = 5.0
     # A local server pod's inbound cluster breaker whose REQUESTS unit the request holds (pipeline.local_inbound)
     inbound_hold: CircuitBreaker | None = None
+    inbound_retry: RetryPolicy | None = None  # that server's route's retry policy (its sidecar's retries)
 
 
 NO_ROUTE = RouteResult(route=None)
@@ -367,6 +369,7 @@ class PlaneRouter:
         self._inbound_at: dict[tuple[str, int], CompiledRouteConfig | None] = {}  # endpoint -> local inbound
         self._chained: dict[tuple[int, int], tuple] = {}  # (client's result, server's result) -> chained_result
         self._chained_routes: dict[tuple[int, int], Route] = {}  # (client's route, server's route) -> chained
+        self._principals: dict[str, str] = {}  # a local workload's address -> its SPIFFE ID (principal_of)
         for lsn in snapshot.listeners_of(plane):
             if lsn.protocol is not ListenerProtocol.HTTP:
                 continue
@@ -375,6 +378,9 @@ class PlaneRouter:
                 self._tls.add(id(crc))
             if lsn.sources:
                 crc.local_client = True
+                if lsn.source_principal:
+                    self._principals.update((str(p.ip), lsn.source_principal) for p in lsn.sources
+                                            if p.prefixlen == (32 if p.version == 4 else 128))  # fmt: skip
             self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, lsn.sources, crc))
         # A source-scoped listener (a local workload's outbound one) before any other: the client's routing
         # wins over the destination's inbound chain, as drop_shadowed_inbound decides for one proxy. Then
@@ -449,6 +455,17 @@ class PlaneRouter:
                 self._inbound_at[key] = inbound
         return inbound if inbound is not crc else None
 
+    def principal_of(self, crc: CompiledRouteConfig, peer_ip: str) -> str | None:
+        """The SPIFFE ID of the local workload at `peer_ip`, when `crc` is a local client's (source-scoped)
+        listener the connection was chosen by (its source address is that workload's): what a local server
+        pod's inbound stage sees as the client's principal (ztunnel's pod table). Never from a header."""
+        if not crc.local_client or not self._principals:
+            return None
+        try:
+            return self._principals.get(str(parse_ip(peer_ip)))
+        except (AddrFormatError, ValueError, TypeError):
+            return None
+
     def _inbound_at_endpoint(self, ip: str, port: int) -> CompiledRouteConfig | None:
         addr = parse_ip(ip)
         for prefixes, sources, inbound in self._by_port.get(port, ()):  # most specific destination prefix first
@@ -471,7 +488,8 @@ class PlaneRouter:
             route = self._chained_routes[pair] = chained(first.route, second.route)
         timeout_s = tighter_timeout(first.timeout_s, second.timeout_s)
         result = RouteResult(route, first.vhost, first.cluster, first.forward, first.redirect, first.direct,
-                             first.weighted, first.cluster_missing, timeout_s, first.connect_timeout_s, hold)
+                             first.weighted, first.cluster_missing, timeout_s, first.connect_timeout_s, hold,
+                             second.route.action.retry if second.route.action is not None else None)
         if len(self._chained) < 8192:  # bounded: a result not cached by route_request is new per request
             self._chained[key] = (first, second, hold, result)
         return result

@@ -202,7 +202,9 @@ class WorkloadStreams:
             if self.snapshot is not None and self.snapshot.version == version:
                 done.set_result(None)  # the very configurations the node runs (every stream's version equal)
                 return
-            merged = merge(self.bootstrap.planes, live, version)
+            identity = self.bootstrap.identity  # the bootstrap's `ca:` trust domain, else istio's default
+            merged = merge(self.bootstrap.planes, live, version,
+                           identity.trust_domain if identity is not None else "cluster.local")  # fmt: skip
             await self._apply(merged.snapshot)
         except Exception as exc:
             for key, old in batch.items():  # roll back: the previous configuration keeps serving
