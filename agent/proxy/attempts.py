@@ -133,7 +133,7 @@ class Attempt:
         return self.pick()  # ORIGINAL_DST: the original destination
 
     def local_stage(self, crc: CompiledRouteConfig, result: RouteResult, authority: str, target: bytes,
-                    headers: Headers, rbac_denied: Any) -> Local | RouteResult | None:
+                    headers: Headers, rbac_denied: Any, peer_ip: str = "") -> Local | RouteResult | None:
         """Step 6 for a local client pod's request on the endpoint just picked (pipeline.local_inbound, one call
         for both codecs), with the client pod's SPIFFE ID from the pod table as its principal: a Local answer
         (reported to the client's cluster as the endpoint's status, as the server's sidecar answering it would
@@ -145,7 +145,7 @@ class Attempt:
         router = proxy.table.router
         self.local_client = (router, crc)
         assert self.upstream_addr is not None
-        principal = router.principal_of(crc, self.ds.peer_ip)
+        principal = router.principal_of(crc, peer_ip) if peer_ip else None  # the client connection's source
         step = pipeline.local_inbound(proxy, crc, self.upstream_addr, result, authority, target, headers, rbac_denied,
                                       principal)  # fmt: skip
         if step is None:

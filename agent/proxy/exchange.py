@@ -247,7 +247,7 @@ class Exchange:
             return self._open_connect(target, result.connect_timeout_s)
         if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
             step = attempt.local_stage(crc, result, self.authority or "", self.target, self._header_map,
-                                       self._rbac_denied)  # fmt: skip
+                                       self._rbac_denied, ds.peer_ip)  # fmt: skip
             if type(step) is pipeline.Local:
                 return self.answer(step)
             if step is not None:

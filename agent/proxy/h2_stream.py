@@ -299,7 +299,7 @@ class Bridge:
         if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
             authority = self.authority_b.decode("latin-1") if self.authority_b else ""
             step = attempt.local_stage(crc, result, authority, self.path_b or b"/", self._header_map,
-                                       self._rbac_denied)  # fmt: skip
+                                       self._rbac_denied, client.peer_ip)  # fmt: skip
             if type(step) is pipeline.Local:
                 return self.answer(step)
             if step is not None:

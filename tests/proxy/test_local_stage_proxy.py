@@ -1,0 +1,214 @@
+"""The server pod's whole inbound stage for a same-node client, through a real proxy on loopback, HTTP/1.1 and
+h2 (docs/workloads.md, "Same-node requests get both stages"): what B's sidecar would do after A's, in one hop.
+
+Client pods are loopback addresses with their own outbound listener (Listener.sources, the SPIFFE ID the
+workloads merge gives it in Listener.source_principal); the server pod b is the backend at 127.0.0.1, whose
+inbound chain (prefix 127.0.0.1/32, its port) holds b's routes, filters and inbound cluster. Each test fails on
+the code before session 7, which applied only b's headers, 404, direct responses, timeout, filters' aborts and
+rate limits, and its inbound request limit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import MappingProxyType
+
+import pytest
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+from google.protobuf import json_format
+from netaddr import IPNetwork
+
+from planemesh.agent.proxy.server import PlaneProxy
+from planemesh.agent.proxy.sockets import make_listener_socket
+from planemesh.model.config import (
+    CircuitBreakers,
+    Cluster,
+    ClusterKind,
+    Endpoint,
+    FaultFilter,
+    Listener,
+    ListenerProtocol,
+    OutlierDetection,
+    RetryPolicy,
+    Route,
+    RouteAction,
+    RouteConfig,
+    RouteMatch,
+    Snapshot,
+    VirtualHost,
+)
+from planemesh.model.planes import SLA, Plane
+from planemesh.xds.resources import pack
+from planemesh.xds.translate_rbac import translate_rbac
+from tests.proxy.proxy_harness import PLANE, Backend, ServingProxy, log_line_for
+from tests.support.waiting import wait_for
+
+CLIENT = "127.0.0.2"  # pod a, service account `client`
+OTHER = "127.0.0.4"  # pod d, service account `other`
+SA_CLIENT = "spiffe://cluster.local/ns/default/sa/client"
+SA_OTHER = "spiffe://cluster.local/ns/default/sa/other"
+INBOUND = Route(action=RouteAction(cluster="inb"))
+
+
+def _snapshot(proxy_port: int, backend_port: int, *, inbound: Route = INBOUND, filters: tuple = (),
+              breakers: CircuitBreakers | None = None, pod_c: tuple[str, int] | None = None,
+              outlier: OutlierDetection | None = None) -> Snapshot:  # fmt: skip
+    """a and d: outbound listeners of the proxy port (their sources, their SPIFFE IDs) -> cluster to-b; b: an
+    inbound chain at 127.0.0.1:backend_port with `inbound` to cluster inb (`breakers`) and `filters`. `pod_c`:
+    a second endpoint of to-b, pod c's (an inbound chain of its own, nothing in it), `outlier` on to-b."""
+    plane = Plane(name=PLANE, plane_id=1, interfaces=("lo",), cidrs=(IPNetwork("127.0.0.0/8"),),
+                  proxy_port=proxy_port, sla=SLA())  # fmt: skip
+    server = (Endpoint(address="127.0.0.1", port=backend_port),)
+    endpoints = server if pod_c is None else (*server, Endpoint(address=pod_c[0], port=pod_c[1]))
+    out = RouteConfig("out", (VirtualHost("out", routes=(Route(action=RouteAction(cluster="to-b")),)),))
+    listeners = tuple(
+        Listener(f"0.0.0.0_out~{pod}.default", PLANE, proxy_port, ListenerProtocol.HTTP, route_config="out",
+                 sources=(IPNetwork(f"{addr}/32"),), source_principal=principal)
+        for pod, addr, principal in (("a", CLIENT, SA_CLIENT), ("d", OTHER, SA_OTHER))
+    ) + (Listener("virtualInbound/0.0.0.0_in~b.default", PLANE, backend_port, ListenerProtocol.HTTP,
+                  route_config="in", http_filters=filters, prefixes=(IPNetwork("127.0.0.1/32"),)),)  # fmt: skip
+    routes = {"out": out, "in": RouteConfig("in", (VirtualHost("in", routes=(inbound,)),))}
+    if pod_c is not None:
+        listeners += (Listener("virtualInbound/0.0.0.0_in~c.default", PLANE, pod_c[1], ListenerProtocol.HTTP,
+                               route_config="in-c", prefixes=(IPNetwork(f"{pod_c[0]}/32"),)),)  # fmt: skip
+        routes["in-c"] = RouteConfig("in-c", (VirtualHost("in", routes=(INBOUND,)),))
+    clusters = {
+        "to-b": Cluster("to-b", kind=ClusterKind.STATIC, endpoints=endpoints, outlier=outlier),
+        "inb": Cluster("inb", kind=ClusterKind.STATIC, endpoints=server,
+                       circuit_breakers=breakers or CircuitBreakers()),
+    }  # fmt: skip
+    return Snapshot(version="t1", planes=(plane,), listeners=listeners, routes=MappingProxyType(routes),
+                    clusters=MappingProxyType(clusters))
+
+
+class Node(ServingProxy):
+    """The node's plane proxy on loopback with its access log kept (log_line_for)."""
+
+    def __init__(self, backend_port: int, pod_c: Backend | None = None, **kw) -> None:
+        sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
+        c = ("127.0.0.3", pod_c.port) if pod_c is not None else None
+        snap = _snapshot(sock.getsockname()[1], backend_port, pod_c=c, **kw)
+        self.log_lines: list[str] = []
+        super().__init__(PlaneProxy(snap, PLANE, access_log=self.log_lines.append, tick_s=0.05), sock)
+
+    def flush_log(self) -> list[str]:
+        asyncio.run_coroutine_threadsafe(_call(self.proxy.log.flush), self.loop).result(timeout=5)
+        return [line for text in self.log_lines for line in text.splitlines()]
+
+
+async def _call(fn):
+    return fn()
+
+
+def test_the_servers_prefix_rewrite_reaches_the_server(http) -> None:
+    """b's inbound route rewrites /api -> /v1 (its VirtualService's rewrite on its inbound route): the pod gets
+    /v1/x, as behind b's sidecar. Before: /api/x."""
+    rewrite = Route(match=RouteMatch(prefix="/api"), action=RouteAction(cluster="inb", prefix_rewrite="/v1"))
+    with Backend() as backend, Node(backend.port, inbound=rewrite) as px:
+        status, _, body = http.get(px.port, "/api/x?q=1", source=CLIENT)
+    assert status == 200 and body == b"hello /v1/x?q=1\n", (status, body)
+    assert [p for _m, p, _h in backend.seen] == ["/v1/x?q=1"]
+
+
+def test_the_servers_retry_policy_retries_its_pod(http) -> None:
+    """b's inbound route retries 5xx once; a's route has no retries. /fail-once answers 503 the first time:
+    b's sidecar would retry its pod and answer 200. Before: the 503 reached the client."""
+    retry = Route(action=RouteAction(cluster="inb", retry=RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=1)))
+    with Backend() as backend, Node(backend.port, inbound=retry) as px:
+        status, _, body = http.get(px.port, f"/fail-once/{http.name}", source=CLIENT)
+        assert status == 200 and body == b"second\n", (status, body)
+        assert http.get(px.port, "/status/500", source=CLIENT)[0] == 500  # retried once, then given up
+        line = log_line_for(px, "/status/500")  # type: ignore[arg-type]
+    assert [p for _m, p, _h in backend.seen] == [f"/fail-once/{http.name}"] * 2 + ["/status/500"] * 2
+    assert "URX" in line, line
+
+
+@pytest.mark.parametrize("where", ["route", "listener"])
+def test_the_servers_fault_abort_and_delay(http, where: str) -> None:
+    """b's fault (its inbound route's own, or its listener's fault filter): an abort answers without reaching
+    the pod; a delay holds the request before it goes on (DI in the access log). Before: the route's fault
+    was not applied at all, the listener's delay neither."""
+    for fault, path in ((FaultFilter(abort_status=418, abort_percent=100.0), "/abort"),
+                        (FaultFilter(delay_s=0.6, delay_percent=100.0), "/delayed")):  # fmt: skip
+        kw = {"inbound": Route(action=RouteAction(cluster="inb"), fault=fault)} if where == "route" \
+            else {"filters": (fault,)}
+        with Backend() as backend, Node(backend.port, **kw) as px:
+            t0 = time.monotonic()
+            status, _, _ = http.get(px.port, path, source=CLIENT)
+            took = time.monotonic() - t0
+            line = log_line_for(px, path)  # type: ignore[arg-type]
+        if fault.abort_status:
+            assert status == 418 and backend.seen == [] and "FI" in line, (status, backend.seen, line)
+        else:
+            assert status == 200 and took >= 0.6 and len(backend.seen) == 1 and "DI" in line, (status, took, line)
+
+
+@pytest.mark.parametrize(("breakers", "which"), [
+    (CircuitBreakers(max_connections=1), "cluster_connections"),
+    (CircuitBreakers(max_pending_requests=1), "cluster_pending"),
+])  # fmt: skip
+def test_the_servers_inbound_connection_and_pending_limits(http, breakers: CircuitBreakers, which: str) -> None:
+    """b's inbound cluster allows one connection (or one request waiting for its connection): a request to b
+    holds it while it runs (pending: while its connection is made), and another is refused 503 UO
+    `x-planemesh-overloaded: cluster_connections` (as b's sidecar's pool overflows); both given back after.
+    Before: only b's max_requests applied."""
+    with Backend() as backend, Node(backend.port, breakers=breakers) as px:
+        inbound = px.proxy.table.balancer.breaker(px.proxy.table.snapshot.clusters["inb"])
+        if which == "cluster_pending":  # hold the one pending unit as a request waiting for its connection would
+            assert inbound.try_acquire("pending")
+            status, headers, _ = http.get(px.port, "/x", source=CLIENT)
+            inbound.release("pending")
+        else:
+            slow: dict = {}
+            thread = threading.Thread(target=lambda: slow.update(r=http.get(px.port, "/slow/1.5", source=CLIENT)))
+            thread.start()
+            try:
+                wait_for(lambda: any(p.startswith("/slow") for _m, p, _h in backend.seen), timeout=10, what="/slow")
+                status, headers, _ = http.get(px.port, "/x", source=CLIENT)
+            finally:
+                thread.join(10)
+            assert slow["r"][0] == 200
+        assert status == 503 and headers.get("x-planemesh-overloaded") == which, (status, headers)
+        assert "UO" in log_line_for(px, "\"GET /x")  # type: ignore[arg-type]
+        assert [http.get(px.port, f"/ok/{i}", source=CLIENT)[0] for i in range(4)] == [200] * 4  # given back
+        assert inbound.counts["connections"] == 0 and inbound.counts["pending"] == 0
+
+
+def test_a_local_endpoint_whose_stage_fails_is_ejected() -> None:
+    """a's cluster to-b has b's and c's endpoints and outlier detection (2 consecutive 5xx); b's stage answers
+    503 itself (its fault filter aborts every request). b's sidecar would answer a's sidecar 503, and a's
+    outlier detection would eject b: after two 503s every request goes to c. Before: the stage's answers were
+    not reported to a's cluster, and half the requests kept failing."""
+    outlier = OutlierDetection(consecutive_5xx=2, base_ejection_time_s=60.0, max_ejection_percent=50)
+    abort = (FaultFilter(abort_status=503, abort_percent=100.0),)
+    with Backend() as b, Backend("127.0.0.3") as c, Node(b.port, pod_c=c, filters=abort, outlier=outlier) as px:
+        from tests.proxy.clients import H1Client
+
+        statuses = [H1Client(px.port, source=CLIENT).request(f"/r/{i}")[0] for i in range(10)]
+    assert statuses.count(503) == 2 and statuses[-6:] == [200] * 6, statuses
+    assert b.seen == [] and len(c.seen) == 8
+
+
+ISTIO_POLICY = {  # AuthorizationPolicy allow-client (namespace default): ALLOW from principals [sa client]
+    "rules": {"action": "ALLOW", "policies": {"ns[default]-policy[allow-client]-rule[0]": {
+        "permissions": [{"and_rules": {"rules": [{"any": True}]}}],
+        "principals": [{"and_ids": {"ids": [{"or_ids": {"ids": [
+            {"authenticated": {"principal_name": {"exact": SA_CLIENT}}}]}}]}}],
+    }}},
+}  # fmt: skip
+
+
+def test_the_servers_rbac_sees_the_same_node_clients_identity(http) -> None:
+    """b's AuthorizationPolicy allows principal sa/client only (istiod's RBAC filter shape): pod a (sa client)
+    is allowed and pod d (sa other) refused 403, each by the SPIFFE ID the node's pod table gives its address.
+    Before: no principal for a same-node client, so both were refused."""
+    rbac = translate_rbac(pack(json_format.ParseDict(ISTIO_POLICY, rbac_pb2.RBAC())), "rbac")
+    with Backend() as backend, Node(backend.port, filters=(rbac,)) as px:
+        allowed = http.get(px.port, "/allowed", source=CLIENT)
+        denied = http.get(px.port, "/denied", source=OTHER)
+        spoofed = http.get(px.port, "/spoofed", source=OTHER, headers={"x-forwarded-client-cert": f"URI={SA_CLIENT}"})
+    assert allowed[0] == 200, allowed
+    assert denied[0] == 403 and denied[2] == b"RBAC: access denied", denied
+    assert spoofed[0] == 403  # a header never gives an identity
+    assert [p for _m, p, _h in backend.seen] == ["/allowed"]
