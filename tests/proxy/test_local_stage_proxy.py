@@ -41,6 +41,7 @@ from planemesh.model.config import (
 from planemesh.model.planes import SLA, Plane
 from planemesh.xds.resources import pack
 from planemesh.xds.translate_rbac import translate_rbac
+from tests.proxy.clients import H1Client
 from tests.proxy.proxy_harness import PLANE, Backend, ServingProxy, log_line_for
 from tests.support.waiting import wait_for
 
@@ -62,12 +63,13 @@ def _snapshot(proxy_port: int, backend_port: int, *, inbound: Route = INBOUND, f
     server = (Endpoint(address="127.0.0.1", port=backend_port),)
     endpoints = server if pod_c is None else (*server, Endpoint(address=pod_c[0], port=pod_c[1]))
     out = RouteConfig("out", (VirtualHost("out", routes=(Route(action=RouteAction(cluster="to-b")),)),))
-    listeners = tuple(
-        Listener(f"0.0.0.0_out~{pod}.default", PLANE, proxy_port, ListenerProtocol.HTTP, route_config="out",
-                 sources=(IPNetwork(f"{addr}/32"),), source_principal=principal)
-        for pod, addr, principal in (("a", CLIENT, SA_CLIENT), ("d", OTHER, SA_OTHER))
-    ) + (Listener("virtualInbound/0.0.0.0_in~b.default", PLANE, backend_port, ListenerProtocol.HTTP,
-                  route_config="in", http_filters=filters, prefixes=(IPNetwork("127.0.0.1/32"),)),)  # fmt: skip
+    listeners = (
+        *(Listener(f"0.0.0.0_out~{pod}.default", PLANE, proxy_port, ListenerProtocol.HTTP, route_config="out",
+                   sources=(IPNetwork(f"{addr}/32"),), source_principal=principal)
+          for pod, addr, principal in (("a", CLIENT, SA_CLIENT), ("d", OTHER, SA_OTHER))),
+        Listener("virtualInbound/0.0.0.0_in~b.default", PLANE, backend_port, ListenerProtocol.HTTP,
+                 route_config="in", http_filters=filters, prefixes=(IPNetwork("127.0.0.1/32"),)),
+    )  # fmt: skip
     routes = {"out": out, "in": RouteConfig("in", (VirtualHost("in", routes=(inbound,)),))}
     if pod_c is not None:
         listeners += (Listener("virtualInbound/0.0.0.0_in~c.default", PLANE, pod_c[1], ListenerProtocol.HTTP,
@@ -92,13 +94,16 @@ class Node(ServingProxy):
         self.log_lines: list[str] = []
         super().__init__(PlaneProxy(snap, PLANE, access_log=self.log_lines.append, tick_s=0.05), sock)
 
+    def call(self, fn, *args):  # fn(*args) on the proxy's loop, its result
+        return asyncio.run_coroutine_threadsafe(_call(fn, *args), self.loop).result(timeout=5)
+
     def flush_log(self) -> list[str]:
-        asyncio.run_coroutine_threadsafe(_call(self.proxy.log.flush), self.loop).result(timeout=5)
+        self.call(self.proxy.log.flush)
         return [line for text in self.log_lines for line in text.splitlines()]
 
 
-async def _call(fn):
-    return fn()
+async def _call(fn, *args):
+    return fn(*args)
 
 
 def test_the_servers_prefix_rewrite_reaches_the_server(http) -> None:
@@ -156,9 +161,9 @@ def test_the_servers_inbound_connection_and_pending_limits(http, breakers: Circu
     with Backend() as backend, Node(backend.port, breakers=breakers) as px:
         inbound = px.proxy.table.balancer.breaker(px.proxy.table.snapshot.clusters["inb"])
         if which == "cluster_pending":  # hold the one pending unit as a request waiting for its connection would
-            assert inbound.try_acquire("pending")
+            assert px.call(inbound.try_acquire, "pending")
             status, headers, _ = http.get(px.port, "/x", source=CLIENT)
-            inbound.release("pending")
+            px.call(inbound.release, "pending")
         else:
             slow: dict = {}
             thread = threading.Thread(target=lambda: slow.update(r=http.get(px.port, "/slow/1.5", source=CLIENT)))
@@ -183,8 +188,6 @@ def test_a_local_endpoint_whose_stage_fails_is_ejected() -> None:
     outlier = OutlierDetection(consecutive_5xx=2, base_ejection_time_s=60.0, max_ejection_percent=50)
     abort = (FaultFilter(abort_status=503, abort_percent=100.0),)
     with Backend() as b, Backend("127.0.0.3") as c, Node(b.port, pod_c=c, filters=abort, outlier=outlier) as px:
-        from tests.proxy.clients import H1Client
-
         statuses = [H1Client(px.port, source=CLIENT).request(f"/r/{i}")[0] for i in range(10)]
     assert statuses.count(503) == 2 and statuses[-6:] == [200] * 6, statuses
     assert b.seen == [] and len(c.seen) == 8
