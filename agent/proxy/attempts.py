@@ -19,6 +19,7 @@ from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS
 from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.h2_support import open_h2_stream
+from planemesh.agent.proxy.local_mirrors import staged_mirrors
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
 from planemesh.agent.proxy.retry import NO_RETRIES, Retries, rng
 from planemesh.agent.proxy.stage_retry import StagedRetries
@@ -97,7 +98,7 @@ class Attempt:
         self.breaker: CircuitBreaker | None = None
         self.cb_held = 0
         self.inbound_hold: CircuitBreaker | None = None  # a local server's inbound cluster (pipeline.local_inbound)
-        self.local_client: tuple | None = None  # (router, route config) of a local client pod's request
+        self.local_client: tuple | None = None  # a local client pod's request: (router, route config, ...)
         self.stage_delay: Delay | None = None  # the local server stage's fault delay, before the first attempt
         self.stage_endpoint: Endpoint | None = None  # the endpoint the server stage's own retries go back to
         self.endpoint: Endpoint | None = None
@@ -143,9 +144,9 @@ class Attempt:
         same stage."""
         proxy = self.ds.proxy
         router = proxy.table.router
-        self.local_client = (router, crc)
         assert self.upstream_addr is not None
         principal = router.principal_of(crc, peer_ip) if peer_ip else None  # the client connection's source
+        self.local_client = (router, crc, result, authority, target, headers, rbac_denied, principal)
         step = pipeline.local_inbound(proxy, crc, self.upstream_addr, result, authority, target, headers, rbac_denied,
                                       principal)  # fmt: skip
         if step is None:
@@ -163,6 +164,13 @@ class Attempt:
             self.retries = StagedRetries(Retries(policy, step.inbound_hold), self.retries)
             self.stage_endpoint = self.endpoint
         return step
+
+    def local_mirrors(self, targets: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """A local client's mirror targets without the shadows a local pod's own stage would answer
+        (local_mirrors.py); all of them for another client."""
+        if self.local_client is None or not targets:
+            return targets
+        return staged_mirrors(self.ds.proxy, self.local_client, targets)
 
     def pick(self) -> tuple[str, int] | None:
         """The next endpoint of the request's cluster; the attempt on it is open until end()."""
@@ -427,7 +435,7 @@ class Attempt:
         inbound filters and routes) is not the one the request went through: that pod's policy would be
         skipped. Such endpoints are passed over (MAX_STAGE_PICKS picks, then 503 UF). An endpoint that is no
         local pod (a remote one: its node applies its stage) is fine."""
-        router, crc = self.local_client  # type: ignore[misc]
+        router, crc = self.local_client[:2]  # type: ignore[index]
         addr = self.upstream_addr
         assert addr is not None
         stage = router.local_inbound(crc, *picked)

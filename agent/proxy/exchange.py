@@ -297,8 +297,9 @@ class Exchange:
         """Shadow copies of a body-less (or fully buffered) request; the primary never waits for them."""
         if self.req_length > MAX_REPLAY_BODY:
             return  # a large body is not mirrored (it would have to be held); chunked ones are checked at the end
+        attempt = self.attempt
         clusters = self.ds.proxy.table.snapshot.clusters
-        self.mirror_to = mirror_targets(mirrors, clusters, self.attempt.balancer, rng.random)
+        self.mirror_to = attempt.local_mirrors(mirror_targets(mirrors, clusters, attempt.balancer, rng.random))
         if self.mirror_to and self.req_done:
             self._send_mirrors()
 

@@ -361,7 +361,8 @@ class Bridge:
         """Shadow copies (HTTP/1.1) of the request, sent once it has ended; a body past MAX_REPLAY_BODY is not
         mirrored. The primary never waits for them."""
         proxy = self.proxy
-        targets = mirror_targets(mirrors, proxy.table.snapshot.clusters, proxy.table.balancer, rng.random)
+        targets = self.attempt.local_mirrors(
+            mirror_targets(mirrors, proxy.table.snapshot.clusters, proxy.table.balancer, rng.random))
         if targets:
             self.mirror_to = targets
 

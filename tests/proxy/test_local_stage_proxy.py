@@ -29,6 +29,7 @@ from planemesh.model.config import (
     FaultFilter,
     Listener,
     ListenerProtocol,
+    Mirror,
     OutlierDetection,
     RetryPolicy,
     Route,
@@ -54,15 +55,18 @@ INBOUND = Route(action=RouteAction(cluster="inb"))
 
 def _snapshot(proxy_port: int, backend_port: int, *, inbound: Route = INBOUND, filters: tuple = (),
               breakers: CircuitBreakers | None = None, pod_c: tuple[str, int] | None = None,
-              outlier: OutlierDetection | None = None) -> Snapshot:  # fmt: skip
+              outlier: OutlierDetection | None = None, mirror: bool = False) -> Snapshot:  # fmt: skip
     """a and d: outbound listeners of the proxy port (their sources, their SPIFFE IDs) -> cluster to-b; b: an
     inbound chain at 127.0.0.1:backend_port with `inbound` to cluster inb (`breakers`) and `filters`. `pod_c`:
-    a second endpoint of to-b, pod c's (an inbound chain of its own, nothing in it), `outlier` on to-b."""
+    a second endpoint of to-b, pod c's (an inbound chain of its own, nothing in it), `outlier` on to-b; with
+    `mirror`, c is no endpoint of to-b but a's route mirrors to it, and c's inbound routes serve /api only."""
     plane = Plane(name=PLANE, plane_id=1, interfaces=("lo",), cidrs=(IPNetwork("127.0.0.0/8"),),
                   proxy_port=proxy_port, sla=SLA())  # fmt: skip
     server = (Endpoint(address="127.0.0.1", port=backend_port),)
-    endpoints = server if pod_c is None else (*server, Endpoint(address=pod_c[0], port=pod_c[1]))
-    out = RouteConfig("out", (VirtualHost("out", routes=(Route(action=RouteAction(cluster="to-b")),)),))
+    endpoints = server if pod_c is None or mirror else (*server, Endpoint(address=pod_c[0], port=pod_c[1]))
+    mirrors = (Mirror("mirror-c"),) if mirror else ()
+    out_route = Route(action=RouteAction(cluster="to-b", mirrors=mirrors))
+    out = RouteConfig("out", (VirtualHost("out", routes=(out_route,)),))
     listeners = (
         *(Listener(f"0.0.0.0_out~{pod}.default", PLANE, proxy_port, ListenerProtocol.HTTP, route_config="out",
                    sources=(IPNetwork(f"{addr}/32"),), source_principal=principal)
@@ -74,12 +78,16 @@ def _snapshot(proxy_port: int, backend_port: int, *, inbound: Route = INBOUND, f
     if pod_c is not None:
         listeners += (Listener("virtualInbound/0.0.0.0_in~c.default", PLANE, pod_c[1], ListenerProtocol.HTTP,
                                route_config="in-c", prefixes=(IPNetwork(f"{pod_c[0]}/32"),)),)  # fmt: skip
-        routes["in-c"] = RouteConfig("in-c", (VirtualHost("in", routes=(INBOUND,)),))
+        only_api = Route(match=RouteMatch(prefix="/api"), action=RouteAction(cluster="inb"))
+        routes["in-c"] = RouteConfig("in-c", (VirtualHost("in", routes=(only_api if mirror else INBOUND,)),))
     clusters = {
         "to-b": Cluster("to-b", kind=ClusterKind.STATIC, endpoints=endpoints, outlier=outlier),
         "inb": Cluster("inb", kind=ClusterKind.STATIC, endpoints=server,
                        circuit_breakers=breakers or CircuitBreakers()),
     }  # fmt: skip
+    if pod_c is not None:
+        clusters["mirror-c"] = Cluster("mirror-c", kind=ClusterKind.STATIC,
+                                       endpoints=(Endpoint(address=pod_c[0], port=pod_c[1]),))  # fmt: skip
     return Snapshot(version="t1", planes=(plane,), listeners=listeners, routes=MappingProxyType(routes),
                     clusters=MappingProxyType(clusters))
 
@@ -215,3 +223,16 @@ def test_the_servers_rbac_sees_the_same_node_clients_identity(http) -> None:
     assert denied[0] == 403 and denied[2] == b"RBAC: access denied", denied
     assert spoofed[0] == 403  # a header never gives an identity
     assert [p for _m, p, _h in backend.seen] == ["/allowed"]
+
+
+def test_a_mirror_to_a_local_pod_goes_through_its_stage(http) -> None:
+    """a's route mirrors every request to pod c, whose inbound routes serve /api only: the shadow of /api/x
+    reaches c (Host `...-shadow`), the shadow of /other is answered 404 by c's stage and never reaches c, as
+    c's sidecar would have answered it. Before: c got both shadows."""
+    with Backend() as b, Backend("127.0.0.3") as c, Node(b.port, pod_c=c, mirror=True) as px:
+        assert http.get(px.port, "/other", source=CLIENT)[0] == 200
+        assert http.get(px.port, "/api/x", source=CLIENT)[0] == 200
+        wait_for(lambda: len(c.seen) >= 1, timeout=10, what="the /api shadow")
+        time.sleep(0.3)  # a shadow of /other, if one were sent, would be there by now too
+    assert [p for _m, p, _h in b.seen] == ["/other", "/api/x"]
+    assert [p for _m, p, _h in c.seen] == ["/api/x"] and c.seen[0][2]["host"].endswith("-shadow"), c.seen
