@@ -50,6 +50,7 @@ class AccessRecord:
     upstream_host: str | None
     plane: str
     ds: object = None  # the client connection (its TLS peer identity is read when the line is formatted)
+    peer: str | None = None  # a same-node client pod's SPIFFE ID (the pod table), shown as its peer identity
 
 
 _last_second: list = [-1, ""]  # strftime is slow: lines of the same second share the prefix
@@ -74,7 +75,11 @@ def _q(value: str | None) -> str:
 
 
 def peer_identity(rec: object) -> str | None:
-    """The SPIFFE ID of the record's client (kept on the connection's SSLObject by agent/proxy/tls.py)."""
+    """The SPIFFE ID of the record's client (kept on the connection's SSLObject by agent/proxy/tls.py; for a
+    same-node client pod whose request met the server pod's stage, its ID from the pod table: AccessRecord.peer)."""
+    peer = getattr(rec, "peer", None)
+    if peer is not None:
+        return peer
     transport = getattr(getattr(rec, "ds", None), "transport", None)
     if transport is None:
         return None

@@ -79,6 +79,7 @@ class Attempt:
         "hash_key",
         "inbound_hold",
         "local_client",
+        "local_peer",
         "pending",
         "retries",
         "stage_delay",
@@ -99,6 +100,7 @@ class Attempt:
         self.cb_held = 0
         self.inbound_hold: CircuitBreaker | None = None  # a local server's inbound cluster (pipeline.local_inbound)
         self.local_client: tuple | None = None  # a local client pod's request: (router, route config, ...)
+        self.local_peer: str | None = None  # the client pod's SPIFFE ID once a local server stage applied
         self.stage_delay: Delay | None = None  # the local server stage's fault delay, before the first attempt
         self.stage_endpoint: Endpoint | None = None  # the endpoint the server stage's own retries go back to
         self.endpoint: Endpoint | None = None
@@ -151,6 +153,7 @@ class Attempt:
                                       principal)  # fmt: skip
         if step is None:
             return None
+        self.local_peer = principal  # what the server's sidecar would log and count as its peer
         if type(step) is pipeline.Local:
             self.end(step.status)
             return step

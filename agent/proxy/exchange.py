@@ -425,7 +425,7 @@ class Exchange:
                 self.start_time, self.method_b.decode("latin-1"), self.target.decode("latin-1"),
                 _PROTOCOLS.get(self.version) or f"HTTP/{self.version}", status, self.flags, self.bytes_rx,
                 relay.bytes_tx, int(duration), relay.upstream_ms, self.xff, self.user_agent, self.request_id,
-                self.authority, attempt.upstream_host, proxy.plane_name, ds,
+                self.authority, attempt.upstream_host, proxy.plane_name, ds, attempt.local_peer,
             ))
         # Its parts see a finished request from now on (late callbacks return at once), and the reference cycle
         # between them and the Exchange is broken: all are freed by reference counting, not the cyclic GC.

@@ -548,6 +548,7 @@ class Bridge:
                 self.protocol, self.status, self.flags, self.bytes_rx, relay.bytes_tx, self.duration_ms,
                 relay.upstream_ms, None, None, self.rid.decode("latin-1"),
                 authority.decode("latin-1") if authority else None, attempt.upstream_host, proxy.plane_name, client,
+                attempt.local_peer,
             ))  # the properties' values, inline (once per stream)
         # Its parts see a finished request from now on, and none refers back to it: the stream and its parts are
         # freed by reference counting when it ends, not by the cyclic GC (whose passes grow with what survives).

@@ -378,9 +378,9 @@ class PlaneRouter:
                 self._tls.add(id(crc))
             if lsn.sources:
                 crc.local_client = True
-                if lsn.source_principal:
-                    self._principals.update((str(p.ip), lsn.source_principal) for p in lsn.sources
-                                            if p.prefixlen == (32 if p.version == 4 else 128))  # fmt: skip
+            if lsn.workload_principal:  # the pod table: a local workload's addresses (host prefixes) -> its ID
+                self._principals.update((str(p.ip), lsn.workload_principal) for p in lsn.sources or lsn.prefixes
+                                        if p.prefixlen == (32 if p.version == 4 else 128))  # fmt: skip
             self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, lsn.sources, crc))
         # A source-scoped listener (a local workload's outbound one) before any other: the client's routing
         # wins over the destination's inbound chain, as drop_shadowed_inbound decides for one proxy. Then
@@ -459,10 +459,12 @@ class PlaneRouter:
         """The SPIFFE ID of the local workload at `peer_ip`, when `crc` is a local client's (source-scoped)
         listener the connection was chosen by (its source address is that workload's): what a local server
         pod's inbound stage sees as the client's principal (ztunnel's pod table). Never from a header."""
-        if not crc.local_client or not self._principals:
-            return None
+        return self.workload_principal(peer_ip) if crc.local_client else None
+
+    def workload_principal(self, ip: str) -> str | None:
+        """The SPIFFE ID of the local workload at `ip` (a same-node request's server pod), None: none known."""
         try:
-            return self._principals.get(str(parse_ip(peer_ip)))
+            return self._principals.get(str(parse_ip(ip))) if self._principals else None
         except (AddrFormatError, ValueError, TypeError):
             return None
 

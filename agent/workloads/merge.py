@@ -193,7 +193,7 @@ def principal(w: Workload, trust_domain: str) -> str:
 def merge(planes: tuple[Plane, ...], views: Mapping[str, tuple[Workload, Snapshot]], version: str,
           trust_domain: str = "cluster.local") -> Merged:  # fmt: skip
     """The node's Snapshot from each workload's own one (`views`: workload key -> (workload, snapshot)). A
-    workload's outbound listeners carry its SPIFFE ID in `trust_domain` (Listener.source_principal)."""
+    workload's listeners carry its SPIFFE ID in `trust_domain` (Listener.workload_principal)."""
     order = sorted(views)
     clusters, cluster_names = _share({k: views[k][1].clusters for k in order})
     routes_in = {k: {n: _rename_clusters(rc, cluster_names[k]) for n, rc in views[k][1].routes.items()} for k in order}
@@ -209,7 +209,7 @@ def merge(planes: tuple[Plane, ...], views: Mapping[str, tuple[Workload, Snapsho
         for lsn in snap.listeners:
             scoped = _scoped(lsn, workload, planes, route_names[k], cluster_names[k])
             if scoped is not None:
-                listeners.append(dataclasses.replace(scoped, source_principal=spiffe) if scoped.sources else scoped)
+                listeners.append(dataclasses.replace(scoped, workload_principal=spiffe))
     listeners, notes = reconcile(listeners)
     snapshot = Snapshot(
         version=version,

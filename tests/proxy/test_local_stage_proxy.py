@@ -2,7 +2,7 @@
 h2 (docs/workloads.md, "Same-node requests get both stages"): what B's sidecar would do after A's, in one hop.
 
 Client pods are loopback addresses with their own outbound listener (Listener.sources, the SPIFFE ID the
-workloads merge gives it in Listener.source_principal); the server pod b is the backend at 127.0.0.1, whose
+workloads merge gives it in Listener.workload_principal); the server pod b is the backend at 127.0.0.1, whose
 inbound chain (prefix 127.0.0.1/32, its port) holds b's routes, filters and inbound cluster. Each test fails on
 the code before session 7, which applied only b's headers, 404, direct responses, timeout, filters' aborts and
 rate limits, and its inbound request limit."""
@@ -50,29 +50,32 @@ CLIENT = "127.0.0.2"  # pod a, service account `client`
 OTHER = "127.0.0.4"  # pod d, service account `other`
 SA_CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 SA_OTHER = "spiffe://cluster.local/ns/default/sa/other"
+SA_SERVER = "spiffe://cluster.local/ns/default/sa/server"  # pod b's
+TO_B = "outbound|80||b.default.svc.cluster.local"  # an istiod-named cluster: Istio's metrics count it
 INBOUND = Route(action=RouteAction(cluster="inb"))
 
 
 def _snapshot(proxy_port: int, backend_port: int, *, inbound: Route = INBOUND, filters: tuple = (),
               breakers: CircuitBreakers | None = None, pod_c: tuple[str, int] | None = None,
               outlier: OutlierDetection | None = None, mirror: bool = False) -> Snapshot:  # fmt: skip
-    """a and d: outbound listeners of the proxy port (their sources, their SPIFFE IDs) -> cluster to-b; b: an
+    """a and d: outbound listeners of the proxy port (their sources, their SPIFFE IDs) -> cluster TO_B; b: an
     inbound chain at 127.0.0.1:backend_port with `inbound` to cluster inb (`breakers`) and `filters`. `pod_c`:
-    a second endpoint of to-b, pod c's (an inbound chain of its own, nothing in it), `outlier` on to-b; with
-    `mirror`, c is no endpoint of to-b but a's route mirrors to it, and c's inbound routes serve /api only."""
+    a second endpoint of TO_B, pod c's (an inbound chain of its own, nothing in it), `outlier` on TO_B; with
+    `mirror`, c is no endpoint of TO_B but a's route mirrors to it, and c's inbound routes serve /api only."""
     plane = Plane(name=PLANE, plane_id=1, interfaces=("lo",), cidrs=(IPNetwork("127.0.0.0/8"),),
                   proxy_port=proxy_port, sla=SLA())  # fmt: skip
     server = (Endpoint(address="127.0.0.1", port=backend_port),)
     endpoints = server if pod_c is None or mirror else (*server, Endpoint(address=pod_c[0], port=pod_c[1]))
     mirrors = (Mirror("mirror-c"),) if mirror else ()
-    out_route = Route(action=RouteAction(cluster="to-b", mirrors=mirrors))
+    out_route = Route(action=RouteAction(cluster=TO_B, mirrors=mirrors))
     out = RouteConfig("out", (VirtualHost("out", routes=(out_route,)),))
     listeners = (
         *(Listener(f"0.0.0.0_out~{pod}.default", PLANE, proxy_port, ListenerProtocol.HTTP, route_config="out",
-                   sources=(IPNetwork(f"{addr}/32"),), source_principal=principal)
+                   sources=(IPNetwork(f"{addr}/32"),), workload_principal=principal)
           for pod, addr, principal in (("a", CLIENT, SA_CLIENT), ("d", OTHER, SA_OTHER))),
         Listener("virtualInbound/0.0.0.0_in~b.default", PLANE, backend_port, ListenerProtocol.HTTP,
-                 route_config="in", http_filters=filters, prefixes=(IPNetwork("127.0.0.1/32"),)),
+                 route_config="in", http_filters=filters, prefixes=(IPNetwork("127.0.0.1/32"),),
+                 workload_principal=SA_SERVER),
     )  # fmt: skip
     routes = {"out": out, "in": RouteConfig("in", (VirtualHost("in", routes=(inbound,)),))}
     if pod_c is not None:
@@ -81,7 +84,7 @@ def _snapshot(proxy_port: int, backend_port: int, *, inbound: Route = INBOUND, f
         only_api = Route(match=RouteMatch(prefix="/api"), action=RouteAction(cluster="inb"))
         routes["in-c"] = RouteConfig("in-c", (VirtualHost("in", routes=(only_api if mirror else INBOUND,)),))
     clusters = {
-        "to-b": Cluster("to-b", kind=ClusterKind.STATIC, endpoints=endpoints, outlier=outlier),
+        TO_B: Cluster(TO_B, kind=ClusterKind.STATIC, endpoints=endpoints, outlier=outlier),
         "inb": Cluster("inb", kind=ClusterKind.STATIC, endpoints=server,
                        circuit_breakers=breakers or CircuitBreakers()),
     }  # fmt: skip
@@ -189,7 +192,7 @@ def test_the_servers_inbound_connection_and_pending_limits(http, breakers: Circu
 
 
 def test_a_local_endpoint_whose_stage_fails_is_ejected() -> None:
-    """a's cluster to-b has b's and c's endpoints and outlier detection (2 consecutive 5xx); b's stage answers
+    """a's cluster TO_B has b's and c's endpoints and outlier detection (2 consecutive 5xx); b's stage answers
     503 itself (its fault filter aborts every request). b's sidecar would answer a's sidecar 503, and a's
     outlier detection would eject b: after two 503s every request goes to c. Before: the stage's answers were
     not reported to a's cluster, and half the requests kept failing."""
@@ -236,3 +239,17 @@ def test_a_mirror_to_a_local_pod_goes_through_its_stage(http) -> None:
         time.sleep(0.3)  # a shadow of /other, if one were sent, would be there by now too
     assert [p for _m, p, _h in b.seen] == ["/other", "/api/x"]
     assert [p for _m, p, _h in c.seen] == ["/api/x"] and c.seen[0][2]["host"].endswith("-shadow"), c.seen
+
+
+def test_the_same_node_peer_identity_in_the_access_log_and_istio_metrics(http) -> None:
+    """A request of pod a that met pod b's stage: the access log shows a's SPIFFE ID as the peer (what b's
+    sidecar logs as its downstream peer) and Istio's metrics count it with source a, destination b (both
+    sidecars would report that pair). Before: no peer, `unknown` for both."""
+    with Backend() as backend, Node(backend.port) as px:
+        assert http.get(px.port, "/who", source=CLIENT)[0] == 200
+        line = log_line_for(px, "/who")  # type: ignore[arg-type]
+        rows = px.call(px.proxy.istio.report, PLANE)
+    assert line.rstrip().endswith(f'"{SA_CLIENT}"'), line
+    assert [(r["cluster"], r["source_principal"], r["destination_principal"], r["responses"]) for r in rows] == \
+        [(TO_B, SA_CLIENT, SA_SERVER, {"2xx": 1})]
+    assert backend.seen[0][1] == "/who"
