@@ -21,6 +21,7 @@ from planemesh.agent.proxy.filters import DELAY_INJECTED
 from planemesh.agent.proxy.h2_support import open_h2_stream
 from planemesh.agent.proxy.local_mirrors import staged_mirrors
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
+from planemesh.agent.proxy.restage import ANSWERED, GO, SKIP, same_head
 from planemesh.agent.proxy.retry import NO_RETRIES, Retries, rng
 from planemesh.agent.proxy.stage_retry import StagedRetries
 from planemesh.model.config import ClusterKind
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an attempt holds
 HELD_IN_PENDING, HELD_IN_CONNECTION = 8, 16  # the same of a local server's inbound cluster (Attempt.inbound_hold)
-MAX_STAGE_PICKS = 4  # a local client's retry: endpoints of another local pod's stage passed over, at most
+MAX_STAGE_PICKS = 4  # a local client's retry: endpoints whose stage would change the head otherwise, passed over
 _perf = time.perf_counter
 
 
@@ -391,6 +392,9 @@ class Attempt:
         if self.deadline and per_try:
             self.try_deadline = min(self.deadline, self.ds.proxy.loop.time() + per_try)
         target = self.next_target()
+        if ex.finished:  # the stage of the pod picked answered (_enter_stage)
+            self.ds.flush()
+            return
         if target is None:
             ex.reply(503, b"no healthy upstream\n", (), flags.UF)
             self.ds.flush()
@@ -409,15 +413,20 @@ class Attempt:
         if self.cluster is not None and self.balancer is not None:
             picked = self.pick()
             tries = MAX_STAGE_PICKS
-            while picked is not None and self.local_client is not None and self._other_stage(picked):
-                self.end(-1)  # not this endpoint: another local pod's stage would be skipped
+            while picked is not None and self.local_client is not None:
+                verdict = self._enter_stage(picked)
+                if verdict == ANSWERED:
+                    return None  # the owner is finished: its caller sends nothing
+                if verdict == GO:
+                    break
+                self.end(-1)  # not this endpoint: its stage would change the head the retry resends
                 tries -= 1
                 picked = self.pick() if tries else None
             if picked is None:
                 return None
             self.upstream_addr = picked
             self.upstream_key = None
-            if self.stage_endpoint is not None:  # the server stage's retries go to this endpoint from now on
+            if type(self.retries) is StagedRetries:  # the server stage's retries go to this endpoint from now on
                 self.stage_endpoint = self.endpoint
         return self.upstream_addr
 
@@ -433,16 +442,47 @@ class Attempt:
         self.upstream_key = None
         return self.upstream_addr
 
-    def _other_stage(self, picked: tuple[str, int]) -> bool:
-        """A local client's retry would reach a local pod whose server stage (pipeline.local_inbound: its
-        inbound filters and routes) is not the one the request went through: that pod's policy would be
-        skipped. Such endpoints are passed over (MAX_STAGE_PICKS picks, then 503 UF). An endpoint that is no
-        local pod (a remote one: its node applies its stage) is fine."""
-        router, crc = self.local_client[:2]  # type: ignore[index]
-        addr = self.upstream_addr
-        assert addr is not None
+    def _enter_stage(self, picked: tuple[str, int]) -> int:
+        """A local client's retry to `picked`: when it is another local pod than the last attempt's, that pod's
+        stage runs (restage.py): it answers (its RBAC, no route, an abort: ANSWERED, the owner replied), or
+        the attempt takes over its holds, fault delay, retry policy and response header changes (GO), unless
+        it would change the request head otherwise than the head being resent (SKIP). A remote endpoint or the
+        same pod: GO."""
+        router, crc, result, authority, target, headers, rbac_denied, principal = self.local_client  # type: ignore[misc]
         stage = router.local_inbound(crc, *picked)
-        return stage is not None and stage is not router.local_inbound(crc, *addr)
+        if stage is None or stage is router.local_inbound(crc, *self.upstream_addr):  # type: ignore[misc]
+            return GO
+        old = self.inbound_hold  # the last pod's request is over: its inbound request unit is given back first
+        if old is not None:
+            old.release(REQUESTS)
+            self.inbound_hold = None
+        step = pipeline.local_inbound(self.ds.proxy, crc, picked, result, authority, target, headers, rbac_denied,
+                                      principal)  # fmt: skip
+        if step is None:
+            return GO
+        if type(step) is pipeline.Local:
+            self.end(step.status)
+            self.ex.reply(step.status, step.body, step.headers, step.flag)
+            return ANSWERED
+        delay = None
+        if type(step) is pipeline.Staged:
+            delay, step = step.delay, step.result
+        if not same_head(step.route, self.ex.route):
+            if step.inbound_hold is not None:
+                step.inbound_hold.release(REQUESTS)
+            if old is not None and old.try_acquire(REQUESTS):  # free again: the head's own stage keeps it
+                self.inbound_hold = old
+            return SKIP
+        self.inbound_hold, self.stage_delay = step.inbound_hold, delay
+        self.ex.route = step.route  # its response header changes
+        retries = self.retries
+        outer = retries.outer if type(retries) is StagedRetries else retries
+        if type(retries) is StagedRetries:
+            retries.inner.release()
+        policy = step.inbound_retry
+        has_retries = policy is not None and policy.num_retries > 0
+        self.retries = StagedRetries(Retries(policy, step.inbound_hold), outer) if has_retries else outer  # type: ignore[arg-type]
+        return GO
 
     # ---- failures before a response started -----------------------------------------------------------
 
@@ -454,7 +494,11 @@ class Attempt:
         if conn.reused and ex.replayable():
             self.end(-1)
             ex.rearm()
-            self.ds.proxy.pool.connect_for(self, self.next_target() or self.upstream_addr, self.connect_timeout_s)
+            target = self.next_target()
+            if ex.finished:  # the stage of the pod picked answered
+                self.ds.flush()
+                return
+            self.ds.proxy.pool.connect_for(self, target or self.upstream_addr, self.connect_timeout_s)
             return
         self.end(GATEWAY_FAILURE)
         if self.may_retry("reset"):

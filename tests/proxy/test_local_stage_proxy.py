@@ -57,17 +57,19 @@ INBOUND = Route(action=RouteAction(cluster="inb"))
 
 def _snapshot(proxy_port: int, backend_port: int, *, inbound: Route = INBOUND, filters: tuple = (),
               breakers: CircuitBreakers | None = None, pod_c: tuple[str, int] | None = None,
-              outlier: OutlierDetection | None = None, mirror: bool = False) -> Snapshot:  # fmt: skip
+              outlier: OutlierDetection | None = None, mirror: bool = False, out_retry: RetryPolicy | None = None,
+              c_filters: tuple = ()) -> Snapshot:  # fmt: skip
     """a and d: outbound listeners of the proxy port (their sources, their SPIFFE IDs) -> cluster TO_B; b: an
     inbound chain at 127.0.0.1:backend_port with `inbound` to cluster inb (`breakers`) and `filters`. `pod_c`:
     a second endpoint of TO_B, pod c's (an inbound chain of its own, nothing in it), `outlier` on TO_B; with
-    `mirror`, c is no endpoint of TO_B but a's route mirrors to it, and c's inbound routes serve /api only."""
+    `mirror`, c is no endpoint of TO_B but a's route mirrors to it, and c's inbound routes serve /api only.
+    `out_retry`: a's route's retry policy; `c_filters`: c's inbound HTTP filters."""
     plane = Plane(name=PLANE, plane_id=1, interfaces=("lo",), cidrs=(IPNetwork("127.0.0.0/8"),),
                   proxy_port=proxy_port, sla=SLA())  # fmt: skip
     server = (Endpoint(address="127.0.0.1", port=backend_port),)
     endpoints = server if pod_c is None or mirror else (*server, Endpoint(address=pod_c[0], port=pod_c[1]))
     mirrors = (Mirror("mirror-c"),) if mirror else ()
-    out_route = Route(action=RouteAction(cluster=TO_B, mirrors=mirrors))
+    out_route = Route(action=RouteAction(cluster=TO_B, mirrors=mirrors, retry=out_retry))
     out = RouteConfig("out", (VirtualHost("out", routes=(out_route,)),))
     listeners = (
         *(Listener(f"0.0.0.0_out~{pod}.default", PLANE, proxy_port, ListenerProtocol.HTTP, route_config="out",
@@ -80,7 +82,8 @@ def _snapshot(proxy_port: int, backend_port: int, *, inbound: Route = INBOUND, f
     routes = {"out": out, "in": RouteConfig("in", (VirtualHost("in", routes=(inbound,)),))}
     if pod_c is not None:
         listeners += (Listener("virtualInbound/0.0.0.0_in~c.default", PLANE, pod_c[1], ListenerProtocol.HTTP,
-                               route_config="in-c", prefixes=(IPNetwork(f"{pod_c[0]}/32"),)),)  # fmt: skip
+                               route_config="in-c", http_filters=c_filters,
+                               prefixes=(IPNetwork(f"{pod_c[0]}/32"),)),)  # fmt: skip
         only_api = Route(match=RouteMatch(prefix="/api"), action=RouteAction(cluster="inb"))
         routes["in-c"] = RouteConfig("in-c", (VirtualHost("in", routes=(only_api if mirror else INBOUND,)),))
     clusters = {
@@ -253,3 +256,29 @@ def test_the_same_node_peer_identity_in_the_access_log_and_istio_metrics(http) -
     assert [(r["cluster"], r["source_principal"], r["destination_principal"], r["responses"]) for r in rows] == \
         [(TO_B, SA_CLIENT, SA_SERVER, {"2xx": 1})]
     assert backend.seen[0][1] == "/who"
+
+
+RETRY_5XX = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=3)
+DENY_CLIENT = {"rules": {"action": "DENY", "policies": {"ns[default]-policy[no-client]-rule[0]": {
+    "permissions": [{"any": True}],
+    "principals": [{"authenticated": {"principal_name": {"exact": SA_CLIENT}}}],
+}}}}  # fmt: skip
+
+
+def test_a_retry_to_another_local_pod_runs_that_pods_stage(http) -> None:
+    """a's route retries 5xx; TO_B has b's and c's endpoints, both local pods with the same inbound route.
+    /fail-once answers 503 the first time on each pod: b's 503 is retried on c (its stage applies: c answers
+    503 too, its own first time), then on b (200). With c's policy denying a's identity, the retry on c is
+    answered 403 by c's stage, as c's sidecar would answer a's. Before, a retry passed over c (another
+    pod's stage) and went back to b."""
+    for c_filters, expect in (((), 200), ((translate_rbac(pack(json_format.ParseDict(DENY_CLIENT, rbac_pb2.RBAC())),
+                                                          "rbac"),), 403)):  # fmt: skip
+        with Backend() as b, Backend("127.0.0.3") as c, \
+                Node(b.port, pod_c=c, out_retry=RETRY_5XX, c_filters=c_filters) as px:
+            status, _, body = http.get(px.port, "/fail-once/k", source=CLIENT)
+        assert status == expect, (status, body, b.seen, c.seen)
+        assert [p for _m, p, _h in b.seen][:1] == ["/fail-once/k"]  # the first attempt: b (round robin)
+        if expect == 200:
+            assert [p for _m, p, _h in c.seen] == ["/fail-once/k"] and len(b.seen) == 2, (b.seen, c.seen)
+        else:
+            assert c.seen == [] and len(b.seen) == 1 and body == b"RBAC: access denied", (b.seen, c.seen)
