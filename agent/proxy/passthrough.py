@@ -519,6 +519,8 @@ class SniffListener:
                 return None
         if chain is not None and chain.rbac:
             peer = down.peer if down is not None else None
+            if peer is None and src:  # a same-node client pod: its SPIFFE ID from the pod table (docs/workloads.md)
+                peer = table.router.workload_principal(src)
             if tcp_denial(proxy, chain.name, chain.rbac, src, dst, peer) is not None:  # type: ignore[arg-type]
                 down.refuse() if down is not None else reset(conn)
                 return None

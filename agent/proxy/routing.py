@@ -371,6 +371,9 @@ class PlaneRouter:
         self._chained_routes: dict[tuple[int, int], Route] = {}  # (client's route, server's route) -> chained
         self._principals: dict[str, str] = {}  # a local workload's address -> its SPIFFE ID (principal_of)
         for lsn in snapshot.listeners_of(plane):
+            if lsn.workload_principal:  # the pod table: a local workload's addresses (host prefixes) -> its ID
+                self._principals.update((str(p.ip), lsn.workload_principal) for p in lsn.sources or lsn.prefixes
+                                        if p.prefixlen == (32 if p.version == 4 else 128))  # fmt: skip
             if lsn.protocol is not ListenerProtocol.HTTP:
                 continue
             crc = self._compiled(lsn)
@@ -378,9 +381,6 @@ class PlaneRouter:
                 self._tls.add(id(crc))
             if lsn.sources:
                 crc.local_client = True
-            if lsn.workload_principal:  # the pod table: a local workload's addresses (host prefixes) -> its ID
-                self._principals.update((str(p.ip), lsn.workload_principal) for p in lsn.sources or lsn.prefixes
-                                        if p.prefixlen == (32 if p.version == 4 else 128))  # fmt: skip
             self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, lsn.sources, crc))
         # A source-scoped listener (a local workload's outbound one) before any other: the client's routing
         # wins over the destination's inbound chain, as drop_shadowed_inbound decides for one proxy. Then
