@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.circuit import REQUESTS
@@ -16,6 +17,7 @@ from planemesh.agent.proxy.routing import RouteResult
 from planemesh.agent.proxy.routing_table import RoutingTable
 from planemesh.agent.workloads.merge import merge, principal
 from planemesh.agent.workloads.model import Workload
+from planemesh.agent.workloads.streams import trust_domain
 from planemesh.model.config import (
     CircuitBreakers,
     Cluster,
@@ -36,8 +38,9 @@ from planemesh.model.config import (
     VirtualHost,
 )
 from planemesh.model.planes import SLA
-from planemesh.model.static_config import load_default_config
+from planemesh.model.static_config import default_config_text, load_default_config
 from planemesh.model.validation import validate_snapshot
+from planemesh.xds.bootstrap import bootstrap_from_dict
 
 PLANES = load_default_config().planes  # oam 198.18.1.0/24
 A = Workload("a", "default", ("198.18.1.10",))  # the client pod
@@ -350,3 +353,10 @@ def test_the_principal_uses_the_trust_domain_and_refuses_bad_names() -> None:
     assert principal(Workload("p", "prod", ("198.18.1.12",), service_account="api"), "corp.example") == \
         "spiffe://corp.example/ns/prod/sa/api"
     assert principal(Workload("p", "prod", ("198.18.1.12",), service_account="a/sa/admin"), "td") == ""
+
+
+def test_the_pod_tables_trust_domain_comes_from_the_bootstrap() -> None:
+    base = {"node": {"id": "n", "metadata": {"NAMESPACE": "planemesh-system", "SERVICE_ACCOUNT": "planemesh"}},
+            "server": {"address": "127.0.0.1:15010"}, "planes": yaml.safe_load(default_config_text())["planes"]}
+    assert trust_domain(bootstrap_from_dict(base)) == "cluster.local"
+    assert trust_domain(bootstrap_from_dict({**base, "ca": {"trust_domain": "corp.example"}})) == "corp.example"
