@@ -498,6 +498,7 @@ class Attempt:
             if ex.finished:  # the stage of the pod picked answered
                 self.ds.flush()
                 return
+            self.stage_delay = None  # a replay on a fresh connection: no fault delay again
             self.ds.proxy.pool.connect_for(self, target or self.upstream_addr, self.connect_timeout_s)
             return
         self.end(GATEWAY_FAILURE)
