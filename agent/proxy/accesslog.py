@@ -75,11 +75,8 @@ def _q(value: str | None) -> str:
 
 
 def peer_identity(rec: object) -> str | None:
-    """The SPIFFE ID of the record's client (kept on the connection's SSLObject by agent/proxy/tls.py; for a
-    same-node client pod whose request met the server pod's stage, its ID from the pod table: AccessRecord.peer)."""
-    peer = getattr(rec, "peer", None)
-    if peer is not None:
-        return peer
+    """The SPIFFE ID of the record's client (kept on the connection's SSLObject by agent/proxy/tls.py; a line
+    shows AccessRecord.peer before it: a same-node client pod's ID from the pod table)."""
     transport = getattr(getattr(rec, "ds", None), "transport", None)
     if transport is None:
         return None
@@ -91,7 +88,7 @@ def peer_identity(rec: object) -> str | None:
 
 def format_text(rec: AccessRecord) -> str:
     upstream = rec.upstream_ms
-    peer = peer_identity(rec)
+    peer = rec.peer or peer_identity(rec)
     line = f"{rec.method} {rec.path} {rec.protocol}"
     xff, ua, rid, authority, host = rec.xff, rec.user_agent, rec.request_id, rec.authority, rec.upstream_host
     plain = f"{line}{xff}{ua}{rid}{authority}{host}{peer}"
@@ -131,7 +128,7 @@ def format_json(rec: AccessRecord) -> str:
                 "authority": rec.authority,
                 "upstream_host": rec.upstream_host,
                 "plane": rec.plane,
-                "peer_identity": peer_identity(rec),
+                "peer_identity": rec.peer or peer_identity(rec),
             },
             separators=(",", ":"),
         )

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an attempt holds
 HELD_IN_PENDING, HELD_IN_CONNECTION = 8, 16  # the same of a local server's inbound cluster (Attempt.inbound_hold)
+HELD_INBOUND = HELD_IN_PENDING | HELD_IN_CONNECTION
 MAX_STAGE_PICKS = 4  # a local client's retry: endpoints whose stage would change the head otherwise, passed over
 _perf = time.perf_counter
 
@@ -56,6 +57,17 @@ class _Finished:
 
 
 FINISHED = _Finished()
+
+
+class StageState:
+    """What a local server pod's stage leaves an Attempt to do: its fault delay before the attempt opens, the
+    endpoint its own retries go back to."""
+
+    __slots__ = ("delay", "endpoint")
+
+    def __init__(self) -> None:
+        self.delay: Delay | None = None
+        self.endpoint: Endpoint | None = None
 
 
 class Attempt:
@@ -83,8 +95,7 @@ class Attempt:
         "local_peer",
         "pending",
         "retries",
-        "stage_delay",
-        "stage_endpoint",
+        "stage",
         "t_upstream",
         "try_deadline",
         "upstream_addr",
@@ -102,8 +113,7 @@ class Attempt:
         self.inbound_hold: CircuitBreaker | None = None  # a local server's inbound cluster (pipeline.local_inbound)
         self.local_client: tuple | None = None  # a local client pod's request: (router, route config, ...)
         self.local_peer: str | None = None  # the client pod's SPIFFE ID once a local server stage applied
-        self.stage_delay: Delay | None = None  # the local server stage's fault delay, before the first attempt
-        self.stage_endpoint: Endpoint | None = None  # the endpoint the server stage's own retries go back to
+        self.stage: StageState | None = None  # what a local server pod's stage left to do (Attempt.local_stage)
         self.endpoint: Endpoint | None = None
         self.conn: UpstreamConnection | None = None
         self.connect_task = None
@@ -158,15 +168,16 @@ class Attempt:
         if type(step) is pipeline.Local:
             self.end(step.status)
             return step
+        stage = self.stage = StageState()
         if type(step) is pipeline.Staged:
-            self.stage_delay = step.delay
+            stage.delay = step.delay
             self.ex.flags = DELAY_INJECTED
             step = step.result
         self.inbound_hold = step.inbound_hold
         policy = step.inbound_retry
         if policy is not None and policy.num_retries > 0:
             self.retries = StagedRetries(Retries(policy, step.inbound_hold), self.retries)
-            self.stage_endpoint = self.endpoint
+            stage.endpoint = self.endpoint
         return step
 
     def local_mirrors(self, targets: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -190,8 +201,8 @@ class Attempt:
 
     def end(self, status: int) -> None:
         """The current attempt's outcome (HTTP status, 0 gateway failure, -1 none) for outlier detection."""
-        if self.cb_held & (HELD_IN_PENDING | HELD_IN_CONNECTION):
-            self._release_inbound(HELD_IN_PENDING | HELD_IN_CONNECTION)
+        if self.cb_held & HELD_INBOUND:
+            self._release_inbound(HELD_INBOUND)
         breaker = self.breaker
         if breaker is not None:
             if self.cb_held & HELD_PENDING:
@@ -218,13 +229,7 @@ class Attempt:
     def open(self, target: tuple[str, int], reuse: bool) -> None:
         """Open an attempt on `target` within the cluster's connection and pending limits (an h2 stream: those of
         the multiplexed connection it goes on, h2_upstream.H2Pool)."""
-        if self.stage_delay is not None:  # the local server stage's fault delay first (pipeline.Staged)
-            delay, self.stage_delay = self.stage_delay, None
-            self.backoff = self.ds.proxy.loop.call_later(delay.delay_s, self._after_stage_delay, target, reuse,
-                                                         delay.abort_status)  # fmt: skip
-            return None
-        inbound = self.inbound_hold
-        if inbound is not None and not self._hold_inbound(inbound):
+        if self.stage is not None and not self._stage_open(target, reuse):
             return None
         if self.h2:
             return open_h2_stream(self, target)
@@ -243,6 +248,20 @@ class Attempt:
             pool.acquire_for(self, target, self.connect_timeout_s)
         else:
             pool.connect_for(self, target, self.connect_timeout_s)
+
+    def _stage_open(self, target: tuple[str, int], reuse: bool) -> bool:
+        """A local server stage's part of opening an attempt: its fault delay first (pipeline.Staged: the
+        attempt opens when it has passed; False), then its inbound cluster's connection and pending limits
+        (refused: False, answered)."""
+        stage = self.stage
+        delay = stage.delay  # type: ignore[union-attr]
+        if delay is not None:
+            stage.delay = None  # type: ignore[union-attr]
+            self.backoff = self.ds.proxy.loop.call_later(delay.delay_s, self._after_stage_delay, target, reuse,
+                                                         delay.abort_status)  # fmt: skip
+            return False
+        inbound = self.inbound_hold
+        return inbound is None or self._hold_inbound(inbound)
 
     def _after_stage_delay(self, target: tuple[str, int], reuse: bool, abort_status: int | None) -> None:
         self.backoff = None
@@ -304,11 +323,11 @@ class Attempt:
             self.breaker.release(PENDING)  # type: ignore[union-attr]
 
     def on_connected(self, conn: UpstreamConnection) -> None:
-        if self.cb_held & HELD_IN_PENDING:
-            self._release_inbound(HELD_IN_PENDING)
         if self.cb_held & HELD_PENDING and not self.h2:  # an h2 stream waits until its connection is made
             self.cb_held &= ~HELD_PENDING
             self.breaker.release(PENDING)  # type: ignore[union-attr]
+        if self.cb_held & HELD_IN_PENDING:  # a local server's inbound cluster's (its stream too)
+            self._release_inbound(HELD_IN_PENDING)
         self.conn = conn
         conn.exchange = self.ex.relay  # the connection's response events
         ds = self.ds
@@ -427,13 +446,13 @@ class Attempt:
             self.upstream_addr = picked
             self.upstream_key = None
             if type(self.retries) is StagedRetries:  # the server stage's retries go to this endpoint from now on
-                self.stage_endpoint = self.endpoint
+                self.stage.endpoint = self.endpoint  # type: ignore[union-attr]
         return self.upstream_addr
 
     def _same_endpoint(self) -> tuple[str, int] | None:
         """The server stage's retry: the endpoint of its pod again, counted open on the client's cluster as a
         new pick would be (the client's sidecar saw one attempt)."""
-        ep = self.stage_endpoint
+        ep = self.stage.endpoint if self.stage is not None else None
         if ep is not None and self.cluster is not None and self.balancer is not None:
             lb = self.balancer.lb(self.cluster)
             if lb.counts:
@@ -473,7 +492,10 @@ class Attempt:
             if old is not None and old.try_acquire(REQUESTS):  # free again: the head's own stage keeps it
                 self.inbound_hold = old
             return SKIP
-        self.inbound_hold, self.stage_delay = step.inbound_hold, delay
+        self.inbound_hold = step.inbound_hold
+        if self.stage is None:
+            self.stage = StageState()
+        self.stage.delay = delay
         self.ex.route = step.route  # its response header changes
         retries = self.retries
         outer = retries.outer if type(retries) is StagedRetries else retries
@@ -498,7 +520,8 @@ class Attempt:
             if ex.finished:  # the stage of the pod picked answered
                 self.ds.flush()
                 return
-            self.stage_delay = None  # a replay on a fresh connection: no fault delay again
+            if self.stage is not None:
+                self.stage.delay = None  # a replay on a fresh connection: no fault delay again
             self.ds.proxy.pool.connect_for(self, target or self.upstream_addr, self.connect_timeout_s)
             return
         self.end(GATEWAY_FAILURE)
