@@ -29,6 +29,7 @@ from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classif
 from planemesh.agent.proxy.sniff_tls import mtls_decision, terminate_and_sniff
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tcp_authz import tcp_denial
+from planemesh.agent.proxy.tcp_local import local_server_refuses
 from planemesh.agent.proxy.tcp_tls import TcpRecord, TlsDownstream, terminate
 from planemesh.model.config import ClusterKind
 
@@ -441,6 +442,11 @@ class SniffListener:
                 return
             balancer.lb(cluster).started(ep)
             host, port = ep.address, ep.port
+            if local_server_refuses(proxy, conn, chain, table, verdict, (host, port)):  # tcp_local.py
+                breaker.release(CONNECTIONS)
+                balancer.report(cluster, ep, -1)
+                refuse()
+                return
         elif port in proxy.listen_ports:
             refuse()  # not intercepted: it would loop back into us
             return

@@ -133,3 +133,28 @@ def _call_from(sniffer: SniffProxy, source: str) -> bytes:
             return recv_all(s)
         except ConnectionResetError:
             return b"<reset>"
+
+
+def test_a_same_node_pods_relayed_chain_meets_the_server_pods_network_rbac() -> None:
+    """Pods a (sa client) and d (sa other) have their own chain of port 15434: tcp_proxy to cluster db, whose
+    endpoint is pod b (127.0.0.1). b's inbound chain at its address and port denies sa client (network RBAC).
+    With sidecars a's relay would reach b's sidecar, which refuses it; d's passes. Before, only the client's
+    chain applied: both were relayed to b."""
+    deny_a = {"action": "DENY", "policies": {"ns[default]-policy[no-a]-rule[0]": {"permissions": [{"any": True}],
+              "principals": [{"authenticated": {"principal_name": {"exact": SA_A}}}]}}}  # fmt: skip
+    with TcpServer(_echo) as upstream:
+        port = 15434
+        own = tuple(Listener(f"0.0.0.0_{port}~{name}.default", PLANE, port, ListenerProtocol.TCP,
+                             tcp_clusters=(WeightedCluster("db", 1),), sources=(IPNetwork(f"{addr}/32"),),
+                             workload_principal=f"{SA_PREFIX}{name}")
+                    for name, addr in (("client", "127.0.0.2"), ("other", "127.0.0.4")))  # fmt: skip
+        server = Listener("virtualInbound~b.default", PLANE, upstream.addr[1], ListenerProtocol.TCP,
+                          prefixes=(IPNetwork("127.0.0.1/32"),), network_rbac=network_rbac(deny_a),
+                          workload_principal=f"{SA_PREFIX}server")  # fmt: skip
+        clusters = {"db": Cluster("db", ClusterKind.STATIC, endpoints=(Endpoint("127.0.0.1", upstream.addr[1]),))}
+        with SniffProxy((*own, server), clusters) as sniffer:
+            sniffer.target = ("127.0.0.9", port)  # the address the clients dialled (a service VIP)
+            got = {src: _call_from(sniffer, src) for src in ("127.0.0.2", "127.0.0.4")}
+        assert not upstream.errors
+    assert got == {"127.0.0.2": b"<reset>", "127.0.0.4": b"echo:ping"}, got
+    assert sniffer.proxy.tls_stats.rbac_denied == 1
