@@ -88,7 +88,7 @@ def peer_identity(rec: object) -> str | None:
 
 def format_text(rec: AccessRecord) -> str:
     upstream = rec.upstream_ms
-    peer = rec.peer or peer_identity(rec)
+    peer = getattr(rec, "peer", None) or peer_identity(rec)  # TcpRecord (tcp_tls.py) has none
     line = f"{rec.method} {rec.path} {rec.protocol}"
     xff, ua, rid, authority, host = rec.xff, rec.user_agent, rec.request_id, rec.authority, rec.upstream_host
     plain = f"{line}{xff}{ua}{rid}{authority}{host}{peer}"
@@ -128,7 +128,7 @@ def format_json(rec: AccessRecord) -> str:
                 "authority": rec.authority,
                 "upstream_host": rec.upstream_host,
                 "plane": rec.plane,
-                "peer_identity": rec.peer or peer_identity(rec),
+                "peer_identity": getattr(rec, "peer", None) or peer_identity(rec),
             },
             separators=(",", ":"),
         )
