@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an attempt holds
 HELD_IN_PENDING, HELD_IN_CONNECTION = 8, 16  # the same of a local server's inbound cluster (Attempt.inbound_hold)
 HELD_INBOUND = HELD_IN_PENDING | HELD_IN_CONNECTION
+HELD_OPEN = HELD_PENDING | HELD_CONNECTION | HELD_INBOUND  # what an attempt still open holds (end() gives back)
 MAX_STAGE_PICKS = 4  # a local client's retry: endpoints whose stage would change the head otherwise, passed over
 _perf = time.perf_counter
 
@@ -364,7 +365,7 @@ class Attempt:
         if self.backoff is not None:
             self.backoff.cancel()
             self.backoff = None
-        if self.endpoint is not None or self.cb_held & (HELD_PENDING | HELD_CONNECTION):
+        if self.endpoint is not None or self.cb_held & HELD_OPEN:
             self.end(-1)  # an attempt still open (its response had not begun)
         breaker = self.breaker
         if breaker is not None:
