@@ -463,8 +463,12 @@ class PlaneRouter:
 
     def workload_principal(self, ip: str) -> str | None:
         """The SPIFFE ID of the local workload at `ip` (a same-node request's server pod), None: none known."""
+        principals = self._principals
+        found = principals.get(ip)  # the usual form (connections give it normalised): no parse per request
+        if found is not None or not principals:
+            return found
         try:
-            return self._principals.get(str(parse_ip(ip))) if self._principals else None
+            return principals.get(str(parse_ip(ip)))
         except (AddrFormatError, ValueError, TypeError):
             return None
 
