@@ -62,13 +62,14 @@ FINISHED = _Finished()
 
 class StageState:
     """What a local server pod's stage leaves an Attempt to do: its fault delay before the attempt opens, the
-    endpoint its own retries go back to."""
+    endpoint its own retries go back to, the x-forwarded-client-cert it sets (the codecs add it upstream)."""
 
-    __slots__ = ("delay", "endpoint")
+    __slots__ = ("delay", "endpoint", "xfcc")
 
-    def __init__(self) -> None:
+    def __init__(self, xfcc: bytes | None = None) -> None:
         self.delay: Delay | None = None
         self.endpoint: Endpoint | None = None
+        self.xfcc = xfcc
 
 
 class Attempt:
@@ -169,7 +170,7 @@ class Attempt:
         if type(step) is pipeline.Local:
             self.end(step.status)
             return step
-        stage = self.stage = StageState()
+        stage = self.stage = StageState(router.local_xfcc_at(crc, self.upstream_addr, principal))
         if type(step) is pipeline.Staged:
             stage.delay = step.delay
             self.ex.flags = DELAY_INJECTED
@@ -487,7 +488,8 @@ class Attempt:
         delay = None
         if type(step) is pipeline.Staged:
             delay, step = step.delay, step.result
-        if not same_head(step.route, self.ex.route):
+        xfcc = router.local_xfcc(stage, principal)
+        if not same_head(step.route, self.ex.route) or xfcc != (self.stage.xfcc if self.stage is not None else None):
             if step.inbound_hold is not None:
                 step.inbound_hold.release(REQUESTS)
             if old is not None and old.try_acquire(REQUESTS):  # free again: the head's own stage keeps it

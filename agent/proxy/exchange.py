@@ -40,6 +40,7 @@ from planemesh.agent.proxy.response_h1 import H1ResponseWriter
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, backoff_s, rng
 from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, open_connect
 from planemesh.agent.proxy.upstream_request import UpstreamRequest
+from planemesh.agent.proxy.xfcc import XFCC
 
 if TYPE_CHECKING:
     import asyncio
@@ -254,6 +255,9 @@ class Exchange:
                 result = step
                 route = self.route = result.route
         self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"")
+        stage = attempt.stage
+        if stage is not None and stage.xfcc is not None:  # a local server stage's x-forwarded-client-cert
+            self.req_head.fields.append((XFCC, stage.xfcc))
         upreq = self.upreq
         upreq.head = h1_request_bytes(self.req_head)  # an h2 attempt sends req_head's fields; mirrors this
         if not attempt.h2:  # an h2 stream's head is its HEADERS frame (H2ClientStream); `out` holds only the body

@@ -34,6 +34,7 @@ from planemesh.agent.proxy.response import ResponseRelay
 from planemesh.agent.proxy.response_h2 import H2ResponseWriter
 from planemesh.agent.proxy.retry import Retries, rng
 from planemesh.agent.proxy.upstream_request import UpstreamRequest
+from planemesh.agent.proxy.xfcc import XFCC
 
 if TYPE_CHECKING:
     import asyncio
@@ -308,6 +309,9 @@ class Bridge:
         self.pseudo, self.fields, self.up_path, self.up_authority = mutated_request(
             route, self.pseudo, self.fields, self.path_b, self.authority_b
         )  # the route's rewrites and header changes, this hop's trace context (h2_fields.py)
+        stage = attempt.stage
+        if stage is not None and stage.xfcc is not None:  # a local server stage's x-forwarded-client-cert
+            self.fields.append((XFCC, stage.xfcc))
         self._request_head()
         action = route.action if route is not None else None
         if action is not None and action.mirrors and cluster is not None:

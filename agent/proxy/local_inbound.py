@@ -97,6 +97,21 @@ def chained(outbound: Route, inbound: Route) -> Route:
     )  # fmt: skip
 
 
+def xfcc_element(mode: str, details: tuple[str, ...], by: str | None, client: str | None) -> bytes | None:
+    """The x-forwarded-client-cert value the server's sidecar would set for a same-node client whose identity
+    is `client` (the pod table's), by its listener's `forward_client_cert` mode and `client_cert_details`:
+    append_forward and sanitize_set set this element (the client's sidecar sanitized what the client sent),
+    the others none. Envoy's element order (By, Subject, URI); no Hash: there is no certificate to hash."""
+    if client is None or mode not in ("append_forward", "sanitize_set"):
+        return None
+    parts = [f"By={by}"] if by else []
+    if "subject" in details:
+        parts.append('Subject=""')
+    if "uri" in details:
+        parts.append(f"URI={client}")
+    return ";".join(parts).encode("latin-1", "replace") if parts else None
+
+
 def tighter_timeout(a: float, b: float) -> float:
     """The request timeout of two hops in a row: the shorter one; 0 means none."""
     if a <= 0:

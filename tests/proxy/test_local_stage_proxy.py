@@ -58,12 +58,13 @@ INBOUND = Route(action=RouteAction(cluster="inb"))
 def _snapshot(proxy_port: int, backend_port: int, *, inbound: Route = INBOUND, filters: tuple = (),
               breakers: CircuitBreakers | None = None, pod_c: tuple[str, int] | None = None,
               outlier: OutlierDetection | None = None, mirror: bool = False, out_retry: RetryPolicy | None = None,
-              c_filters: tuple = ()) -> Snapshot:  # fmt: skip
+              c_filters: tuple = (), xfcc: str = "sanitize") -> Snapshot:  # fmt: skip
     """a and d: outbound listeners of the proxy port (their sources, their SPIFFE IDs) -> cluster TO_B; b: an
     inbound chain at 127.0.0.1:backend_port with `inbound` to cluster inb (`breakers`) and `filters`. `pod_c`:
     a second endpoint of TO_B, pod c's (an inbound chain of its own, nothing in it), `outlier` on TO_B; with
     `mirror`, c is no endpoint of TO_B but a's route mirrors to it, and c's inbound routes serve /api only.
-    `out_retry`: a's route's retry policy; `c_filters`: c's inbound HTTP filters."""
+    `out_retry`: a's route's retry policy; `c_filters`: c's inbound HTTP filters; `xfcc`: b's chain's
+    forward_client_cert (with istiod's set_current_client_cert_details: subject, uri, dns)."""
     plane = Plane(name=PLANE, plane_id=1, interfaces=("lo",), cidrs=(IPNetwork("127.0.0.0/8"),),
                   proxy_port=proxy_port, sla=SLA())  # fmt: skip
     server = (Endpoint(address="127.0.0.1", port=backend_port),)
@@ -77,6 +78,7 @@ def _snapshot(proxy_port: int, backend_port: int, *, inbound: Route = INBOUND, f
           for pod, addr, principal in (("a", CLIENT, SA_CLIENT), ("d", OTHER, SA_OTHER))),
         Listener("virtualInbound/0.0.0.0_in~b.default", PLANE, backend_port, ListenerProtocol.HTTP,
                  route_config="in", http_filters=filters, prefixes=(IPNetwork("127.0.0.1/32"),),
+                 forward_client_cert=xfcc, client_cert_details=("subject", "uri", "dns"),
                  workload_principal=SA_SERVER),
     )  # fmt: skip
     routes = {"out": out, "in": RouteConfig("in", (VirtualHost("in", routes=(inbound,)),))}
@@ -282,3 +284,18 @@ def test_a_retry_to_another_local_pod_runs_that_pods_stage(http) -> None:
             assert [p for _m, p, _h in c.seen] == ["/fail-once/k"] and len(b.seen) == 2, (b.seen, c.seen)
         else:
             assert c.seen == [] and len(b.seen) == 1 and body == b"RBAC: access denied", (b.seen, c.seen)
+
+
+@pytest.mark.parametrize("mode", ["append_forward", "sanitize"])
+def test_the_servers_xfcc_names_the_same_node_client(http, mode: str) -> None:
+    """b's inbound chain forwards client certificate details as istiod configures it (APPEND_FORWARD, subject,
+    uri, dns): the pod gets `By=<b>;Subject="";URI=<a>` for a same-node client a (no Hash: no certificate),
+    and never what a sent itself; with SANITIZE, no header at all. Before, b's pod got no identity of a."""
+    with Backend() as backend, Node(backend.port, xfcc=mode) as px:
+        forged = {"x-forwarded-client-cert": f"URI={SA_OTHER}"}
+        assert http.get(px.port, "/xfcc", source=CLIENT, headers=forged)[0] == 200
+    got = backend.seen[0][2].get("x-forwarded-client-cert")
+    if mode == "sanitize":
+        assert got is None, got
+    else:
+        assert got == f'By={SA_SERVER};Subject="";URI={SA_CLIENT}', got

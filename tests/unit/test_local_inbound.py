@@ -11,7 +11,13 @@ import yaml
 
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.circuit import REQUESTS
-from planemesh.agent.proxy.local_inbound import chained, headers_seen_by_server, seen_by_server, tighter_timeout
+from planemesh.agent.proxy.local_inbound import (
+    chained,
+    headers_seen_by_server,
+    seen_by_server,
+    tighter_timeout,
+    xfcc_element,
+)
 from planemesh.agent.proxy.request_head import prefix_rewritten, response_headers, route_request_headers
 from planemesh.agent.proxy.routing import RouteResult
 from planemesh.agent.proxy.routing_table import RoutingTable
@@ -360,3 +366,16 @@ def test_the_pod_tables_trust_domain_comes_from_the_bootstrap() -> None:
             "server": {"address": "127.0.0.1:15010"}, "planes": yaml.safe_load(default_config_text())["planes"]}
     assert trust_domain(bootstrap_from_dict(base)) == "cluster.local"
     assert trust_domain(bootstrap_from_dict({**base, "ca": {"trust_domain": "corp.example"}})) == "corp.example"
+
+
+@pytest.mark.parametrize(("mode", "details", "by", "client", "expect"), [
+    ("append_forward", ("subject", "uri", "dns"), "spiffe://td/ns/b/sa/b", "spiffe://td/ns/a/sa/a",
+     b'By=spiffe://td/ns/b/sa/b;Subject="";URI=spiffe://td/ns/a/sa/a'),
+    ("sanitize_set", ("uri",), None, "spiffe://td/ns/a/sa/a", b"URI=spiffe://td/ns/a/sa/a"),
+    ("sanitize", ("uri",), "spiffe://td/ns/b/sa/b", "spiffe://td/ns/a/sa/a", None),
+    ("forward_only", ("uri",), "spiffe://td/ns/b/sa/b", "spiffe://td/ns/a/sa/a", None),
+    ("append_forward", ("uri",), "spiffe://td/ns/b/sa/b", None, None),  # no identity: no header
+    ("append_forward", (), None, "spiffe://td/ns/a/sa/a", None),
+])  # fmt: skip
+def test_the_xfcc_a_server_stage_sets(mode: str, details: tuple, by, client, expect) -> None:
+    assert xfcc_element(mode, details, by, client) == expect
