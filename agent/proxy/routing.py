@@ -477,6 +477,11 @@ class PlaneRouter:
             return None
         return self.local_xfcc(self.local_inbound(crc, *addr), client)
 
+    @property
+    def has_workloads(self) -> bool:
+        """The snapshot names local workloads (a pod table exists: agent/workloads/merge.py)."""
+        return bool(self._principals)
+
     def workload_principal(self, ip: str) -> str | None:
         """The SPIFFE ID of the local workload at `ip` (a same-node request's server pod), None: none known."""
         principals = self._principals

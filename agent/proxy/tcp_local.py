@@ -38,6 +38,8 @@ def local_server_refuses(proxy: Any, conn: socket.socket, chain: Any, table: Any
                          target: tuple[str, int]) -> bool:  # fmt: skip
     """local_server_denial for the connection `conn` (its peer the client) as sniffed (`verdict`): True when
     the local server pod's inbound chain refuses it (counted and logged by tcp_denial)."""
+    if not table.router.has_workloads:  # no pod table: no syscall per relayed connection
+        return False
     try:
         src = normalise_ip(conn.getpeername()[0])
     except OSError:
