@@ -196,7 +196,7 @@ class LocalStage:
         delay = None
         if type(step) is pipeline.Staged:
             delay, step = step.delay, step.result
-        xfcc = router.local_xfcc(stage, principal)
+        xfcc = router.pods.xfcc(stage, principal)
         if not same_head(step.route, self.ex.route) or xfcc != (self.stage.xfcc if self.stage is not None else None):
             if step.inbound_hold is not None:
                 step.inbound_hold.release(REQUESTS)

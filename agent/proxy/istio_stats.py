@@ -66,7 +66,7 @@ class IstioCounters:
         attempt = getattr(downstream, "attempt", None)
         peer = attempt.local_peer if attempt is not None else None
         if peer is not None:
-            return peer, proxy.table.router.workload_principal(addr[0]) if addr else None
+            return peer, proxy.table.router.pods.principal(addr[0]) if addr else None
         if cluster.name.startswith("inbound|"):
             ssl_object = _ssl_object(downstream)
             return peer_identity(downstream), getattr(ssl_object, "planemesh_local", None)

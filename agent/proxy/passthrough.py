@@ -526,7 +526,7 @@ class SniffListener:
         if chain is not None and chain.rbac:
             peer = down.peer if down is not None else None
             if peer is None and src:  # a same-node client pod: its SPIFFE ID from the pod table (docs/workloads.md)
-                peer = table.router.workload_principal(src)
+                peer = table.router.pods.principal(src)
             if tcp_denial(proxy, chain.name, chain.rbac, src, dst, peer) is not None:  # type: ignore[arg-type]
                 down.refuse() if down is not None else reset(conn)
                 return None

@@ -12,10 +12,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from netaddr import AddrFormatError, IPAddress, IPNetwork
+from netaddr import IPAddress, IPNetwork
 
 from planemesh.agent.proxy.filters import FilterChain
-from planemesh.agent.proxy.local_inbound import chained, tighter_timeout, xfcc_element
+from planemesh.agent.proxy.local_inbound import chained, tighter_timeout
+from planemesh.agent.proxy.pod_table import PodTable
 from planemesh.model.config import (
     DEFAULT_UPGRADES,
     Cluster,
@@ -369,22 +370,17 @@ class PlaneRouter:
         self._inbound_at: dict[tuple[str, int], CompiledRouteConfig | None] = {}  # endpoint -> local inbound
         self._chained: dict[tuple[int, int], tuple] = {}  # (client's result, server's result) -> chained_result
         self._chained_routes: dict[tuple[int, int], Route] = {}  # (client's route, server's route) -> chained
-        self._principals: dict[str, str] = {}  # a local workload's address -> its SPIFFE ID (principal_of)
-        self._xfcc: dict[int, tuple] = {}  # id(inbound route config) -> (XFCC mode, details, its pod's ID)
+        self.pods = PodTable()  # the node's pod table: a local workload's address -> its SPIFFE ID
         for lsn in snapshot.listeners_of(plane):
-            if lsn.workload_principal:  # the pod table: a local workload's addresses (host prefixes) -> its ID
-                self._principals.update((str(p.ip), lsn.workload_principal) for p in lsn.sources or lsn.prefixes
-                                        if p.prefixlen == (32 if p.version == 4 else 128))  # fmt: skip
             if lsn.protocol is not ListenerProtocol.HTTP:
+                self.pods.add(lsn)
                 continue
             crc = self._compiled(lsn)
+            self.pods.add(lsn, crc)
             if lsn.tls is not None:
                 self._tls.add(id(crc))
             if lsn.sources:
                 crc.local_client = True
-            elif lsn.forward_client_cert in ("append_forward", "sanitize_set"):  # an inbound chain's XFCC
-                self._xfcc.setdefault(id(crc), (lsn.forward_client_cert, lsn.client_cert_details,
-                                                lsn.workload_principal or None))  # fmt: skip
             self._by_port.setdefault(lsn.port, []).append((lsn.prefixes, lsn.sources, crc))
         # A source-scoped listener (a local workload's outbound one) before any other: the client's routing
         # wins over the destination's inbound chain, as drop_shadowed_inbound decides for one proxy. Then
@@ -463,35 +459,13 @@ class PlaneRouter:
         """The SPIFFE ID of the local workload at `peer_ip`, when `crc` is a local client's (source-scoped)
         listener the connection was chosen by (its source address is that workload's): what a local server
         pod's inbound stage sees as the client's principal (ztunnel's pod table). Never from a header."""
-        return self.workload_principal(peer_ip) if crc.local_client else None
-
-    def local_xfcc(self, inbound: CompiledRouteConfig | None, client: str | None) -> bytes | None:
-        """The x-forwarded-client-cert a local server pod's inbound chain `inbound` would set for a same-node
-        client of SPIFFE ID `client` (local_inbound.xfcc_element), None: none."""
-        found = self._xfcc.get(id(inbound)) if inbound is not None and client is not None else None
-        return xfcc_element(found[0], found[1], found[2], client) if found is not None else None
+        return self.pods.principal(peer_ip) if crc.local_client else None
 
     def local_xfcc_at(self, crc: CompiledRouteConfig, addr: tuple[str, int], client: str | None) -> bytes | None:
-        """local_xfcc of the local server stage at endpoint `addr` (no lookup when no chain sets one)."""
-        if not self._xfcc or client is None:
+        """The x-forwarded-client-cert of the local server stage at endpoint `addr` (PodTable.xfcc)."""
+        if client is None or not self.pods.sets_xfcc():
             return None
-        return self.local_xfcc(self.local_inbound(crc, *addr), client)
-
-    @property
-    def has_workloads(self) -> bool:
-        """The snapshot names local workloads (a pod table exists: agent/workloads/merge.py)."""
-        return bool(self._principals)
-
-    def workload_principal(self, ip: str) -> str | None:
-        """The SPIFFE ID of the local workload at `ip` (a same-node request's server pod), None: none known."""
-        principals = self._principals
-        found = principals.get(ip)  # the usual form (connections give it normalised): no parse per request
-        if found is not None or not principals:
-            return found
-        try:
-            return principals.get(str(parse_ip(ip)))
-        except (AddrFormatError, ValueError, TypeError):
-            return None
+        return self.pods.xfcc(self.local_inbound(crc, *addr), client)
 
     def _inbound_at_endpoint(self, ip: str, port: int) -> CompiledRouteConfig | None:
         addr = parse_ip(ip)

@@ -23,8 +23,8 @@ def local_server_denial(proxy: Any, table: Any, chain: Any, src: str, target: tu
     None: the client or the endpoint is no local pod, no inbound chain of the server's has network RBAC there,
     or it allows it."""
     router = table.router
-    peer = router.workload_principal(src) if src else None
-    if peer is None or router.workload_principal(target[0]) is None:
+    peer = router.pods.principal(src) if src else None
+    if peer is None or router.pods.principal(target[0]) is None:
         return None
     sni_table = table.sni
     server = sni_table.select(target[1], target[0], sni, tls, alpn) or sni_table.select(target[1], target[0], None,
@@ -38,7 +38,7 @@ def local_server_refuses(proxy: Any, conn: socket.socket, chain: Any, table: Any
                          target: tuple[str, int]) -> bool:  # fmt: skip
     """local_server_denial for the connection `conn` (its peer the client) as sniffed (`verdict`): True when
     the local server pod's inbound chain refuses it (counted and logged by tcp_denial)."""
-    if not table.router.has_workloads:  # no pod table: no syscall per relayed connection
+    if not table.router.pods:  # no pod table: no syscall per relayed connection
         return False
     try:
         src = normalise_ip(conn.getpeername()[0])
