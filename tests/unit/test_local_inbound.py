@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from netaddr import IPNetwork
 
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.circuit import REQUESTS
@@ -18,6 +19,7 @@ from planemesh.agent.proxy.local_inbound import (
     tighter_timeout,
     xfcc_element,
 )
+from planemesh.agent.proxy.pod_table import PodTable
 from planemesh.agent.proxy.request_head import prefix_rewritten, response_headers, route_request_headers
 from planemesh.agent.proxy.routing import RouteResult
 from planemesh.agent.proxy.routing_table import RoutingTable
@@ -379,3 +381,18 @@ def test_the_pod_tables_trust_domain_comes_from_the_bootstrap() -> None:
 ])  # fmt: skip
 def test_the_xfcc_a_server_stage_sets(mode: str, details: tuple, by, client, expect) -> None:
     assert xfcc_element(mode, details, by, client) == expect
+
+
+def test_the_pod_table_keeps_host_addresses_only() -> None:
+    table = PodTable()
+    table.add(Listener("out~a", "oam", 8080, ListenerProtocol.HTTP, sources=(IPNetwork("198.18.1.10/32"),),
+                       workload_principal="spiffe://td/ns/n/sa/a"))  # fmt: skip
+    table.add(Listener("in~b", "oam", 8080, ListenerProtocol.HTTP, prefixes=(IPNetwork("fd00:18:1::11/128"),),
+                       workload_principal="spiffe://td/ns/n/sa/b"))  # fmt: skip
+    table.add(Listener("wide", "oam", 8080, ListenerProtocol.HTTP, prefixes=(IPNetwork("198.18.1.0/24"),),
+                       workload_principal="spiffe://td/ns/n/sa/wide"))  # a prefix is no pod's address  # fmt: skip
+    assert table.principal("198.18.1.10") == "spiffe://td/ns/n/sa/a"
+    assert table.principal("::ffff:198.18.1.10") == "spiffe://td/ns/n/sa/a"
+    assert table.principal("fd00:18:1:0::11") == "spiffe://td/ns/n/sa/b"
+    assert table.principal("198.18.1.12") is None and table.principal("bad") is None
+    assert not PodTable() and table
