@@ -321,6 +321,10 @@ class Listener:
     # own cluster (xds/translate_tcp.py): the original destination is that cluster's choice, so the kernel may
     # bypass it (ebpf/policy.py keeps_destination)
     own_service: bool = False
+    # The SPIFFE ID of the local workload this listener is scoped to (agent/workloads/merge.py: outbound, its
+    # addresses in `sources`; inbound, in `prefixes`): the node's pod table, what a local server pod's inbound
+    # stage sees as a same-node client's principal (agent/proxy/routing.py principal_of)
+    workload_principal: str = ""
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:

@@ -50,6 +50,7 @@ class AccessRecord:
     upstream_host: str | None
     plane: str
     ds: object = None  # the client connection (its TLS peer identity is read when the line is formatted)
+    peer: str | None = None  # a same-node client pod's SPIFFE ID (the pod table), shown as its peer identity
 
 
 _last_second: list = [-1, ""]  # strftime is slow: lines of the same second share the prefix
@@ -74,7 +75,8 @@ def _q(value: str | None) -> str:
 
 
 def peer_identity(rec: object) -> str | None:
-    """The SPIFFE ID of the record's client (kept on the connection's SSLObject by agent/proxy/tls.py)."""
+    """The SPIFFE ID of the record's client (kept on the connection's SSLObject by agent/proxy/tls.py; a line
+    shows AccessRecord.peer before it: a same-node client pod's ID from the pod table)."""
     transport = getattr(getattr(rec, "ds", None), "transport", None)
     if transport is None:
         return None
@@ -86,7 +88,7 @@ def peer_identity(rec: object) -> str | None:
 
 def format_text(rec: AccessRecord) -> str:
     upstream = rec.upstream_ms
-    peer = peer_identity(rec)
+    peer = getattr(rec, "peer", None) or peer_identity(rec)  # TcpRecord (tcp_tls.py) has none
     line = f"{rec.method} {rec.path} {rec.protocol}"
     xff, ua, rid, authority, host = rec.xff, rec.user_agent, rec.request_id, rec.authority, rec.upstream_host
     plain = f"{line}{xff}{ua}{rid}{authority}{host}{peer}"
@@ -126,7 +128,7 @@ def format_json(rec: AccessRecord) -> str:
                 "authority": rec.authority,
                 "upstream_host": rec.upstream_host,
                 "plane": rec.plane,
-                "peer_identity": peer_identity(rec),
+                "peer_identity": getattr(rec, "peer", None) or peer_identity(rec),
             },
             separators=(",", ":"),
         )

@@ -11,15 +11,17 @@ stream's response events go to the owner's response relay (response.py).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy import accesslog as flags
-from planemesh.agent.proxy import pipeline
+from planemesh.agent.proxy.attempt_stage import HELD_IN_PENDING, HELD_INBOUND, LocalStage, StageState
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS
 from planemesh.agent.proxy.h2_support import open_h2_stream
 from planemesh.agent.proxy.outlier import GATEWAY_FAILURE
+from planemesh.agent.proxy.restage import ANSWERED, GO
 from planemesh.agent.proxy.retry import NO_RETRIES, rng
+from planemesh.agent.proxy.stage_retry import StagedRetries
 from planemesh.model.config import ClusterKind
 
 if TYPE_CHECKING:
@@ -29,13 +31,13 @@ if TYPE_CHECKING:
     from planemesh.agent.proxy.circuit import CircuitBreaker
     from planemesh.agent.proxy.contracts import AttemptOwner, Fields, RequestSource
     from planemesh.agent.proxy.contracts import UpstreamStream as UpstreamConnection
-    from planemesh.agent.proxy.pipeline import Headers, Local, Upstream
+    from planemesh.agent.proxy.pipeline import Upstream
     from planemesh.agent.proxy.retry import Retries
-    from planemesh.agent.proxy.routing import CompiledRouteConfig, RouteResult
     from planemesh.model.config import Cluster, Endpoint
 
 HELD_REQUEST, HELD_PENDING, HELD_CONNECTION = 1, 2, 4  # circuit breaker units an attempt holds
-MAX_STAGE_PICKS = 4  # a local client's retry: endpoints of another local pod's stage passed over, at most
+HELD_OPEN = HELD_PENDING | HELD_CONNECTION | HELD_INBOUND  # what an attempt still open holds (end() gives back)
+MAX_STAGE_PICKS = 4  # a local client's retry: endpoints whose stage would change the head otherwise, passed over
 _perf = time.perf_counter
 
 
@@ -54,7 +56,7 @@ class _Finished:
 FINISHED = _Finished()
 
 
-class Attempt:
+class Attempt(LocalStage):
     """The current upstream attempt of a request (endpoint, connection, breaker holds) and what carries over
     from one attempt to the next (retry state, deadlines, the back-off timer)."""
 
@@ -76,8 +78,10 @@ class Attempt:
         "hash_key",
         "inbound_hold",
         "local_client",
+        "local_peer",
         "pending",
         "retries",
+        "stage",
         "t_upstream",
         "try_deadline",
         "upstream_addr",
@@ -93,7 +97,9 @@ class Attempt:
         self.breaker: CircuitBreaker | None = None
         self.cb_held = 0
         self.inbound_hold: CircuitBreaker | None = None  # a local server's inbound cluster (pipeline.local_inbound)
-        self.local_client: tuple | None = None  # (router, route config) of a local client pod's request
+        self.local_client: tuple | None = None  # a local client pod's request: (router, route config, ...)
+        self.local_peer: str | None = None  # the client pod's SPIFFE ID once a local server stage applied
+        self.stage: StageState | None = None  # what a local server pod's stage left to do (Attempt.local_stage)
         self.endpoint: Endpoint | None = None
         self.conn: UpstreamConnection | None = None
         self.connect_task = None
@@ -126,19 +132,6 @@ class Attempt:
         self.hash_key = up.hash_key
         return self.pick()  # ORIGINAL_DST: the original destination
 
-    def local_stage(self, crc: CompiledRouteConfig, result: RouteResult, authority: str, target: bytes,
-                    headers: Headers, rbac_denied: Any) -> Local | RouteResult | None:
-        """Step 6 for a local client pod's request on the endpoint just picked (pipeline.local_inbound, one call
-        for both codecs): a Local answer, the chained RouteResult (the server's inbound request unit now held
-        by this attempt until the request ends), or None. A retry keeps to endpoints of the same stage."""
-        proxy = self.ds.proxy
-        self.local_client = (proxy.table.router, crc)
-        assert self.upstream_addr is not None
-        step = pipeline.local_inbound(proxy, crc, self.upstream_addr, result, authority, target, headers, rbac_denied)
-        if step is not None and type(step) is not pipeline.Local:
-            self.inbound_hold = step.inbound_hold
-        return step
-
     def pick(self) -> tuple[str, int] | None:
         """The next endpoint of the request's cluster; the attempt on it is open until end()."""
         cluster = self.cluster
@@ -153,6 +146,8 @@ class Attempt:
 
     def end(self, status: int) -> None:
         """The current attempt's outcome (HTTP status, 0 gateway failure, -1 none) for outlier detection."""
+        if self.cb_held & HELD_INBOUND:
+            self._release_inbound(HELD_INBOUND)
         breaker = self.breaker
         if breaker is not None:
             if self.cb_held & HELD_PENDING:
@@ -179,6 +174,8 @@ class Attempt:
     def open(self, target: tuple[str, int], reuse: bool) -> None:
         """Open an attempt on `target` within the cluster's connection and pending limits (an h2 stream: those of
         the multiplexed connection it goes on, h2_upstream.H2Pool)."""
+        if self.stage is not None and not self._stage_open(target, reuse):
+            return None
         if self.h2:
             return open_h2_stream(self, target)
         breaker = self.breaker
@@ -212,6 +209,8 @@ class Attempt:
 
     def release_pending(self) -> None:
         """The attempt's connection is established: it no longer waits for one."""
+        if self.cb_held & HELD_IN_PENDING:
+            self._release_inbound(HELD_IN_PENDING)
         if self.cb_held & HELD_PENDING:
             self.cb_held &= ~HELD_PENDING
             self.breaker.release(PENDING)  # type: ignore[union-attr]
@@ -220,6 +219,8 @@ class Attempt:
         if self.cb_held & HELD_PENDING and not self.h2:  # an h2 stream waits until its connection is made
             self.cb_held &= ~HELD_PENDING
             self.breaker.release(PENDING)  # type: ignore[union-attr]
+        if self.cb_held & HELD_IN_PENDING:  # a local server's inbound cluster's (its stream too)
+            self._release_inbound(HELD_IN_PENDING)
         self.conn = conn
         conn.exchange = self.ex.relay  # the connection's response events
         ds = self.ds
@@ -256,7 +257,7 @@ class Attempt:
         if self.backoff is not None:
             self.backoff.cancel()
             self.backoff = None
-        if self.endpoint is not None or self.cb_held & (HELD_PENDING | HELD_CONNECTION):
+        if self.endpoint is not None or self.cb_held & HELD_OPEN:
             self.end(-1)  # an attempt still open (its response had not begun)
         breaker = self.breaker
         if breaker is not None:
@@ -264,7 +265,7 @@ class Attempt:
                 breaker.release(REQUESTS)
             self.cb_held = 0
         if self.inbound_hold is not None:
-            self.inbound_hold.release(REQUESTS)
+            self.inbound_hold.release(REQUESTS)  # (its pending and connection units went with end())
             self.inbound_hold = None
         retries = self.retries
         if retries is not NO_RETRIES:
@@ -303,6 +304,9 @@ class Attempt:
         if self.deadline and per_try:
             self.try_deadline = min(self.deadline, self.ds.proxy.loop.time() + per_try)
         target = self.next_target()
+        if ex.finished:  # the stage of the pod picked answered (_enter_stage)
+            self.ds.flush()
+            return
         if target is None:
             ex.reply(503, b"no healthy upstream\n", (), flags.UF)
             self.ds.flush()
@@ -312,30 +316,31 @@ class Attempt:
             self.ds.flush()
 
     def next_target(self) -> tuple[str, int] | None:
-        """Where a retry goes: the cluster's next endpoint (the original destination stays the same)."""
+        """Where a retry goes: the cluster's next endpoint (the original destination stays the same); the same
+        endpoint when the local server stage's own retry policy retries (StagedRetries)."""
+        retries = self.retries
+        if type(retries) is StagedRetries and retries.same_endpoint:
+            retries.same_endpoint = False
+            return self._same_endpoint()
         if self.cluster is not None and self.balancer is not None:
             picked = self.pick()
             tries = MAX_STAGE_PICKS
-            while picked is not None and self.local_client is not None and self._other_stage(picked):
-                self.end(-1)  # not this endpoint: another local pod's stage would be skipped
+            while picked is not None and self.local_client is not None:
+                verdict = self._enter_stage(picked)
+                if verdict == ANSWERED:
+                    return None  # the owner is finished: its caller sends nothing
+                if verdict == GO:
+                    break
+                self.end(-1)  # not this endpoint: its stage would change the head the retry resends
                 tries -= 1
                 picked = self.pick() if tries else None
             if picked is None:
                 return None
             self.upstream_addr = picked
             self.upstream_key = None
+            if type(self.retries) is StagedRetries:  # the server stage's retries go to this endpoint from now on
+                self.stage.endpoint = self.endpoint  # type: ignore[union-attr]
         return self.upstream_addr
-
-    def _other_stage(self, picked: tuple[str, int]) -> bool:
-        """A local client's retry would reach a local pod whose server stage (pipeline.local_inbound: its
-        inbound filters and routes) is not the one the request went through: that pod's policy would be
-        skipped. Such endpoints are passed over (MAX_STAGE_PICKS picks, then 503 UF). An endpoint that is no
-        local pod (a remote one: its node applies its stage) is fine."""
-        router, crc = self.local_client  # type: ignore[misc]
-        addr = self.upstream_addr
-        assert addr is not None
-        stage = router.local_inbound(crc, *picked)
-        return stage is not None and stage is not router.local_inbound(crc, *addr)
 
     # ---- failures before a response started -----------------------------------------------------------
 
@@ -347,7 +352,13 @@ class Attempt:
         if conn.reused and ex.replayable():
             self.end(-1)
             ex.rearm()
-            self.ds.proxy.pool.connect_for(self, self.next_target() or self.upstream_addr, self.connect_timeout_s)
+            target = self.next_target()
+            if ex.finished:  # the stage of the pod picked answered
+                self.ds.flush()
+                return
+            if self.stage is not None:
+                self.stage.delay = None  # a replay on a fresh connection: no fault delay again
+            self.ds.proxy.pool.connect_for(self, target or self.upstream_addr, self.connect_timeout_s)
             return
         self.end(GATEWAY_FAILURE)
         if self.may_retry("reset"):

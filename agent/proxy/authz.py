@@ -27,10 +27,16 @@ def rbac_denial(
     local: tuple[str, int],
     peer_ip: str,
     transport: Any,
+    principal: str | None = None,
 ) -> str | None:
-    """None when every RBAC filter allows the request, else why not (for the log)."""
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    peer = getattr(ssl_object, "planemesh_peer", None) if ssl_object is not None else None
+    """None when every RBAC filter allows the request, else why not (for the log). The peer principal is
+    `principal` when given (a same-node client pod's SPIFFE ID from the node's pod table, for a local server
+    pod's inbound stage: pipeline.ServerView), else the client certificate's."""
+    if principal is not None:
+        peer = principal
+    else:
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        peer = getattr(ssl_object, "planemesh_peer", None) if ssl_object is not None else None
     path = target.split("?", 1)[0]
     pseudo = {":method": method, ":path": path, ":authority": authority}
     facts = RequestFacts({**headers(), **pseudo}, path, local[0], local[1], peer_ip, peer, proxy.plane_name)

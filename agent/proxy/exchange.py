@@ -40,6 +40,7 @@ from planemesh.agent.proxy.response_h1 import H1ResponseWriter
 from planemesh.agent.proxy.retry import MAX_REPLAY_BODY, Retries, backoff_s, rng
 from planemesh.agent.proxy.tunnel import TUNNEL_CONNECT, open_connect
 from planemesh.agent.proxy.upstream_request import UpstreamRequest
+from planemesh.agent.proxy.xfcc import XFCC
 
 if TYPE_CHECKING:
     import asyncio
@@ -170,7 +171,7 @@ class Exchange:
         ds = self.ds
         if view is not None:
             return rbac_denial(ds.proxy, rbac, view.headers, self.method, view.target, view.authority, view.local,
-                               ds.peer_ip, ds.transport)  # fmt: skip
+                               ds.peer_ip, ds.transport, view.principal)  # fmt: skip
         return rbac_denial(ds.proxy, rbac, self._header_map, self.method, self.target.decode("latin-1"),
                            self.authority or "", ds.local, ds.peer_ip, ds.transport)
 
@@ -247,13 +248,16 @@ class Exchange:
             return self._open_connect(target, result.connect_timeout_s)
         if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
             step = attempt.local_stage(crc, result, self.authority or "", self.target, self._header_map,
-                                       self._rbac_denied)  # fmt: skip
+                                       self._rbac_denied, ds.peer_ip)  # fmt: skip
             if type(step) is pipeline.Local:
                 return self.answer(step)
             if step is not None:
                 result = step
                 route = self.route = result.route
         self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"")
+        stage = attempt.stage
+        if stage is not None and stage.xfcc is not None:  # a local server stage's x-forwarded-client-cert
+            self.req_head.fields.append((XFCC, stage.xfcc))
         upreq = self.upreq
         upreq.head = h1_request_bytes(self.req_head)  # an h2 attempt sends req_head's fields; mirrors this
         if not attempt.h2:  # an h2 stream's head is its HEADERS frame (H2ClientStream); `out` holds only the body
@@ -297,8 +301,9 @@ class Exchange:
         """Shadow copies of a body-less (or fully buffered) request; the primary never waits for them."""
         if self.req_length > MAX_REPLAY_BODY:
             return  # a large body is not mirrored (it would have to be held); chunked ones are checked at the end
+        attempt = self.attempt
         clusters = self.ds.proxy.table.snapshot.clusters
-        self.mirror_to = mirror_targets(mirrors, clusters, self.attempt.balancer, rng.random)
+        self.mirror_to = attempt.local_mirrors(mirror_targets(mirrors, clusters, attempt.balancer, rng.random))
         if self.mirror_to and self.req_done:
             self._send_mirrors()
 
@@ -424,7 +429,7 @@ class Exchange:
                 self.start_time, self.method_b.decode("latin-1"), self.target.decode("latin-1"),
                 _PROTOCOLS.get(self.version) or f"HTTP/{self.version}", status, self.flags, self.bytes_rx,
                 relay.bytes_tx, int(duration), relay.upstream_ms, self.xff, self.user_agent, self.request_id,
-                self.authority, attempt.upstream_host, proxy.plane_name, ds,
+                self.authority, attempt.upstream_host, proxy.plane_name, ds, attempt.local_peer,
             ))
         # Its parts see a finished request from now on (late callbacks return at once), and the reference cycle
         # between them and the Exchange is broken: all are freed by reference counting, not the cyclic GC.

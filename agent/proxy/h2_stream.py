@@ -34,6 +34,7 @@ from planemesh.agent.proxy.response import ResponseRelay
 from planemesh.agent.proxy.response_h2 import H2ResponseWriter
 from planemesh.agent.proxy.retry import Retries, rng
 from planemesh.agent.proxy.upstream_request import UpstreamRequest
+from planemesh.agent.proxy.xfcc import XFCC
 
 if TYPE_CHECKING:
     import asyncio
@@ -228,7 +229,7 @@ class Bridge:
         method = self.method_b.decode("latin-1")
         if view is not None:
             return rbac_denial(self.proxy, rbac, view.headers, method, view.target, view.authority, view.local,
-                               client.peer_ip_b.decode(), client.transport)  # fmt: skip
+                               client.peer_ip_b.decode(), client.transport, view.principal)  # fmt: skip
         authority = self.authority_b.decode("latin-1") if self.authority_b else ""
         return rbac_denial(self.proxy, rbac, self._header_map, method, (self.path_b or b"/").decode("latin-1"),
                            authority, client.local, client.peer_ip_b.decode(), client.transport)
@@ -299,7 +300,7 @@ class Bridge:
         if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
             authority = self.authority_b.decode("latin-1") if self.authority_b else ""
             step = attempt.local_stage(crc, result, authority, self.path_b or b"/", self._header_map,
-                                       self._rbac_denied)  # fmt: skip
+                                       self._rbac_denied, client.peer_ip)  # fmt: skip
             if type(step) is pipeline.Local:
                 return self.answer(step)
             if step is not None:
@@ -308,6 +309,9 @@ class Bridge:
         self.pseudo, self.fields, self.up_path, self.up_authority = mutated_request(
             route, self.pseudo, self.fields, self.path_b, self.authority_b
         )  # the route's rewrites and header changes, this hop's trace context (h2_fields.py)
+        stage = attempt.stage
+        if stage is not None and stage.xfcc is not None:  # a local server stage's x-forwarded-client-cert
+            self.fields.append((XFCC, stage.xfcc))
         self._request_head()
         action = route.action if route is not None else None
         if action is not None and action.mirrors and cluster is not None:
@@ -361,7 +365,8 @@ class Bridge:
         """Shadow copies (HTTP/1.1) of the request, sent once it has ended; a body past MAX_REPLAY_BODY is not
         mirrored. The primary never waits for them."""
         proxy = self.proxy
-        targets = mirror_targets(mirrors, proxy.table.snapshot.clusters, proxy.table.balancer, rng.random)
+        targets = self.attempt.local_mirrors(
+            mirror_targets(mirrors, proxy.table.snapshot.clusters, proxy.table.balancer, rng.random))
         if targets:
             self.mirror_to = targets
 
@@ -547,6 +552,7 @@ class Bridge:
                 self.protocol, self.status, self.flags, self.bytes_rx, relay.bytes_tx, self.duration_ms,
                 relay.upstream_ms, None, None, self.rid.decode("latin-1"),
                 authority.decode("latin-1") if authority else None, attempt.upstream_host, proxy.plane_name, client,
+                attempt.local_peer,
             ))  # the properties' values, inline (once per stream)
         # Its parts see a finished request from now on, and none refers back to it: the stream and its parts are
         # freed by reference counting when it ends, not by the cyclic GC (whose passes grow with what survives).

@@ -7,7 +7,9 @@ principal, destination principal). The principals are what the handshakes proved
   that connection;
   outbound (reporter source): source = our client certificate's SPIFFE ID when the endpoint is reached
   over TLS, destination = the cluster's SAN matcher when it names exactly one SPIFFE ID (the handshake
-  verified the server holds it), else unknown.
+  verified the server holds it), else unknown;
+  a same-node request through the server pod's stage (one hop for both sidecars): source = the client
+  pod's, destination = the server pod's SPIFFE ID, both from the node's pod table (Attempt.local_peer).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class IstioCounters:
 
     def principals(self, proxy: Any, cluster: Any, endpoint: Any, addr: Any, downstream: Any) -> tuple:
         """(source, destination) principals of one request or connection (module doc)."""
+        attempt = getattr(downstream, "attempt", None)
+        peer = attempt.local_peer if attempt is not None else None
+        if peer is not None:
+            return peer, proxy.table.router.pods.principal(addr[0]) if addr else None
         if cluster.name.startswith("inbound|"):
             ssl_object = _ssl_object(downstream)
             return peer_identity(downstream), getattr(ssl_object, "planemesh_local", None)

@@ -31,6 +31,7 @@ from planemesh.agent.proxy.sniff_tls import mtls_decision, terminate_and_sniff
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tcp_authz import tcp_denial
 from planemesh.agent.proxy.tcp_originate import TcpOriginStats, TlsUpstream, attach, origin_tls, originate
+from planemesh.agent.proxy.tcp_local import local_server_refuses
 from planemesh.agent.proxy.tcp_tls import TcpRecord, TlsDownstream, terminate
 from planemesh.model.config import ClusterKind
 
@@ -448,6 +449,11 @@ class SniffListener:
                 return
             balancer.lb(cluster).started(ep)
             host, port = ep.address, ep.port
+            if local_server_refuses(proxy, conn, chain, table, verdict, (host, port)):  # tcp_local.py
+                breaker.release(CONNECTIONS)
+                balancer.report(cluster, ep, -1)
+                refuse()
+                return
         elif port in proxy.listen_ports:
             refuse()  # not intercepted: it would loop back into us
             return
@@ -531,6 +537,8 @@ class SniffListener:
                 return None
         if chain is not None and chain.rbac:
             peer = down.peer if down is not None else None
+            if peer is None and src:  # a same-node client pod: its SPIFFE ID from the pod table (docs/workloads.md)
+                peer = table.router.pods.principal(src)
             if tcp_denial(proxy, chain.name, chain.rbac, src, dst, peer) is not None:  # type: ignore[arg-type]
                 down.refuse() if down is not None else reset(conn)
                 return None

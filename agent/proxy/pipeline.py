@@ -309,15 +309,19 @@ def pick(
 def local_inbound(
     proxy: ProxyState, crc: CompiledRouteConfig, addr: tuple[str, int], result: RouteResult, authority: str,
     target: bytes, headers: Headers, rbac_denied: Callable[[Any, ServerView], str | None] | None = None,
-) -> Local | RouteResult | None:
+    principal: str | None = None,
+) -> Local | RouteResult | Staged | None:
     """Step 6: a local client's request whose endpoint `addr` is a local workload with an inbound listener meets
     that workload's inbound stage, as its sidecar would after the client's (local_inbound.py), on the request as
     it arrives there (the client's rewrites and header changes applied, the endpoint as destination): its HTTP
     filters (RBAC through `rbac_denied(filters, view)`: 403; local rate limits; fault aborts), then its routes:
     a direct response, a redirect or no route (404 NR) answers; the route's own rate limit and its inbound
     cluster's request limit (a REQUESTS unit, held in the result's `inbound_hold` until the request ends:
-    Attempt.inbound_hold) apply; else the chained route (both routes' header changes) with the tighter
-    timeout. None: no such stage."""
+    Attempt.inbound_hold) apply; its route's fault aborts; else the chained route (both routes' rewrites and
+    header changes, the server route's retry policy as `inbound_retry`) with the tighter timeout, `Staged`
+    when a fault delay (its listener's fault filter, else its route's) holds it first. `principal`: the client
+    pod's SPIFFE ID from the node's pod table (PlaneRouter.principal_of), what RBAC sees as the peer. None:
+    no such stage."""
     router = proxy.table.router
     inbound = router.local_inbound(crc, addr[0], addr[1])
     route = result.route
@@ -325,11 +329,14 @@ def local_inbound(
         return None
     authority, target = seen_by_server(route, authority, target)
     headers = headers_seen_by_server(route, headers)
+    delay = None
     if inbound.http_filters:
-        view = ServerView(addr, authority, target.decode("latin-1"), headers)
+        view = ServerView(addr, authority, target.decode("latin-1"), headers, principal)
         refused = _server_filters(proxy, inbound, view, rbac_denied)
-        if refused is not None:
-            return refused
+        if type(refused) is Delay:
+            delay = refused
+        elif refused is not None:
+            return refused  # type: ignore[return-value]
     second = router.route_request(inbound, authority, target, headers)
     if not second.forward:
         return not_forwarded(second, authority, target)
@@ -339,13 +346,27 @@ def local_inbound(
         limited = _route_rate_limit(proxy, inbound_route)
         if limited is not None:
             return limited
+    if inbound_route.fault is not None and delay is None:  # the server route's fault (its VirtualService's)
+        step = route_fault(inbound_route.fault, headers, rng.random)
+        if type(step) is Local:
+            return step
+        delay = step
     held = None
-    if second.cluster is not None:  # the server's inbound cluster's request limit: shared with remote clients
-        held = proxy.table.balancer.breaker(second.cluster)
+    if second.cluster is not None and (delay is None or delay.abort_status is None):
+        held = proxy.table.balancer.breaker(second.cluster)  # the inbound request limit: shared with remote clients
         if not held.try_acquire(REQUESTS):
             proxy.stats.overloaded += 1
             return overloaded(b"cluster_requests")
-    return router.chained_result(result, second, held)
+    chained = router.chained_result(result, second, held)
+    return chained if delay is None else Staged(chained, delay)  # type: ignore[arg-type]
+
+
+class Staged(NamedTuple):
+    """A server stage whose fault delay holds the request first (then aborts it or lets it go on): step 6's
+    answer, carried out by the Attempt (Attempt.open waits `delay.delay_s`)."""
+
+    result: RouteResult
+    delay: Delay
 
 
 class ServerView(NamedTuple):
@@ -356,12 +377,13 @@ class ServerView(NamedTuple):
     authority: str
     target: str
     headers: Headers
+    principal: str | None = None  # the local client pod's SPIFFE ID (the node's pod table), None: unknown
 
 
 def _server_filters(proxy: ProxyState, inbound: CompiledRouteConfig, view: ServerView,
-                    rbac_denied: Callable[[Any, ServerView], str | None] | None) -> Local | None:  # fmt: skip
-    """The server's inbound HTTP filters in step 6: RBAC, local rate limits, fault aborts. A fault delay of
-    the server's listener is not applied here (the request is already routed and its endpoint picked)."""
+                    rbac_denied: Callable[[Any, ServerView], str | None] | None) -> Local | Delay | None:  # fmt: skip
+    """The server's inbound HTTP filters in step 6: RBAC, local rate limits, faults (an abort answers, a delay
+    is returned: the Attempt holds the request before its upstream attempt, pipeline.Staged)."""
     chain = inbound.filter_chain(proxy.clock)
     if chain.rbac and rbac_denied is not None and rbac_denied(chain.rbac, view):
         return RBAC_DENIED
@@ -372,6 +394,8 @@ def _server_filters(proxy: ProxyState, inbound: CompiledRouteConfig, view: Serve
         hmap = view.headers()
         for fault in chain.faults:
             decision = fault_decision(fault, hmap, rng.random)
+            if decision.delay_s:
+                return Delay(decision.delay_s, decision.abort_status)
             if decision.abort_status is not None:
                 return fault_abort(decision.abort_status)
     return None

@@ -16,6 +16,7 @@ from netaddr import IPAddress, IPNetwork
 
 from planemesh.agent.proxy.filters import FilterChain
 from planemesh.agent.proxy.local_inbound import chained, tighter_timeout
+from planemesh.agent.proxy.pod_table import PodTable
 from planemesh.model.config import (
     DEFAULT_UPGRADES,
     Cluster,
@@ -36,6 +37,7 @@ from planemesh.model.safe_regex import Regex, compile_regex
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.circuit import CircuitBreaker
+    from planemesh.model.config import RetryPolicy
 
 # Headers a route may look at, lower-case name -> value (repeated headers joined with ",").
 Headers = Mapping[str, str]
@@ -348,6 +350,7 @@ class RouteResult:
     connect_timeout_s: float = 5.0
     # A local server pod's inbound cluster breaker whose REQUESTS unit the request holds (pipeline.local_inbound)
     inbound_hold: CircuitBreaker | None = None
+    inbound_retry: RetryPolicy | None = None  # that server's route's retry policy (its sidecar's retries)
 
 
 NO_ROUTE = RouteResult(route=None)
@@ -367,10 +370,13 @@ class PlaneRouter:
         self._inbound_at: dict[tuple[str, int], CompiledRouteConfig | None] = {}  # endpoint -> local inbound
         self._chained: dict[tuple[int, int], tuple] = {}  # (client's result, server's result) -> chained_result
         self._chained_routes: dict[tuple[int, int], Route] = {}  # (client's route, server's route) -> chained
+        self.pods = PodTable()  # the node's pod table: a local workload's address -> its SPIFFE ID
         for lsn in snapshot.listeners_of(plane):
             if lsn.protocol is not ListenerProtocol.HTTP:
+                self.pods.add(lsn)
                 continue
             crc = self._compiled(lsn)
+            self.pods.add(lsn, crc)
             if lsn.tls is not None:
                 self._tls.add(id(crc))
             if lsn.sources:
@@ -449,6 +455,18 @@ class PlaneRouter:
                 self._inbound_at[key] = inbound
         return inbound if inbound is not crc else None
 
+    def principal_of(self, crc: CompiledRouteConfig, peer_ip: str) -> str | None:
+        """The SPIFFE ID of the local workload at `peer_ip`, when `crc` is a local client's (source-scoped)
+        listener the connection was chosen by (its source address is that workload's): what a local server
+        pod's inbound stage sees as the client's principal (ztunnel's pod table). Never from a header."""
+        return self.pods.principal(peer_ip) if crc.local_client else None
+
+    def local_xfcc_at(self, crc: CompiledRouteConfig, addr: tuple[str, int], client: str | None) -> bytes | None:
+        """The x-forwarded-client-cert of the local server stage at endpoint `addr` (PodTable.xfcc)."""
+        if client is None or not self.pods.sets_xfcc():
+            return None
+        return self.pods.xfcc(self.local_inbound(crc, *addr), client)
+
     def _inbound_at_endpoint(self, ip: str, port: int) -> CompiledRouteConfig | None:
         addr = parse_ip(ip)
         for prefixes, sources, inbound in self._by_port.get(port, ()):  # most specific destination prefix first
@@ -471,7 +489,8 @@ class PlaneRouter:
             route = self._chained_routes[pair] = chained(first.route, second.route)
         timeout_s = tighter_timeout(first.timeout_s, second.timeout_s)
         result = RouteResult(route, first.vhost, first.cluster, first.forward, first.redirect, first.direct,
-                             first.weighted, first.cluster_missing, timeout_s, first.connect_timeout_s, hold)
+                             first.weighted, first.cluster_missing, timeout_s, first.connect_timeout_s, hold,
+                             second.route.action.retry if second.route.action is not None else None)
         if len(self._chained) < 8192:  # bounded: a result not cached by route_request is new per request
             self._chained[key] = (first, second, hold, result)
         return result

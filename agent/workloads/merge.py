@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from planemesh.agent.identity.spiffe import SpiffeError, istio_identity
 from planemesh.agent.workloads.model import Workload
 from planemesh.model.config import Cluster, Listener, ListenerProtocol, RouteConfig, Snapshot, WeightedCluster
 from planemesh.model.planes import Plane
@@ -180,8 +181,19 @@ def reconcile(listeners: list[Listener]) -> tuple[list[Listener], list[str]]:
     raise AssertionError("reconcile did not converge")  # each round drops or converts: unreachable
 
 
-def merge(planes: tuple[Plane, ...], views: Mapping[str, tuple[Workload, Snapshot]], version: str) -> Merged:
-    """The node's Snapshot from each workload's own one (`views`: workload key -> (workload, snapshot))."""
+def principal(w: Workload, trust_domain: str) -> str:
+    """The workload's SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>` ("" when a part is no valid segment: such a
+    pod gets no identity rather than a forged one)."""
+    try:
+        return str(istio_identity(trust_domain, w.namespace, w.service_account))
+    except SpiffeError:
+        return ""
+
+
+def merge(planes: tuple[Plane, ...], views: Mapping[str, tuple[Workload, Snapshot]], version: str,
+          trust_domain: str = "cluster.local") -> Merged:  # fmt: skip
+    """The node's Snapshot from each workload's own one (`views`: workload key -> (workload, snapshot)). A
+    workload's listeners carry its SPIFFE ID in `trust_domain` (Listener.workload_principal)."""
     order = sorted(views)
     clusters, cluster_names = _share({k: views[k][1].clusters for k in order})
     routes_in = {k: {n: _rename_clusters(rc, cluster_names[k]) for n, rc in views[k][1].routes.items()} for k in order}
@@ -193,10 +205,11 @@ def merge(planes: tuple[Plane, ...], views: Mapping[str, tuple[Workload, Snapsho
     listeners: list[Listener] = []
     for k in order:
         workload, snap = views[k]
+        spiffe = principal(workload, trust_domain)
         for lsn in snap.listeners:
             scoped = _scoped(lsn, workload, planes, route_names[k], cluster_names[k])
             if scoped is not None:
-                listeners.append(scoped)
+                listeners.append(dataclasses.replace(scoped, workload_principal=spiffe))
     listeners, notes = reconcile(listeners)
     snapshot = Snapshot(
         version=version,

@@ -41,6 +41,13 @@ def _complete(snap: Snapshot) -> bool:
     return {"LDS", "CDS"} <= types
 
 
+def trust_domain(bootstrap: Bootstrap) -> str:
+    """The trust domain of the workloads' SPIFFE IDs (their principals in the pod table): the bootstrap's
+    `ca.trust_domain`, else istio's default `cluster.local`."""
+    identity = bootstrap.identity
+    return identity.trust_domain if identity is not None else "cluster.local"
+
+
 class WorkloadStreams:
     def __init__(
         self, bootstrap: Bootstrap, settings: WorkloadSettings, apply: Callable[[Snapshot], Awaitable[None]]
@@ -202,7 +209,7 @@ class WorkloadStreams:
             if self.snapshot is not None and self.snapshot.version == version:
                 done.set_result(None)  # the very configurations the node runs (every stream's version equal)
                 return
-            merged = merge(self.bootstrap.planes, live, version)
+            merged = merge(self.bootstrap.planes, live, version, trust_domain(self.bootstrap))
             await self._apply(merged.snapshot)
         except Exception as exc:
             for key, old in batch.items():  # roll back: the previous configuration keeps serving

@@ -43,14 +43,20 @@ def _static_cluster(name: str, host: str, port: int) -> dict:
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]}}  # fmt: skip
 
 
+ONLY_CLIENT = "x-only-client"  # requests with it are for the client pod's identity only
 DENY_POLICY = {
     "ns[default]-policy[deny-forbidden]-rule[0]": {
         "permissions": [{"header": {"name": "x-forbidden", "present_match": True}}],
         "principals": [{"any": True}],
-    }
-}
-DENY_FORBIDDEN = {  # an AuthorizationPolicy DENY as istiod renders it: requests carrying x-forbidden
-    "name": "envoy.filters.http.rbac",
+    },
+    "ns[default]-policy[only-client]-rule[0]": {  # DENY x-only-client from notPrincipals [sa/client]
+        "permissions": [{"and_rules": {"rules": [{"header": {"name": ONLY_CLIENT, "present_match": True}}]}}],
+        "principals": [{"and_ids": {"ids": [{"not_id": {"or_ids": {"ids": [
+            {"authenticated": {"principal_name": {"exact": "spiffe://cluster.local/ns/default/sa/client"}}}]}}}]}}],
+    },
+}  # fmt: skip
+DENY_FORBIDDEN = {  # AuthorizationPolicies DENY as istiod renders them: x-forbidden, and x-only-client but from
+    "name": "envoy.filters.http.rbac",  # another identity than the client pod's
     "typed_config": {"@type": T + "envoy.extensions.filters.http.rbac.v3.RBAC",
                      "rules": {"action": "DENY", "policies": DENY_POLICY}},
 }  # fmt: skip
@@ -131,8 +137,9 @@ def lab(run_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
             async def serve() -> None:
                 for type_url, msgs in by_type(shared).items():
                     server.set_resources(type_url, msgs)
-                # clientb's sidecar would be told: the service goes to v2 (its own VirtualService)
-                ((rds, msgs),) = by_type([route_config([route(cluster="v2")], name=str(SERVICE))]).items()
+                # clientb's sidecar would be told: the service goes to v2 (its own VirtualService), /to-v1 to v1
+                ((rds, msgs),) = by_type([route_config([route("/to-v1", cluster="v1"), route(cluster="v2")],
+                                                       name=str(SERVICE))]).items()  # fmt: skip
                 server.set_node_resources("clientb.default", rds, msgs)
                 # the TCP port: client's sidecar would pass it through (plain tcp_proxy: the kernel's bypass),
                 # clientb's sends it to v2 behind a network RBAC (an inspected chain: the proxy relays it)
@@ -358,3 +365,23 @@ def test_a_held_connection_survives_an_inspected_chain_leaving_and_arriving(lab)
     served, ports, error = held["r"]
     assert error is None and ports == 1, (error, ports, served[-5:])
     assert len(served) >= 5 and set(served) == {"v1"}, served  # client's own route the whole time
+
+
+def test_the_servers_policy_by_principal_sees_the_same_node_clients_identity(lab) -> None:
+    """The server's DENY policy refuses x-only-client requests from every identity but the client pod's
+    (`notPrincipals: [cluster.local/ns/default/sa/client]`). client (service account `client` in the workloads
+    file) and clientb (`clientb`) are pods of this node whose routes reach the server's service port: the
+    agent gives the server's stage each client's SPIFFE ID from its pod table, so client is allowed and
+    clientb refused 403, over HTTP/1.1 and h2; remote (no workload of the node, no certificate) is refused
+    too. Before, a same-node client had no principal: client was refused as well."""
+    env, _server, _loop, _wl, host = lab
+    only = {ONLY_CLIENT: "1"}
+    client, clientb = env.lab.pod_ns("client"), env.lab.pod_ns("clientb")
+    assert eventually(lambda: http_requests(clientb, host, SERVICE, ["/to-v1/x"]).seen(0)["server"] == "v1", 20)
+    for http2 in (False, True):
+        allowed = http_requests(client, host, SERVICE, ["/p"], headers=only, http2=http2)
+        assert allowed.status == [200] and allowed.seen(0)["server"] == "v1", (http2, allowed.status)
+        assert http_requests(clientb, host, SERVICE, ["/to-v1/p"], headers=only, http2=http2).status == [403], http2
+        assert http_requests(clientb, host, SERVICE, ["/to-v1/p"], http2=http2).status == [200], http2
+    assert http_requests(env.lab.pod_ns("remote"), host, SERVICE, ["/p"], headers=only).status == [403]
+    assert eventually(lambda: "spiffe://cluster.local/ns/default/sa/client" in env.access_log(), 5)

@@ -21,8 +21,9 @@ import h2.events
 class H1Client:
     """One keep-alive HTTP/1.1 client connection to the proxy."""
 
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    def __init__(self, port: int, timeout: float = 5.0, source: str | None = None) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                               source_address=(source, 0) if source else None)  # fmt: skip
 
     def request(self, path: str, method: str = "GET", body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -41,13 +42,15 @@ class H1Client:
 class H2Client:
     """One h2c (prior knowledge) client connection; each request is one stream, answered before the next."""
 
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
+    def __init__(self, port: int, timeout: float = 5.0, source: str | None = None) -> None:
         self.port = port
         self.timeout = timeout
+        self.source = (source, 0) if source else None  # the client's own address (a local pod's, on loopback)
         self.sock: socket.socket | None = None
 
     def _connect(self) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout,
+                                             source_address=self.source)  # fmt: skip
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         self.conn.initiate_connection()
         self.sock.sendall(self.conn.data_to_send())
@@ -117,8 +120,8 @@ class Protocol:
         self.name = name
         self.client = H2Client if name == "h2" else H1Client
 
-    def get(self, port: int, path: str, **kw) -> tuple[int, dict[str, str], bytes]:
-        client = self.client(port)
+    def get(self, port: int, path: str, source: str | None = None, **kw) -> tuple[int, dict[str, str], bytes]:
+        client = self.client(port, source=source)
         try:
             return client.request(path, **kw)
         finally:

@@ -10,6 +10,7 @@ import socket
 import pytest
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2
 from google.protobuf import any_pb2, json_format
+from netaddr import IPNetwork
 
 from planemesh.model.config import Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, WeightedCluster
 from planemesh.xds.translate_rbac import translate_network_rbac
@@ -98,3 +99,62 @@ def test_guarded_port_refuses_what_no_chain_takes() -> None:
             sniffer.target = original.addr
             assert _call(sniffer) in (b"", b"<reset>")
         assert sniffer.proxy.sniff_stats.no_upstream == 1 and sniffer.proxy.sniff_stats.passthrough_total == 0
+
+
+def test_network_rbac_sees_a_same_node_client_pods_identity() -> None:
+    """The server's tcp_proxy chain allows principal sa/client only (AuthorizationPolicy for TCP). The node's pod
+    table (Listener.workload_principal: pod a at 127.0.0.2, pod d at 127.0.0.4) gives a plaintext same-node
+    client its SPIFFE ID, as its sidecar's mTLS would have: a is relayed, d and an address that is no local pod
+    (127.0.0.5) are reset. Before, a same-node client had no identity for network RBAC: all three were reset."""
+    allow_a = {"action": "ALLOW", "policies": {"ns[default]-policy[tcp-a]-rule[0]": {"permissions": [{"any": True}],
+               "principals": [{"authenticated": {"principal_name": {"exact": SA_A}}}]}}}  # fmt: skip
+    pods = tuple(Listener(f"0.0.0.0_9999~{name}.default", PLANE, 9999, ListenerProtocol.TCP,
+                          sources=(IPNetwork(f"{addr}/32"),), workload_principal=f"{SA_PREFIX}{name}")
+                 for name, addr in (("client", "127.0.0.2"), ("other", "127.0.0.4")))  # fmt: skip
+    with TcpServer(_echo) as upstream:
+        port = 15433
+        clusters = {"db": Cluster("db", ClusterKind.STATIC, endpoints=(Endpoint("127.0.0.1", upstream.addr[1]),))}
+        with SniffProxy((_chain(port, allow_a), *pods), clusters) as sniffer:
+            sniffer.target = ("127.0.0.1", port)
+            got = {src: _call_from(sniffer, src) for src in ("127.0.0.2", "127.0.0.4", "127.0.0.5")}
+        assert not upstream.errors
+    assert got == {"127.0.0.2": b"echo:ping", "127.0.0.4": b"<reset>", "127.0.0.5": b"<reset>"}, got
+    assert sniffer.proxy.tls_stats.rbac_denied == 2
+
+
+SA_PREFIX = "spiffe://cluster.local/ns/default/sa/"
+SA_A = SA_PREFIX + "client"
+
+
+def _call_from(sniffer: SniffProxy, source: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", sniffer.port), timeout=5, source_address=(source, 0)) as s:
+        s.sendall(b"ping")
+        try:
+            return recv_all(s)
+        except ConnectionResetError:
+            return b"<reset>"
+
+
+def test_a_same_node_pods_relayed_chain_meets_the_server_pods_network_rbac() -> None:
+    """Pods a (sa client) and d (sa other) have their own chain of port 15434: tcp_proxy to cluster db, whose
+    endpoint is pod b (127.0.0.1). b's inbound chain at its address and port denies sa client (network RBAC).
+    With sidecars a's relay would reach b's sidecar, which refuses it; d's passes. Before, only the client's
+    chain applied: both were relayed to b."""
+    deny_a = {"action": "DENY", "policies": {"ns[default]-policy[no-a]-rule[0]": {"permissions": [{"any": True}],
+              "principals": [{"authenticated": {"principal_name": {"exact": SA_A}}}]}}}  # fmt: skip
+    with TcpServer(_echo) as upstream:
+        port = 15434
+        own = tuple(Listener(f"0.0.0.0_{port}~{name}.default", PLANE, port, ListenerProtocol.TCP,
+                             tcp_clusters=(WeightedCluster("db", 1),), sources=(IPNetwork(f"{addr}/32"),),
+                             workload_principal=f"{SA_PREFIX}{name}")
+                    for name, addr in (("client", "127.0.0.2"), ("other", "127.0.0.4")))  # fmt: skip
+        server = Listener("virtualInbound~b.default", PLANE, upstream.addr[1], ListenerProtocol.TCP,
+                          prefixes=(IPNetwork("127.0.0.1/32"),), network_rbac=network_rbac(deny_a),
+                          workload_principal=f"{SA_PREFIX}server")  # fmt: skip
+        clusters = {"db": Cluster("db", ClusterKind.STATIC, endpoints=(Endpoint("127.0.0.1", upstream.addr[1]),))}
+        with SniffProxy((*own, server), clusters) as sniffer:
+            sniffer.target = ("127.0.0.9", port)  # the address the clients dialled (a service VIP)
+            got = {src: _call_from(sniffer, src) for src in ("127.0.0.2", "127.0.0.4")}
+        assert not upstream.errors
+    assert got == {"127.0.0.2": b"<reset>", "127.0.0.4": b"echo:ping"}, got
+    assert sniffer.proxy.tls_stats.rbac_denied == 1

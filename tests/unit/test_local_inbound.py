@@ -7,15 +7,25 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import yaml
+from netaddr import IPNetwork
 
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.circuit import REQUESTS
-from planemesh.agent.proxy.local_inbound import chained, headers_seen_by_server, seen_by_server, tighter_timeout
-from planemesh.agent.proxy.request_head import response_headers, route_request_headers
+from planemesh.agent.proxy.local_inbound import (
+    chained,
+    headers_seen_by_server,
+    seen_by_server,
+    tighter_timeout,
+    xfcc_element,
+)
+from planemesh.agent.proxy.pod_table import PodTable
+from planemesh.agent.proxy.request_head import prefix_rewritten, response_headers, route_request_headers
 from planemesh.agent.proxy.routing import RouteResult
 from planemesh.agent.proxy.routing_table import RoutingTable
-from planemesh.agent.workloads.merge import merge
+from planemesh.agent.workloads.merge import merge, principal
 from planemesh.agent.workloads.model import Workload
+from planemesh.agent.workloads.streams import trust_domain
 from planemesh.model.config import (
     CircuitBreakers,
     Cluster,
@@ -27,6 +37,7 @@ from planemesh.model.config import (
     ListenerProtocol,
     LocalRateLimit,
     Redirect,
+    RetryPolicy,
     Route,
     RouteAction,
     RouteConfig,
@@ -35,8 +46,9 @@ from planemesh.model.config import (
     VirtualHost,
 )
 from planemesh.model.planes import SLA
-from planemesh.model.static_config import load_default_config
+from planemesh.model.static_config import default_config_text, load_default_config
 from planemesh.model.validation import validate_snapshot
+from planemesh.xds.bootstrap import bootstrap_from_dict
 
 PLANES = load_default_config().planes  # oam 198.18.1.0/24
 A = Workload("a", "default", ("198.18.1.10",))  # the client pod
@@ -238,14 +250,149 @@ def test_the_servers_inbound_route_rate_limit_holds() -> None:
 @pytest.mark.parametrize(("filters", "expect"), [
     ((LocalRateLimit(1, 1, 3600.0),), [200, 429]),  # the server listener's local rate limit
     ((FaultFilter(abort_status=503, abort_percent=100.0),), [503, 503]),  # its fault abort
-    ((FaultFilter(delay_s=5.0, delay_percent=100.0),), [200, 200]),  # its fault delay: not applied (docs)
+    # its fault delay: the stage goes on after it (pipeline.Staged; before, the delay was not applied)
+    ((FaultFilter(delay_s=5.0, delay_percent=100.0),), ["delay 5.0", "delay 5.0"]),
+    ((FaultFilter(delay_s=2.0, delay_percent=100.0, abort_status=500, abort_percent=100.0),),
+     ["delay 2.0 then 500", "delay 2.0 then 500"]),
 ])  # fmt: skip
-def test_the_servers_listener_filters(filters: tuple, expect: list[int]) -> None:
+def test_the_servers_listener_filters(filters: tuple, expect: list) -> None:
     table = _node(_client_route(), (Route(action=RouteAction(cluster="inb")),), server_filters=filters)
     got = []
     for _ in expect:
         _f, step = _decide(table, b"/")
-        got.append(step.status if type(step) is pipeline.Local else 200 if isinstance(step, RouteResult) else None)
+        got.append(_outcome(step))
+        if type(step) is pipeline.Staged:
+            step = step.result
         if isinstance(step, RouteResult) and step.inbound_hold is not None:
             step.inbound_hold.release(REQUESTS)
     assert got == expect
+
+
+def _outcome(step) -> object:
+    if type(step) is pipeline.Local:
+        return step.status
+    if type(step) is pipeline.Staged:
+        then = f" then {step.delay.abort_status}" if step.delay.abort_status is not None else ""
+        return f"delay {step.delay.delay_s}{then}"
+    return 200 if isinstance(step, RouteResult) else None
+
+
+@pytest.mark.parametrize(("fault", "expect"), [
+    (FaultFilter(abort_status=503, abort_percent=100.0), 503),
+    (FaultFilter(delay_s=1.5, delay_percent=100.0), "delay 1.5"),
+    (FaultFilter(delay_s=1.0, delay_percent=100.0, abort_status=429, abort_percent=100.0), "delay 1.0 then 429"),
+    (FaultFilter(abort_status=503, abort_percent=0.0), 200),
+])  # fmt: skip
+def test_the_servers_route_fault(fault: FaultFilter, expect: object) -> None:
+    """The server's inbound route's own fault (typed_per_filter_config, a VirtualService fault on its inbound
+    route) applies to a same-node client; before, only its listener's fault aborts did."""
+    table = _node(_client_route(), (Route(action=RouteAction(cluster="inb"), fault=fault),))
+    _f, step = _decide(table, b"/")
+    assert _outcome(step) == expect
+
+
+def test_a_listener_delay_takes_the_place_of_the_route_fault() -> None:
+    """As in the client's own stage (and Envoy's fault filter with a per-route config): one fault decision."""
+    table = _node(_client_route(), (Route(action=RouteAction(cluster="inb"), fault=FaultFilter(abort_status=503)),),
+                  server_filters=(FaultFilter(delay_s=0.5, delay_percent=100.0),))  # fmt: skip
+    _f, step = _decide(table, b"/")
+    assert _outcome(step) == "delay 0.5"
+
+
+def _rewritten(client: Route, server: Route, target: bytes) -> bytes:
+    """What the server's pod receives: the client's rewrite then the server's (two sidecars, one each)."""
+    return prefix_rewritten(chained(client, server), target)
+
+
+@pytest.mark.parametrize(("client", "server", "target", "expect"), [
+    # the server's rewrite alone (before: not applied, the pod got /api/x)
+    (None, ("/api", "/v1"), b"/api/x", b"/v1/x"),
+    # the client's alone, as before
+    (("/old", "/api"), None, b"/old/x", b"/api/x"),
+    # both: /old/x -> /api/x (client) -> /v1/x (server)
+    (("/old", "/api"), ("/api", "/v1"), b"/old/x", b"/v1/x"),
+    # the server's prefix longer than the client's replacement: /o/ab -> /a/ab... -> /z/b
+    (("/o", "/a"), ("/a/a", "/z/"), b"/o/ab", b"/z/b"),
+    # the server's prefix inside the client's replacement: /o/x -> /svc/v2/x -> /pod/v2/x
+    (("/o", "/svc/v2"), ("/svc", "/pod"), b"/o/x", b"/pod/v2/x"),
+    # a client rewrite to "/" and a server rewrite of "/"
+    (("/old/", "/"), ("/", "/base/"), b"/old/x", b"/base/x"),
+])  # fmt: skip
+def test_both_prefix_rewrites_compose(client, server, target: bytes, expect: bytes) -> None:
+    c = Route(match=RouteMatch(prefix=client[0]), action=RouteAction(cluster="to-b", prefix_rewrite=client[1])) \
+        if client else Route(action=RouteAction(cluster="to-b"))
+    s = Route(match=RouteMatch(prefix=server[0]), action=RouteAction(cluster="inb", prefix_rewrite=server[1])) \
+        if server else Route(action=RouteAction(cluster="inb"))
+    step_by_step = prefix_rewritten(s, prefix_rewritten(c, target))
+    assert _rewritten(c, s, target) == expect == step_by_step
+
+
+def test_the_servers_host_rewrite_wins() -> None:
+    c = Route(action=RouteAction(cluster="to-b", host_rewrite="client.example"))
+    s = Route(action=RouteAction(cluster="inb", host_rewrite="server.local"))
+    assert chained(c, s).action.host_rewrite == "server.local"  # type: ignore[union-attr]
+    assert chained(c, Route(action=RouteAction(cluster="inb"))).action.host_rewrite == "client.example"  # type: ignore[union-attr]
+
+
+def test_the_server_stage_carries_its_retry_policy() -> None:
+    retry = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=2)
+    table = _node(_client_route(), (Route(action=RouteAction(cluster="inb", retry=retry)),))
+    _f, step = _decide(table, b"/")
+    assert isinstance(step, RouteResult) and step.inbound_retry == retry
+
+
+def test_the_client_pods_principal_comes_from_the_pod_table() -> None:
+    """a's outbound listener carries a's SPIFFE ID (merge); the router gives it for a's own address on a's
+    listener only: never for another address, never on a listener that is no local client's."""
+    table = _node(_client_route(), (ADDS_TAG,))
+    router = table.router
+    crc = router.route_config(SERVER[0], SERVER[1], A.addresses[0])
+    assert crc is not None and crc.local_client
+    assert router.principal_of(crc, A.addresses[0]) == "spiffe://cluster.local/ns/default/sa/default"
+    assert router.principal_of(crc, "::ffff:" + A.addresses[0]) == "spiffe://cluster.local/ns/default/sa/default"
+    assert router.principal_of(crc, REMOTE) is None
+    assert router.principal_of(crc, "not an address") is None
+    inbound = router.route_config(SERVER[0], SERVER[1], REMOTE)  # a remote client: b's inbound chain
+    assert inbound is not None and not inbound.local_client
+    assert router.principal_of(inbound, A.addresses[0]) is None
+
+
+def test_the_principal_uses_the_trust_domain_and_refuses_bad_names() -> None:
+    assert principal(Workload("p", "prod", ("198.18.1.12",), service_account="api"), "corp.example") == \
+        "spiffe://corp.example/ns/prod/sa/api"
+    assert principal(Workload("p", "prod", ("198.18.1.12",), service_account="a/sa/admin"), "td") == ""
+
+
+def test_the_pod_tables_trust_domain_comes_from_the_bootstrap() -> None:
+    base = {"node": {"id": "n", "metadata": {"NAMESPACE": "planemesh-system", "SERVICE_ACCOUNT": "planemesh"}},
+            "server": {"address": "127.0.0.1:15010"}, "planes": yaml.safe_load(default_config_text())["planes"]}
+    assert trust_domain(bootstrap_from_dict(base)) == "cluster.local"
+    assert trust_domain(bootstrap_from_dict({**base, "ca": {"trust_domain": "corp.example"}})) == "corp.example"
+
+
+@pytest.mark.parametrize(("mode", "details", "by", "client", "expect"), [
+    ("append_forward", ("subject", "uri", "dns"), "spiffe://td/ns/b/sa/b", "spiffe://td/ns/a/sa/a",
+     b'By=spiffe://td/ns/b/sa/b;Subject="";URI=spiffe://td/ns/a/sa/a'),
+    ("sanitize_set", ("uri",), None, "spiffe://td/ns/a/sa/a", b"URI=spiffe://td/ns/a/sa/a"),
+    ("sanitize", ("uri",), "spiffe://td/ns/b/sa/b", "spiffe://td/ns/a/sa/a", None),
+    ("forward_only", ("uri",), "spiffe://td/ns/b/sa/b", "spiffe://td/ns/a/sa/a", None),
+    ("append_forward", ("uri",), "spiffe://td/ns/b/sa/b", None, None),  # no identity: no header
+    ("append_forward", (), None, "spiffe://td/ns/a/sa/a", None),
+])  # fmt: skip
+def test_the_xfcc_a_server_stage_sets(mode: str, details: tuple, by, client, expect) -> None:
+    assert xfcc_element(mode, details, by, client) == expect
+
+
+def test_the_pod_table_keeps_host_addresses_only() -> None:
+    table = PodTable()
+    table.add(Listener("out~a", "oam", 8080, ListenerProtocol.HTTP, sources=(IPNetwork("198.18.1.10/32"),),
+                       workload_principal="spiffe://td/ns/n/sa/a"))  # fmt: skip
+    table.add(Listener("in~b", "oam", 8080, ListenerProtocol.HTTP, prefixes=(IPNetwork("fd00:18:1::11/128"),),
+                       workload_principal="spiffe://td/ns/n/sa/b"))  # fmt: skip
+    table.add(Listener("wide", "oam", 8080, ListenerProtocol.HTTP, prefixes=(IPNetwork("198.18.1.0/24"),),
+                       workload_principal="spiffe://td/ns/n/sa/wide"))  # a prefix is no pod's address  # fmt: skip
+    assert table.principal("198.18.1.10") == "spiffe://td/ns/n/sa/a"
+    assert table.principal("::ffff:198.18.1.10") == "spiffe://td/ns/n/sa/a"
+    assert table.principal("fd00:18:1:0::11") == "spiffe://td/ns/n/sa/b"
+    assert table.principal("198.18.1.12") is None and table.principal("bad") is None
+    assert not PodTable() and table

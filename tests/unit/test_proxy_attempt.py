@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from planemesh.agent.proxy.attempts import HELD_REQUEST, Attempt
+from planemesh.agent.proxy.attempts import HELD_REQUEST, Attempt, StageState
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS, RETRIES, CircuitBreaker
+from planemesh.agent.proxy.pipeline import Delay
 from planemesh.agent.proxy.retry import Retries
 from planemesh.model.config import CircuitBreakers, RetryPolicy
 
@@ -118,3 +119,26 @@ def test_timeouts_before_and_after_the_response_started() -> None:
     attempt.deadline = attempt.try_deadline = 99.0
     attempt.on_timeout(100.0)
     assert owner.calls == [("abort", "UT")]  # mid-response: the client's connection closes
+
+
+def test_a_local_server_stages_inbound_holds_are_given_back() -> None:
+    """A local server pod's stage (Attempt.local_stage): its fault delay holds the attempt (a timer), then its
+    inbound cluster's connection and pending units are held with the client's; every unit comes back whether
+    the attempt ends, or the request is released with no endpoint and no client-cluster unit open (an h2
+    stream to an ORIGINAL_DST cluster)."""
+    ds, pool, timers = _world()
+    attempt = Attempt(Owner(ds))
+    inbound = CircuitBreaker(CircuitBreakers())
+    assert inbound.try_acquire(REQUESTS)  # what pipeline.local_inbound took for the stage
+    attempt.inbound_hold = inbound
+    attempt.stage = StageState()
+    attempt.stage.delay = Delay(0.25, None)
+    attempt.open(TARGET, reuse=True)
+    assert pool.opened == [] and [t[0] for t in timers] == [0.25]  # the delay first
+    _delay, fn, args = timers[0]
+    fn(*args)  # the delay has passed: the attempt opens, holding the inbound units
+    assert pool.opened == [("acquire", TARGET)]
+    assert inbound.counts[CONNECTIONS] == 1 and inbound.counts[PENDING] == 1
+    attempt.h2, attempt.breaker = True, None  # as an h2 stream with no client-cluster unit of its own
+    attempt.release()
+    assert inbound.counts[CONNECTIONS] == 0 and inbound.counts[PENDING] == 0 and inbound.counts[REQUESTS] == 0
