@@ -30,8 +30,8 @@ from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classif
 from planemesh.agent.proxy.sniff_tls import mtls_decision, terminate_and_sniff
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tcp_authz import tcp_denial
-from planemesh.agent.proxy.tcp_originate import TcpOriginStats, TlsUpstream, attach, origin_tls, originate
 from planemesh.agent.proxy.tcp_local import local_server_refuses
+from planemesh.agent.proxy.tcp_originate import TcpOriginStats, TlsUpstream, attach, origin_tls, originate
 from planemesh.agent.proxy.tcp_tls import TcpRecord, TlsDownstream, terminate
 from planemesh.model.config import ClusterKind
 
