@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from planemesh import __version__
+from planemesh.agent.lean_loop import import_uvloop_without_ssl
 from planemesh.agent.libc_tuning import limit_malloc_arenas
 from planemesh.model.config import ConfigError
 from planemesh.model.defaults import option
@@ -105,6 +106,13 @@ def _registered_commands(command: str | None = None) -> list[Callable[[argparse.
     return adders
 
 
+def loop_tls_possible(argv: Sequence[str], env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """The agent's own event loop does TLS (`ssl=`) only for a Kubernetes workload source
+    (agent/workloads/kube_http.py), which only an xDS bootstrap configures: without one the agent loads uvloop
+    without OpenSSL (agent/lean_loop.py, ~4 MB of RSS). Any `--b...` (argparse takes abbreviations) counts."""
+    return bool(env.get("PLANEMESH_BOOTSTRAP")) or any(a.startswith("--b") for a in argv)
+
+
 def exit_on_sigterm() -> None:
     """SIGTERM runs `finally` blocks like Ctrl-C does, so labs and demos clean up when killed politely.
     Only in this process: pyroute2 forks children to enter namespaces and stops them with SIGTERM; a child
@@ -123,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit_on_sigterm()
     limit_malloc_arenas()  # before any thread
     argv = sys.argv[1:] if argv is None else list(argv)
+    if _command_of(argv) == "agent" and not loop_tls_possible(argv):
+        import_uvloop_without_ssl()  # before the agent's modules import asyncio
     parser = build_parser(argv=argv)
     args = parser.parse_args(argv)
     try:
