@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from netaddr import AddrFormatError, IPNetwork
 
 from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot
+from planemesh.model.ip import AddrFormatError, IPNetwork
 from planemesh.model.planes import SLA, Plane, UndeclaredPorts
 from planemesh.model.validation import validate_snapshot
 

@@ -38,3 +38,11 @@ def test_the_agents_modules_import_no_pyroute2() -> None:
 
 def test_the_netlink_helper_is_where_pyroute2_is() -> None:
     assert "pyroute2" in _loaded(("planemesh.netplanes.nl_helper",))
+
+
+def test_no_product_module_imports_netaddr() -> None:
+    """Addresses and networks are model/ip.py's (the stdlib's ipaddress): netaddr cost each process ~1.5-2 MB."""
+    product = (*AGENT_MODULES, "planemesh.xds.translate", "planemesh.xds.translate_rbac", "planemesh.ebpf.policy",
+               "planemesh.agent.rbac", "planemesh.agent.workloads.model", "planemesh.model.snapshot_json",
+               "planemesh.model.validation", "planemesh.agent.proxy.server", "planemesh.labs.model")  # fmt: skip
+    assert [m for m in _loaded(product) if m.split(".")[0] == "netaddr"] == []
