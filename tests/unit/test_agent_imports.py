@@ -46,3 +46,16 @@ def test_no_product_module_imports_netaddr() -> None:
                "planemesh.agent.rbac", "planemesh.agent.workloads.model", "planemesh.model.snapshot_json",
                "planemesh.model.validation", "planemesh.agent.proxy.server", "planemesh.labs.model")  # fmt: skip
     assert [m for m in _loaded(product) if m.split(".")[0] == "netaddr"] == []
+
+
+def test_reading_the_default_configuration_loads_no_archive_or_tempfile_modules() -> None:
+    """The embedded default config is read as the file next to model/static_config.py: importlib.resources pulled
+    tempfile, shutil, bz2, lzma and zipfile into the agent (~1 MB of RSS)."""
+    code = (
+        "import sys\nfor m in " + repr(AGENT_MODULES) + ": __import__(m)\n"
+        "from planemesh.model.static_config import load_default_config\nassert load_default_config().planes\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    heavy = {"importlib.resources", "tempfile", "lzma", "bz2", "zipfile"}
+    assert heavy.isdisjoint(out.stdout.split()), heavy.intersection(out.stdout.split())
