@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from planemesh import __version__
-from planemesh.agent.lean_loop import import_uvloop_without_ssl
+from planemesh.agent.lean_loop import import_asyncio_without_ssl
 from planemesh.agent.libc_tuning import limit_malloc_arenas
 from planemesh.model.config import ConfigError
 from planemesh.model.defaults import option
@@ -108,7 +108,7 @@ def _registered_commands(command: str | None = None) -> list[Callable[[argparse.
 
 def loop_tls_possible(argv: Sequence[str], env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
     """The agent's own event loop does TLS (`ssl=`) only for a Kubernetes workload source
-    (agent/workloads/kube_http.py), which only an xDS bootstrap configures: without one the agent loads uvloop
+    (agent/workloads/kube_http.py), which only an xDS bootstrap configures: without one the agent loads asyncio
     without OpenSSL (agent/lean_loop.py, ~4 MB of RSS). Any `--b...` (argparse takes abbreviations) counts."""
     return bool(env.get("PLANEMESH_BOOTSTRAP")) or any(a.startswith("--b") for a in argv)
 
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit_malloc_arenas()  # before any thread
     argv = sys.argv[1:] if argv is None else list(argv)
     if _command_of(argv) == "agent" and not loop_tls_possible(argv):
-        import_uvloop_without_ssl()  # before the agent's modules import asyncio
+        import_asyncio_without_ssl()  # before the agent's modules import asyncio
     parser = build_parser(argv=argv)
     args = parser.parse_args(argv)
     try:

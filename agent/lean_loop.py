@@ -1,4 +1,4 @@
-"""uvloop without OpenSSL, for a process whose event loop never does TLS itself.
+"""uvloop (or asyncio) without OpenSSL, for a process whose event loop never does TLS itself.
 
 uvloop imports the stdlib's `ssl` unconditionally (for `ssl=` in create_connection/create_server), and `ssl`
 maps libssl and libcrypto: ~4.1 MB of RSS in every process (docs/benchmarks.md, lean4). A proxy worker does TLS
@@ -6,6 +6,8 @@ with its own engine over plain transports (agent/tls/) and never passes `ssl=` t
 uvloop here with a stand-in `ssl` module, which is removed again right after: a later `import ssl` (the TLS
 engine's, on a plane's first TLS connection) loads the real module then. What the stand-in leaves behind: this
 process's loop refuses loop-level TLS (`ssl=`) with NoLoopTls, a clear error, instead of handshaking.
+The agent runs its control loop on the stdlib's asyncio, imported here with `ssl` absent when nothing it is
+configured with does loop-level TLS (agent/cli.py).
 """
 
 from __future__ import annotations
@@ -60,6 +62,20 @@ def import_uvloop_without_ssl() -> types.ModuleType:
         if sys.modules.get("ssl") is stand_in:
             del sys.modules["ssl"]
     return uvloop
+
+
+def import_asyncio_without_ssl() -> None:
+    """The stdlib's asyncio with `ssl` absent while it imports (asyncio's own path for a Python without ssl: its
+    loop then refuses `ssl=` with "SSL is not supported"); the agent's control loop (agent/cli.py). A later
+    `import ssl` loads the real module. No-op when asyncio or ssl is already loaded."""
+    if "asyncio" in sys.modules or "ssl" in sys.modules:
+        return
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # import ssl -> ImportError, asyncio sets ssl = None
+    try:
+        import asyncio  # noqa: F401
+    finally:
+        if sys.modules.get("ssl", ...) is None:
+            del sys.modules["ssl"]
 
 
 def loaded_without_ssl() -> bool:

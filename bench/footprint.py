@@ -1,8 +1,10 @@
 """Issue-15 benchmark: what the agent costs on a node at rest -- RSS and time to ready, cold and warm.
 
     ./run.sh bench footprint [--rounds 3] [--settle 2] [--no-envoy] [--load-seconds 5] [--connections 16]
-                             [--h2-clients 4] [--h2-streams 16] [--worker-zygote] [--by-mapping]
+                             [--h2-clients 4] [--h2-streams 16] [--worker-zygote] [--by-mapping] [--no-byte-compile]
 
+The product's .pyc files are written first, as an install has them (--no-byte-compile: not, as a checkout run
+under PYTHONDONTWRITEBYTECODE, where every process compiles the planemesh modules it imports at each start).
 One lab (the default one), one plane (oam), one worker, the static configuration, no traffic. Each round:
   cold  -- no pins: the agent starts with a fresh --pin-dir (the BPF programs are compiled);
   warm  -- the previous agent was SIGKILLed (fail-open: filters and pins stay), a new one starts on the

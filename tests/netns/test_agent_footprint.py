@@ -68,6 +68,8 @@ def test_agent_holds_no_compiler_and_warm_starts_compile_nothing(run_prefix: str
             assert all(grpc_libraries(pid) == set() for pid in [env.agent.pid, *workers])
             # No TLS configured: no OpenSSL in the agent or a worker, which still proxied above.
             assert all(openssl_libraries(pid) == set() for pid in [env.agent.pid, *workers])
+            with open(f"/proc/{env.agent.pid}/maps") as f:  # the agent's control loop is the stdlib's (daemon.py)
+                assert "uvloop" not in f.read()
             programs = {p for p in os.listdir(pin_dir) if p.startswith("prog_pm_tc_ingress_")}
             assert len(programs) == 1, programs
 

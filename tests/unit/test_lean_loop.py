@@ -59,13 +59,38 @@ def test_the_agent_keeps_loop_tls_when_a_bootstrap_may_configure_a_kubernetes_so
     assert loop_tls_possible(["agent"], env={"PLANEMESH_BOOTSTRAP": "b.yaml"})
 
 
+AGENT_LOOP = r"""
+from planemesh.agent.lean_loop import import_asyncio_without_ssl
+import_asyncio_without_ssl()
+import asyncio, sys
+
+async def main():
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await asyncio.open_connection("127.0.0.1", port, ssl=True)
+    except RuntimeError as exc:
+        print("refused", exc)
+    server.close()
+
+print(sorted(m for m in ("ssl", "_ssl", "_hashlib", "uvloop") if m in sys.modules))
+asyncio.run(main())
+"""
+
+
+def test_the_agents_asyncio_without_openssl_refuses_loop_tls_clearly() -> None:
+    out = subprocess.run([sys.executable, "-P", "-c", AGENT_LOOP], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[]", "refused stdlib ssl module not available"], out.stdout
+
+
 def test_an_agent_without_bootstrap_starts_on_the_lean_loop_and_one_with_keeps_openssl() -> None:
     code = (
         "import sys\nfrom planemesh.agent import cli\n"
         "real = cli.build_parser\n"
         "def parse(argv):\n"  # the agent's modules imported (asyncio, uvloop), then stop before running it
         "    real(argv=argv)\n"
-        "    sys.exit(0 if ('_ssl' in sys.modules) == ('--bootstrap' in argv) else 3)\n"
+        "    sys.exit(0 if ('_ssl' in sys.modules) == ('--bootstrap' in argv) and 'uvloop' not in sys.modules else 3)\n"
         "cli.build_parser = parse\n"
         "cli.main(sys.argv[1:])\n"
     )
