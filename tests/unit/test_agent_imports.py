@@ -59,3 +59,18 @@ def test_reading_the_default_configuration_loads_no_archive_or_tempfile_modules(
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120, check=True)
     heavy = {"importlib.resources", "tempfile", "lzma", "bz2", "zipfile"}
     assert heavy.isdisjoint(out.stdout.split()), heavy.intersection(out.stdout.split())
+
+
+def test_the_agents_command_line_loads_no_shutil_and_help_keeps_the_terminal_width() -> None:
+    """argparse's formatter asks shutil for the terminal's width at each add_argument (shutil imports bz2, lzma,
+    zlib: ~0.45 MB); agent/cli.py gives it the width itself, found the same way (COLUMNS first)."""
+    code = (
+        "import sys\nfrom planemesh.agent import cli\n"
+        "p = cli.build_parser(argv=['agent'])\np.parse_args(['agent', '--config', 'x.yaml'])\n"
+        "print('shutil' in sys.modules, max(map(len, p.format_help().splitlines())))"
+    )
+    env = {"COLUMNS": "50", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    loaded, widest = out.stdout.split()
+    assert loaded == "False" and int(widest) <= 50
