@@ -2,9 +2,9 @@
 
 uvloop imports the stdlib's `ssl` unconditionally (for `ssl=` in create_connection/create_server), and `ssl`
 maps libssl and libcrypto: ~4.1 MB of RSS in every process (docs/benchmarks.md, lean4). A proxy worker does TLS
-with its own engine over plain transports (agent/tls/) and never passes `ssl=` to its loop, so it imports
-uvloop here with a stand-in `ssl` module, which is removed again right after: a later `import ssl` (the TLS
-engine's, on a plane's first TLS connection) loads the real module then. What the stand-in leaves behind: this
+with its own engine (agent/tls/, pyOpenSSL) over plain transports and never passes `ssl=` to its loop, so it
+imports uvloop here with a stand-in `ssl` module, which is removed again right after: a later `import ssl`, by
+whatever needs the stdlib's module, loads the real one then. What the stand-in leaves behind: this
 process's loop refuses loop-level TLS (`ssl=`) with NoLoopTls, a clear error, instead of handshaking.
 The agent runs its control loop on the stdlib's asyncio, imported here with `ssl` absent when nothing it is
 configured with does loop-level TLS (agent/cli.py).
