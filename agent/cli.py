@@ -12,8 +12,10 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from planemesh import __version__
+from planemesh.agent.lean_loop import import_asyncio_without_ssl
 from planemesh.agent.libc_tuning import limit_malloc_arenas
 from planemesh.model.config import ConfigError
 from planemesh.model.defaults import option
@@ -48,11 +50,40 @@ def _add_lab(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_lab)
 
 
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size finds it (COLUMNS, then stdout's terminal, else 80)."""
+    try:
+        if (columns := int(os.environ.get("COLUMNS", "0"))) > 0:
+            return columns
+    except ValueError:
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter given its width: without one it imports shutil (and shutil bz2, lzma, zlib: ~0.45 MB
+    of the long-lived agent's RSS, docs/benchmarks.md lean4) to ask for the terminal's, at every add_argument."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser with _Formatter; subcommands' parsers are of the same class (add_subparsers' default)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(
     extra: Sequence[Callable[[argparse._SubParsersAction], None]] = (), argv: Sequence[str] | None = None
 ) -> argparse.ArgumentParser:
     """The parser; with `argv`, only the module of the command asked for is imported (see COMMANDS)."""
-    parser = argparse.ArgumentParser(prog="planemesh", description="multi-plane service-mesh node agent")
+    parser = _Parser(prog="planemesh", description="multi-plane service-mesh node agent")
     parser.add_argument("--version", action="version", version=f"planemesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_lab(sub)
@@ -105,6 +136,13 @@ def _registered_commands(command: str | None = None) -> list[Callable[[argparse.
     return adders
 
 
+def loop_tls_possible(argv: Sequence[str], env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """The agent's own event loop does TLS (`ssl=`) only for a Kubernetes workload source
+    (agent/workloads/kube_http.py), which only an xDS bootstrap configures: without one the agent loads asyncio
+    without OpenSSL (agent/lean_loop.py, ~4 MB of RSS). Any `--b...` (argparse takes abbreviations) counts."""
+    return bool(env.get("PLANEMESH_BOOTSTRAP")) or any(a.startswith("--b") for a in argv)
+
+
 def exit_on_sigterm() -> None:
     """SIGTERM runs `finally` blocks like Ctrl-C does, so labs and demos clean up when killed politely.
     Only in this process: pyroute2 forks children to enter namespaces and stops them with SIGTERM; a child
@@ -123,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit_on_sigterm()
     limit_malloc_arenas()  # before any thread
     argv = sys.argv[1:] if argv is None else list(argv)
+    if _command_of(argv) == "agent" and not loop_tls_possible(argv):
+        import_asyncio_without_ssl()  # before the agent's modules import asyncio
     parser = build_parser(argv=argv)
     args = parser.parse_args(argv)
     try:

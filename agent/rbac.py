@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from netaddr import IPAddress, IPNetwork
-
 from planemesh.model.config import HeaderMatch
+from planemesh.model.ip import IPAddress, IPNetwork
 from planemesh.model.tls_config import SanMatch as StringMatch
 
 

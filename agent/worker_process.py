@@ -8,6 +8,12 @@ then falls open to the original destinations instead of feeding a proxy nobody c
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the imports below come after loading the loop, on purpose)
+# First, before anything imports asyncio: uvloop without OpenSSL, ~4 MB of RSS less per worker (agent/lean_loop.py).
+from planemesh.agent.lean_loop import import_uvloop_without_ssl
+
+import_uvloop_without_ssl()
+
 import asyncio
 import ctypes
 import logging

@@ -47,12 +47,11 @@ def _plane_of(argv: list[str]) -> str:
 
 
 def preload() -> None:
-    """What every worker imports at start-up (tests/unit/test_worker_imports.py keeps it lean)."""
-    import uvloop  # noqa: F401
-
+    """What every worker imports at start-up (tests/unit/test_worker_imports.py keeps it lean); worker_process
+    first: it loads uvloop without OpenSSL (agent/lean_loop.py)."""
+    import planemesh.agent.worker_process  # noqa: I001
     import planemesh.agent.proxy.accesslog
-    import planemesh.agent.proxy.server
-    import planemesh.agent.worker_process  # noqa: F401
+    import planemesh.agent.proxy.server  # noqa: F401
 
 
 def recv_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:

@@ -1,8 +1,10 @@
 """Issue-15 benchmark: what the agent costs on a node at rest -- RSS and time to ready, cold and warm.
 
     ./run.sh bench footprint [--rounds 3] [--settle 2] [--no-envoy] [--load-seconds 5] [--connections 16]
-                             [--h2-clients 4] [--h2-streams 16] [--worker-zygote] [--by-mapping]
+                             [--h2-clients 4] [--h2-streams 16] [--worker-zygote] [--by-mapping] [--no-byte-compile]
 
+The product's .pyc files are written first, as an install has them (--no-byte-compile: not, as a checkout run
+under PYTHONDONTWRITEBYTECODE, where every process compiles the planemesh modules it imports at each start).
 One lab (the default one), one plane (oam), one worker, the static configuration, no traffic. Each round:
   cold  -- no pins: the agent starts with a fresh --pin-dir (the BPF programs are compiled);
   warm  -- the previous agent was SIGKILLed (fail-open: filters and pins stay), a new one starts on the
@@ -36,7 +38,9 @@ With --load-seconds 30 (same run, load ~5; wrk -c16, h2load -c4 -m16, nginx 1 wo
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
+import importlib.util
 import os
 import secrets
 import shutil
@@ -141,6 +145,19 @@ def envoy_ads_in_node(lab, work: Path, address: str):
         ns_tools.stop(proc)
 
 
+def byte_compile_product() -> int:
+    """Write the product's .pyc files, as the image does (deploy/build-image.sh) and pip does for a wheel: an
+    editable checkout run with PYTHONDONTWRITEBYTECODE (this VM's environment) has none, and every process then
+    compiles each planemesh module at start, ~1.3 MB of RSS more each (docs/benchmarks.md, lean4). Returns the
+    number of package folders compiled."""
+    spec = importlib.util.find_spec("planemesh")
+    roots = [*(spec.submodule_search_locations or [])] if spec else []
+    for name in ("agent", "model", "ebpf", "netplanes", "xds", "labs"):
+        sub = importlib.util.find_spec(f"planemesh.{name}")
+        roots += [*(sub.submodule_search_locations or [])] if sub else []
+    return sum(bool(compileall.compile_dir(root, quiet=1, workers=1)) for root in dict.fromkeys(roots))
+
+
 def compiler_mapped(pid: int) -> bool:
     """libbcc or libLLVM mapped into the process."""
     with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
@@ -233,6 +250,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--by-mapping", action="store_true", help="RSS of each process by mapping (two planes)")
     parser.add_argument("--load-seconds", type=int, default=5, help="each load run (wrk, h2load); 0: no load")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
+    parser.add_argument("--no-byte-compile", action="store_true", help="measure without writing the .pyc files")
     parser.add_argument("--h2-clients", type=int, default=4, help="h2load connections")
     parser.add_argument("--h2-streams", type=int, default=16, help="h2load concurrent streams per connection")
     args = parser.parse_args(argv)
@@ -243,6 +261,8 @@ def main(argv: list[str]) -> None:
     if args.worker_zygote:  # every agent reads the variable: the start and load runs fork their workers too
         os.environ["PLANEMESH_WORKER_ZYGOTE"] = "1"
     loaded: LoadResult | None = None
+    if not args.no_byte_compile:
+        print(f"byte-compiled the product's modules ({byte_compile_product()} folders), as an install has them")
     prefix = f"pmfp{secrets.token_hex(2)}"
     pin_dir = f"/sys/fs/bpf/{prefix}"
     samples: list[Sample] = []

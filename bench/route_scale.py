@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from types import MappingProxyType
 
-from netaddr import IPNetwork
-
 from planemesh.agent.proxy.balancer import Balancer
 from planemesh.agent.proxy.lb import hash64
 from planemesh.agent.proxy.routing import PlaneRouter
@@ -43,6 +41,7 @@ from planemesh.model.config import (
     Snapshot,
     VirtualHost,
 )
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import Plane
 
 

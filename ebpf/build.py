@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# CPython's own SHA-256 (the same digest): hashlib's would map OpenSSL's libcrypto into the agent (~3.4 MB RSS).
+try:
+    from _sha256 import sha256  # CPython <= 3.11
+except ImportError:  # pragma: no cover - CPython >= 3.12
+    from _sha2 import sha256
 
 from planemesh import module_argv
 from planemesh.ebpf import libbpf
@@ -59,7 +64,7 @@ class ProgramSpec:
 
     def digest(self) -> str:
         """Content hash: source, headers, cflags, programs, kernel release (16 hex digits)."""
-        h = hashlib.sha256()
+        h = sha256()
         for path in [self.source, *sorted(Path(p) for p in glob.glob(str(self.source.parent / "*.h")))]:
             h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
         h.update(json.dumps([list(self.cflags), [list(p) for p in self.programs], kernel_release()]).encode())

@@ -9,7 +9,6 @@ Every call raises OSError with the kernel's errno on failure.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from functools import cache
 
@@ -19,9 +18,23 @@ BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_INET6_CONNECT = 11
 
 
+def _open() -> ctypes.CDLL:
+    """libbpf.so.1 by its soname; ctypes.util's search only where it is not found under that name (ctypes.util
+    imports shutil, tempfile, bz2 and lzma: ~0.5 MB of the agent's RSS, docs/benchmarks.md lean4)."""
+    try:
+        return ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library  # only on this unusual path (see above)
+
+        found = find_library("bpf")
+        if found is None:
+            raise
+        return ctypes.CDLL(found, use_errno=True)
+
+
 @cache
 def lib() -> ctypes.CDLL:
-    handle = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+    handle = _open()
     c_int, c_uint, vp = ctypes.c_int, ctypes.c_uint, ctypes.c_void_p
     u32p = ctypes.POINTER(ctypes.c_uint32)
     signatures = {

@@ -18,10 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from netaddr import AddrFormatError, IPAddress, IPNetwork
-
 from planemesh.ebpf.abi import PM_MAX_PLANES, PM_MAX_SRC_POLICY, Action
 from planemesh.model.config import Cluster, ClusterKind, ConfigError, Listener, ListenerProtocol, Snapshot
+from planemesh.model.ip import AddrFormatError, IPAddress, IPNetwork
 from planemesh.model.planes import Plane, UndeclaredPorts
 from planemesh.model.tls_config import endpoint_tls
 

@@ -18,9 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from netaddr import IPNetwork
-
 from planemesh.model.config import ConfigError
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import MAX_TABLE, RESERVED_TABLES
 from planemesh.model.static_config import parse_cidr
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 
-from netaddr import IPNetwork
-
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA, Plane
 from planemesh.model.tls_config import Secret, TlsContext, TlsMatch
 

@@ -10,9 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from netaddr import AddrFormatError, IPAddress
-
 from planemesh.model.config import ConfigError
+from planemesh.model.ip import AddrFormatError, IPAddress
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from netaddr import IPAddress, IPNetwork
+from planemesh.model.ip import IPAddress, IPNetwork
 
 ROUTED = "@routed"  # interface entry: any link with a host route to one of the plane's addresses (pod veths)
 MAX_PLANES = 64  # plane ids 1..63; 0 means "not a plane interface" (mirrors PM_MAX_PLANES in the ABI)

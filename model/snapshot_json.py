@@ -1,8 +1,8 @@
 """Generic conversion between the config dataclasses and JSON-safe values, both ways.
 
-`to_jsonable` walks any value (dataclasses, mappings, tuples, frozensets, enums, netaddr objects, bytes)
-without knowing the classes; `from_jsonable` rebuilds a typed value from the dataclass type hints, so a
-`/config_dump` can be read back into a `Snapshot` and compared. Pure functions, no I/O.
+`to_jsonable` walks any value (dataclasses, mappings, tuples, frozensets, enums, model/ip.py's addresses and
+networks, bytes) without knowing the classes; `from_jsonable` rebuilds a typed value from the dataclass type hints,
+so a `/config_dump` can be read back into a `Snapshot` and compared. Pure functions, no I/O.
 
 Encoding rules: dataclass -> object of all its fields; Mapping -> object (keys as strings); tuple/list ->
 array; set/frozenset -> sorted array; Enum -> its value; IPNetwork/IPAddress -> string; bytes -> string
@@ -20,7 +20,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from netaddr import IPAddress, IPNetwork
+from planemesh.model.ip import IPAddress, IPNetwork
 
 
 class DecodeError(ValueError):

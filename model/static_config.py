@@ -21,14 +21,13 @@ Every error names the field (`planes[0].cidrs[1]: ...`).
 from __future__ import annotations
 
 import dataclasses
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-from netaddr import AddrFormatError, IPNetwork
 
 from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot
+from planemesh.model.ip import AddrFormatError, IPNetwork
 from planemesh.model.planes import SLA, Plane, UndeclaredPorts
 from planemesh.model.validation import validate_snapshot
 
@@ -185,7 +184,9 @@ DEFAULT_CONFIG = "default-config.yaml"
 
 
 def default_config_text() -> str:
-    return resources.files("planemesh.model").joinpath(DEFAULT_CONFIG).read_text()
+    # The file next to this module (package data of the wheel): importlib.resources would cost the agent ~1 MB
+    # of RSS (tempfile, shutil, bz2, lzma, zipfile; docs/benchmarks.md, lean4).
+    return (Path(__file__).parent / DEFAULT_CONFIG).read_text()
 
 
 def load_default_config() -> Snapshot:

@@ -9,9 +9,8 @@ import fnmatch
 from collections.abc import Mapping
 from pathlib import Path
 
-from netaddr import IPNetwork
-
 from planemesh.model.config import ConfigError, ListenerProtocol, Snapshot
+from planemesh.model.ip import IPNetwork
 from planemesh.model.plane_limits import check_cpus, parse_cpu_list
 from planemesh.model.planes import LOCAL_DELIVERY_TABLE, MAX_PLANES, MAX_TABLE, RESERVED_TABLES, ROUTED, SLA, Plane
 from planemesh.model.tls_config import plane_mtls_error

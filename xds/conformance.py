@@ -23,10 +23,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 from google.protobuf import any_pb2
-from netaddr import IPNetwork
 
 from planemesh.ebpf.policy import tcp_handling
 from planemesh.model.config import ConfigError, ListenerProtocol
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import Plane
 from planemesh.xds import resources as res
 from planemesh.xds.client_state import XdsResources

@@ -20,7 +20,6 @@ from types import MappingProxyType
 
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf.message import DecodeError
-from netaddr import IPNetwork
 
 from planemesh.model.config import (
     XFCC_DETAILS,
@@ -35,6 +34,7 @@ from planemesh.model.config import (
     UpgradeConfig,
     WeightedCluster,
 )
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA, Plane, plane_of_address
 from planemesh.model.server_names import server_name_error
 from planemesh.model.tls_config import Secret, plane_tls

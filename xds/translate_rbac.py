@@ -20,10 +20,10 @@ from __future__ import annotations
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_cfg
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
-from netaddr import AddrFormatError, IPNetwork
 
 from planemesh.agent.rbac import RbacFilter, RbacPolicy, Rule
 from planemesh.model.config import ConfigError
+from planemesh.model.ip import AddrFormatError, IPNetwork
 from planemesh.model.tls_config import SanMatch as StringMatch
 from planemesh.xds.translate_common import only
 from planemesh.xds.translate_routes import _header_match

@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from netaddr import IPAddress, IPNetwork
-
 from planemesh.agent.proxy.filters import FilterChain
 from planemesh.agent.proxy.local_inbound import chained, tighter_timeout
 from planemesh.agent.proxy.pod_table import PodTable
@@ -33,6 +31,7 @@ from planemesh.model.config import (
     UpgradeConfig,
     VirtualHost,
 )
+from planemesh.model.ip import IPAddress, IPNetwork
 from planemesh.model.safe_regex import Regex, compile_regex
 
 if TYPE_CHECKING:

@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from netaddr import AddrFormatError
-
 from planemesh.agent.proxy.accesslog import OM, AccessLogBuffer, Sink, format_json, format_text
 from planemesh.agent.proxy.contracts import Timed
 from planemesh.agent.proxy.dns import DnsRefresh
@@ -45,6 +43,7 @@ from planemesh.agent.proxy.tls import TlsStats, accept_factory
 from planemesh.agent.proxy.upstream import UpstreamPool
 from planemesh.ebpf.abi import PM_MARK_PLANE_MASK
 from planemesh.model.config import Snapshot
+from planemesh.model.ip import AddrFormatError
 from planemesh.model.planes import plane_of_address
 
 if TYPE_CHECKING:

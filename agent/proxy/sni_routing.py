@@ -35,11 +35,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from netaddr import IPAddress, IPNetwork
-
 from planemesh.agent.lazy_modules import load
 from planemesh.agent.proxy.routing import parse_ip
 from planemesh.agent.rbac import RbacFilter
 from planemesh.model.config import Cluster, Listener, ListenerProtocol, RouteAction
+from planemesh.model.ip import IPAddress, IPNetwork
 from planemesh.model.server_names import MAX_SERVER_NAME, server_name_error  # noqa: F401  (re-exported)
 from planemesh.model.tls_config import TlsContext
 

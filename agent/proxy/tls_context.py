@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from planemesh.agent.proxy import tls_lazy
 from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, san_accepts
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # ssl: an annotation only (a worker without TLS maps no OpenSSL: agent/lean_loop.py)
+    import ssl
+
     from OpenSSL import SSL
 
     from planemesh.agent.tls.engine import TlsPeerView

@@ -12,8 +12,7 @@ URI, DNS).
 
 from __future__ import annotations
 
-import hashlib
-
+from planemesh.agent.lazy_modules import load
 from planemesh.agent.proxy.http1 import HOP_BY_HOP
 from planemesh.model.config import XFCC_DETAILS, XFCC_MODES
 
@@ -33,7 +32,7 @@ def element(
     parts = []
     if by:
         parts.append(f"By={by}")
-    parts.append(f"Hash={hashlib.sha256(peer_der).hexdigest()}")
+    parts.append(f"Hash={load('hashlib').sha256(peer_der).hexdigest()}")  # mTLS only: no libcrypto at rest
     if "subject" in details:
         parts.append(f"Subject={_quote(subject)}")
     if "uri" in details:

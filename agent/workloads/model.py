@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from netaddr import AddrFormatError, IPAddress, IPNetwork
-
+from planemesh.model.ip import AddrFormatError, IPAddress, IPNetwork
 from planemesh.model.planes import Plane, plane_of_address
 
 # A Kubernetes name (DNS-1123 label or subdomain): pod names and namespaces.

@@ -14,7 +14,6 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.agent.proxy.sockets import make_listener_socket
 from planemesh.ebpf.abi import Action
@@ -27,6 +26,7 @@ from planemesh.ebpf.host_redirect import (
 )
 from planemesh.ebpf.policy import DatapathPolicy, PlaneSettings, PolicyRule
 from planemesh.labs.netns import call_in, exec_argv
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import Plane
 from tests.netns.host_cgroups import joiner, temporary_cgroup
 from tests.support.servers import AcceptLoop

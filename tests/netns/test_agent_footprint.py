@@ -37,6 +37,14 @@ def grpc_libraries(pid: int) -> set[str]:
     return {p for p in paths if any(lib in os.path.basename(p) for lib in ("cygrpc", "_message.abi3", "_upb"))}
 
 
+def openssl_libraries(pid: int) -> set[str]:
+    """libssl / libcrypto mapped into a process (a worker, and an agent without an xDS bootstrap, load uvloop
+    without them: agent/lean_loop.py)."""
+    with open(f"/proc/{pid}/maps") as f:
+        paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
+    return {p for p in paths if any(lib in os.path.basename(p) for lib in ("libssl", "libcrypto"))}
+
+
 def output(proc) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(getattr(proc, "output_lines", []))
 
@@ -58,6 +66,10 @@ def test_agent_holds_no_compiler_and_warm_starts_compile_nothing(run_prefix: str
             assert len(procs.worker_pids(env.agent.pid)) == 2 and all(compiler_libraries(p) == set() for p in workers)
             # A static config: no xDS, so neither the agent nor a worker loaded grpc/protobuf.
             assert all(grpc_libraries(pid) == set() for pid in [env.agent.pid, *workers])
+            # No TLS configured: no OpenSSL in the agent or a worker, which still proxied above.
+            assert all(openssl_libraries(pid) == set() for pid in [env.agent.pid, *workers])
+            with open(f"/proc/{env.agent.pid}/maps") as f:  # the agent's control loop is the stdlib's (daemon.py)
+                assert "uvloop" not in f.read()
             programs = {p for p in os.listdir(pin_dir) if p.startswith("prog_pm_tc_ingress_")}
             assert len(programs) == 1, programs
 

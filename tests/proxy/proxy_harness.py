@@ -17,7 +17,6 @@ from types import MappingProxyType
 from typing import Self
 
 import uvloop
-from netaddr import IPNetwork
 
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
@@ -33,6 +32,7 @@ from planemesh.model.config import (
     Snapshot,
     VirtualHost,
 )
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA, Plane
 from tests.support.net import free_port  # noqa: F401  (re-exported: tests import it from here)
 

@@ -11,7 +11,6 @@ import threading
 from types import MappingProxyType
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
@@ -31,6 +30,7 @@ from planemesh.model.config import (
     Snapshot,
     VirtualHost,
 )
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA, Plane
 from tests.proxy.proxy_harness import PLANE, Backend, ServingProxy
 from tests.support.waiting import wait_for

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 from types import MappingProxyType
 
-from netaddr import IPNetwork
-
 from planemesh.agent.proxy import tls as tls_mod
 from planemesh.agent.proxy.tls import TlsRoutes
+from planemesh.model.ip import IPNetwork
 from tests.proxy.proxy_harness import PLANE, make_snapshot
 from tests.proxy.test_tls_termination import GW, NOW, ROOT, TLS, secrets
 

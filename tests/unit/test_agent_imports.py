@@ -38,3 +38,39 @@ def test_the_agents_modules_import_no_pyroute2() -> None:
 
 def test_the_netlink_helper_is_where_pyroute2_is() -> None:
     assert "pyroute2" in _loaded(("planemesh.netplanes.nl_helper",))
+
+
+def test_no_product_module_imports_netaddr() -> None:
+    """Addresses and networks are model/ip.py's (the stdlib's ipaddress): netaddr cost each process ~1.5-2 MB."""
+    product = (*AGENT_MODULES, "planemesh.xds.translate", "planemesh.xds.translate_rbac", "planemesh.ebpf.policy",
+               "planemesh.agent.rbac", "planemesh.agent.workloads.model", "planemesh.model.snapshot_json",
+               "planemesh.model.validation", "planemesh.agent.proxy.server", "planemesh.labs.model")  # fmt: skip
+    assert [m for m in _loaded(product) if m.split(".")[0] == "netaddr"] == []
+
+
+def test_reading_the_default_configuration_loads_no_archive_or_tempfile_modules() -> None:
+    """The embedded default config is read as the file next to model/static_config.py: importlib.resources pulled
+    tempfile, shutil, bz2, lzma and zipfile into the agent (~1 MB of RSS)."""
+    code = (
+        "import sys\nfor m in " + repr(AGENT_MODULES) + ": __import__(m)\n"
+        "from planemesh.model.static_config import load_default_config\nassert load_default_config().planes\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    heavy = {"importlib.resources", "tempfile", "lzma", "bz2", "zipfile"}
+    assert heavy.isdisjoint(out.stdout.split()), heavy.intersection(out.stdout.split())
+
+
+def test_the_agents_command_line_loads_no_shutil_and_help_keeps_the_terminal_width() -> None:
+    """argparse's formatter asks shutil for the terminal's width at each add_argument (shutil imports bz2, lzma,
+    zlib: ~0.45 MB); agent/cli.py gives it the width itself, found the same way (COLUMNS first)."""
+    code = (
+        "import sys\nfrom planemesh.agent import cli\n"
+        "p = cli.build_parser(argv=['agent'])\np.parse_args(['agent', '--config', 'x.yaml'])\n"
+        "print('shutil' in sys.modules, max(map(len, p.format_help().splitlines())))"
+    )
+    env = {"COLUMNS": "50", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    loaded, widest = out.stdout.split()
+    assert loaded == "False" and int(widest) <= 50

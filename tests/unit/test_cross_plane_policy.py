@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.ebpf import abi
 from planemesh.ebpf.policy import policy_from_snapshot
 from planemesh.model.config import Snapshot
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import Plane
 
 OAM = Plane("oam", 1, ("*-oam",), (IPNetwork("198.18.1.0/24"), IPNetwork("fd00:18:1::/64")), forward_to=("sig",))

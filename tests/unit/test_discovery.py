@@ -1,7 +1,6 @@
 """Interface classification: by name pattern, or (`@routed`) by the host routes to a plane's pods."""
 
-from netaddr import IPNetwork
-
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import ROUTED, Plane
 from planemesh.netplanes.discovery import LinkFacts, classify, diff, plane_source_addresses
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.policy import PlaneSettings, PolicyRule, interface_planes, policy_from_snapshot
 from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA, Plane, UndeclaredPorts
 from planemesh.model.static_config import load_default_config
 

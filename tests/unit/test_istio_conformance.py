@@ -12,13 +12,13 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.agent.identity.ca import new_root
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.policy import PolicyRule, needs_sniff_listener, policy_from_snapshot
 from planemesh.model.config import FaultFilter, ListenerProtocol
+from planemesh.model.ip import IPNetwork
 from planemesh.xds import conformance
 from planemesh.xds.client_state import XdsResources
 from planemesh.xds.per_resource import translate_update

@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.model.config import (
     Cluster,
@@ -26,6 +25,7 @@ from planemesh.model.config import (
     Snapshot,
     VirtualHost,
 )
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA
 from planemesh.model.snapshot_json import DecodeError, from_jsonable, to_jsonable
 from planemesh.model.static_config import load_default_config

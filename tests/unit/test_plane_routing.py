@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.ebpf.abi import PM_MARK_OWN, PM_MARK_PLANE_MASK
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import Plane
 from planemesh.netplanes.routing import PLANE_PRIORITY, MarkRule, PlaneRouting, diff_rules
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from types import MappingProxyType
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.agent.proxy.balancer import Balancer, normalise_ip
 from planemesh.agent.proxy.routing import (
@@ -34,6 +33,7 @@ from planemesh.model.config import (
     VirtualHost,
     WeightedCluster,
 )
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import Plane
 
 VHOSTS = RouteConfig(name="rc", virtual_hosts=(

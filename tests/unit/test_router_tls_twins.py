@@ -7,10 +7,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.model.config import Listener, ListenerProtocol
+from planemesh.model.ip import IPNetwork
 from planemesh.model.tls_config import TlsContext
 from tests.unit.test_proxy_routing import _snapshot
 

@@ -4,12 +4,12 @@ exact then longest wildcard server name, no backtracking), and how xDS and the d
 from __future__ import annotations
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.agent.proxy.sni_routing import SniRoutes, candidate_names, server_name_error
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.policy import PolicyRule, needs_sniff_listener, policy_from_snapshot
 from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot, WeightedCluster
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import UndeclaredPorts
 from planemesh.model.static_config import load_default_config
 from planemesh.xds.translate import translate

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from netaddr import IPNetwork
-
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.ebpf.abi import PM_MARK_OWN
 from planemesh.model.config import Snapshot
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import Plane
 
 OAM = Plane("oam", 1, ("*-oam",), (IPNetwork("198.18.1.0/24"), IPNetwork("fd00:18:1::/64")), forward_to=("sig",))

@@ -25,6 +25,10 @@ NOT_IN_A_WORKER = {
     "h2": "the h2 stack loads on a worker's first h2 connection (agent/proxy/h2_support.py)",
     "hpack": "same",
     "planemesh.agent.proxy.h2_codec": "same",
+    "ssl": "uvloop is loaded without OpenSSL (agent/lean_loop.py); the TLS engine imports ssl on first use",
+    "_ssl": "same: libssl and libcrypto, ~4 MB of RSS",
+    "_hashlib": "hashlib's OpenSSL half: lb.py hashes with blake2b from _blake2, xfcc.py loads hashlib on mTLS",
+    "netaddr": "addresses and networks are model/ip.py's, on the stdlib's ipaddress (~1.5-2 MB RSS less)",
     "argparse": "the worker's command line is the agent's, parsed by hand (~0.6 MB RSS with gettext)",
 }
 

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 from google.protobuf import any_pb2
-from netaddr import IPNetwork
 
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.routing import PlaneRouter
@@ -42,6 +41,7 @@ from planemesh.model.config import (
     VirtualHost,
     WeightedCluster,
 )
+from planemesh.model.ip import IPNetwork
 from planemesh.model.static_config import load_default_config
 from planemesh.model.validation import validate_snapshot
 from planemesh.xds.client_state import XdsResources

@@ -7,12 +7,12 @@ import copy
 import datetime as dt
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.agent.identity.ca import new_root
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.agent.rbac import RbacFilter
 from planemesh.model.config import ConfigError, ListenerProtocol
+from planemesh.model.ip import IPNetwork
 from planemesh.xds.translate import translate
 from planemesh.xds.translate_common import collect_ignored, stop_collecting
 from tests.unit.test_xds_translate import HCM, PASS, PLANES, ROUTER, T, to_resources

@@ -8,7 +8,6 @@ from types import MappingProxyType
 
 import pytest
 import yaml
-from netaddr import IPNetwork
 
 from planemesh.model.config import (
     ClusterKind,
@@ -19,6 +18,7 @@ from planemesh.model.config import (
     ListenerProtocol,
     LocalRateLimit,
 )
+from planemesh.model.ip import IPNetwork
 from planemesh.model.static_config import load_default_config
 from planemesh.xds.client_state import XdsResources
 from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, parse_resource_text, unpack
