@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from netaddr import IPAddress, IPNetwork
+
 from planemesh.agent.lazy_modules import load
 from planemesh.agent.proxy.routing import parse_ip
 from planemesh.agent.rbac import RbacFilter
