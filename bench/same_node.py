@@ -37,7 +37,6 @@ from pathlib import Path
 from types import MappingProxyType
 
 import uvloop
-from netaddr import IPNetwork
 
 from bench.grpc import cpu_seconds
 from bench.h1_path_cost import REQUEST, RESPONSE, Counter, FakeTransport
@@ -61,6 +60,7 @@ from planemesh.model.config import (
     Snapshot,
     VirtualHost,
 )
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA, Plane
 from planemesh.model.tls_config import SanMatch
 from tests.proxy.proxy_harness import PLANE

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from netaddr import AddrFormatError, IPAddress
-
 from planemesh.agent.proxy.local_inbound import xfcc_element
 from planemesh.model.config import Listener
+from planemesh.model.ip import AddrFormatError, IPAddress
 
 
 def _ip(text: str) -> str:

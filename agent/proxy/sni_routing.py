@@ -34,8 +34,6 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from netaddr import IPAddress, IPNetwork
-
 from planemesh.agent.lazy_modules import load
 from planemesh.agent.proxy.routing import parse_ip
 from planemesh.agent.rbac import RbacFilter
