@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -90,14 +90,20 @@ class TlsRoutes:
         self.ports: dict[int, list[Listener]] = {}
         fresh: dict = {}
         sla = next((p.sla for p in snapshot.planes if p.name == plane), None)
+        self.sla = sla
         self.mode = sla.mtls if sla is not None else ""  # the plane SLA's mTLS mode (model/planes.py)
         for lsn in snapshot.listeners_of(plane):
             if lsn.protocol is ListenerProtocol.HTTP and not (self.mode == "disable" and lsn.tls is not None):
                 self.ports.setdefault(lsn.port, []).append(lsn)
+        # The plane's own chain: what its sniffing listener terminates where no xDS chain does (sniff_tls.py)
+        self.plane_chain: Listener | None = None
         if (forced := plane_tls(sla)) is not None:
             self.ports = {p: _with_plane_tls(ls, forced) for p, ls in self.ports.items()}
+            self.plane_chain = Listener(f"{plane}~mtls", plane, 0, ListenerProtocol.HTTP, sniff=True, tls=forced,
+                                        transport_protocol="tls")  # fmt: skip
         self.ports = {p: ls for p, ls in self.ports.items() if any(lsn.tls is not None for lsn in ls)}
-        for lsn in (lsn for ls in self.ports.values() for lsn in ls if lsn.tls is not None):
+        chains = [lsn for ls in self.ports.values() for lsn in ls if lsn.tls is not None]
+        for lsn in chains + ([self.plane_chain] if self.plane_chain is not None else []):
             tls = lsn.tls
             assert tls is not None
             cert = snapshot.secrets.get(tls.cert) if tls.cert else None
@@ -108,7 +114,7 @@ class TlsRoutes:
                     fresh[key] = cache.get(key) or tls_lazy.engine().build_engine_context(tls, cert, trust, server=True)
                 except (ValueError, OSError) as exc:  # translation checks; never take the worker down
                     log.error("listener %s: no TLS context (%s): its TLS connections are refused", lsn.name, exc)
-        certs = {lsn.tls.cert for ls in self.ports.values() for lsn in ls if lsn.tls is not None and lsn.tls.cert}
+        certs = {lsn.tls.cert for lsn in chains if lsn.tls.cert} | ({forced.cert} if forced is not None else set())
         self._local_uri = {name: uri_of(snapshot.secrets.get(name)) for name in certs}
         cache.clear()
         cache.update(fresh)  # contexts no listener uses any more are dropped
@@ -155,6 +161,17 @@ class TlsRoutes:
             context = _refusing()
         return TlsDecision(tls_chain, context, plaintext, self._local_uri.get(tls.cert))
 
+    def plane_decision(self, port: int) -> TlsDecision | None:
+        """The plane's own mTLS (strict / permissive) for a connection to `port` no xDS chain terminates;
+        None without a plane mode."""
+        chain = self.plane_chain
+        if chain is None:
+            return None
+        tls = chain.tls
+        assert tls is not None
+        context = self._context(chain) or _refusing()
+        return TlsDecision(replace(chain, port=port), context, self.mode == "permissive", self._local_uri.get(tls.cert))
+
     def contexts(self) -> list[SSL.Context]:
         """The server contexts in use (tests, stats)."""
         return list(self._cache.values())
@@ -176,6 +193,35 @@ def _with_plane_tls(listeners: list[Listener], forced: TlsContext) -> list[Liste
         if lsn.tls is None and lsn.prefixes not in tls_dests
     ]
     return listeners + added
+
+
+def plane_tcp_chains(listeners: Iterable[Listener], sla: object) -> tuple[Listener, ...]:
+    """A plane's listeners with its tcp_proxy chains as the SLA's mTLS mode makes them (sni_routing.py selects
+    among these). strict: every chain without TLS terminates the plane's mTLS instead (plaintext then matches no
+    chain: refused, `plaintext_refused`); xDS's own TLS chains come first, so they win a tie. permissive: a
+    chain without TLS (and not one for a client's own TLS) takes plaintext only, and a twin terminating the
+    plane's mTLS is appended last. disable: no chain terminates TLS (its bytes are relayed as they are).
+    No mode: as xDS says. HTTP listeners are returned unchanged."""
+    mode = getattr(sla, "mtls", "")
+    listeners = tuple(listeners)
+    if mode == "disable":
+        return tuple(replace(lsn, tls=None) if lsn.protocol is ListenerProtocol.TCP else lsn for lsn in listeners)
+    forced = plane_tls(sla)
+    if forced is None:
+        return listeners
+    plain = {id(lsn) for lsn in listeners if lsn.protocol is ListenerProtocol.TCP and lsn.tls is None}
+    if mode == "strict":
+        kept = tuple(lsn for lsn in listeners if id(lsn) not in plain)
+        return kept + tuple(_plane_chain(lsn, forced) for lsn in listeners if id(lsn) in plain)
+    own_tls = {id(lsn) for lsn in listeners if lsn.transport_protocol == "tls"}  # a client's own TLS: not ours
+    twins = tuple(_plane_chain(lsn, forced) for lsn in listeners if id(lsn) in plain - own_tls)
+    kept = tuple(replace(lsn, transport_protocol="raw_buffer") if id(lsn) in plain and not lsn.transport_protocol
+                 else lsn for lsn in listeners)  # fmt: skip
+    return kept + twins
+
+
+def _plane_chain(lsn: Listener, forced: TlsContext) -> Listener:
+    return replace(lsn, name=f"{lsn.name}~mtls", tls=forced, transport_protocol="tls")
 
 
 def _subject(ssl_object: TlsPeerView) -> str:
