@@ -12,9 +12,15 @@ import yaml
 
 from planemesh.agent.identity.ca import new_root, utcnow
 from planemesh.agent.identity.spiffe import parse_spiffe_id
-from planemesh.model.config import ConfigError
+from planemesh.agent.proxy.sniff import HTTP1, OPAQUE, Kind, Verdict
+from planemesh.agent.proxy.sniff_tls import plane_refuses
+from planemesh.agent.proxy.tls import TlsStats, plane_tcp_chains
+from planemesh.ebpf.abi import Action
+from planemesh.ebpf.policy import PolicyRule, needs_sniff_listener, policy_from_snapshot, strict_planes
+from planemesh.model.config import ConfigError, Listener, ListenerProtocol, WeightedCluster
+from planemesh.model.planes import SLA
 from planemesh.model.static_config import default_config_text, snapshot_from_dict
-from planemesh.model.tls_config import CertSecret, TrustSecret, plane_tls
+from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, plane_tls
 from planemesh.xds.per_resource import translate_update
 from planemesh.xds.sds import root_secret, tls_certificate_secret
 from planemesh.xds.translate import translate
@@ -61,3 +67,68 @@ def test_a_strict_plane_needs_its_secrets_in_the_update() -> None:
     with_secrets = replace(resources, secrets=MappingProxyType(served))
     for snap in (translate(with_secrets, planes), translate_update(with_secrets, planes).snapshot):
         assert isinstance(snap.secrets["default"], CertSecret) and isinstance(snap.secrets["ROOTCA"], TrustSecret)
+
+
+def static_snapshot(**sla):
+    raw = yaml.safe_load(default_config_text())
+    raw["planes"][0]["sla"] = {**(raw["planes"][0].get("sla") or {}), **sla}
+    return snapshot_from_dict(raw, version="t")
+
+
+@pytest.mark.parametrize(("mode", "oam_tcp"), [("strict", Action.SNIFF), ("permissive", Action.BYPASS),
+                                               ("disable", Action.BYPASS), ("", Action.BYPASS)])  # fmt: skip
+def test_a_strict_planes_tcp_chains_go_to_its_proxy_not_the_kernel_bypass(mode, oam_tcp) -> None:
+    """The default config's `{plane: oam, port: 9000, protocol: tcp}` (no cluster: the original destination) is
+    bypassed in the kernel, unless oam requires mTLS: then its proxy terminates it. media keeps its bypass, and
+    undeclared ports follow `undeclared` (bypass here: not proxied traffic)."""
+    snap = static_snapshot(mtls=mode) if mode else static_snapshot()
+    policy = policy_from_snapshot(snap)
+    assert policy.rules[PolicyRule(1, 9000)] is oam_tcp
+    assert policy.rules[PolicyRule(2, 9000)] is Action.BYPASS
+    assert policy.rules[PolicyRule(1, 80)] is Action.PROXY
+    assert [p.undeclared for p in policy.planes] == [Action.BYPASS, Action.BYPASS]
+    assert needs_sniff_listener(snap, snap.planes[0]) is (mode == "strict")
+    assert not needs_sniff_listener(snap, snap.planes[1])
+    assert strict_planes(snap) == ({"oam"} if mode == "strict" else set())
+
+
+PLANE_SLA = SLA(mtls="strict", mtls_cert="c", mtls_trust="r", mtls_trust_domain="ran.op")
+TCP = ListenerProtocol.TCP
+PLAIN = Listener("db", "oam", 9000, TCP, tcp_clusters=(WeightedCluster("db", 1),))
+XDS_TLS = TlsContext(cert="default", trust="ROOTCA", require_client_cert=True)
+
+
+def test_strict_turns_every_plaintext_tcp_chain_into_the_planes_mtls() -> None:
+    own_tls = replace(PLAIN, name="own-tls", transport_protocol="tls", server_names=("api.example.com",))
+    mtls = replace(PLAIN, name="db-mtls", tls=XDS_TLS, transport_protocol="tls")
+    http = Listener("web", "oam", 80, ListenerProtocol.HTTP)
+    out = plane_tcp_chains((http, PLAIN, own_tls, mtls), PLANE_SLA)
+    assert [lsn.name for lsn in out] == ["web", "db-mtls", "db~mtls", "own-tls~mtls"]  # xDS's TLS chains first
+    forced = plane_tls(PLANE_SLA)
+    assert out[0] is http and out[1] is mtls
+    assert all(lsn.tls == forced and lsn.transport_protocol == "tls" for lsn in out[2:])
+    assert out[3].server_names == ("api.example.com",)  # still selected by SNI, then terminated
+
+
+def test_permissive_adds_an_mtls_twin_and_keeps_plaintext() -> None:
+    own_tls = replace(PLAIN, name="own-tls", transport_protocol="tls")
+    out = plane_tcp_chains((PLAIN, own_tls), replace(PLANE_SLA, mtls="permissive"))
+    assert [(lsn.name, lsn.transport_protocol, lsn.tls is not None) for lsn in out] == [
+        ("db", "raw_buffer", False), ("own-tls", "tls", False), ("db~mtls", "tls", True)]  # fmt: skip
+
+
+def test_disable_terminates_no_tcp_chain_and_no_mode_changes_nothing() -> None:
+    mtls = replace(PLAIN, name="db-mtls", tls=XDS_TLS, transport_protocol="tls")
+    assert plane_tcp_chains((PLAIN, mtls), SLA(mtls="disable")) == (PLAIN, replace(mtls, tls=None))
+    assert plane_tcp_chains((PLAIN, mtls), SLA()) == (PLAIN, mtls)
+    assert plane_tcp_chains((PLAIN, mtls), None) == (PLAIN, mtls)
+
+
+@pytest.mark.parametrize(("mode", "verdict", "refused", "accepted"), [
+    ("strict", HTTP1, True, 0), ("strict", OPAQUE, True, 0), ("strict", Verdict(Kind.TLS), False, 0),
+    ("permissive", HTTP1, False, 1), ("permissive", Verdict(Kind.TLS), False, 0), ("", HTTP1, False, 0),
+    ("disable", OPAQUE, False, 0)])  # fmt: skip
+def test_the_sniffing_listener_refuses_plaintext_on_a_strict_plane(mode, verdict, refused, accepted) -> None:
+    stats = TlsStats()
+    assert plane_refuses(stats, mode, verdict, "198.18.1.2", 9000) is refused
+    assert (stats.plaintext_refused, stats.plaintext_accepted) == (int(refused), accepted)
