@@ -1,0 +1,117 @@
+"""A plane SLA's strict mTLS in the real data path: plane oam says `mtls: strict` (its certificate and roots over
+SDS from `planemesh xds-server --ca`, trust domain cluster.local) and sniffs undeclared ports; media says
+nothing. istiod-style `0.0.0.0_9000` (tcp_proxy to an ORIGINAL_DST cluster, which the kernel bypasses) applies to
+both planes: on media the eBPF program still bypasses it (plaintext gets the lab's TCP server), on oam it hands
+it to the plane's proxy, which refuses plaintext and terminates the mTLS client's connection before relaying its
+bytes. An undeclared HTTP port on oam is sniffed only inside mTLS: curl with a client certificate gets the lab's
+HTTP server, plaintext and another CA's client are refused; the agent keeps serving."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from planemesh.agent.demo import BYPASS_HTTP_PORT, TCP_PORT
+from planemesh.agent.identity.ca import key_pem, new_root, utcnow
+from planemesh.agent.identity.ca_files import write_root_ca
+from planemesh.model.static_config import default_config_text
+from tests.netns.agent_lab import eventually, running_agent
+from tests.netns.test_mtls_lab import CLIENT
+from tests.netns.test_sniff_mtls_lab import client
+
+pytestmark = pytest.mark.netns
+T = "type.googleapis.com/envoy."
+
+
+def resources() -> list[dict]:
+    tcp = {"name": "tcp", "typed_config": {"@type": T + "extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                                           "stat_prefix": "db", "cluster": "PassthroughCluster"}}  # fmt: skip
+    listener = {"@type": T + "config.listener.v3.Listener", "name": f"0.0.0.0_{TCP_PORT}",
+                "address": {"socket_address": {"address": "0.0.0.0", "port_value": TCP_PORT}},
+                "filter_chains": [{"filters": [tcp]}]}  # fmt: skip
+    passthrough = {"@type": T + "config.cluster.v3.Cluster", "name": "PassthroughCluster", "type": "ORIGINAL_DST",
+                   "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s"}  # fmt: skip
+    return [listener, passthrough]
+
+
+def planes() -> list[dict]:
+    out = yaml.safe_load(default_config_text())["planes"]
+    oam = next(p for p in out if p["name"] == "oam")
+    oam["undeclared"] = "sniff"
+    oam["sla"] = {**(oam.get("sla") or {}), "mtls": "strict", "mtls_trust_domain": "cluster.local"}
+    return out
+
+
+def tcp(env, plane: str, certs: Path, who: str | None, payload: str) -> bytes:
+    """The lab's TCP server on TCP_PORT answers `peer <address>` then echoes (tests/netns/sniff_mtls_client.py)."""
+    return client(env.client_ns, env.server(plane, 4), certs, who, "istio-peer-exchange", payload, TCP_PORT)
+
+
+def curl(env, certs: Path, who: str | None, scheme: str = "https") -> str:
+    auth = ["--cert", certs / f"{who}.pem", "--key", certs / f"{who}.key"] if who else []
+    url = f"{scheme}://{env.server('oam', 4)}:{BYPASS_HTTP_PORT}/sniffed"
+    argv = ["curl", "-sS", "-k", "--max-time", "5", *auth, url, "-o", "/dev/null", "-w", "%{http_code}"]
+    out = subprocess.run(["ip", "netns", "exec", env.client_ns, *argv], capture_output=True, text=True, check=False)
+    return out.stdout
+
+
+def test_strict_plane_takes_its_tcp_chain_from_the_kernel_bypass_and_requires_mtls(
+    run_prefix: str, tmp_path: Path
+) -> None:
+    root = new_root("cluster.local", now=utcnow())
+    ca_dir = tmp_path / "ca"
+    write_root_ca(ca_dir, root)
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name, ca in (("amf", root), ("foreign", new_root("cluster.local", now=utcnow()))):
+        issued = ca.issue(CLIENT, now=utcnow())
+        (certs / f"{name}.pem").write_bytes(issued.cert_chain_pem())
+        (certs / f"{name}.key").write_bytes(key_pem(issued.key))
+    res = tmp_path / "resources"
+    res.mkdir()
+    (res / "resources.yaml").write_text(yaml.safe_dump(resources()))
+    sock = tmp_path / "xds.sock"
+    boot = tmp_path / "bootstrap.yaml"
+    boot.write_text(yaml.safe_dump({
+        "node": {"id": "lab-node"}, "server": {"address": f"unix://{sock}"},
+        "timing": {"backoff_base_s": 0.1, "backoff_max_s": 0.5}, "planes": planes()}))  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "planemesh.agent.cli", "xds-server", "--resources", str(res), "--listen",
+         f"unix://{sock}", "--ca", str(ca_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert eventually(sock.exists, timeout=15), "xds-server did not start"
+        with running_agent(f"{run_prefix}p", ["--bootstrap", str(boot)]) as env:
+
+            def mtls_tcp() -> bytes:
+                return tcp(env, "oam", certs, "amf", "ping\\n")
+
+            assert eventually(lambda: mtls_tcp().endswith(b"ping\n"), 20, 0.3), mtls_tcp()
+            assert mtls_tcp().startswith(b"peer ")  # terminated by oam's proxy, relayed to the server pod
+            assert tcp(env, "oam", certs, None, "plain\\n") == b""  # plaintext: refused, nothing relayed
+            assert tcp(env, "oam", certs, "foreign", "ping\\n") == b""  # another CA
+            media = tcp(env, "media", certs, None, "plain\\n")  # media: the kernel's bypass, as before
+            assert media.startswith(b"peer ") and media.endswith(b"plain\n"), media
+            assert eventually(lambda: curl(env, certs, "amf") == "200", 10, 0.3), curl(env, certs, "amf")
+            assert curl(env, certs, None, "http") != "200"  # plaintext to a sniffed port of a strict plane
+            assert curl(env, certs, "foreign") != "200"
+            assert curl(env, certs, "amf") == "200"  # others unaffected
+
+            def oam_tls() -> dict:
+                _, stats = env.admin.get_json("/stats?format=json")
+                row = next((r for r in stats.get("tls", []) if r["plane"] == "oam"), {})
+                done = row.get("plaintext_refused", 0) >= 2 and row.get("peer_cert_refused", 0) >= 2
+                return row if done and row.get("handshakes", 0) >= 4 else {}
+
+            row = eventually(oam_tls, 10, 0.3)
+            assert row, env.admin.get_json("/stats?format=json")[1].get("tls")
+            media_tls = next((r for r in env.admin.get_json("/stats?format=json")[1].get("tls", [])
+                              if r["plane"] == "media"), {})  # fmt: skip
+            assert media_tls.get("handshakes", 0) == 0 and media_tls.get("plaintext_refused", 0) == 0
+            assert env.agent.poll() is None
+    finally:
+        server.kill()
+        server.wait()
