@@ -39,8 +39,8 @@ log = logging.getLogger("planemesh.proxy.tls")
 
 def mtls_decision(table: RoutingTable, dst: tuple[str, int], verdict: Verdict) -> TlsDecision | None:
     """The TLS context to terminate this ClientHello with: a sniffed listener's TLS chain whose ALPN the client
-    offered, else the plane's own mTLS (SLA strict / permissive: every ClientHello); None when neither (a
-    client's own TLS, passed through)."""
+    offered, else the plane's own mTLS (SLA strict: every ClientHello; permissive: every one but a client's own
+    TLS next to such a chain, which passes through as xDS says); None when neither (passed through)."""
     if verdict.kind is not Kind.TLS:
         return None
     routes = table.tls
@@ -49,6 +49,8 @@ def mtls_decision(table: RoutingTable, dst: tuple[str, int], verdict: Verdict) -
         wanted = decision.listener.application_protocols
         if not wanted or set(wanted) & set(verdict.alpn):
             return decision
+        if routes.mode != "strict":
+            return None
     return routes.plane_decision(dst[1])
 
 

@@ -133,6 +133,25 @@ def test_permissive_plane_sniffed_port_serves_mtls_and_plaintext(certs: Path) ->
     assert px.proxy.sniff_stats.inner_kinds["http1"] == 1 and len(backend.seen) == 2
 
 
+def test_permissive_plane_keeps_a_clients_own_tls_next_to_istios_mtls_chain(certs: Path) -> None:
+    """Permissive demands nothing: on istiod's auto-protocol port a ClientHello without istio's ALPN still passes
+    through to the application, as the xDS chains say; one offering it is terminated."""
+    plain = Listener("inbound-auto", PLANE, 0, ListenerProtocol.HTTP, route_config="rc", sniff=True,
+                     transport_protocol="raw_buffer")  # fmt: skip
+    twin = replace(plain, name="inbound-auto-mtls", tls=replace(TLS, cert="ran-cert", trust="ran-roots", san=()),
+                   transport_protocol="tls", application_protocols=ISTIO_ALPN)  # fmt: skip
+    with Upstream() as app:
+        port = app.addr[1]
+        with plane(PERMISSIVE, (replace(plain, port=port), replace(twin, port=port))) as px:
+            px.target = app.addr
+            call(px, amf(certs), b"ping")  # its own TLS: the application is no TLS server, the handshake fails there
+            istio = amf(certs)
+            istio.set_alpn_protocols(["istio-peer-exchange"])
+            assert call(px, istio, b"ping") == b"echo:ping"  # terminated, relayed decrypted
+    assert app.seen[0][:1] == b"\x16" and app.seen[1] == b"ping"
+    assert px.proxy.tls_stats.handshakes == 1
+
+
 def test_disable_plane_passes_tls_through_a_sniffed_mtls_chain(certs: Path) -> None:
     twin = Listener("inbound-auto-mtls", PLANE, PORT, ListenerProtocol.HTTP, route_config="rc", sniff=True,
                     tls=replace(TLS, cert="ran-cert", trust="ran-roots", san=()), transport_protocol="tls")  # fmt: skip
