@@ -10,7 +10,7 @@ from planemesh.agent.proxy.balancer import Balancer
 from planemesh.agent.proxy.filters import LocalRateLimiter
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.sni_routing import SniRoutes
-from planemesh.agent.proxy.tls import TlsRoutes, plane_tcp_chains
+from planemesh.agent.proxy.tls import TlsRoutes, plane_tcp_chains, unguarded_twins
 from planemesh.model.config import Route, Snapshot
 
 
@@ -34,7 +34,8 @@ class RoutingTable:
         self.route_limiters: dict[int, LocalRateLimiter] = {}  # id(route) -> its bucket (routes live as long)
         self.router = PlaneRouter(snapshot, plane, previous.router if previous is not None else None)
         # passthrough chains (sniff listener), as the plane's mTLS mode makes them (tls.py plane_tcp_chains)
-        self.sni = SniRoutes(plane_tcp_chains(snapshot.listeners_of(plane), self.tls.sla))
+        chains = plane_tcp_chains(snapshot.listeners_of(plane), self.tls.sla)
+        self.sni = SniRoutes(chains, unguarded_twins(chains, self.tls.sla))
         self.balancer = Balancer(snapshot, clock=clock)  # outlier ejection follows the proxy's clock
 
     def route_limiter(self, route: Route) -> LocalRateLimiter:

@@ -43,6 +43,7 @@ HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by 
 PEEK_TIMEOUT_S = 10.0  # first byte of a connection to a TLS port; Envoy's listener_filters_timeout is 15 s
 TLS_HANDSHAKE_RECORD = 0x16
 DECISIONS_KEPT = 4096  # (original destination, port) -> chain decisions kept per snapshot
+PLANE_CHAIN = "~mtls"  # name suffix of the chains a plane's SLA mTLS adds (plane_tcp_chains, _with_plane_tls)
 
 
 class TlsStats:
@@ -99,7 +100,7 @@ class TlsRoutes:
         self.plane_chain: Listener | None = None
         if (forced := plane_tls(sla)) is not None:
             self.ports = {p: _with_plane_tls(ls, forced) for p, ls in self.ports.items()}
-            self.plane_chain = Listener(f"{plane}~mtls", plane, 0, ListenerProtocol.HTTP, sniff=True, tls=forced,
+            self.plane_chain = Listener(plane + PLANE_CHAIN, plane, 0, ListenerProtocol.HTTP, sniff=True, tls=forced,
                                         transport_protocol="tls")  # fmt: skip
         self.ports = {p: ls for p, ls in self.ports.items() if any(lsn.tls is not None for lsn in ls)}
         chains = [lsn for ls in self.ports.values() for lsn in ls if lsn.tls is not None]
@@ -188,7 +189,7 @@ def _with_plane_tls(listeners: list[Listener], forced: TlsContext) -> list[Liste
     plane's context; chains that terminate TLS already keep theirs."""
     tls_dests = {lsn.prefixes for lsn in listeners if lsn.tls is not None}
     added = [
-        replace(lsn, name=f"{lsn.name}~mtls", tls=forced, transport_protocol="tls")
+        replace(lsn, name=lsn.name + PLANE_CHAIN, tls=forced, transport_protocol="tls")
         for lsn in listeners
         if lsn.tls is None and lsn.prefixes not in tls_dests
     ]
@@ -221,7 +222,17 @@ def plane_tcp_chains(listeners: Iterable[Listener], sla: object) -> tuple[Listen
 
 
 def _plane_chain(lsn: Listener, forced: TlsContext) -> Listener:
-    return replace(lsn, name=f"{lsn.name}~mtls", tls=forced, transport_protocol="tls")
+    return replace(lsn, name=lsn.name + PLANE_CHAIN, tls=forced, transport_protocol="tls")
+
+
+def unguarded_twins(chains: Iterable[Listener], sla: object) -> frozenset[str]:
+    """A permissive plane's mTLS twins: their TLS does not make a port refuse what no chain takes
+    (sni_routing.SniRoutes.guarded), so plaintext and other TLS reach their original destinations as before."""
+    if getattr(sla, "mtls", "") != "permissive":
+        return frozenset()
+    return frozenset(
+        lsn.name for lsn in chains if lsn.protocol is ListenerProtocol.TCP and lsn.name.endswith(PLANE_CHAIN)
+    )
 
 
 def _subject(ssl_object: TlsPeerView) -> str:

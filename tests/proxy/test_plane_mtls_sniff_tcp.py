@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from netaddr import IPNetwork
 
 from planemesh.agent.identity.ca import key_pem, new_root
 from planemesh.agent.identity.spiffe import parse_spiffe_id
@@ -194,6 +195,22 @@ def test_permissive_plane_tcp_proxy_chain_serves_both(certs: Path) -> None:
     assert upstream.seen == [b"ping", b"pong"]  # both in plaintext upstream
     assert px.proxy.tls_stats.handshakes == 1
     assert px.proxy.sniff_stats.routed == {"db~mtls": {"(none)": 1}, "db": {"(none)": 1}}
+
+
+@pytest.mark.parametrize("sla", [PERMISSIVE, STRICT])
+def test_a_destination_no_chain_takes_passes_on_permissive_and_is_refused_on_strict(certs: Path, sla: SLA) -> None:
+    """A chain for another destination of the same port (istiod's per-service chains) and a connection to an
+    address none of them holds: permissive passes it to its original destination as before; strict refuses it."""
+    with Upstream() as upstream:
+        listeners, clusters = tcp_chain(upstream)
+        scoped = replace(listeners[0], port=upstream.addr[1], prefixes=(IPNetwork("198.18.1.20/32"),))
+        with plane(sla, (scoped,), clusters) as px:
+            px.target = upstream.addr  # 127.0.0.1: not the chain's destination
+            got = call(px, None, b"pong")
+    if sla is PERMISSIVE:
+        assert got == b"echo:pong" and upstream.seen == [b"pong"]
+    else:
+        assert got in (b"", b"<refused>") and upstream.seen == [] and px.proxy.tls_stats.plaintext_refused == 1
 
 
 def test_disable_plane_relays_a_tls_chain_without_terminating_it(certs: Path) -> None:
