@@ -24,6 +24,9 @@ from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, plan
 from planemesh.xds.per_resource import translate_update
 from planemesh.xds.sds import root_secret, tls_certificate_secret
 from planemesh.xds.translate import translate
+from tests.unit.test_tcp_bypass_rule import CASES as BYPASS_CASES
+from tests.unit.test_tcp_bypass_rule import PORT as BYPASS_PORT
+from tests.unit.test_xds_istio_translate import run
 from tests.unit.test_xds_translate import PASS, to_resources
 
 pytestmark = pytest.mark.unit
@@ -132,3 +135,16 @@ def test_the_sniffing_listener_refuses_plaintext_on_a_strict_plane(mode, verdict
     stats = TlsStats()
     assert plane_refuses(stats, mode, verdict, "198.18.1.2", 9000) is refused
     assert (stats.plaintext_refused, stats.plaintext_accepted) == (int(refused), accepted)
+
+
+@pytest.mark.parametrize("case", ["own service", "passthrough cluster", "endpoints hold the destination"])
+def test_istiods_bypassed_chains_are_the_proxys_on_a_strict_plane(case: str) -> None:
+    """istiod's own-service VIP chains (kube-dns:53, kubernetes:443...), ORIGINAL_DST and endpoint-held chains
+    are bypassed in the kernel, except on a plane whose SLA says strict."""
+    docs, dst, action = BYPASS_CASES[case]
+    snap, _notes = run(docs)
+    prefix = dst if "/" in dst else f"{dst}/32"
+    assert action is Action.BYPASS and policy_from_snapshot(snap).rules[PolicyRule(1, BYPASS_PORT, prefix)] is action
+    first, *rest = snap.planes
+    strict = replace(snap, planes=(replace(first, sla=replace(first.sla, mtls="strict")), *rest))
+    assert policy_from_snapshot(strict).rules[PolicyRule(1, BYPASS_PORT, prefix)] is Action.SNIFF
