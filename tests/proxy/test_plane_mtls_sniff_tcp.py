@@ -232,5 +232,9 @@ def test_a_strict_refusal_leaves_the_listener_serving(certs: Path) -> None:
             assert call(px, None, REQUEST) in (b"", b"<refused>")
         with socket.create_connection(("127.0.0.1", px.port), timeout=5):
             pass  # closed before a byte
+        assert call(px, None, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") in (b"", b"<refused>")  # h2 prior knowledge
+        cut = bytes.fromhex("160301020001")  # a ClientHello cut short, then silence: not TLS once the sniff times out
+        assert call(px, None, cut) in (b"", b"<refused>")
         assert call(px, amf(certs), REQUEST).startswith(b"HTTP/1.1 200")
-    assert px.proxy.tls_stats.plaintext_refused >= 20
+        assert [p for _m, p, _h in backend.seen] == ["/sniffed"]
+    assert px.proxy.tls_stats.plaintext_refused >= 23 and px.proxy.tls_stats.handshakes == 1
