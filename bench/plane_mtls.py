@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import re
 import signal
 import subprocess
@@ -32,6 +31,7 @@ import yaml
 
 from bench.proxy_loopback import free_port, start_nginx, wait_port
 from bench.tls import ENVOY, ROOT, T, cpu_s, s_time_cmd, stop, write_certs
+from bench.tls import envoy_config as tls_envoy_config
 from tests.support.procs import dev_module_argv
 
 
@@ -68,33 +68,12 @@ def serve_planemesh(port: int, upstream: int, certs: Path, mode: str) -> None:
 
 
 def envoy_config(port: int, upstream: int, certs: Path, admin: int) -> dict:
-    def inline(name: str) -> dict:
-        return {"inline_bytes": base64.b64encode((certs / name).read_bytes()).decode()}
-
-    common = {
-        "tls_certificates": [{"certificate_chain": inline("server.pem"), "private_key": inline("server.key")}],
-        "validation_context": {"trusted_ca": inline("root.pem")},
-    }
+    """bench/tls.py's mTLS listener with tcp_proxy to nginx instead of the HTTP connection manager."""
+    cfg = tls_envoy_config(port, upstream, certs, True, admin)
     tcp = {"@type": T + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": "t",
            "cluster": "nginx"}  # fmt: skip
-    listener = {
-        "name": "mtls",
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        "filter_chains": [{
-            "transport_socket": {"name": "tls", "typed_config": {
-                "@type": T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                "require_client_certificate": True, "common_tls_context": common}},
-            "filters": [{"name": "tcp", "typed_config": tcp}]}],
-    }  # fmt: skip
-    cluster = {
-        "name": "nginx", "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "nginx", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-            "socket_address": {"address": "127.0.0.1", "port_value": upstream}}}}]}]},
-    }  # fmt: skip
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {"listeners": [listener], "clusters": [cluster]},
-    }
+    cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"] = [{"name": "tcp", "typed_config": tcp}]
+    return cfg
 
 
 def start(kind: str, port: int, upstream: int, work: Path) -> subprocess.Popen:

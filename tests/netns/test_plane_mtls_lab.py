@@ -9,17 +9,15 @@ HTTP server, plaintext and another CA's client are refused; the agent keeps serv
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from planemesh.agent.demo import BYPASS_HTTP_PORT, TCP_PORT
-from planemesh.agent.identity.ca import key_pem, new_root, utcnow
-from planemesh.agent.identity.ca_files import write_root_ca
+from planemesh.agent.identity.ca import new_root, utcnow
 from planemesh.model.static_config import default_config_text
-from tests.netns.agent_lab import eventually, running_agent
+from tests.netns.agent_lab import ca_xds_server, eventually, running_agent, write_client_certs
 from tests.netns.test_mtls_lab import CLIENT
 from tests.netns.test_sniff_mtls_lab import client
 
@@ -62,28 +60,13 @@ def curl(env, certs: Path, who: str | None, scheme: str = "https") -> str:
 def test_strict_plane_takes_its_tcp_chain_from_the_kernel_bypass_and_requires_mtls(
     run_prefix: str, tmp_path: Path
 ) -> None:
-    root = new_root("cluster.local", now=utcnow())
-    ca_dir = tmp_path / "ca"
-    write_root_ca(ca_dir, root)
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    for name, ca in (("amf", root), ("foreign", new_root("cluster.local", now=utcnow()))):
-        issued = ca.issue(CLIENT, now=utcnow())
-        (certs / f"{name}.pem").write_bytes(issued.cert_chain_pem())
-        (certs / f"{name}.key").write_bytes(key_pem(issued.key))
-    res = tmp_path / "resources"
-    res.mkdir()
-    (res / "resources.yaml").write_text(yaml.safe_dump(resources()))
-    sock = tmp_path / "xds.sock"
-    boot = tmp_path / "bootstrap.yaml"
-    boot.write_text(yaml.safe_dump({
-        "node": {"id": "lab-node"}, "server": {"address": f"unix://{sock}"},
-        "timing": {"backoff_base_s": 0.1, "backoff_max_s": 0.5}, "planes": planes()}))  # fmt: skip
-    server = subprocess.Popen(
-        [sys.executable, "-m", "planemesh.agent.cli", "xds-server", "--resources", str(res), "--listen",
-         f"unix://{sock}", "--ca", str(ca_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        assert eventually(sock.exists, timeout=15), "xds-server did not start"
+    with ca_xds_server(tmp_path, resources()) as (sock, root):
+        other_ca = new_root("cluster.local", now=utcnow())
+        certs = write_client_certs(tmp_path / "certs", {"amf": (root, CLIENT), "foreign": (other_ca, CLIENT)})
+        boot = tmp_path / "bootstrap.yaml"
+        boot.write_text(yaml.safe_dump({
+            "node": {"id": "lab-node"}, "server": {"address": f"unix://{sock}"},
+            "timing": {"backoff_base_s": 0.1, "backoff_max_s": 0.5}, "planes": planes()}))  # fmt: skip
         with running_agent(f"{run_prefix}p", ["--bootstrap", str(boot)]) as env:
 
             def mtls_tcp() -> bytes:
@@ -112,6 +95,3 @@ def test_strict_plane_takes_its_tcp_chain_from_the_kernel_bypass_and_requires_mt
                               if r["plane"] == "media"), {})  # fmt: skip
             assert media_tls.get("handshakes", 0) == 0 and media_tls.get("plaintext_refused", 0) == 0
             assert env.agent.poll() is None
-    finally:
-        server.kill()
-        server.wait()
