@@ -124,7 +124,7 @@ def _tls_failure(details: str | None) -> bool:
     return any(word in text for word in ("ssl", "handshake", "certificate", "tls"))
 
 
-def _client_state(bootstrap: Bootstrap) -> AdsClientState:
+def ads_state(bootstrap: Bootstrap) -> AdsClientState:
     """The ADS state machine for `bootstrap`, subscribed to the Secrets its planes' mTLS needs (the CSR flow's
     `default`/`ROOTCA` are local, not the server's)."""
     local = {WORKLOAD_SECRET, ROOT_SECRET} if bootstrap.ca is not None and bootstrap.identity is not None else set()
@@ -153,7 +153,7 @@ class XdsClient:
         self._queue: asyncio.Queue[Any] | None = None  # the live stream's inbox
         self._reconfigured = asyncio.Event()
         self._pending: Bootstrap | None = None  # reconfigure()'s bootstrap, not adopted yet
-        self.state = _client_state(bootstrap)
+        self.state = ads_state(bootstrap)
         self.backoff = Backoff(bootstrap.backoff_base_s, bootstrap.backoff_max_s, rng)
         self.snapshot: Snapshot | None = None
         self.streams = 0
@@ -227,7 +227,7 @@ class XdsClient:
 
     def _adopt(self, bootstrap: Bootstrap) -> None:
         self.bootstrap = bootstrap
-        self.state = _client_state(bootstrap)
+        self.state = ads_state(bootstrap)
         self.backoff = Backoff(bootstrap.backoff_base_s, bootstrap.backoff_max_s, self._rng)
         self.translation_cache = TranslationCache()  # the planes may have changed: translation depends on them
         self.last_error = None

@@ -21,9 +21,11 @@ from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Weig
 from planemesh.model.planes import SLA
 from planemesh.model.static_config import default_config_text, snapshot_from_dict
 from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, plane_tls
+from planemesh.xds.bootstrap import bootstrap_from_dict
 from planemesh.xds.per_resource import translate_update
 from planemesh.xds.sds import root_secret, tls_certificate_secret
 from planemesh.xds.translate import translate
+from planemesh.xds.transport import ads_state
 from tests.unit.test_tcp_bypass_rule import CASES as BYPASS_CASES
 from tests.unit.test_tcp_bypass_rule import PORT as BYPASS_PORT
 from tests.unit.test_xds_istio_translate import run
@@ -148,3 +150,14 @@ def test_istiods_bypassed_chains_are_the_proxys_on_a_strict_plane(case: str) -> 
     first, *rest = snap.planes
     strict = replace(snap, planes=(replace(first, sla=replace(first.sla, mtls="strict")), *rest))
     assert policy_from_snapshot(strict).rules[PolicyRule(1, BYPASS_PORT, prefix)] is Action.SNIFF
+
+
+def test_the_xds_client_subscribes_to_the_planes_secrets_unless_the_csr_flow_makes_them() -> None:
+    raw = yaml.safe_load(default_config_text())
+    raw["planes"][0]["sla"] = {"mtls": "strict", "mtls_cert": "oam-cert", "mtls_trust": "oam-roots"}
+    raw["planes"][1]["sla"] = {"mtls": "permissive"}
+    boot = {"node": {"id": "n", "metadata": {"NAMESPACE": "lab", "SERVICE_ACCOUNT": "agent"}},
+            "server": {"address": "unix:///nonexistent"}, "planes": raw["planes"]}  # fmt: skip
+    assert ads_state(bootstrap_from_dict(boot)).pinned_secrets == {"oam-cert", "oam-roots", "default", "ROOTCA"}
+    csr = ads_state(bootstrap_from_dict({**boot, "ca": {"ttl_s": 3600}}))
+    assert csr.pinned_secrets == {"oam-cert", "oam-roots"}  # `default`/`ROOTCA` are the agent's own there
