@@ -32,6 +32,7 @@ from planemesh.model.config import (
     ListenerProtocol,
     RouteConfig,
     Snapshot,
+    TrafficDirection,
     UpgradeConfig,
     WeightedCluster,
 )
@@ -55,6 +56,7 @@ from planemesh.xds.translate_common import (
     parse_ip,
     planemesh_metadata,
     socket_address,
+    traffic_direction,
     type_name,
 )
 from planemesh.xds.translate_filters import http_filters, network_filter
@@ -79,7 +81,6 @@ _LISTENER_HARMLESS = {
     "metadata",
     "transparent",
     "freebind",
-    "traffic_direction",
     "access_log",
     "per_connection_buffer_limit_bytes",
     "listener_filters_timeout",
@@ -92,6 +93,7 @@ _LISTENER_HARMLESS = {
 _ORIGINAL_DST = _EXT + "filters.listener.original_dst.v3.OriginalDst"
 _LISTENER_CHECKED = {"address", "filter_chains", "default_filter_chain", "listener_filters", "use_original_dst"}
 _LISTENER_CHECKED |= {"internal_listener"}  # xds/translate_internal.py
+_LISTENER_CHECKED |= {"traffic_direction"}  # a plane's SLA mTLS leaves OUTBOUND chains alone
 _LISTENER_IGNORED = {
     "additional_addresses": "the [::] twin of a 0.0.0.0 listener: planemesh intercepts both families alike",
     "connection_balance_config": "the kernel spreads accepted connections over a plane's workers",
@@ -189,6 +191,7 @@ class _Where:
     port: int
     vip: tuple[IPNetwork, ...]  # a non-binding listener's own address: the destination it serves
     capture: bool  # istiod's virtualInbound: chains are matched on the original destination
+    direction: TrafficDirection = TrafficDirection.UNSPECIFIED  # the listener's traffic_direction
 
 
 def _prefixes(m, path: str) -> list[IPNetwork]:
@@ -329,6 +332,7 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
             network_rbac=tuple(network_rbac),
             application_protocols=alpn,
             own_service=term.own_service,
+            direction=where.direction,
         )
         for plane in where.planes
     ]
@@ -406,7 +410,7 @@ def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str
     vip = () if binds or ip in ("0.0.0.0", "::") else (IPNetwork(ip).cidr,)
     # istiod's virtualInbound: original_dst plus chains for other destination ports than its own.
     capture = capture and binds and any(_other_port(c, port) for c in chains)
-    where = _Where(planes=mine, port=port, vip=vip, capture=capture)
+    where = _Where(planes=mine, port=port, vip=vip, capture=capture, direction=traffic_direction(listener, path))
     out: list[Listener] = []
     paths: list[str] = []
     names: set[str] = set()

@@ -40,18 +40,20 @@ log = logging.getLogger("planemesh.proxy.tls")
 def mtls_decision(table: RoutingTable, dst: tuple[str, int], verdict: Verdict) -> TlsDecision | None:
     """The TLS context to terminate this ClientHello with: a sniffed listener's TLS chain whose ALPN the client
     offered, else the plane's own mTLS (SLA strict: every ClientHello; permissive: every one but a client's own
-    TLS next to such a chain, which passes through as xDS says); None when neither (passed through)."""
+    TLS next to such a chain, which passes through as xDS says; neither to an OUTBOUND listener's destination,
+    TlsRoutes.mode_for); None when neither (passed through)."""
     if verdict.kind is not Kind.TLS:
         return None
     routes = table.tls
     decision = routes.decide(*dst) if routes.ports else None
+    mode = routes.mode_for(*dst)
     if decision is not None and decision.listener.sniff:
         wanted = decision.listener.application_protocols
         if not wanted or set(wanted) & set(verdict.alpn):
             return decision
-        if routes.mode != "strict":
+        if mode != "strict":
             return None
-    return routes.plane_decision(dst[1])
+    return routes.plane_decision(dst[1]) if mode else None
 
 
 def plane_refuses(stats: TlsStats, mode: str, verdict: Verdict, where: str, port: int) -> bool:

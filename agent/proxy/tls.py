@@ -30,7 +30,7 @@ from planemesh.agent.proxy.routing import parse_ip
 from planemesh.agent.proxy.tls_context import peer_sans, uri_of
 from planemesh.agent.proxy.xfcc import connection_xfcc, element
 from planemesh.agent.tls.failure import TlsFailure
-from planemesh.model.config import Listener, ListenerProtocol, Snapshot
+from planemesh.model.config import Listener, ListenerProtocol, Snapshot, TrafficDirection
 from planemesh.model.tls_config import TlsContext, TrustSecret, plane_tls, san_accepts
 
 if TYPE_CHECKING:
@@ -93,9 +93,14 @@ class TlsRoutes:
         sla = next((p.sla for p in snapshot.planes if p.name == plane), None)
         self.sla = sla
         self.mode = sla.mtls if sla is not None else ""  # the plane SLA's mTLS mode (model/planes.py)
-        for lsn in snapshot.listeners_of(plane):
-            if lsn.protocol is ListenerProtocol.HTTP and not (self.mode == "disable" and lsn.tls is not None):
+        http = [lsn for lsn in snapshot.listeners_of(plane) if lsn.protocol is ListenerProtocol.HTTP]
+        for lsn in http:
+            if not (self.mode == "disable" and lsn.tls is not None and governed(lsn)):
                 self.ports.setdefault(lsn.port, []).append(lsn)
+        # HTTP listeners of the ports where some is OUTBOUND: the mode skips those destinations (mode_for)
+        outbound_ports = {lsn.port for lsn in http if not governed(lsn)} if self.mode else set()
+        self._outbound = {port: [lsn for lsn in http if lsn.port == port] for port in outbound_ports}
+        self._modes: dict[tuple[str, int], str] = {}
         # The plane's own chain: what its sniffing listener terminates where no xDS chain does (sniff_tls.py)
         self.plane_chain: Listener | None = None
         if (forced := plane_tls(sla)) is not None:
@@ -137,26 +142,33 @@ class TlsRoutes:
         decision = self._decided[key] = self._decide(ip, port)
         return decision
 
+    def mode_for(self, ip: str, port: int) -> str:
+        """The plane's mTLS mode for a sniffed connection to (ip, port): "" where the destination's most
+        specific HTTP listener is OUTBOUND (a local pod's own egress, originated per its cluster), else the
+        plane's. Kept per (address, port) like decide()."""
+        if port not in self._outbound:
+            return self.mode
+        key = (ip, port)
+        mode = self._modes.get(key)
+        if mode is None:
+            if len(self._modes) >= DECISIONS_KEPT:
+                self._modes.clear()
+            best = most_specific(self._outbound[port], ip)
+            mode = self._modes[key] = "" if best and not any(governed(lsn) for lsn in best) else self.mode
+        return mode
+
     def _decide(self, ip: str, port: int) -> TlsDecision | None:
-        listeners = self.ports[port]
-        addr = parse_ip(ip)
-        best: list[Listener] = []
-        best_len = -1
-        for lsn in listeners:
-            lengths = [n.prefixlen for n in lsn.prefixes if n.version == addr.version and addr in n]
-            length = max(lengths) if lengths else (0 if not lsn.prefixes else -1)
-            if length > best_len:
-                best, best_len = [lsn], length
-            elif length == best_len and length >= 0:
-                best.append(lsn)
+        best = most_specific(self.ports[port], ip)
         tls_chain = next((lsn for lsn in best if lsn.tls is not None), None)
         if tls_chain is None:
             return None
         tls = tls_chain.tls
         assert tls is not None
         plaintext = any(lsn.tls is None and lsn.transport_protocol != "tls" for lsn in best)
-        if self.mode:  # the plane's SLA decides over the chains (strict: never plaintext; permissive: both)
-            plaintext = self.mode == "permissive"
+        if self.mode and any(governed(lsn) for lsn in best):
+            # the plane's SLA decides over its chains (strict: never plaintext; permissive: both); an OUTBOUND
+            # plaintext chain of the same destination keeps taking plaintext
+            plaintext = self.mode == "permissive" or any(lsn.tls is None and not governed(lsn) for lsn in best)
         context = self._context(tls_chain)
         if context is None:  # its context could not be built (logged): TLS here is refused
             context = _refusing()
@@ -184,14 +196,35 @@ class TlsRoutes:
         return None
 
 
+def governed(lsn: Listener) -> bool:
+    """The plane's SLA mTLS mode applies to this chain: its listener is not OUTBOUND (Istio's PeerAuthentication
+    governs inbound traffic; a pod's outbound connections are originated per their cluster, xds/translate_mtls.py)."""
+    return lsn.direction is not TrafficDirection.OUTBOUND
+
+
+def most_specific(listeners: Iterable[Listener], ip: str) -> list[Listener]:
+    """The listeners whose destination prefixes match `ip` most specifically (no prefixes: any, length 0)."""
+    addr = parse_ip(ip)
+    best: list[Listener] = []
+    best_len = -1
+    for lsn in listeners:
+        lengths = [n.prefixlen for n in lsn.prefixes if n.version == addr.version and addr in n]
+        length = max(lengths) if lengths else (0 if not lsn.prefixes else -1)
+        if length > best_len:
+            best, best_len = [lsn], length
+        elif length == best_len and length >= 0:
+            best.append(lsn)
+    return best
+
+
 def _with_plane_tls(listeners: list[Listener], forced: TlsContext) -> list[Listener]:
     """A plane requiring mTLS: every destination (port, prefixes) without a TLS chain gets one with the
-    plane's context; chains that terminate TLS already keep theirs."""
+    plane's context; chains that terminate TLS already keep theirs, and OUTBOUND ones are left as they are."""
     tls_dests = {lsn.prefixes for lsn in listeners if lsn.tls is not None}
     added = [
         replace(lsn, name=lsn.name + PLANE_CHAIN, tls=forced, transport_protocol="tls")
         for lsn in listeners
-        if lsn.tls is None and lsn.prefixes not in tls_dests
+        if lsn.tls is None and governed(lsn) and lsn.prefixes not in tls_dests
     ]
     return listeners + added
 
@@ -202,15 +235,16 @@ def plane_tcp_chains(listeners: Iterable[Listener], sla: object) -> tuple[Listen
     chain: refused, `plaintext_refused`); xDS's own TLS chains come first, so they win a tie. permissive: a
     chain without TLS (and not one for a client's own TLS) takes plaintext only, and a twin terminating the
     plane's mTLS is appended last. disable: no chain terminates TLS (its bytes are relayed as they are).
-    No mode: as xDS says. HTTP listeners are returned unchanged."""
+    No mode: as xDS says. HTTP listeners and OUTBOUND chains (governed()) are returned unchanged."""
     mode = getattr(sla, "mtls", "")
     listeners = tuple(listeners)
+    tcp = {id(lsn) for lsn in listeners if lsn.protocol is ListenerProtocol.TCP and governed(lsn)}
     if mode == "disable":
-        return tuple(replace(lsn, tls=None) if lsn.protocol is ListenerProtocol.TCP else lsn for lsn in listeners)
+        return tuple(replace(lsn, tls=None) if id(lsn) in tcp else lsn for lsn in listeners)
     forced = plane_tls(sla)
     if forced is None:
         return listeners
-    plain = {id(lsn) for lsn in listeners if lsn.protocol is ListenerProtocol.TCP and lsn.tls is None}
+    plain = {id(lsn) for lsn in listeners if id(lsn) in tcp and lsn.tls is None}
     if mode == "strict":
         kept = tuple(lsn for lsn in listeners if id(lsn) not in plain)
         return kept + tuple(_plane_chain(lsn, forced) for lsn in listeners if id(lsn) in plain)
