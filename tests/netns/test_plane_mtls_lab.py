@@ -3,7 +3,8 @@ SDS from `planemesh xds-server --ca`, trust domain cluster.local) and sniffs und
 nothing. istiod-style `0.0.0.0_9000` (tcp_proxy to an ORIGINAL_DST cluster, which the kernel bypasses) applies to
 both planes: on media the eBPF program still bypasses it (plaintext gets the lab's TCP server), on oam it hands
 it to the plane's proxy, which refuses plaintext and terminates the mTLS client's connection before relaying its
-bytes. An undeclared HTTP port on oam is sniffed only inside mTLS: curl with a client certificate gets the lab's
+bytes; istiod-style `0.0.0.0_9001` with traffic_direction OUTBOUND (a pod's egress) keeps the bypass and plaintext on
+oam. An undeclared HTTP port on oam is sniffed only inside mTLS: curl with a client certificate gets the lab's
 HTTP server, plaintext and another CA's client are refused; the agent keeps serving."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planemesh.agent.demo import BYPASS_HTTP_PORT, TCP_PORT
+from planemesh.agent.demo import BYPASS_HTTP_PORT, TCP_PORT, UNDECLARED_TCP_PORT
 from planemesh.agent.identity.ca import new_root, utcnow
 from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import ca_xds_server, eventually, running_agent, write_client_certs
@@ -33,7 +34,10 @@ def resources() -> list[dict]:
                 "filter_chains": [{"filters": [tcp]}]}  # fmt: skip
     passthrough = {"@type": T + "config.cluster.v3.Cluster", "name": "PassthroughCluster", "type": "ORIGINAL_DST",
                    "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s"}  # fmt: skip
-    return [listener, passthrough]
+    # a pod's egress through istiod's outbound listener: not the strict plane's to demand mTLS from (bypassed)
+    egress = {**listener, "name": f"0.0.0.0_{UNDECLARED_TCP_PORT}", "traffic_direction": "OUTBOUND",
+              "address": {"socket_address": {"address": "0.0.0.0", "port_value": UNDECLARED_TCP_PORT}}}  # fmt: skip
+    return [listener, egress, passthrough]
 
 
 def planes() -> list[dict]:
@@ -44,9 +48,9 @@ def planes() -> list[dict]:
     return out
 
 
-def tcp(env, plane: str, certs: Path, who: str | None, payload: str) -> bytes:
+def tcp(env, plane: str, certs: Path, who: str | None, payload: str, port: int = TCP_PORT) -> bytes:
     """The lab's TCP server on TCP_PORT answers `peer <address>` then echoes (tests/netns/sniff_mtls_client.py)."""
-    return client(env.client_ns, env.server(plane, 4), certs, who, "istio-peer-exchange", payload, TCP_PORT)
+    return client(env.client_ns, env.server(plane, 4), certs, who, "istio-peer-exchange", payload, port)
 
 
 def curl(env, certs: Path, who: str | None, scheme: str = "https") -> str:
@@ -76,6 +80,10 @@ def test_strict_plane_takes_its_tcp_chain_from_the_kernel_bypass_and_requires_mt
             assert mtls_tcp().startswith(b"peer ")  # terminated by oam's proxy, relayed to the server pod
             assert tcp(env, "oam", certs, None, "plain\\n") == b""  # plaintext: refused, nothing relayed
             assert tcp(env, "oam", certs, "foreign", "ping\\n") == b""  # another CA
+            # an OUTBOUND listener (a pod's egress): plaintext as before, bypassed in the kernel (the server sees the
+            # client's own address; the proxy's relay comes from the node's)
+            egress = tcp(env, "oam", certs, None, "egress\\n", UNDECLARED_TCP_PORT)
+            assert egress == f"peer {env.client('oam', 4)}\negress\n".encode(), egress
             media = tcp(env, "media", certs, None, "plain\\n")  # media: the kernel's bypass, as before
             assert media.startswith(b"peer ") and media.endswith(b"plain\n"), media
             assert eventually(lambda: curl(env, certs, "amf") == "200", 10, 0.3), curl(env, certs, "amf")
