@@ -10,6 +10,8 @@ from types import MappingProxyType
 import pytest
 import yaml
 
+from planemesh.agent.agent_options import AgentOptions
+from planemesh.agent.daemon import load_snapshot
 from planemesh.agent.identity.ca import new_root, utcnow
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.agent.proxy.sniff import HTTP1, OPAQUE, Kind, Verdict
@@ -19,7 +21,7 @@ from planemesh.ebpf.abi import Action
 from planemesh.ebpf.policy import PolicyRule, needs_sniff_listener, policy_from_snapshot, strict_planes
 from planemesh.model.config import ConfigError, Listener, ListenerProtocol, WeightedCluster
 from planemesh.model.planes import SLA
-from planemesh.model.static_config import default_config_text, snapshot_from_dict
+from planemesh.model.static_config import default_config_text, load_static_config, snapshot_from_dict
 from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret, plane_tls
 from planemesh.xds.bootstrap import bootstrap_from_dict
 from planemesh.xds.per_resource import translate_update
@@ -161,3 +163,21 @@ def test_the_xds_client_subscribes_to_the_planes_secrets_unless_the_csr_flow_mak
     assert ads_state(bootstrap_from_dict(boot)).pinned_secrets == {"oam-cert", "oam-roots", "default", "ROOTCA"}
     csr = ads_state(bootstrap_from_dict({**boot, "ca": {"ttl_s": 3600}}))
     assert csr.pinned_secrets == {"oam-cert", "oam-roots"}  # `default`/`ROOTCA` are the agent's own there
+
+
+@pytest.mark.parametrize("mode", ["strict", "permissive"])
+def test_a_static_config_cannot_give_a_plane_requiring_mtls_its_secrets(tmp_path, mode: str) -> None:
+    """Without xDS nothing brings the plane's Secrets: the agent refuses the file by name at load (before, every
+    connection of the plane was refused silently). Its planes alone stay valid for a bootstrap's SDS."""
+    raw = yaml.safe_load(default_config_text())
+    raw["planes"][1]["sla"] = {"mtls": mode, "mtls_cert": "media-cert"}
+    path = tmp_path / "static.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"^planes\[1\]\.sla\.mtls_cert: plane 'media' requires mTLS .*no Secret "
+                                          r"'media-cert' \(serve it over xDS/SDS"):  # fmt: skip
+        load_snapshot(AgentOptions(config=path))
+    assert load_static_config(path).planes[1].sla.mtls == mode  # the planes of --xds-resources / a bootstrap
+    raw["planes"][1]["sla"] = {"mtls": "disable"}
+    path.write_text(yaml.safe_dump(raw))
+    assert load_snapshot(AgentOptions(config=path)) is not None
+    assert load_snapshot(AgentOptions()) is not None  # the embedded default
