@@ -107,3 +107,10 @@ def test_istiods_push_on_a_strict_plane_keeps_kube_dns_bypassed(loaded) -> None:
         rules = policy_from_snapshot(snap).rules
         assert rules[PolicyRule(1, 53, "10.96.0.10/32")] is Action.BYPASS
         assert rules[PolicyRule(1, 9090)] is Action.SNIFF
+
+
+def test_disable_ignores_governed_tls_http_listeners_only() -> None:
+    snap = static_snapshot(mtls="disable")
+    out = Listener("egress-tls", "oam", 8443, ListenerProtocol.HTTP, tls=XDS_TLS, direction=OUT)
+    routes = TlsRoutes(_with(snap, out, replace(out, name="in-tls", port=8444, direction=IN)), "oam", {})
+    assert sorted(routes.ports) == [8443]  # the OUTBOUND one terminates TLS as xDS says
