@@ -356,8 +356,10 @@ class SniffListener:
         if decision is not None:  # Istio's mTLS on a sniffed port: terminated, then sniffed inside
             await self._terminate(conn, decision, dst)
             return
-        mode = table.tls.mode_for(*dst)  # "" for an OUTBOUND listener's destination (a pod's egress)
-        if not owned and plane_refuses(proxy.tls_stats, mode, verdict, normalise_ip(peer[0]), dst[1]):
+        # the plane's mode: "" for an OUTBOUND listener's destination (a pod's egress)
+        if not owned and plane_refuses(
+            proxy.tls_stats, table.tls.mode_for(*dst), verdict, normalise_ip(peer[0]), dst[1]
+        ):
             reset(conn)  # a strict plane: no handshake, nothing sniffed or relayed
             return
         # HTTP goes to the L7 proxy, unless a tcp_proxy chain owns the port (declared TCP, sniffed for its SNI).
