@@ -45,7 +45,7 @@ from planemesh.agent.xds_source import bootstrap_for, start_xds, stop_xds
 from planemesh.agent.zygote_client import Zygotes
 from planemesh.model.config import ConfigError, Snapshot
 from planemesh.model.defaults import option
-from planemesh.model.static_config import load_default_config, load_static_config
+from planemesh.model.static_config import load_static_snapshot
 from planemesh.netplanes import discovery, netns
 from planemesh.netplanes.discovery import PlaneInterface
 from planemesh.netplanes.link_monitor import LinkMonitor
@@ -482,7 +482,7 @@ def enter_netns(name: str) -> None:
 def load_snapshot(options: AgentOptions) -> Snapshot | None:
     if options.bootstrap is not None or options.xds_resources is not None:
         return None
-    return load_static_config(options.config) if options.config else load_default_config()
+    return load_static_snapshot(options.config)  # a plane requiring mTLS is refused: no Secrets without xDS
 
 
 def run_agent(options: AgentOptions) -> int:

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from planemesh.ebpf.abi import PM_MAX_PLANES, PM_MAX_SRC_POLICY, Action
-from planemesh.model.config import Cluster, ClusterKind, ConfigError, Listener, ListenerProtocol, Snapshot
+from planemesh.model.config import (
+    Cluster,
+    ClusterKind,
+    ConfigError,
+    Listener,
+    ListenerProtocol,
+    Snapshot,
+    TrafficDirection,
+)
 from planemesh.model.ip import AddrFormatError, IPAddress, IPNetwork
 from planemesh.model.planes import Plane, UndeclaredPorts
 from planemesh.model.tls_config import endpoint_tls
@@ -112,6 +120,7 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
     rules: dict[PolicyRule | SourceRule, Action] = {}
     owner: dict[PolicyRule | SourceRule, str] = {}
     sni_routed: set[PolicyRule | SourceRule] = set()
+    strict = strict_planes(snap)
     for i, lsn in enumerate(snap.listeners):
         where = f"listeners[{i}]"
         if lsn.plane not in plane_ids:
@@ -125,11 +134,11 @@ def policy_from_snapshot(snap: Snapshot) -> DatapathPolicy:
                 )
             rules[key] = action
             owner[key] = lsn.name
-            if action is Action.BYPASS and _inspected(lsn, snap.clusters):
+            if action is Action.BYPASS and (strict_chain(lsn, strict) or _inspected(lsn, snap.clusters)):
                 sni_routed.add(key)
-    # TCP chains routed by TLS SNI, authorized (network RBAC), terminating TLS or sent to a cluster that would not
-    # pick the original destination: the sniffing listener takes them (agent/proxy/sni_routing.py,
-    # passthrough.py) instead of the kernel bypass.
+    # TCP chains routed by TLS SNI, authorized (network RBAC), terminating TLS, sent to a cluster that would not
+    # pick the original destination, or not OUTBOUND on a plane whose SLA requires mTLS (strict): the sniffing
+    # listener takes them (sni_routing.py, passthrough.py, tls.py plane_tcp_chains) instead of the kernel bypass.
     for key in sni_routed:
         rules[key] = Action.SNIFF
     node = {k: a for k, a in rules.items() if isinstance(k, PolicyRule)}
@@ -259,10 +268,27 @@ def keeps_destination(lsn: Listener, clusters: Mapping[str, Cluster]) -> str | N
     return "the cluster's endpoints hold the destination" if all(net.ip in held for net in lsn.prefixes) else None
 
 
+def strict_planes(snap: Snapshot) -> frozenset[str]:
+    """Planes whose SLA requires mTLS (model/planes.py SLA.mtls): the kernel bypasses none of their tcp_proxy
+    chains, which would let plaintext through unauthenticated; the proxy terminates them. Their undeclared
+    ports follow `undeclared` (bypass: not proxied traffic, never seen by the agent)."""
+    return frozenset(p.name for p in snap.planes if p.sla.mtls == "strict")
+
+
+def strict_chain(lsn: Listener, strict: frozenset[str]) -> bool:
+    """A chain the kernel must not bypass for its plane's strict mTLS: one not of an OUTBOUND listener (a pod's
+    own egress, e.g. to kube-dns :53, is originated per its cluster; Istio's STRICT governs inbound traffic)."""
+    return lsn.plane in strict and lsn.direction is not TrafficDirection.OUTBOUND
+
+
 def needs_sniff_listener(snap: Snapshot, plane: Plane) -> bool:
     """The plane's sniffing listener is in use: undeclared ports are sniffed, or a TCP chain is inspected."""
+    strict = frozenset((plane.name,)) if plane.sla.mtls == "strict" else frozenset()
     return plane.undeclared is UndeclaredPorts.SNIFF or any(
-        _inspected(lsn, snap.clusters) or lsn.sniff for lsn in snap.listeners_of(plane.name)
+        (lsn.protocol is ListenerProtocol.TCP and strict_chain(lsn, strict))
+        or _inspected(lsn, snap.clusters)
+        or lsn.sniff
+        for lsn in snap.listeners_of(plane.name)
     )
 
 

@@ -31,6 +31,16 @@ class ListenerProtocol(StrEnum):
     TCP = "tcp"  # plain L4: bypassed in the kernel
 
 
+class TrafficDirection(StrEnum):
+    """Envoy's Listener.traffic_direction: istiod sets OUTBOUND on virtualOutbound and its per-destination
+    listeners, INBOUND on virtualInbound. A plane's SLA mTLS mode governs the chains of listeners that are not
+    OUTBOUND (Istio's PeerAuthentication is about inbound traffic; agent/proxy/tls.py, ebpf/policy.py)."""
+
+    UNSPECIFIED = ""  # static configuration, or xDS without the field: treated like inbound
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
 # ---- routes (RDS) ------------------------------------------------------------------------------
 
 
@@ -324,6 +334,9 @@ class Listener:
     # addresses in `sources`; inbound, in `prefixes`): the node's pod table, what a local server pod's inbound
     # stage sees as a same-node client's principal (agent/proxy/routing.py principal_of)
     workload_principal: str = ""
+    # Envoy's traffic_direction of the listener this chain comes from (xds/translate.py): a plane's SLA mTLS mode
+    # leaves OUTBOUND chains as xDS says (agent/proxy/tls.py, sniff_tls.py, ebpf/policy.py strict_planes)
+    direction: TrafficDirection = TrafficDirection.UNSPECIFIED
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:
@@ -375,4 +388,5 @@ __all__ = [
     "ListenerProtocol",
     "Plane",
     "Snapshot",
+    "TrafficDirection",
 ]

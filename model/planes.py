@@ -77,10 +77,13 @@ class SLA:
     h2_max_consecutive_inbound_frames_with_empty_payload: int = 1  # Envoy: same name
     h2_max_inbound_priority_frames_per_stream: int = 100  # Envoy: same name
     h2_max_inbound_window_update_frames_per_data_frame_sent: int = 10  # Envoy: same name
-    # mTLS of the plane's proxied HTTP traffic (Istio PeerAuthentication mode; Envoy: a DownstreamTlsContext
+    # mTLS of the plane's proxied traffic: declared HTTP ports, the sniffing listener, tcp_proxy chains, of
+    # listeners that are not OUTBOUND (Istio PeerAuthentication mode, inbound only; Envoy: a DownstreamTlsContext
     # with require_client_certificate on every chain, and a raw_buffer twin for permissive): "" as the xDS
-    # listeners say, "strict" (mTLS only), "permissive" (mTLS or plaintext on every proxied port), "disable"
-    # (TLS chains are not terminated: plaintext). agent/proxy/tls.py applies it; docs/security.md.
+    # listeners say, "strict" (mTLS only; the kernel bypasses none of those tcp_proxy chains), "permissive"
+    # (mTLS or plaintext), "disable" (TLS chains are not terminated). agent/proxy/tls.py, sniff_tls.py,
+    # ebpf/policy.py apply it; a static configuration without xDS cannot (no Secrets: refused at load);
+    # docs/security.md "Per plane".
     mtls: str = ""
     mtls_cert: str = "default"  # the plane's certificate: an SDS Secret by name (istio-agent's `default`)
     mtls_trust: str = "ROOTCA"  # the roots client certificates must chain to (istio-agent's `ROOTCA`)

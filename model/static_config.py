@@ -29,6 +29,7 @@ import yaml
 from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot
 from planemesh.model.ip import AddrFormatError, IPNetwork
 from planemesh.model.planes import SLA, Plane, UndeclaredPorts
+from planemesh.model.tls_config import plane_tls
 from planemesh.model.validation import validate_snapshot
 
 _PLANE_KEYS = {
@@ -191,3 +192,28 @@ def default_config_text() -> str:
 
 def load_default_config() -> Snapshot:
     return snapshot_from_dict(yaml.safe_load(default_config_text()), version="static:embedded-default")
+
+
+def load_static_snapshot(path: str | Path | None) -> Snapshot:
+    """The agent's whole configuration without xDS (`--config`, else the embedded default). Its planes alone may
+    require mTLS when they are a bootstrap's or an embedded xDS server's (load_static_config), where SDS or the
+    CSR flow brings the Secrets; here nothing does (check_static_mtls)."""
+    snap = load_static_config(path) if path else load_default_config()
+    check_static_mtls(snap)
+    return snap
+
+
+def check_static_mtls(snap: Snapshot) -> None:
+    """A static configuration has no Secrets (no SDS, no CSR flow, no TLS material of its own): a plane whose SLA
+    requires mTLS (strict / permissive) would refuse every mTLS handshake, silently. Refused by name instead."""
+    for i, plane in enumerate(snap.planes):
+        if (ctx := plane_tls(plane.sla)) is None:
+            continue
+        for key, name in (("mtls_cert", ctx.cert), ("mtls_trust", ctx.trust)):
+            if name not in snap.secrets:
+                raise ConfigError(
+                    f"planes[{i}].sla.{key}",
+                    f"plane {plane.name!r} requires mTLS ({plane.sla.mtls}) but the static configuration has no "
+                    f"Secret {name!r} (serve it over xDS/SDS: --bootstrap or --xds-resources, or use the bootstrap's "
+                    "ca: section)",
+                )

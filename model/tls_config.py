@@ -8,6 +8,7 @@ Inline secrets of a context get a synthetic name (`inline:<resource path>`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 TLS_VERSIONS = ("TLSv1_0", "TLSv1_1", "TLSv1_2", "TLSv1_3")  # Envoy's TlsParameters.TlsProtocol names
@@ -141,3 +142,10 @@ def plane_tls(sla: object) -> TlsContext | None:
         alpn=PLANE_ALPN,
         require_client_cert=True,
     )
+
+
+def plane_secret_names(planes: Iterable[object]) -> set[str]:
+    """The Secrets the planes' SLA mTLS (strict / permissive) terminates with: the xDS client subscribes to them
+    even when no listener or cluster names them (xds/client_state.py pinned_secrets)."""
+    contexts = [ctx for plane in planes if (ctx := plane_tls(getattr(plane, "sla", None))) is not None]
+    return {name for ctx in contexts for name in (ctx.cert, ctx.trust) if name}

@@ -200,8 +200,12 @@ class AdsClientState:
         *,
         initial_fetch_timeout_s: float = 15.0,
         types: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET),
+        pinned_secrets: frozenset[str] = frozenset(),
     ) -> None:
         self.node = node
+        # Secrets subscribed to whatever the listeners and clusters name: those of planes whose SLA requires
+        # mTLS (model/planes.py SLA.mtls_cert / mtls_trust); an update waits for them like for a listener's.
+        self.pinned_secrets = pinned_secrets
         self.mode = Mode(mode)
         self.initial_fetch_timeout_s = initial_fetch_timeout_s
         self.types = {t: TypeState(t, wildcard=t in FULL_STATE_TYPES) for t in TYPE_ORDER if t in types}
@@ -432,7 +436,7 @@ class AdsClientState:
         parents = [p for p in PARENTS_OF.get(type_url, ()) if p in self.types]
         if not parents:
             return set(self.types[type_url].names)
-        names: set[str] = set()
+        names: set[str] = set(self.pinned_secrets) if type_url == SECRET else set()
         for parent in parents:
             pts = self.types[parent]
             sources = [pts.cache]
@@ -493,6 +497,8 @@ class AdsClientState:
             for parent in parents:
                 if type_url in candidate and parent in candidate:
                     wanted = references(parent, {n: e.msg for n, e in candidate[parent].items()}, type_url)
+                    if type_url == SECRET:
+                        wanted |= self.pinned_secrets
                     missing += sorted((wanted - set(candidate[type_url])) & self.types[type_url].awaiting)
         if missing and any(staged.nonce is not None for staged in batch.values()):
             if self._warm_deadline is None:

@@ -36,6 +36,7 @@ from planemesh.xds.translate import TranslationCache, _Acc, _guarded, translate_
 from planemesh.xds.translate_capture import drop_shadowed_inbound
 from planemesh.xds.translate_common import Errors
 from planemesh.xds.translate_mtls import cluster_tls_error, secrets_of, served_cluster, served_listeners
+from planemesh.xds.translate_sla import mtls_set_by
 
 Rejected = dict[str, dict[str, str]]  # type URL -> resource name -> reason
 
@@ -237,14 +238,20 @@ def _listener_round(lst: _Listeners, res: XdsResources, accepted: XdsResources |
 
 def _snapshot(res: XdsResources, planes: tuple[Plane, ...], lst: _Listeners, clusters: dict,
               secrets: dict) -> Snapshot:  # fmt: skip
-    """The round's result, with the SLA values the accepted listeners set on their planes."""
+    """The round's result, with the SLA values the accepted listeners set on their planes. A plane whose SLA
+    requires mTLS gets its Secrets (its listener metadata may have asked: planes[i].sla.<field> then names the
+    listener to skip, _culprit); ConfigError when they have not arrived."""
     sla = lst.acc.sla
+    planes = tuple(
+        dataclasses.replace(p, sla=dataclasses.replace(p.sla, **sla[p.name])) if p.name in sla else p for p in planes
+    )
+    for i, p in enumerate(planes):
+        user = f"planes[{p.name}].sla.mtls_cert"
+        if (ctx := plane_tls(p.sla)) is not None and (why := secrets_of((ctx,), user, res.secrets, secrets)):
+            raise ConfigError(f"planes[{i}].sla.{mtls_set_by(sla.get(p.name, {}))}", why)
     return Snapshot(
         version=f"xds:{res.version}",
-        planes=tuple(
-            dataclasses.replace(p, sla=dataclasses.replace(p.sla, **sla[p.name])) if p.name in sla else p
-            for p in planes
-        ),
+        planes=planes,
         listeners=tuple(lst.out),
         routes=MappingProxyType(lst.routes),
         clusters=MappingProxyType(clusters),
@@ -285,8 +292,8 @@ def translate_update(
         if tls_bad:
             skip.update(tls_bad)  # a listener whose TLS secrets are unusable is refused whole; retry without
             continue
-        snap = _snapshot(res, planes, lst, clusters, secrets)
         try:
+            snap = _snapshot(res, planes, lst, clusters, secrets)
             validate_snapshot(snap, references=False)
         except ConfigError as exc:
             culprit = _culprit(exc, lst, planes)

@@ -3,7 +3,8 @@
 Names come from the TLS transport sockets: a listener's filter chains (DownstreamTlsContext), a cluster's
 transport_socket and transport_socket_matches (UpstreamTlsContext); in each, the common_tls_context's
 tls_certificate_sds_secret_configs, validation_context_sds_secret_config and
-combined_validation_context.validation_context_sds_secret_config.
+combined_validation_context.validation_context_sds_secret_config. And from a listener's metadata planemesh.sla
+(its planes' mTLS certificate and roots).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import message
+
+from planemesh.xds.translate_common import planemesh_metadata
 
 _T = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
 DOWNSTREAM_TLS = _T + "DownstreamTlsContext"
@@ -60,7 +63,21 @@ def listener_secret_names(listener: listener_pb2.Listener) -> set[str]:
     chains = [*listener.filter_chains]
     if listener.HasField("default_filter_chain"):
         chains.append(listener.default_filter_chain)
-    return _names(c.transport_socket for c in chains if c.HasField("transport_socket"))
+    return _names(c.transport_socket for c in chains if c.HasField("transport_socket")) | _sla_secret_names(listener)
+
+
+def _sla_secret_names(listener: listener_pb2.Listener) -> set[str]:
+    """The Secrets a listener's metadata planemesh.sla names for its planes' mTLS (xds/translate_sla.py): its
+    mtls_cert / mtls_trust, else, when it sets mtls strict or permissive, istio-agent's `default` / `ROOTCA`."""
+    sla = planemesh_metadata(listener.metadata).get("sla") if listener.HasField("metadata") else None
+    if not isinstance(sla, dict):
+        return set()
+    required = sla.get("mtls") in ("strict", "permissive")
+    names = {
+        sla.get("mtls_cert") or ("default" if required else None),
+        sla.get("mtls_trust") or ("ROOTCA" if required else None),
+    }
+    return {name for name in names if isinstance(name, str) and name}
 
 
 def cluster_secret_names(cluster: cluster_pb2.Cluster) -> set[str]:

@@ -31,6 +31,7 @@ from planemesh.model.config import (
     ListenerProtocol,
     RouteConfig,
     Snapshot,
+    TrafficDirection,
     UpgradeConfig,
     WeightedCluster,
 )
@@ -38,7 +39,7 @@ from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA, Plane, plane_of_address
 from planemesh.model.server_names import server_name_error
 from planemesh.model.tls_config import Secret, plane_tls
-from planemesh.model.validation import check_cpus_field, validate_snapshot
+from planemesh.model.validation import validate_snapshot
 from planemesh.xds.client_state import XdsResources, eds_name
 from planemesh.xds.translate_capture import (
     TCP_PROXY,
@@ -55,6 +56,7 @@ from planemesh.xds.translate_common import (
     parse_ip,
     planemesh_metadata,
     socket_address,
+    traffic_direction,
     type_name,
 )
 from planemesh.xds.translate_filters import http_filters, network_filter
@@ -63,6 +65,7 @@ from planemesh.xds.translate_internal import internal_listener
 from planemesh.xds.translate_mtls import served_cluster, served_listeners
 from planemesh.xds.translate_rbac import NETWORK_RBAC, translate_network_rbac, translate_rbac
 from planemesh.xds.translate_routes import RouteMemo, translate_route_config, translate_upgrades
+from planemesh.xds.translate_sla import sla_values
 from planemesh.xds.translate_tcp import own_service_chain, tcp_clusters, tcp_proxy
 from planemesh.xds.translate_tls import resolve_secrets, secret_uses, socket_tls
 
@@ -79,7 +82,6 @@ _LISTENER_HARMLESS = {
     "metadata",
     "transparent",
     "freebind",
-    "traffic_direction",
     "access_log",
     "per_connection_buffer_limit_bytes",
     "listener_filters_timeout",
@@ -92,6 +94,7 @@ _LISTENER_HARMLESS = {
 _ORIGINAL_DST = _EXT + "filters.listener.original_dst.v3.OriginalDst"
 _LISTENER_CHECKED = {"address", "filter_chains", "default_filter_chain", "listener_filters", "use_original_dst"}
 _LISTENER_CHECKED |= {"internal_listener"}  # xds/translate_internal.py
+_LISTENER_CHECKED |= {"traffic_direction"}  # a plane's SLA mTLS leaves OUTBOUND chains alone
 _LISTENER_IGNORED = {
     "additional_addresses": "the [::] twin of a 0.0.0.0 listener: planemesh intercepts both families alike",
     "connection_balance_config": "the kernel spreads accepted connections over a plane's workers",
@@ -134,8 +137,6 @@ _HCM_IGNORED = {
     "preserve_external_request_id": "x-request-id from the client is kept, as with this field",
     "always_set_request_id_in_response": "adds x-request-id to responses for information only",
 }
-# SLA fields a control plane may set through listener metadata planemesh.sla (numbers, booleans, cpus string).
-_SLA_FIELDS = {f.name: f for f in dataclasses.fields(SLA) if f.name != "retry_on"}
 
 
 @dataclasses.dataclass(slots=True)
@@ -189,6 +190,7 @@ class _Where:
     port: int
     vip: tuple[IPNetwork, ...]  # a non-binding listener's own address: the destination it serves
     capture: bool  # istiod's virtualInbound: chains are matched on the original destination
+    direction: TrafficDirection = TrafficDirection.UNSPECIFIED  # the listener's traffic_direction
 
 
 def _prefixes(m, path: str) -> list[IPNetwork]:
@@ -329,6 +331,7 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
             network_rbac=tuple(network_rbac),
             application_protocols=alpn,
             own_service=term.own_service,
+            direction=where.direction,
         )
         for plane in where.planes
     ]
@@ -406,7 +409,7 @@ def translate_listener(listener, planes: tuple[Plane, ...], acc: _Acc, path: str
     vip = () if binds or ip in ("0.0.0.0", "::") else (IPNetwork(ip).cidr,)
     # istiod's virtualInbound: original_dst plus chains for other destination ports than its own.
     capture = capture and binds and any(_other_port(c, port) for c in chains)
-    where = _Where(planes=mine, port=port, vip=vip, capture=capture)
+    where = _Where(planes=mine, port=port, vip=vip, capture=capture, direction=traffic_direction(listener, path))
     out: list[Listener] = []
     paths: list[str] = []
     names: set[str] = set()
@@ -432,27 +435,8 @@ def _other_port(chain, port: int) -> bool:
 
 
 def _listener_sla(listener, mine: list[Plane], acc: _Acc, path: str) -> None:
-    meta_sla = planemesh_metadata(listener.metadata).get("sla") or {}
-    if not isinstance(meta_sla, dict):
-        raise ConfigError(f"{path}.metadata.planemesh.sla", "expected a struct")
-    for key, value in meta_sla.items():
-        fld = _SLA_FIELDS.get(key)
-        if fld is None:
-            raise ConfigError(
-                f"{path}.metadata.planemesh.sla.{key}", f"unknown SLA field (known: {', '.join(_SLA_FIELDS)})"
-            )
-        if isinstance(fld.default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{path}.metadata.planemesh.sla.{key}", "expected true or false")
-        elif fld.type == "str | None":  # cpus: a cpu list ("0-1,3") of the node's online CPUs
-            if not isinstance(value, str):
-                raise ConfigError(f"{path}.metadata.planemesh.sla.{key}", "expected a string such as 0-1,3")
-            check_cpus_field(value, f"{path}.metadata.planemesh.sla.{key}")
-        elif not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{path}.metadata.planemesh.sla.{key}", "expected a non-negative number")
-        elif fld.type in ("int", "int | None"):
-            value = int(value)
-        _set_sla(acc, mine, key, value, listener.name, f"{path}.metadata.planemesh.sla.{key}")
+    for key, value, where in sla_values(planemesh_metadata(listener.metadata).get("sla") or {}, path):
+        _set_sla(acc, mine, key, value, listener.name, where)
 
 
 def _guarded(errors: Errors, path: str, fn, *args):
@@ -565,16 +549,16 @@ def translate(resources: XdsResources, planes: tuple[Plane, ...], cache: Transla
         for tls in (c.tls, *(m.tls for m in c.tls_matches)):
             if tls is not None:
                 secret_uses(tls, f"cluster[{name}].transport_socket", acc.secrets_used, acc.secrets_inline)
-    for p in planes:  # a plane whose SLA requires mTLS needs its certificate and roots (agent/proxy/tls.py)
+    new_planes = tuple(
+        dataclasses.replace(p, sla=dataclasses.replace(p.sla, **acc.sla[p.name])) if p.name in acc.sla else p
+        for p in planes
+    )
+    for p in new_planes:  # a plane whose SLA (listener metadata included) requires mTLS needs its Secrets
         if (ctx := plane_tls(p.sla)) is not None:
             secret_uses(ctx, f"planes[{p.name}].sla.mtls_cert", acc.secrets_used, acc.secrets_inline)
     secrets = resolve_secrets(acc.secrets_used, resources.secrets, acc.secrets_inline, errors)
     cache.retain(resources.clusters, resources.routes)
     errors.raise_if_any()
-    new_planes = tuple(
-        dataclasses.replace(p, sla=dataclasses.replace(p.sla, **acc.sla[p.name])) if p.name in acc.sla else p
-        for p in planes
-    )
     snap = Snapshot(
         version=f"xds:{resources.version}",
         planes=new_planes,

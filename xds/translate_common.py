@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from google.protobuf import json_format, message
 
-from planemesh.model.config import ConfigError
+from planemesh.model.config import ConfigError, TrafficDirection
 
 
 class Errors:
@@ -126,3 +126,15 @@ def planemesh_metadata(metadata: message.Message) -> dict:
 
 def type_name(type_url: str) -> str:
     return type_url.rsplit("/", 1)[-1]
+
+
+# Envoy's core.v3.TrafficDirection numbers
+_DIRECTIONS = {0: TrafficDirection.UNSPECIFIED, 1: TrafficDirection.INBOUND, 2: TrafficDirection.OUTBOUND}
+
+
+def traffic_direction(listener, path: str) -> TrafficDirection:
+    """A Listener's traffic_direction (a plane's SLA mTLS mode leaves OUTBOUND chains as xDS says)."""
+    direction = _DIRECTIONS.get(listener.traffic_direction)
+    if direction is None:
+        raise ConfigError(f"{path}.traffic_direction", f"{listener.traffic_direction}: expected INBOUND or OUTBOUND")
+    return direction

@@ -30,6 +30,7 @@ from google.protobuf import struct_pb2
 from planemesh.agent.identity.cert_client import CertificateClient
 from planemesh.agent.identity.csr import WorkloadCert
 from planemesh.model.config import ConfigError, Listener, Snapshot
+from planemesh.model.tls_config import plane_secret_names
 from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.client_state import Action, AdsClientState, ApplyConfig, Mode, SendRequest, XdsResources
 from planemesh.xds.per_resource import Rejected, translate_update
@@ -123,6 +124,15 @@ def _tls_failure(details: str | None) -> bool:
     return any(word in text for word in ("ssl", "handshake", "certificate", "tls"))
 
 
+def ads_state(bootstrap: Bootstrap) -> AdsClientState:
+    """The ADS state machine for `bootstrap`, subscribed to the Secrets its planes' mTLS needs (the CSR flow's
+    `default`/`ROOTCA` are local, not the server's)."""
+    local = {WORKLOAD_SECRET, ROOT_SECRET} if bootstrap.ca is not None and bootstrap.identity is not None else set()
+    pinned = frozenset(plane_secret_names(bootstrap.planes)) - local
+    return AdsClientState(node_identity(bootstrap), bootstrap.mode,
+                          initial_fetch_timeout_s=bootstrap.initial_fetch_timeout_s, pinned_secrets=pinned)  # fmt: skip
+
+
 class XdsClient:
     def __init__(
         self,
@@ -143,9 +153,7 @@ class XdsClient:
         self._queue: asyncio.Queue[Any] | None = None  # the live stream's inbox
         self._reconfigured = asyncio.Event()
         self._pending: Bootstrap | None = None  # reconfigure()'s bootstrap, not adopted yet
-        self.state = AdsClientState(
-            node_identity(bootstrap), bootstrap.mode, initial_fetch_timeout_s=bootstrap.initial_fetch_timeout_s
-        )
+        self.state = ads_state(bootstrap)
         self.backoff = Backoff(bootstrap.backoff_base_s, bootstrap.backoff_max_s, rng)
         self.snapshot: Snapshot | None = None
         self.streams = 0
@@ -219,9 +227,7 @@ class XdsClient:
 
     def _adopt(self, bootstrap: Bootstrap) -> None:
         self.bootstrap = bootstrap
-        self.state = AdsClientState(
-            node_identity(bootstrap), bootstrap.mode, initial_fetch_timeout_s=bootstrap.initial_fetch_timeout_s
-        )
+        self.state = ads_state(bootstrap)
         self.backoff = Backoff(bootstrap.backoff_base_s, bootstrap.backoff_max_s, self._rng)
         self.translation_cache = TranslationCache()  # the planes may have changed: translation depends on them
         self.last_error = None

@@ -27,7 +27,7 @@ from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS
 from planemesh.agent.proxy.istio_stats import exact_spiffe
 from planemesh.agent.proxy.sniff import MAX_PEEK, OPAQUE, Kind, Verdict, classify
-from planemesh.agent.proxy.sniff_tls import mtls_decision, terminate_and_sniff
+from planemesh.agent.proxy.sniff_tls import mtls_decision, plane_refuses, terminate_and_sniff
 from planemesh.agent.proxy.sockets import open_upstream
 from planemesh.agent.proxy.tcp_authz import tcp_denial
 from planemesh.agent.proxy.tcp_local import local_server_refuses
@@ -363,6 +363,12 @@ class SniffListener:
         decision = None if owned else mtls_decision(table, dst, verdict)
         if decision is not None:  # Istio's mTLS on a sniffed port: terminated, then sniffed inside
             await self._terminate(conn, decision, dst)
+            return
+        # the plane's mode: "" for an OUTBOUND listener's destination (a pod's egress)
+        if not owned and plane_refuses(
+            proxy.tls_stats, table.tls.mode_for(*dst), verdict, normalise_ip(peer[0]), dst[1]
+        ):
+            reset(conn)  # a strict plane: no handshake, nothing sniffed or relayed
             return
         # HTTP goes to the L7 proxy, unless a tcp_proxy chain owns the port (declared TCP, sniffed for its SNI).
         if verdict.kind is Kind.HTTP1 and not owned:

@@ -10,7 +10,7 @@ from planemesh.agent.proxy.balancer import Balancer
 from planemesh.agent.proxy.filters import LocalRateLimiter
 from planemesh.agent.proxy.routing import PlaneRouter
 from planemesh.agent.proxy.sni_routing import SniRoutes
-from planemesh.agent.proxy.tls import TlsRoutes
+from planemesh.agent.proxy.tls import TlsRoutes, plane_tcp_chains, unguarded_twins
 from planemesh.model.config import Route, Snapshot
 
 
@@ -33,7 +33,9 @@ class RoutingTable:
         self.clock = clock
         self.route_limiters: dict[int, LocalRateLimiter] = {}  # id(route) -> its bucket (routes live as long)
         self.router = PlaneRouter(snapshot, plane, previous.router if previous is not None else None)
-        self.sni = SniRoutes(snapshot.listeners_of(plane), snapshot.clusters)  # passthrough chains (sniff listener)
+        # passthrough chains (sniff listener), as the plane's mTLS mode makes them (tls.py plane_tcp_chains)
+        chains = plane_tcp_chains(snapshot.listeners_of(plane), self.tls.sla)
+        self.sni = SniRoutes(chains, snapshot.clusters, unguarded_twins(chains, self.tls.sla))
         self.balancer = Balancer(snapshot, clock=clock)  # outlier ejection follows the proxy's clock
 
     def route_limiter(self, route: Route) -> LocalRateLimiter:

@@ -101,13 +101,20 @@ class _Entry:
 class SniRoutes:
     """The tcp_proxy filter chains of one plane, indexed by destination port. Immutable."""
 
-    def __init__(self, listeners: Iterable[Listener], clusters: Mapping[str, Cluster] | None = None) -> None:
-        """`clusters`: the snapshot's, to relay the TCP chains behind sniffed HTTP chains (module doc)."""
+    def __init__(self, listeners: Iterable[Listener], clusters: Mapping[str, Cluster] | None = None,
+                 unguarded: frozenset[str] = frozenset()) -> None:  # fmt: skip
+        """`clusters`: the snapshot's, to relay the TCP chains behind sniffed HTTP chains (module doc).
+        `unguarded`: chains whose TLS does not make their port refuse what no chain takes (a permissive
+        plane's mTLS twins, agent/proxy/tls.py plane_tcp_chains: permissive passes the rest as before)."""
         self._by_port: dict[int, list[_Entry]] = {}
+        self._guarding: dict[int, list[_Entry]] = {}
         behind: list[Listener] = []
         for lsn in listeners:
             if lsn.protocol is ListenerProtocol.TCP:
-                self._by_port.setdefault(lsn.port, []).append(_Entry(lsn))
+                entry = _Entry(lsn)
+                self._by_port.setdefault(lsn.port, []).append(entry)
+                if entry.chain.rbac or (entry.chain.tls is not None and lsn.name not in unguarded):
+                    self._guarding.setdefault(lsn.port, []).append(entry)
             elif clusters is not None and (tcp := _tcp_behind(lsn)) is not None and _relayed(tcp, clusters):
                 behind.append(tcp)
         self._behind = SniRoutes(behind) if behind else None
@@ -117,8 +124,8 @@ class SniRoutes:
         (the original destination). For connections the sniffer did not find to be HTTP."""
         return None if self._behind is None else self._behind.select(port, address, None, src=src)
 
-    def _of(self, port: int, src: str | None) -> list[_Entry]:
-        entries = self._by_port.get(port, [])
+    def _of(self, port: int, src: str | None, index: dict[int, list[_Entry]] | None = None) -> list[_Entry]:
+        entries = (self._by_port if index is None else index).get(port, [])
         if not any(e.sources for e in entries):
             return entries
         ip = parse_ip(src) if src else None
@@ -131,7 +138,7 @@ class SniRoutes:
     def guarded(self, port: int, src: str | None = None) -> bool:
         """Some chain of `port` authorizes or terminates TLS: a connection no chain takes is refused there
         (Envoy closes a connection that matches no filter chain), never passed to its original destination."""
-        return any(e.chain.rbac or e.chain.tls is not None for e in self._of(port, src))
+        return bool(self._of(port, src, self._guarding))
 
     def terminates_tls(self, port: int, src: str | None = None) -> bool:
         return any(e.chain.tls is not None for e in self._of(port, src))

@@ -13,32 +13,60 @@ relayed decrypted to the original destination, as the istio TCP chain's tcp_prox
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from planemesh.agent.proxy.sniff import MAX_PEEK, Kind, Verdict, classify
 from planemesh.agent.proxy.tcp_tls import TlsDownstream
-from planemesh.agent.proxy.tls import HANDSHAKE_ERRORS, HANDSHAKE_TIMEOUT_S, TlsChecked, TlsDecision, handshake_failed
+from planemesh.agent.proxy.tls import (
+    HANDSHAKE_ERRORS,
+    HANDSHAKE_TIMEOUT_S,
+    TlsChecked,
+    TlsDecision,
+    TlsStats,
+    handshake_failed,
+)
 from planemesh.agent.proxy.tls_context import Held
 from planemesh.agent.proxy.tls_lazy import transport as tls_transport
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.routing_table import RoutingTable
 
+log = logging.getLogger("planemesh.proxy.tls")
+
 
 def mtls_decision(table: RoutingTable, dst: tuple[str, int], verdict: Verdict) -> TlsDecision | None:
-    """The TLS context to terminate this ClientHello with, or None (not a sniffed port with mTLS chains, or
-    the client offered none of their ALPN: its own TLS, passed through)."""
-    if verdict.kind is not Kind.TLS or not table.tls.ports:
+    """The TLS context to terminate this ClientHello with: a sniffed listener's TLS chain whose ALPN the client
+    offered, else the plane's own mTLS (SLA strict: every ClientHello; permissive: every one but a client's own
+    TLS next to such a chain, which passes through as xDS says; neither to an OUTBOUND listener's destination,
+    TlsRoutes.mode_for); None when neither (passed through)."""
+    if verdict.kind is not Kind.TLS:
         return None
-    decision = table.tls.decide(*dst)
-    if decision is None or not decision.listener.sniff:
-        return None
-    wanted = decision.listener.application_protocols
-    if wanted and not set(wanted) & set(verdict.alpn):
-        return None
-    return decision
+    routes = table.tls
+    decision = routes.decide(*dst) if routes.ports else None
+    mode = routes.mode_for(*dst)
+    if decision is not None and decision.listener.sniff:
+        wanted = decision.listener.application_protocols
+        if not wanted or set(wanted) & set(verdict.alpn):
+            return decision
+        if mode != "strict":
+            return None
+    return routes.plane_decision(dst[1]) if mode else None
+
+
+def plane_refuses(stats: TlsStats, mode: str, verdict: Verdict, where: str, port: int) -> bool:
+    """A sniffed connection that did not start with a ClientHello, on a plane whose SLA says strict: closed
+    before anything is sniffed or relayed (counted, logged). Permissive: counted as plaintext accepted."""
+    if verdict.kind is Kind.TLS or mode not in ("strict", "permissive"):
+        return False
+    if mode == "permissive":
+        stats.plaintext_accepted += 1
+        return False
+    stats.plaintext_refused += 1
+    log.info("%s: plaintext to port %s on a strict plane: closed", where, port)
+    return True
 
 
 class _InnerSniff(asyncio.Protocol):

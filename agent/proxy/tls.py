@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from planemesh.agent.proxy.routing import parse_ip
 from planemesh.agent.proxy.tls_context import peer_sans, uri_of
 from planemesh.agent.proxy.xfcc import connection_xfcc, element
 from planemesh.agent.tls.failure import TlsFailure
-from planemesh.model.config import Listener, ListenerProtocol, Snapshot
+from planemesh.model.config import Listener, ListenerProtocol, Snapshot, TrafficDirection
 from planemesh.model.tls_config import TlsContext, TrustSecret, plane_tls, san_accepts
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ HANDSHAKE_TIMEOUT_S = 10.0  # Envoy: transport_socket_connect_timeout, unset by 
 PEEK_TIMEOUT_S = 10.0  # first byte of a connection to a TLS port; Envoy's listener_filters_timeout is 15 s
 TLS_HANDSHAKE_RECORD = 0x16
 DECISIONS_KEPT = 4096  # (original destination, port) -> chain decisions kept per snapshot
+PLANE_CHAIN = "~mtls"  # name suffix of the chains a plane's SLA mTLS adds (plane_tcp_chains, _with_plane_tls)
 
 
 class TlsStats:
@@ -90,14 +91,25 @@ class TlsRoutes:
         self.ports: dict[int, list[Listener]] = {}
         fresh: dict = {}
         sla = next((p.sla for p in snapshot.planes if p.name == plane), None)
+        self.sla = sla
         self.mode = sla.mtls if sla is not None else ""  # the plane SLA's mTLS mode (model/planes.py)
-        for lsn in snapshot.listeners_of(plane):
-            if lsn.protocol is ListenerProtocol.HTTP and not (self.mode == "disable" and lsn.tls is not None):
+        http = [lsn for lsn in snapshot.listeners_of(plane) if lsn.protocol is ListenerProtocol.HTTP]
+        for lsn in http:
+            if not (self.mode == "disable" and lsn.tls is not None and governed(lsn)):
                 self.ports.setdefault(lsn.port, []).append(lsn)
+        # HTTP listeners of the ports where some is OUTBOUND: the mode skips those destinations (mode_for)
+        outbound_ports = {lsn.port for lsn in http if not governed(lsn)} if self.mode else set()
+        self._outbound = {port: [lsn for lsn in http if lsn.port == port] for port in outbound_ports}
+        self._modes: dict[tuple[str, int], str] = {}
+        # The plane's own chain: what its sniffing listener terminates where no xDS chain does (sniff_tls.py)
+        self.plane_chain: Listener | None = None
         if (forced := plane_tls(sla)) is not None:
             self.ports = {p: _with_plane_tls(ls, forced) for p, ls in self.ports.items()}
+            self.plane_chain = Listener(plane + PLANE_CHAIN, plane, 0, ListenerProtocol.HTTP, sniff=True, tls=forced,
+                                        transport_protocol="tls")  # fmt: skip
         self.ports = {p: ls for p, ls in self.ports.items() if any(lsn.tls is not None for lsn in ls)}
-        for lsn in (lsn for ls in self.ports.values() for lsn in ls if lsn.tls is not None):
+        chains = [lsn for ls in self.ports.values() for lsn in ls if lsn.tls is not None]
+        for lsn in chains + ([self.plane_chain] if self.plane_chain is not None else []):
             tls = lsn.tls
             assert tls is not None
             cert = snapshot.secrets.get(tls.cert) if tls.cert else None
@@ -108,7 +120,7 @@ class TlsRoutes:
                     fresh[key] = cache.get(key) or tls_lazy.engine().build_engine_context(tls, cert, trust, server=True)
                 except (ValueError, OSError) as exc:  # translation checks; never take the worker down
                     log.error("listener %s: no TLS context (%s): its TLS connections are refused", lsn.name, exc)
-        certs = {lsn.tls.cert for ls in self.ports.values() for lsn in ls if lsn.tls is not None and lsn.tls.cert}
+        certs = {lsn.tls.cert for lsn in chains if lsn.tls.cert} | ({forced.cert} if forced is not None else set())
         self._local_uri = {name: uri_of(snapshot.secrets.get(name)) for name in certs}
         cache.clear()
         cache.update(fresh)  # contexts no listener uses any more are dropped
@@ -130,30 +142,48 @@ class TlsRoutes:
         decision = self._decided[key] = self._decide(ip, port)
         return decision
 
+    def mode_for(self, ip: str, port: int) -> str:
+        """The plane's mTLS mode for a sniffed connection to (ip, port): "" where the destination's most
+        specific HTTP listener is OUTBOUND (a local pod's own egress, originated per its cluster), else the
+        plane's. Kept per (address, port) like decide()."""
+        if port not in self._outbound:
+            return self.mode
+        key = (ip, port)
+        mode = self._modes.get(key)
+        if mode is None:
+            if len(self._modes) >= DECISIONS_KEPT:
+                self._modes.clear()
+            best = most_specific(self._outbound[port], ip)
+            mode = self._modes[key] = "" if best and not any(governed(lsn) for lsn in best) else self.mode
+        return mode
+
     def _decide(self, ip: str, port: int) -> TlsDecision | None:
-        listeners = self.ports[port]
-        addr = parse_ip(ip)
-        best: list[Listener] = []
-        best_len = -1
-        for lsn in listeners:
-            lengths = [n.prefixlen for n in lsn.prefixes if n.version == addr.version and addr in n]
-            length = max(lengths) if lengths else (0 if not lsn.prefixes else -1)
-            if length > best_len:
-                best, best_len = [lsn], length
-            elif length == best_len and length >= 0:
-                best.append(lsn)
+        best = most_specific(self.ports[port], ip)
         tls_chain = next((lsn for lsn in best if lsn.tls is not None), None)
         if tls_chain is None:
             return None
         tls = tls_chain.tls
         assert tls is not None
         plaintext = any(lsn.tls is None and lsn.transport_protocol != "tls" for lsn in best)
-        if self.mode:  # the plane's SLA decides over the chains (strict: never plaintext; permissive: both)
-            plaintext = self.mode == "permissive"
+        if self.mode and any(governed(lsn) for lsn in best):
+            # the plane's SLA decides over its chains (strict: never plaintext; permissive: both); an OUTBOUND
+            # plaintext chain of the same destination keeps taking plaintext
+            plaintext = self.mode == "permissive" or any(lsn.tls is None and not governed(lsn) for lsn in best)
         context = self._context(tls_chain)
         if context is None:  # its context could not be built (logged): TLS here is refused
             context = _refusing()
         return TlsDecision(tls_chain, context, plaintext, self._local_uri.get(tls.cert))
+
+    def plane_decision(self, port: int) -> TlsDecision | None:
+        """The plane's own mTLS (strict / permissive) for a connection to `port` no xDS chain terminates;
+        None without a plane mode."""
+        chain = self.plane_chain
+        if chain is None:
+            return None
+        tls = chain.tls
+        assert tls is not None
+        context = self._context(chain) or _refusing()
+        return TlsDecision(replace(chain, port=port), context, self.mode == "permissive", self._local_uri.get(tls.cert))
 
     def contexts(self) -> list[SSL.Context]:
         """The server contexts in use (tests, stats)."""
@@ -166,16 +196,77 @@ class TlsRoutes:
         return None
 
 
+def governed(lsn: Listener) -> bool:
+    """The plane's SLA mTLS mode applies to this chain: its listener is not OUTBOUND (Istio's PeerAuthentication
+    governs inbound traffic; a pod's outbound connections are originated per their cluster, xds/translate_mtls.py)."""
+    return lsn.direction is not TrafficDirection.OUTBOUND
+
+
+def most_specific(listeners: Iterable[Listener], ip: str) -> list[Listener]:
+    """The listeners whose destination prefixes match `ip` most specifically (no prefixes: any, length 0)."""
+    addr = parse_ip(ip)
+    best: list[Listener] = []
+    best_len = -1
+    for lsn in listeners:
+        lengths = [n.prefixlen for n in lsn.prefixes if n.version == addr.version and addr in n]
+        length = max(lengths) if lengths else (0 if not lsn.prefixes else -1)
+        if length > best_len:
+            best, best_len = [lsn], length
+        elif length == best_len and length >= 0:
+            best.append(lsn)
+    return best
+
+
 def _with_plane_tls(listeners: list[Listener], forced: TlsContext) -> list[Listener]:
     """A plane requiring mTLS: every destination (port, prefixes) without a TLS chain gets one with the
-    plane's context; chains that terminate TLS already keep theirs."""
+    plane's context; chains that terminate TLS already keep theirs, and OUTBOUND ones are left as they are."""
     tls_dests = {lsn.prefixes for lsn in listeners if lsn.tls is not None}
     added = [
-        replace(lsn, name=f"{lsn.name}~mtls", tls=forced, transport_protocol="tls")
+        replace(lsn, name=lsn.name + PLANE_CHAIN, tls=forced, transport_protocol="tls")
         for lsn in listeners
-        if lsn.tls is None and lsn.prefixes not in tls_dests
+        if lsn.tls is None and governed(lsn) and lsn.prefixes not in tls_dests
     ]
     return listeners + added
+
+
+def plane_tcp_chains(listeners: Iterable[Listener], sla: object) -> tuple[Listener, ...]:
+    """A plane's listeners with its tcp_proxy chains as the SLA's mTLS mode makes them (sni_routing.py selects
+    among these). strict: every chain without TLS terminates the plane's mTLS instead (plaintext then matches no
+    chain: refused, `plaintext_refused`); xDS's own TLS chains come first, so they win a tie. permissive: a
+    chain without TLS (and not one for a client's own TLS) takes plaintext only, and a twin terminating the
+    plane's mTLS is appended last. disable: no chain terminates TLS (its bytes are relayed as they are).
+    No mode: as xDS says. HTTP listeners and OUTBOUND chains (governed()) are returned unchanged."""
+    mode = getattr(sla, "mtls", "")
+    listeners = tuple(listeners)
+    tcp = {id(lsn) for lsn in listeners if lsn.protocol is ListenerProtocol.TCP and governed(lsn)}
+    if mode == "disable":
+        return tuple(replace(lsn, tls=None) if id(lsn) in tcp else lsn for lsn in listeners)
+    forced = plane_tls(sla)
+    if forced is None:
+        return listeners
+    plain = {id(lsn) for lsn in listeners if id(lsn) in tcp and lsn.tls is None}
+    if mode == "strict":
+        kept = tuple(lsn for lsn in listeners if id(lsn) not in plain)
+        return kept + tuple(_plane_chain(lsn, forced) for lsn in listeners if id(lsn) in plain)
+    own_tls = {id(lsn) for lsn in listeners if lsn.transport_protocol == "tls"}  # a client's own TLS: not ours
+    twins = tuple(_plane_chain(lsn, forced) for lsn in listeners if id(lsn) in plain - own_tls)
+    kept = tuple(replace(lsn, transport_protocol="raw_buffer") if id(lsn) in plain and not lsn.transport_protocol
+                 else lsn for lsn in listeners)  # fmt: skip
+    return kept + twins
+
+
+def _plane_chain(lsn: Listener, forced: TlsContext) -> Listener:
+    return replace(lsn, name=lsn.name + PLANE_CHAIN, tls=forced, transport_protocol="tls")
+
+
+def unguarded_twins(chains: Iterable[Listener], sla: object) -> frozenset[str]:
+    """A permissive plane's mTLS twins: their TLS does not make a port refuse what no chain takes
+    (sni_routing.SniRoutes.guarded), so plaintext and other TLS reach their original destinations as before."""
+    if getattr(sla, "mtls", "") != "permissive":
+        return frozenset()
+    return frozenset(
+        lsn.name for lsn in chains if lsn.protocol is ListenerProtocol.TCP and lsn.name.endswith(PLANE_CHAIN)
+    )
 
 
 def _subject(ssl_object: TlsPeerView) -> str:

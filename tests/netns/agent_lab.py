@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from planemesh.agent.admin_client import AdminClient
 from planemesh.agent.demo import start_agent, start_servers
+from planemesh.agent.identity.ca import key_pem, new_root, utcnow
+from planemesh.agent.identity.ca_files import write_root_ca
+from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.labs import Lab, load_lab
 from planemesh.labs import netns as ns_tools
-from tests.support.waiting import eventually  # noqa: F401  (re-exported: tests import it from here)
+from tests.support.waiting import eventually
 
 
 @dataclass
@@ -68,3 +74,34 @@ def running_agent(prefix: str, extra_args: list[str] | None = None, lab_file: st
                 ns_tools.stop(agent)
             for proc in servers:
                 ns_tools.stop(proc)
+
+
+@contextlib.contextmanager
+def ca_xds_server(workdir: Path, resources: list[dict[str, Any]]) -> Iterator[tuple[Path, Any]]:
+    """`planemesh xds-server --ca` (a new root CA issuing `default`/`ROOTCA` over SDS) serving `resources` on a unix
+    socket under `workdir`: yields (the socket's path, the root CA), killed on exit."""
+    root = new_root("cluster.local", now=utcnow())
+    write_root_ca(workdir / "ca", root)
+    (workdir / "resources").mkdir()
+    (workdir / "resources" / "resources.yaml").write_text(yaml.safe_dump(resources))
+    sock = workdir / "xds.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "planemesh.agent.cli", "xds-server", "--resources", str(workdir / "resources"),
+         "--listen", f"unix://{sock}", "--ca", str(workdir / "ca")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert eventually(sock.exists, timeout=15), "xds-server did not start"
+        yield sock, root
+    finally:
+        server.kill()
+        server.wait()
+
+
+def write_client_certs(certs: Path, clients: dict[str, tuple[Any, str]]) -> Path:
+    """name -> (CA, SPIFFE ID): certs/<name>.pem and .key, issued now. Returns `certs`."""
+    certs.mkdir(exist_ok=True)
+    for name, (ca, who) in clients.items():
+        issued = ca.issue(parse_spiffe_id(str(who)), now=utcnow())
+        (certs / f"{name}.pem").write_bytes(issued.cert_chain_pem())
+        (certs / f"{name}.key").write_bytes(key_pem(issued.key))
+    return certs

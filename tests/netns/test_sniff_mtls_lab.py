@@ -69,9 +69,9 @@ def resources() -> list[dict]:
     return [listener, passthrough]
 
 
-def client(ns: str, host: str, certs: Path, who: str | None, alpn: str, payload: str) -> bytes:
+def client(ns: str, host: str, certs: Path, who: str | None, alpn: str, payload: str, port: int = PORT) -> bytes:
     cert, key = (str(certs / f"{who}.pem"), str(certs / f"{who}.key")) if who else ("", "")
-    argv = dev_module_argv("tests.netns.sniff_mtls_client", host, str(PORT), cert, key, alpn, payload)
+    argv = dev_module_argv("tests.netns.sniff_mtls_client", host, str(port), cert, key, alpn, payload)
     out = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=30, check=False)
     return ast.literal_eval(out.stdout.strip()) if out.stdout.strip() else b""
 

@@ -17,6 +17,7 @@ from planemesh.agent.identity.ca import key_pem, new_root, utcnow
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
+from planemesh.model.config import TrafficDirection
 from planemesh.model.planes import SLA
 from planemesh.model.tls_config import CertSecret, TlsContext, TrustSecret
 from tests.proxy.proxy_harness import Backend, ServingProxy, make_snapshot
@@ -48,12 +49,13 @@ def ctx(clients: Path, who: str, root: str) -> ssl.SSLContext:
     return c
 
 
-def plane_proxy(plane: str, sla: SLA, backend: int, secrets: dict, tls_listener: bool = False) -> ServingProxy:
+def plane_proxy(plane: str, sla: SLA, backend: int, secrets: dict, tls_listener: bool = False,
+                direction: TrafficDirection = TrafficDirection.UNSPECIFIED) -> ServingProxy:  # fmt: skip
     sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
     base = make_snapshot(sock.getsockname()[1], [("127.0.0.1", backend)], sla=sla)
     [lsn] = base.listeners
     planes = (replace(base.planes[0], name=plane),)
-    lsn = replace(lsn, plane=plane)
+    lsn = replace(lsn, plane=plane, direction=direction)
     if tls_listener:  # xDS says TLS only here
         lsn = replace(lsn, tls=TlsContext(cert="default", trust="ROOTCA", require_client_cert=True))
     snap = replace(base, planes=planes, listeners=(lsn,), secrets=MappingProxyType(secrets))

@@ -32,11 +32,11 @@ class SniffProxy(ServingProxy):
     drain_s = 0.2
 
     def __init__(
-        self, listeners: tuple[Listener, ...] = (), clusters: dict[str, Cluster] | None = None, secrets=None
+        self, listeners: tuple[Listener, ...] = (), clusters: dict[str, Cluster] | None = None, secrets=None, sla=None
     ) -> None:
         sock = make_listener_socket(0, transparent=False, host="127.0.0.1")
         self.target: tuple[str, int] = ("127.0.0.1", 9)
-        snap = make_snapshot(free_port(), [], clusters=clusters)
+        snap = make_snapshot(free_port(), [], clusters=clusters, sla=sla)
         snap = replace(
             snap,
             planes=(replace(snap.planes[0], sniff_port=sock.getsockname()[1]),),

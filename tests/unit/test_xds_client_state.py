@@ -13,9 +13,11 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, duration_pb2
 
 import planemesh.xds  # noqa: F401  (the real `xds` protos package before envoy imports)
+from planemesh.agent.identity.ca import new_root, utcnow
 from planemesh.model.config import ConfigError
 from planemesh.xds.client_state import AdsClientState, ApplyConfig, Mode, SendRequest
-from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, RESOURCE_WRAPPER, ROUTE, pack
+from planemesh.xds.resources import CLUSTER, ENDPOINT, LISTENER, RESOURCE_WRAPPER, ROUTE, SECRET, pack
+from planemesh.xds.sds import root_secret
 
 NODE = base_pb2.Node(id="node-1", cluster="test")
 
@@ -337,3 +339,16 @@ def test_wrong_protocol_flavour_is_ignored():
     st = started(Mode.DELTA)
     assert st.response_received(sotw(CLUSTER, "1", "a", cluster("c1")), 0.0) == []
     assert "SotW response" in (st.last_error or "") and st.types[CLUSTER].cache == {}
+
+
+def test_a_strict_planes_secrets_are_subscribed_and_awaited_without_a_listener_naming_them():
+    """A plane whose SLA requires mTLS terminates with its `mtls_cert`/`mtls_trust` Secrets on ports no listener
+    gives TLS (agent/proxy/tls.py plane_tcp_chains): the client asks for them from the start, and an update
+    warms until they arrive (before, nothing subscribed them and every update was refused)."""
+    st = AdsClientState(NODE, Mode.SOTW, pinned_secrets=frozenset({"ROOTCA"}))
+    reqs = requests(st.stream_started(0.0), SECRET)
+    assert [sorted(r.resource_names) for r in reqs] == [["ROOTCA"]]
+    assert applies(st.response_received(sotw(LISTENER, "1", "n1", listener("l1")), 1.0)) == []  # warming
+    roots = root_secret(new_root("cluster.local", now=utcnow()).root_pem())
+    [apply] = applies(st.response_received(sotw(SECRET, "1", "s1", roots), 1.5))
+    assert set(apply.resources.secrets) == {"ROOTCA"} and set(apply.resources.listeners) == {"l1"}
