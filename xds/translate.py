@@ -36,7 +36,7 @@ from planemesh.model.config import (
     WeightedCluster,
 )
 from planemesh.model.ip import IPNetwork
-from planemesh.model.planes import SLA, Plane, plane_of_address
+from planemesh.model.planes import Plane, plane_of_address
 from planemesh.model.server_names import server_name_error
 from planemesh.model.tls_config import Secret, plane_tls
 from planemesh.model.validation import validate_snapshot
