@@ -17,7 +17,6 @@ from types import MappingProxyType
 import pytest
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
 from google.protobuf import json_format
-from netaddr import IPNetwork
 
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
@@ -39,6 +38,7 @@ from planemesh.model.config import (
     Snapshot,
     VirtualHost,
 )
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA, Plane
 from planemesh.xds.resources import pack
 from planemesh.xds.translate_rbac import translate_rbac

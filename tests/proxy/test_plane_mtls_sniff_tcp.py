@@ -14,11 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.agent.identity.ca import key_pem, new_root
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.model.config import Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, WeightedCluster
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA
 from planemesh.model.tls_config import TrustSecret
 from tests.proxy.proxy_harness import PLANE, Backend

@@ -10,9 +10,9 @@ import socket
 import pytest
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2
 from google.protobuf import any_pb2, json_format
-from netaddr import IPNetwork
 
 from planemesh.model.config import Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, WeightedCluster
+from planemesh.model.ip import IPNetwork
 from planemesh.xds.translate_rbac import translate_network_rbac
 from tests.proxy.proxy_harness import PLANE
 from tests.proxy.test_sniff_passthrough import SniffProxy, TcpServer, recv_all

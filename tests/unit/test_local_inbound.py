@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from netaddr import IPNetwork
 
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.circuit import REQUESTS
@@ -45,6 +44,7 @@ from planemesh.model.config import (
     Snapshot,
     VirtualHost,
 )
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA
 from planemesh.model.static_config import default_config_text, load_default_config
 from planemesh.model.validation import validate_snapshot

@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from netaddr import IPNetwork
 
 from planemesh.agent.proxy.tls import TlsRoutes, plane_tcp_chains
 from planemesh.ebpf.abi import Action
 from planemesh.ebpf.policy import PolicyRule, needs_sniff_listener, policy_from_snapshot
 from planemesh.model.config import ConfigError, Listener, ListenerProtocol, TrafficDirection
+from planemesh.model.ip import IPNetwork
 from planemesh.model.planes import SLA
 from planemesh.model.tls_config import TlsContext
 from planemesh.xds import conformance
