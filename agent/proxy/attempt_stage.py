@@ -109,8 +109,8 @@ def local_stage(at: StagedAttempt, crc: CompiledRouteConfig, result: RouteResult
 
 
 def local_mirrors(at: StagedAttempt, targets: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """A local client's mirror targets without the shadows a local pod's own stage would answer
-    (local_mirrors.py); all of them for another client."""
+    """A local client's mirror targets (its owner calls this only when `local_client` is set) without the shadows
+    a local pod's own stage would answer (local_mirrors.py)."""
     if at.local_client is None or not targets:
         return targets
     return staged_mirrors(at.ds.proxy, at.local_client, targets)

@@ -304,7 +304,8 @@ class Exchange:
             return  # a large body is not mirrored (it would have to be held); chunked ones are checked at the end
         attempt = self.attempt
         clusters = self.ds.proxy.table.snapshot.clusters
-        self.mirror_to = local_mirrors(attempt, mirror_targets(mirrors, clusters, attempt.balancer, rng.random))
+        targets = mirror_targets(mirrors, clusters, attempt.balancer, rng.random)
+        self.mirror_to = local_mirrors(attempt, targets) if attempt.local_client is not None else targets
         if self.mirror_to and self.req_done:
             self._send_mirrors()
 

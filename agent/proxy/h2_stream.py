@@ -366,8 +366,9 @@ class Bridge:
         """Shadow copies (HTTP/1.1) of the request, sent once it has ended; a body past MAX_REPLAY_BODY is not
         mirrored. The primary never waits for them."""
         proxy = self.proxy
-        targets = local_mirrors(self.attempt, mirror_targets(
-            mirrors, proxy.table.snapshot.clusters, proxy.table.balancer, rng.random))
+        targets = mirror_targets(mirrors, proxy.table.snapshot.clusters, proxy.table.balancer, rng.random)
+        if self.attempt.local_client is not None:  # a local client pod's request (attempt_stage.py)
+            targets = local_mirrors(self.attempt, targets)
         if targets:
             self.mirror_to = targets
 
