@@ -1,17 +1,19 @@
 """A local server pod's stage carried out by a same-node client's Attempt (docs/workloads.md, "Same-node
-requests get both stages"): LocalStage is the part of attempts.Attempt that only such requests use.
+requests get both stages"): the part of an attempts.Attempt's work that only such requests do, as functions of
+the attempt (a StagedAttempt: the Attempt's state they read and write, and the two methods they call).
 
 pipeline.local_inbound decides the server's stage on the endpoint the client's route picked; the attempt then
 holds what the server's sidecar would hold (its inbound cluster's request, connection and pending units), waits
 its fault delay before the attempt opens, retries by its route's policy on the same endpoint first
 (stage_retry.py), reports its local answers to the client's cluster (outlier detection), sends mirrors through
 the mirror pod's stage (local_mirrors.py), and runs another local pod's stage when a client retry lands there
-(restage.py). A request of any other client never enters these methods.
+(restage.py). A request of any other client never enters these functions: its Attempt calls them only when
+`local_client`, `stage` or its inbound units (HELD_INBOUND) are set, and its owner only for a local client.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS
@@ -47,10 +49,10 @@ class StageState:
         self.xfcc = xfcc
 
 
-class LocalStage:
-    """attempts.Attempt's methods for a local server pod's stage (its slots are Attempt's)."""
+class StagedAttempt(Protocol):
+    """What the stage's functions use of an attempts.Attempt (its slots; attempts.py imports this module, so the
+    Attempt is named here only by this Protocol)."""
 
-    __slots__ = ()
     ds: RequestSource
     ex: AttemptOwner
     cluster: Cluster | None
@@ -66,153 +68,165 @@ class LocalStage:
     upstream_key: tuple | None
     backoff: asyncio.TimerHandle | None
 
-    def local_stage(self, crc: CompiledRouteConfig, result: RouteResult, authority: str, target: bytes,
-                    headers: Headers, rbac_denied: Any, peer_ip: str = "") -> Local | RouteResult | None:
-        """Step 6 for a local client pod's request on the endpoint just picked (pipeline.local_inbound, one call
-        for both codecs), with the client pod's SPIFFE ID from the pod table as its principal: a Local answer
-        (reported to the client's cluster as the endpoint's status, as the server's sidecar answering it would
-        be), the chained RouteResult, or None. The attempt takes over the rest of the stage: the server's
-        inbound cluster's request unit and its connection and pending limits (open), its fault delay (open),
-        its route's retry policy (StagedRetries: the same endpoint first). A retry keeps to endpoints of the
-        same stage."""
-        proxy = self.ds.proxy
-        router = proxy.table.router
-        assert self.upstream_addr is not None
-        principal = router.principal_of(crc, peer_ip) if peer_ip else None  # the client connection's source
-        self.local_client = (router, crc, result, authority, target, headers, rbac_denied, principal)
-        step = pipeline.local_inbound(proxy, crc, self.upstream_addr, result, authority, target, headers, rbac_denied,
-                                      principal)  # fmt: skip
-        if step is None:
-            return None
-        self.local_peer = principal  # what the server's sidecar would log and count as its peer
-        if type(step) is pipeline.Local:
-            self.end(step.status)
-            return step
-        stage = self.stage = StageState(router.local_xfcc_at(crc, self.upstream_addr, principal))
-        if type(step) is pipeline.Staged:
-            stage.delay = step.delay
-            self.ex.flags = DELAY_INJECTED
-            step = step.result
-        self.inbound_hold = step.inbound_hold
-        policy = step.inbound_retry
-        if policy is not None and policy.num_retries > 0:
-            self.retries = StagedRetries(Retries(policy, step.inbound_hold), self.retries)
-            stage.endpoint = self.endpoint
+    def end(self, status: int) -> None: ...
+
+    def open(self, target: tuple[str, int], reuse: bool) -> None: ...
+
+
+def local_stage(at: StagedAttempt, crc: CompiledRouteConfig, result: RouteResult, authority: str, target: bytes,
+                headers: Headers, rbac_denied: Any, peer_ip: str = "") -> Local | RouteResult | None:
+    """Step 6 for a local client pod's request on the endpoint just picked (pipeline.local_inbound, one call
+    for both codecs), with the client pod's SPIFFE ID from the pod table as its principal: a Local answer
+    (reported to the client's cluster as the endpoint's status, as the server's sidecar answering it would
+    be), the chained RouteResult, or None. The attempt takes over the rest of the stage: the server's
+    inbound cluster's request unit and its connection and pending limits (open), its fault delay (open),
+    its route's retry policy (StagedRetries: the same endpoint first). A retry keeps to endpoints of the
+    same stage."""
+    proxy = at.ds.proxy
+    router = proxy.table.router
+    assert at.upstream_addr is not None
+    principal = router.principal_of(crc, peer_ip) if peer_ip else None  # the client connection's source
+    at.local_client = (router, crc, result, authority, target, headers, rbac_denied, principal)
+    step = pipeline.local_inbound(proxy, crc, at.upstream_addr, result, authority, target, headers, rbac_denied,
+                                  principal)  # fmt: skip
+    if step is None:
+        return None
+    at.local_peer = principal  # what the server's sidecar would log and count as its peer
+    if type(step) is pipeline.Local:
+        at.end(step.status)
         return step
+    stage = at.stage = StageState(router.local_xfcc_at(crc, at.upstream_addr, principal))
+    if type(step) is pipeline.Staged:
+        stage.delay = step.delay
+        at.ex.flags = DELAY_INJECTED
+        step = step.result
+    at.inbound_hold = step.inbound_hold
+    policy = step.inbound_retry
+    if policy is not None and policy.num_retries > 0:
+        at.retries = StagedRetries(Retries(policy, step.inbound_hold), at.retries)
+        stage.endpoint = at.endpoint
+    return step
 
-    def local_mirrors(self, targets: list[tuple[str, int]]) -> list[tuple[str, int]]:
-        """A local client's mirror targets without the shadows a local pod's own stage would answer
-        (local_mirrors.py); all of them for another client."""
-        if self.local_client is None or not targets:
-            return targets
-        return staged_mirrors(self.ds.proxy, self.local_client, targets)
 
-    def _stage_open(self, target: tuple[str, int], reuse: bool) -> bool:
-        """A local server stage's part of opening an attempt: its fault delay first (pipeline.Staged: the
-        attempt opens when it has passed; False), then its inbound cluster's connection and pending limits
-        (refused: False, answered)."""
-        stage = self.stage
-        delay = stage.delay  # type: ignore[union-attr]
-        if delay is not None:
-            stage.delay = None  # type: ignore[union-attr]
-            self.backoff = self.ds.proxy.loop.call_later(delay.delay_s, self._after_stage_delay, target, reuse,
-                                                         delay.abort_status)  # fmt: skip
-            return False
-        inbound = self.inbound_hold
-        return inbound is None or self._hold_inbound(inbound)
+def local_mirrors(at: StagedAttempt, targets: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """A local client's mirror targets (its owner calls this only when `local_client` is set) without the shadows
+    a local pod's own stage would answer (local_mirrors.py)."""
+    if at.local_client is None or not targets:
+        return targets
+    return staged_mirrors(at.ds.proxy, at.local_client, targets)
 
-    def _after_stage_delay(self, target: tuple[str, int], reuse: bool, abort_status: int | None) -> None:
-        self.backoff = None
-        ex = self.ex
-        if ex.finished:
-            return
-        if abort_status is not None:
-            self.end(abort_status)
-            ex.reply(abort_status, b"fault filter abort", (), pipeline.fault_abort(abort_status, delayed=True).flag)
-        else:
-            self.open(target, reuse)
-        if ex.finished:
-            self.ds.flush()
 
-    def _hold_inbound(self, inbound: CircuitBreaker) -> bool:
-        """The local server's inbound cluster's connection and pending limits (its sidecar's pool to its pod),
-        held like the client cluster's; refused: 503 UO, which the client's cluster sees from the endpoint."""
-        if inbound.try_acquire(CONNECTIONS):
-            self.cb_held |= HELD_IN_CONNECTION
-            if inbound.try_acquire(PENDING):
-                self.cb_held |= HELD_IN_PENDING
-                return True
-            which = b"cluster_pending"
-        else:
-            which = b"cluster_connections"
-        self.end(503)
-        self.ex.overloaded(which)
+def stage_open(at: StagedAttempt, target: tuple[str, int], reuse: bool) -> bool:
+    """A local server stage's part of opening an attempt: its fault delay first (pipeline.Staged: the
+    attempt opens when it has passed; False), then its inbound cluster's connection and pending limits
+    (refused: False, answered)."""
+    stage = at.stage
+    delay = stage.delay  # type: ignore[union-attr]
+    if delay is not None:
+        stage.delay = None  # type: ignore[union-attr]
+        at.backoff = at.ds.proxy.loop.call_later(delay.delay_s, _after_stage_delay, at, target, reuse,
+                                                 delay.abort_status)  # fmt: skip
         return False
+    inbound = at.inbound_hold
+    return inbound is None or hold_inbound(at, inbound)
 
-    def _release_inbound(self, bits: int) -> None:
-        inbound = self.inbound_hold
-        held = self.cb_held & bits
-        self.cb_held &= ~bits
-        if inbound is not None:
-            if held & HELD_IN_PENDING:
-                inbound.release(PENDING)
-            if held & HELD_IN_CONNECTION:
-                inbound.release(CONNECTIONS)
 
-    def _same_endpoint(self) -> tuple[str, int] | None:
-        """The server stage's retry: the endpoint of its pod again, counted open on the client's cluster as a
-        new pick would be (the client's sidecar saw one attempt)."""
-        ep = self.stage.endpoint if self.stage is not None else None
-        if ep is not None and self.cluster is not None and self.balancer is not None:
-            lb = self.balancer.lb(self.cluster)
-            if lb.counts:
-                lb.started(ep)
-            self.endpoint = ep
-        self.upstream_key = None
-        return self.upstream_addr
+def _after_stage_delay(at: StagedAttempt, target: tuple[str, int], reuse: bool, abort_status: int | None) -> None:
+    at.backoff = None
+    ex = at.ex
+    if ex.finished:
+        return
+    if abort_status is not None:
+        at.end(abort_status)
+        ex.reply(abort_status, b"fault filter abort", (), pipeline.fault_abort(abort_status, delayed=True).flag)
+    else:
+        at.open(target, reuse)
+    if ex.finished:
+        at.ds.flush()
 
-    def _enter_stage(self, picked: tuple[str, int]) -> int:
-        """A local client's retry to `picked`: when it is another local pod than the last attempt's, that pod's
-        stage runs (restage.py): it answers (its RBAC, no route, an abort: ANSWERED, the owner replied), or
-        the attempt takes over its holds, fault delay, retry policy and response header changes (GO), unless
-        it would change the request head otherwise than the head being resent (SKIP). A remote endpoint or the
-        same pod: GO."""
-        router, crc, result, authority, target, headers, rbac_denied, principal = self.local_client  # type: ignore[misc]
-        stage = router.local_inbound(crc, *picked)
-        if stage is None or stage is router.local_inbound(crc, *self.upstream_addr):  # type: ignore[misc]
-            return GO
-        old = self.inbound_hold  # the last pod's request is over: its inbound request unit is given back first
-        if old is not None:
-            old.release(REQUESTS)
-            self.inbound_hold = None
-        step = pipeline.local_inbound(self.ds.proxy, crc, picked, result, authority, target, headers, rbac_denied,
-                                      principal)  # fmt: skip
-        if step is None:
-            return GO
-        if type(step) is pipeline.Local:
-            self.end(step.status)
-            self.ex.reply(step.status, step.body, step.headers, step.flag)
-            return ANSWERED
-        delay = None
-        if type(step) is pipeline.Staged:
-            delay, step = step.delay, step.result
-        xfcc = router.pods.xfcc(stage, principal)
-        if not same_head(step.route, self.ex.route) or xfcc != (self.stage.xfcc if self.stage is not None else None):
-            if step.inbound_hold is not None:
-                step.inbound_hold.release(REQUESTS)
-            if old is not None and old.try_acquire(REQUESTS):  # free again: the head's own stage keeps it
-                self.inbound_hold = old
-            return SKIP
-        self.inbound_hold = step.inbound_hold
-        if self.stage is None:
-            self.stage = StageState()
-        self.stage.delay = delay
-        self.ex.route = step.route  # its response header changes
-        retries = self.retries
-        outer = retries.outer if type(retries) is StagedRetries else retries
-        if type(retries) is StagedRetries:
-            retries.inner.release()
-        policy = step.inbound_retry
-        has_retries = policy is not None and policy.num_retries > 0
-        self.retries = StagedRetries(Retries(policy, step.inbound_hold), outer) if has_retries else outer  # type: ignore[arg-type]
+
+def hold_inbound(at: StagedAttempt, inbound: CircuitBreaker) -> bool:
+    """The local server's inbound cluster's connection and pending limits (its sidecar's pool to its pod),
+    held like the client cluster's; refused: 503 UO, which the client's cluster sees from the endpoint."""
+    if inbound.try_acquire(CONNECTIONS):
+        at.cb_held |= HELD_IN_CONNECTION
+        if inbound.try_acquire(PENDING):
+            at.cb_held |= HELD_IN_PENDING
+            return True
+        which = b"cluster_pending"
+    else:
+        which = b"cluster_connections"
+    at.end(503)
+    at.ex.overloaded(which)
+    return False
+
+
+def release_inbound(at: StagedAttempt, bits: int) -> None:
+    inbound = at.inbound_hold
+    held = at.cb_held & bits
+    at.cb_held &= ~bits
+    if inbound is not None:
+        if held & HELD_IN_PENDING:
+            inbound.release(PENDING)
+        if held & HELD_IN_CONNECTION:
+            inbound.release(CONNECTIONS)
+
+
+def same_endpoint(at: StagedAttempt) -> tuple[str, int] | None:
+    """The server stage's retry: the endpoint of its pod again, counted open on the client's cluster as a
+    new pick would be (the client's sidecar saw one attempt)."""
+    ep = at.stage.endpoint if at.stage is not None else None
+    if ep is not None and at.cluster is not None and at.balancer is not None:
+        lb = at.balancer.lb(at.cluster)
+        if lb.counts:
+            lb.started(ep)
+        at.endpoint = ep
+    at.upstream_key = None
+    return at.upstream_addr
+
+
+def enter_stage(at: StagedAttempt, picked: tuple[str, int]) -> int:
+    """A local client's retry to `picked`: when it is another local pod than the last attempt's, that pod's
+    stage runs (restage.py): it answers (its RBAC, no route, an abort: ANSWERED, the owner replied), or
+    the attempt takes over its holds, fault delay, retry policy and response header changes (GO), unless
+    it would change the request head otherwise than the head being resent (SKIP). A remote endpoint or the
+    same pod: GO."""
+    router, crc, result, authority, target, headers, rbac_denied, principal = at.local_client  # type: ignore[misc]
+    stage = router.local_inbound(crc, *picked)
+    if stage is None or stage is router.local_inbound(crc, *at.upstream_addr):  # type: ignore[misc]
         return GO
+    old = at.inbound_hold  # the last pod's request is over: its inbound request unit is given back first
+    if old is not None:
+        old.release(REQUESTS)
+        at.inbound_hold = None
+    step = pipeline.local_inbound(at.ds.proxy, crc, picked, result, authority, target, headers, rbac_denied,
+                                  principal)  # fmt: skip
+    if step is None:
+        return GO
+    if type(step) is pipeline.Local:
+        at.end(step.status)
+        at.ex.reply(step.status, step.body, step.headers, step.flag)
+        return ANSWERED
+    delay = None
+    if type(step) is pipeline.Staged:
+        delay, step = step.delay, step.result
+    xfcc = router.pods.xfcc(stage, principal)
+    if not same_head(step.route, at.ex.route) or xfcc != (at.stage.xfcc if at.stage is not None else None):
+        if step.inbound_hold is not None:
+            step.inbound_hold.release(REQUESTS)
+        if old is not None and old.try_acquire(REQUESTS):  # free again: the head's own stage keeps it
+            at.inbound_hold = old
+        return SKIP
+    at.inbound_hold = step.inbound_hold
+    if at.stage is None:
+        at.stage = StageState()
+    at.stage.delay = delay
+    at.ex.route = step.route  # its response header changes
+    retries = at.retries
+    outer = retries.outer if type(retries) is StagedRetries else retries
+    if type(retries) is StagedRetries:
+        retries.inner.release()
+    policy = step.inbound_retry
+    has_retries = policy is not None and policy.num_retries > 0
+    at.retries = StagedRetries(Retries(policy, step.inbound_hold), outer) if has_retries else outer  # type: ignore[arg-type]
+    return GO

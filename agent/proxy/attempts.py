@@ -14,7 +14,15 @@ import time
 from typing import TYPE_CHECKING
 
 from planemesh.agent.proxy import accesslog as flags
-from planemesh.agent.proxy.attempt_stage import HELD_IN_PENDING, HELD_INBOUND, LocalStage, StageState
+from planemesh.agent.proxy.attempt_stage import (
+    HELD_IN_PENDING,
+    HELD_INBOUND,
+    StageState,
+    enter_stage,
+    release_inbound,
+    same_endpoint,
+    stage_open,
+)
 from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS
 from planemesh.agent.proxy.h2_support import open_h2_stream
@@ -56,7 +64,7 @@ class _Finished:
 FINISHED = _Finished()
 
 
-class Attempt(LocalStage):
+class Attempt:
     """The current upstream attempt of a request (endpoint, connection, breaker holds) and what carries over
     from one attempt to the next (retry state, deadlines, the back-off timer)."""
 
@@ -99,7 +107,7 @@ class Attempt(LocalStage):
         self.inbound_hold: CircuitBreaker | None = None  # a local server's inbound cluster (pipeline.local_inbound)
         self.local_client: tuple | None = None  # a local client pod's request: (router, route config, ...)
         self.local_peer: str | None = None  # the client pod's SPIFFE ID once a local server stage applied
-        self.stage: StageState | None = None  # what a local server pod's stage left to do (Attempt.local_stage)
+        self.stage: StageState | None = None  # what a local server pod's stage left to do (attempt_stage.local_stage)
         self.endpoint: Endpoint | None = None
         self.conn: UpstreamConnection | None = None
         self.connect_task = None
@@ -147,7 +155,7 @@ class Attempt(LocalStage):
     def end(self, status: int) -> None:
         """The current attempt's outcome (HTTP status, 0 gateway failure, -1 none) for outlier detection."""
         if self.cb_held & HELD_INBOUND:
-            self._release_inbound(HELD_INBOUND)
+            release_inbound(self, HELD_INBOUND)
         breaker = self.breaker
         if breaker is not None:
             if self.cb_held & HELD_PENDING:
@@ -174,7 +182,7 @@ class Attempt(LocalStage):
     def open(self, target: tuple[str, int], reuse: bool) -> None:
         """Open an attempt on `target` within the cluster's connection and pending limits (an h2 stream: those of
         the multiplexed connection it goes on, h2_upstream.H2Pool)."""
-        if self.stage is not None and not self._stage_open(target, reuse):
+        if self.stage is not None and not stage_open(self, target, reuse):
             return None
         if self.h2:
             return open_h2_stream(self, target)
@@ -210,7 +218,7 @@ class Attempt(LocalStage):
     def release_pending(self) -> None:
         """The attempt's connection is established: it no longer waits for one."""
         if self.cb_held & HELD_IN_PENDING:
-            self._release_inbound(HELD_IN_PENDING)
+            release_inbound(self, HELD_IN_PENDING)
         if self.cb_held & HELD_PENDING:
             self.cb_held &= ~HELD_PENDING
             self.breaker.release(PENDING)  # type: ignore[union-attr]
@@ -220,7 +228,7 @@ class Attempt(LocalStage):
             self.cb_held &= ~HELD_PENDING
             self.breaker.release(PENDING)  # type: ignore[union-attr]
         if self.cb_held & HELD_IN_PENDING:  # a local server's inbound cluster's (its stream too)
-            self._release_inbound(HELD_IN_PENDING)
+            release_inbound(self, HELD_IN_PENDING)
         self.conn = conn
         conn.exchange = self.ex.relay  # the connection's response events
         ds = self.ds
@@ -304,7 +312,7 @@ class Attempt(LocalStage):
         if self.deadline and per_try:
             self.try_deadline = min(self.deadline, self.ds.proxy.loop.time() + per_try)
         target = self.next_target()
-        if ex.finished:  # the stage of the pod picked answered (_enter_stage)
+        if ex.finished:  # the stage of the pod picked answered (attempt_stage.enter_stage)
             self.ds.flush()
             return
         if target is None:
@@ -321,12 +329,12 @@ class Attempt(LocalStage):
         retries = self.retries
         if type(retries) is StagedRetries and retries.same_endpoint:
             retries.same_endpoint = False
-            return self._same_endpoint()
+            return same_endpoint(self)
         if self.cluster is not None and self.balancer is not None:
             picked = self.pick()
             tries = MAX_STAGE_PICKS
             while picked is not None and self.local_client is not None:
-                verdict = self._enter_stage(picked)
+                verdict = enter_stage(self, picked)
                 if verdict == ANSWERED:
                     return None  # the owner is finished: its caller sends nothing
                 if verdict == GO:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from planemesh.agent.proxy import accesslog as flags
 from planemesh.agent.proxy import pipeline
 from planemesh.agent.proxy.accesslog import AccessRecord
+from planemesh.agent.proxy.attempt_stage import local_mirrors, local_stage
 from planemesh.agent.proxy.attempts import FINISHED, Attempt
 from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
@@ -247,8 +248,8 @@ class Exchange:
         if connect:
             return self._open_connect(target, result.connect_timeout_s)
         if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
-            step = attempt.local_stage(crc, result, self.authority or "", self.target, self._header_map,
-                                       self._rbac_denied, ds.peer_ip)  # fmt: skip
+            step = local_stage(attempt, crc, result, self.authority or "", self.target, self._header_map,
+                               self._rbac_denied, ds.peer_ip)  # fmt: skip
             if type(step) is pipeline.Local:
                 return self.answer(step)
             if step is not None:
@@ -303,7 +304,8 @@ class Exchange:
             return  # a large body is not mirrored (it would have to be held); chunked ones are checked at the end
         attempt = self.attempt
         clusters = self.ds.proxy.table.snapshot.clusters
-        self.mirror_to = attempt.local_mirrors(mirror_targets(mirrors, clusters, attempt.balancer, rng.random))
+        targets = mirror_targets(mirrors, clusters, attempt.balancer, rng.random)
+        self.mirror_to = local_mirrors(attempt, targets) if attempt.local_client is not None else targets
         if self.mirror_to and self.req_done:
             self._send_mirrors()
 

@@ -20,6 +20,7 @@ import h2.errors
 
 from planemesh.agent.proxy import accesslog, pipeline
 from planemesh.agent.proxy.accesslog import AccessRecord
+from planemesh.agent.proxy.attempt_stage import local_mirrors, local_stage
 from planemesh.agent.proxy.attempts import FINISHED, Attempt
 from planemesh.agent.proxy.authz import rbac_denial
 from planemesh.agent.proxy.balancer import normalise_ip
@@ -299,8 +300,8 @@ class Bridge:
         attempt.upstream_addr = target
         if crc.local_client:  # a local client pod's request: a local server pod's inbound stage may follow
             authority = self.authority_b.decode("latin-1") if self.authority_b else ""
-            step = attempt.local_stage(crc, result, authority, self.path_b or b"/", self._header_map,
-                                       self._rbac_denied, client.peer_ip)  # fmt: skip
+            step = local_stage(attempt, crc, result, authority, self.path_b or b"/", self._header_map,
+                               self._rbac_denied, client.peer_ip)  # fmt: skip
             if type(step) is pipeline.Local:
                 return self.answer(step)
             if step is not None:
@@ -365,8 +366,9 @@ class Bridge:
         """Shadow copies (HTTP/1.1) of the request, sent once it has ended; a body past MAX_REPLAY_BODY is not
         mirrored. The primary never waits for them."""
         proxy = self.proxy
-        targets = self.attempt.local_mirrors(
-            mirror_targets(mirrors, proxy.table.snapshot.clusters, proxy.table.balancer, rng.random))
+        targets = mirror_targets(mirrors, proxy.table.snapshot.clusters, proxy.table.balancer, rng.random)
+        if self.attempt.local_client is not None:  # a local client pod's request (attempt_stage.py)
+            targets = local_mirrors(self.attempt, targets)
         if targets:
             self.mirror_to = targets
 

@@ -455,11 +455,6 @@ class SniffListener:
                 return
             balancer.lb(cluster).started(ep)
             host, port = ep.address, ep.port
-            if local_server_refuses(proxy, conn, chain, table, verdict, (host, port)):  # tcp_local.py
-                breaker.release(CONNECTIONS)
-                balancer.report(cluster, ep, -1)
-                refuse()
-                return
         elif port in proxy.listen_ports:
             refuse()  # not intercepted: it would loop back into us
             return
@@ -469,6 +464,9 @@ class SniffListener:
         origin = origin_tls(cluster, ep, (host, port))  # the endpoint's transport socket (tcp_originate.py)
         outcome = -1
         try:
+            if ep is not None and local_server_refuses(proxy, conn, chain, table, verdict, (host, port)):
+                refuse()  # by the local server pod's inbound chain (tcp_local.py); the endpoint is given back below
+                return
             try:
                 up = await open_upstream(host, port, mark=mark, source=source, timeout=timeout)
                 if origin is not None:  # TLS refused (counted, logged): the client is closed, as a refused connect

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from planemesh.model.config import Route
 
-GO, SKIP, ANSWERED = 0, 1, 2  # Attempt._enter_stage: send to the endpoint, pass it over, the stage answered
+GO, SKIP, ANSWERED = 0, 1, 2  # attempt_stage.enter_stage: send to the endpoint, pass it over, the stage answered
 
 
 def _head_changes(route: Route) -> tuple:

@@ -11,11 +11,13 @@ import pytest
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2
 from google.protobuf import any_pb2, json_format
 
+from planemesh.agent.proxy.circuit import CONNECTIONS
 from planemesh.model.config import Cluster, ClusterKind, Endpoint, Listener, ListenerProtocol, WeightedCluster
 from planemesh.model.ip import IPNetwork
 from planemesh.xds.translate_rbac import translate_network_rbac
 from tests.proxy.proxy_harness import PLANE
 from tests.proxy.test_sniff_passthrough import SniffProxy, TcpServer, recv_all
+from tests.support.waiting import wait_for
 
 
 def network_rbac(rules: dict) -> tuple:
@@ -155,6 +157,8 @@ def test_a_same_node_pods_relayed_chain_meets_the_server_pods_network_rbac() -> 
         with SniffProxy((*own, server), clusters) as sniffer:
             sniffer.target = ("127.0.0.9", port)  # the address the clients dialled (a service VIP)
             got = {src: _call_from(sniffer, src) for src in ("127.0.0.2", "127.0.0.4")}
+            breaker = sniffer.proxy.table.balancer.breaker(clusters["db"])  # both connections' units given back
+            wait_for(lambda: breaker.counts[CONNECTIONS] == 0, 5.0, "db's connection units back")
         assert not upstream.errors
     assert got == {"127.0.0.2": b"<reset>", "127.0.0.4": b"echo:ping"}, got
     assert sniffer.proxy.tls_stats.rbac_denied == 1

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from planemesh.agent.proxy.attempts import HELD_REQUEST, Attempt, StageState
+from planemesh.agent.proxy.attempt_stage import StagedAttempt, StageState
+from planemesh.agent.proxy.attempts import HELD_REQUEST, Attempt
 from planemesh.agent.proxy.circuit import CONNECTIONS, PENDING, REQUESTS, RETRIES, CircuitBreaker
 from planemesh.agent.proxy.pipeline import Delay
 from planemesh.agent.proxy.retry import Retries
@@ -122,7 +123,7 @@ def test_timeouts_before_and_after_the_response_started() -> None:
 
 
 def test_a_local_server_stages_inbound_holds_are_given_back() -> None:
-    """A local server pod's stage (Attempt.local_stage): its fault delay holds the attempt (a timer), then its
+    """A local server pod's stage (attempt_stage.local_stage): its fault delay holds the attempt (a timer), then its
     inbound cluster's connection and pending units are held with the client's; every unit comes back whether
     the attempt ends, or the request is released with no endpoint and no client-cluster unit open (an h2
     stream to an ORIGINAL_DST cluster)."""
@@ -142,3 +143,12 @@ def test_a_local_server_stages_inbound_holds_are_given_back() -> None:
     attempt.h2, attempt.breaker = True, None  # as an h2 stream with no client-cluster unit of its own
     attempt.release()
     assert inbound.counts[CONNECTIONS] == 0 and inbound.counts[PENDING] == 0 and inbound.counts[REQUESTS] == 0
+
+
+def test_the_stage_functions_use_only_what_an_attempt_has() -> None:
+    """attempt_stage.StagedAttempt (the Protocol the stage's functions take instead of a mixin's host state) names
+    only slots and methods Attempt has, so a renamed slot fails here rather than on a same-node request."""
+    names = set(StagedAttempt.__annotations__) | {"end", "open"}
+    missing = [n for n in names if n not in Attempt.__slots__ and not callable(getattr(Attempt, n, None))]
+    assert not missing, missing
+    assert Attempt.__mro__ == (Attempt, object)  # composed, not mixed in
