@@ -2,6 +2,7 @@
 h2c backend: figures a busy machine does not move, for A/B of the h2->h2 path.
 
     ./run.sh bench grpc_instructions [--calls 3000] [--strace] [--get] [--clients 16 --streams 32]
+                                     [--before-get 5] [--keep-dump PATH]
 
 bench/grpc.py's nginx backend (gRPC over h2c, one worker) on loopback; the proxy (one PlaneProxy, uvloop, access
 log to /dev/null, the backend as an http2 cluster) in its own process under `valgrind --tool=callgrind`. After
@@ -9,6 +10,8 @@ log to /dev/null, the backend as an http2 cluster) in its own process under `val
 are dumped: instructions retired by the proxy process / N (moves about 1% between runs, whatever the load).
 `--strace`: no valgrind; `strace -c -f` on the proxy for N calls: read/write/epoll calls per call (how much one
 loop pass coalesces). `--get`: h2load GETs to the backend's HTTP/1.1 port instead (h2 -> HTTP/1.1). ~1.5 min.
+`--before-get N`: bench/grpc.py's h2 GET phase (its own proxy process, N s) against the same nginx first (does a
+proxy started after it do more work? session 7: no). `--keep-dump`: the callgrind file, for callgrind_annotate.
 To compare trees, run it in each (its own venv); everything binds to 127.0.0.1.
 """
 
@@ -71,8 +74,15 @@ def h2load(port: int, calls: int, body: Path | None, clients: int = 16, streams:
     return int(re.search(r"(\d+) succeeded", out).group(1))  # type: ignore[union-attr]
 
 
-def measure(calls: int, use_strace: bool, get: bool, clients: int = 16, streams: int = 32,
-            before_get: int = 0, keep_dump: str | None = None) -> str:
+def measure(
+    calls: int,
+    use_strace: bool,
+    get: bool,
+    clients: int = 16,
+    streams: int = 32,
+    before_get: int = 0,
+    keep_dump: str | None = None,
+) -> str:
     with tempfile.TemporaryDirectory(prefix="pm-bench-") as tmp:
         work = Path(tmp)
         up, h1 = free_port(), free_port()
@@ -130,8 +140,13 @@ def main() -> int:
     ap.add_argument("--get", action="store_true", help="h2 GETs to an HTTP/1.1 upstream instead of gRPC to h2c")
     ap.add_argument("--clients", type=int, default=16, help="h2load -c (fewer: less per loop pass)")
     ap.add_argument("--streams", type=int, default=32, help="h2load -m")
-    ap.add_argument("--before-get", type=int, default=0, metavar="SECONDS",
-                    help="run bench/grpc.py's h2 GET phase (its own proxy process) this long first")
+    ap.add_argument(
+        "--before-get",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="run bench/grpc.py's h2 GET phase (its own proxy process) this long first",
+    )
     ap.add_argument("--keep-dump", metavar="PATH", help="copy the callgrind dump here (callgrind_annotate)")
     ap.add_argument("--serve", nargs=3, type=int, metavar=("PORT", "UPSTREAM", "H2"), help=argparse.SUPPRESS)
     args = ap.parse_args()
