@@ -237,12 +237,13 @@ class Result:
     head_bytes: float = 0.0  # HPACK bytes of response heads and trailers per call, as h2load counts them
     backend_cpu_s: float = 0.0  # the backend's (nginx's one process) CPU during the load
     counts: dict[str, int] = field(default_factory=dict)  # the proxy's counts() over the load
+    probe_ms: tuple[float, float] = (0.0, 0.0)  # machine_probe() just before and just after the load
 
     def per_call(self) -> str:
         n = max(self.units, 1)
         read, write, rx, tx, faults = (self.counts.get(k, 0) / n for k in COUNTS)
         return (f"{self.load:28} {self.proxy:10} {read:6.3f} {write:6.3f} {rx:7.1f} {tx:7.1f} {faults:6.3f} "
-                f"{self.backend_cpu_s * 1e6 / n:8.1f}")  # fmt: skip
+                f"{self.backend_cpu_s * 1e6 / n:8.1f}  {self.probe_ms[0]:5.1f} / {self.probe_ms[1]:5.1f}")  # fmt: skip
 
     @property
     def cpu_us(self) -> float:
@@ -346,6 +347,22 @@ def grpcio_load(proxy: str, port: int, seconds: int, concurrency: int, streaming
     return Result(proxy, "gRPC unary (grpcio)", calls / elapsed, p50, p99, failed, calls)
 
 
+def machine_probe(rounds: int = 3) -> float:
+    """CPU ms of a fixed pure-Python task (median of `rounds`): how fast the machine runs Python code right now.
+    With nothing of the bench running, the same work took 39-63 ms on the shared 2-core VM within a minute
+    (session 7): a phase whose probe reads slow ran on a slow machine, whatever the proxy."""
+
+    def task() -> float:
+        table: dict[int, int] = {}
+        t0 = time.thread_time()
+        for i in range(300_000):
+            table[i & 1023] = table.get((i * 7) & 1023, 0) + 1
+            str(i)
+        return (time.thread_time() - t0) * 1000
+
+    return statistics.median(task() for _ in range(rounds))
+
+
 def measured(proc: subprocess.Popen, load, *args, backend: subprocess.Popen | None = None) -> Result:
     """load(*args), with the proxy process's CPU and counts over it (and the backend's CPU)."""
     before, counted = cpu_seconds(proc), counts(proc)
@@ -407,11 +424,15 @@ def run_phase(work: Path, backend: Backend, proxy: str, load: str, args: argpars
             grpcio_load(proxy, port, 1, 4, False)
         else:
             h2load(work, proxy, port, 1, False)
+        before = machine_probe()
         if load in ("get", "unary"):
-            return measured(proc, h2load, work, proxy, port, args.seconds, http2, backend=backend.proc)
-        concurrency = args.calls if load == "grpcio" else args.streams
-        return measured(proc, grpcio_load, proxy, port, args.seconds, concurrency, load == "stream",
-                        backend=backend.proc)  # fmt: skip
+            result = measured(proc, h2load, work, proxy, port, args.seconds, http2, backend=backend.proc)
+        else:
+            concurrency = args.calls if load == "grpcio" else args.streams
+            result = measured(proc, grpcio_load, proxy, port, args.seconds, concurrency, load == "stream",
+                              backend=backend.proc)  # fmt: skip
+        result.probe_ms = (before, machine_probe())
+        return result
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -447,8 +468,9 @@ def report(results: list[Result]) -> str:
     lines += [
         "",
         f"{'per call':28} {'proxy':10} {'reads':>6} {'writes':>6} {'B in':>7} {'B out':>7} {'faults':>6} "
-        f"{'nginx us':>8} (the proxy's read/write-type system calls, bytes through them and minor faults per "
-        "call, /proc/PID/io and stat; the backend's CPU per call: counts a busy machine does not move)",
+        f"{'nginx us':>8}  probe ms before / after (the proxy's read/write-type system calls, bytes through "
+        "them and minor faults per call, /proc/PID/io and stat; the backend's CPU per call: counts a busy "
+        "machine does not move; probe: CPU ms of a fixed Python task around the load, the machine's speed)",
     ]
     lines += [r.per_call() for r in results]
     return "\n".join(lines)

@@ -39,4 +39,5 @@ def test_a_phase_it_cannot_run_is_a_clear_error(bad: str) -> None:
 def test_per_call_counts_divide_by_the_calls() -> None:
     r = Result("planemesh", "gRPC unary (h2load)", 1000.0, 1.0, 2.0, 0, 2000, backend_cpu_s=0.04)
     r.counts = dict(zip(COUNTS, (100, 80, 480_000, 990_000, 20), strict=True))
-    assert r.per_call().split()[-6:] == ["0.050", "0.040", "240.0", "495.0", "0.010", "20.0"]
+    r.probe_ms = (39.5, 41.25)
+    assert r.per_call().split()[-9:] == ["0.050", "0.040", "240.0", "495.0", "0.010", "20.0", "39.5", "/", "41.2"]
