@@ -1,12 +1,13 @@
 """gRPC (and plain h2) through the proxy vs Envoy 1.40, same run, loopback only:
 
     ./run.sh bench grpc [--seconds 5] [--calls 64] [--streams 16] [--only get|unary|grpcio|stream]
+                        [--phases unary,get,unary,envoy:unary] [--shared-backend]
 
 One planemesh worker (a PlaneProxy in its own process, the test harness's, access log to a file) and Envoy
-`--concurrency 1` (file access log), one after the other, in front of the same backend, nginx (one worker; a C
-server, so that the proxies and not the backend are measured): over h2c it answers `/bench.Bench/Unary` with one
-18-byte message and `/bench.Bench/Stream` with 1,000 100-byte messages, each with `grpc-status: 0` trailers; over
-HTTP/1.1 a small page. Each proxy's cluster speaks h2c to the former, HTTP/1.1 to the latter. Loads:
+`--concurrency 1` (file access log), in front of a backend, nginx (one worker; a C server, so that the proxies and
+not the backend are measured): over h2c it answers `/bench.Bench/Unary` with one 18-byte message and
+`/bench.Bench/Stream` with 1,000 100-byte messages, each with `grpc-status: 0` trailers; over HTTP/1.1 a small
+page. Each proxy's cluster speaks h2c to the former, HTTP/1.1 to the latter. Loads:
 
 - get: `h2load -c16 -m32` GETs, HTTP/1.1 upstream (bench/sniff.py's h2 case without the interception);
 - unary: `h2load -c16 -m32` of gRPC-framed POSTs (content-type application/grpc, te: trailers);
@@ -14,8 +15,12 @@ HTTP/1.1 a small page. Each proxy's cluster speaks h2c to the former, HTTP/1.1 t
   here: proof that a real gRPC stack works at load more than a ratio);
 - stream: grpcio, `--streams` server-streaming calls in flight, each reading 1,000 messages (rate: messages/s).
 
-Each row: rate, p50/p99 per call (h2load's per-request log, or timed by the client), and the proxy process's CPU
-per call (/proc: user + system over the load), the figure that the other work on a shared machine moves least.
+Every load is a phase of its own: a fresh proxy process (warmed up first) and a fresh nginx, planemesh's then
+Envoy's, so that the two figures of one load are taken seconds apart and nothing a previous phase left in the
+backend reaches the next (`--shared-backend`: one nginx for the whole run, as in session 6; `--phases`: any
+sequence, to look for such carry-overs). Each row: rate, p50/p99 per call (h2load's per-request log, or timed by
+the client), the proxy process's CPU per call (/proc: user + system over the load), and, per call, counts a busy
+machine does not move: the proxy's read/write system calls and bytes, its minor faults, the backend's CPU.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -188,6 +193,18 @@ def cpu_seconds(proc: subprocess.Popen) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+COUNTS = ("syscr", "syscw", "rchar", "wchar", "minflt")
+
+
+def counts(proc: subprocess.Popen) -> dict[str, int]:
+    """What the process (all its threads) has done so far, as counts a busy machine does not move: read-type and
+    write-type system calls (one per loop pass and socket that had data, so they say how much a pass batches),
+    bytes through them, minor page faults."""
+    io = dict(line.split(": ") for line in Path(f"/proc/{proc.pid}/io").read_text().splitlines())
+    stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return {**{k: int(io[k]) for k in COUNTS[:4]}, "minflt": int(stat[7])}
+
+
 def serve(port: int, backend: int, log_path: str, http2: bool) -> None:
     """The planemesh side: one PlaneProxy (as one worker runs it) on 127.0.0.1:port, a cluster to the backend
     (h2c when http2, else HTTP/1.1), the access log appended to a file; until SIGTERM."""
@@ -218,6 +235,15 @@ class Result:
     units: int  # calls (messages for streaming) completed
     cpu_s: float = 0.0  # the proxy process's CPU during the load
     head_bytes: float = 0.0  # HPACK bytes of response heads and trailers per call, as h2load counts them
+    backend_cpu_s: float = 0.0  # the backend's (nginx's one process) CPU during the load
+    counts: dict[str, int] = field(default_factory=dict)  # the proxy's counts() over the load
+    probe_ms: tuple[float, float] = (0.0, 0.0)  # machine_probe() just before and just after the load
+
+    def per_call(self) -> str:
+        n = max(self.units, 1)
+        read, write, rx, tx, faults = (self.counts.get(k, 0) / n for k in COUNTS)
+        return (f"{self.load:28} {self.proxy:10} {read:6.3f} {write:6.3f} {rx:7.1f} {tx:7.1f} {faults:6.3f} "
+                f"{self.backend_cpu_s * 1e6 / n:8.1f}  {self.probe_ms[0]:5.1f} / {self.probe_ms[1]:5.1f}")  # fmt: skip
 
     @property
     def cpu_us(self) -> float:
@@ -241,7 +267,9 @@ def percentiles(samples_ms: list[float]) -> tuple[float, float]:
 def h2load(work: Path, proxy: str, port: int, seconds: int, grpc_call: bool) -> Result:
     """h2load -c16 -m32: gRPC-framed unary POSTs, or GETs of the small page (the h2 case of bench/sniff.py)."""
     log = work / f"h2load-{proxy}-{grpc_call}.log"
-    argv = ["h2load", "-t1", "-c16", "-m32", f"-D{seconds}", "--warm-up-time=1", f"--log-file={log}"]
+    # No --warm-up-time (the phase warmed up already): its requests reach the proxy but not h2load's count, so
+    # the CPU per call was CPU over warm-up + D / the calls of D alone (session 6: ~1.2x for both proxies).
+    argv = ["h2load", "-t1", "-c16", "-m32", f"-D{seconds}", f"--log-file={log}"]
     if grpc_call:
         body = work / "unary-request.bin"
         body.write_bytes(grpc_message(b"\x0a\x02hi"))
@@ -319,42 +347,112 @@ def grpcio_load(proxy: str, port: int, seconds: int, concurrency: int, streaming
     return Result(proxy, "gRPC unary (grpcio)", calls / elapsed, p50, p99, failed, calls)
 
 
-def measured(proc: subprocess.Popen, load, *args) -> Result:
-    """load(*args), with the proxy process's CPU over it."""
-    before = cpu_seconds(proc)
+def machine_probe(rounds: int = 3) -> float:
+    """CPU ms of a fixed pure-Python task (median of `rounds`): how fast the machine runs Python code right now.
+    With nothing of the bench running, the same work took 39-63 ms on the shared 2-core VM within a minute
+    (session 7): a phase whose probe reads slow ran on a slow machine, whatever the proxy."""
+
+    def task() -> float:
+        table: dict[int, int] = {}
+        t0 = time.thread_time()
+        for i in range(300_000):
+            table[i & 1023] = table.get((i * 7) & 1023, 0) + 1
+            str(i)
+        return (time.thread_time() - t0) * 1000
+
+    return statistics.median(task() for _ in range(rounds))
+
+
+def measured(proc: subprocess.Popen, load, *args, backend: subprocess.Popen | None = None) -> Result:
+    """load(*args), with the proxy process's CPU and counts over it (and the backend's CPU)."""
+    before, counted = cpu_seconds(proc), counts(proc)
+    backend_before = cpu_seconds(backend) if backend else 0.0
     result = load(*args)
     result.cpu_s = cpu_seconds(proc) - before
+    result.counts = {k: v - counted[k] for k, v in counts(proc).items()}
+    result.backend_cpu_s = cpu_seconds(backend) - backend_before if backend else 0.0
     return result
 
 
+LOADS = ("get", "unary", "grpcio", "stream")
+RUNNERS = {"planemesh": planemesh, "envoy": envoy}
+
+
+@dataclass
+class Backend:
+    proc: subprocess.Popen
+    grpc_port: int  # h2c
+    h1_port: int
+
+    @classmethod
+    def start(cls, work: Path) -> Backend:
+        work.mkdir()
+        grpc_port, h1_port = free_port(), free_port()
+        return cls(start_backend(work, grpc_port, h1_port), grpc_port, h1_port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def parse_phases(text: str) -> list[tuple[str, str]]:
+    """ "unary,get,unary,envoy:unary" -> [(proxy, load), ...]; a phase without a proxy is planemesh's."""
+    phases = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        proxy, _, load = item.rpartition(":")
+        proxy = {"": "planemesh", "pm": "planemesh"}.get(proxy, proxy)
+        if proxy not in RUNNERS or load not in LOADS:
+            raise SystemExit(f"--phases: {item!r} is not [planemesh:|pm:|envoy:]{'|'.join(LOADS)}")
+        phases.append((proxy, load))
+    return phases
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The phases to run, in order: --phases as given, else each load (or --only's) for planemesh then Envoy,
+    so that both proxies' figures for one load are measured within seconds of each other."""
+    if args.phases:
+        return parse_phases(args.phases)
+    return [(proxy, load) for load in ((args.only,) if args.only else LOADS) for proxy in RUNNERS]
+
+
+def run_phase(work: Path, backend: Backend, proxy: str, load: str, args: argparse.Namespace) -> Result:
+    """One load through a fresh process of `proxy` (after a warm-up of its upstream pool)."""
+    port = free_port()
+    http2 = load != "get"
+    with RUNNERS[proxy](work, port, backend.grpc_port if http2 else backend.h1_port, http2) as proc:
+        if http2:
+            grpcio_load(proxy, port, 1, 4, False)
+        else:
+            h2load(work, proxy, port, 1, False)
+        before = machine_probe()
+        if load in ("get", "unary"):
+            result = measured(proc, h2load, work, proxy, port, args.seconds, http2, backend=backend.proc)
+        else:
+            concurrency = args.calls if load == "grpcio" else args.streams
+            result = measured(proc, grpcio_load, proxy, port, args.seconds, concurrency, load == "stream",
+                              backend=backend.proc)  # fmt: skip
+        result.probe_ms = (before, machine_probe())
+        return result
+
+
 def run(args: argparse.Namespace) -> list[Result]:
+    """Every phase in a fresh proxy process; with a fresh backend too unless --shared-backend (session 6's
+    arrangement, where one nginx served the whole run)."""
     results: list[Result] = []
-    case = lambda name: args.only in (None, name)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="planemesh-grpc-") as tmp:
         work = Path(tmp)
-        grpc_port, h1_port = free_port(), free_port()
-        backend = start_backend(work, grpc_port, h1_port)
+        shared = Backend.start(work / "backend") if args.shared_backend else None
         try:
-            for name, runner in (("planemesh", planemesh), ("envoy", envoy)):
-                if case("get"):
-                    port = free_port()
-                    with runner(work, port, h1_port, False) as proc:
-                        h2load(work, name, port, 1, False)  # warm-up: the upstream pool
-                        results.append(measured(proc, h2load, work, name, port, args.seconds, False))
-                if args.only == "get":
-                    continue
-                port = free_port()
-                with runner(work, port, grpc_port, True) as proc:
-                    grpcio_load(name, port, 1, 4, False)  # warm-up
-                    if case("unary"):
-                        results.append(measured(proc, h2load, work, name, port, args.seconds, True))
-                    if case("grpcio"):
-                        results.append(measured(proc, grpcio_load, name, port, args.seconds, args.calls, False))
-                    if case("stream"):
-                        results.append(measured(proc, grpcio_load, name, port, args.seconds, args.streams, True))
+            for i, (proxy, load) in enumerate(plan(args)):
+                backend = shared or Backend.start(work / f"backend-{i}")
+                try:
+                    results.append(run_phase(work, backend, proxy, load, args))
+                finally:
+                    if backend is not shared:
+                        backend.stop()
         finally:
-            backend.terminate()
-            backend.wait()
+            if shared:
+                shared.stop()
     return results
 
 
@@ -367,6 +465,14 @@ def report(results: list[Result]) -> str:
     for r in results:
         envoy_result = next((e for e in results if e.proxy == "envoy" and e.load == r.load), None)
         lines.append(r.row(envoy_result))
+    lines += [
+        "",
+        f"{'per call':28} {'proxy':10} {'reads':>6} {'writes':>6} {'B in':>7} {'B out':>7} {'faults':>6} "
+        f"{'nginx us':>8}  probe ms before / after (the proxy's read/write-type system calls, bytes through "
+        "them and minor faults per call, /proc/PID/io and stat; the backend's CPU per call: counts a busy "
+        "machine does not move; probe: CPU ms of a fixed Python task around the load, the machine's speed)",
+    ]
+    lines += [r.per_call() for r in results]
     return "\n".join(lines)
 
 
@@ -378,7 +484,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=64, help="grpcio unary calls in flight")
     parser.add_argument("--streams", type=int, default=16, help="grpcio streaming calls in flight")
-    parser.add_argument("--only", choices=("get", "unary", "grpcio", "stream"))
+    parser.add_argument("--only", choices=LOADS)
+    parser.add_argument(
+        "--phases",
+        help="run these phases in this order instead, each in a fresh proxy process: "
+        "comma-separated [planemesh:|pm:|envoy:]LOAD, e.g. unary,get,unary,envoy:unary",
+    )
+    parser.add_argument(
+        "--shared-backend",
+        action="store_true",
+        help="one nginx for the whole run (session 6's arrangement) instead of one per phase",
+    )
     args = parser.parse_args(argv)
     for tool in ("nginx", "h2load"):
         if shutil.which(tool) is None:

@@ -2,6 +2,7 @@
 h2c backend: figures a busy machine does not move, for A/B of the h2->h2 path.
 
     ./run.sh bench grpc_instructions [--calls 3000] [--strace] [--get] [--clients 16 --streams 32]
+                                     [--before-get 5] [--keep-dump PATH]
 
 bench/grpc.py's nginx backend (gRPC over h2c, one worker) on loopback; the proxy (one PlaneProxy, uvloop, access
 log to /dev/null, the backend as an http2 cluster) in its own process under `valgrind --tool=callgrind`. After
@@ -9,6 +10,8 @@ log to /dev/null, the backend as an http2 cluster) in its own process under `val
 are dumped: instructions retired by the proxy process / N (moves about 1% between runs, whatever the load).
 `--strace`: no valgrind; `strace -c -f` on the proxy for N calls: read/write/epoll calls per call (how much one
 loop pass coalesces). `--get`: h2load GETs to the backend's HTTP/1.1 port instead (h2 -> HTTP/1.1). ~1.5 min.
+`--before-get N`: bench/grpc.py's h2 GET phase (its own proxy process, N s) against the same nginx first (does a
+proxy started after it do more work? session 7: no). `--keep-dump`: the callgrind file, for callgrind_annotate.
 To compare trees, run it in each (its own venv); everything binds to 127.0.0.1.
 """
 
@@ -18,6 +21,7 @@ import argparse
 import glob
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,11 +74,23 @@ def h2load(port: int, calls: int, body: Path | None, clients: int = 16, streams:
     return int(re.search(r"(\d+) succeeded", out).group(1))  # type: ignore[union-attr]
 
 
-def measure(calls: int, use_strace: bool, get: bool, clients: int = 16, streams: int = 32) -> str:
+def measure(
+    calls: int,
+    use_strace: bool,
+    get: bool,
+    clients: int = 16,
+    streams: int = 32,
+    before_get: int = 0,
+    keep_dump: str | None = None,
+) -> str:
     with tempfile.TemporaryDirectory(prefix="pm-bench-") as tmp:
         work = Path(tmp)
         up, h1 = free_port(), free_port()
         backend = grpc_bench.start_backend(work, up, h1)
+        if before_get:  # bench/grpc.py's h2 GET phase first, in its own proxy process, against this backend
+            get_port = free_port()
+            with grpc_bench.planemesh(work, get_port, h1, False):
+                grpc_bench.h2load(work, "planemesh", get_port, before_get, False)
         body = None if get else work / "call.bin"
         if body is not None:
             body.write_bytes(grpc_bench.grpc_message(b"\x0a\x02hi"))
@@ -103,6 +119,8 @@ def measure(calls: int, use_strace: bool, get: bool, clients: int = 16, streams:
             ok = h2load(port, calls, body, clients, streams)
             subprocess.run(["callgrind_control", "-d", str(proxy.pid)], capture_output=True, timeout=120, check=True)
             dump = max(glob.glob(str(out) + ".*"), key=os.path.getmtime)
+            if keep_dump:  # for callgrind_annotate
+                shutil.copy(dump, keep_dump)
             ir = int(re.search(r"^(?:summary|totals): (\d+)", Path(dump).read_text(), re.M).group(1))  # type: ignore[union-attr]
             return f"{ir / calls / 1000:.1f}k instructions per call ({ok} of {calls} succeeded)"
         finally:
@@ -122,13 +140,21 @@ def main() -> int:
     ap.add_argument("--get", action="store_true", help="h2 GETs to an HTTP/1.1 upstream instead of gRPC to h2c")
     ap.add_argument("--clients", type=int, default=16, help="h2load -c (fewer: less per loop pass)")
     ap.add_argument("--streams", type=int, default=32, help="h2load -m")
+    ap.add_argument(
+        "--before-get",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="run bench/grpc.py's h2 GET phase (its own proxy process) this long first",
+    )
+    ap.add_argument("--keep-dump", metavar="PATH", help="copy the callgrind dump here (callgrind_annotate)")
     ap.add_argument("--serve", nargs=3, type=int, metavar=("PORT", "UPSTREAM", "H2"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(args.serve[0], args.serve[1], bool(args.serve[2]))
         return 0
     what = "h2c GET -> HTTP/1.1 nginx" if args.get else "gRPC unary h2c -> h2c nginx"
-    figure = measure(args.calls, args.strace, args.get, args.clients, args.streams)
+    figure = measure(args.calls, args.strace, args.get, args.clients, args.streams, args.before_get, args.keep_dump)
     print(f"{what} through the proxy, -c{args.clients} -m{args.streams}: {figure}")
     return 0
 
