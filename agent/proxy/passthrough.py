@@ -33,7 +33,7 @@ from planemesh.agent.proxy.tcp_authz import tcp_denial
 from planemesh.agent.proxy.tcp_local import local_server_refuses
 from planemesh.agent.proxy.tcp_originate import TcpOriginStats, TlsUpstream, attach, origin_tls, originate
 from planemesh.agent.proxy.tcp_tls import TcpRecord, TlsDownstream, terminate
-from planemesh.model.config import ClusterKind
+from planemesh.agent.proxy.tcp_upstream import NO_UPSTREAM, pick_upstream
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import Proxy as PlaneProxy
@@ -433,31 +433,15 @@ class SniffListener:
             return
         chain, down = admitted
         refuse = down.refuse if down is not None else functools.partial(reset, conn)
-        balancer = table.balancer
-        cluster = ep = breaker = None
         if chain is not None:
             stats.record_route(chain.name, verdict.sni)
-            if chain.action is not None:
-                cluster = balancer.cluster_for(chain.action)
-                if cluster is None:  # tcp_proxy naming a cluster that does not exist: Envoy closes (NC)
-                    stats.no_upstream += 1
-                    refuse()
-                    return
-        if cluster is not None and cluster.kind is not ClusterKind.ORIGINAL_DST:
-            breaker = balancer.breaker(cluster)
-            if breaker.try_acquire(CONNECTIONS):
-                ep = balancer.pick_endpoint(cluster)
-                if ep is None:
-                    breaker.release(CONNECTIONS)
-            if ep is None:  # the cluster's connection breaker is full, or it has no healthy endpoint
-                stats.no_upstream += 1
-                refuse()
-                return
-            balancer.lb(cluster).started(ep)
-            host, port = ep.address, ep.port
-        elif port in proxy.listen_ports:
-            refuse()  # not intercepted: it would loop back into us
+        picked = pick_upstream(table.balancer, chain, (host, port), proxy.listen_ports)  # tcp_upstream.py
+        if type(picked) is str:
+            stats.no_upstream += picked == NO_UPSTREAM
+            refuse()
             return
+        cluster, ep, breaker, (host, port) = picked
+        balancer = table.balancer
         timeout = cluster.connect_timeout_s if cluster is not None else None
         timeout = timeout if timeout is not None else proxy.sla.connect_timeout_s
         source, mark = proxy.upstream_binding(host)
