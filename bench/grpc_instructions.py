@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from bench import grpc as grpc_bench
+from bench.proxy_serve import serve_until_sigterm
 from tests.support.net import free_port
 from tests.support.procs import dev_module_argv
 from tests.support.waiting import wait_port
@@ -39,9 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def serve(port: int, upstream: int, h2: bool) -> None:
     """Child process: the proxy until SIGTERM."""
-    import asyncio
 
-    import uvloop
 
     from planemesh.agent.proxy.accesslog import file_sink
     from planemesh.agent.proxy.server import PlaneProxy
@@ -55,12 +54,7 @@ def serve(port: int, upstream: int, h2: bool) -> None:
     proxy = PlaneProxy(snap, PLANE, access_log=file_sink(os.devnull))
     sock = make_listener_socket(port, transparent=False, host="127.0.0.1")
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(proxy.drain(0.2)))
-        await proxy.serve(sock)
-
-    uvloop.run(main())
+    serve_until_sigterm(proxy, sock, drain_s=0.2)
 
 
 def h2load(port: int, calls: int, body: Path | None, clients: int = 16, streams: int = 32) -> int:

@@ -18,9 +18,7 @@ process over the run: barely moved by other work on the machine). Measures; asse
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
-import signal
 import subprocess
 import tempfile
 from dataclasses import replace
@@ -30,6 +28,7 @@ from types import MappingProxyType
 import yaml
 
 from bench.proxy_loopback import free_port, start_nginx, wait_port
+from bench.proxy_serve import serve_until_sigterm
 from bench.tls import ENVOY, ROOT, T, cpu_s, s_time_cmd, stop, write_certs
 from bench.tls import envoy_config as tls_envoy_config
 from tests.support.procs import dev_module_argv
@@ -39,7 +38,6 @@ def serve_planemesh(port: int, upstream: int, certs: Path, mode: str) -> None:
     """Child process: a strict plane whose sniffing listener is `port`; every connection's original destination
     is 127.0.0.1:`upstream` (a transparent socket would report it). `mode` tcp: a plaintext tcp_proxy chain
     declares that port; sniffed: nothing does."""
-    import uvloop
 
     from planemesh.agent.proxy.server import PlaneProxy
     from planemesh.agent.proxy.sockets import make_listener_socket
@@ -59,12 +57,7 @@ def serve_planemesh(port: int, upstream: int, certs: Path, mode: str) -> None:
     proxy = PlaneProxy(snap, PLANE, original_destination=lambda sockname, peer: ("127.0.0.1", upstream))
     sock = make_listener_socket(port, transparent=False, host="127.0.0.1")
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(proxy.drain(0.5)))
-        await proxy.serve(sock)
-
-    uvloop.run(main())
+    serve_until_sigterm(proxy, sock)
 
 
 def envoy_config(port: int, upstream: int, certs: Path, admin: int) -> dict:

@@ -24,7 +24,6 @@ fake transports and counter on this snapshot), a count the machine's load does n
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import signal
@@ -42,6 +41,7 @@ from bench.grpc import cpu_seconds
 from bench.h1_path_cost import REQUEST, RESPONSE, Counter, FakeTransport
 from bench.http_proxy import envoy_binary
 from bench.proxy_loopback import start_nginx, wrk
+from bench.proxy_serve import serve_until_sigterm
 from planemesh.agent.proxy.accesslog import file_sink
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
@@ -151,12 +151,7 @@ def serve(proxy_port: int, nginx_port: int, both: bool, log_path: str) -> None:
     proxy = PlaneProxy(snapshot(proxy_port, nginx_port, both), PLANE, access_log=file_sink(log_path))
     sock = make_listener_socket(proxy_port, transparent=False, host="127.0.0.1")
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(proxy.drain(0.5)))
-        await proxy.serve(sock)
-
-    uvloop.run(main())
+    serve_until_sigterm(proxy, sock)
 
 
 @contextlib.contextmanager

@@ -19,9 +19,7 @@ Everything binds to 127.0.0.1 and is stopped in `finally`. Measures; asserts not
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
-import signal
 import socket
 import ssl
 import subprocess
@@ -36,6 +34,7 @@ from types import MappingProxyType
 import yaml
 
 from bench.proxy_loopback import free_port, wait_port
+from bench.proxy_serve import serve_until_sigterm
 from bench.tls import ENVOY, ROOT, cpu_s, stop, write_certs
 from tests.support.procs import dev_module_argv
 
@@ -97,14 +96,7 @@ def serve_planemesh(port: int, upstream: int, certs: Path) -> None:
     proxy = PlaneProxy(snap, PLANE, original_destination=lambda sockname, peer: ("127.0.0.1", dst))
     sock = make_listener_socket(port, transparent=False, host="127.0.0.1")
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(proxy.drain(0.5)))
-        await proxy.serve(sock)
-
-    import uvloop
-
-    uvloop.run(main())
+    serve_until_sigterm(proxy, sock)
     print(f"origin: {proxy.sniff_stats.origin.as_dict()}", file=sys.stderr)
 
 

@@ -24,7 +24,6 @@ Everything binds to 127.0.0.1 and is stopped in `finally`. Measures; asserts not
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import glob
 import os
@@ -44,6 +43,7 @@ from typing import Any
 import yaml
 
 from bench.proxy_loopback import free_port, start_nginx, wait_port
+from bench.proxy_serve import serve_until_sigterm
 from tests.support.procs import dev_module_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,17 +83,7 @@ def serve_planemesh(port: int, upstream: int, certs: Path, loop_kind: str, mtls:
     proxy = PlaneProxy(snap, PLANE)
     sock = make_listener_socket(port, transparent=False, host="127.0.0.1")
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(proxy.drain(0.5)))
-        await proxy.serve(sock)
-
-    if loop_kind == "uvloop":
-        import uvloop
-
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
+    serve_until_sigterm(proxy, sock, loop_kind=loop_kind)
     print(f"tls: {proxy.tls_stats.as_dict()}", file=sys.stderr)
 
 
