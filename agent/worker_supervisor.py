@@ -18,6 +18,7 @@ from typing import Any
 
 from planemesh import module_argv
 from planemesh.agent.cpu_groups import CpuGroups, join_argv
+from planemesh.agent.parent_death import exec_prefix
 from planemesh.agent.worker_channel import RequestTable, SnapshotEncoder, read_message
 from planemesh.agent.zygote_client import ForkedWorker, ZygoteError, Zygotes
 from planemesh.model.config import Snapshot
@@ -103,6 +104,8 @@ class WorkerProcess:
                     raise WorkerStartError(f"worker {self.name}: {exc}") from exc
             else:
                 argv = [*module_argv("planemesh.agent.worker_process"), *self._argv(fds, lambda i: str(fds[i]))]
+                if prefix := exec_prefix():  # setpriv sets its PDEATHSIG: no ctypes in the worker (parent_death.py)
+                    argv = [*prefix, *argv, "--pdeathsig", "set"]
                 self._proc = await asyncio.create_subprocess_exec(*join_argv(self.groups, argv), pass_fds=fds)
         except BaseException:
             ours.close()

@@ -30,6 +30,8 @@ NOT_IN_A_WORKER = {
     "_hashlib": "hashlib's OpenSSL half: lb.py hashes with blake2b from _blake2, xfcc.py loads hashlib on mTLS",
     "netaddr": "addresses and networks are model/ip.py's, on the stdlib's ipaddress (~1.5-2 MB RSS less)",
     "argparse": "the worker's command line is the agent's, parsed by hand (~0.6 MB RSS with gettext)",
+    "ctypes": "its PR_SET_PDEATHSIG is set by setpriv before it runs (agent/parent_death.py; ~0.35 MB RSS)",
+    "_ctypes": "same",
 }
 
 # The snapshot arrives pickled, as the agent sends it (agent/worker_channel.py).
