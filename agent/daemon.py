@@ -16,7 +16,7 @@ import contextlib
 import logging
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from planemesh.agent.agent_options import AgentOptions, options_from_args
 from planemesh.agent.control_thread import ControlThread
@@ -42,13 +42,15 @@ from planemesh.agent.sdnotify import (
 from planemesh.agent.worker_stats import WorkerStats
 from planemesh.agent.worker_supervisor import PlaneWorkers
 from planemesh.agent.xds_source import bootstrap_for, start_xds, stop_xds
-from planemesh.agent.zygote_client import Zygotes
 from planemesh.model.config import ConfigError, Snapshot
 from planemesh.model.defaults import option
 from planemesh.model.static_config import load_static_snapshot
 from planemesh.netplanes import discovery, netns
 from planemesh.netplanes.discovery import PlaneInterface
 from planemesh.netplanes.link_monitor import LinkMonitor
+
+if TYPE_CHECKING:  # the fork server's client is imported only with --worker-zygote (not the default): new_zygotes
+    from planemesh.agent.zygote_client import Zygotes
 
 log = logging.getLogger("planemesh.agent")
 HBONE_READY_S = 60.0  # the HBONE node's first start (BPF load, certificates) before the agent says ready
@@ -79,7 +81,7 @@ class Agent:
             active=not options.datapath_only,
         )
         # The workers' fork server (agent/zygote.py; off: --no-worker-zygote); exec'd at the first worker unless given
-        self.zygotes = zygotes if zygotes is not None or not options.worker_zygote else Zygotes()
+        self.zygotes = zygotes if zygotes is not None or not options.worker_zygote else new_zygotes()
         self.cpu_groups = CpuGroups.create() if not options.datapath_only else CpuGroups(None)
         self.readiness = Readiness()
         self.notifier = Notifier()
@@ -474,6 +476,14 @@ def bind_listener(port: int) -> socket.socket:
     return make_listener_socket(port, transparent=True)
 
 
+def new_zygotes(prefork: bool = False) -> Zygotes:
+    """The workers' fork server (agent/zygote.py), forked now (`prefork`) or exec'd at the first worker. Its modules
+    are imported here: an agent that execs its workers (the default) never loads them (~70 kB of RSS)."""
+    from planemesh.agent.zygote_client import Zygotes
+
+    return Zygotes.prefork() if prefork else Zygotes()
+
+
 def enter_netns(name: str) -> None:
     """Move this (still single-threaded) process into a named network namespace, network only."""
     netns.setns(name)
@@ -495,7 +505,7 @@ def run_agent(options: AgentOptions) -> int:
     if options.netns:
         enter_netns(options.netns)
     # Forked before Agent() starts any thread: the zygote shares what the agent has imported so far.
-    zygotes = Zygotes.prefork() if options.worker_zygote and not options.datapath_only else None
+    zygotes = new_zygotes(prefork=True) if options.worker_zygote and not options.datapath_only else None
     agent = Agent(options, host_cgroups, node_overload, hbone, zygotes)
     agent.kernel.netlink.prestart()  # pyroute2's import in the helper overlaps ours and the BPF load
     try:

@@ -15,7 +15,6 @@ from planemesh.agent.lean_loop import import_uvloop_without_ssl
 import_uvloop_without_ssl()
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -32,10 +31,14 @@ log = logging.getLogger("planemesh.worker")
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() == 1:  # the parent already went before we asked
+def die_with_parent(set_by_spawner: bool = False) -> None:
+    """SIGTERM when the agent (or the zygote) goes. An exec'd worker usually has it set already by setpriv
+    (agent/parent_death.py: no ctypes in the worker, ~0.35 MB of RSS); else it asks for it here."""
+    if not set_by_spawner:
+        import ctypes  # only where setpriv could not set it (an old util-linux), or in the zygote, which has it
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the parent already went before it was set
         sys.exit(0)
 
 
@@ -225,7 +228,7 @@ async def run_worker(
 
 USAGE = (
     "usage: planemesh-worker --plane NAME --control-fd N --upstream-mark MARK [--listen-fd N]... "
-    "[--access-log PATH] [--drain-timeout S] [--host-map-fd N]"
+    "[--access-log PATH] [--drain-timeout S] [--host-map-fd N] [--pdeathsig set|self]"
 )
 
 
@@ -238,12 +241,20 @@ class WorkerArgs:
     access_log: str | None = None
     drain_timeout: float = 5.0
     host_map_fd: int | None = None  # host mode: the agent's pm_host_by_peer map
+    pdeathsig: str = "self"  # "set": the spawner set PR_SET_PDEATHSIG already (agent/parent_death.py)
 
 
 _CONVERT: dict[str, Any] = {
     "--plane": str, "--control-fd": int, "--upstream-mark": lambda v: int(v, 0), "--listen-fd": int,
     "--access-log": str, "--drain-timeout": float, "--host-map-fd": int,
+    "--pdeathsig": lambda v: _one_of(v, "set", "self"),
 }  # fmt: skip
+
+
+def _one_of(value: str, *allowed: str) -> str:
+    if value not in allowed:
+        raise ValueError(value)
+    return value
 
 
 class UsageError(SystemExit):
@@ -282,7 +293,7 @@ def parse_args(argv: list[str]) -> WorkerArgs:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    die_with_parent()
+    die_with_parent(set_by_spawner=args.pdeathsig == "set")
     logging.basicConfig(  # force: a worker forked by the zygote (agent/zygote.py) has the agent's handlers
         level=os.environ.get("PLANEMESH_LOG_LEVEL", "INFO"),
         format=f"%(levelname)s {args.plane}: %(message)s",

@@ -14,13 +14,16 @@ import contextlib
 import logging
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from planemesh import module_argv
 from planemesh.agent.cpu_groups import CpuGroups, join_argv
+from planemesh.agent.parent_death import exec_prefix
 from planemesh.agent.worker_channel import RequestTable, SnapshotEncoder, read_message
-from planemesh.agent.zygote_client import ForkedWorker, ZygoteError, Zygotes
 from planemesh.model.config import Snapshot
+
+if TYPE_CHECKING:  # loaded by the agent only with --worker-zygote (daemon.new_zygotes)
+    from planemesh.agent.zygote_client import ForkedWorker, Zygotes
 
 log = logging.getLogger("planemesh.workers")
 START_TIMEOUT_S = 15.0
@@ -97,12 +100,16 @@ class WorkerProcess:
             fds.append(self._options["host_map_fd"])
         try:
             if self.zygote is not None:  # forked from the pre-imported zygote: code pages shared (agent/zygote.py)
+                from planemesh.agent.zygote_client import ZygoteError  # loaded: self.zygote is its Zygotes
+
                 try:
                     self._proc = await self.zygote.fork(self._argv(fds, lambda i: f"{{{i}}}"), fds, self.groups)
                 except ZygoteError as exc:  # the next attempt starts a new zygote
                     raise WorkerStartError(f"worker {self.name}: {exc}") from exc
             else:
                 argv = [*module_argv("planemesh.agent.worker_process"), *self._argv(fds, lambda i: str(fds[i]))]
+                if prefix := exec_prefix():  # setpriv sets its PDEATHSIG: no ctypes in the worker (parent_death.py)
+                    argv = [*prefix, *argv, "--pdeathsig", "set"]
                 self._proc = await asyncio.create_subprocess_exec(*join_argv(self.groups, argv), pass_fds=fds)
         except BaseException:
             ours.close()

@@ -15,6 +15,10 @@ from collections.abc import Iterable
 from enum import IntEnum
 from pathlib import Path
 
+from planemesh.ebpf.abi_marks import PM_MARK_LOCAL as PM_MARK_LOCAL  # re-exported: the header's mirror is here
+from planemesh.ebpf.abi_marks import PM_MARK_OWN as PM_MARK_OWN
+from planemesh.ebpf.abi_marks import PM_MARK_PLANE_MASK as PM_MARK_PLANE_MASK
+
 HEADER = Path(__file__).with_name("pm_abi.h")
 
 PM_ABI_VERSION = 1
@@ -26,9 +30,7 @@ PM_MAX_SRC_POLICY = 131072
 PM_CNT_SLOTS = 32
 PM_CNT_ENTRIES = PM_MAX_PLANES * PM_CNT_SLOTS
 
-PM_MARK_PLANE_MASK = 0x0000003F
-PM_MARK_LOCAL = 0x00400000
-PM_MARK_OWN = 0x00800000
+# PM_MARK_PLANE_MASK, PM_MARK_LOCAL, PM_MARK_OWN: in abi_marks.py (a worker's, without ctypes), imported above.
 
 PM_IF_F_CLSACT_OURS = 0x1
 PM_IF_F_ATTACHED = 0x2

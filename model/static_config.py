@@ -24,13 +24,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot
 from planemesh.model.ip import AddrFormatError, IPNetwork
 from planemesh.model.planes import SLA, Plane, UndeclaredPorts
 from planemesh.model.tls_config import plane_tls
 from planemesh.model.validation import validate_snapshot
+from planemesh.model.yaml_text import YamlError, safe_load
 
 _PLANE_KEYS = {
     "name", "id", "interfaces", "cidrs", "undeclared", "proxy_port", "sniff_port", "sla", "table", "forward_to",
@@ -172,8 +171,8 @@ def read_yaml_file(path: str | Path) -> Any:
     except OSError as exc:
         raise ConfigError("", f"cannot read {path}: {exc.strerror}") from exc
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        return safe_load(text)  # PyYAML's, in a child process when this one has not loaded it (the agent)
+    except YamlError as exc:
         raise ConfigError("", f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
 
 
@@ -191,7 +190,7 @@ def default_config_text() -> str:
 
 
 def load_default_config() -> Snapshot:
-    return snapshot_from_dict(yaml.safe_load(default_config_text()), version="static:embedded-default")
+    return snapshot_from_dict(safe_load(default_config_text()), version="static:embedded-default")
 
 
 def load_static_snapshot(path: str | Path | None) -> Snapshot:

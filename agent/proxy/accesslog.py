@@ -54,14 +54,18 @@ class AccessRecord:
 
 
 _last_second: list = [-1, ""]  # strftime is slow: lines of the same second share the prefix
-_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]  # a format spec per line costs more than a list index
+# A format spec per line costs more than a list index. Filled by the first line: ~64 kB of RSS that a worker
+# without an access log, or at rest, does not hold (docs/benchmarks.md, "Lean 5").
+_MILLIS: list[str] = []
 
 
 def format_start_time(epoch: float) -> str:
     secs = int(epoch)
     cached = _last_second
-    if cached[0] != secs:
+    if cached[0] != secs:  # once a second: the per-line path stays one list index
         cached[0], cached[1] = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        if not _MILLIS:
+            _MILLIS.extend(f".{ms:03d}Z" for ms in range(1000))
     return cached[1] + _MILLIS[int((epoch - secs) * 1000)]
 
 

@@ -41,7 +41,7 @@ from planemesh.agent.proxy.sockets import SO_MARK, listen_backlog
 from planemesh.agent.proxy.stats import PlaneStats
 from planemesh.agent.proxy.tls import TlsStats, accept_factory
 from planemesh.agent.proxy.upstream import UpstreamPool
-from planemesh.ebpf.abi import PM_MARK_PLANE_MASK
+from planemesh.ebpf.abi_marks import PM_MARK_PLANE_MASK  # not abi.py: its ctypes structs
 from planemesh.model.config import Snapshot
 from planemesh.model.ip import AddrFormatError
 from planemesh.model.planes import plane_of_address

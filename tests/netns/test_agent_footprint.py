@@ -45,6 +45,13 @@ def openssl_libraries(pid: int) -> set[str]:
     return {p for p in paths if any(lib in os.path.basename(p) for lib in ("libssl", "libcrypto"))}
 
 
+def mapped_files(pid: int, *names: str) -> set[str]:
+    """Files mapped into a process whose name contains one of `names`."""
+    with open(f"/proc/{pid}/maps") as f:
+        paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
+    return {p for p in paths if any(name in os.path.basename(p) for name in names)}
+
+
 def output(proc) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(getattr(proc, "output_lines", []))
 
@@ -68,6 +75,10 @@ def test_agent_holds_no_compiler_and_warm_starts_compile_nothing(run_prefix: str
             assert all(grpc_libraries(pid) == set() for pid in [env.agent.pid, *workers])
             # No TLS configured: no OpenSSL in the agent or a worker, which still proxied above.
             assert all(openssl_libraries(pid) == set() for pid in [env.agent.pid, *workers])
+            # PyYAML parses the configuration in a child (model/yaml_text.py); an exec'd worker's death signal is
+            # set by setpriv (agent/parent_death.py): no libyaml in the agent, no ctypes/libffi in a worker.
+            assert mapped_files(env.agent.pid, "_yaml", "libyaml") == set()
+            assert all(mapped_files(pid, "_ctypes", "libffi") == set() for pid in procs.worker_pids(env.agent.pid))
             with open(f"/proc/{env.agent.pid}/maps") as f:  # the agent's control loop is the stdlib's (daemon.py)
                 assert "uvloop" not in f.read()
             programs = {p for p in os.listdir(pin_dir) if p.startswith("prog_pm_tc_ingress_")}

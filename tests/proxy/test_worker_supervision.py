@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,20 @@ async def run_plane(body) -> None:  # type: ignore[no-untyped-def]
         finally:
             supervisor.cancel()
             await plane.stop(0.5)
+
+
+def test_an_execd_worker_starts_with_its_death_signal_set_and_maps_no_ctypes() -> None:
+    """setpriv set its PR_SET_PDEATHSIG before python ran (agent/parent_death.py; tests/unit/test_parent_death.py
+    kills a parent for real): the worker was told so, and never loaded ctypes (~0.35 MB of RSS)."""
+
+    async def body(plane: PlaneWorkers, port: int, deny: Snapshot) -> None:
+        pid = plane.workers[0].pid
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"planemesh.agent.worker_process" in argv and argv[-3:] == [b"--pdeathsig", b"set", b""]
+        mapped = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()}
+        assert not [m for m in mapped if "_ctypes" in m or "libffi" in m]
+
+    asyncio.run(run_plane(body))
 
 
 def test_late_stats_reply_is_not_read_as_the_snapshot_ack() -> None:

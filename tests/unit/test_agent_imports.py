@@ -94,3 +94,9 @@ def test_no_source_file_imports_netaddr() -> None:
         if path.name != "test_model_ip.py" and NETADDR_IMPORT.search(path.read_text())
     ]
     assert found == []
+
+
+def test_an_agent_that_execs_its_workers_loads_no_fork_server() -> None:
+    """The zygote's modules (agent/zygote.py, zygote_client.py: ~70 kB of RSS) are the agent's only with
+    --worker-zygote (daemon.new_zygotes); tests/netns/test_worker_zygote_agent.py runs that mode."""
+    assert [m for m in _loaded(AGENT_MODULES[:2]) if "zygote" in m] == []

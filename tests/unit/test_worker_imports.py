@@ -8,6 +8,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -30,6 +31,8 @@ NOT_IN_A_WORKER = {
     "_hashlib": "hashlib's OpenSSL half: lb.py hashes with blake2b from _blake2, xfcc.py loads hashlib on mTLS",
     "netaddr": "addresses and networks are model/ip.py's, on the stdlib's ipaddress (~1.5-2 MB RSS less)",
     "argparse": "the worker's command line is the agent's, parsed by hand (~0.6 MB RSS with gettext)",
+    "ctypes": "its PR_SET_PDEATHSIG is set by setpriv before it runs (agent/parent_death.py; ~0.35 MB RSS)",
+    "_ctypes": "same",
 }
 
 # The snapshot arrives pickled, as the agent sends it (agent/worker_channel.py).
@@ -71,3 +74,16 @@ def test_worker_command_line_parses_what_the_supervisor_writes_and_refuses_the_r
         with pytest.raises(SystemExit, match=why) as refused:
             parse_args(bad)
         assert refused.value.code == 2  # argparse's usage exit code
+
+
+def test_the_access_logs_millisecond_table_is_built_by_the_first_line_not_at_start() -> None:
+    """~64 kB per worker at rest or without an access log (agent/proxy/accesslog.py _MILLIS)."""
+    code = STARTUP.replace("print(", "print(len(sys.modules['planemesh.agent.proxy.accesslog']._MILLIS), ", 1)
+    out = subprocess.run([sys.executable, "-c", code.format(names=[])], input=pickle.dumps(load_default_config()),
+                         capture_output=True, timeout=120, check=True)  # fmt: skip
+    assert out.stdout.split()[0] == b"0"
+    from planemesh.agent.proxy.accesslog import format_start_time
+
+    for epoch in (1765032000.0, 1765032000.0005, 1765032000.999, 1765032001.25, 86399.5):
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(epoch)))
+        assert format_start_time(epoch) == f"{whole}.{int((epoch - int(epoch)) * 1000):03d}Z"
