@@ -359,14 +359,15 @@ class SniffListener:
             self.stats.silent_clients += 1
         self.stats.record(verdict)
         table = proxy.table  # one snapshot for the whole connection
-        owned = table.sni.declares(dst[1], normalise_ip(peer[0]))  # a tcp_proxy chain for this client owns the port
+        src = normalise_ip(peer[0])  # the client's address, read once for the whole connection
+        owned = table.sni.declares(dst[1], src)  # a tcp_proxy chain for this client owns the port
         decision = None if owned else mtls_decision(table, dst, verdict)
         if decision is not None:  # Istio's mTLS on a sniffed port: terminated, then sniffed inside
-            await self._terminate(conn, decision, dst)
+            await self._terminate(conn, decision, dst, src)
             return
         # the plane's mode: "" for an OUTBOUND listener's destination (a pod's egress)
         if not owned and plane_refuses(
-            proxy.tls_stats, table.tls.mode_for(*dst), verdict, normalise_ip(peer[0]), dst[1]
+            proxy.tls_stats, table.tls.mode_for(*dst), verdict, src, dst[1]
         ):
             reset(conn)  # a strict plane: no handshake, nothing sniffed or relayed
             return
@@ -377,18 +378,13 @@ class SniffListener:
         if verdict.kind is Kind.H2 and not owned:
             await proxy.loop.connect_accepted_socket(proxy.h2_protocol, conn)
             return
-        await self.passthrough(conn, verdict, table, dst)
+        await self.passthrough(conn, verdict, table, dst, src)
 
-    async def _terminate(self, conn: socket.socket, decision: TlsDecision, dst: tuple[str, int]) -> None:
+    async def _terminate(self, conn: socket.socket, decision: TlsDecision, dst: tuple[str, int], src: str) -> None:
         proxy = self.proxy
         if proxy.open_connections() >= proxy.sla.max_connections:  # handshakes cost CPU: refuse before one
             proxy.tls_stats.overloaded += 1
             reset(conn)
-            return
-        try:
-            where = normalise_ip(conn.getpeername()[0])
-        except OSError:
-            conn.close()
             return
 
         def relay(down: TlsDownstream) -> None:
@@ -396,7 +392,7 @@ class SniffListener:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-        await terminate_and_sniff(proxy, conn, decision, where, self.timeout_s, relay)
+        await terminate_and_sniff(proxy, conn, decision, src, self.timeout_s, relay)
 
     async def _relay_decrypted(self, down: TlsDownstream, dst: tuple[str, int]) -> None:
         """Not HTTP inside terminated mTLS: the decrypted bytes go to the original destination (istio's TCP
@@ -421,14 +417,14 @@ class SniffListener:
             stats.passthrough_active -= 1
 
     async def passthrough(
-        self, conn: socket.socket, verdict: Verdict, table: RoutingTable, dst: tuple[str, int]
+        self, conn: socket.socket, verdict: Verdict, table: RoutingTable, dst: tuple[str, int], src: str
     ) -> None:
         """Copy bytes to the chain's cluster (sni_routing.py), else to the original destination; the chain may
         first terminate TLS (tcp_tls.py) and authorize the connection (tcp_authz.py)."""
         proxy = self.proxy
         stats = self.stats
         host, port = normalise_ip(dst[0]), dst[1]
-        admitted = await self._admit(conn, verdict, table, (host, port))
+        admitted = await self._admit(conn, verdict, table, (host, port), src)
         if admitted is None:
             return
         chain, down = admitted
@@ -448,7 +444,7 @@ class SniffListener:
         origin = origin_tls(cluster, ep, (host, port))  # the endpoint's transport socket (tcp_originate.py)
         outcome = -1
         try:
-            if ep is not None and local_server_refuses(proxy, conn, chain, table, verdict, (host, port)):
+            if ep is not None and local_server_refuses(proxy, src, chain, table, verdict, (host, port)):
                 refuse()  # by the local server pod's inbound chain (tcp_local.py); the endpoint is given back below
                 return
             try:
@@ -489,16 +485,12 @@ class SniffListener:
                 balancer.report(cluster, ep, outcome)
 
     async def _admit(
-        self, conn: socket.socket, verdict: Verdict, table: RoutingTable, dst: tuple[str, int]
+        self, conn: socket.socket, verdict: Verdict, table: RoutingTable, dst: tuple[str, int], src: str
     ) -> tuple[PassthroughChain | None, TlsDownstream | None] | None:
         """The connection's chain, its TLS terminated when the chain says so, authorized by its network RBAC;
         None when it was refused (closed, counted, logged)."""
         proxy = self.proxy
         is_tls = verdict.kind is Kind.TLS
-        try:
-            src = normalise_ip(conn.getpeername()[0])
-        except OSError:
-            src = ""
         chain = table.sni.select(dst[1], dst[0], verdict.sni, is_tls, verdict.alpn, src or None)
         if chain is None:  # not HTTP on an auto-protocol port: its TCP chain's cluster (sni_routing.py)
             chain = table.sni.behind_http(dst[1], dst[0], src or None)

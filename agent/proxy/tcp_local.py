@@ -9,10 +9,8 @@ cluster, network RBAC, TLS...) to an endpoint that is a local pod, B's inbound c
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
-from planemesh.agent.proxy.balancer import normalise_ip
 from planemesh.agent.proxy.sniff import Kind
 from planemesh.agent.proxy.tcp_authz import tcp_denial
 
@@ -34,15 +32,11 @@ def local_server_denial(proxy: Any, table: Any, chain: Any, src: str, target: tu
     return tcp_denial(proxy, server.name, server.rbac, src, target, peer)
 
 
-def local_server_refuses(proxy: Any, conn: socket.socket, chain: Any, table: Any, verdict: Any,
+def local_server_refuses(proxy: Any, src: str, chain: Any, table: Any, verdict: Any,
                          target: tuple[str, int]) -> bool:  # fmt: skip
-    """local_server_denial for the connection `conn` (its peer the client) as sniffed (`verdict`): True when
-    the local server pod's inbound chain refuses it (counted and logged by tcp_denial)."""
-    if not table.router.pods:  # no pod table: no syscall per relayed connection
-        return False
-    try:
-        src = normalise_ip(conn.getpeername()[0])
-    except OSError:
+    """local_server_denial for the connection from `src` (the client's address) as sniffed (`verdict`): True
+    when the local server pod's inbound chain refuses it (counted and logged by tcp_denial)."""
+    if not table.router.pods:  # no pod table: no local pods to ask about
         return False
     tls = verdict.kind is Kind.TLS
     return local_server_denial(proxy, table, chain, src, target, verdict.sni, tls, verdict.alpn) is not None
