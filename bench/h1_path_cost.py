@@ -20,6 +20,7 @@ import collections
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import uvloop
 
@@ -72,8 +73,10 @@ class Counter:
         return self
 
 
-async def run(requests: int, top: int, timed: int) -> None:
-    proxy = PlaneProxy(make_snapshot(8080, [("127.0.0.1", 9999)]), PLANE, access_log=file_sink(os.devnull))
+def wire_h1(proxy: PlaneProxy) -> tuple[Callable[[], None], FakeTransport, FakeTransport]:
+    """The proxy's HTTP/1.1 path on fake transports, no sockets: a client connection to port 8080 and one idle
+    upstream connection to 127.0.0.1:9999. Returns (one request: REQUEST in, RESPONSE back; the client's
+    transport; the upstream's)."""
     proxy._bind_loop()
     proxy.listen_ports.add(8080)
     client = proxy.http1_protocol()
@@ -89,17 +92,29 @@ async def run(requests: int, top: int, timed: int) -> None:
         client.data_received(REQUEST)
         upstream.data_received(RESPONSE)
 
-    for _ in range(500):  # warm: caches filled, every code path specialised
-        one()
-    proxy.log.flush()
-    if not (len(up.data) == 500 and down.data[-1].endswith(RESPONSE[-55:])):
-        raise SystemExit(f"the path did not proxy: {up.data[-1:]!r} {down.data[-1:]!r}")
+    return one, down, up
+
+
+def count_bytecodes(proxy: PlaneProxy, one: Callable[[], None], requests: int) -> Counter:
+    """Bytecodes per function over `requests` calls of `one`, the access log's lines formatted inside."""
     counter = Counter()
     sys.settrace(counter)
     for _ in range(requests):
         one()
     proxy.log.flush()
     sys.settrace(None)
+    return counter
+
+
+async def run(requests: int, top: int, timed: int) -> None:
+    proxy = PlaneProxy(make_snapshot(8080, [("127.0.0.1", 9999)]), PLANE, access_log=file_sink(os.devnull))
+    one, down, up = wire_h1(proxy)
+    for _ in range(500):  # warm: caches filled, every code path specialised
+        one()
+    proxy.log.flush()
+    if not (len(up.data) == 500 and down.data[-1].endswith(RESPONSE[-55:])):
+        raise SystemExit(f"the path did not proxy: {up.data[-1:]!r} {down.data[-1:]!r}")
+    counter = count_bytecodes(proxy, one, requests)
     total = sum(counter.counts.values())
     print(f"{total / requests:.0f} bytecodes per request ({requests} requests, access log formatted)")
     for where, n in counter.counts.most_common(top):

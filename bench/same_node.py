@@ -38,14 +38,13 @@ from types import MappingProxyType
 import uvloop
 
 from bench.grpc import cpu_seconds
-from bench.h1_path_cost import REQUEST, RESPONSE, Counter, FakeTransport
+from bench.h1_path_cost import count_bytecodes, wire_h1
 from bench.http_proxy import envoy_binary
 from bench.proxy_loopback import start_nginx, wrk
 from bench.proxy_serve import serve_until_sigterm
 from planemesh.agent.proxy.accesslog import file_sink
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
-from planemesh.agent.proxy.upstream import UpstreamConnection
 from planemesh.agent.rbac import RbacFilter, RbacPolicy, Rule
 from planemesh.model.config import (
     Cluster,
@@ -198,33 +197,14 @@ def measure(procs: list[subprocess.Popen], port: int, seconds: int, connections:
 async def _bytecodes(both: bool, requests: int, top: int) -> float:
     """Bytecodes per request through the same-node snapshot (proxy port 8080, nginx 9999), no sockets."""
     proxy = PlaneProxy(snapshot(8080, 9999, both), PLANE, access_log=file_sink(os.devnull))
-    proxy._bind_loop()
-    proxy.listen_ports.add(8080)
-    client = proxy.http1_protocol()
-    down = FakeTransport(("127.0.0.1", 8080), ("127.0.0.1", 40000))
-    client.connection_made(down)
-    key, _ = proxy.pool.key_for(("127.0.0.1", 9999))
-    upstream = UpstreamConnection(proxy.pool, key)
-    up = FakeTransport(("127.0.0.1", 40001), ("127.0.0.1", 9999))
-    upstream.connection_made(up)
-    proxy.pool.idle[key] = [upstream]
-
-    def one() -> None:
-        client.data_received(REQUEST)
-        upstream.data_received(RESPONSE)
-
+    one, _down, up = wire_h1(proxy)
     for _ in range(500):
         one()
     proxy.log.flush()  # the warm-up's lines are formatted before counting
     seen = up.data[-1]
     if both != (b"x-b: 1" in seen) or b"x-a: 1" not in seen:
         raise SystemExit(f"the path did not go through the expected stages: {seen!r}")
-    counter = Counter()
-    sys.settrace(counter)
-    for _ in range(requests):
-        one()
-    proxy.log.flush()
-    sys.settrace(None)
+    counter = count_bytecodes(proxy, one, requests)
     total = sum(counter.counts.values()) / requests
     print(f"{'both stages' if both else 'client stage only'}: {total:.0f} bytecodes per request")
     for where, n in counter.counts.most_common(top):
