@@ -21,7 +21,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from planemesh.labs.netns import call_in
 from planemesh.model.static_config import default_config_text
 from planemesh.xds.conformance import CORPUS
 from tests.netns.agent_lab import eventually, running_agent
+from tests.support.servers import AcceptLoop
 
 pytestmark = pytest.mark.netns
 
@@ -101,20 +101,7 @@ class MtlsServer:
         self.clients: list[list[str]] = []
         self.seen: list[bytes] = []
         self.log: list[str] = []
-        self.lsock = call_in(ns, socket.create_server, (host, port))
-        self.lsock.settimeout(0.2)
-        self.stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.stop:
-            try:
-                conn, _ = self.lsock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        self.loop = AcceptLoop(call_in(ns, socket.create_server, (host, port)), self._serve)
 
     def _serve(self, raw: socket.socket) -> None:
         raw.settimeout(10)
@@ -137,8 +124,7 @@ class MtlsServer:
             self.seen.append(b"")  # a refused or broken connection: nothing of the client's was read
 
     def close(self) -> None:
-        self.stop = True
-        self.lsock.close()
+        self.loop.close()
 
 
 def exchange(host: str, port: int, payload: bytes) -> bytes:
