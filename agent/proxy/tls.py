@@ -132,15 +132,7 @@ class TlsRoutes:
         the answer is kept per (address, port) for this snapshot (parsing the address cost ~50 us a handshake)."""
         if port not in self.ports:
             return None
-        key = (ip, port)
-        try:
-            return self._decided[key]
-        except KeyError:
-            pass
-        if len(self._decided) >= DECISIONS_KEPT:  # many distinct destinations (a scan): start afresh
-            self._decided.clear()
-        decision = self._decided[key] = self._decide(ip, port)
-        return decision
+        return _kept(self._decided, (ip, port), self._decide)
 
     def mode_for(self, ip: str, port: int) -> str:
         """The plane's mTLS mode for a sniffed connection to (ip, port): "" where the destination's most
@@ -148,14 +140,11 @@ class TlsRoutes:
         plane's. Kept per (address, port) like decide()."""
         if port not in self._outbound:
             return self.mode
-        key = (ip, port)
-        mode = self._modes.get(key)
-        if mode is None:
-            if len(self._modes) >= DECISIONS_KEPT:
-                self._modes.clear()
-            best = most_specific(self._outbound[port], ip)
-            mode = self._modes[key] = "" if best and not any(governed(lsn) for lsn in best) else self.mode
-        return mode
+        return _kept(self._modes, (ip, port), self._mode_at)
+
+    def _mode_at(self, ip: str, port: int) -> str:
+        best = most_specific(self._outbound[port], ip)
+        return "" if best and not any(governed(lsn) for lsn in best) else self.mode
 
     def _decide(self, ip: str, port: int) -> TlsDecision | None:
         best = most_specific(self.ports[port], ip)
@@ -196,6 +185,19 @@ class TlsRoutes:
         return None
 
 
+def _kept(cache: dict, key: tuple[str, int], compute: Any) -> Any:
+    """compute(ip, port), kept in `cache` for this snapshot; started afresh when full (many distinct destinations:
+    a scan), so a cache never grows past DECISIONS_KEPT."""
+    try:
+        return cache[key]
+    except KeyError:
+        pass
+    if len(cache) >= DECISIONS_KEPT:
+        cache.clear()
+    value = cache[key] = compute(*key)
+    return value
+
+
 def governed(lsn: Listener) -> bool:
     """The plane's SLA mTLS mode applies to this chain: its listener is not OUTBOUND (Istio's PeerAuthentication
     governs inbound traffic; a pod's outbound connections are originated per their cluster, xds/translate_mtls.py)."""
@@ -222,7 +224,7 @@ def _with_plane_tls(listeners: list[Listener], forced: TlsContext) -> list[Liste
     plane's context; chains that terminate TLS already keep theirs, and OUTBOUND ones are left as they are."""
     tls_dests = {lsn.prefixes for lsn in listeners if lsn.tls is not None}
     added = [
-        replace(lsn, name=lsn.name + PLANE_CHAIN, tls=forced, transport_protocol="tls")
+        _plane_chain(lsn, forced)
         for lsn in listeners
         if lsn.tls is None and governed(lsn) and lsn.prefixes not in tls_dests
     ]
@@ -256,6 +258,7 @@ def plane_tcp_chains(listeners: Iterable[Listener], sla: object) -> tuple[Listen
 
 
 def _plane_chain(lsn: Listener, forced: TlsContext) -> Listener:
+    """`lsn`'s twin terminating the plane's mTLS (HTTP ports and tcp_proxy chains alike)."""
     return replace(lsn, name=lsn.name + PLANE_CHAIN, tls=forced, transport_protocol="tls")
 
 
