@@ -84,6 +84,9 @@ class UpgradeConfig:
 # A listener that says nothing about upgrades (static configs, undeclared ports) allows WebSocket, as Istio
 # configures it, and not CONNECT. xDS listeners get exactly their HCM upgrade_configs (Envoy: none).
 DEFAULT_UPGRADES = (UpgradeConfig("websocket"),)
+# A listener that says nothing about tracing (static configs, undeclared ports) adds this hop's trace context to
+# every request, every new trace sampled. xDS listeners get their HCM's `tracing` (Envoy: none, no context).
+DEFAULT_TRACE = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +340,9 @@ class Listener:
     # Envoy's traffic_direction of the listener this chain comes from (xds/translate.py): a plane's SLA mTLS mode
     # leaves OUTBOUND chains as xDS says (agent/proxy/tls.py, sniff_tls.py, ebpf/policy.py strict_planes)
     direction: TrafficDirection = TrafficDirection.UNSPECIFIED
+    # HTTP listeners: this hop's trace context (agent/proxy/tracing.py), the percentage of new traces sampled;
+    # None: no tracing, trace headers pass as they came (Envoy's HCM without `tracing`; xds/translate.py)
+    trace_sampling: float | None = DEFAULT_TRACE
 
 
 def _frozen(mapping: Mapping[str, object] | None) -> Mapping[str, object]:

@@ -13,6 +13,7 @@
         forward_to: [sig]           # optional: planes that traffic arriving here may reach (default: none)
     listeners:
       - {plane: oam, port: 80, protocol: http}
+      - {plane: oam, port: 8080, protocol: http, trace_sampling: 1}   # % of new traces sampled; null: no tracing
       - {plane: oam, port: 5432, protocol: tcp}
 
 Every error names the field (`planes[0].cidrs[1]: ...`).
@@ -24,7 +25,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from planemesh.model.config import ConfigError, Listener, ListenerProtocol, Snapshot
+from planemesh.model.config import DEFAULT_TRACE, ConfigError, Listener, ListenerProtocol, Snapshot
 from planemesh.model.ip import AddrFormatError, IPNetwork
 from planemesh.model.planes import SLA, Plane, UndeclaredPorts
 from planemesh.model.tls_config import plane_tls
@@ -34,7 +35,7 @@ from planemesh.model.yaml_text import YamlError, safe_load
 _PLANE_KEYS = {
     "name", "id", "interfaces", "cidrs", "undeclared", "proxy_port", "sniff_port", "sla", "table", "forward_to",
 }  # fmt: skip
-_LISTENER_KEYS = {"name", "plane", "port", "protocol", "prefixes"}
+_LISTENER_KEYS = {"name", "plane", "port", "protocol", "prefixes", "trace_sampling"}
 _SLA_FIELDS = {f.name: f for f in dataclasses.fields(SLA)}
 
 
@@ -144,7 +145,17 @@ def _parse_listener(raw: Any, i: int) -> Listener:
         port=port,
         protocol=proto,
         prefixes=tuple(parse_cidr(p, f"{path}.prefixes[{j}]") for j, p in enumerate(prefixes)),
+        trace_sampling=_trace_sampling(raw.get("trace_sampling", DEFAULT_TRACE), f"{path}.trace_sampling"),
     )
+
+
+def _trace_sampling(value: Any, path: str) -> float | None:
+    """A listener's trace sampling: a percentage of new traces (0 to 100), or null for no trace context."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+        raise ConfigError(path, f"{value!r} is not a percentage (0 to 100) or null")
+    return float(value)
 
 
 def snapshot_from_dict(raw: Any, version: str = "static") -> Snapshot:

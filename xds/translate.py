@@ -241,6 +241,7 @@ class _Terminal:
     xfcc: tuple[str, tuple[str, ...]] = ("sanitize", ())
     tcp_clusters: tuple[WeightedCluster, ...] = ()
     own_service: bool = False  # istiod's default chain of the listener's own service (xds/translate_tcp.py)
+    trace_sampling: float | None = None  # HCM tracing: the new traces' sampled percentage; None: no tracing
 
 
 def _chain_match(m, where: _Where, path: str) -> tuple[int, list[IPNetwork]]:
@@ -277,8 +278,8 @@ def _terminal_filter(listener, chain, ci: int, where: _Where, port: int, acc: _A
     last = chain.filters[-1]
     kind = type_name(last.typed_config.type_url)
     if kind == HCM:
-        route_config, filters, upgrades, xfcc = _hcm(listener, last, ci, chain.name, where.planes, acc, fpath)
-        return _Terminal(ListenerProtocol.HTTP, route_config, filters, upgrades, xfcc)
+        route_config, filters, upgrades, xfcc, trace = _hcm(listener, last, ci, chain.name, where.planes, acc, fpath)
+        return _Terminal(ListenerProtocol.HTTP, route_config, filters, upgrades, xfcc, trace_sampling=trace)
     if kind == TCP_PROXY:
         tcp = tcp_proxy(last, fpath)
         clusters = tcp_clusters(tcp, fpath)
@@ -332,13 +333,15 @@ def _chain(listener, chain, ci: int, where: _Where, acc: _Acc, path: str) -> lis
             application_protocols=alpn,
             own_service=term.own_service,
             direction=where.direction,
+            trace_sampling=term.trace_sampling,
         )
         for plane in where.planes
     ]
 
 
 def _hcm(listener, last, ci: int, chain_name: str, planes: list[Plane], acc: _Acc, fpath: str):
-    """An http_connection_manager -> (route config name, HTTP filters, upgrades, XFCC); inline routes go to acc."""
+    """An http_connection_manager -> (route config name, HTTP filters, upgrades, XFCC, trace sampling); inline
+    routes go to acc."""
     hcm = hcm_pb2.HttpConnectionManager()
     last.typed_config.Unpack(hcm)
     only(hcm, _HCM_SUPPORTED, fpath, _HCM_IGNORED)
@@ -365,7 +368,23 @@ def _hcm(listener, last, ci: int, chain_name: str, planes: list[Plane], acc: _Ac
     if hcm.HasField("http2_protocol_options"):
         for key, value, where in http2_limits(hcm.http2_protocol_options, f"{fpath}.http2_protocol_options"):
             _set_sla(acc, planes, key, value, listener.name, where)
-    return route_config, filters, upgrades, _xfcc(hcm, fpath)
+    return route_config, filters, upgrades, _xfcc(hcm, fpath), _trace_sampling(hcm, fpath)
+
+
+def _trace_sampling(hcm, path: str) -> float | None:
+    """HCM `tracing` -> the percentage of new traces sampled: random_sampling x overall_sampling (each 100 when
+    unset, as Envoy); None without `tracing`: Envoy then adds no trace context and leaves a request's own trace
+    headers as they came. The provider, tags and client_sampling decorate spans planemesh does not export."""
+    if not hcm.HasField("tracing"):
+        return None
+    tracing = hcm.tracing
+    percent = 100.0
+    for name in ("random_sampling", "overall_sampling"):
+        value = getattr(tracing, name).value if tracing.HasField(name) else 100.0
+        if not 0.0 <= value <= 100.0:
+            raise ConfigError(f"{path}.tracing.{name}", f"{value:g} is not a percentage (0 to 100)")
+        percent = percent * value / 100.0
+    return percent
 
 
 def _xfcc(hcm, path: str) -> tuple[str, tuple[str, ...]]:

@@ -79,7 +79,8 @@ def merge_same_destination(out: list[Listener], paths: list[str]) -> list[Listen
 
 
 def _handling(lsn: Listener) -> tuple:
-    return (lsn.route_config, lsn.http_filters, lsn.upgrades, lsn.tls, lsn.forward_client_cert, lsn.client_cert_details)
+    return (lsn.route_config, lsn.http_filters, lsn.upgrades, lsn.tls, lsn.forward_client_cert, lsn.client_cert_details,
+            lsn.trace_sampling)
 
 
 def _blackhole(lsn: Listener) -> bool:

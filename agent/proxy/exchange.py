@@ -255,7 +255,7 @@ class Exchange:
             if step is not None:
                 result = step
                 route = self.route = result.route
-        self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"")
+        self.req_head = request_head(self, route, self.upgrade if self.tunnel else b"", crc.trace)
         stage = attempt.stage
         if stage is not None and stage.xfcc is not None:  # a local server stage's x-forwarded-client-cert
             self.req_head.fields.append((XFCC, stage.xfcc))

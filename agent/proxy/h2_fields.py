@@ -71,10 +71,11 @@ def split_request(
 
 
 def mutated_request(
-    route: Route | None, pseudo: Fields, fields: Fields, path: bytes, authority: bytes | None
+    route: Route | None, pseudo: Fields, fields: Fields, path: bytes, authority: bytes | None, trace: float | None
 ) -> tuple[Fields, Fields, bytes, bytes | None]:
     """(pseudo-headers, fields, :path, :authority) upstream: the route's prefix and host rewrites, its request
-    header changes, and this hop's trace context (request_head.py, as the HTTP/1 head gets them)."""
+    header changes, and this hop's trace context (request_head.py, as the HTTP/1 head gets them; `trace`: the
+    listener's sampling, None: none added)."""
     action = route.action if route is not None else None
     if action is not None:
         if action.prefix_rewrite is not None:
@@ -88,7 +89,7 @@ def mutated_request(
             fields = [(n, v) for n, v in fields if n != b"host"]
     if route is not None and (route.request_headers_to_add or route.request_headers_to_remove):
         fields = route_request_headers(route, fields)
-    return pseudo, with_trace_context(fields), path, authority
+    return pseudo, with_trace_context(fields, trace), path, authority
 
 
 def local_answer(status: int, message: str, grpc: bool, body: bytes | None, extra=()) -> tuple[Fields, bytes | None]:

@@ -308,7 +308,7 @@ class Bridge:
                 result = step
                 route = self.route = result.route
         self.pseudo, self.fields, self.up_path, self.up_authority = mutated_request(
-            route, self.pseudo, self.fields, self.path_b, self.authority_b
+            route, self.pseudo, self.fields, self.path_b, self.authority_b, crc.trace
         )  # the route's rewrites and header changes, this hop's trace context (h2_fields.py)
         stage = attempt.stage
         if stage is not None and stage.xfcc is not None:  # a local server stage's x-forwarded-client-cert

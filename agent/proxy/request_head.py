@@ -14,6 +14,7 @@ from planemesh.agent.proxy.http1 import HOP_BY_HOP
 from planemesh.agent.proxy.messages import RequestHead
 from planemesh.agent.proxy.tracing import TRACE_HEADERS, outgoing_trace_headers
 from planemesh.agent.proxy.xfcc import DROP_WITH_XFCC, XFCC
+from planemesh.model.config import DEFAULT_TRACE
 
 if TYPE_CHECKING:
     from planemesh.agent.proxy.contracts import H1Request as Exchange
@@ -109,16 +110,22 @@ def split_trace(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, b
     return headers, incoming
 
 
-def with_trace_context(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The headers with this hop's trace context in place of the incoming one (tracing.py)."""
+def with_trace_context(headers: list[tuple[bytes, bytes]], trace: float | None) -> list[tuple[bytes, bytes]]:
+    """The headers with this hop's trace context in place of the incoming one (tracing.py); `trace`: the
+    listener's sampling percentage, None: no tracing (the headers as they are)."""
+    if trace is None:
+        return headers
     headers, incoming = split_trace(headers)
-    return headers + outgoing_trace_headers(incoming)
+    return headers + outgoing_trace_headers(incoming, sampling=trace)
 
 
-def request_head(ex: Exchange, route: Route | None, upgrade: bytes = b"") -> RequestHead:
+def request_head(
+    ex: Exchange, route: Route | None, upgrade: bytes = b"", trace: float | None = DEFAULT_TRACE
+) -> RequestHead:
     """The request head sent upstream, codec-neutral (messages.py). Sets ex.request_id (when the client sent none)
-    and ex.xff. `upgrade`: the Upgrade a tunnel request asks for. The headers the client's Connection header
-    named are already gone (request_checks): what the proxy adds here stays."""
+    and ex.xff. `upgrade`: the Upgrade a tunnel request asks for; `trace`: the listener's trace sampling (None:
+    no trace context added, the client's trace headers pass as they are). The headers the client's Connection
+    header named are already gone (request_checks): what the proxy adds here stays."""
     target = ex.target
     headers = ex.headers
     if route is not None:
@@ -133,19 +140,23 @@ def request_head(ex: Exchange, route: Route | None, upgrade: bytes = b"") -> Req
     # x-forwarded-client-cert: dropped unless the mTLS connection's listener forwards it (agent/proxy/xfcc.py)
     ssl_object = ex.ds.ssl_object
     xfcc = getattr(ssl_object, "planemesh_xfcc", None) if ssl_object is not None else None
-    if xfcc is None and _DROP_OR_TRACE.isdisjoint(map(_name, headers)):
+    if xfcc is None and (_DROP_OR_TRACE if trace is not None else DROP_WITH_XFCC).isdisjoint(map(_name, headers)):
         # Nothing to drop and no incoming trace context (most requests): the fields as they are, checked in C.
         fields = list(headers)
-        fields += outgoing_trace_headers(_NO_TRACE)
+        if trace is not None:
+            fields += outgoing_trace_headers(_NO_TRACE, sampling=trace)
     else:
-        headers, incoming_trace = split_trace(headers)
+        incoming_trace: dict[str, str] = {}
+        if trace is not None:
+            headers, incoming_trace = split_trace(headers)
         drop = HOP_BY_HOP if xfcc is not None and xfcc == (True, None) else DROP_WITH_XFCC
         fields = [(n, v) for n, v in headers if n not in drop]
         if xfcc is not None and xfcc != (True, None):  # sanitize_set: ours only; append_forward: theirs, then ours
             prior = [v for n, v in headers if n == XFCC] if xfcc[0] else []
             if xfcc[1] is not None:
                 fields.append((XFCC, b", ".join([*prior, xfcc[1]])))
-        fields += outgoing_trace_headers(incoming_trace)
+        if trace is not None:
+            fields += outgoing_trace_headers(incoming_trace, sampling=trace)
     if ex.request_id is None:
         rid = new_request_id()
         ex.request_id = rid.decode()

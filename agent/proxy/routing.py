@@ -16,6 +16,7 @@ from planemesh.agent.proxy.filters import FilterChain
 from planemesh.agent.proxy.local_inbound import chained, tighter_timeout
 from planemesh.agent.proxy.pod_table import PodTable
 from planemesh.model.config import (
+    DEFAULT_TRACE,
     DEFAULT_UPGRADES,
     Cluster,
     DirectResponse,
@@ -254,7 +255,7 @@ class CompiledRouteConfig:
 
     __slots__ = (
         "_cache", "_chain", "default", "exact", "http_filters", "local_client", "name", "prefixes", "results",
-        "suffixes", "upgrades",
+        "suffixes", "trace", "upgrades",
     )  # fmt: skip
 
     def __init__(
@@ -263,8 +264,10 @@ class CompiledRouteConfig:
         http_filters: tuple[HttpFilter, ...] = (),
         upgrades: tuple[UpgradeConfig, ...] = DEFAULT_UPGRADES,
         reuse: Reuse | None = None,
+        trace: float | None = DEFAULT_TRACE,
     ) -> None:
         self.name = rc.name
+        self.trace = trace  # the listener's trace_sampling (request_head.py, tracing.py); None: no tracing
         self.http_filters = http_filters  # the listener's; a listener with filters gets its own instance
         self.upgrades = {u.upgrade_type: u.enabled for u in upgrades}  # the listener's
         self._chain: FilterChain | None = None
@@ -363,7 +366,7 @@ class PlaneRouter:
         self.plane = snapshot.plane(plane)
         self.reuse = Reuse(previous)  # the previous router's compiled matchers whose config did not change
         self._all: list[CompiledRouteConfig] = []
-        self._configs: dict[tuple[str | None, tuple[UpgradeConfig, ...]], CompiledRouteConfig] = {}
+        self._configs: dict[tuple[str | None, tuple[UpgradeConfig, ...], float | None], CompiledRouteConfig] = {}
         self._by_port: dict[int, list[tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...], CompiledRouteConfig]]] = {}
         self._tls: set[int] = set()  # id() of the route configs of TLS-terminating listeners (a permissive twin)
         self._inbound_at: dict[tuple[str, int], CompiledRouteConfig | None] = {}  # endpoint -> local inbound
@@ -402,14 +405,16 @@ class PlaneRouter:
     def _compiled(self, lsn: Listener | None) -> CompiledRouteConfig:
         name = lsn.route_config if lsn is not None else None
         upgrades = lsn.upgrades if lsn is not None else DEFAULT_UPGRADES
+        trace = lsn.trace_sampling if lsn is not None else DEFAULT_TRACE
         if lsn is not None and lsn.http_filters:  # filter state (buckets) belongs to the listener
-            crc = CompiledRouteConfig(self.snapshot.route_config(name), lsn.http_filters, upgrades, self.reuse)
+            rc = self.snapshot.route_config(name)
+            crc = CompiledRouteConfig(rc, lsn.http_filters, upgrades, self.reuse, trace)
             self._all.append(crc)
             return crc
-        crc = self._configs.get((name, upgrades))
+        crc = self._configs.get((name, upgrades, trace))
         if crc is None:
             rc = self.snapshot.route_config(name)
-            crc = self._configs[name, upgrades] = CompiledRouteConfig(rc, (), upgrades, self.reuse)
+            crc = self._configs[name, upgrades, trace] = CompiledRouteConfig(rc, (), upgrades, self.reuse, trace)
             self._all.append(crc)
         return crc
 

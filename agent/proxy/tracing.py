@@ -18,7 +18,8 @@ TRACE_HEADERS = frozenset({
     b"b3",
 })
 _ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
-_SAMPLED = (b"x-b3-sampled", b"1")
+_SAMPLED, _NOT_SAMPLED = (b"x-b3-sampled", b"1"), (b"x-b3-sampled", b"0")
+_PER_PERCENT = (1 << 32) / 100  # a sampling percentage against a 32-bit random draw
 
 
 def _valid_hex(value: str | None, lengths: tuple[int, ...]) -> str | None:
@@ -28,14 +29,21 @@ def _valid_hex(value: str | None, lengths: tuple[int, ...]) -> str | None:
     return value if len(value) in lengths and _HEX.match(value) and set(value) != {"0"} else None
 
 
-def outgoing_trace_headers(headers: Mapping[str, str],
-                           bits: Callable[[int], int] = random.getrandbits) -> list[tuple[bytes, bytes]]:
-    """The trace headers to send upstream for a request with these (lower-case) headers."""
+def _sampled(sampling: float, bits: Callable[[int], int]) -> bool:
+    """Whether a new trace is sampled, `sampling` percent of them (the listener's; Envoy's random_sampling)."""
+    return sampling >= 100.0 or bits(32) < sampling * _PER_PERCENT
+
+
+def outgoing_trace_headers(headers: Mapping[str, str], bits: Callable[[int], int] = random.getrandbits,
+                           sampling: float = 100.0) -> list[tuple[bytes, bytes]]:
+    """The trace headers to send upstream for a request with these (lower-case) headers; a new trace is sampled
+    `sampling` percent of the time, an incoming one keeps its own decision."""
     if not headers:  # no incoming context (most requests): a new trace, without parsing or text formatting
         trace_b = _hexlify((bits(128) or 1).to_bytes(16, "big"))  # hex in C: no format spec to parse
         span = _hexlify((bits(64) or 1).to_bytes(8, "big"))
-        return [(b"traceparent", b"".join((b"00-", trace_b, b"-", span, b"-01"))), (b"x-b3-traceid", trace_b),
-                (b"x-b3-spanid", span), _SAMPLED]
+        sampled = _sampled(sampling, bits)
+        return [(b"traceparent", b"".join((b"00-", trace_b, b"-", span, b"-01" if sampled else b"-00"))),
+                (b"x-b3-traceid", trace_b), (b"x-b3-spanid", span), _SAMPLED if sampled else _NOT_SAMPLED]
     trace_id = parent = None
     sampled = "01"
     tracestate = None
@@ -50,6 +58,7 @@ def outgoing_trace_headers(headers: Mapping[str, str],
             parent = _valid_hex(headers.get("x-b3-spanid"), (16,))
             sampled = "00" if headers.get("x-b3-sampled", "1").strip() in ("0", "false") else "01"
     if trace_id is None:
+        sampled = "01" if _sampled(sampling, bits) else "00"
         trace_id = f"{bits(128):032x}"
         if trace_id == _ZERO_TRACE:
             trace_id = "0" * 31 + "1"

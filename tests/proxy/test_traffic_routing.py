@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -264,6 +265,30 @@ def test_trace_headers_new_span_per_hop(http) -> None:
         assert trace == "4bf92f3577b34da6a3ce929d0e0e4736" and span != "00f067aa0ba902b7"
         assert kept["tracestate"] == "vendor=1" and kept["x-request-id"] == "rid-7"
         assert kept["x-b3-parentspanid"] == "00f067aa0ba902b7" and kept["x-b3-spanid"] == span
+
+
+@pytest.mark.parametrize("sampling", [None, 0.0])
+def test_listener_without_tracing_or_unsampled(http, sampling) -> None:
+    """A listener without tracing (an xDS HCM without `tracing`: Envoy adds no trace context) passes the client's
+    trace headers as they came and adds none; one sampling 0 % starts unsampled traces and keeps an incoming
+    trace's own decision."""
+    with VersionServer("v1") as v1, proxy_for(to("svc"), {"svc": static("svc", [endpoint(v1)])}) as px:
+        snap = px.snapshot
+        listener = replace(snap.listeners[0], trace_sampling=sampling)
+        px.call(px.proxy.update, replace(snap, version=f"{snap.version}+", listeners=(listener,)))
+        incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        http.get(px.port, "/t1")
+        http.get(px.port, "/t2", headers={"traceparent": incoming, "tracestate": "vendor=1"})
+        fresh, kept = v1.seen[0][2], v1.seen[1][2]
+        assert fresh["x-request-id"] and kept["x-request-id"]
+        if sampling is None:
+            assert not {"traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled"} & set(fresh)
+            assert kept["traceparent"] == incoming and kept["tracestate"] == "vendor=1" and "x-b3-spanid" not in kept
+        else:
+            assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", fresh["traceparent"])
+            assert fresh["x-b3-sampled"] == "0"
+            assert kept["traceparent"].endswith("-01") and kept["traceparent"] != incoming
+            assert kept["x-b3-sampled"] == "1"
 
 
 def test_request_and_response_header_manipulation_and_rewrites(http) -> None:

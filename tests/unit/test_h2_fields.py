@@ -38,7 +38,7 @@ ROUTE = Route(match=RouteMatch(prefix="/api/"),
 def test_mutated_request(route, path, authority, gone, added) -> None:
     pseudo, fields, *_ = split_request([*HEAD, (b"traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01")],
                                        b"10.1.1.1")
-    pseudo, fields, up_path, up_authority = mutated_request(route, pseudo, fields, b"/api/x?q=1", b"front")
+    pseudo, fields, up_path, up_authority = mutated_request(route, pseudo, fields, b"/api/x?q=1", b"front", 100.0)
     names = {n for n, _ in fields}
     assert (up_path, up_authority) == (path, authority)
     assert dict(pseudo)[b":path"] == path and dict(pseudo)[b":authority"] == authority
@@ -46,6 +46,13 @@ def test_mutated_request(route, path, authority, gone, added) -> None:
     trace = dict(fields)[b"traceparent"].decode()
     assert re.fullmatch(r"00-a{32}-[0-9a-f]{16}-01", trace) and not trace.endswith("b" * 16 + "-01")
     assert [n for n, _ in fields].count(b"traceparent") == 1
+
+
+def test_mutated_request_without_tracing_keeps_the_client_trace() -> None:
+    incoming = b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"
+    pseudo, fields, *_ = split_request([*HEAD, (b"traceparent", incoming)], b"10.1.1.1")
+    _, out, *_ = mutated_request(None, pseudo, fields, b"/api/x?q=1", b"front", None)
+    assert out == fields and dict(out)[b"traceparent"] == incoming
 
 
 def test_local_answer() -> None:

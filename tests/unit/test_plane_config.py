@@ -86,3 +86,14 @@ def test_bad_plane_fields_name_the_field(mutate, field: str, words: str) -> None
 def test_routed_entries_may_be_shared_and_distinct_patterns_coexist() -> None:
     raw = _with(lambda d: [p.update(interfaces=["@routed", f"*-{p['name']}"]) for p in d["planes"]])
     assert [p.interfaces for p in snapshot_from_dict(raw).planes] == [("@routed", "*-oam"), ("@routed", "*-media")]
+
+
+def test_listener_trace_sampling() -> None:
+    """Static listeners add trace context by default; `trace_sampling` sets the percentage, null turns it off."""
+    assert all(lsn.trace_sampling == 100.0 for lsn in snapshot_from_dict(GOOD).listeners)
+    raw = _with(lambda d: (d["listeners"][0].update(trace_sampling=None), d["listeners"][1].update(trace_sampling=5)))
+    snap = snapshot_from_dict(raw)
+    assert (snap.listeners[0].trace_sampling, snap.listeners[1].trace_sampling) == (None, 5.0)
+    for bad in (101, -1, "all", True):
+        with pytest.raises(ConfigError, match=r"listeners\[0\]\.trace_sampling: .*not a percentage"):
+            snapshot_from_dict(_with(lambda d, bad=bad: d["listeners"][0].update(trace_sampling=bad)))

@@ -164,6 +164,24 @@ def test_trace_started_when_absent() -> None:
     assert b"x-b3-parentspanid" not in out and b"tracestate" not in out
 
 
+@pytest.mark.parametrize(("sampling", "draw", "sampled"), [(0.0, 0, False), (1.0, 42_949_672, True),
+                                                         (1.0, 42_949_673, False), (100.0, 2**32 - 1, True)])
+def test_new_trace_sampled_by_the_listener_percentage(sampling, draw, sampled) -> None:
+    """Envoy's random_sampling: a new trace is sampled when a 32-bit draw falls under the percentage."""
+    values = iter([0xABC, 0x1234, draw])
+    out = dict(outgoing_trace_headers({}, lambda n: next(values), sampling=sampling))
+    assert out[b"traceparent"].endswith(b"-01" if sampled else b"-00")
+    assert out[b"x-b3-sampled"] == (b"1" if sampled else b"0")
+    values = iter([draw, 0xABC, 0x1234])  # an invalid context starts a new trace, drawn the same way
+    out = dict(outgoing_trace_headers({"traceparent": "garbage"}, lambda n: next(values), sampling=sampling))
+    assert out[b"traceparent"].endswith(b"-01" if sampled else b"-00")
+
+
+def test_incoming_trace_keeps_its_decision_whatever_the_sampling() -> None:
+    incoming = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    assert dict(outgoing_trace_headers(incoming, fixed_bits(), sampling=0.0))[b"x-b3-sampled"] == b"1"
+
+
 def test_traceparent_keeps_trace_new_span_and_tracestate() -> None:
     incoming = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "tracestate": "a=1"}
     out = dict(outgoing_trace_headers(incoming, fixed_bits()))

@@ -303,6 +303,38 @@ ACCEPTED = [
         lambda s: s.listeners[0].upgrades[0].upgrade_type == "websocket",
     ),
     (
+        "hcm-without-tracing-adds-no-trace-context",  # Envoy: no tracer, the client's trace headers pass as they are
+        [listener([{"filters": [hcm()]}])],
+        lambda s: s.listeners[0].trace_sampling is None,
+    ),
+    (
+        "hcm-tracing-as-istiod-sets-it",  # random_sampling x overall_sampling; the decorations are accepted
+        [
+            listener(
+                [
+                    {
+                        "filters": [
+                            hcm(
+                                tracing={
+                                    "client_sampling": {"value": 100},
+                                    "random_sampling": {"value": 1},
+                                    "overall_sampling": {"value": 50},
+                                    "custom_tags": [{"tag": "istio.mesh_id", "literal": {"value": "m"}}],
+                                }
+                            )
+                        ]
+                    }
+                ]
+            )
+        ],
+        lambda s: s.listeners[0].trace_sampling == 0.5,
+    ),
+    (
+        "hcm-tracing-defaults-sample-every-new-trace",
+        [listener([{"filters": [hcm(tracing={})]}])],
+        lambda s: s.listeners[0].trace_sampling == 100.0,
+    ),
+    (
         "istio-http-filters-and-stats-only-filters",
         [
             listener(
@@ -543,6 +575,12 @@ REFUSED = [
         "not supported",
     ),
     ("upstream-filter-not-istio", [cluster(filters=[tcp()])], "filters[0]", "not supported"),
+    (
+        "tracing-sampling-over-100-percent",
+        [listener([{"filters": [hcm(tracing={"random_sampling": {"value": 150}})]}])],
+        "tracing.random_sampling",
+        "not a percentage",
+    ),
     (
         "success-rate-ejection",
         [cluster(outlier_detection={"enforcing_success_rate": 100})],
