@@ -1,7 +1,7 @@
 """gRPC (and plain h2) through the proxy vs Envoy 1.40, same run, loopback only:
 
     ./run.sh bench grpc [--seconds 5] [--calls 64] [--streams 16] [--only get|unary|grpcio|stream]
-                        [--phases unary,get,unary,envoy:unary] [--shared-backend]
+                        [--phases unary,get,unary,envoy:unary] [--shared-backend] [--trace]
 
 One planemesh worker (a PlaneProxy in its own process, the test harness's, access log to a file) and Envoy
 `--concurrency 1` (file access log), in front of a backend, nginx (one worker; a C server, so that the proxies and
@@ -21,6 +21,8 @@ backend reaches the next (`--shared-backend`: one nginx for the whole run, as in
 sequence, to look for such carry-overs). Each row: rate, p50/p99 per call (h2load's per-request log, or timed by
 the client), the proxy process's CPU per call (/proc: user + system over the load), and, per call, counts a busy
 machine does not move: the proxy's read/write system calls and bytes, its minor faults, the backend's CPU.
+Like Envoy's configuration here (an HCM without `tracing`), planemesh's listener adds no trace context unless
+`--trace` (since session 8; before, it added traceparent and B3 headers, ~165 bytes upstream per call).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -50,7 +53,7 @@ import grpc
 from bench.http_proxy import envoy_binary
 from planemesh.agent.proxy.server import PlaneProxy
 from planemesh.agent.proxy.sockets import make_listener_socket
-from planemesh.model.config import Cluster, ClusterKind, Endpoint
+from planemesh.model.config import DEFAULT_TRACE, Cluster, ClusterKind, Endpoint
 from tests.proxy.proxy_harness import ServingProxy, free_port, make_snapshot
 
 UNARY = "/bench.Bench/Unary"
@@ -165,9 +168,9 @@ def envoy(work: Path, port: int, backend: int, http2: bool) -> Iterator[subproce
 
 
 @contextlib.contextmanager
-def planemesh(work: Path, port: int, backend: int, http2: bool) -> Iterator[subprocess.Popen]:
+def planemesh(work: Path, port: int, backend: int, http2: bool, trace: bool = False) -> Iterator[subprocess.Popen]:
     argv = [sys.executable, "-m", "bench.grpc", "--serve", str(port), str(backend), str(work / "pm-access.log"),
-            "h2" if http2 else "h1"]  # fmt: skip
+            "h2" if http2 else "h1", "trace" if trace else "no-trace"]  # fmt: skip
     with _process(argv, port) as proc:
         yield proc
 
@@ -205,14 +208,18 @@ def counts(proc: subprocess.Popen) -> dict[str, int]:
     return {**{k: int(io[k]) for k in COUNTS[:4]}, "minflt": int(stat[7])}
 
 
-def serve(port: int, backend: int, log_path: str, http2: bool) -> None:
+def serve(port: int, backend: int, log_path: str, http2: bool, trace: bool) -> None:
     """The planemesh side: one PlaneProxy (as one worker runs it) on 127.0.0.1:port, a cluster to the backend
-    (h2c when http2, else HTTP/1.1), the access log appended to a file; until SIGTERM."""
+    (h2c when http2, else HTTP/1.1), the access log appended to a file; until SIGTERM. Its listener adds trace
+    context only with `trace` (--trace): Envoy's configuration here has no tracing, as an HCM without `tracing`
+    (docs/traffic.md, Tracing)."""
     log = open(log_path, "a")  # noqa: SIM115
     sock = make_listener_socket(port, transparent=False, host="127.0.0.1")
     cluster = Cluster(name="backend", kind=ClusterKind.STATIC, http2=http2,
                       endpoints=(Endpoint(address="127.0.0.1", port=backend),))  # fmt: skip
     snapshot = make_snapshot(port, [("127.0.0.1", backend)], clusters={"backend": cluster})
+    listener = dataclasses.replace(snapshot.listeners[0], trace_sampling=DEFAULT_TRACE if trace else None)
+    snapshot = dataclasses.replace(snapshot, listeners=(listener,))
     proxy = PlaneProxy(snapshot, "oam", access_log=log.write)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -419,7 +426,8 @@ def run_phase(work: Path, backend: Backend, proxy: str, load: str, args: argpars
     """One load through a fresh process of `proxy` (after a warm-up of its upstream pool)."""
     port = free_port()
     http2 = load != "get"
-    with RUNNERS[proxy](work, port, backend.grpc_port if http2 else backend.h1_port, http2) as proc:
+    options = {"trace": args.trace} if proxy == "planemesh" else {}
+    with RUNNERS[proxy](work, port, backend.grpc_port if http2 else backend.h1_port, http2, **options) as proc:
         if http2:
             grpcio_load(proxy, port, 1, 4, False)
         else:
@@ -478,13 +486,15 @@ def report(results: list[Result]) -> str:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--serve"]:
-        return serve(int(argv[1]), int(argv[2]), argv[3], argv[4] == "h2")
+        return serve(int(argv[1]), int(argv[2]), argv[3], argv[4] == "h2", argv[5] == "trace")
     parser = argparse.ArgumentParser(prog="python -m bench grpc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=64, help="grpcio unary calls in flight")
     parser.add_argument("--streams", type=int, default=16, help="grpcio streaming calls in flight")
     parser.add_argument("--only", choices=LOADS)
+    parser.add_argument("--trace", action="store_true",
+                        help="planemesh's listener adds trace context (Envoy's config has no tracing; default: off)")
     parser.add_argument(
         "--phases",
         help="run these phases in this order instead, each in a fresh proxy process: "
