@@ -95,6 +95,7 @@ class Attempt:
         "upstream_addr",
         "upstream_host",
         "upstream_key",
+        "waiting",
     )
 
     def __init__(self, ex: AttemptOwner, ds: RequestSource | None = None) -> None:
@@ -124,6 +125,7 @@ class Attempt:
         self.upstream_host: str | None = None
         self.h2 = False  # the request goes upstream as an h2 stream (h2_upstream.H2ClientStream): an http2 cluster
         self.h2_fields: Fields | None = None
+        self.waiting: tuple[tuple[str, int], bool] | None = None  # (target, reuse) while queued for a connection
 
     @property
     def finished(self) -> bool:
@@ -158,6 +160,10 @@ class Attempt:
             release_inbound(self, HELD_INBOUND)
         breaker = self.breaker
         if breaker is not None:
+            if self.waiting is not None:
+                self.waiting = None
+                if not self.cb_held & HELD_CONNECTION:
+                    breaker.stop_waiting(self)
             if self.cb_held & HELD_PENDING:
                 breaker.release(PENDING)
             if self.cb_held & HELD_CONNECTION:
@@ -188,14 +194,29 @@ class Attempt:
             return open_h2_stream(self, target)
         breaker = self.breaker
         if breaker is not None:
-            if not breaker.try_acquire(CONNECTIONS):
-                self.end(-1)
-                return self.ex.overloaded(b"cluster_connections")
-            self.cb_held |= HELD_CONNECTION
             if not breaker.try_acquire(PENDING):
                 self.end(-1)
                 return self.ex.overloaded(b"cluster_pending")
             self.cb_held |= HELD_PENDING
+            if not breaker.try_acquire(CONNECTIONS):  # every connection unit taken: wait for one, as Envoy's pool
+                self.waiting = (target, reuse)
+                breaker.wait_for_connection(self)
+                return None
+            self.cb_held |= HELD_CONNECTION
+        self._connect(target, reuse)
+
+    def connection_granted(self) -> None:
+        """The connection unit another attempt gave back is this waiting attempt's (circuit.CircuitBreaker):
+        it goes on to its connection on the next loop pass, out of the giver's call stack."""
+        self.cb_held |= HELD_CONNECTION
+        self.ds.proxy.loop.call_soon(self._granted)
+
+    def _granted(self) -> None:
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None and not self.ex.finished:  # else end() has given the unit back meanwhile
+            self._connect(*waiting)
+
+    def _connect(self, target: tuple[str, int], reuse: bool) -> None:
         pool = self.ds.proxy.pool
         if reuse:
             pool.acquire_for(self, target, self.connect_timeout_s)
@@ -385,12 +406,13 @@ class Attempt:
             return
         self.ds.proxy.stats.upstream_timeouts += 1
         started = ex.relay.started
+        outcome = -1 if self.waiting is not None else GATEWAY_FAILURE  # queued: the endpoint was never tried
         if now < self.deadline and not started and self.may_retry("timeout"):
             # Per-try timeout with retries left: a fresh attempt on a new connection, same overall deadline.
-            self.end(GATEWAY_FAILURE)
+            self.end(outcome)
             self.retry()
             return
-        self.end(GATEWAY_FAILURE)
+        self.end(outcome)
         self.deadline = self.try_deadline = float("inf")
         if started:
             ex.abort(flags.UT)

@@ -28,6 +28,7 @@ from planemesh.model.config import (
 from tests.proxy.proxy_harness import ProxyThread, ThreadedBackend, free_port, log_line_for
 from tests.support.clusters import endpoint
 from tests.support.clusters import static_cluster as static
+from tests.support.waiting import eventually
 
 
 class VersionHandler(http.server.BaseHTTPRequestHandler):
@@ -238,19 +239,47 @@ def test_open_circuit_returns_503_uo_immediately(http) -> None:
         assert http.get(px.port, "/after")[0] == 200  # the unit was released
 
 
-def test_connection_breaker_holds_for_both_protocols(http) -> None:
-    """max_connections bounds the attempts in progress whatever the client speaks (one Attempt for both: before,
-    an h2 stream held only a max_requests unit, and its second concurrent request simply waited)."""
-    cb = CircuitBreakers(max_connections=1)
+def test_connection_breaker_queues_as_pending_then_overflows(http) -> None:
+    """max_connections bounds the attempts in progress whatever the client speaks (one Attempt for both); as in
+    Envoy's HTTP/1.1 pool, a request that finds every connection taken waits for one as a pending request, and
+    is refused 503 UO (`cluster_pending`) only when max_pending_requests are taken too. Before: 503 at once."""
+    cb = CircuitBreakers(max_connections=1, max_pending_requests=1)
     with VersionServer("slow", delay_s=0.6) as slow, \
             proxy_for(to("svc"), {"svc": static("svc", [endpoint(slow)], circuit_breakers=cb)}) as px:
         t, first = _hold_one(http, px, slow)
-        status, headers, _ = http.get(px.port, "/second")
-        assert status == 503 and headers["x-planemesh-overloaded"] == "cluster_connections"
-        assert '" 503 UO ' in log_line_for(px, "/second")
+        t0 = time.monotonic()
+        queued: list = []
+        waiter = threading.Thread(target=lambda: queued.append((http.get(px.port, "/queued"), time.monotonic())))
+        waiter.start()
+        breaker = px.proxy.table.balancer.breaker(px.snapshot.clusters["svc"])
+        assert eventually(lambda: len(breaker.waiters) == 1)
+        status, headers, _ = http.get(px.port, "/third")  # the one pending unit is the queued request's
+        assert status == 503 and headers["x-planemesh-overloaded"] == "cluster_pending"
+        assert '" 503 UO ' in log_line_for(px, "/third")
         t.join(5)
-        assert first == [200]
-        assert http.get(px.port, "/after")[0] == 200  # the unit was released
+        waiter.join(5)
+        assert first == [200] and queued[0][0][0] == 200
+        assert queued[0][1] - t0 >= 0.3  # it waited for the first request's connection unit
+        assert [s[1] for s in slow.seen if s[1].startswith("/queued")] == ["/queued"]
+        assert http.get(px.port, "/after")[0] == 200  # the units were given back
+        assert breaker.counts == {"requests": 0, "pending": 0, "connections": 0, "retries": 0}
+
+
+def test_a_queued_request_times_out_and_leaves_the_queue(http) -> None:
+    """A request waiting for a connection unit gets the route's timeout (504 UT), leaves the queue and holds no
+    unit; the endpoint it never reached is not reported to outlier detection."""
+    cb = CircuitBreakers(max_connections=1)
+    with VersionServer("slow", delay_s=1.0) as slow, \
+            proxy_for(to("svc", timeout_s=0.3), {"svc": static("svc", [endpoint(slow)], circuit_breakers=cb)}) as px:
+        breaker = px.proxy.table.balancer.breaker(px.snapshot.clusters["svc"])
+        px.call(breaker.try_acquire, "connections")  # every connection unit taken, as by a request in progress
+        status, _, _ = http.get(px.port, "/waits")
+        assert status == 504 and '" 504 UT ' in log_line_for(px, "/waits")
+        assert not breaker.waiters and breaker.counts["pending"] == 0 and slow.seen == []
+        px.call(breaker.release, "connections")
+        assert http.get(px.port, "/after")[0] == 504  # the slow backend's own timeout: it was sent, not queued
+        assert [s[1] for s in slow.seen] == ["/after"]
+        assert breaker.counts["connections"] == 0 and breaker.counts["pending"] == 0
 
 
 def test_retry_budget_of_the_cluster(http) -> None:

@@ -52,7 +52,8 @@ def _world():
     pool = SimpleNamespace(opened=[])
     pool.acquire_for = lambda user, addr, timeout: pool.opened.append(("acquire", addr))
     pool.connect_for = lambda user, addr, timeout: pool.opened.append(("connect", addr))
-    loop = SimpleNamespace(time=lambda: 100.0, call_later=lambda d, fn, *a: timers.append((d, fn, a)) or object())
+    loop = SimpleNamespace(time=lambda: 100.0, call_later=lambda d, fn, *a: timers.append((d, fn, a)) or object(),
+                           call_soon=lambda fn, *a: timers.append((0, fn, a)))
     stats = SimpleNamespace(upstream_connect_failures=0, retries=0, upstream_timeouts=0, requests_pending=0)
     proxy = SimpleNamespace(pool=pool, loop=loop, stats=stats, inflight=set())
     ds = SimpleNamespace(proxy=proxy, write_paused=False, local=TARGET, flush=lambda: None,
@@ -84,11 +85,51 @@ def test_breaker_units_are_held_per_attempt_and_given_back() -> None:
     conn = SimpleNamespace(exchange=None, pause_reading=lambda: None)
     first.on_connected(conn)  # type: ignore[arg-type]
     assert conn.exchange is owner.relay and breaker.counts[PENDING] == 0  # the response goes to the relay
-    second, owner2, pool2, _ = _attempt(breaker)
-    second.open(TARGET, reuse=True)
-    assert owner2.calls == [("overloaded", b"cluster_connections")] and pool2.opened == []
+    second, owner2, pool2, soon = _attempt(breaker)
+    second.open(TARGET, reuse=True)  # every connection unit taken: it waits as a pending request (Envoy's pool)
+    assert owner2.calls == [] and pool2.opened == [] and list(breaker.waiters) == [second]
+    assert breaker.counts[PENDING] == 1
+    first.release()  # its connection unit goes to the waiting attempt, which connects on the next loop pass
+    assert breaker.counts[CONNECTIONS] == 1 and not breaker.waiters and pool2.opened == []
+    _, resume, args = soon.pop()
+    resume(*args)
+    assert pool2.opened == [("acquire", TARGET)]
     second.release()
+    assert breaker.counts == {REQUESTS: 0, PENDING: 0, CONNECTIONS: 0, RETRIES: 0}
+
+
+def test_a_waiting_attempt_overflows_pending_or_leaves_the_queue_holding_nothing() -> None:
+    breaker = CircuitBreaker(CircuitBreakers(max_connections=1, max_pending_requests=1))
+    first, *_ = _attempt(breaker)
+    first.open(TARGET, reuse=True)
+    first.on_connected(SimpleNamespace(exchange=None, pause_reading=lambda: None))  # type: ignore[arg-type]
+    waiting, owner2, pool2, _ = _attempt(breaker)
+    waiting.open(TARGET, reuse=True)
+    third, owner3, pool3, _ = _attempt(breaker)
+    third.open(TARGET, reuse=True)  # the one pending unit is the waiting attempt's
+    assert owner3.calls == [("overloaded", b"cluster_pending")] and pool3.opened == []
+    third.release()
+    waiting.release()  # its client went away while it waited
+    assert not breaker.waiters and breaker.counts[PENDING] == 0 and breaker.counts[CONNECTIONS] == 1
+    assert owner2.calls == []  # nothing answered for it: its owner finished the request itself
     first.release()
+    assert breaker.counts == {REQUESTS: 0, PENDING: 0, CONNECTIONS: 0, RETRIES: 0} and pool2.opened == []
+
+
+def test_a_granted_attempt_that_finishes_before_it_connects_gives_the_unit_on() -> None:
+    breaker = CircuitBreaker(CircuitBreakers(max_connections=1))
+    first, *_ = _attempt(breaker)
+    first.open(TARGET, reuse=True)
+    second, _, pool2, soon2 = _attempt(breaker)
+    second.open(TARGET, reuse=True)
+    third, _, pool3, soon3 = _attempt(breaker)
+    third.open(TARGET, reuse=True)
+    first.release()  # the unit goes to `second` ...
+    second.release()  # ... which finishes before its turn: the unit goes on to `third`
+    for _, fn, args in soon2 + soon3:
+        fn(*args)
+    assert pool2.opened == [] and pool3.opened == [("acquire", TARGET)] and breaker.counts[CONNECTIONS] == 1
+    third.release()
     assert breaker.counts == {REQUESTS: 0, PENDING: 0, CONNECTIONS: 0, RETRIES: 0}
 
 
