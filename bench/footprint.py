@@ -146,16 +146,17 @@ def envoy_ads_in_node(lab, work: Path, address: str):
 
 
 def byte_compile_product() -> int:
-    """Write the product's .pyc files, as the image does (deploy/build-image.sh) and pip does for a wheel: an
-    editable checkout run with PYTHONDONTWRITEBYTECODE (this VM's environment) has none, and every process then
-    compiles each planemesh module at start, ~1.3 MB of RSS more each (docs/benchmarks.md, lean4). Returns the
-    number of package folders compiled."""
+    """Write the product's .pyc files, plain and opt-2 (its processes run with -OO: planemesh.module_argv), as
+    the image does (deploy/build-image.sh) and pip does for a wheel: an editable checkout run with
+    PYTHONDONTWRITEBYTECODE (this VM's environment) has none, and every process then compiles each planemesh
+    module at start, ~1.3 MB of RSS more each (docs/benchmarks.md, lean4). The venv's and the stdlib's opt-2
+    files are scripts/setup.sh's. Returns the number of package folders compiled."""
     spec = importlib.util.find_spec("planemesh")
     roots = [*(spec.submodule_search_locations or [])] if spec else []
     for name in ("agent", "model", "ebpf", "netplanes", "xds", "labs"):
         sub = importlib.util.find_spec(f"planemesh.{name}")
         roots += [*(sub.submodule_search_locations or [])] if sub else []
-    return sum(bool(compileall.compile_dir(root, quiet=1, workers=1)) for root in dict.fromkeys(roots))
+    return sum(bool(compileall.compile_dir(root, quiet=1, workers=1, optimize=[0, 2])) for root in dict.fromkeys(roots))
 
 
 def compiler_mapped(pid: int) -> bool:
