@@ -33,14 +33,16 @@ NOT_IN_A_WORKER = {
     "argparse": "the worker's command line is the agent's, parsed by hand (~0.6 MB RSS with gettext)",
     "ctypes": "its PR_SET_PDEATHSIG is set by setpriv before it runs (agent/parent_death.py; ~0.35 MB RSS)",
     "_ctypes": "same",
+    "pickle": "the worker channel uses pickle's C half directly (planemesh/cpickle.py; pickle.py is ~0.2 MB RSS)",
 }
 
 # The snapshot arrives pickled, as the agent sends it (agent/worker_channel.py).
 STARTUP = (
-    "import pickle, sys, planemesh.agent.worker_process\n"
+    "import sys, planemesh.agent.worker_process\n"
+    "from planemesh import cpickle\n"
     "from planemesh.agent.proxy.server import PlaneProxy\n"
     "from planemesh.agent.proxy.accesslog import file_sink\n"
-    "PlaneProxy(pickle.load(sys.stdin.buffer), 'oam', upstream_mark=1)\n"
+    "PlaneProxy(cpickle.load(sys.stdin.buffer), 'oam', upstream_mark=1)\n"
     "print(' '.join(m for m in {names!r} if m in sys.modules))\n"
 )
 
