@@ -99,7 +99,7 @@ log "byte-compile (the root filesystem is read-only at run time)"
 # does not compile (a Python 2 era example in a package) is reported and skipped: nothing imports it.
 chroot "$rootfs" /usr/bin/python3 -m compileall -q -j 0 -o 0 -o 2 \
     -x '/(test|tests|idlelib|tkinter|lib2to3|turtledemo)/' \
-    /usr/local/lib/python$pyver/dist-packages /usr/lib/python$pyver /usr/lib/python3/dist-packages >/dev/null || true
+    /usr/local/lib/python$pyver/dist-packages /usr/lib/python$pyver /usr/lib/python3/dist-packages || true
 
 log "trim: docs, man pages, locales, apt lists and caches, logs, tests"
 rm -rf "$rootfs"/usr/share/{doc,man,info,lintian,linda,bash-completion,bug,common-licenses}/* \
