@@ -1,5 +1,6 @@
 """The one way an optional feature's modules are loaded on first use (the h2 stack: agent/proxy/h2_support.py;
-the TLS engine: agent/proxy/tls_lazy.py), so that a process that never uses the feature never pays its RSS
+the TLS engine: agent/proxy/tls_lazy.py; json for a JSON access log: accesslog.py; http's status enum for a
+reason phrase the proxy makes up: http1.py), so that a process that never uses the feature never pays its RSS
 (bench/footprint.py). Loaded by name: the callers sit between the feature and its users in the import graph."""
 
 from __future__ import annotations

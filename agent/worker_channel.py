@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
-import pickle
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from planemesh import cpickle as pickle
 from planemesh.model.config import Cluster, Route, RouteConfig, VirtualHost
 
 _HEADER = struct.Struct("!I")

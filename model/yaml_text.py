@@ -10,11 +10,11 @@ kept (the agent reads its configuration file for several sections at start and o
 
 from __future__ import annotations
 
-import pickle
 import subprocess
 import sys
 from typing import Any
 
+from planemesh import cpickle as pickle
 from planemesh import module_argv
 
 CHILD_TIMEOUT_S = 60.0

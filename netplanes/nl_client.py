@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import array
 import logging
-import pickle
 import socket
 import subprocess
 import threading
 from collections.abc import Sequence
 from typing import Any
 
+from planemesh import cpickle as pickle
 from planemesh import module_argv
 from planemesh.netplanes.htb_plan import EgressOp, EgressPlan
 

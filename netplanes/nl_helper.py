@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from planemesh import cpickle as pickle
 from planemesh.ebpf import egress_netlink
 from planemesh.ebpf.tc_attach import LocalTc
 from planemesh.netplanes import routing

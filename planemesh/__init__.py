@@ -22,5 +22,9 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 def module_argv(module: str, *args: str) -> list[str]:
     """argv for `python -m module args` with this interpreter, and without the working directory on sys.path
-    (-P): a process started from a checkout must import the installed packages, never the checkout's folders."""
-    return [sys.executable, "-P", "-m", module, *args]
+    (-P): a process started from a checkout must import the installed packages, never the checkout's folders.
+    -OO: no docstrings in memory, ~0.8 MB of RSS less per process (docs/benchmarks.md, lean6), where the
+    `.opt-2.pyc` caches exist (scripts/setup.sh, deploy/build-image.sh write them; without them each start
+    compiles from source: slower and larger, never failing). Nothing in the product reads a docstring or relies
+    on an assert (tests/unit/test_optimized_children.py)."""
+    return [sys.executable, "-P", "-OO", "-m", module, *args]

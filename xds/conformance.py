@@ -339,8 +339,12 @@ def build(corpus: Path = CORPUS, envoy: str | None = None, refresh: bool = False
     return render(rows, tcp_chains(loaded))
 
 
+# Not read from __doc__, which -OO drops.
+DESCRIPTION = "The istiod conformance table: each resource of a corpus, Envoy's verdict, planemesh's."
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m planemesh.xds.conformance", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m planemesh.xds.conformance", description=DESCRIPTION)
     ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--envoy", help="an Envoy binary: validate resources missing from the cache")
     ap.add_argument("--refresh-envoy", action="store_true", help="validate every resource again (needs --envoy)")

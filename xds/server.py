@@ -587,8 +587,11 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return 0
 
 
+DESCRIPTION = "An ADS management server serving Envoy resources from YAML/JSON files."  # not __doc__: -OO drops it
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="planemesh xds-server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="planemesh xds-server", description=DESCRIPTION)
     add_arguments(parser)
     return run_from_args(parser, parser.parse_args(argv))
 

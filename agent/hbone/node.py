@@ -303,6 +303,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Not read from __doc__: product processes run with -OO (planemesh.module_argv), which drops docstrings.
+DESCRIPTION = "The HBONE node process: the capture, the pool, the outbound and inbound listeners."
+
+
 def inherited(args: argparse.Namespace) -> dict[str, socket.socket]:
     """The listening sockets the agent passed (--listen-fd, --capture-fd)."""
     fds = {LISTEN: args.listen_fd, CAPTURE: args.capture_fd}
@@ -316,6 +320,6 @@ def add_hbone_command(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="planemesh-hbone", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="planemesh-hbone", description=DESCRIPTION)
     add_arguments(parser)
     return run(parser.parse_args(argv))

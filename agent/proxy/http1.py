@@ -5,8 +5,9 @@ Header names are handled lower-case (as Envoy emits them); values are passed thr
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from operator import itemgetter
+
+from planemesh.agent.lazy_modules import load
 
 # The one list of hop-by-hop fields, for the HTTP/1 path and the h2 codecs (h2_fields.py, h2_upstream.py, messages.py
 # derive theirs from it): never forwarded. RFC 9110 7.6.1's connection options, plus the framing headers, which the
@@ -47,9 +48,17 @@ KEEP_ALIVE_HEADER = b"connection: keep-alive\r\n"
 FRAME_NONE, FRAME_LENGTH, FRAME_CHUNKED, FRAME_CLOSE = 0, 1, 2, 3
 
 
+# The phrases of the replies built at import (here, limits.py, downstream.py): http's HTTPStatus enum (~60 kB of
+# RSS) loads with the first other phrase this worker makes up, not at start.
+_BUILT_IN = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+             503: b"Service Unavailable", 505: b"HTTP Version Not Supported"}  # fmt: skip
+
+
 def reason(status: int) -> bytes:
+    if status in _BUILT_IN:
+        return _BUILT_IN[status]
     try:
-        return HTTPStatus(status).phrase.encode()
+        return load("http").HTTPStatus(status).phrase.encode()
     except ValueError:
         return b"Unknown"
 

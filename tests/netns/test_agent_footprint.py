@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from bench.footprint import byte_compile_product
 from planemesh.agent.demo import start_agent
+from planemesh.labs import load_lab, procs
 from planemesh.labs import netns as ns_tools
-from planemesh.labs import procs
 from planemesh.labs.traffic import http_requests
 from tests.netns.agent_lab import AgentLab, eventually, running_agent
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
+PROBE = Path(__file__).with_name("compile_probe")
 COMPILED = "compiled pm_tc.c in a helper process"
 REUSED = "re-used pinned pm_tc.c"
 
@@ -110,3 +115,31 @@ def test_agent_holds_no_compiler_and_warm_starts_compile_nothing(run_prefix: str
             os.unlink(os.path.join(pin_dir, name))
         if os.path.isdir(pin_dir):
             os.rmdir(pin_dir)
+
+
+def test_agent_and_workers_run_OO_from_opt2_caches(run_prefix: str, tmp_path: Path) -> None:
+    """-OO (planemesh.module_argv) saves ~0.8 MB per process only when the .opt-2.pyc files exist: the agent and its
+    workers compile no module from source at start (scripts/setup.sh wrote the venv's and the stdlib's; the
+    product's are written here, as setup.sh and the image do)."""
+    byte_compile_product()
+    log = tmp_path / "compiled"
+    env = {**os.environ, "PYTHONPATH": str(PROBE), "PLANEMESH_COMPILE_LOG": str(log)}
+    with load_lab(prefix=f"{run_prefix}o") as lab:
+        agent = start_agent(lab, tmp_path, ["--pin-dir", f"/sys/fs/bpf/{run_prefix}-oo"], env=env)
+        try:
+            workers = procs.worker_pids(agent.pid)
+            assert len(workers) == 2
+            for pid in [agent.pid, *workers]:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    assert b"-OO" in f.read().split(b"\0"), pid
+            logs = [Path(f"{log}.{pid}") for pid in [agent.pid, *workers]]
+            compiled = {p.name: p.read_text().split() for p in logs if p.exists()}
+            assert compiled == {}, compiled  # every module came from an .opt-2.pyc
+        finally:
+            assert ns_tools.stop(agent) == 0
+    # The probe does see a compile: a module with no .pyc, imported the same way.
+    (tmp_path / "fresh_module.py").write_text("X = 1\n")
+    child = subprocess.run([sys.executable, "-P", "-OO", "-c", "import fresh_module"], env={
+        **env, "PYTHONPATH": f"{PROBE}:{tmp_path}", "PYTHONDONTWRITEBYTECODE": "1"}, timeout=60)  # fmt: skip
+    assert child.returncode == 0
+    assert [p.read_text().split() for p in tmp_path.glob("compiled.*")] == [[str(tmp_path / "fresh_module.py")]]

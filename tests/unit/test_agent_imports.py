@@ -100,3 +100,20 @@ def test_an_agent_that_execs_its_workers_loads_no_fork_server() -> None:
     """The zygote's modules (agent/zygote.py, zygote_client.py: ~70 kB of RSS) are the agent's only with
     --worker-zygote (daemon.new_zygotes); tests/netns/test_worker_zygote_agent.py runs that mode."""
     assert [m for m in _loaded(AGENT_MODULES[:2]) if "zygote" in m] == []
+
+
+def test_the_agent_loads_pickles_c_half_only() -> None:
+    """The worker channel, the YAML and the netlink helpers pickle with `_pickle` (planemesh/cpickle.py): pickle.py
+    also defines a pure-Python pickler, ~0.2 MB of RSS in the agent and in each worker. (protobuf imports pickle:
+    an agent with xDS or HBONE has it anyway.)"""
+    at_rest = (
+        "planemesh.agent.cli",
+        "planemesh.agent.daemon",
+        "planemesh.agent.kernel",
+        "planemesh.agent.admin_glue",
+        "planemesh.netplanes.nl_client",
+        "planemesh.model.yaml_text",
+        "planemesh.agent.worker_channel",
+    )
+    loaded = _loaded(at_rest)
+    assert "_pickle" in loaded and "pickle" not in loaded

@@ -33,14 +33,18 @@ NOT_IN_A_WORKER = {
     "argparse": "the worker's command line is the agent's, parsed by hand (~0.6 MB RSS with gettext)",
     "ctypes": "its PR_SET_PDEATHSIG is set by setpriv before it runs (agent/parent_death.py; ~0.35 MB RSS)",
     "_ctypes": "same",
+    "json": "loaded by the first record of a JSON access log (agent/proxy/accesslog.py; ~0.1 MB RSS)",
+    "http": "its HTTPStatus enum loads with the first reason phrase the proxy makes up (agent/proxy/http1.py)",
+    "pickle": "the worker channel uses pickle's C half directly (planemesh/cpickle.py; pickle.py is ~0.2 MB RSS)",
 }
 
 # The snapshot arrives pickled, as the agent sends it (agent/worker_channel.py).
 STARTUP = (
-    "import pickle, sys, planemesh.agent.worker_process\n"
+    "import sys, planemesh.agent.worker_process\n"
+    "from planemesh import cpickle\n"
     "from planemesh.agent.proxy.server import PlaneProxy\n"
     "from planemesh.agent.proxy.accesslog import file_sink\n"
-    "PlaneProxy(pickle.load(sys.stdin.buffer), 'oam', upstream_mark=1)\n"
+    "PlaneProxy(cpickle.load(sys.stdin.buffer), 'oam', upstream_mark=1)\n"
     "print(' '.join(m for m in {names!r} if m in sys.modules))\n"
 )
 
@@ -87,3 +91,12 @@ def test_the_access_logs_millisecond_table_is_built_by_the_first_line_not_at_sta
     for epoch in (1765032000.0, 1765032000.0005, 1765032000.999, 1765032001.25, 86399.5):
         whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(epoch)))
         assert format_start_time(epoch) == f"{whole}.{int((epoch - int(epoch)) * 1000):03d}Z"
+
+
+def test_reason_phrases_are_the_stdlibs_with_or_without_http_loaded() -> None:
+    from http import HTTPStatus
+
+    from planemesh.agent.proxy.http1 import _BUILT_IN, reason
+
+    assert all(reason(code) == HTTPStatus(code).phrase.encode() for code in [*_BUILT_IN, 200, 404, 502, 504])
+    assert reason(599) == b"Unknown"
