@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -18,8 +19,9 @@ import h2.settings
 import pytest
 from google.protobuf import wrappers_pb2
 
-from planemesh.xds.grpc_channel import Channel
+from planemesh.xds.grpc_channel import Channel, tls_context
 from planemesh.xds.grpc_wire import EOF, MessageReader, RpcError, StatusCode, encode_message
+from tests.xds.test_xds_transport import _pki
 
 Bytes = wrappers_pb2.BytesValue
 MESSAGE = "naïve 100% sure: ✓ done"
@@ -145,9 +147,11 @@ class RawServer:
             conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
 
 
-async def _raw(behave: Callable, scenario: Callable, tmp_path, window: int = 65_535, **channel) -> object:
+async def _raw(
+    behave: Callable, scenario: Callable, tmp_path, window: int = 65_535, server_tls=None, **channel
+) -> object:
     raw = RawServer(behave, window)
-    server = await asyncio.start_unix_server(raw.serve, f"{tmp_path}/raw.sock")
+    server = await asyncio.start_unix_server(raw.serve, f"{tmp_path}/raw.sock", ssl=server_tls)
     try:
         async with Channel(f"unix://{tmp_path}/raw.sock", **channel) as ch:
             return await scenario(ch, raw)
@@ -246,3 +250,66 @@ def test_an_ok_end_reads_eof_and_a_refused_connection_is_unavailable(tmp_path) -
 
     err = asyncio.run(refused())
     assert err.code() is StatusCode.UNAVAILABLE and "failed to connect to unix://" in err.details()
+
+
+def _ended_ok(raw: RawServer, conn, event) -> None:
+    if isinstance(event, h2.events.StreamEnded):
+        conn.send_headers(event.stream_id, [(":status", "200"), ("grpc-status", "0")], end_stream=True)
+
+
+@pytest.mark.parametrize("alpn", ["h2", None])
+def test_tls_verifies_the_server_name_sent_by_sni_with_or_without_alpn(tmp_path, alpn: str | None) -> None:
+    _ca, cert, key = _pki(tmp_path)  # a server certificate for xds.test, signed by tmp_path/ca.pem
+    (tmp_path / "srv.pem").write_bytes(cert)
+    (tmp_path / "srv.key").write_bytes(key)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tmp_path / "srv.pem", tmp_path / "srv.key")
+    if alpn is not None:
+        server_tls.set_alpn_protocols([alpn])
+    names: list[str | None] = []
+    server_tls.sni_callback = lambda sock, name, ctx: names.append(name)
+
+    async def scenario(ch: Channel, raw: RawServer) -> object:
+        try:
+            return await asyncio.wait_for(ch.stream("/t.S/Echo", _requests(), Bytes.FromString).read(), 5)
+        except RpcError as exc:
+            return exc
+
+    client_tls = tls_context((tmp_path / "ca.pem").read_bytes())
+    for server_name, ok in (("xds.test", True), ("other.test", False)):
+        got = asyncio.run(_raw(_ended_ok, scenario, tmp_path, server_tls=server_tls, tls=client_tls,
+                               server_name=server_name))  # fmt: skip
+        assert names[-1] == server_name
+        if ok:
+            assert got is EOF
+        else:
+            assert isinstance(got, RpcError) and got.code() is StatusCode.UNAVAILABLE
+            assert "TLS handshake failed" in got.details() and "other.test" in got.details()
+
+
+def test_keepalive_sends_at_most_two_pings_without_data_sent_in_between(tmp_path) -> None:
+    pings: list[float] = []
+
+    def behave(raw: RawServer, conn, event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            _ok_headers(conn, event.stream_id)
+        elif isinstance(event, h2.events.PingReceived):
+            pings.append(asyncio.get_running_loop().time())  # h2 answers it by itself
+
+    async def scenario(ch: Channel, raw: RawServer) -> tuple[int, int]:
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[Bytes]:
+            while True:
+                yield await outbox.get()
+
+        call = ch.stream("/t.S/Echo", requests(), Bytes.FromString)
+        await asyncio.sleep(0.6)  # ~12 keepalive periods, idle
+        idle = len(pings)
+        outbox.put_nowait(Bytes(value=b"data"))  # a DATA frame sent: two more are allowed
+        await asyncio.sleep(0.6)
+        call.cancel()
+        return idle, len(pings)
+
+    idle, after_data = asyncio.run(_raw(behave, scenario, tmp_path, keepalive_s=0.05, keepalive_timeout_s=1))
+    assert (idle, after_data) == (2, 4)
