@@ -21,6 +21,7 @@ from google.protobuf import wrappers_pb2
 
 from planemesh.xds.grpc_channel import Channel, tls_context
 from planemesh.xds.grpc_wire import EOF, MessageReader, RpcError, StatusCode, encode_message
+from planemesh.xds.server_channel import CredentialsError, TlsFiles, open_channel
 from tests.xds.test_xds_transport import _pki
 
 Bytes = wrappers_pb2.BytesValue
@@ -313,3 +314,32 @@ def test_keepalive_sends_at_most_two_pings_without_data_sent_in_between(tmp_path
 
     idle, after_data = asyncio.run(_raw(behave, scenario, tmp_path, keepalive_s=0.05, keepalive_timeout_s=1))
     assert (idle, after_data) == (2, 4)
+
+
+def test_a_client_certificate_from_the_bootstrap_files_is_presented(tmp_path) -> None:
+    _ca, cert, key = _pki(tmp_path)
+    (tmp_path / "srv.pem").write_bytes(cert)
+    (tmp_path / "srv.key").write_bytes(key)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.pem"))
+    server_tls.load_cert_chain(tmp_path / "srv.pem", tmp_path / "srv.key")
+    server_tls.verify_mode = ssl.CERT_REQUIRED  # no client certificate, no connection
+    server_tls.set_alpn_protocols(["h2"])
+    files = TlsFiles(ca=str(tmp_path / "ca.pem"), cert=str(tmp_path / "srv.pem"), key=str(tmp_path / "srv.key"),
+                     server_name="xds.test")  # fmt: skip
+
+    async def run() -> tuple[object, object]:
+        raw = RawServer(_ended_ok)
+        server = await asyncio.start_unix_server(raw.serve, f"{tmp_path}/raw.sock", ssl=server_tls)
+        try:
+            async with open_channel(f"unix://{tmp_path}/raw.sock", files, "server.tls") as ch:
+                got = await asyncio.wait_for(ch.stream("/t.S/Echo", _requests(), Bytes.FromString).read(), 5)
+            return got, raw.writer.get_extra_info("peercert")
+        finally:
+            server.close()
+            raw.writer.close()
+
+    got, peer = asyncio.run(run())
+    assert got is EOF and peer is not None and dict(x[0] for x in peer["subject"])["commonName"] == "xds.test"
+    with pytest.raises(CredentialsError, match=r"server.tls.key .*absent.key: cannot read"):
+        absent = TlsFiles(ca=files.ca, cert=files.cert, key=str(tmp_path / "absent.key"))
+        open_channel("unix:///x", absent, "server.tls")
