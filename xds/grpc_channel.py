@@ -276,9 +276,16 @@ class Connection:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:  # a TLS peer that never answers close_notify would hold this for asyncio's 30 s shutdown timeout
-            await asyncio.wait_for(self._writer.wait_closed(), CLOSE_WAIT_S)
-        except (TimeoutError, OSError, ssl.SSLError):
+        # A TLS peer that never answers close_notify would hold this for asyncio's 30 s shutdown timeout.
+        # asyncio.wait, not wait_for: Python 3.11's wait_for can swallow a cancellation arriving as it returns.
+        closing = asyncio.ensure_future(self._writer.wait_closed())
+        try:
+            done, _ = await asyncio.wait({closing}, timeout=CLOSE_WAIT_S)
+        finally:
+            if not closing.done():
+                closing.cancel()
+                self._writer.transport.abort()
+        if done and closing.exception() is not None:
             self._writer.transport.abort()
 
 

@@ -21,14 +21,13 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 
 from planemesh.agent.identity.cert_client import CertificateClient
-from planemesh.agent.identity.csr import WorkloadCert
 from planemesh.model.config import ConfigError, Listener, Snapshot
 from planemesh.model.tls_config import plane_secret_names
 from planemesh.xds.bootstrap import Bootstrap
@@ -36,9 +35,12 @@ from planemesh.xds.client_state import Action, AdsClientState, ApplyConfig, Mode
 from planemesh.xds.grpc_channel import Channel
 from planemesh.xds.grpc_wire import EOF, RpcError, StatusCode
 from planemesh.xds.per_resource import Rejected, translate_update
-from planemesh.xds.sds import ROOT_SECRET, WORKLOAD_SECRET, root_secret, tls_certificate_secret
+from planemesh.xds.sds_secrets import ROOT_SECRET, WORKLOAD_SECRET, root_secret, tls_certificate_secret
 from planemesh.xds.server_channel import CredentialsError, bearer_metadata, open_channel
 from planemesh.xds.translate import TranslationCache
+
+if TYPE_CHECKING:
+    from planemesh.agent.identity.csr import WorkloadCert
 
 log = logging.getLogger("planemesh.xds.transport")
 USER_AGENT = "planemesh"
@@ -329,8 +331,9 @@ class XdsClient:
                 self._queue = None
                 reader.cancel()
                 call.cancel()
-                with contextlib.suppress(asyncio.CancelledError, RpcError):
-                    await reader
+                await asyncio.wait({reader})  # the reader's end, never a cancellation of this task swallowed
+                if not reader.cancelled() and (exc := reader.exception()) is not None:
+                    raise exc
 
     @staticmethod
     async def _read(call: Any, queue: asyncio.Queue[Any]) -> None:

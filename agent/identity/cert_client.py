@@ -23,13 +23,17 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from planemesh.agent.identity.ca import DEFAULT_WORKLOAD_TTL_S, CertError, utcnow
-from planemesh.agent.identity.csr import WorkloadCert, accept_chain, new_csr
+from planemesh.agent import lazy_modules
+from planemesh.agent.identity.cert_types import DEFAULT_WORKLOAD_TTL_S, CertError, utcnow
 from planemesh.agent.identity.istio_ca_proto import METHOD, IstioCertificateRequest, IstioCertificateResponse
 from planemesh.agent.identity.spiffe import SpiffeId
 from planemesh.xds.grpc_channel import Channel, tls_context
 from planemesh.xds.grpc_wire import RpcError
+
+if TYPE_CHECKING:
+    from planemesh.agent.identity.csr import WorkloadCert
 
 log = logging.getLogger("planemesh.identity.cert_client")
 CALL_TIMEOUT_S = 10.0  # one CreateCertificate; istio-agent's CSR call has a comparable deadline
@@ -76,7 +80,8 @@ def _channel(settings: CaSettings) -> Channel:
 
 async def create_certificate(settings: CaSettings, spiffe_id: SpiffeId, now: dt.datetime) -> WorkloadCert:
     """One CSR round trip: a new key, the CA's signature, the answer checked. FetchError on any failure."""
-    key, csr_pem = new_csr(spiffe_id)
+    csr = lazy_modules.load("planemesh.agent.identity.csr")  # cryptography: only once a certificate is asked for
+    key, csr_pem = csr.new_csr(spiffe_id)
     request = IstioCertificateRequest(csr=csr_pem.decode(), validity_duration=int(settings.ttl_s))
     if settings.cluster_id:
         request.metadata.update({"ClusterID": settings.cluster_id})
@@ -88,7 +93,7 @@ async def create_certificate(settings: CaSettings, spiffe_id: SpiffeId, now: dt.
         except RpcError as exc:
             raise FetchError(f"CreateCertificate: {exc.code().name}: {exc.details()}") from None
     try:
-        return accept_chain(list(response.cert_chain), list(response.root_cert.ca_cert), key, spiffe_id, now)
+        return csr.accept_chain(list(response.cert_chain), list(response.root_cert.ca_cert), key, spiffe_id, now)
     except CertError as exc:
         raise FetchError(str(exc)) from None
 

@@ -1,6 +1,7 @@
 """The DaemonSet's case (issue #15): an agent on an xDS bootstrap takes its configuration over planemesh's own
-gRPC client (xds/grpc_channel.py) and never loads grpcio (~19 MB of RSS and its threads): the management server
-is grpcio's, the agent's side is not."""
+gRPC client (xds/grpc_channel.py) and never loads grpcio (~8.6 MB of RSS and its threads): the management server
+is grpcio's, the agent's side is not. Without certificates in its configuration (no `ca:`, no TLS Secret) it
+does not load `cryptography` either (~8 MB): the first Secret loads it."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def grpcio_files(pid: int) -> set[str]:
     return {p for p in paths if "cygrpc" in os.path.basename(p) or "/grpc/" in p}
 
 
+def cryptography_files(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
+    return {p for p in paths if "/cryptography/" in p}
+
+
 def test_an_agent_on_an_xds_bootstrap_follows_the_server_without_grpcio(run_prefix: str, tmp_path: Path) -> None:
     res = tmp_path / "resources"
     res.mkdir()
@@ -45,6 +52,7 @@ def test_an_agent_on_an_xds_bootstrap_follows_the_server_without_grpcio(run_pref
             _, stats = env.admin.get_json("/stats?format=json")
             assert stats["xds_connected"] and all(row["nacks"] == 0 for row in stats["xds"])
             assert grpcio_files(env.agent.pid) == set()
+            assert cryptography_files(env.agent.pid) == set()
             assert grpcio_files(server.pid), "the check sees grpcio where it is loaded (the server)"
     finally:
         server.kill()
