@@ -41,6 +41,7 @@ from planemesh.xds.grpc_wire import (
     encode_message,
     parse_target,
     request_headers,
+    split_frames,
 )
 
 WINDOW = 8 << 20  # receive window per stream and for the connection: a large push is not one round trip per 64 KB
@@ -94,7 +95,7 @@ class Connection:
     ) -> None:
         self.target, self._reader, self._writer = target, reader, writer
         self.max_receive = max_receive
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = _H2(h2.config.H2Configuration(client_side=True, header_encoding=None))
         self.h2.initiate_connection()
         self.h2.update_settings(
             {
@@ -178,17 +179,25 @@ class Connection:
     # ---- receiving -------------------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         why = RpcError(StatusCode.UNAVAILABLE, f"the connection to {self.target} was closed by the server")
+        pending = bytearray()
         try:
             while data := await self._reader.read(READ_CHUNK):
-                for event in self.h2.receive_data(data):
-                    self._event(event)
+                pending += data
+                for frame in split_frames(pending, self.h2.max_inbound_frame_size):  # one by one: ProtocolError below
+                    for event in self.h2.receive_data(frame):
+                        self._event(event)
                 self._flush()
         except h2.exceptions.ProtocolError as exc:
-            why = RpcError(StatusCode.INTERNAL, f"HTTP/2 protocol error from {self.target}: {exc}")
+            # h2 closes the connection on GOAWAY and refuses the frames a graceful server still sends after it:
+            # that is the GOAWAY's end, not a protocol error of the server's (the frames before it were read).
+            why = (self._goaway_error() if self.h2.goaway is not None
+                   else RpcError(StatusCode.INTERNAL, f"HTTP/2 protocol error from {self.target}: {exc}"))  # fmt: skip
         except (ConnectionError, OSError) as exc:
             why = RpcError(StatusCode.UNAVAILABLE, f"the connection to {self.target} was lost: {exc}")
         except _Goaway as exc:
             why = exc.error
+        except Exception as exc:  # a bug here must end the calls, never leave them waiting forever
+            why = RpcError(StatusCode.INTERNAL, f"the gRPC client failed reading from {self.target}: {exc!r}")
         self._fail(why)
 
     def _event(self, event: h2.events.Event) -> None:
@@ -197,14 +206,7 @@ class Connection:
         elif isinstance(event, h2.events.PingAckReceived):
             self._ping_acked.set()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            detail = (event.additional_data or b"").decode("utf-8", "replace")
-            raise _Goaway(
-                RpcError(
-                    StatusCode.UNAVAILABLE,
-                    f"the server {self.target} closed the connection (GOAWAY, "
-                    f"HTTP/2 error {int(event.error_code)}{': ' + detail if detail else ''})",
-                )
-            )
+            raise _Goaway(self._goaway_error())
         elif (call := self.calls.get(getattr(event, "stream_id", 0) or 0)) is not None:
             try:
                 self._call_event(call, event)
@@ -234,6 +236,12 @@ class Connection:
         elif isinstance(event, h2.events.StreamReset):
             self.calls.pop(call.stream_id, None)
             call.finish(call.reader.reset(event.error_code))
+
+    def _goaway_error(self) -> RpcError:
+        code, data = self.h2.goaway or (0, b"")
+        detail = data.decode("utf-8", "replace")
+        return RpcError(StatusCode.UNAVAILABLE, f"the server {self.target} closed the connection (GOAWAY, "
+                        f"HTTP/2 error {code}{': ' + detail if detail else ''})")  # fmt: skip
 
     def _end(self, call: _Call) -> None:
         self.calls.pop(call.stream_id, None)
@@ -287,6 +295,17 @@ class Connection:
                 self._writer.transport.abort()
         if done and closing.exception() is not None:
             self._writer.transport.abort()
+
+
+class _H2(h2.connection.H2Connection):
+    """h2's connection, remembering the GOAWAY it received (h2 raises on the frames that follow it in one read,
+    and the ConnectionTerminated event is lost with them)."""
+
+    goaway: tuple[int, bytes] | None = None
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        self.goaway = (int(frame.error_code), bytes(frame.additional_data or b""))
+        return super()._receive_goaway_frame(frame)
 
 
 class _Goaway(Exception):

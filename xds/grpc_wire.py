@@ -229,6 +229,24 @@ class ResponseReader:
         return RpcError(code, f"stream reset by the server (HTTP/2 error {int(error_code)})")
 
 
+def split_frames(buffer: bytearray, max_frame: int) -> list[bytes]:
+    """The whole HTTP/2 frames at the start of `buffer`, removed from it (a partial frame stays), so that each is
+    handed to h2 alone. A frame declared larger than `max_frame` goes out as it is: h2 refuses it at once
+    rather than this buffering up to 16 MiB for it."""
+    frames = []
+    start = 0
+    while len(buffer) - start >= 9:
+        end = start + 9 + int.from_bytes(buffer[start : start + 3], "big")
+        if end - start - 9 > max_frame:
+            end = len(buffer)
+        elif end > len(buffer):
+            break
+        frames.append(bytes(buffer[start:end]))
+        start = end
+    del buffer[:start]
+    return frames
+
+
 def parse_target(target: str) -> tuple[str, int] | str:
     """The bootstrap's target (xds/bootstrap.check_target): `unix:/p` or `unix:///p` -> the path; `host:port`,
     `[v6]:port` -> (host, port)."""

@@ -17,6 +17,7 @@ from planemesh.xds.grpc_wire import (
     encode_timeout,
     parse_target,
     request_headers,
+    split_frames,
 )
 
 A, B, C = b"first message", b"", b"x" * 70_000
@@ -184,3 +185,20 @@ def test_errors_read_like_grpcs() -> None:
     err = RpcError(StatusCode.UNAVAILABLE, "gone")
     assert str(err) == "UNAVAILABLE: gone" and err.code().name == "UNAVAILABLE" and repr(EOF) == "EOF"
     assert decode_grpc_message("a%20b%") == "a b%"
+
+
+def _frame(length: int, fill: bytes = b"p") -> bytes:
+    return length.to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01" + fill * length
+
+
+def test_frames_are_split_whole_and_a_partial_one_waits() -> None:
+    a, b, c = _frame(0), _frame(5), _frame(20)
+    buf = bytearray(a + b + c[:12])
+    assert split_frames(buf, 16_384) == [a, b] and bytes(buf) == c[:12]
+    buf += c[12:] + a[:3]
+    assert split_frames(buf, 16_384) == [c] and bytes(buf) == a[:3]
+
+
+def test_a_frame_declared_over_the_limit_is_handed_on_at_once() -> None:
+    buf = bytearray(_frame(5) + _frame(100_000)[:50])  # h2 refuses it from its header: nothing is buffered for it
+    assert split_frames(buf, 16_384) == [_frame(5), _frame(100_000)[:50]] and buf == bytearray()

@@ -18,6 +18,7 @@ import h2.events
 import h2.settings
 import pytest
 from google.protobuf import wrappers_pb2
+from hyperframe.frame import DataFrame
 
 from planemesh.xds.grpc_channel import Channel, tls_context
 from planemesh.xds.grpc_wire import EOF, MessageReader, RpcError, StatusCode, encode_message
@@ -201,7 +202,7 @@ def test_an_unanswered_keepalive_ping_ends_the_call_unavailable(tmp_path) -> Non
     assert err.code() is StatusCode.UNAVAILABLE and "keepalive ping" in err.details() and "0.3 s" in err.details()
 
 
-@pytest.mark.parametrize("how", ["goaway", "drop", "reset"])
+@pytest.mark.parametrize("how", ["goaway", "goaway-then-data", "drop", "reset"])
 def test_goaway_a_lost_connection_and_a_reset_are_named(tmp_path, how: str) -> None:
     def behave(raw: RawServer, conn, event) -> None:
         if isinstance(event, h2.events.DataReceived) and event.data:  # not the empty frame ending the requests
@@ -209,6 +210,10 @@ def test_goaway_a_lost_connection_and_a_reset_are_named(tmp_path, how: str) -> N
             conn.send_data(event.stream_id, encode_message(Bytes(value=b"one").SerializeToString()))
             if how == "goaway":
                 conn.close_connection(error_code=11, additional_data=b"too_many_pings")
+            elif how == "goaway-then-data":  # graceful: the open stream's frames still follow, in the same write
+                conn.close_connection(error_code=0, last_stream_id=event.stream_id, additional_data=b"max_age")
+                more = DataFrame(event.stream_id, data=encode_message(Bytes(value=b"two").SerializeToString()))
+                raw.writer.write(conn.data_to_send() + more.serialize())
             elif how == "reset":
                 conn.reset_stream(event.stream_id, error_code=7)  # REFUSED_STREAM
             else:
@@ -227,6 +232,7 @@ def test_goaway_a_lost_connection_and_a_reset_are_named(tmp_path, how: str) -> N
     first, err = asyncio.run(_raw(behave, scenario, tmp_path))
     assert first == b"one" and err.code() is StatusCode.UNAVAILABLE
     words = {"goaway": r"GOAWAY, HTTP/2 error 11: too_many_pings",
+             "goaway-then-data": r"GOAWAY, HTTP/2 error 0: max_age",
              "drop": r"raw.sock (was closed by the server|was lost)",
              "reset": r"stream reset by the server \(HTTP/2 error 7\)"}[how]  # fmt: skip
     assert re.search(words, err.details()), err.details()
@@ -343,3 +349,28 @@ def test_a_client_certificate_from_the_bootstrap_files_is_presented(tmp_path) ->
     with pytest.raises(CredentialsError, match=r"server.tls.key .*absent.key: cannot read"):
         absent = TlsFiles(ca=files.ca, cert=files.cert, key=str(tmp_path / "absent.key"))
         open_channel("unix:///x", absent, "server.tls")
+
+
+def test_frequent_keepalive_pings_never_trip_grpcios_ping_policy(tmp_path) -> None:
+    """grpcio's server sends GOAWAY too_many_pings after 3 PINGs within 5 minutes without data: pinging every
+    50 ms over idle spells and exchanges, the stream stays up (two PINGs at most between DATA frames sent)."""
+
+    async def scenario(target: str) -> list[bytes]:
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[Bytes]:
+            while (item := await outbox.get()) is not None:
+                yield item
+
+        async with Channel(target, keepalive_s=0.05, keepalive_timeout_s=2) as ch:
+            call = ch.stream("/t.S/Echo", requests(), Bytes.FromString)
+            got = []
+            for n in range(4):
+                await asyncio.sleep(0.4)  # ~8 keepalive periods idle
+                outbox.put_nowait(Bytes(value=b"x" * n))
+                got.append((await asyncio.wait_for(call.read(), 5)).value)
+            outbox.put_nowait(None)
+            assert await asyncio.wait_for(call.read(), 5) is EOF
+            return got
+
+    assert _with_grpc_server(scenario, tmp_path) == [b"0", b"1", b"2", b"3"]
