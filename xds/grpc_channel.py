@@ -74,6 +74,7 @@ class _Call:
         self.reader = ResponseReader(max_receive)
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
         self.done = False  # final status known (EOF or an error queued)
+        self.unacked = 0  # DATA bytes received whose window is given back once its messages are read
 
     def finish(self, result: Any) -> None:
         if not self.done:
@@ -92,6 +93,7 @@ class Connection:
         max_receive: int,
         keepalive_s: float,
         keepalive_timeout_s: float,
+        window: int = WINDOW,
     ) -> None:
         self.target, self._reader, self._writer = target, reader, writer
         self.max_receive = max_receive
@@ -99,12 +101,13 @@ class Connection:
         self.h2.initiate_connection()
         self.h2.update_settings(
             {
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
                 h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
             }
         )
-        self.h2.increment_flow_control_window(WINDOW - self.h2.inbound_flow_control_window)
+        if window > self.h2.inbound_flow_control_window:  # the connection's window (65,535 until raised)
+            self.h2.increment_flow_control_window(window - self.h2.inbound_flow_control_window)
         self.calls: dict[int, _Call] = {}
         self.closed: RpcError | None = None  # why no new call can start here
         self._window = asyncio.Event()  # set when the server grants window (or the connection ends)
@@ -219,13 +222,15 @@ class Connection:
             if event.stream_ended is not None:
                 self._end(call)
         elif isinstance(event, h2.events.DataReceived):
-            self.h2.acknowledge_received_data(event.flow_controlled_length, call.stream_id)
+            call.unacked += event.flow_controlled_length
             messages = call.reader.data(event.data)
             for raw in messages:
                 try:
                     call.inbox.put_nowait(call.deserialize(raw))
                 except Exception as exc:  # a message that does not parse as the method's response type
                     raise RpcError(StatusCode.INTERNAL, f"cannot parse the response message: {exc}") from None
+            if call.inbox.empty():  # only part of a message: its rest must be able to come (bounded by max_receive)
+                self.consumed(call)
             if event.stream_ended is not None:
                 raise call.reader.ended_without_trailers()
         elif isinstance(event, h2.events.TrailersReceived):
@@ -242,6 +247,15 @@ class Connection:
         detail = data.decode("utf-8", "replace")
         return RpcError(StatusCode.UNAVAILABLE, f"the server {self.target} closed the connection (GOAWAY, "
                         f"HTTP/2 error {code}{': ' + detail if detail else ''})")  # fmt: skip
+
+    def consumed(self, call: _Call) -> None:
+        """Give the window of what `call` received back (WINDOW_UPDATE): called once its messages are read, so
+        a reader that falls behind holds at most one window of messages here and the server waits."""
+        if call.unacked and self.closed is None:
+            with contextlib.suppress(h2.exceptions.H2Error):  # a closed stream: h2 still credits the connection
+                self.h2.acknowledge_received_data(call.unacked, call.stream_id)
+            call.unacked = 0
+            self._flush()
 
     def _end(self, call: _Call) -> None:
         self.calls.pop(call.stream_id, None)
@@ -387,6 +401,8 @@ class StreamCall:
         if self._call is None:
             raise self._error or RpcError(StatusCode.CANCELLED, "cancelled")
         item = await self._call.inbox.get()
+        if self._call.inbox.empty() and self._channel.conn is not None:
+            self._channel.conn.consumed(self._call)
         if isinstance(item, RpcError):
             self._call.inbox.put_nowait(item)  # every later read sees the same end
             raise item
@@ -427,8 +443,10 @@ class Channel:
         keepalive_s: float = 30.0,
         keepalive_timeout_s: float = 10.0,
         user_agent: str = "planemesh",
+        receive_window: int = WINDOW,
     ) -> None:
         parse_target(target)  # ValueError now for a target that can never work
+        self.receive_window = receive_window
         self.target, self.tls, self.server_name = target, tls, server_name
         self.max_receive, self.user_agent = max_receive, user_agent
         self.keepalive_s, self.keepalive_timeout_s = keepalive_s, keepalive_timeout_s
@@ -447,8 +465,9 @@ class Channel:
             if self.conn is None or self.conn.closed is not None:
                 reader, writer = await connect(self.target, self.tls, self.server_name)
                 self.conn = Connection(
-                    self.target, reader, writer, self.max_receive, self.keepalive_s, self.keepalive_timeout_s
-                )
+                    self.target, reader, writer, self.max_receive, self.keepalive_s, self.keepalive_timeout_s,
+                    self.receive_window,
+                )  # fmt: skip
             return self.conn
 
     def stream(
@@ -475,6 +494,7 @@ class Channel:
                 response, end = await call.inbox.get(), EOF
                 if not isinstance(response, RpcError) and response is not EOF:
                     end = await call.inbox.get()
+                conn.consumed(call)
         except TimeoutError:
             if call is not None and self.conn is not None:
                 self.conn.cancel(call, StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")

@@ -125,6 +125,8 @@ class RawServer:
         self.received: dict[int, MessageReader] = {}
         self.messages: list[bytes] = []
         self.silent = False  # stop reading and answering (a hung server)
+        self.outgoing: list[tuple[int, bytes]] = []  # (stream, DATA) sent as the client's window allows
+        self.sent = 0
         self.writer: asyncio.StreamWriter | None = None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -139,6 +141,9 @@ class RawServer:
                     got = self.received.setdefault(event.stream_id, MessageReader(1 << 30)).feed(event.data)
                     self.messages += got
                 self.behave(self, conn, event)
+            while self.outgoing and conn.local_flow_control_window(self.outgoing[0][0]) >= len(self.outgoing[0][1]):
+                conn.send_data(*self.outgoing.pop(0))
+                self.sent += 1
             if not self.silent:
                 writer.write(conn.data_to_send())
         if self.silent:
@@ -374,3 +379,25 @@ def test_frequent_keepalive_pings_never_trip_grpcios_ping_policy(tmp_path) -> No
             return got
 
     assert _with_grpc_server(scenario, tmp_path) == [b"0", b"1", b"2", b"3"]
+
+
+def test_the_window_is_given_back_as_messages_are_read_so_a_slow_reader_holds_the_server(tmp_path) -> None:
+    message = encode_message(Bytes(value=b"m" * 1000).SerializeToString())  # 1,008 bytes on the wire
+
+    def behave(raw: RawServer, conn, event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            _ok_headers(conn, event.stream_id)
+            raw.outgoing = [(event.stream_id, message)] * 200  # 200 KB against a 16 KiB window
+
+    async def scenario(ch: Channel, raw: RawServer) -> tuple[int, int, int]:
+        call = ch.stream("/t.S/Echo", _requests(b"go"), Bytes.FromString)
+        await asyncio.wait_for(call.read(), 5)
+        await asyncio.sleep(0.3)  # the client reads nothing more: the server runs out of window
+        held = raw.sent
+        for _ in range(199):
+            await asyncio.wait_for(call.read(), 5)
+        return held, raw.sent, call._call.inbox.qsize() if call._call else -1
+
+    held, sent, left = asyncio.run(_raw(behave, scenario, tmp_path, receive_window=16_384))
+    assert held <= 17, f"{held} messages sent to a reader that read one: the window was not held back"
+    assert sent == 200 and left == 0
