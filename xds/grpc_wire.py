@@ -187,7 +187,7 @@ class ResponseReader:
         fields = _fields(headers)
         status = fields.get(":status", "")
         if status != "200" and "grpc-status" not in fields:
-            code = _HTTP_STATUS.get(int(status) if status.isdigit() else 0, StatusCode.UNKNOWN)
+            code = _HTTP_STATUS.get(int(status) if status.isascii() and status.isdigit() else 0, StatusCode.UNKNOWN)
             raise RpcError(code, f"HTTP status {status or 'missing'} (not a gRPC response)")
         if end_stream:
             self.trailers(headers)

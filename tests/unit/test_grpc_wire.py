@@ -4,6 +4,8 @@ trailers and resets become a status, request headers, targets."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from planemesh.xds.grpc_wire import (
     EOF,
@@ -112,6 +114,7 @@ def test_a_trailers_only_ok_response_is_an_ok_end() -> None:
         ([(b":status", b"404"), (b"content-type", b"text/html")], StatusCode.UNIMPLEMENTED, "HTTP status 404"),
         ([(b":status", b"401")], StatusCode.UNAUTHENTICATED, "401"),
         ([(b":status", b"418")], StatusCode.UNKNOWN, "418"),
+        ([(b":status", "²".encode())], StatusCode.UNKNOWN, "HTTP status ²"),  # a digit to str.isdigit, not to int
         ([(b":status", b"200"), (b"content-type", b"text/plain")], StatusCode.UNKNOWN, "not application/grpc"),
         ([*OK_HEADERS, (b"grpc-encoding", b"gzip")], StatusCode.INTERNAL, "grpc-encoding gzip"),
     ],
@@ -202,3 +205,25 @@ def test_frames_are_split_whole_and_a_partial_one_waits() -> None:
 def test_a_frame_declared_over_the_limit_is_handed_on_at_once() -> None:
     buf = bytearray(_frame(5) + _frame(100_000)[:50])  # h2 refuses it from its header: nothing is buffered for it
     assert split_frames(buf, 16_384) == [_frame(5), _frame(100_000)[:50]] and buf == bytearray()
+
+
+_header = st.tuples(st.sampled_from([b":status", b"content-type", b"grpc-status", b"grpc-message", b"grpc-encoding",
+                                     b"x"]), st.binary(max_size=12))  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    head=st.lists(_header, max_size=5),
+    end_stream=st.booleans(),
+    chunks=st.lists(st.binary(max_size=40), max_size=6),
+    trailers=st.lists(_header, max_size=4),
+)
+def test_any_response_ends_in_messages_ok_or_an_rpc_error_never_another_exception(head, end_stream, chunks, trailers):
+    r = ResponseReader(max_receive=64)
+    try:
+        r.headers(head, end_stream=end_stream)
+        for chunk in chunks:
+            assert all(len(m) <= 64 for m in r.data(chunk))
+        r.trailers(trailers)
+    except RpcError as exc:
+        assert exc.code() is not StatusCode.OK and isinstance(exc.details(), str)
