@@ -86,7 +86,19 @@ def processes(agent_pid: int) -> dict[str, int]:
 
 def sample(agent_pid: int, settle: float = 1.0) -> dict[str, dict[str, int]]:
     time.sleep(settle)
-    return {name: memory_kb(pid) for name, pid in processes(agent_pid).items()}
+    return {name: {**memory_kb(pid), **threads_and_grpcio(pid)} for name, pid in processes(agent_pid).items()}
+
+
+def threads_and_grpcio(pid: int) -> dict[str, int]:
+    """The process's thread count, and 1 when grpcio's extension module is mapped (an agent on a bootstrap
+    talks xDS with planemesh's own gRPC client since session 8: 0 there, as in the workers)."""
+    threads = grpcio = 0
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/status") as f:
+            threads = next((int(line.split()[1]) for line in f if line.startswith("Threads:")), 0)
+        with open(f"/proc/{pid}/maps") as f:
+            grpcio = int(any("cygrpc" in line for line in f))
+    return {"threads": threads, "grpcio": grpcio}
 
 
 def one_change(shape: Shape, kind: str, k: int) -> dict[str, list]:
@@ -192,11 +204,11 @@ def report(runs: list[Run], envoy: dict[str, Any] | None) -> list[str]:
         s = run.shape
         out.append(f"== {run.name}: {s.clusters} clusters x {s.endpoints} endpoints, {s.routes} routes in "
                    f"{min(s.vhosts, s.routes)} virtual hosts: applied in {run.apply_s:.2f} s (push->ACK)")  # fmt: skip
-        out.append(f"   {'process':8} {'RSS MB':>14} {'PSS MB':>14} {'USS MB':>14}   (minimal -> loaded)")
+        out.append(f"   {'process':8} {'RSS MB':>14} {'PSS MB':>14} {'USS MB':>14}   (minimal -> loaded)  loaded")
         for name in run.loaded:
             b, a = run.base.get(name, {}), run.loaded[name]
             cols = " ".join(f"{mb(b.get(k, 0))}->{mb(a[k]).strip():<6}" for k in ("rss", "pss", "uss"))
-            out.append(f"   {name:8} {cols}")
+            out.append(f"   {name:8} {cols}  threads {a.get('threads', 0)}{', grpcio' if a.get('grpcio') else ''}")
         for label, times, server in (("one endpoint", run.endpoint_change_s, run.endpoint_server_s),
                                      ("one route", run.route_change_s, run.route_server_s)):  # fmt: skip
             if times:

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from planemesh.agent.hbone.section import section_settings
-from planemesh.agent.identity.ca import MAX_WORKLOAD_TTL_S
 from planemesh.agent.identity.cert_client import CaSettings
+from planemesh.agent.identity.cert_types import MAX_WORKLOAD_TTL_S
 from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, istio_identity
 from planemesh.agent.workloads.settings import WorkloadSettings, settings_from_dict
 from planemesh.model.config import ConfigError

@@ -28,21 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from envoy.config.core.v3 import base_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from google.protobuf import any_pb2, struct_pb2
 
 from planemesh.agent.identity.ca import DEFAULT_WORKLOAD_TTL_S, CertError, CertificateAuthority, Issued, utcnow
 from planemesh.agent.identity.ca_files import parse_duration, read_ca
 from planemesh.agent.identity.ca_service import ANY_IDENTITY, CsrSigner, read_token_file
-from planemesh.agent.identity.csr import WorkloadCert
 from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, istio_identity
 from planemesh.model.config import ConfigError
 from planemesh.model.defaults import option
 from planemesh.xds.resources import pack
+from planemesh.xds.sds_secrets import ROOT_SECRET as ROOT_SECRET
+from planemesh.xds.sds_secrets import WORKLOAD_SECRET as WORKLOAD_SECRET
+from planemesh.xds.sds_secrets import root_secret as root_secret
+from planemesh.xds.sds_secrets import tls_certificate_secret as tls_certificate_secret
 
 log = logging.getLogger("planemesh.xds.sds")
-WORKLOAD_SECRET = "default"  # istio-agent's names (pilot/pkg/model: SDSDefaultResourceName, SDSRootResourceName)
-ROOT_SECRET = "ROOTCA"
 MIN_ROTATION_WAIT_S = 0.05  # the rotation task never spins, whatever the clock says
 
 
@@ -57,25 +57,6 @@ def node_identity(node: base_pb2.Node, trust_domain: str) -> SpiffeId:
     namespace = text("NAMESPACE") or "default"
     account = text("SERVICE_ACCOUNT") or re.sub(r"[^A-Za-z0-9._-]", "-", node.id or "unknown")
     return istio_identity(trust_domain, namespace, account)
-
-
-def tls_certificate_secret(issued: Issued | WorkloadCert, name: str = WORKLOAD_SECRET) -> secret_pb2.Secret:
-    return secret_pb2.Secret(
-        name=name,
-        tls_certificate=common_pb2.TlsCertificate(
-            certificate_chain=base_pb2.DataSource(inline_bytes=issued.cert_chain_pem()),
-            private_key=base_pb2.DataSource(inline_bytes=issued.key_pem()),
-        ),
-    )
-
-
-def root_secret(root_pem: bytes, name: str = ROOT_SECRET) -> secret_pb2.Secret:
-    return secret_pb2.Secret(
-        name=name,
-        validation_context=common_pb2.CertificateValidationContext(
-            trusted_ca=base_pb2.DataSource(inline_bytes=root_pem)
-        ),
-    )
 
 
 def _digest(packed: any_pb2.Any) -> str:

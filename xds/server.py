@@ -40,7 +40,8 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, message
 
-from planemesh.agent.identity.ca_service import CsrSigner, certificate_service
+from planemesh.agent.identity.ca_grpc import certificate_service
+from planemesh.agent.identity.ca_service import CsrSigner
 from planemesh.model.defaults import option
 from planemesh.xds.resources import (
     MESSAGE_OF_TYPE,

@@ -1,22 +1,21 @@
 """How a client reaches an xDS server: the gRPC channel (plaintext, TLS with the server's CA, mTLS with a client
 certificate) and the per-stream `authorization: Bearer <JWT>` istio-agent sends. One place for every stream the
 node opens: the agent's ADS stream (xds/transport.py) and the HBONE node's WDS stream (agent/hbone/wds_client.py).
+The channel is planemesh's own gRPC client (xds/grpc_channel.py): the agent never imports grpcio.
 """
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from planemesh.model.config import ConfigError
+from planemesh.xds.grpc_channel import Channel, tls_context
+from planemesh.xds.grpc_wire import DEFAULT_MAX_RECEIVE
 
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-]
+KEEPALIVE_S, KEEPALIVE_TIMEOUT_S = 30.0, 10.0  # HTTP/2 PINGs on an open stream; an unanswered one ends it
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +78,23 @@ def bearer_metadata(token_file: str | None, field: str) -> tuple[tuple[str, str]
     return (("authorization", f"Bearer {token}"),)
 
 
-def open_channel(server: str, tls: TlsFiles | None, field: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+def open_channel(server: str, tls: TlsFiles | None, field: str, max_receive: int = DEFAULT_MAX_RECEIVE) -> Channel:
     """A channel to `server`: plaintext without `tls`; `field` names the settings in errors (server.tls)."""
-    options = [*CHANNEL_OPTIONS, *options]
-    if tls is None:
-        return grpc.aio.insecure_channel(server, options=options)
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.ca, f"{field}.ca"),
-        private_key=_read(tls.key, f"{field}.key") if tls.key else None,
-        certificate_chain=_read(tls.cert, f"{field}.cert") if tls.cert else None,
+    context = None
+    if tls is not None:
+        ca = _read(tls.ca, f"{field}.ca")
+        for name in ("cert", "key"):
+            if (path := getattr(tls, name)) is not None:
+                _read(path, f"{field}.{name}")
+        try:
+            context = tls_context(ca, tls.cert, tls.key)
+        except (ssl.SSLError, ValueError) as exc:
+            raise CredentialsError(f"{field}: the CA or the client certificate/key is not usable PEM: {exc}") from None
+    return Channel(
+        server,
+        tls=context,
+        server_name=tls.server_name if tls is not None else None,
+        max_receive=max_receive,
+        keepalive_s=KEEPALIVE_S,
+        keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
     )
-    if tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.aio.secure_channel(server, creds, options=options)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import ssl
 from collections.abc import Mapping
+from typing import Any
 
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from google.protobuf import message
 
-from planemesh.agent.identity.ca import CertError, load_certs, load_key
+from planemesh.agent import lazy_modules
+from planemesh.agent.identity.cert_types import CertError
 from planemesh.model.config import Cluster, ConfigError
 from planemesh.model.tls_config import CertSecret, SanMatch, Secret, TlsContext, TlsMatch, TrustSecret
 from planemesh.xds.tls_refs import DOWNSTREAM_TLS, UPSTREAM_TLS
@@ -68,9 +70,15 @@ def _validation(vc: common_pb2.CertificateValidationContext, path: str, need_ca:
     return TrustSecret(ca, san_matchers(vc, path))
 
 
+def _ca() -> Any:
+    """agent/identity/ca.py, imported with `cryptography` when the first PEM is checked (issue #15: an agent
+    whose configuration has no certificate never loads it)."""
+    return lazy_modules.load("planemesh.agent.identity.ca")
+
+
 def _certs(pem: bytes, path: str) -> None:
     try:
-        load_certs(pem, "PEM")
+        _ca().load_certs(pem, "PEM")
     except CertError as exc:
         raise ConfigError(path, str(exc)) from None
 
@@ -80,11 +88,11 @@ def _cert_secret(tc: common_pb2.TlsCertificate, path: str) -> CertSecret:
     chain = _data(tc.certificate_chain, f"{path}.certificate_chain")
     key_pem = _data(tc.private_key, f"{path}.private_key")
     try:
-        leaf = load_certs(chain, "PEM")[0]
+        leaf = _ca().load_certs(chain, "PEM")[0]
     except CertError as exc:
         raise ConfigError(f"{path}.certificate_chain", str(exc)) from None
     try:
-        key = load_key(key_pem, "PEM")
+        key = _ca().load_key(key_pem, "PEM")
     except CertError as exc:
         raise ConfigError(f"{path}.private_key", str(exc)) from None
     if key.public_key().public_numbers() != leaf.public_key().public_numbers():  # type: ignore[union-attr]

@@ -1,4 +1,5 @@
-"""The ADS stream over grpc.aio, driving the sans-IO AdsClientState; the integrator's XdsClient.
+"""The ADS stream over gRPC (xds/grpc_channel.py: never grpcio), driving the sans-IO AdsClientState; the
+integrator's XdsClient.
 
     client = XdsClient(load_bootstrap(path), apply=agent.apply_snapshot)
     await client.run()          # forever: connect, follow updates, reconnect with jittered backoff
@@ -20,26 +21,32 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 
 from planemesh.agent.identity.cert_client import CertificateClient
-from planemesh.agent.identity.csr import WorkloadCert
 from planemesh.model.config import ConfigError, Listener, Snapshot
 from planemesh.model.tls_config import plane_secret_names
 from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.client_state import Action, AdsClientState, ApplyConfig, Mode, SendRequest, XdsResources
+from planemesh.xds.grpc_channel import Channel
+from planemesh.xds.grpc_wire import EOF, RpcError, StatusCode
 from planemesh.xds.per_resource import Rejected, translate_update
-from planemesh.xds.sds import ROOT_SECRET, WORKLOAD_SECRET, root_secret, tls_certificate_secret
+from planemesh.xds.sds_secrets import ROOT_SECRET, WORKLOAD_SECRET, root_secret, tls_certificate_secret
 from planemesh.xds.server_channel import CredentialsError, bearer_metadata, open_channel
 from planemesh.xds.translate import TranslationCache
 
+if TYPE_CHECKING:
+    from planemesh.agent.identity.csr import WorkloadCert
+
 log = logging.getLogger("planemesh.xds.transport")
 USER_AGENT = "planemesh"
+ADS_SERVICE = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
+
+
 class Backoff:
     """Exponential backoff with jitter (half fixed, half random), so restarted nodes do not stampede."""
 
@@ -78,9 +85,8 @@ def call_metadata(bootstrap: Bootstrap) -> tuple[tuple[str, str], ...] | None:
     return bearer_metadata(bootstrap.token_file, "server.token_file")
 
 
-def make_channel(bootstrap: Bootstrap) -> grpc.aio.Channel:
-    limit = [("grpc.max_receive_message_length", bootstrap.max_receive_bytes)]
-    return open_channel(bootstrap.server, bootstrap.tls, "server.tls", limit)
+def make_channel(bootstrap: Bootstrap) -> Channel:
+    return open_channel(bootstrap.server, bootstrap.tls, "server.tls", bootstrap.max_receive_bytes)
 
 
 _EOF = object()
@@ -88,8 +94,8 @@ _RECONFIGURED = object()
 
 
 class AdsCall(Protocol):
-    """One ADS stream as the client sees it (grpc.aio's stream-stream call is one; so is tests/support/ads.py's
-    in-memory FakeAdsServer): the server's messages, then grpc.aio.EOF; AioRpcError when the server fails it."""
+    """One ADS stream as the client sees it (xds/grpc_channel.py's StreamCall is one; so is tests/support/ads.py's
+    in-memory FakeAdsServer): the server's messages, then grpc_wire.EOF; RpcError when the server fails it."""
 
     async def read(self) -> Any: ...
 
@@ -103,17 +109,18 @@ OpenStream = Callable[[Bootstrap, AsyncIterator[Any]], contextlib.AbstractAsyncC
 @contextlib.asynccontextmanager
 async def grpc_stream(bootstrap: Bootstrap, requests: AsyncIterator[Any]) -> AsyncIterator[AdsCall]:
     """The ADS stream over gRPC to the bootstrap's server (SotW or delta as it says)."""
-    metadata = call_metadata(bootstrap)
+    metadata = call_metadata(bootstrap) or ()
     async with make_channel(bootstrap) as channel:
-        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         if bootstrap.mode is Mode.DELTA:
-            yield stub.DeltaAggregatedResources(requests, metadata=metadata)
+            yield channel.stream(ADS_SERVICE + "DeltaAggregatedResources", requests,
+                                 discovery_pb2.DeltaDiscoveryResponse.FromString, metadata)  # fmt: skip
         else:
-            yield stub.StreamAggregatedResources(requests, metadata=metadata)
+            yield channel.stream(ADS_SERVICE + "StreamAggregatedResources", requests,
+                                 discovery_pb2.DiscoveryResponse.FromString, metadata)  # fmt: skip
 
 
 async def _requests(outbox: asyncio.Queue[Any]) -> Any:
-    """The stream's requests. gRPC writes them itself: a write racing the server's end of the call (a
+    """The stream's requests. The call writes them itself: a write racing the server's end of the call (a
     refused token) must not replace the server's status (UNAUTHENTICATED) by a local INTERNAL error."""
     while (req := await outbox.get()) is not None:
         yield req
@@ -248,7 +255,7 @@ class XdsClient:
             try:
                 await self._one_stream()
                 self.last_error = "server closed the stream"
-            except grpc.aio.AioRpcError as exc:
+            except RpcError as exc:
                 self.last_error = self._explain(exc)
             except CredentialsError as exc:
                 self.last_error = str(exc)
@@ -260,19 +267,19 @@ class XdsClient:
                 self._pending = None
                 self._reconfigured.clear()
 
-    def _explain(self, exc: grpc.aio.AioRpcError) -> str:
+    def _explain(self, exc: RpcError) -> str:
         """The server's error, with the bootstrap setting that most likely explains it."""
         code = exc.code()
         text = f"{code.name}: {exc.details()}"
-        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if code is StatusCode.RESOURCE_EXHAUSTED:
             text += f" (responses are limited to server.max_receive_bytes = {self.bootstrap.max_receive_bytes})"
-        elif code is grpc.StatusCode.UNAUTHENTICATED:
+        elif code is StatusCode.UNAUTHENTICATED:
             text += (
                 " (the server refused the token of server.token_file)"
                 if self.bootstrap.token_file
                 else (" (the server wants a token: set server.token_file)")
             )
-        elif code is grpc.StatusCode.UNAVAILABLE and self.bootstrap.tls is not None and _tls_failure(exc.details()):
+        elif code is StatusCode.UNAVAILABLE and self.bootstrap.tls is not None and _tls_failure(exc.details()):
             text += " (TLS: does server.tls.ca sign the server's certificate for server.tls.server_name?)"
         return text
 
@@ -324,19 +331,20 @@ class XdsClient:
                 self._queue = None
                 reader.cancel()
                 call.cancel()
-                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                    await reader
+                await asyncio.wait({reader})  # the reader's end, never a cancellation of this task swallowed
+                if not reader.cancelled() and (exc := reader.exception()) is not None:
+                    raise exc
 
     @staticmethod
     async def _read(call: Any, queue: asyncio.Queue[Any]) -> None:
         try:
             while True:
                 msg = await call.read()
-                if msg is grpc.aio.EOF:
+                if msg is EOF:
                     await queue.put(_EOF)
                     return
                 await queue.put(msg)
-        except grpc.aio.AioRpcError as exc:
+        except RpcError as exc:
             await queue.put(exc)
 
     async def _execute(self, outbox: asyncio.Queue[Any] | None, actions: list[Action]) -> None:

@@ -1,5 +1,5 @@
 """Does the agent's configuration have an `hbone:` section? Light on purpose: the daemon imports this at start,
-and only a file with the section loads the HBONE modules (and grpc, which CreateCertificate needs)."""
+and only a file with the section loads the HBONE modules (and `cryptography`, for its certificates)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,6 @@ def load_hbone_section(config: Path | None, bootstrap: Path | None) -> dict[str,
     raw = read_yaml_file(path)
     if not isinstance(raw, dict) or raw.get(SECTION) is None:
         return None
-    from planemesh.agent.hbone.supervisor import load_hbone  # RSS: grpc only for agents that run HBONE
+    from planemesh.agent.hbone.supervisor import load_hbone  # RSS: cryptography only for agents that run HBONE
 
     return load_hbone(config, bootstrap)

@@ -8,14 +8,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3 import discovery_pb2
 
 from planemesh.agent.hbone.settings import Wds
 from planemesh.agent.hbone.stats import HboneStats
 from planemesh.agent.hbone.wds import Table, WdsState
+from planemesh.xds.grpc_wire import RpcError
 from planemesh.xds.server_channel import CredentialsError, bearer_metadata, open_channel
-from planemesh.xds.transport import Backoff
+from planemesh.xds.transport import ADS_SERVICE, Backoff
 
 log = logging.getLogger("planemesh.hbone.wds")
 
@@ -43,7 +43,7 @@ class WdsClient:
         while True:
             try:
                 await self._stream(backoff)
-            except grpc.aio.AioRpcError as exc:
+            except RpcError as exc:
                 log.warning("WDS stream to %s ended: %s %s", self.address, exc.code().name, exc.details())
             except CredentialsError as exc:  # a CA or token file not there (yet): retried
                 log.warning("WDS stream to %s: %s", self.address, exc)
@@ -56,9 +56,9 @@ class WdsClient:
             outbox.put_nowait(req)
         seen: set[str] = set()
         metadata = bearer_metadata(self.wds.token_file, "wds.token_file")
-        async with open_channel(self.address, self.wds.tls, "wds.tls", []) as channel:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = stub.StreamAggregatedResources(_requests(outbox), metadata=metadata)
+        async with open_channel(self.address, self.wds.tls, "wds.tls") as channel:
+            call = channel.stream(ADS_SERVICE + "StreamAggregatedResources", _requests(outbox),
+                                  discovery_pb2.DiscoveryResponse.FromString, metadata or ())  # fmt: skip
             try:
                 async for resp in call:
                     self.connected.set()

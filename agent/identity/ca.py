@@ -23,17 +23,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from planemesh.agent.identity.cert_types import DEFAULT_WORKLOAD_TTL_S as DEFAULT_WORKLOAD_TTL_S
+from planemesh.agent.identity.cert_types import MAX_WORKLOAD_TTL_S as MAX_WORKLOAD_TTL_S
+from planemesh.agent.identity.cert_types import CertError as CertError
+from planemesh.agent.identity.cert_types import utcnow as utcnow
 from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, parse_spiffe_id
 
 DEFAULT_ROOT_TTL_S = 10 * 365 * 86400  # istio's self-signed root: 10 years
 DEFAULT_INTERMEDIATE_TTL_S = 365 * 86400
-DEFAULT_WORKLOAD_TTL_S = 24 * 3600  # istio-agent's default workload certificate TTL (SECRET_TTL)
-MAX_WORKLOAD_TTL_S = 90 * 86400  # istiod's MAX_WORKLOAD_CERT_TTL default: 90 days
 BACKDATE_S = 60  # notBefore is a minute early: peers with a slightly slow clock still accept a fresh cert
-
-
-class CertError(ValueError):
-    """A certificate, key or chain is unusable; the message says which and why."""
 
 
 def _name(common_name: str, organization: str) -> x509.Name:
@@ -322,7 +320,3 @@ def verify_workload(
         return parse_spiffe_id(ids[0])
     except SpiffeError as exc:
         raise CertError(str(exc)) from None
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

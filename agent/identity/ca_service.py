@@ -2,7 +2,7 @@
 without istiod, so workloads get certificates by the standard CSR flow end to end.
 
     signer = CsrSigner(ca, tokens={"tok-amf": istio_identity("cluster.local", "ran", "amf")}, ttl_s=3600)
-    server.add_generic_rpc_handlers((certificate_service(signer),))
+    server.add_generic_rpc_handlers((certificate_service(signer),))    # agent/identity/ca_grpc.py
 
 Authentication is istiod's shape: `authorization: Bearer <token>` on the call. istiod reviews a Kubernetes
 JWT and signs for the service account it names; here a token file maps each token to the one identity it
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
 from cryptography.hazmat.primitives import serialization
 
 from planemesh.agent.identity.ca import (
@@ -35,6 +34,7 @@ from planemesh.agent.identity.ca import (
 from planemesh.agent.identity.istio_ca_proto import IstioCertificateRequest, IstioCertificateResponse
 from planemesh.agent.identity.spiffe import SpiffeError, SpiffeId, istio_identity
 from planemesh.model.config import ConfigError
+from planemesh.xds.grpc_wire import StatusCode
 
 log = logging.getLogger("planemesh.identity.ca_service")
 T = TypeVar("T")
@@ -43,7 +43,7 @@ MAX_CSR_BYTES = 16 << 10  # a P-256 CSR is ~500 bytes; anything far larger is no
 
 
 class CsrRefused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -72,21 +72,21 @@ class CsrSigner:
         ttl = float(request.validity_duration) if request.validity_duration > 0 else self.ttl_s
         if request.validity_duration < 0 or ttl > MAX_WORKLOAD_TTL_S:
             raise CsrRefused(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                StatusCode.INVALID_ARGUMENT,
                 f"validity_duration {request.validity_duration}s: expected 1 .. {MAX_WORKLOAD_TTL_S}",
             )
         csr = request.csr.encode("utf-8", "replace")
         if len(csr) > MAX_CSR_BYTES:
-            raise CsrRefused(grpc.StatusCode.INVALID_ARGUMENT, f"csr: {len(csr)} bytes, at most {MAX_CSR_BYTES}")
+            raise CsrRefused(StatusCode.INVALID_ARGUMENT, f"csr: {len(csr)} bytes, at most {MAX_CSR_BYTES}")
         try:
             spiffe_id, public_key = csr_identity(csr)
             if allowed is not ANY_IDENTITY and spiffe_id != allowed:
                 raise CsrRefused(
-                    grpc.StatusCode.PERMISSION_DENIED, f"the token may ask for {allowed}, the CSR asks for {spiffe_id}"
+                    StatusCode.PERMISSION_DENIED, f"the token may ask for {allowed}, the CSR asks for {spiffe_id}"
                 )
             issued = self.ca.issue(spiffe_id, now=self.clock(), ttl_s=ttl, public_key=public_key)
         except CertError as exc:
-            raise CsrRefused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            raise CsrRefused(StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self.signed += 1
         log.info("CreateCertificate: signed %s until %s", issued.spiffe_id, issued.not_after.isoformat())
         # istiod's classic shape: one PEM per entry, leaf first, the root last (no root_cert field).
@@ -96,12 +96,12 @@ class CsrSigner:
 
     def _authenticate(self, authorization: str | None) -> SpiffeId | None:
         if authorization is None:
-            raise CsrRefused(grpc.StatusCode.UNAUTHENTICATED, "no `authorization: Bearer <token>` metadata")
+            raise CsrRefused(StatusCode.UNAUTHENTICATED, "no `authorization: Bearer <token>` metadata")
         scheme, _, token = authorization.partition(" ")
         if scheme != "Bearer" or not token:
-            raise CsrRefused(grpc.StatusCode.UNAUTHENTICATED, "authorization metadata is not `Bearer <token>`")
+            raise CsrRefused(StatusCode.UNAUTHENTICATED, "authorization metadata is not `Bearer <token>`")
         if token not in self.tokens:
-            raise CsrRefused(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
+            raise CsrRefused(StatusCode.UNAUTHENTICATED, "unknown bearer token")
         return self.tokens[token]
 
 
@@ -143,26 +143,4 @@ def read_token_file(path: Path, trust_domain: str) -> dict[str, SpiffeId | None]
     return read_token_lines(path, identity)
 
 
-def certificate_service(signer: CsrSigner) -> grpc.GenericRpcHandler:
-    """The gRPC handler of `istio.v1.auth.IstioCertificateService` (add to a grpc.aio server)."""
-
-    async def create_certificate(request: IstioCertificateRequest, context: grpc.aio.ServicerContext):
-        metadata = {m.key: m.value for m in context.invocation_metadata() or ()}
-        try:
-            return signer.sign(request, metadata.get("authorization"))
-        except CsrRefused as exc:
-            await context.abort(exc.code, str(exc))
-
-    return grpc.method_handlers_generic_handler(
-        "istio.v1.auth.IstioCertificateService",
-        {
-            "CreateCertificate": grpc.unary_unary_rpc_method_handler(
-                create_certificate,
-                request_deserializer=IstioCertificateRequest.FromString,
-                response_serializer=IstioCertificateResponse.SerializeToString,
-            )
-        },
-    )
-
-
-__all__ = ["CsrRefused", "CsrSigner", "certificate_service", "read_token_file", "read_token_lines"]
+__all__ = ["CsrRefused", "CsrSigner", "read_token_file", "read_token_lines"]

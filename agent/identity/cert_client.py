@@ -19,16 +19,21 @@ import contextlib
 import datetime as dt
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
-
-from planemesh.agent.identity.ca import DEFAULT_WORKLOAD_TTL_S, CertError, utcnow
-from planemesh.agent.identity.csr import WorkloadCert, accept_chain, new_csr
+from planemesh.agent import lazy_modules
+from planemesh.agent.identity.cert_types import DEFAULT_WORKLOAD_TTL_S, CertError, utcnow
 from planemesh.agent.identity.istio_ca_proto import METHOD, IstioCertificateRequest, IstioCertificateResponse
 from planemesh.agent.identity.spiffe import SpiffeId
+from planemesh.xds.grpc_channel import Channel, tls_context
+from planemesh.xds.grpc_wire import RpcError
+
+if TYPE_CHECKING:
+    from planemesh.agent.identity.csr import WorkloadCert
 
 log = logging.getLogger("planemesh.identity.cert_client")
 CALL_TIMEOUT_S = 10.0  # one CreateCertificate; istio-agent's CSR call has a comparable deadline
@@ -59,36 +64,36 @@ def _token(path: str) -> str:
     return token
 
 
-def _channel(settings: CaSettings) -> grpc.aio.Channel:
+def _channel(settings: CaSettings) -> Channel:
     if settings.root_cert is None:
-        return grpc.aio.insecure_channel(settings.address)
+        return Channel(settings.address, keepalive_s=0)
     try:
         root = Path(settings.root_cert).read_bytes()
     except OSError as exc:
         raise FetchError(f"root_cert {settings.root_cert}: cannot read: {exc.strerror}") from None
-    options = [("grpc.ssl_target_name_override", settings.server_name)] if settings.server_name else []
-    return grpc.aio.secure_channel(settings.address, grpc.ssl_channel_credentials(root), options=options)
+    try:
+        context = tls_context(root)
+    except (ValueError, ssl.SSLError) as exc:
+        raise FetchError(f"root_cert {settings.root_cert}: not a usable PEM certificate: {exc}") from None
+    return Channel(settings.address, tls=context, server_name=settings.server_name, keepalive_s=0)
 
 
 async def create_certificate(settings: CaSettings, spiffe_id: SpiffeId, now: dt.datetime) -> WorkloadCert:
     """One CSR round trip: a new key, the CA's signature, the answer checked. FetchError on any failure."""
-    key, csr_pem = new_csr(spiffe_id)
+    csr = lazy_modules.load("planemesh.agent.identity.csr")  # cryptography: only once a certificate is asked for
+    key, csr_pem = csr.new_csr(spiffe_id)
     request = IstioCertificateRequest(csr=csr_pem.decode(), validity_duration=int(settings.ttl_s))
     if settings.cluster_id:
         request.metadata.update({"ClusterID": settings.cluster_id})
-    metadata = (("authorization", f"Bearer {_token(settings.token_file)}"),) if settings.token_file else None
+    metadata = (("authorization", f"Bearer {_token(settings.token_file)}"),) if settings.token_file else ()
     async with _channel(settings) as channel:
-        call = channel.unary_unary(
-            METHOD,
-            request_serializer=IstioCertificateRequest.SerializeToString,
-            response_deserializer=IstioCertificateResponse.FromString,
-        )
         try:
-            response = await call(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
+            response = await channel.unary(METHOD, request, IstioCertificateResponse.FromString, metadata=metadata,
+                                           timeout_s=CALL_TIMEOUT_S)  # fmt: skip
+        except RpcError as exc:
             raise FetchError(f"CreateCertificate: {exc.code().name}: {exc.details()}") from None
     try:
-        return accept_chain(list(response.cert_chain), list(response.root_cert.ca_cert), key, spiffe_id, now)
+        return csr.accept_chain(list(response.cert_chain), list(response.root_cert.ca_cert), key, spiffe_id, now)
     except CertError as exc:
         raise FetchError(str(exc)) from None
 

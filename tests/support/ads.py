@@ -8,10 +8,10 @@ reconnects) with no gRPC server, no channel and no port.
     first = await stream.request()                          # the client's DiscoveryRequest
     stream.respond(sotw_response(CLUSTER, "1", "n1", resources))
     ack = await stream.request()
-    stream.end()   /   stream.fail(grpc.StatusCode.UNAVAILABLE)   # the client reconnects: ads.next_stream()
+    stream.end()   /   stream.fail(StatusCode.UNAVAILABLE)   # the client reconnects: ads.next_stream()
 
-A stream is what planemesh.xds.transport.AdsCall asks (read/cancel, grpc.aio.EOF at the end, AioRpcError when
-failed), so the client cannot tell it from grpc.aio's call. What only gRPC does (message size limits, TLS,
+A stream is what planemesh.xds.transport.AdsCall asks (read/cancel, grpc_wire.EOF at the end, RpcError when
+failed), so the client cannot tell it from xds/grpc_channel.py's call. What only gRPC does (message size limits, TLS,
 tokens on the wire) stays in tests/xds/ with a real server.
 """
 
@@ -22,9 +22,10 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
+
+from planemesh.xds.grpc_wire import EOF, RpcError, StatusCode
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -53,7 +54,7 @@ class FakeAdsStream:
     def cancel(self) -> bool:
         self.cancelled = True
         self._pump.cancel()
-        self._responses.put_nowait(grpc.aio.EOF)
+        self._responses.put_nowait(EOF)
         return True
 
     # ---- the server's side -----------------------------------------------------------------------------
@@ -73,13 +74,11 @@ class FakeAdsStream:
 
     def end(self) -> None:
         """The server closes the stream cleanly."""
-        self._responses.put_nowait(grpc.aio.EOF)
+        self._responses.put_nowait(EOF)
 
-    def fail(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, details: str = "fake server gone") -> None:
-        """The server ends the stream with an error status, as grpc.aio reports it."""
-        self._responses.put_nowait(
-            grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
-        )
+    def fail(self, code: StatusCode = StatusCode.UNAVAILABLE, details: str = "fake server gone") -> None:
+        """The server ends the stream with an error status, as the channel reports it."""
+        self._responses.put_nowait(RpcError(code, details))
 
 
 class FakeAdsServer:
@@ -87,7 +86,7 @@ class FakeAdsServer:
 
     def __init__(self) -> None:
         self.streams: list[FakeAdsStream] = []
-        self.refuse: grpc.StatusCode | None = None
+        self.refuse: StatusCode | None = None
         self._opened: asyncio.Queue[FakeAdsStream] = asyncio.Queue()
 
     @contextlib.asynccontextmanager

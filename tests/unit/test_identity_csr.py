@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -16,6 +15,7 @@ from planemesh.agent.identity.csr import accept_chain, new_csr
 from planemesh.agent.identity.istio_ca_proto import IstioCertificateRequest, IstioCertificateResponse, Roots
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.model.config import ConfigError
+from planemesh.xds.grpc_wire import StatusCode
 
 AMF = parse_spiffe_id("spiffe://cluster.local/ns/ran/sa/amf")
 SMF = parse_spiffe_id("spiffe://cluster.local/ns/ran/sa/smf")
@@ -83,7 +83,7 @@ def test_bad_token_is_unauthenticated(auth, why) -> None:
     signer = _signer()
     with pytest.raises(CsrRefused, match=why) as err:
         signer.sign(_request()[1], auth)
-    assert err.value.code is grpc.StatusCode.UNAUTHENTICATED and signer.refused == {"UNAUTHENTICATED": 1}
+    assert err.value.code is StatusCode.UNAUTHENTICATED and signer.refused == {"UNAUTHENTICATED": 1}
 
 
 def _csr_without_san() -> str:
@@ -104,10 +104,10 @@ def test_bad_csr_is_invalid_argument() -> None:
     for why, csr in cases.items():
         with pytest.raises(CsrRefused, match=why) as err:
             signer.sign(IstioCertificateRequest(csr=csr), "Bearer t-amf")
-        assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT, why
+        assert err.value.code is StatusCode.INVALID_ARGUMENT, why
     with pytest.raises(CsrRefused) as err:  # a flipped signature: unparseable or not verifying, never signed
         signer.sign(IstioCertificateRequest(csr=tampered), "Bearer t-amf")
-    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code is StatusCode.INVALID_ARGUMENT
     with pytest.raises(CsrRefused, match="validity_duration"):
         signer.sign(_request(ttl=MAX_WORKLOAD_TTL_S + 1)[1], "Bearer t-amf")
     assert signer.refused == {"INVALID_ARGUMENT": len(cases) + 2} and signer.signed == 0
@@ -117,11 +117,11 @@ def test_token_asks_only_for_its_identity() -> None:
     signer = _signer()
     with pytest.raises(CsrRefused, match=r"may ask for .*amf, the CSR asks for .*smf") as err:
         signer.sign(_request(SMF)[1], "Bearer t-amf")
-    assert err.value.code is grpc.StatusCode.PERMISSION_DENIED
+    assert err.value.code is StatusCode.PERMISSION_DENIED
     _, req = _request(parse_spiffe_id("spiffe://other.domain/ns/a/sa/b"))
     with pytest.raises(CsrRefused, match="trust domain") as err:
         _signer(tokens={"t": None}).sign(req, "Bearer t")
-    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code is StatusCode.INVALID_ARGUMENT
 
 
 def test_workload_refuses_a_bad_answer() -> None:

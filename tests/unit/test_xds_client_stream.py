@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
 from planemesh.xds.bootstrap import bootstrap_from_dict
+from planemesh.xds.grpc_wire import StatusCode
 from planemesh.xds.resources import CLUSTER
 from planemesh.xds.transport import XdsClient
 from tests.support.ads import FakeAdsServer, FakeAdsStream, sotw_response
@@ -97,7 +97,7 @@ def test_a_lost_stream_keeps_the_applied_config_and_the_client_reconnects(how: s
             first = await h.ads.next_stream()
             await first.request_for(CLUSTER)
             await serve_clusters(first, "1", cluster_doc("one"))
-            first.end() if how == "end" else first.fail(grpc.StatusCode.UNAVAILABLE, "gone")
+            first.end() if how == "end" else first.fail(StatusCode.UNAVAILABLE, "gone")
             second = await h.ads.next_stream()
             again = await second.request_for(CLUSTER)
             return h, again
@@ -137,7 +137,7 @@ def test_reconfigure_during_the_backoff_connects_at_once() -> None:
     async def scenario():
         boot = dataclasses.replace(bootstrap(), backoff_base_s=30.0, backoff_max_s=60.0)
         async with Harness(boot) as h:
-            h.ads.refuse = grpc.StatusCode.UNAVAILABLE
+            h.ads.refuse = StatusCode.UNAVAILABLE
             await h.ads.next_stream()
             await until(lambda: h.client.last_error, what="the refusal")  # now in a >= 15 s backoff
             h.ads.refuse = None
