@@ -588,11 +588,9 @@ def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return 0
 
 
-DESCRIPTION = "An ADS management server serving Envoy resources from YAML/JSON files."  # not __doc__: -OO drops it
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="planemesh xds-server", description=DESCRIPTION)
+    description = "An ADS management server serving Envoy resources from YAML/JSON files."  # not __doc__: -OO
+    parser = argparse.ArgumentParser(prog="planemesh xds-server", description=description)
     add_arguments(parser)
     return run_from_args(parser, parser.parse_args(argv))
 

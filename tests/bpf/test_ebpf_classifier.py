@@ -9,6 +9,7 @@ the lookups on real bytes; tests/bpf/test_ebpf_interception.py proves sk_assign 
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -344,6 +345,16 @@ def test_established_socket_is_found_by_its_own_4tuple(configured, netns_worker)
     }
 
 
+def _is_local_route(ipr, address: str) -> bool:
+    """Whether the kernel routes `address` as one of its own (RTN_LOCAL) in the caller's namespace."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        return ipr.route("get", dst=address, family=socket.AF_INET6)[0]["type"] == 2  # RTN_LOCAL
+    except NetlinkError:  # no route at all yet
+        return False
+
+
 def test_listener_port_drop_is_for_node_addresses_only(configured, netns_worker) -> None:
     """With forwarding on, a SYN to an address of the node at a proxy port is dropped, while a SYN to a proxy
     port of a forwarded (transit) destination follows the policy as before; v4 and v6."""
@@ -362,6 +373,12 @@ def test_listener_port_drop_is_for_node_addresses_only(configured, netns_worker)
             ipr.addr("add", index=LO, address=node6, prefixlen=128, flags=0x02)  # IFA_F_NODAD
             ipr.route("add", dst="203.0.113.0/24", type="blackhole")  # forwarded (refused) elsewhere
             ipr.route("add", dst="2001:db8::/32", type="blackhole", family=socket.AF_INET6)
+            # IPv6 puts an address's local route in from a workqueue, even with NODAD: a busy machine may run
+            # the packets before it (the SYN to node6 then looked like a transit one), so wait for the route.
+            deadline = time.monotonic() + 5
+            while not _is_local_route(ipr, node6):
+                assert time.monotonic() < deadline, "node6's local route never appeared"
+                time.sleep(0.01)
         packets = [v4(PROXY_PORT, dst=node4), v6(OTHER_PROXY_PORT, dst=node6), v4(PROXY_PORT, dst=far4),
                    v6(SNIFF_PORT, dst=far6)]
         return [run_skb(configured.prog_fd, pkt).retval for pkt in packets]

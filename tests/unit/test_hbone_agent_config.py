@@ -145,4 +145,4 @@ def test_the_supervised_child_never_imports_the_checkouts_folders(tmp_path: Path
     """Started from a checkout (the working directory on sys.path), `python -m planemesh.agent.hbone` found the
     repository's xds/ folder instead of xds-protos and died: the child runs with -P like every product child."""
     argv = HboneSupervisor(section(), tmp_path, "test").argv()
-    assert argv[1:4] == ["-P", "-m", "planemesh.agent.hbone"]
+    assert argv[1:5] == ["-P", "-OO", "-m", "planemesh.agent.hbone"]  # -OO: planemesh.module_argv
