@@ -89,23 +89,23 @@ def start_server(resource_dir: Path, sock: Path):
     return proc
 
 
-def test_agent_follows_xds_keeps_last_good_config_and_survives_server_loss(run_prefix: str, tmp_path: Path) -> None:
+def xds_lab_files(tmp_path: Path, node_id: str) -> tuple[Path, Path, Path]:
+    """(resource dir with the PASSTHROUGH resources, the server's socket, a bootstrap on it with the default
+    planes and a quick reconnect) in tmp_path."""
     res = tmp_path / "resources"
     res.mkdir()
     write(res / "config.yaml", resources(PASSTHROUGH))
     sock = tmp_path / "xds.sock"
     boot = tmp_path / "bootstrap.yaml"
     planes = yaml.safe_load(default_config_text())["planes"]
-    boot.write_text(
-        yaml.safe_dump(
-            {
-                "node": {"id": "lab-node"},
-                "server": {"address": f"unix://{sock}"},
-                "timing": {"backoff_base_s": 0.1, "backoff_max_s": 0.5},
-                "planes": planes,
-            }
-        )
-    )
+    timing = {"backoff_base_s": 0.1, "backoff_max_s": 0.5}
+    boot.write_text(yaml.safe_dump({"node": {"id": node_id}, "server": {"address": f"unix://{sock}"},
+                                    "timing": timing, "planes": planes}))  # fmt: skip
+    return res, sock, boot
+
+
+def test_agent_follows_xds_keeps_last_good_config_and_survives_server_loss(run_prefix: str, tmp_path: Path) -> None:
+    res, sock, boot = xds_lab_files(tmp_path, "lab-node")
     server = start_server(res, sock)
     try:
         with running_agent(f"{run_prefix}x", ["--bootstrap", str(boot)]) as env:

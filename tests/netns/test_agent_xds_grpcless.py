@@ -9,39 +9,30 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 from planemesh.labs.traffic import http_requests
-from planemesh.model.static_config import default_config_text
 from tests.netns.agent_lab import eventually, running_agent
-from tests.netns.test_agent_xds import PASSTHROUGH, TEAPOT, resources, start_server, write
+from tests.netns.test_agent_xds import TEAPOT, resources, start_server, write, xds_lab_files
 
 pytestmark = pytest.mark.netns
 
 
+def mapped_files(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split()[-1] for line in f if len(line.split()) >= 6}
+
+
 def grpcio_files(pid: int) -> set[str]:
     """grpcio's extension module (cygrpc) or any file of the grpc package mapped into a process."""
-    with open(f"/proc/{pid}/maps") as f:
-        paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
-    return {p for p in paths if "cygrpc" in os.path.basename(p) or "/grpc/" in p}
+    return {p for p in mapped_files(pid) if "cygrpc" in os.path.basename(p) or "/grpc/" in p}
 
 
 def cryptography_files(pid: int) -> set[str]:
-    with open(f"/proc/{pid}/maps") as f:
-        paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
-    return {p for p in paths if "/cryptography/" in p}
+    return {p for p in mapped_files(pid) if "/cryptography/" in p}
 
 
 def test_an_agent_on_an_xds_bootstrap_follows_the_server_without_grpcio(run_prefix: str, tmp_path: Path) -> None:
-    res = tmp_path / "resources"
-    res.mkdir()
-    write(res / "config.yaml", resources(PASSTHROUGH))
-    sock = tmp_path / "xds.sock"
-    boot = tmp_path / "bootstrap.yaml"
-    planes = yaml.safe_load(default_config_text())["planes"]
-    timing = {"backoff_base_s": 0.1, "backoff_max_s": 0.5}
-    boot.write_text(yaml.safe_dump({"node": {"id": "n"}, "server": {"address": f"unix://{sock}"}, "timing": timing,
-                                    "planes": planes}))  # fmt: skip
+    res, sock, boot = xds_lab_files(tmp_path, "n")
     server = start_server(res, sock)
     try:
         with running_agent(f"{run_prefix}g", ["--bootstrap", str(boot)]) as env:
