@@ -170,8 +170,10 @@ def test_image_runs_as_the_daemonset_says(run_prefix: str) -> None:
             print(f"agent in the image, pid {pid}: {rss}")
             maps = Path(f"/proc/{pid}/maps").read_text()
             assert "libLLVM" not in maps and "libbcc" not in maps
-            stats = json.loads(admin.get("/stats?format=json").body)
-            assert any(row["plane"] == "oam" for row in stats["routes"])
+            def routes() -> list:  # the workers' rows come with the agent's next poll of its workers
+                return json.loads(admin.get("/stats?format=json").body)["routes"]
+
+            assert eventually(lambda: any(row["plane"] == "oam" for row in routes()), timeout=15), routes()
         finally:
             code = ns_tools.stop(agent, timeout=40) if agent is not None else None
             subprocess.run(["podman", "rm", "-f", "--ignore", name], capture_output=True)

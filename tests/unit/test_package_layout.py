@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 import planemesh.xds
@@ -78,3 +79,18 @@ def test_run_module_runs_a_checkout_module_off_sys_path() -> None:  # ./run.sh b
     out = subprocess.run(dev_module_argv("bench"), cwd=ROOT, env=_env_as_an_operator_has_it(),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "NAME is one of" in out.stderr, out.stderr  # bench's usage, not an ImportError
+
+
+def test_every_product_package_is_in_the_wheel() -> None:
+    """pyproject's package list is what a wheel (the image, a pip install) holds: agent/hbone, agent/tls and
+    agent/workloads were missing, so the image's agent died on `import planemesh.agent.hbone` while the editable
+    checkout (whose finder maps folders) worked."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for name, folder in config["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            if "__pycache__" not in rel.parts:
+                found.add(".".join([name, *rel.parts]))
+    assert found <= listed, f"missing from pyproject's packages: {sorted(found - listed)}"
