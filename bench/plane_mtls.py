@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
 import yaml
 
-from bench.proxy_loopback import free_port, start_nginx, wait_port
+from bench.proxy_loopback import free_port, wait_port
 from bench.proxy_serve import serve_until_sigterm
-from bench.tls import ENVOY, ROOT, T, cpu_s, s_time_cmd, stop, write_certs
+from bench.tls import ENVOY, ROOT, T, certs_and_nginx, cpu_s, s_time_cmd, stop
 from bench.tls import envoy_config as tls_envoy_config
 from tests.support.procs import dev_module_argv
 
@@ -112,17 +111,10 @@ def main() -> int:
         serve_planemesh(int(port), int(upstream), Path(certs), mode)
         return 0
     rows = []
-    with tempfile.TemporaryDirectory(prefix="pm-bench-plane-mtls-") as tmp:
-        work = Path(tmp)
-        write_certs(work)
-        nginx_port = free_port()
-        nginx = start_nginx(work, nginx_port)
-        try:
-            for kind, label in (("envoy", "envoy tcp_proxy"), ("tcp", "planemesh tcp chain"),
-                                ("sniffed", "planemesh sniffed port")):  # fmt: skip
-                rows.append((label, *measure(kind, nginx_port, work, args.duration)))
-        finally:
-            stop(nginx)
+    with certs_and_nginx("pm-bench-plane-mtls-") as (work, nginx_port):
+        for kind, label in (("envoy", "envoy tcp_proxy"), ("tcp", "planemesh tcp chain"),
+                            ("sniffed", "planemesh sniffed port")):  # fmt: skip
+            rows.append((label, *measure(kind, nginx_port, work, args.duration)))
     print(f"{'server':>24} {'mTLS conns/s':>13} {'server CPU ms/conn':>19}")
     for label, rate, cpu in rows:
         print(f"{label:>24} {rate:>13.0f} {cpu:>19.2f}")

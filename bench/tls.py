@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import glob
 import os
 import re
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -169,6 +171,21 @@ def parallel_handshakes(port: int, certs: Path, seconds: int, clients: int) -> t
     return (total / real if real else float("nan")), client_cpu * 1000 / max(total, 1)
 
 
+@contextlib.contextmanager
+def certs_and_nginx(prefix: str) -> Iterator[tuple[Path, int]]:
+    """A scratch directory with the bench's certificates (write_certs) and nginx on a free port behind it:
+    (the directory, nginx's port); both gone on exit."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        write_certs(work)
+        nginx_port = free_port()
+        nginx = start_nginx(work, nginx_port)
+        try:
+            yield work, nginx_port
+        finally:
+            stop(nginx)
+
+
 def stop(proc: subprocess.Popen | None) -> None:
     if proc is not None and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -230,29 +247,22 @@ def main() -> int:
     if args.handshakes:
         return handshake_table(args.duration, args.clients, args.asyncio)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="pm-bench-tls-") as tmp:
-        work = Path(tmp)
-        write_certs(work)
-        nginx_port = free_port()
-        nginx = start_nginx(work, nginx_port)
-        try:
-            for kind in ("envoy", "uvloop", "asyncio"):
-                port = free_port()
-                server = run_server(kind, port, nginx_port, work, False, work)
-                try:
-                    wrk_tls(port, 1, args.connections)  # warm-up
-                    reused = wrk_tls(port, args.duration, args.connections)
-                finally:
-                    stop(server)
-                port = free_port()
-                server = run_server(kind, port, nginx_port, work, True, work)
-                try:
-                    new = handshakes(port, work, args.duration)
-                finally:
-                    stop(server)
-                rows.append((kind, reused, new))
-        finally:
-            stop(nginx)
+    with certs_and_nginx("pm-bench-tls-") as (work, nginx_port):
+        for kind in ("envoy", "uvloop", "asyncio"):
+            port = free_port()
+            server = run_server(kind, port, nginx_port, work, False, work)
+            try:
+                wrk_tls(port, 1, args.connections)  # warm-up
+                reused = wrk_tls(port, args.duration, args.connections)
+            finally:
+                stop(server)
+            port = free_port()
+            server = run_server(kind, port, nginx_port, work, True, work)
+            try:
+                new = handshakes(port, work, args.duration)
+            finally:
+                stop(server)
+            rows.append((kind, reused, new))
     print(f"{'server':>10} {'TLS req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'mTLS handshakes/s':>18}")
     base = rows[0]
     for kind, reused, new in rows:

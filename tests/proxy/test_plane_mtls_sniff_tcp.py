@@ -23,8 +23,8 @@ from planemesh.model.planes import SLA
 from planemesh.model.tls_config import TrustSecret
 from tests.proxy.proxy_harness import PLANE, Backend
 from tests.proxy.test_plane_mtls import MEDIA_CA, NOW, RAN_CA, RAN_GW, clients, ctx, secrets_of  # noqa: F401 (fixture)
-from tests.proxy.test_sniff_mtls import ISTIO_ALPN, h2_get
-from tests.proxy.test_sniff_passthrough import SniffProxy, recv_all
+from tests.proxy.test_sniff_mtls import ISTIO_ALPN, call, h2_get
+from tests.proxy.test_sniff_passthrough import SniffProxy
 from tests.proxy.test_tcp_rbac import network_rbac
 from tests.proxy.test_tcp_tls import Upstream
 from tests.proxy.test_tls_termination import TLS
@@ -53,16 +53,6 @@ def plane(sla: SLA, listeners=(), clusters=None) -> SniffProxy:
     secrets = secrets_of(RAN_CA, RAN_GW, "ran-cert", "ran-roots")
     secrets["ran-roots"] = TrustSecret(RAN_CA.root_pem() + MEDIA_CA.root_pem())
     return SniffProxy(listeners, clusters, secrets=secrets, sla=sla)
-
-
-def call(px: SniffProxy, c: ssl.SSLContext | None, payload: bytes) -> bytes:
-    with px.connect() as raw:
-        try:
-            s = c.wrap_socket(raw) if c is not None else raw
-            s.sendall(payload)
-            return recv_all(s)
-        except (ssl.SSLError, ConnectionError):
-            return b"<refused>"
 
 
 def amf(certs: Path, who: str = "amf") -> ssl.SSLContext:

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import socket
-import ssl
 import tempfile
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from planemesh.agent.identity.ca import key_pem, spiffe_ids
+from planemesh.agent.identity.ca import spiffe_ids
 from planemesh.model.config import (
     Cluster,
     ClusterKind,
@@ -37,7 +36,7 @@ from planemesh.model.config import (
 from planemesh.model.tls_config import CertSecret, SanMatch, TlsContext, TlsMatch, TrustSecret
 from tests.proxy.proxy_harness import PLANE, Backend
 from tests.proxy.test_sniff_passthrough import SniffProxy, TcpServer, recv_all
-from tests.proxy.test_tls_origination import BACKEND_ID, NOW, OTHER, PROXY_ID, ROOT
+from tests.proxy.test_tls_origination import BACKEND_ID, NOW, OTHER, PROXY_ID, ROOT, mtls_server_context
 
 PORT = 15444  # the chain's destination port (the sniffer's `target` plays the original destination)
 ISTIO = (("tlsMode", "istio"),)
@@ -51,13 +50,7 @@ class MtlsEcho(TcpServer):
     then answers `echo:` + the SHA-256 of what it read, and the length (half-close over TLS)."""
 
     def __init__(self, ca=ROOT, now=NOW, ttl_s: float = 3600, who=BACKEND_ID) -> None:
-        issued = ca.issue(who, now=now, ttl_s=ttl_s)
-        self.tmp = Path(tempfile.mkdtemp())
-        (self.tmp / "c.pem").write_bytes(issued.cert_chain_pem() + key_pem(issued.key))
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(self.tmp / "c.pem")
-        ctx.load_verify_locations(cadata=ROOT.root_pem().decode())
-        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx, self.tmp = mtls_server_context(ca, who, now, ttl_s)
         ctx.set_alpn_protocols(["istio"])
         self.sni: list[str | None] = []
         ctx.sni_callback = lambda obj, name, _ctx: self.sni.append(name)

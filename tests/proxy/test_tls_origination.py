@@ -31,18 +31,25 @@ PROXY_ID = parse_spiffe_id("spiffe://cluster.local/ns/ran/sa/planemesh")
 BACKEND_ID = parse_spiffe_id("spiffe://cluster.local/ns/ran/sa/udm")
 
 
+def mtls_server_context(ca, who, now, ttl_s: float) -> tuple[ssl.SSLContext, Path]:
+    """A server context with `who`'s certificate issued by `ca`, requiring a client certificate from ROOT; and
+    the scratch directory holding its PEM."""
+    issued = ca.issue(who, now=now, ttl_s=ttl_s)
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "c.pem").write_bytes(issued.cert_chain_pem() + key_pem(issued.key))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp / "c.pem")
+    ctx.load_verify_locations(cadata=ROOT.root_pem().decode())
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx, tmp
+
+
 class TlsBackend(Backend):
     """The harness backend behind TLS, requiring a client certificate from ROOT."""
 
     def __init__(self, ca=ROOT, now=NOW, ttl_s: float = 3600) -> None:
         super().__init__()
-        issued = ca.issue(BACKEND_ID, now=now, ttl_s=ttl_s)
-        self.tmp = Path(tempfile.mkdtemp())
-        (self.tmp / "c.pem").write_bytes(issued.cert_chain_pem() + key_pem(issued.key))
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(self.tmp / "c.pem")
-        ctx.load_verify_locations(cadata=ROOT.root_pem().decode())
-        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx, self.tmp = mtls_server_context(ca, BACKEND_ID, now, ttl_s)
         self.sni: list[str | None] = []
         self.clients: list[list[str]] = []
         ctx.sni_callback = lambda obj, name, _ctx: self.sni.append(name)
