@@ -377,7 +377,8 @@ class AdminServer:
             server.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await server.wait_closed()
         self._servers.clear()
         self.addresses.clear()
 
@@ -393,7 +394,8 @@ class AdminServer:
         head_only = False
         try:
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    head = await reader.readuntil(b"\r\n\r\n")
                 if len(head) > MAX_REQUEST_HEAD:
                     resp = _text(431, "request head too large\n")
                 else:
@@ -407,7 +409,8 @@ class AdminServer:
             except (TimeoutError, asyncio.IncompleteReadError):
                 resp = _text(408, "incomplete request\n")
             writer.write(render_response(resp, head_only))
-            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                await writer.drain()
         except (ConnectionError, TimeoutError):
             pass  # the client went away; nothing to tell it
         finally:

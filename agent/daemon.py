@@ -370,7 +370,8 @@ class Agent:
             self.admin_app.stats.register("hbone", self.hbone.report)
         if wait_s > 0:
             try:
-                await asyncio.wait_for(self.hbone.ready.wait(), wait_s)
+                async with asyncio.timeout(wait_s):
+                    await self.hbone.ready.wait()
             except TimeoutError:
                 log.error("HBONE node not ready after %.0fs; still trying", wait_s)
 

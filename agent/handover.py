@@ -52,7 +52,9 @@ class HandoverServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            if (await asyncio.wait_for(reader.readline(), 10)).strip() != b"TAKEOVER":
+            async with asyncio.timeout(10):
+                line = await reader.readline()
+            if line.strip() != b"TAKEOVER":
                 return
             listeners, extra = self._listeners(), self._named()
             socks = [*listeners.values(), *extra.values()]

@@ -4,13 +4,13 @@ and on SIGHUP given new marks, stopped (every plane serves everything again) or 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from planemesh.agent.node_overload import NodeOverloadConfig, NodeShedding
 from planemesh.agent.worker_supervisor import PlaneWorkers
+from planemesh.aio import stop_tasks
 
 log = logging.getLogger("planemesh.agent")
 
@@ -50,9 +50,7 @@ class NodeOverloadLoop:
             log.info("SIGHUP: node_overload: new settings from the next sample")
             return
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks(self._task)
             self._task = self.shedding = None
             for plane in list(self._workers):
                 await self.set_shed(plane, 0.0)

@@ -121,7 +121,8 @@ class WorkerProcess:
         try:
             self._writer.write(self._encoder.encode(first))
             await self._writer.drain()
-            reply = await asyncio.wait_for(read_message(reader), START_TIMEOUT_S)
+            async with asyncio.timeout(START_TIMEOUT_S):
+                reply = await read_message(reader)
         except (ConnectionError, TimeoutError, ValueError, EOFError) as exc:
             reply = {"op": f"failed: {exc!r}"}
         if reply is None or reply.get("op") != "ready":
@@ -166,7 +167,8 @@ class WorkerProcess:
         self._waiters[rid] = waiter
         try:
             self._writer.write(self._encoder.encode({**message, "id": rid}))
-            await asyncio.wait_for(self._send_and_wait(waiter), timeout)
+            async with asyncio.timeout(timeout):
+                await self._send_and_wait(waiter)
             return waiter.result()
         except (TimeoutError, ConnectionError) as exc:
             self._table.abandon(rid)
@@ -233,7 +235,8 @@ class WorkerProcess:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.terminate()
             try:
-                await asyncio.wait_for(self._proc.wait(), 5)
+                async with asyncio.timeout(5):
+                    await self._proc.wait()
             except TimeoutError:
                 self.kill()
                 await self._proc.wait()

@@ -66,4 +66,5 @@ async def start_xds(agent: AgentForXds) -> Any:
 async def stop_xds(agent: AgentForXds) -> None:
     server = getattr(agent, "embedded_xds_server", None)
     if server is not None:
-        await asyncio.wait_for(server.stop(), 5)
+        async with asyncio.timeout(5):
+            await server.stop()

@@ -57,7 +57,8 @@ class ForkedWorker:
         if self.returncode is None:
             await asyncio.shield(self._gone)
             try:
-                code = await asyncio.wait_for(asyncio.shield(self._code), EXIT_CODE_WAIT_S)
+                async with asyncio.timeout(EXIT_CODE_WAIT_S):
+                    code = await asyncio.shield(self._code)
             except (TimeoutError, ZygoteError):
                 code = UNKNOWN_EXIT
             if self.returncode is None:
@@ -167,7 +168,8 @@ class Zygote:
                 self._closed(f"cannot send a fork request: {exc}")
                 raise ZygoteError(f"the zygote is gone ({exc})") from exc
             try:
-                message, got, code = await asyncio.wait_for(self._reply, START_TIMEOUT_S)
+                async with asyncio.timeout(START_TIMEOUT_S):
+                    message, got, code = await self._reply
             except TimeoutError:
                 self._closed("no answer to a fork request")
                 self.proc.kill()
@@ -186,7 +188,8 @@ class Zygote:
         with contextlib.suppress(ProcessLookupError):
             self.proc.terminate()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.proc.wait(), 5)
+            async with asyncio.timeout(5):
+                await self.proc.wait()
         if self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
@@ -285,7 +288,8 @@ class Zygotes:
             self._forked = None
             sock.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ChildProcess(pid).wait(), 5)
+                async with asyncio.timeout(5):
+                    await ChildProcess(pid).wait()
         if self._zygote is not None:
             await self._zygote.close()
             self._zygote = None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import watchdog
 from tests.support.procs import register_package
 
 # The repository root never goes on sys.path (its xds/ folder would hide xds-protos' `xds`): pytest imports
@@ -32,6 +33,21 @@ PRIVILEGED_MARKS = ("bpf", "netns")
 # collides with the next one, and leftovers are recognisable.
 RUN_PREFIX = os.environ.get("PM_RUN_PREFIX") or f"pt{secrets.token_hex(2)}"
 os.environ["PM_RUN_PREFIX"] = RUN_PREFIX
+
+
+# The whole run (CI's own limit is 90 minutes with set-up; the suite takes ~15-20) and the exit after it are
+# bounded: a hang that pytest-timeout cannot interrupt ends with stacks (tests/support/watchdog.py).
+RUN_BUDGET_S = float(os.environ.get("PM_TEST_BUDGET_S", 3600))
+EXIT_GRACE_S = 60.0
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    watchdog.arm(RUN_BUDGET_S, f"the test run took over {RUN_BUDGET_S:g} s (PM_TEST_BUDGET_S)", capture)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    watchdog.arm(EXIT_GRACE_S, f"pytest finished but the process did not exit within {EXIT_GRACE_S:g} s")
 
 
 def _privileged(item: pytest.Item) -> bool:

@@ -281,7 +281,8 @@ class Connection:
             self.h2.ping(os.urandom(8))
             self._flush()
             try:
-                await asyncio.wait_for(self._ping_acked.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await self._ping_acked.wait()
             except TimeoutError:
                 self._fail(
                     RpcError(

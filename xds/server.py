@@ -42,6 +42,7 @@ from google.protobuf import any_pb2, message
 
 from planemesh.agent.identity.ca_grpc import certificate_service
 from planemesh.agent.identity.ca_service import CsrSigner
+from planemesh.aio import stop_tasks
 from planemesh.model.defaults import option
 from planemesh.xds.resources import (
     MESSAGE_OF_TYPE,
@@ -307,11 +308,7 @@ class ManagementServer:
         return f"{address.rsplit(':', 1)[0]}:{port}"
 
     async def stop(self, grace_s: float = 0.5) -> None:
-        for task in (self._poller, self._rotator):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await stop_tasks(self._poller, self._rotator)
         if self._server is not None:
             for queue in self._watchers:
                 queue.put_nowait(_EOF)
@@ -353,9 +350,7 @@ class ManagementServer:
         finally:
             status.connected = False
             self._watchers.discard(events)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await reader
+            await stop_tasks(reader)
 
     @staticmethod
     async def _read(context: grpc.aio.ServicerContext, events: asyncio.Queue[Any]) -> None:

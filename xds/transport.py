@@ -317,7 +317,8 @@ class XdsClient:
                     deadline = self.state.next_deadline()
                     timeout = None if deadline is None else max(0.0, deadline - self._clock())
                     try:
-                        item = await asyncio.wait_for(queue.get(), timeout)
+                        async with asyncio.timeout(timeout):
+                            item = await queue.get()
                     except TimeoutError:
                         await self._execute(outbox, self.state.timer_fired(self._clock()))
                         continue
@@ -363,7 +364,8 @@ class XdsClient:
         certs = self.certificates
         if certs is not None and not certs.ready.is_set():  # SDS warming: the first certificate, bounded
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(certs.ready.wait(), self.bootstrap.initial_fetch_timeout_s)
+                async with asyncio.timeout(self.bootstrap.initial_fetch_timeout_s):
+                    await certs.ready.wait()
         async with self._apply_lock:
             self._last_update = action
             return await self._translate_and_apply(action)

@@ -11,7 +11,6 @@ identities (istiod: `CA_TRUSTED_NODE_ACCOUNTS`; `planemesh xds-server` tokens fi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -23,6 +22,7 @@ from planemesh.agent.identity.csr import WorkloadCert
 from planemesh.agent.identity.spiffe import parse_spiffe_id
 from planemesh.agent.tls.engine import build_engine_context
 from planemesh.agent.tls.failure import TlsFailure
+from planemesh.aio import stop_tasks
 from planemesh.model.tls_config import CertSecret, TrustSecret
 
 log = logging.getLogger("planemesh.hbone")
@@ -55,7 +55,8 @@ class CsrCertSource:
     async def start(self, timeout_s: float = 30.0) -> None:
         """Start every client; return once the node's own certificate is in (TimeoutError otherwise)."""
         self._tasks = [asyncio.create_task(c.run(), name=f"cert-{i}") for i, c in self.clients.items()]
-        await asyncio.wait_for(self.clients[self.node_identity].ready.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await self.clients[self.node_identity].ready.wait()
 
     def want(self, identities: Iterable[str]) -> None:
         """A client for each identity not yet served: the configured ones, and local workloads' learned later
@@ -86,7 +87,4 @@ class CsrCertSource:
         return {i: c.status() for i, c in self.clients.items()}
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(*self._tasks)

@@ -153,7 +153,8 @@ class Inbound:
     async def _dial(self, conn: HboneConnection, sid: int, side: TcpSide, ip: str, port: int, peer: str) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: side, ip, port), DIAL_TIMEOUT_S)
+            async with asyncio.timeout(DIAL_TIMEOUT_S):
+                await loop.create_connection(lambda: side, ip, port)
         except (OSError, TimeoutError) as exc:
             self.stats.dial_failed += 1
             self.stats.refuse_in("dial_failed", peer)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import json
 import logging
@@ -55,6 +54,7 @@ from planemesh.agent.hbone.wds_client import WdsClient
 from planemesh.agent.identity.ca import CertError
 from planemesh.agent.identity.ca_files import read_ca
 from planemesh.agent.libc_tuning import tune_malloc
+from planemesh.aio import stop_tasks
 from planemesh.model.config import ConfigError
 from planemesh.model.defaults import option
 
@@ -140,16 +140,9 @@ async def serve(
         await stop.wait()
         if handover.is_set():
             await _hand_over(inbound, outbound)
-        if writer is not None:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+        await stop_tasks(writer)
     finally:
-        for task in (wds, live.applier):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await stop_tasks(wds, live.applier)
         if datapath is not None:  # first: new pod connections stop being captured before the listeners go
             await asyncio.to_thread(datapath.close, not handover.is_set())
         if outbound is not None:
@@ -220,7 +213,8 @@ async def start_wds(settings: HboneSettings, live: Live, stats: HboneStats) -> a
     client = WdsClient(settings.wds, state, live.on_table, stats)
     task = asyncio.get_running_loop().create_task(client.run())
     try:
-        await asyncio.wait_for(client.received.wait(), WDS_INITIAL_S)
+        async with asyncio.timeout(WDS_INITIAL_S):
+            await client.received.wait()
     except TimeoutError:
         log.error("WDS: no answer from %s within %.0fs; serving the static table meanwhile",
                   settings.wds.address, WDS_INITIAL_S)  # fmt: skip

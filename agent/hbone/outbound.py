@@ -83,10 +83,10 @@ class Pool:
     async def _connect(self, ctx: SSL.Context, peer: Peer) -> HboneConnection:
         loop = asyncio.get_running_loop()
         host, port = peer.address
-        transport, conn = await asyncio.wait_for(
-            open_tls(loop, host, port, lambda: HboneConnection(client_side=True), ctx, None, HANDSHAKE_TIMEOUT_S),
-            CONNECT_TIMEOUT_S,
-        )
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            transport, conn = await open_tls(
+                loop, host, port, lambda: HboneConnection(client_side=True), ctx, None, HANDSHAKE_TIMEOUT_S
+            )
         got = spiffe_peer(transport)
         if peer.identity is not None and got != peer.identity:
             transport.abort()
@@ -171,9 +171,8 @@ class Outbound:
             return
         try:
             conn = await self.pool.get(identity, peer)
-            status = await asyncio.wait_for(
-                conn.open_stream(connect_headers(dst_ip, dst_port, src_ip), side), RESPONSE_TIMEOUT_S
-            )
+            async with asyncio.timeout(RESPONSE_TIMEOUT_S):
+                status = await conn.open_stream(connect_headers(dst_ip, dst_port, src_ip), side)
         except (OSError, TimeoutError, PeerRefused) as exc:  # TLS failures are ConnectionErrors (TlsFailure)
             self._refuse(side, "connect_failed", f"{identity} -> {peer.name} {peer.address}: {exc}", peer.name)
             return

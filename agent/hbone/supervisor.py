@@ -248,7 +248,8 @@ class HboneSupervisor:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGUSR1 if hand_over else signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await proc.wait()
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

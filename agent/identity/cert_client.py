@@ -163,7 +163,8 @@ class CertificateClient:
             self.ready.set()
             self._renew.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._renew.wait(), max(0.05, (cert.rotate_at - self.clock()).total_seconds()))
+                async with asyncio.timeout(max(0.05, (cert.rotate_at - self.clock()).total_seconds())):
+                    await self._renew.wait()
 
     def renew_now(self) -> None:
         """Ask for a new certificate now instead of at half-life (operators, tests)."""

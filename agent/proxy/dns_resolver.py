@@ -48,7 +48,8 @@ class DnsResolver:
     async def _one(self, host: str) -> list[str] | None:
         self.lookups += 1
         try:
-            return await asyncio.wait_for(self._resolve(host), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                return await self._resolve(host)
         except (OSError, TimeoutError, UnicodeError, ValueError):
             return None  # socket.gaierror is an OSError
 
@@ -68,7 +69,8 @@ class DnsResolver:
                 nxt = self.refresh.next_due()
                 wait = None if nxt is None else max(0.0, nxt - self._clock())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
         finally:
             for task in list(self._lookups):
                 task.cancel()

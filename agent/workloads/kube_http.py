@@ -32,7 +32,8 @@ class KubeHttpError(Exception):
 
 async def _read_line(reader: asyncio.StreamReader, limit: int, idle_s: float) -> bytes:
     try:
-        line = await asyncio.wait_for(reader.readuntil(b"\n"), idle_s)
+        async with asyncio.timeout(idle_s):
+            line = await reader.readuntil(b"\n")
     except asyncio.IncompleteReadError as exc:
         if exc.partial:
             raise KubeHttpError("connection closed inside a line") from None
@@ -78,7 +79,8 @@ async def _chunks(reader: asyncio.StreamReader, idle_s: float) -> AsyncIterator[
         if size > MAX_LINE:
             raise KubeHttpError(f"a chunk over {MAX_LINE} bytes")
         try:
-            data = await asyncio.wait_for(reader.readexactly(size + 2), idle_s)
+            async with asyncio.timeout(idle_s):
+                data = await reader.readexactly(size + 2)
         except asyncio.IncompleteReadError:
             raise KubeHttpError("connection closed inside a chunk") from None
         except TimeoutError:
@@ -108,9 +110,8 @@ async def stream_lines(
     secure = parts.scheme == "https"
     host, port = parts.hostname or "", parts.port or (443 if secure else 80)
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=context if secure else None, limit=MAX_LINE), idle_timeout_s
-        )
+        async with asyncio.timeout(idle_timeout_s):
+            reader, writer = await asyncio.open_connection(host, port, ssl=context if secure else None, limit=MAX_LINE)
     except (OSError, ssl.SSLError, TimeoutError) as exc:
         raise KubeHttpError(f"connect {host}:{port}: {exc or type(exc).__name__}") from None
     try:

@@ -13,7 +13,6 @@ and keeps its previous configuration.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -27,6 +26,7 @@ from planemesh.agent.workloads.settings import WorkloadSettings
 from planemesh.agent.workloads.sharing import SharedDecoder, SharedTranslations
 from planemesh.agent.workloads.sources import SourceError, WorkloadSource, follow
 from planemesh.agent.workloads.tokens import PodTokens
+from planemesh.aio import stop_tasks
 from planemesh.model.config import Snapshot
 from planemesh.xds.bootstrap import Bootstrap
 from planemesh.xds.transport import XdsClient
@@ -148,10 +148,7 @@ class WorkloadStreams:
         entry = self.clients.pop(key, None)
         if entry is None:
             return
-        task = entry[2]
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await stop_tasks(entry[2])
         if self.tokens is not None:
             await self.tokens.forget(entry[0])
         self.views.pop(key, None)

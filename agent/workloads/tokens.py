@@ -27,6 +27,7 @@ from pathlib import Path
 from planemesh.agent.workloads.model import Workload
 from planemesh.agent.workloads.settings import KubernetesSource, TokenSettings
 from planemesh.agent.workloads.sources import kube_auth
+from planemesh.aio import stop_tasks
 
 RETRY_S = 10.0
 MAX_TOKEN_ANSWER = 1 << 20
@@ -139,12 +140,8 @@ class PodTokens:
         await self._first[w.key].wait()
 
     async def forget(self, w: Workload) -> None:
-        task = self._tasks.pop(w.key, None)
         self._first.pop(w.key, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks.pop(w.key, None))
         with contextlib.suppress(OSError):
             os.unlink(self.path(w))
 

@@ -5,4 +5,5 @@
     net.py       free_port
     servers.py   accept-loop servers on loopback (echo, canned HTTP reply, silent)
     ads.py       FakeAdsStream: an in-memory ADS stream that drives the xDS client without a gRPC server
+    watchdog.py  arm: a hung run (or exit) ends with every thread's stack and status 1 (tests/conftest.py)
 """
