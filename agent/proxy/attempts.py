@@ -161,9 +161,7 @@ class Attempt:
         breaker = self.breaker
         if breaker is not None:
             if self.waiting is not None:
-                self.waiting = None
-                if not self.cb_held & HELD_CONNECTION:
-                    breaker.stop_waiting(self)
+                self._leave_queue()
             if self.cb_held & HELD_PENDING:
                 breaker.release(PENDING)
             if self.cb_held & HELD_CONNECTION:
@@ -199,8 +197,7 @@ class Attempt:
                 return self.ex.overloaded(b"cluster_pending")
             self.cb_held |= HELD_PENDING
             if not breaker.try_acquire(CONNECTIONS):  # every connection unit taken: wait for one, as Envoy's pool
-                self.waiting = (target, reuse)
-                breaker.wait_for_connection(self)
+                self.wait_for_connection(target, reuse)
                 return None
             self.cb_held |= HELD_CONNECTION
         self._connect(target, reuse)
@@ -214,7 +211,43 @@ class Attempt:
     def _granted(self) -> None:
         waiting, self.waiting = self.waiting, None
         if waiting is not None and not self.ex.finished:  # else end() has given the unit back meanwhile
-            self._connect(*waiting)
+            if self.h2:  # the unit goes to the stream's new connection (h2_upstream.H2Pool.open)
+                open_h2_stream(self, waiting[0])
+            else:
+                self._connect(*waiting)
+
+    def wait_for_connection(self, target: tuple[str, int], reuse: bool = False) -> None:
+        """Wait, as a pending request, for a connection unit of the cluster's breaker (h2: or for a stream free on
+        a connection to `target`, h2_upstream.H2Pool); the caller holds this attempt's PENDING unit."""
+        self.waiting = (target, reuse)
+        self.breaker.wait_for_connection(self)  # type: ignore[union-attr]
+
+    def stop_waiting(self) -> bool:
+        """No longer waiting (a stream came free for it): False when it was not waiting any more."""
+        if self.waiting is None or self.ex.finished:
+            return False
+        self._leave_queue()
+        return True
+
+    def _leave_queue(self) -> None:
+        self.waiting = None
+        if not self.cb_held & HELD_CONNECTION:  # (granted: the breaker has let go of it already)
+            self.breaker.stop_waiting(self)  # type: ignore[union-attr]
+
+    def take_connection_unit(self) -> bool:
+        """A max_connections unit for a new connection, which holds it from now on: the one handed to this
+        attempt while it waited, else a fresh one (False: none left)."""
+        if self.cb_held & HELD_CONNECTION:
+            self.cb_held &= ~HELD_CONNECTION
+            return True
+        breaker = self.breaker
+        return breaker is None or breaker.try_acquire(CONNECTIONS)
+
+    def give_back_connection_unit(self) -> None:
+        """A unit handed over while waiting, not needed after all (a stream came free on a connection)."""
+        if self.cb_held & HELD_CONNECTION:
+            self.cb_held &= ~HELD_CONNECTION
+            self.breaker.release(CONNECTIONS)  # type: ignore[union-attr]
 
     def _connect(self, target: tuple[str, int], reuse: bool) -> None:
         pool = self.ds.proxy.pool
@@ -229,7 +262,7 @@ class Attempt:
     def hold_pending(self) -> bool:
         """A PENDING unit of the cluster's breaker while the attempt waits for its connection (False: none left)."""
         breaker = self.breaker
-        if breaker is None:
+        if breaker is None or self.cb_held & HELD_PENDING:  # (a stream that waited holds its unit already)
             return True
         if not breaker.try_acquire(PENDING):
             return False

@@ -2,9 +2,10 @@
 
 Each in-flight request, each connecting attempt, each open upstream attempt and each retry in progress
 holds one unit of its counter; when a counter is at its maximum the request is answered 503 UO at once, but
-for `connections`: as Envoy's HTTP/1.1 pool, an attempt that finds every connection unit taken waits for one
-as a pending request (holding a `pending` unit; 503 UO only when those are gone too), and a connection unit
-given back goes to the longest waiting attempt.
+for `connections`: as Envoy's pools, an attempt that finds every connection unit taken waits for one as a
+pending request (holding a `pending` unit; 503 UO only when those are gone too), and a connection unit given
+back goes to the longest waiting attempt (an h2 stream may also take a stream that comes free meanwhile:
+h2_upstream.H2Pool).
 """
 
 from __future__ import annotations

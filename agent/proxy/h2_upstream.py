@@ -14,6 +14,7 @@ past its upstream_window; response DATA is acknowledged (WINDOW_UPDATE) only whi
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import h2.errors
@@ -39,6 +40,7 @@ MAX_STREAMS_PER_CONN = 1000
 # Streams opened on a new h2c connection before the server's SETTINGS arrive (nghttp2's assumed peer default):
 # above the server's real limit, the surplus would be refused.
 STREAMS_BEFORE_SETTINGS = 100
+WAITING_PRUNE_AT = 256  # entries in a key's waiting queue before those no longer waiting are dropped
 MAX_REOPEN = 5  # times a refused body-less stream is opened again (a server past its streams per connection)
 # Response fields of an h2 server that a ResponseHead does not carry: the connection-specific ones (and te,
 # trailer); content-length becomes the head's length.
@@ -52,14 +54,19 @@ class H2Pool:
     def __init__(self, proxy: PlaneProxy) -> None:
         self.proxy = proxy
         self.conns: dict[tuple, list[H2Upstream]] = {}
+        # per key, the attempts waiting for a stream (Envoy's pending requests), oldest first; an entry whose
+        # attempt stopped waiting (granted a connection unit, timed out, its client gone) is skipped
+        # (with the times its stream was refused and opened again: MAX_REOPEN holds across the wait)
+        self.waiting: dict[tuple, deque[tuple[Attempt, tuple[str, int], int]]] = {}
 
     def open(self, stream: H2ClientStream, addr: tuple[str, int], ended: bool, connect_timeout: float,
-             key: tuple | None = None) -> bytes | None:
+             key: tuple | None = None, may_wait: bool = False) -> bytes | None:
         """`stream` on the first connection to `addr` with a free stream (a new connection when none has one).
         Circuit breakers count as Envoy's do: a new connection takes a `max_connections` unit of the cluster's
         breaker for its lifetime, a stream waiting for its connection to be made a `max_pending_requests` unit;
-        a stream on an established connection takes neither. The breaker's refusal (the overloaded value), or
-        None."""
+        a stream on an established connection takes neither. With every connection unit taken and no free stream
+        the attempt waits (`may_wait`) as a pending request, as in Envoy's pool: for a stream to come free on a
+        connection to `addr`, or for a unit. The breaker's refusal (the overloaded value), or None."""
         proxy = self.proxy
         if key is None:
             key = proxy.pool.key_for(addr)[0]
@@ -72,21 +79,51 @@ class H2Pool:
             conns = self.conns[key] = []
         for conn in conns:  # the first connection with a free stream
             if conn.has_capacity():
-                if conn.transport is None and not attempt.hold_pending():
-                    return b"cluster_pending"
+                if conn.transport is None:
+                    if not attempt.hold_pending():
+                        return b"cluster_pending"
+                else:
+                    attempt.release_pending()  # it waited in the queue: no longer
+                attempt.give_back_connection_unit()
                 break
         else:
             breaker = attempt.breaker
-            if breaker is not None and not breaker.try_acquire(CONNECTIONS):
-                return b"cluster_connections"
+            if not attempt.take_connection_unit():
+                if not may_wait:
+                    return b"cluster_connections"
+                if not attempt.hold_pending():
+                    return b"cluster_pending"
+                self._wait(key, attempt, addr, stream.reopened)
+                return None
             if not attempt.hold_pending():
                 if breaker is not None:
                     breaker.release(CONNECTIONS)
                 return b"cluster_pending"
-            conn = H2Upstream(proxy, key, conns, connect_timeout, breaker)
+            conn = H2Upstream(proxy, self, key, conns, connect_timeout, breaker)
             conns.append(conn)
         conn.open(stream, stream.upstream_headers(), ended)
         return None
+
+    def _wait(self, key: tuple, attempt: Attempt, addr: tuple[str, int], reopened: int) -> None:
+        attempt.wait_for_connection(addr)
+        queue = self.waiting.get(key)
+        if queue is None:
+            queue = self.waiting[key] = deque()
+        elif len(queue) >= WAITING_PRUNE_AT:  # entries of attempts that stopped waiting: dropped now and then
+            queue = self.waiting[key] = deque(entry for entry in queue if entry[0].waiting is not None)
+        queue.append((attempt, addr, reopened))
+
+    def stream_freed(self, key: tuple) -> None:
+        """A connection to `key` has a free stream: the longest waiting attempt takes it, on the next loop pass
+        (out of the call stack of the stream that ended)."""
+        queue = self.waiting.get(key)
+        while queue:
+            attempt, addr, reopened = queue.popleft()
+            if attempt.stop_waiting():
+                self.proxy.loop.call_soon(_resume, attempt, addr, reopened)
+                break
+        if not queue:
+            self.waiting.pop(key, None)
 
     def sweep(self, idle_timeout_s: float) -> None:
         """Close the connections without a stream for longer than `idle_timeout_s` (the HTTP/1.1 pool's idle
@@ -103,6 +140,11 @@ class H2Pool:
         self.conns.clear()
         for conn in conns:
             conn.shut()
+
+
+def _resume(attempt: Attempt, addr: tuple[str, int], reopened: int) -> None:
+    if not attempt.ex.finished:
+        open_h2_stream(attempt, addr, reopened)
 
 
 async def _connect(proxy: PlaneProxy, key: tuple, timeout: float, factory) -> None:
@@ -128,9 +170,10 @@ class H2Upstream(H2Side):
 
     client_side = True
 
-    def __init__(self, proxy: PlaneProxy, key: tuple, pool: list[H2Upstream], timeout: float,
+    def __init__(self, proxy: PlaneProxy, owner: H2Pool, key: tuple, pool: list[H2Upstream], timeout: float,
                  breaker: CircuitBreaker | None = None) -> None:
         super().__init__(proxy)
+        self.owner = owner
         self.key = key
         self.pool = pool
         self.timeout = timeout
@@ -219,8 +262,12 @@ class H2Upstream(H2Side):
         except h2.exceptions.ProtocolError:
             pass
         self._after_stream()
-        # refused by the cluster's breaker: the stream is lost here (retried or answered as any reset)
-        return self.proxy.h2_pool.open(stream, (self.key[0], self.key[1]), True, self.timeout) is None
+        stream.up = None
+        if self.owner.open(stream, (self.key[0], self.key[1]), True, self.timeout, may_wait=True) is not None:
+            return False  # refused by the cluster's breaker: lost here (retried or answered as any reset)
+        if stream.up is None:  # it waits for a stream (H2Pool._wait): a new one is opened for its attempt then
+            stream.attempt.conn = None
+        return True
 
     def open(self, stream: H2ClientStream, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         sid = self.conn.get_next_available_stream_id()
@@ -263,7 +310,10 @@ class H2Upstream(H2Side):
         self._after_stream()
 
     def _after_stream(self) -> None:
-        """A stream left: after a GOAWAY the last one closes the connection, else it starts the idle clock."""
+        """A stream left: a waiting attempt may have it; after a GOAWAY the last one closes the connection, else
+        it starts the idle clock."""
+        if self.key in self.owner.waiting and self.has_capacity():
+            self.owner.stream_freed(self.key)
         if not self.bridges:
             if self.goaway:
                 self.close()
@@ -295,7 +345,7 @@ _HEADS: dict[tuple, tuple[int, list[tuple[bytes, bytes]], int | None]] = {}
 HEADS_MEMO_MAX = 256
 
 
-def open_h2_stream(attempt: Attempt, target: tuple[str, int]) -> None:
+def open_h2_stream(attempt: Attempt, target: tuple[str, int], reopened: int = 0) -> None:
     """Start the attempt on `target` as a stream of a pooled h2c connection (opened when none has room); the
     request head goes out at once, the body as the request flushes it."""
     ex = attempt.ex
@@ -308,8 +358,9 @@ def open_h2_stream(attempt: Attempt, target: tuple[str, int]) -> None:
         attempt.h2_fields = h2_request_fields(ex.req_head, attempt.upstream_host, te_trailers,
                                               b"https" if tls else b"http")
     stream = H2ClientStream(attempt)
-    refusal = proxy.h2_pool.open(stream, target, stream.req_ended, attempt.connect_timeout_s, key)
-    if refusal is not None:  # the cluster's breaker: no room for another connection, or for one more waiting
+    stream.reopened = reopened
+    refusal = proxy.h2_pool.open(stream, target, stream.req_ended, attempt.connect_timeout_s, key, may_wait=True)
+    if refusal is not None:  # the cluster's breaker: no room for one more waiting
         attempt.end(-1)
         ex.overloaded(refusal)
         return

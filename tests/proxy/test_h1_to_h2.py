@@ -17,6 +17,7 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 
 from planemesh.model.config import CircuitBreakers, Cluster, ClusterKind, Endpoint, RetryPolicy, Route, RouteAction
@@ -33,9 +34,10 @@ BIG = hashlib.sha256(b"x").digest() * (3 * 1024 * 1024 // 32)  # 3 MiB: above ev
 class H2Backend:
     """h2c prior-knowledge server. Paths: /echo (the body back, with content-length; request facts as headers),
     /stream/<n> (n bytes, no content-length, trailers with their sha256), /reset (RST_STREAM before the head),
-    /slow (answers after 3 s), /pause (after 0.5 s)."""
+    /slow (answers after 3 s), /pause (after 0.5 s). `max_streams`: its SETTINGS_MAX_CONCURRENT_STREAMS."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_streams: int | None = None) -> None:
+        self.max_streams = max_streams
         self.connections = 0
         self.closed = 0  # connections the proxy closed (or that broke)
         self.requests = 0
@@ -62,6 +64,9 @@ class H2Backend:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        if self.max_streams is not None:
+            conn.local_settings = h2.settings.Settings(
+                client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
         conn.initiate_connection()
         writer.write(conn.data_to_send())
         streams: dict[int, dict] = {}
@@ -401,6 +406,47 @@ def test_max_pending_counts_streams_waiting_for_their_connection(backend: H2Back
     with _proxy(backend.port, breakers=CircuitBreakers(max_pending_requests=1)) as proxy:
         assert _concurrent_gets(proxy.port, "/echo", 1) == [(200, None)]
         assert _concurrent_gets(proxy.port, "/pause", 3) == [(200, None)] * 3  # on the made connection
+
+
+def test_streams_over_max_connections_wait_for_a_free_stream() -> None:
+    """Envoy's pool: with the cluster's one connection unit taken and every stream of that connection in use (the
+    server allows 2), further requests wait as pending requests and go on the connection as its streams end,
+    oldest first; none is refused, and no second connection is opened. With one pending request allowed, one
+    waits and the others are answered 503 cluster_pending at once."""
+    with H2Backend(max_streams=2) as backend:
+        with _proxy(backend.port, breakers=CircuitBreakers(max_connections=1)) as proxy:
+            assert _concurrent_gets(proxy.port, "/echo", 1) == [(200, None)]  # the connection, its SETTINGS in
+            assert _concurrent_gets(proxy.port, "/pause", 6) == [(200, None)] * 6
+        assert backend.connections == 1
+        limits = CircuitBreakers(max_connections=1, max_pending_requests=1)
+        with _proxy(backend.port, breakers=limits) as proxy:
+            assert _concurrent_gets(proxy.port, "/echo", 1) == [(200, None)]
+            started = time.monotonic()
+            results = sorted(_concurrent_gets(proxy.port, "/slow", 5), key=lambda r: r[0])
+            assert results == [(200, None)] * 3 + [(503, "cluster_pending")] * 2
+            assert time.monotonic() - started >= 5.5  # the waiting one went on when a first /slow had ended
+            breaker = proxy.proxy.table.balancer.breaker(proxy.snapshot.clusters["h2"])
+            assert breaker.counts["pending"] == 0 and breaker.counts["connections"] == 1  # the connection's
+            pool = proxy.proxy.h2_pool.pool
+            assert not breaker.waiters and not any(e[0].waiting for q in pool.waiting.values() for e in q)
+        assert breaker.counts["connections"] == 0  # given back with the connection (the proxy drained)
+
+
+def test_a_waiting_stream_times_out_and_leaves_the_queue(backend: H2Backend) -> None:
+    """A request waiting for a connection unit of an http2 cluster gets the route's timeout (504 UT), leaves both
+    queues (the breaker's and the pool's) and holds no unit; once a unit is free requests go through again."""
+    with _proxy(backend.port, timeout_s=0.3, breakers=CircuitBreakers(max_connections=1)) as proxy:
+        breaker = proxy.proxy.table.balancer.breaker(proxy.snapshot.clusters["h2"])
+        proxy.call(breaker.try_acquire, "connections")  # every connection unit taken, none of them ours
+        requests_before = backend.requests
+        assert _concurrent_gets(proxy.port, "/echo", 1) == [(504, None)]
+        assert '" 504 UT ' in log_line_for(proxy, "/echo")
+        pool = proxy.proxy.h2_pool.pool
+        assert not breaker.waiters and breaker.counts["pending"] == 0
+        assert not any(e[0].waiting for q in pool.waiting.values() for e in q)
+        proxy.call(breaker.release, "connections")
+        assert _concurrent_gets(proxy.port, "/echo", 1) == [(200, None)]
+        assert backend.requests == requests_before + 1  # the one that waited was never sent
 
 
 def test_scheme_upstream_is_the_clients(backend: H2Backend, monkeypatch: pytest.MonkeyPatch, certs: Path) -> None:
