@@ -243,6 +243,13 @@ class Attempt:
         breaker = self.breaker
         return breaker is None or breaker.try_acquire(CONNECTIONS)
 
+    def on_free_stream(self) -> None:
+        """It goes on a stream of an established h2 connection: what it held to wait (pending units, a connection
+        unit handed over meanwhile) goes back. One mask test for a stream that never waited."""
+        if self.cb_held & (HELD_PENDING | HELD_IN_PENDING | HELD_CONNECTION):
+            self.release_pending()
+            self.give_back_connection_unit()
+
     def give_back_connection_unit(self) -> None:
         """A unit handed over while waiting, not needed after all (a stream came free on a connection)."""
         if self.cb_held & HELD_CONNECTION:

@@ -40,11 +40,11 @@ class LazyH2Pool:
         return self.pool.conns if self.pool is not None else {}
 
     def open(self, stream: Any, addr: tuple[str, int], ended: bool, connect_timeout: float,
-             key: tuple | None = None, may_wait: bool = False) -> bytes | None:
+             key: tuple | None = None) -> bytes | None:
         """h2_upstream.H2Pool.open: the breaker's refusal, or None (opened, or waiting for a stream)."""
         if self.pool is None:
             self.pool = load(_H2_UPSTREAM).H2Pool(self.proxy)
-        return self.pool.open(stream, addr, ended, connect_timeout, key, may_wait)
+        return self.pool.open(stream, addr, ended, connect_timeout, key)
 
     def sweep(self, idle_timeout_s: float) -> None:
         if self.pool is not None:

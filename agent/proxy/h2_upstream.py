@@ -60,13 +60,13 @@ class H2Pool:
         self.waiting: dict[tuple, deque[tuple[Attempt, tuple[str, int], int]]] = {}
 
     def open(self, stream: H2ClientStream, addr: tuple[str, int], ended: bool, connect_timeout: float,
-             key: tuple | None = None, may_wait: bool = False) -> bytes | None:
+             key: tuple | None = None) -> bytes | None:
         """`stream` on the first connection to `addr` with a free stream (a new connection when none has one).
         Circuit breakers count as Envoy's do: a new connection takes a `max_connections` unit of the cluster's
         breaker for its lifetime, a stream waiting for its connection to be made a `max_pending_requests` unit;
         a stream on an established connection takes neither. With every connection unit taken and no free stream
-        the attempt waits (`may_wait`) as a pending request, as in Envoy's pool: for a stream to come free on a
-        connection to `addr`, or for a unit. The breaker's refusal (the overloaded value), or None."""
+        the attempt waits as a pending request, as in Envoy's pool: for a stream to come free on a connection to
+        `addr`, or for a unit. The breaker's refusal (the overloaded value: no pending unit left), or None."""
         proxy = self.proxy
         if key is None:
             key = proxy.pool.key_for(addr)[0]
@@ -82,15 +82,13 @@ class H2Pool:
                 if conn.transport is None:
                     if not attempt.hold_pending():
                         return b"cluster_pending"
+                    attempt.give_back_connection_unit()
                 else:
-                    attempt.release_pending()  # it waited in the queue: no longer
-                attempt.give_back_connection_unit()
+                    attempt.on_free_stream()
                 break
         else:
             breaker = attempt.breaker
             if not attempt.take_connection_unit():
-                if not may_wait:
-                    return b"cluster_connections"
                 if not attempt.hold_pending():
                     return b"cluster_pending"
                 self._wait(key, attempt, addr, stream.reopened)
@@ -263,7 +261,7 @@ class H2Upstream(H2Side):
             pass
         self._after_stream()
         stream.up = None
-        if self.owner.open(stream, (self.key[0], self.key[1]), True, self.timeout, may_wait=True) is not None:
+        if self.owner.open(stream, (self.key[0], self.key[1]), True, self.timeout) is not None:
             return False  # refused by the cluster's breaker: lost here (retried or answered as any reset)
         if stream.up is None:  # it waits for a stream (H2Pool._wait): a new one is opened for its attempt then
             stream.attempt.conn = None
@@ -359,7 +357,7 @@ def open_h2_stream(attempt: Attempt, target: tuple[str, int], reopened: int = 0)
                                               b"https" if tls else b"http")
     stream = H2ClientStream(attempt)
     stream.reopened = reopened
-    refusal = proxy.h2_pool.open(stream, target, stream.req_ended, attempt.connect_timeout_s, key, may_wait=True)
+    refusal = proxy.h2_pool.open(stream, target, stream.req_ended, attempt.connect_timeout_s, key)
     if refusal is not None:  # the cluster's breaker: no room for one more waiting
         attempt.end(-1)
         ex.overloaded(refusal)

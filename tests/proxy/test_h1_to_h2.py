@@ -420,6 +420,11 @@ def test_max_pending_counts_streams_waiting_for_their_connection(backend: H2Back
         assert _concurrent_gets(proxy.port, "/pause", 3) == [(200, None)] * 3  # on the made connection
 
 
+def _still_waiting(proxy: ProxyThread) -> list:
+    """The attempts the proxy's h2 pool still has waiting for a stream (h2_upstream.H2Pool.waiting)."""
+    return [entry[0] for queue in proxy.proxy.h2_pool.pool.waiting.values() for entry in queue if entry[0].waiting]
+
+
 def test_streams_over_max_connections_wait_for_a_free_stream() -> None:
     """Envoy's pool: with the cluster's one connection unit taken and every stream of that connection in use (the
     server allows 2), further requests wait as pending requests and go on the connection as its streams end,
@@ -439,8 +444,7 @@ def test_streams_over_max_connections_wait_for_a_free_stream() -> None:
             assert time.monotonic() - started >= 5.5  # the waiting one went on when a first /slow had ended
             breaker = proxy.proxy.table.balancer.breaker(proxy.snapshot.clusters["h2"])
             assert breaker.counts["pending"] == 0 and breaker.counts["connections"] == 1  # the connection's
-            pool = proxy.proxy.h2_pool.pool
-            assert not breaker.waiters and not any(e[0].waiting for q in pool.waiting.values() for e in q)
+            assert not breaker.waiters and not _still_waiting(proxy)
         assert breaker.counts["connections"] == 0  # given back with the connection (the proxy drained)
 
 
@@ -453,9 +457,8 @@ def test_a_waiting_stream_times_out_and_leaves_the_queue(backend: H2Backend) -> 
         requests_before = backend.requests
         assert _concurrent_gets(proxy.port, "/echo", 1) == [(504, None)]
         assert '" 504 UT ' in log_line_for(proxy, "/echo")
-        pool = proxy.proxy.h2_pool.pool
         assert not breaker.waiters and breaker.counts["pending"] == 0
-        assert not any(e[0].waiting for q in pool.waiting.values() for e in q)
+        assert not _still_waiting(proxy)
         proxy.call(breaker.release, "connections")
         assert _concurrent_gets(proxy.port, "/echo", 1) == [(200, None)]
         assert backend.requests == requests_before + 1  # the one that waited was never sent
