@@ -107,6 +107,7 @@ def descendants(root: int, parents: dict[int, int]) -> set[int]:
     return ours
 
 
+SNAPSHOT_TRIES = 5  # reads of the ledger's maps before one not crossed by a switch is given up on
 Labeller = Callable[[], dict[int, str]]  # pid -> label for this bench's processes (groups, agent, workers)
 
 
@@ -139,11 +140,10 @@ class CpuLedger:
         elapsed = max(1e-3, time.monotonic() - self._t0)
         by_pid: dict[int, float] = {}
         if self._bpf is not None:
-            now = time.monotonic_ns()
-            for key, ns in self._bpf[b"run_ns"].items():
-                by_pid[key.value] = ns.value / 1e6 / elapsed
-            since = now - self._bpf[b"last_switch"][ctypes.c_int(0)].value
-            running = self._bpf[b"running_tid"][ctypes.c_int(0)].value
+            run_ns, last, running, now = self._bpf_snapshot()
+            for tid, ns in run_ns.items():
+                by_pid[tid] = ns / 1e6 / elapsed
+            since = now - last
             if 0 < since < elapsed * 1e9:  # the task running now, since the CPU's last switch
                 by_pid[running] = by_pid.get(running, 0.0) + since / 1e6 / elapsed
         else:
@@ -151,6 +151,21 @@ class CpuLedger:
                 if cpu == self.cpu:
                     by_pid[tid] = (run - self._start.get(tid, (0, 0, 0))[1]) / 1e6 / elapsed
         return _label(by_pid, self.labels(), *process_tree())
+
+    def _bpf_snapshot(self) -> tuple[dict[int, int], int, int, int]:
+        """(run ns by tid, the CPU's last switch, the tid running since, now), consistent: read again while the
+        CPU switched meanwhile. A switch between reading the run times and the last switch charged a whole
+        slice (hundreds of ms for a lone spinner) where neither read saw it."""
+        bpf, zero = self._bpf, ctypes.c_int(0)
+        assert bpf is not None
+        for _ in range(SNAPSHOT_TRIES):
+            last = bpf[b"last_switch"][zero].value
+            running = bpf[b"running_tid"][zero].value
+            run_ns = {key.value: ns.value for key, ns in bpf[b"run_ns"].items()}
+            now = time.monotonic_ns()
+            if bpf[b"last_switch"][zero].value == last:
+                break
+        return run_ns, last, running, now
 
     def close(self) -> None:
         if self._bpf is not None:
