@@ -118,7 +118,7 @@ class CpuLedger:
         self.cpu, self.labels = cpu, labels
         self._bpf = _sched_program(cpu) if use_bpf else None
         self._start: dict[int, tuple[int, int, int]] = {}
-        self._t0 = 0.0
+        self._t0_ns = 0
 
     @property
     def method(self) -> str:
@@ -127,26 +127,26 @@ class CpuLedger:
         )
 
     def start(self) -> None:
+        self._t0_ns = time.monotonic_ns()
         if self._bpf is not None:
             self._bpf[b"run_ns"].clear()
             # the window starts now, not at the CPU's last switch (bpf_ktime_get_ns is CLOCK_MONOTONIC)
-            self._bpf[b"last_switch"][ctypes.c_int(0)] = ctypes.c_ulonglong(time.monotonic_ns())
+            self._bpf[b"last_switch"][ctypes.c_int(0)] = ctypes.c_ulonglong(self._t0_ns)
         else:
             self._start = _task_times()
-        self._t0 = time.monotonic()
 
     def stop(self) -> dict[str, float]:
         """Label -> ms/s of the protected CPU; the labels of pids gone meanwhile are what `labels` said last."""
-        elapsed = max(1e-3, time.monotonic() - self._t0)
         by_pid: dict[int, float] = {}
         if self._bpf is not None:
             run_ns, last, running, now = self._bpf_snapshot()
+            elapsed = max(1e-3, (now - self._t0_ns) / 1e9)  # the window ends at the snapshot
             for tid, ns in run_ns.items():
                 by_pid[tid] = ns / 1e6 / elapsed
-            since = now - last
-            if 0 < since < elapsed * 1e9:  # the task running now, since the CPU's last switch
-                by_pid[running] = by_pid.get(running, 0.0) + since / 1e6 / elapsed
+            if now > last:  # the task running now, since the CPU's last switch (or the window's start)
+                by_pid[running] = by_pid.get(running, 0.0) + (now - last) / 1e6 / elapsed
         else:
+            elapsed = max(1e-3, (time.monotonic_ns() - self._t0_ns) / 1e9)
             for tid, (_, run, cpu) in _task_times().items():
                 if cpu == self.cpu:
                     by_pid[tid] = (run - self._start.get(tid, (0, 0, 0))[1]) / 1e6 / elapsed
