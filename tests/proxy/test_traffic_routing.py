@@ -96,9 +96,11 @@ def test_least_request_avoids_the_busy_endpoint(http) -> None:
     with VersionServer("busy", delay_s=0.8) as busy, VersionServer("idle") as idle:
         cluster = static("svc", [endpoint(busy), endpoint(idle)], lb_policy=LbPolicy.LEAST_REQUEST)
         with proxy_for(to("svc"), {"svc": cluster}) as px:
-            # Occupy "busy" (whatever P2C picks first, keep sending until it is holding one request).
+            # Occupy "busy" (whatever P2C picks first, keep sending until it is holding one request). P2C with two
+            # idle endpoints sends each request to "busy" about half the time: 6 tries missed it in 1 CI run of
+            # ~64; 40 tries miss it once in 10^12.
             holders = []
-            for _ in range(6):
+            for _ in range(40):
                 if busy.seen:
                     break
                 t = threading.Thread(target=http.get, args=(px.port, "/hold"))
